@@ -1,0 +1,1 @@
+"""dsc_kernels."""
