@@ -1,0 +1,108 @@
+"""Convolutional dictionary operators in pure PyTorch (DESIGN.md §2).
+
+A dictionary ``weight`` of shape ``(C_code, C_sig, *k)`` acts in two directions:
+
+    analysis   D^T r = conv(r, weight, stride, padding)                     (B, C_sig, *S) -> (B, C_code, *Sz)
+    synthesis  D z   = conv_transpose(z, weight, stride, padding, out_pad)  (B, C_code, *Sz) -> (B, C_sig, *S)
+
+with ``Sz = (S + 2p - k) // s + 1`` and ``out_pad = S + 2p - k - (Sz - 1) s`` (always in ``[0, s)``), so that the
+pair is an exact adjoint, ``<D z, r> = <z, D^T r>``, for every stride, padding and odd size. Works for 1-D and 2-D
+weights (chosen by the weight's rank) and any float dtype; everything is differentiable through autograd.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+_CONV = {1: F.conv1d, 2: F.conv2d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d}
+
+
+def spatial_rank(weight: torch.Tensor) -> int:
+    """1 for a ``(C_code, C_sig, k)`` weight, 2 for ``(C_code, C_sig, kh, kw)``."""
+    return weight.dim() - 2
+
+
+def as_tuple(value: int | Sequence[int], rank: int) -> tuple[int, ...]:
+    """Expand an int (or check a sequence) to one entry per spatial dimension."""
+    if isinstance(value, int):
+        return (value,) * rank
+    value = tuple(int(v) for v in value)
+    if len(value) != rank:
+        raise ValueError(f"expected {rank} values, got {value}")
+    return value
+
+
+def code_size(signal_size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
+              padding: Sequence[int]) -> tuple[int, ...]:
+    """Spatial size of the code ``D^T x`` for a signal of spatial size ``signal_size``."""
+    return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(signal_size, kernel_size, stride, padding))
+
+
+def synthesis_output_padding(signal_size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
+                             padding: Sequence[int]) -> tuple[int, ...]:
+    """The ``output_padding`` that makes ``conv_transpose`` return exactly ``signal_size`` (the adjoint of conv)."""
+    sz = code_size(signal_size, kernel_size, stride, padding)
+    return tuple(s + 2 * p - k - (n - 1) * st
+                 for s, k, st, p, n in zip(signal_size, kernel_size, stride, padding, sz))
+
+
+def conv_analysis_ref(x: torch.Tensor, weight: torch.Tensor, stride: int | Sequence[int] = 1,
+                      padding: int | Sequence[int] = 0) -> torch.Tensor:
+    """``D^T x``. x: (B, C_sig, *S), weight: (C_code, C_sig, *k) -> (B, C_code, *Sz)."""
+    rank = spatial_rank(weight)
+    return _CONV[rank](x, weight, stride=as_tuple(stride, rank), padding=as_tuple(padding, rank))
+
+
+def conv_synthesis_ref(z: torch.Tensor, weight: torch.Tensor, signal_size: Sequence[int],
+                       stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0) -> torch.Tensor:
+    """``D z``. z: (B, C_code, *Sz), weight: (C_code, C_sig, *k) -> (B, C_sig, *signal_size)."""
+    rank = spatial_rank(weight)
+    stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
+    out_pad = synthesis_output_padding(signal_size, weight.shape[2:], stride, padding)
+    return _CONV_T[rank](z, weight, stride=stride, padding=padding, output_padding=out_pad)
+
+
+def soft_threshold_ref(x: torch.Tensor, threshold: torch.Tensor | float, nonneg: bool = False) -> torch.Tensor:
+    """``S_t(x) = sign(x) max(|x| - t, 0)``, or ``max(x - t, 0)`` when ``nonneg``.
+
+    Written with ``relu`` so that the derivative is exactly 0 at ``|x| = t`` (like ``F.softshrink``) and NaN
+    propagates; ``threshold`` broadcasts against ``x`` and receives gradients.
+    """
+    if nonneg:
+        return torch.relu(x - threshold)
+    return torch.relu(x - threshold) - torch.relu(-x - threshold)
+
+
+@torch.no_grad()
+def lipschitz_constant_ref(weight: torch.Tensor, signal_size: Sequence[int], stride: int | Sequence[int] = 1,
+                           padding: int | Sequence[int] = 0, n_iter: int = 100, seed: int = 0) -> float:
+    """``L = ||D||_2^2``, the largest eigenvalue of ``D^T D`` at this signal size, by power iteration.
+
+    The start vector is seeded so results are reproducible; the Rayleigh quotient of the last iterate is returned,
+    a lower bound that converges to L from below.
+    """
+    rank = spatial_rank(weight)
+    stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
+    sz = code_size(signal_size, weight.shape[2:], stride, padding)
+    w = weight.detach().double()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    z = torch.randn((1, weight.shape[0], *sz), generator=gen, dtype=torch.float64).to(weight.device)
+    estimate = 0.0
+    for _ in range(n_iter):
+        z = z / z.norm()
+        dz = conv_synthesis_ref(z, w, signal_size, stride, padding)
+        estimate = float(dz.pow(2).sum())  # <z, D^T D z> with ||z|| = 1
+        z = conv_analysis_ref(dz, w, stride, padding)
+    return estimate
+
+
+def lasso_objective_ref(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, lam: torch.Tensor | float,
+                        stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0) -> torch.Tensor:
+    """Per-sample ``0.5 ||x - D z||^2 + sum_c lam_c ||z_c||_1``. lam: scalar or (C_code,). Returns (B,)."""
+    residual = x - conv_synthesis_ref(z, weight, x.shape[2:], stride, padding)
+    l1 = z.abs().flatten(2).sum(-1)  # (B, C_code)
+    lam = torch.as_tensor(lam, dtype=z.dtype, device=z.device)
+    return 0.5 * residual.pow(2).flatten(1).sum(-1) + (l1 * lam).sum(-1)

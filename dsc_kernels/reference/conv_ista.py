@@ -1,0 +1,167 @@
+"""Convolutional ISTA / FISTA in pure PyTorch: the oracle, the CPU fallback and the benchmark baseline.
+
+Forward recurrence (DESIGN.md §2), k = 0 .. n_iter-1, with E = conv(., encoder_weight) (E = D^T when tied):
+
+    y_k     = z_k + beta_k (z_k - z_{k-1})            (FISTA; beta_k = (t_{k-1} - 1) / t_k, beta_0 = 0; ISTA: y_k = z_k)
+    u_k     = y_k + step_k * E(x - D y_k)
+    z_{k+1} = S_{step_k * lam_k}(u_k)                  (S+ when nonneg)
+
+Two implementations live here:
+
+* ``conv_ista_ref`` differentiates through eager PyTorch (autograd saves about five tensors per iteration). It is
+  the oracle every backend is compared with, and the "eager" baseline of the benchmarks.
+* ``conv_ista_fwd_ref`` / ``conv_ista_bwd_ref`` run the same forward and the hand-written VJP on the canonical
+  tensors of the fused-op interface (notes/CONTRACT.md). The backward needs only the code iterates z_0..z_n: the
+  active set of iteration k is ``z_{k+1} != 0``, and the residual is recomputed. It is the executable spec of what the
+  fused kernels compute, registered as the op ``conv_ista_*_ref``.
+
+VJP of one iteration (g = dL/dz_{k+1}, gu = g * [z_{k+1} != 0], v = E^*(gu) = conv_transpose(gu, encoder_weight)):
+
+    dL/dx        += step_k v
+    dL/dy_k       = gu - step_k D^*(v)                       (D^* = conv(., weight))
+    dL/dW_E      += step_k * conv_weight_grad(x - D y_k, gu)
+    dL/dW_D      -= step_k * conv_weight_grad(v, y_k)
+    dL/dtheta_c   = -sum gu * sign(z_{k+1})                   (theta = step_k lam_k; -sum gu when nonneg)
+    dL/dlam_k     = step_k dL/dtheta,   dL/dstep_k = <gu, E(x - D y_k)> + <lam_k, dL/dtheta>
+    FISTA:  dL/dz_k += (1 + beta_k) dL/dy_k,   dL/dz_{k-1} -= beta_k dL/dy_k
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch.nn import grad as nn_grad
+
+from .conv import as_tuple, conv_analysis_ref, conv_synthesis_ref, soft_threshold_ref, spatial_rank
+
+_CONV_WEIGHT_GRAD = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight}
+
+
+def fista_momentum(n_iter: int) -> list[float]:
+    """``beta_k = (t_{k-1} - 1) / t_k`` for k = 0..n_iter-1 (beta_0 = 0), with t_0 = 1."""
+    t = [1.0]
+    for _ in range(n_iter):
+        t.append((1.0 + math.sqrt(1.0 + 4.0 * t[-1] ** 2)) / 2.0)
+    return [0.0] + [(t[k - 1] - 1.0) / t[k] for k in range(1, n_iter)]
+
+
+def _channel_view(values: torch.Tensor, rank: int) -> torch.Tensor:
+    """(C,) -> (1, C, 1[, 1]) so per-channel values broadcast over a code."""
+    return values.reshape(1, -1, *([1] * rank))
+
+
+def _ista_step(x, y, weight, encoder_weight, lam_k, step_k, stride, padding, nonneg):
+    rank = spatial_rank(weight)
+    residual = x - conv_synthesis_ref(y, weight, x.shape[2:], stride, padding)
+    u = y + step_k * conv_analysis_ref(residual, encoder_weight, stride, padding)
+    return soft_threshold_ref(u, _channel_view(step_k * lam_k, rank), nonneg)
+
+
+def conv_ista_ref(x: torch.Tensor, weight: torch.Tensor, lam: torch.Tensor, step: torch.Tensor, *,
+                  encoder_weight: torch.Tensor | None = None, stride: int | Sequence[int] = 1,
+                  padding: int | Sequence[int] = 0, z0: torch.Tensor | None = None, nonneg: bool = False,
+                  fista: bool = False) -> torch.Tensor:
+    """Unrolled conv-ISTA/FISTA through eager PyTorch autograd.
+
+    x: (B, C_sig, *S); weight, encoder_weight: (C_code, C_sig, *k); lam: (n_iter, C_code); step: (n_iter,);
+    z0: (B, C_code, *Sz) or None (zeros). Returns z_{n_iter}: (B, C_code, *Sz).
+    """
+    rank = spatial_rank(weight)
+    stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
+    encoder_weight = weight if encoder_weight is None else encoder_weight
+    if z0 is None:
+        z0 = x.new_zeros(conv_analysis_ref(x, weight, stride, padding).shape)
+    betas = fista_momentum(step.shape[0])
+    z_prev = z = z0
+    for k in range(step.shape[0]):
+        y = z + betas[k] * (z - z_prev) if fista and k > 0 else z
+        z_prev, z = z, _ista_step(x, y, weight, encoder_weight, lam[k], step[k], stride, padding, nonneg)
+    return z
+
+
+def conv_ista_fwd_ref(x: torch.Tensor, weight: torch.Tensor, encoder_weight: torch.Tensor, lam: torch.Tensor,
+                      step: torch.Tensor, z0: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                      nonneg: bool, fista: bool, save_iterates: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the fused-op interface: returns ``(z_n, iterates)``, iterates (n_iter, *z0.shape) = z_0..z_{n-1}
+    when ``save_iterates``, else an empty (0,) tensor."""
+    with torch.no_grad():
+        iterates = _run_iterates(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista)
+    z = iterates.pop()
+    saved = torch.stack(iterates) if save_iterates else x.new_empty(0)
+    return z, saved
+
+
+def _run_iterates(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista) -> list[torch.Tensor]:
+    """[z_0, ..., z_n]."""
+    betas = fista_momentum(step.shape[0])
+    zs = [z0]
+    for k in range(step.shape[0]):
+        y = zs[-1] + betas[k] * (zs[-1] - zs[-2]) if fista and k > 0 else zs[-1]
+        zs.append(_ista_step(x, y, weight, encoder_weight, lam[k], step[k], stride, padding, nonneg))
+    return zs
+
+
+def conv_ista_bwd_ref(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, encoder_weight: torch.Tensor,
+                      lam: torch.Tensor, step: torch.Tensor, z0: torch.Tensor, z: torch.Tensor,
+                      iterates: torch.Tensor, stride: Sequence[int], padding: Sequence[int], nonneg: bool,
+                      fista: bool) -> tuple[torch.Tensor, ...]:
+    """Hand-written VJP of ``conv_ista_fwd_ref``. Returns grads for (x, weight, encoder_weight, lam, step, z0).
+
+    With empty ``iterates`` (recompute mode) the iterates are replayed from z0 first; this reference keeps them
+    all during the backward (the fused backends replay without doing so)."""
+    rank = spatial_rank(weight)
+    stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
+    weight_grad = _CONV_WEIGHT_GRAD[rank]
+    n_iter = step.shape[0]
+    with torch.no_grad():
+        if iterates.numel() == 0:
+            zs = _run_iterates(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista)
+        else:
+            zs = list(iterates.unbind(0)) + [z]
+        betas = fista_momentum(n_iter)
+        grad_x = torch.zeros_like(x)
+        grad_w = torch.zeros_like(weight)
+        grad_we = torch.zeros_like(encoder_weight)
+        grad_lam = torch.zeros_like(lam)
+        grad_step = torch.zeros_like(step)
+        reduce_dims = [0] + list(range(2, 2 + rank))
+        g_next = grad_z.clone()  # dL/dz_{k+1}
+        g_carry = torch.zeros_like(z0)  # FISTA: the part of dL/dz_k coming from y_{k+1}
+        for k in reversed(range(n_iter)):
+            z_new = zs[k + 1]
+            use_momentum = fista and k > 0
+            y = zs[k] + betas[k] * (zs[k] - zs[k - 1]) if use_momentum else zs[k]
+            active = z_new != 0
+            gu = torch.where(active, g_next, torch.zeros_like(g_next))
+            residual = x - conv_synthesis_ref(y, weight, x.shape[2:], stride, padding)
+            e = conv_analysis_ref(residual, encoder_weight, stride, padding)
+            v = conv_synthesis_ref(gu, encoder_weight, x.shape[2:], stride, padding)
+            grad_x += step[k] * v
+            grad_we += step[k] * weight_grad(residual, encoder_weight.shape, gu, stride=stride, padding=padding)
+            grad_w -= step[k] * weight_grad(v, weight.shape, y, stride=stride, padding=padding)
+            signs = torch.ones_like(gu) if nonneg else torch.sign(z_new)
+            grad_theta = -(gu * signs).sum(reduce_dims)
+            grad_lam[k] = step[k] * grad_theta
+            grad_step[k] = (gu * e).sum() + (lam[k] * grad_theta).sum()
+            grad_y = gu - step[k] * conv_analysis_ref(v, weight, stride, padding)
+            if use_momentum:
+                g_next = g_carry + (1 + betas[k]) * grad_y
+                g_carry = -betas[k] * grad_y
+            else:
+                g_next = g_carry + grad_y
+                g_carry = torch.zeros_like(z0)
+        grad_z0 = g_next
+    return grad_x, grad_w, grad_we, grad_lam, grad_step, grad_z0
+
+
+def deep_conv_ista_ref(x: torch.Tensor, weights: Sequence[torch.Tensor], lams: Sequence[torch.Tensor],
+                       steps: Sequence[torch.Tensor], strides: Sequence[int | Sequence[int]],
+                       paddings: Sequence[int | Sequence[int]], nonneg: bool = False) -> list[torch.Tensor]:
+    """Layered pursuit: G_1 = ISTA(x; D_1), G_j = ISTA(G_{j-1}; D_j). Returns [G_1, ..., G_J]."""
+    codes = []
+    signal = x
+    for weight, lam, step, stride, padding in zip(weights, lams, steps, strides, paddings):
+        signal = conv_ista_ref(signal, weight, lam, step, stride=stride, padding=padding, nonneg=nonneg)
+        codes.append(signal)
+    return codes
