@@ -1,0 +1,257 @@
+"""Bounds and rates of sparse-coding theory for (convolutional) deep sparse coding.
+
+Provenance (see THEORY.md beside DESIGN.md): the seed paper, Li–Feng–Zhou, "Convergence Analysis for Deep Sparse
+Coding via Convolutional Neural Networks" (arXiv 2408.05540), states that uniqueness, stability and convergence-rate
+results exist; its exact constants were not available. Every constant below is therefore a *standard result* it
+builds on — Donoho–Elad 2003 (coherence, uniqueness, stability), Papyan–Romano–Elad 2017 (ML-CSC, product over
+layers), Chen–Liu–Wang–Yin 2018 (LISTA-CP linear rate), Beck–Teboulle 2009 (ISTA/FISTA rates) — applied layer by
+layer, as THEORY.md reconstructs it. Functions say which tag ([L] literature, [R] reconstruction, [C] computed) applies.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "mutual_coherence",
+    "uniqueness_bound",
+    "stability_bound",
+    "lista_cp_rate",
+    "lista_cp_noise_gain",
+    "lista_cp_error_bound",
+    "oracle_threshold",
+    "geometric_thresholds",
+    "ista_objective_bound",
+    "fista_objective_bound",
+    "activation_sup_distance",
+    "smooth_relu",
+]
+
+
+def _windows(n_sig: int, k: int, s: int, p: int) -> list[tuple[int, int]]:
+    """Filter taps [lo, hi) each code position's atom keeps inside a signal of length n_sig.
+
+    Synthesis is conv_transpose, so code position i puts tap j at signal index i*s - p + j (DESIGN §2).
+    """
+    n_code = (n_sig + 2 * p - k) // s + 1
+    return [(max(0, p - i * s), min(k, n_sig + p - i * s)) for i in range(n_code)]
+
+
+def _pair_classes(wins: list[tuple[int, int]], k: int, s: int) -> dict[int, list[tuple[tuple[int, int], tuple[int, int]]]]:
+    """Distinct (window of atom i, window of atom i+d) for every code offset d whose atoms can overlap.
+
+    Interior atoms all share the full window, so each offset contributes O(k/s) classes however long the signal is.
+    """
+    n = len(wins)
+    out: dict[int, set] = {}
+    reach = (k - 1) // s
+    for d in range(-reach, reach + 1):
+        out[d] = {(wins[i], wins[i + d]) for i in range(max(0, -d), min(n, n - d))}
+    return {d: sorted(v) for d, v in out.items() if v}
+
+
+def _box_sums(cum: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sums over [lo, hi) along `dim` from an inclusive-prefix `cum` padded with a leading zero; one result per pair."""
+    return cum.index_select(dim, hi) - cum.index_select(dim, lo)
+
+
+def mutual_coherence(
+    weight: torch.Tensor,
+    signal_size: int | Sequence[int],
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+) -> float:
+    """Exact mutual coherence mu(D) of the convolutional dictionary D defined by `weight` at a signal size.
+
+    weight: (C_code, C_sig, k) or (C_code, C_sig, kh, kw); D z = conv_transpose(z, weight, stride, padding) cropped
+    to `signal_size` (DESIGN §2). Every atom — border atoms truncated by the padding included — is normalised, and
+    mu = max over distinct atoms of |<d_a, d_b>| / (|d_a| |d_b|). Atoms that are entirely zero have no direction
+    and are skipped.
+
+    How: two atoms interact only through their code offset (dh, dw) and the taps each keeps at the border (its
+    truncation class), so the inner products are the filters' channel-summed cross-correlations restricted to
+    boxes of taps. For each offset one product tensor is formed and summed over all the boxes that occur via 2-D
+    prefix sums; the cost depends on k/s and the channel counts, not on the signal length.
+
+    Definition: Donoho–Elad 2003 [L]; its use per layer of a convolutional DSC model: Papyan–Romano–Elad 2017 [L].
+    """
+    if weight.dim() not in (3, 4):
+        raise ValueError(f"weight must be (C_code, C_sig, k) or (C_code, C_sig, kh, kw), got shape {tuple(weight.shape)}")
+    nd = weight.dim() - 2
+    size = _as_tuple(signal_size, nd, "signal_size")
+    strides = _as_tuple(stride, nd, "stride")
+    pads = _as_tuple(padding, nd, "padding")
+    w = weight.detach().to(torch.float64, copy=True)
+    if nd == 1:  # a 1-D dictionary is the 2-D one with a trivial width axis
+        w, size, strides, pads = w.unsqueeze(-1), (size[0], 1), (strides[0], 1), (pads[0], 0)
+    c_code, _, kh, kw = w.shape
+    wins = [_windows(size[0], kh, strides[0], pads[0]), _windows(size[1], kw, strides[1], pads[1])]
+    if not wins[0] or not wins[1]:
+        raise ValueError(f"signal_size {tuple(size)} is smaller than the filter {tuple(w.shape[2:])}")
+    classes = [_pair_classes(wins[0], kh, strides[0]), _pair_classes(wins[1], kw, strides[1])]
+
+    # Squared norms of every truncation class: prefix sums of the squared taps (summed over signal channels).
+    sq = F.pad((w * w).sum(1).cumsum(1).cumsum(2), (1, 0, 1, 0))  # (C_code, kh+1, kw+1)
+
+    def norms(win_h: torch.Tensor, win_w: torch.Tensor) -> torch.Tensor:
+        # (C_code, n_h, n_w) norms of the atoms whose windows are win_h[i] x win_w[j]
+        a = _box_sums(sq, win_h[:, 0], win_h[:, 1], 1)
+        return _box_sums(a, win_w[:, 0], win_w[:, 1], 2).clamp_min(0).sqrt()
+
+    best = 0.0
+    for dh, pairs_h in classes[0].items():
+        for dw, pairs_w in classes[1].items():
+            sh, sw = dh * strides[0], dw * strides[1]
+            # prod[a, b, u, v] = sum_c w[a, c, u, v] * w[b, c, u - sh, v - sw]: tap (u, v) of atom a (signal
+            # coordinates relative to atom a) meets tap (u - sh, v - sw) of atom b, which sits sh, sw further on.
+            shifted = torch.zeros_like(w)
+            u0, u1, v0, v1 = max(0, sh), min(kh, kh + sh), max(0, sw), min(kw, kw + sw)
+            if u0 >= u1 or v0 >= v1:
+                continue
+            shifted[..., u0:u1, v0:v1] = w[..., u0 - sh:u1 - sh, v0 - sw:v1 - sw]
+            prod = torch.einsum("acuv,bcuv->abuv", w, shifted)
+            cum = F.pad(prod.cumsum(2).cumsum(3), (1, 0, 1, 0))
+            ph = torch.tensor(pairs_h, dtype=torch.long)  # (n_h, 2 windows, 2 ends)
+            pw = torch.tensor(pairs_w, dtype=torch.long)
+            # taps both atoms keep, in atom a's coordinates: window_a ∩ (window_b + shift)
+            lo_h = torch.maximum(ph[:, 0, 0], ph[:, 1, 0] + sh).clamp(0, kh)
+            hi_h = torch.minimum(ph[:, 0, 1], ph[:, 1, 1] + sh).clamp(0, kh)
+            lo_w = torch.maximum(pw[:, 0, 0], pw[:, 1, 0] + sw).clamp(0, kw)
+            hi_w = torch.minimum(pw[:, 0, 1], pw[:, 1, 1] + sw).clamp(0, kw)
+            hi_h, hi_w = torch.maximum(hi_h, lo_h), torch.maximum(hi_w, lo_w)
+            inner = _box_sums(_box_sums(cum, lo_h, hi_h, 2), lo_w, hi_w, 3)  # (C, C, n_h, n_w)
+            na = norms(ph[:, 0], pw[:, 0])  # (C, n_h, n_w)
+            nb = norms(ph[:, 1], pw[:, 1])
+            denom = na[:, None] * nb[None, :]
+            valid = denom > 1e-12 * float(sq[:, -1, -1].max())
+            if dh == 0 and dw == 0:  # the same position: an atom with itself is not a pair
+                valid &= ~torch.eye(c_code, dtype=torch.bool)[:, :, None, None]
+            ratio = torch.where(valid, inner.abs() / denom.clamp_min(1e-300), torch.zeros_like(inner))
+            if ratio.numel():
+                best = max(best, float(ratio.max()))
+    return min(best, 1.0)
+
+
+def _as_tuple(v: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
+    if isinstance(v, int):
+        return (v,) * n
+    t = tuple(int(a) for a in v)
+    if len(t) != n:
+        raise ValueError(f"{name} must have {n} entries, got {t}")
+    return t
+
+
+def uniqueness_bound(mu: float) -> float:
+    """Sparsity below which an s-sparse representation is the unique sparsest one: s < (1 + 1/mu)/2.
+
+    Donoho–Elad 2003 via spark(D) >= 1 + 1/mu [L]; per layer of a DSC model as in ML-CSC Thm 4 (global l0) [R].
+    """
+    return math.inf if mu <= 0 else 0.5 * (1.0 + 1.0 / mu)
+
+
+def stability_bound(eps: float, sparsities: Sequence[int], mus: Sequence[float]) -> list[float]:
+    """Per-layer bounds on ||Gamma_j - hat Gamma_j||_2 for any s_j-sparse estimate feasible for noise ||e|| <= eps.
+
+    ||Gamma_j - hat Gamma_j||^2 <= 4^j eps^2 prod_{i<=j} 1/(1 - (2 s_i - 1) mu_i) (THEORY.md (⋆)). The per-layer
+    factor is Donoho–Elad 2003's l0 stability [L]; the product over layers is the ML-CSC form (Papyan–Romano–Elad
+    2017, Thm 5) with global l0 [R]; the seed paper's own constants are unknown. A layer violating
+    (2 s - 1) mu < 1 gives inf from there on.
+    """
+    if len(sparsities) != len(mus):
+        raise ValueError("sparsities and mus need one entry per layer")
+    out, sq = [], float(eps) ** 2
+    for s, mu in zip(sparsities, mus):
+        gap = 1.0 - (2 * s - 1) * mu
+        sq = math.inf if gap <= 0 else 4.0 * sq / gap
+        out.append(math.sqrt(sq))
+    return out
+
+
+def lista_cp_rate(s: int, mu: float) -> float:
+    """Linear rate q = (2s - 1) mu of LISTA-CP / analytic-weight ISTA (Chen et al. 2018, Thm 2) [L]; < 1 needed."""
+    return (2 * s - 1) * mu
+
+
+def lista_cp_noise_gain(s: int, q: float) -> float:
+    """Noise gain C = 2 s / (1 - q): the floor is C * eta where eta >= max_i |<w_i, e>| (Chen et al. 2018) [L].
+
+    Chen et al. write eta = C_W sigma (C_W a bound on the weights, sigma on the noise); the same proof holds for
+    any eta bounding |<w_i, e>|, and the suite uses the sharp eta = ||W^T e||_inf.
+    """
+    return math.inf if q >= 1 else 2.0 * s / (1.0 - q)
+
+
+def lista_cp_error_bound(k, s: int, B: float, q: float, C: float, sigma: float):
+    """Bound s B q^k + C sigma on ||Gamma^k - Gamma*||_2 (and _1) after k iterations from Gamma^0 = 0.
+
+    From the l1 recursion ||e^{k+1}||_1 <= q ||e^k||_1 + 2 s eta of Chen et al. 2018 (Thm 2) [L]; applied per layer
+    of a DSC model it is THEORY.md §4.2 [R]. `k` may be an int or an array of iteration counts.
+    """
+    k = np.asarray(k, dtype=np.float64)
+    out = s * B * np.power(q, k) + C * sigma
+    return float(out) if out.ndim == 0 else out
+
+
+def oracle_threshold(err_l1: float, mu: float, eta: float) -> float:
+    """theta_k = mu * sup ||Gamma^k - Gamma*||_1 + eta, the threshold of Chen et al. 2018's proof [L].
+
+    Large enough that no off-support entry survives (no false positives), small enough to keep the rate q.
+    """
+    return mu * err_l1 + eta
+
+
+def geometric_thresholds(theta0: float, q: float, n_iter: int, floor: float = 0.0) -> np.ndarray:
+    """theta_k = theta0 q^k + floor for k = 0..n_iter-1: the data-independent schedule that dominates the oracle.
+
+    With theta0 = mu s B and floor = mu C eta + eta it upper-bounds the oracle threshold at every k, so the
+    no-false-positive argument and the rate q carry over (THEORY.md §3.3, §4.2) [L/R]. Returns (n_iter,).
+    """
+    return theta0 * np.power(q, np.arange(n_iter, dtype=np.float64)) + floor
+
+
+def ista_objective_bound(k, L: float, dist0_sq: float):
+    """F(z_k) - F* <= L ||z_0 - z*||^2 / (2k) for ISTA with step 1/L (Beck–Teboulle 2009, Thm 3.1) [L]."""
+    k = np.asarray(k, dtype=np.float64)
+    return L * dist0_sq / (2.0 * k)
+
+
+def fista_objective_bound(k, L: float, dist0_sq: float):
+    """F(z_k) - F* <= 2 L ||z_0 - z*||^2 / (k + 1)^2 for FISTA with step 1/L (Beck–Teboulle 2009, Thm 4.4) [L]."""
+    k = np.asarray(k, dtype=np.float64)
+    return 2.0 * L * dist0_sq / (k + 1.0) ** 2
+
+
+def smooth_relu(name: str, beta: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The smooth activation sigma_beta that tends to ReLU as beta grows: softplus, silu or gelu (inner scale beta)."""
+    b = float(beta)
+    if name == "softplus":
+        return lambda z: F.softplus(z, beta=b)
+    if name == "silu":
+        return lambda z: z * torch.sigmoid(b * z)
+    if name == "gelu":
+        return lambda z: F.gelu(b * z) / b
+    raise ValueError(f"activation must be 'softplus', 'silu' or 'gelu', got {name!r}")
+
+
+# sup_z |sigma_1(z) - ReLU(z)|: log 2 at z = 0 for softplus; for SiLU/GELU the largest dip below zero, at the
+# stationary point of z*sigmoid(z) resp. z*Phi(z) (about -1.278 and -0.752). tests/test_theory.py recomputes them.
+_SUP_GAP = {"softplus": math.log(2.0), "silu": 0.27846454276107, "gelu": 0.16997120892461}
+
+
+def activation_sup_distance(name: str, beta: float) -> float:
+    """sup_z |sigma_beta(z) - ReLU(z)| = c / beta (softplus log 2, SiLU 0.2785, GELU 0.1700).
+
+    The approximation floor of the smooth-activation extension: the seed paper claims rates for "diverse activation
+    functions" [P]; the floor ∝ 1/beta mechanism is THEORY.md §5.1(b) [R] and the constants are computed [C].
+    """
+    if name not in _SUP_GAP:
+        raise ValueError(f"activation must be one of {sorted(_SUP_GAP)}, got {name!r}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    return _SUP_GAP[name] / float(beta)
