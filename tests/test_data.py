@@ -1,0 +1,64 @@
+"""Synthetic generators: exact supports, seeds, coherence of the named dictionaries."""
+import pytest
+import torch
+
+from dsc_kernels import data as D
+
+
+@pytest.mark.parametrize("size,sep", [((50,), 1), ((50,), 5), ((9, 11), 1), ((12, 12), 3)])
+def test_sparse_codes_exact_support_and_separation(size, sep):
+    z = D.sparse_codes(6, 2, size, 4, amplitude=(0.5, 1.0), min_separation=sep, seed=3)
+    assert z.shape == (6, 2, *size)
+    nnz = (z != 0).flatten(1).sum(1)
+    assert torch.equal(nnz, torch.full((6,), 4))
+    vals = z[z != 0].abs()
+    assert vals.min() >= 0.5 and vals.max() <= 1.0
+    for b in range(6):
+        pos = torch.nonzero(z[b] != 0)[:, 1:]
+        d = (pos[:, None] - pos[None]).abs().amax(-1) + sep * torch.eye(len(pos), dtype=torch.long)
+        assert d.min() >= sep
+
+
+def test_seeds_reproduce_and_differ():
+    a = D.sparse_codes(2, 1, (30,), 3, seed=1)
+    assert torch.equal(a, D.sparse_codes(2, 1, (30,), 3, seed=1))
+    assert not torch.equal(a, D.sparse_codes(2, 1, (30,), 3, seed=2))
+
+
+def test_impossible_separation_raises():
+    with pytest.raises(ValueError):
+        D.sparse_codes(1, 1, (5,), 3, min_separation=4)
+
+
+def test_named_dictionaries_coherence():
+    assert D.conv_dictionary(D.barker_filter(13), 40).mu == pytest.approx(1 / 13)
+    assert D.conv_dictionary(D.barker_filter(7, ndim=2), (12, 12)).mu == pytest.approx(1 / 7)
+    assert D.conv_dictionary(D.golomb_filter([0, 1, 4, 9, 11]), 40).mu == pytest.approx(1 / 5)
+    dct = D.dct_filters(6, 8)
+    assert torch.allclose(dct.flatten(1) @ dct.flatten(1).T, torch.eye(6, dtype=dct.dtype))
+    r = D.random_filters(5, 2, (3, 3), seed=0)
+    assert torch.allclose(r.flatten(1).norm(dim=1), torch.ones(5, dtype=r.dtype))
+
+
+@pytest.mark.parametrize("ndim", [1, 2])
+def test_dsc_problem_layers_are_consistent(ndim):
+    if ndim == 1:
+        ds = D.dictionary_chain([D.barker_filter(13), D.golomb_filter([0, 1, 4])], 30)
+    else:
+        ds = D.dictionary_chain([D.barker_filter(5, ndim=2), D.random_filters(1, 1, (2, 2), seed=1)], (8, 9))
+    p = D.dsc_problem(ds, 2, batch=4, noise_std=0.01, seed=5)
+    assert torch.allclose(D.synthesize(p.codes[1], ds[1]), p.codes[0])
+    assert torch.allclose(p.x - p.noise, D.synthesize(p.codes[0], ds[0]))
+    assert p.sparsity[1] == 2
+    # deeper atoms never overlap, so layer 1 has exactly marks-per-atom times as many entries
+    expect = 2 * int((ds[1].weight != 0).sum())
+    assert torch.equal((p.codes[0] != 0).flatten(1).sum(1), torch.full((4,), expect))
+    assert p.x.shape == (4, 1, *ds[0].signal_size)
+
+
+def test_noise_l2_is_exact():
+    ds = [D.conv_dictionary(D.barker_filter(7), 20)]
+    p = D.dsc_problem(ds, 2, batch=3, noise_l2=0.3, seed=0)
+    assert torch.allclose(p.noise.flatten(1).norm(dim=1), torch.full((3,), 0.3, dtype=p.noise.dtype))
+    with pytest.raises(ValueError):
+        D.dsc_problem(ds, 2, noise_std=0.1, noise_l2=0.3)
