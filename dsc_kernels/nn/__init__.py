@@ -1,0 +1,4 @@
+"""Drop-in torch.nn layers; every forward goes through ``dsc_kernels.functional``."""
+from .sparse_coding import ConvSparseCoding1d, ConvSparseCoding2d, DeepSparseCoding2d, SoftThreshold
+
+__all__ = ["SoftThreshold", "ConvSparseCoding1d", "ConvSparseCoding2d", "DeepSparseCoding2d"]
