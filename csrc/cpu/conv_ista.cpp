@@ -1,0 +1,614 @@
+// Fused conv-ISTA / conv-FISTA on the CPU: ops dsc_kernels::conv_ista_fwd_cpp and conv_ista_bwd_cpp.
+//
+// Canonical 2-D tensors (notes/CONTRACT.md): x (B, Cs, H, W); weight W_D and encoder_weight W_E (Cc, Cs, KH, KW);
+// lam (n, Cc); step (n,); z0 (B, Cc, Hz, Wz). D z = conv_transpose2d(z, W_D) cropped/padded to x's size,
+// E r = conv2d(r, W_E), both with the given stride and padding.
+//
+// Forward, k = 0 .. n-1 (FISTA: beta_k = (t_{k-1} - 1) / t_k, beta_0 = 0; ISTA: beta_k = 0):
+//     y_k     = z_k + beta_k (z_k - z_{k-1})
+//     u_k     = y_k + step_k * E(x - D y_k)
+//     z_{k+1} = S_{step_k lam_k[c]}(u_k)              (S+ when nonneg)
+// One parallel pass per iteration over tasks (batch item, band of code rows). A task rebuilds, in thread-local
+// buffers, y on the rows its halo needs, the residual x - D y on the signal rows its analysis window covers, then
+// applies E, adds y, thresholds and writes z_{k+1}. No full-size D y, residual or u is ever materialised.
+// Saved for backward: z_0 .. z_{n-1} ("iterates", when save_iterates) or nothing (recompute mode).
+//
+// Backward (g = dL/dz_{k+1}, gu = g * [z_{k+1} != 0], r_k = x - D y_k, v = E^* gu = conv_transpose(gu, W_E)):
+//     dL/dx     += step_k v
+//     dL/dy_k    = gu - step_k D^* v                           (D^* = conv2d(., W_D))
+//     dL/dW_E   += step_k conv_weight_grad(input=r_k, grad_out=gu)
+//     dL/dW_D   -= step_k conv_weight_grad(input=v,   grad_out=y_k)
+//     dL/dth_c   = -sum gu sign(z_{k+1})  (nonneg: -sum gu);  dL/dlam_k = step_k dL/dth
+//     dL/dstep_k = <gu, E r_k> + <lam_k, dL/dth> = <v, r_k> + <lam_k, dL/dth>    (no analysis pass needed)
+//     FISTA: dL/dz_k += (1 + beta_k) dL/dy_k,  dL/dz_{k-1} -= beta_k dL/dy_k
+// The backward uses full-size temporaries of one iteration (r_k, v, gu). In recompute mode it replays the forward
+// from z0 up to z_k for every k (O(n^2) fused iterations, memory independent of n): the replay is the cheap part
+// of the forward kernel, and no checkpoint storage grows with n.
+//
+// Both convolutions are "valid" correlations over zero-padded thread-local buffers, computed by one register-tiled
+// micro-kernel: E reads the padded residual; D reads y zero-upsampled by the stride (so stride > 1 spends
+// stride_h * stride_w times the useful multiply-adds in D), with the kernel flipped and transposed.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace dsc_kernels {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
+
+template <typename T>
+struct VecOf {
+  static constexpr int L = kVecBytes / sizeof(T);
+  typedef T V __attribute__((vector_size(kVecBytes)));
+};
+
+// Largest tile (channels x columns) any micro-kernel instantiation writes; see make_plan.
+constexpr int kMaxTile = 256;
+
+template <typename T>
+using TileFn = void (*)(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, T*);
+
+// out[co][j] = sum_{ci, a, b} in[ci * ics + a * irs + j * sw + b] * wp[((ci * KH + a) * KW + b) * COB + co]
+// for COB output channels and NV vectors of columns: COB * NV accumulators stay in registers, each input vector is
+// loaded once per tap and reused for COB channels.
+template <typename T, int COB, int NV, bool UNIT>
+void corr_tile(const T* in, int64_t ics, int64_t irs, int64_t sw, int64_t CI, int64_t KH, int64_t KW, const T* wp,
+               T* out) {
+  using V = typename VecOf<T>::V;
+  constexpr int L = VecOf<T>::L;
+  V acc[COB][NV];
+#pragma GCC unroll 8
+  for (int co = 0; co < COB; ++co)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[co][v] = V{};
+  for (int64_t ci = 0; ci < CI; ++ci) {
+    for (int64_t a = 0; a < KH; ++a) {
+      const T* row = in + ci * ics + a * irs;
+      for (int64_t b = 0; b < KW; ++b, wp += COB) {
+        V xin[NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          if (UNIT) {
+            std::memcpy(&xin[v], row + b + v * L, sizeof(V));
+          } else {
+            const T* p = row + b + v * L * sw;
+            for (int l = 0; l < L; ++l) xin[v][l] = p[l * sw];
+          }
+        }
+#pragma GCC unroll 8
+        for (int co = 0; co < COB; ++co) {
+          const T w = wp[co];
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) acc[co][v] += w * xin[v];
+        }
+      }
+    }
+  }
+  for (int co = 0; co < COB; ++co)
+    for (int v = 0; v < NV; ++v) std::memcpy(out + (co * NV + v) * L, &acc[co][v], sizeof(V));
+}
+
+template <typename T, int COB, int NV>
+TileFn<T> pick_unit(bool unit) {
+  return unit ? &corr_tile<T, COB, NV, true> : &corr_tile<T, COB, NV, false>;
+}
+
+// A correlation with packed weights and its micro-kernel. `synthesis` packs W_D for D: output channels are the
+// signal channels and the kernel is flipped, so D y becomes a correlation of the zero-upsampled y.
+template <typename T>
+struct Plan {
+  int64_t CO, CI, KH, KW, sw;
+  int cob, tile_w;
+  std::vector<T> wp;  // [CO / cob][CI][KH][KW][cob], zero-padded channels
+  TileFn<T> fn;
+
+  Plan(const T* w, int64_t Cc, int64_t Cs, int64_t KH_, int64_t KW_, int64_t sw_, int64_t wout, bool synthesis)
+      : CO(synthesis ? Cs : Cc), CI(synthesis ? Cc : Cs), KH(KH_), KW(KW_), sw(sw_) {
+    constexpr int L = VecOf<T>::L;
+    cob = CO >= 8 ? 8 : (CO >= 4 ? 4 : 1);
+    const int nv_max = cob == 8 ? 2 : 4;  // <= 16 accumulators: no spills with 32 vector registers
+    const int64_t need = (wout + L - 1) / L;
+    const int nv = need >= nv_max ? nv_max : (need >= 2 ? 2 : 1);
+    tile_w = nv * L;
+    const bool unit = sw == 1;
+    if (cob == 8) fn = nv == 1 ? pick_unit<T, 8, 1>(unit) : pick_unit<T, 8, 2>(unit);
+    else if (cob == 4) fn = nv == 1 ? pick_unit<T, 4, 1>(unit) : nv == 2 ? pick_unit<T, 4, 2>(unit) : pick_unit<T, 4, 4>(unit);
+    else fn = nv == 1 ? pick_unit<T, 1, 1>(unit) : nv == 2 ? pick_unit<T, 1, 2>(unit) : pick_unit<T, 1, 4>(unit);
+    const int64_t nblk = (CO + cob - 1) / cob;
+    wp.assign(nblk * CI * KH * KW * cob, T(0));
+    for (int64_t co = 0; co < CO; ++co)
+      for (int64_t ci = 0; ci < CI; ++ci)
+        for (int64_t a = 0; a < KH; ++a)
+          for (int64_t b = 0; b < KW; ++b) {
+            const T val = synthesis ? w[((ci * Cs + co) * KH + (KH - 1 - a)) * KW + (KW - 1 - b)]
+                                    : w[((co * Cs + ci) * KH + a) * KW + b];
+            wp[((((co / cob) * CI + ci) * KH + a) * KW + b) * cob + co % cob] = val;
+          }
+  }
+
+  // Columns a buffer row must hold so that every tile of `wout` outputs reads inside it.
+  int64_t in_width(int64_t wout) const {
+    const int64_t wr = (wout + tile_w - 1) / tile_w * tile_w;
+    return (wr - 1) * sw + KW;
+  }
+
+  // One output row: `in` points at (channel 0, first window row, column 0) of a buffer with channel stride ics and
+  // row stride irs; epi(co, j0, values, count) receives each tile's valid outputs.
+  template <class Epi>
+  void row(const T* in, int64_t ics, int64_t irs, int64_t wout, Epi&& epi) const {
+    alignas(64) T tile[kMaxTile];
+    for (int64_t cb = 0; cb < CO; cb += cob) {
+      const T* w = wp.data() + cb * CI * KH * KW;
+      const int64_t nco = std::min<int64_t>(cob, CO - cb);
+      for (int64_t j0 = 0; j0 < wout; j0 += tile_w) {
+        fn(in + j0 * sw, ics, irs, sw, CI, KH, KW, w, tile);
+        const int64_t nj = std::min<int64_t>(tile_w, wout - j0);
+        for (int64_t co = 0; co < nco; ++co) epi(cb + co, j0, tile + co * tile_w, nj);
+      }
+    }
+  }
+};
+
+struct Geo {
+  int64_t B, Cs, H, W, Cc, KH, KW, SH, SW, PH, PW, Hz, Wz;
+};
+
+template <typename T>
+inline T shrink(T u, T th, bool nonneg) {
+  if (u > th) return u - th;
+  if (!nonneg && u < -th) return u + th;
+  return u != u ? u : T(0);  // NaN in, NaN out (as softshrink / relu)
+}
+
+// Rows per band for `rows` rows split over batch x bands: minimise the busiest thread's work (tasks per thread times
+// rows per task including the halo each band recomputes).
+int64_t band_rows(int64_t B, int64_t rows, double halo) {
+  const int64_t T = std::max<int64_t>(1, at::get_num_threads());
+  int64_t best_r = rows;
+  double best = 1e300;
+  for (int64_t nb = 1; nb <= std::min<int64_t>(rows, 16); ++nb) {
+    const int64_t r = (rows + nb - 1) / nb;
+    const int64_t tasks = B * ((rows + r - 1) / r);
+    const double cost = double((tasks + T - 1) / T) * (double(r) + halo);
+    if (cost < best - 1e-9) best = cost, best_r = r;
+  }
+  return best_r;
+}
+
+template <class F>
+void for_bands(int64_t B, int64_t rows, int64_t R, F&& f) {
+  const int64_t nb = (rows + R - 1) / R;
+  at::parallel_for(0, B * nb, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = (t % nb) * R;
+      f(t / nb, r0, std::min(rows, r0 + R));
+    }
+  });
+}
+
+// A band's scratch: views into per-thread storage that grows to the largest band seen and is then reused.
+template <typename T>
+struct BandBufs {
+  // y zero-upsampled by the stride, rows/cols shifted so that D y at signal (h, w) is a valid correlation starting
+  // at row (h - hs0), column w: Cc x yrows x ywidth.
+  T* y;
+  int64_t yrows, ywidth;
+  // The zero-padded signal (residual) rows that code rows [i0, i1) read; row 0 is padded row i0 * SH:
+  // Cs x rrows x rwidth.
+  T* r;
+  int64_t rrows, rwidth;
+
+  BandBufs(int64_t Cc, int64_t yrows_, int64_t ywidth_, int64_t Cs, int64_t rrows_, int64_t rwidth_)
+      : yrows(yrows_), ywidth(ywidth_), rrows(rrows_), rwidth(rwidth_) {
+    thread_local std::vector<T> ys, rs;
+    if (ys.size() < size_t(Cc * yrows * ywidth)) ys.resize(Cc * yrows * ywidth);
+    if (rs.size() < size_t(Cs * rrows * rwidth)) rs.resize(Cs * rrows * rwidth);
+    y = ys.data();
+    r = rs.data();
+  }
+};
+
+template <typename T>
+struct Ctx {
+  Geo g;
+  Plan<T> synth;  // D (W_D flipped), unit stride over the upsampled y
+  Plan<T> anal;   // E (W_E)
+  int64_t R;      // code rows per band
+
+  Ctx(const Geo& g_, const T* wd, const T* we)
+      : g(g_),
+        synth(wd, g_.Cc, g_.Cs, g_.KH, g_.KW, 1, g_.W, true),
+        anal(we, g_.Cc, g_.Cs, g_.KH, g_.KW, g_.SW, g_.Wz, false),
+        R(band_rows(g_.B, g_.Hz, double(g_.KH - 1) / g_.SH)) {}
+
+  // Buffers for a band of code rows (forward) or of `sig_rows` signal rows (backward's full-size D passes).
+  BandBufs<T> bufs(int64_t sig_rows = 0) const {
+    const int64_t max_sig_rows = sig_rows ? sig_rows : std::min(g.H, (R - 1) * g.SH + g.KH);
+    return BandBufs<T>(g.Cc, max_sig_rows + g.KH - 1, synth.in_width(g.W), g.Cs, (R - 1) * g.SH + g.KH,
+                       std::max(anal.in_width(g.Wz), g.W + 2 * g.PW));
+  }
+
+  // y = za + beta (za - zb) (zb may be null: y = za) for batch item n, into ybuf for signal rows [hs0, hs0 + nh).
+  void fill_y(BandBufs<T>& bb, const T* za, const T* zb, T beta, int64_t n, int64_t hs0, int64_t nh) const {
+    const int64_t rows = nh + g.KH - 1;
+    const int64_t col0 = g.PW - g.KW + 1;  // upsampled column of ybuf column 0
+    for (int64_t c = 0; c < g.Cc; ++c) {
+      for (int64_t q = 0; q < rows; ++q) {
+        T* dst = bb.y + (c * bb.yrows + q) * bb.ywidth;
+        std::fill(dst, dst + bb.ywidth, T(0));
+        const int64_t t = hs0 + q + g.PH - g.KH + 1;
+        if (t < 0 || t % g.SH != 0 || t / g.SH >= g.Hz) continue;
+        const int64_t off = ((n * g.Cc + c) * g.Hz + t / g.SH) * g.Wz;
+        const T* a = za + off;
+        const T* b = zb ? zb + off : nullptr;
+        // ybuf column q2 holds y at z-column (q2 + col0) / SW when that divides.
+        const int64_t first = std::max<int64_t>(0, -col0);
+        for (int64_t j = 0; j < g.Wz; ++j) {
+          const int64_t q2 = j * g.SW - col0;
+          if (q2 < first || q2 >= bb.ywidth) continue;
+          dst[q2] = b ? a[j] + beta * (a[j] - b[j]) : a[j];
+        }
+      }
+    }
+  }
+
+  // D y for batch item n on signal rows [hs0, hs0 + nh), ybuf filled; epi(s, h, j0, values, count).
+  template <class Epi>
+  void synth_rows(const BandBufs<T>& bb, int64_t hs0, int64_t nh, Epi&& epi) const {
+    for (int64_t h = hs0; h < hs0 + nh; ++h)
+      synth.row(bb.y + (h - hs0) * bb.ywidth, bb.yrows * bb.ywidth, bb.ywidth, g.W,
+                [&](int64_t s, int64_t j0, const T* v, int64_t cnt) { epi(s, h, j0, v, cnt); });
+  }
+
+  // Signal rows that code rows [i0, i1) read.
+  void sig_rows(int64_t i0, int64_t i1, int64_t& hs0, int64_t& nh) const {
+    hs0 = std::max<int64_t>(0, i0 * g.SH - g.PH);
+    const int64_t hs1 = std::min<int64_t>(g.H, (i1 - 1) * g.SH + g.KH - g.PH);
+    nh = std::max<int64_t>(0, hs1 - hs0);
+  }
+
+  T* rrow(BandBufs<T>& bb, int64_t s, int64_t h, int64_t i0) const {
+    return bb.r + (s * bb.rrows + (h + g.PH - i0 * g.SH)) * bb.rwidth + g.PW;
+  }
+
+  // E applied to rbuf for code rows [i0, i1) of a band; epi(c, i, j0, values, count).
+  template <class Epi>
+  void anal_rows(const BandBufs<T>& bb, int64_t i0, int64_t i1, Epi&& epi) const {
+    for (int64_t i = i0; i < i1; ++i)
+      anal.row(bb.r + (i - i0) * g.SH * bb.rwidth, bb.rrows * bb.rwidth, bb.rwidth, g.Wz,
+               [&](int64_t c, int64_t j0, const T* v, int64_t cnt) { epi(c, i, j0, v, cnt); });
+  }
+
+  // One fused iteration: z_next = S(y + step E(x - D y)), y = zk + beta (zk - zkm1).
+  void iterate(const T* x, const T* zk, const T* zkm1, T beta, T step, const T* lamk, bool nonneg, T* znext) const {
+    std::vector<T> th(g.Cc);
+    for (int64_t c = 0; c < g.Cc; ++c) th[c] = step * lamk[c];
+    for_bands(g.B, g.Hz, R, [&](int64_t n, int64_t i0, int64_t i1) {
+      BandBufs<T> bb = bufs();
+      run_band(bb, x, zk, zkm1, beta, step, th.data(), nonneg, znext, n, i0, i1);
+    });
+  }
+
+  void run_band(BandBufs<T>& bb, const T* x, const T* zk, const T* zkm1, T beta, T step, const T* th, bool nonneg,
+                T* znext, int64_t n, int64_t i0, int64_t i1) const {
+    int64_t hs0, nh;
+    sig_rows(i0, i1, hs0, nh);
+    fill_y(bb, zk, zkm1, beta, n, hs0, nh);
+    std::fill(bb.r, bb.r + g.Cs * bb.rrows * bb.rwidth, T(0));
+    synth_rows(bb, hs0, nh, [&](int64_t s, int64_t h, int64_t j0, const T* v, int64_t cnt) {
+      T* dst = rrow(bb, s, h, i0) + j0;
+      const T* xs = x + ((n * g.Cs + s) * g.H + h) * g.W + j0;
+      for (int64_t j = 0; j < cnt; ++j) dst[j] = xs[j] - v[j];
+    });
+    anal_rows(bb, i0, i1, [&](int64_t c, int64_t i, int64_t j0, const T* e, int64_t cnt) {
+      const int64_t off = ((n * g.Cc + c) * g.Hz + i) * g.Wz + j0;
+      const T* a = zk + off;
+      const T* b = zkm1 ? zkm1 + off : nullptr;
+      T* out = znext + off;
+      for (int64_t j = 0; j < cnt; ++j) {
+        const T y = b ? a[j] + beta * (a[j] - b[j]) : a[j];
+        out[j] = shrink(y + step * e[j], th[c], nonneg);
+      }
+    });
+  }
+};
+
+std::vector<double> fista_betas(int64_t n, bool fista) {
+  std::vector<double> beta(n, 0.0);
+  if (!fista) return beta;
+  std::vector<double> t(n + 1);
+  t[0] = 1.0;
+  for (int64_t k = 0; k < n; ++k) t[k + 1] = (1.0 + std::sqrt(1.0 + 4.0 * t[k] * t[k])) / 2.0;
+  for (int64_t k = 1; k < n; ++k) beta[k] = (t[k - 1] - 1.0) / t[k];
+  return beta;
+}
+
+Geo make_geo(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& encoder_weight, const at::Tensor& lam,
+             const at::Tensor& step, const at::Tensor& z0, at::IntArrayRef stride, at::IntArrayRef padding) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "conv_ista_cpp: x and weight must be 4-D (2-D problems)");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2, "conv_ista_cpp: stride and padding need 2 entries");
+  Geo g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
+        stride[0], stride[1], padding[0], padding[1], 0, 0};
+  TORCH_CHECK(g.SH >= 1 && g.SW >= 1 && g.PH >= 0 && g.PW >= 0, "conv_ista_cpp: bad stride/padding");
+  g.Hz = (g.H + 2 * g.PH - g.KH) / g.SH + 1;
+  g.Wz = (g.W + 2 * g.PW - g.KW) / g.SW + 1;
+  TORCH_CHECK(g.Hz >= 1 && g.Wz >= 1, "conv_ista_cpp: kernel larger than the padded signal");
+  TORCH_CHECK(weight.size(1) == g.Cs && encoder_weight.sizes() == weight.sizes(),
+              "conv_ista_cpp: weight/encoder_weight must be (C_code, C_sig, kh, kw)");
+  const int64_t n = step.size(0);
+  TORCH_CHECK(n >= 1 && step.dim() == 1 && lam.dim() == 2 && lam.size(0) == n && lam.size(1) == g.Cc,
+              "conv_ista_cpp: lam must be (n_iter, C_code) and step (n_iter,)");
+  TORCH_CHECK(z0.dim() == 4 && z0.size(0) == g.B && z0.size(1) == g.Cc && z0.size(2) == g.Hz && z0.size(3) == g.Wz,
+              "conv_ista_cpp: z0 must be (B, C_code, Hz, Wz)");
+  for (const auto* t : {&x, &weight, &encoder_weight, &lam, &step, &z0})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == x.scalar_type(),
+                "conv_ista_cpp: all tensors must be CPU tensors of x's dtype");
+  return g;
+}
+
+template <typename T>
+std::vector<T> host(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  return std::vector<T>(c.data_ptr<T>(), c.data_ptr<T>() + c.numel());
+}
+
+// Runs iterations [0, m) from z0 in three rotating buffers (z0 itself is never written); returns z_m and z_{m-1}
+// (z_{-1} := null), pointing into bufs or z0. `last` (optional) receives z_m instead of a buffer when m == n.
+template <typename T>
+void replay(const Ctx<T>& ctx, const T* x, const T* z0, const std::vector<T>& lam, const std::vector<T>& step,
+            const std::vector<double>& beta, bool nonneg, bool fista, int64_t m, T* const bufs[3], T* last,
+            const T** zm, const T** zm1) {
+  // FISTA reads z_{k-1} and z_k while writing z_{k+1}: three buffers; ISTA needs two.
+  const int nbufs = fista ? 3 : 2;
+  const T* cur = z0;
+  const T* prev = nullptr;
+  for (int64_t k = 0; k < m; ++k) {
+    T* next = (last && k == m - 1) ? last : bufs[k % nbufs];
+    ctx.iterate(x, cur, fista && k > 0 ? prev : nullptr, T(beta[k]), step[k], lam.data() + k * ctx.g.Cc, nonneg,
+                next);
+    prev = cur;
+    cur = next;
+  }
+  *zm = cur;
+  *zm1 = prev;
+}
+
+template <typename T>
+void fwd_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& encoder_weight, const at::Tensor& lam_t,
+              const at::Tensor& step_t, const at::Tensor& z0, const Geo& g, bool nonneg, bool fista,
+              at::Tensor& z, at::Tensor& iterates) {
+  const Ctx<T> ctx(g, weight.data_ptr<T>(), encoder_weight.data_ptr<T>());
+  const auto lam = host<T>(lam_t);
+  const auto step = host<T>(step_t);
+  const auto beta = fista_betas(step.size(), fista);
+  const int64_t n = step.size();
+  const T* xp = x.data_ptr<T>();
+  if (iterates.numel() > 0) {
+    // z_k lives in iterates[k]; z_n goes to z.
+    const int64_t sz = z0.numel();
+    T* it = iterates.data_ptr<T>();
+    std::memcpy(it, z0.data_ptr<T>(), sz * sizeof(T));
+    for (int64_t k = 0; k < n; ++k) {
+      T* next = k + 1 < n ? it + (k + 1) * sz : z.data_ptr<T>();
+      ctx.iterate(xp, it + k * sz, fista && k > 0 ? it + (k - 1) * sz : nullptr, T(beta[k]), step[k],
+                  lam.data() + k * g.Cc, nonneg, next);
+    }
+    return;
+  }
+  at::Tensor scratch = at::empty({fista ? 3 : 2, z0.numel()}, z0.options());
+  T* s = scratch.data_ptr<T>();
+  T* bufs[3] = {s, s + z0.numel(), fista ? s + 2 * z0.numel() : nullptr};
+  const T *zm, *zm1;
+  replay(ctx, xp, z0.data_ptr<T>(), lam, step, beta, nonneg, fista, n, bufs, z.data_ptr<T>(), &zm, &zm1);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x_, const at::Tensor& weight_,
+                                                     const at::Tensor& encoder_weight_, const at::Tensor& lam,
+                                                     const at::Tensor& step, const at::Tensor& z0_,
+                                                     at::IntArrayRef stride, at::IntArrayRef padding, bool nonneg,
+                                                     bool fista, bool save_iterates) {
+  const at::Tensor x = x_.contiguous(), weight = weight_.contiguous(), encoder_weight = encoder_weight_.contiguous();
+  const at::Tensor z0 = z0_.contiguous();
+  const Geo g = make_geo(x, weight, encoder_weight, lam, step, z0, stride, padding);
+  at::Tensor z = at::empty_like(z0);
+  at::Tensor iterates = save_iterates ? at::empty({step.size(0), g.B, g.Cc, g.Hz, g.Wz}, z0.options())
+                                      : at::empty({0}, z0.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_ista_fwd_cpp", [&] {
+    fwd_impl<scalar_t>(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista, z, iterates);
+  });
+  return {z, iterates};
+}
+
+template <typename T>
+void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& weight,
+              const at::Tensor& encoder_weight, const at::Tensor& lam_t, const at::Tensor& step_t,
+              const at::Tensor& z0, const at::Tensor& z, const at::Tensor& iterates, at::IntArrayRef stride,
+              at::IntArrayRef padding, const Geo& g, bool nonneg, bool fista, at::Tensor& gx, at::Tensor& gw,
+              at::Tensor& gwe, at::Tensor& glam, at::Tensor& gstep, at::Tensor& gz0) {
+  const Ctx<T> ctx(g, weight.data_ptr<T>(), encoder_weight.data_ptr<T>());
+  // v = E^* gu is D with W_E; D^* v is E with W_D.
+  const Plan<T> synth_e(encoder_weight.data_ptr<T>(), g.Cc, g.Cs, g.KH, g.KW, 1, g.W, true);
+  const Plan<T> anal_d(weight.data_ptr<T>(), g.Cc, g.Cs, g.KH, g.KW, g.SW, g.Wz, false);
+  const auto lam = host<T>(lam_t);
+  const auto step = host<T>(step_t);
+  const auto beta = fista_betas(step.size(), fista);
+  const int64_t n = step.size();
+  const int64_t csz = z0.numel();
+  const bool saved = iterates.numel() > 0;
+  const T* xp = x.data_ptr<T>();
+
+  at::Tensor r = at::empty_like(x), v = at::empty_like(x);
+  at::Tensor gu = at::empty_like(z0);
+  at::Tensor gA = grad_z.clone();          // dL/dz_{k+1}, complete when step k runs
+  at::Tensor gB = at::zeros_like(z0);      // FISTA: the part of dL/dz_k coming from y_{k+1}
+  gx.zero_();
+  gw.zero_();
+  gwe.zero_();
+  // Recompute mode: three replay buffers and a copy of z_{k+1}.
+  at::Tensor scratch = saved ? at::empty({0}, z0.options()) : at::empty({4, csz}, z0.options());
+  T* bufs[3] = {nullptr, nullptr, nullptr};
+  T* zk1_buf = nullptr;
+  if (!saved) {
+    T* s = scratch.data_ptr<T>();
+    bufs[0] = s, bufs[1] = s + csz, bufs[2] = s + 2 * csz, zk1_buf = s + 3 * csz;
+    std::memcpy(zk1_buf, z.data_ptr<T>(), csz * sizeof(T));
+  }
+  const T* it = saved ? iterates.data_ptr<T>() : nullptr;
+  const T* zd = z.data_ptr<T>();
+  std::vector<double> dth(g.Cc);
+  const int64_t Rs = band_rows(g.B, g.H, double(g.KH - 1));  // signal rows per band of the full-size passes
+  const int64_t Rc = ctx.R;
+  const int64_t hw = g.Hz * g.Wz;
+
+  for (int64_t k = n - 1; k >= 0; --k) {
+    const T sk = step[k];
+    const T bk = T(beta[k]);
+    const T *zk, *zkm1, *zk1;
+    if (saved) {
+      zk = it + k * csz;
+      zkm1 = k > 0 ? it + (k - 1) * csz : nullptr;
+      zk1 = k + 1 < n ? it + (k + 1) * csz : zd;
+    } else {
+      replay(ctx, xp, z0.data_ptr<T>(), lam, step, beta, nonneg, fista, k, bufs, static_cast<T*>(nullptr), &zk,
+             &zkm1);
+      zk1 = zk1_buf;
+    }
+    if (!(fista && k > 0)) zkm1 = nullptr;
+
+    // gu and dL/dth, one channel per task (the reduction runs over batch and space).
+    T* gup = gu.data_ptr<T>();
+    const T* gap = gA.data_ptr<T>();
+    at::parallel_for(0, g.Cc, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        double acc = 0;
+        for (int64_t b = 0; b < g.B; ++b) {
+          const int64_t off = (b * g.Cc + c) * hw;
+          for (int64_t i = 0; i < hw; ++i) {
+            const T zz = zk1[off + i];
+            const T gg = zz != T(0) ? gap[off + i] : T(0);
+            gup[off + i] = gg;
+            acc += nonneg ? gg : (zz > 0 ? gg : -gg);
+          }
+        }
+        dth[c] = -acc;
+      }
+    });
+
+    // r_k = x - D y_k and v = D_E gu on signal row bands; dL/dx += step v.
+    T* rp = r.data_ptr<T>();
+    T* vp = v.data_ptr<T>();
+    T* gxp = gx.data_ptr<T>();
+    for_bands(g.B, g.H, Rs, [&](int64_t b, int64_t h0, int64_t h1) {
+      // synth_e has synth's geometry (same channels, kernel and output width), so one ybuf layout serves both.
+      BandBufs<T> bb = ctx.bufs(Rs);
+      ctx.fill_y(bb, zk, zkm1, bk, b, h0, h1 - h0);
+      ctx.synth_rows(bb, h0, h1 - h0, [&](int64_t s, int64_t h, int64_t j0, const T* val, int64_t cnt) {
+        const int64_t off = ((b * g.Cs + s) * g.H + h) * g.W + j0;
+        for (int64_t j = 0; j < cnt; ++j) rp[off + j] = xp[off + j] - val[j];
+      });
+      ctx.fill_y(bb, gup, nullptr, T(0), b, h0, h1 - h0);
+      for (int64_t h = h0; h < h1; ++h)
+        synth_e.row(bb.y + (h - h0) * bb.ywidth, bb.yrows * bb.ywidth, bb.ywidth, g.W,
+                    [&](int64_t s, int64_t j0, const T* val, int64_t cnt) {
+                      const int64_t off = ((b * g.Cs + s) * g.H + h) * g.W + j0;
+                      for (int64_t j = 0; j < cnt; ++j) vp[off + j] = val[j], gxp[off + j] += sk * val[j];
+                    });
+    });
+
+    double lam_dth = 0;
+    for (int64_t c = 0; c < g.Cc; ++c) {
+      glam.data_ptr<T>()[k * g.Cc + c] = T(sk * dth[c]);
+      lam_dth += double(lam[k * g.Cc + c]) * dth[c];
+    }
+    gstep.data_ptr<T>()[k] = T(at::dot(v.view(-1), r.view(-1)).template item<double>() + lam_dth);
+
+    // dL/dy_k = gu - step D^* v, split into dL/dz_k and dL/dz_{k-1}.
+    T* gAp = gA.data_ptr<T>();
+    T* gBp = gB.data_ptr<T>();
+    for_bands(g.B, g.Hz, Rc, [&](int64_t b, int64_t i0, int64_t i1) {
+      // anal_d has anal's geometry, so the forward's rbuf layout serves.
+      BandBufs<T> bb = ctx.bufs();
+      std::fill(bb.r, bb.r + g.Cs * bb.rrows * bb.rwidth, T(0));
+      int64_t hs0, nh;
+      ctx.sig_rows(i0, i1, hs0, nh);
+      for (int64_t s = 0; s < g.Cs; ++s)
+        for (int64_t h = hs0; h < hs0 + nh; ++h)
+          std::memcpy(ctx.rrow(bb, s, h, i0), vp + ((b * g.Cs + s) * g.H + h) * g.W, g.W * sizeof(T));
+      for (int64_t i = i0; i < i1; ++i)
+        anal_d.row(bb.r + (i - i0) * g.SH * bb.rwidth, bb.rrows * bb.rwidth, bb.rwidth, g.Wz,
+                   [&](int64_t c, int64_t j0, const T* val, int64_t cnt) {
+                     const int64_t off = ((b * g.Cc + c) * g.Hz + i) * g.Wz + j0;
+                     for (int64_t j = 0; j < cnt; ++j) {
+                       const T gy = gup[off + j] - sk * val[j];
+                       const T a_new = gBp[off + j] + (T(1) + bk) * gy;
+                       gBp[off + j] = -bk * gy;
+                       gAp[off + j] = a_new;
+                     }
+                   });
+    });
+
+    // Weight gradients: ATen's (oneDNN) weight-gradient convolutions; see the report for the hand-written variant.
+    const at::Tensor y = zkm1 ? at::from_blob(const_cast<T*>(zk), z0.sizes(), z0.options()) * (1 + bk) -
+                                    at::from_blob(const_cast<T*>(zkm1), z0.sizes(), z0.options()) * bk
+                              : at::from_blob(const_cast<T*>(zk), z0.sizes(), z0.options());
+    const std::array<bool, 3> mask{false, true, false};
+    gwe.add_(std::get<1>(at::convolution_backward(gu, r, encoder_weight, std::nullopt, stride, padding, {1, 1},
+                                                  false, {0, 0}, 1, mask)),
+             sk);
+    gw.sub_(std::get<1>(at::convolution_backward(y, v, weight, std::nullopt, stride, padding, {1, 1}, false,
+                                                 {0, 0}, 1, mask)),
+            sk);
+
+    if (!saved) std::memcpy(zk1_buf, zk, csz * sizeof(T));
+  }
+  gz0.copy_(gA);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_ista_bwd_cpp(
+    const at::Tensor& grad_z, const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& encoder_weight_,
+    const at::Tensor& lam, const at::Tensor& step, const at::Tensor& z0_, const at::Tensor& z_,
+    const at::Tensor& iterates_, at::IntArrayRef stride, at::IntArrayRef padding, bool nonneg, bool fista) {
+  const at::Tensor x = x_.contiguous(), weight = weight_.contiguous(), encoder_weight = encoder_weight_.contiguous();
+  const at::Tensor z0 = z0_.contiguous(), z = z_.contiguous(), iterates = iterates_.contiguous();
+  const Geo g = make_geo(x, weight, encoder_weight, lam, step, z0, stride, padding);
+  TORCH_CHECK(grad_z.sizes() == z0.sizes() && z.sizes() == z0.sizes(), "conv_ista_bwd_cpp: grad_z/z shape");
+  TORCH_CHECK(iterates.numel() == 0 || iterates.numel() == step.size(0) * z0.numel(),
+              "conv_ista_bwd_cpp: iterates must be empty or (n_iter, *z0.shape)");
+  at::Tensor gx = at::empty_like(x), gw = at::empty_like(weight), gwe = at::empty_like(encoder_weight);
+  at::Tensor glam = at::empty_like(lam).contiguous(), gstep = at::empty_like(step).contiguous();
+  at::Tensor gz0 = at::empty_like(z0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_ista_bwd_cpp", [&] {
+    bwd_impl<scalar_t>(grad_z.contiguous(), x, weight, encoder_weight, lam, step, z0, z, iterates, stride, padding,
+                       g, nonneg, fista, gx, gw, gwe, glam, gstep, gz0);
+  });
+  return {gx, gw, gwe, glam, gstep, gz0};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dsc_kernels, m) {
+  m.def(
+      "conv_ista_fwd_cpp(Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, Tensor z0, "
+      "int[] stride, int[] padding, bool nonneg, bool fista, bool save_iterates) -> (Tensor, Tensor)");
+  m.def(
+      "conv_ista_bwd_cpp(Tensor grad_z, Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, "
+      "Tensor z0, Tensor z, Tensor iterates, int[] stride, int[] padding, bool nonneg, bool fista) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dsc_kernels, CPU, m) {
+  m.impl("conv_ista_fwd_cpp", &conv_ista_fwd_cpp);
+  m.impl("conv_ista_bwd_cpp", &conv_ista_bwd_cpp);
+}
+
+}  // namespace dsc_kernels
