@@ -1,0 +1,122 @@
+"""The sparse-attention oracle: sparsemax identities, gradchecks, masking and empty rows."""
+import pytest
+import torch
+
+from dsc_kernels.reference.attention import (sparse_attention_bwd_ref, sparse_attention_fwd_ref,
+                                             sparse_attention_ref, sparsemax_ref)
+
+
+def sparsemax_bisect(x: torch.Tensor, n_iter: int = 200) -> torch.Tensor:
+    """Sparsemax along the last dim by bisection on tau in [max - 1, max] (an independent implementation)."""
+    hi = x.max(-1, keepdim=True).values
+    lo = hi - 1
+    for _ in range(n_iter):
+        mid = (lo + hi) / 2
+        above = torch.clamp(x - mid, min=0).sum(-1, keepdim=True) >= 1
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return torch.clamp(x - lo, min=0)
+
+
+def sparsemax_by_sorting(x: torch.Tensor) -> torch.Tensor:
+    """Textbook sort-based sparsemax (Martins & Astudillo 2016, Alg. 1), one row at a time."""
+    out = torch.empty_like(x)
+    for idx in range(x.shape[0]):
+        z = x[idx]
+        zs = torch.sort(z, descending=True).values
+        k = max(j + 1 for j in range(len(zs)) if 1 + (j + 1) * zs[j] > zs[: j + 1].sum())
+        out[idx] = torch.clamp(z - (zs[:k].sum() - 1) / k, min=0)
+    return out
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 10.0])
+def test_sparsemax_simplex_and_independent_implementations(scale):
+    x = torch.randn(20, 33, dtype=torch.float64) * scale
+    p = sparsemax_ref(x)
+    assert torch.allclose(p.sum(-1), torch.ones(20, dtype=torch.float64))
+    assert (p >= 0).all()
+    torch.testing.assert_close(p, sparsemax_by_sorting(x))
+    torch.testing.assert_close(p, sparsemax_bisect(x), atol=1e-12, rtol=0)
+    if scale == 10.0:
+        assert (p == 0).float().mean() > 0.5  # exactly sparse
+
+
+def test_sparsemax_dim_argument():
+    x = torch.randn(4, 6, 5, dtype=torch.float64)
+    torch.testing.assert_close(sparsemax_ref(x, dim=1), sparsemax_ref(x.transpose(1, 2)).transpose(1, 2))
+
+
+def test_sparsemax_gradcheck():
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(sparsemax_ref, (x,))
+
+
+def test_sparsemax_masked_rows_are_zero_not_nan():
+    x = torch.full((3, 5), float("-inf"), dtype=torch.float64)
+    x[1, 2] = 0.3
+    x[2, :3] = torch.tensor([0.1, 0.2, 0.9], dtype=torch.float64)
+    x.requires_grad_()
+    p = sparsemax_ref(x)
+    assert torch.equal(p[0], torch.zeros(5, dtype=torch.float64))
+    assert p[1, 2] == 1 and p[1].sum() == 1
+    torch.testing.assert_close(p[2, :3], sparsemax_ref(x[2, :3].detach()))
+    p.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[0] == 0).all()
+
+
+def _qkv(n, m, d, dtype=torch.float64, b=2, h=3, requires_grad=True):
+    q, k, v = (torch.randn(b, h, length, d, dtype=dtype) for length in (n, m, m))
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
+@pytest.mark.parametrize("causal,n,m", [(False, 4, 5), (True, 5, 3), (True, 3, 5)])
+def test_sparse_attention_ref_gradcheck(mode, causal, n, m):
+    q, k, v = _qkv(n, m, 3, b=1, h=2)
+    th = (torch.rand(2, dtype=torch.float64) * 0.3).requires_grad_()
+
+    def f(q, k, v, th):
+        return sparse_attention_ref(q, k, v, mode=mode, threshold=th, causal=causal, scale=0.8)
+
+    inputs = (q, k, v, th) if mode == "shrink" else (q, k, v)
+    assert torch.autograd.gradcheck(lambda *a: f(*a, *((th,) if mode == "sparsemax" else ())), inputs)
+
+
+@pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hand_written_vjp_matches_autograd(mode, causal):
+    q, k, v = _qkv(7, 5, 6)
+    th = (torch.rand(3, dtype=torch.float64) * 0.3).requires_grad_()
+    out = sparse_attention_ref(q, k, v, mode=mode, threshold=th, causal=causal, scale=0.5)
+    g = torch.randn_like(out)
+    want = torch.autograd.grad(out, (q, k, v, th), g, allow_unused=True)
+    out2, stats = sparse_attention_fwd_ref(q, k, v, th, mode, causal, 0.5)
+    got = sparse_attention_bwd_ref(g, q, k, v, th, stats, mode, causal, 0.5)
+    torch.testing.assert_close(out2, out)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b)
+    assert stats.shape == (2, 3, 7, 2)
+
+
+def test_causal_is_top_left_like_sdpa():
+    q, k, v = _qkv(3, 5, 4, requires_grad=False)
+    out = sparse_attention_ref(q, k, v, mode="sparsemax", causal=True)
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0])  # query 0 sees key 0 only
+    s = q @ k.transpose(-1, -2) / 2
+    p = sparsemax_ref(s.masked_fill(torch.ones(3, 5, dtype=torch.bool).triu(1), float("-inf")))
+    torch.testing.assert_close(out, p @ v)
+
+
+def test_no_active_key_gives_zero_not_nan():
+    q, k, v = _qkv(5, 6, 4)
+    out = sparse_attention_ref(q, k, v, mode="shrink", threshold=1e6, causal=True)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in (q, k, v))
+
+
+def test_half_inputs_computed_in_float32():
+    q, k, v = _qkv(5, 6, 8, dtype=torch.bfloat16, requires_grad=False)
+    out = sparse_attention_ref(q, k, v, mode="sparsemax")
+    assert out.dtype == torch.bfloat16
+    want = sparse_attention_ref(q.double(), k.double(), v.double(), mode="sparsemax")
+    torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
