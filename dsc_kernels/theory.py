@@ -24,6 +24,7 @@ __all__ = [
     "lista_cp_rate",
     "lista_cp_noise_gain",
     "lista_cp_error_bound",
+    "deep_error_bound",
     "oracle_threshold",
     "geometric_thresholds",
     "ista_objective_bound",
@@ -196,6 +197,20 @@ def lista_cp_error_bound(k, s: int, B: float, q: float, C: float, sigma: float):
     k = np.asarray(k, dtype=np.float64)
     out = s * B * np.power(q, k) + C * sigma
     return float(out) if out.ndim == 0 else out
+
+
+def deep_error_bound(k, sparsities: Sequence[int], amplitudes: Sequence[float], qs: Sequence[float]):
+    """Layer-wise pursuit, k iterations per layer, noiseless: ||hat Gamma_J - Gamma_J|| <= sum_j (prod_{i>j} Cbar_i)
+    s_j B_j q_j^k with Cbar_i = 2 s_i / (1 - q_i) (THEORY.md (†)) [R], each layer's step from Chen et al. 2018 [L].
+
+    Layer j's error enters layer j+1 as noise with eta <= ||error||_1 (unit-norm atoms). `k` int or array.
+    """
+    k = np.asarray(k, dtype=np.float64)
+    total = np.zeros_like(k)
+    for j in range(len(qs)):
+        gain = math.prod(lista_cp_noise_gain(sparsities[i], qs[i]) for i in range(j + 1, len(qs)))
+        total = total + gain * sparsities[j] * amplitudes[j] * np.power(qs[j], k)
+    return float(total) if total.ndim == 0 else total
 
 
 def oracle_threshold(err_l1: float, mu: float, eta: float) -> float:
