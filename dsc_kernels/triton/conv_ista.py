@@ -1,0 +1,572 @@
+"""Fused Triton kernels for convolutional ISTA / FISTA (backend "triton"). 2-D only: 1-D arrives as H = 1.
+
+Math (DESIGN.md §2, notes/CONTRACT.md). Shapes: x (B, Cs, H, W), weight W and encoder weight W_E (C, Cs, kh, kw),
+codes (B, C, Hz, Wz), lam (n, C), step (n,).
+    D z = conv_transpose2d(z, W, s, p, output_padding such that D z has x's size)     (synthesis)
+    E r = conv2d(r, W_E, s, p)                                                          (analysis; W_E = W if tied)
+    t_0 = 1, t_{k+1} = (1 + sqrt(1 + 4 t_k^2)) / 2,  beta_0 = 0,  beta_k = (t_{k-1} - 1) / t_k   (ISTA: beta_k = 0)
+    y_k     = z_k + beta_k (z_k - z_{k-1})
+    u_k     = y_k + step_k E(x - D y_k)
+    z_{k+1} = S_{step_k lam_k[c]}(u_k)          S_t(u) = sign(u) max(|u| - t, 0); nonneg: max(u - t, 0)
+
+Forward: one launch of `_conv_ista_fwd_kernel` per iteration. A program owns a TH x TW tile of code positions of one
+image and all code channels. It first forms the residual r = x - D y_k on the signal halo its analysis window covers
+((TH-1) s + kh rows, (TW-1) s + kw columns) and parks it in a per-program scratch slab (a few KiB, L1/L2 resident,
+reused every iteration), then runs the analysis conv from that slab as an implicit GEMM (tl.dot over
+[positions x Cs] @ [Cs x C] per tap), adds y_k, thresholds and stores z_{k+1}. D y and r never exist as full tensors.
+The scratch slab is the one departure from "registers only": Triton cannot shift a register tile, and recomputing
+the residual separately for each of the kh*kw analysis taps would multiply the synthesis work by kh*kw.
+
+Saved for backward: z_0 .. z_{n-1} in the input dtype (`iterates`), or nothing in recompute mode, where the backward
+replays the forward from z_0 with the same kernel (bit-identical iterates, hence identical supports) and keeps three
+code buffers: O(n^2) iterations of compute, memory independent of n.
+
+VJP of iteration k (g = dL/dz_{k+1}, gu = g [z_{k+1} != 0]; the active set needs no stored mask):
+    r_k   = x - D y_k,       v = E^T gu = conv_transpose2d(gu, W_E)
+    dx   += step_k v
+    dy    = gu - step_k D^T v                            (D^T = conv2d with W)
+    dW_E += step_k corr(r_k, gu),   dW -= step_k corr(v, y_k)
+           corr(a, c)[o, i, dh, dw] = sum_{b, oh, ow} c[b, o, oh, ow] a[b, i, oh s_h - p_h + dh, ow s_w - p_w + dw]
+    dth   = -sum_{b, space} gu sign(z_{k+1})  (nonneg: -sum gu),   dlam_k = step_k dth
+    dstep_k = <gu, E r_k> + <lam_k, dth>,  computed as <v, r_k> + <lam_k, dth> (no analysis conv needed)
+    dz_k += (1 + beta_k) dy,   dz_{k-1} -= beta_k dy
+The backward runs these per iteration with three conv kernels (`_conv_synth_kernel` for r_k and v,
+`_conv_analysis_kernel` for dy, `_conv_weight_grad_kernel` for both weight gradients, each program owning its
+output entries: deterministic, no atomics) and elementwise/reduction torch ops for the rest. All accumulation is
+fp32; gradients are cast to the input dtypes at the end.
+
+Launchers only use torch ops and `torch.library.wrap_triton` launches, so they can run inside a
+`torch.library.triton_op` and torch.compile can trace through them.
+"""
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["conv_ista_fwd", "conv_ista_bwd", "KERNELS", "aot_specializations", "fwd_config"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tile helpers (inlined into the kernels)
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _synth_tile(acc, code_ptr, code_off, prev_ptr, prev_off, beta, w_ptr, b, h, w, valid, ci, ci_mask,
+                C_code, C_sig, Hz, Wz,
+                SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                KH: tl.constexpr, KW: tl.constexpr, FISTA: tl.constexpr,
+                BLOCK_K: tl.constexpr, IN_PREC: tl.constexpr):
+    # acc[q, ci] += (D y)[b, ci, h[q], w[q]] as an implicit GEMM whose reduction index runs over (c, a, bb) in the
+    # weight's memory order: a code position (hz, wz) reaches signal row h through tap a iff h + PH - a = SH hz.
+    # Flattening taps into K (rather than one tl.dot per tap) keeps tensor cores busy when channel counts are
+    # small (csc-gray has C_sig = 1); the price is per-element index arithmetic on the gathered tile.
+    KTOT = C_code * KH * KW
+    for k0 in range(0, KTOT, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        km = kk < KTOT
+        c = kk // (KH * KW)
+        a = (kk // KW) % KH
+        bb = kk % KW
+        hn = h[:, None] + PH - a[None, :]
+        wn = w[:, None] + PW - bb[None, :]
+        hz = hn // SH
+        wz = wn // SW
+        m = (valid[:, None] & km[None, :] & (hn >= 0) & (wn >= 0) & (hn == hz * SH) & (wn == wz * SW)
+             & (hz < Hz) & (wz < Wz))
+        off = (b * C_code + c[None, :]) * (Hz * Wz) + hz * Wz + wz
+        y = tl.load(code_ptr + code_off + off, mask=m, other=0.0).to(tl.float32)
+        if FISTA:
+            zp = tl.load(prev_ptr + prev_off + off, mask=m, other=0.0).to(tl.float32)
+            y = y + beta * (y - zp)
+        wt = tl.load(w_ptr + (c[:, None] * C_sig + ci[None, :]) * (KH * KW) + (a * KW + bb)[:, None],
+                     mask=km[:, None] & ci_mask[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(y, wt, acc, input_precision=IN_PREC)
+    return acc
+
+
+@triton.jit
+def _analysis_tile(acc, src_ptr, src_base, ch_stride, row_stride, row0, col0, rows, cols, oh, ow, valid,
+                   w_ptr, c, c_mask, C_sig,
+                   SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                   BLOCK_K: tl.constexpr, IN_PREC: tl.constexpr):
+    # acc[p, c] += sum_{ci, i, j} W[c, ci, i, j] src[ci, row0 + oh SH + i, col0 + ow SW + j] (zero outside
+    # [0, rows) x [0, cols)): implicit GEMM [positions x (ci, i, j)] @ [(ci, i, j) x C], im2col gathered on the fly.
+    KTOT = C_sig * KH * KW
+    for k0 in range(0, KTOT, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        km = kk < KTOT
+        ci = kk // (KH * KW)
+        i = (kk // KW) % KH
+        j = kk % KW
+        hh = (row0 + oh * SH)[:, None] + i[None, :]
+        ww = (col0 + ow * SW)[:, None] + j[None, :]
+        m = valid[:, None] & km[None, :] & (hh >= 0) & (hh < rows) & (ww >= 0) & (ww < cols)
+        r = tl.load(src_ptr + src_base + ci[None, :] * ch_stride + hh * row_stride + ww,
+                    mask=m, other=0.0).to(tl.float32)
+        wt = tl.load(w_ptr + c[None, :] * KTOT + kk[:, None], mask=km[:, None] & c_mask[None, :],
+                     other=0.0).to(tl.float32)
+        acc = tl.dot(r, wt, acc, input_precision=IN_PREC)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _conv_ista_fwd_kernel(x_ptr, z_ptr, z_off, zp_ptr, zp_off, out_ptr, out_off, w_ptr, we_ptr, lam_ptr, step_ptr,
+                          scratch_ptr, k, beta,
+                          C_code, C_sig, H, W, Hz, Wz, tiles_w, tiles_per_img,
+                          SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                          KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                          R_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CI: tl.constexpr,
+                          BLOCK_K: tl.constexpr, NONNEG: tl.constexpr, FISTA: tl.constexpr, IN_PREC: tl.constexpr):
+    RH: tl.constexpr = (TH - 1) * SH + KH
+    RW: tl.constexpr = (TW - 1) * SW + KW
+    pid = tl.program_id(0)
+    b = pid // tiles_per_img
+    t = pid % tiles_per_img
+    oh0 = (t // tiles_w) * TH
+    ow0 = (t % tiles_w) * TW
+    h0 = oh0 * SH - PH
+    w0 = ow0 * SW - PW
+    scratch_base = pid * (C_sig * RH * RW)
+    offs_ci = tl.arange(0, BLOCK_CI)
+    offs_c = tl.arange(0, BLOCK_C)
+
+    # Phase 1: residual on the halo; positions outside the image hold 0 (the analysis conv's zero padding).
+    for q0 in range(0, RH * RW, R_CHUNK):
+        q = q0 + tl.arange(0, R_CHUNK)
+        qin = q < RH * RW
+        h = h0 + q // RW
+        w = w0 + q % RW
+        inside = qin & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        for ci0 in range(0, C_sig, BLOCK_CI):
+            ci = ci0 + offs_ci
+            cim = ci < C_sig
+            m = inside[:, None] & cim[None, :]
+            xv = tl.load(x_ptr + (b * C_sig + ci[None, :]) * (H * W) + (h * W + w)[:, None],
+                         mask=m, other=0.0).to(tl.float32)
+            dy = _synth_tile(tl.zeros((R_CHUNK, BLOCK_CI), tl.float32), z_ptr, z_off, zp_ptr, zp_off, beta, w_ptr,
+                             b, h, w, inside, ci, cim, C_code, C_sig, Hz, Wz,
+                             SH, SW, PH, PW, KH, KW, FISTA, BLOCK_K, IN_PREC)
+            tl.store(scratch_ptr + scratch_base + ci[None, :] * (RH * RW) + q[:, None],
+                     tl.where(m, xv - dy, 0.0), mask=qin[:, None] & cim[None, :])
+    # The slab is written and read by different threads of this program.
+    tl.debug_barrier()
+
+    # Phase 2: analysis conv from the slab, gradient step, threshold.
+    p = tl.arange(0, TH * TW)
+    lh = p // TW
+    lw = p % TW
+    oh = oh0 + lh
+    ow = ow0 + lw
+    pm = (oh < Hz) & (ow < Wz)
+    step_k = tl.load(step_ptr + k).to(tl.float32)
+    for c0 in range(0, C_code, BLOCK_C):
+        c = c0 + offs_c
+        cm = c < C_code
+        acc = _analysis_tile(tl.zeros((TH * TW, BLOCK_C), tl.float32), scratch_ptr, scratch_base, RH * RW, RW,
+                             0, 0, RH, RW, lh, lw, pm, we_ptr, c, cm, C_sig, SH, SW, KH, KW, BLOCK_K, IN_PREC)
+        m = pm[:, None] & cm[None, :]
+        off = (b * C_code + c[None, :]) * (Hz * Wz) + (oh * Wz + ow)[:, None]
+        y = tl.load(z_ptr + z_off + off, mask=m, other=0.0).to(tl.float32)
+        if FISTA:
+            zp = tl.load(zp_ptr + zp_off + off, mask=m, other=0.0).to(tl.float32)
+            y = y + beta * (y - zp)
+        u = y + step_k * acc
+        th = step_k * tl.load(lam_ptr + k * C_code + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+        # `u == u` keeps NaN flowing through like softshrink/relu do.
+        if NONNEG:
+            zn = tl.where(u > th, u - th, tl.where(u == u, 0.0, u))
+        else:
+            zn = tl.where(tl.abs(u) > th, u - tl.where(u > 0, th, -th), tl.where(u == u, 0.0, u))
+        tl.store(out_ptr + out_off + off, zn.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _conv_synth_kernel(x_ptr, code_ptr, w_ptr, out_ptr, C_code, C_sig, H, W, Hz, Wz,
+                       SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                       KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr,
+                       BLOCK_K: tl.constexpr, SUB_FROM_X: tl.constexpr, IN_PREC: tl.constexpr):
+    # out = x - D code (SUB_FROM_X) or D code; positions flattened over H*W so loads run along W.
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1)
+    ci = tl.program_id(2) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    cim = ci < C_sig
+    q = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    qin = q < H * W
+    h = q // W
+    w = q % W
+    acc = _synth_tile(tl.zeros((BLOCK_P, BLOCK_CI), tl.float32), code_ptr, 0, code_ptr, 0, 0.0, w_ptr,
+                      b, h, w, qin, ci, cim, C_code, C_sig, Hz, Wz,
+                      SH, SW, PH, PW, KH, KW, False, BLOCK_K, IN_PREC)
+    m = qin[:, None] & cim[None, :]
+    off = (b * C_sig + ci[None, :]) * (H * W) + q[:, None]
+    if SUB_FROM_X:
+        acc = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - acc
+    tl.store(out_ptr + off, acc, mask=m)
+
+
+@triton.jit
+def _conv_analysis_kernel(base_ptr, src_ptr, w_ptr, step_ptr, k, scale, out_ptr, C_code, C_sig, H, W, Hz, Wz,
+                          SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                          KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                          BLOCK_K: tl.constexpr, IN_PREC: tl.constexpr):
+    # out = base + scale * step[k] * conv2d(src, W): the epilogue of dy = gu - step_k D^T v.
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C_code
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    pin = p < Hz * Wz
+    oh = p // Wz
+    ow = p % Wz
+    acc = _analysis_tile(tl.zeros((BLOCK_P, BLOCK_C), tl.float32), src_ptr, b * C_sig * H * W, H * W, W,
+                         -PH, -PW, H, W, oh, ow, pin, w_ptr, c, cm, C_sig, SH, SW, KH, KW, BLOCK_K, IN_PREC)
+    m = pin[:, None] & cm[None, :]
+    off = (b * C_code + c[None, :]) * (Hz * Wz) + p[:, None]
+    alpha = scale * tl.load(step_ptr + k).to(tl.float32)
+    out = tl.load(base_ptr + off, mask=m, other=0.0).to(tl.float32) + alpha * acc
+    tl.store(out_ptr + off, out, mask=m)
+
+
+@triton.jit
+def _conv_weight_grad_kernel(part_ptr, sig_ptr, code_ptr, B, C_code, C_sig, H, W, Hz, Wz,
+                             SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                             KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+                             BLOCK_K: tl.constexpr, IN_PREC: tl.constexpr):
+    # part[split, c, (ci, i, j)] = sum over this split's (image, position block) work items of
+    #     code[b, c, p] * sig[b, ci, oh SH - PH + i, ow SW - PW + j]
+    # i.e. code^T @ im2col(sig) with the weight's memory order as columns. Splits write disjoint partials that the
+    # launcher sums in a fixed order: deterministic without atomics, and enough programs to fill a GPU although
+    # the weight itself is small.
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(2)
+    n_split = tl.num_programs(2)
+    KTOT = C_sig * KH * KW
+    cm = c < C_code
+    km = kk < KTOT
+    ci = kk // (KH * KW)
+    i = (kk // KW) % KH
+    j = kk % KW
+    n_pb = tl.cdiv(Hz * Wz, BLOCK_P)
+    acc = tl.zeros((BLOCK_C, BLOCK_K), tl.float32)
+    for item in range(split, B * n_pb, n_split):
+        b = item // n_pb
+        p = (item % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P)
+        pin = p < Hz * Wz
+        oh = p // Wz
+        ow = p % Wz
+        hh = (oh * SH - PH)[:, None] + i[None, :]
+        ww = (ow * SW - PW)[:, None] + j[None, :]
+        m = pin[:, None] & km[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        sg = tl.load(sig_ptr + (b * C_sig + ci[None, :]) * (H * W) + hh * W + ww, mask=m, other=0.0).to(tl.float32)
+        cd = tl.load(code_ptr + (b * C_code + c[None, :]) * (Hz * Wz) + p[:, None],
+                     mask=pin[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(tl.trans(cd), sg, acc, input_precision=IN_PREC)
+    tl.store(part_ptr + (split * C_code + c[:, None]) * KTOT + kk[None, :], acc, mask=cm[:, None] & km[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configurations: keyed on channel counts and kernel size, never on H/W (so a new image size never changes code)
+# ----------------------------------------------------------------------------------------------------------------
+
+class FwdConfig(NamedTuple):
+    TH: int        # code rows per program
+    TW: int        # code columns per program
+    R_CHUNK: int   # halo positions per residual GEMM tile
+    BLOCK_C: int   # code channels per analysis GEMM tile (N)
+    BLOCK_CI: int  # signal channels per synthesis GEMM tile (N)
+    BLOCK_K: int   # reduction slice (channel x tap) of both GEMMs
+    num_warps: int
+
+
+class ConvConfig(NamedTuple):
+    BLOCK_P: int   # positions per program (M of synthesis/analysis, K of the weight gradient)
+    BLOCK_C: int
+    BLOCK_CI: int
+    BLOCK_K: int
+    max_splits: int  # weight gradient: programs sharing one weight block, each writing its own partial
+    num_warps: int
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _pow2_block(n: int, lo: int, hi: int) -> int:
+    # tl.dot needs every dimension >= 16; channel counts below that are padded with masked lanes.
+    return max(lo, min(hi, triton.next_power_of_2(n)))
+
+
+def fwd_config(C_sig: int, C_code: int, kh: int, kw: int) -> FwdConfig:
+    if _interpreting():
+        # The interpreter pays per program and per op, not per element: few large tiles. Test shapes taller than
+        # 8 rows still span several tiles, which exercises the halo logic.
+        return FwdConfig(1 if kh == 1 else 8, 64 if kh == 1 else 16, 256, 16, 16, 64, 4)
+    block_c = _pow2_block(C_code, 16, 64)
+    block_ci = _pow2_block(C_sig, 16, 32)
+    if kh == 1:  # 1-D problems (H = 1): a row tile.
+        return FwdConfig(1, 128, 64, block_c, block_ci, 32, 4)
+    if kh * kw <= 9:  # 3x3: halo (TH+2)(TW+2) = 1.4x the tile
+        return FwdConfig(8, 16, 64, block_c, block_ci, 32, 4)
+    # large kernels: bigger tiles keep the halo overhead of the synthesis below 2x
+    return FwdConfig(16, 16, 64, block_c, block_ci, 32, 8)
+
+
+def conv_config(C_sig: int, C_code: int, kh: int, kw: int) -> ConvConfig:
+    if _interpreting():
+        return ConvConfig(256, 16, 16, 64, 2, 4)
+    return ConvConfig(128, _pow2_block(C_code, 16, 64), _pow2_block(C_sig, 16, 32), 32, 512, 4)
+
+
+def _in_prec(dtype: torch.dtype) -> str:
+    # Half inputs are exact in tf32, so tensor cores lose nothing there; fp32 follows torch's cuDNN TF32 switch,
+    # the precision the eager convolutions we replace run at.
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _fista_betas(n_iter: int, fista: bool) -> list:
+    betas = [0.0] * n_iter
+    if fista:
+        t_prev = t = 1.0
+        for k in range(1, n_iter):
+            t_prev, t = t, (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+            betas[k] = (t_prev - 1.0) / t
+    return betas
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Geom(NamedTuple):
+    B: int
+    C_sig: int
+    H: int
+    W: int
+    C_code: int
+    kh: int
+    kw: int
+    Hz: int
+    Wz: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+
+
+def _geom(x, weight, z0, stride, padding) -> _Geom:
+    B, C_sig, H, W = x.shape
+    C_code, _, kh, kw = weight.shape
+    return _Geom(B, C_sig, H, W, C_code, kh, kw, z0.shape[2], z0.shape[3],
+                 int(stride[0]), int(stride[1]), int(padding[0]), int(padding[1]))
+
+
+class _FwdStepper:
+    """Launches one fused iteration; codes are addressed as (tensor, element offset) so that iterates can be
+    written straight into the saved (n, B, C, Hz, Wz) buffer without views."""
+
+    def __init__(self, x, weight, encoder_weight, lam, step, g: _Geom, nonneg, fista):
+        self.x, self.weight, self.encoder_weight, self.lam, self.step = x, weight, encoder_weight, lam, step
+        self.g, self.nonneg, self.fista = g, nonneg, fista
+        self.cfg = fwd_config(g.C_sig, g.C_code, g.kh, g.kw)
+        self.tiles_w = triton.cdiv(g.Wz, self.cfg.TW)
+        self.tiles_per_img = triton.cdiv(g.Hz, self.cfg.TH) * self.tiles_w
+        rh = (self.cfg.TH - 1) * g.sh + g.kh
+        rw = (self.cfg.TW - 1) * g.sw + g.kw
+        self.grid = (g.B * self.tiles_per_img,)
+        self.scratch = torch.empty(g.B * self.tiles_per_img * g.C_sig * rh * rw, device=x.device,
+                                   dtype=torch.float32)
+        self.betas = _fista_betas(step.shape[0], fista)
+        self.in_prec = _in_prec(x.dtype)
+
+    def __call__(self, k, z, z_off, zp, zp_off, out, out_off):
+        g, cfg = self.g, self.cfg
+        torch.library.wrap_triton(_conv_ista_fwd_kernel)[self.grid](
+            self.x, z, z_off, zp, zp_off, out, out_off, self.weight, self.encoder_weight, self.lam, self.step,
+            self.scratch, k, self.betas[k],
+            g.C_code, g.C_sig, g.H, g.W, g.Hz, g.Wz, self.tiles_w, self.tiles_per_img,
+            SH=g.sh, SW=g.sw, PH=g.ph, PW=g.pw, KH=g.kh, KW=g.kw, TH=cfg.TH, TW=cfg.TW,
+            R_CHUNK=cfg.R_CHUNK, BLOCK_C=cfg.BLOCK_C, BLOCK_CI=cfg.BLOCK_CI, BLOCK_K=cfg.BLOCK_K,
+            NONNEG=bool(self.nonneg), FISTA=bool(self.fista), IN_PREC=self.in_prec, num_warps=cfg.num_warps)
+
+
+def conv_ista_fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, save_iterates):
+    g = _geom(x, weight, z0, stride, padding)
+    n_iter = step.shape[0]
+    run = _FwdStepper(x, weight, encoder_weight, lam, step, g, nonneg, fista)
+    z = torch.empty_like(z0)
+    numel = z0.numel()
+    if save_iterates:
+        iterates = torch.empty((n_iter,) + tuple(z0.shape), device=z0.device, dtype=z0.dtype)
+        iterates.select(0, 0).copy_(z0)
+        for k in range(n_iter):
+            last = k == n_iter - 1
+            run(k, iterates, k * numel, iterates, max(k - 1, 0) * numel,
+                z if last else iterates, 0 if last else (k + 1) * numel)
+        return z, iterates
+    _replay(run, z0, n_iter, z)
+    return z, z0.new_empty((0,))
+
+
+def _replay(run, z0, n_iters, out):
+    """Runs n_iters >= 1 iterations from z0 into `out` with three rotating buffers; returns z_{n_iters-1}."""
+    prev, cur = z0, z0
+    for k in range(n_iters):
+        nxt = out if k == n_iters - 1 else torch.empty_like(z0)
+        run(k, cur, 0, prev, 0, nxt, 0)
+        prev, cur = cur, nxt
+    return prev
+
+
+def conv_ista_bwd(grad_z, x, weight, encoder_weight, lam, step, z0, z, iterates, stride, padding, nonneg, fista):
+    g = _geom(x, weight, z0, stride, padding)
+    n_iter = step.shape[0]
+    ccfg = conv_config(g.C_sig, g.C_code, g.kh, g.kw)
+    in_prec = _in_prec(x.dtype)
+    betas = _fista_betas(n_iter, fista)
+    geo = dict(SH=g.sh, SW=g.sw, PH=g.ph, PW=g.pw, KH=g.kh, KW=g.kw, BLOCK_P=ccfg.BLOCK_P, BLOCK_K=ccfg.BLOCK_K,
+               IN_PREC=in_prec, num_warps=ccfg.num_warps)
+    sig_grid = (triton.cdiv(g.H * g.W, ccfg.BLOCK_P), g.B, triton.cdiv(g.C_sig, ccfg.BLOCK_CI))
+    code_grid = (triton.cdiv(g.Hz * g.Wz, ccfg.BLOCK_P), g.B, triton.cdiv(g.C_code, ccfg.BLOCK_C))
+    k_tot = g.C_sig * g.kh * g.kw
+    # Bound the partials to ~16 MiB; beyond that more splits buy no parallelism worth the memory.
+    n_split = max(1, min(ccfg.max_splits, g.B * triton.cdiv(g.Hz * g.Wz, ccfg.BLOCK_P),
+                         (1 << 22) // (g.C_code * k_tot)))
+    w_grid = (triton.cdiv(g.C_code, ccfg.BLOCK_C), triton.cdiv(k_tot, ccfg.BLOCK_K), n_split)
+    partials = torch.empty((n_split, g.C_code, k_tot), device=x.device, dtype=torch.float32)
+    sig_shape = (g.B, g.C_sig, g.H, g.W)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dims = dict(C_code=g.C_code, C_sig=g.C_sig, H=g.H, W=g.W, Hz=g.Hz, Wz=g.Wz)
+
+    def synth(code, w, sub_from_x):
+        out = torch.empty(sig_shape, **f32)
+        torch.library.wrap_triton(_conv_synth_kernel)[sig_grid](x, code, w, out, **dims, BLOCK_CI=ccfg.BLOCK_CI,
+                                                                SUB_FROM_X=sub_from_x, **geo)
+        return out
+
+    def weight_grad(sig, code):
+        torch.library.wrap_triton(_conv_weight_grad_kernel)[w_grid](partials, sig, code, g.B, **dims,
+                                                                    BLOCK_C=ccfg.BLOCK_C, **geo)
+        return partials.sum(0).view(tuple(weight.shape))
+
+    recompute = iterates.numel() == 0
+    if recompute:
+        run = _FwdStepper(x, weight, encoder_weight, lam, step, g, nonneg, fista)
+
+    grad_x = torch.zeros(sig_shape, **f32)
+    grad_w = torch.zeros(tuple(weight.shape), **f32)
+    grad_we = torch.zeros(tuple(encoder_weight.shape), **f32)
+    grad_lam, grad_step = [], []
+    gz = grad_z.to(torch.float32)          # dL/dz_{k+1}, complete when iteration k is processed
+    pending = None                          # FISTA: the part of dL/dz_k that iteration k+1 sent through y_{k+1}
+    z_next = z
+    for k in reversed(range(n_iter)):
+        if recompute:
+            z_k = z0 if k == 0 else torch.empty_like(z0)
+            z_km1 = _replay(run, z0, k, z_k) if k > 0 else z0
+        else:
+            z_k = iterates.select(0, k)
+            z_km1 = iterates.select(0, max(k - 1, 0))
+        y = z_k.to(torch.float32)
+        if betas[k] != 0.0:
+            y = y + betas[k] * (y - z_km1.to(torch.float32))
+        step_k = step[k].to(torch.float32)
+
+        active = z_next != 0
+        gu = torch.where(active, gz, 0.0)
+        if nonneg:
+            dth = -gu.sum(dim=(0, 2, 3))
+        else:
+            dth = -(gu * torch.sign(z_next.to(torch.float32))).sum(dim=(0, 2, 3))
+
+        r = synth(y, weight, True)
+        v = synth(gu, encoder_weight, False)
+        grad_x = grad_x + step_k * v
+        grad_lam.append(step_k * dth)
+        grad_step.append((v * r).sum() + (lam[k].to(torch.float32) * dth).sum())
+        grad_we = grad_we + step_k * weight_grad(r, gu)
+        grad_w = grad_w - step_k * weight_grad(v, y)
+
+        dy = torch.empty_like(gu)
+        torch.library.wrap_triton(_conv_analysis_kernel)[code_grid](gu, v, weight, step, k, -1.0, dy, **dims,
+                                                                    BLOCK_C=ccfg.BLOCK_C, **geo)
+        if fista:
+            gz = dy * (1.0 + betas[k]) if pending is None else pending + dy * (1.0 + betas[k])
+            pending = dy * (-betas[k])
+        else:
+            gz = dy
+        z_next = z_k
+
+    grad_lam = torch.stack(grad_lam[::-1]).to(lam.dtype)
+    grad_step = torch.stack(grad_step[::-1]).to(step.dtype)
+    return (grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_we.to(encoder_weight.dtype), grad_lam, grad_step,
+            gz.to(z0.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compile registry: every kernel with the specialisations the launchers produce for the named
+# workloads (DESIGN §6). tests/test_triton_aot.py compiles each for sm_80 and sm_90 and checks that no kernel of
+# this module is missing here.
+# ----------------------------------------------------------------------------------------------------------------
+
+KERNELS = {
+    "_conv_ista_fwd_kernel": _conv_ista_fwd_kernel,
+    "_conv_synth_kernel": _conv_synth_kernel,
+    "_conv_analysis_kernel": _conv_analysis_kernel,
+    "_conv_weight_grad_kernel": _conv_weight_grad_kernel,
+}
+
+# (name, C_sig, C_code, kh, kw, stride, padding): the GPU workloads of DESIGN §6 plus a 1-D problem.
+AOT_WORKLOADS = (
+    ("csc-gray", 1, 64, 7, 7, 1, 3),
+    ("csc-rgb-strided", 3, 64, 6, 6, 2, 2),
+    ("deep-layer", 64, 128, 3, 3, 1, 1),
+    ("1d", 4, 32, 1, 9, 1, 4),
+)
+
+_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _sig(names_types: str) -> dict:
+    return dict(item.split(":") for item in names_types.split())
+
+
+def aot_specializations(dtypes=(torch.float32, torch.bfloat16)):
+    """Yields (kernel name, kernel, signature, constexprs, num_warps) for every kernel, workload config and dtype.
+
+    Call it without TRITON_INTERPRET: the configurations are the GPU ones."""
+    ints = "C_code:i32 C_sig:i32 H:i32 W:i32 Hz:i32 Wz:i32"
+    for _, cs, cc, kh, kw, s, p in AOT_WORKLOADS:
+        fc = fwd_config(cs, cc, kh, kw)
+        cv = conv_config(cs, cc, kh, kw)
+        geo = dict(SH=1 if kh == 1 else s, SW=s, PH=0 if kh == 1 else p, PW=p, KH=kh, KW=kw, IN_PREC="tf32")
+        conv = dict(geo, BLOCK_P=cv.BLOCK_P, BLOCK_K=cv.BLOCK_K)
+        for dt in dtypes:
+            t = _TYPE[dt]
+            for fista, nonneg in ((True, False), (False, True)):
+                yield ("_conv_ista_fwd_kernel", _conv_ista_fwd_kernel,
+                       _sig(f"x_ptr:*{t} z_ptr:*{t} z_off:i32 zp_ptr:*{t} zp_off:i32 out_ptr:*{t} out_off:i32 "
+                            f"w_ptr:*{t} we_ptr:*{t} lam_ptr:*{t} step_ptr:*{t} scratch_ptr:*fp32 k:i32 beta:fp32 "
+                            f"{ints} tiles_w:i32 tiles_per_img:i32"),
+                       dict(geo, TH=fc.TH, TW=fc.TW, R_CHUNK=fc.R_CHUNK, BLOCK_C=fc.BLOCK_C, BLOCK_CI=fc.BLOCK_CI,
+                            BLOCK_K=fc.BLOCK_K, NONNEG=nonneg, FISTA=fista), fc.num_warps)
+            for sub in (True, False):
+                yield ("_conv_synth_kernel", _conv_synth_kernel,
+                       _sig(f"x_ptr:*{t} code_ptr:*fp32 w_ptr:*{t} out_ptr:*fp32 {ints}"),
+                       dict(conv, BLOCK_CI=cv.BLOCK_CI, SUB_FROM_X=sub), cv.num_warps)
+            yield ("_conv_analysis_kernel", _conv_analysis_kernel,
+                   _sig(f"base_ptr:*fp32 src_ptr:*fp32 w_ptr:*{t} step_ptr:*{t} k:i32 scale:fp32 out_ptr:*fp32 "
+                        f"{ints}"),
+                   dict(conv, BLOCK_C=cv.BLOCK_C), cv.num_warps)
+            yield ("_conv_weight_grad_kernel", _conv_weight_grad_kernel,
+                   _sig(f"part_ptr:*fp32 sig_ptr:*fp32 code_ptr:*fp32 B:i32 {ints}"),
+                   dict(conv, BLOCK_C=cv.BLOCK_C), cv.num_warps)
