@@ -238,8 +238,10 @@ struct Ctx {
                        std::max(anal.in_width(g.Wz), g.W + 2 * g.PW));
   }
 
-  // y = za + beta (za - zb) (zb may be null: y = za) for batch item n, into ybuf for signal rows [hs0, hs0 + nh).
-  void fill_y(BandBufs<T>& bb, const T* za, const T* zb, T beta, int64_t n, int64_t hs0, int64_t nh) const {
+  // ybuf for batch item n and signal rows [hs0, hs0 + nh), where yval(idx) gives the code value at flat index idx
+  // of a (B, Cc, Hz, Wz) tensor (y_k, or the masked gradient in the backward).
+  template <class YVal>
+  void fill_y(BandBufs<T>& bb, YVal&& yval, int64_t n, int64_t hs0, int64_t nh) const {
     const int64_t rows = nh + g.KH - 1;
     const int64_t col0 = g.PW - g.KW + 1;  // upsampled column of ybuf column 0
     for (int64_t c = 0; c < g.Cc; ++c) {
@@ -249,14 +251,12 @@ struct Ctx {
         const int64_t t = hs0 + q + g.PH - g.KH + 1;
         if (t < 0 || t % g.SH != 0 || t / g.SH >= g.Hz) continue;
         const int64_t off = ((n * g.Cc + c) * g.Hz + t / g.SH) * g.Wz;
-        const T* a = za + off;
-        const T* b = zb ? zb + off : nullptr;
-        // ybuf column q2 holds y at z-column (q2 + col0) / SW when that divides.
-        const int64_t first = std::max<int64_t>(0, -col0);
+        // ybuf column q2 holds z-column (q2 + col0) / SW when that divides.
         for (int64_t j = 0; j < g.Wz; ++j) {
           const int64_t q2 = j * g.SW - col0;
-          if (q2 < first || q2 >= bb.ywidth) continue;
-          dst[q2] = b ? a[j] + beta * (a[j] - b[j]) : a[j];
+          if (q2 < 0) continue;
+          if (q2 >= bb.ywidth) break;
+          dst[q2] = yval(off + j);
         }
       }
     }
@@ -303,7 +303,8 @@ struct Ctx {
                 T* znext, int64_t n, int64_t i0, int64_t i1) const {
     int64_t hs0, nh;
     sig_rows(i0, i1, hs0, nh);
-    fill_y(bb, zk, zkm1, beta, n, hs0, nh);
+    if (zkm1) fill_y(bb, [&](int64_t i) { return zk[i] + beta * (zk[i] - zkm1[i]); }, n, hs0, nh);
+    else fill_y(bb, [&](int64_t i) { return zk[i]; }, n, hs0, nh);
     std::fill(bb.r, bb.r + g.Cs * bb.rrows * bb.rwidth, T(0));
     synth_rows(bb, hs0, nh, [&](int64_t s, int64_t h, int64_t j0, const T* v, int64_t cnt) {
       T* dst = rrow(bb, s, h, i0) + j0;
@@ -429,12 +430,75 @@ std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x_, const
   return {z, iterates};
 }
 
+// Weight gradients as GEMMs over one batch item at a time: dW[c, (s, a, b)] += G[c, (i, j)] col[(s, a, b), (i, j)]
+// with col the im2col of a zero-padded signal-sized tensor. Each thread accumulates its own partial sums over all
+// batch items and iterations; they are reduced once at the end.
+template <typename T>
+struct WeightGrad {
+  const Geo& g;
+  int64_t kk;                      // Cs * KH * KW
+  std::vector<at::Tensor> partial;  // per thread: (Cc, kk)
+
+  WeightGrad(const Geo& g_, const at::TensorOptions& opt) : g(g_), kk(g_.Cs * g_.KH * g_.KW) {
+    for (int t = 0; t < at::get_num_threads(); ++t) partial.push_back(at::zeros({g.Cc, kk}, opt));
+  }
+
+  void im2col(const T* P, int64_t n, T* col) const {
+    const int64_t hw = g.Hz * g.Wz;
+    for (int64_t s = 0; s < g.Cs; ++s)
+      for (int64_t a = 0; a < g.KH; ++a)
+        for (int64_t b = 0; b < g.KW; ++b) {
+          T* dst = col + ((s * g.KH + a) * g.KW + b) * hw;
+          // Columns j with 0 <= j * SW + b - PW < W.
+          const int64_t j_lo = std::min(g.Wz, std::max<int64_t>(0, (g.PW - b + g.SW - 1) / g.SW));
+          const int64_t j_hi = std::max(j_lo, std::min(g.Wz, (g.W - 1 + g.PW - b) / g.SW + 1));
+          for (int64_t i = 0; i < g.Hz; ++i, dst += g.Wz) {
+            const int64_t h = i * g.SH + a - g.PH;
+            if (h < 0 || h >= g.H) {
+              std::fill(dst, dst + g.Wz, T(0));
+              continue;
+            }
+            const T* src = P + ((n * g.Cs + s) * g.H + h) * g.W + b - g.PW;
+            std::fill(dst, dst + j_lo, T(0));
+            for (int64_t j = j_lo; j < j_hi; ++j) dst[j] = src[j * g.SW];
+            std::fill(dst + j_hi, dst + g.Wz, T(0));
+          }
+        }
+  }
+
+  // partial += G_n col(P_n)^T for every batch item n; gfill(n, dst) writes G_n as (Cc, Hz * Wz).
+  template <class GFill>
+  void accumulate(const T* P, GFill&& gfill) {
+    const int64_t hw = g.Hz * g.Wz;
+    at::parallel_for(0, g.B, 1, [&](int64_t n0, int64_t n1) {
+      thread_local std::vector<T> colv, gv;
+      colv.resize(kk * hw);
+      gv.resize(g.Cc * hw);
+      const auto opt = partial[0].options();
+      const at::Tensor col = at::from_blob(colv.data(), {kk, hw}, opt);
+      const at::Tensor gm = at::from_blob(gv.data(), {g.Cc, hw}, opt);
+      at::Tensor& acc = partial[at::get_thread_num()];
+      for (int64_t n = n0; n < n1; ++n) {
+        im2col(P, n, colv.data());
+        gfill(n, gv.data());
+        acc.addmm_(gm, col.t());
+      }
+    });
+  }
+
+  at::Tensor sum() const {
+    at::Tensor out = partial[0];
+    for (size_t t = 1; t < partial.size(); ++t) out = out + partial[t];
+    return out.view({g.Cc, g.Cs, g.KH, g.KW});
+  }
+};
+
 template <typename T>
 void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& weight,
               const at::Tensor& encoder_weight, const at::Tensor& lam_t, const at::Tensor& step_t,
-              const at::Tensor& z0, const at::Tensor& z, const at::Tensor& iterates, at::IntArrayRef stride,
-              at::IntArrayRef padding, const Geo& g, bool nonneg, bool fista, at::Tensor& gx, at::Tensor& gw,
-              at::Tensor& gwe, at::Tensor& glam, at::Tensor& gstep, at::Tensor& gz0) {
+              const at::Tensor& z0, const at::Tensor& z, const at::Tensor& iterates, const Geo& g, bool nonneg,
+              bool fista, at::Tensor& gx, at::Tensor& gw, at::Tensor& gwe, at::Tensor& glam, at::Tensor& gstep,
+              at::Tensor& gz0) {
   const Ctx<T> ctx(g, weight.data_ptr<T>(), encoder_weight.data_ptr<T>());
   // v = E^* gu is D with W_E; D^* v is E with W_D.
   const Plan<T> synth_e(encoder_weight.data_ptr<T>(), g.Cc, g.Cs, g.KH, g.KW, 1, g.W, true);
@@ -444,31 +508,36 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
   const auto beta = fista_betas(step.size(), fista);
   const int64_t n = step.size();
   const int64_t csz = z0.numel();
+  const int64_t hw = g.Hz * g.Wz;
   const bool saved = iterates.numel() > 0;
   const T* xp = x.data_ptr<T>();
 
+  // Full-size temporaries: r_k, v (signal-sized); gA, gB, replay buffers (code-sized). gu = gA [z_{k+1} != 0] is
+  // recomputed wherever it is read instead of being stored.
   at::Tensor r = at::empty_like(x), v = at::empty_like(x);
-  at::Tensor gu = at::empty_like(z0);
-  at::Tensor gA = grad_z.clone();          // dL/dz_{k+1}, complete when step k runs
-  at::Tensor gB = at::zeros_like(z0);      // FISTA: the part of dL/dz_k coming from y_{k+1}
+  gz0 = grad_z.clone();  // gA: dL/dz_{k+1}, complete when step k runs; ends as dL/dz_0
+  at::Tensor gB = fista ? at::zeros_like(z0) : at::Tensor();  // the part of dL/dz_k coming from y_{k+1}
   gx.zero_();
-  gw.zero_();
-  gwe.zero_();
-  // Recompute mode: three replay buffers and a copy of z_{k+1}.
-  at::Tensor scratch = saved ? at::empty({0}, z0.options()) : at::empty({4, csz}, z0.options());
+  // Recompute mode: replay buffers (2 for ISTA, 3 for FISTA) plus the held z_{k+1}.
+  const int nrep = fista ? 3 : 2;
+  at::Tensor scratch = saved ? at::Tensor() : at::empty({nrep + 1, csz}, z0.options());
   T* bufs[3] = {nullptr, nullptr, nullptr};
   T* zk1_buf = nullptr;
   if (!saved) {
     T* s = scratch.data_ptr<T>();
-    bufs[0] = s, bufs[1] = s + csz, bufs[2] = s + 2 * csz, zk1_buf = s + 3 * csz;
+    for (int i = 0; i < nrep; ++i) bufs[i] = s + i * csz;
+    zk1_buf = s + nrep * csz;
     std::memcpy(zk1_buf, z.data_ptr<T>(), csz * sizeof(T));
   }
   const T* it = saved ? iterates.data_ptr<T>() : nullptr;
-  const T* zd = z.data_ptr<T>();
+  WeightGrad<T> wg_e(g, x.options()), wg_d(g, x.options());
   std::vector<double> dth(g.Cc);
-  const int64_t Rs = band_rows(g.B, g.H, double(g.KH - 1));  // signal rows per band of the full-size passes
-  const int64_t Rc = ctx.R;
-  const int64_t hw = g.Hz * g.Wz;
+  const int64_t Rs = band_rows(g.B, g.H, double(g.KH - 1));  // signal rows per band of the full-size D passes
+  T* gAp = gz0.data_ptr<T>();
+  T* gBp = fista ? gB.data_ptr<T>() : nullptr;
+  T* rp = r.data_ptr<T>();
+  T* vp = v.data_ptr<T>();
+  T* gxp = gx.data_ptr<T>();
 
   for (int64_t k = n - 1; k >= 0; --k) {
     const T sk = step[k];
@@ -477,17 +546,17 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
     if (saved) {
       zk = it + k * csz;
       zkm1 = k > 0 ? it + (k - 1) * csz : nullptr;
-      zk1 = k + 1 < n ? it + (k + 1) * csz : zd;
+      zk1 = k + 1 < n ? it + (k + 1) * csz : z.data_ptr<T>();
     } else {
       replay(ctx, xp, z0.data_ptr<T>(), lam, step, beta, nonneg, fista, k, bufs, static_cast<T*>(nullptr), &zk,
              &zkm1);
       zk1 = zk1_buf;
     }
     if (!(fista && k > 0)) zkm1 = nullptr;
+    const auto gu = [&](int64_t i) { return zk1[i] != T(0) ? gAp[i] : T(0); };
+    const auto yk = [&](int64_t i) { return zkm1 ? zk[i] + bk * (zk[i] - zkm1[i]) : zk[i]; };
 
-    // gu and dL/dth, one channel per task (the reduction runs over batch and space).
-    T* gup = gu.data_ptr<T>();
-    const T* gap = gA.data_ptr<T>();
+    // dL/dth, one channel per task (the reduction runs over batch and space).
     at::parallel_for(0, g.Cc, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         double acc = 0;
@@ -495,8 +564,7 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
           const int64_t off = (b * g.Cc + c) * hw;
           for (int64_t i = 0; i < hw; ++i) {
             const T zz = zk1[off + i];
-            const T gg = zz != T(0) ? gap[off + i] : T(0);
-            gup[off + i] = gg;
+            const T gg = zz != T(0) ? gAp[off + i] : T(0);
             acc += nonneg ? gg : (zz > 0 ? gg : -gg);
           }
         }
@@ -505,18 +573,15 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
     });
 
     // r_k = x - D y_k and v = D_E gu on signal row bands; dL/dx += step v.
-    T* rp = r.data_ptr<T>();
-    T* vp = v.data_ptr<T>();
-    T* gxp = gx.data_ptr<T>();
     for_bands(g.B, g.H, Rs, [&](int64_t b, int64_t h0, int64_t h1) {
       // synth_e has synth's geometry (same channels, kernel and output width), so one ybuf layout serves both.
       BandBufs<T> bb = ctx.bufs(Rs);
-      ctx.fill_y(bb, zk, zkm1, bk, b, h0, h1 - h0);
+      ctx.fill_y(bb, yk, b, h0, h1 - h0);
       ctx.synth_rows(bb, h0, h1 - h0, [&](int64_t s, int64_t h, int64_t j0, const T* val, int64_t cnt) {
         const int64_t off = ((b * g.Cs + s) * g.H + h) * g.W + j0;
         for (int64_t j = 0; j < cnt; ++j) rp[off + j] = xp[off + j] - val[j];
       });
-      ctx.fill_y(bb, gup, nullptr, T(0), b, h0, h1 - h0);
+      ctx.fill_y(bb, gu, b, h0, h1 - h0);
       for (int64_t h = h0; h < h1; ++h)
         synth_e.row(bb.y + (h - h0) * bb.ywidth, bb.yrows * bb.ywidth, bb.ywidth, g.W,
                     [&](int64_t s, int64_t j0, const T* val, int64_t cnt) {
@@ -532,12 +597,17 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
     }
     gstep.data_ptr<T>()[k] = T(at::dot(v.view(-1), r.view(-1)).template item<double>() + lam_dth);
 
-    // dL/dy_k = gu - step D^* v, split into dL/dz_k and dL/dz_{k-1}.
-    T* gAp = gA.data_ptr<T>();
-    T* gBp = gB.data_ptr<T>();
-    for_bands(g.B, g.Hz, Rc, [&](int64_t b, int64_t i0, int64_t i1) {
-      // anal_d has anal's geometry, so the forward's rbuf layout serves.
-      BandBufs<T> bb = ctx.bufs();
+    // Weight gradients, with step_k folded into G: dW_E += step r_k (x) gu, dW_D -= step v (x) y_k.
+    wg_e.accumulate(rp, [&](int64_t b, T* dst) {
+      for (int64_t i = 0; i < g.Cc * hw; ++i) dst[i] = sk * gu(b * g.Cc * hw + i);
+    });
+    wg_d.accumulate(vp, [&](int64_t b, T* dst) {
+      for (int64_t i = 0; i < g.Cc * hw; ++i) dst[i] = -sk * yk(b * g.Cc * hw + i);
+    });
+
+    // dL/dy_k = gu - step D^* v, split into dL/dz_k (gA) and dL/dz_{k-1} (gB). gu is read before gA is overwritten.
+    for_bands(g.B, g.Hz, ctx.R, [&](int64_t b, int64_t i0, int64_t i1) {
+      BandBufs<T> bb = ctx.bufs();  // anal_d has anal's geometry, so the forward's rbuf layout serves
       std::fill(bb.r, bb.r + g.Cs * bb.rrows * bb.rwidth, T(0));
       int64_t hs0, nh;
       ctx.sig_rows(i0, i1, hs0, nh);
@@ -549,29 +619,22 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
                    [&](int64_t c, int64_t j0, const T* val, int64_t cnt) {
                      const int64_t off = ((b * g.Cc + c) * g.Hz + i) * g.Wz + j0;
                      for (int64_t j = 0; j < cnt; ++j) {
-                       const T gy = gup[off + j] - sk * val[j];
-                       const T a_new = gBp[off + j] + (T(1) + bk) * gy;
-                       gBp[off + j] = -bk * gy;
-                       gAp[off + j] = a_new;
+                       const T gy = gu(off + j) - sk * val[j];
+                       if (gBp) {
+                         const T a_new = gBp[off + j] + (T(1) + bk) * gy;
+                         gBp[off + j] = -bk * gy;
+                         gAp[off + j] = a_new;
+                       } else {
+                         gAp[off + j] = gy;
+                       }
                      }
                    });
     });
 
-    // Weight gradients: ATen's (oneDNN) weight-gradient convolutions; see the report for the hand-written variant.
-    const at::Tensor y = zkm1 ? at::from_blob(const_cast<T*>(zk), z0.sizes(), z0.options()) * (1 + bk) -
-                                    at::from_blob(const_cast<T*>(zkm1), z0.sizes(), z0.options()) * bk
-                              : at::from_blob(const_cast<T*>(zk), z0.sizes(), z0.options());
-    const std::array<bool, 3> mask{false, true, false};
-    gwe.add_(std::get<1>(at::convolution_backward(gu, r, encoder_weight, std::nullopt, stride, padding, {1, 1},
-                                                  false, {0, 0}, 1, mask)),
-             sk);
-    gw.sub_(std::get<1>(at::convolution_backward(y, v, weight, std::nullopt, stride, padding, {1, 1}, false,
-                                                 {0, 0}, 1, mask)),
-            sk);
-
     if (!saved) std::memcpy(zk1_buf, zk, csz * sizeof(T));
   }
-  gz0.copy_(gA);
+  gwe.copy_(wg_e.sum());
+  gw.copy_(wg_d.sum());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_ista_bwd_cpp(
@@ -586,10 +649,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               "conv_ista_bwd_cpp: iterates must be empty or (n_iter, *z0.shape)");
   at::Tensor gx = at::empty_like(x), gw = at::empty_like(weight), gwe = at::empty_like(encoder_weight);
   at::Tensor glam = at::empty_like(lam).contiguous(), gstep = at::empty_like(step).contiguous();
-  at::Tensor gz0 = at::empty_like(z0);
+  at::Tensor gz0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_ista_bwd_cpp", [&] {
-    bwd_impl<scalar_t>(grad_z.contiguous(), x, weight, encoder_weight, lam, step, z0, z, iterates, stride, padding,
-                       g, nonneg, fista, gx, gw, gwe, glam, gstep, gz0);
+    bwd_impl<scalar_t>(grad_z.contiguous(), x, weight, encoder_weight, lam, step, z0, z, iterates, g, nonneg, fista,
+                       gx, gw, gwe, glam, gstep, gz0);
   });
   return {gx, gw, gwe, glam, gstep, gz0};
 }
