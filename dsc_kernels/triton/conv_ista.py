@@ -532,6 +532,7 @@ AOT_WORKLOADS = (
     ("deep-layer", 64, 128, 3, 3, 1, 1),
     ("1d", 4, 32, 1, 9, 1, 4),
 )
+AOT_TARGETS = ((80, torch.float32), (90, torch.bfloat16))
 
 _TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -540,33 +541,41 @@ def _sig(names_types: str) -> dict:
     return dict(item.split(":") for item in names_types.split())
 
 
-def aot_specializations(dtypes=(torch.float32, torch.bfloat16)):
-    """Yields (kernel name, kernel, signature, constexprs, num_warps) for every kernel, workload config and dtype.
+def _kernel_specs(cs, cc, kh, kw, s, p, dtype, variant):
+    """(kernel name, signature, constexprs, num_warps) for each kernel, as the launchers specialise them on
+    this workload; `variant` alternates the boolean constexprs."""
+    fc = fwd_config(cs, cc, kh, kw)
+    cv = conv_config(cs, cc, kh, kw)
+    t = _TYPE[dtype]
+    ints = "C_code:i32 C_sig:i32 H:i32 W:i32 Hz:i32 Wz:i32"
+    geo = dict(SH=1 if kh == 1 else s, SW=s, PH=0 if kh == 1 else p, PW=p, KH=kh, KW=kw, IN_PREC=_in_prec(dtype))
+    conv = dict(geo, BLOCK_P=cv.BLOCK_P, BLOCK_K=cv.BLOCK_K)
+    return {
+        "_conv_ista_fwd_kernel": (
+            _sig(f"x_ptr:*{t} z_ptr:*{t} z_off:i32 zp_ptr:*{t} zp_off:i32 out_ptr:*{t} out_off:i32 w_ptr:*{t} "
+                 f"we_ptr:*{t} lam_ptr:*{t} step_ptr:*{t} scratch_ptr:*fp32 k:i32 beta:fp32 {ints} tiles_w:i32 "
+                 "tiles_per_img:i32"),
+            dict(geo, TH=fc.TH, TW=fc.TW, R_CHUNK=fc.R_CHUNK, BLOCK_C=fc.BLOCK_C, BLOCK_CI=fc.BLOCK_CI,
+                 BLOCK_K=fc.BLOCK_K, NONNEG=not variant, FISTA=variant), fc.num_warps),
+        "_conv_synth_kernel": (
+            _sig(f"x_ptr:*{t} code_ptr:*fp32 w_ptr:*{t} out_ptr:*fp32 {ints}"),
+            dict(conv, BLOCK_CI=cv.BLOCK_CI, SUB_FROM_X=variant), cv.num_warps),
+        "_conv_analysis_kernel": (
+            _sig(f"base_ptr:*fp32 src_ptr:*fp32 w_ptr:*{t} step_ptr:*{t} k:i32 scale:fp32 out_ptr:*fp32 {ints}"),
+            dict(conv, BLOCK_C=cv.BLOCK_C), cv.num_warps),
+        "_conv_weight_grad_kernel": (
+            _sig(f"part_ptr:*fp32 sig_ptr:*fp32 code_ptr:*fp32 B:i32 {ints}"),
+            dict(conv, BLOCK_C=cv.BLOCK_C), cv.num_warps),
+    }
+
+
+def aot_specializations():
+    """Yields (capability, kernel name, kernel, signature, constexprs, num_warps): every kernel for both targets,
+    and every (kernel, workload) pair on one of them, so each configuration of the table is compiled once.
 
     Call it without TRITON_INTERPRET: the configurations are the GPU ones."""
-    ints = "C_code:i32 C_sig:i32 H:i32 W:i32 Hz:i32 Wz:i32"
-    for _, cs, cc, kh, kw, s, p in AOT_WORKLOADS:
-        fc = fwd_config(cs, cc, kh, kw)
-        cv = conv_config(cs, cc, kh, kw)
-        geo = dict(SH=1 if kh == 1 else s, SW=s, PH=0 if kh == 1 else p, PW=p, KH=kh, KW=kw, IN_PREC="tf32")
-        conv = dict(geo, BLOCK_P=cv.BLOCK_P, BLOCK_K=cv.BLOCK_K)
-        for dt in dtypes:
-            t = _TYPE[dt]
-            for fista, nonneg in ((True, False), (False, True)):
-                yield ("_conv_ista_fwd_kernel", _conv_ista_fwd_kernel,
-                       _sig(f"x_ptr:*{t} z_ptr:*{t} z_off:i32 zp_ptr:*{t} zp_off:i32 out_ptr:*{t} out_off:i32 "
-                            f"w_ptr:*{t} we_ptr:*{t} lam_ptr:*{t} step_ptr:*{t} scratch_ptr:*fp32 k:i32 beta:fp32 "
-                            f"{ints} tiles_w:i32 tiles_per_img:i32"),
-                       dict(geo, TH=fc.TH, TW=fc.TW, R_CHUNK=fc.R_CHUNK, BLOCK_C=fc.BLOCK_C, BLOCK_CI=fc.BLOCK_CI,
-                            BLOCK_K=fc.BLOCK_K, NONNEG=nonneg, FISTA=fista), fc.num_warps)
-            for sub in (True, False):
-                yield ("_conv_synth_kernel", _conv_synth_kernel,
-                       _sig(f"x_ptr:*{t} code_ptr:*fp32 w_ptr:*{t} out_ptr:*fp32 {ints}"),
-                       dict(conv, BLOCK_CI=cv.BLOCK_CI, SUB_FROM_X=sub), cv.num_warps)
-            yield ("_conv_analysis_kernel", _conv_analysis_kernel,
-                   _sig(f"base_ptr:*fp32 src_ptr:*fp32 w_ptr:*{t} step_ptr:*{t} k:i32 scale:fp32 out_ptr:*fp32 "
-                        f"{ints}"),
-                   dict(conv, BLOCK_C=cv.BLOCK_C), cv.num_warps)
-            yield ("_conv_weight_grad_kernel", _conv_weight_grad_kernel,
-                   _sig(f"part_ptr:*fp32 sig_ptr:*fp32 code_ptr:*fp32 B:i32 {ints}"),
-                   dict(conv, BLOCK_C=cv.BLOCK_C), cv.num_warps)
+    for i, (_, cs, cc, kh, kw, s, p) in enumerate(AOT_WORKLOADS):
+        for j, name in enumerate(KERNELS):
+            cap, dtype = AOT_TARGETS[(i + j) % len(AOT_TARGETS)]
+            sig, constexprs, num_warps = _kernel_specs(cs, cc, kh, kw, s, p, dtype, variant=(i // 2 + j) % 2 == 0)[name]
+            yield cap, name, KERNELS[name], dict(sig, **{k: "constexpr" for k in constexprs}), constexprs, num_warps
