@@ -8,8 +8,11 @@
 // Backward (g = dL/dO), only support entries are non-zero:
 //   dP_ij = <g_i, v_j>,  ds_ij = dP_ij - delta_i on S_i,  delta_i = mean_{S_i} dP_ij (sparsemax) or 0 (shrink)
 //   dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i P_ij g_i,  dtheta_h = -sum ds
-// Scores are recomputed from q, k and the saved tau; no N x M matrix is kept. Each task holds one row of
-// M scores at a time (the forward needs the whole row to find tau exactly).
+// Scores are recomputed from q, k and the saved tau; no N x M matrix is kept. Each task computes a panel of
+// 64 query rows x M keys (or 64 keys x N queries in the dk/dv pass) with one BLAS GEMM, so memory is
+// O(threads * 64 * max(N, M)); everything after the GEMM touches only the support (|S_i| entries per row).
+// The dk/dv pass recomputes scores with a transposed GEMM whose rounding can differ from the forward's by an ulp,
+// which can move a score lying within an ulp of tau across it (P ~ 0 there), as in FlashAttention's backward.
 //
 // tau by Michelot's projection: starting from lo = max_j s_ij - 1 <= tau_i, the update
 // lo <- (sum_{s > lo} s - 1) / |{s > lo}| increases monotonically to tau_i and is exact once the set stops
@@ -28,7 +31,7 @@
 
 namespace {
 
-constexpr int64_t kRowBlock = 16;  // query (forward, dq) or key (dk, dv) rows per parallel task
+constexpr int64_t kRowBlock = 64;  // query (forward, dq) or key (dk, dv) rows per parallel task
 
 template <typename scalar_t>
 inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
@@ -75,41 +78,41 @@ scalar_t sparsemax_tau(const scalar_t* s, int64_t n, int64_t* support) {
   }
 }
 
+// Scores of rows [r0, r1) of `a` against rows [c0, c1) of `b` of one (batch, head): a BLAS panel
+// (r1 - r0, c1 - c0), scaled. a, b are (B*H, L, d) views.
+inline at::Tensor score_panel(const at::Tensor& a, const at::Tensor& b, int64_t bh, int64_t r0, int64_t r1,
+                              int64_t c0, int64_t c1, double scale) {
+  auto s = at::mm(a[bh].narrow(0, r0, r1 - r0), b[bh].narrow(0, c0, c1 - c0).t());
+  return s.mul_(scale);
+}
+
 template <typename scalar_t>
 void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta,
-                bool sparsemax, bool causal, double scale_d, at::Tensor& out, at::Tensor& stats) {
+                bool sparsemax, bool causal, double scale, at::Tensor& out, at::Tensor& stats) {
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   const int64_t M = k.size(2), DV = v.size(3);
   const int64_t nqb = (N + kRowBlock - 1) / kRowBlock;
-  const scalar_t scale = static_cast<scalar_t>(scale_d);
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const auto q3 = q.view({B * H, N, D}), k3 = k.view({B * H, M, D});
   const scalar_t* vp = v.data_ptr<scalar_t>();
   const scalar_t* thp = theta.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   scalar_t* sp = stats.data_ptr<scalar_t>();
+  out.zero_();
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> s(std::max<int64_t>(M, 1));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / nqb, i0 = (task % nqb) * kRowBlock;
-      const scalar_t* kb = kp + bh * M * D;
+      const int64_t bh = task / nqb, i0 = (task % nqb) * kRowBlock, i1 = std::min(N, i0 + kRowBlock);
+      const int64_t mend = causal ? std::min(M, i1) : M;
+      at::Tensor panel = mend > 0 ? score_panel(q3, k3, bh, i0, i1, 0, mend, scale) : at::Tensor();
       const scalar_t* vb = vp + bh * M * DV;
-      for (int64_t i = i0; i < std::min(N, i0 + kRowBlock); ++i) {
-        const scalar_t* qi = qp + (bh * N + i) * D;
-        scalar_t* oi = op + (bh * N + i) * DV;
-        std::fill(oi, oi + DV, scalar_t(0));
+      for (int64_t i = i0; i < i1; ++i) {
         const int64_t mi = visible_keys(i, M, causal);
-        for (int64_t j = 0; j < mi; ++j) s[j] = scale * dot(qi, kb + j * D, D);
+        const scalar_t* s = mi > 0 ? panel.data_ptr<scalar_t>() + (i - i0) * mend : nullptr;
+        scalar_t* oi = op + (bh * N + i) * DV;
         scalar_t tau = std::numeric_limits<scalar_t>::infinity();
         int64_t cnt = 0;
-        if (mi > 0) {
-          if (sparsemax) {
-            tau = sparsemax_tau(s.data(), mi, &cnt);
-          } else {
-            tau = thp[bh % H];
-          }
-        }
+        if (mi > 0) tau = sparsemax ? sparsemax_tau(s, mi, &cnt) : thp[bh % H];
         int64_t active = 0;
+        // Only the support is touched: the P v product costs |S_i| dv, not M dv.
         for (int64_t j = 0; j < mi; ++j) {
           if (s[j] > tau) {
             axpy(oi, s[j] - tau, vb + j * DV, DV);
@@ -132,6 +135,7 @@ void bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, c
   const int64_t nqb = (N + kRowBlock - 1) / kRowBlock;
   const int64_t nkb = (M + kRowBlock - 1) / kRowBlock;
   const scalar_t scale = static_cast<scalar_t>(scale_d);
+  const auto q3 = q.view({B * H, N, D}), k3 = k.view({B * H, M, D});
   const scalar_t* gp = g.data_ptr<scalar_t>();
   const scalar_t* qp = q.data_ptr<scalar_t>();
   const scalar_t* kp = k.data_ptr<scalar_t>();
@@ -143,26 +147,29 @@ void bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, c
   scalar_t* dthp = dtheta_partial.data_ptr<scalar_t>();
   std::vector<scalar_t> delta(B * H * N, scalar_t(0));
 
-  // Pass 1 (query rows): delta_i, dq_i and the threshold gradient, one partial sum per task.
+  // Pass 1 (query panels): delta_i, dq_i and the threshold gradient, one partial sum per task.
   at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> dp(std::max<int64_t>(M, 1));
     std::vector<int64_t> idx(std::max<int64_t>(M, 1));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / nqb, i0 = (task % nqb) * kRowBlock;
+      const int64_t bh = task / nqb, i0 = (task % nqb) * kRowBlock, i1 = std::min(N, i0 + kRowBlock);
+      const int64_t mend = causal ? std::min(M, i1) : M;
+      dthp[task] = 0;
+      if (mend == 0) continue;
+      const at::Tensor panel = score_panel(q3, k3, bh, i0, i1, 0, mend, scale_d);
       const scalar_t* kb = kp + bh * M * D;
       const scalar_t* vb = vp + bh * M * DV;
       scalar_t th_sum = 0;
-      for (int64_t i = i0; i < std::min(N, i0 + kRowBlock); ++i) {
+      for (int64_t i = i0; i < i1; ++i) {
         const int64_t r = bh * N + i;
-        const scalar_t* qi = qp + r * D;
+        const scalar_t* s = panel.data_ptr<scalar_t>() + (i - i0) * mend;
         const scalar_t* gi = gp + r * DV;
-        scalar_t* dqi = dqp + r * D;
         const scalar_t tau = sp[r * 2];
         const int64_t mi = visible_keys(i, M, causal);
         int64_t n_act = 0;
         scalar_t dp_sum = 0;
         for (int64_t j = 0; j < mi; ++j) {
-          if (scale * dot(qi, kb + j * D, D) > tau) {
+          if (s[j] > tau) {
             idx[n_act] = j;
             dp[n_act] = dot(gi, vb + j * DV, DV);
             dp_sum += dp[n_act];
@@ -174,32 +181,32 @@ void bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, c
         for (int64_t a = 0; a < n_act; ++a) {
           const scalar_t ds = dp[a] - dl;
           th_sum -= ds;
-          axpy(dqi, scale * ds, kb + idx[a] * D, D);
+          axpy(dqp + r * D, scale * ds, kb + idx[a] * D, D);
         }
       }
       dthp[task] = th_sum;
     }
   });
 
-  // Pass 2 (key rows): dk_j and dv_j, each owned by one task so no atomics are needed.
+  // Pass 2 (key panels): dk_j and dv_j, each owned by one task so no atomics are needed.
   at::parallel_for(0, B * H * nkb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / nkb, j0 = (task % nkb) * kRowBlock;
-      const int64_t j1 = std::min(M, j0 + kRowBlock);
-      // Top-left causal: query i sees key j iff j <= i.
+      const int64_t bh = task / nkb, j0 = (task % nkb) * kRowBlock, j1 = std::min(M, j0 + kRowBlock);
+      // Top-left causal: only queries i >= j see key j.
       const int64_t i_start = causal ? j0 : 0;
-      for (int64_t i = i_start; i < N; ++i) {
-        const int64_t r = bh * N + i;
-        const scalar_t* qi = qp + r * D;
-        const scalar_t* gi = gp + r * DV;
-        const scalar_t tau = sp[r * 2];
-        const int64_t jend = causal ? std::min(j1, i + 1) : j1;
-        for (int64_t j = j0; j < jend; ++j) {
-          const scalar_t sij = scale * dot(qi, kp + (bh * M + j) * D, D);
-          if (sij > tau) {
-            axpy(dvp + (bh * M + j) * DV, sij - tau, gi, DV);
-            const scalar_t ds = dot(gi, vp + (bh * M + j) * DV, DV) - delta[r];
-            axpy(dkp + (bh * M + j) * D, scale * ds, qi, D);
+      if (i_start >= N) continue;
+      const at::Tensor panel = score_panel(k3, q3, bh, j0, j1, i_start, N, scale_d);
+      const int64_t width = N - i_start;
+      for (int64_t j = j0; j < j1; ++j) {
+        const scalar_t* s = panel.data_ptr<scalar_t>() + (j - j0) * width;
+        const scalar_t* vj = vp + (bh * M + j) * DV;
+        for (int64_t i = causal ? j : i_start; i < N; ++i) {
+          const int64_t r = bh * N + i;
+          const scalar_t sij = s[i - i_start];
+          if (sij > sp[r * 2]) {
+            axpy(dvp + (bh * M + j) * DV, sij - sp[r * 2], gp + r * DV, DV);
+            const scalar_t ds = dot(gp + r * DV, vj, DV) - delta[r];
+            axpy(dkp + (bh * M + j) * D, scale * ds, qp + r * D, D);
           }
         }
       }
