@@ -45,8 +45,8 @@ def _kink_margin(p) -> float:
 
 
 def _problem(*, rank, batch=2, c_sig=2, c_code=3, size=(9, 11), kernel=(3, 3), stride=(1, 1), padding=(1, 1),
-             n_iter=2, untied=False, z0=False, nonneg=False, fista=False, seed=0, device="cpu"):
-    """A random problem in fp64 whose iterates all stay KINK_MARGIN away from the threshold."""
+             n_iter=2, untied=False, z0=False, nonneg=False, fista=False, seed=0, device="cpu", kink_free=True):
+    """A random problem in fp64 whose iterates all stay KINK_MARGIN away from the threshold (if kink_free)."""
     sl = slice(0, 2) if rank == 2 else slice(1, 2)
     size, kernel, stride, padding = size[sl], kernel[sl], stride[sl], padding[sl]
     for attempt in range(50):
@@ -63,7 +63,7 @@ def _problem(*, rank, batch=2, c_sig=2, c_code=3, size=(9, 11), kernel=(3, 3), s
                  step=torch.rand(n_iter, generator=gen, dtype=torch.float64) * 0.1 + 0.1,
                  z0=rnd(*zs, scale=0.5) if z0 else None, stride=stride, padding=padding, nonneg=nonneg,
                  fista=fista)
-        if _kink_margin(p) > KINK_MARGIN:
+        if not kink_free or _kink_margin(p) > KINK_MARGIN:
             return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
     raise AssertionError("could not draw a problem away from the threshold kink")
 
@@ -190,36 +190,81 @@ def test_nan_propagates_like_softshrink():
     assert torch.equal(z.isnan(), ref.isnan()) and z.isnan().any()
 
 
+def _compare_at_scale(p, dtype, rtol, atol, recompute=False):
+    """Large problems always have entries near a threshold kink, so instead of insisting on equal supports: the
+    forward may differ from the fp64 reference on a tiny fraction of the support, and the backward is checked
+    against the hand-written fp64 VJP evaluated on the kernel's own iterates (hence on the same supports)."""
+    from dsc_kernels.reference.conv_ista import conv_ista_bwd_ref, conv_ista_fwd_ref
+    from dsc_kernels.triton.conv_ista import conv_ista_bwd, conv_ista_fwd
+    we = p["weight"] if p["encoder_weight"] is None else p["encoder_weight"]
+    z0 = conv_analysis_ref(p["x"], p["weight"], p["stride"], p["padding"]) * 0 if p["z0"] is None else p["z0"]
+    args64 = [p["x"], p["weight"], we, p["lam"], p["step"], z0]
+    stride, padding = list(p["stride"]), list(p["padding"])
+    if p["weight"].dim() == 3:  # the canonical op tensors are 2-D: 1-D runs as H = 1
+        args64 = [a.unsqueeze(2) if i in (0, 1, 2, 5) else a for i, a in enumerate(args64)]
+        stride, padding = [1] + stride, [0] + padding
+    geo = (stride, padding, p["nonneg"], p["fista"])
+    args = [a.to(dtype) for a in args64]
+    z, iterates = conv_ista_fwd(*args, *geo, True)
+    z_ref, _ = conv_ista_fwd_ref(*args64, *geo, False)
+    same = (z != 0) == (z_ref != 0)
+    assert same.double().mean().item() > 0.999
+    torch.testing.assert_close(torch.where(same, z.double(), z_ref), z_ref, rtol=rtol,
+                               atol=atol * z_ref.abs().max().item())
+    gz = torch.randn(z.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(z.device)
+    grads = conv_ista_bwd(gz.to(dtype), *args, z, iterates.new_empty(0) if recompute else iterates, *geo)
+    ref = conv_ista_bwd_ref(gz, *args64, z.double(), iterates.double(), *geo)
+    for name, a, b in zip(GRAD_NAMES, grads, ref):
+        assert a.dtype == dtype, name
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol * b.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_kink_tolerant_comparison(rank):
+    # The GPU tests' comparison, exercised here on a problem that is not kink-free.
+    p = _problem(rank=rank, size=(1, 15) if rank == 1 else (9, 11), kernel=(1, 3) if rank == 1 else (3, 3),
+                 padding=(0, 1) if rank == 1 else (1, 1), untied=True, fista=True, z0=True, n_iter=2,
+                 kink_free=False)
+    _compare_at_scale(p, torch.float32, rtol=1e-4, atol=1e-5, recompute=rank == 1)
+
+
 @pytest.mark.gpu
 class TestGPU:
     """Larger shapes on a CUDA device, half precision, and torch.compile through the op."""
 
+    @pytest.fixture(autouse=True)
+    def _ieee_fp32(self, monkeypatch):
+        # fp32 kernels follow cuDNN's TF32 switch; IEEE dots make the fp32 comparison meaningful.
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
     @pytest.mark.parametrize("fista", [False, True])
     @pytest.mark.parametrize("recompute", [False, True])
-    def test_float32_matches_reference(self, fista, recompute):
+    def test_float32_strided(self, fista, recompute):
         p = _problem(rank=2, batch=4, c_sig=3, c_code=40, size=(45, 37), kernel=(6, 6), stride=(2, 2),
-                     padding=(2, 2), n_iter=4, untied=True, fista=fista, z0=True, device="cuda")
-        # Kernels and cuDNN both use TF32 by default.
-        _compare(p, recompute=recompute, rtol=2e-2, atol=2e-3)
+                     padding=(2, 2), n_iter=4, untied=True, fista=fista, z0=True, device="cuda", kink_free=False)
+        _compare_at_scale(p, torch.float32, rtol=1e-4, atol=1e-5, recompute=recompute)
+
+    def test_float32_deep_layer(self):
+        p = _problem(rank=2, batch=2, c_sig=64, c_code=96, size=(32, 32), kernel=(3, 3), n_iter=3, nonneg=True,
+                     device="cuda", kink_free=False)
+        _compare_at_scale(p, torch.float32, rtol=1e-4, atol=1e-5)
+
+    def test_float32_1d(self):
+        p = _problem(rank=1, batch=8, c_sig=4, c_code=32, size=(1, 1000), kernel=(1, 9), padding=(0, 4),
+                     n_iter=4, fista=True, device="cuda", kink_free=False)
+        _compare_at_scale(p, torch.float32, rtol=1e-4, atol=1e-5)
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-    def test_half_forward(self, dtype):
-        p = _problem(rank=2, batch=4, c_sig=16, c_code=64, size=(32, 32), kernel=(3, 3), n_iter=5, device="cuda")
+    def test_half(self, dtype):
+        p = _problem(rank=2, batch=4, c_sig=16, c_code=64, size=(32, 32), kernel=(7, 7), padding=(3, 3), n_iter=5,
+                     device="cuda", kink_free=False)
         p = {k: v.to(dtype).double() if isinstance(v, torch.Tensor) else v for k, v in p.items()}
-        z_ref, _ = _run(p, torch.float64, "ref")
-        z, grads = _run(p, dtype, "triton")
-        tol = 5e-2 if dtype == torch.bfloat16 else 1e-2
-        torch.testing.assert_close(z.double(), z_ref, rtol=tol, atol=tol * z_ref.abs().max().item())
-        assert all(torch.isfinite(g).all() for g in grads.values())
-
-    def test_1d_large(self):
-        p = _problem(rank=1, batch=8, c_sig=4, c_code=32, size=(1, 1000), kernel=(1, 9), padding=(0, 4),
-                     n_iter=4, fista=True, device="cuda")
-        _compare(p, rtol=2e-2, atol=2e-3)
+        tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+        _compare_at_scale(p, dtype, rtol=tol, atol=tol)
 
     def test_torch_compile_fullgraph(self):
         p = _problem(rank=2, batch=2, c_sig=3, c_code=32, size=(33, 30), kernel=(5, 5), padding=(2, 2), n_iter=3,
-                     device="cuda")
+                     device="cuda", kink_free=False)
         x, w, lam, step = (p[k].float().requires_grad_() for k in ("x", "weight", "lam", "step"))
 
         def f(x, w, lam, step):
@@ -230,6 +275,6 @@ class TestGPU:
         eager_grads = torch.autograd.grad(eager_loss, (x, w, lam, step))
         loss = compiled(x, w, lam, step)
         grads = torch.autograd.grad(loss, (x, w, lam, step))
-        torch.testing.assert_close(loss, eager_loss, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-5)
         for a, b in zip(grads, eager_grads):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

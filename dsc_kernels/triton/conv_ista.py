@@ -309,20 +309,22 @@ def fwd_config(C_sig: int, C_code: int, kh: int, kw: int) -> FwdConfig:
         # The interpreter pays per program and per op, not per element: few large tiles. Test shapes taller than
         # 8 rows still span several tiles, which exercises the halo logic.
         return FwdConfig(1 if kh == 1 else 8, 64 if kh == 1 else 16, 256, 16, 16, 64, 4)
+    # Chosen from sm_90 AOT compiles (cuobjdump -res-usage): the largest tiles that do not spill registers. The
+    # gathered im2col tiles carry 2-D index arithmetic, which is what limits the tile size. Not yet timed on a GPU.
     block_c = _pow2_block(C_code, 16, 64)
     block_ci = _pow2_block(C_sig, 16, 32)
     if kh == 1:  # 1-D problems (H = 1): a row tile.
         return FwdConfig(1, 128, 64, block_c, block_ci, 32, 4)
     if kh * kw <= 9:  # 3x3: halo (TH+2)(TW+2) = 1.4x the tile
-        return FwdConfig(8, 16, 64, block_c, block_ci, 32, 4)
-    # large kernels: bigger tiles keep the halo overhead of the synthesis below 2x
-    return FwdConfig(16, 16, 64, block_c, block_ci, 32, 8)
+        return FwdConfig(8, 16, 64, block_c, block_ci, 32, 8)
+    # large kernels: a 16x16 tile keeps the synthesis's halo overhead below 2x (7x7: 22x22 / 16x16)
+    return FwdConfig(16, 16, 64, block_c, block_ci, 16, 8)
 
 
 def conv_config(C_sig: int, C_code: int, kh: int, kw: int) -> ConvConfig:
     if _interpreting():
         return ConvConfig(256, 16, 16, 64, 2, 4)
-    return ConvConfig(128, _pow2_block(C_code, 16, 64), _pow2_block(C_sig, 16, 32), 32, 512, 4)
+    return ConvConfig(128, _pow2_block(C_code, 16, 64), _pow2_block(C_sig, 16, 32), 32, 512, 8)
 
 
 def _in_prec(dtype: torch.dtype) -> str:
