@@ -1,0 +1,128 @@
+"""The report's PNG figures (matplotlib, headless Agg backend): one function per figure, each skipped when its
+experiment did not run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import theory  # noqa: E402
+from .experiments import ClaimResult  # noqa: E402
+
+
+def _save(fig, out_dir: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out_dir / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _linear_rate(by_id: dict, out_dir: Path):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, style in (("S3/S4-oracle", "-"), ("S3/S4-geometric", "--")):
+        c = by_id[key].curves
+        ax.semilogy(c["k"], np.maximum(c["err"], 1e-17), style, label=f"max error, {key.split('-')[1]} θ")
+        ax.semilogy(c["k"], c["bound"], ":", color="k" if style == "-" else "gray", label=f"bound s·B·q^k ({key.split('-')[1]})")
+    if "S7" in by_id:
+        c = by_id["S7"].curves
+        ax.semilogy(c["k"], c["err"], "-.", label="2-D, noisy (S7): error vs depth")
+    ax.set(xlabel="iteration k = layer", ylabel="‖Γ^k − Γ*‖₂", title=f"LISTA-CP linear rate (q = {c['q']:.3f} for S7)")
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir, "linear_rate.png"), "log-error vs iteration with the bound"
+
+
+def _noise_floor(by_id: dict, out_dir: Path):
+    c = by_id["S5"].curves
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.loglog(c["sigma"], c["floor"], "o-", label="measured floor")
+    ax.loglog(c["sigma"], c["bound"], "k:", label="bound C·η")
+    ax.set(xlabel="noise std σ", ylabel="plateau of ‖Γ^k − Γ*‖₂", title="noise floor ∝ σ")
+    ax.legend()
+    return _save(fig, out_dir, "noise_floor.png"), "noise floor vs sigma"
+
+
+def _multilayer(by_id: dict, out_dir: Path):
+    c = by_id["S8"].curves
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, color in (("s2=1", "C0"), ("s2=2", "C3")):
+        q = c[key]["q"]
+        ax.semilogy(c["K"], np.maximum(c[key]["err1"], 1e-17), "--", color=color, label=f"layer 1, q1 = {q[0]:.2f}")
+        ax.semilogy(c["K"], c[key]["err2"], "-o", color=color, ms=3, label=f"layer 2, q2 = {q[1]:.2f}")
+        if c[key]["bound2"] is not None:
+            ax.semilogy(c["K"], c[key]["bound2"], ":", color="k", label="(†) bound, layer 2")
+    ax.set(xlabel="iterations per layer K", ylabel="error", title="2-layer DSC: converges iff all q_j < 1 (here)")
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir, "multilayer.png"), "multi-layer convergence"
+
+
+def _activations(by_id: dict, out_dir: Path):
+    c = by_id["S9a"].curves
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (name, dev) in enumerate(c["deviation"].items()):
+        a1.loglog(c["beta"], np.maximum(dev, 1e-17), "o-", color=f"C{i}", label=name)
+        a1.loglog(c["beta"], [theory.activation_sup_distance(name, b) for b in c["beta"]], ":", color=f"C{i}",
+                  label=f"sup gap c/β ({name})")
+    a1.set(xlabel="β", ylabel="‖Γ_smooth − Γ_ReLU‖ after K layers", title="activation floors")
+    a1.legend(fontsize=7)
+    a2.semilogy(c["relu_curve"], "k-", label="ReLU")
+    for name, curve in c["curves"].items():
+        a2.semilogy(curve, "--", label=f"{name} (β = {c['curve_beta']:g})" if name != "leaky_relu" else name)
+    a2.set(xlabel="layer k", ylabel="max ‖Γ^k − Γ*‖₂", title="same exponential phase")
+    a2.legend(fontsize=7)
+    return _save(fig, out_dir, "activations.png"), "activation floors"
+
+
+def _ista(by_id: dict, out_dir: Path):
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    if "ISTA/FISTA" in by_id:
+        c = by_id["ISTA/FISTA"].curves
+        a1.loglog(c["k"], c["ista_gap"], label="ISTA gap")
+        a1.loglog(c["k"], c["ista_bound"], "k:", label="L‖z*‖²/(2k)")
+        a1.loglog(c["fista_k"], c["fista_gap"], "o-", ms=3, label="FISTA gap")
+        a1.loglog(c["fista_k"], c["fista_bound"], "k--", label="2L‖z*‖²/(k+1)²")
+        a1.set(xlabel="k", ylabel="F(z_k) − F*", title="Beck–Teboulle rates")
+        a1.legend(fontsize=7)
+    if "S11" in by_id:
+        c = by_id["S11"].curves
+        a2.semilogy(c["ista_curve"], label=f"constant θ (ISTA, λ = {c['lam_curve']:g})")
+        a2.axhline(c["predicted"][-1], color="k", ls=":", label="LASSO bias ‖λ(D_SᵀD_S)⁻¹sign‖")
+        if "S3/S4-geometric" in by_id:
+            g = by_id["S3/S4-geometric"].curves
+            a2.semilogy(np.maximum(g["err"], 1e-17), "--", label="geometric θ_k (LISTA-CP)")
+        a2.set(xlabel="k", ylabel="max ‖z_k − Γ*‖₂", title="constant threshold plateaus at the bias")
+        a2.legend(fontsize=7)
+    return _save(fig, out_dir, "ista_fista.png"), "ISTA/FISTA objective gaps and the LASSO bias"
+
+
+def _speed(rows: list[dict], out_dir: Path):
+    ok = [r for r in rows if "fwd_speedup" in r]
+    workloads = list(dict.fromkeys(r["workload"] for r in ok))
+    providers = list(dict.fromkeys(r["provider"] for r in ok))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    width = 0.8 / max(1, len(providers))
+    for ax, key, title in ((axes[0], "fwd_speedup", "forward"), (axes[1], "fwd_bwd_speedup", "forward + backward")):
+        for i, p in enumerate(providers):
+            vals = [next((r[key] for r in ok if r["workload"] == w and r["provider"] == p), np.nan) for w in workloads]
+            ax.bar(np.arange(len(workloads)) + i * width, vals, width, label=p)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(np.arange(len(workloads)) + width * (len(providers) - 1) / 2, workloads, fontsize=8)
+        ax.set(title=f"{title}: speed-up over eager", ylabel="× eager")
+        ax.legend(fontsize=7)
+    return _save(fig, out_dir, "speed.png"), "speed of each backend relative to eager"
+
+
+def make_figures(results: list[ClaimResult], rows: list[dict], out_dir: Path) -> list[tuple[str, str]]:
+    """Writes the PNGs into out_dir; returns (file name, title) of each figure written."""
+    by_id = {r.id: r for r in results if r.curves}
+    makers = [
+        (_linear_rate, ("S3/S4-oracle", "S3/S4-geometric")), (_noise_floor, ("S5",)), (_multilayer, ("S8",)),
+        (_activations, ("S9a",)), (_ista, ()),
+    ]
+    figures = [maker(by_id, out_dir) for maker, needs in makers if all(n in by_id for n in needs)]
+    if any("fwd_speedup" in r for r in rows):
+        figures.append(_speed(rows, out_dir))
+    return figures
