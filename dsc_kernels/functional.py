@@ -369,3 +369,71 @@ def deep_conv_ista(x: Tensor, weights: Sequence[Tensor], lams: Sequence[Tensor |
             raise type(err)(f"layer {j}: {err}") from None
         codes.append(signal)
     return codes
+
+
+# ----------------------------------------------------------------------------------------------- sparse attention
+ATTENTION_MODES = ("sparsemax", "shrink")
+
+
+def sparsemax(x: Tensor, dim: int = -1) -> Tensor:
+    """Sparsemax along ``dim``: the Euclidean projection onto the probability simplex (exactly sparse).
+
+    x: any shape; -inf entries get 0 and a slice that is entirely -inf gives zeros.
+    """
+    x = _check_tensor("x", x)
+    if not isinstance(dim, int) or not -x.dim() <= dim < max(x.dim(), 1):
+        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
+    from .reference.attention import sparsemax_ref
+    return sparsemax_ref(x, dim)
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, mode: str = "sparsemax",
+                     threshold: Tensor | float | None = None, causal: bool = False, scale: float | None = None,
+                     backend: str = "auto") -> Tensor:
+    """Attention with exactly sparse maps, ``O = P v`` with ``s = scale q k^T`` and
+
+    - ``mode="sparsemax"``: ``P = max(s - tau, 0)``, tau per row so that rows sum to 1;
+    - ``mode="shrink"``: ``P = max(s - threshold, 0)`` (one ISTA step coding the query on the keys).
+
+    q: (B, H, N, d); k: (B, H, M, d); v: (B, H, M, d_v); threshold: float or (H,) (shrink only); causal: query i
+    sees keys j <= i; scale defaults to d^-1/2. A row with no active key gives 0. Returns (B, H, N, d_v).
+    """
+    q, k, v = (_check_tensor(name, t, rank=4) for name, t in (("q", q), ("k", k), ("v", v)))
+    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"q, k and v must share (B, H), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k must have q's head dim {q.shape[3]}, got {k.shape[3]}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"v must have k's length {k.shape[2]}, got {v.shape[2]}")
+    if len({q.dtype, k.dtype, v.dtype}) > 1:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if mode not in ATTENTION_MODES:
+        raise ValueError(f"mode must be one of {ATTENTION_MODES}, got {mode!r}")
+    heads = q.shape[1]
+    if mode == "shrink":
+        if threshold is None:
+            raise ValueError("threshold is required for mode='shrink' (a float or a per-head (H,) tensor)")
+        threshold = _check_scalar_or_tensor("threshold", threshold)
+        if isinstance(threshold, Tensor) and tuple(threshold.shape) not in ((), (heads,)):
+            raise ValueError(f"threshold must be a float or a tensor of shape (H,)=({heads},), "
+                             f"got {tuple(threshold.shape)}")
+    elif threshold is not None:
+        raise ValueError("threshold is only used by mode='shrink'; sparsemax finds its own per-row threshold")
+    if scale is None:
+        scale = q.shape[3] ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
+        raise ValueError(f"scale must be a positive float, got {scale!r}")
+    _check_same_device(q=q, k=k, v=v, threshold=threshold if isinstance(threshold, Tensor) else None)
+    backend = _resolve_backend(backend, q.device, q.dtype)
+
+    from .reference.attention import sparse_attention_ref
+    if backend == "reference":
+        return sparse_attention_ref(q, k, v, mode=mode, threshold=0.0 if threshold is None else threshold,
+                                    causal=causal, scale=scale)
+    from .ops.sparse_attention import sparse_attention as sparse_attention_op
+    if isinstance(threshold, Tensor):
+        threshold = threshold.expand(heads)
+    else:
+        threshold = torch.full((heads,), 0.0 if threshold is None else float(threshold), dtype=q.dtype,
+                               device=q.device)
+    return sparse_attention_op(backend, q, k, v, threshold, mode, causal, float(scale))
