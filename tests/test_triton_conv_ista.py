@@ -166,6 +166,46 @@ def test_launchers_canonical_contract():
     assert all(torch.equal(a, b) for a, b in zip(grads, again))
 
 
+# The interpreter cannot run on the FakeTensors that AOT tracing feeds a triton_op, so test_aot_dispatch_dynamic
+# runs only on a GPU (TestGPU.test_opcheck).
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
+
+
+def _opcheck(save, fista, nonneg, utils):
+    from dsc_kernels.ops.conv_ista import get_backend
+    ops = get_backend("triton")
+    dev = "cuda" if ON_GPU else "cpu"
+    p = _problem(rank=2, size=(6, 7), stride=(2, 1), untied=True, z0=True, fista=fista, nonneg=nonneg,
+                 device=dev, kink_free=False)
+    tensors = [p[k].float() for k in ("x", "weight", "encoder_weight", "lam", "step", "z0")]
+    geo = [list(p["stride"]), list(p["padding"]), nonneg, fista]
+    torch.library.opcheck(ops.forward, ([t.clone().requires_grad_() for t in tensors] + geo + [save]),
+                          test_utils=utils)
+    z, iterates = ops.forward(*tensors, *geo, save)
+    # The backward op is not itself differentiable (no double backward).
+    torch.library.opcheck(ops.backward, (torch.randn_like(z), *tensors, z, iterates, *geo),
+                          test_utils=tuple(u for u in utils if u != "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("save,fista,nonneg", [(True, False, False), (False, True, True)])
+def test_opcheck(save, fista, nonneg):
+    _opcheck(save, fista, nonneg, OPCHECK_UTILS)
+
+
+def test_dynamo_fullgraph_through_functional():
+    # backend="eager" stops after Dynamo: it proves there is no graph break between functional.conv_ista and the
+    # op without asking the interpreter to run on FakeTensors (TestGPU compiles for real).
+    p = _problem(rank=2, n_iter=2, kink_free=False)
+    x, w, lam, step = (p[k].float() for k in ("x", "weight", "lam", "step"))
+
+    def f(x, w, lam, step):
+        return DF.conv_ista(x, w, lam, n_iter=2, step=step, padding=1, backend="triton")
+
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x, w, lam, step),
+                               f(x, w, lam, step), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_forward_and_backward(dtype):
     # Inputs are rounded to `dtype`, accumulation is fp32 and iterates are stored in `dtype`: compare with the
@@ -261,6 +301,10 @@ class TestGPU:
         p = {k: v.to(dtype).double() if isinstance(v, torch.Tensor) else v for k, v in p.items()}
         tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
         _compare_at_scale(p, dtype, rtol=tol, atol=tol)
+
+    @pytest.mark.parametrize("save", [True, False])
+    def test_opcheck(self, save):
+        _opcheck(save, True, False, OPCHECK_UTILS + ("test_aot_dispatch_dynamic",))
 
     def test_torch_compile_fullgraph(self):
         p = _problem(rank=2, batch=2, c_sig=3, c_code=32, size=(33, 30), kernel=(5, 5), padding=(2, 2), n_iter=3,
