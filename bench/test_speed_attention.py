@@ -9,8 +9,9 @@ GPU (skipped without CUDA): N from 512 to 16384, d = 64, (B, H) = (4, 8): SDPA (
 dense sparsemax and the Triton kernels (sparsemax, and shrink at several sparsity levels); results also go to
 ``bench/results/attention_<gpu>.json``.
 
-``benchmark.extra_info`` holds the peak memory allocated by torch during one call (CPU: tracked per storage with a
-dispatch mode; GPU: ``torch.cuda.max_memory_allocated``) and the time ratio to the entmax-style baseline.
+``benchmark.extra_info`` holds the peak memory allocated by torch during one call (CPU: storages returned by torch ops,
+tracked with a dispatch mode, so the cpp kernels' internal 64 x M score panels, 128 KiB per thread at M = 512, are
+not counted; GPU: ``torch.cuda.max_memory_allocated``) and the time ratio to the entmax-style baseline.
 """
 from __future__ import annotations
 

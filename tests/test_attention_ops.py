@@ -62,7 +62,7 @@ def test_cpu_backends_match_reference(backend, mode, causal, n, m, d, dtype):
 
 @pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
 @pytest.mark.parametrize("causal,n,m,d", [(False, 5, 7, 16), (True, 37, 19, 24), (True, 17, 33, 64),
-                                          (False, 20, 18, 24)])
+                                          (False, 20, 18, 24), (True, 6, 11, 128)])
 def test_triton_matches_reference(mode, causal, n, m, d):
     _prepare("triton")
     _check_against_reference("triton", mode, causal, n, m, d, torch.float32, 2e-5)
