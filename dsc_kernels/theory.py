@@ -199,17 +199,21 @@ def lista_cp_error_bound(k, s: int, B: float, q: float, C: float, sigma: float):
     return float(out) if out.ndim == 0 else out
 
 
-def deep_error_bound(k, sparsities: Sequence[int], amplitudes: Sequence[float], qs: Sequence[float]):
-    """Layer-wise pursuit, k iterations per layer, noiseless: ||hat Gamma_J - Gamma_J|| <= sum_j (prod_{i>j} Cbar_i)
-    s_j B_j q_j^k with Cbar_i = 2 s_i / (1 - q_i) (THEORY.md (†)) [R], each layer's step from Chen et al. 2018 [L].
+def deep_error_bound(k, sparsities: Sequence[int], amplitudes: Sequence[float], qs: Sequence[float],
+                     etas: Sequence[float] | None = None):
+    """Layer-wise pursuit, k iterations per layer: ||hat Gamma_J - Gamma_J||_1 <= sum_j (prod_{i>j} Cbar_i)
+    (s_j B_j q_j^k + Cbar_j eta_j), Cbar_i = 2 s_i / (1 - q_i) (THEORY.md (†)) [R], each layer's step from
+    Chen et al. 2018 [L]. eta_j: the noise layer j sees besides layer j-1's error (default 0).
 
     Layer j's error enters layer j+1 as noise with eta <= ||error||_1 (unit-norm atoms). `k` int or array.
     """
     k = np.asarray(k, dtype=np.float64)
+    etas = [0.0] * len(qs) if etas is None else list(etas)
     total = np.zeros_like(k)
     for j in range(len(qs)):
         gain = math.prod(lista_cp_noise_gain(sparsities[i], qs[i]) for i in range(j + 1, len(qs)))
-        total = total + gain * sparsities[j] * amplitudes[j] * np.power(qs[j], k)
+        own = sparsities[j] * amplitudes[j] * np.power(qs[j], k) + lista_cp_noise_gain(sparsities[j], qs[j]) * etas[j]
+        total = total + gain * own
     return float(total) if total.ndim == 0 else total
 
 

@@ -1,0 +1,49 @@
+"""One benchmark per convergence claim (THEORY.md §7): asserts the claim and records the measured value next to the
+theoretical one in benchmark.extra_info. Runs the experiments at full size (DSC_BENCH_QUICK=1 for the quick ones)
+through functional.conv_ista with backend DSC_BENCH_BACKEND (default auto) on the suite's device.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import record
+from dsc_kernels import experiments as E
+
+QUICK = os.environ.get("DSC_BENCH_QUICK") == "1"
+BACKEND = os.environ.get("DSC_BENCH_BACKEND", "auto")
+
+
+def _run(benchmark, device, name):
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    box = {}
+
+    def once():
+        box["out"] = E.EXPERIMENTS[name](quick=QUICK, backend=BACKEND, device=device, dtype=dtype)
+
+    benchmark.group = "convergence claims"
+    benchmark.pedantic(once, rounds=1, iterations=1)
+    out = box["out"]
+    results = out if isinstance(out, list) else [out]
+    for r in results:
+        info = {"id": r.id, "claim": r.claim, "theory": r.theory, "measured": r.measured, "holds": r.holds,
+                "source": r.source}
+        benchmark.extra_info[r.id] = info
+        record({"kind": "convergence", "device": device, **info})
+    return results
+
+
+@pytest.mark.parametrize("name", [n for n in E.EXPERIMENTS if n != "activation_floors"])
+def test_claim(benchmark, device, name):
+    (r,) = _run(benchmark, device, name)
+    assert r.holds, f"{r.id}: {r.claim}\n  theory:   {r.theory}\n  measured: {r.measured}"
+
+
+def test_activation_floors(benchmark, device):
+    bound, proportional = _run(benchmark, device, "activation_floors")
+    assert bound.holds, f"{bound.id}: theory {bound.theory}; measured {bound.measured}"
+    # THEORY.md's "floor ∝ 1/β" does not hold here (every unit off its kink: the floor falls faster); recorded,
+    # and asserted as the documented finding so a change in behaviour is noticed
+    assert not proportional.holds, proportional.measured
