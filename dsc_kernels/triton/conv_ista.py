@@ -117,25 +117,24 @@ def _analysis_tile(acc, src_ptr, src_base, ch_stride, row_stride, row0, col0, ro
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _conv_ista_fwd_kernel(x_ptr, z_ptr, z_off, zp_ptr, zp_off, out_ptr, out_off, w_ptr, we_ptr, lam_ptr, step_ptr,
-                          scratch_ptr, k, beta,
-                          C_code, C_sig, H, W, Hz, Wz, tiles_w, tiles_per_img,
-                          SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                          KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-                          R_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CI: tl.constexpr,
-                          BLOCK_K: tl.constexpr, NONNEG: tl.constexpr, FISTA: tl.constexpr, IN_PREC: tl.constexpr):
+def _ista_tile(x_ptr, z_ptr, z_off, zp_ptr, zp_off, out_ptr, out_off, w_ptr, we_ptr, lam_ptr, step_ptr,
+               scratch_ptr, scratch_base, k, beta, b, t, C_code, C_sig, H, W, Hz, Wz, tiles_w,
+               SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+               KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+               R_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CI: tl.constexpr,
+               BLOCK_K: tl.constexpr, NONNEG: tl.constexpr, FISTA: tl.constexpr, IN_PREC: tl.constexpr):
+    # One iteration on code tile t of image b: z_{k+1} = S(y_k + step_k E(x - D y_k)) for that tile.
     RH: tl.constexpr = (TH - 1) * SH + KH
     RW: tl.constexpr = (TW - 1) * SW + KW
-    pid = tl.program_id(0)
-    b = pid // tiles_per_img
-    t = pid % tiles_per_img
     oh0 = (t // tiles_w) * TH
     ow0 = (t % tiles_w) * TW
     h0 = oh0 * SH - PH
     w0 = ow0 * SW - PW
-    scratch_base = pid * (C_sig * RH * RW)
     offs_ci = tl.arange(0, BLOCK_CI)
     offs_c = tl.arange(0, BLOCK_C)
+    # The slab may still be read by other threads for the previous tile, and the codes this tile's synthesis
+    # gathers may have just been written by other threads (single-launch kernel).
+    tl.debug_barrier()
 
     # Phase 1: residual on the halo; positions outside the image hold 0 (the analysis conv's zero padding).
     for q0 in range(0, RH * RW, R_CHUNK):
@@ -185,6 +184,48 @@ def _conv_ista_fwd_kernel(x_ptr, z_ptr, z_off, zp_ptr, zp_off, out_ptr, out_off,
         else:
             zn = tl.where(tl.abs(u) > th, u - tl.where(u > 0, th, -th), tl.where(u == u, 0.0, u))
         tl.store(out_ptr + out_off + off, zn.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _conv_ista_fwd_kernel(x_ptr, z_ptr, z_off, zp_ptr, zp_off, out_ptr, out_off, w_ptr, we_ptr, lam_ptr, step_ptr,
+                          scratch_ptr, k, beta,
+                          C_code, C_sig, H, W, Hz, Wz, tiles_w, tiles_per_img,
+                          SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                          KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                          R_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CI: tl.constexpr,
+                          BLOCK_K: tl.constexpr, NONNEG: tl.constexpr, FISTA: tl.constexpr, IN_PREC: tl.constexpr):
+    # Iteration k; one program per (image, code tile).
+    pid = tl.program_id(0)
+    scratch_base = pid * (C_sig * ((TH - 1) * SH + KH) * ((TW - 1) * SW + KW))
+    _ista_tile(x_ptr, z_ptr, z_off, zp_ptr, zp_off, out_ptr, out_off, w_ptr, we_ptr, lam_ptr, step_ptr,
+               scratch_ptr, scratch_base, k, beta, pid // tiles_per_img, pid % tiles_per_img,
+               C_code, C_sig, H, W, Hz, Wz, tiles_w,
+               SH, SW, PH, PW, KH, KW, TH, TW, R_CHUNK, BLOCK_C, BLOCK_CI, BLOCK_K, NONNEG, FISTA, IN_PREC)
+
+
+@triton.jit
+def _conv_ista_fwd_all_kernel(x_ptr, buf_ptr, w_ptr, we_ptr, lam_ptr, step_ptr, beta_ptr, scratch_ptr,
+                              n_iters, ring, slot,
+                              C_code, C_sig, H, W, Hz, Wz, tiles_w, tiles_per_img,
+                              SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                              KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                              R_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CI: tl.constexpr,
+                              BLOCK_K: tl.constexpr, NONNEG: tl.constexpr, FISTA: tl.constexpr,
+                              IN_PREC: tl.constexpr):
+    # All n_iters iterations in one launch, one program per image: an image's iteration k+1 depends only on its
+    # own iteration k, so a CTA barrier (inside _ista_tile) replaces the kernel boundary. z_j lives in slot
+    # j % ring of buf (ring = n + 1 keeps every iterate, ring = 3 only the last three); slot 0 holds z_0.
+    b = tl.program_id(0)
+    scratch_base = b * (C_sig * ((TH - 1) * SH + KH) * ((TW - 1) * SW + KW))
+    for k in range(n_iters):
+        beta = tl.load(beta_ptr + k)
+        cur = (k % ring) * slot
+        prev = (tl.maximum(k - 1, 0) % ring) * slot
+        nxt = ((k + 1) % ring) * slot
+        for t in range(tiles_per_img):
+            _ista_tile(x_ptr, buf_ptr, cur, buf_ptr, prev, buf_ptr, nxt, w_ptr, we_ptr, lam_ptr, step_ptr,
+                       scratch_ptr, scratch_base, k, beta, b, t, C_code, C_sig, H, W, Hz, Wz, tiles_w,
+                       SH, SW, PH, PW, KH, KW, TH, TW, R_CHUNK, BLOCK_C, BLOCK_CI, BLOCK_K, NONNEG, FISTA, IN_PREC)
 
 
 @triton.jit
@@ -372,61 +413,70 @@ def _geom(x, weight, z0, stride, padding) -> _Geom:
                  int(stride[0]), int(stride[1]), int(padding[0]), int(padding[1]))
 
 
-class _FwdStepper:
-    """Launches one fused iteration; codes are addressed as (tensor, element offset) so that iterates can be
-    written straight into the saved (n, B, C, Hz, Wz) buffer without views."""
+# Run every iteration in one launch (one program per image) when an image's code is at most this large: its
+# working set then stays in L1/L2 between iterations, and n launches become one. Larger codes need the
+# per-iteration grid over tiles to fill the GPU.
+SINGLE_LAUNCH_MAX_CODE_BYTES = 256 * 1024
 
-    def __init__(self, x, weight, encoder_weight, lam, step, g: _Geom, nonneg, fista):
-        self.x, self.weight, self.encoder_weight, self.lam, self.step = x, weight, encoder_weight, lam, step
-        self.g, self.nonneg, self.fista = g, nonneg, fista
-        self.cfg = fwd_config(g.C_sig, g.C_code, g.kh, g.kw)
-        self.tiles_w = triton.cdiv(g.Wz, self.cfg.TW)
-        self.tiles_per_img = triton.cdiv(g.Hz, self.cfg.TH) * self.tiles_w
-        rh = (self.cfg.TH - 1) * g.sh + g.kh
-        rw = (self.cfg.TW - 1) * g.sw + g.kw
-        self.grid = (g.B * self.tiles_per_img,)
-        self.scratch = torch.empty(g.B * self.tiles_per_img * g.C_sig * rh * rw, device=x.device,
-                                   dtype=torch.float32)
+
+class _Forward:
+    """The forward iterations of one problem, as launched by the forward and replayed by the backward. Both paths
+    keep z_j in slot j % ring of a (ring, B, C, Hz, Wz) buffer, so a replay reproduces the forward bit for bit."""
+
+    def __init__(self, x, weight, encoder_weight, lam, step, z0, g: _Geom, nonneg, fista):
+        self.x, self.weight, self.encoder_weight, self.lam, self.step, self.z0 = (
+            x, weight, encoder_weight, lam, step, z0)
+        self.g = g
+        self.cfg = cfg = fwd_config(g.C_sig, g.C_code, g.kh, g.kw)
+        self.single = z0[0].numel() * z0.element_size() <= SINGLE_LAUNCH_MAX_CODE_BYTES
+        self.tiles_w = triton.cdiv(g.Wz, cfg.TW)
+        self.tiles_per_img = triton.cdiv(g.Hz, cfg.TH) * self.tiles_w
+        programs = g.B if self.single else g.B * self.tiles_per_img
+        rh, rw = (cfg.TH - 1) * g.sh + g.kh, (cfg.TW - 1) * g.sw + g.kw
+        self.scratch = torch.empty(programs * g.C_sig * rh * rw, device=x.device, dtype=torch.float32)
         self.betas = _fista_betas(step.shape[0], fista)
-        self.in_prec = _in_prec(x.dtype)
+        self.meta = dict(SH=g.sh, SW=g.sw, PH=g.ph, PW=g.pw, KH=g.kh, KW=g.kw, TH=cfg.TH, TW=cfg.TW,
+                         R_CHUNK=cfg.R_CHUNK, BLOCK_C=cfg.BLOCK_C, BLOCK_CI=cfg.BLOCK_CI, BLOCK_K=cfg.BLOCK_K,
+                         NONNEG=bool(nonneg), FISTA=bool(fista), IN_PREC=_in_prec(x.dtype),
+                         num_warps=cfg.num_warps)
+        self.dims = (g.C_code, g.C_sig, g.H, g.W, g.Hz, g.Wz, self.tiles_w, self.tiles_per_img)
 
-    def __call__(self, k, z, z_off, zp, zp_off, out, out_off):
-        g, cfg = self.g, self.cfg
-        torch.library.wrap_triton(_conv_ista_fwd_kernel)[self.grid](
-            self.x, z, z_off, zp, zp_off, out, out_off, self.weight, self.encoder_weight, self.lam, self.step,
-            self.scratch, k, self.betas[k],
-            g.C_code, g.C_sig, g.H, g.W, g.Hz, g.Wz, self.tiles_w, self.tiles_per_img,
-            SH=g.sh, SW=g.sw, PH=g.ph, PW=g.pw, KH=g.kh, KW=g.kw, TH=cfg.TH, TW=cfg.TW,
-            R_CHUNK=cfg.R_CHUNK, BLOCK_C=cfg.BLOCK_C, BLOCK_CI=cfg.BLOCK_CI, BLOCK_K=cfg.BLOCK_K,
-            NONNEG=bool(self.nonneg), FISTA=bool(self.fista), IN_PREC=self.in_prec, num_warps=cfg.num_warps)
+    def run(self, n_iters, ring, last_out=None):
+        """Iterations 0..n_iters-1 from z0; returns the ring buffer. With `last_out` (per-iteration path only)
+        z_{n_iters} goes there instead of into the ring."""
+        buf = torch.empty((ring,) + tuple(self.z0.shape), device=self.z0.device, dtype=self.z0.dtype)
+        buf.select(0, 0).copy_(self.z0)
+        slot = self.z0.numel()
+        if self.single:
+            betas = torch.tensor(self.betas, dtype=torch.float32, device=self.z0.device)
+            torch.library.wrap_triton(_conv_ista_fwd_all_kernel)[(self.g.B,)](
+                self.x, buf, self.weight, self.encoder_weight, self.lam, self.step, betas, self.scratch,
+                n_iters, ring, slot, *self.dims, **self.meta)
+            return buf
+        grid = (self.g.B * self.tiles_per_img,)
+        for k in range(n_iters):
+            last = k == n_iters - 1 and last_out is not None
+            torch.library.wrap_triton(_conv_ista_fwd_kernel)[grid](
+                self.x, buf, (k % ring) * slot, buf, (max(k - 1, 0) % ring) * slot,
+                last_out if last else buf, 0 if last else ((k + 1) % ring) * slot,
+                self.weight, self.encoder_weight, self.lam, self.step, self.scratch, k, self.betas[k],
+                *self.dims, **self.meta)
+        return buf
 
 
 def conv_ista_fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, save_iterates):
     g = _geom(x, weight, z0, stride, padding)
-    n_iter = step.shape[0]
-    run = _FwdStepper(x, weight, encoder_weight, lam, step, g, nonneg, fista)
-    z = torch.empty_like(z0)
-    numel = z0.numel()
-    if save_iterates:
-        iterates = torch.empty((n_iter,) + tuple(z0.shape), device=z0.device, dtype=z0.dtype)
-        iterates.select(0, 0).copy_(z0)
-        for k in range(n_iter):
-            last = k == n_iter - 1
-            run(k, iterates, k * numel, iterates, max(k - 1, 0) * numel,
-                z if last else iterates, 0 if last else (k + 1) * numel)
-        return z, iterates
-    _replay(run, z0, n_iter, z)
-    return z, z0.new_empty((0,))
-
-
-def _replay(run, z0, n_iters, out):
-    """Runs n_iters >= 1 iterations from z0 into `out` with three rotating buffers; returns z_{n_iters-1}."""
-    prev, cur = z0, z0
-    for k in range(n_iters):
-        nxt = out if k == n_iters - 1 else torch.empty_like(z0)
-        run(k, cur, 0, prev, 0, nxt, 0)
-        prev, cur = cur, nxt
-    return prev
+    n = step.shape[0]
+    fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista)
+    # The single-launch kernel also writes z_n into the ring; the per-iteration path writes it straight into z.
+    ring = (n + 1 if fwd.single else n) if save_iterates else 3
+    if fwd.single:
+        buf = fwd.run(n, ring)
+        z = buf.select(0, n % ring).clone()
+    else:
+        z = torch.empty_like(z0)
+        buf = fwd.run(n, ring, last_out=z)
+    return z, (buf.narrow(0, 0, n) if save_iterates else z0.new_empty((0,)))
 
 
 def conv_ista_bwd(grad_z, x, weight, encoder_weight, lam, step, z0, z, iterates, stride, padding, nonneg, fista):
@@ -462,7 +512,7 @@ def conv_ista_bwd(grad_z, x, weight, encoder_weight, lam, step, z0, z, iterates,
 
     recompute = iterates.numel() == 0
     if recompute:
-        run = _FwdStepper(x, weight, encoder_weight, lam, step, g, nonneg, fista)
+        fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista)
 
     grad_x = torch.zeros(sig_shape, **f32)
     grad_w = torch.zeros(tuple(weight.shape), **f32)
@@ -473,8 +523,10 @@ def conv_ista_bwd(grad_z, x, weight, encoder_weight, lam, step, z0, z, iterates,
     z_next = z
     for k in reversed(range(n_iter)):
         if recompute:
-            z_k = z0 if k == 0 else torch.empty_like(z0)
-            z_km1 = _replay(run, z0, k, z_k) if k > 0 else z0
+            # Replaying k iterations per step makes the backward O(n^2) iterations; memory stays 3 codes.
+            ring = fwd.run(k, 3) if k > 0 else z0.unsqueeze(0)
+            z_k = ring.select(0, k % 3)
+            z_km1 = ring.select(0, max(k - 1, 0) % 3)
         else:
             z_k = iterates.select(0, k)
             z_km1 = iterates.select(0, max(k - 1, 0))
@@ -522,6 +574,7 @@ def conv_ista_bwd(grad_z, x, weight, encoder_weight, lam, step, z0, z, iterates,
 
 KERNELS = {
     "_conv_ista_fwd_kernel": _conv_ista_fwd_kernel,
+    "_conv_ista_fwd_all_kernel": _conv_ista_fwd_all_kernel,
     "_conv_synth_kernel": _conv_synth_kernel,
     "_conv_analysis_kernel": _conv_analysis_kernel,
     "_conv_weight_grad_kernel": _conv_weight_grad_kernel,
@@ -552,13 +605,18 @@ def _kernel_specs(cs, cc, kh, kw, s, p, dtype, variant):
     ints = "C_code:i32 C_sig:i32 H:i32 W:i32 Hz:i32 Wz:i32"
     geo = dict(SH=1 if kh == 1 else s, SW=s, PH=0 if kh == 1 else p, PW=p, KH=kh, KW=kw, IN_PREC=_in_prec(dtype))
     conv = dict(geo, BLOCK_P=cv.BLOCK_P, BLOCK_K=cv.BLOCK_K)
+    fwd_constexprs = dict(geo, TH=fc.TH, TW=fc.TW, R_CHUNK=fc.R_CHUNK, BLOCK_C=fc.BLOCK_C, BLOCK_CI=fc.BLOCK_CI,
+                          BLOCK_K=fc.BLOCK_K, NONNEG=not variant, FISTA=variant)
     return {
+        "_conv_ista_fwd_all_kernel": (
+            _sig(f"x_ptr:*{t} buf_ptr:*{t} w_ptr:*{t} we_ptr:*{t} lam_ptr:*{t} step_ptr:*{t} beta_ptr:*fp32 "
+                 f"scratch_ptr:*fp32 n_iters:i32 ring:i32 slot:i32 {ints} tiles_w:i32 tiles_per_img:i32"),
+            fwd_constexprs, fc.num_warps),
         "_conv_ista_fwd_kernel": (
             _sig(f"x_ptr:*{t} z_ptr:*{t} z_off:i32 zp_ptr:*{t} zp_off:i32 out_ptr:*{t} out_off:i32 w_ptr:*{t} "
                  f"we_ptr:*{t} lam_ptr:*{t} step_ptr:*{t} scratch_ptr:*fp32 k:i32 beta:fp32 {ints} tiles_w:i32 "
                  "tiles_per_img:i32"),
-            dict(geo, TH=fc.TH, TW=fc.TW, R_CHUNK=fc.R_CHUNK, BLOCK_C=fc.BLOCK_C, BLOCK_CI=fc.BLOCK_CI,
-                 BLOCK_K=fc.BLOCK_K, NONNEG=not variant, FISTA=variant), fc.num_warps),
+            fwd_constexprs, fc.num_warps),
         "_conv_synth_kernel": (
             _sig(f"x_ptr:*{t} code_ptr:*fp32 w_ptr:*{t} out_ptr:*fp32 {ints}"),
             dict(conv, BLOCK_CI=cv.BLOCK_CI, SUB_FROM_X=variant), cv.num_warps),
