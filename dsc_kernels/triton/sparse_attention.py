@@ -6,10 +6,11 @@ Math (DESIGN.md §2), q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv), theta (H,):
     P_ij = max(s_ij - tau_i, 0),  O_i = sum_j P_ij v_j
 Forward, one program per (query block, batch*head), fp32 accumulation:
     shrink: one pass over key blocks; a tile with no score above theta skips its v load and P v product.
-    sparsemax: pass 1 finds the row max m_i (so m_i - 1 <= tau_i < m_i); then Michelot passes
-        lo <- (sum_{s > lo} s - 1) / |{s > lo}|, which rise monotonically to tau_i and are exact (no tolerance)
-        once the set {s > lo} stops shrinking; a last pass accumulates O, skipping tiles without support.
-        Each pass recomputes the scores tile by tile; typically 3-6 passes in total besides the max.
+    sparsemax: pass 1 finds the row max m_i and a lower bound lo <= tau_i (from a superset of the support);
+        then Michelot passes lo <- (sum_{s > lo} s - 1) / |{s > lo}|, which rise monotonically to tau_i and are
+        exact (no tolerance) once the set {s > lo} stops shrinking. Each such pass also accumulates
+        O = max(s - lo, 0) v (skipping tiles without support), kept for a row when that pass shows lo is exact.
+        Each pass recomputes the scores tile by tile; typically 2-4 passes in all.
 Saved for backward: stats (B,H,N,2) = (tau_i, |S_i|) in fp32, like FlashAttention's log-sum-exp.
 VJP (g = dL/dO, support m_ij = [s_ij > tau_i]):
     dP_ij = <g_i, v_j>,  delta_i = sum_j m_ij dP_ij / |S_i| (sparsemax) or 0 (shrink),  ds = m (dP - delta)
@@ -56,6 +57,31 @@ def _key_end(start_m, N_K, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _sweep(q, k_base, v_base, tau, row_ok, offs_m, offs_d, offs_dv, end_n, N_K, D, DV, scale,
+           CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+           UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One pass over the keys at per-row thresholds tau: (max(s - tau, 0) v, |{s > tau}|, sum_{s > tau} s)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    cnt = tl.zeros([BLOCK_M], tl.float32)
+    tot = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, end_n, BLOCK_N):
+        s, offs_n = _scores(q, k_base, start_n, offs_m, offs_d, N_K, D, scale, CAUSAL, BLOCK_N, UPCAST, DOT_PREC)
+        above = row_ok[:, None] & (s > tau[:, None])
+        cnt += tl.sum(above.to(tl.float32), axis=1)
+        tot += tl.sum(tl.where(above, s, 0.0), axis=1)
+        # Exactly sparse rows make most tiles empty: skip their v traffic and the second GEMM.
+        if tl.max(tl.max(above.to(tl.int32), axis=1), axis=0) > 0:
+            p = tl.where(above, s - tau[:, None], 0.0)
+            v = tl.load(v_base + offs_n[:, None] * DV + offs_dv[None, :],
+                        mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < DV), other=0.0)
+            if UPCAST:
+                acc += tl.dot(p, v.to(tl.float32), input_precision=DOT_PREC)
+            else:
+                acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc, cnt, tot
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, th_ptr, o_ptr, st_ptr, N_Q, N_K, H, D, DV, scale,
                 SPARSEMAX: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -75,48 +101,44 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, th_ptr, o_ptr, st_ptr, N_Q, N_K, H, D, DV, 
     end_n = _key_end(start_m, N_K, CAUSAL, BLOCK_M)
 
     if SPARSEMAX:
+        # Pass 1: the row max m, and A = {s > (running max) - 1}, a superset of the support, so both m - 1 and
+        # (sum_A s - 1) / |A| are lower bounds of tau; the second is usually within a few keys of it.
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        cnt = tl.zeros([BLOCK_M], tl.float32)
+        tot = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, end_n, BLOCK_N):
             s, offs_n = _scores(q, k_base, start_n, offs_m, offs_d, N_K, D, scale, CAUSAL, BLOCK_N, UPCAST,
                                 DOT_PREC)
             m = tl.maximum(m, tl.max(s, axis=1))
+            above = s > (m - 1.0)[:, None]
+            cnt += tl.sum(above.to(tl.float32), axis=1)
+            tot += tl.sum(tl.where(above, s, 0.0), axis=1)
         has_key = m > float("-inf")
-        lo = tl.where(has_key, m - 1.0, 0.0)
+        lo = tl.where(has_key, tl.maximum(m - 1.0, (tot - 1.0) / tl.maximum(cnt, 1.0)), float("inf"))
+        # Michelot passes, each also accumulating O speculatively at lo: once the set {s > lo} stops shrinking,
+        # lo is the exact tau and that same pass's O is the answer, so no extra pass is spent on O.
+        pending = row_ok & has_key
         prev = tl.full([BLOCK_M], -1.0, tl.float32)
-        n_active = tl.sum(row_ok.to(tl.int32), axis=0)
-        while n_active > 0:
-            cnt = tl.zeros([BLOCK_M], tl.float32)
-            tot = tl.zeros([BLOCK_M], tl.float32)
-            for start_n in range(0, end_n, BLOCK_N):
-                s, offs_n = _scores(q, k_base, start_n, offs_m, offs_d, N_K, D, scale, CAUSAL, BLOCK_N, UPCAST,
-                                    DOT_PREC)
-                above = s > lo[:, None]
-                cnt += tl.sum(above.to(tl.float32), axis=1)
-                tot += tl.sum(tl.where(above, s, 0.0), axis=1)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        support = tl.zeros([BLOCK_M], tl.float32)
+        n_pending = tl.sum(pending.to(tl.int32), axis=0)
+        while n_pending > 0:
+            o, cnt, tot = _sweep(q, k_base, v_base, lo, row_ok, offs_m, offs_d, offs_dv, end_n, N_K, D, DV, scale,
+                                 CAUSAL, BLOCK_M, BLOCK_N, BLOCK_DV, UPCAST, DOT_PREC)
             t = (tot - 1.0) / tl.maximum(cnt, 1.0)
-            # Stop when the set {s > lo} no longer shrinks (t is then exact) or rounding stalls the rise.
-            active = row_ok & has_key & (cnt != prev) & (t > lo)
-            lo = tl.where(active, t, lo)
+            # Done when the set no longer shrinks (lo exact) or rounding stalls the rise.
+            done = pending & ((cnt == prev) | (t <= lo))
+            acc = tl.where(done[:, None], o, acc)
+            support = tl.where(done, cnt, support)
+            pending = pending & (done == 0)
+            lo = tl.where(pending, t, lo)
             prev = cnt
-            n_active = tl.sum(active.to(tl.int32), axis=0)
-        tau = tl.where(has_key, lo, float("inf"))
+            n_pending = tl.sum(pending.to(tl.int32), axis=0)
+        tau = lo
     else:
         tau = tl.zeros([BLOCK_M], tl.float32) + tl.load(th_ptr + bh % H).to(tl.float32)
-
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    support = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(0, end_n, BLOCK_N):
-        s, offs_n = _scores(q, k_base, start_n, offs_m, offs_d, N_K, D, scale, CAUSAL, BLOCK_N, UPCAST, DOT_PREC)
-        p = tl.where(row_ok[:, None], tl.maximum(s - tau[:, None], 0.0), 0.0)
-        # Exactly sparse rows make most tiles empty: skip their v traffic and the second GEMM.
-        if tl.max(tl.max(p, axis=1), axis=0) > 0.0:
-            support += tl.sum((p > 0.0).to(tl.float32), axis=1)
-            v = tl.load(v_base + offs_n[:, None] * DV + offs_dv[None, :],
-                        mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < DV), other=0.0)
-            if UPCAST:
-                acc += tl.dot(p, v.to(tl.float32), input_precision=DOT_PREC)
-            else:
-                acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc, support, tot = _sweep(q, k_base, v_base, tau, row_ok, offs_m, offs_d, offs_dv, end_n, N_K, D, DV,
+                                   scale, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_DV, UPCAST, DOT_PREC)
     tl.store(o_ptr + bh * N_Q * DV + offs_m[:, None] * DV + offs_dv[None, :],
              acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
     tl.store(st_ptr + (bh * N_Q + offs_m) * 2, tau, mask=row_ok)
