@@ -9,17 +9,21 @@ codes (B, C, Hz, Wz), lam (n, C), step (n,).
     u_k     = y_k + step_k E(x - D y_k)
     z_{k+1} = S_{step_k lam_k[c]}(u_k)          S_t(u) = sign(u) max(|u| - t, 0); nonneg: max(u - t, 0)
 
-Forward: one launch of `_conv_ista_fwd_kernel` per iteration. A program owns a TH x TW tile of code positions of one
-image and all code channels. It first forms the residual r = x - D y_k on the signal halo its analysis window covers
-((TH-1) s + kh rows, (TW-1) s + kw columns) and parks it in a per-program scratch slab (a few KiB, L1/L2 resident,
-reused every iteration), then runs the analysis conv from that slab as an implicit GEMM (tl.dot over
-[positions x Cs] @ [Cs x C] per tap), adds y_k, thresholds and stores z_{k+1}. D y and r never exist as full tensors.
-The scratch slab is the one departure from "registers only": Triton cannot shift a register tile, and recomputing
-the residual separately for each of the kh*kw analysis taps would multiply the synthesis work by kh*kw.
+Forward (DESIGN §5). One iteration on a TH x TW tile of code positions of one image, all code channels
+(`_ista_tile`): form the residual r = x - D y_k on the signal halo the tile's analysis window covers
+((TH-1) s + kh rows, (TW-1) s + kw columns), park it in a per-program scratch slab (a few KiB, L1/L2 resident,
+reused), run the analysis conv from the slab, add y_k, threshold and store z_{k+1}. D y and r never exist as
+full tensors. Both convolutions are implicit GEMMs on tl.dot whose reduction index runs over (channel, tap) in the
+weight's memory order, the im2col tile gathered on the fly. The scratch slab is the one departure from "registers
+only": Triton cannot shift a register tile, and recomputing the residual for each of the kh*kw analysis taps would
+multiply the synthesis work by kh*kw.
+  - `_conv_ista_fwd_kernel`: one launch per iteration, one program per (image, tile).
+  - `_conv_ista_fwd_all_kernel`: every iteration in one launch, one program per image walking its tiles, with a
+    CTA barrier between iterations; used when an image's code is small (SINGLE_LAUNCH_MAX_CODE_BYTES).
 
 Saved for backward: z_0 .. z_{n-1} in the input dtype (`iterates`), or nothing in recompute mode, where the backward
-replays the forward from z_0 with the same kernel (bit-identical iterates, hence identical supports) and keeps three
-code buffers: O(n^2) iterations of compute, memory independent of n.
+replays the forward from z_0 with the same kernels (bit-identical iterates, hence identical supports) and keeps
+three code buffers: O(n^2) iterations of compute, memory independent of n.
 
 VJP of iteration k (g = dL/dz_{k+1}, gu = g [z_{k+1} != 0]; the active set needs no stored mask):
     r_k   = x - D y_k,       v = E^T gu = conv_transpose2d(gu, W_E)
@@ -31,9 +35,10 @@ VJP of iteration k (g = dL/dz_{k+1}, gu = g [z_{k+1} != 0]; the active set needs
     dstep_k = <gu, E r_k> + <lam_k, dth>,  computed as <v, r_k> + <lam_k, dth> (no analysis conv needed)
     dz_k += (1 + beta_k) dy,   dz_{k-1} -= beta_k dy
 The backward runs these per iteration with three conv kernels (`_conv_synth_kernel` for r_k and v,
-`_conv_analysis_kernel` for dy, `_conv_weight_grad_kernel` for both weight gradients, each program owning its
-output entries: deterministic, no atomics) and elementwise/reduction torch ops for the rest. All accumulation is
-fp32; gradients are cast to the input dtypes at the end.
+`_conv_analysis_kernel` for dy, `_conv_weight_grad_kernel` for both weight gradients as split-K partials summed
+in a fixed order: deterministic, no atomics) and elementwise/reduction torch ops for the rest, which keep r_k, v,
+gu and dy as full fp32 temporaries for one iteration at a time. All accumulation is fp32; gradients are cast to
+the input dtypes at the end.
 
 Launchers only use torch ops and `torch.library.wrap_triton` launches, so they can run inside a
 `torch.library.triton_op` and torch.compile can trace through them.
@@ -406,9 +411,13 @@ class _Geom(NamedTuple):
     pw: int
 
 
-def _geom(x, weight, z0, stride, padding) -> _Geom:
+def _geom(x, weight, z0, stride, padding, n_codes) -> _Geom:
     B, C_sig, H, W = x.shape
     C_code, _, kh, kw = weight.shape
+    # Kernel index arithmetic is int32; n_codes covers the saved iterates, addressed as one buffer.
+    if max(x.numel(), z0.numel() * n_codes) >= 2 ** 31:
+        raise ValueError(f"the triton conv-ISTA kernels address at most 2**31 - 1 elements per buffer; got x "
+                         f"{tuple(x.shape)} and {n_codes} codes of {tuple(z0.shape)}: split the batch")
     return _Geom(B, C_sig, H, W, C_code, kh, kw, z0.shape[2], z0.shape[3],
                  int(stride[0]), int(stride[1]), int(padding[0]), int(padding[1]))
 
@@ -465,8 +474,8 @@ class _Forward:
 
 
 def conv_ista_fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, save_iterates):
-    g = _geom(x, weight, z0, stride, padding)
     n = step.shape[0]
+    g = _geom(x, weight, z0, stride, padding, n + 1 if save_iterates else 3)
     fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista)
     # The single-launch kernel also writes z_n into the ring; the per-iteration path writes it straight into z.
     ring = (n + 1 if fwd.single else n) if save_iterates else 3
@@ -480,8 +489,8 @@ def conv_ista_fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, non
 
 
 def conv_ista_bwd(grad_z, x, weight, encoder_weight, lam, step, z0, z, iterates, stride, padding, nonneg, fista):
-    g = _geom(x, weight, z0, stride, padding)
     n_iter = step.shape[0]
+    g = _geom(x, weight, z0, stride, padding, max(iterates.shape[0], 3))
     ccfg = conv_config(g.C_sig, g.C_code, g.kh, g.kw)
     in_prec = _in_prec(x.dtype)
     betas = _fista_betas(n_iter, fista)
