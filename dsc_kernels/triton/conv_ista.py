@@ -359,7 +359,7 @@ def fwd_config(C_sig: int, C_code: int, kh: int, kw: int) -> FwdConfig:
     # gathered im2col tiles carry 2-D index arithmetic, which is what limits the tile size. Not yet timed on a GPU.
     block_c = _pow2_block(C_code, 16, 64)
     block_ci = _pow2_block(C_sig, 16, 32)
-    if kh == 1:  # 1-D problems (H = 1): a row tile.
+    if kh == 1:  # 1-D problems (H = 1 after reshaping) and other single-row kernels: a row tile.
         return FwdConfig(1, 128, 64, block_c, block_ci, 32, 4)
     if kh * kw <= 9:  # 3x3: halo (TH+2)(TW+2) = 1.4x the tile
         return FwdConfig(8, 16, 64, block_c, block_ci, 32, 8)
@@ -424,7 +424,8 @@ def _geom(x, weight, z0, stride, padding, n_codes) -> _Geom:
 
 # Run every iteration in one launch (one program per image) when an image's code is at most this large: its
 # working set then stays in L1/L2 between iterations, and n launches become one. Larger codes need the
-# per-iteration grid over tiles to fill the GPU.
+# per-iteration grid over tiles to fill the GPU. A guess until timed on a GPU: with fewer images than SMs the
+# single launch leaves SMs idle, so the best limit also depends on the batch.
 SINGLE_LAUNCH_MAX_CODE_BYTES = 256 * 1024
 
 
