@@ -228,6 +228,16 @@ def test_half_precision_forward_and_backward(dtype):
     torch.testing.assert_close(z.double(), z_ref, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("rank", [1, 2])
+def test_scalar_lam_and_step_through_functional(rank):
+    # functional expands a float lam/step to (n_iter, C) / (n_iter,) before the op; tied weight used twice.
+    p = _problem(rank=rank, size=(6, 13), kernel=(3, 3), stride=(2, 2), padding=(1, 1), n_iter=2, kink_free=False)
+    x, w = p["x"].float(), p["weight"].float()
+    opts = dict(n_iter=2, step=0.15, stride=p["stride"], padding=p["padding"])
+    torch.testing.assert_close(DF.conv_ista(x, w, 0.05, backend="triton", **opts),
+                               DF.conv_ista(x, w, 0.05, backend="reference", **opts), rtol=1e-5, atol=1e-5)
+
+
 def test_nan_propagates_like_softshrink():
     p = _problem(rank=2, n_iter=1)
     x = p["x"].float().clone()
