@@ -217,15 +217,12 @@ def test_dynamo_fullgraph_through_functional():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_forward_and_backward(dtype):
-    # Inputs are rounded to `dtype`, accumulation is fp32 and iterates are stored in `dtype`: compare with the
-    # fp64 reference run on the same rounded inputs, with the dtype's tolerance.
-    p = _problem(rank=2, n_iter=2)
+    # Inputs rounded to `dtype`, fp32 accumulation, iterates stored in `dtype`: compared with fp64 on the same
+    # rounded inputs, the backward on the kernel's own iterates, with the dtype's tolerance.
+    p = _problem(rank=2, n_iter=2, untied=True, fista=True, kink_free=False)
     p = {k: v.to(dtype).double() if isinstance(v, torch.Tensor) else v for k, v in p.items()}
-    z_ref, _ = _run(p, torch.float64, "ref")
-    z, grads = _run(p, dtype, "triton")
-    assert z.dtype == dtype and all(g.dtype == dtype for g in grads.values())
-    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
-    torch.testing.assert_close(z.double(), z_ref, rtol=tol, atol=tol)
+    tol = 3e-2 if dtype == torch.bfloat16 else 5e-3
+    _compare_at_scale(p, dtype, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("rank", [1, 2])
