@@ -2,9 +2,11 @@
 
 CPU: the ``attn`` workload (DESIGN.md §6: q, k, v (2, 4, 512, 64) float32), forward and forward+backward, for
     reference  dsc_kernels' dense oracle (sort-based sparsemax through autograd)
+    compile    torch.compile (inductor) of the reference
     entmax     an entmax-style dense sparsemax (sort-based threshold, hand-written backward; the ``entmax``
                package's algorithm, written here in torch so the suite does not depend on it)
     cpp        the fused C++ kernels (row statistics only, no N x M matrix)
+    cpp-shrink90  the C++ kernels in shrink mode with 90% of the scores below the threshold
 GPU (skipped without CUDA): N from 512 to 16384, d = 64, (B, H) = (4, 8): SDPA (dense softmax), the entmax-style
 dense sparsemax and the Triton kernels (sparsemax, and shrink at several sparsity levels); results also go to
 ``bench/results/attention_<gpu>.json``.
@@ -106,14 +108,26 @@ def _cpu_inputs(requires_grad: bool):
     return [torch.randn(CPU_SHAPE, generator=gen).requires_grad_(requires_grad) for _ in range(3)]
 
 
+@cache
+def _compiled_reference():
+    return torch.compile(sparse_attention_ref)
+
+
 def _cpu_call(provider: str, q, k, v, backward: bool, causal: bool):
-    th = torch.zeros(q.shape[1])
+    scale = q.shape[-1] ** -0.5
     if provider == "entmax":
         fn = lambda: entmax_sparsemax_attention(q, k, v, causal)  # noqa: E731
     elif provider == "reference":
         fn = lambda: sparse_attention_ref(q, k, v, mode="sparsemax", causal=causal)  # noqa: E731
+    elif provider == "compile":
+        fn = lambda: _compiled_reference()(q, k, v, mode="sparsemax", causal=causal)  # noqa: E731
+    elif provider == "cpp-shrink90":
+        # Scores are ~N(0, 1) for these inputs: this threshold leaves 10% of them active.
+        th = torch.full((q.shape[1],), float(torch.special.ndtri(torch.tensor(0.9))))
+        fn = lambda: sa.sparse_attention("cpp", q, k, v, th, "shrink", causal, scale)  # noqa: E731
     else:
-        fn = lambda: sa.sparse_attention(provider, q, k, v, th, "sparsemax", causal, q.shape[-1] ** -0.5)  # noqa
+        th = torch.zeros(q.shape[1])
+        fn = lambda: sa.sparse_attention(provider, q, k, v, th, "sparsemax", causal, scale)  # noqa: E731
 
     def run():
         out = fn()
@@ -139,9 +153,9 @@ def _cpu_baseline_seconds(backward: bool, causal: bool) -> float:
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", ["entmax", "reference", "cpp"])
+@pytest.mark.parametrize("provider", ["entmax", "reference", "compile", "cpp", "cpp-shrink90"])
 def test_attn_cpu(benchmark, provider, backward, causal):
-    if provider == "cpp" and (reason := sa.backend_unavailable_reason("cpp", "cpu")) is not None:
+    if provider.startswith("cpp") and (reason := sa.backend_unavailable_reason("cpp", "cpu")) is not None:
         pytest.skip(reason)
     q, k, v = _cpu_inputs(backward)
     run = _cpu_call(provider, q, k, v, backward, causal)
@@ -149,8 +163,10 @@ def test_attn_cpu(benchmark, provider, backward, causal):
     benchmark.group = f"attn-cpu-{'fwd+bwd' if backward else 'fwd'}-{'causal' if causal else 'full'}"
     benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(
-        workload="attn", shape=list(CPU_SHAPE), mode="sparsemax", threads=torch.get_num_threads(),
-        peak_bytes=_cpu_peak_bytes(run),
+        workload="attn", shape=list(CPU_SHAPE), mode="shrink" if "shrink" in provider else "sparsemax",
+        threads=torch.get_num_threads(),
+        # Inductor's kernels bypass the dispatch mode, so compile has no comparable CPU figure.
+        peak_bytes=None if provider == "compile" else _cpu_peak_bytes(run),
         ratio_to_entmax=benchmark.stats.stats.median / _cpu_baseline_seconds(backward, causal))
 
 
