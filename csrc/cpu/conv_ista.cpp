@@ -163,11 +163,22 @@ struct Geo {
   int64_t B, Cs, H, W, Cc, KH, KW, SH, SW, PH, PW, Hz, Wz;
 };
 
+// out = S_th(out + step e), written so it vectorises: S_th(u) = u - clamp(u, -th, th) is exactly 0 for |u| <= th,
+// and NaN passes through both forms (as in softshrink / relu).
 template <typename T>
-inline T shrink(T u, T th, bool nonneg) {
-  if (u > th) return u - th;
-  if (!nonneg && u < -th) return u + th;
-  return u != u ? u : T(0);  // NaN in, NaN out (as softshrink / relu)
+inline void shrink_row(T* __restrict out, const T* __restrict e, T step, T th, int64_t cnt, bool nonneg) {
+  if (nonneg) {
+    for (int64_t j = 0; j < cnt; ++j) {
+      const T d = out[j] + step * e[j] - th;
+      out[j] = d < T(0) ? T(0) : d;
+    }
+  } else {
+    for (int64_t j = 0; j < cnt; ++j) {
+      const T u = out[j] + step * e[j];
+      const T lo = u < -th ? -th : u;
+      out[j] = u - (lo > th ? th : lo);
+    }
+  }
 }
 
 // Rows per band for `rows` rows split over batch x bands: minimise the busiest thread's work (tasks per thread times
@@ -196,6 +207,31 @@ void for_bands(int64_t B, int64_t rows, int64_t R, F&& f) {
   });
 }
 
+// A code-sized (B, Cc, Hz, Wz) tensor the passes read, computed on the fly from stored ones:
+// scale * (a + beta (a - b)) (FISTA's y_k; b null: scale * a), or with mask: scale * a [mask != 0] (the gradient
+// restricted to the active set).
+template <typename T>
+struct CodeSrc {
+  const T* a;
+  const T* b;
+  T beta;
+  const T* mask;
+  T scale;
+
+  void row(int64_t off, int64_t cnt, T* __restrict dst) const {
+    const T* __restrict pa = a + off;
+    if (mask) {
+      const T* __restrict pm = mask + off;
+      for (int64_t j = 0; j < cnt; ++j) dst[j] = pm[j] != T(0) ? scale * pa[j] : T(0);
+    } else if (b) {
+      const T* __restrict pb = b + off;
+      for (int64_t j = 0; j < cnt; ++j) dst[j] = scale * (pa[j] + beta * (pa[j] - pb[j]));
+    } else {
+      for (int64_t j = 0; j < cnt; ++j) dst[j] = scale * pa[j];
+    }
+  }
+};
+
 // A band's scratch: views into per-thread storage that grows to the largest band seen and is then reused.
 template <typename T>
 struct BandBufs {
@@ -211,7 +247,8 @@ struct BandBufs {
   BandBufs(int64_t Cc, int64_t yrows_, int64_t ywidth_, int64_t Cs, int64_t rrows_, int64_t rwidth_)
       : yrows(yrows_), ywidth(ywidth_), rrows(rrows_), rwidth(rwidth_) {
     thread_local std::vector<T> ys, rs;
-    if (ys.size() < size_t(Cc * yrows * ywidth)) ys.resize(Cc * yrows * ywidth);
+    const size_t ny = Cc * yrows * ywidth + ywidth;  // + one row of scratch for strided fills
+    if (ys.size() < ny) ys.resize(ny);
     if (rs.size() < size_t(Cs * rrows * rwidth)) rs.resize(Cs * rrows * rwidth);
     y = ys.data();
     r = rs.data();
@@ -238,25 +275,31 @@ struct Ctx {
                        std::max(anal.in_width(g.Wz), g.W + 2 * g.PW));
   }
 
-  // ybuf for batch item n and signal rows [hs0, hs0 + nh), where yval(idx) gives the code value at flat index idx
-  // of a (B, Cc, Hz, Wz) tensor (y_k, or the masked gradient in the backward).
-  template <class YVal>
-  void fill_y(BandBufs<T>& bb, YVal&& yval, int64_t n, int64_t hs0, int64_t nh) const {
+  // ybuf for batch item n and signal rows [hs0, hs0 + nh), from the code-sized tensor `src` describes.
+  void fill_y(BandBufs<T>& bb, const CodeSrc<T>& src, int64_t n, int64_t hs0, int64_t nh) const {
     const int64_t rows = nh + g.KH - 1;
-    const int64_t col0 = g.PW - g.KW + 1;  // upsampled column of ybuf column 0
+    const int64_t col0 = g.PW - g.KW + 1;  // upsampled column of ybuf column 0: ybuf[q2] = y[(q2 + col0) / SW]
+    // z-columns [j_lo, j_hi) land inside the row.
+    const int64_t j_lo = col0 > 0 ? (col0 + g.SW - 1) / g.SW : 0;
+    const int64_t j_hi = std::max(j_lo, std::min(g.Wz, (bb.ywidth - 1 + col0) / g.SW + 1));
+    T* tmp = g.SW == 1 ? nullptr : bb.y + g.Cc * bb.yrows * bb.ywidth;  // one strided row's values
     for (int64_t c = 0; c < g.Cc; ++c) {
       for (int64_t q = 0; q < rows; ++q) {
         T* dst = bb.y + (c * bb.yrows + q) * bb.ywidth;
-        std::fill(dst, dst + bb.ywidth, T(0));
         const int64_t t = hs0 + q + g.PH - g.KH + 1;
-        if (t < 0 || t % g.SH != 0 || t / g.SH >= g.Hz) continue;
+        if (t < 0 || t % g.SH != 0 || t / g.SH >= g.Hz) {
+          std::fill(dst, dst + bb.ywidth, T(0));
+          continue;
+        }
         const int64_t off = ((n * g.Cc + c) * g.Hz + t / g.SH) * g.Wz;
-        // ybuf column q2 holds z-column (q2 + col0) / SW when that divides.
-        for (int64_t j = 0; j < g.Wz; ++j) {
-          const int64_t q2 = j * g.SW - col0;
-          if (q2 < 0) continue;
-          if (q2 >= bb.ywidth) break;
-          dst[q2] = yval(off + j);
+        if (g.SW == 1) {
+          std::fill(dst, dst + (j_lo - col0), T(0));
+          src.row(off + j_lo, j_hi - j_lo, dst + (j_lo - col0));
+          std::fill(dst + (j_hi - col0), dst + bb.ywidth, T(0));
+        } else {
+          std::fill(dst, dst + bb.ywidth, T(0));
+          src.row(off + j_lo, j_hi - j_lo, tmp);
+          for (int64_t j = j_lo; j < j_hi; ++j) dst[j * g.SW - col0] = tmp[j - j_lo];
         }
       }
     }
@@ -303,8 +346,7 @@ struct Ctx {
                 T* znext, int64_t n, int64_t i0, int64_t i1) const {
     int64_t hs0, nh;
     sig_rows(i0, i1, hs0, nh);
-    if (zkm1) fill_y(bb, [&](int64_t i) { return zk[i] + beta * (zk[i] - zkm1[i]); }, n, hs0, nh);
-    else fill_y(bb, [&](int64_t i) { return zk[i]; }, n, hs0, nh);
+    fill_y(bb, CodeSrc<T>{zk, zkm1, beta, nullptr, T(1)}, n, hs0, nh);
     std::fill(bb.r, bb.r + g.Cs * bb.rrows * bb.rwidth, T(0));
     synth_rows(bb, hs0, nh, [&](int64_t s, int64_t h, int64_t j0, const T* v, int64_t cnt) {
       T* dst = rrow(bb, s, h, i0) + j0;
@@ -313,13 +355,9 @@ struct Ctx {
     });
     anal_rows(bb, i0, i1, [&](int64_t c, int64_t i, int64_t j0, const T* e, int64_t cnt) {
       const int64_t off = ((n * g.Cc + c) * g.Hz + i) * g.Wz + j0;
-      const T* a = zk + off;
-      const T* b = zkm1 ? zkm1 + off : nullptr;
-      T* out = znext + off;
-      for (int64_t j = 0; j < cnt; ++j) {
-        const T y = b ? a[j] + beta * (a[j] - b[j]) : a[j];
-        out[j] = shrink(y + step * e[j], th[c], nonneg);
-      }
+      T* __restrict out = znext + off;
+      CodeSrc<T>{zk, zkm1, beta, nullptr, T(1)}.row(off, cnt, out);
+      shrink_row(out, e, step, th[c], cnt, nonneg);
     });
   }
 };
@@ -553,20 +591,25 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
       zk1 = zk1_buf;
     }
     if (!(fista && k > 0)) zkm1 = nullptr;
-    const auto gu = [&](int64_t i) { return zk1[i] != T(0) ? gAp[i] : T(0); };
-    const auto yk = [&](int64_t i) { return zkm1 ? zk[i] + bk * (zk[i] - zkm1[i]) : zk[i]; };
+    const CodeSrc<T> yk{zk, zkm1, bk, nullptr, T(1)};
+    const CodeSrc<T> gu{gAp, nullptr, T(0), zk1, T(1)};
 
     // dL/dth, one channel per task (the reduction runs over batch and space).
     at::parallel_for(0, g.Cc, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         double acc = 0;
         for (int64_t b = 0; b < g.B; ++b) {
-          const int64_t off = (b * g.Cc + c) * hw;
-          for (int64_t i = 0; i < hw; ++i) {
-            const T zz = zk1[off + i];
-            const T gg = zz != T(0) ? gAp[off + i] : T(0);
-            acc += nonneg ? gg : (zz > 0 ? gg : -gg);
+          const T* __restrict zz = zk1 + (b * g.Cc + c) * hw;
+          const T* __restrict ga = gAp + (b * g.Cc + c) * hw;
+          T part = 0;  // one row of the reduction in T, vectorised; rows are summed in double
+          if (nonneg) {
+#pragma omp simd reduction(+ : part)
+            for (int64_t i = 0; i < hw; ++i) part += zz[i] != T(0) ? ga[i] : T(0);
+          } else {
+#pragma omp simd reduction(+ : part)
+            for (int64_t i = 0; i < hw; ++i) part += zz[i] > T(0) ? ga[i] : (zz[i] < T(0) ? -ga[i] : T(0));
           }
+          acc += part;
         }
         dth[c] = -acc;
       }
@@ -599,10 +642,10 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
 
     // Weight gradients, with step_k folded into G: dW_E += step r_k (x) gu, dW_D -= step v (x) y_k.
     wg_e.accumulate(rp, [&](int64_t b, T* dst) {
-      for (int64_t i = 0; i < g.Cc * hw; ++i) dst[i] = sk * gu(b * g.Cc * hw + i);
+      CodeSrc<T>{gAp, nullptr, T(0), zk1, sk}.row(b * g.Cc * hw, g.Cc * hw, dst);
     });
     wg_d.accumulate(vp, [&](int64_t b, T* dst) {
-      for (int64_t i = 0; i < g.Cc * hw; ++i) dst[i] = -sk * yk(b * g.Cc * hw + i);
+      CodeSrc<T>{zk, zkm1, bk, nullptr, -sk}.row(b * g.Cc * hw, g.Cc * hw, dst);
     });
 
     // dL/dy_k = gu - step D^* v, split into dL/dz_k (gA) and dL/dz_{k-1} (gB). gu is read before gA is overwritten.
@@ -618,15 +661,17 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
         anal_d.row(bb.r + (i - i0) * g.SH * bb.rwidth, bb.rrows * bb.rwidth, bb.rwidth, g.Wz,
                    [&](int64_t c, int64_t j0, const T* val, int64_t cnt) {
                      const int64_t off = ((b * g.Cc + c) * g.Hz + i) * g.Wz + j0;
-                     for (int64_t j = 0; j < cnt; ++j) {
-                       const T gy = gu(off + j) - sk * val[j];
-                       if (gBp) {
-                         const T a_new = gBp[off + j] + (T(1) + bk) * gy;
-                         gBp[off + j] = -bk * gy;
-                         gAp[off + j] = a_new;
-                       } else {
-                         gAp[off + j] = gy;
+                     T* __restrict ga = gAp + off;
+                     const T* __restrict m = zk1 + off;
+                     if (gBp) {
+                       T* __restrict gb = gBp + off;
+                       for (int64_t j = 0; j < cnt; ++j) {
+                         const T gy = (m[j] != T(0) ? ga[j] : T(0)) - sk * val[j];
+                         ga[j] = gb[j] + (T(1) + bk) * gy;
+                         gb[j] = -bk * gy;
                        }
+                     } else {
+                       for (int64_t j = 0; j < cnt; ++j) ga[j] = (m[j] != T(0) ? ga[j] : T(0)) - sk * val[j];
                      }
                    });
     });
