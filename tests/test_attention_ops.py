@@ -146,7 +146,7 @@ def test_available_backends_and_errors():
         sa.get_ops("nope")
     with pytest.raises(ValueError, match="unknown"):
         sa.backend_unavailable_reason("nope", "cpu")
-    assert "CPU" in sa.backend_unavailable_reason("cpp", "meta") or "cpu" in sa.backend_unavailable_reason("cpp", "meta")
+    assert "cpu" in sa.backend_unavailable_reason("cpp", "meta").lower()
 
 
 @pytest.mark.gpu
