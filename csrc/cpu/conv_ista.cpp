@@ -222,7 +222,10 @@ struct CodeSrc {
     const T* __restrict pa = a + off;
     if (mask) {
       const T* __restrict pm = mask + off;
-      for (int64_t j = 0; j < cnt; ++j) dst[j] = pm[j] != T(0) ? scale * pa[j] : T(0);
+      for (int64_t j = 0; j < cnt; ++j) {
+        const T v = scale * pa[j];  // loaded unconditionally so the select vectorises
+        dst[j] = pm[j] != T(0) ? v : T(0);
+      }
     } else if (b) {
       const T* __restrict pb = b + off;
       for (int64_t j = 0; j < cnt; ++j) dst[j] = scale * (pa[j] + beta * (pa[j] - pb[j]));
@@ -468,17 +471,18 @@ std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x_, const
   return {z, iterates};
 }
 
-// Weight gradients as GEMMs over one batch item at a time: dW[c, (s, a, b)] += G[c, (i, j)] col[(s, a, b), (i, j)]
-// with col the im2col of a zero-padded signal-sized tensor. Each thread accumulates its own partial sums over all
-// batch items and iterations; they are reduced once at the end.
+// Weight gradients as GEMMs over one batch item at a time: dW^T[(s, a, b), c] += col[(s, a, b), (i, j)] G^T[(i, j), c]
+// with col the im2col of a zero-padded signal-sized tensor. This orientation (G transposed while it is copied
+// anyway, col row-major) runs MKL's sgemm 1.5-4x faster than dW = G col^T for these thin shapes. Each thread
+// accumulates its own partial sums over all batch items and iterations; they are reduced once at the end.
 template <typename T>
 struct WeightGrad {
   const Geo& g;
-  int64_t kk;                      // Cs * KH * KW
-  std::vector<at::Tensor> partial;  // per thread: (Cc, kk)
+  int64_t kk;                       // Cs * KH * KW
+  std::vector<at::Tensor> partial;  // per thread: (kk, Cc)
 
   WeightGrad(const Geo& g_, const at::TensorOptions& opt) : g(g_), kk(g_.Cs * g_.KH * g_.KW) {
-    for (int t = 0; t < at::get_num_threads(); ++t) partial.push_back(at::zeros({g.Cc, kk}, opt));
+    for (int t = 0; t < at::get_num_threads(); ++t) partial.push_back(at::zeros({kk, g.Cc}, opt));
   }
 
   void im2col(const T* P, int64_t n, T* col) const {
@@ -504,22 +508,25 @@ struct WeightGrad {
         }
   }
 
-  // partial += G_n col(P_n)^T for every batch item n; gfill(n, dst) writes G_n as (Cc, Hz * Wz).
-  template <class GFill>
-  void accumulate(const T* P, GFill&& gfill) {
+  // partial += col(P_n) G_n^T for every batch item n, G_n = src's batch item n as (Cc, Hz * Wz).
+  void accumulate(const T* P, const CodeSrc<T>& src) {
     const int64_t hw = g.Hz * g.Wz;
     at::parallel_for(0, g.B, 1, [&](int64_t n0, int64_t n1) {
-      thread_local std::vector<T> colv, gv;
+      thread_local std::vector<T> colv, gv, tmp;
       colv.resize(kk * hw);
       gv.resize(g.Cc * hw);
+      tmp.resize(hw);
       const auto opt = partial[0].options();
       const at::Tensor col = at::from_blob(colv.data(), {kk, hw}, opt);
-      const at::Tensor gm = at::from_blob(gv.data(), {g.Cc, hw}, opt);
+      const at::Tensor gt = at::from_blob(gv.data(), {hw, g.Cc}, opt);
       at::Tensor& acc = partial[at::get_thread_num()];
       for (int64_t n = n0; n < n1; ++n) {
         im2col(P, n, colv.data());
-        gfill(n, gv.data());
-        acc.addmm_(gm, col.t());
+        for (int64_t c = 0; c < g.Cc; ++c) {
+          src.row((n * g.Cc + c) * hw, hw, tmp.data());
+          for (int64_t i = 0; i < hw; ++i) gv[i * g.Cc + c] = tmp[i];
+        }
+        acc.addmm_(col, gt);
       }
     });
   }
@@ -527,7 +534,7 @@ struct WeightGrad {
   at::Tensor sum() const {
     at::Tensor out = partial[0];
     for (size_t t = 1; t < partial.size(); ++t) out = out + partial[t];
-    return out.view({g.Cc, g.Cs, g.KH, g.KW});
+    return out.t().reshape({g.Cc, g.Cs, g.KH, g.KW});
   }
 };
 
@@ -604,10 +611,16 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
           T part = 0;  // one row of the reduction in T, vectorised; rows are summed in double
           if (nonneg) {
 #pragma omp simd reduction(+ : part)
-            for (int64_t i = 0; i < hw; ++i) part += zz[i] != T(0) ? ga[i] : T(0);
+            for (int64_t i = 0; i < hw; ++i) {
+              const T v = ga[i];
+              part += zz[i] != T(0) ? v : T(0);
+            }
           } else {
 #pragma omp simd reduction(+ : part)
-            for (int64_t i = 0; i < hw; ++i) part += zz[i] > T(0) ? ga[i] : (zz[i] < T(0) ? -ga[i] : T(0));
+            for (int64_t i = 0; i < hw; ++i) {
+              const T v = ga[i];
+              part += zz[i] > T(0) ? v : (zz[i] < T(0) ? -v : T(0));
+            }
           }
           acc += part;
         }
@@ -641,12 +654,8 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
     gstep.data_ptr<T>()[k] = T(at::dot(v.view(-1), r.view(-1)).template item<double>() + lam_dth);
 
     // Weight gradients, with step_k folded into G: dW_E += step r_k (x) gu, dW_D -= step v (x) y_k.
-    wg_e.accumulate(rp, [&](int64_t b, T* dst) {
-      CodeSrc<T>{gAp, nullptr, T(0), zk1, sk}.row(b * g.Cc * hw, g.Cc * hw, dst);
-    });
-    wg_d.accumulate(vp, [&](int64_t b, T* dst) {
-      CodeSrc<T>{zk, zkm1, bk, nullptr, -sk}.row(b * g.Cc * hw, g.Cc * hw, dst);
-    });
+    wg_e.accumulate(rp, CodeSrc<T>{gAp, nullptr, T(0), zk1, sk});
+    wg_d.accumulate(vp, CodeSrc<T>{zk, zkm1, bk, nullptr, -sk});
 
     // dL/dy_k = gu - step D^* v, split into dL/dz_k (gA) and dL/dz_{k-1} (gB). gu is read before gA is overwritten.
     for_bands(g.B, g.Hz, ctx.R, [&](int64_t b, int64_t i0, int64_t i1) {
@@ -666,12 +675,16 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
                      if (gBp) {
                        T* __restrict gb = gBp + off;
                        for (int64_t j = 0; j < cnt; ++j) {
-                         const T gy = (m[j] != T(0) ? ga[j] : T(0)) - sk * val[j];
+                         const T gv = ga[j];
+                         const T gy = (m[j] != T(0) ? gv : T(0)) - sk * val[j];
                          ga[j] = gb[j] + (T(1) + bk) * gy;
                          gb[j] = -bk * gy;
                        }
                      } else {
-                       for (int64_t j = 0; j < cnt; ++j) ga[j] = (m[j] != T(0) ? ga[j] : T(0)) - sk * val[j];
+                       for (int64_t j = 0; j < cnt; ++j) {
+                         const T gv = ga[j];
+                         ga[j] = (m[j] != T(0) ? gv : T(0)) - sk * val[j];
+                       }
                      }
                    });
     });
