@@ -35,6 +35,9 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------- backend choice
+# Availability is fixed for a process (an extension that built stays built), so torch.compile may evaluate it once
+# while tracing instead of stepping into the cached build/import checks.
+@torch.compiler.assume_constant_result
 def _backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run on ``device`` here (with how to fix it), or None when it can."""
     if backend == "reference":
@@ -88,7 +91,7 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
         if preferred == "cpp" and dtype not in (torch.float32, torch.float64):
             return "reference"  # the C++ kernels are fp32/fp64 only; half precision on CPU stays in PyTorch
         if reason is None:
-            return preferred
+            return _registered(preferred)
         if preferred not in _warned_fallback:
             _warned_fallback.add(preferred)
             warnings.warn(f"dsc_kernels: using the reference backend because {reason}", RuntimeWarning,
@@ -99,6 +102,19 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
         raise RuntimeError(f"backend={backend!r} cannot run: {reason}")
     if backend == "cpp" and dtype not in (torch.float32, torch.float64):
         raise TypeError(f"backend='cpp' supports float32 and float64, got {dtype}")
+    if backend == "triton" and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"backend='triton' supports float32, float16 and bfloat16, got {dtype}")
+    return _registered(backend)
+
+
+@torch.compiler.assume_constant_result
+def _registered(backend: str) -> str:
+    """Register ``backend``'s ops on first use (building the extension or importing Triton), outside any trace:
+    torch.compile evaluates this once and then finds the ops already registered."""
+    if backend != "reference":
+        from .ops import conv_ista, sparse_attention
+        conv_ista.get_backend(backend)
+        sparse_attention.get_ops(backend)
     return backend
 
 

@@ -1,4 +1,6 @@
 """Drop-in torch.nn layers; every forward goes through ``dsc_kernels.functional``."""
+from .attention import SparseAttention, SparseCodingTransformerBlock
 from .sparse_coding import ConvSparseCoding1d, ConvSparseCoding2d, DeepSparseCoding2d, SoftThreshold
 
-__all__ = ["SoftThreshold", "ConvSparseCoding1d", "ConvSparseCoding2d", "DeepSparseCoding2d"]
+__all__ = ["SoftThreshold", "ConvSparseCoding1d", "ConvSparseCoding2d", "DeepSparseCoding2d", "SparseAttention",
+           "SparseCodingTransformerBlock"]
