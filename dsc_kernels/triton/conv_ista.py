@@ -330,6 +330,7 @@ class FwdConfig(NamedTuple):
     BLOCK_CI: int  # signal channels per synthesis GEMM tile (N)
     BLOCK_K: int   # reduction slice (channel x tap) of both GEMMs
     num_warps: int
+    num_stages: int
 
 
 class ConvConfig(NamedTuple):
@@ -354,17 +355,16 @@ def fwd_config(C_sig: int, C_code: int, kh: int, kw: int) -> FwdConfig:
     if _interpreting():
         # The interpreter pays per program and per op, not per element: few large tiles. Test shapes taller than
         # 8 rows still span several tiles, which exercises the halo logic.
-        return FwdConfig(1 if kh == 1 else 8, 64 if kh == 1 else 16, 256, 16, 16, 64, 4)
-    # Chosen from sm_90 AOT compiles (cuobjdump -res-usage): the largest tiles that do not spill registers. The
-    # gathered im2col tiles carry 2-D index arithmetic, which is what limits the tile size. Not yet timed on a GPU.
+        return FwdConfig(1 if kh == 1 else 8, 64 if kh == 1 else 16, 256, 16, 16, 64, 4, 1)
+    # Chosen from sm_80/sm_90 AOT compiles (cuobjdump -res-usage of the cubins): the largest tiles that spill no
+    # registers on either. The gathered im2col tiles carry 2-D index arithmetic and a third pipeline stage of them
+    # does not fit, hence num_stages=2. A 16x16 tile would cut the 7x7 halo overhead of the synthesis from
+    # 14x22/8x16 = 2.4x to 1.9x but spills. Not yet timed on a GPU.
     block_c = _pow2_block(C_code, 16, 64)
     block_ci = _pow2_block(C_sig, 16, 32)
     if kh == 1:  # 1-D problems (H = 1 after reshaping) and other single-row kernels: a row tile.
-        return FwdConfig(1, 128, 64, block_c, block_ci, 32, 4)
-    if kh * kw <= 9:  # 3x3: halo (TH+2)(TW+2) = 1.4x the tile
-        return FwdConfig(8, 16, 64, block_c, block_ci, 32, 8)
-    # large kernels: a 16x16 tile keeps the synthesis's halo overhead below 2x (7x7: 22x22 / 16x16)
-    return FwdConfig(16, 16, 64, block_c, block_ci, 16, 8)
+        return FwdConfig(1, 128, 64, block_c, block_ci, 32, 8, 2)
+    return FwdConfig(8, 16, 64, block_c, block_ci, 16, 8, 2)
 
 
 def conv_config(C_sig: int, C_code: int, kh: int, kw: int) -> ConvConfig:
@@ -448,7 +448,7 @@ class _Forward:
         self.meta = dict(SH=g.sh, SW=g.sw, PH=g.ph, PW=g.pw, KH=g.kh, KW=g.kw, TH=cfg.TH, TW=cfg.TW,
                          R_CHUNK=cfg.R_CHUNK, BLOCK_C=cfg.BLOCK_C, BLOCK_CI=cfg.BLOCK_CI, BLOCK_K=cfg.BLOCK_K,
                          NONNEG=bool(nonneg), FISTA=bool(fista), IN_PREC=_in_prec(x.dtype),
-                         num_warps=cfg.num_warps)
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         self.dims = (g.C_code, g.C_sig, g.H, g.W, g.Hz, g.Wz, self.tiles_w, self.tiles_per_img)
 
     def run(self, n_iters, ring, last_out=None):
@@ -607,7 +607,7 @@ def _sig(names_types: str) -> dict:
 
 
 def _kernel_specs(cs, cc, kh, kw, s, p, dtype, variant):
-    """(kernel name, signature, constexprs, num_warps) for each kernel, as the launchers specialise them on
+    """(kernel name, signature, constexprs, compile options) for each kernel, as the launchers specialise them on
     this workload; `variant` alternates the boolean constexprs."""
     fc = fwd_config(cs, cc, kh, kw)
     cv = conv_config(cs, cc, kh, kw)
@@ -621,31 +621,31 @@ def _kernel_specs(cs, cc, kh, kw, s, p, dtype, variant):
         "_conv_ista_fwd_all_kernel": (
             _sig(f"x_ptr:*{t} buf_ptr:*{t} w_ptr:*{t} we_ptr:*{t} lam_ptr:*{t} step_ptr:*{t} beta_ptr:*fp32 "
                  f"scratch_ptr:*fp32 n_iters:i32 ring:i32 slot:i32 {ints} tiles_w:i32 tiles_per_img:i32"),
-            fwd_constexprs, fc.num_warps),
+            fwd_constexprs, dict(num_warps=fc.num_warps, num_stages=fc.num_stages)),
         "_conv_ista_fwd_kernel": (
             _sig(f"x_ptr:*{t} z_ptr:*{t} z_off:i32 zp_ptr:*{t} zp_off:i32 out_ptr:*{t} out_off:i32 w_ptr:*{t} "
                  f"we_ptr:*{t} lam_ptr:*{t} step_ptr:*{t} scratch_ptr:*fp32 k:i32 beta:fp32 {ints} tiles_w:i32 "
                  "tiles_per_img:i32"),
-            fwd_constexprs, fc.num_warps),
+            fwd_constexprs, dict(num_warps=fc.num_warps, num_stages=fc.num_stages)),
         "_conv_synth_kernel": (
             _sig(f"x_ptr:*{t} code_ptr:*fp32 w_ptr:*{t} out_ptr:*fp32 {ints}"),
-            dict(conv, BLOCK_CI=cv.BLOCK_CI, SUB_FROM_X=variant), cv.num_warps),
+            dict(conv, BLOCK_CI=cv.BLOCK_CI, SUB_FROM_X=variant), dict(num_warps=cv.num_warps)),
         "_conv_analysis_kernel": (
             _sig(f"base_ptr:*fp32 src_ptr:*fp32 w_ptr:*{t} step_ptr:*{t} k:i32 scale:fp32 out_ptr:*fp32 {ints}"),
-            dict(conv, BLOCK_C=cv.BLOCK_C), cv.num_warps),
+            dict(conv, BLOCK_C=cv.BLOCK_C), dict(num_warps=cv.num_warps)),
         "_conv_weight_grad_kernel": (
             _sig(f"part_ptr:*fp32 sig_ptr:*fp32 code_ptr:*fp32 B:i32 {ints}"),
-            dict(conv, BLOCK_C=cv.BLOCK_C), cv.num_warps),
+            dict(conv, BLOCK_C=cv.BLOCK_C), dict(num_warps=cv.num_warps)),
     }
 
 
 def aot_specializations():
-    """Yields (capability, kernel name, kernel, signature, constexprs, num_warps): every kernel for both targets,
+    """Yields (capability, kernel name, kernel, signature, constexprs, compile options): every kernel for both targets,
     and every (kernel, workload) pair on one of them, so each configuration of the table is compiled once.
 
     Call it without TRITON_INTERPRET: the configurations are the GPU ones."""
     for i, (_, cs, cc, kh, kw, s, p) in enumerate(AOT_WORKLOADS):
         for j, name in enumerate(KERNELS):
             cap, dtype = AOT_TARGETS[(i + j) % len(AOT_TARGETS)]
-            sig, constexprs, num_warps = _kernel_specs(cs, cc, kh, kw, s, p, dtype, variant=(i // 2 + j) % 2 == 0)[name]
-            yield cap, name, KERNELS[name], dict(sig, **{k: "constexpr" for k in constexprs}), constexprs, num_warps
+            sig, constexprs, options = _kernel_specs(cs, cc, kh, kw, s, p, dtype, variant=(i // 2 + j) % 2 == 0)[name]
+            yield cap, name, KERNELS[name], dict(sig, **{k: "constexpr" for k in constexprs}), constexprs, options
