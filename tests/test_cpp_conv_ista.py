@@ -1,0 +1,242 @@
+"""The fused C++ CPU conv-ISTA backend ("cpp") against the autograd-through-eager reference.
+
+The extension is built at import: on CI the compiler exists, so a failed build must fail this module loudly rather
+than skip it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dsc_kernels.functional as DF
+from dsc_kernels import _ext
+from dsc_kernels.reference.conv_ista import conv_ista_ref
+
+ops = _ext.load()
+import dsc_kernels.ops.conv_ista_cpp  # noqa: E402,F401  (fake + autograd registration)
+
+# name, x shape, weight shape, stride, padding, n_iter, options
+CASES = [
+    ("2d-tied", (2, 1, 9, 11), (3, 1, 3, 3), 1, 1, 3, {}),
+    ("2d-odd-untied-fista", (2, 2, 10, 13), (5, 2, 3, 4), 1, (0, 2), 3, dict(untied=True, fista=True)),
+    ("2d-stride23-nonneg-fista", (3, 2, 11, 12), (9, 2, 4, 3), (2, 3), (1, 2), 4,
+     dict(untied=True, fista=True, nonneg=True)),
+    ("2d-stride3-fista", (2, 2, 13, 10), (6, 2, 3, 3), 3, (2, 1), 3, dict(fista=True)),
+    ("2d-stride2-z0", (2, 3, 12, 12), (4, 3, 4, 4), 2, 1, 3, dict(z0=True, untied=True)),
+    # wider than one vector tile and more code than signal channels (the 8-channel micro-kernel)
+    ("2d-wide-nonneg", (1, 1, 7, 40), (10, 1, 5, 5), 1, 0, 4, dict(nonneg=True, z0=True)),
+    ("1d-stride2-fista", (2, 2, 23), (5, 2, 5), 2, 2, 3, dict(fista=True, untied=True)),
+    ("1d-stride3-nonneg", (2, 1, 30), (4, 1, 6), 3, 0, 3, dict(nonneg=True, z0=True)),
+]
+
+
+def _problem(xs, ws, stride, padding, n_iter, opts, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rank = len(ws) - 2
+    x = torch.randn(xs, generator=g, dtype=dtype)
+    w = torch.randn(ws, generator=g, dtype=dtype)
+    w = w / w.flatten(1).norm(dim=1).reshape(-1, *[1] * (rank + 1))
+    we = (w + 0.3 * torch.randn(ws, generator=g, dtype=dtype)) if opts.get("untied") else None
+    lam = 0.02 + 0.1 * torch.rand(n_iter, ws[0], generator=g, dtype=dtype)
+    step = 0.15 + 0.2 * torch.rand(n_iter, generator=g, dtype=dtype)
+    z0 = None
+    if opts.get("z0"):
+        st = (stride,) * rank if isinstance(stride, int) else stride
+        pd = (padding,) * rank if isinstance(padding, int) else padding
+        sz = [(s + 2 * p - k) // t + 1 for s, p, k, t in zip(xs[2:], pd, ws[2:], st)]
+        z0 = 0.3 * torch.randn(xs[0], ws[0], *sz, generator=g, dtype=dtype)
+    return dict(x=x, weight=w, encoder_weight=we, lam=lam, step=step, z0=z0)
+
+
+def _run(fn, tensors, grad_seed=1):
+    """z and the gradient of <z, g> with respect to every tensor input (None where an input is absent)."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in tensors.items() if v is not None}
+    z = fn(**leaves)
+    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=z.dtype)
+    grads = torch.autograd.grad((z * g).sum(), list(leaves.values()))
+    return z.detach(), dict(zip(leaves, grads))
+
+
+def _ref_fn(stride, padding, n_iter, opts):
+    def fn(x, weight, lam, step, encoder_weight=None, z0=None):
+        return conv_ista_ref(x, weight, lam, step, encoder_weight=encoder_weight, stride=stride, padding=padding,
+                             z0=z0, nonneg=opts.get("nonneg", False), fista=opts.get("fista", False))
+    return fn
+
+
+def _cpp_fn(stride, padding, n_iter, opts, recompute):
+    def fn(x, weight, lam, step, encoder_weight=None, z0=None):
+        return DF.conv_ista(x, weight, lam, n_iter=n_iter, step=step, encoder_weight=encoder_weight, stride=stride,
+                            padding=padding, z0=z0, nonneg=opts.get("nonneg", False),
+                            fista=opts.get("fista", False), backend="cpp", recompute=recompute)
+    return fn
+
+
+def _support_report(z, z_ref, thresh_scale):
+    """Support disagreement (z != 0) separately from the value error where the supports agree."""
+    flips = (z != 0) != (z_ref != 0)
+    same = ~flips
+    value_err = (z - z_ref)[same].abs().max().item() if same.any() else 0.0
+    # A flip is only legitimate on the kink: both values must then be tiny.
+    flip_size = torch.maximum(z.abs(), z_ref.abs())[flips].max().item() if flips.any() else 0.0
+    return flips.float().mean().item(), value_err, flip_size / thresh_scale
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["save", "recompute"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name,xs,ws,stride,padding,n_iter,opts", CASES, ids=[c[0] for c in CASES])
+def test_forward_and_gradients_match_reference(name, xs, ws, stride, padding, n_iter, opts, dtype, recompute):
+    tensors = _problem(xs, ws, stride, padding, n_iter, opts, dtype)
+    z_ref, g_ref = _run(_ref_fn(stride, padding, n_iter, opts), tensors)
+    z, g = _run(_cpp_fn(stride, padding, n_iter, opts, recompute), tensors)
+    assert z.shape == z_ref.shape and z.dtype == dtype
+
+    flip_rate, value_err, flip_size = _support_report(z, z_ref, z_ref.abs().max().item())
+    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert flip_rate <= (0.0 if dtype == torch.float64 else 0.01), f"support disagreement {flip_rate:.2%}"
+    assert flip_size <= tol, f"support flips away from the threshold (|z| up to {flip_size:.2e})"
+    assert value_err <= tol * max(1.0, z_ref.abs().max().item()), f"value error {value_err:.2e}"
+
+    assert g.keys() == g_ref.keys()
+    for key in g_ref:
+        scale = max(1.0, g_ref[key].abs().max().item())
+        err = (g[key] - g_ref[key]).abs().max().item() / scale
+        gtol = 1e-9 if dtype == torch.float64 else 2e-3 * (1 + 100 * flip_rate)
+        assert err <= gtol, f"grad {key}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("save_iterates", [True, False], ids=["save", "recompute"])
+def test_gradcheck_fp64(save_iterates):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64, generator=g)
+    w = 0.5 * torch.randn(3, 2, 3, 2, dtype=torch.float64, generator=g)
+    we = 0.5 * torch.randn(3, 2, 3, 2, dtype=torch.float64, generator=g)
+    lam = 0.05 + 0.05 * torch.rand(3, 3, dtype=torch.float64, generator=g)
+    step = torch.tensor([0.3, 0.25, 0.2], dtype=torch.float64)
+    z0 = 0.2 * torch.randn(1, 3, 3, 5, dtype=torch.float64, generator=g)
+    inputs = [t.requires_grad_() for t in (x, w, we, lam, step, z0)]
+
+    def f(x, w, we, lam, step, z0):
+        return ops.conv_ista_fwd_cpp(x, w, we, lam, step, z0, [2, 1], [1, 0], False, True, save_iterates)[0]
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+def _op_args(requires_grad):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 2, 7, 6, generator=g)
+    w = 0.5 * torch.randn(4, 2, 3, 3, generator=g)
+    lam = torch.full((2, 4), 0.05)
+    step = torch.tensor([0.3, 0.2])
+    z0 = torch.zeros(2, 4, 4, 3)
+    if requires_grad:
+        x, w, lam, step = (t.requires_grad_() for t in (x, w, lam, step))
+    return x, w, lam, step, z0
+
+
+@pytest.mark.parametrize("save_iterates", [True, False], ids=["save", "recompute"])
+def test_opcheck_forward(save_iterates):
+    x, w, lam, step, z0 = _op_args(requires_grad=True)
+    torch.library.opcheck(ops.conv_ista_fwd_cpp.default,
+                          (x, w, w, lam, step, z0, [2, 2], [1, 1], False, True, save_iterates))
+
+
+def test_opcheck_backward():
+    x, w, lam, step, z0 = _op_args(requires_grad=False)
+    z, iterates = ops.conv_ista_fwd_cpp(x, w, w, lam, step, z0, [2, 2], [1, 1], True, False, True)
+    torch.library.opcheck(ops.conv_ista_bwd_cpp.default,
+                          (torch.randn_like(z), x, w, w, lam, step, z0, z, iterates, [2, 2], [1, 1], True, False))
+
+
+def test_iterates_layout_and_recompute_output():
+    x, w, lam, step, z0 = _op_args(requires_grad=False)
+    z, iterates = ops.conv_ista_fwd_cpp(x, w, w, lam, step, z0, [2, 2], [1, 1], False, True, True)
+    z2, empty = ops.conv_ista_fwd_cpp(x, w, w, lam, step, z0, [2, 2], [1, 1], False, True, False)
+    assert iterates.shape == (2, *z0.shape) and empty.shape == (0,)
+    torch.testing.assert_close(iterates[0], z0, rtol=0, atol=0)
+    torch.testing.assert_close(z2, z, rtol=0, atol=0)
+
+
+def test_nan_propagates():
+    x, w, lam, step, z0 = _op_args(requires_grad=False)
+    x[0, 0, 3, 3] = float("nan")
+    z0 = torch.zeros(2, 4, 7, 6)
+    z, _ = ops.conv_ista_fwd_cpp(x, w, w, lam, step, z0, [1, 1], [1, 1], False, False, False)
+    assert z[0].isnan().any() and not z[1].isnan().any()
+
+
+def test_compile_fullgraph_module():
+    from dsc_kernels.nn import ConvSparseCoding2d
+
+    torch.manual_seed(0)
+    model = ConvSparseCoding2d(2, 4, 3, n_iter=3, learn_lam=True, learn_step=True, fista=True, recompute=True,
+                               backend="cpp")
+    x = torch.randn(2, 2, 9, 8)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    z_eager = model(x)
+    z = compiled(x)
+    torch.testing.assert_close(z, z_eager)
+    grads = torch.autograd.grad(z.square().sum(), list(model.parameters()))
+    grads_eager = torch.autograd.grad(z_eager.square().sum(), list(model.parameters()))
+    for a, b in zip(grads, grads_eager):
+        torch.testing.assert_close(a, b)
+
+
+def test_build_cache_is_reused_by_another_process():
+    libs = list(Path(_ext._build_dir(_ext._sources(), _ext._cflags())).glob("*.so"))
+    assert len(libs) == 1
+    before = libs[0].stat().st_mtime_ns
+    code = "import dsc_kernels._ext as e; e.load(); print(e.available())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert out.returncode == 0 and out.stdout.strip().endswith("True"), out.stderr[-2000:]
+    assert libs[0].stat().st_mtime_ns == before
+
+
+def test_build_failure_names_the_compiler_error(tmp_path, monkeypatch):
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "broken.cpp").write_text("int f() { return undeclared_name; }\n")
+    monkeypatch.setattr(_ext, "_CSRC", tmp_path)
+    monkeypatch.setattr(_ext, "_error", None)
+    monkeypatch.setenv("DSC_KERNELS_CACHE", str(tmp_path / "cache"))
+    _ext.load.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="undeclared_name.*install"):
+            _ext.load()
+        assert "undeclared_name" in _ext.build_error()
+    finally:
+        _ext.load.cache_clear()
+
+
+def test_fused_forward_is_not_slower_than_eager_on_a_small_image():
+    """A coarse guard against a de-vectorised build (timings on shared CI are noisy: min of a few runs, 1 thread)."""
+    import time
+
+    x = torch.randn(2, 1, 48, 48)
+    w = torch.randn(16, 1, 7, 7)
+    w /= w.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+    lam, step = torch.full((5, 16), 0.1), torch.full((5,), 0.05)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        def best(fn):
+            fn()
+            times = []
+            for _ in range(5):
+                t = time.process_time()
+                fn()
+                times.append(time.process_time() - t)
+            return min(times)
+
+        with torch.no_grad():
+            t_cpp = best(lambda: DF.conv_ista(x, w, lam, n_iter=5, step=step, padding=3, backend="cpp"))
+            t_ref = best(lambda: conv_ista_ref(x, w, lam, step, padding=3))
+    finally:
+        torch.set_num_threads(threads)
+    assert t_cpp <= 1.5 * t_ref or math.isclose(t_cpp, t_ref, abs_tol=2e-3)
