@@ -91,8 +91,11 @@ def register_conv_ista_backend(name: str, fwd: FwdImpl | None = None, bwd: BwdIm
         ctx.save_for_backward(x, weight, encoder_weight, lam, step, z0, z, iterates)
         ctx.config = (stride, padding, nonneg, fista)
         ctx.mark_non_differentiable(iterates)
+        ctx.set_materialize_grads(False)  # else autograd allocates a zero (n_iter, *z.shape) grad for `iterates`
 
     def backward(ctx, grad_z, _grad_iterates):
+        if grad_z is None:  # grads are not materialised (setup_context): z did not reach the loss
+            return (None,) * 11
         x, weight, encoder_weight, lam, step, z0, z, iterates = ctx.saved_tensors
         grads = bwd_op(grad_z.contiguous(), x, weight, encoder_weight, lam, step, z0, z, iterates, *ctx.config)
         return (*grads, None, None, None, None, None)
