@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import dsc_kernels.functional as DF
 from dsc_kernels.ops import sparse_attention as sa
 from dsc_kernels.reference.attention import sparse_attention_ref
 
@@ -155,7 +156,7 @@ def _cpu_baseline_seconds(backward: bool, causal: bool) -> float:
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", ["entmax", "reference", "compile", "cpp", "cpp-shrink90"])
 def test_attn_cpu(benchmark, provider, backward, causal):
-    if provider.startswith("cpp") and (reason := sa.backend_unavailable_reason("cpp", "cpu")) is not None:
+    if provider.startswith("cpp") and (reason := DF.backend_unavailable_reason("cpp", "cpu")) is not None:
         pytest.skip(reason)
     q, k, v = _cpu_inputs(backward)
     run = _cpu_call(provider, q, k, v, backward, causal)

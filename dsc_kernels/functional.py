@@ -29,7 +29,7 @@ _FUSED_CONV_ISTA = ("cpp", "triton")
 IntOrPair = int | Sequence[int]
 
 __all__ = [
-    "available_backends", "soft_threshold", "conv_analysis", "conv_synthesis", "lipschitz_constant",
+    "available_backends", "backend_unavailable_reason", "soft_threshold", "conv_analysis", "conv_synthesis", "lipschitz_constant",
     "lasso_objective", "conv_ista", "deep_conv_ista", "sparsemax", "sparse_attention",
 ]
 
@@ -38,8 +38,9 @@ __all__ = [
 # Availability is fixed for a process (an extension that built stays built), so torch.compile may evaluate it once
 # while tracing instead of stepping into the cached build/import checks.
 @torch.compiler.assume_constant_result
-def _backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
+def backend_unavailable_reason(backend: str, device: torch.device | str) -> str | None:
     """Why ``backend`` cannot run on ``device`` here (with how to fix it), or None when it can."""
+    device = torch.device(device)
     if backend == "reference":
         return None
     if backend == "cpp":
@@ -74,7 +75,7 @@ def _triton_importable() -> bool:
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The conv-ISTA backends that can run on ``device`` on this machine (``reference`` always can)."""
     device = torch.device(device)
-    return [b for b in ("reference", *_FUSED_CONV_ISTA) if _backend_unavailable_reason(b, device) is None]
+    return [b for b in ("reference", *_FUSED_CONV_ISTA) if backend_unavailable_reason(b, device) is None]
 
 
 _warned_fallback: set[str] = set()
@@ -87,7 +88,7 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
         backend = os.environ.get("DSC_KERNELS_BACKEND", "auto")
     if backend == "auto":
         preferred = "cpp" if device.type == "cpu" else "triton"
-        reason = _backend_unavailable_reason(preferred, device)
+        reason = backend_unavailable_reason(preferred, device)
         if preferred == "cpp" and dtype not in (torch.float32, torch.float64):
             return "reference"  # the C++ kernels are fp32/fp64 only; half precision on CPU stays in PyTorch
         if reason is None:
@@ -97,7 +98,7 @@ def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> 
             warnings.warn(f"dsc_kernels: using the reference backend because {reason}", RuntimeWarning,
                           stacklevel=3)
         return "reference"
-    reason = _backend_unavailable_reason(backend, device)
+    reason = backend_unavailable_reason(backend, device)
     if reason is not None:
         raise RuntimeError(f"backend={backend!r} cannot run: {reason}")
     if backend == "cpp" and dtype not in (torch.float32, torch.float64):

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from dsc_kernels.nn.attention import SparseAttention, SparseCodingTransformerBlock
-from dsc_kernels.ops import sparse_attention as sa
+import dsc_kernels.functional as DF
 from dsc_kernels.reference.attention import sparse_attention_ref
 
 F64 = dict(dtype=torch.float64)
@@ -12,7 +12,7 @@ F64 = dict(dtype=torch.float64)
 
 def _skip_unless(backend):
     op = {"cpp": "cpp", "triton": "triton"}.get(backend)
-    if op is not None and (reason := sa.backend_unavailable_reason(op, "cpu")) is not None:
+    if op is not None and (reason := DF.backend_unavailable_reason(op, "cpu")) is not None:
         pytest.skip(reason)
 
 

@@ -22,7 +22,6 @@ over the launchers in dsc_kernels/triton/sparse_attention.py.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ from torch import Tensor
 
 from ..reference.attention import sparse_attention_bwd_ref, sparse_attention_fwd_ref, stats_dtype
 
-__all__ = ["sparse_attention", "available_backends", "backend_unavailable_reason", "get_ops", "OP_BACKENDS"]
+__all__ = ["sparse_attention", "get_ops", "OP_BACKENDS"]
 
 OP_BACKENDS = ("ref", "cpp", "triton")
 
@@ -110,40 +109,6 @@ def _register_cpp() -> None:
 def _register_triton() -> None:
     from ..triton import sparse_attention as tsa
     _register("triton", tsa.sparse_attention_fwd, tsa.sparse_attention_bwd, kind="triton_op")
-
-
-def backend_unavailable_reason(backend: str, device: torch.device | str) -> str | None:
-    """Why op backend ``backend`` ("ref", "cpp", "triton") cannot run on ``device``, or None when it can."""
-    device = torch.device(device)
-    if backend == "ref":
-        return None
-    if backend == "cpp":
-        if device.type != "cpu":
-            return f"the cpp backend runs on CPU tensors, got {device.type}"
-        if hasattr(torch.ops.dsc_kernels, "sparse_attention_fwd_cpp"):
-            return None
-        try:
-            from .. import _ext
-        except ImportError as e:
-            return f"dsc_kernels._ext is missing ({e})"
-        if not _ext.available():
-            return f"the C++ extension did not build: {_ext.build_error()}"
-        return None
-    if backend == "triton":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "triton is not installed (pip install triton==3.7.1)"
-        if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-            return None
-        return (f"the triton backend needs CUDA tensors (got {device.type}); on CPU only under the interpreter "
-                "(TRITON_INTERPRET=1 set before importing dsc_kernels)")
-    raise ValueError(f"unknown sparse-attention op backend {backend!r}; expected one of {OP_BACKENDS}")
-
-
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """The op backends that can run on ``device`` here ("ref" always can)."""
-    return [b for b in OP_BACKENDS if backend_unavailable_reason(b, device) is None]
 
 
 def get_ops(backend: str) -> SparseAttentionOps:
