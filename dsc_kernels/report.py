@@ -52,7 +52,7 @@ def _run_speed(quick: bool, device: str, bar) -> tuple[list[dict], dict[str, str
             bar.set_postfix_str(f"speed {name} {p}")
             try:
                 fn = S.provider_fn(p, inputs)
-                reps = 2 if quick else 3
+                reps = 1 if quick else 3
                 fwd = S.time_ms(lambda: fn().detach(), device, reps=reps)
                 fb = S.time_ms(S.forward_backward(fn, inputs), device, reps=reps)
                 mem = S.peak_memory_bytes(fn, device)

@@ -78,6 +78,8 @@ def available_providers(device: str | torch.device) -> dict[str, str | None]:
             out[p] = None
         elif p == "compile":
             out[p] = None if hasattr(torch, "compile") else "torch.compile missing"
+        elif p == "triton" and device.type == "cpu":
+            out[p] = "Triton on CPU tensors is the interpreter (TRITON_INTERPRET=1), a correctness tool, not timed"
         else:
             out[p] = None if p in fused else why
     return out
