@@ -11,10 +11,12 @@ from functools import partial
 from .activations import activation_floors
 from .common import ClaimResult
 from .deep import layer_propagation, stability
+from .exactness import backend_agreement
 from .ista import lasso_bias, objective_rates
 from .lista import error_vs_depth, linear_convergence, noise_floor
 
 EXPERIMENTS = {
+    "backend_agreement": backend_agreement,
     "linear_convergence_oracle": partial(linear_convergence, schedule="oracle"),
     "linear_convergence_geometric": partial(linear_convergence, schedule="geometric"),
     "noise_floor": noise_floor,
@@ -27,6 +29,6 @@ EXPERIMENTS = {
 }
 
 __all__ = [
-    "EXPERIMENTS", "ClaimResult", "activation_floors", "error_vs_depth", "lasso_bias", "layer_propagation",
+    "EXPERIMENTS", "ClaimResult", "activation_floors", "backend_agreement", "error_vs_depth", "lasso_bias", "layer_propagation",
     "linear_convergence", "noise_floor", "objective_rates", "stability",
 ]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import theory
 from ..data import barker_filter, conv_dictionary, dsc_problem
-from .common import ClaimResult, decay_slope, fit_slope, lista_cp, noise_eta
+from .common import ClaimResult, decay_slope, fit_slope, lista_cp, noise_eta, resolution
 
 ACTIVATIONS = ("softplus", "silu", "gelu")
 
@@ -69,7 +69,7 @@ def activation_floors(*, quick: bool = False, backend: str = "auto", device: str
     # THEORY.md §5.1(b): err ≤ ... + C'·δ/(1 − q); C' = 2√n counts the two units per code entry over n entries
     width = 2 * np.sqrt(truth[0].numel()) / (1 - q)
     big_o = all(bool((c <= width).all()) for c in consts.values())
-    exact = dev["leaky_relu"][0] <= 1e-9 * float(truth.abs().max())
+    exact = dev["leaky_relu"][0] <= resolution(dtype, float(truth.abs().max()))  # equal up to rounding
     phase = {n: decay_slope(dev[n + "_curve"], float(dev[n + "_curve"][-5:].mean()))[0] for n in ACTIVATIONS}
     relu_phase = decay_slope(relu.err_l2.max(1), float(relu.err_l2.max(1)[-5:].mean()))[0]
     same_phase = all(abs(v - relu_phase) <= 0.02 * abs(relu_phase) for v in phase.values())
