@@ -79,10 +79,10 @@ def objective_rates(*, quick: bool = False, backend: str = "auto", device: str =
     p = dsc_problem([d], 20, batch=4, noise_std=0.05, min_separation=1, seed=9)
     x, w = p.x.to(device), w_cpu.to(device)
     lam = 0.05
-    L = DF.lipschitz_constant(w, x.shape[2:], n_iter=300)
+    L = DF.lipschitz_constant(w, x.shape[2:], n_iter=100 if quick else 300)
     step = 1.0 / L
     f = lambda z: DF.lasso_objective(x, z, w, lam).cpu().numpy()  # noqa: E731
-    z_star = DF.conv_ista(x, w, lam, n_iter=1500 if quick else 5000, step=step, fista=True, backend=backend)
+    z_star = DF.conv_ista(x, w, lam, n_iter=800 if quick else 5000, step=step, fista=True, backend=backend)
     f_star = f(z_star)
     dist0 = z_star.flatten(1).pow(2).sum(1).cpu().numpy()
     K = 60 if quick else 300
