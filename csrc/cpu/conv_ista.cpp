@@ -502,11 +502,14 @@ struct WeightGrad {
             }
             const T* src = P + ((n * g.Cs + s) * g.H + h) * g.W + b - g.PW;
             std::fill(dst, dst + j_lo, T(0));
-            for (int64_t j = j_lo; j < j_hi; ++j) dst[j] = src[j * g.SW];
+            if (g.SW == 1) std::memcpy(dst + j_lo, src + j_lo, (j_hi - j_lo) * sizeof(T));
+            else for (int64_t j = j_lo; j < j_hi; ++j) dst[j] = src[j * g.SW];
             std::fill(dst + j_hi, dst + g.Wz, T(0));
           }
         }
   }
+
+  static constexpr int64_t kBlk = 64;
 
   // partial += col(P_n) G_n^T for every batch item n, G_n = src's batch item n as (Cc, Hz * Wz).
   void accumulate(const T* P, const CodeSrc<T>& src) {
@@ -515,16 +518,20 @@ struct WeightGrad {
       thread_local std::vector<T> colv, gv, tmp;
       colv.resize(kk * hw);
       gv.resize(g.Cc * hw);
-      tmp.resize(hw);
+      tmp.resize(kBlk);
       const auto opt = partial[0].options();
       const at::Tensor col = at::from_blob(colv.data(), {kk, hw}, opt);
       const at::Tensor gt = at::from_blob(gv.data(), {hw, g.Cc}, opt);
       at::Tensor& acc = partial[at::get_thread_num()];
       for (int64_t n = n0; n < n1; ++n) {
         im2col(P, n, colv.data());
-        for (int64_t c = 0; c < g.Cc; ++c) {
-          src.row((n * g.Cc + c) * hw, hw, tmp.data());
-          for (int64_t i = 0; i < hw; ++i) gv[i * g.Cc + c] = tmp[i];
+        // Transposed in blocks of kBlk positions so the strided writes stay in L1.
+        for (int64_t i0 = 0; i0 < hw; i0 += kBlk) {
+          const int64_t cnt = std::min(kBlk, hw - i0);
+          for (int64_t c = 0; c < g.Cc; ++c) {
+            src.row((n * g.Cc + c) * hw + i0, cnt, tmp.data());
+            for (int64_t i = 0; i < cnt; ++i) gv[(i0 + i) * g.Cc + c] = tmp[i];
+          }
         }
         acc.addmm_(col, gt);
       }
