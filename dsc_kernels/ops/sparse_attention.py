@@ -22,26 +22,15 @@ over the launchers in dsc_kernels/triton/sparse_attention.py.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from ..reference.attention import sparse_attention_bwd_ref, sparse_attention_fwd_ref, stats_dtype
+from ._pair import Family, OpPair
 
 __all__ = ["sparse_attention", "get_ops", "OP_BACKENDS"]
 
 OP_BACKENDS = ("ref", "cpp", "triton")
-
-
-@dataclass(frozen=True)
-class SparseAttentionOps:
-    forward: Callable[..., tuple[Tensor, Tensor]]
-    backward: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
-
-
-_OPS: dict[str, SparseAttentionOps] = {}
 
 
 def _fake_fwd(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, mode: str, causal: bool,
@@ -55,33 +44,7 @@ def _fake_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, threshold: Tens
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(threshold)
 
 
-def _define_python_ops(name: str, fwd: Callable, bwd: Callable, kind: str) -> None:
-    define = {"custom_op": torch.library.custom_op, "triton_op": torch.library.triton_op}[kind]
-
-    # The annotations are the op schema; the bodies forward to the backend's implementation.
-    @define(f"dsc_kernels::sparse_attention_fwd_{name}", mutates_args=())
-    def forward(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, mode: str, causal: bool,
-                scale: float) -> tuple[Tensor, Tensor]:
-        return fwd(q, k, v, threshold, mode, causal, scale)
-
-    @define(f"dsc_kernels::sparse_attention_bwd_{name}", mutates_args=())
-    def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, stats: Tensor, mode: str,
-                 causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return bwd(grad_out, q, k, v, threshold, stats, mode, causal, scale)
-
-    forward.register_fake(_fake_fwd)
-    backward.register_fake(_fake_bwd)
-
-
-def _register(name: str, fwd: Callable | None = None, bwd: Callable | None = None, *, kind: str) -> None:
-    if kind == "native":
-        torch.library.register_fake(f"dsc_kernels::sparse_attention_fwd_{name}")(_fake_fwd)
-        torch.library.register_fake(f"dsc_kernels::sparse_attention_bwd_{name}")(_fake_bwd)
-    else:
-        _define_python_ops(name, fwd, bwd, kind)
-    fwd_op = getattr(torch.ops.dsc_kernels, f"sparse_attention_fwd_{name}").default
-    bwd_op = getattr(torch.ops.dsc_kernels, f"sparse_attention_bwd_{name}").default
-
+def _make_autograd(bwd_op):
     def setup_context(ctx, inputs, output):
         q, k, v, threshold, mode, causal, scale = inputs
         _, stats = output
@@ -94,33 +57,21 @@ def _register(name: str, fwd: Callable | None = None, bwd: Callable | None = Non
         dq, dk, dv, dth = bwd_op(grad_out.contiguous(), q, k, v, threshold, stats, *ctx.config)
         return dq, dk, dv, dth, None, None, None
 
-    torch.library.register_autograd(f"dsc_kernels::sparse_attention_fwd_{name}", backward,
-                                    setup_context=setup_context)
-    _OPS[name] = SparseAttentionOps(fwd_op, bwd_op)
+    return setup_context, backward
 
 
-def _register_cpp() -> None:
-    if not hasattr(torch.ops.dsc_kernels, "sparse_attention_fwd_cpp"):
-        from .. import _ext
-        _ext.load()
-    _register("cpp", kind="native")
+FAMILY = Family(
+    name="sparse_attention",
+    fwd_schema="(Tensor q, Tensor k, Tensor v, Tensor threshold, str mode, bool causal, float scale) "
+               "-> (Tensor, Tensor)",
+    bwd_schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor threshold, Tensor stats, str mode, "
+               "bool causal, float scale) -> (Tensor, Tensor, Tensor, Tensor)",
+    fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, make_autograd=_make_autograd)
 
 
-def _register_triton() -> None:
-    from ..triton import sparse_attention as tsa
-    _register("triton", tsa.sparse_attention_fwd, tsa.sparse_attention_bwd, kind="triton_op")
-
-
-def get_ops(backend: str) -> SparseAttentionOps:
-    """The (forward, backward) ops of ``backend``, registering them on first use."""
-    if backend not in _OPS:
-        if backend == "cpp":
-            _register_cpp()
-        elif backend == "triton":
-            _register_triton()
-        else:
-            raise ValueError(f"unknown sparse-attention op backend {backend!r}; expected one of {OP_BACKENDS}")
-    return _OPS[backend]
+def get_ops(backend: str) -> OpPair:
+    """The (forward, backward) ops of ``backend`` ("ref", "cpp", "triton"), registering them on first use."""
+    return FAMILY.get(backend)
 
 
 def sparse_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, mode: str, causal: bool,
@@ -141,4 +92,4 @@ def _fwd_ref(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, mode: str, caus
     return out.contiguous(), stats.contiguous()
 
 
-_register("ref", _fwd_ref, sparse_attention_bwd_ref, kind="custom_op")
+FAMILY.register("ref", "custom_op", _fwd_ref, sparse_attention_bwd_ref)
