@@ -16,10 +16,11 @@ import torch
 
 import dsc_kernels.functional as DF
 from dsc_kernels import _ext
+from dsc_kernels.ops import get_backend
 from dsc_kernels.reference.conv_ista import conv_ista_ref
 
 ops = _ext.load()
-import dsc_kernels.ops.conv_ista_cpp  # noqa: E402,F401  (fake + autograd registration)
+get_backend("cpp")  # registers the fakes and the autograd link of the C++ ops
 
 # name, x shape, weight shape, stride, padding, n_iter, options
 CASES = [
