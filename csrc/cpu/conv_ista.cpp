@@ -21,9 +21,11 @@
 //     dL/dth_c   = -sum gu sign(z_{k+1})  (nonneg: -sum gu);  dL/dlam_k = step_k dL/dth
 //     dL/dstep_k = <gu, E r_k> + <lam_k, dL/dth> = <v, r_k> + <lam_k, dL/dth>    (no analysis pass needed)
 //     FISTA: dL/dz_k += (1 + beta_k) dL/dy_k,  dL/dz_{k-1} -= beta_k dL/dy_k
-// The backward uses full-size temporaries of one iteration (r_k, v, gu). In recompute mode it replays the forward
-// from z0 up to z_k for every k (O(n^2) fused iterations, memory independent of n): the replay is the cheap part
-// of the forward kernel, and no checkpoint storage grows with n.
+// The backward runs one iteration at a time with full-size temporaries r_k and v (signal-sized) and the running
+// code gradients (code-sized); gu and y_k are recomputed from the iterates wherever they are read. D y_k, E^* gu
+// and D^* v use the forward's micro-kernel; the two weight gradients are im2col + GEMM (MKL), per batch item.
+// Recompute mode replays the fused forward from z0 up to z_k for every k: O(n^2 / 2) extra fused iterations, no
+// checkpoints, so its memory (three or four code-sized buffers) does not depend on n.
 //
 // Both convolutions are "valid" correlations over zero-padded thread-local buffers, computed by one register-tiled
 // micro-kernel: E reads the padded residual; D reads y zero-upsampled by the stride (so stride > 1 spends
@@ -52,7 +54,7 @@ struct VecOf {
   typedef T V __attribute__((vector_size(kVecBytes)));
 };
 
-// Largest tile (channels x columns) any micro-kernel instantiation writes; see make_plan.
+// Largest tile (channels x columns) any micro-kernel instantiation writes (cob * nv * L, see Plan).
 constexpr int kMaxTile = 256;
 
 template <typename T>
