@@ -54,7 +54,7 @@ def _multilayer(by_id: dict, out_dir: Path):
         ax.semilogy(c["K"], c[key]["err2"], "-o", color=color, ms=3, label=f"layer 2, q2 = {q[1]:.2f}")
         if c[key]["bound2"] is not None:
             ax.semilogy(c["K"], c[key]["bound2"], ":", color="k", label="(†) bound, layer 2")
-    ax.set(xlabel="iterations per layer K", ylabel="error", title="2-layer DSC: converges iff all q_j < 1 (here)")
+    ax.set(xlabel="iterations per layer K", ylabel="error", title="2-layer DSC: converges when all q_j < 1 (here stalls with q_2 ≥ 1)")
     ax.legend(fontsize=7)
     return _save(fig, out_dir, "multilayer.png"), "multi-layer convergence"
 
