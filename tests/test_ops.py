@@ -44,5 +44,5 @@ def test_compiled_op_matches_eager_with_gradients():
 
 
 def test_unknown_backend_is_reported():
-    with pytest.raises(ValueError, match="no conv-ISTA op is registered for backend 'nope'"):
+    with pytest.raises(ValueError, match="no conv_ista op is registered for backend 'nope'"):
         get_backend("nope")

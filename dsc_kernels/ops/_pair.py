@@ -34,7 +34,7 @@ class Family:
     """
 
     name: str
-    fwd_schema: str
+    fwd_schema: str  # schemas of the Python (custom_op) backends; C++ and triton_op ops carry their own
     bwd_schema: str
     fake_fwd: Callable
     fake_bwd: Callable
@@ -53,11 +53,13 @@ class Family:
             torch.library.register_fake(f"dsc_kernels::{fwd_name}")(self.fake_fwd)
             torch.library.register_fake(f"dsc_kernels::{bwd_name}")(self.fake_bwd)
         else:
-            define = torch.library.custom_op if kind == "custom_op" else torch.library.triton_op
-            define(f"dsc_kernels::{fwd_name}", fwd, mutates_args=(), schema=self.fwd_schema).register_fake(
-                self.fake_fwd)
-            define(f"dsc_kernels::{bwd_name}", bwd, mutates_args=(), schema=self.bwd_schema).register_fake(
-                self.fake_bwd)
+            for name, fn, schema, fake in ((fwd_name, fwd, self.fwd_schema, self.fake_fwd),
+                                           (bwd_name, bwd, self.bwd_schema, self.fake_bwd)):
+                if kind == "custom_op":
+                    op = torch.library.custom_op(f"dsc_kernels::{name}", fn, mutates_args=(), schema=schema)
+                else:  # triton_op takes its schema from the launcher's annotations
+                    op = torch.library.triton_op(f"dsc_kernels::{name}", fn, mutates_args=())
+                op.register_fake(fake)
         pair = OpPair(getattr(torch.ops.dsc_kernels, fwd_name).default,
                       getattr(torch.ops.dsc_kernels, bwd_name).default)
         setup_context, backward = self.make_autograd(pair.backward)

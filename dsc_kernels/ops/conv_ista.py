@@ -14,29 +14,13 @@ set of iteration k is recovered as ``z_{k+1} != 0``, so no mask is stored.
 """
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from ..reference.conv_ista import conv_ista_bwd_ref, conv_ista_fwd_ref
-
-FwdImpl = Callable[..., tuple[Tensor, Tensor]]
-BwdImpl = Callable[..., tuple[Tensor, ...]]
-
-
-@dataclass(frozen=True)
-class ConvIstaOps:
-    forward: Callable[..., tuple[Tensor, Tensor]]
-    backward: Callable[..., tuple[Tensor, ...]]
-
-
-_BACKENDS: dict[str, ConvIstaOps] = {}
-# Backends whose registration lives in its own module, imported on first use: building the C++ extension and
-# importing Triton are slow, and Triton reads TRITON_INTERPRET at import time.
-_LAZY_MODULES = {"cpp": "dsc_kernels.ops.conv_ista_cpp", "triton": "dsc_kernels.ops.conv_ista_triton"}
+from ._pair import Family, OpPair
 
 
 def _fake_fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, save_iterates):
@@ -48,43 +32,7 @@ def _fake_bwd(grad_z, x, weight, encoder_weight, lam, step, z0, z, iterates, str
     return tuple(torch.empty_like(t) for t in (x, weight, encoder_weight, lam, step, z0))
 
 
-def _define_python_ops(name: str, fwd: FwdImpl, bwd: BwdImpl, kind: str):
-    define = {"custom_op": torch.library.custom_op, "triton_op": torch.library.triton_op}[kind]
-
-    # The annotations are the op schema; the bodies only forward to the backend's implementation.
-    @define(f"dsc_kernels::conv_ista_fwd_{name}", mutates_args=())
-    def forward(x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor, step: Tensor, z0: Tensor,
-                stride: Sequence[int], padding: Sequence[int], nonneg: bool, fista: bool,
-                save_iterates: bool) -> tuple[Tensor, Tensor]:
-        return fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, save_iterates)
-
-    @define(f"dsc_kernels::conv_ista_bwd_{name}", mutates_args=())
-    def backward(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor, step: Tensor,
-                 z0: Tensor, z: Tensor, iterates: Tensor, stride: Sequence[int], padding: Sequence[int],
-                 nonneg: bool, fista: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        return bwd(grad_z, x, weight, encoder_weight, lam, step, z0, z, iterates, stride, padding, nonneg, fista)
-
-    forward.register_fake(_fake_fwd)
-    backward.register_fake(_fake_bwd)
-
-
-def register_conv_ista_backend(name: str, fwd: FwdImpl | None = None, bwd: BwdImpl | None = None, *,
-                               kind: str = "custom_op") -> ConvIstaOps:
-    """Register backend ``name``'s forward/backward as ops and link them for autograd.
-
-    kind: "custom_op" (Python implementations), "triton_op" (launchers that use ``torch.library.wrap_triton``) or
-    "native" (schemas and kernels already registered from C++ with TORCH_LIBRARY_FRAGMENT; ``fwd``/``bwd`` unused).
-    """
-    if name in _BACKENDS:
-        return _BACKENDS[name]
-    if kind == "native":
-        torch.library.register_fake(f"dsc_kernels::conv_ista_fwd_{name}")(_fake_fwd)
-        torch.library.register_fake(f"dsc_kernels::conv_ista_bwd_{name}")(_fake_bwd)
-    else:
-        _define_python_ops(name, fwd, bwd, kind)
-    fwd_op = getattr(torch.ops.dsc_kernels, f"conv_ista_fwd_{name}").default
-    bwd_op = getattr(torch.ops.dsc_kernels, f"conv_ista_bwd_{name}").default
-
+def _make_autograd(bwd_op):
     def setup_context(ctx, inputs, output):
         x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, _ = inputs
         z, iterates = output
@@ -100,18 +48,22 @@ def register_conv_ista_backend(name: str, fwd: FwdImpl | None = None, bwd: BwdIm
         grads = bwd_op(grad_z.contiguous(), x, weight, encoder_weight, lam, step, z0, z, iterates, *ctx.config)
         return (*grads, None, None, None, None, None)
 
-    torch.library.register_autograd(f"dsc_kernels::conv_ista_fwd_{name}", backward, setup_context=setup_context)
-    _BACKENDS[name] = ConvIstaOps(fwd_op, bwd_op)
-    return _BACKENDS[name]
+    return setup_context, backward
 
 
-def get_backend(name: str) -> ConvIstaOps:
-    """The registered ops of backend ``name``, importing its registration module on first use."""
-    if name not in _BACKENDS and name in _LAZY_MODULES:
-        importlib.import_module(_LAZY_MODULES[name])
-    if name not in _BACKENDS:
-        raise ValueError(f"no conv-ISTA op is registered for backend {name!r}")
-    return _BACKENDS[name]
+FAMILY = Family(
+    name="conv_ista",
+    fwd_schema="(Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, Tensor z0, int[] stride, "
+               "int[] padding, bool nonneg, bool fista, bool save_iterates) -> (Tensor, Tensor)",
+    bwd_schema="(Tensor grad_z, Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, Tensor z0, "
+               "Tensor z, Tensor iterates, int[] stride, int[] padding, bool nonneg, bool fista) "
+               "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, make_autograd=_make_autograd)
+
+
+def get_backend(name: str) -> OpPair:
+    """The (forward, backward) ops of backend ``name`` ("ref", "cpp", "triton"), registering them on first use."""
+    return FAMILY.get(name)
 
 
 def conv_ista_op(backend: str, x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor, step: Tensor,
@@ -123,4 +75,4 @@ def conv_ista_op(backend: str, x: Tensor, weight: Tensor, encoder_weight: Tensor
     return z
 
 
-register_conv_ista_backend("ref", conv_ista_fwd_ref, conv_ista_bwd_ref)
+FAMILY.register("ref", "custom_op", conv_ista_fwd_ref, conv_ista_bwd_ref)

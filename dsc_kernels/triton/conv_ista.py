@@ -45,11 +45,13 @@ Launchers only use torch ops and `torch.library.wrap_triton` launches, so they c
 """
 import math
 import os
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 __all__ = ["conv_ista_fwd", "conv_ista_bwd", "KERNELS", "aot_specializations", "fwd_config"]
 
@@ -474,7 +476,12 @@ class _Forward:
         return buf
 
 
-def conv_ista_fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, save_iterates):
+def conv_ista_fwd(x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor, step: Tensor, z0: Tensor,
+                  stride: Sequence[int], padding: Sequence[int], nonneg: bool, fista: bool,
+                  save_iterates: bool) -> tuple[Tensor, Tensor]:
+    """Forward of the fused-op interface (notes/CONTRACT.md). x: (B, C_sig, H, W); weight, encoder_weight:
+    (C_code, C_sig, kh, kw); lam: (n_iter, C_code); step: (n_iter,); z0: (B, C_code, Hz, Wz).
+    Returns (z_n, iterates (n_iter, B, C_code, Hz, Wz) or an empty (0,) tensor in recompute mode)."""
     n = step.shape[0]
     g = _geom(x, weight, z0, stride, padding, n + 1 if save_iterates else 3)
     fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista)
@@ -489,7 +496,11 @@ def conv_ista_fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, non
     return z, (buf.narrow(0, 0, n) if save_iterates else z0.new_empty((0,)))
 
 
-def conv_ista_bwd(grad_z, x, weight, encoder_weight, lam, step, z0, z, iterates, stride, padding, nonneg, fista):
+def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor, step: Tensor,
+                  z0: Tensor, z: Tensor, iterates: Tensor, stride: Sequence[int], padding: Sequence[int],
+                  nonneg: bool, fista: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward of the fused-op interface: grads of (x, weight, encoder_weight, lam, step, z0), each of its
+    input's shape. Empty ``iterates`` means recompute mode: the forward is replayed from z0."""
     n_iter = step.shape[0]
     g = _geom(x, weight, z0, stride, padding, max(iterates.shape[0], 3))
     ccfg = conv_config(g.C_sig, g.C_code, g.kh, g.kw)
