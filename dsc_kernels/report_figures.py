@@ -26,7 +26,8 @@ def _linear_rate(by_id: dict, out_dir: Path):
     for key, style in (("S3/S4-oracle", "-"), ("S3/S4-geometric", "--")):
         c = by_id[key].curves
         ax.semilogy(c["k"], np.maximum(c["err"], 1e-17), style, label=f"max error, {key.split('-')[1]} θ")
-        ax.semilogy(c["k"], c["bound"], ":", color="k" if style == "-" else "gray", label=f"bound s·B·q^k ({key.split('-')[1]})")
+        ax.semilogy(c["k"], c["bound"], ":", color="k" if style == "-" else "gray",
+                    label=f"bound s·B·q^k ({key.split('-')[1]})")
     if "S7" in by_id:
         c = by_id["S7"].curves
         ax.semilogy(c["k"], c["err"], "-.", label="2-D, noisy (S7): error vs depth")
@@ -54,7 +55,8 @@ def _multilayer(by_id: dict, out_dir: Path):
         ax.semilogy(c["K"], c[key]["err2"], "-o", color=color, ms=3, label=f"layer 2, q2 = {q[1]:.2f}")
         if c[key]["bound2"] is not None:
             ax.semilogy(c["K"], c[key]["bound2"], ":", color="k", label="(†) bound, layer 2")
-    ax.set(xlabel="iterations per layer K", ylabel="error", title="2-layer DSC: converges when all q_j < 1 (here stalls with q_2 ≥ 1)")
+    ax.set(xlabel="iterations per layer K", ylabel="error",
+           title="2-layer DSC: converges when all q_j < 1 (stalls here with q_2 ≥ 1)")
     ax.legend(fontsize=7)
     return _save(fig, out_dir, "multilayer.png"), "multi-layer convergence"
 
