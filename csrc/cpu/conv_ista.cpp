@@ -513,31 +513,26 @@ struct WeightGrad {
 
   static constexpr int64_t kBlk = 64;
 
-  // partial += col(P_n) G_n^T for every batch item n, G_n = src's batch item n as (Cc, Hz * Wz).
-  void accumulate(const T* P, const CodeSrc<T>& src) {
+  // partial[this thread] += col(P) G_n^T, P one batch item's signal-sized tensor (Cs, H, W), G_n = src's batch
+  // item n as (Cc, Hz * Wz). Called from inside a parallel region.
+  void add(const T* P, const CodeSrc<T>& src, int64_t n) {
     const int64_t hw = g.Hz * g.Wz;
-    at::parallel_for(0, g.B, 1, [&](int64_t n0, int64_t n1) {
-      thread_local std::vector<T> colv, gv, tmp;
-      colv.resize(kk * hw);
-      gv.resize(g.Cc * hw);
-      tmp.resize(kBlk);
-      const auto opt = partial[0].options();
-      const at::Tensor col = at::from_blob(colv.data(), {kk, hw}, opt);
-      const at::Tensor gt = at::from_blob(gv.data(), {hw, g.Cc}, opt);
-      at::Tensor& acc = partial[at::get_thread_num()];
-      for (int64_t n = n0; n < n1; ++n) {
-        im2col(P, n, colv.data());
-        // Transposed in blocks of kBlk positions so the strided writes stay in L1.
-        for (int64_t i0 = 0; i0 < hw; i0 += kBlk) {
-          const int64_t cnt = std::min(kBlk, hw - i0);
-          for (int64_t c = 0; c < g.Cc; ++c) {
-            src.row((n * g.Cc + c) * hw + i0, cnt, tmp.data());
-            for (int64_t i = 0; i < cnt; ++i) gv[(i0 + i) * g.Cc + c] = tmp[i];
-          }
-        }
-        acc.addmm_(col, gt);
+    thread_local std::vector<T> colv, gv, tmp;
+    colv.resize(kk * hw);
+    gv.resize(g.Cc * hw);
+    tmp.resize(kBlk);
+    const auto opt = partial[0].options();
+    im2col(P, 0, colv.data());
+    // Transposed in blocks of kBlk positions so the strided writes stay in L1.
+    for (int64_t i0 = 0; i0 < hw; i0 += kBlk) {
+      const int64_t cnt = std::min(kBlk, hw - i0);
+      for (int64_t c = 0; c < g.Cc; ++c) {
+        src.row((n * g.Cc + c) * hw + i0, cnt, tmp.data());
+        for (int64_t i = 0; i < cnt; ++i) gv[(i0 + i) * g.Cc + c] = tmp[i];
       }
-    });
+    }
+    partial[at::get_thread_num()].addmm_(at::from_blob(colv.data(), {kk, hw}, opt),
+                                         at::from_blob(gv.data(), {hw, g.Cc}, opt));
   }
 
   at::Tensor sum() const {
@@ -566,9 +561,8 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
   const bool saved = iterates.numel() > 0;
   const T* xp = x.data_ptr<T>();
 
-  // Full-size temporaries: r_k, v (signal-sized); gA, gB, replay buffers (code-sized). gu = gA [z_{k+1} != 0] is
-  // recomputed wherever it is read instead of being stored.
-  at::Tensor r = at::empty_like(x), v = at::empty_like(x);
+  // Full-size temporaries: gA, gB and the replay buffers (code-sized). gu = gA [z_{k+1} != 0] and y_k are
+  // recomputed wherever they are read instead of being stored.
   gz0 = grad_z.clone();  // gA: dL/dz_{k+1}, complete when step k runs; ends as dL/dz_0
   at::Tensor gB = fista ? at::zeros_like(z0) : at::Tensor();  // the part of dL/dz_k coming from y_{k+1}
   gx.zero_();
@@ -585,12 +579,14 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
   }
   const T* it = saved ? iterates.data_ptr<T>() : nullptr;
   WeightGrad<T> wg_e(g, x.options()), wg_d(g, x.options());
-  std::vector<double> dth(g.Cc);
-  const int64_t Rs = band_rows(g.B, g.H, double(g.KH - 1));  // signal rows per band of the full-size D passes
+  const int nt = at::get_num_threads();
+  std::vector<std::vector<double>> dth_part(nt, std::vector<double>(g.Cc));  // dL/dth per thread and channel
+  std::vector<double> vr_part(nt);                                           // <v, r_k> per thread
+  const int64_t sig = g.Cs * g.H * g.W;
+  // Signal rows per band of the D passes: the rows the forward's code bands cover, so ybuf stays band-sized.
+  const int64_t Rs = std::min(g.H, ctx.R * g.SH + g.KH - 1);
   T* gAp = gz0.data_ptr<T>();
   T* gBp = fista ? gB.data_ptr<T>() : nullptr;
-  T* rp = r.data_ptr<T>();
-  T* vp = v.data_ptr<T>();
   T* gxp = gx.data_ptr<T>();
 
   for (int64_t k = n - 1; k >= 0; --k) {
@@ -608,16 +604,24 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
     }
     if (!(fista && k > 0)) zkm1 = nullptr;
     const CodeSrc<T> yk{zk, zkm1, bk, nullptr, T(1)};
-    const CodeSrc<T> gu{gAp, nullptr, T(0), zk1, T(1)};
+    const CodeSrc<T> gu{gAp, nullptr, T(0), zk1, T(1)};  // read before this item's gA slice is rewritten
 
-    // dL/dth, one channel per task (the reduction runs over batch and space).
-    at::parallel_for(0, g.Cc, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        double acc = 0;
-        for (int64_t b = 0; b < g.B; ++b) {
+    // One batch item per task, start to finish: its r_k and v stay in thread-local, cache-sized buffers, and only
+    // its own slice of gA is rewritten (after every read of it), so items are independent.
+    for (auto& d : dth_part) std::fill(d.begin(), d.end(), 0.0);
+    std::fill(vr_part.begin(), vr_part.end(), 0.0);
+    at::parallel_for(0, g.B, 1, [&](int64_t n0, int64_t n1) {
+      const int tid = at::get_thread_num();
+      thread_local std::vector<T> sigbuf;
+      sigbuf.resize(2 * sig);
+      T* __restrict rn = sigbuf.data();
+      T* __restrict vn = rn + sig;
+      for (int64_t b = n0; b < n1; ++b) {
+        // dL/dth (sign-weighted sum of gu), one code row of the reduction at a time in T, vectorised.
+        for (int64_t c = 0; c < g.Cc; ++c) {
           const T* __restrict zz = zk1 + (b * g.Cc + c) * hw;
           const T* __restrict ga = gAp + (b * g.Cc + c) * hw;
-          T part = 0;  // one row of the reduction in T, vectorised; rows are summed in double
+          T part = 0;
           if (nonneg) {
 #pragma omp simd reduction(+ : part)
             for (int64_t i = 0; i < hw; ++i) {
@@ -631,72 +635,82 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
               part += zz[i] > T(0) ? v : (zz[i] < T(0) ? -v : T(0));
             }
           }
-          acc += part;
+          dth_part[tid][c] -= part;
         }
-        dth[c] = -acc;
+
+        // r_k = x - D y_k and v = D_E gu; dL/dx += step v.
+        for (int64_t h0 = 0; h0 < g.H; h0 += Rs) {
+          const int64_t h1 = std::min(g.H, h0 + Rs);
+          // synth_e has synth's geometry (same channels, kernel and output width), so one ybuf layout serves both.
+          BandBufs<T> bb = ctx.bufs(Rs);
+          ctx.fill_y(bb, yk, b, h0, h1 - h0);
+          ctx.synth_rows(bb, h0, h1 - h0, [&](int64_t s, int64_t h, int64_t j0, const T* val, int64_t cnt) {
+            const int64_t off = (s * g.H + h) * g.W + j0;
+            const T* __restrict xs = xp + b * sig + off;
+            for (int64_t j = 0; j < cnt; ++j) rn[off + j] = xs[j] - val[j];
+          });
+          ctx.fill_y(bb, gu, b, h0, h1 - h0);
+          for (int64_t h = h0; h < h1; ++h)
+            synth_e.row(bb.y + (h - h0) * bb.ywidth, bb.yrows * bb.ywidth, bb.ywidth, g.W,
+                        [&](int64_t s, int64_t j0, const T* val, int64_t cnt) {
+                          const int64_t off = (s * g.H + h) * g.W + j0;
+                          T* __restrict gxs = gxp + b * sig + off;
+                          for (int64_t j = 0; j < cnt; ++j) vn[off + j] = val[j], gxs[j] += sk * val[j];
+                        });
+        }
+        T vr = 0;
+#pragma omp simd reduction(+ : vr)
+        for (int64_t i = 0; i < sig; ++i) vr += vn[i] * rn[i];
+        vr_part[tid] += vr;
+
+        // Weight gradients, with step_k folded into G: dW_E += step r_k (x) gu, dW_D -= step v (x) y_k.
+        wg_e.add(rn, CodeSrc<T>{gAp, nullptr, T(0), zk1, sk}, b);
+        wg_d.add(vn, CodeSrc<T>{zk, zkm1, bk, nullptr, -sk}, b);
+
+        // dL/dy_k = gu - step D^* v, split into dL/dz_k (gA) and dL/dz_{k-1} (gB).
+        for (int64_t i0 = 0; i0 < g.Hz; i0 += ctx.R) {
+          const int64_t i1 = std::min(g.Hz, i0 + ctx.R);
+          BandBufs<T> bb = ctx.bufs();  // anal_d has anal's geometry, so the forward's rbuf layout serves
+          std::fill(bb.r, bb.r + g.Cs * bb.rrows * bb.rwidth, T(0));
+          int64_t hs0, nh;
+          ctx.sig_rows(i0, i1, hs0, nh);
+          for (int64_t s = 0; s < g.Cs; ++s)
+            for (int64_t h = hs0; h < hs0 + nh; ++h)
+              std::memcpy(ctx.rrow(bb, s, h, i0), vn + (s * g.H + h) * g.W, g.W * sizeof(T));
+          for (int64_t i = i0; i < i1; ++i)
+            anal_d.row(bb.r + (i - i0) * g.SH * bb.rwidth, bb.rrows * bb.rwidth, bb.rwidth, g.Wz,
+                       [&](int64_t c, int64_t j0, const T* val, int64_t cnt) {
+                         const int64_t off = ((b * g.Cc + c) * g.Hz + i) * g.Wz + j0;
+                         T* __restrict ga = gAp + off;
+                         const T* __restrict m = zk1 + off;
+                         if (gBp) {
+                           T* __restrict gb = gBp + off;
+                           for (int64_t j = 0; j < cnt; ++j) {
+                             const T gv = ga[j];
+                             const T gy = (m[j] != T(0) ? gv : T(0)) - sk * val[j];
+                             ga[j] = gb[j] + (T(1) + bk) * gy;
+                             gb[j] = -bk * gy;
+                           }
+                         } else {
+                           for (int64_t j = 0; j < cnt; ++j) {
+                             const T gv = ga[j];
+                             ga[j] = (m[j] != T(0) ? gv : T(0)) - sk * val[j];
+                           }
+                         }
+                       });
+        }
       }
     });
 
-    // r_k = x - D y_k and v = D_E gu on signal row bands; dL/dx += step v.
-    for_bands(g.B, g.H, Rs, [&](int64_t b, int64_t h0, int64_t h1) {
-      // synth_e has synth's geometry (same channels, kernel and output width), so one ybuf layout serves both.
-      BandBufs<T> bb = ctx.bufs(Rs);
-      ctx.fill_y(bb, yk, b, h0, h1 - h0);
-      ctx.synth_rows(bb, h0, h1 - h0, [&](int64_t s, int64_t h, int64_t j0, const T* val, int64_t cnt) {
-        const int64_t off = ((b * g.Cs + s) * g.H + h) * g.W + j0;
-        for (int64_t j = 0; j < cnt; ++j) rp[off + j] = xp[off + j] - val[j];
-      });
-      ctx.fill_y(bb, gu, b, h0, h1 - h0);
-      for (int64_t h = h0; h < h1; ++h)
-        synth_e.row(bb.y + (h - h0) * bb.ywidth, bb.yrows * bb.ywidth, bb.ywidth, g.W,
-                    [&](int64_t s, int64_t j0, const T* val, int64_t cnt) {
-                      const int64_t off = ((b * g.Cs + s) * g.H + h) * g.W + j0;
-                      for (int64_t j = 0; j < cnt; ++j) vp[off + j] = val[j], gxp[off + j] += sk * val[j];
-                    });
-    });
-
-    double lam_dth = 0;
+    double lam_dth = 0, vr = 0;
     for (int64_t c = 0; c < g.Cc; ++c) {
-      glam.data_ptr<T>()[k * g.Cc + c] = T(sk * dth[c]);
-      lam_dth += double(lam[k * g.Cc + c]) * dth[c];
+      double d = 0;
+      for (const auto& part : dth_part) d += part[c];
+      glam.data_ptr<T>()[k * g.Cc + c] = T(sk * d);
+      lam_dth += double(lam[k * g.Cc + c]) * d;
     }
-    gstep.data_ptr<T>()[k] = T(at::dot(v.view(-1), r.view(-1)).template item<double>() + lam_dth);
-
-    // Weight gradients, with step_k folded into G: dW_E += step r_k (x) gu, dW_D -= step v (x) y_k.
-    wg_e.accumulate(rp, CodeSrc<T>{gAp, nullptr, T(0), zk1, sk});
-    wg_d.accumulate(vp, CodeSrc<T>{zk, zkm1, bk, nullptr, -sk});
-
-    // dL/dy_k = gu - step D^* v, split into dL/dz_k (gA) and dL/dz_{k-1} (gB). gu is read before gA is overwritten.
-    for_bands(g.B, g.Hz, ctx.R, [&](int64_t b, int64_t i0, int64_t i1) {
-      BandBufs<T> bb = ctx.bufs();  // anal_d has anal's geometry, so the forward's rbuf layout serves
-      std::fill(bb.r, bb.r + g.Cs * bb.rrows * bb.rwidth, T(0));
-      int64_t hs0, nh;
-      ctx.sig_rows(i0, i1, hs0, nh);
-      for (int64_t s = 0; s < g.Cs; ++s)
-        for (int64_t h = hs0; h < hs0 + nh; ++h)
-          std::memcpy(ctx.rrow(bb, s, h, i0), vp + ((b * g.Cs + s) * g.H + h) * g.W, g.W * sizeof(T));
-      for (int64_t i = i0; i < i1; ++i)
-        anal_d.row(bb.r + (i - i0) * g.SH * bb.rwidth, bb.rrows * bb.rwidth, bb.rwidth, g.Wz,
-                   [&](int64_t c, int64_t j0, const T* val, int64_t cnt) {
-                     const int64_t off = ((b * g.Cc + c) * g.Hz + i) * g.Wz + j0;
-                     T* __restrict ga = gAp + off;
-                     const T* __restrict m = zk1 + off;
-                     if (gBp) {
-                       T* __restrict gb = gBp + off;
-                       for (int64_t j = 0; j < cnt; ++j) {
-                         const T gv = ga[j];
-                         const T gy = (m[j] != T(0) ? gv : T(0)) - sk * val[j];
-                         ga[j] = gb[j] + (T(1) + bk) * gy;
-                         gb[j] = -bk * gy;
-                       }
-                     } else {
-                       for (int64_t j = 0; j < cnt; ++j) {
-                         const T gv = ga[j];
-                         ga[j] = (m[j] != T(0) ? gv : T(0)) - sk * val[j];
-                       }
-                     }
-                   });
-    });
+    for (double part : vr_part) vr += part;
+    gstep.data_ptr<T>()[k] = T(vr + lam_dth);
 
     if (!saved) std::memcpy(zk1_buf, zk, csz * sizeof(T));
   }
