@@ -3,6 +3,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from dsc_kernels import experiments as E
 
@@ -36,3 +37,18 @@ def test_layer_propagation_stalls_beyond_the_condition():
     assert bad["q"][1] >= 1 and bad["bound2"] is None
     assert bad["err2"][-1] > 0.1 and "stalls" in r.measured
     assert math.isfinite(float(r.curves["s2=1"]["err2"][-1]))
+
+
+def test_speed_helpers_measure_time_and_saved_memory():
+    from dsc_kernels.experiments import speed as S
+
+    w = S.WORKLOADS["deep-layer"]
+    inputs = S.make_inputs(w, "cpu", requires_grad=True, scale=0.125)
+    fn = S.provider_fn("reference", inputs)
+    assert S.time_ms(fn, "cpu", reps=1) > 0
+    out_bytes = fn().untyped_storage().nbytes()
+    # eager autograd keeps every iteration's intermediates: far more than the output alone
+    assert S.peak_memory_bytes(fn, "cpu") > 2 * out_bytes
+    with torch.no_grad():
+        assert S.peak_memory_bytes(fn, "cpu") == out_bytes
+    assert S.available_providers("cpu")["reference"] is None
