@@ -1,7 +1,7 @@
 """S6: the fused "CNN" layers compute exactly the ISTA iteration: every available backend against the reference.
 
 A conv-transpose + conv + shrink block is one ISTA step (THEORY.md §3.3) [R, identities C]; the fused kernels must
-reproduce the reference to rounding on a multi-channel, strided 2-D problem, plain and FISTA.
+reproduce the reference to rounding on a multi-channel, strided 2-D problem: ISTA, FISTA, and non-negative codes (the ReLU-with-bias CNN).
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ def backend_agreement(*, quick: bool = False, backend: str = "auto", device: str
     diffs = {}
     for name in backends:
         worst = 0.0
-        for fista in (False, True):
-            kw = dict(n_iter=10, stride=2, padding=2, fista=fista)
+        for fista, nonneg in ((False, False), (True, False), (False, True)):
+            kw = dict(n_iter=10, stride=2, padding=2, fista=fista, nonneg=nonneg)
             ref = DF.conv_ista(x, w, 0.1, backend="reference", **kw)
             got = DF.conv_ista(x, w, 0.1, backend=name, **kw)
             worst = max(worst, float((got - ref).abs().max()) / float(ref.abs().max()))
