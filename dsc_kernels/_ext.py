@@ -52,8 +52,8 @@ def _build_dir(sources: list[Path], cflags: list[str]) -> Path:
     for p in sources:
         h.update(str(p.relative_to(_CSRC)).encode())
         h.update(p.read_bytes())
-    for extra in (*_CSRC.rglob("*.h"), ):
-        h.update(extra.read_bytes())
+    for header in sorted(_CSRC.rglob("*.h")):
+        h.update(header.read_bytes())
     h.update(" ".join(cflags).encode())
     h.update(torch.__version__.encode())
     h.update(sys.version.encode())
