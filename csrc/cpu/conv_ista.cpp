@@ -487,22 +487,23 @@ struct WeightGrad {
     for (int t = 0; t < at::get_num_threads(); ++t) partial.push_back(at::zeros({kk, g.Cc}, opt));
   }
 
-  void im2col(const T* P, int64_t n, T* col) const {
-    const int64_t hw = g.Hz * g.Wz;
+  // col[(s, a, b), p] for the code positions p of rows [i0, i1), from one item's signal-sized P (Cs, H, W).
+  void im2col(const T* P, int64_t i0, int64_t i1, T* col) const {
+    const int64_t np = (i1 - i0) * g.Wz;
     for (int64_t s = 0; s < g.Cs; ++s)
       for (int64_t a = 0; a < g.KH; ++a)
         for (int64_t b = 0; b < g.KW; ++b) {
-          T* dst = col + ((s * g.KH + a) * g.KW + b) * hw;
+          T* dst = col + ((s * g.KH + a) * g.KW + b) * np;
           // Columns j with 0 <= j * SW + b - PW < W.
           const int64_t j_lo = std::min(g.Wz, std::max<int64_t>(0, (g.PW - b + g.SW - 1) / g.SW));
           const int64_t j_hi = std::max(j_lo, std::min(g.Wz, (g.W - 1 + g.PW - b) / g.SW + 1));
-          for (int64_t i = 0; i < g.Hz; ++i, dst += g.Wz) {
+          for (int64_t i = i0; i < i1; ++i, dst += g.Wz) {
             const int64_t h = i * g.SH + a - g.PH;
             if (h < 0 || h >= g.H) {
               std::fill(dst, dst + g.Wz, T(0));
               continue;
             }
-            const T* src = P + ((n * g.Cs + s) * g.H + h) * g.W + b - g.PW;
+            const T* src = P + (s * g.H + h) * g.W + b - g.PW;
             std::fill(dst, dst + j_lo, T(0));
             if (g.SW == 1) std::memcpy(dst + j_lo, src + j_lo, (j_hi - j_lo) * sizeof(T));
             else for (int64_t j = j_lo; j < j_hi; ++j) dst[j] = src[j * g.SW];
@@ -511,28 +512,33 @@ struct WeightGrad {
         }
   }
 
-  static constexpr int64_t kBlk = 64;
+  static constexpr int64_t kBlk = 64;      // positions per transposed block (strided writes stay in L1)
+  static constexpr int64_t kChunk = 2048;  // code positions per GEMM: bounds the per-thread im2col buffer
 
   // partial[this thread] += col(P) G_n^T, P one batch item's signal-sized tensor (Cs, H, W), G_n = src's batch
-  // item n as (Cc, Hz * Wz). Called from inside a parallel region.
+  // item n as (Cc, Hz * Wz); in chunks of whole code rows. Called from inside a parallel region.
   void add(const T* P, const CodeSrc<T>& src, int64_t n) {
     const int64_t hw = g.Hz * g.Wz;
+    const int64_t rows = std::max<int64_t>(1, kChunk / g.Wz);
     thread_local std::vector<T> colv, gv, tmp;
-    colv.resize(kk * hw);
-    gv.resize(g.Cc * hw);
+    colv.resize(kk * rows * g.Wz);
+    gv.resize(g.Cc * rows * g.Wz);
     tmp.resize(kBlk);
     const auto opt = partial[0].options();
-    im2col(P, 0, colv.data());
-    // Transposed in blocks of kBlk positions so the strided writes stay in L1.
-    for (int64_t i0 = 0; i0 < hw; i0 += kBlk) {
-      const int64_t cnt = std::min(kBlk, hw - i0);
-      for (int64_t c = 0; c < g.Cc; ++c) {
-        src.row((n * g.Cc + c) * hw + i0, cnt, tmp.data());
-        for (int64_t i = 0; i < cnt; ++i) gv[(i0 + i) * g.Cc + c] = tmp[i];
+    at::Tensor& acc = partial[at::get_thread_num()];
+    for (int64_t i0 = 0; i0 < g.Hz; i0 += rows) {
+      const int64_t i1 = std::min(g.Hz, i0 + rows);
+      const int64_t p0 = i0 * g.Wz, np = (i1 - i0) * g.Wz;
+      im2col(P, i0, i1, colv.data());
+      for (int64_t q0 = 0; q0 < np; q0 += kBlk) {
+        const int64_t cnt = std::min(kBlk, np - q0);
+        for (int64_t c = 0; c < g.Cc; ++c) {
+          src.row((n * g.Cc + c) * hw + p0 + q0, cnt, tmp.data());
+          for (int64_t q = 0; q < cnt; ++q) gv[(q0 + q) * g.Cc + c] = tmp[q];
+        }
       }
+      acc.addmm_(at::from_blob(colv.data(), {kk, np}, opt), at::from_blob(gv.data(), {np, g.Cc}, opt));
     }
-    partial[at::get_thread_num()].addmm_(at::from_blob(colv.data(), {kk, hw}, opt),
-                                         at::from_blob(gv.data(), {hw, g.Cc}, opt));
   }
 
   at::Tensor sum() const {
