@@ -43,7 +43,6 @@ the input dtypes at the end.
 Launchers only use torch ops and `torch.library.wrap_triton` launches, so they can run inside a
 `torch.library.triton_op` and torch.compile can trace through them.
 """
-import math
 import os
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -52,6 +51,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ..reference.conv_ista import fista_momentum
 
 __all__ = ["conv_ista_fwd", "conv_ista_bwd", "KERNELS", "aot_specializations", "fwd_config"]
 
@@ -383,14 +384,8 @@ def _in_prec(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _fista_betas(n_iter: int, fista: bool) -> list:
-    betas = [0.0] * n_iter
-    if fista:
-        t_prev = t = 1.0
-        for k in range(1, n_iter):
-            t_prev, t = t, (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-            betas[k] = (t_prev - 1.0) / t
-    return betas
+def _fista_betas(n_iter: int, fista: bool) -> list[float]:
+    return fista_momentum(n_iter) if fista else [0.0] * n_iter
 
 
 # ----------------------------------------------------------------------------------------------------------------
