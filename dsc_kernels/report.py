@@ -16,6 +16,7 @@ import torch
 
 from . import __version__
 from .experiments import EXPERIMENTS, ClaimResult
+from .experiments import attention_speed as A
 from .experiments import speed as S
 
 
@@ -68,6 +69,37 @@ def _run_speed(quick: bool, device: str, bar) -> tuple[list[dict], dict[str, str
     return rows, skipped
 
 
+def _run_attention(quick: bool, device: str, bar) -> dict:
+    """Sparse-attention crossover curves (time vs N, shrink time vs sparsity); an error becomes the section's text."""
+    bar.set_postfix_str("attention speed")
+    try:
+        return {"length": A.time_vs_length(device, quick), "sparsity": A.time_vs_sparsity(device, quick)}
+    except Exception as err:  # noqa: BLE001 - reported, the rest of the report still runs
+        return {"error": f"{type(err).__name__}: {err}"[:300]}
+    finally:
+        bar.update(1)
+
+
+def _attention_markdown(attn: dict) -> list[str]:
+    out = ["", "## Sparse attention: crossover curves", ""]
+    if "error" in attn:
+        return out + [f"Not measured: {attn['error']}"]
+    length, sparsity = attn["length"], attn["sparsity"]
+    providers = [p for p in length if p not in ("n", "backend")]
+    out += [f"Forward ms, q, k, v (1, {A.HEADS}, N, {A.HEAD_DIM}) float32, fused backend: "
+            f"{length['backend'] or 'none available'}.", "",
+            "| N | " + " | ".join(providers) + " |", "| --- |" + " --- |" * len(providers)]
+    for i, n in enumerate(length["n"]):
+        out.append(f"| {n} | " + " | ".join(f"{length[p][i]:.2f}" for p in providers) + " |")
+    if "fused shrink" in sparsity:
+        out += ["", f"Shrink mode at N = {sparsity['n']}: forward ms by the fraction of scores below the threshold "
+                f"(softmax SDPA: {sparsity['softmax (SDPA)']:.2f} ms).", "",
+                "| inactive scores | " + " | ".join(f"{s:.3g}" for s in sparsity["sparsity"]) + " |",
+                "| --- |" + " --- |" * len(sparsity["sparsity"]),
+                "| fused shrink ms | " + " | ".join(f"{t:.2f}" for t in sparsity["fused shrink"]) + " |"]
+    return out
+
+
 def _machine(device: str) -> list[str]:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -90,7 +122,7 @@ def _machine(device: str) -> list[str]:
     return lines
 
 
-def _markdown(results, rows, skipped, figures, args, seconds) -> str:
+def _markdown(results, rows, skipped, attn, figures, args, seconds) -> str:
     held = sum(r.holds for r in results)
     out = [
         "# dsc_kernels report", "",
@@ -127,6 +159,7 @@ def _markdown(results, rows, skipped, figures, args, seconds) -> str:
                        f"{r['mem_bytes'] / 2**20:.1f} |")
     if skipped:
         out += ["", "Skipped providers: " + "; ".join(f"{p}: {why}" for p, why in skipped.items())]
+    out += _attention_markdown(attn)
     out += ["", "## Figures", ""] + [f"![{title}]({name})" for name, title in figures]
     return "\n".join(out) + "\n"
 
@@ -143,12 +176,13 @@ def run_report(args) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     n_speed = 1 if args.quick else len(S.WORKLOADS)
-    with tqdm(total=len(EXPERIMENTS) + n_speed + 1, desc="dsc_kernels report", file=sys.stderr) as bar:
+    with tqdm(total=len(EXPERIMENTS) + n_speed + 2, desc="dsc_kernels report", file=sys.stderr) as bar:
         results = _run_claims(args.quick, args.backend, args.device, bar)
         rows, skipped = _run_speed(args.quick, args.device, bar)
+        attn = _run_attention(args.quick, args.device, bar)
         bar.set_postfix_str("figures")
-        figures = make_figures(results, rows, out_dir)
+        figures = make_figures(results, rows, attn, out_dir)
         bar.update(1)
     path = out_dir / "REPORT.md"
-    path.write_text(_markdown(results, rows, skipped, figures, args, time.perf_counter() - t0))
+    path.write_text(_markdown(results, rows, skipped, attn, figures, args, time.perf_counter() - t0))
     return path

@@ -117,7 +117,24 @@ def _speed(rows: list[dict], out_dir: Path):
     return _save(fig, out_dir, "speed.png"), "speed of each backend relative to eager"
 
 
-def make_figures(results: list[ClaimResult], rows: list[dict], out_dir: Path) -> list[tuple[str, str]]:
+def _attention(attn: dict, out_dir: Path):
+    length, sparsity = attn["length"], attn["sparsity"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for p in [p for p in length if p not in ("n", "backend")]:
+        left.loglog(length["n"], length[p], "o-", label=p)
+    left.set(title="sparse attention forward vs length", xlabel="N (= M)", ylabel="ms")
+    left.legend(fontsize=8)
+    if "fused shrink" in sparsity:
+        right.plot(sparsity["sparsity"], sparsity["fused shrink"], "o-", label="fused shrink")
+        right.axhline(sparsity["softmax (SDPA)"], color="k", ls="--", label="softmax (SDPA)")
+        right.legend(fontsize=8)
+    right.set(title=f"shrink mode at N = {sparsity['n']}", xlabel="fraction of scores below the threshold",
+              ylabel="ms")
+    return _save(fig, out_dir, "attention.png"), "sparse attention: time vs N and time vs sparsity"
+
+
+def make_figures(results: list[ClaimResult], rows: list[dict], attn: dict,
+                 out_dir: Path) -> list[tuple[str, str]]:
     """Writes the PNGs into out_dir; returns (file name, title) of each figure written."""
     by_id = {r.id: r for r in results if r.curves}
     makers = [
@@ -127,4 +144,6 @@ def make_figures(results: list[ClaimResult], rows: list[dict], out_dir: Path) ->
     figures = [maker(by_id, out_dir) for maker, needs in makers if all(n in by_id for n in needs)]
     if any("fwd_speedup" in r for r in rows):
         figures.append(_speed(rows, out_dir))
+    if "error" not in attn:
+        figures.append(_attention(attn, out_dir))
     return figures

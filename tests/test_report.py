@@ -4,7 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-FIGURES = ["linear_rate.png", "noise_floor.png", "multilayer.png", "activations.png", "ista_fista.png", "speed.png"]
+FIGURES = ["linear_rate.png", "noise_floor.png", "multilayer.png", "activations.png", "ista_fista.png", "speed.png",
+           "attention.png"]
 
 
 def test_help():
@@ -19,7 +20,8 @@ def test_quick_report(tmp_path: Path):
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     report = (tmp_path / "REPORT.md").read_text()
-    for section in ("## Machine", "## Claims", "## Speed", "## Figures", "| S3/S4-oracle |", "| reference |"):
+    for section in ("## Machine", "## Claims", "## Speed", "## Sparse attention", "## Figures", "| S3/S4-oracle |",
+                    "| reference |", "fused backend: cpp", "| fused shrink ms |"):
         assert section in report
     assert "error:" not in report, report
     for name in FIGURES:

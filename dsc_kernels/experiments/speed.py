@@ -1,7 +1,8 @@
 """Conv-ISTA speed workloads (DESIGN §6) and providers, shared by bench/test_speed_conv.py and the report.
 
 Providers: "reference" (eager PyTorch, the baseline), "compile" (torch.compile of the reference), and every fused
-backend functional.available_backends(device) lists ("cpp", "triton", "cuda"). Timing: CUDA events through
+backend functional.available_backends(device) lists ("cpp", "triton", "cuda"), each also in recompute mode
+("cpp-recompute": the backward replays the iterations instead of saving them). Timing: CUDA events through
 triton.testing.do_bench on a GPU (median), time.perf_counter medians on a CPU. Peak memory: on a GPU
 torch.cuda.max_memory_allocated above the inputs; on a CPU the bytes autograd saves for the backward (unique storages,
 counted by torch.autograd.graph.saved_tensors_hooks) plus the output — what the forward keeps alive, which is what
@@ -19,7 +20,7 @@ import torch
 from .. import functional as DF
 from ..reference import conv_ista_ref
 
-PROVIDERS = ("reference", "compile", "cpp", "triton", "cuda")
+PROVIDERS = ("reference", "compile", "cpp", "cpp-recompute", "triton", "triton-recompute", "cuda")
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,10 @@ def available_providers(device: str | torch.device) -> dict[str, str | None]:
             out[p] = None
         elif p == "compile":
             out[p] = None if hasattr(torch, "compile") else "torch.compile missing"
-        elif p == "triton" and device.type == "cpu":
+        elif p.startswith("triton") and device.type == "cpu":
             out[p] = "Triton on CPU tensors is the interpreter (TRITON_INTERPRET=1), a correctness tool, not timed"
         else:
-            out[p] = None if p in fused else why
+            out[p] = None if p.removesuffix("-recompute") in fused else why
     return out
 
 
@@ -99,8 +100,10 @@ def provider_fn(provider: str, inputs: dict) -> Callable[[], torch.Tensor]:
         lam = torch.full((n, i["weight"].shape[0]), i["lam"], dtype=i["x"].dtype, device=i["x"].device)
         step = torch.full((n,), i["step"], dtype=i["x"].dtype, device=i["x"].device)
         return lambda: fn(i["x"], i["weight"], lam, step, stride=i["stride"], padding=i["padding"])
+    backend = provider.removesuffix("-recompute")
+    recompute = provider.endswith("-recompute")
     return lambda: DF.conv_ista(i["x"], i["weight"], i["lam"], n_iter=i["n_iter"], step=i["step"],
-                                stride=i["stride"], padding=i["padding"], backend=provider)
+                                stride=i["stride"], padding=i["padding"], backend=backend, recompute=recompute)
 
 
 def forward_backward(fn: Callable[[], torch.Tensor], inputs: dict) -> Callable[[], None]:
