@@ -4,8 +4,10 @@
   a CPU, GPU sizes on CUDA (set DSC_BENCH_DEVICE=cpu|cuda to choose; default cuda when available).
 - Timing: on a CPU pytest-benchmark's own timer (`benchmark.pedantic`); on CUDA the call is synchronised for
   pytest-benchmark's table and the number recorded in extra_info is `triton.testing.do_bench` (CUDA events, median).
-- Peak memory (`dsc_kernels.experiments.speed.peak_memory_bytes`): GPU torch.cuda.max_memory_allocated above the
-  inputs; CPU the unique storages autograd saves for the backward (saved_tensors_hooks) plus the output.
+- Memory kept by the forward (`dsc_kernels.experiments.speed.peak_memory_bytes`): GPU torch.cuda.max_memory_allocated
+  above the inputs; CPU the unique storages autograd saves for the backward (saved_tensors_hooks) plus the output.
+- Training-step peak (`speed.train_step_peak_bytes`, forward+backward cases): the peak allocation during forward and
+  backward (CUDA allocator statistics; on a CPU the profiler's allocation events).
 - GPU runs are written as JSON to bench/results/ (device, versions, git commit) at the end of the session, since the
   GPU machine keeps nothing.
 """

@@ -34,7 +34,8 @@ def test_conv_ista_speed(benchmark, device, workload, provider, mode):
     ms = run_timed(benchmark, run, device)
     _MEDIANS[(workload.name, mode, provider)] = ms
     info = {"workload": workload.name, "provider": provider, "mode": mode, "device": device, "median_ms": ms,
-            "peak_memory_bytes": S.peak_memory_bytes(fn, device)}
+            "peak_memory_bytes": S.peak_memory_bytes(fn, device),
+            "train_step_peak_bytes": S.train_step_peak_bytes(fn, inputs, device) if mode == "forward_backward" else None}
     for base in ("reference", "compile"):
         if (workload.name, mode, base) in _MEDIANS:
             info[f"speedup_vs_{'eager' if base == 'reference' else base}"] = _MEDIANS[(workload.name, mode, base)] / ms

@@ -56,8 +56,9 @@ def _run_speed(quick: bool, device: str, bar) -> tuple[list[dict], dict[str, str
                 reps = 1 if quick else 3
                 fwd = S.time_ms(lambda: fn().detach(), device, reps=reps)
                 fb = S.time_ms(S.forward_backward(fn, inputs), device, reps=reps)
-                mem = S.peak_memory_bytes(fn, device)
-                rows.append(dict(workload=name, provider=p, fwd_ms=fwd, fwd_bwd_ms=fb, mem_bytes=mem))
+                rows.append(dict(workload=name, provider=p, fwd_ms=fwd, fwd_bwd_ms=fb,
+                                 mem_bytes=S.peak_memory_bytes(fn, device),
+                                 train_peak_bytes=S.train_step_peak_bytes(fn, inputs, device)))
             except Exception as err:  # noqa: BLE001 - a provider failing is a row of the report, not a crash
                 rows.append(dict(workload=name, provider=p, error=f"{type(err).__name__}: {err}"[:200]))
         bar.update(1)
@@ -66,6 +67,7 @@ def _run_speed(quick: bool, device: str, bar) -> tuple[list[dict], dict[str, str
         if base and "fwd_ms" in r and "fwd_ms" in base:
             r["fwd_speedup"] = base["fwd_ms"] / r["fwd_ms"]
             r["fwd_bwd_speedup"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+            r["train_peak_ratio"] = r["train_peak_bytes"] / base["train_peak_bytes"]
     return rows, skipped
 
 
@@ -145,18 +147,21 @@ def _markdown(results, rows, skipped, attn, figures, args, seconds) -> str:
         out += ["", "Notes:", ""] + [f"- **{r.id}**: {r.note}" for r in notes]
     out += ["", "## Speed of the conv-ISTA backends", ""]
     timer = "CUDA events (triton.testing.do_bench, median)" if args.device == "cuda" else "perf_counter, median"
-    mem = "peak allocated above the inputs" if args.device == "cuda" else "autograd-saved bytes + output"
-    out += [f"Timer: {timer}; memory: {mem}; speed-up = eager (reference) time / provider time. "
+    kept = "peak allocated by the forward" if args.device == "cuda" else "autograd-saved bytes + output"
+    out += [f"Timer: {timer}; speed-up = eager (reference) time / provider time; kept: {kept}; train-step peak: "
+            f"peak allocation during forward + backward (× eager). "
             f"float32.{' Quick run: batch ×0.25, one workload.' if args.quick else ''}", "",
-            "| workload | provider | forward ms | fwd+bwd ms | speed-up fwd | speed-up fwd+bwd | memory MiB |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+            "| workload | provider | forward ms | fwd+bwd ms | speed-up fwd | speed-up fwd+bwd | kept MiB | "
+            "train-step peak MiB |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['workload']} | {r['provider']} | error: {r['error']} | | | | |")
+            out.append(f"| {r['workload']} | {r['provider']} | error: {r['error']} | | | | | |")
         else:
             out.append(f"| {r['workload']} | {r['provider']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
                        f"{r.get('fwd_speedup', float('nan')):.2f}× | {r.get('fwd_bwd_speedup', float('nan')):.2f}× | "
-                       f"{r['mem_bytes'] / 2**20:.1f} |")
+                       f"{r['mem_bytes'] / 2**20:.1f} | {r['train_peak_bytes'] / 2**20:.1f} "
+                       f"({r.get('train_peak_ratio', float('nan')):.2f}×) |")
     if skipped:
         out += ["", "Skipped providers: " + "; ".join(f"{p}: {why}" for p, why in skipped.items())]
     out += _attention_markdown(attn)

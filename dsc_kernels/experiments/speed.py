@@ -10,7 +10,10 @@ differs between providers (allocator peaks are not observable on CPU).
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,7 +133,7 @@ def time_ms(fn: Callable[[], object], device: str | torch.device, *, reps: int =
 
 
 def peak_memory_bytes(fn: Callable[[], torch.Tensor], device: str | torch.device) -> int:
-    """GPU: peak allocated bytes during fn above what was allocated before. CPU: bytes of the unique storages
+    """What the forward keeps. GPU: peak allocated bytes during fn above what was allocated before. CPU: bytes of the unique storages
     autograd saves for the backward plus the output's (see the module docstring)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -151,3 +154,44 @@ def peak_memory_bytes(fn: Callable[[], torch.Tensor], device: str | torch.device
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return int(sum(seen.values()) + out.untyped_storage().nbytes())
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """The profiler's C++ side prints start/stop lines on file descriptor 2; keep them out of the report's
+    terminal (the step it wraps already ran once, unprofiled, with stderr intact)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def train_step_peak_bytes(fn: Callable[[], torch.Tensor], inputs: dict, device: str | torch.device) -> int:
+    """Peak bytes allocated during one training step (fn's forward, then the backward of sum(z)) above what was
+    allocated before it. GPU: the CUDA allocator's peak. CPU: the running sum of the profiler's allocation and free
+    events (every c10 allocation; the C++ kernels' per-thread scratch, about 1-2 MB a thread allocated once, is not
+    among them). A warm-up step runs first so one-time buffers and caches are not counted."""
+    step = forward_backward(fn, inputs)
+    step()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated() - base)
+    from torch.profiler import ProfilerActivity, profile
+    with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()  # negative for frees
+        peak = max(peak, current)
+    return int(peak)
