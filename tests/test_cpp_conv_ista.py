@@ -32,6 +32,11 @@ CASES = [
     ("2d-stride2-z0", (2, 3, 12, 12), (4, 3, 4, 4), 2, 1, 3, dict(z0=True, untied=True)),
     # wider than one vector tile and more code than signal channels (the 8-channel micro-kernel)
     ("2d-wide-nonneg", (1, 1, 7, 40), (10, 1, 5, 5), 1, 0, 4, dict(nonneg=True, z0=True)),
+    # polyphase synthesis: a stride that does not divide the kernel, a stride larger than the kernel (phases no
+    # tap reaches), and several column tiles per phase with more signal than code channels
+    ("2d-stride2-k5x3-nonneg", (2, 3, 13, 12), (6, 3, 5, 3), 2, (2, 1), 3, dict(nonneg=True)),
+    ("2d-stride-gt-kernel-fista", (2, 2, 11, 14), (5, 2, 2, 3), (3, 4), (1, 0), 3, dict(untied=True, fista=True)),
+    ("2d-stride2-wide", (1, 9, 9, 70), (4, 9, 3, 5), 2, 1, 2, dict(z0=True)),
     ("1d-stride2-fista", (2, 2, 23), (5, 2, 5), 2, 2, 3, dict(fista=True, untied=True)),
     ("1d-stride3-nonneg", (2, 1, 30), (4, 1, 6), 3, 0, 3, dict(nonneg=True, z0=True)),
 ]

@@ -28,8 +28,9 @@
 // checkpoints, so its memory (three or four code-sized buffers) does not depend on n.
 //
 // Both convolutions are "valid" correlations over zero-padded thread-local buffers, computed by one register-tiled
-// micro-kernel: E reads the padded residual; D reads y zero-upsampled by the stride (so stride > 1 spends
-// stride_h * stride_w times the useful multiply-adds in D), with the kernel flipped and transposed.
+// micro-kernel: E reads the padded residual; D is split into stride_h * stride_w output phases (polyphase, see
+// Synth), each a unit-stride correlation of y itself with a flipped, transposed sub-kernel, so a stride wastes
+// no multiply-adds on the zeros of an upsampled y.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -105,8 +106,7 @@ TileFn<T> pick_unit(bool unit) {
   return unit ? &corr_tile<T, COB, NV, true> : &corr_tile<T, COB, NV, false>;
 }
 
-// A correlation with packed weights and its micro-kernel. `synthesis` packs W_D for D: output channels are the
-// signal channels and the kernel is flipped, so D y becomes a correlation of the zero-upsampled y.
+// A correlation with packed weights and its micro-kernel; tap(co, ci, a, b) gives the kernel's values.
 template <typename T>
 struct Plan {
   int64_t CO, CI, KH, KW, sw;
@@ -114,8 +114,9 @@ struct Plan {
   std::vector<T> wp;  // [CO / cob][CI][KH][KW][cob], zero-padded channels
   TileFn<T> fn;
 
-  Plan(const T* w, int64_t Cc, int64_t Cs, int64_t KH_, int64_t KW_, int64_t sw_, int64_t wout, bool synthesis)
-      : CO(synthesis ? Cs : Cc), CI(synthesis ? Cc : Cs), KH(KH_), KW(KW_), sw(sw_) {
+  template <class Tap>
+  Plan(int64_t CO_, int64_t CI_, int64_t KH_, int64_t KW_, int64_t sw_, int64_t wout, Tap&& tap)
+      : CO(CO_), CI(CI_), KH(KH_), KW(KW_), sw(sw_) {
     constexpr int L = VecOf<T>::L;
     cob = CO >= 8 ? 8 : (CO >= 4 ? 4 : 1);
     const int nv_max = cob == 8 ? 2 : 4;  // <= 16 accumulators: no spills with 32 vector registers
@@ -131,11 +132,8 @@ struct Plan {
     for (int64_t co = 0; co < CO; ++co)
       for (int64_t ci = 0; ci < CI; ++ci)
         for (int64_t a = 0; a < KH; ++a)
-          for (int64_t b = 0; b < KW; ++b) {
-            const T val = synthesis ? w[((ci * Cs + co) * KH + (KH - 1 - a)) * KW + (KW - 1 - b)]
-                                    : w[((co * Cs + ci) * KH + a) * KW + b];
-            wp[((((co / cob) * CI + ci) * KH + a) * KW + b) * cob + co % cob] = val;
-          }
+          for (int64_t b = 0; b < KW; ++b)
+            wp[((((co / cob) * CI + ci) * KH + a) * KW + b) * cob + co % cob] = tap(co, ci, a, b);
   }
 
   // Columns a buffer row must hold so that every tile of `wout` outputs reads inside it.
@@ -163,6 +161,85 @@ struct Plan {
 
 struct Geo {
   int64_t B, Cs, H, W, Cc, KH, KW, SH, SW, PH, PW, Hz, Wz;
+};
+
+// E (or D^*, given W_D) = conv2d(., w): a strided correlation of the zero-padded signal.
+template <typename T>
+Plan<T> analysis_plan(const Geo& g, const T* w) {
+  return Plan<T>(g.Cc, g.Cs, g.KH, g.KW, g.SW, g.Wz,
+                 [&](int64_t co, int64_t ci, int64_t a, int64_t b) { return w[((co * g.Cs + ci) * g.KH + a) * g.KW + b]; });
+}
+
+// D (or E^*, given W_E) = conv_transpose2d(., w) in polyphase form. Signal row h with h + PH = q SH + ph only
+// receives kernel rows a = ph + SH t from code rows q - t (t < TA_ph = ceil((KH - ph) / SH)); columns likewise. So
+// each phase (ph, pw) is a unit-stride correlation of y itself with a flipped sub-kernel, producing the signal
+// columns w = w_first_pw + SW m: only useful multiply-adds, whatever the stride (a phase no tap reaches, stride >
+// kernel, gets an empty kernel and yields zeros).
+template <typename T>
+struct Synth {
+  Geo g;
+  int64_t TA;                 // code rows the tallest phase reads (phase 0)
+  std::vector<int64_t> ta;    // [ph]: kernel rows of row phase ph
+  std::vector<int64_t> wfirst, wcnt, col;  // [pw]: first signal column, column count, ybuf column of its window
+  int64_t ycol0, ywidth;      // code column of ybuf column 0; ybuf row width
+  std::vector<Plan<T>> plans; // [ph * SW + pw]
+
+  Synth(const Geo& g_, const T* w) : g(g_), TA((g_.KH + g_.SH - 1) / g_.SH) {
+    for (int64_t ph = 0; ph < g.SH; ++ph) ta.push_back(std::max<int64_t>(0, (g.KH - ph + g.SH - 1) / g.SH));
+    std::vector<int64_t> tb, rfirst;
+    for (int64_t pw = 0; pw < g.SW; ++pw) {
+      tb.push_back(std::max<int64_t>(0, (g.KW - pw + g.SW - 1) / g.SW));
+      const int64_t wf = ((pw - g.PW) % g.SW + g.SW) % g.SW;
+      wfirst.push_back(wf);
+      wcnt.push_back(wf < g.W ? (g.W - wf + g.SW - 1) / g.SW : 0);
+      rfirst.push_back((wf + g.PW) / g.SW);
+    }
+    for (int64_t ph = 0; ph < g.SH; ++ph)
+      for (int64_t pw = 0; pw < g.SW; ++pw) {
+        const int64_t A = ta[ph], Bw = tb[pw];
+        plans.emplace_back(g.Cs, g.Cc, A, Bw, 1, std::max<int64_t>(1, wcnt[pw]),
+                           [&](int64_t s, int64_t c, int64_t t, int64_t u) {
+                             return w[((c * g.Cs + s) * g.KH + ph + g.SH * (A - 1 - t)) * g.KW + pw +
+                                      g.SW * (Bw - 1 - u)];
+                           });
+      }
+    ycol0 = rfirst[0] - tb[0] + 1;
+    for (int64_t pw = 1; pw < g.SW; ++pw) ycol0 = std::min(ycol0, rfirst[pw] - tb[pw] + 1);
+    ywidth = 1;
+    for (int64_t pw = 0; pw < g.SW; ++pw) {
+      col.push_back(rfirst[pw] - tb[pw] + 1 - ycol0);
+      ywidth = std::max(ywidth, col[pw] + plans[pw].in_width(wcnt[pw]));
+    }
+  }
+
+  // ybuf rows for `sig_rows` signal rows (any alignment).
+  int64_t yrows(int64_t sig_rows) const { return (sig_rows + g.SH - 1) / g.SH + TA; }
+
+  // Code row of ybuf row 0 for signal rows starting at hs0.
+  int64_t yrow0(int64_t hs0) const { return (hs0 + g.PH) / g.SH - TA + 1; }
+
+  // D y on signal rows [hs0, hs0 + nh) of a ybuf (channel stride ics) filled from code row yrow0(hs0);
+  // epi(s, h, values, count) receives whole signal rows, in order.
+  template <class Epi>
+  void rows(const T* ybuf, int64_t ics, int64_t hs0, int64_t nh, Epi&& epi) const {
+    thread_local std::vector<T> rowv;
+    rowv.resize(g.Cs * g.W);
+    T* out = rowv.data();
+    const int64_t y0 = yrow0(hs0);
+    for (int64_t h = hs0; h < hs0 + nh; ++h) {
+      const int64_t ph = (h + g.PH) % g.SH;
+      const T* base = ybuf + ((h + g.PH) / g.SH - ta[ph] + 1 - y0) * ywidth;
+      for (int64_t pw = 0; pw < g.SW; ++pw) {
+        const int64_t wf = wfirst[pw];
+        plans[ph * g.SW + pw].row(base + col[pw], ics, ywidth, wcnt[pw],
+                                  [&](int64_t s, int64_t j0, const T* v, int64_t cnt) {
+                                    T* __restrict o = out + s * g.W + wf + j0 * g.SW;
+                                    for (int64_t m = 0; m < cnt; ++m) o[m * g.SW] = v[m];
+                                  });
+      }
+      for (int64_t s = 0; s < g.Cs; ++s) epi(s, h, static_cast<const T*>(out + s * g.W), g.W);
+    }
+  }
 };
 
 // out = S_th(out + step e), written so it vectorises: S_th(u) = u - clamp(u, -th, th) is exactly 0 for |u| <= th,
@@ -240,8 +317,8 @@ struct CodeSrc {
 // A band's scratch: views into per-thread storage that grows to the largest band seen and is then reused.
 template <typename T>
 struct BandBufs {
-  // y zero-upsampled by the stride, rows/cols shifted so that D y at signal (h, w) is a valid correlation starting
-  // at row (h - hs0), column w: Cc x yrows x ywidth.
+  // y on the code rows and columns a band's D reads (Synth::yrow0, Synth::ycol0 give the offsets), zero outside
+  // the code: Cc x yrows x ywidth.
   T* y;
   int64_t yrows, ywidth;
   // The zero-padded signal (residual) rows that code rows [i0, i1) read; row 0 is padded row i0 * SH:
@@ -252,8 +329,7 @@ struct BandBufs {
   BandBufs(int64_t Cc, int64_t yrows_, int64_t ywidth_, int64_t Cs, int64_t rrows_, int64_t rwidth_)
       : yrows(yrows_), ywidth(ywidth_), rrows(rrows_), rwidth(rwidth_) {
     thread_local std::vector<T> ys, rs;
-    const size_t ny = Cc * yrows * ywidth + ywidth;  // + one row of scratch for strided fills
-    if (ys.size() < ny) ys.resize(ny);
+    if (ys.size() < size_t(Cc * yrows * ywidth)) ys.resize(Cc * yrows * ywidth);
     if (rs.size() < size_t(Cs * rrows * rwidth)) rs.resize(Cs * rrows * rwidth);
     y = ys.data();
     r = rs.data();
@@ -263,59 +339,49 @@ struct BandBufs {
 template <typename T>
 struct Ctx {
   Geo g;
-  Plan<T> synth;  // D (W_D flipped), unit stride over the upsampled y
-  Plan<T> anal;   // E (W_E)
+  Synth<T> synth;  // D (W_D)
+  Plan<T> anal;    // E (W_E)
   int64_t R;      // code rows per band
 
   Ctx(const Geo& g_, const T* wd, const T* we)
       : g(g_),
-        synth(wd, g_.Cc, g_.Cs, g_.KH, g_.KW, 1, g_.W, true),
-        anal(we, g_.Cc, g_.Cs, g_.KH, g_.KW, g_.SW, g_.Wz, false),
+        synth(g_, wd),
+        anal(analysis_plan(g_, we)),
         R(band_rows(g_.B, g_.Hz, double(g_.KH - 1) / g_.SH)) {}
 
   // Buffers for a band of code rows (forward) or of `sig_rows` signal rows (backward's full-size D passes).
   BandBufs<T> bufs(int64_t sig_rows = 0) const {
     const int64_t max_sig_rows = sig_rows ? sig_rows : std::min(g.H, (R - 1) * g.SH + g.KH);
-    return BandBufs<T>(g.Cc, max_sig_rows + g.KH - 1, synth.in_width(g.W), g.Cs, (R - 1) * g.SH + g.KH,
+    return BandBufs<T>(g.Cc, synth.yrows(max_sig_rows), synth.ywidth, g.Cs, (R - 1) * g.SH + g.KH,
                        std::max(anal.in_width(g.Wz), g.W + 2 * g.PW));
   }
 
   // ybuf for batch item n and signal rows [hs0, hs0 + nh), from the code-sized tensor `src` describes.
   void fill_y(BandBufs<T>& bb, const CodeSrc<T>& src, int64_t n, int64_t hs0, int64_t nh) const {
-    const int64_t rows = nh + g.KH - 1;
-    const int64_t col0 = g.PW - g.KW + 1;  // upsampled column of ybuf column 0: ybuf[q2] = y[(q2 + col0) / SW]
-    // z-columns [j_lo, j_hi) land inside the row.
-    const int64_t j_lo = col0 > 0 ? (col0 + g.SW - 1) / g.SW : 0;
-    const int64_t j_hi = std::max(j_lo, std::min(g.Wz, (bb.ywidth - 1 + col0) / g.SW + 1));
-    T* tmp = g.SW == 1 ? nullptr : bb.y + g.Cc * bb.yrows * bb.ywidth;  // one strided row's values
+    const int64_t y0 = synth.yrow0(hs0);
+    const int64_t rows = std::min(bb.yrows, (hs0 + nh - 1 + g.PH) / g.SH - y0 + 1);
+    const int64_t c0 = synth.ycol0;
+    const int64_t j_lo = std::min(g.Wz, std::max<int64_t>(0, c0));
+    const int64_t j_hi = std::max(j_lo, std::min(g.Wz, c0 + bb.ywidth));
     for (int64_t c = 0; c < g.Cc; ++c) {
       for (int64_t q = 0; q < rows; ++q) {
         T* dst = bb.y + (c * bb.yrows + q) * bb.ywidth;
-        const int64_t t = hs0 + q + g.PH - g.KH + 1;
-        if (t < 0 || t % g.SH != 0 || t / g.SH >= g.Hz) {
+        const int64_t i = y0 + q;
+        if (i < 0 || i >= g.Hz) {
           std::fill(dst, dst + bb.ywidth, T(0));
           continue;
         }
-        const int64_t off = ((n * g.Cc + c) * g.Hz + t / g.SH) * g.Wz;
-        if (g.SW == 1) {
-          std::fill(dst, dst + (j_lo - col0), T(0));
-          src.row(off + j_lo, j_hi - j_lo, dst + (j_lo - col0));
-          std::fill(dst + (j_hi - col0), dst + bb.ywidth, T(0));
-        } else {
-          std::fill(dst, dst + bb.ywidth, T(0));
-          src.row(off + j_lo, j_hi - j_lo, tmp);
-          for (int64_t j = j_lo; j < j_hi; ++j) dst[j * g.SW - col0] = tmp[j - j_lo];
-        }
+        std::fill(dst, dst + (j_lo - c0), T(0));
+        src.row(((n * g.Cc + c) * g.Hz + i) * g.Wz + j_lo, j_hi - j_lo, dst + (j_lo - c0));
+        std::fill(dst + (j_hi - c0), dst + bb.ywidth, T(0));
       }
     }
   }
 
-  // D y for batch item n on signal rows [hs0, hs0 + nh), ybuf filled; epi(s, h, j0, values, count).
+  // D y for batch item n on signal rows [hs0, hs0 + nh), ybuf filled; epi(s, h, values, count) per signal row.
   template <class Epi>
   void synth_rows(const BandBufs<T>& bb, int64_t hs0, int64_t nh, Epi&& epi) const {
-    for (int64_t h = hs0; h < hs0 + nh; ++h)
-      synth.row(bb.y + (h - hs0) * bb.ywidth, bb.yrows * bb.ywidth, bb.ywidth, g.W,
-                [&](int64_t s, int64_t j0, const T* v, int64_t cnt) { epi(s, h, j0, v, cnt); });
+    synth.rows(bb.y, bb.yrows * bb.ywidth, hs0, nh, epi);
   }
 
   // Signal rows that code rows [i0, i1) read.
@@ -353,9 +419,9 @@ struct Ctx {
     sig_rows(i0, i1, hs0, nh);
     fill_y(bb, CodeSrc<T>{zk, zkm1, beta, nullptr, T(1)}, n, hs0, nh);
     std::fill(bb.r, bb.r + g.Cs * bb.rrows * bb.rwidth, T(0));
-    synth_rows(bb, hs0, nh, [&](int64_t s, int64_t h, int64_t j0, const T* v, int64_t cnt) {
-      T* dst = rrow(bb, s, h, i0) + j0;
-      const T* xs = x + ((n * g.Cs + s) * g.H + h) * g.W + j0;
+    synth_rows(bb, hs0, nh, [&](int64_t s, int64_t h, const T* v, int64_t cnt) {
+      T* __restrict dst = rrow(bb, s, h, i0);
+      const T* __restrict xs = x + ((n * g.Cs + s) * g.H + h) * g.W;
       for (int64_t j = 0; j < cnt; ++j) dst[j] = xs[j] - v[j];
     });
     anal_rows(bb, i0, i1, [&](int64_t c, int64_t i, int64_t j0, const T* e, int64_t cnt) {
@@ -556,8 +622,8 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
               at::Tensor& gz0) {
   const Ctx<T> ctx(g, weight.data_ptr<T>(), encoder_weight.data_ptr<T>());
   // v = E^* gu is D with W_E; D^* v is E with W_D.
-  const Plan<T> synth_e(encoder_weight.data_ptr<T>(), g.Cc, g.Cs, g.KH, g.KW, 1, g.W, true);
-  const Plan<T> anal_d(weight.data_ptr<T>(), g.Cc, g.Cs, g.KH, g.KW, g.SW, g.Wz, false);
+  const Synth<T> synth_e(g, encoder_weight.data_ptr<T>());
+  const Plan<T> anal_d = analysis_plan(g, weight.data_ptr<T>());
   const auto lam = host<T>(lam_t);
   const auto step = host<T>(step_t);
   const auto beta = fista_betas(step.size(), fista);
@@ -650,19 +716,17 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
           // synth_e has synth's geometry (same channels, kernel and output width), so one ybuf layout serves both.
           BandBufs<T> bb = ctx.bufs(Rs);
           ctx.fill_y(bb, yk, b, h0, h1 - h0);
-          ctx.synth_rows(bb, h0, h1 - h0, [&](int64_t s, int64_t h, int64_t j0, const T* val, int64_t cnt) {
-            const int64_t off = (s * g.H + h) * g.W + j0;
+          ctx.synth_rows(bb, h0, h1 - h0, [&](int64_t s, int64_t h, const T* val, int64_t cnt) {
+            const int64_t off = (s * g.H + h) * g.W;
             const T* __restrict xs = xp + b * sig + off;
             for (int64_t j = 0; j < cnt; ++j) rn[off + j] = xs[j] - val[j];
           });
           ctx.fill_y(bb, gu, b, h0, h1 - h0);
-          for (int64_t h = h0; h < h1; ++h)
-            synth_e.row(bb.y + (h - h0) * bb.ywidth, bb.yrows * bb.ywidth, bb.ywidth, g.W,
-                        [&](int64_t s, int64_t j0, const T* val, int64_t cnt) {
-                          const int64_t off = (s * g.H + h) * g.W + j0;
-                          T* __restrict gxs = gxp + b * sig + off;
-                          for (int64_t j = 0; j < cnt; ++j) vn[off + j] = val[j], gxs[j] += sk * val[j];
-                        });
+          synth_e.rows(bb.y, bb.yrows * bb.ywidth, h0, h1 - h0, [&](int64_t s, int64_t h, const T* val, int64_t cnt) {
+            const int64_t off = (s * g.H + h) * g.W;
+            T* __restrict gxs = gxp + b * sig + off;
+            for (int64_t j = 0; j < cnt; ++j) vn[off + j] = val[j], gxs[j] += sk * val[j];
+          });
         }
         T vr = 0;
 #pragma omp simd reduction(+ : vr)
