@@ -28,9 +28,9 @@
 // checkpoints, so its memory (three or four code-sized buffers) does not depend on n.
 //
 // Both convolutions are "valid" correlations over zero-padded thread-local buffers, computed by one register-tiled
-// micro-kernel: E reads the padded residual; D is split into stride_h * stride_w output phases (polyphase, see
-// Synth), each a unit-stride correlation of y itself with a flipped, transposed sub-kernel, so a stride wastes
-// no multiply-adds on the zeros of an upsampled y.
+// micro-kernel that only makes unit-stride loads: E reads the padded residual stored as stride_w column phases
+// (analysis_plan); D is split into stride_h * stride_w output phases (polyphase, see Synth), each a correlation of
+// y itself with a flipped, transposed sub-kernel, so a stride wastes no multiply-adds on the zeros of an upsampled y.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -59,14 +59,14 @@ struct VecOf {
 constexpr int kMaxTile = 256;
 
 template <typename T>
-using TileFn = void (*)(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const T*, T*);
+using TileFn = void (*)(const T*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t, const T*, T*);
 
-// out[co][j] = sum_{ci, a, b} in[ci * ics + a * irs + j * sw + b] * wp[((ci * KH + a) * KW + b) * COB + co]
+// out[co][j] = sum_{ci, a, b} in[ci * ics + a * irs + boff[b] + j] * wp[((ci * KH + a) * KW + b) * COB + co]
 // for COB output channels and NV vectors of columns: COB * NV accumulators stay in registers, each input vector is
-// loaded once per tap and reused for COB channels.
-template <typename T, int COB, int NV, bool UNIT>
-void corr_tile(const T* in, int64_t ics, int64_t irs, int64_t sw, int64_t CI, int64_t KH, int64_t KW, const T* wp,
-               T* out) {
+// loaded once per tap (unit stride: boff absorbs a strided layout) and reused for COB channels.
+template <typename T, int COB, int NV>
+void corr_tile(const T* in, int64_t ics, int64_t irs, const int64_t* boff, int64_t CI, int64_t KH, int64_t KW,
+               const T* wp, T* out) {
   using V = typename VecOf<T>::V;
   constexpr int L = VecOf<T>::L;
   V acc[COB][NV];
@@ -79,15 +79,9 @@ void corr_tile(const T* in, int64_t ics, int64_t irs, int64_t sw, int64_t CI, in
       const T* row = in + ci * ics + a * irs;
       for (int64_t b = 0; b < KW; ++b, wp += COB) {
         V xin[NV];
+        const T* p = row + boff[b];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) {
-          if (UNIT) {
-            std::memcpy(&xin[v], row + b + v * L, sizeof(V));
-          } else {
-            const T* p = row + b + v * L * sw;
-            for (int l = 0; l < L; ++l) xin[v][l] = p[l * sw];
-          }
-        }
+        for (int v = 0; v < NV; ++v) std::memcpy(&xin[v], p + v * L, sizeof(V));
 #pragma GCC unroll 8
         for (int co = 0; co < COB; ++co) {
           const T w = wp[co];
@@ -101,32 +95,44 @@ void corr_tile(const T* in, int64_t ics, int64_t irs, int64_t sw, int64_t CI, in
     for (int v = 0; v < NV; ++v) std::memcpy(out + (co * NV + v) * L, &acc[co][v], sizeof(V));
 }
 
-template <typename T, int COB, int NV>
-TileFn<T> pick_unit(bool unit) {
-  return unit ? &corr_tile<T, COB, NV, true> : &corr_tile<T, COB, NV, false>;
-}
-
-// A correlation with packed weights and its micro-kernel; tap(co, ci, a, b) gives the kernel's values.
+// A correlation with packed weights and its micro-kernel; tap(co, ci, a, b) gives the kernel's values and boff[b]
+// where tap column b reads, relative to an output's column (empty: b).
 template <typename T>
 struct Plan {
-  int64_t CO, CI, KH, KW, sw;
+  int64_t CO, CI, KH, KW;
   int cob, tile_w;
   std::vector<T> wp;  // [CO / cob][CI][KH][KW][cob], zero-padded channels
+  std::vector<int64_t> boff;
   TileFn<T> fn;
 
-  template <class Tap>
-  Plan(int64_t CO_, int64_t CI_, int64_t KH_, int64_t KW_, int64_t sw_, int64_t wout, Tap&& tap)
-      : CO(CO_), CI(CI_), KH(KH_), KW(KW_), sw(sw_) {
+  // Channels per micro-kernel tile and vectors of columns for CO outputs channels and rows of wout columns.
+  static void shape(int64_t CO, int64_t wout, int& cob, int& nv) {
     constexpr int L = VecOf<T>::L;
     cob = CO >= 8 ? 8 : (CO >= 4 ? 4 : 1);
     const int nv_max = cob == 8 ? 2 : 4;  // <= 16 accumulators: no spills with 32 vector registers
     const int64_t need = (wout + L - 1) / L;
-    const int nv = need >= nv_max ? nv_max : (need >= 2 ? 2 : 1);
-    tile_w = nv * L;
-    const bool unit = sw == 1;
-    if (cob == 8) fn = nv == 1 ? pick_unit<T, 8, 1>(unit) : pick_unit<T, 8, 2>(unit);
-    else if (cob == 4) fn = nv == 1 ? pick_unit<T, 4, 1>(unit) : nv == 2 ? pick_unit<T, 4, 2>(unit) : pick_unit<T, 4, 4>(unit);
-    else fn = nv == 1 ? pick_unit<T, 1, 1>(unit) : nv == 2 ? pick_unit<T, 1, 2>(unit) : pick_unit<T, 1, 4>(unit);
+    nv = need >= nv_max ? nv_max : (need >= 2 ? 2 : 1);
+  }
+
+  // wout rounded up to whole tiles.
+  static int64_t padded_width(int64_t CO, int64_t wout) {
+    int cob, nv;
+    shape(CO, wout, cob, nv);
+    const int64_t tw = nv * VecOf<T>::L;
+    return (wout + tw - 1) / tw * tw;
+  }
+
+  template <class Tap>
+  Plan(int64_t CO_, int64_t CI_, int64_t KH_, int64_t KW_, int64_t wout, std::vector<int64_t> boff_, Tap&& tap)
+      : CO(CO_), CI(CI_), KH(KH_), KW(KW_), boff(std::move(boff_)) {
+    int nv;
+    shape(CO, wout, cob, nv);
+    tile_w = nv * VecOf<T>::L;
+    if (boff.empty())
+      for (int64_t b = 0; b < KW; ++b) boff.push_back(b);
+    if (cob == 8) fn = nv == 1 ? &corr_tile<T, 8, 1> : &corr_tile<T, 8, 2>;
+    else if (cob == 4) fn = nv == 1 ? &corr_tile<T, 4, 1> : nv == 2 ? &corr_tile<T, 4, 2> : &corr_tile<T, 4, 4>;
+    else fn = nv == 1 ? &corr_tile<T, 1, 1> : nv == 2 ? &corr_tile<T, 1, 2> : &corr_tile<T, 1, 4>;
     const int64_t nblk = (CO + cob - 1) / cob;
     wp.assign(nblk * CI * KH * KW * cob, T(0));
     for (int64_t co = 0; co < CO; ++co)
@@ -136,11 +142,8 @@ struct Plan {
             wp[((((co / cob) * CI + ci) * KH + a) * KW + b) * cob + co % cob] = tap(co, ci, a, b);
   }
 
-  // Columns a buffer row must hold so that every tile of `wout` outputs reads inside it.
-  int64_t in_width(int64_t wout) const {
-    const int64_t wr = (wout + tile_w - 1) / tile_w * tile_w;
-    return (wr - 1) * sw + KW;
-  }
+  // Columns a buffer row must hold so that every tile of `wout` outputs reads inside it (boff the identity).
+  int64_t in_width(int64_t wout) const { return padded_width(CO, wout) - 1 + KW; }
 
   // One output row: `in` points at (channel 0, first window row, column 0) of a buffer with channel stride ics and
   // row stride irs; epi(co, j0, values, count) receives each tile's valid outputs.
@@ -151,7 +154,7 @@ struct Plan {
       const T* w = wp.data() + cb * CI * KH * KW;
       const int64_t nco = std::min<int64_t>(cob, CO - cb);
       for (int64_t j0 = 0; j0 < wout; j0 += tile_w) {
-        fn(in + j0 * sw, ics, irs, sw, CI, KH, KW, w, tile);
+        fn(in + j0, ics, irs, boff.data(), CI, KH, KW, w, tile);
         const int64_t nj = std::min<int64_t>(tile_w, wout - j0);
         for (int64_t co = 0; co < nco; ++co) epi(cb + co, j0, tile + co * tile_w, nj);
       }
@@ -163,11 +166,22 @@ struct Geo {
   int64_t B, Cs, H, W, Cc, KH, KW, SH, SW, PH, PW, Hz, Wz;
 };
 
-// E (or D^*, given W_D) = conv2d(., w): a strided correlation of the zero-padded signal.
+// E (or D^*, given W_D) = conv2d(., w): a strided correlation of the zero-padded signal, whose rows are stored as
+// SW column phases of `pwid` columns (phase p holds padded columns p, p + SW, ...; see Ctx::store_r), so that every
+// tap reads consecutive columns: tap b of output column j reads phase b % SW at j + b / SW.
+template <typename T>
+int64_t analysis_phase_width(const Geo& g) {
+  return std::max(Plan<T>::padded_width(g.Cc, g.Wz) + (g.KW - 1) / g.SW, (g.W + 2 * g.PW + g.SW - 1) / g.SW);
+}
+
 template <typename T>
 Plan<T> analysis_plan(const Geo& g, const T* w) {
-  return Plan<T>(g.Cc, g.Cs, g.KH, g.KW, g.SW, g.Wz,
-                 [&](int64_t co, int64_t ci, int64_t a, int64_t b) { return w[((co * g.Cs + ci) * g.KH + a) * g.KW + b]; });
+  const int64_t pwid = analysis_phase_width<T>(g);
+  std::vector<int64_t> boff;
+  for (int64_t b = 0; b < g.KW; ++b) boff.push_back((b % g.SW) * pwid + b / g.SW);
+  return Plan<T>(g.Cc, g.Cs, g.KH, g.KW, g.Wz, std::move(boff), [&](int64_t co, int64_t ci, int64_t a, int64_t b) {
+    return w[((co * g.Cs + ci) * g.KH + a) * g.KW + b];
+  });
 }
 
 // D (or E^*, given W_E) = conv_transpose2d(., w) in polyphase form. Signal row h with h + PH = q SH + ph only
@@ -197,7 +211,7 @@ struct Synth {
     for (int64_t ph = 0; ph < g.SH; ++ph)
       for (int64_t pw = 0; pw < g.SW; ++pw) {
         const int64_t A = ta[ph], Bw = tb[pw];
-        plans.emplace_back(g.Cs, g.Cc, A, Bw, 1, std::max<int64_t>(1, wcnt[pw]),
+        plans.emplace_back(g.Cs, g.Cc, A, Bw, std::max<int64_t>(1, wcnt[pw]), std::vector<int64_t>(),
                            [&](int64_t s, int64_t c, int64_t t, int64_t u) {
                              return w[((c * g.Cs + s) * g.KH + ph + g.SH * (A - 1 - t)) * g.KW + pw +
                                       g.SW * (Bw - 1 - u)];
@@ -321,8 +335,8 @@ struct BandBufs {
   // the code: Cc x yrows x ywidth.
   T* y;
   int64_t yrows, ywidth;
-  // The zero-padded signal (residual) rows that code rows [i0, i1) read; row 0 is padded row i0 * SH:
-  // Cs x rrows x rwidth.
+  // The zero-padded signal (residual) rows that code rows [i0, i1) read, in analysis_plan's column-phase layout;
+  // row 0 is padded row i0 * SH: Cs x rrows x rwidth.
   T* r;
   int64_t rrows, rwidth;
 
@@ -353,7 +367,7 @@ struct Ctx {
   BandBufs<T> bufs(int64_t sig_rows = 0) const {
     const int64_t max_sig_rows = sig_rows ? sig_rows : std::min(g.H, (R - 1) * g.SH + g.KH);
     return BandBufs<T>(g.Cc, synth.yrows(max_sig_rows), synth.ywidth, g.Cs, (R - 1) * g.SH + g.KH,
-                       std::max(anal.in_width(g.Wz), g.W + 2 * g.PW));
+                       g.SW * analysis_phase_width<T>(g));
   }
 
   // ybuf for batch item n and signal rows [hs0, hs0 + nh), from the code-sized tensor `src` describes.
@@ -391,8 +405,24 @@ struct Ctx {
     nh = std::max<int64_t>(0, hs1 - hs0);
   }
 
-  T* rrow(BandBufs<T>& bb, int64_t s, int64_t h, int64_t i0) const {
-    return bb.r + (s * bb.rrows + (h + g.PH - i0 * g.SH)) * bb.rwidth + g.PW;
+  // rbuf's signal row h of channel s (band starting at code row i0) := a - b (b null: a), in column phases.
+  void store_r(BandBufs<T>& bb, int64_t s, int64_t h, int64_t i0, const T* __restrict a, const T* __restrict b) const {
+    T* row = bb.r + (s * bb.rrows + (h + g.PH - i0 * g.SH)) * bb.rwidth;
+    const int64_t pwid = bb.rwidth / g.SW;
+    for (int64_t p = 0; p < g.SW; ++p) {
+      const int64_t w0 = ((p - g.PW) % g.SW + g.SW) % g.SW;
+      T* __restrict d = row + p * pwid + (w0 + g.PW) / g.SW;
+      const int64_t cnt = w0 < g.W ? (g.W - w0 + g.SW - 1) / g.SW : 0;
+      if (g.SW == 1 && b) {
+        for (int64_t m = 0; m < cnt; ++m) d[m] = a[m] - b[m];
+      } else if (g.SW == 1) {
+        std::memcpy(d, a, cnt * sizeof(T));
+      } else if (b) {
+        for (int64_t m = 0; m < cnt; ++m) d[m] = a[w0 + m * g.SW] - b[w0 + m * g.SW];
+      } else {
+        for (int64_t m = 0; m < cnt; ++m) d[m] = a[w0 + m * g.SW];
+      }
+    }
   }
 
   // E applied to rbuf for code rows [i0, i1) of a band; epi(c, i, j0, values, count).
@@ -419,10 +449,8 @@ struct Ctx {
     sig_rows(i0, i1, hs0, nh);
     fill_y(bb, CodeSrc<T>{zk, zkm1, beta, nullptr, T(1)}, n, hs0, nh);
     std::fill(bb.r, bb.r + g.Cs * bb.rrows * bb.rwidth, T(0));
-    synth_rows(bb, hs0, nh, [&](int64_t s, int64_t h, const T* v, int64_t cnt) {
-      T* __restrict dst = rrow(bb, s, h, i0);
-      const T* __restrict xs = x + ((n * g.Cs + s) * g.H + h) * g.W;
-      for (int64_t j = 0; j < cnt; ++j) dst[j] = xs[j] - v[j];
+    synth_rows(bb, hs0, nh, [&](int64_t s, int64_t h, const T* v, int64_t) {
+      store_r(bb, s, h, i0, x + ((n * g.Cs + s) * g.H + h) * g.W, v);
     });
     anal_rows(bb, i0, i1, [&](int64_t c, int64_t i, int64_t j0, const T* e, int64_t cnt) {
       const int64_t off = ((n * g.Cc + c) * g.Hz + i) * g.Wz + j0;
@@ -746,7 +774,7 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
           ctx.sig_rows(i0, i1, hs0, nh);
           for (int64_t s = 0; s < g.Cs; ++s)
             for (int64_t h = hs0; h < hs0 + nh; ++h)
-              std::memcpy(ctx.rrow(bb, s, h, i0), vn + (s * g.H + h) * g.W, g.W * sizeof(T));
+              ctx.store_r(bb, s, h, i0, vn + (s * g.H + h) * g.W, nullptr);
           for (int64_t i = i0; i < i1; ++i)
             anal_d.row(bb.r + (i - i0) * g.SH * bb.rwidth, bb.rrows * bb.rwidth, bb.rwidth, g.Wz,
                        [&](int64_t c, int64_t j0, const T* val, int64_t cnt) {
