@@ -108,7 +108,9 @@ struct Plan {
   // Channels per micro-kernel tile and vectors of columns for CO outputs channels and rows of wout columns.
   static void shape(int64_t CO, int64_t wout, int& cob, int& nv) {
     constexpr int L = VecOf<T>::L;
-    cob = CO >= 8 ? 8 : (CO >= 4 ? 4 : 1);
+    // Every input vector loaded feeds cob FMAs, so few channels (D with 1-3 signal channels) get a tile of exactly
+    // that many rather than a single channel.
+    cob = CO >= 8 ? 8 : (CO >= 4 ? 4 : int(CO));
     const int nv_max = cob == 8 ? 2 : 4;  // <= 16 accumulators: no spills with 32 vector registers
     const int64_t need = (wout + L - 1) / L;
     nv = need >= nv_max ? nv_max : (need >= 2 ? 2 : 1);
@@ -132,6 +134,8 @@ struct Plan {
       for (int64_t b = 0; b < KW; ++b) boff.push_back(b);
     if (cob == 8) fn = nv == 1 ? &corr_tile<T, 8, 1> : &corr_tile<T, 8, 2>;
     else if (cob == 4) fn = nv == 1 ? &corr_tile<T, 4, 1> : nv == 2 ? &corr_tile<T, 4, 2> : &corr_tile<T, 4, 4>;
+    else if (cob == 3) fn = nv == 1 ? &corr_tile<T, 3, 1> : nv == 2 ? &corr_tile<T, 3, 2> : &corr_tile<T, 3, 4>;
+    else if (cob == 2) fn = nv == 1 ? &corr_tile<T, 2, 1> : nv == 2 ? &corr_tile<T, 2, 2> : &corr_tile<T, 2, 4>;
     else fn = nv == 1 ? &corr_tile<T, 1, 1> : nv == 2 ? &corr_tile<T, 1, 2> : &corr_tile<T, 1, 4>;
     const int64_t nblk = (CO + cob - 1) / cob;
     wp.assign(nblk * CI * KH * KW * cob, T(0));
