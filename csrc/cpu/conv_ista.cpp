@@ -21,11 +21,12 @@
 //     dL/dth_c   = -sum gu sign(z_{k+1})  (nonneg: -sum gu);  dL/dlam_k = step_k dL/dth
 //     dL/dstep_k = <gu, E r_k> + <lam_k, dL/dth> = <v, r_k> + <lam_k, dL/dth>    (no analysis pass needed)
 //     FISTA: dL/dz_k += (1 + beta_k) dL/dy_k,  dL/dz_{k-1} -= beta_k dL/dy_k
-// The backward runs one iteration at a time with full-size temporaries r_k and v (signal-sized) and the running
-// code gradients (code-sized); gu and y_k are recomputed from the iterates wherever they are read. D y_k, E^* gu
-// and D^* v use the forward's micro-kernel; the two weight gradients are im2col + GEMM (MKL), per batch item.
+// The backward runs one iteration at a time with full-size temporaries r_k and v (signal-sized), the running code
+// gradients and the weight gradients' two operands step_k gu and -step_k y_k (code-sized); elsewhere gu and y_k are
+// recomputed from the iterates wherever they are read. D y_k, E^* gu and D^* v use the forward's micro-kernel, one
+// batch item per task; the two weight gradients are then one ATen convolution backward each (oneDNN) over the batch.
 // Recompute mode replays the fused forward from z0 up to z_k for every k: O(n^2 / 2) extra fused iterations, no
-// checkpoints, so its memory (three or four code-sized buffers) does not depend on n.
+// checkpoints, so its memory (three or four more code-sized buffers) does not depend on n.
 //
 // Both convolutions are "valid" correlations over zero-padded thread-local buffers, computed by one register-tiled
 // micro-kernel that only makes unit-stride loads: E reads the padded residual stored as stride_w column phases
@@ -571,81 +572,6 @@ std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x_, const
   return {z, iterates};
 }
 
-// Weight gradients as GEMMs over one batch item at a time: dW^T[(s, a, b), c] += col[(s, a, b), (i, j)] G^T[(i, j), c]
-// with col the im2col of a zero-padded signal-sized tensor. This orientation (G transposed while it is copied
-// anyway, col row-major) runs MKL's sgemm 1.5-4x faster than dW = G col^T for these thin shapes. Each thread
-// accumulates its own partial sums over all batch items and iterations; they are reduced once at the end.
-template <typename T>
-struct WeightGrad {
-  const Geo& g;
-  int64_t kk;                       // Cs * KH * KW
-  std::vector<at::Tensor> partial;  // per thread: (kk, Cc)
-
-  WeightGrad(const Geo& g_, const at::TensorOptions& opt) : g(g_), kk(g_.Cs * g_.KH * g_.KW) {
-    for (int t = 0; t < at::get_num_threads(); ++t) partial.push_back(at::zeros({kk, g.Cc}, opt));
-  }
-
-  // col[(s, a, b), p] for the code positions p of rows [i0, i1), from one item's signal-sized P (Cs, H, W).
-  void im2col(const T* P, int64_t i0, int64_t i1, T* col) const {
-    const int64_t np = (i1 - i0) * g.Wz;
-    for (int64_t s = 0; s < g.Cs; ++s)
-      for (int64_t a = 0; a < g.KH; ++a)
-        for (int64_t b = 0; b < g.KW; ++b) {
-          T* dst = col + ((s * g.KH + a) * g.KW + b) * np;
-          // Columns j with 0 <= j * SW + b - PW < W.
-          const int64_t j_lo = std::min(g.Wz, std::max<int64_t>(0, (g.PW - b + g.SW - 1) / g.SW));
-          const int64_t j_hi = std::max(j_lo, std::min(g.Wz, (g.W - 1 + g.PW - b) / g.SW + 1));
-          for (int64_t i = i0; i < i1; ++i, dst += g.Wz) {
-            const int64_t h = i * g.SH + a - g.PH;
-            if (h < 0 || h >= g.H) {
-              std::fill(dst, dst + g.Wz, T(0));
-              continue;
-            }
-            const T* src = P + (s * g.H + h) * g.W + b - g.PW;
-            std::fill(dst, dst + j_lo, T(0));
-            if (g.SW == 1) std::memcpy(dst + j_lo, src + j_lo, (j_hi - j_lo) * sizeof(T));
-            else for (int64_t j = j_lo; j < j_hi; ++j) dst[j] = src[j * g.SW];
-            std::fill(dst + j_hi, dst + g.Wz, T(0));
-          }
-        }
-  }
-
-  static constexpr int64_t kBlk = 64;      // positions per transposed block (strided writes stay in L1)
-  static constexpr int64_t kChunk = 2048;  // code positions per GEMM: bounds the per-thread im2col buffer
-
-  // partial[this thread] += col(P) G_n^T, P one batch item's signal-sized tensor (Cs, H, W), G_n = src's batch
-  // item n as (Cc, Hz * Wz); in chunks of whole code rows. Called from inside a parallel region.
-  void add(const T* P, const CodeSrc<T>& src, int64_t n) {
-    const int64_t hw = g.Hz * g.Wz;
-    const int64_t rows = std::max<int64_t>(1, kChunk / g.Wz);
-    thread_local std::vector<T> colv, gv, tmp;
-    colv.resize(kk * rows * g.Wz);
-    gv.resize(g.Cc * rows * g.Wz);
-    tmp.resize(kBlk);
-    const auto opt = partial[0].options();
-    at::Tensor& acc = partial[at::get_thread_num()];
-    for (int64_t i0 = 0; i0 < g.Hz; i0 += rows) {
-      const int64_t i1 = std::min(g.Hz, i0 + rows);
-      const int64_t p0 = i0 * g.Wz, np = (i1 - i0) * g.Wz;
-      im2col(P, i0, i1, colv.data());
-      for (int64_t q0 = 0; q0 < np; q0 += kBlk) {
-        const int64_t cnt = std::min(kBlk, np - q0);
-        for (int64_t c = 0; c < g.Cc; ++c) {
-          src.row((n * g.Cc + c) * hw + p0 + q0, cnt, tmp.data());
-          for (int64_t q = 0; q < cnt; ++q) gv[(q0 + q) * g.Cc + c] = tmp[q];
-        }
-      }
-      acc.addmm_(at::from_blob(colv.data(), {kk, np}, opt), at::from_blob(gv.data(), {np, g.Cc}, opt));
-    }
-  }
-
-  at::Tensor sum() const {
-    at::Tensor out = partial[0];
-    for (size_t t = 1; t < partial.size(); ++t) out = out + partial[t];
-    return out.t().reshape({g.Cc, g.Cs, g.KH, g.KW});
-  }
-};
-
 template <typename T>
 void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& weight,
               const at::Tensor& encoder_weight, const at::Tensor& lam_t, const at::Tensor& step_t,
@@ -665,8 +591,8 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
   const bool saved = iterates.numel() > 0;
   const T* xp = x.data_ptr<T>();
 
-  // Full-size temporaries: gA, gB and the replay buffers (code-sized). gu = gA [z_{k+1} != 0] and y_k are
-  // recomputed wherever they are read instead of being stored.
+  // Code-sized temporaries: gA, gB and the replay buffers; gu = gA [z_{k+1} != 0] and y_k are recomputed wherever
+  // they are read, except for the weight gradients' operands below.
   gz0 = grad_z.clone();  // gA: dL/dz_{k+1}, complete when step k runs; ends as dL/dz_0
   at::Tensor gB = fista ? at::zeros_like(z0) : at::Tensor();  // the part of dL/dz_k coming from y_{k+1}
   gx.zero_();
@@ -682,7 +608,11 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
     std::memcpy(zk1_buf, z.data_ptr<T>(), csz * sizeof(T));
   }
   const T* it = saved ? iterates.data_ptr<T>() : nullptr;
-  WeightGrad<T> wg_e(g, x.options()), wg_d(g, x.options());
+  // Per iteration, whole-batch r_k and v (signal-sized) and the weight gradients' G operands (code-sized, step_k
+  // folded in) for the two weight-gradient convolutions after the item loop.
+  at::Tensor r_all = at::empty_like(x), v_all = at::empty_like(x);
+  at::Tensor ge_all = at::empty_like(z0), gd_all = at::empty_like(z0);
+  at::Tensor gwe_acc = at::zeros_like(encoder_weight), gw_acc = at::zeros_like(weight);
   const int nt = at::get_num_threads();
   std::vector<std::vector<double>> dth_part(nt, std::vector<double>(g.Cc));  // dL/dth per thread and channel
   std::vector<double> vr_part(nt);                                           // <v, r_k> per thread
@@ -710,17 +640,15 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
     const CodeSrc<T> yk{zk, zkm1, bk, nullptr, T(1)};
     const CodeSrc<T> gu{gAp, nullptr, T(0), zk1, T(1)};  // read before this item's gA slice is rewritten
 
-    // One batch item per task, start to finish: its r_k and v stay in thread-local, cache-sized buffers, and only
-    // its own slice of gA is rewritten (after every read of it), so items are independent.
+    // One batch item per task, start to finish: it writes only its own slices of r_k, v and the G operands, and
+    // rewrites its own slice of gA after every read of it, so items are independent.
     for (auto& d : dth_part) std::fill(d.begin(), d.end(), 0.0);
     std::fill(vr_part.begin(), vr_part.end(), 0.0);
     at::parallel_for(0, g.B, 1, [&](int64_t n0, int64_t n1) {
       const int tid = at::get_thread_num();
-      thread_local std::vector<T> sigbuf;
-      sigbuf.resize(2 * sig);
-      T* __restrict rn = sigbuf.data();
-      T* __restrict vn = rn + sig;
       for (int64_t b = n0; b < n1; ++b) {
+        T* __restrict rn = r_all.data_ptr<T>() + b * sig;
+        T* __restrict vn = v_all.data_ptr<T>() + b * sig;
         // dL/dth (sign-weighted sum of gu), one code row of the reduction at a time in T, vectorised.
         for (int64_t c = 0; c < g.Cc; ++c) {
           const T* __restrict zz = zk1 + (b * g.Cc + c) * hw;
@@ -765,9 +693,9 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
         for (int64_t i = 0; i < sig; ++i) vr += vn[i] * rn[i];
         vr_part[tid] += vr;
 
-        // Weight gradients, with step_k folded into G: dW_E += step r_k (x) gu, dW_D -= step v (x) y_k.
-        wg_e.add(rn, CodeSrc<T>{gAp, nullptr, T(0), zk1, sk}, b);
-        wg_d.add(vn, CodeSrc<T>{zk, zkm1, bk, nullptr, -sk}, b);
+        // The weight gradients' G, with step_k folded in: dW_E += step r_k (x) gu, dW_D -= step v (x) y_k.
+        CodeSrc<T>{gAp, nullptr, T(0), zk1, sk}.row(b * g.Cc * hw, g.Cc * hw, ge_all.data_ptr<T>() + b * g.Cc * hw);
+        CodeSrc<T>{zk, zkm1, bk, nullptr, -sk}.row(b * g.Cc * hw, g.Cc * hw, gd_all.data_ptr<T>() + b * g.Cc * hw);
 
         // dL/dy_k = gu - step D^* v, split into dL/dz_k (gA) and dL/dz_{k-1} (gB).
         for (int64_t i0 = 0; i0 < g.Hz; i0 += ctx.R) {
@@ -814,10 +742,18 @@ void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& w
     for (double part : vr_part) vr += part;
     gstep.data_ptr<T>()[k] = T(vr + lam_dth);
 
+    // Whole-batch weight gradients through ATen's convolution backward (oneDNN for float32): faster than an
+    // im2col + GEMM per item, which spent as long writing im2col as multiplying.
+    const std::vector<int64_t> st{g.SH, g.SW}, pd{g.PH, g.PW}, dil{1, 1}, opad{0, 0};
+    gwe_acc += std::get<1>(at::convolution_backward(ge_all, r_all, encoder_weight, std::nullopt, st, pd, dil, false,
+                                                    opad, 1, {false, true, false}));
+    gw_acc += std::get<1>(at::convolution_backward(gd_all, v_all, weight, std::nullopt, st, pd, dil, false, opad, 1,
+                                                   {false, true, false}));
+
     if (!saved) std::memcpy(zk1_buf, zk, csz * sizeof(T));
   }
-  gwe.copy_(wg_e.sum());
-  gw.copy_(wg_d.sum());
+  gwe.copy_(gwe_acc);
+  gw.copy_(gw_acc);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_ista_bwd_cpp(
