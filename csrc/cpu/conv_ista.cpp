@@ -64,8 +64,9 @@ using TileFn = void (*)(const T*, int64_t, int64_t, const int64_t*, int64_t, int
 
 // out[co][j] = sum_{ci, a, b} in[ci * ics + a * irs + boff[b] + j] * wp[((ci * KH + a) * KW + b) * COB + co]
 // for COB output channels and NV vectors of columns: COB * NV accumulators stay in registers, each input vector is
-// loaded once per tap (unit stride: boff absorbs a strided layout) and reused for COB channels.
-template <typename T, int COB, int NV>
+// loaded once per tap (unit stride: boff absorbs a strided layout) and reused for COB channels. DENSE: boff[b] = b,
+// known here, which saves a load per tap (a fifth of the loads of the load-bound one-channel tile).
+template <typename T, int COB, int NV, bool DENSE>
 void corr_tile(const T* in, int64_t ics, int64_t irs, const int64_t* boff, int64_t CI, int64_t KH, int64_t KW,
                const T* wp, T* out) {
   using V = typename VecOf<T>::V;
@@ -80,7 +81,7 @@ void corr_tile(const T* in, int64_t ics, int64_t irs, const int64_t* boff, int64
       const T* row = in + ci * ics + a * irs;
       for (int64_t b = 0; b < KW; ++b, wp += COB) {
         V xin[NV];
-        const T* p = row + boff[b];
+        const T* p = row + (DENSE ? b : boff[b]);
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) std::memcpy(&xin[v], p + v * L, sizeof(V));
 #pragma GCC unroll 8
@@ -117,6 +118,21 @@ struct Plan {
     nv = need >= nv_max ? nv_max : (need >= 2 ? 2 : 1);
   }
 
+  template <bool DENSE>
+  static TileFn<T> pick(int cob, int nv) {
+    if (cob == 8) return nv == 1 ? &corr_tile<T, 8, 1, DENSE> : &corr_tile<T, 8, 2, DENSE>;
+    if (cob == 4) return pick_nv<4, DENSE>(nv);
+    if (cob == 3) return pick_nv<3, DENSE>(nv);
+    if (cob == 2) return pick_nv<2, DENSE>(nv);
+    return pick_nv<1, DENSE>(nv);
+  }
+
+  template <int COB, bool DENSE>
+  static TileFn<T> pick_nv(int nv) {
+    if (nv == 1) return &corr_tile<T, COB, 1, DENSE>;
+    return nv == 2 ? &corr_tile<T, COB, 2, DENSE> : &corr_tile<T, COB, 4, DENSE>;
+  }
+
   // wout rounded up to whole tiles.
   static int64_t padded_width(int64_t CO, int64_t wout) {
     int cob, nv;
@@ -131,13 +147,11 @@ struct Plan {
     int nv;
     shape(CO, wout, cob, nv);
     tile_w = nv * VecOf<T>::L;
+    bool dense = true;
     if (boff.empty())
       for (int64_t b = 0; b < KW; ++b) boff.push_back(b);
-    if (cob == 8) fn = nv == 1 ? &corr_tile<T, 8, 1> : &corr_tile<T, 8, 2>;
-    else if (cob == 4) fn = nv == 1 ? &corr_tile<T, 4, 1> : nv == 2 ? &corr_tile<T, 4, 2> : &corr_tile<T, 4, 4>;
-    else if (cob == 3) fn = nv == 1 ? &corr_tile<T, 3, 1> : nv == 2 ? &corr_tile<T, 3, 2> : &corr_tile<T, 3, 4>;
-    else if (cob == 2) fn = nv == 1 ? &corr_tile<T, 2, 1> : nv == 2 ? &corr_tile<T, 2, 2> : &corr_tile<T, 2, 4>;
-    else fn = nv == 1 ? &corr_tile<T, 1, 1> : nv == 2 ? &corr_tile<T, 1, 2> : &corr_tile<T, 1, 4>;
+    for (int64_t b = 0; b < KW; ++b) dense = dense && boff[b] == b;
+    fn = dense ? pick<true>(cob, nv) : pick<false>(cob, nv);
     const int64_t nblk = (CO + cob - 1) / cob;
     wp.assign(nblk * CI * KH * KW * cob, T(0));
     for (int64_t co = 0; co < CO; ++co)
