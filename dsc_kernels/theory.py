@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .reference.conv import as_tuple
+
 __all__ = [
     "mutual_coherence",
     "uniqueness_bound",
@@ -85,9 +87,9 @@ def mutual_coherence(
     if weight.dim() not in (3, 4):
         raise ValueError(f"weight must be (C_code, C_sig, k) or (C_code, C_sig, kh, kw), got shape {tuple(weight.shape)}")
     nd = weight.dim() - 2
-    size = _as_tuple(signal_size, nd, "signal_size")
-    strides = _as_tuple(stride, nd, "stride")
-    pads = _as_tuple(padding, nd, "padding")
+    size = as_tuple(signal_size, nd, "signal_size")
+    strides = as_tuple(stride, nd, "stride")
+    pads = as_tuple(padding, nd, "padding")
     w = weight.detach().to(torch.float64, copy=True)
     if nd == 1:  # a 1-D dictionary is the 2-D one with a trivial width axis
         w, size, strides, pads = w.unsqueeze(-1), (size[0], 1), (strides[0], 1), (pads[0], 0)
@@ -137,15 +139,6 @@ def mutual_coherence(
             if ratio.numel():
                 best = max(best, float(ratio.max()))
     return min(best, 1.0)
-
-
-def _as_tuple(v: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
-    if isinstance(v, int):
-        return (v,) * n
-    t = tuple(int(a) for a in v)
-    if len(t) != n:
-        raise ValueError(f"{name} must have {n} entries, got {t}")
-    return t
 
 
 def uniqueness_bound(mu: float) -> float:

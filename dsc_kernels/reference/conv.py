@@ -25,13 +25,13 @@ def spatial_rank(weight: torch.Tensor) -> int:
     return weight.dim() - 2
 
 
-def as_tuple(value: int | Sequence[int], rank: int) -> tuple[int, ...]:
+def as_tuple(value: int | Sequence[int], rank: int, name: str = "value") -> tuple[int, ...]:
     """Expand an int (or check a sequence) to one entry per spatial dimension."""
     if isinstance(value, int):
         return (value,) * rank
     value = tuple(int(v) for v in value)
     if len(value) != rank:
-        raise ValueError(f"expected {rank} values, got {value}")
+        raise ValueError(f"{name} must have {rank} entries, got {value}")
     return value
 
 
