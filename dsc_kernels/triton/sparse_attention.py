@@ -33,14 +33,22 @@ __all__ = ["sparse_attention_fwd", "sparse_attention_bwd", "KERNELS", "aot_signa
 
 
 @triton.jit
+def _load_rows(base, offs_r, n_rows, offs_c, n_cols, UPCAST: tl.constexpr):
+    """Rows offs_r, columns offs_c of a row-major (n_rows, n_cols) matrix, zero outside it. UPCAST (the
+    interpreter) loads half precision as fp32 straight away, since the interpreter cannot compute in bf16."""
+    t = tl.load(base + offs_r[:, None] * n_cols + offs_c[None, :],
+                mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols), other=0.0)
+    if UPCAST:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
 def _scores(q, k_ptr, start_n, offs_m, offs_d, N_K, D, scale,
             CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     """Scores of a (BLOCK_M, BLOCK_N) tile, -inf where the key is past M or causally hidden."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = tl.load(k_ptr + offs_n[:, None] * D + offs_d[None, :],
-                mask=(offs_n[:, None] < N_K) & (offs_d[None, :] < D), other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
+    k = _load_rows(k_ptr, offs_n, N_K, offs_d, D, UPCAST)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
     valid = offs_n[None, :] < N_K
     if CAUSAL:
@@ -72,10 +80,9 @@ def _sweep(q, k_base, v_base, tau, row_ok, offs_m, offs_d, offs_dv, end_n, N_K, 
         # Exactly sparse rows make most tiles empty: skip their v traffic and the second GEMM.
         if tl.max(tl.max(above.to(tl.int32), axis=1), axis=0) > 0:
             p = tl.where(above, s - tau[:, None], 0.0)
-            v = tl.load(v_base + offs_n[:, None] * DV + offs_dv[None, :],
-                        mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < DV), other=0.0)
+            v = _load_rows(v_base, offs_n, N_K, offs_dv, DV, UPCAST)
             if UPCAST:
-                acc += tl.dot(p, v.to(tl.float32), input_precision=DOT_PREC)
+                acc += tl.dot(p, v, input_precision=DOT_PREC)
             else:
                 acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, cnt, tot
@@ -92,10 +99,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, th_ptr, o_ptr, st_ptr, N_Q, N_K, H, D, DV, 
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < N_Q
-    q = tl.load(q_ptr + bh * N_Q * D + offs_m[:, None] * D + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_rows(q_ptr + bh * N_Q * D, offs_m, N_Q, offs_d, D, UPCAST)
     k_base = k_ptr + bh * N_K * D
     v_base = v_ptr + bh * N_K * DV
     end_n = _key_end(start_m, N_K, CAUSAL, BLOCK_M)
@@ -156,13 +160,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, st_ptr, dq_ptr, delta_ptr, dth_pt
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < N_Q
-    q = tl.load(q_ptr + bh * N_Q * D + offs_m[:, None] * D + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    g = tl.load(g_ptr + bh * N_Q * DV + offs_m[:, None] * DV + offs_dv[None, :],
-                mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        g = g.to(tl.float32)
+    q = _load_rows(q_ptr + bh * N_Q * D, offs_m, N_Q, offs_d, D, UPCAST)
+    g = _load_rows(g_ptr + bh * N_Q * DV, offs_m, N_Q, offs_dv, DV, UPCAST)
     tau = tl.load(st_ptr + (bh * N_Q + offs_m) * 2, mask=row_ok, other=float("inf"))
     k_base = k_ptr + bh * N_K * D
     v_base = v_ptr + bh * N_K * DV
@@ -176,10 +175,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, st_ptr, dq_ptr, delta_ptr, dth_pt
                                 DOT_PREC)
             on = s > tau[:, None]
             if tl.max(tl.max(on.to(tl.int32), axis=1), axis=0) > 0:
-                v = tl.load(v_base + offs_n[:, None] * DV + offs_dv[None, :],
-                            mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < DV), other=0.0)
-                if UPCAST:
-                    v = v.to(tl.float32)
+                v = _load_rows(v_base, offs_n, N_K, offs_dv, DV, UPCAST)
                 dp = tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
                 delta += tl.sum(tl.where(on, dp, 0.0), axis=1)
         delta = delta / tl.maximum(support, 1.0)
@@ -191,13 +187,8 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, st_ptr, dq_ptr, delta_ptr, dth_pt
         s, offs_n = _scores(q, k_base, start_n, offs_m, offs_d, N_K, D, scale, CAUSAL, BLOCK_N, UPCAST, DOT_PREC)
         on = s > tau[:, None]
         if tl.max(tl.max(on.to(tl.int32), axis=1), axis=0) > 0:
-            kv_mask_d = (offs_n[:, None] < N_K) & (offs_d[None, :] < D)
-            k = tl.load(k_base + offs_n[:, None] * D + offs_d[None, :], mask=kv_mask_d, other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * DV + offs_dv[None, :],
-                        mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < DV), other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = _load_rows(k_base, offs_n, N_K, offs_d, D, UPCAST)
+            v = _load_rows(v_base, offs_n, N_K, offs_dv, DV, UPCAST)
             dp = tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
             ds = tl.where(on, dp - delta[:, None], 0.0)
             ds_sum += tl.sum(ds, axis=1)
@@ -222,13 +213,8 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, st_ptr, delta_ptr, dk_ptr, dv_p
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < N_K
-    k = tl.load(k_ptr + bh * N_K * D + offs_n[:, None] * D + offs_d[None, :],
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(v_ptr + bh * N_K * DV + offs_n[:, None] * DV + offs_dv[None, :],
-                mask=col_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_rows(k_ptr + bh * N_K * D, offs_n, N_K, offs_d, D, UPCAST)
+    v = _load_rows(v_ptr + bh * N_K * DV, offs_n, N_K, offs_dv, DV, UPCAST)
     q_base = q_ptr + bh * N_Q * D
     g_base = g_ptr + bh * N_Q * DV
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -238,20 +224,14 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, st_ptr, delta_ptr, dk_ptr, dv_p
     for start_m in range(begin_m, N_Q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N_Q
-        q = tl.load(q_base + offs_m[:, None] * D + offs_d[None, :],
-                    mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q = _load_rows(q_base, offs_m, N_Q, offs_d, D, UPCAST)
         tau = tl.load(st_ptr + (bh * N_Q + offs_m) * 2, mask=row_ok, other=float("inf"))
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
         on = row_ok[:, None] & col_ok[None, :] & (s > tau[:, None])
         if CAUSAL:
             on = on & (offs_n[None, :] <= offs_m[:, None])
         if tl.max(tl.max(on.to(tl.int32), axis=1), axis=0) > 0:
-            g = tl.load(g_base + offs_m[:, None] * DV + offs_dv[None, :],
-                        mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-            if UPCAST:
-                g = g.to(tl.float32)
+            g = _load_rows(g_base, offs_m, N_Q, offs_dv, DV, UPCAST)
             delta = tl.load(delta_ptr + bh * N_Q + offs_m, mask=row_ok, other=0.0)
             p = tl.where(on, s - tau[:, None], 0.0)
             dp = tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
