@@ -290,8 +290,9 @@ def conv_ista(x: Tensor, weight: Tensor, lam: Tensor | float, *, n_iter: int, st
 
     x: (B, C_sig, *S); weight, encoder_weight: (C_code, C_sig, *k); lam >= 0: float, (C_code,) or (n_iter, C_code);
     step > 0: float, (n_iter,), or None for 1/L at x's size; z0: (B, C_code, *Sz) or None for zeros.
-    ``recompute``: fused backends save only z0 for the backward and replay the iterations (memory independent of
-    n_iter) instead of saving the n_iter code iterates. Returns z: (B, C_code, *Sz).
+    ``recompute``: fused backends keep nothing code-sized for the backward and replay the iterations (memory
+    independent of n_iter) instead of saving code iterates (cpp: every other one, replaying the rest; triton: all).
+    Returns z: (B, C_code, *Sz).
     """
     weight = _check_weight("weight", weight)
     x = _check_signal("x", x, weight)
@@ -343,14 +344,24 @@ def _fused_conv_ista(backend, x, weight, encoder_weight, lam, step, z0, z_shape,
         encoder_weight = None if encoder_weight is None else encoder_weight.unsqueeze(2)
         z0 = None if z0 is None else z0.unsqueeze(2)
         stride, padding = (1, *stride), (0, *padding)
-    if z0 is None:
-        z0 = x.new_zeros(z_shape[:2] + ((1,) if one_d else ()) + tuple(z_shape[2:]))
+    z0 = x.new_empty(0) if z0 is None else z0.contiguous()  # empty: zeros, never materialised
     encoder_weight = weight if encoder_weight is None else encoder_weight
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, weight, encoder_weight, lam, step, z0))
+    checkpoint = 0 if recompute or not needs_grad else _save_interval(backend, fista)
     z = conv_ista_op(backend, x.contiguous(), weight.contiguous(), encoder_weight.contiguous(), lam, step,
-                     z0.contiguous(), stride, padding, nonneg, fista, needs_grad and not recompute)
+                     z0, stride, padding, nonneg, fista, checkpoint)
     return z.squeeze(2) if one_d else z
+
+
+def _save_interval(backend: str, fista: bool) -> int:
+    """The checkpoint interval of save mode (reference.conv_ista.checkpoint_indices). The cpp backward replays each
+    segment per batch item from its checkpoint and keeps the residuals it computes on the way, so every other
+    iterate (FISTA: two of three, as a replay needs z_{k-1} too) costs it about one forward iteration per segment;
+    the Triton backward reads every iterate."""
+    if backend == "cpp":
+        return 3 if fista else 2
+    return 1
 
 
 def deep_conv_ista(x: Tensor, weights: Sequence[Tensor], lams: Sequence[Tensor | float], *,

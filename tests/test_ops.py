@@ -7,29 +7,29 @@ from dsc_kernels.reference import conv_ista_ref
 from helpers import conv_problem
 
 
-def canonical_args(p, nonneg, fista, save):
+def canonical_args(p, nonneg, fista, checkpoint):
     z0 = p["z0"] if p["z0"] is not None else torch.zeros_like(conv_ista_ref(
         p["x"], p["weight"], p["lam"], p["step"], stride=p["stride"], padding=p["padding"]))
     return (p["x"], p["weight"], p["encoder_weight"], p["lam"], p["step"], z0, list(p["stride"]),
-            list(p["padding"]), nonneg, fista, save)
+            list(p["padding"]), nonneg, fista, checkpoint)
 
 
-@pytest.mark.parametrize("save", [True, False])
+@pytest.mark.parametrize("checkpoint", [1, 2, 0])
 @pytest.mark.parametrize("fista,nonneg", [(False, False), (True, True)])
-def test_opcheck_ref_ops(save, fista, nonneg):
+def test_opcheck_ref_ops(checkpoint, fista, nonneg):
     p = conv_problem(2, stride=2, z0=True, requires_grad=True)
     ops = get_backend("ref")
-    args = canonical_args(p, nonneg, fista, save)
+    args = canonical_args(p, nonneg, fista, checkpoint)
     torch.library.opcheck(ops.forward, args)
     # The backward op is not itself differentiable (no double backward): check it on plain tensors.
     tensors = [t.detach() for t in args[:6]]
-    z, iterates = ops.forward(*tensors, *args[6:])
-    torch.library.opcheck(ops.backward, (torch.randn_like(z), *tensors, z, iterates, *args[6:10]))
+    z, saved = ops.forward(*tensors, *args[6:])
+    torch.library.opcheck(ops.backward, (torch.randn_like(z), *tensors, z, saved, *args[6:]))
 
 
 def test_compiled_op_matches_eager_with_gradients():
     p = conv_problem(2, stride=1, z0=True, requires_grad=True)
-    args = canonical_args(p, False, True, True)
+    args = canonical_args(p, False, True, 2)
 
     def run(x, w, we, lam, step, z0):
         return conv_ista_op("ref", x, w, we, lam, step, z0, *args[6:])

@@ -10,6 +10,7 @@ from dsc_kernels.reference import (
     conv_analysis_ref, conv_ista_bwd_ref, conv_ista_fwd_ref, conv_ista_ref, conv_synthesis_ref, fista_momentum,
     lasso_objective_ref, lipschitz_constant_ref, soft_threshold_ref,
 )
+from dsc_kernels.reference.conv_ista import checkpoint_indices
 from helpers import conv_problem
 
 
@@ -68,9 +69,9 @@ def test_gradcheck_conv_ista_ref(rank, fista, nonneg, untied, stride):
     torch.autograd.gradcheck(run, inputs, atol=1e-6, fast_mode=True)
 
 
-@pytest.mark.parametrize("rank,fista,nonneg,stride,save", list(itertools.product((1, 2), (False, True), (False, True),
-                                                                                 (1, 2), (True, False))))
-def test_handwritten_vjp_equals_autograd(rank, fista, nonneg, stride, save):
+@pytest.mark.parametrize("rank,fista,nonneg,stride,checkpoint", list(itertools.product(
+    (1, 2), (False, True), (False, True), (1, 2), (1, 2, 0))))
+def test_handwritten_vjp_equals_autograd(rank, fista, nonneg, stride, checkpoint):
     p = conv_problem(rank, stride=stride, z0=True, requires_grad=True)
     args = (p["x"], p["weight"], p["encoder_weight"], p["lam"], p["step"], p["z0"])
     z = conv_ista_ref(p["x"], p["weight"], p["lam"], p["step"], encoder_weight=p["encoder_weight"],
@@ -78,10 +79,11 @@ def test_handwritten_vjp_equals_autograd(rank, fista, nonneg, stride, save):
     assert z.eq(0).any() and z.ne(0).any()
     grad_z = torch.randn_like(z)
     expected = torch.autograd.grad(z, args, grad_z)
-    z_fused, iterates = conv_ista_fwd_ref(*args, p["stride"], p["padding"], nonneg, fista, save)
+    z_fused, saved = conv_ista_fwd_ref(*args, p["stride"], p["padding"], nonneg, fista, checkpoint)
     torch.testing.assert_close(z_fused, z)
-    assert iterates.shape == ((p["lam"].shape[0], *z.shape) if save else (0,))
-    got = conv_ista_bwd_ref(grad_z, *args, z_fused, iterates, p["stride"], p["padding"], nonneg, fista)
+    n_saved = len(checkpoint_indices(p["lam"].shape[0], checkpoint, fista))
+    assert saved.shape == ((n_saved, *z.shape) if checkpoint else (0,))
+    got = conv_ista_bwd_ref(grad_z, *args, z_fused, saved, p["stride"], p["padding"], nonneg, fista, checkpoint)
     for name, g, e in zip(("x", "weight", "encoder_weight", "lam", "step", "z0"), got, expected):
         torch.testing.assert_close(g, e, msg=lambda m: f"grad {name}: {m}")
 
@@ -154,3 +156,23 @@ def test_deep_conv_ista_chains_layers():
     torch.testing.assert_close(g2, DF.conv_ista(g1, w2, 0.05, n_iter=3, stride=2, padding=1, step=0.02,
                                                 backend="reference"))
     assert g2.shape == (2, 6, 5, 5)
+
+
+def test_checkpoint_indices():
+    assert checkpoint_indices(10, 0, False) == []
+    assert checkpoint_indices(10, 1, False) == list(range(1, 10))
+    assert checkpoint_indices(10, 2, False) == [2, 4, 6, 8]
+    # FISTA replays need z_{s-1} beside each segment start s.
+    assert checkpoint_indices(10, 3, True) == [2, 3, 5, 6, 8, 9]
+    assert checkpoint_indices(1, 2, False) == []
+
+
+def test_empty_z0_means_zeros():
+    p = conv_problem(2, stride=2, z0=False, requires_grad=False)
+    args = (p["x"], p["weight"], p["weight"], p["lam"], p["step"])
+    geo = (p["stride"], p["padding"], False, True)
+    z, saved = conv_ista_fwd_ref(*args, p["x"].new_empty(0), *geo, 2)
+    z_zeros, _ = conv_ista_fwd_ref(*args, torch.zeros_like(z), *geo, 2)
+    torch.testing.assert_close(z, z_zeros, rtol=0, atol=0)
+    grads = conv_ista_bwd_ref(torch.ones_like(z), *args, p["x"].new_empty(0), z, saved, *geo, 2)
+    assert grads[-1].shape == (0,)

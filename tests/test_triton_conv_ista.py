@@ -163,16 +163,24 @@ def test_launchers_canonical_contract():
     from dsc_kernels.triton.conv_ista import conv_ista_bwd, conv_ista_fwd
     p = _problem(rank=2, untied=True, z0=True, n_iter=2)
     args = [p[k].float() for k in ("x", "weight", "encoder_weight", "lam", "step", "z0")]
-    z, iterates = conv_ista_fwd(*args, list(p["stride"]), list(p["padding"]), False, False, True)
-    assert iterates.shape == (2, *args[5].shape) and torch.equal(iterates[0], args[5])
-    _, empty = conv_ista_fwd(*args, list(p["stride"]), list(p["padding"]), False, False, False)
+    geo = [list(p["stride"]), list(p["padding"]), False, False]
+    z, iterates = conv_ista_fwd(*args, *geo, 1)
+    assert iterates.shape == (1, *args[5].shape)  # z_1 (z_0 is the input, z_2 the output)
+    _, empty = conv_ista_fwd(*args, *geo, 0)
     assert empty.shape == (0,)
-    grads = conv_ista_bwd(torch.ones_like(z), *args, z, iterates, list(p["stride"]), list(p["padding"]), False, False)
+    with pytest.raises(ValueError, match="checkpoint must be 0 or 1"):
+        conv_ista_fwd(*args, *geo, 2)
+    grads = conv_ista_bwd(torch.ones_like(z), *args, z, iterates, *geo, 1)
     assert [g.shape for g in grads] == [a.shape for a in args]
     # Deterministic: no atomics anywhere, so a second backward is bit-identical.
-    again = conv_ista_bwd(torch.ones_like(z), *args, z, iterates, list(p["stride"]), list(p["padding"]), False,
-                          False)
+    again = conv_ista_bwd(torch.ones_like(z), *args, z, iterates, *geo, 1)
     assert all(torch.equal(a, b) for a, b in zip(grads, again))
+    # An empty z0 is zeros and gets an empty gradient.
+    z_empty, _ = conv_ista_fwd(*args[:5], args[0].new_empty(0), *geo, 0)
+    z_zeros, _ = conv_ista_fwd(*args[:5], torch.zeros_like(args[5]), *geo, 0)
+    assert torch.equal(z_empty, z_zeros)
+    g_empty = conv_ista_bwd(torch.ones_like(z), *args[:5], args[0].new_empty(0), z.new_empty(0), empty, *geo, 0)
+    assert g_empty[-1].shape == (0,)
 
 
 # The interpreter cannot run on the FakeTensors that AOT tracing feeds a triton_op, so test_aot_dispatch_dynamic
@@ -188,11 +196,12 @@ def _opcheck(save, fista, nonneg, utils):
                  device=dev, kink_free=False)
     tensors = [p[k].float() for k in ("x", "weight", "encoder_weight", "lam", "step", "z0")]
     geo = [list(p["stride"]), list(p["padding"]), nonneg, fista]
-    torch.library.opcheck(ops.forward, ([t.clone().requires_grad_() for t in tensors] + geo + [save]),
+    checkpoint = int(save)
+    torch.library.opcheck(ops.forward, ([t.clone().requires_grad_() for t in tensors] + geo + [checkpoint]),
                           test_utils=utils)
-    z, iterates = ops.forward(*tensors, *geo, save)
+    z, iterates = ops.forward(*tensors, *geo, checkpoint)
     # The backward op is not itself differentiable (no double backward).
-    torch.library.opcheck(ops.backward, (torch.randn_like(z), *tensors, z, iterates, *geo),
+    torch.library.opcheck(ops.backward, (torch.randn_like(z), *tensors, z, iterates, *geo, checkpoint),
                           test_utils=tuple(u for u in utils if u != "test_autograd_registration"))
 
 
@@ -261,15 +270,16 @@ def _compare_at_scale(p, dtype, rtol, atol, recompute=False):
         stride, padding = [1] + stride, [0] + padding
     geo = (stride, padding, p["nonneg"], p["fista"])
     args = [a.to(dtype) for a in args64]
-    z, iterates = conv_ista_fwd(*args, *geo, True)
-    z_ref, _ = conv_ista_fwd_ref(*args64, *geo, False)
+    z, iterates = conv_ista_fwd(*args, *geo, 1)
+    z_ref, _ = conv_ista_fwd_ref(*args64, *geo, 0)
     same = (z != 0) == (z_ref != 0)
     assert same.double().mean().item() > 0.999
     torch.testing.assert_close(torch.where(same, z.double(), z_ref), z_ref, rtol=rtol,
                                atol=atol * z_ref.abs().max().item())
     gz = torch.randn(z.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(z.device)
-    grads = conv_ista_bwd(gz.to(dtype), *args, z, iterates.new_empty(0) if recompute else iterates, *geo)
-    ref = conv_ista_bwd_ref(gz, *args64, z.double(), iterates.double(), *geo)
+    grads = conv_ista_bwd(gz.to(dtype), *args, z, iterates.new_empty(0) if recompute else iterates, *geo,
+                          0 if recompute else 1)
+    ref = conv_ista_bwd_ref(gz, *args64, z.double(), iterates.double(), *geo, 1)
     for name, a, b in zip(GRAD_NAMES, grads, ref):
         assert a.dtype == dtype, name
         torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol * b.abs().max().item(), msg=name)

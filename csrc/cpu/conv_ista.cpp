@@ -46,8 +46,10 @@ namespace {
 
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
+constexpr int kVecRegs = 32;
 #else
 constexpr int kVecBytes = 32;
+constexpr int kVecRegs = 16;
 #endif
 
 template <typename T>
@@ -57,7 +59,7 @@ struct VecOf {
 };
 
 // Largest tile (channels x columns) any micro-kernel instantiation writes (cob * nv * L, see Plan).
-constexpr int kMaxTile = 256;
+constexpr int kMaxTile = 512;
 
 template <typename T>
 using TileFn = void (*)(const T*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t, const T*, T*);
@@ -112,25 +114,35 @@ struct Plan {
     constexpr int L = VecOf<T>::L;
     // Every input vector loaded feeds cob FMAs, so few channels (D with 1-3 signal channels) get a tile of exactly
     // that many rather than a single channel.
-    cob = CO >= 8 ? 8 : (CO >= 4 ? 4 : int(CO));
-    const int nv_max = cob == 8 ? 2 : 4;  // <= 16 accumulators: no spills with 32 vector registers
+    // Many channels: cob x nv accumulators plus nv input vectors and a broadcast weight must fit the register file
+    // (16 vector registers on AVX2: 6 x 2; 32 with AVX-512: 8 x 2; measured best of the shapes that fit).
+    const int cmax = kVecRegs == 32 ? 8 : 6;
+    cob = CO >= cmax ? cmax : (CO >= 4 ? 4 : int(CO));
+    const int nv_max = cob == cmax ? 2 : 4;
     const int64_t need = (wout + L - 1) / L;
     nv = need >= nv_max ? nv_max : (need >= 2 ? 2 : 1);
   }
 
   template <bool DENSE>
   static TileFn<T> pick(int cob, int nv) {
-    if (cob == 8) return nv == 1 ? &corr_tile<T, 8, 1, DENSE> : &corr_tile<T, 8, 2, DENSE>;
-    if (cob == 4) return pick_nv<4, DENSE>(nv);
-    if (cob == 3) return pick_nv<3, DENSE>(nv);
-    if (cob == 2) return pick_nv<2, DENSE>(nv);
-    return pick_nv<1, DENSE>(nv);
+    switch (cob) {
+      case 8: return pick_nv<8, DENSE>(nv);
+      case 6: return pick_nv<6, DENSE>(nv);
+      case 4: return pick_nv<4, DENSE>(nv);
+      case 3: return pick_nv<3, DENSE>(nv);
+      case 2: return pick_nv<2, DENSE>(nv);
+      default: return pick_nv<1, DENSE>(nv);
+    }
   }
 
   template <int COB, bool DENSE>
   static TileFn<T> pick_nv(int nv) {
-    if (nv == 1) return &corr_tile<T, COB, 1, DENSE>;
-    return nv == 2 ? &corr_tile<T, COB, 2, DENSE> : &corr_tile<T, COB, 4, DENSE>;
+    switch (nv) {
+      case 1: return &corr_tile<T, COB, 1, DENSE>;
+      case 2: return &corr_tile<T, COB, 2, DENSE>;
+      case 3: return &corr_tile<T, COB, 3, DENSE>;
+      default: return &corr_tile<T, COB, 4, DENSE>;
+    }
   }
 
   // wout rounded up to whole tiles.
@@ -382,12 +394,16 @@ struct Ctx {
         anal(analysis_plan(g_, we)),
         R(band_rows(g_.B, g_.Hz, double(g_.KH - 1) / g_.SH)) {}
 
-  // Buffers for a band of code rows (forward) or of `sig_rows` signal rows (backward's full-size D passes).
-  BandBufs<T> bufs(int64_t sig_rows = 0) const {
-    const int64_t max_sig_rows = sig_rows ? sig_rows : std::min(g.H, (R - 1) * g.SH + g.KH);
-    return BandBufs<T>(g.Cc, synth.yrows(max_sig_rows), synth.ywidth, g.Cs, (R - 1) * g.SH + g.KH,
-                       g.SW * analysis_phase_width<T>(g));
+  // Buffers for a band of `code_rows` code rows (0: R) and the signal rows it reads.
+  BandBufs<T> bufs(int64_t code_rows = 0) const {
+    const int64_t rows = code_rows ? code_rows : R;
+    return BandBufs<T>(g.Cc, synth.yrows(std::min(g.H, (rows - 1) * g.SH + g.KH)), synth.ywidth, g.Cs,
+                       padded_rows(rows), padded_width());
   }
+
+  // Rows and row width of the zero-padded, column-phased signal buffer that `rows` code rows of E read.
+  int64_t padded_rows(int64_t rows) const { return (rows - 1) * g.SH + g.KH; }
+  int64_t padded_width() const { return g.SW * analysis_phase_width<T>(g); }
 
   // ybuf for batch item n and signal rows [hs0, hs0 + nh), from the code-sized tensor `src` describes.
   void fill_y(BandBufs<T>& bb, const CodeSrc<T>& src, int64_t n, int64_t hs0, int64_t nh) const {
@@ -424,10 +440,12 @@ struct Ctx {
     nh = std::max<int64_t>(0, hs1 - hs0);
   }
 
-  // rbuf's signal row h of channel s (band starting at code row i0) := a - b (b null: a), in column phases.
-  void store_r(BandBufs<T>& bb, int64_t s, int64_t h, int64_t i0, const T* __restrict a, const T* __restrict b) const {
-    T* row = bb.r + (s * bb.rrows + (h + g.PH - i0 * g.SH)) * bb.rwidth;
-    const int64_t pwid = bb.rwidth / g.SW;
+  // Signal row h of channel s := a - b (b null: a), in column phases, into a padded buffer (rrows x rwidth per
+  // channel) whose row 0 is padded row i0 * SH (the band starting at code row i0).
+  void store_r(T* rbuf, int64_t rrows, int64_t rwidth, int64_t s, int64_t h, int64_t i0, const T* __restrict a,
+               const T* __restrict b) const {
+    T* row = rbuf + (s * rrows + (h + g.PH - i0 * g.SH)) * rwidth;
+    const int64_t pwid = rwidth / g.SW;
     for (int64_t p = 0; p < g.SW; ++p) {
       const int64_t w0 = ((p - g.PW) % g.SW + g.SW) % g.SW;
       T* __restrict d = row + p * pwid + (w0 + g.PW) / g.SW;
@@ -452,25 +470,38 @@ struct Ctx {
                [&](int64_t c, int64_t j0, const T* v, int64_t cnt) { epi(c, i, j0, v, cnt); });
   }
 
-  // One fused iteration: z_next = S(y + step E(x - D y)), y = zk + beta (zk - zkm1).
-  void iterate(const T* x, const T* zk, const T* zkm1, T beta, T step, const T* lamk, bool nonneg, T* znext) const {
-    std::vector<T> th(g.Cc);
-    for (int64_t c = 0; c < g.Cc; ++c) th[c] = step * lamk[c];
+  // One fused iteration over the batch, parallel over (item, band): z_next = S(y + step E(x - D y)),
+  // y = zk + beta (zk - zkm1); th = step * lam_k per channel.
+  void iterate(const T* x, const T* zk, const T* zkm1, T beta, T step, const T* th, bool nonneg, T* znext) const {
     for_bands(g.B, g.Hz, R, [&](int64_t n, int64_t i0, int64_t i1) {
       BandBufs<T> bb = bufs();
-      run_band(bb, x, zk, zkm1, beta, step, th.data(), nonneg, znext, n, i0, i1);
+      run_band(bb, x, zk, zkm1, beta, step, th, nonneg, znext, nullptr, n, i0, i1);
     });
   }
 
+  // The same iteration on one batch item (pointers to its slices), serially in the calling thread, as one band.
+  // With r_out, also writes the residual x - D y (Cs, H, W) it formed on the way (the backward's r_k). znext null:
+  // the residual only (D y, no E).
+  void iterate_item(const T* x, const T* zk, const T* zkm1, T beta, T step, const T* th, bool nonneg, T* znext,
+                    T* r_out) const {
+    BandBufs<T> bb = bufs(g.Hz);
+    if (r_out) std::memcpy(r_out, x, g.Cs * g.H * g.W * sizeof(T));  // rows no code reads: D y = 0 there
+    run_band(bb, x, zk, zkm1, beta, step, th, nonneg, znext, r_out, 0, 0, g.Hz);
+  }
+
   void run_band(BandBufs<T>& bb, const T* x, const T* zk, const T* zkm1, T beta, T step, const T* th, bool nonneg,
-                T* znext, int64_t n, int64_t i0, int64_t i1) const {
+                T* znext, T* r_out, int64_t n, int64_t i0, int64_t i1) const {
     int64_t hs0, nh;
     sig_rows(i0, i1, hs0, nh);
     fill_y(bb, CodeSrc<T>{zk, zkm1, beta, nullptr, T(1)}, n, hs0, nh);
-    std::fill(bb.r, bb.r + g.Cs * bb.rrows * bb.rwidth, T(0));
+    if (znext) std::fill(bb.r, bb.r + g.Cs * bb.rrows * bb.rwidth, T(0));
     synth_rows(bb, hs0, nh, [&](int64_t s, int64_t h, const T* v, int64_t) {
-      store_r(bb, s, h, i0, x + ((n * g.Cs + s) * g.H + h) * g.W, v);
+      const int64_t off = ((n * g.Cs + s) * g.H + h) * g.W;
+      if (znext) store_r(bb.r, bb.rrows, bb.rwidth, s, h, i0, x + off, v);
+      if (r_out)
+        for (int64_t j = 0; j < g.W; ++j) r_out[off + j] = x[off + j] - v[j];
     });
+    if (!znext) return;
     anal_rows(bb, i0, i1, [&](int64_t c, int64_t i, int64_t j0, const T* e, int64_t cnt) {
       const int64_t off = ((n * g.Cc + c) * g.Hz + i) * g.Wz + j0;
       T* __restrict out = znext + off;
@@ -505,8 +536,9 @@ Geo make_geo(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& en
   const int64_t n = step.size(0);
   TORCH_CHECK(n >= 1 && step.dim() == 1 && lam.dim() == 2 && lam.size(0) == n && lam.size(1) == g.Cc,
               "conv_ista_cpp: lam must be (n_iter, C_code) and step (n_iter,)");
-  TORCH_CHECK(z0.dim() == 4 && z0.size(0) == g.B && z0.size(1) == g.Cc && z0.size(2) == g.Hz && z0.size(3) == g.Wz,
-              "conv_ista_cpp: z0 must be (B, C_code, Hz, Wz)");
+  TORCH_CHECK(z0.numel() == 0 || (z0.dim() == 4 && z0.size(0) == g.B && z0.size(1) == g.Cc && z0.size(2) == g.Hz &&
+                                  z0.size(3) == g.Wz),
+              "conv_ista_cpp: z0 must be (B, C_code, Hz, Wz) or empty (zeros)");
   for (const auto* t : {&x, &weight, &encoder_weight, &lam, &step, &z0})
     TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == x.scalar_type(),
                 "conv_ista_cpp: all tensors must be CPU tensors of x's dtype");
@@ -519,273 +551,482 @@ std::vector<T> host(const at::Tensor& t) {
   return std::vector<T>(c.data_ptr<T>(), c.data_ptr<T>() + c.numel());
 }
 
-// Runs iterations [0, m) from z0 in three rotating buffers (z0 itself is never written); returns z_m and z_{m-1}
-// (z_{-1} := null), pointing into bufs or z0. `last` (optional) receives z_m instead of a buffer when m == n.
-template <typename T>
-void replay(const Ctx<T>& ctx, const T* x, const T* z0, const std::vector<T>& lam, const std::vector<T>& step,
-            const std::vector<double>& beta, bool nonneg, bool fista, int64_t m, T* const bufs[3], T* last,
-            const T** zm, const T** zm1) {
-  // FISTA reads z_{k-1} and z_k while writing z_{k+1}: three buffers; ISTA needs two.
-  const int nbufs = fista ? 3 : 2;
-  const T* cur = z0;
-  const T* prev = nullptr;
-  for (int64_t k = 0; k < m; ++k) {
-    T* next = (last && k == m - 1) ? last : bufs[k % nbufs];
-    ctx.iterate(x, cur, fista && k > 0 ? prev : nullptr, T(beta[k]), step[k], lam.data() + k * ctx.g.Cc, nonneg,
-                next);
-    prev = cur;
-    cur = next;
-  }
-  *zm = cur;
-  *zm1 = prev;
+// The iterates the forward saves for the backward (reference/conv_ista.py::checkpoint_indices): slot[k] is z_k's
+// index in `saved`, or -1. z_0 is the input, z_n the output.
+std::vector<int64_t> checkpoint_slots(int64_t n, int64_t m, bool fista) {
+  std::vector<int64_t> slot(n + 1, -1);
+  int64_t next = 0;
+  if (m > 0)
+    for (int64_t k = 1; k < n; ++k)
+      if (k % m == 0 || (fista && (k + 1) % m == 0)) slot[k] = next++;
+  return slot;
 }
 
+// What both passes read of one problem: geometry, kernels, per-iteration constants, batch-item strides.
 template <typename T>
-void fwd_impl(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& encoder_weight, const at::Tensor& lam_t,
-              const at::Tensor& step_t, const at::Tensor& z0, const Geo& g, bool nonneg, bool fista,
-              at::Tensor& z, at::Tensor& iterates) {
-  const Ctx<T> ctx(g, weight.data_ptr<T>(), encoder_weight.data_ptr<T>());
-  const auto lam = host<T>(lam_t);
-  const auto step = host<T>(step_t);
-  const auto beta = fista_betas(step.size(), fista);
-  const int64_t n = step.size();
-  const T* xp = x.data_ptr<T>();
-  if (iterates.numel() > 0) {
-    // z_k lives in iterates[k]; z_n goes to z.
-    const int64_t sz = z0.numel();
-    T* it = iterates.data_ptr<T>();
-    std::memcpy(it, z0.data_ptr<T>(), sz * sizeof(T));
-    for (int64_t k = 0; k < n; ++k) {
-      T* next = k + 1 < n ? it + (k + 1) * sz : z.data_ptr<T>();
-      ctx.iterate(xp, it + k * sz, fista && k > 0 ? it + (k - 1) * sz : nullptr, T(beta[k]), step[k],
-                  lam.data() + k * g.Cc, nonneg, next);
-    }
+struct Problem {
+  const Ctx<T> ctx;
+  const std::vector<T> lam, step;  // (n, Cc), (n,)
+  const std::vector<double> beta;
+  std::vector<T> th;               // (n, Cc): step_k lam_k[c]
+  const int64_t n, csz, ssz;       // iterations, one item's code and signal sizes
+  const bool nonneg, fista;
+
+  Problem(const Geo& g, const at::Tensor& weight, const at::Tensor& encoder_weight, const at::Tensor& lam_t,
+          const at::Tensor& step_t, bool nonneg_, bool fista_)
+      : ctx(g, weight.data_ptr<T>(), encoder_weight.data_ptr<T>()),
+        lam(host<T>(lam_t)),
+        step(host<T>(step_t)),
+        beta(fista_betas(step_t.size(0), fista_)),
+        n(step_t.size(0)),
+        csz(g.Cc * g.Hz * g.Wz),
+        ssz(g.Cs * g.H * g.W),
+        nonneg(nonneg_),
+        fista(fista_) {
+    th.resize(n * g.Cc);
+    for (int64_t k = 0; k < n; ++k)
+      for (int64_t c = 0; c < g.Cc; ++c) th[k * g.Cc + c] = step[k] * lam[k * g.Cc + c];
+  }
+
+  // One iteration k on batch item b's slices (item pointers), or on the whole batch (item < 0, parallel).
+  void iterate(int64_t k, const T* x, const T* zk, const T* zkm1, T* znext, T* r_out = nullptr) const {
+    const T* prev = fista && k > 0 ? zkm1 : nullptr;
+    ctx.iterate_item(x, zk, prev, T(beta[k]), step[k], th.data() + k * ctx.g.Cc, nonneg, znext, r_out);
+  }
+  void iterate_batch(int64_t k, const T* x, const T* zk, const T* zkm1, T* znext) const {
+    ctx.iterate(x, zk, fista && k > 0 ? zkm1 : nullptr, T(beta[k]), step[k], th.data() + k * ctx.g.Cc, nonneg,
+                znext);
+  }
+};
+
+// A buffer among `bufs` that is neither a nor b (the iterates an iteration reads).
+template <typename T>
+T* free_buffer(T* const* bufs, int count, const T* a, const T* b) {
+  for (int i = 0; i < count; ++i)
+    if (bufs[i] != a && bufs[i] != b) return bufs[i];
+  TORCH_CHECK(false, "conv_ista_cpp: no free replay buffer");
+}
+
+// Forward. With at least as many batch items as threads, each thread runs every iteration of its items in
+// item-sized buffers (nothing batch-sized besides z and the checkpoints); otherwise each iteration is one parallel
+// pass over (item, band) with batch-sized rotating buffers.
+template <typename T>
+void fwd_impl(const Problem<T>& P, const T* x, const T* z0, const std::vector<int64_t>& slot, T* saved, T* z) {
+  const Geo& g = P.ctx.g;
+  const int nt = at::get_num_threads();
+  const int nbuf = P.fista ? 3 : 2;
+  if (g.B >= nt) {
+    // Per thread: nbuf rotating item codes, plus a zero code standing for an empty z0.
+    at::Tensor work = at::zeros({nt, nbuf + 1, P.csz}, at::CppTypeToScalarType<T>::value);
+    at::parallel_for(0, g.B, 1, [&](int64_t b0, int64_t b1) {
+      T* w = work.data_ptr<T>() + at::get_thread_num() * (nbuf + 1) * P.csz;
+      T* bufs[3] = {w, w + P.csz, P.fista ? w + 2 * P.csz : nullptr};
+      const T* zero = w + nbuf * P.csz;
+      for (int64_t b = b0; b < b1; ++b) {
+        const T* cur = z0 ? z0 + b * P.csz : zero;
+        const T* prev = nullptr;
+        for (int64_t k = 0; k < P.n; ++k) {
+          T* dst = k + 1 == P.n ? z + b * P.csz
+                   : slot[k + 1] >= 0 ? saved + (slot[k + 1] * g.B + b) * P.csz
+                                      : free_buffer(bufs, nbuf, cur, P.fista ? prev : nullptr);
+          P.iterate(k, x + b * P.ssz, cur, prev, dst);
+          prev = cur;
+          cur = dst;
+        }
+      }
+    });
     return;
   }
-  at::Tensor scratch = at::empty({fista ? 3 : 2, z0.numel()}, z0.options());
-  T* s = scratch.data_ptr<T>();
-  T* bufs[3] = {s, s + z0.numel(), fista ? s + 2 * z0.numel() : nullptr};
-  const T *zm, *zm1;
-  replay(ctx, xp, z0.data_ptr<T>(), lam, step, beta, nonneg, fista, n, bufs, z.data_ptr<T>(), &zm, &zm1);
+  const int64_t bsz = g.B * P.csz;
+  at::Tensor work = at::zeros({nbuf + (z0 ? 0 : 1), bsz}, at::CppTypeToScalarType<T>::value);
+  T* bufs[3] = {work.data_ptr<T>(), work.data_ptr<T>() + bsz, P.fista ? work.data_ptr<T>() + 2 * bsz : nullptr};
+  const T* cur = z0 ? z0 : work.data_ptr<T>() + nbuf * bsz;
+  const T* prev = nullptr;
+  for (int64_t k = 0; k < P.n; ++k) {
+    T* dst = k + 1 == P.n ? z : slot[k + 1] >= 0 ? saved + slot[k + 1] * bsz : free_buffer(bufs, nbuf, cur, P.fista ? prev : nullptr);
+    P.iterate_batch(k, x, cur, prev, dst);
+    prev = cur;
+    cur = dst;
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x_, const at::Tensor& weight_,
                                                      const at::Tensor& encoder_weight_, const at::Tensor& lam,
                                                      const at::Tensor& step, const at::Tensor& z0_,
                                                      at::IntArrayRef stride, at::IntArrayRef padding, bool nonneg,
-                                                     bool fista, bool save_iterates) {
+                                                     bool fista, int64_t checkpoint) {
+  TORCH_CHECK(checkpoint >= 0, "conv_ista_fwd_cpp: checkpoint must be >= 0");
   const at::Tensor x = x_.contiguous(), weight = weight_.contiguous(), encoder_weight = encoder_weight_.contiguous();
   const at::Tensor z0 = z0_.contiguous();
   const Geo g = make_geo(x, weight, encoder_weight, lam, step, z0, stride, padding);
-  at::Tensor z = at::empty_like(z0);
-  at::Tensor iterates = save_iterates ? at::empty({step.size(0), g.B, g.Cc, g.Hz, g.Wz}, z0.options())
-                                      : at::empty({0}, z0.options());
+  const int64_t n = step.size(0);
+  const auto slot = checkpoint_slots(n, checkpoint, fista);
+  const int64_t n_saved = std::count_if(slot.begin(), slot.end(), [](int64_t s) { return s >= 0; });
+  at::Tensor z = at::empty({g.B, g.Cc, g.Hz, g.Wz}, x.options());
+  at::Tensor saved = checkpoint ? at::empty({n_saved, g.B, g.Cc, g.Hz, g.Wz}, x.options()) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_ista_fwd_cpp", [&] {
-    fwd_impl<scalar_t>(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista, z, iterates);
+    const Problem<scalar_t> P(g, weight, encoder_weight, lam, step, nonneg, fista);
+    fwd_impl<scalar_t>(P, x.data_ptr<scalar_t>(), z0.numel() ? z0.data_ptr<scalar_t>() : nullptr, slot,
+                       n_saved ? saved.data_ptr<scalar_t>() : nullptr, z.data_ptr<scalar_t>());
   });
-  return {z, iterates};
+  return {z, saved};
 }
 
-template <typename T>
-void bwd_impl(const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& weight,
-              const at::Tensor& encoder_weight, const at::Tensor& lam_t, const at::Tensor& step_t,
-              const at::Tensor& z0, const at::Tensor& z, const at::Tensor& iterates, const Geo& g, bool nonneg,
-              bool fista, at::Tensor& gx, at::Tensor& gw, at::Tensor& gwe, at::Tensor& glam, at::Tensor& gstep,
-              at::Tensor& gz0) {
-  const Ctx<T> ctx(g, weight.data_ptr<T>(), encoder_weight.data_ptr<T>());
-  // v = E^* gu is D with W_E; D^* v is E with W_D.
-  const Synth<T> synth_e(g, encoder_weight.data_ptr<T>());
-  const Plan<T> anal_d = analysis_plan(g, weight.data_ptr<T>());
-  const auto lam = host<T>(lam_t);
-  const auto step = host<T>(step_t);
-  const auto beta = fista_betas(step.size(), fista);
-  const int64_t n = step.size();
-  const int64_t csz = z0.numel();
-  const int64_t hw = g.Hz * g.Wz;
-  const bool saved = iterates.numel() > 0;
-  const T* xp = x.data_ptr<T>();
+// ------------------------------------------------------------------------------------------------------ backward
 
-  // Code-sized temporaries: gA, gB and the replay buffers; gu = gA [z_{k+1} != 0] and y_k are recomputed wherever
-  // they are read, except for the weight gradients' operands below.
-  gz0 = grad_z.clone();  // gA: dL/dz_{k+1}, complete when step k runs; ends as dL/dz_0
-  at::Tensor gB = fista ? at::zeros_like(z0) : at::Tensor();  // the part of dL/dz_k coming from y_{k+1}
-  gx.zero_();
-  // Recompute mode: replay buffers (2 for ISTA, 3 for FISTA) plus the held z_{k+1}.
-  const int nrep = fista ? 3 : 2;
-  at::Tensor scratch = saved ? at::Tensor() : at::empty({nrep + 1, csz}, z0.options());
-  T* bufs[3] = {nullptr, nullptr, nullptr};
-  T* zk1_buf = nullptr;
-  if (!saved) {
-    T* s = scratch.data_ptr<T>();
-    for (int i = 0; i < nrep; ++i) bufs[i] = s + i * csz;
-    zk1_buf = s + nrep * csz;
-    std::memcpy(zk1_buf, z.data_ptr<T>(), csz * sizeof(T));
-  }
-  const T* it = saved ? iterates.data_ptr<T>() : nullptr;
-  // Per iteration, whole-batch r_k and v (signal-sized) and the weight gradients' G operands (code-sized, step_k
-  // folded in) for the two weight-gradient convolutions after the item loop.
-  at::Tensor r_all = at::empty_like(x), v_all = at::empty_like(x);
-  at::Tensor ge_all = at::empty_like(z0), gd_all = at::empty_like(z0);
-  at::Tensor gwe_acc = at::zeros_like(encoder_weight), gw_acc = at::zeros_like(weight);
-  const int nt = at::get_num_threads();
-  std::vector<std::vector<double>> dth_part(nt, std::vector<double>(g.Cc));  // dL/dth per thread and channel
-  std::vector<double> vr_part(nt);                                           // <v, r_k> per thread
-  const int64_t sig = g.Cs * g.H * g.W;
-  // Signal rows per band of the D passes: the rows the forward's code bands cover, so ybuf stays band-sized.
-  const int64_t Rs = std::min(g.H, ctx.R * g.SH + g.KH - 1);
-  T* gAp = gz0.data_ptr<T>();
-  T* gBp = fista ? gB.data_ptr<T>() : nullptr;
-  T* gxp = gx.data_ptr<T>();
-
-  for (int64_t k = n - 1; k >= 0; --k) {
-    const T sk = step[k];
-    const T bk = T(beta[k]);
-    const T *zk, *zkm1, *zk1;
-    if (saved) {
-      zk = it + k * csz;
-      zkm1 = k > 0 ? it + (k - 1) * csz : nullptr;
-      zk1 = k + 1 < n ? it + (k + 1) * csz : z.data_ptr<T>();
-    } else {
-      replay(ctx, xp, z0.data_ptr<T>(), lam, step, beta, nonneg, fista, k, bufs, static_cast<T*>(nullptr), &zk,
-             &zkm1);
-      zk1 = zk1_buf;
+// Weight-gradient micro-kernel: out[co * NB + t] = sum_{i < rows} sum_{j < nvec L} G[co * gcs + i * grs + j] *
+// I[i * irs + boff[t] + j] for COB code channels (G rows) and NB taps of one (input channel, kernel row): the
+// adjoint in W of the analysis correlation, over the padded, column-phased signal I (boff as in analysis_plan).
+// Vectorised along the reduction (j): COB x NB accumulators stay in registers for the whole item and are summed
+// across lanes once. Every G vector feeds NB FMAs and every I vector COB.
+template <typename T, int COB, int NB>
+void wgrad_tile(const T* G, int64_t gcs, int64_t grs, const T* I, int64_t irs, const int64_t* boff, int64_t rows,
+                int64_t nvec, T* out) {
+  using V = typename VecOf<T>::V;
+  constexpr int L = VecOf<T>::L;
+  V acc[COB][NB];
+  for (int co = 0; co < COB; ++co)
+    for (int t = 0; t < NB; ++t) acc[co][t] = V{};
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* gr = G + i * grs;
+    const T* ir = I + i * irs;
+    for (int64_t v = 0; v < nvec; ++v) {
+      V gv[COB];
+#pragma GCC unroll 8
+      for (int co = 0; co < COB; ++co) std::memcpy(&gv[co], gr + co * gcs + v * L, sizeof(V));
+#pragma GCC unroll 8
+      for (int t = 0; t < NB; ++t) {
+        V iv;
+        std::memcpy(&iv, ir + boff[t] + v * L, sizeof(V));
+#pragma GCC unroll 8
+        for (int co = 0; co < COB; ++co) acc[co][t] += gv[co] * iv;
+      }
     }
-    if (!(fista && k > 0)) zkm1 = nullptr;
-    const CodeSrc<T> yk{zk, zkm1, bk, nullptr, T(1)};
-    const CodeSrc<T> gu{gAp, nullptr, T(0), zk1, T(1)};  // read before this item's gA slice is rewritten
+  }
+  for (int co = 0; co < COB; ++co)
+    for (int t = 0; t < NB; ++t) {
+      T sum = 0;
+      for (int l = 0; l < L; ++l) sum += acc[co][t][l];
+      out[co * NB + t] = sum;
+    }
+}
 
-    // One batch item per task, start to finish: it writes only its own slices of r_k, v and the G operands, and
-    // rewrites its own slice of gA after every read of it, so items are independent.
-    for (auto& d : dth_part) std::fill(d.begin(), d.end(), 0.0);
-    std::fill(vr_part.begin(), vr_part.end(), 0.0);
-    at::parallel_for(0, g.B, 1, [&](int64_t n0, int64_t n1) {
-      const int tid = at::get_thread_num();
-      for (int64_t b = n0; b < n1; ++b) {
-        T* __restrict rn = r_all.data_ptr<T>() + b * sig;
-        T* __restrict vn = v_all.data_ptr<T>() + b * sig;
-        // dL/dth (sign-weighted sum of gu), one code row of the reduction at a time in T, vectorised.
-        for (int64_t c = 0; c < g.Cc; ++c) {
-          const T* __restrict zz = zk1 + (b * g.Cc + c) * hw;
-          const T* __restrict ga = gAp + (b * g.Cc + c) * hw;
-          T part = 0;
-          if (nonneg) {
-#pragma omp simd reduction(+ : part)
-            for (int64_t i = 0; i < hw; ++i) {
-              const T v = ga[i];
-              part += zz[i] != T(0) ? v : T(0);
-            }
-          } else {
-#pragma omp simd reduction(+ : part)
-            for (int64_t i = 0; i < hw; ++i) {
-              const T v = ga[i];
-              part += zz[i] > T(0) ? v : (zz[i] < T(0) ? -v : T(0));
-            }
+// Register budget as in Plan::shape: COB x NB accumulators + COB G vectors + one I vector.
+constexpr int kWgCob = kVecRegs == 32 ? 4 : 3;
+constexpr int kWgNbMax = kVecRegs == 32 ? 5 : 3;
+
+template <typename T>
+void wgrad_call(int nb, const T* G, int64_t gcs, int64_t grs, const T* I, int64_t irs, const int64_t* boff,
+                int64_t rows, int64_t nvec, T* out) {
+  switch (nb) {
+    case 1: return wgrad_tile<T, kWgCob, 1>(G, gcs, grs, I, irs, boff, rows, nvec, out);
+    case 2: return wgrad_tile<T, kWgCob, 2>(G, gcs, grs, I, irs, boff, rows, nvec, out);
+    case 3: return wgrad_tile<T, kWgCob, 3>(G, gcs, grs, I, irs, boff, rows, nvec, out);
+#if defined(__AVX512F__)
+    case 4: return wgrad_tile<T, kWgCob, 4>(G, gcs, grs, I, irs, boff, rows, nvec, out);
+    default: return wgrad_tile<T, kWgCob, 5>(G, gcs, grs, I, irs, boff, rows, nvec, out);
+#else
+    default: TORCH_CHECK(false, "wgrad_call: tap block too wide");
+#endif
+  }
+}
+
+// One thread's slice of the backward workspace (item-sized buffers, carved from one tensor the calling thread
+// allocates, so allocator statistics and profilers see it).
+template <typename T>
+struct ItemWork {
+  T *gA, *gB;        // dL/dz_{k+1} (ends as dL/dz_0) and FISTA's carry into dL/dz_k
+  T* G;              // the weight gradient's code operand, Ccp x Hz x Wzp (zero-padded channels and columns)
+  T* I;              // a padded, column-phased signal (Cs x rrows x rwidth): r_k, then v
+  T* v;              // E^* gu (Cs, H, W)
+  T* zero;           // an all-zero code: z0 when none is given
+  std::vector<T*> zbuf;  // replayed iterates (save mode: a segment's interior; recompute: rotating + the held z_{k+1})
+  T* r;              // residuals r_k of a segment (save mode: m of them; recompute: 1), (Cs, H, W) each
+  T *dwe, *dwd;      // this thread's weight-gradient sums
+  std::vector<double> dth, vr;  // (n, Cc) and (n,): this thread's sums for grad_lam and grad_step
+};
+
+template <typename T>
+struct Backward {
+  const Problem<T>& P;
+  const Geo& g;
+  const Synth<T> synth_e;   // v = E^* gu: D's polyphase synthesis with W_E
+  const Plan<T> anal_d;     // D^* v: E's analysis with W_D
+  const int64_t m;          // checkpoint interval; 0 = recompute mode
+  const int64_t Ccp, Wzp, gsz, rrows, rwidth, isz, wsz;
+  std::vector<int64_t> boff;      // tap column offsets in the phased layout (analysis_plan's)
+  std::vector<int> tap_blocks;    // widths of the tap blocks a row of KW taps is split into
+  int nz;                         // replay buffers per thread
+  int64_t nr;                     // residual buffers per thread
+
+  Backward(const Problem<T>& P_, const T* wd, const T* we, int64_t m_)
+      : P(P_), g(P_.ctx.g), synth_e(P_.ctx.g, we), anal_d(analysis_plan(P_.ctx.g, wd)), m(m_),
+        Ccp((g.Cc + kWgCob - 1) / kWgCob * kWgCob),
+        Wzp((g.Wz + VecOf<T>::L - 1) / VecOf<T>::L * VecOf<T>::L),
+        gsz(Ccp * g.Hz * Wzp), rrows(P_.ctx.padded_rows(g.Hz)), rwidth(P_.ctx.padded_width()),
+        isz(g.Cs * rrows * rwidth), wsz(g.Cc * g.Cs * g.KH * g.KW) {
+    const int64_t pwid = rwidth / g.SW;
+    for (int64_t b = 0; b < g.KW; ++b) boff.push_back((b % g.SW) * pwid + b / g.SW);
+    const int nblk = int((g.KW + kWgNbMax - 1) / kWgNbMax);
+    for (int i = 0; i < nblk; ++i) tap_blocks.push_back(int(g.KW / nblk + (i < g.KW % nblk ? 1 : 0)));
+    nz = m > 0 ? int(std::max<int64_t>(m - 1, 0)) : (P.fista ? 3 : 2) + 1;
+    nr = m > 0 ? m : 1;
+  }
+
+  int64_t per_thread() const {
+    return P.csz * (3 + nz) + gsz + isz + P.ssz * (1 + nr) + 2 * wsz;
+  }
+
+  ItemWork<T> carve(T* w) const {
+    ItemWork<T> t;
+    t.gA = w; w += P.csz;
+    t.gB = w; w += P.csz;
+    t.zero = w; w += P.csz;
+    for (int i = 0; i < nz; ++i) t.zbuf.push_back(w + i * P.csz);
+    w += nz * P.csz;
+    t.G = w; w += gsz;
+    t.I = w; w += isz;
+    t.v = w; w += P.ssz;
+    t.r = w; w += nr * P.ssz;
+    t.dwe = w; w += wsz;
+    t.dwd = w;
+    t.dth.assign(P.n * g.Cc, 0.0);
+    t.vr.assign(P.n, 0.0);
+    return t;
+  }
+
+  // signal (Cs, H, W) -> the padded, column-phased layout E reads (zeros outside the signal).
+  void phase(const T* sig, T* I) const {
+    std::fill(I, I + isz, T(0));
+    int64_t hs0, nh;
+    P.ctx.sig_rows(0, g.Hz, hs0, nh);
+    for (int64_t s = 0; s < g.Cs; ++s)
+      for (int64_t h = hs0; h < hs0 + nh; ++h) P.ctx.store_r(I, rrows, rwidth, s, h, 0, sig + (s * g.H + h) * g.W, nullptr);
+  }
+
+  // dw += the weight gradient of the analysis correlation for code operand G (in t.G) and signal I (in t.I).
+  void wgrad(const ItemWork<T>& t, T* dw) const {
+    alignas(64) T out[kWgCob * 8];
+    const int64_t nvec = Wzp / VecOf<T>::L;
+    for (int64_t cb = 0; cb < Ccp; cb += kWgCob)
+      for (int64_t ci = 0; ci < g.Cs; ++ci)
+        for (int64_t a = 0; a < g.KH; ++a) {
+          int64_t b0 = 0;
+          for (int nb : tap_blocks) {
+            wgrad_call<T>(nb, t.G + cb * g.Hz * Wzp, g.Hz * Wzp, Wzp, t.I + (ci * rrows + a) * rwidth, g.SH * rwidth,
+                          boff.data() + b0, g.Hz, nvec, out);
+            for (int64_t co = 0; co < kWgCob && cb + co < g.Cc; ++co)
+              for (int tb = 0; tb < nb; ++tb) dw[((cb + co) * g.Cs + ci) * g.KH * g.KW + a * g.KW + b0 + tb] += out[co * nb + tb];
+            b0 += nb;
           }
-          dth_part[tid][c] -= part;
         }
+  }
 
-        // r_k = x - D y_k and v = D_E gu; dL/dx += step v.
-        for (int64_t h0 = 0; h0 < g.H; h0 += Rs) {
-          const int64_t h1 = std::min(g.H, h0 + Rs);
-          // synth_e has synth's geometry (same channels, kernel and output width), so one ybuf layout serves both.
-          BandBufs<T> bb = ctx.bufs(Rs);
-          ctx.fill_y(bb, yk, b, h0, h1 - h0);
-          ctx.synth_rows(bb, h0, h1 - h0, [&](int64_t s, int64_t h, const T* val, int64_t cnt) {
-            const int64_t off = (s * g.H + h) * g.W;
-            const T* __restrict xs = xp + b * sig + off;
-            for (int64_t j = 0; j < cnt; ++j) rn[off + j] = xs[j] - val[j];
-          });
-          ctx.fill_y(bb, gu, b, h0, h1 - h0);
-          synth_e.rows(bb.y, bb.yrows * bb.ywidth, h0, h1 - h0, [&](int64_t s, int64_t h, const T* val, int64_t cnt) {
-            const int64_t off = (s * g.H + h) * g.W;
-            T* __restrict gxs = gxp + b * sig + off;
-            for (int64_t j = 0; j < cnt; ++j) vn[off + j] = val[j], gxs[j] += sk * val[j];
-          });
-        }
-        T vr = 0;
+  // G := src (a code-sized view, see CodeSrc) in the padded layout.
+  void fill_g(const ItemWork<T>& t, const CodeSrc<T>& src) const {
+    for (int64_t c = 0; c < g.Cc; ++c)
+      for (int64_t i = 0; i < g.Hz; ++i) src.row((c * g.Hz + i) * g.Wz, g.Wz, t.G + (c * g.Hz + i) * Wzp);
+  }
+
+  // The VJP of iteration k for one item: t.gA holds dL/dz_{k+1} on entry and dL/dz_k (+ FISTA carry) on exit.
+  // zk, zkm1: y_k's iterates; zk1 = z_{k+1} (the active set); r = x - D y_k; gx: this item's dL/dx.
+  void step(ItemWork<T>& t, int64_t k, const T* zk, const T* zkm1, const T* zk1, const T* r, T* gx) const {
+    const T sk = P.step[k];
+    const T bk = T(P.beta[k]);
+    const int64_t hw = g.Hz * g.Wz;
+    if (!(P.fista && k > 0)) zkm1 = nullptr;
+    // dL/dth: the sign-weighted sum of gu per channel.
+    for (int64_t c = 0; c < g.Cc; ++c) {
+      const T* __restrict zz = zk1 + c * hw;
+      const T* __restrict ga = t.gA + c * hw;
+      T part = 0;
+      if (P.nonneg) {
+#pragma omp simd reduction(+ : part)
+        for (int64_t i = 0; i < hw; ++i) part += zz[i] != T(0) ? ga[i] : T(0);
+      } else {
+#pragma omp simd reduction(+ : part)
+        for (int64_t i = 0; i < hw; ++i) part += zz[i] > T(0) ? ga[i] : (zz[i] < T(0) ? -ga[i] : T(0));
+      }
+      t.dth[k * g.Cc + c] -= part;
+    }
+    // v = E^* gu, dL/dx += step v, <v, r_k> for dL/dstep.
+    {
+      BandBufs<T> bb = P.ctx.bufs(g.Hz);
+      int64_t hs0, nh;
+      P.ctx.sig_rows(0, g.Hz, hs0, nh);
+      std::fill(t.v, t.v + P.ssz, T(0));  // rows no code reaches: E^* gu = 0
+      P.ctx.fill_y(bb, CodeSrc<T>{t.gA, nullptr, T(0), zk1, T(1)}, 0, hs0, nh);
+      synth_e.rows(bb.y, bb.yrows * bb.ywidth, hs0, nh, [&](int64_t s, int64_t h, const T* val, int64_t cnt) {
+        const int64_t off = (s * g.H + h) * g.W;
+        T* __restrict vs = t.v + off;
+        T* __restrict gxs = gx + off;
+        for (int64_t j = 0; j < cnt; ++j) vs[j] = val[j], gxs[j] += sk * val[j];
+      });
+    }
+    T vr = 0;
 #pragma omp simd reduction(+ : vr)
-        for (int64_t i = 0; i < sig; ++i) vr += vn[i] * rn[i];
-        vr_part[tid] += vr;
+    for (int64_t i = 0; i < P.ssz; ++i) vr += t.v[i] * r[i];
+    t.vr[k] += vr;
+    // dW_E += step corr(r_k, gu); dW_D -= step corr(v, y_k).
+    fill_g(t, CodeSrc<T>{t.gA, nullptr, T(0), zk1, sk});
+    phase(r, t.I);
+    wgrad(t, t.dwe);
+    fill_g(t, CodeSrc<T>{zk, zkm1, bk, nullptr, -sk});
+    phase(t.v, t.I);
+    wgrad(t, t.dwd);
+    // dL/dy_k = gu - step D^* v (t.I now holds v), split into dL/dz_k (gA) and dL/dz_{k-1} (gB).
+    for (int64_t i = 0; i < g.Hz; ++i)
+      anal_d.row(t.I + i * g.SH * rwidth, rrows * rwidth, rwidth, g.Wz, [&](int64_t c, int64_t j0, const T* val, int64_t cnt) {
+        const int64_t off = (c * g.Hz + i) * g.Wz + j0;
+        T* __restrict ga = t.gA + off;
+        const T* __restrict mk = zk1 + off;
+        if (P.fista) {
+          T* __restrict gb = t.gB + off;
+          for (int64_t j = 0; j < cnt; ++j) {
+            const T gy = (mk[j] != T(0) ? ga[j] : T(0)) - sk * val[j];
+            ga[j] = gb[j] + (T(1) + bk) * gy;
+            gb[j] = -bk * gy;
+          }
+        } else {
+          for (int64_t j = 0; j < cnt; ++j) ga[j] = (mk[j] != T(0) ? ga[j] : T(0)) - sk * val[j];
+        }
+      });
+  }
+};
 
-        // The weight gradients' G, with step_k folded in: dW_E += step r_k (x) gu, dW_D -= step v (x) y_k.
-        CodeSrc<T>{gAp, nullptr, T(0), zk1, sk}.row(b * g.Cc * hw, g.Cc * hw, ge_all.data_ptr<T>() + b * g.Cc * hw);
-        CodeSrc<T>{zk, zkm1, bk, nullptr, -sk}.row(b * g.Cc * hw, g.Cc * hw, gd_all.data_ptr<T>() + b * g.Cc * hw);
+template <typename T>
+void bwd_impl(const Problem<T>& P, const at::Tensor& grad_z, const T* x, const T* wd, const T* we, const T* z0,
+              const T* z, const T* saved, int64_t m, T* gx, T* gw, T* gwe, T* glam, T* gstep, T* gz0) {
+  const Geo& g = P.ctx.g;
+  const Backward<T> W(P, wd, we, m);
+  const auto slot = checkpoint_slots(P.n, m, P.fista);
+  const int nt = at::get_num_threads();
+  const int64_t per = W.per_thread();
+  at::Tensor work = at::zeros({nt, per}, at::CppTypeToScalarType<T>::value);
+  std::vector<ItemWork<T>> tw;
+  for (int i = 0; i < nt; ++i) tw.push_back(W.carve(work.data_ptr<T>() + i * per));
+  std::fill(gx, gx + g.B * P.ssz, T(0));
+  const auto gzs = grad_z.strides();
+  const T* gzp = grad_z.data_ptr<T>();
 
-        // dL/dy_k = gu - step D^* v, split into dL/dz_k (gA) and dL/dz_{k-1} (gB).
-        for (int64_t i0 = 0; i0 < g.Hz; i0 += ctx.R) {
-          const int64_t i1 = std::min(g.Hz, i0 + ctx.R);
-          BandBufs<T> bb = ctx.bufs();  // anal_d has anal's geometry, so the forward's rbuf layout serves
-          std::fill(bb.r, bb.r + g.Cs * bb.rrows * bb.rwidth, T(0));
-          int64_t hs0, nh;
-          ctx.sig_rows(i0, i1, hs0, nh);
-          for (int64_t s = 0; s < g.Cs; ++s)
-            for (int64_t h = hs0; h < hs0 + nh; ++h)
-              ctx.store_r(bb, s, h, i0, vn + (s * g.H + h) * g.W, nullptr);
-          for (int64_t i = i0; i < i1; ++i)
-            anal_d.row(bb.r + (i - i0) * g.SH * bb.rwidth, bb.rrows * bb.rwidth, bb.rwidth, g.Wz,
-                       [&](int64_t c, int64_t j0, const T* val, int64_t cnt) {
-                         const int64_t off = ((b * g.Cc + c) * g.Hz + i) * g.Wz + j0;
-                         T* __restrict ga = gAp + off;
-                         const T* __restrict m = zk1 + off;
-                         if (gBp) {
-                           T* __restrict gb = gBp + off;
-                           for (int64_t j = 0; j < cnt; ++j) {
-                             const T gv = ga[j];
-                             const T gy = (m[j] != T(0) ? gv : T(0)) - sk * val[j];
-                             ga[j] = gb[j] + (T(1) + bk) * gy;
-                             gb[j] = -bk * gy;
-                           }
-                         } else {
-                           for (int64_t j = 0; j < cnt; ++j) {
-                             const T gv = ga[j];
-                             ga[j] = (m[j] != T(0) ? gv : T(0)) - sk * val[j];
-                           }
-                         }
-                       });
+  // Items are independent until the parameter gradients, which each thread sums for its items.
+  at::parallel_for(0, g.B, 1, [&](int64_t b0, int64_t b1) {
+    ItemWork<T>& t = tw[at::get_thread_num()];
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* xb = x + b * P.ssz;
+      T* gxb = gx + b * P.ssz;
+      const T* z0b = z0 ? z0 + b * P.csz : t.zero;
+      // dL/dz_n, read through grad_z's strides (an expanded scalar is never materialised).
+      for (int64_t c = 0; c < g.Cc; ++c)
+        for (int64_t i = 0; i < g.Hz; ++i)
+          for (int64_t j = 0; j < g.Wz; ++j)
+            t.gA[(c * g.Hz + i) * g.Wz + j] = gzp[b * gzs[0] + c * gzs[1] + i * gzs[2] + j * gzs[3]];
+      std::fill(t.gB, t.gB + P.csz, T(0));
+      auto iterate_at = [&](int64_t k) -> const T* {  // z_k where stored: z0, a checkpoint or the output
+        if (k == 0) return z0b;
+        if (k == P.n && z) return z + b * P.csz;
+        return slot[k] >= 0 ? saved + (slot[k] * g.B + b) * P.csz : nullptr;
+      };
+      if (m > 0) {
+        // Segments [s, e) from the last: replay from z_s (and z_{s-1}) keeping z_{s+1}..z_{e-1} and r_s..r_{e-1}.
+        const int64_t nseg = (P.n + m - 1) / m;
+        for (int64_t sg = nseg - 1; sg >= 0; --sg) {
+          const int64_t s = sg * m, e = std::min(P.n, s + m);
+          std::vector<const T*> zs(e - s + 2);  // zs[k - s + 1] = z_k for k in [s - 1, e]
+          zs[0] = s > 0 ? iterate_at(s - 1) : nullptr;
+          zs[1] = iterate_at(s);
+          zs[e - s + 1] = iterate_at(e);
+          for (int64_t k = s; k < e; ++k) {
+            // A stored z_{k+1} (always z_e; FISTA's z_{e-1} too) needs only r_k: D y_k without E.
+            const T* stored = iterate_at(k + 1);
+            T* znext = stored ? nullptr : t.zbuf[k - s];
+            P.iterate(k, xb, zs[k - s + 1], zs[k - s], znext, t.r + (k - s) * P.ssz);
+            zs[k - s + 2] = stored ? stored : znext;
+          }
+          for (int64_t k = e - 1; k >= s; --k)
+            W.step(t, k, zs[k - s + 1], zs[k - s], zs[k - s + 2], t.r + (k - s) * P.ssz, gxb);
+        }
+      } else {
+        // Recompute mode: replay z_0..z_k for every k (O(n^2) iterations, memory independent of n).
+        const int nrot = P.fista ? 3 : 2;
+        T* held = t.zbuf[nrot];  // z_{k+1}
+        auto replay = [&](int64_t upto, const T** zk, const T** zkm1) {
+          const T* cur = z0b;
+          const T* prev = nullptr;
+          for (int64_t k = 0; k < upto; ++k) {
+            T* dst = free_buffer(t.zbuf.data(), nrot, cur, P.fista ? prev : nullptr);
+            P.iterate(k, xb, cur, prev, dst);
+            prev = cur;
+            cur = dst;
+          }
+          *zk = cur;
+          *zkm1 = prev;
+        };
+        const T *zk, *zkm1;
+        if (z) {
+          std::memcpy(held, z + b * P.csz, P.csz * sizeof(T));
+        } else {
+          replay(P.n, &zk, &zkm1);
+          std::memcpy(held, zk, P.csz * sizeof(T));
+        }
+        for (int64_t k = P.n - 1; k >= 0; --k) {
+          replay(k, &zk, &zkm1);
+          P.iterate(k, xb, zk, zkm1, nullptr, t.r);  // r_k only
+          W.step(t, k, zk, zkm1, held, t.r, gxb);
+          std::memcpy(held, zk, P.csz * sizeof(T));
         }
       }
-    });
+      if (gz0) std::memcpy(gz0 + b * P.csz, t.gA, P.csz * sizeof(T));
+    }
+  });
 
+  std::fill(gw, gw + W.wsz, T(0));
+  std::fill(gwe, gwe + W.wsz, T(0));
+  for (const auto& t : tw)
+    for (int64_t i = 0; i < W.wsz; ++i) gw[i] += t.dwd[i], gwe[i] += t.dwe[i];
+  for (int64_t k = 0; k < P.n; ++k) {
     double lam_dth = 0, vr = 0;
     for (int64_t c = 0; c < g.Cc; ++c) {
       double d = 0;
-      for (const auto& part : dth_part) d += part[c];
-      glam.data_ptr<T>()[k * g.Cc + c] = T(sk * d);
-      lam_dth += double(lam[k * g.Cc + c]) * d;
+      for (const auto& t : tw) d += t.dth[k * g.Cc + c];
+      glam[k * g.Cc + c] = T(P.step[k] * d);
+      lam_dth += double(P.lam[k * g.Cc + c]) * d;
     }
-    for (double part : vr_part) vr += part;
-    gstep.data_ptr<T>()[k] = T(vr + lam_dth);
-
-    // Whole-batch weight gradients through ATen's convolution backward (oneDNN for float32): faster than an
-    // im2col + GEMM per item, which spent as long writing im2col as multiplying.
-    const std::vector<int64_t> st{g.SH, g.SW}, pd{g.PH, g.PW}, dil{1, 1}, opad{0, 0};
-    gwe_acc += std::get<1>(at::convolution_backward(ge_all, r_all, encoder_weight, std::nullopt, st, pd, dil, false,
-                                                    opad, 1, {false, true, false}));
-    gw_acc += std::get<1>(at::convolution_backward(gd_all, v_all, weight, std::nullopt, st, pd, dil, false, opad, 1,
-                                                   {false, true, false}));
-
-    if (!saved) std::memcpy(zk1_buf, zk, csz * sizeof(T));
+    for (const auto& t : tw) vr += t.vr[k];
+    gstep[k] = T(vr + lam_dth);
   }
-  gwe.copy_(gwe_acc);
-  gw.copy_(gw_acc);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_ista_bwd_cpp(
     const at::Tensor& grad_z, const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& encoder_weight_,
     const at::Tensor& lam, const at::Tensor& step, const at::Tensor& z0_, const at::Tensor& z_,
-    const at::Tensor& iterates_, at::IntArrayRef stride, at::IntArrayRef padding, bool nonneg, bool fista) {
+    const at::Tensor& saved_, at::IntArrayRef stride, at::IntArrayRef padding, bool nonneg, bool fista,
+    int64_t checkpoint) {
+  TORCH_CHECK(checkpoint >= 0, "conv_ista_bwd_cpp: checkpoint must be >= 0");
   const at::Tensor x = x_.contiguous(), weight = weight_.contiguous(), encoder_weight = encoder_weight_.contiguous();
-  const at::Tensor z0 = z0_.contiguous(), z = z_.contiguous(), iterates = iterates_.contiguous();
+  const at::Tensor z0 = z0_.contiguous(), z = z_.contiguous(), saved = saved_.contiguous();
   const Geo g = make_geo(x, weight, encoder_weight, lam, step, z0, stride, padding);
-  TORCH_CHECK(grad_z.sizes() == z0.sizes() && z.sizes() == z0.sizes(), "conv_ista_bwd_cpp: grad_z/z shape");
-  TORCH_CHECK(iterates.numel() == 0 || iterates.numel() == step.size(0) * z0.numel(),
-              "conv_ista_bwd_cpp: iterates must be empty or (n_iter, *z0.shape)");
+  const int64_t n = step.size(0);
+  TORCH_CHECK(grad_z.dim() == 4 && grad_z.size(0) == g.B && grad_z.size(1) == g.Cc && grad_z.size(2) == g.Hz &&
+                  grad_z.size(3) == g.Wz && grad_z.scalar_type() == x.scalar_type(),
+              "conv_ista_bwd_cpp: grad_z must be (B, C_code, Hz, Wz) of x's dtype");
+  TORCH_CHECK(z.numel() == 0 || z.sizes() == grad_z.sizes(), "conv_ista_bwd_cpp: z must be empty or z_n");
+  TORCH_CHECK(checkpoint == 0 || z.numel() > 0, "conv_ista_bwd_cpp: save mode needs z");
+  const auto slot = checkpoint_slots(n, checkpoint, fista);
+  const int64_t n_saved = std::count_if(slot.begin(), slot.end(), [](int64_t s) { return s >= 0; });
+  TORCH_CHECK(checkpoint == 0 || saved.numel() == n_saved * g.B * g.Cc * g.Hz * g.Wz,
+              "conv_ista_bwd_cpp: saved must hold the checkpoints of conv_ista_fwd_cpp with this checkpoint");
   at::Tensor gx = at::empty_like(x), gw = at::empty_like(weight), gwe = at::empty_like(encoder_weight);
   at::Tensor glam = at::empty_like(lam).contiguous(), gstep = at::empty_like(step).contiguous();
-  at::Tensor gz0;
+  at::Tensor gz0 = at::empty_like(z0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_ista_bwd_cpp", [&] {
-    bwd_impl<scalar_t>(grad_z.contiguous(), x, weight, encoder_weight, lam, step, z0, z, iterates, g, nonneg, fista,
-                       gx, gw, gwe, glam, gstep, gz0);
+    using T = scalar_t;
+    const Problem<T> P(g, weight, encoder_weight, lam, step, nonneg, fista);
+    bwd_impl<T>(P, grad_z, x.data_ptr<T>(), weight.data_ptr<T>(), encoder_weight.data_ptr<T>(),
+                z0.numel() ? z0.data_ptr<T>() : nullptr, z.numel() ? z.data_ptr<T>() : nullptr,
+                n_saved ? saved.data_ptr<T>() : nullptr, checkpoint, gx.data_ptr<T>(), gw.data_ptr<T>(),
+                gwe.data_ptr<T>(), glam.data_ptr<T>(), gstep.data_ptr<T>(),
+                z0.numel() ? gz0.data_ptr<T>() : nullptr);
   });
   return {gx, gw, gwe, glam, gstep, gz0};
 }
@@ -795,10 +1036,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_FRAGMENT(dsc_kernels, m) {
   m.def(
       "conv_ista_fwd_cpp(Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, Tensor z0, "
-      "int[] stride, int[] padding, bool nonneg, bool fista, bool save_iterates) -> (Tensor, Tensor)");
+      "int[] stride, int[] padding, bool nonneg, bool fista, int checkpoint) -> (Tensor, Tensor)");
   m.def(
       "conv_ista_bwd_cpp(Tensor grad_z, Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, "
-      "Tensor z0, Tensor z, Tensor iterates, int[] stride, int[] padding, bool nonneg, bool fista) -> "
+      "Tensor z0, Tensor z, Tensor saved, int[] stride, int[] padding, bool nonneg, bool fista, int checkpoint) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

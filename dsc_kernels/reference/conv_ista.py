@@ -11,9 +11,10 @@ Two implementations live here:
 * ``conv_ista_ref`` differentiates through eager PyTorch (autograd saves about five tensors per iteration). It is
   the oracle every backend is compared with, and the "eager" baseline of the benchmarks.
 * ``conv_ista_fwd_ref`` / ``conv_ista_bwd_ref`` run the same forward and the hand-written VJP on the canonical
-  tensors of the fused-op interface (notes/CONTRACT.md). The backward needs only the code iterates z_0..z_n: the
-  active set of iteration k is ``z_{k+1} != 0``, and the residual is recomputed. It is the executable spec of what the
-  fused kernels compute, registered as the op ``conv_ista_*_ref``.
+  tensors of the fused-op interface (notes/CONTRACT.md). The backward needs only the code iterates z_0..z_n, which
+  it restores from checkpoints (``checkpoint_indices``) or replays from z0: the active set of iteration k is
+  ``z_{k+1} != 0``, and the residual is recomputed. It is the executable spec of what the fused kernels compute,
+  registered as the op ``conv_ista_*_ref``.
 
 VJP of one iteration (g = dL/dz_{k+1}, gu = g * [z_{k+1} != 0], v = E^*(gu) = conv_transpose(gu, encoder_weight)):
 
@@ -33,7 +34,7 @@ from collections.abc import Sequence
 import torch
 from torch.nn import grad as nn_grad
 
-from .conv import as_tuple, conv_analysis_ref, conv_synthesis_ref, soft_threshold_ref, spatial_rank
+from .conv import as_tuple, code_size, conv_analysis_ref, conv_synthesis_ref, soft_threshold_ref, spatial_rank
 
 _CONV_WEIGHT_GRAD = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight}
 
@@ -80,45 +81,94 @@ def conv_ista_ref(x: torch.Tensor, weight: torch.Tensor, lam: torch.Tensor, step
     return z
 
 
+def checkpoint_indices(n_iter: int, checkpoint: int, fista: bool) -> list[int]:
+    """Which iterates z_k the fused forward saves for the backward, with checkpoint interval ``checkpoint``.
+
+    0 saves none (recompute mode: the backward replays from z0). m >= 1 saves z_k for 1 <= k < n_iter with
+    k % m == 0 (FISTA also k % m == m - 1, since a replay from z_k needs z_{k-1} too): the backward replays each
+    segment [s, s + m) from its checkpoint, one forward iteration less than the segment's length. z_0 is the input
+    z0 and z_n the output, so neither is saved twice. m = 1 saves every iterate.
+    """
+    if checkpoint == 0:
+        return []
+    return [k for k in range(1, n_iter) if k % checkpoint == 0 or (fista and (k + 1) % checkpoint == 0)]
+
+
+def _zeros_if_empty(z0: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
+    """The contract's ``z0``: an empty tensor stands for zeros of the code's shape."""
+    if z0.numel() > 0:
+        return z0
+    sz = code_size(x.shape[2:], weight.shape[2:], stride, padding)
+    return x.new_zeros((x.shape[0], weight.shape[0], *sz))
+
+
 def conv_ista_fwd_ref(x: torch.Tensor, weight: torch.Tensor, encoder_weight: torch.Tensor, lam: torch.Tensor,
                       step: torch.Tensor, z0: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
-                      nonneg: bool, fista: bool, save_iterates: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward of the fused-op interface: returns ``(z_n, iterates)``, iterates (n_iter, *z0.shape) = z_0..z_{n-1}
-    when ``save_iterates``, else an empty (0,) tensor."""
+                      nonneg: bool, fista: bool, checkpoint: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the fused-op interface: returns ``(z_n, saved)``, ``saved`` (len(idx), *z.shape) holding z_k for k
+    in ``checkpoint_indices(n_iter, checkpoint, fista)``, or an empty (0,) tensor when ``checkpoint == 0``.
+    An empty ``z0`` means zeros."""
+    z0 = _zeros_if_empty(z0, x, weight, stride, padding)
     with torch.no_grad():
         iterates = _run_iterates(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista)
-    z = iterates.pop()
-    saved = torch.stack(iterates) if save_iterates else x.new_empty(0)
+    z = iterates[-1]
+    if checkpoint == 0:
+        return z, x.new_empty(0)
+    idx = checkpoint_indices(step.shape[0], checkpoint, fista)
+    saved = torch.stack([iterates[k] for k in idx]) if idx else z.new_empty((0, *z.shape))
     return z, saved
 
 
-def _run_iterates(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista) -> list[torch.Tensor]:
-    """[z_0, ..., z_n]."""
+def _run_iterates(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, first: int = 0,
+                  stop: int | None = None, z_prev: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """[z_first, ..., z_stop] from z_first = z0 (and z_{first-1} = z_prev for FISTA); stop defaults to n_iter."""
     betas = fista_momentum(step.shape[0])
+    stop = step.shape[0] if stop is None else stop
     zs = [z0]
-    for k in range(step.shape[0]):
-        y = zs[-1] + betas[k] * (zs[-1] - zs[-2]) if fista and k > 0 else zs[-1]
+    prev = z_prev
+    for k in range(first, stop):
+        y = zs[-1] + betas[k] * (zs[-1] - prev) if fista and k > 0 else zs[-1]
+        prev = zs[-1]
         zs.append(_ista_step(x, y, weight, encoder_weight, lam[k], step[k], stride, padding, nonneg))
+    return zs
+
+
+def _restore_iterates(x, weight, encoder_weight, lam, step, z0, z, saved, stride, padding, nonneg, fista,
+                      checkpoint) -> list[torch.Tensor]:
+    """[z_0, ..., z_n] from the checkpoints, replaying each segment from its start (what the fused backward does
+    one segment at a time)."""
+    n = step.shape[0]
+    if checkpoint == 0:
+        return _run_iterates(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista)
+    zs: list[torch.Tensor | None] = [None] * (n + 1)
+    zs[0], zs[n] = z0, z
+    for k, zk in zip(checkpoint_indices(n, checkpoint, fista), saved.unbind(0)):
+        zs[k] = zk
+    for s in range(0, n, checkpoint):
+        e = min(s + checkpoint, n)
+        if e - s > 1:
+            zs[s + 1:e] = _run_iterates(x, weight, encoder_weight, lam, step, zs[s], stride, padding, nonneg, fista,
+                                        first=s, stop=e - 1, z_prev=zs[s - 1] if s > 0 else None)[1:]
     return zs
 
 
 def conv_ista_bwd_ref(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, encoder_weight: torch.Tensor,
                       lam: torch.Tensor, step: torch.Tensor, z0: torch.Tensor, z: torch.Tensor,
-                      iterates: torch.Tensor, stride: Sequence[int], padding: Sequence[int], nonneg: bool,
-                      fista: bool) -> tuple[torch.Tensor, ...]:
-    """Hand-written VJP of ``conv_ista_fwd_ref``. Returns grads for (x, weight, encoder_weight, lam, step, z0).
-
-    With empty ``iterates`` (recompute mode) the iterates are replayed from z0 first; this reference keeps them
-    all during the backward (the fused backends replay without doing so)."""
+                      saved: torch.Tensor, stride: Sequence[int], padding: Sequence[int], nonneg: bool,
+                      fista: bool, checkpoint: int) -> tuple[torch.Tensor, ...]:
+    """Hand-written VJP of ``conv_ista_fwd_ref``. Returns grads for (x, weight, encoder_weight, lam, step, z0);
+    the last is empty when ``z0`` is (zeros). The iterates are restored from the checkpoints (or, when
+    ``checkpoint == 0``, replayed from z0); this reference keeps them all during the backward, which the fused
+    backends do not."""
     rank = spatial_rank(weight)
     stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
     weight_grad = _CONV_WEIGHT_GRAD[rank]
     n_iter = step.shape[0]
+    z0_given = z0.numel() > 0
+    z0 = _zeros_if_empty(z0, x, weight, stride, padding)
     with torch.no_grad():
-        if iterates.numel() == 0:
-            zs = _run_iterates(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista)
-        else:
-            zs = list(iterates.unbind(0)) + [z]
+        zs = _restore_iterates(x, weight, encoder_weight, lam, step, z0, z, saved, stride, padding, nonneg, fista,
+                               checkpoint)
         betas = fista_momentum(n_iter)
         grad_x = torch.zeros_like(x)
         grad_w = torch.zeros_like(weight)
@@ -151,7 +201,7 @@ def conv_ista_bwd_ref(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
             else:
                 g_next = g_carry + grad_y
                 g_carry = torch.zeros_like(z0)
-        grad_z0 = g_next
+        grad_z0 = g_next if z0_given else z0.new_empty(0)
     return grad_x, grad_w, grad_we, grad_lam, grad_step, grad_z0
 
 

@@ -21,7 +21,7 @@ multiply the synthesis work by kh*kw.
   - `_conv_ista_fwd_all_kernel`: every iteration in one launch, one program per image walking its tiles, with a
     CTA barrier between iterations; used when an image's code is small (SINGLE_LAUNCH_MAX_CODE_BYTES).
 
-Saved for backward: z_0 .. z_{n-1} in the input dtype (`iterates`), or nothing in recompute mode, where the backward
+Saved for backward: z_1 .. z_{n-1} in the input dtype (`iterates`), or nothing in recompute mode, where the backward
 replays the forward from z_0 with the same kernels (bit-identical iterates, hence identical supports) and keeps
 three code buffers: O(n^2) iterations of compute, memory independent of n.
 
@@ -471,33 +471,57 @@ class _Forward:
         return buf
 
 
+def _zeros_if_empty(z0: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int]) -> Tensor:
+    """The contract's empty z0 stands for zeros; the kernels read a real buffer."""
+    if z0.numel() > 0:
+        return z0
+    hz = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
+    wz = (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
+    return x.new_zeros((x.shape[0], weight.shape[0], hz, wz))
+
+
+def _check_checkpoint(checkpoint: int) -> None:
+    if checkpoint not in (0, 1):
+        raise ValueError(f"the triton conv-ISTA backward reads every iterate or replays from z0: checkpoint must be "
+                         f"0 or 1, got {checkpoint}")
+
+
 def conv_ista_fwd(x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor, step: Tensor, z0: Tensor,
                   stride: Sequence[int], padding: Sequence[int], nonneg: bool, fista: bool,
-                  save_iterates: bool) -> tuple[Tensor, Tensor]:
+                  checkpoint: int) -> tuple[Tensor, Tensor]:
     """Forward of the fused-op interface (notes/CONTRACT.md). x: (B, C_sig, H, W); weight, encoder_weight:
-    (C_code, C_sig, kh, kw); lam: (n_iter, C_code); step: (n_iter,); z0: (B, C_code, Hz, Wz).
-    Returns (z_n, iterates (n_iter, B, C_code, Hz, Wz) or an empty (0,) tensor in recompute mode)."""
+    (C_code, C_sig, kh, kw); lam: (n_iter, C_code); step: (n_iter,); z0: (B, C_code, Hz, Wz) or empty (zeros).
+    Returns (z_n, saved): z_1..z_{n-1} (n_iter - 1, B, C_code, Hz, Wz) for checkpoint 1, an empty (0,) tensor for
+    checkpoint 0 (recompute mode)."""
+    _check_checkpoint(checkpoint)
+    z0 = _zeros_if_empty(z0, x, weight, stride, padding)
     n = step.shape[0]
-    g = _geom(x, weight, z0, stride, padding, n + 1 if save_iterates else 3)
+    save = checkpoint == 1
+    g = _geom(x, weight, z0, stride, padding, n + 1 if save else 3)
     fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista)
     # The single-launch kernel also writes z_n into the ring; the per-iteration path writes it straight into z.
-    ring = (n + 1 if fwd.single else n) if save_iterates else 3
+    ring = (n + 1 if fwd.single else n) if save else 3
     if fwd.single:
         buf = fwd.run(n, ring)
         z = buf.select(0, n % ring).clone()
     else:
         z = torch.empty_like(z0)
         buf = fwd.run(n, ring, last_out=z)
-    return z, (buf.narrow(0, 0, n) if save_iterates else z0.new_empty((0,)))
+    # A copy, not a view of the ring: an op's output must start its own storage (the fake's storage offset is 0).
+    return z, (buf.narrow(0, 1, n - 1).clone() if save else z0.new_empty((0,)))
 
 
 def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor, step: Tensor,
                   z0: Tensor, z: Tensor, iterates: Tensor, stride: Sequence[int], padding: Sequence[int],
-                  nonneg: bool, fista: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  nonneg: bool, fista: bool, checkpoint: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of the fused-op interface: grads of (x, weight, encoder_weight, lam, step, z0), each of its
-    input's shape. Empty ``iterates`` means recompute mode: the forward is replayed from z0."""
+    input's shape (an empty z0's grad is empty). ``iterates`` holds z_1..z_{n-1} (checkpoint 1); checkpoint 0 is
+    recompute mode: the forward is replayed from z0, z_n included (z is then empty)."""
+    _check_checkpoint(checkpoint)
+    z0_given = z0.numel() > 0
+    z0 = _zeros_if_empty(z0, x, weight, stride, padding)
     n_iter = step.shape[0]
-    g = _geom(x, weight, z0, stride, padding, max(iterates.shape[0], 3))
+    g = _geom(x, weight, z0, stride, padding, max(iterates.shape[0] + 1, 3))
     ccfg = conv_config(g.C_sig, g.C_code, g.kh, g.kw)
     in_prec = _in_prec(x.dtype)
     betas = _fista_betas(n_iter, fista)
@@ -526,9 +550,13 @@ def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Ten
                                                                     BLOCK_C=ccfg.BLOCK_C, **geo)
         return partials.sum(0).view(tuple(weight.shape))
 
-    recompute = iterates.numel() == 0
+    recompute = checkpoint == 0
     if recompute:
         fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista)
+        z = fwd.run(n_iter, 3).select(0, n_iter % 3)
+
+    def saved_iterate(j):
+        return z0 if j == 0 else iterates.select(0, j - 1)
 
     grad_x = torch.zeros(sig_shape, **f32)
     grad_w = torch.zeros(tuple(weight.shape), **f32)
@@ -544,8 +572,8 @@ def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Ten
             z_k = ring.select(0, k % 3)
             z_km1 = ring.select(0, max(k - 1, 0) % 3)
         else:
-            z_k = iterates.select(0, k)
-            z_km1 = iterates.select(0, max(k - 1, 0))
+            z_k = saved_iterate(k)
+            z_km1 = saved_iterate(max(k - 1, 0))
         y = z_k.to(torch.float32)
         if betas[k] != 0.0:
             y = y + betas[k] * (y - z_km1.to(torch.float32))
@@ -579,7 +607,7 @@ def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Ten
     grad_lam = torch.stack(grad_lam[::-1]).to(lam.dtype)
     grad_step = torch.stack(grad_step[::-1]).to(step.dtype)
     return (grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_we.to(encoder_weight.dtype), grad_lam, grad_step,
-            gz.to(z0.dtype))
+            gz.to(z0.dtype) if z0_given else z0.new_empty((0,)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
