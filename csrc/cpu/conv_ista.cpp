@@ -333,7 +333,7 @@ void for_bands(int64_t B, int64_t rows, int64_t R, F&& f) {
 
 // A code-sized (B, Cc, Hz, Wz) tensor the passes read, computed on the fly from stored ones:
 // scale * (a + beta (a - b)) (FISTA's y_k; b null: scale * a), or with mask: scale * a [mask != 0] (the gradient
-// restricted to the active set).
+// restricted to the active set); a null: zeros (z0 not given; FISTA's beta_1 is 0, so z_0 never enters as b).
 template <typename T>
 struct CodeSrc {
   const T* a;
@@ -343,6 +343,10 @@ struct CodeSrc {
   T scale;
 
   void row(int64_t off, int64_t cnt, T* __restrict dst) const {
+    if (!a) {  // an absent z0: zeros
+      std::fill(dst, dst + cnt, T(0));
+      return;
+    }
     const T* __restrict pa = a + off;
     if (mask) {
       const T* __restrict pm = mask + off;
@@ -475,31 +479,28 @@ struct Ctx {
   void iterate(const T* x, const T* zk, const T* zkm1, T beta, T step, const T* th, bool nonneg, T* znext) const {
     for_bands(g.B, g.Hz, R, [&](int64_t n, int64_t i0, int64_t i1) {
       BandBufs<T> bb = bufs();
-      run_band(bb, x, zk, zkm1, beta, step, th, nonneg, znext, nullptr, n, i0, i1);
+      run_band(bb, x, zk, zkm1, beta, step, th, nonneg, znext, n, i0, i1);
     });
   }
 
   // The same iteration on one batch item (pointers to its slices), serially in the calling thread, as one band.
-  // With r_out, also writes the residual x - D y (Cs, H, W) it formed on the way (the backward's r_k). znext null:
-  // the residual only (D y, no E).
+  // With r_out (padded_rows(Hz) x padded_width() per signal channel), the residual x - D y it forms on the way is
+  // kept there, zero-padded and column-phased as E reads it (the backward's r_k). znext null: the residual only.
   void iterate_item(const T* x, const T* zk, const T* zkm1, T beta, T step, const T* th, bool nonneg, T* znext,
                     T* r_out) const {
     BandBufs<T> bb = bufs(g.Hz);
-    if (r_out) std::memcpy(r_out, x, g.Cs * g.H * g.W * sizeof(T));  // rows no code reads: D y = 0 there
-    run_band(bb, x, zk, zkm1, beta, step, th, nonneg, znext, r_out, 0, 0, g.Hz);
+    if (r_out) bb.r = r_out;
+    run_band(bb, x, zk, zkm1, beta, step, th, nonneg, znext, 0, 0, g.Hz);
   }
 
   void run_band(BandBufs<T>& bb, const T* x, const T* zk, const T* zkm1, T beta, T step, const T* th, bool nonneg,
-                T* znext, T* r_out, int64_t n, int64_t i0, int64_t i1) const {
+                T* znext, int64_t n, int64_t i0, int64_t i1) const {
     int64_t hs0, nh;
     sig_rows(i0, i1, hs0, nh);
     fill_y(bb, CodeSrc<T>{zk, zkm1, beta, nullptr, T(1)}, n, hs0, nh);
-    if (znext) std::fill(bb.r, bb.r + g.Cs * bb.rrows * bb.rwidth, T(0));
+    std::fill(bb.r, bb.r + g.Cs * bb.rrows * bb.rwidth, T(0));
     synth_rows(bb, hs0, nh, [&](int64_t s, int64_t h, const T* v, int64_t) {
-      const int64_t off = ((n * g.Cs + s) * g.H + h) * g.W;
-      if (znext) store_r(bb.r, bb.rrows, bb.rwidth, s, h, i0, x + off, v);
-      if (r_out)
-        for (int64_t j = 0; j < g.W; ++j) r_out[off + j] = x[off + j] - v[j];
+      store_r(bb.r, bb.rrows, bb.rwidth, s, h, i0, x + ((n * g.Cs + s) * g.H + h) * g.W, v);
     });
     if (!znext) return;
     anal_rows(bb, i0, i1, [&](int64_t c, int64_t i, int64_t j0, const T* e, int64_t cnt) {
@@ -588,7 +589,7 @@ struct Problem {
       for (int64_t c = 0; c < g.Cc; ++c) th[k * g.Cc + c] = step[k] * lam[k * g.Cc + c];
   }
 
-  // One iteration k on batch item b's slices (item pointers), or on the whole batch (item < 0, parallel).
+  // One iteration k on one batch item's slices (Ctx::iterate_item), or on the whole batch in parallel.
   void iterate(int64_t k, const T* x, const T* zk, const T* zkm1, T* znext, T* r_out = nullptr) const {
     const T* prev = fista && k > 0 ? zkm1 : nullptr;
     ctx.iterate_item(x, zk, prev, T(beta[k]), step[k], th.data() + k * ctx.g.Cc, nonneg, znext, r_out);
@@ -616,14 +617,13 @@ void fwd_impl(const Problem<T>& P, const T* x, const T* z0, const std::vector<in
   const int nt = at::get_num_threads();
   const int nbuf = P.fista ? 3 : 2;
   if (g.B >= nt) {
-    // Per thread: nbuf rotating item codes, plus a zero code standing for an empty z0.
-    at::Tensor work = at::zeros({nt, nbuf + 1, P.csz}, at::CppTypeToScalarType<T>::value);
+    // Per thread: nbuf rotating item codes (an empty z0 is read as zeros, never stored).
+    at::Tensor work = at::empty({nt, nbuf, P.csz}, at::CppTypeToScalarType<T>::value);
     at::parallel_for(0, g.B, 1, [&](int64_t b0, int64_t b1) {
-      T* w = work.data_ptr<T>() + at::get_thread_num() * (nbuf + 1) * P.csz;
+      T* w = work.data_ptr<T>() + at::get_thread_num() * nbuf * P.csz;
       T* bufs[3] = {w, w + P.csz, P.fista ? w + 2 * P.csz : nullptr};
-      const T* zero = w + nbuf * P.csz;
       for (int64_t b = b0; b < b1; ++b) {
-        const T* cur = z0 ? z0 + b * P.csz : zero;
+        const T* cur = z0 ? z0 + b * P.csz : nullptr;
         const T* prev = nullptr;
         for (int64_t k = 0; k < P.n; ++k) {
           T* dst = k + 1 == P.n ? z + b * P.csz
@@ -638,9 +638,9 @@ void fwd_impl(const Problem<T>& P, const T* x, const T* z0, const std::vector<in
     return;
   }
   const int64_t bsz = g.B * P.csz;
-  at::Tensor work = at::zeros({nbuf + (z0 ? 0 : 1), bsz}, at::CppTypeToScalarType<T>::value);
+  at::Tensor work = at::empty({nbuf, bsz}, at::CppTypeToScalarType<T>::value);
   T* bufs[3] = {work.data_ptr<T>(), work.data_ptr<T>() + bsz, P.fista ? work.data_ptr<T>() + 2 * bsz : nullptr};
-  const T* cur = z0 ? z0 : work.data_ptr<T>() + nbuf * bsz;
+  const T* cur = z0;
   const T* prev = nullptr;
   for (int64_t k = 0; k < P.n; ++k) {
     T* dst = k + 1 == P.n ? z : slot[k + 1] >= 0 ? saved + slot[k + 1] * bsz : free_buffer(bufs, nbuf, cur, P.fista ? prev : nullptr);
@@ -732,17 +732,16 @@ void wgrad_call(int nb, const T* G, int64_t gcs, int64_t grs, const T* I, int64_
 }
 
 // One thread's slice of the backward workspace (item-sized buffers, carved from one tensor the calling thread
-// allocates, so allocator statistics and profilers see it).
+// allocates, so allocator statistics and profilers see it). Signals live in E's padded, column-phased layout
+// (Cs x rrows x rwidth, zero outside the signal): that is what the analysis and the weight gradients read.
 template <typename T>
 struct ItemWork {
-  T *gA, *gB;        // dL/dz_{k+1} (ends as dL/dz_0) and FISTA's carry into dL/dz_k
-  T* G;              // the weight gradient's code operand, Ccp x Hz x Wzp (zero-padded channels and columns)
-  T* I;              // a padded, column-phased signal (Cs x rrows x rwidth): r_k, then v
-  T* v;              // E^* gu (Cs, H, W)
-  T* zero;           // an all-zero code: z0 when none is given
+  T *gA, *gB;            // dL/dz_{k+1} (ends as dL/dz_0) and FISTA's carry into dL/dz_k (FISTA only)
+  T* G;                  // the weight gradient's code operand, Ccp x Hz x Wzp (zero-padded channels and columns)
   std::vector<T*> zbuf;  // replayed iterates (save mode: a segment's interior; recompute: rotating + the held z_{k+1})
-  T* r;              // residuals r_k of a segment (save mode: m of them; recompute: 1), (Cs, H, W) each
-  T *dwe, *dwd;      // this thread's weight-gradient sums
+  T* v;                  // E^* gu, phased
+  T* r;                  // residuals r_k = x - D y_k, phased (save mode: a segment's m; recompute: 1)
+  T *dwe, *dwd;          // this thread's weight-gradient sums
   std::vector<double> dth, vr;  // (n, Cc) and (n,): this thread's sums for grad_lam and grad_step
 };
 
@@ -773,21 +772,20 @@ struct Backward {
     nr = m > 0 ? m : 1;
   }
 
+  // Code buffers are gsz long (>= csz) so that in recompute mode G can use the replay buffer the step leaves free.
   int64_t per_thread() const {
-    return P.csz * (3 + nz) + gsz + isz + P.ssz * (1 + nr) + 2 * wsz;
+    return gsz * ((P.fista ? 2 : 1) + nz + (m > 0 ? 1 : 0)) + isz * (1 + nr) + 2 * wsz;
   }
 
   ItemWork<T> carve(T* w) const {
     ItemWork<T> t;
-    t.gA = w; w += P.csz;
-    t.gB = w; w += P.csz;
-    t.zero = w; w += P.csz;
-    for (int i = 0; i < nz; ++i) t.zbuf.push_back(w + i * P.csz);
-    w += nz * P.csz;
-    t.G = w; w += gsz;
-    t.I = w; w += isz;
-    t.v = w; w += P.ssz;
-    t.r = w; w += nr * P.ssz;
+    t.gA = w; w += gsz;
+    t.gB = P.fista ? w : nullptr; w += P.fista ? gsz : 0;
+    for (int i = 0; i < nz; ++i) t.zbuf.push_back(w + i * gsz);
+    w += nz * gsz;
+    t.G = m > 0 ? w : nullptr; w += m > 0 ? gsz : 0;  // recompute mode: set per step
+    t.v = w; w += isz;
+    t.r = w; w += nr * isz;
     t.dwe = w; w += wsz;
     t.dwd = w;
     t.dth.assign(P.n * g.Cc, 0.0);
@@ -795,17 +793,8 @@ struct Backward {
     return t;
   }
 
-  // signal (Cs, H, W) -> the padded, column-phased layout E reads (zeros outside the signal).
-  void phase(const T* sig, T* I) const {
-    std::fill(I, I + isz, T(0));
-    int64_t hs0, nh;
-    P.ctx.sig_rows(0, g.Hz, hs0, nh);
-    for (int64_t s = 0; s < g.Cs; ++s)
-      for (int64_t h = hs0; h < hs0 + nh; ++h) P.ctx.store_r(I, rrows, rwidth, s, h, 0, sig + (s * g.H + h) * g.W, nullptr);
-  }
-
-  // dw += the weight gradient of the analysis correlation for code operand G (in t.G) and signal I (in t.I).
-  void wgrad(const ItemWork<T>& t, T* dw) const {
+  // dw += the weight gradient of the analysis correlation for code operand G (in t.G) and phased signal I.
+  void wgrad(const ItemWork<T>& t, const T* I, T* dw) const {
     alignas(64) T out[kWgCob * 8];
     const int64_t nvec = Wzp / VecOf<T>::L;
     for (int64_t cb = 0; cb < Ccp; cb += kWgCob)
@@ -813,7 +802,7 @@ struct Backward {
         for (int64_t a = 0; a < g.KH; ++a) {
           int64_t b0 = 0;
           for (int nb : tap_blocks) {
-            wgrad_call<T>(nb, t.G + cb * g.Hz * Wzp, g.Hz * Wzp, Wzp, t.I + (ci * rrows + a) * rwidth, g.SH * rwidth,
+            wgrad_call<T>(nb, t.G + cb * g.Hz * Wzp, g.Hz * Wzp, Wzp, I + (ci * rrows + a) * rwidth, g.SH * rwidth,
                           boff.data() + b0, g.Hz, nvec, out);
             for (int64_t co = 0; co < kWgCob && cb + co < g.Cc; ++co)
               for (int tb = 0; tb < nb; ++tb) dw[((cb + co) * g.Cs + ci) * g.KH * g.KW + a * g.KW + b0 + tb] += out[co * nb + tb];
@@ -822,14 +811,19 @@ struct Backward {
         }
   }
 
-  // G := src (a code-sized view, see CodeSrc) in the padded layout.
+  // G := src (a code-sized view, see CodeSrc) in the padded layout, zero in the padding.
   void fill_g(const ItemWork<T>& t, const CodeSrc<T>& src) const {
     for (int64_t c = 0; c < g.Cc; ++c)
-      for (int64_t i = 0; i < g.Hz; ++i) src.row((c * g.Hz + i) * g.Wz, g.Wz, t.G + (c * g.Hz + i) * Wzp);
+      for (int64_t i = 0; i < g.Hz; ++i) {
+        T* row = t.G + (c * g.Hz + i) * Wzp;
+        src.row((c * g.Hz + i) * g.Wz, g.Wz, row);
+        std::fill(row + g.Wz, row + Wzp, T(0));
+      }
+    std::fill(t.G + g.Cc * g.Hz * Wzp, t.G + gsz, T(0));
   }
 
   // The VJP of iteration k for one item: t.gA holds dL/dz_{k+1} on entry and dL/dz_k (+ FISTA carry) on exit.
-  // zk, zkm1: y_k's iterates; zk1 = z_{k+1} (the active set); r = x - D y_k; gx: this item's dL/dx.
+  // zk, zkm1: y_k's iterates; zk1 = z_{k+1} (the active set); r = x - D y_k (phased); gx: this item's dL/dx.
   void step(ItemWork<T>& t, int64_t k, const T* zk, const T* zkm1, const T* zk1, const T* r, T* gx) const {
     const T sk = P.step[k];
     const T bk = T(P.beta[k]);
@@ -849,34 +843,31 @@ struct Backward {
       }
       t.dth[k * g.Cc + c] -= part;
     }
-    // v = E^* gu, dL/dx += step v, <v, r_k> for dL/dstep.
+    // v = E^* gu (phased), dL/dx += step v, <v, r_k> for dL/dstep (both phased: the padding is zero in each).
     {
       BandBufs<T> bb = P.ctx.bufs(g.Hz);
       int64_t hs0, nh;
-      P.ctx.sig_rows(0, g.Hz, hs0, nh);
-      std::fill(t.v, t.v + P.ssz, T(0));  // rows no code reaches: E^* gu = 0
+      P.ctx.sig_rows(0, g.Hz, hs0, nh);  // rows no code reaches: E^* gu = 0
+      std::fill(t.v, t.v + isz, T(0));
       P.ctx.fill_y(bb, CodeSrc<T>{t.gA, nullptr, T(0), zk1, T(1)}, 0, hs0, nh);
       synth_e.rows(bb.y, bb.yrows * bb.ywidth, hs0, nh, [&](int64_t s, int64_t h, const T* val, int64_t cnt) {
-        const int64_t off = (s * g.H + h) * g.W;
-        T* __restrict vs = t.v + off;
-        T* __restrict gxs = gx + off;
-        for (int64_t j = 0; j < cnt; ++j) vs[j] = val[j], gxs[j] += sk * val[j];
+        T* __restrict gxs = gx + (s * g.H + h) * g.W;
+        for (int64_t j = 0; j < cnt; ++j) gxs[j] += sk * val[j];
+        P.ctx.store_r(t.v, rrows, rwidth, s, h, 0, val, nullptr);
       });
     }
     T vr = 0;
 #pragma omp simd reduction(+ : vr)
-    for (int64_t i = 0; i < P.ssz; ++i) vr += t.v[i] * r[i];
+    for (int64_t i = 0; i < isz; ++i) vr += t.v[i] * r[i];
     t.vr[k] += vr;
     // dW_E += step corr(r_k, gu); dW_D -= step corr(v, y_k).
     fill_g(t, CodeSrc<T>{t.gA, nullptr, T(0), zk1, sk});
-    phase(r, t.I);
-    wgrad(t, t.dwe);
+    wgrad(t, r, t.dwe);
     fill_g(t, CodeSrc<T>{zk, zkm1, bk, nullptr, -sk});
-    phase(t.v, t.I);
-    wgrad(t, t.dwd);
-    // dL/dy_k = gu - step D^* v (t.I now holds v), split into dL/dz_k (gA) and dL/dz_{k-1} (gB).
+    wgrad(t, t.v, t.dwd);
+    // dL/dy_k = gu - step D^* v, split into dL/dz_k (gA) and dL/dz_{k-1} (gB).
     for (int64_t i = 0; i < g.Hz; ++i)
-      anal_d.row(t.I + i * g.SH * rwidth, rrows * rwidth, rwidth, g.Wz, [&](int64_t c, int64_t j0, const T* val, int64_t cnt) {
+      anal_d.row(t.v + i * g.SH * rwidth, rrows * rwidth, rwidth, g.Wz, [&](int64_t c, int64_t j0, const T* val, int64_t cnt) {
         const int64_t off = (c * g.Hz + i) * g.Wz + j0;
         T* __restrict ga = t.gA + off;
         const T* __restrict mk = zk1 + off;
@@ -915,13 +906,13 @@ void bwd_impl(const Problem<T>& P, const at::Tensor& grad_z, const T* x, const T
     for (int64_t b = b0; b < b1; ++b) {
       const T* xb = x + b * P.ssz;
       T* gxb = gx + b * P.ssz;
-      const T* z0b = z0 ? z0 + b * P.csz : t.zero;
+      const T* z0b = z0 ? z0 + b * P.csz : nullptr;  // null: zeros
       // dL/dz_n, read through grad_z's strides (an expanded scalar is never materialised).
       for (int64_t c = 0; c < g.Cc; ++c)
         for (int64_t i = 0; i < g.Hz; ++i)
           for (int64_t j = 0; j < g.Wz; ++j)
             t.gA[(c * g.Hz + i) * g.Wz + j] = gzp[b * gzs[0] + c * gzs[1] + i * gzs[2] + j * gzs[3]];
-      std::fill(t.gB, t.gB + P.csz, T(0));
+      if (t.gB) std::fill(t.gB, t.gB + P.csz, T(0));
       auto iterate_at = [&](int64_t k) -> const T* {  // z_k where stored: z0, a checkpoint or the output
         if (k == 0) return z0b;
         if (k == P.n && z) return z + b * P.csz;
@@ -940,11 +931,11 @@ void bwd_impl(const Problem<T>& P, const at::Tensor& grad_z, const T* x, const T
             // A stored z_{k+1} (always z_e; FISTA's z_{e-1} too) needs only r_k: D y_k without E.
             const T* stored = iterate_at(k + 1);
             T* znext = stored ? nullptr : t.zbuf[k - s];
-            P.iterate(k, xb, zs[k - s + 1], zs[k - s], znext, t.r + (k - s) * P.ssz);
+            P.iterate(k, xb, zs[k - s + 1], zs[k - s], znext, t.r + (k - s) * W.isz);
             zs[k - s + 2] = stored ? stored : znext;
           }
           for (int64_t k = e - 1; k >= s; --k)
-            W.step(t, k, zs[k - s + 1], zs[k - s], zs[k - s + 2], t.r + (k - s) * P.ssz, gxb);
+            W.step(t, k, zs[k - s + 1], zs[k - s], zs[k - s + 2], t.r + (k - s) * W.isz, gxb);
         }
       } else {
         // Recompute mode: replay z_0..z_k for every k (O(n^2) iterations, memory independent of n).
@@ -972,8 +963,9 @@ void bwd_impl(const Problem<T>& P, const at::Tensor& grad_z, const T* x, const T
         for (int64_t k = P.n - 1; k >= 0; --k) {
           replay(k, &zk, &zkm1);
           P.iterate(k, xb, zk, zkm1, nullptr, t.r);  // r_k only
+          t.G = free_buffer(t.zbuf.data(), nrot, zk, P.fista ? zkm1 : nullptr);  // a replay buffer y_k does not read
           W.step(t, k, zk, zkm1, held, t.r, gxb);
-          std::memcpy(held, zk, P.csz * sizeof(T));
+          if (k > 0) std::memcpy(held, zk, P.csz * sizeof(T));
         }
       }
       if (gz0) std::memcpy(gz0 + b * P.csz, t.gA, P.csz * sizeof(T));
