@@ -1,17 +1,20 @@
 // Fused conv-ISTA / conv-FISTA on the CPU: ops dsc_kernels::conv_ista_fwd_cpp and conv_ista_bwd_cpp.
 //
 // Canonical 2-D tensors (notes/CONTRACT.md): x (B, Cs, H, W); weight W_D and encoder_weight W_E (Cc, Cs, KH, KW);
-// lam (n, Cc); step (n,); z0 (B, Cc, Hz, Wz). D z = conv_transpose2d(z, W_D) cropped/padded to x's size,
+// lam (n, Cc); step (n,); z0 (B, Cc, Hz, Wz) or empty (zeros). D z = conv_transpose2d(z, W_D) cropped/padded to x's size,
 // E r = conv2d(r, W_E), both with the given stride and padding.
 //
 // Forward, k = 0 .. n-1 (FISTA: beta_k = (t_{k-1} - 1) / t_k, beta_0 = 0; ISTA: beta_k = 0):
 //     y_k     = z_k + beta_k (z_k - z_{k-1})
 //     u_k     = y_k + step_k * E(x - D y_k)
 //     z_{k+1} = S_{step_k lam_k[c]}(u_k)              (S+ when nonneg)
-// One parallel pass per iteration over tasks (batch item, band of code rows). A task rebuilds, in thread-local
-// buffers, y on the rows its halo needs, the residual x - D y on the signal rows its analysis window covers, then
-// applies E, adds y, thresholds and writes z_{k+1}. No full-size D y, residual or u is ever materialised.
-// Saved for backward: z_0 .. z_{n-1} ("iterates", when save_iterates) or nothing (recompute mode).
+// Each iteration is one fused pass over the code: a task (a batch item, or a band of its code rows) rebuilds, in
+// thread-local buffers, y on the rows its halo needs and the residual x - D y on the signal rows its analysis
+// window covers, then applies E, adds y, thresholds and writes z_{k+1}. No full-size D y, residual or u is ever
+// materialised. With at least as many items as threads, a thread runs all iterations of its items in item-sized
+// buffers; otherwise every iteration is one parallel pass over (item, band) with batch-sized rotating buffers.
+// Saved for backward (checkpoint interval m, reference/conv_ista.py::checkpoint_indices): z_k for 0 < k < n with
+// k % m == 0 (FISTA also k % m == m - 1), or nothing (m = 0, recompute mode). An absent z0 is read as zeros.
 //
 // Backward (g = dL/dz_{k+1}, gu = g * [z_{k+1} != 0], r_k = x - D y_k, v = E^* gu = conv_transpose(gu, W_E)):
 //     dL/dx     += step_k v
@@ -21,12 +24,14 @@
 //     dL/dth_c   = -sum gu sign(z_{k+1})  (nonneg: -sum gu);  dL/dlam_k = step_k dL/dth
 //     dL/dstep_k = <gu, E r_k> + <lam_k, dL/dth> = <v, r_k> + <lam_k, dL/dth>    (no analysis pass needed)
 //     FISTA: dL/dz_k += (1 + beta_k) dL/dy_k,  dL/dz_{k-1} -= beta_k dL/dy_k
-// The backward runs one iteration at a time with full-size temporaries r_k and v (signal-sized), the running code
-// gradients and the weight gradients' two operands step_k gu and -step_k y_k (code-sized); elsewhere gu and y_k are
-// recomputed from the iterates wherever they are read. D y_k, E^* gu and D^* v use the forward's micro-kernel, one
-// batch item per task; the two weight gradients are then one ATen convolution backward each (oneDNN) over the batch.
-// Recompute mode replays the fused forward from z0 up to z_k for every k: O(n^2 / 2) extra fused iterations, no
-// checkpoints, so its memory (three or four more code-sized buffers) does not depend on n.
+// Batch items are independent until the parameter gradients, so each thread sweeps its items backwards one at a
+// time in item-sized buffers (nothing batch-sized but the outputs) and sums its own weight, lam and step gradients
+// (so a batch smaller than the thread count leaves threads idle in the backward).
+// Save mode replays each segment [s, s + m) from its checkpoint, keeping the segment's iterates and residuals r_k
+// (so the reverse sweep never recomputes D y_k); recompute mode replays z_0..z_k for every k (O(n^2 / 2) extra
+// iterations, four item-sized codes per thread whatever n is). The weight gradients are a register-tiled
+// micro-kernel of their own (wgrad_tile) over the residual and v, kept in the phased layout E reads.
+// grad_z is read through its strides, so the expanded scalar of a sum() is never materialised.
 //
 // Both convolutions are "valid" correlations over zero-padded thread-local buffers, computed by one register-tiled
 // micro-kernel that only makes unit-stride loads: E reads the padded residual stored as stride_w column phases
