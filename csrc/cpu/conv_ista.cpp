@@ -29,7 +29,7 @@
 // (so a batch smaller than the thread count leaves threads idle in the backward).
 // Save mode replays each segment [s, s + m) from its checkpoint, keeping the segment's iterates and residuals r_k
 // (so the reverse sweep never recomputes D y_k); recompute mode replays z_0..z_k for every k (O(n^2 / 2) extra
-// iterations, four item-sized codes per thread whatever n is). The weight gradients are a register-tiled
+// iterations, three item-sized codes per thread whatever n is; FISTA five). The weight gradients are a register-tiled
 // micro-kernel of their own (wgrad_tile) over the residual and v, kept in the phased layout E reads.
 // grad_z is read through its strides, so the expanded scalar of a sum() is never materialised.
 //
@@ -743,7 +743,7 @@ template <typename T>
 struct ItemWork {
   T *gA, *gB;            // dL/dz_{k+1} (ends as dL/dz_0) and FISTA's carry into dL/dz_k (FISTA only)
   T* G;                  // the weight gradient's code operand, Ccp x Hz x Wzp (zero-padded channels and columns)
-  std::vector<T*> zbuf;  // replayed iterates (save mode: a segment's interior; recompute: rotating + the held z_{k+1})
+  std::vector<T*> zbuf;  // replayed iterates (save mode: a segment's interior; recompute: the rotating ones)
   T* v;                  // E^* gu, phased
   T* r;                  // residuals r_k = x - D y_k, phased (save mode: a segment's m; recompute: 1)
   T *dwe, *dwd;          // this thread's weight-gradient sums
@@ -773,7 +773,7 @@ struct Backward {
     for (int64_t b = 0; b < g.KW; ++b) boff.push_back((b % g.SW) * pwid + b / g.SW);
     const int nblk = int((g.KW + kWgNbMax - 1) / kWgNbMax);
     for (int i = 0; i < nblk; ++i) tap_blocks.push_back(int(g.KW / nblk + (i < g.KW % nblk ? 1 : 0)));
-    nz = m > 0 ? int(std::max<int64_t>(m - 1, 0)) : (P.fista ? 3 : 2) + 1;
+    nz = m > 0 ? int(std::max<int64_t>(m - 1, 0)) : (P.fista ? 3 : 2);
     nr = m > 0 ? m : 1;
   }
 
@@ -829,32 +829,44 @@ struct Backward {
 
   // The VJP of iteration k for one item: t.gA holds dL/dz_{k+1} on entry and dL/dz_k (+ FISTA carry) on exit.
   // zk, zkm1: y_k's iterates; zk1 = z_{k+1} (the active set); r = x - D y_k (phased); gx: this item's dL/dx.
-  void step(ItemWork<T>& t, int64_t k, const T* zk, const T* zkm1, const T* zk1, const T* r, T* gx) const {
-    const T sk = P.step[k];
-    const T bk = T(P.beta[k]);
+  // Iteration k's active set applied to t.gA = dL/dz_{k+1} in place (gA becomes gu), and dL/dth from its signs:
+  // after this, z_{k+1} is no longer needed.
+  void activate(ItemWork<T>& t, int64_t k, const T* zk1) const {
     const int64_t hw = g.Hz * g.Wz;
-    if (!(P.fista && k > 0)) zkm1 = nullptr;
-    // dL/dth: the sign-weighted sum of gu per channel.
     for (int64_t c = 0; c < g.Cc; ++c) {
       const T* __restrict zz = zk1 + c * hw;
-      const T* __restrict ga = t.gA + c * hw;
+      T* __restrict ga = t.gA + c * hw;
       T part = 0;
       if (P.nonneg) {
 #pragma omp simd reduction(+ : part)
-        for (int64_t i = 0; i < hw; ++i) part += zz[i] != T(0) ? ga[i] : T(0);
+        for (int64_t i = 0; i < hw; ++i) {
+          ga[i] = zz[i] != T(0) ? ga[i] : T(0);
+          part += ga[i];
+        }
       } else {
 #pragma omp simd reduction(+ : part)
-        for (int64_t i = 0; i < hw; ++i) part += zz[i] > T(0) ? ga[i] : (zz[i] < T(0) ? -ga[i] : T(0));
+        for (int64_t i = 0; i < hw; ++i) {
+          ga[i] = zz[i] != T(0) ? ga[i] : T(0);
+          part += zz[i] > T(0) ? ga[i] : -ga[i];
+        }
       }
       t.dth[k * g.Cc + c] -= part;
     }
+  }
+
+  // zk1 null: activate(t, k, z_{k+1}) already ran.
+  void step(ItemWork<T>& t, int64_t k, const T* zk, const T* zkm1, const T* zk1, const T* r, T* gx) const {
+    const T sk = P.step[k];
+    const T bk = T(P.beta[k]);
+    if (!(P.fista && k > 0)) zkm1 = nullptr;
+    if (zk1) activate(t, k, zk1);
     // v = E^* gu (phased), dL/dx += step v, <v, r_k> for dL/dstep (both phased: the padding is zero in each).
     {
       BandBufs<T> bb = P.ctx.bufs(g.Hz);
       int64_t hs0, nh;
       P.ctx.sig_rows(0, g.Hz, hs0, nh);  // rows no code reaches: E^* gu = 0
       std::fill(t.v, t.v + isz, T(0));
-      P.ctx.fill_y(bb, CodeSrc<T>{t.gA, nullptr, T(0), zk1, T(1)}, 0, hs0, nh);
+      P.ctx.fill_y(bb, CodeSrc<T>{t.gA, nullptr, T(0), nullptr, T(1)}, 0, hs0, nh);
       synth_e.rows(bb.y, bb.yrows * bb.ywidth, hs0, nh, [&](int64_t s, int64_t h, const T* val, int64_t cnt) {
         T* __restrict gxs = gx + (s * g.H + h) * g.W;
         for (int64_t j = 0; j < cnt; ++j) gxs[j] += sk * val[j];
@@ -866,7 +878,7 @@ struct Backward {
     for (int64_t i = 0; i < isz; ++i) vr += t.v[i] * r[i];
     t.vr[k] += vr;
     // dW_E += step corr(r_k, gu); dW_D -= step corr(v, y_k).
-    fill_g(t, CodeSrc<T>{t.gA, nullptr, T(0), zk1, sk});
+    fill_g(t, CodeSrc<T>{t.gA, nullptr, T(0), nullptr, sk});
     wgrad(t, r, t.dwe);
     fill_g(t, CodeSrc<T>{zk, zkm1, bk, nullptr, -sk});
     wgrad(t, t.v, t.dwd);
@@ -875,16 +887,15 @@ struct Backward {
       anal_d.row(t.v + i * g.SH * rwidth, rrows * rwidth, rwidth, g.Wz, [&](int64_t c, int64_t j0, const T* val, int64_t cnt) {
         const int64_t off = (c * g.Hz + i) * g.Wz + j0;
         T* __restrict ga = t.gA + off;
-        const T* __restrict mk = zk1 + off;
         if (P.fista) {
           T* __restrict gb = t.gB + off;
           for (int64_t j = 0; j < cnt; ++j) {
-            const T gy = (mk[j] != T(0) ? ga[j] : T(0)) - sk * val[j];
+            const T gy = ga[j] - sk * val[j];
             ga[j] = gb[j] + (T(1) + bk) * gy;
             gb[j] = -bk * gy;
           }
         } else {
-          for (int64_t j = 0; j < cnt; ++j) ga[j] = (mk[j] != T(0) ? ga[j] : T(0)) - sk * val[j];
+          for (int64_t j = 0; j < cnt; ++j) ga[j] -= sk * val[j];
         }
       });
   }
@@ -943,9 +954,9 @@ void bwd_impl(const Problem<T>& P, const at::Tensor& grad_z, const T* x, const T
             W.step(t, k, zs[k - s + 1], zs[k - s], zs[k - s + 2], t.r + (k - s) * W.isz, gxb);
         }
       } else {
-        // Recompute mode: replay z_0..z_k for every k (O(n^2) iterations, memory independent of n).
+        // Recompute mode: replay z_0..z_k for every k (O(n^2) iterations, memory independent of n). The active
+        // set of iteration k-1 is applied to dL/dz_k while z_k is at hand, so no z_{k+1} is held across a replay.
         const int nrot = P.fista ? 3 : 2;
-        T* held = t.zbuf[nrot];  // z_{k+1}
         auto replay = [&](int64_t upto, const T** zk, const T** zkm1) {
           const T* cur = z0b;
           const T* prev = nullptr;
@@ -960,17 +971,17 @@ void bwd_impl(const Problem<T>& P, const at::Tensor& grad_z, const T* x, const T
         };
         const T *zk, *zkm1;
         if (z) {
-          std::memcpy(held, z + b * P.csz, P.csz * sizeof(T));
+          W.activate(t, P.n - 1, z + b * P.csz);
         } else {
           replay(P.n, &zk, &zkm1);
-          std::memcpy(held, zk, P.csz * sizeof(T));
+          W.activate(t, P.n - 1, zk);
         }
         for (int64_t k = P.n - 1; k >= 0; --k) {
           replay(k, &zk, &zkm1);
           P.iterate(k, xb, zk, zkm1, nullptr, t.r);  // r_k only
           t.G = free_buffer(t.zbuf.data(), nrot, zk, P.fista ? zkm1 : nullptr);  // a replay buffer y_k does not read
-          W.step(t, k, zk, zkm1, held, t.r, gxb);
-          if (k > 0) std::memcpy(held, zk, P.csz * sizeof(T));
+          W.step(t, k, zk, zkm1, nullptr, t.r, gxb);
+          if (k > 0) W.activate(t, k - 1, zk);
         }
       }
       if (gz0) std::memcpy(gz0 + b * P.csz, t.gA, P.csz * sizeof(T));
