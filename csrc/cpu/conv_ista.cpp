@@ -1,8 +1,8 @@
 // Fused conv-ISTA / conv-FISTA on the CPU: ops dsc_kernels::conv_ista_fwd_cpp and conv_ista_bwd_cpp.
 //
 // Canonical 2-D tensors (notes/CONTRACT.md): x (B, Cs, H, W); weight W_D and encoder_weight W_E (Cc, Cs, KH, KW);
-// lam (n, Cc); step (n,); z0 (B, Cc, Hz, Wz) or empty (zeros). D z = conv_transpose2d(z, W_D) cropped/padded to x's size,
-// E r = conv2d(r, W_E), both with the given stride and padding.
+// lam (n, Cc); step (n,); z0 (B, Cc, Hz, Wz) or empty (zeros). D z = conv_transpose2d(z, W_D) cropped/padded to
+// x's size, E r = conv2d(r, W_E), both with the given stride and padding.
 //
 // Forward, k = 0 .. n-1 (FISTA: beta_k = (t_{k-1} - 1) / t_k, beta_0 = 0; ISTA: beta_k = 0):
 //     y_k     = z_k + beta_k (z_k - z_{k-1})
@@ -557,15 +557,58 @@ std::vector<T> host(const at::Tensor& t) {
   return std::vector<T>(c.data_ptr<T>(), c.data_ptr<T>() + c.numel());
 }
 
+// A buffer among `bufs` that is neither a nor b (the iterates an iteration reads).
+template <typename T>
+T* free_buffer(T* const* bufs, int count, const T* a, const T* b) {
+  for (int i = 0; i < count; ++i)
+    if (bufs[i] != a && bufs[i] != b) return bufs[i];
+  TORCH_CHECK(false, "conv_ista_cpp: no free replay buffer");
+}
+
 // The iterates the forward saves for the backward (reference/conv_ista.py::checkpoint_indices): slot[k] is z_k's
 // index in `saved`, or -1. z_0 is the input, z_n the output.
-std::vector<int64_t> checkpoint_slots(int64_t n, int64_t m, bool fista) {
-  std::vector<int64_t> slot(n + 1, -1);
-  int64_t next = 0;
-  if (m > 0)
-    for (int64_t k = 1; k < n; ++k)
-      if (k % m == 0 || (fista && (k + 1) % m == 0)) slot[k] = next++;
-  return slot;
+struct Checkpoints {
+  std::vector<int64_t> slot;
+  int64_t count = 0;
+
+  Checkpoints(int64_t n, int64_t m, bool fista) : slot(n + 1, -1) {
+    if (m > 0)
+      for (int64_t k = 1; k < n; ++k)
+        if (k % m == 0 || (fista && (k + 1) % m == 0)) slot[k] = count++;
+  }
+};
+
+// Where the forward keeps z_k (0 < k <= n) of batch item b: the output z (k = n), a checkpoint, or nowhere (null).
+// saved is (count, B, Cc, Hz, Wz); csz is one item's code size.
+template <typename T>
+struct StoredIterates {
+  const Checkpoints& ck;
+  T* z;
+  T* saved;
+  int64_t B, csz;
+
+  T* at(int64_t k, int64_t b) const {
+    if (k + 1 == int64_t(ck.slot.size())) return z ? z + b * csz : nullptr;
+    return ck.slot[k] >= 0 ? saved + (ck.slot[k] * B + b) * csz : nullptr;
+  }
+};
+
+// Iterations [0, upto) from z_0 = z0 (null: zeros): step(k, z_k, z_{k-1}, dst) writes z_{k+1} to place(k + 1), or
+// where that is null to one of the nbuf rotating `bufs` that z_k and (FISTA) z_{k-1} are not in.
+// Returns {z_upto, z_{upto-1}}.
+template <typename T, class Place, class Step>
+std::pair<const T*, const T*> run_chain(int64_t upto, bool fista, const T* z0, T* const* bufs, int nbuf,
+                                        Place&& place, Step&& step) {
+  const T* cur = z0;
+  const T* prev = nullptr;
+  for (int64_t k = 0; k < upto; ++k) {
+    T* dst = place(k + 1);
+    if (!dst) dst = free_buffer(bufs, nbuf, cur, fista ? prev : nullptr);
+    step(k, cur, prev, dst);
+    prev = cur;
+    cur = dst;
+  }
+  return {cur, prev};
 }
 
 // What both passes read of one problem: geometry, kernels, per-iteration constants, batch-item strides.
@@ -605,19 +648,11 @@ struct Problem {
   }
 };
 
-// A buffer among `bufs` that is neither a nor b (the iterates an iteration reads).
-template <typename T>
-T* free_buffer(T* const* bufs, int count, const T* a, const T* b) {
-  for (int i = 0; i < count; ++i)
-    if (bufs[i] != a && bufs[i] != b) return bufs[i];
-  TORCH_CHECK(false, "conv_ista_cpp: no free replay buffer");
-}
-
 // Forward. With at least as many batch items as threads, each thread runs every iteration of its items in
 // item-sized buffers (nothing batch-sized besides z and the checkpoints); otherwise each iteration is one parallel
 // pass over (item, band) with batch-sized rotating buffers.
 template <typename T>
-void fwd_impl(const Problem<T>& P, const T* x, const T* z0, const std::vector<int64_t>& slot, T* saved, T* z) {
+void fwd_impl(const Problem<T>& P, const T* x, const T* z0, const StoredIterates<T>& out) {
   const Geo& g = P.ctx.g;
   const int nt = at::get_num_threads();
   const int nbuf = P.fista ? 3 : 2;
@@ -627,32 +662,22 @@ void fwd_impl(const Problem<T>& P, const T* x, const T* z0, const std::vector<in
     at::parallel_for(0, g.B, 1, [&](int64_t b0, int64_t b1) {
       T* w = work.data_ptr<T>() + at::get_thread_num() * nbuf * P.csz;
       T* bufs[3] = {w, w + P.csz, P.fista ? w + 2 * P.csz : nullptr};
-      for (int64_t b = b0; b < b1; ++b) {
-        const T* cur = z0 ? z0 + b * P.csz : nullptr;
-        const T* prev = nullptr;
-        for (int64_t k = 0; k < P.n; ++k) {
-          T* dst = k + 1 == P.n ? z + b * P.csz
-                   : slot[k + 1] >= 0 ? saved + (slot[k + 1] * g.B + b) * P.csz
-                                      : free_buffer(bufs, nbuf, cur, P.fista ? prev : nullptr);
-          P.iterate(k, x + b * P.ssz, cur, prev, dst);
-          prev = cur;
-          cur = dst;
-        }
-      }
+      for (int64_t b = b0; b < b1; ++b)
+        run_chain<T>(P.n, P.fista, z0 ? z0 + b * P.csz : nullptr, bufs, nbuf,
+                     [&](int64_t k) { return out.at(k, b); },
+                     [&](int64_t k, const T* zk, const T* zkm1, T* dst) {
+                       P.iterate(k, x + b * P.ssz, zk, zkm1, dst);
+                     });
     });
     return;
   }
+  // The whole batch as one item of B times the size, each iteration parallel over (item, band).
   const int64_t bsz = g.B * P.csz;
+  const StoredIterates<T> batch{out.ck, out.z, out.saved, 1, bsz};
   at::Tensor work = at::empty({nbuf, bsz}, at::CppTypeToScalarType<T>::value);
   T* bufs[3] = {work.data_ptr<T>(), work.data_ptr<T>() + bsz, P.fista ? work.data_ptr<T>() + 2 * bsz : nullptr};
-  const T* cur = z0;
-  const T* prev = nullptr;
-  for (int64_t k = 0; k < P.n; ++k) {
-    T* dst = k + 1 == P.n ? z : slot[k + 1] >= 0 ? saved + slot[k + 1] * bsz : free_buffer(bufs, nbuf, cur, P.fista ? prev : nullptr);
-    P.iterate_batch(k, x, cur, prev, dst);
-    prev = cur;
-    cur = dst;
-  }
+  run_chain<T>(P.n, P.fista, z0, bufs, nbuf, [&](int64_t k) { return batch.at(k, 0); },
+               [&](int64_t k, const T* zk, const T* zkm1, T* dst) { P.iterate_batch(k, x, zk, zkm1, dst); });
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x_, const at::Tensor& weight_,
@@ -665,14 +690,15 @@ std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x_, const
   const at::Tensor z0 = z0_.contiguous();
   const Geo g = make_geo(x, weight, encoder_weight, lam, step, z0, stride, padding);
   const int64_t n = step.size(0);
-  const auto slot = checkpoint_slots(n, checkpoint, fista);
-  const int64_t n_saved = std::count_if(slot.begin(), slot.end(), [](int64_t s) { return s >= 0; });
+  const Checkpoints ck(n, checkpoint, fista);
   at::Tensor z = at::empty({g.B, g.Cc, g.Hz, g.Wz}, x.options());
-  at::Tensor saved = checkpoint ? at::empty({n_saved, g.B, g.Cc, g.Hz, g.Wz}, x.options()) : at::empty({0}, x.options());
+  at::Tensor saved = checkpoint ? at::empty({ck.count, g.B, g.Cc, g.Hz, g.Wz}, x.options())
+                                : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_ista_fwd_cpp", [&] {
-    const Problem<scalar_t> P(g, weight, encoder_weight, lam, step, nonneg, fista);
-    fwd_impl<scalar_t>(P, x.data_ptr<scalar_t>(), z0.numel() ? z0.data_ptr<scalar_t>() : nullptr, slot,
-                       n_saved ? saved.data_ptr<scalar_t>() : nullptr, z.data_ptr<scalar_t>());
+    using T = scalar_t;
+    const Problem<T> P(g, weight, encoder_weight, lam, step, nonneg, fista);
+    const StoredIterates<T> out{ck, z.data_ptr<T>(), ck.count ? saved.data_ptr<T>() : nullptr, g.B, P.csz};
+    fwd_impl<T>(P, x.data_ptr<T>(), z0.numel() ? z0.data_ptr<T>() : nullptr, out);
   });
   return {z, saved};
 }
@@ -810,7 +836,8 @@ struct Backward {
             wgrad_call<T>(nb, t.G + cb * g.Hz * Wzp, g.Hz * Wzp, Wzp, I + (ci * rrows + a) * rwidth, g.SH * rwidth,
                           boff.data() + b0, g.Hz, nvec, out);
             for (int64_t co = 0; co < kWgCob && cb + co < g.Cc; ++co)
-              for (int tb = 0; tb < nb; ++tb) dw[((cb + co) * g.Cs + ci) * g.KH * g.KW + a * g.KW + b0 + tb] += out[co * nb + tb];
+              for (int tb = 0; tb < nb; ++tb)
+                dw[(((cb + co) * g.Cs + ci) * g.KH + a) * g.KW + b0 + tb] += out[co * nb + tb];
             b0 += nb;
           }
         }
@@ -884,7 +911,8 @@ struct Backward {
     wgrad(t, t.v, t.dwd);
     // dL/dy_k = gu - step D^* v, split into dL/dz_k (gA) and dL/dz_{k-1} (gB).
     for (int64_t i = 0; i < g.Hz; ++i)
-      anal_d.row(t.v + i * g.SH * rwidth, rrows * rwidth, rwidth, g.Wz, [&](int64_t c, int64_t j0, const T* val, int64_t cnt) {
+      anal_d.row(t.v + i * g.SH * rwidth, rrows * rwidth, rwidth, g.Wz,
+                 [&](int64_t c, int64_t j0, const T* val, int64_t cnt) {
         const int64_t off = (c * g.Hz + i) * g.Wz + j0;
         T* __restrict ga = t.gA + off;
         if (P.fista) {
@@ -903,10 +931,9 @@ struct Backward {
 
 template <typename T>
 void bwd_impl(const Problem<T>& P, const at::Tensor& grad_z, const T* x, const T* wd, const T* we, const T* z0,
-              const T* z, const T* saved, int64_t m, T* gx, T* gw, T* gwe, T* glam, T* gstep, T* gz0) {
+              const StoredIterates<const T>& in, int64_t m, T* gx, T* gw, T* gwe, T* glam, T* gstep, T* gz0) {
   const Geo& g = P.ctx.g;
   const Backward<T> W(P, wd, we, m);
-  const auto slot = checkpoint_slots(P.n, m, P.fista);
   const int nt = at::get_num_threads();
   const int64_t per = W.per_thread();
   at::Tensor work = at::zeros({nt, per}, at::CppTypeToScalarType<T>::value);
@@ -929,11 +956,7 @@ void bwd_impl(const Problem<T>& P, const at::Tensor& grad_z, const T* x, const T
           for (int64_t j = 0; j < g.Wz; ++j)
             t.gA[(c * g.Hz + i) * g.Wz + j] = gzp[b * gzs[0] + c * gzs[1] + i * gzs[2] + j * gzs[3]];
       if (t.gB) std::fill(t.gB, t.gB + P.csz, T(0));
-      auto iterate_at = [&](int64_t k) -> const T* {  // z_k where stored: z0, a checkpoint or the output
-        if (k == 0) return z0b;
-        if (k == P.n && z) return z + b * P.csz;
-        return slot[k] >= 0 ? saved + (slot[k] * g.B + b) * P.csz : nullptr;
-      };
+      auto iterate_at = [&](int64_t k) -> const T* { return k == 0 ? z0b : in.at(k, b); };
       if (m > 0) {
         // Segments [s, e) from the last: replay from z_s (and z_{s-1}) keeping z_{s+1}..z_{e-1} and r_s..r_{e-1}.
         const int64_t nseg = (P.n + m - 1) / m;
@@ -957,27 +980,14 @@ void bwd_impl(const Problem<T>& P, const at::Tensor& grad_z, const T* x, const T
         // Recompute mode: replay z_0..z_k for every k (O(n^2) iterations, memory independent of n). The active
         // set of iteration k-1 is applied to dL/dz_k while z_k is at hand, so no z_{k+1} is held across a replay.
         const int nrot = P.fista ? 3 : 2;
-        auto replay = [&](int64_t upto, const T** zk, const T** zkm1) {
-          const T* cur = z0b;
-          const T* prev = nullptr;
-          for (int64_t k = 0; k < upto; ++k) {
-            T* dst = free_buffer(t.zbuf.data(), nrot, cur, P.fista ? prev : nullptr);
-            P.iterate(k, xb, cur, prev, dst);
-            prev = cur;
-            cur = dst;
-          }
-          *zk = cur;
-          *zkm1 = prev;
+        auto replay = [&](int64_t upto) {
+          return run_chain<T>(upto, P.fista, z0b, t.zbuf.data(), nrot, [](int64_t) { return (T*)nullptr; },
+                              [&](int64_t k, const T* zk, const T* zkm1, T* dst) { P.iterate(k, xb, zk, zkm1, dst); });
         };
-        const T *zk, *zkm1;
-        if (z) {
-          W.activate(t, P.n - 1, z + b * P.csz);
-        } else {
-          replay(P.n, &zk, &zkm1);
-          W.activate(t, P.n - 1, zk);
-        }
+        const T* zn = in.at(P.n, b);
+        W.activate(t, P.n - 1, zn ? zn : replay(P.n).first);
         for (int64_t k = P.n - 1; k >= 0; --k) {
-          replay(k, &zk, &zkm1);
+          const auto [zk, zkm1] = replay(k);
           P.iterate(k, xb, zk, zkm1, nullptr, t.r);  // r_k only
           t.G = free_buffer(t.zbuf.data(), nrot, zk, P.fista ? zkm1 : nullptr);  // a replay buffer y_k does not read
           W.step(t, k, zk, zkm1, nullptr, t.r, gxb);
@@ -1020,9 +1030,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               "conv_ista_bwd_cpp: grad_z must be (B, C_code, Hz, Wz) of x's dtype");
   TORCH_CHECK(z.numel() == 0 || z.sizes() == grad_z.sizes(), "conv_ista_bwd_cpp: z must be empty or z_n");
   TORCH_CHECK(checkpoint == 0 || z.numel() > 0, "conv_ista_bwd_cpp: save mode needs z");
-  const auto slot = checkpoint_slots(n, checkpoint, fista);
-  const int64_t n_saved = std::count_if(slot.begin(), slot.end(), [](int64_t s) { return s >= 0; });
-  TORCH_CHECK(checkpoint == 0 || saved.numel() == n_saved * g.B * g.Cc * g.Hz * g.Wz,
+  const Checkpoints ck(n, checkpoint, fista);
+  TORCH_CHECK(checkpoint == 0 || saved.numel() == ck.count * g.B * g.Cc * g.Hz * g.Wz,
               "conv_ista_bwd_cpp: saved must hold the checkpoints of conv_ista_fwd_cpp with this checkpoint");
   at::Tensor gx = at::empty_like(x), gw = at::empty_like(weight), gwe = at::empty_like(encoder_weight);
   at::Tensor glam = at::empty_like(lam).contiguous(), gstep = at::empty_like(step).contiguous();
@@ -1030,9 +1039,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_ista_bwd_cpp", [&] {
     using T = scalar_t;
     const Problem<T> P(g, weight, encoder_weight, lam, step, nonneg, fista);
+    const StoredIterates<const T> in{ck, z.numel() ? z.data_ptr<T>() : nullptr,
+                                     ck.count ? saved.data_ptr<T>() : nullptr, g.B, P.csz};
     bwd_impl<T>(P, grad_z, x.data_ptr<T>(), weight.data_ptr<T>(), encoder_weight.data_ptr<T>(),
-                z0.numel() ? z0.data_ptr<T>() : nullptr, z.numel() ? z.data_ptr<T>() : nullptr,
-                n_saved ? saved.data_ptr<T>() : nullptr, checkpoint, gx.data_ptr<T>(), gw.data_ptr<T>(),
+                z0.numel() ? z0.data_ptr<T>() : nullptr, in, checkpoint, gx.data_ptr<T>(), gw.data_ptr<T>(),
                 gwe.data_ptr<T>(), glam.data_ptr<T>(), gstep.data_ptr<T>(),
                 z0.numel() ? gz0.data_ptr<T>() : nullptr);
   });

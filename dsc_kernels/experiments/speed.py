@@ -175,7 +175,8 @@ def train_step_peak_bytes(fn: Callable[[], torch.Tensor], inputs: dict, device: 
     """Peak bytes allocated during one training step (fn's forward, then the backward of sum(z)) above what was
     allocated before it. GPU: the CUDA allocator's peak. CPU: the running sum of the profiler's allocation and free
     events (every c10 allocation, the C++ kernels' item-sized workspaces included; only their band scratch, at most
-    one padded item code per thread allocated once and reused by every call, is not among them). A warm-up step runs first so one-time buffers and caches are not counted."""
+    one padded item code per thread allocated once and reused by every call, is not among them). A warm-up step runs
+    first so one-time buffers and caches are not counted."""
     step = forward_backward(fn, inputs)
     step()
     if torch.device(device).type == "cuda":

@@ -94,7 +94,7 @@ def checkpoint_indices(n_iter: int, checkpoint: int, fista: bool) -> list[int]:
     return [k for k in range(1, n_iter) if k % checkpoint == 0 or (fista and (k + 1) % checkpoint == 0)]
 
 
-def _zeros_if_empty(z0: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
+def zeros_if_empty(z0: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
     """The contract's ``z0``: an empty tensor stands for zeros of the code's shape."""
     if z0.numel() > 0:
         return z0
@@ -108,7 +108,7 @@ def conv_ista_fwd_ref(x: torch.Tensor, weight: torch.Tensor, encoder_weight: tor
     """Forward of the fused-op interface: returns ``(z_n, saved)``, ``saved`` (len(idx), *z.shape) holding z_k for k
     in ``checkpoint_indices(n_iter, checkpoint, fista)``, or an empty (0,) tensor when ``checkpoint == 0``.
     An empty ``z0`` means zeros."""
-    z0 = _zeros_if_empty(z0, x, weight, stride, padding)
+    z0 = zeros_if_empty(z0, x, weight, stride, padding)
     with torch.no_grad():
         iterates = _run_iterates(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista)
     z = iterates[-1]
@@ -165,7 +165,7 @@ def conv_ista_bwd_ref(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     weight_grad = _CONV_WEIGHT_GRAD[rank]
     n_iter = step.shape[0]
     z0_given = z0.numel() > 0
-    z0 = _zeros_if_empty(z0, x, weight, stride, padding)
+    z0 = zeros_if_empty(z0, x, weight, stride, padding)
     with torch.no_grad():
         zs = _restore_iterates(x, weight, encoder_weight, lam, step, z0, z, saved, stride, padding, nonneg, fista,
                                checkpoint)

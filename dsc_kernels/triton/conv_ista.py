@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..reference.conv_ista import fista_momentum
+from ..reference.conv_ista import fista_momentum, zeros_if_empty
 
 __all__ = ["conv_ista_fwd", "conv_ista_bwd", "KERNELS", "aot_specializations", "fwd_config"]
 
@@ -222,14 +222,14 @@ def _conv_ista_fwd_all_kernel(x_ptr, buf_ptr, w_ptr, we_ptr, lam_ptr, step_ptr, 
                               IN_PREC: tl.constexpr):
     # All n_iters iterations in one launch, one program per image: an image's iteration k+1 depends only on its
     # own iteration k, so a CTA barrier (inside _ista_tile) replaces the kernel boundary. z_j lives in slot
-    # j % ring of buf (ring = n + 1 keeps every iterate, ring = 3 only the last three); slot 0 holds z_0.
+    # (j - 1) mod ring of buf (ring = n + 1 keeps every iterate, ring = 3 only the last three; see _slot).
     b = tl.program_id(0)
     scratch_base = b * (C_sig * ((TH - 1) * SH + KH) * ((TW - 1) * SW + KW))
     for k in range(n_iters):
         beta = tl.load(beta_ptr + k)
-        cur = (k % ring) * slot
-        prev = (tl.maximum(k - 1, 0) % ring) * slot
-        nxt = ((k + 1) % ring) * slot
+        cur = ((k + ring - 1) % ring) * slot
+        prev = ((tl.maximum(k - 1, 0) + ring - 1) % ring) * slot
+        nxt = (k % ring) * slot
         for t in range(tiles_per_img):
             _ista_tile(x_ptr, buf_ptr, cur, buf_ptr, prev, buf_ptr, nxt, w_ptr, we_ptr, lam_ptr, step_ptr,
                        scratch_ptr, scratch_base, k, beta, b, t, C_code, C_sig, H, W, Hz, Wz, tiles_w,
@@ -426,9 +426,16 @@ def _geom(x, weight, z0, stride, padding, n_codes) -> _Geom:
 SINGLE_LAUNCH_MAX_CODE_BYTES = 256 * 1024
 
 
+def _slot(j: int, ring: int) -> int:
+    """The ring slot of z_j: (j - 1) mod ring, so z_1.. z_{n-1} (the saved iterates) open the buffer and z_0 sits
+    in the last slot."""
+    return (j + ring - 1) % ring
+
+
 class _Forward:
     """The forward iterations of one problem, as launched by the forward and replayed by the backward. Both paths
-    keep z_j in slot j % ring of a (ring, B, C, Hz, Wz) buffer, so a replay reproduces the forward bit for bit."""
+    keep z_j in slot _slot(j, ring) of a (ring, B, C, Hz, Wz) buffer, so a replay reproduces the forward bit for
+    bit."""
 
     def __init__(self, x, weight, encoder_weight, lam, step, z0, g: _Geom, nonneg, fista):
         self.x, self.weight, self.encoder_weight, self.lam, self.step, self.z0 = (
@@ -452,7 +459,7 @@ class _Forward:
         """Iterations 0..n_iters-1 from z0; returns the ring buffer. With `last_out` (per-iteration path only)
         z_{n_iters} goes there instead of into the ring."""
         buf = torch.empty((ring,) + tuple(self.z0.shape), device=self.z0.device, dtype=self.z0.dtype)
-        buf.select(0, 0).copy_(self.z0)
+        buf.select(0, _slot(0, ring)).copy_(self.z0)
         slot = self.z0.numel()
         if self.single:
             betas = torch.tensor(self.betas, dtype=torch.float32, device=self.z0.device)
@@ -464,20 +471,11 @@ class _Forward:
         for k in range(n_iters):
             last = k == n_iters - 1 and last_out is not None
             torch.library.wrap_triton(_conv_ista_fwd_kernel)[grid](
-                self.x, buf, (k % ring) * slot, buf, (max(k - 1, 0) % ring) * slot,
-                last_out if last else buf, 0 if last else ((k + 1) % ring) * slot,
+                self.x, buf, _slot(k, ring) * slot, buf, _slot(max(k - 1, 0), ring) * slot,
+                last_out if last else buf, 0 if last else _slot(k + 1, ring) * slot,
                 self.weight, self.encoder_weight, self.lam, self.step, self.scratch, k, self.betas[k],
                 *self.dims, **self.meta)
         return buf
-
-
-def _zeros_if_empty(z0: Tensor, x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int]) -> Tensor:
-    """The contract's empty z0 stands for zeros; the kernels read a real buffer."""
-    if z0.numel() > 0:
-        return z0
-    hz = (x.shape[2] + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
-    wz = (x.shape[3] + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
-    return x.new_zeros((x.shape[0], weight.shape[0], hz, wz))
 
 
 def _check_checkpoint(checkpoint: int) -> None:
@@ -494,7 +492,7 @@ def conv_ista_fwd(x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor
     Returns (z_n, saved): z_1..z_{n-1} (n_iter - 1, B, C_code, Hz, Wz) for checkpoint 1, an empty (0,) tensor for
     checkpoint 0 (recompute mode)."""
     _check_checkpoint(checkpoint)
-    z0 = _zeros_if_empty(z0, x, weight, stride, padding)
+    z0 = zeros_if_empty(z0, x, weight, stride, padding)
     n = step.shape[0]
     save = checkpoint == 1
     g = _geom(x, weight, z0, stride, padding, n + 1 if save else 3)
@@ -503,12 +501,11 @@ def conv_ista_fwd(x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor
     ring = (n + 1 if fwd.single else n) if save else 3
     if fwd.single:
         buf = fwd.run(n, ring)
-        z = buf.select(0, n % ring).clone()
+        z = buf.select(0, _slot(n, ring)).clone()
     else:
         z = torch.empty_like(z0)
         buf = fwd.run(n, ring, last_out=z)
-    # A copy, not a view of the ring: an op's output must start its own storage (the fake's storage offset is 0).
-    return z, (buf.narrow(0, 1, n - 1).clone() if save else z0.new_empty((0,)))
+    return z, (buf.narrow(0, 0, n - 1) if save else z0.new_empty((0,)))
 
 
 def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor, step: Tensor,
@@ -519,7 +516,7 @@ def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Ten
     recompute mode: the forward is replayed from z0, z_n included (z is then empty)."""
     _check_checkpoint(checkpoint)
     z0_given = z0.numel() > 0
-    z0 = _zeros_if_empty(z0, x, weight, stride, padding)
+    z0 = zeros_if_empty(z0, x, weight, stride, padding)
     n_iter = step.shape[0]
     g = _geom(x, weight, z0, stride, padding, max(iterates.shape[0] + 1, 3))
     ccfg = conv_config(g.C_sig, g.C_code, g.kh, g.kw)
@@ -553,7 +550,8 @@ def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Ten
     recompute = checkpoint == 0
     if recompute:
         fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista)
-        z = fwd.run(n_iter, 3).select(0, n_iter % 3)
+        if z.numel() == 0:  # the autograd link keeps no z in recompute mode
+            z = fwd.run(n_iter, 3).select(0, _slot(n_iter, 3))
 
     def saved_iterate(j):
         return z0 if j == 0 else iterates.select(0, j - 1)
@@ -568,9 +566,9 @@ def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Ten
     for k in reversed(range(n_iter)):
         if recompute:
             # Replaying k iterations per step makes the backward O(n^2) iterations; memory stays 3 codes.
-            ring = fwd.run(k, 3) if k > 0 else z0.unsqueeze(0)
-            z_k = ring.select(0, k % 3)
-            z_km1 = ring.select(0, max(k - 1, 0) % 3)
+            ring = fwd.run(k, 3)
+            z_k = ring.select(0, _slot(k, 3))
+            z_km1 = ring.select(0, _slot(max(k - 1, 0), 3))
         else:
             z_k = saved_iterate(k)
             z_km1 = saved_iterate(max(k - 1, 0))
