@@ -16,10 +16,12 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import _ml_ista_args as ml_args
 from . import _validate as check
 from . import ops
 from . import reference as ref
 from .ops import conv_ista as conv_ista_ops
+from .ops import ml_ista as ml_ista_ops
 from .ops import sparse_attention as sparse_attention_ops
 from .reference.attention import sparsemax_ref
 
@@ -28,7 +30,7 @@ Padding = check.Padding
 
 __all__ = [
     "available_backends", "backend_unavailable_reason", "soft_threshold", "conv_analysis", "conv_synthesis",
-    "lipschitz_constant", "lasso_objective", "conv_ista", "deep_conv_ista", "sparsemax", "sparse_attention",
+    "lipschitz_constant", "lasso_objective", "conv_ista", "deep_conv_ista", "ml_ista", "sparsemax", "sparse_attention",
 ]
 
 
@@ -177,7 +179,7 @@ def conv_ista(x: Tensor, weight: Tensor, lam: Tensor | float | None = None, *, n
               step: Tensor | float | None = None, threshold: Tensor | float | None = None,
               encoder_weight: Tensor | None = None, stride: IntOrPair = 1, padding: Padding = 0,
               z0: Tensor | None = None, nonneg: bool = False, fista: bool = False, backend: str = "auto",
-              recompute: bool = False) -> Tensor:
+              recompute: bool = False, input_encoder_weight: Tensor | None = None) -> Tensor:
     """Unrolled convolutional ISTA (or FISTA) for ``min_z 0.5||x - D z||^2 + lam ||z||_1``.
 
     x: (B, C_sig, *S); weight, encoder_weight: (C_code, C_sig, *k); exactly one of lam >= 0 (threshold step·lam:
@@ -185,7 +187,16 @@ def conv_ista(x: Tensor, weight: Tensor, lam: Tensor | float | None = None, *, n
     step > 0: float, (n_iter,), or None for 1/L at x's size; z0: (B, C_code, *Sz) or None for zeros; padding: ints,
     "valid" or "same". ``recompute``: fused backends keep nothing code-sized for the backward and replay the
     iterations (memory independent of n_iter) instead of saving code iterates. Returns z: (B, C_code, *Sz).
+
+    Variants (see ``_conv_ista_variant``): weight / encoder_weight of shape (n_iter, C_code, C_sig, *k), one
+    dictionary per iteration (x's rank tells them from shared 2-D ones), and ``input_encoder_weight`` B for
+    ``z <- S(z + step (B x - E D z))`` (ML-LISTA's iteration).
     """
+    if _is_conv_ista_variant(x, weight, encoder_weight, input_encoder_weight):
+        return _conv_ista_variant(x, weight, lam, n_iter=n_iter, step=step, threshold=threshold,
+                                  encoder_weight=encoder_weight, input_encoder_weight=input_encoder_weight,
+                                  stride=stride, padding=padding, z0=z0, nonneg=nonneg, fista=fista, backend=backend,
+                                  recompute=recompute)
     weight = check.weight("weight", weight)
     x = check.signal("x", x, weight)
     if encoder_weight is not None:
@@ -251,6 +262,106 @@ def deep_conv_ista(x: Tensor, weights: Sequence[Tensor], lams: Sequence[Tensor |
             raise type(err)(f"layer {j}: {err}") from None
         codes.append(signal)
     return codes
+
+
+# ------------------------------------------- conv-ISTA variants: per-iteration dictionaries, input encoder
+def _is_conv_ista_variant(x, weight, encoder_weight, input_encoder_weight) -> bool:
+    if input_encoder_weight is not None:
+        return True
+    if not isinstance(x, Tensor) or x.dim() not in (3, 4):
+        return False
+    return ml_args.is_per_step(weight, x.dim() - 2) or ml_args.is_per_step(encoder_weight, x.dim() - 2)
+
+
+def _conv_ista_variant(x, weight, lam, *, n_iter, step, threshold, encoder_weight, input_encoder_weight, stride,
+                       padding, z0, nonneg, fista, backend, recompute) -> Tensor:
+    """conv-ISTA with per-iteration dictionaries and/or an input encoder B:
+    ``z_{k+1} = S(y_k + step_k (B_k x - E_k D_k y_k))`` (B = E without an input encoder): a one-layer ML-ISTA of
+    n_iter steps from z0, run by the ml_ista row of the backend the table picks among those that run the variant."""
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+    for name, value in (("nonneg", nonneg), ("fista", fista), ("recompute", recompute)):
+        check.flag(name, value)
+    rank = ml_args.spatial_rank(x)
+    features = tuple(f for f, needed in (
+        ("per_iteration_weight", ml_args.is_per_step(weight, rank) or ml_args.is_per_step(encoder_weight, rank)
+         or ml_args.is_per_step(input_encoder_weight, rank)),
+        ("input_encoder", input_encoder_weight is not None)) if needed)
+    w = ml_args.dictionary("weight", weight, rank, n_iter, "n_iter")
+    x = check.signal("x", x, w[0])
+    check.same_device(x=x, weight=w)
+    check.same_dtype(x=x, weight=w)
+    e = ml_args.optional_dictionary("encoder_weight", encoder_weight, w, rank, n_iter, "n_iter")
+    b = ml_args.optional_dictionary("input_encoder_weight", input_encoder_weight, w, rank, n_iter, "n_iter")
+    for name, t in (("encoder_weight", e), ("input_encoder_weight", b)):
+        if t.numel():
+            check.same_device(x=x, **{name: t})
+            check.same_dtype(x=x, **{name: t})
+    stride, padding, code = check.geometry(x.shape[2:], w[0], stride, padding)
+    if z0 is not None:
+        z0 = check.tensor("z0", z0)
+        if tuple(z0.shape) != (x.shape[0], w.shape[1], *code):
+            raise ValueError(f"z0 must have the code's shape {(x.shape[0], w.shape[1], *code)}, got {tuple(z0.shape)}")
+        check.same_device(x=x, z0=z0)
+        check.same_dtype(x=x, z0=z0)
+    row = ops.select("conv_ista", backend, x.device, x.dtype, features)
+    if step is None:
+        steps = [_default_step(w[k], tuple(x.shape[2:]), stride, padding) for k in range(w.shape[0])]
+        step = torch.stack([torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in steps])
+        step_full = step.expand(n_iter).contiguous() if w.shape[0] == 1 else step
+    else:
+        step_full = ml_args.per_step_values("step", step, n_iter, None, x, steps_name="n_iter", positive=True)
+    if threshold is None:  # threshold = step * lam, lam >= 0
+        thresholds = _thresholds_as_lam(lam, None, step_full, n_iter, w.shape[1], nonneg, x) * step_full[:, None]
+    elif lam is not None:
+        raise ValueError("give exactly one of lam (threshold = step * lam) and threshold (absolute)")
+    else:
+        thresholds = ml_args.per_step_values(
+            "threshold" if nonneg else "threshold (negative thresholds need nonneg=True)", threshold, n_iter,
+            w.shape[1], x, steps_name="n_iter", nonnegative=not nonneg)
+    ml_row = ops.select("ml_ista", row.name, x.device, x.dtype)
+    return ml_ista_ops.run(ml_row, x, [w], [e], [b], [thresholds], [step_full],
+                           x.new_empty(0) if z0 is None else z0, stride, padding, nonneg, fista, True, recompute)[0]
+
+
+# ----------------------------------------------------------------------------------------- multi-layer pursuit
+def ml_ista(x: Tensor, weights: Sequence[Tensor], thresholds: Sequence[Tensor | float], *, n_iter: int,
+            steps: Sequence[Tensor | float | None] | None = None, strides: Sequence[IntOrPair] | None = None,
+            paddings: Sequence[Padding] | None = None, fista: bool = False, nonneg: bool = True,
+            backend: str = "auto", encoder_weights: Sequence[Tensor | None] | None = None,
+            input_encoder_weights: Sequence[Tensor | None] | None = None, z0: Tensor | None = None,
+            interleaved: bool = False, recompute: bool = False) -> list[Tensor]:
+    """Multi-layer pursuit: ML-ISTA / ML-FISTA (Sulam, Aberdam, Beck & Elad, TPAMI 2019). Returns [G_1, ..., G_L].
+
+    The initial encoding ``G_j = sigma(c_j D_j^T G_{j-1} - t_j)`` (G_0 = x), then n_iter unfoldings, each projecting
+    the deepest code down (``Y_L = G_L`` plus FISTA's momentum, ``Y_{j-1} = D_j Y_j``) and taking one ISTA step per
+    layer from its projection: ``G_j = sigma(Y_j - c_j D_j^T (D_j Y_j - G_{j-1}) - t_j)``. sigma is a ReLU
+    (``nonneg``: max(u - t, 0), so a published bias b is the threshold t = -b, any sign) or the soft threshold
+    (t >= 0). Exact conventions, variants and their backward: dsc_kernels/reference/ml_ista.py and docs/porting.md.
+
+    x: (B, C_0, *S) (1-D or 2-D); weights[j]: (C_j, C_{j-1}, *k_j), or one dictionary per step
+    (n_iter + 1, C_j, C_{j-1}, *k_j) ("All-Free"); thresholds[j]: float, (), (C_j,) or (n_iter + 1, C_j);
+    steps[j] (c_j): float, (), (n_iter + 1,) or None (1/L_j, L_j = ||D_j||^2 at layer j-1's size);
+    strides[j], paddings[j]: as in ``conv_ista`` (synthesis is sized to layer j-1 with the matching
+    output_padding, the exact adjoint); encoder_weights[j]: untied analysis E_j (default D_j);
+    input_encoder_weights[j]: ML-LISTA's B_j, used for G_{j-1} and the projection (default: E_j and D_j);
+    z0: a starting deepest code (B, C_L, *Sz_L) instead of the initial encoding from zero; interleaved: each layer
+    restarts from its own previous code instead of the projection (the All-Free network's iteration);
+    recompute: the fused backward keeps only the deepest code iterates and replays each step.
+    """
+    check.flag("nonneg", nonneg)
+    check.flag("fista", fista)
+    check.flag("interleaved", interleaved)
+    check.flag("recompute", recompute)
+    x = check.tensor("x", x)
+    args = ml_args.ml_ista_arguments(
+        x, weights, thresholds, n_iter=n_iter, steps=steps, strides=strides, paddings=paddings,
+        encoder_weights=encoder_weights, input_encoder_weights=input_encoder_weights, z0=z0, nonneg=nonneg,
+        interleaved=interleaved, default_step=_default_step)
+    row = ops.select("ml_ista", backend, x.device, x.dtype)
+    return ml_ista_ops.run(row, x, args["weights"], args["encoder_weights"], args["input_encoder_weights"],
+                           args["thresholds"], args["steps"], args["z0"], args["strides"], args["paddings"], nonneg,
+                           fista, not interleaved, recompute)
 
 
 # ----------------------------------------------------------------------------------------------- sparse attention
