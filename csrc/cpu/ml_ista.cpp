@@ -13,9 +13,8 @@
 //     G_j^{k+1} = sigma_t( Y_j + c (A G_{j-1}^{k+1} - E D Y_j) )      G_0 = x;  A = E: c E(G_{j-1} - D Y_j)
 // The projection is reused (P_j = D_j: D_j Y_j = Y_{j-1}), so a project-mode step without input encoders costs L
 // syntheses and L analyses; step 0 from zero skips every synthesis. The threshold (sigma(Y + c Q - t)) and the
-// momentum are single fused passes over the code; the convolutions go through ATen (oneDNN), except "dense" layers
-// whose code is one pixel (the kernel covers the unpadded signal, as the MNIST network's last layer): their
-// analysis, synthesis and weight gradient are plain GEMMs (at::mm), 2-3x faster than oneDNN's convolution there.
+// momentum are single fused passes over the code; each convolution takes the fastest of ATen (oneDNN), a plain GEMM
+// (layers whose code is one pixel) and a batch-wide GEMM + col2im (synthesis onto few channels): ml_ista_conv.h.
 // Saved for backward: the code iterates G^1..G^{S-1} of every layer (checkpoint 1), or of the step state only
 // (checkpoint 0: the deepest layer in project mode), or nothing (checkpoint -1: no backward follows).
 //
@@ -28,7 +27,7 @@
 //         (A = E: dL/dW_E += c wgrad(G_{j-1} - D Y_j, gu);  dL/dc = <v_E, G_{j-1} - D Y_j>)
 //     dL/dY_j += gu;  h = -c v_E: reused projection: dL/dY_{j-1} += h, else dL/dY_j += D^* h, dL/dW_D += wgrad(h, Y_j)
 // then the projections bottom up (dL/dY_j += P^* dL/dY_{j-1}, dL/dW_P += wgrad(dL/dY_{j-1}, Y_j)) and the momentum.
-// wgrad(a, b) is the weight gradient of the analysis a -> b (at::convolution_backward, or a GEMM for dense layers).
+// wgrad(a, b) is the weight gradient of the analysis a -> b (ml_ista_conv.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,42 +36,14 @@
 #include <optional>
 #include <vector>
 
+#include "ml_ista_conv.h"
+
 namespace dsc_kernels {
 namespace {
 
 using at::Tensor;
+using ml_ista::Geometry;
 using TensorList = std::vector<Tensor>;
-
-// One layer's convolution geometry between its signal (layer j-1) and its code (layer j).
-struct Geometry {
-  std::vector<int64_t> stride, padding, output_padding;
-  int64_t signal_h = 0, signal_w = 0, code_h = 0, code_w = 0, kh = 0, kw = 0;
-  bool dense = false;  // the code is one pixel: every convolution is a GEMM over (C_{j-1} kh kw)
-
-  Tensor analysis(const Tensor& r, const Tensor& w) const {
-    if (dense) {
-      const int64_t b = r.size(0), cc = w.size(0);
-      return at::mm(r.reshape({b, -1}), w.reshape({cc, -1}).t()).view({b, cc, 1, 1});
-    }
-    return at::conv2d(r, w, {}, stride, padding);
-  }
-  Tensor synthesis(const Tensor& z, const Tensor& w) const {
-    if (dense) {
-      const int64_t b = z.size(0), cc = w.size(0);
-      return at::mm(z.reshape({b, cc}), w.reshape({cc, -1})).view({b, w.size(1), kh, kw});
-    }
-    return at::conv_transpose2d(z, w, {}, stride, padding, output_padding);
-  }
-  // The weight gradient of the analysis signal_side -> code_side.
-  Tensor weight_grad(const Tensor& signal_side, const Tensor& code_side, const Tensor& w) const {
-    if (dense) {
-      const int64_t b = code_side.size(0), cc = w.size(0);
-      return at::mm(code_side.reshape({b, cc}).t(), signal_side.reshape({b, -1})).view(w.sizes());
-    }
-    return std::get<1>(at::convolution_backward(code_side, signal_side, w, std::nullopt, stride, padding, {1, 1},
-                                                false, {0, 0}, 1, {false, true, false}));
-  }
-};
 
 std::vector<double> fista_momentum(int64_t n) {
   std::vector<double> t{1.0}, beta{0.0};
