@@ -144,7 +144,7 @@ def codes_and_grads(fn, problem: dict, seed: int = 1):
     p = leaves(problem)
     codes = fn(p)
     g = torch.Generator().manual_seed(seed)
-    loss = sum((codes[j] * torch.randn(codes[j].shape, generator=g, dtype=codes[j].dtype)).sum()
+    loss = sum((codes[j] * torch.randn(codes[j].shape, generator=g, dtype=torch.float64).to(codes[j].dtype)).sum()
                for j in problem["grads"])
     named = flat_leaves(p)
     grads = torch.autograd.grad(loss, [t for _, t in named], allow_unused=True)
