@@ -23,22 +23,22 @@ class PublishedMLNet(nn.Module):
     W_j (m_j, m_{j-1}, k_j, k_j), biases b_j (1, m_j, 1, 1), steps c_j (1, 1, 1, 1), T unfoldings, then a linear
     classifier and log-softmax."""
 
-    def __init__(self, kind: str, m=(1, 4, 6, 8), k=(6, 6, 4), strides=(2, 2, 1), T=2):
+    def __init__(self, kind: str, m=(1, 4, 6, 8), k=(6, 6, 4), strides=(2, 2, 1), T=2, dtype=D):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.kind, self.T, self.strides = kind, T, strides
+        self.kind, self.T, self.m, self.k, self.strides = kind, T, m, k, strides
         copies = T + 1 if kind == "all-free" else 1
 
+        def rnd(*shape):
+            return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
         def filters(j):
-            return nn.Parameter(0.1 / (m[j] * k[j] ** 2) ** 0.5 * torch.randn(
-                copies, m[j + 1], m[j], k[j], k[j], generator=g, dtype=D).squeeze(0))
+            return nn.Parameter(0.1 / (m[j] * k[j] ** 2) ** 0.5 * rnd(copies, m[j + 1], m[j], k[j], k[j]).squeeze(0))
         self.W = nn.ParameterList(filters(j) for j in range(3))
         self.B = nn.ParameterList(filters(j) for j in range(3)) if kind == "ml-lista" else None
-        self.b = nn.ParameterList(nn.Parameter(0.02 * torch.randn(copies, 1, m[j + 1], 1, 1, generator=g, dtype=D)
-                                               .squeeze(0)) for j in range(3))
-        self.c = nn.ParameterList(nn.Parameter(1 + 0.1 * torch.randn(1, 1, 1, 1, generator=g, dtype=D))
-                                  for _ in range(3))
-        self.Wclass = nn.Linear(m[3], 10, dtype=D)
+        self.b = nn.ParameterList(nn.Parameter(0.02 * rnd(copies, 1, m[j + 1], 1, 1).squeeze(0)) for j in range(3))
+        self.c = nn.ParameterList(nn.Parameter(1 + 0.1 * rnd(1, 1, 1, 1)) for _ in range(3))
+        self.Wclass = nn.Linear(m[3], 10, dtype=dtype)
 
     def step(self, j, gamma, below, W_syn=None, W_ana=None, b=None, c=None):
         """sigma(gamma - c W^T (W gamma - below) + b)"""
@@ -101,14 +101,16 @@ class PublishedMLNet(nn.Module):
         return F.log_softmax(self.Wclass(g[2].flatten(1)), dim=1)
 
 
-def port(published: PublishedMLNet, backend: str) -> MultiLayerSparseCoding2d:
+def port(published: PublishedMLNet, backend: str, recompute: bool = False) -> MultiLayerSparseCoding2d:
     """docs/porting.md's mapping: W_j -> weights.j, b_j (1, m, 1, 1) -> biases.j (m,), c_j (1, 1, 1, 1) -> steps.j (),
     B_j -> input_encoders.j; All-Free's W_j_t / b_j_t stacked over t."""
     kind = published.kind
     mode = {"all-free": "interleaved", "ml-lista": "ml-ista"}.get(kind, kind)
-    net = MultiLayerSparseCoding2d([1, 4, 6, 8], [6, 6, 4], strides=[2, 2, 1], n_iter=published.T, mode=mode,
-                                   untied_unfoldings=kind == "all-free", input_encoders=kind == "ml-lista",
-                                   learn_steps=kind in ("ml-ista", "ml-fista", "layered"), backend=backend, dtype=D)
+    net = MultiLayerSparseCoding2d(list(published.m), list(published.k), strides=list(published.strides),
+                                   n_iter=published.T, mode=mode, untied_unfoldings=kind == "all-free",
+                                   input_encoders=kind == "ml-lista",
+                                   learn_steps=kind in ("ml-ista", "ml-fista", "layered"), recompute=recompute,
+                                   backend=backend, dtype=published.W[0].dtype)
     with torch.no_grad():
         for j in range(3):
             net.weights[j].copy_(published.W[j])
@@ -185,15 +187,18 @@ class CSCNet(nn.Module):
     """ConvLista_T: gamma = S(B I); unfoldings - 1 times gamma = S(gamma - B(A gamma - I)); output C gamma, averaged
     over the shifted copies. S is their SoftThreshold (threshold (1, m, 1, 1))."""
 
-    def __init__(self, num_filters=12, kernel_size=7, stride=4, unfoldings=3, threshold=1e-2):
+    def __init__(self, num_filters=12, kernel_size=7, stride=4, unfoldings=3, threshold=1e-2, dtype=D):
         super().__init__()
         g = torch.Generator().manual_seed(2)
-        A = torch.randn(num_filters, 1, kernel_size, kernel_size, generator=g, dtype=D)
+        A = torch.randn(num_filters, 1, kernel_size, kernel_size, generator=g, dtype=torch.float64)
         A = A / A.flatten(1).norm(dim=1).max() / stride
-        self.A = nn.Parameter(A)
-        self.B = nn.Parameter(A + 0.01 * torch.randn(A.shape, generator=g, dtype=D))
-        self.C = nn.Parameter(A + 0.01 * torch.randn(A.shape, generator=g, dtype=D))
-        self.threshold = nn.Parameter(threshold * (1 + torch.rand(1, num_filters, 1, 1, generator=g, dtype=D)))
+
+        def near_a():
+            return nn.Parameter((A + 0.01 * torch.randn(A.shape, generator=g, dtype=torch.float64)).to(dtype))
+        self.A = nn.Parameter(A.to(dtype))
+        self.B, self.C = near_a(), near_a()
+        self.threshold = nn.Parameter(threshold * (1 + torch.rand(1, num_filters, 1, 1, generator=g,
+                                                                  dtype=torch.float64)).to(dtype))
         self.kernel_size, self.stride, self.unfoldings = kernel_size, stride, unfoldings
 
     def soft_threshold(self, x):
@@ -212,12 +217,12 @@ class CSCNet(nn.Module):
         return cropped.mean(dim=1)
 
 
-def cscnet_on_our_ops(net: CSCNet, I: torch.Tensor, backend: str) -> torch.Tensor:
+def cscnet_on_our_ops(net: CSCNet, I: torch.Tensor, backend: str, recompute: bool = False) -> torch.Tensor:
     """docs/porting.md: the unfoldings are one conv_ista call (A the dictionary, B the encoder, step 1, the threshold
     absolute and per channel), the decoder C a conv_synthesis; the shifted-copy averaging stays theirs."""
     padded, valids = split_image(I, net.kernel_size, net.stride)
     gamma = DF.conv_ista(padded, net.A, threshold=net.threshold.view(-1), n_iter=net.unfoldings, step=1.0,
-                         encoder_weight=net.B, stride=net.stride, backend=backend)
+                         encoder_weight=net.B, stride=net.stride, backend=backend, recompute=recompute)
     out = DF.conv_synthesis(gamma, net.C, stride=net.stride, signal_size=padded.shape[2:])
     cropped = torch.masked_select(out, valids.bool()).reshape(I.shape[0], net.stride ** 2, *I.shape[1:])
     return cropped.mean(dim=1)
