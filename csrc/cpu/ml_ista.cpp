@@ -15,11 +15,13 @@
 // syntheses and L analyses; step 0 from zero skips every synthesis. The threshold (sigma(Y + c Q - t)) and the
 // momentum are single fused passes over the code; each convolution takes the fastest of ATen (oneDNN), a plain GEMM
 // (layers whose code is one pixel) and a batch-wide GEMM + col2im (synthesis onto few channels): ml_ista_conv.h.
-// Saved for backward: the code iterates G^1..G^{S-1} of every layer (checkpoint 1), or of the step state only
-// (checkpoint 0: the deepest layer in project mode), or nothing (checkpoint -1: no backward follows).
+// Saved for backward: the code iterates G^1..G^{S-1} of layers c-1..L (checkpoint c >= 1; the first layers left out
+// are cheap to recompute), or of the step state only (checkpoint 0: the deepest layer in project mode), or nothing
+// (checkpoint -1: no backward follows).
 //
 // Backward, steps in reverse. Each step is replayed from its saved state: the projections Y_j and the
-// reconstructions D_j Y_j always (L syntheses; nothing at step 0 from zero), the codes too when they were not saved.
+// reconstructions D_j Y_j always (L syntheses; nothing at step 0 from zero), the codes of the layers not saved too
+// (from the first layer up to the last one missing).
 // The active set of layer j is G_j^{k+1} != 0 (no mask is stored). Per layer, top down (g = dL/dG_j^{k+1}):
 //     gu = g [G != 0];  dL/dt_j -= sum gu sign(G)       (one fused pass, per channel)
 //     v_E = E^* gu (synthesis), v_A = A^* gu (= v_E without input encoder)
@@ -32,6 +34,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -207,7 +210,7 @@ struct Step {
 // Replays (or runs) step k from the state G^k (only the deepest is read in project mode) and G^{k-1}. Codes are
 // computed for layers with `known[j]` undefined and written into `dest[j]` when given.
 Step run_step(const Net& n, int64_t k, const TensorList& state, const TensorList& prev, const TensorList& known,
-              const std::vector<std::optional<Tensor>>& dest, bool need_codes) {
+              const std::vector<std::optional<Tensor>>& dest) {
   const int64_t L = n.L;
   Step s;
   s.starts.assign(L, Tensor());
@@ -225,14 +228,15 @@ Step run_step(const Net& n, int64_t k, const TensorList& state, const TensorList
     if (s.starts[j].defined())
       s.recon[j] = n.reuses_projection(j) ? s.starts[j - 1] : n.geo[j].synthesis(s.starts[j], n.D(j, k));
   }
-  if (!need_codes) return s;
-  bool missing = false;
-  for (int64_t j = 0; j < L; ++j) missing = missing || !known[j].defined();
-  if (!missing) {
-    s.codes = known;
-    return s;
-  }
+  // Codes not given are recomputed from the bottom up to the last one missing (a prefix of the layers).
+  int64_t last_missing = -1;
+  for (int64_t j = 0; j < L; ++j)
+    if (!known[j].defined()) last_missing = j;
   for (int64_t j = 0; j < L; ++j) {
+    if (j > last_missing) {
+      s.codes[j] = known[j];
+      continue;
+    }
     const Tensor& below = j == 0 ? n.x : s.codes[j - 1];
     const Tensor& dy = s.recon[j];
     Tensor q;
@@ -247,10 +251,13 @@ Step run_step(const Net& n, int64_t k, const TensorList& state, const TensorList
   return s;
 }
 
+// The layers whose iterates G^1..G^{S-1} are saved (reference/ml_ista.py::saved_layers): c-1 .. L-1 for checkpoint
+// c >= 1, the deepest for 0, none for -1; every layer in the interleaved iteration.
 std::vector<int64_t> saved_layers(const Net& n, int64_t checkpoint) {
   std::vector<int64_t> keep;
   if (checkpoint < 0) return keep;
-  for (int64_t j = (checkpoint || !n.project) ? 0 : n.L - 1; j < n.L; ++j) keep.push_back(j);
+  const int64_t first = !n.project ? 0 : checkpoint == 0 ? n.L - 1 : std::min(checkpoint - 1, n.L - 1);
+  for (int64_t j = first; j < n.L; ++j) keep.push_back(j);
   return keep;
 }
 
@@ -286,7 +293,7 @@ std::tuple<TensorList, TensorList> ml_ista_fwd_cpp(const Tensor& x, at::TensorLi
     std::vector<std::optional<Tensor>> dest(n.L);
     if (k < n.S - 1)
       for (int64_t j : keep) dest[j] = saved[slot[j]].select(0, k);
-    Step s = run_step(n, k, state, prev, none, dest, true);
+    Step s = run_step(n, k, state, prev, none, dest);
     prev = std::move(state);
     state = std::move(s.codes);
   }
@@ -337,19 +344,16 @@ std::tuple<Tensor, TensorList, TensorList, TensorList, TensorList, TensorList, T
     return state;
   };
   for (int64_t k = S - 1; k >= 0; --k) {
-    TensorList known(L);
-    for (int64_t j = 0; j < L; ++j) {
-      if (k == S - 1) {
+    TensorList known(L);  // the codes G^{k+1} at hand: the outputs (save mode) or the saved iterates
+    if (k == S - 1) {
+      for (int64_t j = 0; j < L; ++j)
         if (codes[j].numel()) known[j] = codes[j].contiguous();
-      } else if (checkpoint == 1 || !project) {
-        known[j] = saved[j].select(0, k);
-      } else if (j == L - 1) {
-        known[j] = saved[0].select(0, k);
-      }
+    } else {
+      for (size_t i = 0; i < keep.size(); ++i) known[keep[i]] = saved[i].select(0, k);
     }
     const TensorList state = state_at(k), prev = k > 0 ? state_at(k - 1) : state;
     const std::vector<std::optional<Tensor>> no_dest(L);
-    Step s = run_step(n, k, state, prev, known, no_dest, true);
+    Step s = run_step(n, k, state, prev, known, no_dest);
     const bool starts_zero = k == 0 && zero_start;
     TensorList& g = g_state;
     TensorList gY(L);

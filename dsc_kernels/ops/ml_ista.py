@@ -19,9 +19,11 @@ problems run as height-1 images):
   no input encoder (A_j = E_j, P_j = D_j); thresholds[j] (S, C_j); steps[j] (S,), S = the number of steps; z0
   (B, C_L, Hz, Wz) or empty (zeros); strides, paddings: two ints per layer.
 - codes[j] (B, C_j, ...): the last step's codes. saved: the iterates G^1..G^{S-1} stacked per layer,
-  (S-1, B, C_j, ...), for every layer (checkpoint 1) or only for the step state (checkpoint 0, the memory-lean mode:
-  the deepest layer in project mode; the backward replays each step from it), or nothing (checkpoint -1: the
-  forward runs without autograd, no backward follows).
+  (S-1, B, C_j, ...), for layers c-1 .. L-1 (checkpoint c >= 1, "save mode": ``run`` leaves out the first layers
+  whose analysis costs at most CHEAP_ANALYSIS multiply-adds per code value, such as a first layer on grey images,
+  and the backward recomputes their codes), or only for the step state (checkpoint 0, the memory-lean mode: the
+  deepest layer in project mode; the backward replays each step from it), or nothing (checkpoint -1: the forward
+  runs without autograd, no backward follows). The interleaved iteration's state is every layer: all are saved.
 - grad_codes[j] may be empty: no gradient reached layer j. Gradients have their inputs' shapes (empty for empty).
 
 Tensor[] keeps one tensor per parameter, as the user holds them: nothing is packed or copied per call, and
@@ -50,6 +52,10 @@ BWD_SCHEMA = ("(Tensor[] grad_codes, Tensor x, Tensor[] weights, Tensor[] encode
               "int checkpoint) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor)")
 
 NO_BACKWARD = -1  # checkpoint value of a forward that runs without autograd: nothing saved
+# Save mode does not keep the codes of the first layers whose analysis costs at most this many multiply-adds per
+# code value (C_{j-1} kh kw): recomputing them in the backward costs a few percent of a step (MNIST's first layer:
+# 36, three quarters of the network's code memory) where keeping them would cost most of the saved memory.
+CHEAP_ANALYSIS = 64
 
 
 def _fake_fwd(x, weights, encoder_weights, input_encoder_weights, thresholds, steps, z0, strides, paddings, nonneg,
@@ -78,7 +84,7 @@ def _make_autograd(bwd_op):
         depth = len(weights)
         # The memory-lean mode keeps only the saved step states alive, not the output codes: the backward replays
         # the last step too.
-        kept_codes = codes if checkpoint == 1 else [c.new_empty(0) for c in codes]
+        kept_codes = codes if checkpoint >= 1 else [c.new_empty(0) for c in codes]
         ctx.save_for_backward(x, z0, *weights, *encoder_weights, *input_encoder_weights, *thresholds, *steps,
                               *kept_codes, *saved)
         ctx.layout = (depth, len(saved))
@@ -111,6 +117,14 @@ def op_pair(backend: str) -> OpPair:
     return _register_pair(table.row(FAMILY, backend), SPEC)
 
 
+def _save_mode_checkpoint(weights: Sequence[Tensor]) -> int:
+    """1 + the number of leading layers whose codes are cheap to recompute (see CHEAP_ANALYSIS)."""
+    cheap = 0
+    while cheap < len(weights) - 1 and weights[cheap][0, 0].numel() <= CHEAP_ANALYSIS:
+        cheap += 1
+    return 1 + cheap
+
+
 def run(row: Backend, x: Tensor, weights: Sequence[Tensor], encoder_weights: Sequence[Tensor],
         input_encoder_weights: Sequence[Tensor], thresholds: Sequence[Tensor], steps: Sequence[Tensor], z0: Tensor,
         strides: Sequence[int], paddings: Sequence[int], nonneg: bool, fista: bool, project: bool,
@@ -131,7 +145,7 @@ def run(row: Backend, x: Tensor, weights: Sequence[Tensor], encoder_weights: Seq
         paddings = [v for p in paddings for v in (0, p)]
     tensors = (x, z0, *weights, *encoder_weights, *input_encoder_weights, *thresholds, *steps)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    checkpoint = (0 if recompute else 1) if needs_grad else NO_BACKWARD
+    checkpoint = (0 if recompute else _save_mode_checkpoint(weights)) if needs_grad else NO_BACKWARD
 
     def contiguous(ts):
         return [t.contiguous() for t in ts]

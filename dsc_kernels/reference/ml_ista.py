@@ -42,9 +42,10 @@ Two implementations:
 * ``ml_ista_fwd_ref`` / ``ml_ista_bwd_ref``: the fused-op interface (ops/ml_ista.py) with the hand-written VJP, the
   executable spec of the C++ backend. The forward reuses the projections: with P_j = D_j (no input encoder) and
   project, D_j Y_j = Y_{j-1} is already computed, so a step costs L syntheses and L analyses instead of 2L - 1 and L.
-  It saves the code iterates G^1..G^{S-1} of every layer (checkpoint 1) or only the step state (checkpoint 0: the
-  deepest code in project mode); the backward replays each step from its saved state, and the active set of layer j
-  in step k is G_j^{k+1} != 0, so no mask is stored.
+  It saves the code iterates G^1..G^{S-1} of layers c-1..L (checkpoint c >= 1: every layer for c = 1; the ops layer
+  leaves out first layers that are cheap to recompute) or only the step state (checkpoint 0: the deepest code in
+  project mode); the backward replays each step from its saved state, recomputing the codes it did not save, and the
+  active set of layer j in step k is G_j^{k+1} != 0, so no mask is stored.
 
 VJP of one step (g_j = dL/dG_j^{k+1}, gu = g_j [G_j^{k+1} != 0], c = c_{j,k}, R = G_{j-1}^{k+1} - D Y_j):
     v_A = A^* gu, v_E = E^* gu (syntheses; one when A = E)
@@ -225,12 +226,15 @@ def _step(p: Problem, k: int, state: list, previous: list, sizes, betas, reuse: 
 
 
 def saved_layers(depth: int, project: bool, checkpoint: int) -> list[int]:
-    """The layers whose iterates G^1..G^{S-1} the forward saves: every layer (checkpoint 1, or the interleaved
-    iteration, whose state is every layer), else the deepest only (checkpoint 0: the state of a project-mode step);
-    none for checkpoint -1 (no backward follows)."""
+    """The layers (0-based) whose iterates G^1..G^{S-1} the forward saves: layers c-1 .. L-1 for checkpoint c >= 1
+    (the deepest always: it is a project-mode step's state), the deepest only for checkpoint 0, none for checkpoint -1
+    (no backward follows); every layer in the interleaved iteration, whose state is every layer."""
     if checkpoint < 0:
         return []
-    return list(range(depth)) if checkpoint or not project else [depth - 1]
+    if not project:
+        return list(range(depth))
+    first = depth - 1 if checkpoint == 0 else min(checkpoint - 1, depth - 1)
+    return list(range(first, depth))
 
 
 def ml_ista_fwd_ref(x: Tensor, weights: list[Tensor], encoder_weights: list[Tensor],
