@@ -186,11 +186,11 @@ Tensor shrink(const Net& n, int64_t j, int64_t k, const Tensor& y_in, const Tens
   return out;
 }
 
-// a + beta (a - b) = (1 + beta) a - beta b; an undefined tensor reads as zeros.
+// a + beta (a - b) in one pass (lerp from a towards b by -beta); an undefined tensor reads as zeros.
 Tensor momentum(const Tensor& a, const Tensor& b, double beta) {
   if (beta == 0.0 || !a.defined()) return a;
   if (!b.defined()) return a * (1.0 + beta);
-  return at::add(a * (1.0 + beta), b, -beta);
+  return at::lerp(a, b, -beta);
 }
 
 // acc += alpha t, where an undefined accumulator is a zero one (which takes t over when alpha is 1: callers pass

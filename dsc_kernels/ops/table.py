@@ -129,8 +129,8 @@ TABLE: tuple[Backend, ...] = (
         family="ml_ista", name="cpp",
         forward_op="dsc_kernels::ml_ista_fwd_cpp", backward_op="dsc_kernels::ml_ista_bwd_cpp",
         devices=("cpu",), dtypes=(torch.float32, torch.float64), requires="extension", registration="native",
-        # Save mode keeps every layer's code iterates; checkpoint 0 keeps only the deepest (the step state) and
-        # replays each step in the backward.
+        # Save mode keeps every layer's code iterates but those of first layers cheap to recompute
+        # (ops/ml_ista.py, CHEAP_ANALYSIS); recompute mode only the deepest (the step state), replaying each step.
         forward_impl="csrc/cpu/ml_ista.cpp", backward_impl="csrc/cpu/ml_ista.cpp"),
 )
 
