@@ -49,7 +49,7 @@ def build(workload: str, provider: str):
         x = torch.rand(128, 1, 28, 28, generator=g)
         labels = torch.randint(0, 10, (128,), generator=g)
         if provider == "eager":
-            model, params = published, list(published.parameters())
+            params = list(published.parameters())
 
             def forward():
                 return published(x)

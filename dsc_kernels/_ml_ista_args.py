@@ -141,3 +141,54 @@ def ml_ista_arguments(x: Tensor, weights: object, thresholds: object, *, n_iter:
         check.same_dtype(x=x, z0=z0)
         out["z0"] = z0
     return out
+
+
+def conv_ista_variant_arguments(x: object, weight: object, lam: object, *, n_iter: object, step: object,
+                                threshold: object, encoder_weight: object, input_encoder_weight: object,
+                                stride: object, padding: object, z0: object, nonneg: bool, fista: bool,
+                                recompute: bool,
+                                default_step: Callable[[Tensor, tuple, tuple, tuple], Tensor | float]) -> dict:
+    """Validated canonical arguments of conv_ista's variants as a one-layer ml_ista op (S = n_iter steps), plus
+    ``features``: the table features they need (table.CONV_ISTA_VARIANTS)."""
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
+        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+    for name, value in (("nonneg", nonneg), ("fista", fista), ("recompute", recompute)):
+        check.flag(name, value)
+    rank = spatial_rank(x)
+    per_iteration = any(is_per_step(t, rank) for t in (weight, encoder_weight, input_encoder_weight))
+    features = (("per_iteration_weight",) if per_iteration else ()) + (
+        ("input_encoder",) if input_encoder_weight is not None else ())
+    w = dictionary("weight", weight, rank, n_iter, "n_iter")
+    x = check.signal("x", x, w[0])
+    check.same_device(x=x, weight=w)
+    check.same_dtype(x=x, weight=w)
+    e = optional_dictionary("encoder_weight", encoder_weight, w, rank, n_iter, "n_iter")
+    b = optional_dictionary("input_encoder_weight", input_encoder_weight, w, rank, n_iter, "n_iter")
+    for name, t in (("encoder_weight", e), ("input_encoder_weight", b)):
+        if t.numel():
+            check.same_device(x=x, **{name: t})
+            check.same_dtype(x=x, **{name: t})
+    stride, padding, code = check.geometry(x.shape[2:], w[0], stride, padding)
+    if z0 is not None:
+        z0 = check.tensor("z0", z0)
+        if tuple(z0.shape) != (x.shape[0], w.shape[1], *code):
+            raise ValueError(f"z0 must have the code's shape {(x.shape[0], w.shape[1], *code)}, got {tuple(z0.shape)}")
+        check.same_device(x=x, z0=z0)
+        check.same_dtype(x=x, z0=z0)
+    if step is None:  # 1/L of each iteration's dictionary
+        values = [default_step(w[k], tuple(x.shape[2:]), stride, padding) for k in range(w.shape[0])]
+        step = torch.stack([torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in values])
+        step = step.expand(n_iter).contiguous() if w.shape[0] == 1 else step
+    else:
+        step = per_step_values("step", step, n_iter, None, x, steps_name="n_iter", positive=True)
+    if (lam is None) == (threshold is None):
+        raise ValueError("give exactly one of lam (threshold = step * lam) and threshold (absolute)")
+    if lam is not None:
+        thresholds = per_step_values("lam", lam, n_iter, w.shape[1], x, steps_name="n_iter",
+                                     nonnegative=True) * step[:, None]
+    else:
+        thresholds = per_step_values("threshold" if nonneg else "threshold (negative thresholds need nonneg=True)",
+                                     threshold, n_iter, w.shape[1], x, steps_name="n_iter", nonnegative=not nonneg)
+    return dict(features=features, weights=[w], encoder_weights=[e], input_encoder_weights=[b],
+                thresholds=[thresholds], steps=[step], z0=x.new_empty(0) if z0 is None else z0, strides=stride,
+                paddings=padding)

@@ -30,7 +30,8 @@ Padding = check.Padding
 
 __all__ = [
     "available_backends", "backend_unavailable_reason", "soft_threshold", "conv_analysis", "conv_synthesis",
-    "lipschitz_constant", "lasso_objective", "conv_ista", "deep_conv_ista", "ml_ista", "sparsemax", "sparse_attention",
+    "lipschitz_constant", "lasso_objective", "conv_ista", "deep_conv_ista", "ml_ista", "sparsemax",
+    "sparse_attention",
 ]
 
 
@@ -278,50 +279,13 @@ def _conv_ista_variant(x, weight, lam, *, n_iter, step, threshold, encoder_weigh
     """conv-ISTA with per-iteration dictionaries and/or an input encoder B:
     ``z_{k+1} = S(y_k + step_k (B_k x - E_k D_k y_k))`` (B = E without an input encoder): a one-layer ML-ISTA of
     n_iter steps from z0, run by the ml_ista row of the backend the table picks among those that run the variant."""
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
-    for name, value in (("nonneg", nonneg), ("fista", fista), ("recompute", recompute)):
-        check.flag(name, value)
-    rank = ml_args.spatial_rank(x)
-    features = tuple(f for f, needed in (
-        ("per_iteration_weight", ml_args.is_per_step(weight, rank) or ml_args.is_per_step(encoder_weight, rank)
-         or ml_args.is_per_step(input_encoder_weight, rank)),
-        ("input_encoder", input_encoder_weight is not None)) if needed)
-    w = ml_args.dictionary("weight", weight, rank, n_iter, "n_iter")
-    x = check.signal("x", x, w[0])
-    check.same_device(x=x, weight=w)
-    check.same_dtype(x=x, weight=w)
-    e = ml_args.optional_dictionary("encoder_weight", encoder_weight, w, rank, n_iter, "n_iter")
-    b = ml_args.optional_dictionary("input_encoder_weight", input_encoder_weight, w, rank, n_iter, "n_iter")
-    for name, t in (("encoder_weight", e), ("input_encoder_weight", b)):
-        if t.numel():
-            check.same_device(x=x, **{name: t})
-            check.same_dtype(x=x, **{name: t})
-    stride, padding, code = check.geometry(x.shape[2:], w[0], stride, padding)
-    if z0 is not None:
-        z0 = check.tensor("z0", z0)
-        if tuple(z0.shape) != (x.shape[0], w.shape[1], *code):
-            raise ValueError(f"z0 must have the code's shape {(x.shape[0], w.shape[1], *code)}, got {tuple(z0.shape)}")
-        check.same_device(x=x, z0=z0)
-        check.same_dtype(x=x, z0=z0)
-    row = ops.select("conv_ista", backend, x.device, x.dtype, features)
-    if step is None:
-        steps = [_default_step(w[k], tuple(x.shape[2:]), stride, padding) for k in range(w.shape[0])]
-        step = torch.stack([torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in steps])
-        step_full = step.expand(n_iter).contiguous() if w.shape[0] == 1 else step
-    else:
-        step_full = ml_args.per_step_values("step", step, n_iter, None, x, steps_name="n_iter", positive=True)
-    if threshold is None:  # threshold = step * lam, lam >= 0
-        thresholds = _thresholds_as_lam(lam, None, step_full, n_iter, w.shape[1], nonneg, x) * step_full[:, None]
-    elif lam is not None:
-        raise ValueError("give exactly one of lam (threshold = step * lam) and threshold (absolute)")
-    else:
-        thresholds = ml_args.per_step_values(
-            "threshold" if nonneg else "threshold (negative thresholds need nonneg=True)", threshold, n_iter,
-            w.shape[1], x, steps_name="n_iter", nonnegative=not nonneg)
+    args = ml_args.conv_ista_variant_arguments(
+        x, weight, lam, n_iter=n_iter, step=step, threshold=threshold, encoder_weight=encoder_weight,
+        input_encoder_weight=input_encoder_weight, stride=stride, padding=padding, z0=z0, nonneg=nonneg, fista=fista,
+        recompute=recompute, default_step=_default_step)
+    row = ops.select("conv_ista", backend, x.device, x.dtype, args.pop("features"))
     ml_row = ops.select("ml_ista", row.name, x.device, x.dtype)
-    return ml_ista_ops.run(ml_row, x, [w], [e], [b], [thresholds], [step_full],
-                           x.new_empty(0) if z0 is None else z0, stride, padding, nonneg, fista, True, recompute)[0]
+    return ml_ista_ops.run(ml_row, x, nonneg=nonneg, fista=fista, project=True, recompute=recompute, **args)[0]
 
 
 # ----------------------------------------------------------------------------------------- multi-layer pursuit
@@ -359,9 +323,7 @@ def ml_ista(x: Tensor, weights: Sequence[Tensor], thresholds: Sequence[Tensor | 
         encoder_weights=encoder_weights, input_encoder_weights=input_encoder_weights, z0=z0, nonneg=nonneg,
         interleaved=interleaved, default_step=_default_step)
     row = ops.select("ml_ista", backend, x.device, x.dtype)
-    return ml_ista_ops.run(row, x, args["weights"], args["encoder_weights"], args["input_encoder_weights"],
-                           args["thresholds"], args["steps"], args["z0"], args["strides"], args["paddings"], nonneg,
-                           fista, not interleaved, recompute)
+    return ml_ista_ops.run(row, x, nonneg=nonneg, fista=fista, project=not interleaved, recompute=recompute, **args)
 
 
 # ----------------------------------------------------------------------------------------------- sparse attention
