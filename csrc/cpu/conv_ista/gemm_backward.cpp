@@ -41,10 +41,10 @@ struct GemmBackward {
   const GemmSolver<T>& solver;
   const Problem<T>& p;
   const ConvGeometry& g;
-  const int64_t m;  // checkpoint interval; 0 = recompute mode
-  const int64_t ccs, scs;  // one chunk's code and signal sizes
-  at::Tensor dw_dict, dw_encoder;                // weight-gradient sums
-  std::vector<std::vector<double>> dth, vr;      // [thread]: (n, Cc) and (n,) partial sums
+  const int64_t m;                    // checkpoint interval; 0 = recompute mode
+  const int64_t ccs, scs;             // one chunk's code and signal sizes
+  at::Tensor dw_dict, dw_encoder;     // weight-gradient sums
+  std::vector<std::vector<double>> dth, vr;  // [thread]: (n, Cc) and (n,) partial sums
 
   GemmBackward(const GemmSolver<T>& solver_, int64_t m_)
       : solver(solver_), p(solver_.p), g(solver_.g), m(m_), ccs(solver_.chunk * g.code_item()),
@@ -96,7 +96,8 @@ struct GemmBackward {
 
   // The VJP of iteration k for a chunk: t.grad holds gu (activate ran) on entry and dL/dz_k (+ FISTA carry) on exit.
   // zk, zkm1: y_k's iterates (zk null: zeros); r = x - D y_k; gx: the chunk's dL/dx.
-  void step(ChunkWorkspace<T>& t, int64_t k, const T* zk, const T* zkm1, const T* r, T* gx, int64_t items) {
+  void step(ChunkWorkspace<T>& t, int64_t k, const T* zk, const T* zkm1, const T* r, T* gx,
+            int64_t items) {
     const T sk = p.it.step[k];
     const T bk = T(p.it.beta[k]);
     const at::Tensor gu = solver.code(t.grad, items);
@@ -112,10 +113,9 @@ struct GemmBackward {
       }
       vr[at::get_thread_num()][k] += part;
     });
-    const at::Tensor rt = solver.signal(r, items);
-    dw_encoder.add_(solver.weight_grad(rt, gu, p.encoder_weight), sk);
+    solver.add_weight_grad(dw_encoder, solver.signal(r, items), gu, p.encoder_weight, double(sk));
     const T* y = solver.momentum_point(k, zk, zkm1, t.ybuf, items);
-    if (y) dw_dict.sub_(solver.weight_grad(v, solver.code(y, items), p.weight), sk);
+    if (y) solver.add_weight_grad(dw_dict, v, solver.code(y, items), p.weight, -double(sk));
     const at::Tensor dv = solver.analysis(v, p.weight).contiguous();
     const T* dvp = dv.data_ptr<T>();
     const int64_t cn = items * g.code_item();
@@ -135,8 +135,8 @@ struct GemmBackward {
     });
   }
 
-  void chunk(ChunkWorkspace<T>& t, const at::Tensor& grad_z, const StoredIterates<const T>& in, int64_t b0,
-             int64_t items, const T* x, T* gx, T* gz0) {
+  void chunk(ChunkWorkspace<T>& t, const at::Tensor& grad_z, const StoredIterates<const T>& in,
+             int64_t b0, int64_t items, const T* x, T* gx, T* gz0) {
     const int64_t csz = g.code_item();
     const int64_t n = p.it.n;
     // dL/dz_n, read through grad_z's strides (an expanded scalar is never materialised).
@@ -194,7 +194,7 @@ template <typename T>
 void gemm_backward(const Problem<T>& p, const at::Tensor& grad_z, const StoredIterates<const T>& in, int64_t m,
                    const Gradients& grads) {
   const ConvGeometry& g = p.g;
-  const GemmSolver<T> solver(p);
+  const GemmSolver<T> solver(p, true, m);
   GemmBackward<T> bw(solver, m);
   ChunkWorkspace<T> t = bw.workspace();
   const T* x = p.x.template data_ptr<T>();
@@ -202,10 +202,9 @@ void gemm_backward(const Problem<T>& p, const at::Tensor& grad_z, const StoredIt
   T* gz0 = grads.z0.numel() ? grads.z0.template data_ptr<T>() : nullptr;
   grads.x.zero_();
   const int64_t csz = g.code_item(), ssz = g.signal_item();
-  for (int64_t b0 = 0; b0 < g.B; b0 += solver.chunk) {
-    const int64_t items = std::min(solver.chunk, g.B - b0);
+  solver.for_chunks([&](int64_t b0, int64_t items) {
     bw.chunk(t, grad_z, in, b0, items, x + b0 * ssz, gx + b0 * ssz, gz0 ? gz0 + b0 * csz : nullptr);
-  }
+  });
   grads.weight.copy_(bw.dw_dict);
   grads.encoder_weight.copy_(bw.dw_encoder);
   std::vector<double> dth(p.it.n * g.Cc, 0.0), vr(p.it.n, 0.0);

@@ -29,21 +29,28 @@
 namespace dsc_kernels {
 namespace conv_ista {
 
-// Items per chunk: enough columns (items x Hz x Wz) for the convolutions to run at GEMM speed, few enough that the
-// chunk's workspace stays a fraction of what eager autograd would keep (strategy.cpp documents the numbers).
-int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista);
+// Items per chunk of the batch: enough columns (items x Hz x Wz) for the ATen convolutions to run at GEMM speed, few
+// enough that a chunk's working set stays in cache and its workspace a small part of what eager would keep
+// (strategy.cpp documents the rule). Chunks run one after another, each ATen call parallel inside: oneDNN's
+// weight-gradient primitive must not run inside an outer parallel region (it spins on a barrier for threads a
+// nested region does not give it), so chunks are never run one per thread.
+int64_t gemm_chunk_items(const ConvGeometry& g, bool backward, int64_t checkpoint);
 
 template <typename T>
 struct GemmSolver {
   const Problem<T>& p;
   const ConvGeometry& g;
   const std::vector<int64_t> stride, padding, output_padding;
-  const int64_t chunk;
+  const int64_t chunk;  // items per chunk
+  // The kernel covers the whole unpadded map (code 1 x 1): every convolution is a plain matrix product over
+  // (items, Cc) codes, (items, Cs KH KW) signals and (Cc, Cs KH KW) weights.
+  const bool full_map;
 
-  explicit GemmSolver(const Problem<T>& p_)
+  GemmSolver(const Problem<T>& p_, bool backward, int64_t checkpoint)
       : p(p_), g(p_.g), stride{g.SH, g.SW}, padding{g.PH, g.PW},
         output_padding{g.H + 2 * g.PH - g.KH - (g.Hz - 1) * g.SH, g.W + 2 * g.PW - g.KW - (g.Wz - 1) * g.SW},
-        chunk(gemm_chunk_items(p_.g, p_.it.n, p_.it.fista)) {}
+        chunk(gemm_chunk_items(p_.g, backward, checkpoint)),
+        full_map(g.kernel_covers_map()) {}
 
   at::TensorOptions options() const { return p.x.options(); }
   // A chunk-sized code (items, Cc, Hz, Wz) or signal (items, Cs, H, W) over memory the caller owns.
@@ -53,18 +60,33 @@ struct GemmSolver {
   at::Tensor signal(const T* ptr, int64_t items) const {
     return at::from_blob(const_cast<T*>(ptr), {items, g.Cs, g.H, g.W}, options());
   }
+  static at::Tensor rows(const at::Tensor& t) { return t.reshape({t.size(0), -1}); }
 
   at::Tensor synthesis(const at::Tensor& y, const at::Tensor& w) const {  // D y (W_D) or E^* gu (W_E)
+    if (full_map) return at::mm(rows(y), rows(w)).view({y.size(0), g.Cs, g.H, g.W});
     return at::conv_transpose2d(y, w, {}, stride, padding, output_padding);
   }
   at::Tensor analysis(const at::Tensor& r, const at::Tensor& w) const {  // E r (W_E) or D^* v (W_D)
+    if (full_map) return at::mm(rows(r), rows(w).t()).view({r.size(0), g.Cc, 1, 1});
     return at::conv2d(r, w, {}, stride, padding);
   }
-  // The gradient in w of analysis(signal, w) against grad_out `code`: corr(signal, code).
-  at::Tensor weight_grad(const at::Tensor& signal, const at::Tensor& code, const at::Tensor& w) const {
+  // acc += alpha * the gradient in w of analysis(signal, w) against grad_out `code`, i.e. alpha corr(signal, code).
+  void add_weight_grad(const at::Tensor& acc, const at::Tensor& signal, const at::Tensor& code, const at::Tensor& w,
+                       double alpha) const {
+    if (full_map) {
+      rows(acc).addmm_(rows(code).t(), rows(signal), 1.0, alpha);
+      return;
+    }
     // output_mask is (input, weight, bias).
-    return std::get<1>(at::convolution_backward(code, signal, w, std::nullopt, stride, padding, {1, 1}, false, {0, 0},
-                                                1, {false, true, false}));
+    acc.add_(std::get<1>(at::convolution_backward(code, signal, w, std::nullopt, stride, padding, {1, 1}, false,
+                                                  {0, 0}, 1, {false, true, false})),
+             alpha);
+  }
+
+  // f(first item, items) for every chunk of the batch, in order.
+  template <class F>
+  void for_chunks(F&& f) const {
+    for (int64_t b0 = 0; b0 < g.B; b0 += chunk) f(b0, std::min(chunk, g.B - b0));
   }
 
   // f(row, channel) over the rows (item, channel) of a chunk's code, in parallel.

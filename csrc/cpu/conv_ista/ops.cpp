@@ -195,6 +195,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {grads.x, grads.weight, grads.encoder_weight, grads.lam, grads.step, grads.z0};
 }
 
+// Which strategy the two ops above run for this problem: 0 direct, 1 gemm, -1 none (an empty problem, handled
+// before any strategy). For tests and benchmarks; it reads DSC_KERNELS_CPP_STRATEGY as the ops do.
+int64_t conv_ista_strategy_cpp(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                               at::IntArrayRef padding, int64_t n_iter) {
+  const char* op = "conv_ista_strategy_cpp";
+  TORCH_CHECK(n_iter >= 1, op, ": n_iter must be >= 1");
+  const at::Tensor step = at::empty({n_iter}, x.options()), lam = at::empty({n_iter, weight.size(0)}, x.options());
+  const ConvGeometry g =
+      check_inputs(op, x, weight, weight, lam, step, at::empty({0}, x.options()), stride, padding);
+  if (g.empty_code() || g.empty_signal()) return -1;
+  return choose_strategy(g, n_iter) == Strategy::gemm ? 1 : 0;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dsc_kernels, m) {
@@ -205,11 +218,13 @@ TORCH_LIBRARY_FRAGMENT(dsc_kernels, m) {
       "conv_ista_bwd_cpp(Tensor grad_z, Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, "
       "Tensor z0, Tensor z, Tensor saved, int[] stride, int[] padding, bool nonneg, bool fista, int checkpoint) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("conv_ista_strategy_cpp(Tensor x, Tensor weight, int[] stride, int[] padding, int n_iter) -> int");
 }
 
 TORCH_LIBRARY_IMPL(dsc_kernels, CPU, m) {
   m.impl("conv_ista_fwd_cpp", &conv_ista_fwd_cpp);
   m.impl("conv_ista_bwd_cpp", &conv_ista_bwd_cpp);
+  m.impl("conv_ista_strategy_cpp", &conv_ista_strategy_cpp);
 }
 
 }  // namespace conv_ista

@@ -34,6 +34,8 @@ struct ConvGeometry {
   // An empty signal (no signal channels, or a zero-size map inside the padding): x - D y is empty, so E(x - D y) is
   // zero and an iteration only shrinks y.
   bool empty_signal() const { return Cs == 0 || H == 0 || W == 0; }
+  // The kernel covers the whole unpadded map (a 1 x 1 code): each convolution is a plain matrix product.
+  bool kernel_covers_map() const { return Hz == 1 && Wz == 1 && PH == 0 && PW == 0 && KH == H && KW == W; }
 };
 
 // Checks the canonical tensors and measures the problem; TORCH_CHECK names what is wrong.

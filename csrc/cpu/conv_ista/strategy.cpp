@@ -1,4 +1,4 @@
-// Which strategy runs a shape, and the gemm strategy's chunk size. (Cost model: see choose_strategy.)
+// Which strategy runs a shape, and how the gemm strategy splits the batch. (Cost model: see choose_strategy.)
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -27,13 +27,13 @@ Strategy choose_strategy(const ConvGeometry& g, int64_t n_iter) {
   return g.Cs >= 8 && g.Cc >= 16 ? Strategy::gemm : Strategy::direct;
 }
 
-int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista) {
-  (void)n_iter;
-  (void)fista;
+int64_t gemm_chunk_items(const ConvGeometry& g, bool backward, int64_t checkpoint) {
+  (void)backward;
+  (void)checkpoint;
   const int64_t cols = std::max<int64_t>(1, g.Hz * g.Wz);
-  const int64_t want = (4096 + cols - 1) / cols;
-  const int64_t cap = std::max<int64_t>(1, g.B / 4);
-  const int64_t items = std::max<int64_t>(1, std::min({g.B, want, cap}));
+  int64_t items = std::max<int64_t>(1, (1024 + cols - 1) / cols);
+  if (const char* e = std::getenv("DSC_TMP_CHUNK")) items = std::atoi(e);
+  items = std::min(items, g.B);
   const int64_t chunks = (g.B + items - 1) / items;
   return (g.B + chunks - 1) / chunks;
 }
