@@ -130,26 +130,9 @@ struct DirectBackward {
   // after this, z_{k+1} is no longer needed.
   void activate(ItemWorkspace<T>& t, int64_t k, const T* zk1) const {
     const int64_t hw = g.Hz * g.Wz;
-    for (int64_t c = 0; c < g.Cc; ++c) {
-      const T* __restrict zz = zk1 + c * hw;
-      T* __restrict ga = t.grad + c * hw;
-      T part = 0;
-      if (p.it.nonneg) {
-#pragma omp simd reduction(+ : part)
-        for (int64_t i = 0; i < hw; ++i) {
-          ga[i] = zz[i] != T(0) ? ga[i] : T(0);
-          part += ga[i];
-        }
-      } else {
-#pragma omp simd reduction(+ : part)
-        for (int64_t i = 0; i < hw; ++i) {
-          ga[i] = zz[i] != T(0) ? ga[i] : T(0);
-          part += zz[i] > T(0) ? ga[i] : -ga[i];
-        }
-      }
-      t.dth[k * g.Cc + c] -= part;
-    }
+    for (int64_t c = 0; c < g.Cc; ++c) t.dth[k * g.Cc + c] -= mask_row(t.grad + c * hw, zk1 + c * hw, hw, p.it.nonneg);
   }
+
 
   // The VJP of iteration k for one item: t.grad holds dL/dz_{k+1} on entry and dL/dz_k (+ FISTA carry) on exit.
   // zk, zkm1: y_k's iterates; zk1 = z_{k+1} (the active set; null: activate(t, k, z_{k+1}) already ran);

@@ -291,7 +291,7 @@ struct FusedIteration {
       const int64_t off = ((n * g.Cc + c) * g.Hz + i) * g.Wz + j0;
       T* __restrict out = znext + off;
       CodeRowSource<T>{zk, zkm1, beta, T(1)}.row(off, cnt, out);
-      shrink_row(out, e, step, th[c], cnt, nonneg);
+      threshold_row(out, out, e, step, th[c], cnt, nonneg);
     });
   }
 };

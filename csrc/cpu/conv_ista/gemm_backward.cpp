@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 #include "gemm_iteration.h"
@@ -72,36 +73,30 @@ struct GemmBackward {
   // after this, z_{k+1} is no longer needed.
   void activate(ChunkWorkspace<T>& t, int64_t k, const T* zk1, int64_t items) {
     const int64_t hw = g.Hz * g.Wz;
-    const bool nonneg = p.it.nonneg;
     solver.for_code_rows(items, [&](int64_t r, int64_t c) {
-      const T* __restrict zz = zk1 + r * hw;
-      T* __restrict ga = t.grad + r * hw;
-      T part = 0;
-      if (nonneg) {
-#pragma omp simd reduction(+ : part)
-        for (int64_t i = 0; i < hw; ++i) {
-          ga[i] = zz[i] != T(0) ? ga[i] : T(0);
-          part += ga[i];
-        }
-      } else {
-#pragma omp simd reduction(+ : part)
-        for (int64_t i = 0; i < hw; ++i) {
-          ga[i] = zz[i] != T(0) ? ga[i] : T(0);
-          part += zz[i] > T(0) ? ga[i] : -ga[i];
-        }
-      }
-      dth[at::get_thread_num()][k * g.Cc + c] -= part;
+      dth[at::get_thread_num()][k * g.Cc + c] -= mask_row(t.grad + r * hw, zk1 + r * hw, hw, p.it.nonneg);
     });
   }
 
-  // The VJP of iteration k for a chunk: t.grad holds gu (activate ran) on entry and dL/dz_k (+ FISTA carry) on exit.
-  // zk, zkm1: y_k's iterates (zk null: zeros); r = x - D y_k; gx: the chunk's dL/dx.
-  void step(ChunkWorkspace<T>& t, int64_t k, const T* zk, const T* zkm1, const T* r, T* gx,
-            int64_t items) {
+
+  // The VJP of iteration k for a chunk: t.grad holds gu_k (activate ran) on entry and dL/dz_k (+ FISTA carry) on
+  // exit, with iteration k-1's active set already applied when zk_mask (z_k) is given (activate fused into the last
+  // pass). zk, zkm1: y_k's iterates (zk null: zeros); r = x - D y_k; gx: the chunk's dL/dx.
+  void step(ChunkWorkspace<T>& t, int64_t k, const T* zk, const T* zkm1, const T* r, T* gx, int64_t items,
+            const T* zk_mask) {
     const T sk = p.it.step[k];
     const T bk = T(p.it.beta[k]);
     const at::Tensor gu = solver.code(t.grad, items);
-    const at::Tensor v = solver.synthesis(gu, p.encoder_weight).contiguous();
+    const bool combined = std::getenv("DSC_TMP_COMBINED") && !solver.full_map;
+    at::Tensor v, dv;
+    if (combined) {
+      auto res = at::convolution_backward(gu, solver.signal(r, items), p.encoder_weight, std::nullopt, solver.stride,
+                                          solver.padding, {1, 1}, false, {0, 0}, 1, {true, true, false});
+      v = std::get<0>(res).contiguous();
+      dw_encoder.add_(std::get<1>(res), double(sk));
+    } else {
+      v = solver.synthesis(gu, p.encoder_weight).contiguous();
+    }
     const T* vp = v.data_ptr<T>();
     const int64_t sn = items * g.signal_item();
     at::parallel_for(0, sn, 16384, [&](int64_t i0, int64_t i1) {
@@ -113,25 +108,34 @@ struct GemmBackward {
       }
       vr[at::get_thread_num()][k] += part;
     });
-    solver.add_weight_grad(dw_encoder, solver.signal(r, items), gu, p.encoder_weight, double(sk));
     const T* y = solver.momentum_point(k, zk, zkm1, t.ybuf, items);
-    if (y) solver.add_weight_grad(dw_dict, v, solver.code(y, items), p.weight, -double(sk));
-    const at::Tensor dv = solver.analysis(v, p.weight).contiguous();
+    if (combined && y) {
+      auto res = at::convolution_backward(v, solver.code(y, items), p.weight, std::nullopt, solver.stride,
+                                          solver.padding, {1, 1}, true, solver.output_padding, 1, {true, true, false});
+      dv = std::get<0>(res).contiguous();
+      dw_dict.sub_(std::get<1>(res), double(sk));
+    } else {
+      if (!combined) solver.add_weight_grad(dw_encoder, solver.signal(r, items), gu, p.encoder_weight, double(sk));
+      if (y) solver.add_weight_grad(dw_dict, v, solver.code(y, items), p.weight, -double(sk));
+      dv = solver.analysis(v, p.weight).contiguous();
+    }
     const T* dvp = dv.data_ptr<T>();
-    const int64_t cn = items * g.code_item();
+    const int64_t hw = g.Hz * g.Wz;
     const bool fista = p.it.fista;
-    at::parallel_for(0, cn, 16384, [&](int64_t i0, int64_t i1) {
-      T* __restrict ga = t.grad;
+    solver.for_code_rows(items, [&](int64_t row, int64_t c) {
+      T* __restrict ga = t.grad + row * hw;
+      const T* __restrict d = dvp + row * hw;
       if (fista) {
-        T* __restrict gb = t.carry;
-        for (int64_t i = i0; i < i1; ++i) {
-          const T gy = ga[i] - sk * dvp[i];
+        T* __restrict gb = t.carry + row * hw;
+        for (int64_t i = 0; i < hw; ++i) {
+          const T gy = ga[i] - sk * d[i];
           ga[i] = gb[i] + (T(1) + bk) * gy;
           gb[i] = -bk * gy;
         }
       } else {
-        for (int64_t i = i0; i < i1; ++i) ga[i] -= sk * dvp[i];
+        for (int64_t i = 0; i < hw; ++i) ga[i] -= sk * d[i];
       }
+      if (zk_mask) dth[at::get_thread_num()][(k - 1) * g.Cc + c] -= mask_row(ga, zk_mask + row * hw, hw, p.it.nonneg);
     });
   }
 
@@ -160,10 +164,9 @@ struct GemmBackward {
           solver.iterate(k, x, zs[k - s + 1], zs[k - s], znext, t.residuals + (k - s) * scs, t.ybuf, items);
           zs[k - s + 2] = stored ? stored : znext;
         }
-        for (int64_t k = e - 1; k >= s; --k) {
-          activate(t, k, zs[k - s + 2], items);
-          step(t, k, zs[k - s + 1], zs[k - s], t.residuals + (k - s) * scs, gx, items);
-        }
+        if (e == n) activate(t, n - 1, zs[e - s + 1], items);  // later iterations' steps activate the others
+        for (int64_t k = e - 1; k >= s; --k)
+          step(t, k, zs[k - s + 1], zs[k - s], t.residuals + (k - s) * scs, gx, items, k > 0 ? zs[k - s + 1] : nullptr);
       }
     } else {
       // Recompute mode: replay z_0..z_k for every k. The active set of iteration k-1 is applied to dL/dz_k while z_k
@@ -180,8 +183,7 @@ struct GemmBackward {
       for (int64_t k = n - 1; k >= 0; --k) {
         const auto [zk, zkm1] = replay(k);
         solver.iterate(k, x, zk, zkm1, nullptr, t.residuals, t.ybuf, items);  // r_k only
-        step(t, k, zk, zkm1, t.residuals, gx, items);
-        if (k > 0) activate(t, k - 1, zk, items);
+        step(t, k, zk, zkm1, t.residuals, gx, items, k > 0 ? zk : nullptr);
       }
     }
     if (gz0) std::copy(t.grad, t.grad + items * csz, gz0);
@@ -194,7 +196,7 @@ template <typename T>
 void gemm_backward(const Problem<T>& p, const at::Tensor& grad_z, const StoredIterates<const T>& in, int64_t m,
                    const Gradients& grads) {
   const ConvGeometry& g = p.g;
-  const GemmSolver<T> solver(p, true, m);
+  const GemmSolver<T> solver(p, m);
   GemmBackward<T> bw(solver, m);
   ChunkWorkspace<T> t = bw.workspace();
   const T* x = p.x.template data_ptr<T>();

@@ -34,7 +34,7 @@ namespace conv_ista {
 // (strategy.cpp documents the rule). Chunks run one after another, each ATen call parallel inside: oneDNN's
 // weight-gradient primitive must not run inside an outer parallel region (it spins on a barrier for threads a
 // nested region does not give it), so chunks are never run one per thread.
-int64_t gemm_chunk_items(const ConvGeometry& g, bool backward, int64_t checkpoint);
+int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, int64_t checkpoint);
 
 template <typename T>
 struct GemmSolver {
@@ -46,10 +46,10 @@ struct GemmSolver {
   // (items, Cc) codes, (items, Cs KH KW) signals and (Cc, Cs KH KW) weights.
   const bool full_map;
 
-  GemmSolver(const Problem<T>& p_, bool backward, int64_t checkpoint)
+  GemmSolver(const Problem<T>& p_, int64_t checkpoint)
       : p(p_), g(p_.g), stride{g.SH, g.SW}, padding{g.PH, g.PW},
         output_padding{g.H + 2 * g.PH - g.KH - (g.Hz - 1) * g.SH, g.W + 2 * g.PW - g.KW - (g.Wz - 1) * g.SW},
-        chunk(gemm_chunk_items(p_.g, backward, checkpoint)),
+        chunk(gemm_chunk_items(p_.g, p_.it.n, p_.it.fista, checkpoint)),
         full_map(g.kernel_covers_map()) {}
 
   at::TensorOptions options() const { return p.x.options(); }
@@ -134,12 +134,7 @@ struct GemmSolver {
     const T sk = p.it.step[k];
     const T* th = p.it.thresholds(k);
     for_code_rows(items, [&](int64_t r, int64_t c) {
-      T* out = dst + r * hw;
-      if (y)
-        std::copy(y + r * hw, y + (r + 1) * hw, out);
-      else
-        std::fill(out, out + hw, T(0));
-      shrink_row<T>(out, ep + r * hw, sk, th[c], hw, p.it.nonneg);
+      threshold_row<T>(dst + r * hw, y ? y + r * hw : nullptr, ep + r * hw, sk, th[c], hw, p.it.nonneg);
     });
   }
 };

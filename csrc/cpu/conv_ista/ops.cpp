@@ -70,7 +70,8 @@ void shrink_only_forward(const Problem<T>& p, const StoredIterates<T>& out) {
                  const CodeRowSource<T> y{zk, p.it.momentum(k) ? zkm1 : nullptr, T(p.it.beta[k]), T(1)};
                  for (int64_t bc = 0; bc < p.g.B * p.g.Cc; ++bc) {
                    y.row(bc * hw, hw, dst + bc * hw);
-                   shrink_row<T>(dst + bc * hw, nullptr, T(0), p.it.thresholds(k)[bc % p.g.Cc], hw, p.it.nonneg);
+                   threshold_row<T>(dst + bc * hw, dst + bc * hw, nullptr, T(0), p.it.thresholds(k)[bc % p.g.Cc], hw,
+                                   p.it.nonneg);
                  }
                });
 }
@@ -92,7 +93,7 @@ void shrink_only_backward(const Problem<T>& p, const at::Tensor& grad_z, const G
     T* dst = zs + (k + 1) * bsz;
     for (int64_t bc = 0; bc < g.B * g.Cc; ++bc) {
       y.row(bc * hw, hw, dst + bc * hw);
-      shrink_row<T>(dst + bc * hw, nullptr, T(0), p.it.thresholds(k)[bc % g.Cc], hw, p.it.nonneg);
+      threshold_row<T>(dst + bc * hw, dst + bc * hw, nullptr, T(0), p.it.thresholds(k)[bc % g.Cc], hw, p.it.nonneg);
     }
   }
   at::Tensor grad = grad_z.contiguous().clone(), carry = at::zeros_like(grad);

@@ -78,9 +78,10 @@ struct IterationConstants {
 // index in `saved`, or -1. z_0 is the input, z_n the output.
 struct Checkpoints {
   std::vector<int64_t> slot;
+  int64_t interval;  // m; 0: recompute mode
   int64_t count = 0;
 
-  Checkpoints(int64_t n, int64_t m, bool fista) : slot(n + 1, -1) {
+  Checkpoints(int64_t n, int64_t m, bool fista) : slot(n + 1, -1), interval(m) {
     if (m > 0)
       for (int64_t k = 1; k < n; ++k)
         if (k % m == 0 || (fista && (k + 1) % m == 0)) slot[k] = count++;
@@ -152,30 +153,57 @@ struct CodeRowSource {
   }
 };
 
-// out = S_th(out + step e), written so it vectorises: S_th(u) = u - clamp(u, -th, th) is exactly 0 for |u| <= th,
-// and NaN passes through both forms (as in softshrink / relu). e null: out = S_th(out) (an empty signal).
-template <typename T>
-inline void shrink_row(T* __restrict out, const T* __restrict e, T step, T th, int64_t cnt, bool nonneg) {
-  if (!e) {
-    for (int64_t j = 0; j < cnt; ++j) {
-      const T u = out[j];
-      const T lo = u < -th ? -th : u;
-      out[j] = nonneg ? (u - th < T(0) ? T(0) : u - th) : u - (lo > th ? th : lo);
-    }
-    return;
+// S_th(u) = u - clamp(u, -th, th) (S+: max(u - th, 0)), branch-free so loops over it vectorise; exactly 0 for
+// |u| <= th, and NaN passes through both forms (as in softshrink / relu).
+template <bool NONNEG, typename T>
+inline T shrink(T u, T th) {
+  if (NONNEG) return u - th < T(0) ? T(0) : u - th;
+  const T lo = u < -th ? -th : u;
+  return u - (lo > th ? th : lo);
+}
+
+template <bool NONNEG, typename T>
+inline void threshold_row_impl(T* out, const T* y, const T* e, T step, T th, int64_t cnt) {
+  if (y && e) {
+    for (int64_t j = 0; j < cnt; ++j) out[j] = shrink<NONNEG>(y[j] + step * e[j], th);
+  } else if (y) {
+    for (int64_t j = 0; j < cnt; ++j) out[j] = shrink<NONNEG>(y[j], th);
+  } else if (e) {
+    for (int64_t j = 0; j < cnt; ++j) out[j] = shrink<NONNEG>(step * e[j], th);
+  } else {
+    std::fill(out, out + cnt, shrink<NONNEG>(T(0), th));
   }
+}
+
+// out = S_th(y + step e): y null reads zeros (z_0 not given), e null drops the step term (an empty signal); y may be
+// out itself.
+template <typename T>
+inline void threshold_row(T* out, const T* y, const T* e, T step, T th, int64_t cnt, bool nonneg) {
+  if (nonneg)
+    threshold_row_impl<true>(out, y, e, step, th, cnt);
+  else
+    threshold_row_impl<false>(out, y, e, step, th, cnt);
+}
+
+// The active set of the iteration that produced z applied to its gradient g in place, g := g [z != 0]; returns
+// sum g sign(z) (nonneg: sum g) over the row, which dL/dth collects with a minus sign.
+template <typename T>
+inline T mask_row(T* __restrict g, const T* __restrict z, int64_t cnt, bool nonneg) {
+  T part = 0;
   if (nonneg) {
-    for (int64_t j = 0; j < cnt; ++j) {
-      const T d = out[j] + step * e[j] - th;
-      out[j] = d < T(0) ? T(0) : d;
+#pragma omp simd reduction(+ : part)
+    for (int64_t i = 0; i < cnt; ++i) {
+      g[i] = z[i] != T(0) ? g[i] : T(0);
+      part += g[i];
     }
   } else {
-    for (int64_t j = 0; j < cnt; ++j) {
-      const T u = out[j] + step * e[j];
-      const T lo = u < -th ? -th : u;
-      out[j] = u - (lo > th ? th : lo);
+#pragma omp simd reduction(+ : part)
+    for (int64_t i = 0; i < cnt; ++i) {
+      g[i] = z[i] != T(0) ? g[i] : T(0);
+      part += z[i] > T(0) ? g[i] : -g[i];
     }
   }
+  return part;
 }
 
 // Everything both passes of a strategy read: the checked geometry, contiguous inputs and per-iteration constants.
