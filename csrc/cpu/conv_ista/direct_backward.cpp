@@ -155,10 +155,7 @@ struct DirectBackward {
         solver.fused.store_residual_row(t.adjoint, rrows, rwidth, s, h, 0, val, nullptr);
       });
     }
-    T vr = 0;
-#pragma omp simd reduction(+ : vr)
-    for (int64_t i = 0; i < isz; ++i) vr += t.adjoint[i] * r[i];
-    t.vr[k] += vr;
+    t.vr[k] += dot(t.adjoint, r, isz);
     // dW_E += step corr(r_k, gu); dW_D -= step corr(v, y_k).
     fill_code_operand(t, CodeRowSource<T>{t.grad, nullptr, T(0), sk});
     weight_grad(t, r, t.dw_encoder);

@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <vector>
 
 #include "gemm_iteration.h"
@@ -87,38 +86,16 @@ struct GemmBackward {
     const T sk = p.it.step[k];
     const T bk = T(p.it.beta[k]);
     const at::Tensor gu = solver.code(t.grad, items);
-    const bool combined = std::getenv("DSC_TMP_COMBINED") && !solver.full_map;
-    at::Tensor v, dv;
-    if (combined) {
-      auto res = at::convolution_backward(gu, solver.signal(r, items), p.encoder_weight, std::nullopt, solver.stride,
-                                          solver.padding, {1, 1}, false, {0, 0}, 1, {true, true, false});
-      v = std::get<0>(res).contiguous();
-      dw_encoder.add_(std::get<1>(res), double(sk));
-    } else {
-      v = solver.synthesis(gu, p.encoder_weight).contiguous();
-    }
+    const at::Tensor v = solver.synthesis(gu, p.encoder_weight).contiguous();
     const T* vp = v.data_ptr<T>();
     const int64_t sn = items * g.signal_item();
     at::parallel_for(0, sn, 16384, [&](int64_t i0, int64_t i1) {
-      T part = 0;
-#pragma omp simd reduction(+ : part)
-      for (int64_t i = i0; i < i1; ++i) {
-        gx[i] += sk * vp[i];
-        part += vp[i] * r[i];
-      }
-      vr[at::get_thread_num()][k] += part;
+      vr[at::get_thread_num()][k] += axpy_dot(gx + i0, vp + i0, r + i0, sk, i1 - i0);
     });
+    solver.add_weight_grad(dw_encoder, solver.signal(r, items), gu, p.encoder_weight, double(sk));
     const T* y = solver.momentum_point(k, zk, zkm1, t.ybuf, items);
-    if (combined && y) {
-      auto res = at::convolution_backward(v, solver.code(y, items), p.weight, std::nullopt, solver.stride,
-                                          solver.padding, {1, 1}, true, solver.output_padding, 1, {true, true, false});
-      dv = std::get<0>(res).contiguous();
-      dw_dict.sub_(std::get<1>(res), double(sk));
-    } else {
-      if (!combined) solver.add_weight_grad(dw_encoder, solver.signal(r, items), gu, p.encoder_weight, double(sk));
-      if (y) solver.add_weight_grad(dw_dict, v, solver.code(y, items), p.weight, -double(sk));
-      dv = solver.analysis(v, p.weight).contiguous();
-    }
+    if (y) solver.add_weight_grad(dw_dict, v, solver.code(y, items), p.weight, -double(sk));
+    const at::Tensor dv = solver.analysis(v, p.weight).contiguous();
     const T* dvp = dv.data_ptr<T>();
     const int64_t hw = g.Hz * g.Wz;
     const bool fista = p.it.fista;
@@ -138,6 +115,7 @@ struct GemmBackward {
       if (zk_mask) dth[at::get_thread_num()][(k - 1) * g.Cc + c] -= mask_row(ga, zk_mask + row * hw, hw, p.it.nonneg);
     });
   }
+
 
   void chunk(ChunkWorkspace<T>& t, const at::Tensor& grad_z, const StoredIterates<const T>& in,
              int64_t b0, int64_t items, const T* x, T* gx, T* gz0) {
@@ -164,7 +142,7 @@ struct GemmBackward {
           solver.iterate(k, x, zs[k - s + 1], zs[k - s], znext, t.residuals + (k - s) * scs, t.ybuf, items);
           zs[k - s + 2] = stored ? stored : znext;
         }
-        if (e == n) activate(t, n - 1, zs[e - s + 1], items);  // later iterations' steps activate the others
+        if (e == n) activate(t, n - 1, zs[e - s + 1], items);  // later iterations' steps activate the others  // later iterations' steps activate the others
         for (int64_t k = e - 1; k >= s; --k)
           step(t, k, zs[k - s + 1], zs[k - s], t.residuals + (k - s) * scs, gx, items, k > 0 ? zs[k - s + 1] : nullptr);
       }

@@ -1,5 +1,5 @@
-// What every conv-ISTA strategy shares: the checked geometry of a problem, its per-iteration constants, where the
-// forward keeps the iterates the backward needs, and the elementwise pieces of an iteration.
+// What every conv-ISTA strategy shares: the checked geometry of a problem, its per-iteration constants, and where the
+// forward keeps the iterates the backward needs (the elementwise pieces of an iteration are in elementwise.h).
 //
 // Canonical tensors (notes/CONTRACT.md): x (B, Cs, H, W); weight W_D and encoder_weight W_E (Cc, Cs, KH, KW);
 // lam (n, Cc); step (n,); z0 (B, Cc, Hz, Wz) or empty (zeros). Hz = (H + 2 PH - KH) / SH + 1 (Wz likewise).
@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <utility>
 #include <vector>
+
+#include "elementwise.h"
 
 namespace dsc_kernels {
 namespace conv_ista {
@@ -127,83 +129,6 @@ std::pair<const T*, const T*> run_chain(int64_t upto, bool fista, const T* z0, T
     cur = dst;
   }
   return {cur, prev};
-}
-
-// A code-sized tensor the passes read, computed on the fly from stored ones: scale * (a + beta (a - b)) (FISTA's
-// y_k; b null: scale * a); a null: zeros (z0 not given; FISTA's beta_1 is 0, so z_0 never enters as b).
-template <typename T>
-struct CodeRowSource {
-  const T* a;
-  const T* b;
-  T beta;
-  T scale;
-
-  void row(int64_t off, int64_t cnt, T* __restrict dst) const {
-    if (!a) {
-      std::fill(dst, dst + cnt, T(0));
-      return;
-    }
-    const T* __restrict pa = a + off;
-    if (b) {
-      const T* __restrict pb = b + off;
-      for (int64_t j = 0; j < cnt; ++j) dst[j] = scale * (pa[j] + beta * (pa[j] - pb[j]));
-    } else {
-      for (int64_t j = 0; j < cnt; ++j) dst[j] = scale * pa[j];
-    }
-  }
-};
-
-// S_th(u) = u - clamp(u, -th, th) (S+: max(u - th, 0)), branch-free so loops over it vectorise; exactly 0 for
-// |u| <= th, and NaN passes through both forms (as in softshrink / relu).
-template <bool NONNEG, typename T>
-inline T shrink(T u, T th) {
-  if (NONNEG) return u - th < T(0) ? T(0) : u - th;
-  const T lo = u < -th ? -th : u;
-  return u - (lo > th ? th : lo);
-}
-
-template <bool NONNEG, typename T>
-inline void threshold_row_impl(T* out, const T* y, const T* e, T step, T th, int64_t cnt) {
-  if (y && e) {
-    for (int64_t j = 0; j < cnt; ++j) out[j] = shrink<NONNEG>(y[j] + step * e[j], th);
-  } else if (y) {
-    for (int64_t j = 0; j < cnt; ++j) out[j] = shrink<NONNEG>(y[j], th);
-  } else if (e) {
-    for (int64_t j = 0; j < cnt; ++j) out[j] = shrink<NONNEG>(step * e[j], th);
-  } else {
-    std::fill(out, out + cnt, shrink<NONNEG>(T(0), th));
-  }
-}
-
-// out = S_th(y + step e): y null reads zeros (z_0 not given), e null drops the step term (an empty signal); y may be
-// out itself.
-template <typename T>
-inline void threshold_row(T* out, const T* y, const T* e, T step, T th, int64_t cnt, bool nonneg) {
-  if (nonneg)
-    threshold_row_impl<true>(out, y, e, step, th, cnt);
-  else
-    threshold_row_impl<false>(out, y, e, step, th, cnt);
-}
-
-// The active set of the iteration that produced z applied to its gradient g in place, g := g [z != 0]; returns
-// sum g sign(z) (nonneg: sum g) over the row, which dL/dth collects with a minus sign.
-template <typename T>
-inline T mask_row(T* __restrict g, const T* __restrict z, int64_t cnt, bool nonneg) {
-  T part = 0;
-  if (nonneg) {
-#pragma omp simd reduction(+ : part)
-    for (int64_t i = 0; i < cnt; ++i) {
-      g[i] = z[i] != T(0) ? g[i] : T(0);
-      part += g[i];
-    }
-  } else {
-#pragma omp simd reduction(+ : part)
-    for (int64_t i = 0; i < cnt; ++i) {
-      g[i] = z[i] != T(0) ? g[i] : T(0);
-      part += z[i] > T(0) ? g[i] : -g[i];
-    }
-  }
-  return part;
 }
 
 // Everything both passes of a strategy read: the checked geometry, contiguous inputs and per-iteration constants.

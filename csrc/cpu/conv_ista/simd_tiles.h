@@ -14,22 +14,10 @@
 #include <cstring>
 #include <vector>
 
+#include "elementwise.h"
+
 namespace dsc_kernels {
 namespace conv_ista {
-
-#if defined(__AVX512F__)
-constexpr int kVecBytes = 64;
-constexpr int kVecRegs = 32;
-#else
-constexpr int kVecBytes = 32;
-constexpr int kVecRegs = 16;
-#endif
-
-template <typename T>
-struct VecOf {
-  static constexpr int L = kVecBytes / sizeof(T);
-  typedef T V __attribute__((vector_size(kVecBytes)));
-};
 
 // Largest tile (channels x columns) any micro-kernel instantiation writes (cob * nv * L, see CorrelationPlan).
 constexpr int kMaxTile = 512;
