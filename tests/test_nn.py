@@ -27,7 +27,7 @@ def test_dictionary_has_unit_norm_filters_and_the_step_is_one_over_L():
 
 
 def test_layer_equals_functional_call():
-    layer = ConvSparseCoding2d(2, 4, 3, n_iter=4, lam=0.05, fista=True, nonneg=True, backend="reference")
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=4, lam=0.05, fista=True, nonneg=True, backend="reference").eval()
     x = torch.randn(2, 2, 9, 9)
     expected = DF.conv_ista(x, layer.weight, 0.05, n_iter=4, step=layer.step.item(), padding=1, fista=True,
                             nonneg=True, backend="reference")
@@ -99,8 +99,12 @@ def test_deep_sparse_coding_layers_and_decode():
 def test_modules_compile_with_fullgraph(compiler, make):
     module = make()
     x = torch.randn(2, 2 if isinstance(module, (ConvSparseCoding1d, SoftThreshold)) else 1,
-                    *((17,) if isinstance(module, ConvSparseCoding1d) else (9, 9)))
-    eager = module(x)
-    compiled = torch.compile(module, fullgraph=True, backend=compiler)(x)
+                    *((17,) if isinstance(module, ConvSparseCoding1d) else (9, 9)), requires_grad=True)
+    compiled_module = torch.compile(module, fullgraph=True, backend=compiler)
+    # Training mode traces the step tracking (power iteration, in-place buffer update) into the same graph.
+    out = compiled_module(x)
+    sum(o.sum() for o in (out if isinstance(out, list) else [out])).backward()
+    module.eval()  # a fixed step: eager and compiled must agree exactly
+    eager, compiled = module(x), compiled_module(x)
     for a, b in zip(eager if isinstance(eager, list) else [eager], compiled if isinstance(compiled, list) else [compiled]):
         torch.testing.assert_close(a, b)
