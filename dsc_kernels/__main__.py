@@ -1,4 +1,5 @@
-"""`python -m dsc_kernels report [--out DIR] [--quick] [--device cpu|cuda] [--backend NAME]`."""
+"""`python -m dsc_kernels report [--out DIR] [--quick] [--device cpu|cuda] [--backend NAME]` and
+`python -m dsc_kernels train --recipe R ...` (see dsc_kernels/recipes/cli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the experiments run")
     rep.add_argument("--backend", default="auto",
                      help="conv-ISTA backend for the experiments (auto, reference, cpp, triton); default auto")
+    train = sub.add_parser("train", help="train a recipe on bundled real data (digits, denoise)",
+                           description="Trains a recipe of dsc_kernels.recipes; writes DIR/metrics.json, a figure "
+                                       "and DIR/model.pt (dsc_kernels.recipes.load(DIR) reads it back).")
+    from .recipes.cli import add_arguments
+    add_arguments(train)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        from .recipes.cli import main as train_main
+        train_main(args)
     if args.command == "report":
         from .report import run_report
         path = run_report(args)
