@@ -30,7 +30,7 @@ from . import data, engine
 NAME = "digits"
 STRATEGIES = ("baseline", "l1", "learned-threshold", "dsc")
 DEFAULT_STRATEGY = "dsc"
-DEFAULT_EPOCHS = 40
+DEFAULT_EPOCHS = 20
 CHANNELS = (16, 32)
 BATCH_SIZE = 32
 LEARNING_RATE = 3e-3
@@ -114,10 +114,15 @@ def train(strategy: str, epochs: int, seed: int, out: Path | None, backend: str,
             return {k: v for k, v in result.items() if k != "per_layer"}
         return {}
 
+    def unit_atoms() -> None:  # dictionary learning keeps atoms on the unit sphere (and 1/L tracked)
+        for layer in model.sparse_coding.layers:
+            layer.normalize_dictionary_()
+
     start = time.perf_counter()
     loader = engine.train_loader(x_train, y_train, BATCH_SIZE, seed, run)
     history = engine.fit(trained, loader, loss_fn, optimizer, epochs, run, desc=f"digits/{strategy}",
-                         scheduler=scheduler, after_epoch=after_epoch)
+                         scheduler=scheduler, after_step=unit_atoms if strategy == "dsc" else None,
+                         after_epoch=after_epoch)
     metrics = {}
     if run.is_main:
         result = evaluate(model, x_test.to(run.device), y_test.to(run.device))

@@ -97,9 +97,11 @@ def train_loader(x: Tensor, y: Tensor, batch_size: int, seed: int, run: Run) -> 
 def fit(model: nn.Module, loader: DataLoader, loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor],
         optimizer: torch.optim.Optimizer, epochs: int, run: Run, *, desc: str,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        after_step: Callable[[], None] | None = None,
         after_epoch: Callable[[int, float], dict | None] | None = None) -> list[dict]:
     """Train for ``epochs`` with a tqdm bar on rank 0; returns one record per epoch: mean training loss (over ranks),
-    seconds, and whatever ``after_epoch(epoch, loss)`` returns."""
+    seconds, and whatever ``after_epoch(epoch, loss)`` returns. ``after_step()`` runs after every optimiser step
+    (e.g. renormalising a dictionary; identical on every rank, so replicas stay equal)."""
     from tqdm import tqdm
 
     history = []
@@ -115,6 +117,8 @@ def fit(model: nn.Module, loader: DataLoader, loss_fn: Callable[[nn.Module, Tens
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
             total, count = total + float(loss.detach()) * len(x), count + len(x)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{total / count:.4g}")
