@@ -272,3 +272,27 @@ def test_load_state_dict_keeps_the_step_and_the_outputs():
     copy.load_state_dict(layer.state_dict())
     x = torch.randn(2, 1, 9, 9)
     torch.testing.assert_close(copy.eval()(x), layer.eval()(x))
+
+
+# ------------------------------------------------------------------------- thresholds as biases (absolute thresholds)
+def test_absolute_threshold_parameterisation_matches_functional():
+    x = torch.randn(2, 2, 9, 9)
+    thresholds = torch.tensor([[0.1, -0.05, 0.0, 0.2], [0.05, -0.1, 0.1, 0.0], [0.0, 0.1, -0.2, 0.1]])
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=3, threshold=thresholds, nonneg=True, learn_threshold=True,
+                               untied=True, backend="reference").eval()
+    assert "threshold" in layer.state_dict() and "lam" not in layer.state_dict()
+    assert layer.constraints() == [] or all(p is not layer.threshold for p, _ in layer.constraints())
+    expected = DF.conv_ista(x, layer.weight, threshold=thresholds, n_iter=3, step=layer.step, padding=1,
+                            encoder_weight=layer.encoder_weight, nonneg=True, backend="reference")
+    torch.testing.assert_close(layer(x), expected)
+    signed = ConvSparseCoding2d(2, 4, 3, n_iter=3, threshold=0.1, learn_threshold=True, backend="reference")
+    assert [p is signed.threshold for p, _ in signed.constraints()] == [True]  # kept >= 0 by projection
+    with pytest.raises(ValueError, match="learn_threshold"):
+        ConvSparseCoding2d(2, 4, 3, threshold=0.1, learn_lam=True)
+
+
+def test_soft_threshold_negative_bias_with_nonneg():
+    module = SoftThreshold(-0.5, num_channels=2, nonneg=True, learnable=True)
+    x = torch.randn(3, 2, 4)
+    torch.testing.assert_close(module(x), torch.relu(x + 0.5))
+    assert module.constraints() == []

@@ -109,15 +109,16 @@ class SoftThreshold(_projection.Projected):
     """Soft threshold ``S_t(x) = sign(x) max(|x| - t, 0)`` (``max(x - t, 0)`` with ``nonneg``) as a module.
 
     Args:
-        threshold: t >= 0, a float (default 0.1).
+        threshold: t, a float (default 0.1); t >= 0 for the signed soft threshold, any sign with ``nonneg``
+            (``max(x - t, 0)``, a ReLU with bias -t).
         num_channels: None for one scalar threshold (any input shape), or C for one threshold per channel (input
             (B, C, *)). State-dict key ``threshold``: () or (C,).
         nonneg: the one-sided variant ``max(x - t, 0)`` (a ReLU with bias -t).
-        learnable: make ``threshold`` an ``nn.Parameter``; it is kept >= 0 by projection after every optimiser step
-            (the forward uses the stored value as is).
+        learnable: make ``threshold`` an ``nn.Parameter``; without ``nonneg`` it is kept >= 0 by projection after
+            every optimiser step (the forward uses the stored value as is).
         device, dtype: factory keywords.
 
-    Raises ValueError for a negative or non-finite threshold.
+    Raises ValueError for a non-finite threshold, or a negative one without ``nonneg``.
     """
 
     def __init__(self, threshold: float = 0.1, num_channels: int | None = None, *, nonneg: bool = False,
@@ -137,7 +138,8 @@ class SoftThreshold(_projection.Projected):
 
     def constraints(self):
         """(parameter, lower bound) pairs kept valid by projection."""
-        return [(self.threshold, 0.0)] if isinstance(self.threshold, nn.Parameter) else []
+        learned = isinstance(self.threshold, nn.Parameter)
+        return [(self.threshold, 0.0)] if learned and not self.nonneg else []
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, *) with ``num_channels=C``, any shape otherwise -> same shape."""
