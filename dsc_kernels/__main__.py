@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the experiments run")
     rep.add_argument("--backend", default="auto",
                      help="conv-ISTA backend for the experiments (auto, reference, cpp, triton); default auto")
+    rep.add_argument("--training-runs", default=None,
+                     help="a `train --recipe digits --strategy all --out DIR` folder for the training section "
+                          "(default: a short run)")
     train = sub.add_parser("train", help="train a recipe on bundled real data (digits, denoise)",
                            description="Trains a recipe of dsc_kernels.recipes; writes DIR/metrics.json, a figure "
                                        "and DIR/model.pt (dsc_kernels.recipes.load(DIR) reads it back).")

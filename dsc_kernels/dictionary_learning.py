@@ -3,10 +3,10 @@ atom in the unit ball, the problem SPORCO's ``ConvBPDNDictLearn`` solves.
 
 Algorithm: alternating proximal gradient (PALM, Bolte–Sabach–Teboulle 2014), full batch. Each outer iteration takes
 ``n_code_iter`` ISTA steps on the codes (``functional.conv_ista`` warm-started from the previous codes, step 1/L_D)
-and ``n_dict_iter`` sweeps of block coordinate descent over the atoms (atom j: a gradient step of size 1/L_j, its own
-block's Lipschitz constant, then the projection back into the unit ball).
+and ``n_dict_iter`` projected gradient steps on the dictionary (step 1/L_z, then every atom is scaled back into the
+unit ball).
 With steps no larger than 1/L both half-steps can only lower the objective, so it decreases monotonically; the two
-Lipschitz constants L_D = ||D||^2 and L_j = ||z_j (*) .||^2 are tracked by power iterations warm-started from the
+Lipschitz constants L_D = ||D||^2 and L_z = ||z (*) .||^2 are tracked by power iterations warm-started from the
 previous outer iteration (a few convolutions each). SPORCO's ADMM solver converges in fewer iterations; this one
 reuses the fused conv-ISTA kernels and needs no FFTs.
 
@@ -22,13 +22,12 @@ import torch
 from torch import Tensor
 
 from . import functional as DF
-from .reference.conv import as_tuple, code_size, synthesis_output_padding
+from .reference.conv import as_tuple, code_size
 
 # Steps are 1/L scaled by this: power iteration approaches L from below, and a step just above 1/L could let the
 # objective rise by a hair.
 STEP_SAFETY = 0.98
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
-_CONV_T = {1: torch.nn.functional.conv_transpose1d, 2: torch.nn.functional.conv_transpose2d}
 
 
 @dataclass
@@ -59,49 +58,6 @@ class _PowerIteration:
                 return 0.0
             self.vector = back / norm
         return value
-
-
-class _AtomSteps:
-    """Block coordinate descent on the atoms (Gauss-Seidel): atom j takes a projected gradient step of size 1/L_j,
-    L_j = ||Z_j||^2 the norm of w -> z_j (*) w, then the residual is updated before atom j+1 moves. Rarely used
-    atoms get long steps, which one global 1/L (set by the busiest atom) would deny them. Every L_j comes from one
-    grouped power iteration (all atoms at once), warm-started across calls."""
-
-    def __init__(self, start: Tensor, signal: tuple[int, ...], padding: tuple[int, ...]):
-        self.vectors, self.signal, self.padding = start, signal, padding
-        self.rank = len(signal)
-        self.output_padding = synthesis_output_padding(signal, start.shape[2:], (1,) * self.rank, padding)
-
-    def _apply(self, codes: Tensor, w: Tensor, groups: int) -> Tensor:
-        return _CONV_T[self.rank](codes, w, padding=self.padding, output_padding=self.output_padding, groups=groups)
-
-    def _adjoint(self, image: Tensor, codes: Tensor, shape, groups: int) -> Tensor:
-        return _CONV_WEIGHT[self.rank](image, shape, codes, padding=self.padding, groups=groups)
-
-    def lipschitz(self, codes: Tensor, n_steps: int) -> Tensor:
-        """(C_code,) estimates of L_j (power iteration on each atom's map, all atoms as groups of one conv)."""
-        groups, v = codes.shape[1], self.vectors
-        value = v.new_zeros(groups)
-        for _ in range(n_steps):
-            v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).reshape(-1, *([1] * (v.dim() - 1)))
-            image = self._apply(codes, v, groups)  # (B, C_code * C_sig, *S): each atom's own synthesis
-            value = image.transpose(0, 1).reshape(groups, -1).pow(2).sum(1)
-            v = self._adjoint(image, codes, v.shape, groups)
-        self.vectors = v
-        return value
-
-    def sweep(self, codes: Tensor, weight: Tensor, residual: Tensor, lipschitz: Tensor) -> Tensor:
-        """One pass over the atoms; ``residual`` (D z - x) is updated in place. Returns the new dictionary."""
-        weight = weight.clone()
-        for j in range(weight.shape[0]):
-            if lipschitz[j] <= 0:  # an unused atom has no gradient
-                continue
-            code = codes[:, j:j + 1]
-            gradient = self._adjoint(residual, code, weight[j:j + 1].shape, 1)
-            new = _project_atoms(weight[j:j + 1] - (STEP_SAFETY / lipschitz[j]) * gradient)
-            residual += self._apply(code, new - weight[j:j + 1], 1)
-            weight[j:j + 1] = new
-        return weight
 
 
 def _random_crops(x: Tensor, n: int, kernel: tuple[int, ...], generator: torch.Generator) -> Tensor:
@@ -137,7 +93,7 @@ def learn_conv_dictionary(x: Tensor, n_atoms: int, kernel_size: int | Sequence[i
     """Learn ``n_atoms`` convolutional atoms from signals ``x`` by alternating proximal gradient (module doc).
 
     x: (B, C_sig, *S), ideally high-passed (CDL models the detail of an image, not its smooth part);
-    n_code_iter / n_dict_iter: ISTA steps on the codes / sweeps over the atoms per outer iteration; kernel_size: k (int or one per spatial dim); lam > 0: the l1 weight; padding: the codes' padding, default
+    n_code_iter / n_dict_iter: ISTA steps on the codes / gradient steps on the dictionary per outer iteration; kernel_size: k (int or one per spatial dim); lam > 0: the l1 weight; padding: the codes' padding, default
     k - 1 ("full"); init: a starting dictionary (C_code, C_sig, *k), default Gaussian atoms of unit norm (seeded);
     callback(iteration, objective) is called after every outer iteration (e.g. a progress bar).
     """
@@ -164,19 +120,26 @@ def learn_conv_dictionary(x: Tensor, n_atoms: int, kernel_size: int | Sequence[i
     def synthesize(z: Tensor, w: Tensor) -> Tensor:
         return DF.conv_synthesis(z, w, padding=padding, signal_size=signal)
 
+    def weight_adjoint(image: Tensor) -> Tensor:
+        # Z^T r for the linear map w -> synthesize(codes, w): <Z w, r> = <codes, conv(r, w)>, whose gradient in w
+        # is the weight gradient of that convolution.
+        return _CONV_WEIGHT[rank](image, weight.shape, codes, padding=padding)
+
     dictionary_norm = _PowerIteration(lambda z: synthesize(z, weight),
                                       lambda image: DF.conv_analysis(image, weight, padding=padding),
                                       torch.randn(codes[:1].shape, generator=generator, dtype=x.dtype).to(x.device))
-    atoms = _AtomSteps(torch.randn(weight.shape, generator=generator, dtype=x.dtype).to(x.device), signal, padding)
+    codes_norm = _PowerIteration(lambda w: synthesize(codes, w), weight_adjoint,
+                                 torch.randn(weight.shape, generator=generator, dtype=x.dtype).to(x.device))
     result = CDLResult(weight, codes, padding)
     for iteration in range(n_outer):
-        lipschitz_d = dictionary_norm.estimate(30 if iteration == 0 else 2)
+        warm = 30 if iteration == 0 else 3
+        lipschitz_d = dictionary_norm.estimate(warm)
         codes = DF.conv_ista(x, weight, lam, n_iter=n_code_iter, step=STEP_SAFETY / lipschitz_d, padding=padding,
                              z0=codes, backend=backend)
-        lipschitz = atoms.lipschitz(codes, 30 if iteration == 0 else 2)
-        residual = synthesize(codes, weight) - x
-        for _ in range(n_dict_iter):
-            weight = atoms.sweep(codes, weight, residual, lipschitz)
+        lipschitz_z = codes_norm.estimate(warm)
+        for _ in range(n_dict_iter if lipschitz_z > 0 else 0):  # all-zero codes: the dictionary has no gradient
+            gradient = weight_adjoint(synthesize(codes, weight) - x)
+            weight = _project_atoms(weight - (STEP_SAFETY / lipschitz_z) * gradient)
         value = lasso_value(x, codes, weight, lam, padding)
         result.objective.append(value)
         if callback is not None:

@@ -188,6 +188,10 @@ def run_report(args) -> Path:
         bar.set_postfix_str("figures")
         figures = make_figures(results, rows, attn, out_dir)
         bar.update(1)
+        from .recipes.report_section import training_section  # the training helper's section (recipes/)
+        training, training_figures = training_section(out_dir, quick=args.quick,
+                                                      runs=getattr(args, "training_runs", None))
     path = out_dir / "REPORT.md"
-    path.write_text(_markdown(results, rows, skipped, attn, figures, args, time.perf_counter() - t0))
+    path.write_text(_markdown(results, rows, skipped, attn, figures, args, time.perf_counter() - t0)
+                    + "\n".join(training + [""] + [f"![{title}]({name})" for name, title in training_figures]) + "\n")
     return path
