@@ -87,14 +87,15 @@ def lasso_value(x: Tensor, z: Tensor, weight: Tensor, lam: float, padding: Seque
 
 @torch.no_grad()
 def learn_conv_dictionary(x: Tensor, n_atoms: int, kernel_size: int | Sequence[int], lam: float, *,
-                          n_outer: int = 100, n_code_iter: int = 5, n_dict_iter: int = 5, padding: int | Sequence[int] | None = None,
-                          init: Tensor | None = None, seed: int = 0, backend: str = "auto",
+                          n_outer: int = 100, n_code_iter: int = 5, n_dict_iter: int = 5,
+                          padding: int | Sequence[int] | None = None, init: Tensor | None = None, seed: int = 0, backend: str = "auto",
                           callback: Callable[[int, float], None] | None = None) -> CDLResult:
     """Learn ``n_atoms`` convolutional atoms from signals ``x`` by alternating proximal gradient (module doc).
 
     x: (B, C_sig, *S), ideally high-passed (CDL models the detail of an image, not its smooth part);
-    n_code_iter / n_dict_iter: ISTA steps on the codes / gradient steps on the dictionary per outer iteration; kernel_size: k (int or one per spatial dim); lam > 0: the l1 weight; padding: the codes' padding, default
-    k - 1 ("full"); init: a starting dictionary (C_code, C_sig, *k), default Gaussian atoms of unit norm (seeded);
+    kernel_size: k (int or one per spatial dim); lam > 0: the l1 weight; n_code_iter / n_dict_iter: ISTA steps on
+    the codes / gradient steps on the dictionary per outer iteration; padding: the codes' padding, default k - 1
+    ("full"); init: a starting dictionary (C_code, C_sig, *k), default random crops of x scaled to unit norm;
     callback(iteration, objective) is called after every outer iteration (e.g. a progress bar).
     """
     if not isinstance(x, Tensor) or x.dim() not in (3, 4) or not x.is_floating_point():

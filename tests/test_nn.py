@@ -106,7 +106,8 @@ def test_modules_compile_with_fullgraph(compiler, make):
     sum(o.sum() for o in (out if isinstance(out, list) else [out])).backward()
     module.eval()  # a fixed step: eager and compiled must agree exactly
     eager, compiled = module(x), compiled_module(x)
-    for a, b in zip(eager if isinstance(eager, list) else [eager], compiled if isinstance(compiled, list) else [compiled]):
+    as_list = lambda out: out if isinstance(out, list) else [out]  # noqa: E731
+    for a, b in zip(as_list(eager), as_list(compiled)):
         torch.testing.assert_close(a, b)
 
 

@@ -127,6 +127,7 @@ class SoftThreshold(_projection.Projected):
         _check_value("threshold", threshold, [()], allow_negative=nonneg, hint=_SIGNED_HINT)
         if num_channels is not None:
             _positive_int("num_channels", num_channels)
+        self.num_channels, self.nonneg = num_channels, nonneg
         shape = () if num_channels is None else (num_channels,)
         value = torch.full(shape, float(threshold), device=device, dtype=dtype)
         if learnable:
@@ -134,7 +135,6 @@ class SoftThreshold(_projection.Projected):
             self.register_projection()
         else:
             self.register_buffer("threshold", value)
-        self.num_channels, self.nonneg = num_channels, nonneg
 
     def constraints(self):
         """(parameter, lower bound) pairs kept valid by projection."""
