@@ -120,3 +120,16 @@ def test_denoise_goal_with_default_settings(tmp_path):
     metrics = denoise.train("cscnet", denoise.DEFAULT_EPOCHS, 0, tmp_path, "auto", engine.start(False, "cpu"))
     assert metrics["psnr_model"] >= metrics["psnr_noisy"] + 6
     assert metrics["psnr_model"] > metrics["psnr_best_skimage"]
+
+
+def test_report_section_reads_a_train_folder(tmp_path):
+    run = engine.start(False, "cpu")
+    for strategy in ("baseline", "l1"):
+        digits.train(strategy, 1, 0, tmp_path / "runs" / strategy, "reference", run, subset=SUBSET)
+    from dsc_kernels.recipes.report_section import training_section
+    lines, figures = training_section(tmp_path, quick=True, runs=tmp_path / "runs")
+    table = "\n".join(lines)
+    assert "| baseline |" in table and "| l1 |" in table and "+0.0 pts" in table
+    assert figures and (tmp_path / figures[0][0]).read_bytes()[:4] == b"\x89PNG"
+    lines, figures = training_section(tmp_path, quick=True, runs=tmp_path / "nothing-here")
+    assert "Not measured" in lines[-1] and figures == []
