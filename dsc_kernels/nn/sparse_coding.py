@@ -17,8 +17,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import _validate as check
 from .. import functional as DF
-from ..reference.conv import as_tuple, code_size
+from ..reference.conv import code_size
 from . import _projection
 
 IntOrTuple = int | Sequence[int]
@@ -46,31 +47,12 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-def _int_tuple(name: str, value: object, rank: int, minimum: int) -> tuple[int, ...]:
-    if isinstance(value, bool) or not (isinstance(value, int) or (
-            isinstance(value, Sequence) and not isinstance(value, str)
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))):
-        raise TypeError(f"{name} must be an int or a sequence of {rank} ints, got {value!r}")
-    values = as_tuple(value, rank, name)
-    if min(values) < minimum:
-        raise ValueError(f"{name} must be int(s) >= {minimum}, got {value!r}")
-    return values
-
-
-def _padding(padding: object, kernel_size: tuple[int, ...], stride: tuple[int, ...], rank: int) -> tuple[int, ...]:
-    """None (k // 2), "same" (stride 1, odd kernels: symmetric), "valid" (0), or int(s) >= 0."""
+def _padding(padding: object, kernel_size: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...]:
+    """None (k // 2: the size is kept at stride 1 for odd k), or what functional accepts: int(s) >= 0, "valid",
+    "same" (stride 1 and odd kernels only)."""
     if padding is None:
         return tuple(k // 2 for k in kernel_size)
-    if isinstance(padding, str):
-        if padding == "valid":
-            return (0,) * rank
-        if padding == "same":
-            if any(s != 1 for s in stride) or any(k % 2 == 0 for k in kernel_size):
-                raise ValueError(f"padding='same' needs stride 1 and odd kernel sizes (the padding is symmetric), "
-                                 f"got stride={stride}, kernel_size={kernel_size}")
-            return tuple(k // 2 for k in kernel_size)
-        raise ValueError(f"padding must be an int, a tuple of ints, 'same' or 'valid', got {padding!r}")
-    return _int_tuple("padding", padding, rank, 0)
+    return check.padding(padding, kernel_size, stride)
 
 
 def _check_value(name: str, value: object, shapes: list[tuple[int, ...]], *, allow_negative: bool = False,
@@ -224,9 +206,9 @@ class _ConvSparseCoding(_projection.Projected):
         self.in_channels = _positive_int("in_channels", in_channels)
         self.code_channels = _positive_int("code_channels", code_channels)
         self.n_iter = _positive_int("n_iter", n_iter)
-        self.kernel_size = _int_tuple("kernel_size", kernel_size, rank, 1)
-        self.stride = _int_tuple("stride", stride, rank, 1)
-        self.padding = _padding(padding, self.kernel_size, self.stride, rank)
+        self.kernel_size = check.ints("kernel_size", kernel_size, rank, minimum=1)
+        self.stride = check.ints("stride", stride, rank, minimum=1)
+        self.padding = _padding(padding, self.kernel_size, self.stride)
         self.nonneg, self.fista, self.relative, self.recompute = nonneg, fista, relative, recompute
         self.backend = _check_backend(backend)
         value_shapes = [(), (code_channels,), (n_iter, code_channels)]
