@@ -164,7 +164,7 @@ def plot_atoms(weight: Tensor, path, *, title: str | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    atoms = weight.detach().cpu().float()[:, 0]
+    atoms = weight.detach().cpu().float()[:, 0].numpy()
     n = atoms.shape[0]
     cols = int(n ** 0.5 + 0.999)
     rows = (n + cols - 1) // cols
@@ -172,7 +172,7 @@ def plot_atoms(weight: Tensor, path, *, title: str | None = None) -> None:
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
-            limit = float(atoms[i].abs().max()) or 1.0
+            limit = float(abs(atoms[i]).max()) or 1.0
             ax.imshow(atoms[i], cmap="gray", vmin=-limit, vmax=limit)
     if title:
         fig.suptitle(title, fontsize=9)

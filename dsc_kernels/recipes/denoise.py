@@ -229,7 +229,7 @@ def plot(model: nn.Module, metrics: dict, seed: int, path: Path) -> None:
                tv(noisy, metrics["tv_weight"])[crop])]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3 * (len(panels) + 1), 3.2))
     for ax, (title, image) in zip(axes, panels):
-        ax.imshow(image[0, 0].clamp(0, 1), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(image[0, 0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     atoms = model.csc.weight.detach()[:, 0]
@@ -240,7 +240,7 @@ def plot(model: nn.Module, metrics: dict, seed: int, path: Path) -> None:
     for i in range(n):
         r, c = divmod(i, cols)
         grid[r * (k + 1):r * (k + 1) + k, c * (k + 1):c * (k + 1) + k] = atoms[i] / atoms[i].abs().max()
-    axes[-1].imshow(grid, cmap="gray", vmin=-1, vmax=1)
+    axes[-1].imshow(grid.numpy(), cmap="gray", vmin=-1, vmax=1)
     axes[-1].set_title("learned dictionary D", fontsize=9)
     axes[-1].axis("off")
     fig.tight_layout()
