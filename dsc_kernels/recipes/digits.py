@@ -6,12 +6,13 @@ Every strategy has the same shape: two feature layers (16 channels at 8x8, then 
 the 512 features of layer 2 -> logits (B, 10).
 
     baseline           conv 3x3 -> ReLU -> conv 3x3 stride 2 -> ReLU -> linear
-    l1                 the same, plus an activation-l1 penalty (weight 0.1) on both ReLU outputs (``ActivationL1``)
+    l1                 the same, plus an activation-l1 penalty (weight 0.3) on both ReLU outputs (``ActivationL1``)
     learned-threshold  the same convs with ``SoftThreshold`` activations, a learned threshold per channel (kept
                        >= 0 by projection), under a light activation-l1 penalty (0.03) that makes thresholds rise
     dsc                ``DeepSparseCoding2d([1, 16, 32])``: two unrolled ISTA layers (non-negative codes, learned
-                       per-iteration lam relative to the input RMS, tied dictionaries renormalised to unit atoms after
-                       every step, 1/L tracked), i.e. layered sparse coding with a linear head; light l1 (0.03)
+                       per-iteration lam relative to the input RMS, untied encoders, dictionaries renormalised to unit
+                       atoms after every step, 1/L tracked), i.e. layered sparse coding with a linear head; light l1
+                       (0.03)
 
 ``sparsity`` in metrics.json is the mean fraction of exact zeros in the two hidden feature maps (the activations'
 outputs; for dsc the two layers' codes) over the test set; ``per_layer`` gives each.
@@ -38,7 +39,7 @@ BATCH_SIZE = 32
 LEARNING_RATE = 3e-3
 # ActivationL1 weights on the sum of the two hidden maps' mean |activation|: the l1 strategy's penalty, and the
 # lighter pressure under which learned thresholds (learned-threshold, dsc) rise instead of collapsing to zero.
-L1_WEIGHT = {"l1": 0.1, "learned-threshold": 0.03, "dsc": 0.03}
+L1_WEIGHT = {"l1": 0.3, "learned-threshold": 0.03, "dsc": 0.03}
 FEATURES = ("layer1", "layer2")
 HEADLINE = ("accuracy", "sparsity", "seconds")
 
@@ -54,7 +55,7 @@ class DigitsNet(nn.Module):
         c1, c2 = CHANNELS
         if strategy == "dsc":
             self.sparse_coding = DeepSparseCoding2d([1, c1, c2], 3, strides=[1, 2], n_iter=3, lams=0.1,
-                                                    learn_lam=True, backend=backend)
+                                                    learn_lam=True, untied=True, backend=backend)
         else:
             self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
             self.conv2 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
