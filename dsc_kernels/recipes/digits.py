@@ -8,7 +8,7 @@ the 512 features of layer 2 -> logits (B, 10).
     baseline           conv 3x3 -> ReLU -> conv 3x3 stride 2 -> ReLU -> linear
     l1                 the same, plus an activation-l1 penalty (weight 0.3) on both ReLU outputs (``ActivationL1``)
     learned-threshold  the same convs with one-sided ``SoftThreshold`` activations max(u - t, 0), a learned
-                       threshold t per channel (a ReLU with a learned bias), under an activation-l1 penalty (0.1) that
+                       threshold t per channel (a ReLU with a learned bias), under an activation-l1 penalty (0.2) that
                        makes the thresholds rise (the signed soft threshold with 0.03 kept only 11% zeros)
     dsc                ``DeepSparseCoding2d([1, 16, 32])``: two unrolled ISTA layers (non-negative codes, learned
                        per-iteration lam relative to the input RMS, untied encoders, dictionaries renormalised to unit
@@ -40,7 +40,7 @@ BATCH_SIZE = 32
 LEARNING_RATE = 3e-3
 # ActivationL1 weights on the sum of the two hidden maps' mean |activation|: the l1 strategy's penalty, and the
 # lighter pressure under which learned thresholds (learned-threshold, dsc) rise instead of collapsing to zero.
-L1_WEIGHT = {"l1": 0.3, "learned-threshold": 0.1, "dsc": 0.03}
+L1_WEIGHT = {"l1": 0.3, "learned-threshold": 0.2, "dsc": 0.03}
 FEATURES = ("layer1", "layer2")
 HEADLINE = ("accuracy", "sparsity", "seconds")
 
