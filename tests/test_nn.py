@@ -221,7 +221,7 @@ def test_learned_values_are_projected_after_optimizer_steps_never_clamped_in_for
         p.grad = torch.ones_like(p)  # a step that drives every value far below zero
     optimizer.step()
     assert float(layer.lam.detach().min()) == 0.0 and float(act.threshold.detach().min()) == 0.0
-    assert float(layer.step.min()) > 0
+    assert float(layer.step.detach().min()) > 0
     layer(torch.randn(1, 1, 6, 6))  # valid values: runs
     with torch.no_grad():
         layer.lam[0, 0] = -1.0  # set by hand: rejected, not clamped
