@@ -14,6 +14,7 @@ from .deep import layer_propagation, stability
 from .exactness import backend_agreement
 from .ista import lasso_bias, objective_rates
 from .lista import error_vs_depth, linear_convergence, noise_floor
+from .transformer import transformer_blocks
 
 EXPERIMENTS = {
     "backend_agreement": backend_agreement,
@@ -26,9 +27,10 @@ EXPERIMENTS = {
     "activation_floors": activation_floors,
     "lasso_bias": lasso_bias,
     "objective_rates": objective_rates,
+    "transformer_blocks": transformer_blocks,
 }
 
 __all__ = [
     "EXPERIMENTS", "ClaimResult", "activation_floors", "backend_agreement", "error_vs_depth", "lasso_bias", "layer_propagation",
-    "linear_convergence", "noise_floor", "objective_rates", "stability",
+    "linear_convergence", "noise_floor", "objective_rates", "stability", "transformer_blocks",
 ]

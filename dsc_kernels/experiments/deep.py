@@ -25,7 +25,7 @@ def _layer(y: torch.Tensor, d: ConvDictionary, truth: torch.Tensor, clean: torch
            backend: str):
     """LISTA-CP with oracle thresholds on one layer; `y − clean` is the noise this layer sees."""
     eta = noise_eta(d, y - clean) + resolution(y.dtype, float(y.abs().max()))
-    return lista_cp(y, d, truth, n_iter, lambda k, e1: theory.oracle_threshold(e1, d.mu, eta), backend=backend)
+    return lista_cp(y, d, truth, n_iter, lambda k, err: theory.oracle_threshold(err.l1, d.mu, eta), backend=backend)
 
 
 def _cascade(p, s2: int, n_iter: int, backend: str, device: str):

@@ -31,10 +31,10 @@ def _setup(ndim: int, quick: bool, sparsity: int, noise_std: float, device: str,
 def _schedule(kind: str, mu: float, s: int, B: float, q: float, eta: float):
     C = theory.lista_cp_noise_gain(s, q)
     if kind == "oracle":
-        return lambda k, err_l1: theory.oracle_threshold(err_l1, mu, eta)
+        return lambda k, err: theory.oracle_threshold(err.l1, mu, eta)
     if kind == "geometric":
         sched = theory.geometric_thresholds(mu * s * B, q, 10_000, floor=mu * C * eta + eta)
-        return lambda k, err_l1: float(sched[k])
+        return lambda k, err: float(sched[k])
     raise ValueError(f"schedule must be 'oracle' or 'geometric', got {kind!r}")
 
 
