@@ -9,6 +9,7 @@ layer, as THEORY.md reconstructs it. Functions say which tag ([L] literature, [R
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Callable
@@ -22,6 +23,9 @@ from .reference.conv import as_tuple
 __all__ = [
     "mutual_coherence",
     "uniqueness_bound",
+    "dictionary_matrix",
+    "spark",
+    "sparse_collision",
     "stability_bound",
     "lista_cp_rate",
     "lista_cp_noise_gain",
@@ -147,6 +151,92 @@ def uniqueness_bound(mu: float) -> float:
     Donoho–Elad 2003 via spark(D) >= 1 + 1/mu [L]; per layer of a DSC model as in ML-CSC Thm 4 (global l0) [R].
     """
     return math.inf if mu <= 0 else 0.5 * (1.0 + 1.0 / mu)
+
+
+def dictionary_matrix(
+    weight: torch.Tensor,
+    signal_size: int | Sequence[int],
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+) -> torch.Tensor:
+    """The explicit matrix of a convolutional dictionary: (prod(signal_size) * C_sig, n_atoms) float64, one column
+    per code entry (channel-major, then positions in row-major order), each the synthesis of a unit code.
+
+    Only for small sizes (it forms every atom); mutual_coherence never does.
+    """
+    nd = weight.dim() - 2
+    size = as_tuple(signal_size, nd, "signal_size")
+    st, pd = as_tuple(stride, nd, "stride"), as_tuple(padding, nd, "padding")
+    code = tuple((n + 2 * p - k) // s + 1 for n, p, k, s in zip(size, pd, weight.shape[2:], st))
+    if min(code) < 1:
+        raise ValueError(f"signal_size {size} is smaller than the filter {tuple(weight.shape[2:])}")
+    op = tuple(n + 2 * p - k - (c - 1) * s for n, p, k, c, s in zip(size, pd, weight.shape[2:], code, st))
+    n_atoms = weight.shape[0] * math.prod(code)
+    units = torch.eye(n_atoms, dtype=torch.float64).reshape(n_atoms, weight.shape[0], *code)
+    conv_t = F.conv_transpose1d if nd == 1 else F.conv_transpose2d
+    atoms = conv_t(units, weight.detach().to(torch.float64), stride=st, padding=pd, output_padding=op)
+    return atoms.reshape(n_atoms, -1).T
+
+
+def spark(matrix: torch.Tensor, *, max_size: int | None = None, tol: float = 1e-9,
+          max_subsets: int = 2_000_000) -> tuple[float, torch.Tensor | None]:
+    """spark(D), the smallest number of linearly dependent columns, by enumerating column subsets of growing size.
+
+    matrix: (n, A). Returns (spark, v): v (A,) a null vector of D on exactly `spark` columns, or (inf, None) when
+    every subset up to `max_size` (default: all sizes) is independent — then spark > max_size. A subset counts as
+    dependent when its smallest singular value is below tol times D's largest. Brute force (Donoho–Elad 2003's
+    definition [L]): the cost is the number of subsets, so only small dictionaries; more than `max_subsets`
+    subsets in all raises ValueError before any is tried.
+    """
+    if matrix.dim() != 2:
+        raise ValueError(f"matrix must be (n, A), got shape {tuple(matrix.shape)}")
+    d = matrix.detach().to(torch.float64).cpu().numpy()
+    n_rows, n_atoms = d.shape
+    limit = n_atoms if max_size is None else min(int(max_size), n_atoms)
+    total = sum(math.comb(n_atoms, r) for r in range(1, min(limit, n_rows) + 1))
+    if total > max_subsets:
+        raise ValueError(f"{total} column subsets of {n_atoms} columns up to size {limit}: too many to enumerate "
+                         f"(max_subsets = {max_subsets})")
+    floor = tol * float(np.linalg.norm(d, 2)) if d.size else 0.0
+    for r in range(1, limit + 1):
+        if r > n_rows:  # more columns than rows: every subset is dependent
+            subset = np.arange(r)
+        else:
+            subset = None
+            combos = itertools.combinations(range(n_atoms), r)
+            while subset is None:
+                chunk = np.array(list(itertools.islice(combos, 50_000)), dtype=np.int64).reshape(-1, r)
+                if not len(chunk):
+                    break
+                smallest = np.linalg.svd(d[:, chunk].transpose(1, 0, 2), compute_uv=False)[:, -1]
+                hits = np.flatnonzero(smallest <= floor)
+                if hits.size:
+                    subset = chunk[hits[0]]
+            if subset is None:
+                continue
+        null = np.linalg.svd(d[:, subset], full_matrices=True)[2][-1]
+        v = torch.zeros(n_atoms, dtype=torch.float64)
+        v[torch.from_numpy(subset)] = torch.from_numpy(null)
+        return float(r), v
+    return math.inf, None
+
+
+def sparse_collision(matrix: torch.Tensor, s: int, *, tol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two distinct codes with at most s non-zeros each and the same synthesis D z1 = D z2, or None if none exists.
+
+    matrix: (n, A). A pair exists exactly when some 2s columns are dependent (spark(D) <= 2s): split a null vector
+    on spark(D) columns into two halves of at most s entries, z1 = v on one and z2 = -v on the other.
+    """
+    found, v = spark(matrix, max_size=2 * s, tol=tol)
+    if v is None:
+        return None
+    support = torch.nonzero(v).flatten()
+    half = (support.numel() + 1) // 2
+    z1, z2 = torch.zeros_like(v), torch.zeros_like(v)
+    z1[support[:half]] = v[support[:half]]
+    z2[support[half:]] = -v[support[half:]]
+    return z1, z2
 
 
 def stability_bound(eps: float, sparsities: Sequence[int], mus: Sequence[float]) -> list[float]:

@@ -15,8 +15,10 @@ from .exactness import backend_agreement
 from .ista import lasso_bias, objective_rates
 from .lista import error_vs_depth, linear_convergence, noise_floor
 from .transformer import transformer_blocks
+from .uniqueness import uniqueness
 
 EXPERIMENTS = {
+    "uniqueness": uniqueness,
     "backend_agreement": backend_agreement,
     "linear_convergence_oracle": partial(linear_convergence, schedule="oracle"),
     "linear_convergence_geometric": partial(linear_convergence, schedule="geometric"),
@@ -33,4 +35,5 @@ EXPERIMENTS = {
 __all__ = [
     "EXPERIMENTS", "ClaimResult", "activation_floors", "backend_agreement", "error_vs_depth", "lasso_bias", "layer_propagation",
     "linear_convergence", "noise_floor", "objective_rates", "stability", "transformer_blocks",
+    "uniqueness",
 ]
