@@ -31,6 +31,10 @@ __all__ = [
     "lista_cp_noise_gain",
     "lista_cp_error_bound",
     "deep_error_bound",
+    "stripe_sparsity",
+    "stripe_rate",
+    "stripe_error_bound",
+    "stripe_threshold",
     "oracle_threshold",
     "geometric_thresholds",
     "ista_objective_bound",
@@ -298,6 +302,46 @@ def deep_error_bound(k, sparsities: Sequence[int], amplitudes: Sequence[float], 
         own = sparsities[j] * amplitudes[j] * np.power(qs[j], k) + lista_cp_noise_gain(sparsities[j], qs[j]) * etas[j]
         total = total + gain * own
     return float(total) if total.ndim == 0 else total
+
+
+def stripe_sparsity(code: torch.Tensor, kernel_size: int | Sequence[int], stride: int | Sequence[int] = 1) -> int:
+    """||Gamma||_{0,inf}^s: the most non-zeros of one sample (all channels together) in a stripe, the code positions
+    whose atoms can overlap a given atom: per axis a window of 2*floor((k-1)/s) + 1 positions.
+
+    code: (B, C, *S) for a dictionary with filter `kernel_size` and `stride`; returns the max over the batch.
+    The local sparsity measure of ML-CSC (Papyan–Romano–Elad 2017) [L]; global ||Gamma||_0 bounds it.
+    """
+    nd = code.dim() - 2
+    ks, st = as_tuple(kernel_size, nd, "kernel_size"), as_tuple(stride, nd, "stride")
+    window = tuple(2 * ((k - 1) // s) + 1 for k, s in zip(ks, st))
+    nz = (code != 0).to(torch.float64).sum(1, keepdim=True)
+    pool = F.avg_pool1d if nd == 1 else F.avg_pool2d
+    counts = pool(nz, window, stride=1, padding=tuple(w // 2 for w in window), count_include_pad=True)
+    return int(round(float(counts.max()) * math.prod(window))) if counts.numel() else 0
+
+
+def stripe_rate(s_stripe: int, mu: float) -> float:
+    """q = (2 s_st - 1) mu: the LISTA-CP rate with the stripe sparsity in place of the global one [R].
+
+    Why: the pre-activation error of atom i is a sum over the atoms that overlap it, at most s_st - 1 of them on
+    the support besides i itself, so the l_inf recursion of Chen et al. 2018's proof localises (docs/theory.md §4.3).
+    """
+    return (2 * s_stripe - 1) * mu
+
+
+def stripe_threshold(err_linf: float, s_stripe: int, mu: float, eta: float) -> float:
+    """theta_k = mu s_st ||Gamma^k - Gamma*||_inf + eta: no atom off the support survives, since its pre-activation is
+    at most mu s_st ||e^k||_inf + eta (the stripe version of oracle_threshold) [R]."""
+    return mu * s_stripe * err_linf + eta
+
+
+def stripe_error_bound(k, s_stripe: int, B: float, mu: float, eta: float):
+    """||Gamma^k - Gamma*||_inf <= B q^k + 2 eta (1 - q^k)/(1 - q), q = (2 s_st - 1) mu, from
+    M_{k+1} <= q M_k + 2 eta, M_0 = ||Gamma*||_inf <= B, under stripe_threshold [R]. `k` int or array."""
+    q = stripe_rate(s_stripe, mu)
+    k = np.asarray(k, dtype=np.float64)
+    out = B * np.power(q, k) + (2.0 * eta * (1 - np.power(q, k)) / (1 - q) if q < 1 else np.inf)
+    return float(out) if out.ndim == 0 else out
 
 
 def oracle_threshold(err_l1: float, mu: float, eta: float) -> float:

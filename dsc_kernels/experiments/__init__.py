@@ -14,6 +14,7 @@ from .deep import layer_propagation, stability
 from .exactness import backend_agreement
 from .ista import lasso_bias, objective_rates
 from .lista import error_vs_depth, linear_convergence, noise_floor
+from .three_layer import three_layer
 from .transformer import transformer_blocks
 from .uniqueness import uniqueness
 
@@ -25,6 +26,7 @@ EXPERIMENTS = {
     "noise_floor": noise_floor,
     "error_vs_depth": error_vs_depth,
     "layer_propagation": layer_propagation,
+    "three_layer": three_layer,
     "stability": stability,
     "activation_floors": activation_floors,
     "lasso_bias": lasso_bias,
@@ -34,6 +36,6 @@ EXPERIMENTS = {
 
 __all__ = [
     "EXPERIMENTS", "ClaimResult", "activation_floors", "backend_agreement", "error_vs_depth", "lasso_bias", "layer_propagation",
-    "linear_convergence", "noise_floor", "objective_rates", "stability", "transformer_blocks",
+    "linear_convergence", "noise_floor", "objective_rates", "stability", "three_layer", "transformer_blocks",
     "uniqueness",
 ]
