@@ -40,6 +40,7 @@ __all__ = [
     "ista_objective_bound",
     "fista_objective_bound",
     "activation_sup_distance",
+    "activation_worst_input",
     "smooth_relu",
 ]
 
@@ -385,19 +386,32 @@ def smooth_relu(name: str, beta: float) -> Callable[[torch.Tensor], torch.Tensor
     raise ValueError(f"activation must be 'softplus', 'silu' or 'gelu', got {name!r}")
 
 
-# sup_z |sigma_1(z) - ReLU(z)|: log 2 at z = 0 for softplus; for SiLU/GELU the largest dip below zero, at the
-# stationary point of z*sigmoid(z) resp. z*Phi(z) (about -1.278 and -0.752). tests/test_theory.py recomputes them.
-_SUP_GAP = {"softplus": math.log(2.0), "silu": 0.27846454276107, "gelu": 0.16997120892461}
+# sup_z |sigma_1(z) - ReLU(z)| and where it is reached: log 2 at z = 0 for softplus; for SiLU/GELU the deepest dip
+# below zero, at the stationary point of z*sigmoid(z) resp. z*Phi(z). tests/test_theory.py recomputes both.
+_SUP_GAP = {"softplus": math.log(2.0), "silu": 0.278464542761074, "gelu": 0.169971207479904}
+_SUP_AT = {"softplus": 0.0, "silu": -1.278464542761074, "gelu": -0.751791524693565}
+
+
+def _check_activation(name: str, beta: float) -> None:
+    if name not in _SUP_GAP:
+        raise ValueError(f"activation must be one of {sorted(_SUP_GAP)}, got {name!r}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
 
 
 def activation_sup_distance(name: str, beta: float) -> float:
     """sup_z |sigma_beta(z) - ReLU(z)| = c / beta (softplus log 2, SiLU 0.2785, GELU 0.1700).
 
     The approximation floor of the smooth-activation extension: the seed paper claims rates for "diverse activation
-    functions" [P]; the floor ∝ 1/beta mechanism is THEORY.md §5.1(b) [R] and the constants are computed [C].
+    functions" [P]; the floor ∝ 1/beta mechanism is docs/theory.md §5.1 [R] and the constants are computed [C].
     """
-    if name not in _SUP_GAP:
-        raise ValueError(f"activation must be one of {sorted(_SUP_GAP)}, got {name!r}")
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    _check_activation(name, beta)
     return _SUP_GAP[name] / float(beta)
+
+
+def activation_worst_input(name: str, beta: float) -> float:
+    """The pre-activation z where |sigma_beta(z) - ReLU(z)| is largest: z_1 / beta (softplus 0, SiLU -1.2785,
+    GELU -0.7518) [C]. A unit held there costs the full c / beta; a unit at distance m from the kink only
+    sup_{|z| >= m} |sigma_beta - ReLU|, which falls exponentially in beta m."""
+    _check_activation(name, beta)
+    return _SUP_AT[name] / float(beta)
