@@ -16,7 +16,7 @@ from .ista import lasso_bias, objective_rates
 from .lista import error_vs_depth, linear_convergence, noise_floor
 from .three_layer import three_layer
 from .transformer import transformer_blocks
-from .uniqueness import uniqueness
+from .enumeration import uniqueness
 
 EXPERIMENTS = {
     "uniqueness": uniqueness,

@@ -1,4 +1,4 @@
-"""S1: uniqueness of sparse representations over small convolutional dictionaries, checked by enumeration.
+"""S1: uniqueness of sparse representations over small convolutional dictionaries, checked by enumerating supports.
 
 Donoho–Elad 2003 [L]: two distinct representations D z1 = D z2 with ||z1||_0, ||z2||_0 <= s exist exactly when some
 2s atoms are linearly dependent, i.e. when spark(D) <= 2s; and spark(D) >= 1 + 1/mu(D), so s < (1 + 1/mu)/2
