@@ -163,7 +163,7 @@ def test_stripe_sparsity_counts_overlapping_atoms():
     assert theory.stripe_sparsity(z, 5, stride=2) == 2  # windows of 2*floor(4/2)+1 = 5 positions: {4, 5}
     assert theory.stripe_sparsity(z, 2) == 2  # windows of 3: {4, 5}
     z2 = torch.zeros(1, 1, 9, 9)
-    z2[0, 0, 1, 1] = z2[0, 0, 2, 3] = z2[0, 0, 7, 7] = 1.0
+    z2[0, 0, 1, 1] = z2[0, 0, 2, 4] = z2[0, 0, 7, 7] = 1.0  # every code position centres a stripe
     assert theory.stripe_sparsity(z2, (3, 3)) == 2 and theory.stripe_sparsity(z2, (2, 2)) == 1
 
 
