@@ -1,6 +1,7 @@
 """One benchmark per convergence experiment (the claims of docs/theory.md §7): asserts each claim and records the
-measured value next to the theoretical one in benchmark.extra_info. Runs the experiments at full size (DSC_BENCH_QUICK=1 for the quick ones)
-through functional.conv_ista with backend DSC_BENCH_BACKEND (default auto) on the suite's device.
+measured value next to the theoretical one in benchmark.extra_info. Runs the experiments at full size
+(DSC_BENCH_QUICK=1 for the quick ones) through functional.conv_ista with backend DSC_BENCH_BACKEND (default auto)
+on the suite's device.
 """
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import record
+
 from dsc_kernels import experiments as E
 
 QUICK = os.environ.get("DSC_BENCH_QUICK") == "1"

@@ -1,11 +1,12 @@
 """Bounds and rates of sparse-coding theory for (convolutional) deep sparse coding.
 
-Provenance (see THEORY.md beside DESIGN.md): the seed paper, Li–Feng–Zhou, "Convergence Analysis for Deep Sparse
+Provenance (docs/theory.md): the seed paper, Li–Feng–Zhou, "Convergence Analysis for Deep Sparse
 Coding via Convolutional Neural Networks" (arXiv 2408.05540), states that uniqueness, stability and convergence-rate
 results exist; its exact constants were not available. Every constant below is therefore a *standard result* it
 builds on — Donoho–Elad 2003 (coherence, uniqueness, stability), Papyan–Romano–Elad 2017 (ML-CSC, product over
 layers), Chen–Liu–Wang–Yin 2018 (LISTA-CP linear rate), Beck–Teboulle 2009 (ISTA/FISTA rates) — applied layer by
-layer, as THEORY.md reconstructs it. Functions say which tag ([L] literature, [R] reconstruction, [C] computed) applies.
+layer, as docs/theory.md reconstructs it. Functions say which tag ([L] literature, [R] reconstruction, [C] computed)
+applies.
 """
 from __future__ import annotations
 
@@ -48,13 +49,16 @@ __all__ = [
 def _windows(n_sig: int, k: int, s: int, p: int) -> list[tuple[int, int]]:
     """Filter taps [lo, hi) each code position's atom keeps inside a signal of length n_sig.
 
-    Synthesis is conv_transpose, so code position i puts tap j at signal index i*s - p + j (DESIGN §2).
+    Synthesis is conv_transpose, so code position i puts tap j at signal index i*s - p + j (docs/design.md §2).
     """
     n_code = (n_sig + 2 * p - k) // s + 1
     return [(max(0, p - i * s), min(k, n_sig + p - i * s)) for i in range(n_code)]
 
 
-def _pair_classes(wins: list[tuple[int, int]], k: int, s: int) -> dict[int, list[tuple[tuple[int, int], tuple[int, int]]]]:
+Window = tuple[int, int]
+
+
+def _pair_classes(wins: list[Window], k: int, s: int) -> dict[int, list[tuple[Window, Window]]]:
     """Distinct (window of atom i, window of atom i+d) for every code offset d whose atoms can overlap.
 
     Interior atoms all share the full window, so each offset contributes O(k/s) classes however long the signal is.
@@ -82,9 +86,9 @@ def mutual_coherence(
     """Exact mutual coherence mu(D) of the convolutional dictionary D defined by `weight` at a signal size.
 
     weight: (C_code, C_sig, k) or (C_code, C_sig, kh, kw); D z = conv_transpose(z, weight, stride, padding) cropped
-    to `signal_size` (DESIGN §2). Every atom — border atoms truncated by the padding included — is normalised, and
-    mu = max over distinct atoms of |<d_a, d_b>| / (|d_a| |d_b|). Atoms that are entirely zero have no direction
-    and are skipped.
+    to `signal_size` (docs/design.md §2). Every atom — border atoms truncated by the padding included — is
+    normalised, and mu = max over distinct atoms of |<d_a, d_b>| / (|d_a| |d_b|). Atoms that are entirely zero have no
+    direction and are skipped.
 
     How: two atoms interact only through their code offset (dh, dw) and the taps each keeps at the border (its
     truncation class), so the inner products are the filters' channel-summed cross-correlations restricted to
@@ -94,7 +98,8 @@ def mutual_coherence(
     Definition: Donoho–Elad 2003 [L]; its use per layer of a convolutional DSC model: Papyan–Romano–Elad 2017 [L].
     """
     if weight.dim() not in (3, 4):
-        raise ValueError(f"weight must be (C_code, C_sig, k) or (C_code, C_sig, kh, kw), got shape {tuple(weight.shape)}")
+        raise ValueError(f"weight must be (C_code, C_sig, k) or (C_code, C_sig, kh, kw), "
+                         f"got shape {tuple(weight.shape)}")
     nd = weight.dim() - 2
     size = as_tuple(signal_size, nd, "signal_size")
     strides = as_tuple(stride, nd, "stride")
@@ -247,9 +252,9 @@ def sparse_collision(matrix: torch.Tensor, s: int, *, tol: float = 1e-9) -> tupl
 def stability_bound(eps: float, sparsities: Sequence[int], mus: Sequence[float]) -> list[float]:
     """Per-layer bounds on ||Gamma_j - hat Gamma_j||_2 for any s_j-sparse estimate feasible for noise ||e|| <= eps.
 
-    ||Gamma_j - hat Gamma_j||^2 <= 4^j eps^2 prod_{i<=j} 1/(1 - (2 s_i - 1) mu_i) (THEORY.md (⋆)). The per-layer
-    factor is Donoho–Elad 2003's l0 stability [L]; the product over layers is the ML-CSC form (Papyan–Romano–Elad
-    2017, Thm 5) with global l0 [R]; the seed paper's own constants are unknown. A layer violating
+    ||Gamma_j - hat Gamma_j||^2 <= 4^j eps^2 prod_{i<=j} 1/(1 - (2 s_i - 1) mu_i) (docs/theory.md §2.2 (⋆)). The
+    per-layer factor is Donoho–Elad 2003's l0 stability [L]; the product over layers is the ML-CSC form
+    (Papyan–Romano–Elad 2017, Thm 5) with global l0 [R]; the seed paper's own constants are unknown. A layer violating
     (2 s - 1) mu < 1 gives inf from there on.
     """
     if len(sparsities) != len(mus):
@@ -280,7 +285,7 @@ def lista_cp_error_bound(k, s: int, B: float, q: float, C: float, sigma: float):
     """Bound s B q^k + C sigma on ||Gamma^k - Gamma*||_2 (and _1) after k iterations from Gamma^0 = 0.
 
     From the l1 recursion ||e^{k+1}||_1 <= q ||e^k||_1 + 2 s eta of Chen et al. 2018 (Thm 2) [L]; applied per layer
-    of a DSC model it is THEORY.md §4.2 [R]. `k` may be an int or an array of iteration counts.
+    of a DSC model it is docs/theory.md §4.2 [R]. `k` may be an int or an array of iteration counts.
     """
     k = np.asarray(k, dtype=np.float64)
     out = s * B * np.power(q, k) + C * sigma
@@ -290,7 +295,7 @@ def lista_cp_error_bound(k, s: int, B: float, q: float, C: float, sigma: float):
 def deep_error_bound(k, sparsities: Sequence[int], amplitudes: Sequence[float], qs: Sequence[float],
                      etas: Sequence[float] | None = None):
     """Layer-wise pursuit, k iterations per layer: ||hat Gamma_J - Gamma_J||_1 <= sum_j (prod_{i>j} Cbar_i)
-    (s_j B_j q_j^k + Cbar_j eta_j), Cbar_i = 2 s_i / (1 - q_i) (THEORY.md (†)) [R], each layer's step from
+    (s_j B_j q_j^k + Cbar_j eta_j), Cbar_i = 2 s_i / (1 - q_i) (docs/theory.md §4.2 (†)) [R], each layer's step from
     Chen et al. 2018 [L]. eta_j: the noise layer j sees besides layer j-1's error (default 0).
 
     Layer j's error enters layer j+1 as noise with eta <= ||error||_1 (unit-norm atoms). `k` int or array.
@@ -357,7 +362,7 @@ def geometric_thresholds(theta0: float, q: float, n_iter: int, floor: float = 0.
     """theta_k = theta0 q^k + floor for k = 0..n_iter-1: the data-independent schedule that dominates the oracle.
 
     With theta0 = mu s B and floor = mu C eta + eta it upper-bounds the oracle threshold at every k, so the
-    no-false-positive argument and the rate q carry over (THEORY.md §3.3, §4.2) [L/R]. Returns (n_iter,).
+    no-false-positive argument and the rate q carry over (docs/theory.md §4.1) [L/R]. Returns (n_iter,).
     """
     return theta0 * np.power(q, np.arange(n_iter, dtype=np.float64)) + floor
 

@@ -10,8 +10,8 @@ import dsc_kernels.functional as DF
 from dsc_kernels import experiments as E
 from dsc_kernels import theory
 from dsc_kernels.data import barker_filter, conv_dictionary
-from dsc_kernels.experiments import transformer as T
 from dsc_kernels.experiments import enumeration as U
+from dsc_kernels.experiments import transformer as T
 from dsc_kernels.experiments.activations import kink_problem
 
 

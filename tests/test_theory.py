@@ -10,7 +10,7 @@ from dsc_kernels import theory
 
 
 def explicit_dictionary(weight, signal_size, stride, padding):
-    """Columns = atoms: conv_transpose of every unit code, cropped to the signal size (DESIGN §2)."""
+    """Columns = atoms: conv_transpose of every unit code, cropped to the signal size (docs/design.md §2)."""
     nd = weight.dim() - 2
     size = (signal_size,) * nd if isinstance(signal_size, int) else tuple(signal_size)
     st = (stride,) * nd if isinstance(stride, int) else tuple(stride)

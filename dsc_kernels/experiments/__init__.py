@@ -1,4 +1,4 @@
-"""Convergence experiments: each checks one claim of THEORY.md §7 through functional.conv_ista and returns a
+"""Convergence experiments: each checks claims of docs/theory.md §7 through functional.conv_ista and returns a
 ClaimResult (claim, theoretical value, measured value, holds, curves for the plots).
 
 Every experiment takes (quick, backend, device, dtype); `quick` shrinks it to seconds. EXPERIMENTS lists them in
@@ -11,12 +11,12 @@ from functools import partial
 from .activations import activation_floors
 from .common import ClaimResult
 from .deep import layer_propagation, stability
+from .enumeration import uniqueness
 from .exactness import backend_agreement
 from .ista import lasso_bias, objective_rates
 from .lista import error_vs_depth, linear_convergence, noise_floor
 from .three_layer import three_layer
 from .transformer import transformer_blocks
-from .enumeration import uniqueness
 
 EXPERIMENTS = {
     "uniqueness": uniqueness,
@@ -35,7 +35,7 @@ EXPERIMENTS = {
 }
 
 __all__ = [
-    "EXPERIMENTS", "ClaimResult", "activation_floors", "backend_agreement", "error_vs_depth", "lasso_bias", "layer_propagation",
-    "linear_convergence", "noise_floor", "objective_rates", "stability", "three_layer", "transformer_blocks",
-    "uniqueness",
+    "EXPERIMENTS", "ClaimResult", "activation_floors", "backend_agreement", "error_vs_depth", "lasso_bias",
+    "layer_propagation", "linear_convergence", "noise_floor", "objective_rates", "stability", "three_layer",
+    "transformer_blocks", "uniqueness",
 ]

@@ -110,7 +110,9 @@ def lista_cp(
 
 
 def support_atoms(z: torch.Tensor, d: ConvDictionary, signal_size) -> tuple[torch.Tensor, torch.Tensor]:
-    """The atoms where one sample's code is non-zero. z: (C_code, *Sz) -> (flat indices (n,), atoms (prod S * C_sig, n))."""
+    """The atoms where one sample's code is non-zero.
+
+    z: (C_code, *Sz) -> (flat indices (n,), atoms (prod S * C_sig, n))."""
     idx = torch.nonzero(z.flatten()).flatten()
     units = torch.zeros(idx.numel(), z.numel(), dtype=z.dtype, device=z.device)
     units[torch.arange(idx.numel()), idx] = 1.0

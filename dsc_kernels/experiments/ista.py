@@ -2,7 +2,7 @@
 
 Rates: Beck–Teboulle 2009 (Thm 3.1, 4.4) [L]. The bias: on a recovered support with the right signs the LASSO
 solution is z_S = Gamma*_S − lam (D_S^T D_S)^{-1} sign(Gamma*_S) in the noiseless case (KKT) [L], so a constant
-threshold plateaus at that distance from the true code instead of converging to it (THEORY.md §7 S11).
+threshold plateaus at that distance from the true code instead of converging to it (docs/theory.md §4.5, claim S11).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def lasso_bias(*, quick: bool = False, backend: str = "auto", device: str = "cpu
     step = 1.0 / DF.lipschitz_constant(w, x.shape[2:])
     lams = [0.01, 0.03] if quick else [0.005, 0.01, 0.02, 0.04]
     n_iter = 300 if quick else 600
-    measured, predicted, curves = [], [], {}
+    measured, predicted = [], []
     for lam in lams:
         z = DF.conv_ista(x, w, lam, n_iter=n_iter, step=step, fista=True, backend=backend)
         if not torch.equal(z != 0, truth != 0):

@@ -7,10 +7,11 @@ local: the error at atom i is driven only by the atoms that overlap it, so the s
 gives, per layer, ||e^{k+1}||_inf <= q_j ||e^k||_inf + 2 eta_j with q_j = (2 s_st,j - 1) mu_j [R].
 
 Dictionaries (padding 0): layer 1 Barker-13 (mu 1/13); layer 2 the Golomb ruler {0, 1, 4, 10, 12, 17} dilated by
-13, which spreads its six taps (and their copies 40 apart) so that at most three share a Barker stripe, mu 1/6; layer 3 the pair {0, 40}, mu 1/2. Deepest
-atoms are far apart, so s_st = (3, 2, 1) and q = (5/13, 1/2, 1/2), while the global counts (12, 2, 1) per deep
-atom break layer 1's global condition. Pursuit is layer-wise (docs/theory.md §3.2): K LISTA-CP iterations per
-layer with the stripe oracle threshold, each layer's estimate the next one's input. Predicted, layer by layer:
+13, which spreads its six taps (and their copies 40 apart) so that at most three share a Barker stripe, mu 1/6;
+layer 3 the pair {0, 40}, mu 1/2. Deepest atoms are far apart, so s_st = (3, 2, 1) and q = (5/13, 1/2, 1/2),
+while the global counts (12, 2, 1) per deep atom break layer 1's global condition. Pursuit is layer-wise
+(docs/theory.md §3.2): K LISTA-CP iterations per layer with the stripe oracle threshold, each layer's estimate the
+next one's input. Predicted, layer by layer:
     M_1(K) <= B_1 q_1^K + 2 eta_0/(1 - q_1),    M_j(K) <= B_j q_j^K + 2 ||d_j||_1 M_{j-1}(K)/(1 - q_j)
 (||D_j^T e||_inf <= ||d_j||_1 ||e||_inf: Hölder with the atom's l1 norm, not the pairing of a weight bound with
 ||e||_1), so layer j decays at the slowest rate max_{i<=j} q_i.

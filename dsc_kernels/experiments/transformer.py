@@ -26,7 +26,7 @@ So block i computes LISTA-CP iteration i exactly when every head's attention is 
   theory with that eta in place of the noise term (thresholds theta_k = mu s B q^k + mu C eta + eta) gives
   err_k <= s B q^k + C eta(beta): the same decay down to a floor ∝ exp(-beta Delta) (S10b).
 The seed paper claims rates for "self-attention and transformer-based models" [P]; this construction is a
-reconstruction [R] (THEORY in docs/theory.md §5.2), the constants are LISTA-CP's [L].
+reconstruction [R] (docs/theory.md §5.2), the constants are LISTA-CP's [L].
 """
 from __future__ import annotations
 
@@ -282,7 +282,6 @@ def transformer_blocks(*, quick: bool = False, backend: str = "auto", device: st
 
     # (b) softmax at several beta: thresholds carry the attention error eta(beta) as LISTA-CP's noise term
     t1 = time.perf_counter()
-    eps_dtype = torch.finfo(dtype).eps
     beta_deltas = [6.0, 9.0, 12.0, 15.0, 18.0] if dtype == torch.float64 else [3.0, 4.5, 6.0, 7.5]
     if quick:
         beta_deltas = beta_deltas[:4]
