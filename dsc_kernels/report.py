@@ -308,11 +308,13 @@ def _load_extension(device: str) -> str:
 
 
 def _copy_readme_figures(out_dir: Path, figures: list[tuple[str, str]]) -> list[str]:
-    """Copy the figures the README shows (its docs/*.png links) from this run into the checkout's docs/."""
+    """Copy this run's figures into the checkout's docs/: those the README shows (its docs/*.png links) and those
+    docs/ already holds, so no published figure is left from an older run."""
     readme = ROOT / "README.md"
     if not readme.exists() or not (ROOT / "docs").is_dir():
         raise SystemExit("--readme-figures: run from a source checkout (README.md and docs/ beside the package)")
     shown = set(re.findall(r"\(docs/([\w.-]+\.png)\)", readme.read_text()))
+    shown |= {p.name for p in (ROOT / "docs").glob("*.png")}
     copied = [name for name, _ in figures if name in shown]
     for name in copied:
         shutil.copyfile(out_dir / name, ROOT / "docs" / name)

@@ -94,3 +94,18 @@ def test_quick_report(tmp_path: Path):
         png = tmp_path / name
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({name})" in report
+
+
+def test_readme_figures_are_copied_from_this_run(tmp_path: Path, monkeypatch):
+    root, out = tmp_path / "checkout", tmp_path / "run"
+    (root / "docs").mkdir(parents=True)
+    out.mkdir()
+    (root / "README.md").write_text("![speed](docs/speed.png)\n")
+    (root / "docs" / "attention.png").write_bytes(b"old")
+    for name in ("speed.png", "attention.png", "uniqueness.png"):
+        (out / name).write_bytes(b"new " + name.encode())
+    monkeypatch.setattr(R, "ROOT", root)
+    copied = R._copy_readme_figures(out, [(n, n) for n in ("speed.png", "attention.png", "uniqueness.png")])
+    assert sorted(copied) == ["attention.png", "speed.png"]  # shown in the README, or already published
+    assert (root / "docs" / "attention.png").read_bytes() == b"new attention.png"
+    assert not (root / "docs" / "uniqueness.png").exists()
