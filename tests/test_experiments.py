@@ -13,12 +13,14 @@ from dsc_kernels.data import barker_filter, conv_dictionary
 from dsc_kernels.experiments import enumeration as U
 from dsc_kernels.experiments import transformer as T
 from dsc_kernels.experiments.activations import kink_problem
+from dsc_kernels.experiments.common import threads
 
 
 @cache
 def quick(name: str) -> list[E.ClaimResult]:
     """Each quick experiment runs once per test session; several tests read its results."""
-    out = E.EXPERIMENTS[name](quick=True, backend="reference")
+    with threads(1):
+        out = E.EXPERIMENTS[name](quick=True, backend="reference")
     return out if isinstance(out, list) else [out]
 
 

@@ -1,6 +1,8 @@
 """What every convergence experiment shares: the result record, slope fits and the LISTA-CP iteration driver."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -24,6 +26,18 @@ class ClaimResult:
     curves: dict = field(default_factory=dict)
     note: str = ""
     seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to n inside the block, restored after. The experiments' problems are tiny
+    (a few thousand entries): on a shared machine two threads that wait for each other cost a hundredfold."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def fit_slope(x, y) -> float:
