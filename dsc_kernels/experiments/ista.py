@@ -71,9 +71,11 @@ def objective_rates(*, quick: bool = False, backend: str = "auto", device: str =
     """ISTA's F(z_k) − F* ≤ L‖z*‖²/(2k) and FISTA's ≤ 2L‖z*‖²/(k+1)² at every k; fitted log-log slopes ≤ −1, −2.
 
     A coherent problem (4 random 2-channel filters of size 9, 20 active codes, noise) keeps the gaps sublinear
-    long enough to fit. F* comes from a long FISTA run.
+    long enough to fit. F* comes from a long FISTA run. Always float64 (`dtype` is ignored): FISTA's gap leaves
+    float32's range within a few dozen iterations, before a tail slope can be fitted.
     """
     t0 = time.perf_counter()
+    dtype = torch.float64
     w_cpu = random_filters(4, 2, 9, seed=3, dtype=dtype)
     d = conv_dictionary(w_cpu, 40 if quick else 80)
     p = dsc_problem([d], 20, batch=4, noise_std=0.05, min_separation=1, seed=9)
