@@ -10,11 +10,11 @@ import torch
 
 import dsc_kernels.functional as DF
 from dsc_kernels import _ext
-from dsc_kernels.ops import get_backend
+from dsc_kernels.ops import op_pair
 from dsc_kernels.reference.conv_ista import conv_ista_bwd_ref, conv_ista_fwd_ref, conv_ista_ref
 
 ops = _ext.load()
-get_backend("cpp")
+op_pair("conv_ista", "cpp")
 
 STRATEGIES = ("direct", "gemm")
 

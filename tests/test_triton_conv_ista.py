@@ -84,7 +84,7 @@ def _run(p, dtype, backend, recompute=False):
     """z and the gradients of <z, G> for every tensor input."""
     leaves = {k: p[k].detach().to(dtype).requires_grad_() for k in GRAD_NAMES if p[k] is not None}
     opts = dict(stride=p["stride"], padding=p["padding"], nonneg=p["nonneg"], fista=p["fista"])
-    if backend == "ref":
+    if backend == "reference":
         z = conv_ista_ref(leaves["x"], leaves["weight"], leaves["lam"], leaves["step"],
                           encoder_weight=leaves.get("encoder_weight"), z0=leaves.get("z0"), **opts)
     else:
@@ -97,7 +97,7 @@ def _run(p, dtype, backend, recompute=False):
 
 
 def _compare(p, dtype=torch.float32, recompute=False, rtol=2e-4, atol=2e-5):
-    z_ref, g_ref = _run(p, torch.float64, "ref")
+    z_ref, g_ref = _run(p, torch.float64, "reference")
     z, grads = _run(p, dtype, "triton", recompute)
     assert z.dtype == dtype and z.shape == z_ref.shape
     assert torch.equal(z != 0, z_ref != 0), "support differs"
@@ -189,8 +189,8 @@ OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 
 def _opcheck(save, fista, nonneg, utils):
-    from dsc_kernels.ops.conv_ista import get_backend
-    ops = get_backend("triton")
+    from dsc_kernels.ops import op_pair
+    ops = op_pair("conv_ista", "triton")
     dev = "cuda" if ON_GPU else "cpu"
     p = _problem(rank=2, size=(6, 7), stride=(2, 1), untied=True, z0=True, fista=fista, nonneg=nonneg,
                  device=dev, kink_free=False)

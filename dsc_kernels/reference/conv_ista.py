@@ -1,6 +1,6 @@
 """Convolutional ISTA / FISTA in pure PyTorch: the oracle, the CPU fallback and the benchmark baseline.
 
-Forward recurrence (DESIGN.md §2), k = 0 .. n_iter-1, with E = conv(., encoder_weight) (E = D^T when tied):
+Forward recurrence (docs/design.md §2), k = 0 .. n_iter-1, with E = conv(., encoder_weight) (E = D^T when tied):
 
     y_k     = z_k + beta_k (z_k - z_{k-1})            (FISTA; beta_k = (t_{k-1} - 1) / t_k, beta_0 = 0; ISTA: y_k = z_k)
     u_k     = y_k + step_k * E(x - D y_k)
@@ -11,7 +11,7 @@ Two implementations live here:
 * ``conv_ista_ref`` differentiates through eager PyTorch (autograd saves about five tensors per iteration). It is
   the oracle every backend is compared with, and the "eager" baseline of the benchmarks.
 * ``conv_ista_fwd_ref`` / ``conv_ista_bwd_ref`` run the same forward and the hand-written VJP on the canonical
-  tensors of the fused-op interface (notes/CONTRACT.md). The backward needs only the code iterates z_0..z_n, which
+  tensors of the fused-op interface (docs/design.md §7.1). The backward needs only the code iterates z_0..z_n, which
   it restores from checkpoints (``checkpoint_indices``) or replays from z0: the active set of iteration k is
   ``z_{k+1} != 0``, and the residual is recomputed. It is the executable spec of what the fused kernels compute,
   registered as the op ``conv_ista_*_ref``.
@@ -203,15 +203,3 @@ def conv_ista_bwd_ref(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
                 g_carry = torch.zeros_like(z0)
         grad_z0 = g_next if z0_given else z0.new_empty(0)
     return grad_x, grad_w, grad_we, grad_lam, grad_step, grad_z0
-
-
-def deep_conv_ista_ref(x: torch.Tensor, weights: Sequence[torch.Tensor], lams: Sequence[torch.Tensor],
-                       steps: Sequence[torch.Tensor], strides: Sequence[int | Sequence[int]],
-                       paddings: Sequence[int | Sequence[int]], nonneg: bool = False) -> list[torch.Tensor]:
-    """Layered pursuit: G_1 = ISTA(x; D_1), G_j = ISTA(G_{j-1}; D_j). Returns [G_1, ..., G_J]."""
-    codes = []
-    signal = x
-    for weight, lam, step, stride, padding in zip(weights, lams, steps, strides, paddings):
-        signal = conv_ista_ref(signal, weight, lam, step, stride=stride, padding=padding, nonneg=nonneg)
-        codes.append(signal)
-    return codes

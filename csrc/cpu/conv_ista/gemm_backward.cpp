@@ -142,9 +142,11 @@ struct GemmBackward {
           solver.iterate(k, x, zs[k - s + 1], zs[k - s], znext, t.residuals + (k - s) * scs, t.ybuf, items);
           zs[k - s + 2] = stored ? stored : znext;
         }
-        if (e == n) activate(t, n - 1, zs[e - s + 1], items);  // later iterations' steps activate the others  // later iterations' steps activate the others
-        for (int64_t k = e - 1; k >= s; --k)
-          step(t, k, zs[k - s + 1], zs[k - s], t.residuals + (k - s) * scs, gx, items, k > 0 ? zs[k - s + 1] : nullptr);
+        if (e == n) activate(t, n - 1, zs[e - s + 1], items);  // later iterations' steps activate the others
+        for (int64_t k = e - 1; k >= s; --k) {
+          const T* zk = zs[k - s + 1];
+          step(t, k, zk, zs[k - s], t.residuals + (k - s) * scs, gx, items, k > 0 ? zk : nullptr);
+        }
       }
     } else {
       // Recompute mode: replay z_0..z_k for every k. The active set of iteration k-1 is applied to dL/dz_k while z_k

@@ -1,5 +1,6 @@
 // The cpp backend's conv-ISTA ops, dsc_kernels::conv_ista_fwd_cpp and dsc_kernels::conv_ista_bwd_cpp (schemas in
-// notes/CONTRACT.md): input checks, empty problems, and the hand-over to the strategy strategy.cpp picks for the shape.
+// docs/design.md §7.1): input checks, empty problems, and the hand-over to the strategy strategy.cpp picks for the
+// shape.
 //
 // Forward: z_{k+1} = S_{step_k lam_k}(y_k + step_k E(x - D y_k)), y_k = z_k + beta_k (z_k - z_{k-1}), k < n; returns
 // (z_n, saved) with saved the checkpoints of interval m = `checkpoint` (problem.h), or empty for m = 0.

@@ -1,7 +1,7 @@
 // What every conv-ISTA strategy shares: the checked geometry of a problem, its per-iteration constants, and where the
 // forward keeps the iterates the backward needs (the elementwise pieces of an iteration are in elementwise.h).
 //
-// Canonical tensors (notes/CONTRACT.md): x (B, Cs, H, W); weight W_D and encoder_weight W_E (Cc, Cs, KH, KW);
+// Canonical tensors (docs/design.md §7.1): x (B, Cs, H, W); weight W_D and encoder_weight W_E (Cc, Cs, KH, KW);
 // lam (n, Cc); step (n,); z0 (B, Cc, Hz, Wz) or empty (zeros). Hz = (H + 2 PH - KH) / SH + 1 (Wz likewise).
 // Iteration k = 0 .. n-1 (FISTA: beta_k = (t_{k-1} - 1) / t_k, beta_0 = 0; ISTA: beta_k = 0):
 //     y_k     = z_k + beta_k (z_k - z_{k-1})
