@@ -20,6 +20,7 @@ from . import _validate as check
 from . import ops
 from . import reference as ref
 from .ops import conv_ista as conv_ista_ops
+from .ops import cpu_cost
 from .ops import sparse_attention as sparse_attention_ops
 from .reference.attention import sparsemax_ref
 
@@ -210,7 +211,10 @@ def conv_ista(x: Tensor, weight: Tensor, lam: Tensor | float | None = None, *, n
                      if isinstance(v, Tensor)}
     check.same_device(x=x, weight=weight, encoder_weight=encoder_weight, z0=z0, **value_tensors)
     check.same_dtype(x=x, weight=weight, encoder_weight=encoder_weight, z0=z0)
-    row = ops.select("conv_ista", backend, x.device, x.dtype)
+    backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, encoder_weight, z0, *value_tensors.values()))
+    row = ops.select("conv_ista", backend, x.device, x.dtype,
+                     prefers=cpu_cost.hook(x.shape, weight.shape, stride, padding, x.dtype, backward))
 
     given_step = step is not None
     if not given_step:

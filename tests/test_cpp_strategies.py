@@ -11,7 +11,11 @@ import torch
 import dsc_kernels.functional as DF
 from dsc_kernels import _ext
 from dsc_kernels.ops import op_pair
-from dsc_kernels.reference.conv_ista import conv_ista_bwd_ref, conv_ista_fwd_ref, conv_ista_ref
+from dsc_kernels.reference.conv_ista import (
+    conv_ista_bwd_ref,
+    conv_ista_fwd_ref,
+    conv_ista_ref,
+)
 
 ops = _ext.load()
 op_pair("conv_ista", "cpp")
@@ -120,8 +124,8 @@ def test_gradcheck_fp64(monkeypatch, strategy, checkpoint):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
 
 
-def _strategy(xs, ws, stride=(1, 1), padding=(1, 1), n_iter=5):
-    return ops.conv_ista_strategy_cpp(torch.empty(xs), torch.empty(ws), list(stride), list(padding), n_iter)
+def _strategy(xs, ws, stride=(1, 1), padding=(1, 1)):
+    return ops.conv_ista_strategy_cpp(torch.empty(xs), torch.empty(ws), list(stride), list(padding))
 
 
 def test_automatic_choice_covers_both_strategies(monkeypatch):
@@ -130,7 +134,7 @@ def test_automatic_choice_covers_both_strategies(monkeypatch):
     in any case; empty problems run neither."""
     monkeypatch.delenv("DSC_KERNELS_CPP_STRATEGY", raising=False)
     few, many = ((4, 1, 64, 64), (32, 1, 7, 7)), ((64, 32, 8, 8), (32, 32, 3, 3))
-    assert _strategy(*few, padding=(3, 3), n_iter=10) == 0
+    assert _strategy(*few, padding=(3, 3)) == 0
     assert _strategy(*many) == 1
     assert len({_strategy(*many) for _ in range(5)}) == 1
     for value, want in (("direct", 0), ("GEMM", 1), ("auto", 1), ("", 1)):

@@ -67,7 +67,7 @@ def _problem(xs, ws, padding, stride, z0_given, seed=0):
 def test_empty_problem_matches_reference(monkeypatch, xs, ws, padding, z0_given, fista, nonneg, strategy):
     monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
     x, w, lam, step, z0 = _problem(xs, ws, padding, 1, z0_given)
-    kw = dict(padding=padding, fista=fista, nonneg=nonneg)
+    kw = {"padding": padding, "fista": fista, "nonneg": nonneg}
     z_ref, g_ref = _run("reference", x, w, lam, step, z0, **kw)
     for recompute in (False, True):
         z, g = _run("cpp", x, w, lam, step, z0, recompute=recompute, **kw)
@@ -117,7 +117,7 @@ def test_empty_problem_ops_match_autograd_reference(monkeypatch, xs, ws, padding
 def test_edge_geometry_matches_reference(monkeypatch, xs, ws, padding, stride, strategy):
     monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
     x, w, lam, step, z0 = _problem(xs, ws, padding, stride, True)
-    kw = dict(padding=padding, stride=stride, fista=True)
+    kw = {"padding": padding, "stride": stride, "fista": True}
     z_ref, g_ref = _run("reference", x, w, lam, step, z0, **kw)
     z, g = _run("cpp", x, w, lam, step, z0, **kw)
     torch.testing.assert_close(z, z_ref, rtol=1e-10, atol=1e-10)

@@ -122,7 +122,7 @@ def make_problem(shape: SweepShape, *, requires_grad: bool, dtype: torch.dtype =
     for t in (x, w, we):
         if t is not None:
             t.requires_grad_(requires_grad)
-    return dict(x=x, weight=w, encoder_weight=we, lam=0.05, step=step)
+    return {"x": x, "weight": w, "encoder_weight": we, "lam": 0.05, "step": step}
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -130,7 +130,7 @@ _COMPILED: dict[str, Callable] = {}
 
 def provider_fn(provider: str, shape: SweepShape, p: dict, *, recompute: bool = False) -> Callable[[], torch.Tensor]:
     """A zero-argument forward of one provider on problem p."""
-    kw = dict(stride=shape.stride, padding=shape.padding, nonneg=shape.nonneg, fista=shape.fista)
+    kw = {"stride": shape.stride, "padding": shape.padding, "nonneg": shape.nonneg, "fista": shape.fista}
     if provider == "compile":
         fn = _COMPILED.setdefault("ref", torch.compile(conv_ista_ref, dynamic=False))
         n, c = shape.n_iter, shape.weight[0]
@@ -202,7 +202,7 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict
         order = list(fns) if r % 2 == 0 else list(reversed(fns))
         for k in order:
             times[k].append(S.time_ms(fns[k], "cpu", reps=1, warmup=0))
-    return {k: dict(ms=statistics.median(v), min_ms=min(v), max_ms=max(v)) for k, v in times.items()}
+    return {k: {"ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()}
 
 
 def measure_shape(shape: SweepShape, providers: tuple[str, ...], *, rounds: int = 5, memory: bool = True) -> dict:
@@ -238,7 +238,7 @@ def measure_shape(shape: SweepShape, providers: tuple[str, ...], *, rounds: int 
             r["mem_ratio"] = r["train_peak_bytes"] / base["train_peak_bytes"]
             if "train_peak_bytes_recompute" in r:
                 r["mem_ratio_recompute"] = r["train_peak_bytes_recompute"] / base["train_peak_bytes"]
-    return dict(shape=asdict(shape), describe=shape.describe(), many_channel=shape.many_channel, results=results)
+    return {"shape": asdict(shape), "describe": shape.describe(), "many_channel": shape.many_channel, "results": results}
 
 
 def summarize(rows: list[dict]) -> dict[str, dict]:
@@ -249,12 +249,12 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
         s: dict = {}
         for key in ("fwd_ratio", "fwd_bwd_ratio"):
             vals = [r["results"][k][key] for r in rows]
-            s[key] = dict(worst=min(vals), geomean=math.exp(statistics.fmean(math.log(v) for v in vals)),
-                          worst_shape=rows[min(range(len(vals)), key=vals.__getitem__)]["shape"]["name"])
+            s[key] = {"worst": min(vals), "geomean": math.exp(statistics.fmean(math.log(v) for v in vals)),
+                          "worst_shape": rows[min(range(len(vals)), key=vals.__getitem__)]["shape"]["name"]}
         for key in ("mem_ratio", "mem_ratio_recompute"):
             vals = [r["results"][k][key] for r in rows if r["many_channel"] and key in r["results"][k]]
             if vals:
-                s[key + "_many_channel"] = dict(worst=max(vals))
+                s[key + "_many_channel"] = {"worst": max(vals)}
         out[k] = s
     if "auto" in providers:
         for key, mode in (("fwd_ratio", "forward"), ("fwd_bwd_ratio", "forward_backward")):
@@ -263,7 +263,7 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
                 res = r["results"]
                 best = min(res[k][mode]["ms"] for k in ("reference", "cpp") if k in res)
                 gaps.append(res["auto"][mode]["ms"] / best)
-            out["auto"][f"{mode}_vs_best"] = dict(worst=max(gaps), geomean=math.exp(statistics.fmean(map(math.log, gaps))))
+            out["auto"][f"{mode}_vs_best"] = {"worst": max(gaps), "geomean": math.exp(statistics.fmean(map(math.log, gaps)))}
     return out
 
 
@@ -275,22 +275,22 @@ def _machine() -> dict:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False,
                                 cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
-                python=platform.python_version(), commit=commit or "unknown", load_average=load,
-                time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "python": platform.python_version(), "commit": commit or "unknown", "load_average": load,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def markdown(rows: list[dict], summary: dict, machine: dict) -> str:
     providers = [k for k in rows[0]["results"] if k != "reference"]
-    lines = [f"# CPU conv-ISTA sweep ({machine['threads']} threads, {machine['cpu']}, torch {machine['torch']}, "
-             f"commit {machine['commit'][:10]}, load average {machine['load_average']})", "",
-             "Ratios: eager time / provider time (fwd, fwd+bwd; > 1 is faster) and training-step peak memory / "
-             "eager's (save mode; recompute mode for cpp strategies; < 1 is leaner). Medians of interleaved rounds.",
+    lines = [(f"# CPU conv-ISTA sweep ({machine['threads']} threads, {machine['cpu']}, torch {machine['torch']}, "
+             f"commit {machine['commit'][:10]}, load average {machine['load_average']})"), "",
+             ("Ratios: eager time / provider time (fwd, fwd+bwd; > 1 is faster) and training-step peak memory / "
+             "eager's (save mode; recompute mode for cpp strategies; < 1 is leaner). Medians of interleaved rounds."),
              "", "| shape | eager fwd / fwd+bwd ms | " + " | ".join(providers) + " |",
              "| --- | --- | " + " | ".join("---" for _ in providers) + " |"]
     for r in rows:
@@ -306,8 +306,8 @@ def markdown(rows: list[dict], summary: dict, machine: dict) -> str:
         base = res["reference"]
         lines.append(f"| {r['shape']['name']} ({r['describe']}) | {base['forward']['ms']:.1f} / "
                      f"{base['forward_backward']['ms']:.1f} | " + " | ".join(cells) + " |")
-    lines += ["", "| provider | fwd worst | fwd geomean | fwd+bwd worst | fwd+bwd geomean | worst memory (many-channel "
-              "shapes, save / recompute) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", ("| provider | fwd worst | fwd geomean | fwd+bwd worst | fwd+bwd geomean | worst memory (many-channel "
+              "shapes, save / recompute) |"), "| --- | --- | --- | --- | --- | --- |"]
     for k in providers:
         s = summary[k]
         mem = s.get("mem_ratio_many_channel", {}).get("worst")
@@ -318,8 +318,8 @@ def markdown(rows: list[dict], summary: dict, machine: dict) -> str:
                      f"{'—' if mem is None else f'{mem:.2f}'} / {'—' if mem_r is None else f'{mem_r:.2f}'} |")
     if "forward_vs_best" in summary.get("auto", {}):
         a = summary["auto"]
-        lines += ["", f"auto / best of (eager, cpp): forward worst {a['forward_vs_best']['worst']:.3f}, "
-                      f"forward+backward worst {a['forward_backward_vs_best']['worst']:.3f}."]
+        lines += ["", (f"auto / best of (eager, cpp): forward worst {a['forward_vs_best']['worst']:.3f}, "
+                      f"forward+backward worst {a['forward_backward_vs_best']['worst']:.3f}.")]
     return "\n".join(lines) + "\n"
 
 
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = _machine()
-    (out / "sweep.json").write_text(json.dumps(dict(machine=machine, rows=rows, summary=summary), indent=1))
+    (out / "sweep.json").write_text(json.dumps({"machine": machine, "rows": rows, "summary": summary}, indent=1))
     (out / "sweep.md").write_text(markdown(rows, summary, machine))
     figure(rows, out / "sweep.png")
     print((out / "sweep.md").read_text())

@@ -15,6 +15,7 @@ import importlib.util
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -116,8 +117,12 @@ def _supports(row: Backend, dtype: torch.dtype) -> bool:
     return dtype in row.dtypes
 
 
-def select(family: str, backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The row that runs a ``family`` call with this ``backend`` argument on ``device``/``dtype`` tensors."""
+def select(family: str, backend: str, device: torch.device, dtype: torch.dtype, *,
+           prefers: Callable[[str], bool] | None = None) -> Backend:
+    """The row that runs a ``family`` call with this ``backend`` argument on ``device``/``dtype`` tensors.
+
+    ``prefers(name)``, when given, is the call's cost model (e.g. ``cpu_cost.hook``): ``auto`` skips a candidate
+    it declines."""
     name = _requested(backend)
     if name != "auto":
         reason = unavailable_reason(family, name, device.type)
@@ -129,7 +134,7 @@ def select(family: str, backend: str, device: torch.device, dtype: torch.dtype) 
         return _registered(row)
     for candidate in table.AUTO_PREFERENCE.get(device.type, ("reference",)):
         row = table.row(family, candidate)
-        if not _supports(row, dtype):
+        if not _supports(row, dtype) or (prefers is not None and not prefers(candidate)):
             continue
         reason = unavailable_reason(family, candidate, device.type)
         if reason is None:

@@ -146,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x, const 
                                 g.code_item()};
     if (g.empty_signal())
       shrink_only_forward<T>(p, out);
-    else if (choose_strategy(g, p.it.n) == Strategy::gemm)
+    else if (choose_strategy(g) == Strategy::gemm)
       gemm_forward<T>(p, out);
     else
       direct_forward<T>(p, out);
@@ -189,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                      ck.count ? saved.data_ptr<T>() : nullptr, g.B, g.code_item()};
     if (g.empty_signal())
       shrink_only_backward<T>(p, grad_z, grads);
-    else if (choose_strategy(g, p.it.n) == Strategy::gemm)
+    else if (choose_strategy(g) == Strategy::gemm)
       gemm_backward<T>(p, grad_z, in, checkpoint, grads);
     else
       direct_backward<T>(p, grad_z, in, checkpoint, grads);
@@ -200,14 +200,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // Which strategy the two ops above run for this problem: 0 direct, 1 gemm, -1 none (an empty problem, handled
 // before any strategy). For tests and benchmarks; it reads DSC_KERNELS_CPP_STRATEGY as the ops do.
 int64_t conv_ista_strategy_cpp(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                               at::IntArrayRef padding, int64_t n_iter) {
-  const char* op = "conv_ista_strategy_cpp";
-  TORCH_CHECK(n_iter >= 1, op, ": n_iter must be >= 1");
-  const at::Tensor step = at::empty({n_iter}, x.options()), lam = at::empty({n_iter, weight.size(0)}, x.options());
-  const ConvGeometry g =
-      check_inputs(op, x, weight, weight, lam, step, at::empty({0}, x.options()), stride, padding);
+                               at::IntArrayRef padding) {
+  const at::Tensor step = at::empty({1}, x.options()), lam = at::empty({1, weight.size(0)}, x.options());
+  const ConvGeometry g = check_inputs("conv_ista_strategy_cpp", x, weight, weight, lam, step,
+                                      at::empty({0}, x.options()), stride, padding);
   if (g.empty_code() || g.empty_signal()) return -1;
-  return choose_strategy(g, n_iter) == Strategy::gemm ? 1 : 0;
+  return choose_strategy(g) == Strategy::gemm ? 1 : 0;
 }
 
 }  // namespace
@@ -220,7 +218,7 @@ TORCH_LIBRARY_FRAGMENT(dsc_kernels, m) {
       "conv_ista_bwd_cpp(Tensor grad_z, Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, "
       "Tensor z0, Tensor z, Tensor saved, int[] stride, int[] padding, bool nonneg, bool fista, int checkpoint) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("conv_ista_strategy_cpp(Tensor x, Tensor weight, int[] stride, int[] padding, int n_iter) -> int");
+  m.def("conv_ista_strategy_cpp(Tensor x, Tensor weight, int[] stride, int[] padding) -> int");
 }
 
 TORCH_LIBRARY_IMPL(dsc_kernels, CPU, m) {

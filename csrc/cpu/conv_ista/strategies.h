@@ -20,8 +20,8 @@ enum class Strategy { direct, gemm };
 const char* strategy_name(Strategy s);
 
 // The strategy for a problem: DSC_KERNELS_CPP_STRATEGY=direct|gemm forces one; otherwise (unset, empty or "auto") the
-// cost model in strategy.cpp decides from the geometry and the thread count alone, so both passes of one call agree.
-Strategy choose_strategy(const ConvGeometry& g, int64_t n_iter);
+// rule in strategy.cpp decides from the geometry alone, so both passes of one call agree.
+Strategy choose_strategy(const ConvGeometry& g);
 
 // Forward: z_n into out.z and the checkpoints into out.saved.
 template <typename T>
