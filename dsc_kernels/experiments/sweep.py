@@ -205,6 +205,21 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict
     return {k: {"ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()}
 
 
+def cpp_strategy(shape: SweepShape) -> str:
+    """The strategy the cpp backend runs this shape with (after DSC_KERNELS_CPP_STRATEGY), as functional calls it:
+    1-D problems as height-1 images."""
+    from .. import _ext
+    ops = _ext.load()
+    rank = len(shape.x) - 2
+    stride, padding = [shape.stride] * rank, [shape.padding] * rank
+    x_size, w_size = list(shape.x), list(shape.weight)
+    if rank == 1:
+        x_size.insert(2, 1), w_size.insert(2, 1), stride.insert(0, 1), padding.insert(0, 0)
+    # zero-stride views: the op reads sizes only, nothing is allocated
+    x, w = torch.zeros(()).expand(x_size), torch.zeros(()).expand(w_size)
+    return {0: "direct", 1: "gemm", -1: "none"}[ops.conv_ista_strategy_cpp(x, w, stride, padding)]
+
+
 def measure_shape(shape: SweepShape, providers: tuple[str, ...], *, rounds: int = 5, memory: bool = True) -> dict:
     """Check, time and measure every provider on one shape. Returns {"shape": ..., "results": {provider: {...}}}."""
     results: dict[str, dict] = {k: {} for k in providers}
@@ -230,6 +245,8 @@ def measure_shape(shape: SweepShape, providers: tuple[str, ...], *, rounds: int 
                 if k.startswith("cpp"):
                     rec = provider_fn(k, shape, p, recompute=True)
                     results[k]["train_peak_bytes_recompute"] = S.train_step_peak_bytes(rec, p, "cpu")
+    if "cpp" in results:
+        results["cpp"]["strategy"] = cpp_strategy(shape)
     base = results["reference"]
     for k, r in results.items():
         r["fwd_ratio"] = base["forward"]["ms"] / r["forward"]["ms"]
@@ -267,7 +284,7 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
-def _machine() -> dict:
+def machine() -> dict:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -380,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     rows, summary = run_sweep([BY_NAME[n] for n in names], providers, rounds=args.rounds, memory=not args.no_memory)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    machine = _machine()
-    (out / "sweep.json").write_text(json.dumps({"machine": machine, "rows": rows, "summary": summary}, indent=1))
-    (out / "sweep.md").write_text(markdown(rows, summary, machine))
+    info = machine()
+    (out / "sweep.json").write_text(json.dumps({"machine": info, "rows": rows, "summary": summary}, indent=1))
+    (out / "sweep.md").write_text(markdown(rows, summary, info))
     figure(rows, out / "sweep.png")
     print((out / "sweep.md").read_text())
     return 0
