@@ -199,3 +199,21 @@ def test_threshold_errors():
         DF.conv_ista(X, W, n_iter=1, padding=1)
     with pytest.raises(ValueError, match="negative thresholds need nonneg=True"):
         DF.conv_ista(X, W, threshold=-0.1, n_iter=1, padding=1)
+
+
+def test_setting_triton_interpret_after_import_is_a_clear_error():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import os, torch, dsc_kernels.functional as DF\n"
+              "os.environ['TRITON_INTERPRET'] = '1'\n"
+              "try:\n"
+              "    DF.conv_ista(torch.randn(1, 1, 8, 8), torch.randn(2, 1, 3, 3), 0.1, n_iter=1, backend='triton')\n"
+              "except RuntimeError as err:\n"
+              "    print(err)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert "TRITON_INTERPRET changed after" in out.stdout, out.stdout + out.stderr[-2000:]

@@ -11,7 +11,9 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import warnings
 from functools import lru_cache
 
@@ -26,19 +28,17 @@ ENV_VAR = "DSC_KERNELS_BACKEND"
 # Each family's module: its schema, fakes, autograd, op_pair(backend) and run(row, ...).
 FAMILY_MODULES = {"conv_ista": conv_ista, "sparse_attention": sparse_attention}
 
-# TRITON_INTERPRET as it was when the Triton kernels were imported: Triton reads it then, so a later change
-# cannot take effect in this process.
+# TRITON_INTERPRET as it was when Triton was imported (set at the end of this module, or by note_triton_import):
+# Triton reads it then, so a later change cannot take effect in this process.
 _triton_interpret_at_import: str | None = None
 _warned: set[str] = set()
 
 
 @lru_cache(maxsize=None)
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _triton_installed() -> bool:
+    # find_spec, not import: Triton fixes the interpreter setting when it is imported, so it is imported only when
+    # a triton call registers its ops (note_triton_import), never by an availability check.
+    return importlib.util.find_spec("triton") is not None
 
 
 def _interpreting_now() -> bool:
@@ -53,17 +53,17 @@ def note_triton_import() -> None:
 
 
 def _triton_reason(device: torch.device) -> str | None:
-    if not _triton_importable():
+    if not _triton_installed():
         return "triton is not installed (pip install triton==3.7.1)"
     imported = _triton_interpret_at_import
     if imported is not None and (imported == "1") != _interpreting_now():
         return (f"TRITON_INTERPRET changed after the Triton kernels were imported (it was {imported!r} then, "
-                f"{os.environ.get('TRITON_INTERPRET', '')!r} now); Triton reads it once, so set it before the "
-                "first triton call in the process")
+                f"{os.environ.get('TRITON_INTERPRET', '')!r} now); Triton reads it once, so set it before importing "
+                "dsc_kernels or torch")
     if device.type == "cuda" or (device.type == "cpu" and _interpreting_now()):
         return None
     return (f"the triton backend needs CUDA tensors (got {device.type}); on CPU it runs only under the interpreter "
-            "(set TRITON_INTERPRET=1 before the first triton call)")
+            "(set TRITON_INTERPRET=1 before importing dsc_kernels or torch)")
 
 
 @torch.compiler.assume_constant_result
@@ -155,3 +155,8 @@ def _register(family: str, name: str) -> str:
 def _registered(row: Backend) -> Backend:
     _register(row.family, row.name)
     return row
+
+
+# torch._dynamo (imported by the assume_constant_result decorators above) imports Triton when it is installed.
+if "triton" in sys.modules:
+    note_triton_import()
