@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from dsc_kernels.nn.attention import SparseAttention, SparseCodingTransformerBlock
 import dsc_kernels.functional as DF
+from dsc_kernels.nn.attention import SparseAttention, SparseCodingTransformerBlock
 from dsc_kernels.reference.attention import sparse_attention_ref
 
 F64 = dict(dtype=torch.float64)

@@ -2,12 +2,16 @@
 strided inputs, opcheck; half precision judged by the tolerance rule (tests/tolerance.py)."""
 import pytest
 import torch
+from tolerance import assert_close_by_rule
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsc_kernels.functional as DF
 from dsc_kernels.ops import sparse_attention as sa
-from dsc_kernels.reference.attention import sparse_attention_fwd_ref, sparse_attention_ref, sparsemax_ref
-from tolerance import assert_close_by_rule
+from dsc_kernels.reference.attention import (
+    sparse_attention_fwd_ref,
+    sparse_attention_ref,
+    sparsemax_ref,
+)
 
 # Triton on CPU tensors is the interpreter: those cases run in the interpreter process (tests/conftest.py).
 TRITON_INTERPRETED = pytest.param("triton", marks=pytest.mark.interpreter)

@@ -2,8 +2,12 @@
 import pytest
 import torch
 
-from dsc_kernels.reference.attention import (sparse_attention_bwd_ref, sparse_attention_fwd_ref,
-                                             sparse_attention_ref, sparsemax_ref)
+from dsc_kernels.reference.attention import (
+    sparse_attention_bwd_ref,
+    sparse_attention_fwd_ref,
+    sparse_attention_ref,
+    sparsemax_ref,
+)
 
 
 def sparsemax_bisect(x: torch.Tensor, n_iter: int = 200) -> torch.Tensor:

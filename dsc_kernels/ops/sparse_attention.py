@@ -23,7 +23,6 @@ annotations; ``tests/test_backend_table.py`` checks all three):
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..reference.attention import stats_dtype
