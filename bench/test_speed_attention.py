@@ -32,7 +32,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import dsc_kernels.functional as DF
-from dsc_kernels.ops import sparse_attention as sa
 from dsc_kernels.reference.attention import sparse_attention_ref
 
 CPU_SHAPE = (2, 4, 512, 64)
@@ -125,10 +124,10 @@ def _cpu_call(provider: str, q, k, v, backward: bool, causal: bool):
     elif provider == "cpp-shrink90":
         # Scores are ~N(0, 1) for these inputs: this threshold leaves 10% of them active.
         th = torch.full((q.shape[1],), float(torch.special.ndtri(torch.tensor(0.9))))
-        fn = lambda: sa.sparse_attention("cpp", q, k, v, th, "shrink", causal, scale)  # noqa: E731
+        fn = lambda: DF.sparse_attention(q, k, v, mode="shrink", threshold=th, causal=causal, scale=scale,  # noqa: E731
+                                         backend="cpp")
     else:
-        th = torch.zeros(q.shape[1])
-        fn = lambda: sa.sparse_attention(provider, q, k, v, th, "sparsemax", causal, scale)  # noqa: E731
+        fn = lambda: DF.sparse_attention(q, k, v, causal=causal, scale=scale, backend=provider)  # noqa: E731
 
     def run():
         out = fn()
@@ -210,9 +209,9 @@ def _gpu_case(benchmark, provider: str, n: int, backward: bool, sparsity: float 
     else:
         mode = "shrink" if sparsity is not None else "sparsemax"
         # Scores are ~N(0, 1) for these inputs, so this threshold leaves a (1 - sparsity) fraction active.
-        th = torch.full((h,), 0.0 if sparsity is None else float(torch.special.ndtri(torch.tensor(sparsity))),
-                        device="cuda")
-        fn = lambda: sa.sparse_attention("triton", q, k, v, th, mode, True, 0.125)  # noqa: E731
+        th = None if sparsity is None else float(torch.special.ndtri(torch.tensor(sparsity)))
+        fn = lambda: DF.sparse_attention(q, k, v, mode=mode, threshold=th, causal=True, scale=0.125,  # noqa: E731
+                                         backend="triton")
 
     def run():
         out = fn()
