@@ -48,9 +48,12 @@ constexpr int64_t kRowBlock = 64;  // query (forward, dq) or key (dk, dv) rows p
 template <typename scalar_t>
 constexpr scalar_t kInf = std::numeric_limits<scalar_t>::infinity();
 
+// dot and axpy take n = 0 (an empty value or head dim), whose row pointers may be null: at::vec would pass them
+// to memcpy, which must not see a null pointer even for zero bytes.
 template <typename scalar_t>
 inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   using Vec = at::vec::Vectorized<scalar_t>;
+  if (n == 0) return scalar_t(0);
   return at::vec::map2_reduce_all<scalar_t>(
       [](Vec x, Vec y) { return x * y; }, [](Vec x, Vec y) { return x + y; }, a, b, n);
 }
@@ -59,6 +62,7 @@ inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
 template <typename scalar_t>
 inline void axpy(scalar_t* out, scalar_t w, const scalar_t* x, int64_t n) {
   using Vec = at::vec::Vectorized<scalar_t>;
+  if (n == 0) return;
   at::vec::map2<scalar_t>([w](Vec o, Vec y) { return o + Vec(w) * y; }, out, out, x, n);
 }
 

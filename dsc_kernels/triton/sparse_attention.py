@@ -7,8 +7,10 @@ Math (reference/attention.py), q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv), theta (H,
         a +inf row: (c, t) = (+inf, -1/#{+inf}); a row without keys: (+inf, +inf)
     shrink: (c_i, t_i) = (0, theta_h)
     a row is NaN (O_i = NaN, stats (NaN, NaN), no gradient) when q_i, or the k_j / v_j of a key it sees, holds NaN or
-    inf, or one of its scores is NaN. Tiles are loaded with non-finite entries zeroed (a dot would otherwise spread
-    0 * NaN to rows that never see the key); the launcher flags bad keys (B,H,M) and the kernels mark their rows.
+    inf, or one of its scores is NaN. The launcher flags bad keys (B,H,M) and the kernels mark their rows. Scores
+    s_ij read only q_i and k_j, and hidden ones are replaced by -inf, so raw tiles are fine for them; the operand
+    of a dot that mixes rows (v in P v, k in ds k, q in ds^T q) is loaded with non-finite entries zeroed, since
+    0 * NaN would otherwise reach rows that never see the key.
 Forward, one program per (query block, batch*head), fp32 scores, fp64 threshold sums:
     shrink: one pass over key blocks; a tile with no score above theta skips its v load and P v product.
     sparsemax: pass 1 finds the row max m_i, the +inf count, the NaN rows and a lower bound lo <= t_i from
@@ -54,7 +56,7 @@ def _load_rows(base, stride_r, offs_r, n_rows, offs_c, n_cols, UPCAST: tl.conste
 @triton.jit
 def _finite(t):
     """t with NaN and +-inf entries zeroed (the rows that see them are made NaN explicitly)."""
-    return tl.where(tl.abs(t) < float("inf"), t, 0.0)
+    return tl.where(tl.abs(t) < float("inf"), t, tl.zeros_like(t))
 
 
 @triton.jit
@@ -112,7 +114,7 @@ def _sweep(q, k_base, sk_n, v_base, sv_n, b_base, sb_n, sb_m, badk_base, c, lo, 
     bad = tl.zeros([BLOCK_M], tl.int32) != 0
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _finite(_load_rows(k_base, sk_n, offs_n, N_K, offs_d, D, UPCAST))
+        k = _load_rows(k_base, sk_n, offs_n, N_K, offs_d, D, UPCAST)
         s, visible = _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS,
                                   DOT_PREC)
         if FLAG_BAD:
@@ -166,7 +168,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, th_ptr, b_ptr, badk_ptr, o_ptr, st_ptr,
         tot = tl.zeros([BLOCK_M], tl.float64)
         for start_n in range(0, end_n, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _finite(_load_rows(k_base, sk_n, offs_n, N_K, offs_d, D, UPCAST))
+            k = _load_rows(k_base, sk_n, offs_n, N_K, offs_d, D, UPCAST)
             s, visible = _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS,
                                       DOT_PREC)
             nan_row = nan_row | _sees_bad(visible, s, badk_base, offs_n, N_K)
@@ -240,7 +242,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, st_ptr, dq_ptr, delta_ptr,
     t = tl.load(st_ptr + (bh * N_Q + offs_m) * 2 + 1, mask=row_ok, other=float("nan"))
     # A NaN row passes no gradient (and its g, possibly NaN, must not reach other rows through a dot).
     g = _load_rows(g_ptr + bh * N_Q * DV, DV, offs_m, N_Q, offs_dv, DV, UPCAST)
-    g = tl.where((c == c)[:, None], g, 0.0)
+    g = tl.where((c == c)[:, None], g, tl.zeros_like(g))
     moving = c < float("inf")  # +inf rows (and rows without keys) have a constant P
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
@@ -252,13 +254,13 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, st_ptr, dq_ptr, delta_ptr,
         support = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, end_n, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            k = _finite(_load_rows(k_base, sk_n, offs_n, N_K, offs_d, D, UPCAST))
+            k = _load_rows(k_base, sk_n, offs_n, N_K, offs_d, D, UPCAST)
             s, _ = _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS,
                                 DOT_PREC)
             on = moving[:, None] & (_relative(s, c) > t[:, None])
             support += tl.sum(on.to(tl.float32), axis=1)
             if _any(on):
-                v = _finite(_load_rows(v_base, sv_n, offs_n, N_K, offs_dv, DV, UPCAST))
+                v = _load_rows(v_base, sv_n, offs_n, N_K, offs_dv, DV, UPCAST)
                 dp = tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
                 delta += tl.sum(tl.where(on, dp, 0.0), axis=1)
         delta = delta / tl.maximum(support, 1.0)
@@ -272,7 +274,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, st_ptr, dq_ptr, delta_ptr,
         s, _ = _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS, DOT_PREC)
         on = moving[:, None] & (_relative(s, c) > t[:, None])
         if _any(on):
-            v = _finite(_load_rows(v_base, sv_n, offs_n, N_K, offs_dv, DV, UPCAST))
+            v = _load_rows(v_base, sv_n, offs_n, N_K, offs_dv, DV, UPCAST)
             dp = tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
             ds = tl.where(on, dp - delta[:, None], 0.0)
             ds_sum += tl.sum(ds, axis=1)
@@ -319,7 +321,7 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, st_ptr, delta_ptr, dk_pt
         on = _relative(s, c) > t[:, None]  # never on NaN rows, hidden keys or rows/keys out of range
         if _any(on):
             g = _load_rows(g_base, DV, offs_m, N_Q, offs_dv, DV, UPCAST)
-            g = tl.where((c == c)[:, None], g, 0.0)
+            g = tl.where((c == c)[:, None], g, tl.zeros_like(g))
             delta = tl.load(delta_ptr + bh * N_Q + offs_m, mask=row_ok, other=0.0)
             p = tl.where(on, _relative(s, c) - t[:, None], 0.0)
             dp = tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
