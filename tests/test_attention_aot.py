@@ -11,15 +11,17 @@ import pytest
 
 pytest.importorskip("triton")
 
-# Each case: (capability, dtype, head dim, mode, causal, kernel). Together they cover every kernel, both
-# architectures, the three dtypes (fp32 with IEEE dots), both modes and padded head dims (24 -> 32).
+# Each case: (capability, dtype, head dim, mode, causal, kernel, score bias). Together they cover every kernel,
+# both architectures, the three dtypes (fp32 with IEEE dots), both modes, padded head dims (24 -> 32) and the
+# kernels with and without a bias (masks).
 CASES = [
-    (80, "bf16", 64, "sparsemax", True, "fwd"),
-    (80, "fp16", 24, "sparsemax", False, "bwd_dq"),
-    (80, "fp32", 128, "shrink", True, "bwd_dkdv"),
-    (90, "fp16", 128, "shrink", False, "fwd"),
-    (90, "bf16", 64, "shrink", True, "bwd_dq"),
-    (90, "bf16", 16, "sparsemax", True, "bwd_dkdv"),
+    (80, "bf16", 64, "sparsemax", True, "fwd", False),
+    (80, "fp16", 24, "sparsemax", False, "bwd_dq", True),
+    (80, "fp32", 128, "shrink", True, "bwd_dkdv", False),
+    (90, "fp16", 128, "shrink", False, "fwd", True),
+    (90, "bf16", 64, "shrink", True, "bwd_dq", False),
+    (90, "bf16", 16, "sparsemax", True, "bwd_dkdv", True),
+    (90, "fp32", 64, "sparsemax", False, "fwd", True),
 ]
 
 SCRIPT = textwrap.dedent("""
@@ -28,13 +30,13 @@ SCRIPT = textwrap.dedent("""
     from triton.compiler import ASTSource
     from dsc_kernels.triton import sparse_attention as tsa
 
-    for cap, dtype, d, mode, causal, kernel in {cases!r}:
-        sig, const = tsa.aot_signature(dtype, d, mode, causal, kernel)
+    for cap, dtype, d, mode, causal, kernel, has_bias in {cases!r}:
+        sig, const = tsa.aot_signature(dtype, d, mode, causal, kernel, has_bias)
         c = triton.compile(ASTSource(tsa.KERNELS[kernel], sig, const), target=GPUTarget("cuda", cap, 32))
         assert len(c.asm["cubin"]) > 0, (cap, kernel)
         limit = 232448 if cap == 90 else 166912  # opt-in shared memory per block on H100 / A100
         assert c.metadata.shared <= limit, (cap, kernel, c.metadata.shared)
-        print(cap, dtype, d, mode, causal, kernel, "shared", c.metadata.shared, flush=True)
+        print(cap, dtype, d, mode, causal, kernel, has_bias, "shared", c.metadata.shared, flush=True)
 """)
 
 

@@ -161,6 +161,19 @@ def test_nan_in_a_hidden_key_never_reaches_a_row(backend):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
+def test_nan_in_a_float_mask_makes_its_row_nan(backend, mode):
+    _prepare(backend)
+    dtype = _dtype(backend)
+    q, k, v = (t.detach() for t in _qkv(1, 2, 4, 5, 4, 3, dtype))
+    mask = torch.zeros(4, 5, dtype=dtype)
+    mask[2, 3] = NAN
+    mask[1, 3] = float("-inf")
+    out = DF.sparse_attention(q, k, v, attn_mask=mask, backend=backend, **_mode_args(mode, 2, dtype))
+    assert torch.isnan(out[:, :, 2]).all() and torch.isfinite(out[:, :, [0, 1, 3]]).all()
+
+
 # ------------------------------------------------------------------------------------ huge values and ties
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_scores_are_handled_relative_to_the_row_max(backend):

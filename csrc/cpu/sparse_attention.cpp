@@ -66,22 +66,32 @@ inline void axpy(scalar_t* out, scalar_t w, const scalar_t* x, int64_t n) {
   at::vec::map2<scalar_t>([w](Vec o, Vec y) { return o + Vec(w) * y; }, out, out, x, n);
 }
 
+// Whether x[0:n] is all finite: x - x is 0 for finite x and NaN for NaN or +-inf, so the vectorised sum of x - x
+// is NaN exactly when some entry is not finite.
 template <typename scalar_t>
 inline bool all_finite(const scalar_t* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    if (!std::isfinite(x[i])) return false;
-  }
-  return true;
+  using Vec = at::vec::Vectorized<scalar_t>;
+  if (n == 0) return true;
+  return !std::isnan(at::vec::map_reduce_all<scalar_t>([](Vec a) { return a - a; },
+                                                       [](Vec a, Vec b) { return a + b; }, x, n));
 }
 
-// A (B, H, L, width) tensor read row by row (unit last stride).
+// The rows of one (batch, head) of a strided (B, H, L, width) tensor (unit last stride).
+template <typename scalar_t>
+struct HeadRows {
+  const scalar_t* base;
+  int64_t sn;
+  const scalar_t* operator[](int64_t i) const { return base + i * sn; }
+};
+
+// A (B, H, L, width) tensor read row by row through its strides.
 template <typename scalar_t>
 struct Rows {
   const scalar_t* data;
   int64_t sb, sh, sn, heads;
   explicit Rows(const at::Tensor& t)
       : data(t.data_ptr<scalar_t>()), sb(t.stride(0)), sh(t.stride(1)), sn(t.stride(2)), heads(t.size(1)) {}
-  const scalar_t* row(int64_t bh, int64_t i) const { return data + (bh / heads) * sb + (bh % heads) * sh + i * sn; }
+  HeadRows<scalar_t> head(int64_t bh) const { return {data + (bh / heads) * sb + (bh % heads) * sh, sn}; }
 };
 
 // The additive score bias (B, H, N, M) through its strides (zero on broadcast dimensions), or none.
@@ -96,6 +106,7 @@ struct Bias {
     }
   }
   bool present() const { return data != nullptr; }
+  // (bias_ij for j = 0, 1, ...) = row(bh, i)[j * sm]
   const scalar_t* row(int64_t bh, int64_t i) const { return data + (bh / heads) * sb + (bh % heads) * sh + i * sn; }
 };
 
@@ -159,55 +170,95 @@ inline at::Tensor score_panel(const at::Tensor& a, const at::Tensor& b, int64_t 
   return at::mm(a2, b2.t()).mul_(scale);
 }
 
-// Per (batch, head, key): whether k_j or v_j holds a non-finite value (a row that sees it is NaN).
+// Per (batch, head, key): whether k_j or v_j holds a non-finite value (a row that sees it is NaN), and per
+// (batch, head) the first such key (M if none), so that rows check keys only when one is in their range.
 template <typename scalar_t>
-std::vector<uint8_t> bad_keys(const Rows<scalar_t>& k, const Rows<scalar_t>& v, int64_t BH, int64_t M, int64_t D,
-                              int64_t DV) {
-  std::vector<uint8_t> bad(BH * M);
-  at::parallel_for(0, BH * M, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t bh = r / M, j = r % M;
-      bad[r] = !(all_finite(k.row(bh, j), D) && all_finite(v.row(bh, j), DV));
+struct BadKeys {
+  std::vector<uint8_t> bad;
+  std::vector<int64_t> first;
+  // finite: k and v are known to be all finite (nothing to flag).
+  BadKeys(const Rows<scalar_t>& k, const Rows<scalar_t>& v, int64_t BH, int64_t M, int64_t D, int64_t DV,
+          bool finite)
+      : bad(finite ? 0 : BH * M), first(BH, M) {
+    if (finite) return;
+    at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const auto kh = k.head(bh), vh = v.head(bh);
+        for (int64_t j = M - 1; j >= 0; --j) {
+          bad[bh * M + j] = !(all_finite(kh[j], D) && all_finite(vh[j], DV));
+          if (bad[bh * M + j]) first[bh] = j;
+        }
+      }
+    });
+  }
+  // Whether a key j < mi flagged bad is visible (its bias is not -inf) from a row with bias row bias_row.
+  bool seen(int64_t bh, int64_t M, int64_t mi, const scalar_t* bias_row, int64_t bias_sm) const {
+    for (int64_t j = first[bh]; j < mi; ++j) {
+      if (bad[bh * M + j] && (bias_row == nullptr || bias_row[j * bias_sm] != -kInf<scalar_t>)) return true;
     }
-  });
-  return bad;
+    return false;
+  }
+};
+
+// Adds the bias to one row of scores s[0:mi] in place (-inf where it hides a key).
+template <typename scalar_t>
+void add_bias(scalar_t* s, int64_t mi, const scalar_t* bias_row, int64_t bias_sm) {
+  for (int64_t j = 0; j < mi; ++j) s[j] = biased(s[j], bias_row[j * bias_sm]);
 }
 
-// Applies the bias to one row of scores s[0:mi] in place and returns whether the row is NaN (a visible bad key or
-// a NaN score), its maximum and its number of +inf scores.
+// max_j s[j] (-inf for an empty row).
 template <typename scalar_t>
-bool prepare_row(scalar_t* s, int64_t mi, const scalar_t* bias_row, int64_t bias_sm, const uint8_t* bad_key,
-                 scalar_t* mx, int64_t* n_inf) {
-  bool nan_row = false;
+scalar_t row_max(const scalar_t* s, int64_t n) {
   scalar_t m = -kInf<scalar_t>;
-  int64_t infs = 0;
-  for (int64_t j = 0; j < mi; ++j) {
-    if (bias_row != nullptr) {
-      const scalar_t b = bias_row[j * bias_sm];
-      if (b == -kInf<scalar_t>) {
-        s[j] = -kInf<scalar_t>;
-        continue;
-      }
-      s[j] += b;
-    }
-    nan_row = nan_row || bad_key[j] || std::isnan(s[j]);
-    m = std::max(m, s[j]);
-    infs += s[j] == kInf<scalar_t>;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+template <typename scalar_t>
+bool any_nan(const scalar_t* s, int64_t n) {
+  bool nan = false;
+  for (int64_t j = 0; j < n; ++j) nan |= std::isnan(s[j]);
+  return nan;
+}
+
+// What is known of the inputs before any row is looked at, so that the usual all-finite call checks no row.
+struct InputFacts {
+  bool finite;       // q, k, v hold no NaN or inf
+  bool nan_scores;   // a score may be NaN: non-finite inputs, a NaN in the bias, or q k^T may overflow (inf - inf)
+};
+
+// max |t| (NaN if t holds a NaN), one vectorised pass without temporaries; 0 for an empty tensor.
+double max_abs(const at::Tensor& t) {
+  if (t.numel() == 0) return 0;
+  const auto [lo, hi] = at::aminmax(t);
+  const double a = lo.item<double>(), b = hi.item<double>();
+  return (std::isnan(a) || std::isnan(b)) ? std::numeric_limits<double>::quiet_NaN() : std::max(-a, b);
+}
+
+InputFacts input_facts(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const c10::optional<at::Tensor>& bias, double scale) {
+  const double bq = max_abs(q), bk = max_abs(k), bv = max_abs(v);
+  const bool finite = std::isfinite(bq) && std::isfinite(bk) && std::isfinite(bv);
+  const double largest = q.scalar_type() == at::kFloat ? std::numeric_limits<float>::max()
+                                                       : std::numeric_limits<double>::max();
+  // The GEMM's partial sums and the scaled scores are at most d max|q| max|k| max(scale, 1) in magnitude.
+  bool nan_scores = !finite || bq * bk * static_cast<double>(q.size(3)) * std::max(scale, 1.0) > 0.25 * largest;
+  if (bias.has_value() && bias->defined() && bias->numel() > 0) {
+    const auto [lo, hi] = at::aminmax(*bias);
+    nan_scores = nan_scores || std::isnan(lo.item<double>()) || std::isnan(hi.item<double>());
   }
-  *mx = m;
-  *n_inf = infs;
-  return nan_row;
+  return {finite, nan_scores};
 }
 
 template <typename scalar_t>
 void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta,
-                const Bias<scalar_t>& bias, bool sparsemax, bool causal, double scale, at::Tensor& out,
-                at::Tensor& stats) {
+                const Bias<scalar_t>& bias, bool sparsemax, bool causal, double scale, InputFacts facts,
+                at::Tensor& out, at::Tensor& stats) {
   const int64_t H = q.size(1), N = q.size(2), D = q.size(3), M = k.size(2), DV = v.size(3);
   const int64_t BH = q.size(0) * H;
   const int64_t nqb = (N + kRowBlock - 1) / kRowBlock;
   const Rows<scalar_t> qr(q), kr(k), vr(v);
-  const std::vector<uint8_t> bad_key = bad_keys(kr, vr, BH, M, D, DV);
+  const BadKeys<scalar_t> bad_keys(kr, vr, BH, M, D, DV, facts.finite);
   const scalar_t* thp = theta.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   scalar_t* sp = stats.data_ptr<scalar_t>();
@@ -218,37 +269,41 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       const int64_t bh = task / nqb, i0 = (task % nqb) * kRowBlock, i1 = std::min(N, i0 + kRowBlock);
       const int64_t mend = causal ? std::min(M, i1) : M;
       at::Tensor panel = mend > 0 ? score_panel(q, k, bh, i0, i1, 0, mend, scale) : at::Tensor();
+      const auto qh = qr.head(bh), vh = vr.head(bh);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t mi = visible_keys(i, M, causal);
         scalar_t* s = mi > 0 ? panel.data_ptr<scalar_t>() + (i - i0) * mend : nullptr;
         scalar_t* oi = op + (bh * N + i) * DV;
         scalar_t* st = sp + (bh * N + i) * 2;
-        scalar_t mx;
-        int64_t n_inf;
-        const bool nan_row = prepare_row(s, mi, bias.present() ? bias.row(bh, i) : nullptr, bias.sm,
-                                         bad_key.data() + bh * M, &mx, &n_inf) ||
-                             !all_finite(qr.row(bh, i), D);
-        if (nan_row) {
-          std::fill(oi, oi + DV, nan);
-          st[0] = st[1] = nan;
-          continue;
-        }
+        const scalar_t* bias_row = bias.present() ? bias.row(bh, i) : nullptr;
+        if (bias_row != nullptr) add_bias(s, mi, bias_row, bias.sm);
+        bool nan_row = facts.nan_scores && any_nan(s, mi);
+        if (!facts.finite) nan_row = nan_row || !all_finite(qh[i], D) || bad_keys.seen(bh, M, mi, bias_row, bias.sm);
         scalar_t c = 0, t = thp[bh % H];
-        if (sparsemax) {
+        if (sparsemax && !nan_row) {
+          const scalar_t mx = row_max(s, mi);
           if (mx == -kInf<scalar_t>) {  // no visible key (also mi == 0)
             c = t = kInf<scalar_t>;
           } else if (mx == kInf<scalar_t>) {
             c = kInf<scalar_t>;
-            t = scalar_t(-1) / static_cast<scalar_t>(n_inf);
+            t = scalar_t(-1) / static_cast<scalar_t>(std::count(s, s + mi, kInf<scalar_t>));
           } else {
             c = mx;
             t = sparsemax_threshold(s, mi, mx);
           }
         }
-        // Only the support is touched: the P v product costs |S_i| dv, not M dv.
-        for (int64_t j = 0; j < mi; ++j) {
-          const scalar_t z = relative(s[j], c);
-          if (z > t) axpy(oi, z - t, vr.row(bh, j), DV);
+        if (nan_row) {
+          std::fill(oi, oi + DV, nan);
+          c = t = nan;
+        } else if (std::isinf(c)) {  // a +inf row or one without keys
+          for (int64_t j = 0; j < mi; ++j) {
+            const scalar_t z = relative(s[j], c);
+            if (z > t) axpy(oi, z - t, vh[j], DV);
+          }
+        } else {  // only the support is touched: the P v product costs |S_i| dv, not M dv
+          for (int64_t j = 0; j < mi; ++j) {
+            if (s[j] - c > t) axpy(oi, s[j] - c - t, vh[j], DV);
+          }
         }
         st[0] = c;
         st[1] = t;
@@ -283,24 +338,24 @@ void bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, c
       const int64_t mend = causal ? std::min(M, i1) : M;
       dthp[task] = 0;
       if (mend == 0) continue;
-      const at::Tensor panel = score_panel(q, k, bh, i0, i1, 0, mend, scale_d);
+      at::Tensor panel = score_panel(q, k, bh, i0, i1, 0, mend, scale_d);
+      const auto gh = gr.head(bh), kh = kr.head(bh), vh = vr.head(bh);
       scalar_t th_sum = 0;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r = bh * N + i;
         const scalar_t c = sp[r * 2], t = sp[r * 2 + 1];
         // A NaN row passes no gradient; a +inf row (or one without keys) has a constant P, so ds = 0 there.
         if (!(c < kInf<scalar_t>)) continue;
-        const scalar_t* s = panel.data_ptr<scalar_t>() + (i - i0) * mend;
-        const scalar_t* bias_row = bias.present() ? bias.row(bh, i) : nullptr;
-        const scalar_t* gi = gr.row(bh, i);
+        scalar_t* s = panel.data_ptr<scalar_t>() + (i - i0) * mend;
+        const scalar_t* gi = gh[i];
         const int64_t mi = visible_keys(i, M, causal);
+        if (bias.present()) add_bias(s, mi, bias.row(bh, i), bias.sm);
         int64_t n_act = 0;
         scalar_t dp_sum = 0;
         for (int64_t j = 0; j < mi; ++j) {
-          const scalar_t sj = bias_row != nullptr ? biased(s[j], bias_row[j * bias.sm]) : s[j];
-          if (relative(sj, c) > t) {
+          if (s[j] - c > t) {  // c is finite here
             idx[n_act] = j;
-            dp[n_act] = dot(gi, vr.row(bh, j), DV);
+            dp[n_act] = dot(gi, vh[j], DV);
             dp_sum += dp[n_act];
             ++n_act;
           }
@@ -310,7 +365,7 @@ void bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, c
         for (int64_t a = 0; a < n_act; ++a) {
           const scalar_t ds = dp[a] - dl;
           th_sum -= ds;
-          axpy(dqp + r * D, scale * ds, kr.row(bh, idx[a]), D);
+          axpy(dqp + r * D, scale * ds, kh[idx[a]], D);
         }
       }
       dthp[task] = th_sum;
@@ -326,21 +381,24 @@ void bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, c
       if (i_start >= N) continue;
       const at::Tensor panel = score_panel(k, q, bh, j0, j1, i_start, N, scale_d);
       const int64_t width = N - i_start;
+      const auto gh = gr.head(bh), qh = qr.head(bh);
+      const scalar_t* bias_head = bias.present() ? bias.row(bh, 0) : nullptr;
       for (int64_t j = j0; j < j1; ++j) {
         const scalar_t* s = panel.data_ptr<scalar_t>() + (j - j0) * width;
-        const scalar_t* vj = vr.row(bh, j);
+        const scalar_t* vj = vr.head(bh)[j];
         scalar_t* dvj = dvp + (bh * M + j) * DV;
         scalar_t* dkj = dkp + (bh * M + j) * D;
         for (int64_t i = causal ? j : i_start; i < N; ++i) {
           const int64_t r = bh * N + i;
           const scalar_t c = sp[r * 2], t = sp[r * 2 + 1];
-          const scalar_t sij = bias.present() ? biased(s[i - i_start], bias.row(bh, i)[j * bias.sm]) : s[i - i_start];
+          const scalar_t sij = bias_head != nullptr ? biased(s[i - i_start], bias_head[i * bias.sn + j * bias.sm])
+                                                    : s[i - i_start];
           const scalar_t z = relative(sij, c);
           if (!(z > t)) continue;  // also every entry of a NaN row
-          axpy(dvj, z - t, gr.row(bh, i), DV);
+          axpy(dvj, z - t, gh[i], DV);
           if (c < kInf<scalar_t>) {
-            const scalar_t ds = dot(gr.row(bh, i), vj, DV) - delta[r];
-            axpy(dkj, scale * ds, qr.row(bh, i), D);
+            const scalar_t ds = dot(gh[i], vj, DV) - delta[r];
+            axpy(dkj, scale * ds, qh[i], D);
           }
         }
       }
@@ -384,8 +442,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpp(const at::Tensor& q_
   const auto theta = theta_.to(q.scalar_type()).contiguous();
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   auto stats = at::empty({q.size(0), q.size(1), q.size(2), 2}, q.options());
+  const InputFacts facts = input_facts(q, k, v, bias, scale);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sparse_attention_fwd_cpp", [&] {
-    fwd_kernel<scalar_t>(q, k, v, theta, Bias<scalar_t>(bias), mode == "sparsemax", causal, scale, out, stats);
+    fwd_kernel<scalar_t>(q, k, v, theta, Bias<scalar_t>(bias), mode == "sparsemax", causal, scale, facts, out,
+                         stats);
   });
   return {out, stats};
 }
