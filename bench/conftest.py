@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark suite (`pytest bench --benchmark-only`).
 
-- Named conv workloads of DESIGN §6 (`dsc_kernels.experiments.speed.WORKLOADS`): CPU sizes when the suite runs on
-  a CPU, GPU sizes on CUDA (set DSC_BENCH_DEVICE=cpu|cuda to choose; default cuda when available).
+- Named conv workloads of docs/design.md §6 (`dsc_kernels.experiments.speed.WORKLOADS`): CPU sizes when the suite
+  runs on a CPU, GPU sizes on CUDA (set DSC_BENCH_DEVICE=cpu|cuda to choose; default cuda when available).
 - Timing: on a CPU pytest-benchmark's own timer (`benchmark.pedantic`); on CUDA the call is synchronised for
   pytest-benchmark's table and the number recorded in extra_info is `triton.testing.do_bench` (CUDA events, median).
 - Memory kept by the forward (`dsc_kernels.experiments.speed.peak_memory_bytes`): GPU torch.cuda.max_memory_allocated

@@ -1,4 +1,4 @@
-"""Conv-ISTA speed and memory: every DESIGN §6 conv workload x provider, forward and forward+backward.
+"""Conv-ISTA speed and memory: every docs/design.md §6 conv workload x provider, forward and forward+backward.
 
 Providers: reference (eager), compile (torch.compile of the reference), cpp, triton, cuda — each skipped with the
 reason when it cannot run here. extra_info: median ms, ratio to eager and to compile (when those ran first in the

@@ -1,6 +1,6 @@
 """Pure-PyTorch sparsemax and sparse attention: the oracle for every fused backend.
 
-Math (DESIGN.md §2). For q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv) and an optional additive score ``bias``
+Math (docs/design.md §2). For q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv) and an optional additive score ``bias``
 broadcastable to (B, H, N, M) (``-inf`` hides a key, as ``nn.MultiheadAttention``'s float masks):
     s_ij = scale <q_i, k_j> + bias_ij,  s_ij = -inf where causal or the bias hides key j from query i
     sparsemax: P_ij = max(s_ij - tau_i, 0), tau_i solves sum_j max(s_ij - tau_i, 0) = 1

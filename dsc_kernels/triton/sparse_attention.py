@@ -1,6 +1,6 @@
 """Flash-style Triton kernels for sparse attention (backend "triton"): the N x M score matrix never exists.
 
-Math (reference/attention.py), q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv), theta (H,), optional bias (B,H,N,M):
+Math (docs/design.md §2, reference/attention.py), q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv), theta (H,), optional bias (B,H,N,M):
     s_ij = scale <q_i, k_j> + bias_ij; key j hidden (s = -inf) when j > i (causal, top-left) or bias_ij = -inf
     z_ij = s_ij - c_i (z = 0 where s_ij = c_i = +inf), P_ij = max(z_ij - t_i, 0), O_i = sum_j P_ij v_j
     sparsemax: c_i = max_j s_ij, t_i = tau_i - c_i (rows relative to their max keep huge or tied scores exact);
