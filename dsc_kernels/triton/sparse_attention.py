@@ -380,9 +380,17 @@ def _bias_args(bias: Tensor | None, dummy: Tensor) -> tuple:
     return (bias, *bias.stride())
 
 
+def _finite_rows(t: Tensor) -> Tensor:
+    """(B, H, L) bool: whether row t[b, h, l] is all finite, from its min and max (no temporary of t's size)."""
+    if t.shape[-1] == 0:
+        return torch.ones(t.shape[:-1], dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t, dim=-1)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
 def _bad_keys(k: Tensor, v: Tensor) -> Tensor:
     """(B, H, M) int8: 1 where k_j or v_j holds NaN or inf (the rows that see such a key are NaN)."""
-    return (~(torch.isfinite(k).all(-1) & torch.isfinite(v).all(-1))).to(torch.int8).contiguous()
+    return (~(_finite_rows(k) & _finite_rows(v))).to(torch.int8).contiguous()
 
 
 def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bias: Optional[Tensor], mode: str,
