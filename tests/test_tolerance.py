@@ -49,3 +49,11 @@ def test_mask_restricts_both_errors():
     mask[0] = False
     assert not judge(actual, ref, eager).ok
     assert judge(actual, ref, eager, mask=mask).ok
+
+
+def test_l2_norm_judges_the_whole_tensor():
+    a, b, ref = _data()
+    eager = (a.half().float() @ b.half().float()).half()
+    assert judge(eager.clone(), ref, eager, norm="l2").ok
+    assert not judge(torch.zeros_like(eager), ref, eager, norm="l2").ok
+    assert not judge(eager * 1.01, ref, eager, norm="l2").ok
