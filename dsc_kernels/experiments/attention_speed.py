@@ -26,8 +26,7 @@ import torch.nn.functional as F
 
 from .. import functional as DF
 from ..reference.attention import sparse_attention_ref
-from . import records
-from .measure import measure_memory, synchronize, time_interleaved
+from .measure import Candidate, measure_providers, time_interleaved
 from .tolerance import gate
 
 __all__ = ["HEADS", "HEAD_DIM", "dense_sparsemax_attention", "attention_fn", "measure_attention", "time_vs_length",
@@ -172,37 +171,20 @@ def measure_attention(shape: Sequence[int], device: str | torch.device, provider
                 dtype=str(dtype).removeprefix("torch."), params=dict(shape=list(shape), causal=causal))
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(shape, generator=gen).to(device, dtype).requires_grad_(backward) for _ in range(3))
-    out, runs = {}, {}
-    verdicts = {}
-    for p in providers:
-        try:
-            fn = attention_fn(p, q, k, v, causal)
-            if check:
-                verdicts[p] = _gate(p, fn, q, k, v, causal, backward)
-                if not all(x.ok for x in verdicts[p]):
-                    out[p] = records.result(**base, provider=p, status="wrong", check=verdicts[p],
-                                            reason="output failed the correctness gate: not timed")
-                    continue
-            runs[p] = _step(fn, (q, k, v)) if backward else _no_grad(fn)
-        except Exception as err:  # noqa: BLE001 - a provider that cannot run is a record, not a crash
-            out[p] = records.result(**base, provider=p, status="failed", check=verdicts.get(p),
-                                    reason=f"{type(err).__name__}: {err}"[:400])
-        finally:
-            for t in (q, k, v):
-                t.grad = None
-    timings = time_interleaved(runs, device, rounds=rounds, warmup=warmup, budget_s=budget_s) if runs else {}
-    for p, run in runs.items():
-        t = timings[p]
-        if t.error is not None:
-            out[p] = records.result(**base, provider=p, status="failed", check=verdicts.get(p), reason=t.error)
-            continue
-        try:
-            memory = measure_memory(run, device)
-        except Exception as err:  # noqa: BLE001
-            memory, t.error = None, f"memory: {type(err).__name__}: {err}"[:400]
-        out[p] = records.result(**base, provider=p, check=verdicts.get(p), timing=t, memory=memory)
-    synchronize(device)
-    return [out[p] for p in providers if p in out]
+
+    def candidate(p: str) -> Candidate:
+        fn = attention_fn(p, q, k, v, causal)
+
+        def checked():
+            try:
+                return _gate(p, fn, q, k, v, causal, backward)
+            finally:
+                for t in (q, k, v):
+                    t.grad = None
+        return Candidate(check=checked if check else None, run=_step(fn, (q, k, v)) if backward else _no_grad(fn))
+
+    return measure_providers(base, device, {p: functools.partial(candidate, p) for p in providers}, rounds=rounds,
+                             warmup=warmup, budget_s=budget_s)
 
 
 def _no_grad(fn):

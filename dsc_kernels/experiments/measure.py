@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Timing", "time_interleaved", "MemoryUse", "measure_memory", "synchronize"]
+from . import records
+
+__all__ = ["Timing", "time_interleaved", "MemoryUse", "measure_memory", "synchronize", "Candidate",
+           "measure_providers"]
 
 
 @dataclass
@@ -177,3 +180,56 @@ def measure_memory(fn: Callable[[], object], device: torch.device | str) -> Memo
         current += e.nbytes()  # negative for frees
         peak = max(peak, current)
     return MemoryUse(int(peak), int(current), "torch.profiler allocation events (c10 allocations)")
+
+
+@dataclass
+class Candidate:
+    """A provider ready to be measured. `check()` calls it once (its first call: torch.compile compiles here, outside
+    any timing) and returns tolerance Verdicts; `run` is the call that is timed."""
+
+    check: Callable[[], list] | None
+    run: Callable[[], object]
+
+
+def measure_providers(base: Mapping, device: torch.device | str,
+                      candidates: Mapping[str, Callable[[], Candidate] | str], *, rounds: int = 7, warmup: int = 2,
+                      budget_s: float | None = None) -> list[dict]:
+    """The measurement of one group of providers: check each (a provider whose output fails is recorded "wrong" and
+    never timed), time the rest interleaved, then measure each one's memory. `candidates` maps a provider to a
+    builder of its Candidate, or to the reason it is skipped. `base` holds the records' common fields (suite,
+    workload, mode, dtype, params). Returns one records.result per provider, in `candidates`' order, each with
+    `first_call_s` (the check's wall time, compilation included)."""
+    out: dict[str, dict] = {}
+    runs, verdicts, first_call = {}, {}, {}
+    for p, build in candidates.items():
+        if isinstance(build, str):
+            out[p] = records.result(**base, provider=p, status="skipped", reason=build)
+            continue
+        t0 = time.perf_counter()
+        try:
+            candidate = build()
+            if candidate.check is not None:
+                verdicts[p] = candidate.check()
+                synchronize(device)
+            first_call[p] = time.perf_counter() - t0
+            if not all(v.ok for v in verdicts.get(p, [])):
+                out[p] = records.result(**base, provider=p, status="wrong", check=verdicts[p],
+                                        reason="output failed the correctness gate: not timed",
+                                        first_call_s=first_call[p])
+                continue
+            runs[p] = candidate.run
+        except Exception as err:  # noqa: BLE001 - a provider failing is a record, not a crash
+            out[p] = records.result(**base, provider=p, status="failed", check=verdicts.get(p), reason=_describe(err),
+                                    first_call_s=time.perf_counter() - t0)
+    timings = time_interleaved(runs, device, rounds=rounds, warmup=warmup, budget_s=budget_s) if runs else {}
+    for p, run in runs.items():
+        t, memory = timings[p], None
+        if t.error is None:
+            try:
+                memory = measure_memory(run, device)
+            except Exception as err:  # noqa: BLE001
+                t.error = f"memory: {_describe(err)}"
+        out[p] = records.result(**base, provider=p, status="ok" if t.error is None else "failed", reason=t.error,
+                                check=verdicts.get(p), timing=t, memory=memory, first_call_s=first_call[p])
+    synchronize(device)
+    return [out[p] for p in candidates]

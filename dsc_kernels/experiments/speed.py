@@ -26,7 +26,7 @@ import torch
 from .. import functional as DF
 from ..reference import conv_ista_ref
 from . import records
-from .measure import Timing, measure_memory, synchronize, time_interleaved
+from .measure import Candidate, measure_memory, measure_providers, time_interleaved
 from .tolerance import gate
 
 __all__ = ["PROVIDERS", "MODES", "Workload", "WORKLOADS", "GPU_WORKLOADS", "workloads", "make_inputs",
@@ -217,49 +217,28 @@ def measure_conv(workload: Workload, device: str | torch.device, mode: str, prov
                 params=params)
     available = available_providers(device)
     inputs = make_inputs(workload, device, dtype, requires_grad=mode == "forward_backward", scale=scale)
-    records_out, runs, verdicts = {}, {}, {}
     try:
         ref64 = _reference64(inputs, mode) if check else None
         eager = _outputs(provider_fn("reference", inputs), mode) if check else None
     except Exception as err:  # noqa: BLE001 - no reference, no gate: nothing may be timed
         return [records.result(**base, provider=p, status="failed", reason=f"reference: {type(err).__name__}: {err}"
                                [:400]) for p in providers]
+
+    def candidate(p: str) -> Candidate:
+        fn = provider_fn(p, inputs)
+        return Candidate(check=(lambda: _check(_outputs(fn, mode), ref64, eager, mode)) if check else None,
+                         run=forward_backward(fn, inputs) if mode == "forward_backward" else _inference(fn))
+
+    candidates: dict = {}
     for p in providers:
         if available.get(p, "unknown provider") is not None:
-            records_out[p] = records.result(**base, provider=p, status="skipped", reason=available.get(
-                p, "unknown provider"))
-            continue
-        if mode == "forward" and p.endswith("-recompute"):
-            records_out[p] = records.result(**base, provider=p, status="skipped", reason="recompute changes only "
-                                            "what the backward keeps: its forward is the one without -recompute")
-            continue
-        try:
-            fn = provider_fn(p, inputs)
-            if check:  # the provider's first call: torch.compile compiles here, outside any timing
-                verdicts[p] = _check(_outputs(fn, mode), ref64, eager, mode)
-                if not all(v.ok for v in verdicts[p]):
-                    records_out[p] = records.result(**base, provider=p, status="wrong", check=verdicts[p],
-                                                    reason="output failed the correctness gate: not timed")
-                    continue
-            runs[p] = forward_backward(fn, inputs) if mode == "forward_backward" else _inference(fn)
-        except Exception as err:  # noqa: BLE001 - a provider failing is a record, not a crash
-            records_out[p] = records.result(**base, provider=p, status="failed", check=verdicts.get(p),
-                                            reason=f"{type(err).__name__}: {err}"[:400])
-    timings: dict[str, Timing] = time_interleaved(runs, device, rounds=rounds, warmup=warmup,
-                                                  budget_s=budget_s) if runs else {}
-    for p, run in runs.items():
-        t = timings[p]
-        if t.error is not None:
-            records_out[p] = records.result(**base, provider=p, status="failed", check=verdicts.get(p),
-                                            reason=t.error, timing=t)
-            continue
-        try:
-            memory = measure_memory(run, device)
-        except Exception as err:  # noqa: BLE001
-            memory, t.error = None, f"memory: {type(err).__name__}: {err}"[:400]
-        records_out[p] = records.result(**base, provider=p, check=verdicts.get(p), timing=t, memory=memory)
-    synchronize(device)
-    return [records_out[p] for p in providers if p in records_out]
+            candidates[p] = available.get(p, "unknown provider")
+        elif mode == "forward" and p.endswith("-recompute"):
+            candidates[p] = ("recompute changes only what the backward keeps: its forward is the one without "
+                             "-recompute")
+        else:
+            candidates[p] = functools.partial(candidate, p)
+    return measure_providers(base, device, candidates, rounds=rounds, warmup=warmup, budget_s=budget_s)
 
 
 # ----------------------------------------------------------------------------- single-provider forms (the report)
