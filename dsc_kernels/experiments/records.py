@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["SCHEMA", "VERSION", "BASELINES", "environment", "result", "add_ratios", "run_document", "write_run",
-           "CSV_COLUMNS", "load_runs"]
+           "CSV_COLUMNS", "load_runs", "markdown_table"]
 
 SCHEMA, VERSION = "dsc_kernels.bench", 1
 ROOT = Path(__file__).resolve().parents[2]
@@ -203,3 +203,31 @@ def load_runs(directory: str | Path) -> list[dict]:
             doc["path"] = str(path)
             docs.append(doc)
     return sorted(docs, key=lambda d: d.get("created", ""))
+
+
+def _fmt_bytes(n) -> str:
+    return "" if n is None else f"{n / 2 ** 20:.0f} MiB" if n >= 2 ** 20 else f"{n / 2 ** 10:.0f} KiB"
+
+
+def markdown_table(results: Iterable[dict]) -> list[str]:
+    """One markdown table of timed records: median ms (N), speedups against each baseline group present, peak
+    memory and the training-step memory ratio; records that were not timed are listed with their status."""
+    rows = [r for r in results if r.get("timing") and r["status"] == "ok"]
+    present = [b for b in BASELINES if any(f"speedup_vs_{b}" in r["ratios"] for r in rows)]
+    lines = ["| workload | mode | dtype | provider | median ms (N) | "
+             + " | ".join(f"× vs {b}" for b in present) + " | peak memory | train peak / eager |",
+             "| --- " * (7 + len(present)) + "|"]
+    for r in rows:
+        t, m = r["timing"], r.get("memory") or {}
+        ratios = [f"{r['ratios'][f'speedup_vs_{b}']:.2f}" if f"speedup_vs_{b}" in r["ratios"] else "" for b in present]
+        train = r["ratios"].get("train_peak_ratio_vs_eager")
+        lines.append(f"| {r['workload']} | {r['mode']} | {r['dtype']} | {r['provider']} | "
+                     f"{t['median_ms']:.3f} ({t['n']}) | " + " | ".join(ratios)
+                     + f" | {_fmt_bytes(m.get('peak_bytes'))} | {'' if train is None else f'{train:.2f}'} |")
+    others = [r for r in results if r not in rows]
+    if others:
+        lines += ["", "Not timed:", ""]
+        for r in others:
+            reason = (r.get("reason") or "").splitlines()[0][:160] if r.get("reason") else ""
+            lines.append(f"- {r['workload']} {r['mode']} {r['provider']}: {r['status']} ({reason})")
+    return lines

@@ -10,9 +10,10 @@ the same quantity in the same dtype and precision mode (cuDNN fp16 convolutions,
 with ``factor = 2`` and a floor of one unit in the last place of ``actual``'s dtype (the rounding of the stored
 result alone), but at least 16 fp32 ulps (1.9e-6: the kernels accumulate in fp32, and in plain fp32 the eager
 error itself is a handful of ulps, too small a yardstick alone), as FlashAttention's tests judge their kernels.
-NaN must sit where the reference has NaN; elsewhere every element counts. The rule can fail: a zero gradient against a non-zero reference is off by
-max|reference|, far above twice a rounding error. It refuses to judge when the eager error itself is not finite or
-is larger than the values (then the eager computation is no yardstick and the test must pick another).
+NaN must sit where the reference has NaN; elsewhere every element counts. The rule can fail: a zero gradient
+against a non-zero reference is off by max|reference|, far above twice a rounding error. It refuses to judge when
+the eager error itself is not finite or is larger than the values (then the eager computation is no yardstick and
+the test must pick another).
 
 ``mask`` restricts the comparison to chosen elements (e.g. where two supports agree); both errors use the same mask.
 ``norm="l2"`` measures both errors as ‖·‖₂ instead of the largest element (for results at scale where a few
