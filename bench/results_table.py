@@ -21,7 +21,7 @@ START, END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
 
 
 def tables(directory: Path, every: bool = False) -> list[str]:
-    runs = records.load_runs(directory)
+    runs = [d for d in records.load_runs(directory) if not d.get("method", {}).get("dry_run")]
     if not every:  # the latest run of each (suite, device)
         latest = {(d["suite"], d["environment"].get("device")): d for d in runs}
         runs = list(latest.values())

@@ -105,3 +105,24 @@ def test_single_provider_forms_used_by_the_report():
     with torch.no_grad():
         assert S.peak_memory_bytes(fn, "cpu") == out_bytes
     assert S.train_step_peak_bytes(fn, inputs, "cpu") > S.peak_memory_bytes(fn, "cpu")
+
+
+def test_readme_table_is_generated_from_committed_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    recs = S.measure_conv(S.WORKLOADS["deep-layer"], "cpu", "forward", ["reference", "cpp"], scale=0.125, rounds=2,
+                          warmup=1)
+    records.write_run(records.run_document("bench", "cpu", recs, {"timing": "test"}), tmp_path, "run")
+    dry = records.run_document("gpu-check", "cpu", recs, {"timing": "test", "dry_run": True})
+    records.write_run(dry, tmp_path, "dry")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench-results:start -->\nold\n<!-- bench-results:end -->\nend\n")
+    spec = importlib.util.spec_from_file_location("results_table", Path(__file__).parents[1] / "bench" /
+                                                  "results_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    assert table.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
+    assert "| deep-layer | forward | float32 | reference |" in text and "gpu-check" not in text  # dry runs left out
