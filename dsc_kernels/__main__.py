@@ -1,8 +1,10 @@
-"""`python -m dsc_kernels report [--out DIR] [--quick] [--device cpu|cuda] [--backend NAME]`."""
+"""`python -m dsc_kernels report [--out DIR] [--quick] [--device cpu|cuda] [--backend NAME]`; `--version`."""
 from __future__ import annotations
 
 import argparse
 import sys
+
+from . import __version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -10,6 +12,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m dsc_kernels",
         description="dsc_kernels main job: check the convergence claims of deep-sparse-coding theory on this "
                     "machine and compare the conv-ISTA backends; writes a markdown report with figures.")
+    parser.add_argument("--version", action="version", version=f"dsc_kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", help="run the convergence experiments and the speed comparison, write REPORT.md",
                          description="Runs every claim of THEORY.md §7 through functional.conv_ista and times the "

@@ -1,27 +1,38 @@
 """Builds and loads the C++ CPU extension (every ``csrc/**/*.cpp`` outside ``csrc/cuda``) just in time.
 
 The sources register their ops with TORCH_LIBRARY_FRAGMENT, so loading the shared library is all it takes for
-``torch.ops.dsc_kernels.*_cpp`` to exist. The build directory is keyed on the sources, the flags and the torch
-version, under ``~/.cache/dsc_kernels`` (``DSC_KERNELS_CACHE`` overrides), so every process reuses one build.
+``torch.ops.dsc_kernels.*_cpp`` to exist. The C++ sources ship inside the installed package
+(``dsc_kernels/csrc``, copied in by setup.py at build time); a source checkout uses the repository's ``csrc/``.
+
+The build is keyed and done by content only: the sources are copied into a cache folder named by the hash of their
+contents, the flags, the torch version and install folder and the Python version (``~/.cache/dsc_kernels``; ``DSC_KERNELS_CACHE`` overrides)
+and compiled there, so ninja's files hold no checkout's path and every checkout, install and process with the same
+sources reuses one build. The first build takes about a minute on two cores and says so once.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
+import shutil
 import sys
 import threading
 from pathlib import Path
 
 import torch
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_PACKAGE = Path(__file__).resolve().parent
+_CSRC = _PACKAGE / "csrc" if (_PACKAGE / "csrc").is_dir() else _PACKAGE.parent / "csrc"
 _LOCK = threading.Lock()
 _error: str | None = None
+_log = logging.getLogger("dsc_kernels")
 
 
 def _sources() -> list[Path]:
-    return sorted(p for p in _CSRC.rglob("*.cpp") if "cuda" not in p.relative_to(_CSRC).parts)
+    """Every C++ file the extension is built from (headers included), relative to the csrc folder."""
+    return sorted(p.relative_to(_CSRC) for p in _CSRC.rglob("*")
+                  if p.suffix in (".cpp", ".h") and "cuda" not in p.relative_to(_CSRC).parts)
 
 
 def _cpu_flags() -> set[str]:
@@ -39,27 +50,34 @@ def _cflags() -> list[str]:
     # The build is cached per machine (the flags are part of the key), so the ISA the running CPU has is safe to
     # use; -march=native is avoided because a shared cache could meet a different CPU with the same flags line.
     flags = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+    extra = os.environ.get("DSC_KERNELS_EXTRA_CFLAGS", "").split()  # e.g. the sanitizer build (make sanitize)
     cpu = _cpu_flags()
     if {"avx2", "fma"} <= cpu:
         flags += ["-mavx2", "-mfma"]
         if {"avx512f", "avx512vl", "avx512dq", "avx512bw"} <= cpu:
             flags += ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mavx512bw"]
-    return flags
+    return flags + extra
 
 
 def _build_dir(sources: list[Path], cflags: list[str]) -> Path:
+    """The cache folder for these sources and flags, holding a copy of the sources (written once)."""
     h = hashlib.sha256()
-    for p in sources:
-        h.update(str(p.relative_to(_CSRC)).encode())
-        h.update(p.read_bytes())
-    for header in sorted(_CSRC.rglob("*.h")):
-        h.update(header.read_bytes())
+    for rel in sources:
+        h.update(str(rel).encode())
+        h.update((_CSRC / rel).read_bytes())
     h.update(" ".join(cflags).encode())
     h.update(torch.__version__.encode())
+    h.update(str(Path(torch.__file__).parent).encode())  # build.ninja names torch's headers by path
     h.update(sys.version.encode())
     root = Path(os.environ.get("DSC_KERNELS_CACHE", Path.home() / ".cache" / "dsc_kernels"))
     path = root / h.hexdigest()[:16]
-    path.mkdir(parents=True, exist_ok=True)
+    for rel in sources:
+        target = path / "src" / rel
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(target.suffix + f".{os.getpid()}.tmp")
+            shutil.copyfile(_CSRC / rel, tmp)
+            os.replace(tmp, target)  # atomic: a concurrent process never compiles a half-written file
     return path
 
 
@@ -87,16 +105,22 @@ def load():
     bindir = os.path.dirname(sys.executable)
     if bindir not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    sources = _sources()
-    cflags = _cflags()
     with _LOCK:
         try:
+            sources = _sources()
+            if not sources:
+                raise RuntimeError(f"no C++ sources found under {_CSRC}")
+            cflags = _cflags()
+            build_dir = _build_dir(sources, cflags)
+            if not any(build_dir.glob("*.so")):
+                _log.warning("dsc_kernels: building the C++ extension (once for these sources, about a minute on "
+                             "two cores); it is cached in %s", build_dir)
             cpp_extension.load(
                 name="dsc_kernels_cpu",
-                sources=[str(p) for p in sources],
+                sources=[str(build_dir / "src" / rel) for rel in sources if rel.suffix == ".cpp"],
                 extra_cflags=cflags,
                 extra_ldflags=["-fopenmp"],
-                build_directory=str(_build_dir(sources, cflags)),
+                build_directory=str(build_dir),
                 is_python_module=False,
                 verbose=False,
             )

@@ -27,6 +27,11 @@ def _prepare(backend):
     {"cpp": _cpp_or_skip, "triton": _triton_or_skip}.get(backend, lambda: None)()
 
 
+def _fused(backend, *args):
+    """The output of backend's forward op (differentiable through its backward op)."""
+    return sa.op_pair(backend).forward(*args)[0]
+
+
 def _problem(n, m, d, dtype, *, b=1, h=2, dv=None, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(b, h, length, d, generator=gen, dtype=torch.float64) for length in (n, m))
@@ -38,7 +43,7 @@ def _problem(n, m, d, dtype, *, b=1, h=2, dv=None, seed=0):
 def _check_against_reference(backend, mode, causal, n, m, d, dtype, atol, dv=None):
     q, k, v, th = _problem(n, m, d, dtype, dv=dv)
     scale = d ** -0.5
-    out = sa.sparse_attention(backend, q, k, v, th, mode, causal, scale)
+    out = _fused(backend, q, k, v, th, mode, causal, scale)
     q64, k64, v64, th64 = (t.detach().double().requires_grad_() for t in (q, k, v, th))
     want = sparse_attention_ref(q64, k64, v64, mode=mode, threshold=th64, causal=causal, scale=scale)
     assert out.dtype == dtype and out.shape == want.shape
@@ -55,7 +60,7 @@ def _check_against_reference(backend, mode, causal, n, m, d, dtype, atol, dv=Non
 SHAPES = [(5, 7, 16), (37, 19, 24), (17, 33, 64)]
 
 
-@pytest.mark.parametrize("backend", ["ref", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("n,m,d", SHAPES)
@@ -88,19 +93,19 @@ def test_triton_value_dim_differs():
     _check_against_reference("triton", "shrink", False, 9, 11, 16, torch.float32, 2e-5, dv=24)
 
 
-@pytest.mark.parametrize("backend", ["ref", "cpp", TRITON_INTERPRETED])
+@pytest.mark.parametrize("backend", ["reference", "cpp", TRITON_INTERPRETED])
 def test_row_statistics(backend):
     _prepare(backend)
     dtype = torch.float32 if backend == "triton" else torch.float64
     q, k, v, th = (t.detach() for t in _problem(18, 21, 16, dtype))
     for mode in ("sparsemax", "shrink"):
-        _, stats = sa.get_ops(backend).forward(q, k, v, th, mode, True, 0.25)
+        _, stats = sa.op_pair(backend).forward(q, k, v, th, mode, True, 0.25)
         _, want = sparse_attention_fwd_ref(q.double(), k.double(), v.double(), th.double(), mode, True, 0.25)
         assert stats.shape == (1, 2, 18, 2)
         torch.testing.assert_close(stats.double(), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["ref", "cpp", TRITON_INTERPRETED])
+@pytest.mark.parametrize("backend", ["reference", "cpp", TRITON_INTERPRETED])
 @pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
 def test_no_active_key_rows_are_zero(backend, mode):
     _prepare(backend)
@@ -108,7 +113,7 @@ def test_no_active_key_rows_are_zero(backend, mode):
     q, k, v, th = _problem(6, 5, 16, dtype)
     big = torch.full_like(th, 1e4).detach().requires_grad_()
     # shrink: every score is below the threshold. sparsemax: key 0 takes all of row 0 (the only visible key).
-    out = sa.sparse_attention(backend, q, k, v, big, mode, True, 0.25)
+    out = _fused(backend, q, k, v, big, mode, True, 0.25)
     assert torch.isfinite(out).all()
     if mode == "shrink":
         assert torch.equal(out, torch.zeros_like(out))
@@ -123,14 +128,14 @@ def _op_args(dtype):
     return q, k, v, th
 
 
-@pytest.mark.parametrize("backend", ["ref", "cpp", TRITON_INTERPRETED])
+@pytest.mark.parametrize("backend", ["reference", "cpp", TRITON_INTERPRETED])
 @pytest.mark.parametrize("mode,causal", [("sparsemax", True), ("shrink", False)])
 def test_opcheck(backend, mode, causal):
     _prepare(backend)
     dtype = torch.float32 if backend == "triton" else torch.float64
     # The Triton interpreter cannot run on the functional tensors of AOT dispatch; the GPU test covers that.
     aot = () if backend == "triton" else ("test_aot_dispatch_dynamic",)
-    _opcheck(sa.get_ops(backend), dtype, mode, causal, aot, "cpu")
+    _opcheck(sa.op_pair(backend), dtype, mode, causal, aot, "cpu")
 
 
 def _opcheck(ops, dtype, mode, causal, aot, device):
@@ -145,14 +150,14 @@ def _opcheck(ops, dtype, mode, causal, aot, device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode,causal", [("sparsemax", True), ("shrink", False)])
 def test_opcheck_triton_gpu(mode, causal):
-    _opcheck(sa.get_ops("triton"), torch.float32, mode, causal, ("test_aot_dispatch_dynamic",), "cuda")
+    _opcheck(sa.op_pair("triton"), torch.float32, mode, causal, ("test_aot_dispatch_dynamic",), "cuda")
 
 
 def test_available_backends_and_errors():
     assert "reference" in DF.available_backends("cpu")
-    with pytest.raises(ValueError, match="no sparse_attention op is registered for backend 'nope'"):
-        sa.get_ops("nope")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="no sparse_attention backend named 'nope'"):
+        sa.op_pair("nope")
+    with pytest.raises(ValueError, match="no conv_ista backend named 'nope'"):
         DF.backend_unavailable_reason("nope", "cpu")
     assert "cpu" in DF.backend_unavailable_reason("cpp", "meta").lower()
 
@@ -164,7 +169,7 @@ def test_available_backends_and_errors():
 def test_triton_gpu_matches_reference(dtype, mode, causal, n, m, d):
     q, k, v, th = (t.detach().cuda().requires_grad_() for t in _problem(n, m, d, dtype, b=2, h=3))
     scale = d ** -0.5
-    out = sa.sparse_attention("triton", q, k, v, th, mode, causal, scale)
+    out = _fused("triton", q, k, v, th, mode, causal, scale)
     q64, k64, v64, th64 = (t.detach().double().requires_grad_() for t in (q, k, v, th))
     want = sparse_attention_ref(q64, k64, v64, mode=mode, threshold=th64, causal=causal, scale=scale)
     tol = 1e-4 if dtype == torch.float32 else 5e-2

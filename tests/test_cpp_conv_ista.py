@@ -15,11 +15,11 @@ import torch
 
 import dsc_kernels.functional as DF
 from dsc_kernels import _ext
-from dsc_kernels.ops import get_backend
+from dsc_kernels.ops import op_pair
 from dsc_kernels.reference.conv_ista import conv_ista_ref
 
 ops = _ext.load()
-get_backend("cpp")  # registers the fakes and the autograd link of the C++ ops
+op_pair("conv_ista", "cpp")  # registers the fakes and the autograd link of the C++ ops
 
 # name, x shape, weight shape, stride, padding, n_iter, options
 CASES = [

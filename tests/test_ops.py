@@ -1,8 +1,8 @@
-"""The op interface every fused backend plugs into, exercised with the pure-PyTorch "ref" ops."""
+"""The op interface every fused backend plugs into, exercised with the pure-PyTorch "reference" ops."""
 import pytest
 import torch
 
-from dsc_kernels.ops import conv_ista_op, get_backend
+from dsc_kernels.ops import op_pair
 from dsc_kernels.reference import conv_ista_ref
 from helpers import conv_problem
 
@@ -18,7 +18,7 @@ def canonical_args(p, nonneg, fista, checkpoint):
 @pytest.mark.parametrize("fista,nonneg", [(False, False), (True, True)])
 def test_opcheck_ref_ops(checkpoint, fista, nonneg):
     p = conv_problem(2, stride=2, z0=True, requires_grad=True)
-    ops = get_backend("ref")
+    ops = op_pair("conv_ista", "reference")
     args = canonical_args(p, nonneg, fista, checkpoint)
     torch.library.opcheck(ops.forward, args)
     # The backward op is not itself differentiable (no double backward): check it on plain tensors.
@@ -31,8 +31,10 @@ def test_compiled_op_matches_eager_with_gradients():
     p = conv_problem(2, stride=1, z0=True, requires_grad=True)
     args = canonical_args(p, False, True, 2)
 
+    forward = op_pair("conv_ista", "reference").forward
+
     def run(x, w, we, lam, step, z0):
-        return conv_ista_op("ref", x, w, we, lam, step, z0, *args[6:])
+        return forward(x, w, we, lam, step, z0, *args[6:])[0]
 
     tensors = args[:6]
     eager = run(*tensors)
@@ -44,5 +46,5 @@ def test_compiled_op_matches_eager_with_gradients():
 
 
 def test_unknown_backend_is_reported():
-    with pytest.raises(ValueError, match="no conv_ista op is registered for backend 'nope'"):
-        get_backend("nope")
+    with pytest.raises(ValueError, match="no conv_ista backend named 'nope'"):
+        op_pair("conv_ista", "nope")

@@ -61,7 +61,7 @@ def _run(p, dtype, backend, recompute=False):
     """z and the gradients of <z, G> for every tensor input."""
     leaves = {k: p[k].detach().to(dtype).requires_grad_() for k in GRAD_NAMES if p[k] is not None}
     opts = dict(stride=p["stride"], padding=p["padding"], nonneg=p["nonneg"], fista=p["fista"])
-    if backend == "ref":
+    if backend == "reference":
         z = conv_ista_ref(leaves["x"], leaves["weight"], leaves["lam"], leaves["step"],
                           encoder_weight=leaves.get("encoder_weight"), z0=leaves.get("z0"), **opts)
     else:
@@ -74,7 +74,7 @@ def _run(p, dtype, backend, recompute=False):
 
 
 def _compare(p, dtype=torch.float32, recompute=False, rtol=2e-4, atol=2e-5):
-    z_ref, g_ref = _run(p, torch.float64, "ref")
+    z_ref, g_ref = _run(p, torch.float64, "reference")
     z, grads = _run(p, dtype, "triton", recompute)
     assert z.dtype == dtype and z.shape == z_ref.shape
     assert torch.equal(z != 0, z_ref != 0), "support differs"
@@ -211,8 +211,8 @@ OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 
 @pytest.mark.parametrize("save,fista,nonneg", [(True, False, False), (False, True, True)])
 def test_opcheck(save, fista, nonneg, device):
-    from dsc_kernels.ops.conv_ista import get_backend
-    ops = get_backend("triton")
+    from dsc_kernels.ops import op_pair
+    ops = op_pair("conv_ista", "triton")
     utils = OPCHECK_UTILS + (("test_aot_dispatch_dynamic",) if device == "cuda" else ())
     p = _problem(rank=2, size=(6, 7), stride=(2, 1), untied=True, z0=True, fista=fista, nonneg=nonneg,
                  device=device, kink_free=False)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import dsc_kernels.functional as DF
+from dsc_kernels import ops
 
 X = torch.randn(2, 3, 10, 10)
 W = torch.randn(4, 3, 3, 3)
@@ -31,7 +32,7 @@ def ista(**overrides):
     (dict(step=torch.rand(3)), ValueError, "step must have one of the shapes"),
     (dict(x=torch.randint(0, 3, (2, 3, 10, 10))), TypeError, "x must have a floating-point dtype"),
     (dict(weight=torch.randint(0, 3, (4, 3, 3, 3))), TypeError, "weight must have a floating-point dtype"),
-    (dict(x=X.double()), TypeError, "share one dtype"),
+    (dict(x=X.double()), TypeError, "must share one dtype"),
     (dict(x=X.to("meta")), ValueError, "one device"),
     (dict(backend="fastest"), ValueError, "backend must be one of"),
     (dict(backend=3), TypeError, "backend must be a string"),
@@ -52,15 +53,15 @@ def test_explicit_backend_that_cannot_run_raises_with_a_reason():
     with pytest.raises(RuntimeError, match="cuda.*not part of this release"):
         ista(backend="cuda")
     with pytest.raises(RuntimeError, match="CPU tensors"):
-        DF._resolve_backend("cpp", torch.device("meta"), torch.float32)
+        ops.select("conv_ista", "cpp", torch.device("meta"), torch.float32)
 
 
 def test_environment_variable_overrides_auto(monkeypatch):
     monkeypatch.setenv("DSC_KERNELS_BACKEND", "reference")
-    assert DF._resolve_backend("auto", torch.device("cpu"), torch.float32) == "reference"
+    assert ops.select("conv_ista", "auto", torch.device("cpu"), torch.float32).name == "reference"
     monkeypatch.setenv("DSC_KERNELS_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="cuda"):
-        DF._resolve_backend("auto", torch.device("cpu"), torch.float32)
+        ops.select("conv_ista", "auto", torch.device("cpu"), torch.float32)
 
 
 def test_other_functions_validate_their_inputs():

@@ -1,4 +1,18 @@
-"""torch.library op registrations: the only place op-name strings appear (DESIGN.md §4)."""
-from .conv_ista import conv_ista_op, get_backend
+"""torch.library registrations and the backend table: the only place op names appear (docs/design.md).
 
-__all__ = ["conv_ista_op", "get_backend"]
+``table`` lists every (op family, backend) row; ``selection`` picks the row a call runs on; ``conv_ista`` and
+``sparse_attention`` hold each family's schema, fakes and autograd and run a row; ``registry`` registers a row's
+ops on first use.
+"""
+from . import table
+from .registry import OpPair
+from .selection import FAMILY_MODULES, available, select, unavailable_reason
+
+
+def op_pair(family: str, backend: str) -> OpPair:
+    """The registered (forward, backward) ops of ``backend`` in op family ``family``."""
+    table.rows(family)  # a clear error for an unknown family
+    return FAMILY_MODULES[family].op_pair(backend)
+
+
+__all__ = ["table", "OpPair", "available", "select", "unavailable_reason", "op_pair"]

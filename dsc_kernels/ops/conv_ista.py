@@ -1,18 +1,17 @@
-"""torch.library registration of the fused conv-ISTA ops, one forward/backward pair per backend.
+"""The conv-ISTA op family: one schema, its fakes and autograd, and ``run`` for any row of ``ops.table``.
 
-For a backend ``<b>`` this defines (or, for C++ ops, completes) two ops with one schema (notes/CONTRACT.md):
+Every backend row defines two ops with this schema (the C++ ops declare the same one in C++; the Triton launchers
+carry it as annotations; ``tests/test_backend_table.py`` checks all three):
 
-    dsc_kernels::conv_ista_fwd_<b>(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista,
-                                   checkpoint) -> (z, saved)
-    dsc_kernels::conv_ista_bwd_<b>(grad_z, x, weight, encoder_weight, lam, step, z0, z, saved, stride, padding,
-                                   nonneg, fista, checkpoint) -> (grad_x, grad_weight, grad_encoder_weight, grad_lam,
-                                                                  grad_step, grad_z0)
+    <forward_op>(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, checkpoint) -> (z, saved)
+    <backward_op>(grad_z, x, weight, encoder_weight, lam, step, z0, z, saved, stride, padding, nonneg, fista,
+                  checkpoint) -> (grad_x, grad_weight, grad_encoder_weight, grad_lam, grad_step, grad_z0)
 
-and links them with ``register_autograd``: the backward is itself an op, so ``torch.compile`` traces both. The
-forward saves the code iterates ``reference.conv_ista.checkpoint_indices`` names (every ``checkpoint``-th; all of
-them for 1) or none (``checkpoint == 0``, recompute mode); the active set of iteration k is recovered as
-``z_{k+1} != 0``, so no mask is stored. An empty ``z0`` stands for zeros (and gets an empty gradient), so a problem
-started from zero allocates no code-sized z0.
+on canonical 2-D tensors (docs/design.md, "The fused-op contract"). The forward saves the code iterates
+``reference.conv_ista.checkpoint_indices`` names (every ``checkpoint``-th; all of them for 1) or none
+(``checkpoint == 0``, recompute mode); the active set of iteration k is recovered as ``z_{k+1} != 0``, so no mask
+is stored. An empty ``z0`` stands for zeros (and gets an empty gradient), so a problem started from zero allocates
+no code-sized z0.
 """
 from __future__ import annotations
 
@@ -22,8 +21,18 @@ import torch
 from torch import Tensor
 
 from ..reference.conv import code_size
-from ..reference.conv_ista import checkpoint_indices, conv_ista_bwd_ref, conv_ista_fwd_ref
-from ._pair import Family, OpPair
+from ..reference.conv_ista import checkpoint_indices
+from . import table
+from .registry import FamilySpec, OpPair, implementation
+from .registry import op_pair as _register_pair
+from .table import Backend
+
+FAMILY = "conv_ista"
+FWD_SCHEMA = ("(Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, Tensor z0, int[] stride, "
+              "int[] padding, bool nonneg, bool fista, int checkpoint) -> (Tensor, Tensor)")
+BWD_SCHEMA = ("(Tensor grad_z, Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, Tensor z0, "
+              "Tensor z, Tensor saved, int[] stride, int[] padding, bool nonneg, bool fista, int checkpoint) "
+              "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 
 
 def _fake_fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, checkpoint):
@@ -62,28 +71,37 @@ def _make_autograd(bwd_op):
     return setup_context, backward
 
 
-FAMILY = Family(
-    name="conv_ista",
-    fwd_schema="(Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, Tensor z0, int[] stride, "
-               "int[] padding, bool nonneg, bool fista, int checkpoint) -> (Tensor, Tensor)",
-    bwd_schema="(Tensor grad_z, Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, Tensor z0, "
-               "Tensor z, Tensor saved, int[] stride, int[] padding, bool nonneg, bool fista, int checkpoint) "
-               "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, make_autograd=_make_autograd)
+SPEC = FamilySpec(FWD_SCHEMA, BWD_SCHEMA, _fake_fwd, _fake_bwd, _make_autograd)
 
 
-def get_backend(name: str) -> OpPair:
-    """The (forward, backward) ops of backend ``name`` ("ref", "cpp", "triton"), registering them on first use."""
-    return FAMILY.get(name)
+def op_pair(backend: str) -> OpPair:
+    """The (forward, backward) ops of ``backend``'s row, registered on first use."""
+    return _register_pair(table.row(FAMILY, backend), SPEC)
 
 
-def conv_ista_op(backend: str, x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor, step: Tensor,
-                 z0: Tensor, stride: Sequence[int], padding: Sequence[int], nonneg: bool, fista: bool,
-                 checkpoint: int) -> Tensor:
-    """Run backend ``backend``'s fused conv-ISTA on canonical 2-D tensors (CONTRACT.md) and return z_n."""
-    z, _ = get_backend(backend).forward(x, weight, encoder_weight, lam, step, z0, list(stride), list(padding),
-                                        nonneg, fista, checkpoint)
-    return z
+def run(row: Backend, x: Tensor, weight: Tensor, encoder_weight: Tensor | None, lam: Tensor, step: Tensor,
+        z0: Tensor | None, stride: Sequence[int], padding: Sequence[int], nonneg: bool, fista: bool,
+        recompute: bool) -> Tensor:
+    """Run conv-ISTA on validated tensors with ``row``'s backend and return z_n.
 
-
-FAMILY.register("ref", "custom_op", conv_ista_fwd_ref, conv_ista_bwd_ref)
+    x: (B, C_sig, *S); weight, encoder_weight (None: tied): (C_code, C_sig, *k); lam: (n_iter, C_code);
+    step: (n_iter,); z0: (B, C_code, *Sz) or None (zeros). 1-D problems run as height-1 images on the fused
+    backends, which is the same computation. ``recompute`` asks for the memory-lean backward (checkpoint 0).
+    """
+    if row.eager is not None:
+        return implementation(row.eager)(x, weight, lam, step, encoder_weight=encoder_weight, stride=stride, padding=padding,
+                             z0=z0, nonneg=nonneg, fista=fista)
+    one_d = weight.dim() == 3
+    if one_d:
+        x, weight = x.unsqueeze(2), weight.unsqueeze(2)
+        encoder_weight = None if encoder_weight is None else encoder_weight.unsqueeze(2)
+        z0 = None if z0 is None else z0.unsqueeze(2)
+        stride, padding = (1, *stride), (0, *padding)
+    z0 = x.new_empty(0) if z0 is None else z0.contiguous()  # empty: zeros, never materialised
+    encoder_weight = weight if encoder_weight is None else encoder_weight
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, weight, encoder_weight, lam, step, z0))
+    checkpoint = 0 if recompute or not needs_grad else row.save_interval[int(fista)]
+    z, _ = op_pair(row.name).forward(x.contiguous(), weight.contiguous(), encoder_weight.contiguous(), lam, step,
+                                     z0, list(stride), list(padding), nonneg, fista, checkpoint)
+    return z.squeeze(2) if one_d else z

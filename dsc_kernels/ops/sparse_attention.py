@@ -1,36 +1,36 @@
-"""torch.library registration of the fused sparse-attention ops, one forward/backward pair per backend.
+"""The sparse-attention op family: one schema, its fakes and autograd, and ``run`` for any row of ``ops.table``.
 
-Schema (identical for every backend ``<b>`` in "ref", "cpp", "triton"):
+Every backend row defines two ops with this schema (C++ declares the same one; the Triton launchers carry it as
+annotations; ``tests/test_backend_table.py`` checks all three):
 
-    dsc_kernels::sparse_attention_fwd_<b>(Tensor q, Tensor k, Tensor v, Tensor threshold, str mode, bool causal,
-                                          float scale) -> (Tensor out, Tensor stats)
-    dsc_kernels::sparse_attention_bwd_<b>(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor threshold,
-                                          Tensor stats, str mode, bool causal, float scale)
-                                          -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_threshold)
+    <forward_op>(Tensor q, Tensor k, Tensor v, Tensor threshold, str mode, bool causal, float scale)
+        -> (Tensor out, Tensor stats)
+    <backward_op>(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor threshold, Tensor stats, str mode,
+                  bool causal, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_threshold)
 
-- q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv), all one dtype and contiguous; threshold (H,) (any float dtype;
-  ignored by mode "sparsemax", whose grad_threshold is zeros); mode "sparsemax" | "shrink"; causal is SDPA's
-  top-left ``is_causal`` (query i sees keys j <= i); scale multiplies q k^T.
+- q (B, H, N, d), k (B, H, M, d), v (B, H, M, dv), all one dtype; threshold (H,) (any float dtype; ignored by mode
+  "sparsemax", whose grad_threshold is zeros); mode "sparsemax" | "shrink"; causal is SDPA's top-left
+  ``is_causal`` (query i sees keys j <= i); scale multiplies q k^T.
 - out (B, H, N, dv) in q's dtype; stats (B, H, N, 2) = (tau_i, |S_i|) per query row in float32 (float64 for
   float64 inputs): the only thing saved for backward besides the inputs, like FlashAttention's log-sum-exp.
   tau is the row's sparsemax threshold or the head's shrink threshold; a row with no key has (+inf, 0).
-- Gradients have their inputs' shapes and dtypes. The backward is itself an op, so torch.compile traces both.
-
-Backends: "ref" is a Python custom_op over dense hand-written torch (reference/attention.py), "cpp" the C++ kernels
-of csrc/cpu/sparse_attention.cpp (schemas defined there; this file adds fakes and autograd), "triton" a triton_op
-over the launchers in dsc_kernels/triton/sparse_attention.py.
+- Gradients have their inputs' shapes and dtypes.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from ..reference.attention import sparse_attention_bwd_ref, sparse_attention_fwd_ref, stats_dtype
-from ._pair import Family, OpPair
+from ..reference.attention import stats_dtype
+from . import table
+from .registry import FamilySpec, OpPair, implementation
+from .registry import op_pair as _register_pair
+from .table import Backend
 
-__all__ = ["sparse_attention", "get_ops", "OP_BACKENDS"]
-
-OP_BACKENDS = ("ref", "cpp", "triton")
+FAMILY = "sparse_attention"
+FWD_SCHEMA = "(Tensor q, Tensor k, Tensor v, Tensor threshold, str mode, bool causal, float scale) -> (Tensor, Tensor)"
+BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor threshold, Tensor stats, str mode, "
+              "bool causal, float scale) -> (Tensor, Tensor, Tensor, Tensor)")
 
 
 def _fake_fwd(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, mode: str, causal: bool,
@@ -60,36 +60,20 @@ def _make_autograd(bwd_op):
     return setup_context, backward
 
 
-FAMILY = Family(
-    name="sparse_attention",
-    fwd_schema="(Tensor q, Tensor k, Tensor v, Tensor threshold, str mode, bool causal, float scale) "
-               "-> (Tensor, Tensor)",
-    bwd_schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor threshold, Tensor stats, str mode, "
-               "bool causal, float scale) -> (Tensor, Tensor, Tensor, Tensor)",
-    fake_fwd=_fake_fwd, fake_bwd=_fake_bwd, make_autograd=_make_autograd)
+SPEC = FamilySpec(FWD_SCHEMA, BWD_SCHEMA, _fake_fwd, _fake_bwd, _make_autograd)
 
 
-def get_ops(backend: str) -> OpPair:
-    """The (forward, backward) ops of ``backend`` ("ref", "cpp", "triton"), registering them on first use."""
-    return FAMILY.get(backend)
+def op_pair(backend: str) -> OpPair:
+    """The (forward, backward) ops of ``backend``'s row, registered on first use."""
+    return _register_pair(table.row(FAMILY, backend), SPEC)
 
 
-def sparse_attention(backend: str, q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, mode: str, causal: bool,
-                     scale: float) -> Tensor:
-    """Fused sparse attention through op backend ``backend`` on validated tensors (see the schema above).
-
-    q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv) of one float dtype and device; threshold (H,). Returns O (B,H,N,dv).
-    Differentiable in q, k, v and threshold.
-    """
-    out, _ = get_ops(backend).forward(q.contiguous(), k.contiguous(), v.contiguous(), threshold.contiguous(),
-                                      mode, bool(causal), float(scale))
+def run(row: Backend, q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, mode: str, causal: bool,
+        scale: float) -> Tensor:
+    """Sparse attention on validated tensors with ``row``'s backend. q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv) of one
+    float dtype and device; threshold (H,). Returns O (B,H,N,dv), differentiable in q, k, v and threshold."""
+    if row.eager is not None:
+        return implementation(row.eager)(q, k, v, mode=mode, threshold=threshold, causal=causal, scale=scale)
+    out, _ = op_pair(row.name).forward(q.contiguous(), k.contiguous(), v.contiguous(), threshold.contiguous(),
+                                       mode, bool(causal), float(scale))
     return out
-
-
-def _fwd_ref(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, mode: str, causal: bool,
-             scale: float) -> tuple[Tensor, Tensor]:
-    out, stats = sparse_attention_fwd_ref(q, k, v, threshold, mode, causal, scale)
-    return out.contiguous(), stats.contiguous()
-
-
-FAMILY.register("ref", "custom_op", _fwd_ref, sparse_attention_bwd_ref)

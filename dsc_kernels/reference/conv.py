@@ -11,6 +11,7 @@ weights (chosen by the weight's rank) and any float dtype; everything is differe
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -66,37 +67,49 @@ def conv_synthesis_ref(z: torch.Tensor, weight: torch.Tensor, signal_size: Seque
 
 
 def soft_threshold_ref(x: torch.Tensor, threshold: torch.Tensor | float, nonneg: bool = False) -> torch.Tensor:
-    """``S_t(x) = sign(x) max(|x| - t, 0)``, or ``max(x - t, 0)`` when ``nonneg``.
+    """``S_t(x) = sign(x) max(|x| - t, 0)``, or ``max(x - t, 0)`` when ``nonneg``; the result has x's dtype.
 
-    Written with ``relu`` so that the derivative is exactly 0 at ``|x| = t`` (like ``F.softshrink``) and NaN
-    propagates; ``threshold`` broadcasts against ``x`` and receives gradients.
+    Written as ``x - clamp(x, -t, t)`` (and ``relu(x - t)``) so that the derivative is exactly that of
+    ``F.softshrink`` (``F.relu``): 0 for ``|x| <= t``, 1 elsewhere, NaN included, and NaN in gives NaN out;
+    ``threshold`` broadcasts against ``x`` and receives gradients.
     """
+    if isinstance(threshold, torch.Tensor):
+        threshold = threshold.to(x.dtype)
     if nonneg:
         return torch.relu(x - threshold)
-    return torch.relu(x - threshold) - torch.relu(-x - threshold)
+    return x - torch.clamp(x, -threshold, threshold)
 
 
-@torch.no_grad()
-def lipschitz_constant_ref(weight: torch.Tensor, signal_size: Sequence[int], stride: int | Sequence[int] = 1,
-                           padding: int | Sequence[int] = 0, n_iter: int = 100, seed: int = 0) -> float:
-    """``L = ||D||_2^2``, the largest eigenvalue of ``D^T D`` at this signal size, by power iteration.
+def lipschitz_power_iteration(weight: torch.Tensor, signal_size: Sequence[int], stride: int | Sequence[int] = 1,
+                              padding: int | Sequence[int] = 0, n_iter: int = 100) -> torch.Tensor:
+    """``L = ||D||_2^2``, the largest eigenvalue of ``D^T D`` at this signal size, by power iteration: a 0-d
+    float64 tensor on weight's device, not differentiable.
 
-    The start vector is seeded so results are reproducible; the Rayleigh quotient of the last iterate is returned,
-    a lower bound that converges to L from below.
+    The start vector is a fixed pseudo-random sequence (a sine hash of the index, no random generator), so results
+    are reproducible and the computation traces under ``torch.compile``. The Rayleigh quotient of the last iterate
+    is returned, a lower bound that converges to L from below; an all-zero dictionary gives 0.
     """
     rank = spatial_rank(weight)
     stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
     sz = code_size(signal_size, weight.shape[2:], stride, padding)
-    w = weight.detach().double()
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    z = torch.randn((1, weight.shape[0], *sz), generator=gen, dtype=torch.float64).to(weight.device)
-    estimate = 0.0
+    w = weight.detach().to(torch.float64)
+    shape = (1, weight.shape[0], *sz)
+    index = torch.arange(math.prod(shape), dtype=torch.float64, device=weight.device)
+    z = (torch.sin(index * 12.9898 + 78.233) * 43758.5453).frac().sub(0.5).reshape(shape)
+    estimate = z.new_zeros(())
     for _ in range(n_iter):
-        z = z / z.norm()
+        z = z / z.norm().clamp_min(torch.finfo(torch.float64).tiny)
         dz = conv_synthesis_ref(z, w, signal_size, stride, padding)
-        estimate = float(dz.pow(2).sum())  # <z, D^T D z> with ||z|| = 1
+        estimate = dz.pow(2).sum()  # <z, D^T D z> with ||z|| = 1
         z = conv_analysis_ref(dz, w, stride, padding)
     return estimate
+
+
+def lipschitz_constant_ref(weight: torch.Tensor, signal_size: Sequence[int], stride: int | Sequence[int] = 1,
+                           padding: int | Sequence[int] = 0, n_iter: int = 100) -> float:
+    """``lipschitz_power_iteration`` as a Python float."""
+    with torch.no_grad():
+        return float(lipschitz_power_iteration(weight, signal_size, stride, padding, n_iter))
 
 
 def lasso_objective_ref(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, lam: torch.Tensor | float,

@@ -203,15 +203,3 @@ def conv_ista_bwd_ref(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
                 g_carry = torch.zeros_like(z0)
         grad_z0 = g_next if z0_given else z0.new_empty(0)
     return grad_x, grad_w, grad_we, grad_lam, grad_step, grad_z0
-
-
-def deep_conv_ista_ref(x: torch.Tensor, weights: Sequence[torch.Tensor], lams: Sequence[torch.Tensor],
-                       steps: Sequence[torch.Tensor], strides: Sequence[int | Sequence[int]],
-                       paddings: Sequence[int | Sequence[int]], nonneg: bool = False) -> list[torch.Tensor]:
-    """Layered pursuit: G_1 = ISTA(x; D_1), G_j = ISTA(G_{j-1}; D_j). Returns [G_1, ..., G_J]."""
-    codes = []
-    signal = x
-    for weight, lam, step, stride, padding in zip(weights, lams, steps, strides, paddings):
-        signal = conv_ista_ref(signal, weight, lam, step, stride=stride, padding=padding, nonneg=nonneg)
-        codes.append(signal)
-    return codes

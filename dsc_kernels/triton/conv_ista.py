@@ -21,7 +21,7 @@ multiply the synthesis work by kh*kw.
   - `_conv_ista_fwd_all_kernel`: every iteration in one launch, one program per image walking its tiles, with a
     CTA barrier between iterations; used when an image's code is small (SINGLE_LAUNCH_MAX_CODE_BYTES).
 
-Saved for backward: z_1 .. z_{n-1} in the input dtype (`iterates`), or nothing in recompute mode, where the backward
+Saved for backward: z_1 .. z_{n-1} in the input dtype (`saved`), or nothing in recompute mode, where the backward
 replays the forward from z_0 with the same kernels (bit-identical iterates, hence identical supports) and keeps
 three code buffers: O(n^2) iterations of compute, memory independent of n.
 
@@ -508,16 +508,16 @@ def conv_ista_fwd(x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor
 
 
 def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor, step: Tensor,
-                  z0: Tensor, z: Tensor, iterates: Tensor, stride: Sequence[int], padding: Sequence[int],
+                  z0: Tensor, z: Tensor, saved: Tensor, stride: Sequence[int], padding: Sequence[int],
                   nonneg: bool, fista: bool, checkpoint: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of the fused-op interface: grads of (x, weight, encoder_weight, lam, step, z0), each of its
-    input's shape (an empty z0's grad is empty). ``iterates`` holds z_1..z_{n-1} (checkpoint 1); checkpoint 0 is
+    input's shape (an empty z0's grad is empty). ``saved`` holds z_1..z_{n-1} (checkpoint 1); checkpoint 0 is
     recompute mode: the forward is replayed from z0, z_n included (z is then empty)."""
     _check_checkpoint(checkpoint)
     z0_given = z0.numel() > 0
     z0 = zeros_if_empty(z0, x, weight, stride, padding)
     n_iter = step.shape[0]
-    g = _geom(x, weight, z0, stride, padding, max(iterates.shape[0] + 1, 3))
+    g = _geom(x, weight, z0, stride, padding, max(saved.shape[0] + 1, 3))
     ccfg = conv_config(g.C_sig, g.C_code, g.kh, g.kw)
     in_prec = _in_prec(x.dtype)
     betas = _fista_betas(n_iter, fista)
@@ -552,7 +552,7 @@ def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Ten
             z = fwd.run(n_iter, 3).select(0, _slot(n_iter, 3))
 
     def saved_iterate(j):
-        return z0 if j == 0 else iterates.select(0, j - 1)
+        return z0 if j == 0 else saved.select(0, j - 1)
 
     grad_x = torch.zeros(sig_shape, **f32)
     grad_w = torch.zeros(tuple(weight.shape), **f32)

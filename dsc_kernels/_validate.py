@@ -1,0 +1,156 @@
+"""Input checks shared by ``functional``: each raises ``ValueError``/``TypeError`` naming the argument.
+
+Checks that read tensor values (signs, finiteness) sync a GPU stream; they are skipped while ``torch.compile``
+traces (values are unknown there) and for meta tensors (which have none).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .reference import code_size
+
+IntOrPair = int | Sequence[int]
+Padding = IntOrPair | str
+
+
+def values_readable(t: Tensor) -> bool:
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
+
+
+def tensor(name: str, t: object, *, rank: int | None = None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+    if rank is not None and t.dim() != rank:
+        raise ValueError(f"{name} must have {rank} dimensions, got shape {tuple(t.shape)}")
+    return t
+
+
+def flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def weight(name: str, w: object) -> Tensor:
+    w = tensor(name, w)
+    if w.dim() not in (3, 4):
+        raise ValueError(f"{name} must be (C_code, C_sig, k) or (C_code, C_sig, kh, kw), got {tuple(w.shape)}")
+    return w
+
+
+def same_device(**tensors: Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"all tensors must be on one device, got {', '.join(f'{n} on {d}' for n, d in devices.items())}")
+
+
+def same_dtype(**tensors: Tensor | None) -> None:
+    dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"{', '.join(dtypes)} must share one dtype, got "
+                        f"{', '.join(f'{n} {d}' for n, d in dtypes.items())}")
+
+
+def ints(name: str, value: IntOrPair, rank: int, *, minimum: int) -> tuple[int, ...]:
+    if isinstance(value, (bool, str)) or not (isinstance(value, int) or (
+            isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))):
+        raise TypeError(f"{name} must be an int or a sequence of {rank} ints, got {value!r}")
+    values = (value,) * rank if isinstance(value, int) else tuple(value)
+    if len(values) != rank or min(values) < minimum:
+        raise ValueError(f"{name} must be {rank} int(s) >= {minimum}, got {value!r}")
+    return values
+
+
+def padding(value: Padding, kernel: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
+    """An int, one int per dimension, or nn.Conv2d's "valid" (0) / "same" (stride 1 and odd kernels only: an even
+    kernel would need asymmetric padding, which conv_transpose cannot express)."""
+    if isinstance(value, str):
+        if value == "valid":
+            return (0,) * len(kernel)
+        if value == "same":
+            if any(s != 1 for s in stride) or any(k % 2 == 0 for k in kernel):
+                raise ValueError(f"padding='same' needs stride 1 and odd kernel sizes, got stride {tuple(stride)} "
+                                 f"and kernel {tuple(kernel)}")
+            return tuple(k // 2 for k in kernel)
+        raise ValueError(f"padding must be an int, a sequence of ints, 'same' or 'valid', got {value!r}")
+    return ints("padding", value, len(kernel), minimum=0)
+
+
+def signal(name: str, x: object, w: Tensor, weight_name: str = "weight") -> Tensor:
+    x = tensor(name, x)
+    if x.dim() != w.dim():
+        raise ValueError(f"{name} must have rank {w.dim()} to match {weight_name} {tuple(w.shape)} "
+                         f"((B, C_sig, {'L' if w.dim() == 3 else 'H, W'})), got shape {tuple(x.shape)}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"{name} has {x.shape[1]} channels but {weight_name} expects C_sig={w.shape[1]}")
+    return x
+
+
+def geometry(x_size: Sequence[int], w: Tensor, stride: IntOrPair, pad: Padding):
+    """(stride, padding, code size) for a signal of spatial size x_size; an empty code is an error."""
+    rank = w.dim() - 2
+    stride = ints("stride", stride, rank, minimum=1)
+    pad = padding(pad, w.shape[2:], stride)
+    if min(x_size) < 1:
+        raise ValueError(f"the signal has an empty spatial size {tuple(x_size)}")
+    code = code_size(x_size, w.shape[2:], stride, pad)
+    if min(code) < 1:
+        raise ValueError(f"the signal size {tuple(x_size)} is too small for kernel {tuple(w.shape[2:])} with "
+                         f"padding {pad}: the code would be empty")
+    return stride, pad, code
+
+
+def scalar_or_tensor(name: str, value: object) -> Tensor | float:
+    """A float or a float tensor with finite entries (NaN or inf would silently give all-NaN or all-zero codes)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if isinstance(value, Tensor):
+        tensor(name, value)
+        if values_readable(value) and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} must be finite, got a tensor with NaN or inf entries")
+    elif not float("-inf") < value < float("inf"):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def nonnegative(name: str, value: Tensor | float) -> None:
+    if isinstance(value, Tensor):
+        if values_readable(value) and bool((value < 0).any()):
+            raise ValueError(f"{name} must be >= 0, got a tensor with negative entries")
+    elif value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def positive(name: str, value: Tensor | float) -> None:
+    if isinstance(value, Tensor):
+        if values_readable(value) and bool((value <= 0).any()):
+            raise ValueError(f"{name} must be > 0, got a tensor with entries <= 0")
+    elif value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def per_iteration(name: str, value: Tensor | float, n_iter: int, c_code: int | None, like: Tensor) -> Tensor:
+    """Broadcast lam/threshold (scalar, (C_code,), (n_iter, C_code)) or step (scalar, (n_iter,)) to its canonical
+    shape in like's dtype. Broadcasting keeps autograd: a shared scalar's gradient is the sum over the entries."""
+    full = (n_iter, c_code) if c_code is not None else (n_iter,)
+    allowed = [(), (n_iter,)] if c_code is None else [(), (c_code,), (n_iter, c_code)]
+    if not isinstance(value, Tensor):
+        return torch.full(full, float(value), dtype=like.dtype, device=like.device)
+    if tuple(value.shape) not in allowed:
+        raise ValueError(f"{name} must have one of the shapes {allowed} (n_iter={n_iter}"
+                         f"{'' if c_code is None else f', C_code={c_code}'}), got {tuple(value.shape)}")
+    return value.to(like.dtype).expand(full).contiguous()
+
+
+def per_layer(name: str, values: object, depth: int, default: object) -> list:
+    """One entry per layer of a deep pursuit (``default`` for every layer when ``values`` is None)."""
+    if values is None:
+        return [default] * depth
+    if isinstance(values, (Tensor, int, float, str)) or not isinstance(values, Sequence) or len(values) != depth:
+        raise ValueError(f"{name} must be a list with one entry per layer ({depth}), got {values!r}")
+    return list(values)

@@ -1,0 +1,100 @@
+"""Registers a backend row's two ops (``ops.table``) on first use and links them for autograd.
+
+For every row the forward op returns ``(output, saved)`` and the backward op takes the output's gradient plus what
+the forward saved. This module defines (or, for "native" rows whose schemas come from C++, completes) both ops
+with the family's fakes, so torch.compile and FakeTensor tracing see shapes, and registers the forward's autograd
+formula, which calls the backward op (so the backward is itself traceable). The backward op's own autograd raises:
+fused backwards are not differentiable, and double backward must say so rather than return zeros.
+
+Registration is lazy because building the C++ extension takes a while and Triton reads TRITON_INTERPRET when it
+is first imported.
+"""
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .table import Backend
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What every backend of one op family shares: the schemas (without the op name) of Python-implemented ops,
+    the fakes, and ``make_autograd(backward_op) -> (setup_context, backward)`` for the forward op."""
+
+    fwd_schema: str
+    bwd_schema: str
+    fake_fwd: Callable
+    fake_bwd: Callable
+    make_autograd: Callable[[Callable], tuple[Callable, Callable]]
+
+
+@dataclass(frozen=True)
+class OpPair:
+    forward: Callable
+    backward: Callable
+
+
+_PAIRS: dict[tuple[str, str], OpPair] = {}
+_LOCK = threading.Lock()
+
+
+_FUNCTIONS: dict[str, Callable] = {}
+
+
+def implementation(path: str) -> Callable:
+    """The function a table entry names as ``module:function`` (imported once, then a dict lookup that
+    torch.compile traces through)."""
+    if path not in _FUNCTIONS:
+        module, name = path.split(":")
+        _FUNCTIONS[path] = getattr(importlib.import_module(module), name)
+    return _FUNCTIONS[path]
+
+
+def _op(qualified: str):
+    namespace, name = qualified.split("::")
+    return getattr(getattr(torch.ops, namespace), name).default
+
+
+def _no_double_backward(row: Backend) -> Callable:
+    def backward(ctx, *grads):
+        raise RuntimeError(f"double backward (gradients of gradients) is not supported by backend={row.name!r} "
+                           f"({row.backward_op} is not differentiable); use backend='reference' for it")
+    return backward
+
+
+def op_pair(row: Backend, spec: FamilySpec) -> OpPair:
+    """The (forward, backward) ops of ``row``, registering them the first time."""
+    key = (row.family, row.name)
+    if key in _PAIRS:
+        return _PAIRS[key]
+    with _LOCK:
+        if key in _PAIRS:
+            return _PAIRS[key]
+        if row.requires == "triton":
+            from .selection import note_triton_import
+            note_triton_import()
+        if row.registration == "native":
+            from .. import _ext
+            _ext.load()  # its TORCH_LIBRARY_FRAGMENTs define the schemas and the CPU kernels
+            torch.library.register_fake(row.forward_op)(spec.fake_fwd)
+            torch.library.register_fake(row.backward_op)(spec.fake_bwd)
+        else:
+            for name, impl, schema, fake in ((row.forward_op, row.forward_impl, spec.fwd_schema, spec.fake_fwd),
+                                             (row.backward_op, row.backward_impl, spec.bwd_schema, spec.fake_bwd)):
+                if row.registration == "custom_op":
+                    op = torch.library.custom_op(name, implementation(impl), mutates_args=(), schema=schema)
+                else:  # triton_op takes its schema from the launcher's annotations
+                    op = torch.library.triton_op(name, implementation(impl), mutates_args=())
+                op.register_fake(fake)
+        pair = OpPair(_op(row.forward_op), _op(row.backward_op))
+        setup_context, backward = spec.make_autograd(pair.backward)
+        torch.library.register_autograd(row.forward_op, backward, setup_context=setup_context)
+        torch.library.register_autograd(row.backward_op, _no_double_backward(row),
+                                        setup_context=lambda ctx, inputs, output: None)
+        _PAIRS[key] = pair
+        return pair

@@ -1,0 +1,162 @@
+"""Which table row runs a call: availability, dtype support, ``DSC_KERNELS_BACKEND`` and the ``auto`` choice.
+
+``select(family, backend, device, dtype)`` returns a row of ``ops.table`` or raises:
+
+- an explicitly named backend runs or raises (``RuntimeError`` saying why it cannot run here and how to fix it,
+  ``TypeError`` for a dtype it does not support); it never silently falls back;
+- ``"auto"`` reads ``DSC_KERNELS_BACKEND`` (empty means unset, any case), else tries the rows of
+  ``table.AUTO_PREFERENCE`` for the device that support the dtype, in order, and falls back to the reference with
+  a one-time warning when a preferred fused backend cannot run. Dtype is checked before availability, so a dtype a
+  backend cannot use never triggers its build.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import warnings
+from functools import lru_cache
+
+import torch
+
+from . import conv_ista, sparse_attention, table
+from .registry import implementation
+from .table import Backend
+
+ENV_VAR = "DSC_KERNELS_BACKEND"
+
+# Each family's module: its schema, fakes, autograd, op_pair(backend) and run(row, ...).
+FAMILY_MODULES = {"conv_ista": conv_ista, "sparse_attention": sparse_attention}
+
+# TRITON_INTERPRET as it was when Triton was imported (set at the end of this module, or by note_triton_import):
+# Triton reads it then, so a later change cannot take effect in this process.
+_triton_interpret_at_import: str | None = None
+_warned: set[str] = set()
+
+
+@lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    # find_spec, not import: Triton fixes the interpreter setting when it is imported, so it is imported only when
+    # a triton call registers its ops (note_triton_import), never by an availability check.
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting_now() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def note_triton_import() -> None:
+    """Called when the Triton kernels are imported: remember the interpreter setting they were compiled under."""
+    global _triton_interpret_at_import
+    if _triton_interpret_at_import is None:
+        _triton_interpret_at_import = os.environ.get("TRITON_INTERPRET", "")
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    if not _triton_installed():
+        return "triton is not installed (pip install triton==3.7.1)"
+    imported = _triton_interpret_at_import
+    if imported is not None and (imported == "1") != _interpreting_now():
+        return (f"TRITON_INTERPRET changed after the Triton kernels were imported (it was {imported!r} then, "
+                f"{os.environ.get('TRITON_INTERPRET', '')!r} now); Triton reads it once, so set it before importing "
+                "dsc_kernels or torch")
+    if device.type == "cuda" or (device.type == "cpu" and _interpreting_now()):
+        return None
+    return (f"the triton backend needs CUDA tensors (got {device.type}); on CPU it runs only under the interpreter "
+            "(set TRITON_INTERPRET=1 before importing dsc_kernels or torch)")
+
+
+@torch.compiler.assume_constant_result
+def unavailable_reason(family: str, name: str, device_type: str) -> str | None:
+    """Why backend ``name`` of ``family`` cannot run on ``device_type`` here (with how to fix it), or None.
+
+    Availability is fixed for a process (an extension that built stays built), so torch.compile evaluates this
+    once while tracing instead of stepping into the build/import checks."""
+    if name in table.NOT_BUILT:
+        return table.NOT_BUILT[name]
+    row = table.row(family, name)
+    device = torch.device(device_type)
+    if row.requires == "triton":
+        return _triton_reason(device)
+    if row.devices is not None and device.type not in row.devices:
+        return (f"the {name} backend runs on {'/'.join(d.upper() for d in row.devices)} tensors, got "
+                f"{device.type} tensors"
+                + ("; use backend='triton' on GPUs" if device.type == "cuda" else ""))
+    if row.requires == "extension":
+        from .. import _ext
+        if not _ext.available():
+            return (f"the C++ extension did not build: {_ext.build_error()}. Install a C++ compiler (g++) and "
+                    "ninja (pip install ninja), or use backend='reference'")
+    return None
+
+
+def available(family: str, device: torch.device | str) -> list[str]:
+    """The backends of ``family`` that can run on ``device`` here (``reference`` always can)."""
+    device_type = torch.device(device).type
+    return [r.name for r in table.rows(family) if unavailable_reason(family, r.name, device_type) is None]
+
+
+def _requested(backend: object) -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+    name = backend.strip().lower()
+    known = ("auto", *table.BACKEND_NAMES, *table.NOT_BUILT)
+    if name not in known:
+        raise ValueError(f"backend must be one of {known}, got {backend!r}")
+    if name != "auto":
+        return name
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if env and env not in known:
+        raise ValueError(f"the environment variable {ENV_VAR} must be one of {known} (or empty), "
+                         f"got {os.environ[ENV_VAR]!r}")
+    return env or "auto"
+
+
+def _supports(row: Backend, dtype: torch.dtype) -> bool:
+    return dtype in row.dtypes
+
+
+def select(family: str, backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    """The row that runs a ``family`` call with this ``backend`` argument on ``device``/``dtype`` tensors."""
+    name = _requested(backend)
+    if name != "auto":
+        reason = unavailable_reason(family, name, device.type)
+        if reason is not None:
+            raise RuntimeError(f"backend={name!r} cannot run: {reason}")
+        row = table.row(family, name)
+        if not _supports(row, dtype):
+            raise TypeError(f"backend={name!r} supports {', '.join(map(str, row.dtypes))}, got {dtype}")
+        return _registered(row)
+    for candidate in table.AUTO_PREFERENCE.get(device.type, ("reference",)):
+        row = table.row(family, candidate)
+        if not _supports(row, dtype):
+            continue
+        reason = unavailable_reason(family, candidate, device.type)
+        if reason is None:
+            return _registered(row)
+        if candidate not in _warned and row.name != "reference":
+            _warned.add(candidate)
+            warnings.warn(f"dsc_kernels: backend 'auto' is not using {candidate} because {reason}", RuntimeWarning,
+                          stacklevel=3)
+    return table.row(family, "reference")
+
+
+@torch.compiler.assume_constant_result
+def _register(family: str, name: str) -> str:
+    """Register the row's ops outside any trace: torch.compile evaluates this once and finds them registered."""
+    row = table.row(family, name)
+    if row.eager is None:
+        FAMILY_MODULES[family].op_pair(name)
+    else:
+        implementation(row.eager)
+    return name
+
+
+def _registered(row: Backend) -> Backend:
+    _register(row.family, row.name)
+    return row
+
+
+# torch._dynamo (imported by the assume_constant_result decorators above) imports Triton when it is installed.
+if "triton" in sys.modules:
+    note_triton_import()

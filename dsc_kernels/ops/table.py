@@ -1,0 +1,133 @@
+"""The backend table: one literal row per (op family, backend). Every piece of backend knowledge lives here.
+
+A row names the backend (one spelling everywhere: ``reference``, ``cpp``, ``triton``), its two ops (forward and
+backward, by their full ``torch.library`` names, exactly as a profiler trace shows them), the devices and dtypes
+it runs, what it needs to be available, how its ops are registered and where their code lives, and the memory
+policy of its backward. ``functional`` asks this table (through ``ops.selection``) which row runs a call; the
+family modules (``ops/conv_ista.py``, ``ops/sparse_attention.py``) register a row's ops on first use and run them.
+
+Adding a backend is one row here, its kernel file, and the test that compares it with the reference
+(CONTRIBUTING.md). ``tests/test_backend_table.py`` checks that the schemas of the C++ ops and the signatures of
+the Triton launchers agree with the family's schema, argument by argument.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FAMILIES = ("conv_ista", "sparse_attention")
+
+# Registration kinds: "custom_op" (Python implementation, schema from the family module), "triton_op" (launchers
+# that call torch.library.wrap_triton; schema from their annotations), "native" (schemas and CPU kernels defined
+# in C++ with TORCH_LIBRARY_FRAGMENT; Python adds fakes and autograd).
+REGISTRATIONS = ("custom_op", "triton_op", "native")
+
+# What a backend needs before it can run: nothing, the C++ extension (built just in time), or an importable Triton.
+REQUIREMENTS = ("nothing", "extension", "triton")
+
+_HALF_AND_UP = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One row of the table. ``forward_op``/``backward_op`` are full op names (``dsc_kernels::...``)."""
+
+    family: str
+    name: str
+    forward_op: str
+    backward_op: str
+    devices: tuple[str, ...] | None  # device types it runs on; None: any (plain PyTorch)
+    dtypes: tuple[torch.dtype, ...]
+    requires: str
+    registration: str
+    # Where the implementation lives: "module:function" of the forward and backward for Python ops, the C++ source
+    # file that defines the native ops.
+    forward_impl: str
+    backward_impl: str
+    # A differentiable eager function that functional runs instead of the op pair (the reference backend: autograd
+    # through plain PyTorch supports double backward and is the oracle); None for fused backends.
+    eager: str | None = None
+    # conv-ISTA save mode: the checkpoint interval of the forward for (ISTA, FISTA)
+    # (reference.conv_ista.checkpoint_indices); recompute mode is always 0. None for other families.
+    save_interval: tuple[int, int] | None = None
+    # The checkpoint intervals the backward accepts (None: any).
+    checkpoints: tuple[int, ...] | None = None
+
+    @property
+    def op_names(self) -> tuple[str, str]:
+        return self.forward_op, self.backward_op
+
+
+TABLE: tuple[Backend, ...] = (
+    # ------------------------------------------------------------------------------------------------- conv-ISTA
+    Backend(
+        family="conv_ista", name="reference",
+        forward_op="dsc_kernels::conv_ista_fwd_reference", backward_op="dsc_kernels::conv_ista_bwd_reference",
+        devices=None, dtypes=_HALF_AND_UP, requires="nothing", registration="custom_op",
+        forward_impl="dsc_kernels.reference.conv_ista:conv_ista_fwd_ref",
+        backward_impl="dsc_kernels.reference.conv_ista:conv_ista_bwd_ref",
+        eager="dsc_kernels.reference.conv_ista:conv_ista_ref", save_interval=(1, 1)),
+    Backend(
+        family="conv_ista", name="cpp",
+        forward_op="dsc_kernels::conv_ista_fwd_cpp", backward_op="dsc_kernels::conv_ista_bwd_cpp",
+        devices=("cpu",), dtypes=(torch.float32, torch.float64), requires="extension", registration="native",
+        forward_impl="csrc/cpu/conv_ista.cpp", backward_impl="csrc/cpu/conv_ista.cpp",
+        # The backward replays each segment per batch item from its checkpoint and keeps the residuals it computes
+        # on the way, so keeping every other iterate (FISTA: two of three, as a replay needs z_{k-1} too) costs
+        # about one forward iteration per segment.
+        save_interval=(2, 3)),
+    Backend(
+        family="conv_ista", name="triton",
+        forward_op="dsc_kernels::conv_ista_fwd_triton", backward_op="dsc_kernels::conv_ista_bwd_triton",
+        devices=("cuda",), dtypes=(torch.float32, torch.float16, torch.bfloat16), requires="triton",
+        registration="triton_op",
+        forward_impl="dsc_kernels.triton.conv_ista:conv_ista_fwd",
+        backward_impl="dsc_kernels.triton.conv_ista:conv_ista_bwd",
+        save_interval=(1, 1), checkpoints=(0, 1)),
+    # ------------------------------------------------------------------------------------------ sparse attention
+    Backend(
+        family="sparse_attention", name="reference",
+        forward_op="dsc_kernels::sparse_attention_fwd_reference",
+        backward_op="dsc_kernels::sparse_attention_bwd_reference",
+        devices=None, dtypes=_HALF_AND_UP, requires="nothing", registration="custom_op",
+        forward_impl="dsc_kernels.reference.attention:sparse_attention_fwd_ref",
+        backward_impl="dsc_kernels.reference.attention:sparse_attention_bwd_ref",
+        eager="dsc_kernels.reference.attention:sparse_attention_ref"),
+    Backend(
+        family="sparse_attention", name="cpp",
+        forward_op="dsc_kernels::sparse_attention_fwd_cpp", backward_op="dsc_kernels::sparse_attention_bwd_cpp",
+        devices=("cpu",), dtypes=(torch.float32, torch.float64), requires="extension", registration="native",
+        forward_impl="csrc/cpu/sparse_attention.cpp", backward_impl="csrc/cpu/sparse_attention.cpp"),
+    Backend(
+        family="sparse_attention", name="triton",
+        forward_op="dsc_kernels::sparse_attention_fwd_triton",
+        backward_op="dsc_kernels::sparse_attention_bwd_triton",
+        devices=("cuda",), dtypes=(torch.float32, torch.float16, torch.bfloat16), requires="triton",
+        registration="triton_op",
+        forward_impl="dsc_kernels.triton.sparse_attention:sparse_attention_fwd",
+        backward_impl="dsc_kernels.triton.sparse_attention:sparse_attention_bwd"),
+)
+
+# Backend names users may ask for that have no row (yet), with the reason given when they do.
+NOT_BUILT = {"cuda": "the CUDA C++ backend is not part of this release; use backend='triton' on GPUs"}
+
+# What "auto" tries, in order of preference, on each device type (ops.selection makes the final choice).
+AUTO_PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")}
+
+BACKEND_NAMES = tuple(dict.fromkeys(row.name for row in TABLE))
+
+
+def rows(family: str) -> tuple[Backend, ...]:
+    """The rows of one op family, in table order."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return tuple(row for row in TABLE if row.family == family)
+
+
+def row(family: str, name: str) -> Backend:
+    """The row of backend ``name`` in ``family``; ValueError naming the known backends otherwise."""
+    for r in rows(family):
+        if r.name == name:
+            return r
+    raise ValueError(f"no {family} backend named {name!r}; known: {[r.name for r in rows(family)]}")

@@ -1,0 +1,113 @@
+"""The backend table (dsc_kernels/ops/table.py) against what actually runs: op names, schemas, implementations."""
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from torch._library.infer_schema import infer_schema
+
+import dsc_kernels.functional as DF
+from dsc_kernels import ops
+from dsc_kernels.ops import registry, table
+from dsc_kernels.ops.selection import FAMILY_MODULES
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = {f"{r.family}-{r.name}": r for r in table.TABLE}
+
+
+def _arguments(schema: str) -> list[tuple[str, str]]:
+    """(name, type) of every argument and the return types of a schema string (with or without an op name)."""
+    parsed = torch._C.parse_schema(schema)
+    return [(a.name, str(a.type)) for a in parsed.arguments] + [("return", str(r.type)) for r in parsed.returns]
+
+
+def _family_schema(row, which: str) -> list[tuple[str, str]]:
+    module = FAMILY_MODULES[row.family]
+    schema = module.FWD_SCHEMA if which == "forward" else module.BWD_SCHEMA
+    return _arguments("x" + schema)
+
+
+@pytest.mark.parametrize("key", ROWS)
+def test_op_names_are_the_family_pattern(key):
+    row = ROWS[key]
+    assert row.forward_op == f"dsc_kernels::{row.family}_fwd_{row.name}"
+    assert row.backward_op == f"dsc_kernels::{row.family}_bwd_{row.name}"
+    assert (row.devices is None) == (row.name == "reference") and row.dtypes
+    assert row.devices is None or set(row.devices) <= {"cpu", "cuda"}
+    assert row.registration in table.REGISTRATIONS and row.requires in table.REQUIREMENTS
+
+
+@pytest.mark.parametrize("key", ROWS)
+@pytest.mark.parametrize("which", ["forward", "backward"])
+def test_implementation_agrees_with_the_family_schema(key, which):
+    """C++ m.def, Python custom_op schemas and Triton launcher annotations all match the family's schema."""
+    row = ROWS[key]
+    want = _family_schema(row, which)
+    impl = row.forward_impl if which == "forward" else row.backward_impl
+    op_name = row.forward_op if which == "forward" else row.backward_op
+    if row.registration == "native":
+        source = ROOT / impl
+        assert source.exists(), impl
+        assert f'"{op_name.split("::")[1]}(' in source.read_text(), f"{impl} does not define {op_name}"
+        reason = ops.unavailable_reason(row.family, row.name, "cpu")
+        if reason is not None:
+            pytest.skip(reason)
+        ops.op_pair(row.family, row.name)
+        namespace, name = op_name.split("::")
+        got = _arguments(str(getattr(getattr(torch.ops, namespace), name).default._schema))
+    elif row.registration == "triton_op":
+        pytest.importorskip("triton")
+        got = _arguments("x" + infer_schema(registry.implementation(impl), mutates_args=()))
+    else:  # custom_op: registered with the family's schema; the Python function must take the same arguments
+        parameters = list(inspect.signature(registry.implementation(impl)).parameters)
+        assert parameters == [name for name, _ in want if name != "return"]
+        ops.op_pair(row.family, row.name)
+        namespace, name = op_name.split("::")
+        got = _arguments(str(getattr(getattr(torch.ops, namespace), name).default._schema))
+    assert got == want
+
+
+def test_reference_rows_name_their_eager_oracle():
+    for row in table.TABLE:
+        if row.eager is not None:
+            assert callable(registry.implementation(row.eager))
+    assert all(r.eager is not None for r in table.TABLE if r.name == "reference")
+    assert all(r.eager is None for r in table.TABLE if r.name != "reference")
+
+
+def test_functional_holds_no_backend_names():
+    """functional.py asks the table; no backend name appears in its code (docstrings aside)."""
+    tree = ast.parse((ROOT / "dsc_kernels" / "functional.py").read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
+                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    names = set(table.BACKEND_NAMES) | set(table.NOT_BUILT)
+    found = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and id(node) not in docstrings
+             and isinstance(node.value, str) and node.value in names]
+    assert found == []
+
+
+def test_selection_honours_the_table():
+    cpu = torch.device("cpu")
+    assert ops.select("conv_ista", "reference", cpu, torch.float16).name == "reference"
+    with pytest.raises(TypeError, match="backend='cpp' supports"):
+        ops.select("conv_ista", "cpp", cpu, torch.bfloat16)
+    # auto never picks a backend whose dtype list excludes the input's dtype (and so never builds it for nothing)
+    assert ops.select("conv_ista", "auto", cpu, torch.bfloat16).name == "reference"
+    with pytest.raises(RuntimeError, match="not part of this release"):
+        ops.select("conv_ista", "cuda", cpu, torch.float32)
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_empty_environment_variable_means_unset(monkeypatch, value):
+    monkeypatch.setenv("DSC_KERNELS_BACKEND", value)
+    assert ops.select("conv_ista", "auto", torch.device("cpu"), torch.float64).name in DF.available_backends()
+
+
+def test_environment_variable_is_case_insensitive_and_named_in_errors(monkeypatch):
+    monkeypatch.setenv("DSC_KERNELS_BACKEND", "REFERENCE")
+    assert ops.select("conv_ista", "auto", torch.device("cpu"), torch.float32).name == "reference"
+    monkeypatch.setenv("DSC_KERNELS_BACKEND", "cpu-fast")
+    with pytest.raises(ValueError, match="DSC_KERNELS_BACKEND"):
+        DF.conv_ista(torch.randn(1, 1, 8, 8), torch.randn(2, 1, 3, 3), 0.1, n_iter=1)

@@ -1,0 +1,67 @@
+"""An installed package (a built wheel, not the source tree) builds its C++ extension and runs the cpp backend."""
+import os
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import dsc_kernels
+from dsc_kernels import _ext
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(cmd, **kwargs):
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kwargs)
+    assert out.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
+
+
+@pytest.mark.skipif(not _ext.available(), reason="the C++ extension does not build here")
+def test_wheel_installs_into_a_fresh_venv_and_runs_cpp_forward_and_backward(tmp_path):
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)])
+    wheel = next((tmp_path / "dist").glob("dsc_kernels-*.whl"))
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)])
+    python = venv / "bin" / "python"
+    _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", str(wheel)])
+    # torch and the other dependencies come from this interpreter's site-packages (a .pth line adds the folder
+    # without running its .pth files, so the editable install of the source tree stays out of the way).
+    site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip())
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    script = textwrap.dedent("""
+        import torch, dsc_kernels, dsc_kernels.functional as DF
+        from pathlib import Path
+        assert "site-packages" in dsc_kernels.__file__, dsc_kernels.__file__
+        assert (Path(dsc_kernels.__file__).parent / "csrc" / "cpu").is_dir()
+        x = torch.randn(2, 1, 12, 12, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(4, 1, 3, 3, dtype=torch.float64, requires_grad=True)
+        z = DF.conv_ista(x, w, 0.1, n_iter=3, step=0.05, padding=1, backend="cpp")
+        gx, gw = torch.autograd.grad(z.square().sum(), (x, w))
+        zr = DF.conv_ista(x, w, 0.1, n_iter=3, step=0.05, padding=1, backend="reference")
+        rx, rw = torch.autograd.grad(zr.square().sum(), (x, w))
+        for a, b in ((z, zr), (gx, rx), (gw, rw)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        print("ok", dsc_kernels.__version__)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = _run([str(python), "-c", script], cwd=tmp_path, env=env)
+    assert out.strip() == f"ok {dsc_kernels.__version__}"
+
+
+def test_build_files_hold_no_checkout_path():
+    """The extension is built from a content-keyed copy of the sources, so another checkout reuses the build."""
+    if not _ext.available():
+        pytest.skip("the C++ extension does not build here")
+    build_dir = _ext._build_dir(_ext._sources(), _ext._cflags())
+    ninja = (build_dir / "build.ninja").read_text()
+    assert str(ROOT / "csrc") not in ninja and str(ROOT / "dsc_kernels") not in ninja
+    assert str(build_dir / "src") in ninja
+
+
+def test_version_flag():
+    out = _run([sys.executable, "-m", "dsc_kernels", "--version"], cwd=ROOT)
+    assert out.strip() == f"dsc_kernels {dsc_kernels.__version__}"

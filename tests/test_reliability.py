@@ -1,0 +1,219 @@
+"""No crash and no silent wrong answer on edge inputs of the functional API: non-finite or signed parameters,
+mixed dtypes, bad flags, padding words, zero-size batches, double backward, meta tensors, torch.compile with the
+default step, and thresholds given as biases."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsc_kernels.functional as DF
+from dsc_kernels.reference import conv_ista_ref
+
+X = torch.randn(2, 3, 10, 10, dtype=torch.float64)
+W = torch.randn(4, 3, 3, 3, dtype=torch.float64) * 0.3
+
+
+def fused_backends():
+    return [b for b in DF.available_backends("cpu") if b != "triton"]
+
+
+@pytest.mark.parametrize("name", ["lam", "step", "threshold"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_parameters_are_rejected(name, bad):
+    base = dict(lam=0.1, step=0.05) if name != "threshold" else dict(threshold=0.1, step=0.05)
+    as_tensor = torch.full((2,) if name == "step" else (4,), 0.1, dtype=torch.float64)
+    as_tensor[1] = bad
+    for value in (bad, as_tensor):
+        with pytest.raises(ValueError, match=f"{name} must be finite"):
+            DF.conv_ista(X, W, n_iter=2, padding=1, backend="reference", **{**base, name: value})
+
+
+def test_attention_scale_and_threshold_must_be_finite():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        DF.sparse_attention(q, q, q, scale=float("nan"), backend="reference")
+    with pytest.raises(ValueError, match="threshold must be finite"):
+        DF.sparse_attention(q, q, q, mode="shrink", threshold=float("inf"), backend="reference")
+    with pytest.raises(ValueError, match="head dim"):
+        DF.sparse_attention(q[..., :0], q[..., :0], q[..., :0], backend="reference")
+
+
+@pytest.mark.parametrize("flag", ["nonneg", "fista", "recompute"])
+def test_flags_must_be_bools(flag):
+    with pytest.raises(TypeError, match=f"{flag} must be True or False"):
+        DF.conv_ista(X, W, 0.1, n_iter=1, padding=1, backend="reference", **{flag: "no"})
+
+
+def test_mixed_dtypes_are_rejected_by_the_conv_operators():
+    with pytest.raises(TypeError, match="share one dtype"):
+        DF.conv_analysis(X.float(), W, padding=1)
+    with pytest.raises(TypeError, match="share one dtype"):
+        DF.conv_synthesis(torch.randn(2, 4, 10, 10), W, padding=1, signal_size=(10, 10))
+    with pytest.raises(TypeError, match="share one dtype"):
+        DF.lasso_objective(X, torch.randn(2, 4, 10, 10), W, 0.1, padding=1)
+
+
+def test_soft_threshold_matches_softshrink_everywhere_and_keeps_the_dtype():
+    x = torch.tensor([float("nan"), 0.5, -0.5, -2.0, 1.0, 0.2], requires_grad=True)
+    y = DF.soft_threshold(x, 0.5)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    y2 = F.softshrink(x2, 0.5)
+    (g2,) = torch.autograd.grad(y2.sum(), x2)
+    torch.testing.assert_close(y, y2, equal_nan=True)
+    torch.testing.assert_close(g, g2)
+    t64 = torch.tensor([0.5], dtype=torch.float64)
+    assert DF.soft_threshold(x.detach(), t64).dtype == torch.float32
+    # with nonneg a negative threshold is a ReLU with a positive bias
+    torch.testing.assert_close(DF.soft_threshold(x.detach(), -0.5, nonneg=True), torch.relu(x.detach() + 0.5),
+                               equal_nan=True)
+
+
+def test_lipschitz_constant_of_a_zero_dictionary_is_zero_and_its_default_step_runs():
+    zero = torch.zeros(4, 3, 3, 3)
+    assert DF.lipschitz_constant(zero, (10, 10), padding=1) == 0.0
+    z = DF.conv_ista(X.float(), zero, 0.1, n_iter=3, padding=1, backend="reference")
+    assert torch.equal(z, torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("padding,expected", [("same", (10, 10)), ("valid", (8, 8))])
+def test_padding_words(padding, expected):
+    z = DF.conv_ista(X, W, 0.1, n_iter=2, padding=padding, backend="reference")
+    assert z.shape[2:] == expected
+    with pytest.raises(ValueError, match="padding='same' needs stride 1"):
+        DF.conv_ista(X, W, 0.1, n_iter=2, padding="same", stride=2, backend="reference")
+    with pytest.raises(ValueError, match="padding must be an int, a sequence of ints, 'same' or 'valid'"):
+        DF.conv_analysis(X, W, padding="full")
+
+
+def test_a_step_above_two_over_L_warns():
+    with pytest.warns(RuntimeWarning, match="above 2/L"):
+        DF.conv_ista(X, W, 0.1, n_iter=2, padding=1, step=10.0, backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DF.conv_ista(X, W, 0.1, n_iter=2, padding=1, backend="reference")
+
+
+def test_empty_spatial_size_is_one_clear_error_on_every_backend():
+    for backend in ["reference", *fused_backends()]:
+        with pytest.raises(ValueError, match="empty spatial size"):
+            DF.conv_ista(torch.randn(4, 3, 4, 0), W.float(), 0.1, n_iter=2, padding=2, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference"])
+def test_zero_batch_gives_the_empty_code(backend):
+    if backend not in DF.available_backends("cpu"):
+        pytest.skip(DF.backend_unavailable_reason(backend, "cpu"))
+    x = torch.randn(0, 3, 9, 8, requires_grad=True)
+    z = DF.conv_ista(x, W.float(), 0.1, n_iter=3, padding=1, backend=backend)
+    assert z.shape == (0, 4, 9, 8)
+    z.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", ["cpp"])
+def test_double_backward_through_a_fused_backend_raises_naming_the_reference(backend):
+    if backend not in DF.available_backends("cpu"):
+        pytest.skip(DF.backend_unavailable_reason(backend, "cpu"))
+    x = X.clone().requires_grad_()
+    z = DF.conv_ista(x, W, 0.1, n_iter=2, step=0.05, padding=1, backend=backend)
+    (g,) = torch.autograd.grad(z.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        g.sum().backward()
+    # the reference supports it
+    x = X.clone().requires_grad_()
+    z = DF.conv_ista(x, W, 0.1, n_iter=2, step=0.05, padding=1, backend="reference")
+    (g,) = torch.autograd.grad(z.square().sum(), x, create_graph=True)
+    g.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_meta_tensors_run_through_validation():
+    x, w = torch.empty(2, 3, 10, 10, device="meta"), torch.empty(4, 3, 3, 3, device="meta")
+    lam = torch.empty(4, device="meta")
+    z = DF.conv_ista(x, w, lam, n_iter=2, padding=1, backend="reference")
+    assert z.shape == (2, 4, 10, 10) and z.device.type == "meta"
+
+
+def test_default_step_under_fullgraph_compile():
+    x, w = X.float(), W.float()
+
+    def run(x, w):
+        return DF.conv_ista(x, w, 0.1, n_iter=3, padding=1, backend="reference")
+
+    torch.testing.assert_close(torch.compile(run, fullgraph=True, backend="aot_eager")(x, w), run(x, w),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_default_step_follows_an_in_place_change_of_the_weight():
+    w = W.clone()
+    before = DF.conv_ista(X, w, 0.0, n_iter=1, padding=1, backend="reference")
+    with torch.no_grad():
+        w.mul_(2.0)
+    after = DF.conv_ista(X, w, 0.0, n_iter=1, padding=1, backend="reference")
+    # one step from zero with step 1/L: z_1 = D^T x / L; doubling D doubles D^T x and quadruples L
+    torch.testing.assert_close(after, before / 2, rtol=1e-3, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------------- thresholds as biases
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("shape", [(), (4,), (3, 4)])
+def test_absolute_thresholds_equal_lam_times_step(backend, shape):
+    if backend not in DF.available_backends("cpu"):
+        pytest.skip(DF.backend_unavailable_reason(backend, "cpu"))
+    step = torch.tensor([0.05, 0.08, 0.06], dtype=torch.float64)
+    threshold = (torch.rand(shape, dtype=torch.float64) * 0.05).requires_grad_()
+    z = DF.conv_ista(X, W, threshold=threshold, n_iter=3, step=step, padding=1, backend=backend)
+    lam = threshold.detach().expand(3, 4) / step[:, None]
+    want = conv_ista_ref(X, W, lam, step, padding=1)
+    torch.testing.assert_close(z, want, rtol=1e-10, atol=1e-12)
+    z.sum().backward()
+    assert threshold.grad.shape == threshold.shape and torch.isfinite(threshold.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_negative_thresholds_are_relu_biases_with_nonneg(backend):
+    if backend not in DF.available_backends("cpu"):
+        pytest.skip(DF.backend_unavailable_reason(backend, "cpu"))
+    threshold = torch.tensor([-0.02, 0.03, -0.01, 0.0], dtype=torch.float64, requires_grad=True)
+    x = X.clone().requires_grad_()
+    z = DF.conv_ista(x, W, threshold=threshold, n_iter=3, step=0.05, padding=1, nonneg=True, backend=backend)
+    # the same recurrence written out by hand: z <- relu(z + step D^T(x - D z) - t)
+    want = torch.zeros_like(z)
+    for _ in range(3):
+        r = x - F.conv_transpose2d(want, W, padding=1)
+        want = torch.relu(want + 0.05 * F.conv2d(r, W, padding=1) - threshold.view(1, -1, 1, 1))
+    torch.testing.assert_close(z, want, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(z)
+    got = torch.autograd.grad(z, (x, threshold), g)
+    exp = torch.autograd.grad(want, (x, threshold), g)
+    for a, b in zip(got, exp):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_threshold_errors():
+    with pytest.raises(ValueError, match="exactly one of lam"):
+        DF.conv_ista(X, W, 0.1, threshold=0.1, n_iter=1, padding=1)
+    with pytest.raises(ValueError, match="exactly one of lam"):
+        DF.conv_ista(X, W, n_iter=1, padding=1)
+    with pytest.raises(ValueError, match="negative thresholds need nonneg=True"):
+        DF.conv_ista(X, W, threshold=-0.1, n_iter=1, padding=1)
+
+
+def test_setting_triton_interpret_after_import_is_a_clear_error():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import os, torch, dsc_kernels.functional as DF\n"
+              "os.environ['TRITON_INTERPRET'] = '1'\n"
+              "try:\n"
+              "    DF.conv_ista(torch.randn(1, 1, 8, 8), torch.randn(2, 1, 3, 3), 0.1, n_iter=1, backend='triton')\n"
+              "except RuntimeError as err:\n"
+              "    print(err)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert "TRITON_INTERPRET changed after" in out.stdout, out.stdout + out.stderr[-2000:]
