@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import functional as DF
-from ..reference.attention import sparse_attention_ref
+from ..reference.attention import sparse_attention_ref, sparsemax_ref
 from .measure import Candidate, measure_providers, time_interleaved
 from .tolerance import gate
 
@@ -60,11 +60,14 @@ class _EntmaxSparsemax(torch.autograd.Function):
 
 
 def dense_sparsemax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Dense sparsemax attention the way entmax users write it: (B,H,N,d) -> (B,H,N,d)."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    """Dense sparsemax attention the way entmax users write it: (B,H,N,d) -> (B,H,N,d). Half-precision scores are
+    projected in fp32, as the reference does: the support counts k = 1..M and their cumulative sums are not exact
+    in fp16 past 2048, and a baseline must compute the same function as the kernels it is compared with."""
+    s = torch.matmul(q, k.transpose(-1, -2))
+    s = s.to(torch.promote_types(s.dtype, torch.float32)) * q.shape[-1] ** -0.5
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    return torch.matmul(_EntmaxSparsemax.apply(s), v)
+    return torch.matmul(_EntmaxSparsemax.apply(s).to(v.dtype), v)
 
 
 def _shrink_threshold(provider: str) -> float | None:
@@ -119,16 +122,20 @@ def _function_of(provider: str) -> str:
 
 
 def _reference(function: str, q, k, v, causal: bool, threshold: float | None) -> torch.Tensor:
-    """The exact function in q's dtype (eager yardstick) or fp64 (reference)."""
+    """The exact function as PyTorch eager computes it in q's dtype: scores and P v are matmuls in that dtype (half
+    results rounded, as FlashAttention's tests' reference is), P from the rounded scores in at least fp32, cast
+    back. In fp64 this is the reference itself."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    s = s.to(torch.promote_types(s.dtype, torch.float32))
     if function == "softmax":
-        s = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        if causal:
-            s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-        return torch.matmul(torch.softmax(s, dim=-1), v)
-    if function == "shrink":
-        th = torch.full((q.shape[1],), threshold, device=q.device, dtype=q.dtype)
-        return sparse_attention_ref(q, k, v, mode="shrink", threshold=th, causal=causal)
-    return sparse_attention_ref(q, k, v, mode="sparsemax", causal=causal)
+        p = torch.softmax(s, dim=-1)
+    elif function == "shrink":
+        p = torch.clamp(s - threshold, min=0)
+    else:
+        p = sparsemax_ref(s, dim=-1)
+    return torch.matmul(p.to(v.dtype), v)
 
 
 def _rows_outputs(fn, q, k, v, rows: int, backward: bool, gen_seed: int = 7) -> list[torch.Tensor]:

@@ -13,7 +13,8 @@ gradients by their l2 error, each against twice PyTorch's eager error in the sam
 and drops a provider that fails (status "wrong", never timed), times the rest interleaved after a warm-up that covers
 compilation (experiments/measure.py), then measures memory, and returns one results record per provider
 (experiments/records.py). `time_ms`, `peak_memory_bytes` and `train_step_peak_bytes` are the single-provider forms
-the report uses.
+the report uses. (compile-max-autotune runs under CUDA graphs: the graph pool it allocates when it records a graph,
+during the warm-up, is not in its measured peak.)
 """
 from __future__ import annotations
 
