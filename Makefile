@@ -30,8 +30,9 @@ report: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench --benchmark-only
 
-# The prepared GPU run (bench/gpu_check.py): no venv, no installs, the machine's own python3 and torch, from the source
-# tree; everything lands in one folder (DSC_GPU_CHECK_OUT, default bench/results/gpu-check-<time>).
+# The prepared GPU run (bench/gpu_check.py, under 8 minutes): no venv, no installs, the machine's own python3 and torch,
+# from the source tree; everything lands in one folder (DSC_GPU_CHECK_OUT, else $OUT, else bench/results/gpu-check-*).
+# Without a GPU (or with DSC_GPU_CHECK_DRY_RUN=1) it rehearses every step it can on the CPU.
 gpu-check:
 	PYTHONPATH=. $(PYTHON) bench/gpu_check.py
 

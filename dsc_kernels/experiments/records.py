@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # best layout, the best torch.compile mode, SDPA's fastest backend, dense sparsemax as entmax users write it).
 BASELINES = {"eager": ("reference", "reference-channels_last"),
              "compile": ("compile", "compile-max-autotune"),
-             "sdpa": ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"),
+             "sdpa": ("sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"),
              "dense": ("dense-sparsemax", "entmax")}
 CSV_COLUMNS = ["suite", "workload", "mode", "dtype", "provider", "status", "median_ms", "n", "min_ms", "p80_ms",
                *[f"speedup_vs_{b}" for b in BASELINES], "peak_bytes", "retained_bytes",
