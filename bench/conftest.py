@@ -2,7 +2,7 @@
 runs it as a test suite (one timed round per group: every correctness check still runs, nothing is published).
 
 - Device: DSC_BENCH_DEVICE=cpu|cuda (default cuda when available). Conv workloads: experiments.speed.workloads
-  (DESIGN §6; small-map on GPUs only).
+  (docs/design.md §6; small-map on GPUs only).
 - Measurement (experiments/speed.py, experiments/attention_speed.py, experiments/measure.py): every provider's output
   is checked against the fp64 reference by the tolerance rule before it is timed, and a provider that fails is
   recorded "wrong", never timed, and its test fails; the others of a group are timed interleaved (median of N, the
@@ -50,7 +50,7 @@ def device() -> str:
 @pytest.fixture(params=list(S.GPU_WORKLOADS), ids=list(S.GPU_WORKLOADS))
 def workload(request, device) -> S.Workload:
     if request.param not in S.workloads(device):
-        pytest.skip(f"{request.param} is a GPU workload (DESIGN §6)")
+        pytest.skip(f"{request.param} is a GPU workload (docs/design.md §6)")
     return S.GPU_WORKLOADS[request.param]
 
 

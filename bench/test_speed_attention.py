@@ -1,6 +1,6 @@
 """Sparse-attention speed and memory (``pytest bench --benchmark-only``).
 
-CPU: the ``attn`` workload (DESIGN.md §6: q, k, v (2, 4, 512, 64) float32), forward and forward+backward, for
+CPU: the ``attn`` workload (docs/design.md §6: q, k, v (2, 4, 512, 64) float32), forward and forward+backward, for
     entmax     an entmax-style dense sparsemax (sort-based threshold, hand-written backward; the ``entmax``
                package's algorithm, written in torch so the suite does not depend on it)
     reference  dsc_kernels' dense oracle (sort-based sparsemax through autograd)

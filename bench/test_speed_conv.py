@@ -1,4 +1,4 @@
-"""Conv-ISTA speed and memory: every DESIGN §6 conv workload x provider, forward and forward+backward.
+"""Conv-ISTA speed and memory: every docs/design.md §6 conv workload x provider, forward and forward+backward.
 
 Providers (experiments/speed.py): reference (eager; NCHW, and channels_last on GPUs), compile (torch.compile of the
 reference; max-autotune on GPUs), cpp, triton, cuda, and the recompute modes; each skipped with the reason when it

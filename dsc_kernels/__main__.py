@@ -1,4 +1,5 @@
-"""`python -m dsc_kernels report [--out DIR] [--quick] [--device cpu|cuda] [--backend NAME]`; `--version`."""
+"""`python -m dsc_kernels report [--out DIR] [--quick] [--device cpu|cuda] [--backend NAME] [--readme-figures]`;
+`--version`."""
 from __future__ import annotations
 
 import argparse
@@ -15,13 +16,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"dsc_kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", help="run the convergence experiments and the speed comparison, write REPORT.md",
-                         description="Runs every claim of THEORY.md §7 through functional.conv_ista and times the "
-                                     "available backends; writes DIR/REPORT.md and PNG figures.")
+                         description="Runs every claim of docs/theory.md §7 through functional.conv_ista and times "
+                                     "the available backends; writes DIR/REPORT.md and PNG figures.")
     rep.add_argument("--out", default="report", help="output folder (default: ./report)")
     rep.add_argument("--quick", action="store_true", help="small sizes: under a minute on 2 CPU cores")
     rep.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the experiments run")
     rep.add_argument("--backend", default="auto",
                      help="conv-ISTA backend for the experiments (auto, reference, cpp, triton); default auto")
+    rep.add_argument("--readme-figures", action="store_true",
+                     help="also copy the figures the README shows into the checkout's docs/ (from this same run)")
     args = parser.parse_args(argv)
     if args.command == "report":
         from .report import run_report

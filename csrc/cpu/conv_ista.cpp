@@ -1,6 +1,6 @@
 // Fused conv-ISTA / conv-FISTA on the CPU: ops dsc_kernels::conv_ista_fwd_cpp and conv_ista_bwd_cpp.
 //
-// Canonical 2-D tensors (notes/CONTRACT.md): x (B, Cs, H, W); weight W_D and encoder_weight W_E (Cc, Cs, KH, KW);
+// Canonical 2-D tensors (docs/design.md §7.1): x (B, Cs, H, W); weight W_D and encoder_weight W_E (Cc, Cs, KH, KW);
 // lam (n, Cc); step (n,); z0 (B, Cc, Hz, Wz) or empty (zeros). D z = conv_transpose2d(z, W_D) cropped/padded to
 // x's size, E r = conv2d(r, W_E), both with the given stride and padding.
 //

@@ -1,7 +1,8 @@
 """S6: the fused "CNN" layers compute exactly the ISTA iteration: every available backend against the reference.
 
-A conv-transpose + conv + shrink block is one ISTA step (THEORY.md §3.3) [R, identities C]; the fused kernels must
-reproduce the reference to rounding on a multi-channel, strided 2-D problem: ISTA, FISTA, and non-negative codes (the ReLU-with-bias CNN).
+A conv-transpose + conv + shrink block is one ISTA step (docs/theory.md §3.3) [R, identities C]; the fused kernels
+must reproduce the reference to rounding on a multi-channel, strided 2-D problem: ISTA, FISTA, and non-negative
+codes (the ReLU-with-bias CNN).
 """
 from __future__ import annotations
 
@@ -41,16 +42,17 @@ def backend_agreement(*, quick: bool = False, backend: str = "auto", device: str
             got = DF.conv_ista(x, w, 0.1, backend=name, **kw)
             worst = max(worst, float((got - ref).abs().max()) / float(ref.abs().max()))
         diffs[name] = worst
-    # GPU kernels accumulate in fp32 (DESIGN §5), so fp32 rounding is the yardstick for every backend
+    # GPU kernels accumulate in fp32 (docs/design.md §5), so fp32 rounding is the yardstick for every backend
     tol = resolution(torch.float32)
     holds = all(d <= tol for d in diffs.values())
     return ClaimResult(
         id="S6",
         claim="fused conv-ISTA layers (transposed conv + conv + shrink) reproduce the ISTA reference",
         theory=f"max relative difference ≤ {tol:.1e} (10³ fp32 eps)",
-        measured=("; ".join(f"{n}: {d:.1e}" for n, d in diffs.items()) or "no fused backend available here (nothing to compare)"),
+        measured=("; ".join(f"{n}: {d:.1e}" for n, d in diffs.items())
+                  or "no fused backend available here (nothing to compare)"),
         holds=bool(holds),
-        source="[R] CNN = ISTA identities (THEORY.md §3.3), [C]",
+        source="[R] CNN = ISTA identities (docs/theory.md §3.3), [C]",
         curves={"diffs": diffs},
         seconds=time.perf_counter() - t0,
     )

@@ -1,4 +1,4 @@
-"""Conv-ISTA speed workloads (DESIGN §6) and providers, and their measurement: checked, then timed interleaved.
+"""Conv-ISTA speed workloads (docs/design.md §6) and providers, and their measurement: checked, then timed interleaved.
 
 Providers: "reference" (eager PyTorch: cuDNN/oneDNN in NCHW, the baseline), "reference-channels_last" (the same in
 channels_last, often much faster on GPUs; GPU only), "compile" and "compile-max-autotune" (torch.compile of the
@@ -38,14 +38,14 @@ PROVIDERS = ("reference", "reference-channels_last", "compile", "compile-max-aut
              "triton", "triton-recompute", "cuda")
 MODES = ("forward", "forward_backward")
 _GPU_ONLY = {
-    "reference-channels_last": "a GPU baseline (DESIGN §6); on CPU the report compares with NCHW eager",
-    "compile-max-autotune": "a GPU baseline (DESIGN §6); on CPU max-autotune compiles for many minutes",
+    "reference-channels_last": "a GPU baseline (docs/design.md §6); on CPU the report compares with NCHW eager",
+    "compile-max-autotune": "a GPU baseline (docs/design.md §6); on CPU max-autotune compiles for many minutes",
 }
 
 
 @dataclass(frozen=True)
 class Workload:
-    """x: (B, C_sig, H, W); weight: (C_code, C_sig, kh, kw); a CPU and a GPU size (DESIGN §6), None where the
+    """x: (B, C_sig, H, W); weight: (C_code, C_sig, kh, kw); a CPU and a GPU size (docs/design.md §6), None where the
     workload has no size for that device."""
 
     name: str

@@ -1,6 +1,6 @@
 """Pure-PyTorch sparse attention: the oracle for every fused backend.
 
-Math (DESIGN.md §2). For q (B, H, N, d), k and v (B, H, M, d):
+Math (docs/design.md §2). For q (B, H, N, d), k and v (B, H, M, d):
     s_ij = scale * <q_i, k_j>,  s_ij = -inf where causal masks it out
     sparsemax: P_ij = max(s_ij - tau_i, 0), tau_i solves sum_j max(s_ij - tau_i, 0) = 1
     shrink:    P_ij = max(s_ij - theta_h, 0)

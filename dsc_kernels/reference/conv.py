@@ -1,4 +1,4 @@
-"""Convolutional dictionary operators in pure PyTorch (DESIGN.md §2).
+"""Convolutional dictionary operators in pure PyTorch (docs/design.md §2).
 
 A dictionary ``weight`` of shape ``(C_code, C_sig, *k)`` acts in two directions:
 

@@ -1,6 +1,6 @@
 """Fused Triton kernels for convolutional ISTA / FISTA (backend "triton"). 2-D only: 1-D arrives as H = 1.
 
-Math (DESIGN.md §2, notes/CONTRACT.md). Shapes: x (B, Cs, H, W), weight W and encoder weight W_E (C, Cs, kh, kw),
+Math (docs/design.md §2, §7.1). Shapes: x (B, Cs, H, W), weight W and encoder weight W_E (C, Cs, kh, kw),
 codes (B, C, Hz, Wz), lam (n, C), step (n,).
     D z = conv_transpose2d(z, W, s, p, output_padding such that D z has x's size)     (synthesis)
     E r = conv2d(r, W_E, s, p)                                                          (analysis; W_E = W if tied)
@@ -9,7 +9,7 @@ codes (B, C, Hz, Wz), lam (n, C), step (n,).
     u_k     = y_k + step_k E(x - D y_k)
     z_{k+1} = S_{step_k lam_k[c]}(u_k)          S_t(u) = sign(u) max(|u| - t, 0); nonneg: max(u - t, 0)
 
-Forward (DESIGN §5). One iteration on a TH x TW tile of code positions of one image, all code channels
+Forward (docs/design.md §5). One iteration on a TH x TW tile of code positions of one image, all code channels
 (`_ista_tile`): form the residual r = x - D y_k on the signal halo the tile's analysis window covers
 ((TH-1) s + kh rows, (TW-1) s + kw columns), park it in a per-program scratch slab (a few KiB, L1/L2 resident,
 reused), run the analysis conv from the slab, add y_k, threshold and store z_{k+1}. D y and r never exist as
@@ -486,7 +486,7 @@ def _check_checkpoint(checkpoint: int) -> None:
 def conv_ista_fwd(x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor, step: Tensor, z0: Tensor,
                   stride: Sequence[int], padding: Sequence[int], nonneg: bool, fista: bool,
                   checkpoint: int) -> tuple[Tensor, Tensor]:
-    """Forward of the fused-op interface (notes/CONTRACT.md). x: (B, C_sig, H, W); weight, encoder_weight:
+    """Forward of the fused-op interface (docs/design.md §7.1). x: (B, C_sig, H, W); weight, encoder_weight:
     (C_code, C_sig, kh, kw); lam: (n_iter, C_code); step: (n_iter,); z0: (B, C_code, Hz, Wz) or empty (zeros).
     Returns (z_n, saved): z_1..z_{n-1} (n_iter - 1, B, C_code, Hz, Wz) for checkpoint 1, an empty (0,) tensor for
     checkpoint 0 (recompute mode)."""

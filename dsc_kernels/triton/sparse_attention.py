@@ -1,6 +1,6 @@
 """Flash-style Triton kernels for sparse attention (backend "triton"): the N x M score matrix never exists.
 
-Math (DESIGN.md §2), q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv), theta (H,):
+Math (docs/design.md §2), q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv), theta (H,):
     s_ij = scale <q_i, k_j>, causal (top-left, SDPA's is_causal): only keys j <= i
     sparsemax: tau_i solves sum_j max(s_ij - tau_i, 0) = 1;   shrink: tau_i = theta_h
     P_ij = max(s_ij - tau_i, 0),  O_i = sum_j P_ij v_j
