@@ -40,7 +40,7 @@ def test_sparse_attention_matches_reference_math(backend, mode):
     torch.testing.assert_close(out_c, _manual(m, x, x, True))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_fused_backends_match_reference_module(backend):
     _skip_unless(backend)
     dtype = torch.float32 if backend == "triton" else torch.float64

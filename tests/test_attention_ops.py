@@ -7,6 +7,10 @@ from dsc_kernels.ops import sparse_attention as sa
 from dsc_kernels.reference.attention import sparse_attention_fwd_ref, sparse_attention_ref
 
 
+# Triton on CPU tensors is the interpreter: those cases run in the interpreter process (tests/conftest.py).
+TRITON_INTERPRETED = pytest.param("triton", marks=pytest.mark.interpreter)
+
+
 def _cpp_or_skip():
     reason = DF.backend_unavailable_reason("cpp", "cpu")
     if reason is not None:
@@ -66,6 +70,7 @@ def test_cpu_backends_match_reference(backend, mode, causal, n, m, d, dtype):
     _check_against_reference(backend, mode, causal, n, m, d, dtype, 1e-10 if dtype == torch.float64 else 2e-5)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
 @pytest.mark.parametrize("causal,n,m,d", [(False, 5, 7, 16), (True, 37, 19, 24), (True, 17, 33, 64),
                                           (False, 20, 18, 24), (True, 6, 11, 128)])
@@ -74,6 +79,7 @@ def test_triton_matches_reference(mode, causal, n, m, d):
     _check_against_reference("triton", mode, causal, n, m, d, torch.float32, 2e-5)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_precision(dtype):
     _prepare("triton")
@@ -81,12 +87,13 @@ def test_triton_half_precision(dtype):
     _check_against_reference("triton", "sparsemax", True, 19, 21, 16, dtype, 5e-2)
 
 
+@pytest.mark.interpreter
 def test_triton_value_dim_differs():
     _prepare("triton")
     _check_against_reference("triton", "shrink", False, 9, 11, 16, torch.float32, 2e-5, dv=24)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", TRITON_INTERPRETED])
 def test_row_statistics(backend):
     _prepare(backend)
     dtype = torch.float32 if backend == "triton" else torch.float64
@@ -98,7 +105,7 @@ def test_row_statistics(backend):
         torch.testing.assert_close(stats.double(), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", TRITON_INTERPRETED])
 @pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
 def test_no_active_key_rows_are_zero(backend, mode):
     _prepare(backend)
@@ -121,7 +128,7 @@ def _op_args(dtype):
     return q, k, v, th
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", TRITON_INTERPRETED])
 @pytest.mark.parametrize("mode,causal", [("sparsemax", True), ("shrink", False)])
 def test_opcheck(backend, mode, causal):
     _prepare(backend)
