@@ -23,11 +23,6 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "interpreter: Triton kernels on CPU tensors under TRITON_INTERPRET=1 "
-                                       "(run in their own process: TRITON_INTERPRET=1 pytest -m interpreter)")
-
-
 def pytest_collection_modifyitems(config, items):
     if INTERPRETING:
         skip_gpu = pytest.mark.skip(reason="the Triton interpreter is on in this process; GPU tests run compiled: "
