@@ -1,5 +1,5 @@
 """`python -m dsc_kernels report [--out DIR] [--quick] [--device cpu|cuda] [--backend NAME] [--readme-figures]`;
-`--version`."""
+`--version`; `python -m dsc_kernels train --recipe R ...` (see dsc_kernels/recipes/cli.py)."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +25,18 @@ def main(argv: list[str] | None = None) -> int:
                      help="conv-ISTA backend for the experiments (auto, reference, cpp, triton); default auto")
     rep.add_argument("--readme-figures", action="store_true",
                      help="also copy the figures the README shows into the checkout's docs/ (from this same run)")
+    rep.add_argument("--training-runs", default=None,
+                     help="a `train --recipe digits --strategy all --out DIR` folder for the training section "
+                          "(default: a short run)")
+    train = sub.add_parser("train", help="train a recipe on bundled real data (digits, denoise)",
+                           description="Trains a recipe of dsc_kernels.recipes; writes DIR/metrics.json, a figure "
+                                       "and DIR/model.pt (dsc_kernels.recipes.load(DIR) reads it back).")
+    from .recipes.cli import add_arguments
+    add_arguments(train)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        from .recipes.cli import main as train_main
+        train_main(args)
     if args.command == "report":
         from .report import run_report
         path = run_report(args)
