@@ -17,21 +17,8 @@ How a kernel module offers AOT specialisations (tests/test_triton_aot.py compile
   3. keep `KERNELS = {name: kernel}`; the AOT test checks that the recorded specs cover every entry.
 Call `aot_specializations` without TRITON_INTERPRET (in a subprocess of the test session): block sizes differ
 under the interpreter.
-
-For triton/sparse_attention.py the conversion is: `_interpreting()` -> `interpreting()` from here;
-`torch.library.wrap_triton(kernel)[grid](...)` -> `launch(kernel)[grid](...)`; and the hand-written
-`aot_signature` table -> a function recorded from the launchers, e.g.
-
-    def aot_specializations(b, h, n, m, d, dtype, mode, causal) -> list[AotSpec]:
-        q, k, v = (torch.empty(b, h, length, d, device="meta", dtype=dtype) for length in (n, m, m))
-        th = torch.empty(h, device="meta")
-        def run():
-            out, stats = sparse_attention_fwd(q, k, v, th, mode, causal, d ** -0.5)
-            sparse_attention_bwd(torch.empty_like(out), q, k, v, th, stats, mode, causal, d ** -0.5)
-        return record_launches(run)
-
-and tests/test_attention_aot.py compiles `aot_compile(spec, capability)` for each recorded spec (see
-tests/test_triton_aot.py, which also checks that the specs cover every kernel in KERNELS).
+Both kernel modules (triton/conv_ista.py, triton/sparse_attention.py) do this; tests/test_triton_aot.py and
+tests/test_attention_aot.py compile what they record.
 """
 from __future__ import annotations
 

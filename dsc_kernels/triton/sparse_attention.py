@@ -27,11 +27,11 @@ VJP (g = dL/dO, support m_ij = [z_ij > t_i]):
     Each program owns its outputs: deterministic, no atomics.
 q, k, v are read through their (batch, head, row) strides with a unit last stride (the launchers copy only inputs
 without one); every load and store is masked (rows past N or M, head-dim padding to a power of two >= 16).
-Launchers use only torch ops and `torch.library.wrap_triton` launches, so they run inside a `triton_op`.
+Launchers use only torch ops and `launch(...)` (`torch.library.wrap_triton`, recordable for ahead-of-time
+compilation: `aot_specializations` records the launches the launchers really make, on meta tensors).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -39,7 +39,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["sparse_attention_fwd", "sparse_attention_bwd", "KERNELS", "aot_signature"]
+from .launch import AotSpec, interpreting, launch, record_launches
+
+__all__ = ["sparse_attention_fwd", "sparse_attention_bwd", "KERNELS", "aot_specializations"]
 
 
 @triton.jit
@@ -341,13 +343,9 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, st_ptr, delta_ptr, dk_pt
 KERNELS = {"fwd": _fwd_kernel, "bwd_dq": _bwd_dq_kernel, "bwd_dkdv": _bwd_dkdv_kernel}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _block(d: int, dv: int) -> int:
     # Small tiles keep the interpreter quick; on a GPU 64 x 64 tiles with d <= 128 fit in registers/shared memory.
-    return 16 if _interpreting() else (64 if max(d, dv) <= 64 else 32)
+    return 16 if interpreting() else (64 if max(d, dv) <= 64 else 32)
 
 
 def _config(q: Tensor, v: Tensor, bias: Tensor | None) -> dict:
@@ -359,7 +357,7 @@ def _config(q: Tensor, v: Tensor, bias: Tensor | None) -> dict:
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, triton.next_power_of_2(d)),
                 BLOCK_DV=max(16, triton.next_power_of_2(dv)), HAS_BIAS=bias is not None,
                 # The interpreter's numpy has no bf16 arithmetic, so values are upcast right after loading.
-                UPCAST=_interpreting(), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                UPCAST=interpreting(), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -410,7 +408,7 @@ def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bia
     if n == 0 or b * h == 0:
         return out, stats
     bias_ptr, *bias_strides = _bias_args(bias, stats)
-    torch.library.wrap_triton(_fwd_kernel)[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
+    launch(_fwd_kernel)[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
         q, k, v, th, bias_ptr, _bad_keys(k, v), out, stats, *_strides(q), *_strides(k), *_strides(v),
         *bias_strides, n, m, h, d, dv, scale, SPARSEMAX=mode == "sparsemax", CAUSAL=causal, **cfg)
     return out, stats
@@ -438,11 +436,11 @@ def sparse_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, thre
     bias_ptr, *bias_strides = _bias_args(bias, st)
     strides = (*_strides(q), *_strides(k), *_strides(v), *bias_strides)
     if n > 0 and b * h > 0:
-        torch.library.wrap_triton(_bwd_dq_kernel)[(n_qblocks, b * h)](
+        launch(_bwd_dq_kernel)[(n_qblocks, b * h)](
             q, k, v, bias_ptr, g, st, dq, delta, dth_partial, *strides, n, m, h, d, dv_, scale,
             SPARSEMAX=mode == "sparsemax", CAUSAL=causal, **cfg)
         if m > 0:
-            torch.library.wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(m, cfg["BLOCK_N"]), b * h)](
+            launch(_bwd_dkdv_kernel)[(triton.cdiv(m, cfg["BLOCK_N"]), b * h)](
                 q, k, v, bias_ptr, g, st, delta, dk, dv, *strides, n, m, h, d, dv_, scale, CAUSAL=causal, **cfg)
     if mode == "sparsemax":
         dth = torch.zeros_like(threshold)
@@ -451,32 +449,24 @@ def sparse_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, thre
     return dq, dk, dv, dth
 
 
-def aot_signature(dtype: str, d: int, mode: str, causal: bool, kernel: str = "fwd",
-                  has_bias: bool = False) -> tuple[dict, dict]:
-    """(signature, constexprs) for compiling ``KERNELS[kernel]`` ahead of time with `triton.compile`.
+def aot_specializations(b: int, h: int, n: int, m: int, d: int, dv: int | None = None,
+                        dtype: torch.dtype = torch.float16, *, causal: bool = True,
+                        with_bias: bool = False) -> list[AotSpec]:
+    """Every kernel specialisation the launchers make on one problem (both modes, forward and backward), recorded
+    on meta tensors without running anything: q (b, h, n, d), k (b, h, m, d), v (b, h, m, dv or d), a key padding
+    bias when ``with_bias``. Call without TRITON_INTERPRET (the interpreter's block sizes differ)."""
+    if interpreting():
+        raise RuntimeError("aot_specializations needs the GPU configurations: unset TRITON_INTERPRET")
 
-    dtype: "fp32" | "fp16" | "bf16"; d: head dim (also used as dv). Mirrors ``_config`` for a GPU launch.
-    """
-    blk = 64 if d <= 64 else 32
-    pd = max(16, triton.next_power_of_2(d))
-    ptr = f"*{dtype}"
-    common = dict(CAUSAL=causal, HAS_BIAS=has_bias, BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=pd, BLOCK_DV=pd,
-                  UPCAST=False, DOT_PREC="ieee" if dtype == "fp32" else "tf32")
-    strides = {name: "i32" for name in ("sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
-                                        "sb_b", "sb_h", "sb_n", "sb_m")}
-    sizes = dict(N_Q="i32", N_K="i32", H="i32", D="i32", DV="i32", scale="fp32")
-    if kernel == "fwd":
-        sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, th_ptr="*fp32", b_ptr="*fp32", badk_ptr="*i8", o_ptr=ptr,
-                   st_ptr="*fp32", **strides, **sizes)
-        const = dict(common, SPARSEMAX=mode == "sparsemax")
-    elif kernel == "bwd_dq":
-        sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, b_ptr="*fp32", g_ptr=ptr, st_ptr="*fp32", dq_ptr=ptr,
-                   delta_ptr="*fp32", dth_ptr="*fp32", **strides, **sizes)
-        const = dict(common, SPARSEMAX=mode == "sparsemax")
-    else:
-        sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, b_ptr="*fp32", g_ptr=ptr, st_ptr="*fp32", delta_ptr="*fp32",
-                   dk_ptr=ptr, dv_ptr=ptr, **strides, **sizes)
-        const = common
-    for name in const:
-        sig[name] = "constexpr"
-    return sig, const
+    def meta(*shape, dt=dtype):
+        return torch.empty(shape, device="meta", dtype=dt)
+
+    q, k, v, th = meta(b, h, n, d), meta(b, h, m, d), meta(b, h, m, dv or d), meta(h, dt=torch.float32)
+    bias = meta(b, 1, 1, m, dt=torch.float32).expand(b, h, n, m) if with_bias else None
+
+    def run():
+        for mode in ("sparsemax", "shrink"):
+            out, stats = sparse_attention_fwd(q, k, v, th, bias, mode, causal, d ** -0.5)
+            sparse_attention_bwd(torch.empty_like(out), q, k, v, th, bias, stats, mode, causal, d ** -0.5)
+
+    return record_launches(run)
