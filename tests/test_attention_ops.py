@@ -258,9 +258,9 @@ def _check_by_rule(backend, dtype, mode, causal, n, m, d, device, b=1, h=2):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
-def test_triton_half_precision_by_rule(dtype, mode):
+def test_triton_low_precision_by_rule(dtype, mode):
     _prepare("triton")
     _check_by_rule("triton", dtype, mode, True, 19, 21, 16, "cpu")
 
@@ -271,5 +271,9 @@ def test_triton_half_precision_by_rule(dtype, mode):
 @pytest.mark.parametrize("causal,n,m,d", [(True, 300, 300, 64), (False, 129, 257, 128), (True, 77, 50, 24)])
 def test_triton_gpu_matches_reference(dtype, mode, causal, n, m, d):
     # fp32 runs with IEEE dots (the kernels' fp32 setting), so the eager yardstick is IEEE too.
+    saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
-    _check_by_rule("triton", dtype, mode, causal, n, m, d, "cuda", b=2, h=3)
+    try:
+        _check_by_rule("triton", dtype, mode, causal, n, m, d, "cuda", b=2, h=3)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
