@@ -11,7 +11,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test report bench sanitize clean
+.PHONY: setup test report bench sanitize gpu-check clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# Two processes, because Triton picks its interpreter when it is imported (tests/conftest.py): the interpreter tests
+# (Triton kernels on CPU tensors), then everything else with the interpreter off (compiled GPU tests where a GPU is).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m interpreter tests; first=$$?; \
+	TRITON_INTERPRET=0 $(BIN)/python -m pytest -q -m "not interpreter" tests; second=$$?; \
+	test $$first = 0 && test $$second = 0
 
 report: $(STAMP)
 	$(BIN)/python -m dsc_kernels report --out report
@@ -34,12 +38,18 @@ bench: $(STAMP)
 CXX          ?= c++
 SAN_FLAGS    := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1
 SAN_CACHE    ?= $(HOME)/.cache/dsc_kernels-sanitize
-SAN_TESTS    ?= tests/test_cpp_conv_ista.py tests/test_cpp_strategies.py tests/test_empty_inputs_cpp.py
+SAN_TESTS    ?= tests/test_cpp_conv_ista.py tests/test_cpp_strategies.py tests/test_empty_inputs_cpp.py tests/test_attention_ops.py tests/test_attention_reliability.py
 sanitize: $(STAMP)
 	DSC_KERNELS_EXTRA_CFLAGS="$(SAN_FLAGS)" DSC_KERNELS_CACHE="$(SAN_CACHE)" \
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	$(BIN)/python -m pytest -q -x -p no:cacheprovider $(SAN_TESTS) -k "not build"
+
+# The prepared GPU run (bench/gpu_check.py, under 8 minutes): no venv, no installs, the machine's own python3 and torch,
+# from the source tree; everything lands in one folder (DSC_GPU_CHECK_OUT, else $OUT, else bench/results/gpu-check-*).
+# Without a GPU (or with DSC_GPU_CHECK_DRY_RUN=1) it rehearses every step it can on the CPU.
+gpu-check:
+	PYTHONPATH=. $(PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import record
+
 from dsc_kernels.experiments import sweep as SW
 
 NAMES = [s.name for s in SW.SHAPES] if os.environ.get("DSC_BENCH_SWEEP") == "full" else list(SW.QUICK)

@@ -54,33 +54,43 @@ def _run_claims(quick: bool, backend: str, device: str, bar) -> list[ClaimResult
 
 
 def speed_repetitions(quick: bool) -> int:
-    """Timed repetitions per provider and pass (the report quotes their median)."""
-    return 1 if quick else 3
+    """Timed rounds per provider and pass (the report quotes their median)."""
+    return 3 if quick else 7
+
+
+def _median_ms(record: dict | None) -> float | None:
+    timing = (record or {}).get("timing") or {}
+    return timing.get("median_ms") if record and record["status"] == "ok" and timing.get("n") else None
 
 
 def _run_speed(quick: bool, device: str, bar) -> tuple[list[dict], dict[str, str]]:
-    """Forward and forward+backward median ms and peak memory for every workload x available provider."""
+    """Forward and forward+backward median ms and memory for every workload x available provider, measured by
+    `experiments.speed.measure_conv`: each provider's output is checked against float64 first (a wrong one is not
+    timed), the providers are timed interleaved after an untimed warm-up (compilation happens there), then their
+    memory is measured."""
     providers = S.available_providers(device)
     skipped = {p: why for p, why in providers.items() if why is not None}
     names = ["csc-gray"] if quick else list(S.WORKLOADS)
     if quick:  # compiling takes longer than the whole quick report may
         skipped.setdefault("compile", "skipped in --quick (compilation time)")
+    wanted = [p for p in S.PROVIDERS if p not in skipped]
     rows = []
     for name in names:
-        w = S.WORKLOADS[name]
-        inputs = S.make_inputs(w, device, requires_grad=True, scale=0.25 if quick else 1.0)
-        for p in [p for p in S.PROVIDERS if p not in skipped]:
-            bar.set_postfix_str(f"speed {name} {p}")
-            try:
-                fn = S.provider_fn(p, inputs)
-                reps = speed_repetitions(quick)
-                fwd = S.time_ms(lambda: fn().detach(), device, reps=reps)
-                fb = S.time_ms(S.forward_backward(fn, inputs), device, reps=reps)
-                rows.append(dict(workload=name, provider=p, fwd_ms=fwd, fwd_bwd_ms=fb,
-                                 mem_bytes=S.peak_memory_bytes(fn, device),
-                                 train_peak_bytes=S.train_step_peak_bytes(fn, inputs, device)))
-            except Exception as err:  # noqa: BLE001 - a provider failing is a row of the report, not a crash
-                rows.append(dict(workload=name, provider=p, error=f"{type(err).__name__}: {err}"[:200]))
+        bar.set_postfix_str(f"speed {name}")
+        measured = {mode: {r["provider"]: r for r in S.measure_conv(
+                        S.WORKLOADS[name], device, mode, wanted, rounds=speed_repetitions(quick),
+                        scale=0.25 if quick else 1.0)}
+                    for mode in ("forward", "forward_backward")}
+        for p in wanted:
+            # a recompute provider's forward is its plain provider's (only what the backward keeps differs)
+            fwd = measured["forward"].get(p.removesuffix("-recompute"))
+            fb = measured["forward_backward"][p]
+            if _median_ms(fwd) is None or _median_ms(fb) is None:
+                bad = fb if _median_ms(fb) is None else fwd
+                rows.append(dict(workload=name, provider=p, error=f"{bad['status']}: {bad.get('reason')}"[:200]))
+                continue
+            rows.append(dict(workload=name, provider=p, fwd_ms=_median_ms(fwd), fwd_bwd_ms=_median_ms(fb),
+                             train_peak_bytes=fb["memory"]["peak_bytes"]))
         bar.update(1)
     for r in rows:
         base = next((b for b in rows if b["workload"] == r["workload"] and b["provider"] == "reference"), None)
@@ -266,26 +276,22 @@ def _markdown(results, rows, skipped, attn, figures, flags, facts, args, seconds
     if notes:
         out += ["", "Notes:", ""] + [f"- **{r.id}**: {r.note}" for r in notes]
     out += ["", "## Speed of the conv-ISTA backends", ""]
-    if args.device == "cuda":
-        timer = "CUDA events through triton.testing.do_bench (its warm-up, then the median of its repetitions)"
-    else:
-        timer = (f"time.perf_counter around each call, median of {reps} repetition{'s' if reps > 1 else ''} after "
-                 "one untimed warm-up call (for `compile` the warm-up is the compilation, outside the timed region); "
-                 "providers are timed one after another, forward then forward+backward")
-    kept = "peak allocated by the forward" if args.device == "cuda" else "autograd-saved bytes + output"
-    out += [f"Timer: {timer}. Speed-up = eager (reference) time / provider time; kept: {kept}; train-step peak: "
+    clock = "CUDA events" if args.device == "cuda" else "time.perf_counter"
+    timer = (f"{clock}; every provider's output is first checked against a float64 reference (a wrong one is not "
+             f"timed), then the providers are timed interleaved (one call of each per round, the order rotating), "
+             f"median of {reps} rounds after untimed warm-up calls (for `compile` the compilation happens there)")
+    out += [f"Timer: {timer}. Speed-up = eager (reference) time / provider time; train-step peak: "
             f"peak allocation during forward + backward (× eager). "
             f"float32.{' Quick run: batch ×0.25, one workload.' if args.quick else ''}", "",
-            "| workload | provider | forward ms | fwd+bwd ms | speed-up fwd | speed-up fwd+bwd | kept MiB | "
-            "train-step peak MiB |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| workload | provider | forward ms | fwd+bwd ms | speed-up fwd | speed-up fwd+bwd | train-step peak MiB |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['workload']} | {r['provider']} | error: {r['error']} | | | | | |")
+            out.append(f"| {r['workload']} | {r['provider']} | error: {r['error']} | | | | |")
         else:
             out.append(f"| {r['workload']} | {r['provider']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
                        f"{r.get('fwd_speedup', float('nan')):.2f}× | {r.get('fwd_bwd_speedup', float('nan')):.2f}× | "
-                       f"{r['mem_bytes'] / 2**20:.1f} | {r['train_peak_bytes'] / 2**20:.1f} "
+                       f"{r['train_peak_bytes'] / 2**20:.1f} "
                        f"({r.get('train_peak_ratio', float('nan')):.2f}×) |")
     if skipped:
         out += ["", "Skipped providers: " + "; ".join(f"{p}: {why}" for p, why in skipped.items())]

@@ -23,9 +23,7 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,6 +33,7 @@ import torch
 
 from .. import functional as DF
 from ..reference import conv_ista_ref
+from . import measure, records
 from . import speed as S
 
 PROVIDERS = ("reference", "compile", "cpp-direct", "cpp-gemm", "cpp", "auto")
@@ -194,15 +193,12 @@ def check_against_reference(fn: Callable[[], torch.Tensor], ref: Callable[[], to
 
 
 def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, dict]:
-    """Median (and spread) ms per provider over `rounds` rounds, each running every provider once in turn."""
-    for f in fns.values():  # warm-up: builds, compiles, first-touch allocations
-        f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(rounds):
-        order = list(fns) if r % 2 == 0 else list(reversed(fns))
-        for k in order:
-            times[k].append(S.time_ms(fns[k], "cpu", reps=1, warmup=0))
-    return {k: {"ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)} for k, v in times.items()}
+    """Median (and spread) ms per provider over `rounds` interleaved rounds (measure.time_interleaved)."""
+    timings = measure.time_interleaved(fns, "cpu", rounds=rounds, warmup=1, min_rounds=rounds)
+    failed = {k: t.error for k, t in timings.items() if t.error}
+    if failed:
+        raise RuntimeError(f"providers failed while timed: {failed}")
+    return {k: {"ms": t.median_ms, "min_ms": min(t.samples_ms), "max_ms": max(t.samples_ms)} for k, t in timings.items()}
 
 
 def cpp_strategy(shape: SweepShape) -> str:
@@ -285,21 +281,9 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                "python": platform.python_version(), "commit": commit or "unknown", "load_average": load,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    """records.environment on the CPU, with the short keys the sweep's table prints."""
+    env = records.environment("cpu")
+    return {**env, "threads": env["torch_threads"], "load_average": (env["load_avg"] or [None])[0]}
 
 
 def markdown(rows: list[dict], summary: dict, machine: dict) -> str:
