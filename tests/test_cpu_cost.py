@@ -14,8 +14,8 @@ CONV_BOUND = ((8, 64, 8, 8), (64, 64, 3, 3))
 LIGHT = ((8, 1, 8, 8), (32, 1, 3, 3))
 
 
-def _key(xs, ws, backward, threads=2):
-    return cpu_cost.ConvIstaKey(xs, ws, (1, 1), (1, 1), torch.float32, threads, backward)
+def _key(xs, ws, backward):
+    return cpu_cost.ConvIstaKey(xs, ws, (1, 1), (1, 1), torch.float32, backward)
 
 
 def test_intensity_and_code_size():
@@ -23,7 +23,7 @@ def test_intensity_and_code_size():
     assert key.code_size == (8, 8)
     assert key.intensity == pytest.approx(64 * 9 * 64 * 64 / (64 * 64 + 64 * 64))
     assert not key.kernel_covers_map
-    full = cpu_cost.ConvIstaKey((4, 64, 4, 4), (512, 64, 4, 4), (1, 1), (0, 0), torch.float32, 1, True)
+    full = cpu_cost.ConvIstaKey((4, 64, 4, 4), (512, 64, 4, 4), (1, 1), (0, 0), torch.float32, True)
     assert full.kernel_covers_map and full.code_size == (1, 1)
 
 
@@ -31,7 +31,7 @@ def test_choice_by_key():
     assert cpu_cost.faster_on_cpu(_key(*CONV_BOUND, backward=False)) == "cpp"  # inference: always the fused path
     assert cpu_cost.faster_on_cpu(_key(*CONV_BOUND, backward=True)) == "reference"
     assert cpu_cost.faster_on_cpu(_key(*LIGHT, backward=True)) == "cpp"
-    full = cpu_cost.ConvIstaKey((4, 64, 4, 4), (512, 64, 4, 4), (1, 1), (0, 0), torch.float32, 1, True)
+    full = cpu_cost.ConvIstaKey((4, 64, 4, 4), (512, 64, 4, 4), (1, 1), (0, 0), torch.float32, True)
     assert cpu_cost.faster_on_cpu(full) == "cpp"  # a matrix product on the cpp side, whatever the intensity
 
 

@@ -2,7 +2,8 @@
 
 ``selection.select`` asks ``prefers(candidate)`` of the hook ``hook(...)`` builds for a call; the table's order
 (``cpp`` before ``reference``) stands unless this cost model says the eager path is faster for the call's key:
-(signal and kernel sizes, channels, stride, padding, dtype, thread count, whether a backward will follow). The
+(signal and kernel sizes, channels, stride, padding, dtype, whether a backward will follow; the
+thread count is not part of it, so the choice stays traceable under torch.compile). The
 decision is a pure function of that key, so it is the same on every call and in every process.
 
 The model, calibrated on the shape sweep (``dsc_kernels/experiments/sweep.py``; numbers in the README):
@@ -42,7 +43,6 @@ class ConvIstaKey:
     stride: tuple[int, ...]
     padding: tuple[int, ...]
     dtype: torch.dtype
-    threads: int
     backward: bool
 
     @property
@@ -76,7 +76,7 @@ def hook(x_size: Sequence[int], weight_size: Sequence[int], stride: Sequence[int
     """For ``selection.select``: ``prefers(candidate)`` says whether auto should take ``candidate`` for this call
     (the reference always qualifies; ``cpp`` when the model expects it to be the faster)."""
     key = ConvIstaKey(tuple(int(s) for s in x_size), tuple(int(s) for s in weight_size), tuple(stride),
-                      tuple(padding), dtype, torch.get_num_threads(), bool(backward))
+                      tuple(padding), dtype, bool(backward))
 
     def prefers(candidate: str) -> bool:
         return candidate != "cpp" or faster_on_cpu(key) == "cpp"

@@ -59,7 +59,7 @@ def _zeros_in_graph(shape: Sequence[int], *operands: torch.Tensor) -> torch.Tens
 
 
 def _empty_conv(x_or_z: torch.Tensor, weight: torch.Tensor) -> bool:
-    return min(x_or_z.shape[1:], default=1) == 0 or min(weight.shape[:2]) == 0
+    return 0 in tuple(x_or_z.shape[1:]) or 0 in tuple(weight.shape[:2])
 
 
 def conv_analysis_ref(x: torch.Tensor, weight: torch.Tensor, stride: int | Sequence[int] = 1,
@@ -78,7 +78,7 @@ def conv_synthesis_ref(z: torch.Tensor, weight: torch.Tensor, signal_size: Seque
     """``D z``. z: (B, C_code, *Sz), weight: (C_code, C_sig, *k) -> (B, C_sig, *signal_size)."""
     rank = spatial_rank(weight)
     stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
-    if _empty_conv(z, weight) or min(signal_size) == 0:
+    if _empty_conv(z, weight) or 0 in tuple(signal_size):
         return _zeros_in_graph((z.shape[0], weight.shape[1], *signal_size), z, weight)
     out_pad = synthesis_output_padding(signal_size, weight.shape[2:], stride, padding)
     return _CONV_T[rank](z, weight, stride=stride, padding=padding, output_padding=out_pad)
