@@ -1,9 +1,10 @@
 """Synthetic deep-sparse-coding problems with known ground-truth codes and controlled coherence.
 
-Dictionaries follow DESIGN §2: a weight (C_code, C_sig, k) or (C_code, C_sig, kh, kw) synthesises D z =
+Dictionaries follow docs/design.md §2: a weight (C_code, C_sig, k) or (C_code, C_sig, kh, kw) synthesises D z =
 conv_transpose(z, weight, stride, padding) at a fixed signal size. Low coherence is what the worst-case theory needs
-(THEORY.md §4.4): Barker codes have aperiodic autocorrelation sidelobes of 1/length, Golomb-ruler filters (sparse taps,
-all pairwise differences distinct) have sidelobes 1/marks and keep deeper codes sparse. Nothing is downloaded.
+(docs/theory.md §4.4): Barker codes have aperiodic autocorrelation sidelobes of 1/length, Golomb-ruler filters
+(sparse taps, all pairwise differences distinct) have sidelobes 1/marks and keep deeper codes sparse. Nothing is
+downloaded.
 """
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ def random_filters(
 ) -> torch.Tensor:
     """Gaussian filters, each code channel's (C_sig, *k) block normalised to unit norm: (c_code, c_sig, *size).
 
-    Random dictionaries are far more coherent than the theory tolerates (THEORY.md §4.4); pass them through
+    Random dictionaries are far more coherent than the theory tolerates (docs/theory.md §4.4); pass them through
     conv_dictionary to get the coherence reported.
     """
     ks = (size,) if isinstance(size, int) else tuple(size)
@@ -132,7 +133,8 @@ def conv_dictionary(
     padding: int | Sequence[int] = 0,
     name: str = "",
 ) -> ConvDictionary:
-    """Fix a dictionary's code size; the signal size is (code - 1) * stride + k - 2 * padding; mu is computed exactly."""
+    """Fix a dictionary's code size; the signal size is (code - 1) * stride + k - 2 * padding; mu is computed
+    exactly."""
     nd = weight.dim() - 2
     tup = lambda v: (v,) * nd if isinstance(v, int) else tuple(int(a) for a in v)  # noqa: E731
     code, st, pd = tup(code_size), tup(stride), tup(padding)
@@ -157,9 +159,11 @@ def dictionary_chain(
 
 
 def synthesize(z: torch.Tensor, d: ConvDictionary) -> torch.Tensor:
-    """D z for z: (B, C_code, *code_size) -> (B, C_sig, *signal_size) (conv_transpose with the fitting output_padding)."""
+    """D z for z: (B, C_code, *code_size) -> (B, C_sig, *signal_size): conv_transpose with the output_padding that
+    gives exactly the signal size."""
     w = d.weight.to(z.dtype)
-    op = tuple(n + 2 * p - k - (c - 1) * s for n, p, k, c, s in zip(d.signal_size, d.padding, w.shape[2:], z.shape[2:], d.stride))
+    op = tuple(n + 2 * p - k - (c - 1) * s
+               for n, p, k, c, s in zip(d.signal_size, d.padding, w.shape[2:], z.shape[2:], d.stride))
     conv_t = F.conv_transpose1d if d.ndim == 1 else F.conv_transpose2d
     return conv_t(z, w, stride=d.stride, padding=d.padding, output_padding=op)
 

@@ -16,14 +16,16 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import _attention_args as attention_args
 from . import _ml_ista_args as ml_args
 from . import _validate as check
 from . import ops
 from . import reference as ref
 from .ops import conv_ista as conv_ista_ops
+from .ops import cpu_cost
 from .ops import ml_ista as ml_ista_ops
 from .ops import sparse_attention as sparse_attention_ops
-from .reference.attention import sparsemax_ref
+from .reference.attention import MODES, sparse_attention_weights_ref, sparsemax_ref
 
 IntOrPair = check.IntOrPair
 Padding = check.Padding
@@ -31,7 +33,7 @@ Padding = check.Padding
 __all__ = [
     "available_backends", "backend_unavailable_reason", "soft_threshold", "conv_analysis", "conv_synthesis",
     "lipschitz_constant", "lasso_objective", "conv_ista", "deep_conv_ista", "ml_ista", "sparsemax",
-    "sparse_attention",
+    "sparse_attention", "sparse_attention_weights",
 ]
 
 
@@ -222,7 +224,10 @@ def conv_ista(x: Tensor, weight: Tensor, lam: Tensor | float | None = None, *, n
                      if isinstance(v, Tensor)}
     check.same_device(x=x, weight=weight, encoder_weight=encoder_weight, z0=z0, **value_tensors)
     check.same_dtype(x=x, weight=weight, encoder_weight=encoder_weight, z0=z0)
-    row = ops.select("conv_ista", backend, x.device, x.dtype)
+    backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, encoder_weight, z0, *value_tensors.values()))
+    row = ops.select("conv_ista", backend, x.device, x.dtype,
+                     prefers=cpu_cost.hook(x.shape, weight.shape, stride, padding, x.dtype, backward))
 
     given_step = step is not None
     if not given_step:
@@ -327,65 +332,55 @@ def ml_ista(x: Tensor, weights: Sequence[Tensor], thresholds: Sequence[Tensor | 
 
 
 # ----------------------------------------------------------------------------------------------- sparse attention
-ATTENTION_MODES = ("sparsemax", "shrink")
+ATTENTION_MODES = MODES  # ("sparsemax", "shrink"), defined once in reference.attention
 
 
 def sparsemax(x: Tensor, dim: int = -1) -> Tensor:
     """Sparsemax along ``dim``: the Euclidean projection onto the probability simplex (exactly sparse).
 
-    x: any shape; -inf entries get 0 and a slice that is entirely -inf gives zeros.
+    x: any shape (half precision is computed in float32). Computed relative to each slice's maximum, so huge or
+    tied values keep their precision. -inf entries get 0 and a slice that is entirely -inf gives zeros; a slice
+    with +inf entries shares its mass equally among them; a NaN makes its slice NaN (as ``F.softmax``); an empty
+    ``dim`` gives an empty result. The gradient uses the strict support {x > tau}: an entry sitting exactly at the
+    threshold gets none (as entmax's sparsemax).
     """
     x = check.tensor("x", x)
-    if not isinstance(dim, int) or not -x.dim() <= dim < max(x.dim(), 1):
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < max(x.dim(), 1):
         raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
     return sparsemax_ref(x, dim)
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, mode: str = "sparsemax",
                      threshold: Tensor | float | None = None, causal: bool = False, scale: float | None = None,
+                     key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
                      backend: str = "auto") -> Tensor:
-    """Attention with exactly sparse maps, ``O = P v`` with ``s = scale q k^T`` and
+    """Attention with exactly sparse maps, ``O = P v`` with ``s = scale q k^T`` (+ float masks) and
 
     - ``mode="sparsemax"``: ``P = max(s - tau, 0)``, tau per row so that rows sum to 1;
     - ``mode="shrink"``: ``P = max(s - threshold, 0)`` (one ISTA step coding the query on the keys).
 
-    q: (B, H, N, d); k: (B, H, M, d); v: (B, H, M, d_v); threshold: float or (H,) (shrink only); causal: query i
-    sees keys j <= i; scale defaults to d^-1/2. A row with no active key gives 0. Returns (B, H, N, d_v).
+    q: (B, H, N, d); k: (B, H, M, d); v: (B, H, M, d_v), any strides; threshold: float or (H,) (shrink only);
+    causal: query i sees keys j <= i (SDPA's top-left ``is_causal``); scale defaults to d^-1/2.
+    key_padding_mask: (B, M); attn_mask: broadcastable to (B, H, N, M), e.g. (N, M); both with
+    ``nn.MultiheadAttention``'s convention (bool: True ignores the key; float: added to the scores, -inf ignores
+    it), not differentiated. A row with no visible or no active key gives 0 (and zero gradients), never NaN; a row
+    is NaN when q_i or a key/value it sees holds NaN or inf. Returns (B, H, N, d_v).
     """
-    q, k, v = (check.tensor(name, t, rank=4) for name, t in (("q", q), ("k", k), ("v", v)))
-    if k.shape[:2] != q.shape[:2] or v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"q, k and v must share (B, H), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[3] < 1:
-        raise ValueError(f"q, k must have a head dim >= 1, got q of shape {tuple(q.shape)}")
-    if k.shape[3] != q.shape[3]:
-        raise ValueError(f"k must have q's head dim {q.shape[3]}, got {k.shape[3]}")
-    if v.shape[2] != k.shape[2]:
-        raise ValueError(f"v must have k's length {k.shape[2]}, got {v.shape[2]}")
-    check.same_dtype(q=q, k=k, v=v)
-    check.flag("causal", causal)
-    if mode not in ATTENTION_MODES:
-        raise ValueError(f"mode must be one of {ATTENTION_MODES}, got {mode!r}")
-    heads = q.shape[1]
-    if mode == "shrink":
-        if threshold is None:
-            raise ValueError("threshold is required for mode='shrink' (a float or a per-head (H,) tensor)")
-        threshold = check.scalar_or_tensor("threshold", threshold)
-        if isinstance(threshold, Tensor) and tuple(threshold.shape) not in ((), (heads,)):
-            raise ValueError(f"threshold must be a float or a tensor of shape (H,)=({heads},), "
-                             f"got {tuple(threshold.shape)}")
-    elif threshold is not None:
-        raise ValueError("threshold is only used by mode='shrink'; sparsemax finds its own per-row threshold")
-    if scale is None:
-        scale = q.shape[3] ** -0.5
-    scale = check.scalar_or_tensor("scale", scale)
-    if isinstance(scale, Tensor):
-        raise TypeError("scale must be a Python float")
-    check.positive("scale", scale)
-    check.same_device(q=q, k=k, v=v, threshold=threshold if isinstance(threshold, Tensor) else None)
+    threshold, scale = attention_args.attention_inputs(q, k, v, mode=mode, threshold=threshold, causal=causal,
+                                                       scale=scale)
+    bias = attention_args.score_bias(q, k.shape[2], key_padding_mask, attn_mask)
     row = ops.select("sparse_attention", backend, q.device, q.dtype)
-    if isinstance(threshold, Tensor):
-        threshold = threshold.expand(heads)
-    else:
-        threshold = torch.full((heads,), 0.0 if threshold is None else float(threshold), dtype=q.dtype,
-                               device=q.device)
-    return sparse_attention_ops.run(row, q, k, v, threshold, mode, causal, float(scale))
+    return sparse_attention_ops.run(row, q, k, v, threshold, bias, mode, causal, scale)
+
+
+def sparse_attention_weights(q: Tensor, k: Tensor, *, mode: str = "sparsemax",
+                             threshold: Tensor | float | None = None, causal: bool = False,
+                             scale: float | None = None, key_padding_mask: Tensor | None = None,
+                             attn_mask: Tensor | None = None) -> Tensor:
+    """The dense attention weights P (B, H, N, M) of ``sparse_attention`` with the same arguments (what
+    ``need_weights=True`` returns). Computed densely in plain PyTorch whatever the backend: it costs N x M memory,
+    which the fused kernels avoid. q: (B, H, N, d); k: (B, H, M, d)."""
+    threshold, scale = attention_args.attention_inputs(q, k, None, mode=mode, threshold=threshold, causal=causal,
+                                                       scale=scale)
+    bias = attention_args.score_bias(q, k.shape[2], key_padding_mask, attn_mask)
+    return sparse_attention_weights_ref(q, k, mode=mode, threshold=threshold, causal=causal, scale=scale, bias=bias)

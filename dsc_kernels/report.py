@@ -1,11 +1,19 @@
 """The main job: run the convergence experiments and a backend speed comparison, write REPORT.md and PNG figures.
 
-`python -m dsc_kernels report [--out DIR] [--quick] [--device cpu|cuda] [--backend NAME]`.
+`python -m dsc_kernels report [--out DIR] [--quick] [--device cpu|cuda] [--backend NAME] [--readme-figures]`.
+
+The report states what a reader needs to trust its numbers: when and where it ran (CPU model, threads, load average
+at the start), the versions, how each time was taken (repetitions, statistic), and a sanity section that flags
+numbers that cannot be right (sanity_checks: a forward slower than its forward+backward, times that fall as the
+problem grows, speed-ups that contradict the README's published table).
 """
 from __future__ import annotations
 
+import math
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +26,12 @@ from . import __version__
 from .experiments import EXPERIMENTS, ClaimResult
 from .experiments import attention_speed as A
 from .experiments import speed as S
+from .experiments.common import threads
+
+CLAIM_THREADS = 1  # the convergence problems are tiny; threads only add waiting (experiments.common.threads)
+ROOT = Path(__file__).resolve().parent.parent  # the source checkout, when the package runs from one
+README_PROVIDERS = {"eager": "reference", "`torch.compile`": "compile", "`cpp`": "cpp",
+                    "`cpp`, `recompute=True`": "cpp-recompute", "`triton`": "triton"}
 
 
 def _run_claims(quick: bool, backend: str, device: str, bar) -> list[ClaimResult]:
@@ -27,7 +41,8 @@ def _run_claims(quick: bool, backend: str, device: str, bar) -> list[ClaimResult
         bar.set_postfix_str(name)
         t0 = time.perf_counter()
         try:
-            out = fn(quick=quick, backend=backend, device=device, dtype=dtype)
+            with threads(CLAIM_THREADS):
+                out = fn(quick=quick, backend=backend, device=device, dtype=dtype)
         except Exception as err:  # noqa: BLE001 - one broken experiment is reported, the others still run
             out = ClaimResult(id=name, claim=name, theory="—", measured=f"error: {type(err).__name__}: {err}",
                               holds=False, source="—")
@@ -38,29 +53,44 @@ def _run_claims(quick: bool, backend: str, device: str, bar) -> list[ClaimResult
     return results
 
 
+def speed_repetitions(quick: bool) -> int:
+    """Timed rounds per provider and pass (the report quotes their median)."""
+    return 3 if quick else 7
+
+
+def _median_ms(record: dict | None) -> float | None:
+    timing = (record or {}).get("timing") or {}
+    return timing.get("median_ms") if record and record["status"] == "ok" and timing.get("n") else None
+
+
 def _run_speed(quick: bool, device: str, bar) -> tuple[list[dict], dict[str, str]]:
-    """Forward and forward+backward median ms and peak memory for every workload x available provider."""
+    """Forward and forward+backward median ms and memory for every workload x available provider, measured by
+    `experiments.speed.measure_conv`: each provider's output is checked against float64 first (a wrong one is not
+    timed), the providers are timed interleaved after an untimed warm-up (compilation happens there), then their
+    memory is measured."""
     providers = S.available_providers(device)
     skipped = {p: why for p, why in providers.items() if why is not None}
     names = ["csc-gray"] if quick else list(S.WORKLOADS)
     if quick:  # compiling takes longer than the whole quick report may
         skipped.setdefault("compile", "skipped in --quick (compilation time)")
+    wanted = [p for p in S.PROVIDERS if p not in skipped]
     rows = []
     for name in names:
-        w = S.WORKLOADS[name]
-        inputs = S.make_inputs(w, device, requires_grad=True, scale=0.25 if quick else 1.0)
-        for p in [p for p in S.PROVIDERS if p not in skipped]:
-            bar.set_postfix_str(f"speed {name} {p}")
-            try:
-                fn = S.provider_fn(p, inputs)
-                reps = 1 if quick else 3
-                fwd = S.time_ms(lambda: fn().detach(), device, reps=reps)
-                fb = S.time_ms(S.forward_backward(fn, inputs), device, reps=reps)
-                rows.append(dict(workload=name, provider=p, fwd_ms=fwd, fwd_bwd_ms=fb,
-                                 mem_bytes=S.peak_memory_bytes(fn, device),
-                                 train_peak_bytes=S.train_step_peak_bytes(fn, inputs, device)))
-            except Exception as err:  # noqa: BLE001 - a provider failing is a row of the report, not a crash
-                rows.append(dict(workload=name, provider=p, error=f"{type(err).__name__}: {err}"[:200]))
+        bar.set_postfix_str(f"speed {name}")
+        measured = {mode: {r["provider"]: r for r in S.measure_conv(
+                        S.WORKLOADS[name], device, mode, wanted, rounds=speed_repetitions(quick),
+                        scale=0.25 if quick else 1.0)}
+                    for mode in ("forward", "forward_backward")}
+        for p in wanted:
+            # a recompute provider's forward is its plain provider's (only what the backward keeps differs)
+            fwd = measured["forward"].get(p.removesuffix("-recompute"))
+            fb = measured["forward_backward"][p]
+            if _median_ms(fwd) is None or _median_ms(fb) is None:
+                bad = fb if _median_ms(fb) is None else fwd
+                rows.append(dict(workload=name, provider=p, error=f"{bad['status']}: {bad.get('reason')}"[:200]))
+                continue
+            rows.append(dict(workload=name, provider=p, fwd_ms=_median_ms(fwd), fwd_bwd_ms=_median_ms(fb),
+                             train_peak_bytes=fb["memory"]["peak_bytes"]))
         bar.update(1)
     for r in rows:
         base = next((b for b in rows if b["workload"] == r["workload"] and b["provider"] == "reference"), None)
@@ -102,39 +132,139 @@ def _attention_markdown(attn: dict) -> list[str]:
     return out
 
 
-def _machine(device: str) -> list[str]:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; platform.processor() elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_facts(device: str) -> dict:
+    """What the report records about the run's machine, taken at its start."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
-    lines = [
-        f"- dsc_kernels {__version__} (git {commit}), Python {platform.python_version()}, torch {torch.__version__}, "
-        f"numpy {np.__version__}",
-        f"- {platform.platform()}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch threads {torch.get_num_threads()}",
-    ]
     try:
         import triton
-        lines[0] += f", triton {triton.__version__}"
+        triton_version = triton.__version__
     except ImportError:
-        pass
+        triton_version = "not installed"
+    facts = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
+        "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
+        "numpy": np.__version__, "platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count() or 1,
+        "threads": torch.get_num_threads(), "load": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "gpu": None,
+    }
     if device == "cuda":
-        lines.append(f"- GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
+        facts["gpu"] = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return facts
+
+
+def _machine_markdown(f: dict) -> list[str]:
+    load = "unknown" if f["load"] is None else " / ".join(f"{v:.2f}" for v in f["load"])
+    lines = [
+        f"- {f['date']}; dsc_kernels {__version__} (git {f['commit']})",
+        f"- CPU: {f['cpu']}, {f['cpus']} cores, torch threads {f['threads']}; load average at start (1/5/15 min): "
+        f"{load}",
+        f"- Python {f['python']}, torch {f['torch']}, triton {f['triton']}, numpy {f['numpy']}; {f['platform']}",
+    ]
+    if f["gpu"]:
+        lines.append(f"- GPU: {f['gpu']}")
     return lines
 
 
-def _markdown(results, rows, skipped, attn, figures, args, seconds) -> str:
+def readme_speedups(text: str) -> dict[tuple[str, str], tuple[float, float]]:
+    """The published "× eager (fwd / fwd+bwd)" column of the README's benchmark table, by (workload, provider).
+
+    A row's workload is the first backticked name in its first cell (blank: the row above's); the provider cell
+    is mapped through README_PROVIDERS (others are skipped). Returns {} when the README has no such table.
+    """
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    column, workload = None, None
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.lstrip().startswith("|") else None
+        if cells is None:
+            column = None
+            continue
+        if any("× eager" in c for c in cells):
+            column = next(i for i, c in enumerate(cells) if "× eager" in c)
+            continue
+        if column is None or len(cells) <= column or (cells[0] and set(cells[0]) <= set("-: ")):
+            continue
+        name = re.search(r"`([^`]+)`", cells[0])
+        workload = name.group(1) if name else (workload if not cells[0] else None)
+        ratios = re.findall(r"[\d.]+", cells[column].replace("*", ""))
+        provider = README_PROVIDERS.get(cells[1])
+        if workload and provider and len(ratios) >= 2:
+            out[(workload, provider)] = (float(ratios[0]), float(ratios[1]))
+    return out
+
+
+def sanity_checks(rows: list[dict], attn: dict | None = None, *, readme: dict | None = None,
+                  load: tuple[float, ...] | None = None, cpus: int = 1, tolerance: float = 2.0) -> list[str]:
+    """Every number in the speed sections that cannot be right, as one sentence each ([] when all are plausible).
+
+    rows: the speed table (workload, provider, fwd_ms, fwd_bwd_ms, fwd_speedup, fwd_bwd_speedup); attn: the
+    attention curves; readme: readme_speedups() of the published table, compared ratio for ratio (a factor
+    `tolerance` either way is noise, more contradicts it); load: the load average at the start (busy when the
+    1-minute load exceeds half the cores).
+    """
+    flags = []
+    if load is not None and load[0] > 0.5 * cpus:
+        flags.append(f"the machine was busy (1-minute load {load[0]:.2f} on {cpus} cores): every time below is "
+                     "inflated by other processes; compare ratios measured together, not with other runs")
+    for r in rows:
+        if "fwd_ms" not in r:
+            continue
+        name = f"{r['workload']} / {r['provider']}"
+        times = (r["fwd_ms"], r["fwd_bwd_ms"])
+        if not all(math.isfinite(t) and t > 0 for t in times):
+            flags.append(f"{name}: a time that is not a positive number ({times[0]}, {times[1]} ms)")
+            continue
+        if r["fwd_ms"] > r["fwd_bwd_ms"]:
+            flags.append(f"{name}: forward {r['fwd_ms']:.2f} ms is slower than forward+backward "
+                         f"{r['fwd_bwd_ms']:.2f} ms — impossible; timing noise")
+        published = (readme or {}).get((r["workload"], r["provider"]))
+        if published and "fwd_speedup" in r and r["provider"] != "reference":
+            for label, got, want in (("forward", r["fwd_speedup"], published[0]),
+                                     ("forward+backward", r["fwd_bwd_speedup"], published[1])):
+                if not 1 / tolerance <= got / want <= tolerance:
+                    flags.append(f"{name}: {label} speed-up {got:.2f}× here contradicts the README's {want:.2f}× "
+                                 f"(more than {tolerance:g}× apart)")
+    for key, curve in (attn or {}).get("length", {}).items():
+        if key in ("n", "backend"):
+            continue
+        n = (attn or {})["length"]["n"]
+        for i in range(1, len(curve)):
+            if math.isfinite(curve[i]) and math.isfinite(curve[i - 1]) and curve[i] * tolerance < curve[i - 1]:
+                flags.append(f"attention {key}: {curve[i]:.2f} ms at N = {n[i]} but {curve[i - 1]:.2f} ms at the "
+                             f"shorter N = {n[i - 1]} — time cannot fall that much as N grows; timing noise")
+    return flags
+
+
+def _markdown(results, rows, skipped, attn, figures, flags, facts, args, seconds) -> str:
     held = sum(r.holds for r in results)
+    reps = speed_repetitions(args.quick)
     out = [
         "# dsc_kernels report", "",
         f"`python -m dsc_kernels report{' --quick' if args.quick else ''} --device {args.device} "
-        f"--backend {args.backend}` — {seconds:.0f} s, {held}/{len(results)} claims hold.", "",
-        "## Machine", "", *_machine(args.device), "",
-        "## Claims (THEORY.md §7)", "",
+        f"--backend {args.backend}` — {seconds:.0f} s, {held}/{len(results)} claims hold, "
+        f"{len(flags)} timing sanity flag{'s' if len(flags) != 1 else ''}.", "",
+        "## Machine", "", *_machine_markdown(facts), "",
+        "## Claims (docs/theory.md §7)", "",
         "Constants are the standard results the seed paper (Li–Feng–Zhou, arXiv 2408.05540) builds on — Donoho–Elad, "
         "Papyan–Romano–Elad, Chen et al. 2018, Beck–Teboulle 2009 — not the paper's own, which were unavailable. "
-        "Tags: [P] paper, [L] literature, [R] reconstruction, [C] computed.", "",
+        "Tags: [P] paper, [L] literature, [R] reconstruction, [C] computed. docs/theory.md states each claim, "
+        f"its provenance and the experiment that checks it. The experiments run on {CLAIM_THREADS} torch thread "
+        "(their problems are tiny); the last column is each one's wall time in seconds.", "",
         "| id | claim | theory | measured | holds | source | s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -146,27 +276,59 @@ def _markdown(results, rows, skipped, attn, figures, args, seconds) -> str:
     if notes:
         out += ["", "Notes:", ""] + [f"- **{r.id}**: {r.note}" for r in notes]
     out += ["", "## Speed of the conv-ISTA backends", ""]
-    timer = "CUDA events (triton.testing.do_bench, median)" if args.device == "cuda" else "perf_counter, median"
-    kept = "peak allocated by the forward" if args.device == "cuda" else "autograd-saved bytes + output"
-    out += [f"Timer: {timer}; speed-up = eager (reference) time / provider time; kept: {kept}; train-step peak: "
+    clock = "CUDA events" if args.device == "cuda" else "time.perf_counter"
+    timer = (f"{clock}; every provider's output is first checked against a float64 reference (a wrong one is not "
+             f"timed), then the providers are timed interleaved (one call of each per round, the order rotating), "
+             f"median of {reps} rounds after untimed warm-up calls (for `compile` the compilation happens there)")
+    out += [f"Timer: {timer}. Speed-up = eager (reference) time / provider time; train-step peak: "
             f"peak allocation during forward + backward (× eager). "
             f"float32.{' Quick run: batch ×0.25, one workload.' if args.quick else ''}", "",
-            "| workload | provider | forward ms | fwd+bwd ms | speed-up fwd | speed-up fwd+bwd | kept MiB | "
-            "train-step peak MiB |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| workload | provider | forward ms | fwd+bwd ms | speed-up fwd | speed-up fwd+bwd | train-step peak MiB |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['workload']} | {r['provider']} | error: {r['error']} | | | | | |")
+            out.append(f"| {r['workload']} | {r['provider']} | error: {r['error']} | | | | |")
         else:
             out.append(f"| {r['workload']} | {r['provider']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
                        f"{r.get('fwd_speedup', float('nan')):.2f}× | {r.get('fwd_bwd_speedup', float('nan')):.2f}× | "
-                       f"{r['mem_bytes'] / 2**20:.1f} | {r['train_peak_bytes'] / 2**20:.1f} "
+                       f"{r['train_peak_bytes'] / 2**20:.1f} "
                        f"({r.get('train_peak_ratio', float('nan')):.2f}×) |")
     if skipped:
         out += ["", "Skipped providers: " + "; ".join(f"{p}: {why}" for p, why in skipped.items())]
     out += _attention_markdown(attn)
+    out += ["", "## Sanity checks of the timings", ""]
+    out += [f"- ⚠ {f}" for f in flags] if flags else ["None flagged: every forward is faster than its "
+                                                       "forward+backward, times grow with N, and the speed-ups "
+                                                       "agree with the README's table within 2×."]
     out += ["", "## Figures", ""] + [f"![{title}]({name})" for name, title in figures]
     return "\n".join(out) + "\n"
+
+
+def _load_extension(device: str) -> str:
+    """Load (the first time: build, which _ext announces) the fused CPU backends before the progress bar starts, so
+    the wait is never a silent stall under the bar; says how long it took."""
+    if device != "cpu":
+        return ""
+    from . import functional as DF
+    t0 = time.perf_counter()
+    backends = DF.available_backends("cpu")
+    status = "ready" if "cpp" in backends else "unavailable (the experiments use the reference)"
+    print(f"dsc_kernels report: C++ extension {status} after {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return status
+
+
+def _copy_readme_figures(out_dir: Path, figures: list[tuple[str, str]]) -> list[str]:
+    """Copy this run's figures into the checkout's docs/: those the README shows (its docs/*.png links) and those
+    docs/ already holds, so no published figure is left from an older run."""
+    readme = ROOT / "README.md"
+    if not readme.exists() or not (ROOT / "docs").is_dir():
+        raise SystemExit("--readme-figures: run from a source checkout (README.md and docs/ beside the package)")
+    shown = set(re.findall(r"\(docs/([\w.-]+\.png)\)", readme.read_text()))
+    shown |= {p.name for p in (ROOT / "docs").glob("*.png")}
+    copied = [name for name, _ in figures if name in shown]
+    for name in copied:
+        shutil.copyfile(out_dir / name, ROOT / "docs" / name)
+    return copied
 
 
 def run_report(args) -> Path:
@@ -179,7 +341,9 @@ def run_report(args) -> Path:
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    facts = machine_facts(args.device)  # the load average before this run adds its own
     t0 = time.perf_counter()
+    _load_extension(args.device)
     n_speed = 1 if args.quick else len(S.WORKLOADS)
     with tqdm(total=len(EXPERIMENTS) + n_speed + 2, desc="dsc_kernels report", file=sys.stderr) as bar:
         results = _run_claims(args.quick, args.backend, args.device, bar)
@@ -188,6 +352,17 @@ def run_report(args) -> Path:
         bar.set_postfix_str("figures")
         figures = make_figures(results, rows, attn, out_dir)
         bar.update(1)
+        from .recipes.report_section import training_section  # the training helper's section (recipes/)
+        training, training_figures = training_section(out_dir, quick=args.quick,
+                                                      runs=getattr(args, "training_runs", None))
+    readme = ROOT / "README.md"
+    published = readme_speedups(readme.read_text()) if readme.exists() and not args.quick and args.device == "cpu" \
+        else {}
+    flags = sanity_checks(rows, attn, readme=published, load=facts["load"], cpus=facts["cpus"])
     path = out_dir / "REPORT.md"
-    path.write_text(_markdown(results, rows, skipped, attn, figures, args, time.perf_counter() - t0))
+    path.write_text(_markdown(results, rows, skipped, attn, figures, flags, facts, args, time.perf_counter() - t0)
+                    + "\n".join(training + [""] + [f"![{title}]({name})" for name, title in training_figures]) + "\n")
+    if getattr(args, "readme_figures", False):
+        copied = _copy_readme_figures(out_dir, figures)
+        print(f"dsc_kernels report: copied {', '.join(copied) or 'no figure'} into {ROOT / 'docs'}", file=sys.stderr)
     return path

@@ -2,6 +2,7 @@
 experiment did not run."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -63,19 +64,76 @@ def _multilayer(by_id: dict, out_dir: Path):
 
 def _activations(by_id: dict, out_dir: Path):
     c = by_id["S9a"].curves
+    kink = by_id["S9b"].curves if "S9b" in by_id else None
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for i, (name, dev) in enumerate(c["deviation"].items()):
-        a1.loglog(c["beta"], np.maximum(dev, 1e-17), "o-", color=f"C{i}", label=name)
+        a1.loglog(c["beta"], np.maximum(dev, 1e-17), "o--", color=f"C{i}", ms=3, label=f"{name}, margin (S9c)")
+        if kink is not None:
+            a1.loglog(kink["beta"], kink["deviation"][name], "s-", color=f"C{i}", ms=4, label=f"{name}, kink (S9b)")
         a1.loglog(c["beta"], [theory.activation_sup_distance(name, b) for b in c["beta"]], ":", color=f"C{i}",
-                  label=f"sup gap c/β ({name})")
-    a1.set(xlabel="β", ylabel="‖Γ_smooth − Γ_ReLU‖ after K layers", title="activation floors")
-    a1.legend(fontsize=7)
+                  label=f"c/β ({name})")
+    a1.set(xlabel="β", ylabel="‖Γ_smooth − Γ_ReLU‖", title="activation floors: ∝ 1/β at a kink, faster with a margin")
+    a1.legend(fontsize=6, ncol=2)
     a2.semilogy(c["relu_curve"], "k-", label="ReLU")
     for name, curve in c["curves"].items():
         a2.semilogy(curve, "--", label=f"{name} (β = {c['curve_beta']:g})" if name != "leaky_relu" else name)
     a2.set(xlabel="layer k", ylabel="max ‖Γ^k − Γ*‖₂", title="same exponential phase")
     a2.legend(fontsize=7)
     return _save(fig, out_dir, "activations.png"), "activation floors"
+
+
+def _uniqueness(by_id: dict, out_dir: Path):
+    rows = by_id["S1"].curves["rows"]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
+    for i, r in enumerate(rows):
+        ax.barh(i, r["s_coh"], color="C2", label="unique by coherence, s < (1+1/μ)/2" if i == 0 else None)
+        if r["spark"] is not None and math.isfinite(r["spark"]):
+            top = math.ceil(r["spark"] / 2) - 1
+            ax.barh(i, top - r["s_coh"], left=r["s_coh"], color="C2", alpha=0.35,
+                    label="unique by enumeration (spark)" if i == 0 else None)
+        if r["collision_s"]:
+            ax.plot(r["collision_s"], i, "rX", ms=9, label="sparsest collision found" if i == 0 else None)
+        elif r["spark"] is not None:
+            ax.text(r["s_coh"] + 0.1, i, "full column rank: no collision", va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), [r["name"] for r in rows], fontsize=7)
+    ax.set_xlim(0, max([r["collision_s"] or 0 for r in rows] + [r["s_coh"] + 2 for r in rows]) + 0.5)
+    ax.set(xlabel="non-zeros per representation s", title="S1: uniqueness, coherence bound vs enumeration")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3)
+    return _save(fig, out_dir, "uniqueness.png"), "uniqueness: coherence bound, spark and the sparsest collision"
+
+
+def _transformer(by_id: dict, out_dir: Path):
+    a, b = by_id["S10a"].curves, by_id["S10b"].curves
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.semilogy(a["k"], a["ista"], "k-", lw=2, label="LISTA-CP (functional.conv_ista)")
+    for kind, marker in (("sparsemax", "o"), ("shrink", "x")):
+        left.semilogy(a["k"], np.maximum(a["exact"][kind], 1e-17), marker, ms=4, label=f"{kind} attention blocks")
+    left.semilogy(a["k"], a["bound"], "k:", label="bound s·B·q^k")
+    for i, (beta, err) in enumerate(b["errors"].items()):
+        left.semilogy(b["k"], err, "-", color=plt.cm.viridis(i / max(1, len(b["errors"]) - 1)), lw=0.8,
+                      label=f"softmax, β·Δ = {beta * b['margin']:.0f}")
+    left.set(xlabel="transformer blocks", ylabel="max ‖Γ^k − Γ*‖₂", title="ISTA as transformer blocks")
+    left.legend(fontsize=6)
+    right.semilogy(b["beta"] * b["margin"], b["floor"], "o-", label="measured floor")
+    right.semilogy(b["beta"] * b["margin"], b["C"] * b["eta"], "k:", label="C·η(β)")
+    ref = b["floor"][0] * np.exp(-(b["beta"] - b["beta"][0]) * b["margin"])
+    right.semilogy(b["beta"] * b["margin"], ref, "r--", lw=0.8, label="slope e^(−βΔ)")
+    right.set(xlabel="β·Δ", ylabel="floor", title="softmax attention: floor ∝ e^(−βΔ)")
+    right.legend(fontsize=7)
+    return _save(fig, out_dir, "transformer.png"), "transformer blocks: exact with sparse attention, softmax floor"
+
+
+def _three_layer(by_id: dict, out_dir: Path):
+    c = by_id["S8-3"].curves
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for j in range(c["err"].shape[1]):
+        ax.semilogy(c["K"], np.maximum(c["err"][:, j], 1e-17), "o-", color=f"C{j}", ms=3,
+                    label=f"layer {j + 1}, q = {c['q'][j]:.3f} (s_st = {c['s_stripe'][j]})")
+        ax.semilogy(c["K"], c["bound"][:, j], ":", color=f"C{j}")
+    ax.set(xlabel="iterations per layer K", ylabel="max ‖Γ̂_j − Γ_j‖∞",
+           title="3-layer DSC, stripe condition at every layer (dotted: bounds)")
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir, "three_layer.png"), "three-layer DSC: layer-by-layer convergence"
 
 
 def _ista(by_id: dict, out_dir: Path):
@@ -138,8 +196,9 @@ def make_figures(results: list[ClaimResult], rows: list[dict], attn: dict,
     """Writes the PNGs into out_dir; returns (file name, title) of each figure written."""
     by_id = {r.id: r for r in results if r.curves}
     makers = [
-        (_linear_rate, ("S3/S4-oracle", "S3/S4-geometric")), (_noise_floor, ("S5",)), (_multilayer, ("S8",)),
-        (_activations, ("S9a",)), (_ista, ()),
+        (_uniqueness, ("S1",)), (_linear_rate, ("S3/S4-oracle", "S3/S4-geometric")), (_noise_floor, ("S5",)),
+        (_multilayer, ("S8",)), (_three_layer, ("S8-3",)), (_activations, ("S9a",)),
+        (_transformer, ("S10a", "S10b")), (_ista, ()),
     ]
     figures = [maker(by_id, out_dir) for maker, needs in makers if all(n in by_id for n in needs)]
     if any("fwd_speedup" in r for r in rows):

@@ -1,14 +1,16 @@
 """Bounds and rates of sparse-coding theory for (convolutional) deep sparse coding.
 
-Provenance (see THEORY.md beside DESIGN.md): the seed paper, Li–Feng–Zhou, "Convergence Analysis for Deep Sparse
+Provenance (docs/theory.md): the seed paper, Li–Feng–Zhou, "Convergence Analysis for Deep Sparse
 Coding via Convolutional Neural Networks" (arXiv 2408.05540), states that uniqueness, stability and convergence-rate
 results exist; its exact constants were not available. Every constant below is therefore a *standard result* it
 builds on — Donoho–Elad 2003 (coherence, uniqueness, stability), Papyan–Romano–Elad 2017 (ML-CSC, product over
 layers), Chen–Liu–Wang–Yin 2018 (LISTA-CP linear rate), Beck–Teboulle 2009 (ISTA/FISTA rates) — applied layer by
-layer, as THEORY.md reconstructs it. Functions say which tag ([L] literature, [R] reconstruction, [C] computed) applies.
+layer, as docs/theory.md reconstructs it. Functions say which tag ([L] literature, [R] reconstruction, [C] computed)
+applies.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Callable
@@ -22,16 +24,24 @@ from .reference.conv import as_tuple
 __all__ = [
     "mutual_coherence",
     "uniqueness_bound",
+    "dictionary_matrix",
+    "spark",
+    "sparse_collision",
     "stability_bound",
     "lista_cp_rate",
     "lista_cp_noise_gain",
     "lista_cp_error_bound",
     "deep_error_bound",
+    "stripe_sparsity",
+    "stripe_rate",
+    "stripe_error_bound",
+    "stripe_threshold",
     "oracle_threshold",
     "geometric_thresholds",
     "ista_objective_bound",
     "fista_objective_bound",
     "activation_sup_distance",
+    "activation_worst_input",
     "smooth_relu",
 ]
 
@@ -39,13 +49,16 @@ __all__ = [
 def _windows(n_sig: int, k: int, s: int, p: int) -> list[tuple[int, int]]:
     """Filter taps [lo, hi) each code position's atom keeps inside a signal of length n_sig.
 
-    Synthesis is conv_transpose, so code position i puts tap j at signal index i*s - p + j (DESIGN §2).
+    Synthesis is conv_transpose, so code position i puts tap j at signal index i*s - p + j (docs/design.md §2).
     """
     n_code = (n_sig + 2 * p - k) // s + 1
     return [(max(0, p - i * s), min(k, n_sig + p - i * s)) for i in range(n_code)]
 
 
-def _pair_classes(wins: list[tuple[int, int]], k: int, s: int) -> dict[int, list[tuple[tuple[int, int], tuple[int, int]]]]:
+Window = tuple[int, int]
+
+
+def _pair_classes(wins: list[Window], k: int, s: int) -> dict[int, list[tuple[Window, Window]]]:
     """Distinct (window of atom i, window of atom i+d) for every code offset d whose atoms can overlap.
 
     Interior atoms all share the full window, so each offset contributes O(k/s) classes however long the signal is.
@@ -73,9 +86,9 @@ def mutual_coherence(
     """Exact mutual coherence mu(D) of the convolutional dictionary D defined by `weight` at a signal size.
 
     weight: (C_code, C_sig, k) or (C_code, C_sig, kh, kw); D z = conv_transpose(z, weight, stride, padding) cropped
-    to `signal_size` (DESIGN §2). Every atom — border atoms truncated by the padding included — is normalised, and
-    mu = max over distinct atoms of |<d_a, d_b>| / (|d_a| |d_b|). Atoms that are entirely zero have no direction
-    and are skipped.
+    to `signal_size` (docs/design.md §2). Every atom — border atoms truncated by the padding included — is
+    normalised, and mu = max over distinct atoms of |<d_a, d_b>| / (|d_a| |d_b|). Atoms that are entirely zero have no
+    direction and are skipped.
 
     How: two atoms interact only through their code offset (dh, dw) and the taps each keeps at the border (its
     truncation class), so the inner products are the filters' channel-summed cross-correlations restricted to
@@ -85,7 +98,8 @@ def mutual_coherence(
     Definition: Donoho–Elad 2003 [L]; its use per layer of a convolutional DSC model: Papyan–Romano–Elad 2017 [L].
     """
     if weight.dim() not in (3, 4):
-        raise ValueError(f"weight must be (C_code, C_sig, k) or (C_code, C_sig, kh, kw), got shape {tuple(weight.shape)}")
+        raise ValueError(f"weight must be (C_code, C_sig, k) or (C_code, C_sig, kh, kw), "
+                         f"got shape {tuple(weight.shape)}")
     nd = weight.dim() - 2
     size = as_tuple(signal_size, nd, "signal_size")
     strides = as_tuple(stride, nd, "stride")
@@ -149,12 +163,98 @@ def uniqueness_bound(mu: float) -> float:
     return math.inf if mu <= 0 else 0.5 * (1.0 + 1.0 / mu)
 
 
+def dictionary_matrix(
+    weight: torch.Tensor,
+    signal_size: int | Sequence[int],
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+) -> torch.Tensor:
+    """The explicit matrix of a convolutional dictionary: (prod(signal_size) * C_sig, n_atoms) float64, one column
+    per code entry (channel-major, then positions in row-major order), each the synthesis of a unit code.
+
+    Only for small sizes (it forms every atom); mutual_coherence never does.
+    """
+    nd = weight.dim() - 2
+    size = as_tuple(signal_size, nd, "signal_size")
+    st, pd = as_tuple(stride, nd, "stride"), as_tuple(padding, nd, "padding")
+    code = tuple((n + 2 * p - k) // s + 1 for n, p, k, s in zip(size, pd, weight.shape[2:], st))
+    if min(code) < 1:
+        raise ValueError(f"signal_size {size} is smaller than the filter {tuple(weight.shape[2:])}")
+    op = tuple(n + 2 * p - k - (c - 1) * s for n, p, k, c, s in zip(size, pd, weight.shape[2:], code, st))
+    n_atoms = weight.shape[0] * math.prod(code)
+    units = torch.eye(n_atoms, dtype=torch.float64).reshape(n_atoms, weight.shape[0], *code)
+    conv_t = F.conv_transpose1d if nd == 1 else F.conv_transpose2d
+    atoms = conv_t(units, weight.detach().to(torch.float64), stride=st, padding=pd, output_padding=op)
+    return atoms.reshape(n_atoms, -1).T
+
+
+def spark(matrix: torch.Tensor, *, max_size: int | None = None, tol: float = 1e-9,
+          max_subsets: int = 2_000_000) -> tuple[float, torch.Tensor | None]:
+    """spark(D), the smallest number of linearly dependent columns, by enumerating column subsets of growing size.
+
+    matrix: (n, A). Returns (spark, v): v (A,) a null vector of D on exactly `spark` columns, or (inf, None) when
+    every subset up to `max_size` (default: all sizes) is independent — then spark > max_size. A subset counts as
+    dependent when its smallest singular value is below tol times D's largest. Brute force (Donoho–Elad 2003's
+    definition [L]): the cost is the number of subsets, so only small dictionaries; more than `max_subsets`
+    subsets in all raises ValueError before any is tried.
+    """
+    if matrix.dim() != 2:
+        raise ValueError(f"matrix must be (n, A), got shape {tuple(matrix.shape)}")
+    d = matrix.detach().to(torch.float64).cpu().numpy()
+    n_rows, n_atoms = d.shape
+    limit = n_atoms if max_size is None else min(int(max_size), n_atoms)
+    total = sum(math.comb(n_atoms, r) for r in range(1, min(limit, n_rows) + 1))
+    if total > max_subsets:
+        raise ValueError(f"{total} column subsets of {n_atoms} columns up to size {limit}: too many to enumerate "
+                         f"(max_subsets = {max_subsets})")
+    floor = tol * float(np.linalg.norm(d, 2)) if d.size else 0.0
+    for r in range(1, limit + 1):
+        if r > n_rows:  # more columns than rows: every subset is dependent
+            subset = np.arange(r)
+        else:
+            subset = None
+            combos = itertools.combinations(range(n_atoms), r)
+            while subset is None:
+                chunk = np.array(list(itertools.islice(combos, 50_000)), dtype=np.int64).reshape(-1, r)
+                if not len(chunk):
+                    break
+                smallest = np.linalg.svd(d[:, chunk].transpose(1, 0, 2), compute_uv=False)[:, -1]
+                hits = np.flatnonzero(smallest <= floor)
+                if hits.size:
+                    subset = chunk[hits[0]]
+            if subset is None:
+                continue
+        null = np.linalg.svd(d[:, subset], full_matrices=True)[2][-1]
+        v = torch.zeros(n_atoms, dtype=torch.float64)
+        v[torch.from_numpy(subset)] = torch.from_numpy(null)
+        return float(r), v
+    return math.inf, None
+
+
+def sparse_collision(matrix: torch.Tensor, s: int, *, tol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two distinct codes with at most s non-zeros each and the same synthesis D z1 = D z2, or None if none exists.
+
+    matrix: (n, A). A pair exists exactly when some 2s columns are dependent (spark(D) <= 2s): split a null vector
+    on spark(D) columns into two halves of at most s entries, z1 = v on one and z2 = -v on the other.
+    """
+    found, v = spark(matrix, max_size=2 * s, tol=tol)
+    if v is None:
+        return None
+    support = torch.nonzero(v).flatten()
+    half = (support.numel() + 1) // 2
+    z1, z2 = torch.zeros_like(v), torch.zeros_like(v)
+    z1[support[:half]] = v[support[:half]]
+    z2[support[half:]] = -v[support[half:]]
+    return z1, z2
+
+
 def stability_bound(eps: float, sparsities: Sequence[int], mus: Sequence[float]) -> list[float]:
     """Per-layer bounds on ||Gamma_j - hat Gamma_j||_2 for any s_j-sparse estimate feasible for noise ||e|| <= eps.
 
-    ||Gamma_j - hat Gamma_j||^2 <= 4^j eps^2 prod_{i<=j} 1/(1 - (2 s_i - 1) mu_i) (THEORY.md (⋆)). The per-layer
-    factor is Donoho–Elad 2003's l0 stability [L]; the product over layers is the ML-CSC form (Papyan–Romano–Elad
-    2017, Thm 5) with global l0 [R]; the seed paper's own constants are unknown. A layer violating
+    ||Gamma_j - hat Gamma_j||^2 <= 4^j eps^2 prod_{i<=j} 1/(1 - (2 s_i - 1) mu_i) (docs/theory.md §2.2 (⋆)). The
+    per-layer factor is Donoho–Elad 2003's l0 stability [L]; the product over layers is the ML-CSC form
+    (Papyan–Romano–Elad 2017, Thm 5) with global l0 [R]; the seed paper's own constants are unknown. A layer violating
     (2 s - 1) mu < 1 gives inf from there on.
     """
     if len(sparsities) != len(mus):
@@ -185,7 +285,7 @@ def lista_cp_error_bound(k, s: int, B: float, q: float, C: float, sigma: float):
     """Bound s B q^k + C sigma on ||Gamma^k - Gamma*||_2 (and _1) after k iterations from Gamma^0 = 0.
 
     From the l1 recursion ||e^{k+1}||_1 <= q ||e^k||_1 + 2 s eta of Chen et al. 2018 (Thm 2) [L]; applied per layer
-    of a DSC model it is THEORY.md §4.2 [R]. `k` may be an int or an array of iteration counts.
+    of a DSC model it is docs/theory.md §4.2 [R]. `k` may be an int or an array of iteration counts.
     """
     k = np.asarray(k, dtype=np.float64)
     out = s * B * np.power(q, k) + C * sigma
@@ -195,7 +295,7 @@ def lista_cp_error_bound(k, s: int, B: float, q: float, C: float, sigma: float):
 def deep_error_bound(k, sparsities: Sequence[int], amplitudes: Sequence[float], qs: Sequence[float],
                      etas: Sequence[float] | None = None):
     """Layer-wise pursuit, k iterations per layer: ||hat Gamma_J - Gamma_J||_1 <= sum_j (prod_{i>j} Cbar_i)
-    (s_j B_j q_j^k + Cbar_j eta_j), Cbar_i = 2 s_i / (1 - q_i) (THEORY.md (†)) [R], each layer's step from
+    (s_j B_j q_j^k + Cbar_j eta_j), Cbar_i = 2 s_i / (1 - q_i) (docs/theory.md §4.2 (†)) [R], each layer's step from
     Chen et al. 2018 [L]. eta_j: the noise layer j sees besides layer j-1's error (default 0).
 
     Layer j's error enters layer j+1 as noise with eta <= ||error||_1 (unit-norm atoms). `k` int or array.
@@ -210,6 +310,46 @@ def deep_error_bound(k, sparsities: Sequence[int], amplitudes: Sequence[float], 
     return float(total) if total.ndim == 0 else total
 
 
+def stripe_sparsity(code: torch.Tensor, kernel_size: int | Sequence[int], stride: int | Sequence[int] = 1) -> int:
+    """||Gamma||_{0,inf}^s: the most non-zeros of one sample (all channels together) in a stripe, the code positions
+    whose atoms can overlap a given atom: per axis a window of 2*floor((k-1)/s) + 1 positions.
+
+    code: (B, C, *S) for a dictionary with filter `kernel_size` and `stride`; returns the max over the batch.
+    The local sparsity measure of ML-CSC (Papyan–Romano–Elad 2017) [L]; global ||Gamma||_0 bounds it.
+    """
+    nd = code.dim() - 2
+    ks, st = as_tuple(kernel_size, nd, "kernel_size"), as_tuple(stride, nd, "stride")
+    window = tuple(2 * ((k - 1) // s) + 1 for k, s in zip(ks, st))
+    nz = (code != 0).to(torch.float64).sum(1, keepdim=True)
+    pool = F.avg_pool1d if nd == 1 else F.avg_pool2d
+    counts = pool(nz, window, stride=1, padding=tuple(w // 2 for w in window), count_include_pad=True)
+    return int(round(float(counts.max()) * math.prod(window))) if counts.numel() else 0
+
+
+def stripe_rate(s_stripe: int, mu: float) -> float:
+    """q = (2 s_st - 1) mu: the LISTA-CP rate with the stripe sparsity in place of the global one [R].
+
+    Why: the pre-activation error of atom i is a sum over the atoms that overlap it, at most s_st - 1 of them on
+    the support besides i itself, so the l_inf recursion of Chen et al. 2018's proof localises (docs/theory.md §4.3).
+    """
+    return (2 * s_stripe - 1) * mu
+
+
+def stripe_threshold(err_linf: float, s_stripe: int, mu: float, eta: float) -> float:
+    """theta_k = mu s_st ||Gamma^k - Gamma*||_inf + eta: no atom off the support survives, since its pre-activation is
+    at most mu s_st ||e^k||_inf + eta (the stripe version of oracle_threshold) [R]."""
+    return mu * s_stripe * err_linf + eta
+
+
+def stripe_error_bound(k, s_stripe: int, B: float, mu: float, eta: float):
+    """||Gamma^k - Gamma*||_inf <= B q^k + 2 eta (1 - q^k)/(1 - q), q = (2 s_st - 1) mu, from
+    M_{k+1} <= q M_k + 2 eta, M_0 = ||Gamma*||_inf <= B, under stripe_threshold [R]. `k` int or array."""
+    q = stripe_rate(s_stripe, mu)
+    k = np.asarray(k, dtype=np.float64)
+    out = B * np.power(q, k) + (2.0 * eta * (1 - np.power(q, k)) / (1 - q) if q < 1 else np.inf)
+    return float(out) if out.ndim == 0 else out
+
+
 def oracle_threshold(err_l1: float, mu: float, eta: float) -> float:
     """theta_k = mu * sup ||Gamma^k - Gamma*||_1 + eta, the threshold of Chen et al. 2018's proof [L].
 
@@ -222,7 +362,7 @@ def geometric_thresholds(theta0: float, q: float, n_iter: int, floor: float = 0.
     """theta_k = theta0 q^k + floor for k = 0..n_iter-1: the data-independent schedule that dominates the oracle.
 
     With theta0 = mu s B and floor = mu C eta + eta it upper-bounds the oracle threshold at every k, so the
-    no-false-positive argument and the rate q carry over (THEORY.md §3.3, §4.2) [L/R]. Returns (n_iter,).
+    no-false-positive argument and the rate q carry over (docs/theory.md §4.1) [L/R]. Returns (n_iter,).
     """
     return theta0 * np.power(q, np.arange(n_iter, dtype=np.float64)) + floor
 
@@ -251,19 +391,32 @@ def smooth_relu(name: str, beta: float) -> Callable[[torch.Tensor], torch.Tensor
     raise ValueError(f"activation must be 'softplus', 'silu' or 'gelu', got {name!r}")
 
 
-# sup_z |sigma_1(z) - ReLU(z)|: log 2 at z = 0 for softplus; for SiLU/GELU the largest dip below zero, at the
-# stationary point of z*sigmoid(z) resp. z*Phi(z) (about -1.278 and -0.752). tests/test_theory.py recomputes them.
-_SUP_GAP = {"softplus": math.log(2.0), "silu": 0.27846454276107, "gelu": 0.16997120892461}
+# sup_z |sigma_1(z) - ReLU(z)| and where it is reached: log 2 at z = 0 for softplus; for SiLU/GELU the deepest dip
+# below zero, at the stationary point of z*sigmoid(z) resp. z*Phi(z). tests/test_theory.py recomputes both.
+_SUP_GAP = {"softplus": math.log(2.0), "silu": 0.278464542761074, "gelu": 0.169971207479904}
+_SUP_AT = {"softplus": 0.0, "silu": -1.278464542761074, "gelu": -0.751791524693565}
+
+
+def _check_activation(name: str, beta: float) -> None:
+    if name not in _SUP_GAP:
+        raise ValueError(f"activation must be one of {sorted(_SUP_GAP)}, got {name!r}")
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
 
 
 def activation_sup_distance(name: str, beta: float) -> float:
     """sup_z |sigma_beta(z) - ReLU(z)| = c / beta (softplus log 2, SiLU 0.2785, GELU 0.1700).
 
     The approximation floor of the smooth-activation extension: the seed paper claims rates for "diverse activation
-    functions" [P]; the floor ∝ 1/beta mechanism is THEORY.md §5.1(b) [R] and the constants are computed [C].
+    functions" [P]; the floor ∝ 1/beta mechanism is docs/theory.md §5.1 [R] and the constants are computed [C].
     """
-    if name not in _SUP_GAP:
-        raise ValueError(f"activation must be one of {sorted(_SUP_GAP)}, got {name!r}")
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    _check_activation(name, beta)
     return _SUP_GAP[name] / float(beta)
+
+
+def activation_worst_input(name: str, beta: float) -> float:
+    """The pre-activation z where |sigma_beta(z) - ReLU(z)| is largest: z_1 / beta (softplus 0, SiLU -1.2785,
+    GELU -0.7518) [C]. A unit held there costs the full c / beta; a unit at distance m from the kink only
+    sup_{|z| >= m} |sigma_beta - ReLU|, which falls exponentially in beta m."""
+    _check_activation(name, beta)
+    return _SUP_AT[name] / float(beta)

@@ -1,26 +1,45 @@
-"""Test-session setup shared by every test file.
+"""Test-session setup shared by every test file: which Triton tests this process can run.
 
-Without a GPU the Triton kernels run under the interpreter, which reads TRITON_INTERPRET when triton is first
-imported, so it is set here, before any test module imports dsc_kernels.
+Two markers select the tests that need a particular Triton mode:
+    interpreter  Triton kernels on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1)
+    gpu          a CUDA device, kernels compiled (the interpreter off)
+Triton reads TRITON_INTERPRET when a kernel module is imported, so one process runs in one mode: with the
+interpreter on, `gpu` tests are skipped; with it off, `interpreter` tests are skipped, each with the command that
+runs them. `make test` runs both processes (`TRITON_INTERPRET=1 pytest -m interpreter`, then
+`TRITON_INTERPRET=0 pytest -m "not interpreter"`), so on a GPU host the interpreted and the compiled kernels are
+both tested. A plain `pytest tests` on a machine without CUDA turns the interpreter on (unless TRITON_INTERPRET is
+set), so that one command runs everything that can run there.
 """
 import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+CUDA = torch.cuda.is_available()
+if "TRITON_INTERPRET" not in os.environ and not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    if INTERPRETING:
+        skip_gpu = pytest.mark.skip(reason="the Triton interpreter is on in this process; GPU tests run compiled: "
+                                           "TRITON_INTERPRET=0 pytest -m gpu")
+    elif not CUDA:
+        skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    else:
+        skip_gpu = None
+    skip_interpreter = None if INTERPRETING else pytest.mark.skip(
+        reason="needs TRITON_INTERPRET=1 from the start of the process: TRITON_INTERPRET=1 pytest -m interpreter")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and "interpreter" in item.keywords:
+            raise pytest.UsageError(f"{item.nodeid} is marked both gpu and interpreter")
+        if skip_gpu is not None and "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+        if skip_interpreter is not None and "interpreter" in item.keywords:
+            item.add_marker(skip_interpreter)
 
 
 @pytest.fixture(autouse=True)

@@ -1,30 +1,74 @@
-"""Small problem builders shared by the tests."""
+"""The one conv-ISTA test-problem builder, shared by every test file."""
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
-from dsc_kernels.reference import code_size
+from dsc_kernels.reference.conv import conv_analysis_ref, conv_synthesis_ref
+from dsc_kernels.reference.conv_ista import fista_momentum
+
+KINK_MARGIN = 1e-4
 
 
-def conv_problem(rank: int, *, batch=2, c_sig=2, c_code=3, size=(9, 8), kernel=(3, 4), stride=1, padding=1,
-                 n_iter=4, dtype=torch.float64, lam_scale=1.5, z0=False, requires_grad=False, seed=0):
-    """A random conv-ISTA problem with a step small enough to be stable. Returns a dict of tensors/options."""
-    gen = torch.Generator().manual_seed(seed)
-    size, kernel = tuple(size[:rank]) if rank == 2 else size[:1], tuple(kernel[:rank]) if rank == 2 else kernel[:1]
-    stride_t, padding_t = (stride,) * rank, (padding,) * rank
+def _last(value: int | Sequence[int], rank: int) -> tuple[int, ...]:
+    return (value,) * rank if isinstance(value, int) else tuple(value)[-rank:]
 
-    def rnd(*shape, scale=1.0):
-        t = (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
-        return t.requires_grad_(requires_grad)
 
-    x = rnd(batch, c_sig, *size)
-    weight = rnd(c_code, c_sig, *kernel, scale=0.5)
-    problem = dict(x=x, weight=weight, encoder_weight=rnd(c_code, c_sig, *kernel, scale=0.5),
-                   lam=(torch.rand(n_iter, c_code, generator=gen, dtype=torch.float64) * lam_scale + 0.05)
-                   .to(dtype).requires_grad_(requires_grad),
-                   step=(torch.rand(n_iter, generator=gen, dtype=torch.float64) * 0.05 + 0.1)
-                   .to(dtype).requires_grad_(requires_grad),
-                   stride=stride_t, padding=padding_t)
-    zs = code_size(size, kernel, stride_t, padding_t)
-    problem["z0"] = rnd(batch, c_code, *zs, scale=0.5) if z0 else None
-    return problem
+def kink_margin(p: dict) -> float:
+    """min over iterations and entries of | |u_k| - step_k lam_k[c] | (u_k - step_k lam_k when nonneg), in fp64:
+    how close the reference's iterates come to the threshold's kink, where the support can flip between two
+    correct implementations."""
+    x, w = p["x"].detach().double(), p["weight"].detach().double()
+    we = w if p["encoder_weight"] is None else p["encoder_weight"].detach().double()
+    lam, step = p["lam"].detach().double(), p["step"].detach().double()
+    rank = w.dim() - 2
+    z = conv_analysis_ref(x, w, p["stride"], p["padding"]) * 0 if p["z0"] is None else p["z0"].detach().double()
+    z_prev, margin = z, float("inf")
+    for k, beta in enumerate(fista_momentum(step.shape[0])):
+        y = z + beta * (z - z_prev) if p["fista"] else z
+        r = x - conv_synthesis_ref(y, w, x.shape[2:], p["stride"], p["padding"])
+        u = y + step[k] * conv_analysis_ref(r, we, p["stride"], p["padding"])
+        th = (step[k] * lam[k]).reshape(1, -1, *([1] * rank))
+        gap = (u - th) if p["nonneg"] else (u.abs() - th)
+        margin = min(margin, gap.abs().min().item())
+        z_prev, z = z, torch.where(gap > 0, u - th * (u.sign() if not p["nonneg"] else 1), torch.zeros_like(u))
+    return margin
+
+
+def conv_problem(rank: int = 2, *, batch: int = 2, c_sig: int = 2, c_code: int = 3,
+                 size: Sequence[int] = (9, 8), kernel: Sequence[int] = (3, 4),
+                 stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 1, n_iter: int = 4,
+                 untied: bool = True, z0: bool = False, nonneg: bool = False, fista: bool = False,
+                 lam_range: tuple[float, float] = (0.05, 1.55), step_range: tuple[float, float] = (0.1, 0.15),
+                 weight_scale: float = 0.5, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu",
+                 requires_grad: bool = False, kink_free: bool = False, seed: int = 0) -> dict:
+    """A random conv-ISTA problem with a step small enough to be stable.
+
+    `size`, `kernel`, `stride` and `padding` give their last `rank` entries (so (1, 17) is a 1-D length 17).
+    Drawn in fp64 on the CPU, then cast to `dtype` and moved to `device`. Returns a dict with
+    x: (batch, c_sig, *size); weight and encoder_weight (None when tied): (c_code, c_sig, *kernel);
+    lam: (n_iter, c_code) uniform in lam_range; step: (n_iter,) uniform in step_range; z0: (batch, c_code, *code)
+    or None; stride, padding: rank-tuples; nonneg, fista. With `kink_free`, redraws (new seeds) until every
+    reference iterate stays KINK_MARGIN away from the threshold, so that supports must agree exactly."""
+    size, kernel = _last(size, rank), _last(kernel, rank)
+    stride, padding = _last(stride, rank), _last(padding, rank)
+    for attempt in range(50):
+        gen = torch.Generator().manual_seed(seed + 1000 * attempt)
+
+        def rnd(*shape, scale=1.0):
+            return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+        def uniform(*shape, bounds):
+            return torch.rand(*shape, generator=gen, dtype=torch.float64) * (bounds[1] - bounds[0]) + bounds[0]
+
+        x = rnd(batch, c_sig, *size)
+        weight = rnd(c_code, c_sig, *kernel, scale=weight_scale)
+        p = dict(x=x, weight=weight, encoder_weight=rnd(c_code, c_sig, *kernel, scale=weight_scale) if untied else None,
+                 lam=uniform(n_iter, c_code, bounds=lam_range), step=uniform(n_iter, bounds=step_range),
+                 stride=stride, padding=padding, nonneg=nonneg, fista=fista)
+        p["z0"] = rnd(*conv_analysis_ref(x, weight, stride, padding).shape, scale=0.5) if z0 else None
+        if not kink_free or kink_margin(p) > KINK_MARGIN:
+            return {k: v.to(device, dtype).requires_grad_(requires_grad) if isinstance(v, torch.Tensor) else v
+                    for k, v in p.items()}
+    raise AssertionError("could not draw a problem away from the threshold kink")

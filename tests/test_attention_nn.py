@@ -1,13 +1,15 @@
-"""SparseAttention and SparseCodingTransformerBlock: MHA compatibility, masks, backends, torch.compile."""
+"""SparseAttention and SparseCodingTransformerBlock: MHA compatibility (arguments, layouts, state_dict, masks),
+backends, torch.compile."""
 import pytest
 import torch
 from torch import nn
 
-from dsc_kernels.nn.attention import SparseAttention, SparseCodingTransformerBlock
 import dsc_kernels.functional as DF
+from dsc_kernels.nn.attention import SparseAttention, SparseCodingTransformerBlock
 from dsc_kernels.reference.attention import sparse_attention_ref
 
 F64 = dict(dtype=torch.float64)
+BF = dict(batch_first=True)
 
 
 def _skip_unless(backend):
@@ -16,14 +18,14 @@ def _skip_unless(backend):
         pytest.skip(reason)
 
 
-def _manual(module: SparseAttention, x: torch.Tensor, y: torch.Tensor, causal: bool) -> torch.Tensor:
-    """The module's computation written out with the reference."""
+def _manual(module: SparseAttention, x: torch.Tensor, y: torch.Tensor, causal: bool, bias=None) -> torch.Tensor:
+    """The module's computation written out with the reference (batch-first x (B, N, E), y (B, M, E))."""
     e, h = module.embed_dim, module.num_heads
     w, b = module.in_proj_weight, module.in_proj_bias
     q, k, v = (torch.nn.functional.linear(t, w[i * e:(i + 1) * e], b[i * e:(i + 1) * e])
                .unflatten(-1, (h, e // h)).transpose(1, 2) for i, t in enumerate((x, y, y)))
     th = module.threshold if module.threshold is not None else 0.0
-    o = sparse_attention_ref(q, k, v, mode=module.mode, threshold=th, causal=causal)
+    o = sparse_attention_ref(q, k, v, mode=module.mode, threshold=th, causal=causal, bias=bias)
     return module.out_proj(o.transpose(1, 2).flatten(2))
 
 
@@ -31,7 +33,7 @@ def _manual(module: SparseAttention, x: torch.Tensor, y: torch.Tensor, causal: b
 @pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
 def test_sparse_attention_matches_reference_math(backend, mode):
     _skip_unless(backend)
-    m = SparseAttention(16, 4, mode=mode, threshold=0.2, backend=backend, **F64)
+    m = SparseAttention(16, 4, mode=mode, threshold=0.2, backend=backend, **BF, **F64)
     x, y = torch.randn(2, 7, 16, **F64), torch.randn(2, 5, 16, **F64)
     out, weights = m(x, y, y)
     assert weights is None and out.shape == (2, 7, 16)
@@ -40,13 +42,13 @@ def test_sparse_attention_matches_reference_math(backend, mode):
     torch.testing.assert_close(out_c, _manual(m, x, x, True))
 
 
-@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("backend", ["cpp", pytest.param("triton", marks=pytest.mark.interpreter)])
 def test_fused_backends_match_reference_module(backend):
     _skip_unless(backend)
     dtype = torch.float32 if backend == "triton" else torch.float64
     torch.manual_seed(1)
-    m_ref = SparseAttention(32, 2, mode="shrink", threshold=0.1, backend="reference", dtype=dtype)
-    m = SparseAttention(32, 2, mode="shrink", threshold=0.1, backend=backend, dtype=dtype)
+    m_ref = SparseAttention(32, 2, mode="shrink", threshold=0.1, backend="reference", dtype=dtype, **BF)
+    m = SparseAttention(32, 2, mode="shrink", threshold=0.1, backend=backend, dtype=dtype, **BF)
     m.load_state_dict(m_ref.state_dict())
     x = torch.randn(2, 9, 32, dtype=dtype)
     outs, grads = [], []
@@ -64,50 +66,128 @@ def test_fused_backends_match_reference_module(backend):
 
 def test_loads_multihead_attention_weights():
     mha = nn.MultiheadAttention(16, 4, batch_first=True, **F64)
-    m = SparseAttention(16, 4, backend="reference", **F64)
+    m = SparseAttention(16, 4, backend="reference", **BF, **F64)
     m.load_state_dict(mha.state_dict())
-    shrink = SparseAttention(16, 4, mode="shrink", backend="reference", **F64)
+    shrink = SparseAttention(16, 4, mode="shrink", backend="reference", **BF, **F64)
     missing, unexpected = shrink.load_state_dict(mha.state_dict(), strict=False)
     assert missing == ["threshold"] and unexpected == []
     x = torch.randn(2, 6, 16, **F64)
     assert m(x, x, x, need_weights=False)[0].shape == mha(x, x, x, need_weights=False)[0].shape
 
 
-def test_causal_masks_and_rejected_masks():
-    m = SparseAttention(8, 2, backend="reference", **F64)
+def test_masks_follow_multihead_attention_conventions():
+    """attn_mask (N, M) or (B*H, N, M) and key_padding_mask (B, M): bool True ignores a key, float masks are added
+    (-inf ignores); the causal mask equals is_causal; a query that sees no key gets 0 (out_proj's bias)."""
+    m = SparseAttention(8, 2, backend="reference", **BF, **F64)
     x = torch.randn(3, 5, 8, **F64)
     want, _ = m(x, is_causal=True)
     float_mask = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
     bool_mask = torch.ones(5, 5, dtype=torch.bool).triu(1)
-    for mask in (float_mask, bool_mask):
+    for mask in (float_mask, bool_mask, bool_mask.repeat(6, 1, 1)):
         torch.testing.assert_close(m(x, x, x, attn_mask=mask)[0], want)
         torch.testing.assert_close(m(x, x, x, attn_mask=mask, is_causal=True)[0], want)
-    with pytest.raises(ValueError, match="causal"):
-        m(x, attn_mask=torch.zeros(5, 5, dtype=torch.bool))
-    with pytest.raises(ValueError, match="causal"):
-        m(x, attn_mask=bool_mask.T.contiguous())
-    with pytest.raises(ValueError, match="key_padding_mask"):
-        m(x, key_padding_mask=torch.zeros(3, 5, dtype=torch.bool))
+    general = torch.randn(5, 5, **F64)
+    general[:, 0] = float("-inf")
+    torch.testing.assert_close(m(x, attn_mask=general)[0], _manual(m, x, x, False, bias=general))
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    padding[2] = True  # a fully padded sequence
+    out = m(x, key_padding_mask=padding)[0]
+    bias = torch.zeros(3, 1, 1, 5, **F64).masked_fill(padding[:, None, None, :], float("-inf"))
+    torch.testing.assert_close(out, _manual(m, x, x, False, bias=bias))
+    torch.testing.assert_close(out[2], m.out_proj.bias.expand(5, 8))
+    float_padding = torch.zeros(3, 5, **F64).masked_fill(padding, float("-inf"))
+    torch.testing.assert_close(m(x, key_padding_mask=float_padding)[0], out)
+    with pytest.raises(ValueError, match="B\\*num_heads"):
+        m(x, attn_mask=bool_mask.repeat(2, 1, 1))
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        m(x, key_padding_mask=padding[:, :4])
+    with pytest.raises(TypeError, match="bool or floating-point"):
+        m(x, key_padding_mask=padding.int())
+
+
+def test_constructor_validation():
     with pytest.raises(ValueError, match="mode"):
         SparseAttention(8, 2, mode="softmax")
     with pytest.raises(ValueError, match="divisible"):
         SparseAttention(10, 3)
+    for heads in (0, -2, 2.0):
+        with pytest.raises(ValueError, match="num_heads must be a positive int"):
+            SparseAttention(8, heads)
+    with pytest.raises(ValueError, match="embed_dim must be a positive int"):
+        SparseAttention(0, 1)
+    with pytest.raises(ValueError, match="dropout"):
+        SparseAttention(8, 2, 1.5)
+    with pytest.raises(ValueError, match="threshold must be a finite float"):
+        SparseAttention(8, 2, mode="shrink", threshold=float("nan"))
+    with pytest.raises(ValueError, match="add_bias_kv and add_zero_attn are not supported"):
+        SparseAttention(8, 2, add_bias_kv=True)
 
 
-def test_need_weights_and_sequence_first():
-    m = SparseAttention(8, 2, backend="reference", batch_first=False, **F64)
+def test_batch_first_defaults_to_sequence_first_like_multihead_attention():
+    """MHA's default layout is (L, B, E): a (5, 3, 8) input is 3 sequences of 5 tokens, not 5 of 3."""
+    m = SparseAttention(8, 2, backend="reference", **F64)
+    assert m.batch_first is False and nn.MultiheadAttention(8, 2).batch_first is False
     x = torch.randn(5, 3, 8, **F64)  # (N, B, E)
     out, w = m(x, need_weights=True, is_causal=True)
     assert out.shape == (5, 3, 8) and w.shape == (3, 5, 5)
+    torch.testing.assert_close(out, _manual(m, x.transpose(0, 1), x.transpose(0, 1), True).transpose(0, 1))
     torch.testing.assert_close(w.sum(-1), torch.ones(3, 5, **F64))
     assert (w.triu(1) == 0).all()
     m.batch_first = True
     torch.testing.assert_close(m(x.transpose(0, 1), is_causal=True)[0], out.transpose(0, 1))
-    assert "mode='sparsemax'" in repr(m)
+    assert "mode='sparsemax'" in repr(m) and "batch_first=True" in repr(m)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_matches_multihead_attention_call_conventions(batch_first):
+    """Same arguments, state_dict, shapes and layouts as MHA: batched and unbatched inputs, kdim/vdim, need_weights
+    per head, cross-attention."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(12, 3, kdim=5, vdim=7, batch_first=batch_first, **F64)
+    m = SparseAttention(12, 3, kdim=5, vdim=7, batch_first=batch_first, backend="reference", **F64)
+    m.load_state_dict(mha.state_dict())
+    lay = (lambda b, n, e: (b, n, e)) if batch_first else (lambda b, n, e: (n, b, e))
+    q, k, v = torch.randn(lay(2, 4, 12), **F64), torch.randn(lay(2, 6, 5), **F64), torch.randn(lay(2, 6, 7), **F64)
+    want_out, want_w = mha(q, k, v, need_weights=True, average_attn_weights=False)
+    out, w = m(q, k, v, need_weights=True, average_attn_weights=False)
+    assert out.shape == want_out.shape and w.shape == want_w.shape == (2, 3, 4, 6)
+    first = (slice(None), 0) if not batch_first else (0,)
+    out1, w1 = m(q[first], k[first], v[first], need_weights=True)
+    torch.testing.assert_close(out1, out[first])
+    torch.testing.assert_close(w1, w[0].mean(0))
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 4, **F64))
+    assert "kdim=5, vdim=7" in repr(m)
+
+
+@pytest.mark.parametrize("backend", ["auto", "cpp"])
+def test_meta_device(backend):
+    """Constructible on meta (deferred initialisation); auto runs shapes through on meta; to_empty + reset works."""
+    _skip_unless(backend)
+    m = SparseAttention(8, 2, mode="shrink", device="meta", backend=backend)
+    assert all(p.device.type == "meta" for p in m.parameters())
+    if backend == "auto":
+        out, w = m(torch.empty(5, 3, 8, device="meta"), need_weights=True)
+        assert out.shape == (5, 3, 8) and out.device.type == "meta" and w.shape == (3, 5, 5)
+        block = SparseCodingTransformerBlock(8, 2, device="meta", backend="reference")
+        assert block(torch.empty(2, 4, 8, device="meta")).shape == (2, 4, 8)
+    m.to_empty(device="cpu")
+    m.reset_parameters()
+    with torch.no_grad():
+        m.threshold.fill_(0.1)
+    assert torch.isfinite(m(torch.randn(5, 3, 8))[0]).all()
+
+
+def test_help_documents_every_argument():
+    doc = SparseAttention.__doc__ + SparseAttention.forward.__doc__
+    for name in ("embed_dim", "num_heads", "dropout", "bias", "add_bias_kv", "kdim", "vdim", "batch_first", "device",
+                 "mode", "threshold", "backend", "key_padding_mask", "need_weights", "attn_mask",
+                 "average_attn_weights", "is_causal", "(L, B, E)", "(B, L, E)"):
+        assert name in doc, name
 
 
 def test_dropout_only_in_training():
-    m = SparseAttention(8, 2, dropout=0.5, backend="reference", **F64)
+    m = SparseAttention(8, 2, dropout=0.5, backend="reference", **BF, **F64)
     x = torch.randn(2, 4, 8, **F64)
     m.eval()
     torch.testing.assert_close(m(x)[0], m(x)[0])
@@ -143,14 +223,18 @@ def test_transformer_block_is_attention_then_ista(backend):
 def test_modules_compile_fullgraph(backend):
     _skip_unless(backend)
     torch._dynamo.reset()
-    attn = SparseAttention(16, 2, mode="shrink", backend=backend)
+    attn = SparseAttention(16, 2, mode="shrink", backend=backend, **BF)
     block = SparseCodingTransformerBlock(16, 2, mode="sparsemax", backend=backend)
     x = torch.randn(2, 6, 16, requires_grad=True)
     # aot_eager traces forward and backward through the ops' fakes and autograd registrations without
     # spending the test budget on inductor's C++ code generation.
     c_attn = torch.compile(attn, fullgraph=True, backend="aot_eager")
     c_block = torch.compile(block, fullgraph=True, backend="aot_eager")
-    for eager, compiled, kwargs in ((attn, c_attn, dict(is_causal=True)), (block, c_block, dict(is_causal=True))):
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, 4:] = True
+    masks = dict(key_padding_mask=padding, attn_mask=torch.randn(6, 6))
+    for eager, compiled, kwargs in ((attn, c_attn, dict(is_causal=True)), (block, c_block, dict(is_causal=True)),
+                                    (attn, c_attn, masks)):
         want = eager(x, **kwargs)
         got = compiled(x, **kwargs)
         want, got = (want[0], got[0]) if isinstance(want, tuple) else (want, got)

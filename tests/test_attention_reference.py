@@ -1,9 +1,13 @@
-"""The sparse-attention oracle: sparsemax identities, gradchecks, masking and empty rows."""
+"""The sparse-attention oracle: sparsemax identities, gradchecks, masking, empty rows and the row statistics."""
 import pytest
 import torch
 
-from dsc_kernels.reference.attention import (sparse_attention_bwd_ref, sparse_attention_fwd_ref,
-                                             sparse_attention_ref, sparsemax_ref)
+from dsc_kernels.reference.attention import (
+    sparse_attention_bwd_ref,
+    sparse_attention_fwd_ref,
+    sparse_attention_ref,
+    sparsemax_ref,
+)
 
 
 def sparsemax_bisect(x: torch.Tensor, n_iter: int = 200) -> torch.Tensor:
@@ -89,8 +93,8 @@ def test_hand_written_vjp_matches_autograd(mode, causal):
     out = sparse_attention_ref(q, k, v, mode=mode, threshold=th, causal=causal, scale=0.5)
     g = torch.randn_like(out)
     want = torch.autograd.grad(out, (q, k, v, th), g, allow_unused=True)
-    out2, stats = sparse_attention_fwd_ref(q, k, v, th, mode, causal, 0.5)
-    got = sparse_attention_bwd_ref(g, q, k, v, th, stats, mode, causal, 0.5)
+    out2, stats = sparse_attention_fwd_ref(q, k, v, th, None, mode, causal, 0.5)
+    got = sparse_attention_bwd_ref(g, q, k, v, th, None, stats, mode, causal, 0.5)
     torch.testing.assert_close(out2, out)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b)
@@ -120,3 +124,41 @@ def test_half_inputs_computed_in_float32():
     assert out.dtype == torch.bfloat16
     want = sparse_attention_ref(q.double(), k.double(), v.double(), mode="sparsemax")
     torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
+def test_hand_written_vjp_with_a_bias_and_special_rows(mode):
+    """The split forward/backward agrees with autograd through the oracle on a float bias hiding keys, a fully
+    hidden row, a NaN row and a row with +inf scores."""
+    q, k, v = _qkv(6, 7, 4)
+    th = (torch.rand(3, dtype=torch.float64) * 0.3).requires_grad_()
+    bias = torch.randn(2, 1, 6, 7, dtype=torch.float64)
+    bias[:, :, :, 2] = float("-inf")
+    bias[0, :, 3] = float("-inf")      # row 3 of batch 0 sees no key
+    bias[1, :, 1, 4] = float("nan")    # row 1 of batch 1 is NaN
+    bias[1, :, 5, 0] = float("inf")    # row 5 of batch 1 has a +inf score
+    bias = bias.expand(2, 3, 6, 7)
+    out = sparse_attention_ref(q, k, v, mode=mode, threshold=th, scale=0.5, bias=bias)
+    g = torch.randn_like(out)
+    want = torch.autograd.grad(out, (q, k, v, th), g, allow_unused=True)
+    out2, stats = sparse_attention_fwd_ref(q, k, v, th, bias, mode, False, 0.5)
+    torch.testing.assert_close(out2, out, equal_nan=True)
+    assert torch.isnan(out[1, :, 1]).all() and torch.isfinite(out[0]).all()
+    assert torch.equal(out[0, :, 3], torch.zeros_like(out[0, :, 3]))
+    got = sparse_attention_bwd_ref(g, q, k, v, th, bias, stats, mode, False, 0.5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b)
+    if mode == "sparsemax":
+        torch.testing.assert_close(out[1, :, 5], v[1, :, 0].detach())  # the +inf key takes the whole row
+        assert torch.equal(stats[0, :, 3], torch.full_like(stats[0, :, 3], float("inf")))
+        assert stats[1, 0, 5, 0] == float("inf") and stats[1, 0, 5, 1] == -1.0
+
+
+def test_row_statistics_encode_the_threshold_relative_to_the_row_max():
+    q, k, v = _qkv(5, 9, 4, requires_grad=False)
+    _, stats = sparse_attention_fwd_ref(q, k, v, torch.zeros(3, dtype=torch.float64), None, "sparsemax", False, 0.7)
+    s = 0.7 * q @ k.transpose(-1, -2)
+    torch.testing.assert_close(stats[..., 0], s.amax(-1))
+    assert (stats[..., 1] >= -1).all() and (stats[..., 1] < 0).all()
+    p = torch.clamp(s - stats[..., :1] - stats[..., 1:], min=0)
+    torch.testing.assert_close(p, sparsemax_ref(s))

@@ -1,42 +1,126 @@
 """Each convergence claim in its quick form (the report and bench/test_convergence.py run the larger ones)."""
 import math
+from functools import cache
 
 import numpy as np
 import pytest
 import torch
 
+import dsc_kernels.functional as DF
 from dsc_kernels import experiments as E
+from dsc_kernels import theory
+from dsc_kernels.data import barker_filter, conv_dictionary
+from dsc_kernels.experiments import enumeration as U
+from dsc_kernels.experiments import transformer as T
+from dsc_kernels.experiments.activations import kink_problem
+from dsc_kernels.experiments.common import threads
 
 
-@pytest.mark.parametrize("name", [n for n in E.EXPERIMENTS if n != "activation_floors"])
+@cache
+def quick(name: str) -> list[E.ClaimResult]:
+    """Each quick experiment runs once per test session; several tests read its results."""
+    with threads(1):
+        out = E.EXPERIMENTS[name](quick=True, backend="reference")
+    return out if isinstance(out, list) else [out]
+
+
+@pytest.mark.parametrize("name", list(E.EXPERIMENTS))
 def test_claim_holds_quick(name):
-    r = E.EXPERIMENTS[name](quick=True, backend="reference")
-    assert isinstance(r, E.ClaimResult)
-    assert r.holds, f"{r.id}: {r.claim} — theory {r.theory}, measured {r.measured}"
-    assert r.curves
+    for r in quick(name):
+        assert isinstance(r, E.ClaimResult)
+        assert r.holds, f"{r.id}: {r.claim} — theory {r.theory}, measured {r.measured}"
+        assert r.curves
 
 
 def test_linear_rate_bound_is_pointwise_and_support_is_clean():
-    r = E.linear_convergence(quick=True, backend="reference")
+    (r,) = quick("linear_convergence_oracle")
     assert (r.curves["err_all"] <= r.curves["bound"][:, None] * (1 + 1e-9)).all()
     assert "false positives 0" in r.measured
 
 
-def test_activation_floors():
-    bound, proportional = E.activation_floors(quick=True, backend="reference")
-    assert bound.holds, bound.measured
-    # documented finding, not a tuned pass: with every unit off its kink the floor falls faster than 1/β
-    assert not proportional.holds and proportional.note
+def test_activation_floors_three_cases():
+    bound, kink, margin = quick("activation_floors")
+    assert [r.id for r in (bound, kink, margin)] == ["S9a", "S9b", "S9c"]
     for dev in bound.curves["deviation"].values():
         assert np.all(np.diff(dev) < 0)
+    # at the kink the floor is the worst case c/β: deviation·β/c ≈ 1 at every β, for every activation
+    for name, dev in kink.curves["deviation"].items():
+        const = dev * kink.curves["beta"] / theory.activation_sup_distance(name, 1.0)
+        np.testing.assert_allclose(const, const[0], rtol=1e-3)
+    # with a margin the floor falls much faster than 1/β
+    assert margin.curves["margin"] > 0 and "slopes" in margin.measured
+
+
+def test_kink_problem_puts_one_unit_on_the_threshold():
+    d = conv_dictionary(barker_filter(13), 30)
+    codes = torch.zeros(2, 1, 30, dtype=torch.float64)
+    codes[0, 0, [3, 12]] = torch.tensor([0.7, -0.6], dtype=torch.float64)
+    codes[1, 0, [20]] = 0.9
+    lam, offset = 0.25, -0.01
+    x, js, margin = kink_problem(d, codes, lam, offset)
+    D = theory.dictionary_matrix(d.weight, d.signal_size)
+    corr = D.T @ (x[:, 0].T - D @ codes[:, 0].T)  # (atoms, B): D^T r per sample
+    for b, j in enumerate(js):
+        assert corr[j, b] == pytest.approx(lam + offset)
+        support = codes[b, 0] != 0
+        np.testing.assert_allclose(corr[support, b], lam * torch.sign(codes[b, 0][support]))
+    assert 0 < margin < lam
 
 
 def test_layer_propagation_stalls_beyond_the_condition():
-    r = E.layer_propagation(quick=True, backend="reference")
+    (r,) = quick("layer_propagation")
     bad = r.curves["s2=2"]
     assert bad["q"][1] >= 1 and bad["bound2"] is None
     assert bad["err2"][-1] > 0.1 and "stalls" in r.measured
     assert math.isfinite(float(r.curves["s2=1"]["err2"][-1]))
+
+
+def test_three_layer_needs_the_stripe_condition():
+    (r,) = quick("three_layer")
+    assert max(r.curves["q"]) < 1 < r.curves["q_global"][0]  # local condition holds, global one fails at layer 1
+    assert r.curves["s_stripe"] == [3, 2, 1]
+    err = r.curves["err"]
+    assert (np.diff(err, axis=0) < 0).all()  # every layer's error falls with K
+
+
+def test_transformer_blocks_are_ista_only_with_exact_attention():
+    d = conv_dictionary(barker_filter(13), 20)
+    net = T.build_transformer(d, [0.2, 0.1, 0.05])
+    x = torch.randn(3, 1, net.n_tokens, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = net(x, kind="sparsemax", beta=2 / net.margin, backend="reference")
+    shrink = net(x, kind="shrink", beta=2 / net.margin, backend="reference")
+    soft = net(x, kind="softmax", beta=2 / net.margin, backend="reference")
+    z = torch.zeros(3, 1, 20, dtype=torch.float64)
+    for theta, a, b, c in zip([0.2, 0.1, 0.05], exact, shrink, soft):
+        z = DF.conv_ista(x, d.weight, theta, n_iter=1, step=1.0, z0=z, backend="reference")
+        torch.testing.assert_close(a, z, rtol=0, atol=1e-12)
+        torch.testing.assert_close(b, z, rtol=0, atol=1e-12)
+        assert (c - z).abs().max() > 1e-3  # softmax at β·Δ = 2 is far from one-hot
+    assert T.off_target_weight(net, 20 / net.margin) < T.off_target_weight(net, 10 / net.margin) < 1e-3
+
+
+def test_transformer_softmax_floor_falls_with_beta():
+    _, soft = quick("transformer_blocks")
+    floors = soft.curves["floor"]
+    assert (np.diff(floors) < 0).all()
+    assert (floors <= soft.curves["C"] * soft.curves["eta"]).all()
+
+
+def test_uniqueness_cases_report_spark_and_pairs():
+    rows = [U.check_case(c) for c in U.cases(quick=True)]
+    by_name = {r["name"]: r for r in rows}
+    # f * g = g * f: two 3-tap channels collide on 2k = 6 atoms, three per side
+    r = by_name["1-D, 2 channels, k = 3"]
+    assert r["spark"] == 6 and r["collision_s"] == 3 and r["none_below"] and r["residual"] < 1e-12
+    assert math.isinf(by_name["1-D, Barker-7 (1 channel)"]["spark"])
+    assert by_name["Dirac–Hadamard [I, H/4], stride 16"]["s_coh"] == 2
+
+
+def test_dirac_comb_pair_has_the_same_signal():
+    z1, z2 = U.dirac_comb_pair(16)
+    d = torch.cat([torch.eye(16, dtype=torch.float64), U._hadamard(16) / 4], 1)
+    torch.testing.assert_close(d @ z1, d @ z2)
+    assert int((z1 != 0).sum()) == int((z2 != 0).sum()) == 4
 
 
 def test_speed_helpers_measure_time_and_saved_memory():

@@ -27,7 +27,7 @@ def test_dictionary_has_unit_norm_filters_and_the_step_is_one_over_L():
 
 
 def test_layer_equals_functional_call():
-    layer = ConvSparseCoding2d(2, 4, 3, n_iter=4, lam=0.05, fista=True, nonneg=True, backend="reference")
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=4, lam=0.05, fista=True, nonneg=True, backend="reference").eval()
     x = torch.randn(2, 2, 9, 9)
     expected = DF.conv_ista(x, layer.weight, 0.05, n_iter=4, step=layer.step.item(), padding=1, fista=True,
                             nonneg=True, backend="reference")
@@ -99,8 +99,201 @@ def test_deep_sparse_coding_layers_and_decode():
 def test_modules_compile_with_fullgraph(compiler, make):
     module = make()
     x = torch.randn(2, 2 if isinstance(module, (ConvSparseCoding1d, SoftThreshold)) else 1,
-                    *((17,) if isinstance(module, ConvSparseCoding1d) else (9, 9)))
-    eager = module(x)
-    compiled = torch.compile(module, fullgraph=True, backend=compiler)(x)
-    for a, b in zip(eager if isinstance(eager, list) else [eager], compiled if isinstance(compiled, list) else [compiled]):
+                    *((17,) if isinstance(module, ConvSparseCoding1d) else (9, 9)), requires_grad=True)
+    compiled_module = torch.compile(module, fullgraph=True, backend=compiler)
+    # Training mode traces the step tracking (power iteration, in-place buffer update) into the same graph.
+    out = compiled_module(x)
+    sum(o.sum() for o in (out if isinstance(out, list) else [out])).backward()
+    module.eval()  # a fixed step: eager and compiled must agree exactly
+    eager, compiled = module(x), compiled_module(x)
+    as_list = lambda out: out if isinstance(out, list) else [out]  # noqa: E731
+    for a, b in zip(as_list(eager), as_list(compiled)):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------ argument checking (issue: hardening)
+@pytest.mark.parametrize("make,name", [
+    (lambda: ConvSparseCoding2d(3, 4, 3, step=-1.0), "step"),
+    (lambda: ConvSparseCoding2d(3, 4, 3, step=0.0), "step"),
+    (lambda: ConvSparseCoding2d(3, 4, 3, lam=-0.1), "lam"),
+    (lambda: ConvSparseCoding2d(3, 4, 3, lam=float("nan")), "lam"),
+    (lambda: ConvSparseCoding2d(3, 4, 3, lam=torch.tensor([0.1, -0.1, 0.1, 0.1])), "lam"),
+    (lambda: ConvSparseCoding2d(3, 4, 3, threshold=-0.1), "threshold"),
+    (lambda: ConvSparseCoding2d(3, 4, 3, step=float("inf")), "step"),
+    (lambda: SoftThreshold(-1), "threshold"),
+    (lambda: DeepSparseCoding2d([1, 4, 8], 3, lams=-0.1), "lams"),
+    (lambda: DeepSparseCoding2d([1, 4, 8], 3, lams=[0.1, -0.1]), "lams"),
+    (lambda: ConvSparseCoding2d(3, 4, (3,)), "kernel_size"),
+    (lambda: ConvSparseCoding2d(3, 4, 0), "kernel_size"),
+    (lambda: ConvSparseCoding2d(3, 4, 3, stride=0), "stride"),
+    (lambda: ConvSparseCoding2d(3, 4, 3, padding="full"), "padding"),
+    (lambda: ConvSparseCoding2d(3, 4, 4, padding="same"), "padding"),
+    (lambda: ConvSparseCoding2d(3, 4, 3, stride=2, padding="same"), "padding"),
+    (lambda: ConvSparseCoding2d(0, 4, 3), "in_channels"),
+    (lambda: ConvSparseCoding2d(3, 4, 3, n_iter=0), "n_iter"),
+    (lambda: ConvSparseCoding2d(3, 4, 3, backend=None), "backend"),
+    (lambda: ConvSparseCoding2d(3, 4, 3, lam=0.1, threshold=0.1), "lam"),
+])
+def test_bad_arguments_raise_at_construction_naming_the_argument(make, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        make()
+
+
+def test_padding_same_and_valid_like_conv2d():
+    same = ConvSparseCoding2d(1, 4, (3, 5), padding="same", n_iter=2, backend="reference")
+    valid = ConvSparseCoding2d(1, 4, 3, padding="valid", n_iter=2, backend="reference")
+    assert same.padding == (1, 2) and valid.padding == (0, 0)
+    x = torch.randn(1, 1, 9, 10)
+    assert same(x).shape == (1, 4, 9, 10) and valid(x).shape == (1, 4, 7, 8)
+
+
+def test_docstring_documents_every_argument():
+    import inspect
+    doc = ConvSparseCoding2d.__doc__
+    for name in inspect.signature(ConvSparseCoding2d.__init__).parameters:
+        if name != "self":
+            assert f"{name}" in doc, name
+    assert "(B, C_sig, H, W)" in doc and "(B, C_code, H_z, W_z)" in doc
+    assert "kernel_size" in DeepSparseCoding2d.__doc__ and "relative" in DeepSparseCoding2d.__doc__
+
+
+def test_meta_device_construction_then_materialise():
+    layer = ConvSparseCoding2d(2, 6, 5, n_iter=3, learn_lam=True, untied=True, device="meta")
+    assert layer.weight.is_meta and layer.step.is_meta and layer.lam.shape == (3, 6)
+    deep = DeepSparseCoding2d([1, 4, 8], 3, device="meta")
+    assert all(p.is_meta for p in deep.parameters())
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    assert torch.isfinite(layer.step) and float(layer.step) > 0
+    torch.testing.assert_close(layer.encoder_weight, layer.weight)
+    assert torch.isfinite(layer(torch.randn(1, 2, 8, 8))).all()
+
+
+# ------------------------------------------------------------------------------- step tracking (dictionary learning)
+def _inverse_lipschitz(layer) -> float:
+    return 1 / DF.lipschitz_constant(layer.weight.detach(), layer._probe_size(), stride=layer.stride,
+                                     padding=layer.padding, n_iter=200)
+
+
+def test_step_stays_one_over_L_while_the_dictionary_grows():
+    layer = ConvSparseCoding2d(1, 8, 5, n_iter=4, lam=0.01, backend="reference")
+    x = torch.randn(2, 1, 16, 16)
+    for growth in (2.0, 3.0, 5.0):
+        with torch.no_grad():
+            layer.weight.mul_(growth)  # what an optimiser step that grows the atoms does, in place
+        layer(x)  # a training forward tracks 1/L with a warm-started power iteration
+        assert float(layer.step) == pytest.approx(_inverse_lipschitz(layer), rel=0.02)
+    layer.eval()
+    before = float(layer.step)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    layer(x)
+    assert float(layer.step) == before  # eval forwards use the stored step
+    layer.normalize_dictionary_()
+    torch.testing.assert_close(layer.weight.flatten(1).norm(dim=1), torch.ones(8))
+    assert float(layer.step) == pytest.approx(_inverse_lipschitz(layer), rel=0.05)
+
+
+def test_naive_dictionary_learning_loop_keeps_improving():
+    # The loop a newcomer writes: Adam on the dictionary of a tracked-step layer, reconstruction + l1 loss.
+    torch.manual_seed(0)
+    target = torch.randn(6, 1, 5, 5)
+    x = DF.conv_synthesis(torch.relu(torch.randn(8, 6, 16, 16) - 1.5), target, padding=2, signal_size=(16, 16))
+    layer = ConvSparseCoding2d(1, 6, 5, n_iter=20, lam=0.02, fista=True, backend="reference")
+    optimizer = torch.optim.Adam(layer.parameters(), lr=2e-2)
+    losses = []
+    for _ in range(60):
+        z = layer(x)
+        loss = 0.5 * (layer.decode(z) - x).pow(2).sum() / len(x) + 0.02 * z.abs().sum() / len(x)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    # Keeps descending well after the 15 steps where a frozen step size stalled it.
+    assert losses[-1] < 0.7 * losses[15] and losses[15] < losses[0]
+
+
+def test_learned_values_are_projected_after_optimizer_steps_never_clamped_in_forward():
+    layer = ConvSparseCoding2d(1, 3, 3, n_iter=2, learn_lam=True, learn_step=True, backend="reference")
+    act = SoftThreshold(0.2, 3, learnable=True)
+    optimizer = torch.optim.SGD([layer.lam, layer.step, act.threshold], lr=10.0)
+    for p in (layer.lam, layer.step, act.threshold):
+        p.grad = torch.ones_like(p)  # a step that drives every value far below zero
+    optimizer.step()
+    assert float(layer.lam.detach().min()) == 0.0 and float(act.threshold.detach().min()) == 0.0
+    assert float(layer.step.detach().min()) > 0
+    layer(torch.randn(1, 1, 6, 6))  # valid values: runs
+    with torch.no_grad():
+        layer.lam[0, 0] = -1.0  # set by hand: rejected, not clamped
+    with pytest.raises(ValueError, match="lam"):
+        layer(torch.randn(1, 1, 6, 6))
+    from dsc_kernels.nn import project_
+    project_(layer)
+    assert float(layer.lam.min()) == 0.0
+
+
+def test_copies_are_projected_too():
+    import copy
+    layer = copy.deepcopy(ConvSparseCoding2d(1, 3, 3, n_iter=2, learn_lam=True))
+    optimizer = torch.optim.SGD([layer.lam], lr=10.0)
+    layer.lam.grad = torch.ones_like(layer.lam)
+    optimizer.step()
+    assert float(layer.lam.min()) == 0.0
+
+
+def test_all_zero_codes_in_training_warn():
+    layer = ConvSparseCoding2d(1, 4, 3, n_iter=2, lam=100.0, backend="reference")
+    with pytest.warns(RuntimeWarning, match="every code is exactly zero"):
+        layer(torch.randn(2, 1, 8, 8))
+
+
+def test_relative_thresholds_make_the_layer_scale_equivariant():
+    layer = ConvSparseCoding2d(1, 4, 3, n_iter=5, lam=0.3, relative=True, backend="reference").eval()
+    x = torch.randn(3, 1, 10, 10)
+    z = layer(x)
+    assert 0.1 < float((z == 0).float().mean()) < 0.95
+    torch.testing.assert_close(layer(7.0 * x), 7.0 * z, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer(torch.zeros_like(x)), torch.zeros_like(z))
+
+
+def test_default_deep_stack_is_active_at_every_layer_on_small_inputs():
+    torch.manual_seed(0)
+    deep = DeepSparseCoding2d([1, 16, 32], 3, strides=[1, 2], n_iter=3, backend="reference")
+    x = torch.rand(8, 1, 8, 8) * 0.01  # a small input scale: absolute thresholds would silence the layers
+    for code in deep(x):
+        assert 0 < float((code != 0).float().mean()) < 1
+
+
+def test_load_state_dict_keeps_the_step_and_the_outputs():
+    layer = ConvSparseCoding2d(1, 4, 3, n_iter=3, learn_lam=True, untied=True, backend="reference")
+    with torch.no_grad():
+        layer.weight.mul_(1.7)
+    layer(torch.randn(1, 1, 8, 8))  # tracks the step
+    copy = ConvSparseCoding2d(1, 4, 3, n_iter=3, learn_lam=True, untied=True, backend="reference")
+    copy.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 1, 9, 9)
+    torch.testing.assert_close(copy.eval()(x), layer.eval()(x))
+
+
+# ------------------------------------------------------------------------- thresholds as biases (absolute thresholds)
+def test_absolute_threshold_parameterisation_matches_functional():
+    x = torch.randn(2, 2, 9, 9)
+    thresholds = torch.tensor([[0.1, -0.05, 0.0, 0.2], [0.05, -0.1, 0.1, 0.0], [0.0, 0.1, -0.2, 0.1]])
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=3, threshold=thresholds, nonneg=True, learn_threshold=True,
+                               untied=True, backend="reference").eval()
+    assert "threshold" in layer.state_dict() and "lam" not in layer.state_dict()
+    assert layer.constraints() == [] or all(p is not layer.threshold for p, _ in layer.constraints())
+    expected = DF.conv_ista(x, layer.weight, threshold=thresholds, n_iter=3, step=layer.step, padding=1,
+                            encoder_weight=layer.encoder_weight, nonneg=True, backend="reference")
+    torch.testing.assert_close(layer(x), expected)
+    signed = ConvSparseCoding2d(2, 4, 3, n_iter=3, threshold=0.1, learn_threshold=True, backend="reference")
+    assert [p is signed.threshold for p, _ in signed.constraints()] == [True]  # kept >= 0 by projection
+    with pytest.raises(ValueError, match="learn_threshold"):
+        ConvSparseCoding2d(2, 4, 3, threshold=0.1, learn_lam=True)
+
+
+def test_soft_threshold_negative_bias_with_nonneg():
+    module = SoftThreshold(-0.5, num_channels=2, nonneg=True, learnable=True)
+    x = torch.randn(3, 2, 4)
+    torch.testing.assert_close(module(x), torch.relu(x + 0.5))
+    assert module.constraints() == []

@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(cmd, **kwargs):
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kwargs)
+    # Without PYTHONPATH: a source tree on the path (and the egg-info a wheel build leaves in it) would stand in for
+    # the installed package.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **kwargs)
     assert out.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout
 
@@ -47,8 +50,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_cpp_forward_and_backward(tmp_
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
         print("ok", dsc_kernels.__version__)
     """)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = _run([str(python), "-c", script], cwd=tmp_path, env=env)
+    out = _run([str(python), "-c", script], cwd=tmp_path)
     assert out.strip() == f"ok {dsc_kernels.__version__}"
 
 

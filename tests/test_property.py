@@ -72,7 +72,7 @@ def test_analysis_and_synthesis_match_loops(g):
 def test_conv_ista_matches_a_loop_implementation(g, nonneg, fista, n_iter):
     x, w, stride, padding = build(g)
     lam, step = 0.3, 0.05
-    # The loop version of DESIGN.md §2's recurrence, independent of the package's conv helpers.
+    # The loop version of docs/design.md §2's recurrence, independent of the package's conv helpers.
     z_prev = z = loop_analysis(x, w, stride, padding) * 0
     t = 1.0
     for k in range(n_iter):

@@ -10,7 +10,7 @@ from dsc_kernels import theory
 
 
 def explicit_dictionary(weight, signal_size, stride, padding):
-    """Columns = atoms: conv_transpose of every unit code, cropped to the signal size (DESIGN §2)."""
+    """Columns = atoms: conv_transpose of every unit code, cropped to the signal size (docs/design.md §2)."""
     nd = weight.dim() - 2
     size = (signal_size,) * nd if isinstance(signal_size, int) else tuple(signal_size)
     st = (stride,) * nd if isinstance(stride, int) else tuple(stride)
@@ -110,3 +110,80 @@ def test_activation_constants_match_theory_md():
     assert theory.activation_sup_distance("gelu", 1) == pytest.approx(0.170, abs=1e-3)
     with pytest.raises(ValueError):
         theory.activation_sup_distance("tanh", 1)
+
+
+@pytest.mark.parametrize("shape,size,stride,padding", CASES)
+def test_dictionary_matrix_matches_the_test_construction(shape, size, stride, padding):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(theory.dictionary_matrix(w, size, stride=stride, padding=padding),
+                               explicit_dictionary(w, size, stride, padding))
+
+
+def test_spark_of_hand_checkable_dictionaries():
+    # [e1, e2, (e1 + e2)/sqrt2]: every pair independent, the three together dependent
+    d = torch.tensor([[1.0, 0.0, 2 ** -0.5], [0.0, 1.0, 2 ** -0.5]], dtype=torch.float64)
+    spark, v = theory.spark(d)
+    assert spark == 3 and torch.allclose(d @ v, torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    assert theory.sparse_collision(d, 1) is None
+    z1, z2 = theory.sparse_collision(d, 2)
+    torch.testing.assert_close(d @ z1, d @ z2)
+    assert not torch.equal(z1, z2) and (z1 != 0).sum() <= 2 and (z2 != 0).sum() <= 2
+    # filters [1, 1] and [1, -1] on 3 samples: atoms (1,1,0), (0,1,1), (1,-1,0), (0,1,-1); every 3 of them have
+    # determinant ±2, all 4 are dependent: f * g = g * f, i.e. coding g on channel f equals coding f on channel g
+    w = torch.tensor([[[1.0, 1.0]], [[1.0, -1.0]]], dtype=torch.float64)
+    d = theory.dictionary_matrix(w, 3)
+    torch.testing.assert_close(d, torch.tensor([[1, 0, 1, 0], [1, 1, -1, 1], [0, 1, 0, -1]], dtype=torch.float64))
+    assert theory.mutual_coherence(w, 3) == pytest.approx(0.5)
+    assert theory.uniqueness_bound(0.5) == pytest.approx(1.5)
+    spark, v = theory.spark(d)
+    assert spark == 4
+    assert theory.sparse_collision(d, 1) is None
+    z1, z2 = theory.sparse_collision(d, 2)
+    # z1 is g = (1, -1) on channel f, z2 is f = (1, 1) on channel g, up to one common scale
+    scale = z1[0]
+    torch.testing.assert_close(z1 / scale, torch.tensor([1.0, -1.0, 0, 0], dtype=torch.float64))
+    torch.testing.assert_close(z2 / scale, torch.tensor([0, 0, 1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(d @ z1 / scale, torch.tensor([1.0, 0, -1.0], dtype=torch.float64))
+
+
+def test_spark_of_a_full_column_rank_dictionary_is_infinite_and_the_search_is_bounded():
+    d = theory.dictionary_matrix(torch.tensor([[[1.0, 2.0, -1.0]]]), 9)  # one channel: lower-triangular, injective
+    assert theory.spark(d) == (math.inf, None)
+    assert theory.sparse_collision(d, 3) is None
+    with pytest.raises(ValueError, match="too many"):
+        theory.spark(torch.randn(30, 60, dtype=torch.float64), max_subsets=1000)
+
+
+def test_stripe_sparsity_counts_overlapping_atoms():
+    z = torch.zeros(2, 2, 40)
+    z[0, 0, [0, 4, 30]] = 1.0  # k = 5: atoms at 0 and 4 overlap (|0 - 4| <= 4), 30 is alone
+    z[0, 1, 5] = 1.0  # the other channel counts too: window around 4 holds 0, 4, 5
+    z[1, 0, [10, 20]] = 1.0
+    assert theory.stripe_sparsity(z, 5) == 3
+    assert theory.stripe_sparsity(z, 5, stride=2) == 2  # windows of 2*floor(4/2)+1 = 5 positions: {4, 5}
+    assert theory.stripe_sparsity(z, 2) == 2  # windows of 3: {4, 5}
+    z2 = torch.zeros(1, 1, 9, 9)
+    z2[0, 0, 1, 1] = z2[0, 0, 2, 4] = z2[0, 0, 7, 7] = 1.0  # every code position centres a stripe
+    assert theory.stripe_sparsity(z2, (3, 3)) == 2 and theory.stripe_sparsity(z2, (2, 2)) == 1
+
+
+def test_stripe_bound_is_the_recursion():
+    q = theory.stripe_rate(2, 0.2)
+    assert q == pytest.approx(0.6)
+    m, eta = 1.0, 0.01
+    for k in range(1, 6):
+        m = q * m + 2 * eta
+        assert theory.stripe_error_bound(k, 2, 1.0, 0.2, eta) == pytest.approx(m)
+    assert theory.stripe_threshold(0.5, 2, 0.2, 0.01) == pytest.approx(0.21)
+
+
+@pytest.mark.parametrize("name", ["softplus", "silu", "gelu"])
+def test_activation_worst_input_is_where_the_gap_peaks(name):
+    beta = 5.0
+    z = torch.linspace(-4 / beta, 4 / beta, 800001, dtype=torch.float64)
+    gap = (theory.smooth_relu(name, beta)(z) - torch.relu(z)).abs()
+    # SiLU's and GELU's gaps are even (sigma(z) - ReLU(z) = -sigma(-z) for z > 0): the peak is at ±z_1
+    assert abs(theory.activation_worst_input(name, beta)) == pytest.approx(abs(float(z[gap.argmax()])), abs=1e-4)
+    at = torch.tensor([theory.activation_worst_input(name, beta)], dtype=torch.float64)
+    assert float((theory.smooth_relu(name, beta)(at) - torch.relu(at)).abs()) == pytest.approx(
+        theory.activation_sup_distance(name, beta), rel=1e-9)

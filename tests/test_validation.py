@@ -1,4 +1,4 @@
-"""Every bad input of DESIGN.md §3 raises ValueError/TypeError naming the argument, before any kernel runs."""
+"""Every bad input of docs/design.md §3 raises ValueError/TypeError naming the argument, before any kernel runs."""
 import pytest
 import torch
 

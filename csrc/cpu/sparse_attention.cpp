@@ -1,22 +1,32 @@
 // Sparse attention on the CPU: sparsemax and soft-threshold ("shrink") attention, forward and backward.
 //
-// Forward, for q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv), theta (H,):
-//   s_ij = scale <q_i, k_j>, keys j > i masked out when causal (top-left alignment, like SDPA's is_causal)
-//   sparsemax: tau_i solves sum_j max(s_ij - tau_i, 0) = 1;   shrink: tau_i = theta_h
-//   P_ij = max(s_ij - tau_i, 0),  O_i = sum_{j in S_i} P_ij v_j,  S_i = {j : s_ij > tau_i}
-//   Saved: stats (B,H,N,2) = (tau_i, |S_i|); a row with no key gets (+inf, 0) and O_i = 0.
+// Forward, for q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv), theta (H,), an optional additive bias (B,H,N,M):
+//   s_ij = scale <q_i, k_j> + bias_ij; key j is hidden from query i when j > i (causal, top-left like SDPA's
+//   is_causal) or bias_ij = -inf, and then s_ij = -inf.
+//   Rows are handled relative to a reference point c_i, z_ij = s_ij - c_i (z = 0 where s_ij = c_i = +inf):
+//   sparsemax: c_i = max_j s_ij and t_i = tau_i - c_i solves sum_j max(z_ij - t_i, 0) = 1, so huge or tied
+//     scores keep their precision; a row with +inf scores has (c, t) = (+inf, -1/#{+inf}) (its mass is shared
+//     among them), a row with no visible key (+inf, +inf);
+//   shrink: (c_i, t_i) = (0, theta_h).
+//   P_ij = z_ij - t_i on S_i = {j : z_ij > t_i},  O_i = sum_{j in S_i} P_ij v_j.
+//   A row is NaN (O_i = NaN, stats (NaN, NaN), no gradient) when q_i, or the k_j or v_j of a key it sees, holds
+//   NaN or +-inf, or one of its scores is NaN. It never reads a key it does not see.
+//   Saved: stats (B,H,N,2) = (c_i, t_i).
 // Backward (g = dL/dO), only support entries are non-zero:
-//   dP_ij = <g_i, v_j>,  ds_ij = dP_ij - delta_i on S_i,  delta_i = mean_{S_i} dP_ij (sparsemax) or 0 (shrink)
+//   dP_ij = <g_i, v_j>,  ds_ij = dP_ij - delta_i on S_i,  delta_i = mean_{S_i} dP_ij (sparsemax) or 0 (shrink),
+//   ds_i = 0 on +inf rows (P does not move there),
 //   dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i P_ij g_i,  dtheta_h = -sum ds
-// Scores are recomputed from q, k and the saved tau; no N x M matrix is kept. Each task computes a panel of
+// Scores are recomputed from q, k and the saved stats; no N x M matrix is kept. Each task computes a panel of
 // 64 query rows x M keys (or 64 keys x N queries in the dk/dv pass) with one BLAS GEMM, so memory is
 // O(threads * 64 * max(N, M)); everything after the GEMM touches only the support (|S_i| entries per row).
 // The dk/dv pass recomputes scores with a transposed GEMM whose rounding can differ from the forward's by an ulp,
 // which can move a score lying within an ulp of tau across it (P ~ 0 there), as in FlashAttention's backward.
+// q, k, v, grad_out are read through their strides (rows must have a unit last stride, else they are copied).
 //
-// tau by Michelot's projection: starting from lo = max_j s_ij - 1 <= tau_i, the update
-// lo <- (sum_{s > lo} s - 1) / |{s > lo}| increases monotonically to tau_i and is exact once the set stops
-// shrinking, so no sort and no tolerance are needed.
+// t by Michelot's projection: starting from lo = -1 <= t_i, the update lo <- (sum_{z > lo} z - 1) / |{z > lo}|
+// increases monotonically to t_i and is exact once the set stops shrinking, so no sort and no tolerance are
+// needed. Its sums are accumulated in double with Neumaier compensation (a 4,096-key near-flat fp32 row keeps
+// ~1e-6 relative accuracy instead of ~1e-3).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,6 +35,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <limits>
 #include <string>
 #include <vector>
@@ -34,8 +46,14 @@ namespace {
 constexpr int64_t kRowBlock = 64;  // query (forward, dq) or key (dk, dv) rows per parallel task
 
 template <typename scalar_t>
+constexpr scalar_t kInf = std::numeric_limits<scalar_t>::infinity();
+
+// dot and axpy take n = 0 (an empty value or head dim), whose row pointers may be null: at::vec would pass them
+// to memcpy, which must not see a null pointer even for zero bytes.
+template <typename scalar_t>
 inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   using Vec = at::vec::Vectorized<scalar_t>;
+  if (n == 0) return scalar_t(0);
   return at::vec::map2_reduce_all<scalar_t>(
       [](Vec x, Vec y) { return x * y; }, [](Vec x, Vec y) { return x + y; }, a, b, n);
 }
@@ -44,83 +62,251 @@ inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
 template <typename scalar_t>
 inline void axpy(scalar_t* out, scalar_t w, const scalar_t* x, int64_t n) {
   using Vec = at::vec::Vectorized<scalar_t>;
+  if (n == 0) return;
   at::vec::map2<scalar_t>([w](Vec o, Vec y) { return o + Vec(w) * y; }, out, out, x, n);
+}
+
+// Whether x[0:n] is all finite: x - x is 0 for finite x and NaN for NaN or +-inf, so the vectorised sum of x - x
+// is NaN exactly when some entry is not finite.
+template <typename scalar_t>
+inline bool all_finite(const scalar_t* x, int64_t n) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  if (n == 0) return true;
+  return !std::isnan(at::vec::map_reduce_all<scalar_t>([](Vec a) { return a - a; },
+                                                       [](Vec a, Vec b) { return a + b; }, x, n));
+}
+
+// The rows of one (batch, head) of a strided (B, H, L, width) tensor (unit last stride).
+template <typename scalar_t>
+struct HeadRows {
+  const scalar_t* base;
+  int64_t sn;
+  const scalar_t* operator[](int64_t i) const { return base + i * sn; }
+};
+
+// A (B, H, L, width) tensor read row by row through its strides.
+template <typename scalar_t>
+struct Rows {
+  const scalar_t* data;
+  int64_t sb, sh, sn, heads;
+  explicit Rows(const at::Tensor& t)
+      : data(t.data_ptr<scalar_t>()), sb(t.stride(0)), sh(t.stride(1)), sn(t.stride(2)), heads(t.size(1)) {}
+  HeadRows<scalar_t> head(int64_t bh) const { return {data + (bh / heads) * sb + (bh % heads) * sh, sn}; }
+};
+
+// The additive score bias (B, H, N, M) through its strides (zero on broadcast dimensions), or none.
+template <typename scalar_t>
+struct Bias {
+  const scalar_t* data = nullptr;
+  int64_t sb = 0, sh = 0, sn = 0, sm = 0, heads = 1;
+  explicit Bias(const c10::optional<at::Tensor>& t) {
+    if (t.has_value() && t->defined()) {
+      data = t->data_ptr<scalar_t>();
+      sb = t->stride(0), sh = t->stride(1), sn = t->stride(2), sm = t->stride(3), heads = t->size(1);
+    }
+  }
+  bool present() const { return data != nullptr; }
+  // (bias_ij for j = 0, 1, ...) = row(bh, i)[j * sm]
+  const scalar_t* row(int64_t bh, int64_t i) const { return data + (bh / heads) * sb + (bh % heads) * sh + i * sn; }
+};
+
+// Bias-added score, -inf where the bias hides the key.
+template <typename scalar_t>
+inline scalar_t biased(scalar_t s, scalar_t bias) {
+  return bias == -kInf<scalar_t> ? -kInf<scalar_t> : s + bias;
+}
+
+// z = s - c, with z = 0 where s = c = +-inf (the encoding of +inf rows).
+template <typename scalar_t>
+inline scalar_t relative(scalar_t s, scalar_t c) {
+  return (std::isinf(c) && s == c) ? scalar_t(0) : s - c;
 }
 
 inline int64_t visible_keys(int64_t i, int64_t m, bool causal) {
   return causal ? std::min(m, i + 1) : m;
 }
 
-// Michelot's algorithm on s[0:n] (n >= 1). Returns tau and writes |S|.
+// Neumaier-compensated double sum.
+struct CompensatedSum {
+  double sum = 0, carry = 0;
+  void add(double x) {
+    const double t = sum + x;
+    carry += std::abs(sum) >= std::abs(x) ? (sum - t) + x : (x - t) + sum;
+    sum = t;
+  }
+  double value() const { return sum + carry; }
+};
+
+// Michelot's algorithm on the scores s[0:n] of a row with finite maximum mx: returns t = tau - mx.
 template <typename scalar_t>
-scalar_t sparsemax_tau(const scalar_t* s, int64_t n, int64_t* support) {
-  scalar_t mx = s[0];
-  for (int64_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
-  scalar_t lo = mx - scalar_t(1);
+scalar_t sparsemax_threshold(const scalar_t* s, int64_t n, scalar_t mx) {
+  scalar_t lo = scalar_t(-1);
   int64_t prev = -1;
   while (true) {
-    scalar_t sum = 0;
+    CompensatedSum sum;
     int64_t cnt = 0;
     for (int64_t j = 0; j < n; ++j) {
-      if (s[j] > lo) {
-        sum += s[j];
+      const scalar_t z = s[j] - mx;
+      if (z > lo) {
+        sum.add(z);
         ++cnt;
       }
     }
-    // cnt >= 1: lo <= tau < max. Rounding can only stall the set, which also ends the loop.
-    const scalar_t t = (sum - scalar_t(1)) / scalar_t(cnt);
-    if (cnt == prev || !(t > lo)) {
-      *support = cnt;
-      return t;
-    }
+    // cnt >= 1 (the maximum has z = 0 > lo); rounding can only stall the set, which also ends the loop.
+    const auto t = static_cast<scalar_t>((sum.value() - 1.0) / static_cast<double>(cnt));
+    if (cnt == prev || !(t > lo)) return t;
     prev = cnt;
     lo = t;
   }
 }
 
 // Scores of rows [r0, r1) of `a` against rows [c0, c1) of `b` of one (batch, head): a BLAS panel
-// (r1 - r0, c1 - c0), scaled. a, b are (B*H, L, d) views.
+// (r1 - r0, c1 - c0), scaled. a, b are (B, H, L, d) tensors read through their strides.
 inline at::Tensor score_panel(const at::Tensor& a, const at::Tensor& b, int64_t bh, int64_t r0, int64_t r1,
                               int64_t c0, int64_t c1, double scale) {
-  auto s = at::mm(a[bh].narrow(0, r0, r1 - r0), b[bh].narrow(0, c0, c1 - c0).t());
-  return s.mul_(scale);
+  const int64_t heads = a.size(1);
+  const auto a2 = a.select(0, bh / heads).select(0, bh % heads).narrow(0, r0, r1 - r0);
+  const auto b2 = b.select(0, bh / heads).select(0, bh % heads).narrow(0, c0, c1 - c0);
+  return at::mm(a2, b2.t()).mul_(scale);
+}
+
+// Per (batch, head, key): whether k_j or v_j holds a non-finite value (a row that sees it is NaN), and per
+// (batch, head) the first such key (M if none), so that rows check keys only when one is in their range.
+template <typename scalar_t>
+struct BadKeys {
+  std::vector<uint8_t> bad;
+  std::vector<int64_t> first;
+  // finite: k and v are known to be all finite (nothing to flag).
+  BadKeys(const Rows<scalar_t>& k, const Rows<scalar_t>& v, int64_t BH, int64_t M, int64_t D, int64_t DV,
+          bool finite)
+      : bad(finite ? 0 : BH * M), first(BH, M) {
+    if (finite) return;
+    at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const auto kh = k.head(bh), vh = v.head(bh);
+        for (int64_t j = M - 1; j >= 0; --j) {
+          bad[bh * M + j] = !(all_finite(kh[j], D) && all_finite(vh[j], DV));
+          if (bad[bh * M + j]) first[bh] = j;
+        }
+      }
+    });
+  }
+  // Whether a key j < mi flagged bad is visible (its bias is not -inf) from a row with bias row bias_row.
+  bool seen(int64_t bh, int64_t M, int64_t mi, const scalar_t* bias_row, int64_t bias_sm) const {
+    for (int64_t j = first[bh]; j < mi; ++j) {
+      if (bad[bh * M + j] && (bias_row == nullptr || bias_row[j * bias_sm] != -kInf<scalar_t>)) return true;
+    }
+    return false;
+  }
+};
+
+// Adds the bias to one row of scores s[0:mi] in place (-inf where it hides a key).
+template <typename scalar_t>
+void add_bias(scalar_t* s, int64_t mi, const scalar_t* bias_row, int64_t bias_sm) {
+  for (int64_t j = 0; j < mi; ++j) s[j] = biased(s[j], bias_row[j * bias_sm]);
+}
+
+// max_j s[j] (-inf for an empty row).
+template <typename scalar_t>
+scalar_t row_max(const scalar_t* s, int64_t n) {
+  scalar_t m = -kInf<scalar_t>;
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  return m;
+}
+
+template <typename scalar_t>
+bool any_nan(const scalar_t* s, int64_t n) {
+  bool nan = false;
+  for (int64_t j = 0; j < n; ++j) nan |= std::isnan(s[j]);
+  return nan;
+}
+
+// What is known of the inputs before any row is looked at, so that the usual all-finite call checks no row.
+struct InputFacts {
+  bool finite;       // q, k, v hold no NaN or inf
+  bool nan_scores;   // a score may be NaN: non-finite inputs, a NaN in the bias, or q k^T may overflow (inf - inf)
+};
+
+// max |t| (NaN if t holds a NaN), one vectorised pass without temporaries; 0 for an empty tensor.
+double max_abs(const at::Tensor& t) {
+  if (t.numel() == 0) return 0;
+  const auto [lo, hi] = at::aminmax(t);
+  const double a = lo.item<double>(), b = hi.item<double>();
+  return (std::isnan(a) || std::isnan(b)) ? std::numeric_limits<double>::quiet_NaN() : std::max(-a, b);
+}
+
+InputFacts input_facts(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const c10::optional<at::Tensor>& bias, double scale) {
+  const double bq = max_abs(q), bk = max_abs(k), bv = max_abs(v);
+  const bool finite = std::isfinite(bq) && std::isfinite(bk) && std::isfinite(bv);
+  const double largest = q.scalar_type() == at::kFloat ? std::numeric_limits<float>::max()
+                                                       : std::numeric_limits<double>::max();
+  // The GEMM's partial sums and the scaled scores are at most d max|q| max|k| max(scale, 1) in magnitude.
+  bool nan_scores = !finite || bq * bk * static_cast<double>(q.size(3)) * std::max(scale, 1.0) > 0.25 * largest;
+  if (bias.has_value() && bias->defined() && bias->numel() > 0) {
+    const auto [lo, hi] = at::aminmax(*bias);
+    nan_scores = nan_scores || std::isnan(lo.item<double>()) || std::isnan(hi.item<double>());
+  }
+  return {finite, nan_scores};
 }
 
 template <typename scalar_t>
 void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta,
-                bool sparsemax, bool causal, double scale, at::Tensor& out, at::Tensor& stats) {
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
-  const int64_t M = k.size(2), DV = v.size(3);
+                const Bias<scalar_t>& bias, bool sparsemax, bool causal, double scale, InputFacts facts,
+                at::Tensor& out, at::Tensor& stats) {
+  const int64_t H = q.size(1), N = q.size(2), D = q.size(3), M = k.size(2), DV = v.size(3);
+  const int64_t BH = q.size(0) * H;
   const int64_t nqb = (N + kRowBlock - 1) / kRowBlock;
-  const auto q3 = q.view({B * H, N, D}), k3 = k.view({B * H, M, D});
-  const scalar_t* vp = v.data_ptr<scalar_t>();
+  const Rows<scalar_t> qr(q), kr(k), vr(v);
+  const BadKeys<scalar_t> bad_keys(kr, vr, BH, M, D, DV, facts.finite);
   const scalar_t* thp = theta.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   scalar_t* sp = stats.data_ptr<scalar_t>();
+  const scalar_t nan = std::numeric_limits<scalar_t>::quiet_NaN();
   out.zero_();
-  at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, BH * nqb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nqb, i0 = (task % nqb) * kRowBlock, i1 = std::min(N, i0 + kRowBlock);
       const int64_t mend = causal ? std::min(M, i1) : M;
-      at::Tensor panel = mend > 0 ? score_panel(q3, k3, bh, i0, i1, 0, mend, scale) : at::Tensor();
-      const scalar_t* vb = vp + bh * M * DV;
+      at::Tensor panel = mend > 0 ? score_panel(q, k, bh, i0, i1, 0, mend, scale) : at::Tensor();
+      const auto qh = qr.head(bh), vh = vr.head(bh);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t mi = visible_keys(i, M, causal);
-        const scalar_t* s = mi > 0 ? panel.data_ptr<scalar_t>() + (i - i0) * mend : nullptr;
+        scalar_t* s = mi > 0 ? panel.data_ptr<scalar_t>() + (i - i0) * mend : nullptr;
         scalar_t* oi = op + (bh * N + i) * DV;
-        scalar_t tau = std::numeric_limits<scalar_t>::infinity();
-        int64_t cnt = 0;
-        if (mi > 0) tau = sparsemax ? sparsemax_tau(s, mi, &cnt) : thp[bh % H];
-        int64_t active = 0;
-        // Only the support is touched: the P v product costs |S_i| dv, not M dv.
-        for (int64_t j = 0; j < mi; ++j) {
-          if (s[j] > tau) {
-            axpy(oi, s[j] - tau, vb + j * DV, DV);
-            ++active;
+        scalar_t* st = sp + (bh * N + i) * 2;
+        const scalar_t* bias_row = bias.present() ? bias.row(bh, i) : nullptr;
+        if (bias_row != nullptr) add_bias(s, mi, bias_row, bias.sm);
+        bool nan_row = facts.nan_scores && any_nan(s, mi);
+        if (!facts.finite) nan_row = nan_row || !all_finite(qh[i], D) || bad_keys.seen(bh, M, mi, bias_row, bias.sm);
+        scalar_t c = 0, t = thp[bh % H];
+        if (sparsemax && !nan_row) {
+          const scalar_t mx = row_max(s, mi);
+          if (mx == -kInf<scalar_t>) {  // no visible key (also mi == 0)
+            c = t = kInf<scalar_t>;
+          } else if (mx == kInf<scalar_t>) {
+            c = kInf<scalar_t>;
+            t = scalar_t(-1) / static_cast<scalar_t>(std::count(s, s + mi, kInf<scalar_t>));
+          } else {
+            c = mx;
+            t = sparsemax_threshold(s, mi, mx);
           }
         }
-        sp[(bh * N + i) * 2] = tau;
-        sp[(bh * N + i) * 2 + 1] = static_cast<scalar_t>(sparsemax ? cnt : active);
+        if (nan_row) {
+          std::fill(oi, oi + DV, nan);
+          c = t = nan;
+        } else if (std::isinf(c)) {  // a +inf row or one without keys
+          for (int64_t j = 0; j < mi; ++j) {
+            const scalar_t z = relative(s[j], c);
+            if (z > t) axpy(oi, z - t, vh[j], DV);
+          }
+        } else {  // only the support is touched: the P v product costs |S_i| dv, not M dv
+          for (int64_t j = 0; j < mi; ++j) {
+            if (s[j] - c > t) axpy(oi, s[j] - c - t, vh[j], DV);
+          }
+        }
+        st[0] = c;
+        st[1] = t;
       }
     }
   });
@@ -128,27 +314,23 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 
 template <typename scalar_t>
 void bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& stats, bool sparsemax, bool causal, double scale_d, at::Tensor& dq,
-                at::Tensor& dk, at::Tensor& dv, at::Tensor& dtheta_partial) {
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
-  const int64_t M = k.size(2), DV = v.size(3);
+                const Bias<scalar_t>& bias, const at::Tensor& stats, bool sparsemax, bool causal, double scale_d,
+                at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dtheta_partial) {
+  const int64_t N = q.size(2), D = q.size(3), M = k.size(2), DV = v.size(3);
+  const int64_t BH = q.size(0) * q.size(1);
   const int64_t nqb = (N + kRowBlock - 1) / kRowBlock;
   const int64_t nkb = (M + kRowBlock - 1) / kRowBlock;
-  const scalar_t scale = static_cast<scalar_t>(scale_d);
-  const auto q3 = q.view({B * H, N, D}), k3 = k.view({B * H, M, D});
-  const scalar_t* gp = g.data_ptr<scalar_t>();
-  const scalar_t* qp = q.data_ptr<scalar_t>();
-  const scalar_t* kp = k.data_ptr<scalar_t>();
-  const scalar_t* vp = v.data_ptr<scalar_t>();
+  const auto scale = static_cast<scalar_t>(scale_d);
+  const Rows<scalar_t> gr(g), qr(q), kr(k), vr(v);
   const scalar_t* sp = stats.data_ptr<scalar_t>();
   scalar_t* dqp = dq.data_ptr<scalar_t>();
   scalar_t* dkp = dk.data_ptr<scalar_t>();
   scalar_t* dvp = dv.data_ptr<scalar_t>();
   scalar_t* dthp = dtheta_partial.data_ptr<scalar_t>();
-  std::vector<scalar_t> delta(B * H * N, scalar_t(0));
+  std::vector<scalar_t> delta(BH * N, scalar_t(0));
 
   // Pass 1 (query panels): delta_i, dq_i and the threshold gradient, one partial sum per task.
-  at::parallel_for(0, B * H * nqb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, BH * nqb, 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> dp(std::max<int64_t>(M, 1));
     std::vector<int64_t> idx(std::max<int64_t>(M, 1));
     for (int64_t task = begin; task < end; ++task) {
@@ -156,22 +338,24 @@ void bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, c
       const int64_t mend = causal ? std::min(M, i1) : M;
       dthp[task] = 0;
       if (mend == 0) continue;
-      const at::Tensor panel = score_panel(q3, k3, bh, i0, i1, 0, mend, scale_d);
-      const scalar_t* kb = kp + bh * M * D;
-      const scalar_t* vb = vp + bh * M * DV;
+      at::Tensor panel = score_panel(q, k, bh, i0, i1, 0, mend, scale_d);
+      const auto gh = gr.head(bh), kh = kr.head(bh), vh = vr.head(bh);
       scalar_t th_sum = 0;
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r = bh * N + i;
-        const scalar_t* s = panel.data_ptr<scalar_t>() + (i - i0) * mend;
-        const scalar_t* gi = gp + r * DV;
-        const scalar_t tau = sp[r * 2];
+        const scalar_t c = sp[r * 2], t = sp[r * 2 + 1];
+        // A NaN row passes no gradient; a +inf row (or one without keys) has a constant P, so ds = 0 there.
+        if (!(c < kInf<scalar_t>)) continue;
+        scalar_t* s = panel.data_ptr<scalar_t>() + (i - i0) * mend;
+        const scalar_t* gi = gh[i];
         const int64_t mi = visible_keys(i, M, causal);
+        if (bias.present()) add_bias(s, mi, bias.row(bh, i), bias.sm);
         int64_t n_act = 0;
         scalar_t dp_sum = 0;
         for (int64_t j = 0; j < mi; ++j) {
-          if (s[j] > tau) {
+          if (s[j] - c > t) {  // c is finite here
             idx[n_act] = j;
-            dp[n_act] = dot(gi, vb + j * DV, DV);
+            dp[n_act] = dot(gi, vh[j], DV);
             dp_sum += dp[n_act];
             ++n_act;
           }
@@ -181,7 +365,7 @@ void bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, c
         for (int64_t a = 0; a < n_act; ++a) {
           const scalar_t ds = dp[a] - dl;
           th_sum -= ds;
-          axpy(dqp + r * D, scale * ds, kb + idx[a] * D, D);
+          axpy(dqp + r * D, scale * ds, kh[idx[a]], D);
         }
       }
       dthp[task] = th_sum;
@@ -189,24 +373,32 @@ void bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, c
   });
 
   // Pass 2 (key panels): dk_j and dv_j, each owned by one task so no atomics are needed.
-  at::parallel_for(0, B * H * nkb, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, BH * nkb, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nkb, j0 = (task % nkb) * kRowBlock, j1 = std::min(M, j0 + kRowBlock);
       // Top-left causal: only queries i >= j see key j.
       const int64_t i_start = causal ? j0 : 0;
       if (i_start >= N) continue;
-      const at::Tensor panel = score_panel(k3, q3, bh, j0, j1, i_start, N, scale_d);
+      const at::Tensor panel = score_panel(k, q, bh, j0, j1, i_start, N, scale_d);
       const int64_t width = N - i_start;
+      const auto gh = gr.head(bh), qh = qr.head(bh);
+      const scalar_t* bias_head = bias.present() ? bias.row(bh, 0) : nullptr;
       for (int64_t j = j0; j < j1; ++j) {
         const scalar_t* s = panel.data_ptr<scalar_t>() + (j - j0) * width;
-        const scalar_t* vj = vp + (bh * M + j) * DV;
+        const scalar_t* vj = vr.head(bh)[j];
+        scalar_t* dvj = dvp + (bh * M + j) * DV;
+        scalar_t* dkj = dkp + (bh * M + j) * D;
         for (int64_t i = causal ? j : i_start; i < N; ++i) {
           const int64_t r = bh * N + i;
-          const scalar_t sij = s[i - i_start];
-          if (sij > sp[r * 2]) {
-            axpy(dvp + (bh * M + j) * DV, sij - sp[r * 2], gp + r * DV, DV);
-            const scalar_t ds = dot(gp + r * DV, vj, DV) - delta[r];
-            axpy(dkp + (bh * M + j) * D, scale * ds, qp + r * D, D);
+          const scalar_t c = sp[r * 2], t = sp[r * 2 + 1];
+          const scalar_t sij = bias_head != nullptr ? biased(s[i - i_start], bias_head[i * bias.sn + j * bias.sm])
+                                                    : s[i - i_start];
+          const scalar_t z = relative(sij, c);
+          if (!(z > t)) continue;  // also every entry of a NaN row
+          axpy(dvj, z - t, gh[i], DV);
+          if (c < kInf<scalar_t>) {
+            const scalar_t ds = dot(gh[i], vj, DV) - delta[r];
+            axpy(dkj, scale * ds, qh[i], D);
           }
         }
       }
@@ -214,8 +406,13 @@ void bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, c
   });
 }
 
+// Rows with a unit last stride as the kernels read them: the tensor itself when it already has one.
+at::Tensor unit_last_stride(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
+
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta,
-                  const std::string& mode) {
+                  const c10::optional<at::Tensor>& bias, const std::string& mode) {
   TORCH_CHECK(mode == "sparsemax" || mode == "shrink", "sparse_attention: mode must be 'sparsemax' or 'shrink'");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "sparse_attention: q, k, v must be (B, H, L, d)");
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
@@ -227,37 +424,49 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "sparse_attention (cpp): float32 or float64 only");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "sparse_attention: q, k, v must share a dtype");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 4 && bias->size(0) == q.size(0) && bias->size(1) == q.size(1) &&
+                    bias->size(2) == q.size(2) && bias->size(3) == k.size(2),
+                "sparse_attention: bias must be (B, H, N, M)");
+    TORCH_CHECK(bias->scalar_type() == q.scalar_type(), "sparse_attention (cpp): bias must have q's dtype");
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpp(const at::Tensor& q_, const at::Tensor& k_,
                                                             const at::Tensor& v_, const at::Tensor& theta_,
+                                                            const c10::optional<at::Tensor>& bias,
                                                             c10::string_view mode_, bool causal, double scale) {
   const std::string mode(mode_);
-  check_inputs(q_, k_, v_, theta_, mode);
-  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  auto theta = theta_.to(q.scalar_type()).contiguous();
+  check_inputs(q_, k_, v_, theta_, bias, mode);
+  const auto q = unit_last_stride(q_), k = unit_last_stride(k_), v = unit_last_stride(v_);
+  const auto theta = theta_.to(q.scalar_type()).contiguous();
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   auto stats = at::empty({q.size(0), q.size(1), q.size(2), 2}, q.options());
+  const InputFacts facts = input_facts(q, k, v, bias, scale);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sparse_attention_fwd_cpp", [&] {
-    fwd_kernel<scalar_t>(q, k, v, theta, mode == "sparsemax", causal, scale, out, stats);
+    fwd_kernel<scalar_t>(q, k, v, theta, Bias<scalar_t>(bias), mode == "sparsemax", causal, scale, facts, out,
+                         stats);
   });
   return {out, stats};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_cpp(
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const at::Tensor& theta, const at::Tensor& stats_, c10::string_view mode_, bool causal, double scale) {
+    const at::Tensor& theta, const c10::optional<at::Tensor>& bias, const at::Tensor& stats_, c10::string_view mode_,
+    bool causal, double scale) {
   const std::string mode(mode_);
-  check_inputs(q_, k_, v_, theta, mode);
-  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  auto g = grad_out.to(q.scalar_type()).contiguous();
-  auto stats = stats_.to(q.scalar_type()).contiguous();
-  auto dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  check_inputs(q_, k_, v_, theta, bias, mode);
+  const auto q = unit_last_stride(q_), k = unit_last_stride(k_), v = unit_last_stride(v_);
+  const auto g = unit_last_stride(grad_out.to(q.scalar_type()));
+  const auto stats = stats_.to(q.scalar_type()).contiguous();
+  auto dq = at::zeros(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options());
+  auto dv = at::zeros(v.sizes(), v.options());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
   const int64_t nqb = (N + kRowBlock - 1) / kRowBlock;
   auto partial = at::zeros({B, H, nqb}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sparse_attention_bwd_cpp", [&] {
-    bwd_kernel<scalar_t>(g, q, k, v, stats, mode == "sparsemax", causal, scale, dq, dk, dv, partial);
+    bwd_kernel<scalar_t>(g, q, k, v, Bias<scalar_t>(bias), stats, mode == "sparsemax", causal, scale, dq, dk, dv,
+                         partial);
   });
   auto dtheta = mode == "sparsemax" ? at::zeros_like(theta) : partial.sum({0, 2}).to(theta.scalar_type());
   return {dq, dk, dv, dtheta};
@@ -267,11 +476,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
 
 TORCH_LIBRARY_FRAGMENT(dsc_kernels, m) {
   m.def(
-      "sparse_attention_fwd_cpp(Tensor q, Tensor k, Tensor v, Tensor threshold, str mode, bool causal, "
-      "float scale) -> (Tensor, Tensor)");
+      "sparse_attention_fwd_cpp(Tensor q, Tensor k, Tensor v, Tensor threshold, Tensor? bias, str mode, "
+      "bool causal, float scale) -> (Tensor, Tensor)");
   m.def(
-      "sparse_attention_bwd_cpp(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor threshold, Tensor stats, "
-      "str mode, bool causal, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+      "sparse_attention_bwd_cpp(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor threshold, Tensor? bias, "
+      "Tensor stats, str mode, bool causal, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dsc_kernels, CPU, m) {

@@ -1,35 +1,229 @@
-"""Sparse-attention crossover curves for the report: forward time versus sequence length, and shrink-mode time
-versus sparsity, for the fused backend of this device against dense baselines.
+"""Sparse-attention speed: providers, their checked and interleaved measurement, and the report's crossover curves.
 
-Providers: "fused sparsemax" / "fused shrink" (functional.sparse_attention with the device's fused backend: cpp on
-CPU, triton on CUDA), "dense sparsemax" (the reference: the full N×M score matrix, sorted per row, like entmax's
-sparsemax) and "softmax (SDPA)" (torch's scaled_dot_product_attention, the dense-softmax anchor).
+Providers (`attention_fn`):
+    "<backend>"            functional.sparse_attention in sparsemax mode with that backend ("cpp", "triton",
+                           "reference": the dense oracle, sort-based sparsemax through autograd)
+    "<backend>-shrink<P>"  the same in shrink mode, with the threshold that leaves P% of the scores inactive
+                           (scores are ~N(0, 1) for these inputs: threshold = Phi^-1(P/100))
+    "compile"              torch.compile of the reference
+    "dense-sparsemax"      dense sparsemax the way entmax users write it (sort for tau, a hand-written support-masked
+                           backward: the `entmax` package's algorithm in torch); "entmax" is an alias
+    "sdpa"                 torch's scaled_dot_product_attention (dense softmax), the backend of its choice
+    "sdpa-<b>"             SDPA restricted to backend b: flash, efficient, cudnn, math
+`measure_attention` checks each provider against the fp64 reference of its own function (sparsemax, shrink or
+softmax) on the first rows of the timed inputs (forward: those rows of O; forward+backward: every gradient of
+<O[rows], G>, which only those rows produce), by the tolerance rule against the eager computation of the same
+function in the same dtype, then times the providers that pass interleaved (experiments/measure.py) and measures
+memory; it returns results records (experiments/records.py).
 """
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .. import functional as DF
-from .speed import time_ms
+from ..reference.attention import sparse_attention_ref, sparsemax_ref
+from .measure import Candidate, measure_providers, time_interleaved
+from .tolerance import gate
+
+__all__ = ["HEADS", "HEAD_DIM", "dense_sparsemax_attention", "attention_fn", "measure_attention", "time_vs_length",
+           "time_vs_sparsity", "SDPA_BACKENDS"]
 
 HEADS, HEAD_DIM = 4, 64
+SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+CHECK_ROWS = 256
 
 
+class _EntmaxSparsemax(torch.autograd.Function):
+    """entmax's ``SparsemaxFunction`` along the last dim: sort for tau, then a support-masked backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        z, _ = torch.sort(x, dim=-1, descending=True)
+        csum = z.cumsum(-1) - 1
+        ks = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)
+        support = (ks * z > csum).sum(-1, keepdim=True)
+        tau = csum.gather(-1, support - 1) / support.to(x.dtype)
+        out = torch.clamp(x - tau, min=0)
+        ctx.save_for_backward(support, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        support, out = ctx.saved_tensors
+        g = grad.masked_fill(out == 0, 0)
+        v_hat = g.sum(-1, keepdim=True) / support.to(g.dtype)
+        return torch.where(out != 0, g - v_hat, torch.zeros_like(g))
+
+
+def dense_sparsemax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Dense sparsemax attention the way entmax users write it: (B,H,N,d) -> (B,H,N,d). Half-precision scores are
+    projected in fp32, as the reference does: the support counts k = 1..M and their cumulative sums are not exact
+    in fp16 past 2048, and a baseline must compute the same function as the kernels it is compared with."""
+    s = torch.matmul(q, k.transpose(-1, -2))
+    s = s.to(torch.promote_types(s.dtype, torch.float32)) * q.shape[-1] ** -0.5
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return torch.matmul(_EntmaxSparsemax.apply(s).to(v.dtype), v)
+
+
+def _shrink_threshold(provider: str) -> float | None:
+    """Phi^-1(P/100) for "<backend>-shrink<P>", None for sparsemax providers."""
+    if "-shrink" not in provider:
+        return None
+    return float(torch.special.ndtri(torch.tensor(float(provider.split("-shrink")[1]) / 100.0)))
+
+
+@functools.cache
+def _compiled_reference():
+    return torch.compile(sparse_attention_ref)
+
+
+def _sdpa(backend: str | None):
+    if backend is None:
+        return F.scaled_dot_product_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    which = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
+
+    def run(q, k, v, is_causal):
+        with sdpa_kernel([which]):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    return run
+
+
+def attention_fn(provider: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 causal: bool) -> Callable[[], torch.Tensor]:
+    """A zero-argument forward of `provider` (see the module docstring) on q, k, v (B, H, N, d)."""
+    scale = q.shape[-1] ** -0.5
+    if provider in ("dense-sparsemax", "entmax"):
+        return lambda: dense_sparsemax_attention(q, k, v, causal)
+    if provider == "compile":
+        return lambda: _compiled_reference()(q, k, v, mode="sparsemax", causal=causal)
+    if provider == "sdpa" or provider.startswith("sdpa-"):
+        sdpa = _sdpa(None if provider == "sdpa" else provider.removeprefix("sdpa-"))
+        return lambda: sdpa(q, k, v, is_causal=causal)
+    backend = provider.split("-shrink")[0]
+    th = _shrink_threshold(provider)
+    if th is None:
+        return lambda: DF.sparse_attention(q, k, v, mode="sparsemax", causal=causal, scale=scale, backend=backend)
+    threshold = torch.full((q.shape[1],), th, device=q.device, dtype=q.dtype)
+    return lambda: DF.sparse_attention(q, k, v, mode="shrink", threshold=threshold, causal=causal, scale=scale,
+                                       backend=backend)
+
+
+def _function_of(provider: str) -> str:
+    if provider == "sdpa" or provider.startswith("sdpa-"):
+        return "softmax"
+    return "shrink" if "-shrink" in provider else "sparsemax"
+
+
+def _reference(function: str, q, k, v, causal: bool, threshold: float | None) -> torch.Tensor:
+    """The exact function as PyTorch eager computes it in q's dtype: scores and P v are matmuls in that dtype (half
+    results rounded, as FlashAttention's tests' reference is), P from the rounded scores in at least fp32, cast
+    back. In fp64 this is the reference itself."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    s = s.to(torch.promote_types(s.dtype, torch.float32))
+    if function == "softmax":
+        p = torch.softmax(s, dim=-1)
+    elif function == "shrink":
+        p = torch.clamp(s - threshold, min=0)
+    else:
+        p = sparsemax_ref(s, dim=-1)
+    return torch.matmul(p.to(v.dtype), v)
+
+
+def _rows_outputs(fn, q, k, v, rows: int, backward: bool, gen_seed: int = 7) -> list[torch.Tensor]:
+    """O[:, :, :rows] (forward) or the gradients of <O[:, :, :rows], G> in q[:, :, :rows], k, v."""
+    if not backward:
+        with torch.no_grad():
+            return [fn()[:, :, :rows].detach()]
+    out = fn()[:, :, :rows]
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(gen_seed), dtype=torch.float64)
+    gq, gk, gv = torch.autograd.grad(out, (q, k, v), g.to(out.device, out.dtype))
+    return [gq[:, :, :rows].detach(), gk.detach(), gv.detach()]
+
+
+def _gate(provider: str, fn, q, k, v, causal: bool, backward: bool) -> list:
+    rows = min(CHECK_ROWS, q.shape[2])
+    function, th = _function_of(provider), _shrink_threshold(provider)
+    got = _rows_outputs(fn, q, k, v, rows, backward)
+
+    def exact(dtype):
+        qs = q.detach()[:, :, :rows].to(dtype).requires_grad_(backward)
+        ks, vs = (t.detach().to(dtype).requires_grad_(backward) for t in (k, v))
+        return _rows_outputs(lambda: _reference(function, qs, ks, vs, causal, th), qs, ks, vs, rows, backward)
+
+    names = ["grad q", "grad k", "grad v"] if backward else ["O"]
+    return [gate(a, r, e, name=f"{n} ({function})", gradient=backward)
+            for n, a, r, e in zip(names, got, exact(torch.float64), exact(q.dtype))]
+
+
+def measure_attention(shape: Sequence[int], device: str | torch.device, providers: Sequence[str], *,
+                      causal: bool, backward: bool, dtype: torch.dtype = torch.float32, rounds: int = 7,
+                      warmup: int = 2, budget_s: float | None = None, suite: str = "attention",
+                      check: bool = True) -> list[dict]:
+    """Check, then time interleaved, then measure memory, for `providers` on q, k, v of `shape` (B, H, N, d);
+    returns one results record per provider."""
+    device = torch.device(device)
+    mode = "forward_backward" if backward else "forward"
+    b, h, n, d = shape
+    base = dict(suite=suite, workload=f"attn-N{n}{'-causal' if causal else ''}", mode=mode,
+                dtype=str(dtype).removeprefix("torch."), params=dict(shape=list(shape), causal=causal))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=gen).to(device, dtype).requires_grad_(backward) for _ in range(3))
+
+    def candidate(p: str) -> Candidate:
+        fn = attention_fn(p, q, k, v, causal)
+
+        def checked():
+            try:
+                return _gate(p, fn, q, k, v, causal, backward)
+            finally:
+                for t in (q, k, v):
+                    t.grad = None
+        return Candidate(check=checked if check else None, run=_step(fn, (q, k, v)) if backward else _no_grad(fn))
+
+    return measure_providers(base, device, {p: functools.partial(candidate, p) for p in providers}, rounds=rounds,
+                             warmup=warmup, budget_s=budget_s)
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+    return run
+
+
+def _step(fn, leaves):
+    def run():
+        for t in leaves:
+            t.grad = None
+        out = fn()
+        out.backward(torch.ones_like(out))
+    return run
+
+
+# ------------------------------------------------------------------------------------ the report's curves
 def _fused_backend(device: torch.device) -> str | None:
     fused = "cpp" if device.type == "cpu" else "triton"
     return fused if DF.backend_unavailable_reason(fused, device) is None else None
 
 
-def _qkv(n: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(1, HEADS, n, HEAD_DIM, generator=g).to(device) for _ in range(3))
+def _median_ms(fns: dict, device, reps: int) -> dict[str, float]:
+    """Interleaved medians; NaN for a provider that raised."""
+    t = time_interleaved(fns, device, rounds=reps, warmup=1, min_rounds=reps)
+    return {name: (x.median_ms if x.error is None else float("nan")) for name, x in t.items()}
 
 
 def time_vs_length(device: str | torch.device = "cpu", quick: bool = False) -> dict:
-    """Forward ms per provider at each length N (q, k, v: (1, 4, N, 64), float32, non-causal).
-
-    Returns {"n": [...], "<provider>": [ms, ...], "backend": fused backend or None}."""
+    """Forward ms per provider at each length N (q, k, v: (1, 4, N, 64), float32, non-causal), providers timed
+    interleaved at each N. Returns {"n": [...], "<provider>": [ms, ...], "backend": fused backend or None}."""
     device = torch.device(device)
     if device.type == "cuda":
         lengths = [512, 1024, 2048] if quick else [512, 1024, 2048, 4096, 8192, 16384]
@@ -41,17 +235,19 @@ def time_vs_length(device: str | torch.device = "cpu", quick: bool = False) -> d
         curves["fused sparsemax"] = []
     reps = 1 if quick else 3
     for n in lengths:
-        q, k, v = _qkv(n, device)
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, generator=gen).to(device) for _ in range(3))
+        fns = {"softmax (SDPA)": attention_fn("sdpa", q, k, v, False)}
+        # The dense baseline's N×N scores stop fitting long before the fused kernels do.
+        if n * n * HEADS * 4 * 3 < (8 << 30 if device.type == "cuda" else 2 << 30):
+            fns["dense sparsemax"] = attention_fn("reference", q, k, v, False)
+        if backend:
+            fns["fused sparsemax"] = attention_fn(backend, q, k, v, False)
         with torch.no_grad():
-            curves["softmax (SDPA)"].append(time_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, reps=reps))
-            # The dense baseline's N×N scores stop fitting long before the fused kernels do.
-            dense_fits = n * n * HEADS * 4 * 3 < (8 << 30 if device.type == "cuda" else 2 << 30)
-            curves["dense sparsemax"].append(time_ms(
-                lambda: DF.sparse_attention(q, k, v, backend="reference"), device, reps=reps)
-                if dense_fits else float("nan"))
-            if backend:
-                curves["fused sparsemax"].append(time_ms(
-                    lambda: DF.sparse_attention(q, k, v, backend=backend), device, reps=reps))
+            ms = _median_ms(fns, device, reps)
+        for name in curves:
+            if name not in ("n", "backend"):
+                curves[name].append(ms.get(name, float("nan")))
     return curves
 
 
@@ -63,17 +259,22 @@ def time_vs_sparsity(device: str | torch.device = "cpu", quick: bool = False) ->
     n = (2048 if quick else 4096) if device.type == "cuda" else (256 if quick else 1024)
     sparsities = [0.5, 0.9, 0.99] if quick else [0.0, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999]
     backend = _fused_backend(device)
-    q, k, v = _qkv(n, device)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, generator=gen).to(device) for _ in range(3))
     scale = HEAD_DIM ** -0.5
-    reps = 1 if quick else 3
     with torch.no_grad():
         scores = (scale * q[0, 0] @ k[0, 0].T).flatten().float().cpu()
         # Thresholds at score quantiles: that fraction of the (head-0, statistically identical) scores is inactive.
         thresholds = [float(scores.kthvalue(max(1, int(s * scores.numel()))).values) for s in sparsities]
-        out = {"sparsity": sparsities, "n": n, "backend": backend,
-               "softmax (SDPA)": time_ms(lambda: F.scaled_dot_product_attention(q, k, v), device, reps=reps)}
+        fns = {"softmax (SDPA)": attention_fn("sdpa", q, k, v, False)}
         if backend:
-            out["fused shrink"] = [time_ms(lambda: DF.sparse_attention(q, k, v, mode="shrink", threshold=t,
-                                                                       backend=backend), device, reps=reps)
-                                   for t in thresholds]
+            for s, t in zip(sparsities, thresholds):
+                th = torch.full((HEADS,), t, device=device)
+                fns[f"shrink {s}"] = functools.partial(DF.sparse_attention, q, k, v, mode="shrink", threshold=th,
+                                                       backend=backend)
+        ms = _median_ms(fns, device, 1 if quick else 3)
+    out = {"sparsity": sparsities, "n": n, "backend": backend, "softmax (SDPA)": ms["softmax (SDPA)"]}
+    if backend:
+        out["fused shrink"] = [ms[f"shrink {s}"] for s in sparsities]
     return out
+

@@ -1,9 +1,9 @@
 """Multi-layer DSC: layer-to-layer propagation (S8) and l0 stability of the recovered codes (S2).
 
-Layer-wise pursuit as THEORY.md §3.2: LISTA-CP on x with D_1, then on the estimate of Gamma_1 with D_2; the error of
-layer j−1 is layer j's noise. Layer 1 is a Barker-13 code (mu = 1/13); layer 2 the pair filter [1, 1]/sqrt2
+Layer-wise pursuit as docs/theory.md §3.2: LISTA-CP on x with D_1, then on the estimate of Gamma_1 with D_2; the
+error of layer j−1 is layer j's noise. Layer 1 is a Barker-13 code (mu = 1/13); layer 2 the pair filter [1, 1]/sqrt2
 (mu = 1/2), which keeps Gamma_1 = D_2 Gamma_2 sparse: s_1 = 2 s_2, so s_2 = 1 satisfies every condition
-(q = 3/13, 1/2) and s_2 = 2 breaks layer 2's (q_2 = 3/2), as in THEORY.md §4.5.
+(q = 3/13, 1/2) and s_2 = 2 breaks layer 2's (q_2 = 3/2), as docs/theory.md §4.2 describes.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _layer(y: torch.Tensor, d: ConvDictionary, truth: torch.Tensor, clean: torch
            backend: str):
     """LISTA-CP with oracle thresholds on one layer; `y − clean` is the noise this layer sees."""
     eta = noise_eta(d, y - clean) + resolution(y.dtype, float(y.abs().max()))
-    return lista_cp(y, d, truth, n_iter, lambda k, e1: theory.oracle_threshold(e1, d.mu, eta), backend=backend)
+    return lista_cp(y, d, truth, n_iter, lambda k, err: theory.oracle_threshold(err.l1, d.mu, eta), backend=backend)
 
 
 def _cascade(p, s2: int, n_iter: int, backend: str, device: str):
@@ -67,7 +67,8 @@ def layer_propagation(*, quick: bool = False, backend: str = "auto", device: str
         claim="2-layer DSC, layer-wise LISTA-CP: converges linearly when every q_j < 1; may stall when some q_j ≥ 1",
         theory=f"q = ({good['q'][0]:.3f}, {good['q'][1]:.3f}): slope ≤ log max q = {np.log(q_max):.3f}; "
                f"layer-2 error ≤ (†) bound at every K; q = ({bad['q'][0]:.3f}, {bad['q'][1]:.3f}): no guarantee",
-        measured=f"slope of layer-2 error {slope:.3f}, max err/(†) {float((good['err2'] / good['bound2']).max()):.4f}; with q_2 = {bad['q'][1]:.2f} "
+        measured=f"slope of layer-2 error {slope:.3f}, max err/(†) {float((good['err2'] / good['bound2']).max()):.4f}; "
+                 f"with q_2 = {bad['q'][1]:.2f} "
                  f"layer 2 {'stalls' if stalled else 'still converges'} at {bad['err2'][-1]:.2g} "
                  f"(layer 1: {bad['err1'][-1]:.2g})",
         holds=bool(holds),

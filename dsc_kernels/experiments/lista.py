@@ -1,7 +1,7 @@
 """LISTA-CP with analytic weights: linear rate, no false positives, noise floor, error against depth (S3–S5, S7).
 
 Rates and constants are Chen et al. 2018's (LISTA-CP, Thm 2) [L]; applying them to convolutional dictionaries and
-reading iterations as CNN depth is THEORY.md §4.2 [R]. The dictionaries are Barker codes (mu = 1/length).
+reading iterations as CNN depth is docs/theory.md §4.2 [R]. The dictionaries are Barker codes (mu = 1/length).
 """
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ def _setup(ndim: int, quick: bool, sparsity: int, noise_std: float, device: str,
 def _schedule(kind: str, mu: float, s: int, B: float, q: float, eta: float):
     C = theory.lista_cp_noise_gain(s, q)
     if kind == "oracle":
-        return lambda k, err_l1: theory.oracle_threshold(err_l1, mu, eta)
+        return lambda k, err: theory.oracle_threshold(err.l1, mu, eta)
     if kind == "geometric":
         sched = theory.geometric_thresholds(mu * s * B, q, 10_000, floor=mu * C * eta + eta)
-        return lambda k, err_l1: float(sched[k])
+        return lambda k, err: float(sched[k])
     raise ValueError(f"schedule must be 'oracle' or 'geometric', got {kind!r}")
 
 
@@ -64,9 +64,12 @@ def linear_convergence(*, schedule: str = "oracle", quick: bool = False, backend
     worst = float((tr.err_l2 / bound[:, None]).max())
     return ClaimResult(
         id=f"S3/S4-{schedule}",
-        claim=f"LISTA-CP, analytic W = D, {schedule} thresholds: linear rate q, bound s·B·q^k at every k, no false positives",
-        theory=f"slope ≤ log q = {np.log(q):.3f}{' (+0.02 fit tol.)' if tol else ''} (q = (2s−1)μ = {q:.3f}, s = {s}, μ = {d.mu:.4f})",
-        measured=f"slope {slope:.3f} over {used} iters; max err/bound {worst:.2g}; false positives {int(tr.false_pos.sum())}",
+        claim=f"LISTA-CP, analytic W = D, {schedule} thresholds: linear rate q, bound s·B·q^k at every k, "
+              "no false positives",
+        theory=f"slope ≤ log q = {np.log(q):.3f}{' (+0.02 fit tol.)' if tol else ''} "
+               f"(q = (2s−1)μ = {q:.3f}, s = {s}, μ = {d.mu:.4f})",
+        measured=f"slope {slope:.3f} over {used} iters; max err/bound {worst:.2g}; "
+                 f"false positives {int(tr.false_pos.sum())}",
         holds=bool(holds),
         source="[L] Chen et al. 2018 Thm 2; [R] per DSC layer",
         curves={"k": np.arange(n_iter + 1), "err": sup, "err_all": tr.err_l2, "bound": bound, "q": q,

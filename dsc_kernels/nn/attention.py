@@ -1,4 +1,4 @@
-"""Sparse attention layers: ``SparseAttention`` (a drop-in for ``nn.MultiheadAttention(batch_first=True)``) and
+"""Sparse attention layers: ``SparseAttention`` (a drop-in for ``nn.MultiheadAttention``) and
 ``SparseCodingTransformerBlock`` (sparse attention + an ISTA sparse-coding MLP, CRATE-like).
 
 Both compute through ``dsc_kernels.functional`` only, so every backend gives the same parameters and state_dict.
@@ -15,49 +15,76 @@ from .. import functional as DF
 
 __all__ = ["SparseAttention", "SparseCodingTransformerBlock"]
 
-_MODES = ("sparsemax", "shrink")
 
-
-def _causal_from_mask(attn_mask: Tensor, n: int, m: int) -> None:
-    """Accept attn_mask only if it is the top-left causal mask (bool True = hidden, or float -inf = hidden)."""
-    if attn_mask.shape != (n, m):
-        raise ValueError(f"attn_mask must be a causal ({n}, {m}) mask, got shape {tuple(attn_mask.shape)}")
-    hidden = torch.ones(n, m, dtype=torch.bool, device=attn_mask.device).triu(1)
-    blocked = attn_mask if attn_mask.dtype == torch.bool else torch.isneginf(attn_mask)
-    if attn_mask.dtype != torch.bool and bool((attn_mask[~hidden] != 0).any()):
-        raise ValueError("attn_mask: only a causal mask is supported (0 on and below the diagonal, -inf above)")
-    if not torch.equal(blocked, hidden):
-        raise ValueError("attn_mask: only the causal mask is supported (hide exactly the keys j > i); "
-                         "general masks cannot be expressed by the sparse attention kernels")
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
 
 
 class SparseAttention(nn.Module):
-    """Multi-head sparse attention with ``nn.MultiheadAttention``'s parameters and call convention.
+    """Multi-head sparse attention with ``nn.MultiheadAttention``'s arguments, parameters and call convention.
 
-    mode "sparsemax": P = sparsemax(q k^T / sqrt(d)) (exactly sparse rows summing to 1); "shrink": P =
-    max(q k^T / sqrt(d) - theta_h, 0) with a learnable per-head threshold theta (initialised to ``threshold``).
-    Parameters ``in_proj_weight`` (3E, E), ``in_proj_bias`` (3E,), ``out_proj`` are named as in
-    ``nn.MultiheadAttention``, so its state_dict loads here (plus ``threshold`` in shrink mode).
-    Dropout is applied to the attention output of each head (before ``out_proj``), not to P: the fused kernels never
-    form P. Inputs (B, N, E) (``batch_first=False``: (N, B, E)); returns ``(out, None)`` like MHA with
-    ``need_weights=False``; ``need_weights=True`` additionally returns the dense (B, N, M) head-averaged attention
-    weights (or per head with ``average_attn_weights=False``), computed densely.
+    ``mode="sparsemax"``: P = sparsemax(q k^T / sqrt(d)), exactly sparse rows summing to 1. ``mode="shrink"``:
+    P = max(q k^T / sqrt(d) - theta_h, 0) with a learnable per-head threshold theta (one ISTA step coding each
+    query on the keys). The fused backends never form P or the score matrix.
+
+    Args (the first eleven are ``nn.MultiheadAttention``'s, in its order and with its defaults):
+        embed_dim: E, the model dimension (query features and output features).
+        num_heads: H; E must be divisible by it (head dim d = E / H).
+        dropout: probability of zeroing an entry of each head's attention output (before ``out_proj``) while
+            training. (MHA drops entries of P; the fused kernels never form P.)
+        bias: add biases to the input and output projections.
+        add_bias_kv, add_zero_attn: not supported (must be False).
+        kdim, vdim: features of key and value (default E); when they differ from E the projections are
+            ``q_proj_weight`` (E, E), ``k_proj_weight`` (E, kdim), ``v_proj_weight`` (E, vdim), as in MHA.
+        batch_first: False (MHA's default): inputs and output are (L, B, E); True: (B, L, E).
+        device, dtype: where and in which dtype the parameters are created (``"meta"`` works).
+        mode: "sparsemax" or "shrink" (keyword only).
+        threshold: initial per-head shrink threshold (keyword only; the learnable (H,) parameter ``threshold``
+            exists in shrink mode only).
+        backend: "auto", "reference", "cpp" or "triton" (keyword only; see ``functional.sparse_attention``).
+
+    Parameters ``in_proj_weight`` (3E, E) (or the three separate weights), ``in_proj_bias`` (3E,) and
+    ``out_proj`` are named as in ``nn.MultiheadAttention``, so its state_dict loads here (plus ``threshold`` in
+    shrink mode).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, mode: str = "sparsemax", threshold: float = 0.5,
-                 dropout: float = 0.0, bias: bool = True, batch_first: bool = True, backend: str = "auto",
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
+                 vdim: int | None = None, batch_first: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, *, mode: str = "sparsemax", threshold: float = 0.5,
+                 backend: str = "auto") -> None:
         super().__init__()
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        embed_dim, num_heads = _positive_int("embed_dim", embed_dim), _positive_int("num_heads", num_heads)
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if mode not in DF.ATTENTION_MODES:
+            raise ValueError(f"mode must be one of {DF.ATTENTION_MODES}, got {mode!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise ValueError(f"threshold must be a finite float, got {threshold!r}")
+        if add_bias_kv or add_zero_attn:
+            raise ValueError("add_bias_kv and add_zero_attn are not supported by SparseAttention")
+        for name, flag in (("bias", bias), ("batch_first", batch_first)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
+        self.kdim = embed_dim if kdim is None else _positive_int("kdim", kdim)
+        self.vdim = embed_dim if vdim is None else _positive_int("vdim", vdim)
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         factory = dict(device=device, dtype=dtype)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
-        self.mode, self.dropout, self.batch_first, self.backend = mode, dropout, batch_first, backend
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+        self.mode, self.dropout, self.batch_first, self.backend = mode, float(dropout), batch_first, backend
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
+            for name in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                self.register_parameter(name, None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
+            self.register_parameter("in_proj_weight", None)
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory)) if bias else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         if mode == "shrink":
@@ -68,72 +95,103 @@ class SparseAttention(nn.Module):
 
     def reset_parameters(self) -> None:
         """MultiheadAttention's initialisation."""
-        nn.init.xavier_uniform_(self.in_proj_weight)
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            for w in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+                nn.init.xavier_uniform_(w)
         if self.in_proj_bias is not None:
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, mode={self.mode!r}, "
+        dims = "" if self._qkv_same_embed_dim else f", kdim={self.kdim}, vdim={self.vdim}"
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{dims}, mode={self.mode!r}, "
                 f"dropout={self.dropout}, batch_first={self.batch_first}, backend={self.backend!r}")
 
-    def _heads(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-        """(B, L, E) -> projected (B, H, L, head_dim)."""
-        bsz, length, _ = x.shape
-        return F.linear(x, w, b).view(bsz, length, self.num_heads, self.head_dim).transpose(1, 2)
+    def _project(self, query: Tensor, key: Tensor, value: Tensor,
+                 self_attention: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, *) inputs -> q, k, v (B, H, L, d) (strided views of the projections: the kernels read them in
+        place). Self-attention uses one packed projection, like MHA."""
+        e, h, d = self.embed_dim, self.num_heads, self.head_dim
+        b_q, b_k, b_v = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.split(e)
+        if self._qkv_same_embed_dim and self_attention:
+            qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias).unflatten(-1, (3, h, d))
+            return tuple(t.transpose(1, 2) for t in qkv.unbind(2))
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.split(e)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        return tuple(F.linear(x, w, bias).unflatten(-1, (h, d)).transpose(1, 2)
+                     for x, w, bias in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
 
     def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
                 key_padding_mask: Tensor | None = None, need_weights: bool = False,
                 attn_mask: Tensor | None = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
-        """query (B, N, E), key/value (B, M, E) (default: query, i.e. self-attention) -> ((B, N, E), weights).
+        """MultiheadAttention's call. Shapes (batch_first=False / True; unbatched inputs drop B):
 
-        attn_mask: only the causal (N, M) mask (bool True = hidden, or float -inf) is accepted; with
-        ``is_causal=True`` it is trusted as a hint, as MultiheadAttention does. key_padding_mask is not supported.
+        query (N, B, E) / (B, N, E); key (M, B, kdim) / (B, M, kdim) and value (M, B, vdim) / (B, M, vdim), by
+        default the query (self-attention). key_padding_mask (B, M); attn_mask (N, M) or (B*H, N, M); both bool
+        (True ignores the key) or float (added to the scores, -inf ignores it). is_causal: query i sees keys
+        j <= i (with an attn_mask, the hint that it is the causal mask, which is then not read, as in MHA). A query
+        that sees no key gets 0, not NaN.
+
+        Returns (out, weights): out like query with E features; weights None unless ``need_weights`` (default False,
+        unlike MHA: the dense weights cost N x M memory), then the dense (B, N, M) weights averaged over heads, or
+        (B, H, N, M) with ``average_attn_weights=False``.
         """
         key = query if key is None else key
         value = key if value is None else value
-        if key_padding_mask is not None:
-            raise ValueError("key_padding_mask is not supported by SparseAttention")
+        self_attention = key is query and value is query
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = (t.unsqueeze(1 if not self.batch_first else 0) for t in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
-            raise ValueError(f"query must be (B, N, {self.embed_dim}), got {tuple(query.shape)}")
-        if key.shape != value.shape or key.shape[0] != query.shape[0] or key.shape[-1] != self.embed_dim:
-            raise ValueError(f"key and value must be (B, M, {self.embed_dim}) with query's batch, got "
-                             f"{tuple(key.shape)} and {tuple(value.shape)}")
+        self._check_shapes(query, key, value)
+        bsz, n, m = query.shape[0], query.shape[1], key.shape[1]
+        q, k, v = self._project(query, key, value, self_attention)
         causal = bool(is_causal)
-        if attn_mask is not None and not causal:
-            if torch.compiler.is_compiling():
-                raise ValueError("under torch.compile pass is_causal=True with the causal attn_mask "
-                                 "(its values cannot be checked inside the graph)")
-            _causal_from_mask(attn_mask, query.shape[1], key.shape[1])
-            causal = True
-
-        e = self.embed_dim
-        w_q, w_k, w_v = self.in_proj_weight.split(e)
-        b_q, b_k, b_v = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.split(e)
-        q, k, v = self._heads(query, w_q, b_q), self._heads(key, w_k, b_k), self._heads(value, w_v, b_v)
+        if causal:
+            attn_mask = None  # the hint: the mask is the causal one
+        elif attn_mask is not None and attn_mask.dim() == 3:
+            if attn_mask.shape[0] != bsz * self.num_heads:
+                raise ValueError(f"a 3-D attn_mask must be (B*num_heads, N, M)=({bsz * self.num_heads}, {n}, {m}), "
+                                 f"got {tuple(attn_mask.shape)}")
+            attn_mask = attn_mask.unflatten(0, (bsz, self.num_heads))
+        elif attn_mask is not None and attn_mask.dim() != 2:
+            raise ValueError(f"attn_mask must be (N, M) or (B*num_heads, N, M), got {tuple(attn_mask.shape)}")
+        masks = dict(key_padding_mask=key_padding_mask, attn_mask=attn_mask)
         o = DF.sparse_attention(q, k, v, mode=self.mode, threshold=self.threshold, causal=causal,
-                                backend=self.backend)
+                                backend=self.backend, **masks)
         o = F.dropout(o, self.dropout, self.training)
-        out = self.out_proj(o.transpose(1, 2).reshape(query.shape[0], query.shape[1], e))
+        out = self.out_proj(o.transpose(1, 2).reshape(bsz, n, self.embed_dim))
+        weights = None
+        if need_weights:
+            p = DF.sparse_attention_weights(q, k, mode=self.mode, threshold=self.threshold, causal=causal, **masks)
+            weights = p.mean(1) if average_attn_weights else p
+            weights = weights.squeeze(0) if unbatched else weights
         if not self.batch_first:
             out = out.transpose(0, 1)
-        weights = self._weights(q, k, causal, average_attn_weights) if need_weights else None
-        return out, weights
+        return (out.squeeze(1 if not self.batch_first else 0) if unbatched else out), weights
 
-    def _weights(self, q: Tensor, k: Tensor, causal: bool, average: bool) -> Tensor:
-        """Dense attention weights P: (B, H, N, M), or (B, N, M) averaged over heads."""
-        s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-        if causal:
-            hidden = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1)
-            s = s.masked_fill(hidden, float("-inf"))
-        if self.mode == "sparsemax":
-            p = DF.sparsemax(s, dim=-1)
-        else:
-            p = torch.clamp(s - self.threshold.view(1, -1, 1, 1), min=0)
-        return p.mean(1) if average else p
+    def _check_shapes(self, query: Tensor, key: Tensor, value: Tensor) -> None:
+        layout = "(B, L" if self.batch_first else "(L, B"
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(f"query must be {layout}, {self.embed_dim}) (batch_first={self.batch_first}) or "
+                             f"unbatched (L, {self.embed_dim})")
+        for name, t, feat in (("key", key, self.kdim), ("value", value, self.vdim)):
+            if t.dim() != 3 or t.shape[0] != query.shape[0] or t.shape[-1] != feat:
+                raise ValueError(f"{name} must be {layout}, {feat}) with query's batch size {query.shape[0]} "
+                                 f"(batch_first={self.batch_first})")
+        if key.shape[1] != value.shape[1]:
+            raise ValueError(f"key and value must have one length, got {key.shape[1]} and {value.shape[1]}")
 
 
 class SparseCodingTransformerBlock(nn.Module):
@@ -145,7 +203,7 @@ class SparseCodingTransformerBlock(nn.Module):
 
     D is a square dictionary (dim codes -> dim features) acting on each token independently: it is
     ``functional.conv_ista`` on (B, dim, N) with a (dim, dim, 1) kernel. As in CRATE the ISTA output replaces h
-    (no residual around it): the step from the normalised features is the residual update.
+    (no residual around it): the step from the normalised features is the residual update. Inputs are batch-first.
     """
 
     def __init__(self, dim: int, num_heads: int, *, mode: str = "sparsemax", threshold: float = 0.5,
@@ -162,8 +220,8 @@ class SparseCodingTransformerBlock(nn.Module):
         factory = dict(device=device, dtype=dtype)
         self.dim, self.n_iter, self.lam, self.step, self.backend = dim, n_iter, lam, step, backend
         self.norm1 = nn.LayerNorm(dim, **factory)
-        self.attn = SparseAttention(dim, num_heads, mode=mode, threshold=threshold, dropout=dropout, bias=bias,
-                                    batch_first=True, backend=backend, **factory)
+        self.attn = SparseAttention(dim, num_heads, dropout=dropout, bias=bias, batch_first=True, mode=mode,
+                                    threshold=threshold, backend=backend, **factory)
         self.norm2 = nn.LayerNorm(dim, **factory)
         self.dictionary = nn.Parameter(torch.empty(dim, dim, 1, **factory))
         nn.init.kaiming_uniform_(self.dictionary, a=math.sqrt(5))
@@ -171,10 +229,11 @@ class SparseCodingTransformerBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, n_iter={self.n_iter}, lam={self.lam}, step={self.step}, backend={self.backend!r}"
 
-    def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-        """x (B, N, dim) -> (B, N, dim)."""
+    def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
+                is_causal: bool = False) -> Tensor:
+        """x (B, N, dim) -> (B, N, dim); masks as ``SparseAttention.forward`` (key_padding_mask (B, N))."""
         h = self.norm1(x)
-        h = x + self.attn(h, attn_mask=attn_mask, is_causal=is_causal)[0]
+        h = x + self.attn(h, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)[0]
         u = self.norm2(h).transpose(1, 2)
         z = DF.conv_ista(u, self.dictionary, self.lam, n_iter=self.n_iter, step=self.step, z0=u, nonneg=True,
                          backend=self.backend)

@@ -1,47 +1,136 @@
 """Drop-in sparse coding layers: each forward is one call into ``dsc_kernels.functional``.
 
 State-dict keys are the same for every backend: ``weight`` (C_code, C_sig, *k), ``encoder_weight`` (untied only),
-``lam`` ((n_iter, C_code) when learned, else a scalar buffer) and ``step`` ((n_iter,) when learned, else a scalar
-buffer).
+``lam`` ((n_iter, C_code) when learned, else the value given) and ``step`` ((n_iter,) when learned, else a scalar
+buffer: the fixed step, or the tracked 1/L).
+
+Valid values are enforced, never patched: negative or non-finite ``lam``/``step``/``threshold`` raise ``ValueError``
+at construction; learned ones are kept valid by projected gradient descent after each optimiser step (see
+``_projection``), so the forward uses exactly the stored value and clamps nothing.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .. import _validate as check
 from .. import functional as DF
+from ..reference.conv import code_size
+from . import _projection
 
 IntOrTuple = int | Sequence[int]
+ValueOrTensor = float | Tensor
+
+# Warm-started power iterations per training forward that keep step = 1/L as the dictionary changes; the vector
+# follows the top singular vector, so two iterations track an optimiser step's change closely.
+POWER_STEPS_PER_FORWARD = 2
+# Power iterations of a cold estimate (construction, reset, after load_state_dict).
+POWER_STEPS_COLD = 50
+# A learned step is projected onto [STEP_FLOOR * initial step, inf): step > 0 is what ISTA needs.
+STEP_FLOOR = 1e-3
+# An all-zero training output is looked for on the first training forward and then every this many.
+ZERO_CHECK_EVERY = 50
 
 
-def _tuple(value: IntOrTuple, rank: int) -> tuple[int, ...]:
-    return (value,) * rank if isinstance(value, int) else tuple(value)
+# ------------------------------------------------------------------------------------------------ validation
+_SIGNED_HINT = (" (the signed soft threshold needs t >= 0; a negative threshold, a ReLU with bias -t, needs "
+                "nonneg=True)")
 
 
-class SoftThreshold(nn.Module):
-    """``S_t(x)`` (``max(x - t, 0)`` with ``nonneg``) with a threshold per channel (``num_channels``) or a scalar.
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
 
-    Input (B, C, *) when ``num_channels`` is given, any shape otherwise. ``learnable`` makes the threshold a
-    parameter, kept >= 0 by clamping in the forward.
+
+def _padding(padding: object, kernel_size: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...]:
+    """None (k // 2: the size is kept at stride 1 for odd k), or what functional accepts: int(s) >= 0, "valid",
+    "same" (stride 1 and odd kernels only)."""
+    if padding is None:
+        return tuple(k // 2 for k in kernel_size)
+    return check.padding(padding, kernel_size, stride)
+
+
+def _check_value(name: str, value: object, shapes: list[tuple[int, ...]], *, allow_negative: bool = False,
+                 positive: bool = False, hint: str = "") -> ValueOrTensor:
+    """A float or tensor of one of ``shapes``, finite, >= 0 (> 0 when ``positive``) unless ``allow_negative``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if tuple(value.shape) not in shapes:
+            raise ValueError(f"{name} must have one of the shapes {shapes}, got {tuple(value.shape)}")
+        data = value.detach()
+        if data.is_meta:
+            return value
+        finite, low = bool(torch.isfinite(data).all()), float(data.min()) if data.numel() else 0.0
+    else:
+        finite, low = math.isfinite(value), float(value)
+    if not finite:
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if positive and low <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if not allow_negative and low < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}{hint}")
+    return value
+
+
+def _check_backend(backend: object) -> str:
+    # The name itself is checked by functional at the first call (with the environment variable and what built).
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a string such as 'auto', 'reference', 'cpp' or 'triton', got {backend!r}")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------------- SoftThreshold
+class SoftThreshold(_projection.Projected):
+    """Soft threshold ``S_t(x) = sign(x) max(|x| - t, 0)`` (``max(x - t, 0)`` with ``nonneg``) as a module.
+
+    Args:
+        threshold: t, a float (default 0.1); t >= 0 for the signed soft threshold, any sign with ``nonneg``
+            (``max(x - t, 0)``, a ReLU with bias -t).
+        num_channels: None for one scalar threshold (any input shape), or C for one threshold per channel (input
+            (B, C, *)). State-dict key ``threshold``: () or (C,).
+        nonneg: the one-sided variant ``max(x - t, 0)`` (a ReLU with bias -t).
+        learnable: make ``threshold`` an ``nn.Parameter``; without ``nonneg`` it is kept >= 0 by projection after
+            every optimiser step (the forward uses the stored value as is).
+        device, dtype: factory keywords.
+
+    Raises ValueError for a non-finite threshold, or a negative one without ``nonneg``.
     """
 
     def __init__(self, threshold: float = 0.1, num_channels: int | None = None, *, nonneg: bool = False,
                  learnable: bool = False, device=None, dtype=None):
         super().__init__()
+        _check_value("threshold", threshold, [()], allow_negative=nonneg, hint=_SIGNED_HINT)
+        if num_channels is not None:
+            _positive_int("num_channels", num_channels)
+        self.num_channels, self.nonneg = num_channels, nonneg
         shape = () if num_channels is None else (num_channels,)
         value = torch.full(shape, float(threshold), device=device, dtype=dtype)
         if learnable:
             self.threshold = nn.Parameter(value)
+            self.register_projection()
         else:
             self.register_buffer("threshold", value)
-        self.num_channels, self.nonneg = num_channels, nonneg
+
+    def constraints(self):
+        """(parameter, lower bound) pairs kept valid by projection."""
+        learned = isinstance(self.threshold, nn.Parameter)
+        return [(self.threshold, 0.0)] if learned and not self.nonneg else []
 
     def forward(self, x: Tensor) -> Tensor:
-        t = self.threshold.clamp(min=0)
+        """x: (B, C, *) with ``num_channels=C``, any shape otherwise -> same shape."""
+        t = self.threshold
         if self.num_channels is not None:
+            if x.dim() < 2 or x.shape[1] != self.num_channels:
+                raise ValueError(f"x must be (B, {self.num_channels}, ...) for num_channels={self.num_channels}, "
+                                 f"got shape {tuple(x.shape)}")
             t = t.reshape(1, -1, *([1] * (x.dim() - 2)))
         return DF.soft_threshold(x, t, nonneg=self.nonneg)
 
@@ -50,59 +139,219 @@ class SoftThreshold(nn.Module):
         return f"{channels}nonneg={self.nonneg}, learnable={isinstance(self.threshold, nn.Parameter)}"
 
 
-class _ConvSparseCoding(nn.Module):
+# ------------------------------------------------------------------------------------------ conv sparse coding
+_CSC_DOC = """Unrolled convolutional ISTA/FISTA layer (LISTA/CSCNet style when learned): x -> sparse code z.
+
+    Solves ``min_z 0.5 ||x - D z||^2 + sum lam |z|`` with ``n_iter`` iterations of
+    ``z <- S_{{step*lam}}(z + step * E(x - D z))``, z_0 = 0, where D z = conv_transpose(z, weight) and
+    E = D^T = conv(., weight) (tied) or conv(., encoder_weight) (untied). ``decode(z)`` returns ``D z``.
+
+    Shapes: x {x_shape} -> z {z_shape}, Sz = (S + 2 padding - k) // stride + 1.
+
+    Args:
+        in_channels: C_sig, channels of x.
+        code_channels: C_code, number of atoms (filters) of the dictionary.
+        kernel_size: k, an int or {rank} ints; ``weight`` is (C_code, C_sig, {k_shape}).
+        stride: int or {rank} ints (default 1): codes are strided (CSCNet uses stride 8).
+        padding: int or {rank} ints, ``"valid"`` (0), ``"same"`` (stride 1 and odd k only) or None (default:
+            k // 2, which keeps the size at stride 1 for odd k).
+        n_iter: number of unrolled iterations (default 10).
+        lam: the LASSO weight, threshold = step * lam; a float >= 0 (default 0.1 when ``threshold`` is not given),
+            or a tensor (C_code,) or (n_iter, C_code). State-dict key ``lam``.
+        threshold: the absolute threshold instead of ``lam`` (give one of the two): a float or a tensor (C_code,) or
+            (n_iter, C_code). Negative values are allowed only with ``nonneg=True`` (a ReLU with bias -threshold).
+            State-dict key ``threshold``.
+        step: the ISTA step; a float > 0 or tensor (n_iter,), fixed. Default None: 1/L with L = ||D||_2^2, tracked
+            as the dictionary changes (a warm-started power iteration on every training forward; ``refresh_step_()``
+            re-estimates it on demand). Stored as the buffer ``step``.
+        learn_lam / learn_threshold: make ``lam`` / ``threshold`` a parameter of shape (n_iter, C_code) (one per
+            iteration and channel, LISTA-style).
+        learn_step: make ``step`` a parameter of shape (n_iter,) initialised at ``step`` (or 1/L).
+        untied: learn a separate analysis filter ``encoder_weight`` (C_code, C_sig, {k_shape}) for E (LISTA-CP /
+            CSCNet), initialised to ``weight``.
+        nonneg: non-negative codes, ``max(u - t, 0)`` (the ReLU view of sparse coding).
+        fista: FISTA momentum instead of plain ISTA.
+        relative: thresholds scale with each sample's input RMS (threshold = step * lam * rms(x_b)), which makes
+            the layer positively homogeneous, layer(c x) = c layer(x): a threshold that suits one input scale
+            suits every scale. Default False (thresholds are absolute).
+        recompute: the fused backends keep nothing code-sized for the backward and replay the iterations (memory
+            independent of n_iter, more compute).
+        backend: ``"auto"`` (default), ``"reference"``, ``"cpp"`` or ``"triton"`` (see ``dsc_kernels.functional``).
+        device, dtype: factory keywords; ``device="meta"`` builds shapes only (then ``to_empty(device=...)`` and
+            ``reset_parameters()``).
+
+    Learned ``lam``, ``step`` and signed thresholds are kept valid (lam >= 0, step > 0, threshold >= 0) by
+    projection after every torch.optim step, never by clamping in the forward. In training, a layer whose codes are
+    all zero warns once (its thresholds are too large for the input: lower them or use ``relative=True``).
+
+    Example::
+
+        layer = {name}({example})
+        z = layer(x)
+        x_hat = layer.decode(z)
+    """
+
+
+class _ConvSparseCoding(_projection.Projected):
     _rank: int
 
     def __init__(self, in_channels: int, code_channels: int, kernel_size: IntOrTuple, *, stride: IntOrTuple = 1,
-                 padding: IntOrTuple | None = None, n_iter: int = 10, lam: float = 0.1, step: float | None = None,
-                 learn_lam: bool = False, learn_step: bool = False, untied: bool = False, nonneg: bool = False,
-                 fista: bool = False, recompute: bool = False, backend: str = "auto", device=None, dtype=None):
+                 padding: IntOrTuple | str | None = None, n_iter: int = 10, lam: ValueOrTensor | None = None,
+                 threshold: ValueOrTensor | None = None, step: ValueOrTensor | None = None, learn_lam: bool = False,
+                 learn_threshold: bool = False, learn_step: bool = False, untied: bool = False, nonneg: bool = False,
+                 fista: bool = False, relative: bool = False, recompute: bool = False, backend: str = "auto",
+                 device=None, dtype=None):
         super().__init__()
         rank = self._rank
-        self.kernel_size = _tuple(kernel_size, rank)
-        self.stride = _tuple(stride, rank)
-        # Default padding keeps the spatial size at stride 1 (exactly for odd kernels).
-        self.padding = tuple(k // 2 for k in self.kernel_size) if padding is None else _tuple(padding, rank)
-        self.in_channels, self.code_channels = in_channels, code_channels
-        self.n_iter, self.nonneg, self.fista, self.recompute, self.backend = n_iter, nonneg, fista, recompute, backend
+        self.in_channels = _positive_int("in_channels", in_channels)
+        self.code_channels = _positive_int("code_channels", code_channels)
+        self.n_iter = _positive_int("n_iter", n_iter)
+        self.kernel_size = check.ints("kernel_size", kernel_size, rank, minimum=1)
+        self.stride = check.ints("stride", stride, rank, minimum=1)
+        self.padding = _padding(padding, self.kernel_size, self.stride)
+        self.nonneg, self.fista, self.relative, self.recompute = nonneg, fista, relative, recompute
+        self.backend = _check_backend(backend)
+        value_shapes = [(), (code_channels,), (n_iter, code_channels)]
+        if threshold is not None:
+            if lam is not None:
+                raise ValueError("give lam (threshold = step * lam) or threshold (absolute), not both")
+            if learn_lam:
+                raise ValueError("learn_lam applies to lam; with threshold= use learn_threshold=True")
+            self._threshold_name = "threshold"
+            init_value = _check_value("threshold", threshold, value_shapes, allow_negative=nonneg, hint=_SIGNED_HINT)
+            learned = learn_threshold
+        else:
+            if learn_threshold:
+                raise ValueError("learn_threshold applies to threshold=; with lam use learn_lam=True")
+            self._threshold_name = "lam"
+            init_value = _check_value("lam", 0.1 if lam is None else lam, value_shapes)
+            learned = learn_lam
+        if step is not None:
+            _check_value("step", step, [(), (n_iter,)], positive=True)
+        self._init = {"threshold": init_value, "step": step}
+        self._track_step = step is None and not learn_step
+        self._zero_checks = 0
         factory = dict(device=device, dtype=dtype)
 
-        self.weight = nn.Parameter(self._unit_norm_filters(torch.empty(code_channels, in_channels,
-                                                                       *self.kernel_size, **factory)))
-        self.encoder_weight = nn.Parameter(self.weight.detach().clone()) if untied else None
-        if step is None:
-            step = 1.0 / self._lipschitz_estimate()
-        self._register_value("lam", lam, (n_iter, code_channels), learn_lam, factory)
-        self._register_value("step", step, (n_iter,), learn_step, factory)
+        self.weight = nn.Parameter(torch.empty(code_channels, in_channels, *self.kernel_size, **factory))
+        self.encoder_weight = nn.Parameter(torch.empty_like(self.weight)) if untied else None
+        self._register_value(self._threshold_name, (n_iter, code_channels), learned, init_value, factory)
+        self._register_value("step", (n_iter,), learn_step, 1.0 if step is None else step, factory)
+        probe = self._probe_size()
+        self.register_buffer("_power_vector", torch.zeros(1, code_channels, *code_size(
+            probe, self.kernel_size, self.stride, self.padding), **factory), persistent=False)
+        self.register_load_state_dict_post_hook(_after_load)
+        self.register_projection()
+        if not self.weight.is_meta:
+            self.reset_parameters()
 
-    @staticmethod
-    def _unit_norm_filters(weight: Tensor) -> Tensor:
-        with torch.no_grad():
-            weight.normal_()
-            weight /= weight.flatten(1).norm(dim=1).reshape(-1, *([1] * (weight.dim() - 1)))
-        return weight
-
-    def _lipschitz_estimate(self) -> float:
-        """||D||^2 at a size several kernels wide: it approaches its value on large signals from below within a
-        few percent, and the forward's step must not depend on each input's size."""
-        size = [max(32, 4 * k * s) for k, s in zip(self.kernel_size, self.stride)]
-        return DF.lipschitz_constant(self.weight.detach(), size, stride=self.stride, padding=self.padding,
-                                     n_iter=50)
-
-    def _register_value(self, name: str, value: float, learned_shape: tuple[int, ...], learned: bool, factory):
+    # -------------------------------------------------------------------------------------- parameters
+    def _register_value(self, name: str, learned_shape: tuple[int, ...], learned: bool, value: ValueOrTensor,
+                        factory) -> None:
         if learned:
-            self.register_parameter(name, nn.Parameter(torch.full(learned_shape, float(value), **factory)))
+            full = torch.empty(learned_shape, **factory)
+            self.register_parameter(name, nn.Parameter(full))
         else:
-            self.register_buffer(name, torch.tensor(float(value), **factory))
+            shape = tuple(value.shape) if isinstance(value, Tensor) else ()
+            self.register_buffer(name, torch.empty(shape, **factory))
 
+    def _fill(self, name: str, value: ValueOrTensor) -> None:
+        target = getattr(self, name)
+        with torch.no_grad():
+            if isinstance(value, Tensor):
+                target.copy_(value.detach().to(target.dtype).expand(target.shape))
+            else:
+                target.fill_(float(value))
+
+    def reset_parameters(self) -> None:
+        """Random unit-norm atoms (``encoder_weight`` = ``weight`` when untied), the initial lam/threshold and
+        step = the given step or 1/L of the new dictionary."""
+        with torch.no_grad():
+            self.weight.normal_()
+            self.weight /= self.weight.flatten(1).norm(dim=1).reshape(-1, *([1] * (self.weight.dim() - 1)))
+            if self.encoder_weight is not None:
+                self.encoder_weight.copy_(self.weight)
+        self._fill(self._threshold_name, self._init["threshold"])
+        generator = torch.Generator(device="cpu").manual_seed(0)  # the same start vector on every rank
+        self._power_vector.copy_(torch.randn(self._power_vector.shape, generator=generator))
+        inverse_lipschitz = self._power_iterate(POWER_STEPS_COLD)
+        self._fill("step", inverse_lipschitz if self._init["step"] is None else self._init["step"])
+        self._step_floor = STEP_FLOOR * float(self.step.detach().min())
+
+    def constraints(self) -> list[tuple[Tensor, float]]:
+        """(parameter, lower bound) pairs that projection after each optimiser step keeps valid."""
+        out = []
+        values = getattr(self, self._threshold_name)
+        if isinstance(values, nn.Parameter) and not (self._threshold_name == "threshold" and self.nonneg):
+            out.append((values, 0.0))
+        if isinstance(self.step, nn.Parameter):
+            out.append((self.step, getattr(self, "_step_floor", 0.0)))
+        return out
+
+    def _probe_size(self) -> list[int]:
+        """The signal size L is estimated at: several kernels wide, where ||D||^2 is within a few percent of (and
+        below) its value on large signals; the step must not depend on each input's size."""
+        return [max(32, 4 * k * s) for k, s in zip(self.kernel_size, self.stride)]
+
+    @torch.no_grad()
+    def _power_iterate(self, n_steps: int) -> Tensor:
+        """``n_steps`` power iterations on D^T D from the stored vector; returns 1/L (1 for an all-zero D)."""
+        weight, v = self.weight.detach(), self._power_vector
+        probe = self._probe_size()
+        lipschitz = v.new_zeros(())
+        for _ in range(n_steps):
+            v = v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
+            dv = DF.conv_synthesis(v, weight, stride=self.stride, padding=self.padding, signal_size=probe)
+            lipschitz = dv.pow(2).sum()
+            v = DF.conv_analysis(dv, weight, stride=self.stride, padding=self.padding)
+        self._power_vector.copy_(v / v.norm().clamp_min(torch.finfo(v.dtype).tiny))
+        return torch.where(lipschitz > 0, 1.0 / lipschitz, torch.ones_like(lipschitz))
+
+    @torch.no_grad()
+    def refresh_step_(self, n_steps: int = POWER_STEPS_COLD) -> Tensor:
+        """Re-estimate L = ||D||^2 (power iteration warm-started from the last estimate) and, when the step is
+        tracked (``step=None``, not learned), set ``step = 1/L``. Returns 1/L."""
+        inverse_lipschitz = self._power_iterate(n_steps)
+        if self._track_step:
+            self.step.copy_(inverse_lipschitz)
+        return inverse_lipschitz
+
+    @torch.no_grad()
+    def normalize_dictionary_(self) -> _ConvSparseCoding:
+        """Rescale every atom of ``weight`` (each code channel's (C_sig, *k) filter) to unit norm, and the tracked
+        step with it. Zero atoms stay zero. Call after an optimiser step when learning a dictionary."""
+        norms = self.weight.flatten(1).norm(dim=1).reshape(-1, *([1] * (self.weight.dim() - 1)))
+        self.weight /= torch.where(norms > 0, norms, torch.ones_like(norms))
+        self.refresh_step_(POWER_STEPS_PER_FORWARD)
+        return self
+
+    # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C_sig, *S) -> z: (B, C_code, *Sz)."""
-        # Learned lam and step are kept in their valid range by clamping rather than by re-parametrising, so
-        # their state-dict values are the values used.
-        return DF.conv_ista(x, self.weight, self.lam.clamp(min=0), n_iter=self.n_iter,
-                            step=self.step.clamp(min=1e-12), encoder_weight=self.encoder_weight, stride=self.stride,
-                            padding=self.padding, nonneg=self.nonneg, fista=self.fista, backend=self.backend,
-                            recompute=self.recompute)
+        if self.training and self._track_step:
+            self.refresh_step_(POWER_STEPS_PER_FORWARD)
+        scale = None
+        if self.relative:
+            rms = x.flatten(1).pow(2).mean(1).sqrt()
+            scale = torch.where(rms > 0, rms, torch.ones_like(rms)).reshape(-1, *([1] * (x.dim() - 1)))
+            x = x / scale
+        values = {self._threshold_name: getattr(self, self._threshold_name)}  # lam= or threshold=
+        z = DF.conv_ista(x, self.weight, **values, n_iter=self.n_iter, step=self.step,
+                         encoder_weight=self.encoder_weight, stride=self.stride, padding=self.padding,
+                         nonneg=self.nonneg, fista=self.fista, backend=self.backend, recompute=self.recompute)
+        if scale is not None:
+            z = z * scale
+        if self.training and not torch.compiler.is_compiling():
+            self._warn_if_all_zero(z)
+        return z
+
+    def _warn_if_all_zero(self, z: Tensor) -> None:
+        self._zero_checks += 1
+        if (self._zero_checks - 1) % ZERO_CHECK_EVERY == 0 and z.numel() and not bool(z.detach().any()):
+            warnings.warn(f"{type(self).__name__}({self.in_channels}, {self.code_channels}): every code is exactly "
+                          f"zero in this training batch, so no gradient reaches the layer's inputs; its thresholds "
+                          f"are too large for the input scale. Lower lam/threshold or use relative=True.",
+                          RuntimeWarning, stacklevel=3)
 
     def decode(self, z: Tensor, signal_size: Sequence[int] | None = None) -> Tensor:
         """x_hat = D z: (B, C_code, *Sz) -> (B, C_sig, *signal_size); the default size is the smallest signal with
@@ -115,40 +364,64 @@ class _ConvSparseCoding(nn.Module):
     def extra_repr(self) -> str:
         options = [f"{self.in_channels}, {self.code_channels}, kernel_size={self.kernel_size}",
                    f"stride={self.stride}", f"padding={self.padding}", f"n_iter={self.n_iter}"]
-        options += [name for name in ("nonneg", "fista", "recompute") if getattr(self, name)]
+        options += [name for name in ("nonneg", "fista", "relative", "recompute") if getattr(self, name)]
         if self.encoder_weight is not None:
             options.append("untied")
-        options += [f"learn_{name}" for name in ("lam", "step") if isinstance(getattr(self, name), nn.Parameter)]
+        if self._threshold_name == "threshold":
+            options.append("threshold=absolute")
+        options += [f"learn_{name}" for name in ("lam", "threshold", "step")
+                    if isinstance(getattr(self, name, None), nn.Parameter)]
+        if self._track_step:
+            options.append("step=1/L (tracked)")
         return ", ".join(options + [f"backend={self.backend!r}"])
 
 
-class ConvSparseCoding1d(_ConvSparseCoding):
-    """Unrolled conv-ISTA/FISTA layer on 1-D signals: (B, C_sig, L) -> codes (B, C_code, L_z)."""
+def _after_load(module: _ConvSparseCoding, incompatible_keys) -> None:
+    """The loaded dictionary has its own top singular vector: restart the power iteration cold (the loaded step is
+    kept as is, so a loaded model computes exactly what was saved)."""
+    if module.weight.is_meta:
+        return
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    module._power_vector.copy_(torch.randn(module._power_vector.shape, generator=generator))
+    module._power_iterate(POWER_STEPS_COLD)
 
+
+class ConvSparseCoding1d(_ConvSparseCoding):
     _rank = 1
+    __doc__ = _CSC_DOC.format(x_shape="(B, C_sig, L)", z_shape="(B, C_code, L_z)", rank=1, k_shape="k",
+                              name="ConvSparseCoding1d", example="1, 16, 9, n_iter=10, lam=0.1")
 
 
 class ConvSparseCoding2d(_ConvSparseCoding):
-    """Unrolled conv-ISTA/FISTA layer on images: (B, C_sig, H, W) -> codes (B, C_code, H_z, W_z).
-
-    >>> layer = ConvSparseCoding2d(1, 32, 7, n_iter=10, lam=0.1)
-    >>> z = layer(x); x_hat = layer.decode(z)
-    """
-
     _rank = 2
+    __doc__ = _CSC_DOC.format(x_shape="(B, C_sig, H, W)", z_shape="(B, C_code, H_z, W_z)", rank=2,
+                              k_shape="kh, kw", name="ConvSparseCoding2d",
+                              example="1, 32, 7, n_iter=10, lam=0.1")
 
 
+# ------------------------------------------------------------------------------------------------ deep stack
 class DeepSparseCoding2d(nn.Module):
     """Layered pursuit through a DSC model: ``G_1 = ISTA(x; D_1)``, ``G_j = ISTA(G_{j-1}; D_j)``.
 
-    ``channels = [C_0, C_1, ..., C_J]``; ``kernel_sizes``, ``strides``, ``paddings``, ``lams``: one value for every
-    layer, or a list with one per layer; other keyword options go to every ``ConvSparseCoding2d`` layer. forward(x) returns the list
-    of codes ``[G_1, ..., G_J]``.
+    Args:
+        channels: [C_0, C_1, ..., C_J], the input's channels then each layer's code channels.
+        kernel_sizes, strides, paddings, lams: one value for every layer, or a list with one per layer.
+        lams: LASSO weights >= 0 (default 0.1), in units of each layer's input RMS while ``relative`` is on.
+        thresholds: absolute thresholds instead of ``lams`` (one or per layer; negative allowed with nonneg).
+        n_iter: iterations per layer (default 10).
+        nonneg: non-negative codes (default True: the ReLU CNN view of layered pursuit).
+        relative: thresholds relative to each layer's input RMS (default True), so that every layer is active
+            whatever the scale of the codes reaching it (with absolute thresholds deep layers of a fresh stack
+            often output exactly zero and cannot recover).
+        **layer_options: any other ``ConvSparseCoding2d`` keyword (untied, fista, learn_lam, backend, ...).
+
+    forward(x): x (B, C_0, H, W) -> the list of codes ``[G_1, ..., G_J]``, G_j (B, C_j, H_j, W_j).
     """
 
     def __init__(self, channels: Sequence[int], kernel_sizes: IntOrTuple | Sequence[IntOrTuple], *,
                  strides: IntOrTuple | Sequence[IntOrTuple] = 1, paddings: Sequence[IntOrTuple] | None = None,
-                 lams: float | Sequence[float] = 0.1, n_iter: int = 10, nonneg: bool = True, **layer_options):
+                 lams: float | Sequence[float] | None = None, thresholds: float | Sequence[float] | None = None,
+                 n_iter: int = 10, nonneg: bool = True, relative: bool = True, **layer_options):
         super().__init__()
         depth = len(channels) - 1
         if depth < 1:
@@ -160,13 +433,26 @@ class DeepSparseCoding2d(nn.Module):
                 raise ValueError(f"{name} must be one value or a list of {depth}, got {value!r}")
             return values
 
-        kernel_sizes, strides, lams = per_layer("kernel_sizes", kernel_sizes), per_layer("strides", strides), \
-            per_layer("lams", lams)
+        kernel_sizes, strides = per_layer("kernel_sizes", kernel_sizes), per_layer("strides", strides)
+        lams, thresholds = per_layer("lams", lams), per_layer("thresholds", thresholds)
         paddings = [None] * depth if paddings is None else per_layer("paddings", paddings)
-        self.layers = nn.ModuleList(
-            ConvSparseCoding2d(channels[j], channels[j + 1], kernel_sizes[j], stride=strides[j], padding=paddings[j],
-                               lam=lams[j], n_iter=n_iter, nonneg=nonneg, **layer_options)
-            for j in range(depth))
+        for lam in lams:
+            if lam is not None:
+                _check_value("lams", lam, [tuple(getattr(lam, "shape", ()))])
+        for threshold in thresholds:
+            if threshold is not None:
+                _check_value("thresholds", threshold, [tuple(getattr(threshold, "shape", ()))], allow_negative=nonneg,
+                             hint=_SIGNED_HINT)
+        layers = []
+        for j in range(depth):
+            try:
+                layers.append(ConvSparseCoding2d(
+                    channels[j], channels[j + 1], kernel_sizes[j], stride=strides[j], padding=paddings[j],
+                    lam=lams[j], threshold=thresholds[j], n_iter=n_iter, nonneg=nonneg, relative=relative,
+                    **layer_options))
+            except (ValueError, TypeError) as err:
+                raise type(err)(f"layer {j}: {err}") from None
+        self.layers = nn.ModuleList(layers)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         codes = []

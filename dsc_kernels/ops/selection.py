@@ -15,6 +15,7 @@ import importlib.util
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
@@ -120,10 +121,13 @@ def _missing(row: Backend, features: tuple[str, ...]) -> list[str]:
     return [f for f in features if f not in row.features]
 
 
-def select(family: str, backend: str, device: torch.device, dtype: torch.dtype,
-           features: tuple[str, ...] = ()) -> Backend:
+def select(family: str, backend: str, device: torch.device, dtype: torch.dtype, features: tuple[str, ...] = (), *,
+           prefers: Callable[[str], bool] | None = None) -> Backend:
     """The row that runs a ``family`` call with this ``backend`` argument on ``device``/``dtype`` tensors, among the
-    rows that run every variant in ``features`` (table.CONV_ISTA_VARIANTS and the like)."""
+    rows that run every variant in ``features`` (table.CONV_ISTA_VARIANTS and the like).
+
+    ``prefers(name)``, when given, is the call's cost model (e.g. ``cpu_cost.hook``): ``auto`` skips a candidate
+    it declines."""
     name = _requested(backend)
     if name != "auto":
         if name not in table.NOT_BUILT and _missing(table.row(family, name), features):
@@ -142,7 +146,7 @@ def select(family: str, backend: str, device: torch.device, dtype: torch.dtype,
         if candidate not in names:  # a family need not have a row for every backend
             continue
         row = table.row(family, candidate)
-        if not _supports(row, dtype) or _missing(row, features):
+        if not _supports(row, dtype) or _missing(row, features) or (prefers is not None and not prefers(candidate)):
             continue
         reason = unavailable_reason(family, candidate, device.type)
         if reason is None:

@@ -81,7 +81,7 @@ TABLE: tuple[Backend, ...] = (
         family="conv_ista", name="cpp",
         forward_op="dsc_kernels::conv_ista_fwd_cpp", backward_op="dsc_kernels::conv_ista_bwd_cpp",
         devices=("cpu",), dtypes=(torch.float32, torch.float64), requires="extension", registration="native",
-        forward_impl="csrc/cpu/conv_ista.cpp", backward_impl="csrc/cpu/conv_ista.cpp",
+        forward_impl="csrc/cpu/conv_ista/ops.cpp", backward_impl="csrc/cpu/conv_ista/ops.cpp",
         # The backward replays each segment per batch item from its checkpoint and keeps the residuals it computes
         # on the way, so keeping every other iterate (FISTA: two of three, as a replay needs z_{k-1} too) costs
         # about one forward iteration per segment.

@@ -1,6 +1,6 @@
 """Convolutional ISTA / FISTA in pure PyTorch: the oracle, the CPU fallback and the benchmark baseline.
 
-Forward recurrence (DESIGN.md §2), k = 0 .. n_iter-1, with E = conv(., encoder_weight) (E = D^T when tied):
+Forward recurrence (docs/design.md §2), k = 0 .. n_iter-1, with E = conv(., encoder_weight) (E = D^T when tied):
 
     y_k     = z_k + beta_k (z_k - z_{k-1})            (FISTA; beta_k = (t_{k-1} - 1) / t_k, beta_0 = 0; ISTA: y_k = z_k)
     u_k     = y_k + step_k * E(x - D y_k)
@@ -11,7 +11,7 @@ Two implementations live here:
 * ``conv_ista_ref`` differentiates through eager PyTorch (autograd saves about five tensors per iteration). It is
   the oracle every backend is compared with, and the "eager" baseline of the benchmarks.
 * ``conv_ista_fwd_ref`` / ``conv_ista_bwd_ref`` run the same forward and the hand-written VJP on the canonical
-  tensors of the fused-op interface (notes/CONTRACT.md). The backward needs only the code iterates z_0..z_n, which
+  tensors of the fused-op interface (docs/design.md §7.1). The backward needs only the code iterates z_0..z_n, which
   it restores from checkpoints (``checkpoint_indices``) or replays from z0: the active set of iteration k is
   ``z_{k+1} != 0``, and the residual is recomputed. It is the executable spec of what the fused kernels compute,
   registered as the op ``conv_ista_*_ref``.

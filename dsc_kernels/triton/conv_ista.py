@@ -1,6 +1,6 @@
 """Fused Triton kernels for convolutional ISTA / FISTA (backend "triton"). 2-D only: 1-D arrives as H = 1.
 
-Math (DESIGN.md §2, notes/CONTRACT.md). Shapes: x (B, Cs, H, W), weight W and encoder weight W_E (C, Cs, kh, kw),
+Math (docs/design.md §2, §7.1). Shapes: x (B, Cs, H, W), weight W and encoder weight W_E (C, Cs, kh, kw),
 codes (B, C, Hz, Wz), lam (n, C), step (n,).
     D z = conv_transpose2d(z, W, s, p, output_padding such that D z has x's size)     (synthesis)
     E r = conv2d(r, W_E, s, p)                                                          (analysis; W_E = W if tied)
@@ -9,7 +9,7 @@ codes (B, C, Hz, Wz), lam (n, C), step (n,).
     u_k     = y_k + step_k E(x - D y_k)
     z_{k+1} = S_{step_k lam_k[c]}(u_k)          S_t(u) = sign(u) max(|u| - t, 0); nonneg: max(u - t, 0)
 
-Forward (DESIGN §5). One iteration on a TH x TW tile of code positions of one image, all code channels
+Forward (docs/design.md §5). One iteration on a TH x TW tile of code positions of one image, all code channels
 (`_ista_tile`): form the residual r = x - D y_k on the signal halo the tile's analysis window covers
 ((TH-1) s + kh rows, (TW-1) s + kw columns), park it in a per-program scratch slab (a few KiB, L1/L2 resident,
 reused), run the analysis conv from the slab, add y_k, threshold and store z_{k+1}. D y and r never exist as
@@ -40,10 +40,11 @@ in a fixed order: deterministic, no atomics) and elementwise/reduction torch ops
 gu and dy as full fp32 temporaries for one iteration at a time. All accumulation is fp32; gradients are cast to
 the input dtypes at the end.
 
-Launchers only use torch ops and `torch.library.wrap_triton` launches, so they can run inside a
-`torch.library.triton_op` and torch.compile can trace through them.
+Launchers only use torch ops and `launch(...)` (`torch.library.wrap_triton`, recordable for AOT compilation: see
+triton/launch.py), so they can run inside a `torch.library.triton_op` and torch.compile can trace through them.
+`aot_specializations` records the launches the launchers really make on a problem (meta tensors, no GPU).
 """
-import os
+import contextlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -52,7 +53,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..reference.conv import code_size
 from ..reference.conv_ista import fista_momentum, zeros_if_empty
+from .launch import AotSpec, interpreting, launch, record_launches
 
 __all__ = ["conv_ista_fwd", "conv_ista_bwd", "KERNELS", "aot_specializations", "fwd_config"]
 
@@ -345,17 +348,13 @@ class ConvConfig(NamedTuple):
     num_warps: int
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _pow2_block(n: int, lo: int, hi: int) -> int:
     # tl.dot needs every dimension >= 16; channel counts below that are padded with masked lanes.
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
 def fwd_config(C_sig: int, C_code: int, kh: int, kw: int) -> FwdConfig:
-    if _interpreting():
+    if interpreting():
         # The interpreter pays per program and per op, not per element: few large tiles. Test shapes taller than
         # 8 rows still span several tiles, which exercises the halo logic.
         return FwdConfig(1 if kh == 1 else 8, 64 if kh == 1 else 16, 256, 16, 16, 64, 4, 1)
@@ -371,7 +370,7 @@ def fwd_config(C_sig: int, C_code: int, kh: int, kw: int) -> FwdConfig:
 
 
 def conv_config(C_sig: int, C_code: int, kh: int, kw: int) -> ConvConfig:
-    if _interpreting():
+    if interpreting():
         return ConvConfig(256, 16, 16, 64, 2, 4)
     return ConvConfig(128, _pow2_block(C_code, 16, 64), _pow2_block(C_sig, 16, 32), 32, 512, 8)
 
@@ -463,14 +462,14 @@ class _Forward:
         slot = self.z0.numel()
         if self.single:
             betas = torch.tensor(self.betas, dtype=torch.float32, device=self.z0.device)
-            torch.library.wrap_triton(_conv_ista_fwd_all_kernel)[(self.g.B,)](
+            launch(_conv_ista_fwd_all_kernel)[(self.g.B,)](
                 self.x, buf, self.weight, self.encoder_weight, self.lam, self.step, betas, self.scratch,
                 n_iters, ring, slot, *self.dims, **self.meta)
             return buf
         grid = (self.g.B * self.tiles_per_img,)
         for k in range(n_iters):
             last = k == n_iters - 1 and last_out is not None
-            torch.library.wrap_triton(_conv_ista_fwd_kernel)[grid](
+            launch(_conv_ista_fwd_kernel)[grid](
                 self.x, buf, _slot(k, ring) * slot, buf, _slot(max(k - 1, 0), ring) * slot,
                 last_out if last else buf, 0 if last else _slot(k + 1, ring) * slot,
                 self.weight, self.encoder_weight, self.lam, self.step, self.scratch, k, self.betas[k],
@@ -487,7 +486,7 @@ def _check_checkpoint(checkpoint: int) -> None:
 def conv_ista_fwd(x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor, step: Tensor, z0: Tensor,
                   stride: Sequence[int], padding: Sequence[int], nonneg: bool, fista: bool,
                   checkpoint: int) -> tuple[Tensor, Tensor]:
-    """Forward of the fused-op interface (notes/CONTRACT.md). x: (B, C_sig, H, W); weight, encoder_weight:
+    """Forward of the fused-op interface (docs/design.md §7.1). x: (B, C_sig, H, W); weight, encoder_weight:
     (C_code, C_sig, kh, kw); lam: (n_iter, C_code); step: (n_iter,); z0: (B, C_code, Hz, Wz) or empty (zeros).
     Returns (z_n, saved): z_1..z_{n-1} (n_iter - 1, B, C_code, Hz, Wz) for checkpoint 1, an empty (0,) tensor for
     checkpoint 0 (recompute mode)."""
@@ -538,13 +537,12 @@ def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Ten
 
     def synth(code, w, sub_from_x):
         out = torch.empty(sig_shape, **f32)
-        torch.library.wrap_triton(_conv_synth_kernel)[sig_grid](x, code, w, out, **dims, BLOCK_CI=ccfg.BLOCK_CI,
-                                                                SUB_FROM_X=sub_from_x, **geo)
+        launch(_conv_synth_kernel)[sig_grid](x, code, w, out, **dims, BLOCK_CI=ccfg.BLOCK_CI,
+                                             SUB_FROM_X=sub_from_x, **geo)
         return out
 
     def weight_grad(sig, code):
-        torch.library.wrap_triton(_conv_weight_grad_kernel)[w_grid](partials, sig, code, g.B, **dims,
-                                                                    BLOCK_C=ccfg.BLOCK_C, **geo)
+        launch(_conv_weight_grad_kernel)[w_grid](partials, sig, code, g.B, **dims, BLOCK_C=ccfg.BLOCK_C, **geo)
         return partials.sum(0).view(tuple(weight.shape))
 
     recompute = checkpoint == 0
@@ -593,8 +591,8 @@ def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Ten
         grad_w = grad_w - step_k * weight_grad(v, y)
 
         dy = torch.empty_like(gu)
-        torch.library.wrap_triton(_conv_analysis_kernel)[code_grid](gu, v, weight, step, k, -1.0, dy, **dims,
-                                                                    BLOCK_C=ccfg.BLOCK_C, **geo)
+        launch(_conv_analysis_kernel)[code_grid](gu, v, weight, step, k, -1.0, dy, **dims, BLOCK_C=ccfg.BLOCK_C,
+                                                 **geo)
         if fista:
             gz = dy * (1.0 + betas[k]) if pending is None else pending + dy * (1.0 + betas[k])
             pending = dy * (-betas[k])
@@ -609,9 +607,8 @@ def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Ten
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compile registry: every kernel with the specialisations the launchers produce for the named
-# workloads (DESIGN §6). tests/test_triton_aot.py compiles each for sm_80 and sm_90 and checks that no kernel of
-# this module is missing here.
+# Ahead-of-time compilation: the launches the launchers really make, recorded on meta tensors (triton/launch.py).
+# tests/test_triton_aot.py compiles them for sm_80 and sm_90 and checks that every kernel in KERNELS is among them.
 # ----------------------------------------------------------------------------------------------------------------
 
 KERNELS = {
@@ -622,62 +619,45 @@ KERNELS = {
     "_conv_weight_grad_kernel": _conv_weight_grad_kernel,
 }
 
-# (name, C_sig, C_code, kh, kw, stride, padding): the GPU workloads of DESIGN §6 plus a 1-D problem.
-AOT_WORKLOADS = (
-    ("csc-gray", 1, 64, 7, 7, 1, 3),
-    ("csc-rgb-strided", 3, 64, 6, 6, 2, 2),
-    ("deep-layer", 64, 128, 3, 3, 1, 1),
-    ("1d", 4, 32, 1, 9, 1, 4),
-)
-AOT_TARGETS = ((80, torch.float32), (90, torch.bfloat16))
 
-_TYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def _sig(names_types: str) -> dict:
-    return dict(item.split(":") for item in names_types.split())
+@contextlib.contextmanager
+def _single_launch_limit(max_code_bytes: int):
+    global SINGLE_LAUNCH_MAX_CODE_BYTES
+    saved, SINGLE_LAUNCH_MAX_CODE_BYTES = SINGLE_LAUNCH_MAX_CODE_BYTES, max_code_bytes
+    try:
+        yield
+    finally:
+        SINGLE_LAUNCH_MAX_CODE_BYTES = saved
 
 
-def _kernel_specs(cs, cc, kh, kw, s, p, dtype, variant):
-    """(kernel name, signature, constexprs, compile options) for each kernel, as the launchers specialise them on
-    this workload; `variant` alternates the boolean constexprs."""
-    fc = fwd_config(cs, cc, kh, kw)
-    cv = conv_config(cs, cc, kh, kw)
-    t = _TYPE[dtype]
-    ints = "C_code:i32 C_sig:i32 H:i32 W:i32 Hz:i32 Wz:i32"
-    geo = dict(SH=1 if kh == 1 else s, SW=s, PH=0 if kh == 1 else p, PW=p, KH=kh, KW=kw, IN_PREC=_in_prec(dtype))
-    conv = dict(geo, BLOCK_P=cv.BLOCK_P, BLOCK_K=cv.BLOCK_K)
-    fwd_constexprs = dict(geo, TH=fc.TH, TW=fc.TW, R_CHUNK=fc.R_CHUNK, BLOCK_C=fc.BLOCK_C, BLOCK_CI=fc.BLOCK_CI,
-                          BLOCK_K=fc.BLOCK_K, NONNEG=not variant, FISTA=variant)
-    return {
-        "_conv_ista_fwd_all_kernel": (
-            _sig(f"x_ptr:*{t} buf_ptr:*{t} w_ptr:*{t} we_ptr:*{t} lam_ptr:*{t} step_ptr:*{t} beta_ptr:*fp32 "
-                 f"scratch_ptr:*fp32 n_iters:i32 ring:i32 slot:i32 {ints} tiles_w:i32 tiles_per_img:i32"),
-            fwd_constexprs, dict(num_warps=fc.num_warps, num_stages=fc.num_stages)),
-        "_conv_ista_fwd_kernel": (
-            _sig(f"x_ptr:*{t} z_ptr:*{t} z_off:i32 zp_ptr:*{t} zp_off:i32 out_ptr:*{t} out_off:i32 w_ptr:*{t} "
-                 f"we_ptr:*{t} lam_ptr:*{t} step_ptr:*{t} scratch_ptr:*fp32 k:i32 beta:fp32 {ints} tiles_w:i32 "
-                 "tiles_per_img:i32"),
-            fwd_constexprs, dict(num_warps=fc.num_warps, num_stages=fc.num_stages)),
-        "_conv_synth_kernel": (
-            _sig(f"x_ptr:*{t} code_ptr:*fp32 w_ptr:*{t} out_ptr:*fp32 {ints}"),
-            dict(conv, BLOCK_CI=cv.BLOCK_CI, SUB_FROM_X=variant), dict(num_warps=cv.num_warps)),
-        "_conv_analysis_kernel": (
-            _sig(f"base_ptr:*fp32 src_ptr:*fp32 w_ptr:*{t} step_ptr:*{t} k:i32 scale:fp32 out_ptr:*fp32 {ints}"),
-            dict(conv, BLOCK_C=cv.BLOCK_C), dict(num_warps=cv.num_warps)),
-        "_conv_weight_grad_kernel": (
-            _sig(f"part_ptr:*fp32 sig_ptr:*fp32 code_ptr:*fp32 B:i32 {ints}"),
-            dict(conv, BLOCK_C=cv.BLOCK_C), dict(num_warps=cv.num_warps)),
-    }
+def aot_specializations(x_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
+                        padding: Sequence[int], dtype: torch.dtype = torch.float32, *, n_iter: int = 3,
+                        nonneg: bool = False, fista: bool = False, allow_tf32: bool = True) -> list[AotSpec]:
+    """Every kernel specialisation the launchers make on one problem, recorded without running it: the forward in
+    both save modes on both paths (per-iteration and single-launch, whatever the code size) and the backward in
+    both modes. x_shape: (B, C_sig, H, W); weight_shape: (C_code, C_sig, kh, kw). fp32 dots follow
+    `allow_tf32` (torch.backends.cudnn.allow_tf32, as at run time). Call without TRITON_INTERPRET."""
+    if interpreting():
+        raise RuntimeError("aot_specializations needs the GPU configurations: unset TRITON_INTERPRET")
+    B, C_code = x_shape[0], weight_shape[0]
+    zs = code_size(x_shape[2:], weight_shape[2:], stride, padding)
 
+    def meta(*shape):
+        return torch.empty(shape, device="meta", dtype=dtype)
 
-def aot_specializations():
-    """Yields (capability, kernel name, kernel, signature, constexprs, compile options): every kernel for both targets,
-    and every (kernel, workload) pair on one of them, so each configuration of the table is compiled once.
+    x, w, lam, step, z0 = meta(*x_shape), meta(*weight_shape), meta(n_iter, C_code), meta(n_iter), meta(B, C_code, *zs)
 
-    Call it without TRITON_INTERPRET: the configurations are the GPU ones."""
-    for i, (_, cs, cc, kh, kw, s, p) in enumerate(AOT_WORKLOADS):
-        for j, name in enumerate(KERNELS):
-            cap, dtype = AOT_TARGETS[(i + j) % len(AOT_TARGETS)]
-            sig, constexprs, options = _kernel_specs(cs, cc, kh, kw, s, p, dtype, variant=(i // 2 + j) % 2 == 0)[name]
-            yield cap, name, KERNELS[name], dict(sig, **{k: "constexpr" for k in constexprs}), constexprs, options
+    def run():
+        for limit in (0, 2 ** 62):  # per-iteration path, single-launch path
+            with _single_launch_limit(limit):
+                for checkpoint in (1, 0):
+                    z, saved = conv_ista_fwd(x, w, w, lam, step, z0, stride, padding, nonneg, fista, checkpoint)
+                    conv_ista_bwd(torch.empty_like(z), x, w, w, lam, step, z0, z if checkpoint else z.new_empty(0),
+                                  saved, stride, padding, nonneg, fista, checkpoint)
+
+    saved_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+    try:
+        return record_launches(run)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved_tf32

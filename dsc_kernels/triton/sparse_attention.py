@@ -1,42 +1,54 @@
 """Flash-style Triton kernels for sparse attention (backend "triton"): the N x M score matrix never exists.
 
-Math (DESIGN.md §2), q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv), theta (H,):
-    s_ij = scale <q_i, k_j>, causal (top-left, SDPA's is_causal): only keys j <= i
-    sparsemax: tau_i solves sum_j max(s_ij - tau_i, 0) = 1;   shrink: tau_i = theta_h
-    P_ij = max(s_ij - tau_i, 0),  O_i = sum_j P_ij v_j
-Forward, one program per (query block, batch*head), fp32 accumulation:
+Math (docs/design.md §2, reference/attention.py), q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv), theta (H,), optional bias (B,H,N,M):
+    s_ij = scale <q_i, k_j> + bias_ij; key j hidden (s = -inf) when j > i (causal, top-left) or bias_ij = -inf
+    z_ij = s_ij - c_i (z = 0 where s_ij = c_i = +inf), P_ij = max(z_ij - t_i, 0), O_i = sum_j P_ij v_j
+    sparsemax: c_i = max_j s_ij, t_i = tau_i - c_i (rows relative to their max keep huge or tied scores exact);
+        a +inf row: (c, t) = (+inf, -1/#{+inf}); a row without keys: (+inf, +inf)
+    shrink: (c_i, t_i) = (0, theta_h)
+    a row is NaN (O_i = NaN, stats (NaN, NaN), no gradient) when q_i, or the k_j / v_j of a key it sees, holds NaN or
+    inf, or one of its scores is NaN. The launcher flags bad keys (B,H,M) and the kernels mark their rows. Scores
+    s_ij read only q_i and k_j, and hidden ones are replaced by -inf, so raw tiles are fine for them; the operand
+    of a dot that mixes rows (v in P v, k in ds k, q in ds^T q) is loaded with non-finite entries zeroed, since
+    0 * NaN would otherwise reach rows that never see the key.
+Forward, one program per (query block, batch*head), fp32 scores, fp64 threshold sums:
     shrink: one pass over key blocks; a tile with no score above theta skips its v load and P v product.
-    sparsemax: pass 1 finds the row max m_i and a lower bound lo <= tau_i (from a superset of the support);
-        then Michelot passes lo <- (sum_{s > lo} s - 1) / |{s > lo}|, which rise monotonically to tau_i and are
-        exact (no tolerance) once the set {s > lo} stops shrinking. Each such pass also accumulates
-        O = max(s - lo, 0) v (skipping tiles without support), kept for a row when that pass shows lo is exact.
-        Each pass recomputes the scores tile by tile; typically 2-4 passes in all.
-Saved for backward: stats (B,H,N,2) = (tau_i, |S_i|) in fp32, like FlashAttention's log-sum-exp.
-VJP (g = dL/dO, support m_ij = [s_ij > tau_i]):
+    sparsemax: pass 1 finds the row max m_i, the +inf count, the NaN rows and a lower bound lo <= t_i from
+        A = {s > running max - 1} (a superset of the support, its sum kept relative to the running max); then
+        Michelot passes lo <- (sum_{z > lo} z - 1) / |{z > lo}|, which rise monotonically to t_i and are exact (no
+        tolerance) once the set {z > lo} stops shrinking. Each such pass also accumulates O = max(z - lo, 0) v
+        (skipping tiles without support), kept for a row when that pass shows lo is exact. Each pass recomputes the
+        scores tile by tile; typically 2-4 passes in all.
+Saved for backward: stats (B,H,N,2) = (c_i, t_i) in fp32, like FlashAttention's log-sum-exp.
+VJP (g = dL/dO, support m_ij = [z_ij > t_i]):
     dP_ij = <g_i, v_j>,  delta_i = sum_j m_ij dP_ij / |S_i| (sparsemax) or 0 (shrink),  ds = m (dP - delta)
-    dq = scale ds k (`_bwd_dq_kernel`, per query block; also delta_i and the per-program partial of
-    dtheta_h = -sum ds), dk = scale ds^T q and dv = P^T g (`_bwd_dkdv_kernel`, per key block, reading delta).
+    (ds = 0 on +inf rows), dq = scale ds k (`_bwd_dq_kernel`, per query block; also delta_i and the per-program
+    partial of dtheta_h = -sum ds), dk = scale ds^T q and dv = P^T g (`_bwd_dkdv_kernel`, per key block).
     Each program owns its outputs: deterministic, no atomics.
-Every load and store is masked (rows past N or M, head-dim padding to a power of two >= 16).
-Launchers use only torch ops and `torch.library.wrap_triton` launches, so they run inside a `triton_op`.
+q, k, v are read through their (batch, head, row) strides with a unit last stride (the launchers copy only inputs
+without one); every load and store is masked (rows past N or M, head-dim padding to a power of two >= 16).
+Launchers use only torch ops and `launch(...)` (`torch.library.wrap_triton`, recordable for ahead-of-time
+compilation: `aot_specializations` records the launches the launchers really make, on meta tensors).
 """
 from __future__ import annotations
 
-import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["sparse_attention_fwd", "sparse_attention_bwd", "KERNELS", "aot_signature"]
+from .launch import AotSpec, interpreting, launch, record_launches
+
+__all__ = ["sparse_attention_fwd", "sparse_attention_bwd", "KERNELS", "aot_specializations"]
 
 
 @triton.jit
-def _load_rows(base, offs_r, n_rows, offs_c, n_cols, UPCAST: tl.constexpr):
-    """Rows offs_r, columns offs_c of a row-major (n_rows, n_cols) matrix, zero outside it. UPCAST (the
-    interpreter) loads half precision as fp32 straight away, since the interpreter cannot compute in bf16."""
-    t = tl.load(base + offs_r[:, None] * n_cols + offs_c[None, :],
+def _load_rows(base, stride_r, offs_r, n_rows, offs_c, n_cols, UPCAST: tl.constexpr):
+    """Rows offs_r, columns offs_c of a (n_rows, n_cols) matrix with row stride stride_r, zero outside it. UPCAST
+    (the interpreter) loads half precision as fp32 straight away, since the interpreter cannot compute in bf16."""
+    t = tl.load(base + offs_r[:, None] * stride_r + offs_c[None, :],
                 mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols), other=0.0)
     if UPCAST:
         t = t.to(tl.float32)
@@ -44,16 +56,31 @@ def _load_rows(base, offs_r, n_rows, offs_c, n_cols, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k_ptr, start_n, offs_m, offs_d, N_K, D, scale,
-            CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Scores of a (BLOCK_M, BLOCK_N) tile, -inf where the key is past M or causally hidden."""
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(k_ptr, offs_n, N_K, offs_d, D, UPCAST)
+def _finite(t):
+    """t with NaN and +-inf entries zeroed (the rows that see them are made NaN explicitly)."""
+    return tl.where(tl.abs(t) < float("inf"), t, tl.zeros_like(t))
+
+
+@triton.jit
+def _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m,
+                 CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Scores of loaded q (BLOCK_M, d) and k (BLOCK_N, d) tiles with the bias added, -inf where hidden; and which
+    entries are visible."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
-    valid = offs_n[None, :] < N_K
+    visible = (offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K)
     if CAUSAL:
-        valid = valid & (offs_n[None, :] <= offs_m[:, None])
-    return tl.where(valid, s, float("-inf")), offs_n
+        visible = visible & (offs_n[None, :] <= offs_m[:, None])
+    if HAS_BIAS:
+        bias = tl.load(b_base + offs_m[:, None] * sb_n + offs_n[None, :] * sb_m, mask=visible, other=0.0)
+        visible = visible & (bias != float("-inf"))
+        s = s + bias
+    return tl.where(visible, s, float("-inf")), visible
+
+
+@triton.jit
+def _relative(s, c):
+    """z = s - c per row, 0 where s = c (a +inf row's +inf entries)."""
+    return tl.where(s == c[:, None], 0.0, s - c[:, None])
 
 
 @triton.jit
@@ -65,117 +92,177 @@ def _key_end(start_m, N_K, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _sweep(q, k_base, v_base, tau, row_ok, offs_m, offs_d, offs_dv, end_n, N_K, D, DV, scale,
-           CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-           UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One pass over the keys at per-row thresholds tau: (max(s - tau, 0) v, |{s > tau}|, sum_{s > tau} s)."""
+def _any(mask):
+    return tl.max(tl.max(mask.to(tl.int32), axis=1), axis=0) > 0
+
+
+@triton.jit
+def _sees_bad(visible, s, badk_base, offs_n, N_K):
+    """Per row: whether a visible key of this tile is flagged bad or a visible score is NaN."""
+    bad = tl.load(badk_base + offs_n, mask=offs_n < N_K, other=0) != 0
+    return tl.max((visible & (bad[None, :] | (s != s))).to(tl.int32), axis=1) > 0
+
+
+@triton.jit
+def _sweep(q, k_base, sk_n, v_base, sv_n, b_base, sb_n, sb_m, badk_base, c, lo, active, offs_m, offs_d, offs_dv,
+           end_n, N_Q, N_K, D, DV, scale,
+           CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FLAG_BAD: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One pass over the keys at per-row (c, lo) for the active rows: (max(z - lo, 0) v, |{z > lo}|,
+    sum_{z > lo} z in fp64, rows seeing a bad key or a NaN score (FLAG_BAD))."""
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     cnt = tl.zeros([BLOCK_M], tl.float32)
-    tot = tl.zeros([BLOCK_M], tl.float32)
+    tot = tl.zeros([BLOCK_M], tl.float64)
+    bad = tl.zeros([BLOCK_M], tl.int32) != 0
     for start_n in range(0, end_n, BLOCK_N):
-        s, offs_n = _scores(q, k_base, start_n, offs_m, offs_d, N_K, D, scale, CAUSAL, BLOCK_N, UPCAST, DOT_PREC)
-        above = row_ok[:, None] & (s > tau[:, None])
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, sk_n, offs_n, N_K, offs_d, D, UPCAST)
+        s, visible = _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS,
+                                  DOT_PREC)
+        if FLAG_BAD:
+            bad = bad | _sees_bad(visible, s, badk_base, offs_n, N_K)
+        z = _relative(s, c)
+        above = active[:, None] & (z > lo[:, None])
         cnt += tl.sum(above.to(tl.float32), axis=1)
-        tot += tl.sum(tl.where(above, s, 0.0), axis=1)
+        tot += tl.sum(tl.where(above, z, 0.0), axis=1).to(tl.float64)
         # Exactly sparse rows make most tiles empty: skip their v traffic and the second GEMM.
-        if tl.max(tl.max(above.to(tl.int32), axis=1), axis=0) > 0:
-            p = tl.where(above, s - tau[:, None], 0.0)
-            v = _load_rows(v_base, offs_n, N_K, offs_dv, DV, UPCAST)
+        if _any(above):
+            p = tl.where(above, z - lo[:, None], 0.0)
+            v = _finite(_load_rows(v_base, sv_n, offs_n, N_K, offs_dv, DV, UPCAST))
             if UPCAST:
                 acc += tl.dot(p, v, input_precision=DOT_PREC)
             else:
                 acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return acc, cnt, tot
+    return acc, cnt, tot, bad
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, th_ptr, o_ptr, st_ptr, N_Q, N_K, H, D, DV, scale,
-                SPARSEMAX: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, th_ptr, b_ptr, badk_ptr, o_ptr, st_ptr,
+                sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb_b, sb_h, sb_n, sb_m,
+                N_Q, N_K, H, D, DV, scale,
+                SPARSEMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr,
+                DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < N_Q
-    q = _load_rows(q_ptr + bh * N_Q * D, offs_m, N_Q, offs_d, D, UPCAST)
-    k_base = k_ptr + bh * N_K * D
-    v_base = v_ptr + bh * N_K * DV
+    q = _load_rows(q_ptr + b * sq_b + h * sq_h, sq_n, offs_m, N_Q, offs_d, D, UPCAST)
+    nan_row = tl.max(tl.where(tl.abs(q) < float("inf"), 0, 1), axis=1) > 0
+    q = _finite(q)
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    b_base = b_ptr + b * sb_b + h * sb_h
+    badk_base = badk_ptr + bh * N_K
     end_n = _key_end(start_m, N_K, CAUSAL, BLOCK_M)
 
     if SPARSEMAX:
-        # Pass 1: the row max m, and A = {s > (running max) - 1}, a superset of the support, so both m - 1 and
-        # (sum_A s - 1) / |A| are lower bounds of tau; the second is usually within a few keys of it.
+        # Pass 1: the row max m, the +inf count, the NaN rows, and A = {s > (running max) - 1}, a superset of the
+        # support, so both -1 and (sum_A z - 1) / |A| are lower bounds of t; the second is usually within a few
+        # keys of it. A's sum is kept relative to the running max and shifted when the max rises.
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        n_inf = tl.zeros([BLOCK_M], tl.float32)
         cnt = tl.zeros([BLOCK_M], tl.float32)
-        tot = tl.zeros([BLOCK_M], tl.float32)
+        tot = tl.zeros([BLOCK_M], tl.float64)
         for start_n in range(0, end_n, BLOCK_N):
-            s, offs_n = _scores(q, k_base, start_n, offs_m, offs_d, N_K, D, scale, CAUSAL, BLOCK_N, UPCAST,
-                                DOT_PREC)
-            m = tl.maximum(m, tl.max(s, axis=1))
-            above = s > (m - 1.0)[:, None]
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_base, sk_n, offs_n, N_K, offs_d, D, UPCAST)
+            s, visible = _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS,
+                                      DOT_PREC)
+            nan_row = nan_row | _sees_bad(visible, s, badk_base, offs_n, N_K)
+            s = tl.where(s == s, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            n_inf += tl.sum((s == float("inf")).to(tl.float32), axis=1)
+            tot += tl.where(cnt > 0, (m - m_new).to(tl.float64) * cnt.to(tl.float64), 0.0)
+            above = s > (m_new - 1.0)[:, None]
             cnt += tl.sum(above.to(tl.float32), axis=1)
-            tot += tl.sum(tl.where(above, s, 0.0), axis=1)
+            tot += tl.sum(tl.where(above, s - m_new[:, None], 0.0), axis=1).to(tl.float64)
+            m = m_new
         has_key = m > float("-inf")
-        lo = tl.where(has_key, tl.maximum(m - 1.0, (tot - 1.0) / tl.maximum(cnt, 1.0)), float("inf"))
-        # Michelot passes, each also accumulating O speculatively at lo: once the set {s > lo} stops shrinking,
-        # lo is the exact tau and that same pass's O is the answer, so no extra pass is spent on O.
-        pending = row_ok & has_key
+        inf_row = m == float("inf")
+        bound = ((tot - 1.0) / tl.maximum(cnt, 1.0).to(tl.float64)).to(tl.float32)
+        # A +inf row's threshold is exact at once: (0 - 1) / #{+inf}, computed as the sweep computes it.
+        inf_t = ((tl.zeros([BLOCK_M], tl.float64) - 1.0) / tl.maximum(n_inf, 1.0).to(tl.float64)).to(tl.float32)
+        lo = tl.where(inf_row, inf_t, tl.maximum(bound, -1.0))
+        # Michelot passes, each also accumulating O speculatively at lo: once the set {z > lo} stops shrinking,
+        # lo is the exact t and that same pass's O is the answer, so no extra pass is spent on O.
+        pending = row_ok & has_key & (nan_row == 0)
         prev = tl.full([BLOCK_M], -1.0, tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        support = tl.zeros([BLOCK_M], tl.float32)
         n_pending = tl.sum(pending.to(tl.int32), axis=0)
         while n_pending > 0:
-            o, cnt, tot = _sweep(q, k_base, v_base, lo, row_ok, offs_m, offs_d, offs_dv, end_n, N_K, D, DV, scale,
-                                 CAUSAL, BLOCK_M, BLOCK_N, BLOCK_DV, UPCAST, DOT_PREC)
-            t = (tot - 1.0) / tl.maximum(cnt, 1.0)
+            o, cnt, tot, _ = _sweep(q, k_base, sk_n, v_base, sv_n, b_base, sb_n, sb_m, badk_base, m, lo, pending,
+                                    offs_m, offs_d, offs_dv, end_n, N_Q, N_K, D, DV, scale, CAUSAL, HAS_BIAS, False,
+                                    BLOCK_M, BLOCK_N, BLOCK_DV, UPCAST, DOT_PREC)
+            t = ((tot - 1.0) / tl.maximum(cnt, 1.0).to(tl.float64)).to(tl.float32)
             # Done when the set no longer shrinks (lo exact) or rounding stalls the rise.
             done = pending & ((cnt == prev) | (t <= lo))
             acc = tl.where(done[:, None], o, acc)
-            support = tl.where(done, cnt, support)
             pending = pending & (done == 0)
             lo = tl.where(pending, t, lo)
             prev = cnt
             n_pending = tl.sum(pending.to(tl.int32), axis=0)
-        tau = lo
+        c = tl.where(has_key, m, float("inf"))
+        t_row = tl.where(has_key, lo, float("inf"))
     else:
-        tau = tl.zeros([BLOCK_M], tl.float32) + tl.load(th_ptr + bh % H).to(tl.float32)
-        acc, support, tot = _sweep(q, k_base, v_base, tau, row_ok, offs_m, offs_d, offs_dv, end_n, N_K, D, DV,
-                                   scale, CAUSAL, BLOCK_M, BLOCK_N, BLOCK_DV, UPCAST, DOT_PREC)
+        c = tl.zeros([BLOCK_M], tl.float32)
+        t_row = c + tl.load(th_ptr + h).to(tl.float32)
+        acc, _, _, bad = _sweep(q, k_base, sk_n, v_base, sv_n, b_base, sb_n, sb_m, badk_base, c, t_row, row_ok,
+                                offs_m, offs_d, offs_dv, end_n, N_Q, N_K, D, DV, scale, CAUSAL, HAS_BIAS, True,
+                                BLOCK_M, BLOCK_N, BLOCK_DV, UPCAST, DOT_PREC)
+        nan_row = nan_row | bad
+    acc = tl.where(nan_row[:, None], float("nan"), acc)
+    c = tl.where(nan_row, float("nan"), c)
+    t_row = tl.where(nan_row, float("nan"), t_row)
     tl.store(o_ptr + bh * N_Q * DV + offs_m[:, None] * DV + offs_dv[None, :],
              acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(st_ptr + (bh * N_Q + offs_m) * 2, tau, mask=row_ok)
-    tl.store(st_ptr + (bh * N_Q + offs_m) * 2 + 1, support, mask=row_ok)
+    tl.store(st_ptr + (bh * N_Q + offs_m) * 2, c, mask=row_ok)
+    tl.store(st_ptr + (bh * N_Q + offs_m) * 2 + 1, t_row, mask=row_ok)
 
 
 @triton.jit
-def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, st_ptr, dq_ptr, delta_ptr, dth_ptr, N_Q, N_K, D, DV, scale,
-                   SPARSEMAX: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, st_ptr, dq_ptr, delta_ptr, dth_ptr,
+                   sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb_b, sb_h, sb_n, sb_m,
+                   N_Q, N_K, H, D, DV, scale,
+                   SPARSEMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr,
+                   DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < N_Q
-    q = _load_rows(q_ptr + bh * N_Q * D, offs_m, N_Q, offs_d, D, UPCAST)
-    g = _load_rows(g_ptr + bh * N_Q * DV, offs_m, N_Q, offs_dv, DV, UPCAST)
-    tau = tl.load(st_ptr + (bh * N_Q + offs_m) * 2, mask=row_ok, other=float("inf"))
-    k_base = k_ptr + bh * N_K * D
-    v_base = v_ptr + bh * N_K * DV
+    q = _finite(_load_rows(q_ptr + b * sq_b + h * sq_h, sq_n, offs_m, N_Q, offs_d, D, UPCAST))
+    c = tl.load(st_ptr + (bh * N_Q + offs_m) * 2, mask=row_ok, other=float("nan"))
+    t = tl.load(st_ptr + (bh * N_Q + offs_m) * 2 + 1, mask=row_ok, other=float("nan"))
+    # A NaN row passes no gradient (and its g, possibly NaN, must not reach other rows through a dot).
+    g = _load_rows(g_ptr + bh * N_Q * DV, DV, offs_m, N_Q, offs_dv, DV, UPCAST)
+    g = tl.where((c == c)[:, None], g, tl.zeros_like(g))
+    moving = c < float("inf")  # +inf rows (and rows without keys) have a constant P
+    k_base = k_ptr + b * sk_b + h * sk_h
+    v_base = v_ptr + b * sv_b + h * sv_h
+    b_base = b_ptr + b * sb_b + h * sb_h
     end_n = _key_end(start_m, N_K, CAUSAL, BLOCK_M)
 
     delta = tl.zeros([BLOCK_M], tl.float32)
     if SPARSEMAX:
-        support = tl.load(st_ptr + (bh * N_Q + offs_m) * 2 + 1, mask=row_ok, other=1.0)
+        support = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, end_n, BLOCK_N):
-            s, offs_n = _scores(q, k_base, start_n, offs_m, offs_d, N_K, D, scale, CAUSAL, BLOCK_N, UPCAST,
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            k = _load_rows(k_base, sk_n, offs_n, N_K, offs_d, D, UPCAST)
+            s, _ = _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS,
                                 DOT_PREC)
-            on = s > tau[:, None]
-            if tl.max(tl.max(on.to(tl.int32), axis=1), axis=0) > 0:
-                v = _load_rows(v_base, offs_n, N_K, offs_dv, DV, UPCAST)
+            on = moving[:, None] & (_relative(s, c) > t[:, None])
+            support += tl.sum(on.to(tl.float32), axis=1)
+            if _any(on):
+                v = _load_rows(v_base, sv_n, offs_n, N_K, offs_dv, DV, UPCAST)
                 dp = tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
                 delta += tl.sum(tl.where(on, dp, 0.0), axis=1)
         delta = delta / tl.maximum(support, 1.0)
@@ -184,11 +271,12 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, st_ptr, dq_ptr, delta_ptr, dth_pt
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     ds_sum = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, end_n, BLOCK_N):
-        s, offs_n = _scores(q, k_base, start_n, offs_m, offs_d, N_K, D, scale, CAUSAL, BLOCK_N, UPCAST, DOT_PREC)
-        on = s > tau[:, None]
-        if tl.max(tl.max(on.to(tl.int32), axis=1), axis=0) > 0:
-            k = _load_rows(k_base, offs_n, N_K, offs_d, D, UPCAST)
-            v = _load_rows(v_base, offs_n, N_K, offs_dv, DV, UPCAST)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _finite(_load_rows(k_base, sk_n, offs_n, N_K, offs_d, D, UPCAST))
+        s, _ = _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS, DOT_PREC)
+        on = moving[:, None] & (_relative(s, c) > t[:, None])
+        if _any(on):
+            v = _load_rows(v_base, sv_n, offs_n, N_K, offs_dv, DV, UPCAST)
             dp = tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
             ds = tl.where(on, dp - delta[:, None], 0.0)
             ds_sum += tl.sum(ds, axis=1)
@@ -203,19 +291,23 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, g_ptr, st_ptr, dq_ptr, delta_ptr, dth_pt
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, st_ptr, delta_ptr, dk_ptr, dv_ptr, N_Q, N_K, D, DV, scale,
-                     CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, st_ptr, delta_ptr, dk_ptr, dv_ptr,
+                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb_b, sb_h, sb_n, sb_m,
+                     N_Q, N_K, H, D, DV, scale,
+                     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     col_ok = offs_n < N_K
-    k = _load_rows(k_ptr + bh * N_K * D, offs_n, N_K, offs_d, D, UPCAST)
-    v = _load_rows(v_ptr + bh * N_K * DV, offs_n, N_K, offs_dv, DV, UPCAST)
-    q_base = q_ptr + bh * N_Q * D
+    k = _finite(_load_rows(k_ptr + b * sk_b + h * sk_h, sk_n, offs_n, N_K, offs_d, D, UPCAST))
+    v = _finite(_load_rows(v_ptr + b * sv_b + h * sv_h, sv_n, offs_n, N_K, offs_dv, DV, UPCAST))
+    q_base = q_ptr + b * sq_b + h * sq_h
+    b_base = b_ptr + b * sb_b + h * sb_h
     g_base = g_ptr + bh * N_Q * DV
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
@@ -224,18 +316,18 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, st_ptr, delta_ptr, dk_ptr, dv_p
     for start_m in range(begin_m, N_Q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < N_Q
-        q = _load_rows(q_base, offs_m, N_Q, offs_d, D, UPCAST)
-        tau = tl.load(st_ptr + (bh * N_Q + offs_m) * 2, mask=row_ok, other=float("inf"))
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
-        on = row_ok[:, None] & col_ok[None, :] & (s > tau[:, None])
-        if CAUSAL:
-            on = on & (offs_n[None, :] <= offs_m[:, None])
-        if tl.max(tl.max(on.to(tl.int32), axis=1), axis=0) > 0:
-            g = _load_rows(g_base, offs_m, N_Q, offs_dv, DV, UPCAST)
+        q = _finite(_load_rows(q_base, sq_n, offs_m, N_Q, offs_d, D, UPCAST))
+        c = tl.load(st_ptr + (bh * N_Q + offs_m) * 2, mask=row_ok, other=float("nan"))
+        t = tl.load(st_ptr + (bh * N_Q + offs_m) * 2 + 1, mask=row_ok, other=float("nan"))
+        s, _ = _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS, DOT_PREC)
+        on = _relative(s, c) > t[:, None]  # never on NaN rows, hidden keys or rows/keys out of range
+        if _any(on):
+            g = _load_rows(g_base, DV, offs_m, N_Q, offs_dv, DV, UPCAST)
+            g = tl.where((c == c)[:, None], g, tl.zeros_like(g))
             delta = tl.load(delta_ptr + bh * N_Q + offs_m, mask=row_ok, other=0.0)
-            p = tl.where(on, s - tau[:, None], 0.0)
+            p = tl.where(on, _relative(s, c) - t[:, None], 0.0)
             dp = tl.dot(g, tl.trans(v), input_precision=DOT_PREC)
-            ds = tl.where(on, dp - delta[:, None], 0.0)
+            ds = tl.where(on & (c < float("inf"))[:, None], dp - delta[:, None], 0.0)
             if UPCAST:
                 dv += tl.dot(tl.trans(p), g, input_precision=DOT_PREC)
                 dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PREC)
@@ -251,64 +343,105 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, g_ptr, st_ptr, delta_ptr, dk_ptr, dv_p
 KERNELS = {"fwd": _fwd_kernel, "bwd_dq": _bwd_dq_kernel, "bwd_dkdv": _bwd_dkdv_kernel}
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _block(d: int, dv: int) -> int:
+    # Small tiles keep the interpreter quick; on a GPU 64 x 64 tiles with d <= 128 fit in registers/shared memory.
+    return 16 if interpreting() else (64 if max(d, dv) <= 64 else 32)
 
 
-def _config(q: Tensor, v: Tensor) -> dict:
-    """Compile-time constants shared by the three kernels (block sizes, padding, precision)."""
+def _config(q: Tensor, v: Tensor, bias: Tensor | None) -> dict:
+    """Compile-time constants shared by the three kernels (block sizes, padding, precision, bias)."""
     d, dv = q.shape[-1], v.shape[-1]
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"the triton sparse-attention kernels take float32/float16/bfloat16, got {q.dtype}")
-    # Small tiles keep the interpreter quick; on a GPU 64 x 64 tiles with d <= 128 fit in registers/shared memory.
-    block = 16 if _interpreting() else (64 if max(d, dv) <= 64 else 32)
+    block = _block(d, dv)
     return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+                BLOCK_DV=max(16, triton.next_power_of_2(dv)), HAS_BIAS=bias is not None,
                 # The interpreter's numpy has no bf16 arithmetic, so values are upcast right after loading.
-                UPCAST=_interpreting(), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                UPCAST=interpreting(), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, mode: str, causal: bool,
-                         scale: float) -> tuple[Tensor, Tensor]:
-    """Launch the forward. q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv) contiguous, threshold (H,).
+def _rows(t: Tensor) -> Tensor:
+    """t itself when its rows have a unit last stride (what the kernels read), else a contiguous copy."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
-    Returns O (B,H,N,dv) in q's dtype and stats (B,H,N,2) fp32 = (tau, |S|).
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _bias_args(bias: Tensor | None, dummy: Tensor) -> tuple:
+    """The bias pointer and its four strides (a float32 placeholder with zero strides when there is none)."""
+    if bias is None:
+        return dummy, 0, 0, 0, 0
+    if bias.dtype != torch.float32:
+        raise TypeError(f"the triton sparse-attention kernels take a float32 bias, got {bias.dtype}")
+    return (bias, *bias.stride())
+
+
+def _finite_rows(t: Tensor) -> Tensor:
+    """(B, H, L) bool: whether row t[b, h, l] is all finite, from its min and max (no temporary of t's size)."""
+    if t.shape[-1] == 0:
+        return torch.ones(t.shape[:-1], dtype=torch.bool, device=t.device)
+    lo, hi = torch.aminmax(t, dim=-1)
+    return torch.isfinite(lo) & torch.isfinite(hi)
+
+
+def _bad_keys(k: Tensor, v: Tensor) -> Tensor:
+    """(B, H, M) int8: 1 where k_j or v_j holds NaN or inf (the rows that see such a key are NaN)."""
+    return (~(_finite_rows(k) & _finite_rows(v))).to(torch.int8).contiguous()
+
+
+def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bias: Optional[Tensor], mode: str,
+                         causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """Launch the forward. q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv) with any strides, threshold (H,), bias None or
+    (B,H,N,M) float32 (any strides, zero on broadcast dims).
+
+    Returns O (B,H,N,dv) in q's dtype and stats (B,H,N,2) fp32 = (c, t).
     """
+    q, k, v = _rows(q), _rows(k), _rows(v)
     b, h, n, d = q.shape
     m, dv = k.shape[2], v.shape[3]
-    cfg = _config(q, v)
+    cfg = _config(q, v, bias)
     out = torch.empty((b, h, n, dv), device=q.device, dtype=q.dtype)
     stats = torch.empty((b, h, n, 2), device=q.device, dtype=torch.float32)
     th = threshold.to(torch.float32).contiguous()
-    grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
-    torch.library.wrap_triton(_fwd_kernel)[grid](
-        q, k, v, th, out, stats, n, m, h, d, dv, scale,
-        SPARSEMAX=mode == "sparsemax", CAUSAL=causal, **cfg)
+    if n == 0 or b * h == 0:
+        return out, stats
+    bias_ptr, *bias_strides = _bias_args(bias, stats)
+    launch(_fwd_kernel)[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
+        q, k, v, th, bias_ptr, _bad_keys(k, v), out, stats, *_strides(q), *_strides(k), *_strides(v),
+        *bias_strides, n, m, h, d, dv, scale, SPARSEMAX=mode == "sparsemax", CAUSAL=causal, **cfg)
     return out, stats
 
 
-def sparse_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, stats: Tensor,
-                         mode: str, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def sparse_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, threshold: Tensor,
+                         bias: Optional[Tensor], stats: Tensor, mode: str, causal: bool,
+                         scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward from the saved stats. Shapes as the forward; grad_out (B,H,N,dv).
 
-    Returns dq, dk, dv (input dtypes) and dthreshold (H,) (zeros for sparsemax).
+    Returns dq, dk, dv (input dtypes, contiguous) and dthreshold (H,) (zeros for sparsemax).
     """
+    q, k, v = _rows(q), _rows(k), _rows(v)
     b, h, n, d = q.shape
     m, dv_ = k.shape[2], v.shape[3]
-    cfg = _config(q, v)
+    cfg = _config(q, v, bias)
     g = grad_out.to(q.dtype).contiguous()
     st = stats.to(torch.float32).contiguous()
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq = torch.zeros((b, h, n, d), device=q.device, dtype=q.dtype)
+    dk = torch.zeros((b, h, m, d), device=q.device, dtype=q.dtype)
+    dv = torch.zeros((b, h, m, dv_), device=q.device, dtype=q.dtype)
     delta = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     n_qblocks = triton.cdiv(n, cfg["BLOCK_M"])
-    dth_partial = torch.empty((b, h, n_qblocks), device=q.device, dtype=torch.float32)
-    torch.library.wrap_triton(_bwd_dq_kernel)[(n_qblocks, b * h)](
-        q, k, v, g, st, dq, delta, dth_partial, n, m, d, dv_, scale,
-        SPARSEMAX=mode == "sparsemax", CAUSAL=causal, **cfg)
-    torch.library.wrap_triton(_bwd_dkdv_kernel)[(triton.cdiv(m, cfg["BLOCK_N"]), b * h)](
-        q, k, v, g, st, delta, dk, dv, n, m, d, dv_, scale, CAUSAL=causal, **cfg)
+    dth_partial = torch.zeros((b, h, n_qblocks), device=q.device, dtype=torch.float32)
+    bias_ptr, *bias_strides = _bias_args(bias, st)
+    strides = (*_strides(q), *_strides(k), *_strides(v), *bias_strides)
+    if n > 0 and b * h > 0:
+        launch(_bwd_dq_kernel)[(n_qblocks, b * h)](
+            q, k, v, bias_ptr, g, st, dq, delta, dth_partial, *strides, n, m, h, d, dv_, scale,
+            SPARSEMAX=mode == "sparsemax", CAUSAL=causal, **cfg)
+        if m > 0:
+            launch(_bwd_dkdv_kernel)[(triton.cdiv(m, cfg["BLOCK_N"]), b * h)](
+                q, k, v, bias_ptr, g, st, delta, dk, dv, *strides, n, m, h, d, dv_, scale, CAUSAL=causal, **cfg)
     if mode == "sparsemax":
         dth = torch.zeros_like(threshold)
     else:
@@ -316,28 +449,24 @@ def sparse_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, thre
     return dq, dk, dv, dth
 
 
-def aot_signature(dtype: str, d: int, mode: str, causal: bool, kernel: str = "fwd") -> tuple[dict, dict]:
-    """(signature, constexprs) for compiling ``KERNELS[kernel]`` ahead of time with `triton.compile`.
+def aot_specializations(b: int, h: int, n: int, m: int, d: int, dv: int | None = None,
+                        dtype: torch.dtype = torch.float16, *, causal: bool = True,
+                        with_bias: bool = False) -> list[AotSpec]:
+    """Every kernel specialisation the launchers make on one problem (both modes, forward and backward), recorded
+    on meta tensors without running anything: q (b, h, n, d), k (b, h, m, d), v (b, h, m, dv or d), a key padding
+    bias when ``with_bias``. Call without TRITON_INTERPRET (the interpreter's block sizes differ)."""
+    if interpreting():
+        raise RuntimeError("aot_specializations needs the GPU configurations: unset TRITON_INTERPRET")
 
-    dtype: "fp32" | "fp16" | "bf16"; d: head dim (also used as dv).
-    """
-    blk = 64 if d <= 64 else 32
-    pd = max(16, triton.next_power_of_2(d))
-    ptr = f"*{dtype}"
-    common = dict(CAUSAL=causal, BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=pd, BLOCK_DV=pd, UPCAST=False,
-                  DOT_PREC="ieee" if dtype == "fp32" else "tf32")
-    if kernel == "fwd":
-        sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, th_ptr="*fp32", o_ptr=ptr, st_ptr="*fp32", N_Q="i32",
-                   N_K="i32", H="i32", D="i32", DV="i32", scale="fp32")
-        const = dict(common, SPARSEMAX=mode == "sparsemax")
-    elif kernel == "bwd_dq":
-        sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, g_ptr=ptr, st_ptr="*fp32", dq_ptr=ptr, delta_ptr="*fp32",
-                   dth_ptr="*fp32", N_Q="i32", N_K="i32", D="i32", DV="i32", scale="fp32")
-        const = dict(common, SPARSEMAX=mode == "sparsemax")
-    else:
-        sig = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, g_ptr=ptr, st_ptr="*fp32", delta_ptr="*fp32", dk_ptr=ptr,
-                   dv_ptr=ptr, N_Q="i32", N_K="i32", D="i32", DV="i32", scale="fp32")
-        const = common
-    for name in const:
-        sig[name] = "constexpr"
-    return sig, const
+    def meta(*shape, dt=dtype):
+        return torch.empty(shape, device="meta", dtype=dt)
+
+    q, k, v, th = meta(b, h, n, d), meta(b, h, m, d), meta(b, h, m, dv or d), meta(h, dt=torch.float32)
+    bias = meta(b, 1, 1, m, dt=torch.float32).expand(b, h, n, m) if with_bias else None
+
+    def run():
+        for mode in ("sparsemax", "shrink"):
+            out, stats = sparse_attention_fwd(q, k, v, th, bias, mode, causal, d ** -0.5)
+            sparse_attention_bwd(torch.empty_like(out), q, k, v, th, bias, stats, mode, causal, d ** -0.5)
+
+    return record_launches(run)

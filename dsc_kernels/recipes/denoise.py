@@ -1,0 +1,248 @@
+"""`--recipe denoise`: a CSCNet-style convolutional sparse coding denoiser for gray photographs, sigma = 25/255.
+
+Model (Simon & Elad 2019, "Rethinking the CSC model for natural images", in small): ``ConvSparseCoding2d`` with an
+untied encoder, learned per-iteration and per-channel thresholds (``learn_lam``: threshold = step * lam) and
+learned steps, unrolled ``N_ITER`` times; the estimate is ``D z`` plus the image mean. Stride s > 1 is allowed:
+then the s^2 shifted copies are coded and averaged, as CSCNet does. Input and output (B, 1, H, W) in [0, 1],
+any H, W.
+
+Data (scikit-learn's two photographs, gray, nothing downloaded), and what is held out:
+    training   random 40x40 patches of china.jpg, columns [0, 480) only
+    held out   (a) flower.jpg, the whole photograph: never seen in training (the goal is measured here)
+               (b) china.jpg columns [480, 640): a region of the training photograph that no patch touched
+Noise: Gaussian, sigma = 25/255, a fixed seed for the test images. Baselines on the same noisy images: the noisy
+input, ISTA (FISTA, 50 iterations) on a fixed 8x8 DCT dictionary (stride 4) with lam chosen on the training region, and
+scikit-image's ``denoise_wavelet`` (BayesShrink, told sigma) and ``denoise_tv_chambolle`` with its weight chosen on
+the training region. (The TV weight that would be best on each test image is also reported, as an oracle.)
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import data as dsc_data
+from .. import functional as DF
+from ..nn import ConvSparseCoding2d
+from . import data, engine
+
+NAME = "denoise"
+STRATEGIES = ("cscnet",)
+DEFAULT_STRATEGY = "cscnet"
+DEFAULT_EPOCHS = 12
+HEADLINE = ("psnr_model", "psnr_best_skimage", "psnr_noisy", "seconds")
+SIGMA = 25 / 255
+TRAIN_PHOTO, TRAIN_COLUMNS = "china", (0, 480)
+PATCH, PATCHES_PER_EPOCH, BATCH_SIZE = 40, 512, 16
+N_ATOMS, KERNEL, N_ITER, STRIDE = 32, 7, 6, 1
+LEARNING_RATE = 3e-3
+TV_WEIGHTS = (0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15)
+DCT_LAMS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.12)
+
+
+class CSCDenoiser(nn.Module):
+    """y (B, 1, H, W) noisy -> x_hat (B, 1, H, W): x_hat = D z + mean(y), z = unrolled ISTA of y - mean(y)."""
+
+    def __init__(self, n_atoms: int = N_ATOMS, kernel_size: int = KERNEL, n_iter: int = N_ITER,
+                 stride: int = STRIDE, backend: str = "auto"):
+        super().__init__()
+        self.stride = stride
+        self.csc = ConvSparseCoding2d(1, n_atoms, kernel_size, stride=stride, padding=kernel_size // 2,
+                                      n_iter=n_iter, lam=0.05, learn_lam=True, learn_step=True, untied=True,
+                                      backend=backend)
+
+    def _code_decode(self, y: Tensor) -> Tensor:
+        return self.csc.decode(self.csc(y), y.shape[2:])
+
+    def forward(self, y: Tensor) -> Tensor:
+        mean = y.mean(dim=(1, 2, 3), keepdim=True)
+        centred = y - mean
+        if self.stride == 1:
+            return self._code_decode(centred) + mean
+        # s^2 shifted copies, each coded on the strided grid, shifted back and averaged (CSCNet's shift averaging).
+        s, (h, w) = self.stride, y.shape[2:]
+        padded = nn.functional.pad(centred, (s, s, s, s), mode="reflect")
+        total = torch.zeros_like(y)
+        for dy in range(s):
+            for dx in range(s):
+                out = self._code_decode(padded[..., dy:, dx:])
+                total = total + out[..., s - dy:s - dy + h, s - dx:s - dx + w]
+        return total / (s * s) + mean
+
+
+def build(spec: dict) -> nn.Module:
+    return CSCDenoiser(spec["n_atoms"], spec["kernel_size"], spec["n_iter"], spec["stride"],
+                       backend=spec.get("backend", "auto"))
+
+
+def psnr(clean: Tensor, estimate: Tensor) -> float:
+    """PSNR in dB of an estimate of an image in [0, 1] (the estimate is clipped to [0, 1] first)."""
+    mse = float((estimate.clamp(0, 1) - clean).pow(2).mean())
+    return 10 * math.log10(1.0 / mse)
+
+
+def noisy_copy(clean: Tensor, seed: int) -> Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return clean + SIGMA * torch.randn(clean.shape, generator=generator)
+
+
+def test_images(seed: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """{name: (clean, noisy)} of the held-out images, (1, 1, H, W) each, with fixed noise."""
+    china, flower = data.photo("china"), data.photo("flower")
+    images = {"flower (unseen photograph)": flower, "china right part (unseen region)": china[:, TRAIN_COLUMNS[1]:]}
+    return {name: (im[None, None], noisy_copy(im[None, None], seed + 1000 + i))
+            for i, (name, im) in enumerate(images.items())}
+
+
+def tuning_image(seed: int) -> tuple[Tensor, Tensor]:
+    """A 160x160 crop of the training region with fixed noise: where the baselines' parameters are chosen."""
+    clean = data.photo(TRAIN_PHOTO)[120:280, 160:320][None, None]
+    return clean, noisy_copy(clean, seed + 999)
+
+
+# ------------------------------------------------------------------------------------------------- baselines
+@torch.no_grad()
+def dct_ista(noisy: Tensor, lam: float, n_iter: int = 50) -> Tensor:
+    """FISTA on a fixed convolutional 8x8 DCT dictionary (64 atoms, DC included) at stride 4 (4x redundant), image
+    mean removed."""
+    weight = dsc_data.dct_filters(64, 8, ndim=2, dtype=noisy.dtype)
+    mean = noisy.mean()
+    z = DF.conv_ista(noisy - mean, weight, lam, n_iter=n_iter, stride=4, padding=4, fista=True)
+    return DF.conv_synthesis(z, weight, stride=4, padding=4, signal_size=noisy.shape[2:]) + mean
+
+
+def _skimage():
+    try:
+        from skimage.restoration import denoise_tv_chambolle, denoise_wavelet
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("the denoise recipe's baselines need scikit-image and PyWavelets: "
+                          "pip install 'dsc_kernels[train]'") from err
+    return denoise_wavelet, denoise_tv_chambolle
+
+
+def wavelet(noisy: Tensor) -> Tensor:
+    denoise_wavelet, _ = _skimage()
+    out = denoise_wavelet(noisy[0, 0].double().numpy(), sigma=SIGMA, method="BayesShrink", mode="soft",
+                          rescale_sigma=True)
+    return torch.from_numpy(np.asarray(out, dtype=np.float32))[None, None]
+
+
+def tv(noisy: Tensor, weight: float) -> Tensor:
+    _, denoise_tv_chambolle = _skimage()
+    out = denoise_tv_chambolle(noisy[0, 0].double().numpy(), weight=weight)
+    return torch.from_numpy(np.asarray(out, dtype=np.float32))[None, None]
+
+
+def baselines(seed: int) -> dict:
+    """Baseline PSNRs on every test image, parameters chosen on the tuning crop of the training region."""
+    clean, noisy = tuning_image(seed)
+    tv_weight = max(TV_WEIGHTS, key=lambda w: psnr(clean, tv(noisy, w)))
+    dct_lam = max(DCT_LAMS, key=lambda lam: psnr(clean, dct_ista(noisy, lam)))
+    results = {}
+    for name, (clean, noisy) in test_images(seed).items():
+        results[name] = {"noisy": psnr(clean, noisy), "dct_ista": psnr(clean, dct_ista(noisy, dct_lam)),
+                         "wavelet_bayes": psnr(clean, wavelet(noisy)),
+                         "tv_chambolle": psnr(clean, tv(noisy, tv_weight)),
+                         "tv_chambolle_oracle": max(psnr(clean, tv(noisy, w)) for w in TV_WEIGHTS)}
+    return {"tv_weight": tv_weight, "dct_lam": dct_lam, "images": results}
+
+
+# -------------------------------------------------------------------------------------------------- training
+def training_patches(seed: int) -> Tensor:
+    """The clean training patches, (PATCHES_PER_EPOCH, 1, PATCH, PATCH), from the training region only; an epoch
+    visits each once, with fresh noise every time."""
+    region = data.photo(TRAIN_PHOTO)[:, TRAIN_COLUMNS[0]:TRAIN_COLUMNS[1]]
+    return data.random_patches(region, PATCHES_PER_EPOCH, PATCH, torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, seed: int) -> dict[str, float]:
+    model.eval()
+    out = {name: psnr(clean, model(noisy).cpu()) for name, (clean, noisy) in test_images(seed).items()}
+    model.train()
+    return out
+
+
+def train(strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run,
+          subset: int | None = None) -> dict:
+    """Train the denoiser on fresh noisy patches every epoch; returns metrics (writes out/ on rank 0)."""
+    torch.manual_seed(seed)
+    spec = {"n_atoms": N_ATOMS, "kernel_size": KERNEL, "n_iter": N_ITER, "stride": STRIDE, "backend": backend}
+    model = build(spec).to(run.device)
+    clean = training_patches(seed)
+    if subset is not None:
+        clean = clean[:subset]
+    trained = engine.wrap(model, run)
+    optimizer = torch.optim.Adam(trained.parameters(), lr=LEARNING_RATE)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs, 1))
+
+    def loss_fn(net: nn.Module, x: Tensor, _: Tensor) -> Tensor:
+        noisy = x + SIGMA * torch.randn_like(x)  # fresh noise at every step
+        return (net(noisy) - x).pow(2).mean()
+
+    start = time.perf_counter()
+    loader = engine.train_loader(clean, clean, BATCH_SIZE, seed, run)
+    history = engine.fit(trained, loader, loss_fn, optimizer, epochs, run, desc=f"denoise/{strategy}",
+                         scheduler=scheduler)
+    metrics = {}
+    if run.is_main:
+        model_psnr = evaluate(model, seed)
+        base = baselines(seed)
+        headline_image = "flower (unseen photograph)"
+        best_skimage = max(base["images"][headline_image][k] for k in ("wavelet_bayes", "tv_chambolle"))
+        metrics = {"recipe": NAME, "strategy": strategy, "epochs": epochs, "seed": seed, "sigma": SIGMA,
+                   "held_out": {"flower (unseen photograph)": "flower.jpg, whole, gray 427x640; not used in training",
+                                "china right part (unseen region)": "china.jpg columns 480-639; training patches "
+                                                                    "come from columns 0-479 only"},
+                   "psnr_model": model_psnr[headline_image], "psnr_noisy": base["images"][headline_image]["noisy"],
+                   "psnr_best_skimage": best_skimage,
+                   "images": {name: {"model": model_psnr[name], **values} for name, values in base["images"].items()},
+                   "tv_weight": base["tv_weight"], "dct_lam": base["dct_lam"],
+                   "seconds": time.perf_counter() - start,
+                   "seconds_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),
+                   "backend": backend, "world_size": run.world_size, "history": history}
+        if out is not None:
+            engine.save(out, NAME, spec, model, metrics)
+            plot(model, metrics, seed, out / "denoise.png")
+    run.barrier()
+    return metrics
+
+
+def plot(model: nn.Module, metrics: dict, seed: int, path: Path) -> None:
+    """A crop of the unseen photograph: clean, noisy, model, best baseline; and the learned atoms."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clean, noisy = test_images(seed)["flower (unseen photograph)"]
+    crop = (slice(None), slice(None), slice(150, 310), slice(240, 400))
+    model.eval()
+    with torch.no_grad():
+        estimate = model(noisy)[crop]
+    panels = [("clean", clean[crop]), (f"noisy {metrics['psnr_noisy']:.2f} dB", noisy[crop]),
+              (f"model {metrics['psnr_model']:.2f} dB", estimate),
+              (f"TV {metrics['images']['flower (unseen photograph)']['tv_chambolle']:.2f} dB",
+               tv(noisy, metrics["tv_weight"])[crop])]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3 * (len(panels) + 1), 3.2))
+    for ax, (title, image) in zip(axes, panels):
+        ax.imshow(image[0, 0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    atoms = model.csc.weight.detach()[:, 0]
+    n = atoms.shape[0]
+    cols = int(math.ceil(math.sqrt(n)))
+    k = atoms.shape[-1]
+    grid = torch.full((cols * (k + 1), cols * (k + 1)), float("nan"))
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[r * (k + 1):r * (k + 1) + k, c * (k + 1):c * (k + 1) + k] = atoms[i] / atoms[i].abs().max()
+    axes[-1].imshow(grid.numpy(), cmap="gray", vmin=-1, vmax=1)
+    axes[-1].set_title("learned dictionary D", fontsize=9)
+    axes[-1].axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

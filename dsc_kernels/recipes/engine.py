@@ -1,0 +1,150 @@
+"""The training engine the recipes share: process group (DDP under torchrun), loaders, the epoch loop with tqdm,
+and the output folder (metrics.json, model.pt) that ``recipes.load`` reads back.
+
+Distributed runs: ``torchrun --nproc_per_node=N -m dsc_kernels train ... --distributed``. Every rank builds the same
+model from the same seed, wraps it in ``DistributedDataParallel`` (gloo on CPU, nccl on GPU; gradients are
+all-reduced during the backward, fused ops included) and reads its shard of the training set through a
+``DistributedSampler``; rank 0 evaluates and writes the outputs while the others wait.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+MODEL_FILE, METRICS_FILE = "model.pt", "metrics.json"
+
+
+@dataclass
+class Run:
+    """Where a recipe runs: device, rank and world size (1 and rank 0 without --distributed)."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    distributed: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        """The mean of a float over the ranks."""
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t) / self.world_size
+
+
+def start(distributed: bool, device: str | None = None) -> Run:
+    """Join the torchrun process group when ``distributed`` (gloo on CPU, nccl on CUDA), else a single process."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not distributed:
+        return Run(torch.device(device))
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise SystemExit("--distributed needs the environment torchrun sets: run "
+                         "`torchrun --nproc_per_node=2 -m dsc_kernels train ... --distributed`")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        run_device = torch.device("cuda", local_rank)
+    else:
+        run_device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    return Run(run_device, dist.get_rank(), dist.get_world_size(), True)
+
+
+def finish(run: Run) -> None:
+    if run.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, run: Run) -> nn.Module:
+    """DistributedDataParallel around ``model`` in a distributed run (the model itself otherwise)."""
+    if not run.distributed:
+        return model
+    device_ids = [run.device.index] if run.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def train_loader(x: Tensor, y: Tensor, batch_size: int, seed: int, run: Run) -> DataLoader:
+    """Shuffled batches of (x, y), one shard per rank in a distributed run (``loader.sampler.set_epoch`` is called
+    by ``fit``)."""
+    dataset = TensorDataset(x, y)
+    generator = torch.Generator().manual_seed(seed)
+    if run.distributed:
+        sampler = DistributedSampler(dataset, num_replicas=run.world_size, rank=run.rank, shuffle=True, seed=seed)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+
+
+def fit(model: nn.Module, loader: DataLoader, loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor],
+        optimizer: torch.optim.Optimizer, epochs: int, run: Run, *, desc: str,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        after_step: Callable[[], None] | None = None,
+        after_epoch: Callable[[int, float], dict | None] | None = None) -> list[dict]:
+    """Train for ``epochs`` with a tqdm bar on rank 0; returns one record per epoch: mean training loss (over ranks),
+    seconds, and whatever ``after_epoch(epoch, loss)`` returns. ``after_step()`` runs after every optimiser step
+    (e.g. renormalising a dictionary; identical on every rank, so replicas stay equal)."""
+    from tqdm import tqdm
+
+    history = []
+    bar = tqdm(total=epochs * len(loader), desc=desc, disable=not run.is_main, file=sys.stderr, dynamic_ncols=True)
+    for epoch in range(epochs):
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        model.train()
+        start_time, total, count = time.perf_counter(), 0.0, 0
+        for x, y in loader:
+            x, y = x.to(run.device), y.to(run.device)
+            loss = loss_fn(model, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            total, count = total + float(loss.detach()) * len(x), count + len(x)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{total / count:.4g}")
+        if scheduler is not None:
+            scheduler.step()
+        record = {"epoch": epoch + 1, "loss": run.mean(total / max(count, 1)),
+                  "seconds": time.perf_counter() - start_time}
+        if after_epoch is not None:
+            record.update(after_epoch(epoch, record["loss"]) or {})
+        history.append(record)
+    bar.close()
+    return history
+
+
+def save(out: Path, recipe: str, spec: dict, model: nn.Module, metrics: dict) -> None:
+    """Write ``out/model.pt`` ({recipe, spec, state_dict}: the recipe rebuilds the module from spec) and
+    ``out/metrics.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    torch.save({"recipe": recipe, "spec": spec, "state_dict": state}, out / MODEL_FILE)
+    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def read_checkpoint(out: Path) -> dict:
+    path = Path(out) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MODEL_FILE} in {out}: pass the --out folder of `python -m dsc_kernels train`")
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,281 @@
+"""Training for sparse features: sparsity metrics, activation and coherence regularisers, threshold warm-up,
+and ``SparsityMonitor``.
+
+Metrics (any float tensor):
+    zero_fraction(t)      fraction of entries that are exactly 0
+    hoyer(t, dim)         Hoyer's measure (sqrt(n) - |t|_1/|t|_2) / (sqrt(n) - 1): 0 for equal magnitudes, 1 for
+                          a single non-zero (Hoyer 2004)
+    channel_activity(t)   (C,) fraction of non-zero entries per channel of a (B, C, *) map
+
+Regularisers (differentiable):
+    ActivationL1          weight * mean |output| of chosen modules, collected by forward hooks
+    coherence_penalty     ||W^T W - I||_F^2 on the unfolded filters (optionally at every shift: the convolutional
+                          dictionary's Gram matrix)
+    max_coherence         mu(D) of ``theory.mutual_coherence`` (exact, not differentiable)
+
+Schedules: ``warmup_factor`` and ``ThresholdWarmup`` (ramp fixed thresholds up from a fraction of their targets).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import theory
+from .nn import ConvSparseCoding1d, ConvSparseCoding2d, SoftThreshold
+
+__all__ = ["zero_fraction", "hoyer", "channel_activity", "ActivationL1", "coherence_penalty", "max_coherence",
+           "warmup_factor", "ThresholdWarmup", "SparsityMonitor", "SPARSE_MODULES"]
+
+# Modules whose outputs are the hidden feature maps whose sparsity is watched by default.
+SPARSE_MODULES = (nn.ReLU, nn.Softshrink, nn.Hardshrink, SoftThreshold, ConvSparseCoding1d, ConvSparseCoding2d)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def zero_fraction(t: Tensor) -> float:
+    """Fraction of entries of ``t`` that are exactly zero (NaN counts as non-zero); 0.0 for an empty tensor."""
+    return float((t == 0).sum()) / t.numel() if t.numel() else 0.0
+
+
+def hoyer(t: Tensor, dim: int | Sequence[int] | None = None, eps: float = 1e-12) -> Tensor:
+    """Hoyer's sparsity ``(sqrt(n) - |t|_1 / |t|_2) / (sqrt(n) - 1)`` in [0, 1] over ``dim`` (all entries when None).
+
+    1 for a vector with one non-zero entry (and, by convention, for an all-zero one), 0 when every entry has the same
+    magnitude. n = 1 gives 1. Differentiable away from t = 0. Returns a tensor with ``dim`` reduced.
+    """
+    dims = tuple(range(t.dim())) if dim is None else ((dim,) if isinstance(dim, int) else tuple(dim))
+    n = math.prod(t.shape[d] for d in dims)
+    if n <= 1:
+        return torch.ones_like(t.sum(dim=dims))
+    l1 = t.abs().sum(dim=dims)
+    l2 = t.pow(2).sum(dim=dims).sqrt()
+    ratio = torch.where(l2 > eps, l1 / l2.clamp_min(eps), torch.ones_like(l1))
+    return (math.sqrt(n) - ratio) / (math.sqrt(n) - 1)
+
+
+def channel_activity(t: Tensor) -> Tensor:
+    """t: (B, C, *) -> (C,) fraction of non-zero entries of each channel over batch and space."""
+    if t.dim() < 2:
+        raise ValueError(f"t must be (B, C, ...), got shape {tuple(t.shape)}")
+    return (t != 0).transpose(0, 1).flatten(1).float().mean(1)
+
+
+def _tensors(output) -> list[Tensor]:
+    """The tensors of a module output (a tensor, or a list/tuple of them, e.g. DeepSparseCoding2d's codes)."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _tensors(item)]
+    return []
+
+
+def _named(modules: Mapping[str, nn.Module] | Iterable[nn.Module] | nn.Module) -> dict[str, nn.Module]:
+    if isinstance(modules, nn.Module):
+        return {"": modules}
+    if isinstance(modules, Mapping):
+        return dict(modules)
+    return {str(i): m for i, m in enumerate(modules)}
+
+
+# ----------------------------------------------------------------------------------------------- regularisers
+class ActivationL1:
+    """Activation-l1 penalty ``weight * sum_m mean|output_m|`` over chosen modules, collected by forward hooks.
+
+    >>> reg = ActivationL1({"act1": model.act1, "act2": model.act2}, weight=1e-3)
+    >>> loss = F.cross_entropy(model(x), y) + reg.pop()   # the penalty of the forwards since the last pop
+
+    Outputs are recorded only while grad is enabled (training forwards). ``remove()`` (or leaving a ``with``
+    block) detaches the hooks.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module] | Iterable[nn.Module], weight: float):
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"weight must be a finite float >= 0, got {weight!r}")
+        self.weight = float(weight)
+        self._terms: list[Tensor] = []
+        self._handles = [m.register_forward_hook(self._record) for m in _named(modules).values()]
+
+    def _record(self, module: nn.Module, inputs, output) -> None:
+        if torch.is_grad_enabled():
+            self._terms.extend(t.abs().mean() for t in _tensors(output))
+
+    def pop(self) -> Tensor | float:
+        """The penalty of the outputs recorded since the last call (0.0 when none), and forget them."""
+        terms, self._terms = self._terms, []
+        return self.weight * torch.stack(terms).sum() if terms else 0.0
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._terms = [], []
+
+    def __enter__(self) -> ActivationL1:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def _unfolded(weight: Tensor, normalize: bool) -> Tensor:
+    atoms = weight.flatten(1)  # (C_code, C_sig * prod(k)): one atom per row
+    if normalize:
+        atoms = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(torch.finfo(atoms.dtype).tiny)
+    return atoms
+
+
+def coherence_penalty(weight: Tensor, *, normalize: bool = True, shifts: bool = False,
+                      stride: int | Sequence[int] = 1) -> Tensor:
+    """``||W^T W - I||_F^2`` of a conv dictionary, W's columns the unfolded filters (differentiable).
+
+    weight: (C_code, C_sig, *k). ``normalize``: use unit-norm atoms, so the penalty is the sum of squared cosines
+    between distinct atoms (with False the atoms' norms are pushed to 1 too). ``shifts``: also penalise atoms
+    against every shifted copy that overlaps them by a multiple of ``stride`` (the Gram matrix of the
+    convolutional dictionary, whose largest off-diagonal entry is the mutual coherence of interior atoms); each
+    distinct pair is counted twice, like the unshifted Gram's off-diagonal. Returns a 0-d tensor.
+    """
+    if weight.dim() not in (3, 4):
+        raise ValueError(f"weight must be (C_code, C_sig, k) or (C_code, C_sig, kh, kw), got {tuple(weight.shape)}")
+    atoms = _unfolded(weight, normalize)
+    if not shifts:
+        gram = atoms @ atoms.T
+        return (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).pow(2).sum()
+    w = atoms.reshape(weight.shape)
+    rank = weight.dim() - 2
+    kernel = w.shape[2:]
+    conv = F.conv1d if rank == 1 else F.conv2d
+    # gram[a, b, shift] = <d_a, d_b shifted>: cross-correlation of every pair of filters at every overlap.
+    gram = conv(w, w, padding=tuple(k - 1 for k in kernel))  # (C_code, C_code, *(2k - 1))
+    strides = (stride,) * rank if isinstance(stride, int) else tuple(stride)
+    index = tuple(slice((k - 1) % s, None, s) for k, s in zip(kernel, strides))
+    gram = gram[(slice(None), slice(None), *index)]
+    centre = tuple((k - 1) // s for k, s in zip(kernel, strides))
+    identity = torch.zeros_like(gram)
+    identity[(slice(None), slice(None), *centre)] = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return (gram - identity).pow(2).sum()
+
+
+def max_coherence(weight: Tensor, signal_size: int | Sequence[int], *, stride: int | Sequence[int] = 1,
+                  padding: int | Sequence[int] = 0) -> float:
+    """The mutual coherence mu(D) of the convolutional dictionary at this signal size (``theory.mutual_coherence``):
+    the largest |cosine| between two distinct atoms, border atoms included. Not differentiable; a monitor."""
+    return theory.mutual_coherence(weight, signal_size, stride=stride, padding=padding)
+
+
+# -------------------------------------------------------------------------------------------------- schedules
+def warmup_factor(step: int, warmup_steps: int, *, start: float = 0.0, shape: str = "linear") -> float:
+    """A multiplier that rises from ``start`` at step 0 to 1 at ``warmup_steps`` (and stays 1 after).
+
+    shape: "linear" or "cosine" (half a cosine: slow at both ends).
+    """
+    if shape not in ("linear", "cosine"):
+        raise ValueError(f"shape must be 'linear' or 'cosine', got {shape!r}")
+    if warmup_steps <= 0 or step >= warmup_steps:
+        return 1.0
+    progress = max(step, 0) / warmup_steps
+    if shape == "cosine":
+        progress = 0.5 - 0.5 * math.cos(math.pi * progress)
+    return start + (1.0 - start) * progress
+
+
+class ThresholdWarmup:
+    """Ramps the fixed thresholds (``lam``/``threshold`` buffers) of a model's sparse layers from ``start`` times
+    their values to their values over ``warmup_steps`` calls of ``step()``: training starts dense, where gradients
+    reach every unit, and reaches the target sparsity at the end of the warm-up.
+
+    Learned thresholds (parameters) are left to the optimiser. ``targets`` holds the final values.
+    """
+
+    def __init__(self, model: nn.Module, warmup_steps: int, *, start: float = 0.0, shape: str = "linear"):
+        self.warmup_steps, self.start, self.shape, self.count = warmup_steps, start, shape, 0
+        self.targets: dict[str, tuple[Tensor, Tensor]] = {}
+        for name, module in model.named_modules():
+            if isinstance(module, SPARSE_MODULES):
+                for attr in ("lam", "threshold"):
+                    value = module._buffers.get(attr)
+                    if value is not None:
+                        self.targets[f"{name}.{attr}" if name else attr] = (value, value.detach().clone())
+        if not self.targets:
+            raise ValueError("model has no fixed lam/threshold buffers to warm up")
+        self._apply()
+
+    @property
+    def factor(self) -> float:
+        return warmup_factor(self.count, self.warmup_steps, start=self.start, shape=self.shape)
+
+    @torch.no_grad()
+    def _apply(self) -> None:
+        for buffer, target in self.targets.values():
+            buffer.copy_(target * self.factor)
+
+    def step(self) -> float:
+        """Advance one step and set every threshold to factor * target; returns the factor."""
+        self.count += 1
+        self._apply()
+        return self.factor
+
+
+# ---------------------------------------------------------------------------------------------------- monitor
+class SparsityMonitor:
+    """Records per-layer fractions of exact zeros of module outputs, separately for training and eval forwards.
+
+    >>> with SparsityMonitor(model) as monitor:
+    ...     for epoch in range(n):
+    ...         train(...); evaluate(...)
+    ...         monitor.end_epoch()           # appends {"train": {...}, "eval": {...}} to monitor.history
+    >>> monitor.summary("eval")                # {layer name: zero fraction} of the forwards since the last epoch end
+
+    ``modules``: the modules to watch (a dict name -> module, or None for every ``SPARSE_MODULES`` instance in
+    ``model``, named as in ``named_modules``). Counts accumulate on the tensors' device (no sync per forward).
+    """
+
+    def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module] | None = None):
+        if modules is None:
+            modules = {name or type(model).__name__: m for name, m in model.named_modules()
+                       if isinstance(m, SPARSE_MODULES)}
+        if not modules:
+            raise ValueError("no modules to monitor: pass modules={name: module}")
+        self.modules = dict(modules)
+        self.history: list[dict[str, dict[str, float]]] = []
+        self._counts: dict[tuple[str, str], list] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> SparsityMonitor:
+        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, name: str):
+        def record(module: nn.Module, inputs, output) -> None:
+            phase = "train" if module.training else "eval"
+            for t in _tensors(output):
+                entry = self._counts.setdefault((phase, name), [0, 0])
+                entry[0] = entry[0] + (t.detach() == 0).sum()
+                entry[1] += t.numel()
+        return record
+
+    def summary(self, phase: str = "eval") -> dict[str, float]:
+        """{layer: fraction of exact zeros} over the ``phase`` forwards ("train" or "eval") since the last
+        ``end_epoch``; layers not run in that phase are left out."""
+        if phase not in ("train", "eval"):
+            raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+        return {name: float(zeros) / total for (p, name), (zeros, total) in self._counts.items()
+                if p == phase and total}
+
+    @staticmethod
+    def mean(per_layer: Mapping[str, float]) -> float:
+        """The unweighted mean over layers of a ``summary``."""
+        return sum(per_layer.values()) / len(per_layer) if per_layer else float("nan")
+
+    def end_epoch(self) -> dict[str, dict[str, float]]:
+        """Close the current epoch: append and return {"train": summary, "eval": summary}; start new counts."""
+        record = {"train": self.summary("train"), "eval": self.summary("eval")}
+        self.history.append(record)
+        self._counts = {}
+        return record

@@ -1,0 +1,128 @@
+"""The measurement every benchmark relies on: interleaved timing, the memory meter, the correctness gate that keeps a
+wrong provider from being timed, and the one results schema (dsc_kernels/experiments/{measure,speed,records}.py)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from dsc_kernels.experiments import records
+from dsc_kernels.experiments import speed as S
+from dsc_kernels.experiments.measure import measure_memory, time_interleaved
+
+
+def test_providers_are_interleaved_and_warmed_up_outside_the_samples():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    t = time_interleaved(fns, "cpu", rounds=3, warmup=2)
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]          # warm-up first, outside the timed rounds
+    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # each round rotated by one
+    assert all(x.n == 3 and x.warmup == 2 and len(x.samples_ms) == 3 and x.error is None for x in t.values())
+    assert t["a"].to_dict()["median_ms"] == t["a"].median_ms
+
+
+def test_a_failing_provider_is_dropped_with_its_error():
+    state = {"n": 0}
+
+    def flaky():
+        state["n"] += 1
+        if state["n"] > 2:
+            raise RuntimeError("boom")
+
+    t = time_interleaved({"ok": lambda: None, "flaky": flaky}, "cpu", rounds=4, warmup=1)
+    assert t["ok"].n == 4 and t["flaky"].n == 0 and "boom" in t["flaky"].error
+
+
+def test_memory_meter_sees_peak_and_retained_bytes():
+    def fn():
+        scratch = torch.ones(1 << 20)  # 4 MiB freed before returning
+        out = torch.ones(1 << 18)      # 1 MiB kept
+        del scratch
+        return out
+
+    use = measure_memory(fn, "cpu")
+    assert use.retained_bytes == 1 << 20
+    assert use.peak_bytes >= (1 << 22) + (1 << 20)
+
+
+def _wrong_cpp(monkeypatch):
+    real = S.provider_fn
+
+    def provider_fn(provider, inputs):
+        fn = real("reference" if provider == "cpp" else provider, inputs)
+        if provider != "cpp":
+            return fn
+
+        def wrong():
+            return fn() * 1.1  # a 10% error: what a wrong kernel looks like
+        wrong.leaves = fn.leaves
+        return wrong
+
+    monkeypatch.setattr(S, "provider_fn", provider_fn)
+    monkeypatch.setattr(S, "available_providers", lambda device: {p: None for p in S.PROVIDERS})
+
+
+@pytest.mark.parametrize("mode", S.MODES)
+def test_a_wrong_provider_is_never_timed(mode, monkeypatch):
+    _wrong_cpp(monkeypatch)
+    recs = {r["provider"]: r for r in S.measure_conv(S.WORKLOADS["deep-layer"], "cpu", mode, ["reference", "cpp"],
+                                                     scale=0.125, rounds=2, warmup=1)}
+    assert recs["reference"]["status"] == "ok" and recs["reference"]["timing"]["n"] == 2
+    assert recs["cpp"]["status"] == "wrong" and recs["cpp"]["timing"] is None
+    assert not all(c["ok"] for c in recs["cpp"]["check"])
+
+
+def test_records_schema_ratios_and_files(tmp_path):
+    recs = S.measure_conv(S.WORKLOADS["deep-layer"], "cpu", "forward_backward", ["reference", "cpp", "triton"],
+                          scale=0.125, rounds=2, warmup=1)
+    by = {r["provider"]: r for r in recs}
+    assert by["triton"]["status"] == "skipped" and "interpreter" in by["triton"]["reason"]
+    doc = records.run_document("test", "cpu", recs, {"timing": "test"})
+    ref = by["reference"]
+    assert ref["ratios"]["speedup_vs_eager"] == pytest.approx(1.0)
+    assert ref["ratios"]["train_peak_ratio_vs_eager"] == pytest.approx(1.0)
+    assert ref["memory"]["peak_bytes"] > 0 and ref["params"]["n_iter"] == 5
+    if by["cpp"]["status"] == "ok":
+        assert by["cpp"]["ratios"]["speedup_vs_eager"] == pytest.approx(
+            ref["timing"]["median_ms"] / by["cpp"]["timing"]["median_ms"])
+    json_path, csv_path = records.write_run(doc, tmp_path, "run")
+    loaded = json.loads(json_path.read_text())
+    assert loaded["schema"] == records.SCHEMA and loaded["environment"]["torch"] == torch.__version__
+    assert loaded["environment"]["source_hash"] and loaded["results"][0]["timing"]["samples_ms"]
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["provider"] for r in rows] == [r["provider"] for r in recs]
+    assert records.load_runs(tmp_path)[0]["suite"] == "test"
+
+
+def test_single_provider_forms_used_by_the_report():
+    inputs = S.make_inputs(S.WORKLOADS["deep-layer"], "cpu", requires_grad=True, scale=0.125)
+    fn = S.provider_fn("reference", inputs)
+    assert S.time_ms(fn, "cpu", reps=1) > 0
+    out_bytes = fn().untyped_storage().nbytes()
+    assert S.peak_memory_bytes(fn, "cpu") > 2 * out_bytes  # autograd keeps every iteration's intermediates
+    with torch.no_grad():
+        assert S.peak_memory_bytes(fn, "cpu") == out_bytes
+    assert S.train_step_peak_bytes(fn, inputs, "cpu") > S.peak_memory_bytes(fn, "cpu")
+
+
+def test_readme_table_is_generated_from_committed_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    recs = S.measure_conv(S.WORKLOADS["deep-layer"], "cpu", "forward", ["reference", "cpp"], scale=0.125, rounds=2,
+                          warmup=1)
+    records.write_run(records.run_document("bench", "cpu", recs, {"timing": "test"}), tmp_path, "run")
+    dry = records.run_document("gpu-check", "cpu", recs, {"timing": "test", "dry_run": True})
+    records.write_run(dry, tmp_path, "dry")
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench-results:start -->\nold\n<!-- bench-results:end -->\nend\n")
+    spec = importlib.util.spec_from_file_location("results_table", Path(__file__).parents[1] / "bench" /
+                                                  "results_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    assert table.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
+    assert "| deep-layer | forward | float32 | reference |" in text and "gpu-check" not in text  # dry runs left out

@@ -1,0 +1,136 @@
+"""Training recipes: one short epoch of each strategy lowers the loss, outputs round-trip through recipes.load, the
+CLI writes what it promises. Full-length runs (the goals) are marked slow."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsc_kernels import recipes
+from dsc_kernels.recipes import data, denoise, digits, engine
+
+pytest.importorskip("sklearn")
+
+SUBSET = 96
+
+
+def _digits_loss(model, x, y):
+    with torch.no_grad():
+        return float(F.cross_entropy(model.eval()(x), y))
+
+
+@pytest.mark.parametrize("strategy", digits.STRATEGIES)
+def test_one_epoch_of_each_digits_strategy_lowers_the_loss(strategy, tmp_path):
+    x, y, _, _ = data.digits(0)
+    x, y = x[:SUBSET], y[:SUBSET]
+    torch.manual_seed(0)
+    initial = digits.DigitsNet(strategy, backend="reference")  # train() seeds the same way before building
+    metrics = digits.train(strategy, 1, 0, tmp_path, "reference", engine.start(False, "cpu"), subset=SUBSET)
+    trained = recipes.load(tmp_path)
+    assert _digits_loss(trained, x, y) < _digits_loss(initial, x, y)
+    assert set(metrics) >= {"accuracy", "sparsity", "per_layer", "strategy", "epochs", "seed", "seconds"}
+    assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["sparsity"] <= 1
+    assert set(metrics["per_layer"]) == set(digits.FEATURES)
+
+
+def test_load_round_trips_the_trained_model(tmp_path):
+    metrics = digits.train("learned-threshold", 1, 3, tmp_path, "reference", engine.start(False, "cpu"),
+                           subset=SUBSET)
+    model = recipes.load(tmp_path)
+    assert not model.training and isinstance(model, digits.DigitsNet)
+    _, _, x_test, y_test = data.digits(3)
+    result = digits.evaluate(model, x_test[:SUBSET], y_test[:SUBSET])
+    assert result["accuracy"] == metrics["accuracy"] and result["per_layer"] == metrics["per_layer"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == metrics["accuracy"]
+    assert (tmp_path / "digits.png").stat().st_size > 0
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        recipes.load(tmp_path / "missing")
+
+
+def test_digits_split_is_the_documented_one():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    _, x_te, _, y_te = train_test_split(d.images / 16.0, d.target, test_size=0.25, stratify=d.target, random_state=5)
+    _, _, x_test, y_test = data.digits(5)
+    assert x_test.shape == (450, 1, 8, 8) and float(x_test.max()) <= 1.0
+    torch.testing.assert_close(x_test[:, 0].double(), torch.from_numpy(x_te), rtol=0, atol=1e-7)
+    assert torch.equal(y_test, torch.from_numpy(y_te))
+
+
+def test_one_denoise_epoch_lowers_the_loss():
+    torch.manual_seed(0)
+    spec = {"n_atoms": 8, "kernel_size": 5, "n_iter": 3, "stride": 1, "backend": "reference"}
+    model = denoise.build(spec)
+    clean = denoise.training_patches(0)[:32, :, :24, :24]
+    noisy = clean + denoise.SIGMA * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))
+
+    def loss():
+        with torch.no_grad():
+            return float((model(noisy) - clean).pow(2).mean())
+
+    before = loss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=denoise.LEARNING_RATE)
+    run = engine.start(False, "cpu")
+    engine.fit(model, engine.train_loader(clean, clean, 8, 0, run),
+               lambda net, x, _: (net(x + denoise.SIGMA * torch.randn_like(x)) - x).pow(2).mean(), optimizer, 1, run,
+               desc="test")
+    assert loss() < before
+
+
+def test_denoiser_handles_any_size_and_strides():
+    for stride in (1, 2):
+        model = denoise.CSCDenoiser(n_atoms=4, kernel_size=5, n_iter=2, stride=stride, backend="reference").eval()
+        y = torch.rand(1, 1, 13, 22)
+        assert model(y).shape == y.shape
+
+
+def test_denoise_baselines_are_real_denoisers():
+    clean, noisy = denoise.tuning_image(0)
+    noisy_psnr = denoise.psnr(clean, noisy)
+    assert 19.5 < noisy_psnr < 21.0  # sigma = 25/255
+    assert denoise.psnr(clean, denoise.tv(noisy, 0.08)) > noisy_psnr + 1  # a textured crop: TV gains little
+    assert denoise.psnr(clean, denoise.dct_ista(noisy, 0.04)) > noisy_psnr + 1
+    assert denoise.psnr(clean, denoise.wavelet(noisy)) > noisy_psnr + 1
+
+
+def test_cli_writes_metrics_model_and_figure(tmp_path):
+    from dsc_kernels.__main__ import main
+    main(["train", "--recipe", "digits", "--strategy", "baseline", "--epochs", "1", "--out", str(tmp_path),
+          "--backend", "reference"])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["strategy"] == "baseline" and metrics["epochs"] == 1 and metrics["seed"] == 0
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "digits.png").is_file()
+    with pytest.raises(SystemExit):
+        main(["train", "--recipe", "digits", "--strategy", "cscnet", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_digits_goal_with_default_settings(tmp_path):
+    results = {s: digits.train(s, digits.DEFAULT_EPOCHS, 0, tmp_path / s, "auto", engine.start(False, "cpu"))
+               for s in digits.STRATEGIES}
+    base = results["baseline"]
+    assert base["accuracy"] >= 0.95
+    sparse = [s for s in ("l1", "learned-threshold", "dsc") if results[s]["accuracy"] >= base["accuracy"] - 0.01
+              and results[s]["sparsity"] >= base["sparsity"] + 0.20]
+    assert len(sparse) >= 2, {s: (r["accuracy"], r["sparsity"]) for s, r in results.items()}
+
+
+@pytest.mark.slow
+def test_denoise_goal_with_default_settings(tmp_path):
+    metrics = denoise.train("cscnet", denoise.DEFAULT_EPOCHS, 0, tmp_path, "auto", engine.start(False, "cpu"))
+    assert metrics["psnr_model"] >= metrics["psnr_noisy"] + 6
+    assert metrics["psnr_model"] > metrics["psnr_best_skimage"]
+
+
+def test_report_section_reads_a_train_folder(tmp_path):
+    run = engine.start(False, "cpu")
+    for strategy in ("baseline", "l1"):
+        digits.train(strategy, 1, 0, tmp_path / "runs" / strategy, "reference", run, subset=SUBSET)
+    from dsc_kernels.recipes.report_section import training_section
+    lines, figures = training_section(tmp_path, quick=True, runs=tmp_path / "runs")
+    table = "\n".join(lines)
+    assert "| baseline |" in table and "| l1 |" in table and "+0.0 pts" in table
+    assert figures and (tmp_path / figures[0][0]).read_bytes()[:4] == b"\x89PNG"
+    lines, figures = training_section(tmp_path, quick=True, runs=tmp_path / "nothing-here")
+    assert "Not measured" in lines[-1] and figures == []

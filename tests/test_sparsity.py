@@ -1,0 +1,136 @@
+"""dsc_kernels.sparsity: metric and regulariser math on hand-made tensors, schedules, SparsityMonitor."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from dsc_kernels import sparsity, theory
+from dsc_kernels.nn import ConvSparseCoding2d, SoftThreshold
+
+
+def test_zero_fraction_and_channel_activity():
+    t = torch.tensor([[[0.0, 1.0], [0.0, 0.0]], [[2.0, -3.0], [0.0, 4.0]]]).unsqueeze(0)  # (1, 2, 2, 2)
+    assert sparsity.zero_fraction(t) == pytest.approx(4 / 8)
+    torch.testing.assert_close(sparsity.channel_activity(t), torch.tensor([0.25, 0.75]))
+    assert sparsity.zero_fraction(torch.tensor([float("nan"), 0.0])) == 0.5  # NaN is not a zero
+    with pytest.raises(ValueError, match="t must be"):
+        sparsity.channel_activity(torch.ones(3))
+
+
+def test_hoyer_measure():
+    assert float(sparsity.hoyer(torch.tensor([0.0, 0.0, 5.0, 0.0]))) == pytest.approx(1.0)
+    assert float(sparsity.hoyer(torch.tensor([-2.0, 2.0, 2.0, -2.0]))) == pytest.approx(0.0, abs=1e-6)
+    # [3, 4]: l1 = 7, l2 = 5, n = 2
+    assert float(sparsity.hoyer(torch.tensor([3.0, 4.0]))) == pytest.approx((math.sqrt(2) - 1.4) / (math.sqrt(2) - 1))
+    rows = sparsity.hoyer(torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]), dim=1)
+    torch.testing.assert_close(rows, torch.tensor([1.0, 0.0]))
+    assert float(sparsity.hoyer(torch.zeros(5))) == 1.0
+
+
+def test_activation_l1_penalty_collects_chosen_outputs_only_with_grad():
+    first, second, ignored = nn.Identity(), nn.Identity(), nn.Identity()
+    with sparsity.ActivationL1({"a": first, "b": second}, weight=0.5) as reg:
+        first(torch.tensor([1.0, -3.0]))       # mean |.| = 2
+        second([torch.tensor([4.0]), torch.tensor([0.0, -2.0])])  # a list of outputs: 4 + 1
+        ignored(torch.tensor([100.0]))
+        assert float(reg.pop()) == pytest.approx(0.5 * (2 + 4 + 1))
+        assert reg.pop() == 0.0  # popped
+        with torch.no_grad():
+            first(torch.tensor([1.0]))
+        assert reg.pop() == 0.0  # eval forwards are not penalised
+    first(torch.tensor([1.0]))
+    assert reg.pop() == 0.0  # hooks removed on leaving the block
+    with pytest.raises(ValueError, match="weight"):
+        sparsity.ActivationL1([first], weight=-1.0)
+
+
+def test_activation_l1_is_differentiable():
+    layer = nn.Linear(3, 4)
+    reg = sparsity.ActivationL1([layer], weight=1.0)
+    layer(torch.randn(2, 3))
+    reg.pop().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_coherence_penalty_values():
+    eye = torch.eye(4).reshape(4, 1, 2, 2)  # orthonormal atoms
+    assert float(sparsity.coherence_penalty(eye)) == pytest.approx(0.0)
+    twins = torch.ones(2, 1, 2, 2)  # two equal atoms: cosine 1, counted twice
+    assert float(sparsity.coherence_penalty(twins)) == pytest.approx(2.0)
+    assert float(sparsity.coherence_penalty(twins, normalize=False)) == pytest.approx(2 * 16 + 2 * 9)
+    # Deltas at taps 0 and 1 are orthogonal in place but equal after a shift of one sample.
+    deltas = torch.tensor([[[1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]]])
+    assert float(sparsity.coherence_penalty(deltas)) == pytest.approx(0.0)
+    assert float(sparsity.coherence_penalty(deltas, shifts=True)) == pytest.approx(2.0)
+    assert float(sparsity.coherence_penalty(deltas, shifts=True, stride=2)) == pytest.approx(0.0)  # odd shift skipped
+    weight = torch.randn(3, 2, 3, 3, requires_grad=True)
+    sparsity.coherence_penalty(weight, shifts=True).backward()
+    assert weight.grad.abs().sum() > 0
+
+
+def test_max_coherence_is_the_theory_value():
+    weight = torch.randn(4, 1, 5, 5, dtype=torch.float64)
+    mu = sparsity.max_coherence(weight, (24, 24), padding=2)
+    assert mu == theory.mutual_coherence(weight, (24, 24), padding=2)
+    assert 0 < mu <= 1
+
+
+def test_warmup_factor_shapes():
+    assert sparsity.warmup_factor(0, 10) == 0.0
+    assert sparsity.warmup_factor(5, 10) == pytest.approx(0.5)
+    assert sparsity.warmup_factor(5, 10, start=0.2) == pytest.approx(0.6)
+    assert sparsity.warmup_factor(5, 10, shape="cosine") == pytest.approx(0.5)
+    assert sparsity.warmup_factor(2, 10, shape="cosine") < sparsity.warmup_factor(2, 10)
+    assert sparsity.warmup_factor(12, 10) == 1.0
+    with pytest.raises(ValueError, match="shape"):
+        sparsity.warmup_factor(1, 10, shape="step")
+
+
+def test_threshold_warmup_ramps_fixed_thresholds_only():
+    model = nn.Sequential(SoftThreshold(0.4), ConvSparseCoding2d(1, 2, 3, lam=0.2, learn_lam=False),
+                          ConvSparseCoding2d(2, 2, 3, learn_lam=True))
+    warmup = sparsity.ThresholdWarmup(model, 4, start=0.5)
+    assert set(warmup.targets) == {"0.threshold", "1.lam"}
+    assert float(model[0].threshold) == pytest.approx(0.2) and float(model[1].lam) == pytest.approx(0.1)
+    for _ in range(2):
+        warmup.step()
+    assert float(model[1].lam) == pytest.approx(0.2 * 0.75)
+    for _ in range(5):
+        warmup.step()
+    assert float(model[0].threshold) == pytest.approx(0.4) and float(model[1].lam) == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="no fixed"):
+        sparsity.ThresholdWarmup(nn.Linear(2, 2), 3)
+
+
+def test_sparsity_monitor_records_train_and_eval_separately():
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]))
+        model[0].bias.zero_()
+        model[2].weight.copy_(-torch.eye(4))
+        model[2].bias.zero_()
+    x = torch.tensor([[1.0, 2.0]])  # layer 1: [1, 0, 2, 0]; layer 2: relu(-[1, 0, 2, 0]) = 0
+    with sparsity.SparsityMonitor(model) as monitor:
+        model(x)
+        model.eval()
+        model(x)
+        model(-x)  # layer 1: [0, 1, 0, 2]
+        assert monitor.summary("train") == {"1": 0.5, "3": 1.0}
+        assert monitor.summary("eval") == {"1": 0.5, "3": 1.0}
+        record = monitor.end_epoch()
+        assert monitor.history == [record] and monitor.summary("eval") == {}
+        assert monitor.mean(record["eval"]) == pytest.approx(0.75)
+    model(x)
+    assert monitor.summary("eval") == {}  # hooks removed
+    with pytest.raises(ValueError, match="phase"):
+        monitor.summary("test")
+
+
+def test_sparsity_monitor_finds_sparse_coding_layers():
+    model = nn.Sequential(ConvSparseCoding2d(1, 3, 3, n_iter=2, lam=0.5, nonneg=True, backend="reference"),
+                          nn.Conv2d(3, 2, 1))
+    with sparsity.SparsityMonitor(model) as monitor:
+        z = model[0](torch.randn(2, 1, 6, 6))
+    assert list(monitor.summary("train")) == ["0"]
+    assert monitor.summary("train")["0"] == pytest.approx(sparsity.zero_fraction(z))
