@@ -98,10 +98,15 @@ def measure(workload: str, rounds: int = 5, providers=PROVIDERS) -> dict:
     """Interleaved medians: {provider: {forward_ms, train_ms, forward_cpu_ms, train_cpu_ms, train_peak_mb}} and the
     per-round ratio spread."""
     built = {p: build(workload, p) for p in providers}
+    expected = built[providers[0]][0]()
+    for p in providers[1:]:  # a fast wrong network is never timed: same forward as the eager code (fp32 rounding)
+        got = built[p][0]()
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * max(scale, 1.0),
+                                   msg=lambda m, p=p: f"{workload}: {p} differs from eager: {m}")
     wall = {(p, m): [] for p in providers for m in ("forward", "train")}
     cpu = {key: [] for key in wall}
-    for p in providers:  # warm-up: one of each (first calls build and cache)
-        built[p][0]()
+    for p in providers:  # warm-up: a training step each (first calls build and cache)
         built[p][1]()
     for _ in range(rounds):
         for p in providers:

@@ -71,7 +71,6 @@ int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, int6
   const int64_t by_memory = std::max<int64_t>(1, int64_t(budget / std::max(1.0, per_item)));
   const int64_t by_speed = (4096 + cols - 1) / cols;  // columns for the convolutions to run at GEMM speed
   int64_t items = std::max<int64_t>(1, std::min({g.B, by_memory, by_speed}));
-  if (const char* e = std::getenv("DSC_TMP_CHUNK")) items = std::min<int64_t>(g.B, std::atoi(e));
   const int64_t chunks = (g.B + items - 1) / items;
   return (g.B + chunks - 1) / chunks;
 }
