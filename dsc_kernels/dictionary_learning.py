@@ -192,16 +192,10 @@ def plot_atoms(weight: Tensor, path, *, title: str | None = None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    atoms = weight.detach().cpu().float()[:, 0].numpy()
-    n = atoms.shape[0]
-    cols = int(n ** 0.5 + 0.999)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.8, rows * 0.8 + (0.4 if title else 0)))
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
-            limit = float(abs(atoms[i]).max()) or 1.0
-            ax.imshow(atoms[i], cmap="gray", vmin=-limit, vmax=limit)
+    grid = atom_grid(weight)
+    fig, ax = plt.subplots(figsize=(grid.shape[1] / 10, grid.shape[0] / 10 + (0.4 if title else 0)))
+    ax.imshow(grid.numpy(), cmap="gray", vmin=-1, vmax=1)
+    ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -247,21 +241,30 @@ def photo_dictionary(n_atoms: int = 32, kernel_size: int = 8, lam: float = 2.0, 
                                  n_dict_iter=n_dict_iter, seed=seed, backend=backend, callback=callback)
 
 
+def atom_grid(weight: Tensor) -> Tensor:
+    """The first input channel of (C_code, C_sig, kh, kw) atoms tiled in a square grid, one NaN pixel between atoms,
+    each atom scaled to a peak of 1 (for ``imshow`` with vmin=-1, vmax=1). Returns (rows * (kh + 1), cols * (kw + 1))."""
+    atoms = weight.detach().cpu().float()[:, 0]
+    n, (kh, kw) = atoms.shape[0], atoms.shape[1:]
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = torch.full((rows * (kh + 1), cols * (kw + 1)), float("nan"))
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[r * (kh + 1):r * (kh + 1) + kh, c * (kw + 1):c * (kw + 1) + kw] = (
+            atoms[i] / atoms[i].abs().max().clamp_min(1e-12))
+    return grid
+
+
 def plot_result(result: CDLResult, path, *, title: str) -> None:
     """Save the atoms of a 2-d CDL result as a grid, with the objective per outer iteration beside it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    atoms = result.weight.detach().cpu().float()[:, 0]
-    n, k = atoms.shape[0], atoms.shape[-1]
-    cols = math.ceil(math.sqrt(n))
-    grid = torch.full((cols * (k + 1), cols * (k + 1)), float("nan"))
-    for i in range(n):
-        r, c = divmod(i, cols)
-        grid[r * (k + 1):r * (k + 1) + k, c * (k + 1):c * (k + 1) + k] = atoms[i] / atoms[i].abs().max().clamp_min(1e-12)
+    n, k = result.weight.shape[0], result.weight.shape[-1]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4.2), gridspec_kw={"width_ratios": [1, 1.2]})
-    left.imshow(grid.numpy(), cmap="gray", vmin=-1, vmax=1)
+    left.imshow(atom_grid(result.weight).numpy(), cmap="gray", vmin=-1, vmax=1)
     left.set_title(f"{n} atoms {k}x{k}", fontsize=9)
     left.axis("off")
     right.plot(range(1, len(result.objective) + 1), result.objective)
