@@ -1,12 +1,17 @@
 # Two entry points for a fresh machine with nothing but Python:
 #   make report   sets up .venv and runs the main job on built-in synthetic data
 #   make test     sets up .venv and runs the test suite
+# and one for C++ changes:
+#   make sanitize builds the C++ extension with AddressSanitizer + UBSan (-fsanitize=address,undefined, in its own
+#                 cache folder, DSC_KERNELS_CACHE) and runs the C++ backend's tests under it: the sanitizer runtimes
+#                 are preloaded into Python (LD_PRELOAD), leak checks are off (CPython and torch keep memory for the
+#                 process's life), and any report fails the run. A few minutes on two cores.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test report bench gpu-check clean
+.PHONY: setup test report bench sanitize gpu-check clean
 
 setup: $(STAMP)
 
@@ -29,6 +34,16 @@ report: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench --benchmark-only
+
+CXX          ?= c++
+SAN_FLAGS    := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1
+SAN_CACHE    ?= $(HOME)/.cache/dsc_kernels-sanitize
+SAN_TESTS    ?= tests/test_cpp_conv_ista.py tests/test_cpp_strategies.py tests/test_empty_inputs_cpp.py tests/test_attention_ops.py tests/test_attention_reliability.py
+sanitize: $(STAMP)
+	DSC_KERNELS_EXTRA_CFLAGS="$(SAN_FLAGS)" DSC_KERNELS_CACHE="$(SAN_CACHE)" \
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	$(BIN)/python -m pytest -q -x -p no:cacheprovider $(SAN_TESTS) -k "not build"
 
 # The prepared GPU run (bench/gpu_check.py, under 8 minutes): no venv, no installs, the machine's own python3 and torch,
 # from the source tree; everything lands in one folder (DSC_GPU_CHECK_OUT, else $OUT, else bench/results/gpu-check-*).

@@ -17,10 +17,13 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _attention_args as attention_args
+from . import _ml_ista_args as ml_args
 from . import _validate as check
 from . import ops
 from . import reference as ref
 from .ops import conv_ista as conv_ista_ops
+from .ops import cpu_cost
+from .ops import ml_ista as ml_ista_ops
 from .ops import sparse_attention as sparse_attention_ops
 from .reference.attention import MODES, sparse_attention_weights_ref, sparsemax_ref
 
@@ -29,8 +32,8 @@ Padding = check.Padding
 
 __all__ = [
     "available_backends", "backend_unavailable_reason", "soft_threshold", "conv_analysis", "conv_synthesis",
-    "lipschitz_constant", "lasso_objective", "conv_ista", "deep_conv_ista", "sparsemax", "sparse_attention",
-    "sparse_attention_weights",
+    "lipschitz_constant", "lasso_objective", "conv_ista", "deep_conv_ista", "ml_ista", "sparsemax",
+    "sparse_attention", "sparse_attention_weights",
 ]
 
 
@@ -179,7 +182,7 @@ def conv_ista(x: Tensor, weight: Tensor, lam: Tensor | float | None = None, *, n
               step: Tensor | float | None = None, threshold: Tensor | float | None = None,
               encoder_weight: Tensor | None = None, stride: IntOrPair = 1, padding: Padding = 0,
               z0: Tensor | None = None, nonneg: bool = False, fista: bool = False, backend: str = "auto",
-              recompute: bool = False) -> Tensor:
+              recompute: bool = False, input_encoder_weight: Tensor | None = None) -> Tensor:
     """Unrolled convolutional ISTA (or FISTA) for ``min_z 0.5||x - D z||^2 + lam ||z||_1``.
 
     x: (B, C_sig, *S); weight, encoder_weight: (C_code, C_sig, *k); exactly one of lam >= 0 (threshold step·lam:
@@ -187,7 +190,16 @@ def conv_ista(x: Tensor, weight: Tensor, lam: Tensor | float | None = None, *, n
     step > 0: float, (n_iter,), or None for 1/L at x's size; z0: (B, C_code, *Sz) or None for zeros; padding: ints,
     "valid" or "same". ``recompute``: fused backends keep nothing code-sized for the backward and replay the
     iterations (memory independent of n_iter) instead of saving code iterates. Returns z: (B, C_code, *Sz).
+
+    Variants (see ``_conv_ista_variant``): weight / encoder_weight of shape (n_iter, C_code, C_sig, *k), one
+    dictionary per iteration (x's rank tells them from shared 2-D ones), and ``input_encoder_weight`` B for
+    ``z <- S(z + step (B x - E D z))`` (ML-LISTA's iteration).
     """
+    if _is_conv_ista_variant(x, weight, encoder_weight, input_encoder_weight):
+        return _conv_ista_variant(x, weight, lam, n_iter=n_iter, step=step, threshold=threshold,
+                                  encoder_weight=encoder_weight, input_encoder_weight=input_encoder_weight,
+                                  stride=stride, padding=padding, z0=z0, nonneg=nonneg, fista=fista, backend=backend,
+                                  recompute=recompute)
     weight = check.weight("weight", weight)
     x = check.signal("x", x, weight)
     if encoder_weight is not None:
@@ -212,7 +224,10 @@ def conv_ista(x: Tensor, weight: Tensor, lam: Tensor | float | None = None, *, n
                      if isinstance(v, Tensor)}
     check.same_device(x=x, weight=weight, encoder_weight=encoder_weight, z0=z0, **value_tensors)
     check.same_dtype(x=x, weight=weight, encoder_weight=encoder_weight, z0=z0)
-    row = ops.select("conv_ista", backend, x.device, x.dtype)
+    backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, encoder_weight, z0, *value_tensors.values()))
+    row = ops.select("conv_ista", backend, x.device, x.dtype,
+                     prefers=cpu_cost.hook(x.shape, weight.shape, stride, padding, x.dtype, backward))
 
     given_step = step is not None
     if not given_step:
@@ -253,6 +268,67 @@ def deep_conv_ista(x: Tensor, weights: Sequence[Tensor], lams: Sequence[Tensor |
             raise type(err)(f"layer {j}: {err}") from None
         codes.append(signal)
     return codes
+
+
+# ------------------------------------------- conv-ISTA variants: per-iteration dictionaries, input encoder
+def _is_conv_ista_variant(x, weight, encoder_weight, input_encoder_weight) -> bool:
+    if input_encoder_weight is not None:
+        return True
+    if not isinstance(x, Tensor) or x.dim() not in (3, 4):
+        return False
+    return ml_args.is_per_step(weight, x.dim() - 2) or ml_args.is_per_step(encoder_weight, x.dim() - 2)
+
+
+def _conv_ista_variant(x, weight, lam, *, n_iter, step, threshold, encoder_weight, input_encoder_weight, stride,
+                       padding, z0, nonneg, fista, backend, recompute) -> Tensor:
+    """conv-ISTA with per-iteration dictionaries and/or an input encoder B:
+    ``z_{k+1} = S(y_k + step_k (B_k x - E_k D_k y_k))`` (B = E without an input encoder): a one-layer ML-ISTA of
+    n_iter steps from z0, run by the ml_ista row of the backend the table picks among those that run the variant."""
+    args = ml_args.conv_ista_variant_arguments(
+        x, weight, lam, n_iter=n_iter, step=step, threshold=threshold, encoder_weight=encoder_weight,
+        input_encoder_weight=input_encoder_weight, stride=stride, padding=padding, z0=z0, nonneg=nonneg, fista=fista,
+        recompute=recompute, default_step=_default_step)
+    row = ops.select("conv_ista", backend, x.device, x.dtype, args.pop("features"))
+    ml_row = ops.select("ml_ista", row.name, x.device, x.dtype)
+    return ml_ista_ops.run(ml_row, x, nonneg=nonneg, fista=fista, project=True, recompute=recompute, **args)[0]
+
+
+# ----------------------------------------------------------------------------------------- multi-layer pursuit
+def ml_ista(x: Tensor, weights: Sequence[Tensor], thresholds: Sequence[Tensor | float], *, n_iter: int,
+            steps: Sequence[Tensor | float | None] | None = None, strides: Sequence[IntOrPair] | None = None,
+            paddings: Sequence[Padding] | None = None, fista: bool = False, nonneg: bool = True,
+            backend: str = "auto", encoder_weights: Sequence[Tensor | None] | None = None,
+            input_encoder_weights: Sequence[Tensor | None] | None = None, z0: Tensor | None = None,
+            interleaved: bool = False, recompute: bool = False) -> list[Tensor]:
+    """Multi-layer pursuit: ML-ISTA / ML-FISTA (Sulam, Aberdam, Beck & Elad, TPAMI 2019). Returns [G_1, ..., G_L].
+
+    The initial encoding ``G_j = sigma(c_j D_j^T G_{j-1} - t_j)`` (G_0 = x), then n_iter unfoldings, each projecting
+    the deepest code down (``Y_L = G_L`` plus FISTA's momentum, ``Y_{j-1} = D_j Y_j``) and taking one ISTA step per
+    layer from its projection: ``G_j = sigma(Y_j - c_j D_j^T (D_j Y_j - G_{j-1}) - t_j)``. sigma is a ReLU
+    (``nonneg``: max(u - t, 0), so a published bias b is the threshold t = -b, any sign) or the soft threshold
+    (t >= 0). Exact conventions, variants and their backward: dsc_kernels/reference/ml_ista.py and docs/porting.md.
+
+    x: (B, C_0, *S) (1-D or 2-D); weights[j]: (C_j, C_{j-1}, *k_j), or one dictionary per step
+    (n_iter + 1, C_j, C_{j-1}, *k_j) ("All-Free"); thresholds[j]: float, (), (C_j,) or (n_iter + 1, C_j);
+    steps[j] (c_j): float, (), (n_iter + 1,) or None (1/L_j, L_j = ||D_j||^2 at layer j-1's size);
+    strides[j], paddings[j]: as in ``conv_ista`` (synthesis is sized to layer j-1 with the matching
+    output_padding, the exact adjoint); encoder_weights[j]: untied analysis E_j (default D_j);
+    input_encoder_weights[j]: ML-LISTA's B_j, used for G_{j-1} and the projection (default: E_j and D_j);
+    z0: a starting deepest code (B, C_L, *Sz_L) instead of the initial encoding from zero; interleaved: each layer
+    restarts from its own previous code instead of the projection (the All-Free network's iteration);
+    recompute: the fused backward keeps only the deepest code iterates and replays each step.
+    """
+    check.flag("nonneg", nonneg)
+    check.flag("fista", fista)
+    check.flag("interleaved", interleaved)
+    check.flag("recompute", recompute)
+    x = check.tensor("x", x)
+    args = ml_args.ml_ista_arguments(
+        x, weights, thresholds, n_iter=n_iter, steps=steps, strides=strides, paddings=paddings,
+        encoder_weights=encoder_weights, input_encoder_weights=input_encoder_weights, z0=z0, nonneg=nonneg,
+        interleaved=interleaved, default_step=_default_step)
+    row = ops.select("ml_ista", backend, x.device, x.dtype)
+    return ml_ista_ops.run(row, x, nonneg=nonneg, fista=fista, project=not interleaved, recompute=recompute, **args)
 
 
 # ----------------------------------------------------------------------------------------------- sparse attention

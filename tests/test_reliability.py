@@ -101,9 +101,9 @@ def test_empty_spatial_size_is_one_clear_error_on_every_backend():
             DF.conv_ista(torch.randn(4, 3, 4, 0), W.float(), 0.1, n_iter=2, padding=2, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["reference"])
+@pytest.mark.parametrize("backend", ["reference", "cpp", "auto"])
 def test_zero_batch_gives_the_empty_code(backend):
-    if backend not in DF.available_backends("cpu"):
+    if backend != "auto" and backend not in DF.available_backends("cpu"):
         pytest.skip(DF.backend_unavailable_reason(backend, "cpu"))
     x = torch.randn(0, 3, 9, 8, requires_grad=True)
     z = DF.conv_ista(x, W.float(), 0.1, n_iter=3, padding=1, backend=backend)

@@ -17,7 +17,7 @@ def ista(**overrides):
 
 
 @pytest.mark.parametrize("overrides,error,words", [
-    (dict(x=torch.randn(2, 3, 10)), ValueError, "x must have rank 4"),
+    (dict(x=torch.randn(2, 3, 10)), ValueError, "x must have rank 4"),  # a 1-D x: 4-D weight read as per-step
     (dict(x=torch.randn(2, 5, 10, 10)), ValueError, "C_sig=3"),
     (dict(weight=torch.randn(4, 3)), ValueError, "weight must be"),
     (dict(lam=-0.1), ValueError, "lam must be >= 0"),

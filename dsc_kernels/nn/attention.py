@@ -94,7 +94,9 @@ class SparseAttention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """MultiheadAttention's initialisation."""
+        """MultiheadAttention's initialisation, plus ``out_proj``'s own (MHA leaves it to construction, which would
+        leave it uninitialised after ``to_empty``)."""
+        self.out_proj.reset_parameters()
         if self._qkv_same_embed_dim:
             nn.init.xavier_uniform_(self.in_proj_weight)
         else:

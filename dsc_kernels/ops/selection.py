@@ -15,18 +15,19 @@ import importlib.util
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
 
-from . import conv_ista, sparse_attention, table
+from . import conv_ista, ml_ista, sparse_attention, table
 from .registry import implementation
 from .table import Backend
 
 ENV_VAR = "DSC_KERNELS_BACKEND"
 
 # Each family's module: its schema, fakes, autograd, op_pair(backend) and run(row, ...).
-FAMILY_MODULES = {"conv_ista": conv_ista, "sparse_attention": sparse_attention}
+FAMILY_MODULES = {"conv_ista": conv_ista, "sparse_attention": sparse_attention, "ml_ista": ml_ista}
 
 # TRITON_INTERPRET as it was when Triton was imported (set at the end of this module, or by note_triton_import):
 # Triton reads it then, so a later change cannot take effect in this process.
@@ -116,10 +117,23 @@ def _supports(row: Backend, dtype: torch.dtype) -> bool:
     return dtype in row.dtypes
 
 
-def select(family: str, backend: str, device: torch.device, dtype: torch.dtype) -> Backend:
-    """The row that runs a ``family`` call with this ``backend`` argument on ``device``/``dtype`` tensors."""
+def _missing(row: Backend, features: tuple[str, ...]) -> list[str]:
+    return [f for f in features if f not in row.features]
+
+
+def select(family: str, backend: str, device: torch.device, dtype: torch.dtype, features: tuple[str, ...] = (), *,
+           prefers: Callable[[str], bool] | None = None) -> Backend:
+    """The row that runs a ``family`` call with this ``backend`` argument on ``device``/``dtype`` tensors, among the
+    rows that run every variant in ``features`` (table.CONV_ISTA_VARIANTS and the like).
+
+    ``prefers(name)``, when given, is the call's cost model (e.g. ``cpu_cost.hook``): ``auto`` skips a candidate
+    it declines."""
     name = _requested(backend)
     if name != "auto":
+        if name not in table.NOT_BUILT and _missing(table.row(family, name), features):
+            able = [r.name for r in table.rows(family) if not _missing(r, features)]
+            raise ValueError(f"backend={name!r} cannot run {' and '.join(_missing(table.row(family, name), features))}"
+                             f" ({family}); backends that can: {', '.join(able)}")
         reason = unavailable_reason(family, name, device.type)
         if reason is not None:
             raise RuntimeError(f"backend={name!r} cannot run: {reason}")
@@ -127,9 +141,12 @@ def select(family: str, backend: str, device: torch.device, dtype: torch.dtype) 
         if not _supports(row, dtype):
             raise TypeError(f"backend={name!r} supports {', '.join(map(str, row.dtypes))}, got {dtype}")
         return _registered(row)
+    names = {r.name for r in table.rows(family)}
     for candidate in table.AUTO_PREFERENCE.get(device.type, ("reference",)):
+        if candidate not in names:  # a family need not have a row for every backend
+            continue
         row = table.row(family, candidate)
-        if not _supports(row, dtype):
+        if not _supports(row, dtype) or _missing(row, features) or (prefers is not None and not prefers(candidate)):
             continue
         reason = unavailable_reason(family, candidate, device.type)
         if reason is None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-FAMILIES = ("conv_ista", "sparse_attention")
+FAMILIES = ("conv_ista", "sparse_attention", "ml_ista")
 
 # Registration kinds: "custom_op" (Python implementation, schema from the family module), "triton_op" (launchers
 # that call torch.library.wrap_triton; schema from their annotations), "native" (schemas and CPU kernels defined
@@ -27,6 +27,13 @@ REGISTRATIONS = ("custom_op", "triton_op", "native")
 REQUIREMENTS = ("nothing", "extension", "triton")
 
 _HALF_AND_UP = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Variants of a family's computation that only some rows run; functional names the ones a call needs and
+# ops.selection picks (auto) or checks (an explicit backend) a row whose ``features`` lists them all.
+# conv-ISTA: "per_iteration_weight": weight / encoder_weight of shape (n_iter, C_code, C_sig, k...);
+# "input_encoder": z <- S(z + step (B x - E D z)) with its own input encoder B. Both run as a one-layer ML-ISTA on
+# the ml_ista row of the same backend (that recurrence from z0 = 0 is exactly this one).
+CONV_ISTA_VARIANTS = ("per_iteration_weight", "input_encoder")
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class Backend:
     save_interval: tuple[int, int] | None = None
     # The checkpoint intervals the backward accepts (None: any).
     checkpoints: tuple[int, ...] | None = None
+    # The family's variants this row runs (CONV_ISTA_VARIANTS and the like); a call needing others skips the row.
+    features: tuple[str, ...] = ()
 
     @property
     def op_names(self) -> tuple[str, str]:
@@ -67,16 +76,16 @@ TABLE: tuple[Backend, ...] = (
         devices=None, dtypes=_HALF_AND_UP, requires="nothing", registration="custom_op",
         forward_impl="dsc_kernels.reference.conv_ista:conv_ista_fwd_ref",
         backward_impl="dsc_kernels.reference.conv_ista:conv_ista_bwd_ref",
-        eager="dsc_kernels.reference.conv_ista:conv_ista_ref", save_interval=(1, 1)),
+        eager="dsc_kernels.reference.conv_ista:conv_ista_ref", save_interval=(1, 1), features=CONV_ISTA_VARIANTS),
     Backend(
         family="conv_ista", name="cpp",
         forward_op="dsc_kernels::conv_ista_fwd_cpp", backward_op="dsc_kernels::conv_ista_bwd_cpp",
         devices=("cpu",), dtypes=(torch.float32, torch.float64), requires="extension", registration="native",
-        forward_impl="csrc/cpu/conv_ista.cpp", backward_impl="csrc/cpu/conv_ista.cpp",
+        forward_impl="csrc/cpu/conv_ista/ops.cpp", backward_impl="csrc/cpu/conv_ista/ops.cpp",
         # The backward replays each segment per batch item from its checkpoint and keeps the residuals it computes
         # on the way, so keeping every other iterate (FISTA: two of three, as a replay needs z_{k-1} too) costs
         # about one forward iteration per segment.
-        save_interval=(2, 3)),
+        save_interval=(2, 3), features=CONV_ISTA_VARIANTS),
     Backend(
         family="conv_ista", name="triton",
         forward_op="dsc_kernels::conv_ista_fwd_triton", backward_op="dsc_kernels::conv_ista_bwd_triton",
@@ -107,6 +116,22 @@ TABLE: tuple[Backend, ...] = (
         registration="triton_op",
         forward_impl="dsc_kernels.triton.sparse_attention:sparse_attention_fwd",
         backward_impl="dsc_kernels.triton.sparse_attention:sparse_attention_bwd"),
+    # ------------------------------------------------------------------------------------ multi-layer pursuit
+    # Both rows run every option of the family (ops/ml_ista.py): FISTA, interleaved, per-step and encoder weights.
+    Backend(
+        family="ml_ista", name="reference",
+        forward_op="dsc_kernels::ml_ista_fwd_reference", backward_op="dsc_kernels::ml_ista_bwd_reference",
+        devices=None, dtypes=_HALF_AND_UP, requires="nothing", registration="custom_op",
+        forward_impl="dsc_kernels.reference.ml_ista:ml_ista_fwd_ref",
+        backward_impl="dsc_kernels.reference.ml_ista:ml_ista_bwd_ref",
+        eager="dsc_kernels.reference.ml_ista:ml_ista_ref"),
+    Backend(
+        family="ml_ista", name="cpp",
+        forward_op="dsc_kernels::ml_ista_fwd_cpp", backward_op="dsc_kernels::ml_ista_bwd_cpp",
+        devices=("cpu",), dtypes=(torch.float32, torch.float64), requires="extension", registration="native",
+        # Save mode keeps every layer's code iterates but those of first layers cheap to recompute
+        # (ops/ml_ista.py, CHEAP_ANALYSIS); recompute mode only the deepest (the step state), replaying each step.
+        forward_impl="csrc/cpu/ml_ista.cpp", backward_impl="csrc/cpu/ml_ista.cpp"),
 )
 
 # Backend names users may ask for that have no row (yet), with the reason given when they do.

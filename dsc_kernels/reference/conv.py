@@ -50,11 +50,27 @@ def synthesis_output_padding(signal_size: Sequence[int], kernel_size: Sequence[i
                  for s, k, st, p, n in zip(signal_size, kernel_size, stride, padding, sz))
 
 
+def _zeros_in_graph(shape: Sequence[int], *operands: torch.Tensor) -> torch.Tensor:
+    """The zero result of a convolution that sums over nothing or produces nothing (no channels on either side, an
+    empty map), which torch's convolutions reject; 0 * sum(operand) keeps the operands in the autograd graph so they
+    get (zero) gradients, and NaN/inf in them still propagate."""
+    out = operands[0].new_zeros(tuple(shape))
+    return out + sum(t.sum() for t in operands) * 0
+
+
+def _empty_conv(x_or_z: torch.Tensor, weight: torch.Tensor) -> bool:
+    return 0 in tuple(x_or_z.shape[1:]) or 0 in tuple(weight.shape[:2])
+
+
 def conv_analysis_ref(x: torch.Tensor, weight: torch.Tensor, stride: int | Sequence[int] = 1,
                       padding: int | Sequence[int] = 0) -> torch.Tensor:
     """``D^T x``. x: (B, C_sig, *S), weight: (C_code, C_sig, *k) -> (B, C_code, *Sz)."""
     rank = spatial_rank(weight)
-    return _CONV[rank](x, weight, stride=as_tuple(stride, rank), padding=as_tuple(padding, rank))
+    stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
+    if _empty_conv(x, weight):
+        sz = code_size(x.shape[2:], weight.shape[2:], stride, padding)
+        return _zeros_in_graph((x.shape[0], weight.shape[0], *sz), x, weight)
+    return _CONV[rank](x, weight, stride=stride, padding=padding)
 
 
 def conv_synthesis_ref(z: torch.Tensor, weight: torch.Tensor, signal_size: Sequence[int],
@@ -62,6 +78,8 @@ def conv_synthesis_ref(z: torch.Tensor, weight: torch.Tensor, signal_size: Seque
     """``D z``. z: (B, C_code, *Sz), weight: (C_code, C_sig, *k) -> (B, C_sig, *signal_size)."""
     rank = spatial_rank(weight)
     stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
+    if _empty_conv(z, weight) or 0 in tuple(signal_size):
+        return _zeros_in_graph((z.shape[0], weight.shape[1], *signal_size), z, weight)
     out_pad = synthesis_output_padding(signal_size, weight.shape[2:], stride, padding)
     return _CONV_T[rank](z, weight, stride=stride, padding=padding, output_padding=out_pad)
 

@@ -1,0 +1,171 @@
+"""Published DSC networks on our ops against their eager code: forward, training step and training-step memory.
+
+Workloads (issue 16's goals; CPU, DSC_BENCH_THREADS threads, default 2):
+- ``ml-ista-mnist``: Sulam et al.'s MNIST ML-ISTA classifier, 3 layers of 32/64/512 filters 6x6/6x6/4x4, strides
+  2/2/1, T = 6 unfoldings, batch 128 of 28x28, linear classifier + NLL loss.
+- ``cscnet``: Simon & Elad's CSCNet denoiser, 175 filters 11x11, stride 8, 12 unfoldings, one 128x128 patch per step
+  (64 shifted copies), MSE loss.
+
+Providers: ``eager`` (their published recurrence as their code writes it: F.conv2d / F.conv_transpose2d and
+autograd; tests/test_porting.py, which checks that ours computes the same to 1e-12), ``ours`` (the same network on
+dsc_kernels, backend auto: cpp here; ML-ISTA through nn.MultiLayerSparseCoding2d, CSCNet through conv_ista +
+conv_synthesis), ``ours-recompute`` (the memory-lean backward). Timing: rounds interleave the providers, each round
+times a no-grad forward and a training step (forward, backward, SGD step) per provider; medians of wall time
+(time.perf_counter) and, as a cross-check on a shared machine, of process CPU time. Memory: the training step's peak
+of allocations (dsc_kernels.experiments.speed.train_step_peak_bytes: profiler allocation events; forward and
+backward).
+
+Regenerate the table: ``python bench/test_speed_networks.py [--rounds 7] [--threads 2] [--workloads ...]``
+(or ``pytest bench/test_speed_networks.py --benchmark-only -s``).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dsc_kernels.functional as DF
+from dsc_kernels.experiments import speed as S
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from test_porting import CSCNet, PublishedMLNet, cscnet_on_our_ops, port  # noqa: E402
+
+PROVIDERS = ("eager", "ours", "ours-recompute")
+WORKLOADS = ("ml-ista-mnist", "cscnet")
+
+
+def build(workload: str, provider: str):
+    """(a no-grad forward, a training step, a (fn, inputs) pair for the memory meter) for one provider."""
+    g = torch.Generator().manual_seed(0)
+    if workload == "ml-ista-mnist":
+        published = PublishedMLNet("ml-ista", m=(1, 32, 64, 512), k=(6, 6, 4), strides=(2, 2, 1), T=6,
+                                   dtype=torch.float32)
+        x = torch.rand(128, 1, 28, 28, generator=g)
+        labels = torch.randint(0, 10, (128,), generator=g)
+        if provider == "eager":
+            params = list(published.parameters())
+
+            def forward():
+                return published(x)
+        else:
+            net = port(published, "auto", recompute=provider == "ours-recompute")
+            params = list(net.parameters()) + list(published.Wclass.parameters())
+
+            def forward():
+                return F.log_softmax(published.Wclass(net(x)[-1].flatten(1)), dim=1)
+
+        def loss():
+            return F.nll_loss(forward(), labels)
+    elif workload == "cscnet":
+        net = CSCNet(num_filters=175, kernel_size=11, stride=8, unfoldings=12, dtype=torch.float32)
+        with torch.no_grad():  # their init: A / sqrt(||A||^2), B = C = A
+            a = net.A / DF.lipschitz_constant(net.A, (147, 147), stride=8, n_iter=30) ** 0.5
+            for p in (net.A, net.B, net.C):
+                p.copy_(a)
+        x = torch.rand(1, 1, 128, 128, generator=g)
+        target = x + 0.1 * torch.randn(x.shape, generator=g)
+        params = list(net.parameters())
+
+        def forward():
+            if provider == "eager":
+                return net(x)
+            return cscnet_on_our_ops(net, x, "auto", recompute=provider == "ours-recompute")
+
+        def loss():
+            return F.mse_loss(forward(), target)
+    else:
+        raise ValueError(f"unknown workload {workload!r}")
+    opt = torch.optim.SGD(params, lr=1e-4)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        loss().backward()
+        opt.step()
+
+    def no_grad_forward():
+        with torch.no_grad():
+            return forward()
+    return no_grad_forward, train_step, (loss, {"x": x, "weight": params[0]})
+
+
+def measure(workload: str, rounds: int = 5, providers=PROVIDERS) -> dict:
+    """Interleaved medians: {provider: {forward_ms, train_ms, forward_cpu_ms, train_cpu_ms, train_peak_mb}} and the
+    per-round ratio spread."""
+    built = {p: build(workload, p) for p in providers}
+    wall = {(p, m): [] for p in providers for m in ("forward", "train")}
+    cpu = {key: [] for key in wall}
+    for p in providers:  # warm-up: one of each (first calls build and cache)
+        built[p][0]()
+        built[p][1]()
+    for _ in range(rounds):
+        for p in providers:
+            for m, fn in (("forward", built[p][0]), ("train", built[p][1])):
+                t, c = time.perf_counter(), time.process_time()
+                fn()
+                wall[(p, m)].append(1e3 * (time.perf_counter() - t))
+                cpu[(p, m)].append(1e3 * (time.process_time() - c))
+    out = {}
+    for p in providers:
+        fn, inputs = built[p][2]
+        out[p] = {f"{m}_ms": statistics.median(wall[(p, m)]) for m in ("forward", "train")}
+        out[p].update({f"{m}_cpu_ms": statistics.median(cpu[(p, m)]) for m in ("forward", "train")})
+        out[p]["train_peak_mb"] = S.train_step_peak_bytes(fn, inputs, "cpu") / 2 ** 20
+    for p in providers[1:]:
+        for m in ("forward", "train"):
+            ratios = [a / b for a, b in zip(wall[(providers[0], m)], wall[(p, m)])]
+            out[p][f"{m}_speedup"] = out[providers[0]][f"{m}_ms"] / out[p][f"{m}_ms"]
+            out[p][f"{m}_speedup_cpu"] = out[providers[0]][f"{m}_cpu_ms"] / out[p][f"{m}_cpu_ms"]
+            out[p][f"{m}_round_ratios"] = (min(ratios), max(ratios))
+        out[p]["memory_ratio"] = out[p]["train_peak_mb"] / out[providers[0]]["train_peak_mb"]
+    return out
+
+
+def table(workload: str, result: dict) -> str:
+    lines = [f"### {workload} ({torch.get_num_threads()} threads)",
+             "| provider | forward ms | train-step ms | forward vs eager | train vs eager (round range) | "
+             "CPU-time ratios fwd / train | train peak MB | memory vs eager |", "|" + " --- |" * 8]
+    for p, r in result.items():
+        if p == "eager":
+            lines.append(f"| {p} | {r['forward_ms']:.0f} | {r['train_ms']:.0f} | 1 | 1 | 1 / 1 | "
+                         f"{r['train_peak_mb']:.1f} | 1 |")
+            continue
+        lo, hi = r["train_round_ratios"]
+        lines.append(f"| {p} | {r['forward_ms']:.0f} | {r['train_ms']:.0f} | {r['forward_speedup']:.2f}x | "
+                     f"{r['train_speedup']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['forward_speedup_cpu']:.2f} / "
+                     f"{r['train_speedup_cpu']:.2f} | {r['train_peak_mb']:.1f} | {r['memory_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("workload", WORKLOADS)
+def test_published_network_speed(benchmark, device, workload):
+    if device != "cpu":
+        pytest.skip("these workloads measure the CPU backend (the goals of issue 16)")
+    torch.set_num_threads(int(__import__("os").environ.get("DSC_BENCH_THREADS", "2")))
+    result = measure(workload, rounds=3)
+    print("\n" + table(workload, result))
+    _, train_step, _ = build(workload, "ours")
+    benchmark.group = f"published network {workload} train step"
+    benchmark.pedantic(train_step, rounds=1, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update({"workload": workload, **{f"{p}.{k}": v for p, r in result.items()
+                                                           for k, v in r.items() if not isinstance(v, tuple)}})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=WORKLOADS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for workload in args.workloads:
+        print(table(workload, measure(workload, rounds=args.rounds)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+// Backward of the gemm strategy: the exact VJP of the forward (problem.h), chunk by chunk of the batch.
+//
+// With g = dL/dz_{k+1}, gu = g * [z_{k+1} != 0], r_k = x - D y_k, v = E^* gu = conv_transpose(gu, W_E):
+//     dL/dx     += step_k v
+//     dL/dy_k    = gu - step_k D^* v                           (D^* = conv2d(., W_D))
+//     dL/dW_E   += step_k conv_weight_grad(input=r_k, grad_out=gu)
+//     dL/dW_D   -= step_k conv_weight_grad(input=v,   grad_out=y_k)
+//     dL/dth_c   = -sum gu sign(z_{k+1})  (nonneg: -sum gu);  dL/dlam_k = step_k dL/dth
+//     dL/dstep_k = <gu, E r_k> + <lam_k, dL/dth> = <v, r_k> + <lam_k, dL/dth>
+//     FISTA: dL/dz_k += (1 + beta_k) dL/dy_k,  dL/dz_{k-1} -= beta_k dL/dy_k
+// Each chunk is swept backwards on its own in chunk-sized buffers (nothing batch-sized but the outputs), as the
+// direct strategy does per item: save mode replays each segment [s, s + m) from its checkpoint keeping the segment's
+// iterates and residuals r_k; recompute mode replays z_0..z_k for every k (O(n^2 / 2) extra iterations, memory
+// independent of n). Convolutions and weight gradients are ATen calls (gemm_iteration.h), everything else fused
+// passes; the weight gradients of all chunks and iterations accumulate into two weight-sized sums.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "gemm_iteration.h"
+#include "strategies.h"
+
+namespace dsc_kernels {
+namespace conv_ista {
+namespace {
+
+// The chunk-sized buffers of the backward, carved from one tensor so allocator statistics and profilers see them.
+template <typename T>
+struct ChunkWorkspace {
+  at::Tensor storage;
+  T *grad, *carry;         // dL/dz_{k+1} (ends as dL/dz_0) and FISTA's carry into dL/dz_k (FISTA only)
+  T* ybuf;                 // FISTA's y_k
+  std::vector<T*> replay;  // replayed iterates (save mode: a segment's interior; recompute: the rotating ones)
+  T* residuals;            // r_k (save mode: a segment's m; recompute: 1)
+};
+
+template <typename T>
+struct GemmBackward {
+  const GemmSolver<T>& solver;
+  const Problem<T>& p;
+  const ConvGeometry& g;
+  const int64_t m;                    // checkpoint interval; 0 = recompute mode
+  const int64_t ccs, scs;             // one chunk's code and signal sizes
+  at::Tensor dw_dict, dw_encoder;     // weight-gradient sums
+  std::vector<std::vector<double>> dth, vr;  // [thread]: (n, Cc) and (n,) partial sums
+
+  GemmBackward(const GemmSolver<T>& solver_, int64_t m_)
+      : solver(solver_), p(solver_.p), g(solver_.g), m(m_), ccs(solver_.chunk * g.code_item()),
+        scs(solver_.chunk * g.signal_item()), dw_dict(at::zeros_like(p.weight)),
+        dw_encoder(at::zeros_like(p.encoder_weight)),
+        dth(at::get_num_threads(), std::vector<double>(p.it.n * g.Cc, 0.0)),
+        vr(at::get_num_threads(), std::vector<double>(p.it.n, 0.0)) {}
+
+  ChunkWorkspace<T> workspace() const {
+    const int nz = m > 0 ? int(std::max<int64_t>(m - 1, 0)) : (p.it.fista ? 3 : 2);
+    const int64_t nr = m > 0 ? m : 1;
+    const int ncodes = 1 + (p.it.fista ? 2 : 0) + nz;
+    ChunkWorkspace<T> t;
+    t.storage = at::empty({ncodes * ccs + nr * scs}, p.x.options());
+    T* w = t.storage.template data_ptr<T>();
+    t.grad = w, w += ccs;
+    t.carry = p.it.fista ? w : nullptr, w += p.it.fista ? ccs : 0;
+    t.ybuf = p.it.fista ? w : nullptr, w += p.it.fista ? ccs : 0;
+    for (int i = 0; i < nz; ++i) t.replay.push_back(w), w += ccs;
+    t.residuals = w;
+    return t;
+  }
+
+  // Iteration k's active set applied to t.grad = dL/dz_{k+1} in place (it becomes gu), and dL/dth from its signs:
+  // after this, z_{k+1} is no longer needed.
+  void activate(ChunkWorkspace<T>& t, int64_t k, const T* zk1, int64_t items) {
+    const int64_t hw = g.Hz * g.Wz;
+    solver.for_code_rows(items, [&](int64_t r, int64_t c) {
+      dth[at::get_thread_num()][k * g.Cc + c] -= mask_row(t.grad + r * hw, zk1 + r * hw, hw, p.it.nonneg);
+    });
+  }
+
+
+  // The VJP of iteration k for a chunk: t.grad holds gu_k (activate ran) on entry and dL/dz_k (+ FISTA carry) on
+  // exit, with iteration k-1's active set already applied when zk_mask (z_k) is given (activate fused into the last
+  // pass). zk, zkm1: y_k's iterates (zk null: zeros); r = x - D y_k; gx: the chunk's dL/dx.
+  void step(ChunkWorkspace<T>& t, int64_t k, const T* zk, const T* zkm1, const T* r, T* gx, int64_t items,
+            const T* zk_mask) {
+    const T sk = p.it.step[k];
+    const T bk = T(p.it.beta[k]);
+    const at::Tensor gu = solver.code(t.grad, items);
+    const at::Tensor v = solver.synthesis(gu, p.encoder_weight).contiguous();
+    const T* vp = v.data_ptr<T>();
+    const int64_t sn = items * g.signal_item();
+    at::parallel_for(0, sn, 16384, [&](int64_t i0, int64_t i1) {
+      vr[at::get_thread_num()][k] += axpy_dot(gx + i0, vp + i0, r + i0, sk, i1 - i0);
+    });
+    solver.add_weight_grad(dw_encoder, solver.signal(r, items), gu, p.encoder_weight, double(sk));
+    const T* y = solver.momentum_point(k, zk, zkm1, t.ybuf, items);
+    if (y) solver.add_weight_grad(dw_dict, v, solver.code(y, items), p.weight, -double(sk));
+    const at::Tensor dv = solver.analysis(v, p.weight).contiguous();
+    const T* dvp = dv.data_ptr<T>();
+    const int64_t hw = g.Hz * g.Wz;
+    const bool fista = p.it.fista;
+    solver.for_code_rows(items, [&](int64_t row, int64_t c) {
+      T* __restrict ga = t.grad + row * hw;
+      const T* __restrict d = dvp + row * hw;
+      if (fista) {
+        T* __restrict gb = t.carry + row * hw;
+        for (int64_t i = 0; i < hw; ++i) {
+          const T gy = ga[i] - sk * d[i];
+          ga[i] = gb[i] + (T(1) + bk) * gy;
+          gb[i] = -bk * gy;
+        }
+      } else {
+        for (int64_t i = 0; i < hw; ++i) ga[i] -= sk * d[i];
+      }
+      if (zk_mask) dth[at::get_thread_num()][(k - 1) * g.Cc + c] -= mask_row(ga, zk_mask + row * hw, hw, p.it.nonneg);
+    });
+  }
+
+
+  void chunk(ChunkWorkspace<T>& t, const at::Tensor& grad_z, const StoredIterates<const T>& in,
+             int64_t b0, int64_t items, const T* x, T* gx, T* gz0) {
+    const int64_t csz = g.code_item();
+    const int64_t n = p.it.n;
+    // dL/dz_n, read through grad_z's strides (an expanded scalar is never materialised).
+    solver.code(t.grad, items).copy_(grad_z.narrow(0, b0, items));
+    if (t.carry) std::fill(t.carry, t.carry + items * csz, T(0));
+    const T* z0c = p.z0_item(b0);
+    auto iterate_at = [&](int64_t k) -> const T* { return k == 0 ? z0c : in.at(k, b0); };
+    if (m > 0) {
+      // Segments [s, e) from the last: replay from z_s (and z_{s-1}) keeping z_{s+1}..z_{e-1} and r_s..r_{e-1}.
+      const int64_t nseg = (n + m - 1) / m;
+      for (int64_t sg = nseg - 1; sg >= 0; --sg) {
+        const int64_t s = sg * m, e = std::min(n, s + m);
+        std::vector<const T*> zs(e - s + 2);  // zs[k - s + 1] = z_k for k in [s - 1, e]
+        zs[0] = s > 0 ? iterate_at(s - 1) : nullptr;
+        zs[1] = iterate_at(s);
+        zs[e - s + 1] = iterate_at(e);
+        for (int64_t k = s; k < e; ++k) {
+          // A stored z_{k+1} (always z_e; FISTA's z_{e-1} too) needs only r_k: D y_k without E.
+          const T* stored = iterate_at(k + 1);
+          T* znext = stored ? nullptr : t.replay[k - s];
+          solver.iterate(k, x, zs[k - s + 1], zs[k - s], znext, t.residuals + (k - s) * scs, t.ybuf, items);
+          zs[k - s + 2] = stored ? stored : znext;
+        }
+        if (e == n) activate(t, n - 1, zs[e - s + 1], items);  // later iterations' steps activate the others
+        for (int64_t k = e - 1; k >= s; --k) {
+          const T* zk = zs[k - s + 1];
+          step(t, k, zk, zs[k - s], t.residuals + (k - s) * scs, gx, items, k > 0 ? zk : nullptr);
+        }
+      }
+    } else {
+      // Recompute mode: replay z_0..z_k for every k. The active set of iteration k-1 is applied to dL/dz_k while z_k
+      // is at hand, so no z_{k+1} is held across a replay.
+      const int nrot = p.it.fista ? 3 : 2;
+      auto replay = [&](int64_t upto) {
+        return run_chain<T>(upto, p.it.fista, z0c, t.replay.data(), nrot, [](int64_t) { return (T*)nullptr; },
+                            [&](int64_t k, const T* zk, const T* zkm1, T* dst) {
+                              solver.iterate(k, x, zk, zkm1, dst, t.residuals, t.ybuf, items);
+                            });
+      };
+      const T* zn = in.at(n, b0);
+      activate(t, n - 1, zn ? zn : replay(n).first, items);
+      for (int64_t k = n - 1; k >= 0; --k) {
+        const auto [zk, zkm1] = replay(k);
+        solver.iterate(k, x, zk, zkm1, nullptr, t.residuals, t.ybuf, items);  // r_k only
+        step(t, k, zk, zkm1, t.residuals, gx, items, k > 0 ? zk : nullptr);
+      }
+    }
+    if (gz0) std::copy(t.grad, t.grad + items * csz, gz0);
+  }
+};
+
+}  // namespace
+
+template <typename T>
+void gemm_backward(const Problem<T>& p, const at::Tensor& grad_z, const StoredIterates<const T>& in, int64_t m,
+                   const Gradients& grads) {
+  const ConvGeometry& g = p.g;
+  const GemmSolver<T> solver(p, m);
+  GemmBackward<T> bw(solver, m);
+  ChunkWorkspace<T> t = bw.workspace();
+  const T* x = p.x.template data_ptr<T>();
+  T* gx = grads.x.template data_ptr<T>();
+  T* gz0 = grads.z0.numel() ? grads.z0.template data_ptr<T>() : nullptr;
+  grads.x.zero_();
+  const int64_t csz = g.code_item(), ssz = g.signal_item();
+  solver.for_chunks([&](int64_t b0, int64_t items) {
+    bw.chunk(t, grad_z, in, b0, items, x + b0 * ssz, gx + b0 * ssz, gz0 ? gz0 + b0 * csz : nullptr);
+  });
+  grads.weight.copy_(bw.dw_dict);
+  grads.encoder_weight.copy_(bw.dw_encoder);
+  std::vector<double> dth(p.it.n * g.Cc, 0.0), vr(p.it.n, 0.0);
+  for (size_t i = 0; i < bw.dth.size(); ++i) {
+    for (size_t j = 0; j < dth.size(); ++j) dth[j] += bw.dth[i][j];
+    for (size_t j = 0; j < vr.size(); ++j) vr[j] += bw.vr[i][j];
+  }
+  finish_threshold_and_step_grads(p.it, dth, vr, grads);
+}
+
+template void gemm_backward<float>(const Problem<float>&, const at::Tensor&, const StoredIterates<const float>&,
+                                   int64_t, const Gradients&);
+template void gemm_backward<double>(const Problem<double>&, const at::Tensor&, const StoredIterates<const double>&,
+                                    int64_t, const Gradients&);
+
+}  // namespace conv_ista
+}  // namespace dsc_kernels

@@ -1,0 +1,143 @@
+// The gemm strategy's building blocks: ATen convolutions for the GEMM-bound parts of an iteration, and the fused
+// elementwise passes between them, on a chunk of batch items.
+//
+// One iteration on a chunk (x_c, z_k, z_{k-1}; every tensor chunk-sized, batch-major like the op's tensors):
+//     y_k     = z_k + beta_k (z_k - z_{k-1})                    pass 1 (FISTA only; ISTA reads z_k itself)
+//     D y_k   = conv_transpose2d(y_k, W_D)                      ATen (oneDNN)
+//     r_k     = x_c - D y_k                                     pass 2 (in place, or into the backward's buffer)
+//     E r_k   = conv2d(r_k, W_E)                                ATen (oneDNN)
+//     z_{k+1} = S_{step_k lam_k}(y_k + step_k E r_k)             pass 3
+// and its VJP (g = dL/dz_{k+1}):
+//     gu      = g [z_{k+1} != 0],  dL/dth -= sum gu sign(z_{k+1})                  pass 4 (in place on g)
+//     v       = conv_transpose2d(gu, W_E)                        ATen
+//     dL/dx  += step_k v,  <v, r_k> for dL/dstep                                   pass 5
+//     dL/dW_E += step_k wgrad(r_k, gu);  dL/dW_D -= step_k wgrad(v, y_k)          ATen convolution_backward (weight)
+//     D^* v   = conv2d(v, W_D)                                   ATen
+//     dL/dy_k = gu - step_k D^* v (FISTA: split into dL/dz_k, dL/dz_{k-1})          pass 6
+// The data and weight gradients are separate ATen calls on purpose: convolution_backward asked for both at once (what
+// eager autograd does) measured 2-7x slower than the two calls apart with oneDNN on this CPU.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "problem.h"
+
+namespace dsc_kernels {
+namespace conv_ista {
+
+// Items per chunk of the batch: enough columns (items x Hz x Wz) for the ATen convolutions to run at GEMM speed, few
+// enough that a chunk's working set stays in cache and its workspace a small part of what eager would keep
+// (strategy.cpp documents the rule). Chunks run one after another, each ATen call parallel inside: oneDNN's
+// weight-gradient primitive must not run inside an outer parallel region (it spins on a barrier for threads a
+// nested region does not give it), so chunks are never run one per thread.
+int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, int64_t checkpoint);
+
+template <typename T>
+struct GemmSolver {
+  const Problem<T>& p;
+  const ConvGeometry& g;
+  const std::vector<int64_t> stride, padding, output_padding;
+  const int64_t chunk;  // items per chunk
+  // The kernel covers the whole unpadded map (code 1 x 1): every convolution is a plain matrix product over
+  // (items, Cc) codes, (items, Cs KH KW) signals and (Cc, Cs KH KW) weights.
+  const bool full_map;
+
+  GemmSolver(const Problem<T>& p_, int64_t checkpoint)
+      : p(p_), g(p_.g), stride{g.SH, g.SW}, padding{g.PH, g.PW},
+        output_padding{g.H + 2 * g.PH - g.KH - (g.Hz - 1) * g.SH, g.W + 2 * g.PW - g.KW - (g.Wz - 1) * g.SW},
+        chunk(gemm_chunk_items(p_.g, p_.it.n, p_.it.fista, checkpoint)),
+        full_map(g.kernel_covers_map()) {}
+
+  at::TensorOptions options() const { return p.x.options(); }
+  // A chunk-sized code (items, Cc, Hz, Wz) or signal (items, Cs, H, W) over memory the caller owns.
+  at::Tensor code(const T* ptr, int64_t items) const {
+    return at::from_blob(const_cast<T*>(ptr), {items, g.Cc, g.Hz, g.Wz}, options());
+  }
+  at::Tensor signal(const T* ptr, int64_t items) const {
+    return at::from_blob(const_cast<T*>(ptr), {items, g.Cs, g.H, g.W}, options());
+  }
+  static at::Tensor rows(const at::Tensor& t) { return t.reshape({t.size(0), -1}); }
+
+  at::Tensor synthesis(const at::Tensor& y, const at::Tensor& w) const {  // D y (W_D) or E^* gu (W_E)
+    if (full_map) return at::mm(rows(y), rows(w)).view({y.size(0), g.Cs, g.H, g.W});
+    return at::conv_transpose2d(y, w, {}, stride, padding, output_padding);
+  }
+  at::Tensor analysis(const at::Tensor& r, const at::Tensor& w) const {  // E r (W_E) or D^* v (W_D)
+    if (full_map) return at::mm(rows(r), rows(w).t()).view({r.size(0), g.Cc, 1, 1});
+    return at::conv2d(r, w, {}, stride, padding);
+  }
+  // acc += alpha * the gradient in w of analysis(signal, w) against grad_out `code`, i.e. alpha corr(signal, code).
+  void add_weight_grad(const at::Tensor& acc, const at::Tensor& signal, const at::Tensor& code, const at::Tensor& w,
+                       double alpha) const {
+    if (full_map) {
+      rows(acc).addmm_(rows(code).t(), rows(signal), 1.0, alpha);
+      return;
+    }
+    // output_mask is (input, weight, bias).
+    acc.add_(std::get<1>(at::convolution_backward(code, signal, w, std::nullopt, stride, padding, {1, 1}, false,
+                                                  {0, 0}, 1, {false, true, false})),
+             alpha);
+  }
+
+  // f(first item, items) for every chunk of the batch, in order.
+  template <class F>
+  void for_chunks(F&& f) const {
+    for (int64_t b0 = 0; b0 < g.B; b0 += chunk) f(b0, std::min(chunk, g.B - b0));
+  }
+
+  // f(row, channel) over the rows (item, channel) of a chunk's code, in parallel.
+  template <class F>
+  void for_code_rows(int64_t items, F&& f) const {
+    const int64_t hw = g.Hz * g.Wz;
+    at::parallel_for(0, items * g.Cc, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, hw)),
+                     [&](int64_t r0, int64_t r1) {
+                       for (int64_t r = r0; r < r1; ++r) f(r, r % g.Cc);
+                     });
+  }
+
+  // y_k of iteration k (zk null: zeros): z_k itself, or z_k + beta_k (z_k - z_{k-1}) in ybuf (FISTA).
+  const T* momentum_point(int64_t k, const T* zk, const T* zkm1, T* ybuf, int64_t items) const {
+    if (!zk || !p.it.momentum(k)) return zk;
+    const int64_t hw = g.Hz * g.Wz;
+    const CodeRowSource<T> src{zk, zkm1, T(p.it.beta[k]), T(1)};
+    for_code_rows(items, [&](int64_t r, int64_t) { src.row(r * hw, hw, ybuf + r * hw); });
+    return ybuf;
+  }
+
+  // r_k = x_c - D y (y null: zeros) written to `dst` (items x Cs x H x W).
+  void residual(const T* x, const T* y, const at::Tensor& w, int64_t items, T* dst) const {
+    const int64_t n = items * g.signal_item();
+    if (!y) {
+      at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) { std::copy(x + i0, x + i1, dst + i0); });
+      return;
+    }
+    const at::Tensor dy = synthesis(code(y, items), w).contiguous();
+    const T* d = dy.data_ptr<T>();
+    at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) dst[i] = x[i] - d[i];
+    });
+  }
+
+  // Iteration k on a chunk of `items` items: z_{k+1} = S(y + step E r) into dst (null: the residual only) with
+  // r = x - D y into rbuf; y as momentum_point gives it (ybuf: FISTA's scratch).
+  void iterate(int64_t k, const T* x, const T* zk, const T* zkm1, T* dst, T* rbuf, T* ybuf, int64_t items) const {
+    const T* y = momentum_point(k, zk, zkm1, ybuf, items);
+    residual(x, y, p.weight, items, rbuf);
+    if (!dst) return;
+    const at::Tensor e = analysis(signal(rbuf, items), p.encoder_weight).contiguous();
+    const T* ep = e.data_ptr<T>();
+    const int64_t hw = g.Hz * g.Wz;
+    const T sk = p.it.step[k];
+    const T* th = p.it.thresholds(k);
+    for_code_rows(items, [&](int64_t r, int64_t c) {
+      threshold_row<T>(dst + r * hw, y ? y + r * hw : nullptr, ep + r * hw, sk, th[c], hw, p.it.nonneg);
+    });
+  }
+};
+
+}  // namespace conv_ista
+}  // namespace dsc_kernels

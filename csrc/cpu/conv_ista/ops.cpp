@@ -1,0 +1,231 @@
+// The cpp backend's conv-ISTA ops, dsc_kernels::conv_ista_fwd_cpp and dsc_kernels::conv_ista_bwd_cpp (schemas in
+// docs/design.md §7.1): input checks, empty problems, and the hand-over to the strategy strategy.cpp picks for the
+// shape.
+//
+// Forward: z_{k+1} = S_{step_k lam_k}(y_k + step_k E(x - D y_k)), y_k = z_k + beta_k (z_k - z_{k-1}), k < n; returns
+// (z_n, saved) with saved the checkpoints of interval m = `checkpoint` (problem.h), or empty for m = 0.
+// Backward: the six gradients (x, weight, encoder_weight, lam, step, z0) from those checkpoints.
+//
+// Empty problems never reach a strategy: an empty batch or no code channels gives an empty z and zero gradients; an
+// empty signal (no signal channels, a zero-size map) has E(x - D y) = 0, so z_{k+1} = S(y_k), run here with the
+// elementwise pieces of problem.h (as `reference` computes it).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "problem.h"
+#include "strategies.h"
+
+namespace dsc_kernels {
+namespace conv_ista {
+
+ConvGeometry check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                          const at::Tensor& encoder_weight, const at::Tensor& lam, const at::Tensor& step,
+                          const at::Tensor& z0, at::IntArrayRef stride, at::IntArrayRef padding) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, op, ": x and weight must be 4-D (2-D problems)");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2, op, ": stride and padding need 2 entries");
+  ConvGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
+                 stride[0], stride[1], padding[0], padding[1], 0, 0};
+  TORCH_CHECK(g.SH >= 1 && g.SW >= 1 && g.PH >= 0 && g.PW >= 0, op, ": stride must be >= 1 and padding >= 0");
+  TORCH_CHECK(g.KH >= 1 && g.KW >= 1, op, ": the kernel must have a non-zero size");
+  TORCH_CHECK(g.H + 2 * g.PH >= g.KH && g.W + 2 * g.PW >= g.KW, op, ": kernel larger than the padded signal");
+  g.Hz = (g.H + 2 * g.PH - g.KH) / g.SH + 1;
+  g.Wz = (g.W + 2 * g.PW - g.KW) / g.SW + 1;
+  TORCH_CHECK(weight.size(1) == g.Cs && encoder_weight.sizes() == weight.sizes(), op,
+              ": weight/encoder_weight must be (C_code, C_sig, kh, kw)");
+  TORCH_CHECK(step.dim() == 1 && step.size(0) >= 1, op, ": step must be (n_iter,) with n_iter >= 1");
+  const int64_t n = step.size(0);
+  TORCH_CHECK(lam.dim() == 2 && lam.size(0) == n && lam.size(1) == g.Cc, op, ": lam must be (n_iter, C_code)");
+  TORCH_CHECK(z0.numel() == 0 || (z0.dim() == 4 && z0.size(0) == g.B && z0.size(1) == g.Cc && z0.size(2) == g.Hz &&
+                                  z0.size(3) == g.Wz),
+              op, ": z0 must be (B, C_code, Hz, Wz) or empty (zeros)");
+  for (const auto* t : {&x, &weight, &encoder_weight, &lam, &step, &z0})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == x.scalar_type(), op,
+                ": all tensors must be CPU tensors of x's dtype");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op, ": float32 or float64 only");
+  return g;
+}
+
+std::vector<double> fista_betas(int64_t n, bool fista) {
+  std::vector<double> beta(n, 0.0);
+  if (!fista) return beta;
+  std::vector<double> t(n + 1);
+  t[0] = 1.0;
+  for (int64_t k = 0; k < n; ++k) t[k + 1] = (1.0 + std::sqrt(1.0 + 4.0 * t[k] * t[k])) / 2.0;
+  for (int64_t k = 1; k < n; ++k) beta[k] = (t[k - 1] - 1.0) / t[k];
+  return beta;
+}
+
+namespace {
+
+// The forward of a problem whose signal is empty: z_{k+1} = S(y_k), whole batch at once (no convolution to tile).
+template <typename T>
+void shrink_only_forward(const Problem<T>& p, const StoredIterates<T>& out) {
+  const int64_t bsz = p.g.B * p.g.code_item(), hw = p.g.Hz * p.g.Wz;
+  const StoredIterates<T> batch{out.ck, out.z, out.saved, 1, bsz};
+  at::Tensor work = at::empty({3, bsz}, p.x.options());
+  T* bufs[3] = {work.data_ptr<T>(), work.data_ptr<T>() + bsz, work.data_ptr<T>() + 2 * bsz};
+  run_chain<T>(p.it.n, p.it.fista, p.z0_item(0), bufs, 3, [&](int64_t k) { return batch.at(k, 0); },
+               [&](int64_t k, const T* zk, const T* zkm1, T* dst) {
+                 const CodeRowSource<T> y{zk, p.it.momentum(k) ? zkm1 : nullptr, T(p.it.beta[k]), T(1)};
+                 for (int64_t bc = 0; bc < p.g.B * p.g.Cc; ++bc) {
+                   y.row(bc * hw, hw, dst + bc * hw);
+                   threshold_row<T>(dst + bc * hw, dst + bc * hw, nullptr, T(0), p.it.thresholds(k)[bc % p.g.Cc], hw,
+                                   p.it.nonneg);
+                 }
+               });
+}
+
+// Its backward: only the thresholds, the steps (through lam) and z0 get gradients; the iterates are replayed in full
+// (a problem without a signal has nothing to save memory on).
+template <typename T>
+void shrink_only_backward(const Problem<T>& p, const at::Tensor& grad_z, const Gradients& grads) {
+  const ConvGeometry& g = p.g;
+  const int64_t bsz = g.B * g.code_item(), hw = g.Hz * g.Wz, n = p.it.n;
+  at::Tensor iterates = at::empty({n + 1, bsz}, p.x.options());
+  T* zs = iterates.data_ptr<T>();
+  if (p.z0.numel())
+    std::copy(p.z0.template data_ptr<T>(), p.z0.template data_ptr<T>() + bsz, zs);
+  else
+    std::fill(zs, zs + bsz, T(0));
+  for (int64_t k = 0; k < n; ++k) {
+    const CodeRowSource<T> y{zs + k * bsz, p.it.momentum(k) ? zs + (k - 1) * bsz : nullptr, T(p.it.beta[k]), T(1)};
+    T* dst = zs + (k + 1) * bsz;
+    for (int64_t bc = 0; bc < g.B * g.Cc; ++bc) {
+      y.row(bc * hw, hw, dst + bc * hw);
+      threshold_row<T>(dst + bc * hw, dst + bc * hw, nullptr, T(0), p.it.thresholds(k)[bc % g.Cc], hw, p.it.nonneg);
+    }
+  }
+  at::Tensor grad = grad_z.contiguous().clone(), carry = at::zeros_like(grad);
+  T* ga = grad.data_ptr<T>();
+  T* gb = carry.data_ptr<T>();
+  std::vector<double> dth(n * g.Cc, 0.0), vr(n, 0.0);
+  for (int64_t k = n - 1; k >= 0; --k) {
+    const T* z1 = zs + (k + 1) * bsz;
+    const double bk = p.it.momentum(k) ? p.it.beta[k] : 0.0;
+    for (int64_t i = 0; i < bsz; ++i) {
+      const T gu = z1[i] != T(0) ? ga[i] : T(0);
+      dth[k * g.Cc + (i / hw) % g.Cc] -= p.it.nonneg || z1[i] > T(0) ? gu : -gu;
+      ga[i] = gb[i] + T(1 + bk) * gu;  // dL/dy_k = gu: no D^* v term without a signal
+      gb[i] = T(-bk) * gu;
+    }
+  }
+  grads.x.zero_();
+  grads.weight.zero_();
+  grads.encoder_weight.zero_();
+  finish_threshold_and_step_grads(p.it, dth, vr, grads);
+  if (grads.z0.numel()) grads.z0.copy_(grad.view_as(grads.z0));
+}
+
+template <typename T>
+Problem<T> make_problem(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& weight,
+                        const at::Tensor& encoder_weight, const at::Tensor& lam, const at::Tensor& step,
+                        const at::Tensor& z0, bool nonneg, bool fista) {
+  return Problem<T>{g, x.contiguous(), weight.contiguous(), encoder_weight.contiguous(), z0.contiguous(),
+                    IterationConstants<T>(lam, step, nonneg, fista)};
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x, const at::Tensor& weight,
+                                                     const at::Tensor& encoder_weight, const at::Tensor& lam,
+                                                     const at::Tensor& step, const at::Tensor& z0,
+                                                     at::IntArrayRef stride, at::IntArrayRef padding, bool nonneg,
+                                                     bool fista, int64_t checkpoint) {
+  const char* op = "conv_ista_fwd_cpp";
+  TORCH_CHECK(checkpoint >= 0, op, ": checkpoint must be >= 0");
+  const ConvGeometry g = check_inputs(op, x, weight, encoder_weight, lam, step, z0, stride, padding);
+  const Checkpoints ck(step.size(0), checkpoint, fista);
+  at::Tensor z = at::empty({g.B, g.Cc, g.Hz, g.Wz}, x.options());
+  at::Tensor saved = checkpoint ? at::empty({ck.count, g.B, g.Cc, g.Hz, g.Wz}, x.options())
+                                : at::empty({0}, x.options());
+  if (g.empty_code()) return {z, saved};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_ista_cpp", [&] {
+    using T = scalar_t;
+    const Problem<T> p = make_problem<T>(g, x, weight, encoder_weight, lam, step, z0, nonneg, fista);
+    const StoredIterates<T> out{ck, z.data_ptr<T>(), ck.count ? saved.data_ptr<T>() : nullptr, g.B,
+                                g.code_item()};
+    if (g.empty_signal())
+      shrink_only_forward<T>(p, out);
+    else if (choose_strategy(g) == Strategy::gemm)
+      gemm_forward<T>(p, out);
+    else
+      direct_forward<T>(p, out);
+  });
+  return {z, saved};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_ista_bwd_cpp(
+    const at::Tensor& grad_z, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& encoder_weight,
+    const at::Tensor& lam, const at::Tensor& step, const at::Tensor& z0, const at::Tensor& z_,
+    const at::Tensor& saved_, at::IntArrayRef stride, at::IntArrayRef padding, bool nonneg, bool fista,
+    int64_t checkpoint) {
+  const char* op = "conv_ista_bwd_cpp";
+  TORCH_CHECK(checkpoint >= 0, op, ": checkpoint must be >= 0");
+  const ConvGeometry g = check_inputs(op, x, weight, encoder_weight, lam, step, z0, stride, padding);
+  TORCH_CHECK(grad_z.dim() == 4 && grad_z.size(0) == g.B && grad_z.size(1) == g.Cc && grad_z.size(2) == g.Hz &&
+                  grad_z.size(3) == g.Wz && grad_z.scalar_type() == x.scalar_type() && grad_z.device().is_cpu(),
+              op, ": grad_z must be (B, C_code, Hz, Wz) of x's dtype");
+  const at::Tensor z = z_.contiguous(), saved = saved_.contiguous();
+  TORCH_CHECK(z.numel() == 0 || z.sizes() == grad_z.sizes(), op, ": z must be empty or z_n");
+  TORCH_CHECK(checkpoint == 0 || z.numel() > 0 || g.empty_code(), op, ": save mode needs z");
+  const Checkpoints ck(step.size(0), checkpoint, fista);
+  TORCH_CHECK(checkpoint == 0 || saved.numel() == ck.count * g.B * g.code_item(), op,
+              ": saved must hold the checkpoints of conv_ista_fwd_cpp with this checkpoint");
+  const Gradients grads{at::empty_like(x, at::MemoryFormat::Contiguous),
+                        at::empty_like(weight, at::MemoryFormat::Contiguous),
+                        at::empty_like(encoder_weight, at::MemoryFormat::Contiguous),
+                        at::empty_like(lam, at::MemoryFormat::Contiguous),
+                        at::empty_like(step, at::MemoryFormat::Contiguous),
+                        at::empty_like(z0, at::MemoryFormat::Contiguous)};
+  if (g.empty_code()) {
+    for (const at::Tensor* t : {&grads.x, &grads.weight, &grads.encoder_weight, &grads.lam, &grads.step, &grads.z0})
+      const_cast<at::Tensor*>(t)->zero_();
+    return {grads.x, grads.weight, grads.encoder_weight, grads.lam, grads.step, grads.z0};
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_ista_cpp", [&] {
+    using T = scalar_t;
+    const Problem<T> p = make_problem<T>(g, x, weight, encoder_weight, lam, step, z0, nonneg, fista);
+    const StoredIterates<const T> in{ck, z.numel() ? z.data_ptr<T>() : nullptr,
+                                     ck.count ? saved.data_ptr<T>() : nullptr, g.B, g.code_item()};
+    if (g.empty_signal())
+      shrink_only_backward<T>(p, grad_z, grads);
+    else if (choose_strategy(g) == Strategy::gemm)
+      gemm_backward<T>(p, grad_z, in, checkpoint, grads);
+    else
+      direct_backward<T>(p, grad_z, in, checkpoint, grads);
+  });
+  return {grads.x, grads.weight, grads.encoder_weight, grads.lam, grads.step, grads.z0};
+}
+
+// Which strategy the two ops above run for this problem: 0 direct, 1 gemm, -1 none (an empty problem, handled
+// before any strategy). For tests and benchmarks; it reads DSC_KERNELS_CPP_STRATEGY as the ops do.
+int64_t conv_ista_strategy_cpp(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
+                               at::IntArrayRef padding) {
+  const at::Tensor step = at::empty({1}, x.options()), lam = at::empty({1, weight.size(0)}, x.options());
+  const ConvGeometry g = check_inputs("conv_ista_strategy_cpp", x, weight, weight, lam, step,
+                                      at::empty({0}, x.options()), stride, padding);
+  if (g.empty_code() || g.empty_signal()) return -1;
+  return choose_strategy(g) == Strategy::gemm ? 1 : 0;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dsc_kernels, m) {
+  m.def(
+      "conv_ista_fwd_cpp(Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, Tensor z0, "
+      "int[] stride, int[] padding, bool nonneg, bool fista, int checkpoint) -> (Tensor, Tensor)");
+  m.def(
+      "conv_ista_bwd_cpp(Tensor grad_z, Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, "
+      "Tensor z0, Tensor z, Tensor saved, int[] stride, int[] padding, bool nonneg, bool fista, int checkpoint) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("conv_ista_strategy_cpp(Tensor x, Tensor weight, int[] stride, int[] padding) -> int");
+}
+
+TORCH_LIBRARY_IMPL(dsc_kernels, CPU, m) {
+  m.impl("conv_ista_fwd_cpp", &conv_ista_fwd_cpp);
+  m.impl("conv_ista_bwd_cpp", &conv_ista_bwd_cpp);
+  m.impl("conv_ista_strategy_cpp", &conv_ista_strategy_cpp);
+}
+
+}  // namespace conv_ista
+}  // namespace dsc_kernels

@@ -1,0 +1,42 @@
+// The two ways the cpp backend runs conv-ISTA, and how it picks one per shape (strategy.cpp).
+//
+// direct (direct_forward.cpp, direct_backward.cpp): hand-written fused passes; both convolutions by the register-tiled
+//   micro-kernels of simd_tiles.h on item- or band-sized thread-local buffers, nothing batch-sized but the outputs.
+// gemm (gemm_forward.cpp, gemm_backward.cpp): the two convolutions and the weight gradients by ATen (oneDNN)
+//   convolutions over chunks of the batch, everything else (residual, threshold, momentum, active set, step and
+//   threshold gradients) fused into single passes around them.
+// Both read and write the same checkpoints (problem.h), so the strategies are interchangeable between passes.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "problem.h"
+
+namespace dsc_kernels {
+namespace conv_ista {
+
+enum class Strategy { direct, gemm };
+
+const char* strategy_name(Strategy s);
+
+// The strategy for a problem: DSC_KERNELS_CPP_STRATEGY=direct|gemm forces one; otherwise (unset, empty or "auto") the
+// rule in strategy.cpp decides from the geometry alone, so both passes of one call agree.
+Strategy choose_strategy(const ConvGeometry& g);
+
+// Forward: z_n into out.z and the checkpoints into out.saved.
+template <typename T>
+void direct_forward(const Problem<T>& p, const StoredIterates<T>& out);
+template <typename T>
+void gemm_forward(const Problem<T>& p, const StoredIterates<T>& out);
+
+// Backward with checkpoint interval m (0: recompute mode): fills every tensor of `grads` (grads.z0 only when z0 is
+// given). grad_z is read through its strides.
+template <typename T>
+void direct_backward(const Problem<T>& p, const at::Tensor& grad_z, const StoredIterates<const T>& in, int64_t m,
+                     const Gradients& grads);
+template <typename T>
+void gemm_backward(const Problem<T>& p, const at::Tensor& grad_z, const StoredIterates<const T>& in, int64_t m,
+                   const Gradients& grads);
+
+}  // namespace conv_ista
+}  // namespace dsc_kernels

@@ -1,0 +1,148 @@
+"""Multi-layer convolutional sparse coding networks, with the parameters of the published ones (Sulam, Aberdam, Beck &
+Elad, TPAMI 2019: layered BP, ML-ISTA, ML-FISTA, ML-LISTA, All-Free); every forward is one call into
+``dsc_kernels.functional`` (docs/porting.md maps their code onto this module line by line).
+
+State-dict keys, the same for every backend (j = 0 .. L-1):
+``weights.j``         the dictionary W_j, (C_{j+1}, C_j, k, k), or per unfolding (n_iter + 1, C_{j+1}, C_j, k, k)
+``biases.j``          b_j, (C_{j+1},) or per unfolding (n_iter + 1, C_{j+1}): sigma(u + b), the threshold is -b
+``steps.j``           c_j, () or per unfolding (n_iter + 1,) (a buffer unless ``learn_steps``)
+``input_encoders.j``  ML-LISTA's B_j, shaped like ``weights.j`` (only with ``input_encoders=True``)
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as DF
+
+IntOrPair = int | Sequence[int]
+MODES = ("layered", "ml-ista", "ml-fista", "interleaved")
+
+
+def _per_layer(name: str, value, depth: int) -> list:
+    values = list(value) if isinstance(value, list) else [value] * depth
+    if len(values) != depth:
+        raise ValueError(f"{name} must be one value or a list of {depth} (one per layer), got {value!r}")
+    return values
+
+
+def _pair(value: IntOrPair) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+class MultiLayerSparseCoding2d(nn.Module):
+    """Multi-layer pursuit through a convolutional DSC model x ~ D_1 G_1, G_1 ~ D_2 G_2, ...: forward(x) returns
+    [G_1, ..., G_L].
+
+    ``channels = [C_0, C_1, ..., C_L]``; ``kernel_sizes``, ``strides``, ``paddings``: one value or one per layer.
+    Every mode starts with the encoding G_j = sigma(c_j W_j^T G_{j-1} + b_j) (a CNN's forward pass: sigma is a ReLU
+    with ``nonneg``, else the soft threshold with threshold -b_j >= 0), then runs n_iter unfoldings:
+
+    - ``"layered"``: layered basis pursuit, n_iter ISTA steps on each layer before the next (``DF.deep_conv_ista``);
+    - ``"ml-ista"`` / ``"ml-fista"``: the multi-layer pursuit, each unfolding projecting the deepest code down and
+      taking one step per layer (``DF.ml_ista``, FISTA's momentum on the deepest code for ml-fista);
+    - ``"interleaved"``: one step per layer and unfolding from each layer's own previous code (the All-Free network).
+
+    ``untied_unfoldings`` gives every unfolding its own filters and biases ("All-Free"): unfolding k analyses with
+    W_j[k] and reconstructs with W_j[k-1], the filters that made the code it reconstructs. ``input_encoders`` adds
+    ML-LISTA's B_j (analysis of G_{j-1} and the projections use B_j, the Gram term W_j^T W_j). Initialisation is the
+    published one: W_j ~ 0.1 N(0, 1) / sqrt(C_j k^2), b_j = ``bias``, c_j = ``step``.
+
+    >>> net = MultiLayerSparseCoding2d([1, 32, 64, 512], [6, 6, 4], strides=[2, 2, 1], n_iter=6, mode="ml-ista")
+    >>> g1, g2, g3 = net(x)  # x: (B, 1, 28, 28); g3: (B, 512, 1, 1)
+    """
+
+    def __init__(self, channels: Sequence[int], kernel_sizes: IntOrPair | list[IntOrPair], *,
+                 strides: IntOrPair | list[IntOrPair] = 1, paddings: IntOrPair | list[IntOrPair] = 0,
+                 n_iter: int = 6, mode: str = "ml-ista", bias: float = 0.0, step: float = 1.0,
+                 learn_steps: bool = True, untied_unfoldings: bool = False, input_encoders: bool = False,
+                 nonneg: bool = True, recompute: bool = False, backend: str = "auto", device=None, dtype=None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+            raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
+        depth = len(channels) - 1
+        if depth < 1:
+            raise ValueError(f"channels must list at least two channel counts, got {channels!r}")
+        if input_encoders and mode == "layered":
+            raise ValueError("input_encoders (ML-LISTA) need a multi-layer mode, not 'layered'")
+        self.channels = list(channels)
+        self.kernel_sizes = [_pair(k) for k in _per_layer("kernel_sizes", kernel_sizes, depth)]
+        self.strides = [_pair(s) for s in _per_layer("strides", strides, depth)]
+        self.paddings = [_pair(p) for p in _per_layer("paddings", paddings, depth)]
+        self.n_iter, self.mode, self.nonneg, self.recompute, self.backend = n_iter, mode, nonneg, recompute, backend
+        self.untied_unfoldings = untied_unfoldings
+        factory = dict(device=device, dtype=dtype)
+        lead = (n_iter + 1,) if untied_unfoldings else ()
+
+        def filters(j: int) -> nn.Parameter:
+            shape = (channels[j + 1], channels[j], *self.kernel_sizes[j])
+            scale = 0.1 / math.sqrt(channels[j] * math.prod(self.kernel_sizes[j]))
+            return nn.Parameter(scale * torch.randn(*lead, *shape, **factory))
+
+        self.weights = nn.ParameterList(filters(j) for j in range(depth))
+        self.input_encoders = nn.ParameterList(filters(j) for j in range(depth)) if input_encoders else None
+        self.biases = nn.ParameterList(nn.Parameter(torch.full((*lead, channels[j + 1]), float(bias), **factory))
+                                       for j in range(depth))
+        steps = [torch.full(lead, float(step), **factory) for _ in range(depth)]
+        if learn_steps:
+            self.steps = nn.ParameterList(nn.Parameter(s) for s in steps)
+        else:
+            for j, s in enumerate(steps):
+                self.register_buffer(f"step_{j}", s)
+            self.steps = None
+
+    def _steps(self) -> list[Tensor]:
+        return list(self.steps) if self.steps is not None else [getattr(self, f"step_{j}")
+                                                                  for j in range(len(self.weights))]
+
+    def _operators(self) -> tuple[list[Tensor], list[Tensor | None]]:
+        """(synthesis dictionaries, analysis encoders) of every layer: tied, or shifted by one unfolding."""
+        if not self.untied_unfoldings:
+            return list(self.weights), [None] * len(self.weights)
+        return [torch.cat([w[:1], w[:-1]]) for w in self.weights], list(self.weights)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """x: (B, C_0, H, W) -> [G_1 (B, C_1, H_1, W_1), ..., G_L]."""
+        dictionaries, encoders = self._operators()
+        thresholds = [-b for b in self.biases]
+        steps = self._steps()
+        if self.mode == "layered":
+            codes, signal = [], x
+            for j, (d, e) in enumerate(zip(dictionaries, encoders)):
+                signal = DF.conv_ista(signal, d, threshold=thresholds[j], n_iter=self.n_iter + 1, step=steps[j],
+                                      encoder_weight=e, stride=self.strides[j], padding=self.paddings[j],
+                                      nonneg=self.nonneg, backend=self.backend, recompute=self.recompute)
+                codes.append(signal)
+            return codes
+        return DF.ml_ista(x, dictionaries, thresholds, n_iter=self.n_iter, steps=steps, strides=self.strides,
+                          paddings=self.paddings, fista=self.mode == "ml-fista", nonneg=self.nonneg,
+                          backend=self.backend, encoder_weights=encoders,
+                          input_encoder_weights=None if self.input_encoders is None else list(self.input_encoders),
+                          interleaved=self.mode == "interleaved", recompute=self.recompute)
+
+    def decode(self, code: Tensor, signal_size: Sequence[int]) -> Tensor:
+        """The signal a deepest code G_L stands for, D_1 D_2 ... D_L G_L (the last unfolding's dictionaries), of
+        spatial size ``signal_size``: (B, C_L, H_L, W_L) -> (B, C_0, *signal_size)."""
+        sizes = [tuple(signal_size)]
+        for k, s, p in zip(self.kernel_sizes, self.strides, self.paddings):
+            sizes.append(tuple((n + 2 * pp - kk) // ss + 1 for n, kk, ss, pp in zip(sizes[-1], k, s, p)))
+        for j in reversed(range(len(self.weights))):
+            w = self.weights[j][-1] if self.untied_unfoldings else self.weights[j]
+            code = DF.conv_synthesis(code, w, stride=self.strides[j], padding=self.paddings[j],
+                                     signal_size=sizes[j])
+        return code
+
+    def extra_repr(self) -> str:
+        options = [f"channels={self.channels}", f"kernel_sizes={self.kernel_sizes}", f"strides={self.strides}",
+                   f"paddings={self.paddings}", f"n_iter={self.n_iter}", f"mode={self.mode!r}"]
+        options += [name for name in ("untied_unfoldings", "recompute") if getattr(self, name)]
+        if self.input_encoders is not None:
+            options.append("input_encoders")
+        if not self.nonneg:
+            options.append("nonneg=False")
+        return ", ".join(options + [f"backend={self.backend!r}"])

@@ -1,0 +1,150 @@
+"""Each strategy of the cpp conv-ISTA backend (direct, gemm; csrc/cpu/conv_ista/strategies.h) against the reference
+op pair, forward and all six gradients, and the per-shape choice between them.
+
+DSC_KERNELS_CPP_STRATEGY forces a strategy; it is read on every call, so monkeypatch.setenv switches it per test.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsc_kernels.functional as DF
+from dsc_kernels import _ext
+from dsc_kernels.ops import op_pair
+from dsc_kernels.reference.conv_ista import (
+    conv_ista_bwd_ref,
+    conv_ista_fwd_ref,
+    conv_ista_ref,
+)
+
+ops = _ext.load()
+op_pair("conv_ista", "cpp")
+
+STRATEGIES = ("direct", "gemm")
+
+# name, x shape, weight shape, stride, padding: odd sizes, strides that do not divide the kernel or exceed it, a
+# height-1 map (how functional runs 1-D problems), more code than signal channels and the reverse, a kernel that
+# covers the whole map (the gemm strategy's matrix-product case)
+GEOMETRIES = [
+    ("odd", (3, 2, 9, 10), (5, 2, 3, 4), [1, 1], [1, 2]),
+    ("stride2x3", (2, 3, 11, 13), (4, 3, 4, 3), [2, 3], [1, 0]),
+    ("stride-gt-kernel", (2, 2, 11, 14), (5, 2, 2, 3), [3, 4], [1, 0]),
+    ("1d", (3, 2, 1, 23), (6, 2, 1, 5), [1, 2], [0, 2]),
+    ("full-map", (4, 3, 4, 5), (7, 3, 4, 5), [1, 1], [0, 0]),
+    ("many-channel", (5, 9, 6, 7), (12, 9, 3, 3), [1, 1], [1, 1]),
+]
+
+
+def _tensors(xs, ws, n_iter, *, untied, z0, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(xs, generator=g, dtype=dtype)
+    w = torch.randn(ws, generator=g, dtype=dtype)
+    w = w / w.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+    we = w + 0.3 * torch.randn(ws, generator=g, dtype=dtype) if untied else w
+    lam = 0.02 + 0.1 * torch.rand(n_iter, ws[0], generator=g, dtype=dtype)  # per iteration and channel
+    step = 0.15 + 0.2 * torch.rand(n_iter, generator=g, dtype=dtype)        # per iteration
+    return x, w, we, lam, step
+
+
+def _z0(x, w, stride, padding, given, dtype):
+    if not given:
+        return x.new_empty(0)
+    sz = [(s + 2 * p - k) // t + 1 for s, p, k, t in zip(x.shape[2:], padding, w.shape[2:], stride)]
+    return 0.3 * torch.randn(x.shape[0], w.shape[0], *sz, generator=torch.Generator().manual_seed(7), dtype=dtype)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("checkpoint", [0, 1, 2, 3])
+@pytest.mark.parametrize("fista,nonneg,untied,z0_given", [(False, False, False, False), (True, False, True, True),
+                                                          (False, True, True, True), (True, True, False, False)],
+                         ids=["ista", "fista-untied-z0", "nonneg-untied-z0", "fista-nonneg"])
+@pytest.mark.parametrize("name,xs,ws,stride,padding", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
+def test_op_pair_matches_reference_fp64(monkeypatch, strategy, checkpoint, fista, nonneg, untied, z0_given, name,
+                                        xs, ws, stride, padding):
+    """Forward (z and the saved checkpoints) and the six gradients equal the reference op pair's in fp64, for
+    every checkpoint interval (0: recompute mode), grad_z an expanded scalar as sum() gives it."""
+    monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
+    dtype = torch.float64
+    x, w, we, lam, step = _tensors(xs, ws, 7, untied=untied, z0=z0_given, dtype=dtype)
+    z0 = _z0(x, w, stride, padding, z0_given, dtype)
+    geo = (stride, padding, nonneg, fista)
+    z, saved = ops.conv_ista_fwd_cpp(x, w, we, lam, step, z0, *geo, checkpoint)
+    z_ref, saved_ref = conv_ista_fwd_ref(x, w, we, lam, step, z0, *geo, checkpoint)
+    torch.testing.assert_close(z, z_ref, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(saved, saved_ref, rtol=1e-11, atol=1e-11)
+    grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    if checkpoint == 0:
+        grad_z = torch.ones((), dtype=dtype).expand_as(z)
+    got = ops.conv_ista_bwd_cpp(grad_z, x, w, we, lam, step, z0, z if checkpoint else z.new_empty(0), saved, *geo,
+                                checkpoint)
+    want = conv_ista_bwd_ref(grad_z, x, w, we, lam, step, z0, z_ref, saved_ref, *geo, checkpoint)
+    for what, a, b in zip(("x", "weight", "encoder_weight", "lam", "step", "z0"), got, want):
+        assert a.shape == b.shape, what
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=what)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name,xs,ws,stride,padding", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
+def test_functional_fp32_matches_autograd_reference(monkeypatch, strategy, name, xs, ws, stride, padding):
+    """Through functional and autograd in fp32 (save mode, FISTA, untied): z and the gradients of every input
+    against conv_ista_ref's autograd, comparing values where the supports agree."""
+    monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
+    x, w, we, lam, step = _tensors(xs, ws, 4, untied=True, z0=False, dtype=torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (x, w, we, lam, step)]
+    outs = []
+    for backend in ("reference", "cpp"):
+        xl, wl, wel, laml, stepl = (t.detach().clone().requires_grad_() for t in leaves)
+        if backend == "reference":
+            z = conv_ista_ref(xl, wl, laml, stepl, encoder_weight=wel, stride=stride, padding=padding, fista=True)
+        else:
+            z = DF.conv_ista(xl, wl, laml, n_iter=4, step=stepl, encoder_weight=wel, stride=stride,
+                             padding=padding, fista=True, backend="cpp")
+        g = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
+        outs.append((z.detach(), torch.autograd.grad((z * g).sum(), [xl, wl, wel, laml, stepl])))
+    (z_ref, g_ref), (z, g) = outs
+    flips = (z != 0) != (z_ref != 0)
+    assert flips.float().mean() <= 0.01
+    torch.testing.assert_close(z[~flips], z_ref[~flips], rtol=2e-5, atol=2e-5)
+    for a, b in zip(g, g_ref):
+        scale = max(1.0, b.abs().max().item())
+        assert (a - b).abs().max().item() / scale <= 2e-3 * (1 + 100 * flips.float().mean().item())
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("checkpoint", [0, 2])
+def test_gradcheck_fp64(monkeypatch, strategy, checkpoint):
+    monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
+    x, w, we, lam, step = _tensors((2, 3, 5, 6), (4, 3, 3, 2), 3, untied=True, z0=True, dtype=torch.float64, seed=4)
+    z0 = _z0(x, w, [2, 1], [1, 0], True, torch.float64)
+    inputs = [t.requires_grad_() for t in (x, w, we, lam, step, z0)]
+
+    def f(x, w, we, lam, step, z0):
+        return ops.conv_ista_fwd_cpp(x, w, we, lam, step, z0, [2, 1], [1, 0], False, True, checkpoint)[0]
+
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
+
+
+def _strategy(xs, ws, stride=(1, 1), padding=(1, 1)):
+    return ops.conv_ista_strategy_cpp(torch.empty(xs), torch.empty(ws), list(stride), list(padding))
+
+
+def test_automatic_choice_covers_both_strategies(monkeypatch):
+    """The automatic choice picks direct where the convolutions do not dominate (one signal channel, a large map)
+    and gemm where they do (many channels), the same answer every time, and the environment variable overrides it
+    in any case; empty problems run neither."""
+    monkeypatch.delenv("DSC_KERNELS_CPP_STRATEGY", raising=False)
+    few, many = ((4, 1, 64, 64), (32, 1, 7, 7)), ((64, 32, 8, 8), (32, 32, 3, 3))
+    assert _strategy(*few, padding=(3, 3)) == 0
+    assert _strategy(*many) == 1
+    assert len({_strategy(*many) for _ in range(5)}) == 1
+    for value, want in (("direct", 0), ("GEMM", 1), ("auto", 1), ("", 1)):
+        monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", value)
+        assert _strategy(*many) == want
+    assert _strategy((0, 32, 8, 8), (32, 32, 3, 3)) == -1
+
+
+def test_unknown_strategy_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", "fastest")
+    x, w, _, _, _ = _tensors((1, 1, 6, 6), (2, 1, 3, 3), 2, untied=False, z0=False, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="DSC_KERNELS_CPP_STRATEGY must be direct, gemm or auto"):
+        DF.conv_ista(x, w, 0.1, n_iter=2, step=0.1, backend="cpp")

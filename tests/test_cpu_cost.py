@@ -1,0 +1,79 @@
+"""auto's CPU choice between eager and the fused cpp conv-ISTA backend (dsc_kernels/ops/cpu_cost.py): a pure
+function of the call's key, overridable by backend= and DSC_KERNELS_BACKEND."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsc_kernels.functional as DF
+from dsc_kernels import ops
+from dsc_kernels.ops import cpu_cost
+
+# (x, weight): many channels on small maps (intensity 288, above the limit) and one signal channel (8.7)
+CONV_BOUND = ((8, 64, 8, 8), (64, 64, 3, 3))
+LIGHT = ((8, 1, 8, 8), (32, 1, 3, 3))
+
+
+def _key(xs, ws, backward):
+    return cpu_cost.ConvIstaKey(xs, ws, (1, 1), (1, 1), torch.float32, backward)
+
+
+def test_intensity_and_code_size():
+    key = _key(*CONV_BOUND, True)
+    assert key.code_size == (8, 8)
+    assert key.intensity == pytest.approx(64 * 9 * 64 * 64 / (64 * 64 + 64 * 64))
+    assert not key.kernel_covers_map
+    full = cpu_cost.ConvIstaKey((4, 64, 4, 4), (512, 64, 4, 4), (1, 1), (0, 0), torch.float32, True)
+    assert full.kernel_covers_map and full.code_size == (1, 1)
+
+
+def test_choice_by_key():
+    assert cpu_cost.faster_on_cpu(_key(*CONV_BOUND, backward=False)) == "cpp"  # inference: always the fused path
+    assert cpu_cost.faster_on_cpu(_key(*CONV_BOUND, backward=True)) == "reference"
+    assert cpu_cost.faster_on_cpu(_key(*LIGHT, backward=True)) == "cpp"
+    full = cpu_cost.ConvIstaKey((4, 64, 4, 4), (512, 64, 4, 4), (1, 1), (0, 0), torch.float32, True)
+    assert cpu_cost.faster_on_cpu(full) == "cpp"  # a matrix product on the cpp side, whatever the intensity
+
+
+def test_deterministic_for_a_key():
+    first = [cpu_cost.faster_on_cpu(_key(*s, b)) for s in (CONV_BOUND, LIGHT) for b in (False, True)]
+    cpu_cost.faster_on_cpu.cache_clear()
+    again = [cpu_cost.faster_on_cpu(_key(*s, b)) for s in (CONV_BOUND, LIGHT) for b in (False, True)]
+    assert first == again
+
+
+def _chosen(monkeypatch, xs, ws, backward, env=None):
+    if env is None:
+        monkeypatch.delenv("DSC_KERNELS_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("DSC_KERNELS_BACKEND", env)
+    prefers = cpu_cost.hook(xs, ws, (1, 1), (1, 1), torch.float32, backward)
+    return ops.select("conv_ista", "auto", torch.device("cpu"), torch.float32, prefers=prefers).name
+
+
+def test_auto_follows_the_model_and_the_environment_overrides_it(monkeypatch):
+    if ops.unavailable_reason("conv_ista", "cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not available")
+    assert _chosen(monkeypatch, *CONV_BOUND, backward=True) == "reference"
+    assert _chosen(monkeypatch, *CONV_BOUND, backward=False) == "cpp"
+    assert _chosen(monkeypatch, *LIGHT, backward=True) == "cpp"
+    assert _chosen(monkeypatch, *CONV_BOUND, backward=True, env="cpp") == "cpp"
+    assert _chosen(monkeypatch, *LIGHT, backward=True, env="reference") == "reference"
+
+
+def test_functional_auto_runs_what_the_model_picks(monkeypatch):
+    """Through functional: a conv-bound training call runs eager autograd, its no-grad forward the fused op, and
+    backend='cpp' runs the fused op whatever the model says. Both give the same z."""
+    if ops.unavailable_reason("conv_ista", "cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not available")
+    monkeypatch.delenv("DSC_KERNELS_BACKEND", raising=False)
+    x, w = torch.randn(CONV_BOUND[0]), 0.1 * torch.randn(CONV_BOUND[1])
+    w.requires_grad_()
+    z_auto = DF.conv_ista(x, w, 0.05, n_iter=2, step=0.1, padding=1)
+    assert "cpp" not in type(z_auto.grad_fn).__name__.lower()
+    z_cpp = DF.conv_ista(x, w, 0.05, n_iter=2, step=0.1, padding=1, backend="cpp")
+    assert "conv_ista_fwd_cpp" in type(z_cpp.grad_fn).__name__
+    with torch.no_grad():
+        z_nograd = DF.conv_ista(x, w, 0.05, n_iter=2, step=0.1, padding=1)
+    torch.testing.assert_close(z_nograd, z_cpp.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z_auto.detach(), z_cpp.detach(), rtol=1e-5, atol=1e-5)
