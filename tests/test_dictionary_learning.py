@@ -1,8 +1,19 @@
 """Convolutional dictionary learning on patches of scikit-learn's photographs: monotone objective, valid atoms."""
+import itertools
+
 import pytest
 import torch
 
-from dsc_kernels.dictionary_learning import highpass, learn_conv_dictionary, plot_atoms
+from dsc_kernels.dictionary_learning import (
+    _random_crops,
+    highpass,
+    learn_conv_dictionary,
+    low_frequency_fraction,
+    photo_dictionary,
+    photo_patches,
+    plot_atoms,
+    plot_result,
+)
 
 pytest.importorskip("sklearn")
 
@@ -18,17 +29,44 @@ def _patches(n: int = 4, size: int = 20):
 def test_objective_decreases_steadily_and_atoms_stay_in_the_unit_ball(tmp_path):
     x = _patches()
     seen = []
-    result = learn_conv_dictionary(x, 8, 6, 0.3, n_outer=12, n_code_iter=5, n_dict_iter=3,
+    result = learn_conv_dictionary(x, 8, 6, 0.3, n_outer=12, n_code_iter=5, n_dict_iter=1,
                                    callback=lambda i, value: seen.append(value), backend="reference")
     objective = result.objective
     assert seen == objective and len(objective) == 12
-    assert all(b <= a * (1 + 1e-5) for a, b in zip(objective, objective[1:]))  # monotone (PALM with 1/L steps)
+    assert all(b <= a * (1 + 1e-5) for a, b in itertools.pairwise(objective))  # monotone (PALM with 1/L steps)
     assert objective[-1] < 0.8 * objective[0]
     assert float(result.weight.flatten(1).norm(dim=1).max()) <= 1 + 1e-5
     assert result.codes.shape == (len(x), 8, 25, 25) and result.padding == (5, 5)
     assert 0.2 < float((result.codes == 0).float().mean()) < 1.0
     plot_atoms(result.weight, tmp_path / "atoms.png")
     assert (tmp_path / "atoms.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_photo_dictionary_learns_smooth_structured_atoms(tmp_path):
+    # The recipe of the module doc (high-passed, contrast-normalised patches, lam = 2) on a small problem: the
+    # objective falls at every outer iteration, and the atoms end up smoother than the patches they started from
+    # and far from white noise. With lam = 0.2 (about one code per pixel) the atoms fit texture and this fails
+    # (mean low-frequency fraction about 0.45).
+    result = photo_dictionary(16, 8, 2.0, n_per_photo=3, size=48, n_outer=25)
+    objective = result.objective
+    assert all(b <= a * (1 + 1e-6) for a, b in itertools.pairwise(objective))
+    assert all(b < a for a, b in itertools.pairwise(objective[:11]))  # strictly falling at the start
+    assert objective[-1] < 0.9 * objective[0]
+    start = _random_crops(photo_patches(3, 48), 16, (8, 8), torch.Generator().manual_seed(0))
+    noise = torch.randn(1000, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    learned, started, white = (float(low_frequency_fraction(w).mean()) for w in (result.weight, start, noise))
+    assert white < 0.25 and learned > 0.6 and learned > started + 0.1, (learned, started, white)
+    assert 0.9 < float((result.codes == 0).float().mean()) < 1.0  # sparse, yet every patch is coded
+    plot_result(result, tmp_path / "cdl.png", title="test")
+    assert (tmp_path / "cdl.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_low_frequency_fraction_tells_smooth_from_noise():
+    ramp = torch.linspace(-1, 1, 8)
+    edge = ramp[None, :].expand(8, 8).reshape(1, 1, 8, 8)
+    checker = ((torch.arange(8)[:, None] + torch.arange(8)[None]) % 2 * 2 - 1).float().reshape(1, 1, 8, 8)
+    assert float(low_frequency_fraction(edge)) > 0.8 and float(low_frequency_fraction(checker)) == 0.0
 
 
 def test_bad_arguments():

@@ -7,7 +7,7 @@ then the s^2 shifted copies are coded and averaged, as CSCNet does. Input and ou
 any H, W.
 
 Data (scikit-learn's two photographs, gray, nothing downloaded), and what is held out:
-    training   random 40x40 patches of china.jpg, columns [0, 480) only
+    training   random 32x32 patches of china.jpg, columns [0, 480) only
     held out   (a) flower.jpg, the whole photograph: never seen in training (the goal is measured here)
                (b) china.jpg columns [480, 640): a region of the training photograph that no patch touched
 Noise: Gaussian, sigma = 25/255, a fixed seed for the test images. Baselines on the same noisy images: the noisy
@@ -27,19 +27,20 @@ from torch import Tensor, nn
 
 from .. import data as dsc_data
 from .. import functional as DF
+from ..dictionary_learning import atom_grid
 from ..nn import ConvSparseCoding2d
 from . import data, engine
 
 NAME = "denoise"
 STRATEGIES = ("cscnet",)
 DEFAULT_STRATEGY = "cscnet"
-DEFAULT_EPOCHS = 12
+DEFAULT_EPOCHS = 8
 HEADLINE = ("psnr_model", "psnr_best_skimage", "psnr_noisy", "seconds")
 SIGMA = 25 / 255
 TRAIN_PHOTO, TRAIN_COLUMNS = "china", (0, 480)
-PATCH, PATCHES_PER_EPOCH, BATCH_SIZE = 40, 512, 16
+PATCH, PATCHES_PER_EPOCH, BATCH_SIZE = 32, 512, 16
 N_ATOMS, KERNEL, N_ITER, STRIDE = 32, 7, 6, 1
-LEARNING_RATE = 3e-3
+LEARNING_RATE = 6e-3
 TV_WEIGHTS = (0.02, 0.04, 0.06, 0.08, 0.1, 0.12, 0.15)
 DCT_LAMS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.12)
 
@@ -232,15 +233,7 @@ def plot(model: nn.Module, metrics: dict, seed: int, path: Path) -> None:
         ax.imshow(image[0, 0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    atoms = model.csc.weight.detach()[:, 0]
-    n = atoms.shape[0]
-    cols = int(math.ceil(math.sqrt(n)))
-    k = atoms.shape[-1]
-    grid = torch.full((cols * (k + 1), cols * (k + 1)), float("nan"))
-    for i in range(n):
-        r, c = divmod(i, cols)
-        grid[r * (k + 1):r * (k + 1) + k, c * (k + 1):c * (k + 1) + k] = atoms[i] / atoms[i].abs().max()
-    axes[-1].imshow(grid.numpy(), cmap="gray", vmin=-1, vmax=1)
+    axes[-1].imshow(atom_grid(model.csc.weight).numpy(), cmap="gray", vmin=-1, vmax=1)
     axes[-1].set_title("learned dictionary D", fontsize=9)
     axes[-1].axis("off")
     fig.tight_layout()
