@@ -9,8 +9,8 @@ needs no registry. Steps, each time-boxed (a failure or timeout is recorded and 
     sanitize  the tiny cases of every Triton kernel once plain, then under compute-sanitizer
               memcheck (PyTorch's caching allocator off, so an out-of-bounds access leaves its allocation), then
               racecheck and synccheck on the single-launch conv kernel (its CTA barrier) and the attention forward
-    bench     ceilings (device-to-device copy, bf16 matmul), then the docs/design.md §6 GPU workloads + small-map against
-              eager cuDNN in NCHW and channels_last, torch.compile (default, max-autotune), forward and
+    bench     ceilings (device-to-device copy, bf16 matmul), then the docs/design.md §6 GPU workloads + small-map
+              against eager cuDNN in NCHW and channels_last, torch.compile (default, max-autotune), forward and
               forward+backward, peak memory; attention against SDPA's flash/efficient/cuDNN backends and dense
               sparsemax. Every provider is checked against fp64 before it is timed; timing is interleaved CUDA-event
               medians (experiments/measure.py). Compilation is paid once per group outside the timing and only

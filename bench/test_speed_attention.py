@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import check_and_publish, measured_group
 
 import dsc_kernels.functional as DF
-from conftest import check_and_publish, measured_group
 from dsc_kernels.experiments.attention_speed import measure_attention
 
 CPU_SHAPE = (2, 4, 512, 64)

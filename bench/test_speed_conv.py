@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from conftest import check_and_publish, measured_group
+
 from dsc_kernels.experiments import speed as S
 
 

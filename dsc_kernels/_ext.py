@@ -5,8 +5,9 @@ The sources register their ops with TORCH_LIBRARY_FRAGMENT, so loading the share
 (``dsc_kernels/csrc``, copied in by setup.py at build time); a source checkout uses the repository's ``csrc/``.
 
 The build is keyed and done by content only: the sources are copied into a cache folder named by the hash of their
-contents, the flags, the torch version and install folder and the Python version (``~/.cache/dsc_kernels``; ``DSC_KERNELS_CACHE`` overrides)
-and compiled there, so ninja's files hold no checkout's path and every checkout, install and process with the same
+contents, the flags, the torch version and install folder and the Python version (``~/.cache/dsc_kernels``;
+``DSC_KERNELS_CACHE`` overrides) and compiled there, so ninja's files hold no checkout's path and every checkout,
+install and process with the same
 sources reuses one build. The first build takes about a minute on two cores and says so once.
 """
 from __future__ import annotations

@@ -33,8 +33,9 @@ def dictionary(name: str, w: object, rank: int, n_steps: int, steps_name: str) -
         return w.unsqueeze(0)
     if w.dim() == rank + 3:
         if w.shape[0] != n_steps:
+            shape = f"(B, C{', S' * (rank + 1)})"
             raise ValueError(f"{name} holds {w.shape[0]} per-step dictionaries, expected {steps_name}={n_steps}"
-                             f" (or, for {rank + 1}-D signals, x must have rank {rank + 3}: (B, C{', S' * (rank + 1)}))")
+                             f" (or, for {rank + 1}-D signals, x must have rank {rank + 3}: {shape})")
         return w
     raise ValueError(f"{name} must be (C_out, C_in{', k' * rank}) or per step ({steps_name}, C_out, C_in"
                      f"{', k' * rank}) for {rank}-D signals, got shape {tuple(w.shape)}")

@@ -46,7 +46,8 @@ def weight(name: str, w: object) -> Tensor:
 def same_device(**tensors: Tensor | None) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
-        raise ValueError(f"all tensors must be on one device, got {', '.join(f'{n} on {d}' for n, d in devices.items())}")
+        where = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {where}")
 
 
 def same_dtype(**tensors: Tensor | None) -> None:

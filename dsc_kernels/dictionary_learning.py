@@ -126,7 +126,8 @@ def lasso_value(x: Tensor, z: Tensor, weight: Tensor, lam: float, padding: Seque
 @torch.no_grad()
 def learn_conv_dictionary(x: Tensor, n_atoms: int, kernel_size: int | Sequence[int], lam: float, *,
                           n_outer: int = 100, n_code_iter: int = 5, n_dict_iter: int = 5,
-                          padding: int | Sequence[int] | None = None, init: Tensor | None = None, seed: int = 0, backend: str = "auto",
+                          padding: int | Sequence[int] | None = None, init: Tensor | None = None, seed: int = 0,
+                          backend: str = "auto",
                           callback: Callable[[int, float], None] | None = None) -> CDLResult:
     """Learn ``n_atoms`` convolutional atoms from signals ``x`` by alternating proximal gradient (module doc).
 
@@ -243,7 +244,8 @@ def photo_dictionary(n_atoms: int = 32, kernel_size: int = 8, lam: float = 2.0, 
 
 def atom_grid(weight: Tensor) -> Tensor:
     """The first input channel of (C_code, C_sig, kh, kw) atoms tiled in a square grid, one NaN pixel between atoms,
-    each atom scaled to a peak of 1 (for ``imshow`` with vmin=-1, vmax=1). Returns (rows * (kh + 1), cols * (kw + 1))."""
+    each atom scaled to a peak of 1 (for ``imshow`` with vmin=-1, vmax=1).
+    Returns (rows * (kh + 1), cols * (kw + 1))."""
     atoms = weight.detach().cpu().float()[:, 0]
     n, (kh, kw) = atoms.shape[0], atoms.shape[1:]
     cols = math.ceil(math.sqrt(n))

@@ -79,7 +79,7 @@ def make_problem(name: str, dtype=torch.float64, seed: int = 0) -> dict:
                    fista=opts.get("fista", False), nonneg=nonneg, interleaved=opts.get("interleaved", False))
     if opts.get("z0"):
         sizes = [xs[2:]]
-        for c_out, k, s, p in layers:
+        for _, k, s, p in layers:
             sizes.append(tuple((n + 2 * pp - kk) // ss + 1 for n, kk, ss, pp in
                                zip(sizes[-1], _as_pair(k, rank), _as_pair(s, rank), _as_pair(p, rank))))
         problem["z0"] = rnd(xs[0], layers[-1][0], *sizes[-1], scale=0.3).abs()

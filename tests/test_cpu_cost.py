@@ -31,6 +31,12 @@ def test_choice_by_key():
     assert cpu_cost.faster_on_cpu(_key(*CONV_BOUND, backward=False)) == "cpp"  # inference: always the fused path
     assert cpu_cost.faster_on_cpu(_key(*CONV_BOUND, backward=True)) == "reference"
     assert cpu_cost.faster_on_cpu(_key(*LIGHT, backward=True)) == "cpp"
+    # many signal channels at a low intensity (1-D, 64 -> 64, k 3: I = 96): eager trains faster
+    many = cpu_cost.ConvIstaKey((32, 64, 1, 64), (64, 64, 1, 3), (1, 1), (0, 1), torch.float32, True)
+    assert many.intensity < cpu_cost.INTENSITY_LIMIT and cpu_cost.faster_on_cpu(many) == "reference"
+    # few signal channels above the intensity limit (8 -> 64, 16 x 16, k 5: I = 178)
+    dense = cpu_cost.ConvIstaKey((32, 8, 16, 16), (64, 8, 5, 5), (1, 1), (2, 2), torch.float32, True)
+    assert dense.intensity > cpu_cost.INTENSITY_LIMIT and cpu_cost.faster_on_cpu(dense) == "reference"
     full = cpu_cost.ConvIstaKey((4, 64, 4, 4), (512, 64, 4, 4), (1, 1), (0, 0), torch.float32, True)
     assert cpu_cost.faster_on_cpu(full) == "cpp"  # a matrix product on the cpp side, whatever the intensity
 

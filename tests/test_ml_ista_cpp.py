@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ml_ista_problems import CASES, codes_and_grads, make_problem, run_functional, run_row
 
 import dsc_kernels.functional as DF
 from dsc_kernels import _ext
 from dsc_kernels import _ml_ista_args as ml_args
 from dsc_kernels.nn import MultiLayerSparseCoding2d
 from dsc_kernels.ops import ml_ista as ml_ista_ops
-from ml_ista_problems import CASES, codes_and_grads, make_problem, run_functional, run_row
 
 _ext.load()
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from ml_ista_problems import CASES, codes_and_grads, make_problem, run_functional, run_row
 
 import dsc_kernels.functional as DF
 from dsc_kernels.ops import ml_ista as ml_ista_ops
 from dsc_kernels.reference.conv_ista import conv_ista_ref
-from ml_ista_problems import CASES, codes_and_grads, make_problem, run_functional, run_row
 
 D = torch.float64
 

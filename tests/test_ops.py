@@ -1,10 +1,10 @@
 """The op interface every fused backend plugs into, exercised with the pure-PyTorch "reference" ops."""
 import pytest
 import torch
+from helpers import conv_problem
 
 from dsc_kernels.ops import op_pair
 from dsc_kernels.reference import conv_ista_ref
-from helpers import conv_problem
 
 
 def canonical_args(p, nonneg, fista, checkpoint):

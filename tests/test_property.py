@@ -75,6 +75,7 @@ def test_conv_ista_matches_a_loop_implementation(g, nonneg, fista, n_iter):
     # The loop version of docs/design.md §2's recurrence, independent of the package's conv helpers.
     z_prev = z = loop_analysis(x, w, stride, padding) * 0
     t = 1.0
+    t_prev = 1.0
     for k in range(n_iter):
         t_next = (1 + (1 + 4 * t * t) ** 0.5) / 2
         y = z + ((t_prev - 1) / t) * (z - z_prev) if fista and k > 0 else z

@@ -4,14 +4,21 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import conv_problem
 
 import dsc_kernels.functional as DF
 from dsc_kernels.reference import (
-    conv_analysis_ref, conv_ista_bwd_ref, conv_ista_fwd_ref, conv_ista_ref, conv_synthesis_ref, fista_momentum,
-    lasso_objective_ref, lipschitz_constant_ref, soft_threshold_ref,
+    conv_analysis_ref,
+    conv_ista_bwd_ref,
+    conv_ista_fwd_ref,
+    conv_ista_ref,
+    conv_synthesis_ref,
+    fista_momentum,
+    lasso_objective_ref,
+    lipschitz_constant_ref,
+    soft_threshold_ref,
 )
 from dsc_kernels.reference.conv_ista import checkpoint_indices
-from helpers import conv_problem
 
 
 @pytest.mark.parametrize("rank,size,kernel,stride,padding", [

@@ -1,6 +1,5 @@
 """The tolerance rule itself (tests/tolerance.py) must be able to fail."""
 import torch
-
 from tolerance import assert_close_by_rule, judge
 
 

@@ -1,8 +1,9 @@
 """Ahead-of-time compilation of the conv-ISTA Triton kernels for sm_80 and sm_90, without a GPU.
 
 The specialisations are not written down here: `conv_ista.aot_specializations` records the launches the launchers
-really make (block sizes, num_warps, dtypes, flags) on the GPU workloads of docs/design.md §6 (speed.WORKLOADS, GPU sizes)
-and a 1-D problem, in fp32 (TF32 and IEEE dots), bf16 and fp16, with and without FISTA/nonneg. triton.compile with
+really make (block sizes, num_warps, dtypes, flags) on the GPU workloads of docs/design.md §6 (speed.WORKLOADS, GPU
+sizes) and a 1-D problem, in fp32 (TF32 and IEEE dots), bf16 and fp16, with and without FISTA/nonneg. triton.compile
+with
 an explicit GPUTarget needs no driver and triton's wheel ships ptxas, so this goes all the way to cubin:
 compiler-only failures (layouts, dot shapes, shared-memory overflow) fail here rather than on the first GPU run.
 It runs in a subprocess because the interpreter tests set TRITON_INTERPRET=1, under which nothing is compiled.

@@ -19,11 +19,12 @@ import torch
 
 pytest.importorskip("triton")
 
+from helpers import conv_problem  # noqa: E402
+from tolerance import assert_close_by_rule  # noqa: E402
+
 import dsc_kernels.functional as DF  # noqa: E402
 from dsc_kernels.reference.conv import conv_analysis_ref  # noqa: E402
 from dsc_kernels.reference.conv_ista import conv_ista_bwd_ref, conv_ista_fwd_ref, conv_ista_ref  # noqa: E402
-from helpers import conv_problem  # noqa: E402
-from tolerance import assert_close_by_rule  # noqa: E402
 
 DEVICES = [pytest.param("cpu", marks=pytest.mark.interpreter, id="interpreter"),
            pytest.param("cuda", marks=pytest.mark.gpu, id="gpu")]

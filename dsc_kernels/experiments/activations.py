@@ -11,7 +11,7 @@ activation functions" [P]; which ones and its constants are unknown.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -91,7 +91,7 @@ def objective_rates(*, quick: bool = False, backend: str = "auto", device: str =
     ks = np.unique(np.geomspace(1, K, 12 if quick else 24).astype(int))
     z = torch.zeros_like(z_star)
     ista_gap = []
-    for k in range(1, K + 1):
+    for _ in range(K):
         z = DF.conv_ista(x, w, lam, n_iter=1, step=step, z0=z, backend=backend)
         ista_gap.append(f(z) - f_star)
     ista_gap = np.array(ista_gap)  # (K, B)

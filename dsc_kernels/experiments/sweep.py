@@ -166,29 +166,45 @@ def forward_backward(fn: Callable[[], torch.Tensor], p: dict) -> Callable[[], No
     return run
 
 
-def check_against_reference(fn: Callable[[], torch.Tensor], ref: Callable[[], torch.Tensor], p: dict,
-                            rtol: float = 2e-3) -> dict:
-    """z and the gradients of <z, g> of fn against ref's. Near the threshold the support may flip in fp32: values
-    are compared where both supports agree, and at most 1% of entries may flip. Raises AssertionError when off."""
+def _differences(fn: Callable[[], torch.Tensor], ref: Callable[[], torch.Tensor], p: dict) -> dict:
+    """z and the gradients of <z, g> of fn against ref's: the fraction of entries whose support differs, z's error
+    where the supports agree and the largest gradient error, both relative to max(1, the reference's magnitude)."""
     leaves = _leaves(p)
-    out = {}
     zs, grads = [], []
     for f in (ref, fn):
         z = f()
-        g = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=z.dtype)
+        g = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(z.dtype)
         grads.append(torch.autograd.grad((z * g).sum(), leaves))
         zs.append(z.detach())
     z_ref, z = zs
-    flips = ((z != 0) != (z_ref != 0)).float().mean().item()
     same = (z != 0) == (z_ref != 0)
     scale = max(1.0, z_ref.abs().max().item())
-    out["z_err"] = ((z - z_ref)[same].abs().max().item() if same.any() else 0.0) / scale
-    out["support_flips"] = flips
-    out["grad_err"] = max(((a - b).abs().max() / max(1.0, b.abs().max().item())).item()
-                          for a, b in zip(grads[1], grads[0]))
-    tol_grad = rtol * 10 * (1 + 100 * flips)
-    if flips > 0.01 or out["z_err"] > rtol or out["grad_err"] > tol_grad:
-        raise AssertionError(f"output differs from the reference: {out}")
+    return {"z_err": ((z - z_ref)[same].abs().max().item() if same.any() else 0.0) / scale,
+            "support_flips": 1.0 - same.float().mean().item(),
+            "grad_err": max(((a - b).abs().max() / max(1.0, b.abs().max().item())).item()
+                            for a, b in zip(grads[1], grads[0]))}
+
+
+def check_against_reference(shape: SweepShape, provider: str, rtol: float = 2e-3) -> dict:
+    """A provider against the reference before it is timed; raises AssertionError when off.
+
+    float64 checks the math: z and every gradient agree to 1e-9 with no support flip. float32 (what is timed) checks
+    that z agrees where the supports agree, that at most 1% of entries flip, and that no gradient is grossly off
+    (0.25 relative to the reference's largest). An entry within rounding of its threshold, at any iteration, may flip
+    between two float32 computations that sum in different orders (the reference's own float32 run against float64
+    included), and one flip moves the gradients near it by O(1): across seeds such flips hit the reference and the
+    fused strategies alike, so a tight float32 gradient bound would test luck, not the kernels."""
+    out = {}
+    for dtype, name in ((torch.float64, "float64"), (torch.float32, "float32")):
+        p = make_problem(shape, requires_grad=True, dtype=dtype)
+        d = _differences(provider_fn(provider, shape, p), provider_fn("reference", shape, p), p)
+        out[name] = d
+        if dtype == torch.float64:
+            bad = d["support_flips"] > 0 or d["z_err"] > 1e-9 or d["grad_err"] > 1e-8
+        else:
+            bad = d["support_flips"] > 0.01 or d["z_err"] > rtol or not d["grad_err"] <= 0.25
+        if bad:
+            raise AssertionError(f"{provider} differs from the reference on {shape.name} in {name}: {d}")
     return out
 
 
@@ -198,7 +214,8 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict
     failed = {k: t.error for k, t in timings.items() if t.error}
     if failed:
         raise RuntimeError(f"providers failed while timed: {failed}")
-    return {k: {"ms": t.median_ms, "min_ms": min(t.samples_ms), "max_ms": max(t.samples_ms)} for k, t in timings.items()}
+    return {k: {"ms": t.median_ms, "min_ms": min(t.samples_ms), "max_ms": max(t.samples_ms)}
+            for k, t in timings.items()}
 
 
 def cpp_strategy(shape: SweepShape) -> str:
@@ -223,11 +240,9 @@ def measure_shape(shape: SweepShape, providers: tuple[str, ...], *, rounds: int 
         p = make_problem(shape, requires_grad=mode == "forward_backward")
         fns = {k: provider_fn(k, shape, p) for k in providers}
         if mode == "forward":
-            pg = make_problem(shape, requires_grad=True)
-            ref = provider_fn("reference", shape, pg)
             for k in providers:
                 if k != "reference":
-                    results[k]["check"] = check_against_reference(provider_fn(k, shape, pg), ref, pg)
+                    results[k]["check"] = check_against_reference(shape, k)
             timed = {k: (lambda f=f: f().detach()) for k, f in fns.items()}
             with torch.no_grad():
                 res = _time_interleaved(timed, rounds)
@@ -244,14 +259,15 @@ def measure_shape(shape: SweepShape, providers: tuple[str, ...], *, rounds: int 
     if "cpp" in results:
         results["cpp"]["strategy"] = cpp_strategy(shape)
     base = results["reference"]
-    for k, r in results.items():
+    for r in results.values():
         r["fwd_ratio"] = base["forward"]["ms"] / r["forward"]["ms"]
         r["fwd_bwd_ratio"] = base["forward_backward"]["ms"] / r["forward_backward"]["ms"]
         if memory:
             r["mem_ratio"] = r["train_peak_bytes"] / base["train_peak_bytes"]
             if "train_peak_bytes_recompute" in r:
                 r["mem_ratio_recompute"] = r["train_peak_bytes_recompute"] / base["train_peak_bytes"]
-    return {"shape": asdict(shape), "describe": shape.describe(), "many_channel": shape.many_channel, "results": results}
+    return {"shape": asdict(shape), "describe": shape.describe(), "many_channel": shape.many_channel,
+            "results": results}
 
 
 def summarize(rows: list[dict]) -> dict[str, dict]:
@@ -270,13 +286,14 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
                 s[key + "_many_channel"] = {"worst": max(vals)}
         out[k] = s
     if "auto" in providers:
-        for key, mode in (("fwd_ratio", "forward"), ("fwd_bwd_ratio", "forward_backward")):
+        for mode in ("forward", "forward_backward"):
             gaps = []
             for r in rows:
                 res = r["results"]
                 best = min(res[k][mode]["ms"] for k in ("reference", "cpp") if k in res)
                 gaps.append(res["auto"][mode]["ms"] / best)
-            out["auto"][f"{mode}_vs_best"] = {"worst": max(gaps), "geomean": math.exp(statistics.fmean(map(math.log, gaps)))}
+            out["auto"][f"{mode}_vs_best"] = {"worst": max(gaps),
+                                              "geomean": math.exp(statistics.fmean(map(math.log, gaps)))}
     return out
 
 
@@ -307,8 +324,8 @@ def markdown(rows: list[dict], summary: dict, machine: dict) -> str:
         base = res["reference"]
         lines.append(f"| {r['shape']['name']} ({r['describe']}) | {base['forward']['ms']:.1f} / "
                      f"{base['forward_backward']['ms']:.1f} | " + " | ".join(cells) + " |")
-    lines += ["", ("| provider | fwd worst | fwd geomean | fwd+bwd worst | fwd+bwd geomean | worst memory (many-channel "
-              "shapes, save / recompute) |"), "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", ("| provider | fwd worst | fwd geomean | fwd+bwd worst | fwd+bwd geomean | worst memory "
+                   "(many-channel shapes, save / recompute) |"), "| --- | --- | --- | --- | --- | --- |"]
     for k in providers:
         s = summary[k]
         mem = s.get("mem_ratio_many_channel", {}).get("worst")

@@ -89,8 +89,8 @@ def run(row: Backend, x: Tensor, weight: Tensor, encoder_weight: Tensor | None, 
     backends, which is the same computation. ``recompute`` asks for the memory-lean backward (checkpoint 0).
     """
     if row.eager is not None:
-        return implementation(row.eager)(x, weight, lam, step, encoder_weight=encoder_weight, stride=stride, padding=padding,
-                             z0=z0, nonneg=nonneg, fista=fista)
+        return implementation(row.eager)(x, weight, lam, step, encoder_weight=encoder_weight, stride=stride,
+                                         padding=padding, z0=z0, nonneg=nonneg, fista=fista)
     one_d = weight.dim() == 3
     if one_d:
         x, weight = x.unsqueeze(2), weight.unsqueeze(2)

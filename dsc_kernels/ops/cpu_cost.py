@@ -8,15 +8,19 @@ decision is a pure function of that key, so it is the same on every call and in 
 
 The model, calibrated on the shape sweep (``dsc_kernels/experiments/sweep.py``; numbers in the README):
 
-- Without a backward (inference), ``cpp``: its forward was faster than eager on every sweep shape (1.1-5.4x), whichever
-  strategy csrc/cpu/conv_ista/strategy.cpp picked.
-- With a backward, ``cpp`` unless the shape is strongly convolution-bound. The fused backward is memory-lean: it
-  replays the forward from checkpoints instead of keeping residuals, about 1.5 extra convolutions per iteration on
-  top of eager's 6, paid back by fusing the elementwise work. How much elementwise work there is to save per
-  multiply-add is the shape's convolution intensity
-  ``I = C_sig k_h k_w * C_code |code| / (C_code |code| + C_sig |signal|)`` (multiply-adds of one convolution per
-  element the elementwise passes touch, |.| a spatial size). Above ``INTENSITY_LIMIT`` eager trains faster; a kernel
-  covering the whole map is a matrix product on the ``cpp`` side (2x eager there) whatever its intensity.
+- Without a backward (inference), ``cpp``: its forward was 0.98-5.5x eager on the sweep, whichever strategy
+  csrc/cpu/conv_ista/strategy.cpp picked, except 0.90x on one many-channel strided shape (32 -> 128, stride 2);
+  one shape is too little evidence for a rule, so that loss stands and is published.
+- With a backward, ``cpp`` unless the shape is convolution-bound. The fused backward is memory-lean: it replays the
+  forward from checkpoints instead of keeping residuals, about 1.5 extra convolutions per iteration on top of
+  eager's 6, paid back only by fusing the elementwise work. Two signs that it will not be paid back:
+  - many signal channels (``C_sig >= MANY_SIGNAL_CHANNELS``): the gemm strategy then runs oneDNN's convolutions
+    exactly as eager does, plus the replayed ones, and the direct strategy (1-D problems) runs its stencils at a
+    fraction of oneDNN's speed on many channels; forward + backward was 0.6-1.0x eager on every such sweep shape;
+  - a high convolution intensity ``I = C_sig k_h k_w * C_code |code| / (C_code |code| + C_sig |signal|)``
+    (multiply-adds of one convolution per element the elementwise passes touch, |.| a spatial size) above
+    ``INTENSITY_LIMIT``, where even few signal channels leave too little elementwise work to save.
+  A kernel covering the whole map is a matrix product on the ``cpp`` side (2x eager there) whatever its shape.
 
 ``DSC_KERNELS_BACKEND`` and an explicit ``backend=`` bypass this module (``selection``).
 """
@@ -29,8 +33,10 @@ from functools import lru_cache
 
 import torch
 
-# Above this convolution intensity the fused backward's replayed convolutions outweigh its fused elementwise work
-# (sweep: forward + backward 0.83-0.98x eager from I = 178 up, 1.02-1.26x at I <= 150).
+# Sweep of 2026-12-02 (2 threads; bench/results/cpu-sweep-2026-12-02): with 32 or 64 signal channels forward +
+# backward was 0.61-1.01x eager (nine shapes, 1-D and 2-D, intensity 96-384); with 1-8 signal channels 1.08-4.6x up
+# to I = 114 and 0.98x at I = 178.
+MANY_SIGNAL_CHANNELS = 32
 INTENSITY_LIMIT = 165.0
 
 
@@ -68,7 +74,9 @@ def faster_on_cpu(key: ConvIstaKey) -> str:
     """``"cpp"`` or ``"reference"``: the one the model expects to run this key faster."""
     if not key.backward or key.kernel_covers_map:
         return "cpp"
-    return "reference" if key.intensity > INTENSITY_LIMIT else "cpp"
+    if key.weight_size[1] >= MANY_SIGNAL_CHANNELS or key.intensity > INTENSITY_LIMIT:
+        return "reference"
+    return "cpp"
 
 
 def hook(x_size: Sequence[int], weight_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],

@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -35,7 +35,7 @@ _triton_interpret_at_import: str | None = None
 _warned: set[str] = set()
 
 
-@lru_cache(maxsize=None)
+@cache
 def _triton_installed() -> bool:
     # find_spec, not import: Triton fixes the interpreter setting when it is imported, so it is imported only when
     # a triton call registers its ops (note_triton_import), never by an availability check.

@@ -1,6 +1,7 @@
 """Flash-style Triton kernels for sparse attention (backend "triton"): the N x M score matrix never exists.
 
-Math (docs/design.md §2, reference/attention.py), q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv), theta (H,), optional bias (B,H,N,M):
+Math (docs/design.md §2, reference/attention.py), q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv), theta (H,), optional bias
+(B,H,N,M):
     s_ij = scale <q_i, k_j> + bias_ij; key j hidden (s = -inf) when j > i (causal, top-left) or bias_ij = -inf
     z_ij = s_ij - c_i (z = 0 where s_ij = c_i = +inf), P_ij = max(z_ij - t_i, 0), O_i = sum_j P_ij v_j
     sparsemax: c_i = max_j s_ij, t_i = tau_i - c_i (rows relative to their max keep huge or tied scores exact);
@@ -31,8 +32,6 @@ Launchers use only torch ops and `launch(...)` (`torch.library.wrap_triton`, rec
 compilation: `aot_specializations` records the launches the launchers really make, on meta tensors).
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import triton
@@ -391,7 +390,7 @@ def _bad_keys(k: Tensor, v: Tensor) -> Tensor:
     return (~(_finite_rows(k) & _finite_rows(v))).to(torch.int8).contiguous()
 
 
-def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bias: Optional[Tensor], mode: str,
+def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bias: Tensor | None, mode: str,
                          causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """Launch the forward. q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv) with any strides, threshold (H,), bias None or
     (B,H,N,M) float32 (any strides, zero on broadcast dims).
@@ -415,7 +414,7 @@ def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bia
 
 
 def sparse_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, threshold: Tensor,
-                         bias: Optional[Tensor], stats: Tensor, mode: str, causal: bool,
+                         bias: Tensor | None, stats: Tensor, mode: str, causal: bool,
                          scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward from the saved stats. Shapes as the forward; grad_out (B,H,N,dv).
 
