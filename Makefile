@@ -22,11 +22,12 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
-# Lint (ruff, pyproject.toml), then two pytest processes, because Triton picks its interpreter when it is imported
+# Lint and format check (ruff, pyproject.toml), then two pytest processes, because Triton picks its interpreter
+# when it is imported
 # (tests/conftest.py): the interpreter tests (Triton kernels on CPU tensors), then everything else with the
 # interpreter off (compiled GPU tests where a GPU is).
 test: $(STAMP)
-	$(BIN)/ruff check .; lint=$$?; \
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .; lint=$$?; \
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q --durations=5 -m interpreter tests; first=$$?; \
 	TRITON_INTERPRET=0 $(BIN)/python -m pytest -q --durations=15 -m "not interpreter" tests; second=$$?; \
 	test $$lint = 0 && test $$first = 0 && test $$second = 0

@@ -15,8 +15,7 @@ class BuildPyWithCSources(build_py):
     def run(self):
         super().run()
         target = Path(self.build_lib) / "dsc_kernels" / "csrc"
-        shutil.copytree(CSRC, target, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.o", "*.so"))
+        shutil.copytree(CSRC, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.o", "*.so"))
 
 
 setup(cmdclass={"build_py": BuildPyWithCSources})

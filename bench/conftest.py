@@ -13,6 +13,7 @@ runs it as a test suite (one timed round per group: every correctness check stil
   written to DSC_BENCH_RESULTS (default bench/results/) as bench-<device>-<time>.json + .csv: always on a GPU, on a
   CPU only when DSC_BENCH_RESULTS is set.
 """
+
 from __future__ import annotations
 
 import os
@@ -92,8 +93,10 @@ def check_and_publish(benchmark, rec: dict) -> None:
         benchmark.extra_info.update(median_ms=rec["timing"]["median_ms"], n=rec["timing"]["n"])
     if rec["status"] != "ok":
         publish(benchmark, None)
-        pytest.fail(f"{rec['provider']} on {rec['workload']} {rec['mode']}: {rec['status']}: {rec['reason']}; "
-                    + "; ".join(c["message"] for c in rec["check"] if not c["ok"]))
+        pytest.fail(
+            f"{rec['provider']} on {rec['workload']} {rec['mode']}: {rec['status']}: {rec['reason']}; "
+            + "; ".join(c["message"] for c in rec["check"] if not c["ok"])
+        )
     t = rec["timing"]
     publish(benchmark, Timing(samples_ms=t["samples_ms"], warmup=t["warmup"], method=t["method"]))
 
@@ -103,8 +106,15 @@ def record(entry: dict) -> None:
     claims') are wrapped into it: suite from "kind", workload from "id", status from "holds"."""
     if "suite" not in entry:
         rest = {k: v for k, v in entry.items() if k not in ("kind", "device")}
-        entry = records.result(suite=entry.get("kind", "other"), workload=str(entry.get("id", "-")), mode="claim",
-                               dtype="-", provider="-", status="ok" if entry.get("holds", True) else "failed", **rest)
+        entry = records.result(
+            suite=entry.get("kind", "other"),
+            workload=str(entry.get("id", "-")),
+            mode="claim",
+            dtype="-",
+            provider="-",
+            status="ok" if entry.get("holds", True) else "failed",
+            **rest,
+        )
     RESULTS.append(entry)
 
 
@@ -113,10 +123,12 @@ def pytest_sessionfinish(session, exitstatus):
         return
     if bench_device() == "cuda" and not torch.cuda.is_available():
         return
-    method = {"timing": "dsc_kernels.experiments.measure.time_interleaved",
-              "memory": "dsc_kernels.experiments.measure.measure_memory",
-              "check": "dsc_kernels.experiments.tolerance (fp64 reference, 2x eager error + floor)",
-              "benchmark_disabled": bool(session.config.getoption("benchmark_disable", default=False))}
+    method = {
+        "timing": "dsc_kernels.experiments.measure.time_interleaved",
+        "memory": "dsc_kernels.experiments.measure.measure_memory",
+        "check": "dsc_kernels.experiments.tolerance (fp64 reference, 2x eager error + floor)",
+        "benchmark_disabled": bool(session.config.getoption("benchmark_disable", default=False)),
+    }
     doc = records.run_document("bench", bench_device(), RESULTS, method)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     records.write_run(doc, RESULTS_DIR, f"bench-{bench_device()}-{stamp}")

@@ -31,6 +31,7 @@ DSC_GPU_CHECK_AUTOTUNE (workloads for max-autotune, or "none"), DSC_GIT_COMMIT (
 collected and skipped, the sanitizer cases run under Triton's interpreter, the bench runs CPU sizes) and prints a
 "SKIP (no GPU)" line for each device-only part.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,8 +95,16 @@ def _run(cmd: list[str], log_path: Path, timeout: float, env: dict, echo: Log | 
     killed, so pytest-xdist workers or a sanitized python do not outlive their step."""
     with log_path.open("a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT, text=True,
-                            errors="replace", start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=ROOT,
+        text=True,
+        errors="replace",
+        start_new_session=True,
+    )
 
     def pump():
         with log_path.open("a") as f:
@@ -130,11 +139,14 @@ def _tail(path: Path, n: int = 15) -> list[str]:
 # ------------------------------------------------------------------------------------------------------- steps
 def step_env(out: Path, log: Log, timeout: float) -> dict:
     from dsc_kernels.experiments import records
+
     dry = dry_run()
     env = records.environment("cpu" if dry else "cuda")
     (out / "env.tmp.json").write_text(json.dumps(env, indent=1, default=str))
-    log(f"  device {env.get('device')}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
-        f"commit {env['commit'][:12]}, source {env['source_hash']}")
+    log(
+        f"  device {env.get('device')}, torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, "
+        f"commit {env['commit'][:12]}, source {env['source_hash']}"
+    )
     if dry:
         log("  SKIP (no GPU): clocks and device properties")
     else:
@@ -149,8 +161,14 @@ def step_tests(out: Path, log: Log, timeout: float) -> dict:
     if dry_run():
         log("  SKIP (no GPU): the gpu tests are collected and skipped (rehearses collection without the interpreter)")
     status, rc = _run(cmd, out / "tests.log", timeout, _child_env(TRITON_INTERPRET="0"))
-    summary = next((line for line in reversed(_tail(out / "tests.log", 40))
-                    if re.search(r"\d+ (passed|failed|skipped|errors?|deselected)", line)), "")
+    summary = next(
+        (
+            line
+            for line in reversed(_tail(out / "tests.log", 40))
+            if re.search(r"\d+ (passed|failed|skipped|errors?|deselected)", line)
+        ),
+        "",
+    )
     log(f"  {status} (rc {rc}): {summary.strip()}")
     if status != "ok":
         for line in _tail(out / "tests.log", 25):
@@ -172,8 +190,12 @@ def step_sanitize(out: Path, log: Log, timeout: float) -> dict:
     me = [sys.executable, str(CHILDREN)]
     dry = dry_run()
     # Plain first: a functional check of the cases, and Triton's cache is warm for the sanitized runs.
-    status, rc = _run(me + ["--sanitize-cases", "all"], log_path, deadline - time.time(),
-                      _child_env(TRITON_INTERPRET="1" if dry else "0"))
+    status, rc = _run(
+        me + ["--sanitize-cases", "all"],
+        log_path,
+        deadline - time.time(),
+        _child_env(TRITON_INTERPRET="1" if dry else "0"),
+    )
     result = {"status": status, "plain": status}
     log(f"  cases, plain{' (interpreter)' if dry else ''}: {status}")
     tool = _sanitizer()
@@ -187,8 +209,20 @@ def step_sanitize(out: Path, log: Log, timeout: float) -> dict:
             log(f"  SKIP (time box): {name}")
             result[name] = "skipped: time box"
             continue
-        cmd = [tool, "--tool", name, "--error-exitcode", "9", "--print-limit", "20", "--target-processes", "all", *me,
-               "--sanitize-cases", cases]
+        cmd = [
+            tool,
+            "--tool",
+            name,
+            "--error-exitcode",
+            "9",
+            "--print-limit",
+            "20",
+            "--target-processes",
+            "all",
+            *me,
+            "--sanitize-cases",
+            cases,
+        ]
         status, rc = _run(cmd, log_path, left, _child_env(TRITON_INTERPRET="0", PYTORCH_NO_CUDA_MEMORY_CACHING="1"))
         errors = [line for line in _tail(log_path, 400) if "ERROR SUMMARY" in line or "RACECHECK SUMMARY" in line]
         result[name] = f"{status} (rc {rc}) {errors[-1].strip() if errors else ''}"
@@ -210,21 +244,28 @@ def step_bench(out: Path, log: Log, timeout: float) -> dict:
 
 def step_summary(out: Path, log: Log, steps: dict) -> dict:
     from dsc_kernels.experiments import records
+
     run_path = out / "run.json"
     doc = json.loads(run_path.read_text()) if run_path.exists() else None
     lines = ["# GPU check", ""]
     env_path = out / "env.tmp.json"
     env = doc["environment"] if doc else (json.loads(env_path.read_text()) if env_path.exists() else {})
-    lines += [f"{env.get('device')} — torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
-              f"commit {str(env.get('commit'))[:12]}, source {env.get('source_hash')}", "",
-              "| step | status | seconds | detail |", "| --- | --- | --- | --- |"]
+    lines += [
+        f"{env.get('device')} — torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
+        f"commit {str(env.get('commit'))[:12]}, source {env.get('source_hash')}",
+        "",
+        "| step | status | seconds | detail |",
+        "| --- | --- | --- | --- |",
+    ]
     for name, s in steps.items():
         detail = "; ".join(f"{k}: {v}" for k, v in s.items() if k not in ("status", "seconds"))
         lines.append(f"| {name} | {s['status']} | {s.get('seconds', 0):.0f} | {detail[:300]} |")
     if doc:
         if doc.get("ceilings"):
-            lines += ["", "Ceilings: " + ", ".join(f"{k} {v:.3g}" for k, v in doc["ceilings"].items()
-                                                  if isinstance(v, float))]
+            lines += [
+                "",
+                "Ceilings: " + ", ".join(f"{k} {v:.3g}" for k, v in doc["ceilings"].items() if isinstance(v, float)),
+            ]
         lines += ["", "## Benchmarks", ""] + records.markdown_table(doc["results"])
         if doc.get("plan"):
             lines += ["", "Plan:", ""] + [f"- {p}" for p in doc["plan"]]
@@ -250,17 +291,25 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "gpu-check.log")
     dry = dry_run()
-    log(f"[gpu-check] {'DRY RUN (no GPU): device-only parts are skipped' if dry else 'GPU run'}; budget {total:.0f} s;"
-        f" results in {out}")
+    log(
+        f"[gpu-check] {'DRY RUN (no GPU): device-only parts are skipped' if dry else 'GPU run'}; budget {total:.0f} s;"
+        f" results in {out}"
+    )
     steps: dict[str, dict] = {}
     warm = None
     if "bench" in wanted and {"tests", "sanitize"} & set(wanted) and os.environ.get("DSC_GPU_CHECK_WARM") != "0":
         log("[gpu-check] compiling the bench's torch.compile baselines in the background (warm.log)")
         with (out / "warm.log").open("a") as f:
-            warm = subprocess.Popen([sys.executable, str(CHILDREN), "--warm-compile",
-                                     str(start + total)], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                    env=_child_env(TRITON_INTERPRET="0", TORCHINDUCTOR_COMPILE_THREADS=str(
-                                        max(1, (os.cpu_count() or 2) // 2))), start_new_session=True)
+            warm = subprocess.Popen(
+                [sys.executable, str(CHILDREN), "--warm-compile", str(start + total)],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=_child_env(
+                    TRITON_INTERPRET="0", TORCHINDUCTOR_COMPILE_THREADS=str(max(1, (os.cpu_count() or 2) // 2))
+                ),
+                start_new_session=True,
+            )
     for name in STEPS:
         if name not in wanted and name != "summary":
             continue
@@ -279,8 +328,9 @@ def main() -> int:
             if box < 5:
                 steps[name] = {"status": "skipped: no time left"}
             else:
-                steps[name] = {"env": step_env, "tests": step_tests, "sanitize": step_sanitize,
-                               "bench": step_bench}[name](out, log, box)
+                steps[name] = {"env": step_env, "tests": step_tests, "sanitize": step_sanitize, "bench": step_bench}[
+                    name
+                ](out, log, box)
         except Exception as err:  # noqa: BLE001 - a broken step is a line of the summary, not the end of the run
             steps[name] = {"status": f"error: {type(err).__name__}: {err}"[:300]}
             log(f"  {steps[name]['status']}")

@@ -5,6 +5,7 @@ that part): the sanitizer's cases, the background compile warm-up, and the bench
     python bench/gpu_check_children.py --warm-compile DEADLINE
     python bench/gpu_check_children.py --bench-step OUT DEADLINE
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,12 @@ sys.path.insert(0, str(ROOT))
 
 CONV_ORDER = ("small-map", "deep-layer", "csc-gray", "csc-rgb-strided")
 # Guesses until a GPU run records first_call_s; later estimates scale with what this run measured.
-EST = {"base": 15.0, "compile": {"forward": 45.0, "forward_backward": 70.0}, "warm_compile": 15.0,
-       "autotune_factor": 3.0}
+EST = {
+    "base": 15.0,
+    "compile": {"forward": 45.0, "forward_backward": 70.0},
+    "warm_compile": 15.0,
+    "autotune_factor": 3.0,
+}
 
 
 def dry_run() -> bool:
@@ -28,6 +33,7 @@ def dry_run() -> bool:
     if os.environ.get("DSC_GPU_CHECK_DRY_RUN") == "1":
         return True
     import torch
+
     return not torch.cuda.is_available()
 
 
@@ -39,11 +45,13 @@ def sanitize_cases(which: str) -> int:
     both save modes), with the shapes of the tests step, so Triton's cache is already warm; the attention cases
     have the shapes of test_attention_ops' GPU test."""
     import torch
+
     sys.path.insert(0, str(ROOT / "tests"))
     import test_triton_conv_ista as T
 
     import dsc_kernels.functional as DF
     from dsc_kernels.triton import conv_ista as tci
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     paths = {"single-launch": 1 << 40, "per-iteration": 0}
     for case, opts in T.HALF_CASES.items():
@@ -59,13 +67,15 @@ def sanitize_cases(which: str) -> int:
     for mode, causal, dtype in (("sparsemax", True, torch.float16), ("shrink", False, torch.bfloat16)):
         q, k, v = (torch.randn(2, 3, n, 24, generator=gen).to(device, dtype).requires_grad_() for n in (77, 50, 50))
         th = torch.full((3,), 0.3, device=device, dtype=dtype)
-        o = DF.sparse_attention(q, k, v, mode=mode, threshold=th if mode == "shrink" else None, causal=causal,
-                                backend="triton")
+        o = DF.sparse_attention(
+            q, k, v, mode=mode, threshold=th if mode == "shrink" else None, causal=causal, backend="triton"
+        )
         if which != "race":
             o.float().square().sum().backward()
         assert torch.isfinite(o).all() and (which == "race" or torch.isfinite(q.grad).all())
-        print("attention case", mode, "causal" if causal else "full", str(dtype).removeprefix("torch."), "ok",
-              flush=True)
+        print(
+            "attention case", mode, "causal" if causal else "full", str(dtype).removeprefix("torch."), "ok", flush=True
+        )
     if device == "cuda":
         torch.cuda.synchronize()
     return 0
@@ -82,6 +92,7 @@ def warm_compile(deadline: float) -> int:
     import torch
 
     from dsc_kernels.experiments import speed as S
+
     device = "cpu" if dry_run() else "cuda"
     workloads = S.workloads(device)
     for name in [w for w in CONV_ORDER if w in workloads]:
@@ -89,8 +100,9 @@ def warm_compile(deadline: float) -> int:
             if time.time() > deadline:
                 return 0
             t0 = time.time()
-            inputs = S.make_inputs(workloads[name], device, requires_grad=mode == "forward_backward",
-                                   scale=0.25 if dry_run() else 1.0)
+            inputs = S.make_inputs(
+                workloads[name], device, requires_grad=mode == "forward_backward", scale=0.25 if dry_run() else 1.0
+            )
             S._outputs(S.provider_fn("compile", inputs), mode)
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -109,13 +121,16 @@ def _ceilings(device) -> dict:
     import torch
 
     from dsc_kernels.experiments.measure import time_interleaved
+
     a = torch.empty(1 << 29, dtype=torch.float32, device=device).normal_()  # 2 GiB
     b = torch.empty_like(a)
     m = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     t = time_interleaved({"copy": lambda: b.copy_(a), "matmul": lambda: m @ m}, device, rounds=7, warmup=2)
-    return {"copy_TBps": 2 * a.numel() * 4 / (t["copy"].median_ms * 1e-3) / 1e12,
-            "bf16_matmul_TFLOPps": 2 * 8192 ** 3 / (t["matmul"].median_ms * 1e-3) / 1e12,
-            "samples": {k: v.to_dict() for k, v in t.items()}}
+    return {
+        "copy_TBps": 2 * a.numel() * 4 / (t["copy"].median_ms * 1e-3) / 1e12,
+        "bf16_matmul_TFLOPps": 2 * 8192**3 / (t["matmul"].median_ms * 1e-3) / 1e12,
+        "samples": {k: v.to_dict() for k, v in t.items()},
+    }
 
 
 def bench_step(out: Path, deadline: float) -> int:
@@ -124,17 +139,20 @@ def bench_step(out: Path, deadline: float) -> int:
     from dsc_kernels.experiments import attention_speed as A
     from dsc_kernels.experiments import records
     from dsc_kernels.experiments import speed as S
+
     log = print  # the parent echoes this process's output into gpu-check.log
     dry = dry_run()
     device = "cpu" if dry else "cuda"
     results: dict[tuple, list[dict]] = {}
     plan: list[str] = []
     ceilings: dict = {}
-    method = {"timing": "experiments.measure.time_interleaved: " + (
-        "CUDA events, L2 flushed before each call, rounds interleaved, median" if not dry else "perf_counter"),
-              "memory": "experiments.measure.measure_memory (peak above the start)",
-              "check": "experiments.tolerance.gate against fp64 before timing",
-              "dry_run": dry}
+    method = {
+        "timing": "experiments.measure.time_interleaved: "
+        + ("CUDA events, L2 flushed before each call, rounds interleaved, median" if not dry else "perf_counter"),
+        "memory": "experiments.measure.measure_memory (peak above the start)",
+        "check": "experiments.tolerance.gate against fp64 before timing",
+        "dry_run": dry,
+    }
 
     def save():
         flat = [r for group in results.values() for r in group]
@@ -156,36 +174,67 @@ def bench_step(out: Path, deadline: float) -> int:
     else:
         try:
             ceilings.update(_ceilings(device))
-            note(f"ceilings: copy {ceilings['copy_TBps']:.2f} TB/s, bf16 matmul "
-                 f"{ceilings['bf16_matmul_TFLOPps']:.0f} TFLOP/s")
+            note(
+                f"ceilings: copy {ceilings['copy_TBps']:.2f} TB/s, bf16 matmul "
+                f"{ceilings['bf16_matmul_TFLOPps']:.0f} TFLOP/s"
+            )
         except Exception as err:  # noqa: BLE001
             note(f"ceilings failed: {type(err).__name__}: {err}"[:300])
     rounds, budget = (2, 10.0) if dry else (7, 20.0)
 
     # Attention first: cheap, and no compilation.
     if dry:
-        attn = [((1, 4, 256, 64), False, ["sdpa-flash", "sdpa-efficient", "sdpa-math", "dense-sparsemax", "cpp",
-                                          "cpp-shrink90"], torch.float32)]
+        attn = [
+            (
+                (1, 4, 256, 64),
+                False,
+                ["sdpa-flash", "sdpa-efficient", "sdpa-math", "dense-sparsemax", "cpp", "cpp-shrink90"],
+                torch.float32,
+            )
+        ]
         note("SKIP (no GPU): attention at N = 4096/8192 in fp16 (the dry run times a CPU shape)")
     else:
-        attn = [((4, 8, 4096, 64), False, ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "dense-sparsemax", "triton",
-                                           "triton-shrink90"], torch.float16),
-                ((4, 8, 4096, 64), True, ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "dense-sparsemax", "triton"],
-                 torch.float16),
-                ((4, 8, 8192, 64), False, ["sdpa-flash", "dense-sparsemax", "triton"], torch.float16)]
+        attn = [
+            (
+                (4, 8, 4096, 64),
+                False,
+                ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "dense-sparsemax", "triton", "triton-shrink90"],
+                torch.float16,
+            ),
+            (
+                (4, 8, 4096, 64),
+                True,
+                ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "dense-sparsemax", "triton"],
+                torch.float16,
+            ),
+            ((4, 8, 8192, 64), False, ["sdpa-flash", "dense-sparsemax", "triton"], torch.float16),
+        ]
     for shape, causal, providers, dtype in attn:
         for backward in (False, True):
             if left() < 30:
-                note(f"budget: attention {shape} causal={causal} backward={backward} not measured "
-                     f"({left():.0f} s left)")
+                note(
+                    f"budget: attention {shape} causal={causal} backward={backward} not measured ({left():.0f} s left)"
+                )
                 continue
             t0 = time.time()
-            recs = A.measure_attention(shape, device, providers, causal=causal, backward=backward, dtype=dtype,
-                                       rounds=rounds, warmup=2, budget_s=budget, suite="gpu-check-attention")
+            recs = A.measure_attention(
+                shape,
+                device,
+                providers,
+                causal=causal,
+                backward=backward,
+                dtype=dtype,
+                rounds=rounds,
+                warmup=2,
+                budget_s=budget,
+                suite="gpu-check-attention",
+            )
             results[("attn", shape, causal, backward)] = recs
             save()
-            note(f"attention {shape} causal={causal} {'fwd+bwd' if backward else 'fwd'}: {time.time() - t0:.0f} s, "
-                 + ", ".join(f"{r['provider']} {r['status']}" for r in recs))
+            note(
+                f"attention {shape} causal={causal} {'fwd+bwd' if backward else 'fwd'}: {time.time() - t0:.0f} s, "
+                + ", ".join(f"{r['provider']} {r['status']}" for r in recs)
+            )
 
     # Conv: every group with its base providers, then again with compile, then with max-autotune, while they fit.
     workloads = S.workloads(device)
@@ -197,20 +246,34 @@ def bench_step(out: Path, deadline: float) -> int:
     warmed = _warmed(out)
     if warmed:
         note("compile caches warmed for: " + ", ".join(f"{w} {m}" for w, m in sorted(warmed)))
-    group_s: dict[tuple[str, str], float] = {}             # base group's wall time
+    group_s: dict[tuple[str, str], float] = {}  # base group's wall time
     first_calls: dict[bool, list[float]] = {True: [], False: []}  # compile's first call, warm cache or cold
 
     def measure(name, mode, providers, label):
         t0 = time.time()
-        recs = S.measure_conv(workloads[name], device, mode, providers, rounds=rounds, warmup=2, budget_s=budget,
-                              scale=scale, suite="gpu-check-conv")
+        recs = S.measure_conv(
+            workloads[name],
+            device,
+            mode,
+            providers,
+            rounds=rounds,
+            warmup=2,
+            budget_s=budget,
+            scale=scale,
+            suite="gpu-check-conv",
+        )
         results[("conv", name, mode)] = recs
         save()
         group_s.setdefault((name, mode), time.time() - t0)
-        note(f"{label} {name} {mode}: {time.time() - t0:.0f} s, "
-             + ", ".join(f"{r['provider']} {r['status']}"
-                         + (f" (first call {r['first_call_s']:.0f} s)" if r.get("first_call_s", 0) > 5 else "")
-                         for r in recs if r["status"] != "skipped"))
+        note(
+            f"{label} {name} {mode}: {time.time() - t0:.0f} s, "
+            + ", ".join(
+                f"{r['provider']} {r['status']}"
+                + (f" (first call {r['first_call_s']:.0f} s)" if r.get("first_call_s", 0) > 5 else "")
+                for r in recs
+                if r["status"] != "skipped"
+            )
+        )
         for r in recs:
             if r["provider"] == "compile" and r.get("first_call_s"):
                 first_calls[(name, mode) in warmed].append(r["first_call_s"])
@@ -239,8 +302,10 @@ def bench_step(out: Path, deadline: float) -> int:
             cost = estimate(name, mode, with_autotune)
             extra = ["compile", "compile-max-autotune"] if with_autotune else ["compile"]
             if left() < cost:
-                note(f"budget: {'+'.join(extra)} on {name} {mode} not measured (estimated {cost:.0f} s, "
-                     f"{left():.0f} s left)")
+                note(
+                    f"budget: {'+'.join(extra)} on {name} {mode} not measured (estimated {cost:.0f} s, "
+                    f"{left():.0f} s left)"
+                )
                 continue
             measure(name, mode, base + extra, "+" + "+".join(extra))
     save()

@@ -6,6 +6,7 @@
 
 Each table is experiments.records.markdown_table of one run document, headed by where and from which commit it came.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,11 +30,15 @@ def tables(directory: Path, every: bool = False) -> list[str]:
     for doc in runs:
         env = doc["environment"]
         clocks = env.get("nvidia_smi") or {}
-        lines += [f"#### {doc['suite']}: {env.get('device')}, {doc['created']}", "",
-                  f"commit {str(env.get('commit'))[:12]} (source {env.get('source_hash')}), torch {env.get('torch')}, "
-                  f"triton {env.get('triton')}, CUDA {env.get('cuda')}"
-                  + (f", SM clock {clocks.get('clocks.sm')} MHz" if clocks.get("clocks.sm") else "")
-                  + f"; {doc['method'].get('timing', '')}. File: {Path(doc['path']).name}", ""]
+        lines += [
+            f"#### {doc['suite']}: {env.get('device')}, {doc['created']}",
+            "",
+            f"commit {str(env.get('commit'))[:12]} (source {env.get('source_hash')}), torch {env.get('torch')}, "
+            f"triton {env.get('triton')}, CUDA {env.get('cuda')}"
+            + (f", SM clock {clocks.get('clocks.sm')} MHz" if clocks.get("clocks.sm") else "")
+            + f"; {doc['method'].get('timing', '')}. File: {Path(doc['path']).name}",
+            "",
+        ]
         lines += records.markdown_table(doc["results"]) + [""]
     return lines
 

@@ -3,6 +3,7 @@ measured value next to the theoretical one in benchmark.extra_info. Runs the exp
 (DSC_BENCH_QUICK=1 for the quick ones) through functional.conv_ista with backend DSC_BENCH_BACKEND (default auto)
 on the suite's device.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,14 @@ def _run(benchmark, device, name):
     out = box["out"]
     results = out if isinstance(out, list) else [out]
     for r in results:
-        info = {"id": r.id, "claim": r.claim, "theory": r.theory, "measured": r.measured, "holds": r.holds,
-                "source": r.source}
+        info = {
+            "id": r.id,
+            "claim": r.claim,
+            "theory": r.theory,
+            "measured": r.measured,
+            "holds": r.holds,
+            "source": r.source,
+        }
         benchmark.extra_info[r.id] = info
         record({"kind": "convergence", "device": device, **info})
     return results

@@ -16,6 +16,7 @@ its providers by attention_speed.measure_attention (checked against the fp64 ref
 memory: the peak allocated during one call), and each test reports its provider with its ratio to the entmax-style
 baseline (``speedup_vs_dense``). Results go into the session's run document (bench/conftest.py).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -34,11 +35,22 @@ GPU_SHRINK = ["triton-shrink50", "triton-shrink90", "triton-shrink99"]
 
 
 def _cpu_group(provider_list, backward, causal, smoke):
-    available = [p for p in provider_list
-                 if not p.startswith("cpp") or DF.backend_unavailable_reason("cpp", "cpu") is None]
-    return measured_group(("attn-cpu", backward, causal), lambda: measure_attention(
-        CPU_SHAPE, "cpu", available, causal=causal, backward=backward, rounds=1 if smoke else 5,
-        warmup=1, suite="bench-attention"))
+    available = [
+        p for p in provider_list if not p.startswith("cpp") or DF.backend_unavailable_reason("cpp", "cpu") is None
+    ]
+    return measured_group(
+        ("attn-cpu", backward, causal),
+        lambda: measure_attention(
+            CPU_SHAPE,
+            "cpu",
+            available,
+            causal=causal,
+            backward=backward,
+            rounds=1 if smoke else 5,
+            warmup=1,
+            suite="bench-attention",
+        ),
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -55,9 +67,20 @@ def _gpu_case(benchmark, provider: str, n: int, backward: bool, smoke: bool, pro
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     benchmark.group = f"attn-gpu-{'fwd+bwd' if backward else 'fwd'}"
-    group = measured_group(("attn-gpu", n, backward, tuple(providers)), lambda: measure_attention(
-        (*GPU_BH, n, 64), "cuda", providers, causal=True, backward=backward, dtype=torch.float16,
-        rounds=1 if smoke else 7, warmup=1 if smoke else 3, suite="bench-attention"))
+    group = measured_group(
+        ("attn-gpu", n, backward, tuple(providers)),
+        lambda: measure_attention(
+            (*GPU_BH, n, 64),
+            "cuda",
+            providers,
+            causal=True,
+            backward=backward,
+            dtype=torch.float16,
+            rounds=1 if smoke else 7,
+            warmup=1 if smoke else 3,
+            suite="bench-attention",
+        ),
+    )
     rec = group[provider]
     if rec["status"] == "failed" and "OutOfMemoryError" in (rec["reason"] or ""):
         pytest.skip(f"{provider} runs out of GPU memory at N={n}")

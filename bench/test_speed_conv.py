@@ -8,6 +8,7 @@ provider: median ms, N, ratios to eager and compile (the faster member of each b
 On a CPU, Inductor needs minutes per shape on two cores, so `compile` runs on csc-gray only unless
 DSC_BENCH_COMPILE=all.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,6 +38,14 @@ def test_conv_ista_speed(benchmark, device, workload, provider, mode, smoke):
     benchmark.group = f"conv-ista {workload.name} {mode}"
     group = measured_group(
         ("conv", device, workload.name, mode),
-        lambda: S.measure_conv(workload, device, mode, _providers(device, workload), rounds=1 if smoke else 7,
-                               warmup=1 if smoke else 2, suite="bench-conv-ista"))
+        lambda: S.measure_conv(
+            workload,
+            device,
+            mode,
+            _providers(device, workload),
+            rounds=1 if smoke else 7,
+            warmup=1 if smoke else 2,
+            suite="bench-conv-ista",
+        ),
+    )
     check_and_publish(benchmark, group[provider])

@@ -18,6 +18,7 @@ backward).
 Regenerate the table: ``python bench/test_speed_networks.py [--rounds 7] [--threads 2] [--workloads ...]``
 (or ``pytest bench/test_speed_networks.py --benchmark-only -s``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,9 @@ def build(workload: str, provider: str):
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)  # the classifier head is initialised from the global generator: the same for every provider
     if workload == "ml-ista-mnist":
-        published = PublishedMLNet("ml-ista", m=(1, 32, 64, 512), k=(6, 6, 4), strides=(2, 2, 1), T=6,
-                                   dtype=torch.float32)
+        published = PublishedMLNet(
+            "ml-ista", m=(1, 32, 64, 512), k=(6, 6, 4), strides=(2, 2, 1), T=6, dtype=torch.float32
+        )
         x = torch.rand(128, 1, 28, 28, generator=g)
         labels = torch.randint(0, 10, (128,), generator=g)
         if provider == "eager":
@@ -92,6 +94,7 @@ def build(workload: str, provider: str):
     def no_grad_forward():
         with torch.no_grad():
             return forward()
+
     return no_grad_forward, train_step, (loss, {"x": x, "weight": params[0]})
 
 
@@ -103,8 +106,13 @@ def measure(workload: str, rounds: int = 5, providers=PROVIDERS) -> dict:
     for p in providers[1:]:  # a fast wrong network is never timed: same forward as the eager code (fp32 rounding)
         got = built[p][0]()
         scale = expected.abs().max().item()
-        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4 * max(scale, 1.0),
-                                   msg=lambda m, p=p: f"{workload}: {p} differs from eager: {m}")
+        torch.testing.assert_close(
+            got,
+            expected,
+            rtol=1e-3,
+            atol=1e-4 * max(scale, 1.0),
+            msg=lambda m, p=p: f"{workload}: {p} differs from eager: {m}",
+        )
     wall = {(p, m): [] for p in providers for m in ("forward", "train")}
     cpu = {key: [] for key in wall}
     for p in providers:  # warm-up: a training step each (first calls build and cache)
@@ -121,7 +129,7 @@ def measure(workload: str, rounds: int = 5, providers=PROVIDERS) -> dict:
         fn, inputs = built[p][2]
         out[p] = {f"{m}_ms": statistics.median(wall[(p, m)]) for m in ("forward", "train")}
         out[p].update({f"{m}_cpu_ms": statistics.median(cpu[(p, m)]) for m in ("forward", "train")})
-        out[p]["train_peak_mb"] = S.train_step_peak_bytes(fn, inputs, "cpu") / 2 ** 20
+        out[p]["train_peak_mb"] = S.train_step_peak_bytes(fn, inputs, "cpu") / 2**20
     for p in providers[1:]:
         for m in ("forward", "train"):
             ratios = [a / b for a, b in zip(wall[(providers[0], m)], wall[(p, m)])]
@@ -133,18 +141,24 @@ def measure(workload: str, rounds: int = 5, providers=PROVIDERS) -> dict:
 
 
 def table(workload: str, result: dict) -> str:
-    lines = [f"### {workload} ({torch.get_num_threads()} threads)",
-             "| provider | forward ms | train-step ms | forward vs eager | train vs eager (round range) | "
-             "CPU-time ratios fwd / train | train peak MB | memory vs eager |", "|" + " --- |" * 8]
+    lines = [
+        f"### {workload} ({torch.get_num_threads()} threads)",
+        "| provider | forward ms | train-step ms | forward vs eager | train vs eager (round range) | "
+        "CPU-time ratios fwd / train | train peak MB | memory vs eager |",
+        "|" + " --- |" * 8,
+    ]
     for p, r in result.items():
         if p == "eager":
-            lines.append(f"| {p} | {r['forward_ms']:.0f} | {r['train_ms']:.0f} | 1 | 1 | 1 / 1 | "
-                         f"{r['train_peak_mb']:.1f} | 1 |")
+            lines.append(
+                f"| {p} | {r['forward_ms']:.0f} | {r['train_ms']:.0f} | 1 | 1 | 1 / 1 | {r['train_peak_mb']:.1f} | 1 |"
+            )
             continue
         lo, hi = r["train_round_ratios"]
-        lines.append(f"| {p} | {r['forward_ms']:.0f} | {r['train_ms']:.0f} | {r['forward_speedup']:.2f}x | "
-                     f"{r['train_speedup']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['forward_speedup_cpu']:.2f} / "
-                     f"{r['train_speedup_cpu']:.2f} | {r['train_peak_mb']:.1f} | {r['memory_ratio']:.2f} |")
+        lines.append(
+            f"| {p} | {r['forward_ms']:.0f} | {r['train_ms']:.0f} | {r['forward_speedup']:.2f}x | "
+            f"{r['train_speedup']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['forward_speedup_cpu']:.2f} / "
+            f"{r['train_speedup_cpu']:.2f} | {r['train_peak_mb']:.1f} | {r['memory_ratio']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -158,8 +172,12 @@ def test_published_network_speed(benchmark, device, workload):
     _, train_step, _ = build(workload, "ours")
     benchmark.group = f"published network {workload} train step"
     benchmark.pedantic(train_step, rounds=1, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update({"workload": workload, **{f"{p}.{k}": v for p, r in result.items()
-                                                           for k, v in r.items() if not isinstance(v, tuple)}})
+    benchmark.extra_info.update(
+        {
+            "workload": workload,
+            **{f"{p}.{k}": v for p, r in result.items() for k, v in r.items() if not isinstance(v, tuple)},
+        }
+    )
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ The quick subset runs by default; DSC_BENCH_SWEEP=full runs every shape. DSC_BEN
 sweep's JSON, figure and markdown table there when the module finishes. Threads: DSC_BENCH_THREADS (default 2).
 The same measurement, as a script: `python -m dsc_kernels.experiments.sweep --out DIR`.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,9 @@ def rows():
         path = Path(out)
         path.mkdir(parents=True, exist_ok=True)
         summary, machine = SW.summarize(collected), SW.machine()
-        (path / "sweep.json").write_text(json.dumps({"machine": machine, "rows": collected, "summary": summary},
-                                                    indent=1))
+        (path / "sweep.json").write_text(
+            json.dumps({"machine": machine, "rows": collected, "summary": summary}, indent=1)
+        )
         (path / "sweep.md").write_text(SW.markdown(collected, summary, machine))
         SW.figure(collected, path / "sweep.png")
 
@@ -50,13 +52,19 @@ def test_conv_ista_sweep(benchmark, device, rows, name):
     rows.append(row)
     p = SW.make_problem(shape, requires_grad=True)
     benchmark.group = f"conv-ista sweep {name}"
-    benchmark.pedantic(SW.forward_backward(SW.provider_fn("cpp", shape, p), p), rounds=3, iterations=1,
-                       warmup_rounds=1)
+    benchmark.pedantic(SW.forward_backward(SW.provider_fn("cpp", shape, p), p), rounds=3, iterations=1, warmup_rounds=1)
     info = {"shape": name, "describe": row["describe"], "threads": torch.get_num_threads()}
     for k, r in row["results"].items():
-        info[k] = {key: r[key] for key in ("fwd_ratio", "fwd_bwd_ratio", "mem_ratio", "mem_ratio_recompute",
-                                             "strategy") if key in r}
+        info[k] = {
+            key: r[key]
+            for key in ("fwd_ratio", "fwd_bwd_ratio", "mem_ratio", "mem_ratio_recompute", "strategy")
+            if key in r
+        }
     benchmark.extra_info.update(info)
     record({"sweep": info})
-    print(f"\n{name}: " + ", ".join(f"{k} {v['fwd_ratio']:.2f}/{v['fwd_bwd_ratio']:.2f}" for k, v in info.items()
-                                   if isinstance(v, dict)))
+    print(
+        f"\n{name}: "
+        + ", ".join(
+            f"{k} {v['fwd_ratio']:.2f}/{v['fwd_bwd_ratio']:.2f}" for k, v in info.items() if isinstance(v, dict)
+        )
+    )

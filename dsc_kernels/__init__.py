@@ -2,6 +2,7 @@
 
 ``import dsc_kernels.functional as DF`` for the functional API, ``dsc_kernels.nn`` for layers.
 """
+
 from . import functional, nn, ops, reference
 
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """`python -m dsc_kernels report [--out DIR] [--quick] [--device cpu|cuda] [--backend NAME] [--readme-figures]`;
 `--version`; `python -m dsc_kernels train --recipe R ...` (see dsc_kernels/recipes/cli.py)."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,33 +13,52 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dsc_kernels",
         description="dsc_kernels main job: check the convergence claims of deep-sparse-coding theory on this "
-                    "machine and compare the conv-ISTA backends; writes a markdown report with figures.")
+        "machine and compare the conv-ISTA backends; writes a markdown report with figures.",
+    )
     parser.add_argument("--version", action="version", version=f"dsc_kernels {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("report", help="run the convergence experiments and the speed comparison, write REPORT.md",
-                         description="Runs every claim of docs/theory.md §7 through functional.conv_ista and times "
-                                     "the available backends; writes DIR/REPORT.md and PNG figures.")
+    rep = sub.add_parser(
+        "report",
+        help="run the convergence experiments and the speed comparison, write REPORT.md",
+        description="Runs every claim of docs/theory.md §7 through functional.conv_ista and times "
+        "the available backends; writes DIR/REPORT.md and PNG figures.",
+    )
     rep.add_argument("--out", default="report", help="output folder (default: ./report)")
     rep.add_argument("--quick", action="store_true", help="small sizes: under a minute on 2 CPU cores")
     rep.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the experiments run")
-    rep.add_argument("--backend", default="auto",
-                     help="conv-ISTA backend for the experiments (auto, reference, cpp, triton); default auto")
-    rep.add_argument("--readme-figures", action="store_true",
-                     help="also copy the figures the README shows into the checkout's docs/ (from this same run)")
-    rep.add_argument("--training-runs", default=None,
-                     help="a `train --recipe digits --strategy all --out DIR` folder for the training section "
-                          "(default: a short run)")
-    train = sub.add_parser("train", help="train a recipe on bundled real data (digits, denoise)",
-                           description="Trains a recipe of dsc_kernels.recipes; writes DIR/metrics.json, a figure "
-                                       "and DIR/model.pt (dsc_kernels.recipes.load(DIR) reads it back).")
+    rep.add_argument(
+        "--backend",
+        default="auto",
+        help="conv-ISTA backend for the experiments (auto, reference, cpp, triton); default auto",
+    )
+    rep.add_argument(
+        "--readme-figures",
+        action="store_true",
+        help="also copy the figures the README shows into the checkout's docs/ (from this same run)",
+    )
+    rep.add_argument(
+        "--training-runs",
+        default=None,
+        help="a `train --recipe digits --strategy all --out DIR` folder for the training section "
+        "(default: a short run)",
+    )
+    train = sub.add_parser(
+        "train",
+        help="train a recipe on bundled real data (digits, denoise)",
+        description="Trains a recipe of dsc_kernels.recipes; writes DIR/metrics.json, a figure "
+        "and DIR/model.pt (dsc_kernels.recipes.load(DIR) reads it back).",
+    )
     from .recipes.cli import add_arguments
+
     add_arguments(train)
     args = parser.parse_args(argv)
     if args.command == "train":
         from .recipes.cli import main as train_main
+
         train_main(args)
     if args.command == "report":
         from .report import run_report
+
         path = run_report(args)
         print(f"wrote {path}")
     return 0

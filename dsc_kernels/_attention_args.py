@@ -6,6 +6,7 @@ a bool mask is True where a key is ignored; a float mask is added to the scores,
 ``key_padding_mask`` is (B, M); ``attn_mask`` is broadcastable to (B, H, N, M) (e.g. (N, M)). Both may be given
 (they add up). Masks are not differentiated: one that requires grad is rejected rather than silently ignored.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,13 +20,14 @@ __all__ = ["attention_inputs", "score_bias"]
 
 def _mask(name: str, mask: object, q: Tensor) -> Tensor:
     if not isinstance(mask, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (bool: True ignores a key; float: added to the scores), got "
-                        f"{type(mask).__name__}")
+        raise TypeError(
+            f"{name} must be a torch.Tensor (bool: True ignores a key; float: added to the scores), got "
+            f"{type(mask).__name__}"
+        )
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
     if mask.requires_grad:
-        raise ValueError(f"{name} must not require grad: gradients with respect to attention masks are not "
-                         "supported")
+        raise ValueError(f"{name} must not require grad: gradients with respect to attention masks are not supported")
     check.same_device(q=q, **{name: mask})
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=stats_dtype(q.dtype), device=mask.device).masked_fill(mask, -torch.inf)
@@ -44,23 +46,27 @@ def score_bias(q: Tensor, m: int, key_padding_mask: Tensor | None, attn_mask: Te
     if attn_mask is not None:
         mask = _mask("attn_mask", attn_mask, q)
         if mask.dim() > 4 or any(have not in (1, want) for have, want in zip(mask.shape[::-1], (m, n, h, b))):
-            raise ValueError(f"attn_mask must be broadcastable to (B, H, N, M)=({b}, {h}, {n}, {m}), got "
-                             f"{tuple(attn_mask.shape)}")
+            raise ValueError(
+                f"attn_mask must be broadcastable to (B, H, N, M)=({b}, {h}, {n}, {m}), got {tuple(attn_mask.shape)}"
+            )
         bias = mask if bias is None else bias + mask
     if bias is None:
         return None
     return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(b, h, n, m)
 
 
-def attention_inputs(q: object, k: object, v: object | None, *, mode: object, threshold: object, causal: object,
-                     scale: object) -> tuple[Tensor, float]:
+def attention_inputs(
+    q: object, k: object, v: object | None, *, mode: object, threshold: object, causal: object, scale: object
+) -> tuple[Tensor, float]:
     """Check q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv) (None: not needed) and the options; returns the per-head
     threshold (H,) in q's dtype (zeros for sparsemax) and the scale as a float (default d^-1/2)."""
     named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
     q, k, *rest = (check.tensor(name, t, rank=4) for name, t in named)
     if k.shape[:2] != q.shape[:2] or any(t.shape[:2] != q.shape[:2] for t in rest):
-        raise ValueError(f"q, k{', v' if rest else ''} must share (B, H), got "
-                         f"{', '.join(str(tuple(t.shape)) for t in (q, k, *rest))}")
+        raise ValueError(
+            f"q, k{', v' if rest else ''} must share (B, H), got "
+            f"{', '.join(str(tuple(t.shape)) for t in (q, k, *rest))}"
+        )
     if q.shape[3] < 1:
         raise ValueError(f"q, k must have a head dim >= 1, got q of shape {tuple(q.shape)}")
     if k.shape[3] != q.shape[3]:
@@ -77,8 +83,9 @@ def attention_inputs(q: object, k: object, v: object | None, *, mode: object, th
             raise ValueError("threshold is required for mode='shrink' (a float or a per-head (H,) tensor)")
         threshold = check.scalar_or_tensor("threshold", threshold)
         if isinstance(threshold, Tensor) and tuple(threshold.shape) not in ((), (heads,)):
-            raise ValueError(f"threshold must be a float or a tensor of shape (H,)=({heads},), "
-                             f"got {tuple(threshold.shape)}")
+            raise ValueError(
+                f"threshold must be a float or a tensor of shape (H,)=({heads},), got {tuple(threshold.shape)}"
+            )
     elif threshold is not None:
         raise ValueError("threshold is only used by mode='shrink'; sparsemax finds its own per-row threshold")
     if scale is None:
@@ -87,11 +94,11 @@ def attention_inputs(q: object, k: object, v: object | None, *, mode: object, th
     if isinstance(scale, Tensor):
         raise TypeError("scale must be a Python float")
     check.positive("scale", scale)
-    check.same_device(q=q, k=k, **({"v": rest[0]} if rest else {}),
-                      threshold=threshold if isinstance(threshold, Tensor) else None)
+    check.same_device(
+        q=q, k=k, **({"v": rest[0]} if rest else {}), threshold=threshold if isinstance(threshold, Tensor) else None
+    )
     if isinstance(threshold, Tensor):
         threshold = threshold.expand(heads)
     else:
-        threshold = torch.full((heads,), 0.0 if threshold is None else float(threshold), dtype=q.dtype,
-                               device=q.device)
+        threshold = torch.full((heads,), 0.0 if threshold is None else float(threshold), dtype=q.dtype, device=q.device)
     return threshold, float(scale)

@@ -10,6 +10,7 @@ contents, the flags, the torch version and install folder and the Python version
 install and process with the same
 sources reuses one build. The first build takes about a minute on two cores and says so once.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,8 +33,11 @@ _log = logging.getLogger("dsc_kernels")
 
 def _sources() -> list[Path]:
     """Every C++ file the extension is built from (headers included), relative to the csrc folder."""
-    return sorted(p.relative_to(_CSRC) for p in _CSRC.rglob("*")
-                  if p.suffix in (".cpp", ".h") and "cuda" not in p.relative_to(_CSRC).parts)
+    return sorted(
+        p.relative_to(_CSRC)
+        for p in _CSRC.rglob("*")
+        if p.suffix in (".cpp", ".h") and "cuda" not in p.relative_to(_CSRC).parts
+    )
 
 
 def _cpu_flags() -> set[str]:
@@ -114,8 +118,11 @@ def load():
             cflags = _cflags()
             build_dir = _build_dir(sources, cflags)
             if not any(build_dir.glob("*.so")):
-                _log.warning("dsc_kernels: building the C++ extension (once for these sources, about a minute on "
-                             "two cores); it is cached in %s", build_dir)
+                _log.warning(
+                    "dsc_kernels: building the C++ extension (once for these sources, about a minute on "
+                    "two cores); it is cached in %s",
+                    build_dir,
+                )
             cpp_extension.load(
                 name="dsc_kernels_cpu",
                 sources=[str(build_dir / "src" / rel) for rel in sources if rel.suffix == ".cpp"],
@@ -130,9 +137,11 @@ def load():
             output = getattr(exc, "output", None)
             if isinstance(output, bytes):
                 detail = output.decode(errors="replace") + "\n" + detail
-            _error = (f"building the dsc_kernels C++ extension failed: {_first_error_line(detail)}. "
-                      "It needs a C++17 compiler with OpenMP (e.g. `apt-get install g++` or `xcode-select --install` "
-                      "plus `brew install libomp`) and ninja (`pip install ninja`).")
+            _error = (
+                f"building the dsc_kernels C++ extension failed: {_first_error_line(detail)}. "
+                "It needs a C++17 compiler with OpenMP (e.g. `apt-get install g++` or `xcode-select --install` "
+                "plus `brew install libomp`) and ninja (`pip install ninja`)."
+            )
             raise RuntimeError(_error) from exc
     return torch.ops.dsc_kernels
 

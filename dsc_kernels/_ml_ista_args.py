@@ -4,6 +4,7 @@
 Canonical forms are those of the ml_ista op (ops/ml_ista.py): dictionaries with a leading step dimension (1 when
 shared by every step), an empty tensor for an absent encoder or z0, thresholds (S, C_j) and steps (S,).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -33,12 +34,14 @@ def dictionary(name: str, w: object, rank: int, n_steps: int, steps_name: str) -
         return w.unsqueeze(0)
     if w.dim() == rank + 3:
         if w.shape[0] != n_steps:
-            shape = f"(B, C{', S' * (rank + 1)})"
-            raise ValueError(f"{name} holds {w.shape[0]} per-step dictionaries, expected {steps_name}={n_steps}"
-                             f" (or, for {rank + 1}-D signals, x must have rank {rank + 3}: {shape})")
+            # a 1-D x with a 2-D weight reads as 1-D per-step dictionaries: say which rank x would need instead
+            hint = " (or, for a 2-D weight, x must have rank 4: (B, C, H, W))" if rank == 1 else ""
+            raise ValueError(f"{name} holds {w.shape[0]} per-step dictionaries, expected {steps_name}={n_steps}{hint}")
         return w
-    raise ValueError(f"{name} must be (C_out, C_in{', k' * rank}) or per step ({steps_name}, C_out, C_in"
-                     f"{', k' * rank}) for {rank}-D signals, got shape {tuple(w.shape)}")
+    raise ValueError(
+        f"{name} must be (C_out, C_in{', k' * rank}) or per step ({steps_name}, C_out, C_in"
+        f"{', k' * rank}) for {rank}-D signals, got shape {tuple(w.shape)}"
+    )
 
 
 def optional_dictionary(name: str, w: object, like: Tensor, rank: int, n_steps: int, steps_name: str) -> Tensor:
@@ -51,8 +54,17 @@ def optional_dictionary(name: str, w: object, like: Tensor, rank: int, n_steps: 
     return w
 
 
-def per_step_values(name: str, value: object, n_steps: int, channels: int | None, like: Tensor, *,
-                    steps_name: str, nonnegative: bool = False, positive: bool = False) -> Tensor:
+def per_step_values(
+    name: str,
+    value: object,
+    n_steps: int,
+    channels: int | None,
+    like: Tensor,
+    *,
+    steps_name: str,
+    nonnegative: bool = False,
+    positive: bool = False,
+) -> Tensor:
     """A float or tensor of shape (), (C,) [thresholds], (S,) [steps] or (S, C) -> (S, C) or (S,) in like's dtype
     (broadcast with autograd: a shared value's gradient is the sum over its uses)."""
     value = check.scalar_or_tensor(name, value)
@@ -63,8 +75,11 @@ def per_step_values(name: str, value: object, n_steps: int, channels: int | None
     full = (n_steps,) if channels is None else (n_steps, channels)
     if not isinstance(value, Tensor):
         return torch.full(full, float(value), dtype=like.dtype, device=like.device)
-    allowed = {(): "()", (n_steps,): f"({steps_name},)"} if channels is None else {
-        (): "()", (channels,): f"(C={channels},)", full: f"({steps_name}, C)=({n_steps}, {channels})"}
+    allowed = (
+        {(): "()", (n_steps,): f"({steps_name},)"}
+        if channels is None
+        else {(): "()", (channels,): f"(C={channels},)", full: f"({steps_name}, C)=({n_steps}, {channels})"}
+    )
     if tuple(value.shape) not in allowed:
         raise ValueError(f"{name} must have shape {' or '.join(allowed.values())}, got {tuple(value.shape)}")
     if value.device != like.device:
@@ -76,10 +91,22 @@ def per_layer(name: str, values: object, depth: int, default: object) -> list:
     return check.per_layer(name, values, depth, default)
 
 
-def ml_ista_arguments(x: Tensor, weights: object, thresholds: object, *, n_iter: int, steps: object, strides: object,
-                      paddings: object, encoder_weights: object, input_encoder_weights: object, z0: object,
-                      nonneg: bool, interleaved: bool,
-                      default_step: Callable[[Tensor, tuple, tuple, tuple], Tensor | float]) -> dict:
+def ml_ista_arguments(
+    x: Tensor,
+    weights: object,
+    thresholds: object,
+    *,
+    n_iter: int,
+    steps: object,
+    strides: object,
+    paddings: object,
+    encoder_weights: object,
+    input_encoder_weights: object,
+    z0: object,
+    nonneg: bool,
+    interleaved: bool,
+    default_step: Callable[[Tensor, tuple, tuple, tuple], Tensor | float],
+) -> dict:
     """Validated canonical arguments of ``functional.ml_ista`` (S = n_iter + 1 steps): a dict of the op's inputs."""
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
         raise ValueError(f"n_iter must be an int >= 0 (the unfoldings after the initial encoding), got {n_iter!r}")
@@ -92,15 +119,18 @@ def ml_ista_arguments(x: Tensor, weights: object, thresholds: object, *, n_iter:
     strides, paddings = per_layer("strides", strides, depth, 1), per_layer("paddings", paddings, depth, 0)
     encoders = per_layer("encoder_weights", encoder_weights, depth, None)
     input_encoders = per_layer("input_encoder_weights", input_encoder_weights, depth, None)
-    out = dict(weights=[], encoder_weights=[], input_encoder_weights=[], thresholds=[], steps=[], strides=[],
-               paddings=[])
+    out = dict(
+        weights=[], encoder_weights=[], input_encoder_weights=[], thresholds=[], steps=[], strides=[], paddings=[]
+    )
     size, channels = tuple(x.shape[2:]), x.shape[1]
     for j in range(depth):
         where = f"weights[{j}]"
         w = dictionary(where, weights[j], rank, n_steps, steps_name)
         if w.shape[2] != channels:
-            raise ValueError(f"{where} expects {w.shape[2]} input channels, but layer {j} receives {channels} "
-                             f"({'x' if j == 0 else f'the codes of weights[{j - 1}]'})")
+            raise ValueError(
+                f"{where} expects {w.shape[2]} input channels, but layer {j} receives {channels} "
+                f"({'x' if j == 0 else f'the codes of weights[{j - 1}]'})"
+            )
         check.same_device(x=x, **{where: w})
         check.same_dtype(x=x, **{where: w})
         try:
@@ -115,9 +145,17 @@ def ml_ista_arguments(x: Tensor, weights: object, thresholds: object, *, n_iter:
                 check.same_dtype(x=x, **{name: t})
         if thresholds[j] is None:
             raise ValueError(f"thresholds[{j}] is missing: give a float or a tensor per layer")
-        out["thresholds"].append(per_step_values(
-            f"thresholds[{j}] (negative thresholds need nonneg=True)" if not nonneg else f"thresholds[{j}]",
-            thresholds[j], n_steps, w.shape[1], x, steps_name=steps_name, nonnegative=not nonneg))
+        out["thresholds"].append(
+            per_step_values(
+                f"thresholds[{j}] (negative thresholds need nonneg=True)" if not nonneg else f"thresholds[{j}]",
+                thresholds[j],
+                n_steps,
+                w.shape[1],
+                x,
+                steps_name=steps_name,
+                nonnegative=not nonneg,
+            )
+        )
         if steps[j] is None:
             values = [default_step(w[k], size, stride, padding) for k in range(w.shape[0])]
             step = torch.stack([torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in values])
@@ -145,11 +183,24 @@ def ml_ista_arguments(x: Tensor, weights: object, thresholds: object, *, n_iter:
     return out
 
 
-def conv_ista_variant_arguments(x: object, weight: object, lam: object, *, n_iter: object, step: object,
-                                threshold: object, encoder_weight: object, input_encoder_weight: object,
-                                stride: object, padding: object, z0: object, nonneg: bool, fista: bool,
-                                recompute: bool,
-                                default_step: Callable[[Tensor, tuple, tuple, tuple], Tensor | float]) -> dict:
+def conv_ista_variant_arguments(
+    x: object,
+    weight: object,
+    lam: object,
+    *,
+    n_iter: object,
+    step: object,
+    threshold: object,
+    encoder_weight: object,
+    input_encoder_weight: object,
+    stride: object,
+    padding: object,
+    z0: object,
+    nonneg: bool,
+    fista: bool,
+    recompute: bool,
+    default_step: Callable[[Tensor, tuple, tuple, tuple], Tensor | float],
+) -> dict:
     """Validated canonical arguments of conv_ista's variants as a one-layer ml_ista op (S = n_iter steps), plus
     ``features``: the table features they need (table.CONV_ISTA_VARIANTS)."""
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
@@ -159,7 +210,8 @@ def conv_ista_variant_arguments(x: object, weight: object, lam: object, *, n_ite
     rank = spatial_rank(x)
     per_iteration = any(is_per_step(t, rank) for t in (weight, encoder_weight, input_encoder_weight))
     features = (("per_iteration_weight",) if per_iteration else ()) + (
-        ("input_encoder",) if input_encoder_weight is not None else ())
+        ("input_encoder",) if input_encoder_weight is not None else ()
+    )
     w = dictionary("weight", weight, rank, n_iter, "n_iter")
     x = check.signal("x", x, w[0])
     check.same_device(x=x, weight=w)
@@ -186,11 +238,27 @@ def conv_ista_variant_arguments(x: object, weight: object, lam: object, *, n_ite
     if (lam is None) == (threshold is None):
         raise ValueError("give exactly one of lam (threshold = step * lam) and threshold (absolute)")
     if lam is not None:
-        thresholds = per_step_values("lam", lam, n_iter, w.shape[1], x, steps_name="n_iter",
-                                     nonnegative=True) * step[:, None]
+        thresholds = (
+            per_step_values("lam", lam, n_iter, w.shape[1], x, steps_name="n_iter", nonnegative=True) * step[:, None]
+        )
     else:
-        thresholds = per_step_values("threshold" if nonneg else "threshold (negative thresholds need nonneg=True)",
-                                     threshold, n_iter, w.shape[1], x, steps_name="n_iter", nonnegative=not nonneg)
-    return dict(features=features, weights=[w], encoder_weights=[e], input_encoder_weights=[b],
-                thresholds=[thresholds], steps=[step], z0=x.new_empty(0) if z0 is None else z0, strides=stride,
-                paddings=padding)
+        thresholds = per_step_values(
+            "threshold" if nonneg else "threshold (negative thresholds need nonneg=True)",
+            threshold,
+            n_iter,
+            w.shape[1],
+            x,
+            steps_name="n_iter",
+            nonnegative=not nonneg,
+        )
+    return dict(
+        features=features,
+        weights=[w],
+        encoder_weights=[e],
+        input_encoder_weights=[b],
+        thresholds=[thresholds],
+        steps=[step],
+        z0=x.new_empty(0) if z0 is None else z0,
+        strides=stride,
+        paddings=padding,
+    )

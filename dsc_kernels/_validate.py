@@ -3,6 +3,7 @@
 Checks that read tensor values (signs, finiteness) sync a GPU stream; they are skipped while ``torch.compile``
 traces (values are unknown there) and for meta tensors (which have none).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -53,13 +54,16 @@ def same_device(**tensors: Tensor | None) -> None:
 def same_dtype(**tensors: Tensor | None) -> None:
     dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
     if len(set(dtypes.values())) > 1:
-        raise TypeError(f"{', '.join(dtypes)} must share one dtype, got "
-                        f"{', '.join(f'{n} {d}' for n, d in dtypes.items())}")
+        raise TypeError(
+            f"{', '.join(dtypes)} must share one dtype, got {', '.join(f'{n} {d}' for n, d in dtypes.items())}"
+        )
 
 
 def ints(name: str, value: IntOrPair, rank: int, *, minimum: int) -> tuple[int, ...]:
-    if isinstance(value, (bool, str)) or not (isinstance(value, int) or (
-            isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))):
+    if isinstance(value, (bool, str)) or not (
+        isinstance(value, int)
+        or (isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+    ):
         raise TypeError(f"{name} must be an int or a sequence of {rank} ints, got {value!r}")
     values = (value,) * rank if isinstance(value, int) else tuple(value)
     if len(values) != rank or min(values) < minimum:
@@ -75,8 +79,10 @@ def padding(value: Padding, kernel: Sequence[int], stride: Sequence[int]) -> tup
             return (0,) * len(kernel)
         if value == "same":
             if any(s != 1 for s in stride) or any(k % 2 == 0 for k in kernel):
-                raise ValueError(f"padding='same' needs stride 1 and odd kernel sizes, got stride {tuple(stride)} "
-                                 f"and kernel {tuple(kernel)}")
+                raise ValueError(
+                    f"padding='same' needs stride 1 and odd kernel sizes, got stride {tuple(stride)} "
+                    f"and kernel {tuple(kernel)}"
+                )
             return tuple(k // 2 for k in kernel)
         raise ValueError(f"padding must be an int, a sequence of ints, 'same' or 'valid', got {value!r}")
     return ints("padding", value, len(kernel), minimum=0)
@@ -85,8 +91,10 @@ def padding(value: Padding, kernel: Sequence[int], stride: Sequence[int]) -> tup
 def signal(name: str, x: object, w: Tensor, weight_name: str = "weight") -> Tensor:
     x = tensor(name, x)
     if x.dim() != w.dim():
-        raise ValueError(f"{name} must have rank {w.dim()} to match {weight_name} {tuple(w.shape)} "
-                         f"((B, C_sig, {'L' if w.dim() == 3 else 'H, W'})), got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name} must have rank {w.dim()} to match {weight_name} {tuple(w.shape)} "
+            f"((B, C_sig, {'L' if w.dim() == 3 else 'H, W'})), got shape {tuple(x.shape)}"
+        )
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"{name} has {x.shape[1]} channels but {weight_name} expects C_sig={w.shape[1]}")
     return x
@@ -101,8 +109,10 @@ def geometry(x_size: Sequence[int], w: Tensor, stride: IntOrPair, pad: Padding):
         raise ValueError(f"the signal has an empty spatial size {tuple(x_size)}")
     code = code_size(x_size, w.shape[2:], stride, pad)
     if min(code) < 1:
-        raise ValueError(f"the signal size {tuple(x_size)} is too small for kernel {tuple(w.shape[2:])} with "
-                         f"padding {pad}: the code would be empty")
+        raise ValueError(
+            f"the signal size {tuple(x_size)} is too small for kernel {tuple(w.shape[2:])} with "
+            f"padding {pad}: the code would be empty"
+        )
     return stride, pad, code
 
 
@@ -143,8 +153,10 @@ def per_iteration(name: str, value: Tensor | float, n_iter: int, c_code: int | N
     if not isinstance(value, Tensor):
         return torch.full(full, float(value), dtype=like.dtype, device=like.device)
     if tuple(value.shape) not in allowed:
-        raise ValueError(f"{name} must have one of the shapes {allowed} (n_iter={n_iter}"
-                         f"{'' if c_code is None else f', C_code={c_code}'}), got {tuple(value.shape)}")
+        raise ValueError(
+            f"{name} must have one of the shapes {allowed} (n_iter={n_iter}"
+            f"{'' if c_code is None else f', C_code={c_code}'}), got {tuple(value.shape)}"
+        )
     return value.to(like.dtype).expand(full).contiguous()
 
 

@@ -6,6 +6,7 @@ conv_transpose(z, weight, stride, padding) at a fixed signal size. Low coherence
 (sparse taps, all pairwise differences distinct) have sidelobes 1/marks and keep deeper codes sparse. Nothing is
 downloaded.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,13 @@ __all__ = [
 ]
 
 BARKER = {
-    2: [1, -1], 3: [1, 1, -1], 4: [1, 1, -1, 1], 5: [1, 1, 1, -1, 1], 7: [1, 1, 1, -1, -1, 1, -1],
-    11: [1, 1, 1, -1, -1, -1, 1, -1, -1, 1, -1], 13: [1, 1, 1, 1, 1, -1, -1, 1, 1, -1, 1, -1, 1],
+    2: [1, -1],
+    3: [1, 1, -1],
+    4: [1, 1, -1, 1],
+    5: [1, 1, 1, -1, 1],
+    7: [1, 1, 1, -1, -1, 1, -1],
+    11: [1, 1, 1, -1, -1, -1, 1, -1, -1, 1, -1],
+    13: [1, 1, 1, 1, 1, -1, -1, 1, 1, -1, 1, -1, 1],
 }
 
 
@@ -162,8 +168,10 @@ def synthesize(z: torch.Tensor, d: ConvDictionary) -> torch.Tensor:
     """D z for z: (B, C_code, *code_size) -> (B, C_sig, *signal_size): conv_transpose with the output_padding that
     gives exactly the signal size."""
     w = d.weight.to(z.dtype)
-    op = tuple(n + 2 * p - k - (c - 1) * s
-               for n, p, k, c, s in zip(d.signal_size, d.padding, w.shape[2:], z.shape[2:], d.stride))
+    op = tuple(
+        n + 2 * p - k - (c - 1) * s
+        for n, p, k, c, s in zip(d.signal_size, d.padding, w.shape[2:], z.shape[2:], d.stride)
+    )
     conv_t = F.conv_transpose1d if d.ndim == 1 else F.conv_transpose2d
     return conv_t(z, w, stride=d.stride, padding=d.padding, output_padding=op)
 
@@ -237,8 +245,18 @@ def dsc_problem(
     if min_separation is None:
         min_separation = max([1] + [max(d.weight.shape[2:]) for d in dictionaries[1:]])
     dtype = deepest.weight.dtype
-    codes = [sparse_codes(batch, deepest.weight.shape[0], deepest.code_size, sparsity, amplitude=amplitude,
-                          min_separation=min_separation, seed=seed, dtype=dtype)]
+    codes = [
+        sparse_codes(
+            batch,
+            deepest.weight.shape[0],
+            deepest.code_size,
+            sparsity,
+            amplitude=amplitude,
+            min_separation=min_separation,
+            seed=seed,
+            dtype=dtype,
+        )
+    ]
     for d in reversed(dictionaries[1:]):
         codes.insert(0, synthesize(codes[0], d))
     clean = synthesize(codes[0], dictionaries[0])
@@ -249,7 +267,11 @@ def dsc_problem(
     else:
         noise = noise * noise_std
     return DSCProblem(
-        x=clean + noise, clean=clean, noise=noise, codes=codes, dictionaries=list(dictionaries),
+        x=clean + noise,
+        clean=clean,
+        noise=noise,
+        codes=codes,
+        dictionaries=list(dictionaries),
         sparsity=[int((c != 0).flatten(1).sum(1).max()) for c in codes],
         amplitude=[float(c.abs().max()) for c in codes],
     )

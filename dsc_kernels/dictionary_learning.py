@@ -17,6 +17,7 @@ enough that a few percent of the pixels carry a nonzero code (lam = 2 here; lam 
 codes about one coefficient per pixel, and the atoms then fit texture and noise). ``photo_dictionary`` runs that
 setting on scikit-learn's photographs; ``python -m dsc_kernels.dictionary_learning --out docs/cdl_atoms.png`` draws it.
 """
+
 from __future__ import annotations
 
 import math
@@ -110,11 +111,11 @@ def _dictionary_sweeps(x: Tensor, codes: Tensor, weight: Tensor, n_sweeps: int, 
         for j, bound in enumerate(lipschitz):
             if bound == 0:  # an unused atom has no gradient
                 continue
-            code = codes[:, j:j + 1]
+            code = codes[:, j : j + 1]
             gradient = _CONV_WEIGHT[rank](residual, (1, *weight.shape[1:]), code, padding=padding)
-            atom = _project_atoms(weight[j:j + 1] - gradient / bound)
-            residual += DF.conv_synthesis(code, atom - weight[j:j + 1], padding=padding, signal_size=signal)
-            weight[j:j + 1] = atom
+            atom = _project_atoms(weight[j : j + 1] - gradient / bound)
+            residual += DF.conv_synthesis(code, atom - weight[j : j + 1], padding=padding, signal_size=signal)
+            weight[j : j + 1] = atom
     return weight
 
 
@@ -124,11 +125,21 @@ def lasso_value(x: Tensor, z: Tensor, weight: Tensor, lam: float, padding: Seque
 
 
 @torch.no_grad()
-def learn_conv_dictionary(x: Tensor, n_atoms: int, kernel_size: int | Sequence[int], lam: float, *,
-                          n_outer: int = 100, n_code_iter: int = 5, n_dict_iter: int = 5,
-                          padding: int | Sequence[int] | None = None, init: Tensor | None = None, seed: int = 0,
-                          backend: str = "auto",
-                          callback: Callable[[int, float], None] | None = None) -> CDLResult:
+def learn_conv_dictionary(
+    x: Tensor,
+    n_atoms: int,
+    kernel_size: int | Sequence[int],
+    lam: float,
+    *,
+    n_outer: int = 100,
+    n_code_iter: int = 5,
+    n_dict_iter: int = 5,
+    padding: int | Sequence[int] | None = None,
+    init: Tensor | None = None,
+    seed: int = 0,
+    backend: str = "auto",
+    callback: Callable[[int, float], None] | None = None,
+) -> CDLResult:
     """Learn ``n_atoms`` convolutional atoms from signals ``x`` by alternating proximal gradient (module doc).
 
     x: (B, C_sig, *S), ideally high-passed (CDL models the detail of an image, not its smooth part);
@@ -141,8 +152,12 @@ def learn_conv_dictionary(x: Tensor, n_atoms: int, kernel_size: int | Sequence[i
         raise ValueError("x must be a floating-point (B, C, L) or (B, C, H, W) tensor")
     if not lam > 0:
         raise ValueError(f"lam must be > 0, got {lam!r}")
-    for name, value in (("n_atoms", n_atoms), ("n_outer", n_outer), ("n_code_iter", n_code_iter),
-                        ("n_dict_iter", n_dict_iter)):
+    for name, value in (
+        ("n_atoms", n_atoms),
+        ("n_outer", n_outer),
+        ("n_code_iter", n_code_iter),
+        ("n_dict_iter", n_dict_iter),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     rank = x.dim() - 2
@@ -160,15 +175,25 @@ def learn_conv_dictionary(x: Tensor, n_atoms: int, kernel_size: int | Sequence[i
     def synthesize(z: Tensor, w: Tensor) -> Tensor:
         return DF.conv_synthesis(z, w, padding=padding, signal_size=signal)
 
-    dictionary_norm = _PowerIteration(lambda z: synthesize(z, weight),
-                                      lambda image: DF.conv_analysis(image, weight, padding=padding),
-                                      torch.randn(codes[:1].shape, generator=generator, dtype=x.dtype).to(x.device))
+    dictionary_norm = _PowerIteration(
+        lambda z: synthesize(z, weight),
+        lambda image: DF.conv_analysis(image, weight, padding=padding),
+        torch.randn(codes[:1].shape, generator=generator, dtype=x.dtype).to(x.device),
+    )
     result = CDLResult(weight, codes, padding)
     for iteration in range(n_outer):
         warm = 30 if iteration == 0 else 3
         lipschitz_d = dictionary_norm.estimate(warm)
-        codes = DF.conv_ista(x, weight, lam, n_iter=n_code_iter, step=STEP_SAFETY / lipschitz_d, padding=padding,
-                             z0=codes, backend=backend)
+        codes = DF.conv_ista(
+            x,
+            weight,
+            lam,
+            n_iter=n_code_iter,
+            step=STEP_SAFETY / lipschitz_d,
+            padding=padding,
+            z0=codes,
+            backend=backend,
+        )
         weight = _dictionary_sweeps(x, codes, weight, n_dict_iter, padding)
         value = lasso_value(x, codes, weight, lam, padding)
         result.objective.append(value)
@@ -190,6 +215,7 @@ def highpass(images: Tensor, size: int = 7) -> tuple[Tensor, Tensor]:
 def plot_atoms(weight: Tensor, path, *, title: str | None = None) -> None:
     """Save the atoms of a (C_code, 1, kh, kw) dictionary as a grid of images (each scaled to its own range)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -215,8 +241,9 @@ def low_frequency_fraction(weight: Tensor, cutoff: float = 0.25) -> Tensor:
     return ((power * low).sum(dim=(1, 2)) - dc) / (power.sum(dim=(1, 2)) - dc).clamp_min(1e-30)
 
 
-def photo_patches(n_per_photo: int = 8, size: int = 64, *, downsample: int = 2, highpass_size: int = 9,
-                  seed: int = 0) -> Tensor:
+def photo_patches(
+    n_per_photo: int = 8, size: int = 64, *, downsample: int = 2, highpass_size: int = 9, seed: int = 0
+) -> Tensor:
     """CDL training data from scikit-learn's two photographs (gray): each photograph is averaged down by
     ``downsample`` (less JPEG noise, larger structures), ``n_per_photo`` random size x size crops are high-passed
     (``highpass``) and each crop is scaled to unit pixel variance (contrast normalisation).
@@ -233,13 +260,34 @@ def photo_patches(n_per_photo: int = 8, size: int = 64, *, downsample: int = 2, 
     return detail / scale.reshape(-1, 1, 1, 1)
 
 
-def photo_dictionary(n_atoms: int = 32, kernel_size: int = 8, lam: float = 2.0, *, n_per_photo: int = 8,
-                     size: int = 64, n_outer: int = 60, n_code_iter: int = 10, n_dict_iter: int = 2, seed: int = 0,
-                     backend: str = "auto", callback: Callable[[int, float], None] | None = None) -> CDLResult:
+def photo_dictionary(
+    n_atoms: int = 32,
+    kernel_size: int = 8,
+    lam: float = 2.0,
+    *,
+    n_per_photo: int = 8,
+    size: int = 64,
+    n_outer: int = 60,
+    n_code_iter: int = 10,
+    n_dict_iter: int = 2,
+    seed: int = 0,
+    backend: str = "auto",
+    callback: Callable[[int, float], None] | None = None,
+) -> CDLResult:
     """Learn ``n_atoms`` k x k atoms from ``photo_patches`` (defaults: about two minutes on one core)."""
     x = photo_patches(n_per_photo, size, seed=seed)
-    return learn_conv_dictionary(x, n_atoms, kernel_size, lam, n_outer=n_outer, n_code_iter=n_code_iter,
-                                 n_dict_iter=n_dict_iter, seed=seed, backend=backend, callback=callback)
+    return learn_conv_dictionary(
+        x,
+        n_atoms,
+        kernel_size,
+        lam,
+        n_outer=n_outer,
+        n_code_iter=n_code_iter,
+        n_dict_iter=n_dict_iter,
+        seed=seed,
+        backend=backend,
+        callback=callback,
+    )
 
 
 def atom_grid(weight: Tensor) -> Tensor:
@@ -253,14 +301,16 @@ def atom_grid(weight: Tensor) -> Tensor:
     grid = torch.full((rows * (kh + 1), cols * (kw + 1)), float("nan"))
     for i in range(n):
         r, c = divmod(i, cols)
-        grid[r * (kh + 1):r * (kh + 1) + kh, c * (kw + 1):c * (kw + 1) + kw] = (
-            atoms[i] / atoms[i].abs().max().clamp_min(1e-12))
+        grid[r * (kh + 1) : r * (kh + 1) + kh, c * (kw + 1) : c * (kw + 1) + kw] = atoms[i] / atoms[
+            i
+        ].abs().max().clamp_min(1e-12)
     return grid
 
 
 def plot_result(result: CDLResult, path, *, title: str) -> None:
     """Save the atoms of a 2-d CDL result as a grid, with the objective per outer iteration beside it."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -286,23 +336,34 @@ def main(argv: list[str] | None = None) -> CDLResult:
 
     from tqdm import tqdm
 
-    parser = argparse.ArgumentParser(prog="python -m dsc_kernels.dictionary_learning",
-                                     description="learn a convolutional dictionary from scikit-learn's photographs")
+    parser = argparse.ArgumentParser(
+        prog="python -m dsc_kernels.dictionary_learning",
+        description="learn a convolutional dictionary from scikit-learn's photographs",
+    )
     parser.add_argument("--out", default="cdl_atoms.png", help="figure path (default: ./cdl_atoms.png)")
     parser.add_argument("--outer", type=int, default=60, help="outer iterations (default 60)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args(argv)
     with tqdm(total=args.outer, desc="CDL") as bar:
-        result = photo_dictionary(n_outer=args.outer, seed=args.seed, backend=args.backend,
-                                  callback=lambda i, value: (bar.update(1), bar.set_postfix(objective=f"{value:.2f}")))
+        result = photo_dictionary(
+            n_outer=args.outer,
+            seed=args.seed,
+            backend=args.backend,
+            callback=lambda i, value: (bar.update(1), bar.set_postfix(objective=f"{value:.2f}")),
+        )
     smooth = float(low_frequency_fraction(result.weight).mean())
     zeros = float((result.codes == 0).float().mean())
-    summary = (f"objective {result.objective[0]:.2f} -> {result.objective[-1]:.2f}; {zeros:.2%} of the codes are zero; "
-               f"low-frequency energy of the atoms {smooth:.2f} (white noise: 0.19)")
+    summary = (
+        f"objective {result.objective[0]:.2f} -> {result.objective[-1]:.2f}; {zeros:.2%} of the codes are zero; "
+        f"low-frequency energy of the atoms {smooth:.2f} (white noise: 0.19)"
+    )
     print(summary)
-    plot_result(result, args.out, title="CDL on china.jpg + flower.jpg (gray, /2, high-passed, unit-variance "
-                                        f"patches), lam 2\n{summary}")
+    plot_result(
+        result,
+        args.out,
+        title=f"CDL on china.jpg + flower.jpg (gray, /2, high-passed, unit-variance patches), lam 2\n{summary}",
+    )
     return result
 
 

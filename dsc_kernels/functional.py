@@ -7,6 +7,7 @@ overrides ``"auto"``) and hands it canonical tensors.
 
 Shapes: x is (B, C_sig, L) for 1-D or (B, C_sig, H, W) for 2-D, chosen by the dictionary weight's rank.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -31,9 +32,19 @@ IntOrPair = check.IntOrPair
 Padding = check.Padding
 
 __all__ = [
-    "available_backends", "backend_unavailable_reason", "soft_threshold", "conv_analysis", "conv_synthesis",
-    "lipschitz_constant", "lasso_objective", "conv_ista", "deep_conv_ista", "ml_ista", "sparsemax",
-    "sparse_attention", "sparse_attention_weights",
+    "available_backends",
+    "backend_unavailable_reason",
+    "soft_threshold",
+    "conv_analysis",
+    "conv_synthesis",
+    "lipschitz_constant",
+    "lasso_objective",
+    "conv_ista",
+    "deep_conv_ista",
+    "ml_ista",
+    "sparsemax",
+    "sparse_attention",
+    "sparse_attention_weights",
 ]
 
 
@@ -74,8 +85,9 @@ def conv_analysis(x: Tensor, weight: Tensor, *, stride: IntOrPair = 1, padding: 
     return ref.conv_analysis_ref(x, weight, stride, padding)
 
 
-def conv_synthesis(z: Tensor, weight: Tensor, *, stride: IntOrPair = 1, padding: Padding = 0,
-                   signal_size: Sequence[int]) -> Tensor:
+def conv_synthesis(
+    z: Tensor, weight: Tensor, *, stride: IntOrPair = 1, padding: Padding = 0, signal_size: Sequence[int]
+) -> Tensor:
     """``D z`` with spatial size ``signal_size`` (the exact adjoint of ``conv_analysis``).
 
     z: (B, C_code, *Sz), weight: (C_code, C_sig, *k) -> (B, C_sig, *signal_size).
@@ -89,13 +101,16 @@ def conv_synthesis(z: Tensor, weight: Tensor, *, stride: IntOrPair = 1, padding:
     signal_size = check.ints("signal_size", signal_size, weight.dim() - 2, minimum=1)
     stride, padding, code = check.geometry(signal_size, weight, stride, padding)
     if tuple(z.shape[2:]) != code:
-        raise ValueError(f"z has spatial size {tuple(z.shape[2:])}, but a signal of size {signal_size} has codes of "
-                         f"size {code} with this kernel, stride and padding")
+        raise ValueError(
+            f"z has spatial size {tuple(z.shape[2:])}, but a signal of size {signal_size} has codes of "
+            f"size {code} with this kernel, stride and padding"
+        )
     return ref.conv_synthesis_ref(z, weight, signal_size, stride, padding)
 
 
-def lipschitz_constant(weight: Tensor, signal_size: Sequence[int], *, stride: IntOrPair = 1,
-                       padding: Padding = 0, n_iter: int = 100) -> float:
+def lipschitz_constant(
+    weight: Tensor, signal_size: Sequence[int], *, stride: IntOrPair = 1, padding: Padding = 0, n_iter: int = 100
+) -> float:
     """``L = ||D||_2^2`` at this signal size (power iteration; ISTA's default step is 1/L; 0 for a zero weight).
 
     weight: (C_code, C_sig, *k); signal_size: the spatial size of x.
@@ -108,8 +123,9 @@ def lipschitz_constant(weight: Tensor, signal_size: Sequence[int], *, stride: In
     return ref.lipschitz_constant_ref(weight, signal_size, stride, padding, n_iter)
 
 
-def lasso_objective(x: Tensor, z: Tensor, weight: Tensor, lam: Tensor | float, *, stride: IntOrPair = 1,
-                    padding: Padding = 0) -> Tensor:
+def lasso_objective(
+    x: Tensor, z: Tensor, weight: Tensor, lam: Tensor | float, *, stride: IntOrPair = 1, padding: Padding = 0
+) -> Tensor:
     """Per-sample ``0.5 ||x - D z||^2 + sum_c lam_c ||z_c||_1``. lam: float or (C_code,). Returns (B,)."""
     weight = check.weight("weight", weight)
     x = check.signal("x", x, weight)
@@ -158,12 +174,17 @@ def _warn_if_step_diverges(weight: Tensor, step: Tensor | float, signal_size, st
     lower = float(weight.detach().flatten(1).pow(2).sum(1).max()) if weight.numel() else 0.0
     largest = float(step.detach().max()) if isinstance(step, Tensor) else float(step)
     if lower > 0 and largest > 2.0 / lower:
-        warnings.warn(f"step={largest:.4g} is above 2/L (L >= {lower:.4g}, the largest atom's squared norm): ISTA "
-                      "diverges with it; use step=None for 1/L", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"step={largest:.4g} is above 2/L (L >= {lower:.4g}, the largest atom's squared norm): ISTA "
+            "diverges with it; use step=None for 1/L",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
-def _thresholds_as_lam(lam, threshold, step_full: Tensor, n_iter: int, c_code: int, nonneg: bool,
-                       like: Tensor) -> Tensor:
+def _thresholds_as_lam(
+    lam, threshold, step_full: Tensor, n_iter: int, c_code: int, nonneg: bool, like: Tensor
+) -> Tensor:
     """The canonical (n_iter, C_code) lam from either ``lam`` (threshold = step·lam >= 0) or an absolute
     ``threshold`` (lam = threshold / step; negative only with nonneg, where max(u - t, 0) is a ReLU with bias -t)."""
     if (lam is None) == (threshold is None):
@@ -178,11 +199,24 @@ def _thresholds_as_lam(lam, threshold, step_full: Tensor, n_iter: int, c_code: i
     return check.per_iteration("threshold", threshold, n_iter, c_code, like) / step_full.unsqueeze(1)
 
 
-def conv_ista(x: Tensor, weight: Tensor, lam: Tensor | float | None = None, *, n_iter: int,
-              step: Tensor | float | None = None, threshold: Tensor | float | None = None,
-              encoder_weight: Tensor | None = None, stride: IntOrPair = 1, padding: Padding = 0,
-              z0: Tensor | None = None, nonneg: bool = False, fista: bool = False, backend: str = "auto",
-              recompute: bool = False, input_encoder_weight: Tensor | None = None) -> Tensor:
+def conv_ista(
+    x: Tensor,
+    weight: Tensor,
+    lam: Tensor | float | None = None,
+    *,
+    n_iter: int,
+    step: Tensor | float | None = None,
+    threshold: Tensor | float | None = None,
+    encoder_weight: Tensor | None = None,
+    stride: IntOrPair = 1,
+    padding: Padding = 0,
+    z0: Tensor | None = None,
+    nonneg: bool = False,
+    fista: bool = False,
+    backend: str = "auto",
+    recompute: bool = False,
+    input_encoder_weight: Tensor | None = None,
+) -> Tensor:
     """Unrolled convolutional ISTA (or FISTA) for ``min_z 0.5||x - D z||^2 + lam ||z||_1``.
 
     x: (B, C_sig, *S); weight, encoder_weight: (C_code, C_sig, *k); exactly one of lam >= 0 (threshold step·lam:
@@ -196,17 +230,31 @@ def conv_ista(x: Tensor, weight: Tensor, lam: Tensor | float | None = None, *, n
     ``z <- S(z + step (B x - E D z))`` (ML-LISTA's iteration).
     """
     if _is_conv_ista_variant(x, weight, encoder_weight, input_encoder_weight):
-        return _conv_ista_variant(x, weight, lam, n_iter=n_iter, step=step, threshold=threshold,
-                                  encoder_weight=encoder_weight, input_encoder_weight=input_encoder_weight,
-                                  stride=stride, padding=padding, z0=z0, nonneg=nonneg, fista=fista, backend=backend,
-                                  recompute=recompute)
+        return _conv_ista_variant(
+            x,
+            weight,
+            lam,
+            n_iter=n_iter,
+            step=step,
+            threshold=threshold,
+            encoder_weight=encoder_weight,
+            input_encoder_weight=input_encoder_weight,
+            stride=stride,
+            padding=padding,
+            z0=z0,
+            nonneg=nonneg,
+            fista=fista,
+            backend=backend,
+            recompute=recompute,
+        )
     weight = check.weight("weight", weight)
     x = check.signal("x", x, weight)
     if encoder_weight is not None:
         encoder_weight = check.tensor("encoder_weight", encoder_weight)
         if encoder_weight.shape != weight.shape:
-            raise ValueError(f"encoder_weight must have weight's shape {tuple(weight.shape)}, got "
-                             f"{tuple(encoder_weight.shape)}")
+            raise ValueError(
+                f"encoder_weight must have weight's shape {tuple(weight.shape)}, got {tuple(encoder_weight.shape)}"
+            )
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
         raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
     for name, value in (("nonneg", nonneg), ("fista", fista), ("recompute", recompute)):
@@ -220,14 +268,21 @@ def conv_ista(x: Tensor, weight: Tensor, lam: Tensor | float | None = None, *, n
     if step is not None:
         step = check.scalar_or_tensor("step", step)
         check.positive("step", step)
-    value_tensors = {name: v for name, v in (("lam", lam), ("step", step), ("threshold", threshold))
-                     if isinstance(v, Tensor)}
+    value_tensors = {
+        name: v for name, v in (("lam", lam), ("step", step), ("threshold", threshold)) if isinstance(v, Tensor)
+    }
     check.same_device(x=x, weight=weight, encoder_weight=encoder_weight, z0=z0, **value_tensors)
     check.same_dtype(x=x, weight=weight, encoder_weight=encoder_weight, z0=z0)
     backward = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, encoder_weight, z0, *value_tensors.values()))
-    row = ops.select("conv_ista", backend, x.device, x.dtype,
-                     prefers=cpu_cost.hook(x.shape, weight.shape, stride, padding, x.dtype, backward))
+        t is not None and t.requires_grad for t in (x, weight, encoder_weight, z0, *value_tensors.values())
+    )
+    row = ops.select(
+        "conv_ista",
+        backend,
+        x.device,
+        x.dtype,
+        prefers=cpu_cost.hook(x.shape, weight.shape, stride, padding, x.dtype, backward),
+    )
 
     given_step = step is not None
     if not given_step:
@@ -236,15 +291,25 @@ def conv_ista(x: Tensor, weight: Tensor, lam: Tensor | float | None = None, *, n
     if given_step:
         _warn_if_step_diverges(weight, step, x.shape[2:], stride, padding)
     lam_full = _thresholds_as_lam(lam, threshold, step_full, n_iter, weight.shape[0], nonneg, x)
-    return conv_ista_ops.run(row, x, weight, encoder_weight, lam_full, step_full, z0, stride, padding, nonneg,
-                             fista, recompute)
+    return conv_ista_ops.run(
+        row, x, weight, encoder_weight, lam_full, step_full, z0, stride, padding, nonneg, fista, recompute
+    )
 
 
-def deep_conv_ista(x: Tensor, weights: Sequence[Tensor], lams: Sequence[Tensor | float] | None = None, *,
-                   n_iter: int | Sequence[int], thresholds: Sequence[Tensor | float] | None = None,
-                   strides: Sequence[IntOrPair] | None = None, paddings: Sequence[Padding] | None = None,
-                   steps: Sequence[Tensor | float | None] | None = None, nonneg: bool = False,
-                   backend: str = "auto", recompute: bool = False) -> list[Tensor]:
+def deep_conv_ista(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    lams: Sequence[Tensor | float] | None = None,
+    *,
+    n_iter: int | Sequence[int],
+    thresholds: Sequence[Tensor | float] | None = None,
+    strides: Sequence[IntOrPair] | None = None,
+    paddings: Sequence[Padding] | None = None,
+    steps: Sequence[Tensor | float | None] | None = None,
+    nonneg: bool = False,
+    backend: str = "auto",
+    recompute: bool = False,
+) -> list[Tensor]:
     """Layered pursuit: ``G_1 = ISTA(x; D_1)``, ``G_j = ISTA(G_{j-1}; D_j)``. Returns ``[G_1, ..., G_J]``.
 
     x: (B, C_0, *S); weights[j]: (C_{j+1}, C_j, *k_j); one of lams[j] / thresholds[j], steps[j], n_iter (int or
@@ -261,9 +326,19 @@ def deep_conv_ista(x: Tensor, weights: Sequence[Tensor], lams: Sequence[Tensor |
     codes, signal = [], x
     for j in range(depth):
         try:
-            signal = conv_ista(signal, weights[j], lams[j], n_iter=n_iters[j], step=steps[j],
-                               threshold=thresholds[j], stride=strides[j], padding=paddings[j], nonneg=nonneg,
-                               backend=backend, recompute=recompute)
+            signal = conv_ista(
+                signal,
+                weights[j],
+                lams[j],
+                n_iter=n_iters[j],
+                step=steps[j],
+                threshold=thresholds[j],
+                stride=strides[j],
+                padding=paddings[j],
+                nonneg=nonneg,
+                backend=backend,
+                recompute=recompute,
+            )
         except (ValueError, TypeError) as err:
             raise type(err)(f"layer {j}: {err}") from None
         codes.append(signal)
@@ -279,27 +354,68 @@ def _is_conv_ista_variant(x, weight, encoder_weight, input_encoder_weight) -> bo
     return ml_args.is_per_step(weight, x.dim() - 2) or ml_args.is_per_step(encoder_weight, x.dim() - 2)
 
 
-def _conv_ista_variant(x, weight, lam, *, n_iter, step, threshold, encoder_weight, input_encoder_weight, stride,
-                       padding, z0, nonneg, fista, backend, recompute) -> Tensor:
+def _conv_ista_variant(
+    x,
+    weight,
+    lam,
+    *,
+    n_iter,
+    step,
+    threshold,
+    encoder_weight,
+    input_encoder_weight,
+    stride,
+    padding,
+    z0,
+    nonneg,
+    fista,
+    backend,
+    recompute,
+) -> Tensor:
     """conv-ISTA with per-iteration dictionaries and/or an input encoder B:
     ``z_{k+1} = S(y_k + step_k (B_k x - E_k D_k y_k))`` (B = E without an input encoder): a one-layer ML-ISTA of
     n_iter steps from z0, run by the ml_ista row of the backend the table picks among those that run the variant."""
     args = ml_args.conv_ista_variant_arguments(
-        x, weight, lam, n_iter=n_iter, step=step, threshold=threshold, encoder_weight=encoder_weight,
-        input_encoder_weight=input_encoder_weight, stride=stride, padding=padding, z0=z0, nonneg=nonneg, fista=fista,
-        recompute=recompute, default_step=_default_step)
+        x,
+        weight,
+        lam,
+        n_iter=n_iter,
+        step=step,
+        threshold=threshold,
+        encoder_weight=encoder_weight,
+        input_encoder_weight=input_encoder_weight,
+        stride=stride,
+        padding=padding,
+        z0=z0,
+        nonneg=nonneg,
+        fista=fista,
+        recompute=recompute,
+        default_step=_default_step,
+    )
     row = ops.select("conv_ista", backend, x.device, x.dtype, args.pop("features"))
     ml_row = ops.select("ml_ista", row.name, x.device, x.dtype)
     return ml_ista_ops.run(ml_row, x, nonneg=nonneg, fista=fista, project=True, recompute=recompute, **args)[0]
 
 
 # ----------------------------------------------------------------------------------------- multi-layer pursuit
-def ml_ista(x: Tensor, weights: Sequence[Tensor], thresholds: Sequence[Tensor | float], *, n_iter: int,
-            steps: Sequence[Tensor | float | None] | None = None, strides: Sequence[IntOrPair] | None = None,
-            paddings: Sequence[Padding] | None = None, fista: bool = False, nonneg: bool = True,
-            backend: str = "auto", encoder_weights: Sequence[Tensor | None] | None = None,
-            input_encoder_weights: Sequence[Tensor | None] | None = None, z0: Tensor | None = None,
-            interleaved: bool = False, recompute: bool = False) -> list[Tensor]:
+def ml_ista(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    thresholds: Sequence[Tensor | float],
+    *,
+    n_iter: int,
+    steps: Sequence[Tensor | float | None] | None = None,
+    strides: Sequence[IntOrPair] | None = None,
+    paddings: Sequence[Padding] | None = None,
+    fista: bool = False,
+    nonneg: bool = True,
+    backend: str = "auto",
+    encoder_weights: Sequence[Tensor | None] | None = None,
+    input_encoder_weights: Sequence[Tensor | None] | None = None,
+    z0: Tensor | None = None,
+    interleaved: bool = False,
+    recompute: bool = False,
+) -> list[Tensor]:
     """Multi-layer pursuit: ML-ISTA / ML-FISTA (Sulam, Aberdam, Beck & Elad, TPAMI 2019). Returns [G_1, ..., G_L].
 
     The initial encoding ``G_j = sigma(c_j D_j^T G_{j-1} - t_j)`` (G_0 = x), then n_iter unfoldings, each projecting
@@ -324,9 +440,20 @@ def ml_ista(x: Tensor, weights: Sequence[Tensor], thresholds: Sequence[Tensor | 
     check.flag("recompute", recompute)
     x = check.tensor("x", x)
     args = ml_args.ml_ista_arguments(
-        x, weights, thresholds, n_iter=n_iter, steps=steps, strides=strides, paddings=paddings,
-        encoder_weights=encoder_weights, input_encoder_weights=input_encoder_weights, z0=z0, nonneg=nonneg,
-        interleaved=interleaved, default_step=_default_step)
+        x,
+        weights,
+        thresholds,
+        n_iter=n_iter,
+        steps=steps,
+        strides=strides,
+        paddings=paddings,
+        encoder_weights=encoder_weights,
+        input_encoder_weights=input_encoder_weights,
+        z0=z0,
+        nonneg=nonneg,
+        interleaved=interleaved,
+        default_step=_default_step,
+    )
     row = ops.select("ml_ista", backend, x.device, x.dtype)
     return ml_ista_ops.run(row, x, nonneg=nonneg, fista=fista, project=not interleaved, recompute=recompute, **args)
 
@@ -350,10 +477,19 @@ def sparsemax(x: Tensor, dim: int = -1) -> Tensor:
     return sparsemax_ref(x, dim)
 
 
-def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, mode: str = "sparsemax",
-                     threshold: Tensor | float | None = None, causal: bool = False, scale: float | None = None,
-                     key_padding_mask: Tensor | None = None, attn_mask: Tensor | None = None,
-                     backend: str = "auto") -> Tensor:
+def sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mode: str = "sparsemax",
+    threshold: Tensor | float | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
     """Attention with exactly sparse maps, ``O = P v`` with ``s = scale q k^T`` (+ float masks) and
 
     - ``mode="sparsemax"``: ``P = max(s - tau, 0)``, tau per row so that rows sum to 1;
@@ -366,21 +502,30 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, *, mode: str = "sparsemax"
     it), not differentiated. A row with no visible or no active key gives 0 (and zero gradients), never NaN; a row
     is NaN when q_i or a key/value it sees holds NaN or inf. Returns (B, H, N, d_v).
     """
-    threshold, scale = attention_args.attention_inputs(q, k, v, mode=mode, threshold=threshold, causal=causal,
-                                                       scale=scale)
+    threshold, scale = attention_args.attention_inputs(
+        q, k, v, mode=mode, threshold=threshold, causal=causal, scale=scale
+    )
     bias = attention_args.score_bias(q, k.shape[2], key_padding_mask, attn_mask)
     row = ops.select("sparse_attention", backend, q.device, q.dtype)
     return sparse_attention_ops.run(row, q, k, v, threshold, bias, mode, causal, scale)
 
 
-def sparse_attention_weights(q: Tensor, k: Tensor, *, mode: str = "sparsemax",
-                             threshold: Tensor | float | None = None, causal: bool = False,
-                             scale: float | None = None, key_padding_mask: Tensor | None = None,
-                             attn_mask: Tensor | None = None) -> Tensor:
+def sparse_attention_weights(
+    q: Tensor,
+    k: Tensor,
+    *,
+    mode: str = "sparsemax",
+    threshold: Tensor | float | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
     """The dense attention weights P (B, H, N, M) of ``sparse_attention`` with the same arguments (what
     ``need_weights=True`` returns). Computed densely in plain PyTorch whatever the backend: it costs N x M memory,
     which the fused kernels avoid. q: (B, H, N, d); k: (B, H, M, d)."""
-    threshold, scale = attention_args.attention_inputs(q, k, None, mode=mode, threshold=threshold, causal=causal,
-                                                       scale=scale)
+    threshold, scale = attention_args.attention_inputs(
+        q, k, None, mode=mode, threshold=threshold, causal=causal, scale=scale
+    )
     bias = attention_args.score_bias(q, k.shape[2], key_padding_mask, attn_mask)
     return sparse_attention_weights_ref(q, k, mode=mode, threshold=threshold, causal=causal, scale=scale, bias=bias)

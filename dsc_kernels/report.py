@@ -7,6 +7,7 @@ at the start), the versions, how each time was taken (repetitions, statistic), a
 numbers that cannot be right (sanity_checks: a forward slower than its forward+backward, times that fall as the
 problem grows, speed-ups that contradict the README's published table).
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,13 @@ from .experiments.common import threads
 
 CLAIM_THREADS = 1  # the convergence problems are tiny; threads only add waiting (experiments.common.threads)
 ROOT = Path(__file__).resolve().parent.parent  # the source checkout, when the package runs from one
-README_PROVIDERS = {"eager": "reference", "`torch.compile`": "compile", "`cpp`": "cpp",
-                    "`cpp`, `recompute=True`": "cpp-recompute", "`triton`": "triton"}
+README_PROVIDERS = {
+    "eager": "reference",
+    "`torch.compile`": "compile",
+    "`cpp`": "cpp",
+    "`cpp`, `recompute=True`": "cpp-recompute",
+    "`triton`": "triton",
+}
 
 
 def _run_claims(quick: bool, backend: str, device: str, bar) -> list[ClaimResult]:
@@ -44,8 +50,9 @@ def _run_claims(quick: bool, backend: str, device: str, bar) -> list[ClaimResult
             with threads(CLAIM_THREADS):
                 out = fn(quick=quick, backend=backend, device=device, dtype=dtype)
         except Exception as err:  # noqa: BLE001 - one broken experiment is reported, the others still run
-            out = ClaimResult(id=name, claim=name, theory="—", measured=f"error: {type(err).__name__}: {err}",
-                              holds=False, source="—")
+            out = ClaimResult(
+                id=name, claim=name, theory="—", measured=f"error: {type(err).__name__}: {err}", holds=False, source="—"
+            )
         for r in out if isinstance(out, list) else [out]:
             r.seconds = r.seconds or time.perf_counter() - t0
             results.append(r)
@@ -77,10 +84,20 @@ def _run_speed(quick: bool, device: str, bar) -> tuple[list[dict], dict[str, str
     rows = []
     for name in names:
         bar.set_postfix_str(f"speed {name}")
-        measured = {mode: {r["provider"]: r for r in S.measure_conv(
-                        S.WORKLOADS[name], device, mode, wanted, rounds=speed_repetitions(quick),
-                        scale=0.25 if quick else 1.0)}
-                    for mode in ("forward", "forward_backward")}
+        measured = {
+            mode: {
+                r["provider"]: r
+                for r in S.measure_conv(
+                    S.WORKLOADS[name],
+                    device,
+                    mode,
+                    wanted,
+                    rounds=speed_repetitions(quick),
+                    scale=0.25 if quick else 1.0,
+                )
+            }
+            for mode in ("forward", "forward_backward")
+        }
         for p in wanted:
             # a recompute provider's forward is its plain provider's (only what the backward keeps differs)
             fwd = measured["forward"].get(p.removesuffix("-recompute"))
@@ -89,8 +106,15 @@ def _run_speed(quick: bool, device: str, bar) -> tuple[list[dict], dict[str, str
                 bad = fb if _median_ms(fb) is None else fwd
                 rows.append(dict(workload=name, provider=p, error=f"{bad['status']}: {bad.get('reason')}"[:200]))
                 continue
-            rows.append(dict(workload=name, provider=p, fwd_ms=_median_ms(fwd), fwd_bwd_ms=_median_ms(fb),
-                             train_peak_bytes=fb["memory"]["peak_bytes"]))
+            rows.append(
+                dict(
+                    workload=name,
+                    provider=p,
+                    fwd_ms=_median_ms(fwd),
+                    fwd_bwd_ms=_median_ms(fb),
+                    train_peak_bytes=fb["memory"]["peak_bytes"],
+                )
+            )
         bar.update(1)
     for r in rows:
         base = next((b for b in rows if b["workload"] == r["workload"] and b["provider"] == "reference"), None)
@@ -118,17 +142,25 @@ def _attention_markdown(attn: dict) -> list[str]:
         return out + [f"Not measured: {attn['error']}"]
     length, sparsity = attn["length"], attn["sparsity"]
     providers = [p for p in length if p not in ("n", "backend")]
-    out += [f"Forward ms, q, k, v (1, {A.HEADS}, N, {A.HEAD_DIM}) float32, fused backend: "
-            f"{length['backend'] or 'none available'}.", "",
-            "| N | " + " | ".join(providers) + " |", "| --- |" + " --- |" * len(providers)]
+    out += [
+        f"Forward ms, q, k, v (1, {A.HEADS}, N, {A.HEAD_DIM}) float32, fused backend: "
+        f"{length['backend'] or 'none available'}.",
+        "",
+        "| N | " + " | ".join(providers) + " |",
+        "| --- |" + " --- |" * len(providers),
+    ]
     for i, n in enumerate(length["n"]):
         out.append(f"| {n} | " + " | ".join(f"{length[p][i]:.2f}" for p in providers) + " |")
     if "fused shrink" in sparsity:
-        out += ["", f"Shrink mode at N = {sparsity['n']}: forward ms by the fraction of scores below the threshold "
-                f"(softmax SDPA: {sparsity['softmax (SDPA)']:.2f} ms).", "",
-                "| inactive scores | " + " | ".join(f"{s:.3g}" for s in sparsity["sparsity"]) + " |",
-                "| --- |" + " --- |" * len(sparsity["sparsity"]),
-                "| fused shrink ms | " + " | ".join(f"{t:.2f}" for t in sparsity["fused shrink"]) + " |"]
+        out += [
+            "",
+            f"Shrink mode at N = {sparsity['n']}: forward ms by the fraction of scores below the threshold "
+            f"(softmax SDPA: {sparsity['softmax (SDPA)']:.2f} ms).",
+            "",
+            "| inactive scores | " + " | ".join(f"{s:.3g}" for s in sparsity["sparsity"]) + " |",
+            "| --- |" + " --- |" * len(sparsity["sparsity"]),
+            "| fused shrink ms | " + " | ".join(f"{t:.2f}" for t in sparsity["fused shrink"]) + " |",
+        ]
     return out
 
 
@@ -147,20 +179,36 @@ def cpu_model() -> str:
 def machine_facts(device: str) -> dict:
     """What the report records about the run's machine, taken at its start."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+                timeout=10,
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = "not installed"
     facts = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit,
-        "python": platform.python_version(), "torch": torch.__version__, "triton": triton_version,
-        "numpy": np.__version__, "platform": platform.platform(), "cpu": cpu_model(), "cpus": os.cpu_count() or 1,
-        "threads": torch.get_num_threads(), "load": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": commit,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count() or 1,
+        "threads": torch.get_num_threads(),
+        "load": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "gpu": None,
     }
     if device == "cuda":
@@ -208,8 +256,15 @@ def readme_speedups(text: str) -> dict[tuple[str, str], tuple[float, float]]:
     return out
 
 
-def sanity_checks(rows: list[dict], attn: dict | None = None, *, readme: dict | None = None,
-                  load: tuple[float, ...] | None = None, cpus: int = 1, tolerance: float = 2.0) -> list[str]:
+def sanity_checks(
+    rows: list[dict],
+    attn: dict | None = None,
+    *,
+    readme: dict | None = None,
+    load: tuple[float, ...] | None = None,
+    cpus: int = 1,
+    tolerance: float = 2.0,
+) -> list[str]:
     """Every number in the speed sections that cannot be right, as one sentence each ([] when all are plausible).
 
     rows: the speed table (workload, provider, fwd_ms, fwd_bwd_ms, fwd_speedup, fwd_bwd_speedup); attn: the
@@ -219,8 +274,10 @@ def sanity_checks(rows: list[dict], attn: dict | None = None, *, readme: dict | 
     """
     flags = []
     if load is not None and load[0] > 0.5 * cpus:
-        flags.append(f"the machine was busy (1-minute load {load[0]:.2f} on {cpus} cores): every time below is "
-                     "inflated by other processes; compare ratios measured together, not with other runs")
+        flags.append(
+            f"the machine was busy (1-minute load {load[0]:.2f} on {cpus} cores): every time below is "
+            "inflated by other processes; compare ratios measured together, not with other runs"
+        )
     for r in rows:
         if "fwd_ms" not in r:
             continue
@@ -230,23 +287,31 @@ def sanity_checks(rows: list[dict], attn: dict | None = None, *, readme: dict | 
             flags.append(f"{name}: a time that is not a positive number ({times[0]}, {times[1]} ms)")
             continue
         if r["fwd_ms"] > r["fwd_bwd_ms"]:
-            flags.append(f"{name}: forward {r['fwd_ms']:.2f} ms is slower than forward+backward "
-                         f"{r['fwd_bwd_ms']:.2f} ms — impossible; timing noise")
+            flags.append(
+                f"{name}: forward {r['fwd_ms']:.2f} ms is slower than forward+backward "
+                f"{r['fwd_bwd_ms']:.2f} ms — impossible; timing noise"
+            )
         published = (readme or {}).get((r["workload"], r["provider"]))
         if published and "fwd_speedup" in r and r["provider"] != "reference":
-            for label, got, want in (("forward", r["fwd_speedup"], published[0]),
-                                     ("forward+backward", r["fwd_bwd_speedup"], published[1])):
+            for label, got, want in (
+                ("forward", r["fwd_speedup"], published[0]),
+                ("forward+backward", r["fwd_bwd_speedup"], published[1]),
+            ):
                 if not 1 / tolerance <= got / want <= tolerance:
-                    flags.append(f"{name}: {label} speed-up {got:.2f}× here contradicts the README's {want:.2f}× "
-                                 f"(more than {tolerance:g}× apart)")
+                    flags.append(
+                        f"{name}: {label} speed-up {got:.2f}× here contradicts the README's {want:.2f}× "
+                        f"(more than {tolerance:g}× apart)"
+                    )
     for key, curve in (attn or {}).get("length", {}).items():
         if key in ("n", "backend"):
             continue
         n = (attn or {})["length"]["n"]
         for i in range(1, len(curve)):
             if math.isfinite(curve[i]) and math.isfinite(curve[i - 1]) and curve[i] * tolerance < curve[i - 1]:
-                flags.append(f"attention {key}: {curve[i]:.2f} ms at N = {n[i]} but {curve[i - 1]:.2f} ms at the "
-                             f"shorter N = {n[i - 1]} — time cannot fall that much as N grows; timing noise")
+                flags.append(
+                    f"attention {key}: {curve[i]:.2f} ms at N = {n[i]} but {curve[i - 1]:.2f} ms at the "
+                    f"shorter N = {n[i - 1]} — time cannot fall that much as N grows; timing noise"
+                )
     return flags
 
 
@@ -254,52 +319,74 @@ def _markdown(results, rows, skipped, attn, figures, flags, facts, args, seconds
     held = sum(r.holds for r in results)
     reps = speed_repetitions(args.quick)
     out = [
-        "# dsc_kernels report", "",
+        "# dsc_kernels report",
+        "",
         f"`python -m dsc_kernels report{' --quick' if args.quick else ''} --device {args.device} "
         f"--backend {args.backend}` — {seconds:.0f} s, {held}/{len(results)} claims hold, "
-        f"{len(flags)} timing sanity flag{'s' if len(flags) != 1 else ''}.", "",
-        "## Machine", "", *_machine_markdown(facts), "",
-        "## Claims (docs/theory.md §7)", "",
+        f"{len(flags)} timing sanity flag{'s' if len(flags) != 1 else ''}.",
+        "",
+        "## Machine",
+        "",
+        *_machine_markdown(facts),
+        "",
+        "## Claims (docs/theory.md §7)",
+        "",
         "Constants are the standard results the seed paper (Li–Feng–Zhou, arXiv 2408.05540) builds on — Donoho–Elad, "
         "Papyan–Romano–Elad, Chen et al. 2018, Beck–Teboulle 2009 — not the paper's own, which were unavailable. "
         "Tags: [P] paper, [L] literature, [R] reconstruction, [C] computed. docs/theory.md states each claim, "
         f"its provenance and the experiment that checks it. The experiments run on {CLAIM_THREADS} torch thread "
-        "(their problems are tiny); the last column is each one's wall time in seconds.", "",
+        "(their problems are tiny); the last column is each one's wall time in seconds.",
+        "",
         "| id | claim | theory | measured | holds | source | s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731 - a bare | would end the table cell
     for r in results:
-        out.append(f"| {cell(r.id)} | {cell(r.claim)} | {cell(r.theory)} | {cell(r.measured)} | "
-                   f"{'yes' if r.holds else '**no**'} | {cell(r.source)} | {r.seconds:.1f} |")
+        out.append(
+            f"| {cell(r.id)} | {cell(r.claim)} | {cell(r.theory)} | {cell(r.measured)} | "
+            f"{'yes' if r.holds else '**no**'} | {cell(r.source)} | {r.seconds:.1f} |"
+        )
     notes = [r for r in results if r.note]
     if notes:
         out += ["", "Notes:", ""] + [f"- **{r.id}**: {r.note}" for r in notes]
     out += ["", "## Speed of the conv-ISTA backends", ""]
     clock = "CUDA events" if args.device == "cuda" else "time.perf_counter"
-    timer = (f"{clock}; every provider's output is first checked against a float64 reference (a wrong one is not "
-             f"timed), then the providers are timed interleaved (one call of each per round, the order rotating), "
-             f"median of {reps} rounds after untimed warm-up calls (for `compile` the compilation happens there)")
-    out += [f"Timer: {timer}. Speed-up = eager (reference) time / provider time; train-step peak: "
-            f"peak allocation during forward + backward (× eager). "
-            f"float32.{' Quick run: batch ×0.25, one workload.' if args.quick else ''}", "",
-            "| workload | provider | forward ms | fwd+bwd ms | speed-up fwd | speed-up fwd+bwd | train-step peak MiB |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    timer = (
+        f"{clock}; every provider's output is first checked against a float64 reference (a wrong one is not "
+        f"timed), then the providers are timed interleaved (one call of each per round, the order rotating), "
+        f"median of {reps} rounds after untimed warm-up calls (for `compile` the compilation happens there)"
+    )
+    out += [
+        f"Timer: {timer}. Speed-up = eager (reference) time / provider time; train-step peak: "
+        f"peak allocation during forward + backward (× eager). "
+        f"float32.{' Quick run: batch ×0.25, one workload.' if args.quick else ''}",
+        "",
+        "| workload | provider | forward ms | fwd+bwd ms | speed-up fwd | speed-up fwd+bwd | train-step peak MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         if "error" in r:
             out.append(f"| {r['workload']} | {r['provider']} | error: {r['error']} | | | | |")
         else:
-            out.append(f"| {r['workload']} | {r['provider']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
-                       f"{r.get('fwd_speedup', float('nan')):.2f}× | {r.get('fwd_bwd_speedup', float('nan')):.2f}× | "
-                       f"{r['train_peak_bytes'] / 2**20:.1f} "
-                       f"({r.get('train_peak_ratio', float('nan')):.2f}×) |")
+            out.append(
+                f"| {r['workload']} | {r['provider']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
+                f"{r.get('fwd_speedup', float('nan')):.2f}× | {r.get('fwd_bwd_speedup', float('nan')):.2f}× | "
+                f"{r['train_peak_bytes'] / 2**20:.1f} "
+                f"({r.get('train_peak_ratio', float('nan')):.2f}×) |"
+            )
     if skipped:
         out += ["", "Skipped providers: " + "; ".join(f"{p}: {why}" for p, why in skipped.items())]
     out += _attention_markdown(attn)
     out += ["", "## Sanity checks of the timings", ""]
-    out += [f"- ⚠ {f}" for f in flags] if flags else ["None flagged: every forward is faster than its "
-                                                       "forward+backward, times grow with N, and the speed-ups "
-                                                       "agree with the README's table within 2×."]
+    out += (
+        [f"- ⚠ {f}" for f in flags]
+        if flags
+        else [
+            "None flagged: every forward is faster than its "
+            "forward+backward, times grow with N, and the speed-ups "
+            "agree with the README's table within 2×."
+        ]
+    )
     out += ["", "## Figures", ""] + [f"![{title}]({name})" for name, title in figures]
     return "\n".join(out) + "\n"
 
@@ -310,6 +397,7 @@ def _load_extension(device: str) -> str:
     if device != "cpu":
         return ""
     from . import functional as DF
+
     t0 = time.perf_counter()
     backends = DF.available_backends("cpu")
     status = "ready" if "cpp" in backends else "unavailable (the experiments use the reference)"
@@ -353,15 +441,21 @@ def run_report(args) -> Path:
         figures = make_figures(results, rows, attn, out_dir)
         bar.update(1)
         from .recipes.report_section import training_section  # the training helper's section (recipes/)
-        training, training_figures = training_section(out_dir, quick=args.quick,
-                                                      runs=getattr(args, "training_runs", None))
+
+        training, training_figures = training_section(
+            out_dir, quick=args.quick, runs=getattr(args, "training_runs", None)
+        )
     readme = ROOT / "README.md"
-    published = readme_speedups(readme.read_text()) if readme.exists() and not args.quick and args.device == "cpu" \
-        else {}
+    published = (
+        readme_speedups(readme.read_text()) if readme.exists() and not args.quick and args.device == "cpu" else {}
+    )
     flags = sanity_checks(rows, attn, readme=published, load=facts["load"], cpus=facts["cpus"])
     path = out_dir / "REPORT.md"
-    path.write_text(_markdown(results, rows, skipped, attn, figures, flags, facts, args, time.perf_counter() - t0)
-                    + "\n".join(training + [""] + [f"![{title}]({name})" for name, title in training_figures]) + "\n")
+    path.write_text(
+        _markdown(results, rows, skipped, attn, figures, flags, facts, args, time.perf_counter() - t0)
+        + "\n".join(training + [""] + [f"![{title}]({name})" for name, title in training_figures])
+        + "\n"
+    )
     if getattr(args, "readme_figures", False):
         copied = _copy_readme_figures(out_dir, figures)
         print(f"dsc_kernels report: copied {', '.join(copied) or 'no figure'} into {ROOT / 'docs'}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The report's PNG figures (matplotlib, headless Agg backend): one function per figure, each skipped when its
 experiment did not run."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,9 @@ def _linear_rate(by_id: dict, out_dir: Path):
     for key, style in (("S3/S4-oracle", "-"), ("S3/S4-geometric", "--")):
         c = by_id[key].curves
         ax.semilogy(c["k"], np.maximum(c["err"], 1e-17), style, label=f"max error, {key.split('-')[1]} θ")
-        ax.semilogy(c["k"], c["bound"], ":", color="k" if style == "-" else "gray",
-                    label=f"bound s·B·q^k ({key.split('-')[1]})")
+        ax.semilogy(
+            c["k"], c["bound"], ":", color="k" if style == "-" else "gray", label=f"bound s·B·q^k ({key.split('-')[1]})"
+        )
     if "S7" in by_id:
         c = by_id["S7"].curves
         ax.semilogy(c["k"], c["err"], "-.", label="2-D, noisy (S7): error vs depth")
@@ -56,8 +58,11 @@ def _multilayer(by_id: dict, out_dir: Path):
         ax.semilogy(c["K"], c[key]["err2"], "-o", color=color, ms=3, label=f"layer 2, q2 = {q[1]:.2f}")
         if c[key]["bound2"] is not None:
             ax.semilogy(c["K"], c[key]["bound2"], ":", color="k", label="(†) bound, layer 2")
-    ax.set(xlabel="iterations per layer K", ylabel="error",
-           title="2-layer DSC: converges when all q_j < 1 (stalls here with q_2 ≥ 1)")
+    ax.set(
+        xlabel="iterations per layer K",
+        ylabel="error",
+        title="2-layer DSC: converges when all q_j < 1 (stalls here with q_2 ≥ 1)",
+    )
     ax.legend(fontsize=7)
     return _save(fig, out_dir, "multilayer.png"), "multi-layer convergence"
 
@@ -70,8 +75,13 @@ def _activations(by_id: dict, out_dir: Path):
         a1.loglog(c["beta"], np.maximum(dev, 1e-17), "o--", color=f"C{i}", ms=3, label=f"{name}, margin (S9c)")
         if kink is not None:
             a1.loglog(kink["beta"], kink["deviation"][name], "s-", color=f"C{i}", ms=4, label=f"{name}, kink (S9b)")
-        a1.loglog(c["beta"], [theory.activation_sup_distance(name, b) for b in c["beta"]], ":", color=f"C{i}",
-                  label=f"c/β ({name})")
+        a1.loglog(
+            c["beta"],
+            [theory.activation_sup_distance(name, b) for b in c["beta"]],
+            ":",
+            color=f"C{i}",
+            label=f"c/β ({name})",
+        )
     a1.set(xlabel="β", ylabel="‖Γ_smooth − Γ_ReLU‖", title="activation floors: ∝ 1/β at a kink, faster with a margin")
     a1.legend(fontsize=6, ncol=2)
     a2.semilogy(c["relu_curve"], "k-", label="ReLU")
@@ -89,8 +99,14 @@ def _uniqueness(by_id: dict, out_dir: Path):
         ax.barh(i, r["s_coh"], color="C2", label="unique by coherence, s < (1+1/μ)/2" if i == 0 else None)
         if r["spark"] is not None and math.isfinite(r["spark"]):
             top = math.ceil(r["spark"] / 2) - 1
-            ax.barh(i, top - r["s_coh"], left=r["s_coh"], color="C2", alpha=0.35,
-                    label="unique by enumeration (spark)" if i == 0 else None)
+            ax.barh(
+                i,
+                top - r["s_coh"],
+                left=r["s_coh"],
+                color="C2",
+                alpha=0.35,
+                label="unique by enumeration (spark)" if i == 0 else None,
+            )
         if r["collision_s"]:
             ax.plot(r["collision_s"], i, "rX", ms=9, label="sparsest collision found" if i == 0 else None)
         elif r["spark"] is not None:
@@ -110,8 +126,14 @@ def _transformer(by_id: dict, out_dir: Path):
         left.semilogy(a["k"], np.maximum(a["exact"][kind], 1e-17), marker, ms=4, label=f"{kind} attention blocks")
     left.semilogy(a["k"], a["bound"], "k:", label="bound s·B·q^k")
     for i, (beta, err) in enumerate(b["errors"].items()):
-        left.semilogy(b["k"], err, "-", color=plt.cm.viridis(i / max(1, len(b["errors"]) - 1)), lw=0.8,
-                      label=f"softmax, β·Δ = {beta * b['margin']:.0f}")
+        left.semilogy(
+            b["k"],
+            err,
+            "-",
+            color=plt.cm.viridis(i / max(1, len(b["errors"]) - 1)),
+            lw=0.8,
+            label=f"softmax, β·Δ = {beta * b['margin']:.0f}",
+        )
     left.set(xlabel="transformer blocks", ylabel="max ‖Γ^k − Γ*‖₂", title="ISTA as transformer blocks")
     left.legend(fontsize=6)
     right.semilogy(b["beta"] * b["margin"], b["floor"], "o-", label="measured floor")
@@ -127,11 +149,20 @@ def _three_layer(by_id: dict, out_dir: Path):
     c = by_id["S8-3"].curves
     fig, ax = plt.subplots(figsize=(6, 4))
     for j in range(c["err"].shape[1]):
-        ax.semilogy(c["K"], np.maximum(c["err"][:, j], 1e-17), "o-", color=f"C{j}", ms=3,
-                    label=f"layer {j + 1}, q = {c['q'][j]:.3f} (s_st = {c['s_stripe'][j]})")
+        ax.semilogy(
+            c["K"],
+            np.maximum(c["err"][:, j], 1e-17),
+            "o-",
+            color=f"C{j}",
+            ms=3,
+            label=f"layer {j + 1}, q = {c['q'][j]:.3f} (s_st = {c['s_stripe'][j]})",
+        )
         ax.semilogy(c["K"], c["bound"][:, j], ":", color=f"C{j}")
-    ax.set(xlabel="iterations per layer K", ylabel="max ‖Γ̂_j − Γ_j‖∞",
-           title="3-layer DSC, stripe condition at every layer (dotted: bounds)")
+    ax.set(
+        xlabel="iterations per layer K",
+        ylabel="max ‖Γ̂_j − Γ_j‖∞",
+        title="3-layer DSC, stripe condition at every layer (dotted: bounds)",
+    )
     ax.legend(fontsize=7)
     return _save(fig, out_dir, "three_layer.png"), "three-layer DSC: layer-by-layer convergence"
 
@@ -186,19 +217,22 @@ def _attention(attn: dict, out_dir: Path):
         right.plot(sparsity["sparsity"], sparsity["fused shrink"], "o-", label="fused shrink")
         right.axhline(sparsity["softmax (SDPA)"], color="k", ls="--", label="softmax (SDPA)")
         right.legend(fontsize=8)
-    right.set(title=f"shrink mode at N = {sparsity['n']}", xlabel="fraction of scores below the threshold",
-              ylabel="ms")
+    right.set(title=f"shrink mode at N = {sparsity['n']}", xlabel="fraction of scores below the threshold", ylabel="ms")
     return _save(fig, out_dir, "attention.png"), "sparse attention: time vs N and time vs sparsity"
 
 
-def make_figures(results: list[ClaimResult], rows: list[dict], attn: dict,
-                 out_dir: Path) -> list[tuple[str, str]]:
+def make_figures(results: list[ClaimResult], rows: list[dict], attn: dict, out_dir: Path) -> list[tuple[str, str]]:
     """Writes the PNGs into out_dir; returns (file name, title) of each figure written."""
     by_id = {r.id: r for r in results if r.curves}
     makers = [
-        (_uniqueness, ("S1",)), (_linear_rate, ("S3/S4-oracle", "S3/S4-geometric")), (_noise_floor, ("S5",)),
-        (_multilayer, ("S8",)), (_three_layer, ("S8-3",)), (_activations, ("S9a",)),
-        (_transformer, ("S10a", "S10b")), (_ista, ()),
+        (_uniqueness, ("S1",)),
+        (_linear_rate, ("S3/S4-oracle", "S3/S4-geometric")),
+        (_noise_floor, ("S5",)),
+        (_multilayer, ("S8",)),
+        (_three_layer, ("S8-3",)),
+        (_activations, ("S9a",)),
+        (_transformer, ("S10a", "S10b")),
+        (_ista, ()),
     ]
     figures = [maker(by_id, out_dir) for maker, needs in makers if all(n in by_id for n in needs)]
     if any("fwd_speedup" in r for r in rows):

@@ -15,6 +15,7 @@ Regularisers (differentiable):
 
 Schedules: ``warmup_factor`` and ``ThresholdWarmup`` (ramp fixed thresholds up from a fraction of their targets).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,18 @@ from torch import Tensor, nn
 from . import theory
 from .nn import ConvSparseCoding1d, ConvSparseCoding2d, SoftThreshold
 
-__all__ = ["zero_fraction", "hoyer", "channel_activity", "ActivationL1", "coherence_penalty", "max_coherence",
-           "warmup_factor", "ThresholdWarmup", "SparsityMonitor", "SPARSE_MODULES"]
+__all__ = [
+    "zero_fraction",
+    "hoyer",
+    "channel_activity",
+    "ActivationL1",
+    "coherence_penalty",
+    "max_coherence",
+    "warmup_factor",
+    "ThresholdWarmup",
+    "SparsityMonitor",
+    "SPARSE_MODULES",
+]
 
 # Modules whose outputs are the hidden feature maps whose sparsity is watched by default.
 SPARSE_MODULES = (nn.ReLU, nn.Softshrink, nn.Hardshrink, SoftThreshold, ConvSparseCoding1d, ConvSparseCoding2d)
@@ -126,8 +137,9 @@ def _unfolded(weight: Tensor, normalize: bool) -> Tensor:
     return atoms
 
 
-def coherence_penalty(weight: Tensor, *, normalize: bool = True, shifts: bool = False,
-                      stride: int | Sequence[int] = 1) -> Tensor:
+def coherence_penalty(
+    weight: Tensor, *, normalize: bool = True, shifts: bool = False, stride: int | Sequence[int] = 1
+) -> Tensor:
     """``||W^T W - I||_F^2`` of a conv dictionary, W's columns the unfolded filters (differentiable).
 
     weight: (C_code, C_sig, *k). ``normalize``: use unit-norm atoms, so the penalty is the sum of squared cosines
@@ -157,8 +169,13 @@ def coherence_penalty(weight: Tensor, *, normalize: bool = True, shifts: bool = 
     return (gram - identity).pow(2).sum()
 
 
-def max_coherence(weight: Tensor, signal_size: int | Sequence[int], *, stride: int | Sequence[int] = 1,
-                  padding: int | Sequence[int] = 0) -> float:
+def max_coherence(
+    weight: Tensor,
+    signal_size: int | Sequence[int],
+    *,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+) -> float:
     """The mutual coherence mu(D) of the convolutional dictionary at this signal size (``theory.mutual_coherence``):
     the largest |cosine| between two distinct atoms, border atoms included. Not differentiable; a monitor."""
     return theory.mutual_coherence(weight, signal_size, stride=stride, padding=padding)
@@ -233,8 +250,9 @@ class SparsityMonitor:
 
     def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module] | None = None):
         if modules is None:
-            modules = {name or type(model).__name__: m for name, m in model.named_modules()
-                       if isinstance(m, SPARSE_MODULES)}
+            modules = {
+                name or type(model).__name__: m for name, m in model.named_modules() if isinstance(m, SPARSE_MODULES)
+            }
         if not modules:
             raise ValueError("no modules to monitor: pass modules={name: module}")
         self.modules = dict(modules)
@@ -258,6 +276,7 @@ class SparsityMonitor:
                 entry = self._counts.setdefault((phase, name), [0, 0])
                 entry[0] = entry[0] + (t.detach() == 0).sum()
                 entry[1] += t.numel()
+
         return record
 
     def summary(self, phase: str = "eval") -> dict[str, float]:
@@ -265,8 +284,9 @@ class SparsityMonitor:
         ``end_epoch``; layers not run in that phase are left out."""
         if phase not in ("train", "eval"):
             raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
-        return {name: float(zeros) / total for (p, name), (zeros, total) in self._counts.items()
-                if p == phase and total}
+        return {
+            name: float(zeros) / total for (p, name), (zeros, total) in self._counts.items() if p == phase and total
+        }
 
     @staticmethod
     def mean(per_layer: Mapping[str, float]) -> float:

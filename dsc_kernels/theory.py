@@ -8,6 +8,7 @@ layers), Chen–Liu–Wang–Yin 2018 (LISTA-CP linear rate), Beck–Teboulle 20
 layer, as docs/theory.md reconstructs it. Functions say which tag ([L] literature, [R] reconstruction, [C] computed)
 applies.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -97,8 +98,9 @@ def mutual_coherence(
     Definition: Donoho–Elad 2003 [L]; its use per layer of a convolutional DSC model: Papyan–Romano–Elad 2017 [L].
     """
     if weight.dim() not in (3, 4):
-        raise ValueError(f"weight must be (C_code, C_sig, k) or (C_code, C_sig, kh, kw), "
-                         f"got shape {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be (C_code, C_sig, k) or (C_code, C_sig, kh, kw), got shape {tuple(weight.shape)}"
+        )
     nd = weight.dim() - 2
     size = as_tuple(signal_size, nd, "signal_size")
     strides = as_tuple(stride, nd, "stride")
@@ -130,7 +132,7 @@ def mutual_coherence(
             u0, u1, v0, v1 = max(0, sh), min(kh, kh + sh), max(0, sw), min(kw, kw + sw)
             if u0 >= u1 or v0 >= v1:
                 continue
-            shifted[..., u0:u1, v0:v1] = w[..., u0 - sh:u1 - sh, v0 - sw:v1 - sw]
+            shifted[..., u0:u1, v0:v1] = w[..., u0 - sh : u1 - sh, v0 - sw : v1 - sw]
             prod = torch.einsum("acuv,bcuv->abuv", w, shifted)
             cum = F.pad(prod.cumsum(2).cumsum(3), (1, 0, 1, 0))
             ph = torch.tensor(pairs_h, dtype=torch.long)  # (n_h, 2 windows, 2 ends)
@@ -188,8 +190,9 @@ def dictionary_matrix(
     return atoms.reshape(n_atoms, -1).T
 
 
-def spark(matrix: torch.Tensor, *, max_size: int | None = None, tol: float = 1e-9,
-          max_subsets: int = 2_000_000) -> tuple[float, torch.Tensor | None]:
+def spark(
+    matrix: torch.Tensor, *, max_size: int | None = None, tol: float = 1e-9, max_subsets: int = 2_000_000
+) -> tuple[float, torch.Tensor | None]:
     """spark(D), the smallest number of linearly dependent columns, by enumerating column subsets of growing size.
 
     matrix: (n, A). Returns (spark, v): v (A,) a null vector of D on exactly `spark` columns, or (inf, None) when
@@ -205,8 +208,10 @@ def spark(matrix: torch.Tensor, *, max_size: int | None = None, tol: float = 1e-
     limit = n_atoms if max_size is None else min(int(max_size), n_atoms)
     total = sum(math.comb(n_atoms, r) for r in range(1, min(limit, n_rows) + 1))
     if total > max_subsets:
-        raise ValueError(f"{total} column subsets of {n_atoms} columns up to size {limit}: too many to enumerate "
-                         f"(max_subsets = {max_subsets})")
+        raise ValueError(
+            f"{total} column subsets of {n_atoms} columns up to size {limit}: too many to enumerate "
+            f"(max_subsets = {max_subsets})"
+        )
     floor = tol * float(np.linalg.norm(d, 2)) if d.size else 0.0
     for r in range(1, limit + 1):
         if r > n_rows:  # more columns than rows: every subset is dependent
@@ -291,8 +296,9 @@ def lista_cp_error_bound(k, s: int, B: float, q: float, C: float, sigma: float):
     return float(out) if out.ndim == 0 else out
 
 
-def deep_error_bound(k, sparsities: Sequence[int], amplitudes: Sequence[float], qs: Sequence[float],
-                     etas: Sequence[float] | None = None):
+def deep_error_bound(
+    k, sparsities: Sequence[int], amplitudes: Sequence[float], qs: Sequence[float], etas: Sequence[float] | None = None
+):
     """Layer-wise pursuit, k iterations per layer: ||hat Gamma_J - Gamma_J||_1 <= sum_j (prod_{i>j} Cbar_i)
     (s_j B_j q_j^k + Cbar_j eta_j), Cbar_i = 2 s_i / (1 - q_i) (docs/theory.md §4.2 (†)) [R], each layer's step from
     Chen et al. 2018 [L]. eta_j: the noise layer j sees besides layer j-1's error (default 0).

@@ -10,6 +10,7 @@ runs them. `make test` runs both processes (`TRITON_INTERPRET=1 pytest -m interp
 both tested. A plain `pytest tests` on a machine without CUDA turns the interpreter on (unless TRITON_INTERPRET is
 set), so that one command runs everything that can run there.
 """
+
 import os
 
 import pytest
@@ -25,14 +26,21 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 def pytest_collection_modifyitems(config, items):
     if INTERPRETING:
-        skip_gpu = pytest.mark.skip(reason="the Triton interpreter is on in this process; GPU tests run compiled: "
-                                           "TRITON_INTERPRET=0 pytest -m gpu")
+        skip_gpu = pytest.mark.skip(
+            reason="the Triton interpreter is on in this process; GPU tests run compiled: "
+            "TRITON_INTERPRET=0 pytest -m gpu"
+        )
     elif not CUDA:
         skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     else:
         skip_gpu = None
-    skip_interpreter = None if INTERPRETING else pytest.mark.skip(
-        reason="needs TRITON_INTERPRET=1 from the start of the process: TRITON_INTERPRET=1 pytest -m interpreter")
+    skip_interpreter = (
+        None
+        if INTERPRETING
+        else pytest.mark.skip(
+            reason="needs TRITON_INTERPRET=1 from the start of the process: TRITON_INTERPRET=1 pytest -m interpreter"
+        )
+    )
     for item in items:
         if "gpu" in item.keywords and "interpreter" in item.keywords:
             raise pytest.UsageError(f"{item.nodeid} is marked both gpu and interpreter")

@@ -1,4 +1,5 @@
 """The one conv-ISTA test-problem builder, shared by every test file."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,13 +37,30 @@ def kink_margin(p: dict) -> float:
     return margin
 
 
-def conv_problem(rank: int = 2, *, batch: int = 2, c_sig: int = 2, c_code: int = 3,
-                 size: Sequence[int] = (9, 8), kernel: Sequence[int] = (3, 4),
-                 stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 1, n_iter: int = 4,
-                 untied: bool = True, z0: bool = False, nonneg: bool = False, fista: bool = False,
-                 lam_range: tuple[float, float] = (0.05, 1.55), step_range: tuple[float, float] = (0.1, 0.15),
-                 weight_scale: float = 0.5, dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu",
-                 requires_grad: bool = False, kink_free: bool = False, seed: int = 0) -> dict:
+def conv_problem(
+    rank: int = 2,
+    *,
+    batch: int = 2,
+    c_sig: int = 2,
+    c_code: int = 3,
+    size: Sequence[int] = (9, 8),
+    kernel: Sequence[int] = (3, 4),
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 1,
+    n_iter: int = 4,
+    untied: bool = True,
+    z0: bool = False,
+    nonneg: bool = False,
+    fista: bool = False,
+    lam_range: tuple[float, float] = (0.05, 1.55),
+    step_range: tuple[float, float] = (0.1, 0.15),
+    weight_scale: float = 0.5,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+    requires_grad: bool = False,
+    kink_free: bool = False,
+    seed: int = 0,
+) -> dict:
     """A random conv-ISTA problem with a step small enough to be stable.
 
     `size`, `kernel`, `stride` and `padding` give their last `rank` entries (so (1, 17) is a 1-D length 17).
@@ -64,11 +82,21 @@ def conv_problem(rank: int = 2, *, batch: int = 2, c_sig: int = 2, c_code: int =
 
         x = rnd(batch, c_sig, *size)
         weight = rnd(c_code, c_sig, *kernel, scale=weight_scale)
-        p = dict(x=x, weight=weight, encoder_weight=rnd(c_code, c_sig, *kernel, scale=weight_scale) if untied else None,
-                 lam=uniform(n_iter, c_code, bounds=lam_range), step=uniform(n_iter, bounds=step_range),
-                 stride=stride, padding=padding, nonneg=nonneg, fista=fista)
+        p = dict(
+            x=x,
+            weight=weight,
+            encoder_weight=rnd(c_code, c_sig, *kernel, scale=weight_scale) if untied else None,
+            lam=uniform(n_iter, c_code, bounds=lam_range),
+            step=uniform(n_iter, bounds=step_range),
+            stride=stride,
+            padding=padding,
+            nonneg=nonneg,
+            fista=fista,
+        )
         p["z0"] = rnd(*conv_analysis_ref(x, weight, stride, padding).shape, scale=0.5) if z0 else None
         if not kink_free or kink_margin(p) > KINK_MARGIN:
-            return {k: v.to(device, dtype).requires_grad_(requires_grad) if isinstance(v, torch.Tensor) else v
-                    for k, v in p.items()}
+            return {
+                k: v.to(device, dtype).requires_grad_(requires_grad) if isinstance(v, torch.Tensor) else v
+                for k, v in p.items()
+            }
     raise AssertionError("could not draw a problem away from the threshold kink")

@@ -1,4 +1,5 @@
 """Random multi-layer pursuit problems shared by the ML-ISTA tests, and a runner for any backend row."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -16,21 +17,38 @@ from dsc_kernels.ops import table
 # layers whose codes reach the loss; default all).
 CASES = {
     "one-layer": ((2, 2, 9, 8), [(3, 3, 1, 1)], dict(n_iter=3)),
-    "two-layer-stride2-odd": ((2, 1, 13, 11), [(4, (4, 3), 2, 1), (5, 3, (1, 2), (1, 0))],
-                              dict(n_iter=3, thresholds="channel", negative=True)),
-    "mnist-like-fista": ((2, 1, 16, 16), [(3, 4, 2, 0), (4, 3, 2, 0), (6, 3, 1, 0)],
-                         dict(n_iter=4, fista=True, thresholds="channel", negative=True)),
-    "signed-step-thresholds": ((2, 2, 10, 9), [(3, 3, 1, 1), (4, 3, 2, 1)],
-                               dict(n_iter=3, nonneg=False, thresholds="step")),
+    "two-layer-stride2-odd": (
+        (2, 1, 13, 11),
+        [(4, (4, 3), 2, 1), (5, 3, (1, 2), (1, 0))],
+        dict(n_iter=3, thresholds="channel", negative=True),
+    ),
+    "mnist-like-fista": (
+        (2, 1, 16, 16),
+        [(3, 4, 2, 0), (4, 3, 2, 0), (6, 3, 1, 0)],
+        dict(n_iter=4, fista=True, thresholds="channel", negative=True),
+    ),
+    "signed-step-thresholds": (
+        (2, 2, 10, 9),
+        [(3, 3, 1, 1), (4, 3, 2, 1)],
+        dict(n_iter=3, nonneg=False, thresholds="step"),
+    ),
     "untied-encoders": ((2, 2, 11, 10), [(3, 3, 2, 1), (4, 3, 1, 1)], dict(n_iter=3, encoder=(0, 1), fista=True)),
     "ml-lista": ((2, 1, 12, 12), [(3, 4, 2, 1), (4, 3, 1, 0)], dict(n_iter=3, input_encoder=(0, 1))),
-    "mixed-encoders": ((2, 2, 10, 11), [(3, 3, 1, 1), (4, 3, 2, 0), (3, 2, 1, 0)],
-                       dict(n_iter=2, encoder=(1,), input_encoder=(2,), nonneg=False)),
-    "per-step": ((2, 1, 12, 10), [(3, 3, 2, 1), (4, 3, 1, 1)],
-                 dict(n_iter=3, per_step=(0, 1), encoder=(1,), thresholds="step")),
-    "all-free-interleaved": ((2, 1, 12, 12), [(3, 4, 2, 0), (4, 3, 1, 0)],
-                             dict(n_iter=3, per_step=(0, 1), encoder=(0, 1), interleaved=True, thresholds="step",
-                                  negative=True)),
+    "mixed-encoders": (
+        (2, 2, 10, 11),
+        [(3, 3, 1, 1), (4, 3, 2, 0), (3, 2, 1, 0)],
+        dict(n_iter=2, encoder=(1,), input_encoder=(2,), nonneg=False),
+    ),
+    "per-step": (
+        (2, 1, 12, 10),
+        [(3, 3, 2, 1), (4, 3, 1, 1)],
+        dict(n_iter=3, per_step=(0, 1), encoder=(1,), thresholds="step"),
+    ),
+    "all-free-interleaved": (
+        (2, 1, 12, 12),
+        [(3, 4, 2, 0), (4, 3, 1, 0)],
+        dict(n_iter=3, per_step=(0, 1), encoder=(0, 1), interleaved=True, thresholds="step", negative=True),
+    ),
     "interleaved-fista": ((2, 2, 9, 9), [(3, 3, 1, 1), (3, 3, 2, 1)], dict(n_iter=3, interleaved=True, fista=True)),
     "z0-fista": ((2, 2, 10, 10), [(3, 3, 1, 1), (4, 3, 2, 1)], dict(n_iter=3, z0=True, fista=True)),
     "deepest-grad-only": ((3, 1, 11, 11), [(3, 3, 2, 1), (4, 3, 1, 1)], dict(n_iter=2, grads=(1,))),
@@ -74,14 +92,29 @@ def make_problem(name: str, dtype=torch.float64, seed: int = 0) -> dict:
         strides.append(s)
         paddings.append(p)
         c_in = c_out
-    problem = dict(x=x, weights=weights, thresholds=thresholds, steps=steps, strides=strides, paddings=paddings,
-                   encoder_weights=encoders, input_encoder_weights=input_encoders, n_iter=opts["n_iter"],
-                   fista=opts.get("fista", False), nonneg=nonneg, interleaved=opts.get("interleaved", False))
+    problem = dict(
+        x=x,
+        weights=weights,
+        thresholds=thresholds,
+        steps=steps,
+        strides=strides,
+        paddings=paddings,
+        encoder_weights=encoders,
+        input_encoder_weights=input_encoders,
+        n_iter=opts["n_iter"],
+        fista=opts.get("fista", False),
+        nonneg=nonneg,
+        interleaved=opts.get("interleaved", False),
+    )
     if opts.get("z0"):
         sizes = [xs[2:]]
         for _, k, s, p in layers:
-            sizes.append(tuple((n + 2 * pp - kk) // ss + 1 for n, kk, ss, pp in
-                               zip(sizes[-1], _as_pair(k, rank), _as_pair(s, rank), _as_pair(p, rank))))
+            sizes.append(
+                tuple(
+                    (n + 2 * pp - kk) // ss + 1
+                    for n, kk, ss, pp in zip(sizes[-1], _as_pair(k, rank), _as_pair(s, rank), _as_pair(p, rank))
+                )
+            )
         problem["z0"] = rnd(xs[0], layers[-1][0], *sizes[-1], scale=0.3).abs()
     problem["grads"] = opts.get("grads", tuple(range(len(layers))))
     return problem
@@ -92,8 +125,10 @@ TENSOR_KEYS = ("x", "weights", "thresholds", "steps", "encoder_weights", "input_
 
 def leaves(problem: dict) -> dict:
     """Fresh leaf copies (requires_grad) of the problem's tensors, keeping None entries."""
+
     def leaf(t):
         return None if t is None else t.detach().clone().requires_grad_()
+
     out = dict(problem)
     for key in TENSOR_KEYS:
         if key not in problem:
@@ -119,24 +154,60 @@ def run_row(problem: dict, backend: str, *, hand_written_vjp: bool = True, recom
     (ml_ista_fwd_ref / ml_ista_bwd_ref) instead of autograd through the eager oracle."""
     p = problem
     args = ml_args.ml_ista_arguments(
-        p["x"], p["weights"], p["thresholds"], n_iter=p["n_iter"], steps=p["steps"], strides=p["strides"],
-        paddings=p["paddings"], encoder_weights=p["encoder_weights"], input_encoder_weights=p["input_encoder_weights"],
-        z0=p.get("z0"), nonneg=p["nonneg"], interleaved=p["interleaved"], default_step=None)
+        p["x"],
+        p["weights"],
+        p["thresholds"],
+        n_iter=p["n_iter"],
+        steps=p["steps"],
+        strides=p["strides"],
+        paddings=p["paddings"],
+        encoder_weights=p["encoder_weights"],
+        input_encoder_weights=p["input_encoder_weights"],
+        z0=p.get("z0"),
+        nonneg=p["nonneg"],
+        interleaved=p["interleaved"],
+        default_step=None,
+    )
     row = table.row("ml_ista", backend)
     if hand_written_vjp and row.eager is not None:
         row = replace(row, eager=None)
-    return ml_ista_ops.run(row, p["x"], args["weights"], args["encoder_weights"], args["input_encoder_weights"],
-                           args["thresholds"], args["steps"], args["z0"], args["strides"], args["paddings"],
-                           p["nonneg"], p["fista"], not p["interleaved"], recompute)
+    return ml_ista_ops.run(
+        row,
+        p["x"],
+        args["weights"],
+        args["encoder_weights"],
+        args["input_encoder_weights"],
+        args["thresholds"],
+        args["steps"],
+        args["z0"],
+        args["strides"],
+        args["paddings"],
+        p["nonneg"],
+        p["fista"],
+        not p["interleaved"],
+        recompute,
+    )
 
 
 def run_functional(problem: dict, backend: str, **extra):
     p = problem
-    return DF.ml_ista(p["x"], p["weights"], p["thresholds"], n_iter=p["n_iter"], steps=p["steps"],
-                      strides=p["strides"], paddings=p["paddings"], fista=p["fista"], nonneg=p["nonneg"],
-                      backend=backend, encoder_weights=p["encoder_weights"],
-                      input_encoder_weights=p["input_encoder_weights"], z0=p.get("z0"),
-                      interleaved=p["interleaved"], **extra)
+    return DF.ml_ista(
+        p["x"],
+        p["weights"],
+        p["thresholds"],
+        n_iter=p["n_iter"],
+        steps=p["steps"],
+        strides=p["strides"],
+        paddings=p["paddings"],
+        fista=p["fista"],
+        nonneg=p["nonneg"],
+        backend=backend,
+        encoder_weights=p["encoder_weights"],
+        input_encoder_weights=p["input_encoder_weights"],
+        z0=p.get("z0"),
+        interleaved=p["interleaved"],
+        **extra,
+    )
 
 
 def codes_and_grads(fn, problem: dict, seed: int = 1):
@@ -144,8 +215,10 @@ def codes_and_grads(fn, problem: dict, seed: int = 1):
     p = leaves(problem)
     codes = fn(p)
     g = torch.Generator().manual_seed(seed)
-    loss = sum((codes[j] * torch.randn(codes[j].shape, generator=g, dtype=torch.float64).to(codes[j].dtype)).sum()
-               for j in problem["grads"])
+    loss = sum(
+        (codes[j] * torch.randn(codes[j].shape, generator=g, dtype=torch.float64).to(codes[j].dtype)).sum()
+        for j in problem["grads"]
+    )
     named = flat_leaves(p)
     grads = torch.autograd.grad(loss, [t for _, t in named], allow_unused=True)
     return [c.detach() for c in codes], {n: gr for (n, _), gr in zip(named, grads)}

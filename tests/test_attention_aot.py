@@ -8,6 +8,7 @@ tile configuration and flag combination it is launched with at least once) goes 
 compiler-only failures (layouts, dot shapes, shared-memory overflow) fail here rather than on the first GPU run.
 It runs in a subprocess because the interpreter tests set TRITON_INTERPRET=1, under which nothing is compiled.
 """
+
 import os
 import subprocess
 import sys
@@ -77,8 +78,9 @@ def test_sparse_attention_kernels_compile_for_sm80_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900, check=False
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("compiled ") >= 6, proc.stdout
     print(proc.stdout)

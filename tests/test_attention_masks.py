@@ -1,5 +1,6 @@
 """key_padding_mask and attn_mask of functional.sparse_attention on every backend, against the masked dense math
 written out here: nn.MultiheadAttention's conventions, exact sparsity on masked keys, padded rows."""
+
 import pytest
 import torch
 
@@ -17,7 +18,7 @@ def _masks(b, n, m):
     """A bool key padding mask (B, M) with a fully padded sequence and a float (N, M) mask with -inf entries."""
     gen = torch.Generator().manual_seed(1)
     padding = torch.zeros(b, m, dtype=torch.bool)
-    padding[0, m - 3:] = True
+    padding[0, m - 3 :] = True
     padding[b - 1] = True
     attn = torch.randn(n, m, generator=gen, dtype=torch.float64) * 0.5
     attn[:, 1] = float("-inf")
@@ -52,13 +53,14 @@ def test_masks_match_the_dense_math(backend, mode, causal):
     padding, attn = _masks(b, n, m)
     leaves = [t.to(dtype).requires_grad_() for t in (q, k, v, th)]
     kwargs = dict(mode=mode, threshold=leaves[3] if mode == "shrink" else None, causal=causal, scale=0.4)
-    out = DF.sparse_attention(*leaves[:3], key_padding_mask=padding, attn_mask=attn.to(dtype), backend=backend,
-                              **kwargs)
+    out = DF.sparse_attention(
+        *leaves[:3], key_padding_mask=padding, attn_mask=attn.to(dtype), backend=backend, **kwargs
+    )
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     want, p = _dense(*ref_leaves[:3], padding, attn, mode, ref_leaves[3], causal, 0.4)
     tol = 1e-10 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
-    assert torch.equal(out[b - 1], torch.zeros_like(out[b - 1]))   # the fully padded sequence
+    assert torch.equal(out[b - 1], torch.zeros_like(out[b - 1]))  # the fully padded sequence
     assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))  # the row attn_mask hides entirely
     g = torch.randn_like(want)
     used = 4 if mode == "shrink" else 3
@@ -69,7 +71,7 @@ def test_masks_match_the_dense_math(backend, mode, causal):
     # Exactly sparse: the weights of masked keys are exactly 0.
     weights = DF.sparse_attention_weights(*leaves[:2], key_padding_mask=padding, attn_mask=attn.to(dtype), **kwargs)
     torch.testing.assert_close(weights.double(), p, atol=tol, rtol=tol)
-    assert (weights[0, :, :, m - 3:] == 0).all() and (weights[..., 1] == 0).all()
+    assert (weights[0, :, :, m - 3 :] == 0).all() and (weights[..., 1] == 0).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -85,5 +87,7 @@ def test_bool_and_float_masks_are_the_same_mask(backend):
     a = DF.sparse_attention(q, k, v, attn_mask=hide, backend=backend)
     torch.testing.assert_close(DF.sparse_attention(q, k, v, attn_mask=as_float, backend=backend), a)
     kpm = hide[:, 0, 0]
-    torch.testing.assert_close(DF.sparse_attention(q, k, v, key_padding_mask=kpm, backend=backend),
-                               DF.sparse_attention(q, k, v, attn_mask=kpm[:, None, None, :], backend=backend))
+    torch.testing.assert_close(
+        DF.sparse_attention(q, k, v, key_padding_mask=kpm, backend=backend),
+        DF.sparse_attention(q, k, v, attn_mask=kpm[:, None, None, :], backend=backend),
+    )

@@ -1,5 +1,6 @@
 """SparseAttention and SparseCodingTransformerBlock: MHA compatibility (arguments, layouts, state_dict, masks),
 backends, torch.compile."""
+
 import pytest
 import torch
 from torch import nn
@@ -22,8 +23,12 @@ def _manual(module: SparseAttention, x: torch.Tensor, y: torch.Tensor, causal: b
     """The module's computation written out with the reference (batch-first x (B, N, E), y (B, M, E))."""
     e, h = module.embed_dim, module.num_heads
     w, b = module.in_proj_weight, module.in_proj_bias
-    q, k, v = (torch.nn.functional.linear(t, w[i * e:(i + 1) * e], b[i * e:(i + 1) * e])
-               .unflatten(-1, (h, e // h)).transpose(1, 2) for i, t in enumerate((x, y, y)))
+    q, k, v = (
+        torch.nn.functional.linear(t, w[i * e : (i + 1) * e], b[i * e : (i + 1) * e])
+        .unflatten(-1, (h, e // h))
+        .transpose(1, 2)
+        for i, t in enumerate((x, y, y))
+    )
     th = module.threshold if module.threshold is not None else 0.0
     o = sparse_attention_ref(q, k, v, mode=module.mode, threshold=th, causal=causal, bias=bias)
     return module.out_proj(o.transpose(1, 2).flatten(2))
@@ -180,9 +185,27 @@ def test_meta_device(backend):
 
 def test_help_documents_every_argument():
     doc = SparseAttention.__doc__ + SparseAttention.forward.__doc__
-    for name in ("embed_dim", "num_heads", "dropout", "bias", "add_bias_kv", "kdim", "vdim", "batch_first", "device",
-                 "mode", "threshold", "backend", "key_padding_mask", "need_weights", "attn_mask",
-                 "average_attn_weights", "is_causal", "(L, B, E)", "(B, L, E)"):
+    for name in (
+        "embed_dim",
+        "num_heads",
+        "dropout",
+        "bias",
+        "add_bias_kv",
+        "kdim",
+        "vdim",
+        "batch_first",
+        "device",
+        "mode",
+        "threshold",
+        "backend",
+        "key_padding_mask",
+        "need_weights",
+        "attn_mask",
+        "average_attn_weights",
+        "is_causal",
+        "(L, B, E)",
+        "(B, L, E)",
+    ):
         assert name in doc, name
 
 
@@ -233,8 +256,11 @@ def test_modules_compile_fullgraph(backend):
     padding = torch.zeros(2, 6, dtype=torch.bool)
     padding[1, 4:] = True
     masks = dict(key_padding_mask=padding, attn_mask=torch.randn(6, 6))
-    for eager, compiled, kwargs in ((attn, c_attn, dict(is_causal=True)), (block, c_block, dict(is_causal=True)),
-                                    (attn, c_attn, masks)):
+    for eager, compiled, kwargs in (
+        (attn, c_attn, dict(is_causal=True)),
+        (block, c_block, dict(is_causal=True)),
+        (attn, c_attn, masks),
+    ):
         want = eager(x, **kwargs)
         got = compiled(x, **kwargs)
         want, got = (want[0], got[0]) if isinstance(want, tuple) else (want, got)

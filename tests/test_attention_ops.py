@@ -1,5 +1,6 @@
 """Every sparse-attention op backend against the reference: forward, row statistics, all gradients, score biases,
 strided inputs, opcheck; half precision judged by the tolerance rule (tests/tolerance.py)."""
+
 import pytest
 import torch
 from tolerance import assert_close_by_rule
@@ -42,12 +43,20 @@ def _problem(n, m, d, dtype, *, b=1, h=2, dv=None, seed=0):
 
 def _check_against_reference(backend, mode, causal, n, m, d, dtype, atol, dv=None, bias=None, b=1, h=2):
     q, k, v, th = _problem(n, m, d, dtype, dv=dv, b=b, h=h)
-    scale = d ** -0.5
+    scale = d**-0.5
     kernel_bias = None if bias is None else bias.to(torch.float64 if dtype == torch.float64 else torch.float32)
     out = _fused(backend, q, k, v, th, mode, causal, scale, kernel_bias)
     q64, k64, v64, th64 = (t.detach().double().requires_grad_() for t in (q, k, v, th))
-    want = sparse_attention_ref(q64, k64, v64, mode=mode, threshold=th64, causal=causal, scale=scale,
-                                bias=None if bias is None else bias.double())
+    want = sparse_attention_ref(
+        q64,
+        k64,
+        v64,
+        mode=mode,
+        threshold=th64,
+        causal=causal,
+        scale=scale,
+        bias=None if bias is None else bias.double(),
+    )
     assert out.dtype == dtype and out.shape == want.shape
     torch.testing.assert_close(out.double(), want, atol=atol, rtol=atol)
     g = torch.randn_like(want)
@@ -74,8 +83,9 @@ def test_cpu_backends_match_reference(backend, mode, causal, n, m, d, dtype):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
-@pytest.mark.parametrize("causal,n,m,d", [(False, 5, 7, 16), (True, 37, 19, 24), (True, 17, 33, 64),
-                                          (False, 20, 18, 24), (True, 6, 11, 128)])
+@pytest.mark.parametrize(
+    "causal,n,m,d", [(False, 5, 7, 16), (True, 37, 19, 24), (True, 17, 33, 64), (False, 20, 18, 24), (True, 6, 11, 128)]
+)
 def test_triton_matches_reference(mode, causal, n, m, d):
     _prepare("triton")
     _check_against_reference("triton", mode, causal, n, m, d, torch.float32, 2e-5)
@@ -91,7 +101,7 @@ def _biases(b, h, n, m):
     """A key-padding bias (B, 1, 1, M) expanded, and a general float bias (N, M) broadcast over B and H."""
     gen = torch.Generator().manual_seed(3)
     padding = torch.zeros(b, 1, 1, m, dtype=torch.float64)
-    padding[0, ..., m // 2:] = float("-inf")
+    padding[0, ..., m // 2 :] = float("-inf")
     padding[-1, ..., :2] = float("-inf")
     general = torch.randn(1, 1, n, m, generator=gen, dtype=torch.float64)
     general[..., 1] = float("-inf")
@@ -107,8 +117,9 @@ def test_score_bias_matches_reference(backend, mode, causal, kind):
     _prepare(backend)
     dtype = _dtype(backend)
     bias = _biases(2, 2, 19, 23)[kind]
-    _check_against_reference(backend, mode, causal, 19, 23, 16, dtype, 1e-10 if dtype == torch.float64 else 2e-5,
-                             bias=bias, b=2)
+    _check_against_reference(
+        backend, mode, causal, 19, 23, 16, dtype, 1e-10 if dtype == torch.float64 else 2e-5, bias=bias, b=2
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -129,9 +140,13 @@ def test_strided_inputs_are_read_in_place(backend):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             reads = [a for a in args if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() == storage]
-            if reads and func in (torch.ops.aten.clone.default, torch.ops.aten._to_copy.default,
-                                  torch.ops.aten.contiguous.default if hasattr(torch.ops.aten, "contiguous")
-                                  else torch.ops.aten.clone.default):
+            if reads and func in (
+                torch.ops.aten.clone.default,
+                torch.ops.aten._to_copy.default,
+                torch.ops.aten.contiguous.default
+                if hasattr(torch.ops.aten, "contiguous")
+                else torch.ops.aten.clone.default,
+            ):
                 copies.append(func)
             return func(*args, **(kwargs or {}))
 
@@ -186,15 +201,20 @@ def _opcheck(ops, dtype, mode, causal, aot, device, with_bias):
     q, k, v, th = (t.to(device) for t in _op_args(dtype))
     bias = None
     if with_bias:
-        bias = torch.zeros(1, 1, 1, 7, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                           device=device)
+        bias = torch.zeros(1, 1, 1, 7, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
         bias[..., 3] = float("-inf")
         bias = bias.expand(1, 2, 9, 7)
-    torch.library.opcheck(ops.forward, (q.requires_grad_(), k, v, th, bias, mode, causal, 0.3),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor", *aot))
+    torch.library.opcheck(
+        ops.forward,
+        (q.requires_grad_(), k, v, th, bias, mode, causal, 0.3),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor", *aot),
+    )
     out, stats = ops.forward(q.detach(), k, v, th, bias, mode, causal, 0.3)
-    torch.library.opcheck(ops.backward, (torch.randn_like(out), q.detach(), k, v, th, bias, stats, mode, causal, 0.3),
-                          test_utils=("test_schema", "test_faketensor", *aot))
+    torch.library.opcheck(
+        ops.backward,
+        (torch.randn_like(out), q.detach(), k, v, th, bias, stats, mode, causal, 0.3),
+        test_utils=("test_schema", "test_faketensor", *aot),
+    )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -241,7 +261,7 @@ def _check_by_rule(backend, dtype, mode, causal, n, m, d, device, b=1, h=2):
     rounded inputs. Gradients are compared in l2: a support flip near the kink moves single entries in either."""
     q, k, v, th = (t.detach().to(device).requires_grad_() for t in _problem(n, m, d, dtype, b=b, h=h))
     th_used = th if mode == "shrink" else th.detach()
-    scale = d ** -0.5
+    scale = d**-0.5
     out = _fused(backend, q, k, v, th_used, mode, causal, scale)
     q64, k64, v64, th64 = (t.detach().double().requires_grad_() for t in (q, k, v, th))
     want = sparse_attention_ref(q64, k64, v64, mode=mode, threshold=th64, causal=causal, scale=scale)
@@ -251,8 +271,8 @@ def _check_by_rule(backend, dtype, mode, causal, n, m, d, device, b=1, h=2):
     g = torch.randn_like(want)
     inputs = (q, k, v) + ((th,) if mode == "shrink" else ())
     got = torch.autograd.grad(out, inputs, g.to(dtype))
-    exp = torch.autograd.grad(want, (q64, k64, v64, th64)[:len(inputs)], g)
-    ref = torch.autograd.grad(eager, (qe, ke, ve, the)[:len(inputs)], g.to(dtype))
+    exp = torch.autograd.grad(want, (q64, k64, v64, th64)[: len(inputs)], g)
+    ref = torch.autograd.grad(eager, (qe, ke, ve, the)[: len(inputs)], g.to(dtype))
     for name, a, e, r in zip("qkvt", got, exp, ref):
         assert_close_by_rule(a, e, r, name=f"{backend} {dtype} grad {name}", norm="l2")
 

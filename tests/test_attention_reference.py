@@ -1,4 +1,5 @@
 """The sparse-attention oracle: sparsemax identities, gradchecks, masking, empty rows and the row statistics."""
+
 import pytest
 import torch
 
@@ -134,9 +135,9 @@ def test_hand_written_vjp_with_a_bias_and_special_rows(mode):
     th = (torch.rand(3, dtype=torch.float64) * 0.3).requires_grad_()
     bias = torch.randn(2, 1, 6, 7, dtype=torch.float64)
     bias[:, :, :, 2] = float("-inf")
-    bias[0, :, 3] = float("-inf")      # row 3 of batch 0 sees no key
-    bias[1, :, 1, 4] = float("nan")    # row 1 of batch 1 is NaN
-    bias[1, :, 5, 0] = float("inf")    # row 5 of batch 1 has a +inf score
+    bias[0, :, 3] = float("-inf")  # row 3 of batch 0 sees no key
+    bias[1, :, 1, 4] = float("nan")  # row 1 of batch 1 is NaN
+    bias[1, :, 5, 0] = float("inf")  # row 5 of batch 1 has a +inf score
     bias = bias.expand(2, 3, 6, 7)
     out = sparse_attention_ref(q, k, v, mode=mode, threshold=th, scale=0.5, bias=bias)
     g = torch.randn_like(out)

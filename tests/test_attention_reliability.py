@@ -1,6 +1,7 @@
 """Sparsemax and sparse attention on the inputs that used to crash or silently go wrong, on every backend: empty
 sizes on every axis, NaN / inf / huge values, ties at the threshold, near-flat rows, fully padded rows, double
 backward, meta tensors and bad masks."""
+
 import pytest
 import torch
 
@@ -22,8 +23,10 @@ def _dtype(backend):
 
 def _qkv(b, h, n, m, d, dv, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
-            for shape in ((b, h, n, d), (b, h, m, d), (b, h, m, dv))]
+    return [
+        torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+        for shape in ((b, h, n, d), (b, h, m, d), (b, h, m, dv))
+    ]
 
 
 def _mode_args(mode, h, dtype):
@@ -31,14 +34,17 @@ def _mode_args(mode, h, dtype):
 
 
 # ------------------------------------------------------------------------------------------------ sparsemax
-@pytest.mark.parametrize("x,want", [
-    ([1e7] * 4, [0.25] * 4),                             # used to give [1, 1, 1, 1]
-    ([1e8, 1e8 - 8, 3.0], [1.0, 0.0, 0.0]),              # finite fp32 near 1e8 used to crash
-    ([INF, 1.0, INF, -INF], [0.5, 0.0, 0.5, 0.0]),       # +inf entries share the mass
-    ([NAN, 1.0, 2.0], [NAN, NAN, NAN]),                  # NaN propagates to the slice, as F.softmax
-    ([-INF, -INF], [0.0, 0.0]),                          # no finite entry: zeros, not NaN
-    ([2.0, 2.0, 2.0, -5.0], [1 / 3, 1 / 3, 1 / 3, 0.0]),  # ties
-])
+@pytest.mark.parametrize(
+    "x,want",
+    [
+        ([1e7] * 4, [0.25] * 4),  # used to give [1, 1, 1, 1]
+        ([1e8, 1e8 - 8, 3.0], [1.0, 0.0, 0.0]),  # finite fp32 near 1e8 used to crash
+        ([INF, 1.0, INF, -INF], [0.5, 0.0, 0.5, 0.0]),  # +inf entries share the mass
+        ([NAN, 1.0, 2.0], [NAN, NAN, NAN]),  # NaN propagates to the slice, as F.softmax
+        ([-INF, -INF], [0.0, 0.0]),  # no finite entry: zeros, not NaN
+        ([2.0, 2.0, 2.0, -5.0], [1 / 3, 1 / 3, 1 / 3, 0.0]),  # ties
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sparsemax_extended_values(x, want, dtype):
     got = DF.sparsemax(torch.tensor(x, dtype=dtype))
@@ -53,7 +59,7 @@ def test_sparsemax_is_shift_invariant_and_on_the_simplex(offset):
     torch.testing.assert_close(got.sum(-1), torch.ones(64), atol=1e-5, rtol=0)
     assert (got >= 0).all()
     # The input's own rounding (|offset| * 2^-24) bounds what any fp32 implementation can get right.
-    torch.testing.assert_close(got.double(), want, atol=2e-6 + 4 * abs(offset) * 2 ** -24, rtol=0)
+    torch.testing.assert_close(got.double(), want, atol=2e-6 + 4 * abs(offset) * 2**-24, rtol=0)
 
 
 def test_sparsemax_empty_dim_and_half_precision():
@@ -109,11 +115,11 @@ def test_zero_head_dim_is_one_clear_error(backend):
 def _nan_case(where, dtype):
     q, k, v = (t.detach() for t in _qkv(1, 2, 6, 6, 4, 3, dtype, seed=1))
     if where == "q":
-        q[0, 0, 2, 1] = NAN            # row 2 of head 0
+        q[0, 0, 2, 1] = NAN  # row 2 of head 0
     elif where == "k":
-        k[0, 1, 3, 0] = NAN            # key 3 of head 1: causal rows 3.. see it
+        k[0, 1, 3, 0] = NAN  # key 3 of head 1: causal rows 3.. see it
     elif where == "v":
-        v[0, 1, 3, 2] = INF            # inf in a value: the same rows
+        v[0, 1, 3, 2] = INF  # inf in a value: the same rows
     elif where == "q-inf":
         q[0, 0, 4, 0] = -INF
     return [t.requires_grad_() for t in (q, k, v)]
@@ -131,11 +137,14 @@ def test_non_finite_inputs_make_the_rows_that_read_them_nan(backend, mode, where
     kwargs = _mode_args(mode, 2, dtype)
     out = DF.sparse_attention(q, k, v, causal=True, backend=backend, **kwargs)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    want = sparse_attention_ref(q64, k64, v64, causal=True, **{**kwargs, "threshold": 0.1 if mode == "shrink"
-                                                                else 0.0})
+    want = sparse_attention_ref(q64, k64, v64, causal=True, **{**kwargs, "threshold": 0.1 if mode == "shrink" else 0.0})
     rows = torch.isnan(want).any(-1)
-    expected = {"q": [(0, 2)], "k": [(1, i) for i in range(3, 6)], "v": [(1, i) for i in range(3, 6)],
-                "q-inf": [(0, 4)]}[where]
+    expected = {
+        "q": [(0, 2)],
+        "k": [(1, i) for i in range(3, 6)],
+        "v": [(1, i) for i in range(3, 6)],
+        "q-inf": [(0, 4)],
+    }[where]
     assert sorted(map(tuple, rows[0].nonzero().tolist())) == expected
     assert torch.equal(torch.isnan(out), torch.isnan(want).expand_as(out) & rows[..., None])
     tol = 1e-10 if dtype == torch.float64 else 2e-5
@@ -264,10 +273,11 @@ def test_fully_padded_rows_give_zero_and_zero_gradients(backend, mode, causal):
     dtype = _dtype(backend)
     q, k, v = _qkv(3, 2, 5, 6, 4, 3, dtype)
     padding = torch.zeros(3, 6, dtype=torch.bool)
-    padding[1] = True                  # sequence 1 has no key at all
-    padding[2, 0] = True               # causal: query 0 of sequence 2 sees no key
-    out = DF.sparse_attention(q, k, v, causal=causal, key_padding_mask=padding, backend=backend,
-                              **_mode_args(mode, 2, dtype))
+    padding[1] = True  # sequence 1 has no key at all
+    padding[2, 0] = True  # causal: query 0 of sequence 2 sees no key
+    out = DF.sparse_attention(
+        q, k, v, causal=causal, key_padding_mask=padding, backend=backend, **_mode_args(mode, 2, dtype)
+    )
     assert torch.isfinite(out).all()
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     if causal:
@@ -293,14 +303,14 @@ def test_double_backward_through_the_reference():
     for mode in ("sparsemax", "shrink"):
         kwargs = _mode_args(mode, 2, torch.float64)
         assert torch.autograd.gradgradcheck(
-            lambda q, k, v, kwargs=kwargs: DF.sparse_attention(q, k, v, backend="reference", **kwargs), (q, k, v))
+            lambda q, k, v, kwargs=kwargs: DF.sparse_attention(q, k, v, backend="reference", **kwargs), (q, k, v)
+        )
 
 
 def test_meta_tensors():
     q = torch.empty(2, 3, 5, 8, device="meta")
     k = torch.empty(2, 3, 7, 8, device="meta")
-    out = DF.sparse_attention(q, k, k[..., :4], key_padding_mask=torch.zeros(2, 7, dtype=torch.bool,
-                                                                             device="meta"))
+    out = DF.sparse_attention(q, k, k[..., :4], key_padding_mask=torch.zeros(2, 7, dtype=torch.bool, device="meta"))
     assert out.shape == (2, 3, 5, 4) and out.device.type == "meta"
     assert DF.sparse_attention_weights(q, k).shape == (2, 3, 5, 7)
     assert DF.sparsemax(torch.empty(4, 9, device="meta")).shape == (4, 9)

@@ -1,4 +1,5 @@
 """The backend table (dsc_kernels/ops/table.py) against what actually runs: op names, schemas, implementations."""
+
 import ast
 import inspect
 from pathlib import Path
@@ -79,12 +80,23 @@ def test_reference_rows_name_their_eager_oracle():
 def test_functional_holds_no_backend_names():
     """functional.py asks the table; no backend name appears in its code (docstrings aside)."""
     tree = ast.parse((ROOT / "dsc_kernels" / "functional.py").read_text())
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and node.body
-                  and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
     names = set(table.BACKEND_NAMES) | set(table.NOT_BUILT)
-    found = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and id(node) not in docstrings
-             and isinstance(node.value, str) and node.value in names]
+    found = [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and id(node) not in docstrings
+        and isinstance(node.value, str)
+        and node.value in names
+    ]
     assert found == []
 
 

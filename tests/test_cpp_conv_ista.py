@@ -3,6 +3,7 @@
 The extension is built at import: on CI the compiler exists, so a failed build must fail this module loudly rather
 than skip it.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,15 @@ op_pair("conv_ista", "cpp")  # registers the fakes and the autograd link of the 
 CASES = [
     ("2d-tied", (2, 1, 9, 11), (3, 1, 3, 3), 1, 1, 3, {}),
     ("2d-odd-untied-fista", (2, 2, 10, 13), (5, 2, 3, 4), 1, (0, 2), 3, dict(untied=True, fista=True)),
-    ("2d-stride23-nonneg-fista", (3, 2, 11, 12), (9, 2, 4, 3), (2, 3), (1, 2), 4,
-     dict(untied=True, fista=True, nonneg=True)),
+    (
+        "2d-stride23-nonneg-fista",
+        (3, 2, 11, 12),
+        (9, 2, 4, 3),
+        (2, 3),
+        (1, 2),
+        4,
+        dict(untied=True, fista=True, nonneg=True),
+    ),
     ("2d-stride3-fista", (2, 2, 13, 10), (6, 2, 3, 3), 3, (2, 1), 3, dict(fista=True)),
     ("2d-stride2-z0", (2, 3, 12, 12), (4, 3, 4, 4), 2, 1, 3, dict(z0=True, untied=True)),
     # wider than one vector tile and more code than signal channels (the 8-channel micro-kernel)
@@ -73,16 +81,40 @@ def _run(fn, tensors, grad_seed=1):
 
 def _ref_fn(stride, padding, n_iter, opts):
     def fn(x, weight, lam, step, encoder_weight=None, z0=None):
-        return conv_ista_ref(x, weight, lam, step, encoder_weight=encoder_weight, stride=stride, padding=padding,
-                             z0=z0, nonneg=opts.get("nonneg", False), fista=opts.get("fista", False))
+        return conv_ista_ref(
+            x,
+            weight,
+            lam,
+            step,
+            encoder_weight=encoder_weight,
+            stride=stride,
+            padding=padding,
+            z0=z0,
+            nonneg=opts.get("nonneg", False),
+            fista=opts.get("fista", False),
+        )
+
     return fn
 
 
 def _cpp_fn(stride, padding, n_iter, opts, recompute):
     def fn(x, weight, lam, step, encoder_weight=None, z0=None):
-        return DF.conv_ista(x, weight, lam, n_iter=n_iter, step=step, encoder_weight=encoder_weight, stride=stride,
-                            padding=padding, z0=z0, nonneg=opts.get("nonneg", False),
-                            fista=opts.get("fista", False), backend="cpp", recompute=recompute)
+        return DF.conv_ista(
+            x,
+            weight,
+            lam,
+            n_iter=n_iter,
+            step=step,
+            encoder_weight=encoder_weight,
+            stride=stride,
+            padding=padding,
+            z0=z0,
+            nonneg=opts.get("nonneg", False),
+            fista=opts.get("fista", False),
+            backend="cpp",
+            recompute=recompute,
+        )
+
     return fn
 
 
@@ -135,8 +167,7 @@ def test_gradcheck_fp64(checkpoint, z0_given):
         z0 = z0 if z0_given else x.new_empty(0)
         return ops.conv_ista_fwd_cpp(x, w, we, lam, step, z0, [2, 1], [1, 0], False, True, checkpoint)[0]
 
-    assert torch.autograd.gradcheck(f, inputs if z0_given else inputs[:5] + [inputs[5].detach()], eps=1e-6,
-                                    atol=1e-7)
+    assert torch.autograd.gradcheck(f, inputs if z0_given else inputs[:5] + [inputs[5].detach()], eps=1e-6, atol=1e-7)
 
 
 def _op_args(requires_grad):
@@ -154,17 +185,21 @@ def _op_args(requires_grad):
 @pytest.mark.parametrize("checkpoint", [2, 0], ids=["save", "recompute"])
 def test_opcheck_forward(checkpoint):
     x, w, lam, step, z0 = _op_args(requires_grad=True)
-    torch.library.opcheck(ops.conv_ista_fwd_cpp.default,
-                          (x, w, w, lam, step, z0, [2, 2], [1, 1], False, True, checkpoint))
-    torch.library.opcheck(ops.conv_ista_fwd_cpp.default,
-                          (x, w, w, lam, step, x.new_empty(0), [2, 2], [1, 1], False, True, checkpoint))
+    torch.library.opcheck(
+        ops.conv_ista_fwd_cpp.default, (x, w, w, lam, step, z0, [2, 2], [1, 1], False, True, checkpoint)
+    )
+    torch.library.opcheck(
+        ops.conv_ista_fwd_cpp.default, (x, w, w, lam, step, x.new_empty(0), [2, 2], [1, 1], False, True, checkpoint)
+    )
 
 
 def test_opcheck_backward():
     x, w, lam, step, z0 = _op_args(requires_grad=False)
     z, saved = ops.conv_ista_fwd_cpp(x, w, w, lam, step, z0, [2, 2], [1, 1], True, False, 1)
-    torch.library.opcheck(ops.conv_ista_bwd_cpp.default,
-                          (torch.randn_like(z), x, w, w, lam, step, z0, z, saved, [2, 2], [1, 1], True, False, 1))
+    torch.library.opcheck(
+        ops.conv_ista_bwd_cpp.default,
+        (torch.randn_like(z), x, w, w, lam, step, z0, z, saved, [2, 2], [1, 1], True, False, 1),
+    )
 
 
 @pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
@@ -174,6 +209,7 @@ def test_checkpoints_match_the_reference_op(checkpoint, fista, batch):
     """The saved checkpoints are the reference's, bit for bit in the layout, and every segment replay of the
     backward gives the reference VJP (fp64, z0 given and as zeros, grad_z an expanded scalar)."""
     from dsc_kernels.reference.conv_ista import conv_ista_bwd_ref, conv_ista_fwd_ref
+
     g = torch.Generator().manual_seed(5)
     x = torch.randn(batch, 2, 8, 9, dtype=torch.float64, generator=g)
     w = 0.4 * torch.randn(5, 2, 3, 3, dtype=torch.float64, generator=g)
@@ -207,8 +243,9 @@ def test_compile_fullgraph_module():
     from dsc_kernels.nn import ConvSparseCoding2d
 
     torch.manual_seed(0)
-    model = ConvSparseCoding2d(2, 4, 3, n_iter=3, learn_lam=True, learn_step=True, fista=True, recompute=True,
-                               backend="cpp")
+    model = ConvSparseCoding2d(
+        2, 4, 3, n_iter=3, learn_lam=True, learn_step=True, fista=True, recompute=True, backend="cpp"
+    )
     x = torch.randn(2, 2, 9, 8)
     compiled = torch.compile(model, fullgraph=True)
     z_eager = model(x)
@@ -225,8 +262,13 @@ def test_build_cache_is_reused_by_another_process():
     assert len(libs) == 1
     before = libs[0].stat().st_mtime_ns
     code = "import dsc_kernels._ext as e; e.load(); print(e.available())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("True"), out.stderr[-2000:]
     assert libs[0].stat().st_mtime_ns == before
 

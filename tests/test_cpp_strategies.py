@@ -3,6 +3,7 @@ op pair, forward and all six gradients, and the per-shape choice between them.
 
 DSC_KERNELS_CPP_STRATEGY forces a strategy; it is read on every call, so monkeypatch.setenv switches it per test.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -42,7 +43,7 @@ def _tensors(xs, ws, n_iter, *, untied, z0, dtype, seed=0):
     w = w / w.flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
     we = w + 0.3 * torch.randn(ws, generator=g, dtype=dtype) if untied else w
     lam = 0.02 + 0.1 * torch.rand(n_iter, ws[0], generator=g, dtype=dtype)  # per iteration and channel
-    step = 0.15 + 0.2 * torch.rand(n_iter, generator=g, dtype=dtype)        # per iteration
+    step = 0.15 + 0.2 * torch.rand(n_iter, generator=g, dtype=dtype)  # per iteration
     return x, w, we, lam, step
 
 
@@ -55,12 +56,15 @@ def _z0(x, w, stride, padding, given, dtype):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("checkpoint", [0, 1, 2, 3])
-@pytest.mark.parametrize("fista,nonneg,untied,z0_given", [(False, False, False, False), (True, False, True, True),
-                                                          (False, True, True, True), (True, True, False, False)],
-                         ids=["ista", "fista-untied-z0", "nonneg-untied-z0", "fista-nonneg"])
+@pytest.mark.parametrize(
+    "fista,nonneg,untied,z0_given",
+    [(False, False, False, False), (True, False, True, True), (False, True, True, True), (True, True, False, False)],
+    ids=["ista", "fista-untied-z0", "nonneg-untied-z0", "fista-nonneg"],
+)
 @pytest.mark.parametrize("name,xs,ws,stride,padding", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
-def test_op_pair_matches_reference_fp64(monkeypatch, strategy, checkpoint, fista, nonneg, untied, z0_given, name,
-                                        xs, ws, stride, padding):
+def test_op_pair_matches_reference_fp64(
+    monkeypatch, strategy, checkpoint, fista, nonneg, untied, z0_given, name, xs, ws, stride, padding
+):
     """Forward (z and the saved checkpoints) and the six gradients equal the reference op pair's in fp64, for
     every checkpoint interval (0: recompute mode), grad_z an expanded scalar as sum() gives it."""
     monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
@@ -75,8 +79,9 @@ def test_op_pair_matches_reference_fp64(monkeypatch, strategy, checkpoint, fista
     grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
     if checkpoint == 0:
         grad_z = torch.ones((), dtype=dtype).expand_as(z)
-    got = ops.conv_ista_bwd_cpp(grad_z, x, w, we, lam, step, z0, z if checkpoint else z.new_empty(0), saved, *geo,
-                                checkpoint)
+    got = ops.conv_ista_bwd_cpp(
+        grad_z, x, w, we, lam, step, z0, z if checkpoint else z.new_empty(0), saved, *geo, checkpoint
+    )
     want = conv_ista_bwd_ref(grad_z, x, w, we, lam, step, z0, z_ref, saved_ref, *geo, checkpoint)
     for what, a, b in zip(("x", "weight", "encoder_weight", "lam", "step", "z0"), got, want):
         assert a.shape == b.shape, what
@@ -97,8 +102,18 @@ def test_functional_fp32_matches_autograd_reference(monkeypatch, strategy, name,
         if backend == "reference":
             z = conv_ista_ref(xl, wl, laml, stepl, encoder_weight=wel, stride=stride, padding=padding, fista=True)
         else:
-            z = DF.conv_ista(xl, wl, laml, n_iter=4, step=stepl, encoder_weight=wel, stride=stride,
-                             padding=padding, fista=True, backend="cpp")
+            z = DF.conv_ista(
+                xl,
+                wl,
+                laml,
+                n_iter=4,
+                step=stepl,
+                encoder_weight=wel,
+                stride=stride,
+                padding=padding,
+                fista=True,
+                backend="cpp",
+            )
         g = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
         outs.append((z.detach(), torch.autograd.grad((z * g).sum(), [xl, wl, wel, laml, stepl])))
     (z_ref, g_ref), (z, g) = outs

@@ -1,5 +1,6 @@
 """auto's CPU choice between eager and the fused cpp conv-ISTA backend (dsc_kernels/ops/cpu_cost.py): a pure
 function of the call's key, overridable by backend= and DSC_KERNELS_BACKEND."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """Synthetic generators: exact supports, seeds, coherence of the named dictionaries."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """DistributedDataParallel with the fused ops: a 2-process gloo run leaves identical parameters on both ranks."""
+
 import os
 import socket
 import subprocess
@@ -27,12 +28,13 @@ def _one_step(rank: int, world_size: int, port: int, backend: str, out: str) -> 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     from dsc_kernels.recipes import data, digits, engine
+
     run = engine.Run(torch.device("cpu"), rank, world_size, True)
     torch.manual_seed(0)
     model = digits.DigitsNet("dsc", backend=backend)
     ddp = engine.wrap(model, run)
     x, y, _, _ = data.digits(0)
-    x, y = x[rank * 16:(rank + 1) * 16], y[rank * 16:(rank + 1) * 16]  # each rank its own batch
+    x, y = x[rank * 16 : (rank + 1) * 16], y[rank * 16 : (rank + 1) * 16]  # each rank its own batch
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
     F.cross_entropy(ddp(x), y).backward()
     optimizer.step()
@@ -49,12 +51,14 @@ def _one_step(rank: int, world_size: int, port: int, backend: str, out: str) -> 
 @pytest.mark.parametrize("backend", ["cpp"])
 def test_two_process_gloo_ddp_step_leaves_identical_parameters(backend, tmp_path):
     from dsc_kernels.functional import backend_unavailable_reason
+
     reason = backend_unavailable_reason(backend, "cpu")
     if reason:
         pytest.skip(reason)
     out = str(tmp_path / "params.pt")
-    context = mp.start_processes(_one_step, args=(2, _free_port(), backend, out), nprocs=2, join=False,
-                                 start_method="spawn")
+    context = mp.start_processes(
+        _one_step, args=(2, _free_port(), backend, out), nprocs=2, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
@@ -70,10 +74,28 @@ def test_two_process_gloo_ddp_step_leaves_identical_parameters(backend, tmp_path
 @pytest.mark.slow
 def test_torchrun_cli_distributed_digits(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(_free_port()),
-           "-m", "dsc_kernels", "train", "--recipe", "digits", "--strategy", "dsc", "--epochs", "1",
-           "--out", str(tmp_path), "--distributed"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "dsc_kernels",
+        "train",
+        "--recipe",
+        "digits",
+        "--strategy",
+        "dsc",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--distributed",
+    ]
     subprocess.run(cmd, check=True, env=env, timeout=600, capture_output=True)
     import json
+
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and 0 <= metrics["accuracy"] <= 1

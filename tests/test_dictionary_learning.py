@@ -1,4 +1,5 @@
 """Convolutional dictionary learning on patches of scikit-learn's photographs: monotone objective, valid atoms."""
+
 import itertools
 
 import pytest
@@ -20,6 +21,7 @@ pytest.importorskip("sklearn")
 
 def _patches(n: int = 4, size: int = 20):
     from dsc_kernels.recipes import data
+
     generator = torch.Generator().manual_seed(0)
     x = torch.cat([data.random_patches(data.photo(p), n, size, generator) for p in data.PHOTOS])
     detail, _ = highpass(x)
@@ -29,8 +31,17 @@ def _patches(n: int = 4, size: int = 20):
 def test_objective_decreases_steadily_and_atoms_stay_in_the_unit_ball(tmp_path):
     x = _patches()
     seen = []
-    result = learn_conv_dictionary(x, 8, 6, 0.3, n_outer=12, n_code_iter=5, n_dict_iter=1,
-                                   callback=lambda i, value: seen.append(value), backend="reference")
+    result = learn_conv_dictionary(
+        x,
+        8,
+        6,
+        0.3,
+        n_outer=12,
+        n_code_iter=5,
+        n_dict_iter=1,
+        callback=lambda i, value: seen.append(value),
+        backend="reference",
+    )
     objective = result.objective
     assert seen == objective and len(objective) == 12
     assert all(b <= a * (1 + 1e-5) for a, b in itertools.pairwise(objective))  # monotone (PALM with 1/L steps)

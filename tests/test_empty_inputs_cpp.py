@@ -1,6 +1,7 @@
 """Empty problems on the cpp conv-ISTA backend (issue 13): an empty batch, no signal or code channels, a zero-size
 map inside the padding. Each gives the reference's result and gradients, never a crash; edge geometries (stride
 larger than the kernel, 1 x 1 maps, many channels) likewise. Run under `make sanitize` for memory errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -98,15 +99,17 @@ def test_empty_problem_ops_match_autograd_reference(monkeypatch, xs, ws, padding
     sz = [(s + 2 * p - k) + 1 for s, p, k in zip(xs[2:], pad, ws[2:])]
     z0 = torch.randn(xs[0], ws[0], *sz, generator=torch.Generator().manual_seed(2), dtype=x.dtype)
     leaves = [t.clone().requires_grad_() for t in (x, w, lam, step, z0)]
-    z_ref = conv_ista_ref(leaves[0], leaves[1], leaves[2], leaves[3], z0=leaves[4], padding=pad, nonneg=True,
-                          fista=True)
+    z_ref = conv_ista_ref(
+        leaves[0], leaves[1], leaves[2], leaves[3], z0=leaves[4], padding=pad, nonneg=True, fista=True
+    )
     want = torch.autograd.grad(z_ref.sum(), leaves, allow_unused=True)
     geo = ([1, 1], pad, True, True)
     z, saved = ops.conv_ista_fwd_cpp(x, w, w, lam, step, z0, *geo, checkpoint)
     torch.testing.assert_close(z, z_ref.detach(), rtol=1e-12, atol=1e-12)
     grad_z = torch.ones((), dtype=z.dtype).expand_as(z)
-    gx, gw, gwe, glam, gstep, gz0 = ops.conv_ista_bwd_cpp(grad_z, x, w, w, lam, step, z0,
-                                                          z if checkpoint else z.new_empty(0), saved, *geo, checkpoint)
+    gx, gw, gwe, glam, gstep, gz0 = ops.conv_ista_bwd_cpp(
+        grad_z, x, w, w, lam, step, z0, z if checkpoint else z.new_empty(0), saved, *geo, checkpoint
+    )
     for a, b, inp in zip((gx, gw + gwe, glam, gstep, gz0), want, (x, w, lam, step, z0)):
         assert a.shape == inp.shape  # autograd needs each gradient in its input's shape
         torch.testing.assert_close(a, torch.zeros_like(a) if b is None else b, rtol=1e-12, atol=1e-12)

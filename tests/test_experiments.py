@@ -1,4 +1,5 @@
 """Each convergence claim in its quick form (the report and bench/test_convergence.py run the larger ones)."""
+
 import math
 from functools import cache
 

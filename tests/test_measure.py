@@ -1,5 +1,6 @@
 """The measurement every benchmark relies on: interleaved timing, the memory meter, the correctness gate that keeps a
 wrong provider from being timed, and the one results schema (dsc_kernels/experiments/{measure,speed,records}.py)."""
+
 from __future__ import annotations
 
 import csv
@@ -17,7 +18,7 @@ def test_providers_are_interleaved_and_warmed_up_outside_the_samples():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
     t = time_interleaved(fns, "cpu", rounds=3, warmup=2)
-    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]          # warm-up first, outside the timed rounds
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]  # warm-up first, outside the timed rounds
     assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # each round rotated by one
     assert all(x.n == 3 and x.warmup == 2 and len(x.samples_ms) == 3 and x.error is None for x in t.values())
     assert t["a"].to_dict()["median_ms"] == t["a"].median_ms
@@ -38,7 +39,7 @@ def test_a_failing_provider_is_dropped_with_its_error():
 def test_memory_meter_sees_peak_and_retained_bytes():
     def fn():
         scratch = torch.ones(1 << 20)  # 4 MiB freed before returning
-        out = torch.ones(1 << 18)      # 1 MiB kept
+        out = torch.ones(1 << 18)  # 1 MiB kept
         del scratch
         return out
 
@@ -57,6 +58,7 @@ def _wrong_cpp(monkeypatch):
 
         def wrong():
             return fn() * 1.1  # a 10% error: what a wrong kernel looks like
+
         wrong.leaves = fn.leaves
         return wrong
 
@@ -67,16 +69,27 @@ def _wrong_cpp(monkeypatch):
 @pytest.mark.parametrize("mode", S.MODES)
 def test_a_wrong_provider_is_never_timed(mode, monkeypatch):
     _wrong_cpp(monkeypatch)
-    recs = {r["provider"]: r for r in S.measure_conv(S.WORKLOADS["deep-layer"], "cpu", mode, ["reference", "cpp"],
-                                                     scale=0.125, rounds=2, warmup=1)}
+    recs = {
+        r["provider"]: r
+        for r in S.measure_conv(
+            S.WORKLOADS["deep-layer"], "cpu", mode, ["reference", "cpp"], scale=0.125, rounds=2, warmup=1
+        )
+    }
     assert recs["reference"]["status"] == "ok" and recs["reference"]["timing"]["n"] == 2
     assert recs["cpp"]["status"] == "wrong" and recs["cpp"]["timing"] is None
     assert not all(c["ok"] for c in recs["cpp"]["check"])
 
 
 def test_records_schema_ratios_and_files(tmp_path):
-    recs = S.measure_conv(S.WORKLOADS["deep-layer"], "cpu", "forward_backward", ["reference", "cpp", "triton"],
-                          scale=0.125, rounds=2, warmup=1)
+    recs = S.measure_conv(
+        S.WORKLOADS["deep-layer"],
+        "cpu",
+        "forward_backward",
+        ["reference", "cpp", "triton"],
+        scale=0.125,
+        rounds=2,
+        warmup=1,
+    )
     by = {r["provider"]: r for r in recs}
     assert by["triton"]["status"] == "skipped" and "interpreter" in by["triton"]["reason"]
     doc = records.run_document("test", "cpu", recs, {"timing": "test"})
@@ -86,7 +99,8 @@ def test_records_schema_ratios_and_files(tmp_path):
     assert ref["memory"]["peak_bytes"] > 0 and ref["params"]["n_iter"] == 5
     if by["cpp"]["status"] == "ok":
         assert by["cpp"]["ratios"]["speedup_vs_eager"] == pytest.approx(
-            ref["timing"]["median_ms"] / by["cpp"]["timing"]["median_ms"])
+            ref["timing"]["median_ms"] / by["cpp"]["timing"]["median_ms"]
+        )
     json_path, csv_path = records.write_run(doc, tmp_path, "run")
     loaded = json.loads(json_path.read_text())
     assert loaded["schema"] == records.SCHEMA and loaded["environment"]["torch"] == torch.__version__
@@ -111,15 +125,17 @@ def test_readme_table_is_generated_from_committed_runs(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    recs = S.measure_conv(S.WORKLOADS["deep-layer"], "cpu", "forward", ["reference", "cpp"], scale=0.125, rounds=2,
-                          warmup=1)
+    recs = S.measure_conv(
+        S.WORKLOADS["deep-layer"], "cpu", "forward", ["reference", "cpp"], scale=0.125, rounds=2, warmup=1
+    )
     records.write_run(records.run_document("bench", "cpu", recs, {"timing": "test"}), tmp_path, "run")
     dry = records.run_document("gpu-check", "cpu", recs, {"timing": "test", "dry_run": True})
     records.write_run(dry, tmp_path, "dry")
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench-results:start -->\nold\n<!-- bench-results:end -->\nend\n")
-    spec = importlib.util.spec_from_file_location("results_table", Path(__file__).parents[1] / "bench" /
-                                                  "results_table.py")
+    spec = importlib.util.spec_from_file_location(
+        "results_table", Path(__file__).parents[1] / "bench" / "results_table.py"
+    )
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     assert table.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0

@@ -1,5 +1,6 @@
 """functional.ml_ista's validation and defaults, and conv_ista's per-iteration / input-encoder variants (a one-layer
 ML-ISTA on the backend the table picks among those that run them)."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,15 +12,18 @@ from dsc_kernels import ops
 from dsc_kernels.reference import conv_analysis_ref, conv_synthesis_ref, lipschitz_constant_ref
 
 D = torch.float64
-CPP = pytest.param("cpp", marks=pytest.mark.skipif("cpp" not in DF.available_backends("cpu"),
-                                                   reason="C++ extension unavailable"))
+CPP = pytest.param(
+    "cpp", marks=pytest.mark.skipif("cpp" not in DF.available_backends("cpu"), reason="C++ extension unavailable")
+)
 
 
 def _net(dtype=D):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, 12, 12, generator=g, dtype=dtype)
-    ws = [0.3 * torch.randn(3, 1, 4, 4, generator=g, dtype=dtype), 0.3 * torch.randn(4, 3, 3, 3, generator=g,
-                                                                                      dtype=dtype)]
+    ws = [
+        0.3 * torch.randn(3, 1, 4, 4, generator=g, dtype=dtype),
+        0.3 * torch.randn(4, 3, 3, 3, generator=g, dtype=dtype),
+    ]
     return x, ws
 
 
@@ -33,38 +37,57 @@ def _call(**overrides):
     return DF.ml_ista(x, weights, thresholds, **kwargs)
 
 
-@pytest.mark.parametrize("overrides,error,words", [
-    (dict(weights=torch.randn(3, 1, 4, 4)), TypeError, "weights must be a non-empty list"),
-    (dict(weights=[]), TypeError, "weights must be a non-empty list"),
-    (dict(weights=[torch.randn(3, 1, 4, 4, dtype=D), torch.randn(4, 5, 3, 3, dtype=D)]), ValueError,
-     r"weights\[1\] expects 5 input channels"),
-    (dict(weights=[torch.randn(3, 1, 4, 4, dtype=D), torch.randn(2, 4, 3, 4, 3, 3, dtype=D)]), ValueError,
-     r"weights\[1\] must be"),
-    (dict(weights=[torch.randn(5, 3, 1, 4, 4, dtype=D), torch.randn(4, 3, 3, 3, dtype=D)]), ValueError,
-     r"weights\[0\] holds 5 per-step dictionaries, expected n_iter \+ 1=3"),
-    (dict(thresholds=[0.01]), ValueError, "thresholds must be a list with one entry per layer"),
-    (dict(thresholds=[0.01, torch.zeros(5, dtype=D)]), ValueError, r"thresholds\[1\] must have shape"),
-    (dict(thresholds=[0.01, -0.02], nonneg=False), ValueError, r"thresholds\[1\] \(negative thresholds need nonneg"),
-    (dict(thresholds=[0.01, float("nan")]), ValueError, r"thresholds\[1\] must be finite"),
-    (dict(steps=[1.0, 0.0]), ValueError, r"steps\[1\] must be > 0"),
-    (dict(steps=[1.0, torch.ones(2, dtype=D)]), ValueError, r"steps\[1\] must have shape"),
-    (dict(n_iter=-1), ValueError, "n_iter must be an int >= 0"),
-    (dict(n_iter=1.5), ValueError, "n_iter must be an int"),
-    (dict(strides=[2, "1"]), TypeError, "stride"),
-    (dict(paddings=[0, 0, 0]), ValueError, "paddings must be a list with one entry per layer"),
-    (dict(x=torch.randn(2, 1, 6, 6, dtype=D)), ValueError, "layer 1: the signal size"),
-    (dict(x=torch.randn(2, 1, 12, 12)), TypeError, "must share one dtype"),
-    (dict(x=torch.ones(2, 1, 12, 12, dtype=torch.int64)), TypeError, "x must have a floating-point dtype"),
-    (dict(x=torch.randn(2, 1, 12, 12, 3, dtype=D)), ValueError, "x must be"),
-    (dict(encoder_weights=[torch.randn(3, 1, 3, 3, dtype=D), None]), ValueError,
-     r"encoder_weights\[0\] must have the dictionary's shape"),
-    (dict(input_encoder_weights=[None]), ValueError, "input_encoder_weights must be a list with one entry"),
-    (dict(z0=torch.zeros(2, 4, 5, 5, dtype=D), interleaved=True), ValueError, "z0 .* needs the projected"),
-    (dict(z0=torch.zeros(2, 4, 4, 4, dtype=D)), ValueError, "z0 must have the deepest code's shape"),
-    (dict(fista=1), TypeError, "fista must be True or False"),
-    (dict(interleaved="no"), TypeError, "interleaved must be True or False"),
-    (dict(backend="gpu-fast"), ValueError, "backend must be one of"),
-])
+@pytest.mark.parametrize(
+    "overrides,error,words",
+    [
+        (dict(weights=torch.randn(3, 1, 4, 4)), TypeError, "weights must be a non-empty list"),
+        (dict(weights=[]), TypeError, "weights must be a non-empty list"),
+        (
+            dict(weights=[torch.randn(3, 1, 4, 4, dtype=D), torch.randn(4, 5, 3, 3, dtype=D)]),
+            ValueError,
+            r"weights\[1\] expects 5 input channels",
+        ),
+        (
+            dict(weights=[torch.randn(3, 1, 4, 4, dtype=D), torch.randn(2, 4, 3, 4, 3, 3, dtype=D)]),
+            ValueError,
+            r"weights\[1\] must be",
+        ),
+        (
+            dict(weights=[torch.randn(5, 3, 1, 4, 4, dtype=D), torch.randn(4, 3, 3, 3, dtype=D)]),
+            ValueError,
+            r"weights\[0\] holds 5 per-step dictionaries, expected n_iter \+ 1=3",
+        ),
+        (dict(thresholds=[0.01]), ValueError, "thresholds must be a list with one entry per layer"),
+        (dict(thresholds=[0.01, torch.zeros(5, dtype=D)]), ValueError, r"thresholds\[1\] must have shape"),
+        (
+            dict(thresholds=[0.01, -0.02], nonneg=False),
+            ValueError,
+            r"thresholds\[1\] \(negative thresholds need nonneg",
+        ),
+        (dict(thresholds=[0.01, float("nan")]), ValueError, r"thresholds\[1\] must be finite"),
+        (dict(steps=[1.0, 0.0]), ValueError, r"steps\[1\] must be > 0"),
+        (dict(steps=[1.0, torch.ones(2, dtype=D)]), ValueError, r"steps\[1\] must have shape"),
+        (dict(n_iter=-1), ValueError, "n_iter must be an int >= 0"),
+        (dict(n_iter=1.5), ValueError, "n_iter must be an int"),
+        (dict(strides=[2, "1"]), TypeError, "stride"),
+        (dict(paddings=[0, 0, 0]), ValueError, "paddings must be a list with one entry per layer"),
+        (dict(x=torch.randn(2, 1, 6, 6, dtype=D)), ValueError, "layer 1: the signal size"),
+        (dict(x=torch.randn(2, 1, 12, 12)), TypeError, "must share one dtype"),
+        (dict(x=torch.ones(2, 1, 12, 12, dtype=torch.int64)), TypeError, "x must have a floating-point dtype"),
+        (dict(x=torch.randn(2, 1, 12, 12, 3, dtype=D)), ValueError, "x must be"),
+        (
+            dict(encoder_weights=[torch.randn(3, 1, 3, 3, dtype=D), None]),
+            ValueError,
+            r"encoder_weights\[0\] must have the dictionary's shape",
+        ),
+        (dict(input_encoder_weights=[None]), ValueError, "input_encoder_weights must be a list with one entry"),
+        (dict(z0=torch.zeros(2, 4, 5, 5, dtype=D), interleaved=True), ValueError, "z0 .* needs the projected"),
+        (dict(z0=torch.zeros(2, 4, 4, 4, dtype=D)), ValueError, "z0 must have the deepest code's shape"),
+        (dict(fista=1), TypeError, "fista must be True or False"),
+        (dict(interleaved="no"), TypeError, "interleaved must be True or False"),
+        (dict(backend="gpu-fast"), ValueError, "backend must be one of"),
+    ],
+)
 def test_ml_ista_rejects_bad_input(overrides, error, words):
     with pytest.raises(error, match=words):
         _call(**overrides)
@@ -80,9 +103,18 @@ def test_ml_ista_backend_errors_are_explicit():
 
 def test_ml_ista_default_steps_are_one_over_lipschitz():
     x, ws = _net()
-    want = DF.ml_ista(x, ws, [0.01, 0.02], n_iter=2, strides=[2, 1], backend="reference",
-                      steps=[1 / lipschitz_constant_ref(ws[0], (12, 12), (2, 2), (0, 0)),
-                             1 / lipschitz_constant_ref(ws[1], (5, 5), (1, 1), (0, 0))])
+    want = DF.ml_ista(
+        x,
+        ws,
+        [0.01, 0.02],
+        n_iter=2,
+        strides=[2, 1],
+        backend="reference",
+        steps=[
+            1 / lipschitz_constant_ref(ws[0], (12, 12), (2, 2), (0, 0)),
+            1 / lipschitz_constant_ref(ws[1], (5, 5), (1, 1), (0, 0)),
+        ],
+    )
     got = DF.ml_ista(x, ws, [0.01, 0.02], n_iter=2, strides=[2, 1], backend="reference")
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
@@ -90,8 +122,15 @@ def test_ml_ista_default_steps_are_one_over_lipschitz():
 
 def test_ml_ista_zero_unfoldings_is_a_cnn():
     x, ws = _net()
-    got = DF.ml_ista(x, ws, [0.01, torch.tensor([0.0, -0.1, 0.1, 0.2], dtype=D)], n_iter=0, steps=[0.5, 2.0],
-                     strides=[2, 1], backend="reference")
+    got = DF.ml_ista(
+        x,
+        ws,
+        [0.01, torch.tensor([0.0, -0.1, 0.1, 0.2], dtype=D)],
+        n_iter=0,
+        steps=[0.5, 2.0],
+        strides=[2, 1],
+        backend="reference",
+    )
     g1 = F.relu(0.5 * F.conv2d(x, ws[0], stride=2) - 0.01)
     g2 = F.relu(2.0 * F.conv2d(g1, ws[1]) - torch.tensor([0.0, -0.1, 0.1, 0.2], dtype=D).view(1, -1, 1, 1))
     torch.testing.assert_close(got[0], g1, rtol=0, atol=1e-14)
@@ -121,8 +160,9 @@ VARIANTS = {
     "per-iteration-2d": dict(rank=2, per_iteration=("weight", "encoder_weight"), fista=True, z0=True),
     "per-iteration-weight-only-1d": dict(rank=1, per_iteration=("weight",), nonneg=True),
     "input-encoder-2d": dict(rank=2, input_encoder=True, nonneg=True, stride=2),
-    "input-encoder-per-iteration-1d": dict(rank=1, input_encoder=True, per_iteration=("input_encoder_weight",),
-                                           fista=True),
+    "input-encoder-per-iteration-1d": dict(
+        rank=1, input_encoder=True, per_iteration=("input_encoder_weight",), fista=True
+    ),
 }
 
 
@@ -135,12 +175,16 @@ def _variant(name):
 
     def w(per):
         return 0.3 * torch.randn(*((n,) if per else ()), 4, 2, *kernel, generator=g, dtype=D)
+
     per = o.get("per_iteration", ())
-    tensors = dict(x=x, weight=w("weight" in per),
-                   encoder_weight=w("encoder_weight" in per) if "encoder_weight" in per else None,
-                   input_encoder_weight=w("input_encoder_weight" in per) if o.get("input_encoder") else None,
-                   threshold=0.05 + 0.05 * torch.rand(n, 4, generator=g, dtype=D),
-                   step=0.3 + 0.1 * torch.rand(n, generator=g, dtype=D))
+    tensors = dict(
+        x=x,
+        weight=w("weight" in per),
+        encoder_weight=w("encoder_weight" in per) if "encoder_weight" in per else None,
+        input_encoder_weight=w("input_encoder_weight" in per) if o.get("input_encoder") else None,
+        threshold=0.05 + 0.05 * torch.rand(n, 4, generator=g, dtype=D),
+        step=0.3 + 0.1 * torch.rand(n, generator=g, dtype=D),
+    )
     stride, padding = o.get("stride", 1), 1
     zs = [(s + 2 * padding - k) // stride + 1 for s, k in zip(size, kernel)]
     tensors["z0"] = 0.2 * torch.randn(2, 4, *zs, generator=g, dtype=D) if o.get("z0") else None
@@ -155,16 +199,35 @@ def test_conv_ista_variants_match_the_loop(name, backend):
 
     def per_k(t, n=3):
         return [t[k] if t.dim() == tensors["x"].dim() + 1 else t for k in range(n)]
-    got = DF.conv_ista(leaves["x"], leaves["weight"], n_iter=3, step=leaves["step"], threshold=leaves["threshold"],
-                       encoder_weight=leaves.get("encoder_weight"),
-                       input_encoder_weight=leaves.get("input_encoder_weight"), z0=leaves.get("z0"),
-                       backend=backend, **opts)
+
+    got = DF.conv_ista(
+        leaves["x"],
+        leaves["weight"],
+        n_iter=3,
+        step=leaves["step"],
+        threshold=leaves["threshold"],
+        encoder_weight=leaves.get("encoder_weight"),
+        input_encoder_weight=leaves.get("input_encoder_weight"),
+        z0=leaves.get("z0"),
+        backend=backend,
+        **opts,
+    )
     weights = per_k(leaves["weight"])
     encoders = per_k(leaves["encoder_weight"]) if "encoder_weight" in leaves else weights
     inputs = per_k(leaves["input_encoder_weight"]) if "input_encoder_weight" in leaves else encoders
-    want = _loop(leaves["x"], weights, encoders, inputs, leaves["threshold"], leaves["step"], (opts["stride"],) *
-                 (leaves["x"].dim() - 2), (opts["padding"],) * (leaves["x"].dim() - 2), opts["nonneg"],
-                 opts["fista"], leaves.get("z0"))
+    want = _loop(
+        leaves["x"],
+        weights,
+        encoders,
+        inputs,
+        leaves["threshold"],
+        leaves["step"],
+        (opts["stride"],) * (leaves["x"].dim() - 2),
+        (opts["padding"],) * (leaves["x"].dim() - 2),
+        opts["nonneg"],
+        opts["fista"],
+        leaves.get("z0"),
+    )
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert bool((got != 0).any()) and bool((got == 0).any())
     r = torch.randn(got.shape, generator=torch.Generator().manual_seed(2), dtype=D)
@@ -177,43 +240,77 @@ def test_conv_ista_variants_match_the_loop(name, backend):
 def test_conv_ista_variant_with_lam_is_threshold_step_times_lam():
     tensors, opts = _variant("input-encoder-2d")
     lam = 0.1 + 0.1 * torch.rand(3, 4, dtype=D)
-    a = DF.conv_ista(tensors["x"], tensors["weight"], lam, n_iter=3, step=tensors["step"],
-                     input_encoder_weight=tensors["input_encoder_weight"], backend="reference", **opts)
-    b = DF.conv_ista(tensors["x"], tensors["weight"], n_iter=3, step=tensors["step"],
-                     threshold=lam * tensors["step"][:, None], input_encoder_weight=tensors["input_encoder_weight"],
-                     backend="reference", **opts)
+    a = DF.conv_ista(
+        tensors["x"],
+        tensors["weight"],
+        lam,
+        n_iter=3,
+        step=tensors["step"],
+        input_encoder_weight=tensors["input_encoder_weight"],
+        backend="reference",
+        **opts,
+    )
+    b = DF.conv_ista(
+        tensors["x"],
+        tensors["weight"],
+        n_iter=3,
+        step=tensors["step"],
+        threshold=lam * tensors["step"][:, None],
+        input_encoder_weight=tensors["input_encoder_weight"],
+        backend="reference",
+        **opts,
+    )
     torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
 
 
 def test_conv_ista_variants_name_the_backends_that_run_them():
     tensors, opts = _variant("per-iteration-2d")
-    with pytest.raises(ValueError, match="backend='triton' cannot run per_iteration_weight .*backends that can: "
-                                         "reference, cpp"):
+    with pytest.raises(
+        ValueError, match="backend='triton' cannot run per_iteration_weight .*backends that can: reference, cpp"
+    ):
         DF.conv_ista(tensors["x"], tensors["weight"], 0.1, n_iter=3, backend="triton", **opts)
     for features in [("per_iteration_weight",), ("input_encoder",), ("per_iteration_weight", "input_encoder")]:
-        assert ops.select("conv_ista", "auto", torch.device("cpu"), torch.float64, features).name in ("cpp",
-                                                                                                      "reference")
-    assert ops.select("conv_ista", "auto", torch.device("cuda"), torch.float32, ("input_encoder",)).name \
-        == "reference"
+        assert ops.select("conv_ista", "auto", torch.device("cpu"), torch.float64, features).name in (
+            "cpp",
+            "reference",
+        )
+    assert ops.select("conv_ista", "auto", torch.device("cuda"), torch.float32, ("input_encoder",)).name == "reference"
 
 
-@pytest.mark.parametrize("overrides,error,words", [
-    (dict(weight=torch.randn(4, 4, 2, 3, 4, dtype=D)), ValueError, "weight holds 4 per-step dictionaries, expected "
-                                                                    "n_iter=3"),
-    (dict(input_encoder_weight=torch.randn(4, 2, 3, 3, dtype=D)), ValueError,
-     "input_encoder_weight must have the dictionary's shape"),
-    (dict(input_encoder_weight=torch.randn(4, 2, 3, 4)), TypeError, "must share one dtype"),
-    (dict(z0=torch.zeros(2, 4, 3, 3, dtype=D)), ValueError, "z0 must have the code's shape"),
-    (dict(step=torch.ones(2, dtype=D)), ValueError, "step must have shape"),
-    (dict(threshold=torch.full((3, 4), -0.1, dtype=D)), ValueError, "negative thresholds need nonneg"),
-    (dict(lam=0.1), ValueError, "exactly one of lam"),
-    (dict(n_iter=0), ValueError, "n_iter must be an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "overrides,error,words",
+    [
+        (
+            dict(weight=torch.randn(4, 4, 2, 3, 4, dtype=D)),
+            ValueError,
+            "weight holds 4 per-step dictionaries, expected n_iter=3",
+        ),
+        (
+            dict(input_encoder_weight=torch.randn(4, 2, 3, 3, dtype=D)),
+            ValueError,
+            "input_encoder_weight must have the dictionary's shape",
+        ),
+        (dict(input_encoder_weight=torch.randn(4, 2, 3, 4)), TypeError, "must share one dtype"),
+        (dict(z0=torch.zeros(2, 4, 3, 3, dtype=D)), ValueError, "z0 must have the code's shape"),
+        (dict(step=torch.ones(2, dtype=D)), ValueError, "step must have shape"),
+        (dict(threshold=torch.full((3, 4), -0.1, dtype=D)), ValueError, "negative thresholds need nonneg"),
+        (dict(lam=0.1), ValueError, "exactly one of lam"),
+        (dict(n_iter=0), ValueError, "n_iter must be an int >= 1"),
+    ],
+)
 def test_conv_ista_variants_reject_bad_input(overrides, error, words):
     tensors, opts = _variant("input-encoder-2d")
-    kwargs = dict(x=tensors["x"], weight=tensors["weight"], lam=None, n_iter=3, step=tensors["step"],
-                  threshold=tensors["threshold"], input_encoder_weight=tensors["input_encoder_weight"],
-                  backend="reference", **{**opts, "nonneg": False})
+    kwargs = dict(
+        x=tensors["x"],
+        weight=tensors["weight"],
+        lam=None,
+        n_iter=3,
+        step=tensors["step"],
+        threshold=tensors["threshold"],
+        input_encoder_weight=tensors["input_encoder_weight"],
+        backend="reference",
+        **{**opts, "nonneg": False},
+    )
     kwargs.update(overrides)
     x, weight, lam = kwargs.pop("x"), kwargs.pop("weight"), kwargs.pop("lam")
     with pytest.raises(error, match=words):

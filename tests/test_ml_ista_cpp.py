@@ -3,6 +3,7 @@ every case of ml_ista_problems (odd shapes, strides, FISTA, signed and negative 
 dictionaries, the interleaved iteration, z0, 1-D), both saving modes, float64 and float32; opcheck; torch.compile.
 
 The extension is built at import: on CI the compiler exists, so a failed build must fail this module loudly."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,20 +42,35 @@ def test_cpp_matches_reference_float64(case, recompute):
     _assert_close(got_codes, got, want_codes, want, 1e-10, 1e-10, case)
 
 
-@pytest.mark.parametrize("case", ["mnist-like-fista", "ml-lista", "all-free-interleaved", "1d-two-layer",
-                                  "signed-step-thresholds"])
+@pytest.mark.parametrize(
+    "case", ["mnist-like-fista", "ml-lista", "all-free-interleaved", "1d-two-layer", "signed-step-thresholds"]
+)
 def test_cpp_matches_reference_float32(case):
     """Against the float64 reference: float32 rounding only (the cases keep every pre-activation away from its
     threshold by more than that, so no support flips)."""
     problem64 = make_problem(case)
-    problem32 = {k: ([None if t is None else t.float() for t in v] if isinstance(v, list) and k != "strides"
-                     and k != "paddings" and k != "grads" else v.float() if isinstance(v, torch.Tensor) else v)
-                 for k, v in problem64.items()}
+    problem32 = {
+        k: (
+            [None if t is None else t.float() for t in v]
+            if isinstance(v, list) and k != "strides" and k != "paddings" and k != "grads"
+            else v.float()
+            if isinstance(v, torch.Tensor)
+            else v
+        )
+        for k, v in problem64.items()
+    }
     want_codes, want = codes_and_grads(lambda p: run_functional(p, "reference"), problem64)
     got_codes, got = codes_and_grads(lambda p: run_functional(p, "cpp"), problem32)
     assert all(c.dtype == torch.float32 for c in got_codes)
-    _assert_close([c.double() for c in got_codes], {k: None if g is None else g.double() for k, g in got.items()},
-                  want_codes, want, 1e-4, 2e-5, case)
+    _assert_close(
+        [c.double() for c in got_codes],
+        {k: None if g is None else g.double() for k, g in got.items()},
+        want_codes,
+        want,
+        1e-4,
+        2e-5,
+        case,
+    )
 
 
 def test_cpp_without_grad_saves_nothing():
@@ -69,14 +85,37 @@ def test_cpp_without_grad_saves_nothing():
 def _op_inputs(case: str, checkpoint: int):
     p = make_problem(case)
     args = ml_args.ml_ista_arguments(
-        p["x"], p["weights"], p["thresholds"], n_iter=p["n_iter"], steps=p["steps"], strides=p["strides"],
-        paddings=p["paddings"], encoder_weights=p["encoder_weights"], input_encoder_weights=p["input_encoder_weights"],
-        z0=p.get("z0"), nonneg=p["nonneg"], interleaved=p["interleaved"], default_step=None)
+        p["x"],
+        p["weights"],
+        p["thresholds"],
+        n_iter=p["n_iter"],
+        steps=p["steps"],
+        strides=p["strides"],
+        paddings=p["paddings"],
+        encoder_weights=p["encoder_weights"],
+        input_encoder_weights=p["input_encoder_weights"],
+        z0=p.get("z0"),
+        nonneg=p["nonneg"],
+        interleaved=p["interleaved"],
+        default_step=None,
+    )
     req = [t.requires_grad_() for t in (p["x"], *args["weights"], *args["thresholds"], *args["steps"])]
     assert req
-    return (p["x"], args["weights"], args["encoder_weights"], args["input_encoder_weights"], args["thresholds"],
-            args["steps"], args["z0"], args["strides"], args["paddings"], p["nonneg"], p["fista"],
-            not p["interleaved"], checkpoint)
+    return (
+        p["x"],
+        args["weights"],
+        args["encoder_weights"],
+        args["input_encoder_weights"],
+        args["thresholds"],
+        args["steps"],
+        args["z0"],
+        args["strides"],
+        args["paddings"],
+        p["nonneg"],
+        p["fista"],
+        not p["interleaved"],
+        checkpoint,
+    )
 
 
 @pytest.mark.parametrize("checkpoint", [1, 0])
@@ -93,6 +132,7 @@ def test_cpp_ops_pass_opcheck(case, checkpoint):
         if isinstance(v, (list, tuple)):
             return [t.detach() if torch.is_tensor(t) else t for t in v]
         return v.detach() if torch.is_tensor(v) else v
+
     bwd_inputs = (grads, *inputs[:7], codes, saved, *inputs[7:])
     torch.library.opcheck(pair.backward, tuple(detached(v) for v in bwd_inputs))
 
@@ -101,8 +141,17 @@ def test_cpp_ops_pass_opcheck(case, checkpoint):
 @pytest.mark.parametrize("mode", ["ml-fista", "interleaved"])
 def test_module_compiles_with_fullgraph(mode, backend):
     torch.manual_seed(0)
-    net = MultiLayerSparseCoding2d([1, 3, 4], [4, 3], strides=[2, 1], n_iter=2, mode=mode, bias=-0.01,
-                                   untied_unfoldings=mode == "interleaved", backend=backend, dtype=torch.float64)
+    net = MultiLayerSparseCoding2d(
+        [1, 3, 4],
+        [4, 3],
+        strides=[2, 1],
+        n_iter=2,
+        mode=mode,
+        bias=-0.01,
+        untied_unfoldings=mode == "interleaved",
+        backend=backend,
+        dtype=torch.float64,
+    )
     x = torch.rand(2, 1, 12, 12, dtype=torch.float64)
     eager = net(x)
     eager_grads = torch.autograd.grad(sum(c.sum() for c in eager), list(net.parameters()))
@@ -124,8 +173,12 @@ def test_cpp_every_saving_mode_gives_the_same_gradients(checkpoint):
     g = torch.Generator().manual_seed(1)
     loss = sum((c * torch.randn(c.shape, generator=g, dtype=torch.float64)).sum() for c in codes)
     grads = torch.autograd.grad(loss, leaves)
-    names = ["x", *[f"weights[{j}]" for j in range(3)], *[f"thresholds[{j}]" for j in range(3)],
-             *[f"steps[{j}]" for j in range(3)]]
+    names = [
+        "x",
+        *[f"weights[{j}]" for j in range(3)],
+        *[f"thresholds[{j}]" for j in range(3)],
+        *[f"steps[{j}]" for j in range(3)],
+    ]
     for name, got in zip(names, grads):
         w = want[name]
         got = got if got.shape == w.shape else got.sum(0)  # canonical per-step / shared stacks -> the user's shape
@@ -142,6 +195,7 @@ def test_recompute_keeps_less_for_the_backward():
         def pack(t):
             sizes.append(t.numel())
             return t
+
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             run_functional({**problem, "x": problem["x"].clone().requires_grad_()}, "cpp", recompute=recompute)
         kept[recompute] = sum(sizes)
@@ -150,6 +204,7 @@ def test_recompute_keeps_less_for_the_backward():
 
 def test_auto_picks_cpp_for_float_cpu_tensors():
     from dsc_kernels import ops
+
     assert ops.select("ml_ista", "auto", torch.device("cpu"), torch.float32).name == "cpp"
     assert ops.select("ml_ista", "auto", torch.device("cpu"), torch.bfloat16).name == "reference"
     assert "cpp" in ops.available("ml_ista", "cpu") and DF.available_backends("cpu")

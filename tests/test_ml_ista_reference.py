@@ -1,5 +1,6 @@
 """The multi-layer pursuit reference (dsc_kernels/reference/ml_ista.py): the eager oracle against independent loops
 written as the published networks are, and the hand-written VJP against autograd through the oracle."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,9 +18,11 @@ D = torch.float64
 def _mnist_like(seed=0, c=(4, 6, 8)):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 1, 28, 28, generator=g, dtype=D)
-    ws = [0.3 * torch.randn(c[0], 1, 6, 6, generator=g, dtype=D),
-          0.1 * torch.randn(c[1], c[0], 6, 6, generator=g, dtype=D),
-          0.1 * torch.randn(c[2], c[1], 4, 4, generator=g, dtype=D)]
+    ws = [
+        0.3 * torch.randn(c[0], 1, 6, 6, generator=g, dtype=D),
+        0.1 * torch.randn(c[1], c[0], 6, 6, generator=g, dtype=D),
+        0.1 * torch.randn(c[2], c[1], 4, 4, generator=g, dtype=D),
+    ]
     bs = [0.05 * torch.randn(1, m, 1, 1, generator=g, dtype=D) for m in c]
     return x, ws, bs
 
@@ -32,7 +35,7 @@ def _published_ml_ista(x, ws, bs, cs, T, fista):
     g3 = F.relu(c3 * F.conv2d(g2, w3, stride=1) + b3)
     t, g3_prev = 1.0, g3
     for _ in range(T):
-        t_prev, t = t, (1 + (1 + 4 * t ** 2) ** 0.5) / 2
+        t_prev, t = t, (1 + (1 + 4 * t**2) ** 0.5) / 2
         z = g3 + (t_prev - 1) / t * (g3 - g3_prev) if fista else g3
         g3_prev = g3
         g2 = F.conv_transpose2d(z, w3, stride=1)
@@ -48,8 +51,9 @@ def test_matches_the_published_ml_ista_and_ml_fista(fista):
     x, ws, bs = _mnist_like()
     cs = [0.7, 0.9, 1.1]
     want = _published_ml_ista(x, ws, bs, cs, 4, fista)
-    got = DF.ml_ista(x, ws, [-b.flatten() for b in bs], n_iter=4, steps=cs, strides=[2, 2, 1], fista=fista,
-                     backend="reference")
+    got = DF.ml_ista(
+        x, ws, [-b.flatten() for b in bs], n_iter=4, steps=cs, strides=[2, 2, 1], fista=fista, backend="reference"
+    )
     assert any(bool((g > 0).any()) and bool((g == 0).any()) for g in got)  # a nontrivial support
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
@@ -72,11 +76,23 @@ def test_matches_the_published_ml_lista():
         below = x
         for j in range(3):
             w, bw, s = ws[j], bws[j], strides[j]
-            gam[j] = F.relu(gam[j] - F.conv2d(F.conv_transpose2d(gam[j], w, stride=s), w, stride=s)
-                            + F.conv2d(below, bw, stride=s) + bs[j])
+            gam[j] = F.relu(
+                gam[j]
+                - F.conv2d(F.conv_transpose2d(gam[j], w, stride=s), w, stride=s)
+                + F.conv2d(below, bw, stride=s)
+                + bs[j]
+            )
             below = gam[j]
-    got = DF.ml_ista(x, ws, [-b.flatten() for b in bs], n_iter=3, steps=[1.0] * 3, strides=strides,
-                     input_encoder_weights=bws, backend="reference")
+    got = DF.ml_ista(
+        x,
+        ws,
+        [-b.flatten() for b in bs],
+        n_iter=3,
+        steps=[1.0] * 3,
+        strides=strides,
+        input_encoder_weights=bws,
+        backend="reference",
+    )
     for a, b in zip(got, gam):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
 
@@ -97,12 +113,24 @@ def test_matches_the_published_all_free_network():
         below = x
         for j in range(3):
             w_syn, w_ana, s = filters[j][t - 1], filters[j][t], strides[j]
-            gam[j] = F.relu(gam[j] - F.conv2d(F.conv_transpose2d(gam[j], w_syn, stride=s) - below, w_ana, stride=s)
-                            + biases[j][t].view(1, -1, 1, 1))
+            gam[j] = F.relu(
+                gam[j]
+                - F.conv2d(F.conv_transpose2d(gam[j], w_syn, stride=s) - below, w_ana, stride=s)
+                + biases[j][t].view(1, -1, 1, 1)
+            )
             below = gam[j]
     synthesis = [torch.cat([f[:1], f[:-1]]) for f in filters]  # step 0 starts from zero: its synthesis is unused
-    got = DF.ml_ista(x, synthesis, [-b for b in biases], n_iter=T, steps=[1.0] * 3, strides=strides,
-                     encoder_weights=filters, interleaved=True, backend="reference")
+    got = DF.ml_ista(
+        x,
+        synthesis,
+        [-b for b in biases],
+        n_iter=T,
+        steps=[1.0] * 3,
+        strides=strides,
+        encoder_weights=filters,
+        interleaved=True,
+        backend="reference",
+    )
     for a, b in zip(got, gam):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
 
@@ -114,8 +142,18 @@ def test_one_layer_is_conv_ista(fista):
     lam = torch.rand(4, 3, dtype=D) * 0.2
     z0 = torch.randn(2, 3, 10, 10, dtype=D) * 0.3
     want = conv_ista_ref(p["x"], w, lam, s, stride=1, padding=1, z0=z0, nonneg=False, fista=fista)
-    got = DF.ml_ista(p["x"], [w], [lam * s[:, None]], n_iter=3, steps=[s], paddings=[1], z0=z0, nonneg=False,
-                     fista=fista, backend="reference")
+    got = DF.ml_ista(
+        p["x"],
+        [w],
+        [lam * s[:, None]],
+        n_iter=3,
+        steps=[s],
+        paddings=[1],
+        z0=z0,
+        nonneg=False,
+        fista=fista,
+        backend="reference",
+    )
     torch.testing.assert_close(got[0], want, rtol=0, atol=1e-13)
 
 
@@ -136,9 +174,16 @@ def test_hand_written_vjp_matches_autograd(case, recompute):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-11, msg=lambda m: f"{case}: {name}: {m}")
 
 
-@pytest.mark.parametrize("case,fast", [
-    ("two-layer-stride2-odd", True), ("ml-lista", True), ("all-free-interleaved", True), ("z0-fista", True),
-    pytest.param("ml-lista", False, marks=pytest.mark.slow, id="ml-lista-full-jacobian")])
+@pytest.mark.parametrize(
+    "case,fast",
+    [
+        ("two-layer-stride2-odd", True),
+        ("ml-lista", True),
+        ("all-free-interleaved", True),
+        ("z0-fista", True),
+        pytest.param("ml-lista", False, marks=pytest.mark.slow, id="ml-lista-full-jacobian"),
+    ],
+)
 def test_reference_op_gradcheck(case, fast):
     """fp64 gradcheck of the hand-written VJP (fast mode: random directions; the full Jacobian is marked slow)."""
     problem = make_problem(case)
@@ -146,6 +191,7 @@ def test_reference_op_gradcheck(case, fast):
     if "z0" in problem:
         problem["z0"] = problem["z0"][:1]
     from ml_ista_problems import flat_leaves, leaves
+
     p = leaves(problem)
     named = flat_leaves(p)
 
@@ -166,14 +212,38 @@ def test_reference_op_gradcheck(case, fast):
 def test_reference_ops_pass_opcheck():
     problem = make_problem("mixed-encoders")
     from dsc_kernels import _ml_ista_args as ml_args
+
     p = problem
     args = ml_args.ml_ista_arguments(
-        p["x"], p["weights"], p["thresholds"], n_iter=p["n_iter"], steps=p["steps"], strides=p["strides"],
-        paddings=p["paddings"], encoder_weights=p["encoder_weights"], input_encoder_weights=p["input_encoder_weights"],
-        z0=None, nonneg=p["nonneg"], interleaved=False, default_step=None)
+        p["x"],
+        p["weights"],
+        p["thresholds"],
+        n_iter=p["n_iter"],
+        steps=p["steps"],
+        strides=p["strides"],
+        paddings=p["paddings"],
+        encoder_weights=p["encoder_weights"],
+        input_encoder_weights=p["input_encoder_weights"],
+        z0=None,
+        nonneg=p["nonneg"],
+        interleaved=False,
+        default_step=None,
+    )
     fwd = ml_ista_ops.op_pair("reference").forward
     for checkpoint in (1, 0):
-        inputs = (p["x"].requires_grad_(), [w.requires_grad_() for w in args["weights"]], args["encoder_weights"],
-                  args["input_encoder_weights"], args["thresholds"], args["steps"], args["z0"], args["strides"],
-                  args["paddings"], p["nonneg"], False, True, checkpoint)
+        inputs = (
+            p["x"].requires_grad_(),
+            [w.requires_grad_() for w in args["weights"]],
+            args["encoder_weights"],
+            args["input_encoder_weights"],
+            args["thresholds"],
+            args["steps"],
+            args["z0"],
+            args["strides"],
+            args["paddings"],
+            p["nonneg"],
+            False,
+            True,
+            checkpoint,
+        )
         torch.library.opcheck(fwd, inputs)

@@ -1,4 +1,5 @@
 """The drop-in layers: shapes, state dicts, options, training, devices/dtypes and torch.compile."""
+
 import pytest
 import torch
 
@@ -29,8 +30,9 @@ def test_dictionary_has_unit_norm_filters_and_the_step_is_one_over_L():
 def test_layer_equals_functional_call():
     layer = ConvSparseCoding2d(2, 4, 3, n_iter=4, lam=0.05, fista=True, nonneg=True, backend="reference").eval()
     x = torch.randn(2, 2, 9, 9)
-    expected = DF.conv_ista(x, layer.weight, 0.05, n_iter=4, step=layer.step.item(), padding=1, fista=True,
-                            nonneg=True, backend="reference")
+    expected = DF.conv_ista(
+        x, layer.weight, 0.05, n_iter=4, step=layer.step.item(), padding=1, fista=True, nonneg=True, backend="reference"
+    )
     torch.testing.assert_close(layer(x), expected)
 
 
@@ -47,8 +49,9 @@ def test_state_dict_keys_and_learned_parameters():
 
 def test_training_lowers_reconstruction_error():
     torch.manual_seed(0)
-    layer = ConvSparseCoding2d(1, 8, 5, n_iter=5, lam=0.01, learn_lam=True, learn_step=True, untied=True,
-                               backend="reference")
+    layer = ConvSparseCoding2d(
+        1, 8, 5, n_iter=5, lam=0.01, learn_lam=True, learn_step=True, untied=True, backend="reference"
+    )
     x = torch.randn(4, 1, 12, 12)
     opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
     losses = []
@@ -89,17 +92,24 @@ def test_deep_sparse_coding_layers_and_decode():
         DeepSparseCoding2d([1, 4, 8], [5, 3, 3])
 
 
-@pytest.mark.parametrize("compiler,make", [
-    ("inductor", lambda: ConvSparseCoding2d(1, 4, 3, n_iter=3, learn_lam=True, backend="reference")),
-    # aot_eager captures the same full graph (forward and backward) without inductor's slow code generation.
-    ("aot_eager", lambda: ConvSparseCoding1d(2, 4, 5, n_iter=3, fista=True, untied=True, backend="reference")),
-    ("aot_eager", lambda: DeepSparseCoding2d([1, 4, 6], 3, n_iter=2, backend="reference")),
-    ("aot_eager", lambda: SoftThreshold(0.1, num_channels=2)),
-])
+@pytest.mark.parametrize(
+    "compiler,make",
+    [
+        ("inductor", lambda: ConvSparseCoding2d(1, 4, 3, n_iter=3, learn_lam=True, backend="reference")),
+        # aot_eager captures the same full graph (forward and backward) without inductor's slow code generation.
+        ("aot_eager", lambda: ConvSparseCoding1d(2, 4, 5, n_iter=3, fista=True, untied=True, backend="reference")),
+        ("aot_eager", lambda: DeepSparseCoding2d([1, 4, 6], 3, n_iter=2, backend="reference")),
+        ("aot_eager", lambda: SoftThreshold(0.1, num_channels=2)),
+    ],
+)
 def test_modules_compile_with_fullgraph(compiler, make):
     module = make()
-    x = torch.randn(2, 2 if isinstance(module, (ConvSparseCoding1d, SoftThreshold)) else 1,
-                    *((17,) if isinstance(module, ConvSparseCoding1d) else (9, 9)), requires_grad=True)
+    x = torch.randn(
+        2,
+        2 if isinstance(module, (ConvSparseCoding1d, SoftThreshold)) else 1,
+        *((17,) if isinstance(module, ConvSparseCoding1d) else (9, 9)),
+        requires_grad=True,
+    )
     compiled_module = torch.compile(module, fullgraph=True, backend=compiler)
     # Training mode traces the step tracking (power iteration, in-place buffer update) into the same graph.
     out = compiled_module(x)
@@ -112,28 +122,31 @@ def test_modules_compile_with_fullgraph(compiler, make):
 
 
 # ------------------------------------------------------------------------ argument checking (issue: hardening)
-@pytest.mark.parametrize("make,name", [
-    (lambda: ConvSparseCoding2d(3, 4, 3, step=-1.0), "step"),
-    (lambda: ConvSparseCoding2d(3, 4, 3, step=0.0), "step"),
-    (lambda: ConvSparseCoding2d(3, 4, 3, lam=-0.1), "lam"),
-    (lambda: ConvSparseCoding2d(3, 4, 3, lam=float("nan")), "lam"),
-    (lambda: ConvSparseCoding2d(3, 4, 3, lam=torch.tensor([0.1, -0.1, 0.1, 0.1])), "lam"),
-    (lambda: ConvSparseCoding2d(3, 4, 3, threshold=-0.1), "threshold"),
-    (lambda: ConvSparseCoding2d(3, 4, 3, step=float("inf")), "step"),
-    (lambda: SoftThreshold(-1), "threshold"),
-    (lambda: DeepSparseCoding2d([1, 4, 8], 3, lams=-0.1), "lams"),
-    (lambda: DeepSparseCoding2d([1, 4, 8], 3, lams=[0.1, -0.1]), "lams"),
-    (lambda: ConvSparseCoding2d(3, 4, (3,)), "kernel_size"),
-    (lambda: ConvSparseCoding2d(3, 4, 0), "kernel_size"),
-    (lambda: ConvSparseCoding2d(3, 4, 3, stride=0), "stride"),
-    (lambda: ConvSparseCoding2d(3, 4, 3, padding="full"), "padding"),
-    (lambda: ConvSparseCoding2d(3, 4, 4, padding="same"), "padding"),
-    (lambda: ConvSparseCoding2d(3, 4, 3, stride=2, padding="same"), "padding"),
-    (lambda: ConvSparseCoding2d(0, 4, 3), "in_channels"),
-    (lambda: ConvSparseCoding2d(3, 4, 3, n_iter=0), "n_iter"),
-    (lambda: ConvSparseCoding2d(3, 4, 3, backend=None), "backend"),
-    (lambda: ConvSparseCoding2d(3, 4, 3, lam=0.1, threshold=0.1), "lam"),
-])
+@pytest.mark.parametrize(
+    "make,name",
+    [
+        (lambda: ConvSparseCoding2d(3, 4, 3, step=-1.0), "step"),
+        (lambda: ConvSparseCoding2d(3, 4, 3, step=0.0), "step"),
+        (lambda: ConvSparseCoding2d(3, 4, 3, lam=-0.1), "lam"),
+        (lambda: ConvSparseCoding2d(3, 4, 3, lam=float("nan")), "lam"),
+        (lambda: ConvSparseCoding2d(3, 4, 3, lam=torch.tensor([0.1, -0.1, 0.1, 0.1])), "lam"),
+        (lambda: ConvSparseCoding2d(3, 4, 3, threshold=-0.1), "threshold"),
+        (lambda: ConvSparseCoding2d(3, 4, 3, step=float("inf")), "step"),
+        (lambda: SoftThreshold(-1), "threshold"),
+        (lambda: DeepSparseCoding2d([1, 4, 8], 3, lams=-0.1), "lams"),
+        (lambda: DeepSparseCoding2d([1, 4, 8], 3, lams=[0.1, -0.1]), "lams"),
+        (lambda: ConvSparseCoding2d(3, 4, (3,)), "kernel_size"),
+        (lambda: ConvSparseCoding2d(3, 4, 0), "kernel_size"),
+        (lambda: ConvSparseCoding2d(3, 4, 3, stride=0), "stride"),
+        (lambda: ConvSparseCoding2d(3, 4, 3, padding="full"), "padding"),
+        (lambda: ConvSparseCoding2d(3, 4, 4, padding="same"), "padding"),
+        (lambda: ConvSparseCoding2d(3, 4, 3, stride=2, padding="same"), "padding"),
+        (lambda: ConvSparseCoding2d(0, 4, 3), "in_channels"),
+        (lambda: ConvSparseCoding2d(3, 4, 3, n_iter=0), "n_iter"),
+        (lambda: ConvSparseCoding2d(3, 4, 3, backend=None), "backend"),
+        (lambda: ConvSparseCoding2d(3, 4, 3, lam=0.1, threshold=0.1), "lam"),
+    ],
+)
 def test_bad_arguments_raise_at_construction_naming_the_argument(make, name):
     with pytest.raises((ValueError, TypeError), match=name):
         make()
@@ -149,6 +162,7 @@ def test_padding_same_and_valid_like_conv2d():
 
 def test_docstring_documents_every_argument():
     import inspect
+
     doc = ConvSparseCoding2d.__doc__
     for name in inspect.signature(ConvSparseCoding2d.__init__).parameters:
         if name != "self":
@@ -171,8 +185,9 @@ def test_meta_device_construction_then_materialise():
 
 # ------------------------------------------------------------------------------- step tracking (dictionary learning)
 def _inverse_lipschitz(layer) -> float:
-    return 1 / DF.lipschitz_constant(layer.weight.detach(), layer._probe_size(), stride=layer.stride,
-                                     padding=layer.padding, n_iter=200)
+    return 1 / DF.lipschitz_constant(
+        layer.weight.detach(), layer._probe_size(), stride=layer.stride, padding=layer.padding, n_iter=200
+    )
 
 
 def test_step_stays_one_over_L_while_the_dictionary_grows():
@@ -228,12 +243,14 @@ def test_learned_values_are_projected_after_optimizer_steps_never_clamped_in_for
     with pytest.raises(ValueError, match="lam"):
         layer(torch.randn(1, 1, 6, 6))
     from dsc_kernels.nn import project_
+
     project_(layer)
     assert float(layer.lam.min()) == 0.0
 
 
 def test_copies_are_projected_too():
     import copy
+
     layer = copy.deepcopy(ConvSparseCoding2d(1, 3, 3, n_iter=2, learn_lam=True))
     optimizer = torch.optim.SGD([layer.lam], lr=10.0)
     layer.lam.grad = torch.ones_like(layer.lam)
@@ -279,12 +296,22 @@ def test_load_state_dict_keeps_the_step_and_the_outputs():
 def test_absolute_threshold_parameterisation_matches_functional():
     x = torch.randn(2, 2, 9, 9)
     thresholds = torch.tensor([[0.1, -0.05, 0.0, 0.2], [0.05, -0.1, 0.1, 0.0], [0.0, 0.1, -0.2, 0.1]])
-    layer = ConvSparseCoding2d(2, 4, 3, n_iter=3, threshold=thresholds, nonneg=True, learn_threshold=True,
-                               untied=True, backend="reference").eval()
+    layer = ConvSparseCoding2d(
+        2, 4, 3, n_iter=3, threshold=thresholds, nonneg=True, learn_threshold=True, untied=True, backend="reference"
+    ).eval()
     assert "threshold" in layer.state_dict() and "lam" not in layer.state_dict()
     assert layer.constraints() == [] or all(p is not layer.threshold for p, _ in layer.constraints())
-    expected = DF.conv_ista(x, layer.weight, threshold=thresholds, n_iter=3, step=layer.step, padding=1,
-                            encoder_weight=layer.encoder_weight, nonneg=True, backend="reference")
+    expected = DF.conv_ista(
+        x,
+        layer.weight,
+        threshold=thresholds,
+        n_iter=3,
+        step=layer.step,
+        padding=1,
+        encoder_weight=layer.encoder_weight,
+        nonneg=True,
+        backend="reference",
+    )
     torch.testing.assert_close(layer(x), expected)
     signed = ConvSparseCoding2d(2, 4, 3, n_iter=3, threshold=0.1, learn_threshold=True, backend="reference")
     assert [p is signed.threshold for p, _ in signed.constraints()] == [True]  # kept >= 0 by projection

@@ -1,4 +1,5 @@
 """The op interface every fused backend plugs into, exercised with the pure-PyTorch "reference" ops."""
+
 import pytest
 import torch
 from helpers import conv_problem
@@ -8,10 +9,26 @@ from dsc_kernels.reference import conv_ista_ref
 
 
 def canonical_args(p, nonneg, fista, checkpoint):
-    z0 = p["z0"] if p["z0"] is not None else torch.zeros_like(conv_ista_ref(
-        p["x"], p["weight"], p["lam"], p["step"], stride=p["stride"], padding=p["padding"]))
-    return (p["x"], p["weight"], p["encoder_weight"], p["lam"], p["step"], z0, list(p["stride"]),
-            list(p["padding"]), nonneg, fista, checkpoint)
+    z0 = (
+        p["z0"]
+        if p["z0"] is not None
+        else torch.zeros_like(
+            conv_ista_ref(p["x"], p["weight"], p["lam"], p["step"], stride=p["stride"], padding=p["padding"])
+        )
+    )
+    return (
+        p["x"],
+        p["weight"],
+        p["encoder_weight"],
+        p["lam"],
+        p["step"],
+        z0,
+        list(p["stride"]),
+        list(p["padding"]),
+        nonneg,
+        fista,
+        checkpoint,
+    )
 
 
 @pytest.mark.parametrize("checkpoint", [1, 2, 0])

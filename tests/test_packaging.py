@@ -1,4 +1,5 @@
 """An installed package (a built wheel, not the source tree) builds its C++ extension and runs the cpp backend."""
+
 import os
 import subprocess
 import sys

@@ -2,6 +2,7 @@
 Elad, TPAMI 2019) written in eager PyTorch as their papers and code describe them, then run on our ops with the
 parameter mapping of docs/porting.md: outputs and every parameter gradient agree to 1e-12 in float64, on the
 reference and the cpp backends (small sizes; the benchmark runs the published ones)."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,12 @@ import dsc_kernels.functional as DF
 from dsc_kernels.nn import MultiLayerSparseCoding2d
 
 D = torch.float64
-BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(
-    "cpp" not in DF.available_backends("cpu"), reason="C++ extension unavailable"))]
+BACKENDS = [
+    "reference",
+    pytest.param(
+        "cpp", marks=pytest.mark.skipif("cpp" not in DF.available_backends("cpu"), reason="C++ extension unavailable")
+    ),
+]
 
 
 # ------------------------------------------------------------------------------------ the ML-ISTA family, eager
@@ -34,6 +39,7 @@ class PublishedMLNet(nn.Module):
 
         def filters(j):
             return nn.Parameter(0.1 / (m[j] * k[j] ** 2) ** 0.5 * rnd(copies, m[j + 1], m[j], k[j], k[j]).squeeze(0))
+
         self.W = nn.ParameterList(filters(j) for j in range(3))
         self.B = nn.ParameterList(filters(j) for j in range(3)) if kind == "ml-lista" else None
         self.b = nn.ParameterList(nn.Parameter(0.02 * rnd(copies, 1, m[j + 1], 1, 1).squeeze(0)) for j in range(3))
@@ -72,8 +78,12 @@ class PublishedMLNet(nn.Module):
                 g[0] = F.conv_transpose2d(g[1], B[1], stride=s[1])
                 below = x
                 for j in range(3):
-                    g[j] = F.relu(g[j] - F.conv2d(F.conv_transpose2d(g[j], W[j], stride=s[j]), W[j], stride=s[j])
-                                  + F.conv2d(below, B[j], stride=s[j]) + b[j])
+                    g[j] = F.relu(
+                        g[j]
+                        - F.conv2d(F.conv_transpose2d(g[j], W[j], stride=s[j]), W[j], stride=s[j])
+                        + F.conv2d(below, B[j], stride=s[j])
+                        + b[j]
+                    )
                     below = g[j]
         elif self.kind == "layered":
             g, below = [], x
@@ -89,7 +99,7 @@ class PublishedMLNet(nn.Module):
             g3 = F.relu(c[2] * F.conv2d(g2, W[2], stride=s[2]) + b[2])
             t, g3_prev = 1.0, g3
             for _ in range(self.T):
-                t_prev, t = t, (1 + (1 + 4 * t ** 2) ** 0.5) / 2
+                t_prev, t = t, (1 + (1 + 4 * t**2) ** 0.5) / 2
                 z = g3 + (t_prev - 1) / t * (g3 - g3_prev) if self.kind == "ml-fista" else g3
                 g3_prev = g3
                 g2 = F.conv_transpose2d(z, W[2], stride=s[2])
@@ -106,11 +116,19 @@ def port(published: PublishedMLNet, backend: str, recompute: bool = False) -> Mu
     B_j -> input_encoders.j; All-Free's W_j_t / b_j_t stacked over t."""
     kind = published.kind
     mode = {"all-free": "interleaved", "ml-lista": "ml-ista"}.get(kind, kind)
-    net = MultiLayerSparseCoding2d(list(published.m), list(published.k), strides=list(published.strides),
-                                   n_iter=published.T, mode=mode, untied_unfoldings=kind == "all-free",
-                                   input_encoders=kind == "ml-lista",
-                                   learn_steps=kind in ("ml-ista", "ml-fista", "layered"), recompute=recompute,
-                                   backend=backend, dtype=published.W[0].dtype)
+    net = MultiLayerSparseCoding2d(
+        list(published.m),
+        list(published.k),
+        strides=list(published.strides),
+        n_iter=published.T,
+        mode=mode,
+        untied_unfoldings=kind == "all-free",
+        input_encoders=kind == "ml-lista",
+        learn_steps=kind in ("ml-ista", "ml-fista", "layered"),
+        recompute=recompute,
+        backend=backend,
+        dtype=published.W[0].dtype,
+    )
     with torch.no_grad():
         for j in range(3):
             net.weights[j].copy_(published.W[j])
@@ -142,8 +160,11 @@ def test_ml_ista_family_ports_exactly(kind, backend):
     got_out = F.log_softmax(published.Wclass(net(x)[-1].flatten(1)), dim=1)
     assert bool((want_out != want_out[:, :1]).any())  # the classifier sees a nontrivial code
     torch.testing.assert_close(got_out, want_out, rtol=0, atol=1e-12)
-    want = {name: p.grad.clone() for name, p in published.named_parameters()
-            if not name.startswith("Wclass") and p.grad is not None}  # ML-LISTA and All-Free leave c unused
+    want = {
+        name: p.grad.clone()
+        for name, p in published.named_parameters()
+        if not name.startswith("Wclass") and p.grad is not None
+    }  # ML-LISTA and All-Free leave c unused
     published.zero_grad()
     F.nll_loss(got_out, labels).backward()
     got = {}
@@ -162,11 +183,17 @@ def calc_pad_sizes(I: torch.Tensor, kernel_size: int, stride: int):
     """CSCNet's padding: `stride` on the left/top, and enough on the right/bottom that the strided grid ends on
     the image, plus `stride`."""
     left_pad = stride
-    right_pad = 0 if (I.shape[3] + left_pad - kernel_size) % stride == 0 else \
-        stride - ((I.shape[3] + left_pad - kernel_size) % stride)
+    right_pad = (
+        0
+        if (I.shape[3] + left_pad - kernel_size) % stride == 0
+        else stride - ((I.shape[3] + left_pad - kernel_size) % stride)
+    )
     top_pad = stride
-    bot_pad = 0 if (I.shape[2] + top_pad - kernel_size) % stride == 0 else \
-        stride - ((I.shape[2] + top_pad - kernel_size) % stride)
+    bot_pad = (
+        0
+        if (I.shape[2] + top_pad - kernel_size) % stride == 0
+        else stride - ((I.shape[2] + top_pad - kernel_size) % stride)
+    )
     return left_pad, right_pad + stride, top_pad, bot_pad + stride
 
 
@@ -195,10 +222,12 @@ class CSCNet(nn.Module):
 
         def near_a():
             return nn.Parameter((A + 0.01 * torch.randn(A.shape, generator=g, dtype=torch.float64)).to(dtype))
+
         self.A = nn.Parameter(A.to(dtype))
         self.B, self.C = near_a(), near_a()
-        self.threshold = nn.Parameter(threshold * (1 + torch.rand(1, num_filters, 1, 1, generator=g,
-                                                                  dtype=torch.float64)).to(dtype))
+        self.threshold = nn.Parameter(
+            threshold * (1 + torch.rand(1, num_filters, 1, 1, generator=g, dtype=torch.float64)).to(dtype)
+        )
         self.kernel_size, self.stride, self.unfoldings = kernel_size, stride, unfoldings
 
     def soft_threshold(self, x):
@@ -213,7 +242,7 @@ class CSCNet(nn.Module):
             x_k = F.conv_transpose2d(gamma, self.A, stride=self.stride)
             gamma = self.soft_threshold(gamma - F.conv2d(x_k - padded, self.B, stride=self.stride))
         out = F.conv_transpose2d(gamma, self.C, stride=self.stride)
-        cropped = torch.masked_select(out, valids.bool()).reshape(I.shape[0], self.stride ** 2, *I.shape[1:])
+        cropped = torch.masked_select(out, valids.bool()).reshape(I.shape[0], self.stride**2, *I.shape[1:])
         return cropped.mean(dim=1)
 
 
@@ -221,10 +250,19 @@ def cscnet_on_our_ops(net: CSCNet, I: torch.Tensor, backend: str, recompute: boo
     """docs/porting.md: the unfoldings are one conv_ista call (A the dictionary, B the encoder, step 1, the threshold
     absolute and per channel), the decoder C a conv_synthesis; the shifted-copy averaging stays theirs."""
     padded, valids = split_image(I, net.kernel_size, net.stride)
-    gamma = DF.conv_ista(padded, net.A, threshold=net.threshold.view(-1), n_iter=net.unfoldings, step=1.0,
-                         encoder_weight=net.B, stride=net.stride, backend=backend, recompute=recompute)
+    gamma = DF.conv_ista(
+        padded,
+        net.A,
+        threshold=net.threshold.view(-1),
+        n_iter=net.unfoldings,
+        step=1.0,
+        encoder_weight=net.B,
+        stride=net.stride,
+        backend=backend,
+        recompute=recompute,
+    )
     out = DF.conv_synthesis(gamma, net.C, stride=net.stride, signal_size=padded.shape[2:])
-    cropped = torch.masked_select(out, valids.bool()).reshape(I.shape[0], net.stride ** 2, *I.shape[1:])
+    cropped = torch.masked_select(out, valids.bool()).reshape(I.shape[0], net.stride**2, *I.shape[1:])
     return cropped.mean(dim=1)
 
 

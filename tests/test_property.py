@@ -1,4 +1,5 @@
 """Property tests: the functional API against a direct loop implementation, over random shapes and geometry."""
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,7 +16,7 @@ def loop_analysis(x, w, stride, padding):
     z = x.new_zeros(x.shape[0], w.shape[0], hz, wz)
     for i in range(hz):
         for j in range(wz):
-            patch = xp[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw]
+            patch = xp[:, :, i * sh : i * sh + kh, j * sw : j * sw + kw]
             z[:, :, i, j] = torch.einsum("bsuv,csuv->bc", patch, w)
     return z
 
@@ -27,14 +28,26 @@ def loop_synthesis(z, w, size, stride, padding):
     out = z.new_zeros(z.shape[0], w.shape[1], size[0] + 2 * ph + kh, size[1] + 2 * pw + kw)
     for i in range(z.shape[2]):
         for j in range(z.shape[3]):
-            out[:, :, i * sh:i * sh + kh, j * sw:j * sw + kw] += torch.einsum("bc,csuv->bsuv", z[:, :, i, j], w)
-    return out[:, :, ph:ph + size[0], pw:pw + size[1]]
+            out[:, :, i * sh : i * sh + kh, j * sw : j * sw + kw] += torch.einsum("bc,csuv->bsuv", z[:, :, i, j], w)
+    return out[:, :, ph : ph + size[0], pw : pw + size[1]]
 
 
-geometry = st.fixed_dictionaries(dict(
-    b=st.integers(1, 2), c_sig=st.integers(1, 3), c_code=st.integers(1, 4), h=st.integers(1, 9),
-    w=st.integers(3, 10), kh=st.integers(1, 4), kw=st.integers(1, 4), sh=st.integers(1, 3), sw=st.integers(1, 3),
-    ph=st.integers(0, 2), pw=st.integers(0, 2), one_d=st.booleans()))
+geometry = st.fixed_dictionaries(
+    dict(
+        b=st.integers(1, 2),
+        c_sig=st.integers(1, 3),
+        c_code=st.integers(1, 4),
+        h=st.integers(1, 9),
+        w=st.integers(3, 10),
+        kh=st.integers(1, 4),
+        kw=st.integers(1, 4),
+        sh=st.integers(1, 3),
+        sw=st.integers(1, 3),
+        ph=st.integers(0, 2),
+        pw=st.integers(0, 2),
+        one_d=st.booleans(),
+    )
+)
 
 
 def build(g):
@@ -84,7 +97,8 @@ def test_conv_ista_matches_a_loop_implementation(g, nonneg, fista, n_iter):
         t_prev, t = t, t_next
     xs, ws = squeeze_1d(g, x, w)
     s, p = (stride[1], padding[1]) if g["one_d"] else (stride, padding)
-    got = DF.conv_ista(xs, ws, lam, n_iter=n_iter, step=step, stride=s, padding=p, nonneg=nonneg, fista=fista,
-                       backend="reference")
+    got = DF.conv_ista(
+        xs, ws, lam, n_iter=n_iter, step=step, stride=s, padding=p, nonneg=nonneg, fista=fista, backend="reference"
+    )
     (expected,) = squeeze_1d(g, z)
     torch.testing.assert_close(got, expected)

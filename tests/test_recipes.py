@@ -1,5 +1,6 @@
 """Training recipes: one short epoch of each strategy lowers the loss, outputs round-trip through recipes.load, the
 CLI writes what it promises. Full-length runs (the goals) are marked slow."""
+
 import json
 
 import pytest
@@ -34,8 +35,7 @@ def test_one_epoch_of_each_digits_strategy_lowers_the_loss(strategy, tmp_path):
 
 
 def test_load_round_trips_the_trained_model(tmp_path):
-    metrics = digits.train("learned-threshold", 1, 3, tmp_path, "reference", engine.start(False, "cpu"),
-                           subset=SUBSET)
+    metrics = digits.train("learned-threshold", 1, 3, tmp_path, "reference", engine.start(False, "cpu"), subset=SUBSET)
     model = recipes.load(tmp_path)
     assert not model.training and isinstance(model, digits.DigitsNet)
     _, _, x_test, y_test = data.digits(3)
@@ -50,6 +50,7 @@ def test_load_round_trips_the_trained_model(tmp_path):
 def test_digits_split_is_the_documented_one():
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
+
     d = load_digits()
     _, x_te, _, y_te = train_test_split(d.images / 16.0, d.target, test_size=0.25, stratify=d.target, random_state=5)
     _, _, x_test, y_test = data.digits(5)
@@ -72,9 +73,15 @@ def test_one_denoise_epoch_lowers_the_loss():
     before = loss()
     optimizer = torch.optim.Adam(model.parameters(), lr=denoise.LEARNING_RATE)
     run = engine.start(False, "cpu")
-    engine.fit(model, engine.train_loader(clean, clean, 8, 0, run),
-               lambda net, x, _: (net(x + denoise.SIGMA * torch.randn_like(x)) - x).pow(2).mean(), optimizer, 1, run,
-               desc="test")
+    engine.fit(
+        model,
+        engine.train_loader(clean, clean, 8, 0, run),
+        lambda net, x, _: (net(x + denoise.SIGMA * torch.randn_like(x)) - x).pow(2).mean(),
+        optimizer,
+        1,
+        run,
+        desc="test",
+    )
     assert loss() < before
 
 
@@ -96,8 +103,22 @@ def test_denoise_baselines_are_real_denoisers():
 
 def test_cli_writes_metrics_model_and_figure(tmp_path):
     from dsc_kernels.__main__ import main
-    main(["train", "--recipe", "digits", "--strategy", "baseline", "--epochs", "1", "--out", str(tmp_path),
-          "--backend", "reference"])
+
+    main(
+        [
+            "train",
+            "--recipe",
+            "digits",
+            "--strategy",
+            "baseline",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--backend",
+            "reference",
+        ]
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["strategy"] == "baseline" and metrics["epochs"] == 1 and metrics["seed"] == 0
     assert (tmp_path / "model.pt").is_file() and (tmp_path / "digits.png").is_file()
@@ -107,12 +128,17 @@ def test_cli_writes_metrics_model_and_figure(tmp_path):
 
 @pytest.mark.slow
 def test_digits_goal_with_default_settings(tmp_path):
-    results = {s: digits.train(s, digits.DEFAULT_EPOCHS, 0, tmp_path / s, "auto", engine.start(False, "cpu"))
-               for s in digits.STRATEGIES}
+    results = {
+        s: digits.train(s, digits.DEFAULT_EPOCHS, 0, tmp_path / s, "auto", engine.start(False, "cpu"))
+        for s in digits.STRATEGIES
+    }
     base = results["baseline"]
     assert base["accuracy"] >= 0.95
-    sparse = [s for s in ("l1", "learned-threshold", "dsc") if results[s]["accuracy"] >= base["accuracy"] - 0.01
-              and results[s]["sparsity"] >= base["sparsity"] + 0.20]
+    sparse = [
+        s
+        for s in ("l1", "learned-threshold", "dsc")
+        if results[s]["accuracy"] >= base["accuracy"] - 0.01 and results[s]["sparsity"] >= base["sparsity"] + 0.20
+    ]
     assert len(sparse) >= 2, {s: (r["accuracy"], r["sparsity"]) for s, r in results.items()}
 
 
@@ -128,6 +154,7 @@ def test_report_section_reads_a_train_folder(tmp_path):
     for strategy in ("baseline", "l1"):
         digits.train(strategy, 1, 0, tmp_path / "runs" / strategy, "reference", run, subset=SUBSET)
     from dsc_kernels.recipes.report_section import training_section
+
     lines, figures = training_section(tmp_path, quick=True, runs=tmp_path / "runs")
     table = "\n".join(lines)
     assert "| baseline |" in table and "| l1 |" in table and "+0.0 pts" in table

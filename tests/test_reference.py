@@ -1,4 +1,5 @@
 """The pure-PyTorch reference: gradients, adjointness, thresholding semantics, LASSO optimality, FISTA's rate."""
+
 import itertools
 
 import pytest
@@ -21,10 +22,16 @@ from dsc_kernels.reference import (
 from dsc_kernels.reference.conv_ista import checkpoint_indices
 
 
-@pytest.mark.parametrize("rank,size,kernel,stride,padding", [
-    (1, (13,), (4,), 3, 2), (1, (7,), (7,), 1, 0), (2, (9, 7), (3, 4), 2, 1), (2, (11, 10), (5, 5), 3, 2),
-    (2, (6, 9), (2, 3), (2, 3), (0, 1)),
-])
+@pytest.mark.parametrize(
+    "rank,size,kernel,stride,padding",
+    [
+        (1, (13,), (4,), 3, 2),
+        (1, (7,), (7,), 1, 0),
+        (2, (9, 7), (3, 4), 2, 1),
+        (2, (11, 10), (5, 5), 3, 2),
+        (2, (6, 9), (2, 3), (2, 3), (0, 1)),
+    ],
+)
 def test_analysis_and_synthesis_are_adjoint(rank, size, kernel, stride, padding):
     w = torch.randn(4, 3, *kernel, dtype=torch.float64)
     r = torch.randn(2, 3, *size, dtype=torch.float64)
@@ -60,29 +67,56 @@ def test_gradcheck_simple_operators():
     torch.autograd.gradcheck(lambda x, z, w, t: lasso_objective_ref(x, z, w, t, 2, 1), (x, z, w, t))
 
 
-@pytest.mark.parametrize("rank,fista,nonneg,untied,stride", [
-    (1, False, False, False, 1), (1, True, True, True, 3), (2, False, True, True, 2), (2, True, False, False, 1),
-])
+@pytest.mark.parametrize(
+    "rank,fista,nonneg,untied,stride",
+    [
+        (1, False, False, False, 1),
+        (1, True, True, True, 3),
+        (2, False, True, True, 2),
+        (2, True, False, False, 1),
+    ],
+)
 def test_gradcheck_conv_ista_ref(rank, fista, nonneg, untied, stride):
-    p = conv_problem(rank, batch=1, size=(6, 5), kernel=(3, 2), stride=stride, n_iter=3, z0=True,
-                     requires_grad=True)
+    p = conv_problem(rank, batch=1, size=(6, 5), kernel=(3, 2), stride=stride, n_iter=3, z0=True, requires_grad=True)
 
     def run(x, w, we, lam, step, z0):
-        return conv_ista_ref(x, w, lam, step, encoder_weight=we if untied else None, stride=p["stride"],
-                             padding=p["padding"], z0=z0, nonneg=nonneg, fista=fista)
+        return conv_ista_ref(
+            x,
+            w,
+            lam,
+            step,
+            encoder_weight=we if untied else None,
+            stride=p["stride"],
+            padding=p["padding"],
+            z0=z0,
+            nonneg=nonneg,
+            fista=fista,
+        )
 
     inputs = (p["x"], p["weight"], p["encoder_weight"], p["lam"], p["step"], p["z0"])
     assert run(*inputs).ne(0).any() and run(*inputs).eq(0).any()  # both active and inactive codes exercised
     torch.autograd.gradcheck(run, inputs, atol=1e-6, fast_mode=True)
 
 
-@pytest.mark.parametrize("rank,fista,nonneg,stride,checkpoint", list(itertools.product(
-    (1, 2), (False, True), (False, True), (1, 2), (1, 2, 0))))
+@pytest.mark.parametrize(
+    "rank,fista,nonneg,stride,checkpoint",
+    list(itertools.product((1, 2), (False, True), (False, True), (1, 2), (1, 2, 0))),
+)
 def test_handwritten_vjp_equals_autograd(rank, fista, nonneg, stride, checkpoint):
     p = conv_problem(rank, stride=stride, z0=True, requires_grad=True)
     args = (p["x"], p["weight"], p["encoder_weight"], p["lam"], p["step"], p["z0"])
-    z = conv_ista_ref(p["x"], p["weight"], p["lam"], p["step"], encoder_weight=p["encoder_weight"],
-                      stride=p["stride"], padding=p["padding"], z0=p["z0"], nonneg=nonneg, fista=fista)
+    z = conv_ista_ref(
+        p["x"],
+        p["weight"],
+        p["lam"],
+        p["step"],
+        encoder_weight=p["encoder_weight"],
+        stride=p["stride"],
+        padding=p["padding"],
+        z0=p["z0"],
+        nonneg=nonneg,
+        fista=fista,
+    )
     assert z.eq(0).any() and z.ne(0).any()
     grad_z = torch.randn_like(z)
     expected = torch.autograd.grad(z, args, grad_z)
@@ -148,8 +182,8 @@ def test_fista_objective_gap_falls_at_rate_one_over_k_squared():
 def test_fista_momentum_sequence():
     betas = fista_momentum(5)
     assert betas[0] == 0.0 and betas[1] == 0.0
-    t1 = (1 + 5 ** 0.5) / 2
-    t2 = (1 + (1 + 4 * t1 ** 2) ** 0.5) / 2
+    t1 = (1 + 5**0.5) / 2
+    t2 = (1 + (1 + 4 * t1**2) ** 0.5) / 2
     assert betas[2] == pytest.approx((t1 - 1) / t2)
     assert all(0 <= b < 1 for b in betas) and betas == sorted(betas)
 
@@ -157,11 +191,20 @@ def test_fista_momentum_sequence():
 def test_deep_conv_ista_chains_layers():
     w1, w2 = torch.randn(4, 1, 3, 3, dtype=torch.float64), torch.randn(6, 4, 3, 3, dtype=torch.float64)
     x = torch.randn(2, 1, 10, 10, dtype=torch.float64)
-    g1, g2 = DF.deep_conv_ista(x, [w1, w2], [0.1, 0.05], n_iter=[4, 3], strides=[1, 2], paddings=[1, 1],
-                               steps=[0.05, 0.02], backend="reference")
+    g1, g2 = DF.deep_conv_ista(
+        x,
+        [w1, w2],
+        [0.1, 0.05],
+        n_iter=[4, 3],
+        strides=[1, 2],
+        paddings=[1, 1],
+        steps=[0.05, 0.02],
+        backend="reference",
+    )
     torch.testing.assert_close(g1, DF.conv_ista(x, w1, 0.1, n_iter=4, padding=1, step=0.05, backend="reference"))
-    torch.testing.assert_close(g2, DF.conv_ista(g1, w2, 0.05, n_iter=3, stride=2, padding=1, step=0.02,
-                                                backend="reference"))
+    torch.testing.assert_close(
+        g2, DF.conv_ista(g1, w2, 0.05, n_iter=3, stride=2, padding=1, step=0.02, backend="reference")
+    )
     assert g2.shape == (2, 6, 5, 5)
 
 

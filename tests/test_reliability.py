@@ -1,6 +1,7 @@
 """No crash and no silent wrong answer on edge inputs of the functional API: non-finite or signed parameters,
 mixed dtypes, bad flags, padding words, zero-size batches, double backward, meta tensors, torch.compile with the
 default step, and thresholds given as biases."""
+
 import warnings
 
 import pytest
@@ -66,8 +67,9 @@ def test_soft_threshold_matches_softshrink_everywhere_and_keeps_the_dtype():
     t64 = torch.tensor([0.5], dtype=torch.float64)
     assert DF.soft_threshold(x.detach(), t64).dtype == torch.float32
     # with nonneg a negative threshold is a ReLU with a positive bias
-    torch.testing.assert_close(DF.soft_threshold(x.detach(), -0.5, nonneg=True), torch.relu(x.detach() + 0.5),
-                               equal_nan=True)
+    torch.testing.assert_close(
+        DF.soft_threshold(x.detach(), -0.5, nonneg=True), torch.relu(x.detach() + 0.5), equal_nan=True
+    )
 
 
 def test_lipschitz_constant_of_a_zero_dictionary_is_zero_and_its_default_step_runs():
@@ -142,8 +144,9 @@ def test_default_step_under_fullgraph_compile():
     def run(x, w):
         return DF.conv_ista(x, w, 0.1, n_iter=3, padding=1, backend="reference")
 
-    torch.testing.assert_close(torch.compile(run, fullgraph=True, backend="aot_eager")(x, w), run(x, w),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.compile(run, fullgraph=True, backend="aot_eager")(x, w), run(x, w), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_default_step_follows_an_in_place_change_of_the_weight():
@@ -206,12 +209,14 @@ def test_setting_triton_interpret_after_import_is_a_clear_error():
     import sys
     from pathlib import Path
 
-    script = ("import os, torch, dsc_kernels.functional as DF\n"
-              "os.environ['TRITON_INTERPRET'] = '1'\n"
-              "try:\n"
-              "    DF.conv_ista(torch.randn(1, 1, 8, 8), torch.randn(2, 1, 3, 3), 0.1, n_iter=1, backend='triton')\n"
-              "except RuntimeError as err:\n"
-              "    print(err)\n")
+    script = (
+        "import os, torch, dsc_kernels.functional as DF\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "try:\n"
+        "    DF.conv_ista(torch.randn(1, 1, 8, 8), torch.randn(2, 1, 3, 3), 0.1, n_iter=1, backend='triton')\n"
+        "except RuntimeError as err:\n"
+        "    print(err)\n"
+    )
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     env["CUDA_VISIBLE_DEVICES"] = ""

@@ -1,5 +1,6 @@
 """The main job end to end (`python -m dsc_kernels report --quick` writes REPORT.md and the figures) and the report's
 sanity checks of its own timings."""
+
 import os
 import subprocess
 import sys
@@ -7,13 +8,29 @@ from pathlib import Path
 
 from dsc_kernels import report as R
 
-FIGURES = ["uniqueness.png", "linear_rate.png", "noise_floor.png", "multilayer.png", "three_layer.png",
-           "activations.png", "transformer.png", "ista_fista.png", "speed.png", "attention.png"]
+FIGURES = [
+    "uniqueness.png",
+    "linear_rate.png",
+    "noise_floor.png",
+    "multilayer.png",
+    "three_layer.png",
+    "activations.png",
+    "transformer.png",
+    "ista_fista.png",
+    "speed.png",
+    "attention.png",
+]
 
 
 def row(provider, fwd, fwd_bwd, base=(100.0, 300.0), workload="csc-gray"):
-    return dict(workload=workload, provider=provider, fwd_ms=fwd, fwd_bwd_ms=fwd_bwd,
-                fwd_speedup=base[0] / fwd, fwd_bwd_speedup=base[1] / fwd_bwd)
+    return dict(
+        workload=workload,
+        provider=provider,
+        fwd_ms=fwd,
+        fwd_bwd_ms=fwd_bwd,
+        fwd_speedup=base[0] / fwd,
+        fwd_bwd_speedup=base[1] / fwd_bwd,
+    )
 
 
 def test_sanity_checks_flag_a_forward_slower_than_its_forward_backward():
@@ -43,20 +60,26 @@ def test_sanity_checks_flag_contradictions_noise_and_a_busy_machine():
 
 
 def test_readme_speedups_reads_the_published_table():
-    table = "\n".join([
-        "| workload (CPU size) | provider | forward ms | fwd+bwd ms | × eager (fwd / fwd+bwd) | peak |",
-        "| --- | --- | --- | --- | --- | --- |",
-        "| `csc-gray` (4,1,64,64), 32×7×7 | eager | 95.4 | 318.8 | 1 / 1 | 64.6 |",
-        "| | `torch.compile` | 61.7 | 374.8 | 1.55 / 0.85 | 39.2 |",
-        "| | `cpp`, `recompute=True` | 16.5 | 147.0 | 5.8 / 2.2 | 4.0 |",
-        "| `deep-layer` (8,32,32,32) | `cpp` | 36.2 | 137.4 | **1.07 / 0.96** | 9.8 |",
-        "| | something else | 1 | 2 | 3 / 4 | 5 |",
-        "",
-        "| a | × eager (fwd / fwd+bwd) |",
-    ])
+    table = "\n".join(
+        [
+            "| workload (CPU size) | provider | forward ms | fwd+bwd ms | × eager (fwd / fwd+bwd) | peak |",
+            "| --- | --- | --- | --- | --- | --- |",
+            "| `csc-gray` (4,1,64,64), 32×7×7 | eager | 95.4 | 318.8 | 1 / 1 | 64.6 |",
+            "| | `torch.compile` | 61.7 | 374.8 | 1.55 / 0.85 | 39.2 |",
+            "| | `cpp`, `recompute=True` | 16.5 | 147.0 | 5.8 / 2.2 | 4.0 |",
+            "| `deep-layer` (8,32,32,32) | `cpp` | 36.2 | 137.4 | **1.07 / 0.96** | 9.8 |",
+            "| | something else | 1 | 2 | 3 / 4 | 5 |",
+            "",
+            "| a | × eager (fwd / fwd+bwd) |",
+        ]
+    )
     got = R.readme_speedups(table)
-    assert got == {("csc-gray", "reference"): (1.0, 1.0), ("csc-gray", "compile"): (1.55, 0.85),
-                   ("csc-gray", "cpp-recompute"): (5.8, 2.2), ("deep-layer", "cpp"): (1.07, 0.96)}
+    assert got == {
+        ("csc-gray", "reference"): (1.0, 1.0),
+        ("csc-gray", "compile"): (1.55, 0.85),
+        ("csc-gray", "cpp-recompute"): (5.8, 2.2),
+        ("deep-layer", "cpp"): (1.07, 0.96),
+    }
     assert R.readme_speedups("no table here") == {}
     readme = Path(__file__).parent.parent / "README.md"
     if readme.exists() and "× eager" in readme.read_text():  # the lead owns the README; read it when it has one
@@ -78,16 +101,35 @@ def test_help():
 def test_quick_report(tmp_path: Path):
     # a user's environment: tests/conftest.py sets TRITON_INTERPRET for the kernel tests
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DSC_KERNELS_BACKEND")}
-    out = subprocess.run([sys.executable, "-m", "dsc_kernels", "report", "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=900, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "dsc_kernels", "report", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "C++ extension" in out.stderr  # said before the progress bar, not a silent stall
     report = (tmp_path / "REPORT.md").read_text()
-    for section in ("## Machine", "load average at start", "## Claims", "## Speed", "median of 3 rounds",
-                    "timed interleaved", "## Sparse attention", "## Sanity checks of the timings", "## Figures",
-                    "| S1 |", "| S8-3 |",
-                    "| S10a |", "| S10b |", "| S3/S4-oracle |", "| reference |", "fused backend: cpp",
-                    "| fused shrink ms |"):
+    for section in (
+        "## Machine",
+        "load average at start",
+        "## Claims",
+        "## Speed",
+        "median of 3 rounds",
+        "timed interleaved",
+        "## Sparse attention",
+        "## Sanity checks of the timings",
+        "## Figures",
+        "| S1 |",
+        "| S8-3 |",
+        "| S10a |",
+        "| S10b |",
+        "| S3/S4-oracle |",
+        "| reference |",
+        "fused backend: cpp",
+        "| fused shrink ms |",
+    ):
         assert section in report, section
     assert "error:" not in report, report
     assert "THEORY.md" not in report and "DESIGN" not in report

@@ -1,4 +1,5 @@
 """dsc_kernels.sparsity: metric and regulariser math on hand-made tensors, schedules, SparsityMonitor."""
+
 import math
 
 import pytest
@@ -31,7 +32,7 @@ def test_hoyer_measure():
 def test_activation_l1_penalty_collects_chosen_outputs_only_with_grad():
     first, second, ignored = nn.Identity(), nn.Identity(), nn.Identity()
     with sparsity.ActivationL1({"a": first, "b": second}, weight=0.5) as reg:
-        first(torch.tensor([1.0, -3.0]))       # mean |.| = 2
+        first(torch.tensor([1.0, -3.0]))  # mean |.| = 2
         second([torch.tensor([4.0]), torch.tensor([0.0, -2.0])])  # a list of outputs: 4 + 1
         ignored(torch.tensor([100.0]))
         assert float(reg.pop()) == pytest.approx(0.5 * (2 + 4 + 1))
@@ -88,8 +89,11 @@ def test_warmup_factor_shapes():
 
 
 def test_threshold_warmup_ramps_fixed_thresholds_only():
-    model = nn.Sequential(SoftThreshold(0.4), ConvSparseCoding2d(1, 2, 3, lam=0.2, learn_lam=False),
-                          ConvSparseCoding2d(2, 2, 3, learn_lam=True))
+    model = nn.Sequential(
+        SoftThreshold(0.4),
+        ConvSparseCoding2d(1, 2, 3, lam=0.2, learn_lam=False),
+        ConvSparseCoding2d(2, 2, 3, learn_lam=True),
+    )
     warmup = sparsity.ThresholdWarmup(model, 4, start=0.5)
     assert set(warmup.targets) == {"0.threshold", "1.lam"}
     assert float(model[0].threshold) == pytest.approx(0.2) and float(model[1].lam) == pytest.approx(0.1)
@@ -128,8 +132,9 @@ def test_sparsity_monitor_records_train_and_eval_separately():
 
 
 def test_sparsity_monitor_finds_sparse_coding_layers():
-    model = nn.Sequential(ConvSparseCoding2d(1, 3, 3, n_iter=2, lam=0.5, nonneg=True, backend="reference"),
-                          nn.Conv2d(3, 2, 1))
+    model = nn.Sequential(
+        ConvSparseCoding2d(1, 3, 3, n_iter=2, lam=0.5, nonneg=True, backend="reference"), nn.Conv2d(3, 2, 1)
+    )
     with sparsity.SparsityMonitor(model) as monitor:
         z = model[0](torch.randn(2, 1, 6, 6))
     assert list(monitor.summary("train")) == ["0"]

@@ -1,4 +1,5 @@
 """Theory functions against explicit-matrix computations on small dictionaries."""
+
 import math
 
 import numpy as np
@@ -115,13 +116,14 @@ def test_activation_constants_match_theory_md():
 @pytest.mark.parametrize("shape,size,stride,padding", CASES)
 def test_dictionary_matrix_matches_the_test_construction(shape, size, stride, padding):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(theory.dictionary_matrix(w, size, stride=stride, padding=padding),
-                               explicit_dictionary(w, size, stride, padding))
+    torch.testing.assert_close(
+        theory.dictionary_matrix(w, size, stride=stride, padding=padding), explicit_dictionary(w, size, stride, padding)
+    )
 
 
 def test_spark_of_hand_checkable_dictionaries():
     # [e1, e2, (e1 + e2)/sqrt2]: every pair independent, the three together dependent
-    d = torch.tensor([[1.0, 0.0, 2 ** -0.5], [0.0, 1.0, 2 ** -0.5]], dtype=torch.float64)
+    d = torch.tensor([[1.0, 0.0, 2**-0.5], [0.0, 1.0, 2**-0.5]], dtype=torch.float64)
     spark, v = theory.spark(d)
     assert spark == 3 and torch.allclose(d @ v, torch.zeros(2, dtype=torch.float64), atol=1e-12)
     assert theory.sparse_collision(d, 1) is None
@@ -186,4 +188,5 @@ def test_activation_worst_input_is_where_the_gap_peaks(name):
     assert abs(theory.activation_worst_input(name, beta)) == pytest.approx(abs(float(z[gap.argmax()])), abs=1e-4)
     at = torch.tensor([theory.activation_worst_input(name, beta)], dtype=torch.float64)
     assert float((theory.smooth_relu(name, beta)(at) - torch.relu(at)).abs()) == pytest.approx(
-        theory.activation_sup_distance(name, beta), rel=1e-9)
+        theory.activation_sup_distance(name, beta), rel=1e-9
+    )

@@ -1,4 +1,5 @@
 """The tolerance rule itself (tests/tolerance.py) must be able to fail."""
+
 import torch
 from tolerance import assert_close_by_rule, judge
 
@@ -12,7 +13,7 @@ def _data():
 
 def test_half_matmul_passes_against_its_own_eager_error():
     a, b, ref = _data()
-    eager = (a.half().float() @ b.half().float()).half()   # fp16 inputs, fp32 accumulation, fp16 output
+    eager = (a.half().float() @ b.half().float()).half()  # fp16 inputs, fp32 accumulation, fp16 output
     actual = (a.half().double() @ b.half().double()).half()  # a more accurate kernel on the same inputs
     assert_close_by_rule(actual, ref, eager, name="matmul")
 

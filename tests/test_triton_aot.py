@@ -12,6 +12,7 @@ The default test compiles a cover of the recorded specialisations (each kernel o
 workload geometry, every dtype/precision and every flag combination it is launched with at least once); the `slow`
 test compiles all of them for sm_90.
 """
+
 import os
 import subprocess
 import sys
@@ -95,8 +96,9 @@ def _compile(which: str, timeout: int) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, which], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, which], env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 

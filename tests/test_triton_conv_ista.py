@@ -12,6 +12,7 @@ exactly and the values with a tolerance. fp16, bf16 and TF32 are judged by tests
 PyTorch's own eager error in that dtype/precision, against fp64), on problems that are not kink-free: the forward
 as is, the backward on the kernel's own iterates (hence the same supports).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -26,8 +27,10 @@ import dsc_kernels.functional as DF  # noqa: E402
 from dsc_kernels.reference.conv import conv_analysis_ref  # noqa: E402
 from dsc_kernels.reference.conv_ista import conv_ista_bwd_ref, conv_ista_fwd_ref, conv_ista_ref  # noqa: E402
 
-DEVICES = [pytest.param("cpu", marks=pytest.mark.interpreter, id="interpreter"),
-           pytest.param("cuda", marks=pytest.mark.gpu, id="gpu")]
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.interpreter, id="interpreter"),
+    pytest.param("cuda", marks=pytest.mark.gpu, id="gpu"),
+]
 GRAD_NAMES = ("x", "weight", "encoder_weight", "lam", "step", "z0")
 
 
@@ -47,6 +50,7 @@ def _ieee_fp32(monkeypatch):
 def launch(request, monkeypatch):
     """Both forward paths: small codes take the single-launch kernel unless the size limit is lowered."""
     from dsc_kernels.triton import conv_ista as tci
+
     if request.param == "per-iteration":
         monkeypatch.setattr(tci, "SINGLE_LAUNCH_MAX_CODE_BYTES", 0)
     return request.param
@@ -63,12 +67,28 @@ def _run(p, dtype, backend, recompute=False):
     leaves = {k: p[k].detach().to(dtype).requires_grad_() for k in GRAD_NAMES if p[k] is not None}
     opts = dict(stride=p["stride"], padding=p["padding"], nonneg=p["nonneg"], fista=p["fista"])
     if backend == "reference":
-        z = conv_ista_ref(leaves["x"], leaves["weight"], leaves["lam"], leaves["step"],
-                          encoder_weight=leaves.get("encoder_weight"), z0=leaves.get("z0"), **opts)
+        z = conv_ista_ref(
+            leaves["x"],
+            leaves["weight"],
+            leaves["lam"],
+            leaves["step"],
+            encoder_weight=leaves.get("encoder_weight"),
+            z0=leaves.get("z0"),
+            **opts,
+        )
     else:
-        z = DF.conv_ista(leaves["x"], leaves["weight"], leaves["lam"], n_iter=p["step"].shape[0],
-                         step=leaves["step"], encoder_weight=leaves.get("encoder_weight"), z0=leaves.get("z0"),
-                         backend=backend, recompute=recompute, **opts)
+        z = DF.conv_ista(
+            leaves["x"],
+            leaves["weight"],
+            leaves["lam"],
+            n_iter=p["step"].shape[0],
+            step=leaves["step"],
+            encoder_weight=leaves.get("encoder_weight"),
+            z0=leaves.get("z0"),
+            backend=backend,
+            recompute=recompute,
+            **opts,
+        )
     g = torch.randn(z.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(z)
     grads = torch.autograd.grad((z * g).sum(), list(leaves.values()))
     return z.detach(), dict(zip(leaves, grads))
@@ -107,21 +127,24 @@ def _check_at_scale(p, dtype, *, recompute=False, tf32=False, rtol=1e-4, atol=1e
     rule against PyTorch's eager computation in that dtype/precision. The backward is always evaluated on the
     kernel's own iterates, so all three VJPs (kernel, fp64, eager) see the same supports."""
     from dsc_kernels.triton.conv_ista import conv_ista_bwd, conv_ista_fwd
+
     args64, geo = _canonical(p)
     args64 = [a.to(dtype).double() for a in args64]
     args = [a.to(dtype) for a in args64]
     z, iterates = conv_ista_fwd(*args, *geo, 1)
     z_ref, _ = conv_ista_fwd_ref(*args64, *geo, 0)
     gz = torch.randn(z.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(z.device)
-    grads = conv_ista_bwd(gz.to(dtype), *args, z, iterates.new_empty(0) if recompute else iterates, *geo,
-                          0 if recompute else 1)
+    grads = conv_ista_bwd(
+        gz.to(dtype), *args, z, iterates.new_empty(0) if recompute else iterates, *geo, 0 if recompute else 1
+    )
     grads_ref = conv_ista_bwd_ref(gz, *args64, z.double(), iterates.double(), *geo, 1)
     assert z.dtype == dtype and all(g.dtype == dtype for g in grads)
     if dtype == torch.float32 and not tf32:
         same = (z != 0) == (z_ref != 0)
         assert same.double().mean().item() > 0.999
-        torch.testing.assert_close(torch.where(same, z.double(), z_ref), z_ref, rtol=rtol,
-                                   atol=atol * z_ref.abs().max().item())
+        torch.testing.assert_close(
+            torch.where(same, z.double(), z_ref), z_ref, rtol=rtol, atol=atol * z_ref.abs().max().item()
+        )
         for name, a, b in zip(GRAD_NAMES, grads, grads_ref):
             torch.testing.assert_close(a.double(), b, rtol=rtol, atol=atol * b.abs().max().item(), msg=name)
         return
@@ -136,17 +159,21 @@ def _check_at_scale(p, dtype, *, recompute=False, tf32=False, rtol=1e-4, atol=1e
 # options (untied, z0, nonneg, FISTA) and both save modes.
 CASES_2D = {
     "ista-tied-s1": dict(),
-    "fista-untied-s2-recompute": dict(kernel=(4, 3), stride=(2, 2), padding=(1, 2), untied=True, fista=True,
-                                      z0=True, recompute=True),
-    "nonneg-fista-s21": dict(size=(10, 9), kernel=(3, 2), stride=(2, 1), padding=(0, 1), nonneg=True, fista=True,
-                             z0=True),
-    "nonneg-untied-p0-recompute": dict(size=(7, 8), kernel=(2, 3), padding=(0, 0), nonneg=True, untied=True,
-                                       n_iter=3, recompute=True),
+    "fista-untied-s2-recompute": dict(
+        kernel=(4, 3), stride=(2, 2), padding=(1, 2), untied=True, fista=True, z0=True, recompute=True
+    ),
+    "nonneg-fista-s21": dict(
+        size=(10, 9), kernel=(3, 2), stride=(2, 1), padding=(0, 1), nonneg=True, fista=True, z0=True
+    ),
+    "nonneg-untied-p0-recompute": dict(
+        size=(7, 8), kernel=(2, 3), padding=(0, 0), nonneg=True, untied=True, n_iter=3, recompute=True
+    ),
 }
 CASES_1D = {
     "ista-s2": dict(size=(1, 17), kernel=(1, 5), stride=(1, 2), padding=(0, 2), recompute=True),
-    "fista-nonneg-untied": dict(size=(1, 13), kernel=(1, 4), padding=(0, 0), nonneg=True, fista=True, untied=True,
-                                z0=True),
+    "fista-nonneg-untied": dict(
+        size=(1, 13), kernel=(1, 4), padding=(0, 0), nonneg=True, fista=True, untied=True, z0=True
+    ),
 }
 
 
@@ -167,8 +194,21 @@ def test_matches_reference_1d(case, launch, device):
 def test_several_tiles_and_channel_blocks(launch, device):
     # Taller/wider than the interpreter's 8x16 code tile and more channels than one 16-wide block, so halos cross
     # tile borders and every GEMM has several N and K blocks.
-    p = _problem(rank=2, batch=1, c_sig=17, c_code=17, size=(10, 18), kernel=(3, 3), stride=(1, 1),
-                 padding=(1, 1), n_iter=2, untied=True, fista=True, weight_scale=0.2, device=device)
+    p = _problem(
+        rank=2,
+        batch=1,
+        c_sig=17,
+        c_code=17,
+        size=(10, 18),
+        kernel=(3, 3),
+        stride=(1, 1),
+        padding=(1, 1),
+        n_iter=2,
+        untied=True,
+        fista=True,
+        weight_scale=0.2,
+        device=device,
+    )
     _compare(p, rtol=5e-4)
 
 
@@ -183,6 +223,7 @@ def test_save_and_recompute_agree_bitwise(launch, device):
 
 def test_launchers_canonical_contract(device):
     from dsc_kernels.triton.conv_ista import conv_ista_bwd, conv_ista_fwd
+
     p = _problem(rank=2, untied=True, z0=True, n_iter=2, device=device)
     args = [p[k].float() for k in ("x", "weight", "encoder_weight", "lam", "step", "z0")]
     geo = [list(p["stride"]), list(p["padding"]), False, False]
@@ -213,19 +254,33 @@ OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor")
 @pytest.mark.parametrize("save,fista,nonneg", [(True, False, False), (False, True, True)])
 def test_opcheck(save, fista, nonneg, device):
     from dsc_kernels.ops import op_pair
+
     ops = op_pair("conv_ista", "triton")
     utils = OPCHECK_UTILS + (("test_aot_dispatch_dynamic",) if device == "cuda" else ())
-    p = _problem(rank=2, size=(6, 7), stride=(2, 1), untied=True, z0=True, fista=fista, nonneg=nonneg,
-                 device=device, kink_free=False)
+    p = _problem(
+        rank=2,
+        size=(6, 7),
+        stride=(2, 1),
+        untied=True,
+        z0=True,
+        fista=fista,
+        nonneg=nonneg,
+        device=device,
+        kink_free=False,
+    )
     tensors = [p[k].float() for k in ("x", "weight", "encoder_weight", "lam", "step", "z0")]
     geo = [list(p["stride"]), list(p["padding"]), nonneg, fista]
     checkpoint = int(save)
-    torch.library.opcheck(ops.forward, ([t.clone().requires_grad_() for t in tensors] + geo + [checkpoint]),
-                          test_utils=utils)
+    torch.library.opcheck(
+        ops.forward, ([t.clone().requires_grad_() for t in tensors] + geo + [checkpoint]), test_utils=utils
+    )
     z, iterates = ops.forward(*tensors, *geo, checkpoint)
     # The backward op is not itself differentiable (no double backward).
-    torch.library.opcheck(ops.backward, (torch.randn_like(z), *tensors, z, iterates, *geo, checkpoint),
-                          test_utils=tuple(u for u in utils if u != "test_autograd_registration"))
+    torch.library.opcheck(
+        ops.backward,
+        (torch.randn_like(z), *tensors, z, iterates, *geo, checkpoint),
+        test_utils=tuple(u for u in utils if u != "test_autograd_registration"),
+    )
 
 
 @pytest.mark.interpreter
@@ -239,16 +294,19 @@ def test_dynamo_fullgraph_through_functional():
         return DF.conv_ista(x, w, lam, n_iter=2, step=step, padding=1, backend="triton")
 
     torch._dynamo.reset()
-    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x, w, lam, step),
-                               f(x, w, lam, step), rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.compile(f, fullgraph=True, backend="eager")(x, w, lam, step), f(x, w, lam, step), rtol=0, atol=0
+    )
 
 
 # Two odd cases that between them reach every kernel (both forward paths through `launch`, both save modes).
 HALF_CASES = {
-    "2d-fista-untied-s2-z0": dict(rank=2, kernel=(4, 3), stride=(2, 2), padding=(1, 2), untied=True, fista=True,
-                                  z0=True, n_iter=3),
-    "1d-nonneg-recompute": dict(rank=1, size=(1, 19), kernel=(1, 5), padding=(0, 2), nonneg=True, untied=True,
-                                n_iter=3, recompute=True),
+    "2d-fista-untied-s2-z0": dict(
+        rank=2, kernel=(4, 3), stride=(2, 2), padding=(1, 2), untied=True, fista=True, z0=True, n_iter=3
+    ),
+    "1d-nonneg-recompute": dict(
+        rank=1, size=(1, 19), kernel=(1, 5), padding=(0, 2), nonneg=True, untied=True, n_iter=3, recompute=True
+    ),
 }
 
 
@@ -263,31 +321,54 @@ def test_half_precision_by_rule(case, dtype, launch, device):
 @pytest.mark.parametrize("rank", [1, 2])
 def test_scalar_lam_and_step_through_functional(rank, device):
     # functional expands a float lam/step to (n_iter, C) / (n_iter,) before the op; tied weight used twice.
-    p = _problem(rank=rank, size=(6, 13), kernel=(3, 3), stride=(2, 2), padding=(1, 1), n_iter=2, kink_free=False,
-                 device=device)
+    p = _problem(
+        rank=rank, size=(6, 13), kernel=(3, 3), stride=(2, 2), padding=(1, 1), n_iter=2, kink_free=False, device=device
+    )
     x, w = p["x"].float(), p["weight"].float()
     opts = dict(n_iter=2, step=0.15, stride=p["stride"], padding=p["padding"])
-    torch.testing.assert_close(DF.conv_ista(x, w, 0.05, backend="triton", **opts),
-                               DF.conv_ista(x, w, 0.05, backend="reference", **opts), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        DF.conv_ista(x, w, 0.05, backend="triton", **opts),
+        DF.conv_ista(x, w, 0.05, backend="reference", **opts),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_nan_propagates_like_softshrink(device):
     p = _problem(rank=2, n_iter=1, device=device)
     x = p["x"].float().clone()
     x[0, 0, 4, 5] = float("nan")
-    z = DF.conv_ista(x, p["weight"].float(), p["lam"].float(), n_iter=1, step=p["step"].float(),
-                     stride=p["stride"], padding=p["padding"], backend="triton")
-    ref = conv_ista_ref(x, p["weight"].float(), p["lam"].float(), p["step"].float(), stride=p["stride"],
-                        padding=p["padding"])
+    z = DF.conv_ista(
+        x,
+        p["weight"].float(),
+        p["lam"].float(),
+        n_iter=1,
+        step=p["step"].float(),
+        stride=p["stride"],
+        padding=p["padding"],
+        backend="triton",
+    )
+    ref = conv_ista_ref(
+        x, p["weight"].float(), p["lam"].float(), p["step"].float(), stride=p["stride"], padding=p["padding"]
+    )
     assert torch.equal(z.isnan(), ref.isnan()) and z.isnan().any()
 
 
 @pytest.mark.parametrize("rank", [1, 2])
 def test_kink_tolerant_comparison(rank, device):
     # The at-scale comparison of TestGPU, exercised on a small problem that is not kink-free.
-    p = _problem(rank=rank, size=(1, 15) if rank == 1 else (9, 11), kernel=(1, 3) if rank == 1 else (3, 3),
-                 padding=(0, 1) if rank == 1 else (1, 1), untied=True, fista=True, z0=True, n_iter=2,
-                 kink_free=False, device=device)
+    p = _problem(
+        rank=rank,
+        size=(1, 15) if rank == 1 else (9, 11),
+        kernel=(1, 3) if rank == 1 else (3, 3),
+        padding=(0, 1) if rank == 1 else (1, 1),
+        untied=True,
+        fista=True,
+        z0=True,
+        n_iter=2,
+        kink_free=False,
+        device=device,
+    )
     _check_at_scale(p, torch.float32, recompute=rank == 1)
 
 
@@ -298,37 +379,106 @@ class TestGPU:
     @pytest.mark.parametrize("fista", [False, True])
     @pytest.mark.parametrize("recompute", [False, True])
     def test_float32_strided(self, fista, recompute):
-        p = _problem(rank=2, batch=4, c_sig=3, c_code=40, size=(45, 37), kernel=(6, 6), stride=(2, 2),
-                     padding=(2, 2), n_iter=4, untied=True, fista=fista, z0=True, device="cuda", kink_free=False)
+        p = _problem(
+            rank=2,
+            batch=4,
+            c_sig=3,
+            c_code=40,
+            size=(45, 37),
+            kernel=(6, 6),
+            stride=(2, 2),
+            padding=(2, 2),
+            n_iter=4,
+            untied=True,
+            fista=fista,
+            z0=True,
+            device="cuda",
+            kink_free=False,
+        )
         _check_at_scale(p, torch.float32, recompute=recompute)
 
     def test_float32_deep_layer(self):
-        p = _problem(rank=2, batch=2, c_sig=64, c_code=96, size=(32, 32), kernel=(3, 3), padding=(1, 1), n_iter=3,
-                     nonneg=True, device="cuda", kink_free=False)
+        p = _problem(
+            rank=2,
+            batch=2,
+            c_sig=64,
+            c_code=96,
+            size=(32, 32),
+            kernel=(3, 3),
+            padding=(1, 1),
+            n_iter=3,
+            nonneg=True,
+            device="cuda",
+            kink_free=False,
+        )
         _check_at_scale(p, torch.float32)
 
     def test_float32_1d(self):
-        p = _problem(rank=1, batch=8, c_sig=4, c_code=32, size=(1, 1000), kernel=(1, 9), padding=(0, 4),
-                     n_iter=4, fista=True, device="cuda", kink_free=False)
+        p = _problem(
+            rank=1,
+            batch=8,
+            c_sig=4,
+            c_code=32,
+            size=(1, 1000),
+            kernel=(1, 9),
+            padding=(0, 4),
+            n_iter=4,
+            fista=True,
+            device="cuda",
+            kink_free=False,
+        )
         _check_at_scale(p, torch.float32)
 
     @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
     def test_half(self, dtype):
-        p = _problem(rank=2, batch=4, c_sig=16, c_code=64, size=(32, 32), kernel=(7, 7), padding=(3, 3), n_iter=5,
-                     untied=True, device="cuda", kink_free=False)
+        p = _problem(
+            rank=2,
+            batch=4,
+            c_sig=16,
+            c_code=64,
+            size=(32, 32),
+            kernel=(7, 7),
+            padding=(3, 3),
+            n_iter=5,
+            untied=True,
+            device="cuda",
+            kink_free=False,
+        )
         _check_at_scale(p, dtype)
 
     @pytest.mark.parametrize("fista", [False, True])
     def test_tf32_by_rule(self, fista, monkeypatch):
         # TF32 dots (cuDNN's default for fp32 convolutions) against eager cuDNN with TF32 on.
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
-        p = _problem(rank=2, batch=4, c_sig=8, c_code=48, size=(33, 29), kernel=(5, 5), padding=(2, 2), n_iter=4,
-                     untied=True, fista=fista, device="cuda", kink_free=False)
+        p = _problem(
+            rank=2,
+            batch=4,
+            c_sig=8,
+            c_code=48,
+            size=(33, 29),
+            kernel=(5, 5),
+            padding=(2, 2),
+            n_iter=4,
+            untied=True,
+            fista=fista,
+            device="cuda",
+            kink_free=False,
+        )
         _check_at_scale(p, torch.float32, tf32=True)
 
     def test_torch_compile_fullgraph(self):
-        p = _problem(rank=2, batch=2, c_sig=3, c_code=32, size=(33, 30), kernel=(5, 5), padding=(2, 2), n_iter=3,
-                     device="cuda", kink_free=False)
+        p = _problem(
+            rank=2,
+            batch=2,
+            c_sig=3,
+            c_code=32,
+            size=(33, 30),
+            kernel=(5, 5),
+            padding=(2, 2),
+            n_iter=3,
+            device="cuda",
+            kink_free=False,
+        )
         x, w, lam, step = (p[k].float().requires_grad_() for k in ("x", "weight", "lam", "step"))
 
         def f(x, w, lam, step):

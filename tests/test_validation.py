@@ -1,4 +1,5 @@
 """Every bad input of docs/design.md §3 raises ValueError/TypeError naming the argument, before any kernel runs."""
+
 import pytest
 import torch
 
@@ -16,34 +17,37 @@ def ista(**overrides):
     return DF.conv_ista(x, weight, lam, **kwargs)
 
 
-@pytest.mark.parametrize("overrides,error,words", [
-    (dict(x=torch.randn(2, 3, 10)), ValueError, "x must have rank 4"),  # a 1-D x: 4-D weight read as per-step
-    (dict(x=torch.randn(2, 5, 10, 10)), ValueError, "C_sig=3"),
-    (dict(weight=torch.randn(4, 3)), ValueError, "weight must be"),
-    (dict(lam=-0.1), ValueError, "lam must be >= 0"),
-    (dict(lam=torch.tensor([0.1, -0.1, 0.1, 0.1])), ValueError, "lam must be >= 0"),
-    (dict(lam=torch.rand(3)), ValueError, "lam must have one of the shapes"),
-    (dict(lam=torch.rand(5, 4)), ValueError, "lam must have one of the shapes"),
-    (dict(lam="big"), TypeError, "lam must be a float or a tensor"),
-    (dict(n_iter=0), ValueError, "n_iter must be an int >= 1"),
-    (dict(n_iter=2.5), ValueError, "n_iter"),
-    (dict(step=0.0), ValueError, "step must be > 0"),
-    (dict(step=torch.tensor([0.1, -1.0])), ValueError, "step must be > 0"),
-    (dict(step=torch.rand(3)), ValueError, "step must have one of the shapes"),
-    (dict(x=torch.randint(0, 3, (2, 3, 10, 10))), TypeError, "x must have a floating-point dtype"),
-    (dict(weight=torch.randint(0, 3, (4, 3, 3, 3))), TypeError, "weight must have a floating-point dtype"),
-    (dict(x=X.double()), TypeError, "must share one dtype"),
-    (dict(x=X.to("meta")), ValueError, "one device"),
-    (dict(backend="fastest"), ValueError, "backend must be one of"),
-    (dict(backend=3), TypeError, "backend must be a string"),
-    (dict(encoder_weight=torch.randn(4, 3, 5, 5)), ValueError, "encoder_weight must have weight's shape"),
-    (dict(z0=torch.randn(2, 4, 9, 9)), ValueError, "z0 must have the code's shape"),
-    (dict(stride=0), ValueError, "stride"),
-    (dict(padding=-1), ValueError, "padding"),
-    (dict(padding=(1, 1, 1)), ValueError, "padding"),
-    (dict(stride="2"), TypeError, "stride"),
-    (dict(x=torch.randn(2, 3, 2, 2), padding=0), ValueError, "too small"),
-])
+@pytest.mark.parametrize(
+    "overrides,error,words",
+    [
+        (dict(x=torch.randn(2, 3, 10)), ValueError, "x must have rank 4"),  # a 1-D x: 4-D weight read as per-step
+        (dict(x=torch.randn(2, 5, 10, 10)), ValueError, "C_sig=3"),
+        (dict(weight=torch.randn(4, 3)), ValueError, "weight must be"),
+        (dict(lam=-0.1), ValueError, "lam must be >= 0"),
+        (dict(lam=torch.tensor([0.1, -0.1, 0.1, 0.1])), ValueError, "lam must be >= 0"),
+        (dict(lam=torch.rand(3)), ValueError, "lam must have one of the shapes"),
+        (dict(lam=torch.rand(5, 4)), ValueError, "lam must have one of the shapes"),
+        (dict(lam="big"), TypeError, "lam must be a float or a tensor"),
+        (dict(n_iter=0), ValueError, "n_iter must be an int >= 1"),
+        (dict(n_iter=2.5), ValueError, "n_iter"),
+        (dict(step=0.0), ValueError, "step must be > 0"),
+        (dict(step=torch.tensor([0.1, -1.0])), ValueError, "step must be > 0"),
+        (dict(step=torch.rand(3)), ValueError, "step must have one of the shapes"),
+        (dict(x=torch.randint(0, 3, (2, 3, 10, 10))), TypeError, "x must have a floating-point dtype"),
+        (dict(weight=torch.randint(0, 3, (4, 3, 3, 3))), TypeError, "weight must have a floating-point dtype"),
+        (dict(x=X.double()), TypeError, "must share one dtype"),
+        (dict(x=X.to("meta")), ValueError, "one device"),
+        (dict(backend="fastest"), ValueError, "backend must be one of"),
+        (dict(backend=3), TypeError, "backend must be a string"),
+        (dict(encoder_weight=torch.randn(4, 3, 5, 5)), ValueError, "encoder_weight must have weight's shape"),
+        (dict(z0=torch.randn(2, 4, 9, 9)), ValueError, "z0 must have the code's shape"),
+        (dict(stride=0), ValueError, "stride"),
+        (dict(padding=-1), ValueError, "padding"),
+        (dict(padding=(1, 1, 1)), ValueError, "padding"),
+        (dict(stride="2"), TypeError, "stride"),
+        (dict(x=torch.randn(2, 3, 2, 2), padding=0), ValueError, "too small"),
+    ],
+)
 def test_conv_ista_rejects_bad_input(overrides, error, words):
     with pytest.raises(error, match=words):
         ista(**overrides)
@@ -82,8 +86,7 @@ def test_other_functions_validate_their_inputs():
     with pytest.raises(ValueError, match="lam must be a float"):
         DF.lasso_objective(X, torch.randn(2, 4, 10, 10), W, torch.rand(3), padding=1)
     with pytest.raises(ValueError, match="layer 1: x has 4 channels"):
-        DF.deep_conv_ista(X, [W, torch.randn(6, 5, 3, 3)], [0.1, 0.1], n_iter=2, paddings=[1, 1],
-                          backend="reference")
+        DF.deep_conv_ista(X, [W, torch.randn(6, 5, 3, 3)], [0.1, 0.1], n_iter=2, paddings=[1, 1], backend="reference")
     with pytest.raises(ValueError, match="lams must be a list with one entry per layer"):
         DF.deep_conv_ista(X, [W], [0.1, 0.1], n_iter=2, backend="reference")
     with pytest.raises(TypeError, match="weights must be a non-empty list"):

@@ -4,6 +4,7 @@ ClaimResult (claim, theoretical value, measured value, holds, curves for the plo
 Every experiment takes (quick, backend, device, dtype); `quick` shrinks it to seconds. EXPERIMENTS lists them in
 report order; an entry may return one ClaimResult or a list of them.
 """
+
 from __future__ import annotations
 
 from functools import partial
@@ -35,7 +36,18 @@ EXPERIMENTS = {
 }
 
 __all__ = [
-    "EXPERIMENTS", "ClaimResult", "activation_floors", "backend_agreement", "error_vs_depth", "lasso_bias",
-    "layer_propagation", "linear_convergence", "noise_floor", "objective_rates", "stability", "three_layer",
-    "transformer_blocks", "uniqueness",
+    "EXPERIMENTS",
+    "ClaimResult",
+    "activation_floors",
+    "backend_agreement",
+    "error_vs_depth",
+    "lasso_bias",
+    "layer_propagation",
+    "linear_convergence",
+    "noise_floor",
+    "objective_rates",
+    "stability",
+    "three_layer",
+    "transformer_blocks",
+    "uniqueness",
 ]

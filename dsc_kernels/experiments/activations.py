@@ -8,6 +8,7 @@ margin m away from every kink cost only sup_{|v|>=m}|sigma_beta − ReLU|, expon
 Leaky ReLU rebuilds ReLU exactly, so its network is the ReLU one [C]. The seed paper states rates for "diverse
 activation functions" [P]; which ones and its constants are unknown.
 """
+
 from __future__ import annotations
 
 import time
@@ -52,8 +53,9 @@ def _margin(x: torch.Tensor, d: ConvDictionary, z: torch.Tensor, theta: float) -
     return float((u.abs() - theta).abs().min())
 
 
-def activation_floors(*, quick: bool = False, backend: str = "auto", device: str = "cpu",
-                      dtype: torch.dtype = torch.float64) -> list[ClaimResult]:
+def activation_floors(
+    *, quick: bool = False, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float64
+) -> list[ClaimResult]:
     """S9: each smooth network's distance to the ReLU network (same weights and thresholds).
 
     S9a: O(1/beta) with the ReLU network's decay, Leaky ReLU exact. S9b: ∝ 1/beta where a unit sits at its kink
@@ -70,8 +72,9 @@ def activation_floors(*, quick: bool = False, backend: str = "auto", device: str
     x, truth = p.x.to(device), p.codes[0].to(device)
     q = theory.lista_cp_rate(s, d.mu)
     eta = noise_eta(d, p.noise.to(device))
-    sched = theory.geometric_thresholds(d.mu * s * p.amplitude[0], q, 200,
-                                        floor=d.mu * theory.lista_cp_noise_gain(s, q) * eta + eta)
+    sched = theory.geometric_thresholds(
+        d.mu * s * p.amplitude[0], q, 200, floor=d.mu * theory.lista_cp_noise_gain(s, q) * eta + eta
+    )
     n_iter = 25 if quick else 40
     betas = [30.0, 100.0, 300.0, 1000.0] if quick else [30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0]
     relu = lista_cp(x, d, truth, n_iter, lambda k, e: sched[k], backend=backend)
@@ -103,19 +106,28 @@ def activation_floors(*, quick: bool = False, backend: str = "auto", device: str
     margin = _margin(x, d, relu.z, float(sched[n_iter]))
     tails = {n: np.array([_sup_gap_beyond(n, b, margin) for b in betas]) for n in ACTIVATIONS}
     tail_ok = all(bool((np.array(dev[n]) <= width * tails[n] + rounding).all()) for n in ACTIVATIONS)
-    curves = {"beta": np.array(betas), "deviation": {n: np.array(dev[n]) for n in ACTIVATIONS},
-              "relu_curve": relu.err_l2.max(1), "curve_beta": betas[-2], "margin": margin, "width": width,
-              "tail": tails, "curves": {n: dev[n + "_curve"] for n in ACTIVATIONS + ("leaky_relu",)}}
+    curves = {
+        "beta": np.array(betas),
+        "deviation": {n: np.array(dev[n]) for n in ACTIVATIONS},
+        "relu_curve": relu.err_l2.max(1),
+        "curve_beta": betas[-2],
+        "margin": margin,
+        "width": width,
+        "tail": tails,
+        "curves": {n: dev[n + "_curve"] for n in ACTIVATIONS + ("leaky_relu",)},
+    }
     seconds = time.perf_counter() - t0
     bound = ClaimResult(
         id="S9a",
         claim="smooth activations (softplus/SiLU/GELU, scale β) keep the exponential phase with a floor O(1/β); "
-              "Leaky ReLU is exact",
+        "Leaky ReLU is exact",
         theory=f"same decay slope as ReLU ({relu_phase:.3f}); floor ≤ 2√n·(c/β)/(1−q), i.e. floor·β/c ≤ {width:.3g}; "
-               "Leaky ReLU deviation 0",
-        measured="decay slopes " + ", ".join(f"{v:.3f}" for v in phase.values())
-                 + "; max floor·β/c " + ", ".join(f"{c.max():.2g}" for c in consts.values())
-                 + f"; Leaky ReLU deviation {dev['leaky_relu'][0]:.1e}",
+        "Leaky ReLU deviation 0",
+        measured="decay slopes "
+        + ", ".join(f"{v:.3f}" for v in phase.values())
+        + "; max floor·β/c "
+        + ", ".join(f"{c.max():.2g}" for c in consts.values())
+        + f"; Leaky ReLU deviation {dev['leaky_relu'][0]:.1e}",
         holds=bool(exact and big_o and same_phase),
         source="[P] existence; [R] floor form; [C] constants",
         curves=curves,
@@ -124,19 +136,18 @@ def activation_floors(*, quick: bool = False, backend: str = "auto", device: str
     margin_case = ClaimResult(
         id="S9c",
         claim="with every unit a margin m from its kinks the floor falls faster than 1/β: like "
-              "sup_{|v|≥m}|σ_β(v) − ReLU(v)| (e^(−βm) for softplus/SiLU, e^(−(βm)²/2) for GELU)",
+        "sup_{|v|≥m}|σ_β(v) − ReLU(v)| (e^(−βm) for softplus/SiLU, e^(−(βm)²/2) for GELU)",
         theory=f"floor ≤ 2√n/(1−q)·sup_(|v|≥m)|σ_β − ReLU| (+ rounding {rounding:.0e}) with the ReLU network's "
-               f"margin m = {margin:.3g}; log-log slope in β < −1 (over floors 10× above rounding)",
-        measured="log-log slopes " + ", ".join(f"{n} {v:.2f}" if np.isfinite(v) else f"{n} below rounding"
-                                               for n, v in slopes.items())
-                 + "; max floor/(bound + rounding) "
-                 + ", ".join(f"{float((np.array(dev[n]) / (width * tails[n] + rounding)).max()):.2g}"
-                             for n in ACTIVATIONS),
+        f"margin m = {margin:.3g}; log-log slope in β < −1 (over floors 10× above rounding)",
+        measured="log-log slopes "
+        + ", ".join(f"{n} {v:.2f}" if np.isfinite(v) else f"{n} below rounding" for n, v in slopes.items())
+        + "; max floor/(bound + rounding) "
+        + ", ".join(f"{float((np.array(dev[n]) / (width * tails[n] + rounding)).max()):.2g}" for n in ACTIVATIONS),
         holds=bool(tail_ok and measurable and all(v < -1 for v in measurable.values())),
         source="[R] mechanism; [C] constants",
         curves=curves,
         note="the case the earlier S9b measured: no unit within ~1/β of its kink, so the 1/β worst case (S9b) is "
-             "not reached and the floor falls exponentially instead; the O(1/β) bound (S9a) holds throughout",
+        "not reached and the floor falls exponentially instead; the O(1/β) bound (S9a) holds throughout",
         seconds=seconds / 2,
     )
     return [bound, activation_kink(quick=quick, device=device), margin_case]
@@ -207,21 +218,27 @@ def activation_kink(*, quick: bool = False, device: str = "cpu") -> ClaimResult:
     q_support = (s - 1) * d.mu  # the constant-threshold iteration contracts on the support at this rate
     width = 2 * np.sqrt(codes[0].numel()) / (1 - q_support)
     in_range = all(bool(((c >= 0.9) & (c <= width)).all()) for c in consts.values())
-    holds = (relu_gap <= resolution(dtype) and min(margins) * min(betas) >= 10 and in_range
-             and all(-1.1 <= v <= -0.9 for v in slopes.values()))
+    holds = (
+        relu_gap <= resolution(dtype)
+        and min(margins) * min(betas) >= 10
+        and in_range
+        and all(-1.1 <= v <= -0.9 for v in slopes.values())
+    )
     return ClaimResult(
         id="S9b",
         claim="the smooth-activation floor is ∝ 1/β when a unit sits at its kink (the worst input, z₁/β)",
         theory="log-log slope −1; floor·β/c between 0.9 (the kink unit alone) and "
-               f"2√n/(1−(s−1)μ) = {width:.3g} (c = log 2, 0.2785, 0.1700)",
-        measured="slopes " + ", ".join(f"{n} {v:.3f}" for n, v in slopes.items())
-                 + "; floor·β/c " + ", ".join(f"{n} {c.min():.3f}–{c.max():.3f}" for n, c in consts.items())
-                 + f"; other units' margin ≥ {min(margins):.3f} (β·margin ≥ {min(margins) * min(betas):.0f})",
+        f"2√n/(1−(s−1)μ) = {width:.3g} (c = log 2, 0.2785, 0.1700)",
+        measured="slopes "
+        + ", ".join(f"{n} {v:.3f}" for n, v in slopes.items())
+        + "; floor·β/c "
+        + ", ".join(f"{n} {c.min():.3f}–{c.max():.3f}" for n, c in consts.items())
+        + f"; other units' margin ≥ {min(margins):.3f} (β·margin ≥ {min(margins) * min(betas):.0f})",
         holds=bool(holds),
         source="[R] form; [C] constants and construction",
         curves={"beta": np.array(betas), "deviation": {n: np.array(dev[n]) for n in ACTIVATIONS}},
         note="z* is the LASSO solution by construction (KKT), and the ReLU network's fixed point to rounding "
-             f"({relu_gap:.0e}); from z = 0 instead of z*, SiLU and GELU networks (non-monotone near the kink) can "
-             "settle on a second fixed point across the kink, also O(1/β) (about 3.6·c/β here)",
+        f"({relu_gap:.0e}); from z = 0 instead of z*, SiLU and GELU networks (non-monotone near the kink) can "
+        "settle on a second fixed point across the kink, also O(1/β) (about 3.6·c/β here)",
         seconds=time.perf_counter() - t0,
     )

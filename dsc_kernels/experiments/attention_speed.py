@@ -16,6 +16,7 @@ softmax) on the first rows of the timed inputs (forward: those rows of O; forwar
 function in the same dtype, then times the providers that pass interleaved (experiments/measure.py) and measures
 memory; it returns results records (experiments/records.py).
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,8 +30,16 @@ from ..reference.attention import sparse_attention_ref, sparsemax_ref
 from .measure import Candidate, measure_providers, time_interleaved
 from .tolerance import gate
 
-__all__ = ["HEADS", "HEAD_DIM", "dense_sparsemax_attention", "attention_fn", "measure_attention", "time_vs_length",
-           "time_vs_sparsity", "SDPA_BACKENDS"]
+__all__ = [
+    "HEADS",
+    "HEAD_DIM",
+    "dense_sparsemax_attention",
+    "attention_fn",
+    "measure_attention",
+    "time_vs_length",
+    "time_vs_sparsity",
+    "SDPA_BACKENDS",
+]
 
 HEADS, HEAD_DIM = 4, 64
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
@@ -86,17 +95,24 @@ def _sdpa(backend: str | None):
     if backend is None:
         return F.scaled_dot_product_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    which = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[backend]
+
+    which = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[backend]
 
     def run(q, k, v, is_causal):
         with sdpa_kernel([which]):
             return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+
     return run
 
 
-def attention_fn(provider: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 causal: bool) -> Callable[[], torch.Tensor]:
+def attention_fn(
+    provider: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> Callable[[], torch.Tensor]:
     """A zero-argument forward of `provider` (see the module docstring) on q, k, v (B, H, N, d)."""
     scale = q.shape[-1] ** -0.5
     if provider in ("dense-sparsemax", "entmax"):
@@ -111,8 +127,9 @@ def attention_fn(provider: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if th is None:
         return lambda: DF.sparse_attention(q, k, v, mode="sparsemax", causal=causal, scale=scale, backend=backend)
     threshold = torch.full((q.shape[1],), th, device=q.device, dtype=q.dtype)
-    return lambda: DF.sparse_attention(q, k, v, mode="shrink", threshold=threshold, causal=causal, scale=scale,
-                                       backend=backend)
+    return lambda: DF.sparse_attention(
+        q, k, v, mode="shrink", threshold=threshold, causal=causal, scale=scale, backend=backend
+    )
 
 
 def _function_of(provider: str) -> str:
@@ -160,21 +177,38 @@ def _gate(provider: str, fn, q, k, v, causal: bool, backward: bool) -> list:
         return _rows_outputs(lambda: _reference(function, qs, ks, vs, causal, th), qs, ks, vs, rows, backward)
 
     names = ["grad q", "grad k", "grad v"] if backward else ["O"]
-    return [gate(a, r, e, name=f"{n} ({function})", gradient=backward)
-            for n, a, r, e in zip(names, got, exact(torch.float64), exact(q.dtype))]
+    return [
+        gate(a, r, e, name=f"{n} ({function})", gradient=backward)
+        for n, a, r, e in zip(names, got, exact(torch.float64), exact(q.dtype))
+    ]
 
 
-def measure_attention(shape: Sequence[int], device: str | torch.device, providers: Sequence[str], *,
-                      causal: bool, backward: bool, dtype: torch.dtype = torch.float32, rounds: int = 7,
-                      warmup: int = 2, budget_s: float | None = None, suite: str = "attention",
-                      check: bool = True) -> list[dict]:
+def measure_attention(
+    shape: Sequence[int],
+    device: str | torch.device,
+    providers: Sequence[str],
+    *,
+    causal: bool,
+    backward: bool,
+    dtype: torch.dtype = torch.float32,
+    rounds: int = 7,
+    warmup: int = 2,
+    budget_s: float | None = None,
+    suite: str = "attention",
+    check: bool = True,
+) -> list[dict]:
     """Check, then time interleaved, then measure memory, for `providers` on q, k, v of `shape` (B, H, N, d);
     returns one results record per provider."""
     device = torch.device(device)
     mode = "forward_backward" if backward else "forward"
     b, h, n, d = shape
-    base = dict(suite=suite, workload=f"attn-N{n}{'-causal' if causal else ''}", mode=mode,
-                dtype=str(dtype).removeprefix("torch."), params=dict(shape=list(shape), causal=causal))
+    base = dict(
+        suite=suite,
+        workload=f"attn-N{n}{'-causal' if causal else ''}",
+        mode=mode,
+        dtype=str(dtype).removeprefix("torch."),
+        params=dict(shape=list(shape), causal=causal),
+    )
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(shape, generator=gen).to(device, dtype).requires_grad_(backward) for _ in range(3))
 
@@ -187,16 +221,24 @@ def measure_attention(shape: Sequence[int], device: str | torch.device, provider
             finally:
                 for t in (q, k, v):
                     t.grad = None
+
         return Candidate(check=checked if check else None, run=_step(fn, (q, k, v)) if backward else _no_grad(fn))
 
-    return measure_providers(base, device, {p: functools.partial(candidate, p) for p in providers}, rounds=rounds,
-                             warmup=warmup, budget_s=budget_s)
+    return measure_providers(
+        base,
+        device,
+        {p: functools.partial(candidate, p) for p in providers},
+        rounds=rounds,
+        warmup=warmup,
+        budget_s=budget_s,
+    )
 
 
 def _no_grad(fn):
     def run():
         with torch.no_grad():
             return fn()
+
     return run
 
 
@@ -206,6 +248,7 @@ def _step(fn, leaves):
             t.grad = None
         out = fn()
         out.backward(torch.ones_like(out))
+
     return run
 
 
@@ -261,7 +304,7 @@ def time_vs_sparsity(device: str | torch.device = "cpu", quick: bool = False) ->
     backend = _fused_backend(device)
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, n, HEAD_DIM, generator=gen).to(device) for _ in range(3))
-    scale = HEAD_DIM ** -0.5
+    scale = HEAD_DIM**-0.5
     with torch.no_grad():
         scores = (scale * q[0, 0] @ k[0, 0].T).flatten().float().cpu()
         # Thresholds at score quantiles: that fraction of the (head-0, statistically identical) scores is inactive.
@@ -270,11 +313,11 @@ def time_vs_sparsity(device: str | torch.device = "cpu", quick: bool = False) ->
         if backend:
             for s, t in zip(sparsities, thresholds):
                 th = torch.full((HEADS,), t, device=device)
-                fns[f"shrink {s}"] = functools.partial(DF.sparse_attention, q, k, v, mode="shrink", threshold=th,
-                                                       backend=backend)
+                fns[f"shrink {s}"] = functools.partial(
+                    DF.sparse_attention, q, k, v, mode="shrink", threshold=th, backend=backend
+                )
         ms = _median_ms(fns, device, 1 if quick else 3)
     out = {"sparsity": sparsities, "n": n, "backend": backend, "softmax (SDPA)": ms["softmax (SDPA)"]}
     if backend:
         out["fused shrink"] = [ms[f"shrink {s}"] for s in sparsities]
     return out
-

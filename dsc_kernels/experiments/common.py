@@ -1,4 +1,5 @@
 """What every convergence experiment shares: the result record, slope fits and the LISTA-CP iteration driver."""
+
 from __future__ import annotations
 
 import contextlib
@@ -129,8 +130,9 @@ def support_atoms(z: torch.Tensor, d: ConvDictionary, signal_size) -> tuple[torc
     idx = torch.nonzero(z.flatten()).flatten()
     units = torch.zeros(idx.numel(), z.numel(), dtype=z.dtype, device=z.device)
     units[torch.arange(idx.numel()), idx] = 1.0
-    atoms = DF.conv_synthesis(units.reshape(-1, *z.shape), d.weight.to(z), stride=d.stride, padding=d.padding,
-                              signal_size=tuple(signal_size))
+    atoms = DF.conv_synthesis(
+        units.reshape(-1, *z.shape), d.weight.to(z), stride=d.stride, padding=d.padding, signal_size=tuple(signal_size)
+    )
     return idx, atoms.flatten(1).T
 
 

@@ -5,6 +5,7 @@ error of layer j−1 is layer j's noise. Layer 1 is a Barker-13 code (mu = 1/13)
 (mu = 1/2), which keeps Gamma_1 = D_2 Gamma_2 sparse: s_1 = 2 s_2, so s_2 = 1 satisfies every condition
 (q = 3/13, 1/2) and s_2 = 2 breaks layer 2's (q_2 = 3/2), as docs/theory.md §4.2 describes.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,8 +22,9 @@ def _chain(quick: bool, dtype: torch.dtype) -> list[ConvDictionary]:
     return dictionary_chain([barker_filter(13, dtype=dtype), golomb_filter([0, 1], dtype=dtype)], 24 if quick else 48)
 
 
-def _layer(y: torch.Tensor, d: ConvDictionary, truth: torch.Tensor, clean: torch.Tensor, s: int, n_iter: int,
-           backend: str):
+def _layer(
+    y: torch.Tensor, d: ConvDictionary, truth: torch.Tensor, clean: torch.Tensor, s: int, n_iter: int, backend: str
+):
     """LISTA-CP with oracle thresholds on one layer; `y − clean` is the noise this layer sees."""
     eta = noise_eta(d, y - clean) + resolution(y.dtype, float(y.abs().max()))
     return lista_cp(y, d, truth, n_iter, lambda k, err: theory.oracle_threshold(err.l1, d.mu, eta), backend=backend)
@@ -38,8 +40,9 @@ def _cascade(p, s2: int, n_iter: int, backend: str, device: str):
     return float(t1.err_l2[-1].max()), float(t2.err_l2[-1].max()), machine
 
 
-def layer_propagation(*, quick: bool = False, backend: str = "auto", device: str = "cpu",
-                      dtype: torch.dtype = torch.float64) -> ClaimResult:
+def layer_propagation(
+    *, quick: bool = False, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float64
+) -> ClaimResult:
     """S8: with every q_j < 1 both layers converge linearly in the iterations per layer (rate max_j q_j);
     with q_2 ≥ 1 layer 2 may stall (the guarantee is only sufficient)."""
     t0 = time.perf_counter()
@@ -51,9 +54,14 @@ def layer_propagation(*, quick: bool = False, backend: str = "auto", device: str
         errs = [_cascade(p, s2, K, backend, device) for K in Ks]
         machine = np.max([e[2] for e in errs], axis=0)
         qs = [theory.lista_cp_rate(p.sparsity[0], ds[0].mu), theory.lista_cp_rate(p.sparsity[1], ds[1].mu)]
-        curves[f"s2={s2}"] = {"err1": np.array([e[0] for e in errs]), "err2": np.array([e[1] for e in errs]), "q": qs,
-                              "bound2": theory.deep_error_bound(np.array(Ks), p.sparsity, p.amplitude, qs, machine)
-                              if max(qs) < 1 else None}
+        curves[f"s2={s2}"] = {
+            "err1": np.array([e[0] for e in errs]),
+            "err2": np.array([e[1] for e in errs]),
+            "q": qs,
+            "bound2": theory.deep_error_bound(np.array(Ks), p.sparsity, p.amplitude, qs, machine)
+            if max(qs) < 1
+            else None,
+        }
     good, bad = curves["s2=1"], curves["s2=2"]
     q_max = max(good["q"])
     res = resolution(dtype)
@@ -66,11 +74,11 @@ def layer_propagation(*, quick: bool = False, backend: str = "auto", device: str
         id="S8",
         claim="2-layer DSC, layer-wise LISTA-CP: converges linearly when every q_j < 1; may stall when some q_j ≥ 1",
         theory=f"q = ({good['q'][0]:.3f}, {good['q'][1]:.3f}): slope ≤ log max q = {np.log(q_max):.3f}; "
-               f"layer-2 error ≤ (†) bound at every K; q = ({bad['q'][0]:.3f}, {bad['q'][1]:.3f}): no guarantee",
+        f"layer-2 error ≤ (†) bound at every K; q = ({bad['q'][0]:.3f}, {bad['q'][1]:.3f}): no guarantee",
         measured=f"slope of layer-2 error {slope:.3f}, max err/(†) {float((good['err2'] / good['bound2']).max()):.4f}; "
-                 f"with q_2 = {bad['q'][1]:.2f} "
-                 f"layer 2 {'stalls' if stalled else 'still converges'} at {bad['err2'][-1]:.2g} "
-                 f"(layer 1: {bad['err1'][-1]:.2g})",
+        f"with q_2 = {bad['q'][1]:.2f} "
+        f"layer 2 {'stalls' if stalled else 'still converges'} at {bad['err2'][-1]:.2g} "
+        f"(layer 1: {bad['err1'][-1]:.2g})",
         holds=bool(holds),
         source="[R] (†) from [L] Chen et al. 2018 per layer; stall [C]",
         curves=curves,
@@ -90,8 +98,9 @@ def _support_least_squares(y: torch.Tensor, z: torch.Tensor, d: ConvDictionary) 
     return out
 
 
-def stability(*, quick: bool = False, backend: str = "auto", device: str = "cpu",
-              dtype: torch.dtype = torch.float64) -> ClaimResult:
+def stability(
+    *, quick: bool = False, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float64
+) -> ClaimResult:
     """S2: ||Gamma_j − hat Gamma_j||_2 ≤ stability_bound(eps) (product over layers), linear in eps.
 
     Estimates: LISTA-CP support, then least squares on it, layer by layer; ||e||_2 = eps exactly.

@@ -12,6 +12,7 @@ Multi-channel convolutional dictionaries are never unique for long: filters comm
 channel f and f on channel g give one signal from 2k atoms (spark <= 2k). The Dirac–Hadamard pair [I, H/sqrt m]
 (a strided conv dictionary) has the sharp spark 2 sqrt(m) of a Dirac comb and its coherence allows s = 2.
 """
+
 from __future__ import annotations
 
 import math
@@ -67,8 +68,14 @@ def cases(quick: bool) -> list[Case]:
         Case("1-D, 2 channels, k = 3", torch.stack([f, g])[:, None], (8,) if quick else (10,)),
         Case("2-D, 2 channels, 2×2", torch.stack([f2, g2])[:, None], (3, 3) if quick else (4, 4)),
         Case("1-D, Barker-7 (1 channel)", t(1, 1, 1, -1, -1, 1, -1)[None, None], (12,)),
-        Case("Dirac–Hadamard [I, H/4], stride 16", dirac_hadamard, (16,), stride=m, exhaustive=False,
-             known_pair=dirac_comb_pair(m)),
+        Case(
+            "Dirac–Hadamard [I, H/4], stride 16",
+            dirac_hadamard,
+            (16,),
+            stride=m,
+            exhaustive=False,
+            known_pair=dirac_comb_pair(m),
+        ),
     ]
     if not quick:
         w = torch.randn(3, 1, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -84,9 +91,19 @@ def check_case(c: Case) -> dict:
     s_coh = math.ceil(bound) - 1  # the largest s < bound
     # uniqueness below the bound: every support of 2 s_coh atoms is independent
     coh_spark, _ = theory.spark(d, max_size=2 * s_coh)
-    out = {"name": c.name, "atoms": d.shape[1], "dim": d.shape[0], "mu": mu, "bound": bound, "s_coh": s_coh,
-           "unique_below_bound": math.isinf(coh_spark), "spark": None, "collision_s": None, "residual": None,
-           "none_below": None}
+    out = {
+        "name": c.name,
+        "atoms": d.shape[1],
+        "dim": d.shape[0],
+        "mu": mu,
+        "bound": bound,
+        "s_coh": s_coh,
+        "unique_below_bound": math.isinf(coh_spark),
+        "spark": None,
+        "collision_s": None,
+        "residual": None,
+        "none_below": None,
+    }
     if c.exhaustive:
         sp, _ = theory.spark(d)
         out["spark"] = sp
@@ -119,30 +136,36 @@ def _holds(r: dict) -> bool:
     return bool(ok)
 
 
-def uniqueness(*, quick: bool = False, backend: str = "auto", device: str = "cpu",
-               dtype: torch.dtype = torch.float64) -> ClaimResult:
+def uniqueness(
+    *, quick: bool = False, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float64
+) -> ClaimResult:
     """S1 by enumeration (float64 on the CPU whatever `device`/`dtype`: rank decisions need it; no backend runs)."""
     t0 = time.perf_counter()
     rows = [check_case(c) for c in cases(quick)]
 
     def describe(r: dict) -> str:
         spark = "—" if r["spark"] is None else ("∞" if math.isinf(r["spark"]) else f"{r['spark']:.0f}")
-        pair = ("no pair at any s" if r["spark"] is not None and math.isinf(r["spark"]) else
-                f"pair at s = {r['collision_s']} (residual {r['residual']:.0e})" if r["collision_s"] else "")
+        pair = (
+            "no pair at any s"
+            if r["spark"] is not None and math.isinf(r["spark"])
+            else f"pair at s = {r['collision_s']} (residual {r['residual']:.0e})"
+            if r["collision_s"]
+            else ""
+        )
         return f"{r['name']}: μ = {r['mu']:.3f}, unique for s ≤ {r['s_coh']} ✓, spark {spark}, {pair}"
 
     return ClaimResult(
         id="S1",
         claim="uniqueness: no two distinct representations with s < (1 + 1/μ)/2 non-zeros give the same signal; "
-              "the sparsest collision sits at s = ⌈spark/2⌉",
+        "the sparsest collision sits at s = ⌈spark/2⌉",
         theory="spark(D) ≥ 1 + 1/μ; every 2s atoms independent for s < (1+1/μ)/2; pair at ⌈spark/2⌉, none below",
         measured="; ".join(describe(r) for r in rows),
         holds=all(_holds(r) for r in rows),
         source="[P] existence; [L] Donoho–Elad 2003; [R] per DSC layer",
         curves={"rows": rows, "holds": [_holds(r) for r in rows]},
         note="exhaustive enumeration of supports (every subset of atoms up to the size shown); the Dirac–Hadamard "
-             "dictionary is too large to find its spark by enumeration, so its known comb pair (spark 2√m) is "
-             "checked instead, and its s ≤ 2 uniqueness by all 4-atom supports",
+        "dictionary is too large to find its spark by enumeration, so its known comb pair (spark 2√m) is "
+        "checked instead, and its s ≤ 2 uniqueness by all 4-atom supports",
         seconds=time.perf_counter() - t0,
     )
 

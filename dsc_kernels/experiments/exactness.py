@@ -4,6 +4,7 @@ A conv-transpose + conv + shrink block is one ISTA step (docs/theory.md §3.3) [
 must reproduce the reference to rounding on a multi-channel, strided 2-D problem: ISTA, FISTA, and non-negative
 codes (the ReLU-with-bias CNN).
 """
+
 from __future__ import annotations
 
 import time
@@ -16,8 +17,9 @@ from .common import ClaimResult
 from .tolerance import FACTOR, judge
 
 
-def backend_agreement(*, quick: bool = False, backend: str = "auto", device: str = "cpu",
-                      dtype: torch.dtype = torch.float64) -> ClaimResult:
+def backend_agreement(
+    *, quick: bool = False, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float64
+) -> ClaimResult:
     """Each available fused backend's float32 codes against the float64 reference (same inputs, 10 iterations),
     judged by the tolerance rule: error at most twice eager PyTorch's own float32 error (on a GPU that includes TF32
     convolutions, which the Triton kernels' fp32 dots match) plus a few fp32 ulps.
@@ -33,8 +35,11 @@ def backend_agreement(*, quick: bool = False, backend: str = "auto", device: str
     x, w = x64.float(), w64.float()
     x64, w64 = x.double(), w.double()  # the reference sees exactly the rounded inputs
     try:
-        backends = [b for b in DF.available_backends(device)
-                    if b != "reference" and not (b == "triton" and torch.device(device).type == "cpu")]
+        backends = [
+            b
+            for b in DF.available_backends(device)
+            if b != "reference" and not (b == "triton" and torch.device(device).type == "cpu")
+        ]
     except Exception:  # noqa: BLE001 - no fused backend importable is a result, not a crash
         backends = []
     verdicts = {}
@@ -53,8 +58,10 @@ def backend_agreement(*, quick: bool = False, backend: str = "auto", device: str
         id="S6",
         claim="fused conv-ISTA layers (transposed conv + conv + shrink) reproduce the ISTA reference",
         theory=f"error vs float64 ≤ {FACTOR:g}× eager float32's + 16 fp32 ulps",
-        measured=("; ".join(f"{n}: {v.error:.1e} (eager {v.eager_error:.1e})" for n, v in verdicts.items())
-                  or "no fused backend available here (nothing to compare)"),
+        measured=(
+            "; ".join(f"{n}: {v.error:.1e} (eager {v.eager_error:.1e})" for n, v in verdicts.items())
+            or "no fused backend available here (nothing to compare)"
+        ),
         holds=bool(holds),
         source="[R] CNN = ISTA identities (docs/theory.md §3.3), [C]",
         curves={"diffs": {n: v.error for n, v in verdicts.items()}},

@@ -4,6 +4,7 @@ Rates: Beck–Teboulle 2009 (Thm 3.1, 4.4) [L]. The bias: on a recovered support
 solution is z_S = Gamma*_S − lam (D_S^T D_S)^{-1} sign(Gamma*_S) in the noiseless case (KKT) [L], so a constant
 threshold plateaus at that distance from the true code instead of converging to it (docs/theory.md §4.5, claim S11).
 """
+
 from __future__ import annotations
 
 import time
@@ -17,8 +18,9 @@ from ..data import barker_filter, conv_dictionary, dsc_problem, random_filters
 from .common import ClaimResult, fit_slope, resolution, support_atoms
 
 
-def lasso_bias(*, quick: bool = False, backend: str = "auto", device: str = "cpu",
-               dtype: torch.dtype = torch.float64) -> ClaimResult:
+def lasso_bias(
+    *, quick: bool = False, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float64
+) -> ClaimResult:
     """S11: constant-threshold ISTA (step 1/L) stalls at the LASSO bias ‖lam (D_S^T D_S)^{-1} sign‖, linear in lam.
 
     Barker-13, s = 3, noiseless; FISTA iterations through functional.conv_ista reach the LASSO solution.
@@ -60,14 +62,20 @@ def lasso_bias(*, quick: bool = False, backend: str = "auto", device: str = "cpu
         measured=f"max |plateau/prediction − 1| = {rel:.1e}; slope {slope:.3f}",
         holds=holds,
         source="[L] LASSO KKT conditions; Chen et al. 2018 (θ must decrease)",
-        curves={"lam": np.array(lams), "plateau": measured, "predicted": predicted, "ista_curve": np.array(ista_curve),
-                "lam_curve": lams[-1]},
+        curves={
+            "lam": np.array(lams),
+            "plateau": measured,
+            "predicted": predicted,
+            "ista_curve": np.array(ista_curve),
+            "lam_curve": lams[-1],
+        },
         seconds=time.perf_counter() - t0,
     )
 
 
-def objective_rates(*, quick: bool = False, backend: str = "auto", device: str = "cpu",
-                    dtype: torch.dtype = torch.float64) -> ClaimResult:
+def objective_rates(
+    *, quick: bool = False, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float64
+) -> ClaimResult:
     """ISTA's F(z_k) − F* ≤ L‖z*‖²/(2k) and FISTA's ≤ 2L‖z*‖²/(k+1)² at every k; fitted log-log slopes ≤ −1, −2.
 
     A coherent problem (4 random 2-channel filters of size 9, 20 active codes, noise) keeps the gaps sublinear
@@ -95,8 +103,9 @@ def objective_rates(*, quick: bool = False, backend: str = "auto", device: str =
         z = DF.conv_ista(x, w, lam, n_iter=1, step=step, z0=z, backend=backend)
         ista_gap.append(f(z) - f_star)
     ista_gap = np.array(ista_gap)  # (K, B)
-    fista_gap = np.array([f(DF.conv_ista(x, w, lam, n_iter=int(k), step=step, fista=True, backend=backend)) - f_star
-                          for k in ks])
+    fista_gap = np.array(
+        [f(DF.conv_ista(x, w, lam, n_iter=int(k), step=step, fista=True, backend=backend)) - f_star for k in ks]
+    )
     tol = resolution(dtype, float(np.abs(f_star).max()))
     ista_bound = theory.ista_objective_bound(np.arange(1, K + 1)[:, None], L, dist0[None])
     fista_bound = theory.fista_objective_bound(ks[:, None], L, dist0[None])
@@ -117,8 +126,14 @@ def objective_rates(*, quick: bool = False, backend: str = "auto", device: str =
         measured=f"bounds {'hold' if ok_bounds else 'violated'}; slopes ISTA {s_ista:.2f}, FISTA {s_fista:.2f}",
         holds=bool(holds),
         source="[L] Beck–Teboulle 2009",
-        curves={"k": np.arange(1, K + 1), "ista_gap": ista_gap.max(1), "ista_bound": ista_bound.max(1),
-                "fista_k": ks, "fista_gap": fista_gap.max(1), "fista_bound": fista_bound.max(1)},
+        curves={
+            "k": np.arange(1, K + 1),
+            "ista_gap": ista_gap.max(1),
+            "ista_bound": ista_bound.max(1),
+            "fista_k": ks,
+            "fista_gap": fista_gap.max(1),
+            "fista_bound": fista_bound.max(1),
+        },
         note="slopes steeper than the worst-case rates are expected: the rates are upper bounds",
         seconds=time.perf_counter() - t0,
     )

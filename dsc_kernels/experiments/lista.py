@@ -3,6 +3,7 @@
 Rates and constants are Chen et al. 2018's (LISTA-CP, Thm 2) [L]; applying them to convolutional dictionaries and
 reading iterations as CNN depth is docs/theory.md §4.2 [R]. The dictionaries are Barker codes (mu = 1/length).
 """
+
 from __future__ import annotations
 
 import time
@@ -38,8 +39,14 @@ def _schedule(kind: str, mu: float, s: int, B: float, q: float, eta: float):
     raise ValueError(f"schedule must be 'oracle' or 'geometric', got {kind!r}")
 
 
-def linear_convergence(*, schedule: str = "oracle", quick: bool = False, backend: str = "auto", device: str = "cpu",
-                       dtype: torch.dtype = torch.float64) -> ClaimResult:
+def linear_convergence(
+    *,
+    schedule: str = "oracle",
+    quick: bool = False,
+    backend: str = "auto",
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float64,
+) -> ClaimResult:
     """S3 + S4: err_k <= s B q^k at every k, fitted log-error slope <= log q, supp(Gamma^k) within supp(Gamma*).
 
     Noiseless 1-D Barker-13 dictionary (mu = 1/13), s = 4 so q = 7/13.
@@ -65,21 +72,28 @@ def linear_convergence(*, schedule: str = "oracle", quick: bool = False, backend
     return ClaimResult(
         id=f"S3/S4-{schedule}",
         claim=f"LISTA-CP, analytic W = D, {schedule} thresholds: linear rate q, bound s·B·q^k at every k, "
-              "no false positives",
+        "no false positives",
         theory=f"slope ≤ log q = {np.log(q):.3f}{' (+0.02 fit tol.)' if tol else ''} "
-               f"(q = (2s−1)μ = {q:.3f}, s = {s}, μ = {d.mu:.4f})",
+        f"(q = (2s−1)μ = {q:.3f}, s = {s}, μ = {d.mu:.4f})",
         measured=f"slope {slope:.3f} over {used} iters; max err/bound {worst:.2g}; "
-                 f"false positives {int(tr.false_pos.sum())}",
+        f"false positives {int(tr.false_pos.sum())}",
         holds=bool(holds),
         source="[L] Chen et al. 2018 Thm 2; [R] per DSC layer",
-        curves={"k": np.arange(n_iter + 1), "err": sup, "err_all": tr.err_l2, "bound": bound, "q": q,
-                "thresholds": tr.thresholds},
+        curves={
+            "k": np.arange(n_iter + 1),
+            "err": sup,
+            "err_all": tr.err_l2,
+            "bound": bound,
+            "q": q,
+            "thresholds": tr.thresholds,
+        },
         seconds=time.perf_counter() - t0,
     )
 
 
-def noise_floor(*, quick: bool = False, backend: str = "auto", device: str = "cpu",
-                dtype: torch.dtype = torch.float64) -> ClaimResult:
+def noise_floor(
+    *, quick: bool = False, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float64
+) -> ClaimResult:
     """S5: the plateau of err_k grows linearly in the noise and stays below C·eta, C = 2s/(1 − q).
 
     Oracle thresholds, Barker-13, s = 3; the noise std sweeps a decade and a half.
@@ -110,8 +124,9 @@ def noise_floor(*, quick: bool = False, backend: str = "auto", device: str = "cp
     )
 
 
-def error_vs_depth(*, quick: bool = False, backend: str = "auto", device: str = "cpu",
-                   dtype: torch.dtype = torch.float64) -> ClaimResult:
+def error_vs_depth(
+    *, quick: bool = False, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float64
+) -> ClaimResult:
     """S7: with iterations as layers, log-error falls linearly with depth, then plateaus at a noise floor.
 
     2-D Barker-7 ⊗ Barker-7 dictionary (mu = 1/7), s = 3 (q = 5/7), noise std 1e-3, geometric thresholds.

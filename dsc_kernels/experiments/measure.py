@@ -15,6 +15,7 @@ still held when it returns (its output and whatever autograd saved for the backw
 allocator's statistics. CPU: the profiler's allocation and free events (every allocation through c10; a C++ kernel's
 own malloc'd scratch is not counted).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,7 @@ import torch
 
 from . import records
 
-__all__ = ["Timing", "time_interleaved", "MemoryUse", "measure_memory", "synchronize", "Candidate",
-           "measure_providers"]
+__all__ = ["Timing", "time_interleaved", "MemoryUse", "measure_memory", "synchronize", "Candidate", "measure_providers"]
 
 
 @dataclass
@@ -53,8 +53,17 @@ class Timing:
     def to_dict(self) -> dict:
         s = sorted(self.samples_ms)
         q = (lambda f: s[min(len(s) - 1, int(f * len(s)))]) if s else (lambda f: float("nan"))  # noqa: E731
-        return dict(median_ms=self.median_ms, n=self.n, min_ms=q(0.0), p20_ms=q(0.2), p80_ms=q(0.8),
-                    samples_ms=list(self.samples_ms), warmup=self.warmup, method=self.method, error=self.error)
+        return dict(
+            median_ms=self.median_ms,
+            n=self.n,
+            min_ms=q(0.0),
+            p20_ms=q(0.2),
+            p80_ms=q(0.8),
+            samples_ms=list(self.samples_ms),
+            warmup=self.warmup,
+            method=self.method,
+            error=self.error,
+        )
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -72,15 +81,25 @@ def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"[:400]
 
 
-def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.device | str, *, rounds: int = 7,
-                     warmup: int = 2, min_rounds: int = 3, budget_s: float | None = None,
-                     flush_l2: bool = True) -> dict[str, Timing]:
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    device: torch.device | str,
+    *,
+    rounds: int = 7,
+    warmup: int = 2,
+    min_rounds: int = 3,
+    budget_s: float | None = None,
+    flush_l2: bool = True,
+) -> dict[str, Timing]:
     """Times every fn of `fns` interleaved (see the module docstring); returns name -> Timing. A provider that raises
     is dropped from later rounds and its Timing carries the error (its earlier samples are discarded)."""
     device = torch.device(device)
     gpu = device.type == "cuda"
-    method = ("cuda-events, one call per sample, L2 flushed before each, rounds interleaved" if gpu
-              else "time.perf_counter, one call per sample, rounds interleaved")
+    method = (
+        "cuda-events, one call per sample, L2 flushed before each, rounds interleaved"
+        if gpu
+        else "time.perf_counter, one call per sample, rounds interleaved"
+    )
     timings = {name: Timing(warmup=warmup, method=method) for name in fns}
     live = list(fns)
 
@@ -100,7 +119,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.devi
     for r in range(rounds):
         if budget_s is not None and r >= min_rounds and time.perf_counter() - start > budget_s:
             break
-        order = live[r % len(live):] + live[:r % len(live)] if live else []
+        order = live[r % len(live) :] + live[: r % len(live)] if live else []
         events = {}
         for name in order:
             try:
@@ -133,8 +152,8 @@ def time_interleaved(fns: Mapping[str, Callable[[], object]], device: torch.devi
 
 @dataclass
 class MemoryUse:
-    peak_bytes: int       # the most allocated at any point while fn ran, above the start
-    retained_bytes: int   # still allocated when fn returned (its output alive), above the start
+    peak_bytes: int  # the most allocated at any point while fn ran, above the start
+    retained_bytes: int  # still allocated when fn returned (its output alive), above the start
     method: str
 
     def to_dict(self) -> dict:
@@ -165,16 +184,21 @@ def measure_memory(fn: Callable[[], object], device: torch.device | str) -> Memo
         torch.cuda.reset_peak_memory_stats(device)
         out = fn()
         torch.cuda.synchronize(device)
-        use = MemoryUse(int(torch.cuda.max_memory_allocated(device) - base),
-                        int(torch.cuda.memory_allocated(device) - base), "torch.cuda allocator statistics")
+        use = MemoryUse(
+            int(torch.cuda.max_memory_allocated(device) - base),
+            int(torch.cuda.memory_allocated(device) - base),
+            "torch.cuda allocator statistics",
+        )
         del out
         return use
     from torch.profiler import ProfilerActivity, profile
+
     with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     del out
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     current = peak = 0
     for e in events:
         current += e.nbytes()  # negative for frees
@@ -191,9 +215,15 @@ class Candidate:
     run: Callable[[], object]
 
 
-def measure_providers(base: Mapping, device: torch.device | str,
-                      candidates: Mapping[str, Callable[[], Candidate] | str], *, rounds: int = 7, warmup: int = 2,
-                      budget_s: float | None = None) -> list[dict]:
+def measure_providers(
+    base: Mapping,
+    device: torch.device | str,
+    candidates: Mapping[str, Callable[[], Candidate] | str],
+    *,
+    rounds: int = 7,
+    warmup: int = 2,
+    budget_s: float | None = None,
+) -> list[dict]:
     """The measurement of one group of providers: check each (a provider whose output fails is recorded "wrong" and
     never timed), time the rest interleaved, then measure each one's memory. `candidates` maps a provider to a
     builder of its Candidate, or to the reason it is skipped. `base` holds the records' common fields (suite,
@@ -213,14 +243,25 @@ def measure_providers(base: Mapping, device: torch.device | str,
                 synchronize(device)
             first_call[p] = time.perf_counter() - t0
             if not all(v.ok for v in verdicts.get(p, [])):
-                out[p] = records.result(**base, provider=p, status="wrong", check=verdicts[p],
-                                        reason="output failed the correctness gate: not timed",
-                                        first_call_s=first_call[p])
+                out[p] = records.result(
+                    **base,
+                    provider=p,
+                    status="wrong",
+                    check=verdicts[p],
+                    reason="output failed the correctness gate: not timed",
+                    first_call_s=first_call[p],
+                )
                 continue
             runs[p] = candidate.run
         except Exception as err:  # noqa: BLE001 - a provider failing is a record, not a crash
-            out[p] = records.result(**base, provider=p, status="failed", check=verdicts.get(p), reason=_describe(err),
-                                    first_call_s=time.perf_counter() - t0)
+            out[p] = records.result(
+                **base,
+                provider=p,
+                status="failed",
+                check=verdicts.get(p),
+                reason=_describe(err),
+                first_call_s=time.perf_counter() - t0,
+            )
     timings = time_interleaved(runs, device, rounds=rounds, warmup=warmup, budget_s=budget_s) if runs else {}
     for p, run in runs.items():
         t, memory = timings[p], None
@@ -229,7 +270,15 @@ def measure_providers(base: Mapping, device: torch.device | str,
                 memory = measure_memory(run, device)
             except Exception as err:  # noqa: BLE001
                 t.error = f"memory: {_describe(err)}"
-        out[p] = records.result(**base, provider=p, status="ok" if t.error is None else "failed", reason=t.error,
-                                check=verdicts.get(p), timing=t, memory=memory, first_call_s=first_call[p])
+        out[p] = records.result(
+            **base,
+            provider=p,
+            status="ok" if t.error is None else "failed",
+            reason=t.error,
+            check=verdicts.get(p),
+            timing=t,
+            memory=memory,
+            first_call_s=first_call[p],
+        )
     synchronize(device)
     return [out[p] for p in candidates]

@@ -15,6 +15,7 @@ memory (measure.MemoryUse; the training-step peak for forward_backward) and rati
 
 bench/results/ keeps committed runs; bench/results_table.py turns them into the README's table.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,20 +30,48 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SCHEMA", "VERSION", "BASELINES", "environment", "result", "add_ratios", "run_document", "write_run",
-           "CSV_COLUMNS", "load_runs", "markdown_table"]
+__all__ = [
+    "SCHEMA",
+    "VERSION",
+    "BASELINES",
+    "environment",
+    "result",
+    "add_ratios",
+    "run_document",
+    "write_run",
+    "CSV_COLUMNS",
+    "load_runs",
+    "markdown_table",
+]
 
 SCHEMA, VERSION = "dsc_kernels.bench", 1
 ROOT = Path(__file__).resolve().parents[2]
 # Baseline groups: the fastest member of a group present in a record's group is that baseline (eager PyTorch in its
 # best layout, the best torch.compile mode, SDPA's fastest backend, dense sparsemax as entmax users write it).
-BASELINES = {"eager": ("reference", "reference-channels_last"),
-             "compile": ("compile", "compile-max-autotune"),
-             "sdpa": ("sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"),
-             "dense": ("dense-sparsemax", "entmax")}
-CSV_COLUMNS = ["suite", "workload", "mode", "dtype", "provider", "status", "median_ms", "n", "min_ms", "p80_ms",
-               *[f"speedup_vs_{b}" for b in BASELINES], "peak_bytes", "retained_bytes",
-               "train_peak_ratio_vs_eager", "check", "reason"]
+BASELINES = {
+    "eager": ("reference", "reference-channels_last"),
+    "compile": ("compile", "compile-max-autotune"),
+    "sdpa": ("sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"),
+    "dense": ("dense-sparsemax", "entmax"),
+}
+CSV_COLUMNS = [
+    "suite",
+    "workload",
+    "mode",
+    "dtype",
+    "provider",
+    "status",
+    "median_ms",
+    "n",
+    "min_ms",
+    "p80_ms",
+    *[f"speedup_vs_{b}" for b in BASELINES],
+    "peak_bytes",
+    "retained_bytes",
+    "train_peak_ratio_vs_eager",
+    "check",
+    "reason",
+]
 
 
 def _git_commit() -> str:
@@ -67,11 +96,24 @@ def source_hash() -> str:
 
 
 def _nvidia_smi() -> dict:
-    fields = ["driver_version", "clocks.sm", "clocks.mem", "clocks.max.sm", "clocks.max.mem", "power.draw",
-              "power.limit", "temperature.gpu", "pstate"]
+    fields = [
+        "driver_version",
+        "clocks.sm",
+        "clocks.mem",
+        "clocks.max.sm",
+        "clocks.max.mem",
+        "power.draw",
+        "power.limit",
+        "temperature.gpu",
+        "pstate",
+    ]
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.SubprocessError) as err:
         return {"error": str(err)[:200]}
     if out.returncode != 0:
@@ -95,39 +137,81 @@ def environment(device: torch.device | str) -> dict:
     device = torch.device(device)
     try:
         import triton
+
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
     import numpy
-    env = dict(commit=_git_commit(), source_hash=source_hash(), python=platform.python_version(),
-               platform=platform.platform(), torch=torch.__version__, triton=triton_version,
-               numpy=numpy.__version__, cuda=torch.version.cuda, cpu=_cpu_model(), cpu_count=os.cpu_count(),
-               torch_threads=torch.get_num_threads(), load_avg=list(os.getloadavg()) if hasattr(os, "getloadavg")
-               else None, device_type=device.type)
+
+    env = dict(
+        commit=_git_commit(),
+        source_hash=source_hash(),
+        python=platform.python_version(),
+        platform=platform.platform(),
+        torch=torch.__version__,
+        triton=triton_version,
+        numpy=numpy.__version__,
+        cuda=torch.version.cuda,
+        cpu=_cpu_model(),
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        load_avg=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        device_type=device.type,
+    )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                   multiprocessors=props.multi_processor_count, memory_bytes=props.total_memory,
-                   l2_bytes=getattr(props, "L2_cache_size", None), cudnn=torch.backends.cudnn.version(),
-                   precision=dict(cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-                                  matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32),
-                   nvidia_smi=_nvidia_smi())
+        env.update(
+            device=props.name,
+            capability=f"{props.major}.{props.minor}",
+            multiprocessors=props.multi_processor_count,
+            memory_bytes=props.total_memory,
+            l2_bytes=getattr(props, "L2_cache_size", None),
+            cudnn=torch.backends.cudnn.version(),
+            precision=dict(
+                cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+            ),
+            nvidia_smi=_nvidia_smi(),
+        )
     else:
         env.update(device=env["cpu"])
     return env
 
 
-def result(*, suite: str, workload: str, mode: str, dtype: str, provider: str, params: Mapping | None = None,
-           status: str = "ok", reason: str | None = None, check: Iterable | None = None, timing=None, memory=None,
-           **extra) -> dict:
+def result(
+    *,
+    suite: str,
+    workload: str,
+    mode: str,
+    dtype: str,
+    provider: str,
+    params: Mapping | None = None,
+    status: str = "ok",
+    reason: str | None = None,
+    check: Iterable | None = None,
+    timing=None,
+    memory=None,
+    **extra,
+) -> dict:
     """One record (see the module docstring). `check`: tolerance Verdicts; `timing`: measure.Timing;
     `memory`: measure.MemoryUse."""
-    record = dict(suite=suite, workload=workload, mode=mode, dtype=dtype, provider=provider, params=dict(params or {}),
-                  status=status, reason=reason,
-                  check=[dict(ok=v.ok, error=v.error, eager_error=v.eager_error, bound=v.bound, message=v.message)
-                         for v in (check or [])],
-                  timing=timing.to_dict() if timing is not None else None,
-                  memory=memory.to_dict() if memory is not None else None, ratios={})
+    record = dict(
+        suite=suite,
+        workload=workload,
+        mode=mode,
+        dtype=dtype,
+        provider=provider,
+        params=dict(params or {}),
+        status=status,
+        reason=reason,
+        check=[
+            dict(ok=v.ok, error=v.error, eager_error=v.eager_error, bound=v.bound, message=v.message)
+            for v in (check or [])
+        ],
+        timing=timing.to_dict() if timing is not None else None,
+        memory=memory.to_dict() if memory is not None else None,
+        ratios={},
+    )
     record.update(extra)
     return record
 
@@ -161,20 +245,37 @@ def add_ratios(results: list[dict]) -> list[dict]:
 
 
 def run_document(suite: str, device: torch.device | str, results: list[dict], method: Mapping) -> dict:
-    return dict(schema=SCHEMA, version=VERSION, suite=suite,
-                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), environment=environment(device),
-                method=dict(method), results=add_ratios(results))
+    return dict(
+        schema=SCHEMA,
+        version=VERSION,
+        suite=suite,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        environment=environment(device),
+        method=dict(method),
+        results=add_ratios(results),
+    )
 
 
 def _csv_row(r: dict) -> dict:
     t, m = r.get("timing") or {}, r.get("memory") or {}
-    return dict(suite=r["suite"], workload=r["workload"], mode=r["mode"], dtype=r["dtype"], provider=r["provider"],
-                status=r["status"], median_ms=t.get("median_ms"), n=t.get("n"), min_ms=t.get("min_ms"),
-                p80_ms=t.get("p80_ms"), **{f"speedup_vs_{b}": r["ratios"].get(f"speedup_vs_{b}") for b in BASELINES},
-                peak_bytes=m.get("peak_bytes"),
-                retained_bytes=m.get("retained_bytes"),
-                train_peak_ratio_vs_eager=r["ratios"].get("train_peak_ratio_vs_eager"),
-                check="; ".join(c["message"] for c in r["check"]), reason=r.get("reason"))
+    return dict(
+        suite=r["suite"],
+        workload=r["workload"],
+        mode=r["mode"],
+        dtype=r["dtype"],
+        provider=r["provider"],
+        status=r["status"],
+        median_ms=t.get("median_ms"),
+        n=t.get("n"),
+        min_ms=t.get("min_ms"),
+        p80_ms=t.get("p80_ms"),
+        **{f"speedup_vs_{b}": r["ratios"].get(f"speedup_vs_{b}") for b in BASELINES},
+        peak_bytes=m.get("peak_bytes"),
+        retained_bytes=m.get("retained_bytes"),
+        train_peak_ratio_vs_eager=r["ratios"].get("train_peak_ratio_vs_eager"),
+        check="; ".join(c["message"] for c in r["check"]),
+        reason=r.get("reason"),
+    )
 
 
 def write_run(doc: dict, directory: str | Path, stem: str) -> tuple[Path, Path]:
@@ -206,7 +307,7 @@ def load_runs(directory: str | Path) -> list[dict]:
 
 
 def _fmt_bytes(n) -> str:
-    return "" if n is None else f"{n / 2 ** 20:.0f} MiB" if n >= 2 ** 20 else f"{n / 2 ** 10:.0f} KiB"
+    return "" if n is None else f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def markdown_table(results: Iterable[dict]) -> list[str]:
@@ -214,16 +315,22 @@ def markdown_table(results: Iterable[dict]) -> list[str]:
     memory and the training-step memory ratio; records that were not timed are listed with their status."""
     rows = [r for r in results if r.get("timing") and r["status"] == "ok"]
     present = [b for b in BASELINES if any(f"speedup_vs_{b}" in r["ratios"] for r in rows)]
-    lines = ["| workload | mode | dtype | provider | median ms (N) | "
-             + " | ".join(f"× vs {b}" for b in present) + " | peak memory | train peak / eager |",
-             "| --- " * (7 + len(present)) + "|"]
+    lines = [
+        "| workload | mode | dtype | provider | median ms (N) | "
+        + " | ".join(f"× vs {b}" for b in present)
+        + " | peak memory | train peak / eager |",
+        "| --- " * (7 + len(present)) + "|",
+    ]
     for r in rows:
         t, m = r["timing"], r.get("memory") or {}
         ratios = [f"{r['ratios'][f'speedup_vs_{b}']:.2f}" if f"speedup_vs_{b}" in r["ratios"] else "" for b in present]
         train = r["ratios"].get("train_peak_ratio_vs_eager")
-        lines.append(f"| {r['workload']} | {r['mode']} | {r['dtype']} | {r['provider']} | "
-                     f"{t['median_ms']:.3f} ({t['n']}) | " + " | ".join(ratios)
-                     + f" | {_fmt_bytes(m.get('peak_bytes'))} | {'' if train is None else f'{train:.2f}'} |")
+        lines.append(
+            f"| {r['workload']} | {r['mode']} | {r['dtype']} | {r['provider']} | "
+            f"{t['median_ms']:.3f} ({t['n']}) | "
+            + " | ".join(ratios)
+            + f" | {_fmt_bytes(m.get('peak_bytes'))} | {'' if train is None else f'{train:.2f}'} |"
+        )
     others = [r for r in results if r not in rows]
     if others:
         lines += ["", "Not timed:", ""]

@@ -16,6 +16,7 @@ compilation (experiments/measure.py), then measures memory, and returns one resu
 the report uses. (compile-max-autotune runs under CUDA graphs: the graph pool it allocates when it records a graph,
 during the warm-up, is not in its measured peak.)
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,12 +31,34 @@ from . import records
 from .measure import Candidate, measure_memory, measure_providers, time_interleaved
 from .tolerance import gate
 
-__all__ = ["PROVIDERS", "MODES", "Workload", "WORKLOADS", "GPU_WORKLOADS", "workloads", "make_inputs",
-           "available_providers", "provider_fn", "forward_backward", "measure_conv", "time_ms", "peak_memory_bytes",
-           "train_step_peak_bytes"]
+__all__ = [
+    "PROVIDERS",
+    "MODES",
+    "Workload",
+    "WORKLOADS",
+    "GPU_WORKLOADS",
+    "workloads",
+    "make_inputs",
+    "available_providers",
+    "provider_fn",
+    "forward_backward",
+    "measure_conv",
+    "time_ms",
+    "peak_memory_bytes",
+    "train_step_peak_bytes",
+]
 
-PROVIDERS = ("reference", "reference-channels_last", "compile", "compile-max-autotune", "cpp", "cpp-recompute",
-             "triton", "triton-recompute", "cuda")
+PROVIDERS = (
+    "reference",
+    "reference-channels_last",
+    "compile",
+    "compile-max-autotune",
+    "cpp",
+    "cpp-recompute",
+    "triton",
+    "triton-recompute",
+    "cuda",
+)
 MODES = ("forward", "forward_backward")
 _GPU_ONLY = {
     "reference-channels_last": "a GPU baseline (docs/design.md §6); on CPU the report compares with NCHW eager",
@@ -65,15 +88,18 @@ class Workload:
 
 
 WORKLOADS = {
-    w.name: w for w in (
+    w.name: w
+    for w in (
         Workload("csc-gray", (4, 1, 64, 64), (32, 1, 7, 7), (32, 1, 128, 128), (64, 1, 7, 7), 1, 3, 10),
         Workload("csc-rgb-strided", (4, 3, 64, 64), (64, 3, 6, 6), (32, 3, 128, 128), (64, 3, 6, 6), 2, 2, 10),
         Workload("deep-layer", (8, 32, 32, 32), (64, 32, 3, 3), (64, 64, 32, 32), (128, 64, 3, 3), 1, 1, 5),
     )
 }
 # GPU-only workloads: a training-sized small-map problem (many images, many channels, a small map).
-GPU_WORKLOADS = {**WORKLOADS, "small-map": Workload("small-map", None, None, (256, 64, 32, 32), (64, 64, 3, 3),
-                                                    1, 1, 10)}
+GPU_WORKLOADS = {
+    **WORKLOADS,
+    "small-map": Workload("small-map", None, None, (256, 64, 32, 32), (64, 64, 3, 3), 1, 1, 10),
+}
 
 
 def workloads(device: str | torch.device) -> dict[str, Workload]:
@@ -81,8 +107,15 @@ def workloads(device: str | torch.device) -> dict[str, Workload]:
     return GPU_WORKLOADS if torch.device(device).type == "cuda" else WORKLOADS
 
 
-def make_inputs(w: Workload, device: str | torch.device, dtype: torch.dtype = torch.float32, *,
-                requires_grad: bool = False, scale: float = 1.0, seed: int = 0) -> dict:
+def make_inputs(
+    w: Workload,
+    device: str | torch.device,
+    dtype: torch.dtype = torch.float32,
+    *,
+    requires_grad: bool = False,
+    scale: float = 1.0,
+    seed: int = 0,
+) -> dict:
     """Random x and unit-norm filters for a workload; `scale` < 1 shrinks the batch (quick runs)."""
     xs, ws = w.shapes(device)
     xs = (max(1, int(xs[0] * scale)), *xs[1:])
@@ -140,8 +173,11 @@ def provider_fn(provider: str, inputs: dict) -> Callable[[], torch.Tensor]:
         x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(rg)
         weight = weight.detach().contiguous(memory_format=torch.channels_last).requires_grad_(rg)
     if provider in ("reference", "reference-channels_last", "compile", "compile-max-autotune"):
-        fn = conv_ista_ref if provider.startswith("reference") else _compiled(
-            "max-autotune" if provider.endswith("max-autotune") else None)
+        fn = (
+            conv_ista_ref
+            if provider.startswith("reference")
+            else _compiled("max-autotune" if provider.endswith("max-autotune") else None)
+        )
         n = i["n_iter"]
         lam = torch.full((n, weight.shape[0]), i["lam"], dtype=x.dtype, device=x.device)
         step = torch.full((n,), i["step"], dtype=x.dtype, device=x.device)
@@ -152,8 +188,18 @@ def provider_fn(provider: str, inputs: dict) -> Callable[[], torch.Tensor]:
         backend, recompute = provider.removesuffix("-recompute"), provider.endswith("-recompute")
 
         def run():
-            return DF.conv_ista(x, weight, i["lam"], n_iter=i["n_iter"], step=i["step"], stride=i["stride"],
-                                padding=i["padding"], backend=backend, recompute=recompute)
+            return DF.conv_ista(
+                x,
+                weight,
+                i["lam"],
+                n_iter=i["n_iter"],
+                step=i["step"],
+                stride=i["stride"],
+                padding=i["padding"],
+                backend=backend,
+                recompute=recompute,
+            )
+
     run.leaves = (x, weight)
     return run
 
@@ -166,6 +212,7 @@ def forward_backward(fn: Callable[[], torch.Tensor], inputs: dict) -> Callable[[
         for t in leaves:
             t.grad = None
         fn().sum().backward()
+
     return run
 
 
@@ -173,6 +220,7 @@ def _inference(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
     def run():
         with torch.no_grad():
             return fn()
+
     run.leaves = getattr(fn, "leaves", ())
     return run
 
@@ -191,51 +239,74 @@ def _outputs(fn, mode: str) -> list[torch.Tensor]:
 def _check(provider_out: list, ref64: list, eager: list, mode: str) -> list:
     if mode == "forward":
         return [gate(provider_out[0], ref64[0], eager[0], name="z")]
-    return [gate(a, r, e, name=n, gradient=True) for n, a, r, e in zip(("grad x", "grad weight"), provider_out, ref64,
-                                                                        eager)]
+    return [
+        gate(a, r, e, name=n, gradient=True)
+        for n, a, r, e in zip(("grad x", "grad weight"), provider_out, ref64, eager)
+    ]
 
 
 def _reference64(inputs: dict, mode: str) -> list[torch.Tensor]:
     rg = mode == "forward_backward"
-    i64 = dict(inputs, x=inputs["x"].detach().double().requires_grad_(rg),
-               weight=inputs["weight"].detach().double().requires_grad_(rg))
+    i64 = dict(
+        inputs,
+        x=inputs["x"].detach().double().requires_grad_(rg),
+        weight=inputs["weight"].detach().double().requires_grad_(rg),
+    )
     return _outputs(provider_fn("reference", i64), mode)
 
 
-def measure_conv(workload: Workload, device: str | torch.device, mode: str, providers: Sequence[str], *,
-                 dtype: torch.dtype = torch.float32, rounds: int = 7, warmup: int = 2, budget_s: float | None = None,
-                 scale: float = 1.0, suite: str = "conv-ista", check: bool = True) -> list[dict]:
+def measure_conv(
+    workload: Workload,
+    device: str | torch.device,
+    mode: str,
+    providers: Sequence[str],
+    *,
+    dtype: torch.dtype = torch.float32,
+    rounds: int = 7,
+    warmup: int = 2,
+    budget_s: float | None = None,
+    scale: float = 1.0,
+    suite: str = "conv-ista",
+    check: bool = True,
+) -> list[dict]:
     """Check, then time interleaved, then measure memory, for `providers` on one workload and mode; returns one
     results record per provider (status ok / skipped / wrong / failed, see experiments/records.py)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     device = torch.device(device)
     xs, ws = workload.shapes(device)
-    params = dict(x=[max(1, int(xs[0] * scale)), *xs[1:]], weight=list(ws), stride=workload.stride,
-                  padding=workload.padding, n_iter=workload.n_iter)
-    base = dict(suite=suite, workload=workload.name, mode=mode, dtype=str(dtype).removeprefix("torch."),
-                params=params)
+    params = dict(
+        x=[max(1, int(xs[0] * scale)), *xs[1:]],
+        weight=list(ws),
+        stride=workload.stride,
+        padding=workload.padding,
+        n_iter=workload.n_iter,
+    )
+    base = dict(suite=suite, workload=workload.name, mode=mode, dtype=str(dtype).removeprefix("torch."), params=params)
     available = available_providers(device)
     inputs = make_inputs(workload, device, dtype, requires_grad=mode == "forward_backward", scale=scale)
     try:
         ref64 = _reference64(inputs, mode) if check else None
         eager = _outputs(provider_fn("reference", inputs), mode) if check else None
     except Exception as err:  # noqa: BLE001 - no reference, no gate: nothing may be timed
-        return [records.result(**base, provider=p, status="failed", reason=f"reference: {type(err).__name__}: {err}"
-                               [:400]) for p in providers]
+        return [
+            records.result(**base, provider=p, status="failed", reason=f"reference: {type(err).__name__}: {err}"[:400])
+            for p in providers
+        ]
 
     def candidate(p: str) -> Candidate:
         fn = provider_fn(p, inputs)
-        return Candidate(check=(lambda: _check(_outputs(fn, mode), ref64, eager, mode)) if check else None,
-                         run=forward_backward(fn, inputs) if mode == "forward_backward" else _inference(fn))
+        return Candidate(
+            check=(lambda: _check(_outputs(fn, mode), ref64, eager, mode)) if check else None,
+            run=forward_backward(fn, inputs) if mode == "forward_backward" else _inference(fn),
+        )
 
     candidates: dict = {}
     for p in providers:
         if available.get(p, "unknown provider") is not None:
             candidates[p] = available.get(p, "unknown provider")
         elif mode == "forward" and p.endswith("-recompute"):
-            candidates[p] = ("recompute changes only what the backward keeps: its forward is the one without "
-                             "-recompute")
+            candidates[p] = "recompute changes only what the backward keeps: its forward is the one without -recompute"
         else:
             candidates[p] = functools.partial(candidate, p)
     return measure_providers(base, device, candidates, rounds=rounds, warmup=warmup, budget_s=budget_s)
@@ -263,4 +334,3 @@ def train_step_peak_bytes(fn: Callable[[], torch.Tensor], inputs: dict, device: 
     step = forward_backward(fn, inputs)
     step()
     return measure_memory(step, device).peak_bytes
-

@@ -17,6 +17,7 @@ speed.time_ms, median over rounds; training-step peak memory with speed.train_st
 strategies) recompute mode. Ratios are eager time / provider time (> 1: faster than eager) and provider memory /
 eager memory (< 1: leaner).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,16 +63,25 @@ class SweepShape:
 
     def describe(self) -> str:
         opts = [o for o, on in (("FISTA", self.fista), ("untied", self.untied), ("nonneg", self.nonneg)) if on]
-        return (f"B={self.x[0]}, {self.x[1]}→{self.weight[0]}, map {'×'.join(map(str, self.x[2:]))}, "
-                f"k {'×'.join(map(str, self.weight[2:]))}, s{self.stride} p{self.padding}, n={self.n_iter}"
-                + (f", {', '.join(opts)}" if opts else ""))
+        return (
+            f"B={self.x[0]}, {self.x[1]}→{self.weight[0]}, map {'×'.join(map(str, self.x[2:]))}, "
+            f"k {'×'.join(map(str, self.weight[2:]))}, s{self.stride} p{self.padding}, n={self.n_iter}"
+            + (f", {', '.join(opts)}" if opts else "")
+        )
 
 
 def _s(name, b, cs, cc, size, k, stride=1, padding=None, n_iter=10, **opts) -> SweepShape:
     """A square 2-D shape (size an int) or a 1-D one (size a 1-tuple); padding defaults to k // 2."""
     spatial = size if isinstance(size, tuple) else (size, size)
-    return SweepShape(name, (b, cs, *spatial), (cc, cs, *(k,) * len(spatial)), stride,
-                      k // 2 if padding is None else padding, n_iter, **opts)
+    return SweepShape(
+        name,
+        (b, cs, *spatial),
+        (cc, cs, *(k,) * len(spatial)),
+        stride,
+        k // 2 if padding is None else padding,
+        n_iter,
+        **opts,
+    )
 
 
 # A grid over C_sig in {1, 3, 8, 32, 64}, C_code up to 128 (512 for the ML-ISTA layer), maps 8^2 to 128^2 and 1-D,
@@ -144,12 +154,22 @@ def provider_fn(provider: str, shape: SweepShape, p: dict, *, recompute: bool = 
         if strategy:
             os.environ[STRATEGY_ENV] = strategy
         try:
-            return DF.conv_ista(p["x"], p["weight"], p["lam"], n_iter=shape.n_iter, step=p["step"],
-                                encoder_weight=p["encoder_weight"], backend=backend, recompute=recompute, **kw)
+            return DF.conv_ista(
+                p["x"],
+                p["weight"],
+                p["lam"],
+                n_iter=shape.n_iter,
+                step=p["step"],
+                encoder_weight=p["encoder_weight"],
+                backend=backend,
+                recompute=recompute,
+                **kw,
+            )
         finally:
             os.environ.pop(STRATEGY_ENV, None)
             if old is not None:
                 os.environ[STRATEGY_ENV] = old
+
     return run
 
 
@@ -159,10 +179,12 @@ def _leaves(p: dict) -> list[torch.Tensor]:
 
 def forward_backward(fn: Callable[[], torch.Tensor], p: dict) -> Callable[[], None]:
     """fn's forward plus the backward of sum(z) into x and the weights."""
+
     def run():
         for t in _leaves(p):
             t.grad = None
         fn().sum().backward()
+
     return run
 
 
@@ -179,10 +201,13 @@ def _differences(fn: Callable[[], torch.Tensor], ref: Callable[[], torch.Tensor]
     z_ref, z = zs
     same = (z != 0) == (z_ref != 0)
     scale = max(1.0, z_ref.abs().max().item())
-    return {"z_err": ((z - z_ref)[same].abs().max().item() if same.any() else 0.0) / scale,
-            "support_flips": 1.0 - same.float().mean().item(),
-            "grad_err": max(((a - b).abs().max() / max(1.0, b.abs().max().item())).item()
-                            for a, b in zip(grads[1], grads[0]))}
+    return {
+        "z_err": ((z - z_ref)[same].abs().max().item() if same.any() else 0.0) / scale,
+        "support_flips": 1.0 - same.float().mean().item(),
+        "grad_err": max(
+            ((a - b).abs().max() / max(1.0, b.abs().max().item())).item() for a, b in zip(grads[1], grads[0])
+        ),
+    }
 
 
 def check_against_reference(shape: SweepShape, provider: str, rtol: float = 2e-3) -> dict:
@@ -214,14 +239,16 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict
     failed = {k: t.error for k, t in timings.items() if t.error}
     if failed:
         raise RuntimeError(f"providers failed while timed: {failed}")
-    return {k: {"ms": t.median_ms, "min_ms": min(t.samples_ms), "max_ms": max(t.samples_ms)}
-            for k, t in timings.items()}
+    return {
+        k: {"ms": t.median_ms, "min_ms": min(t.samples_ms), "max_ms": max(t.samples_ms)} for k, t in timings.items()
+    }
 
 
 def cpp_strategy(shape: SweepShape) -> str:
     """The strategy the cpp backend runs this shape with (after DSC_KERNELS_CPP_STRATEGY), as functional calls it:
     1-D problems as height-1 images."""
     from .. import _ext
+
     ops = _ext.load()
     rank = len(shape.x) - 2
     stride, padding = [shape.stride] * rank, [shape.padding] * rank
@@ -266,8 +293,12 @@ def measure_shape(shape: SweepShape, providers: tuple[str, ...], *, rounds: int 
             r["mem_ratio"] = r["train_peak_bytes"] / base["train_peak_bytes"]
             if "train_peak_bytes_recompute" in r:
                 r["mem_ratio_recompute"] = r["train_peak_bytes_recompute"] / base["train_peak_bytes"]
-    return {"shape": asdict(shape), "describe": shape.describe(), "many_channel": shape.many_channel,
-            "results": results}
+    return {
+        "shape": asdict(shape),
+        "describe": shape.describe(),
+        "many_channel": shape.many_channel,
+        "results": results,
+    }
 
 
 def summarize(rows: list[dict]) -> dict[str, dict]:
@@ -278,8 +309,11 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
         s: dict = {}
         for key in ("fwd_ratio", "fwd_bwd_ratio"):
             vals = [r["results"][k][key] for r in rows]
-            s[key] = {"worst": min(vals), "geomean": math.exp(statistics.fmean(math.log(v) for v in vals)),
-                          "worst_shape": rows[min(range(len(vals)), key=vals.__getitem__)]["shape"]["name"]}
+            s[key] = {
+                "worst": min(vals),
+                "geomean": math.exp(statistics.fmean(math.log(v) for v in vals)),
+                "worst_shape": rows[min(range(len(vals)), key=vals.__getitem__)]["shape"]["name"],
+            }
         for key in ("mem_ratio", "mem_ratio_recompute"):
             vals = [r["results"][k][key] for r in rows if r["many_channel"] and key in r["results"][k]]
             if vals:
@@ -292,8 +326,10 @@ def summarize(rows: list[dict]) -> dict[str, dict]:
                 res = r["results"]
                 best = min(res[k][mode]["ms"] for k in ("reference", "cpp") if k in res)
                 gaps.append(res["auto"][mode]["ms"] / best)
-            out["auto"][f"{mode}_vs_best"] = {"worst": max(gaps),
-                                              "geomean": math.exp(statistics.fmean(map(math.log, gaps)))}
+            out["auto"][f"{mode}_vs_best"] = {
+                "worst": max(gaps),
+                "geomean": math.exp(statistics.fmean(map(math.log, gaps))),
+            }
     return out
 
 
@@ -305,12 +341,20 @@ def machine() -> dict:
 
 def markdown(rows: list[dict], summary: dict, machine: dict) -> str:
     providers = [k for k in rows[0]["results"] if k != "reference"]
-    lines = [(f"# CPU conv-ISTA sweep ({machine['threads']} threads, {machine['cpu']}, torch {machine['torch']}, "
-             f"commit {machine['commit'][:10]}, load average {machine['load_average']})"), "",
-             ("Ratios: eager time / provider time (fwd, fwd+bwd; > 1 is faster) and training-step peak memory / "
-             "eager's (save mode; recompute mode for cpp strategies; < 1 is leaner). Medians of interleaved rounds."),
-             "", "| shape | eager fwd / fwd+bwd ms | " + " | ".join(providers) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in providers) + " |"]
+    lines = [
+        (
+            f"# CPU conv-ISTA sweep ({machine['threads']} threads, {machine['cpu']}, torch {machine['torch']}, "
+            f"commit {machine['commit'][:10]}, load average {machine['load_average']})"
+        ),
+        "",
+        (
+            "Ratios: eager time / provider time (fwd, fwd+bwd; > 1 is faster) and training-step peak memory / "
+            "eager's (save mode; recompute mode for cpp strategies; < 1 is leaner). Medians of interleaved rounds."
+        ),
+        "",
+        "| shape | eager fwd / fwd+bwd ms | " + " | ".join(providers) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in providers) + " |",
+    ]
     for r in rows:
         res = r["results"]
         cells = []
@@ -322,28 +366,44 @@ def markdown(rows: list[dict], summary: dict, machine: dict) -> str:
                     c += f" / {res[k]['mem_ratio_recompute']:.2f}"
             cells.append(c)
         base = res["reference"]
-        lines.append(f"| {r['shape']['name']} ({r['describe']}) | {base['forward']['ms']:.1f} / "
-                     f"{base['forward_backward']['ms']:.1f} | " + " | ".join(cells) + " |")
-    lines += ["", ("| provider | fwd worst | fwd geomean | fwd+bwd worst | fwd+bwd geomean | worst memory "
-                   "(many-channel shapes, save / recompute) |"), "| --- | --- | --- | --- | --- | --- |"]
+        lines.append(
+            f"| {r['shape']['name']} ({r['describe']}) | {base['forward']['ms']:.1f} / "
+            f"{base['forward_backward']['ms']:.1f} | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        (
+            "| provider | fwd worst | fwd geomean | fwd+bwd worst | fwd+bwd geomean | worst memory "
+            "(many-channel shapes, save / recompute) |"
+        ),
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for k in providers:
         s = summary[k]
         mem = s.get("mem_ratio_many_channel", {}).get("worst")
         mem_r = s.get("mem_ratio_recompute_many_channel", {}).get("worst")
-        lines.append(f"| {k} | {s['fwd_ratio']['worst']:.2f} ({s['fwd_ratio']['worst_shape']}) | "
-                     f"{s['fwd_ratio']['geomean']:.2f} | {s['fwd_bwd_ratio']['worst']:.2f} "
-                     f"({s['fwd_bwd_ratio']['worst_shape']}) | {s['fwd_bwd_ratio']['geomean']:.2f} | "
-                     f"{'—' if mem is None else f'{mem:.2f}'} / {'—' if mem_r is None else f'{mem_r:.2f}'} |")
+        lines.append(
+            f"| {k} | {s['fwd_ratio']['worst']:.2f} ({s['fwd_ratio']['worst_shape']}) | "
+            f"{s['fwd_ratio']['geomean']:.2f} | {s['fwd_bwd_ratio']['worst']:.2f} "
+            f"({s['fwd_bwd_ratio']['worst_shape']}) | {s['fwd_bwd_ratio']['geomean']:.2f} | "
+            f"{'—' if mem is None else f'{mem:.2f}'} / {'—' if mem_r is None else f'{mem_r:.2f}'} |"
+        )
     if "forward_vs_best" in summary.get("auto", {}):
         a = summary["auto"]
-        lines += ["", (f"auto / best of (eager, cpp): forward worst {a['forward_vs_best']['worst']:.3f}, "
-                      f"forward+backward worst {a['forward_backward_vs_best']['worst']:.3f}.")]
+        lines += [
+            "",
+            (
+                f"auto / best of (eager, cpp): forward worst {a['forward_vs_best']['worst']:.3f}, "
+                f"forward+backward worst {a['forward_backward_vs_best']['worst']:.3f}."
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
 def figure(rows: list[dict], path: Path) -> None:
     """Ratio to eager per shape (log scale), forward and forward+backward, one marker per provider."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -352,8 +412,9 @@ def figure(rows: list[dict], path: Path) -> None:
     xs = range(len(rows))
     for ax, key, title in zip(axes, ("fwd_ratio", "fwd_bwd_ratio"), ("forward", "forward + backward")):
         for i, k in enumerate(providers):
-            ax.scatter([x + 0.08 * (i - len(providers) / 2) for x in xs], [r["results"][k][key] for r in rows],
-                       label=k, s=18)
+            ax.scatter(
+                [x + 0.08 * (i - len(providers) / 2) for x in xs], [r["results"][k][key] for r in rows], label=k, s=18
+            )
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_yscale("log")
         ax.set_ylabel(f"{title}: eager / provider")
@@ -366,16 +427,26 @@ def figure(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_sweep(shapes: list[SweepShape], providers: tuple[str, ...], *, rounds: int, memory: bool = True,
-              log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+def run_sweep(
+    shapes: list[SweepShape],
+    providers: tuple[str, ...],
+    *,
+    rounds: int,
+    memory: bool = True,
+    log: Callable[[str], None] = print,
+) -> tuple[list[dict], dict]:
     rows = []
     for s in shapes:
         t0 = time.perf_counter()
         rows.append(measure_shape(s, providers, rounds=rounds, memory=memory))
         res = rows[-1]["results"]
-        log(f"{s.name}: " + ", ".join(f"{k} {res[k]['fwd_ratio']:.2f}/{res[k]['fwd_bwd_ratio']:.2f}"
-                                      for k in providers if k != "reference")
-            + f" ({time.perf_counter() - t0:.0f} s)")
+        log(
+            f"{s.name}: "
+            + ", ".join(
+                f"{k} {res[k]['fwd_ratio']:.2f}/{res[k]['fwd_bwd_ratio']:.2f}" for k in providers if k != "reference"
+            )
+            + f" ({time.perf_counter() - t0:.0f} s)"
+        )
     return rows, summarize(rows)
 
 

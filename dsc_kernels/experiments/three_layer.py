@@ -16,6 +16,7 @@ next one's input. Predicted, layer by layer:
 (||D_j^T e||_inf <= ||d_j||_1 ||e||_inf: Hölder with the atom's l1 norm, not the pairing of a weight bound with
 ||e||_1), so layer j decays at the slowest rate max_{i<=j} q_i.
 """
+
 from __future__ import annotations
 
 import time
@@ -33,8 +34,11 @@ LAYER3_MARKS = (0, 40)
 
 
 def chain(quick: bool, dtype: torch.dtype) -> list[ConvDictionary]:
-    weights = [barker_filter(13, dtype=dtype), golomb_filter([m * LAYER2_DILATION for m in LAYER2_MARKS], dtype=dtype),
-               golomb_filter(LAYER3_MARKS, dtype=dtype)]
+    weights = [
+        barker_filter(13, dtype=dtype),
+        golomb_filter([m * LAYER2_DILATION for m in LAYER2_MARKS], dtype=dtype),
+        golomb_filter(LAYER3_MARKS, dtype=dtype),
+    ]
     return dictionary_chain(weights, 48 if quick else 1000)
 
 
@@ -51,8 +55,9 @@ def _cascade(p, ds, s_st, K: int, backend: str, device: str) -> tuple[list[float
     for j, d in enumerate(ds):
         truth = p.codes[j].to(device)
         eta = noise_eta(d, y - clean) + resolution(y.dtype, float(y.abs().max()))
-        tr = lista_cp(y, d, truth, K, lambda k, err: theory.stripe_threshold(err.linf, s_st[j], d.mu, eta),
-                      backend=backend)
+        tr = lista_cp(
+            y, d, truth, K, lambda k, err: theory.stripe_threshold(err.linf, s_st[j], d.mu, eta), backend=backend
+        )
         errs.append(float(tr.err_linf[-1].max()))
         etas.append(eta)
         fps += int(tr.false_pos.sum())
@@ -60,8 +65,9 @@ def _cascade(p, ds, s_st, K: int, backend: str, device: str) -> tuple[list[float
     return errs, etas, fps
 
 
-def three_layer(*, quick: bool = False, backend: str = "auto", device: str = "cpu",
-                dtype: torch.dtype = torch.float64) -> ClaimResult:
+def three_layer(
+    *, quick: bool = False, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float64
+) -> ClaimResult:
     """S8-3: every layer converges, layer j at the rate max_{i<=j} q_i, under the predicted l_inf bound.
 
     Always float64 (`dtype` is ignored): the float32 rounding term, amplified ~5x per layer by the chain, would
@@ -102,17 +108,17 @@ def three_layer(*, quick: bool = False, backend: str = "auto", device: str = "cp
     return ClaimResult(
         id="S8-3",
         claim="3-layer DSC meeting the (stripe) coherence condition at every layer: layer-wise LISTA-CP converges "
-              "layer by layer at the predicted rates",
+        "layer by layer at the predicted rates",
         theory=f"s_st = {tuple(s_st)}, q_j = (2s_st−1)μ_j = ({', '.join(f'{q:.3f}' for q in qs)}); layer j: slope ≤ "
-               f"log max_{{i≤j}} q_i = ({', '.join(f'{r:.3f}' for r in rates)}); ‖error‖∞ ≤ chained bound at every K",
+        f"log max_{{i≤j}} q_i = ({', '.join(f'{r:.3f}' for r in rates)}); ‖error‖∞ ≤ chained bound at every K",
         measured=f"slopes ({', '.join(f'{s:.3f}' for s in slopes)}); max error/bound "
-                 f"{float((err / pred).max()):.2g}; false positives {fps}; at K = {Ks[-1]}: "
-                 f"({', '.join(f'{e:.1e}' for e in err[-1])}); global (2s−1)μ = "
-                 f"({', '.join(f'{q:.2f}' for q in q_global)})",
+        f"{float((err / pred).max()):.2g}; false positives {fps}; at K = {Ks[-1]}: "
+        f"({', '.join(f'{e:.1e}' for e in err[-1])}); global (2s−1)μ = "
+        f"({', '.join(f'{q:.2f}' for q in q_global)})",
         holds=bool(holds),
         source="[L] ML-CSC stripe norm (Papyan–Romano–Elad 2017), Chen et al. 2018 per layer; [R] stripe rate",
         curves={"K": np.array(Ks), "err": err, "bound": pred, "q": qs, "s_stripe": s_st, "q_global": q_global},
         note="the global ℓ0 condition fails at layer 1 (and at layer 2 with two deep atoms): only the local, stripe "
-             "form of the coherence condition holds at all three layers, which is what convolutional layers need",
+        "form of the coherence condition holds at all three layers, which is what convolutional layers need",
         seconds=time.perf_counter() - t0,
     )

@@ -22,6 +22,7 @@ entries legitimately move, e.g. gradients across a support flip, the same rule a
 One implementation for the tests (tests/tolerance.py re-exports it) and for the benchmarks, which check every
 provider's output with it before timing it (experiments/speed.py, bench/).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -36,16 +37,16 @@ ACCUMULATION_ULPS = 16
 
 class Verdict(NamedTuple):
     ok: bool
-    error: float        # max |actual - reference|
+    error: float  # max |actual - reference|
     eager_error: float  # max |eager - reference|
-    bound: float        # factor * eager_error + floor
+    bound: float  # factor * eager_error + floor
     message: str
 
 
 def _error(a: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None, norm: str) -> float:
     d = (a.detach().to(torch.float64) - ref).abs()
     d = torch.where(ref.isnan() & a.detach().isnan(), 0.0, d)  # NaN where the reference has NaN is right
-    d = torch.where(d.isnan(), float("inf"), d)                 # any other NaN is infinitely wrong
+    d = torch.where(d.isnan(), float("inf"), d)  # any other NaN is infinitely wrong
     if mask is not None:
         d = d[mask]
     if not d.numel():
@@ -57,25 +58,43 @@ def _size(ref: torch.Tensor, norm: str) -> float:
     return (float(ref.abs().max()) if norm == "max" else float(ref.norm())) if ref.numel() else 0.0
 
 
-def judge(actual: torch.Tensor, reference: torch.Tensor, eager: torch.Tensor, *, name: str = "value",
-          factor: float = FACTOR, floor_ulps: float = 1.0, mask: torch.Tensor | None = None,
-          norm: str = "max", floor_rel: float = 0.0) -> Verdict:
+def judge(
+    actual: torch.Tensor,
+    reference: torch.Tensor,
+    eager: torch.Tensor,
+    *,
+    name: str = "value",
+    factor: float = FACTOR,
+    floor_ulps: float = 1.0,
+    mask: torch.Tensor | None = None,
+    norm: str = "max",
+    floor_rel: float = 0.0,
+) -> Verdict:
     """The rule above as a verdict (no exception): for benchmarks that record a failure and go on."""
     if norm not in ("max", "l2"):
         raise ValueError(f"norm must be 'max' or 'l2', got {norm!r}")
     if actual.shape != reference.shape or eager.shape != reference.shape:
-        return Verdict(False, float("inf"), float("nan"), float("nan"),
-                       f"{name}: shapes differ: actual {tuple(actual.shape)}, eager {tuple(eager.shape)}, "
-                       f"reference {tuple(reference.shape)}")
+        return Verdict(
+            False,
+            float("inf"),
+            float("nan"),
+            float("nan"),
+            f"{name}: shapes differ: actual {tuple(actual.shape)}, eager {tuple(eager.shape)}, "
+            f"reference {tuple(reference.shape)}",
+        )
     ref = reference.detach().to(torch.float64)
     finite = ref[ref.isfinite()] if mask is None else ref[mask & ref.isfinite()]
     scale = _size(finite, norm)
     error = _error(actual, ref, mask, norm)
     eager_error = _error(eager, ref, mask, norm)
     if not (eager_error < float("inf")) or eager_error > max(scale, 1e-30):
-        return Verdict(False, error, eager_error, float("nan"),
-                       f"{name}: eager {eager.dtype} error {eager_error:.3g} against values of size {scale:.3g}: "
-                       "no yardstick")
+        return Verdict(
+            False,
+            error,
+            eager_error,
+            float("nan"),
+            f"{name}: eager {eager.dtype} error {eager_error:.3g} against values of size {scale:.3g}: no yardstick",
+        )
     floor = 0.0
     if actual.is_floating_point():
         floor_ulps_rel = floor_ulps * torch.finfo(actual.dtype).eps
@@ -84,8 +103,10 @@ def judge(actual: torch.Tensor, reference: torch.Tensor, eager: torch.Tensor, *,
         floor = max(floor_rel, floor_ulps_rel) * scale
     bound = factor * eager_error + floor
     ok = error <= bound
-    message = (f"{name}: {norm} error {error:.3g} {'<=' if ok else '>'} {factor:g} x eager {eager.dtype} error "
-               f"{eager_error:.3g} + floor {floor:.3g} ({norm} size of the reference {scale:.3g})")
+    message = (
+        f"{name}: {norm} error {error:.3g} {'<=' if ok else '>'} {factor:g} x eager {eager.dtype} error "
+        f"{eager_error:.3g} + floor {floor:.3g} ({norm} size of the reference {scale:.3g})"
+    )
     return Verdict(ok, error, eager_error, bound, message)
 
 
@@ -93,8 +114,9 @@ GATE_FP32_FLOOR = 1e-4
 GATE_GRADIENT_FLOOR = 1e-2
 
 
-def gate(actual: torch.Tensor, reference: torch.Tensor, eager: torch.Tensor, *, name: str = "value",
-         gradient: bool = False) -> Verdict:
+def gate(
+    actual: torch.Tensor, reference: torch.Tensor, eager: torch.Tensor, *, name: str = "value", gradient: bool = False
+) -> Verdict:
     """The benchmarks' check of a provider before it is timed: the rule with a floor fit for results at scale.
     - Outputs (largest error): the floor is raised to 1e-4 of the reference's size for fp32 results. fp32
       implementations that sum in another order differ from fp64 by up to ~1e-5 relative, far above twice eager's
@@ -110,9 +132,17 @@ def gate(actual: torch.Tensor, reference: torch.Tensor, eager: torch.Tensor, *, 
     return judge(actual, reference, eager, name=name, floor_rel=floor_rel)
 
 
-def assert_close_by_rule(actual: torch.Tensor, reference: torch.Tensor, eager: torch.Tensor, *, name: str = "value",
-                         factor: float = FACTOR, floor_ulps: float = 1.0,
-                         mask: torch.Tensor | None = None, norm: str = "max") -> Verdict:
+def assert_close_by_rule(
+    actual: torch.Tensor,
+    reference: torch.Tensor,
+    eager: torch.Tensor,
+    *,
+    name: str = "value",
+    factor: float = FACTOR,
+    floor_ulps: float = 1.0,
+    mask: torch.Tensor | None = None,
+    norm: str = "max",
+) -> Verdict:
     """Raise AssertionError unless ``actual`` is within the rule; returns the verdict for printing."""
     verdict = judge(actual, reference, eager, name=name, factor=factor, floor_ulps=floor_ulps, mask=mask, norm=norm)
     assert verdict.ok, verdict.message

@@ -28,6 +28,7 @@ So block i computes LISTA-CP iteration i exactly when every head's attention is 
 The seed paper claims rates for "self-attention and transformer-based models" [P]; this construction is a
 reconstruction [R] (docs/theory.md §5.2), the constants are LISTA-CP's [L].
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,9 @@ class Block:
     mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, beta: float, top: float,
-              backend: str) -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kind: str, beta: float, top: float, backend: str
+) -> torch.Tensor:
     """O = P v with scores beta q k^T. q: (B, H, N, P); k: (B, H, N, P); v: (B, H, N, 1) -> (B, H, N, 1).
 
     kind "sparsemax" / "shrink" (threshold beta*top - 1, top = the largest possible score) go through
@@ -162,8 +164,9 @@ def _rotation(freqs: torch.Tensor, offset: int, n: int) -> torch.Tensor:
     return torch.cat([torch.cat([c, s], 1), torch.cat([-s, c], 1)], 0)
 
 
-def build_transformer(d: ConvDictionary, thresholds, *, device: str | torch.device = "cpu",
-                      big: float = 1e6) -> ISTATransformer:
+def build_transformer(
+    d: ConvDictionary, thresholds, *, device: str | torch.device = "cpu", big: float = 1e6
+) -> ISTATransformer:
     """The block stack computing len(thresholds) LISTA-CP iterations for a single-channel 1-D dictionary, padding 0,
     stride 1 (so x has n = m + k - 1 samples for a code of length m). `big` exceeds every |u|: the bias that keeps
     padding tokens' codes at zero."""
@@ -175,7 +178,7 @@ def build_transformer(d: ConvDictionary, thresholds, *, device: str | torch.devi
     freqs, margin = _frequencies(n, dtype)
     pos = 2 * freqs.numel()
     width = POS + pos
-    a = {o: float((w[max(0, -o):k - max(0, o)] * w[max(0, o):k - max(0, -o)]).sum()) for o in range(-(k - 1), k)}
+    a = {o: float((w[max(0, -o) : k - max(0, o)] * w[max(0, o) : k - max(0, -o)]).sum()) for o in range(-(k - 1), k)}
 
     def shift_heads(offsets, weights, source, target):
         w_q = torch.zeros(len(offsets), width, pos, dtype=dtype)
@@ -205,10 +208,13 @@ def build_transformer(d: ConvDictionary, thresholds, *, device: str | torch.devi
         w2[4, ACC], w2[5, ACC] = -1.0, 1.0  # acc <- 0
         blocks.append(Block(w_q, w_k, w_v, w_o, (w1, b1, w2)))
     mv = lambda t: t.to(device)  # noqa: E731
-    moved = [Block(mv(b.w_q), mv(b.w_k), mv(b.w_v), mv(b.w_o), None if b.mlp is None else tuple(map(mv, b.mlp)))
-             for b in [embed, *blocks]]
-    return ISTATransformer(moved[0], moved[1:], n, m, mv(freqs), margin, float(w.abs().sum()),
-                           float(sum(abs(v) for v in a.values())))
+    moved = [
+        Block(mv(b.w_q), mv(b.w_k), mv(b.w_v), mv(b.w_o), None if b.mlp is None else tuple(map(mv, b.mlp)))
+        for b in [embed, *blocks]
+    ]
+    return ISTATransformer(
+        moved[0], moved[1:], n, m, mv(freqs), margin, float(w.abs().sum()), float(sum(abs(v) for v in a.values()))
+    )
 
 
 def off_target_weight(net: ISTATransformer, beta: float) -> float:
@@ -226,8 +232,9 @@ def _problem(quick: bool, dtype: torch.dtype):
     return d, s, p
 
 
-def transformer_blocks(*, quick: bool = False, backend: str = "auto", device: str = "cpu",
-                       dtype: torch.dtype = torch.float64) -> list[ClaimResult]:
+def transformer_blocks(
+    *, quick: bool = False, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float64
+) -> list[ClaimResult]:
     """S10a: sparsemax and shrink attention blocks reproduce LISTA-CP exactly; S10b: softmax at inverse temperature
     beta decays at the same rate to a floor <= C eta(beta) ∝ exp(-beta Delta)."""
     t0 = time.perf_counter()
@@ -263,17 +270,23 @@ def transformer_blocks(*, quick: bool = False, backend: str = "auto", device: st
     tol = resolution(dtype, B)
     within = all(bool((e <= bound * (1 + 1e-9)).all()) for e in exact.values())
     final = max(e[-1] for e in exact.values())
-    holds_a = (all(v <= tol for v in diffs.values()) and within and sum(fps.values()) == 0
-               and all(v <= np.log(q) + 0.02 for v in slopes.values()))
+    holds_a = (
+        all(v <= tol for v in diffs.values())
+        and within
+        and sum(fps.values()) == 0
+        and all(v <= np.log(q) + 0.02 for v in slopes.values())
+    )
     res_a = ClaimResult(
         id="S10a",
         claim="transformer blocks (shift attention + shrink MLP) compute unrolled conv ISTA exactly with sparsemax "
-              "or shrink attention: exponential decay in the number of blocks, no floor",
+        "or shrink attention: exponential decay in the number of blocks, no floor",
         theory=f"blocks = LISTA-CP iterations (difference ≤ {tol:.1e}); error ≤ s·B·q^k, slope ≤ log q = "
-               f"{np.log(q):.3f} (+0.02 fit tol.); Δ = {net.margin:.3f}, β = 2/Δ",
-        measured="max |blocks − ISTA| " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
-                 + "; slopes " + ", ".join(f"{v:.3f}" for v in slopes.values())
-                 + f"; error after {n_blocks} blocks {final:.1e}; false positives {sum(fps.values())}",
+        f"{np.log(q):.3f} (+0.02 fit tol.); Δ = {net.margin:.3f}, β = 2/Δ",
+        measured="max |blocks − ISTA| "
+        + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+        + "; slopes "
+        + ", ".join(f"{v:.3f}" for v in slopes.values())
+        + f"; error after {n_blocks} blocks {final:.1e}; false positives {sum(fps.values())}",
         holds=bool(holds_a),
         source="[P] existence; [R] construction; [L] rate (Chen et al. 2018)",
         curves={"k": np.arange(n_blocks + 1), "exact": exact, "ista": ista.err_l2.max(1), "bound": bound, "q": q},
@@ -315,16 +328,24 @@ def transformer_blocks(*, quick: bool = False, backend: str = "auto", device: st
         id="S10b",
         claim="softmax attention at inverse temperature β: the same decay down to a floor ∝ e^(−βΔ)",
         theory=f"error ≤ s·B·q^k + C·η(β) at every block, η(β) = 2ε(β)(‖w‖₁‖x‖∞ + ‖a‖₁·2B), ε(β) ≈ 2e^(−βΔ); "
-               f"d log(floor)/dβ = d log ε/dβ = {eps_slope:.3f} here (±10%), → −Δ = {-net.margin:.3f} as β grows",
+        f"d log(floor)/dβ = d log ε/dβ = {eps_slope:.3f} here (±10%), → −Δ = {-net.margin:.3f} as β grows",
         measured=f"fitted slope {slope:.3f} over β·Δ ∈ [{beta_deltas[0]:g}, {beta_deltas[-1]:g}]; "
-                 f"max floor/(C·η) {float((floors_a / (C * np.array(etas))).max()):.2g}; "
-                 f"bound at every block {'holds' if ok else 'violated'}; max |z| {biggest:.2f} ≤ 2B = {z_bound:.2f}",
+        f"max floor/(C·η) {float((floors_a / (C * np.array(etas))).max()):.2g}; "
+        f"bound at every block {'holds' if ok else 'violated'}; max |z| {biggest:.2f} ≤ 2B = {z_bound:.2f}",
         holds=bool(holds_b),
         source="[P] existence; [R] construction and floor form; [L] LISTA-CP constants",
-        curves={"beta": np.array(betas), "floor": floors_a, "eta": np.array(etas), "eps": np.array(eps_list),
-                "C": C, "margin": net.margin, "errors": curves_b, "k": np.arange(n_blocks + 1)},
+        curves={
+            "beta": np.array(betas),
+            "floor": floors_a,
+            "eta": np.array(etas),
+            "eps": np.array(eps_list),
+            "C": C,
+            "margin": net.margin,
+            "errors": curves_b,
+            "k": np.arange(n_blocks + 1),
+        },
         note=f"ε(β) is the softmax weight off the target token (Δ = {net.margin:.3f}: the score margin of the "
-             "positional encoding); thresholds include η(β) as LISTA-CP's noise term, which keeps the support clean",
+        "positional encoding); thresholds include η(β) as LISTA-CP's noise term, which keeps the support clean",
         seconds=time.perf_counter() - t1,
     )
     return [res_a, res_b]

@@ -7,6 +7,7 @@ and after each ``torch.optim`` optimiser step the parameters of that optimiser a
 (``p = max(p, lower_bound)``) — projected gradient descent. The stored value, the state dict and the forward therefore
 always agree. Loops that update parameters without ``torch.optim`` call ``project_(module)`` themselves.
 """
+
 from __future__ import annotations
 
 import weakref

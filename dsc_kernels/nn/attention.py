@@ -3,6 +3,7 @@
 
 Both compute through ``dsc_kernels.functional`` only, so every backend gives the same parameters and state_dict.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,11 +51,24 @@ class SparseAttention(nn.Module):
     shrink mode).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
-                 vdim: int | None = None, batch_first: bool = False, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None, *, mode: str = "sparsemax", threshold: float = 0.5,
-                 backend: str = "auto") -> None:
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        mode: str = "sparsemax",
+        threshold: float = 0.5,
+        backend: str = "auto",
+    ) -> None:
         super().__init__()
         embed_dim, num_heads = _positive_int("embed_dim", embed_dim), _positive_int("num_heads", num_heads)
         if embed_dim % num_heads != 0:
@@ -108,11 +122,14 @@ class SparseAttention(nn.Module):
 
     def extra_repr(self) -> str:
         dims = "" if self._qkv_same_embed_dim else f", kdim={self.kdim}, vdim={self.vdim}"
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{dims}, mode={self.mode!r}, "
-                f"dropout={self.dropout}, batch_first={self.batch_first}, backend={self.backend!r}")
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{dims}, mode={self.mode!r}, "
+            f"dropout={self.dropout}, batch_first={self.batch_first}, backend={self.backend!r}"
+        )
 
-    def _project(self, query: Tensor, key: Tensor, value: Tensor,
-                 self_attention: bool) -> tuple[Tensor, Tensor, Tensor]:
+    def _project(
+        self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(B, L, *) inputs -> q, k, v (B, H, L, d) (strided views of the projections: the kernels read them in
         place). Self-attention uses one packed projection, like MHA."""
         e, h, d = self.embed_dim, self.num_heads, self.head_dim
@@ -124,13 +141,22 @@ class SparseAttention(nn.Module):
             w_q, w_k, w_v = self.in_proj_weight.split(e)
         else:
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        return tuple(F.linear(x, w, bias).unflatten(-1, (h, d)).transpose(1, 2)
-                     for x, w, bias in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
+        return tuple(
+            F.linear(x, w, bias).unflatten(-1, (h, d)).transpose(1, 2)
+            for x, w, bias in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v))
+        )
 
-    def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None,
-                key_padding_mask: Tensor | None = None, need_weights: bool = False,
-                attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         """MultiheadAttention's call. Shapes (batch_first=False / True; unbatched inputs drop B):
 
         query (N, B, E) / (B, N, E); key (M, B, kdim) / (B, M, kdim) and value (M, B, vdim) / (B, M, vdim), by
@@ -164,14 +190,17 @@ class SparseAttention(nn.Module):
             attn_mask = None  # the hint: the mask is the causal one
         elif attn_mask is not None and attn_mask.dim() == 3:
             if attn_mask.shape[0] != bsz * self.num_heads:
-                raise ValueError(f"a 3-D attn_mask must be (B*num_heads, N, M)=({bsz * self.num_heads}, {n}, {m}), "
-                                 f"got {tuple(attn_mask.shape)}")
+                raise ValueError(
+                    f"a 3-D attn_mask must be (B*num_heads, N, M)=({bsz * self.num_heads}, {n}, {m}), "
+                    f"got {tuple(attn_mask.shape)}"
+                )
             attn_mask = attn_mask.unflatten(0, (bsz, self.num_heads))
         elif attn_mask is not None and attn_mask.dim() != 2:
             raise ValueError(f"attn_mask must be (N, M) or (B*num_heads, N, M), got {tuple(attn_mask.shape)}")
         masks = dict(key_padding_mask=key_padding_mask, attn_mask=attn_mask)
-        o = DF.sparse_attention(q, k, v, mode=self.mode, threshold=self.threshold, causal=causal,
-                                backend=self.backend, **masks)
+        o = DF.sparse_attention(
+            q, k, v, mode=self.mode, threshold=self.threshold, causal=causal, backend=self.backend, **masks
+        )
         o = F.dropout(o, self.dropout, self.training)
         out = self.out_proj(o.transpose(1, 2).reshape(bsz, n, self.embed_dim))
         weights = None
@@ -186,12 +215,16 @@ class SparseAttention(nn.Module):
     def _check_shapes(self, query: Tensor, key: Tensor, value: Tensor) -> None:
         layout = "(B, L" if self.batch_first else "(L, B"
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
-            raise ValueError(f"query must be {layout}, {self.embed_dim}) (batch_first={self.batch_first}) or "
-                             f"unbatched (L, {self.embed_dim})")
+            raise ValueError(
+                f"query must be {layout}, {self.embed_dim}) (batch_first={self.batch_first}) or "
+                f"unbatched (L, {self.embed_dim})"
+            )
         for name, t, feat in (("key", key, self.kdim), ("value", value, self.vdim)):
             if t.dim() != 3 or t.shape[0] != query.shape[0] or t.shape[-1] != feat:
-                raise ValueError(f"{name} must be {layout}, {feat}) with query's batch size {query.shape[0]} "
-                                 f"(batch_first={self.batch_first})")
+                raise ValueError(
+                    f"{name} must be {layout}, {feat}) with query's batch size {query.shape[0]} "
+                    f"(batch_first={self.batch_first})"
+                )
         if key.shape[1] != value.shape[1]:
             raise ValueError(f"key and value must have one length, got {key.shape[1]} and {value.shape[1]}")
 
@@ -208,10 +241,22 @@ class SparseCodingTransformerBlock(nn.Module):
     (no residual around it): the step from the normalised features is the residual update. Inputs are batch-first.
     """
 
-    def __init__(self, dim: int, num_heads: int, *, mode: str = "sparsemax", threshold: float = 0.5,
-                 n_iter: int = 1, lam: float = 0.1, step: float = 0.1, dropout: float = 0.0, bias: bool = True,
-                 backend: str = "auto", device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mode: str = "sparsemax",
+        threshold: float = 0.5,
+        n_iter: int = 1,
+        lam: float = 0.1,
+        step: float = 0.1,
+        dropout: float = 0.0,
+        bias: bool = True,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if n_iter < 1:
             raise ValueError(f"n_iter must be >= 1, got {n_iter}")
@@ -222,8 +267,17 @@ class SparseCodingTransformerBlock(nn.Module):
         factory = dict(device=device, dtype=dtype)
         self.dim, self.n_iter, self.lam, self.step, self.backend = dim, n_iter, lam, step, backend
         self.norm1 = nn.LayerNorm(dim, **factory)
-        self.attn = SparseAttention(dim, num_heads, dropout=dropout, bias=bias, batch_first=True, mode=mode,
-                                    threshold=threshold, backend=backend, **factory)
+        self.attn = SparseAttention(
+            dim,
+            num_heads,
+            dropout=dropout,
+            bias=bias,
+            batch_first=True,
+            mode=mode,
+            threshold=threshold,
+            backend=backend,
+            **factory,
+        )
         self.norm2 = nn.LayerNorm(dim, **factory)
         self.dictionary = nn.Parameter(torch.empty(dim, dim, 1, **factory))
         nn.init.kaiming_uniform_(self.dictionary, a=math.sqrt(5))
@@ -231,12 +285,19 @@ class SparseCodingTransformerBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, n_iter={self.n_iter}, lam={self.lam}, step={self.step}, backend={self.backend!r}"
 
-    def forward(self, x: Tensor, *, attn_mask: Tensor | None = None, key_padding_mask: Tensor | None = None,
-                is_causal: bool = False) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        attn_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        is_causal: bool = False,
+    ) -> Tensor:
         """x (B, N, dim) -> (B, N, dim); masks as ``SparseAttention.forward`` (key_padding_mask (B, N))."""
         h = self.norm1(x)
         h = x + self.attn(h, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)[0]
         u = self.norm2(h).transpose(1, 2)
-        z = DF.conv_ista(u, self.dictionary, self.lam, n_iter=self.n_iter, step=self.step, z0=u, nonneg=True,
-                         backend=self.backend)
+        z = DF.conv_ista(
+            u, self.dictionary, self.lam, n_iter=self.n_iter, step=self.step, z0=u, nonneg=True, backend=self.backend
+        )
         return z.transpose(1, 2)

@@ -8,6 +8,7 @@ State-dict keys, the same for every backend (j = 0 .. L-1):
 ``steps.j``           c_j, () or per unfolding (n_iter + 1,) (a buffer unless ``learn_steps``)
 ``input_encoders.j``  ML-LISTA's B_j, shaped like ``weights.j`` (only with ``input_encoders=True``)
 """
+
 from __future__ import annotations
 
 import math
@@ -55,11 +56,26 @@ class MultiLayerSparseCoding2d(nn.Module):
     >>> g1, g2, g3 = net(x)  # x: (B, 1, 28, 28); g3: (B, 512, 1, 1)
     """
 
-    def __init__(self, channels: Sequence[int], kernel_sizes: IntOrPair | list[IntOrPair], *,
-                 strides: IntOrPair | list[IntOrPair] = 1, paddings: IntOrPair | list[IntOrPair] = 0,
-                 n_iter: int = 6, mode: str = "ml-ista", bias: float = 0.0, step: float = 1.0,
-                 learn_steps: bool = True, untied_unfoldings: bool = False, input_encoders: bool = False,
-                 nonneg: bool = True, recompute: bool = False, backend: str = "auto", device=None, dtype=None):
+    def __init__(
+        self,
+        channels: Sequence[int],
+        kernel_sizes: IntOrPair | list[IntOrPair],
+        *,
+        strides: IntOrPair | list[IntOrPair] = 1,
+        paddings: IntOrPair | list[IntOrPair] = 0,
+        n_iter: int = 6,
+        mode: str = "ml-ista",
+        bias: float = 0.0,
+        step: float = 1.0,
+        learn_steps: bool = True,
+        untied_unfoldings: bool = False,
+        input_encoders: bool = False,
+        nonneg: bool = True,
+        recompute: bool = False,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -86,8 +102,9 @@ class MultiLayerSparseCoding2d(nn.Module):
 
         self.weights = nn.ParameterList(filters(j) for j in range(depth))
         self.input_encoders = nn.ParameterList(filters(j) for j in range(depth)) if input_encoders else None
-        self.biases = nn.ParameterList(nn.Parameter(torch.full((*lead, channels[j + 1]), float(bias), **factory))
-                                       for j in range(depth))
+        self.biases = nn.ParameterList(
+            nn.Parameter(torch.full((*lead, channels[j + 1]), float(bias), **factory)) for j in range(depth)
+        )
         steps = [torch.full(lead, float(step), **factory) for _ in range(depth)]
         if learn_steps:
             self.steps = nn.ParameterList(nn.Parameter(s) for s in steps)
@@ -97,8 +114,11 @@ class MultiLayerSparseCoding2d(nn.Module):
             self.steps = None
 
     def _steps(self) -> list[Tensor]:
-        return list(self.steps) if self.steps is not None else [getattr(self, f"step_{j}")
-                                                                  for j in range(len(self.weights))]
+        return (
+            list(self.steps)
+            if self.steps is not None
+            else [getattr(self, f"step_{j}") for j in range(len(self.weights))]
+        )
 
     def _operators(self) -> tuple[list[Tensor], list[Tensor | None]]:
         """(synthesis dictionaries, analysis encoders) of every layer: tied, or shifted by one unfolding."""
@@ -114,16 +134,37 @@ class MultiLayerSparseCoding2d(nn.Module):
         if self.mode == "layered":
             codes, signal = [], x
             for j, (d, e) in enumerate(zip(dictionaries, encoders)):
-                signal = DF.conv_ista(signal, d, threshold=thresholds[j], n_iter=self.n_iter + 1, step=steps[j],
-                                      encoder_weight=e, stride=self.strides[j], padding=self.paddings[j],
-                                      nonneg=self.nonneg, backend=self.backend, recompute=self.recompute)
+                signal = DF.conv_ista(
+                    signal,
+                    d,
+                    threshold=thresholds[j],
+                    n_iter=self.n_iter + 1,
+                    step=steps[j],
+                    encoder_weight=e,
+                    stride=self.strides[j],
+                    padding=self.paddings[j],
+                    nonneg=self.nonneg,
+                    backend=self.backend,
+                    recompute=self.recompute,
+                )
                 codes.append(signal)
             return codes
-        return DF.ml_ista(x, dictionaries, thresholds, n_iter=self.n_iter, steps=steps, strides=self.strides,
-                          paddings=self.paddings, fista=self.mode == "ml-fista", nonneg=self.nonneg,
-                          backend=self.backend, encoder_weights=encoders,
-                          input_encoder_weights=None if self.input_encoders is None else list(self.input_encoders),
-                          interleaved=self.mode == "interleaved", recompute=self.recompute)
+        return DF.ml_ista(
+            x,
+            dictionaries,
+            thresholds,
+            n_iter=self.n_iter,
+            steps=steps,
+            strides=self.strides,
+            paddings=self.paddings,
+            fista=self.mode == "ml-fista",
+            nonneg=self.nonneg,
+            backend=self.backend,
+            encoder_weights=encoders,
+            input_encoder_weights=None if self.input_encoders is None else list(self.input_encoders),
+            interleaved=self.mode == "interleaved",
+            recompute=self.recompute,
+        )
 
     def decode(self, code: Tensor, signal_size: Sequence[int]) -> Tensor:
         """The signal a deepest code G_L stands for, D_1 D_2 ... D_L G_L (the last unfolding's dictionaries), of
@@ -133,13 +174,18 @@ class MultiLayerSparseCoding2d(nn.Module):
             sizes.append(tuple((n + 2 * pp - kk) // ss + 1 for n, kk, ss, pp in zip(sizes[-1], k, s, p)))
         for j in reversed(range(len(self.weights))):
             w = self.weights[j][-1] if self.untied_unfoldings else self.weights[j]
-            code = DF.conv_synthesis(code, w, stride=self.strides[j], padding=self.paddings[j],
-                                     signal_size=sizes[j])
+            code = DF.conv_synthesis(code, w, stride=self.strides[j], padding=self.paddings[j], signal_size=sizes[j])
         return code
 
     def extra_repr(self) -> str:
-        options = [f"channels={self.channels}", f"kernel_sizes={self.kernel_sizes}", f"strides={self.strides}",
-                   f"paddings={self.paddings}", f"n_iter={self.n_iter}", f"mode={self.mode!r}"]
+        options = [
+            f"channels={self.channels}",
+            f"kernel_sizes={self.kernel_sizes}",
+            f"strides={self.strides}",
+            f"paddings={self.paddings}",
+            f"n_iter={self.n_iter}",
+            f"mode={self.mode!r}",
+        ]
         options += [name for name in ("untied_unfoldings", "recompute") if getattr(self, name)]
         if self.input_encoders is not None:
             options.append("input_encoders")

@@ -8,6 +8,7 @@ Valid values are enforced, never patched: negative or non-finite ``lam``/``step`
 at construction; learned ones are kept valid by projected gradient descent after each optimiser step (see
 ``_projection``), so the forward uses exactly the stored value and clamps nothing.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,7 @@ ZERO_CHECK_EVERY = 50
 
 
 # ------------------------------------------------------------------------------------------------ validation
-_SIGNED_HINT = (" (the signed soft threshold needs t >= 0; a negative threshold, a ReLU with bias -t, needs "
-                "nonneg=True)")
+_SIGNED_HINT = " (the signed soft threshold needs t >= 0; a negative threshold, a ReLU with bias -t, needs nonneg=True)"
 
 
 def _positive_int(name: str, value: object) -> int:
@@ -55,8 +55,15 @@ def _padding(padding: object, kernel_size: tuple[int, ...], stride: tuple[int, .
     return check.padding(padding, kernel_size, stride)
 
 
-def _check_value(name: str, value: object, shapes: list[tuple[int, ...]], *, allow_negative: bool = False,
-                 positive: bool = False, hint: str = "") -> ValueOrTensor:
+def _check_value(
+    name: str,
+    value: object,
+    shapes: list[tuple[int, ...]],
+    *,
+    allow_negative: bool = False,
+    positive: bool = False,
+    hint: str = "",
+) -> ValueOrTensor:
     """A float or tensor of one of ``shapes``, finite, >= 0 (> 0 when ``positive``) unless ``allow_negative``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
@@ -104,8 +111,16 @@ class SoftThreshold(_projection.Projected):
     Raises ValueError for a non-finite threshold, or a negative one without ``nonneg``.
     """
 
-    def __init__(self, threshold: float = 0.1, num_channels: int | None = None, *, nonneg: bool = False,
-                 learnable: bool = False, device=None, dtype=None):
+    def __init__(
+        self,
+        threshold: float = 0.1,
+        num_channels: int | None = None,
+        *,
+        nonneg: bool = False,
+        learnable: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         _check_value("threshold", threshold, [()], allow_negative=nonneg, hint=_SIGNED_HINT)
         if num_channels is not None:
@@ -129,8 +144,10 @@ class SoftThreshold(_projection.Projected):
         t = self.threshold
         if self.num_channels is not None:
             if x.dim() < 2 or x.shape[1] != self.num_channels:
-                raise ValueError(f"x must be (B, {self.num_channels}, ...) for num_channels={self.num_channels}, "
-                                 f"got shape {tuple(x.shape)}")
+                raise ValueError(
+                    f"x must be (B, {self.num_channels}, ...) for num_channels={self.num_channels}, "
+                    f"got shape {tuple(x.shape)}"
+                )
             t = t.reshape(1, -1, *([1] * (x.dim() - 2)))
         return DF.soft_threshold(x, t, nonneg=self.nonneg)
 
@@ -195,12 +212,30 @@ _CSC_DOC = """Unrolled convolutional ISTA/FISTA layer (LISTA/CSCNet style when l
 class _ConvSparseCoding(_projection.Projected):
     _rank: int
 
-    def __init__(self, in_channels: int, code_channels: int, kernel_size: IntOrTuple, *, stride: IntOrTuple = 1,
-                 padding: IntOrTuple | str | None = None, n_iter: int = 10, lam: ValueOrTensor | None = None,
-                 threshold: ValueOrTensor | None = None, step: ValueOrTensor | None = None, learn_lam: bool = False,
-                 learn_threshold: bool = False, learn_step: bool = False, untied: bool = False, nonneg: bool = False,
-                 fista: bool = False, relative: bool = False, recompute: bool = False, backend: str = "auto",
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels: int,
+        code_channels: int,
+        kernel_size: IntOrTuple,
+        *,
+        stride: IntOrTuple = 1,
+        padding: IntOrTuple | str | None = None,
+        n_iter: int = 10,
+        lam: ValueOrTensor | None = None,
+        threshold: ValueOrTensor | None = None,
+        step: ValueOrTensor | None = None,
+        learn_lam: bool = False,
+        learn_threshold: bool = False,
+        learn_step: bool = False,
+        untied: bool = False,
+        nonneg: bool = False,
+        fista: bool = False,
+        relative: bool = False,
+        recompute: bool = False,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         rank = self._rank
         self.in_channels = _positive_int("in_channels", in_channels)
@@ -238,16 +273,20 @@ class _ConvSparseCoding(_projection.Projected):
         self._register_value(self._threshold_name, (n_iter, code_channels), learned, init_value, factory)
         self._register_value("step", (n_iter,), learn_step, 1.0 if step is None else step, factory)
         probe = self._probe_size()
-        self.register_buffer("_power_vector", torch.zeros(1, code_channels, *code_size(
-            probe, self.kernel_size, self.stride, self.padding), **factory), persistent=False)
+        self.register_buffer(
+            "_power_vector",
+            torch.zeros(1, code_channels, *code_size(probe, self.kernel_size, self.stride, self.padding), **factory),
+            persistent=False,
+        )
         self.register_load_state_dict_post_hook(_after_load)
         self.register_projection()
         if not self.weight.is_meta:
             self.reset_parameters()
 
     # -------------------------------------------------------------------------------------- parameters
-    def _register_value(self, name: str, learned_shape: tuple[int, ...], learned: bool, value: ValueOrTensor,
-                        factory) -> None:
+    def _register_value(
+        self, name: str, learned_shape: tuple[int, ...], learned: bool, value: ValueOrTensor, factory
+    ) -> None:
         if learned:
             full = torch.empty(learned_shape, **factory)
             self.register_parameter(name, nn.Parameter(full))
@@ -336,9 +375,20 @@ class _ConvSparseCoding(_projection.Projected):
             scale = torch.where(rms > 0, rms, torch.ones_like(rms)).reshape(-1, *([1] * (x.dim() - 1)))
             x = x / scale
         values = {self._threshold_name: getattr(self, self._threshold_name)}  # lam= or threshold=
-        z = DF.conv_ista(x, self.weight, **values, n_iter=self.n_iter, step=self.step,
-                         encoder_weight=self.encoder_weight, stride=self.stride, padding=self.padding,
-                         nonneg=self.nonneg, fista=self.fista, backend=self.backend, recompute=self.recompute)
+        z = DF.conv_ista(
+            x,
+            self.weight,
+            **values,
+            n_iter=self.n_iter,
+            step=self.step,
+            encoder_weight=self.encoder_weight,
+            stride=self.stride,
+            padding=self.padding,
+            nonneg=self.nonneg,
+            fista=self.fista,
+            backend=self.backend,
+            recompute=self.recompute,
+        )
         if scale is not None:
             z = z * scale
         if self.training and not torch.compiler.is_compiling():
@@ -348,29 +398,40 @@ class _ConvSparseCoding(_projection.Projected):
     def _warn_if_all_zero(self, z: Tensor) -> None:
         self._zero_checks += 1
         if (self._zero_checks - 1) % ZERO_CHECK_EVERY == 0 and z.numel() and not bool(z.detach().any()):
-            warnings.warn(f"{type(self).__name__}({self.in_channels}, {self.code_channels}): every code is exactly "
-                          f"zero in this training batch, so no gradient reaches the layer's inputs; its thresholds "
-                          f"are too large for the input scale. Lower lam/threshold or use relative=True.",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"{type(self).__name__}({self.in_channels}, {self.code_channels}): every code is exactly "
+                f"zero in this training batch, so no gradient reaches the layer's inputs; its thresholds "
+                f"are too large for the input scale. Lower lam/threshold or use relative=True.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def decode(self, z: Tensor, signal_size: Sequence[int] | None = None) -> Tensor:
         """x_hat = D z: (B, C_code, *Sz) -> (B, C_sig, *signal_size); the default size is the smallest signal with
         codes of this size (the input's size at stride 1)."""
         if signal_size is None:
-            signal_size = [(n - 1) * s - 2 * p + k
-                           for n, s, p, k in zip(z.shape[2:], self.stride, self.padding, self.kernel_size)]
+            signal_size = [
+                (n - 1) * s - 2 * p + k for n, s, p, k in zip(z.shape[2:], self.stride, self.padding, self.kernel_size)
+            ]
         return DF.conv_synthesis(z, self.weight, stride=self.stride, padding=self.padding, signal_size=signal_size)
 
     def extra_repr(self) -> str:
-        options = [f"{self.in_channels}, {self.code_channels}, kernel_size={self.kernel_size}",
-                   f"stride={self.stride}", f"padding={self.padding}", f"n_iter={self.n_iter}"]
+        options = [
+            f"{self.in_channels}, {self.code_channels}, kernel_size={self.kernel_size}",
+            f"stride={self.stride}",
+            f"padding={self.padding}",
+            f"n_iter={self.n_iter}",
+        ]
         options += [name for name in ("nonneg", "fista", "relative", "recompute") if getattr(self, name)]
         if self.encoder_weight is not None:
             options.append("untied")
         if self._threshold_name == "threshold":
             options.append("threshold=absolute")
-        options += [f"learn_{name}" for name in ("lam", "threshold", "step")
-                    if isinstance(getattr(self, name, None), nn.Parameter)]
+        options += [
+            f"learn_{name}"
+            for name in ("lam", "threshold", "step")
+            if isinstance(getattr(self, name, None), nn.Parameter)
+        ]
         if self._track_step:
             options.append("step=1/L (tracked)")
         return ", ".join(options + [f"backend={self.backend!r}"])
@@ -388,15 +449,26 @@ def _after_load(module: _ConvSparseCoding, incompatible_keys) -> None:
 
 class ConvSparseCoding1d(_ConvSparseCoding):
     _rank = 1
-    __doc__ = _CSC_DOC.format(x_shape="(B, C_sig, L)", z_shape="(B, C_code, L_z)", rank=1, k_shape="k",
-                              name="ConvSparseCoding1d", example="1, 16, 9, n_iter=10, lam=0.1")
+    __doc__ = _CSC_DOC.format(
+        x_shape="(B, C_sig, L)",
+        z_shape="(B, C_code, L_z)",
+        rank=1,
+        k_shape="k",
+        name="ConvSparseCoding1d",
+        example="1, 16, 9, n_iter=10, lam=0.1",
+    )
 
 
 class ConvSparseCoding2d(_ConvSparseCoding):
     _rank = 2
-    __doc__ = _CSC_DOC.format(x_shape="(B, C_sig, H, W)", z_shape="(B, C_code, H_z, W_z)", rank=2,
-                              k_shape="kh, kw", name="ConvSparseCoding2d",
-                              example="1, 32, 7, n_iter=10, lam=0.1")
+    __doc__ = _CSC_DOC.format(
+        x_shape="(B, C_sig, H, W)",
+        z_shape="(B, C_code, H_z, W_z)",
+        rank=2,
+        k_shape="kh, kw",
+        name="ConvSparseCoding2d",
+        example="1, 32, 7, n_iter=10, lam=0.1",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ deep stack
@@ -418,10 +490,20 @@ class DeepSparseCoding2d(nn.Module):
     forward(x): x (B, C_0, H, W) -> the list of codes ``[G_1, ..., G_J]``, G_j (B, C_j, H_j, W_j).
     """
 
-    def __init__(self, channels: Sequence[int], kernel_sizes: IntOrTuple | Sequence[IntOrTuple], *,
-                 strides: IntOrTuple | Sequence[IntOrTuple] = 1, paddings: Sequence[IntOrTuple] | None = None,
-                 lams: float | Sequence[float] | None = None, thresholds: float | Sequence[float] | None = None,
-                 n_iter: int = 10, nonneg: bool = True, relative: bool = True, **layer_options):
+    def __init__(
+        self,
+        channels: Sequence[int],
+        kernel_sizes: IntOrTuple | Sequence[IntOrTuple],
+        *,
+        strides: IntOrTuple | Sequence[IntOrTuple] = 1,
+        paddings: Sequence[IntOrTuple] | None = None,
+        lams: float | Sequence[float] | None = None,
+        thresholds: float | Sequence[float] | None = None,
+        n_iter: int = 10,
+        nonneg: bool = True,
+        relative: bool = True,
+        **layer_options,
+    ):
         super().__init__()
         depth = len(channels) - 1
         if depth < 1:
@@ -441,15 +523,31 @@ class DeepSparseCoding2d(nn.Module):
                 _check_value("lams", lam, [tuple(getattr(lam, "shape", ()))])
         for threshold in thresholds:
             if threshold is not None:
-                _check_value("thresholds", threshold, [tuple(getattr(threshold, "shape", ()))], allow_negative=nonneg,
-                             hint=_SIGNED_HINT)
+                _check_value(
+                    "thresholds",
+                    threshold,
+                    [tuple(getattr(threshold, "shape", ()))],
+                    allow_negative=nonneg,
+                    hint=_SIGNED_HINT,
+                )
         layers = []
         for j in range(depth):
             try:
-                layers.append(ConvSparseCoding2d(
-                    channels[j], channels[j + 1], kernel_sizes[j], stride=strides[j], padding=paddings[j],
-                    lam=lams[j], threshold=thresholds[j], n_iter=n_iter, nonneg=nonneg, relative=relative,
-                    **layer_options))
+                layers.append(
+                    ConvSparseCoding2d(
+                        channels[j],
+                        channels[j + 1],
+                        kernel_sizes[j],
+                        stride=strides[j],
+                        padding=paddings[j],
+                        lam=lams[j],
+                        threshold=thresholds[j],
+                        n_iter=n_iter,
+                        nonneg=nonneg,
+                        relative=relative,
+                        **layer_options,
+                    )
+                )
             except (ValueError, TypeError) as err:
                 raise type(err)(f"layer {j}: {err}") from None
         self.layers = nn.ModuleList(layers)

@@ -4,6 +4,7 @@
 ``sparse_attention`` hold each family's schema, fakes and autograd and run a row; ``registry`` registers a row's
 ops on first use.
 """
+
 from . import table
 from .registry import OpPair
 from .selection import FAMILY_MODULES, available, select, unavailable_reason

@@ -13,6 +13,7 @@ on canonical 2-D tensors (docs/design.md, "The fused-op contract"). The forward 
 is stored. An empty ``z0`` stands for zeros (and gets an empty gradient), so a problem started from zero allocates
 no code-sized z0.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,11 +29,15 @@ from .registry import op_pair as _register_pair
 from .table import Backend
 
 FAMILY = "conv_ista"
-FWD_SCHEMA = ("(Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, Tensor z0, int[] stride, "
-              "int[] padding, bool nonneg, bool fista, int checkpoint) -> (Tensor, Tensor)")
-BWD_SCHEMA = ("(Tensor grad_z, Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, Tensor z0, "
-              "Tensor z, Tensor saved, int[] stride, int[] padding, bool nonneg, bool fista, int checkpoint) "
-              "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+FWD_SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, Tensor z0, int[] stride, "
+    "int[] padding, bool nonneg, bool fista, int checkpoint) -> (Tensor, Tensor)"
+)
+BWD_SCHEMA = (
+    "(Tensor grad_z, Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, Tensor z0, "
+    "Tensor z, Tensor saved, int[] stride, int[] padding, bool nonneg, bool fista, int checkpoint) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
 
 
 def _fake_fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, checkpoint):
@@ -43,8 +48,7 @@ def _fake_fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg,
     return z, x.new_empty((len(checkpoint_indices(step.shape[0], checkpoint, fista)), *z_shape))
 
 
-def _fake_bwd(grad_z, x, weight, encoder_weight, lam, step, z0, z, saved, stride, padding, nonneg, fista,
-              checkpoint):
+def _fake_bwd(grad_z, x, weight, encoder_weight, lam, step, z0, z, saved, stride, padding, nonneg, fista, checkpoint):
     return tuple(torch.empty_like(t) for t in (x, weight, encoder_weight, lam, step, z0))
 
 
@@ -79,9 +83,20 @@ def op_pair(backend: str) -> OpPair:
     return _register_pair(table.row(FAMILY, backend), SPEC)
 
 
-def run(row: Backend, x: Tensor, weight: Tensor, encoder_weight: Tensor | None, lam: Tensor, step: Tensor,
-        z0: Tensor | None, stride: Sequence[int], padding: Sequence[int], nonneg: bool, fista: bool,
-        recompute: bool) -> Tensor:
+def run(
+    row: Backend,
+    x: Tensor,
+    weight: Tensor,
+    encoder_weight: Tensor | None,
+    lam: Tensor,
+    step: Tensor,
+    z0: Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    nonneg: bool,
+    fista: bool,
+    recompute: bool,
+) -> Tensor:
     """Run conv-ISTA on validated tensors with ``row``'s backend and return z_n.
 
     x: (B, C_sig, *S); weight, encoder_weight (None: tied): (C_code, C_sig, *k); lam: (n_iter, C_code);
@@ -89,8 +104,18 @@ def run(row: Backend, x: Tensor, weight: Tensor, encoder_weight: Tensor | None, 
     backends, which is the same computation. ``recompute`` asks for the memory-lean backward (checkpoint 0).
     """
     if row.eager is not None:
-        return implementation(row.eager)(x, weight, lam, step, encoder_weight=encoder_weight, stride=stride,
-                                         padding=padding, z0=z0, nonneg=nonneg, fista=fista)
+        return implementation(row.eager)(
+            x,
+            weight,
+            lam,
+            step,
+            encoder_weight=encoder_weight,
+            stride=stride,
+            padding=padding,
+            z0=z0,
+            nonneg=nonneg,
+            fista=fista,
+        )
     one_d = weight.dim() == 3
     if one_d:
         x, weight = x.unsqueeze(2), weight.unsqueeze(2)
@@ -99,9 +124,19 @@ def run(row: Backend, x: Tensor, weight: Tensor, encoder_weight: Tensor | None, 
         stride, padding = (1, *stride), (0, *padding)
     z0 = x.new_empty(0) if z0 is None else z0.contiguous()  # empty: zeros, never materialised
     encoder_weight = weight if encoder_weight is None else encoder_weight
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, weight, encoder_weight, lam, step, z0))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, encoder_weight, lam, step, z0))
     checkpoint = 0 if recompute or not needs_grad else row.save_interval[int(fista)]
-    z, _ = op_pair(row.name).forward(x.contiguous(), weight.contiguous(), encoder_weight.contiguous(), lam, step,
-                                     z0, list(stride), list(padding), nonneg, fista, checkpoint)
+    z, _ = op_pair(row.name).forward(
+        x.contiguous(),
+        weight.contiguous(),
+        encoder_weight.contiguous(),
+        lam,
+        step,
+        z0,
+        list(stride),
+        list(padding),
+        nonneg,
+        fista,
+        checkpoint,
+    )
     return z.squeeze(2) if one_d else z

@@ -24,6 +24,7 @@ The model, calibrated on the shape sweep (``dsc_kernels/experiments/sweep.py``; 
 
 ``DSC_KERNELS_BACKEND`` and an explicit ``backend=`` bypass this module (``selection``).
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,10 @@ class ConvIstaKey:
 
     @property
     def code_size(self) -> tuple[int, ...]:
-        return tuple((s + 2 * p - k) // st + 1
-                     for s, k, st, p in zip(self.x_size[2:], self.weight_size[2:], self.stride, self.padding))
+        return tuple(
+            (s + 2 * p - k) // st + 1
+            for s, k, st, p in zip(self.x_size[2:], self.weight_size[2:], self.stride, self.padding)
+        )
 
     @property
     def intensity(self) -> float:
@@ -79,13 +82,26 @@ def faster_on_cpu(key: ConvIstaKey) -> str:
     return "cpp"
 
 
-def hook(x_size: Sequence[int], weight_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-         dtype: torch.dtype, backward: bool) -> Callable[[str], bool]:
+def hook(
+    x_size: Sequence[int],
+    weight_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dtype: torch.dtype,
+    backward: bool,
+) -> Callable[[str], bool]:
     """For ``selection.select``: ``prefers(candidate)`` says whether auto should take ``candidate`` for this call
     (the reference always qualifies; ``cpp`` when the model expects it to be the faster)."""
-    key = ConvIstaKey(tuple(int(s) for s in x_size), tuple(int(s) for s in weight_size), tuple(stride),
-                      tuple(padding), dtype, bool(backward))
+    key = ConvIstaKey(
+        tuple(int(s) for s in x_size),
+        tuple(int(s) for s in weight_size),
+        tuple(stride),
+        tuple(padding),
+        dtype,
+        bool(backward),
+    )
 
     def prefers(candidate: str) -> bool:
         return candidate != "cpp" or faster_on_cpu(key) == "cpp"
+
     return prefers

@@ -29,6 +29,7 @@ problems run as height-1 images):
 Tensor[] keeps one tensor per parameter, as the user holds them: nothing is packed or copied per call, and
 torch.library, FakeTensor, opcheck and torch.compile(fullgraph=True) all handle lists of tensors.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -43,13 +44,17 @@ from .registry import op_pair as _register_pair
 from .table import Backend
 
 FAMILY = "ml_ista"
-FWD_SCHEMA = ("(Tensor x, Tensor[] weights, Tensor[] encoder_weights, Tensor[] input_encoder_weights, "
-              "Tensor[] thresholds, Tensor[] steps, Tensor z0, int[] strides, int[] paddings, bool nonneg, "
-              "bool fista, bool project, int checkpoint) -> (Tensor[], Tensor[])")
-BWD_SCHEMA = ("(Tensor[] grad_codes, Tensor x, Tensor[] weights, Tensor[] encoder_weights, "
-              "Tensor[] input_encoder_weights, Tensor[] thresholds, Tensor[] steps, Tensor z0, Tensor[] codes, "
-              "Tensor[] saved, int[] strides, int[] paddings, bool nonneg, bool fista, bool project, "
-              "int checkpoint) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor)")
+FWD_SCHEMA = (
+    "(Tensor x, Tensor[] weights, Tensor[] encoder_weights, Tensor[] input_encoder_weights, "
+    "Tensor[] thresholds, Tensor[] steps, Tensor z0, int[] strides, int[] paddings, bool nonneg, "
+    "bool fista, bool project, int checkpoint) -> (Tensor[], Tensor[])"
+)
+BWD_SCHEMA = (
+    "(Tensor[] grad_codes, Tensor x, Tensor[] weights, Tensor[] encoder_weights, "
+    "Tensor[] input_encoder_weights, Tensor[] thresholds, Tensor[] steps, Tensor z0, Tensor[] codes, "
+    "Tensor[] saved, int[] strides, int[] paddings, bool nonneg, bool fista, bool project, "
+    "int checkpoint) -> (Tensor, Tensor[], Tensor[], Tensor[], Tensor[], Tensor[], Tensor)"
+)
 
 NO_BACKWARD = -1  # checkpoint value of a forward that runs without autograd: nothing saved
 # Save mode does not keep the codes of the first layers whose analysis costs at most this many multiply-adds per
@@ -58,8 +63,21 @@ NO_BACKWARD = -1  # checkpoint value of a forward that runs without autograd: no
 CHEAP_ANALYSIS = 64
 
 
-def _fake_fwd(x, weights, encoder_weights, input_encoder_weights, thresholds, steps, z0, strides, paddings, nonneg,
-              fista, project, checkpoint):
+def _fake_fwd(
+    x,
+    weights,
+    encoder_weights,
+    input_encoder_weights,
+    thresholds,
+    steps,
+    z0,
+    strides,
+    paddings,
+    nonneg,
+    fista,
+    project,
+    checkpoint,
+):
     sizes = layer_sizes(x.shape[2:], weights, strides, paddings)
     codes = [x.new_empty((x.shape[0], w.shape[1], *sizes[j + 1])) for j, w in enumerate(weights)]
     if checkpoint == NO_BACKWARD:
@@ -68,25 +86,63 @@ def _fake_fwd(x, weights, encoder_weights, input_encoder_weights, thresholds, st
     return codes, [x.new_empty((n_saved, *codes[j].shape)) for j in saved_layers(len(weights), project, checkpoint)]
 
 
-def _fake_bwd(grad_codes, x, weights, encoder_weights, input_encoder_weights, thresholds, steps, z0, codes, saved,
-              strides, paddings, nonneg, fista, project, checkpoint):
+def _fake_bwd(
+    grad_codes,
+    x,
+    weights,
+    encoder_weights,
+    input_encoder_weights,
+    thresholds,
+    steps,
+    z0,
+    codes,
+    saved,
+    strides,
+    paddings,
+    nonneg,
+    fista,
+    project,
+    checkpoint,
+):
     def like(ts):
         return [torch.empty_like(t) for t in ts]
-    return (torch.empty_like(x), like(weights), like(encoder_weights), like(input_encoder_weights), like(thresholds),
-            like(steps), torch.empty_like(z0))
+
+    return (
+        torch.empty_like(x),
+        like(weights),
+        like(encoder_weights),
+        like(input_encoder_weights),
+        like(thresholds),
+        like(steps),
+        torch.empty_like(z0),
+    )
 
 
 def _make_autograd(bwd_op):
     def setup_context(ctx, inputs, output):
-        (x, weights, encoder_weights, input_encoder_weights, thresholds, steps, z0, strides, paddings, nonneg, fista,
-         project, checkpoint) = inputs
+        (
+            x,
+            weights,
+            encoder_weights,
+            input_encoder_weights,
+            thresholds,
+            steps,
+            z0,
+            strides,
+            paddings,
+            nonneg,
+            fista,
+            project,
+            checkpoint,
+        ) = inputs
         codes, saved = output
         depth = len(weights)
         # The memory-lean mode keeps only the saved step states alive, not the output codes: the backward replays
         # the last step too.
         kept_codes = codes if checkpoint >= 1 else [c.new_empty(0) for c in codes]
-        ctx.save_for_backward(x, z0, *weights, *encoder_weights, *input_encoder_weights, *thresholds, *steps,
-                              *kept_codes, *saved)
+        ctx.save_for_backward(
+            x, z0, *weights, *encoder_weights, *input_encoder_weights, *thresholds, *steps, *kept_codes, *saved
+        )
         ctx.layout = (depth, len(saved))
         ctx.config = (strides, paddings, nonneg, fista, project, checkpoint)
         ctx.mark_non_differentiable(*saved)
@@ -98,12 +154,23 @@ def _make_autograd(bwd_op):
             none = [None] * depth
             return None, none, none, none, none, none, None, None, None, None, None, None, None
         x, z0, *rest = ctx.saved_tensors
-        groups = [rest[i * depth:(i + 1) * depth] for i in range(6)]
+        groups = [rest[i * depth : (i + 1) * depth] for i in range(6)]
         weights, encoder_weights, input_encoder_weights, thresholds, steps, codes = groups
-        saved = rest[6 * depth:6 * depth + n_saved]
+        saved = rest[6 * depth : 6 * depth + n_saved]
         grad_codes = [x.new_empty(0) if g is None else g for g in grad_codes]
-        gx, gw, gwe, gwi, gt, gs, gz0 = bwd_op(grad_codes, x, weights, encoder_weights, input_encoder_weights,
-                                               thresholds, steps, z0, codes, saved, *ctx.config)
+        gx, gw, gwe, gwi, gt, gs, gz0 = bwd_op(
+            grad_codes,
+            x,
+            weights,
+            encoder_weights,
+            input_encoder_weights,
+            thresholds,
+            steps,
+            z0,
+            codes,
+            saved,
+            *ctx.config,
+        )
         return gx, gw, gwe, gwi, gt, gs, gz0, None, None, None, None, None, None
 
     return setup_context, backward
@@ -125,22 +192,46 @@ def _save_mode_checkpoint(weights: Sequence[Tensor]) -> int:
     return 1 + cheap
 
 
-def run(row: Backend, x: Tensor, weights: Sequence[Tensor], encoder_weights: Sequence[Tensor],
-        input_encoder_weights: Sequence[Tensor], thresholds: Sequence[Tensor], steps: Sequence[Tensor], z0: Tensor,
-        strides: Sequence[int], paddings: Sequence[int], nonneg: bool, fista: bool, project: bool,
-        recompute: bool) -> list[Tensor]:
+def run(
+    row: Backend,
+    x: Tensor,
+    weights: Sequence[Tensor],
+    encoder_weights: Sequence[Tensor],
+    input_encoder_weights: Sequence[Tensor],
+    thresholds: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    z0: Tensor,
+    strides: Sequence[int],
+    paddings: Sequence[int],
+    nonneg: bool,
+    fista: bool,
+    project: bool,
+    recompute: bool,
+) -> list[Tensor]:
     """Run the multi-layer pursuit on canonical tensors (the op schema above, 1-D or 2-D) with ``row``'s backend and
     return [G_1, ..., G_L]. ``recompute`` asks for the memory-lean backward (checkpoint 0)."""
     if row.eager is not None:
-        return implementation(row.eager)(x, list(weights), list(encoder_weights), list(input_encoder_weights),
-                                         list(thresholds), list(steps), z0, list(strides), list(paddings), nonneg,
-                                         fista, project)
+        return implementation(row.eager)(
+            x,
+            list(weights),
+            list(encoder_weights),
+            list(input_encoder_weights),
+            list(thresholds),
+            list(steps),
+            z0,
+            list(strides),
+            list(paddings),
+            nonneg,
+            fista,
+            project,
+        )
     one_d = x.dim() == 3
     if one_d:
         x, z0 = x.unsqueeze(2), (z0.unsqueeze(2) if z0.numel() else z0)
         weights, encoder_weights, input_encoder_weights = (
-            [w.unsqueeze(-2) if w.numel() else w for w in ws] for ws in (weights, encoder_weights,
-                                                                          input_encoder_weights))
+            [w.unsqueeze(-2) if w.numel() else w for w in ws]
+            for ws in (weights, encoder_weights, input_encoder_weights)
+        )
         strides = [v for s in strides for v in (1, s)]
         paddings = [v for p in paddings for v in (0, p)]
     tensors = (x, z0, *weights, *encoder_weights, *input_encoder_weights, *thresholds, *steps)
@@ -149,8 +240,20 @@ def run(row: Backend, x: Tensor, weights: Sequence[Tensor], encoder_weights: Seq
 
     def contiguous(ts):
         return [t.contiguous() for t in ts]
+
     codes, _ = op_pair(row.name).forward(
-        x.contiguous(), contiguous(weights), contiguous(encoder_weights), contiguous(input_encoder_weights),
-        contiguous(thresholds), contiguous(steps), z0.contiguous(), list(strides), list(paddings), nonneg, fista,
-        project, checkpoint)
+        x.contiguous(),
+        contiguous(weights),
+        contiguous(encoder_weights),
+        contiguous(input_encoder_weights),
+        contiguous(thresholds),
+        contiguous(steps),
+        z0.contiguous(),
+        list(strides),
+        list(paddings),
+        nonneg,
+        fista,
+        project,
+        checkpoint,
+    )
     return [c.squeeze(2) for c in codes] if one_d else list(codes)

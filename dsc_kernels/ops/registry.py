@@ -9,6 +9,7 @@ fused backwards are not differentiable, and double backward must say so rather t
 Registration is lazy because building the C++ extension takes a while and Triton reads TRITON_INTERPRET when it
 is first imported.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -62,8 +63,11 @@ def _op(qualified: str):
 
 def _no_double_backward(row: Backend) -> Callable:
     def backward(ctx, *grads):
-        raise RuntimeError(f"double backward (gradients of gradients) is not supported by backend={row.name!r} "
-                           f"({row.backward_op} is not differentiable); use backend='reference' for it")
+        raise RuntimeError(
+            f"double backward (gradients of gradients) is not supported by backend={row.name!r} "
+            f"({row.backward_op} is not differentiable); use backend='reference' for it"
+        )
+
     return backward
 
 
@@ -77,15 +81,19 @@ def op_pair(row: Backend, spec: FamilySpec) -> OpPair:
             return _PAIRS[key]
         if row.requires == "triton":
             from .selection import note_triton_import
+
             note_triton_import()
         if row.registration == "native":
             from .. import _ext
+
             _ext.load()  # its TORCH_LIBRARY_FRAGMENTs define the schemas and the CPU kernels
             torch.library.register_fake(row.forward_op)(spec.fake_fwd)
             torch.library.register_fake(row.backward_op)(spec.fake_bwd)
         else:
-            for name, impl, schema, fake in ((row.forward_op, row.forward_impl, spec.fwd_schema, spec.fake_fwd),
-                                             (row.backward_op, row.backward_impl, spec.bwd_schema, spec.fake_bwd)):
+            for name, impl, schema, fake in (
+                (row.forward_op, row.forward_impl, spec.fwd_schema, spec.fake_fwd),
+                (row.backward_op, row.backward_impl, spec.bwd_schema, spec.fake_bwd),
+            ):
                 if row.registration == "custom_op":
                     op = torch.library.custom_op(name, implementation(impl), mutates_args=(), schema=schema)
                 else:  # triton_op takes its schema from the launcher's annotations
@@ -94,7 +102,8 @@ def op_pair(row: Backend, spec: FamilySpec) -> OpPair:
         pair = OpPair(_op(row.forward_op), _op(row.backward_op))
         setup_context, backward = spec.make_autograd(pair.backward)
         torch.library.register_autograd(row.forward_op, backward, setup_context=setup_context)
-        torch.library.register_autograd(row.backward_op, _no_double_backward(row),
-                                        setup_context=lambda ctx, inputs, output: None)
+        torch.library.register_autograd(
+            row.backward_op, _no_double_backward(row), setup_context=lambda ctx, inputs, output: None
+        )
         _PAIRS[key] = pair
         return pair

@@ -9,6 +9,7 @@
   a one-time warning when a preferred fused backend cannot run. Dtype is checked before availability, so a dtype a
   backend cannot use never triggers its build.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -58,13 +59,17 @@ def _triton_reason(device: torch.device) -> str | None:
         return "triton is not installed (pip install triton==3.7.1)"
     imported = _triton_interpret_at_import
     if imported is not None and (imported == "1") != _interpreting_now():
-        return (f"TRITON_INTERPRET changed after the Triton kernels were imported (it was {imported!r} then, "
-                f"{os.environ.get('TRITON_INTERPRET', '')!r} now); Triton reads it once, so set it before importing "
-                "dsc_kernels or torch")
+        return (
+            f"TRITON_INTERPRET changed after the Triton kernels were imported (it was {imported!r} then, "
+            f"{os.environ.get('TRITON_INTERPRET', '')!r} now); Triton reads it once, so set it before importing "
+            "dsc_kernels or torch"
+        )
     if device.type == "cuda" or (device.type == "cpu" and _interpreting_now()):
         return None
-    return (f"the triton backend needs CUDA tensors (got {device.type}); on CPU it runs only under the interpreter "
-            "(set TRITON_INTERPRET=1 before importing dsc_kernels or torch)")
+    return (
+        f"the triton backend needs CUDA tensors (got {device.type}); on CPU it runs only under the interpreter "
+        "(set TRITON_INTERPRET=1 before importing dsc_kernels or torch)"
+    )
 
 
 @torch.compiler.assume_constant_result
@@ -80,14 +85,18 @@ def unavailable_reason(family: str, name: str, device_type: str) -> str | None:
     if row.requires == "triton":
         return _triton_reason(device)
     if row.devices is not None and device.type not in row.devices:
-        return (f"the {name} backend runs on {'/'.join(d.upper() for d in row.devices)} tensors, got "
-                f"{device.type} tensors"
-                + ("; use backend='triton' on GPUs" if device.type == "cuda" else ""))
+        return (
+            f"the {name} backend runs on {'/'.join(d.upper() for d in row.devices)} tensors, got "
+            f"{device.type} tensors" + ("; use backend='triton' on GPUs" if device.type == "cuda" else "")
+        )
     if row.requires == "extension":
         from .. import _ext
+
         if not _ext.available():
-            return (f"the C++ extension did not build: {_ext.build_error()}. Install a C++ compiler (g++) and "
-                    "ninja (pip install ninja), or use backend='reference'")
+            return (
+                f"the C++ extension did not build: {_ext.build_error()}. Install a C++ compiler (g++) and "
+                "ninja (pip install ninja), or use backend='reference'"
+            )
     return None
 
 
@@ -108,8 +117,9 @@ def _requested(backend: object) -> str:
         return name
     env = os.environ.get(ENV_VAR, "").strip().lower()
     if env and env not in known:
-        raise ValueError(f"the environment variable {ENV_VAR} must be one of {known} (or empty), "
-                         f"got {os.environ[ENV_VAR]!r}")
+        raise ValueError(
+            f"the environment variable {ENV_VAR} must be one of {known} (or empty), got {os.environ[ENV_VAR]!r}"
+        )
     return env or "auto"
 
 
@@ -121,8 +131,15 @@ def _missing(row: Backend, features: tuple[str, ...]) -> list[str]:
     return [f for f in features if f not in row.features]
 
 
-def select(family: str, backend: str, device: torch.device, dtype: torch.dtype, features: tuple[str, ...] = (), *,
-           prefers: Callable[[str], bool] | None = None) -> Backend:
+def select(
+    family: str,
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    features: tuple[str, ...] = (),
+    *,
+    prefers: Callable[[str], bool] | None = None,
+) -> Backend:
     """The row that runs a ``family`` call with this ``backend`` argument on ``device``/``dtype`` tensors, among the
     rows that run every variant in ``features`` (table.CONV_ISTA_VARIANTS and the like).
 
@@ -132,8 +149,10 @@ def select(family: str, backend: str, device: torch.device, dtype: torch.dtype, 
     if name != "auto":
         if name not in table.NOT_BUILT and _missing(table.row(family, name), features):
             able = [r.name for r in table.rows(family) if not _missing(r, features)]
-            raise ValueError(f"backend={name!r} cannot run {' and '.join(_missing(table.row(family, name), features))}"
-                             f" ({family}); backends that can: {', '.join(able)}")
+            raise ValueError(
+                f"backend={name!r} cannot run {' and '.join(_missing(table.row(family, name), features))}"
+                f" ({family}); backends that can: {', '.join(able)}"
+            )
         reason = unavailable_reason(family, name, device.type)
         if reason is not None:
             raise RuntimeError(f"backend={name!r} cannot run: {reason}")
@@ -153,8 +172,9 @@ def select(family: str, backend: str, device: torch.device, dtype: torch.dtype, 
             return _registered(row)
         if candidate not in _warned and row.name != "reference":
             _warned.add(candidate)
-            warnings.warn(f"dsc_kernels: backend 'auto' is not using {candidate} because {reason}", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"dsc_kernels: backend 'auto' is not using {candidate} because {reason}", RuntimeWarning, stacklevel=3
+            )
     return table.row(family, "reference")
 
 

@@ -21,6 +21,7 @@ annotations; ``tests/test_backend_table.py`` checks all three):
   NaN rows).
 - Gradients have their inputs' shapes and dtypes (contiguous).
 """
+
 from __future__ import annotations
 
 from torch import Tensor
@@ -32,22 +33,36 @@ from .registry import op_pair as _register_pair
 from .table import Backend
 
 FAMILY = "sparse_attention"
-FWD_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor threshold, Tensor? bias, str mode, bool causal, float scale) "
-              "-> (Tensor, Tensor)")
-BWD_SCHEMA = ("(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor threshold, Tensor? bias, Tensor stats, "
-              "str mode, bool causal, float scale) -> (Tensor, Tensor, Tensor, Tensor)")
+FWD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor threshold, Tensor? bias, str mode, bool causal, float scale) "
+    "-> (Tensor, Tensor)"
+)
+BWD_SCHEMA = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor threshold, Tensor? bias, Tensor stats, "
+    "str mode, bool causal, float scale) -> (Tensor, Tensor, Tensor, Tensor)"
+)
 
 
-def _fake_fwd(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bias: Tensor | None, mode: str, causal: bool,
-              scale: float) -> tuple[Tensor, Tensor]:
+def _fake_fwd(
+    q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bias: Tensor | None, mode: str, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
     b, h, n, _ = q.shape
     return q.new_empty((b, h, n, v.shape[-1])), q.new_empty((b, h, n, 2), dtype=stats_dtype(q.dtype))
 
 
-def _fake_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bias: Tensor | None,
-              stats: Tensor, mode: str, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            threshold.new_empty(threshold.shape))
+def _fake_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    threshold: Tensor,
+    bias: Tensor | None,
+    stats: Tensor,
+    mode: str,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), threshold.new_empty(threshold.shape))
 
 
 def _make_autograd(bwd_op):
@@ -75,13 +90,21 @@ def op_pair(backend: str) -> OpPair:
     return _register_pair(table.row(FAMILY, backend), SPEC)
 
 
-def run(row: Backend, q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bias: Tensor | None, mode: str,
-        causal: bool, scale: float) -> Tensor:
+def run(
+    row: Backend,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    threshold: Tensor,
+    bias: Tensor | None,
+    mode: str,
+    causal: bool,
+    scale: float,
+) -> Tensor:
     """Sparse attention on validated tensors with ``row``'s backend. q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv) of one
     float dtype and device, any strides; threshold (H,); bias None or (B,H,N,M) (see the module docstring).
     Returns O (B,H,N,dv), differentiable in q, k, v and threshold."""
     if row.eager is not None:
-        return implementation(row.eager)(q, k, v, mode=mode, threshold=threshold, causal=causal, scale=scale,
-                                         bias=bias)
+        return implementation(row.eager)(q, k, v, mode=mode, threshold=threshold, causal=causal, scale=scale, bias=bias)
     out, _ = op_pair(row.name).forward(q, k, v, threshold, bias, mode, bool(causal), float(scale))
     return out

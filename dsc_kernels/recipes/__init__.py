@@ -7,6 +7,7 @@
 
 Each run writes DIR/metrics.json, a figure and DIR/model.pt; ``load(DIR)`` returns the trained module in eval mode.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,9 +23,11 @@ def recipe(name: str):
     """The recipe module by name."""
     if name == "digits":
         from . import digits
+
         return digits
     if name == "denoise":
         from . import denoise
+
         return denoise
     raise ValueError(f"recipe must be one of {RECIPES}, got {name!r}")
 

@@ -1,4 +1,5 @@
 """Real data that ships inside scikit-learn (nothing is downloaded): the 8x8 digits and the two sample photographs."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,9 @@ def digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
     data = _sklearn_datasets().load_digits()
     images = (data.images / 16.0).astype(np.float32)
-    x_tr, x_te, y_tr, y_te = train_test_split(images, data.target, test_size=0.25, stratify=data.target,
-                                              random_state=seed)
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        images, data.target, test_size=0.25, stratify=data.target, random_state=seed
+    )
     as_x = lambda a: torch.from_numpy(a).unsqueeze(1)  # noqa: E731
     return as_x(x_tr), torch.from_numpy(y_tr).long(), as_x(x_te), torch.from_numpy(y_te).long()
 
@@ -46,4 +48,4 @@ def random_patches(image: Tensor, n: int, size: int, generator: torch.Generator)
     h, w = image.shape
     rows = torch.randint(0, h - size + 1, (n,), generator=generator)
     cols = torch.randint(0, w - size + 1, (n,), generator=generator)
-    return torch.stack([image[r:r + size, c:c + size] for r, c in zip(rows.tolist(), cols.tolist())]).unsqueeze(1)
+    return torch.stack([image[r : r + size, c : c + size] for r, c in zip(rows.tolist(), cols.tolist())]).unsqueeze(1)

@@ -15,6 +15,7 @@ input, ISTA (FISTA, 50 iterations) on a fixed 8x8 DCT dictionary (stride 4) with
 scikit-image's ``denoise_wavelet`` (BayesShrink, told sigma) and ``denoise_tv_chambolle`` with its weight chosen on
 the training region. (The TV weight that would be best on each test image is also reported, as an oracle.)
 """
+
 from __future__ import annotations
 
 import math
@@ -48,13 +49,29 @@ DCT_LAMS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.12)
 class CSCDenoiser(nn.Module):
     """y (B, 1, H, W) noisy -> x_hat (B, 1, H, W): x_hat = D z + mean(y), z = unrolled ISTA of y - mean(y)."""
 
-    def __init__(self, n_atoms: int = N_ATOMS, kernel_size: int = KERNEL, n_iter: int = N_ITER,
-                 stride: int = STRIDE, backend: str = "auto"):
+    def __init__(
+        self,
+        n_atoms: int = N_ATOMS,
+        kernel_size: int = KERNEL,
+        n_iter: int = N_ITER,
+        stride: int = STRIDE,
+        backend: str = "auto",
+    ):
         super().__init__()
         self.stride = stride
-        self.csc = ConvSparseCoding2d(1, n_atoms, kernel_size, stride=stride, padding=kernel_size // 2,
-                                      n_iter=n_iter, lam=0.05, learn_lam=True, learn_step=True, untied=True,
-                                      backend=backend)
+        self.csc = ConvSparseCoding2d(
+            1,
+            n_atoms,
+            kernel_size,
+            stride=stride,
+            padding=kernel_size // 2,
+            n_iter=n_iter,
+            lam=0.05,
+            learn_lam=True,
+            learn_step=True,
+            untied=True,
+            backend=backend,
+        )
 
     def _code_decode(self, y: Tensor) -> Tensor:
         return self.csc.decode(self.csc(y), y.shape[2:])
@@ -71,13 +88,14 @@ class CSCDenoiser(nn.Module):
         for dy in range(s):
             for dx in range(s):
                 out = self._code_decode(padded[..., dy:, dx:])
-                total = total + out[..., s - dy:s - dy + h, s - dx:s - dx + w]
+                total = total + out[..., s - dy : s - dy + h, s - dx : s - dx + w]
         return total / (s * s) + mean
 
 
 def build(spec: dict) -> nn.Module:
-    return CSCDenoiser(spec["n_atoms"], spec["kernel_size"], spec["n_iter"], spec["stride"],
-                       backend=spec.get("backend", "auto"))
+    return CSCDenoiser(
+        spec["n_atoms"], spec["kernel_size"], spec["n_iter"], spec["stride"], backend=spec.get("backend", "auto")
+    )
 
 
 def psnr(clean: Tensor, estimate: Tensor) -> float:
@@ -94,9 +112,11 @@ def noisy_copy(clean: Tensor, seed: int) -> Tensor:
 def test_images(seed: int) -> dict[str, tuple[Tensor, Tensor]]:
     """{name: (clean, noisy)} of the held-out images, (1, 1, H, W) each, with fixed noise."""
     china, flower = data.photo("china"), data.photo("flower")
-    images = {"flower (unseen photograph)": flower, "china right part (unseen region)": china[:, TRAIN_COLUMNS[1]:]}
-    return {name: (im[None, None], noisy_copy(im[None, None], seed + 1000 + i))
-            for i, (name, im) in enumerate(images.items())}
+    images = {"flower (unseen photograph)": flower, "china right part (unseen region)": china[:, TRAIN_COLUMNS[1] :]}
+    return {
+        name: (im[None, None], noisy_copy(im[None, None], seed + 1000 + i))
+        for i, (name, im) in enumerate(images.items())
+    }
 
 
 def tuning_image(seed: int) -> tuple[Tensor, Tensor]:
@@ -120,15 +140,17 @@ def _skimage():
     try:
         from skimage.restoration import denoise_tv_chambolle, denoise_wavelet
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("the denoise recipe's baselines need scikit-image and PyWavelets: "
-                          "pip install 'dsc_kernels[train]'") from err
+        raise ImportError(
+            "the denoise recipe's baselines need scikit-image and PyWavelets: pip install 'dsc_kernels[train]'"
+        ) from err
     return denoise_wavelet, denoise_tv_chambolle
 
 
 def wavelet(noisy: Tensor) -> Tensor:
     denoise_wavelet, _ = _skimage()
-    out = denoise_wavelet(noisy[0, 0].double().numpy(), sigma=SIGMA, method="BayesShrink", mode="soft",
-                          rescale_sigma=True)
+    out = denoise_wavelet(
+        noisy[0, 0].double().numpy(), sigma=SIGMA, method="BayesShrink", mode="soft", rescale_sigma=True
+    )
     return torch.from_numpy(np.asarray(out, dtype=np.float32))[None, None]
 
 
@@ -145,10 +167,13 @@ def baselines(seed: int) -> dict:
     dct_lam = max(DCT_LAMS, key=lambda lam: psnr(clean, dct_ista(noisy, lam)))
     results = {}
     for name, (clean, noisy) in test_images(seed).items():
-        results[name] = {"noisy": psnr(clean, noisy), "dct_ista": psnr(clean, dct_ista(noisy, dct_lam)),
-                         "wavelet_bayes": psnr(clean, wavelet(noisy)),
-                         "tv_chambolle": psnr(clean, tv(noisy, tv_weight)),
-                         "tv_chambolle_oracle": max(psnr(clean, tv(noisy, w)) for w in TV_WEIGHTS)}
+        results[name] = {
+            "noisy": psnr(clean, noisy),
+            "dct_ista": psnr(clean, dct_ista(noisy, dct_lam)),
+            "wavelet_bayes": psnr(clean, wavelet(noisy)),
+            "tv_chambolle": psnr(clean, tv(noisy, tv_weight)),
+            "tv_chambolle_oracle": max(psnr(clean, tv(noisy, w)) for w in TV_WEIGHTS),
+        }
     return {"tv_weight": tv_weight, "dct_lam": dct_lam, "images": results}
 
 
@@ -156,7 +181,7 @@ def baselines(seed: int) -> dict:
 def training_patches(seed: int) -> Tensor:
     """The clean training patches, (PATCHES_PER_EPOCH, 1, PATCH, PATCH), from the training region only; an epoch
     visits each once, with fresh noise every time."""
-    region = data.photo(TRAIN_PHOTO)[:, TRAIN_COLUMNS[0]:TRAIN_COLUMNS[1]]
+    region = data.photo(TRAIN_PHOTO)[:, TRAIN_COLUMNS[0] : TRAIN_COLUMNS[1]]
     return data.random_patches(region, PATCHES_PER_EPOCH, PATCH, torch.Generator().manual_seed(seed))
 
 
@@ -168,8 +193,9 @@ def evaluate(model: nn.Module, seed: int) -> dict[str, float]:
     return out
 
 
-def train(strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run,
-          subset: int | None = None) -> dict:
+def train(
+    strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run, subset: int | None = None
+) -> dict:
     """Train the denoiser on fresh noisy patches every epoch; returns metrics (writes out/ on rank 0)."""
     torch.manual_seed(seed)
     spec = {"n_atoms": N_ATOMS, "kernel_size": KERNEL, "n_iter": N_ITER, "stride": STRIDE, "backend": backend}
@@ -187,25 +213,38 @@ def train(strategy: str, epochs: int, seed: int, out: Path | None, backend: str,
 
     start = time.perf_counter()
     loader = engine.train_loader(clean, clean, BATCH_SIZE, seed, run)
-    history = engine.fit(trained, loader, loss_fn, optimizer, epochs, run, desc=f"denoise/{strategy}",
-                         scheduler=scheduler)
+    history = engine.fit(
+        trained, loader, loss_fn, optimizer, epochs, run, desc=f"denoise/{strategy}", scheduler=scheduler
+    )
     metrics = {}
     if run.is_main:
         model_psnr = evaluate(model, seed)
         base = baselines(seed)
         headline_image = "flower (unseen photograph)"
         best_skimage = max(base["images"][headline_image][k] for k in ("wavelet_bayes", "tv_chambolle"))
-        metrics = {"recipe": NAME, "strategy": strategy, "epochs": epochs, "seed": seed, "sigma": SIGMA,
-                   "held_out": {"flower (unseen photograph)": "flower.jpg, whole, gray 427x640; not used in training",
-                                "china right part (unseen region)": "china.jpg columns 480-639; training patches "
-                                                                    "come from columns 0-479 only"},
-                   "psnr_model": model_psnr[headline_image], "psnr_noisy": base["images"][headline_image]["noisy"],
-                   "psnr_best_skimage": best_skimage,
-                   "images": {name: {"model": model_psnr[name], **values} for name, values in base["images"].items()},
-                   "tv_weight": base["tv_weight"], "dct_lam": base["dct_lam"],
-                   "seconds": time.perf_counter() - start,
-                   "seconds_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),
-                   "backend": backend, "world_size": run.world_size, "history": history}
+        metrics = {
+            "recipe": NAME,
+            "strategy": strategy,
+            "epochs": epochs,
+            "seed": seed,
+            "sigma": SIGMA,
+            "held_out": {
+                "flower (unseen photograph)": "flower.jpg, whole, gray 427x640; not used in training",
+                "china right part (unseen region)": "china.jpg columns 480-639; training patches "
+                "come from columns 0-479 only",
+            },
+            "psnr_model": model_psnr[headline_image],
+            "psnr_noisy": base["images"][headline_image]["noisy"],
+            "psnr_best_skimage": best_skimage,
+            "images": {name: {"model": model_psnr[name], **values} for name, values in base["images"].items()},
+            "tv_weight": base["tv_weight"],
+            "dct_lam": base["dct_lam"],
+            "seconds": time.perf_counter() - start,
+            "seconds_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),
+            "backend": backend,
+            "world_size": run.world_size,
+            "history": history,
+        }
         if out is not None:
             engine.save(out, NAME, spec, model, metrics)
             plot(model, metrics, seed, out / "denoise.png")
@@ -216,6 +255,7 @@ def train(strategy: str, epochs: int, seed: int, out: Path | None, backend: str,
 def plot(model: nn.Module, metrics: dict, seed: int, path: Path) -> None:
     """A crop of the unseen photograph: clean, noisy, model, best baseline; and the learned atoms."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -224,10 +264,15 @@ def plot(model: nn.Module, metrics: dict, seed: int, path: Path) -> None:
     model.eval()
     with torch.no_grad():
         estimate = model(noisy)[crop]
-    panels = [("clean", clean[crop]), (f"noisy {metrics['psnr_noisy']:.2f} dB", noisy[crop]),
-              (f"model {metrics['psnr_model']:.2f} dB", estimate),
-              (f"TV {metrics['images']['flower (unseen photograph)']['tv_chambolle']:.2f} dB",
-               tv(noisy, metrics["tv_weight"])[crop])]
+    panels = [
+        ("clean", clean[crop]),
+        (f"noisy {metrics['psnr_noisy']:.2f} dB", noisy[crop]),
+        (f"model {metrics['psnr_model']:.2f} dB", estimate),
+        (
+            f"TV {metrics['images']['flower (unseen photograph)']['tv_chambolle']:.2f} dB",
+            tv(noisy, metrics["tv_weight"])[crop],
+        ),
+    ]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3 * (len(panels) + 1), 3.2))
     for ax, (title, image) in zip(axes, panels):
         ax.imshow(image[0, 0].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)

@@ -18,6 +18,7 @@ the 512 features of layer 2 -> logits (B, 10).
 ``sparsity`` in metrics.json is the mean fraction of exact zeros in the two hidden feature maps (the activations'
 outputs; for dsc the two layers' codes) over the test set; ``per_layer`` gives each.
 """
+
 from __future__ import annotations
 
 import time
@@ -55,8 +56,9 @@ class DigitsNet(nn.Module):
         self.strategy = strategy
         c1, c2 = CHANNELS
         if strategy == "dsc":
-            self.sparse_coding = DeepSparseCoding2d([1, c1, c2], 3, strides=[1, 2], n_iter=3, lams=0.1,
-                                                    learn_lam=True, untied=True, backend=backend)
+            self.sparse_coding = DeepSparseCoding2d(
+                [1, c1, c2], 3, strides=[1, 2], n_iter=3, lams=0.1, learn_lam=True, untied=True, backend=backend
+            )
         else:
             self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
             self.conv2 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
@@ -93,20 +95,25 @@ def evaluate(model: DigitsNet, x: Tensor, y: Tensor) -> dict:
         logits = torch.cat([model(chunk) for chunk in x.split(256)])
     per_layer = monitor.summary("eval")
     model.train()
-    return {"accuracy": float((logits.argmax(1) == y).float().mean()), "sparsity": monitor.mean(per_layer),
-            "per_layer": per_layer}
+    return {
+        "accuracy": float((logits.argmax(1) == y).float().mean()),
+        "sparsity": monitor.mean(per_layer),
+        "per_layer": per_layer,
+    }
 
 
-def train(strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run,
-          subset: int | None = None) -> dict:
+def train(
+    strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run, subset: int | None = None
+) -> dict:
     """Train one strategy; returns metrics (and writes out/ on rank 0 when ``out`` is given)."""
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = data.digits(seed)
     if subset is not None:
         x_train, y_train, x_test, y_test = x_train[:subset], y_train[:subset], x_test[:subset], y_test[:subset]
     model = DigitsNet(strategy, backend=backend).to(run.device)
-    penalty = (sparsity.ActivationL1(model.feature_modules(), weight=L1_WEIGHT[strategy])
-               if strategy in L1_WEIGHT else None)
+    penalty = (
+        sparsity.ActivationL1(model.feature_modules(), weight=L1_WEIGHT[strategy]) if strategy in L1_WEIGHT else None
+    )
     trained = engine.wrap(model, run)
     optimizer = torch.optim.Adam(trained.parameters(), lr=LEARNING_RATE)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs, 1))
@@ -127,17 +134,35 @@ def train(strategy: str, epochs: int, seed: int, out: Path | None, backend: str,
 
     start = time.perf_counter()
     loader = engine.train_loader(x_train, y_train, BATCH_SIZE, seed, run)
-    history = engine.fit(trained, loader, loss_fn, optimizer, epochs, run, desc=f"digits/{strategy}",
-                         scheduler=scheduler, after_step=unit_atoms if strategy == "dsc" else None,
-                         after_epoch=after_epoch)
+    history = engine.fit(
+        trained,
+        loader,
+        loss_fn,
+        optimizer,
+        epochs,
+        run,
+        desc=f"digits/{strategy}",
+        scheduler=scheduler,
+        after_step=unit_atoms if strategy == "dsc" else None,
+        after_epoch=after_epoch,
+    )
     metrics = {}
     if run.is_main:
         result = evaluate(model, x_test.to(run.device), y_test.to(run.device))
-        metrics = {"recipe": NAME, "strategy": strategy, "accuracy": result["accuracy"],
-                   "sparsity": result["sparsity"], "per_layer": result["per_layer"], "epochs": epochs, "seed": seed,
-                   "seconds": time.perf_counter() - start,
-                   "seconds_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),
-                   "backend": backend, "world_size": run.world_size, "history": history}
+        metrics = {
+            "recipe": NAME,
+            "strategy": strategy,
+            "accuracy": result["accuracy"],
+            "sparsity": result["sparsity"],
+            "per_layer": result["per_layer"],
+            "epochs": epochs,
+            "seed": seed,
+            "seconds": time.perf_counter() - start,
+            "seconds_per_epoch": sum(h["seconds"] for h in history) / max(len(history), 1),
+            "backend": backend,
+            "world_size": run.world_size,
+            "history": history,
+        }
         if out is not None:
             engine.save(out, NAME, {"strategy": strategy, "backend": backend}, model, metrics)
             plot(metrics, out / "digits.png")
@@ -150,6 +175,7 @@ def train(strategy: str, epochs: int, seed: int, out: Path | None, backend: str,
 def plot(metrics: dict, path: Path) -> None:
     """Training loss and test accuracy per epoch, and the per-layer exact-zero fractions."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -158,8 +184,9 @@ def plot(metrics: dict, path: Path) -> None:
     ax_loss.plot([h["epoch"] for h in history], [h["loss"] for h in history], label="training loss")
     evaluated = [h for h in history if "accuracy" in h]
     ax_acc = ax_loss.twinx()
-    ax_acc.plot([h["epoch"] for h in evaluated], [h["accuracy"] for h in evaluated], "o-", color="C1",
-                label="test accuracy")
+    ax_acc.plot(
+        [h["epoch"] for h in evaluated], [h["accuracy"] for h in evaluated], "o-", color="C1", label="test accuracy"
+    )
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_acc.set_ylabel("test accuracy")

@@ -6,6 +6,7 @@ model from the same seed, wraps it in ``DistributedDataParallel`` (gloo on CPU, 
 all-reduced during the backward, fused ops included) and reads its shard of the training set through a
 ``DistributedSampler``; rank 0 evaluates and writes the outputs while the others wait.
 """
+
 from __future__ import annotations
 
 import json
@@ -57,8 +58,10 @@ def start(distributed: bool, device: str | None = None) -> Run:
     if not distributed:
         return Run(torch.device(device))
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise SystemExit("--distributed needs the environment torchrun sets: run "
-                         "`torchrun --nproc_per_node=2 -m dsc_kernels train ... --distributed`")
+        raise SystemExit(
+            "--distributed needs the environment torchrun sets: run "
+            "`torchrun --nproc_per_node=2 -m dsc_kernels train ... --distributed`"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
@@ -94,11 +97,19 @@ def train_loader(x: Tensor, y: Tensor, batch_size: int, seed: int, run: Run) -> 
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
 
 
-def fit(model: nn.Module, loader: DataLoader, loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor],
-        optimizer: torch.optim.Optimizer, epochs: int, run: Run, *, desc: str,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-        after_step: Callable[[], None] | None = None,
-        after_epoch: Callable[[int, float], dict | None] | None = None) -> list[dict]:
+def fit(
+    model: nn.Module,
+    loader: DataLoader,
+    loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor],
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    run: Run,
+    *,
+    desc: str,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    after_step: Callable[[], None] | None = None,
+    after_epoch: Callable[[int, float], dict | None] | None = None,
+) -> list[dict]:
     """Train for ``epochs`` with a tqdm bar on rank 0; returns one record per epoch: mean training loss (over ranks),
     seconds, and whatever ``after_epoch(epoch, loss)`` returns. ``after_step()`` runs after every optimiser step
     (e.g. renormalising a dictionary; identical on every rank, so replicas stay equal)."""
@@ -124,8 +135,11 @@ def fit(model: nn.Module, loader: DataLoader, loss_fn: Callable[[nn.Module, Tens
             bar.set_postfix(epoch=epoch + 1, loss=f"{total / count:.4g}")
         if scheduler is not None:
             scheduler.step()
-        record = {"epoch": epoch + 1, "loss": run.mean(total / max(count, 1)),
-                  "seconds": time.perf_counter() - start_time}
+        record = {
+            "epoch": epoch + 1,
+            "loss": run.mean(total / max(count, 1)),
+            "seconds": time.perf_counter() - start_time,
+        }
         if after_epoch is not None:
             record.update(after_epoch(epoch, record["loss"]) or {})
         history.append(record)

@@ -1,5 +1,6 @@
 """The report's training section: the digits strategy table (accuracy, exact zeros) and the per-layer sparsity
 figure, from a `python -m dsc_kernels train --recipe digits --strategy all --out DIR` folder or from a short run."""
+
 from __future__ import annotations
 
 import json
@@ -31,6 +32,7 @@ def _run(quick: bool, backend: str) -> dict[str, dict]:
 
 def _figure(results: dict[str, dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -39,8 +41,12 @@ def _figure(results: dict[str, dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     width = 0.8 / len(results)
     for i, (strategy, metrics) in enumerate(results.items()):
-        ax.bar(np.arange(len(layers)) + i * width, [metrics["per_layer"].get(n, np.nan) for n in layers], width,
-               label=f"{strategy} (acc {metrics['accuracy']:.3f})")
+        ax.bar(
+            np.arange(len(layers)) + i * width,
+            [metrics["per_layer"].get(n, np.nan) for n in layers],
+            width,
+            label=f"{strategy} (acc {metrics['accuracy']:.3f})",
+        )
     ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, layers)
     ax.set_ylim(0, 1)
     ax.set_ylabel("fraction of exact zeros (test set)")
@@ -51,27 +57,36 @@ def _figure(results: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def training_section(out_dir: Path, *, quick: bool, runs: str | Path | None = None,
-                     backend: str = "auto") -> tuple[list[str], list[tuple[str, str]]]:
+def training_section(
+    out_dir: Path, *, quick: bool, runs: str | Path | None = None, backend: str = "auto"
+) -> tuple[list[str], list[tuple[str, str]]]:
     """Markdown lines and [(figure file, title)] of the training section; an error becomes the section's text."""
     lines = ["", "## Training for sparse features (digits)", ""]
     try:
         results = _read(Path(runs)) if runs else _run(quick, backend)
     except Exception as err:  # noqa: BLE001 - reported; the rest of the report still stands
         return lines + [f"Not measured: {type(err).__name__}: {err}"[:300]], []
-    source = f"read from `{runs}`" if runs else (
-        f"a short run here ({QUICK_EPOCHS if quick else digits.DEFAULT_EPOCHS} epochs per strategy, seed 0)")
+    source = (
+        f"read from `{runs}`"
+        if runs
+        else (f"a short run here ({QUICK_EPOCHS if quick else digits.DEFAULT_EPOCHS} epochs per strategy, seed 0)")
+    )
     baseline = results.get("baseline")
-    lines += [f"scikit-learn's 8x8 digits, split `train_test_split(test_size=0.25, stratify=y, random_state=seed)`; "
-              f"{source}. Sparsity: fraction of exact zeros in the two hidden feature maps on the test set.", "",
-              "| strategy | accuracy | exact zeros | layer 1 | layer 2 | zeros vs baseline | epochs | s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        f"scikit-learn's 8x8 digits, split `train_test_split(test_size=0.25, stratify=y, random_state=seed)`; "
+        f"{source}. Sparsity: fraction of exact zeros in the two hidden feature maps on the test set.",
+        "",
+        "| strategy | accuracy | exact zeros | layer 1 | layer 2 | zeros vs baseline | epochs | s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for strategy, m in results.items():
         delta = f"{100 * (m['sparsity'] - baseline['sparsity']):+.1f} pts" if baseline else "—"
         per_layer = [m["per_layer"].get(n) for n in digits.FEATURES]
-        lines.append(f"| {strategy} | {m['accuracy']:.3f} | {m['sparsity']:.3f} | "
-                     + " | ".join("—" if v is None else f"{v:.3f}" for v in per_layer)
-                     + f" | {delta} | {m['epochs']} | {m['seconds']:.0f} |")
+        lines.append(
+            f"| {strategy} | {m['accuracy']:.3f} | {m['sparsity']:.3f} | "
+            + " | ".join("—" if v is None else f"{v:.3f}" for v in per_layer)
+            + f" | {delta} | {m['epochs']} | {m['seconds']:.0f} |"
+        )
     name = "training_sparsity.png"
     _figure(results, Path(out_dir) / name)
     return lines, [(name, "digits: per-layer exact zeros per training strategy")]

@@ -157,8 +157,9 @@ def _threshold_per_head(threshold: float | Tensor, h: int, like: Tensor) -> Tens
     return torch.full((1, h, 1, 1), float(threshold), dtype=like.dtype, device=like.device)
 
 
-def _weights(q: Tensor, k: Tensor, mode: str, threshold: float | Tensor, causal: bool, scale: float,
-             bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def _weights(
+    q: Tensor, k: Tensor, mode: str, threshold: float | Tensor, causal: bool, scale: float, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Dense P (B,H,N,M) in the compute dtype (zero on NaN rows), the hidden mask and the NaN rows of P."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -173,8 +174,17 @@ def _weights(q: Tensor, k: Tensor, mode: str, threshold: float | Tensor, causal:
     return p, hidden, nan_rows
 
 
-def sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, mode: str = "sparsemax", threshold: float | Tensor = 0.0,
-                         causal: bool = False, scale: float | None = None, bias: Tensor | None = None) -> Tensor:
+def sparse_attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mode: str = "sparsemax",
+    threshold: float | Tensor = 0.0,
+    causal: bool = False,
+    scale: float | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
     """Dense sparse attention, autograd through eager torch (the oracle; supports double backward).
 
     q: (B, H, N, d); k: (B, H, M, d); v: (B, H, M, dv); threshold: float or (H,) tensor (shrink only); bias: additive
@@ -189,9 +199,16 @@ def sparse_attention_ref(q: Tensor, k: Tensor, v: Tensor, *, mode: str = "sparse
     return out.masked_fill(nan_rows.unsqueeze(-1), _NAN).to(q.dtype)
 
 
-def sparse_attention_weights_ref(q: Tensor, k: Tensor, *, mode: str = "sparsemax", threshold: float | Tensor = 0.0,
-                                 causal: bool = False, scale: float | None = None,
-                                 bias: Tensor | None = None) -> Tensor:
+def sparse_attention_weights_ref(
+    q: Tensor,
+    k: Tensor,
+    *,
+    mode: str = "sparsemax",
+    threshold: float | Tensor = 0.0,
+    causal: bool = False,
+    scale: float | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
     """The dense attention weights P (B, H, N, M) of ``sparse_attention_ref`` (NaN rows where q_i or a key it sees
     is non-finite), in q's dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -222,8 +239,9 @@ def _support(s: Tensor, stats: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(on, z - t, torch.zeros_like(z)), on
 
 
-def sparse_attention_fwd_ref(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bias: Tensor | None, mode: str,
-                             causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def sparse_attention_fwd_ref(
+    q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bias: Tensor | None, mode: str, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
     """Hand-written dense forward. Shapes as ``sparse_attention_ref``; threshold (H,).
 
     Returns O (B,H,N,dv) in q's dtype and stats (B,H,N,2) = (c, t) in ``stats_dtype(q.dtype)``.
@@ -237,9 +255,18 @@ def sparse_attention_fwd_ref(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor,
     return out.to(q.dtype), stats
 
 
-def sparse_attention_bwd_ref(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, threshold: Tensor,
-                             bias: Tensor | None, stats: Tensor, mode: str, causal: bool,
-                             scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def sparse_attention_bwd_ref(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    threshold: Tensor,
+    bias: Tensor | None,
+    stats: Tensor,
+    mode: str,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Hand-written dense VJP from the saved row statistics (see the module docstring).
 
     grad_out (B,H,N,dv); stats (B,H,N,2). Returns grads of q, k, v (their dtypes) and threshold (H,)

@@ -9,6 +9,7 @@ with ``Sz = (S + 2p - k) // s + 1`` and ``out_pad = S + 2p - k - (Sz - 1) s`` (a
 pair is an exact adjoint, ``<D z, r> = <z, D^T r>``, for every stride, padding and odd size. Works for 1-D and 2-D
 weights (chosen by the weight's rank) and any float dtype; everything is differentiable through autograd.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,18 +37,19 @@ def as_tuple(value: int | Sequence[int], rank: int, name: str = "value") -> tupl
     return value
 
 
-def code_size(signal_size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
-              padding: Sequence[int]) -> tuple[int, ...]:
+def code_size(
+    signal_size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int]
+) -> tuple[int, ...]:
     """Spatial size of the code ``D^T x`` for a signal of spatial size ``signal_size``."""
     return tuple((s + 2 * p - k) // st + 1 for s, k, st, p in zip(signal_size, kernel_size, stride, padding))
 
 
-def synthesis_output_padding(signal_size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int],
-                             padding: Sequence[int]) -> tuple[int, ...]:
+def synthesis_output_padding(
+    signal_size: Sequence[int], kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int]
+) -> tuple[int, ...]:
     """The ``output_padding`` that makes ``conv_transpose`` return exactly ``signal_size`` (the adjoint of conv)."""
     sz = code_size(signal_size, kernel_size, stride, padding)
-    return tuple(s + 2 * p - k - (n - 1) * st
-                 for s, k, st, p, n in zip(signal_size, kernel_size, stride, padding, sz))
+    return tuple(s + 2 * p - k - (n - 1) * st for s, k, st, p, n in zip(signal_size, kernel_size, stride, padding, sz))
 
 
 def _zeros_in_graph(shape: Sequence[int], *operands: torch.Tensor) -> torch.Tensor:
@@ -62,8 +64,9 @@ def _empty_conv(x_or_z: torch.Tensor, weight: torch.Tensor) -> bool:
     return 0 in tuple(x_or_z.shape[1:]) or 0 in tuple(weight.shape[:2])
 
 
-def conv_analysis_ref(x: torch.Tensor, weight: torch.Tensor, stride: int | Sequence[int] = 1,
-                      padding: int | Sequence[int] = 0) -> torch.Tensor:
+def conv_analysis_ref(
+    x: torch.Tensor, weight: torch.Tensor, stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0
+) -> torch.Tensor:
     """``D^T x``. x: (B, C_sig, *S), weight: (C_code, C_sig, *k) -> (B, C_code, *Sz)."""
     rank = spatial_rank(weight)
     stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
@@ -73,8 +76,13 @@ def conv_analysis_ref(x: torch.Tensor, weight: torch.Tensor, stride: int | Seque
     return _CONV[rank](x, weight, stride=stride, padding=padding)
 
 
-def conv_synthesis_ref(z: torch.Tensor, weight: torch.Tensor, signal_size: Sequence[int],
-                       stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0) -> torch.Tensor:
+def conv_synthesis_ref(
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    signal_size: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+) -> torch.Tensor:
     """``D z``. z: (B, C_code, *Sz), weight: (C_code, C_sig, *k) -> (B, C_sig, *signal_size)."""
     rank = spatial_rank(weight)
     stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
@@ -98,8 +106,13 @@ def soft_threshold_ref(x: torch.Tensor, threshold: torch.Tensor | float, nonneg:
     return x - torch.clamp(x, -threshold, threshold)
 
 
-def lipschitz_power_iteration(weight: torch.Tensor, signal_size: Sequence[int], stride: int | Sequence[int] = 1,
-                              padding: int | Sequence[int] = 0, n_iter: int = 100) -> torch.Tensor:
+def lipschitz_power_iteration(
+    weight: torch.Tensor,
+    signal_size: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    n_iter: int = 100,
+) -> torch.Tensor:
     """``L = ||D||_2^2``, the largest eigenvalue of ``D^T D`` at this signal size, by power iteration: a 0-d
     float64 tensor on weight's device, not differentiable.
 
@@ -123,15 +136,26 @@ def lipschitz_power_iteration(weight: torch.Tensor, signal_size: Sequence[int], 
     return estimate
 
 
-def lipschitz_constant_ref(weight: torch.Tensor, signal_size: Sequence[int], stride: int | Sequence[int] = 1,
-                           padding: int | Sequence[int] = 0, n_iter: int = 100) -> float:
+def lipschitz_constant_ref(
+    weight: torch.Tensor,
+    signal_size: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    n_iter: int = 100,
+) -> float:
     """``lipschitz_power_iteration`` as a Python float."""
     with torch.no_grad():
         return float(lipschitz_power_iteration(weight, signal_size, stride, padding, n_iter))
 
 
-def lasso_objective_ref(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, lam: torch.Tensor | float,
-                        stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0) -> torch.Tensor:
+def lasso_objective_ref(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    lam: torch.Tensor | float,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+) -> torch.Tensor:
     """Per-sample ``0.5 ||x - D z||^2 + sum_c lam_c ||z_c||_1``. lam: scalar or (C_code,). Returns (B,)."""
     residual = x - conv_synthesis_ref(z, weight, x.shape[2:], stride, padding)
     l1 = z.abs().flatten(2).sum(-1)  # (B, C_code)

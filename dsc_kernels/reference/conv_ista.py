@@ -26,6 +26,7 @@ VJP of one iteration (g = dL/dz_{k+1}, gu = g * [z_{k+1} != 0], v = E^*(gu) = co
     dL/dlam_k     = step_k dL/dtheta,   dL/dstep_k = <gu, E(x - D y_k)> + <lam_k, dL/dtheta>
     FISTA:  dL/dz_k += (1 + beta_k) dL/dy_k,   dL/dz_{k-1} -= beta_k dL/dy_k
 """
+
 from __future__ import annotations
 
 import math
@@ -59,10 +60,19 @@ def _ista_step(x, y, weight, encoder_weight, lam_k, step_k, stride, padding, non
     return soft_threshold_ref(u, _channel_view(step_k * lam_k, rank), nonneg)
 
 
-def conv_ista_ref(x: torch.Tensor, weight: torch.Tensor, lam: torch.Tensor, step: torch.Tensor, *,
-                  encoder_weight: torch.Tensor | None = None, stride: int | Sequence[int] = 1,
-                  padding: int | Sequence[int] = 0, z0: torch.Tensor | None = None, nonneg: bool = False,
-                  fista: bool = False) -> torch.Tensor:
+def conv_ista_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lam: torch.Tensor,
+    step: torch.Tensor,
+    *,
+    encoder_weight: torch.Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    z0: torch.Tensor | None = None,
+    nonneg: bool = False,
+    fista: bool = False,
+) -> torch.Tensor:
     """Unrolled conv-ISTA/FISTA through eager PyTorch autograd.
 
     x: (B, C_sig, *S); weight, encoder_weight: (C_code, C_sig, *k); lam: (n_iter, C_code); step: (n_iter,);
@@ -102,9 +112,19 @@ def zeros_if_empty(z0: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stri
     return x.new_zeros((x.shape[0], weight.shape[0], *sz))
 
 
-def conv_ista_fwd_ref(x: torch.Tensor, weight: torch.Tensor, encoder_weight: torch.Tensor, lam: torch.Tensor,
-                      step: torch.Tensor, z0: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
-                      nonneg: bool, fista: bool, checkpoint: int) -> tuple[torch.Tensor, torch.Tensor]:
+def conv_ista_fwd_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    encoder_weight: torch.Tensor,
+    lam: torch.Tensor,
+    step: torch.Tensor,
+    z0: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    nonneg: bool,
+    fista: bool,
+    checkpoint: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the fused-op interface: returns ``(z_n, saved)``, ``saved`` (len(idx), *z.shape) holding z_k for k
     in ``checkpoint_indices(n_iter, checkpoint, fista)``, or an empty (0,) tensor when ``checkpoint == 0``.
     An empty ``z0`` means zeros."""
@@ -119,8 +139,21 @@ def conv_ista_fwd_ref(x: torch.Tensor, weight: torch.Tensor, encoder_weight: tor
     return z, saved
 
 
-def _run_iterates(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, first: int = 0,
-                  stop: int | None = None, z_prev: torch.Tensor | None = None) -> list[torch.Tensor]:
+def _run_iterates(
+    x,
+    weight,
+    encoder_weight,
+    lam,
+    step,
+    z0,
+    stride,
+    padding,
+    nonneg,
+    fista,
+    first: int = 0,
+    stop: int | None = None,
+    z_prev: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
     """[z_first, ..., z_stop] from z_first = z0 (and z_{first-1} = z_prev for FISTA); stop defaults to n_iter."""
     betas = fista_momentum(step.shape[0])
     stop = step.shape[0] if stop is None else stop
@@ -133,8 +166,9 @@ def _run_iterates(x, weight, encoder_weight, lam, step, z0, stride, padding, non
     return zs
 
 
-def _restore_iterates(x, weight, encoder_weight, lam, step, z0, z, saved, stride, padding, nonneg, fista,
-                      checkpoint) -> list[torch.Tensor]:
+def _restore_iterates(
+    x, weight, encoder_weight, lam, step, z0, z, saved, stride, padding, nonneg, fista, checkpoint
+) -> list[torch.Tensor]:
     """[z_0, ..., z_n] from the checkpoints, replaying each segment from its start (what the fused backward does
     one segment at a time)."""
     n = step.shape[0]
@@ -147,15 +181,40 @@ def _restore_iterates(x, weight, encoder_weight, lam, step, z0, z, saved, stride
     for s in range(0, n, checkpoint):
         e = min(s + checkpoint, n)
         if e - s > 1:
-            zs[s + 1:e] = _run_iterates(x, weight, encoder_weight, lam, step, zs[s], stride, padding, nonneg, fista,
-                                        first=s, stop=e - 1, z_prev=zs[s - 1] if s > 0 else None)[1:]
+            zs[s + 1 : e] = _run_iterates(
+                x,
+                weight,
+                encoder_weight,
+                lam,
+                step,
+                zs[s],
+                stride,
+                padding,
+                nonneg,
+                fista,
+                first=s,
+                stop=e - 1,
+                z_prev=zs[s - 1] if s > 0 else None,
+            )[1:]
     return zs
 
 
-def conv_ista_bwd_ref(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, encoder_weight: torch.Tensor,
-                      lam: torch.Tensor, step: torch.Tensor, z0: torch.Tensor, z: torch.Tensor,
-                      saved: torch.Tensor, stride: Sequence[int], padding: Sequence[int], nonneg: bool,
-                      fista: bool, checkpoint: int) -> tuple[torch.Tensor, ...]:
+def conv_ista_bwd_ref(
+    grad_z: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    encoder_weight: torch.Tensor,
+    lam: torch.Tensor,
+    step: torch.Tensor,
+    z0: torch.Tensor,
+    z: torch.Tensor,
+    saved: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    nonneg: bool,
+    fista: bool,
+    checkpoint: int,
+) -> tuple[torch.Tensor, ...]:
     """Hand-written VJP of ``conv_ista_fwd_ref``. Returns grads for (x, weight, encoder_weight, lam, step, z0);
     the last is empty when ``z0`` is (zeros). The iterates are restored from the checkpoints (or, when
     ``checkpoint == 0``, replayed from z0); this reference keeps them all during the backward, which the fused
@@ -167,8 +226,9 @@ def conv_ista_bwd_ref(grad_z: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     z0_given = z0.numel() > 0
     z0 = zeros_if_empty(z0, x, weight, stride, padding)
     with torch.no_grad():
-        zs = _restore_iterates(x, weight, encoder_weight, lam, step, z0, z, saved, stride, padding, nonneg, fista,
-                               checkpoint)
+        zs = _restore_iterates(
+            x, weight, encoder_weight, lam, step, z0, z, saved, stride, padding, nonneg, fista, checkpoint
+        )
         betas = fista_momentum(n_iter)
         grad_x = torch.zeros_like(x)
         grad_w = torch.zeros_like(weight)

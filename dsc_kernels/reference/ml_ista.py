@@ -57,6 +57,7 @@ VJP of one step (g_j = dL/dG_j^{k+1}, gu = g_j [G_j^{k+1} != 0], c = c_{j,k}, R 
     momentum: dL/dG^k += (1 + beta_k) dL/dY,  dL/dG^{k-1} -= beta_k dL/dY   (deepest layer only in project mode)
 where wgrad(a, b) = conv_weight_grad(input=a, grad_output=b), the weight gradient of an analysis a -> b.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -82,15 +83,17 @@ def at_step(w: Tensor, k: int) -> Tensor:
     return w[0] if w.shape[0] == 1 else w[k]
 
 
-def layer_sizes(x_size: Sequence[int], weights: Sequence[Tensor], strides: Sequence[int],
-                paddings: Sequence[int]) -> list[tuple[int, ...]]:
+def layer_sizes(
+    x_size: Sequence[int], weights: Sequence[Tensor], strides: Sequence[int], paddings: Sequence[int]
+) -> list[tuple[int, ...]]:
     """Spatial sizes [S_0 = x's, S_1, ..., S_L] of every layer; weights[j] is (S_w, C_j, C_{j-1}, *k) and strides /
     paddings are flat lists of rank ints per layer."""
     rank = len(x_size)
     sizes = [tuple(x_size)]
     for j, w in enumerate(weights):
-        sizes.append(code_size(sizes[-1], w.shape[3:], strides[rank * j:rank * (j + 1)],
-                               paddings[rank * j:rank * (j + 1)]))
+        sizes.append(
+            code_size(sizes[-1], w.shape[3:], strides[rank * j : rank * (j + 1)], paddings[rank * j : rank * (j + 1)])
+        )
     return sizes
 
 
@@ -124,7 +127,7 @@ class Problem:
 
     def geometry(self, j: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         r = self.rank
-        return tuple(self.strides[r * j:r * (j + 1)]), tuple(self.paddings[r * j:r * (j + 1)])
+        return tuple(self.strides[r * j : r * (j + 1)]), tuple(self.paddings[r * j : r * (j + 1)])
 
     def sizes(self) -> list[tuple[int, ...]]:
         return layer_sizes(self.x.shape[2:], self.weights, self.strides, self.paddings)
@@ -179,18 +182,29 @@ def _momentum(p: Problem, k: int, code: Tensor, previous: Tensor | None, betas: 
     return code + betas[k] * (code - previous) if p.fista and k > 0 else code
 
 
-def ml_ista_ref(x: Tensor, weights: Sequence[Tensor], encoder_weights: Sequence[Tensor],
-                input_encoder_weights: Sequence[Tensor], thresholds: Sequence[Tensor], steps: Sequence[Tensor],
-                z0: Tensor, strides: Sequence[int], paddings: Sequence[int], nonneg: bool, fista: bool,
-                project: bool) -> list[Tensor]:
+def ml_ista_ref(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    encoder_weights: Sequence[Tensor],
+    input_encoder_weights: Sequence[Tensor],
+    thresholds: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    z0: Tensor,
+    strides: Sequence[int],
+    paddings: Sequence[int],
+    nonneg: bool,
+    fista: bool,
+    project: bool,
+) -> list[Tensor]:
     """The recurrence of the module docstring through eager autograd (every D_j Y_j computed, nothing saved).
 
     x: (B, C_0, *S); weights[j], encoder_weights[j], input_encoder_weights[j]: (S_w, C_j, C_{j-1}, *k_j) with S_w
     1 or S (the encoders may be empty: tied / absent); thresholds[j]: (S, C_j); steps[j]: (S,); z0: (B, C_L, *Sz_L)
     or empty (zeros); strides, paddings: rank ints per layer. Returns [G_1, ..., G_L].
     """
-    p = Problem(x, weights, encoder_weights, input_encoder_weights, thresholds, steps, strides, paddings, nonneg,
-                fista, project)
+    p = Problem(
+        x, weights, encoder_weights, input_encoder_weights, thresholds, steps, strides, paddings, nonneg, fista, project
+    )
     sizes = p.sizes()
     betas = fista_momentum(p.n_steps)
     codes = p.initial_codes(z0)
@@ -213,8 +227,11 @@ def _step(p: Problem, k: int, state: list, previous: list, sizes, betas, reuse: 
         starts = [_momentum(p, k, c, prev, betas) for c, prev in zip(state, previous)]
     reconstructions, codes, below = [], [], p.x
     for j in range(p.depth):
-        dy = (starts[j - 1] if reuse and p.reuses_projection(j)
-              else p.synthesis(starts[j], p.dictionary(j, k), j, sizes[j]))
+        dy = (
+            starts[j - 1]
+            if reuse and p.reuses_projection(j)
+            else p.synthesis(starts[j], p.dictionary(j, k), j, sizes[j])
+        )
         if p.has_input_encoder(j):
             drive = p.analysis(below, p.input_encoder(j, k), j) - p.analysis(dy, p.encoder(j, k), j)
         else:
@@ -237,14 +254,26 @@ def saved_layers(depth: int, project: bool, checkpoint: int) -> list[int]:
     return list(range(first, depth))
 
 
-def ml_ista_fwd_ref(x: Tensor, weights: list[Tensor], encoder_weights: list[Tensor],
-                    input_encoder_weights: list[Tensor], thresholds: list[Tensor], steps: list[Tensor], z0: Tensor,
-                    strides: list[int], paddings: list[int], nonneg: bool, fista: bool, project: bool,
-                    checkpoint: int) -> tuple[list[Tensor], list[Tensor]]:
+def ml_ista_fwd_ref(
+    x: Tensor,
+    weights: list[Tensor],
+    encoder_weights: list[Tensor],
+    input_encoder_weights: list[Tensor],
+    thresholds: list[Tensor],
+    steps: list[Tensor],
+    z0: Tensor,
+    strides: list[int],
+    paddings: list[int],
+    nonneg: bool,
+    fista: bool,
+    project: bool,
+    checkpoint: int,
+) -> tuple[list[Tensor], list[Tensor]]:
     """Forward of the op interface: (codes [G_1^S..G_L^S], saved), saved[i] = (S-1, B, C_j, *Sz_j) holding G_j^1..
     G_j^{S-1} for the layers ``saved_layers`` names."""
-    p = Problem(x, weights, encoder_weights, input_encoder_weights, thresholds, steps, strides, paddings, nonneg,
-                fista, project)
+    p = Problem(
+        x, weights, encoder_weights, input_encoder_weights, thresholds, steps, strides, paddings, nonneg, fista, project
+    )
     sizes, betas = p.sizes(), fista_momentum(p.n_steps)
     keep = saved_layers(p.depth, project, checkpoint)
     history: list[list[Tensor]] = []
@@ -256,8 +285,9 @@ def ml_ista_fwd_ref(x: Tensor, weights: list[Tensor], encoder_weights: list[Tens
                 history.append(state)
             _, _, new = _step(p, k, state, previous, sizes, betas)
             previous, state = state, new
-    saved = [torch.stack([h[j] for h in history]) if history
-             else state[j].new_empty((0, *state[j].shape)) for j in keep]
+    saved = [
+        torch.stack([h[j] for h in history]) if history else state[j].new_empty((0, *state[j].shape)) for j in keep
+    ]
     return state, saved
 
 
@@ -274,16 +304,31 @@ def _restore_states(p: Problem, z0: Tensor, saved: list[Tensor], checkpoint: int
     return states
 
 
-def ml_ista_bwd_ref(grad_codes: list[Tensor], x: Tensor, weights: list[Tensor], encoder_weights: list[Tensor],
-                    input_encoder_weights: list[Tensor], thresholds: list[Tensor], steps: list[Tensor], z0: Tensor,
-                    codes: list[Tensor], saved: list[Tensor], strides: list[int], paddings: list[int], nonneg: bool,
-                    fista: bool, project: bool, checkpoint: int):
+def ml_ista_bwd_ref(
+    grad_codes: list[Tensor],
+    x: Tensor,
+    weights: list[Tensor],
+    encoder_weights: list[Tensor],
+    input_encoder_weights: list[Tensor],
+    thresholds: list[Tensor],
+    steps: list[Tensor],
+    z0: Tensor,
+    codes: list[Tensor],
+    saved: list[Tensor],
+    strides: list[int],
+    paddings: list[int],
+    nonneg: bool,
+    fista: bool,
+    project: bool,
+    checkpoint: int,
+):
     """Hand-written VJP of ``ml_ista_fwd_ref``: (grad_x, grad_weights, grad_encoder_weights,
     grad_input_encoder_weights, grad_thresholds, grad_steps, grad_z0), each shaped like its input (empty for empty
     inputs). grad_codes[j] may be empty (no gradient reached G_j). ``codes`` is not read: each step is replayed from
     its saved state, the last one included."""
-    p = Problem(x, weights, encoder_weights, input_encoder_weights, thresholds, steps, strides, paddings, nonneg,
-                fista, project)
+    p = Problem(
+        x, weights, encoder_weights, input_encoder_weights, thresholds, steps, strides, paddings, nonneg, fista, project
+    )
     sizes, betas = p.sizes(), fista_momentum(p.n_steps)
     reduce_dims = [0, *range(2, 2 + p.rank)]
     with torch.no_grad():

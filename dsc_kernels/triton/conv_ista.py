@@ -1,5 +1,9 @@
 """Fused Triton kernels for convolutional ISTA / FISTA (backend "triton"). 2-D only: 1-D arrives as H = 1.
 
+(About 650 lines in one file on purpose: the per-iteration, single-launch and backward kernels are one recurrence
+built from the same tile helpers (`_ista_tile` and friends), and each launcher sits beside its kernel; split, a
+reader would follow one iteration across files.)
+
 Math (docs/design.md §2, §7.1). Shapes: x (B, Cs, H, W), weight W and encoder weight W_E (C, Cs, kh, kw),
 codes (B, C, Hz, Wz), lam (n, C), step (n,).
     D z = conv_transpose2d(z, W, s, p, output_padding such that D z has x's size)     (synthesis)
@@ -44,6 +48,7 @@ Launchers only use torch ops and `launch(...)` (`torch.library.wrap_triton`, rec
 triton/launch.py), so they can run inside a `torch.library.triton_op` and torch.compile can trace through them.
 `aot_specializations` records the launches the launchers really make on a problem (meta tensors, no GPU).
 """
+
 import contextlib
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -64,12 +69,36 @@ __all__ = ["conv_ista_fwd", "conv_ista_bwd", "KERNELS", "aot_specializations", "
 # Tile helpers (inlined into the kernels)
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @triton.jit
-def _synth_tile(acc, code_ptr, code_off, prev_ptr, prev_off, beta, w_ptr, b, h, w, valid, ci, ci_mask,
-                C_code, C_sig, Hz, Wz,
-                SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                KH: tl.constexpr, KW: tl.constexpr, FISTA: tl.constexpr,
-                BLOCK_K: tl.constexpr, IN_PREC: tl.constexpr):
+def _synth_tile(
+    acc,
+    code_ptr,
+    code_off,
+    prev_ptr,
+    prev_off,
+    beta,
+    w_ptr,
+    b,
+    h,
+    w,
+    valid,
+    ci,
+    ci_mask,
+    C_code,
+    C_sig,
+    Hz,
+    Wz,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    FISTA: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IN_PREC: tl.constexpr,
+):
     # acc[q, ci] += (D y)[b, ci, h[q], w[q]] as an implicit GEMM whose reduction index runs over (c, a, bb) in the
     # weight's memory order: a code position (hz, wz) reaches signal row h through tap a iff h + PH - a = SH hz.
     # Flattening taps into K (rather than one tl.dot per tap) keeps tensor cores busy when channel counts are
@@ -85,24 +114,55 @@ def _synth_tile(acc, code_ptr, code_off, prev_ptr, prev_off, beta, w_ptr, b, h, 
         wn = w[:, None] + PW - bb[None, :]
         hz = hn // SH
         wz = wn // SW
-        m = (valid[:, None] & km[None, :] & (hn >= 0) & (wn >= 0) & (hn == hz * SH) & (wn == wz * SW)
-             & (hz < Hz) & (wz < Wz))
+        m = (
+            valid[:, None]
+            & km[None, :]
+            & (hn >= 0)
+            & (wn >= 0)
+            & (hn == hz * SH)
+            & (wn == wz * SW)
+            & (hz < Hz)
+            & (wz < Wz)
+        )
         off = (b * C_code + c[None, :]) * (Hz * Wz) + hz * Wz + wz
         y = tl.load(code_ptr + code_off + off, mask=m, other=0.0).to(tl.float32)
         if FISTA:
             zp = tl.load(prev_ptr + prev_off + off, mask=m, other=0.0).to(tl.float32)
             y = y + beta * (y - zp)
-        wt = tl.load(w_ptr + (c[:, None] * C_sig + ci[None, :]) * (KH * KW) + (a * KW + bb)[:, None],
-                     mask=km[:, None] & ci_mask[None, :], other=0.0).to(tl.float32)
+        wt = tl.load(
+            w_ptr + (c[:, None] * C_sig + ci[None, :]) * (KH * KW) + (a * KW + bb)[:, None],
+            mask=km[:, None] & ci_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc = tl.dot(y, wt, acc, input_precision=IN_PREC)
     return acc
 
 
 @triton.jit
-def _analysis_tile(acc, src_ptr, src_base, ch_stride, row_stride, row0, col0, rows, cols, oh, ow, valid,
-                   w_ptr, c, c_mask, C_sig,
-                   SH: tl.constexpr, SW: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                   BLOCK_K: tl.constexpr, IN_PREC: tl.constexpr):
+def _analysis_tile(
+    acc,
+    src_ptr,
+    src_base,
+    ch_stride,
+    row_stride,
+    row0,
+    col0,
+    rows,
+    cols,
+    oh,
+    ow,
+    valid,
+    w_ptr,
+    c,
+    c_mask,
+    C_sig,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IN_PREC: tl.constexpr,
+):
     # acc[p, c] += sum_{ci, i, j} W[c, ci, i, j] src[ci, row0 + oh SH + i, col0 + ow SW + j] (zero outside
     # [0, rows) x [0, cols)): implicit GEMM [positions x (ci, i, j)] @ [(ci, i, j) x C], im2col gathered on the fly.
     KTOT = C_sig * KH * KW
@@ -115,10 +175,12 @@ def _analysis_tile(acc, src_ptr, src_base, ch_stride, row_stride, row0, col0, ro
         hh = (row0 + oh * SH)[:, None] + i[None, :]
         ww = (col0 + ow * SW)[:, None] + j[None, :]
         m = valid[:, None] & km[None, :] & (hh >= 0) & (hh < rows) & (ww >= 0) & (ww < cols)
-        r = tl.load(src_ptr + src_base + ci[None, :] * ch_stride + hh * row_stride + ww,
-                    mask=m, other=0.0).to(tl.float32)
-        wt = tl.load(w_ptr + c[None, :] * KTOT + kk[:, None], mask=km[:, None] & c_mask[None, :],
-                     other=0.0).to(tl.float32)
+        r = tl.load(src_ptr + src_base + ci[None, :] * ch_stride + hh * row_stride + ww, mask=m, other=0.0).to(
+            tl.float32
+        )
+        wt = tl.load(w_ptr + c[None, :] * KTOT + kk[:, None], mask=km[:, None] & c_mask[None, :], other=0.0).to(
+            tl.float32
+        )
         acc = tl.dot(r, wt, acc, input_precision=IN_PREC)
     return acc
 
@@ -127,13 +189,49 @@ def _analysis_tile(acc, src_ptr, src_base, ch_stride, row_stride, row0, col0, ro
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
 
+
 @triton.jit
-def _ista_tile(x_ptr, z_ptr, z_off, zp_ptr, zp_off, out_ptr, out_off, w_ptr, we_ptr, lam_ptr, step_ptr,
-               scratch_ptr, scratch_base, k, beta, b, t, C_code, C_sig, H, W, Hz, Wz, tiles_w,
-               SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-               KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-               R_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CI: tl.constexpr,
-               BLOCK_K: tl.constexpr, NONNEG: tl.constexpr, FISTA: tl.constexpr, IN_PREC: tl.constexpr):
+def _ista_tile(
+    x_ptr,
+    z_ptr,
+    z_off,
+    zp_ptr,
+    zp_off,
+    out_ptr,
+    out_off,
+    w_ptr,
+    we_ptr,
+    lam_ptr,
+    step_ptr,
+    scratch_ptr,
+    scratch_base,
+    k,
+    beta,
+    b,
+    t,
+    C_code,
+    C_sig,
+    H,
+    W,
+    Hz,
+    Wz,
+    tiles_w,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    TH: tl.constexpr,
+    TW: tl.constexpr,
+    R_CHUNK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NONNEG: tl.constexpr,
+    FISTA: tl.constexpr,
+    IN_PREC: tl.constexpr,
+):
     # One iteration on code tile t of image b: z_{k+1} = S(y_k + step_k E(x - D y_k)) for that tile.
     RH: tl.constexpr = (TH - 1) * SH + KH
     RW: tl.constexpr = (TW - 1) * SW + KW
@@ -158,13 +256,42 @@ def _ista_tile(x_ptr, z_ptr, z_off, zp_ptr, zp_off, out_ptr, out_off, w_ptr, we_
             ci = ci0 + offs_ci
             cim = ci < C_sig
             m = inside[:, None] & cim[None, :]
-            xv = tl.load(x_ptr + (b * C_sig + ci[None, :]) * (H * W) + (h * W + w)[:, None],
-                         mask=m, other=0.0).to(tl.float32)
-            dy = _synth_tile(tl.zeros((R_CHUNK, BLOCK_CI), tl.float32), z_ptr, z_off, zp_ptr, zp_off, beta, w_ptr,
-                             b, h, w, inside, ci, cim, C_code, C_sig, Hz, Wz,
-                             SH, SW, PH, PW, KH, KW, FISTA, BLOCK_K, IN_PREC)
-            tl.store(scratch_ptr + scratch_base + ci[None, :] * (RH * RW) + q[:, None],
-                     tl.where(m, xv - dy, 0.0), mask=qin[:, None] & cim[None, :])
+            xv = tl.load(x_ptr + (b * C_sig + ci[None, :]) * (H * W) + (h * W + w)[:, None], mask=m, other=0.0).to(
+                tl.float32
+            )
+            dy = _synth_tile(
+                tl.zeros((R_CHUNK, BLOCK_CI), tl.float32),
+                z_ptr,
+                z_off,
+                zp_ptr,
+                zp_off,
+                beta,
+                w_ptr,
+                b,
+                h,
+                w,
+                inside,
+                ci,
+                cim,
+                C_code,
+                C_sig,
+                Hz,
+                Wz,
+                SH,
+                SW,
+                PH,
+                PW,
+                KH,
+                KW,
+                FISTA,
+                BLOCK_K,
+                IN_PREC,
+            )
+            tl.store(
+                scratch_ptr + scratch_base + ci[None, :] * (RH * RW) + q[:, None],
+                tl.where(m, xv - dy, 0.0),
+                mask=qin[:, None] & cim[None, :],
+            )
     # The slab is written and read by different threads of this program.
     tl.debug_barrier()
 
@@ -179,8 +306,30 @@ def _ista_tile(x_ptr, z_ptr, z_off, zp_ptr, zp_off, out_ptr, out_off, w_ptr, we_
     for c0 in range(0, C_code, BLOCK_C):
         c = c0 + offs_c
         cm = c < C_code
-        acc = _analysis_tile(tl.zeros((TH * TW, BLOCK_C), tl.float32), scratch_ptr, scratch_base, RH * RW, RW,
-                             0, 0, RH, RW, lh, lw, pm, we_ptr, c, cm, C_sig, SH, SW, KH, KW, BLOCK_K, IN_PREC)
+        acc = _analysis_tile(
+            tl.zeros((TH * TW, BLOCK_C), tl.float32),
+            scratch_ptr,
+            scratch_base,
+            RH * RW,
+            RW,
+            0,
+            0,
+            RH,
+            RW,
+            lh,
+            lw,
+            pm,
+            we_ptr,
+            c,
+            cm,
+            C_sig,
+            SH,
+            SW,
+            KH,
+            KW,
+            BLOCK_K,
+            IN_PREC,
+        )
         m = pm[:, None] & cm[None, :]
         off = (b * C_code + c[None, :]) * (Hz * Wz) + (oh * Wz + ow)[:, None]
         y = tl.load(z_ptr + z_off + off, mask=m, other=0.0).to(tl.float32)
@@ -198,31 +347,128 @@ def _ista_tile(x_ptr, z_ptr, z_off, zp_ptr, zp_off, out_ptr, out_off, w_ptr, we_
 
 
 @triton.jit
-def _conv_ista_fwd_kernel(x_ptr, z_ptr, z_off, zp_ptr, zp_off, out_ptr, out_off, w_ptr, we_ptr, lam_ptr, step_ptr,
-                          scratch_ptr, k, beta,
-                          C_code, C_sig, H, W, Hz, Wz, tiles_w, tiles_per_img,
-                          SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                          KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-                          R_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CI: tl.constexpr,
-                          BLOCK_K: tl.constexpr, NONNEG: tl.constexpr, FISTA: tl.constexpr, IN_PREC: tl.constexpr):
+def _conv_ista_fwd_kernel(
+    x_ptr,
+    z_ptr,
+    z_off,
+    zp_ptr,
+    zp_off,
+    out_ptr,
+    out_off,
+    w_ptr,
+    we_ptr,
+    lam_ptr,
+    step_ptr,
+    scratch_ptr,
+    k,
+    beta,
+    C_code,
+    C_sig,
+    H,
+    W,
+    Hz,
+    Wz,
+    tiles_w,
+    tiles_per_img,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    TH: tl.constexpr,
+    TW: tl.constexpr,
+    R_CHUNK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NONNEG: tl.constexpr,
+    FISTA: tl.constexpr,
+    IN_PREC: tl.constexpr,
+):
     # Iteration k; one program per (image, code tile).
     pid = tl.program_id(0)
     scratch_base = pid * (C_sig * ((TH - 1) * SH + KH) * ((TW - 1) * SW + KW))
-    _ista_tile(x_ptr, z_ptr, z_off, zp_ptr, zp_off, out_ptr, out_off, w_ptr, we_ptr, lam_ptr, step_ptr,
-               scratch_ptr, scratch_base, k, beta, pid // tiles_per_img, pid % tiles_per_img,
-               C_code, C_sig, H, W, Hz, Wz, tiles_w,
-               SH, SW, PH, PW, KH, KW, TH, TW, R_CHUNK, BLOCK_C, BLOCK_CI, BLOCK_K, NONNEG, FISTA, IN_PREC)
+    _ista_tile(
+        x_ptr,
+        z_ptr,
+        z_off,
+        zp_ptr,
+        zp_off,
+        out_ptr,
+        out_off,
+        w_ptr,
+        we_ptr,
+        lam_ptr,
+        step_ptr,
+        scratch_ptr,
+        scratch_base,
+        k,
+        beta,
+        pid // tiles_per_img,
+        pid % tiles_per_img,
+        C_code,
+        C_sig,
+        H,
+        W,
+        Hz,
+        Wz,
+        tiles_w,
+        SH,
+        SW,
+        PH,
+        PW,
+        KH,
+        KW,
+        TH,
+        TW,
+        R_CHUNK,
+        BLOCK_C,
+        BLOCK_CI,
+        BLOCK_K,
+        NONNEG,
+        FISTA,
+        IN_PREC,
+    )
 
 
 @triton.jit
-def _conv_ista_fwd_all_kernel(x_ptr, buf_ptr, w_ptr, we_ptr, lam_ptr, step_ptr, beta_ptr, scratch_ptr,
-                              n_iters, ring, slot,
-                              C_code, C_sig, H, W, Hz, Wz, tiles_w, tiles_per_img,
-                              SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                              KH: tl.constexpr, KW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-                              R_CHUNK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_CI: tl.constexpr,
-                              BLOCK_K: tl.constexpr, NONNEG: tl.constexpr, FISTA: tl.constexpr,
-                              IN_PREC: tl.constexpr):
+def _conv_ista_fwd_all_kernel(
+    x_ptr,
+    buf_ptr,
+    w_ptr,
+    we_ptr,
+    lam_ptr,
+    step_ptr,
+    beta_ptr,
+    scratch_ptr,
+    n_iters,
+    ring,
+    slot,
+    C_code,
+    C_sig,
+    H,
+    W,
+    Hz,
+    Wz,
+    tiles_w,
+    tiles_per_img,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    TH: tl.constexpr,
+    TW: tl.constexpr,
+    R_CHUNK: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NONNEG: tl.constexpr,
+    FISTA: tl.constexpr,
+    IN_PREC: tl.constexpr,
+):
     # All n_iters iterations in one launch, one program per image: an image's iteration k+1 depends only on its
     # own iteration k, so a CTA barrier (inside _ista_tile) replaces the kernel boundary. z_j lives in slot
     # (j - 1) mod ring of buf (ring = n + 1 keeps every iterate, ring = 3 only the last three; see _slot).
@@ -234,16 +480,73 @@ def _conv_ista_fwd_all_kernel(x_ptr, buf_ptr, w_ptr, we_ptr, lam_ptr, step_ptr, 
         prev = ((tl.maximum(k - 1, 0) + ring - 1) % ring) * slot
         nxt = (k % ring) * slot
         for t in range(tiles_per_img):
-            _ista_tile(x_ptr, buf_ptr, cur, buf_ptr, prev, buf_ptr, nxt, w_ptr, we_ptr, lam_ptr, step_ptr,
-                       scratch_ptr, scratch_base, k, beta, b, t, C_code, C_sig, H, W, Hz, Wz, tiles_w,
-                       SH, SW, PH, PW, KH, KW, TH, TW, R_CHUNK, BLOCK_C, BLOCK_CI, BLOCK_K, NONNEG, FISTA, IN_PREC)
+            _ista_tile(
+                x_ptr,
+                buf_ptr,
+                cur,
+                buf_ptr,
+                prev,
+                buf_ptr,
+                nxt,
+                w_ptr,
+                we_ptr,
+                lam_ptr,
+                step_ptr,
+                scratch_ptr,
+                scratch_base,
+                k,
+                beta,
+                b,
+                t,
+                C_code,
+                C_sig,
+                H,
+                W,
+                Hz,
+                Wz,
+                tiles_w,
+                SH,
+                SW,
+                PH,
+                PW,
+                KH,
+                KW,
+                TH,
+                TW,
+                R_CHUNK,
+                BLOCK_C,
+                BLOCK_CI,
+                BLOCK_K,
+                NONNEG,
+                FISTA,
+                IN_PREC,
+            )
 
 
 @triton.jit
-def _conv_synth_kernel(x_ptr, code_ptr, w_ptr, out_ptr, C_code, C_sig, H, W, Hz, Wz,
-                       SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                       KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CI: tl.constexpr,
-                       BLOCK_K: tl.constexpr, SUB_FROM_X: tl.constexpr, IN_PREC: tl.constexpr):
+def _conv_synth_kernel(
+    x_ptr,
+    code_ptr,
+    w_ptr,
+    out_ptr,
+    C_code,
+    C_sig,
+    H,
+    W,
+    Hz,
+    Wz,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_CI: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SUB_FROM_X: tl.constexpr,
+    IN_PREC: tl.constexpr,
+):
     # out = x - D code (SUB_FROM_X) or D code; positions flattened over H*W so loads run along W.
     pid_p = tl.program_id(0)
     b = tl.program_id(1)
@@ -253,9 +556,34 @@ def _conv_synth_kernel(x_ptr, code_ptr, w_ptr, out_ptr, C_code, C_sig, H, W, Hz,
     qin = q < H * W
     h = q // W
     w = q % W
-    acc = _synth_tile(tl.zeros((BLOCK_P, BLOCK_CI), tl.float32), code_ptr, 0, code_ptr, 0, 0.0, w_ptr,
-                      b, h, w, qin, ci, cim, C_code, C_sig, Hz, Wz,
-                      SH, SW, PH, PW, KH, KW, False, BLOCK_K, IN_PREC)
+    acc = _synth_tile(
+        tl.zeros((BLOCK_P, BLOCK_CI), tl.float32),
+        code_ptr,
+        0,
+        code_ptr,
+        0,
+        0.0,
+        w_ptr,
+        b,
+        h,
+        w,
+        qin,
+        ci,
+        cim,
+        C_code,
+        C_sig,
+        Hz,
+        Wz,
+        SH,
+        SW,
+        PH,
+        PW,
+        KH,
+        KW,
+        False,
+        BLOCK_K,
+        IN_PREC,
+    )
     m = qin[:, None] & cim[None, :]
     off = (b * C_sig + ci[None, :]) * (H * W) + q[:, None]
     if SUB_FROM_X:
@@ -264,10 +592,31 @@ def _conv_synth_kernel(x_ptr, code_ptr, w_ptr, out_ptr, C_code, C_sig, H, W, Hz,
 
 
 @triton.jit
-def _conv_analysis_kernel(base_ptr, src_ptr, w_ptr, step_ptr, k, scale, out_ptr, C_code, C_sig, H, W, Hz, Wz,
-                          SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                          KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                          BLOCK_K: tl.constexpr, IN_PREC: tl.constexpr):
+def _conv_analysis_kernel(
+    base_ptr,
+    src_ptr,
+    w_ptr,
+    step_ptr,
+    k,
+    scale,
+    out_ptr,
+    C_code,
+    C_sig,
+    H,
+    W,
+    Hz,
+    Wz,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IN_PREC: tl.constexpr,
+):
     # out = base + scale * step[k] * conv2d(src, W): the epilogue of dy = gu - step_k D^T v.
     pid_p = tl.program_id(0)
     b = tl.program_id(1)
@@ -277,8 +626,30 @@ def _conv_analysis_kernel(base_ptr, src_ptr, w_ptr, step_ptr, k, scale, out_ptr,
     pin = p < Hz * Wz
     oh = p // Wz
     ow = p % Wz
-    acc = _analysis_tile(tl.zeros((BLOCK_P, BLOCK_C), tl.float32), src_ptr, b * C_sig * H * W, H * W, W,
-                         -PH, -PW, H, W, oh, ow, pin, w_ptr, c, cm, C_sig, SH, SW, KH, KW, BLOCK_K, IN_PREC)
+    acc = _analysis_tile(
+        tl.zeros((BLOCK_P, BLOCK_C), tl.float32),
+        src_ptr,
+        b * C_sig * H * W,
+        H * W,
+        W,
+        -PH,
+        -PW,
+        H,
+        W,
+        oh,
+        ow,
+        pin,
+        w_ptr,
+        c,
+        cm,
+        C_sig,
+        SH,
+        SW,
+        KH,
+        KW,
+        BLOCK_K,
+        IN_PREC,
+    )
     m = pin[:, None] & cm[None, :]
     off = (b * C_code + c[None, :]) * (Hz * Wz) + p[:, None]
     alpha = scale * tl.load(step_ptr + k).to(tl.float32)
@@ -287,10 +658,28 @@ def _conv_analysis_kernel(base_ptr, src_ptr, w_ptr, step_ptr, k, scale, out_ptr,
 
 
 @triton.jit
-def _conv_weight_grad_kernel(part_ptr, sig_ptr, code_ptr, B, C_code, C_sig, H, W, Hz, Wz,
-                             SH: tl.constexpr, SW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                             KH: tl.constexpr, KW: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-                             BLOCK_K: tl.constexpr, IN_PREC: tl.constexpr):
+def _conv_weight_grad_kernel(
+    part_ptr,
+    sig_ptr,
+    code_ptr,
+    B,
+    C_code,
+    C_sig,
+    H,
+    W,
+    Hz,
+    Wz,
+    SH: tl.constexpr,
+    SW: tl.constexpr,
+    PH: tl.constexpr,
+    PW: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    IN_PREC: tl.constexpr,
+):
     # part[split, c, (ci, i, j)] = sum over this split's (image, position block) work items of
     #     code[b, c, p] * sig[b, ci, oh SH - PH + i, ow SW - PW + j]
     # i.e. code^T @ im2col(sig) with the weight's memory order as columns. Splits write disjoint partials that the
@@ -318,8 +707,9 @@ def _conv_weight_grad_kernel(part_ptr, sig_ptr, code_ptr, B, C_code, C_sig, H, W
         ww = (ow * SW - PW)[:, None] + j[None, :]
         m = pin[:, None] & km[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
         sg = tl.load(sig_ptr + (b * C_sig + ci[None, :]) * (H * W) + hh * W + ww, mask=m, other=0.0).to(tl.float32)
-        cd = tl.load(code_ptr + (b * C_code + c[None, :]) * (Hz * Wz) + p[:, None],
-                     mask=pin[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        cd = tl.load(
+            code_ptr + (b * C_code + c[None, :]) * (Hz * Wz) + p[:, None], mask=pin[:, None] & cm[None, :], other=0.0
+        ).to(tl.float32)
         acc = tl.dot(tl.trans(cd), sg, acc, input_precision=IN_PREC)
     tl.store(part_ptr + (split * C_code + c[:, None]) * KTOT + kk[None, :], acc, mask=cm[:, None] & km[None, :])
 
@@ -328,19 +718,20 @@ def _conv_weight_grad_kernel(part_ptr, sig_ptr, code_ptr, B, C_code, C_sig, H, W
 # Configurations: keyed on channel counts and kernel size, never on H/W (so a new image size never changes code)
 # ----------------------------------------------------------------------------------------------------------------
 
+
 class FwdConfig(NamedTuple):
-    TH: int        # code rows per program
-    TW: int        # code columns per program
-    R_CHUNK: int   # halo positions per residual GEMM tile
-    BLOCK_C: int   # code channels per analysis GEMM tile (N)
+    TH: int  # code rows per program
+    TW: int  # code columns per program
+    R_CHUNK: int  # halo positions per residual GEMM tile
+    BLOCK_C: int  # code channels per analysis GEMM tile (N)
     BLOCK_CI: int  # signal channels per synthesis GEMM tile (N)
-    BLOCK_K: int   # reduction slice (channel x tap) of both GEMMs
+    BLOCK_K: int  # reduction slice (channel x tap) of both GEMMs
     num_warps: int
     num_stages: int
 
 
 class ConvConfig(NamedTuple):
-    BLOCK_P: int   # positions per program (M of synthesis/analysis, K of the weight gradient)
+    BLOCK_P: int  # positions per program (M of synthesis/analysis, K of the weight gradient)
     BLOCK_C: int
     BLOCK_CI: int
     BLOCK_K: int
@@ -391,6 +782,7 @@ def _fista_betas(n_iter: int, fista: bool) -> list[float]:
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
 
+
 class _Geom(NamedTuple):
     B: int
     C_sig: int
@@ -411,11 +803,26 @@ def _geom(x, weight, z0, stride, padding, n_codes) -> _Geom:
     B, C_sig, H, W = x.shape
     C_code, _, kh, kw = weight.shape
     # Kernel index arithmetic is int32; n_codes covers the saved iterates, addressed as one buffer.
-    if max(x.numel(), z0.numel() * n_codes) >= 2 ** 31:
-        raise ValueError(f"the triton conv-ISTA kernels address at most 2**31 - 1 elements per buffer; got x "
-                         f"{tuple(x.shape)} and {n_codes} codes of {tuple(z0.shape)}: split the batch")
-    return _Geom(B, C_sig, H, W, C_code, kh, kw, z0.shape[2], z0.shape[3],
-                 int(stride[0]), int(stride[1]), int(padding[0]), int(padding[1]))
+    if max(x.numel(), z0.numel() * n_codes) >= 2**31:
+        raise ValueError(
+            f"the triton conv-ISTA kernels address at most 2**31 - 1 elements per buffer; got x "
+            f"{tuple(x.shape)} and {n_codes} codes of {tuple(z0.shape)}: split the batch"
+        )
+    return _Geom(
+        B,
+        C_sig,
+        H,
+        W,
+        C_code,
+        kh,
+        kw,
+        z0.shape[2],
+        z0.shape[3],
+        int(stride[0]),
+        int(stride[1]),
+        int(padding[0]),
+        int(padding[1]),
+    )
 
 
 # Run every iteration in one launch (one program per image) when an image's code is at most this large: its
@@ -438,7 +845,13 @@ class _Forward:
 
     def __init__(self, x, weight, encoder_weight, lam, step, z0, g: _Geom, nonneg, fista):
         self.x, self.weight, self.encoder_weight, self.lam, self.step, self.z0 = (
-            x, weight, encoder_weight, lam, step, z0)
+            x,
+            weight,
+            encoder_weight,
+            lam,
+            step,
+            z0,
+        )
         self.g = g
         self.cfg = cfg = fwd_config(g.C_sig, g.C_code, g.kh, g.kw)
         self.single = z0[0].numel() * z0.element_size() <= SINGLE_LAUNCH_MAX_CODE_BYTES
@@ -448,10 +861,25 @@ class _Forward:
         rh, rw = (cfg.TH - 1) * g.sh + g.kh, (cfg.TW - 1) * g.sw + g.kw
         self.scratch = torch.empty(programs * g.C_sig * rh * rw, device=x.device, dtype=torch.float32)
         self.betas = _fista_betas(step.shape[0], fista)
-        self.meta = dict(SH=g.sh, SW=g.sw, PH=g.ph, PW=g.pw, KH=g.kh, KW=g.kw, TH=cfg.TH, TW=cfg.TW,
-                         R_CHUNK=cfg.R_CHUNK, BLOCK_C=cfg.BLOCK_C, BLOCK_CI=cfg.BLOCK_CI, BLOCK_K=cfg.BLOCK_K,
-                         NONNEG=bool(nonneg), FISTA=bool(fista), IN_PREC=_in_prec(x.dtype),
-                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        self.meta = dict(
+            SH=g.sh,
+            SW=g.sw,
+            PH=g.ph,
+            PW=g.pw,
+            KH=g.kh,
+            KW=g.kw,
+            TH=cfg.TH,
+            TW=cfg.TW,
+            R_CHUNK=cfg.R_CHUNK,
+            BLOCK_C=cfg.BLOCK_C,
+            BLOCK_CI=cfg.BLOCK_CI,
+            BLOCK_K=cfg.BLOCK_K,
+            NONNEG=bool(nonneg),
+            FISTA=bool(fista),
+            IN_PREC=_in_prec(x.dtype),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
         self.dims = (g.C_code, g.C_sig, g.H, g.W, g.Hz, g.Wz, self.tiles_w, self.tiles_per_img)
 
     def run(self, n_iters, ring, last_out=None):
@@ -463,29 +891,66 @@ class _Forward:
         if self.single:
             betas = torch.tensor(self.betas, dtype=torch.float32, device=self.z0.device)
             launch(_conv_ista_fwd_all_kernel)[(self.g.B,)](
-                self.x, buf, self.weight, self.encoder_weight, self.lam, self.step, betas, self.scratch,
-                n_iters, ring, slot, *self.dims, **self.meta)
+                self.x,
+                buf,
+                self.weight,
+                self.encoder_weight,
+                self.lam,
+                self.step,
+                betas,
+                self.scratch,
+                n_iters,
+                ring,
+                slot,
+                *self.dims,
+                **self.meta,
+            )
             return buf
         grid = (self.g.B * self.tiles_per_img,)
         for k in range(n_iters):
             last = k == n_iters - 1 and last_out is not None
             launch(_conv_ista_fwd_kernel)[grid](
-                self.x, buf, _slot(k, ring) * slot, buf, _slot(max(k - 1, 0), ring) * slot,
-                last_out if last else buf, 0 if last else _slot(k + 1, ring) * slot,
-                self.weight, self.encoder_weight, self.lam, self.step, self.scratch, k, self.betas[k],
-                *self.dims, **self.meta)
+                self.x,
+                buf,
+                _slot(k, ring) * slot,
+                buf,
+                _slot(max(k - 1, 0), ring) * slot,
+                last_out if last else buf,
+                0 if last else _slot(k + 1, ring) * slot,
+                self.weight,
+                self.encoder_weight,
+                self.lam,
+                self.step,
+                self.scratch,
+                k,
+                self.betas[k],
+                *self.dims,
+                **self.meta,
+            )
         return buf
 
 
 def _check_checkpoint(checkpoint: int) -> None:
     if checkpoint not in (0, 1):
-        raise ValueError(f"the triton conv-ISTA backward reads every iterate or replays from z0: checkpoint must be "
-                         f"0 or 1, got {checkpoint}")
+        raise ValueError(
+            f"the triton conv-ISTA backward reads every iterate or replays from z0: checkpoint must be "
+            f"0 or 1, got {checkpoint}"
+        )
 
 
-def conv_ista_fwd(x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor, step: Tensor, z0: Tensor,
-                  stride: Sequence[int], padding: Sequence[int], nonneg: bool, fista: bool,
-                  checkpoint: int) -> tuple[Tensor, Tensor]:
+def conv_ista_fwd(
+    x: Tensor,
+    weight: Tensor,
+    encoder_weight: Tensor,
+    lam: Tensor,
+    step: Tensor,
+    z0: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    nonneg: bool,
+    fista: bool,
+    checkpoint: int,
+) -> tuple[Tensor, Tensor]:
     """Forward of the fused-op interface (docs/design.md §7.1). x: (B, C_sig, H, W); weight, encoder_weight:
     (C_code, C_sig, kh, kw); lam: (n_iter, C_code); step: (n_iter,); z0: (B, C_code, Hz, Wz) or empty (zeros).
     Returns (z_n, saved): z_1..z_{n-1} (n_iter - 1, B, C_code, Hz, Wz) for checkpoint 1, an empty (0,) tensor for
@@ -507,9 +972,22 @@ def conv_ista_fwd(x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor
     return z, (buf.narrow(0, 0, n - 1) if save else z0.new_empty((0,)))
 
 
-def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Tensor, lam: Tensor, step: Tensor,
-                  z0: Tensor, z: Tensor, saved: Tensor, stride: Sequence[int], padding: Sequence[int],
-                  nonneg: bool, fista: bool, checkpoint: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def conv_ista_bwd(
+    grad_z: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    encoder_weight: Tensor,
+    lam: Tensor,
+    step: Tensor,
+    z0: Tensor,
+    z: Tensor,
+    saved: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    nonneg: bool,
+    fista: bool,
+    checkpoint: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of the fused-op interface: grads of (x, weight, encoder_weight, lam, step, z0), each of its
     input's shape (an empty z0's grad is empty). ``saved`` holds z_1..z_{n-1} (checkpoint 1); checkpoint 0 is
     recompute mode: the forward is replayed from z0, z_n included (z is then empty)."""
@@ -521,14 +999,25 @@ def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Ten
     ccfg = conv_config(g.C_sig, g.C_code, g.kh, g.kw)
     in_prec = _in_prec(x.dtype)
     betas = _fista_betas(n_iter, fista)
-    geo = dict(SH=g.sh, SW=g.sw, PH=g.ph, PW=g.pw, KH=g.kh, KW=g.kw, BLOCK_P=ccfg.BLOCK_P, BLOCK_K=ccfg.BLOCK_K,
-               IN_PREC=in_prec, num_warps=ccfg.num_warps)
+    geo = dict(
+        SH=g.sh,
+        SW=g.sw,
+        PH=g.ph,
+        PW=g.pw,
+        KH=g.kh,
+        KW=g.kw,
+        BLOCK_P=ccfg.BLOCK_P,
+        BLOCK_K=ccfg.BLOCK_K,
+        IN_PREC=in_prec,
+        num_warps=ccfg.num_warps,
+    )
     sig_grid = (triton.cdiv(g.H * g.W, ccfg.BLOCK_P), g.B, triton.cdiv(g.C_sig, ccfg.BLOCK_CI))
     code_grid = (triton.cdiv(g.Hz * g.Wz, ccfg.BLOCK_P), g.B, triton.cdiv(g.C_code, ccfg.BLOCK_C))
     k_tot = g.C_sig * g.kh * g.kw
     # Bound the partials to ~16 MiB; beyond that more splits buy no parallelism worth the memory.
-    n_split = max(1, min(ccfg.max_splits, g.B * triton.cdiv(g.Hz * g.Wz, ccfg.BLOCK_P),
-                         (1 << 22) // (g.C_code * k_tot)))
+    n_split = max(
+        1, min(ccfg.max_splits, g.B * triton.cdiv(g.Hz * g.Wz, ccfg.BLOCK_P), (1 << 22) // (g.C_code * k_tot))
+    )
     w_grid = (triton.cdiv(g.C_code, ccfg.BLOCK_C), triton.cdiv(k_tot, ccfg.BLOCK_K), n_split)
     partials = torch.empty((n_split, g.C_code, k_tot), device=x.device, dtype=torch.float32)
     sig_shape = (g.B, g.C_sig, g.H, g.W)
@@ -537,8 +1026,9 @@ def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Ten
 
     def synth(code, w, sub_from_x):
         out = torch.empty(sig_shape, **f32)
-        launch(_conv_synth_kernel)[sig_grid](x, code, w, out, **dims, BLOCK_CI=ccfg.BLOCK_CI,
-                                             SUB_FROM_X=sub_from_x, **geo)
+        launch(_conv_synth_kernel)[sig_grid](
+            x, code, w, out, **dims, BLOCK_CI=ccfg.BLOCK_CI, SUB_FROM_X=sub_from_x, **geo
+        )
         return out
 
     def weight_grad(sig, code):
@@ -558,8 +1048,8 @@ def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Ten
     grad_w = torch.zeros(tuple(weight.shape), **f32)
     grad_we = torch.zeros(tuple(encoder_weight.shape), **f32)
     grad_lam, grad_step = [], []
-    gz = grad_z.to(torch.float32)          # dL/dz_{k+1}, complete when iteration k is processed
-    pending = None                          # FISTA: the part of dL/dz_k that iteration k+1 sent through y_{k+1}
+    gz = grad_z.to(torch.float32)  # dL/dz_{k+1}, complete when iteration k is processed
+    pending = None  # FISTA: the part of dL/dz_k that iteration k+1 sent through y_{k+1}
     z_next = z
     for k in reversed(range(n_iter)):
         if recompute:
@@ -591,8 +1081,7 @@ def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Ten
         grad_w = grad_w - step_k * weight_grad(v, y)
 
         dy = torch.empty_like(gu)
-        launch(_conv_analysis_kernel)[code_grid](gu, v, weight, step, k, -1.0, dy, **dims, BLOCK_C=ccfg.BLOCK_C,
-                                                 **geo)
+        launch(_conv_analysis_kernel)[code_grid](gu, v, weight, step, k, -1.0, dy, **dims, BLOCK_C=ccfg.BLOCK_C, **geo)
         if fista:
             gz = dy * (1.0 + betas[k]) if pending is None else pending + dy * (1.0 + betas[k])
             pending = dy * (-betas[k])
@@ -602,8 +1091,14 @@ def conv_ista_bwd(grad_z: Tensor, x: Tensor, weight: Tensor, encoder_weight: Ten
 
     grad_lam = torch.stack(grad_lam[::-1]).to(lam.dtype)
     grad_step = torch.stack(grad_step[::-1]).to(step.dtype)
-    return (grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_we.to(encoder_weight.dtype), grad_lam, grad_step,
-            gz.to(z0.dtype) if z0_given else z0.new_empty((0,)))
+    return (
+        grad_x.to(x.dtype),
+        grad_w.to(weight.dtype),
+        grad_we.to(encoder_weight.dtype),
+        grad_lam,
+        grad_step,
+        gz.to(z0.dtype) if z0_given else z0.new_empty((0,)),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -630,9 +1125,18 @@ def _single_launch_limit(max_code_bytes: int):
         SINGLE_LAUNCH_MAX_CODE_BYTES = saved
 
 
-def aot_specializations(x_shape: Sequence[int], weight_shape: Sequence[int], stride: Sequence[int],
-                        padding: Sequence[int], dtype: torch.dtype = torch.float32, *, n_iter: int = 3,
-                        nonneg: bool = False, fista: bool = False, allow_tf32: bool = True) -> list[AotSpec]:
+def aot_specializations(
+    x_shape: Sequence[int],
+    weight_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    *,
+    n_iter: int = 3,
+    nonneg: bool = False,
+    fista: bool = False,
+    allow_tf32: bool = True,
+) -> list[AotSpec]:
     """Every kernel specialisation the launchers make on one problem, recorded without running it: the forward in
     both save modes on both paths (per-iteration and single-launch, whatever the code size) and the backward in
     both modes. x_shape: (B, C_sig, H, W); weight_shape: (C_code, C_sig, kh, kw). fp32 dots follow
@@ -648,12 +1152,26 @@ def aot_specializations(x_shape: Sequence[int], weight_shape: Sequence[int], str
     x, w, lam, step, z0 = meta(*x_shape), meta(*weight_shape), meta(n_iter, C_code), meta(n_iter), meta(B, C_code, *zs)
 
     def run():
-        for limit in (0, 2 ** 62):  # per-iteration path, single-launch path
+        for limit in (0, 2**62):  # per-iteration path, single-launch path
             with _single_launch_limit(limit):
                 for checkpoint in (1, 0):
                     z, saved = conv_ista_fwd(x, w, w, lam, step, z0, stride, padding, nonneg, fista, checkpoint)
-                    conv_ista_bwd(torch.empty_like(z), x, w, w, lam, step, z0, z if checkpoint else z.new_empty(0),
-                                  saved, stride, padding, nonneg, fista, checkpoint)
+                    conv_ista_bwd(
+                        torch.empty_like(z),
+                        x,
+                        w,
+                        w,
+                        lam,
+                        step,
+                        z0,
+                        z if checkpoint else z.new_empty(0),
+                        saved,
+                        stride,
+                        padding,
+                        nonneg,
+                        fista,
+                        checkpoint,
+                    )
 
     saved_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32

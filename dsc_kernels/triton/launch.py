@@ -20,6 +20,7 @@ under the interpreter.
 Both kernel modules (triton/conv_ista.py, triton/sparse_attention.py) do this; tests/test_triton_aot.py and
 tests/test_attention_aot.py compile what they record.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,9 +31,18 @@ import torch
 
 __all__ = ["interpreting", "launch", "record_launches", "AotSpec", "aot_compile"]
 
-_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
-               torch.int32: "i32", torch.int64: "i64", torch.int16: "i16", torch.int8: "i8", torch.uint8: "u8",
-               torch.bool: "i1"}
+_TYPE_NAMES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float64: "fp64",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
 
 
 def interpreting() -> bool:
@@ -41,15 +51,19 @@ def interpreting() -> bool:
 
 
 class AotSpec(NamedTuple):
-    name: str                 # the kernel's function name
-    fn: Any                   # the triton.runtime.JITFunction
-    signature: dict           # argument name -> Triton type ("*fp32", "i32", ..., "constexpr")
-    constexprs: dict          # constexpr argument name -> value
-    options: dict             # compile options of the launch (num_warps, num_stages, ...)
+    name: str  # the kernel's function name
+    fn: Any  # the triton.runtime.JITFunction
+    signature: dict  # argument name -> Triton type ("*fp32", "i32", ..., "constexpr")
+    constexprs: dict  # constexpr argument name -> value
+    options: dict  # compile options of the launch (num_warps, num_stages, ...)
 
     def key(self) -> tuple:
-        return (self.name, tuple(sorted(self.signature.items())), tuple(sorted(self.constexprs.items())),
-                tuple(sorted(self.options.items())))
+        return (
+            self.name,
+            tuple(sorted(self.signature.items())),
+            tuple(sorted(self.constexprs.items())),
+            tuple(sorted(self.options.items())),
+        )
 
 
 _recorded: list[AotSpec] | None = None
@@ -61,7 +75,7 @@ def _scalar_type(value: Any, arg: str) -> str:
     if isinstance(value, bool):
         return "i1"
     if isinstance(value, int):
-        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
     if isinstance(value, float):
         return "fp32"
     raise TypeError(f"cannot derive a Triton type for argument {arg}={value!r}")
@@ -97,6 +111,7 @@ class _Recorder:
     def __getitem__(self, grid):
         def record(*args, **meta):
             _recorded.append(_spec(self.kernel, args, meta))
+
         return record
 
 
@@ -130,5 +145,8 @@ def aot_compile(spec: AotSpec, capability: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    return triton.compile(ASTSource(spec.fn, spec.signature, spec.constexprs),
-                          target=GPUTarget("cuda", capability, 32), options=spec.options)
+    return triton.compile(
+        ASTSource(spec.fn, spec.signature, spec.constexprs),
+        target=GPUTarget("cuda", capability, 32),
+        options=spec.options,
+    )

@@ -31,6 +31,7 @@ without one); every load and store is masked (rows past N or M, head-dim padding
 Launchers use only torch ops and `launch(...)` (`torch.library.wrap_triton`, recordable for ahead-of-time
 compilation: `aot_specializations` records the launches the launchers really make, on meta tensors).
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,8 +48,11 @@ __all__ = ["sparse_attention_fwd", "sparse_attention_bwd", "KERNELS", "aot_speci
 def _load_rows(base, stride_r, offs_r, n_rows, offs_c, n_cols, UPCAST: tl.constexpr):
     """Rows offs_r, columns offs_c of a (n_rows, n_cols) matrix with row stride stride_r, zero outside it. UPCAST
     (the interpreter) loads half precision as fp32 straight away, since the interpreter cannot compute in bf16."""
-    t = tl.load(base + offs_r[:, None] * stride_r + offs_c[None, :],
-                mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols), other=0.0)
+    t = tl.load(
+        base + offs_r[:, None] * stride_r + offs_c[None, :],
+        mask=(offs_r[:, None] < n_rows) & (offs_c[None, :] < n_cols),
+        other=0.0,
+    )
     if UPCAST:
         t = t.to(tl.float32)
     return t
@@ -61,8 +65,21 @@ def _finite(t):
 
 
 @triton.jit
-def _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m,
-                 CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+def _tile_scores(
+    q,
+    k,
+    offs_m,
+    offs_n,
+    N_Q,
+    N_K,
+    scale,
+    b_base,
+    sb_n,
+    sb_m,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Scores of loaded q (BLOCK_M, d) and k (BLOCK_N, d) tiles with the bias added, -inf where hidden; and which
     entries are visible."""
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
@@ -103,10 +120,37 @@ def _sees_bad(visible, s, badk_base, offs_n, N_K):
 
 
 @triton.jit
-def _sweep(q, k_base, sk_n, v_base, sv_n, b_base, sb_n, sb_m, badk_base, c, lo, active, offs_m, offs_d, offs_dv,
-           end_n, N_Q, N_K, D, DV, scale,
-           CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, FLAG_BAD: tl.constexpr, BLOCK_M: tl.constexpr,
-           BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+def _sweep(
+    q,
+    k_base,
+    sk_n,
+    v_base,
+    sv_n,
+    b_base,
+    sb_n,
+    sb_m,
+    badk_base,
+    c,
+    lo,
+    active,
+    offs_m,
+    offs_d,
+    offs_dv,
+    end_n,
+    N_Q,
+    N_K,
+    D,
+    DV,
+    scale,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FLAG_BAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """One pass over the keys at per-row (c, lo) for the active rows: (max(z - lo, 0) v, |{z > lo}|,
     sum_{z > lo} z in fp64, rows seeing a bad key or a NaN score (FLAG_BAD))."""
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -116,8 +160,7 @@ def _sweep(q, k_base, sk_n, v_base, sv_n, b_base, sb_n, sb_m, badk_base, c, lo, 
     for start_n in range(0, end_n, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, sk_n, offs_n, N_K, offs_d, D, UPCAST)
-        s, visible = _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS,
-                                  DOT_PREC)
+        s, visible = _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS, DOT_PREC)
         if FLAG_BAD:
             bad = bad | _sees_bad(visible, s, badk_base, offs_n, N_K)
         z = _relative(s, c)
@@ -136,12 +179,44 @@ def _sweep(q, k_base, sk_n, v_base, sv_n, b_base, sb_n, sb_m, badk_base, c, lo, 
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, th_ptr, b_ptr, badk_ptr, o_ptr, st_ptr,
-                sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb_b, sb_h, sb_n, sb_m,
-                N_Q, N_K, H, D, DV, scale,
-                SPARSEMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr,
-                DOT_PREC: tl.constexpr):
+def _fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    th_ptr,
+    b_ptr,
+    badk_ptr,
+    o_ptr,
+    st_ptr,
+    sq_b,
+    sq_h,
+    sq_n,
+    sk_b,
+    sk_h,
+    sk_n,
+    sv_b,
+    sv_h,
+    sv_n,
+    sb_b,
+    sb_h,
+    sb_n,
+    sb_m,
+    N_Q,
+    N_K,
+    H,
+    D,
+    DV,
+    scale,
+    SPARSEMAX: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -170,8 +245,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, th_ptr, b_ptr, badk_ptr, o_ptr, st_ptr,
         for start_n in range(0, end_n, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_rows(k_base, sk_n, offs_n, N_K, offs_d, D, UPCAST)
-            s, visible = _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS,
-                                      DOT_PREC)
+            s, visible = _tile_scores(
+                q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS, DOT_PREC
+            )
             nan_row = nan_row | _sees_bad(visible, s, badk_base, offs_n, N_K)
             s = tl.where(s == s, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -194,9 +270,37 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, th_ptr, b_ptr, badk_ptr, o_ptr, st_ptr,
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         n_pending = tl.sum(pending.to(tl.int32), axis=0)
         while n_pending > 0:
-            o, cnt, tot, _ = _sweep(q, k_base, sk_n, v_base, sv_n, b_base, sb_n, sb_m, badk_base, m, lo, pending,
-                                    offs_m, offs_d, offs_dv, end_n, N_Q, N_K, D, DV, scale, CAUSAL, HAS_BIAS, False,
-                                    BLOCK_M, BLOCK_N, BLOCK_DV, UPCAST, DOT_PREC)
+            o, cnt, tot, _ = _sweep(
+                q,
+                k_base,
+                sk_n,
+                v_base,
+                sv_n,
+                b_base,
+                sb_n,
+                sb_m,
+                badk_base,
+                m,
+                lo,
+                pending,
+                offs_m,
+                offs_d,
+                offs_dv,
+                end_n,
+                N_Q,
+                N_K,
+                D,
+                DV,
+                scale,
+                CAUSAL,
+                HAS_BIAS,
+                False,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_DV,
+                UPCAST,
+                DOT_PREC,
+            )
             t = ((tot - 1.0) / tl.maximum(cnt, 1.0).to(tl.float64)).to(tl.float32)
             # Done when the set no longer shrinks (lo exact) or rounding stalls the rise.
             done = pending & ((cnt == prev) | (t <= lo))
@@ -210,26 +314,90 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, th_ptr, b_ptr, badk_ptr, o_ptr, st_ptr,
     else:
         c = tl.zeros([BLOCK_M], tl.float32)
         t_row = c + tl.load(th_ptr + h).to(tl.float32)
-        acc, _, _, bad = _sweep(q, k_base, sk_n, v_base, sv_n, b_base, sb_n, sb_m, badk_base, c, t_row, row_ok,
-                                offs_m, offs_d, offs_dv, end_n, N_Q, N_K, D, DV, scale, CAUSAL, HAS_BIAS, True,
-                                BLOCK_M, BLOCK_N, BLOCK_DV, UPCAST, DOT_PREC)
+        acc, _, _, bad = _sweep(
+            q,
+            k_base,
+            sk_n,
+            v_base,
+            sv_n,
+            b_base,
+            sb_n,
+            sb_m,
+            badk_base,
+            c,
+            t_row,
+            row_ok,
+            offs_m,
+            offs_d,
+            offs_dv,
+            end_n,
+            N_Q,
+            N_K,
+            D,
+            DV,
+            scale,
+            CAUSAL,
+            HAS_BIAS,
+            True,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_DV,
+            UPCAST,
+            DOT_PREC,
+        )
         nan_row = nan_row | bad
     acc = tl.where(nan_row[:, None], float("nan"), acc)
     c = tl.where(nan_row, float("nan"), c)
     t_row = tl.where(nan_row, float("nan"), t_row)
-    tl.store(o_ptr + bh * N_Q * DV + offs_m[:, None] * DV + offs_dv[None, :],
-             acc.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(
+        o_ptr + bh * N_Q * DV + offs_m[:, None] * DV + offs_dv[None, :],
+        acc.to(o_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+    )
     tl.store(st_ptr + (bh * N_Q + offs_m) * 2, c, mask=row_ok)
     tl.store(st_ptr + (bh * N_Q + offs_m) * 2 + 1, t_row, mask=row_ok)
 
 
 @triton.jit
-def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, st_ptr, dq_ptr, delta_ptr, dth_ptr,
-                   sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb_b, sb_h, sb_n, sb_m,
-                   N_Q, N_K, H, D, DV, scale,
-                   SPARSEMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr,
-                   DOT_PREC: tl.constexpr):
+def _bwd_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    b_ptr,
+    g_ptr,
+    st_ptr,
+    dq_ptr,
+    delta_ptr,
+    dth_ptr,
+    sq_b,
+    sq_h,
+    sq_n,
+    sk_b,
+    sk_h,
+    sk_n,
+    sv_b,
+    sv_h,
+    sv_n,
+    sb_b,
+    sb_h,
+    sb_n,
+    sb_m,
+    N_Q,
+    N_K,
+    H,
+    D,
+    DV,
+    scale,
+    SPARSEMAX: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -256,8 +424,7 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, st_ptr, dq_ptr, delta_ptr,
         for start_n in range(0, end_n, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             k = _load_rows(k_base, sk_n, offs_n, N_K, offs_d, D, UPCAST)
-            s, _ = _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS,
-                                DOT_PREC)
+            s, _ = _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS, DOT_PREC)
             on = moving[:, None] & (_relative(s, c) > t[:, None])
             support += tl.sum(on.to(tl.float32), axis=1)
             if _any(on):
@@ -283,18 +450,54 @@ def _bwd_dq_kernel(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, st_ptr, dq_ptr, delta_ptr,
                 dq += tl.dot(ds, k, input_precision=DOT_PREC)
             else:
                 dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-    tl.store(dq_ptr + bh * N_Q * D + offs_m[:, None] * D + offs_d[None, :],
-             (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(
+        dq_ptr + bh * N_Q * D + offs_m[:, None] * D + offs_d[None, :],
+        (dq * scale).to(dq_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & (offs_d[None, :] < D),
+    )
     # One partial of dtheta per program; the launcher sums them per head.
     tl.store(dth_ptr + bh * tl.num_programs(0) + pid_m, -tl.sum(tl.where(row_ok, ds_sum, 0.0), axis=0))
 
 
 @triton.jit
-def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, st_ptr, delta_ptr, dk_ptr, dv_ptr,
-                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sb_b, sb_h, sb_n, sb_m,
-                     N_Q, N_K, H, D, DV, scale,
-                     CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+def _bwd_dkdv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    b_ptr,
+    g_ptr,
+    st_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    sq_b,
+    sq_h,
+    sq_n,
+    sk_b,
+    sk_h,
+    sk_n,
+    sv_b,
+    sv_h,
+    sv_n,
+    sb_b,
+    sb_h,
+    sb_n,
+    sb_m,
+    N_Q,
+    N_K,
+    H,
+    D,
+    DV,
+    scale,
+    CAUSAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -333,10 +536,16 @@ def _bwd_dkdv_kernel(q_ptr, k_ptr, v_ptr, b_ptr, g_ptr, st_ptr, delta_ptr, dk_pt
             else:
                 dv += tl.dot(tl.trans(p).to(g.dtype), g, input_precision=DOT_PREC)
                 dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC)
-    tl.store(dk_ptr + bh * N_K * D + offs_n[:, None] * D + offs_d[None, :],
-             (dk * scale).to(dk_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(dv_ptr + bh * N_K * DV + offs_n[:, None] * DV + offs_dv[None, :],
-             dv.to(dv_ptr.dtype.element_ty), mask=col_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(
+        dk_ptr + bh * N_K * D + offs_n[:, None] * D + offs_d[None, :],
+        (dk * scale).to(dk_ptr.dtype.element_ty),
+        mask=col_ok[:, None] & (offs_d[None, :] < D),
+    )
+    tl.store(
+        dv_ptr + bh * N_K * DV + offs_n[:, None] * DV + offs_dv[None, :],
+        dv.to(dv_ptr.dtype.element_ty),
+        mask=col_ok[:, None] & (offs_dv[None, :] < DV),
+    )
 
 
 KERNELS = {"fwd": _fwd_kernel, "bwd_dq": _bwd_dq_kernel, "bwd_dkdv": _bwd_dkdv_kernel}
@@ -353,10 +562,16 @@ def _config(q: Tensor, v: Tensor, bias: Tensor | None) -> dict:
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"the triton sparse-attention kernels take float32/float16/bfloat16, got {q.dtype}")
     block = _block(d, dv)
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, triton.next_power_of_2(d)),
-                BLOCK_DV=max(16, triton.next_power_of_2(dv)), HAS_BIAS=bias is not None,
-                # The interpreter's numpy has no bf16 arithmetic, so values are upcast right after loading.
-                UPCAST=interpreting(), DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    return dict(
+        BLOCK_M=block,
+        BLOCK_N=block,
+        BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_DV=max(16, triton.next_power_of_2(dv)),
+        HAS_BIAS=bias is not None,
+        # The interpreter's numpy has no bf16 arithmetic, so values are upcast right after loading.
+        UPCAST=interpreting(),
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    )
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -390,8 +605,9 @@ def _bad_keys(k: Tensor, v: Tensor) -> Tensor:
     return (~(_finite_rows(k) & _finite_rows(v))).to(torch.int8).contiguous()
 
 
-def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bias: Tensor | None, mode: str,
-                         causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def sparse_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bias: Tensor | None, mode: str, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
     """Launch the forward. q (B,H,N,d), k (B,H,M,d), v (B,H,M,dv) with any strides, threshold (H,), bias None or
     (B,H,N,M) float32 (any strides, zero on broadcast dims).
 
@@ -408,14 +624,43 @@ def sparse_attention_fwd(q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bia
         return out, stats
     bias_ptr, *bias_strides = _bias_args(bias, stats)
     launch(_fwd_kernel)[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
-        q, k, v, th, bias_ptr, _bad_keys(k, v), out, stats, *_strides(q), *_strides(k), *_strides(v),
-        *bias_strides, n, m, h, d, dv, scale, SPARSEMAX=mode == "sparsemax", CAUSAL=causal, **cfg)
+        q,
+        k,
+        v,
+        th,
+        bias_ptr,
+        _bad_keys(k, v),
+        out,
+        stats,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *bias_strides,
+        n,
+        m,
+        h,
+        d,
+        dv,
+        scale,
+        SPARSEMAX=mode == "sparsemax",
+        CAUSAL=causal,
+        **cfg,
+    )
     return out, stats
 
 
-def sparse_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, threshold: Tensor,
-                         bias: Tensor | None, stats: Tensor, mode: str, causal: bool,
-                         scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def sparse_attention_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    threshold: Tensor,
+    bias: Tensor | None,
+    stats: Tensor,
+    mode: str,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward from the saved stats. Shapes as the forward; grad_out (B,H,N,dv).
 
     Returns dq, dk, dv (input dtypes, contiguous) and dthreshold (H,) (zeros for sparsemax).
@@ -436,11 +681,30 @@ def sparse_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, thre
     strides = (*_strides(q), *_strides(k), *_strides(v), *bias_strides)
     if n > 0 and b * h > 0:
         launch(_bwd_dq_kernel)[(n_qblocks, b * h)](
-            q, k, v, bias_ptr, g, st, dq, delta, dth_partial, *strides, n, m, h, d, dv_, scale,
-            SPARSEMAX=mode == "sparsemax", CAUSAL=causal, **cfg)
+            q,
+            k,
+            v,
+            bias_ptr,
+            g,
+            st,
+            dq,
+            delta,
+            dth_partial,
+            *strides,
+            n,
+            m,
+            h,
+            d,
+            dv_,
+            scale,
+            SPARSEMAX=mode == "sparsemax",
+            CAUSAL=causal,
+            **cfg,
+        )
         if m > 0:
             launch(_bwd_dkdv_kernel)[(triton.cdiv(m, cfg["BLOCK_N"]), b * h)](
-                q, k, v, bias_ptr, g, st, delta, dk, dv, *strides, n, m, h, d, dv_, scale, CAUSAL=causal, **cfg)
+                q, k, v, bias_ptr, g, st, delta, dk, dv, *strides, n, m, h, d, dv_, scale, CAUSAL=causal, **cfg
+            )
     if mode == "sparsemax":
         dth = torch.zeros_like(threshold)
     else:
@@ -448,9 +712,18 @@ def sparse_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, thre
     return dq, dk, dv, dth
 
 
-def aot_specializations(b: int, h: int, n: int, m: int, d: int, dv: int | None = None,
-                        dtype: torch.dtype = torch.float16, *, causal: bool = True,
-                        with_bias: bool = False) -> list[AotSpec]:
+def aot_specializations(
+    b: int,
+    h: int,
+    n: int,
+    m: int,
+    d: int,
+    dv: int | None = None,
+    dtype: torch.dtype = torch.float16,
+    *,
+    causal: bool = True,
+    with_bias: bool = False,
+) -> list[AotSpec]:
     """Every kernel specialisation the launchers make on one problem (both modes, forward and backward), recorded
     on meta tensors without running anything: q (b, h, n, d), k (b, h, m, d), v (b, h, m, dv or d), a key padding
     bias when ``with_bias``. Call without TRITON_INTERPRET (the interpreter's block sizes differ)."""
@@ -465,7 +738,7 @@ def aot_specializations(b: int, h: int, n: int, m: int, d: int, dv: int | None =
 
     def run():
         for mode in ("sparsemax", "shrink"):
-            out, stats = sparse_attention_fwd(q, k, v, th, bias, mode, causal, d ** -0.5)
-            sparse_attention_bwd(torch.empty_like(out), q, k, v, th, bias, stats, mode, causal, d ** -0.5)
+            out, stats = sparse_attention_fwd(q, k, v, th, bias, mode, causal, d**-0.5)
+            sparse_attention_bwd(torch.empty_like(out), q, k, v, th, bias, stats, mode, causal, d**-0.5)
 
     return record_launches(run)
