@@ -149,25 +149,32 @@ def flat_leaves(problem: dict) -> list[tuple[str, torch.Tensor]]:
     return named
 
 
+def op_arguments(problem: dict, **overrides) -> dict:
+    """functional's argument normalisation (_ml_ista_args.ml_ista_arguments) of ``problem``, no default step;
+    ``overrides`` replace the problem's z0 / interleaved."""
+    p = {"z0": problem.get("z0"), "interleaved": problem["interleaved"], **overrides}
+    return ml_args.ml_ista_arguments(
+        problem["x"],
+        problem["weights"],
+        problem["thresholds"],
+        n_iter=problem["n_iter"],
+        steps=problem["steps"],
+        strides=problem["strides"],
+        paddings=problem["paddings"],
+        encoder_weights=problem["encoder_weights"],
+        input_encoder_weights=problem["input_encoder_weights"],
+        z0=p["z0"],
+        nonneg=problem["nonneg"],
+        interleaved=p["interleaved"],
+        default_step=None,
+    )
+
+
 def run_row(problem: dict, backend: str, *, hand_written_vjp: bool = True, recompute: bool = False):
     """The codes of ``problem`` on ``backend``'s ml_ista row; for the reference, ``hand_written_vjp`` runs its op pair
     (ml_ista_fwd_ref / ml_ista_bwd_ref) instead of autograd through the eager oracle."""
     p = problem
-    args = ml_args.ml_ista_arguments(
-        p["x"],
-        p["weights"],
-        p["thresholds"],
-        n_iter=p["n_iter"],
-        steps=p["steps"],
-        strides=p["strides"],
-        paddings=p["paddings"],
-        encoder_weights=p["encoder_weights"],
-        input_encoder_weights=p["input_encoder_weights"],
-        z0=p.get("z0"),
-        nonneg=p["nonneg"],
-        interleaved=p["interleaved"],
-        default_step=None,
-    )
+    args = op_arguments(p)
     row = table.row("ml_ista", backend)
     if hand_written_vjp and row.eager is not None:
         row = replace(row, eager=None)

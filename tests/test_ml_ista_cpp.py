@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ml_ista_problems import CASES, codes_and_grads, make_problem, run_functional, run_row
+from ml_ista_problems import CASES, codes_and_grads, make_problem, op_arguments, run_functional, run_row
 
 import dsc_kernels.functional as DF
 from dsc_kernels import _ext
-from dsc_kernels import _ml_ista_args as ml_args
 from dsc_kernels.nn import MultiLayerSparseCoding2d
 from dsc_kernels.ops import ml_ista as ml_ista_ops
 
@@ -84,21 +83,7 @@ def test_cpp_without_grad_saves_nothing():
 
 def _op_inputs(case: str, checkpoint: int):
     p = make_problem(case)
-    args = ml_args.ml_ista_arguments(
-        p["x"],
-        p["weights"],
-        p["thresholds"],
-        n_iter=p["n_iter"],
-        steps=p["steps"],
-        strides=p["strides"],
-        paddings=p["paddings"],
-        encoder_weights=p["encoder_weights"],
-        input_encoder_weights=p["input_encoder_weights"],
-        z0=p.get("z0"),
-        nonneg=p["nonneg"],
-        interleaved=p["interleaved"],
-        default_step=None,
-    )
+    args = op_arguments(p)
     req = [t.requires_grad_() for t in (p["x"], *args["weights"], *args["thresholds"], *args["steps"])]
     assert req
     return (

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from ml_ista_problems import CASES, codes_and_grads, make_problem, run_functional, run_row
+from ml_ista_problems import CASES, codes_and_grads, make_problem, op_arguments, run_functional, run_row
 
 import dsc_kernels.functional as DF
 from dsc_kernels.ops import ml_ista as ml_ista_ops
@@ -211,24 +211,9 @@ def test_reference_op_gradcheck(case, fast):
 
 def test_reference_ops_pass_opcheck():
     problem = make_problem("mixed-encoders")
-    from dsc_kernels import _ml_ista_args as ml_args
 
     p = problem
-    args = ml_args.ml_ista_arguments(
-        p["x"],
-        p["weights"],
-        p["thresholds"],
-        n_iter=p["n_iter"],
-        steps=p["steps"],
-        strides=p["strides"],
-        paddings=p["paddings"],
-        encoder_weights=p["encoder_weights"],
-        input_encoder_weights=p["input_encoder_weights"],
-        z0=None,
-        nonneg=p["nonneg"],
-        interleaved=False,
-        default_step=None,
-    )
+    args = op_arguments(p, z0=None, interleaved=False)
     fwd = ml_ista_ops.op_pair("reference").forward
     for checkpoint in (1, 0):
         inputs = (

@@ -26,7 +26,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -188,30 +188,31 @@ def forward_backward(fn: Callable[[], torch.Tensor], p: dict) -> Callable[[], No
     return run
 
 
-def _differences(fn: Callable[[], torch.Tensor], ref: Callable[[], torch.Tensor], p: dict) -> dict:
-    """z and the gradients of <z, g> of fn against ref's: the fraction of entries whose support differs, z's error
+def _outputs(fn: Callable[[], torch.Tensor], p: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """fn's z and the gradients of <z, g> into p's leaves (g a fixed random cotangent)."""
+    z = fn()
+    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(z.dtype)
+    return z.detach(), torch.autograd.grad((z * g).sum(), _leaves(p))
+
+
+def _differences(got: tuple, want: tuple) -> dict:
+    """_outputs of a provider against the reference's: the fraction of entries whose support differs, z's error
     where the supports agree and the largest gradient error, both relative to max(1, the reference's magnitude)."""
-    leaves = _leaves(p)
-    zs, grads = [], []
-    for f in (ref, fn):
-        z = f()
-        g = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(z.dtype)
-        grads.append(torch.autograd.grad((z * g).sum(), leaves))
-        zs.append(z.detach())
-    z_ref, z = zs
+    (z, grads), (z_ref, grads_ref) = got, want
     same = (z != 0) == (z_ref != 0)
     scale = max(1.0, z_ref.abs().max().item())
     return {
         "z_err": ((z - z_ref)[same].abs().max().item() if same.any() else 0.0) / scale,
         "support_flips": 1.0 - same.float().mean().item(),
         "grad_err": max(
-            ((a - b).abs().max() / max(1.0, b.abs().max().item())).item() for a, b in zip(grads[1], grads[0])
+            ((a - b).abs().max() / max(1.0, b.abs().max().item())).item() for a, b in zip(grads, grads_ref)
         ),
     }
 
 
-def check_against_reference(shape: SweepShape, provider: str, rtol: float = 2e-3) -> dict:
-    """A provider against the reference before it is timed; raises AssertionError when off.
+def check_against_reference(shape: SweepShape, providers: Sequence[str], rtol: float = 2e-3) -> dict[str, dict]:
+    """Every provider against the reference before it is timed ({provider: {dtype: differences}}); raises
+    AssertionError when one is off.
 
     float64 checks the math: z and every gradient agree to 1e-9 with no support flip. float32 (what is timed) checks
     that z agrees where the supports agree, that at most 1% of entries flip, and that no gradient is grossly off
@@ -219,17 +220,18 @@ def check_against_reference(shape: SweepShape, provider: str, rtol: float = 2e-3
     between two float32 computations that sum in different orders (the reference's own float32 run against float64
     included), and one flip moves the gradients near it by O(1): across seeds such flips hit the reference and the
     fused strategies alike, so a tight float32 gradient bound would test luck, not the kernels."""
-    out = {}
+    out: dict[str, dict] = {k: {} for k in providers}
     for dtype, name in ((torch.float64, "float64"), (torch.float32, "float32")):
         p = make_problem(shape, requires_grad=True, dtype=dtype)
-        d = _differences(provider_fn(provider, shape, p), provider_fn("reference", shape, p), p)
-        out[name] = d
-        if dtype == torch.float64:
-            bad = d["support_flips"] > 0 or d["z_err"] > 1e-9 or d["grad_err"] > 1e-8
-        else:
-            bad = d["support_flips"] > 0.01 or d["z_err"] > rtol or not d["grad_err"] <= 0.25
-        if bad:
-            raise AssertionError(f"{provider} differs from the reference on {shape.name} in {name}: {d}")
+        want = _outputs(provider_fn("reference", shape, p), p)
+        for provider in providers:
+            d = out[provider][name] = _differences(_outputs(provider_fn(provider, shape, p), p), want)
+            if dtype == torch.float64:
+                bad = d["support_flips"] > 0 or d["z_err"] > 1e-9 or d["grad_err"] > 1e-8
+            else:
+                bad = d["support_flips"] > 0.01 or d["z_err"] > rtol or not d["grad_err"] <= 0.25
+            if bad:
+                raise AssertionError(f"{provider} differs from the reference on {shape.name} in {name}: {d}")
     return out
 
 
@@ -267,9 +269,9 @@ def measure_shape(shape: SweepShape, providers: tuple[str, ...], *, rounds: int 
         p = make_problem(shape, requires_grad=mode == "forward_backward")
         fns = {k: provider_fn(k, shape, p) for k in providers}
         if mode == "forward":
-            for k in providers:
-                if k != "reference":
-                    results[k]["check"] = check_against_reference(shape, k)
+            checks = check_against_reference(shape, [k for k in providers if k != "reference"])
+            for k, c in checks.items():
+                results[k]["check"] = c
             timed = {k: (lambda f=f: f().detach()) for k, f in fns.items()}
             with torch.no_grad():
                 res = _time_interleaved(timed, rounds)
