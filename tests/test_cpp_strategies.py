@@ -13,6 +13,7 @@ import dsc_kernels.functional as DF
 from dsc_kernels import _ext
 from dsc_kernels.ops import op_pair
 from dsc_kernels.reference.conv_ista import (
+    NO_BACKWARD,
     conv_ista_bwd_ref,
     conv_ista_fwd_ref,
     conv_ista_ref,
@@ -89,6 +90,25 @@ def test_op_pair_matches_reference_fp64(
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
+@pytest.mark.parametrize("name,xs,ws,stride,padding", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
+def test_forward_without_backward_matches_reference_fp64(monkeypatch, strategy, fista, name, xs, ws, stride, padding):
+    """checkpoint NO_BACKWARD (a forward no backward follows; the gemm strategy then chunks the batch for speed
+    alone): the same z as the reference, nothing saved, on a batch of 40 so chunk sizes differ from save mode's."""
+    monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
+    xs = (40, *xs[1:])
+    x, w, we, lam, step = _tensors(xs, ws, 5, untied=True, z0=False, dtype=torch.float64)
+    z0 = _z0(x, w, stride, padding, True, torch.float64)
+    geo = (stride, padding, False, fista)
+    z, saved = ops.conv_ista_fwd_cpp(x, w, we, lam, step, z0, *geo, NO_BACKWARD)
+    z_ref, _ = conv_ista_fwd_ref(x, w, we, lam, step, z0, *geo, 0)
+    assert saved.numel() == 0
+    torch.testing.assert_close(z, z_ref, rtol=1e-11, atol=1e-11)
+    with pytest.raises(RuntimeError, match="checkpoint"):
+        ops.conv_ista_bwd_cpp(torch.ones_like(z), x, w, we, lam, step, z0, z.new_empty(0), saved, *geo, NO_BACKWARD)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("name,xs,ws,stride,padding", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
 def test_functional_fp32_matches_autograd_reference(monkeypatch, strategy, name, xs, ws, stride, padding):
     """Through functional and autograd in fp32 (save mode, FISTA, untied): z and the gradients of every input
@@ -149,8 +169,15 @@ def test_automatic_choice_covers_both_strategies(monkeypatch):
     in any case; empty problems run neither."""
     monkeypatch.delenv("DSC_KERNELS_CPP_STRATEGY", raising=False)
     few, many = ((4, 1, 64, 64), (32, 1, 7, 7)), ((64, 32, 8, 8), (32, 32, 3, 3))
+    # every branch of choose_strategy (strategy.cpp), in its order
+    assert _strategy((8, 64, 4, 4), (128, 64, 4, 4), padding=(0, 0)) == 1  # the kernel covers the map
+    assert _strategy(*many) == 1  # >= 32 signal channels
+    assert _strategy((8, 64, 1, 64), (64, 64, 1, 3), padding=(0, 1)) == 1  # ... in 1-D too
+    assert _strategy((8, 8, 1, 64), (64, 8, 1, 3), padding=(0, 1)) == 0  # 1-D, fewer channels
+    assert _strategy((8, 3, 16, 16), (96, 3, 3, 3), stride=(3, 3), padding=(0, 0)) == 1  # a 5 x 5 code map
+    assert _strategy((8, 8, 16, 16), (64, 8, 5, 5), padding=(2, 2)) == 1  # 16 x 16 with 8 signal channels
+    assert _strategy((8, 3, 16, 16), (64, 3, 5, 5), padding=(2, 2)) == 0  # ... with 3
     assert _strategy(*few, padding=(3, 3)) == 0
-    assert _strategy(*many) == 1
     assert len({_strategy(*many) for _ in range(5)}) == 1
     for value, want in (("direct", 0), ("GEMM", 1), ("auto", 1), ("", 1)):
         monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", value)

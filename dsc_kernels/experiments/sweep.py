@@ -21,6 +21,7 @@ eager memory (< 1: leaner).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -147,28 +148,44 @@ def provider_fn(provider: str, shape: SweepShape, p: dict, *, recompute: bool = 
         step = torch.full((n,), p["step"], dtype=p["x"].dtype)
         return lambda: fn(p["x"], p["weight"], lam, step, encoder_weight=p["encoder_weight"], **kw)
     backend = {"reference": "reference", "auto": "auto"}.get(provider, "cpp")
-    strategy = provider.removeprefix("cpp-") if provider.startswith("cpp-") else None
 
     def run() -> torch.Tensor:
-        old = os.environ.pop(STRATEGY_ENV, None)
-        if strategy:
-            os.environ[STRATEGY_ENV] = strategy
-        try:
-            return DF.conv_ista(
-                p["x"],
-                p["weight"],
-                p["lam"],
-                n_iter=shape.n_iter,
-                step=p["step"],
-                encoder_weight=p["encoder_weight"],
-                backend=backend,
-                recompute=recompute,
-                **kw,
-            )
-        finally:
-            os.environ.pop(STRATEGY_ENV, None)
-            if old is not None:
-                os.environ[STRATEGY_ENV] = old
+        return DF.conv_ista(
+            p["x"],
+            p["weight"],
+            p["lam"],
+            n_iter=shape.n_iter,
+            step=p["step"],
+            encoder_weight=p["encoder_weight"],
+            backend=backend,
+            recompute=recompute,
+            **kw,
+        )
+
+    return run
+
+
+@contextlib.contextmanager
+def strategy_env(provider: str):
+    """DSC_KERNELS_CPP_STRATEGY as ``provider`` asks ("cpp-direct", "cpp-gemm": forced; any other: the rule), for
+    everything inside: a forward and its backward must run under the same setting (the env is read on every call)."""
+    old = os.environ.pop(STRATEGY_ENV, None)
+    if provider.startswith("cpp-"):
+        os.environ[STRATEGY_ENV] = provider.removeprefix("cpp-")
+    try:
+        yield
+    finally:
+        os.environ.pop(STRATEGY_ENV, None)
+        if old is not None:
+            os.environ[STRATEGY_ENV] = old
+
+
+def in_strategy(provider: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn run under strategy_env(provider)."""
+
+    def run():
+        with strategy_env(provider):
+            return fn()
 
     return run
 
@@ -225,7 +242,9 @@ def check_against_reference(shape: SweepShape, providers: Sequence[str], rtol: f
         p = make_problem(shape, requires_grad=True, dtype=dtype)
         want = _outputs(provider_fn("reference", shape, p), p)
         for provider in providers:
-            d = out[provider][name] = _differences(_outputs(provider_fn(provider, shape, p), p), want)
+            with strategy_env(provider):
+                got = _outputs(provider_fn(provider, shape, p), p)
+            d = out[provider][name] = _differences(got, want)
             if dtype == torch.float64:
                 bad = d["support_flips"] > 0 or d["z_err"] > 1e-9 or d["grad_err"] > 1e-8
             else:
@@ -272,19 +291,20 @@ def measure_shape(shape: SweepShape, providers: tuple[str, ...], *, rounds: int 
             checks = check_against_reference(shape, [k for k in providers if k != "reference"])
             for k, c in checks.items():
                 results[k]["check"] = c
-            timed = {k: (lambda f=f: f().detach()) for k, f in fns.items()}
+            timed = {k: in_strategy(k, lambda f=f: f().detach()) for k, f in fns.items()}
             with torch.no_grad():
                 res = _time_interleaved(timed, rounds)
         else:
-            res = _time_interleaved({k: forward_backward(f, p) for k, f in fns.items()}, rounds)
+            res = _time_interleaved({k: in_strategy(k, forward_backward(f, p)) for k, f in fns.items()}, rounds)
         for k, r in res.items():
             results[k][mode] = r
         if memory and mode == "forward_backward":
             for k in providers:
-                results[k]["train_peak_bytes"] = S.train_step_peak_bytes(fns[k], p, "cpu")
-                if k.startswith("cpp"):
-                    rec = provider_fn(k, shape, p, recompute=True)
-                    results[k]["train_peak_bytes_recompute"] = S.train_step_peak_bytes(rec, p, "cpu")
+                with strategy_env(k):
+                    results[k]["train_peak_bytes"] = S.train_step_peak_bytes(fns[k], p, "cpu")
+                    if k.startswith("cpp"):
+                        rec = provider_fn(k, shape, p, recompute=True)
+                        results[k]["train_peak_bytes_recompute"] = S.train_step_peak_bytes(rec, p, "cpu")
     if "cpp" in results:
         results["cpp"]["strategy"] = cpp_strategy(shape)
     base = results["reference"]

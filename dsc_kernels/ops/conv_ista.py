@@ -9,9 +9,9 @@ carry it as annotations; ``tests/test_backend_table.py`` checks all three):
 
 on canonical 2-D tensors (docs/design.md, "The fused-op contract"). The forward saves the code iterates
 ``reference.conv_ista.checkpoint_indices`` names (every ``checkpoint``-th; all of them for 1) or none
-(``checkpoint == 0``, recompute mode); the active set of iteration k is recovered as ``z_{k+1} != 0``, so no mask
-is stored. An empty ``z0`` stands for zeros (and gets an empty gradient), so a problem started from zero allocates
-no code-sized z0.
+(``checkpoint == 0``, recompute mode; ``NO_BACKWARD``, no backward will follow); the active set of iteration k is
+recovered as ``z_{k+1} != 0``, so no mask is stored. An empty ``z0`` stands for zeros (and gets an empty gradient),
+so a problem started from zero allocates no code-sized z0.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..reference.conv import code_size
-from ..reference.conv_ista import checkpoint_indices
+from ..reference.conv_ista import NO_BACKWARD, checkpoint_indices
 from . import table
 from .registry import FamilySpec, OpPair, implementation
 from .registry import op_pair as _register_pair
@@ -43,7 +43,7 @@ BWD_SCHEMA = (
 def _fake_fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, checkpoint):
     z_shape = (x.shape[0], weight.shape[0], *code_size(x.shape[2:], weight.shape[2:], stride, padding))
     z = x.new_empty(z_shape)
-    if checkpoint == 0:
+    if checkpoint <= 0:
         return z, x.new_empty(0)
     return z, x.new_empty((len(checkpoint_indices(step.shape[0], checkpoint, fista)), *z_shape))
 
@@ -58,7 +58,7 @@ def _make_autograd(bwd_op):
         z, saved = output
         # Recompute mode keeps nothing code-sized alive for the backward, not even the output: an empty z tells the
         # backward to replay z_n too.
-        ctx.save_for_backward(x, weight, encoder_weight, lam, step, z0, z if checkpoint else z.new_empty(0), saved)
+        ctx.save_for_backward(x, weight, encoder_weight, lam, step, z0, z if checkpoint > 0 else z.new_empty(0), saved)
         ctx.config = (stride, padding, nonneg, fista, checkpoint)
         ctx.mark_non_differentiable(saved)
         ctx.set_materialize_grads(False)  # else autograd allocates a zero grad for `saved`
@@ -125,7 +125,7 @@ def run(
     z0 = x.new_empty(0) if z0 is None else z0.contiguous()  # empty: zeros, never materialised
     encoder_weight = weight if encoder_weight is None else encoder_weight
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, encoder_weight, lam, step, z0))
-    checkpoint = 0 if recompute or not needs_grad else row.save_interval[int(fista)]
+    checkpoint = NO_BACKWARD if not needs_grad else 0 if recompute else row.save_interval[int(fista)]
     z, _ = op_pair(row.name).forward(
         x.contiguous(),
         weight.contiguous(),

@@ -91,15 +91,20 @@ def conv_ista_ref(
     return z
 
 
+# The fused forward's checkpoint when no backward will follow (inference): nothing is saved, as in recompute mode,
+# and a backend may size its workspace for speed alone.
+NO_BACKWARD = -1
+
+
 def checkpoint_indices(n_iter: int, checkpoint: int, fista: bool) -> list[int]:
     """Which iterates z_k the fused forward saves for the backward, with checkpoint interval ``checkpoint``.
 
-    0 saves none (recompute mode: the backward replays from z0). m >= 1 saves z_k for 1 <= k < n_iter with
-    k % m == 0 (FISTA also k % m == m - 1, since a replay from z_k needs z_{k-1} too): the backward replays each
-    segment [s, s + m) from its checkpoint, one forward iteration less than the segment's length. z_0 is the input
-    z0 and z_n the output, so neither is saved twice. m = 1 saves every iterate.
+    0 saves none (recompute mode: the backward replays from z0), and so does ``NO_BACKWARD``. m >= 1 saves z_k for
+    1 <= k < n_iter with k % m == 0 (FISTA also k % m == m - 1, since a replay from z_k needs z_{k-1} too): the
+    backward replays each segment [s, s + m) from its checkpoint, one forward iteration less than the segment's
+    length. z_0 is the input z0 and z_n the output, so neither is saved twice. m = 1 saves every iterate.
     """
-    if checkpoint == 0:
+    if checkpoint <= 0:
         return []
     return [k for k in range(1, n_iter) if k % checkpoint == 0 or (fista and (k + 1) % checkpoint == 0)]
 
@@ -126,13 +131,13 @@ def conv_ista_fwd_ref(
     checkpoint: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the fused-op interface: returns ``(z_n, saved)``, ``saved`` (len(idx), *z.shape) holding z_k for k
-    in ``checkpoint_indices(n_iter, checkpoint, fista)``, or an empty (0,) tensor when ``checkpoint == 0``.
+    in ``checkpoint_indices(n_iter, checkpoint, fista)``, or an empty (0,) tensor when ``checkpoint <= 0``.
     An empty ``z0`` means zeros."""
     z0 = zeros_if_empty(z0, x, weight, stride, padding)
     with torch.no_grad():
         iterates = _run_iterates(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista)
     z = iterates[-1]
-    if checkpoint == 0:
+    if checkpoint <= 0:
         return z, x.new_empty(0)
     idx = checkpoint_indices(step.shape[0], checkpoint, fista)
     saved = torch.stack([iterates[k] for k in idx]) if idx else z.new_empty((0, *z.shape))

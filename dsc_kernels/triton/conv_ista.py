@@ -59,7 +59,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.conv import code_size
-from ..reference.conv_ista import fista_momentum, zeros_if_empty
+from ..reference.conv_ista import NO_BACKWARD, fista_momentum, zeros_if_empty
 from .launch import AotSpec, interpreting, launch, record_launches
 
 __all__ = ["conv_ista_fwd", "conv_ista_bwd", "KERNELS", "aot_specializations", "fwd_config"]
@@ -930,11 +930,11 @@ class _Forward:
         return buf
 
 
-def _check_checkpoint(checkpoint: int) -> None:
-    if checkpoint not in (0, 1):
+def _check_checkpoint(checkpoint: int, *, backward: bool) -> None:
+    if checkpoint not in (0, 1) and (backward or checkpoint != NO_BACKWARD):
         raise ValueError(
             f"the triton conv-ISTA backward reads every iterate or replays from z0: checkpoint must be "
-            f"0 or 1, got {checkpoint}"
+            f"0 or 1 (or NO_BACKWARD, -1, for a forward without backward), got {checkpoint}"
         )
 
 
@@ -955,7 +955,7 @@ def conv_ista_fwd(
     (C_code, C_sig, kh, kw); lam: (n_iter, C_code); step: (n_iter,); z0: (B, C_code, Hz, Wz) or empty (zeros).
     Returns (z_n, saved): z_1..z_{n-1} (n_iter - 1, B, C_code, Hz, Wz) for checkpoint 1, an empty (0,) tensor for
     checkpoint 0 (recompute mode)."""
-    _check_checkpoint(checkpoint)
+    _check_checkpoint(checkpoint, backward=False)
     z0 = zeros_if_empty(z0, x, weight, stride, padding)
     n = step.shape[0]
     save = checkpoint == 1
@@ -991,7 +991,7 @@ def conv_ista_bwd(
     """Backward of the fused-op interface: grads of (x, weight, encoder_weight, lam, step, z0), each of its
     input's shape (an empty z0's grad is empty). ``saved`` holds z_1..z_{n-1} (checkpoint 1); checkpoint 0 is
     recompute mode: the forward is replayed from z0, z_n included (z is then empty)."""
-    _check_checkpoint(checkpoint)
+    _check_checkpoint(checkpoint, backward=True)
     z0_given = z0.numel() > 0
     z0 = zeros_if_empty(z0, x, weight, stride, padding)
     n_iter = step.shape[0]

@@ -53,41 +53,49 @@ CorrelationPlan<T> make_analysis_plan(const ConvGeometry& g, const T* w) {
 // each phase (ph, pw) is a unit-stride correlation of y itself with a flipped sub-kernel, producing the signal
 // columns w = w_first_pw + SW m: only useful multiply-adds, whatever the stride (a phase no tap reaches, stride >
 // kernel, gets an empty kernel and yields zeros).
+// The SW column phases of one row phase read the same code rows, at window starts at most ceil(KW / SW) apart, so
+// they run as one correlation with Cs x SW output channels (channel pw Cs + s) over the union of their windows (taps
+// outside a phase's own window weigh zero): each code vector loaded feeds SW Cs FMAs instead of Cs. With one signal
+// channel and stride 8 (CSCNet) the per-phase tiles (1 channel x 2 vectors) re-read every code row 8 times and were
+// bound by those loads, a third of the backward.
 template <typename T>
 struct PolyphaseSynthesis {
   ConvGeometry g;
   int64_t TA;                              // code rows the tallest phase reads (phase 0)
   std::vector<int64_t> ta;                 // [ph]: kernel rows of row phase ph
-  std::vector<int64_t> wfirst, wcnt, col;  // [pw]: first signal column, column count, ybuf column of its window
+  std::vector<int64_t> wfirst, wcnt;       // [pw]: first signal column, column count
+  int64_t wmax;                            // the widest column phase
   int64_t ycol0, ywidth;                   // code column of ybuf column 0; ybuf row width
-  std::vector<CorrelationPlan<T>> plans;   // [ph * SW + pw]
+  std::vector<CorrelationPlan<T>> plans;   // [ph]: all column phases of row phase ph
 
   PolyphaseSynthesis(const ConvGeometry& g_, const T* w) : g(g_), TA((g_.KH + g_.SH - 1) / g_.SH) {
     for (int64_t ph = 0; ph < g.SH; ++ph) ta.push_back(std::max<int64_t>(0, (g.KH - ph + g.SH - 1) / g.SH));
-    std::vector<int64_t> tb, rfirst;
+    std::vector<int64_t> tb, start;  // [pw]: kernel columns, first code column of the window (relative)
+    wmax = 1;
     for (int64_t pw = 0; pw < g.SW; ++pw) {
       tb.push_back(std::max<int64_t>(0, (g.KW - pw + g.SW - 1) / g.SW));
       const int64_t wf = ((pw - g.PW) % g.SW + g.SW) % g.SW;
       wfirst.push_back(wf);
       wcnt.push_back(wf < g.W ? (g.W - wf + g.SW - 1) / g.SW : 0);
-      rfirst.push_back((wf + g.PW) / g.SW);
+      wmax = std::max(wmax, wcnt[pw]);
+      start.push_back((wf + g.PW) / g.SW - tb[pw] + 1);
     }
-    for (int64_t ph = 0; ph < g.SH; ++ph)
-      for (int64_t pw = 0; pw < g.SW; ++pw) {
-        const int64_t A = ta[ph], Bw = tb[pw];
-        plans.emplace_back(g.Cs, g.Cc, A, Bw, std::max<int64_t>(1, wcnt[pw]), std::vector<int64_t>(),
-                           [&](int64_t s, int64_t c, int64_t t, int64_t u) {
-                             return w[((c * g.Cs + s) * g.KH + ph + g.SH * (A - 1 - t)) * g.KW + pw +
-                                      g.SW * (Bw - 1 - u)];
-                           });
-      }
-    ycol0 = rfirst[0] - tb[0] + 1;
-    for (int64_t pw = 1; pw < g.SW; ++pw) ycol0 = std::min(ycol0, rfirst[pw] - tb[pw] + 1);
-    ywidth = 1;
-    for (int64_t pw = 0; pw < g.SW; ++pw) {
-      col.push_back(rfirst[pw] - tb[pw] + 1 - ycol0);
-      ywidth = std::max(ywidth, col[pw] + plans[pw].in_width(wcnt[pw]));
+    ycol0 = *std::min_element(start.begin(), start.end());
+    int64_t union_taps = 1;
+    for (int64_t pw = 0; pw < g.SW; ++pw) union_taps = std::max(union_taps, start[pw] - ycol0 + tb[pw]);
+    const int64_t CO = g.Cs * g.SW;
+    for (int64_t ph = 0; ph < g.SH; ++ph) {
+      const int64_t A = ta[ph];
+      plans.emplace_back(CO, g.Cc, A, union_taps, wmax, std::vector<int64_t>(),
+                         [&](int64_t co, int64_t c, int64_t t, int64_t u) {
+                           const int64_t pw = co / g.Cs, s = co % g.Cs, Bw = tb[pw];
+                           const int64_t uu = u - (start[pw] - ycol0);  // the tap in phase pw's own window
+                           if (uu < 0 || uu >= Bw) return T(0);
+                           return w[((c * g.Cs + s) * g.KH + ph + g.SH * (A - 1 - t)) * g.KW + pw +
+                                    g.SW * (Bw - 1 - uu)];
+                         });
     }
+    ywidth = std::max<int64_t>(1, plans[0].in_width(wmax));
   }
 
   // ybuf rows for `sig_rows` signal rows (any alignment).
@@ -107,14 +115,12 @@ struct PolyphaseSynthesis {
     for (int64_t h = hs0; h < hs0 + nh; ++h) {
       const int64_t ph = (h + g.PH) % g.SH;
       const T* base = ybuf + ((h + g.PH) / g.SH - ta[ph] + 1 - y0) * ywidth;
-      for (int64_t pw = 0; pw < g.SW; ++pw) {
-        const int64_t wf = wfirst[pw];
-        plans[ph * g.SW + pw].row(base + col[pw], ics, ywidth, wcnt[pw],
-                                  [&](int64_t s, int64_t j0, const T* v, int64_t cnt) {
-                                    T* __restrict o = out + s * g.W + wf + j0 * g.SW;
-                                    for (int64_t m = 0; m < cnt; ++m) o[m * g.SW] = v[m];
-                                  });
-      }
+      plans[ph].row(base, ics, ywidth, wmax, [&](int64_t co, int64_t j0, const T* v, int64_t cnt) {
+        const int64_t pw = co / g.Cs, s = co % g.Cs;
+        const int64_t n = std::min(cnt, wcnt[pw] - j0);
+        T* __restrict o = out + s * g.W + wfirst[pw] + j0 * g.SW;
+        for (int64_t m = 0; m < n; ++m) o[m * g.SW] = v[m];
+      });
       for (int64_t s = 0; s < g.Cs; ++s) epi(s, h, static_cast<const T*>(out + s * g.W), g.W);
     }
   }

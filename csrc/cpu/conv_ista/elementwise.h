@@ -2,6 +2,9 @@
 //
 //     threshold_row  z = S_th(y + step e)                         (forward epilogue; S+ when nonneg)
 //     mask_row       g := g [z != 0],  returns sum g sign(z)      (the active set; dL/dth collects minus the sum)
+// Rows are one channel of one item (channels-first codes, one threshold per row), or one pixel of one item
+// (channels-last codes, the gemm strategy's): threshold_pixel and mask_pixel take a threshold and collect a sum per
+// channel.
 //     axpy_dot       gx += step v,     returns <v, r>             (dL/dx and the <v, r_k> term of dL/dstep)
 //     dot            <a, b>
 //     CodeRowSource  y = z_k + beta (z_k - z_{k-1})               (FISTA's momentum point, read row by row)
@@ -61,21 +64,21 @@ inline double for_lanes(int64_t n, Body&& body) {
 
 // S_th(u) = u - clamp(u, -th, th) (S+: max(u - th, 0)), branch-free; exactly 0 for |u| <= th, and NaN passes
 // through both forms (as in softshrink / relu).
-template <bool NONNEG, typename U, typename T>
-inline U shrink(U u, T th) {
-  const U t = broadcast<U>(th);
+template <bool NONNEG, typename U>
+inline U shrink(U u, U t) {
   if (NONNEG) return u - t < U{} ? U{} : u - t;
   const U lo = u < -t ? -t : u;
   return u - (lo > t ? t : lo);
 }
 
-template <bool NONNEG, typename T>
-inline void threshold_row_impl(T* out, const T* y, const T* e, T step, T th, int64_t cnt) {
+// th(i, U{}): the thresholds of entries i .. i + lanes.
+template <bool NONNEG, typename T, class Th>
+inline void threshold_impl(T* out, const T* y, const T* e, T step, Th&& th, int64_t cnt) {
   for_lanes<T>(cnt, [&](int64_t i, auto tag) {
     using U = decltype(tag);
     U u = y ? load<U>(y + i) : U{};
     if (e) u += step * load<U>(e + i);
-    store(out + i, shrink<NONNEG>(u, th));
+    store(out + i, shrink<NONNEG>(u, th(i, tag)));
     return U{};
   });
 }
@@ -84,10 +87,21 @@ inline void threshold_row_impl(T* out, const T* y, const T* e, T step, T th, int
 // out itself.
 template <typename T>
 inline void threshold_row(T* out, const T* y, const T* e, T step, T th, int64_t cnt, bool nonneg) {
+  auto same = [th](int64_t, auto tag) { return broadcast<decltype(tag)>(th); };
   if (nonneg)
-    threshold_row_impl<true>(out, y, e, step, th, cnt);
+    threshold_impl<true>(out, y, e, step, same, cnt);
   else
-    threshold_row_impl<false>(out, y, e, step, th, cnt);
+    threshold_impl<false>(out, y, e, step, same, cnt);
+}
+
+// threshold_row over one pixel's cnt channels, channel c thresholded at th[c].
+template <typename T>
+inline void threshold_pixel(T* out, const T* y, const T* e, T step, const T* th, int64_t cnt, bool nonneg) {
+  auto per_channel = [th](int64_t i, auto tag) { return load<decltype(tag)>(th + i); };
+  if (nonneg)
+    threshold_impl<true>(out, y, e, step, per_channel, cnt);
+  else
+    threshold_impl<false>(out, y, e, step, per_channel, cnt);
 }
 
 // The active set of the iteration that produced z applied to its gradient g in place, g := g [z != 0]; returns
@@ -100,6 +114,19 @@ inline double mask_row(T* g, const T* z, int64_t cnt, bool nonneg) {
     const U gg = zz != U{} ? load<U>(g + i) : U{};
     store(g + i, gg);
     return nonneg ? gg : (zz > U{} ? gg : -gg);
+  });
+}
+
+// mask_row over one pixel's cnt channels: sums[c] += g[c] sign(z[c]) (nonneg: g[c]) after the mask.
+template <typename T>
+inline void mask_pixel(T* g, const T* z, int64_t cnt, bool nonneg, T* sums) {
+  for_lanes<T>(cnt, [&](int64_t i, auto tag) {
+    using U = decltype(tag);
+    const U zz = load<U>(z + i);
+    const U gg = zz != U{} ? load<U>(g + i) : U{};
+    store(g + i, gg);
+    store(sums + i, load<U>(sums + i) + (nonneg ? gg : (zz > U{} ? gg : -gg)));
+    return U{};
   });
 }
 

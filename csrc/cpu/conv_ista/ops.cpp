@@ -3,7 +3,8 @@
 // shape.
 //
 // Forward: z_{k+1} = S_{step_k lam_k}(y_k + step_k E(x - D y_k)), y_k = z_k + beta_k (z_k - z_{k-1}), k < n; returns
-// (z_n, saved) with saved the checkpoints of interval m = `checkpoint` (problem.h), or empty for m = 0.
+// (z_n, saved) with saved the checkpoints of interval m = `checkpoint` (problem.h), or empty for m = 0 (recompute
+// mode) and m = -1 (no backward will follow: the strategies size their workspace for speed alone).
 // Backward: the six gradients (x, weight, encoder_weight, lam, step, z0) from those checkpoints.
 //
 // Empty problems never reach a strategy: an empty batch or no code channels gives an empty z and zero gradients; an
@@ -132,11 +133,11 @@ std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x, const 
                                                      at::IntArrayRef stride, at::IntArrayRef padding, bool nonneg,
                                                      bool fista, int64_t checkpoint) {
   const char* op = "conv_ista_fwd_cpp";
-  TORCH_CHECK(checkpoint >= 0, op, ": checkpoint must be >= 0");
+  TORCH_CHECK(checkpoint >= -1, op, ": checkpoint must be >= -1");
   const ConvGeometry g = check_inputs(op, x, weight, encoder_weight, lam, step, z0, stride, padding);
   const Checkpoints ck(step.size(0), checkpoint, fista);
   at::Tensor z = at::empty({g.B, g.Cc, g.Hz, g.Wz}, x.options());
-  at::Tensor saved = checkpoint ? at::empty({ck.count, g.B, g.Cc, g.Hz, g.Wz}, x.options())
+  at::Tensor saved = checkpoint > 0 ? at::empty({ck.count, g.B, g.Cc, g.Hz, g.Wz}, x.options())
                                 : at::empty({0}, x.options());
   if (g.empty_code()) return {z, saved};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_ista_cpp", [&] {

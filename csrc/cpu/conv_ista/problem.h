@@ -80,7 +80,7 @@ struct IterationConstants {
 // index in `saved`, or -1. z_0 is the input, z_n the output.
 struct Checkpoints {
   std::vector<int64_t> slot;
-  int64_t interval;  // m; 0: recompute mode
+  int64_t interval;  // m; 0: recompute mode; -1: no backward will follow
   int64_t count = 0;
 
   Checkpoints(int64_t n, int64_t m, bool fista) : slot(n + 1, -1), interval(m) {

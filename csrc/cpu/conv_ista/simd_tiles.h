@@ -29,35 +29,64 @@ using TileFn = void (*)(const T*, int64_t, int64_t, const int64_t*, int64_t, int
 // for COB output channels and NV vectors of columns: COB * NV accumulators stay in registers, each input vector is
 // loaded once per tap (unit stride: boff absorbs a strided layout) and reused for COB channels. DENSE: boff[b] = b,
 // known here, which saves a load per tap (a fifth of the loads of the load-bound one-channel tile).
+// Loop order: taps innermost when there are more taps than input channels (E from 1-3 signal channels: 9-121 taps),
+// input channels innermost otherwise (D in polyphase form onto few channels: 175 code channels, 1-4 taps per phase
+// for CSCNet's 11 x 11 kernel at stride 8, where a tap loop of one or two trips was mostly loop overhead).
+// A tile of fewer than 8 accumulators (few output channels: D onto 1-3 signal channels) would wait on the FMA
+// latency, one dependent FMA per accumulator and step, so SPLIT input channels run interleaved into separate
+// accumulators summed at the end.
 template <typename T, int COB, int NV, bool DENSE>
 void correlation_tile(const T* in, int64_t ics, int64_t irs, const int64_t* boff, int64_t CI, int64_t KH,
                       int64_t KW, const T* wp, T* out) {
   using V = typename VecOf<T>::V;
   constexpr int L = VecOf<T>::L;
-  V acc[COB][NV];
+  constexpr int SPLIT = COB * NV >= 8 ? 1 : (COB * NV >= 4 ? 2 : 4);
+  V acc[SPLIT][COB][NV];
+  for (int s = 0; s < SPLIT; ++s)
 #pragma GCC unroll 8
-  for (int co = 0; co < COB; ++co)
+    for (int co = 0; co < COB; ++co)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[co][v] = V{};
-  for (int64_t ci = 0; ci < CI; ++ci) {
-    for (int64_t a = 0; a < KH; ++a) {
-      const T* row = in + ci * ics + a * irs;
-      for (int64_t b = 0; b < KW; ++b, wp += COB) {
-        V xin[NV];
-        const T* p = row + (DENSE ? b : boff[b]);
+      for (int v = 0; v < NV; ++v) acc[s][co][v] = V{};
+  const int64_t taps = KH * KW;
+  // acc[s] += input channel ci's tap (a, b).
+  auto fma = [&](int s, int64_t ci, int64_t a, int64_t b) {
+    V xin[NV];
+    const T* p = in + ci * ics + a * irs + (DENSE ? b : boff[b]);
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) std::memcpy(&xin[v], p + v * L, sizeof(V));
+    for (int v = 0; v < NV; ++v) std::memcpy(&xin[v], p + v * L, sizeof(V));
+    const T* w = wp + (ci * taps + a * KW + b) * COB;
 #pragma GCC unroll 8
-        for (int co = 0; co < COB; ++co) {
-          const T w = wp[co];
+    for (int co = 0; co < COB; ++co) {
+      const T wc = w[co];
 #pragma GCC unroll 4
-          for (int v = 0; v < NV; ++v) acc[co][v] += w * xin[v];
-        }
-      }
+      for (int v = 0; v < NV; ++v) acc[s][co][v] += wc * xin[v];
     }
+  };
+  if (CI > taps) {
+    for (int64_t a = 0; a < KH; ++a)
+      for (int64_t b = 0; b < KW; ++b) {
+        int64_t ci = 0;
+        for (; ci + SPLIT <= CI; ci += SPLIT)
+#pragma GCC unroll 4
+          for (int s = 0; s < SPLIT; ++s) fma(s, ci + s, a, b);
+        for (; ci < CI; ++ci) fma(0, ci, a, b);
+      }
+  } else {
+    int64_t ci = 0;
+    for (; ci + SPLIT <= CI; ci += SPLIT)
+      for (int64_t a = 0; a < KH; ++a)
+        for (int64_t b = 0; b < KW; ++b)
+#pragma GCC unroll 4
+          for (int s = 0; s < SPLIT; ++s) fma(s, ci + s, a, b);
+    for (; ci < CI; ++ci)
+      for (int64_t a = 0; a < KH; ++a)
+        for (int64_t b = 0; b < KW; ++b) fma(0, ci, a, b);
   }
+  for (int s = 1; s < SPLIT; ++s)
+    for (int co = 0; co < COB; ++co)
+      for (int v = 0; v < NV; ++v) acc[0][co][v] += acc[s][co][v];
   for (int co = 0; co < COB; ++co)
-    for (int v = 0; v < NV; ++v) std::memcpy(out + (co * NV + v) * L, &acc[co][v], sizeof(V));
+    for (int v = 0; v < NV; ++v) std::memcpy(out + (co * NV + v) * L, &acc[0][co][v], sizeof(V));
 }
 
 // A correlation with packed weights and its micro-kernel; tap(co, ci, a, b) gives the kernel's values and boff[b]

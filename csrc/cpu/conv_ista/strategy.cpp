@@ -50,25 +50,34 @@ Strategy choose_strategy(const ConvGeometry& g) {
                 env, "'");
   }
   if (g.kernel_covers_map()) return Strategy::gemm;
-  if (g.H == 1) return Strategy::direct;
   if (g.Cs >= 32) return Strategy::gemm;
-  if (g.Cs >= 8 && g.Hz * g.Wz < 256) return Strategy::gemm;
+  if (g.H == 1) return Strategy::direct;
+  if (g.Hz * g.Wz < 256 || (g.Cs >= 8 && g.Hz * g.Wz <= 256)) return Strategy::gemm;
   return Strategy::direct;
 }
 
-int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, int64_t checkpoint) {
+int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, int64_t checkpoint, GemmPass pass) {
   const int64_t cols = std::max<int64_t>(1, g.Hz * g.Wz);
   const double c = double(g.code_item()), s = double(g.signal_item());
-  // Workspace per chunk item in the backward (the larger pass): dL/dz, FISTA's carry and y, the replay buffers and
-  // residuals, plus the two ATen outputs alive at once (a code and a signal).
-  const int64_t replay = checkpoint > 0 ? checkpoint - 1 : (fista ? 3 : 2);
+  // Workspace per chunk item, plus the two ATen outputs alive at once (a code and a signal). Forward: the rotating
+  // codes, FISTA's y, z0, x and the residual. Backward: dL/dz, FISTA's carry and y, z0, the replay buffers, the
+  // stored iterates read back, the residuals, x and dL/dx.
+  const int64_t rotating = fista ? 3 : 2;
+  const int64_t replay = checkpoint > 0 ? checkpoint - 1 : rotating;
+  const int64_t stored = checkpoint > 0 && fista ? 3 : 1;
   const int64_t residuals = checkpoint > 0 ? checkpoint : 1;
-  const double per_item = c * (2 + (fista ? 2 : 0) + replay) + s * (residuals + 1);
-  // Budget: a fraction of n B max(c, s), which is about a quarter of what eager autograd keeps (it saves about four
-  // code- or signal-sized tensors per iteration), so that the training step stays under a tenth of eager's memory in
-  // recompute mode and a third in save mode (with the checkpoints and the output added).
-  const double budget = (checkpoint > 0 ? 0.4 : 0.2) * double(n_iter) * double(g.B) * std::max(c, s);
-  const int64_t by_memory = std::max<int64_t>(1, int64_t(budget / std::max(1.0, per_item)));
+  const double per_item = pass == GemmPass::forward
+                              ? c * (rotating + (fista ? 1 : 0) + 2) + s * 3
+                              : c * (3 + (fista ? 2 : 0) + replay + stored) + s * (residuals + 3);
+  // Budget. Save mode: 0.4 of what eager autograd keeps, about two codes and a residual per iteration and item
+  // (measured on the sweep), so that with the checkpoints the training step stays around half of eager's and the
+  // chunks reach the column count below on small maps (a quarter of eager cost 10-25% of forward + backward speed on
+  // the many-channel shapes). Recompute mode (checkpoint 0): 0.2 n B max(c, s), the memory-lean mode's tenth of
+  // eager. Without a backward (checkpoint -1) the column count alone decides: at most 4096 columns of workspace.
+  const double budget = checkpoint > 0 ? 0.4 * double(n_iter) * double(g.B) * (2 * c + s)
+                                       : 0.2 * double(n_iter) * double(g.B) * std::max(c, s);
+  const int64_t by_memory =
+      checkpoint < 0 ? g.B : std::max<int64_t>(1, int64_t(budget / std::max(1.0, per_item)));
   const int64_t by_speed = (4096 + cols - 1) / cols;  // columns for the convolutions to run at GEMM speed
   int64_t items = std::max<int64_t>(1, std::min({g.B, by_memory, by_speed}));
   const int64_t chunks = (g.B + items - 1) / items;
