@@ -159,14 +159,14 @@ def test_gradcheck_fp64(monkeypatch, strategy, checkpoint):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-7)
 
 
-def _strategy(xs, ws, stride=(1, 1), padding=(1, 1)):
-    return ops.conv_ista_strategy_cpp(torch.empty(xs), torch.empty(ws), list(stride), list(padding))
+def _strategy(xs, ws, stride=(1, 1), padding=(1, 1), backward=True):
+    return ops.conv_ista_strategy_cpp(torch.empty(xs), torch.empty(ws), list(stride), list(padding), backward)
 
 
 def test_automatic_choice_covers_both_strategies(monkeypatch):
     """The automatic choice picks direct where the convolutions do not dominate (one signal channel, a large map)
-    and gemm where they do (many channels), the same answer every time, and the environment variable overrides it
-    in any case; empty problems run neither."""
+    and gemm where they do (many channels), per pass, the same answer every time, and the environment variable
+    overrides it for both passes; empty problems run neither."""
     monkeypatch.delenv("DSC_KERNELS_CPP_STRATEGY", raising=False)
     few, many = ((4, 1, 64, 64), (32, 1, 7, 7)), ((64, 32, 8, 8), (32, 32, 3, 3))
     # every branch of choose_strategy (strategy.cpp), in its order
@@ -178,10 +178,17 @@ def test_automatic_choice_covers_both_strategies(monkeypatch):
     assert _strategy((8, 8, 16, 16), (64, 8, 5, 5), padding=(2, 2)) == 1  # 16 x 16 with 8 signal channels
     assert _strategy((8, 3, 16, 16), (64, 3, 5, 5), padding=(2, 2)) == 0  # ... with 3
     assert _strategy(*few, padding=(3, 3)) == 0
+    # the forward's own rule: few signal channels on a small map run direct there, gemm in the backward
+    small_few = ((64, 1, 8, 8), (32, 1, 3, 3))
+    assert (_strategy(*small_few, backward=False), _strategy(*small_few)) == (0, 1)
+    assert _strategy((64, 8, 8, 8), (32, 8, 3, 3), backward=False) == 1
+    assert _strategy(*many, backward=False) == 1
     assert len({_strategy(*many) for _ in range(5)}) == 1
     for value, want in (("direct", 0), ("GEMM", 1), ("auto", 1), ("", 1)):
         monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", value)
         assert _strategy(*many) == want
+        if value.lower() in ("direct", "gemm"):
+            assert _strategy(*small_few, backward=False) == want
     assert _strategy((0, 32, 8, 8), (32, 32, 3, 3)) == -1
 
 

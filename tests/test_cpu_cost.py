@@ -10,8 +10,8 @@ import dsc_kernels.functional as DF
 from dsc_kernels import ops
 from dsc_kernels.ops import cpu_cost
 
-# (x, weight): many channels on small maps (intensity 288, above the limit) and one signal channel (8.7)
-CONV_BOUND = ((8, 64, 8, 8), (64, 64, 3, 3))
+# (x, weight): many channels on small maps (intensity 384, above the limit) and one signal channel (8.7)
+CONV_BOUND = ((8, 64, 8, 8), (128, 64, 3, 3))
 LIGHT = ((8, 1, 8, 8), (32, 1, 3, 3))
 
 
@@ -22,7 +22,7 @@ def _key(xs, ws, backward):
 def test_intensity_and_code_size():
     key = _key(*CONV_BOUND, True)
     assert key.code_size == (8, 8)
-    assert key.intensity == pytest.approx(64 * 9 * 64 * 64 / (64 * 64 + 64 * 64))
+    assert key.intensity == pytest.approx(64 * 9 * 128 * 64 / (128 * 64 + 64 * 64))
     assert not key.kernel_covers_map
     full = cpu_cost.ConvIstaKey((4, 64, 4, 4), (512, 64, 4, 4), (1, 1), (0, 0), torch.float32, True)
     assert full.kernel_covers_map and full.code_size == (1, 1)
@@ -32,12 +32,9 @@ def test_choice_by_key():
     assert cpu_cost.faster_on_cpu(_key(*CONV_BOUND, backward=False)) == "cpp"  # inference: always the fused path
     assert cpu_cost.faster_on_cpu(_key(*CONV_BOUND, backward=True)) == "reference"
     assert cpu_cost.faster_on_cpu(_key(*LIGHT, backward=True)) == "cpp"
-    # many signal channels at a low intensity (1-D, 64 -> 64, k 3: I = 96): eager trains faster
-    many = cpu_cost.ConvIstaKey((32, 64, 1, 64), (64, 64, 1, 3), (1, 1), (0, 1), torch.float32, True)
-    assert many.intensity < cpu_cost.INTENSITY_LIMIT and cpu_cost.faster_on_cpu(many) == "reference"
-    # few signal channels above the intensity limit (8 -> 64, 16 x 16, k 5: I = 178)
-    dense = cpu_cost.ConvIstaKey((32, 8, 16, 16), (64, 8, 5, 5), (1, 1), (2, 2), torch.float32, True)
-    assert dense.intensity > cpu_cost.INTENSITY_LIMIT and cpu_cost.faster_on_cpu(dense) == "reference"
+    # many signal channels under the limit (64 -> 64 on 8 x 8, k 3: I = 288): the fused gemm strategy trains faster
+    many = cpu_cost.ConvIstaKey((32, 64, 8, 8), (64, 64, 3, 3), (1, 1), (1, 1), torch.float32, True)
+    assert many.intensity < cpu_cost.INTENSITY_LIMIT and cpu_cost.faster_on_cpu(many) == "cpp"
     full = cpu_cost.ConvIstaKey((4, 64, 4, 4), (512, 64, 4, 4), (1, 1), (0, 0), torch.float32, True)
     assert cpu_cost.faster_on_cpu(full) == "cpp"  # a matrix product on the cpp side, whatever the intensity
 

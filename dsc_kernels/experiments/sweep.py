@@ -267,7 +267,7 @@ def _time_interleaved(fns: dict[str, Callable[[], object]], rounds: int) -> dict
 
 def cpp_strategy(shape: SweepShape) -> str:
     """The strategy the cpp backend runs this shape with (after DSC_KERNELS_CPP_STRATEGY), as functional calls it:
-    1-D problems as height-1 images."""
+    1-D problems as height-1 images. "direct" or "gemm" for both passes, else "<forward>+<backward>"."""
     from .. import _ext
 
     ops = _ext.load()
@@ -278,7 +278,9 @@ def cpp_strategy(shape: SweepShape) -> str:
         x_size.insert(2, 1), w_size.insert(2, 1), stride.insert(0, 1), padding.insert(0, 0)
     # zero-stride views: the op reads sizes only, nothing is allocated
     x, w = torch.zeros(()).expand(x_size), torch.zeros(()).expand(w_size)
-    return {0: "direct", 1: "gemm", -1: "none"}[ops.conv_ista_strategy_cpp(x, w, stride, padding)]
+    names = {0: "direct", 1: "gemm", -1: "none"}
+    fwd, bwd = (names[ops.conv_ista_strategy_cpp(x, w, stride, padding, backward)] for backward in (False, True))
+    return fwd if fwd == bwd else f"{fwd}+{bwd}"
 
 
 def measure_shape(shape: SweepShape, providers: tuple[str, ...], *, rounds: int = 5, memory: bool = True) -> dict:

@@ -8,19 +8,15 @@ decision is a pure function of that key, so it is the same on every call and in 
 
 The model, calibrated on the shape sweep (``dsc_kernels/experiments/sweep.py``; numbers in the README):
 
-- Without a backward (inference), ``cpp``: its forward was 0.98-5.5x eager on the sweep, whichever strategy
-  csrc/cpu/conv_ista/strategy.cpp picked, except 0.90x on one many-channel strided shape (32 -> 128, stride 2);
-  one shape is too little evidence for a rule, so that loss stands and is published.
-- With a backward, ``cpp`` unless the shape is convolution-bound. The fused backward is memory-lean: it replays the
-  forward from checkpoints instead of keeping residuals, about 1.5 extra convolutions per iteration on top of
-  eager's 6, paid back only by fusing the elementwise work. Two signs that it will not be paid back:
-  - many signal channels (``C_sig >= MANY_SIGNAL_CHANNELS``): the gemm strategy then runs oneDNN's convolutions
-    exactly as eager does, plus the replayed ones, and the direct strategy (1-D problems) runs its stencils at a
-    fraction of oneDNN's speed on many channels; forward + backward was 0.6-1.0x eager on every such sweep shape;
-  - a high convolution intensity ``I = C_sig k_h k_w * C_code |code| / (C_code |code| + C_sig |signal|)``
-    (multiply-adds of one convolution per element the elementwise passes touch, |.| a spatial size) above
-    ``INTENSITY_LIMIT``, where even few signal channels leave too little elementwise work to save.
-  A kernel covering the whole map is a matrix product on the ``cpp`` side (2x eager there) whatever its shape.
+- Without a backward (inference), ``cpp``: its forward was 1.1-5.5x eager on every sweep shape.
+- With a backward, ``cpp`` unless the convolution intensity
+  ``I = C_sig k_h k_w * C_code |code| / (C_code |code| + C_sig |signal|)`` (multiply-adds of one convolution per
+  element the elementwise passes touch, |.| a spatial size) exceeds ``INTENSITY_LIMIT``. The fused backward keeps
+  memory lean by replaying about 1.5 convolutions per iteration that eager keeps; on convolution-bound shapes the
+  gemm strategy's channels-last oneDNN convolutions and fused passes pay that back up to I = 288 (forward + backward
+  1.0-1.2x eager), and the one sweep shape above it (64 -> 128 channels on 8 x 8, I = 384) ran at 0.96-1.05x, about
+  eager's speed at 0.7x its memory: above the limit eager is taken, as the cheaper side of a coin flip on time.
+  A kernel covering the whole map is a matrix product on the ``cpp`` side (2x eager there) whatever its intensity.
 
 ``DSC_KERNELS_BACKEND`` and an explicit ``backend=`` bypass this module (``selection``).
 """
@@ -34,11 +30,9 @@ from functools import lru_cache
 
 import torch
 
-# Sweep of 2026-12-02 (2 threads; bench/results/cpu-sweep-2026-12-02): with 32 or 64 signal channels forward +
-# backward was 0.61-1.01x eager (nine shapes, 1-D and 2-D, intensity 96-384); with 1-8 signal channels 1.08-4.6x up
-# to I = 114 and 0.98x at I = 178.
-MANY_SIGNAL_CHANNELS = 32
-INTENSITY_LIMIT = 165.0
+# Sweep of 2026-12-02, after the gemm strategy went channels-last (2 threads; bench/results/cpu-sweep-2026-12-02b):
+# forward + backward 0.97-1.17x eager at I = 96-288 with 32-64 signal channels, 0.96-1.05x at I = 384 (three runs).
+INTENSITY_LIMIT = 350.0
 
 
 @dataclass(frozen=True)
@@ -77,9 +71,7 @@ def faster_on_cpu(key: ConvIstaKey) -> str:
     """``"cpp"`` or ``"reference"``: the one the model expects to run this key faster."""
     if not key.backward or key.kernel_covers_map:
         return "cpp"
-    if key.weight_size[1] >= MANY_SIGNAL_CHANNELS or key.intensity > INTENSITY_LIMIT:
-        return "reference"
-    return "cpp"
+    return "reference" if key.intensity > INTENSITY_LIMIT else "cpp"
 
 
 def hook(

@@ -222,7 +222,7 @@ template <typename T>
 void gemm_backward(const Problem<T>& p, const at::Tensor& grad_z, const StoredIterates<const T>& in, int64_t m,
                    const Gradients& grads) {
   const ConvGeometry& g = p.g;
-  const GemmSolver<T> solver(p, m, GemmPass::backward);
+  const GemmSolver<T> solver(p, m, Pass::backward);
   GemmBackward<T> bw(solver, m, grads);
   ChunkWorkspace<T> t = bw.workspace();
   const T* x = p.x.template data_ptr<T>();

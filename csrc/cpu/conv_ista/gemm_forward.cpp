@@ -19,7 +19,7 @@ namespace conv_ista {
 template <typename T>
 void gemm_forward(const Problem<T>& p, const StoredIterates<T>& out) {
   const ConvGeometry& g = p.g;
-  const GemmSolver<T> solver(p, out.ck.interval, GemmPass::forward);
+  const GemmSolver<T> solver(p, out.ck.interval, Pass::forward);
   const int64_t csz = g.code_item(), ssz = g.signal_item(), chunk = solver.chunk;
   const int nbuf = p.it.fista ? 3 : 2;
   // nbuf rotating codes, FISTA's y, z0 and x in the chunk's layout, one residual: one chunk's worth, reused by every chunk.

@@ -41,8 +41,7 @@ namespace conv_ista {
 // weight-gradient primitive must not run inside an outer parallel region (it spins on a barrier for threads a
 // nested region does not give it), so chunks are never run one per thread. Each pass sizes its own chunks (the
 // backward reads the stored iterates item by item, whatever chunks wrote them).
-enum class GemmPass { forward, backward };
-int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, int64_t checkpoint, GemmPass pass);
+int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, int64_t checkpoint, Pass pass);
 
 template <typename T>
 struct GemmSolver {
@@ -58,7 +57,7 @@ struct GemmSolver {
   const bool channels_last;  // the chunk's layout: channels-last unless full_map
   const at::Tensor weight, encoder_weight;  // W_D, W_E in the chunk's layout (one tensor when tied)
 
-  GemmSolver(const Problem<T>& p_, int64_t checkpoint, GemmPass pass)
+  GemmSolver(const Problem<T>& p_, int64_t checkpoint, Pass pass)
       : p(p_), g(p_.g), stride{g.SH, g.SW}, padding{g.PH, g.PW},
         output_padding{g.H + 2 * g.PH - g.KH - (g.Hz - 1) * g.SH, g.W + 2 * g.PW - g.KW - (g.Wz - 1) * g.SW},
         chunk(gemm_chunk_items(p_.g, p_.it.n, p_.it.fista, checkpoint, pass)), full_map(g.kernel_covers_map()),

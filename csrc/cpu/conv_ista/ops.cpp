@@ -147,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x, const 
                                 g.code_item()};
     if (g.empty_signal())
       shrink_only_forward<T>(p, out);
-    else if (choose_strategy(g) == Strategy::gemm)
+    else if (choose_strategy(g, Pass::forward) == Strategy::gemm)
       gemm_forward<T>(p, out);
     else
       direct_forward<T>(p, out);
@@ -190,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                      ck.count ? saved.data_ptr<T>() : nullptr, g.B, g.code_item()};
     if (g.empty_signal())
       shrink_only_backward<T>(p, grad_z, grads);
-    else if (choose_strategy(g) == Strategy::gemm)
+    else if (choose_strategy(g, Pass::backward) == Strategy::gemm)
       gemm_backward<T>(p, grad_z, in, checkpoint, grads);
     else
       direct_backward<T>(p, grad_z, in, checkpoint, grads);
@@ -198,15 +198,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {grads.x, grads.weight, grads.encoder_weight, grads.lam, grads.step, grads.z0};
 }
 
-// Which strategy the two ops above run for this problem: 0 direct, 1 gemm, -1 none (an empty problem, handled
-// before any strategy). For tests and benchmarks; it reads DSC_KERNELS_CPP_STRATEGY as the ops do.
+// Which strategy the backward op (backward true) or the forward op above runs for this problem: 0 direct, 1 gemm,
+// -1 none (an empty problem, handled before any strategy). For tests and benchmarks; it reads
+// DSC_KERNELS_CPP_STRATEGY as the ops do.
 int64_t conv_ista_strategy_cpp(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
-                               at::IntArrayRef padding) {
+                               at::IntArrayRef padding, bool backward) {
   const at::Tensor step = at::empty({1}, x.options()), lam = at::empty({1, weight.size(0)}, x.options());
   const ConvGeometry g = check_inputs("conv_ista_strategy_cpp", x, weight, weight, lam, step,
                                       at::empty({0}, x.options()), stride, padding);
   if (g.empty_code() || g.empty_signal()) return -1;
-  return choose_strategy(g) == Strategy::gemm ? 1 : 0;
+  return choose_strategy(g, backward ? Pass::backward : Pass::forward) == Strategy::gemm ? 1 : 0;
 }
 
 }  // namespace
@@ -219,7 +220,7 @@ TORCH_LIBRARY_FRAGMENT(dsc_kernels, m) {
       "conv_ista_bwd_cpp(Tensor grad_z, Tensor x, Tensor weight, Tensor encoder_weight, Tensor lam, Tensor step, "
       "Tensor z0, Tensor z, Tensor saved, int[] stride, int[] padding, bool nonneg, bool fista, int checkpoint) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def("conv_ista_strategy_cpp(Tensor x, Tensor weight, int[] stride, int[] padding) -> int");
+  m.def("conv_ista_strategy_cpp(Tensor x, Tensor weight, int[] stride, int[] padding, bool backward=True) -> int");
 }
 
 TORCH_LIBRARY_IMPL(dsc_kernels, CPU, m) {

@@ -40,6 +40,10 @@ struct ConvGeometry {
   bool kernel_covers_map() const { return Hz == 1 && Wz == 1 && PH == 0 && PW == 0 && KH == H && KW == W; }
 };
 
+// The two passes of an op. Each picks its strategy (and the gemm strategy its chunks) on its own: both read and
+// write the same checkpoints, so a forward of one strategy and a backward of the other compose.
+enum class Pass { forward, backward };
+
 // Checks the canonical tensors and measures the problem; TORCH_CHECK names what is wrong.
 ConvGeometry check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
                           const at::Tensor& encoder_weight, const at::Tensor& lam, const at::Tensor& step,

@@ -5,7 +5,8 @@
 // gemm (gemm_forward.cpp, gemm_backward.cpp): the two convolutions and the weight gradients by ATen (oneDNN)
 //   convolutions over chunks of the batch, everything else (residual, threshold, momentum, active set, step and
 //   threshold gradients) fused into single passes around them.
-// Both read and write the same checkpoints (problem.h), so the strategies are interchangeable between passes.
+// Both read and write the same checkpoints (problem.h), so the strategies are interchangeable between passes: the
+// forward may run one and the backward the other.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,9 +20,9 @@ enum class Strategy { direct, gemm };
 
 const char* strategy_name(Strategy s);
 
-// The strategy for a problem: DSC_KERNELS_CPP_STRATEGY=direct|gemm forces one; otherwise (unset, empty or "auto") the
-// rule in strategy.cpp decides from the geometry alone, so both passes of one call agree.
-Strategy choose_strategy(const ConvGeometry& g);
+// The strategy for one pass of a problem: DSC_KERNELS_CPP_STRATEGY=direct|gemm forces one for both passes; otherwise
+// (unset, empty or "auto") the rule in strategy.cpp decides from the geometry and the pass.
+Strategy choose_strategy(const ConvGeometry& g, Pass pass);
 
 // Forward: z_n into out.z and the checkpoints into out.saved.
 template <typename T>

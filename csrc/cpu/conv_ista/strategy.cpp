@@ -40,7 +40,7 @@ namespace conv_ista {
 
 const char* strategy_name(Strategy s) { return s == Strategy::gemm ? "gemm" : "direct"; }
 
-Strategy choose_strategy(const ConvGeometry& g) {
+Strategy choose_strategy(const ConvGeometry& g, Pass pass) {
   if (const char* env = std::getenv("DSC_KERNELS_CPP_STRATEGY")) {
     std::string v(env);
     std::transform(v.begin(), v.end(), v.begin(), [](unsigned char c) { return std::tolower(c); });
@@ -52,11 +52,13 @@ Strategy choose_strategy(const ConvGeometry& g) {
   if (g.kernel_covers_map()) return Strategy::gemm;
   if (g.Cs >= 32) return Strategy::gemm;
   if (g.H == 1) return Strategy::direct;
-  if (g.Hz * g.Wz < 256 || (g.Cs >= 8 && g.Hz * g.Wz <= 256)) return Strategy::gemm;
+  const int64_t code_map = g.Hz * g.Wz;
+  if (pass == Pass::forward) return g.Cs >= 8 && code_map < 256 ? Strategy::gemm : Strategy::direct;
+  if (code_map < 256 || (g.Cs >= 8 && code_map <= 256)) return Strategy::gemm;
   return Strategy::direct;
 }
 
-int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, int64_t checkpoint, GemmPass pass) {
+int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, int64_t checkpoint, Pass pass) {
   const int64_t cols = std::max<int64_t>(1, g.Hz * g.Wz);
   const double c = double(g.code_item()), s = double(g.signal_item());
   // Workspace per chunk item, plus the two ATen outputs alive at once (a code and a signal). Forward: the rotating
@@ -66,7 +68,7 @@ int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, int6
   const int64_t replay = checkpoint > 0 ? checkpoint - 1 : rotating;
   const int64_t stored = checkpoint > 0 && fista ? 3 : 1;
   const int64_t residuals = checkpoint > 0 ? checkpoint : 1;
-  const double per_item = pass == GemmPass::forward
+  const double per_item = pass == Pass::forward
                               ? c * (rotating + (fista ? 1 : 0) + 2) + s * 3
                               : c * (3 + (fista ? 2 : 0) + replay + stored) + s * (residuals + 3);
   // Budget. Save mode: 0.4 of what eager autograd keeps, about two codes and a residual per iteration and item
