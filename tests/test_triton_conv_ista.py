@@ -231,8 +231,12 @@ def test_launchers_canonical_contract(device):
     assert iterates.shape == (1, *args[5].shape)  # z_1 (z_0 is the input, z_2 the output)
     _, empty = conv_ista_fwd(*args, *geo, 0)
     assert empty.shape == (0,)
+    z_inference, nothing = conv_ista_fwd(*args, *geo, -1)  # NO_BACKWARD: a forward without backward
+    assert nothing.shape == (0,) and torch.equal(z_inference, z)
     with pytest.raises(ValueError, match="checkpoint must be 0 or 1"):
         conv_ista_fwd(*args, *geo, 2)
+    with pytest.raises(ValueError, match="checkpoint must be 0 or 1"):
+        conv_ista_bwd(torch.ones_like(z), *args, z, iterates, *geo, -1)
     grads = conv_ista_bwd(torch.ones_like(z), *args, z, iterates, *geo, 1)
     assert [g.shape for g in grads] == [a.shape for a in args]
     # Deterministic: no atomics anywhere, so a second backward is bit-identical.

@@ -1,30 +1,36 @@
 // Which strategy runs a shape (choose_strategy), and how the gemm strategy splits the batch (gemm_chunk_items).
 //
-// Where the time goes (profiled on the 2-core AMD EPYC Zen 4 development machine, 1 thread, thread CPU time and
-// oneDNN's own per-primitive timings via ONEDNN_VERBOSE, since wall clock was too noisy there):
-// - Many channels (32 -> 32 channels, 8 x 8 maps, batch 64, 3 x 3, 10 iterations): the convolutions are ~80% of both
-//   eager and gemm. oneDNN runs the forward convolution at ~0.28 ms per 32 items, the transposed one alike and the
-//   weight gradient at ~0.32 ms; eager's fused data+weight backward calls cost about as much as our separate ones.
-//   So the gemm strategy wins the forward (fewer elementwise passes: 1.2-1.35x) but its backward does 7.5
-//   convolution-sized operations per iteration in save mode (2 forward, 1.5 replayed, 4 VJP) to eager's 6 (eager
-//   keeps the residuals we replay), which the saved elementwise work only partly pays back: forward + backward
-//   0.83-1.2x eager on the sweep's GEMM-bound shapes, lower the more conv-bound (Cs K^2 Cc / (Cs + Cc) above ~170).
-// - The direct strategy's micro-kernels reach ~40% of peak on many channels (a 32 -> 32 iteration: 3.7 ms vs
-//   oneDNN's 1.3 ms) and its per-item weight-gradient kernel is slower still, so it loses there (0.3x forward +
-//   backward); with 1-3 signal channels on large maps oneDNN's transposed convolution to few channels is the slow
-//   one (12x its forward convolution at 1 channel) and the direct strategy wins 1.5-5x.
+// Where the time goes (profiled on the 2-core AMD EPYC Zen 4 development machine: perf, torch.profiler, oneDNN's own
+// per-primitive timings via ONEDNN_VERBOSE; wall clock alone was too noisy there):
+// - Many channels: the convolutions are ~80% of both eager and gemm. oneDNN reorders channels-first tensors into its
+//   blocked layout and back on every call; on channels-last tensors it does not, and a convolution ran 1.2-3x faster
+//   (64 -> 64 channels on 8 x 8 maps: 0.8 ms vs 2.2 ms), so the gemm strategy works channels-last. Its backward does
+//   7.5 convolution-sized operations per iteration in save mode (2 forward, 1.5 replayed, 4 VJP) to eager's 6 (eager
+//   keeps the residuals we replay), which the faster calls and fused passes pay back: forward + backward 1.0-1.2x
+//   eager on the sweep's GEMM-bound shapes, the forward alone 1.3-1.6x. The chunk size matters: chunks budgeted at a
+//   quarter of eager's memory instead of 0.4 cost 10-25% there (oneDNN wants ~4096 columns per call).
+// - The direct strategy's micro-kernels lose to oneDNN on many channels (its backward 0.2-0.3x eager there); with
+//   1-3 signal channels on large maps oneDNN's transposed convolution to few channels is the slow one (12x its
+//   forward convolution at 1 channel) and the direct strategy wins 1.5-5x. On CSCNet's layer (1 -> 175 channels,
+//   11 x 11, stride 8) perf put a third of the backward in the synthesis tile: per column phase it re-read every code
+//   row 8 times, load-bound; tiling the 8 column phases together (direct_iteration.h) took the backward from 700 to
+//   500 ms and the forward from 255 to 160 ms (batch 64, 147 x 147). The weight-gradient tiles are next (~17% there:
+//   code rows padded to whole vectors waste up to half the lanes on 18-wide maps).
 // - Elementwise passes written as plain loops inside at::parallel_for lambdas stayed scalar (GCC did not vectorise
 //   their reductions): 4x slower than elementwise.h's hand-vectorised ones, a third of the gemm backward before.
 //
-// choose_strategy, calibrated on the shape sweep (dsc_kernels/experiments/sweep.py; forward + backward first,
-// forward second):
+// choose_strategy, per pass (the checkpoints are the same for both strategies, so a direct forward feeds a gemm
+// backward), calibrated on the shape sweep (dsc_kernels/experiments/sweep.py, each strategy forced in both passes):
 // - gemm when the kernel covers the whole unpadded map (a matrix product; the direct tiles waste 15 of 16 lanes on
-//   a 1 x 1 code: 2-2.6x eager against the direct strategy's 0.1-0.25x);
-// - direct for 1-D problems (H = 1): oneDNN's one-row convolutions lag, the direct tiles stream rows (1-5x);
-// - gemm for >= 32 signal channels, or >= 8 on code maps under 16 x 16;
-// - direct otherwise: few signal channels, or 8-31 on larger maps.
-// It depends on the geometry alone (not on grad mode or n_iter), so both passes of one call run the same strategy
-// and replay exactly the iterates the forward saved. DSC_KERNELS_CPP_STRATEGY=direct|gemm forces one (benchmarks).
+//   a 1 x 1 code: 2-3x eager against the direct strategy's 0.02-0.15x);
+// - gemm for >= 32 signal channels, 1-D included (1-D 64 -> 64: forward + backward 1.3x against direct's 0.55x);
+// - direct for other 1-D problems (oneDNN's one-row convolutions lag: 1.2-1.5x against direct's 2.3-5.5x);
+// - forward: gemm for >= 8 signal channels on code maps under 16 x 16, else direct (one signal channel on 8 x 8:
+//   direct 1.9x, gemm 1.0x);
+// - backward: gemm on code maps under 16 x 16, or up to 16 x 16 with >= 8 signal channels (1 -> 32 on 8 x 8:
+//   1.35x against 1.24x; 3 -> 96 at stride 3: 1.2x against 0.86x), else direct (3 -> 32 on 16 x 16: 1.5x against
+//   1.1x).
+// DSC_KERNELS_CPP_STRATEGY=direct|gemm forces one for both passes (benchmarks).
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -1,0 +1,48 @@
+"""The CPU sweep's providers (dsc_kernels/experiments/sweep.py): a forced strategy holds for the forward and its
+backward alike, and every other provider runs under the rule, whatever the caller's environment."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dsc_kernels.experiments import sweep as SW
+
+ENV = SW.STRATEGY_ENV
+
+
+def test_strategy_env_forces_and_restores(monkeypatch):
+    monkeypatch.setenv(ENV, "direct")
+    with SW.strategy_env("cpp-gemm"):
+        assert os.environ[ENV] == "gemm"
+    with SW.strategy_env("cpp"):
+        assert ENV not in os.environ  # the rule, not the caller's forced strategy
+    with SW.strategy_env("reference"):
+        assert ENV not in os.environ
+    assert os.environ[ENV] == "direct"
+    monkeypatch.delenv(ENV)
+    with SW.strategy_env("cpp-direct"):
+        assert os.environ[ENV] == "direct"
+    assert ENV not in os.environ
+
+
+def test_forced_strategy_covers_the_backward(monkeypatch):
+    """in_strategy wraps a whole training step: the environment the backward sees is the provider's."""
+    monkeypatch.delenv(ENV, raising=False)
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("forward", os.environ.get(ENV)))
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(("backward", os.environ.get(ENV)))
+            return g
+
+    x = torch.ones(3, requires_grad=True)
+    SW.in_strategy("cpp-gemm", lambda: Probe.apply(x).sum().backward())()
+    assert seen == [("forward", "gemm"), ("backward", "gemm")]
