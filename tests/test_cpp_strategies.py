@@ -89,6 +89,31 @@ def test_op_pair_matches_reference_fp64(
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=what)
 
 
+@pytest.mark.parametrize("checkpoint", [0, 1, 2, 3])
+@pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
+def test_direct_forward_feeds_gemm_backward_fp64(monkeypatch, checkpoint, fista):
+    """The rule picks per pass: one signal channel on an 8 x 8 code map runs its forward direct and its backward gemm
+    (strategy.cpp). The gemm backward replays from the direct forward's checkpoints: the same z and gradients as the
+    reference op pair."""
+    monkeypatch.delenv("DSC_KERNELS_CPP_STRATEGY", raising=False)
+    xs, ws, stride, padding = (5, 1, 8, 8), (6, 1, 3, 3), [1, 1], [1, 1]
+    assert (_strategy(xs, ws, backward=False), _strategy(xs, ws)) == (0, 1)
+    dtype = torch.float64
+    x, w, we, lam, step = _tensors(xs, ws, 6, untied=True, z0=True, dtype=dtype)
+    z0 = _z0(x, w, stride, padding, True, dtype)
+    geo = (stride, padding, False, fista)
+    z, saved = ops.conv_ista_fwd_cpp(x, w, we, lam, step, z0, *geo, checkpoint)
+    z_ref, saved_ref = conv_ista_fwd_ref(x, w, we, lam, step, z0, *geo, checkpoint)
+    torch.testing.assert_close(z, z_ref, rtol=1e-11, atol=1e-11)
+    grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    got = ops.conv_ista_bwd_cpp(
+        grad_z, x, w, we, lam, step, z0, z if checkpoint else z.new_empty(0), saved, *geo, checkpoint
+    )
+    want = conv_ista_bwd_ref(grad_z, x, w, we, lam, step, z0, z_ref, saved_ref, *geo, checkpoint)
+    for what, a, b in zip(("x", "weight", "encoder_weight", "lam", "step", "z0"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=what)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
 @pytest.mark.parametrize("name,xs,ws,stride,padding", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
