@@ -14,7 +14,7 @@ The model, calibrated on the shape sweep (``dsc_kernels/experiments/sweep.py``; 
   element the elementwise passes touch, |.| a spatial size) exceeds ``INTENSITY_LIMIT``. The fused backward keeps
   memory lean by replaying about 1.5 convolutions per iteration that eager keeps; on convolution-bound shapes the
   gemm strategy's channels-last oneDNN convolutions and fused passes pay that back up to I = 288 (forward + backward
-  1.0-1.2x eager), and the one sweep shape above it (64 -> 128 channels on 8 x 8, I = 384) ran at 0.96-1.05x, about
+  1.0-1.2x eager), and the one sweep shape above it (64 -> 128 channels on 8 x 8, I = 384) ran at 0.97-1.00x, about
   eager's speed at 0.7x its memory: above the limit eager is taken, as the cheaper side of a coin flip on time.
   A kernel covering the whole map is a matrix product on the ``cpp`` side (2x eager there) whatever its intensity.
 
@@ -31,7 +31,7 @@ from functools import lru_cache
 import torch
 
 # Sweep of 2026-12-02, after the gemm strategy went channels-last (2 threads; bench/results/cpu-sweep-2026-12-02b):
-# forward + backward 0.97-1.17x eager at I = 96-288 with 32-64 signal channels, 0.96-1.05x at I = 384 (three runs).
+# forward + backward 0.93-1.26x eager at I = 96-288 with 32-64 signal channels, 0.97-1.00x at I = 384 (four runs).
 INTENSITY_LIMIT = 350.0
 
 
