@@ -89,6 +89,31 @@ def test_op_pair_matches_reference_fp64(
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=what)
 
 
+@pytest.mark.parametrize("checkpoint", [NO_BACKWARD, 0, 2])
+def test_gemm_chunks_of_unequal_size_fp64(monkeypatch, checkpoint):
+    """A 48 x 48 map is 2304 code columns per item, so the gemm strategy's chunks of ~4096 columns split a batch of
+    5 into 2 + 2 + 1 items (strategy.cpp): every chunk boundary, the short last chunk included, against the
+    reference, forward and the six gradients."""
+    monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", "gemm")
+    dtype = torch.float64
+    xs, ws, stride, padding = (5, 2, 48, 48), (3, 2, 3, 3), [1, 1], [1, 1]
+    x, w, we, lam, step = _tensors(xs, ws, 4, untied=True, z0=True, dtype=dtype)
+    z0 = _z0(x, w, stride, padding, True, dtype)
+    geo = (stride, padding, False, True)
+    z, saved = ops.conv_ista_fwd_cpp(x, w, we, lam, step, z0, *geo, checkpoint)
+    z_ref, saved_ref = conv_ista_fwd_ref(x, w, we, lam, step, z0, *geo, max(checkpoint, 0))
+    torch.testing.assert_close(z, z_ref, rtol=1e-11, atol=1e-11)
+    if checkpoint == NO_BACKWARD:
+        return
+    grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(6), dtype=dtype)
+    got = ops.conv_ista_bwd_cpp(
+        grad_z, x, w, we, lam, step, z0, z if checkpoint else z.new_empty(0), saved, *geo, checkpoint
+    )
+    want = conv_ista_bwd_ref(grad_z, x, w, we, lam, step, z0, z_ref, saved_ref, *geo, checkpoint)
+    for what, a, b in zip(("x", "weight", "encoder_weight", "lam", "step", "z0"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=what)
+
+
 @pytest.mark.parametrize("checkpoint", [0, 1, 2, 3])
 @pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
 def test_direct_forward_feeds_gemm_backward_fp64(monkeypatch, checkpoint, fista):
