@@ -13,8 +13,8 @@
 // iterates and residuals r_k; recompute mode replays z_0..z_k for every k (O(n^2 / 2) extra iterations, memory
 // independent of n). Convolutions and weight gradients are ATen calls (gemm_iteration.h), everything else fused
 // passes; the weight gradients of all chunks and iterations accumulate into two weight-sized sums. A chunk works in
-// its own layout (channels-last, gemm_iteration.h): dL/dz_n, x, z0 and each stored iterate it reads are converted in,
-// dL/dx and dL/dz_0 out, once per chunk.
+// its own layout (channels-last, gemm_iteration.h): dL/dz_n, x and z0 are converted in and dL/dx, dL/dz_0 out once
+// per chunk, a stored iterate each time a segment reads it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
