@@ -8,14 +8,15 @@ decision is a pure function of that key, so it is the same on every call and in 
 
 The model, calibrated on the shape sweep (``dsc_kernels/experiments/sweep.py``; numbers in the README):
 
-- Without a backward (inference), ``cpp``: its forward was 1.1-5.5x eager on every sweep shape.
+- Without a backward (inference), ``cpp``: its forward was 1.3-5.7x eager on every sweep shape.
 - With a backward, ``cpp`` unless the convolution intensity
   ``I = C_sig k_h k_w * C_code |code| / (C_code |code| + C_sig |signal|)`` (multiply-adds of one convolution per
   element the elementwise passes touch, |.| a spatial size) exceeds ``INTENSITY_LIMIT``. The fused backward keeps
   memory lean by replaying about 1.5 convolutions per iteration that eager keeps; on convolution-bound shapes the
   gemm strategy's channels-last oneDNN convolutions and fused passes pay that back up to I = 288 (forward + backward
-  1.0-1.2x eager), and the one sweep shape above it (64 -> 128 channels on 8 x 8, I = 384) ran at 0.97-1.00x, about
-  eager's speed at 0.7x its memory: above the limit eager is taken, as the cheaper side of a coin flip on time.
+  0.93-1.26x eager, about parity on the most convolution-bound), and the one sweep shape above it (64 -> 128
+  channels on 8 x 8, I = 384) ran at 0.97-1.00x, about eager's speed at 0.7x its memory: above the limit eager is
+  taken, as the cheaper side of a coin flip on time.
   A kernel covering the whole map is a matrix product on the ``cpp`` side (2x eager there) whatever its intensity.
 
 ``DSC_KERNELS_BACKEND`` and an explicit ``backend=`` bypass this module (``selection``).
