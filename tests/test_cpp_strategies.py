@@ -55,6 +55,17 @@ def _z0(x, w, stride, padding, given, dtype):
     return 0.3 * torch.randn(x.shape[0], w.shape[0], *sz, generator=torch.Generator().manual_seed(7), dtype=dtype)
 
 
+def _check_gradients(grad_z, inputs, out, out_ref, geo, checkpoint):
+    """The cpp backward's six gradients against the reference op pair's (fp64), each from its own forward's
+    (z, saved); recompute mode (checkpoint 0) hands the backward an empty z, as the autograd wrapper does."""
+    (z, saved), (z_ref, saved_ref) = out, out_ref
+    got = ops.conv_ista_bwd_cpp(grad_z, *inputs, z if checkpoint else z.new_empty(0), saved, *geo, checkpoint)
+    want = conv_ista_bwd_ref(grad_z, *inputs, z_ref, saved_ref, *geo, checkpoint)
+    for what, a, b in zip(("x", "weight", "encoder_weight", "lam", "step", "z0"), got, want):
+        assert a.shape == b.shape, what
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=what)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("checkpoint", [0, 1, 2, 3])
 @pytest.mark.parametrize(
@@ -80,13 +91,7 @@ def test_op_pair_matches_reference_fp64(
     grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
     if checkpoint == 0:
         grad_z = torch.ones((), dtype=dtype).expand_as(z)
-    got = ops.conv_ista_bwd_cpp(
-        grad_z, x, w, we, lam, step, z0, z if checkpoint else z.new_empty(0), saved, *geo, checkpoint
-    )
-    want = conv_ista_bwd_ref(grad_z, x, w, we, lam, step, z0, z_ref, saved_ref, *geo, checkpoint)
-    for what, a, b in zip(("x", "weight", "encoder_weight", "lam", "step", "z0"), got, want):
-        assert a.shape == b.shape, what
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=what)
+    _check_gradients(grad_z, (x, w, we, lam, step, z0), (z, saved), (z_ref, saved_ref), geo, checkpoint)
 
 
 @pytest.mark.parametrize("checkpoint", [NO_BACKWARD, 0, 2])
@@ -106,12 +111,7 @@ def test_gemm_chunks_of_unequal_size_fp64(monkeypatch, checkpoint):
     if checkpoint == NO_BACKWARD:
         return
     grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(6), dtype=dtype)
-    got = ops.conv_ista_bwd_cpp(
-        grad_z, x, w, we, lam, step, z0, z if checkpoint else z.new_empty(0), saved, *geo, checkpoint
-    )
-    want = conv_ista_bwd_ref(grad_z, x, w, we, lam, step, z0, z_ref, saved_ref, *geo, checkpoint)
-    for what, a, b in zip(("x", "weight", "encoder_weight", "lam", "step", "z0"), got, want):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=what)
+    _check_gradients(grad_z, (x, w, we, lam, step, z0), (z, saved), (z_ref, saved_ref), geo, checkpoint)
 
 
 @pytest.mark.parametrize("checkpoint", [0, 1, 2, 3])
@@ -131,12 +131,7 @@ def test_direct_forward_feeds_gemm_backward_fp64(monkeypatch, checkpoint, fista)
     z_ref, saved_ref = conv_ista_fwd_ref(x, w, we, lam, step, z0, *geo, checkpoint)
     torch.testing.assert_close(z, z_ref, rtol=1e-11, atol=1e-11)
     grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
-    got = ops.conv_ista_bwd_cpp(
-        grad_z, x, w, we, lam, step, z0, z if checkpoint else z.new_empty(0), saved, *geo, checkpoint
-    )
-    want = conv_ista_bwd_ref(grad_z, x, w, we, lam, step, z0, z_ref, saved_ref, *geo, checkpoint)
-    for what, a, b in zip(("x", "weight", "encoder_weight", "lam", "step", "z0"), got, want):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=what)
+    _check_gradients(grad_z, (x, w, we, lam, step, z0), (z, saved), (z_ref, saved_ref), geo, checkpoint)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -2,12 +2,11 @@
 //
 //     threshold_row  z = S_th(y + step e)                         (forward epilogue; S+ when nonneg)
 //     mask_row       g := g [z != 0],  returns sum g sign(z)      (the active set; dL/dth collects minus the sum)
-// Rows are one channel of one item (channels-first codes, one threshold per row), or one pixel of one item
-// (channels-last codes, the gemm strategy's): threshold_pixel and mask_pixel take a threshold and collect a sum per
-// channel.
 //     axpy_dot       gx += step v,     returns <v, r>             (dL/dx and the <v, r_k> term of dL/dstep)
 //     dot            <a, b>
 //     CodeRowSource  y = z_k + beta (z_k - z_{k-1})               (FISTA's momentum point, read row by row)
+// A row is one channel of one item (channels-first codes: one threshold, one sum), or for threshold_pixel and
+// mask_pixel one pixel of one item (the gemm strategy's channels-last codes: a threshold and a sum per channel).
 // Loops run over GCC vector types of one register (for_lanes) and a scalar tail: reductions written as plain loops
 // inside the lambdas of at::parallel_for were left scalar by GCC (measured 4x slower than these).
 #pragma once

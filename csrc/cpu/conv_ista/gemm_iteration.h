@@ -2,10 +2,11 @@
 // elementwise passes between them, on a chunk of batch items.
 //
 // Layout: everything a chunk works on is channels-last (items, H, W, C) unless the kernel covers the map, converted
-// at the chunk's boundary from and to the op's channels-first tensors (x and the gradients once per chunk, a stored iterate when it is written or
-// read). oneDNN runs channels-last convolutions without reordering in and out of its blocked format on every call:
-// measured 1.2-3x faster per convolution than the same call on channels-first tensors on the sweep's many-channel
-// shapes (64 -> 64 channels on 8 x 8 maps: 0.8 ms vs 2.2 ms), while a layout conversion costs about a tenth of one.
+// at the chunk's boundary from and to the op's channels-first tensors (x and the gradients once per chunk, a stored
+// iterate when it is written or read). oneDNN runs channels-last convolutions without reordering in and out of its
+// blocked format on every call: measured 1.2-3x faster per convolution than the same call on channels-first tensors
+// on the sweep's many-channel shapes (64 -> 64 channels on 8 x 8 maps: 0.8 ms vs 2.2 ms), while a layout conversion
+// costs about a tenth of one.
 //
 // One iteration on a chunk (x_c, z_k, z_{k-1}; every tensor chunk-sized):
 //     y_k     = z_k + beta_k (z_k - z_{k-1})                    pass 1 (FISTA only; ISTA reads z_k itself)
@@ -75,19 +76,18 @@ struct GemmSolver {
   }
   at::Tensor code(const T* ptr, int64_t items) const { return view(ptr, items, g.Cc, g.Hz, g.Wz); }
   at::Tensor signal(const T* ptr, int64_t items) const { return view(ptr, items, g.Cs, g.H, g.W); }
-  // Copies of `items` codes or signals between the op's channels-first tensors and the chunk's layout.
-  void code_in(const T* nchw, T* dst, int64_t items) const {
-    code(dst, items).copy_(at::from_blob(const_cast<T*>(nchw), {items, g.Cc, g.Hz, g.Wz}, options()));
+  // The same memory as `items` codes or signals of the op's channels-first tensors.
+  at::Tensor op_code(const T* ptr, int64_t items) const {
+    return at::from_blob(const_cast<T*>(ptr), {items, g.Cc, g.Hz, g.Wz}, options());
   }
-  void code_out(const T* src, T* nchw, int64_t items) const {
-    at::from_blob(nchw, {items, g.Cc, g.Hz, g.Wz}, options()).copy_(code(src, items));
+  at::Tensor op_signal(const T* ptr, int64_t items) const {
+    return at::from_blob(const_cast<T*>(ptr), {items, g.Cs, g.H, g.W}, options());
   }
-  void signal_in(const T* nchw, T* dst, int64_t items) const {
-    signal(dst, items).copy_(at::from_blob(const_cast<T*>(nchw), {items, g.Cs, g.H, g.W}, options()));
-  }
-  void signal_out(const T* src, T* nchw, int64_t items) const {
-    at::from_blob(nchw, {items, g.Cs, g.H, g.W}, options()).copy_(signal(src, items));
-  }
+  // Copies between the op's tensors and the chunk's layout.
+  void code_in(const T* src, T* dst, int64_t items) const { code(dst, items).copy_(op_code(src, items)); }
+  void code_out(const T* src, T* dst, int64_t items) const { op_code(dst, items).copy_(code(src, items)); }
+  void signal_in(const T* src, T* dst, int64_t items) const { signal(dst, items).copy_(op_signal(src, items)); }
+  void signal_out(const T* src, T* dst, int64_t items) const { op_signal(dst, items).copy_(signal(src, items)); }
   // t's memory as (rows, rest): t is dense in its own layout, so its rows are items (or output channels).
   static at::Tensor rows(const at::Tensor& t, int64_t n) {
     return at::from_blob(t.data_ptr(), {n, t.numel() / std::max<int64_t>(1, n)}, t.options());
@@ -104,7 +104,8 @@ struct GemmSolver {
     if (full_map) return at::mm(rows(r, r.size(0)), rows(w, g.Cc).t());
     return dense(at::conv2d(r, w, {}, stride, padding));
   }
-  // acc (weight-shaped, in the chunk's layout) += alpha * the gradient in w of analysis(signal, w) against grad_out `code`.
+  // acc (weight-shaped, in the chunk's layout) += alpha * the gradient in w of analysis(signal, w) against grad_out
+  // `code`.
   void add_weight_grad(const at::Tensor& acc, const at::Tensor& signal, const at::Tensor& code, const at::Tensor& w,
                        double alpha) const {
     if (full_map) {
