@@ -17,7 +17,7 @@ import torch
 import dsc_kernels.functional as DF
 from dsc_kernels import _ext
 from dsc_kernels.ops import op_pair
-from dsc_kernels.reference.conv_ista import conv_ista_ref
+from dsc_kernels.reference.conv_ista import KEEP_RESIDUALS, conv_ista_ref
 
 ops = _ext.load()
 op_pair("conv_ista", "cpp")  # registers the fakes and the autograd link of the C++ ops
@@ -182,7 +182,7 @@ def _op_args(requires_grad):
     return x, w, lam, step, z0
 
 
-@pytest.mark.parametrize("checkpoint", [2, 0], ids=["save", "recompute"])
+@pytest.mark.parametrize("checkpoint", [2, 0, 2 | KEEP_RESIDUALS], ids=["save", "recompute", "save-residuals"])
 def test_opcheck_forward(checkpoint):
     x, w, lam, step, z0 = _op_args(requires_grad=True)
     torch.library.opcheck(
@@ -203,11 +203,13 @@ def test_opcheck_backward():
 
 
 @pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
-@pytest.mark.parametrize("checkpoint", [1, 2, 3, 4, 0])
+@pytest.mark.parametrize("checkpoint", [1, 2, 3, 4, 0, 1 | KEEP_RESIDUALS, 3 | KEEP_RESIDUALS])
 @pytest.mark.parametrize("batch", [1, 3], ids=["batch-path", "item-path"])
 def test_checkpoints_match_the_reference_op(checkpoint, fista, batch):
-    """The saved checkpoints are the reference's, bit for bit in the layout, and every segment replay of the
-    backward gives the reference VJP (fp64, z0 given and as zeros, grad_z an expanded scalar)."""
+    """The saved checkpoints (and kept residuals) are the reference's in the layout, and every segment replay of the
+    backward gives the reference VJP (fp64, z0 given and as zeros, grad_z an expanded scalar). The direct forward
+    keeps residuals from its band buffers on the batch path (one item on two threads) and from the item's buffer on
+    the item path."""
     from dsc_kernels.reference.conv_ista import conv_ista_bwd_ref, conv_ista_fwd_ref
 
     g = torch.Generator().manual_seed(5)
@@ -229,6 +231,12 @@ def test_checkpoints_match_the_reference_op(checkpoint, fista, batch):
         for name, a, b in zip(("x", "weight", "encoder_weight", "lam", "step", "z0"), got, want):
             assert a.shape == b.shape, name
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_keep_residuals_needs_an_interval():
+    x, w, lam, step, _ = _op_args(requires_grad=False)
+    with pytest.raises(RuntimeError, match="KEEP_RESIDUALS needs a checkpoint interval"):
+        ops.conv_ista_fwd_cpp(x, w, w, lam, step, x.new_empty(0), [1, 1], [1, 1], False, False, KEEP_RESIDUALS)
 
 
 def test_nan_propagates():

@@ -13,6 +13,7 @@ import dsc_kernels.functional as DF
 from dsc_kernels import _ext
 from dsc_kernels.ops import op_pair
 from dsc_kernels.reference.conv_ista import (
+    KEEP_RESIDUALS,
     NO_BACKWARD,
     conv_ista_bwd_ref,
     conv_ista_fwd_ref,
@@ -67,7 +68,7 @@ def _check_gradients(grad_z, inputs, out, out_ref, geo, checkpoint):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("checkpoint", [0, 1, 2, 3])
+@pytest.mark.parametrize("checkpoint", [0, 1, 2, 3, 2 | KEEP_RESIDUALS, 3 | KEEP_RESIDUALS])
 @pytest.mark.parametrize(
     "fista,nonneg,untied,z0_given",
     [(False, False, False, False), (True, False, True, True), (False, True, True, True), (True, True, False, False)],
@@ -78,7 +79,8 @@ def test_op_pair_matches_reference_fp64(
     monkeypatch, strategy, checkpoint, fista, nonneg, untied, z0_given, name, xs, ws, stride, padding
 ):
     """Forward (z and the saved checkpoints) and the six gradients equal the reference op pair's in fp64, for
-    every checkpoint interval (0: recompute mode), grad_z an expanded scalar as sum() gives it."""
+    every checkpoint interval (0: recompute mode), with and without kept residuals, grad_z an expanded scalar as
+    sum() gives it."""
     monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
     dtype = torch.float64
     x, w, we, lam, step = _tensors(xs, ws, 7, untied=untied, z0=z0_given, dtype=dtype)
@@ -94,7 +96,7 @@ def test_op_pair_matches_reference_fp64(
     _check_gradients(grad_z, (x, w, we, lam, step, z0), (z, saved), (z_ref, saved_ref), geo, checkpoint)
 
 
-@pytest.mark.parametrize("checkpoint", [NO_BACKWARD, 0, 2])
+@pytest.mark.parametrize("checkpoint", [NO_BACKWARD, 0, 2, 2 | KEEP_RESIDUALS])
 def test_gemm_chunks_of_unequal_size_fp64(monkeypatch, checkpoint):
     """A 48 x 48 map is 2304 code columns per item, so the gemm strategy's chunks of ~4096 columns split a batch of
     5 into 2 + 2 + 1 items (strategy.cpp): every chunk boundary, the short last chunk included, against the
@@ -114,7 +116,7 @@ def test_gemm_chunks_of_unequal_size_fp64(monkeypatch, checkpoint):
     _check_gradients(grad_z, (x, w, we, lam, step, z0), (z, saved), (z_ref, saved_ref), geo, checkpoint)
 
 
-@pytest.mark.parametrize("checkpoint", [0, 1, 2, 3])
+@pytest.mark.parametrize("checkpoint", [0, 1, 2, 3, 2 | KEEP_RESIDUALS])
 @pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
 def test_direct_forward_feeds_gemm_backward_fp64(monkeypatch, checkpoint, fista):
     """The rule picks per pass: one signal channel on an 8 x 8 code map runs its forward direct and its backward gemm

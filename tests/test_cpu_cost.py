@@ -81,3 +81,49 @@ def test_functional_auto_runs_what_the_model_picks(monkeypatch):
         z_nograd = DF.conv_ista(x, w, 0.05, n_iter=2, step=0.1, padding=1)
     torch.testing.assert_close(z_nograd, z_cpp.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(z_auto.detach(), z_cpp.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "xs,ws,stride,padding,keep",
+    [
+        ((4, 1, 64, 64), (32, 1, 7, 7), (1, 1), (3, 3), True),  # a signal a 32nd of a code: always cheap
+        ((8, 64, 32, 32), (64, 64, 3, 3), (1, 1), (1, 1), True),  # signal = code, >= 32 signal channels
+        ((64, 16, 8, 8), (16, 16, 3, 3), (1, 1), (1, 1), True),  # signal = code on an 8 x 8 code map
+        ((8, 8, 64, 64), (16, 8, 3, 3), (1, 1), (1, 1), False),  # half a code, few channels on a large map
+        ((128, 64, 4, 4), (512, 64, 4, 4), (1, 1), (0, 0), False),  # signal larger than the code
+    ],
+)
+def test_keep_residuals_rule(xs, ws, stride, padding, keep):
+    assert cpu_cost.keep_residuals(xs, ws, stride, padding) is keep
+
+
+def test_save_mode_passes_keep_residuals_where_the_rule_says(monkeypatch):
+    """functional's cpp forward gets m | KEEP_RESIDUALS in save mode where the rule keeps them, the bare interval
+    where it does not, 0 in recompute mode and NO_BACKWARD without grad."""
+    if ops.unavailable_reason("conv_ista", "cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not available")
+    from dsc_kernels.ops import conv_ista as conv_ista_ops
+    from dsc_kernels.reference.conv_ista import KEEP_RESIDUALS, NO_BACKWARD
+
+    seen = []
+    real = conv_ista_ops.op_pair
+
+    def spy(backend):
+        pair = real(backend)
+
+        def forward(*args):
+            seen.append(args[-1])
+            return pair.forward(*args)
+
+        return ops.OpPair(forward, pair.backward)
+
+    monkeypatch.setattr(conv_ista_ops, "op_pair", spy)
+    interval = ops.table.row("conv_ista", "cpp").save_interval[0]
+    for xs, ws, keep in (((2, 1, 16, 16), (8, 1, 3, 3), True), ((2, 8, 32, 32), (16, 8, 3, 3), False)):
+        x, w = torch.randn(xs), (0.1 * torch.randn(ws)).requires_grad_()
+        for recompute in (False, True):
+            DF.conv_ista(x, w, 0.05, n_iter=3, step=0.1, padding=1, backend="cpp", recompute=recompute).sum().backward()
+        with torch.no_grad():
+            DF.conv_ista(x, w, 0.05, n_iter=3, step=0.1, padding=1, backend="cpp")
+        assert seen == [interval | KEEP_RESIDUALS if keep else interval, 0, NO_BACKWARD]
+        seen.clear()

@@ -19,7 +19,14 @@ from dsc_kernels.reference import (
     lipschitz_constant_ref,
     soft_threshold_ref,
 )
-from dsc_kernels.reference.conv_ista import checkpoint_indices
+from dsc_kernels.reference.conv_ista import (
+    KEEP_RESIDUALS,
+    checkpoint_indices,
+    keeps_residuals,
+    saved_iterates,
+    saved_residuals,
+    saved_shape,
+)
 
 
 @pytest.mark.parametrize(
@@ -100,7 +107,7 @@ def test_gradcheck_conv_ista_ref(rank, fista, nonneg, untied, stride):
 
 @pytest.mark.parametrize(
     "rank,fista,nonneg,stride,checkpoint",
-    list(itertools.product((1, 2), (False, True), (False, True), (1, 2), (1, 2, 0))),
+    list(itertools.product((1, 2), (False, True), (False, True), (1, 2), (1, 2, 0, 2 | KEEP_RESIDUALS))),
 )
 def test_handwritten_vjp_equals_autograd(rank, fista, nonneg, stride, checkpoint):
     p = conv_problem(rank, stride=stride, z0=True, requires_grad=True)
@@ -122,8 +129,19 @@ def test_handwritten_vjp_equals_autograd(rank, fista, nonneg, stride, checkpoint
     expected = torch.autograd.grad(z, args, grad_z)
     z_fused, saved = conv_ista_fwd_ref(*args, p["stride"], p["padding"], nonneg, fista, checkpoint)
     torch.testing.assert_close(z_fused, z)
-    n_saved = len(checkpoint_indices(p["lam"].shape[0], checkpoint, fista))
-    assert saved.shape == ((n_saved, *z.shape) if checkpoint else (0,))
+    n_iter = p["lam"].shape[0]
+    assert saved.shape == saved_shape(p["x"].shape, z.shape, n_iter, checkpoint, fista)
+    n_saved = len(checkpoint_indices(n_iter, checkpoint, fista))
+    iterates_shape = saved_iterates(saved, z.shape, n_iter, checkpoint, fista).shape
+    assert iterates_shape == ((n_saved, *z.shape) if checkpoint else (0,))
+    if keeps_residuals(checkpoint):  # r_k = x - D y_k from the iterates, FISTA's momentum included
+        _, every = conv_ista_fwd_ref(*args, p["stride"], p["padding"], nonneg, fista, 1)
+        iterates = [p["z0"], *every.unbind(0), z]
+        betas = fista_momentum(n_iter)
+        for k, r in enumerate(saved_residuals(saved, p["x"].shape, n_iter).unbind(0)):
+            y = iterates[k] + betas[k] * (iterates[k] - iterates[k - 1]) if fista and k else iterates[k]
+            want = p["x"] - conv_synthesis_ref(y, p["weight"], p["x"].shape[2:], p["stride"], p["padding"])
+            torch.testing.assert_close(r, want, msg=lambda m: f"residual {k}: {m}")
     got = conv_ista_bwd_ref(grad_z, *args, z_fused, saved, p["stride"], p["padding"], nonneg, fista, checkpoint)
     for name, g, e in zip(("x", "weight", "encoder_weight", "lam", "step", "z0"), got, expected):
         torch.testing.assert_close(g, e, msg=lambda m: f"grad {name}: {m}")

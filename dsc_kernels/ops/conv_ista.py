@@ -10,8 +10,9 @@ carry it as annotations; ``tests/test_backend_table.py`` checks all three):
 on canonical 2-D tensors (docs/design.md, "The fused-op contract"). The forward saves the code iterates
 ``reference.conv_ista.checkpoint_indices`` names (every ``checkpoint``-th; all of them for 1) or none
 (``checkpoint == 0``, recompute mode; ``NO_BACKWARD``, no backward will follow); the active set of iteration k is
-recovered as ``z_{k+1} != 0``, so no mask is stored. An empty ``z0`` stands for zeros (and gets an empty gradient),
-so a problem started from zero allocates no code-sized z0.
+recovered as ``z_{k+1} != 0``, so no mask is stored. With ``KEEP_RESIDUALS`` (a row's ``residual_policy`` decides) it
+keeps the residuals r_k = x - D y_k too, so the backward never recomputes D y_k. An empty ``z0`` stands for zeros
+(and gets an empty gradient), so a problem started from zero allocates no code-sized z0.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..reference.conv import code_size
-from ..reference.conv_ista import NO_BACKWARD, checkpoint_indices
+from ..reference.conv_ista import KEEP_RESIDUALS, NO_BACKWARD, saved_shape
 from . import table
 from .registry import FamilySpec, OpPair, implementation
 from .registry import op_pair as _register_pair
@@ -42,10 +43,7 @@ BWD_SCHEMA = (
 
 def _fake_fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, checkpoint):
     z_shape = (x.shape[0], weight.shape[0], *code_size(x.shape[2:], weight.shape[2:], stride, padding))
-    z = x.new_empty(z_shape)
-    if checkpoint <= 0:
-        return z, x.new_empty(0)
-    return z, x.new_empty((len(checkpoint_indices(step.shape[0], checkpoint, fista)), *z_shape))
+    return x.new_empty(z_shape), x.new_empty(saved_shape(x.shape, z_shape, step.shape[0], checkpoint, fista))
 
 
 def _fake_bwd(grad_z, x, weight, encoder_weight, lam, step, z0, z, saved, stride, padding, nonneg, fista, checkpoint):
@@ -126,6 +124,9 @@ def run(
     encoder_weight = weight if encoder_weight is None else encoder_weight
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, encoder_weight, lam, step, z0))
     checkpoint = NO_BACKWARD if not needs_grad else 0 if recompute else row.save_interval[int(fista)]
+    keep = row.residual_policy is not None and checkpoint > 0
+    if keep and implementation(row.residual_policy)(x.shape, weight.shape, stride, padding):
+        checkpoint |= KEEP_RESIDUALS
     z, _ = op_pair(row.name).forward(
         x.contiguous(),
         weight.contiguous(),

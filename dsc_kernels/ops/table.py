@@ -59,6 +59,9 @@ class Backend:
     # conv-ISTA save mode: the checkpoint interval of the forward for (ISTA, FISTA)
     # (reference.conv_ista.checkpoint_indices); recompute mode is always 0. None for other families.
     save_interval: tuple[int, int] | None = None
+    # conv-ISTA save mode: "module:function" of a rule (x_size, weight_size, stride, padding) -> bool saying whether
+    # the forward also keeps the residuals (reference.conv_ista.KEEP_RESIDUALS); None: never.
+    residual_policy: str | None = None
     # The checkpoint intervals the backward accepts (None: any).
     checkpoints: tuple[int, ...] | None = None
     # The family's variants this row runs (CONV_ISTA_VARIANTS and the like); a call needing others skips the row.
@@ -101,6 +104,7 @@ TABLE: tuple[Backend, ...] = (
         # on the way, so keeping every other iterate (FISTA: two of three, as a replay needs z_{k-1} too) costs
         # about one forward iteration per segment.
         save_interval=(2, 3),
+        residual_policy="dsc_kernels.ops.cpu_cost:keep_residuals",
         features=CONV_ISTA_VARIANTS,
     ),
     Backend(

@@ -96,6 +96,22 @@ def conv_ista_ref(
 NO_BACKWARD = -1
 
 
+# A save-mode checkpoint m >= 1 with this bit set (``m | KEEP_RESIDUALS``) also keeps every residual
+# r_k = x - D y_k (k < n_iter), so the backward never recomputes D y_k: a replay needs only E r_k, and only for the
+# iterates that are not saved. ``saved`` is then flat: the saved iterates as without the bit, followed by the residuals
+# as (n_iter, B, *S, C_sig), channels-last per item (the layout the cpp backend's gemm strategy computes them in).
+KEEP_RESIDUALS = 1 << 20
+
+
+def checkpoint_interval(checkpoint: int) -> int:
+    """The interval m of a checkpoint (``KEEP_RESIDUALS`` cleared); 0 and ``NO_BACKWARD`` stand for themselves."""
+    return checkpoint & ~KEEP_RESIDUALS if checkpoint > 0 else checkpoint
+
+
+def keeps_residuals(checkpoint: int) -> bool:
+    return checkpoint > 0 and bool(checkpoint & KEEP_RESIDUALS)
+
+
 def checkpoint_indices(n_iter: int, checkpoint: int, fista: bool) -> list[int]:
     """Which iterates z_k the fused forward saves for the backward, with checkpoint interval ``checkpoint``.
 
@@ -104,9 +120,39 @@ def checkpoint_indices(n_iter: int, checkpoint: int, fista: bool) -> list[int]:
     backward replays each segment [s, s + m) from its checkpoint, one forward iteration less than the segment's
     length. z_0 is the input z0 and z_n the output, so neither is saved twice. m = 1 saves every iterate.
     """
-    if checkpoint <= 0:
+    m = checkpoint_interval(checkpoint)
+    if m <= 0:
         return []
-    return [k for k in range(1, n_iter) if k % checkpoint == 0 or (fista and (k + 1) % checkpoint == 0)]
+    return [k for k in range(1, n_iter) if k % m == 0 or (fista and (k + 1) % m == 0)]
+
+
+def saved_shape(
+    x_shape: Sequence[int], z_shape: Sequence[int], n_iter: int, checkpoint: int, fista: bool
+) -> tuple[int, ...]:
+    """The shape of the forward's ``saved`` (x: (B, C_sig, *S), z: (B, C_code, *Sz)): (0,) without checkpoints,
+    (len(idx), *z_shape) for the iterates alone, flat with the residuals (``KEEP_RESIDUALS``)."""
+    count = len(checkpoint_indices(n_iter, checkpoint, fista))
+    if checkpoint <= 0:
+        return (0,)
+    if not keeps_residuals(checkpoint):
+        return (count, *z_shape)
+    return (count * math.prod(z_shape) + n_iter * math.prod(x_shape),)
+
+
+def saved_iterates(saved: torch.Tensor, z_shape: Sequence[int], n_iter: int, checkpoint: int, fista: bool):
+    """The saved iterates (len(idx), *z_shape) of a forward's ``saved``."""
+    count = len(checkpoint_indices(n_iter, checkpoint, fista))
+    if not keeps_residuals(checkpoint):
+        return saved
+    return saved[: count * math.prod(z_shape)].view(count, *z_shape)
+
+
+def saved_residuals(saved: torch.Tensor, x_shape: Sequence[int], n_iter: int) -> torch.Tensor:
+    """The residuals r_0..r_{n-1} of a ``KEEP_RESIDUALS`` forward's ``saved``, as (n_iter, B, C_sig, *S) views of
+    its channels-last storage."""
+    b, c, *spatial = x_shape
+    stored = saved[saved.numel() - n_iter * math.prod(x_shape) :].view(n_iter, b, *spatial, c)
+    return stored.movedim(-1, 2)
 
 
 def zeros_if_empty(z0: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
@@ -131,8 +177,8 @@ def conv_ista_fwd_ref(
     checkpoint: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the fused-op interface: returns ``(z_n, saved)``, ``saved`` (len(idx), *z.shape) holding z_k for k
-    in ``checkpoint_indices(n_iter, checkpoint, fista)``, or an empty (0,) tensor when ``checkpoint <= 0``.
-    An empty ``z0`` means zeros."""
+    in ``checkpoint_indices(n_iter, checkpoint, fista)``, or an empty (0,) tensor when ``checkpoint <= 0``; with
+    ``KEEP_RESIDUALS`` flat, the residuals after the iterates (``saved_shape``). An empty ``z0`` means zeros."""
     z0 = zeros_if_empty(z0, x, weight, stride, padding)
     with torch.no_grad():
         iterates = _run_iterates(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista)
@@ -141,6 +187,13 @@ def conv_ista_fwd_ref(
         return z, x.new_empty(0)
     idx = checkpoint_indices(step.shape[0], checkpoint, fista)
     saved = torch.stack([iterates[k] for k in idx]) if idx else z.new_empty((0, *z.shape))
+    if keeps_residuals(checkpoint):
+        betas = fista_momentum(step.shape[0])
+        residuals = []
+        for k in range(step.shape[0]):
+            y = iterates[k] + betas[k] * (iterates[k] - iterates[k - 1]) if fista and k > 0 else iterates[k]
+            residuals.append(x - conv_synthesis_ref(y, weight, x.shape[2:], stride, padding))
+        saved = torch.cat([saved.flatten(), torch.stack(residuals).movedim(2, -1).flatten()])
     return z, saved
 
 
@@ -181,10 +234,12 @@ def _restore_iterates(
         return _run_iterates(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista)
     zs: list[torch.Tensor | None] = [None] * (n + 1)
     zs[0], zs[n] = z0, z
-    for k, zk in zip(checkpoint_indices(n, checkpoint, fista), saved.unbind(0)):
+    iterates = saved_iterates(saved, z.shape, n, checkpoint, fista)
+    for k, zk in zip(checkpoint_indices(n, checkpoint, fista), iterates.unbind(0)):
         zs[k] = zk
-    for s in range(0, n, checkpoint):
-        e = min(s + checkpoint, n)
+    m = checkpoint_interval(checkpoint)
+    for s in range(0, n, m):
+        e = min(s + m, n)
         if e - s > 1:
             zs[s + 1 : e] = _run_iterates(
                 x,
@@ -222,8 +277,8 @@ def conv_ista_bwd_ref(
 ) -> tuple[torch.Tensor, ...]:
     """Hand-written VJP of ``conv_ista_fwd_ref``. Returns grads for (x, weight, encoder_weight, lam, step, z0);
     the last is empty when ``z0`` is (zeros). The iterates are restored from the checkpoints (or, when
-    ``checkpoint == 0``, replayed from z0); this reference keeps them all during the backward, which the fused
-    backends do not."""
+    ``checkpoint == 0``, replayed from z0), the residuals read from ``saved`` when the forward kept them; this
+    reference keeps all iterates during the backward, which the fused backends do not."""
     rank = spatial_rank(weight)
     stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
     weight_grad = _CONV_WEIGHT_GRAD[rank]
@@ -243,13 +298,14 @@ def conv_ista_bwd_ref(
         reduce_dims = [0] + list(range(2, 2 + rank))
         g_next = grad_z.clone()  # dL/dz_{k+1}
         g_carry = torch.zeros_like(z0)  # FISTA: the part of dL/dz_k coming from y_{k+1}
+        kept = saved_residuals(saved, x.shape, n_iter) if keeps_residuals(checkpoint) else None
         for k in reversed(range(n_iter)):
             z_new = zs[k + 1]
             use_momentum = fista and k > 0
             y = zs[k] + betas[k] * (zs[k] - zs[k - 1]) if use_momentum else zs[k]
             active = z_new != 0
             gu = torch.where(active, g_next, torch.zeros_like(g_next))
-            residual = x - conv_synthesis_ref(y, weight, x.shape[2:], stride, padding)
+            residual = x - conv_synthesis_ref(y, weight, x.shape[2:], stride, padding) if kept is None else kept[k]
             e = conv_analysis_ref(residual, encoder_weight, stride, padding)
             v = conv_synthesis_ref(gu, encoder_weight, x.shape[2:], stride, padding)
             grad_x += step[k] * v

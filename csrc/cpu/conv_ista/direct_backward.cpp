@@ -12,7 +12,8 @@
 // time in item-sized buffers (nothing batch-sized but the outputs) and sums its own weight, lam and step gradients
 // (so a batch smaller than the thread count leaves threads idle in the backward).
 // Save mode replays each segment [s, s + m) from its checkpoint, keeping the segment's iterates and residuals r_k
-// (so the reverse sweep never recomputes D y_k); recompute mode replays z_0..z_k for every k (O(n^2 / 2) extra
+// (so the reverse sweep never recomputes D y_k; kept residuals, problem.h, are read instead, and the replay then only
+// applies E for the iterates not stored); recompute mode replays z_0..z_k for every k (O(n^2 / 2) extra
 // iterations, three item-sized codes per thread whatever n is; FISTA five). The weight gradients are a register-tiled
 // micro-kernel of their own (weight_grad_tile) over the residual and v, kept in the phased layout E reads.
 // grad_z is read through its strides, so the expanded scalar of a sum() is never materialised.
@@ -226,10 +227,17 @@ void direct_backward(const Problem<T>& p, const at::Tensor& grad_z, const Stored
           zs[1] = iterate_at(s);
           zs[e - s + 1] = iterate_at(e);
           for (int64_t k = s; k < e; ++k) {
-            // A stored z_{k+1} (always z_e; FISTA's z_{e-1} too) needs only r_k: D y_k without E.
+            // A stored z_{k+1} (always z_e; FISTA's z_{e-1} too) needs only r_k: D y_k without E; a kept r_k needs
+            // neither, and the next iterate only E r_k.
             const T* stored = iterate_at(k + 1);
             T* znext = stored ? nullptr : t.replay[k - s];
-            solver.iterate(k, xb, zs[k - s + 1], zs[k - s], znext, t.residuals + (k - s) * bw.isz);
+            T* r = t.residuals + (k - s) * bw.isz;
+            if (const T* kept = in.residual(k, b)) {
+              solver.fused.load_residual(kept, r);
+              if (znext) solver.shrink(k, zs[k - s + 1], zs[k - s], r, znext);
+            } else {
+              solver.iterate(k, xb, zs[k - s + 1], zs[k - s], znext, r);
+            }
             zs[k - s + 2] = stored ? stored : znext;
           }
           for (int64_t k = e - 1; k >= s; --k)

@@ -5,7 +5,8 @@
 // each iteration one fused pass (direct_iteration.h). With at least as many batch items as threads, a thread runs all
 // iterations of its items in item-sized buffers (nothing batch-sized besides z and the checkpoints); otherwise every
 // iteration is one parallel pass over (item, band of code rows) with batch-sized rotating buffers.
-// Saves: z_n into out.z and the checkpoints (problem.h) into out.saved; an absent z0 is read as zeros, never stored.
+// Saves: z_n into out.z and the checkpoints (problem.h) into out.saved, kept residuals copied out of the band
+// buffers each band forms them in (each band its own signal rows); an absent z0 is read as zeros, never stored.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -32,19 +33,21 @@ void direct_forward(const Problem<T>& p, const StoredIterates<T>& out) {
       for (int64_t b = b0; b < b1; ++b)
         run_chain<T>(p.it.n, p.it.fista, p.z0_item(b), bufs, nbuf, [&](int64_t k) { return out.at(k, b); },
                      [&](int64_t k, const T* zk, const T* zkm1, T* dst) {
-                       solver.iterate(k, x + b * ssz, zk, zkm1, dst);
+                       solver.iterate(k, x + b * ssz, zk, zkm1, dst, nullptr, out.residual(k, b));
                      });
     });
     return;
   }
   // The whole batch as one item of B times the size, each iteration parallel over (item, band).
   const int64_t bsz = g.B * csz;
-  const StoredIterates<T> batch{out.ck, out.z, out.saved, 1, bsz};
+  const StoredIterates<T> batch{out.ck, out.z, out.saved, 1, bsz, out.residuals, g.B * ssz};
   at::Tensor work = at::empty({nbuf, bsz}, p.x.options());
   T* w = work.data_ptr<T>();
   T* bufs[3] = {w, w + bsz, p.it.fista ? w + 2 * bsz : nullptr};
   run_chain<T>(p.it.n, p.it.fista, p.z0_item(0), bufs, nbuf, [&](int64_t k) { return batch.at(k, 0); },
-               [&](int64_t k, const T* zk, const T* zkm1, T* dst) { solver.iterate_batch(k, x, zk, zkm1, dst); });
+               [&](int64_t k, const T* zk, const T* zkm1, T* dst) {
+                 solver.iterate_batch(k, x, zk, zkm1, dst, batch.residual(k, 0));
+               });
 }
 
 template void direct_forward<float>(const Problem<float>&, const StoredIterates<float>&);

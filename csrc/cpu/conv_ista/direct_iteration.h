@@ -265,11 +265,13 @@ struct FusedIteration {
   }
 
   // One fused iteration over the batch, parallel over (item, band): z_next = S(y + step E(x - D y)),
-  // y = zk + beta (zk - zkm1); th = step * lam_k per channel.
-  void iterate(const T* x, const T* zk, const T* zkm1, T beta, T step, const T* th, bool nonneg, T* znext) const {
+  // y = zk + beta (zk - zkm1); th = step * lam_k per channel. keep (null: none): the batch's residual, kept
+  // channels-last (B, H, W, Cs) as problem.h stores it.
+  void iterate(const T* x, const T* zk, const T* zkm1, T beta, T step, const T* th, bool nonneg, T* znext,
+               T* keep) const {
     for_bands(g.B, g.Hz, R, [&](int64_t n, int64_t i0, int64_t i1) {
       BandScratch<T> bb = bufs();
-      run_band(bb, x, zk, zkm1, beta, step, th, nonneg, znext, n, i0, i1);
+      run_band(bb, x, zk, zkm1, beta, step, th, nonneg, znext, n, i0, i1, keep);
     });
   }
 
@@ -277,14 +279,14 @@ struct FusedIteration {
   // With r_out (padded_rows(Hz) x padded_width() per signal channel), the residual x - D y it forms on the way is
   // kept there, zero-padded and column-phased as E reads it (the backward's r_k). znext null: the residual only.
   void iterate_item(const T* x, const T* zk, const T* zkm1, T beta, T step, const T* th, bool nonneg, T* znext,
-                    T* r_out) const {
+                    T* r_out, T* keep) const {
     BandScratch<T> bb = bufs(g.Hz);
     if (r_out) bb.r = r_out;
-    run_band(bb, x, zk, zkm1, beta, step, th, nonneg, znext, 0, 0, g.Hz);
+    run_band(bb, x, zk, zkm1, beta, step, th, nonneg, znext, 0, 0, g.Hz, keep);
   }
 
   void run_band(BandScratch<T>& bb, const T* x, const T* zk, const T* zkm1, T beta, T step, const T* th, bool nonneg,
-                T* znext, int64_t n, int64_t i0, int64_t i1) const {
+                T* znext, int64_t n, int64_t i0, int64_t i1, T* keep) const {
     int64_t hs0, nh;
     sig_rows(i0, i1, hs0, nh);
     fill_y(bb, CodeRowSource<T>{zk, zkm1, beta, T(1)}, n, hs0, nh);
@@ -292,7 +294,75 @@ struct FusedIteration {
     synthesis_rows(bb, hs0, nh, [&](int64_t s, int64_t h, const T* v, int64_t) {
       store_residual_row(bb.r, bb.rrows, bb.rwidth, s, h, i0, x + ((n * g.Cs + s) * g.H + h) * g.W, v);
     });
-    if (!znext) return;
+    if (keep) keep_rows(bb, x, n, i0, i1, keep);
+    if (znext) shrink_band(bb, zk, zkm1, beta, step, th, nonneg, znext, n, i0, i1);
+  }
+
+  // The signal rows band [i0, i1) owns, which the bands of an item tile: [i0 SH - PH, i1 SH - PH), the first band
+  // from row 0 and the last to row H.
+  void owned_rows(int64_t i0, int64_t i1, int64_t& h0, int64_t& h1) const {
+    h0 = i0 == 0 ? 0 : std::clamp<int64_t>(i0 * g.SH - g.PH, 0, g.H);
+    h1 = i1 == g.Hz ? g.H : std::clamp<int64_t>(i1 * g.SH - g.PH, 0, g.H);
+  }
+
+  // f(first column, count, offset) for each column phase of a phased row (store_residual_row's layout): signal
+  // columns w0, w0 + SW, ... sit at offset, offset + 1, ... of the phased row.
+  template <class F>
+  void for_phases(int64_t rwidth, F&& f) const {
+    const int64_t pwid = rwidth / g.SW;
+    for (int64_t p = 0; p < g.SW; ++p) {
+      const int64_t w0 = ((p - g.PW) % g.SW + g.SW) % g.SW;
+      if (w0 < g.W) f(w0, (g.W - w0 + g.SW - 1) / g.SW, p * pwid + (w0 + g.PW) / g.SW);
+    }
+  }
+
+  // Item n's residual on the rows band [i0, i1) owns, channels-last into keep (B, H, W, Cs): the phased band buffer
+  // where a code reads the row, x elsewhere (no code reaches the row, so D y is zero there).
+  void keep_rows(const BandScratch<T>& bb, const T* x, int64_t n, int64_t i0, int64_t i1, T* keep) const {
+    int64_t hs0, nh, h0, h1;
+    sig_rows(i0, i1, hs0, nh);
+    owned_rows(i0, i1, h0, h1);
+    const int64_t cs = g.Cs, sw = g.SW;
+    for (int64_t h = h0; h < h1; ++h) {
+      T* out = keep + (n * g.H + h) * g.W * cs;
+      for (int64_t s = 0; s < cs; ++s) {
+        if (h < hs0 || h >= hs0 + nh) {
+          const T* __restrict src = x + ((n * cs + s) * g.H + h) * g.W;
+          for (int64_t w = 0; w < g.W; ++w) out[w * cs + s] = src[w];
+          continue;
+        }
+        const T* row = bb.r + (s * bb.rrows + (h + g.PH - i0 * g.SH)) * bb.rwidth;
+        for_phases(bb.rwidth, [&](int64_t w0, int64_t cnt, int64_t off) {
+          T* __restrict d = out + w0 * cs + s;
+          const T* __restrict src = row + off;
+          for (int64_t m = 0; m < cnt; ++m) d[m * sw * cs] = src[m];
+        });
+      }
+    }
+  }
+
+  // The inverse for a whole item: r (padded_rows(Hz) x padded_width() per channel, zero outside the signal) from a
+  // kept residual (H, W, Cs), as iterate_item's r_out would hold it.
+  void load_residual(const T* keep, T* r) const {
+    const int64_t rrows = padded_rows(g.Hz), rwidth = padded_width(), cs = g.Cs, sw = g.SW;
+    std::fill(r, r + cs * rrows * rwidth, T(0));
+    int64_t hs0, nh;
+    sig_rows(0, g.Hz, hs0, nh);
+    for (int64_t h = hs0; h < hs0 + nh; ++h)
+      for (int64_t s = 0; s < cs; ++s) {
+        T* row = r + (s * rrows + h + g.PH) * rwidth;
+        const T* in = keep + h * g.W * cs + s;
+        for_phases(rwidth, [&](int64_t w0, int64_t cnt, int64_t off) {
+          T* __restrict d = row + off;
+          const T* __restrict src = in + w0 * cs;
+          for (int64_t m = 0; m < cnt; ++m) d[m] = src[m * sw * cs];
+        });
+      }
+  }
+
+  // z_next = S(y + step E r) on code rows [i0, i1) of item n, with the band's residual r already in bb.r.
+  void shrink_band(const BandScratch<T>& bb, const T* zk, const T* zkm1, T beta, T step, const T* th, bool nonneg,
+                   T* znext, int64_t n, int64_t i0, int64_t i1) const {
     analysis_rows(bb, i0, i1, [&](int64_t c, int64_t i, int64_t j0, const T* e, int64_t cnt) {
       const int64_t off = ((n * g.Cc + c) * g.Hz + i) * g.Wz + j0;
       T* __restrict out = znext + off;
@@ -312,14 +382,22 @@ struct DirectSolver {
       : p(p_), fused(p_.g, p_.weight.template data_ptr<T>(), p_.encoder_weight.template data_ptr<T>()) {}
 
   // Iteration k on one batch item's slices, in the calling thread (FusedIteration::iterate_item).
-  void iterate(int64_t k, const T* x, const T* zk, const T* zkm1, T* znext, T* r_out = nullptr) const {
+  void iterate(int64_t k, const T* x, const T* zk, const T* zkm1, T* znext, T* r_out = nullptr,
+               T* keep = nullptr) const {
     fused.iterate_item(x, zk, p.it.momentum(k) ? zkm1 : nullptr, T(p.it.beta[k]), p.it.step[k], p.it.thresholds(k),
-                       p.it.nonneg, znext, r_out);
+                       p.it.nonneg, znext, r_out, keep);
   }
   // Iteration k on the whole batch, parallel over (item, band).
-  void iterate_batch(int64_t k, const T* x, const T* zk, const T* zkm1, T* znext) const {
+  void iterate_batch(int64_t k, const T* x, const T* zk, const T* zkm1, T* znext, T* keep) const {
     fused.iterate(x, zk, p.it.momentum(k) ? zkm1 : nullptr, T(p.it.beta[k]), p.it.step[k], p.it.thresholds(k),
-                  p.it.nonneg, znext);
+                  p.it.nonneg, znext, keep);
+  }
+  // z_{k+1} of one item from its residual r_k, phased as iterate's r_out holds it (E only: D y_k is not recomputed).
+  void shrink(int64_t k, const T* zk, const T* zkm1, const T* r, T* znext) const {
+    BandScratch<T> bb = fused.bufs(p.g.Hz);
+    bb.r = const_cast<T*>(r);
+    fused.shrink_band(bb, zk, p.it.momentum(k) ? zkm1 : nullptr, T(p.it.beta[k]), p.it.step[k], p.it.thresholds(k),
+                      p.it.nonneg, znext, 0, 0, p.g.Hz);
   }
 };
 

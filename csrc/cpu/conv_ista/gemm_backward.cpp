@@ -10,7 +10,8 @@
 //     FISTA: dL/dz_k += (1 + beta_k) dL/dy_k,  dL/dz_{k-1} -= beta_k dL/dy_k
 // Each chunk is swept backwards on its own in chunk-sized buffers (nothing batch-sized but the outputs), as the
 // direct strategy does per item: save mode replays each segment [s, s + m) from its checkpoint keeping the segment's
-// iterates and residuals r_k; recompute mode replays z_0..z_k for every k (O(n^2 / 2) extra iterations, memory
+// iterates and residuals r_k (kept residuals, problem.h, are read instead: the replay then only applies E for the
+// iterates not stored); recompute mode replays z_0..z_k for every k (O(n^2 / 2) extra iterations, memory
 // independent of n). Convolutions and weight gradients are ATen calls (gemm_iteration.h), everything else fused
 // passes; the weight gradients of all chunks and iterations accumulate into two weight-sized sums. A chunk works in
 // its own layout (channels-last, gemm_iteration.h): dL/dz_n, x and z0 are converted in and dL/dx, dL/dz_0 out once
@@ -48,13 +49,16 @@ struct GemmBackward {
   const Problem<T>& p;
   const ConvGeometry& g;
   const int64_t m;                    // checkpoint interval; 0 = recompute mode
+  const bool kept_residuals;          // the forward kept r_k (problem.h): no D y_k is recomputed
+  const bool in_place_residuals;      // ... in the chunk's layout, so steps read them where they are
   const int64_t ccs, scs;             // one chunk's code and signal sizes
   // Weight-gradient sums in the chunk's layout: the op's own gradients when that is channels-first, else copies.
   at::Tensor dw_dict, dw_encoder;
   std::vector<std::vector<double>> dth, vr;  // [thread]: (n, Cc) and (n,) partial sums
 
-  GemmBackward(const GemmSolver<T>& solver_, int64_t m_, const Gradients& grads)
-      : solver(solver_), p(solver_.p), g(solver_.g), m(m_), ccs(solver_.chunk * g.code_item()),
+  GemmBackward(const GemmSolver<T>& solver_, int64_t m_, bool kept_residuals_, const Gradients& grads)
+      : solver(solver_), p(solver_.p), g(solver_.g), m(m_), kept_residuals(kept_residuals_),
+        in_place_residuals(kept_residuals_ && solver_.channels_last), ccs(solver_.chunk * g.code_item()),
         scs(solver_.chunk * g.signal_item()), dw_dict(sum_buffer(solver_, grads.weight)),
         dw_encoder(sum_buffer(solver_, grads.encoder_weight)),
         dth(at::get_num_threads(), std::vector<double>(p.it.n * g.Cc, 0.0)),
@@ -67,7 +71,7 @@ struct GemmBackward {
   ChunkWorkspace<T> workspace() const {
     const int nz = m > 0 ? int(std::max<int64_t>(m - 1, 0)) : (p.it.fista ? 3 : 2);
     const int ns = m > 0 && p.it.fista ? 3 : 1;
-    const int64_t nr = m > 0 ? m : 1;
+    const int64_t nr = in_place_residuals ? 0 : m > 0 ? m : 1;
     const bool has_z0 = p.z0.numel() > 0;
     const int ncodes = 1 + (p.it.fista ? 2 : 0) + (has_z0 ? 1 : 0) + nz + ns;
     ChunkWorkspace<T> t;
@@ -180,18 +184,29 @@ struct GemmBackward {
       for (int64_t sg = nseg - 1; sg >= 0; --sg) {
         const int64_t s = sg * m, e = std::min(n, s + m);
         std::vector<const T*> zs(e - s + 1);  // zs[k - s + 1] = z_k for k in [s - 1, e - 1]
+        std::vector<const T*> rs(e - s);      // rs[k - s] = r_k
         zs[0] = s > 0 && p.it.fista ? load(s - 1, 1) : nullptr;
         zs[1] = load(s, 0);
         for (int64_t k = s; k < e; ++k) {
-          // A stored z_{k+1} (always z_e; FISTA's z_{e-1} too) needs only r_k: D y_k without E.
+          // A stored z_{k+1} (always z_e; FISTA's z_{e-1} too) needs only r_k: D y_k without E; a kept r_k needs
+          // neither, and the next iterate only E r_k.
           const bool stored = in.at(k + 1, b0) != nullptr;
           T* znext = stored ? nullptr : t.replay[k - s];
-          solver.iterate(k, t.x, zs[k - s + 1], zs[k - s], znext, t.residuals + (k - s) * scs, t.ybuf, items);
+          if (kept_residuals) {
+            rs[k - s] = solver.kept_residual(in.residual(k, b0),
+                                             in_place_residuals ? nullptr : t.residuals + (k - s) * scs, items);
+            if (znext)
+              solver.shrink(k, solver.momentum_point(k, zs[k - s + 1], zs[k - s], t.ybuf, items), rs[k - s], znext,
+                            items);
+          } else {
+            solver.iterate(k, t.x, zs[k - s + 1], zs[k - s], znext, t.residuals + (k - s) * scs, t.ybuf, items);
+            rs[k - s] = t.residuals + (k - s) * scs;
+          }
           if (k + 1 < e) zs[k - s + 2] = stored ? load(k + 1, 2) : znext;
         }
         for (int64_t k = e - 1; k >= s; --k) {
           const T* zk = zs[k - s + 1];
-          step(t, k, zk, zs[k - s], t.residuals + (k - s) * scs, items, k > 0 ? zk : nullptr);
+          step(t, k, zk, zs[k - s], rs[k - s], items, k > 0 ? zk : nullptr);
         }
       }
     } else {
@@ -222,8 +237,8 @@ template <typename T>
 void gemm_backward(const Problem<T>& p, const at::Tensor& grad_z, const StoredIterates<const T>& in, int64_t m,
                    const Gradients& grads) {
   const ConvGeometry& g = p.g;
-  const GemmSolver<T> solver(p, m, Pass::backward);
-  GemmBackward<T> bw(solver, m, grads);
+  const GemmSolver<T> solver(p, in.ck, Pass::backward);
+  GemmBackward<T> bw(solver, m, in.ck.residuals, grads);
   ChunkWorkspace<T> t = bw.workspace();
   const T* x = p.x.template data_ptr<T>();
   T* gx = grads.x.template data_ptr<T>();

@@ -7,7 +7,8 @@
 // the two ATen outputs) and stays in cache for small maps. D and E are ATen convolutions, parallel inside (matrix
 // products when the kernel covers the map); residual and threshold are the fused passes of gemm_iteration.h.
 // Saves: z_n into out.z and the checkpoints (problem.h) into out.saved, each converted to channels-first as it is
-// produced (a chunk's items are contiguous in both); an absent z0 is read as zeros, never stored.
+// produced (a chunk's items are contiguous in both); kept residuals are formed in place (they are channels-last, the
+// chunk's layout). An absent z0 is read as zeros, never stored.
 #include <ATen/ATen.h>
 
 #include "gemm_iteration.h"
@@ -19,7 +20,7 @@ namespace conv_ista {
 template <typename T>
 void gemm_forward(const Problem<T>& p, const StoredIterates<T>& out) {
   const ConvGeometry& g = p.g;
-  const GemmSolver<T> solver(p, out.ck.interval, Pass::forward);
+  const GemmSolver<T> solver(p, out.ck, Pass::forward);
   const int64_t csz = g.code_item(), ssz = g.signal_item(), chunk = solver.chunk;
   const int nbuf = p.it.fista ? 3 : 2;
   // nbuf rotating codes, FISTA's y, z0 and x in the chunk's layout, one residual: one chunk's worth, reused by every
@@ -42,7 +43,11 @@ void gemm_forward(const Problem<T>& p, const StoredIterates<T>& out) {
     if (z0) solver.code_in(p.z0_item(b0), z0, items);
     run_chain<T>(p.it.n, p.it.fista, z0, bufs, nbuf, [](int64_t) { return (T*)nullptr; },
                  [&](int64_t k, const T* zk, const T* zkm1, T* dst) {
-                   solver.iterate(k, xc, zk, zkm1, dst, rbuf, ybuf, items);
+                   // A kept residual is formed in place when it is in the chunk's layout.
+                   T* kept = out.residual(k, b0);
+                   T* r = kept && solver.channels_last ? kept : rbuf;
+                   solver.iterate(k, xc, zk, zkm1, dst, r, ybuf, items);
+                   if (kept) solver.keep_residual(r, kept, items);
                    if (T* stored = out.at(k + 1, b0)) solver.code_out(dst, stored, items);
                  });
   });

@@ -42,7 +42,7 @@ namespace conv_ista {
 // weight-gradient primitive must not run inside an outer parallel region (it spins on a barrier for threads a
 // nested region does not give it), so chunks are never run one per thread. Each pass sizes its own chunks (the
 // backward reads the stored iterates item by item, whatever chunks wrote them).
-int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, int64_t checkpoint, Pass pass);
+int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, const Checkpoints& ck, Pass pass);
 
 template <typename T>
 struct GemmSolver {
@@ -58,10 +58,10 @@ struct GemmSolver {
   const bool channels_last;  // the chunk's layout: channels-last unless full_map
   const at::Tensor weight, encoder_weight;  // W_D, W_E in the chunk's layout (one tensor when tied)
 
-  GemmSolver(const Problem<T>& p_, int64_t checkpoint, Pass pass)
+  GemmSolver(const Problem<T>& p_, const Checkpoints& ck, Pass pass)
       : p(p_), g(p_.g), stride{g.SH, g.SW}, padding{g.PH, g.PW},
         output_padding{g.H + 2 * g.PH - g.KH - (g.Hz - 1) * g.SH, g.W + 2 * g.PW - g.KW - (g.Wz - 1) * g.SW},
-        chunk(gemm_chunk_items(p_.g, p_.it.n, p_.it.fista, checkpoint, pass)), full_map(g.kernel_covers_map()),
+        chunk(gemm_chunk_items(p_.g, p_.it.n, p_.it.fista, ck, pass)), full_map(g.kernel_covers_map()),
         channels_last(!full_map), weight(in_layout(p_.weight)),
         encoder_weight(p_.encoder_weight.is_same(p_.weight) ? weight : in_layout(p_.encoder_weight)) {}
 
@@ -160,8 +160,12 @@ struct GemmSolver {
   void iterate(int64_t k, const T* x, const T* zk, const T* zkm1, T* dst, T* rbuf, T* ybuf, int64_t items) const {
     const T* y = momentum_point(k, zk, zkm1, ybuf, items);
     residual(x, y, weight, items, rbuf);
-    if (!dst) return;
-    const at::Tensor e = analysis(signal(rbuf, items), encoder_weight);
+    if (dst) shrink(k, y, rbuf, dst, items);
+  }
+
+  // z_{k+1} = S(y + step_k E r) into dst, for y = y_k (null: zeros) and its residual r (both in the chunk's layout).
+  void shrink(int64_t k, const T* y, const T* r, T* dst, int64_t items) const {
+    const at::Tensor e = analysis(signal(r, items), encoder_weight);
     const T* ep = e.data_ptr<T>();
     const int64_t cc = g.Cc;
     const T sk = p.it.step[k];
@@ -170,6 +174,22 @@ struct GemmSolver {
       for (int64_t q = p0; q < p1; ++q)
         threshold_pixel<T>(dst + q * cc, y ? y + q * cc : nullptr, ep + q * cc, sk, th, cc, p.it.nonneg);
     });
+  }
+
+  // Kept residuals (problem.h) are channels-last per item, which is the chunk's own layout unless full_map: then they
+  // are converted on the way in and out.
+  at::Tensor kept(const T* ptr, int64_t items) const {
+    return at::from_blob(const_cast<T*>(ptr), {items, g.Cs, g.H, g.W}, {g.signal_item(), 1, g.W * g.Cs, g.Cs},
+                         options());
+  }
+  void keep_residual(const T* r, T* dst, int64_t items) const {
+    if (r != dst) kept(dst, items).copy_(signal(r, items));
+  }
+  // A kept residual in the chunk's layout: the stored memory itself, or a copy in buf (full_map).
+  const T* kept_residual(const T* src, T* buf, int64_t items) const {
+    if (channels_last) return src;
+    signal(buf, items).copy_(kept(src, items));
+    return buf;
   }
 };
 

@@ -3,8 +3,9 @@
 // shape.
 //
 // Forward: z_{k+1} = S_{step_k lam_k}(y_k + step_k E(x - D y_k)), y_k = z_k + beta_k (z_k - z_{k-1}), k < n; returns
-// (z_n, saved) with saved the checkpoints of interval m = `checkpoint` (problem.h), or empty for m = 0 (recompute
-// mode) and m = -1 (no backward will follow: the strategies size their workspace for speed alone).
+// (z_n, saved) with saved the checkpoints of interval m = `checkpoint` (problem.h; with kKeepResiduals the residuals
+// too), or empty for m = 0 (recompute mode) and m = -1 (no backward will follow: the strategies size their workspace
+// for speed alone).
 // Backward: the six gradients (x, weight, encoder_weight, lam, step, z0) from those checkpoints.
 //
 // Empty problems never reach a strategy: an empty batch or no code channels gives an empty z and zero gradients; an
@@ -119,6 +120,14 @@ void shrink_only_backward(const Problem<T>& p, const at::Tensor& grad_z, const G
   if (grads.z0.numel()) grads.z0.copy_(grad.view_as(grads.z0));
 }
 
+// The iterates and residuals in `saved` (laid out as Checkpoints::saved_numel counts them) and z_n.
+template <typename T>
+StoredIterates<T> stored(const Checkpoints& ck, const ConvGeometry& g, T* z, const at::Tensor& saved) {
+  T* base = saved.numel() ? static_cast<T*>(saved.data_ptr()) : nullptr;
+  T* residuals = ck.residuals && base ? base + ck.count * g.B * g.code_item() : nullptr;
+  return StoredIterates<T>{ck, z, ck.count ? base : nullptr, g.B, g.code_item(), residuals, g.signal_item()};
+}
+
 template <typename T>
 Problem<T> make_problem(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& weight,
                         const at::Tensor& encoder_weight, const at::Tensor& lam, const at::Tensor& step,
@@ -136,15 +145,16 @@ std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x, const 
   TORCH_CHECK(checkpoint >= -1, op, ": checkpoint must be >= -1");
   const ConvGeometry g = check_inputs(op, x, weight, encoder_weight, lam, step, z0, stride, padding);
   const Checkpoints ck(step.size(0), checkpoint, fista);
+  const int64_t n = step.size(0);
   at::Tensor z = at::empty({g.B, g.Cc, g.Hz, g.Wz}, x.options());
-  at::Tensor saved = checkpoint > 0 ? at::empty({ck.count, g.B, g.Cc, g.Hz, g.Wz}, x.options())
-                                : at::empty({0}, x.options());
+  at::Tensor saved = checkpoint <= 0 ? at::empty({0}, x.options())
+                     : ck.residuals ? at::empty({ck.saved_numel(n, g.B, g.code_item(), g.signal_item())}, x.options())
+                                    : at::empty({ck.count, g.B, g.Cc, g.Hz, g.Wz}, x.options());
   if (g.empty_code()) return {z, saved};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_ista_cpp", [&] {
     using T = scalar_t;
     const Problem<T> p = make_problem<T>(g, x, weight, encoder_weight, lam, step, z0, nonneg, fista);
-    const StoredIterates<T> out{ck, z.data_ptr<T>(), ck.count ? saved.data_ptr<T>() : nullptr, g.B,
-                                g.code_item()};
+    const StoredIterates<T> out = stored<T>(ck, g, z.data_ptr<T>(), saved);
     if (g.empty_signal())
       shrink_only_forward<T>(p, out);
     else if (choose_strategy(g, Pass::forward) == Strategy::gemm)
@@ -170,8 +180,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(z.numel() == 0 || z.sizes() == grad_z.sizes(), op, ": z must be empty or z_n");
   TORCH_CHECK(checkpoint == 0 || z.numel() > 0 || g.empty_code(), op, ": save mode needs z");
   const Checkpoints ck(step.size(0), checkpoint, fista);
-  TORCH_CHECK(checkpoint == 0 || saved.numel() == ck.count * g.B * g.code_item(), op,
-              ": saved must hold the checkpoints of conv_ista_fwd_cpp with this checkpoint");
+  TORCH_CHECK(checkpoint == 0 || saved.numel() == ck.saved_numel(step.size(0), g.B, g.code_item(), g.signal_item()),
+              op, ": saved must hold the checkpoints of conv_ista_fwd_cpp with this checkpoint");
   const Gradients grads{at::empty_like(x, at::MemoryFormat::Contiguous),
                         at::empty_like(weight, at::MemoryFormat::Contiguous),
                         at::empty_like(encoder_weight, at::MemoryFormat::Contiguous),
@@ -186,14 +196,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_ista_cpp", [&] {
     using T = scalar_t;
     const Problem<T> p = make_problem<T>(g, x, weight, encoder_weight, lam, step, z0, nonneg, fista);
-    const StoredIterates<const T> in{ck, z.numel() ? z.data_ptr<T>() : nullptr,
-                                     ck.count ? saved.data_ptr<T>() : nullptr, g.B, g.code_item()};
+    const StoredIterates<const T> in = stored<const T>(ck, g, z.numel() ? z.data_ptr<T>() : nullptr, saved);
     if (g.empty_signal())
       shrink_only_backward<T>(p, grad_z, grads);
     else if (choose_strategy(g, Pass::backward) == Strategy::gemm)
-      gemm_backward<T>(p, grad_z, in, checkpoint, grads);
+      gemm_backward<T>(p, grad_z, in, ck.interval, grads);
     else
-      direct_backward<T>(p, grad_z, in, checkpoint, grads);
+      direct_backward<T>(p, grad_z, in, ck.interval, grads);
   });
   return {grads.x, grads.weight, grads.encoder_weight, grads.lam, grads.step, grads.z0};
 }

@@ -8,7 +8,9 @@
 //     z_{k+1} = S_{step_k lam_k[c]}(y_k + step_k E(x - D y_k))          (S+ when nonneg)
 // with D y = conv_transpose2d(y, W_D) cropped/padded to x's size and E r = conv2d(r, W_E).
 // Saved for the backward with checkpoint interval m (reference/conv_ista.py::checkpoint_indices): z_k for
-// 0 < k < n with k % m == 0 (FISTA also k % m == m - 1), or nothing for m = 0 (recompute mode).
+// 0 < k < n with k % m == 0 (FISTA also k % m == m - 1), or nothing for m = 0 (recompute mode). A checkpoint
+// m | kKeepResiduals also keeps every residual r_k = x - D y_k (k < n), channels-last per item (H, W, Cs), after the
+// iterates in one flat `saved`: the backward then never recomputes D y_k.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -80,33 +82,48 @@ struct IterationConstants {
   }
 };
 
+// The checkpoint flag of reference/conv_ista.py::KEEP_RESIDUALS.
+constexpr int64_t kKeepResiduals = int64_t(1) << 20;
+
 // The iterates the forward saves for the backward (reference/conv_ista.py::checkpoint_indices): slot[k] is z_k's
 // index in `saved`, or -1. z_0 is the input, z_n the output.
 struct Checkpoints {
   std::vector<int64_t> slot;
   int64_t interval;  // m; 0: recompute mode; -1: no backward will follow
+  bool residuals;    // r_0 .. r_{n-1} kept after the iterates (kKeepResiduals)
   int64_t count = 0;
 
-  Checkpoints(int64_t n, int64_t m, bool fista) : slot(n + 1, -1), interval(m) {
-    if (m > 0)
+  Checkpoints(int64_t n, int64_t checkpoint, bool fista)
+      : slot(n + 1, -1), interval(checkpoint > 0 ? checkpoint & ~kKeepResiduals : checkpoint),
+        residuals(checkpoint > 0 && (checkpoint & kKeepResiduals)) {
+    TORCH_CHECK(!residuals || interval >= 1, "conv_ista_cpp: KEEP_RESIDUALS needs a checkpoint interval >= 1");
+    if (interval > 0)
       for (int64_t k = 1; k < n; ++k)
-        if (k % m == 0 || (fista && (k + 1) % m == 0)) slot[k] = count++;
+        if (k % interval == 0 || (fista && (k + 1) % interval == 0)) slot[k] = count++;
+  }
+  // Elements of `saved` for a batch of B items: the iterates, then the residuals.
+  int64_t saved_numel(int64_t n, int64_t B, int64_t csz, int64_t ssz) const {
+    return count * B * csz + (residuals ? n * B * ssz : 0);
   }
 };
 
-// Where the forward keeps z_k (0 < k <= n) of batch item b: the output z (k = n), a checkpoint, or nowhere (null).
-// saved is (count, B, Cc, Hz, Wz) and csz one item's code size, so consecutive items of one z_k are contiguous.
+// Where the forward keeps z_k (0 < k <= n) of batch item b: the output z (k = n), a checkpoint, or nowhere (null);
+// and, with kept residuals, r_k (0 <= k < n). The iterates are (count, B, Cc, Hz, Wz) and the residuals
+// (n, B, H, W, Cs) (csz, ssz: one item's code and signal sizes), so consecutive items of one z_k or r_k are contiguous.
 template <typename T>
 struct StoredIterates {
   const Checkpoints& ck;
   T* z;
   T* saved;
   int64_t B, csz;
+  T* residuals = nullptr;  // null: not kept
+  int64_t ssz = 0;
 
   T* at(int64_t k, int64_t b) const {
     if (k + 1 == int64_t(ck.slot.size())) return z ? z + b * csz : nullptr;
     return ck.slot[k] >= 0 ? saved + (ck.slot[k] * B + b) * csz : nullptr;
   }
+  T* residual(int64_t k, int64_t b) const { return residuals ? residuals + (k * B + b) * ssz : nullptr; }
 };
 
 // A buffer among `bufs` that is neither a nor b (the iterates an iteration reads).
