@@ -12,11 +12,12 @@ The model, calibrated on the shape sweep (``dsc_kernels/experiments/sweep.py``; 
 - With a backward, ``cpp`` unless the convolution intensity
   ``I = C_sig k_h k_w * C_code |code| / (C_code |code| + C_sig |signal|)`` (multiply-adds of one convolution per
   element the elementwise passes touch, |.| a spatial size) exceeds ``INTENSITY_LIMIT``. The fused backward keeps
-  memory lean by replaying about 1.5 convolutions per iteration that eager keeps; on convolution-bound shapes the
-  gemm strategy's channels-last oneDNN convolutions and fused passes pay that back up to I = 288 (forward + backward
-  0.93-1.26x eager, about parity on the most convolution-bound), and the one sweep shape above it (64 -> 128
-  channels on 8 x 8, I = 384) ran at 0.97-1.00x, about eager's speed at 0.7x its memory: above the limit eager is
-  taken, as the cheaper side of a coin flip on time.
+  memory lean by saving every other iterate and, where ``keep_residuals`` says so, the residuals, and replays the
+  rest; on convolution-bound shapes the gemm strategy's channels-last oneDNN convolutions and fused passes pay that
+  back: forward + backward 1.15-1.45x eager at I = 96-288 on the Intel Xeon sweep with kept residuals
+  (0.93-1.26x on the AMD EPYC before them). The one sweep shape above the limit (64 -> 128 channels on 8 x 8,
+  I = 384) ran at 1.03x there (0.97-1.00x before): too close to call, so above the limit eager is taken (auto was
+  within 5% of the faster either way).
   A kernel covering the whole map is a matrix product on the ``cpp`` side (2x eager there) whatever its intensity.
 
 ``DSC_KERNELS_BACKEND`` and an explicit ``backend=`` bypass this module (``selection``).
@@ -31,8 +32,9 @@ from functools import lru_cache
 
 import torch
 
-# Sweep of 2026-12-02, after the gemm strategy went channels-last (2 threads; bench/results/cpu-sweep-2026-12-02b):
-# forward + backward 0.93-1.26x eager at I = 96-288 with 32-64 signal channels, 0.97-1.00x at I = 384 (four runs).
+# Sweeps of 2026-12-02 (2 threads; bench/results/cpu-sweep-2026-12-02b on an AMD EPYC, -02c on an Intel Xeon with
+# kept residuals): forward + backward 0.93-1.26x / 1.15-1.45x eager at I = 96-288 with 32-64 signal channels,
+# 0.97-1.00x / 1.03x at I = 384.
 INTENSITY_LIMIT = 350.0
 
 

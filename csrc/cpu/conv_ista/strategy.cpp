@@ -4,11 +4,14 @@
 // per-primitive timings via ONEDNN_VERBOSE; wall clock alone was too noisy there):
 // - Many channels: the convolutions are ~80% of both eager and gemm. oneDNN reorders channels-first tensors into its
 //   blocked layout and back on every call; on channels-last tensors it does not, and a convolution ran 1.2-3x faster
-//   (64 -> 64 channels on 8 x 8 maps: 0.8 ms vs 2.2 ms), so the gemm strategy works channels-last. Its backward does
+//   (64 -> 64 channels on 8 x 8 maps: 0.8 ms vs 2.2 ms), so the gemm strategy works channels-last. Its backward did
 //   7.5 convolution-sized operations per iteration in save mode (2 forward, 1.5 replayed, 4 VJP) to eager's 6 (eager
-//   keeps the residuals we replay), which the faster calls and fused passes pay back: forward + backward 1.0-1.2x
-//   eager on the sweep's GEMM-bound shapes, the forward alone 1.3-1.6x. The chunk size matters: chunks budgeted at a
-//   quarter of eager's memory instead of 0.4 cost 10-25% there (oneDNN wants ~4096 columns per call).
+//   keeps the residuals we replayed): forward + backward 0.93-1.26x eager on the sweep's GEMM-bound shapes. With the
+//   residuals kept (problem.h; ops/cpu_cost.py decides per shape) the replay is 0.5 (E for the iterates not saved):
+//   profiled on 32 -> 64 channels on 8 x 8 with FISTA, the replay had been 9 of 51 backward convolutions per chunk;
+//   keeping residuals took forward + backward 9-18% faster on the many-channel shapes (1.03-1.45x eager) for 0.1-0.24
+//   of eager's memory. The chunk size matters: chunks budgeted at a quarter of eager's memory instead of 0.4 cost
+//   10-25% there (oneDNN wants ~4096 columns per call).
 // - The direct strategy's micro-kernels lose to oneDNN on many channels (its backward 0.2-0.3x eager there); with
 //   1-3 signal channels on large maps oneDNN's transposed convolution to few channels is the slow one (12x its
 //   forward convolution at 1 channel) and the direct strategy wins 1.5-5x. On CSCNet's layer (1 -> 175 channels,
