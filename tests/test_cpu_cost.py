@@ -10,8 +10,8 @@ import dsc_kernels.functional as DF
 from dsc_kernels import ops
 from dsc_kernels.ops import cpu_cost
 
-# (x, weight): many channels on small maps (intensity 384, above the limit) and one signal channel (8.7)
-CONV_BOUND = ((8, 64, 8, 8), (128, 64, 3, 3))
+# (x, weight): many channels on small maps (intensity 1152, above the limit) and one signal channel (8.7)
+CONV_BOUND = ((8, 256, 8, 8), (256, 256, 3, 3))
 LIGHT = ((8, 1, 8, 8), (32, 1, 3, 3))
 
 
@@ -22,7 +22,7 @@ def _key(xs, ws, backward):
 def test_intensity_and_code_size():
     key = _key(*CONV_BOUND, True)
     assert key.code_size == (8, 8)
-    assert key.intensity == pytest.approx(64 * 9 * 128 * 64 / (128 * 64 + 64 * 64))
+    assert key.intensity == pytest.approx(256 * 9 * 256 * 64 / (256 * 64 + 256 * 64))
     assert not key.kernel_covers_map
     full = cpu_cost.ConvIstaKey((4, 64, 4, 4), (512, 64, 4, 4), (1, 1), (0, 0), torch.float32, True)
     assert full.kernel_covers_map and full.code_size == (1, 1)

@@ -85,8 +85,9 @@ def _s(name, b, cs, cc, size, k, stride=1, padding=None, n_iter=10, **opts) -> S
     )
 
 
-# A grid over C_sig in {1, 3, 8, 32, 64}, C_code up to 128 (512 for the ML-ISTA layer), maps 8^2 to 128^2 and 1-D,
-# kernels 3 to 11, strides 1 to 3, ISTA and FISTA; the named workloads of DESIGN §6 and issue 11/16 are in it.
+# A grid over C_sig in {1, 3, 8, 32, 64} (128 and 256 for the two most convolution-bound), C_code up to 256 (512 for
+# the ML-ISTA layer), maps 8^2 to 128^2 and 1-D, kernels 3 to 11, strides 1 to 3, ISTA and FISTA; the named workloads
+# of DESIGN §6 and issue 11/16 are in it.
 SHAPES: tuple[SweepShape, ...] = (
     # issue 11: many channels on small maps (batch 64, 8x8, 3x3)
     _s("small-32to32", 64, 32, 32, 8, 3),
@@ -113,6 +114,9 @@ SHAPES: tuple[SweepShape, ...] = (
     _s("c64-to-64-8px-k3", 64, 64, 64, 8, 3),
     _s("c64-to-128-8px-k3-nonneg", 32, 64, 128, 8, 3, nonneg=True, n_iter=5),
     _s("c64-to-64-32px-k3", 4, 64, 64, 32, 3, n_iter=5),
+    # the most convolution-bound, either side of auto's intensity limit (ops/cpu_cost.py): I = 768 and 1152
+    _s("c128-to-256-8px-k3", 16, 128, 256, 8, 3, n_iter=5),
+    _s("c256-to-256-8px-k3", 16, 256, 256, 8, 3, n_iter=5),
     _s("1d-c1-to-32-L1024-k9", 8, 1, 32, (1024,), 9),
     _s("1d-c8-to-64-L256-k5-s2-fista", 16, 8, 64, (256,), 5, stride=2, fista=True),
     _s("1d-c64-to-64-L64-k3", 32, 64, 64, (64,), 3),
