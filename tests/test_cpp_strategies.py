@@ -27,7 +27,8 @@ STRATEGIES = ("direct", "gemm")
 
 # name, x shape, weight shape, stride, padding: odd sizes, strides that do not divide the kernel or exceed it, a
 # height-1 map (how functional runs 1-D problems), more code than signal channels and the reverse, a kernel that
-# covers the whole map (the gemm strategy's matrix-product case)
+# covers the whole map (the gemm strategy's matrix-product case), weights larger than the gemm strategy's chunk of
+# codes (its weight-gradient sums are then the op's channels-first gradients)
 GEOMETRIES = [
     ("odd", (3, 2, 9, 10), (5, 2, 3, 4), [1, 1], [1, 2]),
     ("stride2x3", (2, 3, 11, 13), (4, 3, 4, 3), [2, 3], [1, 0]),
@@ -35,6 +36,7 @@ GEOMETRIES = [
     ("1d", (3, 2, 1, 23), (6, 2, 1, 5), [1, 2], [0, 2]),
     ("full-map", (4, 3, 4, 5), (7, 3, 4, 5), [1, 1], [0, 0]),
     ("many-channel", (5, 9, 6, 7), (12, 9, 3, 3), [1, 1], [1, 1]),
+    ("big-weights", (2, 16, 3, 3), (24, 16, 3, 3), [1, 1], [1, 1]),
 ]
 
 
