@@ -39,7 +39,7 @@ struct ChunkWorkspace {
   T* z0;                   // the chunk's z0 (null: zeros)
   std::vector<T*> replay;  // replayed iterates (save mode: a segment's interior; recompute: the rotating ones)
   std::vector<T*> stored;  // stored iterates read back (save mode: a segment's z_s and FISTA's z_{s-1}, z_{e-1})
-  T *x, *gx;               // the chunk's x and dL/dx
+  T *x, *gx;               // the chunk's x (null with kept residuals: nothing recomputes r_k) and dL/dx
   T* residuals;            // r_k (save mode: a segment's m; recompute: 1)
 };
 
@@ -79,7 +79,8 @@ struct GemmBackward {
     const bool has_z0 = p.z0.numel() > 0;
     const int ncodes = 1 + (p.it.fista ? 2 : 0) + (has_z0 ? 1 : 0) + nz + ns;
     ChunkWorkspace<T> t;
-    t.storage = at::empty({ncodes * ccs + (nr + 2) * scs}, p.x.options());
+    const int nx = kept_residuals ? 0 : 1;
+    t.storage = at::empty({ncodes * ccs + (nr + nx + 1) * scs}, p.x.options());
     T* w = t.storage.template data_ptr<T>();
     t.grad = w, w += ccs;
     t.carry = p.it.fista ? w : nullptr, w += p.it.fista ? ccs : 0;
@@ -87,7 +88,7 @@ struct GemmBackward {
     t.z0 = has_z0 ? w : nullptr, w += has_z0 ? ccs : 0;
     for (int i = 0; i < nz; ++i) t.replay.push_back(w), w += ccs;
     for (int i = 0; i < ns; ++i) t.stored.push_back(w), w += ccs;
-    t.x = w, w += scs;
+    t.x = nx ? w : nullptr, w += nx * scs;
     t.gx = w, w += scs;
     t.residuals = w;
     return t;
@@ -173,7 +174,7 @@ struct GemmBackward {
     solver.code(t.grad, items).copy_(grad_z.narrow(0, b0, items));
     if (t.carry) std::fill(t.carry, t.carry + items * csz, T(0));
     std::fill(t.gx, t.gx + items * ssz, T(0));
-    solver.signal_in(x, t.x, items);
+    if (t.x) solver.signal_in(x, t.x, items);
     if (t.z0) solver.code_in(p.z0_item(b0), t.z0, items);
     // z_k in the chunk's layout: z0, or a stored iterate converted into buffer `slot` of t.stored.
     auto load = [&](int64_t k, int slot) -> const T* {

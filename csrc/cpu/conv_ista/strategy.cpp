@@ -73,14 +73,15 @@ int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, cons
   const double c = double(g.code_item()), s = double(g.signal_item());
   // Workspace per chunk item, plus the two ATen outputs alive at once (a code and a signal). Forward: the rotating
   // codes, FISTA's y, z0, x and the residual. Backward: dL/dz, FISTA's carry and y, z0, the replay buffers, the
-  // stored iterates read back, the residuals (none when the forward kept them in the chunk's layout), x and dL/dx.
+  // stored iterates read back, the residuals (none when the forward kept them in the chunk's layout), x (none with
+  // kept residuals) and dL/dx.
   const int64_t rotating = fista ? 3 : 2;
   const int64_t replay = checkpoint > 0 ? checkpoint - 1 : rotating;
   const int64_t stored = checkpoint > 0 && fista ? 3 : 1;
   const int64_t residuals = ck.residuals && !g.kernel_covers_map() ? 0 : checkpoint > 0 ? checkpoint : 1;
   const double per_item = pass == Pass::forward
                               ? c * (rotating + (fista ? 1 : 0) + 2) + s * 3
-                              : c * (3 + (fista ? 2 : 0) + replay + stored) + s * (residuals + 3);
+                              : c * (3 + (fista ? 2 : 0) + replay + stored) + s * (residuals + (ck.residuals ? 2 : 3));
   // Budget. Save mode: 0.4 of what eager autograd keeps, about two codes and a residual per iteration and item
   // (measured on the sweep), so that with the checkpoints the training step stays around half of eager's and the
   // chunks reach the column count below on small maps (a quarter of eager cost 10-25% of forward + backward speed on
