@@ -58,6 +58,15 @@ def _z0(x, w, stride, padding, given, dtype):
     return 0.3 * torch.randn(x.shape[0], w.shape[0], *sz, generator=torch.Generator().manual_seed(7), dtype=dtype)
 
 
+def _forwards(inputs, geo, checkpoint, ref_checkpoint=None):
+    """(z, saved) of the cpp op and of the reference op pair (with ref_checkpoint, default checkpoint); the two z
+    agree in fp64."""
+    out = ops.conv_ista_fwd_cpp(*inputs, *geo, checkpoint)
+    out_ref = conv_ista_fwd_ref(*inputs, *geo, checkpoint if ref_checkpoint is None else ref_checkpoint)
+    torch.testing.assert_close(out[0], out_ref[0], rtol=1e-11, atol=1e-11)
+    return out, out_ref
+
+
 def _check_gradients(grad_z, inputs, out, out_ref, geo, checkpoint):
     """The cpp backward's six gradients against the reference op pair's (fp64), each from its own forward's
     (z, saved); recompute mode (checkpoint 0) hands the backward an empty z, as the autograd wrapper does."""
@@ -88,14 +97,13 @@ def test_op_pair_matches_reference_fp64(
     x, w, we, lam, step = _tensors(xs, ws, 7, untied=untied, z0=z0_given, dtype=dtype)
     z0 = _z0(x, w, stride, padding, z0_given, dtype)
     geo = (stride, padding, nonneg, fista)
-    z, saved = ops.conv_ista_fwd_cpp(x, w, we, lam, step, z0, *geo, checkpoint)
-    z_ref, saved_ref = conv_ista_fwd_ref(x, w, we, lam, step, z0, *geo, checkpoint)
-    torch.testing.assert_close(z, z_ref, rtol=1e-11, atol=1e-11)
-    torch.testing.assert_close(saved, saved_ref, rtol=1e-11, atol=1e-11)
-    grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    inputs = (x, w, we, lam, step, z0)
+    out, out_ref = _forwards(inputs, geo, checkpoint)
+    torch.testing.assert_close(out[1], out_ref[1], rtol=1e-11, atol=1e-11)
+    grad_z = torch.randn(out[0].shape, generator=torch.Generator().manual_seed(2), dtype=dtype)
     if checkpoint == 0:
-        grad_z = torch.ones((), dtype=dtype).expand_as(z)
-    _check_gradients(grad_z, (x, w, we, lam, step, z0), (z, saved), (z_ref, saved_ref), geo, checkpoint)
+        grad_z = torch.ones((), dtype=dtype).expand_as(out[0])
+    _check_gradients(grad_z, inputs, out, out_ref, geo, checkpoint)
 
 
 @pytest.mark.parametrize("checkpoint", [NO_BACKWARD, 0, 2, 2 | KEEP_RESIDUALS])
@@ -109,13 +117,12 @@ def test_gemm_chunks_of_unequal_size_fp64(monkeypatch, checkpoint):
     x, w, we, lam, step = _tensors(xs, ws, 4, untied=True, z0=True, dtype=dtype)
     z0 = _z0(x, w, stride, padding, True, dtype)
     geo = (stride, padding, False, True)
-    z, saved = ops.conv_ista_fwd_cpp(x, w, we, lam, step, z0, *geo, checkpoint)
-    z_ref, saved_ref = conv_ista_fwd_ref(x, w, we, lam, step, z0, *geo, max(checkpoint, 0))
-    torch.testing.assert_close(z, z_ref, rtol=1e-11, atol=1e-11)
+    inputs = (x, w, we, lam, step, z0)
+    out, out_ref = _forwards(inputs, geo, checkpoint, ref_checkpoint=max(checkpoint, 0))
     if checkpoint == NO_BACKWARD:
         return
-    grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(6), dtype=dtype)
-    _check_gradients(grad_z, (x, w, we, lam, step, z0), (z, saved), (z_ref, saved_ref), geo, checkpoint)
+    grad_z = torch.randn(out[0].shape, generator=torch.Generator().manual_seed(6), dtype=dtype)
+    _check_gradients(grad_z, inputs, out, out_ref, geo, checkpoint)
 
 
 @pytest.mark.parametrize("checkpoint", [0, 1, 2, 3, 2 | KEEP_RESIDUALS])
@@ -131,11 +138,10 @@ def test_direct_forward_feeds_gemm_backward_fp64(monkeypatch, checkpoint, fista)
     x, w, we, lam, step = _tensors(xs, ws, 6, untied=True, z0=True, dtype=dtype)
     z0 = _z0(x, w, stride, padding, True, dtype)
     geo = (stride, padding, False, fista)
-    z, saved = ops.conv_ista_fwd_cpp(x, w, we, lam, step, z0, *geo, checkpoint)
-    z_ref, saved_ref = conv_ista_fwd_ref(x, w, we, lam, step, z0, *geo, checkpoint)
-    torch.testing.assert_close(z, z_ref, rtol=1e-11, atol=1e-11)
-    grad_z = torch.randn(z.shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
-    _check_gradients(grad_z, (x, w, we, lam, step, z0), (z, saved), (z_ref, saved_ref), geo, checkpoint)
+    inputs = (x, w, we, lam, step, z0)
+    out, out_ref = _forwards(inputs, geo, checkpoint)
+    grad_z = torch.randn(out[0].shape, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    _check_gradients(grad_z, inputs, out, out_ref, geo, checkpoint)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

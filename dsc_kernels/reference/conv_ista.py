@@ -53,9 +53,17 @@ def _channel_view(values: torch.Tensor, rank: int) -> torch.Tensor:
     return values.reshape(1, -1, *([1] * rank))
 
 
-def _ista_step(x, y, weight, encoder_weight, lam_k, step_k, stride, padding, nonneg):
+def _residual(x, y, weight, stride, padding):
+    """r = x - D y."""
+    return x - conv_synthesis_ref(y, weight, x.shape[2:], stride, padding)
+
+
+def _ista_step(x, y, weight, encoder_weight, lam_k, step_k, stride, padding, nonneg, residuals=None):
+    """z_{k+1} from y_k; the residual it forms is appended to ``residuals`` when that is a list."""
     rank = spatial_rank(weight)
-    residual = x - conv_synthesis_ref(y, weight, x.shape[2:], stride, padding)
+    residual = _residual(x, y, weight, stride, padding)
+    if residuals is not None:
+        residuals.append(residual)
     u = y + step_k * conv_analysis_ref(residual, encoder_weight, stride, padding)
     return soft_threshold_ref(u, _channel_view(step_k * lam_k, rank), nonneg)
 
@@ -131,9 +139,9 @@ def saved_shape(
 ) -> tuple[int, ...]:
     """The shape of the forward's ``saved`` (x: (B, C_sig, *S), z: (B, C_code, *Sz)): (0,) without checkpoints,
     (len(idx), *z_shape) for the iterates alone, flat with the residuals (``KEEP_RESIDUALS``)."""
-    count = len(checkpoint_indices(n_iter, checkpoint, fista))
     if checkpoint <= 0:
         return (0,)
+    count = len(checkpoint_indices(n_iter, checkpoint, fista))
     if not keeps_residuals(checkpoint):
         return (count, *z_shape)
     return (count * math.prod(z_shape) + n_iter * math.prod(x_shape),)
@@ -141,9 +149,9 @@ def saved_shape(
 
 def saved_iterates(saved: torch.Tensor, z_shape: Sequence[int], n_iter: int, checkpoint: int, fista: bool):
     """The saved iterates (len(idx), *z_shape) of a forward's ``saved``."""
-    count = len(checkpoint_indices(n_iter, checkpoint, fista))
     if not keeps_residuals(checkpoint):
         return saved
+    count = len(checkpoint_indices(n_iter, checkpoint, fista))
     return saved[: count * math.prod(z_shape)].view(count, *z_shape)
 
 
@@ -180,19 +188,17 @@ def conv_ista_fwd_ref(
     in ``checkpoint_indices(n_iter, checkpoint, fista)``, or an empty (0,) tensor when ``checkpoint <= 0``; with
     ``KEEP_RESIDUALS`` flat, the residuals after the iterates (``saved_shape``). An empty ``z0`` means zeros."""
     z0 = zeros_if_empty(z0, x, weight, stride, padding)
+    residuals = [] if keeps_residuals(checkpoint) else None
     with torch.no_grad():
-        iterates = _run_iterates(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista)
+        iterates = _run_iterates(
+            x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, residuals=residuals
+        )
     z = iterates[-1]
     if checkpoint <= 0:
         return z, x.new_empty(0)
     idx = checkpoint_indices(step.shape[0], checkpoint, fista)
     saved = torch.stack([iterates[k] for k in idx]) if idx else z.new_empty((0, *z.shape))
-    if keeps_residuals(checkpoint):
-        betas = fista_momentum(step.shape[0])
-        residuals = []
-        for k in range(step.shape[0]):
-            y = iterates[k] + betas[k] * (iterates[k] - iterates[k - 1]) if fista and k > 0 else iterates[k]
-            residuals.append(x - conv_synthesis_ref(y, weight, x.shape[2:], stride, padding))
+    if residuals is not None:
         saved = torch.cat([saved.flatten(), torch.stack(residuals).movedim(2, -1).flatten()])
     return z, saved
 
@@ -211,8 +217,10 @@ def _run_iterates(
     first: int = 0,
     stop: int | None = None,
     z_prev: torch.Tensor | None = None,
+    residuals: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """[z_first, ..., z_stop] from z_first = z0 (and z_{first-1} = z_prev for FISTA); stop defaults to n_iter."""
+    """[z_first, ..., z_stop] from z_first = z0 (and z_{first-1} = z_prev for FISTA); stop defaults to n_iter.
+    ``residuals`` (a list) collects r_first .. r_{stop-1} on the way."""
     betas = fista_momentum(step.shape[0])
     stop = step.shape[0] if stop is None else stop
     zs = [z0]
@@ -220,7 +228,7 @@ def _run_iterates(
     for k in range(first, stop):
         y = zs[-1] + betas[k] * (zs[-1] - prev) if fista and k > 0 else zs[-1]
         prev = zs[-1]
-        zs.append(_ista_step(x, y, weight, encoder_weight, lam[k], step[k], stride, padding, nonneg))
+        zs.append(_ista_step(x, y, weight, encoder_weight, lam[k], step[k], stride, padding, nonneg, residuals))
     return zs
 
 
@@ -305,7 +313,7 @@ def conv_ista_bwd_ref(
             y = zs[k] + betas[k] * (zs[k] - zs[k - 1]) if use_momentum else zs[k]
             active = z_new != 0
             gu = torch.where(active, g_next, torch.zeros_like(g_next))
-            residual = x - conv_synthesis_ref(y, weight, x.shape[2:], stride, padding) if kept is None else kept[k]
+            residual = _residual(x, y, weight, stride, padding) if kept is None else kept[k]
             e = conv_analysis_ref(residual, encoder_weight, stride, padding)
             v = conv_synthesis_ref(gu, encoder_weight, x.shape[2:], stride, padding)
             grad_x += step[k] * v

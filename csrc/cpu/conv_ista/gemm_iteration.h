@@ -72,6 +72,9 @@ struct GemmSolver {
   // A chunk-sized view (items, C, h, w) in the chunk's layout over memory the caller owns.
   at::Tensor view(const T* ptr, int64_t items, int64_t c, int64_t h, int64_t w) const {
     if (!channels_last) return at::from_blob(const_cast<T*>(ptr), {items, c, h, w}, options());
+    return channels_last_view(ptr, items, c, h, w);
+  }
+  at::Tensor channels_last_view(const T* ptr, int64_t items, int64_t c, int64_t h, int64_t w) const {
     return at::from_blob(const_cast<T*>(ptr), {items, c, h, w}, {c * h * w, 1, w * c, c}, options());
   }
   at::Tensor code(const T* ptr, int64_t items) const { return view(ptr, items, g.Cc, g.Hz, g.Wz); }
@@ -178,10 +181,7 @@ struct GemmSolver {
 
   // Kept residuals (problem.h) are channels-last per item, which is the chunk's own layout unless full_map: then they
   // are converted on the way in and out.
-  at::Tensor kept(const T* ptr, int64_t items) const {
-    return at::from_blob(const_cast<T*>(ptr), {items, g.Cs, g.H, g.W}, {g.signal_item(), 1, g.W * g.Cs, g.Cs},
-                         options());
-  }
+  at::Tensor kept(const T* ptr, int64_t items) const { return channels_last_view(ptr, items, g.Cs, g.H, g.W); }
   void keep_residual(const T* r, T* dst, int64_t items) const {
     if (r != dst) kept(dst, items).copy_(signal(r, items));
   }
