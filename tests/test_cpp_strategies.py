@@ -37,6 +37,9 @@ GEOMETRIES = [
     ("full-map", (4, 3, 4, 5), (7, 3, 4, 5), [1, 1], [0, 0]),
     ("many-channel", (5, 9, 6, 7), (12, 9, 3, 3), [1, 1], [1, 1]),
     ("big-weights", (2, 16, 3, 3), (24, 16, 3, 3), [1, 1], [1, 1]),
+    # one signal channel, a tall kernel and a row stride: D's tiles compute blocks of output rows per row phase,
+    # with a partial block at each phase's end
+    ("gray-row-blocks", (2, 1, 13, 37), (5, 1, 7, 5), [2, 1], [3, 2]),
 ]
 
 

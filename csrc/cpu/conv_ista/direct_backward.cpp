@@ -42,6 +42,7 @@ struct ItemWorkspace {
   T* adjoint;               // v = E^* gu, phased
   T* residuals;             // r_k = x - D y_k, phased (save mode: a segment's m; recompute: 1)
   T *dw_encoder, *dw_dict;  // this thread's weight-gradient sums
+  T* partials;              // weight_grad's lane-wise partial sums: KH x KW x kWeightGradChannels vectors
   std::vector<double> dth, vr;  // (n, Cc) and (n,): this thread's sums of dL/dth and <v, r_k>
 };
 
@@ -54,6 +55,7 @@ struct DirectBackward {
   const CorrelationPlan<T> anal_d;      // D^* v: E's analysis with W_D
   const int64_t m;                      // checkpoint interval; 0 = recompute mode
   const int64_t Ccp, Wzp, gsz, rrows, rwidth, isz, wsz;
+  const int64_t grad_chunk_rows;  // code rows per weight-gradient chunk: kWeightGradChannels of them fill 16 KiB
   std::vector<int64_t> boff;      // tap column offsets in the phased layout (make_analysis_plan's)
   std::vector<int> tap_blocks;    // widths of the tap blocks a row of KW taps is split into
   int nz;                         // replay buffers per thread
@@ -66,7 +68,8 @@ struct DirectBackward {
         Ccp((g.Cc + kWeightGradChannels - 1) / kWeightGradChannels * kWeightGradChannels),
         Wzp((g.Wz + VecOf<T>::L - 1) / VecOf<T>::L * VecOf<T>::L),
         gsz(Ccp * g.Hz * Wzp), rrows(solver_.fused.padded_rows(g.Hz)), rwidth(solver_.fused.padded_width()),
-        isz(g.Cs * rrows * rwidth), wsz(g.Cc * g.Cs * g.KH * g.KW) {
+        isz(g.Cs * rrows * rwidth), wsz(g.Cc * g.Cs * g.KH * g.KW),
+        grad_chunk_rows(std::max<int64_t>(1, 16384 / int64_t(kWeightGradChannels * Wzp * sizeof(T)))) {
     const int64_t pwid = rwidth / g.SW;
     for (int64_t b = 0; b < g.KW; ++b) boff.push_back((b % g.SW) * pwid + b / g.SW);
     const int nblk = int((g.KW + kWeightGradTapsMax - 1) / kWeightGradTapsMax);
@@ -75,10 +78,12 @@ struct DirectBackward {
     nr = m > 0 ? m : 1;
   }
 
+  int64_t partials_size() const { return g.KH * g.KW * kWeightGradChannels * VecOf<T>::L; }
+
   // Code buffers are gsz long (>= csz) so that in recompute mode the code operand can use the replay buffer the
   // step leaves free.
   int64_t per_thread() const {
-    return gsz * ((p.it.fista ? 2 : 1) + nz + (m > 0 ? 1 : 0)) + isz * (1 + nr) + 2 * wsz;
+    return gsz * ((p.it.fista ? 2 : 1) + nz + (m > 0 ? 1 : 0)) + isz * (1 + nr) + 2 * wsz + partials_size();
   }
 
   ItemWorkspace<T> carve(T* w) const {
@@ -91,29 +96,45 @@ struct DirectBackward {
     t.adjoint = w; w += isz;
     t.residuals = w; w += nr * isz;
     t.dw_encoder = w; w += wsz;
-    t.dw_dict = w;
+    t.dw_dict = w; w += wsz;
+    t.partials = w;
     t.dth.assign(p.it.n * g.Cc, 0.0);
     t.vr.assign(p.it.n, 0.0);
     return t;
   }
 
-  // dw += the weight gradient of the analysis correlation for t.code_operand and the phased signal I.
+  // dw += the weight gradient of the analysis correlation for t.code_operand and the phased signal I: per block of
+  // code channels and input channel, lane-wise partial sums over chunks of code rows (grad_chunk_rows), then their
+  // lanes.
   void weight_grad(const ItemWorkspace<T>& t, const T* I, T* dw) const {
-    alignas(64) T out[kWeightGradChannels * 8];
-    const int64_t nvec = Wzp / VecOf<T>::L;
-    for (int64_t cb = 0; cb < Ccp; cb += kWeightGradChannels)
-      for (int64_t ci = 0; ci < g.Cs; ++ci)
+    constexpr int L = VecOf<T>::L, COB = kWeightGradChannels;
+    const int64_t nvec = Wzp / L;
+    for (int64_t cb = 0; cb < Ccp; cb += COB)
+      for (int64_t ci = 0; ci < g.Cs; ++ci) {
+        std::fill(t.partials, t.partials + g.KH * g.KW * COB * L, T(0));
+        for (int64_t i0 = 0; i0 < g.Hz; i0 += grad_chunk_rows) {
+          const int64_t rows = std::min(grad_chunk_rows, g.Hz - i0);
+          for (int64_t a = 0; a < g.KH; ++a) {
+            int64_t b0 = 0;
+            for (int nb : tap_blocks) {
+              weight_grad_block<T>(nb, t.code_operand + (cb * g.Hz + i0) * Wzp, g.Hz * Wzp, Wzp,
+                                   I + (ci * rrows + a + i0 * g.SH) * rwidth, g.SH * rwidth, boff.data() + b0, rows,
+                                   nvec, t.partials + (a * g.KW + b0) * COB * L);
+              b0 += nb;
+            }
+          }
+        }
         for (int64_t a = 0; a < g.KH; ++a) {
           int64_t b0 = 0;
           for (int nb : tap_blocks) {
-            weight_grad_block<T>(nb, t.code_operand + cb * g.Hz * Wzp, g.Hz * Wzp, Wzp, I + (ci * rrows + a) * rwidth,
-                                 g.SH * rwidth, boff.data() + b0, g.Hz, nvec, out);
-            for (int64_t co = 0; co < kWeightGradChannels && cb + co < g.Cc; ++co)
+            const T* part = t.partials + (a * g.KW + b0) * COB * L;
+            for (int64_t co = 0; co < COB && cb + co < g.Cc; ++co)
               for (int tb = 0; tb < nb; ++tb)
-                dw[(((cb + co) * g.Cs + ci) * g.KH + a) * g.KW + b0 + tb] += out[co * nb + tb];
+                dw[(((cb + co) * g.Cs + ci) * g.KH + a) * g.KW + b0 + tb] += lane_sum(part + (co * nb + tb) * L);
             b0 += nb;
           }
         }
+      }
   }
 
   // code_operand := src (a code-sized view, see CodeRowSource) in the padded layout, zero in the padding.

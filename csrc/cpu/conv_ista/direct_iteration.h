@@ -93,7 +93,7 @@ struct PolyphaseSynthesis {
                            if (uu < 0 || uu >= Bw) return T(0);
                            return w[((c * g.Cs + s) * g.KH + ph + g.SH * (A - 1 - t)) * g.KW + pw +
                                     g.SW * (Bw - 1 - uu)];
-                         });
+                         }, kMaxRowBlock);
     }
     ywidth = std::max<int64_t>(1, plans[0].in_width(wmax));
   }
@@ -105,23 +105,29 @@ struct PolyphaseSynthesis {
   int64_t yrow0(int64_t hs0) const { return (hs0 + g.PH) / g.SH - TA + 1; }
 
   // D y on signal rows [hs0, hs0 + nh) of a ybuf (channel stride ics) filled from code row yrow0(hs0);
-  // epi(s, h, values, count) receives whole signal rows, in order.
+  // epi(s, h, values, count) receives whole signal rows, row phase by row phase (rows h and h + SH of one phase
+  // read code rows one apart, so the plan computes them in blocks that share their loads).
   template <class Epi>
   void rows(const T* ybuf, int64_t ics, int64_t hs0, int64_t nh, Epi&& epi) const {
     thread_local std::vector<T> rowv;
-    rowv.resize(g.Cs * g.W);
-    T* out = rowv.data();
+    rowv.resize(kMaxRowBlock * g.Cs * g.W);
     const int64_t y0 = yrow0(hs0);
-    for (int64_t h = hs0; h < hs0 + nh; ++h) {
-      const int64_t ph = (h + g.PH) % g.SH;
-      const T* base = ybuf + ((h + g.PH) / g.SH - ta[ph] + 1 - y0) * ywidth;
-      plans[ph].row(base, ics, ywidth, wmax, [&](int64_t co, int64_t j0, const T* v, int64_t cnt) {
-        const int64_t pw = co / g.Cs, s = co % g.Cs;
-        const int64_t n = std::min(cnt, wcnt[pw] - j0);
-        T* __restrict o = out + s * g.W + wfirst[pw] + j0 * g.SW;
-        for (int64_t m = 0; m < n; ++m) o[m * g.SW] = v[m];
-      });
-      for (int64_t s = 0; s < g.Cs; ++s) epi(s, h, static_cast<const T*>(out + s * g.W), g.W);
+    for (int64_t ph = 0; ph < g.SH; ++ph) {
+      const CorrelationPlan<T>& plan = plans[ph];
+      const int64_t h_first = hs0 + ((ph - g.PH - hs0) % g.SH + g.SH) % g.SH;  // (h + PH) % SH == ph
+      for (int64_t h0 = h_first; h0 < hs0 + nh; h0 += plan.rows * g.SH) {
+        const int nr = int(std::min<int64_t>(plan.rows, (hs0 + nh - h0 + g.SH - 1) / g.SH));
+        const T* base = ybuf + ((h0 + g.PH) / g.SH - ta[ph] + 1 - y0) * ywidth;
+        plan.row_block(base, ics, ywidth, wmax, nr, [&](int r, int64_t co, int64_t j0, const T* v, int64_t cnt) {
+          const int64_t pw = co / g.Cs, s = co % g.Cs;
+          const int64_t n = std::min(cnt, wcnt[pw] - j0);
+          T* __restrict o = rowv.data() + (r * g.Cs + s) * g.W + wfirst[pw] + j0 * g.SW;
+          for (int64_t m = 0; m < n; ++m) o[m * g.SW] = v[m];
+        });
+        for (int r = 0; r < nr; ++r)
+          for (int64_t s = 0; s < g.Cs; ++s)
+            epi(s, h0 + r * g.SH, static_cast<const T*>(rowv.data() + (r * g.Cs + s) * g.W), g.W);
+      }
     }
   }
 };

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "elementwise.h"
@@ -19,85 +20,131 @@
 namespace dsc_kernels {
 namespace conv_ista {
 
-// Largest tile (channels x columns) any micro-kernel instantiation writes (cob * nv * L, see CorrelationPlan).
+// Largest tile (rows x channels x columns) any micro-kernel instantiation writes (rows * cob * nv * L <=
+// kTileAccumulators * L, see CorrelationPlan).
 constexpr int kMaxTile = 512;
 
 template <typename T>
 using TileFn = void (*)(const T*, int64_t, int64_t, const int64_t*, int64_t, int64_t, int64_t, const T*, T*);
 
-// out[co][j] = sum_{ci, a, b} in[ci * ics + a * irs + boff[b] + j] * wp[((ci * KH + a) * KW + b) * COB + co]
-// for COB output channels and NV vectors of columns: COB * NV accumulators stay in registers, each input vector is
-// loaded once per tap (unit stride: boff absorbs a strided layout) and reused for COB channels. DENSE: boff[b] = b,
-// known here, which saves a load per tap (a fifth of the loads of the load-bound one-channel tile).
+// f(integral_constant<R0>, integral_constant<R1>) for the runtime range 0 <= r0 <= r1 < ROWS.
+// Always inlined, like the tile's lambdas: an outlined copy would keep the tile's accumulators in memory.
+template <int ROWS, int R0 = 0, int R1 = 0, class F>
+__attribute__((always_inline)) inline void with_row_range(int r0, int r1, F&& f) {
+  if constexpr (R0 < ROWS) {
+    if constexpr (R1 >= ROWS) {
+      with_row_range<ROWS, R0 + 1, R0 + 1>(r0, r1, f);
+    } else {
+      if (r0 == R0 && r1 == R1)
+        f(std::integral_constant<int, R0>{}, std::integral_constant<int, R1>{});
+      else
+        with_row_range<ROWS, R0, R1 + 1>(r0, r1, f);
+    }
+  }
+}
+
+// out[r][co][j] = sum_{ci, a, b} in[ci * ics + (r + a) * irs + boff[b] + j] * wp[((ci * KH + a) * KW + b) * COB + co]
+// for ROWS output rows (row r reads the input rows r .. r + KH - 1), COB output channels and NV vectors of columns:
+// ROWS * COB * NV accumulators stay in registers, each input vector is loaded once per tap (unit stride: boff
+// absorbs a strided layout) and reused for COB channels and for every output row whose window holds its row.
+// DENSE: boff[b] = b, known here, which saves a load per tap.
+// Why ROWS: with one output channel (D onto a gray image) a tap costs one broadcast and NV loads for NV FMAs, and
+// the loads, shifted by one column per tap, mostly straddle two cache lines: the one-row tile ran at a third of
+// the FMA rate of the many-channel analysis tile (perf, csc-gray). Output rows r and r + 1 read the same input row
+// with kernel rows a and a - 1, so ROWS rows share each load: with 4 rows x 4 vectors, 16 FMAs per 4 loads and 4
+// broadcasts.
 // Loop order: taps innermost when there are more taps than input channels (E from 1-3 signal channels: 9-121 taps),
 // input channels innermost otherwise (D in polyphase form onto few channels: 175 code channels, 1-4 taps per phase
 // for CSCNet's 11 x 11 kernel at stride 8, where a tap loop of one or two trips was mostly loop overhead).
-// A tile of fewer than 8 accumulators (few output channels: D onto 1-3 signal channels) would wait on the FMA
-// latency, one dependent FMA per accumulator and step, so SPLIT input channels run interleaved into separate
-// accumulators summed at the end.
-template <typename T, int COB, int NV, bool DENSE>
+// A tile of fewer than 8 accumulators would wait on the FMA latency, one dependent FMA per accumulator and step, so
+// SPLIT input channels run interleaved into separate accumulators summed at the end.
+template <typename T, int COB, int NV, int ROWS, bool DENSE>
 void correlation_tile(const T* in, int64_t ics, int64_t irs, const int64_t* boff, int64_t CI, int64_t KH,
                       int64_t KW, const T* wp, T* out) {
   using V = typename VecOf<T>::V;
   constexpr int L = VecOf<T>::L;
-  constexpr int SPLIT = COB * NV >= 8 ? 1 : (COB * NV >= 4 ? 2 : 4);
-  V acc[SPLIT][COB][NV];
+  constexpr int ACC = ROWS * COB * NV;
+  constexpr int SPLIT = ACC >= 8 ? 1 : (ACC >= 4 ? 2 : 4);
+  V acc[SPLIT][ROWS][COB][NV];
   for (int s = 0; s < SPLIT; ++s)
+    for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 8
-    for (int co = 0; co < COB; ++co)
+      for (int co = 0; co < COB; ++co)
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[s][co][v] = V{};
+        for (int v = 0; v < NV; ++v) acc[s][r][co][v] = V{};
   const int64_t taps = KH * KW;
-  // acc[s] += input channel ci's tap (a, b).
-  auto fma = [&](int s, int64_t ci, int64_t a, int64_t b) {
+  // acc[s][r] += input channel ci's row u at tap column b, with kernel row u - r, for the rows r in [R0, R1] (the
+  // rows whose window holds row u; compile-time, so the row loop carries no test).
+  auto fma = [&](auto r0, auto r1, int s, int64_t ci, int64_t u, int64_t b) __attribute__((always_inline)) {
     V xin[NV];
-    const T* p = in + ci * ics + a * irs + (DENSE ? b : boff[b]);
+    const T* p = in + ci * ics + u * irs + (DENSE ? b : boff[b]);
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) std::memcpy(&xin[v], p + v * L, sizeof(V));
-    const T* w = wp + (ci * taps + a * KW + b) * COB;
-#pragma GCC unroll 8
-    for (int co = 0; co < COB; ++co) {
-      const T wc = w[co];
+    const T* w = wp + (ci * taps + u * KW + b) * COB;
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[s][co][v] += wc * xin[v];
+    for (int r = decltype(r0)::value; r <= decltype(r1)::value; ++r) {
+      const T* wr = w - r * KW * COB;
+#pragma GCC unroll 8
+      for (int co = 0; co < COB; ++co) {
+        const T wc = wr[co];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[s][r][co][v] += wc * xin[v];
+      }
     }
   };
+  // f(R0, R1) for input row u: the output rows that read it.
+  auto on_row = [&](int64_t u, auto&& f) __attribute__((always_inline)) {
+    with_row_range<ROWS>(int(std::max<int64_t>(0, u - KH + 1)), int(std::min<int64_t>(ROWS - 1, u)), f);
+  };
+  const int64_t U = KH + ROWS - 1;
   if (CI > taps) {
-    for (int64_t a = 0; a < KH; ++a)
-      for (int64_t b = 0; b < KW; ++b) {
-        int64_t ci = 0;
-        for (; ci + SPLIT <= CI; ci += SPLIT)
+    for (int64_t u = 0; u < U; ++u)
+      on_row(u, [&](auto r0, auto r1) __attribute__((always_inline)) {
+        for (int64_t b = 0; b < KW; ++b) {
+          int64_t ci = 0;
+          for (; ci + SPLIT <= CI; ci += SPLIT)
 #pragma GCC unroll 4
-          for (int s = 0; s < SPLIT; ++s) fma(s, ci + s, a, b);
-        for (; ci < CI; ++ci) fma(0, ci, a, b);
-      }
+            for (int s = 0; s < SPLIT; ++s) fma(r0, r1, s, ci + s, u, b);
+          for (; ci < CI; ++ci) fma(r0, r1, 0, ci, u, b);
+        }
+      });
   } else {
-    int64_t ci = 0;
-    for (; ci + SPLIT <= CI; ci += SPLIT)
-      for (int64_t a = 0; a < KH; ++a)
-        for (int64_t b = 0; b < KW; ++b)
+    auto channels = [&](int64_t ci, auto nsplit) __attribute__((always_inline)) {
+      for (int64_t u = 0; u < U; ++u)
+        on_row(u, [&](auto r0, auto r1) __attribute__((always_inline)) {
+          for (int64_t b = 0; b < KW; ++b)
 #pragma GCC unroll 4
-          for (int s = 0; s < SPLIT; ++s) fma(s, ci + s, a, b);
-    for (; ci < CI; ++ci)
-      for (int64_t a = 0; a < KH; ++a)
-        for (int64_t b = 0; b < KW; ++b) fma(0, ci, a, b);
+            for (int s = 0; s < decltype(nsplit)::value; ++s) fma(r0, r1, s, ci + s, u, b);
+        });
+    };
+    int64_t ci = 0;
+    for (; ci + SPLIT <= CI; ci += SPLIT) channels(ci, std::integral_constant<int, SPLIT>{});
+    for (; ci < CI; ++ci) channels(ci, std::integral_constant<int, 1>{});
   }
   for (int s = 1; s < SPLIT; ++s)
+    for (int r = 0; r < ROWS; ++r)
+      for (int co = 0; co < COB; ++co)
+        for (int v = 0; v < NV; ++v) acc[0][r][co][v] += acc[s][r][co][v];
+  for (int r = 0; r < ROWS; ++r)
     for (int co = 0; co < COB; ++co)
-      for (int v = 0; v < NV; ++v) acc[0][co][v] += acc[s][co][v];
-  for (int co = 0; co < COB; ++co)
-    for (int v = 0; v < NV; ++v) std::memcpy(out + (co * NV + v) * L, &acc[0][co][v], sizeof(V));
+      for (int v = 0; v < NV; ++v) std::memcpy(out + ((r * COB + co) * NV + v) * L, &acc[0][r][co][v], sizeof(V));
 }
 
+// Accumulators a tile may hold (rows x channels x vectors) next to its input vectors and a broadcast weight, and the
+// most output rows one tile computes.
+constexpr int kTileAccumulators = kVecRegs == 32 ? 24 : 8;
+constexpr int kMaxRowBlock = 4;
+
 // A correlation with packed weights and its micro-kernel; tap(co, ci, a, b) gives the kernel's values and boff[b]
-// where tap column b reads, relative to an output's column (empty: b).
+// where tap column b reads, relative to an output's column (empty: b). Output rows come one at a time (row), or in
+// blocks of `rows` that read consecutive input rows (row_block; see correlation_tile for why).
 template <typename T>
 struct CorrelationPlan {
   int64_t CO, CI, KH, KW;
-  int cob, tile_w;
+  int cob, tile_w, rows;
   std::vector<T> wp;  // [CO / cob][CI][KH][KW][cob], zero-padded channels
   std::vector<int64_t> boff;
-  TileFn<T> fn;
+  TileFn<T> fn, fn_rows;  // one row; `rows` rows
 
   // Channels per micro-kernel tile and vectors of columns for CO outputs channels and rows of wout columns.
   static void shape(int64_t CO, int64_t wout, int& cob, int& nv) {
@@ -113,25 +160,46 @@ struct CorrelationPlan {
     nv = need >= nv_max ? nv_max : (need >= 2 ? 2 : 1);
   }
 
-  template <bool DENSE>
+  // Output rows per block: 4 or 2 where the accumulators fit and a window has rows to share; tiles of more than 4
+  // channels already reuse each load that often.
+  static int row_block_size(int cob, int nv, int64_t KH, int max_rows) {
+    for (int r = kMaxRowBlock; r >= 2; r /= 2)
+      if (r <= max_rows && KH >= 2 && cob <= 4 && r * cob * nv <= kTileAccumulators) return r;
+    return 1;
+  }
+
+  template <int ROWS, bool DENSE>
   static TileFn<T> pick(int cob, int nv) {
     switch (cob) {
-      case 8: return pick_nv<8, DENSE>(nv);
-      case 6: return pick_nv<6, DENSE>(nv);
-      case 4: return pick_nv<4, DENSE>(nv);
-      case 3: return pick_nv<3, DENSE>(nv);
-      case 2: return pick_nv<2, DENSE>(nv);
-      default: return pick_nv<1, DENSE>(nv);
+      case 8: return pick_nv<8, ROWS, DENSE>(nv);
+      case 6: return pick_nv<6, ROWS, DENSE>(nv);
+      case 4: return pick_nv<4, ROWS, DENSE>(nv);
+      case 3: return pick_nv<3, ROWS, DENSE>(nv);
+      case 2: return pick_nv<2, ROWS, DENSE>(nv);
+      default: return pick_nv<1, ROWS, DENSE>(nv);
     }
   }
 
-  template <int COB, bool DENSE>
+  template <int COB, int ROWS, bool DENSE>
   static TileFn<T> pick_nv(int nv) {
-    switch (nv) {
-      case 1: return &correlation_tile<T, COB, 1, DENSE>;
-      case 2: return &correlation_tile<T, COB, 2, DENSE>;
-      case 3: return &correlation_tile<T, COB, 3, DENSE>;
-      default: return &correlation_tile<T, COB, 4, DENSE>;
+    if constexpr (ROWS > 1 && COB > 4) {
+      return nullptr;  // row_block_size never asks for these
+    } else {
+      switch (nv) {
+        case 1: return &correlation_tile<T, COB, 1, ROWS, DENSE>;
+        case 2: return &correlation_tile<T, COB, 2, ROWS, DENSE>;
+        case 3: return &correlation_tile<T, COB, 3, ROWS, DENSE>;
+        default: return &correlation_tile<T, COB, 4, ROWS, DENSE>;
+      }
+    }
+  }
+
+  template <bool DENSE>
+  static TileFn<T> pick_rows(int rows, int cob, int nv) {
+    switch (rows) {
+      case 4: return pick<4, DENSE>(cob, nv);
+      case 2: return pick<2, DENSE>(cob, nv);
+      default: return pick<1, DENSE>(cob, nv);
     }
   }
 
@@ -143,18 +211,21 @@ struct CorrelationPlan {
     return (wout + tw - 1) / tw * tw;
   }
 
+  // max_rows: the most output rows row_block will be asked for at once (1: row only).
   template <class Tap>
   CorrelationPlan(int64_t CO_, int64_t CI_, int64_t KH_, int64_t KW_, int64_t wout, std::vector<int64_t> boff_,
-                  Tap&& tap)
+                  Tap&& tap, int max_rows = 1)
       : CO(CO_), CI(CI_), KH(KH_), KW(KW_), boff(std::move(boff_)) {
     int nv;
     shape(CO, wout, cob, nv);
     tile_w = nv * VecOf<T>::L;
+    rows = row_block_size(cob, nv, KH, max_rows);
     bool dense = true;
     if (boff.empty())
       for (int64_t b = 0; b < KW; ++b) boff.push_back(b);
     for (int64_t b = 0; b < KW; ++b) dense = dense && boff[b] == b;
-    fn = dense ? pick<true>(cob, nv) : pick<false>(cob, nv);
+    fn = dense ? pick<1, true>(cob, nv) : pick<1, false>(cob, nv);
+    fn_rows = dense ? pick_rows<true>(rows, cob, nv) : pick_rows<false>(rows, cob, nv);
     const int64_t nblk = (CO + cob - 1) / cob;
     wp.assign(nblk * CI * KH * KW * cob, T(0));
     for (int64_t co = 0; co < CO; ++co)
@@ -167,36 +238,50 @@ struct CorrelationPlan {
   // Columns a buffer row must hold so that every tile of `wout` outputs reads inside it (boff the identity).
   int64_t in_width(int64_t wout) const { return padded_width(CO, wout) - 1 + KW; }
 
-  // One output row: `in` points at (channel 0, first window row, column 0) of a buffer with channel stride ics and
-  // row stride irs; epi(co, j0, values, count) receives each tile's valid outputs.
+  // nrows (<= rows) output rows, row r reading input rows r .. r + KH - 1: `in` points at (channel 0, first window
+  // row, column 0) of a buffer with channel stride ics and row stride irs; epi(r, co, j0, values, count) receives
+  // each tile's valid outputs.
   template <class Epi>
-  void row(const T* in, int64_t ics, int64_t irs, int64_t wout, Epi&& epi) const {
+  void row_block(const T* in, int64_t ics, int64_t irs, int64_t wout, int nrows, Epi&& epi) const {
     alignas(64) T tile[kMaxTile];
+    const bool block = nrows == rows;
     for (int64_t cb = 0; cb < CO; cb += cob) {
       const T* w = wp.data() + cb * CI * KH * KW;
       const int64_t nco = std::min<int64_t>(cob, CO - cb);
       for (int64_t j0 = 0; j0 < wout; j0 += tile_w) {
-        fn(in + j0, ics, irs, boff.data(), CI, KH, KW, w, tile);
         const int64_t nj = std::min<int64_t>(tile_w, wout - j0);
-        for (int64_t co = 0; co < nco; ++co) epi(cb + co, j0, tile + co * tile_w, nj);
+        for (int r = 0; r < nrows; r += block ? nrows : 1) {
+          (block ? fn_rows : fn)(in + r * irs + j0, ics, irs, boff.data(), CI, KH, KW, w, tile);
+          for (int rr = 0; rr < (block ? nrows : 1); ++rr)
+            for (int64_t co = 0; co < nco; ++co) epi(r + rr, cb + co, j0, tile + (rr * cob + co) * tile_w, nj);
+        }
       }
     }
   }
+
+  // One output row (row_block of one row); epi(co, j0, values, count).
+  template <class Epi>
+  void row(const T* in, int64_t ics, int64_t irs, int64_t wout, Epi&& epi) const {
+    row_block(in, ics, irs, wout, 1, [&](int, int64_t co, int64_t j0, const T* v, int64_t cnt) { epi(co, j0, v, cnt); });
+  }
 };
 
-// Weight-gradient micro-kernel: out[co * NB + t] = sum_{i < rows} sum_{j < nvec L} G[co * gcs + i * grs + j] *
-// I[i * irs + boff[t] + j] for COB code channels (G rows) and NB taps of one (input channel, kernel row): the
-// adjoint in W of the analysis correlation, over the padded, column-phased signal I (boff as in make_analysis_plan).
-// Vectorised along the reduction (j): COB x NB accumulators stay in registers for the whole item and are summed
-// across lanes once. Every G vector feeds NB FMAs and every I vector COB.
+// Weight-gradient micro-kernel: part[co * NB + t] += sum_{i < rows} sum_{j < nvec L} G[co * gcs + i * grs + j] *
+// I[i * irs + boff[t] + j], lane by lane (part holds COB x NB vectors of partial sums; their lanes are added by
+// lane_sum once every row chunk is in), for COB code channels (G rows) and NB taps of one (input channel, kernel
+// row): the adjoint in W of the analysis correlation, over the padded, column-phased signal I (boff as in
+// make_analysis_plan). Vectorised along the reduction (j): COB x NB accumulators stay in registers, every G vector
+// feeds NB FMAs and every I vector COB. The caller feeds G in chunks of rows that stay in L1 across the kernel rows
+// and tap blocks that reread them: a whole item's G (4 code channels of a 64 x 64 map, 64 KiB) came from L2 at the
+// rate the FMAs consumed it (perf, csc-gray).
 template <typename T, int COB, int NB>
 void weight_grad_tile(const T* G, int64_t gcs, int64_t grs, const T* I, int64_t irs, const int64_t* boff,
-                      int64_t rows, int64_t nvec, T* out) {
+                      int64_t rows, int64_t nvec, T* part) {
   using V = typename VecOf<T>::V;
   constexpr int L = VecOf<T>::L;
   V acc[COB][NB];
   for (int co = 0; co < COB; ++co)
-    for (int t = 0; t < NB; ++t) acc[co][t] = V{};
+    for (int t = 0; t < NB; ++t) std::memcpy(&acc[co][t], part + (co * NB + t) * L, sizeof(V));
   for (int64_t i = 0; i < rows; ++i) {
     const T* gr = G + i * grs;
     const T* ir = I + i * irs;
@@ -214,11 +299,15 @@ void weight_grad_tile(const T* G, int64_t gcs, int64_t grs, const T* I, int64_t 
     }
   }
   for (int co = 0; co < COB; ++co)
-    for (int t = 0; t < NB; ++t) {
-      T sum = 0;
-      for (int l = 0; l < L; ++l) sum += acc[co][t][l];
-      out[co * NB + t] = sum;
-    }
+    for (int t = 0; t < NB; ++t) std::memcpy(part + (co * NB + t) * L, &acc[co][t], sizeof(V));
+}
+
+// The sum of one vector's lanes (a weight_grad_tile partial).
+template <typename T>
+T lane_sum(const T* v) {
+  T sum = 0;
+  for (int l = 0; l < VecOf<T>::L; ++l) sum += v[l];
+  return sum;
 }
 
 // Register budget as in CorrelationPlan::shape: COB x NB accumulators + COB G vectors + one I vector.
@@ -227,14 +316,14 @@ constexpr int kWeightGradTapsMax = kVecRegs == 32 ? 5 : 3;
 
 template <typename T>
 void weight_grad_block(int nb, const T* G, int64_t gcs, int64_t grs, const T* I, int64_t irs,
-                       const int64_t* boff, int64_t rows, int64_t nvec, T* out) {
+                       const int64_t* boff, int64_t rows, int64_t nvec, T* part) {
   switch (nb) {
-    case 1: return weight_grad_tile<T, kWeightGradChannels, 1>(G, gcs, grs, I, irs, boff, rows, nvec, out);
-    case 2: return weight_grad_tile<T, kWeightGradChannels, 2>(G, gcs, grs, I, irs, boff, rows, nvec, out);
-    case 3: return weight_grad_tile<T, kWeightGradChannels, 3>(G, gcs, grs, I, irs, boff, rows, nvec, out);
+    case 1: return weight_grad_tile<T, kWeightGradChannels, 1>(G, gcs, grs, I, irs, boff, rows, nvec, part);
+    case 2: return weight_grad_tile<T, kWeightGradChannels, 2>(G, gcs, grs, I, irs, boff, rows, nvec, part);
+    case 3: return weight_grad_tile<T, kWeightGradChannels, 3>(G, gcs, grs, I, irs, boff, rows, nvec, part);
 #if defined(__AVX512F__)
-    case 4: return weight_grad_tile<T, kWeightGradChannels, 4>(G, gcs, grs, I, irs, boff, rows, nvec, out);
-    default: return weight_grad_tile<T, kWeightGradChannels, 5>(G, gcs, grs, I, irs, boff, rows, nvec, out);
+    case 4: return weight_grad_tile<T, kWeightGradChannels, 4>(G, gcs, grs, I, irs, boff, rows, nvec, part);
+    default: return weight_grad_tile<T, kWeightGradChannels, 5>(G, gcs, grs, I, irs, boff, rows, nvec, part);
 #else
     default: TORCH_CHECK(false, "weight_grad_block: tap block too wide");
 #endif
