@@ -40,6 +40,9 @@ GEOMETRIES = [
     # one signal channel, a tall kernel and a row stride: D's tiles compute blocks of output rows per row phase,
     # with a partial block at each phase's end
     ("gray-row-blocks", (2, 1, 13, 37), (5, 1, 7, 5), [2, 1], [3, 2]),
+    # code rows of whole vectors and whole channel blocks: the direct backward's weight gradients read the code
+    # iterates and gradients in place instead of copying them
+    ("aligned-code", (2, 1, 5, 16), (8, 1, 3, 3), [1, 1], [1, 1]),
 ]
 
 

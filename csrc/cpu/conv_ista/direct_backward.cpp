@@ -37,7 +37,7 @@ namespace {
 template <typename T>
 struct ItemWorkspace {
   T *grad, *carry;          // dL/dz_{k+1} (ends as dL/dz_0) and FISTA's carry into dL/dz_k (FISTA only)
-  T* code_operand;          // the weight gradient's code operand, Ccp x Hz x Wzp (zero-padded channels, columns)
+  T* code_operand;          // a copy of the weight gradient's code operand where one is needed (code_operand)
   std::vector<T*> replay;   // replayed iterates (save mode: a segment's interior; recompute: the rotating ones)
   T* adjoint;               // v = E^* gu, phased
   T* residuals;             // r_k = x - D y_k, phased (save mode: a segment's m; recompute: 1)
@@ -60,6 +60,7 @@ struct DirectBackward {
   std::vector<int> tap_blocks;    // widths of the tap blocks a row of KW taps is split into
   int nz;                         // replay buffers per thread
   int64_t nr;                     // residual buffers per thread
+  bool own_operand;               // save mode needs a code_operand buffer (code_operand copies)
 
   DirectBackward(const DirectSolver<T>& solver_, int64_t m_)
       : solver(solver_), p(solver_.p), g(solver_.p.g),
@@ -76,6 +77,7 @@ struct DirectBackward {
     for (int i = 0; i < nblk; ++i) tap_blocks.push_back(int(g.KW / nblk + (i < g.KW % nblk ? 1 : 0)));
     nz = m > 0 ? int(std::max<int64_t>(m - 1, 0)) : (p.it.fista ? 3 : 2);
     nr = m > 0 ? m : 1;
+    own_operand = m > 0 && (p.it.fista || Wzp != g.Wz || Ccp != g.Cc);
   }
 
   int64_t partials_size() const { return g.KH * g.KW * kWeightGradChannels * VecOf<T>::L; }
@@ -83,7 +85,7 @@ struct DirectBackward {
   // Code buffers are gsz long (>= csz) so that in recompute mode the code operand can use the replay buffer the
   // step leaves free.
   int64_t per_thread() const {
-    return gsz * ((p.it.fista ? 2 : 1) + nz + (m > 0 ? 1 : 0)) + isz * (1 + nr) + 2 * wsz + partials_size();
+    return gsz * ((p.it.fista ? 2 : 1) + nz + (own_operand ? 1 : 0)) + isz * (1 + nr) + 2 * wsz + partials_size();
   }
 
   ItemWorkspace<T> carve(T* w) const {
@@ -92,7 +94,8 @@ struct DirectBackward {
     t.carry = p.it.fista ? w : nullptr; w += p.it.fista ? gsz : 0;
     for (int i = 0; i < nz; ++i) t.replay.push_back(w + i * gsz);
     w += nz * gsz;
-    t.code_operand = m > 0 ? w : nullptr; w += m > 0 ? gsz : 0;  // recompute mode: set per step
+    t.code_operand = own_operand ? w : nullptr;  // recompute mode: set per step
+    w += own_operand ? gsz : 0;
     t.adjoint = w; w += isz;
     t.residuals = w; w += nr * isz;
     t.dw_encoder = w; w += wsz;
@@ -103,10 +106,10 @@ struct DirectBackward {
     return t;
   }
 
-  // dw += the weight gradient of the analysis correlation for t.code_operand and the phased signal I: per block of
-  // code channels and input channel, lane-wise partial sums over chunks of code rows (grad_chunk_rows), then their
-  // lanes.
-  void weight_grad(const ItemWorkspace<T>& t, const T* I, T* dw) const {
+  // dw += scale * the weight gradient of the analysis correlation for the code operand G (code_operand's layout)
+  // and the phased signal I: per block of code channels and input channel, lane-wise partial sums over chunks of
+  // code rows (grad_chunk_rows), then their lanes.
+  void weight_grad(const ItemWorkspace<T>& t, const T* G, T scale, const T* I, T* dw) const {
     constexpr int L = VecOf<T>::L, COB = kWeightGradChannels;
     const int64_t nvec = Wzp / L;
     for (int64_t cb = 0; cb < Ccp; cb += COB)
@@ -117,7 +120,7 @@ struct DirectBackward {
           for (int64_t a = 0; a < g.KH; ++a) {
             int64_t b0 = 0;
             for (int nb : tap_blocks) {
-              weight_grad_block<T>(nb, t.code_operand + (cb * g.Hz + i0) * Wzp, g.Hz * Wzp, Wzp,
+              weight_grad_block<T>(nb, G + (cb * g.Hz + i0) * Wzp, g.Hz * Wzp, Wzp,
                                    I + (ci * rrows + a + i0 * g.SH) * rwidth, g.SH * rwidth, boff.data() + b0, rows,
                                    nvec, t.partials + (a * g.KW + b0) * COB * L);
               b0 += nb;
@@ -130,15 +133,24 @@ struct DirectBackward {
             const T* part = t.partials + (a * g.KW + b0) * COB * L;
             for (int64_t co = 0; co < COB && cb + co < g.Cc; ++co)
               for (int tb = 0; tb < nb; ++tb)
-                dw[(((cb + co) * g.Cs + ci) * g.KH + a) * g.KW + b0 + tb] += lane_sum(part + (co * nb + tb) * L);
+                dw[(((cb + co) * g.Cs + ci) * g.KH + a) * g.KW + b0 + tb] +=
+                    scale * lane_sum(part + (co * nb + tb) * L);
             b0 += nb;
           }
         }
       }
   }
 
-  // code_operand := src (a code-sized view, see CodeRowSource) in the padded layout, zero in the padding.
-  void fill_code_operand(const ItemWorkspace<T>& t, const CodeRowSource<T>& src) const {
+  // The weight gradient's code operand for src (a code-sized view, see CodeRowSource): Ccp x Hz x Wzp, zero in the
+  // padding, to be weighed by `scale`. src's own memory where it has that layout already (rows of whole vectors,
+  // whole channel blocks, no momentum term; scale = src.scale), else a copy into t.code_operand (scale 1); null
+  // where src is zero (z_0 = 0), which adds nothing.
+  const T* code_operand(const ItemWorkspace<T>& t, const CodeRowSource<T>& src, T& scale) const {
+    if (!src.a) return nullptr;
+    if (!src.b && Wzp == g.Wz && Ccp == g.Cc) {
+      scale = src.scale;
+      return src.a;
+    }
     for (int64_t c = 0; c < g.Cc; ++c)
       for (int64_t i = 0; i < g.Hz; ++i) {
         T* row = t.code_operand + (c * g.Hz + i) * Wzp;
@@ -146,6 +158,8 @@ struct DirectBackward {
         std::fill(row + g.Wz, row + Wzp, T(0));
       }
     std::fill(t.code_operand + g.Cc * g.Hz * Wzp, t.code_operand + gsz, T(0));
+    scale = T(1);
+    return t.code_operand;
   }
 
   // Iteration k's active set applied to t.grad = dL/dz_{k+1} in place (it becomes gu), and dL/dth from its signs:
@@ -179,10 +193,11 @@ struct DirectBackward {
     }
     t.vr[k] += dot(t.adjoint, r, isz);
     // dW_E += step corr(r_k, gu); dW_D -= step corr(v, y_k).
-    fill_code_operand(t, CodeRowSource<T>{t.grad, nullptr, T(0), sk});
-    weight_grad(t, r, t.dw_encoder);
-    fill_code_operand(t, CodeRowSource<T>{zk, zkm1, bk, -sk});
-    weight_grad(t, t.adjoint, t.dw_dict);
+    T scale;
+    if (const T* G = code_operand(t, CodeRowSource<T>{t.grad, nullptr, T(0), sk}, scale))
+      weight_grad(t, G, scale, r, t.dw_encoder);
+    if (const T* G = code_operand(t, CodeRowSource<T>{zk, zkm1, bk, -sk}, scale))
+      weight_grad(t, G, scale, t.adjoint, t.dw_dict);
     // dL/dy_k = gu - step D^* v, split into dL/dz_k (t.grad) and dL/dz_{k-1} (t.carry).
     for (int64_t i = 0; i < g.Hz; ++i)
       anal_d.row(t.adjoint + i * g.SH * rwidth, rrows * rwidth, rwidth, g.Wz,
