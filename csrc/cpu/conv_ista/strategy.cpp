@@ -19,6 +19,14 @@
 //   row 8 times, load-bound; tiling the 8 column phases together (direct_iteration.h) took the backward from 700 to
 //   500 ms and the forward from 255 to 160 ms (batch 64, 147 x 147). The weight-gradient tiles are next (~17% there:
 //   code rows padded to whole vectors waste up to half the lanes on 18-wide maps).
+// - One signal channel (csc-gray, 1 -> 32, 64 x 64, 7 x 7; perf on the 2-core Intel Xeon): the one-channel synthesis
+//   tile ran at about a third of the analysis tile's multiply-add rate (a broadcast and 4 loads per 4 FMAs, the loads
+//   split across cache lines) and the weight-gradient tiles at about half (a 64 KiB code operand streamed from L2).
+//   Blocks of 4 output rows sharing each load (simd_tiles.h), L1-sized row chunks for the weight gradients and no
+//   copies of the code operands took forward 5.0x -> 5.9x and forward + backward 3.2x -> 4.1x eager (interleaved
+//   against the previous commit). What is left of its training step: synthesis tile ~20%, analysis tile ~14%,
+//   weight-gradient tiles ~21%, the elementwise passes over item-sized code buffers (fills, threshold epilogues,
+//   the gradient update; 512 KiB per code, so L2-bound) ~20%, OpenMP waits ~4%, Python ~5%.
 // - Elementwise passes written as plain loops inside at::parallel_for lambdas stayed scalar (GCC did not vectorise
 //   their reductions): 4x slower than elementwise.h's hand-vectorised ones, a third of the gemm backward before.
 //
