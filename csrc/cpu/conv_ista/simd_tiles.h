@@ -153,8 +153,10 @@ struct CorrelationPlan {
     // that many rather than a single channel.
     // Many channels: cob x nv accumulators plus nv input vectors and a broadcast weight must fit the register file
     // (16 vector registers on AVX2: 6 x 2; 32 with AVX-512: 8 x 2; measured best of the shapes that fit).
+    // Fewer channels than cmax split into equal blocks of at most 4 (6 channels, D onto RGB at stride 2: 3 + 3, not
+    // 4 + 2 with a third of the second tile's FMAs on zero weights).
     const int cmax = kVecRegs == 32 ? 8 : 6;
-    cob = CO >= cmax ? cmax : (CO >= 4 ? 4 : int(CO));
+    cob = CO >= cmax ? cmax : int((CO + (CO + 3) / 4 - 1) / ((CO + 3) / 4));
     const int nv_max = cob == cmax ? 2 : 4;
     const int64_t need = (wout + L - 1) / L;
     nv = need >= nv_max ? nv_max : (need >= 2 ? 2 : 1);
