@@ -15,7 +15,9 @@
 // (so the reverse sweep never recomputes D y_k; kept residuals, problem.h, are read instead, and the replay then only
 // applies E for the iterates not stored); recompute mode replays z_0..z_k for every k (O(n^2 / 2) extra
 // iterations, three item-sized codes per thread whatever n is; FISTA five). The weight gradients are a register-tiled
-// micro-kernel of their own (weight_grad_tile) over the residual and v, kept in the phased layout E reads.
+// micro-kernel of their own (weight_grad_tile) over the residual and v, kept in the phased layout E reads, fed code
+// rows in L1-sized chunks; their code operand (gu, y_k) is read in place where its rows are whole vectors, else
+// copied into a padded buffer.
 // grad_z is read through its strides, so the expanded scalar of a sum() is never materialised.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

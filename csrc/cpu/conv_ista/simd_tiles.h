@@ -1,9 +1,9 @@
 // Register-tiled SIMD micro-kernels of the direct strategy: a correlation tile (the two convolutions of an iteration)
 // and a weight-gradient tile (their adjoint in the weights), plus the packed-weight plan that drives the first.
 //
-// correlation_tile: out[co][j] = sum_{ci, a, b} in[ci * ics + a * irs + boff[b] + j] * w[co][ci][a][b] for COB output
-// channels and NV vectors of columns. weight_grad_tile: out[co][t] = sum_{i, j} G[co][i][j] I[i][boff[t] + j], the
-// gradient in W of the same correlation, reduced along columns. Both make only unit-stride loads; strided layouts
+// correlation_tile: out[r][co][j] = sum_{ci, a, b} in[ci * ics + (r + a) * irs + boff[b] + j] * w[co][ci][a][b] for
+// ROWS output rows, COB output channels and NV vectors of columns. weight_grad_tile: part[co][t] += sum_{i, j}
+// G[co][i][j] I[i][boff[t] + j] lane by lane, the gradient in W of the same correlation, reduced along columns. Both make only unit-stride loads; strided layouts
 // are absorbed by boff (see direct_iteration.h for the column-phase layout that makes a stride unit-stride).
 #pragma once
 
