@@ -171,7 +171,8 @@ def _warn_if_step_diverges(weight: Tensor, step: Tensor | float, signal_size, st
         first = -(-p // s)  # the first code position whose atom starts inside the signal
         if first * s - p + k > size:
             return
-    lower = float(weight.detach().flatten(1).pow(2).sum(1).max()) if weight.numel() else 0.0
+    # a reduction, not a weight-sized square: this runs on every call
+    lower = float(torch.linalg.vector_norm(weight.detach().flatten(1), dim=1).max()) ** 2 if weight.numel() else 0.0
     largest = float(step.detach().max()) if isinstance(step, Tensor) else float(step)
     if lower > 0 and largest > 2.0 / lower:
         warnings.warn(
