@@ -43,6 +43,9 @@ GEOMETRIES = [
     # code rows of whole vectors and whole channel blocks: the direct backward's weight gradients read the code
     # iterates and gradients in place instead of copying them
     ("aligned-code", (2, 1, 5, 16), (8, 1, 3, 3), [1, 1], [1, 1]),
+    # a narrow code map (11 of 16 lanes) and 37 channels: the direct backward's weight gradients run vectorised along
+    # code channels, in blocks of channel vectors with a partial last block and padded channels
+    ("channel-vector-grads", (2, 2, 9, 11), (37, 2, 3, 5), [2, 1], [1, 2]),
 ]
 
 
@@ -200,7 +203,14 @@ def test_functional_fp32_matches_autograd_reference(monkeypatch, strategy, name,
     (z_ref, g_ref), (z, g) = outs
     flips = (z != 0) != (z_ref != 0)
     assert flips.float().mean() <= 0.01
-    torch.testing.assert_close(z[~flips], z_ref[~flips], rtol=2e-5, atol=2e-5)
+    # z against float64, by the project's rule: at most 2x the float32 reference's own error (plus a tiny floor),
+    # where the supports agree
+    z64 = conv_ista_ref(
+        *(t.double() for t in (x, w, lam, step)), encoder_weight=we.double(), stride=stride, padding=padding, fista=True
+    )
+    same = ~flips & ((z64 != 0) == (z_ref != 0))
+    own = (z_ref.double() - z64)[same].abs().max().item()
+    assert (z.double() - z64)[same].abs().max().item() <= 2 * own + 1e-6
     for a, b in zip(g, g_ref):
         scale = max(1.0, b.abs().max().item())
         assert (a - b).abs().max().item() / scale <= 2e-3 * (1 + 100 * flips.float().mean().item())

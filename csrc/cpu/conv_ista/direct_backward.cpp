@@ -56,8 +56,14 @@ struct DirectBackward {
   const PolyphaseSynthesis<T> synth_e;  // v = E^* gu: D's polyphase synthesis with W_E
   const CorrelationPlan<T> anal_d;      // D^* v: E's analysis with W_D
   const int64_t m;                      // checkpoint interval; 0 = recompute mode
-  const int64_t Ccp, Wzp, gsz, rrows, rwidth, isz, wsz;
-  const int64_t grad_chunk_rows;  // code rows per weight-gradient chunk: kWeightGradChannels of them fill 16 KiB
+  const int64_t Ccp, Wzp;
+  // Weight gradients vectorised along code channels (weight_grad_channels_tile) where rows of whole vectors would
+  // waste over a quarter of the lanes and there are at least two vectors of channels; the code operand is then
+  // channels-last, Hz x Wz x Ccv.
+  const bool by_channels;
+  const int64_t Ccv;
+  const int64_t gsz, rrows, rwidth, isz, wsz;
+  const int64_t grad_chunk_rows;  // code rows per weight-gradient chunk: the chunk's code operand fills 16 KiB
   std::vector<int64_t> boff;      // tap column offsets in the phased layout (make_analysis_plan's)
   std::vector<int> tap_blocks;    // widths of the tap blocks a row of KW taps is split into
   int nz;                         // replay buffers per thread
@@ -70,19 +76,26 @@ struct DirectBackward {
         anal_d(make_analysis_plan(g, p.weight.template data_ptr<T>())), m(m_),
         Ccp((g.Cc + kWeightGradChannels - 1) / kWeightGradChannels * kWeightGradChannels),
         Wzp((g.Wz + VecOf<T>::L - 1) / VecOf<T>::L * VecOf<T>::L),
-        gsz(Ccp * g.Hz * Wzp), rrows(solver_.fused.padded_rows(g.Hz)), rwidth(solver_.fused.padded_width()),
+        by_channels(g.Cc >= 2 * VecOf<T>::L && 4 * (Wzp - g.Wz) > Wzp),
+        Ccv((g.Cc + VecOf<T>::L - 1) / VecOf<T>::L * VecOf<T>::L),
+        gsz(by_channels ? std::max(Ccp * g.Hz * Wzp, g.Hz * g.Wz * Ccv) : Ccp * g.Hz * Wzp),
+        rrows(solver_.fused.padded_rows(g.Hz)), rwidth(solver_.fused.padded_width()),
         isz(g.Cs * rrows * rwidth), wsz(g.Cc * g.Cs * g.KH * g.KW),
-        grad_chunk_rows(std::max<int64_t>(1, 16384 / int64_t(kWeightGradChannels * Wzp * sizeof(T)))) {
+        grad_chunk_rows(std::max<int64_t>(
+            1, 16384 / int64_t((by_channels ? g.Wz * kWeightGradChannelVecs * VecOf<T>::L
+                                             : kWeightGradChannels * Wzp) * sizeof(T)))) {
     const int64_t pwid = rwidth / g.SW;
     for (int64_t b = 0; b < g.KW; ++b) boff.push_back((b % g.SW) * pwid + b / g.SW);
     const int nblk = int((g.KW + kWeightGradTapsMax - 1) / kWeightGradTapsMax);
     for (int i = 0; i < nblk; ++i) tap_blocks.push_back(int(g.KW / nblk + (i < g.KW % nblk ? 1 : 0)));
     nz = m > 0 ? int(std::max<int64_t>(m - 1, 0)) : (p.it.fista ? 3 : 2);
     nr = m > 0 ? m : 1;
-    own_operand = m > 0 && (p.it.fista || Wzp != g.Wz || Ccp != g.Cc);
+    own_operand = m > 0 && (by_channels || p.it.fista || Wzp != g.Wz || Ccp != g.Cc);
   }
 
-  int64_t partials_size() const { return g.KH * g.KW * kWeightGradChannels * VecOf<T>::L; }
+  int64_t partials_size() const {
+    return g.KH * g.KW * std::max(kWeightGradChannels, kWeightGradChannelVecs) * VecOf<T>::L;
+  }
 
   // Code buffers are gsz long (>= csz) so that in recompute mode the code operand can use the replay buffer the
   // step leaves free.
@@ -112,6 +125,7 @@ struct DirectBackward {
   // and the phased signal I: per block of code channels and input channel, lane-wise partial sums over chunks of
   // code rows (grad_chunk_rows), then their lanes.
   void weight_grad(const ItemWorkspace<T>& t, const T* G, T scale, const T* I, T* dw) const {
+    if (by_channels) return weight_grad_channels(t, G, scale, I, dw);
     constexpr int L = VecOf<T>::L, COB = kWeightGradChannels;
     const int64_t nvec = Wzp / L;
     for (int64_t cb = 0; cb < Ccp; cb += COB)
@@ -143,12 +157,61 @@ struct DirectBackward {
       }
   }
 
+  // weight_grad with a channels-last code operand (by_channels): per block of channel vectors and input channel,
+  // partial sums over chunks of code rows, each lane one code channel.
+  void weight_grad_channels(const ItemWorkspace<T>& t, const T* G, T scale, const T* I, T* dw) const {
+    constexpr int L = VecOf<T>::L, CV = kWeightGradChannelVecs;
+    const int64_t nv = Ccv / L;
+    for (int64_t v0 = 0; v0 < nv; v0 += CV) {
+      const int cv = int(std::min<int64_t>(CV, nv - v0));
+      for (int64_t ci = 0; ci < g.Cs; ++ci) {
+        std::fill(t.partials, t.partials + g.KH * g.KW * cv * L, T(0));
+        for (int64_t i0 = 0; i0 < g.Hz; i0 += grad_chunk_rows) {
+          const int64_t rows = std::min(grad_chunk_rows, g.Hz - i0);
+          for (int64_t a = 0; a < g.KH; ++a) {
+            int64_t b0 = 0;
+            for (int nb : tap_blocks) {
+              weight_grad_channels_block<T>(cv, nb, G + i0 * g.Wz * Ccv + v0 * L, Ccv, g.Wz * Ccv,
+                                            I + (ci * rrows + a + i0 * g.SH) * rwidth, g.SH * rwidth,
+                                            boff.data() + b0, rows, g.Wz, t.partials + (a * g.KW + b0) * cv * L);
+              b0 += nb;
+            }
+          }
+        }
+        for (int64_t a = 0; a < g.KH; ++a) {
+          int64_t b0 = 0;
+          for (int nb : tap_blocks) {
+            const T* part = t.partials + (a * g.KW + b0) * cv * L;
+            for (int tb = 0; tb < nb; ++tb)
+              for (int64_t l = 0; l < cv * L && v0 * L + l < g.Cc; ++l)
+                dw[(((v0 * L + l) * g.Cs + ci) * g.KH + a) * g.KW + b0 + tb] += scale * part[tb * cv * L + l];
+            b0 += nb;
+          }
+        }
+      }
+    }
+  }
+
   // The weight gradient's code operand for src (a code-sized view, see CodeRowSource): Ccp x Hz x Wzp, zero in the
-  // padding, to be weighed by `scale`. src's own memory where it has that layout already (rows of whole vectors,
+  // padding (by_channels: Hz x Wz x Ccv, always a copy), to be weighed by `scale`. src's own memory where it has that layout already (rows of whole vectors,
   // whole channel blocks, no momentum term; scale = src.scale), else a copy into t.code_operand (scale 1); null
   // where src is zero (z_0 = 0), which adds nothing.
   const T* code_operand(const ItemWorkspace<T>& t, const CodeRowSource<T>& src, T& scale) const {
     if (!src.a) return nullptr;
+    if (by_channels) {  // channels-last, Hz x Wz x Ccv, zero in the padded channels
+      thread_local std::vector<T> row;
+      row.resize(g.Wz);
+      for (int64_t c = 0; c < g.Cc; ++c)
+        for (int64_t i = 0; i < g.Hz; ++i) {
+          src.row((c * g.Hz + i) * g.Wz, g.Wz, row.data());
+          T* __restrict dst = t.code_operand + i * g.Wz * Ccv + c;
+          for (int64_t j = 0; j < g.Wz; ++j) dst[j * Ccv] = row[j];
+        }
+      for (int64_t q = 0; q < g.Hz * g.Wz; ++q)
+        std::fill(t.code_operand + q * Ccv + g.Cc, t.code_operand + (q + 1) * Ccv, T(0));
+      scale = T(1);  // src.row applied it
+      return t.code_operand;
+    }
     if (!src.b && Wzp == g.Wz && Ccp == g.Cc) {
       scale = src.scale;
       return src.a;

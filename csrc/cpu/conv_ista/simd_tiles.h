@@ -312,6 +312,42 @@ T lane_sum(const T* v) {
   return sum;
 }
 
+// The same weight gradient vectorised along code channels, for narrow code maps where rows of whole vectors would be
+// mostly padding (CSCNet's 17-wide code: 17 of 32 lanes): part[t * CV + v] += sum_{i < rows} sum_{j < cols}
+// G[i * grs + j * gps + v L ...] * I[i * irs + boff[t] + j], with G channels-last (a pixel's channels contiguous,
+// gps apart) and every lane a code channel, so nothing is summed across lanes. Every G vector feeds NB FMAs, every
+// broadcast I value CV.
+template <typename T, int CV, int NB>
+void weight_grad_channels_tile(const T* G, int64_t gps, int64_t grs, const T* I, int64_t irs, const int64_t* boff,
+                               int64_t rows, int64_t cols, T* part) {
+  using V = typename VecOf<T>::V;
+  constexpr int L = VecOf<T>::L;
+  V acc[NB][CV];
+  for (int t = 0; t < NB; ++t)
+    for (int v = 0; v < CV; ++v) std::memcpy(&acc[t][v], part + (t * CV + v) * L, sizeof(V));
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* gr = G + i * grs;
+    const T* ib[NB];
+    for (int t = 0; t < NB; ++t) ib[t] = I + i * irs + boff[t];
+    for (int64_t j = 0; j < cols; ++j) {
+      V gv[CV];
+#pragma GCC unroll 4
+      for (int v = 0; v < CV; ++v) std::memcpy(&gv[v], gr + j * gps + v * L, sizeof(V));
+#pragma GCC unroll 8
+      for (int t = 0; t < NB; ++t) {
+        const T x = ib[t][j];
+#pragma GCC unroll 4
+        for (int v = 0; v < CV; ++v) acc[t][v] += x * gv[v];
+      }
+    }
+  }
+  for (int t = 0; t < NB; ++t)
+    for (int v = 0; v < CV; ++v) std::memcpy(part + (t * CV + v) * L, &acc[t][v], sizeof(V));
+}
+
+// Channel vectors per weight_grad_channels_tile: CV x NB accumulators + CV G vectors + a broadcast.
+constexpr int kWeightGradChannelVecs = kVecRegs == 32 ? 4 : 2;
+
 // Register budget as in CorrelationPlan::shape: COB x NB accumulators + COB G vectors + one I vector.
 constexpr int kWeightGradChannels = kVecRegs == 32 ? 4 : 3;
 constexpr int kWeightGradTapsMax = kVecRegs == 32 ? 5 : 3;
@@ -328,6 +364,38 @@ void weight_grad_block(int nb, const T* G, int64_t gcs, int64_t grs, const T* I,
     default: return weight_grad_tile<T, kWeightGradChannels, 5>(G, gcs, grs, I, irs, boff, rows, nvec, part);
 #else
     default: TORCH_CHECK(false, "weight_grad_block: tap block too wide");
+#endif
+  }
+}
+
+template <typename T, int CV>
+void weight_grad_channels_taps(int nb, const T* G, int64_t gps, int64_t grs, const T* I, int64_t irs,
+                               const int64_t* boff, int64_t rows, int64_t cols, T* part) {
+  switch (nb) {
+    case 1: return weight_grad_channels_tile<T, CV, 1>(G, gps, grs, I, irs, boff, rows, cols, part);
+    case 2: return weight_grad_channels_tile<T, CV, 2>(G, gps, grs, I, irs, boff, rows, cols, part);
+    case 3: return weight_grad_channels_tile<T, CV, 3>(G, gps, grs, I, irs, boff, rows, cols, part);
+#if defined(__AVX512F__)
+    case 4: return weight_grad_channels_tile<T, CV, 4>(G, gps, grs, I, irs, boff, rows, cols, part);
+    default: return weight_grad_channels_tile<T, CV, 5>(G, gps, grs, I, irs, boff, rows, cols, part);
+#else
+    default: TORCH_CHECK(false, "weight_grad_channels_taps: tap block too wide");
+#endif
+  }
+}
+
+// weight_grad_channels_tile for cv (<= kWeightGradChannelVecs) channel vectors and nb taps.
+template <typename T>
+void weight_grad_channels_block(int cv, int nb, const T* G, int64_t gps, int64_t grs, const T* I, int64_t irs,
+                                const int64_t* boff, int64_t rows, int64_t cols, T* part) {
+  switch (cv) {
+    case 1: return weight_grad_channels_taps<T, 1>(nb, G, gps, grs, I, irs, boff, rows, cols, part);
+#if defined(__AVX512F__)
+    case 2: return weight_grad_channels_taps<T, 2>(nb, G, gps, grs, I, irs, boff, rows, cols, part);
+    case 3: return weight_grad_channels_taps<T, 3>(nb, G, gps, grs, I, irs, boff, rows, cols, part);
+    default: return weight_grad_channels_taps<T, 4>(nb, G, gps, grs, I, irs, boff, rows, cols, part);
+#else
+    default: return weight_grad_channels_taps<T, 2>(nb, G, gps, grs, I, irs, boff, rows, cols, part);
 #endif
   }
 }
