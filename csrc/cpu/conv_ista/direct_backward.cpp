@@ -122,80 +122,75 @@ struct DirectBackward {
   }
 
   // dw += scale * the weight gradient of the analysis correlation for the code operand G (code_operand's layout)
-  // and the phased signal I: per block of code channels and input channel, lane-wise partial sums over chunks of
-  // code rows (grad_chunk_rows), then their lanes.
+  // and the phased signal I: per block of code channels and input channel, partial sums over chunks of code rows
+  // (grad_chunk_rows), kernel rows and tap blocks, then into dw. Rows of whole vectors (lane-wise partials, summed
+  // across lanes at the end), or by_channels (channels-last G, a lane per code channel).
   void weight_grad(const ItemWorkspace<T>& t, const T* G, T scale, const T* I, T* dw) const {
-    if (by_channels) return weight_grad_channels(t, G, scale, I, dw);
-    constexpr int L = VecOf<T>::L, COB = kWeightGradChannels;
-    const int64_t nvec = Wzp / L;
-    for (int64_t cb = 0; cb < Ccp; cb += COB)
-      for (int64_t ci = 0; ci < g.Cs; ++ci) {
-        std::fill(t.partials, t.partials + g.KH * g.KW * COB * L, T(0));
-        for (int64_t i0 = 0; i0 < g.Hz; i0 += grad_chunk_rows) {
-          const int64_t rows = std::min(grad_chunk_rows, g.Hz - i0);
-          for (int64_t a = 0; a < g.KH; ++a) {
-            int64_t b0 = 0;
-            for (int nb : tap_blocks) {
-              weight_grad_block<T>(nb, G + (cb * g.Hz + i0) * Wzp, g.Hz * Wzp, Wzp,
-                                   I + (ci * rrows + a + i0 * g.SH) * rwidth, g.SH * rwidth, boff.data() + b0, rows,
-                                   nvec, t.partials + (a * g.KW + b0) * COB * L);
-              b0 += nb;
-            }
-          }
-        }
-        for (int64_t a = 0; a < g.KH; ++a) {
-          int64_t b0 = 0;
-          for (int nb : tap_blocks) {
-            const T* part = t.partials + (a * g.KW + b0) * COB * L;
-            for (int64_t co = 0; co < COB && cb + co < g.Cc; ++co)
-              for (int tb = 0; tb < nb; ++tb)
-                dw[(((cb + co) * g.Cs + ci) * g.KH + a) * g.KW + b0 + tb] +=
-                    scale * lane_sum(part + (co * nb + tb) * L);
-            b0 += nb;
-          }
-        }
+    constexpr int L = VecOf<T>::L;
+    auto out = [&](int64_t c, int64_t ci, int64_t a, int64_t b) -> T& {
+      return dw[((c * g.Cs + ci) * g.KH + a) * g.KW + b];
+    };
+    if (by_channels) {
+      constexpr int CV = kWeightGradChannelVecs;
+      const int64_t nv = Ccv / L;
+      for (int64_t v0 = 0; v0 < nv; v0 += CV) {
+        const int cv = int(std::min<int64_t>(CV, nv - v0));
+        auto tile = [&](int64_t i0, int64_t rows, const T* Ia, const int64_t* bo, int nb, T* part) {
+          weight_grad_channels_block<T>(cv, nb, G + i0 * g.Wz * Ccv + v0 * L, Ccv, g.Wz * Ccv, Ia, g.SH * rwidth, bo,
+                                        rows, g.Wz, part);
+        };
+        for_weight_grad_tiles(t, I, cv * L, tile, [&](int64_t ci, int64_t a, int64_t b0, int nb, const T* part) {
+          for (int tb = 0; tb < nb; ++tb)
+            for (int64_t l = 0; l < cv * L && v0 * L + l < g.Cc; ++l)
+              out(v0 * L + l, ci, a, b0 + tb) += scale * part[tb * cv * L + l];
+        });
       }
+      return;
+    }
+    constexpr int COB = kWeightGradChannels;
+    for (int64_t cb = 0; cb < Ccp; cb += COB) {
+      auto tile = [&](int64_t i0, int64_t rows, const T* Ia, const int64_t* bo, int nb, T* part) {
+        weight_grad_block<T>(nb, G + (cb * g.Hz + i0) * Wzp, g.Hz * Wzp, Wzp, Ia, g.SH * rwidth, bo, rows, Wzp / L,
+                             part);
+      };
+      for_weight_grad_tiles(t, I, COB * L, tile, [&](int64_t ci, int64_t a, int64_t b0, int nb, const T* part) {
+        for (int64_t co = 0; co < COB && cb + co < g.Cc; ++co)
+          for (int tb = 0; tb < nb; ++tb) out(cb + co, ci, a, b0 + tb) += scale * lane_sum(part + (co * nb + tb) * L);
+      });
+    }
   }
 
-  // weight_grad with a channels-last code operand (by_channels): per block of channel vectors and input channel,
-  // partial sums over chunks of code rows, each lane one code channel.
-  void weight_grad_channels(const ItemWorkspace<T>& t, const T* G, T scale, const T* I, T* dw) const {
-    constexpr int L = VecOf<T>::L, CV = kWeightGradChannelVecs;
-    const int64_t nv = Ccv / L;
-    for (int64_t v0 = 0; v0 < nv; v0 += CV) {
-      const int cv = int(std::min<int64_t>(CV, nv - v0));
-      for (int64_t ci = 0; ci < g.Cs; ++ci) {
-        std::fill(t.partials, t.partials + g.KH * g.KW * cv * L, T(0));
-        for (int64_t i0 = 0; i0 < g.Hz; i0 += grad_chunk_rows) {
-          const int64_t rows = std::min(grad_chunk_rows, g.Hz - i0);
-          for (int64_t a = 0; a < g.KH; ++a) {
-            int64_t b0 = 0;
-            for (int nb : tap_blocks) {
-              weight_grad_channels_block<T>(cv, nb, G + i0 * g.Wz * Ccv + v0 * L, Ccv, g.Wz * Ccv,
-                                            I + (ci * rrows + a + i0 * g.SH) * rwidth, g.SH * rwidth,
-                                            boff.data() + b0, rows, g.Wz, t.partials + (a * g.KW + b0) * cv * L);
-              b0 += nb;
-            }
-          }
-        }
+  // For each input channel: tile(i0, rows, I at (ci, kernel row a, code row i0), boff of the block, nb, partials)
+  // over chunks of code rows, kernel rows and tap blocks into zeroed partials (per_tap per tap), then
+  // finish(ci, a, b0, nb, partials) per kernel row and tap block.
+  template <class Tile, class Finish>
+  void for_weight_grad_tiles(const ItemWorkspace<T>& t, const T* I, int64_t per_tap, Tile&& tile,
+                             Finish&& finish) const {
+    for (int64_t ci = 0; ci < g.Cs; ++ci) {
+      std::fill(t.partials, t.partials + g.KH * g.KW * per_tap, T(0));
+      for (int64_t i0 = 0; i0 < g.Hz; i0 += grad_chunk_rows)
         for (int64_t a = 0; a < g.KH; ++a) {
           int64_t b0 = 0;
           for (int nb : tap_blocks) {
-            const T* part = t.partials + (a * g.KW + b0) * cv * L;
-            for (int tb = 0; tb < nb; ++tb)
-              for (int64_t l = 0; l < cv * L && v0 * L + l < g.Cc; ++l)
-                dw[(((v0 * L + l) * g.Cs + ci) * g.KH + a) * g.KW + b0 + tb] += scale * part[tb * cv * L + l];
+            tile(i0, std::min(grad_chunk_rows, g.Hz - i0), I + (ci * rrows + a + i0 * g.SH) * rwidth,
+                 boff.data() + b0, nb, t.partials + (a * g.KW + b0) * per_tap);
             b0 += nb;
           }
+        }
+      for (int64_t a = 0; a < g.KH; ++a) {
+        int64_t b0 = 0;
+        for (int nb : tap_blocks) {
+          finish(ci, a, b0, nb, t.partials + (a * g.KW + b0) * per_tap);
+          b0 += nb;
         }
       }
     }
   }
 
   // The weight gradient's code operand for src (a code-sized view, see CodeRowSource): Ccp x Hz x Wzp, zero in the
-  // padding (by_channels: Hz x Wz x Ccv, always a copy), to be weighed by `scale`. src's own memory where it has that layout already (rows of whole vectors,
-  // whole channel blocks, no momentum term; scale = src.scale), else a copy into t.code_operand (scale 1); null
-  // where src is zero (z_0 = 0), which adds nothing.
+  // padding (by_channels: Hz x Wz x Ccv, always a copy), to be weighed by `scale`. src's own memory where it has that
+  // layout already (rows of whole vectors, whole channel blocks, no momentum term; scale = src.scale), else a copy into
+  // t.code_operand (scale 1); null where src is zero (z_0 = 0), which adds nothing.
   const T* code_operand(const ItemWorkspace<T>& t, const CodeRowSource<T>& src, T& scale) const {
     if (!src.a) return nullptr;
     if (by_channels) {  // channels-last, Hz x Wz x Ccv, zero in the padded channels

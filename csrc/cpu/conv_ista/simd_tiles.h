@@ -3,8 +3,10 @@
 //
 // correlation_tile: out[r][co][j] = sum_{ci, a, b} in[ci * ics + (r + a) * irs + boff[b] + j] * w[co][ci][a][b] for
 // ROWS output rows, COB output channels and NV vectors of columns. weight_grad_tile: part[co][t] += sum_{i, j}
-// G[co][i][j] I[i][boff[t] + j] lane by lane, the gradient in W of the same correlation, reduced along columns. Both make only unit-stride loads; strided layouts
-// are absorbed by boff (see direct_iteration.h for the column-phase layout that makes a stride unit-stride).
+// G[co][i][j] I[i][boff[t] + j] lane by lane, the gradient in W of the same correlation, reduced along columns
+// (weight_grad_channels_tile: the same, vectorised along code channels, for narrow maps). All make only unit-stride
+// loads; strided layouts are absorbed by boff (see direct_iteration.h for the column-phase layout
+// that makes a stride unit-stride).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -264,7 +266,8 @@ struct CorrelationPlan {
   // One output row (row_block of one row); epi(co, j0, values, count).
   template <class Epi>
   void row(const T* in, int64_t ics, int64_t irs, int64_t wout, Epi&& epi) const {
-    row_block(in, ics, irs, wout, 1, [&](int, int64_t co, int64_t j0, const T* v, int64_t cnt) { epi(co, j0, v, cnt); });
+    row_block(in, ics, irs, wout, 1,
+              [&](int, int64_t co, int64_t j0, const T* v, int64_t cnt) { epi(co, j0, v, cnt); });
   }
 };
 
@@ -352,52 +355,39 @@ constexpr int kWeightGradChannelVecs = kVecRegs == 32 ? 4 : 2;
 constexpr int kWeightGradChannels = kVecRegs == 32 ? 4 : 3;
 constexpr int kWeightGradTapsMax = kVecRegs == 32 ? 5 : 3;
 
+// f(std::integral_constant<int, N>{}) for 1 <= n <= max (max <= 5): a runtime tile size as a template argument.
+template <int MAX, class F>
+void with_count(int n, F&& f) {
+  static_assert(MAX >= 1 && MAX <= 5, "with_count: 1 to 5");
+  switch (n) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: if constexpr (MAX >= 2) return f(std::integral_constant<int, 2>{}); break;
+    case 3: if constexpr (MAX >= 3) return f(std::integral_constant<int, 3>{}); break;
+    case 4: if constexpr (MAX >= 4) return f(std::integral_constant<int, 4>{}); break;
+    case 5: if constexpr (MAX >= 5) return f(std::integral_constant<int, 5>{}); break;
+  }
+  TORCH_CHECK(false, "with_count: ", n, " is not in 1..", MAX);
+}
+
+// weight_grad_tile for a block of nb <= kWeightGradTapsMax taps.
 template <typename T>
 void weight_grad_block(int nb, const T* G, int64_t gcs, int64_t grs, const T* I, int64_t irs,
                        const int64_t* boff, int64_t rows, int64_t nvec, T* part) {
-  switch (nb) {
-    case 1: return weight_grad_tile<T, kWeightGradChannels, 1>(G, gcs, grs, I, irs, boff, rows, nvec, part);
-    case 2: return weight_grad_tile<T, kWeightGradChannels, 2>(G, gcs, grs, I, irs, boff, rows, nvec, part);
-    case 3: return weight_grad_tile<T, kWeightGradChannels, 3>(G, gcs, grs, I, irs, boff, rows, nvec, part);
-#if defined(__AVX512F__)
-    case 4: return weight_grad_tile<T, kWeightGradChannels, 4>(G, gcs, grs, I, irs, boff, rows, nvec, part);
-    default: return weight_grad_tile<T, kWeightGradChannels, 5>(G, gcs, grs, I, irs, boff, rows, nvec, part);
-#else
-    default: TORCH_CHECK(false, "weight_grad_block: tap block too wide");
-#endif
-  }
+  with_count<kWeightGradTapsMax>(nb, [&](auto NB) {
+    weight_grad_tile<T, kWeightGradChannels, decltype(NB)::value>(G, gcs, grs, I, irs, boff, rows, nvec, part);
+  });
 }
 
-template <typename T, int CV>
-void weight_grad_channels_taps(int nb, const T* G, int64_t gps, int64_t grs, const T* I, int64_t irs,
-                               const int64_t* boff, int64_t rows, int64_t cols, T* part) {
-  switch (nb) {
-    case 1: return weight_grad_channels_tile<T, CV, 1>(G, gps, grs, I, irs, boff, rows, cols, part);
-    case 2: return weight_grad_channels_tile<T, CV, 2>(G, gps, grs, I, irs, boff, rows, cols, part);
-    case 3: return weight_grad_channels_tile<T, CV, 3>(G, gps, grs, I, irs, boff, rows, cols, part);
-#if defined(__AVX512F__)
-    case 4: return weight_grad_channels_tile<T, CV, 4>(G, gps, grs, I, irs, boff, rows, cols, part);
-    default: return weight_grad_channels_tile<T, CV, 5>(G, gps, grs, I, irs, boff, rows, cols, part);
-#else
-    default: TORCH_CHECK(false, "weight_grad_channels_taps: tap block too wide");
-#endif
-  }
-}
-
-// weight_grad_channels_tile for cv (<= kWeightGradChannelVecs) channel vectors and nb taps.
+// weight_grad_channels_tile for cv <= kWeightGradChannelVecs channel vectors and nb <= kWeightGradTapsMax taps.
 template <typename T>
 void weight_grad_channels_block(int cv, int nb, const T* G, int64_t gps, int64_t grs, const T* I, int64_t irs,
                                 const int64_t* boff, int64_t rows, int64_t cols, T* part) {
-  switch (cv) {
-    case 1: return weight_grad_channels_taps<T, 1>(nb, G, gps, grs, I, irs, boff, rows, cols, part);
-#if defined(__AVX512F__)
-    case 2: return weight_grad_channels_taps<T, 2>(nb, G, gps, grs, I, irs, boff, rows, cols, part);
-    case 3: return weight_grad_channels_taps<T, 3>(nb, G, gps, grs, I, irs, boff, rows, cols, part);
-    default: return weight_grad_channels_taps<T, 4>(nb, G, gps, grs, I, irs, boff, rows, cols, part);
-#else
-    default: return weight_grad_channels_taps<T, 2>(nb, G, gps, grs, I, irs, boff, rows, cols, part);
-#endif
-  }
+  with_count<kWeightGradChannelVecs>(cv, [&](auto CV) {
+    with_count<kWeightGradTapsMax>(nb, [&](auto NB) {
+      weight_grad_channels_tile<T, decltype(CV)::value, decltype(NB)::value>(G, gps, grs, I, irs, boff, rows, cols,
+                                                                            part);
+    });
+  });
 }
 
 }  // namespace conv_ista
