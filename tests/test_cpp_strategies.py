@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dsc_kernels.functional as DF
 from dsc_kernels import _ext
@@ -113,6 +115,69 @@ def test_op_pair_matches_reference_fp64(
     if checkpoint == 0:
         grad_z = torch.ones((), dtype=dtype).expand_as(out[0])
     _check_gradients(grad_z, inputs, out, out_ref, geo, checkpoint)
+
+
+# Random geometries beyond the fixed ones above: channel counts on both sides of a vector's lanes and of the tiles'
+# channel blocks (the weight gradients' channel-vector path needs >= 2 vectors of code channels on a narrow map), maps
+# from a single row to several vectors wide, kernels and strides up to 8 x 9 and 4, 1-D rows, every option and
+# checkpoint mode. The step is scaled by 1/L so the iterations converge: on divergent ones (|z| ~ 1e6) fp64 rounding
+# differences between two correct summation orders grow past any fixed tolerance.
+random_problem = st.fixed_dictionaries(
+    dict(
+        b=st.integers(1, 3),
+        c_sig=st.sampled_from([1, 2, 3, 4, 8, 17, 33]),
+        c_code=st.sampled_from([1, 2, 5, 8, 16, 17, 31, 32, 33, 48]),
+        one_d=st.booleans(),
+        kh=st.integers(1, 8),
+        kw=st.integers(1, 9),
+        sh=st.integers(1, 4),
+        sw=st.integers(1, 4),
+        pad=st.tuples(st.floats(0, 0.99), st.floats(0, 0.99)),
+        extra=st.tuples(st.integers(0, 20), st.integers(0, 36)),
+        n_iter=st.integers(1, 6),
+        fista=st.booleans(),
+        nonneg=st.booleans(),
+        untied=st.booleans(),
+        z0_given=st.booleans(),
+        checkpoint=st.sampled_from([0, 1, 2, 3, 1 | KEEP_RESIDUALS, 2 | KEEP_RESIDUALS, 3 | KEEP_RESIDUALS]),
+        strategy=st.sampled_from(["direct", "gemm", "auto"]),
+        seed=st.integers(0, 2**16),
+    )
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(random_problem)
+def test_random_geometries_match_reference_fp64(r):
+    """Forward and the six gradients equal the reference op pair's in fp64 (the strategy is set per example: a
+    function-scoped monkeypatch would span all of hypothesis's examples)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DSC_KERNELS_CPP_STRATEGY", r["strategy"])
+        _check_random_problem(r)
+
+
+def _check_random_problem(r):
+    kh, sh = (1, 1) if r["one_d"] else (r["kh"], r["sh"])
+    ph, pw = int(r["pad"][0] * kh), int(r["pad"][1] * r["kw"])
+    h = 1 if r["one_d"] else max(1, kh - 2 * ph) + r["extra"][0]
+    w = max(1, r["kw"] - 2 * pw) + r["extra"][1]
+    xs, ws, stride, padding = (
+        (r["b"], r["c_sig"], h, w),
+        (r["c_code"], r["c_sig"], kh, r["kw"]),
+        [sh, r["sw"]],
+        [ph, pw],
+    )
+    dtype = torch.float64
+    x, wt, we, lam, step = _tensors(
+        xs, ws, r["n_iter"], untied=r["untied"], z0=r["z0_given"], dtype=dtype, seed=r["seed"]
+    )
+    step = step / (0.35 * max(DF.lipschitz_constant(wt, xs[2:], stride=stride, padding=padding, n_iter=50), 1e-3))
+    z0 = _z0(x, wt, stride, padding, r["z0_given"], dtype)
+    geo = (stride, padding, r["nonneg"], r["fista"])
+    inputs = (x, wt, we, lam, step, z0)
+    out, out_ref = _forwards(inputs, geo, r["checkpoint"])
+    grad_z = torch.randn(out[0].shape, generator=torch.Generator().manual_seed(r["seed"]), dtype=dtype)
+    _check_gradients(grad_z, inputs, out, out_ref, geo, r["checkpoint"])
 
 
 @pytest.mark.parametrize("checkpoint", [NO_BACKWARD, 0, 2, 2 | KEEP_RESIDUALS])
