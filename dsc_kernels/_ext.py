@@ -9,10 +9,16 @@ contents, the flags, the torch version and install folder and the Python version
 ``DSC_KERNELS_CACHE`` overrides) and compiled there, so ninja's files hold no checkout's path and every checkout,
 install and process with the same
 sources reuses one build. The first build takes about a minute on two cores and says so once.
+
+Builds of one cache folder are serialised by an advisory file lock (``build.flock``), which the system releases when
+its holder dies. torch's own marker (the folder's ``lock`` file) is not: a build killed half-way (Ctrl-C during the
+first minute) leaves it behind, and every later load would wait on it forever. Holding the advisory lock, a load
+knows any such marker is stale and removes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -23,6 +29,11 @@ import threading
 from pathlib import Path
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory locks, torch's marker alone
+    fcntl = None
 
 _PACKAGE = Path(__file__).resolve().parent
 _CSRC = _PACKAGE / "csrc" if (_PACKAGE / "csrc").is_dir() else _PACKAGE.parent / "csrc"
@@ -86,6 +97,25 @@ def _build_dir(sources: list[Path], cflags: list[str]) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _exclusive(build_dir: Path):
+    """Hold build_dir's advisory build lock (waiting for a live build by another process), with no stale torch
+    marker left in the folder."""
+    if fcntl is None:
+        yield
+        return
+    with open(build_dir / "build.flock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            marker = build_dir / "lock"
+            if marker.exists():
+                _log.warning("dsc_kernels: removing %s, left by a build that was interrupted", marker)
+                marker.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _first_error_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for marker in (": error:", "error:", "error"):
@@ -123,15 +153,16 @@ def load():
                     "two cores); it is cached in %s",
                     build_dir,
                 )
-            cpp_extension.load(
-                name="dsc_kernels_cpu",
-                sources=[str(build_dir / "src" / rel) for rel in sources if rel.suffix == ".cpp"],
-                extra_cflags=cflags,
-                extra_ldflags=["-fopenmp"],
-                build_directory=str(build_dir),
-                is_python_module=False,
-                verbose=False,
-            )
+            with _exclusive(build_dir):
+                cpp_extension.load(
+                    name="dsc_kernels_cpu",
+                    sources=[str(build_dir / "src" / rel) for rel in sources if rel.suffix == ".cpp"],
+                    extra_cflags=cflags,
+                    extra_ldflags=["-fopenmp"],
+                    build_directory=str(build_dir),
+                    is_python_module=False,
+                    verbose=False,
+                )
         except Exception as exc:  # a compiler failure surfaces as RuntimeError/CalledProcessError/OSError
             detail = str(exc)
             output = getattr(exc, "output", None)

@@ -281,6 +281,28 @@ def test_build_cache_is_reused_by_another_process():
     assert libs[0].stat().st_mtime_ns == before
 
 
+def test_interrupted_build_leaves_no_marker_that_hangs_later_loads():
+    """A build killed half-way leaves torch's `lock` marker in the cache folder; torch alone would wait on it forever
+    in every later process. Loading removes it (under the advisory lock, so it is never a live build's) and loads."""
+    build_dir = Path(_ext._build_dir(_ext._sources(), _ext._cflags()))
+    marker = build_dir / "lock"
+    marker.touch()
+    code = "import dsc_kernels._ext as e; e.load(); print(e.available())"
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        )
+    finally:
+        stale = marker.exists()
+        marker.unlink(missing_ok=True)
+    assert out.returncode == 0 and out.stdout.strip().endswith("True"), out.stderr[-2000:]
+    assert not stale and "interrupted" in out.stderr
+
+
 def test_build_failure_names_the_compiler_error(tmp_path, monkeypatch):
     """The uncached load (load.__wrapped__) on broken sources: the cached namespace of the real build stays, so
     later loads in this process never call the JIT builder again (a second cpp_extension.load of the same name
