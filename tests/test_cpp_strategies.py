@@ -237,13 +237,15 @@ def test_forward_without_backward_matches_reference_fp64(monkeypatch, strategy, 
         ops.conv_ista_bwd_cpp(torch.ones_like(z), x, w, we, lam, step, z0, z.new_empty(0), saved, *geo, NO_BACKWARD)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("name,xs,ws,stride,padding", GEOMETRIES, ids=[g[0] for g in GEOMETRIES])
-def test_functional_fp32_matches_autograd_reference(monkeypatch, strategy, name, xs, ws, stride, padding):
+def test_functional_fp32_matches_autograd_reference(monkeypatch, strategy, name, xs, ws, stride, padding, seed):
     """Through functional and autograd in fp32 (save mode, FISTA, untied): z and the gradients of every input
-    against conv_ista_ref's autograd, comparing values where the supports agree."""
+    against conv_ista_ref's autograd, comparing values where the supports agree; three draws each, since one draw's
+    error ratio moves by 2x between seeds on these small problems."""
     monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
-    x, w, we, lam, step = _tensors(xs, ws, 4, untied=True, z0=False, dtype=torch.float32)
+    x, w, we, lam, step = _tensors(xs, ws, 4, untied=True, z0=False, dtype=torch.float32, seed=seed)
     leaves = [t.clone().requires_grad_() for t in (x, w, we, lam, step)]
     outs = []
     for backend in ("reference", "cpp"):

@@ -4,6 +4,7 @@
 //     mask_row       g := g [z != 0],  returns sum g sign(z)      (the active set; dL/dth collects minus the sum)
 //     axpy_dot       gx += step v,     returns <v, r>             (dL/dx and the <v, r_k> term of dL/dstep)
 //     dot            <a, b>
+//     add_to         dst += src
 //     CodeRowSource  y = z_k + beta (z_k - z_{k-1})               (FISTA's momentum point, read row by row)
 // A row is one channel of one item (channels-first codes: one threshold, one sum), or for threshold_pixel and
 // mask_pixel one pixel of one item (the gemm strategy's channels-last codes: a threshold and a sum per channel).
@@ -146,6 +147,16 @@ inline double dot(const T* a, const T* b, int64_t cnt) {
   return for_lanes<T>(cnt, [&](int64_t i, auto tag) {
     using U = decltype(tag);
     return load<U>(a + i) * load<U>(b + i);
+  });
+}
+
+// dst += src over cnt entries.
+template <typename T>
+inline void add_to(T* dst, const T* src, int64_t cnt) {
+  for_lanes<T>(cnt, [&](int64_t i, auto tag) {
+    using U = decltype(tag);
+    store(dst + i, load<U>(dst + i) + load<U>(src + i));
+    return U{};
   });
 }
 
