@@ -266,12 +266,10 @@ struct CorrelationPlan {
       for (int64_t j0 = 0; j0 < wout; j0 += tile_w) {
         const int64_t nj = std::min<int64_t>(tile_w, wout - j0);
         for (int r = 0; r < nrows; r += block ? nrows : 1) {
-          const T* at = in + r * irs + j0;
-          tile_fn(at, ics, irs, boff.data(), std::min(CI, ci_block), KH, KW, w, tile);
-          for (int64_t c0 = ci_block; c0 < CI; c0 += ci_block) {
-            tile_fn(at + c0 * ics, ics, irs, boff.data(), std::min(CI - c0, ci_block), KH, KW, w + c0 * KH * KW * cob,
-                    part);
-            add_to(tile, part, tile_size);
+          for (int64_t c0 = 0; c0 < CI; c0 += ci_block) {
+            tile_fn(in + r * irs + j0 + c0 * ics, ics, irs, boff.data(), std::min(CI - c0, ci_block), KH, KW,
+                    w + c0 * KH * KW * cob, c0 == 0 ? tile : part);
+            if (c0 > 0) add_to(tile, part, tile_size);
           }
           for (int rr = 0; rr < (block ? nrows : 1); ++rr)
             for (int64_t co = 0; co < nco; ++co) epi(r + rr, cb + co, j0, tile + (rr * cob + co) * tile_w, nj);
