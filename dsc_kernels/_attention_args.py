@@ -40,9 +40,10 @@ def score_bias(q: Tensor, m: int, key_padding_mask: Tensor | None, attn_mask: Te
     b, h, n, _ = q.shape
     bias = None
     if key_padding_mask is not None:
+        padding = _mask("key_padding_mask", key_padding_mask, q)
         if tuple(key_padding_mask.shape) != (b, m):
             raise ValueError(f"key_padding_mask must be (B, M)=({b}, {m}), got {tuple(key_padding_mask.shape)}")
-        bias = _mask("key_padding_mask", key_padding_mask, q)[:, None, None, :]
+        bias = padding[:, None, None, :]
     if attn_mask is not None:
         mask = _mask("attn_mask", attn_mask, q)
         if mask.dim() > 4 or any(have not in (1, want) for have, want in zip(mask.shape[::-1], (m, n, h, b))):

@@ -62,6 +62,17 @@ def test_sparsemax_is_shift_invariant_and_on_the_simplex(offset):
     torch.testing.assert_close(got.double(), want, atol=2e-6 + 4 * abs(offset) * 2**-24, rtol=0)
 
 
+def test_sparsemax_of_a_0d_tensor_is_one_like_softmax():
+    x = torch.tensor(3.0, requires_grad=True)
+    for dim in (0, -1):
+        y = DF.sparsemax(x, dim)
+        assert y.shape == () and y.item() == 1.0 == torch.softmax(x, dim).item()
+    (grad,) = torch.autograd.grad(y, x)
+    assert grad.item() == 0.0
+    with pytest.raises(ValueError, match=r"dim must be an int in \[-1, 1\)"):
+        DF.sparsemax(x, 1)
+
+
 def test_sparsemax_empty_dim_and_half_precision():
     assert DF.sparsemax(torch.empty(3, 0)).shape == (3, 0)
     assert DF.sparsemax(torch.empty(0, 4), dim=0).shape == (0, 4)
@@ -198,6 +209,32 @@ def test_large_scores_are_handled_relative_to_the_row_max(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_backward_uses_the_forwards_p_on_peaked_rows(backend, threads):
+    """Scores ~1e6: every row's support is its top key (P = 1), so dk is exactly 0 and dv is the sum of g over the
+    rows that picked the key. The backward must see the forward's scores bit for bit: recomputed with another GEMM
+    they differed by an ulp of 1e6 (0.25 in float32), which moved P to 0.75 and dv by 10%. Three threads on one
+    head split the query panels into groups with their own dk/dv sums."""
+    _prepare(backend)
+    gen = torch.Generator().manual_seed(0)
+    q64, k64, v64, g64 = (torch.randn(1, 1, 130, 33, generator=gen, dtype=torch.float64) for _ in range(4))
+    q64, k64 = 1000 * q64, 1000 * k64
+    dtype = torch.float32
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = DF.sparse_attention(q, k, v, backend=backend)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), g64.to(dtype))
+    finally:
+        torch.set_num_threads(before)
+    top = (q.detach() @ k.detach().transpose(-1, -2)).argmax(-1)[0, 0]  # each row's key (float32 scores)
+    want_dv = torch.zeros(130, 33, dtype=torch.float64).index_add_(0, top, g64[0, 0])
+    assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dq, torch.zeros_like(dq))
+    torch.testing.assert_close(dv[0, 0].double(), want_dv, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_many_tied_keys(backend):
     """1,000 keys tied at a score of 1e5 share the row equally (used to give inf/NaN on cpp)."""
     _prepare(backend)
@@ -328,5 +365,8 @@ def test_mask_errors_name_the_argument():
         DF.sparse_attention(q, q, q, attn_mask=torch.zeros(4, 3))
     with pytest.raises(TypeError, match="attn_mask must be a torch.Tensor"):
         DF.sparse_attention(q, q, q, attn_mask=[[0.0]])
+    for fn in (DF.sparse_attention, DF.sparse_attention_weights):  # used to be AttributeError: no .shape on a list
+        with pytest.raises(TypeError, match="key_padding_mask must be a torch.Tensor"):
+            fn(q, q, *(q,) * (fn is DF.sparse_attention), key_padding_mask=[[False, True, False]] * 2)
     with pytest.raises(ValueError, match="one device"):
         DF.sparse_attention(q, q, q, attn_mask=torch.zeros(3, 3, device="meta"))

@@ -17,10 +17,12 @@
 //   ds_i = 0 on +inf rows (P does not move there),
 //   dq_i = scale sum_j ds_ij k_j,  dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i P_ij g_i,  dtheta_h = -sum ds
 // Scores are recomputed from q, k and the saved stats; no N x M matrix is kept. Each task computes a panel of
-// 64 query rows x M keys (or 64 keys x N queries in the dk/dv pass) with one BLAS GEMM, so memory is
-// O(threads * 64 * max(N, M)); everything after the GEMM touches only the support (|S_i| entries per row).
-// The dk/dv pass recomputes scores with a transposed GEMM whose rounding can differ from the forward's by an ulp,
-// which can move a score lying within an ulp of tau across it (P ~ 0 there), as in FlashAttention's backward.
+// 64 query rows x M keys with one BLAS GEMM, so memory is O(threads * 64 * M) (plus O(threads * M * (d + dv)) of
+// dk/dv partial sums in a backward with fewer heads than threads); everything after the GEMM touches only the
+// support (|S_i| entries per row). The backward recomputes exactly the forward's panels, so its P is the forward's
+// bit for bit. (A dk/dv pass over key panels, with a transposed GEMM, had rounded each score differently by up to an
+// ulp of the row's largest score, which moved every support entry of P by as much: 10% of dv in float32 at scores
+// ~1e6.)
 // q, k, v, grad_out are read through their strides (rows must have a unit last stride, else they are copied).
 //
 // t by Michelot's projection: starting from lo = -1 <= t_i, the update lo <- (sum_{z > lo} z - 1) / |{z > lo}|
@@ -312,98 +314,86 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   });
 }
 
+// The backward sweeps the forward's own query panels (the same score_panel calls, so every score, and with it every
+// P_ij, is the forward's bit for bit). dq_i belongs to its row's task; dk_j and dv_j collect over all queries, so
+// the query panels of one (batch, head) are split into `groups` contiguous ranges, each summing into its own dk/dv
+// (the tensors themselves when groups == 1; else (B H, groups, M, width) partials, added up afterwards in a fixed
+// order): a problem with fewer heads than threads still runs in parallel, and no two tasks write one row.
 template <typename scalar_t>
 void bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const Bias<scalar_t>& bias, const at::Tensor& stats, bool sparsemax, bool causal, double scale_d,
-                at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dtheta_partial) {
+                int64_t groups, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dtheta_partial) {
   const int64_t N = q.size(2), D = q.size(3), M = k.size(2), DV = v.size(3);
   const int64_t BH = q.size(0) * q.size(1);
   const int64_t nqb = (N + kRowBlock - 1) / kRowBlock;
-  const int64_t nkb = (M + kRowBlock - 1) / kRowBlock;
   const auto scale = static_cast<scalar_t>(scale_d);
   const Rows<scalar_t> gr(g), qr(q), kr(k), vr(v);
   const scalar_t* sp = stats.data_ptr<scalar_t>();
   scalar_t* dqp = dq.data_ptr<scalar_t>();
-  scalar_t* dkp = dk.data_ptr<scalar_t>();
-  scalar_t* dvp = dv.data_ptr<scalar_t>();
   scalar_t* dthp = dtheta_partial.data_ptr<scalar_t>();
-  std::vector<scalar_t> delta(BH * N, scalar_t(0));
+  const at::Tensor dk_acc = groups == 1 ? dk : at::zeros({BH, groups, M, D}, dk.options());
+  const at::Tensor dv_acc = groups == 1 ? dv : at::zeros({BH, groups, M, DV}, dv.options());
+  scalar_t* dkp = dk_acc.data_ptr<scalar_t>();
+  scalar_t* dvp = dv_acc.data_ptr<scalar_t>();
 
-  // Pass 1 (query panels): delta_i, dq_i and the threshold gradient, one partial sum per task.
-  at::parallel_for(0, BH * nqb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> dp(std::max<int64_t>(M, 1));
+  at::parallel_for(0, BH * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> dp(std::max<int64_t>(M, 1)), p(std::max<int64_t>(M, 1));
     std::vector<int64_t> idx(std::max<int64_t>(M, 1));
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / nqb, i0 = (task % nqb) * kRowBlock, i1 = std::min(N, i0 + kRowBlock);
-      const int64_t mend = causal ? std::min(M, i1) : M;
-      dthp[task] = 0;
-      if (mend == 0) continue;
-      at::Tensor panel = score_panel(q, k, bh, i0, i1, 0, mend, scale_d);
-      const auto gh = gr.head(bh), kh = kr.head(bh), vh = vr.head(bh);
+      const int64_t bh = task / groups, grp = task % groups;
+      scalar_t* dkh = dkp + task * M * D;  // this group's dk, dv of head bh (task = bh * groups + grp)
+      scalar_t* dvh = dvp + task * M * DV;
+      const auto gh = gr.head(bh), qh = qr.head(bh), kh = kr.head(bh), vh = vr.head(bh);
       scalar_t th_sum = 0;
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t r = bh * N + i;
-        const scalar_t c = sp[r * 2], t = sp[r * 2 + 1];
-        // A NaN row passes no gradient; a +inf row (or one without keys) has a constant P, so ds = 0 there.
-        if (!(c < kInf<scalar_t>)) continue;
-        scalar_t* s = panel.data_ptr<scalar_t>() + (i - i0) * mend;
-        const scalar_t* gi = gh[i];
-        const int64_t mi = visible_keys(i, M, causal);
-        if (bias.present()) add_bias(s, mi, bias.row(bh, i), bias.sm);
-        int64_t n_act = 0;
-        scalar_t dp_sum = 0;
-        for (int64_t j = 0; j < mi; ++j) {
-          if (s[j] - c > t) {  // c is finite here
-            idx[n_act] = j;
-            dp[n_act] = dot(gi, vh[j], DV);
-            dp_sum += dp[n_act];
-            ++n_act;
+      for (int64_t blk = grp * nqb / groups; blk < (grp + 1) * nqb / groups; ++blk) {
+        const int64_t i0 = blk * kRowBlock, i1 = std::min(N, i0 + kRowBlock);
+        const int64_t mend = causal ? std::min(M, i1) : M;
+        if (mend == 0) continue;
+        at::Tensor panel = score_panel(q, k, bh, i0, i1, 0, mend, scale_d);
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t r = bh * N + i;
+          const scalar_t c = sp[r * 2], t = sp[r * 2 + 1];
+          if (std::isnan(c)) continue;  // a NaN row passes no gradient
+          scalar_t* s = panel.data_ptr<scalar_t>() + (i - i0) * mend;
+          const scalar_t* gi = gh[i];
+          const int64_t mi = visible_keys(i, M, causal);
+          if (bias.present()) add_bias(s, mi, bias.row(bh, i), bias.sm);
+          if (std::isinf(c)) {  // a +inf row (or one without keys): P is constant, so ds = 0, but P v still moves v
+            for (int64_t j = 0; j < mi; ++j) {
+              const scalar_t z = relative(s[j], c);
+              if (z > t) axpy(dvh + j * DV, z - t, gi, DV);
+            }
+            continue;
           }
-        }
-        const scalar_t dl = (sparsemax && n_act > 0) ? dp_sum / scalar_t(n_act) : scalar_t(0);
-        delta[r] = dl;
-        for (int64_t a = 0; a < n_act; ++a) {
-          const scalar_t ds = dp[a] - dl;
-          th_sum -= ds;
-          axpy(dqp + r * D, scale * ds, kh[idx[a]], D);
+          int64_t n_act = 0;
+          scalar_t dp_sum = 0;
+          for (int64_t j = 0; j < mi; ++j) {
+            if (s[j] - c > t) {
+              idx[n_act] = j;
+              p[n_act] = s[j] - c - t;  // the forward's expression: the same P
+              dp[n_act] = dot(gi, vh[j], DV);
+              dp_sum += dp[n_act];
+              ++n_act;
+            }
+          }
+          const scalar_t dl = (sparsemax && n_act > 0) ? dp_sum / scalar_t(n_act) : scalar_t(0);
+          for (int64_t a = 0; a < n_act; ++a) {
+            const int64_t j = idx[a];
+            const scalar_t ds = dp[a] - dl;
+            th_sum -= ds;
+            axpy(dqp + r * D, scale * ds, kh[j], D);
+            axpy(dkh + j * D, scale * ds, qh[i], D);
+            axpy(dvh + j * DV, p[a], gi, DV);
+          }
         }
       }
       dthp[task] = th_sum;
     }
   });
-
-  // Pass 2 (key panels): dk_j and dv_j, each owned by one task so no atomics are needed.
-  at::parallel_for(0, BH * nkb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / nkb, j0 = (task % nkb) * kRowBlock, j1 = std::min(M, j0 + kRowBlock);
-      // Top-left causal: only queries i >= j see key j.
-      const int64_t i_start = causal ? j0 : 0;
-      if (i_start >= N) continue;
-      const at::Tensor panel = score_panel(k, q, bh, j0, j1, i_start, N, scale_d);
-      const int64_t width = N - i_start;
-      const auto gh = gr.head(bh), qh = qr.head(bh);
-      const scalar_t* bias_head = bias.present() ? bias.row(bh, 0) : nullptr;
-      for (int64_t j = j0; j < j1; ++j) {
-        const scalar_t* s = panel.data_ptr<scalar_t>() + (j - j0) * width;
-        const scalar_t* vj = vr.head(bh)[j];
-        scalar_t* dvj = dvp + (bh * M + j) * DV;
-        scalar_t* dkj = dkp + (bh * M + j) * D;
-        for (int64_t i = causal ? j : i_start; i < N; ++i) {
-          const int64_t r = bh * N + i;
-          const scalar_t c = sp[r * 2], t = sp[r * 2 + 1];
-          const scalar_t sij = bias_head != nullptr ? biased(s[i - i_start], bias_head[i * bias.sn + j * bias.sm])
-                                                    : s[i - i_start];
-          const scalar_t z = relative(sij, c);
-          if (!(z > t)) continue;  // also every entry of a NaN row
-          axpy(dvj, z - t, gh[i], DV);
-          if (c < kInf<scalar_t>) {
-            const scalar_t ds = dot(gh[i], vj, DV) - delta[r];
-            axpy(dkj, scale * ds, qh[i], D);
-          }
-        }
-      }
-    }
-  });
+  if (groups > 1) {
+    dk.copy_(dk_acc.sum(1).view(dk.sizes()));
+    dv.copy_(dv_acc.sum(1).view(dv.sizes()));
+  }
 }
 
 // Rows with a unit last stride as the kernels read them: the tensor itself when it already has one.
@@ -463,10 +453,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   auto dv = at::zeros(v.sizes(), v.options());
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
   const int64_t nqb = (N + kRowBlock - 1) / kRowBlock;
-  auto partial = at::zeros({B, H, nqb}, q.options());
+  // Enough groups of query panels per head for every thread to have a task (see bwd_kernel).
+  const int64_t heads = std::max<int64_t>(1, B * H);
+  const int64_t groups = std::max<int64_t>(1, std::min(nqb, (at::get_num_threads() + heads - 1) / heads));
+  auto partial = at::zeros({B, H, groups}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sparse_attention_bwd_cpp", [&] {
-    bwd_kernel<scalar_t>(g, q, k, v, Bias<scalar_t>(bias), stats, mode == "sparsemax", causal, scale, dq, dk, dv,
-                         partial);
+    bwd_kernel<scalar_t>(g, q, k, v, Bias<scalar_t>(bias), stats, mode == "sparsemax", causal, scale, groups, dq,
+                         dk, dv, partial);
   });
   auto dtheta = mode == "sparsemax" ? at::zeros_like(theta) : partial.sum({0, 2}).to(theta.scalar_type());
   return {dq, dk, dv, dtheta};
