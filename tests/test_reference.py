@@ -61,6 +61,19 @@ def test_soft_threshold_matches_softshrink_at_the_kink_and_on_nan():
     assert torch.isnan(DF.soft_threshold(x, 0.5)[-1])
 
 
+@pytest.mark.parametrize("t0", [0.0, 0.3])
+def test_soft_threshold_gradient_in_the_threshold_is_minus_sign_on_the_support(t0):
+    """dS_t(x)/dt = -sign(x) where |x| > t, also at t = 0, where a single clamp(x, -t, t) has tied bounds and used
+    to drop the negative entries' +1 (the fused backends' dL/dth = -sum gu sign(z) had it right)."""
+    x = torch.tensor([[-2.0, -0.5, -0.1, 0.0], [0.1, 0.5, 2.0, -0.3]], dtype=torch.float64)
+    t = torch.full((2, 1), t0, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(soft_threshold_ref(x, t).sum(), t)
+    want = (-torch.sign(x) * (x.abs() > t0)).sum(1, keepdim=True)
+    torch.testing.assert_close(grad, want)
+    (dx,) = torch.autograd.grad(soft_threshold_ref(x.requires_grad_(), t.detach()).sum(), x)
+    torch.testing.assert_close(dx, (x.abs() > t0).to(x.dtype))
+
+
 def test_gradcheck_simple_operators():
     w = torch.randn(3, 2, 3, 2, dtype=torch.float64, requires_grad=True)
     x = torch.randn(2, 2, 7, 6, dtype=torch.float64, requires_grad=True)

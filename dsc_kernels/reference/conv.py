@@ -97,12 +97,16 @@ def soft_threshold_ref(x: torch.Tensor, threshold: torch.Tensor | float, nonneg:
 
     Written as ``x - clamp(x, -t, t)`` (and ``relu(x - t)``) so that the derivative is exactly that of
     ``F.softshrink`` (``F.relu``): 0 for ``|x| <= t``, 1 elsewhere, NaN included, and NaN in gives NaN out;
-    ``threshold`` broadcasts against ``x`` and receives gradients.
+    ``threshold`` broadcasts against ``x`` and receives gradients, ``-sign(x)`` where ``|x| > t``. A threshold that
+    receives gradients is clamped in two steps: one ``clamp(x, -t, t)`` sends the gradient of an entry below -t to
+    the upper bound when the bounds tie (t = 0), so negative entries added nothing to dL/dt at t = 0 instead of +1.
     """
     if isinstance(threshold, torch.Tensor):
         threshold = threshold.to(x.dtype)
     if nonneg:
         return torch.relu(x - threshold)
+    if isinstance(threshold, torch.Tensor) and threshold.requires_grad:
+        return x - x.clamp_min(-threshold).clamp_max(threshold)
     return x - torch.clamp(x, -threshold, threshold)
 
 
