@@ -30,6 +30,8 @@ def is_per_step(w: object, rank: int) -> bool:
 def dictionary(name: str, w: object, rank: int, n_steps: int, steps_name: str) -> Tensor:
     """(C_out, C_in, *k) shared, or (S, C_out, C_in, *k) one per step -> (S_w, C_out, C_in, *k), S_w in {1, S}."""
     w = check.tensor(name, w)
+    if w.dim() in (rank + 2, rank + 3) and 0 in w.shape[-rank:]:
+        raise ValueError(f"{name} must have a kernel of size >= 1 in every dimension, got {tuple(w.shape)}")
     if w.dim() == rank + 2:
         return w.unsqueeze(0)
     if w.dim() == rank + 3:
@@ -72,6 +74,7 @@ def per_step_values(
         check.nonnegative(name, value)
     if positive:
         check.positive(name, value)
+    check.fits_dtype(name, value, like.dtype)
     full = (n_steps,) if channels is None else (n_steps, channels)
     if not isinstance(value, Tensor):
         return torch.full(full, float(value), dtype=like.dtype, device=like.device)

@@ -41,6 +41,8 @@ def weight(name: str, w: object) -> Tensor:
     w = tensor(name, w)
     if w.dim() not in (3, 4):
         raise ValueError(f"{name} must be (C_code, C_sig, k) or (C_code, C_sig, kh, kw), got {tuple(w.shape)}")
+    if 0 in w.shape[2:]:
+        raise ValueError(f"{name} must have a kernel of size >= 1 in every dimension, got {tuple(w.shape)}")
     return w
 
 
@@ -145,18 +147,30 @@ def positive(name: str, value: Tensor | float) -> None:
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
+def fits_dtype(name: str, value: Tensor | float, dtype: torch.dtype) -> None:
+    """A finite value beyond dtype's range would silently become inf there (a step of inf makes every code NaN)."""
+    largest = torch.finfo(dtype).max
+    if isinstance(value, Tensor):
+        too_large = values_readable(value) and bool((value.detach().abs() > largest).any())
+    else:
+        too_large = abs(value) > largest
+    if too_large:
+        raise ValueError(f"{name} must fit in {dtype} (|value| <= {largest:.3g})")
+
+
 def per_iteration(name: str, value: Tensor | float, n_iter: int, c_code: int | None, like: Tensor) -> Tensor:
     """Broadcast lam/threshold (scalar, (C_code,), (n_iter, C_code)) or step (scalar, (n_iter,)) to its canonical
     shape in like's dtype. Broadcasting keeps autograd: a shared scalar's gradient is the sum over the entries."""
     full = (n_iter, c_code) if c_code is not None else (n_iter,)
     allowed = [(), (n_iter,)] if c_code is None else [(), (c_code,), (n_iter, c_code)]
-    if not isinstance(value, Tensor):
-        return torch.full(full, float(value), dtype=like.dtype, device=like.device)
-    if tuple(value.shape) not in allowed:
+    if isinstance(value, Tensor) and tuple(value.shape) not in allowed:
         raise ValueError(
             f"{name} must have one of the shapes {allowed} (n_iter={n_iter}"
             f"{'' if c_code is None else f', C_code={c_code}'}), got {tuple(value.shape)}"
         )
+    fits_dtype(name, value, like.dtype)
+    if not isinstance(value, Tensor):
+        return torch.full(full, float(value), dtype=like.dtype, device=like.device)
     return value.to(like.dtype).expand(full).contiguous()
 
 

@@ -148,16 +148,22 @@ _LIPSCHITZ_CACHE = WeakIdKeyDictionary()
 
 def _default_step(weight: Tensor, signal_size: tuple[int, ...], stride, padding) -> Tensor | float:
     """1/L at this signal size (1 for an all-zero dictionary, which any step solves). Eager calls cache L per weight
-    tensor and version (an optimiser step bumps the version); under torch.compile the power iteration is traced."""
+    tensor with a copy of the values it was computed for, and reuse it only while the weight still equals that copy:
+    one comparison instead of a power iteration, and it sees every change (an optimiser step, but also writes through
+    ``.data``, which the version counter misses, and inference tensors, which have none). Under torch.compile the
+    power iteration is traced."""
     if torch.compiler.is_compiling() or weight.device.type == "meta":
         lip = ref.lipschitz_power_iteration(weight, signal_size, stride, padding)
         return torch.where(lip > 0, 1.0 / lip, torch.ones_like(lip)).to(weight.dtype)
-    key = (weight._version, signal_size, stride, padding)
+    geometry = (signal_size, stride, padding)
     cached = _LIPSCHITZ_CACHE.get(weight)
-    if cached is None or cached[0] != key:
-        cached = (key, ref.lipschitz_constant_ref(weight, signal_size, stride, padding))
+    if cached is None or cached[0] != geometry or not torch.equal(cached[1], weight):
+        values = weight.detach().clone()
+        cached = (geometry, values, ref.lipschitz_constant_ref(values, signal_size, stride, padding))
         _LIPSCHITZ_CACHE[weight] = cached
-    return 1.0 / cached[1] if cached[1] > 0 else 1.0
+    step = 1.0 / cached[2] if cached[2] > 0 else 1.0
+    check.fits_dtype("the default step 1/L (the dictionary is nearly zero)", step, weight.dtype)
+    return step
 
 
 def _warn_if_step_diverges(weight: Tensor, step: Tensor | float, signal_size, stride, padding) -> None:
@@ -473,8 +479,11 @@ def sparsemax(x: Tensor, dim: int = -1) -> Tensor:
     threshold gets none (as entmax's sparsemax).
     """
     x = check.tensor("x", x)
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < max(x.dim(), 1):
-        raise ValueError(f"dim must be an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
+    rank = max(x.dim(), 1)  # a 0-d tensor is one slice of one entry, as for torch.softmax
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -rank <= dim < rank:
+        raise ValueError(f"dim must be an int in [{-rank}, {rank}), got {dim!r}")
+    if x.dim() == 0:
+        return sparsemax_ref(x.reshape(1), 0).reshape(())
     return sparsemax_ref(x, dim)
 
 

@@ -149,14 +149,33 @@ def test_default_step_under_fullgraph_compile():
     )
 
 
-def test_default_step_follows_an_in_place_change_of_the_weight():
+@pytest.mark.parametrize("how", ["no_grad", "data", "assign_data"])
+def test_default_step_follows_an_in_place_change_of_the_weight(how):
+    """A write through ``.data`` does not bump the version counter, which the cached 1/L used to key on: the old
+    step was reused silently (ISTA then diverged after a weight was scaled up)."""
     w = W.clone()
     before = DF.conv_ista(X, w, 0.0, n_iter=1, padding=1, backend="reference")
-    with torch.no_grad():
-        w.mul_(2.0)
+    if how == "no_grad":
+        with torch.no_grad():
+            w.mul_(2.0)
+    elif how == "data":
+        w.data.mul_(2.0)
+    else:
+        w.data = 2.0 * W
     after = DF.conv_ista(X, w, 0.0, n_iter=1, padding=1, backend="reference")
     # one step from zero with step 1/L: z_1 = D^T x / L; doubling D doubles D^T x and quadruples L
     torch.testing.assert_close(after, before / 2, rtol=1e-3, atol=1e-8)
+
+
+def test_default_step_of_an_inference_tensor():
+    """Inference tensors have no version counter; the default step used to raise on reading it."""
+    with torch.inference_mode():
+        w = W.clone()
+        inside = DF.conv_ista(X, w, 0.1, n_iter=3, padding=1)
+    outside = DF.conv_ista(X, w, 0.1, n_iter=3, padding=1)
+    want = DF.conv_ista(X, W.clone(), 0.1, n_iter=3, padding=1)
+    torch.testing.assert_close(inside, want)
+    torch.testing.assert_close(outside, want)
 
 
 # ------------------------------------------------------------------------------------- thresholds as biases

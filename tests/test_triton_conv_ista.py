@@ -338,6 +338,27 @@ def test_scalar_lam_and_step_through_functional(rank, device):
     )
 
 
+@pytest.mark.parametrize("empty", ["batch", "code_channels", "signal_channels"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_empty_sizes_match_the_reference(empty, recompute, device):
+    """An empty batch used to raise IndexError in the launcher and no signal channels ZeroDivisionError in the
+    backward; every gradient, z0's included, must have its input's shape."""
+    b, cs, cc = {"batch": (0, 2, 3), "code_channels": (2, 2, 0), "signal_channels": (2, 0, 3)}[empty]
+    gen = torch.Generator().manual_seed(0)
+    inputs = [
+        torch.randn(*shape, generator=gen).abs().to(device).requires_grad_()  # abs: lam >= 0
+        for shape in ((b, cs, 6, 5), (cc, cs, 3, 3), (cc,), (b, cc, 4, 3))
+    ]
+    results = {}
+    for backend in ("reference", "triton"):
+        x, w, lam, z0 = inputs
+        z = DF.conv_ista(x, w, lam, n_iter=2, step=0.1, z0=z0, backend=backend, recompute=recompute)
+        results[backend] = (z, *torch.autograd.grad(z.sum(), inputs, allow_unused=True, materialize_grads=True))
+    for got, want in zip(results["triton"], results["reference"]):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_nan_propagates_like_softshrink(device):
     p = _problem(rank=2, n_iter=1, device=device)
     x = p["x"].float().clone()

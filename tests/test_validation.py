@@ -46,6 +46,12 @@ def ista(**overrides):
         (dict(padding=(1, 1, 1)), ValueError, "padding"),
         (dict(stride="2"), TypeError, "stride"),
         (dict(x=torch.randn(2, 3, 2, 2), padding=0), ValueError, "too small"),
+        (dict(weight=torch.randn(4, 3, 3, 0)), ValueError, "weight must have a kernel of size >= 1"),
+        # finite, but inf in float32 (a step of inf makes every code NaN)
+        (dict(lam=1e39), ValueError, "lam must fit in torch.float32"),
+        (dict(lam=torch.tensor(1e39, dtype=torch.float64)), ValueError, "lam must fit in torch.float32"),
+        (dict(step=1e39), ValueError, "step must fit in torch.float32"),
+        (dict(weight=W * 1e-25), ValueError, "default step 1/L .* must fit in torch.float32"),
     ],
 )
 def test_conv_ista_rejects_bad_input(overrides, error, words):
@@ -69,6 +75,12 @@ def test_environment_variable_overrides_auto(monkeypatch):
 
 
 def test_other_functions_validate_their_inputs():
+    with pytest.raises(ValueError, match="weight must have a kernel of size >= 1"):
+        DF.conv_analysis(X, torch.randn(4, 3, 0, 3))
+    with pytest.raises(ValueError, match=r"weights\[0\] must have a kernel of size >= 1"):
+        DF.ml_ista(X, [torch.randn(4, 3, 3, 0)], [0.1], n_iter=2)
+    with pytest.raises(ValueError, match=r"thresholds\[0\] must fit in torch.float32"):
+        DF.ml_ista(X, [W], [1e39], n_iter=2)
     with pytest.raises(ValueError, match="threshold must be >= 0"):
         DF.soft_threshold(X, -1.0)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):

@@ -959,6 +959,8 @@ def conv_ista_fwd(
     z0 = zeros_if_empty(z0, x, weight, stride, padding)
     n = step.shape[0]
     save = checkpoint == 1
+    if z0.numel() == 0:  # an empty batch or no code channels: nothing to compute
+        return z0.clone(), z0.new_empty((n - 1, *z0.shape) if save else (0,))
     g = _geom(x, weight, z0, stride, padding, n + 1 if save else 3)
     fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista)
     # The single-launch kernel also writes z_n into the ring; the per-iteration path writes it straight into z.
@@ -992,6 +994,8 @@ def conv_ista_bwd(
     input's shape (an empty z0's grad is empty). ``saved`` holds z_1..z_{n-1} (checkpoint 1); checkpoint 0 is
     recompute mode: the forward is replayed from z0, z_n included (z is then empty)."""
     _check_checkpoint(checkpoint, backward=True)
+    if grad_z.numel() == 0:  # an empty code (conv_ista_fwd): every gradient is zero
+        return tuple(torch.zeros_like(t) for t in (x, weight, encoder_weight, lam, step, z0))
     z0_given = z0.numel() > 0
     z0 = zeros_if_empty(z0, x, weight, stride, padding)
     n_iter = step.shape[0]
@@ -1016,7 +1020,7 @@ def conv_ista_bwd(
     k_tot = g.C_sig * g.kh * g.kw
     # Bound the partials to ~16 MiB; beyond that more splits buy no parallelism worth the memory.
     n_split = max(
-        1, min(ccfg.max_splits, g.B * triton.cdiv(g.Hz * g.Wz, ccfg.BLOCK_P), (1 << 22) // (g.C_code * k_tot))
+        1, min(ccfg.max_splits, g.B * triton.cdiv(g.Hz * g.Wz, ccfg.BLOCK_P), (1 << 22) // max(1, g.C_code * k_tot))
     )
     w_grid = (triton.cdiv(g.C_code, ccfg.BLOCK_C), triton.cdiv(k_tot, ccfg.BLOCK_K), n_split)
     partials = torch.empty((n_split, g.C_code, k_tot), device=x.device, dtype=torch.float32)
