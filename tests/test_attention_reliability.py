@@ -208,30 +208,39 @@ def test_large_scores_are_handled_relative_to_the_row_max(backend):
         assert DF.sparse_attention(q.double(), k64, v64, scale=1.0, backend=backend).item() == 1.0
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("threads", [1, 3])
-def test_backward_uses_the_forwards_p_on_peaked_rows(backend, threads):
+@pytest.mark.parametrize(
+    "backend,device,threads",
+    [
+        *(("reference", "cpu", t) for t in (1, 3)),
+        *(("cpp", "cpu", t) for t in (1, 3)),
+        pytest.param("triton", "cpu", 1, marks=pytest.mark.interpreter),
+        pytest.param("triton", "cuda", 1, marks=pytest.mark.gpu),
+    ],
+)
+def test_backward_uses_the_forwards_p_on_peaked_rows(backend, device, threads, monkeypatch):
     """Scores ~1e6: every row's support is its top key (P = 1), so dk is exactly 0 and dv is the sum of g over the
     rows that picked the key. The backward must see the forward's scores bit for bit: recomputed with another GEMM
     they differed by an ulp of 1e6 (0.25 in float32), which moved P to 0.75 and dv by 10%. Three threads on one
-    head split the query panels into groups with their own dk/dv sums."""
+    head split the C++ backward's query panels into groups with their own dk/dv sums. On a GPU, full float32 dots
+    (TF32 would round the scores by ~1e3)."""
     _prepare(backend)
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     gen = torch.Generator().manual_seed(0)
     q64, k64, v64, g64 = (torch.randn(1, 1, 130, 33, generator=gen, dtype=torch.float64) for _ in range(4))
     q64, k64 = 1000 * q64, 1000 * k64
-    dtype = torch.float32
-    q, k, v = (t.to(dtype).requires_grad_() for t in (q64, k64, v64))
+    q, k, v = (t.to(device, torch.float32).requires_grad_() for t in (q64, k64, v64))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         out = DF.sparse_attention(q, k, v, backend=backend)
-        dq, dk, dv = torch.autograd.grad(out, (q, k, v), g64.to(dtype))
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), g64.to(device, torch.float32))
     finally:
         torch.set_num_threads(before)
-    top = (q.detach() @ k.detach().transpose(-1, -2)).argmax(-1)[0, 0]  # each row's key (float32 scores)
+    top = (q64 @ k64.transpose(-1, -2)).argmax(-1)[0, 0]  # each row's key (no near-ties at this scale)
     want_dv = torch.zeros(130, 33, dtype=torch.float64).index_add_(0, top, g64[0, 0])
     assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dq, torch.zeros_like(dq))
-    torch.testing.assert_close(dv[0, 0].double(), want_dv, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dv[0, 0].double().cpu(), want_dv, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
