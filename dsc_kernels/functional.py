@@ -34,6 +34,7 @@ Padding = check.Padding
 __all__ = [
     "available_backends",
     "backend_unavailable_reason",
+    "check_backend",
     "soft_threshold",
     "conv_analysis",
     "conv_synthesis",
@@ -52,6 +53,12 @@ __all__ = [
 def backend_unavailable_reason(backend: str, device: torch.device | str) -> str | None:
     """Why conv-ISTA backend ``backend`` cannot run on ``device`` here (with how to fix it), or None when it can."""
     return ops.unavailable_reason("conv_ista", backend, torch.device(device).type)
+
+
+def check_backend(backend: object) -> str:
+    """``backend`` checked against the backend names (TypeError / ValueError naming it) and normalised; whether it
+    can run is decided at the call, which knows the device and dtype."""
+    return ops.backend_name(backend)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

@@ -117,9 +117,9 @@ def test_constructor_validation():
     with pytest.raises(ValueError, match="divisible"):
         SparseAttention(10, 3)
     for heads in (0, -2, 2.0):
-        with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        with pytest.raises(ValueError, match="num_heads must be an int >= 1"):
             SparseAttention(8, heads)
-    with pytest.raises(ValueError, match="embed_dim must be a positive int"):
+    with pytest.raises(ValueError, match="embed_dim must be an int >= 1"):
         SparseAttention(0, 1)
     with pytest.raises(ValueError, match="dropout"):
         SparseAttention(8, 2, 1.5)

@@ -300,7 +300,7 @@ def test_absolute_threshold_parameterisation_matches_functional():
         2, 4, 3, n_iter=3, threshold=thresholds, nonneg=True, learn_threshold=True, untied=True, backend="reference"
     ).eval()
     assert "threshold" in layer.state_dict() and "lam" not in layer.state_dict()
-    assert layer.constraints() == [] or all(p is not layer.threshold for p, _ in layer.constraints())
+    assert layer.constraints() == [] or all(p is not layer.threshold for p, *_ in layer.constraints())
     expected = DF.conv_ista(
         x,
         layer.weight,
@@ -314,7 +314,7 @@ def test_absolute_threshold_parameterisation_matches_functional():
     )
     torch.testing.assert_close(layer(x), expected)
     signed = ConvSparseCoding2d(2, 4, 3, n_iter=3, threshold=0.1, learn_threshold=True, backend="reference")
-    assert [p is signed.threshold for p, _ in signed.constraints()] == [True]  # kept >= 0 by projection
+    assert [p is signed.threshold for p, *_ in signed.constraints()] == [True]  # kept >= 0 by projection
     with pytest.raises(ValueError, match="learn_threshold"):
         ConvSparseCoding2d(2, 4, 3, threshold=0.1, learn_lam=True)
 

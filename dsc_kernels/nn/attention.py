@@ -13,14 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as DF
+from ._args import check_value, positive_int
 
 __all__ = ["SparseAttention", "SparseCodingTransformerBlock"]
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 class SparseAttention(nn.Module):
@@ -70,7 +65,7 @@ class SparseAttention(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        embed_dim, num_heads = _positive_int("embed_dim", embed_dim), _positive_int("num_heads", num_heads)
+        embed_dim, num_heads = positive_int("embed_dim", embed_dim), positive_int("num_heads", num_heads)
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if mode not in DF.ATTENTION_MODES:
@@ -81,11 +76,12 @@ class SparseAttention(nn.Module):
             raise ValueError(f"threshold must be a finite float, got {threshold!r}")
         if add_bias_kv or add_zero_attn:
             raise ValueError("add_bias_kv and add_zero_attn are not supported by SparseAttention")
+        DF.check_backend(backend)
         for name, flag in (("bias", bias), ("batch_first", batch_first)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
-        self.kdim = embed_dim if kdim is None else _positive_int("kdim", kdim)
-        self.vdim = embed_dim if vdim is None else _positive_int("vdim", vdim)
+        self.kdim = embed_dim if kdim is None else positive_int("kdim", kdim)
+        self.vdim = embed_dim if vdim is None else positive_int("vdim", vdim)
         self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         factory = dict(device=device, dtype=dtype)
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
@@ -258,12 +254,9 @@ class SparseCodingTransformerBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if n_iter < 1:
-            raise ValueError(f"n_iter must be >= 1, got {n_iter}")
-        if lam < 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
-        if step <= 0:
-            raise ValueError(f"step must be > 0, got {step}")
+        dim, n_iter = positive_int("dim", dim), positive_int("n_iter", n_iter)
+        lam, step = check_value("lam", lam, [()]), check_value("step", step, [()], positive=True)
+        DF.check_backend(backend)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.n_iter, self.lam, self.step, self.backend = dim, n_iter, lam, step, backend
         self.norm1 = nn.LayerNorm(dim, **factory)
@@ -294,6 +287,10 @@ class SparseCodingTransformerBlock(nn.Module):
         is_causal: bool = False,
     ) -> Tensor:
         """x (B, N, dim) -> (B, N, dim); masks as ``SparseAttention.forward`` (key_padding_mask (B, N))."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
         h = self.norm1(x)
         h = x + self.attn(h, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)[0]
         u = self.norm2(h).transpose(1, 2)

@@ -5,7 +5,7 @@ Elad, TPAMI 2019: layered BP, ML-ISTA, ML-FISTA, ML-LISTA, All-Free); every forw
 State-dict keys, the same for every backend (j = 0 .. L-1):
 ``weights.j``         the dictionary W_j, (C_{j+1}, C_j, k, k), or per unfolding (n_iter + 1, C_{j+1}, C_j, k, k)
 ``biases.j``          b_j, (C_{j+1},) or per unfolding (n_iter + 1, C_{j+1}): sigma(u + b), the threshold is -b
-``steps.j``           c_j, () or per unfolding (n_iter + 1,) (a buffer unless ``learn_steps``)
+``steps.j``           c_j, () or per unfolding (n_iter + 1,) with ``learn_steps``; else the buffer ``step_j``
 ``input_encoders.j``  ML-LISTA's B_j, shaped like ``weights.j`` (only with ``input_encoders=True``)
 """
 
@@ -17,28 +17,30 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import _validate as check
 from .. import functional as DF
+from . import _projection
+from ._args import check_value, positive_int
+from .sparse_coding import STEP_FLOOR
 
 IntOrPair = int | Sequence[int]
 MODES = ("layered", "ml-ista", "ml-fista", "interleaved")
 
 
 def _per_layer(name: str, value, depth: int) -> list:
+    # A list holds one value per layer; anything else (an int, a (h, w) tuple, "same") is every layer's value.
     values = list(value) if isinstance(value, list) else [value] * depth
     if len(values) != depth:
         raise ValueError(f"{name} must be one value or a list of {depth} (one per layer), got {value!r}")
     return values
 
 
-def _pair(value: IntOrPair) -> tuple[int, int]:
-    return (value, value) if isinstance(value, int) else tuple(value)
-
-
-class MultiLayerSparseCoding2d(nn.Module):
+class MultiLayerSparseCoding2d(_projection.Projected):
     """Multi-layer pursuit through a convolutional DSC model x ~ D_1 G_1, G_1 ~ D_2 G_2, ...: forward(x) returns
     [G_1, ..., G_L].
 
-    ``channels = [C_0, C_1, ..., C_L]``; ``kernel_sizes``, ``strides``, ``paddings``: one value or one per layer.
+    ``channels = [C_0, C_1, ..., C_L]``; ``kernel_sizes``, ``strides``, ``paddings``: one value for every layer (an
+    int or an (h, w) tuple; paddings also "same" or "valid") or a list with one per layer.
     Every mode starts with the encoding G_j = sigma(c_j W_j^T G_{j-1} + b_j) (a CNN's forward pass: sigma is a ReLU
     with ``nonneg``, else the soft threshold with threshold -b_j >= 0), then runs n_iter unfoldings:
 
@@ -51,6 +53,9 @@ class MultiLayerSparseCoding2d(nn.Module):
     W_j[k] and reconstructs with W_j[k-1], the filters that made the code it reconstructs. ``input_encoders`` adds
     ML-LISTA's B_j (analysis of G_{j-1} and the projections use B_j, the Gram term W_j^T W_j). Initialisation is the
     published one: W_j ~ 0.1 N(0, 1) / sqrt(C_j k^2), b_j = ``bias``, c_j = ``step``.
+
+    Learned values stay valid by projection after every optimiser step (``nn.project_``): without ``nonneg`` the
+    biases stay <= 0 (thresholds -b >= 0), and learned steps stay >= 1e-3 of their initial value.
 
     >>> net = MultiLayerSparseCoding2d([1, 32, 64, 512], [6, 6, 4], strides=[2, 2, 1], n_iter=6, mode="ml-ista")
     >>> g1, g2, g3 = net(x)  # x: (B, 1, 28, 28); g3: (B, 512, 1, 1)
@@ -81,15 +86,37 @@ class MultiLayerSparseCoding2d(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
             raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
+        for name, flag in (
+            ("learn_steps", learn_steps),
+            ("untied_unfoldings", untied_unfoldings),
+            ("input_encoders", input_encoders),
+            ("nonneg", nonneg),
+            ("recompute", recompute),
+        ):
+            check.flag(name, flag)
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
+            raise TypeError(f"channels must be a sequence of ints [C_0, ..., C_L], got {channels!r}")
+        channels = [positive_int("channels", c) for c in channels]
         depth = len(channels) - 1
         if depth < 1:
             raise ValueError(f"channels must list at least two channel counts, got {channels!r}")
         if input_encoders and mode == "layered":
             raise ValueError("input_encoders (ML-LISTA) need a multi-layer mode, not 'layered'")
-        self.channels = list(channels)
-        self.kernel_sizes = [_pair(k) for k in _per_layer("kernel_sizes", kernel_sizes, depth)]
-        self.strides = [_pair(s) for s in _per_layer("strides", strides, depth)]
-        self.paddings = [_pair(p) for p in _per_layer("paddings", paddings, depth)]
+        # bias is the ReLU's bias with nonneg, else minus the soft threshold, which must be >= 0.
+        check_value("bias", bias, [()], allow_negative=True)
+        if not nonneg and bias > 0:
+            raise ValueError(f"bias must be <= 0 without nonneg (the soft threshold is -bias >= 0), got {bias!r}")
+        check_value("step", step, [()], positive=True)
+        DF.check_backend(backend)
+        self.channels = channels
+        self.kernel_sizes = [
+            check.ints("kernel_sizes", k, 2, minimum=1) for k in _per_layer("kernel_sizes", kernel_sizes, depth)
+        ]
+        self.strides = [check.ints("strides", s, 2, minimum=1) for s in _per_layer("strides", strides, depth)]
+        self.paddings = [
+            check.padding(p, k, s)
+            for p, k, s in zip(_per_layer("paddings", paddings, depth), self.kernel_sizes, self.strides)
+        ]
         self.n_iter, self.mode, self.nonneg, self.recompute, self.backend = n_iter, mode, nonneg, recompute, backend
         self.untied_unfoldings = untied_unfoldings
         factory = dict(device=device, dtype=dtype)
@@ -112,6 +139,15 @@ class MultiLayerSparseCoding2d(nn.Module):
             for j, s in enumerate(steps):
                 self.register_buffer(f"step_{j}", s)
             self.steps = None
+        self._step_floor = STEP_FLOOR * float(step)
+        self.register_projection()
+
+    def constraints(self) -> list[tuple[Tensor, float | None, float | None]]:
+        """(parameter, lower, upper) bounds that projection after each optimiser step keeps valid."""
+        out = [] if self.nonneg else [(b, None, 0.0) for b in self.biases]
+        if self.steps is not None:
+            out += [(c, self._step_floor, None) for c in self.steps]
+        return out
 
     def _steps(self) -> list[Tensor]:
         return (

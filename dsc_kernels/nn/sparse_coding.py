@@ -11,7 +11,6 @@ at construction; learned ones are kept valid by projected gradient descent after
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 
@@ -22,6 +21,8 @@ from .. import _validate as check
 from .. import functional as DF
 from ..reference.conv import code_size
 from . import _projection
+from ._args import check_value as _check_value
+from ._args import positive_int as _positive_int
 
 IntOrTuple = int | Sequence[int]
 ValueOrTensor = float | Tensor
@@ -41,57 +42,12 @@ ZERO_CHECK_EVERY = 50
 _SIGNED_HINT = " (the signed soft threshold needs t >= 0; a negative threshold, a ReLU with bias -t, needs nonneg=True)"
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
 def _padding(padding: object, kernel_size: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...]:
     """None (k // 2: the size is kept at stride 1 for odd k), or what functional accepts: int(s) >= 0, "valid",
     "same" (stride 1 and odd kernels only)."""
     if padding is None:
         return tuple(k // 2 for k in kernel_size)
     return check.padding(padding, kernel_size, stride)
-
-
-def _check_value(
-    name: str,
-    value: object,
-    shapes: list[tuple[int, ...]],
-    *,
-    allow_negative: bool = False,
-    positive: bool = False,
-    hint: str = "",
-) -> ValueOrTensor:
-    """A float or tensor of one of ``shapes``, finite, >= 0 (> 0 when ``positive``) unless ``allow_negative``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-    if isinstance(value, Tensor):
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        if tuple(value.shape) not in shapes:
-            raise ValueError(f"{name} must have one of the shapes {shapes}, got {tuple(value.shape)}")
-        data = value.detach()
-        if data.is_meta:
-            return value
-        finite, low = bool(torch.isfinite(data).all()), float(data.min()) if data.numel() else 0.0
-    else:
-        finite, low = math.isfinite(value), float(value)
-    if not finite:
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if positive and low <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
-    if not allow_negative and low < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}{hint}")
-    return value
-
-
-def _check_backend(backend: object) -> str:
-    # The name itself is checked by functional at the first call (with the environment variable and what built).
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string such as 'auto', 'reference', 'cpp' or 'triton', got {backend!r}")
-    return backend
 
 
 # ---------------------------------------------------------------------------------------------- SoftThreshold
@@ -135,9 +91,9 @@ class SoftThreshold(_projection.Projected):
             self.register_buffer("threshold", value)
 
     def constraints(self):
-        """(parameter, lower bound) pairs kept valid by projection."""
+        """(parameter, lower, upper) bounds kept valid by projection."""
         learned = isinstance(self.threshold, nn.Parameter)
-        return [(self.threshold, 0.0)] if learned and not self.nonneg else []
+        return [(self.threshold, 0.0, None)] if learned and not self.nonneg else []
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, *) with ``num_channels=C``, any shape otherwise -> same shape."""
@@ -245,7 +201,8 @@ class _ConvSparseCoding(_projection.Projected):
         self.stride = check.ints("stride", stride, rank, minimum=1)
         self.padding = _padding(padding, self.kernel_size, self.stride)
         self.nonneg, self.fista, self.relative, self.recompute = nonneg, fista, relative, recompute
-        self.backend = _check_backend(backend)
+        DF.check_backend(backend)
+        self.backend = backend
         value_shapes = [(), (code_channels,), (n_iter, code_channels)]
         if threshold is not None:
             if lam is not None:
@@ -317,14 +274,14 @@ class _ConvSparseCoding(_projection.Projected):
         self._fill("step", inverse_lipschitz if self._init["step"] is None else self._init["step"])
         self._step_floor = STEP_FLOOR * float(self.step.detach().min())
 
-    def constraints(self) -> list[tuple[Tensor, float]]:
-        """(parameter, lower bound) pairs that projection after each optimiser step keeps valid."""
+    def constraints(self) -> list[tuple[Tensor, float | None, float | None]]:
+        """(parameter, lower, upper) bounds that projection after each optimiser step keeps valid."""
         out = []
         values = getattr(self, self._threshold_name)
         if isinstance(values, nn.Parameter) and not (self._threshold_name == "threshold" and self.nonneg):
-            out.append((values, 0.0))
+            out.append((values, 0.0, None))
         if isinstance(self.step, nn.Parameter):
-            out.append((self.step, getattr(self, "_step_floor", 0.0)))
+            out.append((self.step, getattr(self, "_step_floor", 0.0), None))
         return out
 
     def _probe_size(self) -> list[int]:

@@ -7,7 +7,7 @@ ops on first use.
 
 from . import table
 from .registry import OpPair
-from .selection import FAMILY_MODULES, available, select, unavailable_reason
+from .selection import FAMILY_MODULES, available, backend_name, select, unavailable_reason
 
 
 def op_pair(family: str, backend: str) -> OpPair:
@@ -16,4 +16,4 @@ def op_pair(family: str, backend: str) -> OpPair:
     return FAMILY_MODULES[family].op_pair(backend)
 
 
-__all__ = ["table", "OpPair", "available", "select", "unavailable_reason", "op_pair"]
+__all__ = ["table", "OpPair", "available", "backend_name", "select", "unavailable_reason", "op_pair"]

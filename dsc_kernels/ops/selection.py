@@ -106,13 +106,21 @@ def available(family: str, device: torch.device | str) -> list[str]:
     return [r.name for r in table.rows(family) if unavailable_reason(family, r.name, device_type) is None]
 
 
-def _requested(backend: object) -> str:
+def backend_name(backend: object) -> str:
+    """``backend`` normalised (stripped, lower case), or TypeError/ValueError naming it: what a layer checks at
+    construction, before any device or environment is known."""
     if not isinstance(backend, str):
-        raise TypeError(f"backend must be a string, got {type(backend).__name__}")
+        raise TypeError(f"backend must be a string such as 'auto', 'reference', 'cpp' or 'triton', got {backend!r}")
     name = backend.strip().lower()
     known = ("auto", *table.BACKEND_NAMES, *table.NOT_BUILT)
     if name not in known:
         raise ValueError(f"backend must be one of {known}, got {backend!r}")
+    return name
+
+
+def _requested(backend: object) -> str:
+    name = backend_name(backend)
+    known = ("auto", *table.BACKEND_NAMES, *table.NOT_BUILT)
     if name != "auto":
         return name
     env = os.environ.get(ENV_VAR, "").strip().lower()

@@ -1,0 +1,100 @@
+"""MultiLayerSparseCoding2d as a user builds and trains it: arguments checked at construction, and learned values kept
+valid by projection after optimiser steps (eager and compiled)."""
+
+import pytest
+import torch
+
+from dsc_kernels.nn import MultiLayerSparseCoding2d, SparseAttention, SparseCodingTransformerBlock
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        (dict(channels=[1, 0, 4]), ValueError, "channels"),
+        (dict(channels="14"), TypeError, "channels"),
+        (dict(kernel_sizes=2.5), TypeError, "kernel_sizes"),
+        (dict(kernel_sizes=[3, 0]), ValueError, "kernel_sizes"),
+        (dict(strides=0), ValueError, "strides"),
+        (dict(paddings=-1), ValueError, "padding"),
+        (dict(paddings="same", strides=2), ValueError, "same"),
+        (dict(bias=float("nan")), ValueError, "bias"),
+        (dict(bias=0.1, nonneg=False), ValueError, "bias must be <= 0"),
+        (dict(step=0.0), ValueError, "step"),
+        (dict(step="1"), TypeError, "step"),
+        (dict(backend="bogus"), ValueError, "backend"),
+        (dict(nonneg=1), TypeError, "nonneg"),
+    ],
+)
+def test_bad_arguments_raise_at_construction(options, error, match):
+    args = dict(channels=[1, 4, 8], kernel_sizes=3) | options
+    with pytest.raises(error, match=match):
+        MultiLayerSparseCoding2d(args.pop("channels"), args.pop("kernel_sizes"), **args)
+
+
+def test_same_padding_keeps_sizes_and_decodes_back():
+    net = MultiLayerSparseCoding2d([1, 4, 6], [3, 5], paddings="same", n_iter=1, backend="reference")
+    codes = net(torch.randn(2, 1, 11, 9))
+    assert [tuple(c.shape) for c in codes] == [(2, 4, 11, 9), (2, 6, 11, 9)]
+    assert net.decode(codes[-1], (11, 9)).shape == (2, 1, 11, 9)
+
+
+def _sgd(net, x, *, sign, lr, steps=1, compiled=False):
+    """SGD steps on sign * sum |codes|: sign -1 rewards larger codes (biases up, thresholds -b down), +1 smaller
+    codes (steps down)."""
+    forward = torch.compile(net, backend="eager") if compiled else net
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = sign * sum(code.abs().sum() for code in forward(x))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return forward
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_signed_thresholds_stay_valid_while_training(compiled):
+    torch.manual_seed(0)
+    net = MultiLayerSparseCoding2d([1, 4, 6], 3, n_iter=2, nonneg=False, bias=-0.01, learn_steps=False)
+    x = torch.randn(2, 1, 10, 10)
+    forward = _sgd(net, x, sign=-1, lr=0.1, steps=2, compiled=compiled)
+    assert all(float(b.detach().max()) == 0.0 for b in net.biases)  # pushed up, projected back onto b <= 0
+    forward(x)  # the stored values are valid: the next forward runs
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_learned_steps_stay_positive_while_training(compiled):
+    torch.manual_seed(0)
+    net = MultiLayerSparseCoding2d([1, 4, 6], 3, n_iter=2, step=0.5, backend="reference")
+    x = torch.randn(2, 1, 10, 10)
+    forward = _sgd(net, x, sign=1, lr=10.0, compiled=compiled)
+    assert [float(c.detach()) for c in net.steps] == pytest.approx([5e-4, 5e-4])  # 1e-3 of the initial step
+    forward(x)
+
+
+def test_relu_biases_are_free_and_the_projection_follows_copies():
+    import copy
+
+    torch.manual_seed(0)
+    relu = MultiLayerSparseCoding2d([1, 4], 3, n_iter=1, nonneg=True, learn_steps=False)
+    _sgd(relu, torch.randn(2, 1, 8, 8), sign=-1, lr=0.1)
+    assert float(relu.biases[0].detach().max()) > 0  # a ReLU's bias may be positive: nothing is projected
+
+    signed = copy.deepcopy(MultiLayerSparseCoding2d([1, 4], 3, n_iter=1, nonneg=False, learn_steps=False))
+    _sgd(signed, torch.randn(2, 1, 8, 8), sign=-1, lr=0.1)
+    assert float(signed.biases[0].detach().max()) == 0.0
+
+
+def test_attention_layers_check_arguments_at_construction():
+    with pytest.raises(ValueError, match="backend"):
+        SparseAttention(8, 2, backend="bogus")
+    for options, error, match in [
+        (dict(n_iter=1.5), ValueError, "n_iter"),
+        (dict(lam=float("nan")), ValueError, "lam"),
+        (dict(lam="a"), TypeError, "lam"),
+        (dict(step=0.0), ValueError, "step"),
+        (dict(backend="bogus"), ValueError, "backend"),
+    ]:
+        with pytest.raises(error, match=match):
+            SparseCodingTransformerBlock(8, 2, **options)
+    with pytest.raises(ValueError, match=r"\(B, N, dim=8\)"):
+        SparseCodingTransformerBlock(8, 2, backend="reference")(torch.randn(5, 8))
