@@ -193,3 +193,44 @@ def test_auto_picks_cpp_for_float_cpu_tensors():
     assert ops.select("ml_ista", "auto", torch.device("cpu"), torch.float32).name == "cpp"
     assert ops.select("ml_ista", "auto", torch.device("cpu"), torch.bfloat16).name == "reference"
     assert "cpp" in ops.available("ml_ista", "cpu") and DF.available_backends("cpu")
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["save", "recompute"])
+@pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
+@pytest.mark.parametrize(
+    "x_shape, weight_shapes",
+    [
+        pytest.param((2, 0, 8, 8), [(3, 0, 3, 3), (4, 3, 3, 3)], id="no-signal-channels"),
+        pytest.param((2, 3, 8, 8), [(0, 3, 3, 3), (4, 0, 3, 3)], id="empty-middle-layer"),
+        pytest.param((2, 3, 8, 8), [(4, 3, 3, 3), (0, 4, 3, 3)], id="empty-deepest-layer"),
+        pytest.param((2, 2, 9), [(0, 2, 3), (3, 0, 2)], id="1d-empty-layer"),
+    ],
+)
+def test_cpp_layers_without_channels_give_the_reference(x_shape, weight_shapes, fista, recompute):
+    """Codes after an empty layer are sigma(-t), not zero (negative ReLU thresholds here): the values and every
+    gradient must be the reference's."""
+    torch.manual_seed(0)
+    x = torch.randn(x_shape, dtype=torch.float64)
+    weights = [torch.randn(s, dtype=torch.float64) for s in weight_shapes]
+    thresholds = [torch.full((s[0],), -0.3, dtype=torch.float64) for s in weight_shapes]
+    results = []
+    for backend in ("reference", "cpp"):
+        leaves = [t.clone().requires_grad_() for t in (x, *weights, *thresholds)]
+        depth = len(weights)
+        codes = DF.ml_ista(
+            leaves[0],
+            leaves[1 : 1 + depth],
+            leaves[1 + depth :],
+            n_iter=2,
+            steps=[0.2] * depth,
+            fista=fista,
+            nonneg=True,
+            backend=backend,
+            recompute=recompute,
+        )
+        sum((c * torch.linspace(-1, 1, c.numel(), dtype=c.dtype).view_as(c)).sum() for c in codes).backward()
+        results.append(([c.detach() for c in codes], [t.grad for t in leaves]))
+    (want_codes, want_grads), (got_codes, got_grads) = results
+    assert any(c.numel() and c.abs().sum() > 0 for c in want_codes)
+    for got, want in zip(got_codes + got_grads, want_codes + want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
