@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         from .recipes.cli import main as train_main
 
-        train_main(args)
+        train_main(args, train)  # errors in the arguments are reported as `train` usage errors (exit status 2)
     if args.command == "report":
         from .report import run_report
 

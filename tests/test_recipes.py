@@ -161,3 +161,99 @@ def test_report_section_reads_a_train_folder(tmp_path):
     assert figures and (tmp_path / figures[0][0]).read_bytes()[:4] == b"\x89PNG"
     lines, figures = training_section(tmp_path, quick=True, runs=tmp_path / "nothing-here")
     assert "Not measured" in lines[-1] and figures == []
+
+
+# ------------------------------------------------------------------------------------------ CLI argument errors
+# Each bad argument must stop `train` before any training: argparse's usage and one line naming the option, exit
+# status 2, no traceback. The runs are one short baseline epoch, so a check that is missing fails fast.
+BAD_ARGUMENTS = {
+    "cuda-without-cuda": (["--device", "cuda"], "--device", "CUDA is not available"),
+    "negative-seed": (["--seed", "-1"], "--seed", None),  # torch takes it, numpy (the split) does not
+    "seed-over-numpy": (["--seed", str(2**32)], "--seed", None),
+    "unknown-backend": (["--backend", "bogus"], "--backend", "bogus"),
+    "backend-that-cannot-run": (["--backend", "triton", "--device", "cpu"], "--backend", "triton"),
+    "zero-epochs": (["--epochs", "0"], "--epochs", None),
+    "negative-epochs": (["--epochs", "-3"], "--epochs", None),
+    "nan-epochs": (["--epochs", "nan"], "--epochs", None),
+    "wrong-strategy": (["--strategy", "cscnet"], "--strategy", "cscnet"),
+    "distributed-without-torchrun": (["--distributed"], "--distributed", "torchrun"),
+}
+
+
+@pytest.fixture
+def cpu_only(monkeypatch):
+    """A machine without CUDA, a plain Triton setup and no torchrun or backend environment, wherever tests run."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("TRITON_INTERPRET", "DSC_KERNELS_BACKEND", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _train_argv(out, *extra):
+    return ["train", "--recipe", "digits", "--strategy", "baseline", "--epochs", "1", "--out", str(out), *extra]
+
+
+def _usage_error(argv, capsys) -> str:
+    from dsc_kernels.__main__ import main
+
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2, (excinfo.value.code, err)
+    assert "usage:" in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("case", BAD_ARGUMENTS)
+def test_cli_rejects_bad_arguments_before_training(case, cpu_only, tmp_path, capsys):
+    extra, option, detail = BAD_ARGUMENTS[case]
+    out = tmp_path / "out"
+    err = _usage_error(_train_argv(out, *extra), capsys)
+    assert f"argument {option}" in err
+    assert detail is None or detail in err
+    assert not out.exists()  # rejected before the run made its output folder
+
+
+def test_cli_rejects_an_out_that_is_a_file(cpu_only, tmp_path, capsys):
+    existing = tmp_path / "metrics.txt"
+    existing.write_text("keep me\n")
+    for out in (existing, existing / "run"):
+        err = _usage_error(_train_argv(out), capsys)
+        assert "argument --out" in err and "metrics.txt" in err
+    assert existing.read_text() == "keep me\n"
+
+
+def test_cli_checks_the_backend_auto_reads_from_the_environment(cpu_only, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("DSC_KERNELS_BACKEND", "bogus")
+    err = _usage_error(_train_argv(tmp_path / "out"), capsys)
+    assert "argument --backend" in err and "DSC_KERNELS_BACKEND" in err
+
+
+def test_cli_main_validates_a_namespace_built_in_python(cpu_only, tmp_path, capsys):
+    import argparse
+
+    from dsc_kernels.recipes import cli
+
+    args = argparse.Namespace(
+        recipe="digits",
+        strategy="baseline",
+        epochs=0,
+        seed=0,
+        out=str(tmp_path),
+        backend="auto",
+        device="cpu",
+        distributed=False,
+    )
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(args)
+    assert excinfo.value.code == 2 and "argument --epochs" in capsys.readouterr().err
+
+
+def test_cli_accepts_good_edge_arguments_without_creating_anything(cpu_only, tmp_path):
+    from dsc_kernels.recipes import cli
+
+    p = cli.parser()
+    out = tmp_path / "not" / "yet"
+    args = p.parse_args(["--recipe", "digits", "--strategy", "all", "--seed", str(2**32 - 1), "--out", str(out)])
+    args.backend = " Reference "
+    cli.validate(args, p)
+    assert args.backend == "reference" and args.seed == 2**32 - 1 and not (tmp_path / "not").exists()

@@ -1,13 +1,51 @@
 """`python -m dsc_kernels train --recipe R [--strategy S] [--epochs N] [--seed K] [--out DIR] [--backend B]
-[--distributed]`: argument parsing and dispatch for the recipes."""
+[--distributed]`: argument parsing and dispatch for the recipes.
+
+Every argument is checked before any training starts (``validate``): a bad one is an argparse error (usage, one line
+naming the option, exit status 2), never a traceback and never a run that fails after its last epoch."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
+import torch
+
+from .. import functional
+from ..ops.selection import ENV_VAR
 from . import RECIPES, engine, recipe
+
+# --seed seeds torch (any 64-bit value) and, through scikit-learn's train_test_split, numpy, which takes only
+# 0 <= seed < 2**32: the narrower range, so that one seed means the same thing in every recipe.
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def _int_in(option: str, value: object, low: int, high: int | None = None) -> str | None:
+    """Why ``value`` is not an int in [low, high] (an argparse message naming ``option``), or None when it is."""
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        return f"argument {option}: must be an integer {bound}, got {value!r}"
+    return None
+
+
+def _int_type(option: str, low: int, high: int | None = None):
+    """An argparse ``type=`` for integers in [low, high]: a bad value is reported with the option's name."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = text  # not an integer at all ("nan", "1.5", "ten"): the same message as an out-of-range one
+        problem = _int_in(option, value, low, high)
+        if problem is not None:
+            # argparse prefixes "argument OPTION: " itself
+            raise argparse.ArgumentTypeError(problem.removeprefix(f"argument {option}: "))
+        return value
+
+    parse.__name__ = option.lstrip("-")  # what argparse names in its fallback messages
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,10 +55,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="digits: baseline, l1, learned-threshold, dsc (default) or all; denoise: cscnet",
     )
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the noise")
-    parser.add_argument("--out", default=None, help="output folder (default: runs/<recipe>-<strategy>)")
-    parser.add_argument("--backend", default="auto", help="conv-ISTA backend: auto (default), reference, cpp, triton")
+    parser.add_argument(
+        "--epochs", type=_int_type("--epochs", 1), default=None, help="training epochs, >= 1 (default: the recipe's)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=_int_type("--seed", *SEED_RANGE),
+        default=0,
+        help=f"seed of the split, the initialisation and the noise, {SEED_RANGE[0]}..{SEED_RANGE[1]} (default 0)",
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output folder, existing or creatable (default: runs/<recipe>-<strategy>)",
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="conv-ISTA backend: auto (default) or one of the names dsc_kernels.functional.check_backend accepts "
+        "(reference, cpp, triton); checked against --device before training",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     parser.add_argument(
         "--distributed",
@@ -29,16 +83,102 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main(args: argparse.Namespace) -> dict:
-    """Run the recipe; returns the metrics (rank 0; other ranks get {})."""
+def _out_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be an output folder (it must exist as a folder or be creatable), or None when it can.
+    Checked without creating anything, so a run rejected later on another argument leaves no empty folder."""
+    absolute = path.absolute()
+    if absolute.exists():
+        if not absolute.is_dir():
+            return f"{path} exists and is not a folder"
+        if not os.access(absolute, os.W_OK | os.X_OK):
+            return f"{path} is a folder this user cannot write to"
+        return None
+    for ancestor in absolute.parents:  # mkdir(parents=True) creates up to the nearest existing ancestor
+        if not ancestor.exists():
+            continue
+        if not ancestor.is_dir():
+            return f"cannot create {path}: {ancestor} is a file, not a folder"
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            return f"cannot create {path}: this user cannot write to {ancestor}"
+        return None
+    return None
+
+
+def _backend_problem(backend: object, device: str) -> tuple[str, str | None]:
+    """``backend`` normalised, and why it cannot run on ``device`` here (None when it can). ``auto`` is checked
+    through ENV_VAR when that is set, since an explicit backend named there raises instead of falling back."""
+    try:
+        name = functional.check_backend(backend)
+    except (TypeError, ValueError) as exc:
+        return str(backend), f"argument --backend: {exc}"
+    effective, via = name, ""
+    env = os.environ.get(ENV_VAR, "").strip()
+    if name == "auto" and env:
+        try:
+            effective = functional.check_backend(env)
+        except ValueError as exc:
+            return name, f"argument --backend: auto follows {ENV_VAR}={env!r}, which is not a backend: {exc}"
+        via = f" (--backend auto follows {ENV_VAR}={env!r})"
+    if effective == "auto":  # auto falls back to the reference, which always runs
+        return name, None
+    reason = functional.backend_unavailable_reason(effective, device)
+    if reason is not None:
+        return name, f"argument --backend: {effective} cannot run on {device} here{via}: {reason}"
+    return name, None
+
+
+def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Check the arguments together (argparse's ``type=`` checks see one value at a time) and report the first
+    problem through ``parser.error``: usage, one line naming the option, exit status 2. Normalises args.backend."""
+    module = recipe(args.recipe)
+    strategy = args.strategy or module.DEFAULT_STRATEGY
+    if strategy != "all" and strategy not in module.STRATEGIES:
+        parser.error(
+            f"argument --strategy: for {args.recipe} must be one of {module.STRATEGIES} or all, got {strategy!r}"
+        )
+    # the type= checks again: a Namespace built in Python (main(args) without the parser) skipped them
+    for problem in (
+        None if args.epochs is None else _int_in("--epochs", args.epochs, 1),
+        _int_in("--seed", args.seed, *SEED_RANGE),
+    ):
+        if problem is not None:
+            parser.error(problem)
+    if args.device is not None and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        # otherwise the first .to("cuda") raises deep inside the recipe
+        parser.error(
+            f"argument --device: {args.device} requested but CUDA is not available on this machine "
+            "(torch.cuda.is_available() is False); use --device cpu"
+        )
+    device = args.device or engine.default_device()
+    args.backend, problem = _backend_problem(args.backend, device)
+    if problem is not None:
+        parser.error(problem)
+    if args.distributed and (missing := engine.torchrun_missing()) is not None:
+        parser.error(f"argument --distributed: {missing.removeprefix('--distributed ')}")
+    out = Path(args.out or f"runs/{args.recipe}-{strategy}")
+    strategies = module.STRATEGIES if strategy == "all" else (strategy,)
+    # --strategy all writes one subfolder per strategy: each must be creatable too
+    for target in [out] + ([out / s for s in strategies] if len(strategies) > 1 else []):
+        problem = _out_problem(target)
+        if problem is not None:
+            parser.error(f"argument --out: {problem}")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The `train` arguments on their own (what ``main`` reports errors through when called without a parser)."""
+    p = argparse.ArgumentParser(prog="python -m dsc_kernels train")
+    add_arguments(p)
+    return p
+
+
+def main(args: argparse.Namespace, arg_parser: argparse.ArgumentParser | None = None) -> dict:
+    """Run the recipe; returns the metrics (rank 0; other ranks get {}). The arguments are validated first, with
+    errors reported through ``arg_parser`` (the `train` subparser of ``python -m dsc_kernels``)."""
+    validate(args, arg_parser or parser())
     module = recipe(args.recipe)
     strategy = args.strategy or module.DEFAULT_STRATEGY
     strategies = module.STRATEGIES if strategy == "all" else (strategy,)
-    if any(s not in module.STRATEGIES for s in strategies):
-        raise SystemExit(f"--strategy for {args.recipe} must be one of {module.STRATEGIES} or all, got {strategy!r}")
     epochs = module.DEFAULT_EPOCHS if args.epochs is None else args.epochs
-    if epochs < 1:
-        raise SystemExit(f"--epochs must be >= 1, got {epochs}")
     out = Path(args.out or f"runs/{args.recipe}-{strategy}")
     run = engine.start(args.distributed, args.device)
     try:

@@ -51,17 +51,30 @@ class Run:
         return float(t) / self.world_size
 
 
-def start(distributed: bool, device: str | None = None) -> Run:
-    """Join the torchrun process group when ``distributed`` (gloo on CPU, nccl on CUDA), else a single process."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if not distributed:
-        return Run(torch.device(device))
+def default_device() -> str:
+    """The device a run without --device uses: cuda when torch sees one, else cpu."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torchrun_missing() -> str | None:
+    """Why a --distributed run cannot join a process group here (no torchrun environment), or None when it can."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise SystemExit(
+        return (
             "--distributed needs the environment torchrun sets: run "
             "`torchrun --nproc_per_node=2 -m dsc_kernels train ... --distributed`"
         )
+    return None
+
+
+def start(distributed: bool, device: str | None = None) -> Run:
+    """Join the torchrun process group when ``distributed`` (gloo on CPU, nccl on CUDA), else a single process."""
+    if device is None:
+        device = default_device()
+    if not distributed:
+        return Run(torch.device(device))
+    missing = torchrun_missing()
+    if missing is not None:
+        raise SystemExit(missing)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
         torch.cuda.set_device(local_rank)
