@@ -5,8 +5,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import __version__
+
+
+def _check_report_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Usage errors (exit status 2) before the report's minutes of work, never a traceback at its end."""
+    from . import _cli_args as cli_args
+
+    args.backend, backend = cli_args.backend_problem(args.backend, args.device)
+    runs, out = args.training_runs, cli_args.out_folder_problem(Path(args.out))
+    for problem in (
+        cli_args.device_problem(args.device),
+        backend,
+        None if out is None else f"argument --out: {out}",
+        None if runs is None or Path(runs).is_dir() else f"argument --training-runs: {runs} is not a folder",
+    ):
+        if problem is not None:
+            parser.error(problem)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         train_main(args, train)  # errors in the arguments are reported as `train` usage errors (exit status 2)
     if args.command == "report":
         from .report import run_report
+
+        _check_report_arguments(args, rep)
 
         path = run_report(args)
         print(f"wrote {path}")

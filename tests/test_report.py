@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 from dsc_kernels import report as R
 
 FIGURES = [
@@ -152,3 +155,36 @@ def test_readme_figures_are_copied_from_this_run(tmp_path: Path, monkeypatch):
     assert sorted(copied) == ["attention.png", "speed.png"]  # shown in the README, or already published
     assert (root / "docs" / "attention.png").read_bytes() == b"new attention.png"
     assert not (root / "docs" / "uniqueness.png").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, option",
+    [
+        (["--device", "cuda"], "--device"),
+        (["--backend", "bogus"], "--backend"),
+        (["--backend", "triton"], "--backend"),  # CPU tensors without the interpreter
+        (["--training-runs", "no-such-folder"], "--training-runs"),
+    ],
+)
+def test_report_rejects_bad_arguments_before_any_work(extra, option, tmp_path, monkeypatch, capsys):
+    from dsc_kernels.__main__ import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("TRITON_INTERPRET", "DSC_KERNELS_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as excinfo:
+        main(["report", "--quick", "--out", "out", *extra])
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2 and f"argument {option}" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_rejects_an_out_that_is_a_file(tmp_path, capsys):
+    from dsc_kernels.__main__ import main
+
+    (tmp_path / "taken").write_text("keep me")
+    with pytest.raises(SystemExit) as excinfo:
+        main(["report", "--quick", "--out", str(tmp_path / "taken")])
+    assert excinfo.value.code == 2 and "argument --out" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "keep me"

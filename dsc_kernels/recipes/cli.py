@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-import torch
-
-from .. import functional
-from ..ops.selection import ENV_VAR
+from .. import _cli_args as cli_args
 from . import RECIPES, engine, recipe
 
 # --seed seeds torch (any 64-bit value) and, through scikit-learn's train_test_split, numpy, which takes only
@@ -83,50 +79,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _out_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be an output folder (it must exist as a folder or be creatable), or None when it can.
-    Checked without creating anything, so a run rejected later on another argument leaves no empty folder."""
-    absolute = path.absolute()
-    if absolute.exists():
-        if not absolute.is_dir():
-            return f"{path} exists and is not a folder"
-        if not os.access(absolute, os.W_OK | os.X_OK):
-            return f"{path} is a folder this user cannot write to"
-        return None
-    for ancestor in absolute.parents:  # mkdir(parents=True) creates up to the nearest existing ancestor
-        if not ancestor.exists():
-            continue
-        if not ancestor.is_dir():
-            return f"cannot create {path}: {ancestor} is a file, not a folder"
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            return f"cannot create {path}: this user cannot write to {ancestor}"
-        return None
-    return None
-
-
-def _backend_problem(backend: object, device: str) -> tuple[str, str | None]:
-    """``backend`` normalised, and why it cannot run on ``device`` here (None when it can). ``auto`` is checked
-    through ENV_VAR when that is set, since an explicit backend named there raises instead of falling back."""
-    try:
-        name = functional.check_backend(backend)
-    except (TypeError, ValueError) as exc:
-        return str(backend), f"argument --backend: {exc}"
-    effective, via = name, ""
-    env = os.environ.get(ENV_VAR, "").strip()
-    if name == "auto" and env:
-        try:
-            effective = functional.check_backend(env)
-        except ValueError as exc:
-            return name, f"argument --backend: auto follows {ENV_VAR}={env!r}, which is not a backend: {exc}"
-        via = f" (--backend auto follows {ENV_VAR}={env!r})"
-    if effective == "auto":  # auto falls back to the reference, which always runs
-        return name, None
-    reason = functional.backend_unavailable_reason(effective, device)
-    if reason is not None:
-        return name, f"argument --backend: {effective} cannot run on {device} here{via}: {reason}"
-    return name, None
-
-
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Check the arguments together (argparse's ``type=`` checks see one value at a time) and report the first
     problem through ``parser.error``: usage, one line naming the option, exit status 2. Normalises args.backend."""
@@ -143,14 +95,10 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     ):
         if problem is not None:
             parser.error(problem)
-    if args.device is not None and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        # otherwise the first .to("cuda") raises deep inside the recipe
-        parser.error(
-            f"argument --device: {args.device} requested but CUDA is not available on this machine "
-            "(torch.cuda.is_available() is False); use --device cpu"
-        )
+    if args.device is not None and (problem := cli_args.device_problem(args.device)) is not None:
+        parser.error(problem)  # otherwise the first .to("cuda") raises deep inside the recipe
     device = args.device or engine.default_device()
-    args.backend, problem = _backend_problem(args.backend, device)
+    args.backend, problem = cli_args.backend_problem(args.backend, device)
     if problem is not None:
         parser.error(problem)
     if args.distributed and (missing := engine.torchrun_missing()) is not None:
@@ -159,7 +107,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     strategies = module.STRATEGIES if strategy == "all" else (strategy,)
     # --strategy all writes one subfolder per strategy: each must be creatable too
     for target in [out] + ([out / s for s in strategies] if len(strategies) > 1 else []):
-        problem = _out_problem(target)
+        problem = cli_args.out_folder_problem(target)
         if problem is not None:
             parser.error(f"argument --out: {problem}")
 
