@@ -10,6 +10,7 @@ downloaded.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -32,6 +33,9 @@ __all__ = [
     "synthesize",
     "dsc_problem",
 ]
+
+# Greedy restarts before the lattice fallback in sparse_codes (2-D, min_separation >= 2, tight requests only).
+_RESTARTS = 20
 
 BARKER = {
     2: [1, -1],
@@ -176,10 +180,118 @@ def synthesize(z: torch.Tensor, d: ConvDictionary) -> torch.Tensor:
     return conv_t(z, w, stride=d.stride, padding=d.padding, output_padding=op)
 
 
+def _count(name: str, value: object, minimum: int) -> int:
+    """value as an int >= minimum (numpy ints accepted, bools and floats not)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _ravel(pos: Sequence[int], size: Sequence[int]) -> int:
+    flat = 0
+    for p, n in zip(pos, size):
+        flat = flat * n + p
+    return flat
+
+
+def _unravel(flat: int, size: Sequence[int]) -> tuple[int, ...]:
+    pos = []
+    for n in reversed(size):
+        flat, p = divmod(flat, n)
+        pos.append(p)
+    return tuple(reversed(pos))
+
+
+def _block(free: torch.Tensor, pos: Sequence[int], sep: int) -> None:
+    """Mark every position closer than sep (Chebyshev) to pos as taken."""
+    free[tuple(slice(max(p - sep + 1, 0), p + sep) for p in pos)] = False
+
+
+def _spaced(length: int, count: int, sep: int, g: torch.Generator) -> torch.Tensor:
+    """count sorted positions in [0, length), consecutive ones >= sep >= 1 apart, uniform over all such placements
+    ("stars and bars"): a uniform count-subset of the length - (count - 1)(sep - 1) slots, the i-th shifted right
+    by i (sep - 1). Needs (count - 1) sep < length."""
+    slots = length - (count - 1) * (sep - 1)
+    chosen = torch.randperm(slots, generator=g)[:count].sort().values
+    return chosen + torch.arange(count) * (sep - 1)
+
+
+def _sequential(
+    g: torch.Generator, size: tuple[int, ...], channels: int, sparsity: int, sep: int, lo: float, hi: float, dtype
+) -> list[tuple[int, int, float]] | None:
+    """Rejection sampling, draw for draw the sampler of earlier versions (so seeds that worked give the same codes):
+    uniform positions, rejected when closer than sep to a chosen one (sep 0: when the (channel, position) slot is
+    taken). Returns [(channel, flat position, value)], or None when it gets stuck or runs out of tries."""
+    n_pos = math.prod(size)
+    free = torch.ones(size, dtype=torch.bool)
+    taken: set[tuple[int, int]] = set()
+    entries: list[tuple[int, int, float]] = []
+    for _ in range(10000):
+        if len(entries) == sparsity:
+            break
+        if sep > 0 and not free.any():
+            return None  # greedy placement painted itself into a corner
+        flat = int(torch.randint(n_pos, (1,), generator=g))
+        pos = _unravel(flat, size)
+        if sep > 0 and not free[pos]:
+            continue
+        ch = int(torch.randint(channels, (1,), generator=g))
+        if (ch, flat) in taken:  # only possible at sep 0
+            continue
+        mag = lo + (hi - lo) * float(torch.rand((), generator=g, dtype=dtype))
+        sign = 1.0 if float(torch.rand((), generator=g)) < 0.5 else -1.0
+        taken.add((ch, flat))
+        if sep > 0:
+            _block(free, pos, sep)
+        entries.append((ch, flat, sign * mag))
+    return entries if len(entries) == sparsity else None
+
+
+def _positions(g: torch.Generator, size: tuple[int, ...], channels: int, sparsity: int, sep: int) -> list[int]:
+    """sparsity (channel * n_pos + flat position) slots pairwise >= sep apart, for any feasible request (see
+    sparse_codes): a uniform subset at sep 0 or 1, stars and bars in 1-D, else greedy placement among the free
+    positions with restarts and, should every restart get stuck, a random subset of a jittered lattice (per axis
+    ceil(n / sep) stars-and-bars coordinates; distinct lattice points differ by >= sep on some axis)."""
+    n_pos = math.prod(size)
+    if sep == 0:
+        return torch.randperm(channels * n_pos, generator=g)[:sparsity].tolist()
+    if sep == 1:
+        flats = torch.randperm(n_pos, generator=g)[:sparsity].tolist()
+    elif len(size) == 1:
+        flats = _spaced(size[0], sparsity, sep, g).tolist()
+    else:
+        flats = None
+        for _ in range(_RESTARTS):
+            free, flats = torch.ones(size, dtype=torch.bool), []
+            for _ in range(sparsity):
+                options = torch.nonzero(free.flatten()).flatten()
+                if len(options) == 0:
+                    flats = None
+                    break
+                flat = int(options[int(torch.randint(len(options), (1,), generator=g))])
+                _block(free, _unravel(flat, size), sep)
+                flats.append(flat)
+            if flats is not None:
+                break
+        if flats is None:
+            axes = [_spaced(n, -(-n // sep), sep, g) for n in size]
+            lattice = torch.cartesian_prod(*axes)
+            picked = lattice[torch.randperm(len(lattice), generator=g)[:sparsity]].tolist()
+            flats = [_ravel(p, size) for p in picked]
+    chans = torch.randint(channels, (sparsity,), generator=g).tolist()
+    return [c * n_pos + f for c, f in zip(chans, flats)]
+
+
 def sparse_codes(
     batch: int,
     channels: int,
-    code_size: Sequence[int],
+    code_size: int | Sequence[int],
     sparsity: int,
     *,
     amplitude: tuple[float, float] = (0.5, 1.0),
@@ -187,34 +299,52 @@ def sparse_codes(
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """Codes (batch, channels, *code_size) with exactly `sparsity` non-zeros per sample.
+    """Codes (batch, channels, *code_size) with exactly `sparsity` non-zeros per sample (per batch entry).
 
-    Magnitudes uniform in `amplitude`, random signs; active positions are at least `min_separation` apart
-    (Chebyshev distance over the spatial axes, any channel), so atoms of a deeper layer do not overlap and
-    Gamma_{j-1} = D_j Gamma_j keeps a predictable support.
+    Magnitudes uniform in `amplitude` (never 0), random signs; active positions are at least `min_separation`
+    apart (Chebyshev distance over the spatial axes, any channel), so atoms of a deeper layer do not overlap and
+    Gamma_{j-1} = D_j Gamma_j keeps a predictable support. min_separation 0 lets channels share a position (but not
+    a (channel, position) slot). Feasible iff sparsity <= prod ceil(n_i / min_separation) (channels * prod n_i at
+    0): a min_separation-sided box holds at most one entry, and the lattice min_separation * Z^d reaches the
+    bound; every feasible request succeeds, an infeasible one raises ValueError. Reproducible from `seed`.
     """
-    lo, hi = amplitude
-    if not 0 <= lo <= hi or hi == 0:
-        raise ValueError(f"amplitude must be (lo, hi) with 0 <= lo <= hi, hi > 0; got {amplitude}")
-    g = torch.Generator().manual_seed(seed)
-    size = tuple(code_size)
+    for name, value, minimum in (("batch", batch, 0), ("channels", channels, 1), ("sparsity", sparsity, 0)):
+        _count(name, value, minimum)
+    sep = _count("min_separation", min_separation, 0)
+    _count("seed", seed, -(2**63))
+    size = (code_size,) if isinstance(code_size, int) else tuple(code_size)
+    if not size:
+        raise ValueError("code_size must have at least one spatial axis")
+    size = tuple(_count("code_size", n, 1) for n in size)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    try:
+        lo, hi = (float(a) for a in amplitude)
+    except (TypeError, ValueError):
+        raise ValueError(f"amplitude must be a pair (lo, hi) of numbers, got {amplitude!r}") from None
+    if not (0 <= lo <= hi and 0 < hi < math.inf):
+        raise ValueError(f"amplitude must be (lo, hi) with 0 <= lo <= hi, 0 < hi < inf; got {amplitude}")
+    if float(torch.tensor(hi, dtype=dtype)) == 0:
+        raise ValueError(f"amplitude hi = {hi} rounds to 0 in {dtype}")
     n_pos = math.prod(size)
-    z = torch.zeros(batch, channels, n_pos, dtype=dtype)
+    capacity = channels * n_pos if sep == 0 else math.prod(-(-n // sep) for n in size)
+    if sparsity > capacity:
+        raise ValueError(
+            f"cannot place sparsity={sparsity} non-zeros pairwise >= min_separation={sep} apart in a code of "
+            f"code_size {size} with {channels} channels: at most {capacity} fit"
+        )
+    g = torch.Generator().manual_seed(seed)
+    z = torch.zeros(batch, channels * n_pos, dtype=dtype)
     for b in range(batch):
-        chosen: list[tuple[int, ...]] = []
-        for _ in range(10000):
-            if len(chosen) == sparsity:
-                break
-            flat = int(torch.randint(n_pos, (1,), generator=g))
-            pos = tuple(int(a) for a in torch.unravel_index(torch.tensor(flat), size))
-            if all(max(abs(a - c) for a, c in zip(pos, q)) >= min_separation for q in chosen):
-                chosen.append(pos)
-                ch = int(torch.randint(channels, (1,), generator=g))
-                mag = lo + (hi - lo) * float(torch.rand((), generator=g, dtype=dtype))
-                sign = 1.0 if float(torch.rand((), generator=g)) < 0.5 else -1.0
-                z[b, ch, flat] = sign * mag
-        if len(chosen) < sparsity:
-            raise ValueError(f"cannot place {sparsity} entries {min_separation} apart in a code of size {size}")
+        entries = _sequential(g, size, channels, sparsity, sep, lo, hi, dtype)
+        if entries is None:  # a tight request: place by a method that cannot get stuck
+            slots = _positions(g, size, channels, sparsity, sep)
+            mags = lo + (hi - lo) * torch.rand(sparsity, generator=g, dtype=dtype)
+            signs = torch.where(torch.rand(sparsity, generator=g) < 0.5, 1.0, -1.0)
+            entries = [(s // n_pos, s % n_pos, float(v)) for s, v in zip(slots, (signs * mags).tolist())]
+        for ch, flat, value in entries:
+            # lo = 0 with a draw of exactly 0, or a tiny lo underflowing in dtype, would lose a non-zero
+            z[b, ch * n_pos + flat] = value if float(torch.tensor(value, dtype=dtype)) else math.copysign(hi, value)
     return z.reshape(batch, channels, *size)
 
 
@@ -237,6 +367,12 @@ def dsc_problem(
     """
     if noise_l2 is not None and noise_std:
         raise ValueError("give noise_std or noise_l2, not both")
+    if not dictionaries:
+        raise ValueError("dictionaries must hold at least one layer")
+    _count("batch", batch, 1)  # the per-layer sparsity and amplitude are maxima over the batch
+    for name, value in (("noise_std", noise_std), ("noise_l2", noise_l2)):
+        if value is not None and not 0 <= value < math.inf:
+            raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
     for j in range(1, len(dictionaries)):
         up, down = dictionaries[j - 1], dictionaries[j]
         if up.code_size != down.signal_size or up.weight.shape[0] != down.weight.shape[1]:

@@ -21,6 +21,7 @@ setting on scikit-learn's photographs; ``python -m dsc_kernels.dictionary_learni
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from . import functional as DF
-from .reference.conv import as_tuple, code_size
+from .reference.conv import code_size
 
 # Steps are 1/L scaled by this: power iteration approaches L from below, and a step just above 1/L could let the
 # objective rise by a hair.
@@ -64,6 +65,20 @@ class _PowerIteration:
                 return 0.0
             self.vector = back / norm
         return value
+
+
+def _sizes(value: int | Sequence[int], rank: int, name: str, minimum: int) -> tuple[int, ...]:
+    """as_tuple for a size or padding: ints (numpy ints too, not bools) >= minimum, one per spatial dim."""
+    values = value if isinstance(value, Sequence) else (value,) * rank
+    try:
+        if len(values) != rank or any(isinstance(v, bool) for v in values):
+            raise TypeError
+        values = tuple(operator.index(v) for v in values)
+    except TypeError:
+        raise ValueError(f"{name} must be an int or {rank} ints, got {value!r}") from None
+    if min(values) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return values
 
 
 def _random_crops(x: Tensor, n: int, kernel: tuple[int, ...], generator: torch.Generator) -> Tensor:
@@ -145,11 +160,19 @@ def learn_conv_dictionary(
     x: (B, C_sig, *S), ideally high-passed (CDL models the detail of an image, not its smooth part);
     kernel_size: k (int or one per spatial dim); lam > 0: the l1 weight; n_code_iter / n_dict_iter: ISTA steps on
     the codes / gradient steps on the dictionary per outer iteration; padding: the codes' padding, default k - 1
-    ("full"); init: a starting dictionary (C_code, C_sig, *k), default random crops of x scaled to unit norm;
-    callback(iteration, objective) is called after every outer iteration (e.g. a progress bar).
+    ("full"); init: a starting dictionary (C_code, C_sig, *k) with no all-zero atom (a zero atom is never used by
+    a code, so it gets no gradient and would stay zero), default random crops of x scaled to unit norm;
+    callback(iteration, objective) is called after every outer iteration (e.g. a progress bar). Needs B >= 1 and
+    k <= S in every spatial dim.
     """
     if not isinstance(x, Tensor) or x.dim() not in (3, 4) or not x.is_floating_point():
         raise ValueError("x must be a floating-point (B, C, L) or (B, C, H, W) tensor")
+    if 0 in x.shape:
+        raise ValueError(
+            f"x must hold at least one signal with non-empty channels and sides, got shape {tuple(x.shape)}"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("x must be finite (it holds NaN or inf)")
     if not lam > 0:
         raise ValueError(f"lam must be > 0, got {lam!r}")
     for name, value in (
@@ -161,15 +184,26 @@ def learn_conv_dictionary(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     rank = x.dim() - 2
-    kernel = as_tuple(kernel_size, rank, "kernel_size")
-    padding = tuple(k - 1 for k in kernel) if padding is None else as_tuple(padding, rank, "padding")
+    kernel = _sizes(kernel_size, rank, "kernel_size", 1)
+    signal = tuple(x.shape[2:])
+    if any(k > s for k, s in zip(kernel, signal)):
+        # atoms larger than the signals: no crop to start from, and most of every atom would be unidentifiable
+        raise ValueError(f"kernel_size {kernel} must not exceed the signal size {signal} of x")
+    padding = tuple(k - 1 for k in kernel) if padding is None else _sizes(padding, rank, "padding", 0)
     generator = torch.Generator().manual_seed(seed)
     if init is None:
         init = _random_crops(x, n_atoms, kernel, generator)
+    elif not isinstance(init, Tensor) or not init.is_floating_point():
+        raise ValueError("init must be a floating-point tensor")
     elif tuple(init.shape) != (n_atoms, x.shape[1], *kernel):
         raise ValueError(f"init must have shape {(n_atoms, x.shape[1], *kernel)}, got {tuple(init.shape)}")
+    elif not bool(torch.isfinite(init).all()):
+        raise ValueError("init must be finite (it holds NaN or inf)")
+    else:
+        zero = (init.flatten(1).norm(dim=1) == 0).nonzero().flatten().tolist()
+        if zero:
+            raise ValueError(f"init atoms {zero} are zero: a zero atom gets no code and no gradient and never moves")
     weight = _project_atoms(init.to(device=x.device, dtype=x.dtype))
-    signal = tuple(x.shape[2:])
     codes = x.new_zeros(x.shape[0], n_atoms, *code_size(signal, kernel, (1,) * rank, padding))
 
     def synthesize(z: Tensor, w: Tensor) -> Tensor:
@@ -184,6 +218,8 @@ def learn_conv_dictionary(
     for iteration in range(n_outer):
         warm = 30 if iteration == 0 else 3
         lipschitz_d = dictionary_norm.estimate(warm)
+        if not 0 < lipschitz_d < math.inf:  # e.g. init atoms so small (or large) that ||D||^2 under/overflows
+            raise ValueError(f"the dictionary's norm ||D||^2 = {lipschitz_d} gives no ISTA step; rescale init or x")
         codes = DF.conv_ista(
             x,
             weight,
@@ -203,10 +239,23 @@ def learn_conv_dictionary(
     return result
 
 
+def _box_width(size: object, name: str) -> int:
+    """A box-blur width: an odd int >= 1. An even box has no centre pixel, so its blur would sit half a pixel off
+    and the detail would carry a spurious gradient."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+        raise ValueError(f"{name} must be an odd int >= 1 (the width of a centred box blur), got {size!r}")
+    return size
+
+
 def highpass(images: Tensor, size: int = 7) -> tuple[Tensor, Tensor]:
-    """Split (B, C, H, W) images into (detail, smooth): smooth is a box blur of width ``size`` (reflect-padded),
-    detail = images - smooth. CDL is run on the detail, as SPORCO's examples do with a Tikhonov high-pass."""
-    pad = size // 2
+    """Split (B, C, H, W) images into (detail, smooth): smooth is a box blur of odd width ``size`` (reflect-padded,
+    so size // 2 < H, W), detail = images - smooth. CDL is run on the detail, as SPORCO's examples do with a
+    Tikhonov high-pass."""
+    if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+        raise ValueError("images must be a floating-point (B, C, H, W) tensor")
+    pad = _box_width(size, "size") // 2
+    if pad >= min(images.shape[2:]):
+        raise ValueError(f"size {size} needs images larger than {pad} pixels a side, got {tuple(images.shape[2:])}")
     padded = torch.nn.functional.pad(images, (pad, pad, pad, pad), mode="reflect")
     smooth = torch.nn.functional.avg_pool2d(padded, size, stride=1)
     return images - smooth, smooth
@@ -250,6 +299,7 @@ def photo_patches(
     Returns (2 * n_per_photo, 1, size, size)."""
     from .recipes import data
 
+    _box_width(highpass_size, "highpass_size")
     generator = torch.Generator().manual_seed(seed)
     crops = []
     for name in data.PHOTOS:

@@ -1,5 +1,7 @@
 """Synthetic generators: exact supports, seeds, coherence of the named dictionaries."""
 
+import math
+
 import pytest
 import torch
 
@@ -63,3 +65,81 @@ def test_noise_l2_is_exact():
     assert torch.allclose(p.noise.flatten(1).norm(dim=1), torch.full((3,), 0.3, dtype=p.noise.dtype))
     with pytest.raises(ValueError):
         D.dsc_problem(ds, 2, noise_std=0.1, noise_l2=0.3)
+
+
+# Feasible (code_size, channels, sparsity, min_separation, distinct placements expected over 120 draws), many as
+# tight as they can be: 3 entries 3 apart in 8 (greedy placement used to get stuck for 20 seeds in 50; 4 placements
+# exist), the unique packings 0, 3, 6 and 0..4, every slot at min_separation 0, 4 entries 3 apart in a 5 x 5 code
+# (one central entry blocks everything).
+FEASIBLE = [
+    ((8,), 1, 3, 3, 4),
+    ((7,), 1, 3, 3, 1),
+    ((10,), 2, 4, 3, 4),
+    ((20,), 1, 5, 4, 10),
+    ((5,), 1, 5, 1, 1),
+    ((5,), 1, 4, 0, 4),
+    ((3,), 2, 6, 0, 1),
+    ((5, 5), 1, 4, 3, 4),
+    ((6, 7), 2, 6, 3, 10),
+    ((9, 9), 1, 9, 3, 10),
+    ((4, 4), 3, 48, 0, 1),
+]
+
+
+@pytest.mark.parametrize("size,channels,sparsity,sep,distinct", FEASIBLE)
+def test_sparse_codes_places_every_feasible_request(size, channels, sparsity, sep, distinct):
+    placements = set()
+    for seed in range(40):
+        z = D.sparse_codes(3, channels, size, sparsity, amplitude=(0.5, 1.0), min_separation=sep, seed=seed)
+        assert torch.equal((z != 0).flatten(1).sum(1), torch.full((3,), sparsity)), seed
+        vals = z[z != 0].abs()
+        assert vals.min() >= 0.5 and vals.max() <= 1.0
+        for b in range(3):
+            pos = torch.nonzero(z[b] != 0)[:, 1:]
+            d = (pos[:, None] - pos[None]).abs().amax(-1) + max(sep, 1) * torch.eye(len(pos), dtype=torch.long)
+            assert d.min() >= sep, (seed, pos.tolist())
+            placements.add(tuple(torch.nonzero(z[b]).flatten().tolist()))
+    assert torch.equal(z, D.sparse_codes(3, channels, size, sparsity, min_separation=sep, seed=39))
+    assert len(placements) >= distinct  # random placements, not one packing
+
+
+def test_sparse_codes_infeasible_and_invalid_arguments_raise():
+    with pytest.raises(ValueError, match="sparsity=5.*min_separation=3.*at most 4"):
+        D.sparse_codes(1, 1, (5, 5), 5, min_separation=3)
+    with pytest.raises(ValueError, match="at most 6"):
+        D.sparse_codes(1, 2, (3,), 7, min_separation=0)
+    with pytest.raises(ValueError, match="min_separation"):
+        D.sparse_codes(1, 1, (5,), 1, min_separation=-1)
+    with pytest.raises(TypeError, match="sparsity"):
+        D.sparse_codes(1, 1, (5,), 1.5)
+    with pytest.raises(ValueError, match="code_size"):
+        D.sparse_codes(1, 1, (0, 4), 1)
+    with pytest.raises(ValueError, match="channels"):
+        D.sparse_codes(1, 0, (5,), 1)
+    with pytest.raises(ValueError, match="amplitude"):
+        D.sparse_codes(1, 1, (5,), 1, amplitude=(0.5, math.inf))
+    with pytest.raises(TypeError, match="dtype"):
+        D.sparse_codes(1, 1, (5,), 1, dtype=torch.int64)
+
+
+def test_sparse_codes_amplitudes_are_never_zero():
+    # magnitudes below half the smallest float32 subnormal used to round to 0 and drop entries
+    z = D.sparse_codes(8, 1, (20,), 5, amplitude=(0.0, 1e-45), seed=0, dtype=torch.float32)
+    assert torch.equal((z != 0).flatten(1).sum(1), torch.full((8,), 5))
+    with pytest.raises(ValueError, match="amplitude"):
+        D.sparse_codes(1, 1, (20,), 5, amplitude=(0.0, 1e-50), dtype=torch.float32)
+
+
+def test_dsc_problem_with_tight_default_separation():
+    # Golomb layer 2 (extent 5) sets min_separation 5: 6 deepest entries in a 30-long code is the most that fit
+    ds = D.dictionary_chain([D.barker_filter(13), D.golomb_filter([0, 1, 4])], 30)
+    for seed in range(20):
+        p = D.dsc_problem(ds, 6, batch=2, seed=seed)
+        assert p.sparsity == [18, 6]
+        assert torch.equal((p.codes[0] != 0).flatten(1).sum(1), torch.full((2,), 18))
+    with pytest.raises(ValueError, match="sparsity=7"):
+        D.dsc_problem(ds, 7)
+    with pytest.raises(ValueError, match="batch"):
+        D.dsc_problem(ds, 2, batch=0)
+    with pytest.raises(ValueError, match="dictionaries"):
+        D.dsc_problem([], 2)

@@ -88,3 +88,31 @@ def test_bad_arguments():
         learn_conv_dictionary(x, 4, 3, 0.1, n_outer=0)
     with pytest.raises(ValueError, match="init"):
         learn_conv_dictionary(x, 4, 3, 0.1, init=torch.randn(4, 1, 5, 5))
+
+
+def test_degenerate_inputs_raise_naming_the_argument():
+    x = torch.randn(2, 1, 12, 12)
+    for init in (torch.zeros(4, 1, 3, 3), torch.cat([torch.randn(3, 1, 3, 3), torch.zeros(1, 1, 3, 3)])):
+        with pytest.raises(ValueError, match="init"):  # used to be ZeroDivisionError (all zero) or a dead atom
+            learn_conv_dictionary(x, 4, 3, 0.1, n_outer=1, init=init)
+    with pytest.raises(ValueError, match="kernel_size"):
+        learn_conv_dictionary(x, 4, 13, 0.1, n_outer=1)
+    with pytest.raises(ValueError, match="kernel_size"):
+        learn_conv_dictionary(torch.randn(2, 1, 5), 4, (6,), 0.1, n_outer=1)
+    with pytest.raises(ValueError, match="x must"):
+        learn_conv_dictionary(x[:0], 4, 3, 0.1, n_outer=1)
+    with pytest.raises(ValueError, match="padding"):
+        learn_conv_dictionary(x, 4, 3, 0.1, n_outer=1, padding=-1)
+    result = learn_conv_dictionary(x, 4, (12, 3), 0.1, n_outer=1, backend="reference")  # k = S is fine
+    assert result.codes.shape == (2, 4, 23, 14)
+
+
+def test_highpass_needs_an_odd_box_that_fits():
+    images = torch.randn(2, 1, 10, 10)
+    detail, smooth = highpass(images, 5)
+    assert detail.shape == smooth.shape == images.shape and torch.allclose(detail + smooth, images)
+    for size in (4, 0, 21):  # even: shape mismatch before; 21: reflect padding wider than the image
+        with pytest.raises(ValueError, match="size"):
+            highpass(images, size)
+    with pytest.raises(ValueError, match="highpass_size"):
+        photo_patches(1, 16, highpass_size=8)
