@@ -51,20 +51,29 @@ def zero_fraction(t: Tensor) -> float:
     return float((t == 0).sum()) / t.numel() if t.numel() else 0.0
 
 
-def hoyer(t: Tensor, dim: int | Sequence[int] | None = None, eps: float = 1e-12) -> Tensor:
+def hoyer(t: Tensor, dim: int | Sequence[int] | None = None) -> Tensor:
     """Hoyer's sparsity ``(sqrt(n) - |t|_1 / |t|_2) / (sqrt(n) - 1)`` in [0, 1] over ``dim`` (all entries when None).
 
     1 for a vector with one non-zero entry (and, by convention, for an all-zero one), 0 when every entry has the same
-    magnitude. n = 1 gives 1. Differentiable away from t = 0. Returns a tensor with ``dim`` reduced.
+    magnitude. n = 1 gives 1. Scale invariant at every scale (hoyer(c t) == hoyer(t) for c > 0, tiny t included);
+    NaN (or inf) in a slice gives NaN there. Differentiable, with finite gradients (0 at an all-zero slice).
+    Returns a tensor with ``dim`` reduced.
     """
     dims = tuple(range(t.dim())) if dim is None else ((dim,) if isinstance(dim, int) else tuple(dim))
     n = math.prod(t.shape[d] for d in dims)
+    a = t.abs()
     if n <= 1:
-        return torch.ones_like(t.sum(dim=dims))
-    l1 = t.abs().sum(dim=dims)
-    l2 = t.pow(2).sum(dim=dims).sqrt()
-    ratio = torch.where(l2 > eps, l1 / l2.clamp_min(eps), torch.ones_like(l1))
-    return (math.sqrt(n) - ratio) / (math.sqrt(n) - 1)
+        return torch.ones_like(a.sum(dim=dims)) + a.sum(dim=dims) * 0  # * 0 keeps NaN/inf and the graph
+    # Divide by the largest magnitude: |t|_1 / |t|_2 does not change, and nothing underflows or overflows, so no eps
+    # is needed. The scale is detached: the ratio is the same for every scale, so its gradient stays exact.
+    top = a.amax(dim=dims, keepdim=True).detach()
+    a = a / torch.where(top == 0, torch.ones_like(top), top)
+    l1 = a.sum(dim=dims)
+    sq = a.pow(2).sum(dim=dims)  # >= 1 (the largest entry is now exactly 1) unless the slice is all zero; NaN stays
+    zero = sq == 0
+    # where() on both sides: the all-zero branch must not see 0/0 or sqrt'(0), whose NaN/inf would leak into grads
+    ratio = l1 / torch.where(zero, torch.ones_like(sq), sq).sqrt()
+    return torch.where(zero, torch.ones_like(ratio), (math.sqrt(n) - ratio) / (math.sqrt(n) - 1))
 
 
 def channel_activity(t: Tensor) -> Tensor:
@@ -146,21 +155,24 @@ def coherence_penalty(
     between distinct atoms (with False the atoms' norms are pushed to 1 too). ``shifts``: also penalise atoms
     against every shifted copy that overlaps them by a multiple of ``stride`` (the Gram matrix of the
     convolutional dictionary, whose largest off-diagonal entry is the mutual coherence of interior atoms); each
-    distinct pair is counted twice, like the unshifted Gram's off-diagonal. Returns a 0-d tensor.
+    distinct pair is counted twice, like the unshifted Gram's off-diagonal. ``stride``: an int >= 1 or one per
+    spatial axis (ValueError/TypeError otherwise). Returns a 0-d tensor; NaN in ``weight`` gives NaN.
     """
-    if weight.dim() not in (3, 4):
-        raise ValueError(f"weight must be (C_code, C_sig, k) or (C_code, C_sig, kh, kw), got {tuple(weight.shape)}")
+    theory._check_weight(weight)
+    rank = weight.dim() - 2
+    strides = theory._int_tuple(stride, rank, "stride", 1)  # checked even unused, so a bad call fails at once
     atoms = _unfolded(weight, normalize)
-    if not shifts:
+    if not shifts or weight.shape[0] == 0:  # no atoms: the (0, 0) Gram matrix, conv would reject the empty weight
         gram = atoms @ atoms.T
         return (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).pow(2).sum()
     w = atoms.reshape(weight.shape)
-    rank = weight.dim() - 2
     kernel = w.shape[2:]
     conv = F.conv1d if rank == 1 else F.conv2d
     # gram[a, b, shift] = <d_a, d_b shifted>: cross-correlation of every pair of filters at every overlap.
-    gram = conv(w, w, padding=tuple(k - 1 for k in kernel))  # (C_code, C_code, *(2k - 1))
-    strides = (stride,) * rank if isinstance(stride, int) else tuple(stride)
+    if w.shape[1]:
+        gram = conv(w, w, padding=tuple(k - 1 for k in kernel))  # (C_code, C_code, *(2k - 1))
+    else:  # no signal channels: every atom is empty, all products 0 (torch's conv rejects 0 input channels)
+        gram = w.new_zeros((w.shape[0], w.shape[0], *(2 * k - 1 for k in kernel))) + w.sum() * 0
     index = tuple(slice((k - 1) % s, None, s) for k, s in zip(kernel, strides))
     gram = gram[(slice(None), slice(None), *index)]
     centre = tuple((k - 1) // s for k, s in zip(kernel, strides))
@@ -177,7 +189,8 @@ def max_coherence(
     padding: int | Sequence[int] = 0,
 ) -> float:
     """The mutual coherence mu(D) of the convolutional dictionary at this signal size (``theory.mutual_coherence``):
-    the largest |cosine| between two distinct atoms, border atoms included. Not differentiable; a monitor."""
+    the largest |cosine| between two distinct atoms, border atoms included (zero atoms, e.g. inside a padding >= k,
+    skipped; 0.0 without two non-zero atoms; NaN for a NaN filter tap). Not differentiable; a monitor."""
     return theory.mutual_coherence(weight, signal_size, stride=stride, padding=padding)
 
 
@@ -246,6 +259,8 @@ class SparsityMonitor:
 
     ``modules``: the modules to watch (a dict name -> module, or None for every ``SPARSE_MODULES`` instance in
     ``model``, named as in ``named_modules``). Counts accumulate on the tensors' device (no sync per forward).
+    A monitor can be entered again after its block ends (history and counts carry on), but not inside its own
+    block: that raises RuntimeError. Hooks are removed whenever the block is left, by an exception too.
     """
 
     def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module] | None = None):
@@ -261,13 +276,25 @@ class SparsityMonitor:
         self._handles: list = []
 
     def __enter__(self) -> SparsityMonitor:
-        self._handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules.items()]
+        # Not re-entrant: a nested entry would register a second set of hooks (every forward counted twice) and
+        # overwrite the handles of the first, which then could never be removed.
+        if self._handles:
+            raise RuntimeError("SparsityMonitor is already active: leave its with block before entering it again")
+        try:
+            for name, m in self.modules.items():
+                self._handles.append(m.register_forward_hook(self._hook(name)))
+        except BaseException:
+            self._remove_hooks()  # the hooks registered before the failure
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
+        self._remove_hooks()  # on every exit, the body's exceptions included (they propagate)
+
+    def _remove_hooks(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
             handle.remove()
-        self._handles = []
 
     def _hook(self, name: str):
         def record(module: nn.Module, inputs, output) -> None:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from .reference.conv import as_tuple
 
 __all__ = [
     "mutual_coherence",
@@ -46,13 +45,65 @@ __all__ = [
 ]
 
 
+def _int_tuple(value: object, rank: int, name: str, minimum: int) -> tuple[int, ...]:
+    """An int or a sequence of ``rank`` ints, each >= ``minimum``, as a tuple (TypeError/ValueError naming ``name``).
+
+    Floats and bools are rejected rather than rounded: a stride of 1.5 or True is a caller's bug, not a size.
+    """
+
+    def as_int(v: object) -> int:
+        if isinstance(v, bool):
+            raise TypeError
+        return operator.index(v)  # ints, numpy and 0-d torch integers; TypeError for floats
+
+    try:
+        items = (as_int(value),) * rank
+    except TypeError:
+        try:
+            items = tuple(as_int(v) for v in value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int or a sequence of {rank} ints, got {value!r}") from None
+    if len(items) != rank:
+        raise ValueError(f"{name} must be an int or have {rank} entries, got {value!r}")
+    if min(items) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return items
+
+
+def _check_weight(weight: object) -> torch.Tensor:
+    """A real (C_code, C_sig, k) or (C_code, C_sig, kh, kw) tensor with kernel sizes >= 1."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() not in (3, 4):
+        raise ValueError(
+            f"weight must be (C_code, C_sig, k) or (C_code, C_sig, kh, kw), got shape {tuple(weight.shape)}"
+        )
+    if weight.is_complex():
+        raise TypeError(f"weight must be a real tensor, got {weight.dtype}")
+    if min(weight.shape[2:]) < 1:
+        raise ValueError(f"weight's kernel size must be >= 1, got {tuple(weight.shape[2:])}")
+    return weight
+
+
+def _conv_args(weight: object, signal_size: object, stride: object, padding: object) -> tuple[int, tuple, tuple, tuple]:
+    """The checked rank, signal size (>= 1), stride (>= 1) and padding (>= 0) of a convolutional dictionary."""
+    nd = _check_weight(weight).dim() - 2
+    size = _int_tuple(signal_size, nd, "signal_size", 1)
+    return nd, size, _int_tuple(stride, nd, "stride", 1), _int_tuple(padding, nd, "padding", 0)
+
+
 def _windows(n_sig: int, k: int, s: int, p: int) -> list[tuple[int, int]]:
-    """Filter taps [lo, hi) each code position's atom keeps inside a signal of length n_sig.
+    """Filter taps [lo, hi) each code position's atom keeps inside a signal of length n_sig, for the consecutive
+    code positions whose atoms keep at least one tap (atoms entirely in the padding are zero and left out).
 
     Synthesis is conv_transpose, so code position i puts tap j at signal index i*s - p + j (docs/design.md §2).
+    Position i keeps a tap iff p - k < i*s < n_sig + p; only those are listed, so a padding far beyond k - 1 costs
+    nothing: it only adds zero atoms.
     """
     n_code = (n_sig + 2 * p - k) // s + 1
-    return [(max(0, p - i * s), min(k, n_sig + p - i * s)) for i in range(n_code)]
+    first = max(0, (p - k) // s + 1)
+    last = min(n_code, -(-(n_sig + p) // s))  # exclusive: ceil((n_sig + p) / s)
+    return [(max(0, p - i * s), min(k, n_sig + p - i * s)) for i in range(first, last)]
 
 
 Window = tuple[int, int]
@@ -87,8 +138,10 @@ def mutual_coherence(
 
     weight: (C_code, C_sig, k) or (C_code, C_sig, kh, kw); D z = conv_transpose(z, weight, stride, padding) cropped
     to `signal_size` (docs/design.md §2). Every atom — border atoms truncated by the padding included — is
-    normalised, and mu = max over distinct atoms of |<d_a, d_b>| / (|d_a| |d_b|). Atoms that are entirely zero have no
-    direction and are skipped.
+    normalised, and mu = max over distinct atoms of |<d_a, d_b>| / (|d_a| |d_b|). Atoms that are entirely zero (e.g.
+    inside a padding >= k) have no direction and are skipped; with fewer than two non-zero atoms (C_code = 0, an
+    all-zero filter) there is no pair and mu = 0. NaN/inf in a tap some atom keeps gives NaN. signal_size >= 1,
+    stride >= 1 and padding >= 0 (ints or one per spatial axis) are checked: TypeError/ValueError naming them.
 
     How: two atoms interact only through their code offset (dh, dw) and the taps each keeps at the border (its
     truncation class), so the inner products are the filters' channel-summed cross-correlations restricted to
@@ -97,21 +150,31 @@ def mutual_coherence(
 
     Definition: Donoho–Elad 2003 [L]; its use per layer of a convolutional DSC model: Papyan–Romano–Elad 2017 [L].
     """
-    if weight.dim() not in (3, 4):
+    nd, size, strides, pads = _conv_args(weight, signal_size, stride, padding)
+    code = [(n + 2 * p - k) // s + 1 for n, p, k, s in zip(size, pads, weight.shape[2:], strides)]
+    if min(code) < 1:
         raise ValueError(
-            f"weight must be (C_code, C_sig, k) or (C_code, C_sig, kh, kw), got shape {tuple(weight.shape)}"
+            f"signal_size {tuple(size)} (padding {tuple(pads)}) is smaller than the filter {tuple(weight.shape[2:])}"
         )
-    nd = weight.dim() - 2
-    size = as_tuple(signal_size, nd, "signal_size")
-    strides = as_tuple(stride, nd, "stride")
-    pads = as_tuple(padding, nd, "padding")
-    w = weight.detach().to(torch.float64, copy=True)
+    w = weight.detach().to("cpu", torch.float64, copy=True)
     if nd == 1:  # a 1-D dictionary is the 2-D one with a trivial width axis
         w, size, strides, pads = w.unsqueeze(-1), (size[0], 1), (strides[0], 1), (pads[0], 0)
     c_code, _, kh, kw = w.shape
     wins = [_windows(size[0], kh, strides[0], pads[0]), _windows(size[1], kw, strides[1], pads[1])]
-    if not wins[0] or not wins[1]:
-        raise ValueError(f"signal_size {tuple(size)} is smaller than the filter {tuple(w.shape[2:])}")
+    # Taps no atom keeps (cropped by a large stride or padding) are not part of D: zero them, so that neither their
+    # values (NaN included) nor their scale reach the prefix sums.
+    kept = [torch.zeros(k, dtype=torch.bool) for k in (kh, kw)]
+    for axis in range(2):
+        for lo, hi in wins[axis]:
+            kept[axis][lo:hi] = True
+    w = torch.where(kept[0][:, None] & kept[1][None, :], w, torch.zeros((), dtype=w.dtype))
+    if not torch.isfinite(w).all():  # a NaN/inf tap makes its atoms' cosines NaN, as F.cosine_similarity does
+        return math.nan
+    # mu is scale invariant: work with max |tap| = 1, so that tiny or huge filters neither underflow nor overflow.
+    scale = float(w.abs().max()) if w.numel() else 0.0
+    if scale == 0.0 or c_code == 0:  # no atom has a direction: no pair of atoms, mu = 0 (as for a single atom)
+        return 0.0
+    w /= scale
     classes = [_pair_classes(wins[0], kh, strides[0]), _pair_classes(wins[1], kw, strides[1])]
 
     # Squared norms of every truncation class: prefix sums of the squared taps (summed over signal channels).
@@ -176,9 +239,7 @@ def dictionary_matrix(
 
     Only for small sizes (it forms every atom); mutual_coherence never does.
     """
-    nd = weight.dim() - 2
-    size = as_tuple(signal_size, nd, "signal_size")
-    st, pd = as_tuple(stride, nd, "stride"), as_tuple(padding, nd, "padding")
+    nd, size, st, pd = _conv_args(weight, signal_size, stride, padding)
     code = tuple((n + 2 * p - k) // s + 1 for n, p, k, s in zip(size, pd, weight.shape[2:], st))
     if min(code) < 1:
         raise ValueError(f"signal_size {size} is smaller than the filter {tuple(weight.shape[2:])}")
@@ -322,8 +383,10 @@ def stripe_sparsity(code: torch.Tensor, kernel_size: int | Sequence[int], stride
     code: (B, C, *S) for a dictionary with filter `kernel_size` and `stride`; returns the max over the batch.
     The local sparsity measure of ML-CSC (Papyan–Romano–Elad 2017) [L]; global ||Gamma||_0 bounds it.
     """
+    if not isinstance(code, torch.Tensor) or code.dim() not in (3, 4):
+        raise ValueError(f"code must be a (B, C, L) or (B, C, H, W) tensor, got {getattr(code, 'shape', code)!r}")
     nd = code.dim() - 2
-    ks, st = as_tuple(kernel_size, nd, "kernel_size"), as_tuple(stride, nd, "stride")
+    ks, st = _int_tuple(kernel_size, nd, "kernel_size", 1), _int_tuple(stride, nd, "stride", 1)
     window = tuple(2 * ((k - 1) // s) + 1 for k, s in zip(ks, st))
     nz = (code != 0).to(torch.float64).sum(1, keepdim=True)
     pool = F.avg_pool1d if nd == 1 else F.avg_pool2d

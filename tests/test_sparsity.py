@@ -139,3 +139,106 @@ def test_sparsity_monitor_finds_sparse_coding_layers():
         z = model[0](torch.randn(2, 1, 6, 6))
     assert list(monitor.summary("train")) == ["0"]
     assert monitor.summary("train")["0"] == pytest.approx(sparsity.zero_fraction(z))
+
+
+def test_hoyer_is_scale_invariant_at_every_scale():
+    x = torch.tensor([[3.0, 4.0, 0.0, -1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, -2.0, 0.0]], dtype=torch.float64)
+    want = sparsity.hoyer(x, dim=1)
+    for scale in (1e-300, 1e-30, 1e-8, 1e8, 1e300):
+        torch.testing.assert_close(sparsity.hoyer(x * scale, dim=1), want, rtol=1e-12, atol=1e-12)
+    # float32: below the old fixed eps and into the subnormals
+    x32 = torch.tensor([3.0, 4.0, 0.0, -1.0])
+    for scale in (1e-20, 1e-30, 1e-40):
+        assert float(sparsity.hoyer(x32 * scale)) == pytest.approx(float(sparsity.hoyer(x32)), rel=1e-5)
+
+
+def test_hoyer_propagates_nan_and_keeps_the_zero_convention():
+    nan = float("nan")
+    rows = sparsity.hoyer(torch.tensor([[1.0, nan, 0.0], [0.0, nan, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), dim=1)
+    assert rows[:2].isnan().all() and float(rows[2]) == 1.0 and float(rows[3]) == pytest.approx(1.0)
+    assert sparsity.hoyer(torch.tensor([2.0, float("inf")])).isnan()
+    assert sparsity.hoyer(torch.tensor([nan])).isnan()  # n = 1 is 1 by convention, but not for NaN
+    assert float(sparsity.hoyer(torch.tensor([5.0]))) == 1.0
+
+
+def test_hoyer_gradients_are_exact_and_finite():
+    x = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: sparsity.hoyer(t, dim=1), (x,))
+    assert torch.autograd.gradcheck(lambda t: sparsity.hoyer(t * 1e-30), (x,))
+    zero = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
+    sparsity.hoyer(zero, dim=1).sum().backward()
+    assert torch.equal(zero.grad, torch.zeros_like(zero))  # finite (not NaN) at the all-zero convention
+    tiny = (torch.tensor([3.0, 4.0, 0.5], dtype=torch.float64) * 1e-200).requires_grad_()
+    sparsity.hoyer(tiny).backward()
+    assert torch.isfinite(tiny.grad).all() and tiny.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    "weight,stride,error,match",
+    [
+        (torch.randn(2, 1, 3), 0, ValueError, "stride must be >= 1"),
+        (torch.randn(2, 1, 3), (1, 2), ValueError, "stride must .* 1 entries"),
+        (torch.randn(2, 1, 3, 3), (2,), ValueError, "stride must .* 2 entries"),
+        (torch.randn(2, 1, 3, 3), (2, 0), ValueError, "stride must be >= 1"),
+        (torch.randn(2, 1, 3, 3), 1.5, TypeError, "stride"),
+    ],
+)
+def test_coherence_penalty_checks_stride(weight, stride, error, match):
+    for shifts in (True, False):
+        with pytest.raises(error, match=match):
+            sparsity.coherence_penalty(weight, shifts=shifts, stride=stride)
+
+
+def test_coherence_penalty_edge_inputs():
+    with pytest.raises(TypeError, match="weight"):
+        sparsity.coherence_penalty([[[1.0, 0.0]]])
+    with pytest.raises(ValueError, match="weight"):
+        sparsity.coherence_penalty(torch.randn(2, 3))
+    assert float(sparsity.coherence_penalty(torch.randn(0, 1, 3), shifts=True)) == 0.0  # no atoms, no pairs
+    # empty atoms: every inner product is 0, so each atom misses its unit self-product
+    assert float(sparsity.coherence_penalty(torch.randn(2, 0, 3), shifts=True)) == 2.0
+    assert sparsity.coherence_penalty(torch.full((2, 1, 3), float("nan")), shifts=True).isnan()
+    # a stride beyond the filter leaves only the unshifted Gram matrix
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(sparsity.coherence_penalty(w, shifts=True, stride=5), sparsity.coherence_penalty(w))
+
+
+def test_max_coherence_edge_inputs():
+    w = torch.randn(3, 1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    # padding >= k: the outermost atoms are zero, the rest are the truncated border atoms of padding k - 1
+    assert sparsity.max_coherence(w, 10, padding=5) == sparsity.max_coherence(w, 10, padding=2)
+    assert math.isnan(sparsity.max_coherence(w * float("nan"), 10))
+    assert sparsity.max_coherence(torch.randn(0, 1, 3), 10) == 0.0
+    with pytest.raises(ValueError, match="stride"):
+        sparsity.max_coherence(w, 10, stride=0)
+    with pytest.raises(ValueError, match="padding"):
+        sparsity.max_coherence(w, 10, padding=-1)
+    with pytest.raises(TypeError, match="weight"):
+        sparsity.max_coherence(w.numpy(), 10)
+
+
+def _hook_count(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_sparsity_monitor_cannot_be_nested_and_always_removes_its_hooks():
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+    monitor = sparsity.SparsityMonitor(model)
+    with monitor:
+        with pytest.raises(RuntimeError, match="already active"):
+            with monitor:
+                pass
+        assert _hook_count(model) == 1  # the nested entry added nothing
+        model(torch.ones(1, 2))
+    assert _hook_count(model) == 0
+    assert monitor.summary("train")["1"] in {k / 3 for k in range(4)}  # one forward counted once: 3 entries
+    assert sum(total for _, total in monitor._counts.values()) == 3
+    with pytest.raises(ZeroDivisionError):
+        with monitor:  # re-entered after its block ended: works, and the body's exception removes the hooks
+            assert _hook_count(model) == 1
+            raise ZeroDivisionError
+    assert _hook_count(model) == 0
+    with monitor:
+        model(torch.ones(1, 2))
+    assert _hook_count(model) == 0
+    assert sum(total for _, total in monitor._counts.values()) == 6  # counts carry on across blocks

@@ -190,3 +190,96 @@ def test_activation_worst_input_is_where_the_gap_peaks(name):
     assert float((theory.smooth_relu(name, beta)(at) - torch.relu(at)).abs()) == pytest.approx(
         theory.activation_sup_distance(name, beta), rel=1e-9
     )
+
+
+@pytest.mark.parametrize(
+    "shape,size,stride,padding",
+    [
+        ((3, 1, 3), 10, 1, 3),  # padding = k: the first and last atoms lie entirely in the padding
+        ((3, 2, 3), 10, 1, 7),
+        ((2, 1, 4), 9, 3, 6),
+        ((4, 1, 2), 5, 2, 4),
+        ((2, 2, 3, 2), (7, 6), (1, 2), (4, 3)),
+        ((3, 1, 2, 3), (5, 6), 2, (1, 5)),
+    ],
+)
+def test_mutual_coherence_with_padding_beyond_the_filter(shape, size, stride, padding):
+    # Atoms entirely inside the padding are zero (skipped); the truncated border atoms are what counts.
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)), dtype=torch.float64)
+    got = theory.mutual_coherence(w, size, stride=stride, padding=padding)
+    assert got == pytest.approx(explicit_coherence(w, size, stride, padding), rel=1e-10, abs=1e-12)
+
+
+def test_mutual_coherence_padding_far_beyond_k_only_adds_zero_atoms():
+    w = torch.randn(3, 2, 3, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    # stride 1: every padding >= k - 1 gives the same atoms besides zeros; 10**9 would be 2e9 code positions
+    assert theory.mutual_coherence(w, (9, 10), padding=10**9) == theory.mutual_coherence(w, (9, 10), padding=(2, 3))
+
+
+def test_mutual_coherence_is_scale_invariant_and_propagates_nan():
+    w = torch.randn(3, 2, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mu = theory.mutual_coherence(w, 17, padding=2)
+    for scale in (1e-200, 1e-30, 1e30, 1e300):
+        assert theory.mutual_coherence(w * scale, 17, padding=2) == pytest.approx(mu, rel=1e-12)
+    bad = w.clone()
+    bad[1, 0, 2] = float("nan")
+    assert math.isnan(theory.mutual_coherence(bad, 17, padding=2))
+    assert math.isnan(theory.mutual_coherence(torch.full((2, 1, 3), float("nan")), 8))
+    bad[1, 0, 2] = float("inf")
+    assert math.isnan(theory.mutual_coherence(bad, 17))
+    # a NaN tap that no atom keeps is not part of D: one code position keeping only tap 1 of each filter
+    crop = torch.tensor([[[float("nan"), 1.0, 2.0]], [[3.0, -2.0, 1.0]]], dtype=torch.float64)
+    assert theory.mutual_coherence(crop, 1, stride=5, padding=1) == 1.0
+
+
+def test_mutual_coherence_without_a_pair_of_atoms_is_zero():
+    assert theory.mutual_coherence(torch.randn(0, 1, 3), 10) == 0.0  # no atoms
+    assert theory.mutual_coherence(torch.randn(3, 0, 3), 10) == 0.0  # empty atoms
+    assert theory.mutual_coherence(torch.zeros(2, 1, 3, 3), (5, 5)) == 0.0
+    assert theory.mutual_coherence(torch.randn(1, 1, 3), 3) == 0.0  # a single atom
+    # no atom reaches the signal: code positions at -5 and 5 of a 2-sample signal, k = 1
+    assert theory.mutual_coherence(torch.randn(2, 1, 1), 2, stride=10, padding=5) == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"stride": 0}, ValueError, "stride must be >= 1"),
+        ({"stride": (1, 2)}, ValueError, "stride must .* 1 entries"),
+        ({"stride": 1.5}, TypeError, "stride"),
+        ({"stride": 2.0}, TypeError, "stride"),
+        ({"stride": True}, TypeError, "stride"),
+        ({"padding": -1}, ValueError, "padding must be >= 0"),
+        ({"padding": (0, 0)}, ValueError, "padding"),
+        ({"padding": "1"}, TypeError, "padding"),
+        ({"signal_size": 10.0}, TypeError, "signal_size"),
+        ({"signal_size": 0}, ValueError, "signal_size must be >= 1"),
+        ({"signal_size": 2}, ValueError, "smaller than the filter"),
+        ({"weight": [[[1.0, 2.0, 3.0]]]}, TypeError, "weight must be a torch.Tensor"),
+        ({"weight": torch.randn(3, 5)}, ValueError, "weight must be"),
+        ({"weight": torch.randn(3, 1, 0)}, ValueError, "kernel size"),
+    ],
+)
+def test_mutual_coherence_and_dictionary_matrix_check_their_arguments(kwargs, error, match):
+    args = {"weight": torch.randn(3, 1, 3), "signal_size": 10, **kwargs}
+    weight, size = args.pop("weight"), args.pop("signal_size")
+    with pytest.raises(error, match=match):
+        theory.mutual_coherence(weight, size, **args)
+    with pytest.raises(error, match=match):
+        theory.dictionary_matrix(weight, size, **args)
+
+
+def test_mutual_coherence_accepts_numpy_and_tensor_integers():
+    w = torch.randn(3, 2, 3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    want = theory.mutual_coherence(w, (9, 10), stride=(1, 2), padding=1)
+    assert theory.mutual_coherence(w, (np.int64(9), 10), stride=[1, np.int32(2)], padding=torch.tensor(1)) == want
+
+
+def test_stripe_sparsity_checks_kernel_size_and_stride():
+    z = torch.zeros(1, 1, 10)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        theory.stripe_sparsity(z, 3, stride=0)
+    with pytest.raises(TypeError, match="kernel_size"):
+        theory.stripe_sparsity(z, 3.0)
+    with pytest.raises(ValueError, match="kernel_size"):
+        theory.stripe_sparsity(z, (3, 3))
