@@ -6,6 +6,7 @@ traces (values are unknown there) and for meta tensors (which have none).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -61,16 +62,33 @@ def same_dtype(**tensors: Tensor | None) -> None:
         )
 
 
+def count(name: str, value: object, minimum: int) -> int:
+    """An int >= minimum: Python, numpy and 0-d torch integers; floats and bools are a caller's bug, not a size."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def ints(name: str, value: IntOrPair, rank: int, *, minimum: int) -> tuple[int, ...]:
-    if isinstance(value, (bool, str)) or not (
-        isinstance(value, int)
-        or (isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
-    ):
+    """One int for every spatial dimension, or a sequence of ``rank`` of them, each >= minimum."""
+    try:
+        return (count(name, value, minimum),) * rank
+    except TypeError:
+        pass
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be an int or a sequence of {rank} ints, got {value!r}")
-    values = (value,) * rank if isinstance(value, int) else tuple(value)
-    if len(values) != rank or min(values) < minimum:
-        raise ValueError(f"{name} must be {rank} int(s) >= {minimum}, got {value!r}")
-    return values
+    if len(value) != rank:
+        raise ValueError(f"{name} must be an int or have {rank} entries, got {value!r}")
+    try:
+        return tuple(count(name, v, minimum) for v in value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a sequence of {rank} ints, got {value!r}") from None
 
 
 def padding(value: Padding, kernel: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:

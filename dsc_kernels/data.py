@@ -10,13 +10,13 @@ downloaded.
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from . import _validate as check
 from .theory import mutual_coherence
 
 __all__ = [
@@ -180,19 +180,6 @@ def synthesize(z: torch.Tensor, d: ConvDictionary) -> torch.Tensor:
     return conv_t(z, w, stride=d.stride, padding=d.padding, output_padding=op)
 
 
-def _count(name: str, value: object, minimum: int) -> int:
-    """value as an int >= minimum (numpy ints accepted, bools and floats not)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _ravel(pos: Sequence[int], size: Sequence[int]) -> int:
     flat = 0
     for p, n in zip(pos, size):
@@ -309,13 +296,13 @@ def sparse_codes(
     bound; every feasible request succeeds, an infeasible one raises ValueError. Reproducible from `seed`.
     """
     for name, value, minimum in (("batch", batch, 0), ("channels", channels, 1), ("sparsity", sparsity, 0)):
-        _count(name, value, minimum)
-    sep = _count("min_separation", min_separation, 0)
-    _count("seed", seed, -(2**63))
+        check.count(name, value, minimum)
+    sep = check.count("min_separation", min_separation, 0)
+    check.count("seed", seed, -(2**63))
     size = (code_size,) if isinstance(code_size, int) else tuple(code_size)
     if not size:
         raise ValueError("code_size must have at least one spatial axis")
-    size = tuple(_count("code_size", n, 1) for n in size)
+    size = tuple(check.count("code_size", n, 1) for n in size)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     try:
@@ -369,7 +356,7 @@ def dsc_problem(
         raise ValueError("give noise_std or noise_l2, not both")
     if not dictionaries:
         raise ValueError("dictionaries must hold at least one layer")
-    _count("batch", batch, 1)  # the per-layer sparsity and amplitude are maxima over the batch
+    check.count("batch", batch, 1)  # the per-layer sparsity and amplitude are maxima over the batch
     for name, value in (("noise_std", noise_std), ("noise_l2", noise_l2)):
         if value is not None and not 0 <= value < math.inf:
             raise ValueError(f"{name} must be finite and >= 0, got {value!r}")

@@ -21,13 +21,13 @@ setting on scikit-learn's photographs; ``python -m dsc_kernels.dictionary_learni
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from . import _validate as check
 from . import functional as DF
 from .reference.conv import code_size
 
@@ -65,20 +65,6 @@ class _PowerIteration:
                 return 0.0
             self.vector = back / norm
         return value
-
-
-def _sizes(value: int | Sequence[int], rank: int, name: str, minimum: int) -> tuple[int, ...]:
-    """as_tuple for a size or padding: ints (numpy ints too, not bools) >= minimum, one per spatial dim."""
-    values = value if isinstance(value, Sequence) else (value,) * rank
-    try:
-        if len(values) != rank or any(isinstance(v, bool) for v in values):
-            raise TypeError
-        values = tuple(operator.index(v) for v in values)
-    except TypeError:
-        raise ValueError(f"{name} must be an int or {rank} ints, got {value!r}") from None
-    if min(values) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return values
 
 
 def _random_crops(x: Tensor, n: int, kernel: tuple[int, ...], generator: torch.Generator) -> Tensor:
@@ -184,12 +170,12 @@ def learn_conv_dictionary(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     rank = x.dim() - 2
-    kernel = _sizes(kernel_size, rank, "kernel_size", 1)
+    kernel = check.ints("kernel_size", kernel_size, rank, minimum=1)
     signal = tuple(x.shape[2:])
     if any(k > s for k, s in zip(kernel, signal)):
         # atoms larger than the signals: no crop to start from, and most of every atom would be unidentifiable
         raise ValueError(f"kernel_size {kernel} must not exceed the signal size {signal} of x")
-    padding = tuple(k - 1 for k in kernel) if padding is None else _sizes(padding, rank, "padding", 0)
+    padding = tuple(k - 1 for k in kernel) if padding is None else check.ints("padding", padding, rank, minimum=0)
     generator = torch.Generator().manual_seed(seed)
     if init is None:
         init = _random_crops(x, n_atoms, kernel, generator)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _validate as check
 from . import theory
 from .nn import ConvSparseCoding1d, ConvSparseCoding2d, SoftThreshold
 
@@ -63,7 +64,8 @@ def hoyer(t: Tensor, dim: int | Sequence[int] | None = None) -> Tensor:
     n = math.prod(t.shape[d] for d in dims)
     a = t.abs()
     if n <= 1:
-        return torch.ones_like(a.sum(dim=dims)) + a.sum(dim=dims) * 0  # * 0 keeps NaN/inf and the graph
+        total = a.sum(dim=dims)
+        return torch.ones_like(total) + total * 0  # * 0 keeps NaN/inf and the graph
     # Divide by the largest magnitude: |t|_1 / |t|_2 does not change, and nothing underflows or overflows, so no eps
     # is needed. The scale is detached: the ratio is the same for every scale, so its gradient stays exact.
     top = a.amax(dim=dims, keepdim=True).detach()
@@ -160,7 +162,7 @@ def coherence_penalty(
     """
     theory._check_weight(weight)
     rank = weight.dim() - 2
-    strides = theory._int_tuple(stride, rank, "stride", 1)  # checked even unused, so a bad call fails at once
+    strides = check.ints("stride", stride, rank, minimum=1)  # checked even unused, so a bad call fails at once
     atoms = _unfolded(weight, normalize)
     if not shifts or weight.shape[0] == 0:  # no atoms: the (0, 0) Gram matrix, conv would reject the empty weight
         gram = atoms @ atoms.T

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from . import _validate as check
 
 __all__ = [
     "mutual_coherence",
@@ -45,31 +46,6 @@ __all__ = [
 ]
 
 
-def _int_tuple(value: object, rank: int, name: str, minimum: int) -> tuple[int, ...]:
-    """An int or a sequence of ``rank`` ints, each >= ``minimum``, as a tuple (TypeError/ValueError naming ``name``).
-
-    Floats and bools are rejected rather than rounded: a stride of 1.5 or True is a caller's bug, not a size.
-    """
-
-    def as_int(v: object) -> int:
-        if isinstance(v, bool):
-            raise TypeError
-        return operator.index(v)  # ints, numpy and 0-d torch integers; TypeError for floats
-
-    try:
-        items = (as_int(value),) * rank
-    except TypeError:
-        try:
-            items = tuple(as_int(v) for v in value)
-        except TypeError:
-            raise TypeError(f"{name} must be an int or a sequence of {rank} ints, got {value!r}") from None
-    if len(items) != rank:
-        raise ValueError(f"{name} must be an int or have {rank} entries, got {value!r}")
-    if min(items) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return items
-
-
 def _check_weight(weight: object) -> torch.Tensor:
     """A real (C_code, C_sig, k) or (C_code, C_sig, kh, kw) tensor with kernel sizes >= 1."""
     if not isinstance(weight, torch.Tensor):
@@ -88,8 +64,8 @@ def _check_weight(weight: object) -> torch.Tensor:
 def _conv_args(weight: object, signal_size: object, stride: object, padding: object) -> tuple[int, tuple, tuple, tuple]:
     """The checked rank, signal size (>= 1), stride (>= 1) and padding (>= 0) of a convolutional dictionary."""
     nd = _check_weight(weight).dim() - 2
-    size = _int_tuple(signal_size, nd, "signal_size", 1)
-    return nd, size, _int_tuple(stride, nd, "stride", 1), _int_tuple(padding, nd, "padding", 0)
+    size = check.ints("signal_size", signal_size, nd, minimum=1)
+    return nd, size, check.ints("stride", stride, nd, minimum=1), check.ints("padding", padding, nd, minimum=0)
 
 
 def _windows(n_sig: int, k: int, s: int, p: int) -> list[tuple[int, int]]:
@@ -386,7 +362,7 @@ def stripe_sparsity(code: torch.Tensor, kernel_size: int | Sequence[int], stride
     if not isinstance(code, torch.Tensor) or code.dim() not in (3, 4):
         raise ValueError(f"code must be a (B, C, L) or (B, C, H, W) tensor, got {getattr(code, 'shape', code)!r}")
     nd = code.dim() - 2
-    ks, st = _int_tuple(kernel_size, nd, "kernel_size", 1), _int_tuple(stride, nd, "stride", 1)
+    ks, st = check.ints("kernel_size", kernel_size, nd, minimum=1), check.ints("stride", stride, nd, minimum=1)
     window = tuple(2 * ((k - 1) // s) + 1 for k, s in zip(ks, st))
     nz = (code != 0).to(torch.float64).sum(1, keepdim=True)
     pool = F.avg_pool1d if nd == 1 else F.avg_pool2d

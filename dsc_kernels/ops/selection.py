@@ -26,6 +26,7 @@ from .registry import implementation
 from .table import Backend
 
 ENV_VAR = "DSC_KERNELS_BACKEND"
+KNOWN_NAMES = ("auto", *table.BACKEND_NAMES, *table.NOT_BUILT)  # what ``backend=`` may say
 
 # Each family's module: its schema, fakes, autograd, op_pair(backend) and run(row, ...).
 FAMILY_MODULES = {"conv_ista": conv_ista, "sparse_attention": sparse_attention, "ml_ista": ml_ista}
@@ -112,21 +113,19 @@ def backend_name(backend: object) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string such as 'auto', 'reference', 'cpp' or 'triton', got {backend!r}")
     name = backend.strip().lower()
-    known = ("auto", *table.BACKEND_NAMES, *table.NOT_BUILT)
-    if name not in known:
-        raise ValueError(f"backend must be one of {known}, got {backend!r}")
+    if name not in KNOWN_NAMES:
+        raise ValueError(f"backend must be one of {KNOWN_NAMES}, got {backend!r}")
     return name
 
 
 def _requested(backend: object) -> str:
     name = backend_name(backend)
-    known = ("auto", *table.BACKEND_NAMES, *table.NOT_BUILT)
     if name != "auto":
         return name
     env = os.environ.get(ENV_VAR, "").strip().lower()
-    if env and env not in known:
+    if env and env not in KNOWN_NAMES:
         raise ValueError(
-            f"the environment variable {ENV_VAR} must be one of {known} (or empty), got {os.environ[ENV_VAR]!r}"
+            f"the environment variable {ENV_VAR} must be one of {KNOWN_NAMES} (or empty), got {os.environ[ENV_VAR]!r}"
         )
     return env or "auto"
 
