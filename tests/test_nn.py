@@ -248,6 +248,29 @@ def test_learned_values_are_projected_after_optimizer_steps_never_clamped_in_for
     assert float(layer.lam.min()) == 0.0
 
 
+@pytest.mark.parametrize("line_search", [None, "strong_wolfe"])
+def test_lbfgs_trial_points_inside_a_step_are_projected(line_search):
+    # LBFGS evaluates its closure at trial points inside one step(); a loss that rewards larger codes drives lam
+    # below zero there, which the forward rejects. The closure is wrapped to project first.
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(1, 3, 3, n_iter=2, lam=0.05, learn_lam=True, backend="reference")
+    x = torch.randn(2, 1, 6, 6)
+    optimizer = torch.optim.LBFGS([layer.lam], lr=1.0, max_iter=5, line_search_fn=line_search)
+    lams = []
+
+    def closure():
+        optimizer.zero_grad()
+        lams.append(float(layer.lam.detach().min()))
+        loss = -layer(x).abs().sum()
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        optimizer.step(closure)
+    assert len(lams) > 2 and min(lams) == 0.0  # trial points reached the bound, projected onto it
+    assert float(layer.lam.detach().min()) == 0.0
+
+
 def test_copies_are_projected_too():
     import copy
 

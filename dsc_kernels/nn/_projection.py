@@ -6,8 +6,10 @@ clamp them in the forward (that would silently change outputs and hide the value
 stored value and ``functional`` rejects an invalid one. Instead every layer that owns such a parameter registers here,
 and after each ``torch.optim`` optimiser step the parameters of that optimiser are projected onto their sets in
 place (``p = min(max(p, lower), upper)``) — projected gradient descent. The stored value, the state dict and the
-forward therefore always agree. Loops that update parameters without ``torch.optim`` call ``project_(module)``
-themselves.
+forward therefore always agree. Optimisers that evaluate a closure at trial points inside one step (``LBFGS``
+and its line search) would otherwise run the forward on unprojected values and stop on its ``ValueError``, so a
+step's closure is wrapped to project those parameters before each evaluation. Loops that update parameters without
+``torch.optim`` call ``project_(module)`` themselves.
 """
 
 from __future__ import annotations
@@ -16,26 +18,49 @@ import weakref
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 _LAYERS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-_hook_handle = None
+_hook_handles: tuple | None = None
 
 
 def register(module: nn.Module) -> None:
-    """Project ``module.constraints()`` after every optimiser step that updates them."""
-    global _hook_handle
+    """Project ``module.constraints()`` after every optimiser step that updates them (and before each closure
+    evaluation inside one)."""
+    global _hook_handles
     _LAYERS.add(module)
-    if _hook_handle is None:
-        _hook_handle = register_optimizer_step_post_hook(_after_optimizer_step)
+    if _hook_handles is None:
+        _hook_handles = (
+            register_optimizer_step_pre_hook(_wrap_closure),
+            register_optimizer_step_post_hook(_after_optimizer_step),
+        )
 
 
-def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+def _project_parameters_of(optimizer: torch.optim.Optimizer) -> None:
     stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for layer in list(_LAYERS):
         for param, lower, upper in layer.constraints():
             if id(param) in stepped:
                 _project(param, lower, upper)
+
+
+def _wrap_closure(optimizer: torch.optim.Optimizer, args, kwargs):
+    # args are step()'s own: (optimizer, closure?) — torch passes self along.
+    closure = args[1] if len(args) > 1 else kwargs.get("closure")
+    if closure is None:
+        return None
+
+    def projected_closure():
+        _project_parameters_of(optimizer)
+        return closure()
+
+    if len(args) > 1:
+        return (args[0], projected_closure, *args[2:]), kwargs
+    return args, {**kwargs, "closure": projected_closure}
+
+
+def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    _project_parameters_of(optimizer)
 
 
 @torch.no_grad()
