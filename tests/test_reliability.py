@@ -241,3 +241,24 @@ def test_setting_triton_interpret_after_import_is_a_clear_error():
     env["CUDA_VISIBLE_DEVICES"] = ""
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert "TRITON_INTERPRET changed after" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_compile_fullgraph_of_a_training_step_in_a_fresh_process():
+    # The first call of a process resolves the table's Python paths (the cpp row's residual policy among them);
+    # inside a torch.compile trace that import used to be an Unsupported graph break.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import torch\n"
+        "from dsc_kernels.nn import ConvSparseCoding2d\n"
+        "layer = ConvSparseCoding2d(2, 3, 3, n_iter=2, backend='cpp')\n"
+        "x = torch.randn(2, 2, 7, 7, requires_grad=True)\n"
+        "torch.compile(layer, fullgraph=True, backend='aot_eager')(x).sum().backward()\n"
+        "print('compiled', tuple(layer.weight.grad.shape))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert "compiled (3, 2, 3, 3)" in out.stdout, out.stdout + out.stderr[-2000:]
