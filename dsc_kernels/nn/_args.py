@@ -8,11 +8,29 @@ import math
 import torch
 from torch import Tensor
 
+from .. import _validate as check
+
 
 def positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return value
+
+
+def flags(**values: object) -> None:
+    """Each a bool: a truthy string such as "no" would otherwise silently switch an option on."""
+    for name, value in values.items():
+        check.flag(name, value)
+
+
+def float_dtype(dtype: object) -> torch.dtype:
+    """The factory ``dtype`` (None: the default dtype), which must be floating point: the layers' parameters are
+    learned and their values (thresholds, steps) are real numbers."""
+    if dtype is None:
+        return torch.get_default_dtype()
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    return dtype
 
 
 def check_value(
@@ -23,8 +41,10 @@ def check_value(
     allow_negative: bool = False,
     positive: bool = False,
     hint: str = "",
+    dtype: torch.dtype | None = None,
 ) -> float | Tensor:
-    """A float or tensor of one of ``shapes``, finite, >= 0 (> 0 when ``positive``) unless ``allow_negative``."""
+    """A float or tensor of one of ``shapes``, finite, >= 0 (> 0 when ``positive``) unless ``allow_negative``, and
+    within ``dtype``'s range when given (it would be stored as inf)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
     if isinstance(value, Tensor):
@@ -35,11 +55,18 @@ def check_value(
         data = value.detach()
         if data.is_meta:
             return value
-        finite, low = bool(torch.isfinite(data).all()), float(data.min()) if data.numel() else 0.0
+        finite = bool(torch.isfinite(data).all())
+        low, high = (float(data.min()), float(data.abs().max())) if data.numel() else (0.0, 0.0)
     else:
-        finite, low = math.isfinite(value), float(value)
+        try:
+            low = float(value)
+        except OverflowError:  # an int beyond every float
+            low = math.inf
+        finite, high = math.isfinite(low), abs(low)
     if not finite:
         raise ValueError(f"{name} must be finite, got {value!r}")
+    if dtype is not None and high > torch.finfo(dtype).max:
+        raise ValueError(f"{name} must fit in {dtype} (|value| <= {torch.finfo(dtype).max:.3g}), got {value!r}")
     if positive and low <= 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
     if not allow_negative and low < 0:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .. import _validate as check
 from .. import functional as DF
 from . import _projection
-from ._args import check_value, positive_int
+from ._args import check_value, float_dtype, positive_int
 from .sparse_coding import STEP_FLOOR
 
 IntOrPair = int | Sequence[int]
@@ -102,11 +102,12 @@ class MultiLayerSparseCoding2d(_projection.Projected):
             raise ValueError(f"channels must list at least two channel counts, got {channels!r}")
         if input_encoders and mode == "layered":
             raise ValueError("input_encoders (ML-LISTA) need a multi-layer mode, not 'layered'")
+        value_dtype = float_dtype(dtype)
         # bias is the ReLU's bias with nonneg, else minus the soft threshold, which must be >= 0.
-        check_value("bias", bias, [()], allow_negative=True)
+        check_value("bias", bias, [()], allow_negative=True, dtype=value_dtype)
         if not nonneg and bias > 0:
             raise ValueError(f"bias must be <= 0 without nonneg (the soft threshold is -bias >= 0), got {bias!r}")
-        check_value("step", step, [()], positive=True)
+        check_value("step", step, [()], positive=True, dtype=value_dtype)
         DF.check_backend(backend)
         self.channels = channels
         self.kernel_sizes = [
@@ -123,24 +124,37 @@ class MultiLayerSparseCoding2d(_projection.Projected):
         lead = (n_iter + 1,) if untied_unfoldings else ()
 
         def filters(j: int) -> nn.Parameter:
-            shape = (channels[j + 1], channels[j], *self.kernel_sizes[j])
-            scale = 0.1 / math.sqrt(channels[j] * math.prod(self.kernel_sizes[j]))
-            return nn.Parameter(scale * torch.randn(*lead, *shape, **factory))
+            return nn.Parameter(torch.empty(*lead, channels[j + 1], channels[j], *self.kernel_sizes[j], **factory))
 
         self.weights = nn.ParameterList(filters(j) for j in range(depth))
         self.input_encoders = nn.ParameterList(filters(j) for j in range(depth)) if input_encoders else None
         self.biases = nn.ParameterList(
-            nn.Parameter(torch.full((*lead, channels[j + 1]), float(bias), **factory)) for j in range(depth)
+            nn.Parameter(torch.empty((*lead, channels[j + 1]), **factory)) for j in range(depth)
         )
-        steps = [torch.full(lead, float(step), **factory) for _ in range(depth)]
+        steps = [torch.empty(lead, **factory) for _ in range(depth)]
         if learn_steps:
             self.steps = nn.ParameterList(nn.Parameter(s) for s in steps)
         else:
             for j, s in enumerate(steps):
                 self.register_buffer(f"step_{j}", s)
             self.steps = None
+        self._init = {"bias": float(bias), "step": float(step)}
         self._step_floor = STEP_FLOOR * float(step)
+        self.register_load_state_dict_post_hook(_after_load)
         self.register_projection()
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The published initialisation: W_j (and B_j) ~ 0.1 N(0, 1) / sqrt(C_j k^2), b_j = ``bias``, c_j = ``step``;
+        what ``to_empty()`` after a ``device="meta"`` construction needs (it leaves memory uninitialised)."""
+        for filters in (self.weights, self.input_encoders or []):
+            for w, c_in, k in zip(filters, self.channels, self.kernel_sizes):
+                w.normal_().mul_(0.1 / math.sqrt(c_in * math.prod(k)))
+        for b in self.biases:
+            b.fill_(self._init["bias"])
+        for c in self._steps():
+            c.fill_(self._init["step"])
 
     def constraints(self) -> list[tuple[Tensor, float | None, float | None]]:
         """(parameter, lower, upper) bounds that projection after each optimiser step keeps valid."""
@@ -164,25 +178,32 @@ class MultiLayerSparseCoding2d(_projection.Projected):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """x: (B, C_0, H, W) -> [G_1 (B, C_1, H_1, W_1), ..., G_L]."""
+        # functional also takes 1-D signals, and read these 2-D filters as 1-D per-step ones for an x of rank 3.
+        check.tensor("x", x)
+        if x.dim() != 4 or x.shape[1] != self.channels[0]:
+            raise ValueError(f"x must be (B, C_0={self.channels[0]}, H, W), got shape {tuple(x.shape)}")
         dictionaries, encoders = self._operators()
         thresholds = [-b for b in self.biases]
         steps = self._steps()
         if self.mode == "layered":
             codes, signal = [], x
             for j, (d, e) in enumerate(zip(dictionaries, encoders)):
-                signal = DF.conv_ista(
-                    signal,
-                    d,
-                    threshold=thresholds[j],
-                    n_iter=self.n_iter + 1,
-                    step=steps[j],
-                    encoder_weight=e,
-                    stride=self.strides[j],
-                    padding=self.paddings[j],
-                    nonneg=self.nonneg,
-                    backend=self.backend,
-                    recompute=self.recompute,
-                )
+                try:
+                    signal = DF.conv_ista(
+                        signal,
+                        d,
+                        threshold=thresholds[j],
+                        n_iter=self.n_iter + 1,
+                        step=steps[j],
+                        encoder_weight=e,
+                        stride=self.strides[j],
+                        padding=self.paddings[j],
+                        nonneg=self.nonneg,
+                        backend=self.backend,
+                        recompute=self.recompute,
+                    )
+                except (ValueError, TypeError) as err:  # which layer's size or value was wrong, as ml_ista says
+                    raise type(err)(f"layer {j}: {err}") from None
                 codes.append(signal)
             return codes
         return DF.ml_ista(
@@ -205,7 +226,7 @@ class MultiLayerSparseCoding2d(_projection.Projected):
     def decode(self, code: Tensor, signal_size: Sequence[int]) -> Tensor:
         """The signal a deepest code G_L stands for, D_1 D_2 ... D_L G_L (the last unfolding's dictionaries), of
         spatial size ``signal_size``: (B, C_L, H_L, W_L) -> (B, C_0, *signal_size)."""
-        sizes = [tuple(signal_size)]
+        sizes = [check.ints("signal_size", signal_size, 2, minimum=1)]
         for k, s, p in zip(self.kernel_sizes, self.strides, self.paddings):
             sizes.append(tuple((n + 2 * pp - kk) // ss + 1 for n, kk, ss, pp in zip(sizes[-1], k, s, p)))
         for j in reversed(range(len(self.weights))):
@@ -228,3 +249,13 @@ class MultiLayerSparseCoding2d(_projection.Projected):
         if not self.nonneg:
             options.append("nonneg=False")
         return ", ".join(options + [f"backend={self.backend!r}"])
+
+
+def _after_load(module: MultiLayerSparseCoding2d, incompatible_keys) -> None:
+    """Learned steps loaded below this module's floor (saved by a network built with a smaller ``step``) would jump up
+    to the floor at the first optimiser step; they are a valid start, so the floor follows them."""
+    if module.steps is None or any(c.is_meta for c in module.steps):
+        return
+    lowest = min(float(c.detach().min()) for c in module.steps)
+    if lowest < module._step_floor:
+        module._step_floor = STEP_FLOOR * lowest

@@ -11,6 +11,7 @@ at construction; learned ones are kept valid by projected gradient descent after
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -22,6 +23,8 @@ from .. import functional as DF
 from ..reference.conv import code_size
 from . import _projection
 from ._args import check_value as _check_value
+from ._args import flags as _flags
+from ._args import float_dtype as _float_dtype
 from ._args import positive_int as _positive_int
 
 IntOrTuple = int | Sequence[int]
@@ -78,17 +81,24 @@ class SoftThreshold(_projection.Projected):
         dtype=None,
     ):
         super().__init__()
-        _check_value("threshold", threshold, [()], allow_negative=nonneg, hint=_SIGNED_HINT)
+        _flags(nonneg=nonneg, learnable=learnable)
+        _check_value("threshold", threshold, [()], allow_negative=nonneg, hint=_SIGNED_HINT, dtype=_float_dtype(dtype))
         if num_channels is not None:
             _positive_int("num_channels", num_channels)
         self.num_channels, self.nonneg = num_channels, nonneg
         shape = () if num_channels is None else (num_channels,)
-        value = torch.full(shape, float(threshold), device=device, dtype=dtype)
+        self._init_threshold = float(threshold)
+        value = torch.full(shape, self._init_threshold, device=device, dtype=dtype)
         if learnable:
             self.threshold = nn.Parameter(value)
             self.register_projection()
         else:
             self.register_buffer("threshold", value)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The initial threshold again (what ``to_empty()`` after a ``device="meta"`` construction needs)."""
+        self.threshold.fill_(self._init_threshold)
 
     def constraints(self):
         """(parameter, lower, upper) bounds kept valid by projection."""
@@ -194,6 +204,17 @@ class _ConvSparseCoding(_projection.Projected):
     ):
         super().__init__()
         rank = self._rank
+        _flags(
+            learn_lam=learn_lam,
+            learn_threshold=learn_threshold,
+            learn_step=learn_step,
+            untied=untied,
+            nonneg=nonneg,
+            fista=fista,
+            relative=relative,
+            recompute=recompute,
+        )
+        value_dtype = _float_dtype(dtype)
         self.in_channels = _positive_int("in_channels", in_channels)
         self.code_channels = _positive_int("code_channels", code_channels)
         self.n_iter = _positive_int("n_iter", n_iter)
@@ -210,16 +231,18 @@ class _ConvSparseCoding(_projection.Projected):
             if learn_lam:
                 raise ValueError("learn_lam applies to lam; with threshold= use learn_threshold=True")
             self._threshold_name = "threshold"
-            init_value = _check_value("threshold", threshold, value_shapes, allow_negative=nonneg, hint=_SIGNED_HINT)
+            init_value = _check_value(
+                "threshold", threshold, value_shapes, allow_negative=nonneg, hint=_SIGNED_HINT, dtype=value_dtype
+            )
             learned = learn_threshold
         else:
             if learn_threshold:
                 raise ValueError("learn_threshold applies to threshold=; with lam use learn_lam=True")
             self._threshold_name = "lam"
-            init_value = _check_value("lam", 0.1 if lam is None else lam, value_shapes)
+            init_value = _check_value("lam", 0.1 if lam is None else lam, value_shapes, dtype=value_dtype)
             learned = learn_lam
         if step is not None:
-            _check_value("step", step, [(), (n_iter,)], positive=True)
+            _check_value("step", step, [(), (n_iter,)], positive=True, dtype=value_dtype)
         self._init = {"threshold": init_value, "step": step}
         self._track_step = step is None and not learn_step
         self._zero_checks = 0
@@ -235,6 +258,7 @@ class _ConvSparseCoding(_projection.Projected):
             torch.zeros(1, code_channels, *code_size(probe, self.kernel_size, self.stride, self.padding), **factory),
             persistent=False,
         )
+        self.register_load_state_dict_pre_hook(_before_load)
         self.register_load_state_dict_post_hook(_after_load)
         self.register_projection()
         if not self.weight.is_meta:
@@ -295,11 +319,14 @@ class _ConvSparseCoding(_projection.Projected):
         weight, v = self.weight.detach(), self._power_vector
         probe = self._probe_size()
         lipschitz = v.new_zeros(())
-        for _ in range(n_steps):
-            v = v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
-            dv = DF.conv_synthesis(v, weight, stride=self.stride, padding=self.padding, signal_size=probe)
-            lipschitz = dv.pow(2).sum()
-            v = DF.conv_analysis(dv, weight, stride=self.stride, padding=self.padding)
+        # in the weight's dtype: under autocast the synthesis came out in half precision and the analysis of it
+        # against the float32 weight raised (a training forward under autocast always failed)
+        with torch.autocast(weight.device.type, enabled=False):
+            for _ in range(n_steps):
+                v = v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
+                dv = DF.conv_synthesis(v, weight, stride=self.stride, padding=self.padding, signal_size=probe)
+                lipschitz = dv.pow(2).sum()
+                v = DF.conv_analysis(dv, weight, stride=self.stride, padding=self.padding)
         self._power_vector.copy_(v / v.norm().clamp_min(torch.finfo(v.dtype).tiny))
         return torch.where(lipschitz > 0, 1.0 / lipschitz, torch.ones_like(lipschitz))
 
@@ -307,7 +334,8 @@ class _ConvSparseCoding(_projection.Projected):
     def refresh_step_(self, n_steps: int = POWER_STEPS_COLD) -> Tensor:
         """Re-estimate L = ||D||^2 (power iteration warm-started from the last estimate) and, when the step is
         tracked (``step=None``, not learned), set ``step = 1/L``. Returns 1/L."""
-        inverse_lipschitz = self._power_iterate(n_steps)
+        # with no iteration L stays 0, whose 1/L stands in as 1: a tracked step would silently become 1
+        inverse_lipschitz = self._power_iterate(_positive_int("n_steps", n_steps))
         if self._track_step:
             self.step.copy_(inverse_lipschitz)
         return inverse_lipschitz
@@ -324,12 +352,15 @@ class _ConvSparseCoding(_projection.Projected):
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C_sig, *S) -> z: (B, C_code, *Sz)."""
+        self._check_input(x)
         if self.training and self._track_step:
             self.refresh_step_(POWER_STEPS_PER_FORWARD)
         scale = None
         if self.relative:
-            rms = x.flatten(1).pow(2).mean(1).sqrt()
-            scale = torch.where(rms > 0, rms, torch.ones_like(rms)).reshape(-1, *([1] * (x.dim() - 1)))
+            # Squares in at least float32: in float16 they overflow from |x| = 256 on, and the code became NaN.
+            rms = x.flatten(1).to(torch.promote_types(x.dtype, torch.float32)).pow(2).mean(1).sqrt()
+            rms = torch.where(rms > 0, rms, torch.ones_like(rms)).to(x.dtype)
+            scale = rms.reshape(-1, *([1] * (x.dim() - 1)))
             x = x / scale
         values = {self._threshold_name: getattr(self, self._threshold_name)}  # lam= or threshold=
         z = DF.conv_ista(
@@ -351,6 +382,17 @@ class _ConvSparseCoding(_projection.Projected):
         if self.training and not torch.compiler.is_compiling():
             self._warn_if_all_zero(z)
         return z
+
+    def _check_input(self, x: object) -> None:
+        # functional reads the rank off x, so a 2-D layer given (B, C, L) was taken for per-iteration dictionaries
+        # and failed on an unrelated argument (stride, or a channel count that was not x's).
+        check.tensor("x", x)
+        spatial = "L" if self._rank == 1 else "H, W"
+        if x.dim() != self._rank + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x must be (B, C_sig={self.in_channels}, {spatial}) for {type(self).__name__}, "
+                f"got shape {tuple(x.shape)}"
+            )
 
     def _warn_if_all_zero(self, z: Tensor) -> None:
         self._zero_checks += 1
@@ -394,14 +436,33 @@ class _ConvSparseCoding(_projection.Projected):
         return ", ".join(options + [f"backend={self.backend!r}"])
 
 
+def _before_load(module: _ConvSparseCoding, state_dict, prefix: str, *args) -> None:
+    # Only this hook sees the module's prefix; the post hook needs to know what the load brought.
+    module._loading = {name for name in ("weight", "step") if prefix + name in state_dict}
+
+
 def _after_load(module: _ConvSparseCoding, incompatible_keys) -> None:
-    """The loaded dictionary has its own top singular vector: restart the power iteration cold (the loaded step is
-    kept as is, so a loaded model computes exactly what was saved)."""
-    if module.weight.is_meta:
+    """The loaded dictionary has its own top singular vector: restart the power iteration cold. A loaded step is
+    kept as is, so a loaded model computes exactly what was saved; a tracked step that the state dict lacks
+    (``strict=False``) becomes 1/L of the loaded dictionary, not the old one's."""
+    loaded = module.__dict__.pop("_loading", {"weight", "step"})
+    weight, vector = module.weight, module._power_vector
+    if weight.is_meta:
         return
+    if (vector.device, vector.dtype) != (weight.device, weight.dtype):  # assign=True onto a meta or other-dtype module
+        module._power_vector = torch.empty(vector.shape, device=weight.device, dtype=weight.dtype)
     generator = torch.Generator(device="cpu").manual_seed(0)
     module._power_vector.copy_(torch.randn(module._power_vector.shape, generator=generator))
-    module._power_iterate(POWER_STEPS_COLD)
+    inverse_lipschitz = module._power_iterate(POWER_STEPS_COLD)
+    if module._track_step and "weight" in loaded and "step" not in loaded:
+        with torch.no_grad():
+            module.step.copy_(inverse_lipschitz)
+    if isinstance(module.step, nn.Parameter) and not module.step.is_meta:
+        # A learned step below this module's floor (saved by a module started from a smaller step) would jump up to
+        # the floor at the first optimiser step; the loaded step is a valid start, so the floor follows it.
+        lowest = float(module.step.detach().min())
+        if lowest < getattr(module, "_step_floor", math.inf):
+            module._step_floor = STEP_FLOOR * lowest
 
 
 class ConvSparseCoding1d(_ConvSparseCoding):
@@ -462,6 +523,10 @@ class DeepSparseCoding2d(nn.Module):
         **layer_options,
     ):
         super().__init__()
+        _flags(nonneg=nonneg, relative=relative)
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
+            raise TypeError(f"channels must be a sequence of ints [C_0, ..., C_J], got {channels!r}")
+        channels = [_positive_int("channels", c) for c in channels]
         depth = len(channels) - 1
         if depth < 1:
             raise ValueError(f"channels must list at least two channel counts, got {channels!r}")
