@@ -262,3 +262,30 @@ def test_compile_fullgraph_of_a_training_step_in_a_fresh_process():
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     assert "compiled (3, 2, 3, 3)" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("family", ["conv_ista", "ml_ista", "sparse_attention"])
+def test_fused_cpu_ops_under_bfloat16_autocast_compute_what_they_compute_without_it(family):
+    # Autocast reached the oneDNN convolutions inside the C++ ops: bfloat16 results next to float32 buffers raised
+    # ("expected scalar type Float", "ml_ista_shrink not implemented for BFloat16"). The ops now run in float32.
+    torch.manual_seed(0)
+    if family == "sparse_attention":
+        inputs = [torch.randn(2, 2, 5, 4, requires_grad=True) for _ in range(3)]
+        run = lambda q, k, v: DF.sparse_attention(q, k, v, backend="cpp")  # noqa: E731
+    else:
+        inputs = [torch.randn(2, 2, 9, 8, requires_grad=True), torch.randn(3, 2, 3, 3, requires_grad=True)]
+        if family == "conv_ista":
+            run = lambda x, w: DF.conv_ista(x, w, 0.1, n_iter=3, padding=1, backend="cpp")  # noqa: E731
+        else:
+            run = lambda x, w: DF.ml_ista(x, [w], [0.1], n_iter=2, paddings=[1], backend="cpp")[-1]  # noqa: E731
+
+    def outputs():
+        out = run(*inputs)
+        return (out, *torch.autograd.grad(out.square().sum(), inputs))
+
+    plain = outputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = outputs()
+    for a, b in zip(autocast, plain):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -71,6 +71,16 @@ def _no_double_backward(row: Backend) -> Callable:
     return backward
 
 
+def _compute_in_float32_under_autocast(row: Backend) -> None:
+    """Inside an autocast region the fused ops take their inputs in float32 (float64 stays) and run with autocast
+    off, like ``torch.nn.functional``'s float32-policy ops: the kernels' own ATen calls (oneDNN convolutions in the
+    C++ ops) would otherwise come back in bfloat16 next to float32 buffers and fail."""
+    for device in row.devices or ("cpu", "cuda"):
+        if torch.amp.is_autocast_available(device):
+            for name in row.op_names:
+                torch.library.register_autocast(name, device, torch.float32)
+
+
 def op_pair(row: Backend, spec: FamilySpec) -> OpPair:
     """The (forward, backward) ops of ``row``, registering them the first time."""
     key = (row.family, row.name)
@@ -99,6 +109,7 @@ def op_pair(row: Backend, spec: FamilySpec) -> OpPair:
                 else:  # triton_op takes its schema from the launcher's annotations
                     op = torch.library.triton_op(name, implementation(impl), mutates_args=())
                 op.register_fake(fake)
+        _compute_in_float32_under_autocast(row)
         pair = OpPair(_op(row.forward_op), _op(row.backward_op))
         setup_context, backward = spec.make_autograd(pair.backward)
         torch.library.register_autograd(row.forward_op, backward, setup_context=setup_context)
