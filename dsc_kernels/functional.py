@@ -55,10 +55,11 @@ def backend_unavailable_reason(backend: str, device: torch.device | str) -> str 
     return ops.unavailable_reason("conv_ista", backend, torch.device(device).type)
 
 
-def check_backend(backend: object) -> str:
-    """``backend`` checked against the backend names (TypeError / ValueError naming it) and normalised; whether it
-    can run is decided at the call, which knows the device and dtype."""
-    return ops.backend_name(backend)
+def check_backend(backend: object, family: str | None = None) -> str:
+    """``backend`` checked against the backend names (TypeError / ValueError naming it) and normalised; with
+    ``family`` ("conv_ista", "ml_ista", "sparse_attention") it must also have that family's kernels. Whether it can
+    run is decided at the call, which knows the device and dtype."""
+    return ops.backend_name(backend, family)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

@@ -98,3 +98,12 @@ def test_attention_layers_check_arguments_at_construction():
             SparseCodingTransformerBlock(8, 2, **options)
     with pytest.raises(ValueError, match=r"\(B, N, dim=8\)"):
         SparseCodingTransformerBlock(8, 2, backend="reference")(torch.randn(5, 8))
+
+
+def test_a_backend_without_multilayer_kernels_is_refused_at_construction():
+    # triton has conv-ISTA kernels only: every mode that runs ML-ISTA used to be accepted and fail at forward.
+    with pytest.raises(ValueError, match="backend 'triton' has no ml_ista kernels"):
+        MultiLayerSparseCoding2d([1, 2, 3], 3, mode="ml-fista", backend="triton")
+    with pytest.raises(ValueError, match="backend 'triton' has no ml_ista kernels"):
+        MultiLayerSparseCoding2d([1, 2], 3, mode="layered", untied_unfoldings=True, backend="triton")
+    assert MultiLayerSparseCoding2d([1, 2], 3, mode="layered", backend="triton").backend == "triton"

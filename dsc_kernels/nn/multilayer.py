@@ -108,7 +108,8 @@ class MultiLayerSparseCoding2d(_projection.Projected):
         if not nonneg and bias > 0:
             raise ValueError(f"bias must be <= 0 without nonneg (the soft threshold is -bias >= 0), got {bias!r}")
         check_value("step", step, [()], positive=True, dtype=value_dtype)
-        DF.check_backend(backend)
+        # layered mode runs conv-ISTA per layer, unless per-unfolding filters make it a one-layer ML-ISTA each
+        DF.check_backend(backend, "conv_ista" if mode == "layered" and not untied_unfoldings else "ml_ista")
         self.channels = channels
         self.kernel_sizes = [
             check.ints("kernel_sizes", k, 2, minimum=1) for k in _per_layer("kernel_sizes", kernel_sizes, depth)

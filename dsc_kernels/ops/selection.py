@@ -107,14 +107,19 @@ def available(family: str, device: torch.device | str) -> list[str]:
     return [r.name for r in table.rows(family) if unavailable_reason(family, r.name, device_type) is None]
 
 
-def backend_name(backend: object) -> str:
+def backend_name(backend: object, family: str | None = None) -> str:
     """``backend`` normalised (stripped, lower case), or TypeError/ValueError naming it: what a layer checks at
-    construction, before any device or environment is known."""
+    construction, before any device or environment is known. With ``family``, a backend without kernels for that
+    op family is refused too."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string such as 'auto', 'reference', 'cpp' or 'triton', got {backend!r}")
     name = backend.strip().lower()
     if name not in KNOWN_NAMES:
         raise ValueError(f"backend must be one of {KNOWN_NAMES}, got {backend!r}")
+    if family is not None and name != "auto" and name not in table.NOT_BUILT:
+        names = [row.name for row in table.rows(family)]
+        if name not in names:
+            raise ValueError(f"backend {backend!r} has no {family} kernels; use one of {('auto', *names)}")
     return name
 
 
