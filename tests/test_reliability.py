@@ -223,11 +223,19 @@ def test_threshold_errors():
         DF.conv_ista(X, W, threshold=-0.1, n_iter=1, padding=1)
 
 
-def test_setting_triton_interpret_after_import_is_a_clear_error():
+def _run_in_fresh_process(script: str, **env_overrides: str):
+    """``script`` run by a new interpreter on this source tree, TRITON_INTERPRET unset (a CompletedProcess)."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parent.parent), **env_overrides)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_setting_triton_interpret_after_import_is_a_clear_error():
     script = (
         "import os, torch, dsc_kernels.functional as DF\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
@@ -236,20 +244,13 @@ def test_setting_triton_interpret_after_import_is_a_clear_error():
         "except RuntimeError as err:\n"
         "    print(err)\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    out = _run_in_fresh_process(script, CUDA_VISIBLE_DEVICES="")
     assert "TRITON_INTERPRET changed after" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
 def test_compile_fullgraph_of_a_training_step_in_a_fresh_process():
     # The first call of a process resolves the table's Python paths (the cpp row's residual policy among them);
     # inside a torch.compile trace that import used to be an Unsupported graph break.
-    import subprocess
-    import sys
-    from pathlib import Path
-
     script = (
         "import torch\n"
         "from dsc_kernels.nn import ConvSparseCoding2d\n"
@@ -258,9 +259,7 @@ def test_compile_fullgraph_of_a_training_step_in_a_fresh_process():
         "torch.compile(layer, fullgraph=True, backend='aot_eager')(x).sum().backward()\n"
         "print('compiled', tuple(layer.weight.grad.shape))\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    out = _run_in_fresh_process(script)
     assert "compiled (3, 2, 3, 3)" in out.stdout, out.stdout + out.stderr[-2000:]
 
 

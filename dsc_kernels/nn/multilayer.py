@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from .. import _validate as check
 from .. import functional as DF
 from . import _projection
-from ._args import check_value, float_dtype, positive_int
-from .sparse_coding import STEP_FLOOR
+from ._args import check_value, flags, float_dtype, positive_int
+from .sparse_coding import STEP_FLOOR, step_floor_after_load
 
 IntOrPair = int | Sequence[int]
 MODES = ("layered", "ml-ista", "ml-fista", "interleaved")
@@ -86,14 +86,13 @@ class MultiLayerSparseCoding2d(_projection.Projected):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
             raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
-        for name, flag in (
-            ("learn_steps", learn_steps),
-            ("untied_unfoldings", untied_unfoldings),
-            ("input_encoders", input_encoders),
-            ("nonneg", nonneg),
-            ("recompute", recompute),
-        ):
-            check.flag(name, flag)
+        flags(
+            learn_steps=learn_steps,
+            untied_unfoldings=untied_unfoldings,
+            input_encoders=input_encoders,
+            nonneg=nonneg,
+            recompute=recompute,
+        )
         if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
             raise TypeError(f"channels must be a sequence of ints [C_0, ..., C_L], got {channels!r}")
         channels = [positive_int("channels", c) for c in channels]
@@ -253,10 +252,7 @@ class MultiLayerSparseCoding2d(_projection.Projected):
 
 
 def _after_load(module: MultiLayerSparseCoding2d, incompatible_keys) -> None:
-    """Learned steps loaded below this module's floor (saved by a network built with a smaller ``step``) would jump up
-    to the floor at the first optimiser step; they are a valid start, so the floor follows them."""
+    """Learned steps loaded below this module's floor move the floor (``step_floor_after_load``)."""
     if module.steps is None or any(c.is_meta for c in module.steps):
         return
-    lowest = min(float(c.detach().min()) for c in module.steps)
-    if lowest < module._step_floor:
-        module._step_floor = STEP_FLOOR * lowest
+    module._step_floor = step_floor_after_load(module._step_floor, module.steps)

@@ -436,6 +436,13 @@ class _ConvSparseCoding(_projection.Projected):
         return ", ".join(options + [f"backend={self.backend!r}"])
 
 
+def step_floor_after_load(floor: float, steps: Sequence[Tensor]) -> float:
+    """The projection floor of learned steps after a load. A loaded step below it (saved by a module started from a
+    smaller step) would jump up to the floor at the first optimiser step; it is a valid start, so the floor follows."""
+    lowest = min(float(s.detach().min()) for s in steps)
+    return STEP_FLOOR * lowest if lowest < floor else floor
+
+
 def _before_load(module: _ConvSparseCoding, state_dict, prefix: str, *args) -> None:
     # Only this hook sees the module's prefix; the post hook needs to know what the load brought.
     module._loading = {name for name in ("weight", "step") if prefix + name in state_dict}
@@ -458,11 +465,7 @@ def _after_load(module: _ConvSparseCoding, incompatible_keys) -> None:
         with torch.no_grad():
             module.step.copy_(inverse_lipschitz)
     if isinstance(module.step, nn.Parameter) and not module.step.is_meta:
-        # A learned step below this module's floor (saved by a module started from a smaller step) would jump up to
-        # the floor at the first optimiser step; the loaded step is a valid start, so the floor follows it.
-        lowest = float(module.step.detach().min())
-        if lowest < getattr(module, "_step_floor", math.inf):
-            module._step_floor = STEP_FLOOR * lowest
+        module._step_floor = step_floor_after_load(getattr(module, "_step_floor", math.inf), [module.step])
 
 
 class ConvSparseCoding1d(_ConvSparseCoding):
