@@ -10,14 +10,14 @@ downloaded.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from . import _validate as check
-from .theory import mutual_coherence
+from .theory import _check_weight, _real, mutual_coherence
 
 __all__ = [
     "BARKER",
@@ -82,10 +82,34 @@ class DSCProblem:
     amplitude: list[float] = field(default_factory=list)
 
 
+def _float_dtype(dtype: object) -> torch.dtype:
+    """Unit-norm filters and codes need a floating dtype: an integer one would round every tap to 0 or fail."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    return dtype
+
+
+def _ndim(ndim: object) -> int:
+    if check.count("ndim", ndim, 1) > 2:
+        raise ValueError(f"ndim must be 1 or 2, got {ndim!r}")
+    return ndim
+
+
+def _seed(seed: object) -> int:
+    """What torch.Generator.manual_seed takes: an int in [-2**63, 2**64)."""
+    seed = check.count("seed", seed, -(2**63))
+    if seed >= 2**64:
+        raise ValueError(f"seed must be < 2**64, got {seed}")
+    return seed
+
+
 def barker_filter(length: int = 13, ndim: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Unit-norm Barker code, (1, 1, k) or its outer product (1, 1, k, k); coherence 1/length at stride 1."""
-    if length not in BARKER:
-        raise ValueError(f"Barker codes exist for lengths {sorted(BARKER)}, got {length}")
+    """Unit-norm Barker code, (1, 1, k) or its outer product (1, 1, k, k); coherence 1/length at stride 1.
+
+    ndim 1 or 2 and a floating dtype (ValueError/TypeError otherwise)."""
+    if isinstance(length, bool) or length not in BARKER:
+        raise ValueError(f"Barker codes exist for lengths {sorted(BARKER)}, got {length!r}")
+    ndim, dtype = _ndim(ndim), _float_dtype(dtype)
     b = torch.tensor(BARKER[length], dtype=dtype)
     w = b if ndim == 1 else torch.outer(b, b)
     return (w / w.norm()).reshape(1, 1, *w.shape)
@@ -94,11 +118,15 @@ def barker_filter(length: int = 13, ndim: int = 1, dtype: torch.dtype = torch.fl
 def golomb_filter(marks: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Unit-norm sparse filter (1, 1, max(marks)+1) with equal taps at `marks`; a Golomb ruler gives mu = 1/len(marks).
 
-    As a deeper-layer dictionary it keeps Gamma_{j-1} = D_j Gamma_j sparse (len(marks) entries per atom).
+    As a deeper-layer dictionary it keeps Gamma_{j-1} = D_j Gamma_j sparse (len(marks) entries per atom). marks: a
+    non-empty collection of ints >= 0 (a float would be truncated to another ruler: TypeError).
     """
-    marks = sorted(set(int(m) for m in marks))
-    if not marks or marks[0] < 0:
-        raise ValueError(f"marks must be non-negative integers, got {marks}")
+    if isinstance(marks, (str, bytes)) or not isinstance(marks, Iterable):
+        raise TypeError(f"marks must be a collection of ints, got {marks!r}")
+    marks = sorted(set(check.count("marks", m, 0) for m in marks))
+    if not marks:
+        raise ValueError("marks must hold at least one mark")
+    dtype = _float_dtype(dtype)
     w = torch.zeros(marks[-1] + 1, dtype=dtype)
     w[marks] = 1.0 / math.sqrt(len(marks))
     return w.reshape(1, 1, -1)
@@ -106,8 +134,10 @@ def golomb_filter(marks: Sequence[int], dtype: torch.dtype = torch.float64) -> t
 
 def dct_filters(n_filters: int, size: int, ndim: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The first n_filters orthonormal DCT-II atoms of length `size` (2-D: separable products, lowest total
-    frequency first): (n_filters, 1, size) or (n_filters, 1, size, size).
+    frequency first): (n_filters, 1, size) or (n_filters, 1, size, size). n_filters an int >= 0, size >= 1.
     """
+    n_filters, size = check.count("n_filters", n_filters, 0), check.count("size", size, 1)
+    ndim, dtype = _ndim(ndim), _float_dtype(dtype)
     n = torch.arange(size, dtype=dtype)
     basis = torch.stack([torch.cos(math.pi * (n + 0.5) * f / size) for f in range(size)])
     basis = basis / basis.norm(dim=1, keepdim=True)
@@ -127,10 +157,18 @@ def random_filters(
     """Gaussian filters, each code channel's (C_sig, *k) block normalised to unit norm: (c_code, c_sig, *size).
 
     Random dictionaries are far more coherent than the theory tolerates (docs/theory.md §4.4); pass them through
-    conv_dictionary to get the coherence reported.
+    conv_dictionary to get the coherence reported. c_code, c_sig ints >= 0; size an int (1-D) or one or two ints,
+    each >= 1.
     """
-    ks = (size,) if isinstance(size, int) else tuple(size)
-    g = torch.Generator().manual_seed(seed)
+    c_code, c_sig = check.count("c_code", c_code, 0), check.count("c_sig", c_sig, 0)
+    try:
+        ks = (check.count("size", size, 1),)
+    except TypeError:
+        if isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) not in (1, 2):
+            raise TypeError(f"size must be an int or a sequence of 1 or 2 ints, got {size!r}") from None
+        ks = check.ints("size", size, len(size), minimum=1)
+    dtype = _float_dtype(dtype)
+    g = torch.Generator().manual_seed(_seed(seed))
     w = torch.randn(c_code, c_sig, *ks, generator=g, dtype=dtype)
     return w / w.flatten(1).norm(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
 
@@ -144,10 +182,13 @@ def conv_dictionary(
     name: str = "",
 ) -> ConvDictionary:
     """Fix a dictionary's code size; the signal size is (code - 1) * stride + k - 2 * padding; mu is computed
-    exactly."""
+    exactly. weight: a floating (C_code, C_sig, *k); code_size, stride >= 1 and padding >= 0, ints or one per
+    spatial axis (ValueError/TypeError naming them otherwise)."""
+    if not _check_weight(weight).is_floating_point():
+        raise TypeError(f"weight must have a floating-point dtype, got {weight.dtype}")
     nd = weight.dim() - 2
-    tup = lambda v: (v,) * nd if isinstance(v, int) else tuple(int(a) for a in v)  # noqa: E731
-    code, st, pd = tup(code_size), tup(stride), tup(padding)
+    code = check.ints("code_size", code_size, nd, minimum=1)
+    st, pd = check.ints("stride", stride, nd, minimum=1), check.ints("padding", padding, nd, minimum=0)
     sig = tuple((z - 1) * s + k - 2 * p for z, s, k, p in zip(code, st, weight.shape[2:], pd))
     if min(sig) < 1:
         raise ValueError(f"code_size {code} with this filter gives an empty signal {sig}")
@@ -158,8 +199,24 @@ def conv_dictionary(
 def dictionary_chain(
     weights: Sequence[torch.Tensor], code_size: int | Sequence[int], *, strides: Sequence[int] | None = None
 ) -> list[ConvDictionary]:
-    """Layers 1..J of a DSC model (padding 0), sized from the deepest code up: layer j's code is layer j+1's signal."""
+    """Layers 1..J of a DSC model (padding 0), sized from the deepest code up: layer j's code is layer j+1's signal.
+
+    Every weight has the same rank, and layer j's C_code is layer j+1's C_sig; strides: one per layer (default 1).
+    """
+    weights = list(weights)
+    for j, w in enumerate(weights):
+        _check_weight(w)
+        if w.dim() != weights[0].dim():
+            raise ValueError(
+                f"weights must share one rank: layer 1 is {weights[0].dim() - 2}-D, layer {j + 1} {w.dim() - 2}-D"
+            )
+        if j and w.shape[1] != weights[j - 1].shape[0]:
+            raise ValueError(
+                f"layer {j + 1}'s C_sig ({w.shape[1]}) must be layer {j}'s C_code ({weights[j - 1].shape[0]})"
+            )
     strides = list(strides) if strides is not None else [1] * len(weights)
+    if len(strides) != len(weights):
+        raise ValueError(f"strides needs one entry per layer ({len(weights)}), got {len(strides)}")
     out: list[ConvDictionary] = []
     size = code_size
     for j in reversed(range(len(weights))):
@@ -171,6 +228,11 @@ def dictionary_chain(
 def synthesize(z: torch.Tensor, d: ConvDictionary) -> torch.Tensor:
     """D z for z: (B, C_code, *code_size) -> (B, C_sig, *signal_size): conv_transpose with the output_padding that
     gives exactly the signal size."""
+    if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+        raise TypeError(f"z must be a floating-point torch.Tensor, got {getattr(z, 'dtype', type(z).__name__)}")
+    want = (d.weight.shape[0], *d.code_size)
+    if z.dim() != d.ndim + 2 or tuple(z.shape[1:]) != want:
+        raise ValueError(f"z must be (B, {', '.join(map(str, want))}) for this dictionary, got {tuple(z.shape)}")
     w = d.weight.to(z.dtype)
     op = tuple(
         n + 2 * p - k - (c - 1) * s
@@ -298,7 +360,7 @@ def sparse_codes(
     for name, value, minimum in (("batch", batch, 0), ("channels", channels, 1), ("sparsity", sparsity, 0)):
         check.count(name, value, minimum)
     sep = check.count("min_separation", min_separation, 0)
-    check.count("seed", seed, -(2**63))
+    _seed(seed)
     size = (code_size,) if isinstance(code_size, int) else tuple(code_size)
     if not size:
         raise ValueError("code_size must have at least one spatial axis")
@@ -311,8 +373,8 @@ def sparse_codes(
         raise ValueError(f"amplitude must be a pair (lo, hi) of numbers, got {amplitude!r}") from None
     if not (0 <= lo <= hi and 0 < hi < math.inf):
         raise ValueError(f"amplitude must be (lo, hi) with 0 <= lo <= hi, 0 < hi < inf; got {amplitude}")
-    if float(torch.tensor(hi, dtype=dtype)) == 0:
-        raise ValueError(f"amplitude hi = {hi} rounds to 0 in {dtype}")
+    if not 0 < float(torch.tensor(hi, dtype=dtype)) < math.inf:
+        raise ValueError(f"amplitude hi = {hi} rounds to {float(torch.tensor(hi, dtype=dtype))} in {dtype}")
     n_pos = math.prod(size)
     capacity = channels * n_pos if sep == 0 else math.prod(-(-n // sep) for n in size)
     if sparsity > capacity:
@@ -350,16 +412,24 @@ def dsc_problem(
 
     Gamma_J is drawn by sparse_codes; Gamma_{j-1} = D_j Gamma_j; x = D_1 Gamma_1 + e with Gaussian e of std
     `noise_std`, or scaled to exactly ||e||_2 = noise_l2 per sample. `min_separation` defaults to the largest
-    filter extent of the deeper layers so their atoms never overlap.
+    filter extent of the deeper layers so their atoms never overlap. Every dictionary shares one dtype.
     """
-    if noise_l2 is not None and noise_std:
-        raise ValueError("give noise_std or noise_l2, not both")
+    if isinstance(dictionaries, ConvDictionary) or not isinstance(dictionaries, Iterable):
+        raise TypeError(f"dictionaries must be a sequence of ConvDictionary, got {type(dictionaries).__name__}")
+    dictionaries = list(dictionaries)
     if not dictionaries:
         raise ValueError("dictionaries must hold at least one layer")
+    for d in dictionaries:
+        if not isinstance(d, ConvDictionary):
+            raise TypeError(f"dictionaries must hold ConvDictionary (see conv_dictionary), got {type(d).__name__}")
+    if len({d.weight.dtype for d in dictionaries}) > 1:
+        # synthesize casts each weight to the codes' dtype: a mixed chain would silently compute in the deepest one
+        raise TypeError(f"dictionaries must share one dtype, got {[d.weight.dtype for d in dictionaries]}")
     check.count("batch", batch, 1)  # the per-layer sparsity and amplitude are maxima over the batch
-    for name, value in (("noise_std", noise_std), ("noise_l2", noise_l2)):
-        if value is not None and not 0 <= value < math.inf:
-            raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    noise_std = _real("noise_std", noise_std, finite=True)
+    noise_l2 = None if noise_l2 is None else _real("noise_l2", noise_l2, finite=True)
+    if noise_l2 is not None and noise_std:
+        raise ValueError("give noise_std or noise_l2, not both")
     for j in range(1, len(dictionaries)):
         up, down = dictionaries[j - 1], dictionaries[j]
         if up.code_size != down.signal_size or up.weight.shape[0] != down.weight.shape[1]:
@@ -383,7 +453,7 @@ def dsc_problem(
     for d in reversed(dictionaries[1:]):
         codes.insert(0, synthesize(codes[0], d))
     clean = synthesize(codes[0], dictionaries[0])
-    g = torch.Generator().manual_seed(seed + 1)
+    g = torch.Generator().manual_seed((seed + 1) % 2**64)  # the same stream as seed + 1, and valid at 2**64 - 1
     noise = torch.randn(clean.shape, generator=g, dtype=dtype)
     if noise_l2 is not None:
         noise = noise * (noise_l2 / noise.flatten(1).norm(dim=1)).reshape(-1, *([1] * (noise.dim() - 1)))

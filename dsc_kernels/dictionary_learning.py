@@ -29,7 +29,9 @@ from torch import Tensor
 
 from . import _validate as check
 from . import functional as DF
+from .data import _seed
 from .reference.conv import code_size
+from .theory import _real
 
 # Steps are 1/L scaled by this: power iteration approaches L from below, and a step just above 1/L could let the
 # objective rise by a hair.
@@ -75,8 +77,12 @@ def _random_crops(x: Tensor, n: int, kernel: tuple[int, ...], generator: torch.G
         b = int(torch.randint(0, x.shape[0], (1,), generator=generator))
         starts = [int(torch.randint(0, s - k + 1, (1,), generator=generator)) for s, k in zip(x.shape[2:], kernel)]
         crop = x[b][(slice(None), *(slice(a, a + k) for a, k in zip(starts, kernel)))].detach().cpu()
-        if crop.norm() == 0:
-            crop = torch.randn(crop.shape, generator=generator, dtype=crop.dtype)
+        # scale by the largest magnitude first: the norm of a tiny crop underflows to 0 (and it would be replaced by
+        # noise), a huge one's overflows to inf (and the atom would be 0)
+        top = crop.abs().max()
+        if top == 0:
+            crop, top = torch.randn(crop.shape, generator=generator, dtype=crop.dtype), torch.ones((), dtype=crop.dtype)
+        crop = crop / top
         crops.append(crop / crop.norm())
     return torch.stack(crops)
 
@@ -149,26 +155,23 @@ def learn_conv_dictionary(
     ("full"); init: a starting dictionary (C_code, C_sig, *k) with no all-zero atom (a zero atom is never used by
     a code, so it gets no gradient and would stay zero), default random crops of x scaled to unit norm;
     callback(iteration, objective) is called after every outer iteration (e.g. a progress bar). Needs B >= 1 and
-    k <= S in every spatial dim.
+    k <= S in every spatial dim; x float32 or float64 (half precision has neither the FFT nor the range the steps
+    need); seed an int in [-2**63, 2**64).
     """
     if not isinstance(x, Tensor) or x.dim() not in (3, 4) or not x.is_floating_point():
         raise ValueError("x must be a floating-point (B, C, L) or (B, C, H, W) tensor")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"x must be float32 or float64, got {x.dtype}: cast it (e.g. x.float())")
     if 0 in x.shape:
         raise ValueError(
             f"x must hold at least one signal with non-empty channels and sides, got shape {tuple(x.shape)}"
         )
     if not bool(torch.isfinite(x).all()):
         raise ValueError("x must be finite (it holds NaN or inf)")
-    if not lam > 0:
-        raise ValueError(f"lam must be > 0, got {lam!r}")
-    for name, value in (
-        ("n_atoms", n_atoms),
-        ("n_outer", n_outer),
-        ("n_code_iter", n_code_iter),
-        ("n_dict_iter", n_dict_iter),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    lam = _real("lam", lam, finite=True, positive=True)
+    n_atoms = check.count("n_atoms", n_atoms, 1)
+    for name, value in (("n_outer", n_outer), ("n_code_iter", n_code_iter), ("n_dict_iter", n_dict_iter)):
+        check.count(name, value, 1)
     rank = x.dim() - 2
     kernel = check.ints("kernel_size", kernel_size, rank, minimum=1)
     signal = tuple(x.shape[2:])
@@ -176,7 +179,7 @@ def learn_conv_dictionary(
         # atoms larger than the signals: no crop to start from, and most of every atom would be unidentifiable
         raise ValueError(f"kernel_size {kernel} must not exceed the signal size {signal} of x")
     padding = tuple(k - 1 for k in kernel) if padding is None else check.ints("padding", padding, rank, minimum=0)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(_seed(seed))
     if init is None:
         init = _random_crops(x, n_atoms, kernel, generator)
     elif not isinstance(init, Tensor) or not init.is_floating_point():
@@ -268,7 +271,10 @@ def plot_atoms(weight: Tensor, path, *, title: str | None = None) -> None:
 def low_frequency_fraction(weight: Tensor, cutoff: float = 0.25) -> Tensor:
     """Per atom of a (C_code, C_sig, kh, kw) dictionary, the fraction of its non-DC spectral energy at spatial
     frequencies of radius <= cutoff (cycles per pixel): about 0.19 for white-noise 8x8 atoms, near 1 for smooth
-    edges and lines. Returns (C_code,)."""
+    edges and lines (0 for an atom without non-DC energy). cutoff >= 0. Returns (C_code,)."""
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(f"weight must be a (C_code, C_sig, kh, kw) tensor, got {getattr(weight, 'shape', weight)!r}")
+    cutoff = _real("cutoff", cutoff)
     power = torch.fft.fft2(weight.detach().float()).abs().pow(2).sum(dim=1)
     fy, fx = (torch.fft.fftfreq(n) for n in weight.shape[2:])
     low = (fy[:, None] ** 2 + fx[None] ** 2).sqrt() <= cutoff
@@ -282,14 +288,19 @@ def photo_patches(
     """CDL training data from scikit-learn's two photographs (gray): each photograph is averaged down by
     ``downsample`` (less JPEG noise, larger structures), ``n_per_photo`` random size x size crops are high-passed
     (``highpass``) and each crop is scaled to unit pixel variance (contrast normalisation).
-    Returns (2 * n_per_photo, 1, size, size)."""
+    Returns (2 * n_per_photo, 1, size, size). n_per_photo, size, downsample ints >= 1; size must fit the
+    downsampled photographs."""
     from .recipes import data
 
+    n_per_photo, size = check.count("n_per_photo", n_per_photo, 1), check.count("size", size, 1)
+    downsample = check.count("downsample", downsample, 1)
     _box_width(highpass_size, "highpass_size")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(_seed(seed))
     crops = []
     for name in data.PHOTOS:
         image = torch.nn.functional.avg_pool2d(data.photo(name)[None, None], downsample)[0, 0]
+        if size > min(image.shape):
+            raise ValueError(f"size {size} exceeds the {tuple(image.shape)} photographs (downsample {downsample})")
         crops.append(data.random_patches(image, n_per_photo, size, generator))
     detail, _ = highpass(torch.cat(crops), highpass_size)
     scale = detail.flatten(1).std(dim=1).clamp_min(1e-3)
@@ -330,6 +341,11 @@ def atom_grid(weight: Tensor) -> Tensor:
     """The first input channel of (C_code, C_sig, kh, kw) atoms tiled in a square grid, one NaN pixel between atoms,
     each atom scaled to a peak of 1 (for ``imshow`` with vmin=-1, vmax=1).
     Returns (rows * (kh + 1), cols * (kw + 1))."""
+    if not isinstance(weight, Tensor) or weight.dim() != 4 or 0 in weight.shape[:2]:
+        raise ValueError(
+            f"weight must be a (C_code, C_sig, kh, kw) tensor with C_code, C_sig >= 1, got "
+            f"{getattr(weight, 'shape', weight)!r}"
+        )
     atoms = weight.detach().cpu().float()[:, 0]
     n, (kh, kw) = atoms.shape[0], atoms.shape[1:]
     cols = math.ceil(math.sqrt(n))

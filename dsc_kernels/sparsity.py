@@ -47,21 +47,50 @@ SPARSE_MODULES = (nn.ReLU, nn.Softshrink, nn.Hardshrink, SoftThreshold, ConvSpar
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
+def _tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _reduced_dims(t: Tensor, dim: int | Sequence[int] | None) -> tuple[int, ...]:
+    """``dim`` as distinct non-negative axes of ``t`` (a 0-d tensor has the one axis 0, as in torch reductions)."""
+    if dim is None:
+        return tuple(range(t.dim()))
+    rank = max(t.dim(), 1)
+    raw = tuple(dim) if isinstance(dim, (tuple, list)) else (dim,)
+    if not raw:
+        raise ValueError("dim must name at least one dimension (None reduces over all of them)")
+    given = [check.count("dim", d, -rank) for d in raw]
+    if max(given) >= rank:
+        raise ValueError(f"dim must be in [-{rank}, {rank - 1}] for a tensor of shape {tuple(t.shape)}, got {dim!r}")
+    dims = tuple(d % rank for d in given)
+    if len(set(dims)) != len(dims):
+        raise ValueError(f"dim names a dimension twice: {dim!r}")
+    return dims
+
+
 def zero_fraction(t: Tensor) -> float:
     """Fraction of entries of ``t`` that are exactly zero (NaN counts as non-zero); 0.0 for an empty tensor."""
+    t = _tensor("t", t)
     return float((t == 0).sum()) / t.numel() if t.numel() else 0.0
 
 
 def hoyer(t: Tensor, dim: int | Sequence[int] | None = None) -> Tensor:
     """Hoyer's sparsity ``(sqrt(n) - |t|_1 / |t|_2) / (sqrt(n) - 1)`` in [0, 1] over ``dim`` (all entries when None).
 
-    1 for a vector with one non-zero entry (and, by convention, for an all-zero one), 0 when every entry has the same
-    magnitude. n = 1 gives 1. Scale invariant at every scale (hoyer(c t) == hoyer(t) for c > 0, tiny t included);
-    NaN (or inf) in a slice gives NaN there. Differentiable, with finite gradients (0 at an all-zero slice).
+    1 for a vector with one non-zero entry (and, by convention, for an all-zero one and an empty one), 0 when every
+    entry has the same magnitude; rounding never takes it outside [0, 1]. n = 1 gives 1. Scale invariant at every
+    scale (hoyer(c t) == hoyer(t) for c > 0, tiny t included); NaN (or inf) in a slice gives NaN there.
+    Differentiable, with finite gradients (0 at an all-zero slice). Integer and bool tensors are measured in the
+    default float dtype. ``dim``: an int or distinct ints (negative from the end); TypeError/ValueError otherwise.
     Returns a tensor with ``dim`` reduced.
     """
-    dims = tuple(range(t.dim())) if dim is None else ((dim,) if isinstance(dim, int) else tuple(dim))
-    n = math.prod(t.shape[d] for d in dims)
+    t = _tensor("t", t)
+    dims = _reduced_dims(t, dim)
+    if not (t.is_floating_point() or t.is_complex()):
+        t = t.to(torch.get_default_dtype())  # abs() of a bool is not implemented, and the ratio is not an integer
+    n = math.prod(t.shape[d] for d in dims) if t.dim() else 1
     a = t.abs()
     if n <= 1:
         total = a.sum(dim=dims)
@@ -75,12 +104,15 @@ def hoyer(t: Tensor, dim: int | Sequence[int] | None = None) -> Tensor:
     zero = sq == 0
     # where() on both sides: the all-zero branch must not see 0/0 or sqrt'(0), whose NaN/inf would leak into grads
     ratio = l1 / torch.where(zero, torch.ones_like(sq), sq).sqrt()
-    return torch.where(zero, torch.ones_like(ratio), (math.sqrt(n) - ratio) / (math.sqrt(n) - 1))
+    # equal magnitudes give ratio = sqrt(n) up to rounding, which can land a hair outside [0, 1]; clamp keeps NaN
+    value = ((math.sqrt(n) - ratio) / (math.sqrt(n) - 1)).clamp(0.0, 1.0)
+    return torch.where(zero, torch.ones_like(ratio), value)
 
 
 def channel_activity(t: Tensor) -> Tensor:
-    """t: (B, C, *) -> (C,) fraction of non-zero entries of each channel over batch and space."""
-    if t.dim() < 2:
+    """t: (B, C, *) -> (C,) fraction of non-zero entries of each channel over batch and space (NaN counts as non-zero;
+    a channel with no entries, B = 0 or an empty spatial axis, gives NaN: a fraction of nothing)."""
+    if _tensor("t", t).dim() < 2:
         raise ValueError(f"t must be (B, C, ...), got shape {tuple(t.shape)}")
     return (t != 0).transpose(0, 1).flatten(1).float().mean(1)
 
@@ -98,8 +130,15 @@ def _named(modules: Mapping[str, nn.Module] | Iterable[nn.Module] | nn.Module) -
     if isinstance(modules, nn.Module):
         return {"": modules}
     if isinstance(modules, Mapping):
-        return dict(modules)
-    return {str(i): m for i, m in enumerate(modules)}
+        named = dict(modules)
+    elif isinstance(modules, Iterable) and not isinstance(modules, (str, bytes)):
+        named = {str(i): m for i, m in enumerate(modules)}
+    else:
+        raise TypeError(f"modules must be a module, a dict of modules or an iterable of them, got {modules!r}")
+    for name, m in named.items():
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"modules[{name!r}] must be an nn.Module, got {type(m).__name__}")
+    return named
 
 
 # ----------------------------------------------------------------------------------------------- regularisers
@@ -109,12 +148,13 @@ class ActivationL1:
     >>> reg = ActivationL1({"act1": model.act1, "act2": model.act2}, weight=1e-3)
     >>> loss = F.cross_entropy(model(x), y) + reg.pop()   # the penalty of the forwards since the last pop
 
-    Outputs are recorded only while grad is enabled (training forwards). ``remove()`` (or leaving a ``with``
+    Outputs are recorded only while grad is enabled (training forwards). Empty outputs (an empty batch) and
+    non-float ones (indices) hold no activations to penalise and are skipped. ``remove()`` (or leaving a ``with``
     block) detaches the hooks.
     """
 
     def __init__(self, modules: Mapping[str, nn.Module] | Iterable[nn.Module], weight: float):
-        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+        if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
             raise ValueError(f"weight must be a finite float >= 0, got {weight!r}")
         self.weight = float(weight)
         self._terms: list[Tensor] = []
@@ -122,7 +162,8 @@ class ActivationL1:
 
     def _record(self, module: nn.Module, inputs, output) -> None:
         if torch.is_grad_enabled():
-            self._terms.extend(t.abs().mean() for t in _tensors(output))
+            # the mean of an empty output is NaN, and one empty batch would make the whole loss NaN
+            self._terms.extend(t.abs().mean() for t in _tensors(output) if t.numel() and t.is_floating_point())
 
     def pop(self) -> Tensor | float:
         """The penalty of the outputs recorded since the last call (0.0 when none), and forget them."""
@@ -144,6 +185,10 @@ class ActivationL1:
 def _unfolded(weight: Tensor, normalize: bool) -> Tensor:
     atoms = weight.flatten(1)  # (C_code, C_sig * prod(k)): one atom per row
     if normalize:
+        # Divide by each atom's largest magnitude first (detached: the unit atom does not depend on its scale), so
+        # that the norm of a tiny atom does not underflow to 0, nor a huge one's overflow to inf.
+        top = atoms.abs().amax(dim=1, keepdim=True).detach() if atoms.shape[1] else atoms.new_zeros(len(atoms), 1)
+        atoms = atoms / torch.where(top == 0, torch.ones_like(top), top)
         atoms = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(torch.finfo(atoms.dtype).tiny)
     return atoms
 
@@ -158,15 +203,22 @@ def coherence_penalty(
     against every shifted copy that overlaps them by a multiple of ``stride`` (the Gram matrix of the
     convolutional dictionary, whose largest off-diagonal entry is the mutual coherence of interior atoms); each
     distinct pair is counted twice, like the unshifted Gram's off-diagonal. ``stride``: an int >= 1 or one per
-    spatial axis (ValueError/TypeError otherwise). Returns a 0-d tensor; NaN in ``weight`` gives NaN.
+    spatial axis (ValueError/TypeError otherwise). weight must be floating-point (TypeError). Returns a 0-d tensor;
+    NaN in ``weight`` gives NaN. An all-zero atom (C_sig = 0 included) has no direction: it stays zero, orthogonal to
+    every atom, and misses its unit self-product, adding 1 (a constant, with zero gradient).
     """
     theory._check_weight(weight)
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must have a floating-point dtype, got {weight.dtype}")
+    check.flag("normalize", normalize)
+    check.flag("shifts", shifts)
     rank = weight.dim() - 2
     strides = check.ints("stride", stride, rank, minimum=1)  # checked even unused, so a bad call fails at once
     atoms = _unfolded(weight, normalize)
+    eye = torch.eye(len(atoms), dtype=atoms.dtype, device=atoms.device)
     if not shifts or weight.shape[0] == 0:  # no atoms: the (0, 0) Gram matrix, conv would reject the empty weight
         gram = atoms @ atoms.T
-        return (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).pow(2).sum()
+        return (gram - eye).pow(2).sum()
     w = atoms.reshape(weight.shape)
     kernel = w.shape[2:]
     conv = F.conv1d if rank == 1 else F.conv2d
@@ -179,7 +231,7 @@ def coherence_penalty(
     gram = gram[(slice(None), slice(None), *index)]
     centre = tuple((k - 1) // s for k, s in zip(kernel, strides))
     identity = torch.zeros_like(gram)
-    identity[(slice(None), slice(None), *centre)] = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    identity[(slice(None), slice(None), *centre)] = eye
     return (gram - identity).pow(2).sum()
 
 
@@ -200,13 +252,17 @@ def max_coherence(
 def warmup_factor(step: int, warmup_steps: int, *, start: float = 0.0, shape: str = "linear") -> float:
     """A multiplier that rises from ``start`` at step 0 to 1 at ``warmup_steps`` (and stays 1 after).
 
-    shape: "linear" or "cosine" (half a cosine: slow at both ends).
+    shape: "linear" or "cosine" (half a cosine: slow at both ends). step and warmup_steps are ints >= 0
+    (warmup_steps = 0: no warm-up, 1 at once); start is finite and in [0, 1] (a negative factor would make thresholds
+    negative). TypeError/ValueError otherwise.
     """
     if shape not in ("linear", "cosine"):
         raise ValueError(f"shape must be 'linear' or 'cosine', got {shape!r}")
-    if warmup_steps <= 0 or step >= warmup_steps:
+    step, warmup_steps = check.count("step", step, 0), check.count("warmup_steps", warmup_steps, 0)
+    start = theory._real("start", start, high=1.0)
+    if step >= warmup_steps:
         return 1.0
-    progress = max(step, 0) / warmup_steps
+    progress = step / warmup_steps
     if shape == "cosine":
         progress = 0.5 - 0.5 * math.cos(math.pi * progress)
     return start + (1.0 - start) * progress
@@ -217,18 +273,26 @@ class ThresholdWarmup:
     their values to their values over ``warmup_steps`` calls of ``step()``: training starts dense, where gradients
     reach every unit, and reaches the target sparsity at the end of the warm-up.
 
-    Learned thresholds (parameters) are left to the optimiser. ``targets`` holds the final values.
+    Learned thresholds (parameters) are left to the optimiser. ``targets`` holds the final values ({name: tensor}).
+    The buffers are looked up at every step, so moving or casting the model (``.to``, ``.double()``) after
+    construction is fine.
     """
 
     def __init__(self, model: nn.Module, warmup_steps: int, *, start: float = 0.0, shape: str = "linear"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        warmup_factor(0, warmup_steps, start=start, shape=shape)  # bad arguments fail before any buffer is touched
         self.warmup_steps, self.start, self.shape, self.count = warmup_steps, start, shape, 0
-        self.targets: dict[str, tuple[Tensor, Tensor]] = {}
+        self.targets: dict[str, Tensor] = {}
+        # module.to() replaces its buffers by new tensors: keep where each lives, not the tensor of the moment
+        self._slots: dict[str, tuple[nn.Module, str]] = {}
         for name, module in model.named_modules():
             if isinstance(module, SPARSE_MODULES):
                 for attr in ("lam", "threshold"):
                     value = module._buffers.get(attr)
                     if value is not None:
-                        self.targets[f"{name}.{attr}" if name else attr] = (value, value.detach().clone())
+                        key = f"{name}.{attr}" if name else attr
+                        self.targets[key], self._slots[key] = value.detach().clone(), (module, attr)
         if not self.targets:
             raise ValueError("model has no fixed lam/threshold buffers to warm up")
         self._apply()
@@ -239,8 +303,9 @@ class ThresholdWarmup:
 
     @torch.no_grad()
     def _apply(self) -> None:
-        for buffer, target in self.targets.values():
-            buffer.copy_(target * self.factor)
+        for key, (module, attr) in self._slots.items():
+            buffer = module._buffers[attr]
+            buffer.copy_(self.targets[key].to(buffer.device) * self.factor)
 
     def step(self) -> float:
         """Advance one step and set every threshold to factor * target; returns the factor."""
@@ -266,13 +331,17 @@ class SparsityMonitor:
     """
 
     def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module] | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if modules is not None and not isinstance(modules, Mapping):
+            raise TypeError(f"modules must be a dict name -> module (or None), got {type(modules).__name__}")
         if modules is None:
             modules = {
                 name or type(model).__name__: m for name, m in model.named_modules() if isinstance(m, SPARSE_MODULES)
             }
         if not modules:
             raise ValueError("no modules to monitor: pass modules={name: module}")
-        self.modules = dict(modules)
+        self.modules = _named(modules)
         self.history: list[dict[str, dict[str, float]]] = []
         self._counts: dict[tuple[str, str], list] = {}
         self._handles: list = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -54,11 +55,76 @@ def _check_weight(weight: object) -> torch.Tensor:
         raise ValueError(
             f"weight must be (C_code, C_sig, k) or (C_code, C_sig, kh, kw), got shape {tuple(weight.shape)}"
         )
-    if weight.is_complex():
-        raise TypeError(f"weight must be a real tensor, got {weight.dtype}")
+    if weight.is_complex() or weight.dtype == torch.bool:
+        raise TypeError(f"weight must be a real (floating-point or integer) tensor, got {weight.dtype}")
     if min(weight.shape[2:]) < 1:
         raise ValueError(f"weight's kernel size must be >= 1, got {tuple(weight.shape[2:])}")
     return weight
+
+
+def _real(
+    name: str, value: object, *, low: float = 0.0, high: float = math.inf, finite: bool = False, positive: bool = False
+) -> float:
+    """A real number in [low, high] (``finite``: and not inf; ``positive``: and > low): Python or numpy reals and 0-d
+    tensors. NaN, and bools (a flag passed where a number belongs), are a caller's bug: a bound computed from them
+    would mean nothing."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    out = float(value)
+    if math.isnan(out) or not low <= out <= high or (finite and math.isinf(out)) or (positive and out == low):
+        interval = f"in [{low:g}, {high:g}]" if high < math.inf else f"{'>' if positive else '>='} {low:g}"
+        raise ValueError(f"{name} must be {'finite and ' if finite else ''}{interval}, got {value!r}")
+    return out
+
+
+def _mu(value: object, name: str = "mu") -> float:
+    return _real(name, value, high=1.0)
+
+
+def _sparsity(value: object, name: str = "s") -> int:
+    return check.count(name, value, 0)
+
+
+def _rate(s: int, mu: float) -> float:
+    """(2s - 1) mu, the error each support entry takes from the other s - 1 and its own threshold; s = 0 (the zero
+    code, which every iterate keeps exactly once the threshold dominates the noise) has nothing to decay: q = 0."""
+    return max(2 * s - 1, 0) * mu
+
+
+def _real_array(name: str, value: object, expected: str) -> np.ndarray:
+    """value (a number, array or tensor of real numbers) as float64; a TypeError naming it otherwise."""
+    try:
+        raw = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
+        if raw.dtype.kind not in "iuf":
+            raise TypeError
+        return raw.astype(np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be {expected}, got {value!r}") from None
+
+
+def _iterations(k: object, *, minimum: int = 0) -> np.ndarray:
+    """Iteration counts as float64: whole numbers >= minimum, or inf (the limit); an int or an array of them."""
+    out = _real_array("k", k, "an iteration count or an array of them")
+    if not np.all((out >= minimum) & ((out == np.floor(out)) | np.isposinf(out))):
+        raise ValueError(f"k must hold whole iteration counts >= {minimum} (or inf), got {k!r}")
+    return out
+
+
+def _nonnegative_array(name: str, value: object) -> np.ndarray:
+    """float64 values >= 0 (inf allowed): a scalar or an array that broadcasts against k."""
+    out = _real_array(name, value, "a real number or an array of them")
+    if not np.all(out >= 0):  # NaN fails this too
+        raise ValueError(f"{name} must be >= 0 (no NaN), got {value!r}")
+    return out
+
+
+def _bound(out: np.ndarray) -> float | np.ndarray:
+    """A bound built from checked non-negative terms: NaN there can only be inf * 0 (an inf amplitude or noise
+    level meeting a vanishing factor), whose honest value is the vacuous bound inf, never NaN."""
+    out = np.where(np.isnan(out), np.inf, out)
+    return float(out) if out.ndim == 0 else out
 
 
 def _conv_args(weight: object, signal_size: object, stride: object, padding: object) -> tuple[int, tuple, tuple, tuple]:
@@ -127,6 +193,8 @@ def mutual_coherence(
     Definition: Donoho–Elad 2003 [L]; its use per layer of a convolutional DSC model: Papyan–Romano–Elad 2017 [L].
     """
     nd, size, strides, pads = _conv_args(weight, signal_size, stride, padding)
+    if weight.device.type == "meta":
+        raise ValueError("weight is a meta tensor: mutual_coherence needs its values")
     code = [(n + 2 * p - k) // s + 1 for n, p, k, s in zip(size, pads, weight.shape[2:], strides)]
     if min(code) < 1:
         raise ValueError(
@@ -199,8 +267,10 @@ def uniqueness_bound(mu: float) -> float:
     """Sparsity below which an s-sparse representation is the unique sparsest one: s < (1 + 1/mu)/2.
 
     Donoho–Elad 2003 via spark(D) >= 1 + 1/mu [L]; per layer of a DSC model as in ML-CSC Thm 4 (global l0) [R].
+    mu is a coherence, in [0, 1] (mu = 0, orthogonal atoms: inf); anything else, NaN included, raises ValueError.
     """
-    return math.inf if mu <= 0 else 0.5 * (1.0 + 1.0 / mu)
+    mu = _mu(mu)
+    return math.inf if mu == 0 else 0.5 * (1.0 + 1.0 / mu)
 
 
 def dictionary_matrix(
@@ -213,7 +283,8 @@ def dictionary_matrix(
     """The explicit matrix of a convolutional dictionary: (prod(signal_size) * C_sig, n_atoms) float64, one column
     per code entry (channel-major, then positions in row-major order), each the synthesis of a unit code.
 
-    Only for small sizes (it forms every atom); mutual_coherence never does.
+    Only for small sizes (it forms every atom); mutual_coherence never does. C_code = 0 gives no columns, C_sig = 0
+    no rows.
     """
     nd, size, st, pd = _conv_args(weight, signal_size, stride, padding)
     code = tuple((n + 2 * p - k) // s + 1 for n, p, k, s in zip(size, pd, weight.shape[2:], st))
@@ -221,6 +292,8 @@ def dictionary_matrix(
         raise ValueError(f"signal_size {size} is smaller than the filter {tuple(weight.shape[2:])}")
     op = tuple(n + 2 * p - k - (c - 1) * s for n, p, k, c, s in zip(size, pd, weight.shape[2:], code, st))
     n_atoms = weight.shape[0] * math.prod(code)
+    if 0 in weight.shape[:2]:  # torch's conv_transpose rejects empty weights; the matrix is just empty
+        return torch.zeros(math.prod(size) * weight.shape[1], n_atoms, dtype=torch.float64, device=weight.device)
     units = torch.eye(n_atoms, dtype=torch.float64).reshape(n_atoms, weight.shape[0], *code)
     conv_t = F.conv_transpose1d if nd == 1 else F.conv_transpose2d
     atoms = conv_t(units, weight.detach().to(torch.float64), stride=st, padding=pd, output_padding=op)
@@ -236,13 +309,22 @@ def spark(
     every subset up to `max_size` (default: all sizes) is independent — then spark > max_size. A subset counts as
     dependent when its smallest singular value is below tol times D's largest. Brute force (Donoho–Elad 2003's
     definition [L]): the cost is the number of subsets, so only small dictionaries; more than `max_subsets`
-    subsets in all raises ValueError before any is tried.
+    subsets in all raises ValueError before any is tried. matrix must be real and finite (no subset of a NaN column
+    has a rank); max_size an int >= 0 (0: nothing is tried, spark > 0), tol >= 0.
     """
+    if not isinstance(matrix, torch.Tensor):
+        raise TypeError(f"matrix must be a torch.Tensor, got {type(matrix).__name__}")
+    if matrix.is_complex() or matrix.dtype == torch.bool:
+        raise TypeError(f"matrix must be a real (floating-point or integer) tensor, got {matrix.dtype}")
     if matrix.dim() != 2:
         raise ValueError(f"matrix must be (n, A), got shape {tuple(matrix.shape)}")
+    tol = _real("tol", tol, finite=True)
+    max_subsets = check.count("max_subsets", max_subsets, 0)
     d = matrix.detach().to(torch.float64).cpu().numpy()
+    if not np.isfinite(d).all():
+        raise ValueError("matrix must be finite (it holds NaN or inf)")
     n_rows, n_atoms = d.shape
-    limit = n_atoms if max_size is None else min(int(max_size), n_atoms)
+    limit = n_atoms if max_size is None else min(check.count("max_size", max_size, 0), n_atoms)
     total = sum(math.comb(n_atoms, r) for r in range(1, min(limit, n_rows) + 1))
     if total > max_subsets:
         raise ValueError(
@@ -277,9 +359,10 @@ def sparse_collision(matrix: torch.Tensor, s: int, *, tol: float = 1e-9) -> tupl
     """Two distinct codes with at most s non-zeros each and the same synthesis D z1 = D z2, or None if none exists.
 
     matrix: (n, A). A pair exists exactly when some 2s columns are dependent (spark(D) <= 2s): split a null vector
-    on spark(D) columns into two halves of at most s entries, z1 = v on one and z2 = -v on the other.
+    on spark(D) columns into two halves of at most s entries, z1 = v on one and z2 = -v on the other. s is an int >= 0
+    (s = 0: both codes would be zero, never distinct: None).
     """
-    found, v = spark(matrix, max_size=2 * s, tol=tol)
+    _, v = spark(matrix, max_size=2 * _sparsity(s), tol=tol)
     if v is None:
         return None
     support = torch.nonzero(v).flatten()
@@ -296,29 +379,35 @@ def stability_bound(eps: float, sparsities: Sequence[int], mus: Sequence[float])
     ||Gamma_j - hat Gamma_j||^2 <= 4^j eps^2 prod_{i<=j} 1/(1 - (2 s_i - 1) mu_i) (docs/theory.md §2.2 (⋆)). The
     per-layer factor is Donoho–Elad 2003's l0 stability [L]; the product over layers is the ML-CSC form
     (Papyan–Romano–Elad 2017, Thm 5) with global l0 [R]; the seed paper's own constants are unknown. A layer violating
-    (2 s - 1) mu < 1 gives inf from there on.
+    (2 s - 1) mu < 1 gives inf from there on. eps >= 0, every s an int >= 0 (s = 0: factor 1), every mu in [0, 1].
     """
+    sparsities, mus = list(sparsities), list(mus)
     if len(sparsities) != len(mus):
-        raise ValueError("sparsities and mus need one entry per layer")
-    out, sq = [], float(eps) ** 2
+        raise ValueError(f"sparsities and mus need one entry per layer, got {len(sparsities)} and {len(mus)}")
+    out, sq = [], _real("eps", eps) ** 2
     for s, mu in zip(sparsities, mus):
-        gap = 1.0 - (2 * s - 1) * mu
+        gap = 1.0 - _rate(_sparsity(s, "sparsities"), _mu(mu, "mus"))
         sq = math.inf if gap <= 0 else 4.0 * sq / gap
         out.append(math.sqrt(sq))
     return out
 
 
 def lista_cp_rate(s: int, mu: float) -> float:
-    """Linear rate q = (2s - 1) mu of LISTA-CP / analytic-weight ISTA (Chen et al. 2018, Thm 2) [L]; < 1 needed."""
-    return (2 * s - 1) * mu
+    """Linear rate q = (2s - 1) mu of LISTA-CP / analytic-weight ISTA (Chen et al. 2018, Thm 2) [L]; < 1 needed.
+
+    s an int >= 0 (s = 0, the zero code: q = 0), mu in [0, 1]; ValueError/TypeError otherwise.
+    """
+    return _rate(_sparsity(s), _mu(mu))
 
 
 def lista_cp_noise_gain(s: int, q: float) -> float:
     """Noise gain C = 2 s / (1 - q): the floor is C * eta where eta >= max_i |<w_i, e>| (Chen et al. 2018) [L].
 
     Chen et al. write eta = C_W sigma (C_W a bound on the weights, sigma on the noise); the same proof holds for
-    any eta bounding |<w_i, e>|, and the suite uses the sharp eta = ||W^T e||_inf.
+    any eta bounding |<w_i, e>|, and the suite uses the sharp eta = ||W^T e||_inf. s an int >= 0, q >= 0; q >= 1
+    (no linear rate) gives inf.
     """
+    s, q = _sparsity(s), _real("q", q)
     return math.inf if q >= 1 else 2.0 * s / (1.0 - q)
 
 
@@ -326,11 +415,15 @@ def lista_cp_error_bound(k, s: int, B: float, q: float, C: float, sigma: float):
     """Bound s B q^k + C sigma on ||Gamma^k - Gamma*||_2 (and _1) after k iterations from Gamma^0 = 0.
 
     From the l1 recursion ||e^{k+1}||_1 <= q ||e^k||_1 + 2 s eta of Chen et al. 2018 (Thm 2) [L]; applied per layer
-    of a DSC model it is docs/theory.md §4.2 [R]. `k` may be an int or an array of iteration counts.
+    of a DSC model it is docs/theory.md §4.2 [R]. `k` may be an int or an array of iteration counts (>= 0, or inf).
+    s an int >= 0; B, C, sigma >= 0; q >= 0, and q >= 1 (no rate: the theorem bounds nothing) gives inf. An inf
+    argument gives inf where it counts, never NaN.
     """
-    k = np.asarray(k, dtype=np.float64)
-    out = s * B * np.power(q, k) + C * sigma
-    return float(out) if out.ndim == 0 else out
+    k, s = _iterations(k), _sparsity(s)
+    B, q, C, sigma = _real("B", B), _real("q", q), _real("C", C), _real("sigma", sigma)
+    if q >= 1:
+        return _bound(np.full_like(k, np.inf))
+    return _bound(s * B * np.power(q, k) + C * sigma)
 
 
 def deep_error_bound(
@@ -340,34 +433,56 @@ def deep_error_bound(
     (s_j B_j q_j^k + Cbar_j eta_j), Cbar_i = 2 s_i / (1 - q_i) (docs/theory.md §4.2 (†)) [R], each layer's step from
     Chen et al. 2018 [L]. eta_j: the noise layer j sees besides layer j-1's error (default 0).
 
-    Layer j's error enters layer j+1 as noise with eta <= ||error||_1 (unit-norm atoms). `k` int or array.
+    Layer j's error enters layer j+1 as noise with eta <= ||error||_1 (unit-norm atoms). `k` int or array (>= 0, or
+    inf). One entry per layer (at least one) in every list: s_j ints >= 0, B_j, eta_j >= 0, q_j >= 0; a layer with
+    q_j >= 1 has no guarantee, and neither has the chain: inf.
     """
-    k = np.asarray(k, dtype=np.float64)
+    k = _iterations(k)
+    sparsities, amplitudes, qs = list(sparsities), list(amplitudes), list(qs)
     etas = [0.0] * len(qs) if etas is None else list(etas)
+    if not qs or not len(sparsities) == len(amplitudes) == len(qs) == len(etas):
+        raise ValueError(
+            "sparsities, amplitudes, qs and etas need one entry per layer (at least one), got "
+            f"{len(sparsities)}, {len(amplitudes)}, {len(qs)} and {len(etas)}"
+        )
+    sparsities = [_sparsity(s, "sparsities") for s in sparsities]
+    amplitudes = [_real("amplitudes", b) for b in amplitudes]
+    qs = [_real("qs", q) for q in qs]
+    etas = [_real("etas", e) for e in etas]
+    if max(qs) >= 1:
+        return _bound(np.full_like(k, np.inf))
     total = np.zeros_like(k)
     for j in range(len(qs)):
         gain = math.prod(lista_cp_noise_gain(sparsities[i], qs[i]) for i in range(j + 1, len(qs)))
         own = sparsities[j] * amplitudes[j] * np.power(qs[j], k) + lista_cp_noise_gain(sparsities[j], qs[j]) * etas[j]
         total = total + gain * own
-    return float(total) if total.ndim == 0 else total
+    return _bound(total)
 
 
 def stripe_sparsity(code: torch.Tensor, kernel_size: int | Sequence[int], stride: int | Sequence[int] = 1) -> int:
     """||Gamma||_{0,inf}^s: the most non-zeros of one sample (all channels together) in a stripe, the code positions
     whose atoms can overlap a given atom: per axis a window of 2*floor((k-1)/s) + 1 positions.
 
-    code: (B, C, *S) for a dictionary with filter `kernel_size` and `stride`; returns the max over the batch.
-    The local sparsity measure of ML-CSC (Papyan–Romano–Elad 2017) [L]; global ||Gamma||_0 bounds it.
+    code: (B, C, *S) for a dictionary with filter `kernel_size` and `stride`; returns the max over the batch (0 for
+    an empty code). NaN counts as non-zero. The local sparsity measure of ML-CSC (Papyan–Romano–Elad 2017) [L];
+    global ||Gamma||_0 bounds it.
     """
     if not isinstance(code, torch.Tensor) or code.dim() not in (3, 4):
         raise ValueError(f"code must be a (B, C, L) or (B, C, H, W) tensor, got {getattr(code, 'shape', code)!r}")
     nd = code.dim() - 2
     ks, st = check.ints("kernel_size", kernel_size, nd, minimum=1), check.ints("stride", stride, nd, minimum=1)
-    window = tuple(2 * ((k - 1) // s) + 1 for k, s in zip(ks, st))
-    nz = (code != 0).to(torch.float64).sum(1, keepdim=True)
-    pool = F.avg_pool1d if nd == 1 else F.avg_pool2d
-    counts = pool(nz, window, stride=1, padding=tuple(w // 2 for w in window), count_include_pad=True)
-    return int(round(float(counts.max()) * math.prod(window))) if counts.numel() else 0
+    counts = (code != 0).sum(1).to(torch.int64)  # (B, *S)
+    if not counts.numel():
+        return 0
+    # Window sums along each axis by integer prefix sums: exact, and linear in the code size however wide the
+    # window (a pooling kernel as wide as a large filter costs its width per position).
+    for axis, (k, s) in enumerate(zip(ks, st), start=1):
+        n, reach = counts.shape[axis], (k - 1) // s
+        cum = F.pad(counts.cumsum(axis).movedim(axis, -1), (1, 0)).movedim(-1, axis)
+        pos = torch.arange(n)
+        hi, lo = (pos + reach + 1).clamp(max=n), (pos - reach).clamp(min=0)
+        counts = cum.index_select(axis, hi) - cum.index_select(axis, lo)
+    return int(counts.max())
 
 
 def stripe_rate(s_stripe: int, mu: float) -> float:
@@ -375,31 +490,36 @@ def stripe_rate(s_stripe: int, mu: float) -> float:
 
     Why: the pre-activation error of atom i is a sum over the atoms that overlap it, at most s_st - 1 of them on
     the support besides i itself, so the l_inf recursion of Chen et al. 2018's proof localises (docs/theory.md §4.3).
+    s_stripe an int >= 0 (0: q = 0), mu in [0, 1].
     """
-    return (2 * s_stripe - 1) * mu
+    return _rate(_sparsity(s_stripe, "s_stripe"), _mu(mu))
 
 
 def stripe_threshold(err_linf: float, s_stripe: int, mu: float, eta: float) -> float:
     """theta_k = mu s_st ||Gamma^k - Gamma*||_inf + eta: no atom off the support survives, since its pre-activation is
-    at most mu s_st ||e^k||_inf + eta (the stripe version of oracle_threshold) [R]."""
-    return mu * s_stripe * err_linf + eta
+    at most mu s_st ||e^k||_inf + eta (the stripe version of oracle_threshold) [R]. err_linf, eta >= 0."""
+    s_stripe, mu = _sparsity(s_stripe, "s_stripe"), _mu(mu)
+    return _bound(np.float64(mu * s_stripe * _real("err_linf", err_linf) + _real("eta", eta)))
 
 
 def stripe_error_bound(k, s_stripe: int, B: float, mu: float, eta: float):
     """||Gamma^k - Gamma*||_inf <= B q^k + 2 eta (1 - q^k)/(1 - q), q = (2 s_st - 1) mu, from
-    M_{k+1} <= q M_k + 2 eta, M_0 = ||Gamma*||_inf <= B, under stripe_threshold [R]. `k` int or array."""
-    q = stripe_rate(s_stripe, mu)
-    k = np.asarray(k, dtype=np.float64)
-    out = B * np.power(q, k) + (2.0 * eta * (1 - np.power(q, k)) / (1 - q) if q < 1 else np.inf)
-    return float(out) if out.ndim == 0 else out
+    M_{k+1} <= q M_k + 2 eta, M_0 = ||Gamma*||_inf <= B, under stripe_threshold [R]. `k` int or array (>= 0, or
+    inf); B, eta >= 0; q >= 1 gives inf."""
+    q, k = stripe_rate(s_stripe, mu), _iterations(k)
+    B, eta = _real("B", B), _real("eta", eta)
+    if q >= 1:
+        return _bound(np.full_like(k, np.inf))
+    return _bound(B * np.power(q, k) + 2.0 * eta * (1 - np.power(q, k)) / (1 - q))
 
 
 def oracle_threshold(err_l1: float, mu: float, eta: float) -> float:
     """theta_k = mu * sup ||Gamma^k - Gamma*||_1 + eta, the threshold of Chen et al. 2018's proof [L].
 
     Large enough that no off-support entry survives (no false positives), small enough to keep the rate q.
+    err_l1, eta >= 0; mu in [0, 1].
     """
-    return mu * err_l1 + eta
+    return _bound(np.float64(_mu(mu) * _real("err_l1", err_l1) + _real("eta", eta)))
 
 
 def geometric_thresholds(theta0: float, q: float, n_iter: int, floor: float = 0.0) -> np.ndarray:
@@ -407,32 +527,52 @@ def geometric_thresholds(theta0: float, q: float, n_iter: int, floor: float = 0.
 
     With theta0 = mu s B and floor = mu C eta + eta it upper-bounds the oracle threshold at every k, so the
     no-false-positive argument and the rate q carry over (docs/theory.md §4.1) [L/R]. Returns (n_iter,).
+    theta0, floor finite and >= 0; q in [0, 1) (q >= 1 has no schedule that dominates the oracle: ValueError);
+    n_iter an int >= 0.
     """
-    return theta0 * np.power(q, np.arange(n_iter, dtype=np.float64)) + floor
+    theta0, floor = _real("theta0", theta0, finite=True), _real("floor", floor, finite=True)
+    q = _real("q", q)
+    if q >= 1:
+        raise ValueError(f"q must be < 1 (a linear rate), got {q!r}: the theory gives no threshold schedule")
+    return theta0 * np.power(q, np.arange(check.count("n_iter", n_iter, 0), dtype=np.float64)) + floor
+
+
+def _objective_bound(k: object, L: object, dist0_sq: object, rate: Callable[[np.ndarray], np.ndarray]):
+    """c(k) L ||z_0 - z*||^2 for k >= 1 and inf at k = 0: the theorems bound the iterates, not the start z_0."""
+    k = _iterations(k)
+    value = _real("L", L) * _nonnegative_array("dist0_sq", dist0_sq)
+    with np.errstate(divide="ignore"):
+        return _bound(np.where(k >= 1, value * rate(np.maximum(k, 1.0)), np.inf))
 
 
 def ista_objective_bound(k, L: float, dist0_sq: float):
-    """F(z_k) - F* <= L ||z_0 - z*||^2 / (2k) for ISTA with step 1/L (Beck–Teboulle 2009, Thm 3.1) [L]."""
-    k = np.asarray(k, dtype=np.float64)
-    return L * dist0_sq / (2.0 * k)
+    """F(z_k) - F* <= L ||z_0 - z*||^2 / (2k) for ISTA with step 1/L (Beck–Teboulle 2009, Thm 3.1) [L].
+
+    k: iteration counts >= 0 (k = 0, the start: inf), an int or array; L >= 0; dist0_sq >= 0 (scalar or array).
+    """
+    return _objective_bound(k, L, dist0_sq, lambda k: 1.0 / (2.0 * k))
 
 
 def fista_objective_bound(k, L: float, dist0_sq: float):
-    """F(z_k) - F* <= 2 L ||z_0 - z*||^2 / (k + 1)^2 for FISTA with step 1/L (Beck–Teboulle 2009, Thm 4.4) [L]."""
-    k = np.asarray(k, dtype=np.float64)
-    return 2.0 * L * dist0_sq / (k + 1.0) ** 2
+    """F(z_k) - F* <= 2 L ||z_0 - z*||^2 / (k + 1)^2 for FISTA with step 1/L (Beck–Teboulle 2009, Thm 4.4) [L].
+
+    k: iteration counts >= 0 (k = 0, the start: inf), an int or array; L >= 0; dist0_sq >= 0 (scalar or array).
+    """
+    return _objective_bound(k, L, dist0_sq, lambda k: 2.0 / (k + 1.0) ** 2)
 
 
 def smooth_relu(name: str, beta: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The smooth activation sigma_beta that tends to ReLU as beta grows: softplus, silu or gelu (inner scale beta)."""
-    b = float(beta)
+    """The smooth activation sigma_beta that tends to ReLU as beta grows: softplus, silu or gelu (inner scale beta).
+
+    beta finite and > 0 (ValueError otherwise: beta = 0 is no ReLU approximation, and softplus would divide by 0).
+    """
+    b = _check_activation(name, beta)
     if name == "softplus":
         return lambda z: F.softplus(z, beta=b)
     if name == "silu":
         return lambda z: z * torch.sigmoid(b * z)
-    if name == "gelu":
-        return lambda z: F.gelu(b * z) / b
-    raise ValueError(f"activation must be 'softplus', 'silu' or 'gelu', got {name!r}")
+    # gelu(b z) / b = z Phi(b z), written without the division, which a tiny beta would turn into 0 / 0
+    return lambda z: z * 0.5 * (1.0 + torch.erf(b * z * (0.5**0.5)))
 
 
 # sup_z |sigma_1(z) - ReLU(z)| and where it is reached: log 2 at z = 0 for softplus; for SiLU/GELU the deepest dip
@@ -441,11 +581,10 @@ _SUP_GAP = {"softplus": math.log(2.0), "silu": 0.278464542761074, "gelu": 0.1699
 _SUP_AT = {"softplus": 0.0, "silu": -1.278464542761074, "gelu": -0.751791524693565}
 
 
-def _check_activation(name: str, beta: float) -> None:
-    if name not in _SUP_GAP:
+def _check_activation(name: str, beta: float) -> float:
+    if not isinstance(name, str) or name not in _SUP_GAP:
         raise ValueError(f"activation must be one of {sorted(_SUP_GAP)}, got {name!r}")
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    return _real("beta", beta, finite=True, positive=True)
 
 
 def activation_sup_distance(name: str, beta: float) -> float:
@@ -454,13 +593,13 @@ def activation_sup_distance(name: str, beta: float) -> float:
     The approximation floor of the smooth-activation extension: the seed paper claims rates for "diverse activation
     functions" [P]; the floor ∝ 1/beta mechanism is docs/theory.md §5.1 [R] and the constants are computed [C].
     """
-    _check_activation(name, beta)
-    return _SUP_GAP[name] / float(beta)
+    beta = _check_activation(name, beta)
+    return _SUP_GAP[name] / beta
 
 
 def activation_worst_input(name: str, beta: float) -> float:
     """The pre-activation z where |sigma_beta(z) - ReLU(z)| is largest: z_1 / beta (softplus 0, SiLU -1.2785,
     GELU -0.7518) [C]. A unit held there costs the full c / beta; a unit at distance m from the kink only
     sup_{|z| >= m} |sigma_beta - ReLU|, which falls exponentially in beta m."""
-    _check_activation(name, beta)
-    return _SUP_AT[name] / float(beta)
+    beta = _check_activation(name, beta)
+    return _SUP_AT[name] / beta
