@@ -29,9 +29,18 @@ def _mask(name: str, mask: object, q: Tensor) -> Tensor:
     if mask.requires_grad:
         raise ValueError(f"{name} must not require grad: gradients with respect to attention masks are not supported")
     check.same_device(q=q, **{name: mask})
+    cd = stats_dtype(q.dtype)
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=stats_dtype(q.dtype), device=mask.device).masked_fill(mask, -torch.inf)
-    return mask.to(stats_dtype(q.dtype))
+        return torch.zeros(mask.shape, dtype=cd, device=mask.device).masked_fill(mask, -torch.inf)
+    # A finite float64 entry beyond the compute dtype's range would become +-inf there: a key silently hidden, or a
+    # row whose mass all goes to that key. (Only a float64 mask on lower-precision q can hold one.)
+    largest = torch.finfo(cd).max
+    if torch.finfo(mask.dtype).max > largest and check.values_readable(mask):
+        if bool((torch.isfinite(mask) & (mask.abs() > largest)).any()):
+            raise ValueError(
+                f"{name}'s finite entries must fit in {cd} (|value| <= {largest:.3g}); use -inf to hide a key"
+            )
+    return mask.to(cd)
 
 
 def score_bias(q: Tensor, m: int, key_padding_mask: Tensor | None, attn_mask: Tensor | None) -> Tensor | None:
@@ -87,6 +96,8 @@ def attention_inputs(
             raise ValueError(
                 f"threshold must be a float or a tensor of shape (H,)=({heads},), got {tuple(threshold.shape)}"
             )
+        # Beyond the compute dtype's range it would become +-inf there (all-zero or all-inf weights).
+        check.fits_dtype("threshold", threshold, stats_dtype(q.dtype))
     elif threshold is not None:
         raise ValueError("threshold is only used by mode='shrink'; sparsemax finds its own per-row threshold")
     if scale is None:
@@ -101,5 +112,8 @@ def attention_inputs(
     if isinstance(threshold, Tensor):
         threshold = threshold.expand(heads)
     else:
-        threshold = torch.full((heads,), 0.0 if threshold is None else float(threshold), dtype=q.dtype, device=q.device)
+        # In the compute dtype, not q's: a float16 threshold would be rounded (0.1 -> 0.09998) and could overflow.
+        threshold = torch.full(
+            (heads,), 0.0 if threshold is None else float(threshold), dtype=stats_dtype(q.dtype), device=q.device
+        )
     return threshold, float(scale)

@@ -73,7 +73,7 @@ def per_step_values(
     if nonnegative:
         check.nonnegative(name, value)
     if positive:
-        check.positive(name, value)
+        check.positive(name, value, like.dtype)
     check.fits_dtype(name, value, like.dtype)
     full = (n_steps,) if channels is None else (n_steps, channels)
     if not isinstance(value, Tensor):

@@ -17,6 +17,8 @@ from .reference import code_size
 IntOrPair = int | Sequence[int]
 Padding = IntOrPair | str
 
+MAX_EXTENT = 2**31 - 1
+
 
 def values_readable(t: Tensor) -> bool:
     return not torch.compiler.is_compiling() and t.device.type != "meta"
@@ -127,12 +129,21 @@ def geometry(x_size: Sequence[int], w: Tensor, stride: IntOrPair, pad: Padding):
     pad = padding(pad, w.shape[2:], stride)
     if min(x_size) < 1:
         raise ValueError(f"the signal has an empty spatial size {tuple(x_size)}")
+    if max(n + 2 * p for n, p in zip(x_size, pad)) > MAX_EXTENT:
+        raise ValueError(
+            f"the padded signal size {tuple(n + 2 * p for n, p in zip(x_size, pad))} (padding {pad}) must be at "
+            f"most {MAX_EXTENT} in every dimension: PyTorch's convolutions index it in 32 bits"
+        )
     code = code_size(x_size, w.shape[2:], stride, pad)
     if min(code) < 1:
         raise ValueError(
             f"the signal size {tuple(x_size)} is too small for kernel {tuple(w.shape[2:])} with "
             f"padding {pad}: the code would be empty"
         )
+    # Every stride beyond the last window start n + 2p - k gives the same single window, the same operator and adjoint:
+    # run the smallest, since the fused kernels size their polyphase loops and buffers by the stride (10**9 on a small
+    # map had the cpp backend allocate until the process was killed).
+    stride = tuple(min(s, n + 2 * p - k + 1) for s, n, p, k in zip(stride, x_size, pad, w.shape[2:]))
     return stride, pad, code
 
 
@@ -157,12 +168,31 @@ def nonnegative(name: str, value: Tensor | float) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
-def positive(name: str, value: Tensor | float) -> None:
+def positive(name: str, value: Tensor | float, dtype: torch.dtype | None = None) -> None:
+    """> 0, and with ``dtype`` still > 0 once cast to it: a step that underflows to 0 there would turn a threshold into
+    lam = threshold / 0, NaN codes on one backend and zeros on another."""
     if isinstance(value, Tensor):
-        if values_readable(value) and bool((value <= 0).any()):
+        if not values_readable(value):
+            return
+        if bool((value <= 0).any()):
             raise ValueError(f"{name} must be > 0, got a tensor with entries <= 0")
+        underflows = dtype is not None and bool((value.detach().to(dtype) == 0).any())
     elif value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
+    else:  # only values below 1 can underflow (and huge Python ints have no float)
+        underflows = dtype is not None and value < 1 and float(torch.tensor(float(value), dtype=dtype)) == 0
+    if underflows:
+        raise ValueError(f"{name} must be > 0 in {dtype}, where it underflows to 0")
+
+
+def broadcasts_to(name: str, t: Tensor, shape: Sequence[int]) -> None:
+    """t broadcasts to ``shape`` without enlarging it (a larger result would silently change the output's shape)."""
+    try:
+        fits = torch.broadcast_shapes(t.shape, tuple(shape)) == tuple(shape)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} must broadcast to shape {tuple(shape)}")
 
 
 def fits_dtype(name: str, value: Tensor | float, dtype: torch.dtype) -> None:

@@ -80,6 +80,10 @@ def soft_threshold(x: Tensor, threshold: Tensor | float, *, nonneg: bool = False
     check.scalar_or_tensor("threshold", threshold)
     if not nonneg:
         check.nonnegative("threshold", threshold)
+    if isinstance(threshold, Tensor):
+        check.same_device(x=x, threshold=threshold)
+        check.broadcasts_to("threshold", threshold, x.shape)
+    check.fits_dtype("threshold", threshold, x.dtype)
     return ref.soft_threshold_ref(x, threshold, nonneg)
 
 
@@ -124,6 +128,8 @@ def lipschitz_constant(
     weight: (C_code, C_sig, *k); signal_size: the spatial size of x.
     """
     weight = check.weight("weight", weight)
+    if weight.device.type == "meta":
+        raise ValueError("weight is a meta tensor: it holds no values to estimate L from")
     signal_size = check.ints("signal_size", signal_size, weight.dim() - 2, minimum=1)
     stride, padding, _ = check.geometry(signal_size, weight, stride, padding)
     if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
@@ -145,8 +151,13 @@ def lasso_objective(
         raise ValueError(f"z must have shape {(x.shape[0], weight.shape[0], *code)}, got {tuple(z.shape)}")
     lam = check.scalar_or_tensor("lam", lam)
     check.nonnegative("lam", lam)
-    if isinstance(lam, Tensor) and lam.shape not in ((), (weight.shape[0],)):
-        raise ValueError(f"lam must be a float, a 0-d tensor or (C_code,)=({weight.shape[0]},), got {tuple(lam.shape)}")
+    if isinstance(lam, Tensor):
+        check.same_device(x=x, lam=lam)
+        if lam.shape not in ((), (weight.shape[0],)):
+            raise ValueError(
+                f"lam must be a float, a 0-d tensor or (C_code,)=({weight.shape[0]},), got {tuple(lam.shape)}"
+            )
+    check.fits_dtype("lam", lam, x.dtype)  # an inf lam times a zero code would make the objective NaN
     return ref.lasso_objective_ref(x, z, weight, lam, stride, padding)
 
 
@@ -171,6 +182,7 @@ def _default_step(weight: Tensor, signal_size: tuple[int, ...], stride, padding)
         _LIPSCHITZ_CACHE[weight] = cached
     step = 1.0 / cached[2] if cached[2] > 0 else 1.0
     check.fits_dtype("the default step 1/L (the dictionary is nearly zero)", step, weight.dtype)
+    check.positive("the default step 1/L (the dictionary is very large)", step, weight.dtype)
     return step
 
 
@@ -211,7 +223,10 @@ def _thresholds_as_lam(
     threshold = check.scalar_or_tensor("threshold", threshold)
     if not nonneg:
         check.nonnegative("threshold (negative thresholds need nonneg=True)", threshold)
-    return check.per_iteration("threshold", threshold, n_iter, c_code, like) / step_full.unsqueeze(1)
+    lam = check.per_iteration("threshold", threshold, n_iter, c_code, like) / step_full.unsqueeze(1)
+    # an inf lam would make the kernels' threshold step * lam inf instead of the threshold given
+    check.fits_dtype("threshold / step (the lam it runs as)", lam, like.dtype)
+    return lam
 
 
 def conv_ista(
@@ -282,7 +297,7 @@ def conv_ista(
             raise ValueError(f"z0 must have the code's shape {z_shape}, got {tuple(z0.shape)}")
     if step is not None:
         step = check.scalar_or_tensor("step", step)
-        check.positive("step", step)
+        check.positive("step", step, x.dtype)
     value_tensors = {
         name: v for name, v in (("lam", lam), ("step", step), ("threshold", threshold)) if isinstance(v, Tensor)
     }

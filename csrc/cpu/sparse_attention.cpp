@@ -163,12 +163,14 @@ scalar_t sparsemax_threshold(const scalar_t* s, int64_t n, scalar_t mx) {
 }
 
 // Scores of rows [r0, r1) of `a` against rows [c0, c1) of `b` of one (batch, head): a BLAS panel
-// (r1 - r0, c1 - c0), scaled. a, b are (B, H, L, d) tensors read through their strides.
+// (r1 - r0, c1 - c0), scaled. a, b are (B, H, L, d) tensors read through their strides. wide: float scores that
+// may overflow are computed in double and rounded (InputFacts::wide_scores).
 inline at::Tensor score_panel(const at::Tensor& a, const at::Tensor& b, int64_t bh, int64_t r0, int64_t r1,
-                              int64_t c0, int64_t c1, double scale) {
+                              int64_t c0, int64_t c1, double scale, bool wide) {
   const int64_t heads = a.size(1);
   const auto a2 = a.select(0, bh / heads).select(0, bh % heads).narrow(0, r0, r1 - r0);
   const auto b2 = b.select(0, bh / heads).select(0, bh % heads).narrow(0, c0, c1 - c0);
+  if (wide) return at::mm(a2.to(at::kDouble), b2.to(at::kDouble).t()).mul_(scale).to(a.scalar_type());
   return at::mm(a2, b2.t()).mul_(scale);
 }
 
@@ -227,6 +229,9 @@ bool any_nan(const scalar_t* s, int64_t n) {
 struct InputFacts {
   bool finite;       // q, k, v hold no NaN or inf
   bool nan_scores;   // a score may be NaN: non-finite inputs, a NaN in the bias, or q k^T may overflow (inf - inf)
+  // float scores may overflow: they are computed in double and rounded, so a score beyond float's range is +-inf
+  // and never the NaN a float GEMM's inf - inf gives in some summation orders (the reference's rule, on its bound)
+  bool wide_scores;
 };
 
 // max |t| (NaN if t holds a NaN), one vectorised pass without temporaries; 0 for an empty tensor.
@@ -237,19 +242,30 @@ double max_abs(const at::Tensor& t) {
   return (std::isnan(a) || std::isnan(b)) ? std::numeric_limits<double>::quiet_NaN() : std::max(-a, b);
 }
 
+// max |t| over t's finite entries, given max_abs(t) (a second pass only when t holds a non-finite value).
+double finite_max_abs(const at::Tensor& t, double all) {
+  if (std::isfinite(all)) return all;
+  return max_abs(at::where(at::isfinite(t), t, at::zeros({}, t.options())));
+}
+
 InputFacts input_facts(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const c10::optional<at::Tensor>& bias, double scale) {
   const double bq = max_abs(q), bk = max_abs(k), bv = max_abs(v);
   const bool finite = std::isfinite(bq) && std::isfinite(bk) && std::isfinite(bv);
-  const double largest = q.scalar_type() == at::kFloat ? std::numeric_limits<float>::max()
-                                                       : std::numeric_limits<double>::max();
-  // The GEMM's partial sums and the scaled scores are at most d max|q| max|k| max(scale, 1) in magnitude.
-  bool nan_scores = !finite || bq * bk * static_cast<double>(q.size(3)) * std::max(scale, 1.0) > 0.25 * largest;
+  const bool is_float = q.scalar_type() == at::kFloat;
+  const double largest = is_float ? std::numeric_limits<float>::max() : std::numeric_limits<double>::max();
+  // The GEMM's partial sums and the scaled scores are at most d max|q| max|k| max(scale, 1) in magnitude. Rows
+  // with a non-finite q or key are NaN whatever their scores, so the bound is over the finite entries (as the
+  // reference, which zeroes the others before its GEMM).
+  const bool overflow = finite_max_abs(q, bq) * finite_max_abs(k, bk) * static_cast<double>(q.size(3)) *
+                            std::max(scale, 1.0) >
+                        0.25 * largest;
+  bool nan_scores = !finite || overflow;
   if (bias.has_value() && bias->defined() && bias->numel() > 0) {
     const auto [lo, hi] = at::aminmax(*bias);
     nan_scores = nan_scores || std::isnan(lo.item<double>()) || std::isnan(hi.item<double>());
   }
-  return {finite, nan_scores};
+  return {finite, nan_scores, is_float && overflow};
 }
 
 template <typename scalar_t>
@@ -270,7 +286,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nqb, i0 = (task % nqb) * kRowBlock, i1 = std::min(N, i0 + kRowBlock);
       const int64_t mend = causal ? std::min(M, i1) : M;
-      at::Tensor panel = mend > 0 ? score_panel(q, k, bh, i0, i1, 0, mend, scale) : at::Tensor();
+      at::Tensor panel = mend > 0 ? score_panel(q, k, bh, i0, i1, 0, mend, scale, facts.wide_scores) : at::Tensor();
       const auto qh = qr.head(bh), vh = vr.head(bh);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t mi = visible_keys(i, M, causal);
@@ -322,7 +338,8 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 template <typename scalar_t>
 void bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const Bias<scalar_t>& bias, const at::Tensor& stats, bool sparsemax, bool causal, double scale_d,
-                int64_t groups, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dtheta_partial) {
+                bool wide, int64_t groups, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                at::Tensor& dtheta_partial) {
   const int64_t N = q.size(2), D = q.size(3), M = k.size(2), DV = v.size(3);
   const int64_t BH = q.size(0) * q.size(1);
   const int64_t nqb = (N + kRowBlock - 1) / kRowBlock;
@@ -349,7 +366,7 @@ void bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, c
         const int64_t i0 = blk * kRowBlock, i1 = std::min(N, i0 + kRowBlock);
         const int64_t mend = causal ? std::min(M, i1) : M;
         if (mend == 0) continue;
-        at::Tensor panel = score_panel(q, k, bh, i0, i1, 0, mend, scale_d);
+        at::Tensor panel = score_panel(q, k, bh, i0, i1, 0, mend, scale_d, wide);
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t r = bh * N + i;
           const scalar_t c = sp[r * 2], t = sp[r * 2 + 1];
@@ -457,9 +474,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   const int64_t heads = std::max<int64_t>(1, B * H);
   const int64_t groups = std::max<int64_t>(1, std::min(nqb, (at::get_num_threads() + heads - 1) / heads));
   auto partial = at::zeros({B, H, groups}, q.options());
+  const bool wide = input_facts(q, k, v, bias, scale).wide_scores;  // the forward's panels, bit for bit
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sparse_attention_bwd_cpp", [&] {
-    bwd_kernel<scalar_t>(g, q, k, v, Bias<scalar_t>(bias), stats, mode == "sparsemax", causal, scale, groups, dq,
-                         dk, dv, partial);
+    bwd_kernel<scalar_t>(g, q, k, v, Bias<scalar_t>(bias), stats, mode == "sparsemax", causal, scale, wide, groups,
+                         dq, dk, dv, partial);
   });
   auto dtheta = mode == "sparsemax" ? at::zeros_like(theta) : partial.sum({0, 2}).to(theta.scalar_type());
   return {dq, dk, dv, dtheta};

@@ -13,9 +13,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as DF
-from ._args import check_value, positive_int
+from ._args import check_value, flags, positive_int
 
 __all__ = ["SparseAttention", "SparseCodingTransformerBlock"]
+
+
+def _autocasting(device: torch.device) -> bool:
+    """Whether autocast is on for device's type (it casts the projections' inputs); False where it has none."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return False
 
 
 class SparseAttention(nn.Module):
@@ -168,11 +176,15 @@ class SparseAttention(nn.Module):
         key = query if key is None else key
         value = key if value is None else value
         self_attention = key is query and value is query
-        for name, t in (("query", query), ("key", key), ("value", value)):
-            if not isinstance(t, Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        # A truthy non-bool ("no", a tensor) would silently switch the option on.
+        flags(need_weights=need_weights, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        self._check_tensors(query=query, key=key, value=value, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
         unbatched = query.dim() == 2
         if unbatched:
+            if key_padding_mask is not None and key_padding_mask.dim() != 1:
+                raise ValueError(
+                    f"key_padding_mask must be (M,) for an unbatched query, got {tuple(key_padding_mask.shape)}"
+                )
             query, key, value = (t.unsqueeze(1 if not self.batch_first else 0) for t in (query, key, value))
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
@@ -181,7 +193,7 @@ class SparseAttention(nn.Module):
         self._check_shapes(query, key, value)
         bsz, n, m = query.shape[0], query.shape[1], key.shape[1]
         q, k, v = self._project(query, key, value, self_attention)
-        causal = bool(is_causal)
+        causal = is_causal
         if causal:
             attn_mask = None  # the hint: the mask is the causal one
         elif attn_mask is not None and attn_mask.dim() == 3:
@@ -207,6 +219,28 @@ class SparseAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return (out.squeeze(1 if not self.batch_first else 0) if unbatched else out), weights
+
+    def _check_tensors(self, **tensors: object) -> None:
+        """Types before any shape is read (a 1-D query used to fail inside ``transpose`` with an IndexError, an
+        integer or float64 query against float32 parameters inside ``F.linear``)."""
+        dtype = self.out_proj.weight.dtype
+        for name, t in tensors.items():
+            if t is None and name.endswith("mask"):
+                continue
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if name.endswith("mask"):
+                continue  # their dtypes are checked by functional
+            if not t.is_floating_point():
+                raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+            if t.dtype != dtype and not _autocasting(t.device):
+                raise TypeError(f"{name} must have the layer's dtype {dtype}, got {t.dtype}")
+        if tensors["query"].dim() not in (2, 3):
+            layout = "(B, L" if self.batch_first else "(L, B"
+            raise ValueError(
+                f"query must be {layout}, {self.embed_dim}) (batch_first={self.batch_first}) or unbatched "
+                f"(L, {self.embed_dim}), got {tuple(tensors['query'].shape)}"
+            )
 
     def _check_shapes(self, query: Tensor, key: Tensor, value: Tensor) -> None:
         layout = "(B, L" if self.batch_first else "(L, B"

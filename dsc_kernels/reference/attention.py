@@ -15,7 +15,9 @@ tied scores keep their precision. Its extended values, shared by every backend:
     a row whose scores are all -inf is all zeros (not NaN); a NaN entry makes its whole row NaN.
 Non-finite inputs: O_i is NaN when q_i, or the k_j or v_j of a key that row i sees, holds a NaN or +-inf, or when
 one of its scores is NaN (e.g. a NaN in a float mask); such a row passes no gradient. A row reads only the keys it
-sees, so a NaN in a hidden (masked or causally later) key never reaches it.
+sees, so a NaN in a hidden (masked or causally later) key never reaches it. Finite float32 q, k whose scores may
+overflow have them computed in float64 and rounded to float32 (``_may_overflow``): a score beyond the range is
++-inf, and finite inputs never give a NaN score (a float32 GEMM gives inf or inf - inf = NaN by its summation order).
 
 Row statistics, what the fused backends save for the backward (like FlashAttention's log-sum-exp):
 stats (B, H, N, 2) = (c_i, t_i) with the support {j : z_ij > t_i} and P_ij = z_ij - t_i on it, where
@@ -132,11 +134,27 @@ def _rows_seeing(bad_key: Tensor, hidden: Tensor) -> Tensor:
     return (bad_key.unsqueeze(-2) & ~hidden).any(-1)
 
 
+def _may_overflow(q: Tensor, k: Tensor, scale: float) -> bool:
+    """Whether float32 scores of finite q, k may overflow: a partial sum of the GEMM may then be +inf in one
+    summation order and inf - inf = NaN in another, so each backend would give its own answer. Such scores are
+    computed in float64 and rounded (a score beyond float32's range is +-inf, never NaN), by every backend on the
+    same bound: d max|q| max|k| max(scale, 1) > finfo.max / 4. (Read from the values: assumed not when they cannot
+    be read, under torch.compile or on meta tensors.)"""
+    if torch.compiler.is_compiling() or q.device.type == "meta" or q.numel() == 0 or k.numel() == 0:
+        return False
+    bound = q.detach().abs().amax().double() * k.detach().abs().amax().double() * q.shape[-1] * max(scale, 1.0)
+    return bool(bound > 0.25 * torch.finfo(torch.float32).max)
+
+
 def _scores(q: Tensor, k: Tensor, causal: bool, scale: float, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """Scores s (B,H,N,M) in q's dtype with -inf where hidden, the hidden mask, and the rows made NaN by q, k or a
     NaN score. Computed from finite-cleaned q and k, so a row never picks up NaN from a key it does not see."""
     n, m = q.shape[-2], k.shape[-2]
-    s = scale * torch.matmul(_finite(q), _finite(k).transpose(-1, -2))
+    qf, kf = _finite(q), _finite(k)
+    if q.dtype == torch.float32 and _may_overflow(qf, kf, scale):
+        s = (scale * torch.matmul(qf.double(), kf.double().transpose(-1, -2))).float()
+    else:
+        s = scale * torch.matmul(qf, kf.transpose(-1, -2))
     hidden = torch.zeros(n, m, dtype=torch.bool, device=q.device)
     if causal:
         hidden = torch.ones(n, m, dtype=torch.bool, device=q.device).triu(1)
@@ -158,14 +176,27 @@ def _threshold_per_head(threshold: float | Tensor, h: int, like: Tensor) -> Tens
 
 
 def _weights(
-    q: Tensor, k: Tensor, mode: str, threshold: float | Tensor, causal: bool, scale: float, bias: Tensor | None
+    q: Tensor,
+    k: Tensor,
+    mode: str,
+    threshold: float | Tensor,
+    causal: bool,
+    scale: float,
+    bias: Tensor | None,
+    v: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Dense P (B,H,N,M) in the compute dtype (zero on NaN rows), the hidden mask and the NaN rows of P."""
+    """Dense P (B,H,N,M) in the compute dtype (zero on NaN rows), the hidden mask and the NaN rows of P (counting
+    the rows that see a non-finite value row when v is given)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     cd = stats_dtype(q.dtype)
     s, hidden, nan_rows = _scores(q.to(cd), k.to(cd), causal, scale, bias)
-    s = s.masked_fill(nan_rows.unsqueeze(-1), -_INF)  # computed as rows without keys, made NaN by the caller
+    if v is not None:
+        nan_rows = nan_rows | _rows_seeing(~torch.isfinite(v).all(-1), hidden)
+    # Computed as rows without keys, made NaN by the caller. A NaN row must have P = 0 here, not just a NaN output:
+    # an infinite P (shrink on a +inf score) would turn the zero gradient the masked output passes back into
+    # inf * 0 = NaN in dv.
+    s = s.masked_fill(nan_rows.unsqueeze(-1), -_INF)
     if mode == "sparsemax":
         p = sparsemax_ref(s, dim=-1)
     else:
@@ -193,8 +224,7 @@ def sparse_attention_ref(
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     cd = stats_dtype(q.dtype)
-    p, hidden, nan_rows = _weights(q, k, mode, threshold, causal, scale, bias)
-    nan_rows = nan_rows | _rows_seeing(~torch.isfinite(v).all(-1), hidden)
+    p, _, nan_rows = _weights(q, k, mode, threshold, causal, scale, bias, v)
     out = torch.matmul(p, _finite(v.to(cd)))
     return out.masked_fill(nan_rows.unsqueeze(-1), _NAN).to(q.dtype)
 

@@ -128,6 +128,10 @@ def lipschitz_power_iteration(
     stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
     sz = code_size(signal_size, weight.shape[2:], stride, padding)
     w = weight.detach().to(torch.float64)
+    # Iterate on w / max|w| and scale back at the end: on w itself ||D^T D z|| overflowed float64 for entries beyond
+    # ~1e77, and the estimate became NaN (inf / inf) instead of the honest inf.
+    scale = w.abs().amax() if w.numel() else w.new_ones(())
+    w = w / torch.where(scale > 0, scale, torch.ones_like(scale))
     shape = (1, weight.shape[0], *sz)
     index = torch.arange(math.prod(shape), dtype=torch.float64, device=weight.device)
     z = (torch.sin(index * 12.9898 + 78.233) * 43758.5453).frac().sub(0.5).reshape(shape)
@@ -137,7 +141,7 @@ def lipschitz_power_iteration(
         dz = conv_synthesis_ref(z, w, signal_size, stride, padding)
         estimate = dz.pow(2).sum()  # <z, D^T D z> with ||z|| = 1
         z = conv_analysis_ref(dz, w, stride, padding)
-    return estimate
+    return estimate * scale**2
 
 
 def lipschitz_constant_ref(

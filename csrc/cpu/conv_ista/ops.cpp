@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "problem.h"
@@ -31,7 +32,16 @@ ConvGeometry check_inputs(const char* op, const at::Tensor& x, const at::Tensor&
                  stride[0], stride[1], padding[0], padding[1], 0, 0};
   TORCH_CHECK(g.SH >= 1 && g.SW >= 1 && g.PH >= 0 && g.PW >= 0, op, ": stride must be >= 1 and padding >= 0");
   TORCH_CHECK(g.KH >= 1 && g.KW >= 1, op, ": the kernel must have a non-zero size");
+  // functional's limit (_validate.MAX_EXTENT), checked without forming H + 2 PH, which could overflow
+  constexpr int64_t kMaxExtent = (int64_t(1) << 31) - 1;
+  TORCH_CHECK(g.H <= kMaxExtent && g.W <= kMaxExtent && g.PH <= (kMaxExtent - g.H) / 2 &&
+                  g.PW <= (kMaxExtent - g.W) / 2,
+              op, ": the padded signal must be at most 2^31 - 1 in every dimension");
   TORCH_CHECK(g.H + 2 * g.PH >= g.KH && g.W + 2 * g.PW >= g.KW, op, ": kernel larger than the padded signal");
+  // Every stride beyond the last window start gives the same single window and operator; the direct strategy sizes
+  // its polyphase loops by the stride, so a huge one would run (and allocate) for nothing.
+  g.SH = std::min(g.SH, g.H + 2 * g.PH - g.KH + 1);
+  g.SW = std::min(g.SW, g.W + 2 * g.PW - g.KW + 1);
   g.Hz = (g.H + 2 * g.PH - g.KH) / g.SH + 1;
   g.Wz = (g.W + 2 * g.PW - g.KW) / g.SW + 1;
   TORCH_CHECK(weight.size(1) == g.Cs && encoder_weight.sizes() == weight.sizes(), op,

@@ -35,7 +35,8 @@
 // choose_strategy, per pass (the checkpoints are the same for both strategies, so a direct forward feeds a gemm
 // backward), calibrated on the shape sweep (dsc_kernels/experiments/sweep.py, each strategy forced in both passes):
 // - gemm when the kernel covers the whole unpadded map (a matrix product; the direct tiles waste 15 of 16 lanes on
-//   a 1 x 1 code: 2-3x eager against the direct strategy's 0.02-0.15x);
+//   a 1 x 1 code: 2-3x eager against the direct strategy's 0.02-0.15x), and when the padding reaches the kernel's
+//   size (code positions whose atoms lie wholly in the padding: no work, but the direct buffers grow with it);
 // - gemm for >= 32 signal channels, 1-D included (1-D 64 -> 64: forward + backward 1.3x against direct's 0.55x);
 // - direct for other 1-D problems (oneDNN's one-row convolutions lag: 1.2-1.5x against direct's 2.3-5.5x);
 // - forward: gemm for >= 8 signal channels on code maps under 16 x 16, else direct (one signal channel on 8 x 8:
@@ -69,6 +70,9 @@ Strategy choose_strategy(const ConvGeometry& g, Pass pass) {
                 env, "'");
   }
   if (g.kernel_covers_map()) return Strategy::gemm;
+  // The direct strategy's buffers and polyphase loops grow with the padded map and the stride, work included or not:
+  // with 10^6 padding on a 9 x 9 map it ran for minutes where ATen's convolutions take a second.
+  if (g.PH >= g.KH || g.PW >= g.KW) return Strategy::gemm;
   if (g.Cs >= 32) return Strategy::gemm;
   if (g.H == 1) return Strategy::direct;
   const int64_t code_map = g.Hz * g.Wz;

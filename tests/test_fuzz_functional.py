@@ -1,0 +1,163 @@
+"""Edge inputs of the functional conv-ISTA family found by a fuzz pass: each raises a ValueError naming the argument
+before any kernel runs, or gives the reference's answer on every backend, where it had crashed the process, raised
+an opaque internal error, or returned a silently wrong (or backend-dependent) answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsc_kernels.functional as DF
+from dsc_kernels import _ext
+from dsc_kernels.ops import op_pair
+from dsc_kernels.reference.conv_ista import NO_BACKWARD
+from tests.helpers import conv_problem
+
+BACKENDS = [b for b in ("reference", "cpp") if b in DF.available_backends("cpu")]
+needs_cpp = pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built here")
+
+
+# ------------------------------------------------------------------------------------------------ soft_threshold
+@pytest.mark.parametrize(
+    "threshold,words",
+    [
+        (torch.ones(2), r"threshold of shape \(2,\) must broadcast to shape \(3,\)"),  # was torch's size mismatch
+        (torch.ones(2, 3), r"threshold of shape \(2, 3\) must broadcast"),  # was a (2, 3) result for a (3,) x
+        (torch.ones(3, device="meta"), "one device"),  # was "Tensor on device meta is not on the expected device"
+    ],
+)
+def test_soft_threshold_rejects_thresholds_that_do_not_fit_x(threshold, words):
+    with pytest.raises(ValueError, match=words):
+        DF.soft_threshold(torch.tensor([1.0, 2.0, 3.0]), threshold)
+
+
+def test_soft_threshold_rejects_a_threshold_beyond_x_dtype():
+    # a float raised "value cannot be converted to type c10::Half without overflow"; a tensor became inf
+    x = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float16)
+    for threshold in (1e6, torch.tensor(1e6)):
+        with pytest.raises(ValueError, match="threshold must fit in torch.float16"):
+            DF.soft_threshold(x, threshold)
+
+
+# -------------------------------------------------------------------------------- lasso_objective, lipschitz
+def test_lasso_objective_checks_lam_device_and_range():
+    x, w, z = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(2, 4, 6, 6)
+    with pytest.raises(ValueError, match="one device"):  # was "Cannot copy out of meta tensor"
+        DF.lasso_objective(x, z, w, torch.full((4,), 0.1, device="meta"))
+    z[:, 0] = 0  # inf * a zero channel's l1 norm made the objective NaN
+    with pytest.raises(ValueError, match="lam must fit in torch.float32"):
+        DF.lasso_objective(x, z, w, 1e39)
+
+
+def test_lipschitz_constant_of_a_meta_weight_is_a_value_error():
+    with pytest.raises(ValueError, match="weight is a meta tensor"):  # was "Tensor.item() cannot be called"
+        DF.lipschitz_constant(torch.randn(4, 3, 3, 3, device="meta"), (8, 8))
+
+
+def test_lipschitz_constant_of_a_huge_weight_is_inf_not_nan():
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    lip = DF.lipschitz_constant(w, (8, 8), padding=1)
+    assert DF.lipschitz_constant(w * 1e60, (8, 8), padding=1) == pytest.approx(lip * 1e120, rel=1e-12)
+    assert DF.lipschitz_constant(w * 1e200, (8, 8), padding=1) == float("inf")  # the power iteration gave NaN
+    with pytest.raises(ValueError, match="default step 1/L"):  # NaN had read as "zero dictionary": step 1
+        DF.conv_ista(torch.randn(1, 3, 8, 8, dtype=torch.float64), w * 1e200, 0.1, n_iter=2, backend="reference")
+
+
+# ------------------------------------------------------------------------------------------ conv_ista steps
+X, W = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3) * 0.3
+Z0 = torch.full((2, 4, 8, 8), 5.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        # rounds to 0 in float32: threshold / 0 gave NaN codes on reference and zeros on cpp
+        (dict(threshold=1.0, step=1e-50), "step must be > 0 in torch.float32, where it underflows"),
+        (dict(threshold=0.0, step=torch.tensor(1e-50, dtype=torch.float64)), "step must be > 0 in torch.float32"),
+        (dict(lam=0.1, step=1e-50), "step must be > 0 in torch.float32"),
+        # subnormal: threshold / step overflowed to inf and every code became 0 (instead of 3) or NaN
+        (dict(threshold=1.0, step=1e-39), r"threshold / step \(the lam it runs as\) must fit in torch.float32"),
+        (dict(threshold=-1.0, step=1e-39, nonneg=True), r"threshold / step .* must fit"),
+    ],
+)
+def test_conv_ista_rejects_steps_that_vanish_in_the_dtype(backend, kwargs, words):
+    lam = kwargs.pop("lam", None)
+    with pytest.raises(ValueError, match=words):
+        DF.conv_ista(X, W, lam, n_iter=2, padding=1, z0=Z0, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_step_that_underflows_is_rejected(backend):
+    # 1/L ~ 1e-61 is 0 in float32; the iteration then multiplied 0 by an overflowed E D z0: every code NaN
+    with pytest.raises(ValueError, match=r"default step 1/L \(the dictionary is very large\) must be > 0"):
+        DF.conv_ista(X, W * 1e30, 0.5, n_iter=2, padding=1, z0=Z0, backend=backend)
+
+
+def test_steps_of_the_multilayer_pursuit_are_checked_in_the_dtype():
+    with pytest.raises(ValueError, match=r"steps\[0\] must be > 0 in torch.float32"):
+        DF.ml_ista(X, [W], [0.1], steps=[1e-50], n_iter=1, paddings=[1], backend="reference")
+    with pytest.raises(ValueError, match="step must be > 0 in torch.float32"):
+        DF.conv_ista(X, W.expand(2, 4, 3, 3, 3), threshold=1.0, step=1e-50, n_iter=2, padding=1, backend="reference")
+
+
+# -------------------------------------------------------------------------------------------- geometry
+def _grads(backend, p, stride, padding, **kw):
+    leaves = [p[k].detach().clone().requires_grad_() for k in ("x", "weight", "lam", "step")]
+    z = DF.conv_ista(*leaves[:3], step=leaves[3], n_iter=3, stride=stride, padding=padding, backend=backend, **kw)
+    return [z.detach(), *torch.autograd.grad((z * torch.linspace(-1, 1, z.numel()).view_as(z)).sum(), leaves)]
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+@pytest.mark.parametrize("stride", [2**31 - 1, 2**31, 2**63 - 1, 2**64])
+def test_a_stride_beyond_the_padded_map_is_the_single_window_it_means(rank, stride):
+    """Every stride past the last window start is the same operator. 2**31 - 1 had the cpp backend allocate until the
+    process was killed; larger ones reached torch's 32-bit convolution arguments ("stride should be greater than
+    zero ... -2147483648") or its int64 parsing (a TypeError)."""
+    p = conv_problem(rank, size=(9, 8), kernel=(3, 4), padding=1, untied=False, n_iter=3)
+    canonical = tuple(n + 2 - k + 1 for n, k in zip((9, 8)[-rank:], (3, 4)[-rank:]))
+    want = _grads("reference", p, canonical, 1)
+    assert want[0].shape[2:] == (1,) * rank
+    for backend in BACKENDS:
+        for got, ref in zip(_grads(backend, p, stride, 1), want):
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert DF.conv_analysis(p["x"], p["weight"], stride=stride, padding=1).shape == want[0].shape
+    codes = DF.ml_ista(p["x"], [p["weight"]], [0.05], n_iter=1, strides=[stride], paddings=[1], backend=BACKENDS[-1])
+    assert codes[0].shape == want[0].shape
+
+
+@pytest.mark.parametrize("padding", [2**30, 2**31, 2**62, 2**63])
+def test_padding_beyond_32_bit_convolutions_is_a_value_error(padding):
+    # was torch's "stride should be greater than zero", "expected padding to be at most ..." or an int64 overflow
+    x, w = torch.randn(2, 3, 9), torch.randn(4, 3, 3)
+    with pytest.raises(ValueError, match="padded signal size .* must be at most 2147483647"):
+        DF.conv_ista(x, w, 0.1, n_iter=2, stride=2**62, padding=padding, backend="reference")
+    with pytest.raises(ValueError, match="padded signal size"):
+        DF.lipschitz_constant(w, (9,), stride=2**62, padding=padding)
+
+
+@needs_cpp
+def test_cpp_runs_padding_beyond_the_kernel_on_aten_convolutions():
+    """The direct strategy's buffers and polyphase loops grow with the padded map: a 9 x 9 map padded by 10**6 ran
+    for minutes. Padding that reaches the kernel's size now runs the gemm strategy, in both passes."""
+    strategy = _ext.load().conv_ista_strategy_cpp  # 0 direct, 1 gemm
+    x, w = torch.empty(1, 1, 9, 9), torch.empty(2, 1, 3, 3)
+    for padding in ([3, 3], [1, 3], [10**6, 10**6]):
+        assert [strategy(x, w, [1, 1], padding, backward) for backward in (False, True)] == [1, 1]
+    p = conv_problem(2, batch=1, c_sig=1, c_code=2, size=(9, 9), kernel=(3, 3), untied=False, n_iter=3)
+    want = _grads("reference", p, 10**12, 10**5)
+    for got, ref in zip(_grads("cpp", p, 10**12, 10**5), want):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@needs_cpp
+def test_cpp_op_called_directly_with_a_huge_stride():
+    # functional passes the smallest equivalent stride; the op clamps one it is given directly (was killed)
+    fwd = op_pair("conv_ista", "cpp").forward
+    p = conv_problem(2, size=(9, 8), kernel=(3, 4), padding=1, untied=False, n_iter=2)
+    args = (p["x"], p["weight"], p["weight"], p["lam"], p["step"], p["x"].new_empty(0))
+    z, _ = fwd(*args, [2**31 - 1, 2**40], [1, 1], False, False, NO_BACKWARD)
+    want, _ = fwd(*args, [9, 7], [1, 1], False, False, NO_BACKWARD)
+    torch.testing.assert_close(z, want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="padded signal must be at most"):
+        fwd(*args, [1, 1], [2**62, 1], False, False, NO_BACKWARD)
