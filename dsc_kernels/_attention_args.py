@@ -33,13 +33,8 @@ def _mask(name: str, mask: object, q: Tensor) -> Tensor:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=cd, device=mask.device).masked_fill(mask, -torch.inf)
     # A finite float64 entry beyond the compute dtype's range would become +-inf there: a key silently hidden, or a
-    # row whose mass all goes to that key. (Only a float64 mask on lower-precision q can hold one.)
-    largest = torch.finfo(cd).max
-    if torch.finfo(mask.dtype).max > largest and check.values_readable(mask):
-        if bool((torch.isfinite(mask) & (mask.abs() > largest)).any()):
-            raise ValueError(
-                f"{name}'s finite entries must fit in {cd} (|value| <= {largest:.3g}); use -inf to hide a key"
-            )
+    # row whose mass all goes to that key.
+    check.fits_dtype(name, mask, cd, infinite_ok=True)
     return mask.to(cd)
 
 

@@ -6,6 +6,7 @@ traces (values are unknown there) and for meta tensors (which have none).
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 
@@ -195,15 +196,22 @@ def broadcasts_to(name: str, t: Tensor, shape: Sequence[int]) -> None:
         raise ValueError(f"{name} of shape {tuple(t.shape)} must broadcast to shape {tuple(shape)}")
 
 
-def fits_dtype(name: str, value: Tensor | float, dtype: torch.dtype) -> None:
-    """A finite value beyond dtype's range would silently become inf there (a step of inf makes every code NaN)."""
+def fits_dtype(name: str, value: Tensor | float, dtype: torch.dtype, *, infinite_ok: bool = False) -> None:
+    """A finite value beyond dtype's range would silently become inf there (a step of inf makes every code NaN).
+    infinite_ok: +-inf itself is a meaningful value (a -inf mask entry hides a key); only finite entries are checked."""
     largest = torch.finfo(dtype).max
     if isinstance(value, Tensor):
-        too_large = values_readable(value) and bool((value.detach().abs() > largest).any())
+        if infinite_ok and value.is_floating_point() and torch.finfo(value.dtype).max <= largest:
+            return  # no finite value of a narrower dtype can exceed dtype's range
+        too_large = False
+        if values_readable(value):
+            beyond = value.detach().abs() > largest
+            too_large = bool((beyond & torch.isfinite(value) if infinite_ok else beyond).any())
     else:
-        too_large = abs(value) > largest
+        too_large = abs(value) > largest and not (infinite_ok and math.isinf(value))
     if too_large:
-        raise ValueError(f"{name} must fit in {dtype} (|value| <= {largest:.3g})")
+        what = f"{name}'s finite entries" if infinite_ok else name
+        raise ValueError(f"{what} must fit in {dtype} (|value| <= {largest:.3g})")
 
 
 def per_iteration(name: str, value: Tensor | float, n_iter: int, c_code: int | None, like: Tensor) -> Tensor:
