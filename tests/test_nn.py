@@ -199,14 +199,54 @@ def test_step_stays_one_over_L_while_the_dictionary_grows():
         layer(x)  # a training forward tracks 1/L with a warm-started power iteration
         assert float(layer.step) == pytest.approx(_inverse_lipschitz(layer), rel=0.02)
     layer.eval()
-    before = float(layer.step)
+    before = layer.step.clone()
+    layer(x)
+    assert torch.equal(layer.step, before)  # an eval forward on an unchanged dictionary keeps the stored step
     with torch.no_grad():
         layer.weight.mul_(2.0)
     layer(x)
-    assert float(layer.step) == before  # eval forwards use the stored step
+    # a changed dictionary is re-estimated in eval too: the old step, 4x 1/L now, made ISTA diverge to inf
+    assert float(layer.step) == pytest.approx(_inverse_lipschitz(layer), rel=0.02)
     layer.normalize_dictionary_()
     torch.testing.assert_close(layer.weight.flatten(1).norm(dim=1), torch.ones(8))
     assert float(layer.step) == pytest.approx(_inverse_lipschitz(layer), rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["no_grad_edit", "optimiser_step", "new_data"],
+)
+def test_eval_forward_after_a_dictionary_change_uses_the_new_one_over_L(change):
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(1, 6, 5, n_iter=30, lam=0.01, backend="reference")
+    x = torch.randn(2, 1, 16, 16)
+    layer(x)
+    layer.eval()
+    if change == "no_grad_edit":
+        with torch.no_grad():
+            layer.weight.mul_(10.0)
+    elif change == "optimiser_step":
+        layer.weight.grad = -10.0 * layer.weight.detach()  # SGD with lr 1 then makes the atoms 11x larger
+        torch.optim.SGD([layer.weight], lr=1.0).step()
+    else:
+        layer.weight.data = 10.0 * layer.weight.detach().clone()
+    z = layer(x)
+    assert float(layer.step) == pytest.approx(_inverse_lipschitz(layer), rel=0.02)
+    assert torch.isfinite(z).all()
+    expected = DF.conv_ista(
+        x, layer.weight.detach(), lam=0.01, n_iter=30, step=layer.step, padding=layer.padding, backend="reference"
+    )
+    torch.testing.assert_close(z, expected)
+
+
+def test_eval_forwards_on_an_unchanged_dictionary_run_no_power_iteration(monkeypatch):
+    layer = ConvSparseCoding2d(1, 4, 3, n_iter=3, backend="reference").eval()
+    calls = []
+    monkeypatch.setattr(layer, "_power_iterate", lambda n: calls.append(n))
+    x = torch.randn(1, 1, 8, 8)
+    layer(x)
+    layer(x)
+    assert calls == []
 
 
 def test_naive_dictionary_learning_loop_keeps_improving():

@@ -145,8 +145,10 @@ _CSC_DOC = """Unrolled convolutional ISTA/FISTA layer (LISTA/CSCNet style when l
             (n_iter, C_code). Negative values are allowed only with ``nonneg=True`` (a ReLU with bias -threshold).
             State-dict key ``threshold``.
         step: the ISTA step; a float > 0 or tensor (n_iter,), fixed. Default None: 1/L with L = ||D||_2^2, tracked
-            as the dictionary changes (a warm-started power iteration on every training forward; ``refresh_step_()``
-            re-estimates it on demand). Stored as the buffer ``step``.
+            as the dictionary changes: a warm-started power iteration on every training forward, and in eval mode
+            a fresh estimate whenever ``weight`` changed since the last one (torch's in-place changes and new data;
+            edits through ``weight.data`` go unseen, and so does everything under ``torch.compile``: call
+            ``refresh_step_()`` after those). Stored as the buffer ``step``.
         learn_lam / learn_threshold: make ``lam`` / ``threshold`` a parameter of shape (n_iter, C_code) (one per
             iteration and channel, LISTA-style).
         learn_step: make ``step`` a parameter of shape (n_iter,) initialised at ``step`` (or 1/L).
@@ -297,6 +299,7 @@ class _ConvSparseCoding(_projection.Projected):
         inverse_lipschitz = self._power_iterate(POWER_STEPS_COLD)
         self._fill("step", inverse_lipschitz if self._init["step"] is None else self._init["step"])
         self._step_floor = STEP_FLOOR * float(self.step.detach().min())
+        self._note_step_source()
 
     def constraints(self) -> list[tuple[Tensor, float | None, float | None]]:
         """(parameter, lower, upper) bounds that projection after each optimiser step keeps valid."""
@@ -338,7 +341,27 @@ class _ConvSparseCoding(_projection.Projected):
         inverse_lipschitz = self._power_iterate(_positive_int("n_steps", n_steps))
         if self._track_step:
             self.step.copy_(inverse_lipschitz)
+        self._note_step_source()
         return inverse_lipschitz
+
+    def _weight_state(self) -> tuple[int, int] | None:
+        """Where ``weight`` lives and its version counter: every in-place change through torch (an optimiser step,
+        edits under ``torch.no_grad()``, ``load_state_dict``) bumps the counter, and assigning new data moves it.
+        None when it cannot be read (an inference tensor keeps no version counter)."""
+        weight = self.weight
+        if weight.is_meta or weight.is_inference():
+            return None
+        return weight.data_ptr(), weight._version
+
+    def _note_step_source(self) -> None:
+        # the weight the tracked step was last estimated from; an eval forward re-estimates when it has changed
+        # (not traced: torch.compile cannot read version counters, and compiled eval forwards do not check)
+        if not torch.compiler.is_compiling():
+            self._step_source = self._weight_state()
+
+    def _step_is_stale(self) -> bool:
+        state = self._weight_state()
+        return state is not None and state != getattr(self, "_step_source", None)
 
     @torch.no_grad()
     def normalize_dictionary_(self) -> _ConvSparseCoding:
@@ -353,8 +376,13 @@ class _ConvSparseCoding(_projection.Projected):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C_sig, *S) -> z: (B, C_code, *Sz)."""
         self._check_input(x)
-        if self.training and self._track_step:
-            self.refresh_step_(POWER_STEPS_PER_FORWARD)
+        if self._track_step:
+            if self.training:
+                self.refresh_step_(POWER_STEPS_PER_FORWARD)
+            elif not torch.compiler.is_compiling() and self._step_is_stale():
+                # The weight changed since the step was estimated (an optimiser step after the last training
+                # forward, a hand edit): a stale 1/L that is too large makes ISTA diverge silently.
+                self.refresh_step_(POWER_STEPS_COLD)
         scale = None
         if self.relative:
             # Squares in at least float32: in float16 they overflow from |x| = 256 on, and the code became NaN.
@@ -466,6 +494,7 @@ def _after_load(module: _ConvSparseCoding, incompatible_keys) -> None:
             module.step.copy_(inverse_lipschitz)
     if isinstance(module.step, nn.Parameter) and not module.step.is_meta:
         module._step_floor = step_floor_after_load(getattr(module, "_step_floor", math.inf), [module.step])
+    module._note_step_source()  # a loaded step belongs to the loaded weight: keep it
 
 
 class ConvSparseCoding1d(_ConvSparseCoding):
