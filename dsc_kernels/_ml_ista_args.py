@@ -110,9 +110,9 @@ def ml_ista_arguments(
     interleaved: bool,
     default_step: Callable[[Tensor, tuple, tuple, tuple], Tensor | float],
 ) -> dict:
-    """Validated canonical arguments of ``functional.ml_ista`` (S = n_iter + 1 steps): a dict of the op's inputs."""
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-        raise ValueError(f"n_iter must be an int >= 0 (the unfoldings after the initial encoding), got {n_iter!r}")
+    """Validated canonical arguments of ``functional.ml_ista`` (S = n_iter + 1 steps): a dict of the op's inputs, plus
+    ``geometry``: each layer's (signal size, stride, padding)."""
+    n_iter = check.count("n_iter", n_iter, 0)
     rank = spatial_rank(x)
     if isinstance(weights, Tensor) or not isinstance(weights, Sequence) or len(weights) == 0:
         raise TypeError("weights must be a non-empty list of dictionary tensors, one per layer")
@@ -123,7 +123,14 @@ def ml_ista_arguments(
     encoders = per_layer("encoder_weights", encoder_weights, depth, None)
     input_encoders = per_layer("input_encoder_weights", input_encoder_weights, depth, None)
     out = dict(
-        weights=[], encoder_weights=[], input_encoder_weights=[], thresholds=[], steps=[], strides=[], paddings=[]
+        weights=[],
+        encoder_weights=[],
+        input_encoder_weights=[],
+        thresholds=[],
+        steps=[],
+        strides=[],
+        paddings=[],
+        geometry=[],
     )
     size, channels = tuple(x.shape[2:]), x.shape[1]
     for j in range(depth):
@@ -170,6 +177,7 @@ def ml_ista_arguments(
             out[key].append(value)
         out["strides"] += stride
         out["paddings"] += padding
+        out["geometry"].append((size, stride, padding))
         size, channels = code, w.shape[1]
     if z0 is None:
         out["z0"] = x.new_empty(0)
@@ -206,8 +214,7 @@ def conv_ista_variant_arguments(
 ) -> dict:
     """Validated canonical arguments of conv_ista's variants as a one-layer ml_ista op (S = n_iter steps), plus
     ``features``: the table features they need (table.CONV_ISTA_VARIANTS)."""
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+    n_iter = check.count("n_iter", n_iter, 1)
     for name, value in (("nonneg", nonneg), ("fista", fista), ("recompute", recompute)):
         check.flag(name, value)
     rank = spatial_rank(x)

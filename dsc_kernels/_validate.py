@@ -68,7 +68,8 @@ def same_dtype(**tensors: Tensor | None) -> None:
 def count(name: str, value: object, minimum: int) -> int:
     """An int >= minimum: Python, numpy and 0-d torch integers; floats and bools are a caller's bug, not a size."""
     try:
-        if isinstance(value, bool):
+        # a bool tensor's __index__ gives 0 or 1, as the Python bool it stands for would
+        if isinstance(value, bool) or isinstance(value, Tensor) and value.dtype == torch.bool:
             raise TypeError
         value = operator.index(value)
     except TypeError:

@@ -132,8 +132,7 @@ def lipschitz_constant(
         raise ValueError("weight is a meta tensor: it holds no values to estimate L from")
     signal_size = check.ints("signal_size", signal_size, weight.dim() - 2, minimum=1)
     stride, padding, _ = check.geometry(signal_size, weight, stride, padding)
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+    n_iter = check.count("n_iter", n_iter, 1)
     return ref.lipschitz_constant_ref(weight, signal_size, stride, padding, n_iter)
 
 
@@ -186,7 +185,9 @@ def _default_step(weight: Tensor, signal_size: tuple[int, ...], stride, padding)
     return step
 
 
-def _warn_if_step_diverges(weight: Tensor, step: Tensor | float, signal_size, stride, padding) -> None:
+def _warn_if_step_diverges(
+    weight: Tensor, step: Tensor | float, signal_size, stride, padding, name: str = "step"
+) -> None:
     """Warn when a step is certainly above 2/L, where ISTA diverges.
 
     L >= max_c ||w_c||^2 whenever some code position's atom lies wholly inside the signal (the atom alone is a code
@@ -202,8 +203,8 @@ def _warn_if_step_diverges(weight: Tensor, step: Tensor | float, signal_size, st
     largest = float(step.detach().max()) if isinstance(step, Tensor) else float(step)
     if lower > 0 and largest > 2.0 / lower:
         warnings.warn(
-            f"step={largest:.4g} is above 2/L (L >= {lower:.4g}, the largest atom's squared norm): ISTA "
-            "diverges with it; use step=None for 1/L",
+            f"{name}={largest:.4g} is above 2/L (L >= {lower:.4g}, the largest atom's squared norm): ISTA "
+            f"diverges with it; use {name}=None for 1/L",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -285,8 +286,7 @@ def conv_ista(
             raise ValueError(
                 f"encoder_weight must have weight's shape {tuple(weight.shape)}, got {tuple(encoder_weight.shape)}"
             )
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 1:
-        raise ValueError(f"n_iter must be an int >= 1, got {n_iter!r}")
+    n_iter = check.count("n_iter", n_iter, 1)
     for name, value in (("nonneg", nonneg), ("fista", fista), ("recompute", recompute)):
         check.flag(name, value)
     stride, padding, code = check.geometry(x.shape[2:], weight, stride, padding)
@@ -350,7 +350,9 @@ def deep_conv_ista(
     depth = len(weights)
     lams = check.per_layer("lams", lams, depth, None)
     thresholds = check.per_layer("thresholds", thresholds, depth, None)
-    n_iters = [n_iter] * depth if isinstance(n_iter, int) else check.per_layer("n_iter", n_iter, depth, None)
+    # anything but a list is one n_iter for all layers, for conv_ista to check (a numpy or 0-d tensor int is one)
+    one_each = isinstance(n_iter, Sequence) and not isinstance(n_iter, str)
+    n_iters = check.per_layer("n_iter", n_iter, depth, None) if one_each else [n_iter] * depth
     strides, paddings = check.per_layer("strides", strides, depth, 1), check.per_layer("paddings", paddings, depth, 0)
     steps = check.per_layer("steps", steps, depth, None)
     codes, signal = [], x
@@ -485,6 +487,15 @@ def ml_ista(
         default_step=_default_step,
     )
     row = ops.select("ml_ista", backend, x.device, x.dtype)
+    geometry = args.pop("geometry")
+    # Only the interleaved iteration runs ISTA on each layer's own code, where c_j > 2/L_j diverges. The projected one
+    # steps the deepest code by c_1 ... c_L on D_1 ... D_L: a per-layer bound neither implies nor rules out its
+    # divergence. Step 0 (the initial encoding) only scales; per-step dictionaries repeat no one operator.
+    if interleaved:
+        for j, given in enumerate(check.per_layer("steps", steps, len(geometry), None)):
+            w, step = args["weights"][j], args["steps"][j]
+            if given is not None and w.shape[0] == 1 and step.shape[0] > 1:
+                _warn_if_step_diverges(w[0], step[1:], *geometry[j], name=f"steps[{j}]")
     return ml_ista_ops.run(row, x, nonneg=nonneg, fista=fista, project=not interleaved, recompute=recompute, **args)
 
 
@@ -503,8 +514,9 @@ def sparsemax(x: Tensor, dim: int = -1) -> Tensor:
     """
     x = check.tensor("x", x)
     rank = max(x.dim(), 1)  # a 0-d tensor is one slice of one entry, as for torch.softmax
-    if isinstance(dim, bool) or not isinstance(dim, int) or not -rank <= dim < rank:
-        raise ValueError(f"dim must be an int in [{-rank}, {rank}), got {dim!r}")
+    dim = check.count("dim", dim, -rank)  # the types torch.softmax takes: numpy and 0-d tensor ints, no bool
+    if dim >= rank:
+        raise ValueError(f"dim must be an int in [{-rank}, {rank}), got {dim}")
     if x.dim() == 0:
         return sparsemax_ref(x.reshape(1), 0).reshape(())
     return sparsemax_ref(x, dim)

@@ -4,6 +4,7 @@ an opaque internal error, or returned a silently wrong (or backend-dependent) an
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -161,3 +162,58 @@ def test_cpp_op_called_directly_with_a_huge_stride():
     torch.testing.assert_close(z, want, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="padded signal must be at most"):
         fwd(*args, [1, 1], [2**62, 1], False, False, NO_BACKWARD)
+
+
+# ------------------------------------------------------------------------------------------ integer arguments
+INTEGRAL_TWOS = [np.int64(2), np.int32(2), torch.tensor(2)]
+NOT_INTS = [2.0, True, torch.tensor(True), torch.tensor(2.0), "2", None]
+
+
+def _n_iter_calls(n_iter):
+    """Every functional entry point that takes n_iter, called with it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    w = 0.3 * torch.randn(4, 3, 3, 3, generator=g, dtype=torch.float64)
+    return {
+        "conv_ista": lambda: DF.conv_ista(x, w, 0.1, n_iter=n_iter, padding=1, backend="reference"),
+        "conv_ista per-iteration": lambda: DF.conv_ista(
+            x, w.expand(2, *w.shape), 0.1, n_iter=n_iter, padding=1, backend="reference"
+        ),
+        "deep_conv_ista": lambda: DF.deep_conv_ista(x, [w], [0.1], n_iter=n_iter, paddings=[1], backend="reference"),
+        "ml_ista": lambda: DF.ml_ista(x, [w], [0.1], n_iter=n_iter, paddings=[1], backend="reference"),
+        "lipschitz_constant": lambda: DF.lipschitz_constant(w, (8, 8), n_iter=n_iter),
+    }
+
+
+@pytest.mark.parametrize("name", list(_n_iter_calls(2)))
+@pytest.mark.parametrize("n_iter", INTEGRAL_TWOS, ids=repr)
+def test_n_iter_takes_numpy_and_0d_tensor_integers(name, n_iter):
+    # were "n_iter must be an int >= 1" ValueErrors (or, for deep_conv_ista, "n_iter must be a list")
+    got, want = _n_iter_calls(n_iter)[name](), _n_iter_calls(2)[name]()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", list(_n_iter_calls(2)))
+@pytest.mark.parametrize("n_iter", NOT_INTS, ids=repr)
+def test_n_iter_of_a_non_integer_type_is_a_type_error_naming_it(name, n_iter):
+    with pytest.raises(TypeError, match="n_iter must be an int"):
+        _n_iter_calls(n_iter)[name]()
+
+
+@pytest.mark.parametrize("dim", INTEGRAL_TWOS[:2] + [torch.tensor(-1)], ids=repr)
+def test_sparsemax_takes_integral_dims_like_softmax(dim):
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(DF.sparsemax(x, dim), DF.sparsemax(x, int(dim)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dim", [1.5, 1.0, "1", None, True, torch.tensor(True)], ids=repr)
+def test_sparsemax_dim_of_a_non_integer_type_is_a_type_error(dim):
+    # was a ValueError; torch.softmax raises a TypeError for these too (bool included)
+    with pytest.raises(TypeError, match="dim must be an int"):
+        DF.sparsemax(torch.randn(2, 3), dim)
+
+
+@pytest.mark.parametrize("dim", [2, -3, np.int64(2)], ids=repr)
+def test_sparsemax_dim_out_of_range_is_a_value_error(dim):
+    with pytest.raises(ValueError, match=r"dim must be (an int in \[-2, 2\)|>= -2), got (2|-3)$"):
+        DF.sparsemax(torch.randn(2, 3), dim)

@@ -3,6 +3,7 @@ wrong rank, half precision, state-dict loads (partial, onto meta modules, learne
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from dsc_kernels.nn import (
     DeepSparseCoding2d,
     MultiLayerSparseCoding2d,
     SoftThreshold,
+    SparseCodingTransformerBlock,
 )
 
 
@@ -39,6 +41,29 @@ def test_conv_sparse_coding_flags_must_be_bools(name):
 def test_other_layers_flags_must_be_bools(make, name):
     with pytest.raises(TypeError, match=name):
         make()
+
+
+LAYERS_WITH_N_ITER = {
+    "ConvSparseCoding2d": lambda n_iter: ConvSparseCoding2d(2, 3, 3, n_iter=n_iter, backend="reference"),
+    "DeepSparseCoding2d": lambda n_iter: DeepSparseCoding2d([1, 2, 3], 3, n_iter=n_iter, backend="reference"),
+    "MultiLayerSparseCoding2d": lambda n_iter: MultiLayerSparseCoding2d([1, 2], 3, n_iter=n_iter),
+    "SparseCodingTransformerBlock": lambda n_iter: SparseCodingTransformerBlock(8, 2, n_iter=n_iter),
+}
+
+
+@pytest.mark.parametrize("make", LAYERS_WITH_N_ITER.values(), ids=LAYERS_WITH_N_ITER.keys())
+def test_n_iter_takes_numpy_and_0d_tensor_integers_as_a_plain_int(make):
+    for n_iter in (np.int64(2), torch.tensor(2)):
+        module = make(n_iter)
+        for layer in getattr(module, "layers", [module]):  # a deep stack hands n_iter to each of its layers
+            assert type(layer.n_iter) is int and layer.n_iter == 2
+
+
+@pytest.mark.parametrize("make", LAYERS_WITH_N_ITER.values(), ids=LAYERS_WITH_N_ITER.keys())
+@pytest.mark.parametrize("n_iter", [2.0, True, torch.tensor(2.0), "2"], ids=repr)
+def test_n_iter_of_a_non_integer_type_is_a_type_error(make, n_iter):
+    with pytest.raises(TypeError, match="n_iter must be an int"):
+        make(n_iter)
 
 
 @pytest.mark.parametrize(
@@ -178,12 +203,12 @@ def test_a_loaded_learned_step_below_the_floor_survives_an_optimizer_step(make):
         torch.testing.assert_close(s.detach(), b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("n_steps", [0, 2.5, True])
-def test_refresh_step_needs_a_positive_number_of_power_iterations(n_steps):
+@pytest.mark.parametrize("n_steps,error", [(0, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_refresh_step_needs_a_positive_number_of_power_iterations(n_steps, error):
     # n_steps=0 set the tracked step to 1, whatever the dictionary
     layer = ConvSparseCoding2d(2, 4, 3, n_iter=2, backend="reference")
     step = layer.step.clone()
-    with pytest.raises(ValueError, match="n_steps"):
+    with pytest.raises(error, match="n_steps"):
         layer.refresh_step_(n_steps)
     assert torch.equal(layer.step, step)
 

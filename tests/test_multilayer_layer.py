@@ -88,7 +88,7 @@ def test_attention_layers_check_arguments_at_construction():
     with pytest.raises(ValueError, match="backend"):
         SparseAttention(8, 2, backend="bogus")
     for options, error, match in [
-        (dict(n_iter=1.5), ValueError, "n_iter"),
+        (dict(n_iter=1.5), TypeError, "n_iter"),
         (dict(lam=float("nan")), ValueError, "lam"),
         (dict(lam="a"), TypeError, "lam"),
         (dict(step=0.0), ValueError, "step"),

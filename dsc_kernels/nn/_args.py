@@ -12,9 +12,7 @@ from .. import _validate as check
 
 
 def positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    return value
+    return check.count(name, value, 1)
 
 
 def flags(**values: object) -> None:

@@ -84,8 +84,7 @@ class MultiLayerSparseCoding2d(_projection.Projected):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-            raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
+        n_iter = check.count("n_iter", n_iter, 0)
         flags(
             learn_steps=learn_steps,
             untied_unfoldings=untied_unfoldings,

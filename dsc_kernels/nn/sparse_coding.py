@@ -84,7 +84,7 @@ class SoftThreshold(_projection.Projected):
         _flags(nonneg=nonneg, learnable=learnable)
         _check_value("threshold", threshold, [()], allow_negative=nonneg, hint=_SIGNED_HINT, dtype=_float_dtype(dtype))
         if num_channels is not None:
-            _positive_int("num_channels", num_channels)
+            num_channels = _positive_int("num_channels", num_channels)
         self.num_channels, self.nonneg = num_channels, nonneg
         shape = () if num_channels is None else (num_channels,)
         self._init_threshold = float(threshold)
@@ -217,9 +217,10 @@ class _ConvSparseCoding(_projection.Projected):
             recompute=recompute,
         )
         value_dtype = _float_dtype(dtype)
-        self.in_channels = _positive_int("in_channels", in_channels)
-        self.code_channels = _positive_int("code_channels", code_channels)
-        self.n_iter = _positive_int("n_iter", n_iter)
+        # the plain ints from here on, for the shapes and messages below (not a numpy or tensor integer)
+        self.in_channels = in_channels = _positive_int("in_channels", in_channels)
+        self.code_channels = code_channels = _positive_int("code_channels", code_channels)
+        self.n_iter = n_iter = _positive_int("n_iter", n_iter)
         self.kernel_size = check.ints("kernel_size", kernel_size, rank, minimum=1)
         self.stride = check.ints("stride", stride, rank, minimum=1)
         self.padding = _padding(padding, self.kernel_size, self.stride)
