@@ -21,6 +21,8 @@ RECIPES = ("digits", "denoise")
 
 def recipe(name: str):
     """The recipe module by name."""
+    if not isinstance(name, str):
+        raise TypeError(f"recipe must be one of {RECIPES}, got {name!r}")
     if name == "digits":
         from . import digits
 
@@ -35,7 +37,7 @@ def recipe(name: str):
 def load(out: str | Path) -> nn.Module:
     """The model trained by ``python -m dsc_kernels train ... --out DIR``, rebuilt from DIR/model.pt, in eval mode
     on the CPU."""
-    checkpoint = engine.read_checkpoint(Path(out))
+    checkpoint = engine.read_checkpoint(out)
     model = recipe(checkpoint["recipe"]).build(checkpoint["spec"])
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()

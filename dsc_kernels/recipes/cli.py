@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from .. import _cli_args as cli_args
-from . import RECIPES, engine, recipe
+from . import RECIPES, _args, engine, recipe
 
-# --seed seeds torch (any 64-bit value) and, through scikit-learn's train_test_split, numpy, which takes only
-# 0 <= seed < 2**32: the narrower range, so that one seed means the same thing in every recipe.
-SEED_RANGE = (0, 2**32 - 1)
+SEED_RANGE = _args.SEED_RANGE  # why this range: see _args
+DEVICES = ("cpu", "cuda")
 
 
 def _int_in(option: str, value: object, low: int, high: int | None = None) -> str | None:
@@ -71,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="conv-ISTA backend: auto (default) or one of the names dsc_kernels.functional.check_backend accepts "
         "(reference, cpp, triton); checked against --device before training",
     )
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    parser.add_argument("--device", choices=DEVICES, default=None, help="default: cuda when available")
     parser.add_argument(
         "--distributed",
         action="store_true",
@@ -81,9 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Check the arguments together (argparse's ``type=`` checks see one value at a time) and report the first
-    problem through ``parser.error``: usage, one line naming the option, exit status 2. Normalises args.backend."""
+    problem through ``parser.error``: usage, one line naming the option, exit status 2. Normalises args.backend.
+    A Namespace built in Python skipped argparse's choices and types: those are checked again here."""
+    if not isinstance(args.recipe, str) or args.recipe not in RECIPES:
+        parser.error(f"argument --recipe: must be one of {RECIPES}, got {args.recipe!r}")
     module = recipe(args.recipe)
-    strategy = args.strategy or module.DEFAULT_STRATEGY
+    strategy = module.DEFAULT_STRATEGY if args.strategy is None else args.strategy  # "" is not the default
     if strategy != "all" and strategy not in module.STRATEGIES:
         parser.error(
             f"argument --strategy: for {args.recipe} must be one of {module.STRATEGIES} or all, got {strategy!r}"
@@ -95,14 +98,20 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     ):
         if problem is not None:
             parser.error(problem)
+    if args.device is not None and (not isinstance(args.device, str) or args.device not in DEVICES):
+        parser.error(f"argument --device: must be one of {DEVICES}, got {args.device!r}")
     if args.device is not None and (problem := cli_args.device_problem(args.device)) is not None:
         parser.error(problem)  # otherwise the first .to("cuda") raises deep inside the recipe
     device = args.device or engine.default_device()
     args.backend, problem = cli_args.backend_problem(args.backend, device)
     if problem is not None:
         parser.error(problem)
+    if not isinstance(args.distributed, bool):
+        parser.error(f"argument --distributed: must be True or False, got {args.distributed!r}")
     if args.distributed and (missing := engine.torchrun_missing()) is not None:
         parser.error(f"argument --distributed: {missing.removeprefix('--distributed ')}")
+    if args.out is not None and not isinstance(args.out, (str, os.PathLike)):
+        parser.error(f"argument --out: must be a path, got {args.out!r}")
     out = Path(args.out or f"runs/{args.recipe}-{strategy}")
     strategies = module.STRATEGIES if strategy == "all" else (strategy,)
     # --strategy all writes one subfolder per strategy: each must be creatable too
@@ -124,7 +133,7 @@ def main(args: argparse.Namespace, arg_parser: argparse.ArgumentParser | None = 
     errors reported through ``arg_parser`` (the `train` subparser of ``python -m dsc_kernels``)."""
     validate(args, arg_parser or parser())
     module = recipe(args.recipe)
-    strategy = args.strategy or module.DEFAULT_STRATEGY
+    strategy = module.DEFAULT_STRATEGY if args.strategy is None else args.strategy
     strategies = module.STRATEGIES if strategy == "all" else (strategy,)
     epochs = module.DEFAULT_EPOCHS if args.epochs is None else args.epochs
     out = Path(args.out or f"runs/{args.recipe}-{strategy}")

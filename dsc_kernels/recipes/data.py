@@ -6,6 +6,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _validate as check
+from . import _args
+
 PHOTOS = ("china", "flower")
 
 
@@ -20,8 +23,10 @@ def _sklearn_datasets():
 def digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """scikit-learn's 8x8 digits as (B, 1, 8, 8) float32 in [0, 1] (pixels / 16) with int64 labels, split exactly
     ``train_test_split(images, target, test_size=0.25, stratify=target, random_state=seed)``.
-    Returns x_train, y_train, x_test, y_test."""
+    Returns x_train, y_train, x_test, y_test. ``seed`` is an int in [0, 2**32) (``_args.SEED_RANGE``)."""
     from sklearn.model_selection import train_test_split
+
+    seed = _args.seed(seed)  # None would be an unreproducible split, True the split of seed 1
 
     data = _sklearn_datasets().load_digits()
     images = (data.images / 16.0).astype(np.float32)
@@ -35,17 +40,23 @@ def digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 def photo(name: str) -> Tensor:
     """One of scikit-learn's sample photographs ("china", "flower"; 427x640) in grayscale: (H, W) float32 in [0, 1]
     (ITU-R 601 luma: 0.299 R + 0.587 G + 0.114 B)."""
-    if name not in PHOTOS:
-        raise ValueError(f"name must be one of {PHOTOS}, got {name!r}")
+    _args.one_of("name", name, PHOTOS)
     bunch = _sklearn_datasets().load_sample_images()
     index = [i for i, f in enumerate(bunch.filenames) if f.endswith(f"{name}.jpg")][0]
     rgb = bunch.images[index].astype(np.float32) / 255.0
     return torch.from_numpy(rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32))
 
 
-def random_patches(image: Tensor, n: int, size: int, generator: torch.Generator) -> Tensor:
-    """n random size x size crops of a (H, W) image: (n, 1, size, size)."""
+def random_patches(image: Tensor, n: int, size: int, generator: torch.Generator | None) -> Tensor:
+    """n >= 1 random size x size crops of a floating (H, W) image with H, W >= size: (n, 1, size, size).
+    ``generator`` None draws from torch's global generator."""
+    image = check.tensor("image", image, rank=2)
+    n, size = check.count("n", n, 1), check.count("size", size, 1)
     h, w = image.shape
+    if size > min(h, w):
+        raise ValueError(f"size {size} is larger than the image, {h}x{w}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
     rows = torch.randint(0, h - size + 1, (n,), generator=generator)
     cols = torch.randint(0, w - size + 1, (n,), generator=generator)
     return torch.stack([image[r : r + size, c : c + size] for r, c in zip(rows.tolist(), cols.tolist())]).unsqueeze(1)

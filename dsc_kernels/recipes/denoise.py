@@ -4,7 +4,7 @@ Model (Simon & Elad 2019, "Rethinking the CSC model for natural images", in smal
 untied encoder, learned per-iteration and per-channel thresholds (``learn_lam``: threshold = step * lam) and
 learned steps, unrolled ``N_ITER`` times; the estimate is ``D z`` plus the image mean. Stride s > 1 is allowed:
 then the s^2 shifted copies are coded and averaged, as CSCNet does. Input and output (B, 1, H, W) in [0, 1],
-any H, W.
+any H, W (> s when s > 1).
 
 Data (scikit-learn's two photographs, gray, nothing downloaded), and what is held out:
     training   random 32x32 patches of china.jpg, columns [0, 480) only
@@ -19,6 +19,7 @@ the training region. (The TV weight that would be best on each test image is als
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from pathlib import Path
 
@@ -26,11 +27,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import _validate as check
 from .. import data as dsc_data
 from .. import functional as DF
 from ..dictionary_learning import atom_grid
 from ..nn import ConvSparseCoding2d
-from . import data, engine
+from . import _args, data, engine
 
 NAME = "denoise"
 STRATEGIES = ("cscnet",)
@@ -58,7 +60,8 @@ class CSCDenoiser(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        self.stride = stride
+        # one int: forward shifts by it in both directions (a pair passed ConvSparseCoding2d, then broke forward)
+        self.stride = stride = check.count("stride", stride, 1)
         self.csc = ConvSparseCoding2d(
             1,
             n_atoms,
@@ -77,6 +80,9 @@ class CSCDenoiser(nn.Module):
         return self.csc.decode(self.csc(y), y.shape[2:])
 
     def forward(self, y: Tensor) -> Tensor:
+        check.tensor("y", y, rank=4)
+        if self.stride > 1 and min(y.shape[2:]) <= self.stride:  # the reflect padding needs more than s pixels
+            raise ValueError(f"y must be larger than stride {self.stride} in H and W, got shape {tuple(y.shape)}")
         mean = y.mean(dim=(1, 2, 3), keepdim=True)
         centred = y - mean
         if self.stride == 1:
@@ -99,18 +105,27 @@ def build(spec: dict) -> nn.Module:
 
 
 def psnr(clean: Tensor, estimate: Tensor) -> float:
-    """PSNR in dB of an estimate of an image in [0, 1] (the estimate is clipped to [0, 1] first)."""
+    """PSNR in dB of an estimate of an image in [0, 1] (the estimate is clipped to [0, 1] first); inf when they are
+    equal. Both floating tensors of one non-empty shape: broadcasting would average over pairs that do not match."""
+    check.tensor("clean", clean)
+    check.tensor("estimate", estimate)
+    if clean.shape != estimate.shape or clean.numel() == 0:
+        raise ValueError(
+            f"clean and estimate must have one non-empty shape, got {tuple(clean.shape)} and {tuple(estimate.shape)}"
+        )
     mse = float((estimate.clamp(0, 1) - clean).pow(2).mean())
-    return 10 * math.log10(1.0 / mse)
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def noisy_copy(clean: Tensor, seed: int) -> Tensor:
-    generator = torch.Generator().manual_seed(seed)
+    check.tensor("clean", clean)
+    generator = torch.Generator().manual_seed(dsc_data._seed(seed))
     return clean + SIGMA * torch.randn(clean.shape, generator=generator)
 
 
 def test_images(seed: int) -> dict[str, tuple[Tensor, Tensor]]:
     """{name: (clean, noisy)} of the held-out images, (1, 1, H, W) each, with fixed noise."""
+    seed = _args.seed(seed)
     china, flower = data.photo("china"), data.photo("flower")
     images = {"flower (unseen photograph)": flower, "china right part (unseen region)": china[:, TRAIN_COLUMNS[1] :]}
     return {
@@ -121,6 +136,7 @@ def test_images(seed: int) -> dict[str, tuple[Tensor, Tensor]]:
 
 def tuning_image(seed: int) -> tuple[Tensor, Tensor]:
     """A 160x160 crop of the training region with fixed noise: where the baselines' parameters are chosen."""
+    seed = _args.seed(seed)
     clean = data.photo(TRAIN_PHOTO)[120:280, 160:320][None, None]
     return clean, noisy_copy(clean, seed + 999)
 
@@ -146,7 +162,16 @@ def _skimage():
     return denoise_wavelet, denoise_tv_chambolle
 
 
+def _one_image(noisy: object) -> Tensor:
+    """The skimage baselines denoise one gray image: more of them would be dropped silently."""
+    check.tensor("noisy", noisy, rank=4)
+    if noisy.shape[:2] != (1, 1):
+        raise ValueError(f"noisy must be one gray image (1, 1, H, W), got shape {tuple(noisy.shape)}")
+    return noisy
+
+
 def wavelet(noisy: Tensor) -> Tensor:
+    noisy = _one_image(noisy)
     denoise_wavelet, _ = _skimage()
     out = denoise_wavelet(
         noisy[0, 0].double().numpy(), sigma=SIGMA, method="BayesShrink", mode="soft", rescale_sigma=True
@@ -155,6 +180,11 @@ def wavelet(noisy: Tensor) -> Tensor:
 
 
 def tv(noisy: Tensor, weight: float) -> Tensor:
+    noisy = _one_image(noisy)
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        raise TypeError(f"weight must be a real number, got {weight!r}")
+    if not 0 < weight < math.inf:  # 0 divides by zero in skimage, NaN and negative weights return garbage
+        raise ValueError(f"weight must be finite and > 0, got {weight}")
     _, denoise_tv_chambolle = _skimage()
     out = denoise_tv_chambolle(noisy[0, 0].double().numpy(), weight=weight)
     return torch.from_numpy(np.asarray(out, dtype=np.float32))[None, None]
@@ -181,6 +211,7 @@ def baselines(seed: int) -> dict:
 def training_patches(seed: int) -> Tensor:
     """The clean training patches, (PATCHES_PER_EPOCH, 1, PATCH, PATCH), from the training region only; an epoch
     visits each once, with fresh noise every time."""
+    seed = _args.seed(seed)
     region = data.photo(TRAIN_PHOTO)[:, TRAIN_COLUMNS[0] : TRAIN_COLUMNS[1]]
     return data.random_patches(region, PATCHES_PER_EPOCH, PATCH, torch.Generator().manual_seed(seed))
 
@@ -196,7 +227,10 @@ def evaluate(model: nn.Module, seed: int) -> dict[str, float]:
 def train(
     strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run, subset: int | None = None
 ) -> dict:
-    """Train the denoiser on fresh noisy patches every epoch; returns metrics (writes out/ on rank 0)."""
+    """Train the denoiser on fresh noisy patches every epoch; returns metrics (writes out/ on rank 0). ``subset``: the
+    first ``subset`` of the PATCHES_PER_EPOCH training patches (all when None)."""
+    strategy, epochs, seed, out, backend = _args.train_arguments(strategy, STRATEGIES, epochs, seed, out, backend, run)
+    subset = _args.subset(subset, PATCHES_PER_EPOCH)
     torch.manual_seed(seed)
     spec = {"n_atoms": N_ATOMS, "kernel_size": KERNEL, "n_iter": N_ITER, "stride": STRIDE, "backend": backend}
     model = build(spec).to(run.device)

@@ -28,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import sparsity
+from .. import _validate as check
+from .. import functional, sparsity
 from ..nn import DeepSparseCoding2d, SoftThreshold
-from . import data, engine
+from . import _args, data, engine
 
 NAME = "digits"
 STRATEGIES = ("baseline", "l1", "learned-threshold", "dsc")
@@ -51,9 +52,8 @@ class DigitsNet(nn.Module):
 
     def __init__(self, strategy: str, backend: str = "auto"):
         super().__init__()
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        self.strategy = strategy
+        self.strategy = _args.one_of("strategy", strategy, STRATEGIES)
+        backend = functional.check_backend(backend)  # the conv strategies ignore it, but it is saved in the spec
         c1, c2 = CHANNELS
         if strategy == "dsc":
             self.sparse_coding = DeepSparseCoding2d(
@@ -76,6 +76,9 @@ class DigitsNet(nn.Module):
         return dict(zip(FEATURES, (self.act1, self.act2)))
 
     def forward(self, x: Tensor) -> Tensor:
+        check.tensor("x", x, rank=4)
+        if tuple(x.shape[1:]) != (1, 8, 8):  # the head is sized for 8x8 digits
+            raise ValueError(f"x must be (B, 1, 8, 8), got shape {tuple(x.shape)}")
         if self.strategy == "dsc":
             hidden = self.sparse_coding(x)[-1]
         else:
@@ -89,7 +92,15 @@ def build(spec: dict) -> nn.Module:
 
 @torch.no_grad()
 def evaluate(model: DigitsNet, x: Tensor, y: Tensor) -> dict:
-    """Test accuracy and the exact-zero fractions of the hidden feature maps (eval mode)."""
+    """Test accuracy and the exact-zero fractions of the hidden feature maps (eval mode). x (B, 1, 8, 8) and labels
+    y (B,), B >= 1."""
+    if not isinstance(model, DigitsNet):
+        raise TypeError(f"model must be a DigitsNet, got {type(model).__name__}")
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"x and y must be torch.Tensors, got {type(x).__name__} and {type(y).__name__}")
+    # a y of another length or shape would broadcast against the predictions into a wrong accuracy
+    if x.dim() == 0 or len(x) == 0 or y.shape != x.shape[:1]:
+        raise ValueError(f"x must hold B >= 1 samples and y their B labels, got {tuple(x.shape)} and {tuple(y.shape)}")
     model.eval()
     with sparsity.SparsityMonitor(model, model.feature_modules()) as monitor:
         logits = torch.cat([model(chunk) for chunk in x.split(256)])
@@ -105,9 +116,12 @@ def evaluate(model: DigitsNet, x: Tensor, y: Tensor) -> dict:
 def train(
     strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run, subset: int | None = None
 ) -> dict:
-    """Train one strategy; returns metrics (and writes out/ on rank 0 when ``out`` is given)."""
+    """Train one strategy; returns metrics (and writes out/ on rank 0 when ``out`` is given). ``subset``: the first
+    ``subset`` training samples and at most that many test samples (all when None)."""
+    strategy, epochs, seed, out, backend = _args.train_arguments(strategy, STRATEGIES, epochs, seed, out, backend, run)
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = data.digits(seed)
+    subset = _args.subset(subset, len(x_train))
     if subset is not None:
         x_train, y_train, x_test, y_test = x_train[:subset], y_train[:subset], x_test[:subset], y_test[:subset]
     model = DigitsNet(strategy, backend=backend).to(run.device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 import time
 from collections.abc import Callable
@@ -21,6 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from .. import _validate as check
+from ..data import _seed as torch_seed
 
 MODEL_FILE, METRICS_FILE = "model.pt", "metrics.json"
 
@@ -66,23 +70,42 @@ def torchrun_missing() -> str | None:
     return None
 
 
-def start(distributed: bool, device: str | None = None) -> Run:
+def check_device(device: object) -> torch.device:
+    """A cpu or cuda device that exists here: otherwise the first ``.to(device)`` fails deep inside a recipe, and an
+    int is read by torch as a CUDA index."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a str or a torch.device, got {device!r}")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (the recipes run on no other), got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
+    return parsed
+
+
+def start(distributed: bool, device: str | torch.device | None = None) -> Run:
     """Join the torchrun process group when ``distributed`` (gloo on CPU, nccl on CUDA), else a single process."""
-    if device is None:
-        device = default_device()
+    check.flag("distributed", distributed)
+    device = check_device(default_device() if device is None else device)
     if not distributed:
-        return Run(torch.device(device))
+        return Run(device)
     missing = torchrun_missing()
     if missing is not None:
         raise SystemExit(missing)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "cuda":
+    if device.type == "cuda":  # "cuda:0" too: a string comparison sent it to the CPU and gloo
         torch.cuda.set_device(local_rank)
         run_device = torch.device("cuda", local_rank)
     else:
         run_device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Run(run_device, dist.get_rank(), dist.get_world_size(), True)
 
 
@@ -101,7 +124,15 @@ def wrap(model: nn.Module, run: Run) -> nn.Module:
 
 def train_loader(x: Tensor, y: Tensor, batch_size: int, seed: int, run: Run) -> DataLoader:
     """Shuffled batches of (x, y), one shard per rank in a distributed run (``loader.sampler.set_epoch`` is called
-    by ``fit``)."""
+    by ``fit``). x and y: tensors with the same number >= 1 of samples."""
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() == 0 or len(x) == 0:
+        raise ValueError(f"x must hold at least one sample, got shape {tuple(x.shape)}")  # no batch to train on
+    if y.dim() == 0 or len(y) != len(x):
+        raise ValueError(f"x and y must hold the same number of samples, got {tuple(x.shape)} and {tuple(y.shape)}")
+    batch_size, seed = check.count("batch_size", batch_size, 1), torch_seed(seed)
     dataset = TensorDataset(x, y)
     generator = torch.Generator().manual_seed(seed)
     if run.distributed:
@@ -127,6 +158,10 @@ def fit(
     seconds, and whatever ``after_epoch(epoch, loss)`` returns. ``after_step()`` runs after every optimiser step
     (e.g. renormalising a dictionary; identical on every rank, so replicas stay equal)."""
     from tqdm import tqdm
+
+    epochs = check.count("epochs", epochs, 1)
+    if len(loader) == 0:  # every epoch would record a loss of 0 without a single step
+        raise ValueError("loader must yield at least one batch, got an empty one")
 
     history = []
     bar = tqdm(total=epochs * len(loader), desc=desc, disable=not run.is_main, file=sys.stderr, dynamic_ncols=True)
@@ -160,9 +195,10 @@ def fit(
     return history
 
 
-def save(out: Path, recipe: str, spec: dict, model: nn.Module, metrics: dict) -> None:
+def save(out: str | Path, recipe: str, spec: dict, model: nn.Module, metrics: dict) -> None:
     """Write ``out/model.pt`` ({recipe, spec, state_dict}: the recipe rebuilds the module from spec) and
     ``out/metrics.json``."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
@@ -170,8 +206,18 @@ def save(out: Path, recipe: str, spec: dict, model: nn.Module, metrics: dict) ->
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
-def read_checkpoint(out: Path) -> dict:
+def read_checkpoint(out: str | Path) -> dict:
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out must be a str or a path, got {out!r}")
     path = Path(out) / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {MODEL_FILE} in {out}: pass the --out folder of `python -m dsc_kernels train`")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise ValueError(f"{path} is not a checkpoint written by `python -m dsc_kernels train`: {err}") from err
+    if not isinstance(checkpoint, dict) or not {"recipe", "spec", "state_dict"} <= set(checkpoint):
+        raise ValueError(
+            f"{path} is not a checkpoint written by `python -m dsc_kernels train`: it lacks recipe, spec or state_dict"
+        )
+    return checkpoint
