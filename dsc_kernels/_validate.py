@@ -68,8 +68,11 @@ def same_dtype(**tensors: Tensor | None) -> None:
 def count(name: str, value: object, minimum: int) -> int:
     """An int >= minimum: Python, numpy and 0-d torch integers; floats and bools are a caller's bug, not a size."""
     try:
-        # a bool tensor's __index__ gives 0 or 1, as the Python bool it stands for would
-        if isinstance(value, bool) or isinstance(value, Tensor) and value.dtype == torch.bool:
+        # A bool tensor's __index__ gives 0 or 1, as the Python bool it stands for would; a one-element 1-D tensor's
+        # gives its entry, though it is no scalar; a meta tensor has no value to give.
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, Tensor) and (value.dtype == torch.bool or value.dim() != 0 or value.is_meta):
             raise TypeError
         value = operator.index(value)
     except TypeError:
@@ -235,6 +238,8 @@ def per_layer(name: str, values: object, depth: int, default: object) -> list:
     """One entry per layer of a deep pursuit (``default`` for every layer when ``values`` is None)."""
     if values is None:
         return [default] * depth
-    if isinstance(values, (Tensor, int, float, str)) or not isinstance(values, Sequence) or len(values) != depth:
+    if isinstance(values, (Tensor, str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a list with one entry per layer ({depth}), got {values!r}")
+    if len(values) != depth:
         raise ValueError(f"{name} must be a list with one entry per layer ({depth}), got {values!r}")
     return list(values)

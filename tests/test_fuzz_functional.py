@@ -166,7 +166,16 @@ def test_cpp_op_called_directly_with_a_huge_stride():
 
 # ------------------------------------------------------------------------------------------ integer arguments
 INTEGRAL_TWOS = [np.int64(2), np.int32(2), torch.tensor(2)]
-NOT_INTS = [2.0, True, torch.tensor(True), torch.tensor(2.0), "2", None]
+NOT_INTS = [
+    2.0,
+    True,
+    torch.tensor(True),
+    torch.tensor(2.0),
+    torch.tensor([2]),
+    torch.tensor(2, device="meta"),
+    "2",
+    None,
+]
 
 
 def _n_iter_calls(n_iter):
@@ -217,3 +226,11 @@ def test_sparsemax_dim_of_a_non_integer_type_is_a_type_error(dim):
 def test_sparsemax_dim_out_of_range_is_a_value_error(dim):
     with pytest.raises(ValueError, match=r"dim must be (an int in \[-2, 2\)|>= -2), got (2|-3)$"):
         DF.sparsemax(torch.randn(2, 3), dim)
+
+
+@pytest.mark.parametrize("lams", [0.1, torch.tensor([0.1]), "0.1"], ids=repr)
+def test_per_layer_values_of_a_non_list_type_are_a_type_error(lams):
+    # were ValueErrors; a list of the wrong length stays a ValueError (tests/test_validation.py)
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    with pytest.raises(TypeError, match="lams must be a list with one entry per layer"):
+        DF.deep_conv_ista(x, [w], lams, n_iter=2, paddings=[1], backend="reference")

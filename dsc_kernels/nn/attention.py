@@ -7,6 +7,7 @@ Both compute through ``dsc_kernels.functional`` only, so every backend gives the
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -78,9 +79,12 @@ class SparseAttention(nn.Module):
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if mode not in DF.ATTENTION_MODES:
             raise ValueError(f"mode must be one of {DF.ATTENTION_MODES}, got {mode!r}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        for name, value in (("dropout", dropout), ("threshold", threshold)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a float, got {value!r}")
+        if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        if not math.isfinite(threshold):
             raise ValueError(f"threshold must be a finite float, got {threshold!r}")
         if add_bias_kv or add_zero_attn:
             raise ValueError("add_bias_kv and add_zero_attn are not supported by SparseAttention")
