@@ -10,7 +10,6 @@ Shapes: x is (B, C_sig, L) for 1-D or (B, C_sig, H, W) for 2-D, chosen by the di
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -20,7 +19,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from . import _attention_args as attention_args
 from . import _ml_ista_args as ml_args
 from . import _validate as check
-from . import ops
+from . import _warnings, ops
 from . import reference as ref
 from .ops import conv_ista as conv_ista_ops
 from .ops import cpu_cost
@@ -202,11 +201,9 @@ def _warn_if_step_diverges(
     lower = float(torch.linalg.vector_norm(weight.detach().flatten(1), dim=1).max()) ** 2 if weight.numel() else 0.0
     largest = float(step.detach().max()) if isinstance(step, Tensor) else float(step)
     if lower > 0 and largest > 2.0 / lower:
-        warnings.warn(
+        _warnings.warn(
             f"{name}={largest:.4g} is above 2/L (L >= {lower:.4g}, the largest atom's squared norm): ISTA "
-            f"diverges with it; use {name}=None for 1/L",
-            RuntimeWarning,
-            stacklevel=3,
+            f"diverges with it; use {name}=None for 1/L"
         )
 
 

@@ -323,8 +323,9 @@ def test_copies_are_projected_too():
 
 def test_all_zero_codes_in_training_warn():
     layer = ConvSparseCoding2d(1, 4, 3, n_iter=2, lam=100.0, backend="reference")
-    with pytest.warns(RuntimeWarning, match="every code is exactly zero"):
+    with pytest.warns(RuntimeWarning, match="every code is exactly zero") as record:
         layer(torch.randn(2, 1, 8, 8))
+    assert record[0].filename == __file__  # the user's call, not torch's Module.__call__ (where stacklevel=3 led)
 
 
 def test_relative_thresholds_make_the_layer_scale_equivariant():

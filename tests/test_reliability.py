@@ -90,8 +90,12 @@ def test_padding_words(padding, expected):
 
 
 def test_a_step_above_two_over_L_warns():
-    with pytest.warns(RuntimeWarning, match="above 2/L"):
+    with pytest.warns(RuntimeWarning, match="above 2/L") as record:
         DF.conv_ista(X, W, 0.1, n_iter=2, padding=1, step=10.0, backend="reference")
+    with pytest.warns(RuntimeWarning, match="above 2/L") as deep:
+        DF.deep_conv_ista(X, [W], [0.1], n_iter=2, paddings=[1], steps=[10.0], backend="reference")
+    # both attributed to this file: from deep_conv_ista, a fixed stacklevel pointed at functional.py
+    assert record[0].filename == deep[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DF.conv_ista(X, W, 0.1, n_iter=2, padding=1, backend="reference")

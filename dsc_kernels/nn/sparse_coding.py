@@ -12,13 +12,13 @@ at construction; learned ones are kept valid by projected gradient descent after
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import _validate as check
+from .. import _warnings
 from .. import functional as DF
 from ..reference.conv import code_size
 from . import _projection
@@ -426,12 +426,10 @@ class _ConvSparseCoding(_projection.Projected):
     def _warn_if_all_zero(self, z: Tensor) -> None:
         self._zero_checks += 1
         if (self._zero_checks - 1) % ZERO_CHECK_EVERY == 0 and z.numel() and not bool(z.detach().any()):
-            warnings.warn(
+            _warnings.warn(
                 f"{type(self).__name__}({self.in_channels}, {self.code_channels}): every code is exactly "
                 f"zero in this training batch, so no gradient reaches the layer's inputs; its thresholds "
-                f"are too large for the input scale. Lower lam/threshold or use relative=True.",
-                RuntimeWarning,
-                stacklevel=3,
+                f"are too large for the input scale. Lower lam/threshold or use relative=True."
             )
 
     def decode(self, z: Tensor, signal_size: Sequence[int] | None = None) -> Tensor:

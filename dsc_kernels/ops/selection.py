@@ -15,12 +15,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from functools import cache
 
 import torch
 
+from .. import _warnings
 from . import conv_ista, ml_ista, sparse_attention, table
 from .registry import implementation
 from .table import Backend
@@ -184,9 +184,7 @@ def select(
             return _registered(row)
         if candidate not in _warned and row.name != "reference":
             _warned.add(candidate)
-            warnings.warn(
-                f"dsc_kernels: backend 'auto' is not using {candidate} because {reason}", RuntimeWarning, stacklevel=3
-            )
+            _warnings.warn(f"dsc_kernels: backend 'auto' is not using {candidate} because {reason}")
     return table.row(family, "reference")
 
 
