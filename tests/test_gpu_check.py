@@ -1,0 +1,55 @@
+"""The prepared GPU run (`make gpu-check`, bench/gpu_check.py) rehearsed on the CPU: a GPU lease is minutes long, so
+the orchestrator, its bench child and the results document must not meet their first error on the device."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_dry_run_benchmarks_checks_and_writes_the_results_document(tmp_path):
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        DSC_GPU_CHECK_DRY_RUN="1",
+        DSC_GPU_CHECK_STEPS="env,bench,summary",  # the tests and sanitizer steps have suites of their own
+        DSC_GPU_CHECK_BUDGET_S="60",  # the base providers fit, torch.compile's groups report that they do not
+        DSC_GPU_CHECK_WARM="0",
+        DSC_GPU_CHECK_AUTOTUNE="none",
+        DSC_GPU_CHECK_OUT=str(tmp_path),
+    )
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert {step: s["status"] for step, s in run["steps"].items()} == {"env": "ok", "bench": "ok", "summary": "ok"}
+    assert run["environment"]["torch"] and run["method"]
+    timed = [r for r in run["results"] if r["status"] == "ok"]
+    # Each conv-ISTA group is timed for eager and cpp, or the plan says the budget left it out (how much fits depends
+    # on the machine's load; the first group always does).
+    groups = [(w, m) for w in ("deep-layer", "csc-gray", "csc-rgb-strided") for m in ("forward", "forward_backward")]
+    measured = [
+        g for g in groups if {"reference", "cpp"} <= {r["provider"] for r in timed if (r["workload"], r["mode"]) == g}
+    ]
+    assert groups[0] in measured
+    for workload, mode in set(groups) - set(measured):
+        assert f"budget: {workload} {mode} not measured" in " ".join(run["plan"])
+    for r in timed:  # each provider passed its check against fp64 before it was timed
+        assert r["check"] and all(c["ok"] for c in r["check"])
+        assert r["timing"]["median_ms"] > 0 and r["timing"]["samples_ms"]
+    assert all(r["reason"] for r in run["results"] if r["status"] == "skipped")  # every skip says why
+    assert (tmp_path / "run.csv").read_text().count("\n") == len(run["results"]) + 1
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| bench | ok |" in summary and "SKIP (no GPU)" in proc.stdout
