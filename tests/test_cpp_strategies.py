@@ -181,13 +181,15 @@ def _check_random_problem(r):
 
 
 @pytest.mark.parametrize("checkpoint", [NO_BACKWARD, 0, 2, 2 | KEEP_RESIDUALS])
-def test_gemm_chunks_of_unequal_size_fp64(monkeypatch, checkpoint):
+@pytest.mark.parametrize("batch,size", [(5, 48), (13, 32)])
+def test_gemm_chunks_of_unequal_size_fp64(monkeypatch, checkpoint, batch, size):
     """A 48 x 48 map is 2304 code columns per item, so the gemm strategy's chunks of ~4096 columns split a batch of
-    5 into 2 + 2 + 1 items (strategy.cpp): every chunk boundary, the short last chunk included, against the
-    reference, forward and the six gradients."""
+    5 into 2 + 2 + 1 items (strategy.cpp); on 32 x 32 (1024 columns, chunks of up to 4) a batch of 13 runs as
+    4 + 3 + 3 + 3 (the split is even). Every chunk boundary, the short chunks included, against the reference,
+    forward and the six gradients."""
     monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", "gemm")
     dtype = torch.float64
-    xs, ws, stride, padding = (5, 2, 48, 48), (3, 2, 3, 3), [1, 1], [1, 1]
+    xs, ws, stride, padding = (batch, 2, size, size), (3, 2, 3, 3), [1, 1], [1, 1]
     x, w, we, lam, step = _tensors(xs, ws, 4, untied=True, z0=True, dtype=dtype)
     z0 = _z0(x, w, stride, padding, True, dtype)
     geo = (stride, padding, False, True)

@@ -124,7 +124,14 @@ struct GemmSolver {
   // f(first item, items) for every chunk of the batch, in order.
   template <class F>
   void for_chunks(F&& f) const {
-    for (int64_t b0 = 0; b0 < g.B; b0 += chunk) f(b0, std::min(chunk, g.B - b0));
+    // Even chunks (sizes differ by one at most, none above `chunk`): 13 items in chunks of 4 ran as 4, 4, 4, 1, and
+    // ATen convolves a lone small item (8 x 8 maps) on its im2col path instead of oneDNN's, about 2x slower per item.
+    const int64_t chunks = (g.B + chunk - 1) / chunk;
+    for (int64_t i = 0, b0 = 0; i < chunks; ++i) {
+      const int64_t items = g.B / chunks + (i < g.B % chunks ? 1 : 0);
+      f(b0, items);
+      b0 += items;
+    }
   }
 
   // f(first pixel, end pixel) over ranges of a chunk's code pixels (item, h, w), in parallel; a pixel's Cc channels
