@@ -377,3 +377,22 @@ def test_digits_seed_accepts_numpy_integers_and_rejects_numpy_floats():
     torch.testing.assert_close(data.digits(np.int64(3))[2], data.digits(3)[2])
     with pytest.raises(TypeError, match="seed must be an int"):
         data.digits(np.float64(3.0))  # scikit-learn took it; torch.manual_seed did not
+
+
+def test_fit_stops_with_a_clear_error_when_the_loss_diverges():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=math.inf)  # the first step sends the weights to inf/NaN
+    loss = lambda net, x, y: torch.nn.functional.cross_entropy(net(x), y)  # noqa: E731
+    loader = engine.train_loader(X, Y, 2, 0, RUN)
+    with pytest.raises(FloatingPointError, match="test: the training loss of epoch 1 is nan: training diverged"):
+        engine.fit(model, loader, loss, optimizer, 5, RUN, desc="test")  # trained all 5 epochs on NaN weights
+
+
+def test_dct_ista_denoises_each_image_of_a_batch_on_its_own():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 1, 24, 24, generator=g) + torch.tensor([0.0, 5.0]).reshape(2, 1, 1, 1)
+    batch = denoise.dct_ista(images, 0.04, n_iter=5)
+    alone = torch.cat([denoise.dct_ista(images[i : i + 1], 0.04, n_iter=5) for i in range(2)])
+    torch.testing.assert_close(batch, alone)  # one mean over the batch shifted each image by the other's
+    with pytest.raises(ValueError, match=r"noisy must be gray images \(B, 1, H, W\)"):
+        denoise.dct_ista(torch.rand(1, 3, 24, 24), 0.04)

@@ -144,10 +144,13 @@ def tuning_image(seed: int) -> tuple[Tensor, Tensor]:
 # ------------------------------------------------------------------------------------------------- baselines
 @torch.no_grad()
 def dct_ista(noisy: Tensor, lam: float, n_iter: int = 50) -> Tensor:
-    """FISTA on a fixed convolutional 8x8 DCT dictionary (64 atoms, DC included) at stride 4 (4x redundant), image
-    mean removed."""
+    """FISTA on a fixed convolutional 8x8 DCT dictionary (64 atoms, DC included) at stride 4 (4x redundant), each
+    image's mean removed. noisy: (B, 1, H, W)."""
+    check.tensor("noisy", noisy, rank=4)
+    if noisy.shape[1] != 1:
+        raise ValueError(f"noisy must be gray images (B, 1, H, W), got shape {tuple(noisy.shape)}")
     weight = dsc_data.dct_filters(64, 8, ndim=2, dtype=noisy.dtype)
-    mean = noisy.mean()
+    mean = noisy.mean(dim=(2, 3), keepdim=True)  # per image: one mean over a batch shifted every image by the others'
     z = DF.conv_ista(noisy - mean, weight, lam, n_iter=n_iter, stride=4, padding=4, fista=True)
     return DF.conv_synthesis(z, weight, stride=4, padding=4, signal_size=noisy.shape[2:]) + mean
 

@@ -10,6 +10,7 @@ all-reduced during the backward, fused ops included) and reads its shard of the 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import sys
@@ -188,6 +189,14 @@ def fit(
             "loss": run.mean(total / max(count, 1)),
             "seconds": time.perf_counter() - start_time,
         }
+        # The mean over ranks, so every rank stops together (a rank stopping alone would leave the others waiting in
+        # DDP's all-reduce); training on from NaN weights only wrote NaN metrics and a NaN model.
+        if not math.isfinite(record["loss"]):
+            bar.close()
+            raise FloatingPointError(
+                f"{desc}: the training loss of epoch {epoch + 1} is {record['loss']}: training diverged "
+                "(lower the learning rate)"
+            )
         if after_epoch is not None:
             record.update(after_epoch(epoch, record["loss"]) or {})
         history.append(record)
