@@ -421,6 +421,9 @@ def _conv_ista_variant(
         recompute=recompute,
         default_step=_default_step,
     )
+    dictionaries = args["weights"][0]
+    if step is not None and dictionaries.shape[0] == 1:  # one shared D: ISTA on it, where step > 2/L diverges
+        _warn_if_step_diverges(dictionaries[0], args["steps"][0], x.shape[2:], args["strides"], args["paddings"])
     row = ops.select("conv_ista", backend, x.device, x.dtype, args.pop("features"))
     ml_row = ops.select("ml_ista", row.name, x.device, x.dtype)
     return ml_ista_ops.run(ml_row, x, nonneg=nonneg, fista=fista, project=True, recompute=recompute, **args)[0]

@@ -96,6 +96,12 @@ def test_a_step_above_two_over_L_warns():
         DF.deep_conv_ista(X, [W], [0.1], n_iter=2, paddings=[1], steps=[10.0], backend="reference")
     # both attributed to this file: from deep_conv_ista, a fixed stacklevel pointed at functional.py
     assert record[0].filename == deep[0].filename == __file__
+    with pytest.warns(RuntimeWarning, match="above 2/L"):  # the input-encoder variant (ML-LISTA's step) was silent
+        DF.conv_ista(X, W, 0.1, n_iter=2, padding=1, step=10.0, input_encoder_weight=W, backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DF.conv_ista(X, W, 0.1, n_iter=2, padding=1, input_encoder_weight=W, backend="reference")
+        DF.conv_ista(X, W.expand(2, *W.shape), 0.1, n_iter=2, padding=1, step=10.0, backend="reference")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DF.conv_ista(X, W, 0.1, n_iter=2, padding=1, backend="reference")
