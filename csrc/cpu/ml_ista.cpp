@@ -57,6 +57,16 @@ std::vector<double> fista_momentum(int64_t n) {
 
 Tensor pick(const Tensor& stack, int64_t k) { return stack.select(0, stack.size(0) == 1 ? 0 : k); }
 
+// S, the number of steps, from steps[0] (every layer's steps are checked against it in Net).
+int64_t step_count(const TensorList& steps) {
+  TORCH_CHECK(!steps.empty() && steps[0].dim() == 1 && steps[0].size(0) >= 1,
+              "ml_ista: steps must hold one (S,) tensor per layer, S >= 1");
+  return steps[0].size(0);
+}
+
+// A layer's signal sizes, padded, are at most this (functional's _validate.MAX_EXTENT), so no size overflows.
+constexpr int64_t kMaxExtent = (int64_t(1) << 31) - 1;
+
 // The problem: tensors, geometry and the per-layer operators of step k.
 struct Net {
   Tensor x;
@@ -71,8 +81,12 @@ struct Net {
       const TensorList& thresholds, const TensorList& steps, at::IntArrayRef strides, at::IntArrayRef paddings,
       bool nonneg_, bool fista_, bool project_)
       : x(x_), W(weights), WE(enc), WA(inp), thr(thresholds), step(steps), L((int64_t)weights.size()),
-        S(steps.at(0).size(0)), nonneg(nonneg_), fista(fista_), project(project_), beta(fista_momentum(S)) {
+        S(step_count(steps)), nonneg(nonneg_), fista(fista_), project(project_), beta(fista_momentum(S)) {
     TORCH_CHECK(x.dim() == 4, "ml_ista: x must be (B, C, H, W)");
+    TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                "ml_ista (cpp): float32 or float64 only");
+    TORCH_CHECK(x.size(2) <= kMaxExtent && x.size(3) <= kMaxExtent,
+                "ml_ista: x's height and width must be at most 2^31 - 1");
     TORCH_CHECK(L >= 1 && (int64_t)WE.size() == L && (int64_t)WA.size() == L && (int64_t)thr.size() == L &&
                     (int64_t)step.size() == L,
                 "ml_ista: every per-layer list needs one entry per layer");
@@ -83,14 +97,22 @@ struct Net {
       const Tensor& d = W[j];
       TORCH_CHECK(d.dim() == 5 && d.size(2) == c && (d.size(0) == 1 || d.size(0) == S),
                   "ml_ista: weights[", j, "] must be (1 or S, C_j, C_{j-1}, kh, kw) chaining the channels");
-      for (const Tensor* t : {&WE[j], &WA[j]})
+      TORCH_CHECK(d.scalar_type() == x.scalar_type(), "ml_ista: weights[", j, "] must have x's dtype");
+      for (const Tensor* t : {&WE[j], &WA[j]}) {
         TORCH_CHECK(t->numel() == 0 || (t->dim() == 5 && t->sizes().slice(1).equals(d.sizes().slice(1)) &&
                                         (t->size(0) == 1 || t->size(0) == S)),
                     "ml_ista: an encoder of layer ", j, " must be empty or shaped like its dictionary");
-      TORCH_CHECK(thr[j].dim() == 2 && thr[j].size(0) == S && thr[j].size(1) == d.size(1) && step[j].numel() == S,
+        TORCH_CHECK(t->numel() == 0 || t->scalar_type() == x.scalar_type(), "ml_ista: an encoder of layer ", j,
+                    " must have x's dtype");
+      }
+      TORCH_CHECK(thr[j].dim() == 2 && thr[j].size(0) == S && thr[j].size(1) == d.size(1) && step[j].dim() == 1 &&
+                      step[j].size(0) == S,
                   "ml_ista: thresholds[", j, "] must be (S, C_j) and steps[", j, "] (S,)");
       TORCH_CHECK(thr[j].scalar_type() == x.scalar_type() && step[j].scalar_type() == x.scalar_type(),
                   "ml_ista: thresholds and steps must have x's dtype");
+      // functional rejects them too (_validate.finite): a NaN threshold gave codes the reference does not
+      TORCH_CHECK(at::isfinite(thr[j]).all().item<bool>() && at::isfinite(step[j]).all().item<bool>(),
+                  "ml_ista: thresholds[", j, "] and steps[", j, "] must be finite");
       thr[j] = thr[j].contiguous();
       const Tensor cs = step[j].to(at::kDouble).contiguous();
       c_values.emplace_back(cs.data_ptr<double>(), cs.data_ptr<double>() + S);
@@ -101,11 +123,18 @@ struct Net {
       g.kw = d.size(4);
       g.signal_h = h;
       g.signal_w = w;
+      // checked before any size is formed from them: a zero stride divided by zero, a huge padding overflowed
+      TORCH_CHECK(g.stride[0] >= 1 && g.stride[1] >= 1 && g.padding[0] >= 0 && g.padding[1] >= 0,
+                  "ml_ista: layer ", j, ": stride must be >= 1 and padding >= 0");
+      TORCH_CHECK(g.padding[0] <= (kMaxExtent - h) / 2 && g.padding[1] <= (kMaxExtent - w) / 2, "ml_ista: layer ", j,
+                  ": the padded signal must be at most 2^31 - 1 in every dimension");
+      TORCH_CHECK(g.kh >= 1 && g.kw >= 1 && h + 2 * g.padding[0] >= g.kh && w + 2 * g.padding[1] >= g.kw,
+                  "ml_ista: layer ", j, " has an empty kernel or one larger than its padded signal");
+      // Every stride beyond the last window start gives the same single window (and ATen takes strides as int).
+      g.stride[0] = std::min(g.stride[0], h + 2 * g.padding[0] - g.kh + 1);
+      g.stride[1] = std::min(g.stride[1], w + 2 * g.padding[1] - g.kw + 1);
       g.code_h = (h + 2 * g.padding[0] - g.kh) / g.stride[0] + 1;
       g.code_w = (w + 2 * g.padding[1] - g.kw) / g.stride[1] + 1;
-      TORCH_CHECK(g.stride[0] >= 1 && g.stride[1] >= 1 && g.padding[0] >= 0 && g.padding[1] >= 0 && g.code_h >= 1 &&
-                      g.code_w >= 1,
-                  "ml_ista: layer ", j, " has an invalid geometry or an empty code");
       g.output_padding = {h + 2 * g.padding[0] - g.kh - (g.code_h - 1) * g.stride[0],
                           w + 2 * g.padding[1] - g.kw - (g.code_w - 1) * g.stride[1]};
       g.dense = g.padding[0] == 0 && g.padding[1] == 0 && h == g.kh && w == g.kw;
@@ -114,6 +143,19 @@ struct Net {
       w = g.code_w;
       c = d.size(1);
     }
+  }
+
+  // z0: empty (zeros) or the deepest code (project mode only).
+  void check_z0(const Tensor& z0) const {
+    TORCH_CHECK(z0.numel() == 0 || (project && z0.sizes().vec() == code_shape(L - 1) &&
+                                    z0.scalar_type() == x.scalar_type()),
+                "ml_ista: z0 must be empty or the deepest code's shape and x's dtype (project mode only)");
+  }
+  // A per-layer code tensor of the backward (grad_codes[j], codes[j]): empty, or layer j's code of x's dtype.
+  void check_code(const char* what, int64_t j, const Tensor& t) const {
+    TORCH_CHECK(t.numel() == 0 || (t.sizes().vec() == code_shape(j) && t.scalar_type() == x.scalar_type()),
+                "ml_ista_bwd_cpp: ", what, "[", j, "] must be empty or layer ", j, "'s code shape ",
+                at::IntArrayRef(code_shape(j)), " and x's dtype");
   }
 
   bool has_input_encoder(int64_t j) const { return WA[j].numel() > 0; }
@@ -276,8 +318,7 @@ std::tuple<TensorList, TensorList> ml_ista_fwd_cpp(const Tensor& x, at::TensorLi
   at::NoGradGuard no_grad;
   Net n(x.contiguous(), weights.vec(), encoder_weights.vec(), input_encoder_weights.vec(), thresholds.vec(),
         steps.vec(), strides, paddings, nonneg, fista, project);
-  TORCH_CHECK(z0.numel() == 0 || (project && z0.sizes().vec() == n.code_shape(n.L - 1)),
-              "ml_ista: z0 must be empty or the deepest code's shape (project mode only)");
+  n.check_z0(z0);
   const std::vector<int64_t> keep = saved_layers(n, checkpoint);
   TensorList saved;
   std::vector<int64_t> slot(n.L, -1);
@@ -303,7 +344,7 @@ std::tuple<TensorList, TensorList> ml_ista_fwd_cpp(const Tensor& x, at::TensorLi
 std::tuple<Tensor, TensorList, TensorList, TensorList, TensorList, TensorList, Tensor> ml_ista_bwd_cpp(
     at::TensorList grad_codes, const Tensor& x, at::TensorList weights, at::TensorList encoder_weights,
     at::TensorList input_encoder_weights, at::TensorList thresholds, at::TensorList steps, const Tensor& z0,
-    at::TensorList codes, at::TensorList saved, at::IntArrayRef strides, at::IntArrayRef paddings, bool nonneg,
+    at::TensorList codes, at::TensorList saved_, at::IntArrayRef strides, at::IntArrayRef paddings, bool nonneg,
     bool fista, bool project, int64_t checkpoint) {
   at::NoGradGuard no_grad;
   TORCH_CHECK(checkpoint >= 0, "ml_ista_bwd_cpp: the forward ran without saving for a backward (checkpoint -1)");
@@ -311,9 +352,24 @@ std::tuple<Tensor, TensorList, TensorList, TensorList, TensorList, TensorList, T
         steps.vec(), strides, paddings, nonneg, fista, project);
   const int64_t L = n.L, S = n.S;
   const std::vector<int64_t> keep = saved_layers(n, checkpoint);
-  TORCH_CHECK(saved.size() == keep.size(), "ml_ista_bwd_cpp: saved does not match the checkpoint mode");
+  TORCH_CHECK(saved_.size() == keep.size(), "ml_ista_bwd_cpp: saved does not match the checkpoint mode");
   TORCH_CHECK((int64_t)grad_codes.size() == L && (int64_t)codes.size() == L,
               "ml_ista_bwd_cpp: grad_codes and codes need one entry per layer");
+  n.check_z0(z0);
+  for (int64_t j = 0; j < L; ++j) {
+    n.check_code("grad_codes", j, grad_codes[j]);
+    n.check_code("codes", j, codes[j]);
+  }
+  // The saved iterates are read as codes (their memory, contiguous): each must be (S-1, code shape) of x's dtype.
+  TensorList saved;
+  for (size_t i = 0; i < keep.size(); ++i) {
+    std::vector<int64_t> shape = n.code_shape(keep[i]);
+    shape.insert(shape.begin(), S - 1);
+    TORCH_CHECK(saved_[i].sizes().vec() == shape && saved_[i].scalar_type() == x.scalar_type(),
+                "ml_ista_bwd_cpp: saved[", i, "] must be ", at::IntArrayRef(shape),
+                " of x's dtype (the forward's, same checkpoint)");
+    saved.push_back(saved_[i].contiguous());
+  }
 
   // Gradients, accumulated in place (per-step stacks: the slot of step k).
   Tensor gx = at::zeros_like(n.x);

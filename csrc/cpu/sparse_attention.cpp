@@ -419,8 +419,10 @@ at::Tensor unit_last_stride(const at::Tensor& t) {
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& theta,
-                  const c10::optional<at::Tensor>& bias, const std::string& mode) {
+                  const c10::optional<at::Tensor>& bias, const std::string& mode, double scale) {
   TORCH_CHECK(mode == "sparsemax" || mode == "shrink", "sparse_attention: mode must be 'sparsemax' or 'shrink'");
+  // a NaN scale read as no overflow and every row as empty (the reference: NaN rows)
+  TORCH_CHECK(!std::isnan(scale), "sparse_attention: scale must not be NaN");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "sparse_attention: q, k, v must be (B, H, L, d)");
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3),
               "sparse_attention: k must be (B, H, M, d) matching q");
@@ -444,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cpp(const at::Tensor& q_
                                                             const c10::optional<at::Tensor>& bias,
                                                             c10::string_view mode_, bool causal, double scale) {
   const std::string mode(mode_);
-  check_inputs(q_, k_, v_, theta_, bias, mode);
+  check_inputs(q_, k_, v_, theta_, bias, mode, scale);
   const auto q = unit_last_stride(q_), k = unit_last_stride(k_), v = unit_last_stride(v_);
   const auto theta = theta_.to(q.scalar_type()).contiguous();
   auto out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
@@ -462,7 +464,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
     const at::Tensor& theta, const c10::optional<at::Tensor>& bias, const at::Tensor& stats_, c10::string_view mode_,
     bool causal, double scale) {
   const std::string mode(mode_);
-  check_inputs(q_, k_, v_, theta, bias, mode);
+  check_inputs(q_, k_, v_, theta, bias, mode, scale);
+  // Both are read row by row through q's and v's sizes: any other shape was read out of bounds.
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == q_.size(0) && grad_out.size(1) == q_.size(1) &&
+                  grad_out.size(2) == q_.size(2) && grad_out.size(3) == v_.size(3),
+              "sparse_attention_bwd_cpp: grad_out must be (B, H, N, dv) like the output");
+  TORCH_CHECK(stats_.dim() == 4 && stats_.size(0) == q_.size(0) && stats_.size(1) == q_.size(1) &&
+                  stats_.size(2) == q_.size(2) && stats_.size(3) == 2,
+              "sparse_attention_bwd_cpp: stats must be (B, H, N, 2), the forward's");
   const auto q = unit_last_stride(q_), k = unit_last_stride(k_), v = unit_last_stride(v_);
   const auto g = unit_last_stride(grad_out.to(q.scalar_type()));
   const auto stats = stats_.to(q.scalar_type()).contiguous();

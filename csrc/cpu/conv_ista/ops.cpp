@@ -59,6 +59,17 @@ ConvGeometry check_inputs(const char* op, const at::Tensor& x, const at::Tensor&
   return g;
 }
 
+namespace {
+
+// lam and step of an op call (not of conv_ista_strategy_cpp, which has none): a NaN or inf would give all-NaN or
+// all-zero codes that the reference computes otherwise (functional rejects them too, _validate.finite).
+void check_finite_constants(const char* op, const at::Tensor& lam, const at::Tensor& step) {
+  TORCH_CHECK(at::isfinite(lam).all().item<bool>() && at::isfinite(step).all().item<bool>(), op,
+              ": lam and step must be finite");
+}
+
+}  // namespace
+
 std::vector<double> fista_betas(int64_t n, bool fista) {
   std::vector<double> beta(n, 0.0);
   if (!fista) return beta;
@@ -154,13 +165,21 @@ std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x, const 
   const char* op = "conv_ista_fwd_cpp";
   TORCH_CHECK(checkpoint >= -1, op, ": checkpoint must be >= -1");
   const ConvGeometry g = check_inputs(op, x, weight, encoder_weight, lam, step, z0, stride, padding);
+  check_finite_constants(op, lam, step);
   const Checkpoints ck(step.size(0), checkpoint, fista);
   const int64_t n = step.size(0);
   at::Tensor z = at::empty({g.B, g.Cc, g.Hz, g.Wz}, x.options());
   at::Tensor saved = checkpoint <= 0 ? at::empty({0}, x.options())
                      : ck.residuals ? at::empty({ck.saved_numel(n, g.B, g.code_item(), g.signal_item())}, x.options())
                                     : at::empty({ck.count, g.B, g.Cc, g.Hz, g.Wz}, x.options());
-  if (g.empty_code()) return {z, saved};
+  if (g.empty_code()) {
+    // No code: D y_k = 0, so every kept residual r_k is x itself (channels-last per item, as the strategies keep it).
+    if (ck.residuals && g.B * g.signal_item() > 0)
+      saved.narrow(0, ck.count * g.B * g.code_item(), n * g.B * g.signal_item())
+          .view({n, g.B, g.H, g.W, g.Cs})
+          .copy_(x.permute({0, 2, 3, 1}).unsqueeze(0).expand({n, g.B, g.H, g.W, g.Cs}));
+    return {z, saved};
+  }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_ista_cpp", [&] {
     using T = scalar_t;
     const Problem<T> p = make_problem<T>(g, x, weight, encoder_weight, lam, step, z0, nonneg, fista);
@@ -183,11 +202,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const char* op = "conv_ista_bwd_cpp";
   TORCH_CHECK(checkpoint >= 0, op, ": checkpoint must be >= 0");
   const ConvGeometry g = check_inputs(op, x, weight, encoder_weight, lam, step, z0, stride, padding);
+  check_finite_constants(op, lam, step);
   TORCH_CHECK(grad_z.dim() == 4 && grad_z.size(0) == g.B && grad_z.size(1) == g.Cc && grad_z.size(2) == g.Hz &&
                   grad_z.size(3) == g.Wz && grad_z.scalar_type() == x.scalar_type() && grad_z.device().is_cpu(),
               op, ": grad_z must be (B, C_code, Hz, Wz) of x's dtype");
   const at::Tensor z = z_.contiguous(), saved = saved_.contiguous();
   TORCH_CHECK(z.numel() == 0 || z.sizes() == grad_z.sizes(), op, ": z must be empty or z_n");
+  TORCH_CHECK(z.numel() == 0 || (z.scalar_type() == x.scalar_type() && z.device().is_cpu()), op,
+              ": z must be a CPU tensor of x's dtype");
+  // saved is read as raw memory of x's dtype: another dtype of the same numel would be read out of bounds
+  TORCH_CHECK(checkpoint == 0 || (saved.scalar_type() == x.scalar_type() && saved.device().is_cpu()), op,
+              ": saved must be a CPU tensor of x's dtype");
   TORCH_CHECK(checkpoint == 0 || z.numel() > 0 || g.empty_code(), op, ": save mode needs z");
   const Checkpoints ck(step.size(0), checkpoint, fista);
   TORCH_CHECK(checkpoint == 0 || saved.numel() == ck.saved_numel(step.size(0), g.B, g.code_item(), g.signal_item()),
@@ -222,6 +247,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 // DSC_KERNELS_CPP_STRATEGY as the ops do.
 int64_t conv_ista_strategy_cpp(const at::Tensor& x, const at::Tensor& weight, at::IntArrayRef stride,
                                at::IntArrayRef padding, bool backward) {
+  TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, "conv_ista_strategy_cpp: x and weight must be 4-D (2-D problems)");
   const at::Tensor step = at::empty({1}, x.options()), lam = at::empty({1, weight.size(0)}, x.options());
   const ConvGeometry g = check_inputs("conv_ista_strategy_cpp", x, weight, weight, lam, step,
                                       at::empty({0}, x.options()), stride, padding);
