@@ -59,14 +59,18 @@ def _raises(op, **args):
 
 
 def _meta_or_raises(op, **args):
-    """A meta tensor among the arguments dispatches to the op's fake (Python, ops/*.py), which answers with empty
-    tensors of the right shapes (on the device of the tensor it takes them from) or raises: no C++ kernel runs."""
+    """A meta tensor among the arguments dispatches to the op's fake (Python, ops/*.py), and no C++ kernel runs. With
+    every tensor on meta the fake answers with meta tensors of the result's shapes; mixed with tensors of a real
+    device it raises (it answered with uninitialised tensors on the real device)."""
 
     def check():
-        try:
-            op(**args)
-        except ERRORS:
-            pass
+        tensors = [t for v in args.values() for t in (v if isinstance(v, list) else [v]) if isinstance(t, torch.Tensor)]
+        devices = {t.device.type for t in tensors}
+        if devices == {"meta"}:
+            assert all(t.device.type == "meta" for t in _flat(op(**args)))
+        else:
+            with pytest.raises(RuntimeError, match="expected every tensor on one device"):
+                op(**args)
 
     return check
 

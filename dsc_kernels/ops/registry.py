@@ -12,6 +12,7 @@ is first imported.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
 from collections.abc import Callable
@@ -81,6 +82,30 @@ def _compute_in_float32_under_autocast(row: Backend) -> None:
                 torch.library.register_autocast(name, device, torch.float32)
 
 
+def _tensors(values) -> list[torch.Tensor]:
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            out += _tensors(v)
+    return out
+
+
+def _no_meta_mix(fake: Callable) -> Callable:
+    """``fake``, refusing a meta tensor among tensors of a real device: the dispatcher sends such a call to the fake,
+    which answered with uninitialised tensors on the real device, shaped like a result."""
+
+    @functools.wraps(fake)
+    def checked(*args, **kwargs):
+        devices = {t.device.type for t in _tensors([*args, *kwargs.values()])}
+        if "meta" in devices and len(devices) > 1:
+            raise RuntimeError(f"expected every tensor on one device, got meta and {sorted(devices - {'meta'})}")
+        return fake(*args, **kwargs)
+
+    return checked
+
+
 def op_pair(row: Backend, spec: FamilySpec) -> OpPair:
     """The (forward, backward) ops of ``row``, registering them the first time."""
     key = (row.family, row.name)
@@ -97,8 +122,8 @@ def op_pair(row: Backend, spec: FamilySpec) -> OpPair:
             from .. import _ext
 
             _ext.load()  # its TORCH_LIBRARY_FRAGMENTs define the schemas and the CPU kernels
-            torch.library.register_fake(row.forward_op)(spec.fake_fwd)
-            torch.library.register_fake(row.backward_op)(spec.fake_bwd)
+            torch.library.register_fake(row.forward_op)(_no_meta_mix(spec.fake_fwd))
+            torch.library.register_fake(row.backward_op)(_no_meta_mix(spec.fake_bwd))
         else:
             for name, impl, schema, fake in (
                 (row.forward_op, row.forward_impl, spec.fwd_schema, spec.fake_fwd),
@@ -108,7 +133,7 @@ def op_pair(row: Backend, spec: FamilySpec) -> OpPair:
                     op = torch.library.custom_op(name, implementation(impl), mutates_args=(), schema=schema)
                 else:  # triton_op takes its schema from the launcher's annotations
                     op = torch.library.triton_op(name, implementation(impl), mutates_args=())
-                op.register_fake(fake)
+                op.register_fake(_no_meta_mix(fake))
         _compute_in_float32_under_autocast(row)
         pair = OpPair(_op(row.forward_op), _op(row.backward_op))
         setup_context, backward = spec.make_autograd(pair.backward)
