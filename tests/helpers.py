@@ -100,3 +100,48 @@ def conv_problem(
                 for k, v in p.items()
             }
     raise AssertionError("could not draw a problem away from the threshold kink")
+
+
+def flat_tensors(out) -> list:
+    """The tensors of a nested tuple/list of op results, in order."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for o in out for t in flat_tensors(o)]
+
+
+def with_changes(args: dict, **changes) -> dict:
+    """A copy of an op's keyword arguments with some replaced."""
+    return {**args, **changes}
+
+
+def strided_view(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a view with every stride doubled (not contiguous)."""
+    big = torch.zeros(*[2 * s for s in t.shape], dtype=t.dtype)
+    view = big[tuple(slice(None, None, 2) for _ in t.shape)]
+    view.copy_(t)
+    return view
+
+
+def raw_conv_ista_args(
+    B=2, Cs=2, H=6, W=5, Cc=3, K=(3, 3), n=3, stride=(1, 1), padding=(1, 1), z0=False, dtype=torch.float64, **kw
+) -> dict:
+    """Keyword arguments of a raw conv-ISTA forward op (torch.ops.dsc_kernels.conv_ista_fwd_*), FISTA, checkpoint 1;
+    ``kw`` replaces any of them."""
+    g = torch.Generator().manual_seed(0)
+    hz = (H + 2 * padding[0] - K[0]) // stride[0] + 1
+    wz = (W + 2 * padding[1] - K[1]) // stride[1] + 1
+    args = dict(
+        x=torch.randn(B, Cs, H, W, generator=g, dtype=dtype),
+        weight=0.3 * torch.randn(Cc, Cs, *K, generator=g, dtype=dtype),
+        encoder_weight=0.3 * torch.randn(Cc, Cs, *K, generator=g, dtype=dtype),
+        lam=0.1 * torch.rand(n, Cc, generator=g, dtype=dtype),
+        step=torch.linspace(0.4, 0.3, n, dtype=dtype),  # distinct: an expanded step differs from its storage
+        z0=torch.randn(B, Cc, hz, wz, generator=g, dtype=dtype) if z0 else torch.empty(0, dtype=dtype),
+        stride=list(stride),
+        padding=list(padding),
+        nonneg=False,
+        fista=True,
+        checkpoint=1,
+    )
+    args.update(kw)
+    return args

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import flat_tensors, raw_conv_ista_args, strided_view, with_changes
 
 from dsc_kernels import _ext
 from dsc_kernels.ops import op_pair
@@ -28,16 +29,10 @@ F64 = torch.float64
 HUGE = 2**62
 
 
-def _flat(out):
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for o in out for t in _flat(o)]
-
-
 def _assert_same(got, want, exact=True, nonfinite=False):
     """nonfinite: the inputs hold NaN or inf, so only where a value is non-finite matters beyond the finite ones
     (NaN or +-inf depends on the order of an inf - inf)."""
-    got, want = _flat(got), _flat(want)
+    got, want = flat_tensors(got), flat_tensors(want)
     assert len(got) == len(want)
     for a, b in zip(got, want):
         assert a.shape == b.shape and a.dtype == b.dtype
@@ -67,7 +62,7 @@ def _meta_or_raises(op, **args):
         tensors = [t for v in args.values() for t in (v if isinstance(v, list) else [v]) if isinstance(t, torch.Tensor)]
         devices = {t.device.type for t in tensors}
         if devices == {"meta"}:
-            assert all(t.device.type == "meta" for t in _flat(op(**args)))
+            assert all(t.device.type == "meta" for t in flat_tensors(op(**args)))
         else:
             with pytest.raises(RuntimeError, match="expected every tensor on one device"):
                 op(**args)
@@ -95,18 +90,10 @@ def _shapes_like(op, args, shapes_of):
     """Inputs without a reference answer (arbitrary saved statistics): outputs shaped like the named inputs."""
 
     def check():
-        out = _flat(op(**args))
+        out = flat_tensors(op(**args))
         assert [t.shape for t in out] == [args[name].shape for name in shapes_of]
 
     return check
-
-
-def _strided(t):
-    """t's values in a view with every stride doubled (not contiguous)."""
-    big = torch.zeros(*[2 * s for s in t.shape], dtype=t.dtype)
-    view = big[tuple(slice(None, None, 2) for _ in t.shape)]
-    view.copy_(t)
-    return view
 
 
 def _expanded(t, dim=0):
@@ -120,32 +107,9 @@ def _contig(args):
     return {k: (v.contiguous() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
 
 
-def _with(args, **changes):
-    out = dict(args)
-    out.update(changes)
-    return out
-
-
 # -------------------------------------------------------------------------------------------------------- conv_ista
-def conv_args(B=2, Cs=2, H=6, W=5, Cc=3, K=(3, 3), n=3, stride=(1, 1), padding=(1, 1), z0=False, dtype=F64, **kw):
-    g = torch.Generator().manual_seed(0)
-    hz = (H + 2 * padding[0] - K[0]) // stride[0] + 1
-    wz = (W + 2 * padding[1] - K[1]) // stride[1] + 1
-    args = dict(
-        x=torch.randn(B, Cs, H, W, generator=g, dtype=dtype),
-        weight=0.3 * torch.randn(Cc, Cs, *K, generator=g, dtype=dtype),
-        encoder_weight=0.3 * torch.randn(Cc, Cs, *K, generator=g, dtype=dtype),
-        lam=0.1 * torch.rand(n, Cc, generator=g, dtype=dtype),
-        step=torch.full((n,), 0.4, dtype=dtype),
-        z0=torch.randn(B, Cc, hz, wz, generator=g, dtype=dtype) if z0 else torch.empty(0, dtype=dtype),
-        stride=list(stride),
-        padding=list(padding),
-        nonneg=False,
-        fista=True,
-        checkpoint=1,
-    )
-    args.update(kw)
-    return args
+def conv_args(**kw):
+    return raw_conv_ista_args(**kw)
 
 
 def conv_bwd_args(**kw):
@@ -163,31 +127,31 @@ CONV_BWD = ops.conv_ista_bwd_cpp
 def _conv_fwd_cases():
     a = conv_args
     m = torch.device("meta")
-    yield "x-3d", _raises(CONV_FWD, **_with(a(), x=torch.randn(2, 2, 6, dtype=F64)))
-    yield "x-5d", _raises(CONV_FWD, **_with(a(), x=torch.randn(2, 2, 6, 5, 1, dtype=F64)))
-    yield "x-0d", _raises(CONV_FWD, **_with(a(), x=torch.tensor(1.0, dtype=F64)))
-    yield "weight-3d", _raises(CONV_FWD, **_with(a(), weight=torch.randn(3, 2, 3, dtype=F64)))
-    yield "weight-0d", _raises(CONV_FWD, **_with(a(), weight=torch.tensor(1.0, dtype=F64)))
+    yield "x-3d", _raises(CONV_FWD, **with_changes(a(), x=torch.randn(2, 2, 6, dtype=F64)))
+    yield "x-5d", _raises(CONV_FWD, **with_changes(a(), x=torch.randn(2, 2, 6, 5, 1, dtype=F64)))
+    yield "x-0d", _raises(CONV_FWD, **with_changes(a(), x=torch.tensor(1.0, dtype=F64)))
+    yield "weight-3d", _raises(CONV_FWD, **with_changes(a(), weight=torch.randn(3, 2, 3, dtype=F64)))
+    yield "weight-0d", _raises(CONV_FWD, **with_changes(a(), weight=torch.tensor(1.0, dtype=F64)))
     yield "weight-channels", _raises(CONV_FWD, **a(Cs=3, **{"x": torch.randn(2, 2, 6, 5, dtype=F64)}))
-    yield "encoder-shape", _raises(CONV_FWD, **_with(a(), encoder_weight=torch.randn(3, 2, 2, 3, dtype=F64)))
-    yield "encoder-empty", _raises(CONV_FWD, **_with(a(), encoder_weight=torch.empty(0, dtype=F64)))
-    yield "lam-1d", _raises(CONV_FWD, **_with(a(), lam=torch.ones(3, dtype=F64)))
-    yield "lam-rows", _raises(CONV_FWD, **_with(a(), lam=torch.ones(2, 3, dtype=F64)))
-    yield "lam-cols", _raises(CONV_FWD, **_with(a(), lam=torch.ones(3, 2, dtype=F64)))
-    yield "step-2d", _raises(CONV_FWD, **_with(a(), step=torch.ones(3, 1, dtype=F64)))
+    yield "encoder-shape", _raises(CONV_FWD, **with_changes(a(), encoder_weight=torch.randn(3, 2, 2, 3, dtype=F64)))
+    yield "encoder-empty", _raises(CONV_FWD, **with_changes(a(), encoder_weight=torch.empty(0, dtype=F64)))
+    yield "lam-1d", _raises(CONV_FWD, **with_changes(a(), lam=torch.ones(3, dtype=F64)))
+    yield "lam-rows", _raises(CONV_FWD, **with_changes(a(), lam=torch.ones(2, 3, dtype=F64)))
+    yield "lam-cols", _raises(CONV_FWD, **with_changes(a(), lam=torch.ones(3, 2, dtype=F64)))
+    yield "step-2d", _raises(CONV_FWD, **with_changes(a(), step=torch.ones(3, 1, dtype=F64)))
     yield "step-empty", _raises(CONV_FWD, **a(n=0))
-    yield "step-0d", _raises(CONV_FWD, **_with(a(), step=torch.tensor(0.4, dtype=F64)))
-    yield "z0-shape", _raises(CONV_FWD, **_with(a(), z0=torch.randn(2, 3, 6, 4, dtype=F64)))
-    yield "z0-flat", _raises(CONV_FWD, **_with(a(), z0=torch.randn(2 * 3 * 6 * 5, dtype=F64)))
-    yield "stride-one-entry", _raises(CONV_FWD, **_with(a(), stride=[1]))
-    yield "stride-empty-list", _raises(CONV_FWD, **_with(a(), stride=[]))
-    yield "padding-empty-list", _raises(CONV_FWD, **_with(a(), padding=[]))
-    yield "stride-zero", _raises(CONV_FWD, **_with(a(), stride=[0, 1]))
-    yield "stride-negative", _raises(CONV_FWD, **_with(a(), stride=[1, -2]))
-    yield "stride-int64-min", _raises(CONV_FWD, **_with(a(), stride=[-(2**63), 1]))
-    yield "padding-negative", _raises(CONV_FWD, **_with(a(), padding=[-1, 1]))
-    yield "padding-huge", _raises(CONV_FWD, **_with(a(), padding=[HUGE, HUGE]))
-    yield "padding-int64-max", _raises(CONV_FWD, **_with(a(), padding=[2**63 - 1, 0]))
+    yield "step-0d", _raises(CONV_FWD, **with_changes(a(), step=torch.tensor(0.4, dtype=F64)))
+    yield "z0-shape", _raises(CONV_FWD, **with_changes(a(), z0=torch.randn(2, 3, 6, 4, dtype=F64)))
+    yield "z0-flat", _raises(CONV_FWD, **with_changes(a(), z0=torch.randn(2 * 3 * 6 * 5, dtype=F64)))
+    yield "stride-one-entry", _raises(CONV_FWD, **with_changes(a(), stride=[1]))
+    yield "stride-empty-list", _raises(CONV_FWD, **with_changes(a(), stride=[]))
+    yield "padding-empty-list", _raises(CONV_FWD, **with_changes(a(), padding=[]))
+    yield "stride-zero", _raises(CONV_FWD, **with_changes(a(), stride=[0, 1]))
+    yield "stride-negative", _raises(CONV_FWD, **with_changes(a(), stride=[1, -2]))
+    yield "stride-int64-min", _raises(CONV_FWD, **with_changes(a(), stride=[-(2**63), 1]))
+    yield "padding-negative", _raises(CONV_FWD, **with_changes(a(), padding=[-1, 1]))
+    yield "padding-huge", _raises(CONV_FWD, **with_changes(a(), padding=[HUGE, HUGE]))
+    yield "padding-int64-max", _raises(CONV_FWD, **with_changes(a(), padding=[2**63 - 1, 0]))
     yield "kernel-too-large", _raises(CONV_FWD, **a(K=(9, 3), padding=(0, 0)))
     yield "kernel-zero", _raises(CONV_FWD, **a(K=(0, 3)))
     yield "checkpoint-minus-2", _raises(CONV_FWD, **a(checkpoint=-2))
@@ -197,12 +161,12 @@ def _conv_fwd_cases():
     yield "dtype-half", _raises(CONV_FWD, **a(dtype=torch.float16))
     yield "dtype-bfloat16", _raises(CONV_FWD, **a(dtype=torch.bfloat16))
     yield "dtype-complex", _raises(CONV_FWD, **a(dtype=torch.complex64))
-    yield "dtype-mixed-lam", _raises(CONV_FWD, **_with(a(), lam=a()["lam"].float()))
-    yield "dtype-mixed-weight", _raises(CONV_FWD, **_with(a(), weight=a()["weight"].float()))
-    yield "dtype-mixed-z0", _raises(CONV_FWD, **_with(a(z0=True), z0=a(z0=True)["z0"].float()))
-    yield "dtype-int-step", _raises(CONV_FWD, **_with(a(), step=torch.ones(3, dtype=torch.int64)))
-    yield "meta-x", _meta_or_raises(CONV_FWD, **_with(a(), x=a()["x"].to(m)))
-    yield "meta-lam", _meta_or_raises(CONV_FWD, **_with(a(), lam=a()["lam"].to(m)))
+    yield "dtype-mixed-lam", _raises(CONV_FWD, **with_changes(a(), lam=a()["lam"].float()))
+    yield "dtype-mixed-weight", _raises(CONV_FWD, **with_changes(a(), weight=a()["weight"].float()))
+    yield "dtype-mixed-z0", _raises(CONV_FWD, **with_changes(a(z0=True), z0=a(z0=True)["z0"].float()))
+    yield "dtype-int-step", _raises(CONV_FWD, **with_changes(a(), step=torch.ones(3, dtype=torch.int64)))
+    yield "meta-x", _meta_or_raises(CONV_FWD, **with_changes(a(), x=a()["x"].to(m)))
+    yield "meta-lam", _meta_or_raises(CONV_FWD, **with_changes(a(), lam=a()["lam"].to(m)))
     yield (
         "meta-all",
         _meta_or_raises(CONV_FWD, **{k: v.to(m) if isinstance(v, torch.Tensor) else v for k, v in a().items()}),
@@ -210,13 +174,16 @@ def _conv_fwd_cases():
     # legitimate but unusual: the contiguous call's answer
     base = a(z0=True)
     for name in ("x", "weight", "encoder_weight", "lam", "z0"):
-        yield f"strided-{name}", _same(CONV_FWD, _with(base, **{name: _strided(base[name])}), base)
-    yield "channels-last-x", _same(CONV_FWD, _with(base, x=base["x"].to(memory_format=torch.channels_last)), base)
+        yield f"strided-{name}", _same(CONV_FWD, with_changes(base, **{name: strided_view(base[name])}), base)
+    yield (
+        "channels-last-x",
+        _same(CONV_FWD, with_changes(base, x=base["x"].to(memory_format=torch.channels_last)), base),
+    )
     yield (
         "channels-last-weights",
         _same(
             CONV_FWD,
-            _with(
+            with_changes(
                 base,
                 weight=base["weight"].to(memory_format=torch.channels_last),
                 encoder_weight=base["encoder_weight"].to(memory_format=torch.channels_last),
@@ -224,7 +191,10 @@ def _conv_fwd_cases():
             base,
         ),
     )
-    yield "transposed-x", _same(CONV_FWD, _with(base, x=base["x"].transpose(2, 3).contiguous().transpose(2, 3)), base)
+    yield (
+        "transposed-x",
+        _same(CONV_FWD, with_changes(base, x=base["x"].transpose(2, 3).contiguous().transpose(2, 3)), base),
+    )
     ex = {
         "x": _expanded(base["x"]),
         "z0": _expanded(base["z0"]),
@@ -232,13 +202,15 @@ def _conv_fwd_cases():
         "lam": _expanded(base["lam"]),
     }
     for name, t in ex.items():
-        hostile = _with(base, **{name: t})
+        hostile = with_changes(base, **{name: t})
         if name == "x":
             hostile["z0"] = _expanded(base["z0"])
         if name == "z0":
             hostile["x"] = _expanded(base["x"])
         if name in ("x", "z0"):
-            hostile = _with(hostile, x=hostile["x"].expand(3, -1, -1, -1), z0=hostile["z0"].expand(3, -1, -1, -1))
+            hostile = with_changes(
+                hostile, x=hostile["x"].expand(3, -1, -1, -1), z0=hostile["z0"].expand(3, -1, -1, -1)
+            )
         yield f"expanded-{name}", _same(CONV_FWD, hostile, _contig(hostile))
     yield "stride-huge", _same(CONV_FWD, a(stride=(HUGE, HUGE)), a(stride=(6, 5)))
     yield "checkpoint-huge", _same(CONV_FWD, a(checkpoint=2**62), a(checkpoint=2**62 + 7))
@@ -259,10 +231,13 @@ def _conv_fwd_cases():
             t = args[arg].clone()
             t.view(-1)[1] = value
             if arg in ("lam", "step"):  # a NaN threshold had given finite codes where the reference's are NaN
-                yield f"{name}-{arg}", _raises(CONV_FWD, **_with(args, **{arg: t}))
-                yield f"bwd-{name}-{arg}", _raises(CONV_BWD, **_with(conv_bwd_args(z0=True), **{arg: t}))
+                yield f"{name}-{arg}", _raises(CONV_FWD, **with_changes(args, **{arg: t}))
+                yield f"bwd-{name}-{arg}", _raises(CONV_BWD, **with_changes(conv_bwd_args(z0=True), **{arg: t}))
             else:
-                yield f"{name}-{arg}", _like_ref(CONV_FWD, conv_ista_fwd_ref, _with(args, **{arg: t}), nonfinite=True)
+                yield (
+                    f"{name}-{arg}",
+                    _like_ref(CONV_FWD, conv_ista_fwd_ref, with_changes(args, **{arg: t}), nonfinite=True),
+                )
 
 
 def _like_autograd(args):
@@ -297,42 +272,45 @@ def _conv_bwd_cases():
     base = b()
     m = torch.device("meta")
     f64 = dict(dtype=F64)
-    yield "grad-z-3d", _raises(CONV_BWD, **_with(base, grad_z=base["grad_z"][0]))
-    yield "grad-z-shape", _raises(CONV_BWD, **_with(base, grad_z=base["grad_z"][:, :, :3]))
-    yield "grad-z-dtype", _raises(CONV_BWD, **_with(base, grad_z=base["grad_z"].float()))
-    yield "grad-z-int", _raises(CONV_BWD, **_with(base, grad_z=base["grad_z"].long()))
-    yield "z-shape", _raises(CONV_BWD, **_with(base, z=base["z"][:1]))
-    yield "z-dtype", _raises(CONV_BWD, **_with(base, z=base["z"].float()))
-    yield "z-missing", _raises(CONV_BWD, **_with(base, z=torch.empty(0, **f64)))
-    yield "saved-short", _raises(CONV_BWD, **_with(base, saved=base["saved"][:1]))
-    yield "saved-empty", _raises(CONV_BWD, **_with(base, saved=torch.empty(0, **f64)))
+    yield "grad-z-3d", _raises(CONV_BWD, **with_changes(base, grad_z=base["grad_z"][0]))
+    yield "grad-z-shape", _raises(CONV_BWD, **with_changes(base, grad_z=base["grad_z"][:, :, :3]))
+    yield "grad-z-dtype", _raises(CONV_BWD, **with_changes(base, grad_z=base["grad_z"].float()))
+    yield "grad-z-int", _raises(CONV_BWD, **with_changes(base, grad_z=base["grad_z"].long()))
+    yield "z-shape", _raises(CONV_BWD, **with_changes(base, z=base["z"][:1]))
+    yield "z-dtype", _raises(CONV_BWD, **with_changes(base, z=base["z"].float()))
+    yield "z-missing", _raises(CONV_BWD, **with_changes(base, z=torch.empty(0, **f64)))
+    yield "saved-short", _raises(CONV_BWD, **with_changes(base, saved=base["saved"][:1]))
+    yield "saved-empty", _raises(CONV_BWD, **with_changes(base, saved=torch.empty(0, **f64)))
     # saved with the right number of elements but not x's dtype: was read as x's dtype (float32: out of bounds)
-    yield "saved-float32", _raises(CONV_BWD, **_with(base, saved=base["saved"].float()))
-    yield "saved-int64", _raises(CONV_BWD, **_with(base, saved=base["saved"].long()))
-    yield "saved-meta", _meta_or_raises(CONV_BWD, **_with(base, saved=base["saved"].to(m)))
+    yield "saved-float32", _raises(CONV_BWD, **with_changes(base, saved=base["saved"].float()))
+    yield "saved-int64", _raises(CONV_BWD, **with_changes(base, saved=base["saved"].long()))
+    yield "saved-meta", _meta_or_raises(CONV_BWD, **with_changes(base, saved=base["saved"].to(m)))
     b32 = b(dtype=torch.float32)
-    yield "saved-float64-for-float32", _raises(CONV_BWD, **_with(b32, saved=b32["saved"].double()))
-    yield "z-float64-for-float32", _raises(CONV_BWD, **_with(b32, z=b32["z"].double()))
-    yield "checkpoint-negative", _raises(CONV_BWD, **_with(base, checkpoint=-1))
-    yield "checkpoint-other", _raises(CONV_BWD, **_with(base, checkpoint=3))
-    yield "checkpoint-residuals", _raises(CONV_BWD, **_with(base, checkpoint=1 | KEEP_RESIDUALS))
-    yield "x-shape", _raises(CONV_BWD, **_with(base, x=base["x"][:, :, :5]))
-    yield "lam-shape", _raises(CONV_BWD, **_with(base, lam=base["lam"][:2]))
-    yield "z0-shape", _raises(CONV_BWD, **_with(base, z0=torch.randn(2, 3, 6, 4, **f64)))
-    yield "stride-empty-list", _raises(CONV_BWD, **_with(base, stride=[]))
-    yield "padding-negative", _raises(CONV_BWD, **_with(base, padding=[0, -1]))
-    yield "meta-grad-z", _meta_or_raises(CONV_BWD, **_with(base, grad_z=base["grad_z"].to(m)))
+    yield "saved-float64-for-float32", _raises(CONV_BWD, **with_changes(b32, saved=b32["saved"].double()))
+    yield "z-float64-for-float32", _raises(CONV_BWD, **with_changes(b32, z=b32["z"].double()))
+    yield "checkpoint-negative", _raises(CONV_BWD, **with_changes(base, checkpoint=-1))
+    yield "checkpoint-other", _raises(CONV_BWD, **with_changes(base, checkpoint=3))
+    yield "checkpoint-residuals", _raises(CONV_BWD, **with_changes(base, checkpoint=1 | KEEP_RESIDUALS))
+    yield "x-shape", _raises(CONV_BWD, **with_changes(base, x=base["x"][:, :, :5]))
+    yield "lam-shape", _raises(CONV_BWD, **with_changes(base, lam=base["lam"][:2]))
+    yield "z0-shape", _raises(CONV_BWD, **with_changes(base, z0=torch.randn(2, 3, 6, 4, **f64)))
+    yield "stride-empty-list", _raises(CONV_BWD, **with_changes(base, stride=[]))
+    yield "padding-negative", _raises(CONV_BWD, **with_changes(base, padding=[0, -1]))
+    yield "meta-grad-z", _meta_or_raises(CONV_BWD, **with_changes(base, grad_z=base["grad_z"].to(m)))
     # legitimate: strided, expanded, channels-last
     bz = b(z0=True)
     for name in ("grad_z", "x", "weight", "encoder_weight", "lam", "z0", "z", "saved"):
-        yield f"strided-{name}", _same(CONV_BWD, _with(bz, **{name: _strided(bz[name])}), bz)
+        yield f"strided-{name}", _same(CONV_BWD, with_changes(bz, **{name: strided_view(bz[name])}), bz)
     for name in ("grad_z", "x", "z"):
-        cl = _with(bz, **{name: bz[name].to(memory_format=torch.channels_last)})
+        cl = with_changes(bz, **{name: bz[name].to(memory_format=torch.channels_last)})
         yield f"channels-last-{name}", _same(CONV_BWD, cl, bz)
     scalar = torch.ones((), **f64).expand(bz["grad_z"].shape)
-    yield "expanded-grad-z", _same(CONV_BWD, _with(bz, grad_z=scalar), _with(bz, grad_z=scalar.contiguous()))
+    yield (
+        "expanded-grad-z",
+        _same(CONV_BWD, with_changes(bz, grad_z=scalar), with_changes(bz, grad_z=scalar.contiguous())),
+    )
     saved = bz["saved"][:1].expand(bz["saved"].shape)
-    yield "expanded-saved", _same(CONV_BWD, _with(bz, saved=saved), _with(bz, saved=saved.contiguous()))
+    yield "expanded-saved", _same(CONV_BWD, with_changes(bz, saved=saved), with_changes(bz, saved=saved.contiguous()))
     for ck in (0, 2, 3 | KEEP_RESIDUALS):
         args = b(checkpoint=ck, z0=True)
         yield f"ck{ck}", _like_ref(CONV_BWD, conv_ista_bwd_ref, args)
@@ -349,7 +327,7 @@ def _conv_bwd_cases():
     args = b(z0=True)
     g = args["grad_z"].clone()
     g.view(-1)[3] = float("nan")
-    yield "nan-grad-z", _like_ref(CONV_BWD, conv_ista_bwd_ref, _with(args, grad_z=g))
+    yield "nan-grad-z", _like_ref(CONV_BWD, conv_ista_bwd_ref, with_changes(args, grad_z=g))
 
 
 def _conv_strategy_cases():
@@ -439,58 +417,63 @@ def _ml_common_cases(op, base, prefix):
     """Argument errors both ml_ista ops share."""
     d = F64
     m = torch.device("meta")
-    yield f"{prefix}-x-3d", _raises(op, **_with(base, x=base["x"][0]))
-    yield f"{prefix}-x-0d", _raises(op, **_with(base, x=torch.tensor(1.0, dtype=d)))
+    yield f"{prefix}-x-3d", _raises(op, **with_changes(base, x=base["x"][0]))
+    yield f"{prefix}-x-0d", _raises(op, **with_changes(base, x=torch.tensor(1.0, dtype=d)))
     yield (
         f"{prefix}-weights-empty-list",
-        _raises(op, **_with(base, weights=[], encoder_weights=[], input_encoder_weights=[], thresholds=[], steps=[])),
+        _raises(
+            op, **with_changes(base, weights=[], encoder_weights=[], input_encoder_weights=[], thresholds=[], steps=[])
+        ),
     )
-    yield f"{prefix}-steps-empty-list", _raises(op, **_with(base, steps=[]))
-    yield f"{prefix}-thresholds-empty-list", _raises(op, **_with(base, thresholds=[]))
-    yield f"{prefix}-encoders-short", _raises(op, **_with(base, encoder_weights=base["encoder_weights"][:1]))
-    yield f"{prefix}-strides-short", _raises(op, **_with(base, strides=[1, 1]))
-    yield f"{prefix}-paddings-empty", _raises(op, **_with(base, paddings=[]))
-    yield f"{prefix}-stride-zero", _raises(op, **_with(base, strides=[1, 1, 0, 2]))
-    yield f"{prefix}-stride-zero-first", _raises(op, **_with(base, strides=[0, 0, 2, 2]))
-    yield f"{prefix}-stride-negative", _raises(op, **_with(base, strides=[1, 1, -1, 2]))
-    yield f"{prefix}-stride-int64-min", _raises(op, **_with(base, strides=[-(2**63), 1, 2, 2]))
-    yield f"{prefix}-padding-negative", _raises(op, **_with(base, paddings=[0, -1, 0, 0]))
-    yield f"{prefix}-padding-huge", _raises(op, **_with(base, paddings=[HUGE, HUGE, 0, 0]))
-    yield f"{prefix}-padding-int64-max", _raises(op, **_with(base, paddings=[2**63 - 1, 0, 0, 0]))
-    yield f"{prefix}-padding-int64-min", _raises(op, **_with(base, paddings=[-(2**63), 0, 0, 0]))
+    yield f"{prefix}-steps-empty-list", _raises(op, **with_changes(base, steps=[]))
+    yield f"{prefix}-thresholds-empty-list", _raises(op, **with_changes(base, thresholds=[]))
+    yield f"{prefix}-encoders-short", _raises(op, **with_changes(base, encoder_weights=base["encoder_weights"][:1]))
+    yield f"{prefix}-strides-short", _raises(op, **with_changes(base, strides=[1, 1]))
+    yield f"{prefix}-paddings-empty", _raises(op, **with_changes(base, paddings=[]))
+    yield f"{prefix}-stride-zero", _raises(op, **with_changes(base, strides=[1, 1, 0, 2]))
+    yield f"{prefix}-stride-zero-first", _raises(op, **with_changes(base, strides=[0, 0, 2, 2]))
+    yield f"{prefix}-stride-negative", _raises(op, **with_changes(base, strides=[1, 1, -1, 2]))
+    yield f"{prefix}-stride-int64-min", _raises(op, **with_changes(base, strides=[-(2**63), 1, 2, 2]))
+    yield f"{prefix}-padding-negative", _raises(op, **with_changes(base, paddings=[0, -1, 0, 0]))
+    yield f"{prefix}-padding-huge", _raises(op, **with_changes(base, paddings=[HUGE, HUGE, 0, 0]))
+    yield f"{prefix}-padding-int64-max", _raises(op, **with_changes(base, paddings=[2**63 - 1, 0, 0, 0]))
+    yield f"{prefix}-padding-int64-min", _raises(op, **with_changes(base, paddings=[-(2**63), 0, 0, 0]))
     w0 = base["weights"][0]
-    yield f"{prefix}-weight-4d", _raises(op, **_with(base, weights=_replace(base["weights"], 0, w0[0])))
+    yield f"{prefix}-weight-4d", _raises(op, **with_changes(base, weights=_replace(base["weights"], 0, w0[0])))
     yield (
         f"{prefix}-weight-0d",
-        _raises(op, **_with(base, weights=_replace(base["weights"], 0, torch.tensor(1.0, dtype=d)))),
+        _raises(op, **with_changes(base, weights=_replace(base["weights"], 0, torch.tensor(1.0, dtype=d)))),
     )
     yield (
         f"{prefix}-weight-channels",
-        _raises(op, **_with(base, weights=_replace(base["weights"], 1, torch.randn(1, 4, 2, 3, 3, dtype=d)))),
+        _raises(op, **with_changes(base, weights=_replace(base["weights"], 1, torch.randn(1, 4, 2, 3, 3, dtype=d)))),
     )
     yield (
         f"{prefix}-weight-steps",
-        _raises(op, **_with(base, weights=_replace(base["weights"], 0, torch.randn(2, 3, 1, 3, 3, dtype=d)))),
+        _raises(op, **with_changes(base, weights=_replace(base["weights"], 0, torch.randn(2, 3, 1, 3, 3, dtype=d)))),
     )
     yield (
         f"{prefix}-weight-kernel-too-large",
-        _raises(op, **_with(base, weights=_replace(base["weights"], 0, torch.randn(1, 3, 1, 9, 3, dtype=d)))),
+        _raises(op, **with_changes(base, weights=_replace(base["weights"], 0, torch.randn(1, 3, 1, 9, 3, dtype=d)))),
     )
     yield (
         f"{prefix}-weight-kernel-zero",
-        _raises(op, **_with(base, weights=_replace(base["weights"], 0, torch.randn(1, 3, 1, 0, 3, dtype=d)))),
+        _raises(op, **with_changes(base, weights=_replace(base["weights"], 0, torch.randn(1, 3, 1, 0, 3, dtype=d)))),
     )
     yield (
         f"{prefix}-encoder-shape",
         _raises(
-            op, **_with(base, encoder_weights=_replace(base["encoder_weights"], 0, torch.randn(1, 3, 1, 2, 3, dtype=d)))
+            op,
+            **with_changes(
+                base, encoder_weights=_replace(base["encoder_weights"], 0, torch.randn(1, 3, 1, 2, 3, dtype=d))
+            ),
         ),
     )
     yield (
         f"{prefix}-input-encoder-shape",
         _raises(
             op,
-            **_with(
+            **with_changes(
                 base,
                 input_encoder_weights=_replace(base["input_encoder_weights"], 1, torch.randn(1, 4, 3, 3, 2, dtype=d)),
             ),
@@ -498,25 +481,39 @@ def _ml_common_cases(op, base, prefix):
     )
     yield (
         f"{prefix}-threshold-shape",
-        _raises(op, **_with(base, thresholds=_replace(base["thresholds"], 0, torch.ones(3, 2, dtype=d)))),
+        _raises(op, **with_changes(base, thresholds=_replace(base["thresholds"], 0, torch.ones(3, 2, dtype=d)))),
     )
     yield (
         f"{prefix}-threshold-1d",
-        _raises(op, **_with(base, thresholds=_replace(base["thresholds"], 0, torch.ones(3, dtype=d)))),
+        _raises(op, **with_changes(base, thresholds=_replace(base["thresholds"], 0, torch.ones(3, dtype=d)))),
     )
-    yield f"{prefix}-step-length", _raises(op, **_with(base, steps=_replace(base["steps"], 1, torch.ones(2, dtype=d))))
-    yield f"{prefix}-step-0d", _raises(op, **_with(base, steps=[torch.tensor(0.4, dtype=d)] * 2))
-    yield f"{prefix}-threshold-float32", _raises(op, **_with(base, thresholds=[t.float() for t in base["thresholds"]]))
-    yield f"{prefix}-weights-float32", _raises(op, **_with(base, weights=[w.float() for w in base["weights"]]))
-    yield f"{prefix}-encoder-float32", _raises(op, **_with(base, encoder_weights=[w.float() for w in base["weights"]]))
-    yield f"{prefix}-x-float32", _raises(op, **_with(base, x=base["x"].float()))
-    yield f"{prefix}-z0-shape", _raises(op, **_with(base, z0=torch.randn(2, 4, 3, 2, dtype=d)))
-    yield f"{prefix}-z0-interleaved", _raises(op, **_with(base, z0=torch.randn(2, 4, 2, 2, dtype=d), project=False))
-    yield f"{prefix}-z0-float32", _raises(op, **_with(base, z0=torch.randn(2, 4, 2, 2)))
-    yield f"{prefix}-meta-x", _meta_or_raises(op, **_with(base, x=base["x"].to(m)))
+    yield (
+        f"{prefix}-step-length",
+        _raises(op, **with_changes(base, steps=_replace(base["steps"], 1, torch.ones(2, dtype=d)))),
+    )
+    yield f"{prefix}-step-0d", _raises(op, **with_changes(base, steps=[torch.tensor(0.4, dtype=d)] * 2))
+    yield (
+        f"{prefix}-threshold-float32",
+        _raises(op, **with_changes(base, thresholds=[t.float() for t in base["thresholds"]])),
+    )
+    yield f"{prefix}-weights-float32", _raises(op, **with_changes(base, weights=[w.float() for w in base["weights"]]))
+    yield (
+        f"{prefix}-encoder-float32",
+        _raises(op, **with_changes(base, encoder_weights=[w.float() for w in base["weights"]])),
+    )
+    yield f"{prefix}-x-float32", _raises(op, **with_changes(base, x=base["x"].float()))
+    yield f"{prefix}-z0-shape", _raises(op, **with_changes(base, z0=torch.randn(2, 4, 3, 2, dtype=d)))
+    yield (
+        f"{prefix}-z0-interleaved",
+        _raises(op, **with_changes(base, z0=torch.randn(2, 4, 2, 2, dtype=d), project=False)),
+    )
+    yield f"{prefix}-z0-float32", _raises(op, **with_changes(base, z0=torch.randn(2, 4, 2, 2)))
+    yield f"{prefix}-meta-x", _meta_or_raises(op, **with_changes(base, x=base["x"].to(m)))
     yield (
         f"{prefix}-meta-threshold",
-        _meta_or_raises(op, **_with(base, thresholds=_replace(base["thresholds"], 0, base["thresholds"][0].to(m)))),
+        _meta_or_raises(
+            op, **with_changes(base, thresholds=_replace(base["thresholds"], 0, base["thresholds"][0].to(m)))
+        ),
     )
 
 
@@ -543,15 +540,20 @@ def _ml_fwd_cases():
     yield "fwd-no-steps-no-backward", _raises(ML_FWD, **a(S=0, checkpoint=-1))
     # legitimate but unusual
     bz = a(z0=True, encoders=True, shared=(True, False))
-    yield "fwd-strided-x", _same(ML_FWD, _with(bz, x=_strided(bz["x"])), bz)
+    yield "fwd-strided-x", _same(ML_FWD, with_changes(bz, x=strided_view(bz["x"])), bz)
     yield (
         "fwd-channels-last-x",
-        _same(ML_FWD, _with(bz, x=bz["x"].to(memory_format=torch.channels_last)), bz, exact=False),
+        _same(ML_FWD, with_changes(bz, x=bz["x"].to(memory_format=torch.channels_last)), bz, exact=False),
     )
-    yield "fwd-strided-z0", _same(ML_FWD, _with(bz, z0=_strided(bz["z0"])), bz)
+    yield "fwd-strided-z0", _same(ML_FWD, with_changes(bz, z0=strided_view(bz["z0"])), bz)
     for key in ("weights", "encoder_weights", "thresholds", "steps"):
-        yield f"fwd-strided-{key}", _same(ML_FWD, _with(bz, **{key: [_strided(t) for t in bz[key]]}), bz, exact=False)
-    ex = _with(bz, weights=[_expanded(bz["weights"][0]), bz["weights"][1]], steps=[_expanded(s) for s in bz["steps"]])
+        yield (
+            f"fwd-strided-{key}",
+            _same(ML_FWD, with_changes(bz, **{key: [strided_view(t) for t in bz[key]]}), bz, exact=False),
+        )
+    ex = with_changes(
+        bz, weights=[_expanded(bz["weights"][0]), bz["weights"][1]], steps=[_expanded(s) for s in bz["steps"]]
+    )
     ex["weights"][0] = ex["weights"][0][:3]  # (3, ...) stride 0: one dictionary per step, all equal
     yield (
         "fwd-expanded",
@@ -564,7 +566,12 @@ def _ml_fwd_cases():
     )
     yield (
         "fwd-expanded-x",
-        _same(ML_FWD, _with(a(), x=_expanded(a()["x"])), _with(a(), x=_expanded(a()["x"]).contiguous()), exact=False),
+        _same(
+            ML_FWD,
+            with_changes(a(), x=_expanded(a()["x"])),
+            with_changes(a(), x=_expanded(a()["x"]).contiguous()),
+            exact=False,
+        ),
     )
     for name, kw in {
         "batch-0": dict(B=0),
@@ -587,18 +594,21 @@ def _ml_fwd_cases():
         for arg in ("x", "z0"):
             t = args[arg].clone()
             t.view(-1)[5] = value
-            yield f"fwd-{name}-{arg}", _like_ref(ML_FWD, ml_ista_fwd_ref, _with(args, **{arg: t}), nonfinite=True)
+            yield (
+                f"fwd-{name}-{arg}",
+                _like_ref(ML_FWD, ml_ista_fwd_ref, with_changes(args, **{arg: t}), nonfinite=True),
+            )
         w = [t.clone() for t in args["weights"]]
         w[1].view(-1)[4] = value
-        yield f"fwd-{name}-weight", _like_ref(ML_FWD, ml_ista_fwd_ref, _with(args, weights=w), nonfinite=True)
+        yield f"fwd-{name}-weight", _like_ref(ML_FWD, ml_ista_fwd_ref, with_changes(args, weights=w), nonfinite=True)
         # a NaN threshold had given finite codes where the reference's are NaN
         th = [t.clone() for t in args["thresholds"]]
         th[1][0, 0] = value
-        yield f"fwd-{name}-threshold", _raises(ML_FWD, **_with(args, thresholds=th))
+        yield f"fwd-{name}-threshold", _raises(ML_FWD, **with_changes(args, thresholds=th))
         st = [t.clone() for t in args["steps"]]
         st[0][1] = value
-        yield f"fwd-{name}-step", _raises(ML_FWD, **_with(args, steps=st))
-        yield f"bwd-{name}-step", _raises(ML_BWD, **_with(ml_bwd_args(), steps=st))
+        yield f"fwd-{name}-step", _raises(ML_FWD, **with_changes(args, steps=st))
+        yield f"bwd-{name}-step", _raises(ML_BWD, **with_changes(ml_bwd_args(), steps=st))
 
 
 def _ml_bwd_cases():
@@ -606,40 +616,43 @@ def _ml_bwd_cases():
     base = b()
     d = F64
     yield from _ml_common_cases(ML_BWD, base, "bwd")
-    yield "bwd-checkpoint-negative", _raises(ML_BWD, **_with(base, checkpoint=-1))
-    yield "bwd-checkpoint-other", _raises(ML_BWD, **_with(base, checkpoint=0))
-    yield "bwd-grad-codes-short", _raises(ML_BWD, **_with(base, grad_codes=base["grad_codes"][:1]))
-    yield "bwd-grad-codes-empty-list", _raises(ML_BWD, **_with(base, grad_codes=[]))
-    yield "bwd-codes-empty-list", _raises(ML_BWD, **_with(base, codes=[]))
-    yield "bwd-saved-empty-list", _raises(ML_BWD, **_with(base, saved=[]))
+    yield "bwd-checkpoint-negative", _raises(ML_BWD, **with_changes(base, checkpoint=-1))
+    yield "bwd-checkpoint-other", _raises(ML_BWD, **with_changes(base, checkpoint=0))
+    yield "bwd-grad-codes-short", _raises(ML_BWD, **with_changes(base, grad_codes=base["grad_codes"][:1]))
+    yield "bwd-grad-codes-empty-list", _raises(ML_BWD, **with_changes(base, grad_codes=[]))
+    yield "bwd-codes-empty-list", _raises(ML_BWD, **with_changes(base, codes=[]))
+    yield "bwd-saved-empty-list", _raises(ML_BWD, **with_changes(base, saved=[]))
     gc, cs, sv = base["grad_codes"], base["codes"], base["saved"]
     # sizes that do not match the problem: were read (and written) out of bounds
-    yield "bwd-grad-code-small", _raises(ML_BWD, **_with(base, grad_codes=_replace(gc, 1, gc[1][:1])))
-    yield "bwd-grad-code-channels", _raises(ML_BWD, **_with(base, grad_codes=_replace(gc, 0, gc[0][:, :2])))
-    yield "bwd-grad-code-flat", _raises(ML_BWD, **_with(base, grad_codes=_replace(gc, 0, gc[0].reshape(-1))))
+    yield "bwd-grad-code-small", _raises(ML_BWD, **with_changes(base, grad_codes=_replace(gc, 1, gc[1][:1])))
+    yield "bwd-grad-code-channels", _raises(ML_BWD, **with_changes(base, grad_codes=_replace(gc, 0, gc[0][:, :2])))
+    yield "bwd-grad-code-flat", _raises(ML_BWD, **with_changes(base, grad_codes=_replace(gc, 0, gc[0].reshape(-1))))
     yield (
         "bwd-grad-code-large",
-        _raises(ML_BWD, **_with(base, grad_codes=_replace(gc, 1, torch.randn(2, 4, 3, 3, dtype=d)))),
+        _raises(ML_BWD, **with_changes(base, grad_codes=_replace(gc, 1, torch.randn(2, 4, 3, 3, dtype=d)))),
     )
-    yield "bwd-grad-code-float32", _raises(ML_BWD, **_with(base, grad_codes=_replace(gc, 1, gc[1].float())))
-    yield "bwd-code-small", _raises(ML_BWD, **_with(base, codes=_replace(cs, 1, cs[1][:, :2])))
-    yield "bwd-code-large", _raises(ML_BWD, **_with(base, codes=_replace(cs, 1, torch.randn(2, 5, 2, 2, dtype=d))))
-    yield "bwd-code-batch", _raises(ML_BWD, **_with(base, codes=_replace(cs, 0, cs[0][:1])))
-    yield "bwd-code-float32", _raises(ML_BWD, **_with(base, codes=_replace(cs, 1, cs[1].float())))
-    yield "bwd-saved-steps", _raises(ML_BWD, **_with(base, saved=_replace(sv, 0, sv[0][:1])))
-    yield "bwd-saved-code-shape", _raises(ML_BWD, **_with(base, saved=_replace(sv, 1, sv[1][:, :, :2])))
-    yield "bwd-saved-flat", _raises(ML_BWD, **_with(base, saved=_replace(sv, 1, sv[1].reshape(-1))))
-    yield "bwd-saved-float32", _raises(ML_BWD, **_with(base, saved=_replace(sv, 1, sv[1].float())))
-    yield "bwd-z0-given", _raises(ML_BWD, **_with(base, z0=torch.randn(2, 4, 3, 3, dtype=d)))
+    yield "bwd-grad-code-float32", _raises(ML_BWD, **with_changes(base, grad_codes=_replace(gc, 1, gc[1].float())))
+    yield "bwd-code-small", _raises(ML_BWD, **with_changes(base, codes=_replace(cs, 1, cs[1][:, :2])))
+    yield (
+        "bwd-code-large",
+        _raises(ML_BWD, **with_changes(base, codes=_replace(cs, 1, torch.randn(2, 5, 2, 2, dtype=d)))),
+    )
+    yield "bwd-code-batch", _raises(ML_BWD, **with_changes(base, codes=_replace(cs, 0, cs[0][:1])))
+    yield "bwd-code-float32", _raises(ML_BWD, **with_changes(base, codes=_replace(cs, 1, cs[1].float())))
+    yield "bwd-saved-steps", _raises(ML_BWD, **with_changes(base, saved=_replace(sv, 0, sv[0][:1])))
+    yield "bwd-saved-code-shape", _raises(ML_BWD, **with_changes(base, saved=_replace(sv, 1, sv[1][:, :, :2])))
+    yield "bwd-saved-flat", _raises(ML_BWD, **with_changes(base, saved=_replace(sv, 1, sv[1].reshape(-1))))
+    yield "bwd-saved-float32", _raises(ML_BWD, **with_changes(base, saved=_replace(sv, 1, sv[1].float())))
+    yield "bwd-z0-given", _raises(ML_BWD, **with_changes(base, z0=torch.randn(2, 4, 3, 3, dtype=d)))
     bi = b(project=False)
-    yield "bwd-interleaved-z0", _raises(ML_BWD, **_with(bi, z0=torch.randn(2, 4, 2, 2, dtype=d)))
+    yield "bwd-interleaved-z0", _raises(ML_BWD, **with_changes(bi, z0=torch.randn(2, 4, 2, 2, dtype=d)))
     yield "bwd-dtype-int", _raises(ML_BWD, **_cast(base, torch.int64))
     yield "bwd-dtype-half", _raises(ML_BWD, **_cast(base, torch.float16))
     yield (
         "bwd-no-steps",
         _raises(
             ML_BWD,
-            **_with(
+            **with_changes(
                 b(),
                 steps=[torch.empty(0, dtype=d)] * 2,
                 thresholds=[torch.empty(0, 3, dtype=d), torch.empty(0, 4, dtype=d)],
@@ -649,18 +662,18 @@ def _ml_bwd_cases():
     # legitimate
     bz = b(z0=True, encoders=True)
     for key in ("grad_codes", "codes", "saved"):
-        yield f"bwd-strided-{key}", _same(ML_BWD, _with(bz, **{key: [_strided(t) for t in bz[key]]}), bz)
-    yield "bwd-strided-x", _same(ML_BWD, _with(bz, x=_strided(bz["x"])), bz)
-    yield "bwd-strided-z0", _same(ML_BWD, _with(bz, z0=_strided(bz["z0"])), bz)
+        yield f"bwd-strided-{key}", _same(ML_BWD, with_changes(bz, **{key: [strided_view(t) for t in bz[key]]}), bz)
+    yield "bwd-strided-x", _same(ML_BWD, with_changes(bz, x=strided_view(bz["x"])), bz)
+    yield "bwd-strided-z0", _same(ML_BWD, with_changes(bz, z0=strided_view(bz["z0"])), bz)
     ones = [torch.ones((), dtype=d).expand(c.shape) for c in bz["codes"]]
     yield (
         "bwd-expanded-grad-codes",
-        _same(ML_BWD, _with(bz, grad_codes=ones), _with(bz, grad_codes=[o.contiguous() for o in ones])),
+        _same(ML_BWD, with_changes(bz, grad_codes=ones), with_changes(bz, grad_codes=[o.contiguous() for o in ones])),
     )
     yield (
         "bwd-absent-grad-code",
         _like_ref(
-            ML_BWD, ml_ista_bwd_ref, _with(bz, grad_codes=_replace(bz["grad_codes"], 0, torch.empty(0, dtype=d)))
+            ML_BWD, ml_ista_bwd_ref, with_changes(bz, grad_codes=_replace(bz["grad_codes"], 0, torch.empty(0, dtype=d)))
         ),
     )
     for name, kw in {
@@ -706,30 +719,33 @@ def _att_common_cases(op, base, prefix):
     d = F64
     m = torch.device("meta")
     q, k, v = base["q"], base["k"], base["v"]
-    yield f"{prefix}-q-3d", _raises(op, **_with(base, q=q[0]))
-    yield f"{prefix}-k-5d", _raises(op, **_with(base, k=k[None]))
-    yield f"{prefix}-v-0d", _raises(op, **_with(base, v=torch.tensor(1.0, dtype=d)))
-    yield f"{prefix}-k-dim", _raises(op, **_with(base, k=k[..., :3]))
-    yield f"{prefix}-k-heads", _raises(op, **_with(base, k=k[:, :1]))
-    yield f"{prefix}-v-keys", _raises(op, **_with(base, v=v[:, :, :4]))
-    yield f"{prefix}-v-batch", _raises(op, **_with(base, v=torch.cat([v, v])))
-    yield f"{prefix}-threshold-shape", _raises(op, **_with(base, threshold=torch.ones(3, dtype=d)))
-    yield f"{prefix}-threshold-0d", _raises(op, **_with(base, threshold=torch.tensor(0.2, dtype=d)))
-    yield f"{prefix}-mode", _raises(op, **_with(base, mode="softmax"))
-    yield f"{prefix}-mode-empty", _raises(op, **_with(base, mode=""))
+    yield f"{prefix}-q-3d", _raises(op, **with_changes(base, q=q[0]))
+    yield f"{prefix}-k-5d", _raises(op, **with_changes(base, k=k[None]))
+    yield f"{prefix}-v-0d", _raises(op, **with_changes(base, v=torch.tensor(1.0, dtype=d)))
+    yield f"{prefix}-k-dim", _raises(op, **with_changes(base, k=k[..., :3]))
+    yield f"{prefix}-k-heads", _raises(op, **with_changes(base, k=k[:, :1]))
+    yield f"{prefix}-v-keys", _raises(op, **with_changes(base, v=v[:, :, :4]))
+    yield f"{prefix}-v-batch", _raises(op, **with_changes(base, v=torch.cat([v, v])))
+    yield f"{prefix}-threshold-shape", _raises(op, **with_changes(base, threshold=torch.ones(3, dtype=d)))
+    yield f"{prefix}-threshold-0d", _raises(op, **with_changes(base, threshold=torch.tensor(0.2, dtype=d)))
+    yield f"{prefix}-mode", _raises(op, **with_changes(base, mode="softmax"))
+    yield f"{prefix}-mode-empty", _raises(op, **with_changes(base, mode=""))
     # a NaN scale had given zero rows where the reference's are NaN
-    yield f"{prefix}-scale-nan", _raises(op, **_with(base, scale=float("nan")))
-    yield f"{prefix}-bias-shape", _raises(op, **_with(base, bias=torch.zeros(1, 2, 5, 5, dtype=d)))
-    yield f"{prefix}-bias-3d", _raises(op, **_with(base, bias=torch.zeros(2, 5, 6, dtype=d)))
-    yield f"{prefix}-bias-dtype", _raises(op, **_with(base, bias=torch.zeros(1, 2, 5, 6)))
-    yield f"{prefix}-bias-int", _raises(op, **_with(base, bias=torch.zeros(1, 2, 5, 6, dtype=torch.int64)))
+    yield f"{prefix}-scale-nan", _raises(op, **with_changes(base, scale=float("nan")))
+    yield f"{prefix}-bias-shape", _raises(op, **with_changes(base, bias=torch.zeros(1, 2, 5, 5, dtype=d)))
+    yield f"{prefix}-bias-3d", _raises(op, **with_changes(base, bias=torch.zeros(2, 5, 6, dtype=d)))
+    yield f"{prefix}-bias-dtype", _raises(op, **with_changes(base, bias=torch.zeros(1, 2, 5, 6)))
+    yield f"{prefix}-bias-int", _raises(op, **with_changes(base, bias=torch.zeros(1, 2, 5, 6, dtype=torch.int64)))
     yield f"{prefix}-dtype-int", _raises(op, **_cast(base, torch.int64))
     yield f"{prefix}-dtype-half", _raises(op, **_cast(base, torch.float16))
-    yield f"{prefix}-dtype-mixed-k", _raises(op, **_with(base, k=k.float()))
-    yield f"{prefix}-dtype-mixed-v", _raises(op, **_with(base, v=v.float()))
-    yield f"{prefix}-meta-q", _meta_or_raises(op, **_with(base, q=q.to(m)))
-    yield f"{prefix}-meta-threshold", _meta_or_raises(op, **_with(base, threshold=base["threshold"].to(m)))
-    yield f"{prefix}-meta-bias", _meta_or_raises(op, **_with(base, bias=torch.zeros(1, 2, 5, 6, dtype=d, device=m)))
+    yield f"{prefix}-dtype-mixed-k", _raises(op, **with_changes(base, k=k.float()))
+    yield f"{prefix}-dtype-mixed-v", _raises(op, **with_changes(base, v=v.float()))
+    yield f"{prefix}-meta-q", _meta_or_raises(op, **with_changes(base, q=q.to(m)))
+    yield f"{prefix}-meta-threshold", _meta_or_raises(op, **with_changes(base, threshold=base["threshold"].to(m)))
+    yield (
+        f"{prefix}-meta-bias",
+        _meta_or_raises(op, **with_changes(base, bias=torch.zeros(1, 2, 5, 6, dtype=d, device=m))),
+    )
 
 
 def _att_fwd_cases():
@@ -743,13 +759,13 @@ def _att_fwd_cases():
             for name in ("q", "k", "v", "bias"):
                 yield (
                     f"att-fwd-strided-{name}-{tag}",
-                    _same(ATT_FWD, _with(bb, **{name: _strided(bb[name])}), bb, exact=False),
+                    _same(ATT_FWD, with_changes(bb, **{name: strided_view(bb[name])}), bb, exact=False),
                 )
                 yield (
                     f"att-fwd-transposed-{name}-{tag}",
                     _same(
                         ATT_FWD,
-                        _with(bb, **{name: bb[name].transpose(-1, -2).contiguous().transpose(-1, -2)}),
+                        with_changes(bb, **{name: bb[name].transpose(-1, -2).contiguous().transpose(-1, -2)}),
                         bb,
                         exact=False,
                     ),
@@ -757,22 +773,22 @@ def _att_fwd_cases():
             bias = torch.randn(1, 1, 1, 6, dtype=F64).expand(1, 2, 5, 6)
             yield (
                 f"att-fwd-expanded-bias-{tag}",
-                _same(ATT_FWD, _with(bb, bias=bias), _with(bb, bias=bias.contiguous())),
+                _same(ATT_FWD, with_changes(bb, bias=bias), with_changes(bb, bias=bias.contiguous())),
             )
             ex = {n: _expanded(bb[n], 2) for n in ("q",)}
             yield (
                 f"att-fwd-expanded-q-{tag}",
                 _same(
                     ATT_FWD,
-                    _with(bb, q=ex["q"], bias=bb["bias"][:, :, :3]),
-                    _with(bb, q=ex["q"].contiguous(), bias=bb["bias"][:, :, :3]),
+                    with_changes(bb, q=ex["q"], bias=bb["bias"][:, :, :3]),
+                    with_changes(bb, q=ex["q"].contiguous(), bias=bb["bias"][:, :, :3]),
                     exact=False,
                 ),
             )
             kx = bb["k"][:, :1].expand(1, 2, 6, 4)
             yield (
                 f"att-fwd-expanded-k-{tag}",
-                _same(ATT_FWD, _with(bb, k=kx), _with(bb, k=kx.contiguous()), exact=False),
+                _same(ATT_FWD, with_changes(bb, k=kx), with_changes(bb, k=kx.contiguous()), exact=False),
             )
             for name, kw in {
                 "batch-0": dict(B=0),
@@ -794,7 +810,7 @@ def _att_fwd_cases():
                     t.view(-1)[2] = value
                     yield (
                         f"att-fwd-{vname}-{arg}-{tag}",
-                        _like_ref(ATT_FWD, sparse_attention_fwd_ref, _with(args, **{arg: t})),
+                        _like_ref(ATT_FWD, sparse_attention_fwd_ref, with_changes(args, **{arg: t})),
                     )
             for sname, scale in (
                 ("scale-0", 0.0),
@@ -824,18 +840,18 @@ def _att_bwd_cases():
     yield from _att_common_cases(ATT_BWD, base, "att-bwd")
     g, st = base["grad_out"], base["stats"]
     # grad_out and stats that do not match q, v: were read out of bounds
-    yield "att-bwd-grad-out-short", _raises(ATT_BWD, **_with(base, grad_out=g[:, :, :2]))
-    yield "att-bwd-grad-out-narrow", _raises(ATT_BWD, **_with(base, grad_out=g[..., :1]))
-    yield "att-bwd-grad-out-wide", _raises(ATT_BWD, **_with(base, grad_out=torch.randn(1, 2, 5, 7, dtype=d)))
-    yield "att-bwd-grad-out-heads", _raises(ATT_BWD, **_with(base, grad_out=g[:, :1]))
-    yield "att-bwd-grad-out-3d", _raises(ATT_BWD, **_with(base, grad_out=g[0]))
-    yield "att-bwd-grad-out-flat", _raises(ATT_BWD, **_with(base, grad_out=g.reshape(-1)))
-    yield "att-bwd-stats-short", _raises(ATT_BWD, **_with(base, stats=st[:, :, :2]))
-    yield "att-bwd-stats-one", _raises(ATT_BWD, **_with(base, stats=st[..., :1]))
-    yield "att-bwd-stats-flat", _raises(ATT_BWD, **_with(base, stats=st.reshape(-1)))
-    yield "att-bwd-stats-empty", _raises(ATT_BWD, **_with(base, stats=torch.empty(0, dtype=d)))
-    yield "att-bwd-grad-out-meta", _meta_or_raises(ATT_BWD, **_with(base, grad_out=g.to("meta")))
-    yield "att-bwd-stats-meta", _meta_or_raises(ATT_BWD, **_with(base, stats=st.to("meta")))
+    yield "att-bwd-grad-out-short", _raises(ATT_BWD, **with_changes(base, grad_out=g[:, :, :2]))
+    yield "att-bwd-grad-out-narrow", _raises(ATT_BWD, **with_changes(base, grad_out=g[..., :1]))
+    yield "att-bwd-grad-out-wide", _raises(ATT_BWD, **with_changes(base, grad_out=torch.randn(1, 2, 5, 7, dtype=d)))
+    yield "att-bwd-grad-out-heads", _raises(ATT_BWD, **with_changes(base, grad_out=g[:, :1]))
+    yield "att-bwd-grad-out-3d", _raises(ATT_BWD, **with_changes(base, grad_out=g[0]))
+    yield "att-bwd-grad-out-flat", _raises(ATT_BWD, **with_changes(base, grad_out=g.reshape(-1)))
+    yield "att-bwd-stats-short", _raises(ATT_BWD, **with_changes(base, stats=st[:, :, :2]))
+    yield "att-bwd-stats-one", _raises(ATT_BWD, **with_changes(base, stats=st[..., :1]))
+    yield "att-bwd-stats-flat", _raises(ATT_BWD, **with_changes(base, stats=st.reshape(-1)))
+    yield "att-bwd-stats-empty", _raises(ATT_BWD, **with_changes(base, stats=torch.empty(0, dtype=d)))
+    yield "att-bwd-grad-out-meta", _meta_or_raises(ATT_BWD, **with_changes(base, grad_out=g.to("meta")))
+    yield "att-bwd-stats-meta", _meta_or_raises(ATT_BWD, **with_changes(base, stats=st.to("meta")))
     for mode in ("sparsemax", "shrink"):
         for causal in (False, True):
             tag = f"{mode}-{'causal' if causal else 'full'}"
@@ -843,12 +859,12 @@ def _att_bwd_cases():
             for name in ("grad_out", "q", "k", "v", "bias", "stats"):
                 yield (
                     f"att-bwd-strided-{name}-{tag}",
-                    _same(ATT_BWD, _with(bb, **{name: _strided(bb[name])}), bb, exact=False),
+                    _same(ATT_BWD, with_changes(bb, **{name: strided_view(bb[name])}), bb, exact=False),
                 )
             gx = torch.ones((), dtype=d).expand(bb["grad_out"].shape)
             yield (
                 f"att-bwd-expanded-grad-{tag}",
-                _same(ATT_BWD, _with(bb, grad_out=gx), _with(bb, grad_out=gx.contiguous()), exact=False),
+                _same(ATT_BWD, with_changes(bb, grad_out=gx), with_changes(bb, grad_out=gx.contiguous()), exact=False),
             )
             for name, kw in {
                 "batch-0": dict(B=0),
@@ -869,7 +885,7 @@ def _att_bwd_cases():
             st[0, 1, 3, 1] = float("inf")
             yield (
                 f"att-bwd-hostile-stats-{tag}",
-                _shapes_like(ATT_BWD, _with(args, stats=st), ("q", "k", "v", "threshold")),
+                _shapes_like(ATT_BWD, with_changes(args, stats=st), ("q", "k", "v", "threshold")),
             )
 
 

@@ -803,7 +803,7 @@ def _geom(x, weight, z0, stride, padding, n_codes) -> _Geom:
     B, C_sig, H, W = x.shape
     C_code, _, kh, kw = weight.shape
     # Kernel index arithmetic is int32; n_codes covers the saved iterates, addressed as one buffer.
-    if max(x.numel(), z0.numel() * n_codes) >= 2**31:
+    if max(x.numel(), z0.numel() * n_codes) >= _MAX_INDEX:
         raise ValueError(
             f"the triton conv-ISTA kernels address at most 2**31 - 1 elements per buffer; got x "
             f"{tuple(x.shape)} and {n_codes} codes of {tuple(z0.shape)}: split the batch"
@@ -859,6 +859,12 @@ class _Forward:
         self.tiles_per_img = triton.cdiv(g.Hz, cfg.TH) * self.tiles_w
         programs = g.B if self.single else g.B * self.tiles_per_img
         rh, rw = (cfg.TH - 1) * g.sh + g.kh, (cfg.TW - 1) * g.sw + g.kw
+        # The kernels index the residual slabs (one per program) in int32 too.
+        if programs * g.C_sig * rh * rw >= _MAX_INDEX:
+            raise ValueError(
+                f"the triton conv-ISTA forward needs {programs} residual slabs of {g.C_sig} x {rh} x {rw} elements, "
+                f"more than the 2**31 - 1 its kernels address: split the batch"
+            )
         self.scratch = torch.empty(programs * g.C_sig * rh * rw, device=x.device, dtype=torch.float32)
         self.betas = _fista_betas(step.shape[0], fista)
         self.meta = dict(
@@ -930,6 +936,81 @@ class _Forward:
         return buf
 
 
+# Kernel offsets are int32 (tl.arange and the i32 size arguments): no buffer may hold 2**31 elements or more.
+_MAX_INDEX = 2**31
+# The dtypes the kernels are compiled for (ops.table's row): fp64 has no tensor-core dot, integers no threshold.
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_inputs(op, x, weight, encoder_weight, lam, step, z0, stride, padding):
+    """The checks of the C++ ops (csrc/cpu/conv_ista/ops.cpp, check_inputs), done before any launch: the kernels
+    index every tensor as a contiguous buffer of the shape the others imply, so any other shape or dtype is read (or
+    written) out of bounds. Shapes, dtypes and strides only: no device synchronisation. Returns the tensors made
+    contiguous (a no-op for contiguous ones) and the stride, clamped like the C++ ops clamp it: every stride beyond
+    the last window start gives the same single window, and a huge one would size the residual slabs by it."""
+    tensors = dict(x=x, weight=weight, encoder_weight=encoder_weight, lam=lam, step=step, z0=z0)
+    for name, t in tensors.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if x.dim() != 4 or weight.dim() != 4:
+        raise RuntimeError(
+            f"{op}: x and weight must be 4-D (2-D problems), got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    if len(stride) != 2 or len(padding) != 2:
+        raise RuntimeError(f"{op}: stride and padding need 2 entries, got {list(stride)} and {list(padding)}")
+    (sh, sw), (ph, pw) = (int(s) for s in stride), (int(p) for p in padding)
+    if sh < 1 or sw < 1 or ph < 0 or pw < 0:
+        raise RuntimeError(f"{op}: stride must be >= 1 and padding >= 0, got {list(stride)} and {list(padding)}")
+    B, C_sig, H, W = x.shape
+    C_code, _, kh, kw = weight.shape
+    if kh < 1 or kw < 1:
+        raise RuntimeError(f"{op}: the kernel must have a non-zero size, got {tuple(weight.shape[2:])}")
+    limit = _MAX_INDEX - 1
+    if ph > (limit - H) // 2 or pw > (limit - W) // 2:
+        raise RuntimeError(f"{op}: the padded signal must be at most 2^31 - 1 in every dimension")
+    if H + 2 * ph < kh or W + 2 * pw < kw:
+        raise RuntimeError(f"{op}: kernel larger than the padded signal")
+    sh, sw = min(sh, H + 2 * ph - kh + 1), min(sw, W + 2 * pw - kw + 1)
+    if weight.shape[1] != C_sig or encoder_weight.shape != weight.shape:
+        raise RuntimeError(
+            f"{op}: weight/encoder_weight must be (C_code, C_sig, kh, kw) with C_sig = {C_sig}, got "
+            f"{tuple(weight.shape)} and {tuple(encoder_weight.shape)}"
+        )
+    if step.dim() != 1 or step.shape[0] < 1:
+        raise RuntimeError(f"{op}: step must be (n_iter,) with n_iter >= 1, got {tuple(step.shape)}")
+    n = step.shape[0]
+    if tuple(lam.shape) != (n, C_code):
+        raise RuntimeError(f"{op}: lam must be (n_iter, C_code) = {(n, C_code)}, got {tuple(lam.shape)}")
+    hz, wz = code_size((H, W), (kh, kw), (sh, sw), (ph, pw))
+    if z0.numel() != 0 and tuple(z0.shape) != (B, C_code, hz, wz):
+        raise RuntimeError(
+            f"{op}: z0 must be (B, C_code, Hz, Wz) = {(B, C_code, hz, wz)} or empty (zeros), got {tuple(z0.shape)}"
+        )
+    for name, t in tensors.items():
+        if t.device != x.device or t.dtype != x.dtype:
+            raise RuntimeError(
+                f"{op}: all tensors must be on x's device with x's dtype ({x.device}, {x.dtype}); "
+                f"{name} is {t.device}, {t.dtype}"
+            )
+    if x.dtype not in _DTYPES:
+        raise RuntimeError(f"{op}: float32, float16 or bfloat16 only, got {x.dtype}")
+    for name in ("weight", "lam"):
+        if tensors[name].numel() >= _MAX_INDEX:
+            raise RuntimeError(f"{op}: {name} must hold fewer than 2**31 elements (int32 kernel offsets)")
+    return [t.contiguous() for t in tensors.values()], [sh, sw], [ph, pw]
+
+
+def _check_code_like(op, name, t, shape, x):
+    """A code-sized tensor of the backward (grad_z, z, saved) read as a contiguous buffer of ``shape``."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape) or t.dtype != x.dtype or t.device != x.device:
+        raise RuntimeError(
+            f"{op}: {name} must be {tuple(shape)} of x's dtype and device ({x.dtype}, {x.device}), got "
+            f"{tuple(t.shape)} ({t.dtype}, {t.device})"
+        )
+
+
 def _check_checkpoint(checkpoint: int, *, backward: bool) -> None:
     if checkpoint not in (0, 1) and (backward or checkpoint != NO_BACKWARD):
         raise ValueError(
@@ -956,6 +1037,9 @@ def conv_ista_fwd(
     Returns (z_n, saved): z_1..z_{n-1} (n_iter - 1, B, C_code, Hz, Wz) for checkpoint 1, an empty (0,) tensor for
     checkpoint 0 (recompute mode)."""
     _check_checkpoint(checkpoint, backward=False)
+    (x, weight, encoder_weight, lam, step, z0), stride, padding = _check_inputs(
+        "conv_ista_fwd_triton", x, weight, encoder_weight, lam, step, z0, stride, padding
+    )
     z0 = zeros_if_empty(z0, x, weight, stride, padding)
     n = step.shape[0]
     save = checkpoint == 1
@@ -994,12 +1078,25 @@ def conv_ista_bwd(
     input's shape (an empty z0's grad is empty). ``saved`` holds z_1..z_{n-1} (checkpoint 1); checkpoint 0 is
     recompute mode: the forward is replayed from z0, z_n included (z is then empty)."""
     _check_checkpoint(checkpoint, backward=True)
+    op = "conv_ista_bwd_triton"
+    (x, weight, encoder_weight, lam, step, z0), stride, padding = _check_inputs(
+        op, x, weight, encoder_weight, lam, step, z0, stride, padding
+    )
+    code_shape = (x.shape[0], weight.shape[0], *code_size(x.shape[2:], weight.shape[2:], stride, padding))
+    # grad_z is read through torch ops (any strides; an expanded one is never copied), z and saved by the kernels.
+    _check_code_like(op, "grad_z", grad_z, code_shape, x)
+    if z.numel() != 0 or checkpoint == 1:
+        _check_code_like(op, "z (z_n; empty only in recompute mode)", z, code_shape, x)
+    if checkpoint == 1:
+        _check_code_like(op, "saved (z_1..z_{n-1} of the forward)", saved, (step.shape[0] - 1, *code_shape), x)
+        saved = saved.contiguous()
+    z = z.contiguous()
     if grad_z.numel() == 0:  # an empty code (conv_ista_fwd): every gradient is zero
         return tuple(torch.zeros_like(t) for t in (x, weight, encoder_weight, lam, step, z0))
     z0_given = z0.numel() > 0
     z0 = zeros_if_empty(z0, x, weight, stride, padding)
     n_iter = step.shape[0]
-    g = _geom(x, weight, z0, stride, padding, max(saved.shape[0] + 1, 3))
+    g = _geom(x, weight, z0, stride, padding, max(n_iter if checkpoint == 1 else 0, 3))
     ccfg = conv_config(g.C_sig, g.C_code, g.kh, g.kw)
     in_prec = _in_prec(x.dtype)
     betas = _fista_betas(n_iter, fista)
@@ -1070,7 +1167,7 @@ def conv_ista_bwd(
         step_k = step[k].to(torch.float32)
 
         active = z_next != 0
-        gu = torch.where(active, gz, 0.0)
+        gu = torch.where(active, gz, 0.0).contiguous()  # the kernels read it as a contiguous code
         if nonneg:
             dth = -gu.sum(dim=(0, 2, 3))
         else:
@@ -1084,7 +1181,7 @@ def conv_ista_bwd(
         grad_we = grad_we + step_k * weight_grad(r, gu)
         grad_w = grad_w - step_k * weight_grad(v, y)
 
-        dy = torch.empty_like(gu)
+        dy = torch.empty(gu.shape, **f32)
         launch(_conv_analysis_kernel)[code_grid](gu, v, weight, step, k, -1.0, dy, **dims, BLOCK_C=ccfg.BLOCK_C, **geo)
         if fista:
             gz = dy * (1.0 + betas[k]) if pending is None else pending + dy * (1.0 + betas[k])
