@@ -16,6 +16,7 @@ any launch, so a GPU would exercise the same code.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -303,3 +304,29 @@ def test_attention_refuses_int32_overflow(ops, shapes, backward):
 
     with pytest.raises(ERRORS, match="2\\*\\*31"):
         record_launches(run)
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1",
+    reason="launches are recorded from compiled kernels, not interpreted ones",
+)
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_attention_grids_hold_more_than_65535_batch_heads(backward):
+    """CUDA caps a grid's second axis at 65535; B * H sat there (B = 2048, H = 32 failed every launch). The kernels
+    take (row block, batch x head) from one axis, whose cap is 2**31 - 1. Launches recorded on meta tensors, nothing
+    runs (so not under the interpreter, whose kernels cannot be recorded)."""
+    from dsc_kernels.triton.launch import record_launches
+    from dsc_kernels.triton.sparse_attention import sparse_attention_bwd, sparse_attention_fwd
+
+    b, h, n, m, d = 2048, 32, 40, 24, 16
+
+    def meta(*shape):
+        return torch.empty(shape, device="meta", dtype=F32)
+
+    q, k, v, th = meta(b, h, n, d), meta(b, h, m, d), meta(b, h, m, d), meta(h)
+    if backward:
+        run = lambda: sparse_attention_bwd(meta(b, h, n, d), q, k, v, th, None, meta(b, h, n, 2), "shrink", False, 0.25)  # noqa: E731
+    else:
+        run = lambda: sparse_attention_fwd(q, k, v, th, None, "shrink", False, 0.25)  # noqa: E731
+    specs = record_launches(run)
+    assert specs and all(len(s.grid) == 1 and b * h <= s.grid[0] < 2**31 for s in specs)

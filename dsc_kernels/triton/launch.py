@@ -56,6 +56,7 @@ class AotSpec(NamedTuple):
     signature: dict  # argument name -> Triton type ("*fp32", "i32", ..., "constexpr")
     constexprs: dict  # constexpr argument name -> value
     options: dict  # compile options of the launch (num_warps, num_stages, ...)
+    grid: tuple = ()  # the launch grid (recorded, not part of the specialisation)
 
     def key(self) -> tuple:
         return (
@@ -110,7 +111,7 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def record(*args, **meta):
-            _recorded.append(_spec(self.kernel, args, meta))
+            _recorded.append(_spec(self.kernel, args, meta)._replace(grid=tuple(grid)))
 
         return record
 

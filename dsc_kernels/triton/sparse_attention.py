@@ -100,6 +100,15 @@ def _relative(s, c):
 
 
 @triton.jit
+def _block_and_head(N, BLOCK: tl.constexpr):
+    # One grid axis for (row block, batch x head), row blocks fastest (the order a 2-D grid ran them in): CUDA caps
+    # a grid's second axis at 65535, which B * H passes (B = 2048, H = 32), and its first at 2**31 - 1.
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(N, BLOCK)
+    return pid % blocks, (pid // blocks).to(tl.int64)
+
+
+@triton.jit
 def _key_end(start_m, N_K, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
     """One past the last key any query of the block starting at start_m can see."""
     if CAUSAL:
@@ -217,8 +226,7 @@ def _fwd_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid_m, bh = _block_and_head(N_Q, BLOCK_M)
     b, h = bh // H, bh % H
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -398,8 +406,7 @@ def _bwd_dq_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid_m, bh = _block_and_head(N_Q, BLOCK_M)
     b, h = bh // H, bh % H
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -456,7 +463,7 @@ def _bwd_dq_kernel(
         mask=row_ok[:, None] & (offs_d[None, :] < D),
     )
     # One partial of dtheta per program; the launcher sums them per head.
-    tl.store(dth_ptr + bh * tl.num_programs(0) + pid_m, -tl.sum(tl.where(row_ok, ds_sum, 0.0), axis=0))
+    tl.store(dth_ptr + bh * tl.cdiv(N_Q, BLOCK_M) + pid_m, -tl.sum(tl.where(row_ok, ds_sum, 0.0), axis=0))
 
 
 @triton.jit
@@ -498,8 +505,7 @@ def _bwd_dkdv_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    pid_n, bh = _block_and_head(N_K, BLOCK_N)
     b, h = bh // H, bh % H
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -673,6 +679,16 @@ def _check_extents(op: str, tensors) -> None:
             )
 
 
+def _grid(rows: int, block: int, heads: int) -> tuple[int]:
+    """The 1-D launch grid of _block_and_head: row blocks of every (batch, head)."""
+    programs = triton.cdiv(rows, block) * heads
+    if programs >= 2**31:
+        raise RuntimeError(
+            f"sparse_attention (triton): {programs} programs, more than a CUDA grid holds: split the batch"
+        )
+    return (programs,)
+
+
 def sparse_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bias: Tensor | None, mode: str, causal: bool, scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -694,7 +710,7 @@ def sparse_attention_fwd(
     if n == 0 or b * h == 0:
         return out, stats
     bias_ptr, *bias_strides = _bias_args(bias, stats)
-    launch(_fwd_kernel)[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
+    launch(_fwd_kernel)[_grid(n, cfg["BLOCK_M"], b * h)](
         q,
         k,
         v,
@@ -764,7 +780,7 @@ def sparse_attention_bwd(
     bias_ptr, *bias_strides = _bias_args(bias, st)
     strides = (*_strides(q), *_strides(k), *_strides(v), *bias_strides)
     if n > 0 and b * h > 0:
-        launch(_bwd_dq_kernel)[(n_qblocks, b * h)](
+        launch(_bwd_dq_kernel)[_grid(n, cfg["BLOCK_M"], b * h)](
             q,
             k,
             v,
@@ -786,7 +802,7 @@ def sparse_attention_bwd(
             **cfg,
         )
         if m > 0:
-            launch(_bwd_dkdv_kernel)[(triton.cdiv(m, cfg["BLOCK_N"]), b * h)](
+            launch(_bwd_dkdv_kernel)[_grid(m, cfg["BLOCK_N"], b * h)](
                 q, k, v, bias_ptr, g, st, delta, dk, dv, *strides, n, m, h, d, dv_, scale, CAUSAL=causal, **cfg
             )
     if mode == "sparsemax":
