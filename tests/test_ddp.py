@@ -45,6 +45,9 @@ def _one_step(rank: int, world_size: int, port: int, backend: str, out: str) -> 
         torch.manual_seed(0)  # the same start the replicas had, to check that the step moved them
         start = torch.cat([p.detach().flatten() for p in digits.DigitsNet("dsc", backend=backend).parameters()])
         torch.save({"gathered": gathered, "start": start}, out)
+    # Both ranks leave together: rank 1 tearing gloo down while rank 0 still saved aborted it once in a few runs
+    # ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 
