@@ -330,3 +330,22 @@ def test_attention_grids_hold_more_than_65535_batch_heads(backward):
         run = lambda: sparse_attention_fwd(q, k, v, th, None, "shrink", False, 0.25)  # noqa: E731
     specs = record_launches(run)
     assert specs and all(len(s.grid) == 1 and b * h <= s.grid[0] < 2**31 for s in specs)
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1",
+    reason="launches are recorded from compiled kernels, not interpreted ones",
+)
+def test_conv_backward_grids_hold_more_than_65535_items():
+    """The batch sat on CUDA's second grid axis (capped at 65535) in the backward's synthesis and analysis launches;
+    they take (position block, item) from the first axis now. Recorded on meta tensors, nothing runs."""
+    from dsc_kernels.triton.conv_ista import conv_ista_bwd
+    from dsc_kernels.triton.launch import record_launches
+
+    meta = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in conv_args(B=70000, n=2).items()}
+    meta["checkpoint"] = 0  # recompute mode: no saved iterates
+    z = torch.empty(meta["z0"].shape, device="meta", dtype=F32)
+    specs = record_launches(lambda: conv_ista_bwd(z, **{**meta, "z": z.new_empty(0), "saved": z.new_empty(0)}))
+    grids = {s.name: s.grid for s in specs}
+    for name in ("_conv_synth_kernel", "_conv_analysis_kernel"):
+        assert len(grids[name]) == 2 and grids[name][0] >= 70000 and grids[name][1] <= 65535, (name, grids[name])

@@ -524,6 +524,15 @@ def _conv_ista_fwd_all_kernel(
 
 
 @triton.jit
+def _block_and_item(positions, BLOCK_P: tl.constexpr):
+    # One grid axis for (position block, batch item), position blocks fastest (the order a 2-D grid ran them in):
+    # CUDA caps a grid's second axis at 65535, and the batch sat there.
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(positions, BLOCK_P)
+    return pid % blocks, pid // blocks
+
+
+@triton.jit
 def _conv_synth_kernel(
     x_ptr,
     code_ptr,
@@ -548,9 +557,8 @@ def _conv_synth_kernel(
     IN_PREC: tl.constexpr,
 ):
     # out = x - D code (SUB_FROM_X) or D code; positions flattened over H*W so loads run along W.
-    pid_p = tl.program_id(0)
-    b = tl.program_id(1)
-    ci = tl.program_id(2) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    pid_p, b = _block_and_item(H * W, BLOCK_P)
+    ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     cim = ci < C_sig
     q = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     qin = q < H * W
@@ -618,9 +626,8 @@ def _conv_analysis_kernel(
     IN_PREC: tl.constexpr,
 ):
     # out = base + scale * step[k] * conv2d(src, W): the epilogue of dy = gu - step_k D^T v.
-    pid_p = tl.program_id(0)
-    b = tl.program_id(1)
-    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_p, b = _block_and_item(Hz * Wz, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C_code
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     pin = p < Hz * Wz
@@ -1112,8 +1119,12 @@ def conv_ista_bwd(
         IN_PREC=in_prec,
         num_warps=ccfg.num_warps,
     )
-    sig_grid = (triton.cdiv(g.H * g.W, ccfg.BLOCK_P), g.B, triton.cdiv(g.C_sig, ccfg.BLOCK_CI))
-    code_grid = (triton.cdiv(g.Hz * g.Wz, ccfg.BLOCK_P), g.B, triton.cdiv(g.C_code, ccfg.BLOCK_C))
+    sig_grid = (triton.cdiv(g.H * g.W, ccfg.BLOCK_P) * g.B, triton.cdiv(g.C_sig, ccfg.BLOCK_CI))
+    code_grid = (triton.cdiv(g.Hz * g.Wz, ccfg.BLOCK_P) * g.B, triton.cdiv(g.C_code, ccfg.BLOCK_C))
+    if max(sig_grid[0], code_grid[0]) >= _MAX_INDEX:
+        raise ValueError(
+            f"the triton conv-ISTA backward needs more than 2**31 - 1 programs for {g.B} items: split the batch"
+        )
     k_tot = g.C_sig * g.kh * g.kw
     # Bound the partials to ~16 MiB; beyond that more splits buy no parallelism worth the memory.
     n_split = max(
