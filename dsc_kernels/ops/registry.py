@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 
 from .table import Backend
 
@@ -82,23 +83,13 @@ def _compute_in_float32_under_autocast(row: Backend) -> None:
                 torch.library.register_autocast(name, device, torch.float32)
 
 
-def _tensors(values) -> list[torch.Tensor]:
-    out = []
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            out.append(v)
-        elif isinstance(v, (list, tuple)):
-            out += _tensors(v)
-    return out
-
-
 def _no_meta_mix(fake: Callable) -> Callable:
     """``fake``, refusing a meta tensor among tensors of a real device: the dispatcher sends such a call to the fake,
     which answered with uninitialised tensors on the real device, shaped like a result."""
 
     @functools.wraps(fake)
     def checked(*args, **kwargs):
-        devices = {t.device.type for t in _tensors([*args, *kwargs.values()])}
+        devices = {t.device.type for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         if "meta" in devices and len(devices) > 1:
             raise RuntimeError(f"expected every tensor on one device, got meta and {sorted(devices - {'meta'})}")
         return fake(*args, **kwargs)

@@ -60,6 +60,7 @@ from torch import Tensor
 
 from ..reference.conv import code_size
 from ..reference.conv_ista import NO_BACKWARD, fista_momentum, zeros_if_empty
+from .grid import block_and_index
 from .launch import AotSpec, interpreting, launch, record_launches
 
 __all__ = ["conv_ista_fwd", "conv_ista_bwd", "KERNELS", "aot_specializations", "fwd_config"]
@@ -524,15 +525,6 @@ def _conv_ista_fwd_all_kernel(
 
 
 @triton.jit
-def _block_and_item(positions, BLOCK_P: tl.constexpr):
-    # One grid axis for (position block, batch item), position blocks fastest (the order a 2-D grid ran them in):
-    # CUDA caps a grid's second axis at 65535, and the batch sat there.
-    pid = tl.program_id(0)
-    blocks = tl.cdiv(positions, BLOCK_P)
-    return pid % blocks, pid // blocks
-
-
-@triton.jit
 def _conv_synth_kernel(
     x_ptr,
     code_ptr,
@@ -557,7 +549,7 @@ def _conv_synth_kernel(
     IN_PREC: tl.constexpr,
 ):
     # out = x - D code (SUB_FROM_X) or D code; positions flattened over H*W so loads run along W.
-    pid_p, b = _block_and_item(H * W, BLOCK_P)
+    pid_p, b = block_and_index(H * W, BLOCK_P)
     ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     cim = ci < C_sig
     q = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -626,7 +618,7 @@ def _conv_analysis_kernel(
     IN_PREC: tl.constexpr,
 ):
     # out = base + scale * step[k] * conv2d(src, W): the epilogue of dy = gu - step_k D^T v.
-    pid_p, b = _block_and_item(Hz * Wz, BLOCK_P)
+    pid_p, b = block_and_index(Hz * Wz, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C_code
     p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)

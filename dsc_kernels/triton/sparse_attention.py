@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .grid import block_and_index
 from .launch import AotSpec, interpreting, launch, record_launches
 
 __all__ = ["sparse_attention_fwd", "sparse_attention_bwd", "KERNELS", "aot_specializations"]
@@ -97,15 +98,6 @@ def _tile_scores(
 def _relative(s, c):
     """z = s - c per row, 0 where s = c (a +inf row's +inf entries)."""
     return tl.where(s == c[:, None], 0.0, s - c[:, None])
-
-
-@triton.jit
-def _block_and_head(N, BLOCK: tl.constexpr):
-    # One grid axis for (row block, batch x head), row blocks fastest (the order a 2-D grid ran them in): CUDA caps
-    # a grid's second axis at 65535, which B * H passes (B = 2048, H = 32), and its first at 2**31 - 1.
-    pid = tl.program_id(0)
-    blocks = tl.cdiv(N, BLOCK)
-    return pid % blocks, (pid // blocks).to(tl.int64)
 
 
 @triton.jit
@@ -226,7 +218,8 @@ def _fwd_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m, bh = _block_and_head(N_Q, BLOCK_M)
+    pid_m, bh = block_and_index(N_Q, BLOCK_M)
+    bh = bh.to(tl.int64)
     b, h = bh // H, bh % H
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -406,7 +399,8 @@ def _bwd_dq_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_m, bh = _block_and_head(N_Q, BLOCK_M)
+    pid_m, bh = block_and_index(N_Q, BLOCK_M)
+    bh = bh.to(tl.int64)
     b, h = bh // H, bh % H
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -505,7 +499,8 @@ def _bwd_dkdv_kernel(
     UPCAST: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
-    pid_n, bh = _block_and_head(N_K, BLOCK_N)
+    pid_n, bh = block_and_index(N_K, BLOCK_N)
+    bh = bh.to(tl.int64)
     b, h = bh // H, bh % H
     start_n = pid_n * BLOCK_N
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -680,7 +675,7 @@ def _check_extents(op: str, tensors) -> None:
 
 
 def _grid(rows: int, block: int, heads: int) -> tuple[int]:
-    """The 1-D launch grid of _block_and_head: row blocks of every (batch, head)."""
+    """The 1-D launch grid of grid.block_and_index: row blocks of every (batch, head)."""
     programs = triton.cdiv(rows, block) * heads
     if programs >= 2**31:
         raise RuntimeError(
