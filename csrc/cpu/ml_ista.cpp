@@ -37,8 +37,10 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <string>
 #include <vector>
 
+#include "conv_axis.h"
 #include "ml_ista_conv.h"
 
 namespace dsc_kernels {
@@ -64,9 +66,6 @@ int64_t step_count(const TensorList& steps) {
   return steps[0].size(0);
 }
 
-// A layer's signal sizes, padded, are at most this (functional's _validate.MAX_EXTENT), so no size overflows.
-constexpr int64_t kMaxExtent = (int64_t(1) << 31) - 1;
-
 // The problem: tensors, geometry and the per-layer operators of step k.
 struct Net {
   Tensor x;
@@ -85,8 +84,6 @@ struct Net {
     TORCH_CHECK(x.dim() == 4, "ml_ista: x must be (B, C, H, W)");
     TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
                 "ml_ista (cpp): float32 or float64 only");
-    TORCH_CHECK(x.size(2) <= kMaxExtent && x.size(3) <= kMaxExtent,
-                "ml_ista: x's height and width must be at most 2^31 - 1");
     TORCH_CHECK(L >= 1 && (int64_t)WE.size() == L && (int64_t)WA.size() == L && (int64_t)thr.size() == L &&
                     (int64_t)step.size() == L,
                 "ml_ista: every per-layer list needs one entry per layer");
@@ -117,24 +114,17 @@ struct Net {
       const Tensor cs = step[j].to(at::kDouble).contiguous();
       c_values.emplace_back(cs.data_ptr<double>(), cs.data_ptr<double>() + S);
       Geometry g;
-      g.stride = {strides[2 * j], strides[2 * j + 1]};
       g.padding = {paddings[2 * j], paddings[2 * j + 1]};
       g.kh = d.size(3);
       g.kw = d.size(4);
       g.signal_h = h;
       g.signal_w = w;
-      // checked before any size is formed from them: a zero stride divided by zero, a huge padding overflowed
-      TORCH_CHECK(g.stride[0] >= 1 && g.stride[1] >= 1 && g.padding[0] >= 0 && g.padding[1] >= 0,
-                  "ml_ista: layer ", j, ": stride must be >= 1 and padding >= 0");
-      TORCH_CHECK(g.padding[0] <= (kMaxExtent - h) / 2 && g.padding[1] <= (kMaxExtent - w) / 2, "ml_ista: layer ", j,
-                  ": the padded signal must be at most 2^31 - 1 in every dimension");
-      TORCH_CHECK(g.kh >= 1 && g.kw >= 1 && h + 2 * g.padding[0] >= g.kh && w + 2 * g.padding[1] >= g.kw,
-                  "ml_ista: layer ", j, " has an empty kernel or one larger than its padded signal");
-      // Every stride beyond the last window start gives the same single window (and ATen takes strides as int).
-      g.stride[0] = std::min(g.stride[0], h + 2 * g.padding[0] - g.kh + 1);
-      g.stride[1] = std::min(g.stride[1], w + 2 * g.padding[1] - g.kw + 1);
-      g.code_h = (h + 2 * g.padding[0] - g.kh) / g.stride[0] + 1;
-      g.code_w = (w + 2 * g.padding[1] - g.kw) / g.stride[1] + 1;
+      const std::string layer = "ml_ista: layer " + std::to_string(j);
+      const ConvAxis rows = conv_axis(layer.c_str(), h, g.kh, strides[2 * j], paddings[2 * j]);
+      const ConvAxis cols = conv_axis(layer.c_str(), w, g.kw, strides[2 * j + 1], paddings[2 * j + 1]);
+      g.stride = {rows.stride, cols.stride};
+      g.code_h = rows.code;
+      g.code_w = cols.code;
       g.output_padding = {h + 2 * g.padding[0] - g.kh - (g.code_h - 1) * g.stride[0],
                           w + 2 * g.padding[1] - g.kw - (g.code_w - 1) * g.stride[1]};
       g.dense = g.padding[0] == 0 && g.padding[1] == 0 && h == g.kh && w == g.kw;

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "../conv_axis.h"
 #include "problem.h"
 #include "strategies.h"
 
@@ -28,22 +29,10 @@ ConvGeometry check_inputs(const char* op, const at::Tensor& x, const at::Tensor&
                           const at::Tensor& z0, at::IntArrayRef stride, at::IntArrayRef padding) {
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4, op, ": x and weight must be 4-D (2-D problems)");
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2, op, ": stride and padding need 2 entries");
-  ConvGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), weight.size(0), weight.size(2), weight.size(3),
-                 stride[0], stride[1], padding[0], padding[1], 0, 0};
-  TORCH_CHECK(g.SH >= 1 && g.SW >= 1 && g.PH >= 0 && g.PW >= 0, op, ": stride must be >= 1 and padding >= 0");
-  TORCH_CHECK(g.KH >= 1 && g.KW >= 1, op, ": the kernel must have a non-zero size");
-  // functional's limit (_validate.MAX_EXTENT), checked without forming H + 2 PH, which could overflow
-  constexpr int64_t kMaxExtent = (int64_t(1) << 31) - 1;
-  TORCH_CHECK(g.H <= kMaxExtent && g.W <= kMaxExtent && g.PH <= (kMaxExtent - g.H) / 2 &&
-                  g.PW <= (kMaxExtent - g.W) / 2,
-              op, ": the padded signal must be at most 2^31 - 1 in every dimension");
-  TORCH_CHECK(g.H + 2 * g.PH >= g.KH && g.W + 2 * g.PW >= g.KW, op, ": kernel larger than the padded signal");
-  // Every stride beyond the last window start gives the same single window and operator; the direct strategy sizes
-  // its polyphase loops by the stride, so a huge one would run (and allocate) for nothing.
-  g.SH = std::min(g.SH, g.H + 2 * g.PH - g.KH + 1);
-  g.SW = std::min(g.SW, g.W + 2 * g.PW - g.KW + 1);
-  g.Hz = (g.H + 2 * g.PH - g.KH) / g.SH + 1;
-  g.Wz = (g.W + 2 * g.PW - g.KW) / g.SW + 1;
+  const ConvAxis rows = conv_axis(op, x.size(2), weight.size(2), stride[0], padding[0]);
+  const ConvAxis cols = conv_axis(op, x.size(3), weight.size(3), stride[1], padding[1]);
+  const ConvGeometry g{x.size(0),  x.size(1),   x.size(2),  x.size(3),  weight.size(0), weight.size(2), weight.size(3),
+                       rows.stride, cols.stride, padding[0], padding[1], rows.code,      cols.code};
   TORCH_CHECK(weight.size(1) == g.Cs && encoder_weight.sizes() == weight.sizes(), op,
               ": weight/encoder_weight must be (C_code, C_sig, kh, kw)");
   TORCH_CHECK(step.dim() == 1 && step.size(0) >= 1, op, ": step must be (n_iter,) with n_iter >= 1");
