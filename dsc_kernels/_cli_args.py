@@ -7,19 +7,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
-from . import functional
+from . import _validate, functional
 from .ops.selection import ENV_VAR
 
 
 def device_problem(device: str) -> str | None:
     """Why ``--device`` cannot be used here (CUDA asked for where torch sees none), or None."""
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        return (
-            f"argument --device: {device} requested but CUDA is not available on this machine "
-            "(torch.cuda.is_available() is False); use --device cpu"
-        )
+    try:
+        _validate.device("--device", device)
+    except (TypeError, ValueError) as exc:
+        return f"argument {exc}"
     return None
 
 

@@ -50,6 +50,28 @@ def weight(name: str, w: object) -> Tensor:
     return w
 
 
+def device(name: str, value: object) -> torch.device:
+    """A cpu or cuda device that exists here: otherwise the first ``.to(device)`` fails deep inside a run, and an int
+    is read by torch as a CUDA index. The recipes and the command lines run on no other device type."""
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"{name} must be a str or a torch.device, got {value!r}")
+    try:
+        parsed = torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"{name} must be 'cpu', 'cuda' or 'cuda:N', got {value!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} must be 'cpu', 'cuda' or 'cuda:N' (the recipes run on no other), got {value!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{name} {value!r} requested but CUDA is not available on this machine "
+                "(torch.cuda.is_available() is False); use cpu"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {value!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
+    return parsed
+
+
 def same_device(**tensors: Tensor | None) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:

@@ -71,29 +71,10 @@ def torchrun_missing() -> str | None:
     return None
 
 
-def check_device(device: object) -> torch.device:
-    """A cpu or cuda device that exists here: otherwise the first ``.to(device)`` fails deep inside a recipe, and an
-    int is read by torch as a CUDA index."""
-    if not isinstance(device, (str, torch.device)):
-        raise TypeError(f"device must be a str or a torch.device, got {device!r}")
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N' (the recipes run on no other), got {device!r}")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} requested but this machine has {torch.cuda.device_count()} GPU(s)")
-    return parsed
-
-
 def start(distributed: bool, device: str | torch.device | None = None) -> Run:
     """Join the torchrun process group when ``distributed`` (gloo on CPU, nccl on CUDA), else a single process."""
     check.flag("distributed", distributed)
-    device = check_device(default_device() if device is None else device)
+    device = check.device("device", default_device() if device is None else device)
     if not distributed:
         return Run(device)
     missing = torchrun_missing()
