@@ -164,9 +164,10 @@ def _pair_classes(wins: list[Window], k: int, s: int) -> dict[int, list[tuple[Wi
     return {d: sorted(v) for d, v in out.items() if v}
 
 
-def _box_sums(cum: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sums over [lo, hi) along `dim` from an inclusive-prefix `cum` padded with a leading zero; one result per pair."""
-    return cum.index_select(dim, hi) - cum.index_select(dim, lo)
+def _masks(lo: torch.Tensor, hi: torch.Tensor, k: int) -> torch.Tensor:
+    """(n, k) float64 0/1 rows, row i marking the taps [lo_i, hi_i) (none when hi_i <= lo_i)."""
+    taps = torch.arange(k)
+    return ((taps >= lo[:, None]) & (taps < hi[:, None])).to(torch.float64)
 
 
 def mutual_coherence(
@@ -187,8 +188,9 @@ def mutual_coherence(
 
     How: two atoms interact only through their code offset (dh, dw) and the taps each keeps at the border (its
     truncation class), so the inner products are the filters' channel-summed cross-correlations restricted to
-    boxes of taps. For each offset one product tensor is formed and summed over all the boxes that occur via 2-D
-    prefix sums; the cost depends on k/s and the channel counts, not on the signal length.
+    boxes of taps. For each offset one product tensor is formed and summed over each box that occurs (each a sum of
+    exactly its own taps, so atoms of very different norms keep their precision); the cost depends on k/s and the
+    channel counts, not on the signal length.
 
     Definition: Donoho–Elad 2003 [L]; its use per layer of a convolutional DSC model: Papyan–Romano–Elad 2017 [L].
     """
@@ -206,7 +208,7 @@ def mutual_coherence(
     c_code, _, kh, kw = w.shape
     wins = [_windows(size[0], kh, strides[0], pads[0]), _windows(size[1], kw, strides[1], pads[1])]
     # Taps no atom keeps (cropped by a large stride or padding) are not part of D: zero them, so that neither their
-    # values (NaN included) nor their scale reach the prefix sums.
+    # values (NaN included) nor their scale reach the sums.
     kept = [torch.zeros(k, dtype=torch.bool) for k in (kh, kw)]
     for axis in range(2):
         for lo, hi in wins[axis]:
@@ -214,20 +216,23 @@ def mutual_coherence(
     w = torch.where(kept[0][:, None] & kept[1][None, :], w, torch.zeros((), dtype=w.dtype))
     if not torch.isfinite(w).all():  # a NaN/inf tap makes its atoms' cosines NaN, as F.cosine_similarity does
         return math.nan
-    # mu is scale invariant: work with max |tap| = 1, so that tiny or huge filters neither underflow nor overflow.
-    scale = float(w.abs().max()) if w.numel() else 0.0
-    if scale == 0.0 or c_code == 0:  # no atom has a direction: no pair of atoms, mu = 0 (as for a single atom)
+    if not w.numel():  # no code channel, or atoms with no signal channel: no atom has a direction
         return 0.0
-    w /= scale
+    # mu is invariant to each atom's scale, and every atom of code channel a is a truncation of filter a: scale each
+    # filter to max |tap| = 1, so that filters of very different norms neither underflow nor overflow, and a small
+    # filter's cosines are not judged against a large one's. All-zero filters give only zero atoms: dropped.
+    top = w.abs().amax(dim=(1, 2, 3))
+    w = w[top > 0] / top[top > 0, None, None, None]
+    c_code = w.shape[0]
+    if c_code == 0:  # no atom has a direction: no pair of atoms, mu = 0 (as for a single atom)
+        return 0.0
     classes = [_pair_classes(wins[0], kh, strides[0]), _pair_classes(wins[1], kw, strides[1])]
+    sq = (w * w).sum(1)  # (C_code, kh, kw)
 
-    # Squared norms of every truncation class: prefix sums of the squared taps (summed over signal channels).
-    sq = F.pad((w * w).sum(1).cumsum(1).cumsum(2), (1, 0, 1, 0))  # (C_code, kh+1, kw+1)
-
-    def norms(win_h: torch.Tensor, win_w: torch.Tensor) -> torch.Tensor:
-        # (C_code, n_h, n_w) norms of the atoms whose windows are win_h[i] x win_w[j]
-        a = _box_sums(sq, win_h[:, 0], win_h[:, 1], 1)
-        return _box_sums(a, win_w[:, 0], win_w[:, 1], 2).clamp_min(0).sqrt()
+    def norms(mask_h: torch.Tensor, mask_w: torch.Tensor) -> torch.Tensor:
+        # (C_code, n_h, n_w) norms of the atoms whose kept taps are the boxes mask_h[i] x mask_w[j]; a sum over
+        # exactly the kept taps, so an atom is zero here exactly when all its taps are
+        return (mask_h @ sq @ mask_w.T).clamp_min(0).sqrt()
 
     best = 0.0
     for dh, pairs_h in classes[0].items():
@@ -241,23 +246,26 @@ def mutual_coherence(
                 continue
             shifted[..., u0:u1, v0:v1] = w[..., u0 - sh : u1 - sh, v0 - sw : v1 - sw]
             prod = torch.einsum("acuv,bcuv->abuv", w, shifted)
-            cum = F.pad(prod.cumsum(2).cumsum(3), (1, 0, 1, 0))
             ph = torch.tensor(pairs_h, dtype=torch.long)  # (n_h, 2 windows, 2 ends)
             pw = torch.tensor(pairs_w, dtype=torch.long)
-            # taps both atoms keep, in atom a's coordinates: window_a ∩ (window_b + shift)
-            lo_h = torch.maximum(ph[:, 0, 0], ph[:, 1, 0] + sh).clamp(0, kh)
-            hi_h = torch.minimum(ph[:, 0, 1], ph[:, 1, 1] + sh).clamp(0, kh)
-            lo_w = torch.maximum(pw[:, 0, 0], pw[:, 1, 0] + sw).clamp(0, kw)
-            hi_w = torch.minimum(pw[:, 0, 1], pw[:, 1, 1] + sw).clamp(0, kw)
-            hi_h, hi_w = torch.maximum(hi_h, lo_h), torch.maximum(hi_w, lo_w)
-            inner = _box_sums(_box_sums(cum, lo_h, hi_h, 2), lo_w, hi_w, 3)  # (C, C, n_h, n_w)
-            na = norms(ph[:, 0], pw[:, 0])  # (C, n_h, n_w)
-            nb = norms(ph[:, 1], pw[:, 1])
-            denom = na[:, None] * nb[None, :]
-            valid = denom > 1e-12 * float(sq[:, -1, -1].max())
+            # taps both atoms keep, in atom a's coordinates: window_a ∩ (window_b + shift). The inner products are
+            # sums over exactly these boxes (0/1 masks), not differences of prefix sums: those carry the rounding of
+            # the taps outside the box, which swamps the product of two atoms that keep only small taps.
+            box_h = _masks(
+                torch.maximum(ph[:, 0, 0], ph[:, 1, 0] + sh), torch.minimum(ph[:, 0, 1], ph[:, 1, 1] + sh), kh
+            )
+            box_w = _masks(
+                torch.maximum(pw[:, 0, 0], pw[:, 1, 0] + sw), torch.minimum(pw[:, 0, 1], pw[:, 1, 1] + sw), kw
+            )
+            inner = box_h @ (prod @ box_w.T)  # (C, C, n_h, n_w)
+            na = norms(_masks(ph[:, 0, 0], ph[:, 0, 1], kh), _masks(pw[:, 0, 0], pw[:, 0, 1], kw))  # (C, n_h, n_w)
+            nb = norms(_masks(ph[:, 1, 0], ph[:, 1, 1], kh), _masks(pw[:, 1, 0], pw[:, 1, 1], kw))
+            valid = (na > 0)[:, None] & (nb > 0)[None, :]
             if dh == 0 and dw == 0:  # the same position: an atom with itself is not a pair
                 valid &= ~torch.eye(c_code, dtype=torch.bool)[:, :, None, None]
-            ratio = torch.where(valid, inner.abs() / denom.clamp_min(1e-300), torch.zeros_like(inner))
+            one = torch.ones((), dtype=w.dtype)
+            ratio = inner.abs() / torch.where(na > 0, na, one)[:, None] / torch.where(nb > 0, nb, one)[None, :]
+            ratio = torch.where(valid, ratio, torch.zeros((), dtype=w.dtype))
             if ratio.numel():
                 best = max(best, float(ratio.max()))
     return min(best, 1.0)

@@ -1,0 +1,206 @@
+"""dsc_kernels.theory and dsc_kernels.sparsity against independent implementations.
+
+Every reference here is written from the definition (docs/theory.md, the docstrings and the literature they cite),
+not from the package's code: dictionaries are built by placing filter taps one by one (numpy) and checked against a
+synthesis of unit impulses (torch.nn.functional.conv_transpose), coherences come from scikit-learn's cosine
+similarity of those columns, the spark from enumerating column subsets with numpy's matrix_rank, the activation
+constants from scipy's root finder, and the bounds from their formulas written out. Inputs are random (hypothesis)
+and edge cases: 1-D/2-D, strides above the kernel, even and non-square kernels, padding, single, duplicated, zero
+and wildly scaled atoms, integer dtypes, non-contiguous views, NaN/inf.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics.pairwise import cosine_similarity
+
+from dsc_kernels import sparsity, theory
+
+FAST = settings(deadline=None, max_examples=40, derandomize=True)
+
+
+# -------------------------------------------------------------------------------------------- references
+def _per_axis(value, nd):
+    return (value,) * nd if isinstance(value, int) else tuple(value)
+
+
+def ref_atoms(weight, signal_size, stride=1, padding=0) -> np.ndarray:
+    """(C_sig * prod(size), n_atoms) by placing taps: code position i puts tap j at signal index i*s - p + j
+    (docs/design.md §2); columns channel-major then row-major positions, rows (C_sig, *size) flattened."""
+    w = np.asarray(weight.detach().cpu().to(torch.float64) if isinstance(weight, torch.Tensor) else weight)
+    c_code, c_sig, *ks = w.shape
+    nd = len(ks)
+    size, s, p = _per_axis(signal_size, nd), _per_axis(stride, nd), _per_axis(padding, nd)
+    code = [(n + 2 * pp - k) // ss + 1 for n, pp, k, ss in zip(size, p, ks, s)]
+    cols = []
+    for c in range(c_code):
+        for pos in itertools.product(*(range(m) for m in code)):
+            atom = np.zeros((c_sig, *size))
+            sig, tap = [], []
+            for i, ss, pp, k, n in zip(pos, s, p, ks, size):
+                start = i * ss - pp  # signal index of tap 0
+                lo, hi = max(0, -start), min(k, n - start)
+                sig.append(slice(start + lo, start + max(hi, lo)))
+                tap.append(slice(lo, max(hi, lo)))
+            atom[(slice(None), *sig)] = w[(c, slice(None), *tap)]
+            cols.append(atom.ravel())
+    return np.stack(cols, 1) if cols else np.zeros((c_sig * math.prod(size), 0))
+
+
+def conv_atoms(weight, signal_size, stride=1, padding=0) -> np.ndarray:
+    """The same matrix as the synthesis conv_transpose(unit code) of every code entry (finite weights only)."""
+    w = weight.detach().to(torch.float64)
+    nd = w.dim() - 2
+    size, s, p = _per_axis(signal_size, nd), _per_axis(stride, nd), _per_axis(padding, nd)
+    code = [(n + 2 * pp - k) // ss + 1 for n, pp, k, ss in zip(size, p, w.shape[2:], s)]
+    extra = [n - ((m - 1) * ss - 2 * pp + k) for n, m, ss, pp, k in zip(size, code, s, p, w.shape[2:])]
+    cols = []
+    for c in range(w.shape[0]):
+        for pos in itertools.product(*(range(m) for m in code)):
+            z = torch.zeros(1, w.shape[0], *code, dtype=torch.float64)
+            z[(0, c, *pos)] = 1.0
+            conv_t = F.conv_transpose1d if nd == 1 else F.conv_transpose2d
+            # output_padding may exceed the stride-1 limit when the signal is longer than the code covers: pad zeros
+            out = conv_t(z, w, stride=s, padding=p, output_padding=[min(e, ss - 1) for e, ss in zip(extra, s)])
+            out = F.pad(out, [q for e, ss in zip(reversed(extra), reversed(s)) for q in (0, e - min(e, ss - 1))])
+            cols.append(out[0].reshape(-1).numpy())
+    return np.stack(cols, 1)
+
+
+def ref_coherence(d: np.ndarray) -> float:
+    """max |cos| over distinct non-zero columns (Donoho–Elad), by scikit-learn; columns first scaled by their largest
+    entry so that tiny or huge atoms neither underflow nor overflow in the norms."""
+    if np.isnan(d).any() or np.isinf(d).any():
+        return math.nan
+    top = np.abs(d).max(0) if d.size else np.zeros(d.shape[1])
+    cols = d[:, top > 0] / top[top > 0]
+    if cols.shape[1] < 2:
+        return 0.0
+    g = np.abs(cosine_similarity(cols.T))
+    np.fill_diagonal(g, 0.0)
+    return float(g.max())
+
+
+def ref_spark(d: np.ndarray, tol: float = 1e-9) -> float:
+    """Smallest number of dependent columns; dependent = rank below the count at tolerance tol * ||D||_2."""
+    n, a = d.shape
+    floor = tol * (np.linalg.norm(d, 2) if d.size else 0.0)
+    for r in range(1, a + 1):
+        for cols in itertools.combinations(range(a), r):
+            sub = d[:, cols]
+            if r > n or np.linalg.svd(sub, compute_uv=False).min() <= floor:
+                return float(r)
+    return math.inf
+
+
+# --------------------------------------------------------------------------------------- random geometries
+@st.composite
+def geometries(draw, max_kernel=5):
+    nd = draw(st.sampled_from([1, 2]))
+    kernel = [draw(st.integers(1, max_kernel)) for _ in range(nd)]
+    stride = [draw(st.integers(1, 7)) for _ in range(nd)]  # up to above the kernel
+    padding = [draw(st.integers(0, 7)) for _ in range(nd)]  # up to beyond the kernel
+    size = [draw(st.integers(max(1, k - 2 * p), 9 if nd == 2 else 14)) for k, p in zip(kernel, padding)]
+    c_code, c_sig = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    seed = draw(st.integers(0, 2**31 - 1))
+    style = draw(st.sampled_from(["normal", "integers", "scaled", "duplicate", "zero_channel", "sparse_taps"]))
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(c_code, c_sig, *kernel, generator=g, dtype=torch.float64)
+    if style == "integers":  # ties, zero taps, exact collinearity
+        w = (w * 1.5).round()
+    elif style == "scaled":  # atoms of wildly different norms: 1e-150 ... 1e150 per code channel
+        w = w * 10.0 ** torch.randint(-150, 151, (c_code, 1, *[1] * nd), generator=g).double()
+    elif style == "duplicate":
+        w = torch.cat([w, -3.0 * w[:1]])  # a copy (up to scale and sign) of the first filter: mu = 1
+    elif style == "zero_channel":
+        w = torch.cat([w, torch.zeros_like(w[:1])])
+    elif style == "sparse_taps":  # small taps at the borders that the truncated atoms keep
+        w = w * torch.where(torch.rand(w.shape, generator=g) < 0.5, 1e-6, 1.0).double()
+    return w, size, stride, padding
+
+
+# ------------------------------------------------------------------------------- dictionary and coherence
+def test_the_placement_reference_is_the_synthesis_of_unit_codes():
+    # the reference itself against torch's conv_transpose (docs/design.md §2), on awkward geometries
+    g = torch.Generator().manual_seed(0)
+    for shape, size, s, p in [
+        ((2, 2, 4), 11, 3, 2),
+        ((2, 1, 3), 9, 5, 1),  # stride above the kernel
+        ((1, 2, 2, 3), (6, 7), (2, 1), (1, 2)),
+        ((2, 1, 3, 1), (5, 4), (4, 3), (0, 1)),
+    ]:
+        w = torch.randn(*shape, generator=g, dtype=torch.float64)
+        np.testing.assert_array_equal(ref_atoms(w, size, s, p), conv_atoms(w, size, s, p))
+
+
+@FAST
+@given(geometries())
+def test_dictionary_matrix_is_the_placed_filter_taps(geometry):
+    w, size, stride, padding = geometry
+    got = theory.dictionary_matrix(w, size, stride=stride, padding=padding)
+    assert got.dtype == torch.float64
+    np.testing.assert_array_equal(got.numpy(), ref_atoms(w, size, stride, padding))
+
+
+@FAST
+@given(geometries())
+def test_mutual_coherence_matches_scikit_learn_on_the_explicit_matrix(geometry):
+    w, size, stride, padding = geometry
+    want = ref_coherence(ref_atoms(w, size, stride, padding))
+    got = theory.mutual_coherence(w, size, stride=stride, padding=padding)
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    assert sparsity.max_coherence(w, size, stride=stride, padding=padding) == got
+
+
+def _w(rows, dtype=torch.float64):
+    return torch.tensor(rows, dtype=dtype)
+
+
+COHERENCE_EDGES = {
+    # a filter 1e7 times smaller than the other: its shifted atoms (cosine 0.8) were judged against the large
+    # filter's scale and skipped as zero
+    "small_filter_of_two": (_w([[[1e-7] * 5], [[0.3, -1.0, 0.2, 0.9, -0.4]]]), 12, 1, 0),
+    "filters_1e300_apart": (_w([[[1e-150, 1e-150, 2e-150]], [[3e150, -1e150, 2e150]]]), 9, 1, 0),
+    # border atoms keeping only a 1e-6 tap (padding 2): two parallel atoms, cosine 1, which prefix sums of the
+    # whole filter rounded to 0.95
+    "tiny_border_taps": (_w([[[1.0, 0.3, 1e-6]], [[1.0, 0.7, 1e-6]]]), 3, 3, 2),
+    "tiny_border_taps_2d": (_w([[[[1.0, 0.5], [0.3, 1e-7]]], [[[2.0, -1.0], [0.7, 3e-7]]]]), (3, 3), 3, 1),
+    "single_atom": (_w([[[1.0, -2.0, 3.0]]]), 3, 1, 0),
+    "duplicated_atoms": (_w([[[1.0, -2.0, 3.0]], [[-2.0, 4.0, -6.0]]]), 3, 1, 0),
+    "zero_atoms_in_padding": (_w([[[1.0, 2.0]], [[0.5, -1.0]]]), 4, 1, 6),
+    "stride_above_kernel": (_w([[[1.0, 2.0]], [[2.0, 1.0]]]), 11, 4, 1),
+    "even_non_square_2d": (
+        _w([[[[1.0, 0.0, -1.0], [2.0, 1.0, 0.5]]], [[[0.0, 1.0, 1.0], [1.0, -1.0, 2.0]]]]),
+        (5, 6),
+        (1, 2),
+        (1, 0),
+    ),
+    "integer_dtype": (torch.tensor([[[1, 2, -1]], [[3, 0, 1]]]), 8, 2, 1),
+    "non_contiguous": (torch.arange(24.0).reshape(3, 2, 4).transpose(0, 2)[:, :, ::2] - 10.0, 7, 1, 1),
+    "all_zero": (torch.zeros(2, 2, 3), 6, 1, 0),
+}
+
+
+@pytest.mark.parametrize("name", COHERENCE_EDGES)
+def test_mutual_coherence_on_edge_dictionaries(name):
+    w, size, stride, padding = COHERENCE_EDGES[name]
+    want = ref_coherence(ref_atoms(w, size, stride, padding))
+    got = theory.mutual_coherence(w, size, stride=stride, padding=padding)
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_mutual_coherence_of_float32_is_that_of_its_float64_values_and_nan_propagates():
+    w = torch.randn(3, 2, 4, 3, generator=torch.Generator().manual_seed(3))
+    assert theory.mutual_coherence(w, (8, 7), padding=1) == theory.mutual_coherence(w.double(), (8, 7), padding=1)
+    for bad in (math.nan, math.inf, -math.inf):
+        v = w.clone()
+        v[1, 1, 2, 0] = bad
+        assert math.isnan(theory.mutual_coherence(v, (8, 7), padding=1))
