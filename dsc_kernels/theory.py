@@ -292,20 +292,31 @@ def dictionary_matrix(
     per code entry (channel-major, then positions in row-major order), each the synthesis of a unit code.
 
     Only for small sizes (it forms every atom); mutual_coherence never does. C_code = 0 gives no columns, C_sig = 0
-    no rows.
+    no rows. A NaN/inf tap appears in exactly the atoms that keep it; the matrix is on weight's device.
     """
     nd, size, st, pd = _conv_args(weight, signal_size, stride, padding)
     code = tuple((n + 2 * p - k) // s + 1 for n, p, k, s in zip(size, pd, weight.shape[2:], st))
     if min(code) < 1:
         raise ValueError(f"signal_size {size} is smaller than the filter {tuple(weight.shape[2:])}")
-    op = tuple(n + 2 * p - k - (c - 1) * s for n, p, k, c, s in zip(size, pd, weight.shape[2:], code, st))
-    n_atoms = weight.shape[0] * math.prod(code)
-    if 0 in weight.shape[:2]:  # torch's conv_transpose rejects empty weights; the matrix is just empty
-        return torch.zeros(math.prod(size) * weight.shape[1], n_atoms, dtype=torch.float64, device=weight.device)
-    units = torch.eye(n_atoms, dtype=torch.float64).reshape(n_atoms, weight.shape[0], *code)
-    conv_t = F.conv_transpose1d if nd == 1 else F.conv_transpose2d
-    atoms = conv_t(units, weight.detach().to(torch.float64), stride=st, padding=pd, output_padding=op)
-    return atoms.reshape(n_atoms, -1).T
+    # Each entry is one filter tap, placed (not computed): code position i puts tap j at signal index i*s - p + j
+    # (docs/design.md §2), so tap[x, i] = x - i*s + p is the tap atom i holds at signal index x, if any. Placing
+    # keeps a NaN/inf tap in the atoms that hold it; a synthesis of unit codes would multiply it by the zeros of
+    # every other code entry and spread NaN to every column.
+    w = weight.detach().to(torch.float64)
+    taps, inside = [], []
+    for n, p, k, c, s in zip(size, pd, w.shape[2:], code, st):
+        tap = torch.arange(n, device=w.device)[:, None] - s * torch.arange(c, device=w.device)[None, :] + p
+        taps.append(tap.clamp(0, k - 1))
+        inside.append((tap >= 0) & (tap < k))
+    if nd == 1:
+        atoms, keep = w[:, :, taps[0]], inside[0]  # (C_code, C_sig, n, c)
+    else:
+        atoms = w[:, :, taps[0][:, None, :, None], taps[1][None, :, None, :]]  # (C_code, C_sig, nh, nw, ch, cw)
+        keep = inside[0][:, None, :, None] & inside[1][None, :, None, :]
+    atoms = torch.where(keep, atoms, torch.zeros((), dtype=atoms.dtype, device=atoms.device))
+    # rows: (C_sig, *signal_size) flattened; columns: (C_code, *code) flattened
+    order = (1, *range(2, 2 + nd), 0, *range(2 + nd, 2 + 2 * nd))
+    return atoms.permute(order).reshape(weight.shape[1] * math.prod(size), weight.shape[0] * math.prod(code))
 
 
 def spark(

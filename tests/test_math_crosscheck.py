@@ -204,3 +204,15 @@ def test_mutual_coherence_of_float32_is_that_of_its_float64_values_and_nan_propa
         v = w.clone()
         v[1, 1, 2, 0] = bad
         assert math.isnan(theory.mutual_coherence(v, (8, 7), padding=1))
+
+
+def test_dictionary_matrix_keeps_nan_and_inf_in_the_atoms_that_hold_them():
+    # synthesising unit codes multiplied the NaN tap by every zero code entry: NaN in every column
+    w = torch.randn(2, 2, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    w[0, 1, 1], w[1, 0, 2] = math.nan, math.inf
+    got = theory.dictionary_matrix(w, 7, stride=2, padding=1)
+    np.testing.assert_array_equal(got.numpy(), ref_atoms(w, 7, 2, 1))
+    assert np.isfinite(got.numpy()).any(axis=0).all() and not np.isfinite(got.numpy()).all()
+    # a NaN tap no atom keeps (stride 5 > k, padding 1 keeps only the middle taps) is not part of D
+    w = _w([[[math.nan, 1.0, 2.0]], [[3.0, -2.0, 1.0]]])
+    assert torch.isfinite(theory.dictionary_matrix(w, 1, stride=5, padding=1)).all()
