@@ -328,8 +328,9 @@ def spark(
     every subset up to `max_size` (default: all sizes) is independent — then spark > max_size. A subset counts as
     dependent when its smallest singular value is below tol times D's largest. Brute force (Donoho–Elad 2003's
     definition [L]): the cost is the number of subsets, so only small dictionaries; more than `max_subsets`
-    subsets in all raises ValueError before any is tried. matrix must be real and finite (no subset of a NaN column
-    has a rank); max_size an int >= 0 (0: nothing is tried, spark > 0), tol >= 0.
+    subsets in all raises ValueError before any is tried (judged from the shape, before the matrix is read).
+    matrix must be real and finite (no subset of a NaN column has a rank) and not on the meta device; max_size an
+    int >= 0 (0: nothing is tried, spark > 0), tol >= 0.
     """
     if not isinstance(matrix, torch.Tensor):
         raise TypeError(f"matrix must be a torch.Tensor, got {type(matrix).__name__}")
@@ -339,17 +340,23 @@ def spark(
         raise ValueError(f"matrix must be (n, A), got shape {tuple(matrix.shape)}")
     tol = _real("tol", tol, finite=True)
     max_subsets = check.count("max_subsets", max_subsets, 0)
+    n_rows, n_atoms = matrix.shape
+    limit = n_atoms if max_size is None else min(check.count("max_size", max_size, 0), n_atoms)
+    # The work is known from the shape alone: refuse before the matrix is copied, and stop counting at the limit
+    # (the exact count of a large matrix's subsets is itself a sum of huge binomials).
+    total = 0
+    for r in range(1, min(limit, n_rows) + 1):
+        total += math.comb(n_atoms, r)
+        if total > max_subsets:
+            raise ValueError(
+                f"more than {max_subsets} column subsets of {n_atoms} columns up to size {limit}: too many to "
+                f"enumerate (max_subsets = {max_subsets})"
+            )
+    if matrix.device.type == "meta":
+        raise ValueError("matrix is a meta tensor: spark needs its values")
     d = matrix.detach().to(torch.float64).cpu().numpy()
     if not np.isfinite(d).all():
         raise ValueError("matrix must be finite (it holds NaN or inf)")
-    n_rows, n_atoms = d.shape
-    limit = n_atoms if max_size is None else min(check.count("max_size", max_size, 0), n_atoms)
-    total = sum(math.comb(n_atoms, r) for r in range(1, min(limit, n_rows) + 1))
-    if total > max_subsets:
-        raise ValueError(
-            f"{total} column subsets of {n_atoms} columns up to size {limit}: too many to enumerate "
-            f"(max_subsets = {max_subsets})"
-        )
     floor = tol * float(np.linalg.norm(d, 2)) if d.size else 0.0
     for r in range(1, limit + 1):
         if r > n_rows:  # more columns than rows: every subset is dependent

@@ -216,3 +216,66 @@ def test_dictionary_matrix_keeps_nan_and_inf_in_the_atoms_that_hold_them():
     # a NaN tap no atom keeps (stride 5 > k, padding 1 keeps only the middle taps) is not part of D
     w = _w([[[math.nan, 1.0, 2.0]], [[3.0, -2.0, 1.0]]])
     assert torch.isfinite(theory.dictionary_matrix(w, 1, stride=5, padding=1)).all()
+
+
+# ---------------------------------------------------------------------------------------- spark, collisions
+SMALL_MATRICES = st.builds(
+    lambda n, a, seed, values: np.random.default_rng(seed).choice(values, size=(n, a)).astype(np.float64),
+    st.integers(0, 4),
+    st.integers(0, 6),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([(-1.0, 0.0, 1.0), (0.0, 1.0), (-2.0, -1.0, 1.0, 3.0), tuple(np.linspace(-1, 1, 9))]),
+)
+
+
+@FAST
+@given(SMALL_MATRICES)
+def test_spark_matches_enumeration_and_its_null_vector_is_one(d):
+    value, v = theory.spark(torch.from_numpy(d))
+    assert value == ref_spark(d)
+    if value == math.inf:
+        assert v is None
+        return
+    v = v.numpy()
+    assert v.shape == (d.shape[1],) and np.count_nonzero(v) == value
+    assert np.linalg.norm(d @ v) <= 1e-9 * max(np.linalg.norm(d, 2), 1.0) * np.linalg.norm(v)
+
+
+@FAST
+@given(SMALL_MATRICES, st.integers(0, 4))
+def test_sparse_collision_exists_exactly_when_spark_is_at_most_2s(d, s):
+    pair = theory.sparse_collision(torch.from_numpy(d), s)
+    assert (pair is not None) == (ref_spark(d) <= 2 * s)
+    if pair is not None:
+        z1, z2 = (z.numpy() for z in pair)
+        assert np.count_nonzero(z1) <= s and np.count_nonzero(z2) <= s and not np.array_equal(z1, z2)
+        np.testing.assert_allclose(d @ z1, d @ z2, atol=1e-9 * max(np.abs(d).max(initial=0.0), 1.0))
+
+
+def test_spark_of_convolutional_dictionaries_and_of_integer_and_strided_matrices():
+    # two channels commute: g on channel f and f on channel g synthesise the same f * g (docs/theory.md §2.1)
+    w = _w([[[1.0, 2.0]], [[1.0, -1.0]]])
+    d = theory.dictionary_matrix(w, 5)
+    assert theory.spark(d)[0] == ref_spark(d.numpy()) == 4.0
+    assert theory.spark(torch.tensor([[1, 0, 1], [0, 1, 1]]))[0] == 3.0  # integers
+    dup = torch.tensor([[1.0, 2.0, 1.0], [0.0, 3.0, 0.0], [4.0, 5.0, 4.0]])  # columns 0 and 2 equal
+    assert not dup.T.contiguous().T.is_contiguous()
+    assert theory.spark(dup.T.contiguous().T)[0] == theory.spark(dup)[0] == 2.0
+    assert theory.spark(torch.zeros(3, 2))[0] == 1.0 and theory.spark(torch.zeros(0, 2))[0] == 1.0
+    assert theory.spark(torch.zeros(3, 0)) == (math.inf, None)
+    assert theory.spark(torch.eye(4), max_size=2) == (math.inf, None)  # spark > 2
+
+
+def test_spark_refuses_bad_matrices_and_huge_searches_up_front():
+    with pytest.raises(ValueError, match="matrix must be finite"):
+        theory.spark(torch.tensor([[1.0, math.inf], [0.0, 1.0]]))
+    with pytest.raises(TypeError, match="matrix must be a real"):
+        theory.spark(torch.ones(2, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="matrix must be"):
+        theory.spark(torch.ones(2, 2, 2))
+    with pytest.raises(ValueError, match="meta"):  # used to fail inside numpy's conversion
+        theory.spark(torch.eye(3, device="meta"))
+    # the work is refused from the shape alone, before the matrix is copied (this one would be 20 GB as float64)
+    # and without summing every binomial of its 50000 sizes
+    with pytest.raises(ValueError, match="too many"):
+        theory.spark(torch.zeros(1, 1).expand(50_000, 50_000))
