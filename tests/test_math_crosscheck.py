@@ -279,3 +279,134 @@ def test_spark_refuses_bad_matrices_and_huge_searches_up_front():
     # and without summing every binomial of its 50000 sizes
     with pytest.raises(ValueError, match="too many"):
         theory.spark(torch.zeros(1, 1).expand(50_000, 50_000))
+
+
+# --------------------------------------------------------------------------------------- bounds and rates
+MUS = st.floats(0.0, 1.0)
+SPARSITY = st.integers(0, 40)
+NONNEG = st.floats(0.0, 1e6)
+KS = st.lists(st.integers(0, 60), min_size=1, max_size=5)
+
+
+@FAST
+@given(MUS)
+def test_uniqueness_bound_is_half_of_one_plus_one_over_mu(mu):
+    # Donoho–Elad: spark(D) >= 1 + 1/mu, so s < spark/2 >= (1 + 1/mu)/2 is unique
+    want = math.inf if mu == 0 else (1 + 1 / mu) / 2
+    assert theory.uniqueness_bound(mu) == pytest.approx(want, rel=1e-15)
+
+
+@FAST
+@given(st.floats(0.0, 1e3), st.lists(st.tuples(SPARSITY, MUS), max_size=4))
+def test_stability_bound_is_the_layer_product(eps, layers):
+    # docs/theory.md §2.2 (*): ||G_j - G^_j||^2 <= 4^j eps^2 prod_{i<=j} 1/(1 - (2 s_i - 1) mu_i); s = 0: factor 1
+    sparsities, mus = [s for s, _ in layers], [m for _, m in layers]
+    want, prod = [], 1.0
+    for j, (s, mu) in enumerate(layers, start=1):
+        gap = 1 - (2 * s - 1) * mu if s > 0 else 1.0
+        prod = prod / gap if gap > 0 else math.inf  # a layer with (2s - 1) mu >= 1: inf from there on (docstring)
+        want.append(math.sqrt(4**j * eps**2 * prod) if prod < math.inf else math.inf)
+    got = theory.stability_bound(eps, sparsities, mus)
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+@FAST
+@given(SPARSITY, MUS, st.floats(0.0, 3.0))
+def test_lista_cp_and_stripe_rates_and_gains(s, mu, q):
+    want_q = (2 * s - 1) * mu if s > 0 else 0.0  # Chen et al. 2018 Thm 2; s = 0, the zero code, has q = 0
+    assert theory.lista_cp_rate(s, mu) == pytest.approx(want_q, rel=1e-15, abs=0)
+    assert theory.stripe_rate(s, mu) == theory.lista_cp_rate(s, mu)  # the same form with the stripe count
+    assert theory.lista_cp_noise_gain(s, q) == (math.inf if q >= 1 else pytest.approx(2 * s / (1 - q), rel=1e-15))
+
+
+@FAST
+@given(KS, SPARSITY, NONNEG, st.floats(0.0, 0.999), NONNEG, NONNEG)
+def test_lista_cp_error_bound_is_s_b_q_to_the_k_plus_c_sigma(ks, s, b, q, c, sigma):
+    k = np.array(ks)
+    np.testing.assert_allclose(theory.lista_cp_error_bound(k, s, b, q, c, sigma), s * b * q**k + c * sigma, rtol=1e-13)
+    assert theory.lista_cp_error_bound(ks[0], s, b, q, c, sigma) == pytest.approx(s * b * q ** ks[0] + c * sigma)
+
+
+@FAST
+@given(KS, st.lists(st.tuples(SPARSITY, NONNEG, st.floats(0.0, 0.99), NONNEG), min_size=1, max_size=4))
+def test_deep_error_bound_is_the_dagger_sum(ks, layers):
+    # docs/theory.md §4.2 (dagger): sum_j (prod_{i>j} Cbar_i)(s_j B_j q_j^k + Cbar_j eta_j), Cbar = 2s/(1 - q)
+    k = np.array(ks, dtype=np.float64)
+    cbar = [2 * s / (1 - q) for s, _, q, _ in layers]
+    want = np.zeros_like(k)
+    for j, (s, b, q, eta) in enumerate(layers):
+        want += math.prod(cbar[j + 1 :]) * (s * b * q**k + cbar[j] * eta)
+    s, b, q, eta = (list(x) for x in zip(*layers))
+    np.testing.assert_allclose(theory.deep_error_bound(k, s, b, q, eta), want, rtol=1e-12)
+    no_eta = [sum(math.prod(cbar[j + 1 :]) * s[j] * b[j] * q[j] ** kk for j in range(len(s))) for kk in ks]
+    np.testing.assert_allclose(theory.deep_error_bound(k, s, b, q), no_eta, rtol=1e-12)
+
+
+@FAST
+@given(KS, SPARSITY, NONNEG, MUS, st.floats(0.0, 10.0))
+def test_stripe_error_bound_is_the_recursion_and_its_threshold(ks, s, b, mu, eta):
+    # docs/theory.md §4.3: M_{k+1} <= q M_k + 2 eta, M_0 = B, under theta_k = mu s ||e^k||_inf + eta
+    q = (2 * s - 1) * mu if s > 0 else 0.0
+    got = theory.stripe_error_bound(np.array(ks), s, b, mu, eta)
+    if q >= 1:
+        assert np.all(got == np.inf)
+    else:
+        for kk, value in zip(ks, got):
+            m = b
+            for _ in range(kk):
+                m = q * m + 2 * eta
+            assert value == pytest.approx(m, rel=1e-9, abs=1e-12)
+            assert value <= b * q**kk + 2 * eta / (1 - q) * (1 + 1e-12) + 1e-300  # the looser form of the docs
+    err = b / 7
+    assert theory.stripe_threshold(err, s, mu, eta) == pytest.approx(mu * s * err + eta, rel=1e-15)
+
+
+@FAST
+@given(NONNEG, MUS, NONNEG, st.floats(0.0, 1e3), st.floats(0.0, 0.999), st.integers(0, 30), st.floats(0.0, 1e3))
+def test_thresholds(err, mu, eta, theta0, q, n_iter, floor):
+    assert theory.oracle_threshold(err, mu, eta) == pytest.approx(mu * err + eta, rel=1e-15)
+    got = theory.geometric_thresholds(theta0, q, n_iter, floor)
+    assert got.shape == (n_iter,)
+    np.testing.assert_allclose(got, [theta0 * q**k + floor for k in range(n_iter)], rtol=1e-13)
+
+
+@FAST
+@given(KS, st.floats(0.0, 1e6), st.floats(0.0, 1e6))
+def test_ista_and_fista_objective_bounds(ks, lip, dist0_sq):
+    # Beck–Teboulle 2009, Thm 3.1 and 4.4: L||z0 - z*||^2/(2k) and 2L||z0 - z*||^2/(k + 1)^2 for k >= 1
+    for fn, rate in (
+        (theory.ista_objective_bound, lambda k: 1 / (2 * k)),
+        (theory.fista_objective_bound, lambda k: 2 / (k + 1) ** 2),
+    ):
+        got = fn(np.array(ks), lip, dist0_sq)
+        want = [lip * dist0_sq * rate(k) if k >= 1 else math.inf for k in ks]
+        np.testing.assert_allclose(got, want, rtol=1e-13)
+    assert theory.ista_objective_bound(math.inf, lip, dist0_sq) == 0.0  # the limit
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: theory.uniqueness_bound(math.nan), ValueError, "mu"),
+        (lambda: theory.uniqueness_bound(torch.tensor([0.1])), TypeError, "mu"),
+        (lambda: theory.stability_bound(math.nan, [1], [0.1]), ValueError, "eps"),
+        (lambda: theory.stability_bound(0.1, [True], [0.1]), TypeError, "sparsities"),
+        (lambda: theory.lista_cp_noise_gain(2, math.nan), ValueError, "q"),
+        (lambda: theory.lista_cp_error_bound(1, 2, math.nan, 0.5, 1.0, 0.0), ValueError, "B"),
+        (lambda: theory.lista_cp_error_bound([1, math.nan], 2, 1.0, 0.5, 1.0, 0.0), ValueError, "k"),
+        (lambda: theory.lista_cp_error_bound(np.array([True]), 2, 1.0, 0.5, 1.0, 0.0), TypeError, "k"),
+        (lambda: theory.deep_error_bound(1, [2], [1.0], [math.nan]), ValueError, "qs"),
+        (lambda: theory.deep_error_bound(1, [2], [math.nan], [0.5]), ValueError, "amplitudes"),
+        (lambda: theory.stripe_error_bound(1, 2, 1.0, 0.1, math.nan), ValueError, "eta"),
+        (lambda: theory.stripe_threshold(math.nan, 2, 0.1, 0.0), ValueError, "err_linf"),
+        (lambda: theory.oracle_threshold(math.nan, 0.1, 0.0), ValueError, "err_l1"),
+        (lambda: theory.geometric_thresholds(1.0, 0.5, 3, math.inf), ValueError, "floor"),
+        (lambda: theory.geometric_thresholds(1.0, math.nan, 3), ValueError, "q"),
+        (lambda: theory.ista_objective_bound(1, math.nan, 1.0), ValueError, "L"),
+        (lambda: theory.fista_objective_bound(1, 1.0, math.nan), ValueError, "dist0_sq"),
+        (lambda: theory.fista_objective_bound(1, 1.0, "1"), TypeError, "dist0_sq"),
+    ],
+)
+def test_nan_and_wrong_types_are_refused_naming_the_argument(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
