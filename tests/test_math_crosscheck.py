@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import optimize, special
 from sklearn.metrics.pairwise import cosine_similarity
 
 from dsc_kernels import sparsity, theory
@@ -410,3 +411,72 @@ def test_ista_and_fista_objective_bounds(ks, lip, dist0_sq):
 def test_nan_and_wrong_types_are_refused_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ------------------------------------------------------------------------------------------- activations
+def _silu_dip():  # stationary point of z sigmoid(z): sigmoid(z) (1 + z (1 - sigmoid(z))) = 0
+    return optimize.brentq(lambda z: 1 + z * (1 - special.expit(z)), -3.0, -0.5, xtol=1e-15, rtol=1e-15)
+
+
+def _gelu_dip():  # stationary point of z Phi(z): Phi(z) + z phi(z) = 0
+    return optimize.brentq(
+        lambda z: special.ndtr(z) + z * np.exp(-z * z / 2) / math.sqrt(2 * math.pi), -3.0, -0.1, xtol=1e-15, rtol=1e-15
+    )
+
+
+REFERENCE_ACTIVATIONS = {
+    "softplus": (lambda z, b: np.logaddexp(0.0, b * z) / b, 0.0, math.log(2.0)),
+    "silu": (lambda z, b: z * special.expit(b * z), _silu_dip(), -_silu_dip() * special.expit(_silu_dip())),
+    "gelu": (lambda z, b: z * special.ndtr(b * z), _gelu_dip(), -_gelu_dip() * special.ndtr(_gelu_dip())),
+}
+
+
+@pytest.mark.parametrize("name", REFERENCE_ACTIVATIONS)
+@pytest.mark.parametrize("beta", [1e-3, 0.37, 1.0, 8.0, 250.0])
+def test_activation_constants_from_scipy(name, beta):
+    _, at, gap = REFERENCE_ACTIVATIONS[name]
+    assert theory.activation_sup_distance(name, beta) == pytest.approx(gap / beta, rel=1e-13)
+    assert theory.activation_worst_input(name, beta) == pytest.approx(at / beta, rel=1e-13, abs=1e-300)
+    # |sigma_beta - ReLU| on a fine grid never exceeds the constant, and reaches it at the worst input
+    fn, _, _ = REFERENCE_ACTIVATIONS[name]
+    z = np.linspace(-30, 30, 20001) / beta
+    assert np.abs(fn(z, beta) - np.maximum(z, 0)).max() <= gap / beta * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("name", REFERENCE_ACTIVATIONS)
+@pytest.mark.parametrize("beta", [1e-3, 0.37, 1.0, 8.0])
+def test_smooth_relu_is_the_activation_to_rounding_in_the_tails_too(name, beta):
+    # the tails matter: sigma_beta - ReLU there is the floor the report measures (docs/theory.md §5.1)
+    fn, _, _ = REFERENCE_ACTIVATIONS[name]
+    bz = np.concatenate([np.linspace(-60, 60, 2401), [-700.0, -38.0, -20.5, 20.5, 25.0, 30.0, 36.0, 700.0]])
+    bz = np.concatenate([bz, [math.nan, math.inf, -math.inf]])  # NaN stays NaN; -inf is NaN in scipy's forms too
+    z = bz / beta
+    # the rounding of beta z, times the condition number: |beta z| for e^{beta z}, (beta z)^2 for Phi's tail
+    x = np.nan_to_num(np.abs(bz), posinf=0)
+    cond = 8 + x + (x * x if name == "gelu" else 0)
+    for dtype, eps, tiny in ((torch.float64, 2.2e-16, 1e-300), (torch.float32, 1.2e-7, 1e-35)):
+        zt = torch.from_numpy(z).to(dtype)
+        got = theory.smooth_relu(name, beta)(zt)
+        assert got.dtype == dtype
+        got = got.double().numpy()
+        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf where both are inf; NaN in, NaN out
+            want = fn(zt.double().numpy(), beta)
+            ok = (np.abs(got - want) <= 2 * eps * cond * np.abs(want) + tiny) | (got == want)
+        ok |= np.isnan(got) & np.isnan(want)
+        assert ok.all(), (dtype, z[~ok][:5], got[~ok][:5], want[~ok][:5])
+
+
+@pytest.mark.parametrize("name", REFERENCE_ACTIVATIONS)
+def test_smooth_relu_derivatives(name):
+    # softplus' = sigmoid(b z); SiLU' = s + b z s (1 - s), s = sigmoid(b z); GELU' = Phi(b z) + b z phi(b z)
+    beta = 2.5
+    z = torch.tensor([-30.0, -3.0, -0.4, 0.0, 0.7, 5.0, 30.0], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(theory.smooth_relu(name, beta)(z).sum(), z)
+    bz = beta * z.detach().numpy()
+    sig = special.expit(bz)
+    want = {
+        "softplus": sig,
+        "silu": sig + bz * sig * (1 - sig),
+        "gelu": special.ndtr(bz) + bz * np.exp(-bz * bz / 2) / math.sqrt(2 * math.pi),
+    }[name]
+    np.testing.assert_allclose(grad.numpy(), want, rtol=1e-12, atol=1e-300)
