@@ -497,6 +497,8 @@ def stripe_sparsity(code: torch.Tensor, kernel_size: int | Sequence[int], stride
         raise ValueError(f"code must be a (B, C, L) or (B, C, H, W) tensor, got {getattr(code, 'shape', code)!r}")
     nd = code.dim() - 2
     ks, st = check.ints("kernel_size", kernel_size, nd, minimum=1), check.ints("stride", stride, nd, minimum=1)
+    if code.device.type == "meta":
+        raise ValueError("code is a meta tensor: stripe_sparsity needs its values")
     counts = (code != 0).sum(1).to(torch.int64)  # (B, *S)
     if not counts.numel():
         return 0
@@ -505,7 +507,7 @@ def stripe_sparsity(code: torch.Tensor, kernel_size: int | Sequence[int], stride
     for axis, (k, s) in enumerate(zip(ks, st), start=1):
         n, reach = counts.shape[axis], (k - 1) // s
         cum = F.pad(counts.cumsum(axis).movedim(axis, -1), (1, 0)).movedim(-1, axis)
-        pos = torch.arange(n)
+        pos = torch.arange(n, device=counts.device)  # index_select wants its index on the code's device
         hi, lo = (pos + reach + 1).clamp(max=n), (pos - reach).clamp(min=0)
         counts = cum.index_select(axis, hi) - cum.index_select(axis, lo)
     return int(counts.max())

@@ -480,3 +480,50 @@ def test_smooth_relu_derivatives(name):
         "gelu": special.ndtr(bz) + bz * np.exp(-bz * bz / 2) / math.sqrt(2 * math.pi),
     }[name]
     np.testing.assert_allclose(grad.numpy(), want, rtol=1e-12, atol=1e-300)
+
+
+# ------------------------------------------------------------------------------------------ stripe sparsity
+def ref_stripe(code: np.ndarray, kernel, stride) -> int:
+    """max over samples and code positions i of the non-zeros (all channels) at positions j with |i - j| <= (k-1)//s
+    on every axis: the entries whose atoms can overlap atom i (docs/theory.md §1.3)."""
+    nz = (code != 0).sum(1)
+    reach = [(k - 1) // s for k, s in zip(kernel, stride)]
+    best = 0
+    for b in range(code.shape[0]):
+        for i in itertools.product(*(range(n) for n in code.shape[2:])):
+            count = 0
+            for j in itertools.product(*(range(n) for n in code.shape[2:])):
+                if all(abs(a - c) <= r for a, c, r in zip(i, j, reach)):
+                    count += int(nz[b][j])
+            best = max(best, count)
+    return best
+
+
+@FAST
+@given(
+    st.sampled_from([1, 2]),
+    st.integers(0, 2),
+    st.integers(0, 3),
+    st.integers(0, 2**31 - 1),
+    st.lists(st.integers(1, 9), min_size=2, max_size=2),
+    st.lists(st.integers(1, 10), min_size=2, max_size=2),
+)
+def test_stripe_sparsity_matches_enumeration(nd, batch, channels, seed, kernel, stride):
+    rng = np.random.default_rng(seed)
+    shape = (batch, channels, *rng.integers(0, 8, nd))
+    code = np.where(rng.random(shape) < rng.random(), rng.standard_normal(shape), 0.0)
+    code[rng.random(shape) < 0.05] = math.nan  # NaN is not a zero
+    got = theory.stripe_sparsity(torch.from_numpy(code), kernel[:nd], stride[:nd])
+    assert got == ref_stripe(code, kernel[:nd], stride[:nd])
+    assert got <= max([int((code[b] != 0).sum()) for b in range(batch)], default=0)  # never above ||Gamma||_0
+
+
+def test_stripe_sparsity_of_integer_bool_and_non_contiguous_codes_and_of_meta_ones():
+    code = torch.zeros(2, 3, 9, 7, dtype=torch.int64)
+    code[0, 0, 1, 1] = code[0, 2, 2, 3] = code[1, 1, 8, 6] = 5
+    for c in (code, code.bool(), code.double().transpose(2, 3).contiguous().transpose(2, 3)):
+        assert theory.stripe_sparsity(c, (3, 5), (1, 2)) == ref_stripe(code.numpy(), (3, 5), (1, 2)) == 2
+    with pytest.raises(ValueError, match="code"):  # no values to count: used to fail converting the count
+        theory.stripe_sparsity(torch.zeros(1, 1, 5, device="meta"), 3)
+    with pytest.raises(ValueError, match="code"):
+        theory.stripe_sparsity(np.zeros((1, 1, 5)), 3)
