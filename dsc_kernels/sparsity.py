@@ -71,8 +71,11 @@ def _reduced_dims(t: Tensor, dim: int | Sequence[int] | None) -> tuple[int, ...]
 
 
 def zero_fraction(t: Tensor) -> float:
-    """Fraction of entries of ``t`` that are exactly zero (NaN counts as non-zero); 0.0 for an empty tensor."""
+    """Fraction of entries of ``t`` that are exactly zero (NaN counts as non-zero); 0.0 for an empty tensor. A meta
+    tensor has no values to count: ValueError."""
     t = _tensor("t", t)
+    if t.device.type == "meta":
+        raise ValueError("t is a meta tensor: zero_fraction needs its values")
     return float((t == 0).sum()) / t.numel() if t.numel() else 0.0
 
 
@@ -83,8 +86,8 @@ def hoyer(t: Tensor, dim: int | Sequence[int] | None = None) -> Tensor:
     entry has the same magnitude; rounding never takes it outside [0, 1]. n = 1 gives 1. Scale invariant at every
     scale (hoyer(c t) == hoyer(t) for c > 0, tiny t included); NaN (or inf) in a slice gives NaN there.
     Differentiable, with finite gradients (0 at an all-zero slice). Integer and bool tensors are measured in the
-    default float dtype. ``dim``: an int or distinct ints (negative from the end); TypeError/ValueError otherwise.
-    Returns a tensor with ``dim`` reduced.
+    default float dtype; float16 and bfloat16 ones in float32, the result in their dtype. ``dim``: an int or
+    distinct ints (negative from the end); TypeError/ValueError otherwise. Returns a tensor with ``dim`` reduced.
     """
     t = _tensor("t", t)
     dims = _reduced_dims(t, dim)
@@ -95,6 +98,11 @@ def hoyer(t: Tensor, dim: int | Sequence[int] | None = None) -> Tensor:
     if n <= 1:
         total = a.sum(dim=dims)
         return torch.ones_like(total) + total * 0  # * 0 keeps NaN/inf and the graph
+    # sqrt(n) - |t|_1/|t|_2 cancels: in float16/bfloat16 a single non-zero of two gave 0.9995 and [1, 2, 3] 3% off.
+    # Measure those in float32 and return their dtype.
+    low = a.dtype if a.dtype in (torch.float16, torch.bfloat16) else None
+    if low is not None:
+        a = a.float()
     # Divide by the largest magnitude: |t|_1 / |t|_2 does not change, and nothing underflows or overflows, so no eps
     # is needed. The scale is detached: the ratio is the same for every scale, so its gradient stays exact.
     top = a.amax(dim=dims, keepdim=True).detach()
@@ -106,7 +114,8 @@ def hoyer(t: Tensor, dim: int | Sequence[int] | None = None) -> Tensor:
     ratio = l1 / torch.where(zero, torch.ones_like(sq), sq).sqrt()
     # equal magnitudes give ratio = sqrt(n) up to rounding, which can land a hair outside [0, 1]; clamp keeps NaN
     value = ((math.sqrt(n) - ratio) / (math.sqrt(n) - 1)).clamp(0.0, 1.0)
-    return torch.where(zero, torch.ones_like(ratio), value)
+    value = torch.where(zero, torch.ones_like(ratio), value)
+    return value if low is None else value.to(low)
 
 
 def channel_activity(t: Tensor) -> Tensor:

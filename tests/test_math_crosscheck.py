@@ -527,3 +527,181 @@ def test_stripe_sparsity_of_integer_bool_and_non_contiguous_codes_and_of_meta_on
         theory.stripe_sparsity(torch.zeros(1, 1, 5, device="meta"), 3)
     with pytest.raises(ValueError, match="code"):
         theory.stripe_sparsity(np.zeros((1, 1, 5)), 3)
+
+
+# ------------------------------------------------------------------------------------------------ sparsity
+def ref_hoyer(x: np.ndarray, axes) -> np.ndarray:
+    """(sqrt(n) - ||x||_1/||x||_2)/(sqrt(n) - 1) over `axes` (Hoyer 2004); 1 for n <= 1 and all-zero slices, NaN
+    for a slice holding NaN or inf."""
+    axes = tuple(range(x.ndim)) if axes is None else tuple(a % max(x.ndim, 1) for a in np.atleast_1d(axes))
+    rest = [a for a in range(x.ndim) if a not in axes]
+    n = math.prod(x.shape[a] for a in axes)
+    flat = np.moveaxis(x, axes, range(len(axes))).reshape(n, *[x.shape[a] for a in rest]) if x.ndim else x.reshape(1)
+    out = np.ones(flat.shape[1:])
+    for idx in np.ndindex(*flat.shape[1:]):
+        v = np.abs(flat[(slice(None), *idx)].astype(np.float64))
+        if not np.isfinite(v).all():
+            out[idx] = math.nan
+        elif n > 1 and v.any():
+            v = v / v.max()
+            out[idx] = (math.sqrt(n) - v.sum() / math.sqrt((v * v).sum())) / (math.sqrt(n) - 1)
+    return out
+
+
+@FAST
+@given(
+    st.lists(st.integers(0, 4), min_size=0, max_size=3),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([None, 0, -1, (0, -1), 1]),
+    st.sampled_from(["normal", "sparse", "equal", "tiny", "huge", "nan", "inf", "int", "bool", "float32"]),
+)
+def test_hoyer_matches_the_formula(shape, seed, dim, style):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape) * (rng.random(shape) < 0.4 if style == "sparse" else 1)
+    if dim is not None and (
+        not shape or max(np.atleast_1d(dim)) >= len(shape) or min(np.atleast_1d(dim)) < -len(shape)
+    ):
+        dim = None
+    if dim == (0, -1) and len(shape) < 2:
+        dim = None
+    x = {
+        "equal": np.sign(x) * 3.0,
+        "tiny": x * 1e-300,
+        "huge": x * 1e300,
+        "nan": np.where(rng.random(shape) < 0.2, math.nan, x),
+        "inf": np.where(rng.random(shape) < 0.2, -math.inf, x),
+        "int": np.round(x * 3),
+        "bool": x > 0,
+    }.get(style, x)
+    t = torch.from_numpy(np.asarray(x))
+    if style == "int":
+        t = t.to(torch.int32)
+    elif style == "float32":
+        t = t.float()
+    got = sparsity.hoyer(t, dim) if dim is not None else sparsity.hoyer(t)
+    want = ref_hoyer(t.double().numpy() if style != "bool" else np.asarray(x, dtype=np.float64), dim)
+    tol = 1e-12 if t.dtype == torch.float64 else 2e-6
+    np.testing.assert_allclose(got.double().numpy(), want, rtol=tol, atol=tol)
+    assert ((got >= 0) & (got <= 1) | got.isnan()).all()
+
+
+def test_hoyer_of_non_contiguous_slices_and_gradients():
+    x = torch.randn(5, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(6)).transpose(0, 2)
+    np.testing.assert_allclose(sparsity.hoyer(x, (0, 2)).numpy(), ref_hoyer(x.numpy(), (0, 2)), rtol=1e-13)
+    x = x.contiguous().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: sparsity.hoyer(t, 1), (x,))
+
+
+@FAST
+@given(st.lists(st.integers(0, 4), min_size=0, max_size=4), st.integers(0, 2**31 - 1), st.sampled_from(["f", "i", "b"]))
+def test_zero_fraction_and_channel_activity_count_exact_zeros(shape, seed, kind):
+    rng = np.random.default_rng(seed)
+    x = np.where(rng.random(shape) < 0.5, 0.0, rng.standard_normal(shape))
+    x[rng.random(shape) < 0.1] = math.nan
+    t = torch.from_numpy(x)
+    if kind == "i":
+        t = torch.from_numpy(np.asarray(np.nan_to_num(x, nan=7.0).round())).to(torch.int16)
+    elif kind == "b":
+        t = t != 0
+    v = t.double().numpy()
+    assert sparsity.zero_fraction(t) == (np.count_nonzero(v == 0) / v.size if v.size else 0.0)
+    if t.dim() >= 2:
+        per_channel = np.moveaxis(v, 1, 0).reshape(v.shape[1], v.size // v.shape[1] if v.shape[1] else 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            want = np.count_nonzero(per_channel != 0, axis=1) / per_channel.shape[1]
+        np.testing.assert_allclose(sparsity.channel_activity(t).double().numpy(), want, rtol=1e-7)
+
+
+def ref_coherence_penalty(w: np.ndarray, normalize: bool, shifts: bool, stride) -> float:
+    """sum over ordered atom pairs (a, b) and shifts t (multiples of the stride on every axis, |t| < k, only t = 0
+    without `shifts`) of (<d_a, shift_t d_b> - [a == b, t == 0])^2, the filters unfolded (normalised: unit norm)."""
+    c, _, *ks = w.shape
+    w = w.astype(np.float64)
+    if normalize:
+        norms = np.sqrt((w.reshape(c, -1) ** 2).sum(1))
+        w = w / np.where(norms > 0, norms, 1.0).reshape(c, *[1] * (w.ndim - 1))
+    stride = _per_axis(stride, len(ks))
+    ranges = [range(-((k - 1) // s) * s, k, s) if shifts else [0] for k, s in zip(ks, stride)]
+    total = 0.0
+    for t in itertools.product(*ranges):
+        padded = np.pad(w, [(0, 0), (0, 0)] + [(k, k) for k in ks])
+        shifted = np.roll(padded, t, axis=tuple(range(2, 2 + len(ks))))
+        for a in range(c):
+            for b in range(c):
+                inner = float((padded[a] * shifted[b]).sum())
+                total += (inner - (a == b and not any(t))) ** 2
+    return total
+
+
+@FAST
+@given(geometries(max_kernel=4), st.booleans(), st.booleans())
+def test_coherence_penalty_matches_the_shifted_gram(geometry, normalize, shifts):
+    w, _, stride, _ = geometry
+    if not normalize:  # raw filters of norm 1e150 overflow the squared Gram entries: keep their shape, not their scale
+        w = w / w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-300)
+    got = sparsity.coherence_penalty(w, normalize=normalize, shifts=shifts, stride=stride)
+    assert float(got) == pytest.approx(
+        ref_coherence_penalty(w.numpy(), normalize, shifts, stride), rel=1e-10, abs=1e-12
+    )
+
+
+def test_coherence_penalty_of_nan_and_zero_filters():
+    w = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    w[2] = 0.0  # a zero atom: orthogonal to everything, and 1 for its missing unit self-product
+    for shifts in (False, True):
+        want = ref_coherence_penalty(w.numpy(), True, shifts, 2)
+        assert float(sparsity.coherence_penalty(w, shifts=shifts, stride=2)) == pytest.approx(want, rel=1e-12)
+        bad = w.clone()
+        bad[0, 1, 3] = math.nan
+        assert math.isnan(sparsity.coherence_penalty(bad, shifts=shifts))
+
+
+@pytest.mark.parametrize("shape", ["linear", "cosine"])
+@given(step=st.integers(0, 50), warmup=st.integers(0, 40), start=st.floats(0.0, 1.0))
+@FAST
+def test_warmup_factor_is_the_ramp(shape, step, warmup, start):
+    progress = 1.0 if step >= warmup else step / warmup
+    if shape == "cosine":
+        progress = (1 - math.cos(math.pi * progress)) / 2
+    assert sparsity.warmup_factor(step, warmup, start=start, shape=shape) == pytest.approx(
+        start + (1 - start) * progress, rel=1e-14, abs=1e-15
+    )
+
+
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: sparsity.zero_fraction([0.0, 1.0]), TypeError, "t must be a torch.Tensor"),
+        (lambda: sparsity.hoyer(torch.ones(3), 1), ValueError, "dim"),
+        (lambda: sparsity.hoyer(torch.ones(3, 2), (0, 0)), ValueError, "dim"),
+        (lambda: sparsity.hoyer(torch.ones(3), 0.5), TypeError, "dim"),
+        (lambda: sparsity.channel_activity(torch.ones(4)), ValueError, "t must be"),
+        (lambda: sparsity.coherence_penalty(torch.ones(2, 1, 3, dtype=torch.int64)), TypeError, "weight"),
+        (lambda: sparsity.coherence_penalty(torch.ones(2, 1, 3), stride=0), ValueError, "stride"),
+        (lambda: sparsity.max_coherence(torch.ones(2, 1, 3), 2), ValueError, "smaller than the filter"),
+        (lambda: sparsity.warmup_factor(3, 10, start=math.nan), ValueError, "start"),
+        (lambda: sparsity.warmup_factor(3, 10, start=1.5), ValueError, "start"),
+        (lambda: sparsity.warmup_factor(-1, 10), ValueError, "step"),
+        (lambda: sparsity.warmup_factor(1.0, 10), TypeError, "step"),
+        (lambda: sparsity.warmup_factor(1, 10, shape="exp"), ValueError, "shape"),
+    ],
+)
+def test_sparsity_arguments_are_checked(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hoyer_of_half_precision_tensors_is_the_rounded_float64_value(dtype):
+    # sqrt(n) - |t|_1/|t|_2 cancels: computed in half precision, [1, 0] gave 0.9995 and [1, 2, 3] 3% off
+    rows = torch.tensor([[1.0, 0.0, 0.0], [1.0, 2.0, 3.0], [0.5, -0.25, 4.0], [0.0, 0.0, 0.0]])
+    got = sparsity.hoyer(rows.to(dtype), 1)
+    assert got.dtype == dtype
+    want = torch.from_numpy(ref_hoyer(rows.to(dtype).double().numpy(), 1)).to(dtype)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert float(sparsity.hoyer(torch.tensor([1.0, 0.0], dtype=dtype))) == 1.0
+
+
+def test_zero_fraction_of_a_meta_tensor_is_refused_naming_it():
+    with pytest.raises(ValueError, match="t is a meta tensor"):  # used to fail in Tensor.item()
+        sparsity.zero_fraction(torch.zeros(2, 3, device="meta"))
