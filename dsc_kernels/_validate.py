@@ -106,18 +106,21 @@ def count(name: str, value: object, minimum: int) -> int:
 
 def ints(name: str, value: IntOrPair, rank: int, *, minimum: int) -> tuple[int, ...]:
     """One int for every spatial dimension, or a sequence of ``rank`` of them, each >= minimum."""
-    try:
-        return (count(name, value, minimum),) * rank
-    except TypeError:
-        pass
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise TypeError(f"{name} must be an int or a sequence of {rank} ints, got {value!r}")
-    if len(value) != rank:
-        raise ValueError(f"{name} must be an int or have {rank} entries, got {value!r}")
-    try:
-        return tuple(count(name, v, minimum) for v in value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a sequence of {rank} ints, got {value!r}") from None
+    # A sequence is told from an int by its type, not by trying count() on it first: torch.compile (torch 2.11)
+    # cannot trace a TypeError raised and caught inside the compiled region.
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) != rank:
+            raise ValueError(f"{name} must be an int or have {rank} entries, got {value!r}")
+        try:
+            return tuple(count(name, v, minimum) for v in value)
+        except TypeError:
+            pass
+    else:
+        try:
+            return (count(name, value, minimum),) * rank
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be an int or a sequence of {rank} ints, got {value!r}")
 
 
 def padding(value: Padding, kernel: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:

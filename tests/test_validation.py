@@ -103,3 +103,32 @@ def test_other_functions_validate_their_inputs():
         DF.deep_conv_ista(X, [W], [0.1, 0.1], n_iter=2, backend="reference")
     with pytest.raises(TypeError, match="weights must be a non-empty list"):
         DF.deep_conv_ista(X, W, [0.1], n_iter=2, backend="reference")
+
+
+def test_valid_geometry_raises_nothing_on_the_way(monkeypatch):
+    """Valid strides and paddings pass the checks without an exception raised and caught inside them: torch.compile
+    of torch 2.11 (the GPU machine's) cannot trace one, and every compiled forward failed when ``ints`` tried a
+    tuple as an int first."""
+    from dsc_kernels import _validate
+
+    raised = []
+    original = _validate.count
+
+    def recording(name, value, minimum):
+        try:
+            return original(name, value, minimum)
+        except TypeError:
+            raised.append((name, value))
+            raise
+
+    monkeypatch.setattr(_validate, "count", recording)
+    for value in (2, (1, 2), [3, 1], torch.tensor(2)):
+        _validate.ints("stride", value, 2, minimum=1)
+    _validate.geometry((10, 10), W, (2, 1), (1, 0))
+    assert raised == []
+    with pytest.raises(TypeError, match="stride must be an int or a sequence of 2 ints"):
+        _validate.ints("stride", (1, 2.0), 2, minimum=1)
+    with pytest.raises(TypeError, match="stride must be an int or a sequence of 2 ints"):
+        _validate.ints("stride", "12", 2, minimum=1)
+    with pytest.raises(ValueError, match="stride must be an int or have 2 entries"):
+        _validate.ints("stride", (1, 2, 3), 2, minimum=1)

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
 
 __all__ = ["interpreting", "launch", "record_launches", "AotSpec", "aot_compile"]
 
@@ -120,6 +122,10 @@ def launch(kernel):
     """`torch.library.wrap_triton(kernel)`, or a recorder of the launch inside `record_launches`."""
     if _recorded is not None:
         return _Recorder(kernel)
+    if interpreting() and not isinstance(kernel, (JITFunction, Autotuner)):
+        # Triton < 3.7 under its interpreter makes @triton.jit return an InterpretedFunction, which wrap_triton
+        # refuses (torch 2.11 with triton 3.6, the GPU machine's stack); launched directly it runs the same way.
+        return kernel
     return torch.library.wrap_triton(kernel)
 
 
