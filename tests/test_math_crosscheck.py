@@ -267,6 +267,28 @@ def test_spark_of_convolutional_dictionaries_and_of_integer_and_strided_matrices
     assert theory.spark(torch.eye(4), max_size=2) == (math.inf, None)  # spark > 2
 
 
+@FAST
+@given(geometries(max_kernel=3))
+def test_spark_of_a_convolutional_dictionary_is_at_least_one_plus_one_over_mu(geometry):
+    # docs/theory.md §1.3: spark(D) >= 1 + 1/mu(D) (Gershgorin on the Gram matrix of 1/mu atoms), so the uniqueness
+    # bound never promises more than the spark delivers: a collision needs > 2 * floor-below-bound non-zeros
+    w, size, stride, padding = geometry
+    d = theory.dictionary_matrix(w, size, stride=stride, padding=padding)
+    if d.shape[1] > 9 or not torch.isfinite(d).all():
+        return
+    # the coherence skips zero atoms (a zero column alone is dependent: spark 1); a 1e-150-scaled filter's atoms are
+    # small, not dependent: scale every column to max |entry| = 1 (neither changes mu)
+    d = d[:, d.abs().amax(0) > 0] if d.shape[0] else d[:, :0]
+    d = d / d.abs().amax(0)
+    mu = theory.mutual_coherence(w, size, stride=stride, padding=padding)
+    value = theory.spark(d)[0]
+    assert value == ref_spark(d.numpy())
+    if mu > 0:
+        assert value >= 1 + 1 / mu - 1e-9
+        s = math.ceil(theory.uniqueness_bound(mu)) - 1  # the largest s < (1 + 1/mu)/2
+        assert theory.sparse_collision(d, s) is None
+
+
 def test_spark_refuses_bad_matrices_and_huge_searches_up_front():
     with pytest.raises(ValueError, match="matrix must be finite"):
         theory.spark(torch.tensor([[1.0, math.inf], [0.0, 1.0]]))
