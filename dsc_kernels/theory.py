@@ -170,6 +170,63 @@ def _masks(lo: torch.Tensor, hi: torch.Tensor, k: int) -> torch.Tensor:
     return ((taps >= lo[:, None]) & (taps < hi[:, None])).to(torch.float64)
 
 
+def _box_max(w: torch.Tensor, win_h: Window, win_w: Window) -> torch.Tensor:
+    """(C_code, 1, 1, 1) largest |tap| of each filter inside the box win_h x win_w (1 where the box is all zero)."""
+    top = w[:, :, win_h[0] : win_h[1], win_w[0] : win_w[1]].abs().amax(dim=(1, 2, 3), keepdim=True)
+    return torch.where(top > 0, top, torch.ones_like(top))
+
+
+def _atom_filters(w: torch.Tensor, win_h: Window, win_w: Window) -> torch.Tensor:
+    """The filters cut to the taps of the box win_h x win_w, each scaled to its largest |tap| there: the atoms of
+    that truncation class up to scale (the taps outside, zero, could overflow once scaled up)."""
+    out = torch.zeros_like(w)
+    box = (slice(None), slice(None), slice(*win_h), slice(*win_w))
+    out[box] = w[box]
+    return out / _box_max(w, win_h, win_w)
+
+
+def _max_cosine(wa: torch.Tensor, wb: torch.Tensor, pairs_h: list, pairs_w: list, shift: tuple, same: bool) -> float:
+    """max |cos| between atom a (filter wa[a], kept taps window_a) and atom b (filter wb[b], window_b, placed `shift`
+    further on) over every filter pair and every (window_a, window_b) of pairs_h x pairs_w; `same`: shift 0, where
+    an atom with itself is not a pair. wa and wb are the filters, each channel scaled as it likes (cosines do not
+    see it). Inner products and norms are sums over exactly the boxes of taps the atoms keep (0/1 masks), not
+    differences of prefix sums, which would carry the rounding of the taps outside the box."""
+    c_code, _, kh, kw = wa.shape
+    sh, sw = shift
+    # prod[a, b, u, v] = sum_c wa[a, c, u, v] * wb[b, c, u - sh, v - sw]: tap (u, v) of atom a (signal coordinates
+    # relative to atom a) meets tap (u - sh, v - sw) of atom b, which sits sh, sw further on.
+    u0, u1, v0, v1 = max(0, sh), min(kh, kh + sh), max(0, sw), min(kw, kw + sw)
+    if u0 >= u1 or v0 >= v1:
+        return 0.0
+    shifted = torch.zeros_like(wb)
+    shifted[..., u0:u1, v0:v1] = wb[..., u0 - sh : u1 - sh, v0 - sw : v1 - sw]
+    prod = torch.einsum("acuv,bcuv->abuv", wa, shifted)
+    ph = torch.tensor(pairs_h, dtype=torch.long)  # (n_h, 2 windows, 2 ends)
+    pw = torch.tensor(pairs_w, dtype=torch.long)
+    # taps both atoms keep, in atom a's coordinates: window_a ∩ (window_b + shift)
+    box_h = _masks(torch.maximum(ph[:, 0, 0], ph[:, 1, 0] + sh), torch.minimum(ph[:, 0, 1], ph[:, 1, 1] + sh), kh)
+    box_w = _masks(torch.maximum(pw[:, 0, 0], pw[:, 1, 0] + sw), torch.minimum(pw[:, 0, 1], pw[:, 1, 1] + sw), kw)
+    # inner[a, b, i, j] = sum over box_h[i] x box_w[j] of prod[a, b]: two flat matmuls (batched ones are slower)
+    n_h, n_w = len(box_h), len(box_w)
+    inner = (prod.reshape(-1, kw) @ box_w.T).reshape(c_code, c_code, kh, n_w).transpose(2, 3).reshape(-1, kh)
+    inner = (inner @ box_h.T).reshape(c_code, c_code, n_w, n_h).transpose(2, 3)  # (C, C, n_h, n_w)
+
+    def norms(w: torch.Tensor, end: int) -> torch.Tensor:
+        # (C_code, n_h, n_w) norms of the atoms whose kept taps are window `end` (0: a, 1: b) of each pair; zero
+        # exactly when all their taps are
+        mask_h, mask_w = _masks(ph[:, end, 0], ph[:, end, 1], kh), _masks(pw[:, end, 0], pw[:, end, 1], kw)
+        return (mask_h @ (w * w).sum(1) @ mask_w.T).clamp_min(0).sqrt()
+
+    na, nb = norms(wa, 0), norms(wb, 1)
+    valid = (na > 0)[:, None] & (nb > 0)[None, :]
+    if same:
+        valid &= ~torch.eye(c_code, dtype=torch.bool)[:, :, None, None]
+    # every atom here keeps a tap >= 1e-100 of the largest (else the caller scaled it up): no product underflows
+    denom = torch.where(valid, na[:, None] * nb[None, :], torch.ones((), dtype=wa.dtype))
+    ratio = torch.where(valid, inner.abs_() / denom, torch.zeros((), dtype=wa.dtype))
+    return float(ratio.max()) if ratio.numel() else 0.0
+
+
 def mutual_coherence(
     weight: torch.Tensor,
     signal_size: int | Sequence[int],
@@ -190,7 +247,8 @@ def mutual_coherence(
     truncation class), so the inner products are the filters' channel-summed cross-correlations restricted to
     boxes of taps. For each offset one product tensor is formed and summed over each box that occurs (each a sum of
     exactly its own taps, so atoms of very different norms keep their precision); the cost depends on k/s and the
-    channel counts, not on the signal length.
+    channel counts, not on the signal length. A filter whose border atoms keep only taps below 1e-100 of its largest
+    is done one pair of truncation classes at a time, each atom scaled to its own largest tap (exact, slower).
 
     Definition: Donoho–Elad 2003 [L]; its use per layer of a convolutional DSC model: Papyan–Romano–Elad 2017 [L].
     """
@@ -222,52 +280,32 @@ def mutual_coherence(
     # filter to max |tap| = 1, so that filters of very different norms neither underflow nor overflow, and a small
     # filter's cosines are not judged against a large one's. All-zero filters give only zero atoms: dropped.
     top = w.abs().amax(dim=(1, 2, 3))
-    w = w[top > 0] / top[top > 0, None, None, None]
+    w = w[top > 0]
     c_code = w.shape[0]
     if c_code == 0:  # no atom has a direction: no pair of atoms, mu = 0 (as for a single atom)
         return 0.0
     classes = [_pair_classes(wins[0], kh, strides[0]), _pair_classes(wins[1], kw, strides[1])]
-    sq = (w * w).sum(1)  # (C_code, kh, kw)
-
-    def norms(mask_h: torch.Tensor, mask_w: torch.Tensor) -> torch.Tensor:
-        # (C_code, n_h, n_w) norms of the atoms whose kept taps are the boxes mask_h[i] x mask_w[j]; a sum over
-        # exactly the kept taps, so an atom is zero here exactly when all its taps are
-        return (mask_h @ sq @ mask_w.T).clamp_min(0).sqrt()
-
+    # An atom whose own taps are all below 1e-100 of its filter's largest (a border atom keeping only tiny taps)
+    # would have its squares and products underflow once the filter is scaled: then every pair of truncation
+    # classes is done on its own, each atom cut to its taps and scaled to its own largest one (slower; only then).
+    log_top = top[top > 0].log()
+    boxes = [
+        w[:, :, h0:h1, v0:v1].abs().amax(dim=(1, 2, 3)) for (h0, h1), (v0, v1) in itertools.product(*map(set, wins))
+    ]
+    # e^-230 = 1e-100, compared in logs: the ratio itself could underflow
+    tiny = any(bool(((box > 0) & (box.log() < log_top - 230.0)).any()) for box in boxes)
+    if not tiny:
+        w = w / top[top > 0, None, None, None]
     best = 0.0
     for dh, pairs_h in classes[0].items():
         for dw, pairs_w in classes[1].items():
-            sh, sw = dh * strides[0], dw * strides[1]
-            # prod[a, b, u, v] = sum_c w[a, c, u, v] * w[b, c, u - sh, v - sw]: tap (u, v) of atom a (signal
-            # coordinates relative to atom a) meets tap (u - sh, v - sw) of atom b, which sits sh, sw further on.
-            shifted = torch.zeros_like(w)
-            u0, u1, v0, v1 = max(0, sh), min(kh, kh + sh), max(0, sw), min(kw, kw + sw)
-            if u0 >= u1 or v0 >= v1:
+            shift = (dh * strides[0], dw * strides[1])
+            if not tiny:
+                best = max(best, _max_cosine(w, w, pairs_h, pairs_w, shift, dh == dw == 0))
                 continue
-            shifted[..., u0:u1, v0:v1] = w[..., u0 - sh : u1 - sh, v0 - sw : v1 - sw]
-            prod = torch.einsum("acuv,bcuv->abuv", w, shifted)
-            ph = torch.tensor(pairs_h, dtype=torch.long)  # (n_h, 2 windows, 2 ends)
-            pw = torch.tensor(pairs_w, dtype=torch.long)
-            # taps both atoms keep, in atom a's coordinates: window_a ∩ (window_b + shift). The inner products are
-            # sums over exactly these boxes (0/1 masks), not differences of prefix sums: those carry the rounding of
-            # the taps outside the box, which swamps the product of two atoms that keep only small taps.
-            box_h = _masks(
-                torch.maximum(ph[:, 0, 0], ph[:, 1, 0] + sh), torch.minimum(ph[:, 0, 1], ph[:, 1, 1] + sh), kh
-            )
-            box_w = _masks(
-                torch.maximum(pw[:, 0, 0], pw[:, 1, 0] + sw), torch.minimum(pw[:, 0, 1], pw[:, 1, 1] + sw), kw
-            )
-            inner = box_h @ (prod @ box_w.T)  # (C, C, n_h, n_w)
-            na = norms(_masks(ph[:, 0, 0], ph[:, 0, 1], kh), _masks(pw[:, 0, 0], pw[:, 0, 1], kw))  # (C, n_h, n_w)
-            nb = norms(_masks(ph[:, 1, 0], ph[:, 1, 1], kh), _masks(pw[:, 1, 0], pw[:, 1, 1], kw))
-            valid = (na > 0)[:, None] & (nb > 0)[None, :]
-            if dh == 0 and dw == 0:  # the same position: an atom with itself is not a pair
-                valid &= ~torch.eye(c_code, dtype=torch.bool)[:, :, None, None]
-            one = torch.ones((), dtype=w.dtype)
-            ratio = inner.abs() / torch.where(na > 0, na, one)[:, None] / torch.where(nb > 0, nb, one)[None, :]
-            ratio = torch.where(valid, ratio, torch.zeros((), dtype=w.dtype))
-            if ratio.numel():
-                best = max(best, float(ratio.max()))
+            for (a_h, b_h), (a_w, b_w) in itertools.product(pairs_h, pairs_w):
+                wa, wb = _atom_filters(w, a_h, a_w), _atom_filters(w, b_h, b_w)
+                best = max(best, _max_cosine(wa, wb, [(a_h, b_h)], [(a_w, b_w)], shift, dh == dw == 0))
     return min(best, 1.0)
 
 

@@ -112,13 +112,17 @@ def geometries(draw, max_kernel=5):
     size = [draw(st.integers(max(1, k - 2 * p), 9 if nd == 2 else 14)) for k, p in zip(kernel, padding)]
     c_code, c_sig = draw(st.integers(1, 3)), draw(st.integers(1, 2))
     seed = draw(st.integers(0, 2**31 - 1))
-    style = draw(st.sampled_from(["normal", "integers", "scaled", "duplicate", "zero_channel", "sparse_taps"]))
+    style = draw(
+        st.sampled_from(["normal", "integers", "scaled", "tap_scaled", "duplicate", "zero_channel", "sparse_taps"])
+    )
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(c_code, c_sig, *kernel, generator=g, dtype=torch.float64)
     if style == "integers":  # ties, zero taps, exact collinearity
         w = (w * 1.5).round()
     elif style == "scaled":  # atoms of wildly different norms: 1e-150 ... 1e150 per code channel
         w = w * 10.0 ** torch.randint(-150, 151, (c_code, 1, *[1] * nd), generator=g).double()
+    elif style == "tap_scaled":  # every tap its own magnitude, 1e-300 ... 1e300: truncated atoms of any norm
+        w = w * 10.0 ** torch.randint(-300, 301, w.shape, generator=g).double()
     elif style == "duplicate":
         w = torch.cat([w, -3.0 * w[:1]])  # a copy (up to scale and sign) of the first filter: mu = 1
     elif style == "zero_channel":
@@ -173,6 +177,8 @@ COHERENCE_EDGES = {
     # border atoms keeping only a 1e-6 tap (padding 2): two parallel atoms, cosine 1, which prefix sums of the
     # whole filter rounded to 0.95
     "tiny_border_taps": (_w([[[1.0, 0.3, 1e-6]], [[1.0, 0.7, 1e-6]]]), 3, 3, 2),
+    # the same with 1e-200 taps: their squares underflow unless each atom is scaled to its own largest tap
+    "border_taps_1e-200": (_w([[[1.0, 0.3, 1e-200]], [[1.0, 0.7, 2e-200]]]), 3, 3, 2),
     "tiny_border_taps_2d": (_w([[[[1.0, 0.5], [0.3, 1e-7]]], [[[2.0, -1.0], [0.7, 3e-7]]]]), (3, 3), 3, 1),
     "single_atom": (_w([[[1.0, -2.0, 3.0]]]), 3, 1, 0),
     "duplicated_atoms": (_w([[[1.0, -2.0, 3.0]], [[-2.0, 4.0, -6.0]]]), 3, 1, 0),
@@ -285,7 +291,8 @@ def test_spark_of_a_convolutional_dictionary_is_at_least_one_plus_one_over_mu(ge
     assert value == ref_spark(d.numpy())
     if mu > 0:
         assert value >= 1 + 1 / mu - 1e-9
-        s = math.ceil(theory.uniqueness_bound(mu)) - 1  # the largest s < (1 + 1/mu)/2
+        bound = theory.uniqueness_bound(mu)  # inf for a mu below 1/max float
+        s = min(math.ceil(bound) - 1, d.shape[1]) if bound < math.inf else d.shape[1]  # the largest s below it
         assert theory.sparse_collision(d, s) is None
 
 
@@ -639,7 +646,9 @@ def ref_coherence_penalty(w: np.ndarray, normalize: bool, shifts: bool, stride) 
     without `shifts`) of (<d_a, shift_t d_b> - [a == b, t == 0])^2, the filters unfolded (normalised: unit norm)."""
     c, _, *ks = w.shape
     w = w.astype(np.float64)
-    if normalize:
+    if normalize:  # by the largest entry first, so that a 1e300 or 1e-300 atom's norm neither overflows nor underflows
+        top = np.abs(w.reshape(c, -1)).max(1, initial=0.0)
+        w = w / np.where(top > 0, top, 1.0).reshape(c, *[1] * (w.ndim - 1))
         norms = np.sqrt((w.reshape(c, -1) ** 2).sum(1))
         w = w / np.where(norms > 0, norms, 1.0).reshape(c, *[1] * (w.ndim - 1))
     stride = _per_axis(stride, len(ks))
