@@ -631,17 +631,32 @@ def smooth_relu(name: str, beta: float) -> Callable[[torch.Tensor], torch.Tensor
     """The smooth activation sigma_beta that tends to ReLU as beta grows: softplus, silu or gelu (inner scale beta).
 
     beta finite and > 0 (ValueError otherwise: beta = 0 is no ReLU approximation, and softplus would divide by 0).
+    The returned function takes a real tensor z (TypeError otherwise; integer and bool ones are activated in the
+    default float dtype) and keeps its dtype, NaN giving NaN.
     """
     b = _check_activation(name, beta)
     if name == "softplus":
         # softplus returns z itself once beta z passes `threshold`, dropping log(1 + e^{-beta z}) / beta: below
         # float32's rounding from 20 on, but in float64 a relative 1e-10 at 20; from 40 on it is below float64's too
-        return lambda z: F.softplus(z, beta=b, threshold=40.0 if z.dtype == torch.float64 else 20.0)
-    if name == "silu":
-        return lambda z: z * torch.sigmoid(b * z)
-    # gelu(b z) / b = z Phi(b z), written without the division, which a tiny beta would turn into 0 / 0; Phi(x) as
-    # erfc(-x / sqrt 2) / 2, since 1 + erf(x / sqrt 2) cancels to 0 in the left tail (z Phi(b z) is tiny, not 0)
-    return lambda z: z * 0.5 * torch.erfc(b * z * -(0.5**0.5))
+        def sigma(z: torch.Tensor) -> torch.Tensor:
+            return F.softplus(z, beta=b, threshold=40.0 if z.dtype == torch.float64 else 20.0)
+    elif name == "silu":
+
+        def sigma(z: torch.Tensor) -> torch.Tensor:
+            return z * torch.sigmoid(b * z)
+    else:
+        # gelu(b z) / b = z Phi(b z), written without the division, which a tiny beta would turn into 0 / 0; Phi(x)
+        # as erfc(-x / sqrt 2) / 2, since 1 + erf(x / sqrt 2) cancels to 0 in the left tail (z Phi(b z) is tiny)
+        def sigma(z: torch.Tensor) -> torch.Tensor:
+            return z * 0.5 * torch.erfc(b * z * -(0.5**0.5))
+
+    def activation(z: torch.Tensor) -> torch.Tensor:
+        if not isinstance(z, torch.Tensor) or z.is_complex():
+            raise TypeError(f"z must be a real torch.Tensor, got {getattr(z, 'dtype', type(z).__name__)}")
+        # integer and bool inputs are activated in the default float dtype (softplus has no integer kernel)
+        return sigma(z if z.is_floating_point() else z.to(torch.get_default_dtype()))
+
+    return activation
 
 
 # sup_z |sigma_1(z) - ReLU(z)| and where it is reached: log 2 at z = 0 for softplus; for SiLU/GELU the deepest dip

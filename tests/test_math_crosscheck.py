@@ -736,3 +736,19 @@ def test_hoyer_of_half_precision_tensors_is_the_rounded_float64_value(dtype):
 def test_zero_fraction_of_a_meta_tensor_is_refused_naming_it():
     with pytest.raises(ValueError, match="t is a meta tensor"):  # used to fail in Tensor.item()
         sparsity.zero_fraction(torch.zeros(2, 3, device="meta"))
+
+
+@pytest.mark.parametrize("name", REFERENCE_ACTIVATIONS)
+def test_smooth_relu_of_integer_bool_and_non_tensor_inputs(name):
+    # softplus had no integer kernel (NotImplementedError) while SiLU and GELU promoted: now all three promote
+    fn, _, _ = REFERENCE_ACTIVATIONS[name]
+    sigma = theory.smooth_relu(name, 2.0)
+    for z in (torch.tensor([-3, 0, 2]), torch.tensor([True, False])):
+        got = sigma(z)
+        assert got.dtype == torch.get_default_dtype()
+        np.testing.assert_allclose(got.double().numpy(), fn(z.double().numpy(), 2.0), rtol=1e-5)  # float32
+    strided = torch.linspace(-4, 4, 18, dtype=torch.float64).reshape(6, 3).T  # non-contiguous
+    np.testing.assert_allclose(sigma(strided).numpy(), fn(strided.numpy(), 2.0), rtol=1e-14)
+    for bad in ([1.0, 2.0], torch.tensor([1j])):
+        with pytest.raises(TypeError, match="z must be a real torch.Tensor"):
+            sigma(bad)
