@@ -104,6 +104,16 @@ def _real_array(name: str, value: object, expected: str) -> np.ndarray:
         raise TypeError(f"{name} must be {expected}, got {value!r}") from None
 
 
+def _layers(name: str, value: object) -> list:
+    """One entry per layer: any iterable but a string; a TypeError naming it otherwise."""
+    try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
+        return list(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence with one entry per layer, got {value!r}") from None
+
+
 def _iterations(k: object, *, minimum: int = 0) -> np.ndarray:
     """Iteration counts as float64: whole numbers >= minimum, or inf (the limit); an int or an array of them."""
     out = _real_array("k", k, "an iteration count or an array of them")
@@ -445,7 +455,7 @@ def stability_bound(eps: float, sparsities: Sequence[int], mus: Sequence[float])
     (Papyan–Romano–Elad 2017, Thm 5) with global l0 [R]; the seed paper's own constants are unknown. A layer violating
     (2 s - 1) mu < 1 gives inf from there on. eps >= 0, every s an int >= 0 (s = 0: factor 1), every mu in [0, 1].
     """
-    sparsities, mus = list(sparsities), list(mus)
+    sparsities, mus = _layers("sparsities", sparsities), _layers("mus", mus)
     if len(sparsities) != len(mus):
         raise ValueError(f"sparsities and mus need one entry per layer, got {len(sparsities)} and {len(mus)}")
     out, sq = [], _real("eps", eps) ** 2
@@ -502,8 +512,8 @@ def deep_error_bound(
     q_j >= 1 has no guarantee, and neither has the chain: inf.
     """
     k = _iterations(k)
-    sparsities, amplitudes, qs = list(sparsities), list(amplitudes), list(qs)
-    etas = [0.0] * len(qs) if etas is None else list(etas)
+    sparsities, amplitudes, qs = _layers("sparsities", sparsities), _layers("amplitudes", amplitudes), _layers("qs", qs)
+    etas = [0.0] * len(qs) if etas is None else _layers("etas", etas)
     if not qs or not len(sparsities) == len(amplitudes) == len(qs) == len(etas):
         raise ValueError(
             "sparsities, amplitudes, qs and etas need one entry per layer (at least one), got "
@@ -607,6 +617,10 @@ def _objective_bound(k: object, L: object, dist0_sq: object, rate: Callable[[np.
     """c(k) L ||z_0 - z*||^2 for k >= 1 and inf at k = 0: the theorems bound the iterates, not the start z_0."""
     k = _iterations(k)
     value = _real("L", L) * _nonnegative_array("dist0_sq", dist0_sq)
+    try:
+        np.broadcast(k, value)
+    except ValueError:
+        raise ValueError(f"k and dist0_sq must broadcast together, got shapes {k.shape} and {value.shape}") from None
     with np.errstate(divide="ignore"):
         return _bound(np.where(k >= 1, value * rate(np.maximum(k, 1.0)), np.inf))
 

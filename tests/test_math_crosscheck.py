@@ -435,6 +435,14 @@ def test_ista_and_fista_objective_bounds(ks, lip, dist0_sq):
         (lambda: theory.ista_objective_bound(1, math.nan, 1.0), ValueError, "L"),
         (lambda: theory.fista_objective_bound(1, 1.0, math.nan), ValueError, "dist0_sq"),
         (lambda: theory.fista_objective_bound(1, 1.0, "1"), TypeError, "dist0_sq"),
+        # these used to fail with numpy's or Python's own words ("'int' object is not iterable", "operands could not
+        # be broadcast"), naming no argument
+        (lambda: theory.ista_objective_bound([1, 2, 3], 1.0, [1.0, 2.0]), ValueError, "k and dist0_sq"),
+        (lambda: theory.stability_bound(0.1, 2, [0.1]), TypeError, "sparsities must be a sequence"),
+        (lambda: theory.stability_bound(0.1, [2], "0.1"), TypeError, "mus must be a sequence"),
+        (lambda: theory.deep_error_bound(1, [2], 1.0, [0.5]), TypeError, "amplitudes must be a sequence"),
+        (lambda: theory.deep_error_bound(1, [2], [1.0], [0.5], 0.1), TypeError, "etas must be a sequence"),
+        (lambda: theory.deep_error_bound(1, [2], [1.0], torch.tensor(0.5)), TypeError, "qs must be a sequence"),
     ],
 )
 def test_nan_and_wrong_types_are_refused_naming_the_argument(call, error, match):
