@@ -204,6 +204,13 @@ def test_mutual_coherence_on_edge_dictionaries(name):
     assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("shape,size", [((0, 2, 3), 7), ((2, 0, 3), 7), ((0, 1, 2, 2), (4, 3)), ((2, 0, 1, 3), (2, 5))])
+def test_empty_dictionaries(shape, size):
+    w = torch.zeros(shape)
+    np.testing.assert_array_equal(theory.dictionary_matrix(w, size, padding=1).numpy(), ref_atoms(w, size, 1, 1))
+    assert theory.mutual_coherence(w, size, padding=1) == 0.0  # no atom, or only empty ones: no pair
+
+
 def test_mutual_coherence_of_float32_is_that_of_its_float64_values_and_nan_propagates():
     w = torch.randn(3, 2, 4, 3, generator=torch.Generator().manual_seed(3))
     assert theory.mutual_coherence(w, (8, 7), padding=1) == theory.mutual_coherence(w.double(), (8, 7), padding=1)
