@@ -488,7 +488,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
     bwd_kernel<scalar_t>(g, q, k, v, Bias<scalar_t>(bias), stats, mode == "sparsemax", causal, scale, wide, groups,
                          dq, dk, dv, partial);
   });
-  auto dtheta = mode == "sparsemax" ? at::zeros_like(theta) : partial.sum({0, 2}).to(theta.scalar_type());
+  auto dtheta = mode == "sparsemax" ? at::zeros_like(theta) : partial.sum(at::IntArrayRef{0, 2}).to(theta.scalar_type());
   return {dq, dk, dv, dtheta};
 }
 
