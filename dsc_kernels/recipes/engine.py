@@ -9,6 +9,7 @@ all-reduced during the backward, fused ops included) and reads its shard of the 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -92,7 +93,12 @@ def start(distributed: bool, device: str | torch.device | None = None) -> Run:
 
 
 def finish(run: Run) -> None:
+    """Leave the process group. Callers drop their DDP models first: a DDP module sits in reference cycles, and one
+    collected only at interpreter shutdown has gloo destroy its pending work with no interpreter left, which aborts
+    the process ("terminate called without an active exception"). The collection here frees those cycles while
+    the interpreter is alive. No barrier: this also runs when a rank fails, and must not wait for the others then."""
     if run.distributed and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
