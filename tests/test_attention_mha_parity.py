@@ -408,6 +408,72 @@ def test_dropout_is_off_in_eval(backend):
     torch.testing.assert_close(w, want_w)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["cross_odd_h3", "unbatched_self"])
+def test_dropout_in_training_drops_attention_weights_as_mha(backend, case):
+    """MHA drops entries of the attention map (scaling the rest by 1/(1-p)) and returns the dropped map: the
+    output must be the pipeline's with the map's dropped entries (read off the returned weights) removed."""
+    _skip_unless(backend)
+    p = 0.4
+    sa, _, params = _modules(case, False, backend)
+    sa.dropout = p
+    sa.train()
+    query, key, value = _inputs(case, False)
+    masks = _masks(case, "kpm_bool")
+    h = sa.num_heads
+    _, full = _by_hand(params, query, key, value, num_heads=h, batch_first=False, attention=_sparsemax, **masks)
+    support, kept = full > 0, 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out, w = sa(query, key, value, need_weights=True, average_attn_weights=False, **masks)
+        keep = (w != 0).to(F64)
+        torch.testing.assert_close(w, full * keep / (1 - p))
+        want, _ = _by_hand(
+            params,
+            query,
+            key,
+            value,
+            num_heads=h,
+            batch_first=False,
+            attention=_sparsemax,
+            keep=keep,
+            dropout=p,
+            **masks,
+        )
+        torch.testing.assert_close(out, want)
+        if seed == 0:
+            _check_grads(sa, params, (), out, want, w, full * keep / (1 - p))
+        kept += int(keep.bool()[support].sum())
+    total = 4 * int(support.sum())
+    # the fraction of the map's entries dropped: within 4 standard deviations of p
+    assert abs(1 - kept / total - p) < 4 * math.sqrt(p * (1 - p) / total)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dropout_without_need_weights_drops_attention_weights(backend):
+    """Keys and values all one token: every visible key has weight 1/M and value v, so with dropout on the map
+    out_i = (kept_i / (M (1 - p))) W_o W_v token, a multiple of one vector (dropout on the head outputs, what the
+    layer did, scales their features independently)."""
+    _skip_unless(backend)
+    p = 0.5
+    sa, _, params = _modules("no_bias_h1", False, backend)
+    sa.dropout = p
+    sa.train()
+    query, key, _ = _inputs("no_bias_h1", False)
+    m = key.shape[0]
+    token = key[:1].expand_as(key)
+    torch.manual_seed(0)
+    out, w = sa(query, token, token)
+    assert w is None
+    w_v = params["in_proj_weight"].chunk(3)[2]
+    u = F.linear(F.linear(token[0], w_v), params["out_proj.weight"])  # (B, E)
+    c = (out * u).sum(-1) / (u * u).sum(-1)  # (N, B)
+    torch.testing.assert_close(out, c.unsqueeze(-1) * u)
+    counts = c * m * (1 - p)
+    torch.testing.assert_close(counts, counts.round())
+    assert counts.min() >= 0 and counts.max() <= m and (counts < m - 0.5).any()
+
+
 # -------------------------------------------------------------------------------------------------- gradients
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(

@@ -37,8 +37,8 @@ class SparseAttention(nn.Module):
     Args (the first eleven are ``nn.MultiheadAttention``'s, in its order and with its defaults):
         embed_dim: E, the model dimension (query features and output features).
         num_heads: H; E must be divisible by it (head dim d = E / H).
-        dropout: probability of zeroing an entry of each head's attention output (before ``out_proj``) while
-            training. (MHA drops entries of P; the fused kernels never form P.)
+        dropout: probability of zeroing an entry of the attention map while training, as MHA (the map is then
+            formed densely: see ``forward``).
         bias: add biases to the input and output projections.
         add_bias_kv, add_zero_attn: not supported (must be False).
         kdim, vdim: features of key and value (default E); when they differ from E the projections are
@@ -173,9 +173,13 @@ class SparseAttention(nn.Module):
         j <= i (with an attn_mask, the hint that it is the causal mask, which is then not read, as in MHA). A query
         that sees no key gets 0, not NaN.
 
+        Dropout (training only): entries of the attention map are zeroed with probability ``dropout`` and the rest
+        scaled by 1 / (1 - dropout), as in MHA; the map is then formed densely, (B, H, N, M) (the fused kernels run
+        in eval mode or with dropout 0).
+
         Returns (out, weights): out like query with E features; weights None unless ``need_weights`` (default False,
         unlike MHA: the dense weights cost N x M memory), then the dense (B, N, M) weights averaged over heads, or
-        (B, H, N, M) with ``average_attn_weights=False``.
+        (B, H, N, M) with ``average_attn_weights=False`` (after dropout when training, as MHA's).
         """
         key = query if key is None else key
         value = key if value is None else value
@@ -210,14 +214,19 @@ class SparseAttention(nn.Module):
         elif attn_mask is not None and attn_mask.dim() != 2:
             raise ValueError(f"attn_mask must be (N, M) or (B*num_heads, N, M), got {tuple(attn_mask.shape)}")
         masks = dict(key_padding_mask=key_padding_mask, attn_mask=attn_mask)
-        o = DF.sparse_attention(
-            q, k, v, mode=self.mode, threshold=self.threshold, causal=causal, backend=self.backend, **masks
-        )
-        o = F.dropout(o, self.dropout, self.training)
+        options = dict(mode=self.mode, threshold=self.threshold, causal=causal, **masks)
+        p = None
+        if self.training and self.dropout > 0.0:
+            # MHA's dropout: on the attention weights, which the fused kernels never form, so densely here.
+            p = F.dropout(DF.sparse_attention_weights(q, k, **options), self.dropout, training=True)
+            o = torch.matmul(p, v)
+        else:
+            o = DF.sparse_attention(q, k, v, backend=self.backend, **options)
+            if need_weights:
+                p = DF.sparse_attention_weights(q, k, **options)
         out = self.out_proj(o.transpose(1, 2).reshape(bsz, n, self.embed_dim))
         weights = None
         if need_weights:
-            p = DF.sparse_attention_weights(q, k, mode=self.mode, threshold=self.threshold, causal=causal, **masks)
             weights = p.mean(1) if average_attn_weights else p
             weights = weights.squeeze(0) if unbatched else weights
         if not self.batch_first:
