@@ -15,10 +15,11 @@ from torch import Tensor
 from . import _validate as check
 from .reference.attention import MODES, stats_dtype
 
-__all__ = ["attention_inputs", "score_bias"]
+__all__ = ["attention_inputs", "check_masks", "score_bias"]
 
 
-def _mask(name: str, mask: object, q: Tensor) -> Tensor:
+def _check_mask(name: str, mask: object, like: Tensor) -> Tensor:
+    """A mask's type, dtype, grad and device (like: a tensor on the scores' device)."""
     if not isinstance(mask, Tensor):
         raise TypeError(
             f"{name} must be a torch.Tensor (bool: True ignores a key; float: added to the scores), got "
@@ -28,7 +29,28 @@ def _mask(name: str, mask: object, q: Tensor) -> Tensor:
         raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
     if mask.requires_grad:
         raise ValueError(f"{name} must not require grad: gradients with respect to attention masks are not supported")
-    check.same_device(q=q, **{name: mask})
+    check.same_device(q=like, **{name: mask})
+    return mask
+
+
+def check_masks(like: Tensor, shape: tuple[int, int, int, int], key_padding_mask: object, attn_mask: object) -> None:
+    """Check the masks of scores of shape (B, H, N, M) on like's device, without reading or converting them:
+    key_padding_mask (B, M), attn_mask broadcastable to (B, H, N, M); types, dtypes, grad, device."""
+    b, h, n, m = shape
+    if key_padding_mask is not None:
+        _check_mask("key_padding_mask", key_padding_mask, like)
+        if tuple(key_padding_mask.shape) != (b, m):
+            raise ValueError(f"key_padding_mask must be (B, M)=({b}, {m}), got {tuple(key_padding_mask.shape)}")
+    if attn_mask is not None:
+        _check_mask("attn_mask", attn_mask, like)
+        if attn_mask.dim() > 4 or any(have not in (1, want) for have, want in zip(attn_mask.shape[::-1], (m, n, h, b))):
+            raise ValueError(
+                f"attn_mask must be broadcastable to (B, H, N, M)=({b}, {h}, {n}, {m}), got {tuple(attn_mask.shape)}"
+            )
+
+
+def _mask(name: str, mask: Tensor, q: Tensor) -> Tensor:
+    """A checked mask as an additive score bias in the compute dtype."""
     cd = stats_dtype(q.dtype)
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=cd, device=mask.device).masked_fill(mask, -torch.inf)
@@ -42,18 +64,12 @@ def score_bias(q: Tensor, m: int, key_padding_mask: Tensor | None, attn_mask: Te
     """The additive score bias (B, H, N, M) of the masks (an expanded view: no N x M copy of a key padding mask),
     or None. q: (B, H, N, d); m: the number of keys."""
     b, h, n, _ = q.shape
+    check_masks(q, (b, h, n, m), key_padding_mask, attn_mask)
     bias = None
     if key_padding_mask is not None:
-        padding = _mask("key_padding_mask", key_padding_mask, q)
-        if tuple(key_padding_mask.shape) != (b, m):
-            raise ValueError(f"key_padding_mask must be (B, M)=({b}, {m}), got {tuple(key_padding_mask.shape)}")
-        bias = padding[:, None, None, :]
+        bias = _mask("key_padding_mask", key_padding_mask, q)[:, None, None, :]
     if attn_mask is not None:
         mask = _mask("attn_mask", attn_mask, q)
-        if mask.dim() > 4 or any(have not in (1, want) for have, want in zip(mask.shape[::-1], (m, n, h, b))):
-            raise ValueError(
-                f"attn_mask must be broadcastable to (B, H, N, M)=({b}, {h}, {n}, {m}), got {tuple(attn_mask.shape)}"
-            )
         bias = mask if bias is None else bias + mask
     if bias is None:
         return None

@@ -595,6 +595,14 @@ BAD_CALLS = [
         ValueError,
         "attn_mask",
     ),
+    ("is_causal, attn_mask shape", _same, dict(attn_mask=_zeros(4, 5), is_causal=True), ValueError, "attn_mask"),
+    (
+        "is_causal, attn_mask integer",
+        _same,
+        dict(attn_mask=_zeros(5, 4, dtype=torch.int64), is_causal=True),
+        TypeError,
+        "attn_mask",
+    ),
     ("is_causal, attn_mask list", _same, dict(attn_mask=[[0.0]], is_causal=True), TypeError, "attn_mask"),
 ]
 

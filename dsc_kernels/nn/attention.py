@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _attention_args as attention_args
 from .. import functional as DF
 from ._args import check_value, flags, positive_int
 
@@ -200,19 +201,21 @@ class SparseAttention(nn.Module):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         self._check_shapes(query, key, value)
         bsz, n, m = query.shape[0], query.shape[1], key.shape[1]
-        q, k, v = self._project(query, key, value, self_attention)
-        causal = is_causal
-        if causal:
-            attn_mask = None  # the hint: the mask is the causal one
-        elif attn_mask is not None and attn_mask.dim() == 3:
+        if attn_mask is not None and attn_mask.dim() == 3:
             if attn_mask.shape[0] != bsz * self.num_heads:
                 raise ValueError(
                     f"a 3-D attn_mask must be (B*num_heads, N, M)=({bsz * self.num_heads}, {n}, {m}), "
                     f"got {tuple(attn_mask.shape)}"
                 )
-            attn_mask = attn_mask.unflatten(0, (bsz, self.num_heads))
+            attn_mask = attn_mask.unflatten(0, (bsz, self.num_heads))  # MHA's order: index b * H + h
         elif attn_mask is not None and attn_mask.dim() != 2:
             raise ValueError(f"attn_mask must be (N, M) or (B*num_heads, N, M), got {tuple(attn_mask.shape)}")
+        # Before any projection or kernel, and also the mask that is_causal then leaves unread.
+        attention_args.check_masks(query, (bsz, self.num_heads, n, m), key_padding_mask, attn_mask)
+        causal = is_causal
+        if causal:
+            attn_mask = None  # the hint: the mask is the causal one
+        q, k, v = self._project(query, key, value, self_attention)
         masks = dict(key_padding_mask=key_padding_mask, attn_mask=attn_mask)
         options = dict(mode=self.mode, threshold=self.threshold, causal=causal, **masks)
         p = None
