@@ -359,6 +359,75 @@ def test_is_causal_with_attn_mask_is_the_hint_that_the_mask_is_causal(backend, c
                     torch.testing.assert_close(w, want_w.mean(-3))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["self_h2", "cross_odd_h3", "no_bias_h1", "unbatched_kdim_vdim_h4"])
+def test_is_causal_without_attn_mask_is_the_top_left_causal_mask(backend, case):
+    """MHA refuses is_causal without attn_mask (RuntimeError); SparseAttention applies the causal mask itself,
+    query i seeing keys j <= i (SDPA's top-left alignment when N != M), and documents it."""
+    _skip_unless(backend)
+    sa, mha, params = _modules(case, True, backend)
+    query, key, value = _inputs(case, True)
+    n, m = CASES[case][5:7]
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        mha(query, key, value, is_causal=True)
+    for extra in ({}, _masks(case, "kpm_bool")):
+        want_out, want_w = _by_hand(
+            params,
+            query,
+            key,
+            value,
+            num_heads=sa.num_heads,
+            batch_first=True,
+            attention=_sparsemax,
+            attn_mask=_causal(n, m),
+            **extra,
+        )
+        out, w = sa(query, key, value, is_causal=True, need_weights=True, average_attn_weights=False, **extra)
+        torch.testing.assert_close(out, want_out)
+        torch.testing.assert_close(w, want_w)
+    assert "MultiheadAttention requires an attn_mask" in SparseAttention.forward.__doc__
+
+
+# ------------------------------------------------------------------------------------------ fully masked rows
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["cross_odd_h3", "no_bias_h1"])
+def test_a_query_that_sees_no_key_gets_zero_not_nan(backend, case):
+    """MHA's need_weights=True branch gives NaN there (its SDPA branch 0 in this torch); SparseAttention's documented
+    value is 0 (out = out_proj's bias, a zero weights row), with finite gradients equal to the pipeline's."""
+    _skip_unless(backend)
+    sa, mha, params = _modules(case, False, backend)
+    query, key, value = (t.detach().requires_grad_() for t in _inputs(case, False))
+    _, h, _, _, bias, n, m, b, _ = CASES[case]
+    padding = torch.zeros(b, m, dtype=torch.bool)
+    padding[0] = True  # every query of sequence 0
+    hidden = torch.zeros(b * h, n, m, dtype=torch.bool)
+    hidden[h + 1 % h, 2] = True  # query 2 of sequence 1, head 1 (or its only head)
+    hidden[h:, 3, 1:] = True  # with padding[1, 0], query 3 of sequence 1 in every head
+    padding[1, 0] = True
+    masks = dict(key_padding_mask=padding, attn_mask=hidden)
+    assert mha(query, key, value, need_weights=True, **masks)[0][:, 0].isnan().all()
+    want_out, want_w = _by_hand(
+        params, query, key, value, num_heads=h, batch_first=False, attention=_sparsemax, **masks
+    )
+    out, w = sa(query, key, value, need_weights=True, average_attn_weights=False, **masks)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(w, want_w)
+    assert not out.isnan().any() and not w.isnan().any()
+    zero = torch.zeros(m, dtype=F64)
+    assert torch.equal(w[0], torch.zeros_like(w[0])) and torch.equal(w[1, :, 3], torch.zeros(h, m, dtype=F64))
+    assert torch.equal(w[1, 1 % h, 2], zero)
+    out_bias = sa.out_proj.bias if bias else torch.zeros(sa.embed_dim, dtype=F64)
+    torch.testing.assert_close(out[:, 0], out_bias.expand(n, -1))
+    torch.testing.assert_close(out[3, 1], out_bias)
+    seen = torch.ones(b, h, n, dtype=torch.bool)
+    seen[0], seen[1, :, 3] = False, False
+    seen[1, 1 % h, 2] = False
+    torch.testing.assert_close(w.sum(-1), seen.to(F64))
+    _check_grads(sa, params, (query, key, value), out, want_out, w, want_w)
+    doc = SparseAttention.forward.__doc__
+    assert "0, not NaN" in doc and "weights row of zeros" in doc
+
+
 # ---------------------------------------------------------------------------------------------- mask dtypes
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.int8, torch.complex128])
 @pytest.mark.parametrize("name", ["key_padding_mask", "attn_mask"])

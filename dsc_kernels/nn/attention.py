@@ -166,13 +166,21 @@ class SparseAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        """MultiheadAttention's call. Shapes (batch_first=False / True; unbatched inputs drop B):
+        """MultiheadAttention's call, with its map replaced. Shapes (batch_first=False / True; unbatched drop B):
 
         query (N, B, E) / (B, N, E); key (M, B, kdim) / (B, M, kdim) and value (M, B, vdim) / (B, M, vdim), by
-        default the query (self-attention). key_padding_mask (B, M); attn_mask (N, M) or (B*H, N, M); both bool
-        (True ignores the key) or float (added to the scores, -inf ignores it). is_causal: query i sees keys
-        j <= i (with an attn_mask, the hint that it is the causal mask, which is then not read, as in MHA). A query
-        that sees no key gets 0, not NaN.
+        default the query (self-attention). key_padding_mask (B, M); attn_mask (N, M) or (B*H, N, M) (entry
+        b * H + h for batch b, head h, as in MHA); both bool (True ignores the key: MHA's convention, the opposite
+        of ``F.scaled_dot_product_attention``'s) or float of any float dtype (added to the scores, -inf ignores the
+        key); integer masks are refused (TypeError, as MHA refuses them). Masks are not differentiated: one that
+        requires grad is refused (ValueError; MHA differentiates float masks).
+        is_causal: query i sees keys j <= i (top-left when N != M). With an attn_mask it is, as in MHA, the hint
+        that attn_mask is that causal mask: the mask is checked but not read. Without one it applies the causal
+        mask itself (nn.MultiheadAttention requires an attn_mask with is_causal and raises without one).
+
+        A query that sees no key (every key masked for it) gets 0, not NaN: its output is out_proj's bias and its
+        weights row of zeros (MHA's need_weights=True path gives NaN there). Other rows of the sparsemax map sum to
+        1 and hold exact zeros (shrink rows need not sum to 1).
 
         Dropout (training only): entries of the attention map are zeroed with probability ``dropout`` and the rest
         scaled by 1 / (1 - dropout), as in MHA; the map is then formed densely, (B, H, N, M) (the fused kernels run
