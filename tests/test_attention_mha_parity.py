@@ -691,3 +691,52 @@ def test_bad_input_is_refused_by_name_before_any_kernel_runs(
     q, k, v = (torch.randn(shape, generator=gen, dtype=F64) for shape in ((5, 2, 6), (4, 2, 3), (4, 2, 5)))
     with pytest.raises(error, match=name):
         m(*inputs(q, k, v), need_weights=need_weights, **kwargs)
+
+
+# ------------------------------------------------------------------------------------- signature, attributes
+def test_signature_and_attributes_are_multihead_attentions():
+    """Arguments in MHA's order with its defaults (need_weights excepted: False here, documented), and the
+    attributes MHA's users read (nn.Transformer* read batch_first, _qkv_same_embed_dim, in_proj_bias, ...)."""
+    import inspect
+
+    def params(f):
+        return [(p.name, p.default) for p in inspect.signature(f).parameters.values()]
+
+    init = params(SparseAttention.__init__)
+    assert init[: len(params(nn.MultiheadAttention.__init__))] == params(nn.MultiheadAttention.__init__)
+    fwd, mha_fwd = params(SparseAttention.forward), params(nn.MultiheadAttention.forward)
+    assert [n for n, _ in fwd] == [n for n, _ in mha_fwd]
+    differ = {n for (n, d), (_, md) in zip(fwd, mha_fwd) if d != md and n not in ("key", "value")}
+    assert differ == {"need_weights"} and "default False" in SparseAttention.forward.__doc__
+    for kw in ({}, dict(kdim=3, vdim=5), dict(bias=False)):
+        sa, mha = SparseAttention(6, 2, **kw), nn.MultiheadAttention(6, 2, **kw)
+        for name in ("bias_k", "bias_v", "add_zero_attn", "in_proj_weight", "in_proj_bias", "q_proj_weight"):
+            assert (getattr(sa, name) is None) == (getattr(mha, name) is None), name
+        assert sa.add_zero_attn is mha.add_zero_attn is False
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_a_transformer_encoder_layer_with_the_fast_path_off(backend):
+    """Swapped into nn.TransformerEncoderLayer: in inference the fast path (MHA's fused softmax kernel) refuses with
+    a message naming the switch; with it off the layer calls SparseAttention, as in training."""
+    _skip_unless(backend)
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True, dtype=F64).eval()
+    sa = SparseAttention(8, 2, batch_first=True, backend=backend, dtype=F64)
+    layer.self_attn = sa
+    x = torch.randn(2, 5, 8, dtype=F64)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    want = layer(x, src_key_padding_mask=padding)  # grad enabled: the slow path
+    h = x + sa(x, x, x, key_padding_mask=padding)[0]
+    h = layer.norm1(h)
+    torch.testing.assert_close(want, layer.norm2(h + layer.linear2(F.relu(layer.linear1(h)))))
+    with torch.no_grad():
+        with pytest.raises(NotImplementedError, match=r"set_fastpath_enabled\(False\)"):
+            layer(x, src_key_padding_mask=padding)
+        enabled = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            torch.testing.assert_close(layer(x, src_key_padding_mask=padding), want)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(enabled)
+    assert "set_fastpath_enabled(False)" in SparseAttention.__doc__

@@ -52,8 +52,12 @@ class SparseAttention(nn.Module):
         backend: "auto", "reference", "cpp" or "triton" (keyword only; see ``functional.sparse_attention``).
 
     Parameters ``in_proj_weight`` (3E, E) (or the three separate weights), ``in_proj_bias`` (3E,) and
-    ``out_proj`` are named as in ``nn.MultiheadAttention``, so its state_dict loads here (plus ``threshold`` in
-    shrink mode).
+    ``out_proj`` are named as in ``nn.MultiheadAttention``, so its state_dict loads here and this one's there (plus
+    ``threshold`` in shrink mode).
+
+    In ``nn.TransformerEncoderLayer``/``nn.TransformerEncoder`` (``self_attn`` swapped for this layer), turn off
+    their inference fast path, which calls MHA's fused softmax kernel instead of ``self_attn.forward``:
+    ``torch.backends.mha.set_fastpath_enabled(False)`` (else ``merge_masks`` raises NotImplementedError).
     """
 
     def __init__(
@@ -110,6 +114,8 @@ class SparseAttention(nn.Module):
             self.register_parameter("in_proj_weight", None)
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory)) if bias else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.bias_k = self.bias_v = None  # MHA's attributes without add_bias_kv
+        self.add_zero_attn = False
         if mode == "shrink":
             self.threshold = nn.Parameter(torch.full((num_heads,), float(threshold), **factory))
         else:
@@ -128,6 +134,14 @@ class SparseAttention(nn.Module):
         if self.in_proj_bias is not None:
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
+
+    def merge_masks(self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, query: Tensor) -> None:
+        """Refuses: ``nn.TransformerEncoderLayer``'s inference fast path calls this, then MHA's fused softmax kernel
+        with this layer's weights instead of its forward."""
+        raise NotImplementedError(
+            "SparseAttention has no fused softmax fast path: nn.TransformerEncoderLayer/TransformerEncoder's "
+            "inference fast path would bypass its forward; call torch.backends.mha.set_fastpath_enabled(False)"
+        )
 
     def extra_repr(self) -> str:
         dims = "" if self._qkv_same_embed_dim else f", kdim={self.kdim}, vdim={self.vdim}"
