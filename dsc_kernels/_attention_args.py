@@ -4,7 +4,8 @@ and the masks, turned into the one additive score ``bias`` every backend takes.
 Masks follow ``nn.MultiheadAttention``'s convention (note: SDPA's boolean ``attn_mask`` means the opposite):
 a bool mask is True where a key is ignored; a float mask is added to the scores, ``-inf`` ignoring a key.
 ``key_padding_mask`` is (B, M); ``attn_mask`` is broadcastable to (B, H, N, M) (e.g. (N, M)). Both may be given
-(they add up). Masks are not differentiated: one that requires grad is rejected rather than silently ignored.
+(they add up). A float mask that requires grad (a learned score bias) is differentiated, as in MHA; only the
+reference backend gives that gradient (table.SPARSE_ATTENTION_VARIANTS), so ``auto`` then picks it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ __all__ = ["attention_inputs", "check_masks", "score_bias"]
 
 
 def _check_mask(name: str, mask: object, like: Tensor) -> Tensor:
-    """A mask's type, dtype, grad and device (like: a tensor on the scores' device)."""
+    """A mask's type, dtype and device (like: a tensor on the scores' device)."""
     if not isinstance(mask, Tensor):
         raise TypeError(
             f"{name} must be a torch.Tensor (bool: True ignores a key; float: added to the scores), got "
@@ -27,15 +28,13 @@ def _check_mask(name: str, mask: object, like: Tensor) -> Tensor:
         )
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
-    if mask.requires_grad:
-        raise ValueError(f"{name} must not require grad: gradients with respect to attention masks are not supported")
     check.same_device(q=like, **{name: mask})
     return mask
 
 
 def check_masks(like: Tensor, shape: tuple[int, int, int, int], key_padding_mask: object, attn_mask: object) -> None:
     """Check the masks of scores of shape (B, H, N, M) on like's device, without reading or converting them:
-    key_padding_mask (B, M), attn_mask broadcastable to (B, H, N, M); types, dtypes, grad, device."""
+    key_padding_mask (B, M), attn_mask broadcastable to (B, H, N, M); types, dtypes, device."""
     b, h, n, m = shape
     if key_padding_mask is not None:
         _check_mask("key_padding_mask", key_padding_mask, like)

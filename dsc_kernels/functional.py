@@ -544,14 +544,17 @@ def sparse_attention(
     causal: query i sees keys j <= i (SDPA's top-left ``is_causal``); scale defaults to d^-1/2.
     key_padding_mask: (B, M); attn_mask: broadcastable to (B, H, N, M), e.g. (N, M); both with
     ``nn.MultiheadAttention``'s convention (bool: True ignores the key; float: added to the scores, -inf ignores
-    it), not differentiated. A row with no visible or no active key gives 0 (and zero gradients), never NaN; a row
-    is NaN when q_i or a key/value it sees holds NaN or inf. Returns (B, H, N, d_v).
+    it). A float mask that requires grad (a learned score bias) is differentiated: only the reference backend
+    does that (dense scores), so ``auto`` picks it and an explicit fused backend raises. A row with no visible or
+    no active key gives 0 (and zero gradients), never NaN; a row is NaN when q_i or a key/value it sees holds NaN
+    or inf. Returns (B, H, N, d_v).
     """
     threshold, scale = attention_args.attention_inputs(
         q, k, v, mode=mode, threshold=threshold, causal=causal, scale=scale
     )
     bias = attention_args.score_bias(q, k.shape[2], key_padding_mask, attn_mask)
-    row = ops.select("sparse_attention", backend, q.device, q.dtype)
+    features = ("mask_grad",) if bias is not None and bias.requires_grad and torch.is_grad_enabled() else ()
+    row = ops.select("sparse_attention", backend, q.device, q.dtype, features)
     return sparse_attention_ops.run(row, q, k, v, threshold, bias, mode, causal, scale)
 
 

@@ -331,6 +331,31 @@ def test_masks_as_multihead_attention_applies_them(backend, case, batch_first):
         assert (w[hidden] == 0).all(), kind
 
 
+@pytest.mark.parametrize("case", ["self_h2", "cross_odd_h3", "unbatched_self"])
+def test_a_learned_float_mask_is_differentiated_as_mha_differentiates_it(case):
+    """A float attn_mask that requires grad (a learned position bias) gets MHA's gradient: the pipeline's, with
+    sparsemax in softmax's place (the layer's 'auto' runs such calls on the reference backend)."""
+    sa, _, params = _modules(case, False, "auto")
+    query, key, value = _inputs(case, False)
+    n, m = query.shape[0], key.shape[0]
+    bias = (0.3 * torch.randn(n, m, dtype=F64, generator=torch.Generator().manual_seed(3))).requires_grad_()
+    want_bias = bias.detach().clone().requires_grad_()
+    out, _ = sa(query, key, value, attn_mask=bias)
+    want, _ = _by_hand(
+        params, query, key, value, num_heads=sa.num_heads, batch_first=False, attention=_sparsemax, attn_mask=want_bias
+    )
+    torch.testing.assert_close(out, want)
+    g = torch.randn(out.shape, dtype=F64, generator=torch.Generator().manual_seed(4))
+    (out * g).sum().backward()
+    (want * g).sum().backward()
+    assert bias.grad.abs().sum() > 0
+    torch.testing.assert_close(bias.grad, want_bias.grad)
+    cpp = SparseAttention(sa.embed_dim, sa.num_heads, kdim=sa.kdim, vdim=sa.vdim, dtype=F64, backend="cpp")
+    if DF.backend_unavailable_reason("cpp", "cpu") is None:
+        with pytest.raises(ValueError, match="backend='cpp' cannot run mask_grad"):
+            cpp(query, key, value, attn_mask=bias)
+
+
 # -------------------------------------------------------------------------------------------------- is_causal
 def _causal(n, m):
     return torch.ones(n, m, dtype=torch.bool).triu(1)
@@ -657,13 +682,6 @@ BAD_CALLS = [
     ("attn_mask 1-D", _same, dict(attn_mask=_zeros(4)), ValueError, "attn_mask"),
     ("unbatched attn_mask (H+1, N, M)", _unbatched, dict(attn_mask=_zeros(3, 5, 4)), ValueError, "attn_mask"),
     ("attn_mask integer", _same, dict(attn_mask=_zeros(5, 4, dtype=torch.int64)), TypeError, "attn_mask"),
-    (
-        "attn_mask requires grad",
-        _same,
-        dict(attn_mask=_zeros(5, 4, dtype=F64, requires_grad=True)),
-        ValueError,
-        "attn_mask",
-    ),
     ("is_causal, attn_mask shape", _same, dict(attn_mask=_zeros(4, 5), is_causal=True), ValueError, "attn_mask"),
     (
         "is_causal, attn_mask integer",

@@ -368,8 +368,9 @@ def test_mask_errors_name_the_argument():
         DF.sparse_attention(q, q, q, key_padding_mask=torch.zeros(3, 2, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_padding_mask must be a bool or floating-point"):
         DF.sparse_attention(q, q, q, key_padding_mask=torch.zeros(2, 3, dtype=torch.int64))
-    with pytest.raises(ValueError, match="attn_mask must not require grad"):
-        DF.sparse_attention(q, q, q, attn_mask=torch.zeros(3, 3, requires_grad=True))
+    # a learned score bias is differentiated by the reference only: a fused backend asked for it by name refuses
+    with pytest.raises(ValueError, match="backend='cpp' cannot run mask_grad"):
+        DF.sparse_attention(q, q, q, attn_mask=torch.zeros(3, 3, requires_grad=True), backend="cpp")
     with pytest.raises(ValueError, match="attn_mask must be broadcastable"):
         DF.sparse_attention(q, q, q, attn_mask=torch.zeros(4, 3))
     with pytest.raises(TypeError, match="attn_mask must be a torch.Tensor"):
@@ -379,3 +380,24 @@ def test_mask_errors_name_the_argument():
             fn(q, q, *(q,) * (fn is DF.sparse_attention), key_padding_mask=[[False, True, False]] * 2)
     with pytest.raises(ValueError, match="one device"):
         DF.sparse_attention(q, q, q, attn_mask=torch.zeros(3, 3, device="meta"))
+
+
+@pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
+def test_a_learned_score_bias_gets_its_gradient(mode):
+    """A float attn_mask / key_padding_mask that requires grad is differentiated (as nn.MultiheadAttention does):
+    ``auto`` runs such calls on the reference, whose gradient matches finite differences (gradcheck, float64), and
+    the output is the one the fused path gives for the same mask without grad."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 4, 3, dtype=torch.float64) for _ in range(3))
+    attn_mask = (0.5 * torch.randn(4, 4, dtype=torch.float64)).requires_grad_()
+    padding = (0.5 * torch.randn(2, 4, dtype=torch.float64)).requires_grad_()
+    kw = dict(mode=mode, threshold=0.1 if mode == "shrink" else None)
+
+    def f(a, pad):
+        return DF.sparse_attention(q, k, v, attn_mask=a, key_padding_mask=pad, **kw)
+
+    assert torch.autograd.gradcheck(f, (attn_mask, padding))
+    f(attn_mask, padding).sum().backward()
+    assert attn_mask.grad is not None and attn_mask.grad.abs().sum() > 0 and padding.grad.abs().sum() > 0
+    fused = DF.sparse_attention(q, k, v, attn_mask=attn_mask.detach(), key_padding_mask=padding.detach(), **kw)
+    torch.testing.assert_close(f(attn_mask, padding), fused)

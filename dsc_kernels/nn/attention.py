@@ -186,8 +186,9 @@ class SparseAttention(nn.Module):
         default the query (self-attention). key_padding_mask (B, M); attn_mask (N, M) or (B*H, N, M) (entry
         b * H + h for batch b, head h, as in MHA); both bool (True ignores the key: MHA's convention, the opposite
         of ``F.scaled_dot_product_attention``'s) or float of any float dtype (added to the scores, -inf ignores the
-        key); integer masks are refused (TypeError, as MHA refuses them). Masks are not differentiated: one that
-        requires grad is refused (ValueError; MHA differentiates float masks).
+        key); integer masks are refused (TypeError, as MHA refuses them). A float mask that requires grad (a
+        learned score bias) is differentiated, as in MHA: such calls run on the reference backend (dense scores;
+        the fused kernels do not form that gradient), and a layer built with an explicit fused backend raises.
         is_causal: query i sees keys j <= i (top-left when N != M). With an attn_mask it is, as in MHA, the hint
         that attn_mask is that causal mask: the mask is checked but not read. Without one it applies the causal
         mask itself (nn.MultiheadAttention requires an attn_mask with is_causal and raises without one).

@@ -35,6 +35,9 @@ _HALF_AND_UP = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # "input_encoder": z <- S(z + step (B x - E D z)) with its own input encoder B. Both run as a one-layer ML-ISTA on
 # the ml_ista row of the same backend (that recurrence from z0 = 0 is exactly this one).
 CONV_ISTA_VARIANTS = ("per_iteration_weight", "input_encoder")
+# sparse attention: "mask_grad": a float mask that requires grad (a learned score bias). Its gradient is dL/ds, N x M
+# per head, which the fused backwards never form: only the reference (dense scores, eager autograd) gives it.
+SPARSE_ATTENTION_VARIANTS = ("mask_grad",)
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ TABLE: tuple[Backend, ...] = (
         devices=None,
         dtypes=_HALF_AND_UP,
         requires="nothing",
+        features=SPARSE_ATTENTION_VARIANTS,
         registration="custom_op",
         forward_impl="dsc_kernels.reference.attention:sparse_attention_fwd_ref",
         backward_impl="dsc_kernels.reference.attention:sparse_attention_bwd_ref",
