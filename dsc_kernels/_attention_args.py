@@ -19,7 +19,7 @@ from .reference.attention import MODES, stats_dtype
 __all__ = ["attention_inputs", "check_masks", "score_bias"]
 
 
-def _check_mask(name: str, mask: object, like: Tensor) -> Tensor:
+def _check_mask(name: str, mask: object, like: Tensor) -> None:
     """A mask's type, dtype and device (like: a tensor on the scores' device)."""
     if not isinstance(mask, Tensor):
         raise TypeError(
@@ -29,7 +29,6 @@ def _check_mask(name: str, mask: object, like: Tensor) -> Tensor:
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
     check.same_device(q=like, **{name: mask})
-    return mask
 
 
 def check_masks(like: Tensor, shape: tuple[int, int, int, int], key_padding_mask: object, attn_mask: object) -> None:
