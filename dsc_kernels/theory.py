@@ -290,7 +290,7 @@ def mutual_coherence(
     # filter to max |tap| = 1, so that filters of very different norms neither underflow nor overflow, and a small
     # filter's cosines are not judged against a large one's. All-zero filters give only zero atoms: dropped.
     top = w.abs().amax(dim=(1, 2, 3))
-    w = w[top > 0]
+    w, top = w[top > 0], top[top > 0]
     c_code = w.shape[0]
     if c_code == 0:  # no atom has a direction: no pair of atoms, mu = 0 (as for a single atom)
         return 0.0
@@ -298,14 +298,14 @@ def mutual_coherence(
     # An atom whose own taps are all below 1e-100 of its filter's largest (a border atom keeping only tiny taps)
     # would have its squares and products underflow once the filter is scaled: then every pair of truncation
     # classes is done on its own, each atom cut to its taps and scaled to its own largest one (slower; only then).
-    log_top = top[top > 0].log()
+    log_top = top.log()
     boxes = [
         w[:, :, h0:h1, v0:v1].abs().amax(dim=(1, 2, 3)) for (h0, h1), (v0, v1) in itertools.product(*map(set, wins))
     ]
     # e^-230 = 1e-100, compared in logs: the ratio itself could underflow
     tiny = any(bool(((box > 0) & (box.log() < log_top - 230.0)).any()) for box in boxes)
     if not tiny:
-        w = w / top[top > 0, None, None, None]
+        w = w / top[:, None, None, None]
     best = 0.0
     for dh, pairs_h in classes[0].items():
         for dw, pairs_w in classes[1].items():
