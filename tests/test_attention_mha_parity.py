@@ -75,11 +75,13 @@ def _by_hand(
     attn_mask=None,
     keep=None,
     dropout=0.0,
+    add_zero_attn=False,
 ):
     """F.multi_head_attention_forward's need_weights branch with ``attention`` in place of softmax.
 
-    params: MHA's state_dict names -> tensors; attention maps scores (B, H, N, M) to weights; keep: a {0, 1} mask
-    (B, H, N, M) of the weights dropout keeps. Returns (out, weights (B, H, N, M)), unbatched inputs without B."""
+    params: MHA's state_dict names -> tensors (with "bias_k"/"bias_v": add_bias_kv); attention maps scores
+    (B, H, N, M') to weights, M' = M plus the appended keys; keep: a {0, 1} mask (B, H, N, M') of the weights dropout
+    keeps. Returns (out, weights (B, H, N, M')), unbatched inputs without B."""
     batched = query.dim() == 3
     if batched and batch_first:
         query, key, value = (t.transpose(0, 1) for t in (query, key, value))
@@ -95,14 +97,24 @@ def _by_hand(
         w_q, w_k, w_v = params["q_proj_weight"], params["k_proj_weight"], params["v_proj_weight"]
     b_q, b_k, b_v = params["in_proj_bias"].chunk(3) if "in_proj_bias" in params else (None,) * 3
     q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+    extra = 0
+    if "bias_k" in params:  # (L, B, E) layout: one more key per sequence, every mask a visible column more
+        k = torch.cat([k, params["bias_k"].repeat(1, b, 1)])
+        v = torch.cat([v, params["bias_v"].repeat(1, b, 1)])
+        extra += 1
     q, k, v = (t.reshape(t.shape[0], b * h, d).transpose(0, 1) for t in (q, k, v))  # (B*H, L, d), index b*H + h
-    bias = torch.zeros(1, n, m, dtype=query.dtype)
+    if add_zero_attn:
+        k = torch.cat([k, torch.zeros(b * h, 1, d, dtype=k.dtype)], dim=1)
+        v = torch.cat([v, torch.zeros(b * h, 1, d, dtype=v.dtype)], dim=1)
+        extra += 1
+    bias = torch.zeros(1, n, m + extra, dtype=query.dtype)
     if attn_mask is not None:
-        mask = _bool_to_float(attn_mask, query.dtype)
+        mask = F.pad(_bool_to_float(attn_mask, query.dtype), (0, extra))
         bias = bias + (mask.unsqueeze(0) if mask.dim() == 2 else mask)
     if key_padding_mask is not None:
-        pad = _bool_to_float(key_padding_mask, query.dtype)
-        bias = bias + pad.view(b, 1, 1, m).expand(-1, h, -1, -1).reshape(b * h, 1, m)
+        pad = F.pad(_bool_to_float(key_padding_mask, query.dtype), (0, extra))
+        bias = bias + pad.view(b, 1, 1, m + extra).expand(-1, h, -1, -1).reshape(b * h, 1, m + extra)
+    m += extra
     s = torch.baddbmm(bias.expand(b * h, n, m), q * math.sqrt(1.0 / d), k.transpose(1, 2))
     p = attention(s.view(b, h, n, m))
     if keep is not None:
@@ -126,11 +138,12 @@ CASES = {
 }
 
 
-def _modules(case, batch_first, backend, mode="sparsemax", dtype=F64, seed=0):
-    """(SparseAttention, MHA with SparseAttention's state_dict, the params dict)."""
+def _modules(case, batch_first, backend, mode="sparsemax", dtype=F64, seed=0, **extra_keys):
+    """(SparseAttention, MHA with SparseAttention's state_dict, the params dict); extra_keys: add_bias_kv,
+    add_zero_attn."""
     e, h, kdim, vdim, bias, *_ = CASES[case]
     torch.manual_seed(seed)
-    kw = dict(kdim=kdim, vdim=vdim, bias=bias, batch_first=batch_first, dtype=dtype)
+    kw = dict(kdim=kdim, vdim=vdim, bias=bias, batch_first=batch_first, dtype=dtype, **extra_keys)
     sa = SparseAttention(e, h, mode=mode, threshold=0.05, backend=backend, **kw)
     if bias:  # MHA initialises the biases to 0: nonzero ones check where each is added
         with torch.no_grad():
@@ -249,11 +262,11 @@ def test_outputs_and_weights_match_the_sparsemax_pipeline(backend, case, batch_f
     want_out, want_w = _by_hand(
         params, query, key, value, num_heads=sa.num_heads, batch_first=batch_first, attention=_sparsemax
     )
-    nothing = ({}, dict(average_attn_weights=False))
-    for kwargs in (dict(need_weights=True, average_attn_weights=False), dict(need_weights=True), *nothing):
+    nothing = (dict(need_weights=False), dict(need_weights=False, average_attn_weights=False))
+    for kwargs in ({}, dict(average_attn_weights=False), *nothing):  # need_weights defaults to True, as MHA's
         out, w = sa(query, key, value, **kwargs)
         torch.testing.assert_close(out, want_out)
-        if not kwargs.get("need_weights"):
+        if not kwargs.get("need_weights", True):
             assert w is None
         elif kwargs.get("average_attn_weights", True):
             torch.testing.assert_close(w, want_w.mean(-3))
@@ -413,6 +426,156 @@ def test_is_causal_without_attn_mask_is_the_top_left_causal_mask(backend, case):
     assert "MultiheadAttention requires an attn_mask" in SparseAttention.forward.__doc__
 
 
+# ------------------------------------------------------------------------------ add_bias_kv and add_zero_attn
+EXTRA_KEYS = {
+    "bias_kv": dict(add_bias_kv=True),
+    "zero_attn": dict(add_zero_attn=True),
+    "both": dict(add_bias_kv=True, add_zero_attn=True),
+}
+
+
+def _extra_keys_modules(case, batch_first, backend, extra, mode="sparsemax"):
+    """_modules with extra keys; the zero key's column needs add_zero_attn in _by_hand."""
+    sa, mha, params = _modules(case, batch_first, backend, mode=mode, **EXTRA_KEYS[extra])
+    return sa, mha, params, dict(add_zero_attn=EXTRA_KEYS[extra].get("add_zero_attn", False))
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+@pytest.mark.parametrize("extra", list(EXTRA_KEYS))
+@pytest.mark.parametrize("case", ["self_h2", "cross_odd_h3", "kdim_vdim", "unbatched_kdim_vdim_h4"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_pipeline_with_appended_keys_is_multihead_attentions(extra, case, batch_first):
+    """With softmax, _by_hand's appended bias key/value and zero key/value are MHA's (outputs, weights with the
+    extra columns, every mask kind): the oracle of the tests below."""
+    _, mha, params, zero = _extra_keys_modules(case, batch_first, "reference", extra)
+    assert ("bias_k" in params) == EXTRA_KEYS[extra].get("add_bias_kv", False)
+    query, key, value = _inputs(case, batch_first)
+    for kind in [None, "kpm_bool", "kpm_float", "attn_bool_2d", "attn_float_3d", "kpm_bool_attn_float_3d"]:
+        masks = {} if kind is None else _masks(case, kind)
+        want_out, want_w = mha(query, key, value, need_weights=True, average_attn_weights=False, **masks)
+        out, w = _by_hand(
+            params,
+            query,
+            key,
+            value,
+            num_heads=mha.num_heads,
+            batch_first=batch_first,
+            attention=_softmax,
+            **zero,
+            **masks,
+        )
+        torch.testing.assert_close(out, want_out, msg=f"{kind}")
+        torch.testing.assert_close(w, want_w, msg=f"{kind}")
+        torch.testing.assert_close(mha(query, key, value, need_weights=False, **masks)[0], want_out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("extra", list(EXTRA_KEYS))
+@pytest.mark.parametrize("case", ["self_h2", "cross_odd_h3", "kdim_vdim", "unbatched_kdim_vdim_h4"])
+def test_appended_keys_match_the_sparsemax_pipeline_with_every_gradient(backend, extra, case):
+    """Outputs, weights (M + 1 or M + 2 columns, MHA's shape), and the gradients of every parameter (bias_k and
+    bias_v included) and input, with masks of both kinds."""
+    _skip_unless(backend)
+    sa, mha, params, zero = _extra_keys_modules(case, False, backend, extra)
+    inputs = tuple(t.detach().requires_grad_() for t in dict.fromkeys(_inputs(case, False)))
+    query, key, value = inputs if len(inputs) == 3 else inputs * 3
+    for kind in ["kpm_bool_attn_float_3d", "kpm_float_attn_bool_2d"]:
+        masks = _masks(case, kind)
+        want_out, want_w = _by_hand(
+            params,
+            query,
+            key,
+            value,
+            num_heads=sa.num_heads,
+            batch_first=False,
+            attention=_sparsemax,
+            **zero,
+            **masks,
+        )
+        out, w = sa(query, key, value, average_attn_weights=False, **masks)
+        assert w.shape == mha(query, key, value, average_attn_weights=False, **masks)[1].shape
+        torch.testing.assert_close(w.sum(-1), torch.ones(w.shape[:-1], dtype=F64))
+        _check_grads(sa, params, inputs, out, want_out, w, want_w)
+        out, _ = sa(query, key, value, need_weights=False, **masks)  # the fused path alone
+        _check_grads(sa, params, inputs, out, want_out, torch.zeros(()), torch.zeros(()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("extra", list(EXTRA_KEYS))
+def test_appended_keys_take_the_mass_of_fully_padded_sequences(backend, extra):
+    """A sequence whose keys are all padded still sees the appended keys (their mask columns are visible, as
+    MHA's)."""
+    _skip_unless(backend)
+    sa, mha, params, zero = _extra_keys_modules("cross_odd_h3", True, backend, extra, mode="shrink")
+    with torch.no_grad():
+        sa.threshold.fill_(-5.0)  # below every score: each visible key, appended ones included, gets weight
+    query, key, value = _inputs("cross_odd_h3", True)
+    padding = torch.zeros(2, key.shape[1], dtype=torch.bool)
+    padding[0] = True
+    want_out, want_w = _by_hand(
+        params,
+        query,
+        key,
+        value,
+        num_heads=3,
+        batch_first=True,
+        attention=_shrink(sa.threshold),
+        **zero,
+        key_padding_mask=padding,
+    )
+    out, w = sa(query, key, value, average_attn_weights=False, key_padding_mask=padding)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(w, want_w)
+    m = key.shape[1]
+    assert (w[0, ..., :m] == 0).all() and (w[0, ..., m:] > 0).all() and (w[1] > 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("extra", list(EXTRA_KEYS))
+@pytest.mark.parametrize("case", ["self_h2", "unbatched_self"])
+def test_appended_keys_stay_visible_under_is_causal(backend, extra, case):
+    """is_causal (with its mask as the hint, or alone) is MHA's mask path: the causal mask plus visible columns
+    for the appended keys, which sit past every query's position."""
+    _skip_unless(backend)
+    sa, mha, params, zero = _extra_keys_modules(case, False, backend, extra)
+    query, key, value = _inputs(case, False)
+    n, h = CASES[case][5], sa.num_heads
+    causal = _causal(n, n)
+    soft, _ = _by_hand(
+        params, query, key, value, num_heads=h, batch_first=False, attention=_softmax, attn_mask=causal, **zero
+    )
+    torch.testing.assert_close(mha(query, key, value, is_causal=True, attn_mask=causal)[0], soft)
+    want_out, want_w = _by_hand(
+        params, query, key, value, num_heads=h, batch_first=False, attention=_sparsemax, attn_mask=causal, **zero
+    )
+    for masks in (dict(attn_mask=causal), {}):
+        for need in (False, True):
+            out, w = sa(query, key, value, is_causal=True, need_weights=need, average_attn_weights=False, **masks)
+            torch.testing.assert_close(out, want_out)
+            if need:
+                torch.testing.assert_close(w, want_w)
+
+
+@pytest.mark.parametrize("extra", list(EXTRA_KEYS))
+def test_appended_keys_state_dict_and_repr_are_multihead_attentions(extra):
+    kw = dict(EXTRA_KEYS[extra], dtype=F64)
+    mha, sa = nn.MultiheadAttention(6, 2, **kw), SparseAttention(6, 2, backend="reference", **kw)
+    assert {k: tuple(v.shape) for k, v in sa.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in mha.state_dict().items()
+    }
+    assert [n for n, _ in sa.named_parameters()] == [n for n, _ in mha.named_parameters()]
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.normal_()
+    sa.load_state_dict(mha.state_dict())
+    for name, flag in EXTRA_KEYS[extra].items():
+        assert f"{name}={flag}" in repr(sa)
+    if sa.bias_k is not None:  # MHA's initialisation: xavier_normal_, nonzero
+        assert torch.equal(sa.bias_k, mha.bias_k)
+        fresh = SparseAttention(6, 2, backend="reference", **kw)
+        assert fresh.bias_k.abs().min() > 0 and fresh.bias_v.abs().min() > 0
+
+
 # ------------------------------------------------------------------------------------------ fully masked rows
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["cross_odd_h3", "no_bias_h1"])
@@ -557,7 +720,7 @@ def test_dropout_without_need_weights_drops_attention_weights(backend):
     m = key.shape[0]
     token = key[:1].expand_as(key)
     torch.manual_seed(0)
-    out, w = sa(query, token, token)
+    out, w = sa(query, token, token, need_weights=False)
     assert w is None
     w_v = params["in_proj_weight"].chunk(3)[2]
     u = F.linear(F.linear(token[0], w_v), params["out_proj.weight"])  # (B, E)
@@ -713,8 +876,8 @@ def test_bad_input_is_refused_by_name_before_any_kernel_runs(
 
 # ------------------------------------------------------------------------------------- signature, attributes
 def test_signature_and_attributes_are_multihead_attentions():
-    """Arguments in MHA's order with its defaults (need_weights excepted: False here, documented), and the
-    attributes MHA's users read (nn.Transformer* read batch_first, _qkv_same_embed_dim, in_proj_bias, ...)."""
+    """Arguments in MHA's order with its defaults (key and value default to the query here), and the attributes
+    MHA's users read (nn.Transformer* read batch_first, _qkv_same_embed_dim, in_proj_bias, ...)."""
     import inspect
 
     def params(f):
@@ -725,12 +888,13 @@ def test_signature_and_attributes_are_multihead_attentions():
     fwd, mha_fwd = params(SparseAttention.forward), params(nn.MultiheadAttention.forward)
     assert [n for n, _ in fwd] == [n for n, _ in mha_fwd]
     differ = {n for (n, d), (_, md) in zip(fwd, mha_fwd) if d != md and n not in ("key", "value")}
-    assert differ == {"need_weights"} and "default False" in SparseAttention.forward.__doc__
-    for kw in ({}, dict(kdim=3, vdim=5), dict(bias=False)):
+    assert differ == set()
+    extra_keys = (dict(add_bias_kv=True), dict(add_zero_attn=True), dict(add_bias_kv=True, add_zero_attn=True))
+    for kw in ({}, dict(kdim=3, vdim=5), dict(bias=False), *extra_keys):
         sa, mha = SparseAttention(6, 2, **kw), nn.MultiheadAttention(6, 2, **kw)
-        for name in ("bias_k", "bias_v", "add_zero_attn", "in_proj_weight", "in_proj_bias", "q_proj_weight"):
+        for name in ("bias_k", "bias_v", "in_proj_weight", "in_proj_bias", "q_proj_weight"):
             assert (getattr(sa, name) is None) == (getattr(mha, name) is None), name
-        assert sa.add_zero_attn is mha.add_zero_attn is False
+        assert sa.add_zero_attn is mha.add_zero_attn is kw.get("add_zero_attn", False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

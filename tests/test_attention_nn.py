@@ -40,7 +40,7 @@ def test_sparse_attention_matches_reference_math(backend, mode):
     _skip_unless(backend)
     m = SparseAttention(16, 4, mode=mode, threshold=0.2, backend=backend, **BF, **F64)
     x, y = torch.randn(2, 7, 16, **F64), torch.randn(2, 5, 16, **F64)
-    out, weights = m(x, y, y)
+    out, weights = m(x, y, y, need_weights=False)
     assert weights is None and out.shape == (2, 7, 16)
     torch.testing.assert_close(out, _manual(m, x, y, False))
     out_c, _ = m(x, is_causal=True)
@@ -127,8 +127,9 @@ def test_constructor_validation():
         SparseAttention(8, 2, 1.5)
     with pytest.raises(ValueError, match="threshold must be a finite float"):
         SparseAttention(8, 2, mode="shrink", threshold=float("nan"))
-    with pytest.raises(ValueError, match="add_bias_kv and add_zero_attn are not supported"):
-        SparseAttention(8, 2, add_bias_kv=True)
+    for name in ("add_bias_kv", "add_zero_attn"):
+        with pytest.raises(TypeError, match=f"{name} must be True or False"):
+            SparseAttention(8, 2, **{name: 1})
 
 
 def test_batch_first_defaults_to_sequence_first_like_multihead_attention():

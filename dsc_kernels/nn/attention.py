@@ -41,7 +41,9 @@ class SparseAttention(nn.Module):
         dropout: probability of zeroing an entry of the attention map while training, as MHA (the map is then
             formed densely: see ``forward``).
         bias: add biases to the input and output projections.
-        add_bias_kv, add_zero_attn: not supported (must be False).
+        add_bias_kv: learn a key and a value, ``bias_k`` and ``bias_v`` (1, 1, E), appended to every sequence's
+            projected keys and values (a key every query may attend to: masks get a visible column), as MHA.
+        add_zero_attn: append a key and a value of zeros after them (after ``bias_k``/``bias_v``), as MHA.
         kdim, vdim: features of key and value (default E); when they differ from E the projections are
             ``q_proj_weight`` (E, E), ``k_proj_weight`` (E, kdim), ``v_proj_weight`` (E, vdim), as in MHA.
         batch_first: False (MHA's default): inputs and output are (L, B, E); True: (B, L, E).
@@ -91,10 +93,13 @@ class SparseAttention(nn.Module):
             raise ValueError(f"dropout must be a float in [0, 1), got {dropout!r}")
         if not math.isfinite(threshold):
             raise ValueError(f"threshold must be a finite float, got {threshold!r}")
-        if add_bias_kv or add_zero_attn:
-            raise ValueError("add_bias_kv and add_zero_attn are not supported by SparseAttention")
         DF.check_backend(backend)
-        for name, flag in (("bias", bias), ("batch_first", batch_first)):
+        for name, flag in (
+            ("bias", bias),
+            ("add_bias_kv", add_bias_kv),
+            ("add_zero_attn", add_zero_attn),
+            ("batch_first", batch_first),
+        ):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be True or False, got {flag!r}")
         self.kdim = embed_dim if kdim is None else positive_int("kdim", kdim)
@@ -114,8 +119,12 @@ class SparseAttention(nn.Module):
             self.register_parameter("in_proj_weight", None)
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory)) if bias else None
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.bias_k = self.bias_v = None  # MHA's attributes without add_bias_kv
-        self.add_zero_attn = False
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+            self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
+        else:
+            self.bias_k = self.bias_v = None  # plain attributes, as MHA's
+        self.add_zero_attn = add_zero_attn
         if mode == "shrink":
             self.threshold = nn.Parameter(torch.full((num_heads,), float(threshold), **factory))
         else:
@@ -134,6 +143,9 @@ class SparseAttention(nn.Module):
         if self.in_proj_bias is not None:
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
 
     def merge_masks(self, attn_mask: Tensor | None, key_padding_mask: Tensor | None, query: Tensor) -> None:
         """Refuses: ``nn.TransformerEncoderLayer``'s inference fast path calls this, then MHA's fused softmax kernel
@@ -145,6 +157,8 @@ class SparseAttention(nn.Module):
 
     def extra_repr(self) -> str:
         dims = "" if self._qkv_same_embed_dim else f", kdim={self.kdim}, vdim={self.vdim}"
+        dims += ", add_bias_kv=True" if self.bias_k is not None else ""
+        dims += ", add_zero_attn=True" if self.add_zero_attn else ""
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{dims}, mode={self.mode!r}, "
             f"dropout={self.dropout}, batch_first={self.batch_first}, backend={self.backend!r}"
@@ -175,7 +189,7 @@ class SparseAttention(nn.Module):
         key: Tensor | None = None,
         value: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
-        need_weights: bool = False,
+        need_weights: bool = True,
         attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
@@ -201,9 +215,11 @@ class SparseAttention(nn.Module):
         scaled by 1 / (1 - dropout), as in MHA; the map is then formed densely, (B, H, N, M) (the fused kernels run
         in eval mode or with dropout 0).
 
-        Returns (out, weights): out like query with E features; weights None unless ``need_weights`` (default False,
-        unlike MHA: the dense weights cost N x M memory), then the dense (B, N, M) weights averaged over heads, or
-        (B, H, N, M) with ``average_attn_weights=False`` (after dropout when training, as MHA's).
+        Returns (out, weights): out like query with E features; weights: with ``need_weights`` (the default, as
+        MHA's) the dense (B, N, M) weights averaged over heads, or (B, H, N, M) with ``average_attn_weights=False``
+        (after dropout when training, as MHA's; M counts the keys ``add_bias_kv``/``add_zero_attn`` append), else
+        None. The weights cost N x M memory besides the fused output: pass ``need_weights=False`` (as
+        ``nn.TransformerEncoderLayer`` does) to keep the forward lean.
         """
         key = query if key is None else key
         value = key if value is None else value
@@ -239,6 +255,9 @@ class SparseAttention(nn.Module):
         if causal:
             attn_mask = None  # the hint: the mask is the causal one
         q, k, v = self._project(query, key, value, self_attention)
+        if self.bias_k is not None or self.add_zero_attn:
+            k, v, key_padding_mask, attn_mask = self._append_keys(k, v, key_padding_mask, attn_mask, causal, n)
+            causal = False  # now spelled out in attn_mask, which leaves the appended keys visible
         masks = dict(key_padding_mask=key_padding_mask, attn_mask=attn_mask)
         options = dict(mode=self.mode, threshold=self.threshold, causal=causal, **masks)
         p = None
@@ -258,6 +277,39 @@ class SparseAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return (out.squeeze(1 if not self.batch_first else 0) if unbatched else out), weights
+
+    def _append_keys(
+        self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None, causal: bool, n: int
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """k (B, H, M, d), v (B, H, M, d) -> (B, H, M + extra, d) with ``bias_k``/``bias_v``, then a zero key and
+        value, appended (MHA's order), and the masks given ``extra`` visible columns to match. A causal attention
+        (``causal``: is_causal, whose mask is then not read) becomes its explicit (N, M) mask first: the appended
+        keys sit past every query's position, where a causal mask would hide them, and MHA's mask path (need_weights
+        or a key_padding_mask) leaves them visible to every query."""
+        bsz, h, m, d = k.shape
+        appended_k, appended_v = [k], [v]
+        if self.bias_k is not None:
+            appended_k.append(self.bias_k.to(k.dtype).view(1, h, 1, d).expand(bsz, -1, -1, -1))
+            appended_v.append(self.bias_v.to(v.dtype).view(1, h, 1, d).expand(bsz, -1, -1, -1))
+        if self.add_zero_attn:
+            appended_k.append(k.new_zeros(bsz, h, 1, d))
+            appended_v.append(v.new_zeros(bsz, h, 1, d))
+        extra = len(appended_k) - 1
+        if causal:
+            attn_mask = torch.ones(n, m, dtype=torch.bool, device=k.device).triu(1)
+
+        def visible_columns(mask: Tensor | None) -> Tensor | None:
+            if mask is None:
+                return None
+            mask = mask.expand(*mask.shape[:-1], m)  # a broadcast key axis gets its M columns first
+            return torch.cat([mask, mask.new_zeros(*mask.shape[:-1], extra)], dim=-1)  # False / 0.0: visible
+
+        return (
+            torch.cat(appended_k, dim=2),
+            torch.cat(appended_v, dim=2),
+            visible_columns(key_padding_mask),
+            visible_columns(attn_mask),
+        )
 
     def _check_tensors(self, **tensors: object) -> None:
         """Types before any shape is read (a 1-D query used to fail inside ``transpose`` with an IndexError, an
@@ -365,7 +417,10 @@ class SparseCodingTransformerBlock(nn.Module):
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
         h = self.norm1(x)
-        h = x + self.attn(h, attn_mask=attn_mask, key_padding_mask=key_padding_mask, is_causal=is_causal)[0]
+        attended, _ = self.attn(
+            h, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False, is_causal=is_causal
+        )
+        h = x + attended
         u = self.norm2(h).transpose(1, 2)
         z = DF.conv_ista(
             u, self.dictionary, self.lam, n_iter=self.n_iter, step=self.step, z0=u, nonneg=True, backend=self.backend
