@@ -181,9 +181,31 @@ def test_meta_device(backend):
         assert block(torch.empty(2, 4, 8, device="meta")).shape == (2, 4, 8)
     m.to_empty(device="cpu")
     m.reset_parameters()
-    with torch.no_grad():
-        m.threshold.fill_(0.1)
     assert torch.isfinite(m(torch.randn(5, 3, 8))[0]).all()
+
+
+@pytest.mark.parametrize("add_bias_kv", [False, True])
+def test_meta_construction_then_reset_is_direct_construction(add_bias_kv):
+    """to_empty + reset_parameters gives what construction on the CPU gives from the same seed: every parameter,
+    the shrink threshold's initial value included (it kept to_empty's garbage), and the block's dictionary and
+    norms (it had no reset_parameters: uninitialised memory, non-finite outputs)."""
+    kw = dict(mode="shrink", threshold=0.3, add_bias_kv=add_bias_kv, backend="reference")
+    for make in (
+        lambda **f: SparseAttention(8, 2, **kw, **f),
+        lambda **f: SparseCodingTransformerBlock(8, 2, mode="shrink", threshold=0.3, backend="reference", **f),
+    ):
+        torch.manual_seed(0)
+        direct = make()
+        torch.manual_seed(0)
+        deferred = make(device="meta").to_empty(device="cpu")
+        with torch.no_grad():
+            for p in deferred.parameters():
+                p.fill_(float("nan"))  # what to_empty may leave
+        deferred.reset_parameters()
+        for (name, want), got in zip(direct.state_dict().items(), deferred.state_dict().values()):
+            torch.testing.assert_close(got, want, msg=name)
+    threshold = SparseAttention(8, 2, **kw).threshold
+    torch.testing.assert_close(threshold, torch.full((2,), 0.3))
 
 
 def test_help_documents_every_argument():
@@ -284,3 +306,30 @@ def test_modules_on_gpu_with_triton(mode):
     torch.testing.assert_close(fused(x, is_causal=True), ref(x, is_causal=True), atol=1e-3, rtol=1e-3)
     compiled = torch.compile(fused, fullgraph=True)
     torch.testing.assert_close(compiled(x, is_causal=True), ref(x, is_causal=True), atol=1e-3, rtol=1e-3)
+
+
+def test_block_refuses_an_input_of_another_dtype_by_name():
+    """It failed inside LayerNorm with "mixed dtype (CPU)", naming no argument."""
+    block = SparseCodingTransformerBlock(8, 2, backend="reference")
+    for bad in (torch.randn(2, 5, 8, dtype=torch.float64), torch.ones(2, 5, 8, dtype=torch.int64)):
+        with pytest.raises(TypeError, match="x must have the block's dtype torch.float32"):
+            block(bad)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "auto"])
+def test_autocast_runs_the_fused_backend_in_float32(backend):
+    """Under CPU autocast the projections give bfloat16 q, k, v; the ops' autocast rule computes them in float32,
+    so the cpp backend takes them (it raised: "supports float32, float64, got bfloat16")."""
+    _skip_unless(backend)
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    attn = SparseAttention(8, 2, batch_first=True, backend=backend)
+    block = SparseCodingTransformerBlock(8, 2, backend=backend)
+    for module in (attn, block):
+        want = module(x)
+        want = want[0] if isinstance(want, tuple) else want
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = module(x)
+        got = got[0] if isinstance(got, tuple) else got
+        # bfloat16 projections: within a few bfloat16 roundings of the float32 result
+        torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)

@@ -41,7 +41,6 @@ def test_choice_by_key():
 
 def test_deterministic_for_a_key():
     first = [cpu_cost.faster_on_cpu(_key(*s, b)) for s in (CONV_BOUND, LIGHT) for b in (False, True)]
-    cpu_cost.faster_on_cpu.cache_clear()
     again = [cpu_cost.faster_on_cpu(_key(*s, b)) for s in (CONV_BOUND, LIGHT) for b in (False, True)]
     assert first == again
 

@@ -388,3 +388,112 @@ def test_soft_threshold_negative_bias_with_nonneg():
     x = torch.randn(3, 2, 4)
     torch.testing.assert_close(module(x), torch.relu(x + 0.5))
     assert module.constraints() == []
+
+
+# ------------------------------------------------------------------ the tracked step across compile, copies, torch.func
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_training_forwards_track_the_step_as_eager(dtype):
+    """torch.compile (AOT autograd) dropped the in-place update of the 0-dim float64 step buffer: a compiled float64
+    training forward kept its first step and drifted from eager (2e-4, 4e-4, ...)."""
+    import copy
+
+    torch.manual_seed(0)
+    compiled_layer = ConvSparseCoding2d(2, 4, 3, n_iter=3, dtype=dtype, backend="reference")
+    eager = copy.deepcopy(compiled_layer)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    for _ in range(3):
+        x = torch.randn(2, 2, 7, 9, dtype=dtype)
+        torch.testing.assert_close(compiled(x), eager(x))
+        torch.testing.assert_close(compiled_layer.step, eager.step)
+
+
+def _copies(layer):
+    import copy
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    return {"deepcopy": copy.deepcopy(layer), "torch.load": torch.load(buffer, weights_only=False)}
+
+
+def test_a_copy_of_a_layer_computes_exactly_what_the_layer_does():
+    """The staleness check keyed the step to the weight's address, which a copy does not share: every copy
+    (deepcopy, torch.save/load) re-estimated 1/L in its first eval forward and answered 0.2% differently."""
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(3, 16, 5, n_iter=10, backend="reference")
+    x = torch.randn(2, 3, 16, 16)
+    layer(x)  # a training forward: the step follows the dictionary
+    layer.eval()
+    want = layer(x)
+    for name, copied in _copies(layer).items():
+        assert torch.equal(copied(x), want), name
+        assert torch.equal(copied.step, layer.step), name
+    as_double = _copies(layer)["deepcopy"].double()
+    assert torch.equal(as_double.step, layer.step.double())  # converted, not re-estimated
+    # a copy of a layer whose step is out of date re-estimates, as the layer does
+    with torch.no_grad():
+        layer.weight.mul_(2.0)
+    stale_copy = _copies(layer)["deepcopy"]
+    torch.testing.assert_close(stale_copy(x), layer(x))
+    assert float(layer.step) == pytest.approx(_inverse_lipschitz(layer), rel=0.02)
+
+
+def test_functional_call_leaves_the_layer_as_it_was_and_never_uses_a_stale_step():
+    """A substituted weight gets its own 1/L; the module's own weight then gets its step back exactly. Successive
+    temporaries can sit at one address with one version, and each still gets its own step (a stale 1/L for a 3x
+    larger dictionary makes ISTA diverge)."""
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=3, backend="reference").eval()
+    x = torch.randn(2, 2, 7, 9)
+    want, step = layer(x), layer.step.clone()
+    for scale in (2.0, 3.0, 4.0):
+        weight = layer.weight.detach() * scale
+        got = torch.func.functional_call(layer, {"weight": weight}, (x,))
+        inverse_lipschitz = 1 / DF.lipschitz_constant(weight, layer._probe_size(), padding=1, n_iter=300)
+        expected = DF.conv_ista(x, weight, layer.lam, n_iter=3, step=inverse_lipschitz, padding=1)
+        torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-2)  # 50 power iterations against 300
+        assert torch.equal(layer(x), want) and torch.equal(layer.step, step)
+
+
+def test_torch_func_grad_through_an_eval_layer():
+    """functorch's wrapped weight has no storage to read the staleness from: it raised from data_ptr()."""
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=3, backend="reference").eval()
+    x = torch.randn(2, 2, 7, 9)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(layer, p, (x,)).sum())(params)
+    layer(x).sum().backward()
+    torch.testing.assert_close(grads["weight"], layer.weight.grad)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(step=0.1)])
+def test_training_forward_on_meta_tensors(kw):
+    """Shape propagation on meta in training mode (the default) raised: torch.autocast("meta") in the power
+    iteration, Tensor.item() in the all-zero check."""
+    layer = ConvSparseCoding2d(2, 4, 3, device="meta", **kw)
+    assert layer.training
+    z = layer(torch.empty(2, 2, 7, 9, device="meta"))
+    assert z.shape == (2, 4, 7, 9) and z.is_meta
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e20, 1e30])
+def test_relative_thresholds_are_scale_invariant_at_extreme_scales(scale):
+    """The input RMS overflowed in float32 above ~1e19 (NaN codes) and underflowed below ~1e-19 (absolute
+    thresholds, all-zero codes)."""
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=3, relative=True, backend="reference").eval()
+    x = torch.randn(2, 2, 7, 9)
+    z = layer(x)
+    torch.testing.assert_close(layer(x * scale) / scale, z, rtol=1e-5, atol=1e-6 * float(z.abs().max()))
+    deep = DeepSparseCoding2d([2, 4, 8], 3, n_iter=2, backend="reference").eval()
+    for got, want in zip(deep(x * scale), deep(x)):
+        torch.testing.assert_close(got / scale, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+    nan = x.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    assert layer(nan)[0].isnan().all() and not layer(nan)[1].isnan().any()
+
+
+def test_soft_threshold_refuses_a_non_tensor_by_name():
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        SoftThreshold(0.1, 3)([1.0, 2.0])

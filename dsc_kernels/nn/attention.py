@@ -12,6 +12,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 
 from .. import _attention_args as attention_args
 from .. import functional as DF
@@ -118,23 +119,29 @@ class SparseAttention(nn.Module):
             self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory))
             self.register_parameter("in_proj_weight", None)
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory)) if bias else None
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        # uninitialised here: reset_parameters initialises every parameter once (a deferred construction on meta,
+        # to_empty and reset_parameters then give exactly what construction gives from the same seed)
+        where = torch.empty(0, device=device).device  # skip_init needs a device: None is the default one
+        self.out_proj = skip_init(nn.Linear, embed_dim, embed_dim, bias=bias, device=where, dtype=dtype)
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
             self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
         else:
             self.bias_k = self.bias_v = None  # plain attributes, as MHA's
         self.add_zero_attn = add_zero_attn
+        self._initial_threshold = float(threshold)
         if mode == "shrink":
-            self.threshold = nn.Parameter(torch.full((num_heads,), float(threshold), **factory))
+            self.threshold = nn.Parameter(torch.empty((num_heads,), **factory))
         else:
             self.register_parameter("threshold", None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """MultiheadAttention's initialisation, plus ``out_proj``'s own (MHA leaves it to construction, which would
-        leave it uninitialised after ``to_empty``)."""
+        leave it uninitialised after ``to_empty``) and the initial shrink threshold."""
         self.out_proj.reset_parameters()
+        if self.threshold is not None:
+            nn.init.constant_(self.threshold, self._initial_threshold)
         if self._qkv_same_embed_dim:
             nn.init.xavier_uniform_(self.in_proj_weight)
         else:
@@ -398,6 +405,17 @@ class SparseCodingTransformerBlock(nn.Module):
         )
         self.norm2 = nn.LayerNorm(dim, **factory)
         self.dictionary = nn.Parameter(torch.empty(dim, dim, 1, **factory))
+        self._reset_dictionary()  # the attention and the norms initialised themselves
+
+    def reset_parameters(self) -> None:
+        """Every parameter's initialisation again (what ``to_empty()`` after a ``device="meta"`` construction
+        needs): the norms', the attention's and the dictionary's (``nn.Conv1d``'s default)."""
+        self.norm1.reset_parameters()
+        self.attn.reset_parameters()
+        self.norm2.reset_parameters()
+        self._reset_dictionary()
+
+    def _reset_dictionary(self) -> None:
         nn.init.kaiming_uniform_(self.dictionary, a=math.sqrt(5))
 
     def extra_repr(self) -> str:
@@ -414,6 +432,9 @@ class SparseCodingTransformerBlock(nn.Module):
         """x (B, N, dim) -> (B, N, dim); masks as ``SparseAttention.forward`` (key_padding_mask (B, N))."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        dtype = self.dictionary.dtype
+        if x.dtype != dtype and not (x.is_floating_point() and _autocasting(x.device)):
+            raise TypeError(f"x must have the block's dtype {dtype}, got {x.dtype}")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
         h = self.norm1(x)

@@ -11,7 +11,9 @@ at construction; learned ones are kept valid by projected gradient descent after
 
 from __future__ import annotations
 
+import contextlib
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -39,6 +41,8 @@ POWER_STEPS_COLD = 50
 STEP_FLOOR = 1e-3
 # An all-zero training output is looked for on the first training forward and then every this many.
 ZERO_CHECK_EVERY = 50
+# What a copy of a module keeps of its step source when the step was up to date (ConvSparseCoding.__getstate__).
+_UP_TO_DATE = "up to date"
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -106,7 +110,9 @@ class SoftThreshold(_projection.Projected):
         return [(self.threshold, 0.0, None)] if learned and not self.nonneg else []
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C, *) with ``num_channels=C``, any shape otherwise -> same shape."""
+        """x: (B, C, *) with ``num_channels=C``, any shape otherwise -> same shape, in x's dtype (an activation:
+        a float64 x against a float32 threshold gives float64, as ``functional.soft_threshold``)."""
+        check.tensor("x", x)
         t = self.threshold
         if self.num_channels is not None:
             if x.dim() < 2 or x.shape[1] != self.num_channels:
@@ -146,9 +152,10 @@ _CSC_DOC = """Unrolled convolutional ISTA/FISTA layer (LISTA/CSCNet style when l
             State-dict key ``threshold``.
         step: the ISTA step; a float > 0 or tensor (n_iter,), fixed. Default None: 1/L with L = ||D||_2^2, tracked
             as the dictionary changes: a warm-started power iteration on every training forward, and in eval mode
-            a fresh estimate whenever ``weight`` changed since the last one (torch's in-place changes and new data;
-            edits through ``weight.data`` go unseen, and so does everything under ``torch.compile``: call
-            ``refresh_step_()`` after those). Stored as the buffer ``step``.
+            a fresh estimate whenever ``weight`` changed since the last one (torch's in-place changes, new data,
+            another tensor in its place such as ``torch.func.functional_call``'s; edits through ``weight.data`` go
+            unseen, and so does everything under ``torch.compile``: call ``refresh_step_()`` after those). Stored as
+            the buffer ``step``; copies of the layer (deepcopy, torch.save/load, ``.to()``) keep it as it is.
         learn_lam / learn_threshold: make ``lam`` / ``threshold`` a parameter of shape (n_iter, C_code) (one per
             iteration and channel, LISTA-style).
         learn_step: make ``step`` a parameter of shape (n_iter,) initialised at ``step`` (or 1/L).
@@ -325,7 +332,12 @@ class _ConvSparseCoding(_projection.Projected):
         lipschitz = v.new_zeros(())
         # in the weight's dtype: under autocast the synthesis came out in half precision and the analysis of it
         # against the float32 weight raised (a training forward under autocast always failed)
-        with torch.autocast(weight.device.type, enabled=False):
+        no_autocast = (
+            torch.autocast(weight.device.type, enabled=False)
+            if torch.amp.is_autocast_available(weight.device.type)
+            else contextlib.nullcontext()  # meta: no autocast to turn off (torch.autocast raised there)
+        )
+        with no_autocast:
             for _ in range(n_steps):
                 v = v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
                 dv = DF.conv_synthesis(v, weight, stride=self.stride, padding=self.padding, signal_size=probe)
@@ -341,7 +353,9 @@ class _ConvSparseCoding(_projection.Projected):
         # with no iteration L stays 0, whose 1/L stands in as 1: a tracked step would silently become 1
         inverse_lipschitz = self._power_iterate(_positive_int("n_steps", n_steps))
         if self._track_step:
-            self.step.copy_(inverse_lipschitz)
+            # Through a 1-element view: torch.compile (AOT autograd, torch 2.13) drops an in-place copy into a 0-dim
+            # float64 buffer, so a compiled float64 training forward kept its first step forever.
+            self.step.view(1).copy_(inverse_lipschitz.view(1))
         self._note_step_source()
         return inverse_lipschitz
 
@@ -352,17 +366,66 @@ class _ConvSparseCoding(_projection.Projected):
         weight = self.weight
         if weight.is_meta or weight.is_inference():
             return None
-        return weight.data_ptr(), weight._version
+        try:
+            return weight.data_ptr(), weight._version
+        except RuntimeError:  # torch.func's wrapped tensors (grad, vmap) have no storage: unreadable, as compiled
+            return None
+
+    def _source(self) -> tuple[weakref.ref, tuple[int, int]] | None:
+        """The weight a step is estimated from: the tensor object (weakly: a freed temporary's address is reused
+        at once, so a later tensor with other values could sit at the same address with the same version, as
+        successive ``torch.func.functional_call`` weights do) and its state."""
+        state = self._weight_state()
+        return None if state is None else (weakref.ref(self.weight), state)
+
+    def _is_current(self, source: object) -> bool:
+        return isinstance(source, tuple) and source[0]() is self.weight and source[1] == self._weight_state()
 
     def _note_step_source(self) -> None:
         # the weight the tracked step was last estimated from; an eval forward re-estimates when it has changed
         # (not traced: torch.compile cannot read version counters, and compiled eval forwards do not check)
         if not torch.compiler.is_compiling():
-            self._step_source = self._weight_state()
+            self._step_source = self._source()
 
     def _step_is_stale(self) -> bool:
-        state = self._weight_state()
-        return state is not None and state != getattr(self, "_step_source", None)
+        return self._weight_state() is not None and not self._is_current(getattr(self, "_step_source", None))
+
+    def _refresh_stale_step(self) -> None:
+        """An eval forward's re-estimate for a changed weight. The previous weight, back and unchanged
+        (``torch.func.functional_call`` substituting parameters for one call, then the module's own again), gets
+        its step and vector back, so that the round trip leaves the module computing exactly what it did."""
+        previous = self.__dict__.get("_previous_step")
+        current = (self._step_source, self.step.detach().clone(), self._power_vector.clone())
+        if previous is not None and self._is_current(previous[0]):
+            with torch.no_grad():
+                self.step.copy_(previous[1])
+                self._power_vector.copy_(previous[2])
+            self._note_step_source()
+        else:
+            self.refresh_step_(POWER_STEPS_COLD)
+        self._previous_step = current
+
+    # The step source names a tensor of this process, which a copy of the module (deepcopy, pickling, .to(dtype))
+    # does not share: what carries over is whether the step was up to date, so that a copy computes exactly what
+    # the original does instead of re-estimating 1/L in its first eval forward.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_step_source"] = _UP_TO_DATE if not self._step_is_stale() else None
+        state.pop("_previous_step", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.__dict__.get("_step_source") == _UP_TO_DATE:
+            self._note_step_source()
+
+    def _apply(self, fn, recurse: bool = True):
+        up_to_date = not self._step_is_stale()
+        self.__dict__.pop("_previous_step", None)
+        super()._apply(fn, recurse)
+        if up_to_date:
+            self._note_step_source()
+        return self
 
     @torch.no_grad()
     def normalize_dictionary_(self) -> _ConvSparseCoding:
@@ -383,13 +446,18 @@ class _ConvSparseCoding(_projection.Projected):
             elif not torch.compiler.is_compiling() and self._step_is_stale():
                 # The weight changed since the step was estimated (an optimiser step after the last training
                 # forward, a hand edit): a stale 1/L that is too large makes ISTA diverge silently.
-                self.refresh_step_(POWER_STEPS_COLD)
+                self._refresh_stale_step()
         scale = None
         if self.relative:
-            # Squares in at least float32: in float16 they overflow from |x| = 256 on, and the code became NaN.
-            rms = x.flatten(1).to(torch.promote_types(x.dtype, torch.float32)).pow(2).mean(1).sqrt()
-            rms = torch.where(rms > 0, rms, torch.ones_like(rms)).to(x.dtype)
-            scale = rms.reshape(-1, *([1] * (x.dim() - 1)))
+            # Each sample's RMS as peak * rms(x / peak), in at least float32: squares of x itself overflowed
+            # (float32 beyond |x| ~ 1e19, float16 from 256: NaN codes) or underflowed to an RMS of 0 (below ~1e-19:
+            # absolute thresholds, all-zero codes). An all-zero sample keeps scale 1; a NaN or inf makes its
+            # sample's scale, so its whole code, NaN (as layer_norm does), instead of silently scale 1.
+            flat = x.flatten(1).to(torch.promote_types(x.dtype, torch.float32))
+            peak = flat.abs().amax(1, keepdim=True)
+            peak = torch.where(peak == 0, torch.ones_like(peak), peak)
+            rms = (peak * (flat / peak).pow(2).mean(1, keepdim=True).sqrt()).to(x.dtype)
+            scale = torch.where(rms == 0, torch.ones_like(rms), rms).reshape(-1, *([1] * (x.dim() - 1)))
             x = x / scale
         values = {self._threshold_name: getattr(self, self._threshold_name)}  # lam= or threshold=
         z = DF.conv_ista(
@@ -425,7 +493,9 @@ class _ConvSparseCoding(_projection.Projected):
 
     def _warn_if_all_zero(self, z: Tensor) -> None:
         self._zero_checks += 1
-        if (self._zero_checks - 1) % ZERO_CHECK_EVERY == 0 and z.numel() and not bool(z.detach().any()):
+        if z.is_meta or not z.numel() or (self._zero_checks - 1) % ZERO_CHECK_EVERY != 0:
+            return
+        if not bool(z.detach().any()):
             _warnings.warn(
                 f"{type(self).__name__}({self.in_channels}, {self.code_channels}): every code is exactly "
                 f"zero in this training batch, so no gradient reaches the layer's inputs; its thresholds "

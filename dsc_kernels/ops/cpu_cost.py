@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
@@ -68,7 +67,6 @@ class ConvIstaKey:
         return tuple(self.weight_size[2:]) == tuple(self.x_size[2:]) and not any(self.padding)
 
 
-@lru_cache(maxsize=4096)
 def faster_on_cpu(key: ConvIstaKey) -> str:
     """``"cpp"`` or ``"reference"``: the one the model expects to run this key faster."""
     if not key.backward or key.kernel_covers_map:

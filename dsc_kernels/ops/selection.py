@@ -143,6 +143,16 @@ def _missing(row: Backend, features: tuple[str, ...]) -> list[str]:
     return [f for f in features if f not in row.features]
 
 
+def _running_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype an op runs in: inside an autocast region every op's autocast rule (registry) casts float16 and
+    bfloat16 inputs to float32, so a half-precision input there (an autocast projection's output) runs on a fused
+    backend that takes only float32 and float64."""
+    lowered = dtype in (torch.float16, torch.bfloat16)
+    if lowered and torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+        return torch.float32
+    return dtype
+
+
 def select(
     family: str,
     backend: str,
@@ -158,6 +168,7 @@ def select(
     ``prefers(name)``, when given, is the call's cost model (e.g. ``cpu_cost.hook``): ``auto`` skips a candidate
     it declines."""
     name = _requested(backend)
+    dtype = _running_dtype(device, dtype)
     if name != "auto":
         if name not in table.NOT_BUILT and _missing(table.row(family, name), features):
             able = [r.name for r in table.rows(family) if not _missing(r, features)]
