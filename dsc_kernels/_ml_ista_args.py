@@ -36,9 +36,13 @@ def dictionary(name: str, w: object, rank: int, n_steps: int, steps_name: str) -
         return w.unsqueeze(0)
     if w.dim() == rank + 3:
         if w.shape[0] != n_steps:
-            # a 1-D x with a 2-D weight reads as 1-D per-step dictionaries: say which rank x would need instead
-            hint = " (or, for a 2-D weight, x must have rank 4: (B, C, H, W))" if rank == 1 else ""
-            raise ValueError(f"{name} holds {w.shape[0]} per-step dictionaries, expected {steps_name}={n_steps}{hint}")
+            if rank == 1:  # most often a 2-D weight with an x of rank 3 (unbatched): lead with x's rank
+                raise ValueError(
+                    f"x is 1-D (B, C, L), so {name} of shape {tuple(w.shape)} reads as {w.shape[0]} per-step 1-D "
+                    f"dictionaries, expected {steps_name}={n_steps}; for a 2-D dictionary x must have rank 4: "
+                    "(B, C, H, W)"
+                )
+            raise ValueError(f"{name} holds {w.shape[0]} per-step dictionaries, expected {steps_name}={n_steps}")
         return w
     raise ValueError(
         f"{name} must be (C_out, C_in{', k' * rank}) or per step ({steps_name}, C_out, C_in"
@@ -65,13 +69,15 @@ def per_step_values(
     *,
     steps_name: str,
     nonnegative: bool = False,
+    negative_hint: str = "",
     positive: bool = False,
 ) -> Tensor:
     """A float or tensor of shape (), (C,) [thresholds], (S,) [steps] or (S, C) -> (S, C) or (S,) in like's dtype
-    (broadcast with autograd: a shared value's gradient is the sum over its uses)."""
+    (broadcast with autograd: a shared value's gradient is the sum over its uses). negative_hint follows the name
+    in the message of the sign check alone."""
     value = check.scalar_or_tensor(name, value)
     if nonnegative:
-        check.nonnegative(name, value)
+        check.nonnegative(name + negative_hint, value)
     if positive:
         check.positive(name, value, like.dtype)
     check.fits_dtype(name, value, like.dtype)
@@ -157,13 +163,14 @@ def ml_ista_arguments(
             raise ValueError(f"thresholds[{j}] is missing: give a float or a tensor per layer")
         out["thresholds"].append(
             per_step_values(
-                f"thresholds[{j}] (negative thresholds need nonneg=True)" if not nonneg else f"thresholds[{j}]",
+                f"thresholds[{j}]",
                 thresholds[j],
                 n_steps,
                 w.shape[1],
                 x,
                 steps_name=steps_name,
                 nonnegative=not nonneg,
+                negative_hint=" (negative thresholds need nonneg=True)",
             )
         )
         if steps[j] is None:

@@ -144,7 +144,8 @@ def _modules(case, batch_first, backend, mode="sparsemax", dtype=F64, seed=0, **
     e, h, kdim, vdim, bias, *_ = CASES[case]
     torch.manual_seed(seed)
     kw = dict(kdim=kdim, vdim=vdim, bias=bias, batch_first=batch_first, dtype=dtype, **extra_keys)
-    sa = SparseAttention(e, h, mode=mode, threshold=0.05, backend=backend, **kw)
+    shrink = dict(threshold=0.05) if mode == "shrink" else {}
+    sa = SparseAttention(e, h, mode=mode, backend=backend, **shrink, **kw)
     if bias:  # MHA initialises the biases to 0: nonzero ones check where each is added
         with torch.no_grad():
             sa.in_proj_bias.normal_()
@@ -758,7 +759,8 @@ def test_gradcheck_the_layer(backend, mode):
     """torch.autograd.gradcheck of the layer in float64, every parameter and input, with a key padding mask."""
     _skip_unless(backend)
     torch.manual_seed(0)
-    sa = SparseAttention(4, 2, kdim=3, vdim=5, batch_first=True, mode=mode, threshold=0.05, backend=backend, dtype=F64)
+    shrink = dict(threshold=0.05) if mode == "shrink" else {}
+    sa = SparseAttention(4, 2, kdim=3, vdim=5, batch_first=True, mode=mode, backend=backend, dtype=F64, **shrink)
     with torch.no_grad():
         sa.in_proj_bias.normal_()
     names = [n for n, _ in sa.named_parameters()]

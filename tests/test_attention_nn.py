@@ -38,7 +38,9 @@ def _manual(module: SparseAttention, x: torch.Tensor, y: torch.Tensor, causal: b
 @pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
 def test_sparse_attention_matches_reference_math(backend, mode):
     _skip_unless(backend)
-    m = SparseAttention(16, 4, mode=mode, threshold=0.2, backend=backend, **BF, **F64)
+    m = SparseAttention(
+        16, 4, mode=mode, backend=backend, **(dict(threshold=0.2) if mode == "shrink" else {}), **BF, **F64
+    )
     x, y = torch.randn(2, 7, 16, **F64), torch.randn(2, 5, 16, **F64)
     out, weights = m(x, y, y, need_weights=False)
     assert weights is None and out.shape == (2, 7, 16)
@@ -127,6 +129,11 @@ def test_constructor_validation():
         SparseAttention(8, 2, 1.5)
     with pytest.raises(ValueError, match="threshold must be a finite float"):
         SparseAttention(8, 2, mode="shrink", threshold=float("nan"))
+    with pytest.raises(ValueError, match="threshold applies to mode='shrink' only"):  # it was silently ignored
+        SparseAttention(8, 2, mode="sparsemax", threshold=5.0)
+    with pytest.raises(ValueError, match="threshold applies to mode='shrink' only"):
+        SparseCodingTransformerBlock(8, 2, threshold=5.0)
+    assert float(SparseAttention(8, 2, mode="shrink").threshold[0]) == 0.5
     for name in ("add_bias_kv", "add_zero_attn"):
         with pytest.raises(TypeError, match=f"{name} must be True or False"):
             SparseAttention(8, 2, **{name: 1})
@@ -333,3 +340,8 @@ def test_autocast_runs_the_fused_backend_in_float32(backend):
         got = got[0] if isinstance(got, tuple) else got
         # bfloat16 projections: within a few bfloat16 roundings of the float32 result
         torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+
+
+def test_block_names_dim_when_heads_do_not_divide_it():
+    with pytest.raises(ValueError, match=r"dim \(63\) must be divisible by num_heads \(4\)"):
+        SparseCodingTransformerBlock(63, 4)

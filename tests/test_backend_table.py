@@ -123,3 +123,15 @@ def test_environment_variable_is_case_insensitive_and_named_in_errors(monkeypatc
     monkeypatch.setenv("DSC_KERNELS_BACKEND", "cpu-fast")
     with pytest.raises(ValueError, match="DSC_KERNELS_BACKEND"):
         DF.conv_ista(torch.randn(1, 1, 8, 8), torch.randn(2, 1, 3, 3), 0.1, n_iter=1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks about CUDA on a machine without it")
+def test_no_backend_claims_cuda_tensors_on_a_machine_without_cuda():
+    """available_backends('cuda') listed triton where torch sees no GPU."""
+    assert DF.available_backends("cuda") == ["reference"]
+    assert "CUDA is not available" in DF.backend_unavailable_reason("triton", "cuda")
+
+
+def test_the_backend_list_in_errors_says_which_name_is_not_built():
+    with pytest.raises(ValueError, match=r"auto, reference, cpp, triton, cuda \(not in this release\), got 'bogus'"):
+        DF.check_backend("bogus")

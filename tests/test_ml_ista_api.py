@@ -338,3 +338,21 @@ def test_conv_ista_variants_reject_bad_input(overrides, error, words):
     x, weight, lam = kwargs.pop("x"), kwargs.pop("weight"), kwargs.pop("lam")
     with pytest.raises(error, match=words):
         DF.conv_ista(x, weight, lam, **kwargs)
+
+
+def test_an_unbatched_image_with_a_2d_weight_is_told_about_x_first():
+    """x (C, H, W) reads as a 1-D batch, and a 2-D weight as per-step 1-D dictionaries: the message led with the
+    dictionaries' count instead of x's rank."""
+    with pytest.raises(ValueError, match=r"x is 1-D \(B, C, L\).*2-D dictionary x must have rank 4: \(B, C, H, W\)"):
+        DF.conv_ista(torch.randn(1, 16, 16), torch.randn(8, 1, 3, 3), 0.1, n_iter=3)
+
+
+def test_a_threshold_shape_error_carries_no_sign_hint():
+    """The hint about negative thresholds belongs to the sign check; a shape error quoted it too."""
+    x = torch.randn(1, 1, 12, 12, dtype=D)
+    weights = [torch.randn(4, 1, 3, 3, dtype=D), torch.randn(4, 4, 3, 3, dtype=D)]
+    with pytest.raises(ValueError, match=r"^thresholds\[1\] must have shape") as err:
+        DF.ml_ista(x, weights, [0.1, torch.zeros(4, 4, dtype=D)], n_iter=2, nonneg=False)
+    assert "negative" not in str(err.value)
+    with pytest.raises(ValueError, match=r"negative thresholds need nonneg=True\) must be >= 0"):
+        DF.ml_ista(x, weights, [0.1, -0.2], n_iter=2, nonneg=False)

@@ -497,3 +497,8 @@ def test_relative_thresholds_are_scale_invariant_at_extreme_scales(scale):
 def test_soft_threshold_refuses_a_non_tensor_by_name():
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         SoftThreshold(0.1, 3)([1.0, 2.0])
+
+
+def test_repr_shows_a_fixed_scalar_threshold():
+    assert "lam=0.1," in repr(ConvSparseCoding2d(1, 8, 5))
+    assert "threshold=0.2," in repr(ConvSparseCoding2d(1, 8, 5, threshold=0.2, nonneg=True))

@@ -257,3 +257,22 @@ def test_empty_z0_means_zeros():
     torch.testing.assert_close(z, z_zeros, rtol=0, atol=0)
     grads = conv_ista_bwd_ref(torch.ones_like(z), *args, p["x"].new_empty(0), z, saved, *geo, 2)
     assert grads[-1].shape == (0,)
+
+
+def test_fista_first_momentum_is_no_term_at_all():
+    """FISTA's beta_1 = 0: y_1 = z_1 exactly. The reference computed z_1 + 0 * (z_1 - z_0), NaN where an infinite
+    input made a code infinite, at positions where the recurrence (and the cpp backend) gives a number."""
+    import torch.nn.functional as F
+
+    from dsc_kernels.reference.conv_ista import conv_ista_ref
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 1, 20, generator=g, dtype=torch.float64)
+    x[0, 0, 0, 5] = float("inf")
+    w = torch.randn(3, 2, 1, 3, generator=g, dtype=torch.float64)
+    lam, step = torch.full((2, 3), 0.1, dtype=torch.float64), torch.full((2,), 0.1, dtype=torch.float64)
+    z = conv_ista_ref(x, w, lam, step, padding=(0, 1), nonneg=True, fista=True)
+    z1 = torch.relu(step[0] * F.conv2d(x, w, padding=(0, 1)) - step[0] * lam[0].view(1, -1, 1, 1))
+    r = x - F.conv_transpose2d(z1, w, padding=(0, 1))
+    want = torch.relu(z1 + step[1] * F.conv2d(r, w, padding=(0, 1)) - step[1] * lam[1].view(1, -1, 1, 1))
+    assert torch.equal(z.isnan(), want.isnan()) and torch.equal(z.isinf(), want.isinf())

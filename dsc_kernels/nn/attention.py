@@ -20,6 +20,8 @@ from ._args import check_value, flags, positive_int
 
 __all__ = ["SparseAttention", "SparseCodingTransformerBlock"]
 
+DEFAULT_SHRINK_THRESHOLD = 0.5  # shrink mode's initial per-head threshold
+
 
 def _autocasting(device: torch.device) -> bool:
     """Whether autocast is on for device's type (it casts the projections' inputs); False where it has none."""
@@ -50,8 +52,8 @@ class SparseAttention(nn.Module):
         batch_first: False (MHA's default): inputs and output are (L, B, E); True: (B, L, E).
         device, dtype: where and in which dtype the parameters are created (``"meta"`` works).
         mode: "sparsemax" or "shrink" (keyword only).
-        threshold: initial per-head shrink threshold (keyword only; the learnable (H,) parameter ``threshold``
-            exists in shrink mode only).
+        threshold: initial per-head shrink threshold, default 0.5 (keyword only; the learnable (H,) parameter
+            ``threshold`` exists in shrink mode only, and sparsemax refuses one: it has no threshold to set).
         backend: "auto", "reference", "cpp" or "triton" (keyword only; see ``functional.sparse_attention``).
 
     Parameters ``in_proj_weight`` (3E, E) (or the three separate weights), ``in_proj_bias`` (3E,) and
@@ -78,7 +80,7 @@ class SparseAttention(nn.Module):
         dtype: torch.dtype | None = None,
         *,
         mode: str = "sparsemax",
-        threshold: float = 0.5,
+        threshold: float | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -87,6 +89,9 @@ class SparseAttention(nn.Module):
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if mode not in DF.ATTENTION_MODES:
             raise ValueError(f"mode must be one of {DF.ATTENTION_MODES}, got {mode!r}")
+        if threshold is not None and mode != "shrink":  # it would be silently ignored (functional raises too)
+            raise ValueError(f"threshold applies to mode='shrink' only, got threshold={threshold!r} with mode={mode!r}")
+        threshold = DEFAULT_SHRINK_THRESHOLD if threshold is None else threshold
         for name, value in (("dropout", dropout), ("threshold", threshold)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a float, got {value!r}")
@@ -375,7 +380,7 @@ class SparseCodingTransformerBlock(nn.Module):
         num_heads: int,
         *,
         mode: str = "sparsemax",
-        threshold: float = 0.5,
+        threshold: float | None = None,
         n_iter: int = 1,
         lam: float = 0.1,
         step: float = 0.1,
@@ -387,6 +392,8 @@ class SparseCodingTransformerBlock(nn.Module):
     ) -> None:
         super().__init__()
         dim, n_iter = positive_int("dim", dim), positive_int("n_iter", n_iter)
+        if dim % positive_int("num_heads", num_heads) != 0:  # named here: SparseAttention would say embed_dim
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         lam, step = check_value("lam", lam, [()]), check_value("step", step, [()], positive=True)
         DF.check_backend(backend)
         factory = dict(device=device, dtype=dtype)

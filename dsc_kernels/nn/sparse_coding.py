@@ -521,7 +521,10 @@ class _ConvSparseCoding(_projection.Projected):
         options += [name for name in ("nonneg", "fista", "relative", "recompute") if getattr(self, name)]
         if self.encoder_weight is not None:
             options.append("untied")
-        if self._threshold_name == "threshold":
+        value = getattr(self, self._threshold_name)
+        if not isinstance(value, nn.Parameter) and value.dim() == 0 and not value.is_meta:
+            options.append(f"{self._threshold_name}={float(value):.4g}")  # a fixed scalar: worth reading off
+        elif self._threshold_name == "threshold":
             options.append("threshold=absolute")
         options += [
             f"learn_{name}"

@@ -27,6 +27,8 @@ from .table import Backend
 
 ENV_VAR = "DSC_KERNELS_BACKEND"
 KNOWN_NAMES = ("auto", *table.BACKEND_NAMES, *table.NOT_BUILT)  # what ``backend=`` may say
+# KNOWN_NAMES as error messages list them: a name without a row says it is not built
+_KNOWN = ", ".join(("auto", *table.BACKEND_NAMES, *(f"{n} (not in this release)" for n in table.NOT_BUILT)))
 
 # Each family's module: its schema, fakes, autograd, op_pair(backend) and run(row, ...).
 FAMILY_MODULES = {"conv_ista": conv_ista, "sparse_attention": sparse_attention, "ml_ista": ml_ista}
@@ -65,7 +67,10 @@ def _triton_reason(device: torch.device) -> str | None:
             f"{os.environ.get('TRITON_INTERPRET', '')!r} now); Triton reads it once, so set it before importing "
             "dsc_kernels or torch"
         )
-    if device.type == "cuda" or (device.type == "cpu" and _interpreting_now()):
+    if device.type == "cuda":
+        # a question about CUDA tensors where torch sees no GPU: nothing here could run them
+        return None if torch.cuda.is_available() else "CUDA is not available here (torch.cuda.is_available() is False)"
+    if device.type == "cpu" and _interpreting_now():
         return None
     return (
         f"the triton backend needs CUDA tensors (got {device.type}); on CPU it runs only under the interpreter "
@@ -115,7 +120,7 @@ def backend_name(backend: object, family: str | None = None) -> str:
         raise TypeError(f"backend must be a string such as 'auto', 'reference', 'cpp' or 'triton', got {backend!r}")
     name = backend.strip().lower()
     if name not in KNOWN_NAMES:
-        raise ValueError(f"backend must be one of {KNOWN_NAMES}, got {backend!r}")
+        raise ValueError(f"backend must be one of {_KNOWN}, got {backend!r}")
     if family is not None and name != "auto" and name not in table.NOT_BUILT:
         names = [row.name for row in table.rows(family)]
         if name not in names:
@@ -130,7 +135,7 @@ def _requested(backend: object) -> str:
     env = os.environ.get(ENV_VAR, "").strip().lower()
     if env and env not in KNOWN_NAMES:
         raise ValueError(
-            f"the environment variable {ENV_VAR} must be one of {KNOWN_NAMES} (or empty), got {os.environ[ENV_VAR]!r}"
+            f"the environment variable {ENV_VAR} must be one of {_KNOWN} (or empty), got {os.environ[ENV_VAR]!r}"
         )
     return env or "auto"
 

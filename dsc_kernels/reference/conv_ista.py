@@ -94,7 +94,8 @@ def conv_ista_ref(
     betas = fista_momentum(step.shape[0])
     z_prev = z = z0
     for k in range(step.shape[0]):
-        y = z + betas[k] * (z - z_prev) if fista and k > 0 else z
+        # beta_1 = 0: no momentum term at all (0 * (z - z_prev) is NaN where a code is infinite)
+        y = z + betas[k] * (z - z_prev) if fista and betas[k] != 0 else z
         z_prev, z = z, _ista_step(x, y, weight, encoder_weight, lam[k], step[k], stride, padding, nonneg)
     return z
 
@@ -226,7 +227,7 @@ def _run_iterates(
     zs = [z0]
     prev = z_prev
     for k in range(first, stop):
-        y = zs[-1] + betas[k] * (zs[-1] - prev) if fista and k > 0 else zs[-1]
+        y = zs[-1] + betas[k] * (zs[-1] - prev) if fista and betas[k] != 0 else zs[-1]
         prev = zs[-1]
         zs.append(_ista_step(x, y, weight, encoder_weight, lam[k], step[k], stride, padding, nonneg, residuals))
     return zs
@@ -309,7 +310,7 @@ def conv_ista_bwd_ref(
         kept = saved_residuals(saved, x.shape, n_iter) if keeps_residuals(checkpoint) else None
         for k in reversed(range(n_iter)):
             z_new = zs[k + 1]
-            use_momentum = fista and k > 0
+            use_momentum = fista and betas[k] != 0
             y = zs[k] + betas[k] * (zs[k] - zs[k - 1]) if use_momentum else zs[k]
             active = z_new != 0
             gu = torch.where(active, g_next, torch.zeros_like(g_next))

@@ -179,7 +179,7 @@ class Problem:
 
 
 def _momentum(p: Problem, k: int, code: Tensor, previous: Tensor | None, betas: list[float]) -> Tensor:
-    return code + betas[k] * (code - previous) if p.fista and k > 0 else code
+    return code + betas[k] * (code - previous) if p.fista and betas[k] != 0 else code  # 0 * inf would be NaN
 
 
 def ml_ista_ref(
