@@ -339,3 +339,39 @@ def test_unknown_strategy_is_a_clear_error(monkeypatch):
     x, w, _, _, _ = _tensors((1, 1, 6, 6), (2, 1, 3, 3), 2, untied=False, z0=False, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="DSC_KERNELS_CPP_STRATEGY must be direct, gemm or auto"):
         DF.conv_ista(x, w, 0.1, n_iter=2, step=0.1, backend="cpp")
+
+
+def _same_nan_and_values(got, want, what):
+    assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN at other positions"
+    torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-9, atol=1e-9, msg=what)
+
+
+@pytest.mark.parametrize("strategy", ["auto", "direct"])
+@pytest.mark.parametrize("where", ["x", "z0", "grad_z"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("fista", [False, True])
+def test_inf_and_nan_spread_as_the_reference_spreads_them(monkeypatch, strategy, where, value, fista):
+    """The direct strategy's polyphase synthesis ran a column stride's phases over the union of their windows with
+    zero taps, so 0 * inf and 0 * NaN made NaN in columns the phase never reaches: the NaN region grew by a column
+    per side and iteration beyond torch.nn.functional's. Non-finite inputs with a column stride now take the gemm
+    strategy, even when DSC_KERNELS_CPP_STRATEGY forces direct. Gradients are compared where the forward is finite
+    (a NaN code's active set is a convention of its own), with the non-finite value in grad_z."""
+    monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
+    xs, ws, stride, padding = (2, 2, 9, 30), (5, 2, 3, 6), [2, 3], [1, 2]
+    x, w, we, lam, step = _tensors(xs, ws, 3, untied=False, z0=False, dtype=torch.float64)
+    z0 = _z0(x, w, stride, padding, True, torch.float64)
+    if where == "x":
+        x[0, 1, 4, 13] = value
+    elif where == "z0":
+        z0[1, 2, 2, 4] = value
+    inputs, geo = (x, w, we, lam, step, z0), (stride, padding, False, fista)
+    out, out_ref = ops.conv_ista_fwd_cpp(*inputs, *geo, 2), conv_ista_fwd_ref(*inputs, *geo, 2)
+    _same_nan_and_values(out[0], out_ref[0], "z")
+    if where != "grad_z":
+        return
+    grad_z = torch.randn(out[0].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grad_z[0, 3, 2, 5] = value
+    got = ops.conv_ista_bwd_cpp(grad_z, *inputs, out[0], out[1], *geo, 2)
+    want = conv_ista_bwd_ref(grad_z, *inputs, out_ref[0], out_ref[1], *geo, 2)
+    for what, a, b in zip(("x", "weight", "encoder_weight", "lam", "step", "z0"), got, want):
+        _same_nan_and_values(a, b, what)

@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x, const 
     const StoredIterates<T> out = stored<T>(ck, g, z.data_ptr<T>(), saved);
     if (g.empty_signal())
       shrink_only_forward<T>(p, out);
-    else if (choose_strategy(g, Pass::forward) == Strategy::gemm)
+    else if (choose_strategy(g, Pass::forward, {x, z0}) == Strategy::gemm)
       gemm_forward<T>(p, out);
     else
       direct_forward<T>(p, out);
@@ -223,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const StoredIterates<const T> in = stored<const T>(ck, g, z.numel() ? z.data_ptr<T>() : nullptr, saved);
     if (g.empty_signal())
       shrink_only_backward<T>(p, grad_z, grads);
-    else if (choose_strategy(g, Pass::backward) == Strategy::gemm)
+    else if (choose_strategy(g, Pass::backward, {x, z0, grad_z}) == Strategy::gemm)
       gemm_backward<T>(p, grad_z, in, ck.interval, grads);
     else
       direct_backward<T>(p, grad_z, in, ck.interval, grads);

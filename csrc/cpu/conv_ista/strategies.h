@@ -11,6 +11,8 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
+
 #include "problem.h"
 
 namespace dsc_kernels {
@@ -23,6 +25,10 @@ const char* strategy_name(Strategy s);
 // The strategy for one pass of a problem: DSC_KERNELS_CPP_STRATEGY=direct|gemm forces one for both passes; otherwise
 // (unset, empty or "auto") the rule in strategy.cpp decides from the geometry and the pass.
 Strategy choose_strategy(const ConvGeometry& g, Pass pass);
+
+// choose_strategy's pick for a pass given the tensors it reads (x, z0 and, backwards, grad_z): gemm instead of
+// direct where a column stride meets inf or NaN in them (strategy.cpp says why).
+Strategy choose_strategy(const ConvGeometry& g, Pass pass, std::initializer_list<at::Tensor> inputs);
 
 // Forward: z_n into out.z and the checkpoints into out.saved.
 template <typename T>

@@ -81,6 +81,20 @@ Strategy choose_strategy(const ConvGeometry& g, Pass pass) {
   return Strategy::direct;
 }
 
+// The direct strategy's polyphase synthesis (direct_iteration.h) runs the column phases of a stride as one
+// correlation over the union of their windows, where the taps outside a phase's own window weigh zero: a code that
+// is inf or NaN then makes NaN (0 * inf, 0 * NaN) in signal columns its phase never reaches, and the NaN region grew
+// by a column per side and iteration beyond torch.nn.functional's. Such calls, rare and never timed, take the gemm
+// strategy, whose ATen convolutions spread NaN exactly as torch.nn.functional does; finite inputs pay one pass over
+// them, and only when the column stride exceeds 1.
+Strategy choose_strategy(const ConvGeometry& g, Pass pass, std::initializer_list<at::Tensor> inputs) {
+  const Strategy chosen = choose_strategy(g, pass);
+  if (chosen == Strategy::gemm || g.SW == 1) return chosen;
+  for (const at::Tensor& t : inputs)
+    if (t.numel() > 0 && !at::isfinite(t).all().item<bool>()) return Strategy::gemm;
+  return chosen;
+}
+
 int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, const Checkpoints& ck, Pass pass) {
   const int64_t checkpoint = ck.interval;
   const int64_t cols = std::max<int64_t>(1, g.Hz * g.Wz);
