@@ -10,20 +10,38 @@ from pathlib import Path
 from . import __version__
 
 
+def _training_runs_problem(runs: str | None) -> str | None:
+    """Why --training-runs holds no digits run the report's training section can read, or None."""
+    if runs is None:
+        return None
+    if not Path(runs).is_dir():
+        return f"argument --training-runs: {runs} is not a folder"
+    from .recipes.report_section import _read
+
+    try:
+        _read(Path(runs))  # what the training section reads: else it writes "Not measured" into the report
+    except (OSError, ValueError, KeyError) as exc:  # also an unreadable or malformed metrics.json
+        return f"argument --training-runs: {runs} holds no `train --recipe digits` run ({type(exc).__name__}: {exc})"
+    return None
+
+
 def _check_report_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Usage errors (exit status 2) before the report's minutes of work, never a traceback at its end."""
     from . import _cli_args as cli_args
 
     args.backend, backend = cli_args.backend_problem(args.backend, args.device)
-    runs, out = args.training_runs, cli_args.out_folder_problem(Path(args.out))
+    out = cli_args.out_folder_problem(Path(args.out))
     for problem in (
         cli_args.device_problem(args.device),
         backend,
         None if out is None else f"argument --out: {out}",
-        None if runs is None or Path(runs).is_dir() else f"argument --training-runs: {runs} is not a folder",
+        _training_runs_problem(args.training_runs),
     ):
         if problem is not None:
             parser.error(problem)
+    # created last, so a run rejected above leaves no empty folder; os.access above says yes to root even for /proc/x
+    if (problem := cli_args.create_folders_problem([Path(args.out)])) is not None:
+        parser.error(f"argument --out: {problem}")
 
 
 def main(argv: list[str] | None = None) -> int:

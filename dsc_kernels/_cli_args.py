@@ -1,22 +1,51 @@
-"""Checks the command lines share (``python -m dsc_kernels report`` and ``train``): each returns why a value cannot
-be used, as an argparse message naming the option, or None; the caller reports it with ``parser.error`` before any
-work starts."""
+"""Checks the command lines share (``python -m dsc_kernels report`` and ``train``, ``python -m
+dsc_kernels.dictionary_learning``, the sweep): each returns why a value cannot be used, as an argparse message naming
+the option, or None; the caller reports it with ``parser.error`` before any work starts."""
 
 from __future__ import annotations
 
+import argparse
 import os
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from . import _validate, functional
 from .ops.selection import ENV_VAR
 
 
+def int_problem(option: str, value: object, low: int, high: int | None = None) -> str | None:
+    """Why ``value`` is not an int in [low, high] (an argparse message naming ``option``), or None when it is."""
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        return f"argument {option}: must be an integer {bound}, got {value!r}"
+    return None
+
+
+def int_type(option: str, low: int, high: int | None = None):
+    """An argparse ``type=`` for integers in [low, high]: a bad value is reported with the option's name."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = text  # not an integer at all ("nan", "1.5", "ten"): the same message as an out-of-range one
+        problem = int_problem(option, value, low, high)
+        if problem is not None:
+            # argparse prefixes "argument OPTION: " itself
+            raise argparse.ArgumentTypeError(problem.removeprefix(f"argument {option}: "))
+        return value
+
+    parse.__name__ = option.lstrip("-")  # what argparse names in its fallback messages
+    return parse
+
+
 def device_problem(device: str) -> str | None:
     """Why ``--device`` cannot be used here (CUDA asked for where torch sees none), or None."""
     try:
         _validate.device("--device", device)
-    except (TypeError, ValueError) as exc:
-        return f"argument {exc}"
+    except (TypeError, ValueError) as exc:  # "--device 'cuda' requested but ...": argparse's "OPTION: why" form
+        return f"argument --device: {str(exc).removeprefix('--device ')}"
     return None
 
 
@@ -39,6 +68,53 @@ def out_folder_problem(path: Path) -> str | None:
             return f"cannot create {path}: this user cannot write to {ancestor}"
         return None
     return None
+
+
+def _write_problem(folder: Path) -> str | None:
+    """Why no file can be written in the existing ``folder``, or None. Found by writing one (removed at once):
+    os.access answers yes to root everywhere, also on a read-only mount or in /proc."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"cannot write a file in {folder}: {exc.strerror or exc}"
+    return None
+
+
+def create_folders_problem(paths: Iterable[Path]) -> str | None:
+    """Create each output folder (parents too) and check a file can be written in it; why one cannot be, or None.
+    Callers run this once every other argument is accepted, so a rejected run leaves no empty folder behind."""
+    for path in paths:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"cannot create {path}: {exc.strerror or exc}"
+        if (problem := _write_problem(path)) is not None:
+            return problem
+    return None
+
+
+def figure_path(out: str) -> tuple[Path, str | None]:
+    """The file matplotlib's ``savefig(out)`` writes (it appends .png to a name without a suffix), and why it cannot
+    (an argparse message naming --out), or None. Checked before the work whose figure it is."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    given = Path(out)
+    suffix = os.path.splitext(out)[1][1:]  # what savefig reads the format from
+    default = FigureCanvasBase.get_default_filetype()
+    path = given if suffix else given.with_name(given.name.rstrip(".") + "." + default)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if given.is_dir() or path.is_dir():
+        return path, f"argument --out: {out} is a folder; --out is the figure's file path (e.g. {given / 'figure.png'})"
+    if suffix and suffix.lower() not in formats:
+        return path, f"argument --out: matplotlib cannot write .{suffix} files; use one of {', '.join(sorted(formats))}"
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        return path, f"argument --out: the folder {path.parent} does not exist"
+    if path.exists() and not os.access(path, os.W_OK):
+        return path, f"argument --out: {path} exists and this user cannot overwrite it"
+    problem = _write_problem(folder)
+    return path, None if problem is None else f"argument --out: {problem}"
 
 
 def backend_problem(backend: object, device: str) -> tuple[str, str | None]:

@@ -381,23 +381,54 @@ def plot_result(result: CDLResult, path, *, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> CDLResult:
-    """``python -m dsc_kernels.dictionary_learning [--out PNG] [--outer N] [--seed K] [--backend B]``: run
-    ``photo_dictionary`` with a progress bar and save ``plot_result``'s figure."""
+def _parser():
     import argparse
 
-    from tqdm import tqdm
+    from . import _cli_args as cli_args
+    from .recipes._args import SEED_RANGE
 
     parser = argparse.ArgumentParser(
         prog="python -m dsc_kernels.dictionary_learning",
         description="learn a convolutional dictionary from scikit-learn's photographs",
     )
-    parser.add_argument("--out", default="cdl_atoms.png", help="figure path (default: ./cdl_atoms.png)")
-    parser.add_argument("--outer", type=int, default=60, help="outer iterations (default 60)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default="auto")
+    parser.add_argument(
+        "--out",
+        default="cdl_atoms.png",
+        help="the figure's file path; its suffix picks the format, .png when it has none (default: ./cdl_atoms.png)",
+    )
+    parser.add_argument(
+        "--outer", type=cli_args.int_type("--outer", 1), default=60, help="outer iterations, >= 1 (default 60)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=cli_args.int_type("--seed", *SEED_RANGE),  # the range `python -m dsc_kernels train` takes
+        default=0,
+        help=f"seed of the patches and the initial atoms, {SEED_RANGE[0]}..{SEED_RANGE[1]} (default 0)",
+    )
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        help="conv-ISTA backend: auto (default), reference, cpp or triton; checked against the CPU before training",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> CDLResult:
+    """``python -m dsc_kernels.dictionary_learning [--out PNG] [--outer N] [--seed K] [--backend B]``: run
+    ``photo_dictionary`` with a progress bar and save ``plot_result``'s figure. Bad arguments are usage errors
+    (exit status 2) before the training, never a traceback after it."""
+    from tqdm import tqdm
+
+    from . import _cli_args as cli_args
+
+    parser = _parser()
     args = parser.parse_args(argv)
-    with tqdm(total=args.outer, desc="CDL") as bar:
+    args.backend, problem = cli_args.backend_problem(args.backend, "cpu")  # photo_patches are CPU tensors
+    path, out_problem = cli_args.figure_path(args.out)
+    for found in (problem, out_problem):
+        if found is not None:
+            parser.error(found)
+    with tqdm(total=args.outer, desc="CDL", disable=None) as bar:  # None: no bar spam in a redirected log
         result = photo_dictionary(
             n_outer=args.outer,
             seed=args.seed,
@@ -413,9 +444,10 @@ def main(argv: list[str] | None = None) -> CDLResult:
     print(summary)
     plot_result(
         result,
-        args.out,
+        path,
         title=f"CDL on china.jpg + flower.jpg (gray, /2, high-passed, unit-variance patches), lam 2\n{summary}",
     )
+    print(f"wrote {path}")
     return result
 
 

@@ -433,7 +433,8 @@ def run_report(args) -> Path:
     t0 = time.perf_counter()
     _load_extension(args.device)
     n_speed = 1 if args.quick else len(S.WORKLOADS)
-    with tqdm(total=len(EXPERIMENTS) + n_speed + 2, desc="dsc_kernels report", file=sys.stderr) as bar:
+    # disable=None: no bar when stderr is not a terminal, where each \r-redrawn update would pile up in a log
+    with tqdm(total=len(EXPERIMENTS) + n_speed + 2, desc="dsc_kernels report", file=sys.stderr, disable=None) as bar:
         results = _run_claims(args.quick, args.backend, args.device, bar)
         rows, skipped = _run_speed(args.quick, args.device, bar)
         attn = _run_attention(args.quick, args.device, bar)

@@ -116,3 +116,59 @@ def test_highpass_needs_an_odd_box_that_fits():
             highpass(images, size)
     with pytest.raises(ValueError, match="highpass_size"):
         photo_patches(1, 16, highpass_size=8)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """The command line with photo_dictionary replaced: a tiny result at once, or an AssertionError for a run that
+    should have been refused before training."""
+    from dsc_kernels import dictionary_learning as DL
+
+    def tiny(n_outer, seed, backend, callback):
+        callback(0, 1.0)
+        return DL.CDLResult(torch.randn(4, 1, 3, 3), torch.zeros(1, 4, 6, 6), (1, 1), [1.0])
+
+    monkeypatch.setattr(DL, "photo_dictionary", tiny)
+    for name in ("TRITON_INTERPRET", "DSC_KERNELS_BACKEND"):
+        monkeypatch.delenv(name, raising=False)
+    return DL
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--outer", "0"], "--outer"),
+        (["--seed", "-5"], "--seed"),  # train's range
+        (["--backend", "bogus"], "--backend"),
+        (["--backend", "triton"], "--backend"),  # CPU tensors without the interpreter
+        (["--out", "missing/dir/a.png"], "--out"),
+        (["--out", "x.txt"], "--out"),
+        (["--out", "folder"], "--out"),  # an existing folder: it wrote folder.png
+        (["--out", "/proc/cdl.png"], "--out"),  # no file can be written there, even as root
+    ],
+)
+def test_cli_rejects_bad_arguments_before_training(argv, option, no_training, tmp_path, monkeypatch, capsys):
+    (tmp_path / "folder").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(no_training, "photo_dictionary", lambda **kwargs: pytest.fail("trained"))
+    with pytest.raises(SystemExit) as excinfo:
+        no_training.main(argv)
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2 and f"argument {option}:" in err and "usage:" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+def test_cli_help_describes_every_option(capsys):
+    from dsc_kernels import dictionary_learning as DL
+
+    with pytest.raises(SystemExit):
+        DL.main(["--help"])
+    out = capsys.readouterr().out
+    assert "seed of the patches" in out and "conv-ISTA backend" in out
+
+
+def test_cli_says_where_the_figure_went_and_adds_png_to_a_bare_name(no_training, tmp_path, capsys):
+    for out, written in (("atoms", "atoms.png"), ("atoms.pdf", "atoms.pdf")):
+        no_training.main(["--out", str(tmp_path / out), "--outer", "1"])
+        assert (tmp_path / written).stat().st_size > 0
+        assert f"wrote {tmp_path / written}" in capsys.readouterr().out

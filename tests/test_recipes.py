@@ -2,6 +2,7 @@
 CLI writes what it promises. Full-length runs (the goals) are marked slow."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -208,7 +209,7 @@ def test_cli_rejects_bad_arguments_before_training(case, cpu_only, tmp_path, cap
     extra, option, detail = BAD_ARGUMENTS[case]
     out = tmp_path / "out"
     err = _usage_error(_train_argv(out, *extra), capsys)
-    assert f"argument {option}" in err
+    assert f"argument {option}:" in err  # argparse's own form, "argument OPTION: why"
     assert detail is None or detail in err
     assert not out.exists()  # rejected before the run made its output folder
 
@@ -257,3 +258,49 @@ def test_cli_accepts_good_edge_arguments_without_creating_anything(cpu_only, tmp
     args.backend = " Reference "
     cli.validate(args, p)
     assert args.backend == "reference" and args.seed == 2**32 - 1 and not (tmp_path / "not").exists()
+
+
+def test_cli_creates_the_out_folder_before_training_or_says_why_not(cpu_only, monkeypatch, tmp_path, capsys):
+    # os.access says yes to root for any folder: as root, /proc/run passed the check and failed at the end
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
+    monkeypatch.setattr(digits, "train", lambda *args, **kwargs: pytest.fail("trained"))
+    err = _usage_error(_train_argv("/proc/dsc-kernels-run"), capsys)
+    assert "argument --out: cannot create /proc/dsc-kernels-run" in err
+    # a good --out exists before the first epoch, with --strategy all's subfolders
+    seen = []
+
+    def record(name, epochs, seed, target, *rest):
+        seen.append(target.is_dir())
+        return {"accuracy": 1.0, "sparsity": 0.0, "per_layer": {}, "seconds": 0.0}
+
+    monkeypatch.setattr(digits, "train", record)
+    from dsc_kernels.__main__ import main
+
+    out = tmp_path / "new" / "run"
+    main(["train", "--recipe", "digits", "--strategy", "all", "--out", str(out)])
+    assert seen == [True] * len(digits.STRATEGIES)
+
+
+def test_fit_draws_no_progress_bar_into_a_log(capsys):
+    # stderr redirected to a file: every \r-redrawn update of the bar used to pile up in it
+    model = torch.nn.Linear(2, 1)
+    run = engine.start(False, "cpu")
+    loader = engine.train_loader(torch.randn(8, 2), torch.randn(8, 1), 2, 0, run)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    engine.fit(model, loader, lambda m, x, y: F.mse_loss(m(x), y), optimizer, 2, run, desc="log")
+    assert capsys.readouterr().err == ""
+
+
+def test_metrics_record_the_backend_that_ran(cpu_only, monkeypatch, tmp_path):
+    from dsc_kernels import functional as DF
+
+    picked = "cpp" if "cpp" in DF.available_backends("cpu") else "reference"  # auto on CPU: cpp when it built
+    run = engine.start(False, "cpu")
+    for strategy, backend, expected in (("dsc", "auto", picked), ("baseline", "auto", None)):
+        out = tmp_path / strategy
+        metrics = digits.train(strategy, 1, 0, out, backend, run, subset=SUBSET)
+        assert json.loads((out / "metrics.json").read_text())["backend"] == metrics["backend"] == expected
+        assert recipes.load(out) is not None  # the spec keeps "auto": the model loads anywhere
+    monkeypatch.setenv("DSC_KERNELS_BACKEND", "reference")
+    metrics = digits.train("dsc", 1, 0, tmp_path / "env", "auto", run, subset=SUBSET)
+    assert metrics["backend"] == "reference"

@@ -1,6 +1,7 @@
 """The main job end to end (`python -m dsc_kernels report --quick` writes REPORT.md and the figures) and the report's
 sanity checks of its own timings."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -164,11 +165,17 @@ def test_readme_figures_are_copied_from_this_run(tmp_path: Path, monkeypatch):
         (["--backend", "bogus"], "--backend"),
         (["--backend", "triton"], "--backend"),  # CPU tensors without the interpreter
         (["--training-runs", "no-such-folder"], "--training-runs"),
+        (["--training-runs", "empty"], "--training-runs"),  # a folder, but no run in it
+        (["--training-runs", "denoise-run"], "--training-runs"),  # a run, but not a digits one
     ],
 )
 def test_report_rejects_bad_arguments_before_any_work(extra, option, tmp_path, monkeypatch, capsys):
     from dsc_kernels.__main__ import main
 
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "denoise-run").mkdir()
+    (tmp_path / "denoise-run" / "metrics.json").write_text('{"recipe": "denoise", "strategy": "cscnet"}')
+    monkeypatch.setattr(R, "run_report", lambda args: pytest.fail("the report ran"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for name in ("TRITON_INTERPRET", "DSC_KERNELS_BACKEND"):
         monkeypatch.delenv(name, raising=False)
@@ -176,7 +183,7 @@ def test_report_rejects_bad_arguments_before_any_work(extra, option, tmp_path, m
     with pytest.raises(SystemExit) as excinfo:
         main(["report", "--quick", "--out", "out", *extra])
     err = capsys.readouterr().err
-    assert excinfo.value.code == 2 and f"argument {option}" in err and "Traceback" not in err
+    assert excinfo.value.code == 2 and f"argument {option}:" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
@@ -188,3 +195,37 @@ def test_report_rejects_an_out_that_is_a_file(tmp_path, capsys):
         main(["report", "--quick", "--out", str(tmp_path / "taken")])
     assert excinfo.value.code == 2 and "argument --out" in capsys.readouterr().err
     assert (tmp_path / "taken").read_text() == "keep me"
+
+
+def test_report_creates_its_out_folder_before_any_work_or_says_why_not(tmp_path, monkeypatch, capsys):
+    from dsc_kernels.__main__ import main
+
+    # os.access says yes to root for any folder: as root, /proc/report passed the check and failed at the end
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
+    monkeypatch.setattr(R, "run_report", lambda args: pytest.fail("the report ran"))
+    with pytest.raises(SystemExit) as excinfo:
+        main(["report", "--quick", "--out", "/proc/dsc-kernels-report"])
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2 and "argument --out: cannot create /proc/dsc-kernels-report" in err
+    monkeypatch.setattr(R, "run_report", lambda args: Path(args.out) / "REPORT.md")
+    main(["report", "--quick", "--out", str(tmp_path / "new" / "report")])
+    assert (tmp_path / "new" / "report").is_dir()
+
+
+def test_report_draws_no_progress_bar_into_a_log(tmp_path, monkeypatch, capsys):
+    # stderr redirected to a file (`report > log 2>&1`): every \r-redrawn update used to pile up in it
+    class Stop(Exception):
+        pass
+
+    def claims(quick, backend, device, bar):
+        for _ in range(3):
+            bar.update(1)
+        raise Stop
+
+    monkeypatch.setattr(R, "machine_facts", lambda device: {})
+    monkeypatch.setattr(R, "_load_extension", lambda device: "")
+    monkeypatch.setattr(R, "_run_claims", claims)
+    args = argparse.Namespace(out=str(tmp_path), quick=True, device="cpu", backend="auto")
+    with pytest.raises(Stop):
+        R.run_report(args)
+    assert capsys.readouterr().err == ""

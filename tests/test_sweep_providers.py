@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from dsc_kernels.experiments import sweep as SW
@@ -46,3 +47,14 @@ def test_forced_strategy_covers_the_backward(monkeypatch):
     x = torch.ones(3, requires_grad=True)
     SW.in_strategy("cpp-gemm", lambda: Probe.apply(x).sum().backward())()
     assert seen == [("forward", "gemm"), ("backward", "gemm")]
+
+
+@pytest.mark.parametrize("option", ["--threads", "--rounds"])
+def test_main_rejects_a_count_below_one_before_any_work(option, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(SW, "run_sweep", lambda *args, **kwargs: pytest.fail("the sweep ran"))
+    threads = torch.get_num_threads()
+    with pytest.raises(SystemExit) as excinfo:
+        SW.main(["--out", str(tmp_path / "out"), "--quick", option, "0"])
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2 and f"argument {option}:" in err and "Traceback" not in err
+    assert torch.get_num_threads() == threads and not (tmp_path / "out").exists()

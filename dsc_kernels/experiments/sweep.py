@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from .. import _cli_args as cli_args
 from .. import functional as DF
 from ..reference import conv_ista_ref
 from . import measure, records
@@ -483,20 +484,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder for sweep.json, sweep.png, sweep.md")
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     ap.add_argument("--shapes", help="comma-separated shape names (default: all, or the quick subset)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per shape (median)")
+    ap.add_argument(
+        "--threads", type=cli_args.int_type("--threads", 1), default=2, help="torch CPU threads, >= 1 (default 2)"
+    )
+    ap.add_argument(
+        "--rounds",
+        type=cli_args.int_type("--rounds", 1),
+        default=5,
+        help="interleaved timing rounds per shape (median), >= 1 (default 5)",
+    )
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (minutes per shape on a CPU)")
     ap.add_argument("--no-memory", action="store_true", help="skip the training-step memory measurement")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     names = args.shapes.split(",") if args.shapes else (list(QUICK) if args.quick else [s.name for s in SHAPES])
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
-        ap.error(f"unknown shapes {unknown}; known: {', '.join(BY_NAME)}")
+        ap.error(f"argument --shapes: unknown shapes {unknown}; known: {', '.join(BY_NAME)}")
+    out = Path(args.out)
+    # created before the sweep's minutes of timing, which used to end in a traceback at an uncreatable folder
+    if (problem := cli_args.create_folders_problem([out])) is not None:
+        ap.error(f"argument --out: {problem}")
+    torch.set_num_threads(args.threads)
     providers = tuple(p for p in PROVIDERS if p != "compile" or args.compile)
     rows, summary = run_sweep([BY_NAME[n] for n in names], providers, rounds=args.rounds, memory=not args.no_memory)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     info = machine()
     (out / "sweep.json").write_text(json.dumps({"machine": info, "rows": rows, "summary": summary}, indent=1))
     (out / "sweep.md").write_text(markdown(rows, summary, info))

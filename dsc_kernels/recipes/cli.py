@@ -18,32 +18,6 @@ SEED_RANGE = _args.SEED_RANGE  # why this range: see _args
 DEVICES = ("cpu", "cuda")
 
 
-def _int_in(option: str, value: object, low: int, high: int | None = None) -> str | None:
-    """Why ``value`` is not an int in [low, high] (an argparse message naming ``option``), or None when it is."""
-    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        return f"argument {option}: must be an integer {bound}, got {value!r}"
-    return None
-
-
-def _int_type(option: str, low: int, high: int | None = None):
-    """An argparse ``type=`` for integers in [low, high]: a bad value is reported with the option's name."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = text  # not an integer at all ("nan", "1.5", "ten"): the same message as an out-of-range one
-        problem = _int_in(option, value, low, high)
-        if problem is not None:
-            # argparse prefixes "argument OPTION: " itself
-            raise argparse.ArgumentTypeError(problem.removeprefix(f"argument {option}: "))
-        return value
-
-    parse.__name__ = option.lstrip("-")  # what argparse names in its fallback messages
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", choices=RECIPES, required=True, help="digits or denoise")
     parser.add_argument(
@@ -52,11 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="digits: baseline, l1, learned-threshold, dsc (default) or all; denoise: cscnet",
     )
     parser.add_argument(
-        "--epochs", type=_int_type("--epochs", 1), default=None, help="training epochs, >= 1 (default: the recipe's)"
+        "--epochs",
+        type=cli_args.int_type("--epochs", 1),
+        default=None,
+        help="training epochs, >= 1 (default: the recipe's)",
     )
     parser.add_argument(
         "--seed",
-        type=_int_type("--seed", *SEED_RANGE),
+        type=cli_args.int_type("--seed", *SEED_RANGE),
         default=0,
         help=f"seed of the split, the initialisation and the noise, {SEED_RANGE[0]}..{SEED_RANGE[1]} (default 0)",
     )
@@ -82,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Check the arguments together (argparse's ``type=`` checks see one value at a time) and report the first
     problem through ``parser.error``: usage, one line naming the option, exit status 2. Normalises args.backend.
-    A Namespace built in Python skipped argparse's choices and types: those are checked again here."""
+    A Namespace built in Python skipped argparse's choices and types: those are checked again here. Creates nothing
+    (``create_out_folders`` does, once every argument is accepted)."""
     if not isinstance(args.recipe, str) or args.recipe not in RECIPES:
         parser.error(f"argument --recipe: must be one of {RECIPES}, got {args.recipe!r}")
     module = recipe(args.recipe)
@@ -93,8 +71,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         )
     # the type= checks again: a Namespace built in Python (main(args) without the parser) skipped them
     for problem in (
-        None if args.epochs is None else _int_in("--epochs", args.epochs, 1),
-        _int_in("--seed", args.seed, *SEED_RANGE),
+        None if args.epochs is None else cli_args.int_problem("--epochs", args.epochs, 1),
+        cli_args.int_problem("--seed", args.seed, *SEED_RANGE),
     ):
         if problem is not None:
             parser.error(problem)
@@ -112,13 +90,27 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"argument --distributed: {missing.removeprefix('--distributed ')}")
     if args.out is not None and not isinstance(args.out, (str, os.PathLike)):
         parser.error(f"argument --out: must be a path, got {args.out!r}")
-    out = Path(args.out or f"runs/{args.recipe}-{strategy}")
-    strategies = module.STRATEGIES if strategy == "all" else (strategy,)
-    # --strategy all writes one subfolder per strategy: each must be creatable too
-    for target in [out] + ([out / s for s in strategies] if len(strategies) > 1 else []):
+    for target in _out_folders(args):
         problem = cli_args.out_folder_problem(target)
         if problem is not None:
             parser.error(f"argument --out: {problem}")
+
+
+def _out_folders(args: argparse.Namespace) -> list[Path]:
+    """--out, and with --strategy all the subfolder each strategy writes (each must be creatable too)."""
+    module = recipe(args.recipe)
+    strategy = module.DEFAULT_STRATEGY if args.strategy is None else args.strategy
+    out = Path(args.out or f"runs/{args.recipe}-{strategy}")
+    several = strategy == "all" and len(module.STRATEGIES) > 1  # as main: one strategy writes into --out itself
+    return [out] + ([out / s for s in module.STRATEGIES] if several else [])
+
+
+def create_out_folders(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Create the validated output folders, or report through ``parser.error`` why not: ``validate`` only predicts
+    (os.access says yes to root even for /proc/x), and the recipe's own mkdir comes after the whole training."""
+    problem = cli_args.create_folders_problem(_out_folders(args))
+    if problem is not None:
+        parser.error(f"argument --out: {problem}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -131,7 +123,9 @@ def parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace, arg_parser: argparse.ArgumentParser | None = None) -> dict:
     """Run the recipe; returns the metrics (rank 0; other ranks get {}). The arguments are validated first, with
     errors reported through ``arg_parser`` (the `train` subparser of ``python -m dsc_kernels``)."""
-    validate(args, arg_parser or parser())
+    arg_parser = arg_parser or parser()
+    validate(args, arg_parser)
+    create_out_folders(args, arg_parser)  # after every other argument is accepted: a rejected run leaves no folder
     module = recipe(args.recipe)
     strategy = module.DEFAULT_STRATEGY if args.strategy is None else args.strategy
     strategies = module.STRATEGIES if strategy == "all" else (strategy,)

@@ -152,7 +152,14 @@ def fit(
         raise ValueError("loader must yield at least one batch, got an empty one")
 
     history = []
-    bar = tqdm(total=epochs * len(loader), desc=desc, disable=not run.is_main, file=sys.stderr, dynamic_ncols=True)
+    # rank 0 only, and (None) only on a terminal: in a redirected log each \r-redrawn update would pile up
+    bar = tqdm(
+        total=epochs * len(loader),
+        desc=desc,
+        disable=None if run.is_main else True,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
     for epoch in range(epochs):
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
@@ -191,12 +198,30 @@ def fit(
     return history
 
 
+def backend_that_ran(model: nn.Module) -> str | None:
+    """The conv-ISTA backend the model's sparse-coding layers ran on, ``auto`` resolved to the table row it picks
+    for their device and dtype (``DSC_KERNELS_BACKEND`` included); None for a model without such layers (the
+    digits strategies other than dsc run plain convolutions, which no backend serves). Several names are joined
+    with "+". The CPU cost model can still send a single call to the reference: the recipes' small convolutions
+    stay far below its intensity limit (ops.cpu_cost), so every call takes the row named here."""
+    from .. import ops
+    from ..nn import ConvSparseCoding1d, ConvSparseCoding2d
+
+    layers = [m for m in model.modules() if isinstance(m, (ConvSparseCoding1d, ConvSparseCoding2d))]
+    names = {ops.select("conv_ista", m.backend, m.weight.device, m.weight.dtype).name for m in layers}
+    return "+".join(sorted(names)) or None
+
+
 def save(out: str | Path, recipe: str, spec: dict, model: nn.Module, metrics: dict) -> None:
     """Write ``out/model.pt`` ({recipe, spec, state_dict}: the recipe rebuilds the module from spec) and
-    ``out/metrics.json``."""
+    ``out/metrics.json``. metrics["backend"], when present, becomes the backend that ran (``backend_that_ran``;
+    updated in place, so the metrics a recipe returns agree with the file); the spec keeps the one asked for, so a
+    model loaded on another machine picks its own."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    if "backend" in metrics:
+        metrics["backend"] = backend_that_ran(module)
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
     torch.save({"recipe": recipe, "spec": spec, "state_dict": state}, out / MODEL_FILE)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
