@@ -332,10 +332,9 @@ class _ConvSparseCoding(_projection.Projected):
         lipschitz = v.new_zeros(())
         # in the weight's dtype: under autocast the synthesis came out in half precision and the analysis of it
         # against the float32 weight raised (a training forward under autocast always failed)
-        no_autocast = (
-            torch.autocast(weight.device.type, enabled=False)
-            if torch.amp.is_autocast_available(weight.device.type)
-            else contextlib.nullcontext()  # meta: no autocast to turn off (torch.autocast raised there)
+        no_autocast = (  # meta has no autocast to turn off (torch.autocast raised there); is_meta traces, unlike
+            # torch.amp.is_autocast_available, which torch 2.11's dynamo cannot
+            contextlib.nullcontext() if weight.is_meta else torch.autocast(weight.device.type, enabled=False)
         )
         with no_autocast:
             for _ in range(n_steps):

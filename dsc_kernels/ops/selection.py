@@ -152,10 +152,10 @@ def _running_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype an op runs in: inside an autocast region every op's autocast rule (registry) casts float16 and
     bfloat16 inputs to float32, so a half-precision input there (an autocast projection's output) runs on a fused
     backend that takes only float32 and float64."""
-    lowered = dtype in (torch.float16, torch.bfloat16)
-    if lowered and torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
-        return torch.float32
-    return dtype
+    # torch.amp.is_autocast_available is not traceable by torch 2.11's dynamo; meta is the type without autocast
+    if dtype not in (torch.float16, torch.bfloat16) or device.type == "meta":
+        return dtype
+    return torch.float32 if torch.is_autocast_enabled(device.type) else dtype
 
 
 def select(
