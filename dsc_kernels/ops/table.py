@@ -203,16 +203,22 @@ AUTO_PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")}
 BACKEND_NAMES = tuple(dict.fromkeys(row.name for row in TABLE))
 
 
+# Indexed once: every functional call looks rows up several times (selection, availability), and scanning the
+# table each time was a measurable part of a small call's Python overhead.
+_ROWS = {family: tuple(r for r in TABLE if r.family == family) for family in FAMILIES}
+_ROW = {(r.family, r.name): r for r in TABLE}
+
+
 def rows(family: str) -> tuple[Backend, ...]:
     """The rows of one op family, in table order."""
-    if family not in FAMILIES:
+    if family not in _ROWS:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    return tuple(row for row in TABLE if row.family == family)
+    return _ROWS[family]
 
 
 def row(family: str, name: str) -> Backend:
     """The row of backend ``name`` in ``family``; ValueError naming the known backends otherwise."""
-    for r in rows(family):
-        if r.name == name:
-            return r
-    raise ValueError(f"no {family} backend named {name!r}; known: {[r.name for r in rows(family)]}")
+    found = _ROW.get((family, name))
+    if found is None:
+        raise ValueError(f"no {family} backend named {name!r}; known: {[r.name for r in rows(family)]}")
+    return found
