@@ -31,6 +31,12 @@ def _autocasting(device: torch.device) -> bool:
         return False
 
 
+def _check_dtype(name: str, t: Tensor, dtype: torch.dtype, owner: str) -> None:
+    """t in the module's parameter dtype, or any float dtype while autocast casts the inputs of its projections."""
+    if t.dtype != dtype and not (t.is_floating_point() and _autocasting(t.device)):
+        raise TypeError(f"{name} must have the {owner}'s dtype {dtype}, got {t.dtype}")
+
+
 class SparseAttention(nn.Module):
     """Multi-head sparse attention with ``nn.MultiheadAttention``'s arguments, parameters and call convention.
 
@@ -126,7 +132,7 @@ class SparseAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory)) if bias else None
         # uninitialised here: reset_parameters initialises every parameter once (a deferred construction on meta,
         # to_empty and reset_parameters then give exactly what construction gives from the same seed)
-        where = torch.empty(0, device=device).device  # skip_init needs a device: None is the default one
+        where = torch.get_default_device() if device is None else device  # skip_init needs an explicit device
         self.out_proj = skip_init(nn.Linear, embed_dim, embed_dim, bias=bias, device=where, dtype=dtype)
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
@@ -336,8 +342,7 @@ class SparseAttention(nn.Module):
                 continue  # their dtypes are checked by functional
             if not t.is_floating_point():
                 raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
-            if t.dtype != dtype and not _autocasting(t.device):
-                raise TypeError(f"{name} must have the layer's dtype {dtype}, got {t.dtype}")
+            _check_dtype(name, t, dtype, "layer")
         if tensors["query"].dim() not in (2, 3):
             layout = "(B, L" if self.batch_first else "(L, B"
             raise ValueError(
@@ -439,9 +444,7 @@ class SparseCodingTransformerBlock(nn.Module):
         """x (B, N, dim) -> (B, N, dim); masks as ``SparseAttention.forward`` (key_padding_mask (B, N))."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-        dtype = self.dictionary.dtype
-        if x.dtype != dtype and not (x.is_floating_point() and _autocasting(x.device)):
-            raise TypeError(f"x must have the block's dtype {dtype}, got {x.dtype}")
+        _check_dtype("x", x, self.dictionary.dtype, "block")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
         h = self.norm1(x)
