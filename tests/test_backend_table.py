@@ -125,6 +125,21 @@ def test_environment_variable_is_case_insensitive_and_named_in_errors(monkeypatc
         DF.conv_ista(torch.randn(1, 1, 8, 8), torch.randn(2, 1, 3, 3), 0.1, n_iter=1)
 
 
+def test_environment_variable_acts_as_an_explicit_backend_and_says_so(monkeypatch):
+    """DSC_KERNELS_BACKEND=triton with backend='auto': calls that triton cannot run raise naming the variable
+    (they read as if backend='triton' had been passed)."""
+    monkeypatch.setenv("DSC_KERNELS_BACKEND", "triton")
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(3, 2, 3, 3)
+    env_named = r"DSC_KERNELS_BACKEND='triton' \(the backend argument was 'auto'\): .*no ml_ista"
+    with pytest.raises(ValueError, match=env_named):
+        DF.ml_ista(x, [w], [0.1], n_iter=1)
+    with pytest.raises(ValueError, match=r"DSC_KERNELS_BACKEND='triton'.*cannot run per_iteration_weight"):
+        DF.conv_ista(x, w.expand(2, -1, -1, -1, -1), 0.1, n_iter=2, padding=1)
+    # an explicit argument wins over the variable and is named as the argument
+    with pytest.raises(ValueError, match=r"^backend='triton': that backend has no ml_ista"):
+        DF.ml_ista(x, [w], [0.1], n_iter=1, backend="triton")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks about CUDA on a machine without it")
 def test_no_backend_claims_cuda_tensors_on_a_machine_without_cuda():
     """available_backends('cuda') listed triton where torch sees no GPU."""

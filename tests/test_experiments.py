@@ -100,11 +100,59 @@ def test_transformer_blocks_are_ista_only_with_exact_attention():
     assert T.off_target_weight(net, 20 / net.margin) < T.off_target_weight(net, 10 / net.margin) < 1e-3
 
 
-def test_transformer_softmax_floor_falls_with_beta():
+def test_transformer_softmax_deviation_falls_with_beta():
     _, soft = quick("transformer_blocks")
-    floors = soft.curves["floor"]
-    assert (np.diff(floors) < 0).all()
+    floors, deviation = soft.curves["floor"], soft.curves["deviation"]
+    assert (np.diff(floors) < 0).all() and (np.diff(deviation) < 0).all()
+    assert (deviation > 0).all()
     assert (floors <= soft.curves["C"] * soft.curves["eta"]).all()
+
+
+@pytest.mark.parametrize("attention", ["exact", "warmer"])
+def test_transformer_softmax_claim_sees_the_attention(monkeypatch, attention):
+    """S10b measures softmax's own error: exact attention in its place, or softmax at 0.7 β (an off-target weight
+    its η(β) does not account for), must fail it."""
+    original = T.attention
+
+    def changed(q, k, v, *, kind, beta, top, backend):
+        if kind == "softmax":
+            if attention == "exact":
+                return original(q, k, v, kind="sparsemax", beta=beta, top=top, backend=backend)
+            beta = 0.7 * beta
+        return original(q, k, v, kind=kind, beta=beta, top=top, backend=backend)
+
+    monkeypatch.setattr(T, "attention", changed)
+    with threads(1):
+        _, soft = T.transformer_blocks(quick=True, backend="reference")
+    assert not soft.holds
+
+
+def test_geometric_run_does_not_vouch_for_the_rate(monkeypatch):
+    """A too-optimistic q shapes the geometric schedule and its slope alike; the oracle run must catch it."""
+    from dsc_kernels.experiments import lista
+
+    monkeypatch.setattr(theory, "lista_cp_rate", lambda s, mu: (s - 1) * mu)
+    with threads(1):
+        oracle = lista.linear_convergence(schedule="oracle", quick=True, backend="reference")
+    assert not oracle.holds
+
+
+def test_worst_feasible_estimate_is_feasible_and_worst():
+    from dsc_kernels.experiments import deep
+
+    d = conv_dictionary(barker_filter(13), 24)
+    z = torch.zeros(1, 24, dtype=torch.float64)
+    z[0, [2, 9]] = torch.tensor([0.8, -0.6], dtype=torch.float64)
+    eps = 0.05
+    e = eps * deep._weakest_direction(z, d, d.signal_size)
+    delta = deep._worst_feasible(e, z, d)
+    clean = DF.conv_synthesis(z[None], d.weight, signal_size=d.signal_size)[0]
+    residual = clean + e - DF.conv_synthesis((z + delta)[None], d.weight, signal_size=d.signal_size)[0]
+    assert float(residual.norm()) == pytest.approx(eps, rel=1e-10)  # on the feasibility boundary
+    atoms = theory.dictionary_matrix(d.weight, d.signal_size)[:, z.flatten() != 0]
+    sigma_min = float(torch.linalg.svdvals(atoms)[-1])
+    assert float(delta.norm()) == pytest.approx(2 * eps / sigma_min, rel=1e-10)
+    assert (delta[z == 0] == 0).all()
 
 
 def test_uniqueness_cases_report_spark_and_pairs():

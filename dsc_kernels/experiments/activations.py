@@ -216,8 +216,11 @@ def activation_kink(*, quick: bool = False, device: str = "cpu") -> ClaimResult:
     slopes = {n: fit_slope(np.log(betas), np.log(dev[n])) for n in ACTIVATIONS}
     consts = {n: np.array(dev[n]) * np.array(betas) / theory.activation_sup_distance(n, 1.0) for n in ACTIVATIONS}
     q_support = (s - 1) * d.mu  # the constant-threshold iteration contracts on the support at this rate
-    width = 2 * np.sqrt(codes[0].numel()) / (1 - q_support)
-    in_range = all(bool(((c >= 0.9) & (c <= width)).all()) for c in consts.values())
+    # the kink unit deviates by c/beta; through the coherence it pulls each of the s support units by at most
+    # mu c/beta per iteration, which the support's contraction sums to mu c/beta / (1 - q_support): the l1 (so
+    # also l2) deviation is at most c/beta (1 + s mu / (1 - q_support))
+    upper = 1 + s * d.mu / (1 - q_support)
+    in_range = all(bool(((c >= 0.9) & (c <= upper)).all()) for c in consts.values())
     holds = (
         relu_gap <= resolution(dtype)
         and min(margins) * min(betas) >= 10
@@ -228,7 +231,7 @@ def activation_kink(*, quick: bool = False, device: str = "cpu") -> ClaimResult:
         id="S9b",
         claim="the smooth-activation floor is ∝ 1/β when a unit sits at its kink (the worst input, z₁/β)",
         theory="log-log slope −1; floor·β/c between 0.9 (the kink unit alone) and "
-        f"2√n/(1−(s−1)μ) = {width:.3g} (c = log 2, 0.2785, 0.1700)",
+        f"1 + sμ/(1−(s−1)μ) = {upper:.3g} (its pull on the support) (c = log 2, 0.2785, 0.1700)",
         measured="slopes "
         + ", ".join(f"{n} {v:.3f}" for n, v in slopes.items())
         + "; floor·β/c "

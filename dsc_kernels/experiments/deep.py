@@ -67,7 +67,8 @@ def layer_propagation(
     res = resolution(dtype)
     live = good["err2"] > 10 * res
     slope = fit_slope(np.array(Ks)[live], np.log(good["err2"][live]))
-    within = bool((good["err2"] <= good["bound2"]).all())
+    # the recursion is an equality here (see the note): allow for rounding
+    within = bool((good["err2"] <= good["bound2"] * (1 + 1e-9)).all())
     stalled = bad["err2"][-1] > 0.1 * bad["err2"][0]
     holds = within and slope <= np.log(q_max)
     return ClaimResult(
@@ -98,37 +99,75 @@ def _support_least_squares(y: torch.Tensor, z: torch.Tensor, d: ConvDictionary) 
     return out
 
 
+def _worst_feasible(noise: torch.Tensor, z: torch.Tensor, d: ConvDictionary) -> torch.Tensor:
+    """The feasible estimate on z's support farthest from z, for one sample's noise e (signal = D z + e).
+
+    With D_S = U Σ Vᵀ and (σ, u, v) its weakest singular triple, z + t·v with t = 2|<e, u>|/σ leaves the residual
+    e − t σ u (sign(<e, u>) u), of norm ‖e‖: feasible, and with e along u it attains the largest error on the
+    support, 2‖e‖/σ. noise: (C_sig, *S); z: (C_code, *Sz) -> the error vector t·v, same shape as z."""
+    idx, atoms = support_atoms(z, d, noise.shape[1:])
+    out = torch.zeros_like(z)
+    if idx.numel():
+        u_all, sig, vh = torch.linalg.svd(atoms, full_matrices=False)
+        u, v = u_all[:, -1], vh[-1]
+        proj = float(u @ noise.flatten())
+        out.view(-1)[idx] = (2 * abs(proj) / float(sig[-1])) * (1.0 if proj >= 0 else -1.0) * v
+    return out
+
+
+def _weakest_direction(z: torch.Tensor, d: ConvDictionary, signal_size) -> torch.Tensor:
+    """The unit signal-space direction u of D_S's smallest singular value, S = supp(z): (C_sig, *S)."""
+    _, atoms = support_atoms(z, d, signal_size)
+    u_all, _, _ = torch.linalg.svd(atoms, full_matrices=False)
+    return u_all[:, -1].reshape(d.weight.shape[1], *signal_size)
+
+
 def stability(
     *, quick: bool = False, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float64
 ) -> ClaimResult:
-    """S2: ||Gamma_j − hat Gamma_j||_2 ≤ stability_bound(eps) (product over layers), linear in eps.
+    """S2: ||Gamma_j − hat Gamma_j||_2 ≤ stability_bound(eps) (product over layers) for feasible estimates.
 
-    Estimates: LISTA-CP support, then least squares on it, layer by layer; ||e||_2 = eps exactly.
+    Two estimates per noise level: a practical one (LISTA-CP support, then least squares on it, layer by layer,
+    random noise with ||e||_2 = eps) and the worst one on the true supports (noise along D_S1's weakest direction,
+    each layer's estimate moved as far along its weakest direction as feasibility allows: 2 eps / sigma_min). The
+    bound is for any feasible estimate, so the second is the sharp test.
     """
     t0 = time.perf_counter()
     ds = _chain(quick, dtype)
     s2, n_iter = 1, 20
     eps_list = [0.01, 0.04] if quick else [0.005, 0.01, 0.02, 0.04, 0.08]
-    errs, bounds = [], []
-    for eps in eps_list:
-        p = dsc_problem(ds, s2, batch=6 if quick else 16, noise_l2=eps, seed=11)
+    errs, worst, bounds = [], [], []
+    for i, eps in enumerate(eps_list):
+        # a fresh draw per level: one noise direction scaled by eps would make every error exactly linear in eps
+        p = dsc_problem(ds, s2, batch=6 if quick else 16, noise_l2=eps, seed=11 + i)
         x = p.x.to(device)
         g1, g2 = (c.to(device) for c in p.codes)
         h1 = _support_least_squares(x, _layer(x, ds[0], g1, p.clean.to(device), 2 * s2, n_iter, backend).z, ds[0])
         h2 = _support_least_squares(h1, _layer(h1, ds[1], g2, g1, s2, n_iter, backend).z, ds[1])
         errs.append([float((h1 - g1).flatten(1).norm(dim=1).max()), float((h2 - g2).flatten(1).norm(dim=1).max())])
+        w1, w2 = [], []
+        for b in range(x.shape[0]):
+            e1 = eps * _weakest_direction(g1[b], ds[0], x.shape[2:])
+            d1 = _worst_feasible(e1, g1[b], ds[0])  # layer 2 sees hat Gamma_1 = Gamma_1 + d1: its noise is d1
+            d2 = _worst_feasible(d1, g2[b], ds[1])
+            w1.append(float(d1.norm()))
+            w2.append(float(d2.norm()))
+        worst.append([max(w1), max(w2)])
         bounds.append(theory.stability_bound(eps, p.sparsity, [ds[0].mu, ds[1].mu]))
-    errs, bounds = np.array(errs), np.array(bounds)
-    slopes = [fit_slope(np.log(eps_list), np.log(errs[:, j])) for j in range(2)]
-    ratio = float((errs / bounds).max())
-    holds = ratio <= 1 and all(0.8 <= s <= 1.2 for s in slopes)
+    errs, worst, bounds = np.array(errs), np.array(worst), np.array(bounds)
+    ratio, ratio_worst = float((errs / bounds).max()), float((worst / bounds).max())
+    holds = ratio <= 1 and ratio_worst <= 1
     return ClaimResult(
         id="S2",
-        claim="l0 stability over 2 layers: ‖Γ_j − Γ̂_j‖² ≤ 4^j ε² ∏ 1/(1 − (2s_i−1)μ_i), linear in ε",
-        theory=f"ratio ≤ 1; log-log slope 1 (s = {p.sparsity}, μ = ({ds[0].mu:.3f}, {ds[1].mu:.3f}))",
-        measured=f"max err/bound {ratio:.3g}; slopes {slopes[0]:.3f}, {slopes[1]:.3f}",
+        claim="l0 stability over 2 layers: every feasible estimate has ‖Γ_j − Γ̂_j‖² ≤ 4^j ε² ∏ 1/(1 − (2s_i−1)μ_i)",
+        theory=f"err/bound ≤ 1 for the practical and the worst feasible estimate on the true supports "
+        f"(s = {p.sparsity}, μ = ({ds[0].mu:.3f}, {ds[1].mu:.3f}))",
+        measured=f"max err/bound: practical {ratio:.3g}, worst feasible "
+        f"{', '.join(f'{v:.3g}' for v in (worst / bounds).max(0))} (layers 1, 2)",
         holds=bool(holds),
         source="[L] Donoho–Elad 2003 per layer; [R] product over layers (ML-CSC Thm 5 form)",
-        curves={"eps": np.array(eps_list), "err": errs, "bound": bounds},
+        curves={"eps": np.array(eps_list), "err": errs, "worst": worst, "bound": bounds},
+        note="the bound covers every feasible estimate; the worst one on the true support reaches 2ε/σ_min(D_S), "
+        "so its ratio shows how much of the bound the coherence estimate 1 − (2s−1)μ ≤ σ_min² leaves unused",
         seconds=time.perf_counter() - t0,
     )

@@ -76,11 +76,13 @@ def lasso_bias(
 def objective_rates(
     *, quick: bool = False, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float64
 ) -> ClaimResult:
-    """ISTA's F(z_k) − F* ≤ L‖z*‖²/(2k) and FISTA's ≤ 2L‖z*‖²/(k+1)² at every k; fitted log-log slopes ≤ −1, −2.
+    """ISTA's F(z_k) − F* ≤ L‖z*‖²/(2k) and FISTA's ≤ 2L‖z*‖²/(k+1)² at every k.
 
-    A coherent problem (4 random 2-channel filters of size 9, 20 active codes, noise) keeps the gaps sublinear
-    long enough to fit. F* comes from a long FISTA run. Always float64 (`dtype` is ignored): FISTA's gap leaves
-    float32's range within a few dozen iterations, before a tail slope can be fitted.
+    A coherent problem: 4 random 2-channel filters of size 9, 20 active codes, noise. L = ‖D‖₂² exactly (an SVD of
+    the explicit dictionary; power iteration approaches it from below, and the theorems need L ≥ ‖D‖₂²). F* comes
+    from a long FISTA run. The tail slopes are reported, not asserted: this LASSO has a unique solution, so both
+    methods end up converging linearly, far faster than the worst-case rates. Always float64 (`dtype` is ignored):
+    FISTA's gap leaves float32's range within a few dozen iterations.
     """
     t0 = time.perf_counter()
     dtype = torch.float64
@@ -89,7 +91,7 @@ def objective_rates(
     p = dsc_problem([d], 20, batch=4, noise_std=0.05, min_separation=1, seed=9)
     x, w = p.x.to(device), w_cpu.to(device)
     lam = 0.05
-    L = DF.lipschitz_constant(w, x.shape[2:], n_iter=100 if quick else 300)
+    L = float(torch.linalg.matrix_norm(theory.dictionary_matrix(w_cpu, x.shape[2:]), ord=2)) ** 2
     step = 1.0 / L
     f = lambda z: DF.lasso_objective(x, z, w, lam).cpu().numpy()  # noqa: E731
     z_star = DF.conv_ista(x, w, lam, n_iter=800 if quick else 5000, step=step, fista=True, backend=backend)
@@ -118,13 +120,14 @@ def objective_rates(
         return fit_slope(np.log(kk[keep]), np.log(g[keep]))
 
     s_ista, s_fista = slope(np.arange(1, K + 1), ista_gap), slope(ks, fista_gap)
-    holds = ok_bounds and s_ista <= -1 and s_fista <= -2
+    worst = max(float((ista_gap / ista_bound).max()), float((fista_gap / fista_bound).max()))
     return ClaimResult(
         id="ISTA/FISTA",
-        claim="objective gap of ISTA is O(1/k) and of FISTA O(1/k²) (step 1/L)",
-        theory="gap ≤ L‖z*‖²/(2k) resp. 2L‖z*‖²/(k+1)² at every k; tail log-log slopes ≤ −1, −2",
-        measured=f"bounds {'hold' if ok_bounds else 'violated'}; slopes ISTA {s_ista:.2f}, FISTA {s_fista:.2f}",
-        holds=bool(holds),
+        claim="objective gap of ISTA is O(1/k) and of FISTA O(1/k²) (step 1/L, L = ‖D‖₂²)",
+        theory="gap ≤ L‖z*‖²/(2k) resp. 2L‖z*‖²/(k+1)² at every k",
+        measured=f"bounds {'hold' if ok_bounds else 'violated'} (max gap/bound {worst:.2g}); tail log-log slopes "
+        f"ISTA {s_ista:.2f}, FISTA {s_fista:.2f}",
+        holds=ok_bounds,
         source="[L] Beck–Teboulle 2009",
         curves={
             "k": np.arange(1, K + 1),
@@ -134,6 +137,7 @@ def objective_rates(
             "fista_gap": fista_gap.max(1),
             "fista_bound": fista_bound.max(1),
         },
-        note="slopes steeper than the worst-case rates are expected: the rates are upper bounds",
+        note="slopes steeper than the worst-case rates are expected: the rates are upper bounds, and a LASSO with a "
+        "unique solution converges linearly in the end",
         seconds=time.perf_counter() - t0,
     )

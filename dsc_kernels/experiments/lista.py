@@ -47,7 +47,8 @@ def linear_convergence(
     device: str = "cpu",
     dtype: torch.dtype = torch.float64,
 ) -> ClaimResult:
-    """S3 + S4: err_k <= s B q^k at every k, fitted log-error slope <= log q, supp(Gamma^k) within supp(Gamma*).
+    """S3 + S4: err_k <= s B q^k at every k, supp(Gamma^k) within supp(Gamma*); the fitted log-error slope is
+    <= log q with oracle thresholds, and log q (the schedule's own rate) with geometric ones.
 
     Noiseless 1-D Barker-13 dictionary (mu = 1/13), s = 4 so q = 7/13.
     """
@@ -62,19 +63,25 @@ def linear_convergence(
     sup = tr.err_l2.max(1)
     # the machine term of eta leaves a rounding plateau; the rate is that of the approach to it
     slope, used = decay_slope(sup, float(sup[-5:].mean()))
-    # a geometric schedule makes the error follow theta_k ∝ q^k, so equality with log q is expected there:
-    # the tolerance only absorbs the least-squares fit, it is 3% of the rate
-    tol = 0.02 if schedule == "geometric" else 0.0
     bound_ok = bool((tr.err_l2 <= bound[:, None] * (1 + 1e-9)).all())
     no_fp = int(tr.false_pos.sum()) == 0
-    holds = bound_ok and no_fp and slope <= np.log(q) + tol
+    if schedule == "geometric":
+        # the error follows theta_k ∝ q^k, so its slope is log q by construction, even for a wrong q: this run
+        # checks the bound and the support under the theorem's own schedule, and that the error tracks it (the
+        # tolerance absorbs the least-squares fit); the oracle run is the evidence for the rate
+        rate_ok = abs(slope - np.log(q)) <= 0.02
+        rate = f"slope = log q = {np.log(q):.3f} ± 0.02 (the schedule's rate; the oracle run tests q)"
+    else:
+        rate_ok = slope <= np.log(q)
+        rate = f"slope ≤ log q = {np.log(q):.3f}"
+    holds = bound_ok and no_fp and rate_ok
     worst = float((tr.err_l2 / bound[:, None]).max())
     return ClaimResult(
         id=f"S3/S4-{schedule}",
-        claim=f"LISTA-CP, analytic W = D, {schedule} thresholds: linear rate q, bound s·B·q^k at every k, "
-        "no false positives",
-        theory=f"slope ≤ log q = {np.log(q):.3f}{' (+0.02 fit tol.)' if tol else ''} "
-        f"(q = (2s−1)μ = {q:.3f}, s = {s}, μ = {d.mu:.4f})",
+        claim=f"LISTA-CP, analytic W = D, {schedule} thresholds: "
+        + ("linear rate q, " if schedule == "oracle" else "error tracks θ_k ∝ q^k, ")
+        + "bound s·B·q^k at every k, no false positives",
+        theory=f"{rate} (q = (2s−1)μ = {q:.3f}, s = {s}, μ = {d.mu:.4f})",
         measured=f"slope {slope:.3f} over {used} iters; max err/bound {worst:.2g}; "
         f"false positives {int(tr.false_pos.sum())}",
         holds=bool(holds),
@@ -102,11 +109,17 @@ def noise_floor(
     s = 3
     sigmas = [1e-3, 4e-3, 1.6e-2] if quick else [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2]
     n_iter = 30 if quick else 50
-    floors, bounds, etas = [], [], []
-    for sigma in sigmas:
-        d, p, x, truth, q, eta = _setup(1, quick, s, sigma, device, dtype, seed=1)
+    floors, bounds, etas, bias = [], [], [], []
+    for i, sigma in enumerate(sigmas):
+        # a fresh problem and noise draw per level: with one noise direction scaled by sigma, slope 1 would follow
+        # from scale equivariance alone
+        d, p, x, truth, q, eta = _setup(1, quick, s, sigma, device, dtype, seed=1 + i)
         tr = lista_cp(x, d, truth, n_iter, _schedule("oracle", d.mu, s, p.amplitude[0], q, eta), backend=backend)
         floors.append(float(tr.err_l2[-5:].max()))
+        # the same thresholds on the clean signal: the part of the floor that is the thresholds' bias
+        sched = _schedule("oracle", d.mu, s, p.amplitude[0], q, eta)
+        clean = lista_cp(p.clean.to(device), d, truth, n_iter, sched, backend=backend)
+        bias.append(float(clean.err_l2[-5:].max()) / floors[-1])
         bounds.append(theory.lista_cp_noise_gain(s, q) * eta)
         etas.append(eta)
     slope = fit_slope(np.log(sigmas), np.log(floors))
@@ -120,6 +133,8 @@ def noise_floor(
         holds=bool(holds),
         source="[L] Chen et al. 2018; [R] per DSC layer",
         curves={"sigma": np.array(sigmas), "floor": np.array(floors), "bound": np.array(bounds), "eta": np.array(etas)},
+        note="the oracle threshold μ‖e‖₁ + η grows with the noise, and its bias is much of the floor: on the clean "
+        f"signal the same thresholds leave {min(bias):.0%}–{max(bias):.0%} of it",
         seconds=time.perf_counter() - t0,
     )
 
@@ -143,12 +158,16 @@ def error_vs_depth(
     C = theory.lista_cp_noise_gain(s, q)
     bound = theory.lista_cp_error_bound(np.arange(n_iter + 1), s, B, q, C, eta)
     flat = float(np.ptp(sup[-5:]) / plateau) if plateau > 0 else 0.0
-    holds = slope <= np.log(q) and plateau <= C * eta and flat < 0.05 and bool((tr.err_l2 <= bound[:, None]).all())
+    within = bool((tr.err_l2 <= bound[:, None] * (1 + 1e-9)).all())
+    # geometric thresholds: the decay follows theta_k ∝ q^k (equality up to the fit), as in S3's geometric run
+    holds = abs(slope - np.log(q)) <= 0.02 and plateau <= C * eta and flat < 0.05 and within
     return ClaimResult(
         id="S7",
-        claim="2-D conv ISTA as a CNN: exponential decay in depth, then a plateau ∝ noise",
-        theory=f"slope ≤ log q = {np.log(q):.3f}; plateau ≤ C·η = {C * eta:.3g}",
-        measured=f"slope {slope:.3f} over {used} layers; plateau {plateau:.3g} (spread {flat:.1%})",
+        claim="2-D conv ISTA as a CNN: error ≤ s·B·q^k + C·η at every depth, exponential decay, then a plateau",
+        theory=f"bound at every depth; slope = log q = {np.log(q):.3f} ± 0.02 (the geometric schedule's rate); "
+        f"plateau ≤ C·η = {C * eta:.3g}",
+        measured=f"slope {slope:.3f} over {used} layers; plateau {plateau:.3g} (spread {flat:.1%}); "
+        f"bound {'holds' if within else 'violated'}",
         holds=bool(holds),
         source="[P] rates in depth; [R] form; [L] constants",
         curves={"k": np.arange(n_iter + 1), "err": sup, "bound": bound, "plateau": plateau, "q": q},

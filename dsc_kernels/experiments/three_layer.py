@@ -118,7 +118,9 @@ def three_layer(
         holds=bool(holds),
         source="[L] ML-CSC stripe norm (Papyan–Romano–Elad 2017), Chen et al. 2018 per layer; [R] stripe rate",
         curves={"K": np.array(Ks), "err": err, "bound": pred, "q": qs, "s_stripe": s_st, "q_global": q_global},
-        note="the global ℓ0 condition fails at layer 1 (and at layer 2 with two deep atoms): only the local, stripe "
-        "form of the coherence condition holds at all three layers, which is what convolutional layers need",
+        note="the global ℓ0 condition (2s−1)μ < 1 fails at layer "
+        + ", ".join(str(j + 1) for j, qg in enumerate(q_global) if qg >= 1)
+        + ": only the local, stripe form of the coherence condition holds at all three layers, which is what "
+        "convolutional layers need",
         seconds=time.perf_counter() - t0,
     )

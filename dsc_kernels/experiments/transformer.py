@@ -24,7 +24,9 @@ So block i computes LISTA-CP iteration i exactly when every head's attention is 
 - softmax attention puts weight eps(beta) = 1 - P_target ~ 2 exp(-beta Delta) on other tokens, an error of at most
   eta(beta) = 2 eps (||w||_1 ||x||_inf + ||a||_1 Z) per iteration in the pre-activation (Z bounds |z|). LISTA-CP
   theory with that eta in place of the noise term (thresholds theta_k = mu s B q^k + mu C eta + eta) gives
-  err_k <= s B q^k + C eta(beta): the same decay down to a floor ∝ exp(-beta Delta) (S10b).
+  err_k <= s B q^k + C eta(beta), and the blocks stay within C eta(beta) of exact attention (S10b). The leak is one
+  circulant smoothing of x and of D z alike, so it cancels at the true code: the deviation dies out, and the floor
+  is the bias of the eta(beta) term in the thresholds, not an error softmax leaves.
 The seed paper claims rates for "self-attention and transformer-based models" [P]; this construction is a
 reconstruction [R] (docs/theory.md §5.2), the constants are LISTA-CP's [L].
 """
@@ -235,8 +237,9 @@ def _problem(quick: bool, dtype: torch.dtype):
 def transformer_blocks(
     *, quick: bool = False, backend: str = "auto", device: str = "cpu", dtype: torch.dtype = torch.float64
 ) -> list[ClaimResult]:
-    """S10a: sparsemax and shrink attention blocks reproduce LISTA-CP exactly; S10b: softmax at inverse temperature
-    beta decays at the same rate to a floor <= C eta(beta) ∝ exp(-beta Delta)."""
+    """S10a: sparsemax and shrink attention blocks reproduce LISTA-CP exactly; S10b: softmax blocks at inverse
+    temperature beta stay within C eta(beta) ∝ exp(-beta Delta) of exact attention, and with thresholds that absorb
+    eta(beta) decay at the same rate to those thresholds' floor <= C eta(beta)."""
     t0 = time.perf_counter()
     d, s, p = _problem(quick, dtype)
     x, truth = p.x.to(device, dtype), p.codes[0].to(device, dtype)
@@ -274,14 +277,15 @@ def transformer_blocks(
         all(v <= tol for v in diffs.values())
         and within
         and sum(fps.values()) == 0
-        and all(v <= np.log(q) + 0.02 for v in slopes.values())
+        # the geometric schedule sets the rate (S3); the evidence here is the equality with conv_ista
+        and all(abs(v - np.log(q)) <= 0.02 for v in slopes.values())
     )
     res_a = ClaimResult(
         id="S10a",
         claim="transformer blocks (shift attention + shrink MLP) compute unrolled conv ISTA exactly with sparsemax "
         "or shrink attention: exponential decay in the number of blocks, no floor",
-        theory=f"blocks = LISTA-CP iterations (difference ≤ {tol:.1e}); error ≤ s·B·q^k, slope ≤ log q = "
-        f"{np.log(q):.3f} (+0.02 fit tol.); Δ = {net.margin:.3f}, β = 2/Δ",
+        theory=f"blocks = LISTA-CP iterations (difference ≤ {tol:.1e}); error ≤ s·B·q^k, slope = log q = "
+        f"{np.log(q):.3f} ± 0.02 (the geometric schedule's rate); Δ = {net.margin:.3f}, β = 2/Δ",
         measured="max |blocks − ISTA| "
         + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items())
         + "; slopes "
@@ -293,51 +297,65 @@ def transformer_blocks(
         seconds=time.perf_counter() - t0,
     )
 
-    # (b) softmax at several beta: thresholds carry the attention error eta(beta) as LISTA-CP's noise term
+    # (b) softmax at several beta: thresholds carry the attention error eta(beta) as LISTA-CP's noise term. The
+    # attention error itself is measured as the distance to exact attention run with the same thresholds.
     t1 = time.perf_counter()
-    # floors from ~1 down to well above rounding: e^(-18) in float64, e^(-8.5) in float32
-    beta_deltas = [6.0, 9.0, 12.0, 15.0, 18.0] if dtype == torch.float64 else [4.0, 5.5, 7.0, 8.5]
+    # eta(beta) from ~0.1 (above that the thresholds zero every code) down to well above rounding: e^(-18) in
+    # float64, e^(-10) in float32
+    beta_deltas = [6.0, 9.0, 12.0, 15.0, 18.0] if dtype == torch.float64 else [5.5, 7.0, 8.5, 10.0]
     if quick:
         beta_deltas = beta_deltas[:4]
     betas = [bd / net.margin for bd in beta_deltas]
     z_bound = 2.0 * B
     x_max = float(x.abs().max())
-    floors, etas, eps_list, curves_b, ok, biggest = [], [], [], {}, True, 0.0
+    floors, etas, eps_list, devs, last_devs, curves_b, ok, biggest = [], [], [], [], [], {}, True, 0.0
     for beta in betas:
         eps = off_target_weight(net, beta)
         eta = 2 * eps * (net.w_l1 * x_max + net.a_l1 * z_bound) + machine
-        sched_b = schedule(eta)
-        soft = build_transformer(d, sched_b, device=device)
+        soft = build_transformer(d, schedule(eta), device=device)
         codes = soft(x, kind="softmax", beta=beta, backend=backend)
+        reference = soft(x, kind="sparsemax", beta=beta_exact, backend=backend)
         err, fp = errors(codes)
+        dev = [float((c - r).flatten(1).norm(dim=1).max()) for c, r in zip(codes, reference)]
         bound_b = theory.lista_cp_error_bound(np.arange(n_blocks + 1), s, B, q, C, eta)
         biggest = max(biggest, max(float(c.abs().max()) for c in codes))
         ok = ok and fp == 0 and bool((err <= bound_b * (1 + 1e-9)).all())
         floors.append(float(err[-1]))
+        devs.append(max(dev))
+        last_devs.append(dev[-1])
         etas.append(eta)
         eps_list.append(eps)
         curves_b[beta] = err
-    floors_a = np.array(floors)
-    slope = fit_slope(betas, np.log(floors_a))
-    below = bool((floors_a <= C * np.array(etas)).all())
-    # the floor follows eps(beta), whose log-slope tends to -Delta from below as the nearest competitors dominate
+    floors_a, etas_a, devs_a = np.array(floors), np.array(etas), np.array(devs)
+    below = bool((floors_a <= C * etas_a).all()) and bool((devs_a <= C * etas_a).all())
+    # the deviation is linear in eps(beta), whose log-slope tends to -Delta from below as the nearest competitors
+    # dominate; exact attention in place of softmax (no deviation) or a wrong temperature fails this
     eps_slope = fit_slope(betas, np.log(np.array(eps_list)))
-    rel = abs(slope / eps_slope - 1)
-    holds_b = ok and below and biggest <= z_bound and rel <= 0.1
+    dev_slope = fit_slope(betas, np.log(np.maximum(devs_a, np.finfo(float).tiny)))
+    rel = abs(dev_slope / eps_slope - 1)
+    # the leak is one circulant smoothing of x and of D z alike, so the true code stays a fixed point: the floor is
+    # the bias of the thresholds' eta(beta) term, and the last block sits on exact attention's result
+    own_floor = float(max(dv / f for dv, f in zip(last_devs, floors)))
+    holds_b = ok and below and biggest <= z_bound and rel <= 0.1 and own_floor <= 0.05
     res_b = ClaimResult(
         id="S10b",
-        claim="softmax attention at inverse temperature β: the same decay down to a floor ∝ e^(−βΔ)",
-        theory=f"error ≤ s·B·q^k + C·η(β) at every block, η(β) = 2ε(β)(‖w‖₁‖x‖∞ + ‖a‖₁·2B), ε(β) ≈ 2e^(−βΔ); "
-        f"d log(floor)/dβ = d log ε/dβ = {eps_slope:.3f} here (±10%), → −Δ = {-net.margin:.3f} as β grows",
-        measured=f"fitted slope {slope:.3f} over β·Δ ∈ [{beta_deltas[0]:g}, {beta_deltas[-1]:g}]; "
-        f"max floor/(C·η) {float((floors_a / (C * np.array(etas))).max()):.2g}; "
+        claim="softmax attention at inverse temperature β: the blocks stay within C·η(β) ∝ e^(−βΔ) of exact attention; "
+        "with thresholds that absorb η(β), the same decay down to the thresholds' floor",
+        theory=f"max_k ‖Γ_softmax^k − Γ_exact^k‖ ≤ C·η(β), η(β) = 2ε(β)(‖w‖₁‖x‖∞ + ‖a‖₁·2B), ε(β) ≈ 2e^(−βΔ), "
+        f"d log(deviation)/dβ = d log ε/dβ = {eps_slope:.3f} here (±10%), → −Δ = {-net.margin:.3f} as β grows; "
+        "error ≤ s·B·q^k + C·η(β) at every block; softmax adds no floor of its own (last-block deviation ≤ 5% "
+        "of the floor)",
+        measured=f"deviation slope {dev_slope:.3f} over β·Δ ∈ [{beta_deltas[0]:g}, {beta_deltas[-1]:g}]; "
+        f"max deviation/(C·η) {float((devs_a / (C * etas_a)).max()):.2g}; "
+        f"max floor/(C·η) {float((floors_a / (C * etas_a)).max()):.2g}; last-block deviation/floor {own_floor:.1e}; "
         f"bound at every block {'holds' if ok else 'violated'}; max |z| {biggest:.2f} ≤ 2B = {z_bound:.2f}",
         holds=bool(holds_b),
-        source="[P] existence; [R] construction and floor form; [L] LISTA-CP constants",
+        source="[P] existence; [R] construction, deviation and fixed point; [L] LISTA-CP constants",
         curves={
             "beta": np.array(betas),
             "floor": floors_a,
-            "eta": np.array(etas),
+            "deviation": devs_a,
+            "eta": etas_a,
             "eps": np.array(eps_list),
             "C": C,
             "margin": net.margin,
@@ -345,7 +363,9 @@ def transformer_blocks(
             "k": np.arange(n_blocks + 1),
         },
         note=f"ε(β) is the softmax weight off the target token (Δ = {net.margin:.3f}: the score margin of the "
-        "positional encoding); thresholds include η(β) as LISTA-CP's noise term, which keeps the support clean",
+        "positional encoding). The deviation from exact attention (same thresholds) is largest in the first blocks "
+        "and dies out: the leak smooths x and D z alike, so it cancels at the true code. The floor is the bias of "
+        "thresholds that include η(β), the price of a support that stays clean while the blocks deviate",
         seconds=time.perf_counter() - t1,
     )
     return [res_a, res_b]

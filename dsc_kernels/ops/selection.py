@@ -128,16 +128,17 @@ def backend_name(backend: object, family: str | None = None) -> str:
     return name
 
 
-def _requested(backend: object) -> str:
+def _requested(backend: object) -> tuple[str, str]:
+    """(the backend a call asks for, how it asked: "backend=" or the environment variable, for error messages)."""
     name = backend_name(backend)
     if name != "auto":
-        return name
+        return name, "backend="
     env = os.environ.get(ENV_VAR, "").strip().lower()
     if env and env not in KNOWN_NAMES:
         raise ValueError(
             f"the environment variable {ENV_VAR} must be one of {_KNOWN} (or empty), got {os.environ[ENV_VAR]!r}"
         )
-    return env or "auto"
+    return (env, f"{ENV_VAR}=") if env else ("auto", "backend=")
 
 
 def _supports(row: Backend, dtype: torch.dtype) -> bool:
@@ -172,23 +173,28 @@ def select(
 
     ``prefers(name)``, when given, is the call's cost model (e.g. ``cpu_cost.hook``): ``auto`` skips a candidate
     it declines."""
-    name = _requested(backend)
+    name, origin = _requested(backend)
     dtype = _running_dtype(device, dtype)
+    names = {r.name for r in table.rows(family)}
     if name != "auto":
+        # an explicit request, by argument or by the environment variable, runs as asked or raises; the
+        # messages say which of the two asked
+        asked = f"{origin}{name!r}" + (" (the backend argument was 'auto')" if origin != "backend=" else "")
+        if name not in table.NOT_BUILT and name not in names:
+            raise ValueError(f"{asked}: that backend has no {family} kernels; backends that have: {sorted(names)}")
         if name not in table.NOT_BUILT and _missing(table.row(family, name), features):
             able = [r.name for r in table.rows(family) if not _missing(r, features)]
             raise ValueError(
-                f"backend={name!r} cannot run {' and '.join(_missing(table.row(family, name), features))}"
+                f"{asked} cannot run {' and '.join(_missing(table.row(family, name), features))}"
                 f" ({family}); backends that can: {', '.join(able)}"
             )
         reason = unavailable_reason(family, name, device.type)
         if reason is not None:
-            raise RuntimeError(f"backend={name!r} cannot run: {reason}")
+            raise RuntimeError(f"{asked} cannot run: {reason}")
         row = table.row(family, name)
         if not _supports(row, dtype):
-            raise TypeError(f"backend={name!r} supports {', '.join(map(str, row.dtypes))}, got {dtype}")
+            raise TypeError(f"{asked} supports {', '.join(map(str, row.dtypes))}, got {dtype}")
         return _registered(row)
-    names = {r.name for r in table.rows(family)}
     for candidate in table.AUTO_PREFERENCE.get(device.type, ("reference",)):
         if candidate not in names:  # a family need not have a row for every backend
             continue
