@@ -234,3 +234,35 @@ def test_cpp_layers_without_channels_give_the_reference(x_shape, weight_shapes, 
     assert any(c.numel() and c.abs().sum() > 0 for c in want_codes)
     for got, want in zip(got_codes + got_grads, want_codes + want_grads):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shapes", [((0, 2, 5), [(3, 2, 5)]), ((0, 1, 6, 6), [(2, 1, 3, 3), (3, 2, 4, 4)])])
+@pytest.mark.parametrize("n_iter", [0, 2])
+def test_cpp_empty_batch_through_a_one_pixel_layer(shapes, n_iter):
+    """A layer whose kernel covers its map runs as a matrix product; its reshape({B, -1}) could not infer -1 next to
+    an empty batch, so ml_ista raised where the reference returns empty codes."""
+    x_shape, weight_shapes = shapes
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+    weights = [(0.3 * torch.randn(s, dtype=torch.float64)).requires_grad_() for s in weight_shapes]
+    want = DF.ml_ista(x, weights, [0.1] * len(weights), n_iter=n_iter, backend="reference")
+    got = DF.ml_ista(x, weights, [0.1] * len(weights), n_iter=n_iter, backend="cpp")
+    assert [g.shape for g in got] == [w.shape for w in want]
+    grads = torch.autograd.grad(sum(g.sum() for g in got), [x, *weights], allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
+
+
+@pytest.mark.parametrize("nonneg", [False, True])
+def test_cpp_nan_codes_get_the_threshold_gradient_autograd_gives(nonneg):
+    """A NaN code is active, and counts sign 0 in a signed threshold's gradient and 1 in relu(u - t)'s: cpp skipped
+    it in the nonneg sum (dL/dt -3.2 where the reference gives -37.5)."""
+    out = {}
+    for backend in ("reference", "cpp"):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 1, 5, 5, dtype=torch.float64, generator=g)
+        x[0, 0, 2, 2] = float("nan")
+        w = 0.3 * torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=g)
+        t = torch.full((2,), 0.05, dtype=torch.float64, requires_grad=True)
+        (code,) = DF.ml_ista(x, [w], [t], n_iter=2, paddings=[1], nonneg=nonneg, backend=backend)
+        out[backend] = (code, *torch.autograd.grad(code.sum(), t))
+    for a, b in zip(out["cpp"], out["reference"]):
+        torch.testing.assert_close(a, b, equal_nan=True)

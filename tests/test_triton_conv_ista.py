@@ -379,6 +379,24 @@ def test_nan_propagates_like_softshrink(device):
     assert torch.equal(z.isnan(), ref.isnan()) and z.isnan().any()
 
 
+@pytest.mark.parametrize("nonneg", [False, True])
+def test_nan_codes_get_the_threshold_gradient_autograd_gives(nonneg, device):
+    """A NaN code is active and counts sign 0 in a signed threshold's gradient (relu(u - t): 1), as autograd
+    through softshrink/relu has it (the cpp backend counted sign -1)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 1, 7, 6, generator=g).to(device)
+    w = (0.3 * torch.randn(2, 1, 3, 3, generator=g)).to(device)
+    z0 = (0.3 * torch.randn(1, 2, 7, 6, generator=g)).to(device)
+    z0[0, 1, 3, 2] = float("nan")
+    out = {}
+    for backend in ("reference", "triton"):
+        lam = torch.full((2,), 0.1, device=device, requires_grad=True)
+        z = DF.conv_ista(x, w, lam, n_iter=1, step=0.2, padding=1, z0=z0, nonneg=nonneg, backend=backend)
+        out[backend] = (z, *torch.autograd.grad(z.sum(), lam))
+    for got, want in zip(out["triton"], out["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
 @pytest.mark.parametrize("rank", [1, 2])
 def test_kink_tolerant_comparison(rank, device):
     # The at-scale comparison of TestGPU, exercised on a small problem that is not kink-free.

@@ -185,9 +185,10 @@ void shrink_into(T* out, const T* y, const T* q, double c, const T* t, bool nonn
   });
 }
 
-// gu = g [code != 0] (returned) and acc[c] -= sum over (B, P) of gu sign(code): the threshold gradient.
+// gu = g [code != 0] (returned) and acc[c] -= sum over (B, P) of gu sign(code) (nonneg: of gu): the threshold
+// gradient. NaN codes follow torch's softshrink and relu backwards: active, and sign(NaN) counts 0 (nonneg: 1).
 template <typename T>
-void mask_grad(T* gu, const T* g, const T* code, double* acc, int64_t B, int64_t C, int64_t P) {
+void mask_grad(T* gu, const T* g, const T* code, double* acc, bool nonneg, int64_t B, int64_t C, int64_t P) {
   at::parallel_for(0, C, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       double sum = 0.0;
@@ -197,7 +198,7 @@ void mask_grad(T* gu, const T* g, const T* code, double* acc, int64_t B, int64_t
           const T z = code[off + i];
           const T v = z != T(0) ? g[off + i] : T(0);
           gu[off + i] = v;
-          sum += z > T(0) ? double(v) : (z < T(0) ? -double(v) : 0.0);
+          sum += nonneg || z > T(0) ? double(v) : (z < T(0) ? -double(v) : 0.0);
         }
       }
       acc[c] -= sum;
@@ -415,7 +416,7 @@ std::tuple<Tensor, TensorList, TensorList, TensorList, TensorList, TensorList, T
       Tensor gj = g[j].contiguous();
       AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "ml_ista_mask_grad", [&] {
         mask_grad<scalar_t>(gu.data_ptr<scalar_t>(), gj.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                            gT[j].data() + k * C, B, C, P);
+                            gT[j].data() + k * C, n.nonneg, B, C, P);
       });
       const Tensor vE = geo.synthesis(gu, n.E(j, k));
       Tensor vA = vE;

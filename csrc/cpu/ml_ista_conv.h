@@ -63,8 +63,9 @@ struct Geometry {
 
   at::Tensor analysis(const at::Tensor& r, const at::Tensor& w) const {
     if (dense) {
-      const int64_t b = r.size(0), cc = w.size(0);
-      return at::mm(r.reshape({b, -1}), w.reshape({cc, -1}).t()).view({b, cc, 1, 1});
+      // sizes spelled out: reshape cannot infer a -1 next to an empty batch
+      const int64_t b = r.size(0), cc = w.size(0), k = w.size(1) * w.size(2) * w.size(3);
+      return at::mm(r.reshape({b, k}), w.reshape({cc, k}).t()).view({b, cc, 1, 1});
     }
     return at::conv2d(r, w, {}, stride, padding);
   }
@@ -87,8 +88,8 @@ struct Geometry {
   // The weight gradient of the analysis signal_side -> code_side, shaped like w.
   at::Tensor weight_grad(const at::Tensor& signal_side, const at::Tensor& code_side, const at::Tensor& w) const {
     if (dense) {
-      const int64_t b = code_side.size(0), cc = w.size(0);
-      return at::mm(code_side.reshape({b, cc}).t(), signal_side.reshape({b, -1})).view(w.sizes());
+      const int64_t b = code_side.size(0), cc = w.size(0), k = w.size(1) * w.size(2) * w.size(3);
+      return at::mm(code_side.reshape({b, cc}).t(), signal_side.reshape({b, k})).view(w.sizes());
     }
     return std::get<1>(at::convolution_backward(code_side, signal_side, w, std::nullopt, stride, padding, {1, 1},
                                                 false, {0, 0}, 1, {false, true, false}));

@@ -105,7 +105,9 @@ inline void threshold_pixel(T* out, const T* y, const T* e, T step, const T* th,
 }
 
 // The active set of the iteration that produced z applied to its gradient g in place, g := g [z != 0]; returns
-// sum g sign(z) (nonneg: sum g) over the row, which dL/dth collects with a minus sign.
+// sum g sign(z) (nonneg: sum g) over the row, which dL/dth collects with a minus sign. NaN codes follow torch's
+// softshrink and relu backwards: active (their derivative is 1 at NaN), and sign(NaN) counts 0 (softshrink's
+// threshold gradient skips NaN entries; relu(u - t)'s does not, hence nonneg's sum g).
 template <typename T>
 inline double mask_row(T* g, const T* z, int64_t cnt, bool nonneg) {
   return for_lanes<T>(cnt, [&](int64_t i, auto tag) {
@@ -113,7 +115,7 @@ inline double mask_row(T* g, const T* z, int64_t cnt, bool nonneg) {
     const U zz = load<U>(z + i);
     const U gg = zz != U{} ? load<U>(g + i) : U{};
     store(g + i, gg);
-    return nonneg ? gg : (zz > U{} ? gg : -gg);
+    return nonneg ? gg : (zz > U{} ? gg : (zz < U{} ? -gg : U{}));
   });
 }
 
@@ -125,7 +127,7 @@ inline void mask_pixel(T* g, const T* z, int64_t cnt, bool nonneg, T* sums) {
     const U zz = load<U>(z + i);
     const U gg = zz != U{} ? load<U>(g + i) : U{};
     store(g + i, gg);
-    store(sums + i, load<U>(sums + i) + (nonneg ? gg : (zz > U{} ? gg : -gg)));
+    store(sums + i, load<U>(sums + i) + (nonneg ? gg : (zz > U{} ? gg : (zz < U{} ? -gg : U{}))));
     return U{};
   });
 }

@@ -57,13 +57,17 @@ struct GemmSolver {
   const bool full_map;
   const bool channels_last;  // the chunk's layout: channels-last unless full_map
   const at::Tensor weight, encoder_weight;  // W_D, W_E in the chunk's layout (one tensor when tied)
+  // D 0 = 0 lets the first iteration skip its synthesis, unless a tap is inf or NaN: torch.nn.functional's
+  // conv_transpose2d makes 0 * NaN = NaN over that tap's footprint, and so must we.
+  const bool finite_weight;
 
   GemmSolver(const Problem<T>& p_, const Checkpoints& ck, Pass pass)
       : p(p_), g(p_.g), stride{g.SH, g.SW}, padding{g.PH, g.PW},
         output_padding{g.H + 2 * g.PH - g.KH - (g.Hz - 1) * g.SH, g.W + 2 * g.PW - g.KW - (g.Wz - 1) * g.SW},
         chunk(gemm_chunk_items(p_.g, p_.it.n, p_.it.fista, ck, pass)), full_map(g.kernel_covers_map()),
         channels_last(!full_map), weight(in_layout(p_.weight)),
-        encoder_weight(p_.encoder_weight.is_same(p_.weight) ? weight : in_layout(p_.encoder_weight)) {}
+        encoder_weight(p_.encoder_weight.is_same(p_.weight) ? weight : in_layout(p_.encoder_weight)),
+        finite_weight(p_.weight.numel() == 0 || at::isfinite(p_.weight).all().template item<bool>()) {}
 
   at::Tensor in_layout(const at::Tensor& t) const {
     return channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast) : t;
@@ -154,11 +158,12 @@ struct GemmSolver {
   // r_k = x_c - D y (y null: zeros) written to `dst` (x_c and dst in the chunk's layout).
   void residual(const T* x, const T* y, const at::Tensor& w, int64_t items, T* dst) const {
     const int64_t n = items * g.signal_item();
-    if (!y) {
+    if (!y && finite_weight) {
       at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) { std::copy(x + i0, x + i1, dst + i0); });
       return;
     }
-    const at::Tensor dy = synthesis(code(y, items), w);
+    const at::Tensor start = y ? code(y, items) : in_layout(at::zeros({items, g.Cc, g.Hz, g.Wz}, options()));
+    const at::Tensor dy = synthesis(start, w);
     const T* d = dy.data_ptr<T>();
     at::parallel_for(0, n, 16384, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) dst[i] = x[i] - d[i];

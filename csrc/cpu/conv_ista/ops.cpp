@@ -118,7 +118,7 @@ void shrink_only_backward(const Problem<T>& p, const at::Tensor& grad_z, const G
     const double bk = p.it.momentum(k) ? p.it.beta[k] : 0.0;
     for (int64_t i = 0; i < bsz; ++i) {
       const T gu = z1[i] != T(0) ? ga[i] : T(0);
-      dth[k * g.Cc + (i / hw) % g.Cc] -= p.it.nonneg || z1[i] > T(0) ? gu : -gu;
+      dth[k * g.Cc + (i / hw) % g.Cc] -= p.it.nonneg || z1[i] > T(0) ? gu : (z1[i] < T(0) ? -gu : T(0));
       ga[i] = gb[i] + T(1 + bk) * gu;  // dL/dy_k = gu: no D^* v term without a signal
       gb[i] = T(-bk) * gu;
     }
@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x, const 
     const StoredIterates<T> out = stored<T>(ck, g, z.data_ptr<T>(), saved);
     if (g.empty_signal())
       shrink_only_forward<T>(p, out);
-    else if (choose_strategy(g, Pass::forward, {x, z0}) == Strategy::gemm)
+    else if (choose_strategy(g, Pass::forward, {x, z0}, {weight, encoder_weight}) == Strategy::gemm)
       gemm_forward<T>(p, out);
     else
       direct_forward<T>(p, out);
@@ -223,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const StoredIterates<const T> in = stored<const T>(ck, g, z.numel() ? z.data_ptr<T>() : nullptr, saved);
     if (g.empty_signal())
       shrink_only_backward<T>(p, grad_z, grads);
-    else if (choose_strategy(g, Pass::backward, {x, z0, grad_z}) == Strategy::gemm)
+    else if (choose_strategy(g, Pass::backward, {x, z0, grad_z}, {weight, encoder_weight}) == Strategy::gemm)
       gemm_backward<T>(p, grad_z, in, ck.interval, grads);
     else
       direct_backward<T>(p, grad_z, in, ck.interval, grads);

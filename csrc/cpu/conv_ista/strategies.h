@@ -26,9 +26,11 @@ const char* strategy_name(Strategy s);
 // (unset, empty or "auto") the rule in strategy.cpp decides from the geometry and the pass.
 Strategy choose_strategy(const ConvGeometry& g, Pass pass);
 
-// choose_strategy's pick for a pass given the tensors it reads (x, z0 and, backwards, grad_z): gemm instead of
-// direct where a column stride meets inf or NaN in them (strategy.cpp says why).
-Strategy choose_strategy(const ConvGeometry& g, Pass pass, std::initializer_list<at::Tensor> inputs);
+// choose_strategy's pick for a pass given the tensors it reads (x, z0 and, backwards, grad_z) and the dictionaries
+// (weight, encoder_weight): gemm instead of direct where a column stride meets inf or NaN in the inputs, or where a
+// dictionary holds one (strategy.cpp says why).
+Strategy choose_strategy(const ConvGeometry& g, Pass pass, std::initializer_list<at::Tensor> inputs,
+                         std::initializer_list<at::Tensor> weights);
 
 // Forward: z_n into out.z and the checkpoints into out.saved.
 template <typename T>

@@ -86,12 +86,20 @@ Strategy choose_strategy(const ConvGeometry& g, Pass pass) {
 // is inf or NaN then makes NaN (0 * inf, 0 * NaN) in signal columns its phase never reaches, and the NaN region grew
 // by a column per side and iteration beyond torch.nn.functional's. Such calls, rare and never timed, take the gemm
 // strategy, whose ATen convolutions spread NaN exactly as torch.nn.functional does; finite inputs pay one pass over
-// them, and only when the column stride exceeds 1.
-Strategy choose_strategy(const ConvGeometry& g, Pass pass, std::initializer_list<at::Tensor> inputs) {
+// them, and only when the column stride exceeds 1. A non-finite dictionary tap also reaches the direct strategy's
+// zero taps, and torch.nn.functional spreads it from zero codes too (0 * NaN): those calls take gemm at every
+// stride, whose first iteration then convolves the zero code instead of skipping it (gemm_iteration.h). The
+// dictionaries are small: checking them costs microseconds.
+Strategy choose_strategy(const ConvGeometry& g, Pass pass, std::initializer_list<at::Tensor> inputs,
+                         std::initializer_list<at::Tensor> weights) {
   const Strategy chosen = choose_strategy(g, pass);
-  if (chosen == Strategy::gemm || g.SW == 1) return chosen;
+  if (chosen == Strategy::gemm) return chosen;
+  const auto finite = [](const at::Tensor& t) { return t.numel() == 0 || at::isfinite(t).all().item<bool>(); };
+  for (const at::Tensor& t : weights)
+    if (!finite(t)) return Strategy::gemm;
+  if (g.SW == 1) return chosen;
   for (const at::Tensor& t : inputs)
-    if (t.numel() > 0 && !at::isfinite(t).all().item<bool>()) return Strategy::gemm;
+    if (!finite(t)) return Strategy::gemm;
   return chosen;
 }
 
