@@ -67,7 +67,7 @@ struct GemmSolver {
         chunk(gemm_chunk_items(p_.g, p_.it.n, p_.it.fista, ck, pass)), full_map(g.kernel_covers_map()),
         channels_last(!full_map), weight(in_layout(p_.weight)),
         encoder_weight(p_.encoder_weight.is_same(p_.weight) ? weight : in_layout(p_.encoder_weight)),
-        finite_weight(p_.weight.numel() == 0 || at::isfinite(p_.weight).all().template item<bool>()) {}
+        finite_weight(all_finite(p_.weight)) {}
 
   at::Tensor in_layout(const at::Tensor& t) const {
     return channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast) : t;

@@ -185,5 +185,8 @@ void finish_threshold_and_step_grads(const IterationConstants<T>& it, const std:
   }
 }
 
+// Whether every entry of a float tensor is finite (strategy.cpp): the strategies' guards against inf and NaN.
+bool all_finite(const at::Tensor& t);
+
 }  // namespace conv_ista
 }  // namespace dsc_kernels
