@@ -144,8 +144,9 @@ def test_worst_feasible_estimate_is_feasible_and_worst():
     z = torch.zeros(1, 24, dtype=torch.float64)
     z[0, [2, 9]] = torch.tensor([0.8, -0.6], dtype=torch.float64)
     eps = 0.05
-    e = eps * deep._weakest_direction(z, d, d.signal_size)
-    delta = deep._worst_feasible(e, z, d)
+    weakest = deep._weakest(z, d, d.signal_size)
+    e = eps * weakest[2]
+    delta = deep._worst_feasible(e, z, weakest)
     clean = DF.conv_synthesis(z[None], d.weight, signal_size=d.signal_size)[0]
     residual = clean + e - DF.conv_synthesis((z + delta)[None], d.weight, signal_size=d.signal_size)[0]
     assert float(residual.norm()) == pytest.approx(eps, rel=1e-10)  # on the feasibility boundary

@@ -99,27 +99,26 @@ def _support_least_squares(y: torch.Tensor, z: torch.Tensor, d: ConvDictionary) 
     return out
 
 
-def _worst_feasible(noise: torch.Tensor, z: torch.Tensor, d: ConvDictionary) -> torch.Tensor:
+def _weakest(z: torch.Tensor, d: ConvDictionary, signal_size) -> tuple[torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    """D_S's weakest singular triple, S = supp(z) of one sample's code z: (C_code, *Sz).
+
+    Returns (S as flat indices, sigma_min, u: the unit signal direction (C_sig, *signal_size), v: (|S|,))."""
+    idx, atoms = support_atoms(z, d, signal_size)
+    u_all, sig, vh = torch.linalg.svd(atoms, full_matrices=False)
+    return idx, float(sig[-1]), u_all[:, -1].reshape(d.weight.shape[1], *signal_size), vh[-1]
+
+
+def _worst_feasible(noise: torch.Tensor, z: torch.Tensor, weakest) -> torch.Tensor:
     """The feasible estimate on z's support farthest from z, for one sample's noise e (signal = D z + e).
 
-    With D_S = U Σ Vᵀ and (σ, u, v) its weakest singular triple, z + t·v with t = 2|<e, u>|/σ leaves the residual
+    With (σ, u, v) D_S's weakest singular triple (`_weakest`), z + t·v with t = 2|<e, u>|/σ leaves the residual
     e − t σ u (sign(<e, u>) u), of norm ‖e‖: feasible, and with e along u it attains the largest error on the
     support, 2‖e‖/σ. noise: (C_sig, *S); z: (C_code, *Sz) -> the error vector t·v, same shape as z."""
-    idx, atoms = support_atoms(z, d, noise.shape[1:])
+    idx, sigma, u, v = weakest
+    proj = float((u * noise).sum())
     out = torch.zeros_like(z)
-    if idx.numel():
-        u_all, sig, vh = torch.linalg.svd(atoms, full_matrices=False)
-        u, v = u_all[:, -1], vh[-1]
-        proj = float(u @ noise.flatten())
-        out.view(-1)[idx] = (2 * abs(proj) / float(sig[-1])) * (1.0 if proj >= 0 else -1.0) * v
+    out.view(-1)[idx] = (2 * abs(proj) / sigma) * (1.0 if proj >= 0 else -1.0) * v
     return out
-
-
-def _weakest_direction(z: torch.Tensor, d: ConvDictionary, signal_size) -> torch.Tensor:
-    """The unit signal-space direction u of D_S's smallest singular value, S = supp(z): (C_sig, *S)."""
-    _, atoms = support_atoms(z, d, signal_size)
-    u_all, _, _ = torch.linalg.svd(atoms, full_matrices=False)
-    return u_all[:, -1].reshape(d.weight.shape[1], *signal_size)
 
 
 def stability(
@@ -147,9 +146,10 @@ def stability(
         errs.append([float((h1 - g1).flatten(1).norm(dim=1).max()), float((h2 - g2).flatten(1).norm(dim=1).max())])
         w1, w2 = [], []
         for b in range(x.shape[0]):
-            e1 = eps * _weakest_direction(g1[b], ds[0], x.shape[2:])
-            d1 = _worst_feasible(e1, g1[b], ds[0])  # layer 2 sees hat Gamma_1 = Gamma_1 + d1: its noise is d1
-            d2 = _worst_feasible(d1, g2[b], ds[1])
+            weakest = _weakest(g1[b], ds[0], x.shape[2:])
+            d1 = _worst_feasible(eps * weakest[2], g1[b], weakest)  # noise along u_1: the worst for layer 1
+            # layer 2 sees hat Gamma_1 = Gamma_1 + d1: its noise is d1
+            d2 = _worst_feasible(d1, g2[b], _weakest(g2[b], ds[1], g1.shape[2:]))
             w1.append(float(d1.norm()))
             w2.append(float(d2.norm()))
         worst.append([max(w1), max(w2)])

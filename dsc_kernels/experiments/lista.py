@@ -114,10 +114,10 @@ def noise_floor(
         # a fresh problem and noise draw per level: with one noise direction scaled by sigma, slope 1 would follow
         # from scale equivariance alone
         d, p, x, truth, q, eta = _setup(1, quick, s, sigma, device, dtype, seed=1 + i)
-        tr = lista_cp(x, d, truth, n_iter, _schedule("oracle", d.mu, s, p.amplitude[0], q, eta), backend=backend)
+        sched = _schedule("oracle", d.mu, s, p.amplitude[0], q, eta)
+        tr = lista_cp(x, d, truth, n_iter, sched, backend=backend)
         floors.append(float(tr.err_l2[-5:].max()))
         # the same thresholds on the clean signal: the part of the floor that is the thresholds' bias
-        sched = _schedule("oracle", d.mu, s, p.amplitude[0], q, eta)
         clean = lista_cp(p.clean.to(device), d, truth, n_iter, sched, backend=backend)
         bias.append(float(clean.err_l2[-5:].max()) / floors[-1])
         bounds.append(theory.lista_cp_noise_gain(s, q) * eta)

@@ -180,14 +180,15 @@ def select(
         # an explicit request, by argument or by the environment variable, runs as asked or raises; the
         # messages say which of the two asked
         asked = f"{origin}{name!r}" + (" (the backend argument was 'auto')" if origin != "backend=" else "")
-        if name not in table.NOT_BUILT and name not in names:
-            raise ValueError(f"{asked}: that backend has no {family} kernels; backends that have: {sorted(names)}")
-        if name not in table.NOT_BUILT and _missing(table.row(family, name), features):
-            able = [r.name for r in table.rows(family) if not _missing(r, features)]
-            raise ValueError(
-                f"{asked} cannot run {' and '.join(_missing(table.row(family, name), features))}"
-                f" ({family}); backends that can: {', '.join(able)}"
-            )
+        if name not in table.NOT_BUILT:
+            if name not in names:
+                raise ValueError(f"{asked}: that backend has no {family} kernels; backends that have: {sorted(names)}")
+            missing = _missing(table.row(family, name), features)
+            if missing:
+                able = [r.name for r in table.rows(family) if not _missing(r, features)]
+                raise ValueError(
+                    f"{asked} cannot run {' and '.join(missing)} ({family}); backends that can: {', '.join(able)}"
+                )
         reason = unavailable_reason(family, name, device.type)
         if reason is not None:
             raise RuntimeError(f"{asked} cannot run: {reason}")
