@@ -155,25 +155,39 @@ def step_env(out: Path, log: Log, timeout: float) -> dict:
 
 
 def step_tests(out: Path, log: Log, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-q", "-rfE", "-p", "no:cacheprovider"]
+    # One line per finished test (-v), so that a step cut off by its box still says what passed and failed (the
+    # first H200 run's -q output held nothing after 150 s); a test past 45 s dumps every thread's stack
+    # (faulthandler) and, where pytest-timeout is installed, fails at 90 s so that the others still run.
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests", "-v", "-rfE", "-p", "no:cacheprovider"]
+    cmd += ["-o", "faulthandler_timeout=45", "--durations=15"]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        cmd += ["--timeout=90"]
     if importlib.util.find_spec("xdist") is not None and not dry_run():
         cmd += ["-n", "4"]
     if dry_run():
         log("  SKIP (no GPU): the gpu tests are collected and skipped (rehearses collection without the interpreter)")
     status, rc = _run(cmd, out / "tests.log", timeout, _child_env(TRITON_INTERPRET="0"))
-    summary = next(
-        (
-            line
-            for line in reversed(_tail(out / "tests.log", 40))
-            if re.search(r"\d+ (passed|failed|skipped|errors?|deselected)", line)
-        ),
-        "",
+    lines = _tail(out / "tests.log", 100000)
+    counts = {
+        word.lower(): sum(1 for line in lines if re.search(rf"(::\S+|\]) {word}\b", line))
+        for word in ("PASSED", "FAILED", "ERROR", "SKIPPED")
+    }
+    summary = (
+        next(
+            (
+                line
+                for line in reversed(lines[-40:])
+                if re.search(r"\d+ (passed|failed|skipped|errors?|deselected)", line)
+            ),
+            "",
+        ).strip()
+        or ", ".join(f"{n} {k}" for k, n in counts.items()) + " when the step ended"
     )
-    log(f"  {status} (rc {rc}): {summary.strip()}")
+    log(f"  {status} (rc {rc}): {summary}")
     if status != "ok":
-        for line in _tail(out / "tests.log", 25):
+        for line in [line for line in lines if re.search(r" (FAILED|ERROR)\b", line)][:20] or lines[-25:]:
             log("    " + line)
-    return {"status": status, "rc": rc, "summary": summary.strip()}
+    return {"status": status, "rc": rc, "summary": summary, **counts}
 
 
 def _sanitizer() -> str | None:

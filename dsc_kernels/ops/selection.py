@@ -5,8 +5,8 @@
 - an explicitly named backend runs or raises (``RuntimeError`` saying why it cannot run here and how to fix it,
   ``TypeError`` for a dtype it does not support); it never silently falls back;
 - ``"auto"`` reads ``DSC_KERNELS_BACKEND`` (empty means unset, any case), else tries the rows of
-  ``table.AUTO_PREFERENCE`` for the device that support the dtype, in order, and falls back to the reference with
-  a one-time warning when a preferred fused backend cannot run. Dtype is checked before availability, so a dtype a
+  ``table.auto_preference(family, device type)`` that support the dtype, in order, and falls back to the reference
+  with a one-time warning when a preferred fused backend cannot run. Dtype is checked before availability, so a dtype a
   backend cannot use never triggers its build.
 """
 
@@ -196,7 +196,7 @@ def select(
         if not _supports(row, dtype):
             raise TypeError(f"{asked} supports {', '.join(map(str, row.dtypes))}, got {dtype}")
         return _registered(row)
-    for candidate in table.AUTO_PREFERENCE.get(device.type, ("reference",)):
+    for candidate in table.auto_preference(family, device.type):
         if candidate not in names:  # a family need not have a row for every backend
             continue
         row = table.row(family, candidate)
