@@ -904,10 +904,11 @@ class _Forward:
         )
         self.dims = (g.C_code, g.C_sig, g.H, g.W, g.Hz, g.Wz, self.tiles_w, self.tiles_per_img)
 
-    def run(self, n_iters, ring, last_out=None):
-        """Iterations 0..n_iters-1 from z0; returns the ring buffer. With `last_out` (per-iteration path only)
-        z_{n_iters} goes there instead of into the ring."""
-        buf = torch.empty((ring,) + tuple(self.z0.shape), device=self.z0.device, dtype=self.z0.dtype)
+    def run(self, n_iters, ring, last_out=None, out=None):
+        """Iterations 0..n_iters-1 from z0; returns the ring buffer (`out` when given: a replay reuses the last
+        one). With `last_out` (per-iteration path only) z_{n_iters} goes there instead of into the ring."""
+        shape = (ring,) + tuple(self.z0.shape)
+        buf = torch.empty(shape, device=self.z0.device, dtype=self.z0.dtype) if out is None else out
         buf.select(0, _slot(0, ring)).copy_(self.z0)
         slot = self.z0.numel()
         if self.single:
@@ -1157,10 +1158,12 @@ def conv_ista_bwd(
         return partials.sum(0).view(tuple(weight.shape))
 
     recompute = checkpoint == 0
+    ring = None  # recompute mode: the one 3-code buffer every replay writes
     if recompute:
         fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista)
         if z.numel() == 0:  # the autograd link keeps no z in recompute mode
-            z = fwd.run(n_iter, 3).select(0, _slot(n_iter, 3))
+            ring = fwd.run(n_iter, 3)
+            z = ring.select(0, _slot(n_iter, 3))
 
     def saved_iterate(j):
         return z0 if j == 0 else saved.select(0, j - 1)
@@ -1173,9 +1176,18 @@ def conv_ista_bwd(
     pending = None  # FISTA: the part of dL/dz_k that iteration k+1 sent through y_{k+1}
     z_next = z
     for k in reversed(range(n_iter)):
+        # Everything that reads z_{k+1} comes first: in recompute mode the replay below reuses its ring slot.
+        active = z_next != 0
+        gu = torch.where(active, gz, 0.0).contiguous()  # the kernels read it as a contiguous code
+        if nonneg:
+            dth = -gu.sum(dim=(0, 2, 3))
+        else:
+            dth = -(gu * torch.sign(z_next.to(torch.float32))).sum(dim=(0, 2, 3))
         if recompute:
-            # Replaying k iterations per step makes the backward O(n^2) iterations; memory stays 3 codes.
-            ring = fwd.run(k, 3)
+            # Replaying k iterations per step makes the backward O(n^2) iterations; memory stays 3 codes (one
+            # ring, reused: a fresh ring per replay held two while z_{k+1} pinned the last one, and recompute
+            # then peaked above save mode on an H200's deep-layer training step).
+            ring = fwd.run(k, 3, out=ring)
             z_k = ring.select(0, _slot(k, 3))
             z_km1 = ring.select(0, _slot(max(k - 1, 0), 3))
         else:
@@ -1186,18 +1198,11 @@ def conv_ista_bwd(
             y = y + betas[k] * (y - z_km1.to(torch.float32))
         step_k = step[k].to(torch.float32)
 
-        active = z_next != 0
-        gu = torch.where(active, gz, 0.0).contiguous()  # the kernels read it as a contiguous code
-        if nonneg:
-            dth = -gu.sum(dim=(0, 2, 3))
-        else:
-            dth = -(gu * torch.sign(z_next.to(torch.float32))).sum(dim=(0, 2, 3))
-
         r = synth(y, weight, True)
         v = synth(gu, encoder_weight, False)
-        grad_x = grad_x + step_k * v
+        grad_x.addcmul_(v, step_k)  # in place: no signal-sized temporaries
         grad_lam.append(step_k * dth)
-        grad_step.append((v * r).sum() + (lam[k].to(torch.float32) * dth).sum())
+        grad_step.append(torch.dot(v.view(-1), r.view(-1)) + (lam[k].to(torch.float32) * dth).sum())
         grad_we = grad_we + step_k * weight_grad(r, gu)
         grad_w = grad_w - step_k * weight_grad(v, y)
 
