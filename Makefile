@@ -11,7 +11,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test report bench sanitize gpu-check clean
+.PHONY: setup test report bench sanitize gpu-check gpu-tune clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,11 @@ sanitize: $(STAMP)
 # Without a GPU (or with DSC_GPU_CHECK_DRY_RUN=1) it rehearses every step it can on the CPU.
 gpu-check:
 	PYTHONPATH=. $(PYTHON) bench/gpu_check.py
+
+# After gpu-check, on the same lease if time is left: the Triton configuration sweep (bench/gpu_tune.py; each variant
+# checked against the default configuration, then timed; DSC_GPU_TUNE_BUDGET_S, default 300 s).
+gpu-tune:
+	PYTHONPATH=. $(PYTHON) bench/gpu_tune.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,270 @@
+"""Triton configuration sweep for a GPU lease (`make gpu-tune`), to run after `make gpu-check`.
+
+The first H200 run (bench/results/gpu-check-h200-2026-12-04) measured the fused conv-ISTA kernels at 0.13-0.28x
+eager cuDNN's speed and the attention kernels 6.5-25x behind SDPA. Their configurations had been chosen from
+compiler reports alone. This script times alternatives on the benchmark workloads, so that a lease picks
+configurations from measurements:
+    conv-fwd   FwdConfig variants (tile rows and columns, halo chunk, reduction slice, warps, stages): the forward
+    conv-bwd   ConvConfig variants (positions per program, reduction slice, splits, warps): a training step whose
+               forward keeps the default configuration
+    attention  block sizes, warps and stages: sparsemax and shrink, forward and forward + backward
+Each variant is first checked against the default configuration's result on the same inputs: the relative l2
+difference of every output (z; the gradients of x and weight; of q, k and v). A variant past 1e-2 is "wrong" and
+is not timed. The rest are timed with triton.testing.do_bench (median ms, CUDA events) and reported as a speedup
+over the default. Files: tune.json and tune.md in DSC_GPU_CHECK_OUT, else $OUT, else bench/results/gpu-tune-<time>;
+the table is printed last. DSC_GPU_TUNE_BUDGET_S (default 300) bounds the run: a variant that would start past it is
+recorded as skipped.
+
+Without a GPU (or with DSC_GPU_CHECK_DRY_RUN=1) it runs under Triton's interpreter on tiny shapes: every variant is
+checked and none is timed. That rehearses the script, and checks that every configuration computes the same function
+(tests/test_gpu_tune.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_check_children import dry_run  # noqa: E402
+
+DRY = dry_run()
+if DRY:  # Triton reads this when its kernels are first imported, below
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+import dsc_kernels.functional as DF  # noqa: E402
+from dsc_kernels.experiments import speed  # noqa: E402
+from dsc_kernels.triton import conv_ista as tci  # noqa: E402
+from dsc_kernels.triton import sparse_attention as tsa  # noqa: E402
+
+WRONG = 1e-2
+# (TH, TW, R_CHUNK, BLOCK_K, num_warps, num_stages); BLOCK_C and BLOCK_CI stay the default's (set by channel counts)
+CONV_FWD = [(8, 16, 64, 32, 8, 2), (8, 16, 64, 16, 4, 2), (8, 16, 64, 16, 8, 3), (4, 16, 64, 16, 4, 2)]
+CONV_FWD += [(8, 32, 128, 16, 8, 2), (16, 16, 128, 16, 8, 2)]
+# (BLOCK_P, BLOCK_K, max_splits, num_warps)
+CONV_BWD = [(64, 32, 512, 8), (128, 64, 512, 8), (128, 32, 512, 4), (128, 32, 128, 8)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+ATTENTION = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3), (64, 32, 4, 3), (64, 64, 8, 3)]
+
+
+def _out_dir() -> Path:
+    for name in ("DSC_GPU_CHECK_OUT", "OUT"):
+        if os.environ.get(name):
+            return Path(os.environ[name])
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    if DRY:
+        return Path(tempfile.gettempdir()) / f"dsc-gpu-tune-dry-run-{stamp}"
+    return ROOT / "bench" / "results" / f"gpu-tune-{stamp}"
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value):
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _time_ms(fn) -> float:
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+# ------------------------------------------------------------------------------------------------ the problems
+def _conv_problems(device: str) -> dict:
+    if DRY:
+        return {"tiny": speed.Workload("tiny", (2, 3, 10, 9), (5, 3, 3, 3), (2, 3, 10, 9), (5, 3, 3, 3), 1, 1, 3)}
+    return {name: speed.GPU_WORKLOADS[name] for name in ("small-map", "deep-layer", "csc-gray")}
+
+
+def _conv_fns(w: speed.Workload, device: str) -> dict:
+    """forward: () -> [z]; step: () -> [dL/dx, dL/dweight] of L = sum z."""
+    inputs = speed.make_inputs(w, device, requires_grad=True)
+    x, weight = inputs["x"], inputs["weight"]
+    n = w.n_iter
+    lam = torch.full((n, weight.shape[0]), inputs["lam"], device=device)
+    step = torch.full((n,), float(inputs["step"]), device=device)
+    geo = ([w.stride] * 2, [w.padding] * 2, False, False)
+
+    def forward():
+        with torch.no_grad():
+            return [tci.conv_ista_fwd(x, weight, weight, lam, step, x.new_empty(0), *geo, -1)[0]]
+
+    def training_step():
+        z = DF.conv_ista(
+            x,
+            weight,
+            inputs["lam"],
+            n_iter=n,
+            step=inputs["step"],
+            stride=w.stride,
+            padding=w.padding,
+            backend="triton",
+        )
+        return list(torch.autograd.grad(z.sum(), (x, weight)))
+
+    return {"forward": forward, "forward_backward": training_step}
+
+
+def _attention_fns(device: str) -> dict:
+    shape = (1, 2, 40, 16) if DRY else (4, 8, 4096, 64)
+    dtype = torch.float32 if DRY else torch.float16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    grad = torch.randn(shape, generator=g).to(device, dtype)
+    fns = {}
+    for mode in ("sparsemax", "shrink"):
+        extra = dict(threshold=0.9) if mode == "shrink" else {}
+
+        def forward(mode=mode, extra=extra):
+            with torch.no_grad():
+                return [DF.sparse_attention(q, k, v, mode=mode, backend="triton", **extra)]
+
+        def step(mode=mode, extra=extra):
+            out = DF.sparse_attention(q, k, v, mode=mode, backend="triton", **extra)
+            return list(torch.autograd.grad(out, (q, k, v), grad))
+
+        fns[(mode, "forward")] = forward
+        fns[(mode, "forward_backward")] = step
+    return fns
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+class Sweep:
+    def __init__(self, budget_s: float):
+        self.deadline = time.time() + budget_s
+        self.records: list[dict] = []
+
+    def group(
+        self, group: str, workload: str, mode: str, fn, variants: list[tuple[str, contextlib.AbstractContextManager]]
+    ):
+        """Time `fn` at the default configuration, then under each variant's patch, each checked first."""
+        base = dict(group=group, workload=workload, mode=mode)
+        try:
+            expected = [t.detach().clone() for t in fn()]
+            default_ms = None if DRY else _time_ms(fn)
+        except Exception as err:  # noqa: BLE001 - one failing group is a line of the table, not the end of the run
+            self.records.append(dict(base, variant="default", status=f"failed: {type(err).__name__}: {err}"[:300]))
+            return
+        self.records.append(dict(base, variant="default", status="ok", diff=0.0, ms=default_ms, speedup=1.0))
+        for name, patch in variants:
+            if time.time() > self.deadline:
+                self.records.append(dict(base, variant=name, status="skipped: budget"))
+                continue
+            record = dict(base, variant=name)
+            try:
+                with patch:
+                    got = fn()
+                    record["diff"] = max(_rel(a, b) for a, b in zip(got, expected))
+                    if record["diff"] > WRONG:
+                        record["status"] = "wrong"
+                    else:
+                        record["status"] = "ok"
+                        if not DRY:
+                            record["ms"] = _time_ms(fn)
+                            record["speedup"] = default_ms / record["ms"]
+            except Exception as err:  # noqa: BLE001 - a variant that does not compile (resources) is a result too
+                record["status"] = f"failed: {type(err).__name__}: {err}"[:300]
+            self.records.append(record)
+            print(f"  {group} {workload} {mode} {name}: {record['status']} {record.get('speedup', '')}", flush=True)
+
+
+def _conv_fwd_variants():
+    original = tci.fwd_config
+    out = []
+    for th, tw, rc, bk, nw, ns in CONV_FWD:
+
+        def config(c_sig, c_code, kh, kw, th=th, tw=tw, rc=rc, bk=bk, nw=nw, ns=ns):
+            d = original(c_sig, c_code, kh, kw)
+            return d._replace(TH=th, TW=tw, R_CHUNK=rc, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+
+        out.append((f"TH{th} TW{tw} R{rc} K{bk} w{nw} s{ns}", _patched(tci, "fwd_config", config)))
+    return out
+
+
+def _conv_bwd_variants():
+    original = tci.conv_config
+    out = []
+    for bp, bk, splits, nw in CONV_BWD:
+
+        def config(c_sig, c_code, kh, kw, bp=bp, bk=bk, splits=splits, nw=nw):
+            return original(c_sig, c_code, kh, kw)._replace(BLOCK_P=bp, BLOCK_K=bk, max_splits=splits, num_warps=nw)
+
+        out.append((f"P{bp} K{bk} splits{splits} w{nw}", _patched(tci, "conv_config", config)))
+    return out
+
+
+def _attention_variants():
+    original = tsa._config
+    out = []
+    for bm, bn, nw, ns in ATTENTION:
+
+        def config(q, v, bias, bm=bm, bn=bn, nw=nw, ns=ns):
+            return dict(original(q, v, bias), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
+
+        out.append((f"M{bm} N{bn} w{nw} s{ns}", _patched(tsa, "_config", config)))
+    return out
+
+
+def _markdown(records: list[dict]) -> list[str]:
+    lines = ["| group | workload | mode | variant | status | rel. diff | median ms | × default |"]
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in records:
+        ms = f"{r['ms']:.3f}" if r.get("ms") is not None else ""
+        speedup = f"{r['speedup']:.2f}" if r.get("speedup") is not None else ""
+        diff = f"{r['diff']:.1e}" if r.get("diff") is not None else ""
+        cells = (r["group"], r["workload"], r["mode"], r["variant"], r["status"], diff, ms, speedup)
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> int:
+    device = "cpu" if DRY else "cuda"
+    out = _out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = Sweep(float(os.environ.get("DSC_GPU_TUNE_BUDGET_S", 300)))
+    print(f"[gpu-tune] {'DRY RUN (interpreter, nothing timed)' if DRY else 'GPU run'}; results in {out}", flush=True)
+    variants = {"conv-fwd": _conv_fwd_variants, "conv-bwd": _conv_bwd_variants, "attention": _attention_variants}
+    for name, w in _conv_problems(device).items():
+        fns = _conv_fns(w, device)
+        sweep.group("conv-fwd", name, "forward", fns["forward"], variants["conv-fwd"]())
+        sweep.group("conv-bwd", name, "forward_backward", fns["forward_backward"], variants["conv-bwd"]())
+    for (mode, pass_), fn in _attention_fns(device).items():
+        sweep.group("attention", mode, pass_, fn, variants["attention"]())
+    doc = dict(
+        schema="dsc_kernels.gpu-tune",
+        device=torch.cuda.get_device_name() if not DRY else "cpu (interpreter)",
+        torch=torch.__version__,
+        commit=os.environ.get("DSC_GIT_COMMIT", ""),
+        wrong_above=WRONG,
+        variants={group: [name for name, _ in make()] for group, make in variants.items()},
+        records=sweep.records,
+    )
+    (out / "tune.json").write_text(json.dumps(doc, indent=1))
+    table = _markdown(sweep.records)
+    (out / "tune.md").write_text("\n".join(["# Triton configuration sweep", "", *table, ""]))
+    print("\n".join(table))
+    # A variant that does not compile (too many registers or too much shared memory) is a result; a wrong one is not.
+    return 1 if any(r["status"] == "wrong" for r in sweep.records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""The Triton configuration sweep (`make gpu-tune`, bench/gpu_tune.py) rehearsed on the CPU under the interpreter.
+The script must not meet its first error on a GPU lease, and every configuration it offers must compute what the
+default configuration computes (conv-ISTA forward and backward tilings, attention blocks with BLOCK_M != BLOCK_N)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_dry_run_checks_every_variant_against_the_default(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), DSC_GPU_CHECK_DRY_RUN="1", DSC_GPU_CHECK_OUT=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_tune.py")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "tune.json").read_text())
+    groups = {(r["group"], r["workload"], r["mode"]) for r in doc["records"]}
+    assert {g[0] for g in groups} == {"conv-fwd", "conv-bwd", "attention"} and len(groups) == 6
+    variants = [r for r in doc["records"] if r["variant"] != "default"]
+    for group, names in doc["variants"].items():  # every variant of every group was run
+        assert len(names) >= 4
+        for workload, mode in {(g[1], g[2]) for g in groups if g[0] == group}:
+            ran = [r["variant"] for r in variants if (r["group"], r["workload"], r["mode"]) == (group, workload, mode)]
+            assert ran == names
+    for r in variants:
+        assert r["status"] == "ok", r
+        # the variant really ran another configuration (a different summation order), and computed the same thing
+        assert 0 <= r["diff"] < 1e-5, r
+    assert sum(r["diff"] > 0 for r in variants) > len(variants) // 2
+    assert "| conv-fwd | tiny | forward | default | ok |" in (tmp_path / "tune.md").read_text()
