@@ -187,41 +187,32 @@ class Sweep:
             print(f"  {group} {workload} {mode} {name}: {record['status']} {record.get('speedup', '')}", flush=True)
 
 
-def _conv_fwd_variants():
-    original = tci.fwd_config
+def _variants(module, function: str, fields: tuple[str, ...], values: list[tuple]) -> list:
+    """(label, patch) per entry of `values`: `module.function` returns the default configuration (a NamedTuple or a
+    dict) with `fields` set to the entry's values."""
+    original = getattr(module, function)
     out = []
-    for th, tw, rc, bk, nw, ns in CONV_FWD:
+    for entry in values:
+        change = dict(zip(fields, entry))
 
-        def config(c_sig, c_code, kh, kw, th=th, tw=tw, rc=rc, bk=bk, nw=nw, ns=ns):
-            d = original(c_sig, c_code, kh, kw)
-            return d._replace(TH=th, TW=tw, R_CHUNK=rc, BLOCK_K=bk, num_warps=nw, num_stages=ns)
+        def config(*args, change=change):
+            default = original(*args)
+            return dict(default, **change) if isinstance(default, dict) else default._replace(**change)
 
-        out.append((f"TH{th} TW{tw} R{rc} K{bk} w{nw} s{ns}", _patched(tci, "fwd_config", config)))
+        out.append((" ".join(f"{k}={v}" for k, v in change.items()), _patched(module, function, config)))
     return out
+
+
+def _conv_fwd_variants():
+    return _variants(tci, "fwd_config", ("TH", "TW", "R_CHUNK", "BLOCK_K", "num_warps", "num_stages"), CONV_FWD)
 
 
 def _conv_bwd_variants():
-    original = tci.conv_config
-    out = []
-    for bp, bk, splits, nw in CONV_BWD:
-
-        def config(c_sig, c_code, kh, kw, bp=bp, bk=bk, splits=splits, nw=nw):
-            return original(c_sig, c_code, kh, kw)._replace(BLOCK_P=bp, BLOCK_K=bk, max_splits=splits, num_warps=nw)
-
-        out.append((f"P{bp} K{bk} splits{splits} w{nw}", _patched(tci, "conv_config", config)))
-    return out
+    return _variants(tci, "conv_config", ("BLOCK_P", "BLOCK_K", "max_splits", "num_warps"), CONV_BWD)
 
 
 def _attention_variants():
-    original = tsa._config
-    out = []
-    for bm, bn, nw, ns in ATTENTION:
-
-        def config(q, v, bias, bm=bm, bn=bn, nw=nw, ns=ns):
-            return dict(original(q, v, bias), BLOCK_M=bm, BLOCK_N=bn, num_warps=nw, num_stages=ns)
-
-        out.append((f"M{bm} N{bn} w{nw} s{ns}", _patched(tsa, "_config", config)))
-    return out
+    return _variants(tsa, "_config", ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), ATTENTION)
 
 
 def _markdown(records: list[dict]) -> list[str]:
