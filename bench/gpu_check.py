@@ -4,7 +4,7 @@ finishes in under 8 minutes and writes everything into one folder.
 It runs from the source tree with the machine's own python3/torch/triton (PYTHONPATH=.), installs nothing, and
 needs no registry. Steps, each time-boxed (a failure or timeout is recorded and the run goes on):
     env       device, clocks (nvidia-smi), versions, commit, precision flags
-    tests     the `gpu` tests, kernels compiled (pytest -m gpu tests; 4 xdist workers when pytest-xdist is there):
+    tests     the `gpu` tests, kernels compiled (pytest -m gpu tests; up to 8 xdist workers when pytest-xdist is there):
               every Triton kernel against the reference on odd shapes in fp32/fp16/bf16/TF32, opcheck, compile
     sanitize  the tiny cases of every Triton kernel once plain, then under compute-sanitizer
               memcheck (PyTorch's caching allocator off, so an out-of-bounds access leaves its allocation), then
@@ -163,7 +163,9 @@ def step_tests(out: Path, log: Log, timeout: float) -> dict:
     if importlib.util.find_spec("pytest_timeout") is not None:
         cmd += ["--timeout=90"]
     if importlib.util.find_spec("xdist") is not None and not dry_run():
-        cmd += ["-n", "4"]
+        # Triton compiles each kernel specialisation on one core, and most of a gpu test's time is compilation: a
+        # worker per two cores (8 on the 16-core H200 machine; 4 gave no result within 150 s there).
+        cmd += ["-n", str(max(2, min(8, (os.cpu_count() or 8) // 2)))]
     if dry_run():
         log("  SKIP (no GPU): the gpu tests are collected and skipped (rehearses collection without the interpreter)")
     status, rc = _run(cmd, out / "tests.log", timeout, _child_env(TRITON_INTERPRET="0"))
