@@ -21,8 +21,9 @@ needs no registry. Steps, each time-boxed (a failure or timeout is recorded and 
 While tests and sanitize run, a background process compiles the bench's torch.compile baselines (default mode) so
 that Inductor's caches are warm when the bench starts (killed before the bench; DSC_GPU_CHECK_WARM=0 turns it off).
 The sanitizer cases, the warm-up and the bench run as child processes of bench/gpu_check_children.py.
-Files (at most 8, for the device tool): run.json + run.csv (the results document, experiments/records.py schema,
-with the steps and the plan), summary.md, gpu-check.log (this output), tests.log, sanitizer.log, warm.log.
+Files (six; the device tool returns at most 8, and `make gpu-tune` adds two in the same $OUT): run.json + run.csv (the
+results document, experiments/records.py schema, with the steps and the plan), summary.md, gpu-check.log (this
+output, the warm-up's log folded in), tests.log, sanitizer.log.
 
 Environment: DSC_GPU_CHECK_OUT (folder; default $OUT when set, else bench/results/gpu-check-<time>),
 DSC_GPU_CHECK_BUDGET_S (total seconds, default 440), DSC_GPU_CHECK_STEPS (e.g. "env,bench"),
@@ -296,6 +297,15 @@ def step_summary(out: Path, log: Log, steps: dict) -> dict:
     return {"status": "ok"}
 
 
+def _fold(path: Path, log: Log) -> None:
+    """Move a side log into gpu-check.log: the device tool returns at most 8 files, and gpu-tune's two share $OUT."""
+    if path.exists():
+        log(f"[gpu-check] {path.name}:")
+        for line in path.read_text(errors="replace").splitlines():
+            log("  " + line)
+        path.unlink()
+
+
 # ------------------------------------------------------------------------------------------------------- main
 def main() -> int:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
@@ -314,7 +324,7 @@ def main() -> int:
     steps: dict[str, dict] = {}
     warm = None
     if "bench" in wanted and {"tests", "sanitize"} & set(wanted) and os.environ.get("DSC_GPU_CHECK_WARM") != "0":
-        log("[gpu-check] compiling the bench's torch.compile baselines in the background (warm.log)")
+        log("[gpu-check] compiling the bench's torch.compile baselines in the background (log below, before the bench)")
         with (out / "warm.log").open("a") as f:
             warm = subprocess.Popen(
                 [sys.executable, str(CHILDREN), "--warm-compile", str(start + total)],
@@ -329,9 +339,12 @@ def main() -> int:
     for name in STEPS:
         if name not in wanted and name != "summary":
             continue
-        if name == "bench" and warm is not None and warm.poll() is None:
-            os.killpg(warm.pid, signal.SIGKILL)  # no compiling beside the timed part
-            warm.wait()
+        if name == "bench" and warm is not None:
+            if warm.poll() is None:
+                os.killpg(warm.pid, signal.SIGKILL)  # no compiling beside the timed part
+                warm.wait()
+            _fold(out / "warm.log", log)
+            warm = None
         t0 = time.time()
         remaining = start + total - t0 - BOXES["summary"]
         box = remaining if BOXES[name] is None else min(BOXES[name], remaining)
