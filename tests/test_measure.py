@@ -105,6 +105,16 @@ def test_the_yardstick_is_the_less_accurate_eager_layout(channels_last, monkeypa
     assert check["eager_error"] > 1e-4 if channels_last else check["eager_error"] < 1e-5
 
 
+def test_a_layout_without_a_yardstick_gives_way_to_one_with():
+    # channels_last eager gone NaN must not fail a provider that NCHW eager can judge
+    ref = torch.randn(1000, dtype=torch.float64)
+    nchw = ref.float()
+    broken = nchw.clone()
+    broken[0] = float("nan")
+    verdict = S._check([nchw * (1 + 1e-6)], [ref], [[nchw], [broken]], "forward")[0]
+    assert verdict.ok and verdict.eager_error < 1e-5, verdict.message
+
+
 def test_records_schema_ratios_and_files(tmp_path):
     recs = S.measure_conv(
         S.WORKLOADS["deep-layer"],
