@@ -1,6 +1,6 @@
 """The README's benchmark table, generated from the committed runs in bench/results/ (never typed by hand).
 
-    python bench/results_table.py                  # print the tables of the latest run per (suite, device)
+    python bench/results_table.py                  # print the tables of every committed run, oldest first
     python bench/results_table.py --readme README.md
         # replace the text between <!-- bench-results:start --> and <!-- bench-results:end --> in README.md
 
@@ -21,9 +21,9 @@ from dsc_kernels.experiments import records  # noqa: E402
 START, END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
 
 
-def tables(directory: Path, every: bool = False) -> list[str]:
+def tables(directory: Path, latest: bool = False) -> list[str]:
     runs = [d for d in records.load_runs(directory) if not d.get("method", {}).get("dry_run")]
-    if not every:  # the latest run of each (suite, device)
+    if latest:  # the latest run of each (suite, device) only
         latest = {(d["suite"], d["environment"].get("device")): d for d in runs}
         runs = list(latest.values())
     lines: list[str] = []
@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--readme", type=Path, help="rewrite the marked section of this file")
-    parser.add_argument("--all", action="store_true", help="every run, not only the latest per (suite, device)")
+    # every run by default: a short run (part of a lease) must not hide the complete one before it
+    parser.add_argument("--latest", action="store_true", help="only the latest run per (suite, device)")
     args = parser.parse_args(argv)
-    lines = tables(args.results, args.all) or ["No benchmark runs under " + str(args.results)]
+    lines = tables(args.results, args.latest) or ["No benchmark runs under " + str(args.results)]
     if args.readme is None:
         print("\n".join(lines))
         return 0

@@ -25,7 +25,7 @@ from helpers import conv_problem  # noqa: E402
 
 from dsc_kernels.reference.conv import conv_analysis_ref, conv_synthesis_ref, soft_threshold_ref  # noqa: E402
 from dsc_kernels.reference.conv_ista import fista_momentum  # noqa: E402
-from dsc_kernels.triton.conv_ista import _tf32, conv_ista_fwd  # noqa: E402
+from dsc_kernels.triton.conv_ista import _dot_weights, _tf32, conv_ista_fwd  # noqa: E402
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.interpreter, id="interpreter"),
@@ -80,6 +80,21 @@ def test_tf32_rounding_is_round_to_nearest_ties_away(device):
     ieee = torch.empty_like(x)
     _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, ieee, x.numel(), IN_PREC="ieee", BLOCK=1024)
     assert torch.equal(ieee[:-1], x[:-1]), "IEEE dots leave the operands alone"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_launchers_round_the_dictionaries_as_the_kernels_round_operands(device, monkeypatch):
+    # the weight tiles are rounded once on the host (_dot_weights); the bits must be the kernel's
+    x = torch.tensor([1 + 2**-11, -(1 + 3 * 2**-11), 3.4028235e38, 2**-140, float("nan"), -float("inf"), 0.3])
+    x = torch.cat([x, torch.randn(500) * 10]).to(device)
+    in_kernel = torch.empty_like(x)
+    _round_kernel[(1,)](x, in_kernel, x.numel(), IN_PREC="tf32", BLOCK=512)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    w, we = _dot_weights(x, x)
+    assert we is w and torch.equal(w[4:5].isnan(), torch.tensor([True], device=device))
+    assert torch.equal(torch.cat([w[:4], w[5:]]), torch.cat([in_kernel[:4], in_kernel[5:]]))
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # IEEE dots, and half inputs: left alone
+    assert _dot_weights(x, x)[0] is x and _dot_weights(x.half(), x.half())[0].dtype == torch.float16
 
 
 def _emulated(p, operand) -> torch.Tensor:
