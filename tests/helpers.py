@@ -61,7 +61,9 @@ def conv_problem(
     kink_free: bool = False,
     seed: int = 0,
 ) -> dict:
-    """A random conv-ISTA problem with a step small enough to be stable.
+    """A random conv-ISTA problem. Its step is small enough to keep the iterations bounded at the default small
+    shapes (a few channels, 3x3 to 3x4 kernels); with tens of channels and larger kernels ||D||^2 grows past
+    1/step and the iterates diverge (tests/test_triton_conv_ista.py's _stable_problem rescales the dictionaries).
 
     `size`, `kernel`, `stride` and `padding` give their last `rank` entries (so (1, 17) is a 1-D length 17).
     Drawn in fp64 on the CPU, then cast to `dtype` and moved to `device`. Returns a dict with
