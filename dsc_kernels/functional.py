@@ -315,6 +315,7 @@ def conv_ista(
         x.device,
         x.dtype,
         prefers=cpu_cost.hook(x.shape, weight.shape, stride, padding, x.dtype, backward),
+        memory_lean=recompute and backward,  # only a fused backward can replay instead of keeping
     )
 
     given_step = step is not None

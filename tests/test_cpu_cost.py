@@ -82,6 +82,23 @@ def test_functional_auto_runs_what_the_model_picks(monkeypatch):
     torch.testing.assert_close(z_auto.detach(), z_cpp.detach(), rtol=1e-5, atol=1e-5)
 
 
+def test_recompute_asks_auto_for_a_fused_backward(monkeypatch):
+    """recompute=True asks for a backward that keeps nothing code-sized, which eager autograd cannot give: auto takes
+    the fused op even where the cost model prefers eager for speed (a conv-bound training call)."""
+    if ops.unavailable_reason("conv_ista", "cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not available")
+    monkeypatch.delenv("DSC_KERNELS_BACKEND", raising=False)
+    x, w = torch.randn(CONV_BOUND[0]), (0.1 * torch.randn(CONV_BOUND[1])).requires_grad_()
+    z = DF.conv_ista(x, w, 0.05, n_iter=2, step=0.1, padding=1, recompute=True)
+    assert "conv_ista_fwd_cpp" in type(z.grad_fn).__name__
+    z_eager = DF.conv_ista(x, w, 0.05, n_iter=2, step=0.1, padding=1)
+    assert "cpp" not in type(z_eager.grad_fn).__name__.lower()
+    # the explicit reference still runs as asked (recompute is a fused backends' option), and so does inference
+    z_ref = DF.conv_ista(x, w, 0.05, n_iter=2, step=0.1, padding=1, recompute=True, backend="reference")
+    assert "cpp" not in type(z_ref.grad_fn).__name__.lower()
+    torch.testing.assert_close(z.detach(), z_ref.detach(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "xs,ws,stride,padding,keep",
     [

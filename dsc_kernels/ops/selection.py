@@ -167,12 +167,15 @@ def select(
     features: tuple[str, ...] = (),
     *,
     prefers: Callable[[str], bool] | None = None,
+    memory_lean: bool = False,
 ) -> Backend:
     """The row that runs a ``family`` call with this ``backend`` argument on ``device``/``dtype`` tensors, among the
     rows that run every variant in ``features`` (table.CONV_ISTA_VARIANTS and the like).
 
     ``prefers(name)``, when given, is the call's cost model (e.g. ``cpu_cost.hook``): ``auto`` skips a candidate
-    it declines."""
+    it declines. ``memory_lean`` (a backward in recompute mode was asked for): ``auto`` skips the rows whose
+    backward is autograd through eager ops (they keep every intermediate) whatever the cost model says, and falls
+    back to the reference only where no fused row runs."""
     name, origin = _requested(backend)
     dtype = _running_dtype(device, dtype)
     names = {r.name for r in table.rows(family)}
@@ -200,7 +203,9 @@ def select(
         if candidate not in names:  # a family need not have a row for every backend
             continue
         row = table.row(family, candidate)
-        if not _supports(row, dtype) or _missing(row, features) or (prefers is not None and not prefers(candidate)):
+        if not _supports(row, dtype) or _missing(row, features):
+            continue
+        if (row.eager is not None) if memory_lean else (prefers is not None and not prefers(candidate)):
             continue
         reason = unavailable_reason(family, candidate, device.type)
         if reason is None:

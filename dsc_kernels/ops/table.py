@@ -200,11 +200,12 @@ NOT_BUILT = {"cuda": "the CUDA C++ backend is not part of this release; use back
 # What "auto" tries, in order of preference, on each device type (ops.selection makes the final choice, through
 # auto_preference), and where a family's measurements say otherwise, for that family. On an H200 the fused Triton
 # conv-ISTA ran at 0.13-0.28x the speed of eager cuDNN on every benchmark workload, forward and training step
-# (bench/results/gpu-check-h200-2026-12-04): auto keeps cuDNN there, and backend="triton" still runs the fused
-# kernels (0.6-0.8x eager's training-step peak memory). Triton's sparse attention is 4-7x faster than the dense
-# reference and needs a few MiB where the reference needs GiBs: auto takes it.
+# (bench/results/gpu-check-h200-2026-12-04): auto keeps cuDNN there, and takes the fused kernels only for a
+# recompute-mode backward (0.33x eager's training-step peak on small-map), which eager autograd cannot give.
+# Triton's sparse attention is 4-7x faster than the dense reference and needs a few MiB where the reference needs
+# GiBs: auto takes it.
 AUTO_PREFERENCE = {"cpu": ("cpp", "reference"), "cuda": ("triton", "reference")}
-AUTO_PREFERENCE_BY_FAMILY = {("conv_ista", "cuda"): ("reference",)}
+AUTO_PREFERENCE_BY_FAMILY = {("conv_ista", "cuda"): ("reference", "triton")}
 
 BACKEND_NAMES = tuple(dict.fromkeys(row.name for row in TABLE))
 
