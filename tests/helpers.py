@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -147,3 +151,20 @@ def raw_conv_ista_args(
     )
     args.update(kw)
     return args
+
+
+def rehearse_gpu_script(script: str, out: Path, timeout: float, **env: str) -> subprocess.CompletedProcess:
+    """bench/<script> run as a CPU rehearsal of a GPU lease (DSC_GPU_CHECK_DRY_RUN=1, files into `out`), in a
+    process of its own: each script picks Triton's mode for its process. Asserts that it exits 0."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), DSC_GPU_CHECK_DRY_RUN="1", DSC_GPU_CHECK_OUT=str(out), **env)
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / script)],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

@@ -2,37 +2,22 @@
 the orchestrator, its bench child and the results document must not meet their first error on the device."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import rehearse_gpu_script
 
 
 @pytest.mark.slow
 def test_dry_run_benchmarks_checks_and_writes_the_results_document(tmp_path):
-    env = dict(
-        os.environ,
-        PYTHONPATH=str(ROOT),
-        DSC_GPU_CHECK_DRY_RUN="1",
+    proc = rehearse_gpu_script(
+        "gpu_check.py",
+        tmp_path,
+        300,
         DSC_GPU_CHECK_STEPS="env,bench,summary",  # the tests and sanitizer steps have suites of their own
         DSC_GPU_CHECK_BUDGET_S="60",  # the base providers fit, torch.compile's groups report that they do not
         DSC_GPU_CHECK_WARM="0",
         DSC_GPU_CHECK_AUTOTUNE="none",
-        DSC_GPU_CHECK_OUT=str(tmp_path),
     )
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_check.py")],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = json.loads((tmp_path / "run.json").read_text())
     assert {step: s["status"] for step, s in run["steps"].items()} == {"env": "ok", "bench": "ok", "summary": "ok"}
     assert run["environment"]["torch"] and run["method"]

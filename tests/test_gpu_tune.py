@@ -3,28 +3,14 @@ The script must not meet its first error on a GPU lease, and every configuration
 default configuration computes (conv-ISTA forward and backward tilings, attention blocks with BLOCK_M != BLOCK_N)."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import rehearse_gpu_script
 
 
 @pytest.mark.slow
 def test_dry_run_checks_every_variant_against_the_default(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), DSC_GPU_CHECK_DRY_RUN="1", DSC_GPU_CHECK_OUT=str(tmp_path))
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gpu_tune.py")],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rehearse_gpu_script("gpu_tune.py", tmp_path, 600)
     doc = json.loads((tmp_path / "tune.json").read_text())
     groups = {(r["group"], r["workload"], r["mode"]) for r in doc["records"]}
     assert {g[0] for g in groups} == {"conv-fwd", "conv-bwd", "attention"} and len(groups) == 6

@@ -174,12 +174,6 @@ def _check_at_scale(p, dtype, *, recompute=False, tf32=False, rtol=1e-4, atol=1e
         assert_close_by_rule(a, b, e, name=f"grad {name}")
 
 
-def _tf32(t: torch.Tensor) -> torch.Tensor:
-    """fp32 rounded to TF32, to nearest with ties away from zero (NaN kept): cuDNN's TF32 operand rounding."""
-    bits = (t.contiguous().view(torch.int32) + 0x1000) & -8192
-    return torch.where(t.isnan(), t, bits.view(torch.float32))
-
-
 @contextlib.contextmanager
 def _tf32_convolutions():
     """The eager reference with TF32 convolutions: every convolution's two operands rounded to TF32, products
@@ -187,6 +181,7 @@ def _tf32_convolutions():
     on an H200 it ran this test's NCHW convolutions in plain fp32 (6.5e-7 from fp64, where TF32 itself is 5e-4),
     and PyTorch's own error was then no yardstick for a TF32 kernel."""
     import dsc_kernels.reference.conv_ista as R
+    from dsc_kernels.triton.conv_ista import round_to_tf32 as _tf32  # checked against numpy: test_triton_tf32.py
 
     analysis, synthesis, weight_grads = R.conv_analysis_ref, R.conv_synthesis_ref, dict(R._CONV_WEIGHT_GRAD)
 

@@ -794,18 +794,20 @@ def _in_prec(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def round_to_tf32(t: Tensor) -> Tensor:
+    """An fp32 tensor rounded to TF32 on the host, the bits `_tf32` gives in a kernel (to nearest, ties away from
+    zero; NaN kept)."""
+    bits = (t.contiguous().view(torch.int32) + 0x1000) & -8192
+    return torch.where(t.isnan(), t, bits.view(torch.float32))
+
+
 def _dot_weights(weight: Tensor, encoder_weight: Tensor) -> tuple[Tensor, Tensor]:
-    """The dictionaries as the convolution dots read them: fp32 ones rounded to TF32 when the dots run in TF32
-    (as `_tf32` rounds, to nearest, ties away from zero; NaN kept); half ones are exact in TF32 as they are."""
+    """The dictionaries as the convolution dots read them: fp32 ones rounded to TF32 when the dots run in TF32;
+    half ones are exact in TF32 as they are."""
     if weight.dtype != torch.float32 or _in_prec(weight.dtype) != "tf32":
         return weight, encoder_weight
-
-    def rounded(w: Tensor) -> Tensor:
-        bits = (w.contiguous().view(torch.int32) + 0x1000) & -8192
-        return torch.where(w.isnan(), w, bits.view(torch.float32))
-
-    w = rounded(weight)
-    return w, (w if encoder_weight is weight else rounded(encoder_weight))
+    w = round_to_tf32(weight)
+    return w, (w if encoder_weight is weight else round_to_tf32(encoder_weight))
 
 
 def _fista_betas(n_iter: int, fista: bool) -> list[float]:
@@ -1128,7 +1130,6 @@ def conv_ista_bwd(
     g = _geom(x, weight, z0, stride, padding, max(n_iter if checkpoint == 1 else 0, 3))
     ccfg = conv_config(g.C_sig, g.C_code, g.kh, g.kw)
     in_prec = _in_prec(x.dtype)
-    dot_w, dot_we = _dot_weights(weight, encoder_weight)
     betas = _fista_betas(n_iter, fista)
     geo = dict(
         SH=g.sh,
@@ -1174,9 +1175,12 @@ def conv_ista_bwd(
     ring = None  # recompute mode: the one 3-code buffer every replay writes
     if recompute:
         fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista)
+        dot_w, dot_we = fwd.weight, fwd.encoder_weight  # already as the dots read them
         if z.numel() == 0:  # the autograd link keeps no z in recompute mode
             ring = fwd.run(n_iter, 3)
             z = ring.select(0, _slot(n_iter, 3))
+    else:
+        dot_w, dot_we = _dot_weights(weight, encoder_weight)
 
     def saved_iterate(j):
         return z0 if j == 0 else saved.select(0, j - 1)
