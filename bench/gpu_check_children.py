@@ -53,15 +53,15 @@ def sanitize_cases(which: str) -> int:
     from dsc_kernels.triton import conv_ista as tci
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    paths = {"single-launch": 1 << 40, "per-iteration": 0}
     for case, opts in T.HALF_CASES.items():
         opts = dict(opts)
         recompute = opts.pop("recompute", False)
-        for path, limit in paths.items():
-            if which == "race" and path != "single-launch":
+        for path, (forward, tap_major_min_channels) in T.LAUNCHES.items():
+            if which == "race" and forward != "single-launch":
                 continue
-            tci.SINGLE_LAUNCH_MAX_CODE_BYTES = limit
-            T._check_at_scale(T._problem(device=device, kink_free=False, **opts), torch.bfloat16, recompute=recompute)
+            with tci.strategy(forward, tap_major_min_channels):
+                problem = T._problem(device=device, kink_free=False, **opts)
+                T._check_at_scale(problem, torch.bfloat16, recompute=recompute)
             print("conv case", case, "bf16", path, "ok", flush=True)
     gen = torch.Generator().manual_seed(0)
     for mode, causal, dtype in (("sparsemax", True, torch.float16), ("shrink", False, torch.bfloat16)):

@@ -4,9 +4,13 @@ The first H200 run (bench/results/gpu-check-h200-2026-12-04) measured the fused 
 eager cuDNN's speed and the attention kernels 6.5-25x behind SDPA. Their configurations had been chosen from
 compiler reports alone. This script times alternatives on the benchmark workloads, so that a lease picks
 configurations from measurements:
-    conv-fwd   FwdConfig variants (tile rows and columns, halo chunk, reduction slice, warps, stages): the forward
-    conv-bwd   ConvConfig variants (positions per program, reduction slice, splits, warps): a training step whose
-               forward keeps the default configuration
+    conv-strategy  the forward strategies (two-pass, tiles, single-launch) and the flattened reduction order in
+               place of tap-major, forward and training step: the default's choice between them is a prediction
+               from the compiled kernels (triton/conv_ista.py header) until this times it
+    conv-fwd   FwdConfig variants (tile rows and columns, halo chunk, reduction slice, warps, stages): the fused
+               tile forward
+    conv-bwd   ConvConfig variants (positions per program, reduction slice, splits, warps, stages): a training
+               step (these tiles also drive the two-pass forward)
     attention  block sizes, warps and stages: sparsemax and shrink, forward and forward + backward
 Each variant is first checked against the default configuration's result on the same inputs: the relative l2
 difference of every output (z; the gradients of x and weight; of q, k and v). A variant past 1e-2 is "wrong" and
@@ -51,8 +55,15 @@ WRONG = 1e-2
 # (TH, TW, R_CHUNK, BLOCK_K, num_warps, num_stages); BLOCK_C and BLOCK_CI stay the default's (set by channel counts)
 CONV_FWD = [(8, 16, 64, 32, 8, 2), (8, 16, 64, 16, 4, 2), (8, 16, 64, 16, 8, 3), (4, 16, 64, 16, 4, 2)]
 CONV_FWD += [(8, 32, 128, 16, 8, 2), (16, 16, 128, 16, 8, 2)]
-# (BLOCK_P, BLOCK_K, max_splits, num_warps)
-CONV_BWD = [(64, 32, 512, 8), (128, 64, 512, 8), (128, 32, 512, 4), (128, 32, 128, 8)]
+# (BLOCK_P, BLOCK_K, max_splits, num_warps, num_stages)
+CONV_BWD = [(64, 32, 512, 8, 3), (128, 64, 512, 8, 2), (128, 32, 512, 4, 3), (128, 32, 128, 8, 3), (128, 32, 512, 8, 4)]
+# (forward strategy, tap-major threshold): label
+CONV_STRATEGY = {
+    "two-pass": ("two-pass", None),
+    "tiles": ("tiles", None),
+    "single-launch": ("single-launch", None),
+    "flattened reductions": (None, 1 << 30),
+}
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 ATTENTION = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3), (64, 32, 4, 3), (64, 64, 8, 3)]
 
@@ -208,7 +219,11 @@ def _conv_fwd_variants():
 
 
 def _conv_bwd_variants():
-    return _variants(tci, "conv_config", ("BLOCK_P", "BLOCK_K", "max_splits", "num_warps"), CONV_BWD)
+    return _variants(tci, "conv_config", ("BLOCK_P", "BLOCK_K", "max_splits", "num_warps", "num_stages"), CONV_BWD)
+
+
+def _conv_strategy_variants():
+    return [(label, tci.strategy(*pinned)) for label, pinned in CONV_STRATEGY.items()]
 
 
 def _attention_variants():
@@ -233,9 +248,16 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     sweep = Sweep(float(os.environ.get("DSC_GPU_TUNE_BUDGET_S", 300)))
     print(f"[gpu-tune] {'DRY RUN (interpreter, nothing timed)' if DRY else 'GPU run'}; results in {out}", flush=True)
-    variants = {"conv-fwd": _conv_fwd_variants, "conv-bwd": _conv_bwd_variants, "attention": _attention_variants}
+    variants = {
+        "conv-strategy": _conv_strategy_variants,
+        "conv-fwd": _conv_fwd_variants,
+        "conv-bwd": _conv_bwd_variants,
+        "attention": _attention_variants,
+    }
     for name, w in _conv_problems(device).items():
         fns = _conv_fns(w, device)
+        for mode in ("forward", "forward_backward"):
+            sweep.group("conv-strategy", name, mode, fns[mode], variants["conv-strategy"]())
         sweep.group("conv-fwd", name, "forward", fns["forward"], variants["conv-fwd"]())
         sweep.group("conv-bwd", name, "forward_backward", fns["forward_backward"], variants["conv-bwd"]())
     for (mode, pass_), fn in _attention_fns(device).items():

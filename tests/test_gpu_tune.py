@@ -1,6 +1,7 @@
 """The Triton configuration sweep (`make gpu-tune`, bench/gpu_tune.py) rehearsed on the CPU under the interpreter.
 The script must not meet its first error on a GPU lease, and every configuration it offers must compute what the
-default configuration computes (conv-ISTA forward and backward tilings, attention blocks with BLOCK_M != BLOCK_N)."""
+default configuration computes (conv-ISTA forward strategies and reduction orders, forward and backward tilings,
+attention blocks with BLOCK_M != BLOCK_N)."""
 
 import json
 
@@ -13,7 +14,7 @@ def test_dry_run_checks_every_variant_against_the_default(tmp_path):
     rehearse_gpu_script("gpu_tune.py", tmp_path, 600)
     doc = json.loads((tmp_path / "tune.json").read_text())
     groups = {(r["group"], r["workload"], r["mode"]) for r in doc["records"]}
-    assert {g[0] for g in groups} == {"conv-fwd", "conv-bwd", "attention"} and len(groups) == 6
+    assert {g[0] for g in groups} == {"conv-strategy", "conv-fwd", "conv-bwd", "attention"} and len(groups) == 8
     variants = [r for r in doc["records"] if r["variant"] != "default"]
     for group, names in doc["variants"].items():  # every variant of every group was run
         assert len(names) >= 4

@@ -48,14 +48,26 @@ def _ieee_fp32(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
-@pytest.fixture(params=["single-launch", "per-iteration"])
-def launch(request, monkeypatch):
-    """Both forward paths: small codes take the single-launch kernel unless the size limit is lowered."""
+# Forward strategy and reduction order per `launch` parameter: the three forwards with the default tap-major
+# threshold (the small shapes here have fewer channels than it, so their reductions run flattened), and two with
+# every reduction tap-major, forward and backward, whatever the channel count.
+LAUNCHES = {
+    "single-launch": ("single-launch", None),
+    "tiles": ("tiles", None),
+    "two-pass": ("two-pass", None),
+    "tap-major-two-pass": ("two-pass", 1),
+    "tap-major-single-launch": ("single-launch", 1),
+}
+
+
+@pytest.fixture(params=sorted(LAUNCHES))
+def launch(request):
+    """Each forward strategy and both reduction orders of the conv kernels (triton/conv_ista.py)."""
     from dsc_kernels.triton import conv_ista as tci
 
-    if request.param == "per-iteration":
-        monkeypatch.setattr(tci, "SINGLE_LAUNCH_MAX_CODE_BYTES", 0)
-    return request.param
+    forward, tap_major_min_channels = LAUNCHES[request.param]
+    with tci.strategy(forward, tap_major_min_channels):
+        yield request.param
 
 
 def _problem(*, device="cpu", kink_free=True, **opts):
@@ -265,13 +277,16 @@ def test_save_and_recompute_agree_bitwise(launch, device):
 
 
 @pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
-def test_recompute_training_step_peaks_below_save_mode(launch, device, fista):
+@pytest.mark.parametrize("forward", ["single-launch", "tiles", "two-pass"])
+def test_recompute_training_step_peaks_below_save_mode(forward, device, fista):
     """Recompute mode exists to save memory: with five iterations (deep-layer's count) its training step must peak
     below save mode's. It did not on an H200 (1.09x eager against save's 0.84x): every replay allocated a fresh
-    3-code ring while the previous one was still held."""
+    3-code ring while the previous one was still held. (The buffers depend on the forward strategy, not on the
+    reduction order, so the slow tap-major interpretation is left out.)"""
     import gc
 
     from dsc_kernels.experiments.measure import measure_memory
+    from dsc_kernels.triton import conv_ista as tci
 
     x = torch.randn(2, 4, 6, 6, device=device, requires_grad=True)
     w = (0.1 * torch.randn(8, 4, 3, 3, device=device)).requires_grad_()
@@ -290,7 +305,8 @@ def test_recompute_training_step_peaks_below_save_mode(launch, device, fista):
             peaks.append(measure_memory(run, device).peak_bytes)
         return min(peaks)
 
-    save, recompute = step(False), step(True)
+    with tci.strategy(forward):
+        save, recompute = step(False), step(True)
     assert recompute < save, (recompute, save)
 
 

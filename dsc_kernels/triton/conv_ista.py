@@ -1,8 +1,8 @@
 """Fused Triton kernels for convolutional ISTA / FISTA (backend "triton"). 2-D only: 1-D arrives as H = 1.
 
-(About 650 lines in one file on purpose: the per-iteration, single-launch and backward kernels are one recurrence
-built from the same tile helpers (`_ista_tile` and friends), and each launcher sits beside its kernel; split, a
-reader would follow one iteration across files.)
+(Long, in one file on purpose: the forward strategies and the backward are one recurrence built from the same
+tile helpers (`_synth_tile`, `_analysis_tile`, `_momentum_and_shrink`), and each launcher sits beside its kernel;
+split, a reader would follow one iteration across files.)
 
 Math (docs/design.md §2, §7.1). Shapes: x (B, Cs, H, W), weight W and encoder weight W_E (C, Cs, kh, kw),
 codes (B, C, Hz, Wz), lam (n, C), step (n,).
@@ -13,17 +13,36 @@ codes (B, C, Hz, Wz), lam (n, C), step (n,).
     u_k     = y_k + step_k E(x - D y_k)
     z_{k+1} = S_{step_k lam_k[c]}(u_k)          S_t(u) = sign(u) max(|u| - t, 0); nonneg: max(u - t, 0)
 
-Forward (docs/design.md §5). One iteration on a TH x TW tile of code positions of one image, all code channels
-(`_ista_tile`): form the residual r = x - D y_k on the signal halo the tile's analysis window covers
-((TH-1) s + kh rows, (TW-1) s + kw columns), park it in a per-program scratch slab (a few KiB, L1/L2 resident,
-reused), run the analysis conv from the slab, add y_k, threshold and store z_{k+1}. D y and r never exist as
-full tensors. Both convolutions are implicit GEMMs on tl.dot whose reduction index runs over (channel, tap) in the
-weight's memory order, the im2col tile gathered on the fly. The scratch slab is the one departure from "registers
-only": Triton cannot shift a register tile, and recomputing the residual for each of the kh*kw analysis taps would
-multiply the synthesis work by kh*kw.
-  - `_conv_ista_fwd_kernel`: one launch per iteration, one program per (image, tile).
-  - `_conv_ista_fwd_all_kernel`: every iteration in one launch, one program per image walking its tiles, with a
-    CTA barrier between iterations; used when an image's code is small (SINGLE_LAUNCH_MAX_CODE_BYTES).
+Forward (docs/design.md §5): three strategies, chosen per problem by _forward_strategy (pinned with `strategy`).
+  - "two-pass" (both convolutions reduce over >= 16 channels): two implicit-GEMM kernels per iteration.
+    `_conv_synth_kernel` writes the residual r = x - D y_k (FISTA's momentum formed as the codes are gathered) to
+    one fp32 signal-sized buffer; `_conv_analysis_kernel` runs E r with y_k + step_k (.) and the threshold as its
+    epilogue. No halo is recomputed and the tiles are 128 positions x up to 128 channels.
+  - "tiles": one fused kernel per iteration, one program per (image, TH x TW tile of code positions), all code
+    channels (`_ista_tile`): form the residual on the signal halo the tile's analysis window covers
+    ((TH-1) s + kh rows, (TW-1) s + kw columns), park it in a per-program scratch slab (a few KiB, L1/L2
+    resident, reused), run the analysis conv from the slab, add y_k, threshold and store z_{k+1}. D y and r never
+    exist as full tensors. The slab is the one departure from "registers only": Triton cannot shift a register
+    tile, and recomputing the residual for each of the kh*kw analysis taps would multiply the synthesis work by
+    kh*kw. `_conv_ista_fwd_kernel`.
+  - "single-launch": the tile kernel's iterations all in one launch, one program per image walking its tiles,
+    with a CTA barrier between iterations (`_conv_ista_fwd_all_kernel`); for codes of at most
+    SINGLE_LAUNCH_MAX_CODE_BYTES per image when two-pass does not apply.
+Every convolution is an implicit GEMM on tl.dot with the im2col tile gathered on the fly, its reduction in one
+of two orders (_synth_tile): tap-major (one tap at a time, BLOCK_K channels; the launchers pass the dictionaries
+in tap-major layouts) once the reduced channels number 16 or more, else (channel, tap) flattened, which keeps the
+tensor cores fed with 1-3 channels.
+
+Where the time goes (sm_90 SASS of the AOT-compiled kernels on deep-layer, cuobjdump; no GPU timing yet). Every
+gathered fp32 element costs one cp.async plus ~12 integer instructions of address and mask arithmetic (the 1-D
+per-position terms are replicated per element by the register layout), so the main loops issue ~500 instructions
+per 4 HGMMAs: instruction issue, not the tensor cores, bounds these kernels. What helps is more MACs per gathered
+element. The tile forward's synthesis runs 64-position x 32-channel x 16-deep dots over a halo 1.4x (3x3) to 2.4x
+(7x7) its output; the two-pass kernels run 128 x 64..128 x 32 dots with no halo, about 4-8x the MACs per issued
+instruction. Counting issued instructions (loop size x trips x warps) puts two-pass at ~1/8 of the tile forward
+on deep-layer and small-map; scaled by run 1's measured tile forward that predicts roughly 1.0-1.7x eager cuDNN,
+to be timed (bench/gpu_tune.py, group conv-strategy). The next step is a channels-last internal layout, which
+gathers 4-channel vectors (one address and one mask per 16 bytes instead of per 4).
 
 Saved for backward: z_1 .. z_{n-1} in the input dtype (`saved`), or nothing in recompute mode, where the backward
 replays the forward from z_0 with the same kernels (bit-identical iterates, hence identical supports) and keeps
@@ -116,45 +135,72 @@ def _synth_tile(
     KH: tl.constexpr,
     KW: tl.constexpr,
     FISTA: tl.constexpr,
+    TAP_MAJOR: tl.constexpr,
     BLOCK_K: tl.constexpr,
     IN_PREC: tl.constexpr,
 ):
-    # acc[q, ci] += (D y)[b, ci, h[q], w[q]] as an implicit GEMM whose reduction index runs over (c, a, bb) in the
-    # weight's memory order: a code position (hz, wz) reaches signal row h through tap a iff h + PH - a = SH hz.
-    # Flattening taps into K (rather than one tl.dot per tap) keeps tensor cores busy when channel counts are
-    # small (csc-gray has C_sig = 1); the price is per-element index arithmetic on the gathered tile.
-    KTOT = C_code * KH * KW
-    for k0 in range(0, KTOT, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        km = kk < KTOT
-        c = kk // (KH * KW)
-        a = (kk // KW) % KH
-        bb = kk % KW
-        hn = h[:, None] + PH - a[None, :]
-        wn = w[:, None] + PW - bb[None, :]
-        hz = hn // SH
-        wz = wn // SW
-        m = (
-            valid[:, None]
-            & km[None, :]
-            & (hn >= 0)
-            & (wn >= 0)
-            & (hn == hz * SH)
-            & (wn == wz * SW)
-            & (hz < Hz)
-            & (wz < Wz)
-        )
-        off = (b * C_code + c[None, :]) * (Hz * Wz) + hz * Wz + wz
-        y = tl.load(code_ptr + code_off + off, mask=m, other=0.0).to(tl.float32)
-        if FISTA:
-            zp = tl.load(prev_ptr + prev_off + off, mask=m, other=0.0).to(tl.float32)
-            y = y + beta * (y - zp)
-        wt = tl.load(
-            w_ptr + (c[:, None] * C_sig + ci[None, :]) * (KH * KW) + (a * KW + bb)[:, None],
-            mask=km[:, None] & ci_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc = tl.dot(_tf32(y, IN_PREC), wt, acc, input_precision=IN_PREC)  # wt: rounded by the launcher
+    # acc[q, ci] += (D y)[b, ci, h[q], w[q]] as an implicit GEMM, the im2col tile gathered on the fly: a code
+    # position (hz, wz) reaches signal row h through tap a iff h + PH - a = SH hz. Two orders of the reduction:
+    #   TAP_MAJOR: one tap at a time, BLOCK_K code channels per slice; the weight in tap-major layout
+    #     (kh, kw, C_code, C_sig). The tap's index arithmetic is 1-D over positions and each gathered element costs
+    #     one add and one mask. Needs C_code >= 16 to fill the dot's K.
+    #   else: (c, a, bb) flattened in the weight's own (C_code, C_sig, kh, kw) order, so that 1-3 channels still
+    #     fill K (csc-gray has C_sig = 1), at the price of 2-D index arithmetic on every gathered element: in the
+    #     sm_90 SASS the tile loop issued ~500 instructions per 4 HGMMAs, ~15x the tensor cores' time.
+    if TAP_MAJOR:
+        n_cc = tl.cdiv(C_code, BLOCK_K)
+        for it in range(KH * KW * n_cc):
+            t = it // n_cc
+            c = (it % n_cc) * BLOCK_K + tl.arange(0, BLOCK_K)
+            km = c < C_code
+            hn = h + PH - t // KW
+            wn = w + PW - t % KW
+            hz = hn // SH
+            wz = wn // SW
+            ok = valid & (hn >= 0) & (wn >= 0) & (hn == hz * SH) & (wn == wz * SW) & (hz < Hz) & (wz < Wz)
+            m = ok[:, None] & km[None, :]
+            off = ((b * C_code + c) * (Hz * Wz))[None, :] + (hz * Wz + wz)[:, None]
+            y = tl.load(code_ptr + code_off + off, mask=m, other=0.0).to(tl.float32)
+            if FISTA:
+                zp = tl.load(prev_ptr + prev_off + off, mask=m, other=0.0).to(tl.float32)
+                y = y + beta * (y - zp)
+            wt = tl.load(
+                w_ptr + (t * C_code + c[:, None]) * C_sig + ci[None, :], mask=km[:, None] & ci_mask[None, :], other=0.0
+            ).to(tl.float32)
+            acc = tl.dot(_tf32(y, IN_PREC), wt, acc, input_precision=IN_PREC)  # wt: rounded by the launcher
+    else:
+        KTOT = C_code * KH * KW
+        for k0 in range(0, KTOT, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            km = kk < KTOT
+            c = kk // (KH * KW)
+            a = (kk // KW) % KH
+            bb = kk % KW
+            hn = h[:, None] + PH - a[None, :]
+            wn = w[:, None] + PW - bb[None, :]
+            hz = hn // SH
+            wz = wn // SW
+            m = (
+                valid[:, None]
+                & km[None, :]
+                & (hn >= 0)
+                & (wn >= 0)
+                & (hn == hz * SH)
+                & (wn == wz * SW)
+                & (hz < Hz)
+                & (wz < Wz)
+            )
+            off = (b * C_code + c[None, :]) * (Hz * Wz) + hz * Wz + wz
+            y = tl.load(code_ptr + code_off + off, mask=m, other=0.0).to(tl.float32)
+            if FISTA:
+                zp = tl.load(prev_ptr + prev_off + off, mask=m, other=0.0).to(tl.float32)
+                y = y + beta * (y - zp)
+            wt = tl.load(
+                w_ptr + (c[:, None] * C_sig + ci[None, :]) * (KH * KW) + (a * KW + bb)[:, None],
+                mask=km[:, None] & ci_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc = tl.dot(_tf32(y, IN_PREC), wt, acc, input_precision=IN_PREC)  # wt: rounded by the launcher
     return acc
 
 
@@ -175,34 +221,88 @@ def _analysis_tile(
     w_ptr,
     c,
     c_mask,
+    C_code,
     C_sig,
     SH: tl.constexpr,
     SW: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
+    TAP_MAJOR: tl.constexpr,
     BLOCK_K: tl.constexpr,
     IN_PREC: tl.constexpr,
 ):
     # acc[p, c] += sum_{ci, i, j} W[c, ci, i, j] src[ci, row0 + oh SH + i, col0 + ow SW + j] (zero outside
     # [0, rows) x [0, cols)): implicit GEMM [positions x (ci, i, j)] @ [(ci, i, j) x C], im2col gathered on the fly.
-    KTOT = C_sig * KH * KW
-    for k0 in range(0, KTOT, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        km = kk < KTOT
-        ci = kk // (KH * KW)
-        i = (kk // KW) % KH
-        j = kk % KW
-        hh = (row0 + oh * SH)[:, None] + i[None, :]
-        ww = (col0 + ow * SW)[:, None] + j[None, :]
-        m = valid[:, None] & km[None, :] & (hh >= 0) & (hh < rows) & (ww >= 0) & (ww < cols)
-        r = tl.load(src_ptr + src_base + ci[None, :] * ch_stride + hh * row_stride + ww, mask=m, other=0.0).to(
-            tl.float32
-        )
-        wt = tl.load(w_ptr + c[None, :] * KTOT + kk[:, None], mask=km[:, None] & c_mask[None, :], other=0.0).to(
-            tl.float32
-        )
-        acc = tl.dot(_tf32(r, IN_PREC), wt, acc, input_precision=IN_PREC)  # wt: rounded by the launcher
+    # The two reduction orders of _synth_tile; TAP_MAJOR reads the weight as (kh, kw, C_sig, C_code).
+    if TAP_MAJOR:
+        n_cc = tl.cdiv(C_sig, BLOCK_K)
+        for it in range(KH * KW * n_cc):
+            t = it // n_cc
+            ci = (it % n_cc) * BLOCK_K + tl.arange(0, BLOCK_K)
+            km = ci < C_sig
+            hh = row0 + oh * SH + t // KW
+            ww = col0 + ow * SW + t % KW
+            ok = valid & (hh >= 0) & (hh < rows) & (ww >= 0) & (ww < cols)
+            r = tl.load(
+                src_ptr + src_base + (ci * ch_stride)[None, :] + (hh * row_stride + ww)[:, None],
+                mask=ok[:, None] & km[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            wt = tl.load(
+                w_ptr + (t * C_sig + ci[:, None]) * C_code + c[None, :], mask=km[:, None] & c_mask[None, :], other=0.0
+            ).to(tl.float32)
+            acc = tl.dot(_tf32(r, IN_PREC), wt, acc, input_precision=IN_PREC)  # wt: rounded by the launcher
+    else:
+        KTOT = C_sig * KH * KW
+        for k0 in range(0, KTOT, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            km = kk < KTOT
+            ci = kk // (KH * KW)
+            i = (kk // KW) % KH
+            j = kk % KW
+            hh = (row0 + oh * SH)[:, None] + i[None, :]
+            ww = (col0 + ow * SW)[:, None] + j[None, :]
+            m = valid[:, None] & km[None, :] & (hh >= 0) & (hh < rows) & (ww >= 0) & (ww < cols)
+            r = tl.load(src_ptr + src_base + ci[None, :] * ch_stride + hh * row_stride + ww, mask=m, other=0.0).to(
+                tl.float32
+            )
+            wt = tl.load(w_ptr + c[None, :] * KTOT + kk[:, None], mask=km[:, None] & c_mask[None, :], other=0.0).to(
+                tl.float32
+            )
+            acc = tl.dot(_tf32(r, IN_PREC), wt, acc, input_precision=IN_PREC)  # wt: rounded by the launcher
     return acc
+
+
+@triton.jit
+def _momentum_and_shrink(
+    acc,
+    z_ptr,
+    z_off,
+    zp_ptr,
+    zp_off,
+    out_ptr,
+    out_off,
+    off,
+    m,
+    beta,
+    step_k,
+    lam,
+    NONNEG: tl.constexpr,
+    FISTA: tl.constexpr,
+):
+    # The ISTA step's epilogue on a tile of codes: y = z + beta (z - z_prev), u = y + step_k acc (acc = E(x - D y)),
+    # out = S_{step_k lam}(u). `u == u` keeps NaN flowing through like softshrink/relu do.
+    y = tl.load(z_ptr + z_off + off, mask=m, other=0.0).to(tl.float32)
+    if FISTA:
+        zp = tl.load(zp_ptr + zp_off + off, mask=m, other=0.0).to(tl.float32)
+        y = y + beta * (y - zp)
+    u = y + step_k * acc
+    th = step_k * lam[None, :]
+    if NONNEG:
+        zn = tl.where(u > th, u - th, tl.where(u == u, 0.0, u))
+    else:
+        zn = tl.where(tl.abs(u) > th, u - tl.where(u > 0, th, -th), tl.where(u == u, 0.0, u))
+    tl.store(out_ptr + out_off + off, zn.to(out_ptr.dtype.element_ty), mask=m)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,6 +348,8 @@ def _ista_tile(
     BLOCK_C: tl.constexpr,
     BLOCK_CI: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TAP_SYN: tl.constexpr,
+    TAP_ANA: tl.constexpr,
     NONNEG: tl.constexpr,
     FISTA: tl.constexpr,
     IN_PREC: tl.constexpr,
@@ -304,6 +406,7 @@ def _ista_tile(
                 KH,
                 KW,
                 FISTA,
+                TAP_SYN,
                 BLOCK_K,
                 IN_PREC,
             )
@@ -342,28 +445,34 @@ def _ista_tile(
             we_ptr,
             c,
             cm,
+            C_code,
             C_sig,
             SH,
             SW,
             KH,
             KW,
+            TAP_ANA,
             BLOCK_K,
             IN_PREC,
         )
-        m = pm[:, None] & cm[None, :]
         off = (b * C_code + c[None, :]) * (Hz * Wz) + (oh * Wz + ow)[:, None]
-        y = tl.load(z_ptr + z_off + off, mask=m, other=0.0).to(tl.float32)
-        if FISTA:
-            zp = tl.load(zp_ptr + zp_off + off, mask=m, other=0.0).to(tl.float32)
-            y = y + beta * (y - zp)
-        u = y + step_k * acc
-        th = step_k * tl.load(lam_ptr + k * C_code + c, mask=cm, other=0.0).to(tl.float32)[None, :]
-        # `u == u` keeps NaN flowing through like softshrink/relu do.
-        if NONNEG:
-            zn = tl.where(u > th, u - th, tl.where(u == u, 0.0, u))
-        else:
-            zn = tl.where(tl.abs(u) > th, u - tl.where(u > 0, th, -th), tl.where(u == u, 0.0, u))
-        tl.store(out_ptr + out_off + off, zn.to(out_ptr.dtype.element_ty), mask=m)
+        lam = tl.load(lam_ptr + k * C_code + c, mask=cm, other=0.0).to(tl.float32)
+        _momentum_and_shrink(
+            acc,
+            z_ptr,
+            z_off,
+            zp_ptr,
+            zp_off,
+            out_ptr,
+            out_off,
+            off,
+            pm[:, None] & cm[None, :],
+            beta,
+            step_k,
+            lam,
+            NONNEG,
+            FISTA,
+        )
 
 
 @triton.jit
@@ -402,6 +511,8 @@ def _conv_ista_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_CI: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TAP_SYN: tl.constexpr,
+    TAP_ANA: tl.constexpr,
     NONNEG: tl.constexpr,
     FISTA: tl.constexpr,
     IN_PREC: tl.constexpr,
@@ -446,6 +557,8 @@ def _conv_ista_fwd_kernel(
         BLOCK_C,
         BLOCK_CI,
         BLOCK_K,
+        TAP_SYN,
+        TAP_ANA,
         NONNEG,
         FISTA,
         IN_PREC,
@@ -485,6 +598,8 @@ def _conv_ista_fwd_all_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_CI: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TAP_SYN: tl.constexpr,
+    TAP_ANA: tl.constexpr,
     NONNEG: tl.constexpr,
     FISTA: tl.constexpr,
     IN_PREC: tl.constexpr,
@@ -537,6 +652,8 @@ def _conv_ista_fwd_all_kernel(
                 BLOCK_C,
                 BLOCK_CI,
                 BLOCK_K,
+                TAP_SYN,
+                TAP_ANA,
                 NONNEG,
                 FISTA,
                 IN_PREC,
@@ -547,6 +664,10 @@ def _conv_ista_fwd_all_kernel(
 def _conv_synth_kernel(
     x_ptr,
     code_ptr,
+    code_off,
+    prev_ptr,
+    prev_off,
+    beta,
     w_ptr,
     out_ptr,
     C_code,
@@ -564,10 +685,13 @@ def _conv_synth_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_CI: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TAP_MAJOR: tl.constexpr,
     SUB_FROM_X: tl.constexpr,
+    FISTA: tl.constexpr,
     IN_PREC: tl.constexpr,
 ):
-    # out = x - D code (SUB_FROM_X) or D code; positions flattened over H*W so loads run along W.
+    # out = x - D y (SUB_FROM_X) or D y, with y = code (FISTA: code + beta (code - prev)); positions flattened over
+    # H*W so loads run along W. The backward's r_k and v, and the first half of a two-pass forward iteration.
     pid_p, b = block_and_index(H * W, BLOCK_P)
     ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     cim = ci < C_sig
@@ -578,10 +702,10 @@ def _conv_synth_kernel(
     acc = _synth_tile(
         tl.zeros((BLOCK_P, BLOCK_CI), tl.float32),
         code_ptr,
-        0,
-        code_ptr,
-        0,
-        0.0,
+        code_off,
+        prev_ptr,
+        prev_off,
+        beta,
         w_ptr,
         b,
         h,
@@ -599,7 +723,8 @@ def _conv_synth_kernel(
         PW,
         KH,
         KW,
-        False,
+        FISTA,
+        TAP_MAJOR,
         BLOCK_K,
         IN_PREC,
     )
@@ -613,12 +738,18 @@ def _conv_synth_kernel(
 @triton.jit
 def _conv_analysis_kernel(
     base_ptr,
+    base_off,
+    prev_ptr,
+    prev_off,
+    beta,
     src_ptr,
     w_ptr,
+    lam_ptr,
     step_ptr,
     k,
     scale,
     out_ptr,
+    out_off,
     C_code,
     C_sig,
     H,
@@ -634,9 +765,16 @@ def _conv_analysis_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TAP_MAJOR: tl.constexpr,
+    SHRINK: tl.constexpr,
+    NONNEG: tl.constexpr,
+    FISTA: tl.constexpr,
     IN_PREC: tl.constexpr,
 ):
-    # out = base + scale * step[k] * conv2d(src, W): the epilogue of dy = gu - step_k D^T v.
+    # acc = conv2d(src, W) on a tile of code positions, then one of two epilogues:
+    #   SHRINK: out = S_{step_k lam_k}(y + step_k acc), y = base (FISTA: base + beta (base - prev)): the second half
+    #     of a two-pass forward iteration, src being its residual x - D y;
+    #   else:   out = base + scale * step_k * acc, the backward's dy = gu - step_k D^T v.
     pid_p, b = block_and_index(Hz * Wz, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C_code
@@ -660,19 +798,27 @@ def _conv_analysis_kernel(
         w_ptr,
         c,
         cm,
+        C_code,
         C_sig,
         SH,
         SW,
         KH,
         KW,
+        TAP_MAJOR,
         BLOCK_K,
         IN_PREC,
     )
     m = pin[:, None] & cm[None, :]
     off = (b * C_code + c[None, :]) * (Hz * Wz) + p[:, None]
-    alpha = scale * tl.load(step_ptr + k).to(tl.float32)
-    out = tl.load(base_ptr + off, mask=m, other=0.0).to(tl.float32) + alpha * acc
-    tl.store(out_ptr + off, out, mask=m)
+    step_k = tl.load(step_ptr + k).to(tl.float32)
+    if SHRINK:
+        lam = tl.load(lam_ptr + k * C_code + c, mask=cm, other=0.0).to(tl.float32)
+        _momentum_and_shrink(
+            acc, base_ptr, base_off, prev_ptr, prev_off, out_ptr, out_off, off, m, beta, step_k, lam, NONNEG, FISTA
+        )
+    else:
+        out = tl.load(base_ptr + base_off + off, mask=m, other=0.0).to(tl.float32) + scale * step_k * acc
+        tl.store(out_ptr + out_off + off, out, mask=m)
 
 
 @triton.jit
@@ -696,23 +842,35 @@ def _conv_weight_grad_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TAP_MAJOR: tl.constexpr,
     IN_PREC: tl.constexpr,
 ):
     # part[split, c, (ci, i, j)] = sum over this split's (image, position block) work items of
     #     code[b, c, p] * sig[b, ci, oh SH - PH + i, ow SW - PW + j]
     # i.e. code^T @ im2col(sig) with the weight's memory order as columns. Splits write disjoint partials that the
     # launcher sums in a fixed order: deterministic without atomics, and enough programs to fill a GPU although
-    # the weight itself is small.
+    # the weight itself is small. The columns of one program: TAP_MAJOR, BLOCK_K signal channels at one tap
+    # (program_id(1) = tap * n_ci_blocks + ci block), whose gather offsets are 1-D over positions plus a channel
+    # stride; else BLOCK_K consecutive (ci, i, j) columns, for 1-3 signal channels.
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    kk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     split = tl.program_id(2)
     n_split = tl.num_programs(2)
     KTOT = C_sig * KH * KW
     cm = c < C_code
-    km = kk < KTOT
-    ci = kk // (KH * KW)
-    i = (kk // KW) % KH
-    j = kk % KW
+    if TAP_MAJOR:
+        n_cc = tl.cdiv(C_sig, BLOCK_K)
+        t = tl.program_id(1) // n_cc
+        ci = (tl.program_id(1) % n_cc) * BLOCK_K + tl.arange(0, BLOCK_K)
+        km = ci < C_sig
+        col = ci * (KH * KW) + t
+        i = t // KW
+        j = t % KW
+    else:
+        col = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        km = col < KTOT
+        ci = col // (KH * KW)
+        i = (col // KW) % KH
+        j = col % KW
     n_pb = tl.cdiv(Hz * Wz, BLOCK_P)
     acc = tl.zeros((BLOCK_C, BLOCK_K), tl.float32)
     for item in range(split, B * n_pb, n_split):
@@ -721,15 +879,25 @@ def _conv_weight_grad_kernel(
         pin = p < Hz * Wz
         oh = p // Wz
         ow = p % Wz
-        hh = (oh * SH - PH)[:, None] + i[None, :]
-        ww = (ow * SW - PW)[:, None] + j[None, :]
-        m = pin[:, None] & km[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-        sg = tl.load(sig_ptr + (b * C_sig + ci[None, :]) * (H * W) + hh * W + ww, mask=m, other=0.0).to(tl.float32)
+        if TAP_MAJOR:
+            hh = oh * SH - PH + i
+            ww = ow * SW - PW + j
+            ok = pin & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            sg = tl.load(
+                sig_ptr + ((b * C_sig + ci) * (H * W))[None, :] + (hh * W + ww)[:, None],
+                mask=ok[:, None] & km[None, :],
+                other=0.0,
+            ).to(tl.float32)
+        else:
+            hh = (oh * SH - PH)[:, None] + i[None, :]
+            ww = (ow * SW - PW)[:, None] + j[None, :]
+            m = pin[:, None] & km[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+            sg = tl.load(sig_ptr + (b * C_sig + ci[None, :]) * (H * W) + hh * W + ww, mask=m, other=0.0).to(tl.float32)
         cd = tl.load(
             code_ptr + (b * C_code + c[None, :]) * (Hz * Wz) + p[:, None], mask=pin[:, None] & cm[None, :], other=0.0
         ).to(tl.float32)
         acc = tl.dot(tl.trans(_tf32(cd, IN_PREC)), _tf32(sg, IN_PREC), acc, input_precision=IN_PREC)
-    tl.store(part_ptr + (split * C_code + c[:, None]) * KTOT + kk[None, :], acc, mask=cm[:, None] & km[None, :])
+    tl.store(part_ptr + (split * C_code + c[:, None]) * KTOT + col[None, :], acc, mask=cm[:, None] & km[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -755,6 +923,7 @@ class ConvConfig(NamedTuple):
     BLOCK_K: int
     max_splits: int  # weight gradient: programs sharing one weight block, each writing its own partial
     num_warps: int
+    num_stages: int
 
 
 def _pow2_block(n: int, lo: int, hi: int) -> int:
@@ -780,9 +949,22 @@ def fwd_config(C_sig: int, C_code: int, kh: int, kw: int) -> FwdConfig:
 
 
 def conv_config(C_sig: int, C_code: int, kh: int, kw: int) -> ConvConfig:
+    """The per-convolution kernels' tiles: the backward and the two-pass forward."""
     if interpreting():
-        return ConvConfig(256, 16, 16, 64, 2, 4)
-    return ConvConfig(128, _pow2_block(C_code, 16, 64), _pow2_block(C_sig, 16, 32), 32, 512, 8)
+        return ConvConfig(256, 16, 16, 64, 2, 4, 1)
+    return ConvConfig(128, _pow2_block(C_code, 16, 128), _pow2_block(C_sig, 16, 128), 32, 512, 8, 3)
+
+
+# The forward's strategy (module header): "auto" chooses by the rule in _forward_strategy; tests, the tune script
+# and the sanitizer cases pin "two-pass", "single-launch" or "tiles" to exercise or time one.
+FORWARD_STRATEGY = "auto"
+# Reductions run tap-major (see _synth_tile) over a convolution whose reduced channels number at least this: then
+# they fill a dot's K of 16 on their own.
+TAP_MAJOR_MIN_CHANNELS = 16
+
+
+def _tap_major(channels: int) -> bool:
+    return channels >= TAP_MAJOR_MIN_CHANNELS
 
 
 def _in_prec(dtype: torch.dtype) -> str:
@@ -808,6 +990,16 @@ def _dot_weights(weight: Tensor, encoder_weight: Tensor) -> tuple[Tensor, Tensor
         return weight, encoder_weight
     w = round_to_tf32(weight)
     return w, (w if encoder_weight is weight else round_to_tf32(encoder_weight))
+
+
+def _synth_weight(w: Tensor, tap_major: bool) -> Tensor:
+    """The synthesis dots' layout of a dictionary (C_code, C_sig, kh, kw): tap-major (kh, kw, C_code, C_sig)."""
+    return w.permute(2, 3, 0, 1).contiguous() if tap_major else w
+
+
+def _analysis_weight(w: Tensor, tap_major: bool) -> Tensor:
+    """The analysis dots' layout of a dictionary (C_code, C_sig, kh, kw): tap-major (kh, kw, C_sig, C_code)."""
+    return w.permute(2, 3, 1, 0).contiguous() if tap_major else w
 
 
 def _fista_betas(n_iter: int, fista: bool) -> list[float]:
@@ -861,11 +1053,23 @@ def _geom(x, weight, z0, stride, padding, n_codes) -> _Geom:
     )
 
 
-# Run every iteration in one launch (one program per image) when an image's code is at most this large: its
-# working set then stays in L1/L2 between iterations, and n launches become one. Larger codes need the
-# per-iteration grid over tiles to fill the GPU. A guess until timed on a GPU: with fewer images than SMs the
-# single launch leaves SMs idle, so the best limit also depends on the batch.
+# Between the strategies the fused kernels offer when the convolutions are too narrow for two-pass: run every
+# iteration in one launch (one program per image) when an image's code is at most this large. Its working set then
+# stays in L1/L2 between iterations, and n launches become one; larger codes need the per-iteration grid over
+# tiles to fill the GPU. A guess until timed on a GPU: with fewer images than SMs the single launch leaves SMs
+# idle, so the best limit also depends on the batch.
 SINGLE_LAUNCH_MAX_CODE_BYTES = 256 * 1024
+
+
+def _forward_strategy(g: _Geom, code_bytes: int) -> str:
+    """Two GEMM kernels per iteration when both convolutions reduce over enough channels to run tap-major (their
+    tiles then need no halo, no slab and no 2-D index arithmetic); otherwise the fused tile kernels, whose
+    flattened (channel, tap) reductions keep the tensor cores fed with 1-3 channels."""
+    if FORWARD_STRATEGY != "auto":
+        return FORWARD_STRATEGY
+    if _tap_major(g.C_sig) and _tap_major(g.C_code):
+        return "two-pass"
+    return "single-launch" if code_bytes <= SINGLE_LAUNCH_MAX_CODE_BYTES else "tiles"
 
 
 def _slot(j: int, ring: int) -> int:
@@ -881,13 +1085,36 @@ class _Forward:
 
     def __init__(self, x, weight, encoder_weight, lam, step, z0, g: _Geom, nonneg, fista):
         self.x, self.lam, self.step, self.z0 = x, lam, step, z0
-        self.weight, self.encoder_weight = _dot_weights(weight, encoder_weight)
+        self.weight, self.encoder_weight = _dot_weights(weight, encoder_weight)  # (C_code, C_sig, kh, kw) order
         self.g = g
-        self.cfg = cfg = fwd_config(g.C_sig, g.C_code, g.kh, g.kw)
-        self.single = z0[0].numel() * z0.element_size() <= SINGLE_LAUNCH_MAX_CODE_BYTES
+        self.tap_syn, self.tap_ana = _tap_major(g.C_code), _tap_major(g.C_sig)
+        self.synth_w = _synth_weight(self.weight, self.tap_syn)
+        self.analysis_w = _analysis_weight(self.encoder_weight, self.tap_ana)
+        self.strategy = _forward_strategy(g, z0[0].numel() * z0.element_size())
+        self.betas = _fista_betas(step.shape[0], fista)
+        self.dims = (g.C_code, g.C_sig, g.H, g.W, g.Hz, g.Wz)
+        geometry = dict(SH=g.sh, SW=g.sw, PH=g.ph, PW=g.pw, KH=g.kh, KW=g.kw)
+        flags = dict(FISTA=bool(fista), IN_PREC=_in_prec(x.dtype))
+        if self.strategy == "two-pass":
+            cfg = conv_config(g.C_sig, g.C_code, g.kh, g.kw)
+            # The residual x - D y_k of the current iteration, read by the analysis kernel.
+            self.residual = torch.empty((g.B, g.C_sig, g.H, g.W), device=x.device, dtype=torch.float32)
+            common = dict(**geometry, **flags, BLOCK_P=cfg.BLOCK_P, BLOCK_K=cfg.BLOCK_K)
+            common.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            self.synth_meta = dict(common, BLOCK_CI=cfg.BLOCK_CI, TAP_MAJOR=self.tap_syn, SUB_FROM_X=True)
+            self.analysis_meta = dict(common, BLOCK_C=cfg.BLOCK_C, TAP_MAJOR=self.tap_ana, SHRINK=True)
+            self.analysis_meta["NONNEG"] = bool(nonneg)
+            self.synth_grid = (triton.cdiv(g.H * g.W, cfg.BLOCK_P) * g.B, triton.cdiv(g.C_sig, cfg.BLOCK_CI))
+            self.analysis_grid = (triton.cdiv(g.Hz * g.Wz, cfg.BLOCK_P) * g.B, triton.cdiv(g.C_code, cfg.BLOCK_C))
+            if max(self.synth_grid[0], self.analysis_grid[0]) >= _MAX_INDEX:
+                raise ValueError(
+                    f"the triton conv-ISTA forward needs 2**31 or more programs for {g.B} items: split the batch"
+                )
+            return
+        cfg = fwd_config(g.C_sig, g.C_code, g.kh, g.kw)
         self.tiles_w = triton.cdiv(g.Wz, cfg.TW)
         self.tiles_per_img = triton.cdiv(g.Hz, cfg.TH) * self.tiles_w
-        programs = g.B if self.single else g.B * self.tiles_per_img
+        programs = g.B if self.strategy == "single-launch" else g.B * self.tiles_per_img
         rh, rw = (cfg.TH - 1) * g.sh + g.kh, (cfg.TW - 1) * g.sw + g.kw
         # The kernels index the residual slabs (one per program) in int32 too.
         if programs * g.C_sig * rh * rw >= _MAX_INDEX:
@@ -896,42 +1123,36 @@ class _Forward:
                 f"more than the 2**31 - 1 its kernels address: split the batch"
             )
         self.scratch = torch.empty(programs * g.C_sig * rh * rw, device=x.device, dtype=torch.float32)
-        self.betas = _fista_betas(step.shape[0], fista)
-        self.meta = dict(
-            SH=g.sh,
-            SW=g.sw,
-            PH=g.ph,
-            PW=g.pw,
-            KH=g.kh,
-            KW=g.kw,
+        self.tile_meta = dict(
+            **geometry,
+            **flags,
             TH=cfg.TH,
             TW=cfg.TW,
             R_CHUNK=cfg.R_CHUNK,
             BLOCK_C=cfg.BLOCK_C,
             BLOCK_CI=cfg.BLOCK_CI,
             BLOCK_K=cfg.BLOCK_K,
+            TAP_SYN=self.tap_syn,
+            TAP_ANA=self.tap_ana,
             NONNEG=bool(nonneg),
-            FISTA=bool(fista),
-            IN_PREC=_in_prec(x.dtype),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-        self.dims = (g.C_code, g.C_sig, g.H, g.W, g.Hz, g.Wz, self.tiles_w, self.tiles_per_img)
 
     def run(self, n_iters, ring, last_out=None, out=None):
         """Iterations 0..n_iters-1 from z0; returns the ring buffer (`out` when given: a replay reuses the last
-        one). With `last_out` (per-iteration path only) z_{n_iters} goes there instead of into the ring."""
+        one). With `last_out` (per-iteration paths only) z_{n_iters} goes there instead of into the ring."""
         shape = (ring,) + tuple(self.z0.shape)
         buf = torch.empty(shape, device=self.z0.device, dtype=self.z0.dtype) if out is None else out
         buf.select(0, _slot(0, ring)).copy_(self.z0)
         slot = self.z0.numel()
-        if self.single:
+        if self.strategy == "single-launch":
             betas = torch.tensor(self.betas, dtype=torch.float32, device=self.z0.device)
             launch(_conv_ista_fwd_all_kernel)[(self.g.B,)](
                 self.x,
                 buf,
-                self.weight,
-                self.encoder_weight,
+                self.synth_w,
+                self.analysis_w,
                 self.lam,
                 self.step,
                 betas,
@@ -940,29 +1161,65 @@ class _Forward:
                 ring,
                 slot,
                 *self.dims,
-                **self.meta,
+                self.tiles_w,
+                self.tiles_per_img,
+                **self.tile_meta,
             )
             return buf
-        grid = (self.g.B * self.tiles_per_img,)
         for k in range(n_iters):
             last = k == n_iters - 1 and last_out is not None
-            launch(_conv_ista_fwd_kernel)[grid](
+            cur, prev = _slot(k, ring) * slot, _slot(max(k - 1, 0), ring) * slot
+            dest, dest_off = (last_out, 0) if last else (buf, _slot(k + 1, ring) * slot)
+            if self.strategy == "two-pass":
+                launch(_conv_synth_kernel)[self.synth_grid](
+                    self.x,
+                    buf,
+                    cur,
+                    buf,
+                    prev,
+                    self.betas[k],
+                    self.synth_w,
+                    self.residual,
+                    *self.dims,
+                    **self.synth_meta,
+                )
+                launch(_conv_analysis_kernel)[self.analysis_grid](
+                    buf,
+                    cur,
+                    buf,
+                    prev,
+                    self.betas[k],
+                    self.residual,
+                    self.analysis_w,
+                    self.lam,
+                    self.step,
+                    k,
+                    1.0,
+                    dest,
+                    dest_off,
+                    *self.dims,
+                    **self.analysis_meta,
+                )
+                continue
+            launch(_conv_ista_fwd_kernel)[(self.g.B * self.tiles_per_img,)](
                 self.x,
                 buf,
-                _slot(k, ring) * slot,
+                cur,
                 buf,
-                _slot(max(k - 1, 0), ring) * slot,
-                last_out if last else buf,
-                0 if last else _slot(k + 1, ring) * slot,
-                self.weight,
-                self.encoder_weight,
+                prev,
+                dest,
+                dest_off,
+                self.synth_w,
+                self.analysis_w,
                 self.lam,
                 self.step,
                 self.scratch,
                 k,
                 self.betas[k],
                 *self.dims,
-                **self.meta,
+                self.tiles_w,
+                self.tiles_per_img,
+                **self.tile_meta,
             )
         return buf
 
@@ -1079,8 +1336,9 @@ def conv_ista_fwd(
     g = _geom(x, weight, z0, stride, padding, n + 1 if save else 3)
     fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista)
     # The single-launch kernel also writes z_n into the ring; the per-iteration path writes it straight into z.
-    ring = (n + 1 if fwd.single else n) if save else 3
-    if fwd.single:
+    single = fwd.strategy == "single-launch"
+    ring = (n + 1 if single else n) if save else 3
+    if single:
         buf = fwd.run(n, ring)
         z = buf.select(0, _slot(n, ring)).clone()
     else:
@@ -1131,6 +1389,7 @@ def conv_ista_bwd(
     ccfg = conv_config(g.C_sig, g.C_code, g.kh, g.kw)
     in_prec = _in_prec(x.dtype)
     betas = _fista_betas(n_iter, fista)
+    tap_syn, tap_ana = _tap_major(g.C_code), _tap_major(g.C_sig)
     geo = dict(
         SH=g.sh,
         SW=g.sw,
@@ -1142,6 +1401,7 @@ def conv_ista_bwd(
         BLOCK_K=ccfg.BLOCK_K,
         IN_PREC=in_prec,
         num_warps=ccfg.num_warps,
+        num_stages=ccfg.num_stages,
     )
     sig_grid = (triton.cdiv(g.H * g.W, ccfg.BLOCK_P) * g.B, triton.cdiv(g.C_sig, ccfg.BLOCK_CI))
     code_grid = (triton.cdiv(g.Hz * g.Wz, ccfg.BLOCK_P) * g.B, triton.cdiv(g.C_code, ccfg.BLOCK_C))
@@ -1154,7 +1414,8 @@ def conv_ista_bwd(
     n_split = max(
         1, min(ccfg.max_splits, g.B * triton.cdiv(g.Hz * g.Wz, ccfg.BLOCK_P), (1 << 22) // max(1, g.C_code * k_tot))
     )
-    w_grid = (triton.cdiv(g.C_code, ccfg.BLOCK_C), triton.cdiv(k_tot, ccfg.BLOCK_K), n_split)
+    columns = g.kh * g.kw * triton.cdiv(g.C_sig, ccfg.BLOCK_K) if tap_ana else triton.cdiv(k_tot, ccfg.BLOCK_K)
+    w_grid = (triton.cdiv(g.C_code, ccfg.BLOCK_C), columns, n_split)
     partials = torch.empty((n_split, g.C_code, k_tot), device=x.device, dtype=torch.float32)
     sig_shape = (g.B, g.C_sig, g.H, g.W)
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -1163,12 +1424,27 @@ def conv_ista_bwd(
     def synth(code, w, sub_from_x):
         out = torch.empty(sig_shape, **f32)
         launch(_conv_synth_kernel)[sig_grid](
-            x, code, w, out, **dims, BLOCK_CI=ccfg.BLOCK_CI, SUB_FROM_X=sub_from_x, **geo
+            x,
+            code,
+            0,
+            code,
+            0,
+            0.0,
+            w,
+            out,
+            **dims,
+            BLOCK_CI=ccfg.BLOCK_CI,
+            TAP_MAJOR=tap_syn,
+            SUB_FROM_X=sub_from_x,
+            FISTA=False,
+            **geo,
         )
         return out
 
     def weight_grad(sig, code):
-        launch(_conv_weight_grad_kernel)[w_grid](partials, sig, code, g.B, **dims, BLOCK_C=ccfg.BLOCK_C, **geo)
+        launch(_conv_weight_grad_kernel)[w_grid](
+            partials, sig, code, g.B, **dims, BLOCK_C=ccfg.BLOCK_C, TAP_MAJOR=tap_ana, **geo
+        )
         return partials.sum(0).view(tuple(weight.shape))
 
     recompute = checkpoint == 0
@@ -1181,6 +1457,8 @@ def conv_ista_bwd(
             z = ring.select(0, _slot(n_iter, 3))
     else:
         dot_w, dot_we = _dot_weights(weight, encoder_weight)
+    synth_w, synth_we = _synth_weight(dot_w, tap_syn), _synth_weight(dot_we, tap_syn)
+    analysis_w = _analysis_weight(dot_w, tap_ana)  # D^T v: the analysis conv with the synthesis dictionary
 
     def saved_iterate(j):
         return z0 if j == 0 else saved.select(0, j - 1)
@@ -1215,8 +1493,8 @@ def conv_ista_bwd(
             y = y + betas[k] * (y - z_km1.to(torch.float32))
         step_k = step[k].to(torch.float32)
 
-        r = synth(y, dot_w, True)
-        v = synth(gu, dot_we, False)
+        r = synth(y, synth_w, True)
+        v = synth(gu, synth_we, False)
         grad_x.addcmul_(v, step_k)  # in place: no signal-sized temporaries
         grad_lam.append(step_k * dth)
         grad_step.append(torch.dot(v.view(-1), r.view(-1)) + (lam[k].to(torch.float32) * dth).sum())
@@ -1224,7 +1502,28 @@ def conv_ista_bwd(
         grad_w = grad_w - step_k * weight_grad(v, y)
 
         dy = torch.empty(gu.shape, **f32)
-        launch(_conv_analysis_kernel)[code_grid](gu, v, dot_w, step, k, -1.0, dy, **dims, BLOCK_C=ccfg.BLOCK_C, **geo)
+        launch(_conv_analysis_kernel)[code_grid](
+            gu,
+            0,
+            gu,
+            0,
+            0.0,
+            v,
+            analysis_w,
+            lam,
+            step,
+            k,
+            -1.0,
+            dy,
+            0,
+            **dims,
+            BLOCK_C=ccfg.BLOCK_C,
+            TAP_MAJOR=tap_ana,
+            SHRINK=False,
+            NONNEG=False,
+            FISTA=False,
+            **geo,
+        )
         if fista:
             gz = dy * (1.0 + betas[k]) if pending is None else pending + dy * (1.0 + betas[k])
             pending = dy * (-betas[k])
@@ -1259,13 +1558,21 @@ KERNELS = {
 
 
 @contextlib.contextmanager
-def _single_launch_limit(max_code_bytes: int):
-    global SINGLE_LAUNCH_MAX_CODE_BYTES
-    saved, SINGLE_LAUNCH_MAX_CODE_BYTES = SINGLE_LAUNCH_MAX_CODE_BYTES, max_code_bytes
+def strategy(forward: str | None = None, tap_major_min_channels: int | None = None):
+    """Pin the forward strategy ("two-pass", "single-launch", "tiles" or "auto") and/or the tap-major threshold
+    for the launches inside the block (tests, the tune script, the sanitizer cases, the AOT recording)."""
+    global FORWARD_STRATEGY, TAP_MAJOR_MIN_CHANNELS
+    saved = FORWARD_STRATEGY, TAP_MAJOR_MIN_CHANNELS
+    if forward is not None:
+        if forward not in ("auto", "two-pass", "single-launch", "tiles"):
+            raise ValueError(f"forward strategy must be auto, two-pass, single-launch or tiles, got {forward!r}")
+        FORWARD_STRATEGY = forward
+    if tap_major_min_channels is not None:
+        TAP_MAJOR_MIN_CHANNELS = tap_major_min_channels
     try:
         yield
     finally:
-        SINGLE_LAUNCH_MAX_CODE_BYTES = saved
+        FORWARD_STRATEGY, TAP_MAJOR_MIN_CHANNELS = saved
 
 
 def aot_specializations(
@@ -1281,7 +1588,7 @@ def aot_specializations(
     allow_tf32: bool = True,
 ) -> list[AotSpec]:
     """Every kernel specialisation the launchers make on one problem, recorded without running it: the forward in
-    both save modes on both paths (per-iteration and single-launch, whatever the code size) and the backward in
+    both save modes with each strategy (two-pass, tiles and single-launch, whatever the shape) and the backward in
     both modes. x_shape: (B, C_sig, H, W); weight_shape: (C_code, C_sig, kh, kw). fp32 dots follow
     `allow_tf32` (torch.backends.cudnn.allow_tf32, as at run time). Call without TRITON_INTERPRET."""
     if interpreting():
@@ -1295,8 +1602,8 @@ def aot_specializations(
     x, w, lam, step, z0 = meta(*x_shape), meta(*weight_shape), meta(n_iter, C_code), meta(n_iter), meta(B, C_code, *zs)
 
     def run():
-        for limit in (0, 2**62):  # per-iteration path, single-launch path
-            with _single_launch_limit(limit):
+        for forward in ("two-pass", "tiles", "single-launch"):
+            with strategy(forward):
                 for checkpoint in (1, 0):
                     z, saved = conv_ista_fwd(x, w, w, lam, step, z0, stride, padding, nonneg, fista, checkpoint)
                     conv_ista_bwd(
