@@ -156,7 +156,7 @@ def _check_at_scale(p, dtype, *, recompute=False, tf32=False, rtol=1e-4, atol=1e
     forward compared where the supports agree (at least 99.9% of entries). fp16/bf16/TF32: tests/tolerance.py's
     rule against PyTorch's eager computation in that dtype/precision. The backward is always evaluated on the
     kernel's own iterates, so all three VJPs (kernel, fp64, eager) see the same supports."""
-    from dsc_kernels.triton.conv_ista import conv_ista_bwd, conv_ista_fwd
+    from dsc_kernels.triton.conv_ista import conv_ista_bwd, conv_ista_fwd, saved_iterates
 
     args64, geo = _canonical(p)
     args64 = [a.to(dtype).double() for a in args64]
@@ -167,7 +167,9 @@ def _check_at_scale(p, dtype, *, recompute=False, tf32=False, rtol=1e-4, atol=1e
     grads = conv_ista_bwd(
         gz.to(dtype), *args, z, iterates.new_empty(0) if recompute else iterates, *geo, 0 if recompute else 1
     )
-    grads_ref = conv_ista_bwd_ref(gz, *args64, z.double(), iterates.double(), *geo, 1)
+    # The triton row stores its saved iterates channels last; the reference reads them in the contract's order.
+    iterates_ref = saved_iterates(iterates)
+    grads_ref = conv_ista_bwd_ref(gz, *args64, z.double(), iterates_ref.double(), *geo, 1)
     assert z.dtype == dtype and all(g.dtype == dtype for g in grads)
     if dtype == torch.float32 and not tf32:
         same = (z != 0) == (z_ref != 0)
@@ -180,7 +182,7 @@ def _check_at_scale(p, dtype, *, recompute=False, tf32=False, rtol=1e-4, atol=1e
         return
     with _tf32_convolutions() if tf32 else contextlib.nullcontext():
         z_eager, _ = conv_ista_fwd_ref(*args, *geo, 0)
-        grads_eager = conv_ista_bwd_ref(gz.to(dtype), *args, z, iterates, *geo, 1)
+        grads_eager = conv_ista_bwd_ref(gz.to(dtype), *args, z, iterates_ref, *geo, 1)
     assert_close_by_rule(z, z_ref, z_eager, name="z")
     for name, a, b, e in zip(GRAD_NAMES, grads, grads_ref, grads_eager):
         assert_close_by_rule(a, b, e, name=f"grad {name}")

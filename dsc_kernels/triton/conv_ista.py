@@ -33,16 +33,22 @@ of two orders (_synth_tile): tap-major (one tap at a time, BLOCK_K channels; the
 in tap-major layouts) once the reduced channels number 16 or more, else (channel, tap) flattened, which keeps the
 tensor cores fed with 1-3 channels.
 
-Where the time goes (sm_90 SASS of the AOT-compiled kernels on deep-layer, cuobjdump; no GPU timing yet). Every
-gathered fp32 element costs one cp.async plus ~12 integer instructions of address and mask arithmetic (the 1-D
-per-position terms are replicated per element by the register layout), so the main loops issue ~500 instructions
-per 4 HGMMAs: instruction issue, not the tensor cores, bounds these kernels. What helps is more MACs per gathered
-element. The tile forward's synthesis runs 64-position x 32-channel x 16-deep dots over a halo 1.4x (3x3) to 2.4x
-(7x7) its output; the two-pass kernels run 128 x 64..128 x 32 dots with no halo, about 4-8x the MACs per issued
-instruction. Counting issued instructions (loop size x trips x warps) puts two-pass at ~1/8 of the tile forward
-on deep-layer and small-map; scaled by run 1's measured tile forward that predicts roughly 1.0-1.7x eager cuDNN,
-to be timed (bench/gpu_tune.py, group conv-strategy). The next step is a channels-last internal layout, which
-gathers 4-channel vectors (one address and one mask per 16 bytes instead of per 4).
+Layout: every signal- and code-sized tensor a kernel touches is channels last ((B, H, W, C) in memory; the
+launchers convert with `_nhwc`), so a gathered tile's channels are contiguous: one 16-byte cp.async, one address and
+one mask move 4 of them, and stores are vectorised alike. z leaves contiguous; the saved iterates stay channels last
+inside a tensor of the contract's shape (`saved_iterates` reads them back).
+
+Where the time goes (sm_90 SASS of the AOT-compiled kernels, specialised as the JIT specialises a launch:
+cuobjdump; no GPU timing of this yet). Instruction issue, not the tensor cores or memory, bounds these kernels: the
+gathers' address and mask arithmetic runs on the integer pipes. Channels first, each gathered fp32 element cost a
+4-byte cp.async plus ~12 integer instructions, ~500-630 per 4 HGMMAs in every main loop (run 1's kernels: 0.14-0.22x
+eager cuDNN). Channels last, the two-pass loops issue 261 (synthesis) and 280 (analysis) per 4 HGMMAs on
+deep-layer's 128 x 64..128 x 32 tiles: 125-234 MACs per issued warp instruction, where the tile forward's halo
+dots (64 x 32 x 16, over a halo 1.4-2.4x the output) get 4-8x fewer; hence two-pass for many channels. About 50 of
+those instructions round the gathered operand to TF32 (`_tf32`, 3 per element; cvt.rna.tf32.f32 would be one,
+but the interpreter cannot run inline PTX). Counting issued instructions (loop size x trips x warps), scaled by how
+far run 1's tile forward sat from its own count, predicts roughly 2-3x eager cuDNN for the two-pass forward on
+deep-layer and small-map: a prediction, to be timed (bench/gpu_tune.py, group conv-strategy).
 
 Saved for backward: z_1 .. z_{n-1} in the input dtype (`saved`), or nothing in recompute mode, where the backward
 replays the forward from z_0 with the same kernels (bit-identical iterates, hence identical supports) and keeps
@@ -82,7 +88,7 @@ from ..reference.conv_ista import NO_BACKWARD, fista_momentum, zeros_if_empty
 from .grid import block_and_index
 from .launch import AotSpec, interpreting, launch, record_launches
 
-__all__ = ["conv_ista_fwd", "conv_ista_bwd", "KERNELS", "aot_specializations", "fwd_config"]
+__all__ = ["conv_ista_fwd", "conv_ista_bwd", "saved_iterates", "KERNELS", "aot_specializations", "fwd_config"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,7 +165,7 @@ def _synth_tile(
             wz = wn // SW
             ok = valid & (hn >= 0) & (wn >= 0) & (hn == hz * SH) & (wn == wz * SW) & (hz < Hz) & (wz < Wz)
             m = ok[:, None] & km[None, :]
-            off = ((b * C_code + c) * (Hz * Wz))[None, :] + (hz * Wz + wz)[:, None]
+            off = (((b * Hz + hz) * Wz + wz) * C_code)[:, None] + c[None, :]
             y = tl.load(code_ptr + code_off + off, mask=m, other=0.0).to(tl.float32)
             if FISTA:
                 zp = tl.load(prev_ptr + prev_off + off, mask=m, other=0.0).to(tl.float32)
@@ -190,7 +196,7 @@ def _synth_tile(
                 & (hz < Hz)
                 & (wz < Wz)
             )
-            off = (b * C_code + c[None, :]) * (Hz * Wz) + hz * Wz + wz
+            off = ((b * Hz + hz) * Wz + wz) * C_code + c[None, :]
             y = tl.load(code_ptr + code_off + off, mask=m, other=0.0).to(tl.float32)
             if FISTA:
                 zp = tl.load(prev_ptr + prev_off + off, mask=m, other=0.0).to(tl.float32)
@@ -209,8 +215,8 @@ def _analysis_tile(
     acc,
     src_ptr,
     src_base,
-    ch_stride,
     row_stride,
+    col_stride,
     row0,
     col0,
     rows,
@@ -244,7 +250,7 @@ def _analysis_tile(
             ww = col0 + ow * SW + t % KW
             ok = valid & (hh >= 0) & (hh < rows) & (ww >= 0) & (ww < cols)
             r = tl.load(
-                src_ptr + src_base + (ci * ch_stride)[None, :] + (hh * row_stride + ww)[:, None],
+                src_ptr + src_base + ci[None, :] + (hh * row_stride + ww * col_stride)[:, None],
                 mask=ok[:, None] & km[None, :],
                 other=0.0,
             ).to(tl.float32)
@@ -263,7 +269,7 @@ def _analysis_tile(
             hh = (row0 + oh * SH)[:, None] + i[None, :]
             ww = (col0 + ow * SW)[:, None] + j[None, :]
             m = valid[:, None] & km[None, :] & (hh >= 0) & (hh < rows) & (ww >= 0) & (ww < cols)
-            r = tl.load(src_ptr + src_base + ci[None, :] * ch_stride + hh * row_stride + ww, mask=m, other=0.0).to(
+            r = tl.load(src_ptr + src_base + ci[None, :] + hh * row_stride + ww * col_stride, mask=m, other=0.0).to(
                 tl.float32
             )
             wt = tl.load(w_ptr + c[None, :] * KTOT + kk[:, None], mask=km[:, None] & c_mask[None, :], other=0.0).to(
@@ -378,7 +384,7 @@ def _ista_tile(
             ci = ci0 + offs_ci
             cim = ci < C_sig
             m = inside[:, None] & cim[None, :]
-            xv = tl.load(x_ptr + (b * C_sig + ci[None, :]) * (H * W) + (h * W + w)[:, None], mask=m, other=0.0).to(
+            xv = tl.load(x_ptr + (((b * H + h) * W + w) * C_sig)[:, None] + ci[None, :], mask=m, other=0.0).to(
                 tl.float32
             )
             dy = _synth_tile(
@@ -411,7 +417,7 @@ def _ista_tile(
                 IN_PREC,
             )
             tl.store(
-                scratch_ptr + scratch_base + ci[None, :] * (RH * RW) + q[:, None],
+                scratch_ptr + scratch_base + (q * C_sig)[:, None] + ci[None, :],
                 tl.where(m, xv - dy, 0.0),
                 mask=qin[:, None] & cim[None, :],
             )
@@ -433,8 +439,8 @@ def _ista_tile(
             tl.zeros((TH * TW, BLOCK_C), tl.float32),
             scratch_ptr,
             scratch_base,
-            RH * RW,
-            RW,
+            RW * C_sig,
+            C_sig,
             0,
             0,
             RH,
@@ -455,7 +461,7 @@ def _ista_tile(
             BLOCK_K,
             IN_PREC,
         )
-        off = (b * C_code + c[None, :]) * (Hz * Wz) + (oh * Wz + ow)[:, None]
+        off = (((b * Hz + oh) * Wz + ow) * C_code)[:, None] + c[None, :]
         lam = tl.load(lam_ptr + k * C_code + c, mask=cm, other=0.0).to(tl.float32)
         _momentum_and_shrink(
             acc,
@@ -729,7 +735,7 @@ def _conv_synth_kernel(
         IN_PREC,
     )
     m = qin[:, None] & cim[None, :]
-    off = (b * C_sig + ci[None, :]) * (H * W) + q[:, None]
+    off = ((b * (H * W) + q) * C_sig)[:, None] + ci[None, :]
     if SUB_FROM_X:
         acc = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - acc
     tl.store(out_ptr + off, acc, mask=m)
@@ -785,9 +791,9 @@ def _conv_analysis_kernel(
     acc = _analysis_tile(
         tl.zeros((BLOCK_P, BLOCK_C), tl.float32),
         src_ptr,
-        b * C_sig * H * W,
-        H * W,
-        W,
+        b * H * W * C_sig,
+        W * C_sig,
+        C_sig,
         -PH,
         -PW,
         H,
@@ -809,7 +815,7 @@ def _conv_analysis_kernel(
         IN_PREC,
     )
     m = pin[:, None] & cm[None, :]
-    off = (b * C_code + c[None, :]) * (Hz * Wz) + p[:, None]
+    off = ((b * (Hz * Wz) + p) * C_code)[:, None] + c[None, :]
     step_k = tl.load(step_ptr + k).to(tl.float32)
     if SHRINK:
         lam = tl.load(lam_ptr + k * C_code + c, mask=cm, other=0.0).to(tl.float32)
@@ -884,7 +890,7 @@ def _conv_weight_grad_kernel(
             ww = ow * SW - PW + j
             ok = pin & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
             sg = tl.load(
-                sig_ptr + ((b * C_sig + ci) * (H * W))[None, :] + (hh * W + ww)[:, None],
+                sig_ptr + (((b * H + hh) * W + ww) * C_sig)[:, None] + ci[None, :],
                 mask=ok[:, None] & km[None, :],
                 other=0.0,
             ).to(tl.float32)
@@ -892,9 +898,9 @@ def _conv_weight_grad_kernel(
             hh = (oh * SH - PH)[:, None] + i[None, :]
             ww = (ow * SW - PW)[:, None] + j[None, :]
             m = pin[:, None] & km[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-            sg = tl.load(sig_ptr + (b * C_sig + ci[None, :]) * (H * W) + hh * W + ww, mask=m, other=0.0).to(tl.float32)
+            sg = tl.load(sig_ptr + ((b * H + hh) * W + ww) * C_sig + ci[None, :], mask=m, other=0.0).to(tl.float32)
         cd = tl.load(
-            code_ptr + (b * C_code + c[None, :]) * (Hz * Wz) + p[:, None], mask=pin[:, None] & cm[None, :], other=0.0
+            code_ptr + ((b * (Hz * Wz) + p) * C_code)[:, None] + c[None, :], mask=pin[:, None] & cm[None, :], other=0.0
         ).to(tl.float32)
         acc = tl.dot(tl.trans(_tf32(cd, IN_PREC)), _tf32(sg, IN_PREC), acc, input_precision=IN_PREC)
     tl.store(part_ptr + (split * C_code + c[:, None]) * KTOT + col[None, :], acc, mask=cm[:, None] & km[None, :])
@@ -1002,6 +1008,27 @@ def _analysis_weight(w: Tensor, tap_major: bool) -> Tensor:
     return w.permute(2, 3, 1, 0).contiguous() if tap_major else w
 
 
+def _nhwc(t: Tensor) -> Tensor:
+    """t: (B, C, H, W) in the kernels' memory layout, channels last ((B, H, W, C) contiguous), so that a gathered
+    tile's channels are contiguous: itself when it already is, else a copy. The shape stays (B, C, H, W)."""
+    if t.permute(0, 2, 3, 1).is_contiguous():
+        return t
+    return t.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+
+
+def _empty_nhwc(shape: Sequence[int], **kwargs) -> Tensor:
+    """An uninitialised (B, C, H, W) tensor in the kernels' channels-last layout; with a leading ring dimension,
+    (ring, B, C, H, W) stored as (ring, B, H, W, C)."""
+    *lead, c, h, w = shape
+    order = list(range(len(lead))) + [len(lead) + 2, len(lead), len(lead) + 1]
+    return torch.empty((*lead, h, w, c), **kwargs).permute(*order)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A channels-last (B, C, H, W) tensor's elements as one vector, in memory order (a view)."""
+    return t.permute(0, 2, 3, 1).reshape(-1)
+
+
 def _fista_betas(n_iter: int, fista: bool) -> list[float]:
     return fista_momentum(n_iter) if fista else [0.0] * n_iter
 
@@ -1084,7 +1111,7 @@ class _Forward:
     bit."""
 
     def __init__(self, x, weight, encoder_weight, lam, step, z0, g: _Geom, nonneg, fista):
-        self.x, self.lam, self.step, self.z0 = x, lam, step, z0
+        self.x, self.lam, self.step, self.z0 = _nhwc(x), lam, step, z0
         self.weight, self.encoder_weight = _dot_weights(weight, encoder_weight)  # (C_code, C_sig, kh, kw) order
         self.g = g
         self.tap_syn, self.tap_ana = _tap_major(g.C_code), _tap_major(g.C_sig)
@@ -1098,7 +1125,7 @@ class _Forward:
         if self.strategy == "two-pass":
             cfg = conv_config(g.C_sig, g.C_code, g.kh, g.kw)
             # The residual x - D y_k of the current iteration, read by the analysis kernel.
-            self.residual = torch.empty((g.B, g.C_sig, g.H, g.W), device=x.device, dtype=torch.float32)
+            self.residual = _empty_nhwc((g.B, g.C_sig, g.H, g.W), device=x.device, dtype=torch.float32)
             common = dict(**geometry, **flags, BLOCK_P=cfg.BLOCK_P, BLOCK_K=cfg.BLOCK_K)
             common.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             self.synth_meta = dict(common, BLOCK_CI=cfg.BLOCK_CI, TAP_MAJOR=self.tap_syn, SUB_FROM_X=True)
@@ -1141,9 +1168,10 @@ class _Forward:
 
     def run(self, n_iters, ring, last_out=None, out=None):
         """Iterations 0..n_iters-1 from z0; returns the ring buffer (`out` when given: a replay reuses the last
-        one). With `last_out` (per-iteration paths only) z_{n_iters} goes there instead of into the ring."""
+        one). With `last_out` (per-iteration paths only; channels last) z_{n_iters} goes there instead of into the
+        ring. The ring is (ring, B, C, Hz, Wz) stored channels last."""
         shape = (ring,) + tuple(self.z0.shape)
-        buf = torch.empty(shape, device=self.z0.device, dtype=self.z0.dtype) if out is None else out
+        buf = _empty_nhwc(shape, device=self.z0.device, dtype=self.z0.dtype) if out is None else out
         buf.select(0, _slot(0, ring)).copy_(self.z0)
         slot = self.z0.numel()
         if self.strategy == "single-launch":
@@ -1232,10 +1260,11 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _check_inputs(op, x, weight, encoder_weight, lam, step, z0, stride, padding):
     """The checks of the C++ ops (csrc/cpu/conv_ista/ops.cpp, check_inputs), done before any launch: the kernels
-    index every tensor as a contiguous buffer of the shape the others imply, so any other shape or dtype is read (or
-    written) out of bounds. Shapes, dtypes and strides only: no device synchronisation. Returns the tensors made
-    contiguous (a no-op for contiguous ones) and the stride, clamped like the C++ ops clamp it: every stride beyond
-    the last window start gives the same single window, and a huge one would size the residual slabs by it."""
+    index every tensor as a dense buffer of the shape the others imply (signals and codes channels last: the
+    launchers convert them), so any other shape or dtype is read (or written) out of bounds. Shapes, dtypes and
+    strides only: no device synchronisation. Returns the tensors made contiguous (a no-op for contiguous ones) and
+    the stride, clamped like the C++ ops clamp it: every stride beyond the last window start gives the same single
+    window, and a huge one would size the residual slabs by it."""
     tensors = dict(x=x, weight=weight, encoder_weight=encoder_weight, lam=lam, step=step, z0=z0)
     for name, t in tensors.items():
         if not isinstance(t, Tensor):
@@ -1289,7 +1318,7 @@ def _check_inputs(op, x, weight, encoder_weight, lam, step, z0, stride, padding)
 
 
 def _check_code_like(op, name, t, shape, x):
-    """A code-sized tensor of the backward (grad_z, z, saved) read as a contiguous buffer of ``shape``."""
+    """A code-sized tensor of the backward (grad_z, z, saved): shape, dtype and device, before any launch."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
     if tuple(t.shape) != tuple(shape) or t.dtype != x.dtype or t.device != x.device:
@@ -1335,16 +1364,29 @@ def conv_ista_fwd(
         return z0.clone(), z0.new_empty((n - 1, *z0.shape) if save else (0,))
     g = _geom(x, weight, z0, stride, padding, n + 1 if save else 3)
     fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista)
-    # The single-launch kernel also writes z_n into the ring; the per-iteration path writes it straight into z.
+    # The single-launch kernel also writes z_n into the ring; the per-iteration paths write it straight into z.
+    # z leaves in the usual contiguous layout (a copy: never an alias of saved).
     single = fwd.strategy == "single-launch"
     ring = (n + 1 if single else n) if save else 3
     if single:
         buf = fwd.run(n, ring)
-        z = buf.select(0, _slot(n, ring)).clone()
+        z = buf.select(0, _slot(n, ring)).clone(memory_format=torch.contiguous_format)
     else:
-        z = torch.empty_like(z0)
+        z = _empty_nhwc(z0.shape, device=z0.device, dtype=z0.dtype)
         buf = fwd.run(n, ring, last_out=z)
-    return z, (buf.narrow(0, 0, n - 1) if save else z0.new_empty((0,)))
+        z = z.contiguous()
+    if not save:
+        return z, z0.new_empty((0,))
+    # saved has the contract's shape and contiguous strides (the op's fake), and holds each iterate channels last:
+    # the ring's own memory, read back by saved_iterates.
+    return z, buf.narrow(0, 0, n - 1).permute(0, 1, 3, 4, 2).view(n - 1, *z0.shape)
+
+
+def saved_iterates(saved: Tensor) -> Tensor:
+    """conv_ista_fwd's saved (n - 1, B, C, Hz, Wz), whose items are stored channels last, as (n - 1, B, C, Hz, Wz)
+    views of that memory."""
+    m, b, c, h, w = saved.shape
+    return saved.reshape(m, b, h, w, c).permute(0, 1, 4, 2, 3)
 
 
 def conv_ista_bwd(
@@ -1372,18 +1414,19 @@ def conv_ista_bwd(
         op, x, weight, encoder_weight, lam, step, z0, stride, padding
     )
     code_shape = (x.shape[0], weight.shape[0], *code_size(x.shape[2:], weight.shape[2:], stride, padding))
-    # grad_z is read through torch ops (any strides; an expanded one is never copied), z and saved by the kernels.
+    # grad_z, z and saved are read through torch ops (any strides) and made channels last where a kernel reads them.
     _check_code_like(op, "grad_z", grad_z, code_shape, x)
     if z.numel() != 0 or checkpoint == 1:
         _check_code_like(op, "z (z_n; empty only in recompute mode)", z, code_shape, x)
     if checkpoint == 1:
         _check_code_like(op, "saved (z_1..z_{n-1} of the forward)", saved, (step.shape[0] - 1, *code_shape), x)
-        saved = saved.contiguous()
-    z = z.contiguous()
+    if z.dim() == 4:
+        z = _nhwc(z)
     if grad_z.numel() == 0:  # an empty code (conv_ista_fwd): every gradient is zero
         return tuple(torch.zeros_like(t) for t in (x, weight, encoder_weight, lam, step, z0))
     z0_given = z0.numel() > 0
-    z0 = zeros_if_empty(z0, x, weight, stride, padding)
+    z0 = _nhwc(zeros_if_empty(z0, x, weight, stride, padding))
+    x_nhwc = _nhwc(x)
     n_iter = step.shape[0]
     g = _geom(x, weight, z0, stride, padding, max(n_iter if checkpoint == 1 else 0, 3))
     ccfg = conv_config(g.C_sig, g.C_code, g.kh, g.kw)
@@ -1422,9 +1465,10 @@ def conv_ista_bwd(
     dims = dict(C_code=g.C_code, C_sig=g.C_sig, H=g.H, W=g.W, Hz=g.Hz, Wz=g.Wz)
 
     def synth(code, w, sub_from_x):
-        out = torch.empty(sig_shape, **f32)
+        out = _empty_nhwc(sig_shape, **f32)
+        code = _nhwc(code)
         launch(_conv_synth_kernel)[sig_grid](
-            x,
+            x_nhwc,
             code,
             0,
             code,
@@ -1443,7 +1487,7 @@ def conv_ista_bwd(
 
     def weight_grad(sig, code):
         launch(_conv_weight_grad_kernel)[w_grid](
-            partials, sig, code, g.B, **dims, BLOCK_C=ccfg.BLOCK_C, TAP_MAJOR=tap_ana, **geo
+            partials, _nhwc(sig), _nhwc(code), g.B, **dims, BLOCK_C=ccfg.BLOCK_C, TAP_MAJOR=tap_ana, **geo
         )
         return partials.sum(0).view(tuple(weight.shape))
 
@@ -1460,20 +1504,22 @@ def conv_ista_bwd(
     synth_w, synth_we = _synth_weight(dot_w, tap_syn), _synth_weight(dot_we, tap_syn)
     analysis_w = _analysis_weight(dot_w, tap_ana)  # D^T v: the analysis conv with the synthesis dictionary
 
-    def saved_iterate(j):
-        return z0 if j == 0 else saved.select(0, j - 1)
+    iterates = saved_iterates(saved) if checkpoint == 1 else None
 
-    grad_x = torch.zeros(sig_shape, **f32)
+    def saved_iterate(j):
+        return z0 if j == 0 else iterates.select(0, j - 1)
+
+    grad_x = _empty_nhwc(sig_shape, **f32).zero_()
     grad_w = torch.zeros(tuple(weight.shape), **f32)
     grad_we = torch.zeros(tuple(encoder_weight.shape), **f32)
     grad_lam, grad_step = [], []
-    gz = grad_z.to(torch.float32)  # dL/dz_{k+1}, complete when iteration k is processed
+    gz = _nhwc(grad_z.to(torch.float32))  # dL/dz_{k+1}, complete when iteration k is processed
     pending = None  # FISTA: the part of dL/dz_k that iteration k+1 sent through y_{k+1}
     z_next = z
     for k in reversed(range(n_iter)):
         # Everything that reads z_{k+1} comes first: in recompute mode the replay below reuses its ring slot.
         active = z_next != 0
-        gu = torch.where(active, gz, 0.0).contiguous()  # the kernels read it as a contiguous code
+        gu = _nhwc(torch.where(active, gz, 0.0))  # read by the kernels
         if nonneg:
             dth = -gu.sum(dim=(0, 2, 3))
         else:
@@ -1497,11 +1543,11 @@ def conv_ista_bwd(
         v = synth(gu, synth_we, False)
         grad_x.addcmul_(v, step_k)  # in place: no signal-sized temporaries
         grad_lam.append(step_k * dth)
-        grad_step.append(torch.dot(v.view(-1), r.view(-1)) + (lam[k].to(torch.float32) * dth).sum())
+        grad_step.append(torch.dot(_flat(v), _flat(r)) + (lam[k].to(torch.float32) * dth).sum())
         grad_we = grad_we + step_k * weight_grad(r, gu)
         grad_w = grad_w - step_k * weight_grad(v, y)
 
-        dy = torch.empty(gu.shape, **f32)
+        dy = _empty_nhwc(gu.shape, **f32)
         launch(_conv_analysis_kernel)[code_grid](
             gu,
             0,
@@ -1534,12 +1580,12 @@ def conv_ista_bwd(
     grad_lam = torch.stack(grad_lam[::-1]).to(lam.dtype)
     grad_step = torch.stack(grad_step[::-1]).to(step.dtype)
     return (
-        grad_x.to(x.dtype),
+        grad_x.to(x.dtype).contiguous(),
         grad_w.to(weight.dtype),
         grad_we.to(encoder_weight.dtype),
         grad_lam,
         grad_step,
-        gz.to(z0.dtype) if z0_given else z0.new_empty((0,)),
+        gz.to(z0.dtype).contiguous() if z0_given else z0.new_empty((0,)),
     )
 
 

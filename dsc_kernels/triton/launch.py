@@ -59,6 +59,7 @@ class AotSpec(NamedTuple):
     constexprs: dict  # constexpr argument name -> value
     options: dict  # compile options of the launch (num_warps, num_stages, ...)
     grid: tuple = ()  # the launch grid (recorded, not part of the specialisation)
+    divisible: tuple = ()  # names of the arguments the JIT would mark divisible by 16 (see _jit_specialisation)
 
     def key(self) -> tuple:
         return (
@@ -66,6 +67,7 @@ class AotSpec(NamedTuple):
             tuple(sorted(self.signature.items())),
             tuple(sorted(self.constexprs.items())),
             tuple(sorted(self.options.items())),
+            self.divisible,
         )
 
 
@@ -84,6 +86,21 @@ def _scalar_type(value: Any, arg: str) -> str:
     raise TypeError(f"cannot derive a Triton type for argument {arg}={value!r}")
 
 
+def _jit_specialisation(value: Any) -> str | None:
+    """What Triton's JIT specialises a launch argument on (runtime/jit.py, native_specialize_impl): an int equal to 1
+    becomes a constant ("one"); ints and pointers divisible by 16 get a divisibility attribute ("divisible"), which
+    lets the compiler prove alignment and vectorise loads; floats and bools are not specialised. The AOT compile
+    applies the same, so that its machine code is the one a GPU launch compiles (meta tensors have address 0,
+    like the caching allocator's aligned blocks)."""
+    if isinstance(value, (bool, float)):
+        return None
+    if isinstance(value, int):
+        return "one" if value == 1 else ("divisible" if value % 16 == 0 else None)
+    if isinstance(value, torch.Tensor):
+        return "divisible" if value.data_ptr() % 16 == 0 else None
+    return None
+
+
 def _spec(kernel, args: tuple, meta: dict) -> AotSpec:
     params = kernel.params
     if len(args) > len(params):
@@ -95,16 +112,19 @@ def _spec(kernel, args: tuple, meta: dict) -> AotSpec:
     missing = [p.name for p in params if p.name not in values and not p.has_default]
     if missing:
         raise TypeError(f"{kernel.__name__}: no value for {missing}")
-    signature, constexprs = {}, {}
+    signature, constexprs, divisible = {}, {}, []
     for p in params:
         if p.name not in values:
             continue
-        if p.is_constexpr:
+        special = None if p.is_constexpr else _jit_specialisation(values[p.name])
+        if p.is_constexpr or special == "one":
             signature[p.name] = "constexpr"
             constexprs[p.name] = values[p.name]
         else:
             signature[p.name] = _scalar_type(values[p.name], p.name)
-    return AotSpec(kernel.__name__, kernel, signature, constexprs, options)
+            if special == "divisible":
+                divisible.append(p.name)
+    return AotSpec(kernel.__name__, kernel, signature, constexprs, options, divisible=tuple(divisible))
 
 
 class _Recorder:
@@ -152,8 +172,9 @@ def aot_compile(spec: AotSpec, capability: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    attrs = {(spec.fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible}
     return triton.compile(
-        ASTSource(spec.fn, spec.signature, spec.constexprs),
+        ASTSource(spec.fn, spec.signature, spec.constexprs, attrs),
         target=GPUTarget("cuda", capability, 32),
         options=spec.options,
     )
