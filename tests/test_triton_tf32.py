@@ -62,8 +62,16 @@ def _round(t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(_rna_numpy(t.float().cpu().numpy())).to(t)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_tf32_rounding_is_round_to_nearest_ties_away(device):
+# The rounding the kernels run: bit arithmetic under the interpreter, the PTX conversion when compiled.
+PRECISIONS = [
+    pytest.param("cpu", "tf32", marks=pytest.mark.interpreter, id="interpreter"),
+    pytest.param("cuda", "tf32", marks=pytest.mark.gpu, id="gpu-bits"),
+    pytest.param("cuda", "tf32-rna", marks=pytest.mark.gpu, id="gpu-cvt"),
+]
+
+
+@pytest.mark.parametrize("device,in_prec", PRECISIONS)
+def test_tf32_rounding_is_round_to_nearest_ties_away(device, in_prec):
     specials = [0.0, -0.0, 1.0, 1 + 2**-11, 1 + 3 * 2**-11, -(1 + 2**-11), 1 + 2**-11 - 2**-23, 3.4028235e38]
     specials += [-3.4028235e38, 2**-149, 2**-126, 1.5 * 2**-136, float("inf"), -float("inf"), 6.5e4, 1e-30]
     rng = np.random.default_rng(3)
@@ -71,7 +79,7 @@ def test_tf32_rounding_is_round_to_nearest_ties_away(device):
     x = torch.tensor(np.concatenate([specials, draws]), dtype=torch.float32)
     x = torch.cat([x, torch.tensor([float("nan")])]).to(device)
     out = torch.empty_like(x)
-    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), IN_PREC="tf32", BLOCK=1024)
+    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), IN_PREC=in_prec, BLOCK=1024)
     expected = torch.from_numpy(_rna_numpy(x.cpu().numpy())).to(device)
     assert torch.equal(out[:-1], expected[:-1])
     assert out[-1].isnan()
@@ -82,13 +90,13 @@ def test_tf32_rounding_is_round_to_nearest_ties_away(device):
     assert torch.equal(ieee[:-1], x[:-1]), "IEEE dots leave the operands alone"
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_launchers_round_the_dictionaries_as_the_kernels_round_operands(device, monkeypatch):
+@pytest.mark.parametrize("device,in_prec", PRECISIONS)
+def test_launchers_round_the_dictionaries_as_the_kernels_round_operands(device, in_prec, monkeypatch):
     # the weight tiles are rounded once on the host (_dot_weights); the bits must be the kernel's
     x = torch.tensor([1 + 2**-11, -(1 + 3 * 2**-11), 3.4028235e38, 2**-140, float("nan"), -float("inf"), 0.3])
     x = torch.cat([x, torch.randn(500) * 10]).to(device)
     in_kernel = torch.empty_like(x)
-    _round_kernel[(1,)](x, in_kernel, x.numel(), IN_PREC="tf32", BLOCK=512)
+    _round_kernel[(1,)](x, in_kernel, x.numel(), IN_PREC=in_prec, BLOCK=512)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
     w, we = _dot_weights(x, x)
     assert we is w and torch.equal(w[4:5].isnan(), torch.tensor([True], device=device))

@@ -108,10 +108,16 @@ def _tf32(x, IN_PREC: tl.constexpr):
     # Applied to operands formed in the kernel (codes, residuals, signals); the dictionaries are rounded once by
     # the launchers (_dot_weights, the same bits), which keeps elementwise work off the weight tiles: on an H200
     # rounding every operand in the kernel made the forward 1.35-1.5x slower.
+    # IN_PREC: "ieee" (no rounding, IEEE dots), "tf32" (the bit arithmetic, what the interpreter runs) or
+    # "tf32-rna" (compiled kernels: the PTX conversion itself, which ptxas expands into integer code of its own for
+    # sm_90; the two-pass loops come out the same size either way, the weight-gradient loop 18% smaller). Both
+    # must give the same bits: tests/test_triton_tf32.py checks each against an exact rounding.
     if IN_PREC == "tf32":
         bits = x.to(tl.uint32, bitcast=True)
         rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
         x = tl.where(x == x, rounded, x)
+    if IN_PREC == "tf32-rna":
+        x = tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
     return x
 
 
@@ -173,7 +179,9 @@ def _synth_tile(
             wt = tl.load(
                 w_ptr + (t * C_code + c[:, None]) * C_sig + ci[None, :], mask=km[:, None] & ci_mask[None, :], other=0.0
             ).to(tl.float32)
-            acc = tl.dot(_tf32(y, IN_PREC), wt, acc, input_precision=IN_PREC)  # wt: rounded by the launcher
+            acc = tl.dot(
+                _tf32(y, IN_PREC), wt, acc, input_precision="ieee" if IN_PREC == "ieee" else "tf32"
+            )  # wt: rounded by the launcher
     else:
         KTOT = C_code * KH * KW
         for k0 in range(0, KTOT, BLOCK_K):
@@ -206,7 +214,9 @@ def _synth_tile(
                 mask=km[:, None] & ci_mask[None, :],
                 other=0.0,
             ).to(tl.float32)
-            acc = tl.dot(_tf32(y, IN_PREC), wt, acc, input_precision=IN_PREC)  # wt: rounded by the launcher
+            acc = tl.dot(
+                _tf32(y, IN_PREC), wt, acc, input_precision="ieee" if IN_PREC == "ieee" else "tf32"
+            )  # wt: rounded by the launcher
     return acc
 
 
@@ -257,7 +267,9 @@ def _analysis_tile(
             wt = tl.load(
                 w_ptr + (t * C_sig + ci[:, None]) * C_code + c[None, :], mask=km[:, None] & c_mask[None, :], other=0.0
             ).to(tl.float32)
-            acc = tl.dot(_tf32(r, IN_PREC), wt, acc, input_precision=IN_PREC)  # wt: rounded by the launcher
+            acc = tl.dot(
+                _tf32(r, IN_PREC), wt, acc, input_precision="ieee" if IN_PREC == "ieee" else "tf32"
+            )  # wt: rounded by the launcher
     else:
         KTOT = C_sig * KH * KW
         for k0 in range(0, KTOT, BLOCK_K):
@@ -275,7 +287,9 @@ def _analysis_tile(
             wt = tl.load(w_ptr + c[None, :] * KTOT + kk[:, None], mask=km[:, None] & c_mask[None, :], other=0.0).to(
                 tl.float32
             )
-            acc = tl.dot(_tf32(r, IN_PREC), wt, acc, input_precision=IN_PREC)  # wt: rounded by the launcher
+            acc = tl.dot(
+                _tf32(r, IN_PREC), wt, acc, input_precision="ieee" if IN_PREC == "ieee" else "tf32"
+            )  # wt: rounded by the launcher
     return acc
 
 
@@ -902,7 +916,12 @@ def _conv_weight_grad_kernel(
         cd = tl.load(
             code_ptr + ((b * (Hz * Wz) + p) * C_code)[:, None] + c[None, :], mask=pin[:, None] & cm[None, :], other=0.0
         ).to(tl.float32)
-        acc = tl.dot(tl.trans(_tf32(cd, IN_PREC)), _tf32(sg, IN_PREC), acc, input_precision=IN_PREC)
+        acc = tl.dot(
+            tl.trans(_tf32(cd, IN_PREC)),
+            _tf32(sg, IN_PREC),
+            acc,
+            input_precision="ieee" if IN_PREC == "ieee" else "tf32",
+        )
     tl.store(part_ptr + (split * C_code + c[:, None]) * KTOT + col[None, :], acc, mask=cm[:, None] & km[None, :])
 
 
@@ -976,10 +995,11 @@ def _tap_major(channels: int) -> bool:
 def _in_prec(dtype: torch.dtype) -> str:
     # Half inputs are exact in tf32, so tensor cores lose nothing on them (the fp32 residual and momentum formed
     # inside are rounded by _tf32); fp32 follows torch's cuDNN TF32 switch, the precision the eager convolutions we
-    # replace run at.
+    # replace run at. Compiled kernels round with the hardware conversion, the interpreter (no inline PTX) with
+    # bit arithmetic (_tf32).
     if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
         return "ieee"
-    return "tf32"
+    return "tf32" if interpreting() else "tf32-rna"
 
 
 def round_to_tf32(t: Tensor) -> Tensor:
@@ -992,7 +1012,7 @@ def round_to_tf32(t: Tensor) -> Tensor:
 def _dot_weights(weight: Tensor, encoder_weight: Tensor) -> tuple[Tensor, Tensor]:
     """The dictionaries as the convolution dots read them: fp32 ones rounded to TF32 when the dots run in TF32;
     half ones are exact in TF32 as they are."""
-    if weight.dtype != torch.float32 or _in_prec(weight.dtype) != "tf32":
+    if weight.dtype != torch.float32 or _in_prec(weight.dtype) == "ieee":
         return weight, encoder_weight
     w = round_to_tf32(weight)
     return w, (w if encoder_weight is weight else round_to_tf32(encoder_weight))
