@@ -42,13 +42,15 @@ Where the time goes (sm_90 SASS of the AOT-compiled kernels, specialised as the 
 cuobjdump; no GPU timing of this yet). Instruction issue, not the tensor cores or memory, bounds these kernels: the
 gathers' address and mask arithmetic runs on the integer pipes. Channels first, each gathered fp32 element cost a
 4-byte cp.async plus ~12 integer instructions, ~500-630 per 4 HGMMAs in every main loop (run 1's kernels: 0.14-0.22x
-eager cuDNN). Channels last, the two-pass loops issue 261 (synthesis) and 280 (analysis) per 4 HGMMAs on
-deep-layer's 128 x 64..128 x 32 tiles: 125-234 MACs per issued warp instruction, where the tile forward's halo
-dots (64 x 32 x 16, over a halo 1.4-2.4x the output) get 4-8x fewer; hence two-pass for many channels. About 50 of
-those instructions round the gathered operand to TF32 (`_tf32`, 3 per element; cvt.rna.tf32.f32 would be one,
-but the interpreter cannot run inline PTX). Counting issued instructions (loop size x trips x warps), scaled by how
-far run 1's tile forward sat from its own count, predicts roughly 2-3x eager cuDNN for the two-pass forward on
-deep-layer and small-map: a prediction, to be timed (bench/gpu_tune.py, group conv-strategy).
+eager cuDNN). Channels last, with conv_config's tiles, the two-pass loops on deep-layer issue 426 (synthesis) and
+468 (analysis) instructions per 8 HGMMAs: 152 and 275 MACs per issued warp instruction, where the tile forward's
+halo dots (64 x 32 x 16, over a halo 1.4-2.4x the output) get 4-8x fewer; hence two-pass for many channels. The
+weight gradient gets 117: its tf32 dots want both operands contiguous along positions, which neither layout
+gives, so one tile is transposed through registers. Counting issued instructions (loop size x trips x warps),
+scaled by how far run 1's tile forward sat from its own count, predicts about 2-4x eager cuDNN for the two-pass
+forward on deep-layer and small-map (the TF32 tensor cores' floor is about 8x), and about 2x for deep-layer's
+training step, whose backward also runs ~10 elementwise torch passes per iteration. Predictions, to be timed
+(bench/gpu_tune.py, group conv-strategy).
 
 Saved for backward: z_1 .. z_{n-1} in the input dtype (`saved`), or nothing in recompute mode, where the backward
 replays the forward from z_0 with the same kernels (bit-identical iterates, hence identical supports) and keeps
@@ -977,7 +979,13 @@ def conv_config(C_sig: int, C_code: int, kh: int, kw: int) -> ConvConfig:
     """The per-convolution kernels' tiles: the backward and the two-pass forward."""
     if interpreting():
         return ConvConfig(256, 16, 16, 64, 2, 4, 1)
-    return ConvConfig(128, _pow2_block(C_code, 16, 128), _pow2_block(C_sig, 16, 128), 32, 512, 8, 3)
+    # From the sm_80/sm_90 AOT compiles (SASS loop sizes, registers, shared memory; module header): channel tiles
+    # up to 128 and 64-channel reduction slices give the most MACs per issued instruction (two-pass loops on
+    # deep-layer: 152 and 275; weight gradient: 117) without spills. Two pipeline stages keep every kernel within
+    # an A100's shared memory (the weight gradient needs 224 KiB with three). The 64-channel slice only where
+    # both sides have 64 channels: fewer would run masked lanes, and the flattened weight gradient spills with it.
+    block_k = 64 if min(C_sig, C_code) >= 64 else 32
+    return ConvConfig(128, _pow2_block(C_code, 16, 128), _pow2_block(C_sig, 16, 128), block_k, 512, 8, 2)
 
 
 # The forward's strategy (module header): "auto" chooses by the rule in _forward_strategy; tests, the tune script
