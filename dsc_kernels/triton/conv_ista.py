@@ -124,6 +124,12 @@ def _tf32(x, IN_PREC: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, acc, IN_PREC: tl.constexpr):
+    # acc + a @ b for operands already as the tensor cores should read them (_tf32 or the launchers' rounding).
+    return tl.dot(a, b, acc, input_precision="ieee" if IN_PREC == "ieee" else "tf32")
+
+
+@triton.jit
 def _synth_tile(
     acc,
     code_ptr,
@@ -156,8 +162,8 @@ def _synth_tile(
     # acc[q, ci] += (D y)[b, ci, h[q], w[q]] as an implicit GEMM, the im2col tile gathered on the fly: a code
     # position (hz, wz) reaches signal row h through tap a iff h + PH - a = SH hz. Two orders of the reduction:
     #   TAP_MAJOR: one tap at a time, BLOCK_K code channels per slice; the weight in tap-major layout
-    #     (kh, kw, C_code, C_sig). The tap's index arithmetic is 1-D over positions and each gathered element costs
-    #     one add and one mask. Needs C_code >= 16 to fill the dot's K.
+    #     (kh, kw, C_code, C_sig). The tap's index arithmetic is 1-D over positions, and the slice's channels are
+    #     contiguous (channels last): one address and one mask per 4 of them. Needs C_code >= 16 to fill K.
     #   else: (c, a, bb) flattened in the weight's own (C_code, C_sig, kh, kw) order, so that 1-3 channels still
     #     fill K (csc-gray has C_sig = 1), at the price of 2-D index arithmetic on every gathered element: in the
     #     sm_90 SASS the tile loop issued ~500 instructions per 4 HGMMAs, ~15x the tensor cores' time.
@@ -181,9 +187,7 @@ def _synth_tile(
             wt = tl.load(
                 w_ptr + (t * C_code + c[:, None]) * C_sig + ci[None, :], mask=km[:, None] & ci_mask[None, :], other=0.0
             ).to(tl.float32)
-            acc = tl.dot(
-                _tf32(y, IN_PREC), wt, acc, input_precision="ieee" if IN_PREC == "ieee" else "tf32"
-            )  # wt: rounded by the launcher
+            acc = _dot(_tf32(y, IN_PREC), wt, acc, IN_PREC)  # wt: rounded by the launcher
     else:
         KTOT = C_code * KH * KW
         for k0 in range(0, KTOT, BLOCK_K):
@@ -216,9 +220,7 @@ def _synth_tile(
                 mask=km[:, None] & ci_mask[None, :],
                 other=0.0,
             ).to(tl.float32)
-            acc = tl.dot(
-                _tf32(y, IN_PREC), wt, acc, input_precision="ieee" if IN_PREC == "ieee" else "tf32"
-            )  # wt: rounded by the launcher
+            acc = _dot(_tf32(y, IN_PREC), wt, acc, IN_PREC)  # wt: rounded by the launcher
     return acc
 
 
@@ -269,9 +271,7 @@ def _analysis_tile(
             wt = tl.load(
                 w_ptr + (t * C_sig + ci[:, None]) * C_code + c[None, :], mask=km[:, None] & c_mask[None, :], other=0.0
             ).to(tl.float32)
-            acc = tl.dot(
-                _tf32(r, IN_PREC), wt, acc, input_precision="ieee" if IN_PREC == "ieee" else "tf32"
-            )  # wt: rounded by the launcher
+            acc = _dot(_tf32(r, IN_PREC), wt, acc, IN_PREC)  # wt: rounded by the launcher
     else:
         KTOT = C_sig * KH * KW
         for k0 in range(0, KTOT, BLOCK_K):
@@ -289,9 +289,7 @@ def _analysis_tile(
             wt = tl.load(w_ptr + c[None, :] * KTOT + kk[:, None], mask=km[:, None] & c_mask[None, :], other=0.0).to(
                 tl.float32
             )
-            acc = tl.dot(
-                _tf32(r, IN_PREC), wt, acc, input_precision="ieee" if IN_PREC == "ieee" else "tf32"
-            )  # wt: rounded by the launcher
+            acc = _dot(_tf32(r, IN_PREC), wt, acc, IN_PREC)  # wt: rounded by the launcher
     return acc
 
 
@@ -918,12 +916,7 @@ def _conv_weight_grad_kernel(
         cd = tl.load(
             code_ptr + ((b * (Hz * Wz) + p) * C_code)[:, None] + c[None, :], mask=pin[:, None] & cm[None, :], other=0.0
         ).to(tl.float32)
-        acc = tl.dot(
-            tl.trans(_tf32(cd, IN_PREC)),
-            _tf32(sg, IN_PREC),
-            acc,
-            input_precision="ieee" if IN_PREC == "ieee" else "tf32",
-        )
+        acc = _dot(tl.trans(_tf32(cd, IN_PREC)), _tf32(sg, IN_PREC), acc, IN_PREC)
     tl.store(part_ptr + (split * C_code + c[:, None]) * KTOT + col[None, :], acc, mask=cm[:, None] & km[None, :])
 
 
