@@ -8,7 +8,7 @@ configurations from measurements:
                place of tap-major, forward and training step: the default's choice between them is a prediction
                from the compiled kernels (triton/conv_ista.py header) until this times it
     conv-fwd   FwdConfig variants (tile rows and columns, halo chunk, reduction slice, warps, stages): the fused
-               tile forward
+               tile forward, on the workloads whose default forward it is (csc-gray)
     conv-bwd   ConvConfig variants (positions per program, reduction slice, splits, warps, stages): a training
                step (these tiles also drive the two-pass forward)
     attention  block sizes, warps and stages: sparsemax and shrink, forward and forward + backward
@@ -135,6 +135,12 @@ def _conv_fns(w: speed.Workload, device: str) -> dict:
     return {"forward": forward, "forward_backward": training_step}
 
 
+def _runs_tile_forward(w: speed.Workload) -> bool:
+    """Whether the default forward of `w` is a fused tile kernel (tiles or single-launch), not two-pass."""
+    c_code, c_sig = (w.w_cpu if DRY else w.w_gpu)[:2]
+    return tci.forward_strategy(c_sig, c_code, code_bytes=0) != "two-pass"
+
+
 def _attention_fns(device: str) -> dict:
     shape = (1, 2, 40, 16) if DRY else (4, 8, 4096, 64)
     dtype = torch.float32 if DRY else torch.float16
@@ -258,7 +264,8 @@ def main() -> int:
         fns = _conv_fns(w, device)
         for mode in ("forward", "forward_backward"):
             sweep.group("conv-strategy", name, mode, fns[mode], variants["conv-strategy"]())
-        sweep.group("conv-fwd", name, "forward", fns["forward"], variants["conv-fwd"]())
+        if _runs_tile_forward(w):  # FwdConfig tiles only the fused tile kernels: elsewhere its variants change nothing
+            sweep.group("conv-fwd", name, "forward", fns["forward"], variants["conv-fwd"]())
         sweep.group("conv-bwd", name, "forward_backward", fns["forward_backward"], variants["conv-bwd"]())
     for (mode, pass_), fn in _attention_fns(device).items():
         sweep.group("attention", mode, pass_, fn, variants["attention"]())

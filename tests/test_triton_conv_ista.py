@@ -269,6 +269,26 @@ def test_several_tiles_and_channel_blocks(launch, device):
     _compare(p, rtol=5e-4)
 
 
+def test_forward_strategy_rule_and_its_override():
+    # auto: two-pass once both convolutions reduce over enough channels to run tap-major, else the fused tile
+    # kernels, all iterations in one launch while an image's code is small; `strategy` pins either, and restores.
+    from dsc_kernels.triton import conv_ista as tci
+
+    limit = tci.SINGLE_LAUNCH_MAX_CODE_BYTES
+    assert tci.forward_strategy(16, 16, 10 * limit) == "two-pass"
+    assert tci.forward_strategy(15, 128, limit) == "single-launch"
+    assert tci.forward_strategy(128, 15, limit + 1) == "tiles"
+    with tci.strategy("tiles"):
+        assert tci.forward_strategy(64, 128, 0) == "tiles"
+    with tci.strategy(tap_major_min_channels=1):
+        assert tci.forward_strategy(1, 1, 0) == "two-pass"
+    assert tci.forward_strategy(1, 1, 0) == "single-launch"
+    with pytest.raises(ValueError, match="forward strategy"):
+        with tci.strategy("fastest"):
+            pass
+    assert tci.FORWARD_STRATEGY == "auto"
+
+
 def test_save_and_recompute_agree_bitwise(launch, device):
     p = _problem(rank=2, size=(7, 9), fista=True, untied=True, n_iter=3, z0=True, device=device)
     z_save, g_save = _run(p, torch.float32, "triton", recompute=False)

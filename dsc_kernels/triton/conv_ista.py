@@ -13,7 +13,7 @@ codes (B, C, Hz, Wz), lam (n, C), step (n,).
     u_k     = y_k + step_k E(x - D y_k)
     z_{k+1} = S_{step_k lam_k[c]}(u_k)          S_t(u) = sign(u) max(|u| - t, 0); nonneg: max(u - t, 0)
 
-Forward (docs/design.md §5): three strategies, chosen per problem by _forward_strategy (pinned with `strategy`).
+Forward (docs/design.md §5): three strategies, chosen per problem by forward_strategy (pinned with `strategy`).
   - "two-pass" (both convolutions reduce over >= 16 channels): two implicit-GEMM kernels per iteration.
     `_conv_synth_kernel` writes the residual r = x - D y_k (FISTA's momentum formed as the codes are gathered) to
     one fp32 signal-sized buffer; `_conv_analysis_kernel` runs E r with y_k + step_k (.) and the threshold as its
@@ -90,7 +90,16 @@ from ..reference.conv_ista import NO_BACKWARD, fista_momentum, zeros_if_empty
 from .grid import block_and_index
 from .launch import AotSpec, interpreting, launch, record_launches
 
-__all__ = ["conv_ista_fwd", "conv_ista_bwd", "saved_iterates", "KERNELS", "aot_specializations", "fwd_config"]
+__all__ = [
+    "conv_ista_fwd",
+    "conv_ista_bwd",
+    "saved_iterates",
+    "forward_strategy",
+    "strategy",
+    "KERNELS",
+    "aot_specializations",
+    "fwd_config",
+]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -981,7 +990,7 @@ def conv_config(C_sig: int, C_code: int, kh: int, kw: int) -> ConvConfig:
     return ConvConfig(128, _pow2_block(C_code, 16, 128), _pow2_block(C_sig, 16, 128), block_k, 512, 8, 2)
 
 
-# The forward's strategy (module header): "auto" chooses by the rule in _forward_strategy; tests, the tune script
+# The forward's strategy (module header): "auto" chooses by the rule in forward_strategy; tests, the tune script
 # and the sanitizer cases pin "two-pass", "single-launch" or "tiles" to exercise or time one.
 FORWARD_STRATEGY = "auto"
 # Reductions run tap-major (see _synth_tile) over a convolution whose reduced channels number at least this: then
@@ -1109,13 +1118,14 @@ def _geom(x, weight, z0, stride, padding, n_codes) -> _Geom:
 SINGLE_LAUNCH_MAX_CODE_BYTES = 256 * 1024
 
 
-def _forward_strategy(g: _Geom, code_bytes: int) -> str:
+def forward_strategy(C_sig: int, C_code: int, code_bytes: int) -> str:
     """Two GEMM kernels per iteration when both convolutions reduce over enough channels to run tap-major (their
     tiles then need no halo, no slab and no 2-D index arithmetic); otherwise the fused tile kernels, whose
-    flattened (channel, tap) reductions keep the tensor cores fed with 1-3 channels."""
+    flattened (channel, tap) reductions keep the tensor cores fed with 1-3 channels. code_bytes: one image's code.
+    FORWARD_STRATEGY, when not "auto", decides instead."""
     if FORWARD_STRATEGY != "auto":
         return FORWARD_STRATEGY
-    if _tap_major(g.C_sig) and _tap_major(g.C_code):
+    if _tap_major(C_sig) and _tap_major(C_code):
         return "two-pass"
     return "single-launch" if code_bytes <= SINGLE_LAUNCH_MAX_CODE_BYTES else "tiles"
 
@@ -1138,7 +1148,7 @@ class _Forward:
         self.tap_syn, self.tap_ana = _tap_major(g.C_code), _tap_major(g.C_sig)
         self.synth_w = _synth_weight(self.weight, self.tap_syn)
         self.analysis_w = _analysis_weight(self.encoder_weight, self.tap_ana)
-        self.strategy = _forward_strategy(g, z0[0].numel() * z0.element_size())
+        self.strategy = forward_strategy(g.C_sig, g.C_code, z0[0].numel() * z0.element_size())
         self.betas = _fista_betas(step.shape[0], fista)
         self.dims = (g.C_code, g.C_sig, g.H, g.W, g.Hz, g.Wz)
         geometry = dict(SH=g.sh, SW=g.sw, PH=g.ph, PW=g.pw, KH=g.kh, KW=g.kw)
