@@ -168,3 +168,33 @@ def test_no_backend_claims_cuda_tensors_on_a_machine_without_cuda():
 def test_the_backend_list_in_errors_says_which_name_is_not_built():
     with pytest.raises(ValueError, match=r"auto, reference, cpp, triton, cuda \(not in this release\), got 'bogus'"):
         DF.check_backend("bogus")
+
+
+def test_auto_takes_the_reference_inside_torch_func(monkeypatch):
+    """torch.func.grad / jacrev through `auto`: PyTorch's custom-op autograd supports no gradient transform (a fused
+    op raises its own "must override the setup_context staticmethod"), so inside a transform auto runs the reference,
+    and outside it the fused op still. The gradients are the ordinary backward's; a fused backend named explicitly
+    still runs as asked."""
+    if ops.unavailable_reason("conv_ista", "cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not available")
+    monkeypatch.delenv("DSC_KERNELS_BACKEND", raising=False)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64)
+    w = 0.2 * torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)
+    picked = []
+
+    def loss(w):
+        picked.append(ops.select("conv_ista", "auto", x.device, x.dtype).name)
+        return DF.conv_ista(x, w, 0.05, n_iter=3, padding=1).sum()
+
+    g = torch.func.grad(loss)(w)
+    assert picked == ["reference"]
+    assert ops.select("conv_ista", "auto", x.device, x.dtype).name == "cpp"
+    w_leaf = w.clone().requires_grad_()
+    DF.conv_ista(x, w_leaf, 0.05, n_iter=3, padding=1, backend="cpp").sum().backward()
+    torch.testing.assert_close(g, w_leaf.grad)
+    q = torch.randn(1, 2, 6, 4, generator=gen, dtype=torch.float64)
+    jac = torch.func.jacrev(lambda q: DF.sparse_attention(q, q, q).sum(-1))(q)
+    assert jac.shape == (1, 2, 6, 1, 2, 6, 4) and torch.isfinite(jac).all()
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda w: DF.conv_ista(x, w, 0.05, n_iter=3, padding=1, backend="cpp").sum())(w)

@@ -7,7 +7,9 @@
 - ``"auto"`` reads ``DSC_KERNELS_BACKEND`` (empty means unset, any case), else tries the rows of
   ``table.auto_preference(family, device type)`` that support the dtype, in order, and falls back to the reference
   with a one-time warning when a preferred fused backend cannot run. Dtype is checked before availability, so a dtype a
-  backend cannot use never triggers its build.
+  backend cannot use never triggers its build. Under a ``torch.func`` transform (grad, jacrev, jvp, vmap) ``auto``
+  takes the reference: PyTorch's custom-op autograd supports none of the gradient transforms, and vmap of eager ops
+  runs batched where the fused ops would run one sample at a time.
 """
 
 from __future__ import annotations
@@ -199,6 +201,8 @@ def select(
         if not _supports(row, dtype):
             raise TypeError(f"{asked} supports {', '.join(map(str, row.dtypes))}, got {dtype}")
         return _registered(row)
+    if _functorch_active():
+        return table.row(family, "reference")
     for candidate in table.auto_preference(family, device.type):
         if candidate not in names:  # a family need not have a row for every backend
             continue
@@ -214,6 +218,11 @@ def select(
             _warned.add(candidate)
             _warnings.warn(f"dsc_kernels: backend 'auto' is not using {candidate} because {reason}")
     return table.row(family, "reference")
+
+
+def _functorch_active() -> bool:
+    """Whether the call runs inside a torch.func transform (its tensors are functorch wrappers)."""
+    return bool(torch._C._are_functorch_transforms_active())
 
 
 @torch.compiler.assume_constant_result
