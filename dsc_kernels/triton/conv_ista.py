@@ -120,15 +120,26 @@ def _tf32(x, IN_PREC: tl.constexpr):
     # the launchers (_dot_weights, the same bits), which keeps elementwise work off the weight tiles: on an H200
     # rounding every operand in the kernel made the forward 1.35-1.5x slower.
     # IN_PREC: "ieee" (no rounding, IEEE dots), "tf32" (the bit arithmetic, what the interpreter runs) or
-    # "tf32-rna" (compiled kernels: the PTX conversion itself, which ptxas expands into integer code of its own for
-    # sm_90; the two-pass loops come out the same size either way, the weight-gradient loop 18% smaller). Both
-    # must give the same bits: tests/test_triton_tf32.py checks each against an exact rounding.
+    # "tf32-rna" (compiled kernels: the PTX conversion itself; on sm_90 the two-pass loops come out the same size
+    # either way and the weight-gradient loop 15% smaller). tests/test_triton_tf32.py checks both against an exact
+    # rounding.
     if IN_PREC == "tf32":
         bits = x.to(tl.uint32, bitcast=True)
         rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
         x = tl.where(x == x, rounded, x)
     if IN_PREC == "tf32-rna":
-        x = tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        # The conversion writes a .b32 register, moved to an .f32 one (as CUDA's own __float_to_tf32 does). ptxas
+        # compiles it to "add 0x1000 unless |x| is inf or NaN, then clear the 13 low bits": the bit arithmetic's
+        # result for every number and for the NaNs arithmetic produces; a NaN whose payload sits only in those 13
+        # bits (a hand-made signalling NaN) becomes inf, as in cuDNN's and cuBLAS's own TF32 rounding.
+        x = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; cvt.rna.tf32.f32 t, $1; mov.b32 $0, t; }",
+            "=f,f",
+            [x],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
     return x
 
 
