@@ -150,6 +150,17 @@ def _dot(a, b, acc, IN_PREC: tl.constexpr):
 
 
 @triton.jit
+def _tap_weight_tile(w_ptr, t, rows, row_mask, n_rows, cols, col_mask, n_cols):
+    # w[t, rows, cols] of a tap-major dictionary (kh * kw, n_rows, n_cols) in fp32, zero outside the masks: the
+    # B operand of a tap-major reduction (rows: the reduced channels, cols: the output channels).
+    return tl.load(
+        w_ptr + (t * n_rows + rows[:, None]) * n_cols + cols[None, :],
+        mask=row_mask[:, None] & col_mask[None, :],
+        other=0.0,
+    ).to(tl.float32)
+
+
+@triton.jit
 def _synth_tile(
     acc,
     code_ptr,
@@ -204,9 +215,7 @@ def _synth_tile(
             if FISTA:
                 zp = tl.load(prev_ptr + prev_off + off, mask=m, other=0.0).to(tl.float32)
                 y = y + beta * (y - zp)
-            wt = tl.load(
-                w_ptr + (t * C_code + c[:, None]) * C_sig + ci[None, :], mask=km[:, None] & ci_mask[None, :], other=0.0
-            ).to(tl.float32)
+            wt = _tap_weight_tile(w_ptr, t, c, km, C_code, ci, ci_mask, C_sig)
             acc = _dot(_tf32(y, IN_PREC), wt, acc, IN_PREC)  # wt: rounded by the launcher
     else:
         KTOT = C_code * KH * KW
@@ -288,9 +297,7 @@ def _analysis_tile(
                 mask=ok[:, None] & km[None, :],
                 other=0.0,
             ).to(tl.float32)
-            wt = tl.load(
-                w_ptr + (t * C_sig + ci[:, None]) * C_code + c[None, :], mask=km[:, None] & c_mask[None, :], other=0.0
-            ).to(tl.float32)
+            wt = _tap_weight_tile(w_ptr, t, ci, km, C_sig, c, c_mask, C_code)
             acc = _dot(_tf32(r, IN_PREC), wt, acc, IN_PREC)  # wt: rounded by the launcher
     else:
         KTOT = C_sig * KH * KW
@@ -1536,7 +1543,7 @@ def conv_ista_bwd(
     recompute = checkpoint == 0
     ring = None  # recompute mode: the one 3-code buffer every replay writes
     if recompute:
-        fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista)
+        fwd = _Forward(x_nhwc, weight, encoder_weight, lam, step, z0, g, nonneg, fista)  # no second copy of x
         dot_w, dot_we = fwd.weight, fwd.encoder_weight  # already as the dots read them
         if z.numel() == 0:  # the autograd link keeps no z in recompute mode
             ring = fwd.run(n_iter, 3)
