@@ -490,10 +490,13 @@ def test_nan_propagates_like_softshrink(device):
     assert torch.equal(z.isnan(), ref.isnan()) and z.isnan().any()
 
 
+@pytest.mark.parametrize("fista", [False, True])
+@pytest.mark.parametrize("n_iter", [1, 3])
 @pytest.mark.parametrize("nonneg", [False, True])
-def test_nan_codes_get_the_threshold_gradient_autograd_gives(nonneg, device):
+def test_nan_codes_get_the_threshold_gradient_autograd_gives(nonneg, n_iter, fista, device):
     """A NaN code is active and counts sign 0 in a signed threshold's gradient (relu(u - t): 1), as autograd
-    through softshrink/relu has it (the cpp backend counted sign -1)."""
+    through softshrink/relu has it (the cpp backend counted sign -1). n_iter = 3: the iterations before the last
+    take their mask and threshold gradient from the analysis kernel's vjp epilogue."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, 1, 7, 6, generator=g).to(device)
     w = (0.3 * torch.randn(2, 1, 3, 3, generator=g)).to(device)
@@ -502,8 +505,13 @@ def test_nan_codes_get_the_threshold_gradient_autograd_gives(nonneg, device):
     out = {}
     for backend in ("reference", "triton"):
         lam = torch.full((2,), 0.1, device=device, requires_grad=True)
-        z = DF.conv_ista(x, w, lam, n_iter=1, step=0.2, padding=1, z0=z0, nonneg=nonneg, backend=backend)
-        out[backend] = (z, *torch.autograd.grad(z.sum(), lam))
+        step = torch.tensor(0.2, device=device, requires_grad=True)
+        start = z0.clone().requires_grad_()
+        z = DF.conv_ista(
+            x, w, lam, n_iter=n_iter, step=step, padding=1, z0=start, nonneg=nonneg, fista=fista, backend=backend
+        )
+        out[backend] = (z, *torch.autograd.grad(z.sum(), (lam, step, start)))
+    assert not out["reference"][1].isnan().any()  # the case this test is about: a NaN code, a finite dL/dlam
     for got, want in zip(out["triton"], out["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=True)
 

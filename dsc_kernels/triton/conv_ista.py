@@ -49,8 +49,7 @@ weight gradient gets 117: its tf32 dots want both operands contiguous along posi
 gives, so one tile is transposed through registers. Counting issued instructions (loop size x trips x warps),
 scaled by how far run 1's tile forward sat from its own count, predicts about 2-4x eager cuDNN for the two-pass
 forward on deep-layer and small-map (the TF32 tensor cores' floor is about 8x), and about 2x for deep-layer's
-training step, whose backward also runs ~10 elementwise torch passes per iteration. Predictions, to be timed
-(bench/gpu_tune.py, group conv-strategy).
+training step. Predictions, to be timed (bench/gpu_tune.py, group conv-strategy).
 
 Saved for backward: z_1 .. z_{n-1} in the input dtype (`saved`), or nothing in recompute mode, where the backward
 replays the forward from z_0 with the same kernels (bit-identical iterates, hence identical supports) and keeps
@@ -65,11 +64,19 @@ VJP of iteration k (g = dL/dz_{k+1}, gu = g [z_{k+1} != 0]; the active set needs
     dth   = -sum_{b, space} gu sign(z_{k+1})  (nonneg: -sum gu),   dlam_k = step_k dth
     dstep_k = <gu, E r_k> + <lam_k, dth>,  computed as <v, r_k> + <lam_k, dth> (no analysis conv needed)
     dz_k += (1 + beta_k) dy,   dz_{k-1} -= beta_k dy
-The backward runs these per iteration with three conv kernels (`_conv_synth_kernel` for r_k and v,
-`_conv_analysis_kernel` for dy, `_conv_weight_grad_kernel` for both weight gradients as split-K partials summed
-in a fixed order: deterministic, no atomics) and elementwise/reduction torch ops for the rest, which keep r_k, v,
-gu and dy as full fp32 temporaries for one iteration at a time. All accumulation is fp32; gradients are cast to
-the input dtypes at the end.
+The backward runs these per iteration with three conv kernels, the elementwise work in their epilogues:
+  - `_conv_synth_kernel` writes r_k ("residual"), then v ("vjp"), adding step_k v to dx and writing each program's
+    share of <v, r_k> while v is in registers;
+  - `_conv_weight_grad_kernel` forms both weight gradients as split-K partials summed in a fixed order
+    (deterministic, no atomics);
+  - `_conv_analysis_kernel` ("vjp") forms dy and, in the same pass, FISTA's split of it between z_k and z_{k-1}
+    (a carried code buffer), the next iteration's gu = dL/dz_k [z_k != 0] (over the current gu: one buffer) and
+    that gu's shares of dth.
+Only FISTA's y_k (two passes) and the small reductions of the shares stay torch ops; the first gu and dth (from
+dL/dz_n) are formed once. Per iteration this replaced about ten code- and signal-sized torch passes (mask, where,
+sign, product and sum for dth; dx's update and the <v, r_k> product; FISTA's three), which on large batches move
+as many bytes as the convolutions do. Temporaries: r_k, v (signal-sized, fp32, reused) and gu (plus the carried
+buffer and y_k for FISTA). All accumulation is fp32; gradients are cast to the input dtypes at the end.
 
 Launchers only use torch ops and `launch(...)` (`torch.library.wrap_triton`, recordable for AOT compilation: see
 triton/launch.py), so they can run inside a `torch.library.triton_op` and torch.compile can trace through them.
@@ -709,7 +716,7 @@ def _conv_ista_fwd_all_kernel(
 
 @triton.jit
 def _conv_synth_kernel(
-    x_ptr,
+    sig_ptr,
     code_ptr,
     code_off,
     prev_ptr,
@@ -717,6 +724,10 @@ def _conv_synth_kernel(
     beta,
     w_ptr,
     out_ptr,
+    grad_x_ptr,
+    dot_ptr,
+    step_ptr,
+    k,
     C_code,
     C_sig,
     H,
@@ -733,12 +744,17 @@ def _conv_synth_kernel(
     BLOCK_CI: tl.constexpr,
     BLOCK_K: tl.constexpr,
     TAP_MAJOR: tl.constexpr,
-    SUB_FROM_X: tl.constexpr,
+    EPILOGUE: tl.constexpr,
     FISTA: tl.constexpr,
     IN_PREC: tl.constexpr,
 ):
-    # out = x - D y (SUB_FROM_X) or D y, with y = code (FISTA: code + beta (code - prev)); positions flattened over
-    # H*W so loads run along W. The backward's r_k and v, and the first half of a two-pass forward iteration.
+    # acc = D y on a tile of signal positions, y = code (FISTA: code + beta (code - prev)); positions flattened
+    # over H*W so loads run along W. Two epilogues:
+    #   "residual": out = sig - acc, sig being x: r_k = x - D y_k, the first half of a two-pass forward iteration
+    #     and the backward's residual;
+    #   "vjp": out = acc (v = E^T gu when w is the encoder), and what the backward needs of v besides, while the
+    #     tile is in registers: grad_x += step_k v, and this program's share of <v, r_k> (sig being r_k) in
+    #     dot[program] (the launcher sums the shares in a fixed order).
     pid_p, b = block_and_index(H * W, BLOCK_P)
     ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     cim = ci < C_sig
@@ -777,9 +793,15 @@ def _conv_synth_kernel(
     )
     m = qin[:, None] & cim[None, :]
     off = ((b * (H * W) + q) * C_sig)[:, None] + ci[None, :]
-    if SUB_FROM_X:
-        acc = tl.load(x_ptr + off, mask=m, other=0.0).to(tl.float32) - acc
-    tl.store(out_ptr + off, acc, mask=m)
+    sig = tl.load(sig_ptr + off, mask=m, other=0.0).to(tl.float32)
+    if EPILOGUE == "residual":
+        tl.store(out_ptr + off, sig - acc, mask=m)
+    else:
+        tl.store(out_ptr + off, acc, mask=m)
+        step_k = tl.load(step_ptr + k).to(tl.float32)
+        gx = tl.load(grad_x_ptr + off, mask=m, other=0.0)
+        tl.store(grad_x_ptr + off, gx + step_k * acc, mask=m)
+        tl.store(dot_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(acc * sig, 1), 0))
 
 
 @triton.jit
@@ -794,9 +816,10 @@ def _conv_analysis_kernel(
     lam_ptr,
     step_ptr,
     k,
-    scale,
     out_ptr,
     out_off,
+    zk_ptr,
+    dth_ptr,
     C_code,
     C_sig,
     H,
@@ -813,15 +836,21 @@ def _conv_analysis_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
     TAP_MAJOR: tl.constexpr,
-    SHRINK: tl.constexpr,
+    EPILOGUE: tl.constexpr,
     NONNEG: tl.constexpr,
     FISTA: tl.constexpr,
     IN_PREC: tl.constexpr,
 ):
-    # acc = conv2d(src, W) on a tile of code positions, then one of two epilogues:
-    #   SHRINK: out = S_{step_k lam_k}(y + step_k acc), y = base (FISTA: base + beta (base - prev)): the second half
-    #     of a two-pass forward iteration, src being its residual x - D y;
-    #   else:   out = base + scale * step_k * acc, the backward's dy = gu - step_k D^T v.
+    # acc = conv2d(src, W) on a tile of code positions, then one of three epilogues:
+    #   "shrink": out = S_{step_k lam_k}(y + step_k acc), y = base (FISTA: base + beta (base - prev)): the second
+    #     half of a two-pass forward iteration, src being its residual x - D y;
+    #   "vjp": the backward's step from dL/dz_{k+1} to dL/dz_k, src = v and W the synthesis dictionary (D^T v):
+    #     dy = gu - step_k acc (base = gu = dL/dz_{k+1} on the support of z_{k+1}); FISTA splits dy between z_k
+    #     and z_{k-1}: gz = (1 + beta_k) dy + prev, prev <- -beta_k dy (prev carries the part dL/dz_k got through
+    #     y_{k+1}); then gu_k = gz [z_k != 0] goes to out (iteration k-1's gu) and this program's share of
+    #     dth_{k-1} = -sum gu_k sign(z_k) (nonneg: -sum gu_k) to dth[program row] (summed by the launcher);
+    #   "vjp-z0": the same for k = 0, whose gz is dL/dz_0 and goes to out whole.
+    # out may be base (and prev is read before it is written): every element is read and written by one program.
     pid_p, b = block_and_index(Hz * Wz, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C_code
@@ -858,14 +887,27 @@ def _conv_analysis_kernel(
     m = pin[:, None] & cm[None, :]
     off = ((b * (Hz * Wz) + p) * C_code)[:, None] + c[None, :]
     step_k = tl.load(step_ptr + k).to(tl.float32)
-    if SHRINK:
+    if EPILOGUE == "shrink":
         lam = tl.load(lam_ptr + k * C_code + c, mask=cm, other=0.0).to(tl.float32)
         _momentum_and_shrink(
             acc, base_ptr, base_off, prev_ptr, prev_off, out_ptr, out_off, off, m, beta, step_k, lam, NONNEG, FISTA
         )
     else:
-        out = tl.load(base_ptr + base_off + off, mask=m, other=0.0).to(tl.float32) + scale * step_k * acc
-        tl.store(out_ptr + out_off + off, out, mask=m)
+        dy = tl.load(base_ptr + base_off + off, mask=m, other=0.0).to(tl.float32) - step_k * acc
+        gz = dy
+        if FISTA:
+            carried = tl.load(prev_ptr + prev_off + off, mask=m, other=0.0)
+            tl.store(prev_ptr + prev_off + off, -beta * dy, mask=m)
+            gz = (1.0 + beta) * dy + carried
+        if EPILOGUE == "vjp":
+            zk = tl.load(zk_ptr + off, mask=m, other=0.0).to(tl.float32)
+            gz = tl.where(zk != 0, gz, 0.0)  # NaN codes count as active, as in the reference's mask
+            if NONNEG:
+                share = gz
+            else:
+                share = gz * tl.where(zk > 0, 1.0, tl.where(zk < 0, -1.0, 0.0))  # torch.sign: NaN counts 0
+            tl.store(dth_ptr + tl.program_id(0) * C_code + c, -tl.sum(share, 0), mask=cm)
+        tl.store(out_ptr + out_off + off, gz, mask=m)
 
 
 @triton.jit
@@ -1177,8 +1219,8 @@ class _Forward:
             self.residual = _empty_nhwc((g.B, g.C_sig, g.H, g.W), device=x.device, dtype=torch.float32)
             common = dict(**geometry, **flags, BLOCK_P=cfg.BLOCK_P, BLOCK_K=cfg.BLOCK_K)
             common.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            self.synth_meta = dict(common, BLOCK_CI=cfg.BLOCK_CI, TAP_MAJOR=self.tap_syn, SUB_FROM_X=True)
-            self.analysis_meta = dict(common, BLOCK_C=cfg.BLOCK_C, TAP_MAJOR=self.tap_ana, SHRINK=True)
+            self.synth_meta = dict(common, BLOCK_CI=cfg.BLOCK_CI, TAP_MAJOR=self.tap_syn, EPILOGUE="residual")
+            self.analysis_meta = dict(common, BLOCK_C=cfg.BLOCK_C, TAP_MAJOR=self.tap_ana, EPILOGUE="shrink")
             self.analysis_meta["NONNEG"] = bool(nonneg)
             self.synth_grid = (triton.cdiv(g.H * g.W, cfg.BLOCK_P) * g.B, triton.cdiv(g.C_sig, cfg.BLOCK_CI))
             self.analysis_grid = (triton.cdiv(g.Hz * g.Wz, cfg.BLOCK_P) * g.B, triton.cdiv(g.C_code, cfg.BLOCK_C))
@@ -1257,6 +1299,10 @@ class _Forward:
                     self.betas[k],
                     self.synth_w,
                     self.residual,
+                    self.residual,  # grad_x, dot, step, k: read by the backward's epilogue only
+                    self.residual,
+                    self.step,
+                    k,
                     *self.dims,
                     **self.synth_meta,
                 )
@@ -1271,9 +1317,10 @@ class _Forward:
                     self.lam,
                     self.step,
                     k,
-                    1.0,
                     dest,
                     dest_off,
+                    dest,  # z_k, dth: read by the backward's epilogues only
+                    self.lam,
                     *self.dims,
                     **self.analysis_meta,
                 )
@@ -1513,11 +1560,15 @@ def conv_ista_bwd(
     f32 = dict(device=x.device, dtype=torch.float32)
     dims = dict(C_code=g.C_code, C_sig=g.C_sig, H=g.H, W=g.W, Hz=g.Hz, Wz=g.Wz)
 
-    def synth(code, w, sub_from_x):
-        out = _empty_nhwc(sig_shape, **f32)
+    grad_x = _empty_nhwc(sig_shape, **f32).zero_()
+    r, v = _empty_nhwc(sig_shape, **f32), _empty_nhwc(sig_shape, **f32)  # r_k and v, reused by every iteration
+    dot_shares = torch.empty(sig_grid[0] * sig_grid[1], **f32)  # <v, r_k>: one share per synthesis program
+    dth_shares = torch.empty((code_grid[0], g.C_code), **f32)  # dth_{k-1}: one row per analysis program row
+
+    def synth(code, w, out, epilogue, sig, k):
         code = _nhwc(code)
         launch(_conv_synth_kernel)[sig_grid](
-            x_nhwc,
+            sig,
             code,
             0,
             code,
@@ -1525,14 +1576,17 @@ def conv_ista_bwd(
             0.0,
             w,
             out,
+            grad_x,
+            dot_shares,
+            step,
+            k,
             **dims,
             BLOCK_CI=ccfg.BLOCK_CI,
             TAP_MAJOR=tap_syn,
-            SUB_FROM_X=sub_from_x,
+            EPILOGUE=epilogue,
             FISTA=False,
             **geo,
         )
-        return out
 
     def weight_grad(sig, code):
         launch(_conv_weight_grad_kernel)[w_grid](
@@ -1558,73 +1612,66 @@ def conv_ista_bwd(
     def saved_iterate(j):
         return z0 if j == 0 else iterates.select(0, j - 1)
 
-    grad_x = _empty_nhwc(sig_shape, **f32).zero_()
     grad_w = torch.zeros(tuple(weight.shape), **f32)
     grad_we = torch.zeros(tuple(encoder_weight.shape), **f32)
     grad_lam, grad_step = [], []
-    gz = _nhwc(grad_z.to(torch.float32))  # dL/dz_{k+1}, complete when iteration k is processed
-    pending = None  # FISTA: the part of dL/dz_k that iteration k+1 sent through y_{k+1}
-    z_next = z
+    # gu = dL/dz_{k+1} on the support of z_{k+1}, in one fp32 buffer that the analysis kernel's "vjp" epilogue
+    # overwrites with the next gu (and, at k = 0, with dL/dz_0); dth its threshold gradient. Here for k = n - 1.
+    gu = _nhwc(torch.where(z != 0, grad_z.to(torch.float32), 0.0))
+    if nonneg:
+        dth = -gu.sum(dim=(0, 2, 3))
+    else:
+        dth = -(gu * torch.sign(z.to(torch.float32))).sum(dim=(0, 2, 3))
+    # FISTA: the part of dL/dz_k that iteration k+1 sent through y_{k+1}, carried by the analysis kernel.
+    carried = _empty_nhwc(gu.shape, **f32).zero_() if fista else gu
     for k in reversed(range(n_iter)):
-        # Everything that reads z_{k+1} comes first: in recompute mode the replay below reuses its ring slot.
-        active = z_next != 0
-        gu = _nhwc(torch.where(active, gz, 0.0))  # read by the kernels
-        if nonneg:
-            dth = -gu.sum(dim=(0, 2, 3))
-        else:
-            dth = -(gu * torch.sign(z_next.to(torch.float32))).sum(dim=(0, 2, 3))
         if recompute:
             # Replaying k iterations per step makes the backward O(n^2) iterations; memory stays 3 codes (one
             # ring, reused: a fresh ring per replay held two while z_{k+1} pinned the last one, and recompute
-            # then peaked above save mode on an H200's deep-layer training step).
+            # then peaked above save mode on an H200's deep-layer training step). Nothing reads z_{k+1} any more:
+            # the previous iteration's analysis kernel already turned it into gu.
             ring = fwd.run(k, 3, out=ring)
             z_k = ring.select(0, _slot(k, 3))
             z_km1 = ring.select(0, _slot(max(k - 1, 0), 3))
         else:
             z_k = saved_iterate(k)
             z_km1 = saved_iterate(max(k - 1, 0))
-        y = z_k.to(torch.float32)
-        if betas[k] != 0.0:
-            y = y + betas[k] * (y - z_km1.to(torch.float32))
+        # y_k = z_k + beta_k (z_k - z_{k-1}) as the forward formed it; ISTA's y_k is z_k, read in its own dtype.
+        y = torch.add(z_k, z_k.to(torch.float32) - z_km1, alpha=betas[k]) if betas[k] != 0.0 else z_k
         step_k = step[k].to(torch.float32)
 
-        r = synth(y, synth_w, True)
-        v = synth(gu, synth_we, False)
-        grad_x.addcmul_(v, step_k)  # in place: no signal-sized temporaries
+        synth(y, synth_w, r, "residual", x_nhwc, k)
+        synth(gu, synth_we, v, "vjp", r, k)  # also grad_x += step_k v and the shares of <v, r_k>
         grad_lam.append(step_k * dth)
-        grad_step.append(torch.dot(_flat(v), _flat(r)) + (lam[k].to(torch.float32) * dth).sum())
+        grad_step.append(dot_shares.sum() + (lam[k].to(torch.float32) * dth).sum())
         grad_we = grad_we + step_k * weight_grad(r, gu)
         grad_w = grad_w - step_k * weight_grad(v, y)
 
-        dy = _empty_nhwc(gu.shape, **f32)
         launch(_conv_analysis_kernel)[code_grid](
             gu,
             0,
-            gu,
+            carried,
             0,
-            0.0,
+            betas[k],
             v,
             analysis_w,
             lam,
             step,
             k,
-            -1.0,
-            dy,
+            gu,
             0,
+            z_k,
+            dth_shares,
             **dims,
             BLOCK_C=ccfg.BLOCK_C,
             TAP_MAJOR=tap_ana,
-            SHRINK=False,
-            NONNEG=False,
-            FISTA=False,
+            EPILOGUE="vjp" if k > 0 else "vjp-z0",
+            NONNEG=bool(nonneg),
+            FISTA=bool(fista),
             **geo,
         )
-        if fista:
-            gz = dy * (1.0 + betas[k]) if pending is None else pending + dy * (1.0 + betas[k])
-            pending = dy * (-betas[k])
-        else:
-            gz = dy
-        z_next = z_k
+        if k > 0:
+            dth = dth_shares.sum(0)
 
     grad_lam = torch.stack(grad_lam[::-1]).to(lam.dtype)
     grad_step = torch.stack(grad_step[::-1]).to(step.dtype)
@@ -1634,7 +1681,7 @@ def conv_ista_bwd(
         grad_we.to(encoder_weight.dtype),
         grad_lam,
         grad_step,
-        gz.to(z0.dtype).contiguous() if z0_given else z0.new_empty((0,)),
+        gu.to(z0.dtype).contiguous() if z0_given else z0.new_empty((0,)),
     )
 
 
