@@ -850,7 +850,7 @@ def _conv_analysis_kernel(
     #     y_{k+1}); then gu_k = gz [z_k != 0] goes to out (iteration k-1's gu) and this program's share of
     #     dth_{k-1} = -sum gu_k sign(z_k) (nonneg: -sum gu_k) to dth[program row] (summed by the launcher);
     #   "vjp-z0": the same for k = 0, whose gz is dL/dz_0 and goes to out whole.
-    # out may be base (and prev is read before it is written): every element is read and written by one program.
+    # out may be base and prev is updated in place: every element is read and written by one program only.
     pid_p, b = block_and_index(Hz * Wz, BLOCK_P)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C_code
@@ -897,6 +897,10 @@ def _conv_analysis_kernel(
         gz = dy
         if FISTA:
             carried = tl.load(prev_ptr + prev_off + off, mask=m, other=0.0)
+            # The store below does not depend on this load, so the compiler may give them different layouts,
+            # i.e. another thread stores an element than the one that loaded it: the barrier makes every load of
+            # the tile happen before any store. (gu, overwritten below, needs none: its store depends on its load.)
+            tl.debug_barrier()
             tl.store(prev_ptr + prev_off + off, -beta * dy, mask=m)
             gz = (1.0 + beta) * dy + carried
         if EPILOGUE == "vjp":
