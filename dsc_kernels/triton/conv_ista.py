@@ -157,6 +157,13 @@ def _dot(a, b, acc, IN_PREC: tl.constexpr):
 
 
 @triton.jit
+def _momentum(y, zp, beta):
+    # FISTA's y = z + beta (z - z_prev), and z itself where beta = 0 (its first two iterations), as the reference
+    # has it: 0 (z - z_prev) would make a code that is infinite in both iterates NaN.
+    return tl.where(beta != 0.0, y + beta * (y - zp), y)
+
+
+@triton.jit
 def _tap_weight_tile(w_ptr, t, rows, row_mask, n_rows, cols, col_mask, n_cols):
     # w[t, rows, cols] of a tap-major dictionary (kh * kw, n_rows, n_cols) in fp32, zero outside the masks: the
     # B operand of a tap-major reduction (rows: the reduced channels, cols: the output channels).
@@ -221,7 +228,7 @@ def _synth_tile(
             y = tl.load(code_ptr + code_off + off, mask=m, other=0.0).to(tl.float32)
             if FISTA:
                 zp = tl.load(prev_ptr + prev_off + off, mask=m, other=0.0).to(tl.float32)
-                y = y + beta * (y - zp)
+                y = _momentum(y, zp, beta)
             wt = _tap_weight_tile(w_ptr, t, c, km, C_code, ci, ci_mask, C_sig)
             acc = _dot(_tf32(y, IN_PREC), wt, acc, IN_PREC)  # wt: rounded by the launcher
     else:
@@ -250,7 +257,7 @@ def _synth_tile(
             y = tl.load(code_ptr + code_off + off, mask=m, other=0.0).to(tl.float32)
             if FISTA:
                 zp = tl.load(prev_ptr + prev_off + off, mask=m, other=0.0).to(tl.float32)
-                y = y + beta * (y - zp)
+                y = _momentum(y, zp, beta)
             wt = tl.load(
                 w_ptr + (c[:, None] * C_sig + ci[None, :]) * (KH * KW) + (a * KW + bb)[:, None],
                 mask=km[:, None] & ci_mask[None, :],
@@ -349,7 +356,7 @@ def _momentum_and_shrink(
     y = tl.load(z_ptr + z_off + off, mask=m, other=0.0).to(tl.float32)
     if FISTA:
         zp = tl.load(zp_ptr + zp_off + off, mask=m, other=0.0).to(tl.float32)
-        y = y + beta * (y - zp)
+        y = _momentum(y, zp, beta)
     u = y + step_k * acc
     th = step_k * lam[None, :]
     if NONNEG:
@@ -901,7 +908,7 @@ def _conv_analysis_kernel(
             # i.e. another thread stores an element than the one that loaded it: the barrier makes every load of
             # the tile happen before any store. (gu, overwritten below, needs none: its store depends on its load.)
             tl.debug_barrier()
-            tl.store(prev_ptr + prev_off + off, -beta * dy, mask=m)
+            tl.store(prev_ptr + prev_off + off, tl.where(beta != 0.0, -beta * dy, 0.0), mask=m)  # as _momentum
             gz = (1.0 + beta) * dy + carried
         if EPILOGUE == "vjp":
             zk = tl.load(zk_ptr + off, mask=m, other=0.0).to(tl.float32)
