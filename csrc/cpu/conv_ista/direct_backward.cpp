@@ -235,8 +235,9 @@ struct DirectBackward {
   // r = x - D y_k (phased); gx: this item's dL/dx.
   void step(ItemWorkspace<T>& t, int64_t k, const T* zk, const T* zkm1, const T* zk1, const T* r, T* gx) const {
     const T sk = p.it.step[k];
-    const T bk = T(p.it.beta[k]);
-    if (!p.it.momentum(k)) zkm1 = nullptr;
+    const bool momentum = p.it.momentum(k);
+    const T bk = momentum ? T(p.it.beta[k]) : T(0);
+    if (!momentum) zkm1 = nullptr;
     if (zk1) activate(t, k, zk1);
     // v = E^* gu (phased), dL/dx += step v, <v, r_k> for dL/dstep (both phased: the padding is zero in each).
     {
@@ -269,7 +270,7 @@ struct DirectBackward {
           for (int64_t j = 0; j < cnt; ++j) {
             const T gy = ga[j] - sk * val[j];
             ga[j] = gb[j] + (T(1) + bk) * gy;
-            gb[j] = -bk * gy;
+            gb[j] = momentum ? -bk * gy : T(0);
           }
         } else {
           for (int64_t j = 0; j < cnt; ++j) ga[j] -= sk * val[j];

@@ -125,7 +125,8 @@ struct GemmBackward {
   void step(ChunkWorkspace<T>& t, int64_t k, const T* zk, const T* zkm1, const T* r, int64_t items,
             const T* zk_mask) {
     const T sk = p.it.step[k];
-    const T bk = T(p.it.beta[k]);
+    const bool momentum = p.it.momentum(k);
+    const T bk = momentum ? T(p.it.beta[k]) : T(0);
     const at::Tensor gu = solver.code(t.grad, items);
     const at::Tensor v = solver.synthesis(gu, solver.encoder_weight);
     const T* vp = v.data_ptr<T>();
@@ -148,7 +149,7 @@ struct GemmBackward {
         for (int64_t i = 0; i < cc; ++i) {
           const T gy = ga[i] - sk * d[i];
           ga[i] = gb[i] + (T(1) + bk) * gy;
-          gb[i] = -bk * gy;
+          gb[i] = momentum ? -bk * gy : T(0);
         }
       } else {
         for (int64_t i = 0; i < cc; ++i) ga[i] -= sk * d[i];

@@ -115,12 +115,13 @@ void shrink_only_backward(const Problem<T>& p, const at::Tensor& grad_z, const G
   std::vector<double> dth(n * g.Cc, 0.0), vr(n, 0.0);
   for (int64_t k = n - 1; k >= 0; --k) {
     const T* z1 = zs + (k + 1) * bsz;
-    const double bk = p.it.momentum(k) ? p.it.beta[k] : 0.0;
+    const bool momentum = p.it.momentum(k);
+    const double bk = momentum ? p.it.beta[k] : 0.0;
     for (int64_t i = 0; i < bsz; ++i) {
       const T gu = z1[i] != T(0) ? ga[i] : T(0);
       dth[k * g.Cc + (i / hw) % g.Cc] -= p.it.nonneg || z1[i] > T(0) ? gu : (z1[i] < T(0) ? -gu : T(0));
       ga[i] = gb[i] + T(1 + bk) * gu;  // dL/dy_k = gu: no D^* v term without a signal
-      gb[i] = T(-bk) * gu;
+      gb[i] = momentum ? T(-bk) * gu : T(0);
     }
   }
   grads.x.zero_();

@@ -72,8 +72,10 @@ struct IterationConstants {
   }
 
   const T* thresholds(int64_t k) const { return threshold.data() + k * Cc; }
-  // Whether y_k reads z_{k-1} (FISTA after the first iteration).
-  bool momentum(int64_t k) const { return fista && k > 0; }
+  // Whether y_k reads z_{k-1}: FISTA with beta_k != 0. beta_1 is exactly 0, and y_1 is then z_1 itself, as in the
+  // reference: z_1 + 0 (z_1 - z_0) would be NaN wherever z_1 or z_0 is infinite (and so would the carry -0 dL/dy_1
+  // that the backward hands to z_0 wherever dL/dy_1 is).
+  bool momentum(int64_t k) const { return fista && k > 0 && beta[k] != 0.0; }
 
  private:
   static std::vector<T> host(const at::Tensor& t) {
