@@ -115,6 +115,9 @@ def attention_inputs(
     if isinstance(scale, Tensor):
         raise TypeError("scale must be a Python float")
     check.positive("scale", scale)
+    # Beyond the compute dtype's range it would be inf there: every score +-inf (or NaN), and the backends' gradients
+    # would each overflow their own way.
+    check.fits_dtype("scale", scale, stats_dtype(q.dtype))
     check.same_device(
         q=q, k=k, **({"v": rest[0]} if rest else {}), threshold=threshold if isinstance(threshold, Tensor) else None
     )

@@ -76,6 +76,21 @@ def test_threshold_beyond_the_compute_range_names_it(threshold):
         DF.sparse_attention(q, q, q, mode="shrink", threshold=threshold)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [3.5e38, 1e300])
+def test_scale_beyond_the_compute_range_names_it(backend, scale):
+    """A scale beyond float32's range became inf in the kernels for float32 inputs: every score +-inf, and the
+    gradients NaN on cpp (inf * 0 in its float32 dq, dk) where the reference's float64 products gave +-inf."""
+    _prepare(backend)
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="scale must fit in torch.float32"):
+        DF.sparse_attention(q, q, q, scale=scale, backend=backend)
+    with pytest.raises(ValueError, match="scale must fit in torch.float32"):
+        DF.sparse_attention_weights(q, q, scale=scale)
+    out = DF.sparse_attention(q.double(), q.double(), q.double(), scale=scale, backend=backend)  # fits float64
+    assert out.shape == (1, 2, 3, 4)
+
+
 @pytest.mark.parametrize("name", ["attn_mask", "key_padding_mask"])
 def test_float64_mask_beyond_float32_range_names_it(name):
     """A finite 1e300 in a float64 mask on float32 scores silently became +inf: the row's mass all went to that
