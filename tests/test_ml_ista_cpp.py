@@ -251,6 +251,22 @@ def test_cpp_empty_batch_through_a_one_pixel_layer(shapes, n_iter):
     assert all(g is None or not g.any() for g in grads)
 
 
+@pytest.mark.parametrize("x_shape,weight_shape", [((0, 2, 9), (3, 2, 3)), ((0, 2, 7, 6), (3, 2, 3, 2))])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_cpp_empty_batch_z0_gets_a_gradient_of_its_shape(x_shape, weight_shape, recompute):
+    """An empty batch's z0 (0, C_L, *Sz) has no entries, which the cpp op read as "no z0" and answered with a (0,)
+    gradient: autograd raised "returned an invalid gradient ... got [0] but expected shape compatible with
+    [0, 3, ...]" where the reference gives a zero gradient of z0's shape."""
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+    w = 0.3 * torch.randn(weight_shape, dtype=torch.float64)
+    code_size = [n - k + 1 for n, k in zip(x_shape[2:], weight_shape[2:])]
+    for backend in ("reference", "cpp"):
+        z0 = torch.zeros(0, weight_shape[0], *code_size, dtype=torch.float64, requires_grad=True)
+        (code,) = DF.ml_ista(x, [w], [0.1], n_iter=2, z0=z0, fista=True, backend=backend, recompute=recompute)
+        grad_x, grad_z0 = torch.autograd.grad(code.sum(), (x, z0))
+        assert grad_x.shape == x.shape and grad_z0.shape == z0.shape
+
+
 @pytest.mark.parametrize("nonneg", [False, True])
 def test_cpp_nan_codes_get_the_threshold_gradient_autograd_gives(nonneg):
     """A NaN code is active, and counts sign 0 in a signed threshold's gradient and 1 in relu(u - t)'s: cpp skipped

@@ -471,7 +471,8 @@ std::tuple<Tensor, TensorList, TensorList, TensorList, TensorList, TensorList, T
       g_state[j] = next;
     }
   }
-  Tensor gz0 = z0.numel() ? (g_state[L - 1].defined() ? g_state[L - 1] : at::zeros_like(z0)) : z0.new_empty({0});
+  // z0's shape even without entries: an empty batch's z0 (0, C_L, ...) is given, and autograd wants its shape back.
+  Tensor gz0 = z0.numel() && g_state[L - 1].defined() ? g_state[L - 1] : at::zeros_like(z0);
 
   TensorList gT_out, gC_out;
   for (int64_t j = 0; j < L; ++j) {

@@ -173,7 +173,7 @@ class Problem:
     def initial_codes(self, z0: Tensor) -> list[Tensor]:
         sizes = self.sizes()
         codes = [self.x.new_zeros((self.x.shape[0], w.shape[1], *sizes[j + 1])) for j, w in enumerate(self.weights)]
-        if given(z0):
+        if z0.dim() > 1:  # a z0 of an empty batch has no entries, yet it is given (and gets a gradient)
             codes[-1] = z0
         return codes
 
@@ -393,5 +393,5 @@ def ml_ista_bwd_ref(
             for j in moving:
                 g_state[j] = carry[j] + (1 + beta) * g_start[j]
                 carry[j] = -beta * g_start[j]
-        grad_z0 = g_state[-1] if given(z0) else z0.new_empty(0)
+        grad_z0 = g_state[-1] if z0.dim() > 1 else z0.new_empty(0)
     return grad_x, grad_w, grad_we, grad_wi, grad_t, grad_c, grad_z0
