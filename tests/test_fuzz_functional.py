@@ -40,6 +40,21 @@ def test_soft_threshold_rejects_a_threshold_beyond_x_dtype():
             DF.soft_threshold(x, threshold)
 
 
+@pytest.mark.parametrize("threshold", [1.0, torch.tensor(1.0), "learned"])
+def test_soft_threshold_gradient_is_softshrinks_under_an_infinite_upstream_gradient(threshold):
+    """x - clamp(x, -t, t) handed the zeroed entries g - g: NaN for an infinite g, where F.softshrink (and the cpp
+    conv-ISTA backward) give 0."""
+    if threshold == "learned":
+        threshold = torch.tensor(1.0, requires_grad=True)
+    inf = float("inf")
+    x = torch.tensor([0.5, 2.0, -3.0, float("nan"), 1.0, -0.25], requires_grad=True)
+    g = torch.tensor([inf, 1.0, -inf, 1.0, -inf, float("nan")])
+    got = torch.autograd.grad(DF.soft_threshold(x, threshold), x, g)[0]
+    want = torch.autograd.grad(torch.nn.functional.softshrink(x, 1.0), x, g)[0]
+    torch.testing.assert_close(got, want, equal_nan=True)
+    assert not got[[0, 4, 5]].isnan().any()
+
+
 # -------------------------------------------------------------------------------- lasso_objective, lipschitz
 def test_lasso_objective_checks_lam_device_and_range():
     x, w, z = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.randn(2, 4, 6, 6)

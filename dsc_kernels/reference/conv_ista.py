@@ -65,7 +65,7 @@ def _ista_step(x, y, weight, encoder_weight, lam_k, step_k, stride, padding, non
     if residuals is not None:
         residuals.append(residual)
     u = y + step_k * conv_analysis_ref(residual, encoder_weight, stride, padding)
-    return soft_threshold_ref(u, _channel_view(step_k * lam_k, rank), nonneg)
+    return soft_threshold_ref(u, _channel_view(step_k * lam_k, rank), nonneg, select_zeros=False)
 
 
 def conv_ista_ref(

@@ -168,7 +168,7 @@ class Problem:
 
     def shrink(self, u: Tensor, j: int, k: int) -> Tensor:
         t = self.thresholds[j][k].reshape(1, -1, *([1] * self.rank))
-        return soft_threshold_ref(u, t, self.nonneg)
+        return soft_threshold_ref(u, t, self.nonneg, select_zeros=False)
 
     def initial_codes(self, z0: Tensor) -> list[Tensor]:
         sizes = self.sizes()
