@@ -1633,7 +1633,8 @@ def conv_ista_bwd(
         dth = -gu.sum(dim=(0, 2, 3))
     else:
         dth = -(gu * torch.sign(z.to(torch.float32))).sum(dim=(0, 2, 3))
-    # FISTA: the part of dL/dz_k that iteration k+1 sent through y_{k+1}, carried by the analysis kernel.
+    # FISTA: the part of dL/dz_k that iteration k+1 sent through y_{k+1}, carried by the analysis kernel (ISTA
+    # passes gu in its place, never read).
     carried = _empty_nhwc(gu.shape, **f32).zero_() if fista else gu
     for k in reversed(range(n_iter)):
         if recompute:
