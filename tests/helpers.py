@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from dsc_kernels.functional import conv_ista
 from dsc_kernels.reference.conv import conv_analysis_ref, conv_synthesis_ref
 from dsc_kernels.reference.conv_ista import fista_momentum
 
@@ -106,6 +107,27 @@ def conv_problem(
                 for k, v in p.items()
             }
     raise AssertionError("could not draw a problem away from the threshold kink")
+
+
+def fista_through_an_infinite_code(
+    backend: str, *, recompute: bool, signal_channels: int = 1, dtype=torch.float64, device="cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z, dL/dx, dL/dz0) of two FISTA iterations through a code that is -inf from z0 on, under an upstream
+    gradient with an inf entry. FISTA's beta_0 and beta_1 are exactly 0, where the reference takes y_k = z_k itself:
+    z_k + 0 (z_k - z_{k-1}) would be NaN there, and so would a carried -0 dL/dy_1. 1-D, x (1, signal_channels, 1, 6),
+    one 1x1 atom whose encoder has the other sign (u = y + step (-1)(x - y) keeps y = -inf at -inf; the same sign
+    would make -inf + inf = NaN), lam = 0 (every finite entry stays active)."""
+    x = torch.randn(1, signal_channels, 1, 6, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
+    w = torch.ones(1, signal_channels, 1, 1, dtype=dtype, device=device)
+    z0 = torch.full((1, 1, 1, 6), 0.5, dtype=dtype, device=device)
+    z0[0, 0, 0, 2] = float("-inf")
+    grad_z = torch.ones(1, 1, 1, 6, dtype=dtype, device=device)
+    grad_z[0, 0, 0, 4] = float("inf")
+    x, z0 = x.requires_grad_(), z0.requires_grad_()
+    z = conv_ista(
+        x, w, 0.0, n_iter=2, step=0.1, encoder_weight=-w, z0=z0, fista=True, backend=backend, recompute=recompute
+    )
+    return (z, *torch.autograd.grad(z, (x, z0), grad_z))
 
 
 def flat_tensors(out) -> list:

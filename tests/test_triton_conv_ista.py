@@ -22,7 +22,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import conv_problem  # noqa: E402
+from helpers import conv_problem, fista_through_an_infinite_code  # noqa: E402
 from tolerance import assert_close_by_rule  # noqa: E402
 
 import dsc_kernels.functional as DF  # noqa: E402
@@ -521,20 +521,10 @@ def test_fista_takes_no_momentum_where_beta_is_zero(recompute, launch, device):
     """FISTA's beta_0 and beta_1 are exactly 0, and the reference then takes y_k = z_k itself. The kernels formed
     z_k + 0 (z_k - z_{k-1}), NaN where a code is infinite in both iterates (an infinite z0 entry that stays -inf
     on the reference), and the backward carried -0 dL/dy_1 to dL/dz_0, NaN where dL/dy_1 is infinite."""
-    x = torch.randn(1, 1, 1, 6, generator=torch.Generator().manual_seed(0)).to(device)
-    # u = y + step (-1)(x - y) keeps y = -inf at -inf (an encoder of the other sign would make -inf + inf = NaN)
-    w = torch.ones(1, 1, 1, 1, device=device)
-    z0 = torch.full((1, 1, 1, 6), 0.5, device=device)  # lam = 0: every finite entry stays active
-    z0[0, 0, 0, 2] = float("-inf")
-    grad_z = torch.ones(1, 1, 1, 6, device=device)
-    grad_z[0, 0, 0, 4] = float("inf")
-    out = {}
-    for backend in ("reference", "triton"):
-        xx, zz = x.clone().requires_grad_(), z0.clone().requires_grad_()
-        z = DF.conv_ista(
-            xx, w, 0.0, n_iter=2, step=0.1, encoder_weight=-w, z0=zz, fista=True, backend=backend, recompute=recompute
-        )
-        out[backend] = (z, *torch.autograd.grad(z, (xx, zz), grad_z))
+    out = {
+        backend: fista_through_an_infinite_code(backend, recompute=recompute, dtype=torch.float32, device=device)
+        for backend in ("reference", "triton")
+    }
     assert out["reference"][0][0, 0, 0, 2] == float("-inf") and out["reference"][2][0, 0, 0, 4] == float("inf")
     for got, want in zip(out["triton"], out["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, equal_nan=False)

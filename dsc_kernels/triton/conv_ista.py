@@ -164,6 +164,13 @@ def _momentum(y, zp, beta):
 
 
 @triton.jit
+def _flat_taps(kk, channels, KH: tl.constexpr, KW: tl.constexpr):
+    # The flattened reduction index kk over (channel, tap row, tap column), the weight's own memory order, split into
+    # those three, and whether it is in range.
+    return kk // (KH * KW), (kk // KW) % KH, kk % KW, kk < channels * KH * KW
+
+
+@triton.jit
 def _tap_weight_tile(w_ptr, t, rows, row_mask, n_rows, cols, col_mask, n_cols):
     # w[t, rows, cols] of a tap-major dictionary (kh * kw, n_rows, n_cols) in fp32, zero outside the masks: the
     # B operand of a tap-major reduction (rows: the reduced channels, cols: the output channels).
@@ -235,10 +242,7 @@ def _synth_tile(
         KTOT = C_code * KH * KW
         for k0 in range(0, KTOT, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            km = kk < KTOT
-            c = kk // (KH * KW)
-            a = (kk // KW) % KH
-            bb = kk % KW
+            c, a, bb, km = _flat_taps(kk, C_code, KH, KW)
             hn = h[:, None] + PH - a[None, :]
             wn = w[:, None] + PW - bb[None, :]
             hz = hn // SH
@@ -317,10 +321,7 @@ def _analysis_tile(
         KTOT = C_sig * KH * KW
         for k0 in range(0, KTOT, BLOCK_K):
             kk = k0 + tl.arange(0, BLOCK_K)
-            km = kk < KTOT
-            ci = kk // (KH * KW)
-            i = (kk // KW) % KH
-            j = kk % KW
+            ci, i, j, km = _flat_taps(kk, C_sig, KH, KW)
             hh = (row0 + oh * SH)[:, None] + i[None, :]
             ww = (col0 + ow * SW)[:, None] + j[None, :]
             m = valid[:, None] & km[None, :] & (hh >= 0) & (hh < rows) & (ww >= 0) & (ww < cols)
@@ -967,10 +968,7 @@ def _conv_weight_grad_kernel(
         j = t % KW
     else:
         col = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        km = col < KTOT
-        ci = col // (KH * KW)
-        i = (col // KW) % KH
-        j = col % KW
+        ci, i, j, km = _flat_taps(col, C_sig, KH, KW)
     n_pb = tl.cdiv(Hz * Wz, BLOCK_P)
     acc = tl.zeros((BLOCK_C, BLOCK_K), tl.float32)
     for item in range(split, B * n_pb, n_split):
