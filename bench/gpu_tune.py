@@ -66,6 +66,9 @@ CONV_STRATEGY = {
 }
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 ATTENTION = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 2), (128, 32, 4, 3), (64, 32, 4, 3), (64, 64, 8, 3)]
+# Candidate slots per query row of the sparsemax forward (default 64): fewer cost more passes on flat rows, more
+# cost scratch and a wider resolve.
+ATTENTION_SLOTS = [32, 128]
 
 
 def _out_dir() -> Path:
@@ -233,7 +236,9 @@ def _conv_strategy_variants():
 
 
 def _attention_variants():
-    return _variants(tsa, "_config", ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), ATTENTION)
+    tiles = _variants(tsa, "_config", ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), ATTENTION)
+    slots = [(f"CAP={cap}", _patched(tsa, "_slots", lambda cap=cap: cap)) for cap in ATTENTION_SLOTS]
+    return tiles + slots
 
 
 def _markdown(records: list[dict]) -> list[str]:

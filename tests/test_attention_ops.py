@@ -97,6 +97,61 @@ def test_triton_value_dim_differs():
     _check_against_reference("triton", "shrink", False, 9, 11, 16, torch.float32, 2e-5, dv=24)
 
 
+def _slot_paths_check(device, cap, monkeypatch, causal):
+    """Rows of every score spread in one problem: flat rows (all keys in the support), near-flat ones (supports of
+    tens of keys) and peaked ones (a few keys). With `cap` candidate slots per row the sparsemax forward finishes a
+    row from its slots when its first set fits, after more passes when it does not at first, or with one more pass
+    over the keys when the support itself exceeds the slots; each path must match the reference, forward, row
+    statistics and every gradient."""
+    from dsc_kernels.triton import sparse_attention as tsa
+
+    monkeypatch.setattr(tsa, "_slots", lambda: cap)
+    n, m, d = 80, 100, 16
+    q, k, v, _ = (t.detach().to(device) for t in _problem(n, m, d, torch.float32, h=2))
+    spreads = torch.tensor([0.0, 0.02, 0.1, 0.3, 1.0, 3.0, 10.0], dtype=torch.float32, device=device)
+    q = (q * spreads[torch.arange(n, device=device) % len(spreads)][:, None]).requires_grad_()
+    k, v = k.requires_grad_(), v.requires_grad_()
+    th = torch.zeros(2, device=device)
+    scale = d**-0.5
+    out, stats = tsa.sparse_attention_fwd(q.detach(), k.detach(), v.detach(), th, None, "sparsemax", causal, scale)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want, want_stats = sparse_attention_fwd_ref(q64, k64, v64, th.double(), None, "sparsemax", causal, scale)
+    support = (sparsemax_ref(_scores_of(q64, k64, causal, scale)) > 0).sum(-1)
+    assert (support <= min(cap, 4)).any() and (support > cap).any(), "the problem must reach both sides of cap"
+    torch.testing.assert_close(stats.double(), want_stats, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    fused = _fused("triton", q, k, v, th, "sparsemax", causal, scale)
+    g = torch.randn_like(fused)
+    got = torch.autograd.grad(fused, (q, k, v), g)
+    want = sparse_attention_ref(q64, k64, v64, mode="sparsemax", causal=causal, scale=scale)
+    exp = torch.autograd.grad(want, (q64, k64, v64), g.double())
+    for name, a, e in zip("qkv", got, exp):
+        torch.testing.assert_close(a.double(), e, atol=2e-4, rtol=2e-4, msg=f"grad {name}")
+
+
+def _scores_of(q, k, causal, scale):
+    s = q @ k.transpose(-1, -2) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return s
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("cap", [1, 4, 64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_sparsemax_every_candidate_slot_path(cap, causal, monkeypatch):
+    _prepare("triton")
+    _slot_paths_check("cpu", cap, monkeypatch, causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cap", [1, 4, 64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_gpu_sparsemax_every_candidate_slot_path(cap, causal, monkeypatch):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _slot_paths_check("cuda", cap, monkeypatch, causal)
+
+
 def _biases(b, h, n, m):
     """A key-padding bias (B, 1, 1, M) expanded, and a general float bias (N, M) broadcast over B and H."""
     gen = torch.Generator().manual_seed(3)
