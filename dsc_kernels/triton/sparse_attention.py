@@ -128,6 +128,19 @@ def _sees_bad(visible, s, badk_base, offs_n, N_K):
 
 
 @triton.jit
+def _pack(z, key):
+    """A candidate slot: the fp32 z's bits above the int32 key index, one 64-bit store (one pointer per element
+    where two stores held two, and spilled in the causal kernel)."""
+    return (z.to(tl.int32, bitcast=True).to(tl.int64) << 32) | key.to(tl.int64)
+
+
+@triton.jit
+def _unpack(slot):
+    """(z, key) of candidate slots written by _pack."""
+    return (slot >> 32).to(tl.int32).to(tl.float32, bitcast=True), (slot & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
 def _set_sweep(
     q,
     k_base,
@@ -135,8 +148,7 @@ def _set_sweep(
     b_base,
     sb_n,
     sb_m,
-    cz_ptr,
-    cj_ptr,
+    slot_ptr,
     cand_row,
     c,
     lo,
@@ -158,12 +170,14 @@ def _set_sweep(
 ):
     """One pass over the keys at per-row (c, lo) for the active rows: |{z > lo}| and sum_{z > lo} z (fp64 across
     tiles), writing the set's first CAP members (z and key index, in key order) to the row's candidate slots
-    cz/cj[cand_row + slot]."""
+    slot_ptr[cand_row + slot]."""
     cnt = tl.zeros([BLOCK_M], tl.float32)
     tot = tl.zeros([BLOCK_M], tl.float64)
-    # Compaction: a member's slot is the row's count so far plus its rank within the tile, the rank a product with
-    # an upper-triangular matrix of ones (exact in fp16 x fp16 -> fp32) that stays in the scores' layout, where a
-    # scan along the row would move the tile through shared memory.
+    # Compaction: a member's slot is the row's count so far plus its rank within the tile. With tensor-core scores
+    # the rank is a product with an upper-triangular matrix of ones (exact in fp16 x fp16 -> fp32), which stays in
+    # the scores' layout where a scan along the row moves the tile through shared memory (1638 against 2520 SASS
+    # instructions per tile). Next to fp32 IEEE scores (FMA dots) the product would double the tile's work, and
+    # Triton 3.6 fails to compile the mix ("operand does not dominate this use"): a scan there.
     cols = tl.arange(0, BLOCK_N)
     upper = (cols[:, None] <= cols[None, :]).to(tl.float16)
     for start_n in range(0, end_n, BLOCK_N):
@@ -172,11 +186,13 @@ def _set_sweep(
         s, _ = _tile_scores(q, k, offs_m, offs_n, N_Q, N_K, scale, b_base, sb_n, sb_m, CAUSAL, HAS_BIAS, DOT_PREC)
         z = _relative(s, c)
         above = active[:, None] & (z > lo[:, None])
-        rank = tl.dot(above.to(tl.float16), upper, out_dtype=tl.float32)
+        if DOT_PREC == "ieee":
+            rank = tl.cumsum(above.to(tl.float32), axis=1)
+        else:
+            rank = tl.dot(above.to(tl.float16), upper, out_dtype=tl.float32)
         slot = (cnt[:, None] + rank).to(tl.int32) - 1
         keep = above & (slot < CAP)
-        tl.store(cz_ptr + cand_row[:, None] + slot, z, mask=keep)
-        tl.store(cj_ptr + cand_row[:, None] + slot, offs_n[None, :] + tl.zeros_like(slot), mask=keep)
+        tl.store(slot_ptr + cand_row[:, None] + slot, _pack(z, offs_n[None, :] + tl.zeros_like(slot)), mask=keep)
         cnt += tl.sum(above.to(tl.float32), axis=1)
         tot += tl.sum(tl.where(above, z, 0.0), axis=1).to(tl.float64)
     return cnt, tot
@@ -239,8 +255,7 @@ def _output_sweep(
 
 @triton.jit
 def _resolve(
-    cz_ptr,
-    cj_ptr,
+    slot_ptr,
     cand_row,
     rows,
     n,
@@ -259,11 +274,9 @@ def _resolve(
     steps run on the slots alone (every later set is a subset), then O = sum_j max(z_j - t, 0) v_j gathers the
     support's v rows and is stored at o_rows. Returns lo with t on these rows."""
     slots = tl.arange(0, CAP)
-    z = tl.load(
-        cz_ptr + cand_row[:, None] + slots[None, :],
-        mask=rows[:, None] & (slots[None, :] < n[:, None]),
-        other=float("-inf"),
-    )
+    held = rows[:, None] & (slots[None, :] < n[:, None])
+    z, _ = _unpack(tl.load(slot_ptr + cand_row[:, None] + slots[None, :], mask=held, other=0))
+    z = tl.where(held, z, float("-inf"))
     going = rows
     while _any(going[:, None]):
         # The sweeps' step, with the same exact stop: the set stopped shrinking, or rounding stalls the rise.
@@ -277,9 +290,8 @@ def _resolve(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for j in range(0, tl.max(tl.where(rows, n, 0.0), axis=0).to(tl.int32)):
         filled = rows & (j < n)
-        zj = tl.load(cz_ptr + cand_row + j, mask=filled, other=float("-inf"))
-        p = tl.where(zj > lo, zj - lo, 0.0)
-        key = tl.load(cj_ptr + cand_row + j, mask=filled, other=0)
+        zj, key = _unpack(tl.load(slot_ptr + cand_row + j, mask=filled, other=0))
+        p = tl.where(filled & (zj > lo), zj - lo, 0.0)
         v = tl.load(
             v_base + key[:, None] * sv_n + offs_dv[None, :], mask=(p > 0)[:, None] & (offs_dv[None, :] < DV), other=0.0
         )
@@ -300,8 +312,7 @@ def _fwd_kernel(
     th_ptr,
     b_ptr,
     badk_ptr,
-    cz_ptr,
-    cj_ptr,
+    slot_ptr,
     o_ptr,
     st_ptr,
     bh0,
@@ -402,8 +413,7 @@ def _fwd_kernel(
                 b_base,
                 sb_n,
                 sb_m,
-                cz_ptr,
-                cj_ptr,
+                slot_ptr,
                 cand_row,
                 m,
                 lo,
@@ -428,8 +438,7 @@ def _fwd_kernel(
                 # The slots were written by other threads of this program.
                 tl.debug_barrier()
                 lo = _resolve(
-                    cz_ptr,
-                    cj_ptr,
+                    slot_ptr,
                     cand_row,
                     fits,
                     cnt,
@@ -723,9 +732,16 @@ def _bwd_dkdv_kernel(
 KERNELS = {"fwd": _fwd_kernel, "bwd_dq": _bwd_dq_kernel, "bwd_dkdv": _bwd_dkdv_kernel}
 
 
-def _block(d: int, dv: int) -> int:
-    # Small tiles keep the interpreter quick; on a GPU 64 x 64 tiles with d <= 128 fit in registers/shared memory.
-    return 16 if interpreting() else (64 if max(d, dv) <= 64 else 32)
+def _block(d: int, dv: int, dtype: torch.dtype) -> int:
+    """Query and key rows per tile. Small tiles keep the interpreter quick. On a GPU, half-precision tiles of 64 x 64
+    with d <= 64 (32 beyond) fit in registers/shared memory; fp32 runs IEEE FMA dots whose per-thread operand slices
+    are far larger, and at 64 rows the sm_90 backward spilled 8 KiB per thread (dq at d = 64), so its tiles are 32
+    rows up to d = 32 and 16 beyond (no spill at d = 24 to 64; a few hundred bytes in the d = 128 dq backward)."""
+    if interpreting():
+        return 16
+    if dtype == torch.float32:
+        return 32 if max(d, dv) <= 32 else 16
+    return 64 if max(d, dv) <= 64 else 32
 
 
 def _slots() -> int:
@@ -744,7 +760,7 @@ def _config(q: Tensor, v: Tensor, bias: Tensor | None) -> dict:
     d, dv = q.shape[-1], v.shape[-1]
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"the triton sparse-attention kernels take float32/float16/bfloat16, got {q.dtype}")
-    block = _block(d, dv)
+    block = _block(d, dv, q.dtype)
     return dict(
         BLOCK_M=block,
         BLOCK_N=block,
@@ -894,8 +910,7 @@ def sparse_attention_fwd(
     # most _SLOT_BUDGET slots (one slice at least) bound it whatever the batch.
     chunk = max(1, _SLOT_BUDGET // (n * cap)) if sparsemax else b * h
     n_slots = min(chunk, b * h) * n * cap if sparsemax else 1
-    cand_z = torch.empty(n_slots, device=q.device, dtype=torch.float32)
-    cand_j = torch.empty(n_slots, device=q.device, dtype=torch.int32)
+    slots = torch.empty(n_slots, device=q.device, dtype=torch.int64)
     for bh0 in range(0, b * h, chunk):
         launch(_fwd_kernel)[_grid(n, cfg["BLOCK_M"], min(chunk, b * h - bh0))](
             q,
@@ -904,8 +919,7 @@ def sparse_attention_fwd(
             th,
             bias_ptr,
             bad_keys,
-            cand_z,
-            cand_j,
+            slots,
             out,
             stats,
             bh0,
