@@ -14,18 +14,18 @@ Math (docs/design.md §2, reference/attention.py), q (B,H,N,d), k (B,H,M,d), v (
     0 * NaN would otherwise reach rows that never see the key.
 Forward, one program per (query block, batch*head), fp32 scores, fp64 threshold sums:
     shrink: one pass over key blocks; a tile with no score above theta skips its v load and P v product.
-    sparsemax: pass 1 finds the row max m_i, the +inf count, the NaN rows and a lower bound lo <= t_i from
-        A = {s > running max - 1} (a superset of the support, its sum kept relative to the running max); then
-        Michelot passes lo <- (sum_{z > lo} z - 1) / |{z > lo}|, which rise monotonically to t_i and are exact (no
-        tolerance) once the set {z > lo} stops shrinking. Each pass recomputes the scores tile by tile, so passes
-        are the cost: each one (`_set_sweep`) also writes the first CAP members of its set (z and key index, slots
-        ranked in key order by a product with a triangular matrix of ones) to the row's candidate slots, launcher
-        scratch of (rows, CAP). A set that fits holds every later set, so the remaining steps run on the slots,
-        and O = sum_j max(z_j - t, 0) v_j gathers the support's v rows (`_resolve`): no further pass. Simulated on
-        N(0, sd^2) scores with 4096-8192 keys (sd 1-2), the first set after pass 1 fits CAP = 64 in every 64-row
-        block, so a block takes 2 passes where the Michelot passes alone took 6-7. A row whose set stops
-        shrinking with more than CAP members (a flat row: a wide support) gets its O from one more pass
-        (`_output_sweep`, the pass shrink runs), at its exact lo.
+    sparsemax: pass 1 finds the row max m_i, the +inf count, the NaN rows and a lower bound lo <= t_i (from sets
+        of keys whose (sum z - 1) / size bounds t below). Then Michelot passes lo <- (sum_{z > lo} z - 1) /
+        |{z > lo}|, which rise monotonically to t_i and are exact (no tolerance) once the set {z > lo} stops
+        shrinking. Each pass recomputes the scores tile by tile, so passes are the cost: each one (`_set_sweep`)
+        also writes the first CAP members of its set (z and key index, ranked in key order by a product with a
+        triangular matrix of ones) to the row's candidate slots, launcher scratch of (rows, CAP). A set that fits
+        holds every later set, so the remaining steps run on the slots, and O = sum_j max(z_j - t, 0) v_j gathers
+        the support's v rows (`_resolve`): no further pass. Simulated on N(0, sd^2) scores with 4096-8192 keys and
+        sd 1-2, the first set after pass 1 fits CAP = 64 in every 64-row block: a block takes 2 passes, where the
+        Michelot passes alone took 5-7 (at sd = 0.5 it takes 3). A row whose set stops shrinking with more than CAP
+        members (a flat row: a wide support) gets its O from one more pass (`_output_sweep`, the pass shrink
+        runs), at its exact lo.
 Saved for backward: stats (B,H,N,2) = (c_i, t_i) in fp32, like FlashAttention's log-sum-exp.
 VJP (g = dL/dO, support m_ij = [z_ij > t_i]):
     dP_ij = <g_i, v_j>,  delta_i = sum_j m_ij dP_ij / |S_i| (sparsemax) or 0 (shrink),  ds = m (dP - delta)
@@ -369,11 +369,16 @@ def _fwd_kernel(
     resolved = offs_m < 0
 
     if SPARSEMAX:
-        # Pass 1: the row max m, the +inf count, the NaN rows, and A = {s > (running max) - 1}, a superset of the
-        # support, so both -1 and (sum_A z - 1) / |A| are lower bounds of t; the second is usually within a few
-        # keys of it. A's sum is kept relative to the running max and shifted when the max rises.
+        # Pass 1: the row max m, the +inf count, the NaN rows, and a lower bound lo <= t to start Michelot from.
+        # (sum_C z - 1) / |C| bounds t below for any set C of a row's keys (the |C| largest sum to at least as
+        # much), and so does -1 (t >= max - 1). Each tile raises lo with two such sets: the tile's keys above lo,
+        # and all keys so far that were above lo when seen (C, its sum kept relative to the running max and
+        # shifted when the max rises). Simulated on N(0, 1) scores with 4096-8192 keys, the first Michelot set
+        # then holds at most 43-64 keys per 64-row block, inside CAP: with the set of keys above max - 1 as the
+        # bound, up to 76-111 (every block at 8192 keys took a third pass).
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         n_inf = tl.zeros([BLOCK_M], tl.float32)
+        lo = tl.full([BLOCK_M], -1.0, tl.float32)  # relative to the running max
         cnt = tl.zeros([BLOCK_M], tl.float32)
         tot = tl.zeros([BLOCK_M], tl.float64)
         for start_n in range(0, end_n, BLOCK_N):
@@ -386,17 +391,28 @@ def _fwd_kernel(
             s = tl.where(s == s, s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             n_inf += tl.sum((s == float("inf")).to(tl.float32), axis=1)
-            tot += tl.where(cnt > 0, (m - m_new).to(tl.float64) * cnt.to(tl.float64), 0.0)
-            above = s > (m_new - 1.0)[:, None]
-            cnt += tl.sum(above.to(tl.float32), axis=1)
-            tot += tl.sum(tl.where(above, s - m_new[:, None], 0.0), axis=1).to(tl.float64)
+            # The shift of C's sum in fp64, exact where an fp32 difference of two maxima far apart is not. lo's own
+            # shift is exact or takes lo below -1 (maxima within a factor of 2, or a jump of at least 1).
+            shift = tl.where(m > float("-inf"), m - m_new, 0.0)
+            tot += tl.where(cnt > 0, (m.to(tl.float64) - m_new.to(tl.float64)) * cnt.to(tl.float64), 0.0)
+            lo = tl.maximum(lo + shift, -1.0)
+            # Rows whose max is -inf or +inf have no finite z here (NaN or -inf): they join no set.
+            above = s - m_new[:, None] > lo[:, None]
+            n_tile = tl.sum(above.to(tl.float32), axis=1)
+            sum_tile = tl.sum(tl.where(above, s - m_new[:, None], 0.0), axis=1).to(tl.float64)
+            cnt += n_tile
+            tot += sum_tile
+            tile_bound = tl.where(n_tile > 0, (sum_tile - 1.0) / tl.maximum(n_tile, 1.0).to(tl.float64), -1.0)
+            set_bound = tl.where(cnt > 0, (tot - 1.0) / tl.maximum(cnt, 1.0).to(tl.float64), -1.0)
+            lo = tl.maximum(lo, tl.maximum(tile_bound, set_bound).to(tl.float32))
             m = m_new
         has_key = m > float("-inf")
         inf_row = m == float("inf")
-        bound = ((tot - 1.0) / tl.maximum(cnt, 1.0).to(tl.float64)).to(tl.float32)
         # A +inf row's threshold is exact at once: (0 - 1) / #{+inf}, computed as the sweep computes it.
         inf_t = ((tl.zeros([BLOCK_M], tl.float64) - 1.0) / tl.maximum(n_inf, 1.0).to(tl.float64)).to(tl.float32)
-        lo = tl.where(inf_row, inf_t, tl.maximum(bound, -1.0))
+        # The bounds are sums of fp32 z (fp32 within a tile): a margin far above their rounding keeps lo below t
+        # when a set was the support itself; Michelot's steps from any lower bound end at the exact t.
+        lo = tl.where(inf_row, inf_t, tl.maximum(lo - 2e-5, -1.0))
         # Michelot passes. Each writes the members of its set {z > lo} to the row's CAP candidate slots: a set that
         # fits holds the support (every later set is a subset), so the rest of the algorithm and O run on the slots
         # alone, without another pass over the keys; typically the first pass after pass 1 fits. A row whose set
