@@ -93,7 +93,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.conv import code_size
-from ..reference.conv_ista import NO_BACKWARD, fista_momentum, zeros_if_empty
+from ..reference.conv_ista import NO_BACKWARD, fista_momentum
 from .grid import block_and_index
 from .launch import AotSpec, interpreting, launch, record_launches
 
@@ -668,13 +668,15 @@ def _conv_ista_fwd_all_kernel(
 ):
     # All n_iters iterations in one launch, one program per image: an image's iteration k+1 depends only on its
     # own iteration k, so a CTA barrier (inside _ista_tile) replaces the kernel boundary. z_j lives in slot
-    # (j - 1) mod ring of buf (ring = n + 1 keeps every iterate, ring = 3 only the last three; see _slot).
+    # (j - 1) mod ring of buf (ring = n + 1 keeps every iterate, a replay ring only the last two or three; see
+    # _slot and _replay_ring).
     b = tl.program_id(0)
     scratch_base = b * (C_sig * ((TH - 1) * SH + KH) * ((TW - 1) * SW + KW))
     for k in range(n_iters):
         beta = tl.load(beta_ptr + k)
         cur = ((k + ring - 1) % ring) * slot
-        prev = ((tl.maximum(k - 1, 0) + ring - 1) % ring) * slot
+        # ISTA has no momentum: its "previous iterate" is z_k itself, so a 2-slot ring never reads the slot it writes.
+        prev = ((tl.maximum(k - 1, 0) + ring - 1) % ring) * slot if FISTA else cur
         nxt = (k % ring) * slot
         for t in range(tiles_per_img):
             _ista_tile(
@@ -1199,6 +1201,19 @@ def forward_strategy(C_sig: int, C_code: int, code_bytes: int) -> str:
     return "single-launch" if code_bytes <= SINGLE_LAUNCH_MAX_CODE_BYTES else "tiles"
 
 
+def _replay_ring(fista: bool) -> int:
+    """Slots of a ring that keeps only what the next iteration reads: z_k, and z_{k-1} for FISTA's momentum, plus
+    the slot being written."""
+    return 3 if fista else 2
+
+
+def _code_zeros(x: Tensor, weight: Tensor, stride, padding) -> Tensor:
+    """z0 = 0 as an expanded scalar of the code's shape (no code-sized memory), for z0s that are only copied into a
+    ring slot (the forward, replays), never handed to a kernel."""
+    sz = code_size(x.shape[2:], weight.shape[2:], stride, padding)
+    return x.new_zeros(()).expand(x.shape[0], weight.shape[0], *sz)
+
+
 def _slot(j: int, ring: int) -> int:
     """The ring slot of z_j: (j - 1) mod ring, so z_1.. z_{n-1} (the saved iterates) open the buffer and z_0 sits
     in the last slot."""
@@ -1210,7 +1225,7 @@ class _Forward:
     keep z_j in slot _slot(j, ring) of a (ring, B, C, Hz, Wz) buffer, so a replay reproduces the forward bit for
     bit."""
 
-    def __init__(self, x, weight, encoder_weight, lam, step, z0, g: _Geom, nonneg, fista):
+    def __init__(self, x, weight, encoder_weight, lam, step, z0, g: _Geom, nonneg, fista, residual=None):
         self.x, self.lam, self.step, self.z0 = _nhwc(x), lam, step, z0
         self.weight, self.encoder_weight = _dot_weights(weight, encoder_weight)  # (C_code, C_sig, kh, kw) order
         self.g = g
@@ -1224,8 +1239,11 @@ class _Forward:
         flags = dict(FISTA=bool(fista), IN_PREC=_in_prec(x.dtype))
         if self.strategy == "two-pass":
             cfg = conv_config(g.C_sig, g.C_code, g.kh, g.kw)
-            # The residual x - D y_k of the current iteration, read by the analysis kernel.
-            self.residual = _empty_nhwc((g.B, g.C_sig, g.H, g.W), device=x.device, dtype=torch.float32)
+            # The residual x - D y_k of the current iteration, read by the analysis kernel (`residual`: a signal-sized
+            # fp32 channels-last buffer to use, as the backward lends its own r to its replays).
+            if residual is None:
+                residual = _empty_nhwc((g.B, g.C_sig, g.H, g.W), device=x.device, dtype=torch.float32)
+            self.residual = residual
             common = dict(**geometry, **flags, BLOCK_P=cfg.BLOCK_P, BLOCK_K=cfg.BLOCK_K)
             common.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             self.synth_meta = dict(common, BLOCK_CI=cfg.BLOCK_CI, TAP_MAJOR=self.tap_syn, EPILOGUE="residual")
@@ -1296,7 +1314,9 @@ class _Forward:
             return buf
         for k in range(n_iters):
             last = k == n_iters - 1 and last_out is not None
-            cur, prev = _slot(k, ring) * slot, _slot(max(k - 1, 0), ring) * slot
+            cur = _slot(k, ring) * slot
+            # ISTA (beta = 0) reads no previous iterate: pointing at z_k keeps a 2-slot ring off the slot it writes.
+            prev = _slot(max(k - 1, 0), ring) * slot if self.betas[k] != 0.0 else cur
             dest, dest_off = (last_out, 0) if last else (buf, _slot(k + 1, ring) * slot)
             if self.strategy == "two-pass":
                 launch(_conv_synth_kernel)[self.synth_grid](
@@ -1462,17 +1482,17 @@ def conv_ista_fwd(
     (x, weight, encoder_weight, lam, step, z0), stride, padding = _check_inputs(
         "conv_ista_fwd_triton", x, weight, encoder_weight, lam, step, z0, stride, padding
     )
-    z0 = zeros_if_empty(z0, x, weight, stride, padding)
+    z0 = z0 if z0.numel() > 0 else _code_zeros(x, weight, stride, padding)
     n = step.shape[0]
     save = checkpoint == 1
     if z0.numel() == 0:  # an empty batch or no code channels: nothing to compute
         return z0.clone(), z0.new_empty((n - 1, *z0.shape) if save else (0,))
-    g = _geom(x, weight, z0, stride, padding, n + 1 if save else 3)
+    g = _geom(x, weight, z0, stride, padding, n + 1 if save else _replay_ring(fista))
     fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista)
     # The single-launch kernel also writes z_n into the ring; the per-iteration paths write it straight into z.
     # z leaves in the usual contiguous layout (a copy: never an alias of saved).
     single = fwd.strategy == "single-launch"
-    ring = (n + 1 if single else n) if save else 3
+    ring = (n + 1 if single else n) if save else _replay_ring(fista)
     if single:
         buf = fwd.run(n, ring)
         z = buf.select(0, _slot(n, ring)).clone(memory_format=torch.contiguous_format)
@@ -1492,6 +1512,20 @@ def saved_iterates(saved: Tensor) -> Tensor:
     views of that memory."""
     m, b, c, h, w = saved.shape
     return saved.reshape(m, b, h, w, c).permute(0, 1, 4, 2, 3)
+
+
+def _last_step_grads(grad_z: Tensor, z: Tensor, nonneg: bool) -> tuple[Tensor, Tensor]:
+    """gu = dL/dz_n on the support of z_n, fp32 channels last, and the last threshold's gradient
+    dth = -sum gu sign(z_n) (nonneg: -sum gu) per code channel. grad_z and z in any layout (grad_z often an
+    expanded scalar). Formed a few items at a time, so that the masks and products take an eighth of a code."""
+    gu = _empty_nhwc(tuple(z.shape), device=z.device, dtype=torch.float32)
+    dth = torch.zeros(z.shape[1], device=z.device, dtype=torch.float32)
+    chunk = max(1, triton.cdiv(z.shape[0], 8))
+    for b0 in range(0, z.shape[0], chunk):
+        zb, gb = z[b0 : b0 + chunk], gu[b0 : b0 + chunk]
+        gb.copy_(grad_z[b0 : b0 + chunk]).masked_fill_(zb == 0, 0.0)
+        dth -= (gb if nonneg else gb * torch.sign(zb.to(torch.float32))).sum(dim=(0, 2, 3))
+    return gu, dth
 
 
 def conv_ista_bwd(
@@ -1525,15 +1559,20 @@ def conv_ista_bwd(
         _check_code_like(op, "z (z_n; empty only in recompute mode)", z, code_shape, x)
     if checkpoint == 1:
         _check_code_like(op, "saved (z_1..z_{n-1} of the forward)", saved, (step.shape[0] - 1, *code_shape), x)
-    if z.dim() == 4:
-        z = _nhwc(z)
     if grad_z.numel() == 0:  # an empty code (conv_ista_fwd): every gradient is zero
         return tuple(torch.zeros_like(t) for t in (x, weight, encoder_weight, lam, step, z0))
     z0_given = z0.numel() > 0
-    z0 = _nhwc(zeros_if_empty(z0, x, weight, stride, padding))
+    recompute = checkpoint == 0
+    if z0_given:
+        z0 = _nhwc(z0)
+    elif recompute:  # only copied into the replay ring
+        z0 = _code_zeros(x, weight, stride, padding)
+    else:  # read by the kernels as z_0
+        z0 = _empty_nhwc(code_shape, device=x.device, dtype=x.dtype).zero_()
     x_nhwc = _nhwc(x)
     n_iter = step.shape[0]
-    g = _geom(x, weight, z0, stride, padding, max(n_iter if checkpoint == 1 else 0, 3))
+    ring_size = _replay_ring(fista)
+    g = _geom(x, weight, z0, stride, padding, n_iter if checkpoint == 1 else ring_size)
     ccfg = conv_config(g.C_sig, g.C_code, g.kh, g.kw)
     in_prec = _in_prec(x.dtype)
     betas = _fista_betas(n_iter, fista)
@@ -1603,14 +1642,14 @@ def conv_ista_bwd(
         )
         return partials.sum(0).view(tuple(weight.shape))
 
-    recompute = checkpoint == 0
-    ring = None  # recompute mode: the one 3-code buffer every replay writes
+    ring = None  # recompute mode: the one buffer of 2 (FISTA: 3) codes every replay writes
     if recompute:
-        fwd = _Forward(x_nhwc, weight, encoder_weight, lam, step, z0, g, nonneg, fista)  # no second copy of x
+        # No second copy of x; and the replays' residual scratch is r, which each step rewrites after its replay.
+        fwd = _Forward(x_nhwc, weight, encoder_weight, lam, step, z0, g, nonneg, fista, residual=r)
         dot_w, dot_we = fwd.weight, fwd.encoder_weight  # already as the dots read them
         if z.numel() == 0:  # the autograd link keeps no z in recompute mode
-            ring = fwd.run(n_iter, 3)
-            z = ring.select(0, _slot(n_iter, 3))
+            ring = fwd.run(n_iter, ring_size)
+            z = ring.select(0, _slot(n_iter, ring_size))
     else:
         dot_w, dot_we = _dot_weights(weight, encoder_weight)
     synth_w, synth_we = _synth_weight(dot_w, tap_syn), _synth_weight(dot_we, tap_syn)
@@ -1626,28 +1665,31 @@ def conv_ista_bwd(
     grad_lam, grad_step = [], []
     # gu = dL/dz_{k+1} on the support of z_{k+1}, in one fp32 buffer that the analysis kernel's "vjp" epilogue
     # overwrites with the next gu (and, at k = 0, with dL/dz_0); dth its threshold gradient. Here for k = n - 1.
-    gu = _nhwc(torch.where(z != 0, grad_z.to(torch.float32), 0.0))
-    if nonneg:
-        dth = -gu.sum(dim=(0, 2, 3))
-    else:
-        dth = -(gu * torch.sign(z.to(torch.float32))).sum(dim=(0, 2, 3))
+    gu, dth = _last_step_grads(grad_z, z, nonneg)
     # FISTA: the part of dL/dz_k that iteration k+1 sent through y_{k+1}, carried by the analysis kernel (ISTA
     # passes gu in its place, never read).
     carried = _empty_nhwc(gu.shape, **f32).zero_() if fista else gu
+    y_buf = _empty_nhwc(gu.shape, **f32) if fista else None
+    z_k = z_km1 = y = None
     for k in reversed(range(n_iter)):
         if recompute:
-            # Replaying k iterations per step makes the backward O(n^2) iterations; memory stays 3 codes (one
+            # Replaying k iterations per step makes the backward O(n^2) iterations; memory stays 2-3 codes (one
             # ring, reused: a fresh ring per replay held two while z_{k+1} pinned the last one, and recompute
             # then peaked above save mode on an H200's deep-layer training step). Nothing reads z_{k+1} any more:
             # the previous iteration's analysis kernel already turned it into gu.
-            ring = fwd.run(k, 3, out=ring)
-            z_k = ring.select(0, _slot(k, 3))
-            z_km1 = ring.select(0, _slot(max(k - 1, 0), 3))
+            ring = fwd.run(k, ring_size, out=ring)
+            z_k = ring.select(0, _slot(k, ring_size))
+            z_km1 = ring.select(0, _slot(max(k - 1, 0), ring_size))  # FISTA only: a 2-slot ring holds no z_{k-1}
         else:
             z_k = saved_iterate(k)
             z_km1 = saved_iterate(max(k - 1, 0))
-        # y_k = z_k + beta_k (z_k - z_{k-1}) as the forward formed it; ISTA's y_k is z_k, read in its own dtype.
-        y = torch.add(z_k, z_k.to(torch.float32) - z_km1, alpha=betas[k]) if betas[k] != 0.0 else z_k
+        # y_k = z_k + beta_k (z_k - z_{k-1}) as the forward formed it, in one reused fp32 buffer; ISTA's y_k is z_k,
+        # read in its own dtype.
+        if betas[k] != 0.0:
+            y = torch.sub(z_k.to(torch.float32), z_km1, out=y_buf)
+            y = torch.add(z_k, y, alpha=betas[k], out=y_buf)
+        else:
+            y = z_k
         step_k = step[k].to(torch.float32)
 
         synth(y, synth_w, r, "residual", x_nhwc, k)
@@ -1685,6 +1727,11 @@ def conv_ista_bwd(
 
     grad_lam = torch.stack(grad_lam[::-1]).to(lam.dtype)
     grad_step = torch.stack(grad_step[::-1]).to(step.dtype)
+    # Every iteration buffer (and view into one) goes before the outputs are converted, so that the conversions'
+    # copies do not add to the peak.
+    del r, v, ring, y_buf, carried, z, z_k, z_km1, y
+    if recompute:
+        del fwd
     return (
         grad_x.to(x.dtype).contiguous(),
         grad_w.to(weight.dtype),
