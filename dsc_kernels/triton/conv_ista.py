@@ -764,7 +764,7 @@ def _conv_synth_kernel(
     #     and the backward's residual;
     #   "vjp": out = acc (v = E^T gu when w is the encoder), and what the backward needs of v besides, while the
     #     tile is in registers: grad_x += step_k v, and this program's share of <v, r_k> (sig being r_k) in
-    #     dot[program] (the launcher sums the shares in a fixed order).
+    #     dot[program] (the launcher sums the shares in a fixed order). out may be sig itself (v over r_k).
     pid_p, b = block_and_index(H * W, BLOCK_P)
     ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     cim = ci < C_sig
@@ -807,11 +807,15 @@ def _conv_synth_kernel(
     if EPILOGUE == "residual":
         tl.store(out_ptr + off, sig - acc, mask=m)
     else:
+        share = tl.sum(tl.sum(acc * sig, 1), 0)
+        # The backward writes v over r_k (out = sig): v's store does not depend on r_k's load, and the two may be
+        # laid out over the threads differently, so every thread's load must be done before any thread stores.
+        tl.debug_barrier()
         tl.store(out_ptr + off, acc, mask=m)
         step_k = tl.load(step_ptr + k).to(tl.float32)
         gx = tl.load(grad_x_ptr + off, mask=m, other=0.0)
         tl.store(grad_x_ptr + off, gx + step_k * acc, mask=m)
-        tl.store(dot_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(acc * sig, 1), 0))
+        tl.store(dot_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), share)
 
 
 @triton.jit
@@ -1609,7 +1613,9 @@ def conv_ista_bwd(
     dims = dict(C_code=g.C_code, C_sig=g.C_sig, H=g.H, W=g.W, Hz=g.Hz, Wz=g.Wz)
 
     grad_x = _empty_nhwc(sig_shape, **f32).zero_()
-    r, v = _empty_nhwc(sig_shape, **f32), _empty_nhwc(sig_shape, **f32)  # r_k and v, reused by every iteration
+    # r_k, then v in the same buffer (v = E^T gu overwrites r_k once r_k's last reader is done), reused by every
+    # iteration.
+    r = _empty_nhwc(sig_shape, **f32)
     dot_shares = torch.empty(sig_grid[0] * sig_grid[1], **f32)  # <v, r_k>: one share per synthesis program
     dth_shares = torch.empty((code_grid[0], g.C_code), **f32)  # dth_{k-1}: one row per analysis program row
 
@@ -1670,7 +1676,7 @@ def conv_ista_bwd(
     # passes gu in its place, never read).
     carried = _empty_nhwc(gu.shape, **f32).zero_() if fista else gu
     y_buf = _empty_nhwc(gu.shape, **f32) if fista else None
-    z_k = z_km1 = y = None
+    z_k = z_km1 = y = v = None
     for k in reversed(range(n_iter)):
         if recompute:
             # Replaying k iterations per step makes the backward O(n^2) iterations; memory stays 2-3 codes (one
@@ -1693,10 +1699,11 @@ def conv_ista_bwd(
         step_k = step[k].to(torch.float32)
 
         synth(y, synth_w, r, "residual", x_nhwc, k)
-        synth(gu, synth_we, v, "vjp", r, k)  # also grad_x += step_k v and the shares of <v, r_k>
+        grad_we = grad_we + step_k * weight_grad(r, gu)
+        v = r
+        synth(gu, synth_we, v, "vjp", r, k)  # in place; also grad_x += step_k v and the shares of <v, r_k>
         grad_lam.append(step_k * dth)
         grad_step.append(dot_shares.sum() + (lam[k].to(torch.float32) * dth).sum())
-        grad_we = grad_we + step_k * weight_grad(r, gu)
         grad_w = grad_w - step_k * weight_grad(v, y)
 
         launch(_conv_analysis_kernel)[code_grid](
