@@ -1,0 +1,28 @@
+"""bench/triton_memory.py, the CPU count of the Triton conv-ISTA training step's memory, on small batches: it runs
+(in its own process: it stubs the kernel launches) and prints a ratio per GPU workload, recompute mode under save
+mode and both under eager."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_memory_count_prints_every_workload():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "triton_memory.py"), "--batch-scale", "0.05"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| ") and "MiB" in line]
+    assert [r[1].strip() for r in rows] == ["csc-gray", "csc-rgb-strided", "deep-layer", "small-map"], proc.stdout
+    for r in rows:
+        save, recompute = float(r[3]), float(r[4])
+        assert 0 < recompute < save < 1, r
