@@ -1675,8 +1675,10 @@ def conv_ista_bwd(
     # FISTA: the part of dL/dz_k that iteration k+1 sent through y_{k+1}, carried by the analysis kernel (ISTA
     # passes gu in its place, never read).
     carried = _empty_nhwc(gu.shape, **f32).zero_() if fista else gu
-    y_buf = _empty_nhwc(gu.shape, **f32) if fista else None
-    z_k = z_km1 = y = v = None
+    # FISTA's y_k: in recompute mode with fp32 codes, the ring slot the replay left free (it held z_{k-2}).
+    spare_slot = recompute and x.dtype == torch.float32
+    y_buf = _empty_nhwc(gu.shape, **f32) if fista and not spare_slot else None
+    z_k = z_km1 = y = y_out = v = None
     for k in reversed(range(n_iter)):
         if recompute:
             # Replaying k iterations per step makes the backward O(n^2) iterations; memory stays 2-3 codes (one
@@ -1692,8 +1694,9 @@ def conv_ista_bwd(
         # y_k = z_k + beta_k (z_k - z_{k-1}) as the forward formed it, in one reused fp32 buffer; ISTA's y_k is z_k,
         # read in its own dtype.
         if betas[k] != 0.0:
-            y = torch.sub(z_k.to(torch.float32), z_km1, out=y_buf)
-            y = torch.add(z_k, y, alpha=betas[k], out=y_buf)
+            y_out = ring.select(0, _slot(k + 1, ring_size)) if spare_slot else y_buf
+            y = torch.sub(z_k.to(torch.float32), z_km1, out=y_out)
+            y = torch.add(z_k, y, alpha=betas[k], out=y_out)
         else:
             y = z_k
         step_k = step[k].to(torch.float32)
@@ -1736,7 +1739,7 @@ def conv_ista_bwd(
     grad_step = torch.stack(grad_step[::-1]).to(step.dtype)
     # Every iteration buffer (and view into one) goes before the outputs are converted, so that the conversions'
     # copies do not add to the peak.
-    del r, v, ring, y_buf, carried, z, z_k, z_km1, y
+    del r, v, ring, y_buf, carried, z, z_k, z_km1, y, y_out
     if recompute:
         del fwd
     return (
