@@ -757,6 +757,7 @@ def _conv_synth_kernel(
     EPILOGUE: tl.constexpr,
     FISTA: tl.constexpr,
     IN_PREC: tl.constexpr,
+    SIG_NCHW: tl.constexpr,
 ):
     # acc = D y on a tile of signal positions, y = code (FISTA: code + beta (code - prev)); positions flattened
     # over H*W so loads run along W. Two epilogues:
@@ -765,6 +766,8 @@ def _conv_synth_kernel(
     #   "vjp": out = acc (v = E^T gu when w is the encoder), and what the backward needs of v besides, while the
     #     tile is in registers: grad_x += step_k v, and this program's share of <v, r_k> (sig being r_k) in
     #     dot[program] (the launcher sums the shares in a fixed order). out may be sig itself (v over r_k).
+    # sig is channels last like out, or with SIG_NCHW channels first (x as the caller passed it: read once per
+    # element, it is not worth a channels-last copy of x, a code-sized buffer in a training step).
     pid_p, b = block_and_index(H * W, BLOCK_P)
     ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
     cim = ci < C_sig
@@ -803,7 +806,11 @@ def _conv_synth_kernel(
     )
     m = qin[:, None] & cim[None, :]
     off = ((b * (H * W) + q) * C_sig)[:, None] + ci[None, :]
-    sig = tl.load(sig_ptr + off, mask=m, other=0.0).to(tl.float32)
+    if SIG_NCHW:
+        sig_off = (b * C_sig + ci)[None, :] * (H * W) + q[:, None]
+    else:
+        sig_off = off
+    sig = tl.load(sig_ptr + sig_off, mask=m, other=0.0).to(tl.float32)
     if EPILOGUE == "residual":
         tl.store(out_ptr + off, sig - acc, mask=m)
     else:
@@ -1230,13 +1237,16 @@ class _Forward:
     bit."""
 
     def __init__(self, x, weight, encoder_weight, lam, step, z0, g: _Geom, nonneg, fista, residual=None):
-        self.x, self.lam, self.step, self.z0 = _nhwc(x), lam, step, z0
+        self.lam, self.step, self.z0 = lam, step, z0
         self.weight, self.encoder_weight = _dot_weights(weight, encoder_weight)  # (C_code, C_sig, kh, kw) order
         self.g = g
         self.tap_syn, self.tap_ana = _tap_major(g.C_code), _tap_major(g.C_sig)
         self.synth_w = _synth_weight(self.weight, self.tap_syn)
         self.analysis_w = _analysis_weight(self.encoder_weight, self.tap_ana)
         self.strategy = forward_strategy(g.C_sig, g.C_code, z0[0].numel() * z0.element_size())
+        # x: (B, C_sig, H, W) contiguous (_check_inputs). The two-pass synthesis reads it channels first; the tile
+        # kernels gather it channels last.
+        self.x = x if self.strategy == "two-pass" else _nhwc(x)
         self.betas = _fista_betas(step.shape[0], fista)
         self.dims = (g.C_code, g.C_sig, g.H, g.W, g.Hz, g.Wz)
         geometry = dict(SH=g.sh, SW=g.sw, PH=g.ph, PW=g.pw, KH=g.kh, KW=g.kw)
@@ -1250,7 +1260,9 @@ class _Forward:
             self.residual = residual
             common = dict(**geometry, **flags, BLOCK_P=cfg.BLOCK_P, BLOCK_K=cfg.BLOCK_K)
             common.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            self.synth_meta = dict(common, BLOCK_CI=cfg.BLOCK_CI, TAP_MAJOR=self.tap_syn, EPILOGUE="residual")
+            self.synth_meta = dict(
+                common, BLOCK_CI=cfg.BLOCK_CI, TAP_MAJOR=self.tap_syn, EPILOGUE="residual", SIG_NCHW=True
+            )
             self.analysis_meta = dict(common, BLOCK_C=cfg.BLOCK_C, TAP_MAJOR=self.tap_ana, EPILOGUE="shrink")
             self.analysis_meta["NONNEG"] = bool(nonneg)
             self.synth_grid = (triton.cdiv(g.H * g.W, cfg.BLOCK_P) * g.B, triton.cdiv(g.C_sig, cfg.BLOCK_CI))
@@ -1573,7 +1585,6 @@ def conv_ista_bwd(
         z0 = _code_zeros(x, weight, stride, padding)
     else:  # read by the kernels as z_0
         z0 = _empty_nhwc(code_shape, device=x.device, dtype=x.dtype).zero_()
-    x_nhwc = _nhwc(x)
     n_iter = step.shape[0]
     ring_size = _replay_ring(fista)
     g = _geom(x, weight, z0, stride, padding, n_iter if checkpoint == 1 else ring_size)
@@ -1639,6 +1650,7 @@ def conv_ista_bwd(
             TAP_MAJOR=tap_syn,
             EPILOGUE=epilogue,
             FISTA=False,
+            SIG_NCHW=epilogue == "residual",  # x as passed, channels first; r_k channels last
             **geo,
         )
 
@@ -1650,8 +1662,9 @@ def conv_ista_bwd(
 
     ring = None  # recompute mode: the one buffer of 2 (FISTA: 3) codes every replay writes
     if recompute:
-        # No second copy of x; and the replays' residual scratch is r, which each step rewrites after its replay.
-        fwd = _Forward(x_nhwc, weight, encoder_weight, lam, step, z0, g, nonneg, fista, residual=r)
+        # The replays read x channels first (two-pass) or make their own channels-last copy (tile kernels); their
+        # residual scratch is r, which each step rewrites after its replay.
+        fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista, residual=r)
         dot_w, dot_we = fwd.weight, fwd.encoder_weight  # already as the dots read them
         if z.numel() == 0:  # the autograd link keeps no z in recompute mode
             ring = fwd.run(n_iter, ring_size)
@@ -1701,7 +1714,7 @@ def conv_ista_bwd(
             y = z_k
         step_k = step[k].to(torch.float32)
 
-        synth(y, synth_w, r, "residual", x_nhwc, k)
+        synth(y, synth_w, r, "residual", x, k)
         grad_we = grad_we + step_k * weight_grad(r, gu)
         v = r
         synth(gu, synth_we, v, "vjp", r, k)  # in place; also grad_x += step_k v and the shares of <v, r_k>
