@@ -33,8 +33,9 @@ of two orders (_synth_tile): tap-major (one tap at a time, BLOCK_K channels; the
 in tap-major layouts) once the reduced channels number 16 or more, else (channel, tap) flattened, which keeps the
 tensor cores fed with 1-3 channels.
 
-Layout: every signal- and code-sized tensor a kernel touches is channels last ((B, H, W, C) in memory; the
-launchers convert with `_nhwc`), so a gathered tile's channels are contiguous: one 16-byte cp.async, one address and
+Layout: every signal- and code-sized tensor a kernel touches is channels last ((B, H, W, C) in memory; the launchers
+convert with `_nhwc`; the one exception is x in the two-pass synthesis's residual epilogue, read channels first once
+per element rather than copied), so a gathered tile's channels are contiguous: one 16-byte cp.async, one address and
 one mask move 4 of them, and stores are vectorised alike. z leaves contiguous; the saved iterates stay channels last
 inside a tensor of the contract's shape (`saved_iterates` reads them back).
 
@@ -52,8 +53,9 @@ forward on deep-layer and small-map (the TF32 tensor cores' floor is about 8x), 
 training step. Predictions, to be timed (bench/gpu_tune.py, group conv-strategy).
 
 Saved for backward: z_1 .. z_{n-1} in the input dtype (`saved`), or nothing in recompute mode, where the backward
-replays the forward from z_0 with the same kernels (bit-identical iterates, hence identical supports) and keeps
-three code buffers: O(n^2) iterations of compute, memory independent of n.
+replays the forward from z_0 with the same kernels (bit-identical iterates, hence identical supports) into a ring
+of two code buffers (FISTA: three, its momentum reads z_{k-1}): O(n^2) iterations of compute, memory independent
+of n.
 
 VJP of iteration k (g = dL/dz_{k+1}, gu = g [z_{k+1} != 0]; the active set needs no stored mask):
     r_k   = x - D y_k,       v = E^T gu = conv_transpose2d(gu, W_E)
@@ -65,18 +67,20 @@ VJP of iteration k (g = dL/dz_{k+1}, gu = g [z_{k+1} != 0]; the active set needs
     dstep_k = <gu, E r_k> + <lam_k, dth>,  computed as <v, r_k> + <lam_k, dth> (no analysis conv needed)
     dz_k += (1 + beta_k) dy,   dz_{k-1} -= beta_k dy
 The backward runs these per iteration with three conv kernels, the elementwise work in their epilogues:
-  - `_conv_synth_kernel` writes r_k ("residual"), then v ("vjp"), adding step_k v to dx and writing each program's
-    share of <v, r_k> while v is in registers;
+  - `_conv_synth_kernel` writes r_k ("residual"), then v ("vjp") over r_k in place (after the weight gradient
+    that reads r_k), adding step_k v to dx and writing each program's share of <v, r_k> while v is in registers;
   - `_conv_weight_grad_kernel` forms both weight gradients as split-K partials summed in a fixed order
     (deterministic, no atomics);
   - `_conv_analysis_kernel` ("vjp") forms dy and, in the same pass, FISTA's split of it between z_k and z_{k-1}
     (a carried code buffer), the next iteration's gu = dL/dz_k [z_k != 0] (over the current gu: one buffer) and
     that gu's shares of dth.
 Only FISTA's y_k (two passes) and the small reductions of the shares stay torch ops; the first gu and dth (from
-dL/dz_n) are formed once. Per iteration this replaced about ten code- and signal-sized torch passes (mask, where,
-sign, product and sum for dth; dx's update and the <v, r_k> product; FISTA's three), which on large batches move
-as many bytes as the convolutions do. Temporaries: r_k, v (signal-sized, fp32, reused) and gu (plus the carried
-buffer and y_k for FISTA). All accumulation is fp32; gradients are cast to the input dtypes at the end.
+dL/dz_n) are formed once, an eighth of the batch at a time. Per iteration this replaced about ten code- and
+signal-sized torch passes (mask, where, sign, product and sum for dth; dx's update and the <v, r_k> product; FISTA's
+three), which on large batches move as many bytes as the convolutions do. Temporaries: one signal-sized fp32 buffer
+for r_k and then v (also the replays' residual scratch) and gu (plus the carried buffer and y_k for FISTA, y_k in
+the replay ring's free slot in fp32 recompute mode); bench/triton_memory.py counts a training step's peak. All
+accumulation is fp32; gradients are cast to the input dtypes at the end.
 
 Launchers only use torch ops and `launch(...)` (`torch.library.wrap_triton`, recordable for AOT compilation: see
 triton/launch.py), so they can run inside a `torch.library.triton_op` and torch.compile can trace through them.
