@@ -148,7 +148,6 @@ def test_triton_sparsemax_every_candidate_slot_path(cap, causal, monkeypatch):
 @pytest.mark.parametrize("cap", [1, 4, 64])
 @pytest.mark.parametrize("causal", [False, True])
 def test_triton_gpu_sparsemax_every_candidate_slot_path(cap, causal, monkeypatch):
-    torch.backends.cuda.matmul.allow_tf32 = False
     _slot_paths_check("cuda", cap, monkeypatch, causal)
 
 
