@@ -151,6 +151,26 @@ def test_triton_gpu_sparsemax_every_candidate_slot_path(cap, causal, monkeypatch
     _slot_paths_check("cuda", cap, monkeypatch, causal)
 
 
+@pytest.mark.interpreter
+def test_triton_sparsemax_slots_in_batch_head_chunks(monkeypatch):
+    """Past _SLOT_BUDGET the forward launches (batch, head) chunks, each from its own bh0 over shared slots: with a
+    budget of two slices per launch, 6 slices take 3 launches and must give what one launch gives."""
+    from dsc_kernels.triton import sparse_attention as tsa
+
+    _prepare("triton")
+    q, k, v, th = (t.detach() for t in _problem(20, 23, 16, torch.float32, b=2, h=3))
+    whole = tsa.sparse_attention_fwd(q, k, v, th, None, "sparsemax", True, 0.25)
+    monkeypatch.setattr(tsa, "_SLOT_BUDGET", 2 * 20 * tsa._slots())
+    chunked = tsa.sparse_attention_fwd(q, k, v, th, None, "sparsemax", True, 0.25)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
+    want, want_stats = sparse_attention_fwd_ref(
+        q.double(), k.double(), v.double(), th.double(), None, "sparsemax", True, 0.25
+    )
+    torch.testing.assert_close(chunked[0].double(), want, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(chunked[1].double(), want_stats, atol=2e-5, rtol=2e-5)
+
+
 def _biases(b, h, n, m):
     """A key-padding bias (B, 1, 1, M) expanded, and a general float bias (N, M) broadcast over B and H."""
     gen = torch.Generator().manual_seed(3)
