@@ -477,44 +477,17 @@ def _fwd_kernel(
             pending = pending & (fits == 0) & (stops == 0)
             lo = tl.where(pending, t, lo)
             prev = cnt
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        if _any(wide[:, None]):
-            acc, _ = _output_sweep(
-                q,
-                k_base,
-                sk_n,
-                v_base,
-                sv_n,
-                b_base,
-                sb_n,
-                sb_m,
-                badk_base,
-                m,
-                lo,
-                wide,
-                offs_m,
-                offs_d,
-                offs_dv,
-                end_n,
-                N_Q,
-                N_K,
-                D,
-                DV,
-                scale,
-                CAUSAL,
-                HAS_BIAS,
-                False,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_DV,
-                UPCAST,
-                DOT_PREC,
-            )
         c = tl.where(has_key, m, float("inf"))
         t_row = tl.where(has_key, lo, float("inf"))
+        swept = wide  # their support outgrew the slots
     else:
         c = tl.zeros([BLOCK_M], tl.float32)
         t_row = c + tl.load(th_ptr + h).to(tl.float32)
+        swept = row_ok
+    # O of the rows left by one pass at their exact (c, t); shrink's pass also finds the rows that see a bad key or
+    # a NaN score (sparsemax's pass 1 did).
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    if not SPARSEMAX or _any(swept[:, None]):
         acc, bad = _output_sweep(
             q,
             k_base,
@@ -527,7 +500,7 @@ def _fwd_kernel(
             badk_base,
             c,
             t_row,
-            row_ok,
+            swept,
             offs_m,
             offs_d,
             offs_dv,
@@ -539,7 +512,7 @@ def _fwd_kernel(
             scale,
             CAUSAL,
             HAS_BIAS,
-            True,
+            not SPARSEMAX,
             BLOCK_M,
             BLOCK_N,
             BLOCK_DV,
