@@ -22,7 +22,18 @@ MAX_EXTENT = 2**31 - 1
 
 
 def values_readable(t: Tensor) -> bool:
-    return not torch.compiler.is_compiling() and t.device.type != "meta"
+    """Whether t's values can be read into Python now: not while tracing, not on meta, not per sample under vmap."""
+    return not torch.compiler.is_compiling() and t.device.type != "meta" and not _batched(t)
+
+
+def _batched(t: Tensor) -> bool:
+    """t is, or wraps, a vmap BatchedTensor (whose float() / item() raise)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
 
 
 def tensor(name: str, t: object, *, rank: int | None = None) -> Tensor:

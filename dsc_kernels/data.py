@@ -148,7 +148,8 @@ def dct_filters(n_filters: int, size: int, ndim: int = 1, dtype: torch.dtype = t
     pairs = sorted(((a, b) for a in range(size) for b in range(size)), key=lambda p: (p[0] + p[1], p))
     if n_filters > len(pairs):
         raise ValueError(f"at most {len(pairs)} 2-D DCT filters of size {size}")
-    return torch.stack([torch.outer(basis[a], basis[b]) for a, b in pairs[:n_filters]]).unsqueeze(1)
+    atoms = [torch.outer(basis[a], basis[b]) for a, b in pairs[:n_filters]]
+    return torch.stack(atoms).unsqueeze(1) if atoms else basis.new_zeros(0, 1, size, size)
 
 
 def random_filters(
@@ -214,6 +215,8 @@ def dictionary_chain(
             raise ValueError(
                 f"layer {j + 1}'s C_sig ({w.shape[1]}) must be layer {j}'s C_code ({weights[j - 1].shape[0]})"
             )
+    if strides is not None and not isinstance(strides, (list, tuple)):
+        raise TypeError(f"strides must be a list with one stride per layer, got {strides!r}")
     strides = list(strides) if strides is not None else [1] * len(weights)
     if len(strides) != len(weights):
         raise ValueError(f"strides needs one entry per layer ({len(weights)}), got {len(strides)}")
@@ -361,7 +364,8 @@ def sparse_codes(
         check.count(name, value, minimum)
     sep = check.count("min_separation", min_separation, 0)
     _seed(seed)
-    size = (code_size,) if isinstance(code_size, int) else tuple(code_size)
+    # one int (numpy and 0-d tensor ints too: check.count takes them) or a sequence of them
+    size = tuple(code_size) if isinstance(code_size, (list, tuple)) else (code_size,)
     if not size:
         raise ValueError("code_size must have at least one spatial axis")
     size = tuple(check.count("code_size", n, 1) for n in size)

@@ -165,6 +165,17 @@ def lasso_objective(
     return ref.lasso_objective_ref(x, z, weight, lam, stride, padding)
 
 
+def _tensors_in(value: object) -> tuple[Tensor, ...]:
+    """The tensors in an argument dict or list, nested ones included."""
+    if isinstance(value, Tensor):
+        return (value,)
+    if isinstance(value, dict):
+        value = value.values()
+    if isinstance(value, (list, tuple, type({}.values()))):
+        return tuple(t for v in value for t in _tensors_in(v))
+    return ()
+
+
 # -------------------------------------------------------------------------------------------------- conv-ISTA
 _LIPSCHITZ_CACHE = WeakIdKeyDictionary()
 
@@ -174,8 +185,8 @@ def _default_step(weight: Tensor, signal_size: tuple[int, ...], stride, padding)
     tensor with a copy of the values it was computed for, and reuse it only while the weight still equals that copy:
     one comparison instead of a power iteration, and it sees every change (an optimiser step, but also writes through
     ``.data``, which the version counter misses, and inference tensors, which have none). Under torch.compile the
-    power iteration is traced."""
-    if torch.compiler.is_compiling() or weight.device.type == "meta":
+    power iteration is traced, and so it is under vmap over the dictionary (one 1/L per sample)."""
+    if not check.values_readable(weight):
         lip = ref.lipschitz_power_iteration(weight, signal_size, stride, padding)
         return torch.where(lip > 0, 1.0 / lip, torch.ones_like(lip)).to(weight.dtype)
     geometry = (signal_size, stride, padding)
@@ -316,6 +327,7 @@ def conv_ista(
         x.dtype,
         prefers=cpu_cost.hook(x.shape, weight.shape, stride, padding, x.dtype, backward),
         memory_lean=recompute and backward,  # only a fused backward can replay instead of keeping
+        inputs=(x, weight, encoder_weight, z0, *value_tensors.values()),
     )
 
     given_step = step is not None
@@ -431,7 +443,7 @@ def _conv_ista_variant(
     dictionaries = args["weights"][0]
     if step is not None and dictionaries.shape[0] == 1:  # one shared D: ISTA on it, where step > 2/L diverges
         _warn_if_step_diverges(dictionaries[0], args["steps"][0], x.shape[2:], args["strides"], args["paddings"])
-    row = ops.select("conv_ista", backend, x.device, x.dtype, args.pop("features"))
+    row = ops.select("conv_ista", backend, x.device, x.dtype, args.pop("features"), inputs=(x, *_tensors_in(args)))
     ml_row = ops.select("ml_ista", row.name, x.device, x.dtype)
     return ml_ista_ops.run(ml_row, x, nonneg=nonneg, fista=fista, project=True, recompute=recompute, **args)[0]
 
@@ -495,7 +507,7 @@ def ml_ista(
         interleaved=interleaved,
         default_step=_default_step,
     )
-    row = ops.select("ml_ista", backend, x.device, x.dtype)
+    row = ops.select("ml_ista", backend, x.device, x.dtype, inputs=(x, *_tensors_in(args)))
     geometry = args.pop("geometry")
     # Only the interleaved iteration runs ISTA on each layer's own code, where c_j > 2/L_j diverges. The projected one
     # steps the deepest code by c_1 ... c_L on D_1 ... D_L: a per-layer bound neither implies nor rules out its
@@ -565,7 +577,7 @@ def sparse_attention(
     )
     bias = attention_args.score_bias(q, k.shape[2], key_padding_mask, attn_mask)
     features = ("mask_grad",) if bias is not None and bias.requires_grad and torch.is_grad_enabled() else ()
-    row = ops.select("sparse_attention", backend, q.device, q.dtype, features)
+    row = ops.select("sparse_attention", backend, q.device, q.dtype, features, inputs=(q, k, v, threshold, bias))
     return sparse_attention_ops.run(row, q, k, v, threshold, bias, mode, causal, scale)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch._library.infer_schema import infer_schema
 
 import dsc_kernels.functional as DF
@@ -172,9 +173,9 @@ def test_the_backend_list_in_errors_says_which_name_is_not_built():
 
 def test_auto_takes_the_reference_inside_torch_func(monkeypatch):
     """torch.func.grad / jacrev through `auto`: PyTorch's custom-op autograd supports no gradient transform (a fused
-    op raises its own "must override the setup_context staticmethod"), so inside a transform auto runs the reference,
-    and outside it the fused op still. The gradients are the ordinary backward's; a fused backend named explicitly
-    still runs as asked."""
+    op raised its own "must override the setup_context staticmethod", and under jvp returned zeros), so inside a
+    transform auto runs the reference, and outside it the fused op still. The gradients are the ordinary backward's;
+    a fused backend named explicitly raises our ValueError naming the transform."""
     if ops.unavailable_reason("conv_ista", "cpp", "cpu") is not None:
         pytest.skip("the C++ extension is not available")
     monkeypatch.delenv("DSC_KERNELS_BACKEND", raising=False)
@@ -196,5 +197,73 @@ def test_auto_takes_the_reference_inside_torch_func(monkeypatch):
     q = torch.randn(1, 2, 6, 4, generator=gen, dtype=torch.float64)
     jac = torch.func.jacrev(lambda q: DF.sparse_attention(q, q, q).sum(-1))(q)
     assert jac.shape == (1, 2, 6, 1, 2, 6, 4) and torch.isfinite(jac).all()
-    with pytest.raises(RuntimeError, match="setup_context"):
+    with pytest.raises(ValueError, match="backend='cpp' cannot run a torch.func gradient transform"):
         torch.func.grad(lambda w: DF.conv_ista(x, w, 0.05, n_iter=3, padding=1, backend="cpp").sum())(w)
+    with pytest.raises(ValueError, match="backend='cpp' cannot run a torch.func gradient transform"):
+        torch.func.jvp(lambda w: DF.conv_ista(x, w, 0.05, n_iter=3, padding=1, backend="cpp"), (w,), (w,))
+
+
+def _forward_ad_cases(gen):
+    x = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64)
+    w = 0.2 * torch.randn(4, 3, 3, 3, generator=gen, dtype=torch.float64)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    ml = [w, 0.3 * torch.randn(5, 4, 3, 3, generator=gen, dtype=torch.float64)]
+    return {
+        "conv_ista": (lambda w, b: DF.conv_ista(x, w, 0.05, n_iter=3, step=0.4, padding=1, backend=b), w),
+        "conv_ista_fista_step": (
+            lambda s, b: DF.conv_ista(x, w, 0.05, n_iter=3, step=s, padding=1, fista=True, backend=b),
+            torch.tensor(0.3, dtype=torch.float64),
+        ),
+        "ml_ista": (
+            lambda w0, b: DF.ml_ista(x, [w0, ml[1]], [0.05, 0.05], n_iter=2, steps=[0.3, 0.3], backend=b)[-1],
+            w,
+        ),
+        "sparse_attention": (lambda q, b: DF.sparse_attention(q, k, v, backend=b), q),
+    }
+
+
+@pytest.mark.parametrize("case", ["conv_ista", "conv_ista_fista_step", "ml_ista", "sparse_attention"])
+def test_forward_mode_tangents_are_never_dropped(case, monkeypatch):
+    """torch.autograd.forward_ad through a fused op: its autograd is reverse-mode only, and a tangent passed through
+    it was silently dropped (z had no tangent: a zero derivative, also through `auto`, which picked cpp). `auto`
+    now takes the reference for an input with a tangent, giving the directional derivative of finite differences;
+    an explicit fused backend raises; a dual level without a tangent on the call's inputs still runs the fused op."""
+    if ops.unavailable_reason("conv_ista", "cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not available")
+    monkeypatch.delenv("DSC_KERNELS_BACKEND", raising=False)
+    f, primal = _forward_ad_cases(torch.Generator().manual_seed(1))[case]
+    direction = torch.randn(primal.shape, generator=torch.Generator().manual_seed(2), dtype=primal.dtype)
+    with fwAD.dual_level():
+        out = f(fwAD.make_dual(primal, direction), "auto")
+        tangent = fwAD.unpack_dual(out).tangent
+        with pytest.raises(ValueError, match="backend='cpp' cannot run forward-mode AD"):
+            f(fwAD.make_dual(primal, direction), "cpp")
+        plain = f(primal, "cpp")  # no tangent on the inputs: the fused op runs
+    assert tangent is not None
+    eps = 1e-6
+    numeric = (f(primal + eps * direction, "reference") - f(primal - eps * direction, "reference")) / (2 * eps)
+    torch.testing.assert_close(tangent, numeric, atol=1e-6, rtol=1e-5)
+    assert tangent.abs().sum() > 0
+    torch.testing.assert_close(plain, f(primal, "reference"))
+
+
+def test_vmap_over_the_dictionary_with_the_default_step(monkeypatch):
+    """vmap over weights: the default step's power iteration and the divergence warning read the weight's values,
+    which a BatchedTensor refuses (float()/item() raised). Each sample now gets its own 1/L, as one call per sample
+    does, and the explicit-cpp path still runs one sample at a time."""
+    monkeypatch.delenv("DSC_KERNELS_BACKEND", raising=False)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1, 8, 8, generator=gen, dtype=torch.float64)
+    ws = (
+        0.3
+        * torch.randn(3, 4, 1, 3, 3, generator=gen, dtype=torch.float64)
+        * torch.tensor([1.0, 2.0, 0.5]).view(3, 1, 1, 1, 1)
+    )
+    one_by_one = torch.stack([DF.conv_ista(x, w, 0.05, n_iter=3, padding=1) for w in ws])
+    torch.testing.assert_close(torch.func.vmap(lambda w: DF.conv_ista(x, w, 0.05, n_iter=3, padding=1))(ws), one_by_one)
+    by_ml = torch.func.vmap(lambda w: DF.ml_ista(x, [w], [0.05], n_iter=3, paddings=[1])[0])(ws)
+    assert by_ml.shape == one_by_one.shape and torch.isfinite(by_ml).all()
+    with_step = torch.stack([DF.conv_ista(x, w, 0.05, n_iter=3, step=0.2, padding=1) for w in ws])
+    torch.testing.assert_close(
+        torch.func.vmap(lambda w: DF.conv_ista(x, w, 0.05, n_iter=3, step=0.2, padding=1))(ws), with_step
+    )

@@ -143,3 +143,18 @@ def test_dsc_problem_with_tight_default_separation():
         D.dsc_problem(ds, 2, batch=0)
     with pytest.raises(ValueError, match="dictionaries"):
         D.dsc_problem([], 2)
+
+
+def test_edge_sizes_and_argument_forms():
+    """Zero 2-D DCT filters are an empty dictionary (torch.stack of none raised); a numpy or 0-d tensor int is a
+    code size as a Python int is (iterating it raised a bare TypeError); a bare int for the per-layer strides is
+    refused naming the argument."""
+    import numpy as np
+
+    assert D.dct_filters(0, 3, ndim=2).shape == (0, 1, 3, 3)
+    assert D.dct_filters(0, 3, ndim=1).shape == (0, 1, 3)
+    for size in (5, np.int64(5), torch.tensor(5)):
+        codes = D.sparse_codes(2, 1, size, 1, seed=0)
+        assert codes.shape == (2, 1, 5) and (codes != 0).sum(dim=(1, 2)).tolist() == [1, 1]
+    with pytest.raises(TypeError, match="strides must be a list"):
+        D.dictionary_chain([torch.randn(2, 1, 3, dtype=torch.float64)], 6, strides=2)

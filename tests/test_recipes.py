@@ -304,3 +304,18 @@ def test_metrics_record_the_backend_that_ran(cpu_only, monkeypatch, tmp_path):
     monkeypatch.setenv("DSC_KERNELS_BACKEND", "reference")
     metrics = digits.train("dsc", 1, 0, tmp_path / "env", "auto", run, subset=SUBSET)
     assert metrics["backend"] == "reference"
+
+
+def test_evaluate_keeps_the_callers_mode():
+    """evaluate ran the model in eval mode and then always switched it to training: a loaded model (eval) drifted
+    afterwards, its DSC layers re-tracking their step on every forward."""
+    torch.manual_seed(0)
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    for training in (False, True):
+        model = digits.DigitsNet("dsc").train(training)
+        digits.evaluate(model, x, y)
+        assert model.training is training
+    model = digits.DigitsNet("dsc").eval()
+    before = model(x)
+    digits.evaluate(model, x, y)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)

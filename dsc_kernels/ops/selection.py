@@ -9,7 +9,9 @@
   with a one-time warning when a preferred fused backend cannot run. Dtype is checked before availability, so a dtype a
   backend cannot use never triggers its build. Under a ``torch.func`` transform (grad, jacrev, jvp, vmap) ``auto``
   takes the reference: PyTorch's custom-op autograd supports none of the gradient transforms, and vmap of eager ops
-  runs batched where the fused ops would run one sample at a time.
+  runs batched where the fused ops would run one sample at a time. So does a call with a forward-mode tangent
+  (``torch.autograd.forward_ad``), which the fused ops' reverse-mode autograd would drop; an explicit fused backend
+  raises a ``ValueError`` there, and under every transform but ``vmap``.
 """
 
 from __future__ import annotations
@@ -170,6 +172,7 @@ def select(
     *,
     prefers: Callable[[str], bool] | None = None,
     memory_lean: bool = False,
+    inputs: tuple[object, ...] = (),
 ) -> Backend:
     """The row that runs a ``family`` call with this ``backend`` argument on ``device``/``dtype`` tensors, among the
     rows that run every variant in ``features`` (table.CONV_ISTA_VARIANTS and the like).
@@ -177,8 +180,10 @@ def select(
     ``prefers(name)``, when given, is the call's cost model (e.g. ``cpu_cost.hook``): ``auto`` skips a candidate
     it declines. ``memory_lean`` (a backward in recompute mode was asked for): ``auto`` skips the rows whose
     backward is autograd through eager ops (they keep every intermediate) whatever the cost model says, and falls
-    back to the reference only where no fused row runs."""
+    back to the reference only where no fused row runs. ``inputs``: the call's tensors, read for forward-mode
+    tangents (``_autodiff_need``)."""
     name, origin = _requested(backend)
+    need = _autodiff_need(inputs)
     dtype = _running_dtype(device, dtype)
     names = {r.name for r in table.rows(family)}
     if name != "auto":
@@ -200,8 +205,14 @@ def select(
         row = table.row(family, name)
         if not _supports(row, dtype):
             raise TypeError(f"{asked} supports {', '.join(map(str, row.dtypes))}, got {dtype}")
+        if need is not None and row.eager is None:
+            raise ValueError(
+                f"{asked} cannot run {need}: the fused ops support reverse-mode autograd (backward(), "
+                "torch.autograd.grad) and vmap only, and a forward-mode tangent through them would be dropped (a "
+                "silently zero derivative); use backend='reference' or 'auto'"
+            )
         return _registered(row)
-    if _functorch_active():
+    if need is not None or _functorch_active():
         return table.row(family, "reference")
     for candidate in table.auto_preference(family, device.type):
         if candidate not in names:  # a family need not have a row for every backend
@@ -218,6 +229,22 @@ def select(
             _warned.add(candidate)
             _warnings.warn(f"dsc_kernels: backend 'auto' is not using {candidate} because {reason}")
     return table.row(family, "reference")
+
+
+def _autodiff_need(inputs: tuple[object, ...]) -> str | None:
+    """What only an eager row's autograd gives this call, or None: forward-mode AD (an input carries a tangent of
+    torch.autograd.forward_ad) or a torch.func gradient transform (grad, jacrev, jvp, ...). The fused ops' autograd
+    is reverse-mode only: a tangent passes through them dropped, so jvp returned zeros, and grad raised PyTorch's
+    own "must override the setup_context staticmethod". vmap alone runs them one sample at a time."""
+    if _functorch_active():
+        stack = torch._C._functorch.get_interpreter_stack() or []
+        if any(i.key() != torch._C._functorch.TransformType.Vmap for i in stack):
+            return "a torch.func gradient transform (grad, jacrev, jvp, jacfwd, hessian)"
+    if torch.autograd.forward_ad._current_level >= 0:
+        unpack = torch.autograd.forward_ad.unpack_dual
+        if any(isinstance(t, torch.Tensor) and unpack(t).tangent is not None for t in inputs):
+            return "forward-mode AD (an input carries a torch.autograd.forward_ad tangent)"
+    return None
 
 
 def _functorch_active() -> bool:

@@ -101,11 +101,12 @@ def evaluate(model: DigitsNet, x: Tensor, y: Tensor) -> dict:
     # a y of another length or shape would broadcast against the predictions into a wrong accuracy
     if x.dim() == 0 or len(x) == 0 or y.shape != x.shape[:1]:
         raise ValueError(f"x must hold B >= 1 samples and y their B labels, got {tuple(x.shape)} and {tuple(y.shape)}")
+    was_training = model.training
     model.eval()
     with sparsity.SparsityMonitor(model, model.feature_modules()) as monitor:
         logits = torch.cat([model(chunk) for chunk in x.split(256)])
     per_layer = monitor.summary("eval")
-    model.train()
+    model.train(was_training)  # the caller's mode: a loaded model stays in eval
     return {
         "accuracy": float((logits.argmax(1) == y).float().mean()),
         "sparsity": monitor.mean(per_layer),
