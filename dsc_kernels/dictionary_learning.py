@@ -189,7 +189,8 @@ def learn_conv_dictionary(
     elif not bool(torch.isfinite(init).all()):
         raise ValueError("init must be finite (it holds NaN or inf)")
     else:
-        zero = (init.flatten(1).norm(dim=1) == 0).nonzero().flatten().tolist()
+        # entries, not norms: a tiny atom's squared norm underflows to 0 without the atom being zero
+        zero = (~(init.flatten(1) != 0).any(dim=1)).nonzero().flatten().tolist()
         if zero:
             raise ValueError(f"init atoms {zero} are zero: a zero atom gets no code and no gradient and never moves")
     weight = _project_atoms(init.to(device=x.device, dtype=x.dtype))

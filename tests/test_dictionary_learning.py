@@ -95,6 +95,9 @@ def test_degenerate_inputs_raise_naming_the_argument():
     for init in (torch.zeros(4, 1, 3, 3), torch.cat([torch.randn(3, 1, 3, 3), torch.zeros(1, 1, 3, 3)])):
         with pytest.raises(ValueError, match="init"):  # used to be ZeroDivisionError (all zero) or a dead atom
             learn_conv_dictionary(x, 4, 3, 0.1, n_outer=1, init=init)
+    # non-zero atoms whose float32 squared norms underflow are not called zero: the error says to rescale
+    with pytest.raises(ValueError, match="rescale init"):
+        learn_conv_dictionary(x, 4, 3, 0.1, n_outer=1, init=1e-25 * torch.randn(4, 1, 3, 3))
     with pytest.raises(ValueError, match="kernel_size"):
         learn_conv_dictionary(x, 4, 13, 0.1, n_outer=1)
     with pytest.raises(ValueError, match="kernel_size"):
