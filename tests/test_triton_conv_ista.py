@@ -298,6 +298,40 @@ def test_save_and_recompute_agree_bitwise(launch, device):
         assert torch.equal(g_save[name], g_rec[name]), name
 
 
+@pytest.mark.parametrize(
+    "case",
+    [dict(rank=2, z0=True, untied=True), dict(rank=2, fista=True, recompute=True), dict(rank=1, size=(1, 13))],
+    ids=["z0-untied", "fista-recompute", "1d"],
+)
+def test_batch_beyond_the_int32_limit_runs_in_chunks(case, device, monkeypatch):
+    """The kernels' offsets are int32: a batch whose buffers would hold 2**31 elements or more (on a GPU: a big
+    batch with many saved iterates) runs as several calls of at most max_batch_items items. Simulated with the
+    limit lowered so that 2 of the 5 items fit."""
+    from dsc_kernels.triton import conv_ista as tci
+
+    opts = dict(case)
+    recompute = opts.pop("recompute", False)
+    p = _problem(batch=5, kink_free=True, device=device, **opts)
+    args, (stride, padding, _, fista) = _canonical(p)
+    x, weight = args[0].float(), args[1].float()
+    checkpoint = 0 if recompute else 1
+
+    def items_per_call(max_index: int) -> int:
+        monkeypatch.setattr(tci, "_MAX_INDEX", max_index)
+        return tci.max_batch_items(x, weight, stride, padding, 2, fista, checkpoint)
+
+    limit = next(v for v in range(2, 1 << 20) if items_per_call(v) == 2)
+    monkeypatch.setattr(tci, "_MAX_INDEX", limit)
+    with pytest.raises(ValueError, match="split the batch"):  # the whole batch in one call is beyond the limit
+        tci.conv_ista_fwd(x, weight, *[a.float() for a in args[2:]], stride, padding, p["nonneg"], fista, checkpoint)
+    _compare(p, recompute=recompute)
+
+    # Not even one item fits: a clear error before any kernel runs.
+    monkeypatch.setattr(tci, "_MAX_INDEX", 8)
+    with pytest.raises(ValueError, match="a single item"):
+        _run(p, torch.float32, "triton", recompute)
+
+
 @pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
 @pytest.mark.parametrize("forward", ["single-launch", "tiles", "two-pass"])
 def test_recompute_training_step_peaks_below_save_mode(forward, device, fista):

@@ -127,17 +127,30 @@ def run(
     keep = row.residual_policy is not None and checkpoint > 0
     if keep and implementation(row.residual_policy)(x.shape, weight.shape, stride, padding):
         checkpoint |= KEEP_RESIDUALS
-    z, _ = op_pair(row.name).forward(
-        x.contiguous(),
-        weight.contiguous(),
-        encoder_weight.contiguous(),
-        lam,
-        step,
-        z0,
-        list(stride),
-        list(padding),
-        nonneg,
-        fista,
-        checkpoint,
-    )
+    x, weight, encoder_weight = x.contiguous(), weight.contiguous(), encoder_weight.contiguous()
+    forward = op_pair(row.name).forward
+    batch = x.shape[0]
+    items = batch
+    if row.batch_limit is not None:
+        items = implementation(row.batch_limit)(x, weight, stride, padding, step.shape[0], fista, checkpoint)
+        if items < 1 and batch > 0:
+            raise ValueError(
+                f"conv_ista: backend={row.name!r} addresses fewer than 2**31 elements per buffer, and a single item "
+                f"of x {tuple(x.shape)} with weight {tuple(weight.shape)} and {step.shape[0]} iterations needs more; "
+                "use backend='reference' or split the signal"
+            )
+
+    def solve(xb: Tensor, z0b: Tensor) -> Tensor:
+        return forward(
+            xb, weight, encoder_weight, lam, step, z0b, list(stride), list(padding), nonneg, fista, checkpoint
+        )[0]
+
+    if batch <= items:
+        z = solve(x, z0)
+    else:
+        # Items are independent problems: the batch runs as several calls, whose gradients autograd sums for the
+        # shared tensors (dictionaries, lam, step).
+        z = torch.cat(
+            [solve(x[b : b + items], z0[b : b + items] if z0.numel() > 0 else z0) for b in range(0, batch, items)]
+        )
     return z.squeeze(2) if one_d else z

@@ -260,8 +260,9 @@ def _register(family: str, name: str) -> str:
         FAMILY_MODULES[family].op_pair(name)
     else:
         implementation(row.eager)
-    if row.residual_policy is not None:
-        implementation(row.residual_policy)  # looked up on every call: its import must not happen inside a trace
+    for rule in (row.residual_policy, row.batch_limit):
+        if rule is not None:
+            implementation(rule)  # looked up on every call: its import must not happen inside a trace
     return name
 
 

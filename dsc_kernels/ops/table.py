@@ -67,6 +67,10 @@ class Backend:
     residual_policy: str | None = None
     # The checkpoint intervals the backward accepts (None: any).
     checkpoints: tuple[int, ...] | None = None
+    # conv-ISTA: "module:function" of a rule (x, weight, stride, padding, n_iter, fista, checkpoint) -> int giving the
+    # most batch items one call of the ops takes (kernels with int32 offsets); larger batches run as several calls.
+    # None: no limit.
+    batch_limit: str | None = None
     # The family's variants this row runs (CONV_ISTA_VARIANTS and the like); a call needing others skips the row.
     features: tuple[str, ...] = ()
 
@@ -123,6 +127,7 @@ TABLE: tuple[Backend, ...] = (
         backward_impl="dsc_kernels.triton.conv_ista:conv_ista_bwd",
         save_interval=(1, 1),
         checkpoints=(0, 1),
+        batch_limit="dsc_kernels.triton.conv_ista:max_batch_items",
     ),
     # ------------------------------------------------------------------------------------------ sparse attention
     Backend(

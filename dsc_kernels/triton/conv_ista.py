@@ -1481,6 +1481,33 @@ def _check_checkpoint(checkpoint: int, *, backward: bool) -> None:
         )
 
 
+def max_batch_items(
+    x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], n_iter: int, fista: bool, checkpoint: int
+) -> int:
+    """The most batch items one call of conv_ista_fwd / conv_ista_bwd can take: every buffer a kernel indexes holds
+    fewer than 2**31 elements (int32 offsets). ops.conv_ista.run splits a larger batch into calls of at most this
+    many items (0: a single item is too large). x: (B, C_sig, H, W); weight: (C_code, C_sig, kh, kw); the rest as
+    the ops take them. Per item: the signal-sized buffers (x, r, grad_x), the code buffer of the saved iterates
+    (n + 1 codes) or of the replay ring, the programs of the per-position grids, and the tile forward's residual
+    slabs; the checks of _geom, _Forward and conv_ista_bwd are the same bounds on the whole batch."""
+    _, C_sig, H, W = x.shape
+    C_code, _, kh, kw = weight.shape
+    ph, pw = int(padding[0]), int(padding[1])
+    # The stride as _check_inputs clamps it: the slabs are sized by it.
+    sh, sw = min(int(stride[0]), H + 2 * ph - kh + 1), min(int(stride[1]), W + 2 * pw - kw + 1)
+    hz, wz = code_size((H, W), (kh, kw), (sh, sw), (ph, pw))
+    code_item = C_code * hz * wz
+    n_codes = n_iter + 1 if checkpoint == 1 else _replay_ring(fista)
+    block_p = conv_config(C_sig, C_code, kh, kw).BLOCK_P
+    per_item = [C_sig * H * W, code_item * n_codes, triton.cdiv(hz * wz, block_p) * C_code, triton.cdiv(H * W, block_p)]
+    strategy = forward_strategy(C_sig, C_code, code_item * x.element_size())
+    if strategy != "two-pass":
+        cfg = fwd_config(C_sig, C_code, kh, kw)
+        programs = 1 if strategy == "single-launch" else triton.cdiv(hz, cfg.TH) * triton.cdiv(wz, cfg.TW)
+        per_item.append(programs * C_sig * ((cfg.TH - 1) * sh + kh) * ((cfg.TW - 1) * sw + kw))
+    return (_MAX_INDEX - 1) // max(1, *per_item)
+
+
 def conv_ista_fwd(
     x: Tensor,
     weight: Tensor,
