@@ -113,7 +113,10 @@ def hoyer(t: Tensor, dim: int | Sequence[int] | None = None) -> Tensor:
     # where() on both sides: the all-zero branch must not see 0/0 or sqrt'(0), whose NaN/inf would leak into grads
     ratio = l1 / torch.where(zero, torch.ones_like(sq), sq).sqrt()
     # equal magnitudes give ratio = sqrt(n) up to rounding, which can land a hair outside [0, 1]; clamp keeps NaN
-    value = ((math.sqrt(n) - ratio) / (math.sqrt(n) - 1)).clamp(0.0, 1.0)
+    # The last step in float64: in float32 a single non-zero (ratio exactly 1) gave 0.99999994, the numerator
+    # rounded to float32 and the denominator not. One value per slice, so this costs nothing.
+    wide = ratio.double() if ratio.dtype == torch.float32 else ratio
+    value = ((math.sqrt(n) - wide) / (math.sqrt(n) - 1)).clamp(0.0, 1.0).to(ratio.dtype)
     value = torch.where(zero, torch.ones_like(ratio), value)
     return value if low is None else value.to(low)
 
@@ -136,9 +139,15 @@ def _tensors(output) -> list[Tensor]:
 
 
 def _named(modules: Mapping[str, nn.Module] | Iterable[nn.Module] | nn.Module) -> dict[str, nn.Module]:
-    if isinstance(modules, nn.Module):
+    # ModuleDict and ModuleList are modules with no forward of their own: a hook on them would never fire, so they
+    # stand for the modules they hold.
+    if isinstance(modules, nn.ModuleDict):
+        named = dict(modules.items())
+    elif isinstance(modules, nn.ModuleList):
+        named = {str(i): m for i, m in enumerate(modules)}
+    elif isinstance(modules, nn.Module):
         return {"": modules}
-    if isinstance(modules, Mapping):
+    elif isinstance(modules, Mapping):
         named = dict(modules)
     elif isinstance(modules, Iterable) and not isinstance(modules, (str, bytes)):
         named = {str(i): m for i, m in enumerate(modules)}
@@ -157,9 +166,10 @@ class ActivationL1:
     >>> reg = ActivationL1({"act1": model.act1, "act2": model.act2}, weight=1e-3)
     >>> loss = F.cross_entropy(model(x), y) + reg.pop()   # the penalty of the forwards since the last pop
 
-    Outputs are recorded only while grad is enabled (training forwards). Empty outputs (an empty batch) and
-    non-float ones (indices) hold no activations to penalise and are skipped. ``remove()`` (or leaving a ``with``
-    block) detaches the hooks.
+    ``modules``: a module, a dict or ``nn.ModuleDict`` name -> module, or a list or ``nn.ModuleList`` of modules (a
+    container stands for the modules it holds: it has no forward of its own to hook). Outputs are recorded only while
+    grad is enabled (training forwards). Empty outputs (an empty batch) and non-float ones (indices) hold no
+    activations to penalise and are skipped. ``remove()`` (or leaving a ``with`` block) detaches the hooks.
     """
 
     def __init__(self, modules: Mapping[str, nn.Module] | Iterable[nn.Module], weight: float):
@@ -333,7 +343,7 @@ class SparsityMonitor:
     ...         monitor.end_epoch()           # appends {"train": {...}, "eval": {...}} to monitor.history
     >>> monitor.summary("eval")                # {layer name: zero fraction} of the forwards since the last epoch end
 
-    ``modules``: the modules to watch (a dict name -> module, or None for every ``SPARSE_MODULES`` instance in
+    ``modules``: the modules to watch (a dict or ``nn.ModuleDict`` name -> module, or None for every ``SPARSE_MODULES`` instance in
     ``model``, named as in ``named_modules``). Counts accumulate on the tensors' device (no sync per forward).
     A monitor can be entered again after its block ends (history and counts carry on), but not inside its own
     block: that raises RuntimeError. Hooks are removed whenever the block is left, by an exception too.
@@ -342,15 +352,17 @@ class SparsityMonitor:
     def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module] | None = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if modules is not None and not isinstance(modules, Mapping):
-            raise TypeError(f"modules must be a dict name -> module (or None), got {type(modules).__name__}")
+        if modules is not None and not isinstance(modules, (Mapping, nn.ModuleDict)):
+            raise TypeError(
+                f"modules must be a dict (or nn.ModuleDict) name -> module, or None, got {type(modules).__name__}"
+            )
         if modules is None:
             modules = {
                 name or type(model).__name__: m for name, m in model.named_modules() if isinstance(m, SPARSE_MODULES)
             }
-        if not modules:
-            raise ValueError("no modules to monitor: pass modules={name: module}")
         self.modules = _named(modules)
+        if not self.modules:
+            raise ValueError("no modules to monitor: pass modules={name: module}")
         self.history: list[dict[str, dict[str, float]]] = []
         self._counts: dict[tuple[str, str], list] = {}
         self._handles: list = []

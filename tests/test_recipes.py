@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dsc_kernels import recipes
 from dsc_kernels.recipes import data, denoise, digits, engine
@@ -319,3 +320,24 @@ def test_evaluate_keeps_the_callers_mode():
     before = model(x)
     digits.evaluate(model, x, y)
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+
+
+def test_denoise_evaluate_runs_on_the_models_device_and_keeps_its_mode():
+    """evaluate fed the model CPU photographs whatever its device (a CUDA run crashed after training) and always
+    left it in training mode. A stand-in model on the meta device records where its input lives."""
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = nn.Parameter(torch.empty(1, device="meta"))
+            self.devices: list[torch.device] = []
+
+        def forward(self, x):
+            self.devices.append(x.device)
+            return torch.zeros(x.shape)
+
+    for training in (False, True):
+        model = Recorder().train(training)
+        psnrs = denoise.evaluate(model, 0)
+        assert model.devices and all(d.type == "meta" for d in model.devices)
+        assert len(psnrs) == len(model.devices) and model.training is training

@@ -23,10 +23,17 @@ def test_hoyer_measure():
     assert float(sparsity.hoyer(torch.tensor([0.0, 0.0, 5.0, 0.0]))) == pytest.approx(1.0)
     assert float(sparsity.hoyer(torch.tensor([-2.0, 2.0, 2.0, -2.0]))) == pytest.approx(0.0, abs=1e-6)
     # [3, 4]: l1 = 7, l2 = 5, n = 2
-    assert float(sparsity.hoyer(torch.tensor([3.0, 4.0]))) == pytest.approx((math.sqrt(2) - 1.4) / (math.sqrt(2) - 1))
+    expected = (math.sqrt(2) - 1.4) / (math.sqrt(2) - 1)
+    assert float(sparsity.hoyer(torch.tensor([3.0, 4.0], dtype=torch.float64))) == pytest.approx(expected, rel=1e-12)
+    assert float(sparsity.hoyer(torch.tensor([3.0, 4.0]))) == pytest.approx(expected, abs=1e-7)  # float32's ulp at 1
     rows = sparsity.hoyer(torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]), dim=1)
     torch.testing.assert_close(rows, torch.tensor([1.0, 0.0]))
     assert float(sparsity.hoyer(torch.zeros(5))) == 1.0
+    # exactly 1 for one non-zero in every dtype (float32 rounding once gave 0.99999994)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool):
+        single = torch.zeros(7, dtype=dtype)
+        single[3] = 1
+        assert sparsity.hoyer(single).item() == 1.0, dtype
 
 
 def test_activation_l1_penalty_collects_chosen_outputs_only_with_grad():
@@ -44,6 +51,22 @@ def test_activation_l1_penalty_collects_chosen_outputs_only_with_grad():
     assert reg.pop() == 0.0  # hooks removed on leaving the block
     with pytest.raises(ValueError, match="weight"):
         sparsity.ActivationL1([first], weight=-1.0)
+
+
+@pytest.mark.parametrize("container", [nn.ModuleList, nn.ModuleDict])
+def test_module_containers_stand_for_the_modules_they_hold(container):
+    """A ModuleList/ModuleDict has no forward: hooked itself, ActivationL1 penalised nothing, silently."""
+    first, second = nn.Identity(), nn.Identity()
+    held = container([first, second]) if container is nn.ModuleList else container({"a": first, "b": second})
+    with sparsity.ActivationL1(held, weight=1.0) as reg:
+        first(torch.tensor([1.0, -3.0]))
+        second(torch.tensor([4.0]))
+        assert float(reg.pop()) == pytest.approx(2 + 4)
+    if container is nn.ModuleDict:
+        with sparsity.SparsityMonitor(nn.Sequential(first, second), held) as monitor:
+            first(torch.tensor([0.0, 1.0]))
+            second(torch.tensor([2.0]))
+            assert monitor.summary("train") == {"a": 0.5, "b": 0.0}
 
 
 def test_activation_l1_is_differentiable():

@@ -221,9 +221,13 @@ def training_patches(seed: int) -> Tensor:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, seed: int) -> dict[str, float]:
+    """PSNR (dB) of the model's output on each test photograph, noisy at SIGMA with ``seed``'s noise. The model runs
+    in eval mode on its own device; the caller's mode is restored (a loaded model stays in eval)."""
+    device = next(model.parameters()).device
+    was_training = model.training
     model.eval()
-    out = {name: psnr(clean, model(noisy).cpu()) for name, (clean, noisy) in test_images(seed).items()}
-    model.train()
+    out = {name: psnr(clean, model(noisy.to(device)).cpu()) for name, (clean, noisy) in test_images(seed).items()}
+    model.train(was_training)
     return out
 
 
