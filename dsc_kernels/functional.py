@@ -126,9 +126,9 @@ def lipschitz_constant(
 
     Power iteration approaches ||D||_2^2 from below: a convolution's spectrum has no gap at its top, so after the
     default 100 iterations the estimate can still be about 1% low (0.03-1.1% measured against an SVD, the most on
-    tiny problems; more ``n_iter`` closes it). The default step 1/L is then that much above 1/||D||_2^2, well inside ISTA's convergence range
-    (step < 2/||D||_2^2); the rates that assume step <= 1/||D||_2^2 (docs/theory.md) need a step scaled down by
-    that margin, or a larger ``n_iter``.
+    tiny problems; more ``n_iter`` closes it). The default step 1/L is then that much above 1/||D||_2^2, well
+    inside ISTA's convergence range (step < 2/||D||_2^2); the rates that assume step <= 1/||D||_2^2
+    (docs/theory.md) need a step scaled down by that margin, or a larger ``n_iter``.
 
     weight: (C_code, C_sig, *k); signal_size: the spatial size of x.
     """

@@ -343,8 +343,9 @@ class SparsityMonitor:
     ...         monitor.end_epoch()           # appends {"train": {...}, "eval": {...}} to monitor.history
     >>> monitor.summary("eval")                # {layer name: zero fraction} of the forwards since the last epoch end
 
-    ``modules``: the modules to watch (a dict or ``nn.ModuleDict`` name -> module, or None for every ``SPARSE_MODULES`` instance in
-    ``model``, named as in ``named_modules``). Counts accumulate on the tensors' device (no sync per forward).
+    ``modules``: the modules to watch (a dict or ``nn.ModuleDict`` name -> module, or None for every
+    ``SPARSE_MODULES`` instance in ``model``, named as in ``named_modules``). Counts accumulate on the tensors'
+    device (no sync per forward).
     A monitor can be entered again after its block ends (history and counts carry on), but not inside its own
     block: that raises RuntimeError. Hooks are removed whenever the block is left, by an exception too.
     """
