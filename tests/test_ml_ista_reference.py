@@ -174,6 +174,28 @@ def test_hand_written_vjp_matches_autograd(case, recompute):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-11, msg=lambda m: f"{case}: {name}: {m}")
 
 
+@pytest.mark.parametrize("case", ["two-layer-stride2-odd", "signed-step-thresholds"])
+@pytest.mark.parametrize("where", ["x", "weights"])
+def test_hand_written_vjp_matches_autograd_on_nan(case, where):
+    """NaN codes: relu(u - t)'s threshold gradient counts them 1, softshrink's 0 even where their gradient is NaN.
+    The VJP multiplied by sign(G): nonneg thresholds got wrong finite gradients (NaN codes skipped), signed ones NaN
+    where autograd gives 0."""
+    problem = make_problem(case)
+    if where == "x":
+        problem["x"][0, 0, 3, 3] = float("nan")
+    else:
+        problem["weights"][0][0, 0, 1, 1] = float("nan")
+    want_codes, want = codes_and_grads(lambda p: run_functional(p, "reference"), problem)
+    got_codes, got = codes_and_grads(lambda p: run_row(p, "reference"), problem)
+    assert want_codes[-1].isnan().any()
+    for name, w in [("codes", want_codes[-1]), *want.items()]:
+        g = got_codes[-1] if name == "codes" else got[name]
+        if w is None:
+            continue
+        assert torch.equal(g.isnan(), w.isnan()), f"{name}: NaN at other positions"
+        torch.testing.assert_close(g.nan_to_num(), w.nan_to_num(), rtol=1e-10, atol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize(
     "case,fast",
     [

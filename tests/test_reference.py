@@ -160,6 +160,28 @@ def test_handwritten_vjp_equals_autograd(rank, fista, nonneg, stride, checkpoint
         torch.testing.assert_close(g, e, msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("nonneg", [False, True])
+def test_handwritten_vjp_of_a_nan_dictionary_tap_equals_autograd(nonneg):
+    """A NaN tap makes whole code channels NaN, and their gradients NaN. Autograd through softshrink gives the
+    threshold 0 from a NaN code even where its gradient is NaN (sign 0, selected); the hand-written VJP multiplied,
+    0 * NaN = NaN. relu(u - t) passes a NaN code's gradient on, so nonneg's threshold gradient is NaN either way."""
+    p = conv_problem(2, z0=True)
+    p["weight"][1, 0, 1, 1] = float("nan")
+    p["encoder_weight"] = p["weight"].clone()  # the NaN in both convolutions, as when tied
+    args = [p[k].requires_grad_() for k in ("x", "weight", "encoder_weight", "lam", "step", "z0")]
+    z = conv_ista_ref(
+        args[0], args[1], args[3], args[4], encoder_weight=args[2], padding=p["padding"], z0=args[5], nonneg=nonneg
+    )
+    grad_z = torch.randn_like(z)
+    expected = torch.autograd.grad(z, args, grad_z)
+    z_fused, saved = conv_ista_fwd_ref(*args, p["stride"], p["padding"], nonneg, False, 1)
+    got = conv_ista_bwd_ref(grad_z, *args, z_fused, saved, p["stride"], p["padding"], nonneg, False, 1)
+    assert expected[3].isnan().any() == nonneg  # softshrink: a finite dL/dlam, the case the select is for
+    for name, g, e in zip(("x", "weight", "encoder_weight", "lam", "step", "z0"), got, expected):
+        assert torch.equal(g.isnan(), e.isnan()), f"grad {name}: NaN at other positions"
+        torch.testing.assert_close(g.nan_to_num(), e.nan_to_num(), msg=lambda m: f"grad {name}: {m}")
+
+
 def _dense_dictionary(w, size, stride, padding):
     """The explicit matrix of D (columns = synthesised unit codes)."""
     z_shape = conv_analysis_ref(torch.zeros(1, w.shape[1], *size, dtype=w.dtype), w, stride, padding).shape

@@ -551,6 +551,31 @@ def test_nan_codes_get_the_threshold_gradient_autograd_gives(nonneg, n_iter, fis
 
 
 @pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("nonneg", [False, True])
+@pytest.mark.parametrize("fista", [False, True])
+def test_a_nan_dictionary_tap_spreads_as_the_reference_spreads_it(recompute, nonneg, fista, device):
+    """A NaN tap makes code channels, and their gradients, NaN. softshrink's threshold gradient takes 0 from a NaN
+    code even where its gradient is NaN; the kernels multiplied by sign(z) = 0 and gave dL/dlam = NaN."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 7, 6, generator=g).to(device)
+    w = (0.3 * torch.randn(3, 2, 3, 3, generator=g)).to(device)
+    w[1, 0, 1, 1] = float("nan")
+    out = {}
+    for backend in ("reference", "triton"):
+        inputs = tuple(t.clone().requires_grad_() for t in (x, w, torch.full((3,), 0.1, device=device)))
+        step = torch.tensor(0.2, device=device, requires_grad=True)
+        z = DF.conv_ista(
+            *inputs, n_iter=3, step=step, padding=1, nonneg=nonneg, fista=fista, backend=backend, recompute=recompute
+        )
+        out[backend] = (z, *torch.autograd.grad(z.sum(), (*inputs, step)))
+    assert out["reference"][0].isnan().any()
+    assert out["reference"][3].isnan().any() == nonneg  # softshrink: a finite dL/dlam from NaN codes
+    for what, got, want in zip(("z", "x", "weight", "lam", "step"), out["triton"], out["reference"]):
+        assert torch.equal(got.isnan(), want.isnan()), f"{what}: NaN at other positions"
+        torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-5, atol=1e-5, msg=what)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
 def test_fista_takes_no_momentum_where_beta_is_zero(recompute, launch, device):
     """FISTA's beta_0 and beta_1 are exactly 0, and the reference then takes y_k = z_k itself. The kernels formed
     z_k + 0 (z_k - z_{k-1}), NaN where a code is infinite in both iterates (an infinite z0 entry that stays -inf

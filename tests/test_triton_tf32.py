@@ -144,3 +144,29 @@ def test_fused_forward_rounds_operands_to_tf32(device, fista, monkeypatch):
     # an operand that close to a TF32 rounding boundary rounds to the other side (a whole TF32 ulp). Still the
     # kernel sits an order of magnitude closer to rounded operands than to exact or truncated ones.
     assert rounded < 0.2 * min(truncated, exact), (rounded, truncated, exact)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_recompute_backward_replays_at_the_forward_precision(device, monkeypatch):
+    """Recompute mode replays the forward in the backward. With cuDNN's TF32 switch flipped in between, the replay
+    read the new setting and differentiated another trajectory than the forward took (gradients off by TF32's
+    ~1e-3); the backward now runs at the forward's setting."""
+    import dsc_kernels.functional as DF
+
+    p = conv_problem(batch=2, c_sig=3, c_code=5, size=(10, 9), kernel=(3, 3), n_iter=5, dtype=torch.float32)
+    inputs = [p[k].to(device).requires_grad_() for k in ("x", "weight", "lam")]
+
+    def grads(tf32_forward: bool, tf32_backward: bool):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32_forward)
+        z = DF.conv_ista(*inputs, n_iter=5, step=0.1, padding=1, backend="triton", recompute=True)
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32_backward)
+        out = torch.autograd.grad((z * torch.linspace(-1, 1, z.numel(), device=device).view_as(z)).sum(), inputs)
+        assert torch.backends.cudnn.allow_tf32 == tf32_backward  # the switch is the caller's again
+        return out
+
+    for forward in (False, True):
+        want = grads(forward, forward)
+        for name, got, ref in zip(("x", "weight", "lam"), grads(forward, not forward), want):
+            torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6, msg=name)
+        if not forward:
+            assert not all(torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(grads(True, True), want))

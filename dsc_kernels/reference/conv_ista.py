@@ -48,6 +48,14 @@ def fista_momentum(n_iter: int) -> list[float]:
     return [0.0] + [(t[k - 1] - 1.0) / t[k] for k in range(1, n_iter)]
 
 
+def signed_share(gu: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``gu sign(z)`` written as selects: a NaN code (sign 0) contributes 0 to the threshold's gradient even where
+    its gradient is NaN, as softshrink's threshold gradient does; a product would give 0 * NaN = NaN. The result
+    has gu's memory layout whatever z's (torch.where would take the condition's), so a sum over it adds in the
+    same order for any z: the Triton backward's save and recompute modes agree bitwise."""
+    return gu.masked_fill(~(z > 0), 0.0).sub_(gu.masked_fill(~(z < 0), 0.0))
+
+
 def _channel_view(values: torch.Tensor, rank: int) -> torch.Tensor:
     """(C,) -> (1, C, 1[, 1]) so per-channel values broadcast over a code."""
     return values.reshape(1, -1, *([1] * rank))
@@ -320,8 +328,7 @@ def conv_ista_bwd_ref(
             grad_x += step[k] * v
             grad_we += step[k] * weight_grad(residual, encoder_weight.shape, gu, stride=stride, padding=padding)
             grad_w -= step[k] * weight_grad(v, weight.shape, y, stride=stride, padding=padding)
-            signs = torch.ones_like(gu) if nonneg else torch.sign(z_new)
-            grad_theta = -(gu * signs).sum(reduce_dims)
+            grad_theta = -(gu if nonneg else signed_share(gu, z_new)).sum(reduce_dims)
             grad_lam[k] = step[k] * grad_theta
             grad_step[k] = (gu * e).sum() + (lam[k] * grad_theta).sum()
             grad_y = gu - step[k] * conv_analysis_ref(v, weight, stride, padding)

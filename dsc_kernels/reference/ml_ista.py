@@ -51,7 +51,7 @@ VJP of one step (g_j = dL/dG_j^{k+1}, gu = g_j [G_j^{k+1} != 0], c = c_{j,k}, R 
     v_A = A^* gu, v_E = E^* gu (syntheses; one when A = E)
     dL/dG_{j-1}^{k+1} += c v_A       dL/dW_A += c wgrad(G_{j-1}, gu)      dL/dW_E -= c wgrad(D Y_j, gu)
     (A = E: dL/dW_E += c wgrad(R, gu))                dL/dc = <v_A, G_{j-1}> - <v_E, D Y_j>   (A = E: <v_E, R>)
-    dL/dt_c = -sum gu sign(G_j^{k+1})                 dL/dY_j += gu
+    dL/dt_c = -sum gu sign(G_j^{k+1}) (nonneg: -sum gu; NaN codes: sign 0, nonneg 1)     dL/dY_j += gu
     h = -c v_E = dL/d(D Y_j):  reused projection: dL/dY_{j-1} += h;  else dL/dY_j += D^* h, dL/dW_D += wgrad(h, Y_j)
     projections, j = 2..L upwards: dL/dY_j += P^* dL/dY_{j-1},  dL/dW_P += wgrad(dL/dY_{j-1}, Y_j)
     momentum: dL/dG^k += (1 + beta_k) dL/dY,  dL/dG^{k-1} -= beta_k dL/dY   (deepest layer only in project mode)
@@ -68,7 +68,7 @@ from torch import Tensor
 from torch.nn import grad as nn_grad
 
 from .conv import code_size, conv_analysis_ref, conv_synthesis_ref, soft_threshold_ref
-from .conv_ista import fista_momentum
+from .conv_ista import fista_momentum, signed_share
 
 _CONV_WEIGHT_GRAD = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight}
 
@@ -355,7 +355,7 @@ def ml_ista_bwd_ref(
                 below = x if j == 0 else outs[j - 1]
                 c = steps[j][k]
                 gu = torch.where(outs[j] != 0, g[j], torch.zeros_like(g[j]))
-                grad_t[j][k] -= (gu * torch.sign(outs[j])).sum(reduce_dims)
+                grad_t[j][k] -= (gu if p.nonneg else signed_share(gu, outs[j])).sum(reduce_dims)
                 e_grad = slot(grad_we, j, k) if given(encoder_weights[j]) else slot(grad_w, j, k)
                 v_e = p.synthesis(gu, p.encoder(j, k), j, sizes[j])
                 if p.has_input_encoder(j):

@@ -97,7 +97,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..reference.conv import code_size
-from ..reference.conv_ista import NO_BACKWARD, fista_momentum
+from ..reference.conv_ista import NO_BACKWARD, fista_momentum, signed_share
 from .grid import block_and_index
 from .launch import AotSpec, interpreting, launch, record_launches
 
@@ -934,7 +934,9 @@ def _conv_analysis_kernel(
             if NONNEG:
                 share = gz
             else:
-                share = gz * tl.where(zk > 0, 1.0, tl.where(zk < 0, -1.0, 0.0))  # torch.sign: NaN counts 0
+                # A select, not gz * sign(zk): a NaN code's share is 0 even where its gradient is NaN, as in
+                # softshrink's threshold gradient (and the cpp backend).
+                share = tl.where(zk > 0, gz, tl.where(zk < 0, -gz, 0.0))
             tl.store(dth_ptr + tl.program_id(0) * C_code + c, -tl.sum(share, 0), mask=cm)
         tl.store(out_ptr + out_off + off, gz, mask=m)
 
@@ -1571,7 +1573,7 @@ def _last_step_grads(grad_z: Tensor, z: Tensor, nonneg: bool) -> tuple[Tensor, T
     for b0 in range(0, z.shape[0], chunk):
         zb, gb = z[b0 : b0 + chunk], gu[b0 : b0 + chunk]
         gb.copy_(grad_z[b0 : b0 + chunk]).masked_fill_(zb == 0, 0.0)
-        dth -= (gb if nonneg else gb * torch.sign(zb.to(torch.float32))).sum(dim=(0, 2, 3))
+        dth -= (gb if nonneg else signed_share(gb, zb)).sum(dim=(0, 2, 3))
     return gu, dth
 
 
