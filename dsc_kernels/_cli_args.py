@@ -40,6 +40,30 @@ def int_type(option: str, low: int, high: int | None = None):
     return parse
 
 
+THREADS_HELP = (
+    "torch CPU threads, >= 1 (default: torch's own, one per core); the timings in docs/training.md are 1 thread, "
+    "which is also faster when another job shares the cores (OpenMP's threads wait for a busy core)"
+)
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int_type("--threads", 1), default=None, help=THREADS_HELP)
+
+
+def threads_problem(threads: object) -> str | None:
+    """Why a --threads value cannot be used (a Namespace built in Python skipped argparse's type check), or None;
+    None stands for torch's default."""
+    return None if threads is None else int_problem("--threads", threads, 1)
+
+
+def set_threads(threads: int | None) -> None:
+    """torch.set_num_threads for an accepted --threads value; None leaves torch's default."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def device_problem(device: str) -> str | None:
     """Why ``--device`` cannot be used here (CUDA asked for where torch sees none), or None."""
     try:

@@ -26,6 +26,11 @@ def values_readable(t: Tensor) -> bool:
     return not torch.compiler.is_compiling() and t.device.type != "meta" and not _batched(t)
 
 
+def functorch_active() -> bool:
+    """Whether the call runs inside a torch.func transform (vmap, grad, jacrev, ...), whose tensors are wrappers."""
+    return bool(torch._C._are_functorch_transforms_active())
+
+
 def _batched(t: Tensor) -> bool:
     """t is, or wraps, a vmap BatchedTensor (whose float() / item() raise)."""
     functorch = torch._C._functorch

@@ -411,11 +411,12 @@ def _parser():
         default="auto",
         help="conv-ISTA backend: auto (default), reference, cpp or triton; checked against the CPU before training",
     )
+    cli_args.add_threads_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> CDLResult:
-    """``python -m dsc_kernels.dictionary_learning [--out PNG] [--outer N] [--seed K] [--backend B]``: run
+    """``python -m dsc_kernels.dictionary_learning [--out PNG] [--outer N] [--seed K] [--backend B] [--threads N]``: run
     ``photo_dictionary`` with a progress bar and save ``plot_result``'s figure. Bad arguments are usage errors
     (exit status 2) before the training, never a traceback after it."""
     from tqdm import tqdm
@@ -429,6 +430,7 @@ def main(argv: list[str] | None = None) -> CDLResult:
     for found in (problem, out_problem):
         if found is not None:
             parser.error(found)
+    cli_args.set_threads(args.threads)
     with tqdm(total=args.outer, desc="CDL", disable=None) as bar:  # None: no bar spam in a redirected log
         result = photo_dictionary(
             n_outer=args.outer,

@@ -345,3 +345,24 @@ def test_autocast_runs_the_fused_backend_in_float32(backend):
 def test_block_names_dim_when_heads_do_not_divide_it():
     with pytest.raises(ValueError, match=r"dim \(63\) must be divisible by num_heads \(4\)"):
         SparseCodingTransformerBlock(63, 4)
+
+
+def test_float32_attention_runs_under_vmap_and_per_sample_gradients():
+    """float32 scores are checked for overflow by reading q and k, which vmap refuses ("data-dependent control
+    flow"): DF.sparse_attention, SparseAttention and the block failed under vmap in float32 (float64 has no check).
+    Each vmapped sample must equal a call on that sample alone."""
+    torch.manual_seed(0)
+    q = torch.randn(3, 1, 2, 5, 4)
+    batched = torch.func.vmap(lambda qi: DF.sparse_attention(qi, qi, qi))(q)
+    torch.testing.assert_close(batched, torch.stack([DF.sparse_attention(qi, qi, qi) for qi in q]))
+    layer = SparseAttention(8, 2, **BF).eval()
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(3, 5, 8)
+
+    def loss(p, xi):
+        return torch.func.functional_call(layer, p, (xi[None],) * 3, {"need_weights": False})[0].pow(2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        single = torch.func.grad(loss)(params, x[i])
+        torch.testing.assert_close(per_sample["in_proj_weight"][i], single["in_proj_weight"], rtol=1e-5, atol=1e-6)

@@ -141,6 +141,7 @@ def no_training(monkeypatch):
     "argv, option",
     [
         (["--outer", "0"], "--outer"),
+        (["--threads", "0"], "--threads"),
         (["--seed", "-5"], "--seed"),  # train's range
         (["--backend", "bogus"], "--backend"),
         (["--backend", "triton"], "--backend"),  # CPU tensors without the interpreter
@@ -167,7 +168,7 @@ def test_cli_help_describes_every_option(capsys):
     with pytest.raises(SystemExit):
         DL.main(["--help"])
     out = capsys.readouterr().out
-    assert "seed of the patches" in out and "conv-ISTA backend" in out
+    assert "seed of the patches" in out and "conv-ISTA backend" in out and "torch CPU threads" in out
 
 
 def test_cli_says_where_the_figure_went_and_adds_png_to_a_bare_name(no_training, tmp_path, capsys):

@@ -502,3 +502,107 @@ def test_soft_threshold_refuses_a_non_tensor_by_name():
 def test_repr_shows_a_fixed_scalar_threshold():
     assert "lam=0.1," in repr(ConvSparseCoding2d(1, 8, 5))
     assert "threshold=0.2," in repr(ConvSparseCoding2d(1, 8, 5, threshold=0.2, nonneg=True))
+
+
+@pytest.mark.parametrize("step", [None, 0.1])
+def test_per_sample_gradients_of_a_training_layer_under_vmap(step):
+    """vmap(grad(...)) over samples in training mode: the all-zero check read a value (bool) and the tracked step's
+    refresh wrote wrapped values into the module's buffers, both refused by vmap. Each sample's gradient must equal
+    plain autograd on that sample alone, and the transform must leave the module's state as it was."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 8, 8)
+    layer = ConvSparseCoding2d(1, 4, 3, n_iter=4, step=step, backend="reference").train()
+    with torch.no_grad():
+        layer.weight.add_(0.3 * torch.randn_like(layer.weight))  # as after an optimiser step: the step is stale
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    state = {k: v.clone() for k, v in layer.named_buffers()}
+
+    def loss(p, xi):
+        return torch.func.functional_call(layer, p, (xi.unsqueeze(0),)).pow(2).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    assert all(torch.equal(v, state[k]) for k, v in layer.named_buffers())
+    for i in range(len(x)):
+        copy = ConvSparseCoding2d(1, 4, 3, n_iter=4, step=step, backend="reference").train()
+        copy.load_state_dict(layer.state_dict())
+        copy._power_vector.copy_(layer._power_vector)
+        copy._estimated_weight.copy_(layer._estimated_weight)
+        copy(x[i : i + 1]).pow(2).sum().backward()
+        torch.testing.assert_close(per_sample["weight"][i], copy.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_over_dictionaries_gives_each_its_own_step():
+    """An ensemble of dictionaries under vmap (eval): each runs with its own 1/L (the module's step would make the
+    3x larger one diverge), the module's own values get exactly its step, and the module's state is left alone."""
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(1, 4, 3, n_iter=5, backend="reference").eval()
+    x = torch.randn(2, 1, 8, 8)
+    want, step = layer(x), layer.step.clone()
+    weights = torch.stack([layer.weight.detach(), 3.0 * layer.weight.detach()])
+    batched = torch.func.vmap(lambda w: torch.func.functional_call(layer, {"weight": w}, (x,)))(weights)
+    torch.testing.assert_close(batched[0], want, rtol=1e-5, atol=1e-6)  # vmap's batched convolutions round apart
+    assert torch.equal(layer.step, step)
+    inverse_lipschitz = 1 / DF.lipschitz_constant(weights[1], layer._probe_size(), padding=1, n_iter=300)
+    expected = DF.conv_ista(x, weights[1], layer.lam, n_iter=5, step=inverse_lipschitz, padding=1)
+    torch.testing.assert_close(batched[1], expected, rtol=1e-2, atol=1e-2)  # 50 power iterations against 300
+
+
+def test_a_state_dict_taken_after_functional_call_holds_the_modules_own_step():
+    """functional_call on an eval layer left the substituted weight's 1/L in the step buffer until the next
+    forward: a state_dict or a copy taken in between reloaded into a layer whose outputs were off by 0.56."""
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=10).eval()
+    x = torch.randn(2, 2, 8, 8)
+    want = layer(x).detach()
+    for copy_of in (lambda m: m.state_dict(), lambda m: __import__("copy").deepcopy(m)):
+        torch.func.functional_call(layer, {"weight": 1.5 * layer.weight.detach()}, (x,))
+        saved = copy_of(layer)
+        if isinstance(saved, dict):
+            restored = ConvSparseCoding2d(2, 4, 3, n_iter=10).eval()
+            restored.load_state_dict(saved)
+        else:
+            restored = saved
+        assert torch.equal(restored(x), want)
+    assert torch.equal(layer(x), want)
+
+
+def test_checkpointed_training_forward_differentiates_the_step_it_ran_with():
+    """torch.utils.checkpoint replays a training forward in the backward. The replay advanced the tracked step's
+    power iteration, so the gradient (0.6% off) belonged to another step than the output; a layer applied twice
+    on the same weight now runs both times with one step."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(1, 8, 5, n_iter=10, dtype=torch.float64, backend="reference")
+    with torch.no_grad():
+        layer.weight.add_(0.5 * torch.randn_like(layer.weight))  # as after an optimiser step
+    twin = __import__("copy").deepcopy(layer)
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    plain = torch.autograd.grad(layer(x).pow(2).sum(), layer.weight)[0]
+    replayed = torch.autograd.grad(checkpoint(twin, x, use_reentrant=False).pow(2).sum(), twin.weight)[0]
+    assert torch.equal(plain, replayed) and torch.equal(layer.step, twin.step)
+    step = layer.step.clone()
+    layer(x)
+    assert torch.equal(layer.step, step)
+
+
+def test_a_parametrized_weight_is_not_taken_for_a_changed_one():
+    """torch.nn.utils.parametrize computes weight anew at every access: every eval forward re-estimated 1/L (50
+    power iterations) and the step drifted between identical calls. The original tensor's version is read now."""
+    from torch.nn.utils import parametrize
+
+    class UnitAtoms(torch.nn.Module):
+        def forward(self, w):
+            return w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+
+    layer = ConvSparseCoding2d(1, 4, 3, n_iter=5, backend="reference")
+    parametrize.register_parametrization(layer, "weight", UnitAtoms())
+    layer.eval()
+    x = torch.randn(2, 1, 8, 8)
+    first = layer(x)
+    step = layer.step.clone()
+    assert torch.equal(layer(x), first) and torch.equal(layer.step, step)
+    with torch.no_grad():
+        layer.parametrizations.weight.original.add_(torch.randn_like(layer.weight))
+    layer(x)
+    assert not torch.equal(layer.step, step)  # an edit of the original still counts

@@ -106,21 +106,13 @@ def test_denoise_baselines_are_real_denoisers():
 def test_cli_writes_metrics_model_and_figure(tmp_path):
     from dsc_kernels.__main__ import main
 
-    main(
-        [
-            "train",
-            "--recipe",
-            "digits",
-            "--strategy",
-            "baseline",
-            "--epochs",
-            "1",
-            "--out",
-            str(tmp_path),
-            "--backend",
-            "reference",
-        ]
-    )
+    threads = torch.get_num_threads()
+    argv = ["train", "--recipe", "digits", "--strategy", "baseline", "--epochs", "1", "--out", str(tmp_path)]
+    try:
+        main([*argv, "--threads", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["strategy"] == "baseline" and metrics["epochs"] == 1 and metrics["seed"] == 0
     assert (tmp_path / "model.pt").is_file() and (tmp_path / "digits.png").is_file()
@@ -179,6 +171,7 @@ BAD_ARGUMENTS = {
     "nan-epochs": (["--epochs", "nan"], "--epochs", None),
     "wrong-strategy": (["--strategy", "cscnet"], "--strategy", "cscnet"),
     "distributed-without-torchrun": (["--distributed"], "--distributed", "torchrun"),
+    "zero-threads": (["--threads", "0"], "--threads", None),
 }
 
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .. import _validate as check
 from .. import _warnings
@@ -151,7 +152,8 @@ _CSC_DOC = """Unrolled convolutional ISTA/FISTA layer (LISTA/CSCNet style when l
             (n_iter, C_code). Negative values are allowed only with ``nonneg=True`` (a ReLU with bias -threshold).
             State-dict key ``threshold``.
         step: the ISTA step; a float > 0 or tensor (n_iter,), fixed. Default None: 1/L with L = ||D||_2^2, tracked
-            as the dictionary changes: a warm-started power iteration on every training forward, and in eval mode
+            as the dictionary changes: warm-started power iterations in each training forward whose weight values
+            changed (a replayed or repeated forward on the same weight keeps its step), and in eval mode
             a fresh estimate whenever ``weight`` changed since the last one (torch's in-place changes, new data,
             another tensor in its place such as ``torch.func.functional_call``'s; edits through ``weight.data`` go
             unseen, and so does everything under ``torch.compile``: call ``refresh_step_()`` after those). Stored as
@@ -268,6 +270,9 @@ class _ConvSparseCoding(_projection.Projected):
             torch.zeros(1, code_channels, *code_size(probe, self.kernel_size, self.stride, self.padding), **factory),
             persistent=False,
         )
+        # The weight the step was last estimated from (its values): a training forward on the same values keeps
+        # that step, and torch.func transforms, which cannot read version counters, compare against it.
+        self.register_buffer("_estimated_weight", torch.zeros_like(self.weight), persistent=False)
         self.register_load_state_dict_pre_hook(_before_load)
         self.register_load_state_dict_post_hook(_after_load)
         self.register_projection()
@@ -304,7 +309,7 @@ class _ConvSparseCoding(_projection.Projected):
         self._fill(self._threshold_name, self._init["threshold"])
         generator = torch.Generator(device="cpu").manual_seed(0)  # the same start vector on every rank
         self._power_vector.copy_(torch.randn(self._power_vector.shape, generator=generator))
-        inverse_lipschitz = self._power_iterate(POWER_STEPS_COLD)
+        inverse_lipschitz = self._power_iterate_(POWER_STEPS_COLD)
         self._fill("step", inverse_lipschitz if self._init["step"] is None else self._init["step"])
         self._step_floor = STEP_FLOOR * float(self.step.detach().min())
         self._note_step_source()
@@ -325,8 +330,9 @@ class _ConvSparseCoding(_projection.Projected):
         return [max(32, 4 * k * s) for k, s in zip(self.kernel_size, self.stride)]
 
     @torch.no_grad()
-    def _power_iterate(self, n_steps: int) -> Tensor:
-        """``n_steps`` power iterations on D^T D from the stored vector; returns 1/L (1 for an all-zero D)."""
+    def _power_iterate(self, n_steps: int) -> tuple[Tensor, Tensor]:
+        """``n_steps`` power iterations on D^T D from the stored vector; returns 1/L (1 for an all-zero D) and the
+        new unit vector, leaving the module's state as it is."""
         weight, v = self.weight.detach(), self._power_vector
         probe = self._probe_size()
         lipschitz = v.new_zeros(())
@@ -342,15 +348,21 @@ class _ConvSparseCoding(_projection.Projected):
                 dv = DF.conv_synthesis(v, weight, stride=self.stride, padding=self.padding, signal_size=probe)
                 lipschitz = dv.pow(2).sum()
                 v = DF.conv_analysis(dv, weight, stride=self.stride, padding=self.padding)
-        self._power_vector.copy_(v / v.norm().clamp_min(torch.finfo(v.dtype).tiny))
-        return torch.where(lipschitz > 0, 1.0 / lipschitz, torch.ones_like(lipschitz))
+        inverse_lipschitz = torch.where(lipschitz > 0, 1.0 / lipschitz, torch.ones_like(lipschitz))
+        return inverse_lipschitz, v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
+
+    def _power_iterate_(self, n_steps: int) -> Tensor:
+        """``_power_iterate`` keeping the new vector (the next estimate's warm start); returns 1/L."""
+        inverse_lipschitz, vector = self._power_iterate(n_steps)
+        self._power_vector.copy_(vector)
+        return inverse_lipschitz
 
     @torch.no_grad()
     def refresh_step_(self, n_steps: int = POWER_STEPS_COLD) -> Tensor:
         """Re-estimate L = ||D||^2 (power iteration warm-started from the last estimate) and, when the step is
         tracked (``step=None``, not learned), set ``step = 1/L``. Returns 1/L."""
         # with no iteration L stays 0, whose 1/L stands in as 1: a tracked step would silently become 1
-        inverse_lipschitz = self._power_iterate(_positive_int("n_steps", n_steps))
+        inverse_lipschitz = self._power_iterate_(_positive_int("n_steps", n_steps))
         if self._track_step:
             # Through a 1-element view: torch.compile (AOT autograd, torch 2.13) drops an in-place copy into a 0-dim
             # float64 buffer, so a compiled float64 training forward kept its first step forever.
@@ -362,7 +374,7 @@ class _ConvSparseCoding(_projection.Projected):
         """Where ``weight`` lives and its version counter: every in-place change through torch (an optimiser step,
         edits under ``torch.no_grad()``, ``load_state_dict``) bumps the counter, and assigning new data moves it.
         None when it cannot be read (an inference tensor keeps no version counter)."""
-        weight = self.weight
+        weight = self._weight_leaf()
         if weight.is_meta or weight.is_inference():
             return None
         try:
@@ -375,14 +387,24 @@ class _ConvSparseCoding(_projection.Projected):
         at once, so a later tensor with other values could sit at the same address with the same version, as
         successive ``torch.func.functional_call`` weights do) and its state."""
         state = self._weight_state()
-        return None if state is None else (weakref.ref(self.weight), state)
+        return None if state is None else (weakref.ref(self._weight_leaf()), state)
 
     def _is_current(self, source: object) -> bool:
-        return isinstance(source, tuple) and source[0]() is self.weight and source[1] == self._weight_state()
+        return isinstance(source, tuple) and source[0]() is self._weight_leaf() and source[1] == self._weight_state()
+
+    def _weight_leaf(self) -> Tensor:
+        """The tensor whose changes change ``weight``: itself, or the original a parametrization computes it from
+        (``torch.nn.utils.parametrize`` makes ``weight`` a new tensor at every access, so every eval forward took
+        it for a changed weight and re-estimated 1/L)."""
+        if parametrize.is_parametrized(self, "weight"):
+            return getattr(self.parametrizations.weight, "original", self.weight)
+        return self.weight
 
     def _note_step_source(self) -> None:
         # the weight the tracked step was last estimated from; an eval forward re-estimates when it has changed
-        # (not traced: torch.compile cannot read version counters, and compiled eval forwards do not check)
+        # (the source is not traced: torch.compile cannot read version counters, and compiled eval forwards do
+        # not check); its values are kept for training forwards and torch.func transforms
+        self._estimated_weight.copy_(self.weight.detach())
         if not torch.compiler.is_compiling():
             self._step_source = self._source()
 
@@ -390,24 +412,38 @@ class _ConvSparseCoding(_projection.Projected):
         return self._weight_state() is not None and not self._is_current(getattr(self, "_step_source", None))
 
     def _refresh_stale_step(self) -> None:
-        """An eval forward's re-estimate for a changed weight. The previous weight, back and unchanged
-        (``torch.func.functional_call`` substituting parameters for one call, then the module's own again), gets
-        its step and vector back, so that the round trip leaves the module computing exactly what it did."""
-        previous = self.__dict__.get("_previous_step")
-        current = (self._step_source, self.step.detach().clone(), self._power_vector.clone())
-        if previous is not None and self._is_current(previous[0]):
-            with torch.no_grad():
-                self.step.copy_(previous[1])
-                self._power_vector.copy_(previous[2])
-            self._note_step_source()
-        else:
+        """An eval forward's re-estimate for a changed weight."""
+        if not self._restore_previous_step():
+            current = (self._step_source, self.step.detach().clone(), self._power_vector.clone())
             self.refresh_step_(POWER_STEPS_COLD)
+            self._previous_step = current
+
+    def _restore_previous_step(self) -> bool:
+        """The previous weight, back and unchanged (``torch.func.functional_call`` substituting parameters for one
+        eval call, then the module's own again), gets its step and vector back, so that the round trip leaves the
+        module computing exactly what it did. Called by the next eval forward and before the state is read
+        (``state_dict``, copies, ``.to``): a checkpoint taken in between held the substituted weight's step."""
+        previous = self.__dict__.get("_previous_step")
+        if not self._track_step or previous is None or not self._is_current(previous[0]):
+            return False
+        current = (self._step_source, self.step.detach().clone(), self._power_vector.clone())
+        with torch.no_grad():
+            self.step.copy_(previous[1])
+            self._power_vector.copy_(previous[2])
+        self._note_step_source()
         self._previous_step = current
+        return True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        if not torch.compiler.is_compiling():
+            self._restore_previous_step()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     # The step source names a tensor of this process, which a copy of the module (deepcopy, pickling, .to(dtype))
     # does not share: what carries over is whether the step was up to date, so that a copy computes exactly what
     # the original does instead of re-estimating 1/L in its first eval forward.
     def __getstate__(self) -> dict:
+        self._restore_previous_step()
         state = self.__dict__.copy()
         state["_step_source"] = _UP_TO_DATE if not self._step_is_stale() else None
         state.pop("_previous_step", None)
@@ -419,6 +455,7 @@ class _ConvSparseCoding(_projection.Projected):
             self._note_step_source()
 
     def _apply(self, fn, recurse: bool = True):
+        self._restore_previous_step()
         up_to_date = not self._step_is_stale()
         self.__dict__.pop("_previous_step", None)
         super()._apply(fn, recurse)
@@ -439,13 +476,7 @@ class _ConvSparseCoding(_projection.Projected):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C_sig, *S) -> z: (B, C_code, *Sz)."""
         self._check_input(x)
-        if self._track_step:
-            if self.training:
-                self.refresh_step_(POWER_STEPS_PER_FORWARD)
-            elif not torch.compiler.is_compiling() and self._step_is_stale():
-                # The weight changed since the step was estimated (an optimiser step after the last training
-                # forward, a hand edit): a stale 1/L that is too large makes ISTA diverge silently.
-                self._refresh_stale_step()
+        step = self._forward_step() if self._track_step else self.step
         scale = None
         if self.relative:
             # Each sample's RMS as peak * rms(x / peak), in at least float32: squares of x itself overflowed
@@ -464,7 +495,7 @@ class _ConvSparseCoding(_projection.Projected):
             self.weight,
             **values,
             n_iter=self.n_iter,
-            step=self.step,
+            step=step,
             encoder_weight=self.encoder_weight,
             stride=self.stride,
             padding=self.padding,
@@ -475,9 +506,44 @@ class _ConvSparseCoding(_projection.Projected):
         )
         if scale is not None:
             z = z * scale
-        if self.training and not torch.compiler.is_compiling():
+        if self.training and not torch.compiler.is_compiling() and not check.functorch_active():
             self._warn_if_all_zero(z)
         return z
+
+    def _forward_step(self) -> Tensor:
+        """The tracked step this forward runs with. Inside torch.func transforms the module's state is left as it
+        is (their wrapped values cannot be written into it): the step is computed for the call alone."""
+        if check.functorch_active():
+            return self._step_for_transformed_call()
+        if self.training:
+            self._training_refresh()
+        elif not torch.compiler.is_compiling() and self._step_is_stale():
+            # The weight changed since the step was estimated (an optimiser step after the last training
+            # forward, a hand edit): a stale 1/L that is too large makes ISTA diverge silently.
+            self._refresh_stale_step()
+        return self.step
+
+    @torch.no_grad()
+    def _training_refresh(self) -> None:
+        """A few warm-started power iterations that keep step = 1/L as training changes the dictionary, taken only
+        when the weight's values changed since the step was estimated: a forward on the same weight (the replay
+        of torch.utils.checkpoint, a layer applied twice before the optimiser step) runs with the same step, so the
+        backward differentiates the forward that was returned. Decided on the device: no host sync."""
+        changed = (self.weight.detach() != self._estimated_weight).any()
+        inverse_lipschitz, vector = self._power_iterate(POWER_STEPS_PER_FORWARD)
+        self._power_vector.copy_(torch.where(changed, vector, self._power_vector))
+        # Through 1-element views: see refresh_step_
+        self.step.view(1).copy_(torch.where(changed, inverse_lipschitz, self.step).view(1))
+        self._note_step_source()
+
+    @torch.no_grad()
+    def _step_for_transformed_call(self) -> Tensor:
+        """What the forward outside a transform would run with, from values (version counters cannot be read):
+        the step as it is where the weight is the one it was estimated from, else a training forward's warm-started
+        re-estimate (an eval forward's cold one). Under vmap over the weights, each sample gets its own."""
+        changed = (self.weight.detach() != self._estimated_weight).any()
+        n_steps = POWER_STEPS_PER_FORWARD if self.training else POWER_STEPS_COLD
+        return torch.where(changed, self._power_iterate(n_steps)[0], self.step)
 
     def _check_input(self, x: object) -> None:
         # functional reads the rank off x, so a 2-D layer given (B, C, L) was taken for per-iteration dictionaries
@@ -557,9 +623,10 @@ def _after_load(module: _ConvSparseCoding, incompatible_keys) -> None:
         return
     if (vector.device, vector.dtype) != (weight.device, weight.dtype):  # assign=True onto a meta or other-dtype module
         module._power_vector = torch.empty(vector.shape, device=weight.device, dtype=weight.dtype)
+        module._estimated_weight = torch.empty_like(weight)
     generator = torch.Generator(device="cpu").manual_seed(0)
     module._power_vector.copy_(torch.randn(module._power_vector.shape, generator=generator))
-    inverse_lipschitz = module._power_iterate(POWER_STEPS_COLD)
+    inverse_lipschitz = module._power_iterate_(POWER_STEPS_COLD)
     if module._track_step and "weight" in loaded and "step" not in loaded:
         with torch.no_grad():
             module.step.copy_(inverse_lipschitz)

@@ -25,6 +25,7 @@ from functools import cache
 import torch
 
 from .. import _warnings
+from .._validate import functorch_active
 from . import conv_ista, ml_ista, sparse_attention, table
 from .registry import implementation
 from .table import Backend
@@ -212,7 +213,7 @@ def select(
                 "silently zero derivative); use backend='reference' or 'auto'"
             )
         return _registered(row)
-    if need is not None or _functorch_active():
+    if need is not None or functorch_active():
         return table.row(family, "reference")
     for candidate in table.auto_preference(family, device.type):
         if candidate not in names:  # a family need not have a row for every backend
@@ -236,7 +237,7 @@ def _autodiff_need(inputs: tuple[object, ...]) -> str | None:
     torch.autograd.forward_ad) or a torch.func gradient transform (grad, jacrev, jvp, ...). The fused ops' autograd
     is reverse-mode only: a tangent passes through them dropped, so jvp returned zeros, and grad raised PyTorch's
     own "must override the setup_context staticmethod". vmap alone runs them one sample at a time."""
-    if _functorch_active():
+    if functorch_active():
         stack = torch._C._functorch.get_interpreter_stack() or []
         if any(i.key() != torch._C._functorch.TransformType.Vmap for i in stack):
             return "a torch.func gradient transform (grad, jacrev, jvp, jacfwd, hessian)"
@@ -245,11 +246,6 @@ def _autodiff_need(inputs: tuple[object, ...]) -> str | None:
         if any(isinstance(t, torch.Tensor) and unpack(t).tangent is not None for t in inputs):
             return "forward-mode AD (an input carries a torch.autograd.forward_ad tangent)"
     return None
-
-
-def _functorch_active() -> bool:
-    """Whether the call runs inside a torch.func transform (its tensors are functorch wrappers)."""
-    return bool(torch._C._are_functorch_transforms_active())
 
 
 @torch.compiler.assume_constant_result

@@ -1,5 +1,5 @@
 """`python -m dsc_kernels train --recipe R [--strategy S] [--epochs N] [--seed K] [--out DIR] [--backend B]
-[--distributed]`: argument parsing and dispatch for the recipes.
+[--threads N] [--distributed]`: argument parsing and dispatch for the recipes.
 
 Every argument is checked before any training starts (``validate``): a bad one is an argparse error (usage, one line
 naming the option, exit status 2), never a traceback and never a run that fails after its last epoch."""
@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(reference, cpp, triton); checked against --device before training",
     )
     parser.add_argument("--device", choices=DEVICES, default=None, help="default: cuda when available")
+    cli_args.add_threads_argument(parser)
     parser.add_argument(
         "--distributed",
         action="store_true",
@@ -73,6 +74,7 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     for problem in (
         None if args.epochs is None else cli_args.int_problem("--epochs", args.epochs, 1),
         cli_args.int_problem("--seed", args.seed, *SEED_RANGE),
+        cli_args.threads_problem(getattr(args, "threads", None)),  # absent from a Namespace built before --threads
     ):
         if problem is not None:
             parser.error(problem)
@@ -125,6 +127,7 @@ def main(args: argparse.Namespace, arg_parser: argparse.ArgumentParser | None = 
     errors reported through ``arg_parser`` (the `train` subparser of ``python -m dsc_kernels``)."""
     arg_parser = arg_parser or parser()
     validate(args, arg_parser)
+    cli_args.set_threads(getattr(args, "threads", None))
     create_out_folders(args, arg_parser)  # after every other argument is accepted: a rejected run leaves no folder
     module = recipe(args.recipe)
     strategy = module.DEFAULT_STRATEGY if args.strategy is None else args.strategy

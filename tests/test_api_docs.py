@@ -1,0 +1,42 @@
+"""The public API table of docs/design.md §3 states every function's parameters as the code has them."""
+
+import inspect
+import re
+from pathlib import Path
+
+import dsc_kernels.functional as DF
+
+DESIGN = Path(__file__).resolve().parents[1] / "docs" / "design.md"
+
+
+def _documented() -> dict[str, str]:
+    """name -> the parameter list as the table writes it, from every `name(...)` in the functional table's rows."""
+    text = DESIGN.read_text()
+    table = text[text.index("`dsc_kernels.functional`") :]
+    table = table[: table.index("\n\n", table.index("| function |"))]
+    first_cells = [line.split(" | ")[0] for line in table.splitlines() if line.startswith("| `")]
+    return dict(m for cell in first_cells for m in re.findall(r"`(\w+)\(([^`]*)\)`", cell))
+
+
+def _rendered(fn) -> str:
+    """The signature in the table's notation: defaults as Python writes them, a bare * before keyword-only ones."""
+    parts, star = [], False
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is p.KEYWORD_ONLY and not star:
+            parts.append("*")
+            star = True
+        default = (
+            "" if p.default is p.empty else "=" + (f'"{p.default}"' if isinstance(p.default, str) else repr(p.default))
+        )
+        parts.append(p.name + default)
+    return ", ".join(parts)
+
+
+def test_every_documented_function_has_the_documented_parameters():
+    documented = _documented()
+    assert len(documented) >= 12  # the table was found and read
+    for name, params in documented.items():
+        assert hasattr(DF, name), f"docs/design.md names DF.{name}, which does not exist"
+        assert params == _rendered(getattr(DF, name)), (
+            f"DF.{name}: documented ({params}), code ({_rendered(getattr(DF, name))})"
+        )
