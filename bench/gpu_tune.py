@@ -176,8 +176,13 @@ class Sweep:
     def group(
         self, group: str, workload: str, mode: str, fn, variants: list[tuple[str, contextlib.AbstractContextManager]]
     ):
-        """Time `fn` at the default configuration, then under each variant's patch, each checked first."""
+        """Time `fn` at the default configuration, then under each variant's patch, each checked first. A group that
+        starts past the deadline is skipped whole: its default alone (a first call that may compile, then timing)
+        would overrun the lease."""
         base = dict(group=group, workload=workload, mode=mode)
+        if time.time() > self.deadline:
+            self.records.append(dict(base, variant="(group)", status="skipped: budget"))
+            return
         try:
             expected = [t.detach().clone() for t in fn()]
             default_ms = None if DRY else _time_ms(fn)
@@ -265,15 +270,6 @@ def main() -> int:
         "conv-bwd": _conv_bwd_variants,
         "attention": _attention_variants,
     }
-    for name, w in _conv_problems(device).items():
-        fns = _conv_fns(w, device)
-        for mode in ("forward", "forward_backward"):
-            sweep.group("conv-strategy", name, mode, fns[mode], variants["conv-strategy"]())
-        if _runs_tile_forward(w):  # FwdConfig tiles only the fused tile kernels: elsewhere its variants change nothing
-            sweep.group("conv-fwd", name, "forward", fns["forward"], variants["conv-fwd"]())
-        sweep.group("conv-bwd", name, "forward_backward", fns["forward_backward"], variants["conv-bwd"]())
-    for (mode, pass_), fn in _attention_fns(device).items():
-        sweep.group("attention", mode, pass_, fn, variants["attention"]())
     doc = dict(
         schema="dsc_kernels.gpu-tune",
         device=torch.cuda.get_device_name() if not DRY else "cpu (interpreter)",
@@ -283,10 +279,27 @@ def main() -> int:
         variants={group: [name for name, _ in make()] for group, make in variants.items()},
         records=sweep.records,
     )
-    (out / "tune.json").write_text(json.dumps(doc, indent=1))
-    table = _markdown(sweep.records)
-    (out / "tune.md").write_text("\n".join(["# Triton configuration sweep", "", *table, ""]))
-    print("\n".join(table))
+
+    def write() -> list[str]:  # after every group: a run cut off by the lease's limit keeps what it measured
+        (out / "tune.json").write_text(json.dumps(doc, indent=1))
+        table = _markdown(sweep.records)
+        (out / "tune.md").write_text("\n".join(["# Triton configuration sweep", "", *table, ""]))
+        return table
+
+    for name, w in _conv_problems(device).items():
+        fns = _conv_fns(w, device)
+        for mode in ("forward", "forward_backward"):
+            sweep.group("conv-strategy", name, mode, fns[mode], variants["conv-strategy"]())
+            write()
+        if _runs_tile_forward(w):  # FwdConfig tiles only the fused tile kernels: elsewhere its variants change nothing
+            sweep.group("conv-fwd", name, "forward", fns["forward"], variants["conv-fwd"]())
+            write()
+        sweep.group("conv-bwd", name, "forward_backward", fns["forward_backward"], variants["conv-bwd"]())
+        write()
+    for (mode, pass_), fn in _attention_fns(device).items():
+        sweep.group("attention", mode, pass_, fn, variants["attention"]())
+        write()
+    print("\n".join(write()))
     # A variant that does not compile (too many registers or too much shared memory) is a result; a wrong one is not.
     return 1 if any(r["status"] == "wrong" for r in sweep.records) else 0
 

@@ -12,8 +12,8 @@ BACKENDS = ["reference", "cpp", pytest.param("triton", marks=pytest.mark.interpr
 INF, NAN = float("inf"), float("nan")
 
 
-def _prepare(backend):
-    if backend != "reference" and (reason := DF.backend_unavailable_reason(backend, "cpu")) is not None:
+def _prepare(backend, device="cpu"):
+    if backend != "reference" and (reason := DF.backend_unavailable_reason(backend, device)) is not None:
         pytest.skip(reason)
 
 
@@ -223,7 +223,7 @@ def test_backward_uses_the_forwards_p_on_peaked_rows(backend, device, threads, m
     they differed by an ulp of 1e6 (0.25 in float32), which moved P to 0.75 and dv by 10%. Three threads on one
     head split the C++ backward's query panels into groups with their own dk/dv sums. On a GPU, full float32 dots
     (TF32 would round the scores by ~1e3)."""
-    _prepare(backend)
+    _prepare(backend, device)
     if device == "cuda":
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     gen = torch.Generator().manual_seed(0)

@@ -336,7 +336,7 @@ def _namespace(tmp_path, **changes) -> argparse.Namespace:
         epochs=1,
         seed=0,
         out=str(tmp_path / "out"),
-        backend="reference",
+        backend="auto",
         device="cpu",
         distributed=False,
     )

@@ -38,3 +38,21 @@ def test_dry_run_benchmarks_checks_and_writes_the_results_document(tmp_path):
     assert (tmp_path / "run.csv").read_text().count("\n") == len(run["results"]) + 1
     summary = (tmp_path / "summary.md").read_text()
     assert "| bench | ok |" in summary and "SKIP (no GPU)" in proc.stdout
+
+
+def test_the_tests_step_names_every_file_that_holds_gpu_tests():
+    """The tests step runs `pytest -m gpu` on a list of files rather than on tests/ (whose other modules build the C++
+    extension at import): a file with gpu tests missing from the list would never run on the device."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_check", root / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    holding = {
+        f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if re.search(r"mark\.gpu\b", p.read_text())
+    }
+    assert holding and holding == set(gpu_check.GPU_TEST_FILES)
+    assert gpu_check.GPU_TEST_FILES[0] == "tests/test_triton_conv_ista_gpu.py"  # what failed on the H200 first

@@ -27,3 +27,12 @@ def test_dry_run_checks_every_variant_against_the_default(tmp_path):
         assert 0 <= r["diff"] < 1e-5, r
     assert sum(r["diff"] > 0 for r in variants) > len(variants) // 2
     assert "| conv-fwd | tiny | forward | default | ok |" in (tmp_path / "tune.md").read_text()
+
+
+def test_groups_past_the_budget_are_skipped_whole_and_the_files_still_written(tmp_path):
+    """Every group's default used to run past the deadline (a first call that may compile, then timing), which could
+    carry the sweep past the lease's limit; the files were written only at the end, so such a run kept nothing."""
+    rehearse_gpu_script("gpu_tune.py", tmp_path, 300, DSC_GPU_TUNE_BUDGET_S="0")
+    records = json.loads((tmp_path / "tune.json").read_text())["records"]
+    assert records and all(r["variant"] == "(group)" and r["status"] == "skipped: budget" for r in records)
+    assert "skipped: budget" in (tmp_path / "tune.md").read_text()

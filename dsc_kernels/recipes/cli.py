@@ -45,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend",
         default="auto",
-        help="conv-ISTA backend: auto (default) or one of the names dsc_kernels.functional.check_backend accepts "
-        "(reference, cpp, triton); checked against --device before training",
+        help="conv-ISTA backend of the strategies that run it (digits: dsc; denoise): auto (default) or one of the "
+        "names dsc_kernels.functional.check_backend accepts (reference, cpp, triton); checked against --device before "
+        "training",
     )
     parser.add_argument("--device", choices=DEVICES, default=None, help="default: cuda when available")
     cli_args.add_threads_argument(parser)
@@ -86,6 +87,13 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     args.backend, problem = cli_args.backend_problem(args.backend, device)
     if problem is not None:
         parser.error(problem)
+    runs_conv_ista = getattr(module, "CONV_ISTA_STRATEGIES", module.STRATEGIES)
+    if args.backend != "auto" and strategy != "all" and strategy not in runs_conv_ista:
+        # it used to be accepted and silently unused
+        parser.error(
+            f"argument --backend: {args.recipe}'s {strategy} strategy runs no conv-ISTA, so a backend does not apply "
+            f"(it does to {', '.join(runs_conv_ista)})"
+        )
     if not isinstance(args.distributed, bool):
         parser.error(f"argument --distributed: must be True or False, got {args.distributed!r}")
     if args.distributed and (missing := engine.torchrun_missing()) is not None:
