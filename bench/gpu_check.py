@@ -283,6 +283,7 @@ def step_summary(out: Path, log: Log, steps: dict) -> dict:
     lines = ["# GPU check", ""]
     env_path = out / "env.tmp.json"
     env = doc["environment"] if doc else (json.loads(env_path.read_text()) if env_path.exists() else {})
+    env_path.unlink(missing_ok=True)  # first: a summary that fails below must not leave a 9th file for the tool
     lines += [
         f"{env.get('device')} — torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
         f"commit {str(env.get('commit'))[:12]}, source {env.get('source_hash')}",
@@ -307,8 +308,6 @@ def step_summary(out: Path, log: Log, steps: dict) -> dict:
     else:
         lines += ["", "No benchmark results (see gpu-check.log)."]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    if env_path.exists():
-        env_path.unlink()
     log("\n".join(lines))
     return {"status": "ok"}
 
