@@ -278,12 +278,17 @@ def step_bench(out: Path, log: Log, timeout: float) -> dict:
 def step_summary(out: Path, log: Log, steps: dict) -> dict:
     from dsc_kernels.experiments import records
 
-    run_path = out / "run.json"
-    doc = json.loads(run_path.read_text()) if run_path.exists() else None
-    lines = ["# GPU check", ""]
     env_path = out / "env.tmp.json"
-    env = doc["environment"] if doc else (json.loads(env_path.read_text()) if env_path.exists() else {})
+    env_text = env_path.read_text() if env_path.exists() else "{}"
     env_path.unlink(missing_ok=True)  # first: a summary that fails below must not leave a 9th file for the tool
+    run_path = out / "run.json"
+    try:
+        doc = json.loads(run_path.read_text()) if run_path.exists() else None
+    except json.JSONDecodeError:  # a rewrite cut off by the bench box's kill
+        doc = None
+        log("  run.json unreadable (cut off mid-write?): the summary lists the steps only")
+    lines = ["# GPU check", ""]
+    env = doc["environment"] if doc else json.loads(env_text)
     lines += [
         f"{env.get('device')} — torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
         f"commit {str(env.get('commit'))[:12]}, source {env.get('source_hash')}",

@@ -366,3 +366,20 @@ def test_float32_attention_runs_under_vmap_and_per_sample_gradients():
     for i in range(len(x)):
         single = torch.func.grad(loss)(params, x[i])
         torch.testing.assert_close(per_sample["in_proj_weight"][i], single["in_proj_weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_float32_overflow_check_still_runs_under_grad_transforms():
+    """The overflow check (float32 scores computed in float64 when they may overflow) was skipped under every
+    torch.func transform; only vmap cannot read the values. Under vjp/jvp a score of 1e20 * 1e20 - 1e20 * 1e20 gave
+    inf - inf = NaN where a plain call gives a finite row."""
+    q = torch.tensor([[[[1e20, 1e20], [1.0, 0.0]]]])
+    k = torch.tensor([[[[1e20, -1e20], [0.0, 1.0]]]])
+    v = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+
+    def f(q):
+        return DF.sparse_attention(q, k, v, backend="reference")
+
+    plain = f(q)
+    assert torch.isfinite(plain).all()
+    torch.testing.assert_close(torch.func.vjp(f, q)[0], plain)
+    torch.testing.assert_close(torch.func.jvp(f, (q,), (torch.zeros_like(q),))[0], plain)

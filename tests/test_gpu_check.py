@@ -56,3 +56,20 @@ def test_the_tests_step_names_every_file_that_holds_gpu_tests():
     }
     assert holding and holding == set(gpu_check.GPU_TEST_FILES)
     assert gpu_check.GPU_TEST_FILES[0] == "tests/test_triton_conv_ista_gpu.py"  # what failed on the H200 first
+
+
+def test_a_summary_over_a_cut_off_run_json_still_removes_the_side_file(tmp_path):
+    """The device tool returns 8 files: env.tmp.json must go even when run.json was cut off mid-write."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_check", root / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    (tmp_path / "env.tmp.json").write_text('{"device": "x"}')
+    (tmp_path / "run.json").write_text('{"environment": {"device": "x"}, "results": [')
+    lines = []
+    assert gpu_check.step_summary(tmp_path, lines.append, {"env": {"status": "ok"}})["status"] == "ok"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "summary.md"]
+    assert "unreadable" in " ".join(lines)

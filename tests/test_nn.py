@@ -606,3 +606,52 @@ def test_a_parametrized_weight_is_not_taken_for_a_changed_one():
         layer.parametrizations.weight.original.add_(torch.randn_like(layer.weight))
     layer(x)
     assert not torch.equal(layer.step, step)  # an edit of the original still counts
+
+
+def test_a_parametrization_change_of_its_own_parameter_or_weight_norm_is_followed():
+    """A parametrization's own parameter changes weight too: following only its `original` kept the old 1/L and
+    ISTA diverged (NaN). weight_norm keeps two originals, and fell back to the new tensor of every access."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, w):
+            return w * self.s
+
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(1, 4, 3, n_iter=50, lam=0.01, backend="reference").eval()
+    parametrize.register_parametrization(layer, "weight", Scale())
+    x = torch.randn(2, 1, 16, 16)
+    layer(x)
+    with torch.no_grad():
+        layer.parametrizations.weight[0].s.fill_(3.0)
+    assert torch.isfinite(layer(x)).all()
+    assert float(layer.step) == pytest.approx(float(layer.refresh_step_()), rel=1e-3)
+
+    normed = weight_norm(ConvSparseCoding2d(1, 8, 3, n_iter=5, backend="reference"), name="weight", dim=0).eval()
+    normed(x)
+    step = normed.step.clone()
+    for _ in range(3):
+        normed(x)
+    assert torch.equal(normed.step, step)
+
+
+def test_a_layer_pickled_before_the_estimated_weight_buffer_loads_and_runs():
+    """Whole modules pickled by an earlier version lack the _estimated_weight buffer: torch.load raised."""
+    import io
+
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(1, 4, 3, n_iter=5, backend="reference")
+    x = torch.randn(1, 1, 8, 8)
+    want = layer.eval()(x)
+    del layer._buffers["_estimated_weight"]  # as an earlier version pickled it
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded(x), want)
+    loaded.train()(x).sum().backward()

@@ -150,9 +150,16 @@ def test_fused_forward_rounds_operands_to_tf32(device, fista, monkeypatch):
 def test_recompute_backward_replays_at_the_forward_precision(device, monkeypatch):
     """Recompute mode replays the forward in the backward. With cuDNN's TF32 switch flipped in between, the replay
     read the new setting and differentiated another trajectory than the forward took (gradients off by TF32's
-    ~1e-3); the backward now runs at the forward's setting."""
+    ~1e-3); the backward now runs at the forward's setting, pinned for its own thread: it used to set the
+    process-wide switch, which a second backward on another thread could leave flipped."""
     import dsc_kernels.functional as DF
+    from dsc_kernels.triton import conv_ista as tci
 
+    switch_seen = []
+    in_prec = tci._in_prec
+    monkeypatch.setattr(
+        tci, "_in_prec", lambda dtype: (switch_seen.append(torch.backends.cudnn.allow_tf32), in_prec(dtype))[1]
+    )
     p = conv_problem(batch=2, c_sig=3, c_code=5, size=(10, 9), kernel=(3, 3), n_iter=5, dtype=torch.float32)
     inputs = [p[k].to(device).requires_grad_() for k in ("x", "weight", "lam")]
 
@@ -160,8 +167,9 @@ def test_recompute_backward_replays_at_the_forward_precision(device, monkeypatch
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32_forward)
         z = DF.conv_ista(*inputs, n_iter=5, step=0.1, padding=1, backend="triton", recompute=True)
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", tf32_backward)
+        switch_seen.clear()
         out = torch.autograd.grad((z * torch.linspace(-1, 1, z.numel(), device=device).view_as(z)).sum(), inputs)
-        assert torch.backends.cudnn.allow_tf32 == tf32_backward  # the switch is the caller's again
+        assert switch_seen and set(switch_seen) == {tf32_backward}  # the caller's switch is never touched
         return out
 
     for forward in (False, True):

@@ -370,35 +370,45 @@ class _ConvSparseCoding(_projection.Projected):
         self._note_step_source()
         return inverse_lipschitz
 
-    def _weight_state(self) -> tuple[int, int] | None:
-        """Where ``weight`` lives and its version counter: every in-place change through torch (an optimiser step,
-        edits under ``torch.no_grad()``, ``load_state_dict``) bumps the counter, and assigning new data moves it.
-        None when it cannot be read (an inference tensor keeps no version counter)."""
-        weight = self._weight_leaf()
-        if weight.is_meta or weight.is_inference():
+    def _weight_state(self) -> tuple[tuple[int, int], ...] | None:
+        """Where the tensors ``weight`` is made of live and their version counters: every in-place change through
+        torch (an optimiser step, edits under ``torch.no_grad()``, ``load_state_dict``) bumps a counter, and
+        assigning new data moves it. None when one cannot be read (an inference tensor keeps no version counter)."""
+        tensors = self._weight_tensors()
+        if any(t.is_meta or t.is_inference() for t in tensors):
             return None
         try:
-            return weight.data_ptr(), weight._version
+            return tuple((t.data_ptr(), t._version) for t in tensors)
         except RuntimeError:  # torch.func's wrapped tensors (grad, vmap) have no storage: unreadable, as compiled
             return None
+
+    def _weight_tensors(self) -> list[Tensor]:
+        """``weight`` itself, or for a parametrized one every tensor its parametrization holds: the originals
+        (weight_norm keeps two) and the parametrizations' own parameters and buffers. ``torch.nn.utils.parametrize``
+        makes ``weight`` a new tensor at every access, so every eval forward took it for a changed weight."""
+        if parametrize.is_parametrized(self, "weight"):
+            holder = self.parametrizations.weight
+            return [*holder.parameters(), *holder.buffers()]
+        return [self.weight]
 
     def _source(self) -> tuple[weakref.ref, tuple[int, int]] | None:
         """The weight a step is estimated from: the tensor object (weakly: a freed temporary's address is reused
         at once, so a later tensor with other values could sit at the same address with the same version, as
         successive ``torch.func.functional_call`` weights do) and its state."""
         state = self._weight_state()
-        return None if state is None else (weakref.ref(self._weight_leaf()), state)
+        return None if state is None else (self._weight_refs(), state)
 
     def _is_current(self, source: object) -> bool:
-        return isinstance(source, tuple) and source[0]() is self._weight_leaf() and source[1] == self._weight_state()
+        if not isinstance(source, tuple):
+            return False
+        refs, state = source
+        tensors = self._weight_tensors()
+        return (
+            len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors)) and state == self._weight_state()
+        )
 
-    def _weight_leaf(self) -> Tensor:
-        """The tensor whose changes change ``weight``: itself, or the original a parametrization computes it from
-        (``torch.nn.utils.parametrize`` makes ``weight`` a new tensor at every access, so every eval forward took
-        it for a changed weight and re-estimated 1/L)."""
-        if parametrize.is_parametrized(self, "weight"):
-            return getattr(self.parametrizations.weight, "original", self.weight)
-        return self.weight
+    def _weight_refs(self) -> tuple[weakref.ref, ...]:
+        return tuple(weakref.ref(t) for t in self._weight_tensors())
 
     def _note_step_source(self) -> None:
         # the weight the tracked step was last estimated from; an eval forward re-estimates when it has changed
@@ -451,6 +461,8 @@ class _ConvSparseCoding(_projection.Projected):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        if "_estimated_weight" not in self._buffers:  # pickled before the buffer existed: its step stands as saved
+            self.register_buffer("_estimated_weight", self.weight.detach().clone(), persistent=False)
         if self.__dict__.get("_step_source") == _UP_TO_DATE:
             self._note_step_source()
 

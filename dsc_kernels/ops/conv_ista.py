@@ -17,12 +17,12 @@ keeps the residuals r_k = x - D y_k too, so the backward never recomputes D y_k.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from .._precision import conv_tf32_allowed, forward_tf32
 from ..reference.conv import code_size
 from ..reference.conv_ista import KEEP_RESIDUALS, NO_BACKWARD, saved_shape
 from . import table
@@ -51,19 +51,6 @@ def _fake_bwd(grad_z, x, weight, encoder_weight, lam, step, z0, z, saved, stride
     return tuple(torch.empty_like(t) for t in (x, weight, encoder_weight, lam, step, z0))
 
 
-@contextlib.contextmanager
-def _cudnn_tf32(allowed: bool):
-    """torch.backends.cudnn.allow_tf32 set to ``allowed`` for the block. The backward runs at the forward's TF32
-    setting: recompute mode replays the forward's iterations, and a replay at another precision (the switch
-    flipped between forward and backward) would differentiate another trajectory than the one the forward took."""
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
-
-
 def _make_autograd(bwd_op):
     def setup_context(ctx, inputs, output):
         x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, checkpoint = inputs
@@ -72,7 +59,9 @@ def _make_autograd(bwd_op):
         # backward to replay z_n too.
         ctx.save_for_backward(x, weight, encoder_weight, lam, step, z0, z if checkpoint > 0 else z.new_empty(0), saved)
         ctx.config = (stride, padding, nonneg, fista, checkpoint)
-        ctx.allow_tf32 = torch.backends.cudnn.allow_tf32
+        # the backward runs at the forward's TF32 setting (_precision.py); eager autograd only: a compiled
+        # backward reads the switch when it runs
+        ctx.allow_tf32 = conv_tf32_allowed()
         ctx.mark_non_differentiable(saved)
         ctx.set_materialize_grads(False)  # else autograd allocates a zero grad for `saved`
 
@@ -82,7 +71,7 @@ def _make_autograd(bwd_op):
         x, weight, encoder_weight, lam, step, z0, z, saved = ctx.saved_tensors
         # grad_z is passed as it comes (often an expanded scalar, as from sum()): backends read it through its
         # strides instead of materialising a code-sized copy.
-        with _cudnn_tf32(ctx.allow_tf32):
+        with forward_tf32(ctx.allow_tf32):
             grads = bwd_op(grad_z, x, weight, encoder_weight, lam, step, z0, z, saved, *ctx.config)
         return (*grads, None, None, None, None, None)
 

@@ -139,14 +139,10 @@ def _may_overflow(q: Tensor, k: Tensor, scale: float) -> bool:
     summation order and inf - inf = NaN in another, so each backend would give its own answer. Such scores are
     computed in float64 and rounded (a score beyond float32's range is +-inf, never NaN), by every backend on the
     same bound: d max|q| max|k| max(scale, 1) > finfo.max / 4. (Read from the values: assumed not when they cannot
-    be read: under torch.compile, inside torch.func transforms (vmap's per-sample values) or on meta tensors.)"""
-    if (
-        torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
-        or q.device.type == "meta"
-        or q.numel() == 0
-        or k.numel() == 0
-    ):
+    be read: under torch.compile, per sample under vmap or on meta tensors; grad and jvp transforms can read them.)"""
+    from .._validate import values_readable  # not at import: _validate imports this package
+
+    if not values_readable(q) or not values_readable(k) or q.numel() == 0 or k.numel() == 0:
         return False
     bound = q.detach().abs().amax().double() * k.detach().abs().amax().double() * q.shape[-1] * max(scale, 1.0)
     return bool(bound > 0.25 * torch.finfo(torch.float32).max)

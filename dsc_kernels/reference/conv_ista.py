@@ -50,9 +50,9 @@ def fista_momentum(n_iter: int) -> list[float]:
 
 def signed_share(gu: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``gu sign(z)`` written as selects: a NaN code (sign 0) contributes 0 to the threshold's gradient even where
-    its gradient is NaN, as softshrink's threshold gradient does; a product would give 0 * NaN = NaN. The result
-    has gu's memory layout whatever z's (torch.where would take the condition's), so a sum over it adds in the
-    same order for any z: the Triton backward's save and recompute modes agree bitwise."""
+    its gradient is NaN, as softshrink's threshold gradient does; a product would give 0 * NaN = NaN. The result's
+    layout does not depend on z's (torch.where would take the condition's), so a sum over it adds in the same
+    order for any z: the Triton backward's save and recompute modes, whose z differ in layout, agree bitwise."""
     return gu.masked_fill(~(z > 0), 0.0).sub_(gu.masked_fill(~(z < 0), 0.0))
 
 

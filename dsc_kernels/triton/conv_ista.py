@@ -96,6 +96,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._precision import conv_tf32_allowed, forward_tf32
 from ..reference.conv import code_size
 from ..reference.conv_ista import NO_BACKWARD, fista_momentum, signed_share
 from .grid import block_and_index
@@ -1095,7 +1096,7 @@ def _in_prec(dtype: torch.dtype) -> str:
     # inside are rounded by _tf32); fp32 follows torch's cuDNN TF32 switch, the precision the eager convolutions we
     # replace run at. Compiled kernels round with the hardware conversion, the interpreter (no inline PTX) with
     # bit arithmetic (_tf32).
-    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+    if dtype == torch.float32 and not conv_tf32_allowed():  # cuDNN's switch, or a backward's forward's (_precision)
         return "ieee"
     return "tf32" if interpreting() else "tf32-rna"
 
@@ -1878,9 +1879,5 @@ def aot_specializations(
                         checkpoint,
                     )
 
-    saved_tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = allow_tf32
-    try:
+    with forward_tf32(allow_tf32):
         return record_launches(run)
-    finally:
-        torch.backends.cudnn.allow_tf32 = saved_tf32
