@@ -1,10 +1,22 @@
 """The prepared GPU run (`make gpu-check`, bench/gpu_check.py) rehearsed on the CPU: a GPU lease is minutes long, so
 the orchestrator, its bench child and the results document must not meet their first error on the device."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from helpers import rehearse_gpu_script
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _gpu_check():
+    """bench/gpu_check.py as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
@@ -43,16 +55,11 @@ def test_dry_run_benchmarks_checks_and_writes_the_results_document(tmp_path):
 def test_the_tests_step_names_every_file_that_holds_gpu_tests():
     """The tests step runs `pytest -m gpu` on a list of files rather than on tests/ (whose other modules build the C++
     extension at import): a file with gpu tests missing from the list would never run on the device."""
-    import importlib.util
     import re
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("gpu_check", root / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = _gpu_check()
     holding = {
-        f"tests/{p.name}" for p in (root / "tests").glob("test_*.py") if re.search(r"mark\.gpu\b", p.read_text())
+        f"tests/{p.name}" for p in (ROOT / "tests").glob("test_*.py") if re.search(r"mark\.gpu\b", p.read_text())
     }
     assert holding and holding == set(gpu_check.GPU_TEST_FILES)
     assert gpu_check.GPU_TEST_FILES[0] == "tests/test_triton_conv_ista_gpu.py"  # what failed on the H200 first
@@ -60,13 +67,7 @@ def test_the_tests_step_names_every_file_that_holds_gpu_tests():
 
 def test_a_summary_over_a_cut_off_run_json_still_removes_the_side_file(tmp_path):
     """The device tool returns 8 files: env.tmp.json must go even when run.json was cut off mid-write."""
-    import importlib.util
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("gpu_check", root / "bench" / "gpu_check.py")
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = _gpu_check()
     (tmp_path / "env.tmp.json").write_text('{"device": "x"}')
     (tmp_path / "run.json").write_text('{"environment": {"device": "x"}, "results": [')
     lines = []

@@ -391,12 +391,12 @@ class _ConvSparseCoding(_projection.Projected):
             return [*holder.parameters(), *holder.buffers()]
         return [self.weight]
 
-    def _source(self) -> tuple[weakref.ref, tuple[int, int]] | None:
+    def _source(self) -> tuple[tuple[weakref.ref, ...], tuple[tuple[int, int], ...]] | None:
         """The weight a step is estimated from: the tensor object (weakly: a freed temporary's address is reused
         at once, so a later tensor with other values could sit at the same address with the same version, as
         successive ``torch.func.functional_call`` weights do) and its state."""
         state = self._weight_state()
-        return None if state is None else (self._weight_refs(), state)
+        return None if state is None else (tuple(weakref.ref(t) for t in self._weight_tensors()), state)
 
     def _is_current(self, source: object) -> bool:
         if not isinstance(source, tuple):
@@ -406,9 +406,6 @@ class _ConvSparseCoding(_projection.Projected):
         return (
             len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors)) and state == self._weight_state()
         )
-
-    def _weight_refs(self) -> tuple[weakref.ref, ...]:
-        return tuple(weakref.ref(t) for t in self._weight_tensors())
 
     def _note_step_source(self) -> None:
         # the weight the tracked step was last estimated from; an eval forward re-estimates when it has changed
@@ -541,19 +538,23 @@ class _ConvSparseCoding(_projection.Projected):
         when the weight's values changed since the step was estimated: a forward on the same weight (the replay
         of torch.utils.checkpoint, a layer applied twice before the optimiser step) runs with the same step, so the
         backward differentiates the forward that was returned. Decided on the device: no host sync."""
-        changed = (self.weight.detach() != self._estimated_weight).any()
+        changed = self._weight_changed()
         inverse_lipschitz, vector = self._power_iterate(POWER_STEPS_PER_FORWARD)
         self._power_vector.copy_(torch.where(changed, vector, self._power_vector))
         # Through 1-element views: see refresh_step_
         self.step.view(1).copy_(torch.where(changed, inverse_lipschitz, self.step).view(1))
         self._note_step_source()
 
+    def _weight_changed(self) -> Tensor:
+        """Whether the weight's values differ from those the step was estimated from: a 0-dim bool on the device."""
+        return (self.weight.detach() != self._estimated_weight).any()
+
     @torch.no_grad()
     def _step_for_transformed_call(self) -> Tensor:
         """What the forward outside a transform would run with, from values (version counters cannot be read):
         the step as it is where the weight is the one it was estimated from, else a training forward's warm-started
         re-estimate (an eval forward's cold one). Under vmap over the weights, each sample gets its own."""
-        changed = (self.weight.detach() != self._estimated_weight).any()
+        changed = self._weight_changed()
         n_steps = POWER_STEPS_PER_FORWARD if self.training else POWER_STEPS_COLD
         return torch.where(changed, self._power_iterate(n_steps)[0], self.step)
 
