@@ -49,11 +49,12 @@ def fista_momentum(n_iter: int) -> list[float]:
 
 
 def signed_share(gu: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``gu sign(z)`` written as selects: a NaN code (sign 0) contributes 0 to the threshold's gradient even where
-    its gradient is NaN, as softshrink's threshold gradient does; a product would give 0 * NaN = NaN. The result's
-    layout does not depend on z's (torch.where would take the condition's), so a sum over it adds in the same
-    order for any z: the Triton backward's save and recompute modes, whose z differ in layout, agree bitwise."""
-    return gu.masked_fill(~(z > 0), 0.0).sub_(gu.masked_fill(~(z < 0), 0.0))
+    """``gu sign(z)`` for a gu already masked to z's support (0 where z is 0), with a NaN code's share 0 even where its
+    gradient is NaN, as softshrink's threshold gradient has it; the bare product gives 0 * NaN = NaN there. Kept a
+    product and fixed up (one more pass), not selects: torch.where and masked_fill over comparison masks ran 6-18x
+    slower on the CPU, and a product lays its result out as gu, so a sum over it adds in the same order whatever z's
+    layout (the Triton backward's save and recompute modes agree bitwise)."""
+    return (gu * torch.sign(z)).masked_fill_(z.isnan(), 0.0)
 
 
 def _channel_view(values: torch.Tensor, rank: int) -> torch.Tensor:
