@@ -214,6 +214,19 @@ def nonnegative(name: str, value: Tensor | float) -> None:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
+def largest_rounding_to_zero(dtype: torch.dtype) -> float:
+    """The bound below which (inclusive) a positive Python float becomes 0 in ``dtype``. Round to nearest sends
+    everything up to half the smallest subnormal to 0, the tie included (0 is even); torch converts a Python float to
+    a 16-bit type through float32, so for those whatever float32 rounds onto that half counts too."""
+    info = torch.finfo(dtype)
+    half_smallest = info.smallest_normal * info.eps / 2
+    if info.bits > 16:
+        return half_smallest
+    float32 = torch.finfo(torch.float32)
+    float32_ulp = max(float32.smallest_normal * float32.eps, half_smallest * float32.eps)
+    return half_smallest + float32_ulp / 2
+
+
 def positive(name: str, value: Tensor | float, dtype: torch.dtype | None = None) -> None:
     """> 0, and with ``dtype`` still > 0 once cast to it: a step that underflows to 0 there would turn a threshold into
     lam = threshold / 0, NaN codes on one backend and zeros on another."""
@@ -225,8 +238,10 @@ def positive(name: str, value: Tensor | float, dtype: torch.dtype | None = None)
         underflows = dtype is not None and bool((value.detach().to(dtype) == 0).any())
     elif value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
-    else:  # only values below 1 can underflow (and huge Python ints have no float)
-        underflows = dtype is not None and value < 1 and float(torch.tensor(float(value), dtype=dtype)) == 0
+    else:
+        # Compared, not cast: a float that torch.compile(dynamic=True) traces symbolically cannot be read back from a
+        # tensor, and a comparison becomes a guard, checked again for each new value.
+        underflows = dtype is not None and value <= largest_rounding_to_zero(dtype)
     if underflows:
         raise ValueError(f"{name} must be > 0 in {dtype}, where it underflows to 0")
 

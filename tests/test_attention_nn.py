@@ -1,6 +1,11 @@
 """SparseAttention and SparseCodingTransformerBlock: MHA compatibility (arguments, layouts, state_dict, masks),
 backends, torch.compile."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -300,6 +305,39 @@ def test_modules_compile_fullgraph(backend):
         (gx,) = torch.autograd.grad(got.sum(), x)
         (wx,) = torch.autograd.grad(want.sum(), x)
         torch.testing.assert_close(gx, wx, atol=1e-4, rtol=1e-4)
+
+
+_FIRST_CALL_COMPILED = """
+import torch
+from dsc_kernels.nn import SparseCodingTransformerBlock
+torch.set_num_threads(1)
+torch.manual_seed(0)
+block = SparseCodingTransformerBlock(16, 2, backend={backend!r})
+x = torch.randn(2, 6, 16)
+got = torch.compile(block, fullgraph=True, backend="aot_eager")(x)
+torch.testing.assert_close(got, block(x))
+dynamic = torch.compile(block, fullgraph=True, dynamic=True, backend="aot_eager")
+for length in (9, 13):
+    y = torch.randn(2, length, 16)
+    torch.testing.assert_close(dynamic(y), block(y))
+"""
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_block_compiles_on_its_first_call_and_with_dynamic_shapes(backend):
+    """In a fresh process the compiled block is the first call: its two op families (attention, then conv-ISTA) get
+    registered while one graph is traced, which the warmed-up test above never sees. dynamic=True traces the
+    ISTA step, a Python float, symbolically."""
+    _skip_unless(backend)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", _FIRST_CALL_COMPILED.format(backend=backend)],
+        env=dict(os.environ, PYTHONPATH=str(root)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.gpu

@@ -4,6 +4,8 @@ an opaque internal error, or returned a silently wrong (or backend-dependent) an
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -108,6 +110,25 @@ def test_default_step_that_underflows_is_rejected(backend):
     # 1/L ~ 1e-61 is 0 in float32; the iteration then multiplied 0 by an overflowed E D z0: every code NaN
     with pytest.raises(ValueError, match=r"default step 1/L \(the dictionary is very large\) must be > 0"):
         DF.conv_ista(X, W * 1e30, 0.5, n_iter=2, padding=1, z0=Z0, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_underflow_bound_is_where_torch_rounds_a_float_to_zero(dtype):
+    """The step check compares with a bound (a cast cannot be read under torch.compile(dynamic=True)): it must say
+    "underflows" exactly where torch's own conversion gives 0, around every edge, float32's double rounding for the
+    16-bit types included."""
+    from dsc_kernels._validate import largest_rounding_to_zero
+
+    bound = largest_rounding_to_zero(dtype)
+    smallest = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    values = [1e-300, 1e-50, 1e-46, 1e-45, 1e-8, 0.5]
+    for edge in (bound, smallest / 2, smallest, smallest / 2 + 2.0**-150, smallest / 2 * (1 + 2.0**-24)):
+        below = above = edge
+        for _ in range(4):
+            values += [below, above]
+            below, above = math.nextafter(below, 0.0), math.nextafter(above, 1.0)
+    for value in filter(None, values):
+        assert (value <= bound) == (float(torch.full((), value, dtype=dtype)) == 0), value
 
 
 def test_steps_of_the_multilayer_pursuit_are_checked_in_the_dtype():

@@ -26,7 +26,7 @@ from .._precision import conv_tf32_allowed, forward_tf32
 from ..reference.conv import code_size
 from ..reference.conv_ista import KEEP_RESIDUALS, NO_BACKWARD, saved_shape
 from . import table
-from .registry import FamilySpec, OpPair, implementation
+from .registry import FamilySpec, OpPair, traced_implementation, traced_op_pair
 from .registry import op_pair as _register_pair
 from .table import Backend
 
@@ -107,7 +107,7 @@ def run(
     backends, which is the same computation. ``recompute`` asks for the memory-lean backward (checkpoint 0).
     """
     if row.eager is not None:
-        return implementation(row.eager)(
+        return traced_implementation(row.eager)(
             x,
             weight,
             lam,
@@ -130,14 +130,14 @@ def run(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, encoder_weight, lam, step, z0))
     checkpoint = NO_BACKWARD if not needs_grad else 0 if recompute else row.save_interval[int(fista)]
     keep = row.residual_policy is not None and checkpoint > 0
-    if keep and implementation(row.residual_policy)(x.shape, weight.shape, stride, padding):
+    if keep and traced_implementation(row.residual_policy)(x.shape, weight.shape, stride, padding):
         checkpoint |= KEEP_RESIDUALS
     x, weight, encoder_weight = x.contiguous(), weight.contiguous(), encoder_weight.contiguous()
-    forward = op_pair(row.name).forward
+    forward = traced_op_pair(row, SPEC).forward
     batch = x.shape[0]
     items = batch
     if row.batch_limit is not None:
-        items = implementation(row.batch_limit)(x, weight, stride, padding, step.shape[0], fista, checkpoint)
+        items = traced_implementation(row.batch_limit)(x, weight, stride, padding, step.shape[0], fista, checkpoint)
         if items < 1 and batch > 0:
             raise ValueError(
                 f"conv_ista: backend={row.name!r} addresses fewer than 2**31 elements per buffer, and a single item "

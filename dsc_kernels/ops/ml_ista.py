@@ -39,7 +39,7 @@ from torch import Tensor
 
 from ..reference.ml_ista import layer_sizes, saved_layers
 from . import table
-from .registry import FamilySpec, OpPair, implementation
+from .registry import FamilySpec, OpPair, traced_implementation, traced_op_pair
 from .registry import op_pair as _register_pair
 from .table import Backend
 
@@ -215,7 +215,7 @@ def run(
         # of an empty analysis); the reference's PyTorch ops give them and their gradients exactly.
         row = table.row(FAMILY, "reference")
     if row.eager is not None:
-        return implementation(row.eager)(
+        return traced_implementation(row.eager)(
             x,
             list(weights),
             list(encoder_weights),
@@ -245,7 +245,7 @@ def run(
     def contiguous(ts):
         return [t.contiguous() for t in ts]
 
-    codes, _ = op_pair(row.name).forward(
+    codes, _ = traced_op_pair(row, SPEC).forward(
         x.contiguous(),
         contiguous(weights),
         contiguous(encoder_weights),

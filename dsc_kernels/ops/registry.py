@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,12 +51,37 @@ _FUNCTIONS: dict[str, Callable] = {}
 
 
 def implementation(path: str) -> Callable:
-    """The function a table entry names as ``module:function`` (imported once, then a dict lookup that
-    torch.compile traces through)."""
+    """The function a table entry names as ``module:function`` (imported once, then a dict lookup)."""
     if path not in _FUNCTIONS:
         module, name = path.split(":")
         _FUNCTIONS[path] = getattr(importlib.import_module(module), name)
     return _FUNCTIONS[path]
+
+
+# Inside a torch.compile trace, Dynamo copies a dict at its first read in a graph. selection._register fills
+# _FUNCTIONS and _PAIRS outside the trace, per op family, when the graph reaches that family's call: a graph with two
+# families (a transformer block: attention, then conv-ISTA) saw the second one's entries missing, and the import or
+# lock that followed cannot be traced. Module attributes and torch.ops are read when reached, so traced calls go
+# through them; _register has imported and registered everything by then.
+
+
+def traced_implementation(path: str) -> Callable:
+    """implementation(path) for a call torch.compile may trace (after selection._register registered its row)."""
+    if not torch.compiler.is_compiling():
+        return implementation(path)
+    module, name = path.split(":")
+    root, *parts = module.split(".")
+    found = sys.modules[root]
+    for part in parts:
+        found = getattr(found, part)
+    return getattr(found, name)
+
+
+def traced_op_pair(row: Backend, spec: FamilySpec) -> OpPair:
+    """op_pair(row, spec) for a call torch.compile may trace (after selection._register registered its row)."""
+    if not torch.compiler.is_compiling():
+        return op_pair(row, spec)
+    return OpPair(_op(row.forward_op), _op(row.backward_op))
 
 
 def _op(qualified: str):
