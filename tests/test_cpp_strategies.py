@@ -378,6 +378,62 @@ def test_inf_and_nan_spread_as_the_reference_spreads_them(monkeypatch, strategy,
         _same_nan_and_values(a, b, what)
 
 
+@pytest.mark.parametrize("strategy", ["auto", "direct"])
+# untied with a non-finite grad_z: the zero start code's synthesis, which the fused backends skip (design.md §2)
+@pytest.mark.parametrize("where,untied", [("x", False), ("x", True), ("grad_z", False)])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_inputs_at_stride_one_reach_only_the_weight_taps_torch_reaches(
+    monkeypatch, strategy, where, value, untied
+):
+    """The direct backward's weight-gradient tiles run code rows padded to whole vectors. At stride 1 (where the
+    forward needs no input check) their zero lanes met a non-finite corner sample at taps whose sums never read it:
+    0 * NaN made whole rows of dL/dW NaN where torch.nn.functional's are finite. A direct backward whose weight
+    gradients are not finite is now recomputed by the gemm strategy."""
+    monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
+    xs, ws, stride, padding = (2, 1, 20, 20), (3, 1, 3, 3), [1, 1], [1, 1]  # a 400-position code map: direct
+    x, w, we, lam, step = _tensors(xs, ws, 1, untied=untied, z0=False, dtype=torch.float64)
+    z0 = x.new_empty(0)
+    if where == "x":
+        x[0, 0, 0, 19] = value
+    inputs, geo = (x, w, we, lam, step, z0), (stride, padding, False, False)
+    out, out_ref = ops.conv_ista_fwd_cpp(*inputs, *geo, 2), conv_ista_fwd_ref(*inputs, *geo, 2)
+    _same_nan_and_values(out[0], out_ref[0], "z")
+    grad_z = torch.randn(out[0].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    if where == "grad_z":
+        grad_z[1, 2, 0, 19] = value
+    got = ops.conv_ista_bwd_cpp(grad_z, *inputs, out[0], out[1], *geo, 2)
+    want = conv_ista_bwd_ref(grad_z, *inputs, out_ref[0], out_ref[1], *geo, 2)
+    for what, a, b in zip(("x", "weight", "encoder_weight"), got, want):
+        _same_nan_and_values(a, b, what)
+    if where == "x":  # (torch's own padded zeros times a NaN gradient make every tap NaN)
+        assert got[1].isfinite().any(), "the case must leave some taps finite, or it tests nothing"
+
+
+@pytest.mark.parametrize("strategy", ["auto", "direct"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_iterates_that_overflow_inside_the_solve_spread_as_the_reference_spreads_them(monkeypatch, strategy, recompute):
+    """Finite inputs (one sample at 3e38), whose iterates overflow inside the solve: the direct strategy's column
+    phases met the overflowed iterates with their zero taps, and 0 * inf made NaN where the reference has inf or a
+    finite value (23 code entries here), since only non-finite inputs sent a call to gemm. A direct pass whose z_n or
+    small gradients come out non-finite now runs again on gemm."""
+    monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
+    g = torch.Generator().manual_seed(83)
+    x = torch.randn(1, 1, 10, 10, generator=g)
+    x.view(-1)[5] = 3e38
+    w = torch.rand(1, 1, 4, 4, generator=g) + 0.5
+    grad = torch.randn(1, 1, 9, 5, generator=g)
+    out = {}
+    for backend in ("reference", "cpp"):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        kw = dict(recompute=recompute) if backend == "cpp" else {}
+        z = DF.conv_ista(xx, ww, 0.01, n_iter=3, stride=(1, 2), padding=1, backend=backend, **kw)
+        out[backend] = (z, *torch.autograd.grad(z, (xx, ww), grad))
+    assert out["reference"][0].isinf().any() and out["reference"][0].isfinite().any()
+    for what, a, b in zip(("z", "x", "weight"), out["cpp"], out["reference"]):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), what
+        torch.testing.assert_close(a.nan_to_num(0, 0, 0), b.nan_to_num(0, 0, 0), rtol=1e-4, atol=0, msg=what)
+
+
 def _autograd_pair(monkeypatch, strategy, x, w, z0, *, encoder_weight=None, **kw):
     """conv_ista on the reference (autograd) and on cpp with `strategy`: (z, dL/dx, dL/dweight, dL/dlam, dL/dstep
     [, dL/dz0]) for L = sum z, per backend."""

@@ -138,6 +138,39 @@ def test_steps_of_the_multilayer_pursuit_are_checked_in_the_dtype():
         DF.conv_ista(X, W.expand(2, 4, 3, 3, 3), threshold=1.0, step=1e-50, n_iter=2, padding=1, backend="reference")
 
 
+# ------------------------------------------------------------------------- entries no atom reads
+# (1-D: kernel 3, stride 2 on 8 samples leaves the last one unread; 2-D: kernel 2, stride 3 leaves gaps)
+UNREAD = [((1, 2, 8), (3, 2, 3), 2, 0, (0, 1, 7)), ((2, 1, 7, 8), (3, 1, 2, 2), 3, 0, (1, 0, 2, 5))]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("geometry", UNREAD)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_entry_no_atom_reads_leaves_every_gradient_finite(backend, geometry, value):
+    """Such an entry changes no code, and autograd's dL/dstep = <gu, E r_k> never reads it; the fused backwards form
+    <E* gu, r_k>, which met 0 * NaN there: dL/dstep was NaN on cpp (and on triton, tested under the interpreter).
+    The same for the multi-layer pursuit's first step."""
+    xs, ws, stride, padding, unread = geometry
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(xs, generator=g, dtype=torch.float64)
+    x[unread] = value
+    w = 0.4 * torch.randn(ws, generator=g, dtype=torch.float64)
+    got, want = {}, {}
+    for b, out in ((backend, got), ("reference", want)):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        step = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+        z = DF.conv_ista(xx, ww, 0.1, n_iter=3, step=step, stride=stride, padding=padding, backend=b)
+        out["conv_ista"] = (z, *torch.autograd.grad(z.sum(), (xx, ww, step)))
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        steps = [torch.tensor(0.3, dtype=torch.float64, requires_grad=True)]
+        (code,) = DF.ml_ista(xx, [ww], [0.05], steps=steps, n_iter=2, strides=[stride], paddings=[padding], backend=b)
+        out["ml_ista"] = (code, *torch.autograd.grad(code.sum(), (xx, ww, *steps)))
+    for op in got:
+        for what, a, b in zip(("z", "dL/dx", "dL/dweight", "dL/dstep"), got[op], want[op]):
+            assert a.isfinite().all(), f"{op} {what}"
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{op} {what}")
+
+
 # -------------------------------------------------------------------------------------------- geometry
 def _grads(backend, p, stride, padding, **kw):
     leaves = [p[k].detach().clone().requires_grad_() for k in ("x", "weight", "lam", "step")]

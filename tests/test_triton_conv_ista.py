@@ -575,6 +575,25 @@ def test_a_nan_dictionary_tap_spreads_as_the_reference_spreads_it(recompute, non
         torch.testing.assert_close(got.nan_to_num(), want.nan_to_num(), rtol=1e-5, atol=1e-5, msg=what)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_entry_no_atom_reads_leaves_dstep_finite(value, device):
+    """Kernel 3 at stride 2 never reads the last of 8 samples. The fused backward forms dL/dstep as <E* gu, r_k>,
+    0 * NaN there, where autograd's <gu, E r_k> never reads the entry: dL/dstep was NaN."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 8, generator=g).to(device)
+    x[0, 1, 7] = value
+    w = (0.4 * torch.randn(3, 2, 3, generator=g)).to(device)
+    out = {}
+    for backend in ("reference", "triton"):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        step = torch.tensor(0.3, device=device, requires_grad=True)
+        z = DF.conv_ista(xx, ww, 0.1, n_iter=3, step=step, stride=2, backend=backend)
+        out[backend] = (z, *torch.autograd.grad(z.sum(), (xx, ww, step)))
+    for what, got, want in zip(("z", "x", "weight", "step"), out["triton"], out["reference"]):
+        assert got.isfinite().all(), what
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=what)
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 def test_fista_takes_no_momentum_where_beta_is_zero(recompute, launch, device):
     """FISTA's beta_0 and beta_1 are exactly 0, and the reference then takes y_k = z_k itself. The kernels formed

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .._precision import conv_tf32_allowed, forward_tf32
-from ..reference.conv import code_size
+from ..reference.conv import code_size, zero_unread
 from ..reference.conv_ista import KEEP_RESIDUALS, NO_BACKWARD, saved_shape
 from . import table
 from .registry import FamilySpec, OpPair, traced_implementation, traced_op_pair
@@ -119,6 +119,7 @@ def run(
             nonneg=nonneg,
             fista=fista,
         )
+    x = zero_unread(x, weight.shape[2:], stride, padding)
     one_d = weight.dim() == 3
     if one_d:
         x, weight = x.unsqueeze(2), weight.unsqueeze(2)

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..reference.conv import zero_unread
 from ..reference.ml_ista import layer_sizes, saved_layers
 from . import table
 from .registry import FamilySpec, OpPair, traced_implementation, traced_op_pair
@@ -229,7 +230,9 @@ def run(
             fista,
             project,
         )
-    one_d = x.dim() == 3
+    rank = x.dim() - 2
+    x = zero_unread(x, weights[0].shape[-rank:], strides[:rank], paddings[:rank])
+    one_d = rank == 1
     if one_d:
         x, z0 = x.unsqueeze(2), (z0.unsqueeze(2) if z0.numel() else z0)
         weights, encoder_weights, input_encoder_weights = (

@@ -52,6 +52,32 @@ def synthesis_output_padding(
     return tuple(s + 2 * p - k - (n - 1) * st for s, k, st, p, n in zip(signal_size, kernel_size, stride, padding, sz))
 
 
+def zero_unread(
+    x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int]
+) -> torch.Tensor:
+    """x: (B, C_sig, *S) with the entries no atom reads set to 0, or x itself when every entry is read (a stride at
+    most the kernel, whose last window reaches the end of the signal).
+
+    Unread entries (the gaps of a stride above the kernel, the tail after the last window) change no code. But the
+    fused backwards form dL/dstep_k as <E* gu, r_k>, where 0 * NaN at an unread NaN or inf entry of r_k = x - D y_k
+    is NaN, while eager autograd's <gu, E r_k> never reads it. A select, so their gradient stays 0."""
+    read = None
+    for axis, (n, k, s, p) in enumerate(zip(x.shape[2:], kernel_size, stride, padding)):
+        n_code = (n + 2 * p - k) // s + 1
+        if k >= s and (n_code - 1) * s - p + k >= n:
+            continue
+        # entry i sits at i + p in the padded signal; code j reads [j s, j s + k): the entry is read when some j in
+        # [0, n_code) lies in [ceil((i + p - k + 1) / s), floor((i + p) / s)]
+        at = torch.arange(n, device=x.device) + p
+        first = torch.div(at - k + s, s, rounding_mode="floor").clamp(min=0)
+        last = torch.div(at, s, rounding_mode="floor").clamp(max=n_code - 1)
+        shape = [1] * x.dim()
+        shape[2 + axis] = n
+        axis_read = (first <= last).view(shape)
+        read = axis_read if read is None else read & axis_read
+    return x if read is None else torch.where(read, x, 0)
+
+
 def _zeros_in_graph(shape: Sequence[int], *operands: torch.Tensor) -> torch.Tensor:
     """The zero result of a convolution that sums over nothing or produces nothing (no channels on either side, an
     empty map), which torch's convolutions reject; 0 * sum(operand) keeps the operands in the autograd graph so they

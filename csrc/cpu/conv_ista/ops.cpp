@@ -178,8 +178,13 @@ std::tuple<at::Tensor, at::Tensor> conv_ista_fwd_cpp(const at::Tensor& x, const 
       shrink_only_forward<T>(p, out);
     else if (choose_strategy(g, Pass::forward, {x, z0}, {weight, encoder_weight}) == Strategy::gemm)
       gemm_forward<T>(p, out);
-    else
+    else {
       direct_forward<T>(p, out);
+      // Finite inputs whose iterates overflow inside the solve meet the column phases' zero taps (0 * inf: NaN where
+      // torch has inf or a finite value; strategy.cpp). A non-finite iterate stays non-finite to the last, so z_n
+      // tells, for one pass over the code.
+      if (g.SW > 1 && !all_finite(z)) gemm_forward<T>(p, out);
+    }
   });
   return {z, saved};
 }
@@ -224,10 +229,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const StoredIterates<const T> in = stored<const T>(ck, g, z.numel() ? z.data_ptr<T>() : nullptr, saved);
     if (g.empty_signal())
       shrink_only_backward<T>(p, grad_z, grads);
-    else if (choose_strategy(g, Pass::backward, {x, z0, grad_z}, {weight, encoder_weight}) == Strategy::gemm)
+    else if (choose_strategy(g, Pass::backward, {x, z0, grad_z, z}, {weight, encoder_weight}) == Strategy::gemm)
       gemm_backward<T>(p, grad_z, in, ck.interval, grads);
-    else
+    else {
       direct_backward<T>(p, grad_z, in, ck.interval, grads);
+      // Two ways a direct backward can make NaN that torch.nn.functional does not, both leaving a non-finite weight,
+      // lam or step gradient (dictionary-sized: microseconds to check), after which the gemm strategy, whose ATen
+      // convolutions spread NaN as torch does, recomputes the gradients. At stride 1 the weight-gradient tiles run
+      // code rows padded to whole vectors, whose zero lanes meet signal columns the real codes never reach at that
+      // tap (a non-finite x, z0 or grad_z there; checking those up front cost a pass over grad_z, 3% of csc-gray's
+      // backward). With a column stride, iterates that a recompute-mode replay lets overflow meet the column
+      // phases' zero taps (save mode's z_n is checked up front).
+      if (!all_finite(grads.weight) || !all_finite(grads.encoder_weight) || !all_finite(grads.lam) ||
+          !all_finite(grads.step))
+        gemm_backward<T>(p, grad_z, in, ck.interval, grads);
+    }
   });
   return {grads.x, grads.weight, grads.encoder_weight, grads.lam, grads.step, grads.z0};
 }

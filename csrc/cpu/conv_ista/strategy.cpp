@@ -89,7 +89,11 @@ Strategy choose_strategy(const ConvGeometry& g, Pass pass) {
 // them, and only when the column stride exceeds 1. A non-finite dictionary tap also reaches the direct strategy's
 // zero taps, and torch.nn.functional spreads it from zero codes too (0 * NaN): those calls take gemm at every
 // stride, whose first iteration then convolves the zero code instead of skipping it (gemm_iteration.h). The
-// dictionaries are small: checking them costs microseconds.
+// dictionaries are small: checking them costs microseconds. Two more cases are caught after the fact, in ops.cpp:
+// finite inputs whose iterates overflow inside the solve meet the same zero taps (a column-strided direct forward
+// whose z_n is not finite runs again on gemm), and at stride 1 a non-finite x, z0 or grad_z reached weight-gradient
+// taps through the direct backward's padded code rows (a direct backward whose small gradients are not finite runs
+// again on gemm).
 Strategy choose_strategy(const ConvGeometry& g, Pass pass, std::initializer_list<at::Tensor> inputs,
                          std::initializer_list<at::Tensor> weights) {
   const Strategy chosen = choose_strategy(g, pass);
@@ -102,19 +106,26 @@ Strategy choose_strategy(const ConvGeometry& g, Pass pass, std::initializer_list
   return chosen;
 }
 
-// ATen's isfinite(t).all().item() costs about 15 us a call, a quarter of a small call's whole overhead: tensors the
-// size of a dictionary take one plain pass instead. v - v != 0 holds exactly for inf and NaN; OR-ing it over the
-// tensor has no branch, so the compiler can vectorise the pass.
+// ATen's isfinite(t).all().item() costs about 15 us a call, a quarter of a small call's whole overhead, and allocates
+// a tensor of t's size: contiguous tensors take plain passes instead, split over the threads when large. v - v != 0
+// holds exactly for inf and NaN; OR-ing it over a range has no branch, so the compiler can vectorise the pass.
 bool all_finite(const at::Tensor& t) {
   if (t.numel() == 0) return true;
-  if (t.numel() > (int64_t(1) << 16)) return at::isfinite(t).all().item<bool>();
+  if (!t.is_contiguous() && t.numel() > (int64_t(1) << 16)) return at::isfinite(t).all().item<bool>();
   const at::Tensor c = t.contiguous();
-  bool non_finite = false;
+  bool finite = true;
   AT_DISPATCH_FLOATING_TYPES(c.scalar_type(), "all_finite", [&] {
     const scalar_t* p = c.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < c.numel(); ++i) non_finite |= p[i] - p[i] != scalar_t(0);
+    finite = at::parallel_reduce(
+        0, c.numel(), int64_t(1) << 16, true,
+        [&](int64_t begin, int64_t end, bool ok) {
+          bool non_finite = false;
+          for (int64_t i = begin; i < end; ++i) non_finite |= p[i] - p[i] != scalar_t(0);
+          return ok && !non_finite;
+        },
+        [](bool a, bool b) { return a && b; });
   });
-  return !non_finite;
+  return finite;
 }
 
 int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, const Checkpoints& ck, Pass pass) {
