@@ -124,6 +124,12 @@ def figure_path(out: str) -> tuple[Path, str | None]:
     from matplotlib.backend_bases import FigureCanvasBase
 
     given = Path(out)
+    if os.path.basename(out) in ("", ".", ".."):  # "", ".", "dir/", "dir/.": a folder, and Path would drop the slash
+        return (
+            given,
+            f"argument --out: {out!r} names a folder, not a file; --out is the figure's file path "
+            f"(e.g. {given / 'figure.png'})",
+        )
     suffix = os.path.splitext(out)[1][1:]  # what savefig reads the format from
     default = FigureCanvasBase.get_default_filetype()
     path = given if suffix else given.with_name(given.name.rstrip(".") + "." + default)

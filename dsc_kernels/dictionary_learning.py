@@ -5,7 +5,10 @@ Algorithm: alternating proximal gradient (PALM, Bolte–Sabach–Teboulle 2014),
 ``n_code_iter`` ISTA steps on the codes (``functional.conv_ista`` warm-started from the previous codes, step 1/L_D,
 L_D = ||D||^2 tracked by a power iteration warm-started across iterations) and ``n_dict_iter`` sweeps of
 block-coordinate projected gradient over the atoms (atom j: step 1/L_j with L_j an FFT bound of ||z_j (*) .||^2,
-then back into the unit ball). Every half-step uses a step no larger than 1/L, so the objective never rises. SPORCO's
+then back into the unit ball). The atom steps use an upper bound, so they are at most 1/L_j. The code step's L_D
+comes from a few power iterations per outer iteration, which approach it from below: measured up to 10% low after
+large dictionary updates, a step of up to 1.1/L_D. A proximal-gradient step below 2/L still lowers the objective, so
+it never rises (checked after every half-step on 1-D and 2-D problems, float32 and float64, lam 0.01 to 3). SPORCO's
 ADMM solver converges in fewer iterations; this one reuses the fused conv-ISTA kernels.
 
 Codes use "full" padding (``k - 1``) by default, so atoms can sit across the border and edge pixels are represented
@@ -33,8 +36,9 @@ from .data import _seed
 from .reference.conv import code_size
 from .theory import _real
 
-# Steps are 1/L scaled by this: power iteration approaches L from below, and a step just above 1/L could let the
-# objective rise by a hair.
+# The code step is 1/L_D scaled by this: the warm-started power iteration approaches L_D from below (up to 10% low
+# right after a large dictionary update), and the margin keeps the usual step close to 1/L_D; any step below 2/L_D
+# still lowers the objective.
 STEP_SAFETY = 0.98
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
 
@@ -276,11 +280,17 @@ def low_frequency_fraction(weight: Tensor, cutoff: float = 0.25) -> Tensor:
     if not isinstance(weight, Tensor) or weight.dim() != 4:
         raise ValueError(f"weight must be a (C_code, C_sig, kh, kw) tensor, got {getattr(weight, 'shape', weight)!r}")
     cutoff = _real("cutoff", cutoff)
-    power = torch.fft.fft2(weight.detach().float()).abs().pow(2).sum(dim=1)
-    fy, fx = (torch.fft.fftfreq(n) for n in weight.shape[2:])
+    w = weight.detach().double()
+    w = w - w.mean(dim=(2, 3), keepdim=True)  # the non-DC part: exactly 0 for a constant atom
+    top = w.abs().amax(dim=(1, 2, 3), keepdim=True)
+    w = w / torch.where(top > 0, top, torch.ones_like(top))  # scale-free: no underflow or overflow
+    power = torch.fft.fft2(w).abs().pow(2).sum(dim=1)
+    power[:, 0, 0] = 0
+    fy, fx = (torch.fft.fftfreq(n, dtype=torch.float64) for n in weight.shape[2:])
     low = (fy[:, None] ** 2 + fx[None] ** 2).sqrt() <= cutoff
-    dc = power[:, 0, 0]
-    return ((power * low).sum(dim=(1, 2)) - dc) / (power.sum(dim=(1, 2)) - dc).clamp_min(1e-30)
+    total = power.sum(dim=(1, 2))
+    ratio = (power * low).sum(dim=(1, 2)) / torch.where(total > 0, total, torch.ones_like(total))
+    return torch.where(top.flatten() > 0, ratio, torch.zeros_like(ratio)).float()
 
 
 def photo_patches(
@@ -296,10 +306,19 @@ def photo_patches(
     n_per_photo, size = check.count("n_per_photo", n_per_photo, 1), check.count("size", size, 1)
     downsample = check.count("downsample", downsample, 1)
     _box_width(highpass_size, "highpass_size")
+    if size < 2:
+        raise ValueError(f"size must be >= 2 (a 1x1 crop has no pixel variance to scale to 1), got {size}")
+    if highpass_size // 2 >= size:
+        raise ValueError(
+            f"highpass_size {highpass_size} needs crops larger than {highpass_size // 2} pixels, got size {size}"
+        )
     generator = torch.Generator().manual_seed(_seed(seed))
     crops = []
     for name in data.PHOTOS:
-        image = torch.nn.functional.avg_pool2d(data.photo(name)[None, None], downsample)[0, 0]
+        photo = data.photo(name)
+        if size * downsample > min(photo.shape):
+            raise ValueError(f"size {size} x downsample {downsample} exceeds the {tuple(photo.shape)} photographs")
+        image = torch.nn.functional.avg_pool2d(photo[None, None], downsample)[0, 0]
         if size > min(image.shape):
             raise ValueError(f"size {size} exceeds the {tuple(image.shape)} photographs (downsample {downsample})")
         crops.append(data.random_patches(image, n_per_photo, size, generator))

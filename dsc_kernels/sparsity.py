@@ -170,6 +170,10 @@ class ActivationL1:
     container stands for the modules it holds: it has no forward of its own to hook). Outputs are recorded only while
     grad is enabled (training forwards). Empty outputs (an empty batch) and non-float ones (indices) hold no
     activations to penalise and are skipped. ``remove()`` (or leaving a ``with`` block) detaches the hooks.
+
+    Under ``torch.compile``: Dynamo does not guard on submodules' hooks by default, so a graph compiled before the
+    hooks were added (for this model, or another instance of its class) runs without them and the penalty is 0.0.
+    Add the hooks before the first compiled call, or set ``torch._dynamo.config.skip_nnmodule_hook_guards = False``.
     """
 
     def __init__(self, modules: Mapping[str, nn.Module] | Iterable[nn.Module], weight: float):
@@ -292,9 +296,11 @@ class ThresholdWarmup:
     their values to their values over ``warmup_steps`` calls of ``step()``: training starts dense, where gradients
     reach every unit, and reaches the target sparsity at the end of the warm-up.
 
-    Learned thresholds (parameters) are left to the optimiser. ``targets`` holds the final values ({name: tensor}).
-    The buffers are looked up at every step, so moving or casting the model (``.to``, ``.double()``) after
-    construction is fine.
+    Learned thresholds (parameters) are left to the optimiser. ``targets`` holds the final values ({name: tensor}),
+    read from the buffers at construction: build it on the model before any warm-up, and to resume from a checkpoint
+    save ``state_dict()`` beside the model's and ``load_state_dict`` it into the new warm-up (built on the loaded
+    model, whose buffers hold warmed-down values), as for an LR scheduler. The buffers are looked up at every step,
+    so moving or casting the model (``.to``, ``.double()``) after construction is fine.
     """
 
     def __init__(self, model: nn.Module, warmup_steps: int, *, start: float = 0.0, shape: str = "linear"):
@@ -332,6 +338,19 @@ class ThresholdWarmup:
         self._apply()
         return self.factor
 
+    def state_dict(self) -> dict:
+        """The step count and the targets (copies), for ``load_state_dict``."""
+        return {"count": self.count, "targets": {k: v.clone() for k, v in self.targets.items()}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Resume a warm-up from ``state_dict()``: its targets and count, then set the thresholds to match."""
+        targets = state["targets"]
+        if set(targets) != set(self.targets):
+            raise ValueError(f"state holds targets for {sorted(targets)}, this warm-up has {sorted(self.targets)}")
+        self.count = check.count("count", state["count"], 0)
+        self.targets = {k: torch.as_tensor(v).detach().clone() for k, v in targets.items()}
+        self._apply()
+
 
 # ---------------------------------------------------------------------------------------------------- monitor
 class SparsityMonitor:
@@ -347,7 +366,8 @@ class SparsityMonitor:
     ``SPARSE_MODULES`` instance in ``model``, named as in ``named_modules``). Counts accumulate on the tensors'
     device (no sync per forward).
     A monitor can be entered again after its block ends (history and counts carry on), but not inside its own
-    block: that raises RuntimeError. Hooks are removed whenever the block is left, by an exception too.
+    block: that raises RuntimeError. Hooks are removed whenever the block is left, by an exception too. Under
+    ``torch.compile`` the hooks must exist before the first compiled call, as for ``ActivationL1``.
     """
 
     def __init__(self, model: nn.Module, modules: Mapping[str, nn.Module] | None = None):

@@ -119,6 +119,24 @@ def test_highpass_needs_an_odd_box_that_fits():
             highpass(images, size)
     with pytest.raises(ValueError, match="highpass_size"):
         photo_patches(1, 16, highpass_size=8)
+    with pytest.raises(ValueError, match="highpass_size 9 needs crops larger than 4 pixels, got size 4"):
+        photo_patches(1, 4)  # named the blur's 9 as the size
+    with pytest.raises(ValueError, match="size must be >= 2"):
+        photo_patches(2, 1, highpass_size=1)  # a 1 x 1 crop has no variance: NaN patches
+    with pytest.raises(ValueError, match="downsample"):
+        photo_patches(1, 8, downsample=1000)  # avg_pool2d's own error about a 0 x 0 output
+
+
+def test_low_frequency_fraction_does_not_depend_on_the_atoms_scale():
+    """It was computed in float32 with a 1e-30 floor: ~1e-7 for atoms at 1e-20, NaN at 1e20 (the power overflowed)."""
+    w = torch.randn(3, 2, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = low_frequency_fraction(w)
+    for scale in (1e-20, 1e20, 1e-300, 1e300):
+        torch.testing.assert_close(low_frequency_fraction(w * scale), want, rtol=1e-5, atol=0)
+    spectrum = torch.fft.fft2(w - w.mean(dim=(2, 3), keepdim=True)).abs().pow(2).sum(dim=1)
+    fy, fx = (torch.fft.fftfreq(8, dtype=torch.float64) for _ in range(2))
+    low = (fy[:, None] ** 2 + fx[None] ** 2).sqrt() <= 0.25
+    torch.testing.assert_close(want, ((spectrum * low).sum((1, 2)) / spectrum.sum((1, 2))).float())
 
 
 @pytest.fixture
@@ -149,6 +167,10 @@ def no_training(monkeypatch):
         (["--out", "x.txt"], "--out"),
         (["--out", "folder"], "--out"),  # an existing folder: it wrote folder.png
         (["--out", "/proc/cdl.png"], "--out"),  # no file can be written there, even as root
+        (["--out", "."], "--out"),  # a traceback: Path('.') has no name to add .png to
+        (["--out", ""], "--out"),
+        (["--out", "a.png/"], "--out"),  # wrote a.png.png: Path drops the trailing slash
+        (["--out", "newdir/."], "--out"),  # wrote newdir.png
     ],
 )
 def test_cli_rejects_bad_arguments_before_training(argv, option, no_training, tmp_path, monkeypatch, capsys):

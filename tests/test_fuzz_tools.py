@@ -290,6 +290,28 @@ def test_threshold_warmup_follows_buffers_replaced_by_to():
         sparsity.ThresholdWarmup(None, 3)
 
 
+def test_threshold_warmup_resumes_from_its_state_dict():
+    """A checkpoint holds the warmed-down buffer; a new warm-up built on the loaded model took that as its target
+    (0.15 instead of 0.5 at the end). load_state_dict restores the targets and the count."""
+    model = nn.Sequential(SoftThreshold(0.5))
+    warmup = sparsity.ThresholdWarmup(model, 10)
+    for _ in range(3):
+        warmup.step()
+    checkpoint = {"model": model.state_dict(), "warmup": warmup.state_dict()}
+    resumed_model = nn.Sequential(SoftThreshold(0.5))
+    resumed_model.load_state_dict(checkpoint["model"])
+    resumed = sparsity.ThresholdWarmup(resumed_model, 10)
+    resumed.load_state_dict(checkpoint["warmup"])
+    assert float(resumed_model[0].threshold) == pytest.approx(0.15)  # where the checkpoint left it
+    for _ in range(7):
+        resumed.step(), warmup.step()
+    assert float(resumed_model[0].threshold) == float(model[0].threshold) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="targets"):
+        sparsity.ThresholdWarmup(nn.Sequential(SoftThreshold(0.5), SoftThreshold(0.2)), 3).load_state_dict(
+            checkpoint["warmup"]
+        )
+
+
 def test_sparsity_monitor_checks_modules_at_construction():
     with pytest.raises(TypeError, match="modules\\['a'\\]"):
         sparsity.SparsityMonitor(nn.ReLU(), modules={"a": 3})  # failed only on entering the with block
