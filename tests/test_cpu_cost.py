@@ -122,10 +122,10 @@ def test_save_mode_passes_keep_residuals_where_the_rule_says(monkeypatch):
     from dsc_kernels.reference.conv_ista import KEEP_RESIDUALS, NO_BACKWARD
 
     seen = []
-    real = conv_ista_ops.op_pair
+    real = conv_ista_ops.traced_op_pair
 
-    def spy(backend):
-        pair = real(backend)
+    def spy(row, spec):
+        pair = real(row, spec)
 
         def forward(*args):
             seen.append(args[-1])
@@ -133,7 +133,7 @@ def test_save_mode_passes_keep_residuals_where_the_rule_says(monkeypatch):
 
         return ops.OpPair(forward, pair.backward)
 
-    monkeypatch.setattr(conv_ista_ops, "op_pair", spy)
+    monkeypatch.setattr(conv_ista_ops, "traced_op_pair", spy)
     interval = ops.table.row("conv_ista", "cpp").save_interval[0]
     for xs, ws, keep in (((2, 1, 16, 16), (8, 1, 3, 3), True), ((2, 8, 32, 32), (16, 8, 3, 3), False)):
         x, w = torch.randn(xs), (0.1 * torch.randn(ws)).requires_grad_()
