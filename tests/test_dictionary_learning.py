@@ -1,10 +1,12 @@
 """Convolutional dictionary learning on patches of scikit-learn's photographs: monotone objective, valid atoms."""
 
 import itertools
+import math
 
 import pytest
 import torch
 
+import dsc_kernels.functional as DF
 from dsc_kernels.dictionary_learning import (
     _random_crops,
     highpass,
@@ -71,6 +73,26 @@ def test_photo_dictionary_learns_smooth_structured_atoms(tmp_path):
     assert 0.9 < float((result.codes == 0).float().mean()) < 1.0  # sparse, yet every patch is coded
     plot_result(result, tmp_path / "cdl.png", title="test")
     assert (tmp_path / "cdl.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "channels, kernel, signal, padding",
+    [(1, (4, 4), (9, 9), (3, 3)), (1, (4, 4), (9, 9), (0, 0)), (2, (3, 2), (7, 8), (1, 1)), (3, (5,), (16,), (4,))],
+)
+def test_the_code_step_bounds_the_dictionary_norm_from_above(channels, kernel, signal, padding):
+    """The code step is 1/bound: a warm-started power iteration, which approaches ||D||^2 from below, ran up to 10%
+    low after large dictionary updates. The bound must be at or above the norm of the explicit dense dictionary."""
+    from dsc_kernels.dictionary_learning import _dictionary_lipschitz
+    from dsc_kernels.reference.conv import code_size
+
+    w = torch.randn(5, channels, *kernel, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    codes = code_size(signal, kernel, (1,) * len(kernel), padding)
+    n = 5 * math.prod(codes)
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, 5, *codes)
+    dense = DF.conv_synthesis(basis, w, padding=padding, signal_size=signal).reshape(n, -1)
+    norm = float(torch.linalg.matrix_norm(dense, ord=2)) ** 2
+    bound = _dictionary_lipschitz(w, codes)
+    assert norm * (1 - 1e-12) <= bound <= 1.2 * norm
 
 
 def test_low_frequency_fraction_tells_smooth_from_noise():
