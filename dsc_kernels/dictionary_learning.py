@@ -270,7 +270,7 @@ def low_frequency_fraction(weight: Tensor, cutoff: float = 0.25) -> Tensor:
     low = (fy[:, None] ** 2 + fx[None] ** 2).sqrt() <= cutoff
     total = power.sum(dim=(1, 2))
     ratio = (power * low).sum(dim=(1, 2)) / torch.where(total > 0, total, torch.ones_like(total))
-    return torch.where(top.flatten() > 0, ratio, torch.zeros_like(ratio)).float()
+    return torch.where(top.flatten() == 0, torch.zeros_like(ratio), ratio).float()  # NaN atoms stay NaN
 
 
 def photo_patches(

@@ -159,6 +159,8 @@ def test_low_frequency_fraction_does_not_depend_on_the_atoms_scale():
     fy, fx = (torch.fft.fftfreq(8, dtype=torch.float64) for _ in range(2))
     low = (fy[:, None] ** 2 + fx[None] ** 2).sqrt() <= 0.25
     torch.testing.assert_close(want, ((spectrum * low).sum((1, 2)) / spectrum.sum((1, 2))).float())
+    w[1, 0, 2, 3], w[2, 0, 0, 0] = math.nan, math.inf  # a diverged atom is NaN, not the 0 of an atom without detail
+    assert low_frequency_fraction(w)[1:].isnan().all() and low_frequency_fraction(w)[0] == want[0]
 
 
 @pytest.fixture

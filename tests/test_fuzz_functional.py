@@ -171,6 +171,22 @@ def test_a_non_finite_entry_no_atom_reads_leaves_every_gradient_finite(backend, 
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{op} {what}")
 
 
+def test_finite_unread_entries_cost_no_copy_of_x():
+    """Zeroing the entries no atom reads made a copy of x on every call with such a geometry, which the fused op then
+    saved for the backward beside the caller's x; a finite x now reaches the op itself."""
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
+    w = (0.1 * torch.randn(4, 3, 2, 2)).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        DF.conv_ista(x, w, 0.1, n_iter=2, stride=3, backend=BACKENDS[-1])
+    assert x.untyped_storage().data_ptr() in saved
+
+
 # -------------------------------------------------------------------------------------------- geometry
 def _grads(backend, p, stride, padding, **kw):
     leaves = [p[k].detach().clone().requires_grad_() for k in ("x", "weight", "lam", "step")]

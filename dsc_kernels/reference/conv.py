@@ -60,7 +60,9 @@ def zero_unread(
 
     Unread entries (the gaps of a stride above the kernel, the tail after the last window) change no code. But the
     fused backwards form dL/dstep_k as <E* gu, r_k>, where 0 * NaN at an unread NaN or inf entry of r_k = x - D y_k
-    is NaN, while eager autograd's <gu, E r_k> never reads it. A select, so their gradient stays 0."""
+    is NaN, while eager autograd's <gu, E r_k> never reads it. A select, so their gradient stays 0; on the CPU, outside
+    traces and torch.func, only when an unread entry is not finite (else the copy would be saved for the backward
+    beside the caller's x)."""
     read = None
     for axis, (n, k, s, p) in enumerate(zip(x.shape[2:], kernel_size, stride, padding)):
         n_code = (n + 2 * p - k) // s + 1
@@ -75,7 +77,17 @@ def zero_unread(
         shape[2 + axis] = n
         axis_read = (first <= last).view(shape)
         read = axis_read if read is None else read & axis_read
-    return x if read is None else torch.where(read, x, 0)
+    if read is None:
+        return x
+    # Looking first costs a pass over x (freed at once); on a GPU it would also cost a host synchronisation.
+    if (
+        x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and bool(torch.where(read, 0, x.detach()).isfinite().all())
+    ):
+        return x
+    return torch.where(read, x, 0)
 
 
 def _zeros_in_graph(shape: Sequence[int], *operands: torch.Tensor) -> torch.Tensor:
