@@ -347,8 +347,14 @@ class ThresholdWarmup:
         targets = state["targets"]
         if set(targets) != set(self.targets):
             raise ValueError(f"state holds targets for {sorted(targets)}, this warm-up has {sorted(self.targets)}")
+        loaded = {k: torch.as_tensor(v).detach().clone() for k, v in targets.items()}
+        for key, value in loaded.items():
+            if value.shape != self.targets[key].shape:  # copy_ into the buffer would broadcast it silently
+                raise ValueError(
+                    f"state's target {key} has shape {tuple(value.shape)}, its buffer {tuple(self.targets[key].shape)}"
+                )
         self.count = check.count("count", state["count"], 0)
-        self.targets = {k: torch.as_tensor(v).detach().clone() for k, v in targets.items()}
+        self.targets = loaded
         self._apply()
 
 

@@ -310,6 +310,9 @@ def test_threshold_warmup_resumes_from_its_state_dict():
         sparsity.ThresholdWarmup(nn.Sequential(SoftThreshold(0.5), SoftThreshold(0.2)), 3).load_state_dict(
             checkpoint["warmup"]
         )
+    per_channel = sparsity.ThresholdWarmup(nn.Sequential(SoftThreshold(0.5, num_channels=3)), 3)
+    with pytest.raises(ValueError, match=r"shape \(\), its buffer \(3,\)"):  # copy_ broadcast it
+        per_channel.load_state_dict(checkpoint["warmup"])
 
 
 def test_sparsity_monitor_checks_modules_at_construction():
