@@ -299,8 +299,6 @@ def photo_patches(
         if size * downsample > min(photo.shape):
             raise ValueError(f"size {size} x downsample {downsample} exceeds the {tuple(photo.shape)} photographs")
         image = torch.nn.functional.avg_pool2d(photo[None, None], downsample)[0, 0]
-        if size > min(image.shape):
-            raise ValueError(f"size {size} exceeds the {tuple(image.shape)} photographs (downsample {downsample})")
         crops.append(data.random_patches(image, n_per_photo, size, generator))
     detail, _ = highpass(torch.cat(crops), highpass_size)
     scale = detail.flatten(1).std(dim=1).clamp_min(1e-3)

@@ -79,13 +79,10 @@ def zero_unread(
         read = axis_read if read is None else read & axis_read
     if read is None:
         return x
+    from .._validate import values_readable  # not at import: _validate imports this package
+
     # Looking first costs a pass over x (freed at once); on a GPU it would also cost a host synchronisation.
-    if (
-        x.device.type == "cpu"
-        and not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()
-        and bool(torch.where(read, 0, x.detach()).isfinite().all())
-    ):
+    if x.device.type == "cpu" and values_readable(x) and bool(torch.where(read, 0, x.detach()).isfinite().all()):
         return x
     return torch.where(read, x, 0)
 
