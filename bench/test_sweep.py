@@ -57,7 +57,7 @@ def test_conv_ista_sweep(benchmark, device, rows, name):
     for k, r in row["results"].items():
         info[k] = {
             key: r[key]
-            for key in ("fwd_ratio", "fwd_bwd_ratio", "mem_ratio", "mem_ratio_recompute", "strategy")
+            for key in ("fwd_ratio", "fwd_bwd_ratio", "mem_floor_ratio", "mem_ratio", "mem_ratio_recompute", "strategy")
             if key in r
         }
     benchmark.extra_info.update(info)

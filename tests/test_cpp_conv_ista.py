@@ -233,6 +233,52 @@ def test_checkpoints_match_the_reference_op(checkpoint, fista, batch):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("strategy", ["direct", "gemm"])
+@pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
+@pytest.mark.parametrize("checkpoint", [2, 0, 2 | KEEP_RESIDUALS], ids=["save", "recompute", "save-residuals"])
+def test_an_empty_encoder_is_the_tied_dictionary(checkpoint, fista, strategy, monkeypatch):
+    """An empty encoder_weight runs E = D: the same z and saved tensors as the dictionary passed twice, one weight
+    gradient that sums both uses, and an empty encoder gradient, on both strategies (stride 2 by 1, fp64). The gemm
+    strategy's weight-gradient sums are channels-last copies for a weight smaller than a chunk's code (here) and the
+    op's own gradient beyond: the second case is test_tied_weight_larger_than_a_chunk."""
+    monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 3, 9, 8, dtype=torch.float64, generator=g)
+    w = 0.3 * torch.randn(6, 3, 3, 3, dtype=torch.float64, generator=g)
+    lam = torch.full((5, 6), 0.05, dtype=torch.float64)
+    step = torch.full((5,), 0.25, dtype=torch.float64)
+    geo = ([2, 1], [1, 1], False, fista)
+    _tied_matches_twice(x, w, lam, step, geo, checkpoint)
+
+
+def test_tied_weight_larger_than_a_chunk():
+    """256 -> 256 channels on 4 x 4 maps: the weight is larger than a chunk's code, so the gemm strategy sums weight
+    gradients straight into the op's gradient, which tied uses share."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 256, 4, 4, generator=g)
+    w = torch.randn(256, 256, 3, 3, generator=g) / 48
+    lam = torch.full((3, 256), 0.01)
+    step = torch.full((3,), 0.2)
+    assert ops.conv_ista_strategy_cpp(x, w, [1, 1], [1, 1]) == 1
+    _tied_matches_twice(x, w, lam, step, ([1, 1], [1, 1], False, False), 2, tol=1e-5)
+
+
+def _tied_matches_twice(x, w, lam, step, geo, checkpoint, tol=1e-12):
+    z0 = x.new_empty(0)
+    z, saved = ops.conv_ista_fwd_cpp(x, w, w, lam, step, z0, *geo, checkpoint)
+    z_tied, saved_tied = ops.conv_ista_fwd_cpp(x, w, w.new_empty(0), lam, step, z0, *geo, checkpoint)
+    assert torch.equal(z_tied, z) and torch.equal(saved_tied, saved)
+    assert (z != 0).any() and (z == 0).any()  # a support to differentiate through
+    grad_z = torch.randn_like(z)
+    keep = z if checkpoint else z.new_empty(0)
+    twice = ops.conv_ista_bwd_cpp(grad_z, x, w, w, lam, step, z0, keep, saved, *geo, checkpoint)
+    tied = ops.conv_ista_bwd_cpp(grad_z, x, w, w.new_empty(0), lam, step, z0, keep, saved, *geo, checkpoint)
+    assert tied[2].shape == (0,)
+    torch.testing.assert_close(tied[1], twice[1] + twice[2], rtol=tol, atol=tol)
+    for i in (0, 3, 4):
+        torch.testing.assert_close(tied[i], twice[i], rtol=tol, atol=tol)
+
+
 def test_keep_residuals_needs_an_interval():
     x, w, lam, step, _ = _op_args(requires_grad=False)
     with pytest.raises(RuntimeError, match="KEEP_RESIDUALS needs a checkpoint interval"):
@@ -313,3 +359,39 @@ def test_build_failure_names_the_compiler_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="undeclared_name.*install"):
         _ext.load.__wrapped__()
     assert "undeclared_name" in _ext.build_error()
+
+
+@pytest.mark.parametrize("encoder", ["none", "the-dictionary", "a-copy"])
+def test_functional_runs_the_tied_op_for_a_dictionary_that_is_its_own_encoder(encoder, monkeypatch):
+    """No encoder, or the dictionary tensor itself, runs the tied op (an empty encoder, one gradient); a copy of it
+    is an untied encoder with its own gradient. All three give the reference's values and gradients."""
+    from dsc_kernels.ops import conv_ista as conv_ista_ops
+    from dsc_kernels.ops.registry import OpPair
+
+    seen = []
+    real = conv_ista_ops.traced_op_pair
+
+    def spy(row, spec):
+        pair = real(row, spec)
+
+        def forward(*args):
+            seen.append(tuple(args[2].shape))
+            return pair.forward(*args)
+
+        return OpPair(forward, pair.backward)
+
+    monkeypatch.setattr(conv_ista_ops, "traced_op_pair", spy)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, generator=g)
+    w0 = 0.3 * torch.randn(5, 3, 3, 3, dtype=torch.float64, generator=g)
+    grads = {}
+    for backend in ("cpp", "reference"):
+        w = w0.clone().requires_grad_()
+        e = {"none": None, "the-dictionary": w, "a-copy": w0.clone().requires_grad_()}[encoder]
+        z = DF.conv_ista(x, w, 0.05, n_iter=4, step=0.2, padding=1, encoder_weight=e, backend=backend)
+        z.square().sum().backward()
+        grads[backend] = (z, w.grad, None if e is None or e is w else e.grad)
+    assert seen == [(0,) if encoder != "a-copy" else tuple(w0.shape)]
+    for got, want in zip(grads["cpp"], grads["reference"]):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -134,7 +134,8 @@ def _conv_fwd_cases():
     yield "weight-0d", _raises(CONV_FWD, **with_changes(a(), weight=torch.tensor(1.0, dtype=F64)))
     yield "weight-channels", _raises(CONV_FWD, **a(Cs=3, **{"x": torch.randn(2, 2, 6, 5, dtype=F64)}))
     yield "encoder-shape", _raises(CONV_FWD, **with_changes(a(), encoder_weight=torch.randn(3, 2, 2, 3, dtype=F64)))
-    yield "encoder-empty", _raises(CONV_FWD, **with_changes(a(), encoder_weight=torch.empty(0, dtype=F64)))
+    # An empty (0,) encoder is the tied dictionary (test_cpp_conv_ista.py); an empty one of another shape is not.
+    yield "encoder-empty-4d", _raises(CONV_FWD, **with_changes(a(), encoder_weight=torch.empty(0, 2, 2, 3, dtype=F64)))
     yield "lam-1d", _raises(CONV_FWD, **with_changes(a(), lam=torch.ones(3, dtype=F64)))
     yield "lam-rows", _raises(CONV_FWD, **with_changes(a(), lam=torch.ones(2, 3, dtype=F64)))
     yield "lam-cols", _raises(CONV_FWD, **with_changes(a(), lam=torch.ones(3, 2, dtype=F64)))

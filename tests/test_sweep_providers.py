@@ -58,3 +58,15 @@ def test_main_rejects_a_count_below_one_before_any_work(option, tmp_path, monkey
     err = capsys.readouterr().err
     assert excinfo.value.code == 2 and f"argument {option}:" in err and "Traceback" not in err
     assert torch.get_num_threads() == threads and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["small-32to32", "cscnet", "1d-c8-to-64-L256-k5-s2-fista"])
+def test_memory_floor_is_what_a_training_step_allocates(name):
+    """The floor counts z_n and the leaves' gradients: the bytes autograd hands back from a real training step on
+    the shape (x's gradient, the dictionaries', the encoder's when untied) plus the output."""
+    shape = SW.BY_NAME[name]
+    p = SW.make_problem(shape, requires_grad=True)
+    z = SW.provider_fn("reference", shape, p)()
+    z.sum().backward()
+    held = z.numel() + sum(t.grad.numel() for t in (p["x"], p["weight"], p["encoder_weight"]) if t is not None)
+    assert shape.floor_bytes() == 4 * held

@@ -393,6 +393,21 @@ def test_launchers_canonical_contract(device):
     assert torch.equal(z_empty, z_zeros)
     g_empty = conv_ista_bwd(torch.ones_like(z), *args[:5], args[0].new_empty(0), z.new_empty(0), empty, *geo, 0)
     assert g_empty[-1].shape == (0,)
+    # An empty encoder_weight is the dictionary itself (tied): one weight gradient summing both uses, an empty one.
+    w = args[1]
+    twice_args = [args[0], w, w, *args[3:]]
+    tied_args = [args[0], w, w.new_empty(0), *args[3:]]
+    for checkpoint in (1, 0):
+        z_twice, saved_twice = conv_ista_fwd(*twice_args, *geo, checkpoint)
+        z_tied, saved_tied = conv_ista_fwd(*tied_args, *geo, checkpoint)
+        assert torch.equal(z_tied, z_twice) and torch.equal(saved_tied, saved_twice)
+        keep = z_twice if checkpoint else z_twice.new_empty(0)
+        twice = conv_ista_bwd(torch.ones_like(z), *twice_args, keep, saved_twice, *geo, checkpoint)
+        tied = conv_ista_bwd(torch.ones_like(z), *tied_args, keep, saved_tied, *geo, checkpoint)
+        assert tied[2].shape == (0,)
+        torch.testing.assert_close(tied[1], twice[1] + twice[2], rtol=1e-5, atol=1e-6)
+        for i in (0, 3, 4, 5):
+            torch.testing.assert_close(tied[i], twice[i], rtol=1e-5, atol=1e-6)
 
 
 # The interpreter cannot run on the FakeTensors that AOT tracing feeds a triton_op, so test_aot_dispatch_dynamic

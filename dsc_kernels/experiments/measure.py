@@ -13,7 +13,11 @@ Rounds stop at `rounds`, or earlier once `min_rounds` are done and `budget_s` se
 Memory (`measure_memory`): bytes allocated while fn runs, above what was allocated before it: the peak, and what is
 still held when it returns (its output and whatever autograd saved for the backward). GPU: the CUDA caching
 allocator's statistics. CPU: the profiler's allocation and free events (every allocation through c10; a C++ kernel's
-own malloc'd scratch is not counted).
+own malloc'd scratch is not counted), matched by address: only a block allocated inside the call counts when it is
+freed. c10's CPU allocator remembers block sizes only while a profiler records, so a block allocated during one
+measurement and freed outside it stays in its table; a later block at the same address, freed during a later
+measurement, was reported with the old size. Summing every free event made repeated measurements of the same call
+drift by megabytes (2 MiB, a dictionary gradient, on the sweep's ML-ISTA layer).
 """
 
 from __future__ import annotations
@@ -196,14 +200,31 @@ def measure_memory(fn: Callable[[], object], device: torch.device | str) -> Memo
     with _native_stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     del out
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    allocations = sorted(
+        (node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size)
+        for node in _event_nodes(prof.profiler.kineto_results.experimental_event_tree())
+        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation" and node.extra_fields.device.type == "cpu"
     )
+    live: dict[int, int] = {}  # address -> size of the blocks allocated during the call and not yet freed
     current = peak = 0
-    for e in events:
-        current += e.nbytes()  # negative for frees
-        peak = max(peak, current)
-    return MemoryUse(int(peak), int(current), "torch.profiler allocation events (c10 allocations)")
+    for _, ptr, size in allocations:
+        if size >= 0:
+            live[ptr] = size
+            current += size
+            peak = max(peak, current)
+        elif ptr in live:  # a free of a block from before the call does not count (the module docstring)
+            current -= live.pop(ptr)
+    return MemoryUse(int(peak), int(current), "torch.profiler allocation events (c10 allocations), by address")
+
+
+def _event_nodes(roots) -> list:
+    """Every node of the profiler's event tree, depth first."""
+    out, stack = [], list(roots)
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        stack.extend(node.children)
+    return out
 
 
 @dataclass

@@ -343,7 +343,11 @@ def peak_memory_bytes(fn: Callable[[], torch.Tensor], device: str | torch.device
 
 def train_step_peak_bytes(fn: Callable[[], torch.Tensor], inputs: dict, device: str | torch.device) -> int:
     """Peak bytes allocated during one training step (fn's forward, then the backward of sum(z)) above what was
-    allocated before it (measure.measure_memory). A warm-up step runs first so one-time buffers are not counted."""
+    allocated before it (measure.measure_memory). A warm-up step runs first so one-time buffers are not counted, and
+    its gradients are freed before the measured step, whose first act would otherwise be to free them: the CUDA
+    allocator's statistics would count that free against the step's peak, the CPU meter would not."""
     step = forward_backward(fn, inputs)
     step()
+    for t in getattr(fn, "leaves", (inputs["x"], inputs["weight"])):
+        t.grad = None
     return measure_memory(step, device).peak_bytes

@@ -36,6 +36,7 @@ import torch
 from .. import _cli_args as cli_args
 from .. import functional as DF
 from ..reference import conv_ista_ref
+from ..reference.conv import code_size
 from . import measure, records
 from . import speed as S
 
@@ -62,6 +63,17 @@ class SweepShape:
     def many_channel(self) -> bool:
         """GEMM-bound shapes, where the memory goals are checked too."""
         return self.x[1] >= 8 and self.weight[0] >= 32
+
+    def floor_bytes(self, element_size: int = 4) -> int:
+        """What any training step on this shape allocates and keeps: z_n and the gradients of x and the dictionaries
+        (and the encoder's when untied), whatever the implementation keeps besides."""
+        rank = len(self.x) - 2
+        z = (
+            self.x[0]
+            * self.weight[0]
+            * math.prod(code_size(self.x[2:], self.weight[2:], (self.stride,) * rank, (self.padding,) * rank))
+        )
+        return element_size * (z + math.prod(self.x) + math.prod(self.weight) * (2 if self.untied else 1))
 
     def describe(self) -> str:
         opts = [o for o, on in (("FISTA", self.fista), ("untied", self.untied), ("nonneg", self.nonneg)) if on]
@@ -319,6 +331,7 @@ def measure_shape(shape: SweepShape, providers: tuple[str, ...], *, rounds: int 
         r["fwd_ratio"] = base["forward"]["ms"] / r["forward"]["ms"]
         r["fwd_bwd_ratio"] = base["forward_backward"]["ms"] / r["forward_backward"]["ms"]
         if memory:
+            r["mem_floor_ratio"] = shape.floor_bytes() / base["train_peak_bytes"]
             r["mem_ratio"] = r["train_peak_bytes"] / base["train_peak_bytes"]
             if "train_peak_bytes_recompute" in r:
                 r["mem_ratio_recompute"] = r["train_peak_bytes_recompute"] / base["train_peak_bytes"]
@@ -378,11 +391,13 @@ def markdown(rows: list[dict], summary: dict, machine: dict) -> str:
         "",
         (
             "Ratios: eager time / provider time (fwd, fwd+bwd; > 1 is faster) and training-step peak memory / "
-            "eager's (save mode; recompute mode for cpp strategies; < 1 is leaner). Medians of interleaved rounds."
+            "eager's (save mode; recompute mode for cpp strategies; < 1 is leaner). Medians of interleaved rounds. "
+            "Floor: what every training step allocates, z_n and the gradients of x and the dictionaries, over "
+            "eager's peak; no provider's memory ratio can go below it."
         ),
         "",
-        "| shape | eager fwd / fwd+bwd ms | " + " | ".join(providers) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in providers) + " |",
+        "| shape | eager fwd / fwd+bwd ms | floor | " + " | ".join(providers) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in providers) + " |",
     ]
     for r in rows:
         res = r["results"]
@@ -395,9 +410,10 @@ def markdown(rows: list[dict], summary: dict, machine: dict) -> str:
                     c += f" / {res[k]['mem_ratio_recompute']:.2f}"
             cells.append(c)
         base = res["reference"]
+        floor = f"{base['mem_floor_ratio']:.2f}" if "mem_floor_ratio" in base else "—"
         lines.append(
             f"| {r['shape']['name']} ({r['describe']}) | {base['forward']['ms']:.1f} / "
-            f"{base['forward_backward']['ms']:.1f} | " + " | ".join(cells) + " |"
+            f"{base['forward_backward']['ms']:.1f} | {floor} | " + " | ".join(cells) + " |"
         )
     lines += [
         "",

@@ -12,7 +12,9 @@ on canonical 2-D tensors (docs/design.md, "The fused-op contract"). The forward 
 (``checkpoint == 0``, recompute mode; ``NO_BACKWARD``, no backward will follow); the active set of iteration k is
 recovered as ``z_{k+1} != 0``, so no mask is stored. With ``KEEP_RESIDUALS`` (a row's ``residual_policy`` decides) it
 keeps the residuals r_k = x - D y_k too, so the backward never recomputes D y_k. An empty ``z0`` stands for zeros
-(and gets an empty gradient), so a problem started from zero allocates no code-sized z0.
+(and gets an empty gradient), so a problem started from zero allocates no code-sized z0. An empty ``(0,)``
+``encoder_weight`` stands for ``weight`` itself (tied): it gets an empty gradient, and ``weight``'s is the sum of both
+uses, so a tied backward holds one dictionary-sized gradient, not two plus autograd's sum of them.
 """
 
 from __future__ import annotations
@@ -120,6 +122,8 @@ def run(
             fista=fista,
         )
     x = zero_unread(x, weight.shape[2:], stride, padding)
+    if encoder_weight is weight:  # the dictionary passed as its own encoder: the tied op, one gradient
+        encoder_weight = None
     one_d = weight.dim() == 3
     if one_d:
         x, weight = x.unsqueeze(2), weight.unsqueeze(2)
@@ -127,7 +131,7 @@ def run(
         z0 = None if z0 is None else z0.unsqueeze(2)
         stride, padding = (1, *stride), (0, *padding)
     z0 = x.new_empty(0) if z0 is None else z0.contiguous()  # empty: zeros, never materialised
-    encoder_weight = weight if encoder_weight is None else encoder_weight
+    encoder_weight = weight.new_empty(0) if encoder_weight is None else encoder_weight  # empty: tied
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, encoder_weight, lam, step, z0))
     checkpoint = NO_BACKWARD if not needs_grad else 0 if recompute else row.save_interval[int(fista)]
     keep = row.residual_policy is not None and checkpoint > 0

@@ -1410,7 +1410,8 @@ def _check_inputs(op, x, weight, encoder_weight, lam, step, z0, stride, padding)
     """The checks of the C++ ops (csrc/cpu/conv_ista/ops.cpp, check_inputs), done before any launch: the kernels
     index every tensor as a dense buffer of the shape the others imply (signals and codes channels last: the
     launchers convert them), so any other shape or dtype is read (or written) out of bounds. Shapes, dtypes and
-    strides only: no device synchronisation. Returns the tensors made contiguous (a no-op for contiguous ones) and
+    strides only: no device synchronisation. Returns the tensors made contiguous (a no-op for contiguous ones; an
+    empty encoder_weight, tied, replaced by weight) and
     the stride, clamped like the C++ ops clamp it: every stride beyond the last window start gives the same single
     window, and a huge one would size the residual slabs by it."""
     tensors = dict(x=x, weight=weight, encoder_weight=encoder_weight, lam=lam, step=step, z0=z0)
@@ -1436,10 +1437,11 @@ def _check_inputs(op, x, weight, encoder_weight, lam, step, z0, stride, padding)
     if H + 2 * ph < kh or W + 2 * pw < kw:
         raise RuntimeError(f"{op}: kernel larger than the padded signal")
     sh, sw = min(sh, H + 2 * ph - kh + 1), min(sw, W + 2 * pw - kw + 1)
-    if weight.shape[1] != C_sig or encoder_weight.shape != weight.shape:
+    tied = encoder_weight.shape == (0,)
+    if weight.shape[1] != C_sig or not (tied or encoder_weight.shape == weight.shape):
         raise RuntimeError(
-            f"{op}: weight/encoder_weight must be (C_code, C_sig, kh, kw) with C_sig = {C_sig}, got "
-            f"{tuple(weight.shape)} and {tuple(encoder_weight.shape)}"
+            f"{op}: weight/encoder_weight must be (C_code, C_sig, kh, kw) with C_sig = {C_sig} (encoder_weight "
+            f"(0,): tied), got {tuple(weight.shape)} and {tuple(encoder_weight.shape)}"
         )
     if step.dim() != 1 or step.shape[0] < 1:
         raise RuntimeError(f"{op}: step must be (n_iter,) with n_iter >= 1, got {tuple(step.shape)}")
@@ -1462,7 +1464,10 @@ def _check_inputs(op, x, weight, encoder_weight, lam, step, z0, stride, padding)
     for name in ("weight", "lam"):
         if tensors[name].numel() >= _MAX_INDEX:
             raise RuntimeError(f"{op}: {name} must hold fewer than 2**31 elements (int32 kernel offsets)")
-    return [t.contiguous() for t in tensors.values()], [sh, sw], [ph, pw]
+    checked = [t.contiguous() for t in tensors.values()]
+    if tied:  # the dictionary itself, the same tensor (_dot_weights and the launchers share what they derive from it)
+        checked[2] = checked[1]
+    return checked, [sh, sw], [ph, pw]
 
 
 def _check_code_like(op, name, t, shape, x):
@@ -1595,13 +1600,16 @@ def conv_ista_bwd(
     checkpoint: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward of the fused-op interface: grads of (x, weight, encoder_weight, lam, step, z0), each of its
-    input's shape (an empty z0's grad is empty). ``saved`` holds z_1..z_{n-1} (checkpoint 1); checkpoint 0 is
-    recompute mode: the forward is replayed from z0, z_n included (z is then empty)."""
+    input's shape (an empty z0's grad is empty; an empty encoder_weight's too, weight's then sums both uses).
+    ``saved`` holds z_1..z_{n-1} (checkpoint 1); checkpoint 0 is recompute mode: the forward is replayed from z0,
+    z_n included (z is then empty)."""
     _check_checkpoint(checkpoint, backward=True)
     op = "conv_ista_bwd_triton"
+    given_encoder = encoder_weight
     (x, weight, encoder_weight, lam, step, z0), stride, padding = _check_inputs(
         op, x, weight, encoder_weight, lam, step, z0, stride, padding
     )
+    tied = given_encoder.shape == (0,)
     code_shape = (x.shape[0], weight.shape[0], *code_size(x.shape[2:], weight.shape[2:], stride, padding))
     # grad_z, z and saved are read through torch ops (any strides) and made channels last where a kernel reads them.
     _check_code_like(op, "grad_z", grad_z, code_shape, x)
@@ -1610,7 +1618,7 @@ def conv_ista_bwd(
     if checkpoint == 1:
         _check_code_like(op, "saved (z_1..z_{n-1} of the forward)", saved, (step.shape[0] - 1, *code_shape), x)
     if grad_z.numel() == 0:  # an empty code (conv_ista_fwd): every gradient is zero
-        return tuple(torch.zeros_like(t) for t in (x, weight, encoder_weight, lam, step, z0))
+        return tuple(torch.zeros_like(t) for t in (x, weight, given_encoder, lam, step, z0))
     z0_given = z0.numel() > 0
     recompute = checkpoint == 0
     if z0_given:
@@ -1714,7 +1722,7 @@ def conv_ista_bwd(
         return z0 if j == 0 else iterates.select(0, j - 1)
 
     grad_w = torch.zeros(tuple(weight.shape), **f32)
-    grad_we = torch.zeros(tuple(encoder_weight.shape), **f32)
+    grad_we = grad_w if tied else torch.zeros(tuple(encoder_weight.shape), **f32)  # both sums in one when tied
     grad_lam, grad_step = [], []
     # gu = dL/dz_{k+1} on the support of z_{k+1}, in one fp32 buffer that the analysis kernel's "vjp" epilogue
     # overwrites with the next gu (and, at k = 0, with dL/dz_0); dth its threshold gradient. Here for k = n - 1.
@@ -1749,12 +1757,12 @@ def conv_ista_bwd(
         step_k = step[k].to(torch.float32)
 
         synth(y, synth_w, r, "residual", x, k)
-        grad_we = grad_we + step_k * weight_grad(r, gu)
+        grad_we += step_k * weight_grad(r, gu)
         v = r
         synth(gu, synth_we, v, "vjp", r, k)  # in place; also grad_x += step_k v and the shares of <v, r_k>
         grad_lam.append(step_k * dth)
         grad_step.append(dot_shares.sum() + (lam[k].to(torch.float32) * dth).sum())
-        grad_w = grad_w - step_k * weight_grad(v, y)
+        grad_w -= step_k * weight_grad(v, y)
 
         launch(_conv_analysis_kernel)[code_grid](
             gu,
@@ -1792,7 +1800,7 @@ def conv_ista_bwd(
     return (
         grad_x.to(x.dtype).contiguous(),
         grad_w.to(weight.dtype),
-        grad_we.to(encoder_weight.dtype),
+        torch.empty_like(given_encoder) if tied else grad_we.to(encoder_weight.dtype),
         grad_lam,
         grad_step,
         gu.to(z0.dtype).contiguous() if z0_given else z0.new_empty((0,)),

@@ -367,7 +367,7 @@ void direct_backward(const Problem<T>& p, const at::Tensor& grad_z, const Stored
 
 
   T* gw = grads.weight.template data_ptr<T>();
-  T* gwe = grads.encoder_weight.template data_ptr<T>();
+  T* gwe = grads.encoder_weight.template data_ptr<T>();  // gw itself when tied (ops.cpp): both sums add into it
   std::fill(gw, gw + bw.wsz, T(0));
   std::fill(gwe, gwe + bw.wsz, T(0));
   for (const auto& t : tw)

@@ -53,14 +53,14 @@ struct GemmBackward {
   const bool in_place_residuals;      // ... in the chunk's layout, so steps read them where they are
   const int64_t ccs, scs;             // one chunk's code and signal sizes
   // Weight-gradient sums: copies in the chunk's layout (sum_buffer), or the op's own channels-first gradients.
-  at::Tensor dw_dict, dw_encoder;
+  at::Tensor dw_dict, dw_encoder;  // one tensor when the op's gradients are (tied, ops.cpp)
   std::vector<std::vector<double>> dth, vr;  // [thread]: (n, Cc) and (n,) partial sums
 
   GemmBackward(const GemmSolver<T>& solver_, int64_t m_, bool kept_residuals_, const Gradients& grads)
       : solver(solver_), p(solver_.p), g(solver_.g), m(m_), kept_residuals(kept_residuals_),
         in_place_residuals(kept_residuals_ && solver_.channels_last), ccs(solver_.chunk * g.code_item()),
         scs(solver_.chunk * g.signal_item()), dw_dict(sum_buffer(solver_, grads.weight)),
-        dw_encoder(sum_buffer(solver_, grads.encoder_weight)),
+        dw_encoder(grads.encoder_weight.is_same(grads.weight) ? dw_dict : sum_buffer(solver_, grads.encoder_weight)),
         dth(at::get_num_threads(), std::vector<double>(p.it.n * g.Cc, 0.0)),
         vr(at::get_num_threads(), std::vector<double>(p.it.n, 0.0)) {}
 
@@ -254,7 +254,8 @@ void gemm_backward(const Problem<T>& p, const at::Tensor& grad_z, const StoredIt
     bw.chunk(t, grad_z, in, b0, items, x + b0 * ssz, gx + b0 * ssz, gz0 ? gz0 + b0 * csz : nullptr);
   });
   if (!bw.dw_dict.is_same(grads.weight)) grads.weight.copy_(bw.dw_dict);  // into the op's channels-first gradients
-  if (!bw.dw_encoder.is_same(grads.encoder_weight)) grads.encoder_weight.copy_(bw.dw_encoder);
+  if (!grads.encoder_weight.is_same(grads.weight) && !bw.dw_encoder.is_same(grads.encoder_weight))
+    grads.encoder_weight.copy_(bw.dw_encoder);
   std::vector<double> dth(p.it.n * g.Cc, 0.0), vr(p.it.n, 0.0);
   for (size_t i = 0; i < bw.dth.size(); ++i) {
     for (size_t j = 0; j < dth.size(); ++j) dth[j] += bw.dth[i][j];

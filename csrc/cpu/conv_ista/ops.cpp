@@ -33,8 +33,8 @@ ConvGeometry check_inputs(const char* op, const at::Tensor& x, const at::Tensor&
   const ConvAxis cols = conv_axis(op, x.size(3), weight.size(3), stride[1], padding[1]);
   const ConvGeometry g{x.size(0),  x.size(1),   x.size(2),  x.size(3),  weight.size(0), weight.size(2), weight.size(3),
                        rows.stride, cols.stride, padding[0], padding[1], rows.code,      cols.code};
-  TORCH_CHECK(weight.size(1) == g.Cs && encoder_weight.sizes() == weight.sizes(), op,
-              ": weight/encoder_weight must be (C_code, C_sig, kh, kw)");
+  TORCH_CHECK(weight.size(1) == g.Cs && (tied(encoder_weight) || encoder_weight.sizes() == weight.sizes()), op,
+              ": weight/encoder_weight must be (C_code, C_sig, kh, kw) (encoder_weight (0,): tied)");
   TORCH_CHECK(step.dim() == 1 && step.size(0) >= 1, op, ": step must be (n_iter,) with n_iter >= 1");
   const int64_t n = step.size(0);
   TORCH_CHECK(lam.dim() == 2 && lam.size(0) == n && lam.size(1) == g.Cc, op, ": lam must be (n_iter, C_code)");
@@ -143,7 +143,8 @@ template <typename T>
 Problem<T> make_problem(const ConvGeometry& g, const at::Tensor& x, const at::Tensor& weight,
                         const at::Tensor& encoder_weight, const at::Tensor& lam, const at::Tensor& step,
                         const at::Tensor& z0, bool nonneg, bool fista) {
-  return Problem<T>{g, x.contiguous(), weight.contiguous(), encoder_weight.contiguous(), z0.contiguous(),
+  const at::Tensor w = weight.contiguous();  // tied: one tensor for both, so the strategies can tell (is_same)
+  return Problem<T>{g, x.contiguous(), w, tied(encoder_weight) ? w : encoder_weight.contiguous(), z0.contiguous(),
                     IterationConstants<T>(lam, step, nonneg, fista)};
 }
 
@@ -212,16 +213,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Checkpoints ck(step.size(0), checkpoint, fista);
   TORCH_CHECK(checkpoint == 0 || saved.numel() == ck.saved_numel(step.size(0), g.B, g.code_item(), g.signal_item()),
               op, ": saved must hold the checkpoints of conv_ista_fwd_cpp with this checkpoint");
+  // Tied: the strategies add both uses' weight gradients into one tensor (grads.encoder_weight is grads.weight), and
+  // the op returns an empty encoder gradient, so no second weight-sized gradient exists (nor autograd's sum of two).
+  const at::Tensor grad_weight = at::empty_like(weight, at::MemoryFormat::Contiguous);
+  const at::Tensor grad_encoder = at::empty_like(encoder_weight, at::MemoryFormat::Contiguous);
   const Gradients grads{at::empty_like(x, at::MemoryFormat::Contiguous),
-                        at::empty_like(weight, at::MemoryFormat::Contiguous),
-                        at::empty_like(encoder_weight, at::MemoryFormat::Contiguous),
+                        grad_weight,
+                        tied(encoder_weight) ? grad_weight : grad_encoder,
                         at::empty_like(lam, at::MemoryFormat::Contiguous),
                         at::empty_like(step, at::MemoryFormat::Contiguous),
                         at::empty_like(z0, at::MemoryFormat::Contiguous)};
   if (g.empty_code()) {
     for (const at::Tensor* t : {&grads.x, &grads.weight, &grads.encoder_weight, &grads.lam, &grads.step, &grads.z0})
       const_cast<at::Tensor*>(t)->zero_();
-    return {grads.x, grads.weight, grads.encoder_weight, grads.lam, grads.step, grads.z0};
+    return {grads.x, grads.weight, grad_encoder.zero_(), grads.lam, grads.step, grads.z0};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_ista_cpp", [&] {
     using T = scalar_t;
@@ -245,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         gemm_backward<T>(p, grad_z, in, ck.interval, grads);
     }
   });
-  return {grads.x, grads.weight, grads.encoder_weight, grads.lam, grads.step, grads.z0};
+  return {grads.x, grads.weight, grad_encoder, grads.lam, grads.step, grads.z0};
 }
 
 // Which strategy the backward op (backward true) or the forward op above runs for this problem: 0 direct, 1 gemm,

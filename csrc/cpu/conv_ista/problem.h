@@ -1,8 +1,9 @@
 // What every conv-ISTA strategy shares: the checked geometry of a problem, its per-iteration constants, and where the
 // forward keeps the iterates the backward needs (the elementwise pieces of an iteration are in elementwise.h).
 //
-// Canonical tensors (docs/design.md §7.1): x (B, Cs, H, W); weight W_D and encoder_weight W_E (Cc, Cs, KH, KW);
-// lam (n, Cc); step (n,); z0 (B, Cc, Hz, Wz) or empty (zeros). Hz = (H + 2 PH - KH) / SH + 1 (Wz likewise).
+// Canonical tensors (docs/design.md §7.1): x (B, Cs, H, W); weight W_D and encoder_weight W_E (Cc, Cs, KH, KW),
+// W_E an empty (0,) tensor when tied (W_E = W_D: one gradient, the sum of both uses, and an empty one for W_E); lam (n, Cc); step
+// (n,); z0 (B, Cc, Hz, Wz) or empty (zeros). Hz = (H + 2 PH - KH) / SH + 1 (Wz likewise).
 // Iteration k = 0 .. n-1 (FISTA: beta_k = (t_{k-1} - 1) / t_k, beta_0 = 0; ISTA: beta_k = 0):
 //     y_k     = z_k + beta_k (z_k - z_{k-1})
 //     z_{k+1} = S_{step_k lam_k[c]}(y_k + step_k E(x - D y_k))          (S+ when nonneg)
@@ -45,6 +46,10 @@ struct ConvGeometry {
 // The two passes of an op. Each picks its strategy (and the gemm strategy its chunks) on its own: both read and
 // write the same checkpoints, so a forward of one strategy and a backward of the other compose.
 enum class Pass { forward, backward };
+
+// An empty (0,) encoder_weight stands for the dictionary itself (the header's canonical tensors); an empty one of
+// another shape is a mistake the shape check names.
+inline bool tied(const at::Tensor& encoder_weight) { return encoder_weight.dim() == 1 && encoder_weight.numel() == 0; }
 
 // Checks the canonical tensors and measures the problem; TORCH_CHECK names what is wrong.
 ConvGeometry check_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
@@ -164,7 +169,8 @@ struct Problem {
   const T* z0_item(int64_t b) const { return z0.numel() ? z0.data_ptr<T>() + b * g.code_item() : nullptr; }
 };
 
-// The six gradients of the backward op, allocated by the caller with the inputs' shapes (grad_z0 empty when z0 is).
+// The six gradients of the backward op, allocated by the caller with the inputs' shapes (grad_z0 empty when z0 is;
+// when tied, encoder_weight is the same tensor as weight, and a strategy's two weight-gradient sums add into it).
 struct Gradients {
   at::Tensor x, weight, encoder_weight, lam, step, z0;
 };
