@@ -1713,7 +1713,8 @@ def conv_ista_bwd(
             z = ring.select(0, _slot(n_iter, ring_size))
     else:
         dot_w, dot_we = _dot_weights(weight, encoder_weight)
-    synth_w, synth_we = _synth_weight(dot_w, tap_syn), _synth_weight(dot_we, tap_syn)
+    synth_w = _synth_weight(dot_w, tap_syn)
+    synth_we = synth_w if dot_we is dot_w else _synth_weight(dot_we, tap_syn)  # tied: one tap-major copy
     analysis_w = _analysis_weight(dot_w, tap_ana)  # D^T v: the analysis conv with the synthesis dictionary
 
     iterates = saved_iterates(saved) if checkpoint == 1 else None
