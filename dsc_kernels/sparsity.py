@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from . import _validate as check
 from . import theory
-from .nn import ConvSparseCoding1d, ConvSparseCoding2d, SoftThreshold
+from .nn import ConvSparseCoding1d, ConvSparseCoding2d, MultiLayerSparseCoding2d, SoftThreshold
 
 __all__ = [
     "zero_fraction",
@@ -42,8 +42,17 @@ __all__ = [
     "SPARSE_MODULES",
 ]
 
-# Modules whose outputs are the hidden feature maps whose sparsity is watched by default.
-SPARSE_MODULES = (nn.ReLU, nn.Softshrink, nn.Hardshrink, SoftThreshold, ConvSparseCoding1d, ConvSparseCoding2d)
+# Modules whose outputs are the hidden feature maps whose sparsity is watched by default (the multi-layer pursuit's
+# output is its list of codes, counted together).
+SPARSE_MODULES = (
+    nn.ReLU,
+    nn.Softshrink,
+    nn.Hardshrink,
+    SoftThreshold,
+    ConvSparseCoding1d,
+    ConvSparseCoding2d,
+    MultiLayerSparseCoding2d,
+)
 
 
 # ---------------------------------------------------------------------------------------------------- metrics

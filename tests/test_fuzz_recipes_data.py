@@ -322,6 +322,14 @@ def test_load_rejects_what_is_not_a_checkpoint(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / engine.MODEL_FILE)
     with pytest.raises(ValueError, match="lacks recipe, spec or state_dict"):
         recipes.load(tmp_path)  # was KeyError: 'recipe'
+    # cut short (an interrupted copy: a bare OSError before) anywhere in the file
+    engine.save(tmp_path, "digits", {"strategy": "baseline"}, digits.DigitsNet("baseline"), {"accuracy": 0.5})
+    whole = (tmp_path / engine.MODEL_FILE).read_bytes()
+    for cut in (len(whole) // 2, len(whole) - 10, 100):
+        (tmp_path / engine.MODEL_FILE).write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match="is not a checkpoint"):
+            recipes.load(tmp_path)
+    assert not list(tmp_path.glob("*.partial"))  # save renames its file into place
     with pytest.raises(TypeError, match="out must be a str or a path"):
         recipes.load(None)
     with pytest.raises(TypeError, match="recipe must be one of"):

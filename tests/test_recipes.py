@@ -228,6 +228,13 @@ def test_cli_rejects_bad_arguments_before_training(case, cpu_only, tmp_path, cap
     assert not out.exists()  # rejected before the run made its output folder
 
 
+def test_cli_rejects_an_empty_out(cpu_only, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)  # an empty --out used to write into runs/digits-baseline here
+    err = _usage_error(_train_argv(""), capsys)
+    assert "argument --out: must name a folder" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_cli_rejects_an_out_that_is_a_file(cpu_only, tmp_path, capsys):
     existing = tmp_path / "metrics.txt"
     existing.write_text("keep me\n")
@@ -354,3 +361,37 @@ def test_denoise_evaluate_runs_on_the_models_device_and_keeps_its_mode():
         psnrs = denoise.evaluate(model, 0)
         assert model.devices and all(d.type == "meta" for d in model.devices)
         assert len(psnrs) == len(model.devices) and model.training is training
+
+
+def test_denoise_plot_runs_on_the_models_device_and_shows_the_better_baseline(tmp_path, monkeypatch):
+    """plot, like evaluate before it, fed a CUDA model the CPU photograph (the recipe stopped after saving its model)
+    and left the model in eval mode; its baseline panel was TV even where the wavelet scored higher."""
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.csc = nn.Module()
+            self.csc.weight = nn.Parameter(torch.randn(4, 1, 5, 5))
+            self.anchor = nn.Parameter(torch.empty(1, device="meta"))
+            self.devices: list[torch.device] = []
+
+        def forward(self, x):
+            self.devices.append(x.device)
+            return torch.zeros(x.shape)
+
+    image = "flower (unseen photograph)"
+    titles = []
+    monkeypatch.setattr("matplotlib.axes.Axes.set_title", lambda ax, title, **kw: titles.append(title))
+    for wavelet, tv in ((29.0, 27.3), (26.0, 27.3)):
+        metrics = {
+            "psnr_noisy": 20.6,
+            "psnr_model": 29.4,
+            "tv_weight": 0.1,
+            "images": {image: {"wavelet_bayes": wavelet, "tv_chambolle": tv}},
+        }
+        model = Recorder().train(True)
+        model.csc.weight.data = model.csc.weight.data.cpu()
+        titles.clear()
+        denoise.plot(model, metrics, 0, tmp_path / "plot.png")
+        assert [d.type for d in model.devices] == ["meta"] and model.training
+        assert titles[3] == (f"wavelet {wavelet:.2f} dB" if wavelet > tv else f"TV {tv:.2f} dB")

@@ -164,6 +164,16 @@ def test_sparsity_monitor_finds_sparse_coding_layers():
     assert monitor.summary("train")["0"] == pytest.approx(sparsity.zero_fraction(z))
 
 
+def test_sparsity_monitor_finds_the_multilayer_pursuit():
+    from dsc_kernels.nn import MultiLayerSparseCoding2d
+
+    model = nn.Sequential(MultiLayerSparseCoding2d([1, 3, 4], kernel_sizes=[3, 3], n_iter=2, backend="reference"))
+    with sparsity.SparsityMonitor(model) as monitor:
+        codes = model(torch.randn(2, 1, 8, 8))
+    zeros = sum(int((c == 0).sum()) for c in codes) / sum(c.numel() for c in codes)
+    assert monitor.summary("train") == {"0": pytest.approx(zeros)}
+
+
 def test_hoyer_is_scale_invariant_at_every_scale():
     x = torch.tensor([[3.0, 4.0, 0.0, -1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, -2.0, 0.0]], dtype=torch.float64)
     want = sparsity.hoyer(x, dim=1)

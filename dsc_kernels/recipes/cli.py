@@ -100,6 +100,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"argument --distributed: {missing.removeprefix('--distributed ')}")
     if args.out is not None and not isinstance(args.out, (str, os.PathLike)):
         parser.error(f"argument --out: must be a path, got {args.out!r}")
+    if args.out is not None and not os.fspath(args.out):  # `args.out or default` wrote into runs/<recipe>-<strategy>
+        parser.error("argument --out: must name a folder, got ''")
     for target in _out_folders(args):
         problem = cli_args.out_folder_problem(target)
         if problem is not None:

@@ -223,7 +223,10 @@ def save(out: str | Path, recipe: str, spec: dict, model: nn.Module, metrics: di
     if "backend" in metrics:
         metrics["backend"] = backend_that_ran(module)
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    torch.save({"recipe": recipe, "spec": spec, "state_dict": state}, out / MODEL_FILE)
+    # written beside and renamed into place, so an interrupted save leaves the previous file, never half of one
+    partial = out / (MODEL_FILE + ".partial")
+    torch.save({"recipe": recipe, "spec": spec, "state_dict": state}, partial)
+    os.replace(partial, out / MODEL_FILE)
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
@@ -235,7 +238,8 @@ def read_checkpoint(out: str | Path) -> dict:
         raise FileNotFoundError(f"no {MODEL_FILE} in {out}: pass the --out folder of `python -m dsc_kernels train`")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+    # a file cut short (an interrupted copy) raised a bare OSError, a text file a KeyError
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError) as err:
         raise ValueError(f"{path} is not a checkpoint written by `python -m dsc_kernels train`: {err}") from err
     if not isinstance(checkpoint, dict) or not {"recipe", "spec", "state_dict"} <= set(checkpoint):
         raise ValueError(
