@@ -270,6 +270,21 @@ def test_cli_main_validates_a_namespace_built_in_python(cpu_only, tmp_path, caps
     assert excinfo.value.code == 2 and "argument --epochs" in capsys.readouterr().err
 
 
+def test_cli_notes_an_out_folder_that_holds_an_earlier_run(cpu_only, monkeypatch, tmp_path, capsys):
+    from dsc_kernels.__main__ import main
+
+    monkeypatch.setattr(digits, "train", lambda *args, **kwargs: {"accuracy": 0.5})
+    main(_train_argv(tmp_path / "fresh"))
+    assert "already holds" not in capsys.readouterr().err
+    (tmp_path / "used").mkdir()
+    for name in ("model.pt", "metrics.json", "denoise.png", "a", "b"):
+        (tmp_path / "used" / name).write_text("x")
+    main(_train_argv(tmp_path / "used"))
+    err = capsys.readouterr().err
+    assert "already holds a, b, denoise.png, metrics.json, 1 more from an earlier run" in err
+    assert (tmp_path / "used" / "denoise.png").read_text() == "x"  # noted, never deleted
+
+
 def test_cli_accepts_good_edge_arguments_without_creating_anything(cpu_only, tmp_path):
     from dsc_kernels.recipes import cli
 

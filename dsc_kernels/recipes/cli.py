@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from .. import _cli_args as cli_args
@@ -117,6 +118,14 @@ def _out_folders(args: argparse.Namespace) -> list[Path]:
     return [out] + ([out / s for s in module.STRATEGIES] if several else [])
 
 
+def _earlier_entries(out: Path, shown: int = 4) -> list[str]:
+    """The first names in ``out`` (sorted) if it exists and is not empty, and how many more."""
+    if not out.is_dir():
+        return []
+    names = sorted(p.name for p in out.iterdir())
+    return names[:shown] + ([f"{len(names) - shown} more"] if len(names) > shown else [])
+
+
 def create_out_folders(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Create the validated output folders, or report through ``parser.error`` why not: ``validate`` only predicts
     (os.access says yes to root even for /proc/x), and the recipe's own mkdir comes after the whole training."""
@@ -138,7 +147,16 @@ def main(args: argparse.Namespace, arg_parser: argparse.ArgumentParser | None = 
     arg_parser = arg_parser or parser()
     validate(args, arg_parser)
     cli_args.set_threads(getattr(args, "threads", None))
+    earlier = _earlier_entries(_out_folders(args)[0])
     create_out_folders(args, arg_parser)  # after every other argument is accepted: a rejected run leaves no folder
+    if earlier:
+        # a digits --strategy all run into a denoise run's folder left the denoiser's model.pt beside its own
+        # summary, and recipes.load(folder) then returned the denoiser: say so before the run, never delete
+        print(
+            f"note: {_out_folders(args)[0]} already holds {', '.join(earlier)} from an earlier run; this run replaces "
+            "the files it writes and leaves the others",
+            file=sys.stderr,
+        )
     module = recipe(args.recipe)
     strategy = module.DEFAULT_STRATEGY if args.strategy is None else args.strategy
     strategies = module.STRATEGIES if strategy == "all" else (strategy,)
