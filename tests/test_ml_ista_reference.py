@@ -254,3 +254,43 @@ def test_reference_ops_pass_opcheck():
             checkpoint,
         )
         torch.library.opcheck(fwd, inputs)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_the_first_step_from_zero_codes_reads_no_dictionary(backend):
+    """Step 0 from zero codes is the plain CNN forward, sigma(c E^T G_{j-1} - t): it never reads a dictionary D, so
+    a NaN or inf in one stays out of codes it does not reach (the reference computed D 0 = NaN and made whole layers
+    NaN; cpp never did)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 6, 6, dtype=torch.float64, generator=g)
+    w1 = 0.3 * torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=g)
+    w2 = 0.3 * torch.randn(2, 2, 2, 2, dtype=torch.float64, generator=g)
+    w2[0, 0, 0, 0] = float("nan")
+    g1, _ = DF.ml_ista(x, [w1, w2], [0.0, 0.0], n_iter=0, steps=[1.0, 1.0], backend=backend)
+    assert torch.equal(g1, F.relu(F.conv2d(x, w1)))
+    d, e = w1.clone(), 0.3 * torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=g)
+    d[0, 0, 0, 0] = float("inf")
+    (code,) = DF.ml_ista(x, [d], [0.0], n_iter=0, steps=[1.0], encoder_weights=[e], backend=backend)
+    assert torch.equal(code, F.relu(F.conv2d(x, e)))
+    b1, b2 = 0.3 * torch.randn_like(w1), 0.3 * torch.randn_like(w2)
+    g1, _ = DF.ml_ista(
+        x, [w1, w2], [0.0, 0.0], n_iter=1, steps=[1.0, 1.0], input_encoder_weights=[b1, b2], backend=backend
+    )
+    assert not g1.isnan().any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_an_infinite_gradient_at_a_zeroed_code_gives_what_softshrink_gives(backend):
+    """F.softshrink's backward is 0 where it zeroed the input, whatever the incoming gradient; the reference's
+    x - clamp(x) passed g - g = NaN there for an infinite g."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 5, 5, dtype=torch.float64, generator=g).requires_grad_()
+    w = 0.3 * torch.randn(2, 1, 3, 3, dtype=torch.float64, generator=g)
+    (code,) = DF.ml_ista(x, [w], [0.2], n_iter=0, steps=[1.0], nonneg=False, backend=backend)
+    want_code = F.softshrink(F.conv2d(x, w), 0.2)
+    cotangent = torch.zeros_like(code).masked_fill(code == 0, float("inf"))
+    assert (code == 0).any()
+    (got,) = torch.autograd.grad(code, x, cotangent)
+    (want,) = torch.autograd.grad(want_code, x, cotangent)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    assert not got.isnan().any()

@@ -168,7 +168,11 @@ class Problem:
 
     def shrink(self, u: Tensor, j: int, k: int) -> Tensor:
         t = self.thresholds[j][k].reshape(1, -1, *([1] * self.rank))
-        return soft_threshold_ref(u, t, self.nonneg, select_zeros=False)
+        return soft_threshold_ref(u, t, self.nonneg)  # F.softshrink's gradient: 0 where the code is 0, even for inf g
+
+    def starts_at_zero(self, k: int, z0: Tensor) -> bool:
+        """Step k starts from the zero codes: the first step, without a z0 (interleaved: never given)."""
+        return k == 0 and z0.dim() <= 1
 
     def initial_codes(self, z0: Tensor) -> list[Tensor]:
         sizes = self.sizes()
@@ -210,29 +214,39 @@ def ml_ista_ref(
     codes = p.initial_codes(z0)
     previous = list(codes)
     for k in range(p.n_steps):
-        previous, codes = codes, _step(p, k, codes, previous, sizes, betas, reuse=False)[2]
+        zero = p.starts_at_zero(k, z0)
+        previous, codes = codes, _step(p, k, codes, previous, sizes, betas, reuse=False, zero=zero)[2]
     return codes
 
 
-def _step(p: Problem, k: int, state: list, previous: list, sizes, betas, reuse: bool = True):
+def _step(p: Problem, k: int, state: list, previous: list, sizes, betas, reuse: bool = True, zero: bool = False):
     """One step from ``state`` (the codes G^k; only the deepest is read in project mode), with the projection reuse
-    of the fused kernels (``reuse``) or without (the oracle). Returns (starts Y_j, reconstructions D_j Y_j, new codes
-    G^{k+1})."""
+    of the fused kernels (``reuse``) or without (the oracle). ``zero``: every start is the zero code (step 0 without
+    z0), so no synthesis runs, as in the fused kernels: D 0 is 0 even for a dictionary holding NaN or inf (the
+    initial encoding sigma(c E^T G_{j-1} - t) never reads D). Returns (starts Y_j, reconstructions D_j Y_j, new
+    codes G^{k+1})."""
     if p.project:
         starts = [None] * p.depth
         starts[-1] = _momentum(p, k, state[-1], previous[-1], betas)
         for j in reversed(range(1, p.depth)):
-            starts[j - 1] = p.synthesis(starts[j], p.projector(j, k), j, sizes[j])
+            starts[j - 1] = (
+                p.x.new_zeros((p.x.shape[0], p.weights[j - 1].shape[1], *sizes[j]))
+                if zero
+                else p.synthesis(starts[j], p.projector(j, k), j, sizes[j])
+            )
     else:
         starts = [_momentum(p, k, c, prev, betas) for c, prev in zip(state, previous)]
     reconstructions, codes, below = [], [], p.x
     for j in range(p.depth):
-        dy = (
-            starts[j - 1]
-            if reuse and p.reuses_projection(j)
-            else p.synthesis(starts[j], p.dictionary(j, k), j, sizes[j])
-        )
-        if p.has_input_encoder(j):
+        if zero:
+            dy = p.x.new_zeros((p.x.shape[0], p.weights[j].shape[2], *sizes[j]))
+        elif reuse and p.reuses_projection(j):
+            dy = starts[j - 1]
+        else:
+            dy = p.synthesis(starts[j], p.dictionary(j, k), j, sizes[j])
+        if zero:  # E D 0 = 0 without reading E or D
+            drive = p.analysis(below, p.input_encoder(j, k), j)
+        elif p.has_input_encoder(j):
             drive = p.analysis(below, p.input_encoder(j, k), j) - p.analysis(dy, p.encoder(j, k), j)
         else:
             drive = p.analysis(below - dy, p.encoder(j, k), j)
@@ -283,7 +297,7 @@ def ml_ista_fwd_ref(
         for k in range(p.n_steps):
             if k > 0 and keep:
                 history.append(state)
-            _, _, new = _step(p, k, state, previous, sizes, betas)
+            _, _, new = _step(p, k, state, previous, sizes, betas, zero=p.starts_at_zero(k, z0))
             previous, state = state, new
     saved = [
         torch.stack([h[j] for h in history]) if history else state[j].new_empty((0, *state[j].shape)) for j in keep
@@ -348,7 +362,8 @@ def ml_ista_bwd_ref(
 
         for k in reversed(range(p.n_steps)):
             previous = states[k - 1] if k > 0 else states[k]
-            starts, recon, outs = _step(p, k, states[k], previous, sizes, betas)
+            zero = p.starts_at_zero(k, z0)  # Y = 0 and D Y = 0 are constants: no term reads them (0 * NaN)
+            starts, recon, outs = _step(p, k, states[k], previous, sizes, betas, zero=zero)
             g = g_state
             g_start = [torch.zeros_like(s) for s in starts]
             for j in reversed(range(p.depth)):
@@ -361,8 +376,10 @@ def ml_ista_bwd_ref(
                 if p.has_input_encoder(j):
                     v_a = p.synthesis(gu, p.input_encoder(j, k), j, sizes[j])
                     slot(grad_wi, j, k).add_(c * p.weight_grad(below, gu, weights[j][0], j))
-                    e_grad.sub_(c * p.weight_grad(recon[j], gu, weights[j][0], j))
-                    grad_c[j][k] += (v_a * below).sum() - (v_e * recon[j]).sum()
+                    grad_c[j][k] += (v_a * below).sum()
+                    if not zero:
+                        e_grad.sub_(c * p.weight_grad(recon[j], gu, weights[j][0], j))
+                        grad_c[j][k] -= (v_e * recon[j]).sum()
                 else:
                     v_a = v_e
                     residual = below - recon[j]
@@ -373,6 +390,8 @@ def ml_ista_bwd_ref(
                 else:
                     g[j - 1] = g[j - 1] + c * v_a
                 g_start[j] += gu
+                if zero:
+                    continue
                 h = -c * v_e  # dL/d(D_j Y_j)
                 if p.reuses_projection(j):
                     g_start[j - 1] += h
@@ -380,7 +399,7 @@ def ml_ista_bwd_ref(
                     g_start[j] += p.analysis(h, p.dictionary(j, k), j)
                     slot(grad_w, j, k).add_(p.weight_grad(h, starts[j], weights[j][0], j))
             if p.project:
-                for j in range(1, p.depth):
+                for j in range(1, 1 if zero else p.depth):
                     g_start[j] += p.analysis(g_start[j - 1], p.projector(j, k), j)
                     p_grad = slot(grad_wi, j, k) if p.has_input_encoder(j) else slot(grad_w, j, k)
                     p_grad.add_(p.weight_grad(g_start[j - 1], starts[j], weights[j][0], j))
