@@ -111,9 +111,9 @@ def attention_inputs(
         raise ValueError("threshold is only used by mode='shrink'; sparsemax finds its own per-row threshold")
     if scale is None:
         scale = q.shape[3] ** -0.5
-    scale = check.scalar_or_tensor("scale", scale)
     if isinstance(scale, Tensor):
-        raise TypeError("scale must be a Python float")
+        raise TypeError(f"scale must be a Python float, got a tensor of shape {tuple(scale.shape)}")
+    scale = check.scalar_or_tensor("scale", scale)
     check.positive("scale", scale)
     # Beyond the compute dtype's range it would be inf there: every score +-inf (or NaN), and the backends' gradients
     # would each overflow their own way.

@@ -7,6 +7,7 @@ traces (values are unknown there) and for meta tensors (which have none).
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Sequence
 
@@ -195,8 +196,10 @@ def geometry(x_size: Sequence[int], w: Tensor, stride: IntOrPair, pad: Padding):
 
 def scalar_or_tensor(name: str, value: object) -> Tensor | float:
     """A float or a float tensor with finite entries (NaN or inf would silently give all-NaN or all-zero codes)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+    if not isinstance(value, (int, float, Tensor)):
+        value = float(value)  # a numpy scalar (np.float32 is no float subclass, np.float64 is): a real like any other
     if isinstance(value, Tensor):
         tensor(name, value)
         if values_readable(value) and not bool(torch.isfinite(value).all()):

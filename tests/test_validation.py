@@ -132,3 +132,25 @@ def test_valid_geometry_raises_nothing_on_the_way(monkeypatch):
         _validate.ints("stride", "12", 2, minimum=1)
     with pytest.raises(ValueError, match="stride must be an int or have 2 entries"):
         _validate.ints("stride", (1, 2, 3), 2, minimum=1)
+
+
+def test_numpy_scalars_are_real_numbers_like_python_ones():
+    """np.float32 is no float subclass (np.float64 is): lam, step and scale refused it with 'got float32', while the
+    layers took it. np.bool_ stays refused like bool, and a tensor scale is named as such."""
+    import numpy as np
+
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 3)
+    want = DF.sparse_attention(q, k, v, scale=0.5, backend="reference")
+    for scale in (np.float32(0.5), np.float64(0.5), np.float16(0.5)):
+        torch.testing.assert_close(DF.sparse_attention(q, k, v, scale=scale, backend="reference"), want)
+    shrink = DF.sparse_attention(q, k, v, mode="shrink", threshold=0.1, backend="reference")
+    got = DF.sparse_attention(q, k, v, mode="shrink", threshold=np.float32(0.1), backend="reference")
+    torch.testing.assert_close(got, shrink)
+    x, w = torch.randn(2, 1, 8, 8), 0.3 * torch.randn(4, 1, 3, 3)
+    want = DF.conv_ista(x, w, 0.1, n_iter=2, step=0.25, padding=1, backend="reference")
+    got = DF.conv_ista(x, w, np.float32(0.1), n_iter=2, step=np.int64(1) / 4, padding=1, backend="reference")
+    torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match="scale must be a Python float, got a tensor"):
+        DF.sparse_attention(q, k, v, scale=torch.tensor(0.5), backend="reference")
+    with pytest.raises(TypeError, match="lam must be a float or a tensor, got bool"):
+        DF.conv_ista(x, w, np.bool_(True), n_iter=2, padding=1, backend="reference")
