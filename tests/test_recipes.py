@@ -2,6 +2,7 @@
 CLI writes what it promises. Full-length runs (the goals) are marked slow."""
 
 import json
+import math
 import os
 
 import pytest
@@ -410,3 +411,20 @@ def test_denoise_plot_runs_on_the_models_device_and_shows_the_better_baseline(tm
         denoise.plot(model, metrics, 0, tmp_path / "plot.png")
         assert [d.type for d in model.devices] == ["meta"] and model.training
         assert titles[3] == (f"wavelet {wavelet:.2f} dB" if wavelet > tv else f"TV {tv:.2f} dB")
+
+
+def test_denoise_evaluate_feeds_a_float64_model_float64_photographs():
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = nn.Parameter(torch.zeros(1, dtype=torch.float64))
+            self.seen: list[tuple[torch.dtype, bool]] = []
+
+        def forward(self, x):
+            self.seen.append((x.dtype, torch.is_grad_enabled()))
+            return x.clone()
+
+    model = Recorder()
+    psnrs = denoise.evaluate(model, 0)
+    assert model.seen and set(model.seen) == {(torch.float64, False)}  # was a dtype TypeError; no graph is built
+    assert all(math.isfinite(p) for p in psnrs.values())

@@ -223,12 +223,19 @@ def training_patches(seed: int) -> Tensor:
 def evaluate(model: nn.Module, seed: int) -> dict[str, float]:
     """PSNR (dB) of the model's output on each test photograph, noisy at SIGMA with ``seed``'s noise. The model runs
     in eval mode on its own device; the caller's mode is restored (a loaded model stays in eval)."""
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = {name: psnr(clean, model(noisy.to(device)).cpu()) for name, (clean, noisy) in test_images(seed).items()}
+    out = {name: psnr(clean, _denoised(model, noisy)) for name, (clean, noisy) in test_images(seed).items()}
     model.train(was_training)
     return out
+
+
+def _denoised(model: nn.Module, noisy: Tensor) -> Tensor:
+    """The model's output on a (float32, CPU) photograph, run on the model's device in its dtype (a float64 model
+    refused float32 photographs), back as float32 on the CPU."""
+    parameter = next(model.parameters())
+    with torch.no_grad():
+        return model(noisy.to(device=parameter.device, dtype=parameter.dtype)).to("cpu", noisy.dtype)
 
 
 def train(
@@ -306,9 +313,7 @@ def plot(model: nn.Module, metrics: dict, seed: int, path: Path) -> None:
     crop = (slice(None), slice(None), slice(150, 310), slice(240, 400))
     training = model.training
     model.eval()
-    with torch.no_grad():
-        # as evaluate: the photograph is a CPU tensor, and a CUDA model refused it after training had finished
-        estimate = model(noisy.to(next(model.parameters()).device)).cpu()[crop]
+    estimate = _denoised(model, noisy)[crop]  # a CUDA model got the CPU photograph, after training had finished
     model.train(training)
     scores = metrics["images"][image]
     baseline = max(("wavelet_bayes", "tv_chambolle"), key=scores.__getitem__)
