@@ -30,6 +30,8 @@ def _check_report_arguments(args: argparse.Namespace, parser: argparse.ArgumentP
     from . import _cli_args as cli_args
 
     args.backend, backend = cli_args.backend_problem(args.backend, args.device)
+    if not args.out:  # Path('') is '.': the report and its figures would land in the working directory
+        parser.error("argument --out: must name a folder, got ''")
     out = cli_args.out_folder_problem(Path(args.out))
     for problem in (
         cli_args.device_problem(args.device),

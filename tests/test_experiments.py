@@ -186,3 +186,48 @@ def test_speed_helpers_measure_time_and_saved_memory():
     with torch.no_grad():
         assert S.peak_memory_bytes(fn, "cpu") == out_bytes
     assert S.available_providers("cpu")["reference"] is None
+
+
+def _barker(length):
+    def make(length_ignored=13, ndim=1, dtype=torch.float64):
+        return barker_filter(length, ndim, dtype)
+
+    return make
+
+
+@pytest.mark.parametrize("length", [5, 7])
+def test_lista_claims_do_not_hold_where_their_hypothesis_fails(length, monkeypatch):
+    """Barker-5 (q = 5 mu, 1.4 in S3's s = 4 and 1 - 2e-16 in S5's s = 3) and Barker-7 (q = 1 in S3): the bounds are
+    inf or astronomically large there, and 'err <= bound' and 'slope <= log q >= 0' held without checking anything."""
+    from dsc_kernels.experiments import lista
+
+    monkeypatch.setattr(lista, "barker_filter", _barker(length))
+    with threads(1):
+        assert not lista.linear_convergence(schedule="oracle", quick=True, backend="reference").holds
+        if length == 5:
+            assert not lista.noise_floor(quick=True, backend="reference").holds
+
+
+def test_stability_does_not_hold_on_infinite_bounds(monkeypatch):
+    from dsc_kernels.experiments import deep
+
+    monkeypatch.setattr(deep, "barker_filter", _barker(2))  # mu = 1/2: 3 mu > 1, every bound inf
+    with threads(1):
+        assert not deep.stability(quick=True).holds
+
+
+def test_backend_agreement_without_a_fused_backend_is_not_agreement(monkeypatch):
+    from dsc_kernels.experiments import exactness
+
+    monkeypatch.setattr(exactness.DF, "available_backends", lambda device: ["reference"])
+    assert not exactness.backend_agreement(quick=True).holds
+
+
+def test_uniqueness_marks_a_collision_below_the_bound(monkeypatch):
+    """A wrong mu (0.15: uniqueness claimed up to s = 3) on the first case finds a collision below the bound: the
+    verdict fails, and the cell said 'unique for s <= 3 ✓' all the same."""
+    first = U.cases(True)[:1]
+    monkeypatch.setattr(U.theory, "mutual_coherence", lambda *args, **kwargs: 0.15)
+    monkeypatch.setattr(U, "cases", lambda quick: first)
+    result = U.uniqueness(quick=True)
+    assert not result.holds and "✗ (a collision below the bound)" in result.measured and "✓" not in result.measured

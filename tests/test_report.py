@@ -136,6 +136,7 @@ def test_quick_report(tmp_path: Path):
     ):
         assert section in report, section
     assert "error:" not in report, report
+    assert "agree with the README's table" not in report  # --quick compares nothing with it (it used to say so)
     assert "THEORY.md" not in report and "DESIGN" not in report
     for name in FIGURES:
         png = tmp_path / name
@@ -185,6 +186,17 @@ def test_report_rejects_bad_arguments_before_any_work(extra, option, tmp_path, m
     err = capsys.readouterr().err
     assert excinfo.value.code == 2 and f"argument {option}:" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_report_rejects_an_empty_out(tmp_path, monkeypatch, capsys):
+    from dsc_kernels.__main__ import main
+
+    monkeypatch.setattr(R, "run_report", lambda args: pytest.fail("the report ran"))
+    monkeypatch.chdir(tmp_path)  # Path('') is '.': the report landed in the working directory
+    with pytest.raises(SystemExit) as excinfo:
+        main(["report", "--quick", "--out", ""])
+    assert excinfo.value.code == 2 and "argument --out: must name a folder" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_report_rejects_an_out_that_is_a_file(tmp_path, capsys):

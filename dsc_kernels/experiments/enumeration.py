@@ -152,7 +152,8 @@ def uniqueness(
             if r["collision_s"]
             else ""
         )
-        return f"{r['name']}: μ = {r['mu']:.3f}, unique for s ≤ {r['s_coh']} ✓, spark {spark}, {pair}"
+        mark = "✓" if r["unique_below_bound"] else "✗ (a collision below the bound)"  # was a fixed ✓
+        return f"{r['name']}: μ = {r['mu']:.3f}, unique for s ≤ {r['s_coh']} {mark}, spark {spark}, {pair}"
 
     return ClaimResult(
         id="S1",

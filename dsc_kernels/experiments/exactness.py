@@ -53,7 +53,7 @@ def backend_agreement(
             checks.append(judge(got, ref, eager, name=f"{name} fista={fista} nonneg={nonneg}"))
         failing = [v for v in checks if not v.ok]
         verdicts[name] = failing[0] if failing else max(checks, key=lambda v: v.error)
-    holds = all(v.ok for v in verdicts.values())
+    holds = bool(verdicts) and all(v.ok for v in verdicts.values())  # nothing compared is not agreement
     return ClaimResult(
         id="S6",
         claim="fused conv-ISTA layers (transposed conv + conv + shrink) reproduce the ISTA reference",

@@ -39,6 +39,10 @@ def _schedule(kind: str, mu: float, s: int, B: float, q: float, eta: float):
     raise ValueError(f"schedule must be 'oracle' or 'geometric', got {kind!r}")
 
 
+# How far below 1 q = (2s - 1) mu must be for the theorem's hypothesis to count as met: mu is a rounded ratio.
+HYPOTHESIS_MARGIN = 1e-9
+
+
 def linear_convergence(
     *,
     schedule: str = "oracle",
@@ -74,7 +78,9 @@ def linear_convergence(
     else:
         rate_ok = slope <= np.log(q)
         rate = f"slope ≤ log q = {np.log(q):.3f}"
-    holds = bound_ok and no_fp and rate_ok
+    # q >= 1: the theorem's hypothesis fails, its bound is inf and slope <= log q >= 0 says nothing (the margin:
+    # Barker-5's q = 5 mu rounds to 1 - 2e-16, a finite C = 3e16 that bounds nothing either)
+    holds = q < 1 - HYPOTHESIS_MARGIN and bound_ok and no_fp and rate_ok
     worst = float((tr.err_l2 / bound[:, None]).max())
     return ClaimResult(
         id=f"S3/S4-{schedule}",
@@ -124,7 +130,7 @@ def noise_floor(
         etas.append(eta)
     slope = fit_slope(np.log(sigmas), np.log(floors))
     below = all(f <= b for f, b in zip(floors, bounds))
-    holds = below and 0.8 <= slope <= 1.2
+    holds = q < 1 - HYPOTHESIS_MARGIN and below and 0.8 <= slope <= 1.2  # C = inf (q >= 1) bounds nothing
     return ClaimResult(
         id="S5",
         claim="noise floor of LISTA-CP grows linearly in the noise level and stays below C·η",
