@@ -231,3 +231,9 @@ def test_uniqueness_marks_a_collision_below_the_bound(monkeypatch):
     monkeypatch.setattr(U, "cases", lambda quick: first)
     result = U.uniqueness(quick=True)
     assert not result.holds and "✗ (a collision below the bound)" in result.measured and "✓" not in result.measured
+
+
+def test_uniqueness_of_orthogonal_atoms():
+    """mu = 0 (a bound of inf) raised OverflowError in math.ceil; every support of orthogonal atoms is independent."""
+    r = U.check_case(U.Case("orthogonal", torch.ones(1, 1, 2, dtype=torch.float64), (8,), stride=2))
+    assert r["mu"] == 0 and r["s_coh"] == 2 and r["unique_below_bound"]

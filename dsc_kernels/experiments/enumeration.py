@@ -88,7 +88,8 @@ def check_case(c: Case) -> dict:
     d = theory.dictionary_matrix(c.weight, c.signal_size, stride=c.stride)
     mu = theory.mutual_coherence(c.weight, c.signal_size, stride=c.stride)
     bound = theory.uniqueness_bound(mu)
-    s_coh = math.ceil(bound) - 1  # the largest s < bound
+    # the largest s < bound; orthogonal atoms (mu = 0, an infinite bound) are unique at every s up to half of them
+    s_coh = math.ceil(bound) - 1 if math.isfinite(bound) else d.shape[1] // 2
     # uniqueness below the bound: every support of 2 s_coh atoms is independent
     coh_spark, _ = theory.spark(d, max_size=2 * s_coh)
     out = {
