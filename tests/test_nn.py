@@ -655,3 +655,85 @@ def test_a_layer_pickled_before_the_estimated_weight_buffer_loads_and_runs():
     loaded = torch.load(buffer, weights_only=False)
     assert torch.equal(loaded(x), want)
     loaded.train()(x).sum().backward()
+
+
+def test_layers_take_numpy_scalars_like_functional():
+    """np.float32 is no float subclass: the layers refused it for lam, step, threshold and bias while functional
+    took it; np.bool_ stays refused."""
+    import numpy as np
+
+    from dsc_kernels.nn import MultiLayerSparseCoding2d, SparseCodingTransformerBlock
+
+    value = np.float32(0.1)
+    ConvSparseCoding2d(1, 4, 3, lam=value)
+    ConvSparseCoding2d(1, 4, 3, threshold=value)
+    layer = ConvSparseCoding2d(1, 4, 3, step=value, n_iter=2, backend="reference")
+    assert float(layer.step) == pytest.approx(0.1)
+    SoftThreshold(value)
+    DeepSparseCoding2d([1, 4, 8], 3, lams=value)
+    MultiLayerSparseCoding2d([1, 4], 3, bias=np.float32(-0.1), nonneg=False)
+    SparseCodingTransformerBlock(8, 2, lam=value)
+    with pytest.raises(TypeError, match="lam must be a float or a tensor"):
+        ConvSparseCoding2d(1, 4, 3, lam=np.bool_(True))
+
+
+def test_eval_output_depends_on_the_dictionary_values_not_its_tensor():
+    """An eval forward re-estimated 1/L (another number, from more power iterations) whenever the weight tensor or
+    its version changed, even with the same values: functional_call with the module's own values, a tied
+    dictionary loaded from a state_dict, and an in-place no-op all changed the output."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 12, 12)
+    m = ConvSparseCoding2d(2, 8, 5, n_iter=6, lam=0.05, backend="reference").eval()
+    want = m(x)
+    same = {k: v.detach().clone() for k, v in m.named_parameters()}
+    assert torch.equal(functional_call(m, same, (x,)), want)
+    with torch.no_grad():
+        m.weight.clamp_(-10, 10)  # changes no value
+    assert torch.equal(m(x), want)
+
+    def tied():
+        a = ConvSparseCoding2d(2, 8, 5, n_iter=6, backend="reference")
+        b = ConvSparseCoding2d(2, 8, 5, n_iter=6, fista=True, backend="reference")
+        b.weight = a.weight
+        return torch.nn.ModuleList([a, b])
+
+    trained = tied()
+    opt = torch.optim.SGD(trained.parameters(), lr=0.5)
+    for _ in range(2):
+        loss = trained[0](x).pow(2).mean() + trained[1](x).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained.eval()
+    want = trained[0](x)
+    loaded = tied()
+    loaded.load_state_dict(trained.state_dict())
+    assert torch.equal(loaded.eval()[0](x), want)
+    before = float(m.step)
+    with torch.no_grad():
+        m.weight.mul_(1.5)  # a real change still re-estimates
+    m(x)
+    assert float(m.step) == pytest.approx(before / 1.5**2, rel=0.05)
+
+
+def test_a_deep_copy_of_a_parametrized_layer_still_projects_its_parameters():
+    """parametrize gives a parametrized module a __deepcopy__ that copies __dict__ and skipped the registration for
+    projection: the copy's learned lam went negative after an optimiser step and its next forward raised."""
+    import copy
+
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8)
+    layer = ConvSparseCoding2d(1, 4, 3, n_iter=3, learn_lam=True, backend="reference")
+    weight_norm(layer, "weight")
+    clone = copy.deepcopy(layer)
+    opt = torch.optim.SGD(clone.parameters(), lr=1.0)
+    loss = clone(x).pow(2).mean() + 10 * clone.lam.sum()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert float(clone.lam.min()) >= 0
+    clone(x)

@@ -14,6 +14,7 @@ step's closure is wrapped to project those parameters before each evaluation. Lo
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import torch
@@ -92,3 +93,15 @@ class Projected(nn.Module):
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         self.register_projection()
+
+    def _state_to_copy(self) -> dict:
+        """What a copy (deepcopy, pickle) starts from."""
+        return self.__dict__.copy()
+
+    def __deepcopy__(self, memo):
+        # Defined here so that copies always go through __setstate__ (and register): torch.nn.utils.parametrize
+        # gives a parametrized module whose class has no __deepcopy__ one that copies __dict__ directly.
+        replica = type(self).__new__(type(self))
+        memo[id(self)] = replica
+        replica.__setstate__(copy.deepcopy(self._state_to_copy(), memo))
+        return replica

@@ -254,7 +254,7 @@ class _ConvSparseCoding(_projection.Projected):
             init_value = _check_value("lam", 0.1 if lam is None else lam, value_shapes, dtype=value_dtype)
             learned = learn_lam
         if step is not None:
-            _check_value("step", step, [(), (n_iter,)], positive=True, dtype=value_dtype)
+            step = _check_value("step", step, [(), (n_iter,)], positive=True, dtype=value_dtype)
         self._init = {"threshold": init_value, "step": step}
         self._track_step = step is None and not learn_step
         self._zero_checks = 0
@@ -416,7 +416,15 @@ class _ConvSparseCoding(_projection.Projected):
             self._step_source = self._source()
 
     def _step_is_stale(self) -> bool:
-        return self._weight_state() is not None and not self._is_current(getattr(self, "_step_source", None))
+        if self._weight_state() is None or self._is_current(getattr(self, "_step_source", None)):
+            return False
+        if self._estimated_weight.shape == self.weight.shape and not bool(self._weight_changed()):
+            # Another tensor or version holding the values the step was estimated from (functional_call with
+            # the same values, a tied dictionary loaded twice, an in-place no-op): the step still holds, and a
+            # re-estimate would be another number (more power iterations) for the same dictionary.
+            self._step_source = self._source()
+            return False
+        return True
 
     def _refresh_stale_step(self) -> None:
         """An eval forward's re-estimate for a changed weight."""
@@ -450,6 +458,9 @@ class _ConvSparseCoding(_projection.Projected):
     # does not share: what carries over is whether the step was up to date, so that a copy computes exactly what
     # the original does instead of re-estimating 1/L in its first eval forward.
     def __getstate__(self) -> dict:
+        return self._state_to_copy()
+
+    def _state_to_copy(self) -> dict:
         self._restore_previous_step()
         state = self.__dict__.copy()
         state["_step_source"] = _UP_TO_DATE if not self._step_is_stale() else None
