@@ -361,6 +361,18 @@ def test_block_refuses_an_input_of_another_dtype_by_name():
             block(bad)
 
 
+def test_block_keeps_a_tensor_lam_and_step_as_numbers():
+    """A 0-dim tensor lam was kept as an attribute: in no state_dict, left behind by .to(), and differentiated into
+    the caller's tensor. The block takes them as the numbers its signature says."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    block = SparseCodingTransformerBlock(8, 2, lam=torch.tensor(0.25), step=torch.tensor(0.0625), backend="reference")
+    assert isinstance(block.lam, float) and isinstance(block.step, float)
+    twin = SparseCodingTransformerBlock(8, 2, lam=0.25, step=0.0625, backend="reference")
+    twin.load_state_dict(block.state_dict())
+    torch.testing.assert_close(block.double()(x), twin.double()(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "auto"])
 def test_autocast_runs_the_fused_backend_in_float32(backend):
     """Under CPU autocast the projections give bfloat16 q, k, v; the ops' autocast rule computes them in float32,

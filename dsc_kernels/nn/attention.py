@@ -400,6 +400,8 @@ class SparseCodingTransformerBlock(nn.Module):
         if dim % positive_int("num_heads", num_heads) != 0:  # named here: SparseAttention would say embed_dim
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         lam, step = check_value("lam", lam, [()]), check_value("step", step, [()], positive=True)
+        # plain numbers: a 0-dim tensor kept as an attribute was in no state_dict and stayed behind on .to()
+        lam, step = float(lam), float(step)
         DF.check_backend(backend)
         factory = dict(device=device, dtype=dtype)
         self.dim, self.n_iter, self.lam, self.step, self.backend = dim, n_iter, lam, step, backend
