@@ -194,12 +194,17 @@ def geometry(x_size: Sequence[int], w: Tensor, stride: IntOrPair, pad: Padding):
     return stride, pad, code
 
 
-def scalar_or_tensor(name: str, value: object) -> Tensor | float:
-    """A float or a float tensor with finite entries (NaN or inf would silently give all-NaN or all-zero codes)."""
+def real_or_tensor(name: str, value: object) -> Tensor | int | float:
+    """A tensor, or a real number as a Python int or float: numpy scalars convert (np.float32 is no float subclass,
+    np.float64 is); bools, np.bool_ included, are refused."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
         raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-    if not isinstance(value, (int, float, Tensor)):
-        value = float(value)  # a numpy scalar (np.float32 is no float subclass, np.float64 is): a real like any other
+    return value if isinstance(value, (int, float, Tensor)) else float(value)
+
+
+def scalar_or_tensor(name: str, value: object) -> Tensor | float:
+    """A float or a float tensor with finite entries (NaN or inf would silently give all-NaN or all-zero codes)."""
+    value = real_or_tensor(name, value)
     if isinstance(value, Tensor):
         tensor(name, value)
         if values_readable(value) and not bool(torch.isfinite(value).all()):

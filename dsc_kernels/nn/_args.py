@@ -4,7 +4,6 @@ before any parameter is made."""
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 from torch import Tensor
@@ -44,10 +43,7 @@ def check_value(
 ) -> float | Tensor:
     """A float or tensor of one of ``shapes``, finite, >= 0 (> 0 when ``positive``) unless ``allow_negative``, and
     within ``dtype``'s range when given (it would be stored as inf)."""
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, Tensor)):
-        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
-    if not isinstance(value, (int, float, Tensor)):
-        value = float(value)  # a numpy scalar (np.float32 is no float subclass), as functional takes it
+    value = check.real_or_tensor(name, value)
     if isinstance(value, Tensor):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")

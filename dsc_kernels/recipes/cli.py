@@ -147,21 +147,21 @@ def main(args: argparse.Namespace, arg_parser: argparse.ArgumentParser | None = 
     arg_parser = arg_parser or parser()
     validate(args, arg_parser)
     cli_args.set_threads(getattr(args, "threads", None))
-    earlier = _earlier_entries(_out_folders(args)[0])
+    out = _out_folders(args)[0]
+    earlier = _earlier_entries(out)
     create_out_folders(args, arg_parser)  # after every other argument is accepted: a rejected run leaves no folder
     if earlier:
         # a digits --strategy all run into a denoise run's folder left the denoiser's model.pt beside its own
         # summary, and recipes.load(folder) then returned the denoiser: say so before the run, never delete
         print(
-            f"note: {_out_folders(args)[0]} already holds {', '.join(earlier)} from an earlier run; this run replaces "
-            "the files it writes and leaves the others",
+            f"note: {out} already holds {', '.join(earlier)} from an earlier run; this run replaces the files it "
+            "writes and leaves the others",
             file=sys.stderr,
         )
     module = recipe(args.recipe)
     strategy = module.DEFAULT_STRATEGY if args.strategy is None else args.strategy
     strategies = module.STRATEGIES if strategy == "all" else (strategy,)
     epochs = module.DEFAULT_EPOCHS if args.epochs is None else args.epochs
-    out = Path(args.out or f"runs/{args.recipe}-{strategy}")
     run = engine.start(args.distributed, args.device)
     try:
         results = {}

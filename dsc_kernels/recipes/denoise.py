@@ -316,13 +316,17 @@ def plot(model: nn.Module, metrics: dict, seed: int, path: Path) -> None:
     estimate = _denoised(model, noisy)[crop]  # a CUDA model got the CPU photograph, after training had finished
     model.train(training)
     scores = metrics["images"][image]
-    baseline = max(("wavelet_bayes", "tv_chambolle"), key=scores.__getitem__)
-    denoised = wavelet(noisy) if baseline == "wavelet_bayes" else tv(noisy, metrics["tv_weight"])
+    baselines = {  # metrics key: (title, denoiser)
+        "wavelet_bayes": ("wavelet", wavelet),
+        "tv_chambolle": ("TV", lambda noisy: tv(noisy, metrics["tv_weight"])),
+    }
+    best = max(baselines, key=scores.__getitem__)
+    title, denoiser = baselines[best]
     panels = [
         ("clean", clean[crop]),
         (f"noisy {metrics['psnr_noisy']:.2f} dB", noisy[crop]),
         (f"model {metrics['psnr_model']:.2f} dB", estimate),
-        (f"{'wavelet' if baseline == 'wavelet_bayes' else 'TV'} {scores[baseline]:.2f} dB", denoised[crop]),
+        (f"{title} {scores[best]:.2f} dB", denoiser(noisy)[crop]),
     ]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(3 * (len(panels) + 1), 3.2))
     for ax, (title, image) in zip(axes, panels):

@@ -238,18 +238,19 @@ def _step(p: Problem, k: int, state: list, previous: list, sizes, betas, reuse: 
         starts = [_momentum(p, k, c, prev, betas) for c, prev in zip(state, previous)]
     reconstructions, codes, below = [], [], p.x
     for j in range(p.depth):
-        if zero:
+        if zero:  # D 0 = 0 and E D 0 = 0 without reading E or D
             dy = p.x.new_zeros((p.x.shape[0], p.weights[j].shape[2], *sizes[j]))
-        elif reuse and p.reuses_projection(j):
-            dy = starts[j - 1]
-        else:
-            dy = p.synthesis(starts[j], p.dictionary(j, k), j, sizes[j])
-        if zero:  # E D 0 = 0 without reading E or D
             drive = p.analysis(below, p.input_encoder(j, k), j)
-        elif p.has_input_encoder(j):
-            drive = p.analysis(below, p.input_encoder(j, k), j) - p.analysis(dy, p.encoder(j, k), j)
         else:
-            drive = p.analysis(below - dy, p.encoder(j, k), j)
+            dy = (
+                starts[j - 1]
+                if reuse and p.reuses_projection(j)
+                else p.synthesis(starts[j], p.dictionary(j, k), j, sizes[j])
+            )
+            if p.has_input_encoder(j):
+                drive = p.analysis(below, p.input_encoder(j, k), j) - p.analysis(dy, p.encoder(j, k), j)
+            else:
+                drive = p.analysis(below - dy, p.encoder(j, k), j)
         below = p.shrink(starts[j] + p.steps[j][k] * drive, j, k)
         reconstructions.append(dy)
         codes.append(below)

@@ -1406,14 +1406,18 @@ _MAX_INDEX = 2**31
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _tied(encoder_weight: Tensor) -> bool:
+    """An empty (0,) encoder_weight stands for the dictionary itself (the fused-op contract)."""
+    return encoder_weight.shape == (0,)
+
+
 def _check_inputs(op, x, weight, encoder_weight, lam, step, z0, stride, padding):
     """The checks of the C++ ops (csrc/cpu/conv_ista/ops.cpp, check_inputs), done before any launch: the kernels
     index every tensor as a dense buffer of the shape the others imply (signals and codes channels last: the
     launchers convert them), so any other shape or dtype is read (or written) out of bounds. Shapes, dtypes and
     strides only: no device synchronisation. Returns the tensors made contiguous (a no-op for contiguous ones; an
-    empty encoder_weight, tied, replaced by weight) and
-    the stride, clamped like the C++ ops clamp it: every stride beyond the last window start gives the same single
-    window, and a huge one would size the residual slabs by it."""
+    empty encoder_weight, tied, replaced by weight) and the stride, clamped like the C++ ops clamp it: every stride
+    beyond the last window start gives the same single window, and a huge one would size the residual slabs by it."""
     tensors = dict(x=x, weight=weight, encoder_weight=encoder_weight, lam=lam, step=step, z0=z0)
     for name, t in tensors.items():
         if not isinstance(t, Tensor):
@@ -1437,7 +1441,7 @@ def _check_inputs(op, x, weight, encoder_weight, lam, step, z0, stride, padding)
     if H + 2 * ph < kh or W + 2 * pw < kw:
         raise RuntimeError(f"{op}: kernel larger than the padded signal")
     sh, sw = min(sh, H + 2 * ph - kh + 1), min(sw, W + 2 * pw - kw + 1)
-    tied = encoder_weight.shape == (0,)
+    tied = _tied(encoder_weight)
     if weight.shape[1] != C_sig or not (tied or encoder_weight.shape == weight.shape):
         raise RuntimeError(
             f"{op}: weight/encoder_weight must be (C_code, C_sig, kh, kw) with C_sig = {C_sig} (encoder_weight "
@@ -1609,7 +1613,7 @@ def conv_ista_bwd(
     (x, weight, encoder_weight, lam, step, z0), stride, padding = _check_inputs(
         op, x, weight, encoder_weight, lam, step, z0, stride, padding
     )
-    tied = given_encoder.shape == (0,)
+    tied = _tied(given_encoder)
     code_shape = (x.shape[0], weight.shape[0], *code_size(x.shape[2:], weight.shape[2:], stride, padding))
     # grad_z, z and saved are read through torch ops (any strides) and made channels last where a kernel reads them.
     _check_code_like(op, "grad_z", grad_z, code_shape, x)

@@ -2,8 +2,8 @@
 // forward keeps the iterates the backward needs (the elementwise pieces of an iteration are in elementwise.h).
 //
 // Canonical tensors (docs/design.md §7.1): x (B, Cs, H, W); weight W_D and encoder_weight W_E (Cc, Cs, KH, KW),
-// W_E an empty (0,) tensor when tied (W_E = W_D: one gradient, the sum of both uses, and an empty one for W_E); lam (n, Cc); step
-// (n,); z0 (B, Cc, Hz, Wz) or empty (zeros). Hz = (H + 2 PH - KH) / SH + 1 (Wz likewise).
+// W_E an empty (0,) tensor when tied (W_E = W_D: one gradient, the sum of both uses, and an empty one for W_E);
+// lam (n, Cc); step (n,); z0 (B, Cc, Hz, Wz) or empty (zeros). Hz = (H + 2 PH - KH) / SH + 1 (Wz likewise).
 // Iteration k = 0 .. n-1 (FISTA: beta_k = (t_{k-1} - 1) / t_k, beta_0 = 0; ISTA: beta_k = 0):
 //     y_k     = z_k + beta_k (z_k - z_{k-1})
 //     z_{k+1} = S_{step_k lam_k[c]}(y_k + step_k E(x - D y_k))          (S+ when nonneg)
