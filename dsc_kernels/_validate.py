@@ -27,6 +27,19 @@ def values_readable(t: Tensor) -> bool:
     return not torch.compiler.is_compiling() and t.device.type != "meta" and not _batched(t)
 
 
+def checkable(t: Tensor) -> Tensor | None:
+    """The values to check t's entries on, or None when there are none to read (tracing, meta). Under vmap a per-sample
+    tensor's own values cannot be read, but the unwrapped tensor holds every sample's: a check on it sees them all."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return None
+    functorch = torch._C._functorch
+    if not _batched(t):
+        return t  # grad/jvp wrappers read as their values
+    while functorch.is_functorch_wrapped_tensor(t):
+        t = functorch.get_unwrapped(t)
+    return t
+
+
 def functorch_active() -> bool:
     """Whether the call runs inside a torch.func transform (vmap, grad, jacrev, ...), whose tensors are wrappers."""
     return bool(torch._C._are_functorch_transforms_active())
@@ -45,6 +58,10 @@ def _batched(t: Tensor) -> bool:
 def tensor(name: str, t: object, *, rank: int | None = None) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested:
+        # sparse, mkldnn and nested tensors failed deep inside torch's convolutions or the C++ kernels instead
+        kind = "a nested tensor" if t.is_nested else f"layout {t.layout} (convert it with .to_dense())"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
     if rank is not None and t.dim() != rank:
@@ -207,7 +224,8 @@ def scalar_or_tensor(name: str, value: object) -> Tensor | float:
     value = real_or_tensor(name, value)
     if isinstance(value, Tensor):
         tensor(name, value)
-        if values_readable(value) and not bool(torch.isfinite(value).all()):
+        values = checkable(value)
+        if values is not None and not bool(torch.isfinite(values).all()):
             raise ValueError(f"{name} must be finite, got a tensor with NaN or inf entries")
     elif not float("-inf") < value < float("inf"):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -216,7 +234,8 @@ def scalar_or_tensor(name: str, value: object) -> Tensor | float:
 
 def nonnegative(name: str, value: Tensor | float) -> None:
     if isinstance(value, Tensor):
-        if values_readable(value) and bool((value < 0).any()):
+        values = checkable(value)
+        if values is not None and bool((values < 0).any()):
             raise ValueError(f"{name} must be >= 0, got a tensor with negative entries")
     elif value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
@@ -239,11 +258,12 @@ def positive(name: str, value: Tensor | float, dtype: torch.dtype | None = None)
     """> 0, and with ``dtype`` still > 0 once cast to it: a step that underflows to 0 there would turn a threshold into
     lam = threshold / 0, NaN codes on one backend and zeros on another."""
     if isinstance(value, Tensor):
-        if not values_readable(value):
+        values = checkable(value)
+        if values is None:
             return
-        if bool((value <= 0).any()):
+        if bool((values <= 0).any()):
             raise ValueError(f"{name} must be > 0, got a tensor with entries <= 0")
-        underflows = dtype is not None and bool((value.detach().to(dtype) == 0).any())
+        underflows = dtype is not None and bool((values.detach().to(dtype) == 0).any())
     elif value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     else:
@@ -272,9 +292,10 @@ def fits_dtype(name: str, value: Tensor | float, dtype: torch.dtype, *, infinite
         if infinite_ok and value.is_floating_point() and torch.finfo(value.dtype).max <= largest:
             return  # no finite value of a narrower dtype can exceed dtype's range
         too_large = False
-        if values_readable(value):
-            beyond = value.detach().abs() > largest
-            too_large = bool((beyond & torch.isfinite(value) if infinite_ok else beyond).any())
+        values = checkable(value)
+        if values is not None:
+            beyond = values.detach().abs() > largest
+            too_large = bool((beyond & torch.isfinite(values) if infinite_ok else beyond).any())
     else:
         too_large = abs(value) > largest and not (infinite_ok and math.isinf(value))
     if too_large:

@@ -154,3 +154,42 @@ def test_numpy_scalars_are_real_numbers_like_python_ones():
         DF.sparse_attention(q, k, v, scale=torch.tensor(0.5), backend="reference")
     with pytest.raises(TypeError, match="lam must be a float or a tensor, got bool"):
         DF.conv_ista(x, w, np.bool_(True), n_iter=2, padding=1, backend="reference")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize(
+    "name,values,words",
+    [
+        ("lam", [0.1, -0.1], "lam must be >= 0"),
+        ("lam", [0.1, float("nan")], "lam must be finite"),
+        ("step", [0.2, -0.2], "step must be > 0"),
+        ("step", [0.2, 0.0], "step must be > 0"),
+        ("threshold", [0.1, -0.1], "threshold"),
+    ],
+)
+def test_per_sample_values_under_vmap_are_checked(backend, name, values, words):
+    """vmap hides each sample's value from Python, but the batch behind it can be read: a negative lam or step of one
+    sample used to run silently (reference) or fail in the kernel with a RuntimeError (cpp, NaN)."""
+    batch = torch.tensor(values)
+
+    def one(v):
+        kwargs = dict(lam=0.1, step=0.2, threshold=None)
+        kwargs[name] = v
+        if name == "threshold":
+            kwargs["lam"] = None
+        return ista(backend=backend, **kwargs)
+
+    with pytest.raises(ValueError, match=words):
+        torch.func.vmap(one)(batch)
+    torch.func.vmap(one)(batch.abs().clamp_min(0.05).nan_to_num(0.1))  # valid values still run
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("which", ["x", "weight", "lam"])
+def test_non_strided_tensors_are_refused_by_name(backend, which):
+    """Sparse (and mkldnn, nested) tensors used to fail deep inside torch's convolutions or the C++ kernels with
+    messages that named no argument ("unsupported memory format option Contiguous")."""
+    values = dict(x=X, weight=W, lam=torch.full((4,), 0.1))
+    values[which] = values[which].to_sparse()
+    with pytest.raises(TypeError, match=f"{which} must be a dense"):
+        ista(backend=backend, **values)
