@@ -164,6 +164,8 @@ def learn_conv_dictionary(
     n_atoms = check.count("n_atoms", n_atoms, 1)
     for name, value in (("n_outer", n_outer), ("n_code_iter", n_code_iter), ("n_dict_iter", n_dict_iter)):
         check.count(name, value, 1)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable (iteration, objective) or None, got {callback!r}")
     rank = x.dim() - 2
     kernel = check.ints("kernel_size", kernel_size, rank, minimum=1)
     signal = tuple(x.shape[2:])

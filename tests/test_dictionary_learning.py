@@ -108,6 +108,8 @@ def test_bad_arguments():
         learn_conv_dictionary(x, 4, 3, 0.0)
     with pytest.raises(ValueError, match="n_outer"):
         learn_conv_dictionary(x, 4, 3, 0.1, n_outer=0)
+    with pytest.raises(TypeError, match="callback"):  # was raised by the call after a whole outer iteration
+        learn_conv_dictionary(x, 4, 3, 0.1, callback="print")
     with pytest.raises(ValueError, match="init"):
         learn_conv_dictionary(x, 4, 3, 0.1, init=torch.randn(4, 1, 5, 5))
 

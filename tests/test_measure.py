@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from dsc_kernels.experiments import measure as M
 from dsc_kernels.experiments import records
 from dsc_kernels.experiments import speed as S
 from dsc_kernels.experiments.measure import measure_memory, time_interleaved
@@ -65,6 +66,31 @@ def test_memory_meter_ignores_frees_of_blocks_from_before_the_call():
 
     use = measure_memory(replace, "cpu")
     assert use.peak_bytes == use.retained_bytes == 1 << 20
+
+
+def test_percentiles_are_nearest_rank():
+    # int(f * n) read one rank high whenever f * n is whole: p80 of five samples was the maximum
+    timing = M.Timing(samples_ms=[5.0, 1.0, 4.0, 2.0, 3.0]).to_dict()
+    assert (timing["p20_ms"], timing["p80_ms"]) == (1.0, 4.0)
+
+
+def test_memory_is_measured_without_the_timed_steps_gradients(monkeypatch):
+    """The timed training steps leave their gradients; the measured step frees them first, which on CUDA counts
+    against its peak (base includes them): every provider's peak came out low by the gradients' size."""
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    w = torch.randn(8, 8, 3, 3, requires_grad=True)
+    fn = S.forward_backward(lambda: torch.nn.functional.conv2d(x, w, padding=1), {"x": x, "weight": w})
+    alive = []
+
+    def measure(run, device):
+        alive.append(sum(t.grad is not None for t in (x, w)))
+        return measure_memory(run, device)
+
+    monkeypatch.setattr(M, "measure_memory", measure)
+    candidate = {"p": lambda: M.Candidate(check=None, run=fn, reset=lambda: [setattr(t, "grad", None) for t in (x, w)])}
+    base = dict(suite="s", workload="w", mode="forward_backward", dtype="float32", params={})
+    (record,) = M.measure_providers(base, "cpu", candidate, rounds=2, warmup=1)
+    assert record["status"] == "ok" and alive == [0]
 
 
 def _scaled(monkeypatch, factors: dict, unavailable=()):

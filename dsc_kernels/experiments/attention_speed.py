@@ -222,7 +222,11 @@ def measure_attention(
                 for t in (q, k, v):
                     t.grad = None
 
-        return Candidate(check=checked if check else None, run=_step(fn, (q, k, v)) if backward else _no_grad(fn))
+        return Candidate(
+            check=checked if check else None,
+            run=_step(fn, (q, k, v)) if backward else _no_grad(fn),
+            reset=lambda: [setattr(t, "grad", None) for t in (q, k, v)],
+        )
 
     return measure_providers(
         base,

@@ -23,6 +23,7 @@ drift by megabytes (2 MiB, a dictionary gradient, on the sweep's ML-ISTA layer).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import sys
@@ -56,7 +57,8 @@ class Timing:
 
     def to_dict(self) -> dict:
         s = sorted(self.samples_ms)
-        q = (lambda f: s[min(len(s) - 1, int(f * len(s)))]) if s else (lambda f: float("nan"))  # noqa: E731
+        # nearest rank: the smallest sample with at least a fraction f of the samples at or below it
+        q = (lambda f: s[max(0, math.ceil(f * len(s)) - 1)]) if s else (lambda f: float("nan"))  # noqa: E731
         return dict(
             median_ms=self.median_ms,
             n=self.n,
@@ -234,6 +236,9 @@ class Candidate:
 
     check: Callable[[], list] | None
     run: Callable[[], object]
+    # called before the memory measurement: frees what the timed calls left (a training step's gradients), which
+    # the measured call would otherwise free first and the CUDA allocator's statistics count against its peak
+    reset: Callable[[], None] | None = None
 
 
 def measure_providers(
@@ -251,7 +256,7 @@ def measure_providers(
     workload, mode, dtype, params). Returns one records.result per provider, in `candidates`' order, each with
     `first_call_s` (the check's wall time, compilation included)."""
     out: dict[str, dict] = {}
-    runs, verdicts, first_call = {}, {}, {}
+    runs, resets, verdicts, first_call = {}, {}, {}, {}
     for p, build in candidates.items():
         if isinstance(build, str):
             out[p] = records.result(**base, provider=p, status="skipped", reason=build)
@@ -273,7 +278,7 @@ def measure_providers(
                     first_call_s=first_call[p],
                 )
                 continue
-            runs[p] = candidate.run
+            runs[p], resets[p] = candidate.run, candidate.reset
         except Exception as err:  # noqa: BLE001 - a provider failing is a record, not a crash
             out[p] = records.result(
                 **base,
@@ -288,6 +293,8 @@ def measure_providers(
         t, memory = timings[p], None
         if t.error is None:
             try:
+                if resets[p] is not None:
+                    resets[p]()
                 memory = measure_memory(run, device)
             except Exception as err:  # noqa: BLE001
                 t.error = f"memory: {_describe(err)}"

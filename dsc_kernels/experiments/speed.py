@@ -312,6 +312,7 @@ def measure_conv(
         return Candidate(
             check=(lambda: _check(_outputs(fn, mode), ref64, eagers, mode)) if check else None,
             run=forward_backward(fn, inputs) if mode == "forward_backward" else _inference(fn),
+            reset=lambda: [setattr(t, "grad", None) for t in fn.leaves],
         )
 
     candidates: dict = {}

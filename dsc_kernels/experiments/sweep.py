@@ -163,7 +163,12 @@ def provider_fn(provider: str, shape: SweepShape, p: dict, *, recompute: bool = 
         n, c = shape.n_iter, shape.weight[0]
         lam = torch.full((n, c), p["lam"], dtype=p["x"].dtype)
         step = torch.full((n,), p["step"], dtype=p["x"].dtype)
-        return lambda: fn(p["x"], p["weight"], lam, step, encoder_weight=p["encoder_weight"], **kw)
+
+        def compiled() -> torch.Tensor:
+            return fn(p["x"], p["weight"], lam, step, encoder_weight=p["encoder_weight"], **kw)
+
+        compiled.leaves = tuple(_leaves(p))  # speed.train_step_peak_bytes resets these (the encoder's too)
+        return compiled
     backend = {"reference": "reference", "auto": "auto"}.get(provider, "cpp")
 
     def run() -> torch.Tensor:
@@ -179,6 +184,7 @@ def provider_fn(provider: str, shape: SweepShape, p: dict, *, recompute: bool = 
             **kw,
         )
 
+    run.leaves = tuple(_leaves(p))  # speed.train_step_peak_bytes resets these (the encoder's too)
     return run
 
 
