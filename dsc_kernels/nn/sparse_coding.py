@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 from .. import _validate as check
 from .. import _warnings
 from .. import functional as DF
-from ..reference.conv import code_size
+from ..reference import spectrum
 from . import _projection
 from ._args import check_value as _check_value
 from ._args import flags as _flags
@@ -33,9 +33,10 @@ from ._args import positive_int as _positive_int
 IntOrTuple = int | Sequence[int]
 ValueOrTensor = float | Tensor
 
-# Warm-started power iterations per training forward that keep step = 1/L as the dictionary changes; the vector
-# follows the top singular vector, so two iterations track an optimiser step's change closely.
-POWER_STEPS_PER_FORWARD = 2
+# Warm-started power iterations per training forward that keep step = 1/L as the dictionary changes. They run per
+# frequency of the dictionary's response (reference/spectrum.py), where each small matrix changes little per
+# optimiser step. One is exact when those matrices have rank 1 (one signal channel at stride 1, or one atom).
+POWER_STEPS_PER_FORWARD = 3
 # Power iterations of a cold estimate (construction, reset, after load_state_dict).
 POWER_STEPS_COLD = 50
 # A learned step is projected onto [STEP_FLOOR * initial step, inf): step > 0 is what ISTA needs.
@@ -151,17 +152,20 @@ _CSC_DOC = """Unrolled convolutional ISTA/FISTA layer (LISTA/CSCNet style when l
         threshold: the absolute threshold instead of ``lam`` (give one of the two): a float or a tensor (C_code,) or
             (n_iter, C_code). Negative values are allowed only with ``nonneg=True`` (a ReLU with bias -threshold).
             State-dict key ``threshold``.
-        step: the ISTA step; a float > 0 or tensor (n_iter,), fixed. Default None: 1/L with L = ||D||_2^2, tracked
-            as the dictionary changes: warm-started power iterations in each training forward whose weight values
-            changed (a replayed or repeated forward on the same weight keeps its step), and in eval mode
-            a fresh estimate whenever ``weight`` changed since the last one (torch's in-place changes, new data,
-            another tensor in its place such as ``torch.func.functional_call``'s; edits through ``weight.data`` go
-            unseen, and so does everything under ``torch.compile``: call ``refresh_step_()`` after those). Stored as
-            the buffer ``step``; copies of the layer (deepcopy, torch.save/load, ``.to()``) keep it as it is. The
-            training forwards' two warm-started iterations approach L from below and lag behind large dictionary
-            updates: step * L reached 1.14 with Adam at lr 0.01 on the dictionary, 1.9 at 0.1 and 4.3 at 0.3 (ISTA
-            diverges beyond 2; SGD at lr 1 stayed at 1.01). With such updates call ``refresh_step_(30)`` after each
-            optimiser step (1.05-1.11 in the same runs), or give a fixed ``step``.
+        step: the ISTA step; a float > 0 or tensor (n_iter,), fixed. Default None: 1/L with L = ||D||_2^2 on
+            signals of any size (power iteration per frequency of the dictionary on a periodic grid 8 kernels wide,
+            within 1% of the infinite-signal norm and never above it), tracked as the dictionary changes:
+            warm-started iterations in each training forward whose weight values changed (a replayed or repeated
+            forward on the same weight keeps its step), and in eval mode a fresh estimate whenever ``weight``
+            changed since the last one (torch's in-place changes, new data, another tensor in its place such as
+            ``torch.func.functional_call``'s; edits through ``weight.data`` go unseen, and so does everything under
+            ``torch.compile``: call ``refresh_step_()`` after those). Stored as the buffer ``step``; copies of the
+            layer (deepcopy, torch.save/load, ``.to()``) keep it as it is. With one signal channel at stride 1 (or
+            one atom) the tracked L is exact on its grid after every optimiser step. With several channels, the
+            training forwards' three warm iterations approach L from below: Adam at lr 0.01 to 0.3 on the
+            dictionary gave step * L up to 1.18 on 16 -> 32 atoms and 1.33 on 64 -> 64 (``bench/step_tracking.py``;
+            ISTA diverges beyond 2, FISTA's late iterations beyond 4/3). ``refresh_step_(30)`` after each optimiser
+            step, or a fixed ``step``, removes the lag.
         learn_lam / learn_threshold: make ``lam`` / ``threshold`` a parameter of shape (n_iter, C_code) (one per
             iteration and channel, LISTA-style).
         learn_step: make ``step`` a parameter of shape (n_iter,) initialised at ``step`` (or 1/L).
@@ -268,12 +272,8 @@ class _ConvSparseCoding(_projection.Projected):
         self.encoder_weight = nn.Parameter(torch.empty_like(self.weight)) if untied else None
         self._register_value(self._threshold_name, (n_iter, code_channels), learned, init_value, factory)
         self._register_value("step", (n_iter,), learn_step, 1.0 if step is None else step, factory)
-        probe = self._probe_size()
-        self.register_buffer(
-            "_power_vector",
-            torch.zeros(1, code_channels, *code_size(probe, self.kernel_size, self.stride, self.padding), **factory),
-            persistent=False,
-        )
+        grid = spectrum.periodic_grid(self.kernel_size, self.stride)
+        self.register_buffer("_power_vector", torch.zeros(1, code_channels, *grid, **factory), persistent=False)
         # The weight the step was last estimated from (its values): a training forward on the same values keeps
         # that step, and torch.func transforms, which cannot read version counters, compare against it.
         self.register_buffer("_estimated_weight", torch.zeros_like(self.weight), persistent=False)
@@ -328,32 +328,29 @@ class _ConvSparseCoding(_projection.Projected):
             out.append((self.step, getattr(self, "_step_floor", 0.0), None))
         return out
 
-    def _probe_size(self) -> list[int]:
-        """The signal size L is estimated at: several kernels wide, where ||D||^2 is within a few percent of (and
-        below) its value on large signals; the step must not depend on each input's size."""
-        return [max(32, 4 * k * s) for k, s in zip(self.kernel_size, self.stride)]
+    def _warm_steps(self) -> int:
+        """Power iterations of a training forward: one where each frequency's matrix has rank 1 (exact), else
+        ``POWER_STEPS_PER_FORWARD``."""
+        rank_one = min(self.code_channels, math.prod(self.stride) * self.in_channels) == 1
+        return 1 if rank_one else POWER_STEPS_PER_FORWARD
 
     @torch.no_grad()
     def _power_iterate(self, n_steps: int) -> tuple[Tensor, Tensor]:
-        """``n_steps`` power iterations on D^T D from the stored vector; returns 1/L (1 for an all-zero D) and the
-        new unit vector, leaving the module's state as it is."""
-        weight, v = self.weight.detach(), self._power_vector
-        probe = self._probe_size()
-        lipschitz = v.new_zeros(())
-        # in the weight's dtype: under autocast the synthesis came out in half precision and the analysis of it
-        # against the float32 weight raised (a training forward under autocast always failed)
+        """``n_steps`` power iterations per frequency of D's response from the stored vectors; returns 1/L (1 for an
+        all-zero D) and the new vectors, leaving the module's state as it is."""
+        v = self._power_vector
+        # in at least float32, as real arithmetic outside autocast (which would turn the products to half precision)
+        dtype = torch.promote_types(v.dtype, torch.float32)
+        weight = self.weight.detach().to(dtype)
         no_autocast = (  # meta has no autocast to turn off (torch.autocast raised there); is_meta traces, unlike
             # torch.amp.is_autocast_available, which torch 2.11's dynamo cannot
             contextlib.nullcontext() if weight.is_meta else torch.autocast(weight.device.type, enabled=False)
         )
         with no_autocast:
-            for _ in range(n_steps):
-                v = v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
-                dv = DF.conv_synthesis(v, weight, stride=self.stride, padding=self.padding, signal_size=probe)
-                lipschitz = dv.pow(2).sum()
-                v = DF.conv_analysis(dv, weight, stride=self.stride, padding=self.padding)
+            lipschitz, v = spectrum.dictionary_norm_sq(weight, self.stride, v.to(dtype), n_steps)
+        lipschitz = lipschitz.to(self._power_vector.dtype)
         inverse_lipschitz = torch.where(lipschitz > 0, 1.0 / lipschitz, torch.ones_like(lipschitz))
-        return inverse_lipschitz, v / v.norm().clamp_min(torch.finfo(v.dtype).tiny)
+        return inverse_lipschitz, v.to(self._power_vector.dtype)
 
     def _power_iterate_(self, n_steps: int) -> Tensor:
         """``_power_iterate`` keeping the new vector (the next estimate's warm start); returns 1/L."""
@@ -493,7 +490,7 @@ class _ConvSparseCoding(_projection.Projected):
         step with it. Zero atoms stay zero. Call after an optimiser step when learning a dictionary."""
         norms = self.weight.flatten(1).norm(dim=1).reshape(-1, *([1] * (self.weight.dim() - 1)))
         self.weight /= torch.where(norms > 0, norms, torch.ones_like(norms))
-        self.refresh_step_(POWER_STEPS_PER_FORWARD)
+        self.refresh_step_(self._warm_steps())
         return self
 
     # ----------------------------------------------------------------------------------------- forward
@@ -554,7 +551,7 @@ class _ConvSparseCoding(_projection.Projected):
         of torch.utils.checkpoint, a layer applied twice before the optimiser step) runs with the same step, so the
         backward differentiates the forward that was returned. Decided on the device: no host sync."""
         changed = self._weight_changed()
-        inverse_lipschitz, vector = self._power_iterate(POWER_STEPS_PER_FORWARD)
+        inverse_lipschitz, vector = self._power_iterate(self._warm_steps())
         self._power_vector.copy_(torch.where(changed, vector, self._power_vector))
         # Through 1-element views: see refresh_step_
         self.step.view(1).copy_(torch.where(changed, inverse_lipschitz, self.step).view(1))
@@ -570,7 +567,7 @@ class _ConvSparseCoding(_projection.Projected):
         the step as it is where the weight is the one it was estimated from, else a training forward's warm-started
         re-estimate (an eval forward's cold one). Under vmap over the weights, each sample gets its own."""
         changed = self._weight_changed()
-        n_steps = POWER_STEPS_PER_FORWARD if self.training else POWER_STEPS_COLD
+        n_steps = self._warm_steps() if self.training else POWER_STEPS_COLD
         return torch.where(changed, self._power_iterate(n_steps)[0], self.step)
 
     def _check_input(self, x: object) -> None:

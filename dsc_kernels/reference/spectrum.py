@@ -1,0 +1,145 @@
+"""``L = ||D||_2^2`` of a convolutional dictionary by power iteration per frequency: the step 1/L the layers track.
+
+On a periodic grid of ``N = s * M`` points per dimension, the strided synthesis ``D z = conv_transpose(z, W)`` is
+block diagonal in frequency. Code frequency ``nu`` (one of ``M^d``) feeds the ``s^d`` signal frequencies
+``omega = nu + j * M`` through the matrices ``W_hat(omega) = sum_t W[:, :, t]^T exp(-2 pi i <omega, t / N>)``
+(C_sig, C_code). Stacked over ``j`` they form ``A_nu`` ((s^d C_sig), C_code), and with unnormalised DFTs
+
+    DFT_N(D u)(nu + j M) = W_hat(nu + j M) DFT_M(u)(nu),        ||D||^2 = max_nu sigma_max(A_nu)^2 / s^d.
+
+A layer's D on a finite signal is a crop of this periodic operator when ``N >= s (n_z - 1) + k`` (no wrap-around,
+n_z the code size). On that grid the value is therefore at least the norm on signals of that size, and at most the
+norm on infinitely large ones.
+
+Power iteration runs on the spatial periodic operator: a circular ``conv_transpose`` and ``conv``, as cheap as on
+the layer's own D. Each step rescales the vector to unit norm at every frequency separately, in the DFT domain, so it
+runs M^d independent power iterations on the small ``A_nu^H A_nu``, and L is the largest of their Rayleigh quotients.
+One normalisation for the whole vector (plain power iteration) lets the energy gather at the peak frequency and
+starves the rest. When training moves the peak of the dictionary's spectrum elsewhere, the starved frequency then
+needs dozens of steps to grow back, while L is underestimated: step * L reached 1.9 with Adam at lr 0.01 on the
+dictionary. Per frequency, each small matrix changes little per optimiser step. With one signal channel at stride 1,
+``A_nu`` is a single row, and the second step is exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_CONV = {1: F.conv1d, 2: F.conv2d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d}
+
+
+def periodic_grid(kernel_size: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
+    """M per dimension: a signal grid N = s M of at least 8 kernel widths, rounded up to a product of 2, 3 and 5 for
+    the FFTs. W_hat is a trigonometric polynomial of degree k - 1, so its peak falls between grid frequencies by
+    under 1/8 of its width: the norm comes out within 1% of the infinite-signal one (at most 0.96% low on random and
+    smooth 16-atom dictionaries, k = 3 to 11; a grid of 4 widths was up to 3.4% low)."""
+    return tuple(_smooth(-(-8 * k // s)) for k, s in zip(kernel_size, stride))
+
+
+def _smooth(n: int) -> int:
+    """The smallest integer >= n with no prime factor above 5."""
+    while True:
+        m = n
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        if m == 1:
+            return n
+        n += 1
+
+
+def _pad_args(before: Sequence[int], after: Sequence[int]) -> list[int]:
+    """F.pad's argument order: last dimension first, (before, after) each."""
+    return [p for b, a in zip(reversed(before), reversed(after)) for p in (b, a)]
+
+
+def periodic_synthesis(u: Tensor, weight: Tensor, stride: Sequence[int]) -> Tensor:
+    """D u on the periodic grid: (1, C_code, *M) -> (1, C_sig, *(s M)). Output n sums the taps t and code indices i
+    with ``s i + t = n`` (mod N): the code wrapped by ceil((k - 1) / s) on the left covers every i."""
+    kernel, grid = weight.shape[2:], u.shape[2:]
+    wrap = [-(-(k - 1) // s) for k, s in zip(kernel, stride)]
+    full = _CONV_T[len(grid)](F.pad(u, _pad_args(wrap, [0] * len(grid)), mode="circular"), weight, stride=stride)
+    short = [max(0, s * (w + m) - n) for s, w, m, n in zip(stride, wrap, grid, full.shape[2:])]  # k < s
+    full = F.pad(full, _pad_args([0] * len(grid), short))
+    window = [slice(s * w, s * (w + m)) for s, w, m in zip(stride, wrap, grid)]
+    return full[(..., *window)]
+
+
+def periodic_analysis(x: Tensor, weight: Tensor, stride: Sequence[int]) -> Tensor:
+    """D^T x on the periodic grid: (1, C_sig, *(s M)) -> (1, C_code, *M), the adjoint of ``periodic_synthesis``."""
+    kernel = weight.shape[2:]
+    wrapped = F.pad(x, _pad_args([0] * len(kernel), [k - 1 for k in kernel]), mode="circular")
+    return _CONV[len(kernel)](wrapped, weight, stride=stride)
+
+
+def _dft_matrices(size: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin of the DFT's angles 2 pi n nu / M (n nu reduced mod M first, so the angles are exact)."""
+    index = torch.arange(size, device=like.device, dtype=like.dtype)
+    angle = (2 * math.pi / size) * torch.outer(index, index).remainder(size)
+    return angle.cos(), angle.sin()
+
+
+def _dft(real: Tensor, imag: Tensor | None, matrices: dict, inverse: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The DFT over every dimension after the first two (``inverse``: its inverse, of which only the real part is
+    returned), on (real, imaginary) pairs; ``imag`` None is a real input. Eager calls run torch.fft. Under
+    torch.compile it is real matmuls with ``matrices`` (``_dft_matrices`` by size): inductor generates no code for
+    complex tensors, and a compiled layer warned that it ran them eagerly. The matmuls cost M times the FFT's
+    M log M per dimension, which the small code grids (M ~ 8 k / s) keep below the convolutions' cost."""
+    dims = list(range(2, real.dim()))
+    if not torch.compiler.is_compiling():
+        if inverse:
+            return torch.fft.ifftn(torch.complex(real, imag), dim=dims).real, None
+        transform = torch.fft.fftn(real if imag is None else torch.complex(real, imag), dim=dims)
+        return transform.real, transform.imag
+    for i, dim in enumerate(dims):
+        m = real.shape[dim]
+        cos, sin = matrices[m]
+        sin = sin if inverse else -sin  # e^{+-i angle}
+        real = real.movedim(dim, -1)
+        imag = None if imag is None else imag.movedim(dim, -1)
+        if imag is None:
+            real, imag = real @ cos, real @ sin
+        elif inverse and i == len(dims) - 1:
+            real, imag = real @ cos - imag @ sin, None
+        else:
+            real, imag = real @ cos - imag @ sin, real @ sin + imag @ cos
+        real = real.movedim(-1, dim) / (m if inverse else 1)
+        imag = None if imag is None else imag.movedim(-1, dim) / (m if inverse else 1)
+    return real, imag
+
+
+def _unit_per_frequency(spectrum: tuple[Tensor, Tensor], fallback: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Each frequency's vector over channels (dim 1) scaled to norm 1. A zero or non-finite one (a dictionary with a
+    zero or NaN there) takes ``fallback``'s, so the iteration resumes once the dictionary is valid again."""
+    norm = (spectrum[0].pow(2) + spectrum[1].pow(2)).sum(dim=1, keepdim=True).sqrt()
+    valid = (norm > 0) & norm.isfinite()
+    safe = torch.where(valid, norm, torch.ones_like(norm))
+    return tuple(torch.where(valid, part / safe, other) for part, other in zip(spectrum, fallback))
+
+
+def dictionary_norm_sq(weight: Tensor, stride: Sequence[int], vector: Tensor, n_steps: int) -> tuple[Tensor, Tensor]:
+    """``n_steps`` power iterations per frequency from ``vector``; returns (||D||^2 on the periodic grid, a 0-dim
+    tensor below it by the iterations' remaining error, and the new vector). Nothing leaves the device.
+
+    weight: (C_code, C_sig, *k), real; stride: d ints; vector: (1, C_code, *M), real, M from ``periodic_grid``.
+    """
+    matrices = {m: _dft_matrices(m, vector) for m in set(vector.shape[2:])}
+    constant = torch.full_like(vector, 1 / math.sqrt(vector.shape[1]))  # for a vector never written (all zero)
+    spectrum = _unit_per_frequency(_dft(vector, None, matrices), (constant, torch.zeros_like(vector)))
+    peak = weight.new_zeros(())
+    for _ in range(n_steps):
+        u = _dft(*spectrum, matrices, inverse=True)[0]  # real: |DFT| is symmetric, so the rescaling keeps u real
+        # DFT(D^T D u)(nu) = A_nu^H A_nu U_nu / s^d =: G U: for PSD G and unit U, <U, G U> <= |G U|^2 / <U, G U> <=
+        # lambda_max; the middle one is the Rayleigh quotient half a step on, exact after one step for a rank-1 G
+        image = _dft(periodic_analysis(periodic_synthesis(u, weight, stride), weight, stride), None, matrices)
+        rayleigh = (spectrum[0] * image[0] + spectrum[1] * image[1]).sum(dim=1)
+        energy = (image[0].pow(2) + image[1].pow(2)).sum(dim=1)
+        peak = torch.where(rayleigh == 0, 0, energy / torch.where(rayleigh == 0, 1, rayleigh)).amax()  # NaN stays
+        spectrum = _unit_per_frequency(image, spectrum)
+    return peak, _dft(*spectrum, matrices, inverse=True)[0]

@@ -1,0 +1,136 @@
+"""The layers' Lipschitz estimate (dsc_kernels/reference/spectrum.py) against the periodic operator written out as a
+dense matrix in numpy, and the tracked step of a layer whose dictionary an optimiser moves fast."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from dsc_kernels.dictionary_learning import _dictionary_lipschitz
+from dsc_kernels.nn import ConvSparseCoding1d, ConvSparseCoding2d
+from dsc_kernels.reference import spectrum
+
+
+def _dense_periodic(weight: torch.Tensor, stride, grid) -> np.ndarray:
+    """The synthesis on the periodic grid as a matrix: code (c, i) adds W[c, :, t] at signal (s i + t) mod (s M)."""
+    w = weight.numpy()
+    c_code, c_sig, kernel = w.shape[0], w.shape[1], w.shape[2:]
+    periods = [s * m for s, m in zip(stride, grid)]
+    columns = []
+    for c in range(c_code):
+        for i in itertools.product(*map(range, grid)):
+            x = np.zeros((c_sig, *periods))
+            for t in itertools.product(*map(range, kernel)):
+                at = tuple((s * a + b) % n for s, a, b, n in zip(stride, i, t, periods))
+                x[(slice(None), *at)] += w[(c, slice(None), *t)]
+            columns.append(x.ravel())
+    return np.stack(columns, 1)
+
+
+GEOMETRIES = [  # (C_code, C_sig, kernel, stride, grid): multi-channel, strided, k < s, odd and even grids
+    (4, 2, (3,), (1,), (5,)),
+    (3, 3, (3,), (2,), (4,)),
+    (2, 1, (1,), (3,), (3,)),
+    (3, 1, (4,), (3,), (6,)),
+    (3, 3, (2, 4), (3, 1), (3, 6)),
+    (1, 3, (3, 3), (1, 2), (5, 3)),
+    (2, 1, (2, 2), (3, 3), (2, 5)),
+]
+
+
+@pytest.mark.parametrize("c_code, c_sig, kernel, stride, grid", GEOMETRIES)
+def test_norm_is_the_periodic_operators(c_code, c_sig, kernel, stride, grid):
+    torch.manual_seed(0)
+    weight = torch.randn(c_code, c_sig, *kernel, dtype=torch.float64)
+    dense = _dense_periodic(weight, stride, grid)
+    u = torch.randn(1, c_code, *grid, dtype=torch.float64)
+    x = spectrum.periodic_synthesis(u, weight, stride)
+    np.testing.assert_allclose(x.numpy().ravel(), dense @ u.numpy().ravel(), atol=1e-12)
+    r = torch.randn_like(x)
+    np.testing.assert_allclose(
+        spectrum.periodic_analysis(r, weight, stride).numpy().ravel(), dense.T @ r.numpy().ravel(), atol=1e-12
+    )
+    lipschitz, _ = spectrum.dictionary_norm_sq(weight, stride, u, 300)
+    assert float(lipschitz) == pytest.approx(np.linalg.norm(dense, 2) ** 2, rel=1e-9)
+
+
+@pytest.mark.parametrize("weight_shape", [(5, 1, 4, 3), (1, 4, 3, 3), (6, 1, 7)])
+def test_rank_one_frequencies_are_exact_after_one_step(weight_shape):
+    """One signal channel at stride 1 (or one atom): each frequency's matrix is a single row, and the estimate
+    |G u|^2 / <u, G u> is its squared norm from any start, which is what keeps a fast-learned CSC dictionary's
+    step right with a single iteration per forward."""
+    torch.manual_seed(1)
+    weight = torch.randn(weight_shape, dtype=torch.float64)
+    stride = (1,) * (weight.dim() - 2)
+    grid = (6,) * (weight.dim() - 2)
+    exact = np.linalg.norm(_dense_periodic(weight, stride, grid), 2) ** 2
+    lipschitz, _ = spectrum.dictionary_norm_sq(weight, stride, torch.randn(1, weight.shape[0], *grid).double(), 1)
+    assert float(lipschitz) == pytest.approx(exact, rel=1e-12)
+
+
+def test_a_zero_or_nan_dictionary_does_not_break_the_iteration_for_later():
+    weight = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    vector = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    zero, after_zero = spectrum.dictionary_norm_sq(torch.zeros_like(weight), (1, 1), vector, 5)
+    nan, after_nan = spectrum.dictionary_norm_sq(torch.full_like(weight, float("nan")), (1, 1), vector, 5)
+    assert float(zero) == 0 and torch.isnan(nan)
+    expected, _ = spectrum.dictionary_norm_sq(weight, (1, 1), vector, 300)
+    for resumed in (after_zero, after_nan, torch.zeros_like(vector)):
+        assert torch.isfinite(resumed).all()
+        lipschitz, _ = spectrum.dictionary_norm_sq(weight, (1, 1), resumed, 300)
+        assert float(lipschitz) == pytest.approx(float(expected), rel=1e-9)
+
+
+@pytest.mark.parametrize("kernel", [3, 7, 11])
+def test_grid_is_within_one_percent_below_the_infinite_signal_norm(kernel):
+    torch.manual_seed(2)
+    weight = torch.randn(16, 3, kernel, kernel, dtype=torch.float64)
+    grid = spectrum.periodic_grid((kernel, kernel), (1, 1))
+    lipschitz, _ = spectrum.dictionary_norm_sq(weight, (1, 1), torch.randn(1, 16, *grid).double(), 300)
+    infinite = _dictionary_lipschitz(weight, (24 * kernel, 24 * kernel))  # an FFT + SVD bound on a fine grid
+    assert 0.99 * infinite <= float(lipschitz) <= infinite * (1 + 1e-9)
+
+
+@pytest.mark.parametrize(
+    "layer_args, worst",
+    [
+        ((ConvSparseCoding2d, 1, 16, 5), 1.01),
+        ((ConvSparseCoding2d, 4, 8, 3), 1.2),
+        ((ConvSparseCoding1d, 1, 8, 9), 1.01),
+    ],
+)
+def test_tracked_step_keeps_up_with_adam_on_the_dictionary(layer_args, worst):
+    """Adam at lr 0.1 grows and reshapes the atoms every step. Plain power iteration on the spatial operator (two
+    warm steps per forward) let step * L reach 1.9 at lr 0.01 and 4.3 at lr 0.3, near or past ISTA's divergence
+    at 2. The per-frequency iteration keeps a one-channel dictionary exact and a multi-channel one close."""
+    torch.manual_seed(0)
+    cls, c_sig, c_code, k = layer_args
+    layer = cls(c_sig, c_code, k, n_iter=5, lam=0.05, backend="reference")
+    optimiser = torch.optim.Adam([layer.weight], lr=0.1)
+    size = (24,) * (layer.weight.dim() - 2)
+    ratios = []
+    for _ in range(12):
+        x = torch.randn(4, c_sig, *size)
+        z = layer(x)
+        weight = layer.weight.detach()
+        ratios.append(float(layer.step) * _dictionary_lipschitz(weight, [24 * k] * (weight.dim() - 2)))
+        loss = (layer.decode(z, size) - x).pow(2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert max(ratios) <= worst and min(ratios) >= 0.99
+
+
+def test_compiled_dft_path_matches_the_fft(monkeypatch):
+    """Under torch.compile the DFTs are real matmuls (inductor has no complex code generation): same numbers."""
+    torch.manual_seed(3)
+    weight = torch.randn(5, 3, 3, 2, dtype=torch.float64)
+    vector = torch.randn(1, 5, 6, 9, dtype=torch.float64)
+    eager = spectrum.dictionary_norm_sq(weight, (2, 1), vector, 4)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = spectrum.dictionary_norm_sq(weight, (2, 1), vector, 4)
+    for a, b in zip(eager, traced):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
