@@ -192,6 +192,12 @@ def test_digits_evaluate_needs_one_label_per_sample(case):
         digits.evaluate(digits.DigitsNet("baseline", backend="reference"), x, y)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool])
+def test_digits_evaluate_needs_integer_labels(dtype):
+    with pytest.raises(TypeError, match="integer class labels"):  # 1.5 matched no class: a silently lower accuracy
+        digits.evaluate(digits.DigitsNet("baseline", backend="reference"), X, (Y + 0.5).to(dtype))
+
+
 # ---------------------------------------------------------------------------------------- train(), both recipes
 BAD_TRAIN = {
     "strategy-none": (dict(strategy=None), TypeError, "strategy must be one of"),

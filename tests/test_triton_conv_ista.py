@@ -332,6 +332,18 @@ def test_batch_beyond_the_int32_limit_runs_in_chunks(case, device, monkeypatch):
         _run(p, torch.float32, "triton", recompute)
 
 
+def test_a_grid_axis_beyond_cudas_cap_is_a_clear_error(device, monkeypatch):
+    """CUDA caps grid axes 1 and 2 at 65535; the weight gradient's column blocks sit on axis 1 and would exceed it
+    only for C_sig * k^2 beyond ~2 million, so the cap is lowered here. The launch failed with an opaque error."""
+    from dsc_kernels.triton import conv_ista as tci
+
+    p = _problem(batch=2, device=device)
+    _compare(p, recompute=False)  # runs at the real cap
+    monkeypatch.setattr(tci, "MAX_GRID_YZ", 0)
+    with pytest.raises(ValueError, match="programs on a grid axis"):
+        _run(p, torch.float32, "triton", False)
+
+
 @pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
 @pytest.mark.parametrize("forward", ["single-launch", "tiles", "two-pass"])
 def test_recompute_training_step_peaks_below_save_mode(forward, device, fista):

@@ -112,6 +112,8 @@ def evaluate(model: DigitsNet, x: Tensor, y: Tensor) -> dict:
     # a y of another length or shape would broadcast against the predictions into a wrong accuracy
     if x.dim() == 0 or len(x) == 0 or y.shape != x.shape[:1]:
         raise ValueError(f"x must hold B >= 1 samples and y their B labels, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")  # 1.5 matched no class silently
     was_training = model.training
     model.eval()
     with sparsity.SparsityMonitor(model, model.feature_modules()) as monitor:

@@ -99,7 +99,7 @@ from torch import Tensor
 from .._precision import conv_tf32_allowed, forward_tf32
 from ..reference.conv import code_size
 from ..reference.conv_ista import NO_BACKWARD, fista_momentum, signed_share
-from .grid import block_and_index
+from .grid import MAX_GRID_YZ, block_and_index
 from .launch import AotSpec, interpreting, launch, record_launches
 
 __all__ = [
@@ -1664,6 +1664,11 @@ def conv_ista_bwd(
     )
     columns = g.kh * g.kw * triton.cdiv(g.C_sig, ccfg.BLOCK_K) if tap_ana else triton.cdiv(k_tot, ccfg.BLOCK_K)
     w_grid = (triton.cdiv(g.C_code, ccfg.BLOCK_C), columns, n_split)
+    if max(columns, sig_grid[1], code_grid[1]) > MAX_GRID_YZ:  # the launch would fail with an opaque error
+        raise ValueError(
+            f"the triton conv-ISTA backward needs more than CUDA's {MAX_GRID_YZ} programs on a grid axis for "
+            f"C_sig={g.C_sig}, C_code={g.C_code} and a {g.kh}x{g.kw} kernel: use backend='reference'"
+        )
     partials = torch.empty((n_split, g.C_code, k_tot), device=x.device, dtype=torch.float32)
     sig_shape = (g.B, g.C_sig, g.H, g.W)
     f32 = dict(device=x.device, dtype=torch.float32)

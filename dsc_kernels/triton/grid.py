@@ -7,6 +7,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# CUDA's cap on a grid's second and third axes.
+MAX_GRID_YZ = 65535
+
 
 @triton.jit
 def block_and_index(n, BLOCK: tl.constexpr):
