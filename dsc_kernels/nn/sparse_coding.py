@@ -313,7 +313,7 @@ class _ConvSparseCoding(_projection.Projected):
         self._fill(self._threshold_name, self._init["threshold"])
         generator = torch.Generator(device="cpu").manual_seed(0)  # the same start vector on every rank
         self._power_vector.copy_(torch.randn(self._power_vector.shape, generator=generator))
-        inverse_lipschitz = self._power_iterate_(POWER_STEPS_COLD)
+        inverse_lipschitz = self._power_iterate_(self._power_steps(cold=True))
         self._fill("step", inverse_lipschitz if self._init["step"] is None else self._init["step"])
         self._step_floor = STEP_FLOOR * float(self.step.detach().min())
         self._note_step_source()
@@ -328,11 +328,11 @@ class _ConvSparseCoding(_projection.Projected):
             out.append((self.step, getattr(self, "_step_floor", 0.0), None))
         return out
 
-    def _warm_steps(self) -> int:
-        """Power iterations of a training forward: one where each frequency's matrix has rank 1 (exact), else
-        ``POWER_STEPS_PER_FORWARD``."""
+    def _power_steps(self, cold: bool) -> int:
+        """Power iterations of an estimate: one where each frequency's matrix has rank 1 (exact from any start), else
+        POWER_STEPS_COLD from an old vector or POWER_STEPS_PER_FORWARD warm-started (a training forward)."""
         rank_one = min(self.code_channels, math.prod(self.stride) * self.in_channels) == 1
-        return 1 if rank_one else POWER_STEPS_PER_FORWARD
+        return 1 if rank_one else POWER_STEPS_COLD if cold else POWER_STEPS_PER_FORWARD
 
     @torch.no_grad()
     def _power_iterate(self, n_steps: int) -> tuple[Tensor, Tensor]:
@@ -359,11 +359,13 @@ class _ConvSparseCoding(_projection.Projected):
         return inverse_lipschitz
 
     @torch.no_grad()
-    def refresh_step_(self, n_steps: int = POWER_STEPS_COLD) -> Tensor:
-        """Re-estimate L = ||D||^2 (power iteration warm-started from the last estimate) and, when the step is
-        tracked (``step=None``, not learned), set ``step = 1/L``. Returns 1/L."""
+    def refresh_step_(self, n_steps: int | None = None) -> Tensor:
+        """Re-estimate L = ||D||^2 (power iteration warm-started from the last estimate; ``n_steps`` iterations,
+        default one where that is exact, else 50) and, when the step is tracked (``step=None``, not learned), set
+        ``step = 1/L``. Returns 1/L."""
         # with no iteration L stays 0, whose 1/L stands in as 1: a tracked step would silently become 1
-        inverse_lipschitz = self._power_iterate_(_positive_int("n_steps", n_steps))
+        n_steps = self._power_steps(cold=True) if n_steps is None else _positive_int("n_steps", n_steps)
+        inverse_lipschitz = self._power_iterate_(n_steps)
         if self._track_step:
             # Through a 1-element view: torch.compile (AOT autograd, torch 2.13) drops an in-place copy into a 0-dim
             # float64 buffer, so a compiled float64 training forward kept its first step forever.
@@ -431,7 +433,7 @@ class _ConvSparseCoding(_projection.Projected):
         """An eval forward's re-estimate for a changed weight."""
         if not self._restore_previous_step():
             current = (self._step_source, self.step.detach().clone(), self._power_vector.clone())
-            self.refresh_step_(POWER_STEPS_COLD)
+            self.refresh_step_()
             self._previous_step = current
 
     def _restore_previous_step(self) -> bool:
@@ -490,7 +492,7 @@ class _ConvSparseCoding(_projection.Projected):
         step with it. Zero atoms stay zero. Call after an optimiser step when learning a dictionary."""
         norms = self.weight.flatten(1).norm(dim=1).reshape(-1, *([1] * (self.weight.dim() - 1)))
         self.weight /= torch.where(norms > 0, norms, torch.ones_like(norms))
-        self.refresh_step_(self._warm_steps())
+        self.refresh_step_(self._power_steps(cold=False))
         return self
 
     # ----------------------------------------------------------------------------------------- forward
@@ -551,7 +553,7 @@ class _ConvSparseCoding(_projection.Projected):
         of torch.utils.checkpoint, a layer applied twice before the optimiser step) runs with the same step, so the
         backward differentiates the forward that was returned. Decided on the device: no host sync."""
         changed = self._weight_changed()
-        inverse_lipschitz, vector = self._power_iterate(self._warm_steps())
+        inverse_lipschitz, vector = self._power_iterate(self._power_steps(cold=False))
         self._power_vector.copy_(torch.where(changed, vector, self._power_vector))
         # Through 1-element views: see refresh_step_
         self.step.view(1).copy_(torch.where(changed, inverse_lipschitz, self.step).view(1))
@@ -567,7 +569,7 @@ class _ConvSparseCoding(_projection.Projected):
         the step as it is where the weight is the one it was estimated from, else a training forward's warm-started
         re-estimate (an eval forward's cold one). Under vmap over the weights, each sample gets its own."""
         changed = self._weight_changed()
-        n_steps = self._warm_steps() if self.training else POWER_STEPS_COLD
+        n_steps = self._power_steps(cold=not self.training)
         return torch.where(changed, self._power_iterate(n_steps)[0], self.step)
 
     def _check_input(self, x: object) -> None:
@@ -651,7 +653,7 @@ def _after_load(module: _ConvSparseCoding, incompatible_keys) -> None:
         module._estimated_weight = torch.empty_like(weight)
     generator = torch.Generator(device="cpu").manual_seed(0)
     module._power_vector.copy_(torch.randn(module._power_vector.shape, generator=generator))
-    inverse_lipschitz = module._power_iterate_(POWER_STEPS_COLD)
+    inverse_lipschitz = module._power_iterate_(module._power_steps(cold=True))
     if module._track_step and "weight" in loaded and "step" not in loaded:
         with torch.no_grad():
             module.step.copy_(inverse_lipschitz)
