@@ -134,3 +134,50 @@ def test_compiled_dft_path_matches_the_fft(monkeypatch):
     traced = spectrum.dictionary_norm_sq(weight, (2, 1), vector, 4)
     for a, b in zip(eager, traced):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("c_sig", [1, 2], ids=["rank-one", "iterated"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_swapping_atoms_with_a_zero_one_keeps_the_step(c_sig, training):
+    """With one atom zero, every frequency's vector had no component on it; swap the atoms and D^T D u was 0 at
+    every frequency, so L read 0 and the step 1 (ISTA diverged), forward after forward."""
+    torch.manual_seed(0)
+    layer = ConvSparseCoding1d(c_sig, 2, 7, n_iter=30, lam=0.01).train(training)
+    atom = torch.randn(c_sig, 7)
+    atom = 2 * atom / atom.norm()
+    x = torch.randn(4, c_sig, 64)
+    for order in ([atom, torch.zeros_like(atom)], [torch.zeros_like(atom), atom]):
+        with torch.no_grad():
+            layer.weight.copy_(torch.stack(order))
+        for _ in range(2 if training else 1):  # warm training forwards need a second one for several channels
+            z = layer(x)
+        exact = _dictionary_lipschitz(layer.weight.detach().double(), [1024])
+        assert float(layer.step) * exact == pytest.approx(1.0, abs=0.02) and torch.isfinite(z).all()
+
+
+def test_a_half_precision_layer_beyond_float16s_range_keeps_its_step():
+    """L above 65504 overflowed to inf when cast to half before being inverted: step 0, all-zero codes."""
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=5, lam=0.0)
+    with torch.no_grad():
+        layer.weight.mul_(200.0)
+    expected = float(layer.refresh_step_())
+    layer.half()
+    assert float(layer.refresh_step_()) == pytest.approx(expected, rel=2e-3)
+
+
+def test_a_module_pickled_with_a_code_sized_vector_moves_to_the_grid():
+    """Modules saved whole before the per-frequency estimate carry a code-sized vector (the old probe's), whose
+    shape set the grid: their estimates read up to 2% low for good."""
+    import pickle
+
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(3, 8, 7, n_iter=5)
+    step = layer.step.clone()
+    state = layer.__getstate__()
+    state["_buffers"] = {**state["_buffers"], "_power_vector": torch.zeros(1, 8, 32, 32)}  # what 85783e6 pickled
+    old = ConvSparseCoding2d.__new__(ConvSparseCoding2d)
+    old.__setstate__(state)
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded._power_vector.shape == layer._power_vector.shape and torch.equal(loaded.step, step)
+    assert float(loaded.refresh_step_()) == pytest.approx(float(layer.refresh_step_()), rel=1e-4)

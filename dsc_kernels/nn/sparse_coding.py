@@ -154,18 +154,20 @@ _CSC_DOC = """Unrolled convolutional ISTA/FISTA layer (LISTA/CSCNet style when l
             State-dict key ``threshold``.
         step: the ISTA step; a float > 0 or tensor (n_iter,), fixed. Default None: 1/L with L = ||D||_2^2 on
             signals of any size (power iteration per frequency of the dictionary on a periodic grid 8 kernels wide,
-            within 1% of the infinite-signal norm and never above it), tracked as the dictionary changes:
+            never above the infinite-signal norm, within 1% of it on random dictionaries and up to 4% below for a
+            narrow-band atom), tracked as the dictionary changes:
             warm-started iterations in each training forward whose weight values changed (a replayed or repeated
             forward on the same weight keeps its step), and in eval mode a fresh estimate whenever ``weight``
             changed since the last one (torch's in-place changes, new data, another tensor in its place such as
             ``torch.func.functional_call``'s; edits through ``weight.data`` go unseen, and so does everything under
             ``torch.compile``: call ``refresh_step_()`` after those). Stored as the buffer ``step``; copies of the
             layer (deepcopy, torch.save/load, ``.to()``) keep it as it is. With one signal channel at stride 1 (or
-            one atom) the tracked L is exact on its grid after every optimiser step. With several channels, the
-            training forwards' three warm iterations approach L from below: Adam at lr 0.01 to 0.3 on the
-            dictionary gave step * L up to 1.18 on 16 -> 32 atoms and 1.33 on 64 -> 64 (``bench/step_tracking.py``;
-            ISTA diverges beyond 2, FISTA's late iterations beyond 4/3). ``refresh_step_(30)`` after each optimiser
-            step, or a fixed ``step``, removes the lag.
+            one atom) the tracked L is exact on its grid (closed form) after every optimiser step. With several
+            channels, the training forwards' three warm iterations approach L from below: Adam at lr 0.01 to 0.3
+            on the dictionary gave step * L up to 1.18 on 16 -> 32 atoms, 1.33 on 64 -> 64
+            (``bench/step_tracking.py``) and 1.47 on small strided layers (ISTA diverges beyond 2, FISTA's late
+            iterations beyond 4/3). ``refresh_step_(30)`` after each optimiser step, or a fixed ``step``, removes
+            the lag.
         learn_lam / learn_threshold: make ``lam`` / ``threshold`` a parameter of shape (n_iter, C_code) (one per
             iteration and channel, LISTA-style).
         learn_step: make ``step`` a parameter of shape (n_iter,) initialised at ``step`` (or 1/L).
@@ -348,9 +350,9 @@ class _ConvSparseCoding(_projection.Projected):
         )
         with no_autocast:
             lipschitz, v = spectrum.dictionary_norm_sq(weight, self.stride, v.to(dtype), n_steps)
-        lipschitz = lipschitz.to(self._power_vector.dtype)
+        # inverted before the cast: a half-precision layer's L can exceed float16's range while 1/L does not
         inverse_lipschitz = torch.where(lipschitz > 0, 1.0 / lipschitz, torch.ones_like(lipschitz))
-        return inverse_lipschitz, v.to(self._power_vector.dtype)
+        return inverse_lipschitz.to(self._power_vector.dtype), v.to(self._power_vector.dtype)
 
     def _power_iterate_(self, n_steps: int) -> Tensor:
         """``_power_iterate`` keeping the new vector (the next estimate's warm start); returns 1/L."""
@@ -474,6 +476,14 @@ class _ConvSparseCoding(_projection.Projected):
         super().__setstate__(state)
         if "_estimated_weight" not in self._buffers:  # pickled before the buffer existed: its step stands as saved
             self.register_buffer("_estimated_weight", self.weight.detach().clone(), persistent=False)
+        grid = spectrum.periodic_grid(self.kernel_size, self.stride)
+        vector = self._power_vector
+        if tuple(vector.shape[2:]) != grid and not vector.is_meta:
+            # pickled before the per-frequency estimate: its vector was code-sized, and estimates on that grid read
+            # up to 2% lower for good. A fresh one on the grid; the saved step stands.
+            generator = torch.Generator(device="cpu").manual_seed(0)
+            self._power_vector = torch.randn(vector.shape[:2] + grid, generator=generator).to(vector)
+            self._power_iterate_(self._power_steps(cold=True))
         if self.__dict__.get("_step_source") == _UP_TO_DATE:
             self._note_step_source()
 
