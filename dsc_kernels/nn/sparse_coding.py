@@ -313,9 +313,7 @@ class _ConvSparseCoding(_projection.Projected):
             if self.encoder_weight is not None:
                 self.encoder_weight.copy_(self.weight)
         self._fill(self._threshold_name, self._init["threshold"])
-        generator = torch.Generator(device="cpu").manual_seed(0)  # the same start vector on every rank
-        self._power_vector.copy_(torch.randn(self._power_vector.shape, generator=generator))
-        inverse_lipschitz = self._power_iterate_(self._power_steps(cold=True))
+        inverse_lipschitz = self._restart_power_vector()
         self._fill("step", inverse_lipschitz if self._init["step"] is None else self._init["step"])
         self._step_floor = STEP_FLOOR * float(self.step.detach().min())
         self._note_step_source()
@@ -331,10 +329,22 @@ class _ConvSparseCoding(_projection.Projected):
         return out
 
     def _power_steps(self, cold: bool) -> int:
-        """Power iterations of an estimate: one where each frequency's matrix has rank 1 (exact from any start), else
-        POWER_STEPS_COLD from an old vector or POWER_STEPS_PER_FORWARD warm-started (a training forward)."""
-        rank_one = min(self.code_channels, math.prod(self.stride) * self.in_channels) == 1
-        return 1 if rank_one else POWER_STEPS_COLD if cold else POWER_STEPS_PER_FORWARD
+        """Power iterations of an estimate: one where each frequency's matrix has rank 1 (a closed form, which needs
+        no vector), else POWER_STEPS_COLD from an old vector or POWER_STEPS_PER_FORWARD warm-started (a training
+        forward)."""
+        if spectrum.is_rank_one(self.weight.shape, self.stride):
+            return 1
+        return POWER_STEPS_COLD if cold else POWER_STEPS_PER_FORWARD
+
+    def _restart_power_vector(self, shape: Sequence[int] | None = None) -> Tensor:
+        """A fresh start vector, the same on every rank (seeded), of the buffer's shape (filled in place) or of
+        ``shape`` (a new buffer); then a cold estimate into it. Returns its 1/L."""
+        fresh = torch.randn(tuple(shape or self._power_vector.shape), generator=torch.Generator().manual_seed(0))
+        if shape is None:
+            self._power_vector.copy_(fresh)
+        else:
+            self._power_vector = fresh.to(self._power_vector)
+        return self._power_iterate_(self._power_steps(cold=True))
 
     @torch.no_grad()
     def _power_iterate(self, n_steps: int) -> tuple[Tensor, Tensor]:
@@ -477,13 +487,10 @@ class _ConvSparseCoding(_projection.Projected):
         if "_estimated_weight" not in self._buffers:  # pickled before the buffer existed: its step stands as saved
             self.register_buffer("_estimated_weight", self.weight.detach().clone(), persistent=False)
         grid = spectrum.periodic_grid(self.kernel_size, self.stride)
-        vector = self._power_vector
-        if tuple(vector.shape[2:]) != grid and not vector.is_meta:
+        if tuple(self._power_vector.shape[2:]) != grid and not self._power_vector.is_meta:
             # pickled before the per-frequency estimate: its vector was code-sized, and estimates on that grid read
             # up to 2% lower for good. A fresh one on the grid; the saved step stands.
-            generator = torch.Generator(device="cpu").manual_seed(0)
-            self._power_vector = torch.randn(vector.shape[:2] + grid, generator=generator).to(vector)
-            self._power_iterate_(self._power_steps(cold=True))
+            self._restart_power_vector((1, self.code_channels, *grid))
         if self.__dict__.get("_step_source") == _UP_TO_DATE:
             self._note_step_source()
 
@@ -661,9 +668,7 @@ def _after_load(module: _ConvSparseCoding, incompatible_keys) -> None:
     if (vector.device, vector.dtype) != (weight.device, weight.dtype):  # assign=True onto a meta or other-dtype module
         module._power_vector = torch.empty(vector.shape, device=weight.device, dtype=weight.dtype)
         module._estimated_weight = torch.empty_like(weight)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    module._power_vector.copy_(torch.randn(module._power_vector.shape, generator=generator))
-    inverse_lipschitz = module._power_iterate_(module._power_steps(cold=True))
+    inverse_lipschitz = module._restart_power_vector()
     if module._track_step and "weight" in loaded and "step" not in loaded:
         with torch.no_grad():
             module.step.copy_(inverse_lipschitz)

@@ -17,8 +17,8 @@ runs M^d independent power iterations on the small ``A_nu^H A_nu``, and L is the
 One normalisation for the whole vector (plain power iteration) lets the energy gather at the peak frequency and
 starves the rest. When training moves the peak of the dictionary's spectrum elsewhere, the starved frequency then
 needs dozens of steps to grow back, while L is underestimated: step * L reached 1.9 with Adam at lr 0.01 on the
-dictionary. Per frequency, each small matrix changes little per optimiser step. With one signal channel at stride 1,
-``A_nu`` is a single row, and the second step is exact.
+dictionary. Per frequency, each small matrix changes little per optimiser step. Where every ``A_nu`` is a single
+row or column (one signal channel at stride 1, or one atom), L needs no iteration: it is a closed form.
 """
 
 from __future__ import annotations
@@ -30,8 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_CONV = {1: F.conv1d, 2: F.conv2d}
-_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d}
+from .conv import _CONV, _CONV_T
+
+
+def is_rank_one(weight_shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Whether every ``A_nu`` ((s^d C_sig), C_code) is a single row or column: L then has a closed form."""
+    return min(weight_shape[0], math.prod(stride) * weight_shape[1]) == 1
 
 
 def periodic_grid(kernel_size: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
@@ -154,7 +158,7 @@ def dictionary_norm_sq(weight: Tensor, stride: Sequence[int], vector: Tensor, n_
 
     weight: (C_code, C_sig, *k), real; stride: d ints; vector: (1, C_code, *M), real, M from ``periodic_grid``.
     """
-    if min(weight.shape[0], math.prod(stride) * weight.shape[1]) == 1:
+    if is_rank_one(weight.shape, stride):
         return _rank_one_norm_sq(weight, stride, vector.shape[2:]), vector
     matrices = {m: _dft_matrices(m, vector) for m in set(vector.shape[2:])}
     zeros = torch.zeros_like(vector)
