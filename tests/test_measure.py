@@ -211,14 +211,24 @@ def test_readme_table_is_generated_from_committed_runs(tmp_path):
     records.write_run(records.run_document("bench", "cpu", recs, {"timing": "test"}), tmp_path, "run")
     dry = records.run_document("gpu-check", "cpu", recs, {"timing": "test", "dry_run": True})
     records.write_run(dry, tmp_path, "dry")
-    readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- bench-results:start -->\nold\n<!-- bench-results:end -->\nend\n")
+    readme, full = tmp_path / "README.md", tmp_path / "benchmarks.md"
+    for f in (readme, full):
+        f.write_text("intro\n<!-- bench-results:start -->\nold\n<!-- bench-results:end -->\nend\n")
     spec = importlib.util.spec_from_file_location(
         "results_table", Path(__file__).parents[1] / "bench" / "results_table.py"
     )
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
-    assert table.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
-    text = readme.read_text()
-    assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
-    assert "| deep-layer | forward | float32 | reference |" in text and "gpu-check" not in text  # dry runs left out
+    assert table.main(["--results", str(tmp_path), "--readme", str(readme), "--full", str(full)]) == 0
+    for f in (readme, full):
+        text = f.read_text()
+        assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
+        assert "| deep-layer | forward | float32 | cpp |" in text and "gpu-check" not in text  # dry runs left out
+    # the full table has every provider with its median; the summary only ours, as ratios
+    cpp = next(r for r in recs if r["provider"] == "cpp")
+    assert "| deep-layer | forward | float32 | reference |" in full.read_text()
+    assert "| deep-layer | forward | float32 | reference |" not in readme.read_text()
+    assert f"| {cpp['ratios']['speedup_vs_eager']:.2f} |" in readme.read_text()
+    unmarked = tmp_path / "unmarked.md"
+    unmarked.write_text("no markers\n")
+    assert table.main(["--results", str(tmp_path), "--readme", str(unmarked)]) == 1

@@ -13,7 +13,8 @@ was therefore not timed), the check (tolerance verdicts), the timing (median, N,
 memory (measure.MemoryUse; the training-step peak for forward_backward) and ratios to the baselines of its group
 (`add_ratios`: speedup_vs_<baseline> = the best baseline's median / this median).
 
-bench/results/ keeps committed runs; bench/results_table.py turns them into the README's table.
+bench/results/ keeps committed runs; bench/results_table.py turns them into the README's summaries
+(`summary_table`) and docs/benchmarks.md's full tables (`markdown_table`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "CSV_COLUMNS",
     "load_runs",
     "markdown_table",
+    "summary_table",
 ]
 
 SCHEMA, VERSION = "dsc_kernels.bench", 1
@@ -337,4 +339,37 @@ def markdown_table(results: Iterable[dict]) -> list[str]:
         for r in others:
             reason = (r.get("reason") or "").splitlines()[0][:160] if r.get("reason") else ""
             lines.append(f"- {r['workload']} {r['mode']} {r['provider']}: {r['status']} ({reason})")
+    return lines
+
+
+def _is_baseline(provider: str) -> bool:
+    return any(provider in members for members in BASELINES.values())
+
+
+def summary_table(results: Iterable[dict]) -> list[str]:
+    """The short form of `markdown_table`: only our providers' timed records, as ratios (speedup against each
+    baseline group present, training-step memory against eager), then the records of ours that failed or failed the
+    correctness gate (skipped ones are left to the full table)."""
+    results = list(results)
+    ours = [r for r in results if not _is_baseline(r["provider"])]
+    rows = [r for r in ours if r.get("timing") and r["status"] == "ok"]
+    present = [b for b in BASELINES if any(f"speedup_vs_{b}" in r["ratios"] for r in rows)]
+    lines = [
+        "| workload | mode | dtype | provider | "
+        + " | ".join(f"× vs {b}" for b in present)
+        + " | train peak / eager |",
+        "| --- " * (5 + len(present)) + "|",
+    ]
+    for r in rows:
+        ratios = [f"{r['ratios'][f'speedup_vs_{b}']:.2f}" if f"speedup_vs_{b}" in r["ratios"] else "" for b in present]
+        train = r["ratios"].get("train_peak_ratio_vs_eager")
+        lines.append(
+            f"| {r['workload']} | {r['mode']} | {r['dtype']} | {r['provider']} | "
+            + " | ".join(ratios)
+            + f" | {'' if train is None else f'{train:.2f}'} |"
+        )
+    bad = [r for r in ours if r["status"] in ("wrong", "failed")]
+    if bad:
+        failed = "; ".join(f"{r['workload']} {r['mode']} {r['provider']} ({r['status']})" for r in bad)
+        lines += ["", "Not timed: " + failed]
     return lines
