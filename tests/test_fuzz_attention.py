@@ -113,6 +113,14 @@ def test_float64_mask_beyond_float32_range_names_it(name):
         (lambda m: m(torch.ones(3, 2, 8, dtype=torch.long)), TypeError, "query must have a floating-point"),
         (lambda m: m(torch.randn(3, 2, 8, dtype=torch.float64)), TypeError, "query must have the layer's dtype"),
         (lambda m: m(torch.randn(3, 2, 8), attn_mask=[[0.0]]), TypeError, "attn_mask must be a torch.Tensor"),
+        # were a RuntimeError inside F.linear, and "k on meta" after the projections
+        (lambda m: m(torch.randn(3, 2, 8, device="meta")), ValueError, "query must be on the layer's device"),
+        (lambda m: m(torch.randn(3, 2, 8), torch.randn(3, 2, 8, device="meta")), ValueError, "key must be on"),
+        (
+            lambda m: m(torch.randn(3, 2, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8, device="meta")),
+            ValueError,
+            "value must be on",
+        ),
         (lambda m: m(torch.randn(3, 2, 8), is_causal="yes"), TypeError, "is_causal"),  # was on
         (lambda m: m(torch.randn(3, 2, 8), need_weights="no"), TypeError, "need_weights"),  # was on
         (lambda m: m(torch.randn(3, 2, 8), average_attn_weights=0), TypeError, "average_attn_weights"),
@@ -126,6 +134,13 @@ def test_float64_mask_beyond_float32_range_names_it(name):
 def test_layer_inputs_are_checked_by_name(call, error, match):
     with pytest.raises(error, match=match):
         call(SparseAttention(8, 2, backend="reference"))
+
+
+def test_block_input_on_another_device_is_named():
+    from dsc_kernels.nn import SparseCodingTransformerBlock
+
+    with pytest.raises(ValueError, match="x must be on the block's device"):
+        SparseCodingTransformerBlock(8, 2, backend="reference")(torch.randn(2, 3, 8, device="meta"))
 
 
 def test_layer_still_takes_autocast_inputs():

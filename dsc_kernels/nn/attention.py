@@ -37,6 +37,13 @@ def _check_dtype(name: str, t: Tensor, dtype: torch.dtype, owner: str) -> None:
         raise TypeError(f"{name} must have the {owner}'s dtype {dtype}, got {t.dtype}")
 
 
+def _check_device(name: str, t: Tensor, device: torch.device, owner: str) -> None:
+    """t on the module's parameter device (else the projections fail inside torch, or a meta input is projected
+    into a tensor that the attention then reports under an internal name)."""
+    if t.device != device:
+        raise ValueError(f"{name} must be on the {owner}'s device {device}, got {t.device}")
+
+
 class SparseAttention(nn.Module):
     """Multi-head sparse attention with ``nn.MultiheadAttention``'s arguments, parameters and call convention.
 
@@ -332,7 +339,7 @@ class SparseAttention(nn.Module):
     def _check_tensors(self, **tensors: object) -> None:
         """Types before any shape is read (a 1-D query used to fail inside ``transpose`` with an IndexError, an
         integer or float64 query against float32 parameters inside ``F.linear``)."""
-        dtype = self.out_proj.weight.dtype
+        dtype, device = self.out_proj.weight.dtype, self.out_proj.weight.device
         for name, t in tensors.items():
             if t is None and name.endswith("mask"):
                 continue
@@ -343,6 +350,7 @@ class SparseAttention(nn.Module):
             if not t.is_floating_point():
                 raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
             _check_dtype(name, t, dtype, "layer")
+            _check_device(name, t, device, "layer")
         if tensors["query"].dim() not in (2, 3):
             layout = "(B, L" if self.batch_first else "(L, B"
             raise ValueError(
@@ -447,6 +455,7 @@ class SparseCodingTransformerBlock(nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         _check_dtype("x", x, self.dictionary.dtype, "block")
+        _check_device("x", x, self.dictionary.device, "block")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
         h = self.norm1(x)
