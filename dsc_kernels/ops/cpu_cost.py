@@ -8,7 +8,7 @@ decision is a pure function of that key, so it is the same on every call and in 
 
 The model, calibrated on the shape sweep (``dsc_kernels/experiments/sweep.py``; numbers in the README):
 
-- Without a backward (inference), ``cpp``: its forward was 1.3-6.4x eager on every sweep shape.
+- Without a backward (inference), ``cpp``: its forward was 1.3-7.9x eager on every sweep shape.
 - With a backward, ``cpp`` unless the convolution intensity
   ``I = C_sig k_h k_w * C_code |code| / (C_code |code| + C_sig |signal|)`` (multiply-adds of one convolution per
   element the elementwise passes touch, |.| a spatial size) exceeds ``INTENSITY_LIMIT``. The fused backward keeps
