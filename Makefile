@@ -15,11 +15,12 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch is installed first and pinned so that pip never resolves an unpinned (multi-GB CUDA) build; the C++ backend
-# is built last (about 1.5 minutes on 2 cores, cached in ~/.cache/dsc_kernels), so that the first run does not pay it.
+# torch is installed first and pinned so that pip never resolves an unpinned (multi-GB CUDA) build, with the triton
+# CUDA torch 2.13.0 pins (pyproject.toml allows a range); the C++ backend is built last (a minute or two on 2 cores,
+# cached in ~/.cache/dsc_kernels), so that the first run does not pay it.
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q "torch==2.13.0" "triton==3.7.1; sys_platform == 'linux'"
 	$(BIN)/python -m pip install -q -e ".[test]"
 	$(BIN)/python -c "from dsc_kernels import _ext; _ext.available() or print('C++ backend not built:', _ext.build_error())"
 	touch $(STAMP)
