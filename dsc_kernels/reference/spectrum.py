@@ -90,10 +90,10 @@ def _dft_matrices(size: int, like: Tensor) -> tuple[Tensor, Tensor]:
     return angle.cos(), angle.sin()
 
 
-def _dft(real: Tensor, imag: Tensor | None, matrices: dict, inverse: bool = False) -> tuple[Tensor, Tensor | None]:
+def _dft(real: Tensor, imag: Tensor | None, inverse: bool = False) -> tuple[Tensor, Tensor | None]:
     """The DFT over every dimension after the first two (``inverse``: its inverse, of which only the real part is
     returned), on (real, imaginary) pairs; ``imag`` None is a real input. Eager calls run torch.fft. Under
-    torch.compile it is real matmuls with ``matrices`` (``_dft_matrices`` by size): inductor generates no code for
+    torch.compile it is real matmuls with ``_dft_matrices`` (constants of the graph): inductor generates no code for
     complex tensors, and a compiled layer warned that it ran them eagerly. The matmuls cost M times the FFT's
     M log M per dimension, which the small code grids (M ~ 8 k / s) keep below the convolutions' cost."""
     dims = list(range(2, real.dim()))
@@ -104,7 +104,7 @@ def _dft(real: Tensor, imag: Tensor | None, matrices: dict, inverse: bool = Fals
         return transform.real, transform.imag
     for i, dim in enumerate(dims):
         m = real.shape[dim]
-        cos, sin = matrices[m]
+        cos, sin = _dft_matrices(m, real)
         sin = sin if inverse else -sin  # e^{+-i angle}
         real = real.movedim(dim, -1)
         imag = None if imag is None else imag.movedim(dim, -1)
@@ -137,7 +137,7 @@ def _rank_one_norm_sq(weight: Tensor, stride: Sequence[int], grid: Sequence[int]
     folded = F.pad(weight, _pad_args([0] * len(pad), pad))
     for dim, n in enumerate(periods, start=2):
         folded = folded.unflatten(dim, (-1, n)).sum(dim)
-    real, imag = _dft(folded, None, {n: _dft_matrices(n, weight) for n in set(periods)})
+    real, imag = _dft(folded, None)
     power = (real.pow(2) + imag.pow(2)).sum(dim=(0, 1))  # (*N), frequency omega = j M + nu
     aliases = power.reshape([size for s, m in zip(stride, grid) for size in (s, m)])
     return aliases.sum(dim=tuple(range(0, aliases.dim(), 2))).amax() / math.prod(stride)
@@ -160,21 +160,18 @@ def dictionary_norm_sq(weight: Tensor, stride: Sequence[int], vector: Tensor, n_
     """
     if is_rank_one(weight.shape, stride):
         return _rank_one_norm_sq(weight, stride, vector.shape[2:]), vector
-    matrices = {m: _dft_matrices(m, vector) for m in set(vector.shape[2:])}
     zeros = torch.zeros_like(vector)
-    generic = _unit_per_frequency(
-        _dft(_generic(vector), None, matrices), (zeros + 1 / math.sqrt(vector.shape[1]), zeros)
-    )
-    spectrum = _unit_per_frequency(_dft(vector, None, matrices), generic)  # an all-zero vector starts from generic
+    generic = _unit_per_frequency(_dft(_generic(vector), None), (zeros + 1 / math.sqrt(vector.shape[1]), zeros))
+    spectrum = _unit_per_frequency(_dft(vector, None), generic)  # an all-zero vector starts from generic
     spectrum = _unit_per_frequency(tuple(s + 0.01 * g for s, g in zip(spectrum, generic)), generic)
     peak = weight.new_zeros(())
     for _ in range(n_steps):
-        u = _dft(*spectrum, matrices, inverse=True)[0]  # real: |DFT| is symmetric, so the rescaling keeps u real
+        u = _dft(*spectrum, inverse=True)[0]  # real: |DFT| is symmetric, so the rescaling keeps u real
         # DFT(D^T D u)(nu) = A_nu^H A_nu U_nu / s^d =: G U: for PSD G and unit U, <U, G U> <= |G U|^2 / <U, G U> <=
         # lambda_max; the middle one is the Rayleigh quotient half a step on
-        image = _dft(periodic_analysis(periodic_synthesis(u, weight, stride), weight, stride), None, matrices)
+        image = _dft(periodic_analysis(periodic_synthesis(u, weight, stride), weight, stride), None)
         rayleigh = (spectrum[0] * image[0] + spectrum[1] * image[1]).sum(dim=1)
         energy = (image[0].pow(2) + image[1].pow(2)).sum(dim=1)
         peak = torch.where(rayleigh == 0, 0, energy / torch.where(rayleigh == 0, 1, rayleigh)).amax()  # NaN stays
         spectrum = _unit_per_frequency(image, spectrum)
-    return peak, _dft(*spectrum, matrices, inverse=True)[0]
+    return peak, _dft(*spectrum, inverse=True)[0]
