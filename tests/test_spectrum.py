@@ -181,3 +181,26 @@ def test_a_module_pickled_with_a_code_sized_vector_moves_to_the_grid():
     loaded = pickle.loads(pickle.dumps(old))
     assert loaded._power_vector.shape == layer._power_vector.shape and torch.equal(loaded.step, step)
     assert float(loaded.refresh_step_()) == pytest.approx(float(layer.refresh_step_()), rel=1e-4)
+
+
+def test_more_warm_iterations_per_forward_track_a_changed_dictionary_closer(monkeypatch):
+    """POWER_STEPS_PER_FORWARD, the documented knob (docs/training.md): after a large change of the dictionary, one
+    training forward with more warm iterations leaves step * L closer to 1 (from above: L is approached from below),
+    and none leaves it below 0.99 (the grid never overestimates L)."""
+    import copy
+
+    import dsc_kernels.nn.sparse_coding as sparse_coding
+
+    torch.manual_seed(5)
+    layer = ConvSparseCoding2d(16, 32, 3, n_iter=2, lam=0.05, backend="reference")
+    with torch.no_grad():
+        layer.weight.add_(torch.randn_like(layer.weight))  # the old vector is far from the new top eigenvectors
+    x = torch.randn(2, 16, 12, 12)
+    lipschitz = _dictionary_lipschitz(layer.weight.detach(), (72, 72))
+    ratios = {}
+    for n in (1, 3, 10):
+        monkeypatch.setattr(sparse_coding, "POWER_STEPS_PER_FORWARD", n)
+        trained = copy.deepcopy(layer).train()
+        trained(x)
+        ratios[n] = float(trained.step) * lipschitz
+    assert ratios[1] > ratios[3] > ratios[10] >= 0.99, ratios
