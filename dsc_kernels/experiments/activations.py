@@ -204,7 +204,7 @@ def activation_kink(*, quick: bool = False, device: str = "cpu") -> ClaimResult:
         return z
 
     dev, margins = {}, []
-    x0, _, m0 = kink_problem(d, codes, lam, 0.0)
+    x0, _, _ = kink_problem(d, codes, lam, 0.0)
     relu_gap = float((fixed_point(x0.to(device), lambda u, t: DF.soft_threshold(u, t)) - truth).abs().max())
     for name in ACTIVATIONS:
         dev[name] = []

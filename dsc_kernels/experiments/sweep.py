@@ -28,7 +28,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -57,7 +57,6 @@ class SweepShape:
     fista: bool = False
     untied: bool = False
     nonneg: bool = False
-    tags: tuple[str, ...] = field(default=())
 
     @property
     def many_channel(self) -> bool:

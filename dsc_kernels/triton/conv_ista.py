@@ -1143,11 +1143,6 @@ def _empty_nhwc(shape: Sequence[int], **kwargs) -> Tensor:
     return torch.empty((*lead, h, w, c), **kwargs).permute(*order)
 
 
-def _flat(t: Tensor) -> Tensor:
-    """A channels-last (B, C, H, W) tensor's elements as one vector, in memory order (a view)."""
-    return t.permute(0, 2, 3, 1).reshape(-1)
-
-
 def _fista_betas(n_iter: int, fista: bool) -> list[float]:
     return fista_momentum(n_iter) if fista else [0.0] * n_iter
 
