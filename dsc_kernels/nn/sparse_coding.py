@@ -37,6 +37,12 @@ ValueOrTensor = float | Tensor
 # frequency of the dictionary's response (reference/spectrum.py), where each small matrix changes little per
 # optimiser step. One is exact when those matrices have rank 1 (one signal channel at stride 1, or one atom).
 POWER_STEPS_PER_FORWARD = 3
+# On the CPU in eager mode, where reading the estimate costs nothing, a training forward goes on past those while an
+# iteration still raises the estimate by more than POWER_TOLERANCE, up to POWER_STEPS_MAX_PER_FORWARD: under fast
+# dictionary updates (Adam at lr 0.1 on 64 -> 64 channels) the three alone left step * L at 1.33, this at 1.04
+# (docs/training.md). On a GPU that read would stall the device, and a compiled forward cannot branch on it.
+POWER_TOLERANCE = 1e-3
+POWER_STEPS_MAX_PER_FORWARD = 20
 # Power iterations of a cold estimate (construction, reset, after load_state_dict).
 POWER_STEPS_COLD = 50
 # A learned step is projected onto [STEP_FLOOR * initial step, inf): step > 0 is what ISTA needs.
@@ -163,11 +169,12 @@ _CSC_DOC = """Unrolled convolutional ISTA/FISTA layer (LISTA/CSCNet style when l
             ``torch.compile``: call ``refresh_step_()`` after those). Stored as the buffer ``step``; copies of the
             layer (deepcopy, torch.save/load, ``.to()``) keep it as it is. With one signal channel at stride 1 (or
             one atom) the tracked L is exact on its grid (closed form) after every optimiser step. With several
-            channels, the training forwards' three warm iterations approach L from below: Adam at lr 0.01 to 0.3
-            on the dictionary gave step * L up to 1.18 on 16 -> 32 atoms, 1.33 on 64 -> 64
-            (``bench/step_tracking.py``) and 1.47 on small strided layers (ISTA diverges beyond 2, FISTA's late
-            iterations beyond 4/3). ``refresh_step_(30)`` after each optimiser step, or a fixed ``step``, removes
-            the lag.
+            channels a training forward runs three warm iterations, which approach L from below, and on the CPU
+            in eager mode goes on while the estimate still rises (POWER_TOLERANCE): Adam at lr 0.01 to 0.3 on
+            the dictionary gave step * L up to 1.05 there on 64 -> 64 atoms (``bench/step_tracking.py``). GPU and
+            compiled forwards keep the three (no host sync): up to 1.18 on 16 -> 32 and 1.33 on 64 -> 64 (ISTA
+            diverges beyond 2, FISTA's late iterations beyond 4/3); ``refresh_step_(30)`` after each optimiser
+            step, or a fixed ``step``, removes that lag.
         learn_lam / learn_threshold: make ``lam`` / ``threshold`` a parameter of shape (n_iter, C_code) (one per
             iteration and channel, LISTA-style).
         learn_step: make ``step`` a parameter of shape (n_iter,) initialised at ``step`` (or 1/L).
@@ -347,9 +354,10 @@ class _ConvSparseCoding(_projection.Projected):
         return self._power_iterate_(self._power_steps(cold=True))
 
     @torch.no_grad()
-    def _power_iterate(self, n_steps: int) -> tuple[Tensor, Tensor]:
-        """``n_steps`` power iterations per frequency of D's response from the stored vectors; returns 1/L (1 for an
-        all-zero D) and the new vectors, leaving the module's state as it is."""
+    def _power_iterate(self, n_steps: int, adaptive: bool = False) -> tuple[Tensor, Tensor]:
+        """``n_steps`` power iterations per frequency of D's response from the stored vectors (``adaptive``: more,
+        see POWER_TOLERANCE, where that needs no device sync); returns 1/L (1 for an all-zero D) and the new
+        vectors, leaving the module's state as it is."""
         v = self._power_vector
         # in at least float32, as real arithmetic outside autocast (which would turn the products to half precision)
         dtype = torch.promote_types(v.dtype, torch.float32)
@@ -359,7 +367,12 @@ class _ConvSparseCoding(_projection.Projected):
             contextlib.nullcontext() if weight.is_meta else torch.autocast(weight.device.type, enabled=False)
         )
         with no_autocast:
-            lipschitz, v = spectrum.dictionary_norm_sq(weight, self.stride, v.to(dtype), n_steps)
+            until = None
+            if adaptive and weight.device.type == "cpu" and not torch.compiler.is_compiling():
+                until = POWER_TOLERANCE
+            lipschitz, v = spectrum.dictionary_norm_sq(
+                weight, self.stride, v.to(dtype), n_steps, until, POWER_STEPS_MAX_PER_FORWARD
+            )
         # inverted before the cast: a half-precision layer's L can exceed float16's range while 1/L does not
         inverse_lipschitz = torch.where(lipschitz > 0, 1.0 / lipschitz, torch.ones_like(lipschitz))
         return inverse_lipschitz.to(self._power_vector.dtype), v.to(self._power_vector.dtype)
@@ -568,9 +581,10 @@ class _ConvSparseCoding(_projection.Projected):
         """A few warm-started power iterations that keep step = 1/L as training changes the dictionary, taken only
         when the weight's values changed since the step was estimated: a forward on the same weight (the replay
         of torch.utils.checkpoint, a layer applied twice before the optimiser step) runs with the same step, so the
-        backward differentiates the forward that was returned. Decided on the device: no host sync."""
+        backward differentiates the forward that was returned. Decided on the device: no host sync (on the CPU
+        the iteration count reads the estimate, see POWER_TOLERANCE)."""
         changed = self._weight_changed()
-        inverse_lipschitz, vector = self._power_iterate(self._power_steps(cold=False))
+        inverse_lipschitz, vector = self._power_iterate(self._power_steps(cold=False), adaptive=True)
         self._power_vector.copy_(torch.where(changed, vector, self._power_vector))
         # Through 1-element views: see refresh_step_
         self.step.view(1).copy_(torch.where(changed, inverse_lipschitz, self.step).view(1))

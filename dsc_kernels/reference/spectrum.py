@@ -23,6 +23,7 @@ row or column (one signal channel at stride 1, or one atom), L needs no iteratio
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -151,10 +152,21 @@ def _generic(vector: Tensor) -> Tensor:
     return ((n * 0.6180339887498949 + n * n * 0.7548776662466927e-3) % 1.0 - 0.5).to(vector.dtype).view_as(vector)
 
 
-def dictionary_norm_sq(weight: Tensor, stride: Sequence[int], vector: Tensor, n_steps: int) -> tuple[Tensor, Tensor]:
-    """``n_steps`` power iterations per frequency from ``vector``; returns (||D||^2 on the periodic grid, a 0-dim
-    tensor below it by the iterations' remaining error, and the new vector). Nothing leaves the device. Where every
-    A_nu has rank 1 the value is exact (``_rank_one_norm_sq``) and the vector is returned as it is.
+def dictionary_norm_sq(
+    weight: Tensor,
+    stride: Sequence[int],
+    vector: Tensor,
+    n_steps: int,
+    until: float | None = None,
+    max_steps: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``n_steps`` (>= 1) power iterations per frequency from ``vector``; returns (||D||^2 on the periodic grid, a 0-dim
+    tensor below it by the iterations' remaining error, and the new vector). Where every A_nu has rank 1 the value
+    is exact (``_rank_one_norm_sq``) and the vector is returned as it is.
+
+    ``until``: past ``n_steps``, keep iterating while the last iteration raised the estimate by more than this
+    fraction, up to ``max_steps`` in all. That reads the estimate on the host once per iteration, so it is for
+    eager CPU calls, where this costs nothing; with ``until`` None nothing leaves the device.
 
     weight: (C_code, C_sig, *k), real; stride: d ints; vector: (1, C_code, *M), real, M from ``periodic_grid``.
     """
@@ -165,7 +177,8 @@ def dictionary_norm_sq(weight: Tensor, stride: Sequence[int], vector: Tensor, n_
     spectrum = _unit_per_frequency(_dft(vector, None), generic)  # an all-zero vector starts from generic
     spectrum = _unit_per_frequency(tuple(s + 0.01 * g for s, g in zip(spectrum, generic)), generic)
     peak = weight.new_zeros(())
-    for _ in range(n_steps):
+    for steps in itertools.count(1):
+        previous = peak
         u = _dft(*spectrum, inverse=True)[0]  # real: |DFT| is symmetric, so the rescaling keeps u real
         # DFT(D^T D u)(nu) = A_nu^H A_nu U_nu / s^d =: G U: for PSD G and unit U, <U, G U> <= |G U|^2 / <U, G U> <=
         # lambda_max; the middle one is the Rayleigh quotient half a step on
@@ -174,4 +187,9 @@ def dictionary_norm_sq(weight: Tensor, stride: Sequence[int], vector: Tensor, n_
         energy = (image[0].pow(2) + image[1].pow(2)).sum(dim=1)
         peak = torch.where(rayleigh == 0, 0, energy / torch.where(rayleigh == 0, 1, rayleigh)).amax()  # NaN stays
         spectrum = _unit_per_frequency(image, spectrum)
+        if steps < n_steps:
+            continue
+        # each frequency's estimate only rises, so a small rise means its vector has (nearly) stopped turning
+        if until is None or steps >= (max_steps or n_steps) or not bool(peak > previous * (1 + until)):
+            break
     return peak, _dft(*spectrum, inverse=True)[0]
