@@ -312,27 +312,39 @@ def _fmt_bytes(n) -> str:
     return "" if n is None else f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
+def _ratio_table(rows: list[dict], full: bool) -> list[str]:
+    """The markdown table of timed records: their speedups against each baseline group present and the
+    training-step memory ratio; ``full`` adds the median ms (N) and the peak memory."""
+    present = [b for b in BASELINES if any(f"speedup_vs_{b}" in r["ratios"] for r in rows)]
+    head = ["workload", "mode", "dtype", "provider", *(["median ms (N)"] if full else [])]
+    head += [f"× vs {b}" for b in present] + (["peak memory"] if full else []) + ["train peak / eager"]
+    lines = ["| " + " | ".join(head) + " |", "| --- " * len(head) + "|"]
+    for r in rows:
+        t, m = r["timing"], r.get("memory") or {}
+        cells = [
+            r["workload"],
+            r["mode"],
+            r["dtype"],
+            r["provider"],
+            *([f"{t['median_ms']:.3f} ({t['n']})"] if full else []),
+        ]
+        cells += [f"{r['ratios'][f'speedup_vs_{b}']:.2f}" if f"speedup_vs_{b}" in r["ratios"] else "" for b in present]
+        train = r["ratios"].get("train_peak_ratio_vs_eager")
+        cells += ([_fmt_bytes(m.get("peak_bytes"))] if full else []) + ["" if train is None else f"{train:.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _timed(results: Iterable[dict]) -> list[dict]:
+    return [r for r in results if r.get("timing") and r["status"] == "ok"]
+
+
 def markdown_table(results: Iterable[dict]) -> list[str]:
     """One markdown table of timed records: median ms (N), speedups against each baseline group present, peak
     memory and the training-step memory ratio; records that were not timed are listed with their status."""
-    rows = [r for r in results if r.get("timing") and r["status"] == "ok"]
-    present = [b for b in BASELINES if any(f"speedup_vs_{b}" in r["ratios"] for r in rows)]
-    lines = [
-        "| workload | mode | dtype | provider | median ms (N) | "
-        + " | ".join(f"× vs {b}" for b in present)
-        + " | peak memory | train peak / eager |",
-        "| --- " * (7 + len(present)) + "|",
-    ]
-    for r in rows:
-        t, m = r["timing"], r.get("memory") or {}
-        ratios = [f"{r['ratios'][f'speedup_vs_{b}']:.2f}" if f"speedup_vs_{b}" in r["ratios"] else "" for b in present]
-        train = r["ratios"].get("train_peak_ratio_vs_eager")
-        lines.append(
-            f"| {r['workload']} | {r['mode']} | {r['dtype']} | {r['provider']} | "
-            f"{t['median_ms']:.3f} ({t['n']}) | "
-            + " | ".join(ratios)
-            + f" | {_fmt_bytes(m.get('peak_bytes'))} | {'' if train is None else f'{train:.2f}'} |"
-        )
+    results = list(results)
+    rows = _timed(results)
+    lines = _ratio_table(rows, full=True)
     others = [r for r in results if r not in rows]
     if others:
         lines += ["", "Not timed:", ""]
@@ -350,24 +362,8 @@ def summary_table(results: Iterable[dict]) -> list[str]:
     """The short form of `markdown_table`: only our providers' timed records, as ratios (speedup against each
     baseline group present, training-step memory against eager), then the records of ours that failed or failed the
     correctness gate (skipped ones are left to the full table)."""
-    results = list(results)
     ours = [r for r in results if not _is_baseline(r["provider"])]
-    rows = [r for r in ours if r.get("timing") and r["status"] == "ok"]
-    present = [b for b in BASELINES if any(f"speedup_vs_{b}" in r["ratios"] for r in rows)]
-    lines = [
-        "| workload | mode | dtype | provider | "
-        + " | ".join(f"× vs {b}" for b in present)
-        + " | train peak / eager |",
-        "| --- " * (5 + len(present)) + "|",
-    ]
-    for r in rows:
-        ratios = [f"{r['ratios'][f'speedup_vs_{b}']:.2f}" if f"speedup_vs_{b}" in r["ratios"] else "" for b in present]
-        train = r["ratios"].get("train_peak_ratio_vs_eager")
-        lines.append(
-            f"| {r['workload']} | {r['mode']} | {r['dtype']} | {r['provider']} | "
-            + " | ".join(ratios)
-            + f" | {'' if train is None else f'{train:.2f}'} |"
-        )
+    lines = _ratio_table(_timed(ours), full=False)
     bad = [r for r in ours if r["status"] in ("wrong", "failed")]
     if bad:
         failed = "; ".join(f"{r['workload']} {r['mode']} {r['provider']} ({r['status']})" for r in bad)

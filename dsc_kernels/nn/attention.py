@@ -31,17 +31,14 @@ def _autocasting(device: torch.device) -> bool:
         return False
 
 
-def _check_dtype(name: str, t: Tensor, dtype: torch.dtype, owner: str) -> None:
-    """t in the module's parameter dtype, or any float dtype while autocast casts the inputs of its projections."""
-    if t.dtype != dtype and not (t.is_floating_point() and _autocasting(t.device)):
-        raise TypeError(f"{name} must have the {owner}'s dtype {dtype}, got {t.dtype}")
-
-
-def _check_device(name: str, t: Tensor, device: torch.device, owner: str) -> None:
-    """t on the module's parameter device (else the projections fail inside torch, or a meta input is projected
-    into a tensor that the attention then reports under an internal name)."""
-    if t.device != device:
-        raise ValueError(f"{name} must be on the {owner}'s device {device}, got {t.device}")
+def _check_like(name: str, t: Tensor, parameter: Tensor, owner: str) -> None:
+    """t in the module's parameter dtype (or any float dtype while autocast casts the inputs of its projections),
+    then on its device (else the projections fail inside torch, or a meta input is projected into a tensor that the
+    attention then reports under an internal name)."""
+    if t.dtype != parameter.dtype and not (t.is_floating_point() and _autocasting(t.device)):
+        raise TypeError(f"{name} must have the {owner}'s dtype {parameter.dtype}, got {t.dtype}")
+    if t.device != parameter.device:
+        raise ValueError(f"{name} must be on the {owner}'s device {parameter.device}, got {t.device}")
 
 
 class SparseAttention(nn.Module):
@@ -339,7 +336,6 @@ class SparseAttention(nn.Module):
     def _check_tensors(self, **tensors: object) -> None:
         """Types before any shape is read (a 1-D query used to fail inside ``transpose`` with an IndexError, an
         integer or float64 query against float32 parameters inside ``F.linear``)."""
-        dtype, device = self.out_proj.weight.dtype, self.out_proj.weight.device
         for name, t in tensors.items():
             if t is None and name.endswith("mask"):
                 continue
@@ -349,8 +345,7 @@ class SparseAttention(nn.Module):
                 continue  # their dtypes are checked by functional
             if not t.is_floating_point():
                 raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
-            _check_dtype(name, t, dtype, "layer")
-            _check_device(name, t, device, "layer")
+            _check_like(name, t, self.out_proj.weight, "layer")
         if tensors["query"].dim() not in (2, 3):
             layout = "(B, L" if self.batch_first else "(L, B"
             raise ValueError(
@@ -454,8 +449,7 @@ class SparseCodingTransformerBlock(nn.Module):
         """x (B, N, dim) -> (B, N, dim); masks as ``SparseAttention.forward`` (key_padding_mask (B, N))."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-        _check_dtype("x", x, self.dictionary.dtype, "block")
-        _check_device("x", x, self.dictionary.device, "block")
+        _check_like("x", x, self.dictionary, "block")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
         h = self.norm1(x)
