@@ -397,27 +397,26 @@ def test_functional_runs_the_tied_op_for_a_dictionary_that_is_its_own_encoder(en
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def _compiled_1d(mark_static: bool):
+@pytest.mark.parametrize("mark_static", [False, True])
+def test_compile_dynamic_1d(mark_static):
+    """torch.compile(dynamic=True) of a 1-D problem, the dictionary's shape dynamic or marked static. Inductor failed
+    the dynamic one until the op's fake specialised the kernel size; a second kernel size recompiles."""
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 3, 11, dtype=torch.float64, generator=g).requires_grad_()
-    w = (0.3 * torch.randn(4, 3, 3, dtype=torch.float64, generator=g)).requires_grad_()
-    if mark_static:
-        torch._dynamo.mark_static(w)
     f = torch.compile(
-        lambda x, w: DF.conv_ista(x, w, 0.1, n_iter=3, step=0.3, backend="cpp"), fullgraph=True, dynamic=True
+        lambda x, w, p: DF.conv_ista(x, w, 0.1, n_iter=3, step=0.3, padding=p, backend="cpp"),
+        fullgraph=True,
+        dynamic=True,
     )
-    z = f(x, w)
-    z.square().sum().backward()
-    want = DF.conv_ista(x.detach(), w.detach(), 0.1, n_iter=3, step=0.3, backend="reference")
-    torch.testing.assert_close(z, want, rtol=1e-10, atol=1e-10)
-
-
-def test_compile_dynamic_1d_with_a_static_dictionary():
-    """The workaround docs/design.md gives for the inductor failure below."""
-    _compiled_1d(mark_static=True)
-
-
-@pytest.mark.xfail(strict=True, reason="torch 2.13 inductor: symbolic stride check fails on the 1-D output view")
-def test_compile_dynamic_1d_with_a_dynamic_dictionary():
-    _compiled_1d(mark_static=False)
+    for length, c_sig, k, p in ((11, 3, 3, 0), (20, 2, 5, 2)):
+        x = torch.randn(2, c_sig, length, dtype=torch.float64, generator=g).requires_grad_()
+        w = (0.3 * torch.randn(4, c_sig, k, dtype=torch.float64, generator=g)).requires_grad_()
+        if mark_static:
+            torch._dynamo.mark_static(w)
+        z = f(x, w, p)
+        z.square().sum().backward()
+        x_ref, w_ref = (t.detach().clone().requires_grad_() for t in (x, w))
+        want = DF.conv_ista(x_ref, w_ref, 0.1, n_iter=3, step=0.3, padding=p, backend="reference")
+        want.square().sum().backward()
+        for got, expected in ((z, want), (x.grad, x_ref.grad), (w.grad, w_ref.grad)):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
