@@ -161,24 +161,25 @@ def ml_ista_arguments(
                 check.same_dtype(x=x, **{name: t})
         if thresholds[j] is None:
             raise ValueError(f"thresholds[{j}] is missing: give a float or a tensor per layer")
+        values = check.values_like(x, w)
         out["thresholds"].append(
             per_step_values(
                 f"thresholds[{j}]",
                 thresholds[j],
                 n_steps,
                 w.shape[1],
-                x,
+                values,
                 steps_name=steps_name,
                 nonnegative=not nonneg,
                 negative_hint=" (negative thresholds need nonneg=True)",
             )
         )
         if steps[j] is None:
-            values = [default_step(w[k], size, stride, padding) for k in range(w.shape[0])]
-            step = torch.stack([torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in values])
+            one_over_l = [default_step(w[k], size, stride, padding) for k in range(w.shape[0])]
+            step = torch.stack([torch.as_tensor(v, dtype=values.dtype, device=x.device) for v in one_over_l])
             step = step.expand(n_steps).contiguous() if w.shape[0] == 1 else step
         else:
-            step = per_step_values(f"steps[{j}]", steps[j], n_steps, None, x, steps_name=steps_name, positive=True)
+            step = per_step_values(f"steps[{j}]", steps[j], n_steps, None, values, steps_name=steps_name, positive=True)
         out["steps"].append(step)
         for key, value in (("weights", w), ("encoder_weights", e), ("input_encoder_weights", b)):
             out[key].append(value)
@@ -246,17 +247,19 @@ def conv_ista_variant_arguments(
             raise ValueError(f"z0 must have the code's shape {(x.shape[0], w.shape[1], *code)}, got {tuple(z0.shape)}")
         check.same_device(x=x, z0=z0)
         check.same_dtype(x=x, z0=z0)
+    values = check.values_like(x, w)
     if step is None:  # 1/L of each iteration's dictionary
-        values = [default_step(w[k], tuple(x.shape[2:]), stride, padding) for k in range(w.shape[0])]
-        step = torch.stack([torch.as_tensor(v, dtype=x.dtype, device=x.device) for v in values])
+        one_over_l = [default_step(w[k], tuple(x.shape[2:]), stride, padding) for k in range(w.shape[0])]
+        step = torch.stack([torch.as_tensor(v, dtype=values.dtype, device=x.device) for v in one_over_l])
         step = step.expand(n_iter).contiguous() if w.shape[0] == 1 else step
     else:
-        step = per_step_values("step", step, n_iter, None, x, steps_name="n_iter", positive=True)
+        step = per_step_values("step", step, n_iter, None, values, steps_name="n_iter", positive=True)
     if (lam is None) == (threshold is None):
         raise ValueError("give exactly one of lam (threshold = step * lam) and threshold (absolute)")
     if lam is not None:
         thresholds = (
-            per_step_values("lam", lam, n_iter, w.shape[1], x, steps_name="n_iter", nonnegative=True) * step[:, None]
+            per_step_values("lam", lam, n_iter, w.shape[1], values, steps_name="n_iter", nonnegative=True)
+            * step[:, None]
         )
     else:
         thresholds = per_step_values(
@@ -264,7 +267,7 @@ def conv_ista_variant_arguments(
             threshold,
             n_iter,
             w.shape[1],
-            x,
+            values,
             steps_name="n_iter",
             nonnegative=not nonneg,
         )

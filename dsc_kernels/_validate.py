@@ -45,6 +45,21 @@ def functorch_active() -> bool:
     return bool(torch._C._are_functorch_transforms_active())
 
 
+def requires_grad(t: Tensor) -> bool:
+    """Whether autograd will record an op on t. Under vmap a BatchedTensor reads ``requires_grad`` False even when
+    the tensor it wraps requires grad: a fused op run there a sample at a time on the unwrapped tensors is still
+    recorded, so a forward that decided on the wrapper saved nothing for a backward that then ran (conv-ISTA's
+    "checkpoint must be >= 0") or took a mask gradient for absent (silently None)."""
+    if t.requires_grad or torch.compiler.is_compiling() or not functorch_active():
+        return t.requires_grad  # no wrappers: torch.compile cannot trace the unwrapping below
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if t.requires_grad:
+            return True
+        t = functorch.get_unwrapped(t)
+    return t.requires_grad
+
+
 def _batched(t: Tensor) -> bool:
     """t is, or wraps, a vmap BatchedTensor (whose float() / item() raise)."""
     functorch = torch._C._functorch
@@ -113,9 +128,37 @@ def same_device(**tensors: Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {where}")
 
 
+# The dtypes autocast casts (float64 stays float64 inside an autocast region).
+AUTOCAST_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+
+def autocasting(device: torch.device) -> bool:
+    """Whether autocast is on for device's type; False where it has none (meta)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type autocast does not know
+        return False
+
+
+def values_like(x: Tensor, *dictionaries: Tensor) -> Tensor:
+    """What thresholds and steps are made like (dtype, device): x, or, where a dictionary has a wider dtype (inside
+    autocast a half-precision activation meets float32 parameters), an empty tensor of the widest one on x's device,
+    so that float32 values are not rounded to the activation's precision."""
+    dtype = x.dtype
+    for w in dictionaries:
+        dtype = torch.promote_types(dtype, w.dtype)
+    return x if dtype == x.dtype else x.new_empty((), dtype=dtype)
+
+
 def same_dtype(**tensors: Tensor | None) -> None:
+    """One dtype for all, except inside an autocast region, which takes float16, bfloat16 and float32 together (an
+    autocast layer's half-precision output meets float32 parameters) and casts them: the fused ops' autocast rules to
+    float32, the reference's PyTorch ops by autocast's own rules."""
     dtypes = {name: t.dtype for name, t in tensors.items() if t is not None}
     if len(set(dtypes.values())) > 1:
+        device = next(t.device for t in tensors.values() if t is not None)
+        if set(dtypes.values()) <= AUTOCAST_DTYPES and autocasting(device):
+            return
         raise TypeError(
             f"{', '.join(dtypes)} must share one dtype, got {', '.join(f'{n} {d}' for n, d in dtypes.items())}"
         )

@@ -319,7 +319,7 @@ def conv_ista(
     check.same_device(x=x, weight=weight, encoder_weight=encoder_weight, z0=z0, **value_tensors)
     check.same_dtype(x=x, weight=weight, encoder_weight=encoder_weight, z0=z0)
     backward = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, encoder_weight, z0, *value_tensors.values())
+        t is not None and check.requires_grad(t) for t in (x, weight, encoder_weight, z0, *value_tensors.values())
     )
     row = ops.select(
         "conv_ista",
@@ -334,10 +334,11 @@ def conv_ista(
     given_step = step is not None
     if not given_step:
         step = _default_step(weight, tuple(x.shape[2:]), stride, padding)
-    step_full = check.per_iteration("step", step, n_iter, None, x)
+    values = check.values_like(x, weight)
+    step_full = check.per_iteration("step", step, n_iter, None, values)
     if given_step:
         _warn_if_step_diverges(weight, step, x.shape[2:], stride, padding)
-    lam_full = _thresholds_as_lam(lam, threshold, step_full, n_iter, weight.shape[0], nonneg, x)
+    lam_full = _thresholds_as_lam(lam, threshold, step_full, n_iter, weight.shape[0], nonneg, values)
     return conv_ista_ops.run(
         row, x, weight, encoder_weight, lam_full, step_full, z0, stride, padding, nonneg, fista, recompute
     )
@@ -577,7 +578,7 @@ def sparse_attention(
         q, k, v, mode=mode, threshold=threshold, causal=causal, scale=scale
     )
     bias = attention_args.score_bias(q, k.shape[2], key_padding_mask, attn_mask)
-    features = ("mask_grad",) if bias is not None and bias.requires_grad and torch.is_grad_enabled() else ()
+    features = ("mask_grad",) if bias is not None and check.requires_grad(bias) and torch.is_grad_enabled() else ()
     row = ops.select("sparse_attention", backend, q.device, q.dtype, features, inputs=(q, k, v, threshold, bias))
     return sparse_attention_ops.run(row, q, k, v, threshold, bias, mode, causal, scale)
 

@@ -267,3 +267,70 @@ def test_vmap_over_the_dictionary_with_the_default_step(monkeypatch):
     torch.testing.assert_close(
         torch.func.vmap(lambda w: DF.conv_ista(x, w, 0.05, n_iter=3, step=0.2, padding=1))(ws), with_step
     )
+
+
+def test_an_explicit_fused_backend_under_vmap_keeps_its_backward(monkeypatch):
+    """vmap's BatchedTensor reads requires_grad False even when the tensor it wraps requires grad. The fused op, run a
+    sample at a time on the unwrapped tensors, is still recorded by autograd: conv-ISTA's forward decided that no
+    backward would follow and saved nothing, and the backward then failed with "conv_ista_bwd_cpp: checkpoint must
+    be >= 0" (ensembles of cpp layers under stack_module_state could not train); a learned float mask batched by vmap
+    was not seen as learned, so backend='cpp' ran and its gradient was silently None. The gradients must be the
+    reference's, and the mask gradient must raise as it does outside vmap."""
+    if ops.unavailable_reason("conv_ista", "cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not available")
+    monkeypatch.delenv("DSC_KERNELS_BACKEND", raising=False)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 2, 7, 6, generator=gen, dtype=torch.float64)
+    ws = 0.3 * torch.randn(3, 4, 2, 3, 3, generator=gen, dtype=torch.float64)
+    for recompute in (False, True):
+        grads = {}
+        for backend in ("reference", "cpp"):
+            w = ws.clone().requires_grad_()
+            z = torch.func.vmap(
+                lambda d, b=backend: DF.conv_ista(
+                    x, d, 0.05, n_iter=3, step=0.3, padding=1, backend=b, recompute=recompute
+                )
+            )(w)
+            (z * z.detach().sign()).sum().backward()
+            grads[backend] = w.grad
+        torch.testing.assert_close(grads["cpp"], grads["reference"])
+    xs = torch.randn(3, *x.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    dx = {}
+    for backend in ("reference", "cpp"):
+        z = torch.func.vmap(
+            lambda s, b=backend: DF.conv_ista(s, ws[0], 0.05, n_iter=3, step=0.3, padding=1, backend=b)
+        )(xs)
+        (dx[backend],) = torch.autograd.grad(z.pow(2).sum(), xs)
+    torch.testing.assert_close(dx["cpp"], dx["reference"])
+    q = torch.randn(3, 1, 2, 5, 4, generator=gen, dtype=torch.float64)
+    masks = torch.randn(3, 5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="backend='cpp' cannot run mask_grad"):
+        torch.func.vmap(lambda a, m: DF.sparse_attention(a, a, a, attn_mask=m, backend="cpp"))(q, masks)
+    out = torch.func.vmap(lambda a, m: DF.sparse_attention(a, a, a, attn_mask=m))(q, masks)  # auto: the reference
+    assert torch.autograd.grad(out.pow(2).sum(), masks)[0].abs().sum() > 0
+
+
+def test_an_explicit_fused_ml_ista_under_vmap_raises_our_error(monkeypatch):
+    """The ml_ista ops return lists of tensors, for which vmap has no per-sample fallback: backend='cpp' under vmap
+    (ml_ista, conv_ista with per-iteration dictionaries or an input encoder, MultiLayerSparseCoding2d) failed with
+    PyTorch's "Batching rule not implemented for dsc_kernels::ml_ista_fwd_cpp. We could not generate a fallback"."""
+    if ops.unavailable_reason("ml_ista", "cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not available")
+    monkeypatch.delenv("DSC_KERNELS_BACKEND", raising=False)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 2, 7, 6, generator=gen, dtype=torch.float64)
+    ws = 0.3 * torch.randn(3, 4, 2, 3, 3, generator=gen, dtype=torch.float64)
+    per_step = 0.3 * torch.randn(3, 3, 4, 2, 3, 3, generator=gen, dtype=torch.float64)
+    calls = {
+        "ml_ista": (lambda w, b: DF.ml_ista(x, [w], [0.05], n_iter=2, steps=[0.3], paddings=[1], backend=b)[0], ws),
+        "per-step": (lambda w, b: DF.conv_ista(x, w, 0.05, n_iter=3, step=0.3, padding=1, backend=b), per_step),
+        "input encoder": (
+            lambda w, b: DF.conv_ista(x, w, 0.05, n_iter=3, step=0.3, padding=1, input_encoder_weight=w, backend=b),
+            ws,
+        ),
+    }
+    for f, batch in calls.values():
+        with pytest.raises(ValueError, match="cannot run under torch.func.vmap for a multi-layer pursuit"):
+            torch.func.vmap(lambda w, f=f: f(w, "cpp"))(batch)
+        batched = torch.func.vmap(lambda w, f=f: f(w, "auto"))(batch)
+        torch.testing.assert_close(batched, torch.stack([f(w, "cpp") for w in batch]))

@@ -2,6 +2,7 @@
 mixed dtypes, bad flags, padding words, zero-size batches, double backward, meta tensors, torch.compile with the
 default step, and thresholds given as biases."""
 
+import copy
 import warnings
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import dsc_kernels.functional as DF
+from dsc_kernels.nn import ConvSparseCoding2d
 from dsc_kernels.reference import conv_ista_ref
 
 X = torch.randn(2, 3, 10, 10, dtype=torch.float64)
@@ -298,3 +300,40 @@ def test_fused_cpu_ops_under_bfloat16_autocast_compute_what_they_compute_without
     for a, b in zip(autocast, plain):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_layers_take_an_autocast_layers_half_precision_output(backend):
+    """Under autocast a Conv2d before a sparse-coding layer gives bfloat16 codes to its float32 parameters, as it does
+    to the next Conv2d; the dtype check raised "x, weight must share one dtype". The fused ops compute in float32
+    (their autocast rule): exactly the float32 run on the bfloat16 values. The reference follows autocast's rules.
+    Outside autocast, and with float64 (which autocast leaves alone), mixed dtypes still raise."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 9, 8)
+    layer = ConvSparseCoding2d(3, 5, 3, n_iter=3, padding=1, backend=backend)
+    twin = copy.deepcopy(layer)  # a training forward advances the step's power iteration
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = torch.nn.Conv2d(3, 3, 1)(x)
+        assert h.dtype == torch.bfloat16
+        z = layer(h)
+        (weight_grad,) = torch.autograd.grad(z.float().square().sum(), layer.weight)
+    plain = twin(h.detach().float())
+    if backend == "cpp":
+        assert z.dtype == torch.float32
+        torch.testing.assert_close(z, plain, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(z.float(), plain, rtol=3e-2, atol=3e-2)
+    assert weight_grad.dtype == torch.float32 and torch.isfinite(weight_grad).all() and weight_grad.abs().sum() > 0
+    w = torch.randn(5, 3, 3, 3)
+    if backend == "cpp":  # the multi-layer op too, its thresholds and default steps kept in float32
+
+        def pursuit(signal):
+            return DF.ml_ista(signal, [w], [0.1], n_iter=2, paddings=[1], backend=backend)[-1]
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = pursuit(h.detach())
+        torch.testing.assert_close(mixed, pursuit(h.detach().float()), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="must share one dtype"):
+        DF.conv_ista(h.detach(), w, 0.1, n_iter=2, padding=1, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="must share one dtype"):
+        DF.conv_ista(x.double(), w, 0.1, n_iter=2, padding=1, backend=backend)

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
 from .. import _attention_args as attention_args
+from .. import _validate as check
 from .. import functional as DF
 from ._args import check_value, flags, positive_int
 
@@ -23,19 +24,11 @@ __all__ = ["SparseAttention", "SparseCodingTransformerBlock"]
 DEFAULT_SHRINK_THRESHOLD = 0.5  # shrink mode's initial per-head threshold
 
 
-def _autocasting(device: torch.device) -> bool:
-    """Whether autocast is on for device's type (it casts the projections' inputs); False where it has none."""
-    try:
-        return torch.is_autocast_enabled(device.type)
-    except RuntimeError:  # a device type autocast does not know (meta)
-        return False
-
-
 def _check_like(name: str, t: Tensor, parameter: Tensor, owner: str) -> None:
     """t in the module's parameter dtype (or any float dtype while autocast casts the inputs of its projections),
     then on its device (else the projections fail inside torch, or a meta input is projected into a tensor that the
     attention then reports under an internal name)."""
-    if t.dtype != parameter.dtype and not (t.is_floating_point() and _autocasting(t.device)):
+    if t.dtype != parameter.dtype and not (t.is_floating_point() and check.autocasting(t.device)):
         raise TypeError(f"{name} must have the {owner}'s dtype {parameter.dtype}, got {t.dtype}")
     if t.device != parameter.device:
         raise ValueError(f"{name} must be on the {owner}'s device {parameter.device}, got {t.device}")

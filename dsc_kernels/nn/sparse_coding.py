@@ -478,9 +478,18 @@ class _ConvSparseCoding(_projection.Projected):
         return True
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        stale = False
         if not torch.compiler.is_compiling():
             self._restore_previous_step()
+            stale = self._track_step and not keep_vars and self._step_is_stale()
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if stale:
+            # The weight changed since the step was estimated (a state_dict taken right after an optimiser step):
+            # the saved step would be the previous dictionary's 1/L, and a loaded module takes a loaded step as its
+            # weight's, for good (up to 46% above 1/L after a few Adam steps). Save the 1/L that this module's next
+            # eval forward computes, without changing the module (saving must not change its training).
+            inverse_lipschitz, _ = self._power_iterate(self._power_steps(cold=True))
+            destination[prefix + "step"] = inverse_lipschitz.reshape(self.step.shape).detach().clone()
 
     # The step source names a tensor of this process, which a copy of the module (deepcopy, pickling, .to(dtype))
     # does not share: what carries over is whether the step was up to date, so that a copy computes exactly what

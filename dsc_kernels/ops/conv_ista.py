@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .._precision import conv_tf32_allowed, forward_tf32
+from .._validate import requires_grad
 from ..reference.conv import code_size, zero_unread
 from ..reference.conv_ista import KEEP_RESIDUALS, NO_BACKWARD, saved_shape
 from . import table
@@ -136,7 +137,7 @@ def run(
         stride, padding = (1, *stride), (0, *padding)
     z0 = x.new_empty(0) if z0 is None else z0.contiguous()  # empty: zeros, never materialised
     encoder_weight = weight.new_empty(0) if encoder_weight is None else encoder_weight  # empty: tied
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, encoder_weight, lam, step, z0))
+    needs_grad = torch.is_grad_enabled() and any(requires_grad(t) for t in (x, weight, encoder_weight, lam, step, z0))
     checkpoint = NO_BACKWARD if not needs_grad else 0 if recompute else row.save_interval[int(fista)]
     keep = row.residual_policy is not None and checkpoint > 0
     if keep and traced_implementation(row.residual_policy)(x.shape, weight.shape, stride, padding):

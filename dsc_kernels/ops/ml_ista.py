@@ -37,6 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._validate import requires_grad
 from ..reference.conv import zero_unread
 from ..reference.ml_ista import layer_sizes, saved_layers
 from . import table
@@ -242,7 +243,7 @@ def run(
         strides = [v for s in strides for v in (1, s)]
         paddings = [v for p in paddings for v in (0, p)]
     tensors = (x, z0, *weights, *encoder_weights, *input_encoder_weights, *thresholds, *steps)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    needs_grad = torch.is_grad_enabled() and any(requires_grad(t) for t in tensors)
     checkpoint = (0 if recompute else _save_mode_checkpoint(weights)) if needs_grad else NO_BACKWARD
 
     def contiguous(ts):

@@ -11,7 +11,8 @@
   takes the reference: PyTorch's custom-op autograd supports none of the gradient transforms, and vmap of eager ops
   runs batched where the fused ops would run one sample at a time. So does a call with a forward-mode tangent
   (``torch.autograd.forward_ad``), which the fused ops' reverse-mode autograd would drop; an explicit fused backend
-  raises a ``ValueError`` there, and under every transform but ``vmap``.
+  raises a ``ValueError`` there, and under every transform but ``vmap`` (and under ``vmap`` too for ml_ista, whose
+  list-returning fused ops vmap cannot run a sample at a time).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ FAMILY_MODULES = {"conv_ista": conv_ista, "sparse_attention": sparse_attention, 
 # TRITON_INTERPRET as it was when Triton was imported (set at the end of this module, or by note_triton_import):
 # Triton reads it then, so a later change cannot take effect in this process.
 _triton_interpret_at_import: str | None = None
+# Families whose fused ops return lists of tensors: vmap has no per-sample fallback for them.
+VMAP_UNSUPPORTED = frozenset({"ml_ista"})
 _warned: set[str] = set()
 
 
@@ -211,6 +214,15 @@ def select(
                 f"{asked} cannot run {need}: the fused ops support reverse-mode autograd (backward(), "
                 "torch.autograd.grad) and vmap only, and a forward-mode tangent through them would be dropped (a "
                 "silently zero derivative); use backend='reference' or 'auto'"
+            )
+        if row.eager is None and family in VMAP_UNSUPPORTED and functorch_active():
+            # vmap runs an op without a batching rule one sample at a time only when it returns plain tensors:
+            # for the ml_ista ops' lists PyTorch raised "Batching rule not implemented ... could not generate a
+            # fallback", which named neither the argument nor a way out
+            raise ValueError(
+                f"{asked} cannot run under torch.func.vmap for a multi-layer pursuit ({family}, and conv_ista with "
+                "per-iteration dictionaries or an input encoder): its fused op returns lists of tensors, which vmap "
+                "cannot run one sample at a time; use backend='reference' or 'auto', which run it batched"
             )
         return _registered(row)
     if need is not None or functorch_active():
