@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 import dsc_kernels.functional as DF
 from dsc_kernels import ops
@@ -143,3 +144,40 @@ def test_save_mode_passes_keep_residuals_where_the_rule_says(monkeypatch):
             DF.conv_ista(x, w, 0.05, n_iter=3, step=0.1, padding=1, backend="cpp")
         assert seen == [interval | KEEP_RESIDUALS if keep else interval, 0, NO_BACKWARD]
         seen.clear()
+
+
+class _ConvIsta(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.backend = backend
+        self.weight = torch.nn.Parameter(0.3 * torch.randn(4, 2, 3, 3, dtype=torch.float64))
+
+    def forward(self, x):
+        return DF.conv_ista(x, self.weight, 0.1, n_iter=2, step=0.2, padding=1, backend=self.backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "auto"])
+def test_compiled_calls_keep_the_batch_and_signal_sizes_dynamic(backend):
+    """The cost model's hook read every size with int(), which specialises a symbolic one, on every call (an explicit
+    backend too): torch.export refused a dynamic batch ("specialized it to be a constant (2)") and
+    torch.compile(dynamic=True) compiled a new graph for each batch and signal size."""
+    if backend != "reference" and "cpp" not in DF.available_backends("cpu"):
+        pytest.skip(DF.backend_unavailable_reason("cpp", "cpu"))
+    torch.manual_seed(0)
+    module = _ConvIsta(backend).eval()
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        exported = torch.export.export(module, (x,), dynamic_shapes=({0: batch},)).module()
+        x5 = torch.randn(5, 2, 8, 8, dtype=torch.float64)
+        torch.testing.assert_close(exported(x5), module(x5), rtol=1e-12, atol=1e-12)
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(module, fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    for shape in ((3, 2, 8, 7), (5, 2, 8, 7), (6, 2, 10, 9)):  # no size equal to another (duck sizing)
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        torch.testing.assert_close(compiled(x), module(x), rtol=1e-12, atol=1e-12)
+        frames.append(counter.frame_count)
+    assert frames == frames[:1] * 3  # nothing compiled after the first call

@@ -282,3 +282,24 @@ def test_cpp_nan_codes_get_the_threshold_gradient_autograd_gives(nonneg):
         out[backend] = (code, *torch.autograd.grad(code.sum(), t))
     for a, b in zip(out["cpp"], out["reference"]):
         torch.testing.assert_close(a, b, equal_nan=True)
+
+
+def test_compile_dynamic_1d():
+    """torch.compile(dynamic=True) of a 1-D pursuit whose code width is L - k + 1: inductor failed it ("Exponent must
+    be non-negative") until the op's fake specialised the kernel sizes, as conv-ISTA's does; a new kernel size
+    recompiles, everything else stays dynamic."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(3)
+    f = torch.compile(
+        lambda x, w: DF.ml_ista(x, [w], [0.05], n_iter=2, steps=[0.3], backend="cpp"), fullgraph=True, dynamic=True
+    )
+    for batch, length, k in ((2, 11, 3), (3, 16, 3), (2, 13, 4)):
+        x = torch.randn(batch, 2, length, dtype=torch.float64, generator=g).requires_grad_()
+        w = (0.3 * torch.randn(3, 2, k, dtype=torch.float64, generator=g)).requires_grad_()
+        (z,) = f(x, w)
+        z.square().sum().backward()
+        x_ref, w_ref = (t.detach().clone().requires_grad_() for t in (x, w))
+        (want,) = DF.ml_ista(x_ref, [w_ref], [0.05], n_iter=2, steps=[0.3], backend="reference")
+        want.square().sum().backward()
+        for got, expected in ((z, want), (x.grad, x_ref.grad), (w.grad, w_ref.grad)):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)

@@ -83,15 +83,13 @@ def hook(
     backward: bool,
 ) -> Callable[[str], bool]:
     """For ``selection.select``: ``prefers(candidate)`` says whether auto should take ``candidate`` for this call
-    (the reference always qualifies; ``cpp`` when the model expects it to be the faster)."""
-    key = ConvIstaKey(
-        tuple(int(s) for s in x_size),
-        tuple(int(s) for s in weight_size),
-        tuple(stride),
-        tuple(padding),
-        dtype,
-        bool(backward),
-    )
+    (the reference always qualifies; ``cpp`` when the model expects it to be the faster).
+
+    The sizes are kept as they come and read only when ``auto`` asks: under torch.compile / torch.export they are
+    symbols, and ``int()`` of one specialises it, so every functional call (an explicit backend too) compiled
+    a graph for one batch size and signal size only (dynamic=True recompiled per shape; export refused a dynamic
+    batch). The model's comparisons become guards on the decision itself, which does not depend on the batch."""
+    key = ConvIstaKey(tuple(x_size), tuple(weight_size), tuple(stride), tuple(padding), dtype, bool(backward))
 
     def prefers(candidate: str) -> bool:
         return candidate != "cpp" or faster_on_cpu(key) == "cpp"

@@ -80,7 +80,11 @@ def _fake_fwd(
     project,
     checkpoint,
 ):
-    sizes = layer_sizes(x.shape[2:], weights, strides, paddings)
+    # The kernel sizes are specialised under torch.compile, as in conv-ISTA's fake (ops/conv_ista.py): with symbolic
+    # ones a 1-D code's width is a difference of two symbols (L - k + 1), whose strides torch 2.13's inductor fails
+    # to order ("Exponent must be non-negative") when the squeezed codes leave the graph.
+    kernels = [[int(k) for k in w.shape[3:]] for w in weights]
+    sizes = layer_sizes(x.shape[2:], kernels, strides, paddings)
     codes = [x.new_empty((x.shape[0], w.shape[1], *sizes[j + 1])) for j, w in enumerate(weights)]
     if checkpoint == NO_BACKWARD:
         return codes, []

@@ -84,16 +84,14 @@ def at_step(w: Tensor, k: int) -> Tensor:
 
 
 def layer_sizes(
-    x_size: Sequence[int], weights: Sequence[Tensor], strides: Sequence[int], paddings: Sequence[int]
+    x_size: Sequence[int], kernel_sizes: Sequence[Sequence[int]], strides: Sequence[int], paddings: Sequence[int]
 ) -> list[tuple[int, ...]]:
-    """Spatial sizes [S_0 = x's, S_1, ..., S_L] of every layer; weights[j] is (S_w, C_j, C_{j-1}, *k) and strides /
-    paddings are flat lists of rank ints per layer."""
+    """Spatial sizes [S_0 = x's, S_1, ..., S_L] of every layer; kernel_sizes[j] is layer j's k (weights[j] is
+    (S_w, C_j, C_{j-1}, *k)) and strides / paddings are flat lists of rank ints per layer."""
     rank = len(x_size)
     sizes = [tuple(x_size)]
-    for j, w in enumerate(weights):
-        sizes.append(
-            code_size(sizes[-1], w.shape[3:], strides[rank * j : rank * (j + 1)], paddings[rank * j : rank * (j + 1)])
-        )
+    for j, k in enumerate(kernel_sizes):
+        sizes.append(code_size(sizes[-1], k, strides[rank * j : rank * (j + 1)], paddings[rank * j : rank * (j + 1)]))
     return sizes
 
 
@@ -130,7 +128,7 @@ class Problem:
         return tuple(self.strides[r * j : r * (j + 1)]), tuple(self.paddings[r * j : r * (j + 1)])
 
     def sizes(self) -> list[tuple[int, ...]]:
-        return layer_sizes(self.x.shape[2:], self.weights, self.strides, self.paddings)
+        return layer_sizes(self.x.shape[2:], [w.shape[3:] for w in self.weights], self.strides, self.paddings)
 
     def has_input_encoder(self, j: int) -> bool:
         return given(self.input_encoder_weights[j])
