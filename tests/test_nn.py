@@ -358,11 +358,12 @@ def test_load_state_dict_keeps_the_step_and_the_outputs():
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
-def test_a_state_dict_taken_right_after_an_optimiser_step_loads_into_the_same_outputs(backend):
+def test_a_state_dict_taken_right_after_an_optimiser_step_saves_the_new_dictionarys_step(backend):
     """A training loop ends with opt.step(): the tracked step still belonged to the previous dictionary, state_dict
     saved it, and the loaded layer, which takes a loaded step as its weight's, kept it for good: its eval outputs were
-    19% away from the trained layer's (step * L = 1.46 after three Adam steps at lr 0.1). Taking the state dict must
-    not change the layer itself."""
+    19% away from the trained layer's (step * L = 1.46 after three Adam steps at lr 0.1). The saved step is now the
+    new dictionary's (within the estimator's tolerance of the trained layer's next eval re-estimate), computed once
+    per weight version, and taking the state dict does not change the layer itself."""
     if backend == "cpp" and "cpp" not in DF.available_backends():
         pytest.skip("the C++ extension is not available")
     torch.manual_seed(3)
@@ -373,14 +374,25 @@ def test_a_state_dict_taken_right_after_an_optimiser_step_loads_into_the_same_ou
         opt.zero_grad()
         (layer.decode(layer(x)) - x).pow(2).sum().backward()
         opt.step()
+    stale = layer.step.clone()
     buffers = {k: v.clone() for k, v in layer.named_buffers()}
     saved = layer.state_dict()
+    assert layer.state_dict()["step"] is saved["step"]  # one estimate per weight version
     assert all(torch.equal(v, buffers[k]) for k, v in layer.named_buffers())
     loaded = ConvSparseCoding2d(2, 4, 3, n_iter=4, dtype=torch.float64, backend=backend)
     loaded.load_state_dict(saved)
-    want = layer.eval()(x)
-    assert torch.equal(loaded.eval()(x), want)
-    assert torch.equal(loaded.step, layer.step)
+    want = layer.eval()(x)  # the trained layer's eval forward re-estimates 1/L for its new dictionary
+    assert not torch.allclose(stale, layer.step, rtol=0.05)
+    torch.testing.assert_close(loaded.step, layer.step, rtol=2e-3, atol=0)
+    torch.testing.assert_close(loaded.eval()(x), want, rtol=1e-2, atol=1e-3)
+
+
+def test_state_dict_after_the_dictionary_is_replaced_by_another_shape():
+    """Model surgery (a dictionary with more atoms) left the tracked step stale with a start vector of the old shape;
+    the state dict's re-estimate raised inside the power iteration. The step is saved as it stands there."""
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=2)
+    layer.weight = torch.nn.Parameter(torch.randn(6, 2, 3, 3))
+    assert torch.equal(layer.state_dict()["step"], layer.step)
 
 
 # ------------------------------------------------------------------------- thresholds as biases (absolute thresholds)

@@ -483,13 +483,26 @@ class _ConvSparseCoding(_projection.Projected):
             self._restore_previous_step()
             stale = self._track_step and not keep_vars and self._step_is_stale()
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if stale:
+        if stale and self._power_vector.shape[1] == self.weight.shape[0]:
             # The weight changed since the step was estimated (a state_dict taken right after an optimiser step):
             # the saved step would be the previous dictionary's 1/L, and a loaded module takes a loaded step as its
-            # weight's, for good (up to 46% above 1/L after a few Adam steps). Save the 1/L that this module's next
-            # eval forward computes, without changing the module (saving must not change its training).
-            inverse_lipschitz, _ = self._power_iterate(self._power_steps(cold=True))
-            destination[prefix + "step"] = inverse_lipschitz.reshape(self.step.shape).detach().clone()
+            # weight's, for good (up to 46% above 1/L after a few Adam steps). Save the current weight's 1/L,
+            # without changing the module (saving must not change its training). (A weight replaced by one of
+            # another shape has no vector to start from: its step is saved as it stands.)
+            destination[prefix + "step"] = self._checkpoint_step()
+
+    def _checkpoint_step(self) -> Tensor:
+        """1/L of the current weight for a state dict: the training forward's warm estimate (3 power iterations from
+        the stored vector, more while it still rises on the CPU), once per weight version, so that a state dict
+        taken every step (an average of the parameters) costs about what the next training forward's estimate does,
+        not a cold estimate's 50 iterations. Within POWER_TOLERANCE of the next eval forward's cold re-estimate."""
+        cached = self.__dict__.get("_checkpoint_step_cache")
+        if cached is not None and self._is_current(cached[0]):
+            return cached[1]
+        inverse_lipschitz, _ = self._power_iterate(self._power_steps(cold=False), adaptive=True)
+        step = inverse_lipschitz.reshape(self.step.shape).detach().clone()
+        self._checkpoint_step_cache = (self._source(), step)
+        return step
 
     # The step source names a tensor of this process, which a copy of the module (deepcopy, pickling, .to(dtype))
     # does not share: what carries over is whether the step was up to date, so that a copy computes exactly what
@@ -502,6 +515,7 @@ class _ConvSparseCoding(_projection.Projected):
         state = self.__dict__.copy()
         state["_step_source"] = _UP_TO_DATE if not self._step_is_stale() else None
         state.pop("_previous_step", None)
+        state.pop("_checkpoint_step_cache", None)  # weak references to this module's tensors
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -520,6 +534,7 @@ class _ConvSparseCoding(_projection.Projected):
         self._restore_previous_step()
         up_to_date = not self._step_is_stale()
         self.__dict__.pop("_previous_step", None)
+        self.__dict__.pop("_checkpoint_step_cache", None)
         super()._apply(fn, recurse)
         if up_to_date:
             self._note_step_source()
