@@ -161,7 +161,7 @@ def ml_ista_arguments(
                 check.same_dtype(x=x, **{name: t})
         if thresholds[j] is None:
             raise ValueError(f"thresholds[{j}] is missing: give a float or a tensor per layer")
-        values = check.values_like(x, w)
+        values = check.values_like(x, w, e, b)
         out["thresholds"].append(
             per_step_values(
                 f"thresholds[{j}]",
@@ -247,7 +247,7 @@ def conv_ista_variant_arguments(
             raise ValueError(f"z0 must have the code's shape {(x.shape[0], w.shape[1], *code)}, got {tuple(z0.shape)}")
         check.same_device(x=x, z0=z0)
         check.same_dtype(x=x, z0=z0)
-    values = check.values_like(x, w)
+    values = check.values_like(x, w, e, b)
     if step is None:  # 1/L of each iteration's dictionary
         one_over_l = [default_step(w[k], tuple(x.shape[2:]), stride, padding) for k in range(w.shape[0])]
         step = torch.stack([torch.as_tensor(v, dtype=values.dtype, device=x.device) for v in one_over_l])

@@ -333,6 +333,16 @@ def test_layers_take_an_autocast_layers_half_precision_output(backend):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed = pursuit(h.detach())
         torch.testing.assert_close(mixed, pursuit(h.detach().float()), rtol=0, atol=0)
+
+        # a float32 encoder beside a bfloat16 dictionary keeps lam and step in float32 too
+        def untied(signal, dictionary):
+            return DF.conv_ista(
+                signal, dictionary, 0.1, n_iter=2, step=0.1, padding=1, encoder_weight=w, backend=backend
+            )
+
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = untied(h.detach(), (0.1 * w).bfloat16())
+        torch.testing.assert_close(mixed, untied(h.detach().float(), (0.1 * w).bfloat16().float()), rtol=0, atol=0)
     with pytest.raises(TypeError, match="must share one dtype"):
         DF.conv_ista(h.detach(), w, 0.1, n_iter=2, padding=1, backend=backend)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="must share one dtype"):
