@@ -140,13 +140,14 @@ def autocasting(device: torch.device) -> bool:
         return False
 
 
-def values_like(x: Tensor, *dictionaries: Tensor) -> Tensor:
+def values_like(x: Tensor, *dictionaries: Tensor | None) -> Tensor:
     """What thresholds and steps are made like (dtype, device): x, or, where a dictionary has a wider dtype (inside
     autocast a half-precision activation meets float32 parameters), an empty tensor of the widest one on x's device,
-    so that float32 values are not rounded to the activation's precision."""
+    so that float32 values are not rounded to the activation's precision. None stands for an absent encoder."""
     dtype = x.dtype
     for w in dictionaries:
-        dtype = torch.promote_types(dtype, w.dtype)
+        if w is not None:
+            dtype = torch.promote_types(dtype, w.dtype)
     return x if dtype == x.dtype else x.new_empty((), dtype=dtype)
 
 

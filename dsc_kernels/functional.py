@@ -334,7 +334,7 @@ def conv_ista(
     given_step = step is not None
     if not given_step:
         step = _default_step(weight, tuple(x.shape[2:]), stride, padding)
-    values = check.values_like(x, weight, *([] if encoder_weight is None else [encoder_weight]))
+    values = check.values_like(x, weight, encoder_weight)
     step_full = check.per_iteration("step", step, n_iter, None, values)
     if given_step:
         _warn_if_step_diverges(weight, step, x.shape[2:], stride, padding)

@@ -29,7 +29,7 @@ from .._validate import requires_grad
 from ..reference.conv import code_size, zero_unread
 from ..reference.conv_ista import KEEP_RESIDUALS, NO_BACKWARD, saved_shape
 from . import table
-from .registry import FamilySpec, OpPair, traced_implementation, traced_op_pair
+from .registry import FamilySpec, OpPair, static_kernel_size, traced_implementation, traced_op_pair
 from .registry import op_pair as _register_pair
 from .table import Backend
 
@@ -46,10 +46,7 @@ BWD_SCHEMA = (
 
 
 def _fake_fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, checkpoint):
-    # The kernel size is specialised under torch.compile (a guard, like stride and padding, which are ints): with
-    # a symbolic one, a 1-D code's width is a difference of two symbols (L - k + 1), whose strides torch 2.13's
-    # inductor fails to order ("Exponent must be non-negative") when the squeezed output leaves the graph.
-    kernel = [int(k) for k in weight.shape[2:]]
+    kernel = static_kernel_size(weight.shape[2:])
     z_shape = (x.shape[0], weight.shape[0], *code_size(x.shape[2:], kernel, stride, padding))
     return x.new_empty(z_shape), x.new_empty(saved_shape(x.shape, z_shape, step.shape[0], checkpoint, fista))
 

@@ -41,7 +41,7 @@ from .._validate import requires_grad
 from ..reference.conv import zero_unread
 from ..reference.ml_ista import layer_sizes, saved_layers
 from . import table
-from .registry import FamilySpec, OpPair, traced_implementation, traced_op_pair
+from .registry import FamilySpec, OpPair, static_kernel_size, traced_implementation, traced_op_pair
 from .registry import op_pair as _register_pair
 from .table import Backend
 
@@ -80,11 +80,7 @@ def _fake_fwd(
     project,
     checkpoint,
 ):
-    # The kernel sizes are specialised under torch.compile, as in conv-ISTA's fake (ops/conv_ista.py): with symbolic
-    # ones a 1-D code's width is a difference of two symbols (L - k + 1), whose strides torch 2.13's inductor fails
-    # to order ("Exponent must be non-negative") when the squeezed codes leave the graph.
-    kernels = [[int(k) for k in w.shape[3:]] for w in weights]
-    sizes = layer_sizes(x.shape[2:], kernels, strides, paddings)
+    sizes = layer_sizes(x.shape[2:], [static_kernel_size(w.shape[3:]) for w in weights], strides, paddings)
     codes = [x.new_empty((x.shape[0], w.shape[1], *sizes[j + 1])) for j, w in enumerate(weights)]
     if checkpoint == NO_BACKWARD:
         return codes, []

@@ -50,6 +50,14 @@ _LOCK = threading.Lock()
 _FUNCTIONS: dict[str, Callable] = {}
 
 
+def static_kernel_size(weight_shape) -> list[int]:
+    """A dictionary's kernel size (its trailing ``rank`` dims after the channels) for a fake, read as ints: under
+    torch.compile that specialises it (a guard, like stride and padding, which are ints; another size recompiles).
+    With a symbolic one a 1-D code's width is a difference of two symbols (L - k + 1), whose strides torch 2.13's
+    inductor fails to order ("Exponent must be non-negative") when the squeezed output leaves the graph."""
+    return [int(k) for k in weight_shape]
+
+
 def implementation(path: str) -> Callable:
     """The function a table entry names as ``module:function`` (imported once, then a dict lookup)."""
     if path not in _FUNCTIONS:
