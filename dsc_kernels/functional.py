@@ -10,6 +10,7 @@ Shapes: x is (B, C_sig, L) for 1-D or (B, C_sig, H, W) for 2-D, chosen by the di
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -189,14 +190,18 @@ def _default_step(weight: Tensor, signal_size: tuple[int, ...], stride, padding)
     power iteration is traced, and so it is under vmap over the dictionary (one 1/L per sample)."""
     if not check.values_readable(weight):
         lip = ref.lipschitz_power_iteration(weight, signal_size, stride, padding)
-        return torch.where(lip > 0, 1.0 / lip, torch.ones_like(lip)).to(weight.dtype)
+        zero_lip = torch.where(weight.ne(0).any(), math.inf, 1.0).to(lip)
+        return torch.where(lip > 0, 1.0 / lip, zero_lip).to(weight.dtype)
     geometry = (signal_size, stride, padding)
     cached = _LIPSCHITZ_CACHE.get(weight)
     if cached is None or cached[0] != geometry or not torch.equal(cached[1], weight):
         values = weight.detach().clone()
         cached = (geometry, values, ref.lipschitz_constant_ref(values, signal_size, stride, padding))
         _LIPSCHITZ_CACHE[weight] = cached
-    step = 1.0 / cached[2] if cached[2] > 0 else 1.0
+    # L = 0: the all-zero dictionary takes step 1 (any step solves it); a non-zero one whose L underflowed (float64
+    # taps below ~1e-162) has no 1/L in any dtype: inf, which the checks below refuse (traced calls above, which
+    # cannot raise, get NaN codes instead of running the zero dictionary's step silently)
+    step = 1.0 / cached[2] if cached[2] > 0 else (math.inf if bool(cached[1].ne(0).any()) else 1.0)
     check.fits_dtype("the default step 1/L (the dictionary is nearly zero)", step, weight.dtype)
     check.positive("the default step 1/L (the dictionary is very large)", step, weight.dtype)
     return step

@@ -112,6 +112,29 @@ def test_default_step_that_underflows_is_rejected(backend):
         DF.conv_ista(X, W * 1e30, 0.5, n_iter=2, padding=1, z0=Z0, backend=backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1e-160, 1e-170])
+def test_default_step_of_a_nonzero_dictionary_whose_l_underflows_is_rejected(backend, scale):
+    # taps of 1e-160 gave L subnormal, 1/L = inf: rejected; at 1e-170 L itself rounded to 0.0 and the call ran
+    # silently with the zero dictionary's step 1 instead of raising the same error
+    x, w = X.double(), W.double() * scale
+    with pytest.raises(ValueError, match=r"default step 1/L \(the dictionary is nearly zero\) must fit"):
+        DF.conv_ista(x, w, 0.5, n_iter=2, padding=1, backend=backend)
+    assert float(DF.conv_ista(x, torch.zeros_like(w), 0.5, n_iter=2, padding=1, backend=backend).abs().sum()) == 0
+
+
+def test_traced_default_step_of_a_nonzero_dictionary_whose_l_underflows_gives_nan():
+    # a traced call cannot raise on values: NaN codes, not the zero dictionary's step 1 run on a non-zero one
+    def f(x, w):
+        return DF.conv_ista(x, w, 0.5, n_iter=2, padding=1, backend="reference")
+
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    x, w = X.double(), W.double()
+    assert bool(compiled(x, w * 1e-170).isnan().all())
+    assert float(compiled(x, torch.zeros_like(w)).abs().sum()) == 0
+    torch.testing.assert_close(compiled(x, w), f(x, w))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_the_underflow_bound_is_where_torch_rounds_a_float_to_zero(dtype):
     """The step check compares with a bound (a cast cannot be read under torch.compile(dynamic=True)): it must say

@@ -166,6 +166,42 @@ def test_a_half_precision_layer_beyond_float16s_range_keeps_its_step():
     assert float(layer.refresh_step_()) == pytest.approx(expected, rel=2e-3)
 
 
+@pytest.mark.parametrize(
+    "dtype, scales",
+    [(torch.float32, [1e-15, 1e-12, 1e9, 1e15]), (torch.float64, [1e-100, 1e-60, 1e77, 1e100])],
+)
+@pytest.mark.parametrize("c_sig", [1, 2])
+def test_tracked_step_scales_with_the_dictionary_at_any_magnitude(dtype, scales, c_sig):
+    """1/L is homogeneous of degree -2 in the dictionary. The per-frequency iteration squared images of size ~ L
+    (tap^4): with two signal channels float32 taps of 1e-15 gave L = 0 and the zero dictionary's step 1 (codes
+    silently wrong), taps of 1e9 gave L = inf and a step 0 that the forward refused, though L itself (1e-28, 1e19)
+    is well inside float32's range; float64 the same from 1e-100 and 1e77."""
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(c_sig, 3, 3, n_iter=3, dtype=dtype).eval()
+    reference = float(layer.refresh_step_())
+    weight = layer.weight.detach().clone()
+    x = torch.randn(1, c_sig, 8, 8, dtype=dtype)
+    for scale in scales:
+        with torch.no_grad():
+            layer.weight.copy_(weight * scale)
+        layer(x * scale)
+        rel = 1e-3 if dtype == torch.float32 else 1e-9
+        assert float(layer.step) * scale**2 == pytest.approx(reference, rel=rel), scale
+
+
+def test_a_nonzero_dictionary_whose_l_underflows_has_no_step():
+    """L below float32's range (taps ~1e-23) has no 1/L there: the forward refuses it, as functional's default step
+    does, instead of running with the zero dictionary's step 1; the zero dictionary keeps step 1."""
+    layer = ConvSparseCoding2d(2, 3, 3, n_iter=3).eval()
+    with torch.no_grad():
+        layer.weight.mul_(1e-23 / layer.weight.abs().max())
+    with pytest.raises(ValueError, match="step must be finite"):
+        layer(torch.randn(1, 2, 8, 8))
+    with torch.no_grad():
+        layer.weight.zero_()
+    assert float(layer(torch.randn(1, 2, 8, 8)).detach().abs().sum()) == 0 and float(layer.step) == 1.0
+
+
 def test_a_module_pickled_with_a_code_sized_vector_moves_to_the_grid():
     """Modules saved whole before the per-frequency estimate carry a code-sized vector (the old probe's), whose
     shape set the grid: their estimates read up to 2% low for good."""

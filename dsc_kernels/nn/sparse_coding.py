@@ -374,7 +374,11 @@ class _ConvSparseCoding(_projection.Projected):
                 weight, self.stride, v.to(dtype), n_steps, until, POWER_STEPS_MAX_PER_FORWARD
             )
         # inverted before the cast: a half-precision layer's L can exceed float16's range while 1/L does not
-        inverse_lipschitz = torch.where(lipschitz > 0, 1.0 / lipschitz, torch.ones_like(lipschitz))
+        # 1 stands in for an all-zero D (any step solves it); a non-zero D whose L underflowed to 0 has no 1/L in
+        # range: inf, which the forward refuses (as functional's default step does), instead of a silent step 1
+        underflow = (lipschitz == 0) & weight.ne(0).any()
+        fallback = torch.where(underflow, torch.full_like(lipschitz, math.inf), torch.ones_like(lipschitz))
+        inverse_lipschitz = torch.where(lipschitz > 0, 1.0 / lipschitz, fallback)
         return inverse_lipschitz.to(self._power_vector.dtype), v.to(self._power_vector.dtype)
 
     def _power_iterate_(self, n_steps: int) -> Tensor:

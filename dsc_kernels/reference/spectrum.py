@@ -170,8 +170,16 @@ def dictionary_norm_sq(
 
     weight: (C_code, C_sig, *k), real; stride: d ints; vector: (1, C_code, *M), real, M from ``periodic_grid``.
     """
+    # ||D||^2 is homogeneous of degree 2 in the weight, but the iteration squares images of size ~ ||D||^2 (energies
+    # ~ tap^4): on the weight itself they overflowed to inf (float32 taps from ~1e9, float64 from ~1e77: L = inf,
+    # step 0) or underflowed to 0 (float32 taps below ~1e-12, float64 below ~1e-77: L = 0, the zero dictionary's
+    # step 1) where L itself is well inside the dtype's range. Iterate on weight / max|tap| and scale back, as
+    # reference.conv.lipschitz_power_iteration does. A zero or non-finite weight keeps scale 1 (its own rules).
+    top = weight.abs().amax() if weight.numel() else weight.new_ones(())
+    scale = torch.where((top > 0) & top.isfinite(), top, torch.ones_like(top))
+    weight = weight / scale
     if is_rank_one(weight.shape, stride):
-        return _rank_one_norm_sq(weight, stride, vector.shape[2:]), vector
+        return _rank_one_norm_sq(weight, stride, vector.shape[2:]) * scale * scale, vector
     zeros = torch.zeros_like(vector)
     generic = _unit_per_frequency(_dft(_generic(vector), None), (zeros + 1 / math.sqrt(vector.shape[1]), zeros))
     spectrum = _unit_per_frequency(_dft(vector, None), generic)  # an all-zero vector starts from generic
@@ -192,4 +200,4 @@ def dictionary_norm_sq(
         # each frequency's estimate only rises, so a small rise means its vector has (nearly) stopped turning
         if until is None or steps >= (max_steps or n_steps) or not bool(peak > previous * (1 + until)):
             break
-    return peak, _dft(*spectrum, inverse=True)[0]
+    return peak * scale * scale, _dft(*spectrum, inverse=True)[0]
