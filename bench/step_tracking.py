@@ -9,6 +9,8 @@ from an independent FFT + SVD bound on a fine grid (the infinite-signal norm). I
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from dsc_kernels.dictionary_learning import _dictionary_lipschitz
@@ -35,7 +37,9 @@ def worst_step_times_lipschitz(c_sig: int, c_code: int, k: int, lr: float, steps
     return worst
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    # --help used to start the whole measurement (minutes of training), as did any unknown option
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     torch.set_num_threads(2)
     print("| dictionary | " + " | ".join(f"Adam lr {lr}" for lr in LEARNING_RATES) + " |")
     print("| --- |" + " --- |" * len(LEARNING_RATES))

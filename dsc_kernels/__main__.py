@@ -33,7 +33,12 @@ def _check_report_arguments(args: argparse.Namespace, parser: argparse.ArgumentP
     if not args.out:  # Path('') is '.': the report and its figures would land in the working directory
         parser.error("argument --out: must name a folder, got ''")
     out = cli_args.out_folder_problem(Path(args.out))
+    from .report import readme_figures_problem
+
+    # checked at the end of the run before: minutes of work, then an exit without the figures
+    figures = readme_figures_problem() if getattr(args, "readme_figures", False) else None
     for problem in (
+        None if figures is None else f"argument {figures}",
         cli_args.device_problem(args.device),
         backend,
         None if out is None else f"argument --out: {out}",

@@ -5,13 +5,31 @@ the option, or None; the caller reports it with ``parser.error`` before any work
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from . import _validate, functional
 from .ops.selection import ENV_VAR
+
+
+def packages_problem(option: str, what: str, modules: dict[str, str]) -> str | None:
+    """Why ``what`` cannot run here: the pip names of the ``modules`` ({import name: pip name}) that are not
+    installed, as an argparse message naming ``option``; None when all are. Looked up without importing them."""
+    missing = []
+    for module, package in modules.items():
+        try:
+            found = sys.modules.get(module, True) is not None and importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(package)
+    if not missing:
+        return None
+    return f"argument {option}: {what} needs {', '.join(missing)}: pip install 'dsc_kernels[train]'"
 
 
 def int_problem(option: str, value: object, low: int, high: int | None = None) -> str | None:

@@ -408,12 +408,19 @@ def _load_extension(device: str) -> str:
     return status
 
 
+def readme_figures_problem() -> str | None:
+    """Why --readme-figures cannot copy into a checkout's docs/ (the package does not run from one), or None."""
+    if not (ROOT / "README.md").exists() or not (ROOT / "docs").is_dir():
+        return "--readme-figures: run from a source checkout (README.md and docs/ beside the package)"
+    return None
+
+
 def _copy_readme_figures(out_dir: Path, figures: list[tuple[str, str]]) -> list[str]:
     """Copy this run's figures into the checkout's docs/: those the README shows (its docs/*.png links) and those
     docs/ already holds, so no published figure is left from an older run."""
     readme = ROOT / "README.md"
-    if not readme.exists() or not (ROOT / "docs").is_dir():
-        raise SystemExit("--readme-figures: run from a source checkout (README.md and docs/ beside the package)")
+    if (problem := readme_figures_problem()) is not None:
+        raise SystemExit(problem)
     shown = set(re.findall(r"\(docs/([\w.-]+\.png)\)", readme.read_text()))
     shown |= {p.name for p in (ROOT / "docs").glob("*.png")}
     copied = [name for name, _ in figures if name in shown]

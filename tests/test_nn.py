@@ -82,6 +82,21 @@ def test_factory_kwargs():
     assert all(t.dtype == torch.float64 for t in deep.state_dict().values())
 
 
+def test_deep_decode_takes_the_signal_size_of_a_strided_stack():
+    # the digits recipe's stack: at stride 2 an 8 x 8 input has 4 x 4 codes, which decode to 7 x 7 by default, and
+    # decode had no way to ask for 8 x 8 (MultiLayerSparseCoding2d.decode takes signal_size)
+    deep = DeepSparseCoding2d([1, 4, 8], 3, strides=[1, 2], n_iter=2, backend="reference", dtype=torch.float64)
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
+    g1, g2 = deep(x)
+    assert deep.decode(g2).shape == (2, 1, 7, 7)  # the default is unchanged
+    x_hat = deep.decode(g2, (8, 8))
+    assert x_hat.shape == x.shape
+    first, second = deep.layers
+    torch.testing.assert_close(x_hat, first.decode(second.decode(g2, (8, 8)), (8, 8)))
+    with pytest.raises(ValueError, match="signal_size"):
+        deep.decode(g2, (0, 8))
+
+
 def test_deep_sparse_coding_layers_and_decode():
     deep = DeepSparseCoding2d([1, 4, 8], [5, 3], strides=[1, 2], lams=[0.05, 0.02], n_iter=3, backend="reference")
     x = torch.randn(2, 1, 16, 16)
@@ -541,6 +556,10 @@ def test_soft_threshold_refuses_a_non_tensor_by_name():
 def test_repr_shows_a_fixed_scalar_threshold():
     assert "lam=0.1," in repr(ConvSparseCoding2d(1, 8, 5))
     assert "threshold=0.2," in repr(ConvSparseCoding2d(1, 8, 5, threshold=0.2, nonneg=True))
+    # SoftThreshold(0.1) and SoftThreshold(0.5) printed alike: "SoftThreshold(nonneg=False, learnable=False)"
+    assert repr(SoftThreshold(0.5)) == "SoftThreshold(threshold=0.5, nonneg=False, learnable=False)"
+    assert repr(SoftThreshold(0.5, 3, learnable=True)) == "SoftThreshold(num_channels=3, nonneg=False, learnable=True)"
+    assert "threshold=" not in repr(SoftThreshold(0.5, device="meta"))
 
 
 @pytest.mark.parametrize("step", [None, 0.1])

@@ -4,6 +4,7 @@ CLI writes what it promises. Full-length runs (the goals) are marked slow."""
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -67,6 +68,18 @@ def test_load_round_trips_the_trained_model(tmp_path):
     assert (tmp_path / "digits.png").stat().st_size > 0
     with pytest.raises(FileNotFoundError, match="model.pt"):
         recipes.load(tmp_path / "missing")
+
+
+def test_load_of_a_strategy_all_folder_names_its_runs(tmp_path):
+    # `train --strategy all --out DIR` writes DIR/<strategy>/model.pt and DIR/summary.json: load(DIR) said "pass the
+    # --out folder of train", which DIR is
+    run = engine.start(False, "cpu")
+    for strategy in ("baseline", "l1"):
+        digits.train(strategy, 1, 0, tmp_path / strategy, "reference", run, subset=32)
+    with pytest.raises(FileNotFoundError, match="one run per strategy") as err:
+        recipes.load(tmp_path)
+    assert str(tmp_path / "baseline") in str(err.value) and str(tmp_path / "l1") in str(err.value)
+    assert isinstance(recipes.load(tmp_path / "l1"), digits.DigitsNet)
 
 
 def test_digits_split_is_the_documented_one():
@@ -428,3 +441,17 @@ def test_denoise_evaluate_feeds_a_float64_model_float64_photographs():
     psnrs = denoise.evaluate(model, 0)
     assert model.seen and set(model.seen) == {(torch.float64, False)}  # was a dtype TypeError; no graph is built
     assert all(math.isfinite(p) for p in psnrs.values())
+
+
+@pytest.mark.parametrize("module, package", [("pywt", "PyWavelets"), ("skimage", "scikit-image")])
+def test_cli_rejects_a_recipe_whose_packages_are_missing_before_training(
+    module, package, cpu_only, monkeypatch, tmp_path, capsys
+):
+    # without the [train] extra's scikit-image or PyWavelets the denoiser trained for all its epochs, then its
+    # baselines raised ImportError: a traceback, no model.pt and an empty --out folder
+    monkeypatch.setitem(sys.modules, module, None)  # what an import of a package that is not installed meets
+    monkeypatch.setattr(denoise, "train", lambda *args, **kwargs: pytest.fail("trained"))
+    out = tmp_path / "out"
+    err = _usage_error(["train", "--recipe", "denoise", "--epochs", "1", "--out", str(out)], capsys)
+    assert "argument --recipe: denoise needs " + package in err and "dsc_kernels[train]" in err
+    assert not out.exists()

@@ -188,6 +188,20 @@ def test_report_rejects_bad_arguments_before_any_work(extra, option, tmp_path, m
     assert not (tmp_path / "out").exists()
 
 
+def test_readme_figures_outside_a_checkout_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    # an installed package has no README.md and docs/ beside it: the report ran for minutes, then exited at its end
+    from dsc_kernels.__main__ import main
+
+    monkeypatch.setattr(R, "ROOT", tmp_path / "site-packages")
+    monkeypatch.setattr(R, "run_report", lambda args: pytest.fail("the report ran"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as excinfo:
+        main(["report", "--quick", "--readme-figures", "--out", "out"])
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2 and "argument --readme-figures: run from a source checkout" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_report_rejects_an_empty_out(tmp_path, monkeypatch, capsys):
     from dsc_kernels.__main__ import main
 

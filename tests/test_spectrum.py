@@ -268,3 +268,25 @@ def test_cpu_training_forwards_iterate_until_the_estimate_settles(monkeypatch):
         calls.clear()
         layer(x)
     assert len(calls) == sparse_coding.POWER_STEPS_PER_FORWARD
+
+
+def test_step_tracking_script_answers_help_without_measuring(monkeypatch, capsys):
+    # `python bench/step_tracking.py --help` used to ignore its arguments and start minutes of training
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "step_tracking.py"
+    spec = importlib.util.spec_from_file_location("step_tracking", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def measured(*args, **kwargs):
+        raise AssertionError("--help started the measurement")
+
+    monkeypatch.setattr(script, "worst_step_times_lipschitz", measured)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--help"])
+    assert exit_info.value.code == 0 and "usage" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--bogus"])
+    assert exit_info.value.code == 2

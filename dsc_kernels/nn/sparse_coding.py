@@ -133,7 +133,11 @@ class SoftThreshold(_projection.Projected):
 
     def extra_repr(self) -> str:
         channels = "" if self.num_channels is None else f"num_channels={self.num_channels}, "
-        return f"{channels}nonneg={self.nonneg}, learnable={isinstance(self.threshold, nn.Parameter)}"
+        learnable = isinstance(self.threshold, nn.Parameter)
+        # a fixed scalar threshold is the module's one setting (nn.Softshrink prints its lambd); ConvSparseCoding
+        # prints its fixed scalar lam the same way
+        value = "" if learnable or self.threshold.dim() or self.threshold.is_meta else f"{float(self.threshold):.4g}, "
+        return f"{value and 'threshold=' + value}{channels}nonneg={self.nonneg}, learnable={learnable}"
 
 
 # ------------------------------------------------------------------------------------------ conv sparse coding
@@ -760,6 +764,7 @@ class DeepSparseCoding2d(nn.Module):
         **layer_options: any other ``ConvSparseCoding2d`` keyword (untied, fista, learn_lam, backend, ...).
 
     forward(x): x (B, C_0, H, W) -> the list of codes ``[G_1, ..., G_J]``, G_j (B, C_j, H_j, W_j).
+    decode(G_J, signal_size=None): D_1 ... D_J G_J, (B, C_0, H, W) with ``signal_size=(H, W)`` the input's size.
     """
 
     def __init__(
@@ -829,14 +834,31 @@ class DeepSparseCoding2d(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        """x: (B, C_0, H, W) -> the list of codes ``[G_1, ..., G_J]``, G_j (B, C_j, H_j, W_j)."""
         codes = []
         for layer in self.layers:
             x = layer(x)
             codes.append(x)
         return codes
 
-    def decode(self, code: Tensor) -> Tensor:
-        """The signal a deepest code G_J stands for: D_1 D_2 ... D_J G_J."""
-        for layer in reversed(self.layers):
-            code = layer.decode(code)
+    def decode(self, code: Tensor, signal_size: Sequence[int] | None = None) -> Tensor:
+        """The signal a deepest code G_J stands for: D_1 D_2 ... D_J G_J, (B, C_J, H_J, W_J) -> (B, C_0, *size).
+
+        ``signal_size``: the input's (H, W), from which every layer's size follows (as in
+        ``MultiLayerSparseCoding2d.decode``). Default None: each layer decodes to the smallest signal with codes of
+        that size, which is the input's size only where no stride drops a row (at stride 2 an 8 x 8 input decodes
+        to 7 x 7)."""
+        if signal_size is None:
+            sizes = [None] * len(self.layers)
+        else:
+            sizes = [check.ints("signal_size", signal_size, 2, minimum=1)]
+            for layer in self.layers[:-1]:
+                sizes.append(
+                    tuple(
+                        (n + 2 * p - k) // s + 1
+                        for n, k, s, p in zip(sizes[-1], layer.kernel_size, layer.stride, layer.padding)
+                    )
+                )
+        for layer, size in zip(reversed(self.layers), reversed(sizes)):
+            code = layer.decode(code, size)
         return code

@@ -67,6 +67,8 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if not isinstance(args.recipe, str) or args.recipe not in RECIPES:
         parser.error(f"argument --recipe: must be one of {RECIPES}, got {args.recipe!r}")
     module = recipe(args.recipe)
+    if (problem := cli_args.packages_problem("--recipe", args.recipe, getattr(module, "REQUIRES", {}))) is not None:
+        parser.error(problem)  # otherwise an ImportError after the training (denoise's baselines), no model saved
     strategy = module.DEFAULT_STRATEGY if args.strategy is None else args.strategy  # "" is not the default
     if strategy != "all" and strategy not in module.STRATEGIES:
         parser.error(

@@ -35,6 +35,9 @@ from ..nn import ConvSparseCoding2d
 from . import _args, data, engine
 
 NAME = "denoise"
+# packages the recipe imports when it runs ({import name: pip name}), checked before training (recipes.cli): the
+# baselines need scikit-image and PyWavelets only after the training, which then ended in an ImportError
+REQUIRES = {"sklearn": "scikit-learn", "skimage": "scikit-image", "pywt": "PyWavelets"}
 STRATEGIES = ("cscnet",)
 DEFAULT_STRATEGY = "cscnet"
 DEFAULT_EPOCHS = 8

@@ -39,6 +39,8 @@ from ..nn import DeepSparseCoding2d, SoftThreshold
 from . import _args, data, engine
 
 NAME = "digits"
+# packages the recipe imports when it runs ({import name: pip name}), checked before training (recipes.cli)
+REQUIRES = {"sklearn": "scikit-learn"}
 STRATEGIES = ("baseline", "l1", "learned-threshold", "dsc")
 CONV_ISTA_STRATEGIES = ("dsc",)  # the others are plain convolutions: --backend does not apply to them
 DEFAULT_STRATEGY = "dsc"

@@ -235,6 +235,14 @@ def read_checkpoint(out: str | Path) -> dict:
         raise TypeError(f"out must be a str or a path, got {out!r}")
     path = Path(out) / MODEL_FILE
     if not path.is_file():
+        # `--strategy all` writes one run per strategy into subfolders of --out, and its own folder holds only
+        # summary.json: name them rather than send the user back to the folder they passed
+        runs = sorted(p.parent.name for p in Path(out).glob(f"*/{MODEL_FILE}") if p.is_file())
+        if runs:
+            raise FileNotFoundError(
+                f"no {MODEL_FILE} in {out}: it holds one run per strategy (`--strategy all`); load one of "
+                + ", ".join(str(Path(out) / name) for name in runs)
+            )
         raise FileNotFoundError(f"no {MODEL_FILE} in {out}: pass the --out folder of `python -m dsc_kernels train`")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
