@@ -16,7 +16,14 @@ from torch import Tensor
 from . import _validate as check
 from .reference.attention import MODES, stats_dtype
 
-__all__ = ["attention_inputs", "check_masks", "score_bias"]
+__all__ = ["attention_inputs", "check_masks", "score_bias", "MAX_FUSED_HEAD_DIM"]
+
+# The widest head (d or d_v) the Triton kernels take: their tiles are (rows, next_power_of_2(d)), held in shared
+# memory, and from 1024 columns on even the smallest tiles need more than a block gets on an H100/H200 (fp16, d = 1024:
+# 256 KiB forward, 320 KiB dq backward, against 227 KiB; sm_90 AOT compiles), so the launch failed. Up to 512 every
+# kernel compiles within an A100's 163 KiB (fp32 and fp16). A wider head is the "wide_head" variant (ops/table.py),
+# which ``auto`` runs on the reference and an explicit backend='triton' refuses; the Triton launcher checks it too.
+MAX_FUSED_HEAD_DIM = 512
 
 
 def _check_mask(name: str, mask: object, like: Tensor) -> None:

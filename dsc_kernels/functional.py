@@ -584,6 +584,8 @@ def sparse_attention(
     )
     bias = attention_args.score_bias(q, k.shape[2], key_padding_mask, attn_mask)
     features = ("mask_grad",) if bias is not None and check.requires_grad(bias) and torch.is_grad_enabled() else ()
+    if max(q.shape[-1], v.shape[-1]) > attention_args.MAX_FUSED_HEAD_DIM:
+        features += ("wide_head",)
     row = ops.select("sparse_attention", backend, q.device, q.dtype, features, inputs=(q, k, v, threshold, bias))
     return sparse_attention_ops.run(row, q, k, v, threshold, bias, mode, causal, scale)
 

@@ -371,3 +371,39 @@ def test_triton_gpu_matches_reference(dtype, mode, causal, n, m, d):
         _check_by_rule("triton", dtype, mode, causal, n, m, d, "cuda", b=2, h=3)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.interpreter
+def test_triton_refuses_head_dims_its_tiles_cannot_hold(monkeypatch):
+    """Head dims above 512 need (rows, 1024)-column tiles, more shared memory than an H100/H200 block gets (fp16,
+    d = 1024: 256-320 KiB, sm_90 AOT compile): the launch failed on the GPU. ``auto`` now runs such calls on the
+    reference, an explicit backend='triton' raises a ValueError naming the variant before any kernel, and the op
+    itself refuses them; 512 still runs on the kernels."""
+    from dsc_kernels.triton import sparse_attention as tsa
+
+    _prepare("triton")
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 3, 4, generator=g), torch.randn(1, 1, 5, 4, generator=g)
+    wide = torch.randn(1, 1, 5, 513, generator=g)
+    with pytest.raises(ValueError, match="backend='triton' cannot run wide_head"):
+        DF.sparse_attention(q, k, wide, backend="triton")
+    with pytest.raises(ValueError, match="backend='triton' cannot run wide_head"):
+        DF.sparse_attention(torch.randn(1, 1, 3, 600), torch.randn(1, 1, 5, 600), k, backend="triton")
+    with pytest.raises(RuntimeError, match="head dims"):
+        tsa.sparse_attention_fwd(q, k, wide, torch.zeros(1), None, "sparsemax", False, 0.5)
+    # auto as on a GPU, where it prefers the kernels: the wide call takes the reference, a narrow one the kernels
+    from dsc_kernels.ops import selection, table
+
+    monkeypatch.setitem(table.AUTO_PREFERENCE_BY_FAMILY, ("sparse_attention", "cpu"), ("triton", "reference"))
+    assert selection.select("sparse_attention", "auto", q.device, q.dtype, ("wide_head",)).name == "reference"
+    assert selection.select("sparse_attention", "auto", q.device, q.dtype).name == "triton"
+    torch.testing.assert_close(
+        DF.sparse_attention(q, k, wide, backend="auto"), DF.sparse_attention(q, k, wide, backend="reference")
+    )
+    v = wide[..., :512]
+    torch.testing.assert_close(
+        DF.sparse_attention(q, k, v, backend="triton"),
+        DF.sparse_attention(q.double(), k.double(), v.double(), backend="reference").float(),
+        rtol=1e-5,
+        atol=1e-5,
+    )

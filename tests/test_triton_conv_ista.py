@@ -651,3 +651,17 @@ def test_kink_tolerant_comparison(rank, device):
         device=device,
     )
     _check_at_scale(p, torch.float32, recompute=rank == 1)
+
+
+def test_autocast_runs_the_triton_ops_in_float32(device):
+    """Inside autocast a bfloat16 activation meets float32 parameters; the fused ops' autocast rule computes them in
+    float32 (ops/registry.py). The rule was registered for CUDA only, so under the interpreter (CPU tensors, CPU
+    autocast) the triton op received the mixed dtypes and raised 'all tensors must ... have x's dtype'."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 7, generator=g).to(device=device, dtype=torch.bfloat16)
+    w = (0.3 * torch.randn(4, 3, 3, 3, generator=g)).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        z = DF.conv_ista(x, w, 0.1, n_iter=2, padding=1, backend="triton")
+    want = DF.conv_ista(x.float(), w, 0.1, n_iter=2, padding=1, backend="triton")
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z, want, rtol=0, atol=0)

@@ -111,7 +111,10 @@ def _compute_in_float32_under_autocast(row: Backend) -> None:
     """Inside an autocast region the fused ops take their inputs in float32 (float64 stays) and run with autocast
     off, like ``torch.nn.functional``'s float32-policy ops: the kernels' own ATen calls (oneDNN convolutions in the
     C++ ops) would otherwise come back in bfloat16 next to float32 buffers and fail."""
-    for device in row.devices or ("cpu", "cuda"):
+    # Triton rows run on CPU tensors too under Triton's interpreter (TRITON_INTERPRET=1), where a CUDA-only rule
+    # left the op to receive autocast's mixed dtypes and refuse them.
+    devices = ("cpu", "cuda") if row.devices is None or row.requires == "triton" else row.devices
+    for device in devices:
         if torch.amp.is_autocast_available(device):
             for name in row.op_names:
                 torch.library.register_autocast(name, device, torch.float32)

@@ -37,7 +37,9 @@ _HALF_AND_UP = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CONV_ISTA_VARIANTS = ("per_iteration_weight", "input_encoder")
 # sparse attention: "mask_grad": a float mask that requires grad (a learned score bias). Its gradient is dL/ds, N x M
 # per head, which the fused backwards never form: only the reference (dense scores, eager autograd) gives it.
-SPARSE_ATTENTION_VARIANTS = ("mask_grad",)
+# "wide_head": a head dim d or d_v above _attention_args.MAX_FUSED_HEAD_DIM (512), whose tiles do not fit the Triton
+# kernels' shared memory on an H100/H200. The other rows have no such limit.
+SPARSE_ATTENTION_VARIANTS = ("mask_grad", "wide_head")
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,7 @@ TABLE: tuple[Backend, ...] = (
         devices=("cpu",),
         dtypes=(torch.float32, torch.float64),
         requires="extension",
+        features=("wide_head",),
         registration="native",
         forward_impl="csrc/cpu/sparse_attention.cpp",
         backward_impl="csrc/cpu/sparse_attention.cpp",

@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._attention_args import MAX_FUSED_HEAD_DIM
 from .grid import block_and_index
 from .launch import AotSpec, interpreting, launch, record_launches
 
@@ -828,6 +829,11 @@ def _check_inputs(op: str, q, k, v, threshold, bias, mode, scale) -> None:
     if threshold.dim() != 1 or threshold.shape[0] != h or not threshold.is_floating_point():
         raise RuntimeError(
             f"{op}: threshold must be a float tensor of shape (H,) = ({h},), got {tuple(threshold.shape)}"
+        )
+    if max(d, v.shape[3]) > MAX_FUSED_HEAD_DIM:
+        raise RuntimeError(
+            f"{op}: the triton kernels take head dims (d, d_v) up to {MAX_FUSED_HEAD_DIM}, got ({d}, {v.shape[3]}): "
+            "their tiles would not fit a GPU's shared memory; use backend='reference'"
         )
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"{op}: the triton sparse-attention kernels take float32/float16/bfloat16, got {q.dtype}")
