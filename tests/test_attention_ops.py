@@ -385,7 +385,7 @@ def test_triton_refuses_head_dims_its_tiles_cannot_hold(monkeypatch):
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 1, 3, 4, generator=g), torch.randn(1, 1, 5, 4, generator=g)
     wide = torch.randn(1, 1, 5, 513, generator=g)
-    with pytest.raises(ValueError, match="backend='triton' cannot run wide_head"):
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run wide_head \(a head dim d or d_v above 512\)"):
         DF.sparse_attention(q, k, wide, backend="triton")
     with pytest.raises(ValueError, match="backend='triton' cannot run wide_head"):
         DF.sparse_attention(torch.randn(1, 1, 3, 600), torch.randn(1, 1, 5, 600), k, backend="triton")

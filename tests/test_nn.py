@@ -97,6 +97,26 @@ def test_deep_decode_takes_the_signal_size_of_a_strided_stack():
         deep.decode(g2, (0, 8))
 
 
+@pytest.mark.parametrize("stack", ["deep", "multilayer"])
+def test_stack_decode_names_the_signal_size_that_no_code_maps_to(stack):
+    # the size of each layer was left to that layer's decode, whose errors quoted an intermediate size: signal_size
+    # (1, 1) was refused as "signal_size must be >= 1, got -1", and a size whose codes are not the given code's
+    # named a signal the caller never passed
+    from dsc_kernels.nn import MultiLayerSparseCoding2d
+
+    options = dict(strides=[2, 2], n_iter=1, backend="reference")
+    if stack == "deep":
+        model = DeepSparseCoding2d([1, 2, 3], [5, 3], paddings=[0, 1], **options)
+    else:
+        model = MultiLayerSparseCoding2d([1, 2, 3], [5, 3], paddings=[0, 1], **options)
+    code = model(torch.randn(1, 1, 13, 13))[-1]  # 13 -> 5 -> 3
+    assert model.decode(code, (13, 13)).shape == (1, 1, 13, 13)
+    with pytest.raises(ValueError, match=r"signal_size \(1, 1\) has no codes: layer 1's input would be \(1, 1\)"):
+        model.decode(code, (1, 1))
+    with pytest.raises(ValueError, match=r"code has spatial size \(3, 3\), but an input of signal_size \(20, 20\)"):
+        model.decode(code, (20, 20))
+
+
 def test_deep_sparse_coding_layers_and_decode():
     deep = DeepSparseCoding2d([1, 4, 8], [5, 3], strides=[1, 2], lams=[0.05, 0.02], n_iter=3, backend="reference")
     x = torch.randn(2, 1, 16, 16)

@@ -455,3 +455,23 @@ def test_cli_rejects_a_recipe_whose_packages_are_missing_before_training(
     err = _usage_error(["train", "--recipe", "denoise", "--epochs", "1", "--out", str(out)], capsys)
     assert "argument --recipe: denoise needs " + package in err and "dsc_kernels[train]" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_denoise_train_imports_its_baselines_before_training(broken, monkeypatch, tmp_path):
+    # The CLI's REQUIRES check finds packages without importing them: a PyWavelets that is installed but fails to
+    # import (a build against another numpy), or a missing one under a call of denoise.train from Python, ended
+    # the training's minutes in an ImportError at the baselines, with no model.pt
+    from dsc_kernels import _cli_args
+
+    if broken:
+        (tmp_path / "pywt").mkdir()
+        (tmp_path / "pywt" / "__init__.py").write_text("raise ImportError('built against another numpy')\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, "pywt", raising=False)
+        assert _cli_args.packages_problem("--recipe", "denoise", denoise.REQUIRES) is None  # found, so let through
+    else:
+        monkeypatch.setitem(sys.modules, "pywt", None)
+    monkeypatch.setattr(engine, "fit", lambda *args, **kwargs: pytest.fail("trained"))
+    with pytest.raises(ImportError, match=r"need scikit-image and PyWavelets: pip install 'dsc_kernels\[train\]'"):
+        denoise.train("cscnet", 1, 0, tmp_path / "out", "reference", engine.start(False, "cpu"), subset=4)

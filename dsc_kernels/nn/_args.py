@@ -4,11 +4,13 @@ before any parameter is made."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .. import _validate as check
+from ..reference.conv import code_size
 
 
 def positive_int(name: str, value: object) -> int:
@@ -69,3 +71,30 @@ def check_value(
     if not allow_negative and low < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}{hint}")
     return value
+
+
+def stack_signal_sizes(
+    signal_size: object, code: object, geometries: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]]
+) -> list[tuple[int, ...]]:
+    """The signal size each layer of a 2-D stack decodes to, from the input's ``signal_size``: layer j's signal is
+    layer j - 1's code (``reference.conv.code_size`` of each (kernel_size, stride, padding) in ``geometries``).
+
+    Checked against the user's own numbers: a signal_size that leaves some layer no codes, or whose deepest codes are
+    not ``code``'s size, is a ValueError naming signal_size. Left to each layer's decode, the error quoted a layer's
+    intermediate size ("signal_size must be >= 1, got -1" for signal_size=(1, 1))."""
+    sizes = [check.ints("signal_size", signal_size, 2, minimum=1)]
+    for j, (kernel_size, stride, padding) in enumerate(geometries, start=1):
+        codes = code_size(sizes[-1], kernel_size, stride, padding)
+        if min(codes) < 1:
+            raise ValueError(
+                f"signal_size {sizes[0]} has no codes: layer {j}'s input would be {sizes[-1]}, smaller than its "
+                f"kernel {tuple(kernel_size)} with padding {tuple(padding)}"
+            )
+        sizes.append(codes)
+    code = check.tensor("code", code, rank=2 + len(sizes[0]))
+    if tuple(code.shape[2:]) != sizes[-1]:
+        raise ValueError(
+            f"code has spatial size {tuple(code.shape[2:])}, but an input of signal_size {sizes[0]} has deepest "
+            f"codes of size {sizes[-1]}"
+        )
+    return sizes

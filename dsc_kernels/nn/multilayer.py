@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .. import _validate as check
 from .. import functional as DF
 from . import _projection
-from ._args import check_value, flags, float_dtype, positive_int
+from ._args import check_value, flags, float_dtype, positive_int, stack_signal_sizes
 from .sparse_coding import STEP_FLOOR, step_floor_after_load
 
 IntOrPair = int | Sequence[int]
@@ -225,9 +225,7 @@ class MultiLayerSparseCoding2d(_projection.Projected):
     def decode(self, code: Tensor, signal_size: Sequence[int]) -> Tensor:
         """The signal a deepest code G_L stands for, D_1 D_2 ... D_L G_L (the last unfolding's dictionaries), of
         spatial size ``signal_size``: (B, C_L, H_L, W_L) -> (B, C_0, *signal_size)."""
-        sizes = [check.ints("signal_size", signal_size, 2, minimum=1)]
-        for k, s, p in zip(self.kernel_sizes, self.strides, self.paddings):
-            sizes.append(tuple((n + 2 * pp - kk) // ss + 1 for n, kk, ss, pp in zip(sizes[-1], k, s, p)))
+        sizes = stack_signal_sizes(signal_size, code, list(zip(self.kernel_sizes, self.strides, self.paddings)))
         for j in reversed(range(len(self.weights))):
             w = self.weights[j][-1] if self.untied_unfoldings else self.weights[j]
             code = DF.conv_synthesis(code, w, stride=self.strides[j], padding=self.paddings[j], signal_size=sizes[j])

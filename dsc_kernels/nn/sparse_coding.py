@@ -29,6 +29,7 @@ from ._args import check_value as _check_value
 from ._args import flags as _flags
 from ._args import float_dtype as _float_dtype
 from ._args import positive_int as _positive_int
+from ._args import stack_signal_sizes as _stack_signal_sizes
 
 IntOrTuple = int | Sequence[int]
 ValueOrTensor = float | Tensor
@@ -851,14 +852,8 @@ class DeepSparseCoding2d(nn.Module):
         if signal_size is None:
             sizes = [None] * len(self.layers)
         else:
-            sizes = [check.ints("signal_size", signal_size, 2, minimum=1)]
-            for layer in self.layers[:-1]:
-                sizes.append(
-                    tuple(
-                        (n + 2 * p - k) // s + 1
-                        for n, k, s, p in zip(sizes[-1], layer.kernel_size, layer.stride, layer.padding)
-                    )
-                )
+            geometries = [(layer.kernel_size, layer.stride, layer.padding) for layer in self.layers]
+            sizes = _stack_signal_sizes(signal_size, code, geometries)[:-1]
         for layer, size in zip(reversed(self.layers), reversed(sizes)):
             code = layer.decode(code, size)
         return code

@@ -200,9 +200,8 @@ def select(
             missing = _missing(table.row(family, name), features)
             if missing:
                 able = [r.name for r in table.rows(family) if not _missing(r, features)]
-                raise ValueError(
-                    f"{asked} cannot run {' and '.join(missing)} ({family}); backends that can: {', '.join(able)}"
-                )
+                what = " and ".join(f"{m} ({table.VARIANT_MEANING[m]})" for m in missing)
+                raise ValueError(f"{asked} cannot run {what} in {family}; backends that can: {', '.join(able)}")
         reason = unavailable_reason(family, name, device.type)
         if reason is not None:
             raise RuntimeError(f"{asked} cannot run: {reason}")

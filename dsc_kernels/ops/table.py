@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._attention_args import MAX_FUSED_HEAD_DIM
+
 FAMILIES = ("conv_ista", "sparse_attention", "ml_ista")
 
 # Registration kinds: "custom_op" (Python implementation, schema from the family module), "triton_op" (launchers
@@ -40,6 +42,13 @@ CONV_ISTA_VARIANTS = ("per_iteration_weight", "input_encoder")
 # "wide_head": a head dim d or d_v above _attention_args.MAX_FUSED_HEAD_DIM (512), whose tiles do not fit the Triton
 # kernels' shared memory on an H100/H200. The other rows have no such limit.
 SPARSE_ATTENTION_VARIANTS = ("mask_grad", "wide_head")
+# What each variant means, for the error an explicit backend that cannot run one raises.
+VARIANT_MEANING = {
+    "per_iteration_weight": "a dictionary per iteration",
+    "input_encoder": "an input encoder",
+    "mask_grad": "a float mask that requires grad",
+    "wide_head": f"a head dim d or d_v above {MAX_FUSED_HEAD_DIM}",
+}
 
 
 @dataclass(frozen=True)

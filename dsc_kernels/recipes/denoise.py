@@ -164,8 +164,10 @@ def dct_ista(noisy: Tensor, lam: float, n_iter: int = 50) -> Tensor:
 
 def _skimage():
     try:
+        # denoise_wavelet imports PyWavelets only when called, which raised scikit-image's own ImportError
+        import pywt  # noqa: F401
         from skimage.restoration import denoise_tv_chambolle, denoise_wavelet
-    except ImportError as err:  # pragma: no cover - depends on the environment
+    except ImportError as err:
         raise ImportError(
             "the denoise recipe's baselines need scikit-image and PyWavelets: pip install 'dsc_kernels[train]'"
         ) from err
@@ -252,6 +254,10 @@ def train(
     first ``subset`` of the PATCHES_PER_EPOCH training patches (all when None)."""
     strategy, epochs, seed, out, backend = _args.train_arguments(strategy, STRATEGIES, epochs, seed, out, backend, run)
     subset = _args.subset(subset, PATCHES_PER_EPOCH)
+    # The baselines run after the training: import them first (on every rank, so none waits for a rank that
+    # raised). The CLI's REQUIRES check only finds packages; one that is installed but fails to import (and a
+    # call of train() from Python) otherwise ended the training's minutes in an ImportError, with no model.pt.
+    _skimage()
     torch.manual_seed(seed)
     spec = {"n_atoms": N_ATOMS, "kernel_size": KERNEL, "n_iter": N_ITER, "stride": STRIDE, "backend": backend}
     model = build(spec).to(run.device)
