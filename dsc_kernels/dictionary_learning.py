@@ -68,18 +68,34 @@ def _random_crops(x: Tensor, n: int, kernel: tuple[int, ...], generator: torch.G
 
 def _project_atoms(weight: Tensor) -> Tensor:
     """Scale every atom with norm > 1 back onto the unit sphere (the projection onto the unit ball)."""
-    norms = weight.flatten(1).norm(dim=1).clamp_min(1.0)
-    return weight / norms.reshape(-1, *([1] * (weight.dim() - 1)))
+    # the norm of each atom scaled to its largest |tap| (in [1, sqrt(n)]), then scaled back: on the atom itself the
+    # squares overflowed (float32 taps from ~1e19, float64 from ~1e154), the norm was inf and the atom became 0
+    shape = (-1, *([1] * (weight.dim() - 1)))
+    flat = weight.flatten(1)
+    top = flat.abs().amax(dim=1) if flat.shape[1] else flat.new_zeros(len(flat))
+    top = torch.where((top > 0) & top.isfinite(), top, torch.ones_like(top))
+    norms = (flat / top[:, None]).norm(dim=1) * top
+    # an atom beyond the unit ball whose norm overflows (max|tap| near the dtype's max): divide by top first
+    scaled = (weight / top.reshape(shape)) / ((norms / top).reshape(shape))
+    return torch.where((norms > 1).reshape(shape), scaled, weight)
 
 
-def _atom_lipschitz(codes: Tensor, kernel: Sequence[int]) -> Tensor:
+def _atom_lipschitz(codes: Tensor, kernel: Sequence[int]) -> tuple[Tensor, Tensor]:
     """Per atom j, an upper bound of ||Z_j||^2 for the map w_j -> D_j z_j (all signals): the linear convolution is
     a crop of a circular one of size S_z + k - 1, whose squared norm is max over frequencies of sum_b |FFT(z_bj)|^2.
-    codes: (B, C_code, *S_z) -> (C_code,)."""
+    codes: (B, C_code, *S_z) -> (scale, power), each (C_code,) float64: the bound is power * scale^2, scale the
+    largest |code| of the atom (1 for an unused one, whose power is 0).
+
+    |FFT|^2 is of degree 2 in the codes: in their own dtype it underflowed to 0 (float32 codes below ~1e-23: the
+    atom counted as unused and never moved) or overflowed (codes from ~1e18: a step of 0). It is computed on each
+    atom's codes scaled to their largest magnitude, in float64, and the scale kept apart."""
     dims = tuple(range(2, codes.dim()))
     sizes = [codes.shape[d] + k - 1 for d, k in zip(dims, kernel)]
-    power = torch.fft.rfftn(codes, s=sizes, dim=dims).abs().pow(2).sum(dim=0)
-    return power.flatten(1).amax(dim=1)
+    wide = codes.double()
+    top = wide.transpose(0, 1).flatten(1).abs().amax(dim=1) if wide.numel() else wide.new_zeros(codes.shape[1])
+    top = torch.where((top > 0) & top.isfinite(), top, torch.ones_like(top))
+    power = torch.fft.rfftn(wide / top.reshape(1, -1, *([1] * len(dims))), s=sizes, dim=dims).abs().pow(2).sum(0)
+    return top, power.flatten(1).amax(dim=1)
 
 
 def _dictionary_lipschitz(weight: Tensor, code_spatial: Sequence[int]) -> float:
@@ -103,16 +119,19 @@ def _dictionary_sweeps(x: Tensor, codes: Tensor, weight: Tensor, n_sweeps: int, 
     noise) frozen; per-atom steps move every atom at its own rate. Each block step lowers the objective."""
     rank = x.dim() - 2
     kernel, signal = tuple(weight.shape[2:]), tuple(x.shape[2:])
-    lipschitz = _atom_lipschitz(codes, kernel).tolist()
+    scales, powers = _atom_lipschitz(codes, kernel)
+    scales = scales.to(codes.dtype)  # each the magnitude of one code entry, so exact in the codes' dtype
     weight = weight.clone()
     residual = DF.conv_synthesis(codes, weight, padding=padding, signal_size=signal) - x
     for _ in range(n_sweeps):
-        for j, bound in enumerate(lipschitz):
-            if bound == 0:  # an unused atom has no gradient
+        for j, power in enumerate(powers.tolist()):
+            if power == 0:  # an unused atom has no gradient
                 continue
             code = codes[:, j : j + 1]
-            gradient = _CONV_WEIGHT[rank](residual, (1, *weight.shape[1:]), code, padding=padding)
-            atom = _project_atoms(weight[j : j + 1] - gradient / bound)
+            # the step gradient / (power * scale^2), with the gradient (of degree 2: residual times code) taken
+            # against the scaled code: on the code itself it underflowed (or overflowed) where the step does not
+            gradient = _CONV_WEIGHT[rank](residual, (1, *weight.shape[1:]), code / scales[j], padding=padding)
+            atom = _project_atoms(weight[j : j + 1] - gradient / scales[j] / power)
             residual += DF.conv_synthesis(code, atom - weight[j : j + 1], padding=padding, signal_size=signal)
             weight[j : j + 1] = atom
     return weight

@@ -137,6 +137,39 @@ def _bound(out: np.ndarray) -> float | np.ndarray:
     return float(out) if out.ndim == 0 else out
 
 
+def _product(*factors: object) -> np.ndarray:
+    """The product of non-negative float64 factors (broadcast together) without intermediate overflow or underflow:
+    a bound such as s B q^k is representable while s B overflows or q^k underflows (B = 1e300, q = 0.5, k = 1100:
+    7e-32, not 0). A factor is a value or a pair (q, k), the power q^k. The plain product where every partial
+    product (power included) is a normal float; else, for positive finite factors, 2 to the sum of their log2s
+    (relative error ~1e-13), rounded once into the range; zeros, inf and NaN keep the plain product's rules."""
+    tiny = np.finfo(np.float64).tiny
+    values, logs, exact = [], [], []
+    with np.errstate(all="ignore"):
+        for factor in factors:
+            if isinstance(factor, tuple):
+                base, power = np.asarray(factor[0], dtype=np.float64), np.asarray(factor[1], dtype=np.float64)
+                value = np.power(base, power)
+                usable = (base > 0) & np.isfinite(base) & np.isfinite(power)
+                logs.append(np.where(usable, power * np.log2(base), np.nan))
+                exact.append((value >= tiny) | (base == 0) | (power == 0) | ~np.isfinite(power))  # not rounded away
+            else:
+                value = np.asarray(factor, dtype=np.float64)
+                logs.append(np.where((value > 0) & np.isfinite(value), np.log2(value), np.nan))
+                exact.append(np.ones(value.shape, dtype=bool))
+            values.append(value)
+        values, logs, exact = np.broadcast_arrays(*values), np.broadcast_arrays(*logs), np.broadcast_arrays(*exact)
+        out, normal = np.ones(values[0].shape), np.ones(values[0].shape, dtype=bool)
+        for value, kept in zip(values, exact):
+            out = out * value
+            normal &= kept & ((value == 0) | (value >= tiny)) & ((out == 0) | ((out >= tiny) & np.isfinite(out)))
+        total = np.sum(logs, axis=0) if logs else np.zeros(out.shape)
+        usable = ~normal & np.isfinite(total)  # every factor positive and finite
+        whole = np.floor(np.where(usable, total, 0.0))
+        scaled = np.ldexp(np.exp2(np.where(usable, total, 0.0) - whole), np.clip(whole, -2000, 2000).astype(np.int64))
+    return np.where(usable, scaled, out)
+
+
 def _conv_args(weight: object, signal_size: object, stride: object, padding: object) -> tuple[int, tuple, tuple, tuple]:
     """The checked rank, signal size (>= 1), stride (>= 1) and padding (>= 0) of a convolutional dictionary."""
     nd = _check_weight(weight).dim() - 2
@@ -458,11 +491,14 @@ def stability_bound(eps: float, sparsities: Sequence[int], mus: Sequence[float])
     sparsities, mus = _layers("sparsities", sparsities), _layers("mus", mus)
     if len(sparsities) != len(mus):
         raise ValueError(f"sparsities and mus need one entry per layer, got {len(sparsities)} and {len(mus)}")
-    out, sq = [], _real("eps", eps) ** 2
+    # eps 2^j / sqrt(prod gaps), not the square root of the squared bound: eps^2 underflowed to 0 (eps = 1e-200
+    # gave 0) or overflowed (eps = 1e200 raised OverflowError), though the bound itself is representable. Each layer
+    # multiplies by 2 / sqrt(gap) >= 2, so the running value only grows: it overflows only if the bound does.
+    out, bound = [], _real("eps", eps)
     for s, mu in zip(sparsities, mus):
         gap = 1.0 - _rate(_sparsity(s, "sparsities"), _mu(mu, "mus"))
-        sq = math.inf if gap <= 0 else 4.0 * sq / gap
-        out.append(math.sqrt(sq))
+        bound = math.inf if gap <= 0 or math.isinf(bound) else float(_product(bound, 2.0 / math.sqrt(gap)))
+        out.append(bound)
     return out
 
 
@@ -497,7 +533,7 @@ def lista_cp_error_bound(k, s: int, B: float, q: float, C: float, sigma: float):
     B, q, C, sigma = _real("B", B), _real("q", q), _real("C", C), _real("sigma", sigma)
     if q >= 1:
         return _bound(np.full_like(k, np.inf))
-    return _bound(s * B * np.power(q, k) + C * sigma)
+    return _bound(_product(s, B, (q, k)) + _product(C, sigma))
 
 
 def deep_error_bound(
@@ -527,9 +563,9 @@ def deep_error_bound(
         return _bound(np.full_like(k, np.inf))
     total = np.zeros_like(k)
     for j in range(len(qs)):
-        gain = math.prod(lista_cp_noise_gain(sparsities[i], qs[i]) for i in range(j + 1, len(qs)))
-        own = sparsities[j] * amplitudes[j] * np.power(qs[j], k) + lista_cp_noise_gain(sparsities[j], qs[j]) * etas[j]
-        total = total + gain * own
+        gains = [lista_cp_noise_gain(sparsities[i], qs[i]) for i in range(j + 1, len(qs))]
+        own = _product(*gains, sparsities[j], amplitudes[j], (qs[j], k))
+        total = total + own + _product(*gains, lista_cp_noise_gain(sparsities[j], qs[j]), etas[j])
     return _bound(total)
 
 
@@ -586,7 +622,7 @@ def stripe_error_bound(k, s_stripe: int, B: float, mu: float, eta: float):
     B, eta = _real("B", B), _real("eta", eta)
     if q >= 1:
         return _bound(np.full_like(k, np.inf))
-    return _bound(B * np.power(q, k) + 2.0 * eta * (1 - np.power(q, k)) / (1 - q))
+    return _bound(_product(B, (q, k)) + _product(2.0, eta, 1 - np.power(q, k), 1 / (1 - q)))
 
 
 def oracle_threshold(err_l1: float, mu: float, eta: float) -> float:
@@ -610,19 +646,21 @@ def geometric_thresholds(theta0: float, q: float, n_iter: int, floor: float = 0.
     q = _real("q", q)
     if q >= 1:
         raise ValueError(f"q must be < 1 (a linear rate), got {q!r}: the theory gives no threshold schedule")
-    return theta0 * np.power(q, np.arange(check.count("n_iter", n_iter, 0), dtype=np.float64)) + floor
+    return _product(theta0, (q, np.arange(check.count("n_iter", n_iter, 0), dtype=np.float64))) + floor
 
 
-def _objective_bound(k: object, L: object, dist0_sq: object, rate: Callable[[np.ndarray], np.ndarray]):
+def _objective_bound(k: object, L: object, dist0_sq: object, rate: Callable[[np.ndarray], tuple]):
     """c(k) L ||z_0 - z*||^2 for k >= 1 and inf at k = 0: the theorems bound the iterates, not the start z_0."""
     k = _iterations(k)
-    value = _real("L", L) * _nonnegative_array("dist0_sq", dist0_sq)
+    L, dist0_sq = _real("L", L), _nonnegative_array("dist0_sq", dist0_sq)
     try:
-        np.broadcast(k, value)
+        np.broadcast(k, dist0_sq)
     except ValueError:
-        raise ValueError(f"k and dist0_sq must broadcast together, got shapes {k.shape} and {value.shape}") from None
+        raise ValueError(f"k and dist0_sq must broadcast together, got shapes {k.shape} and {dist0_sq.shape}") from None
+    # one product of L, dist0_sq and the rate's factors: L dist0_sq or (k + 1)^2 alone could overflow (k = 1e160:
+    # a FISTA bound of 0) where the bound does not
     with np.errstate(divide="ignore"):
-        return _bound(np.where(k >= 1, value * rate(np.maximum(k, 1.0)), np.inf))
+        return _bound(np.where(k >= 1, _product(L, dist0_sq, *rate(np.maximum(k, 1.0))), np.inf))
 
 
 def ista_objective_bound(k, L: float, dist0_sq: float):
@@ -630,7 +668,7 @@ def ista_objective_bound(k, L: float, dist0_sq: float):
 
     k: iteration counts >= 0 (k = 0, the start: inf), an int or array; L >= 0; dist0_sq >= 0 (scalar or array).
     """
-    return _objective_bound(k, L, dist0_sq, lambda k: 1.0 / (2.0 * k))
+    return _objective_bound(k, L, dist0_sq, lambda k: (0.5, 1.0 / k))
 
 
 def fista_objective_bound(k, L: float, dist0_sq: float):
@@ -638,7 +676,7 @@ def fista_objective_bound(k, L: float, dist0_sq: float):
 
     k: iteration counts >= 0 (k = 0, the start: inf), an int or array; L >= 0; dist0_sq >= 0 (scalar or array).
     """
-    return _objective_bound(k, L, dist0_sq, lambda k: 2.0 / (k + 1.0) ** 2)
+    return _objective_bound(k, L, dist0_sq, lambda k: (2.0, 1.0 / (k + 1.0), 1.0 / (k + 1.0)))
 
 
 def smooth_relu(name: str, beta: float) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -165,6 +165,32 @@ def test_low_frequency_fraction_does_not_depend_on_the_atoms_scale():
     assert low_frequency_fraction(w)[1:].isnan().all() and low_frequency_fraction(w)[0] == want[0]
 
 
+@pytest.mark.parametrize(
+    "dtype, scales", [(torch.float32, [1e-25, 1e-10, 1e15]), (torch.float64, [1e-200, 1e-165, 1e150])]
+)
+def test_learning_is_homogeneous_at_any_magnitude(dtype, scales):
+    """learn(c x, c lam) = (D, c Z): the atoms' steps squared the codes in their dtype (|FFT(z)|^2), so float32
+    signals of 1e-25 (float64 1e-165) gave bounds of 0 and no atom ever moved (atoms 0.11 off), silently."""
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    base = learn_conv_dictionary(x, 4, 3, 0.1, n_outer=3)
+    for scale in scales:
+        result = learn_conv_dictionary((x * scale).to(dtype), 4, 3, 0.1 * scale, n_outer=3)
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(result.weight.double(), base.weight, rtol=0, atol=tol, msg=str(scale))
+        torch.testing.assert_close(result.codes.double() / scale, base.codes, rtol=0, atol=tol, msg=str(scale))
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e20), (torch.float32, 3e37), (torch.float64, 1e200)])
+def test_huge_init_atoms_are_projected_onto_the_unit_sphere(dtype, scale):
+    """The projection's norm overflowed (squares of the taps): huge init atoms became 0 and learning raised that
+    ||D||^2 = 0, though their unit-norm projections are ordinary atoms."""
+    init = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    want = learn_conv_dictionary(x, 4, 3, 0.1, n_outer=2, init=init / init.flatten(1).norm(dim=1)[:, None, None, None])
+    result = learn_conv_dictionary(x, 4, 3, 0.1, n_outer=2, init=init * scale)
+    torch.testing.assert_close(result.weight, want.weight)
+
+
 @pytest.fixture
 def no_training(monkeypatch):
     """The command line with photo_dictionary replaced: a tiny result at once, or an AssertionError for a run that

@@ -56,6 +56,48 @@ def test_float32_scores_whose_gemm_overflows_are_exact_then_rounded(backend):
     assert torch.equal(grads[2][0, 0], torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_scores_whose_gemm_overflows_are_not_nan(backend):
+    """float64 has no wider dtype to take its scores to: with A = 2^520, q_0 . k_1 = A^2 - A^2 = 0 and q_0 . k_2 =
+    2 A^2 - A^2 = 2^1040 (beyond the range: +inf, which takes the row), but the GEMM summed inf - inf and finite
+    inputs gave NaN rows (float32's own case, above, was handled). Scores from exactly scaled-down q, k, scaled
+    back: every score exact or an honest +-inf, on every backend; gradients finite."""
+    _prepare(backend)
+    a = 2.0**520
+    q = torch.tensor([[a, -a], [1.0, 2.0]], dtype=torch.float64).view(1, 1, 2, 2).requires_grad_()
+    k = torch.tensor([[a, a], [2 * a, a], [1.0, 1.0], [a, 2 * a]], dtype=torch.float64).view(1, 1, 4, 2)
+    k.requires_grad_()
+    v = torch.arange(8.0, dtype=torch.float64).view(1, 1, 4, 2).requires_grad_()
+    scores = torch.tensor([[0.0, INF, 0.0, -INF], [3 * a, 4 * a, 3.0, 5 * a]], dtype=torch.float64)
+    want = DF.sparsemax(scores).view(1, 1, 2, 4)
+    torch.testing.assert_close(DF.sparse_attention_weights(q, k, scale=1.0), want, rtol=0, atol=0)
+    out = DF.sparse_attention(q, k, v, scale=1.0, backend=backend)
+    torch.testing.assert_close(out, want @ v.detach(), rtol=0, atol=0)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(grads[2], want.transpose(-1, -2) @ torch.ones(1, 1, 2, 2, dtype=torch.float64))
+    shrink = DF.sparse_attention(
+        q[:, :, :1], k[:, :, :3], v[:, :, :3], mode="shrink", threshold=-1.0, scale=1.0, backend=backend
+    )
+    assert torch.isinf(shrink).all()  # P = (1, inf, 1): the +inf score's weight, not NaN
+    # q 2^515 . k 2^515 scaled by 2^-1034 is (q . k) 2^-4, exactly: the same output and (scaled) gradients, bit for
+    # bit, with several keys on each row's support (the reference's derivatives were g 2^shift, which overflowed)
+    q0, k0, v = (
+        torch.randn(1, 2, n, 3, generator=torch.Generator().manual_seed(n), dtype=torch.float64) for n in (3, 5, 5)
+    )
+    for mode, threshold in (("sparsemax", None), ("shrink", 0.0)):
+        big = [(t * 2.0**515).requires_grad_() for t in (q0, k0)]
+        small = [t.clone().requires_grad_() for t in (q0, k0)]
+        out = DF.sparse_attention(*big, v, mode=mode, threshold=threshold, scale=2.0**-1034, backend=backend)
+        want = DF.sparse_attention(*small, v, mode=mode, threshold=threshold, scale=2.0**-4, backend=backend)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        assert int((want != 0).sum()) > 0
+        grads, wants = torch.autograd.grad(out.sum(), big), torch.autograd.grad(want.sum(), small)
+        for got, expected in zip(grads, wants):
+            assert expected.abs().max() > 0
+            torch.testing.assert_close(got * 2.0**515, expected, rtol=1e-12, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------- thresholds and masks
 def test_float_threshold_is_kept_in_the_compute_dtype_for_half_inputs():
     """A float threshold used to be stored in q's dtype: 0.1 became 0.09998 in float16 (P off by 25% here), and

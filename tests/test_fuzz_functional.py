@@ -67,6 +67,25 @@ def test_lasso_objective_checks_lam_device_and_range():
         DF.lasso_objective(x, z, w, 1e39)
 
 
+@pytest.mark.parametrize("dtype, size", [(torch.float16, 300.0), (torch.bfloat16, 2e19), (torch.float32, 2e19)])
+def test_lasso_objective_whose_squares_leave_the_dtype(dtype, size):
+    """0.5 ||r||^2 fits the dtype while r_i^2 does not: a float16 residual of 300 gave inf for 45,000 (float32:
+    2e19 gave inf for 2e38); the squares are summed in a wider dtype and the objective rounded back."""
+    w, z = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0)), torch.zeros(1, 2, 6, 6)
+    x = torch.zeros(1, 1, 6, 6)
+    x[0, 0, 2, 2] = size
+    got = DF.lasso_objective(x.to(dtype), z.to(dtype), w.to(dtype), 0.1, padding=1)
+    assert got.dtype == dtype and float(got) == pytest.approx(0.5 * size**2, rel=torch.finfo(dtype).eps)
+    x, z = torch.randn(2, 1, 6, 6), torch.randn(2, 2, 6, 6)  # ordinary values: the float64 objective, rounded
+    want = DF.lasso_objective(x.double(), z.double(), w.double(), 0.1, padding=1)
+    torch.testing.assert_close(
+        DF.lasso_objective(x.to(dtype), z.to(dtype), w.to(dtype), 0.1, padding=1).double(),
+        want,
+        rtol=4 * torch.finfo(dtype).eps,
+        atol=0,
+    )
+
+
 def test_lipschitz_constant_of_a_meta_weight_is_a_value_error():
     with pytest.raises(ValueError, match="weight is a meta tensor"):  # was "Tensor.item() cannot be called"
         DF.lipschitz_constant(torch.randn(4, 3, 3, 3, device="meta"), (8, 8))

@@ -283,3 +283,28 @@ def test_stripe_sparsity_checks_kernel_size_and_stride():
         theory.stripe_sparsity(z, 3.0)
     with pytest.raises(ValueError, match="kernel_size"):
         theory.stripe_sparsity(z, (3, 3))
+
+
+def test_bounds_at_magnitudes_whose_intermediates_leave_float64():
+    """The bounds are representable where their pieces are not: eps^2 in stability_bound (eps = 1e-200 gave 0,
+    1e200 raised OverflowError), q^k in s B q^k (B = 1e300, q = 0.5, k = 1100 gave 0, the bound 7.4e-32), s B
+    (inf for 10 * 1e308, the bound 9.8e305), theta0 q^k (1e300 * 1e-320: a subnormal q^k, 1e-5 off), (k + 1)^2 and
+    L dist0_sq in the objective bounds (0 and inf where the bound is 2e-12 and 5e299)."""
+    gap = math.sqrt(0.9)
+    for eps in (1e-200, 1e200):
+        assert theory.stability_bound(eps, [1, 1], [0.1, 0.1]) == pytest.approx(
+            [2 * eps / gap, 4 * eps / 0.9], rel=1e-12
+        )
+    assert theory.stability_bound(1e308, [1], [0.1]) == [math.inf]  # the bound itself overflows
+    assert theory.lista_cp_error_bound(1100, 1, 1e300, 0.5, 0.0, 0.0) == pytest.approx(
+        math.ldexp(1e300, -1100), rel=1e-12
+    )
+    assert theory.lista_cp_error_bound(10, 10, 1e308, 0.5, 0.0, 0.0) == pytest.approx(1e308 / 1024 * 10, rel=1e-12)
+    assert theory.stripe_error_bound(1100, 1, 1e300, 0.5, 0.0) == pytest.approx(math.ldexp(1e300, -1100), rel=1e-12)
+    assert theory.deep_error_bound(1100, [1], [1e300], [0.5]) == pytest.approx(math.ldexp(1e300, -1100), rel=1e-12)
+    assert theory.geometric_thresholds(1e300, 1e-10, 33)[-1] == pytest.approx(1e-20, rel=1e-12)
+    assert theory.fista_objective_bound(1e160, 1e300, 1e8) == pytest.approx(2e-12, rel=1e-12)
+    assert theory.ista_objective_bound(1e100, 1e200, 1e200) == pytest.approx(5e299, rel=1e-12)
+    # ordinary values are the plain products, exactly
+    assert theory.lista_cp_error_bound(3, 2, 1.5, 0.5, 2.0, 0.1) == 2 * 1.5 * 0.5**3 + 2.0 * 0.1
+    assert theory.fista_objective_bound(2, 2.0, 3.0) == 2 * 2.0 * 3.0 / 9

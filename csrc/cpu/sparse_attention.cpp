@@ -162,15 +162,33 @@ scalar_t sparsemax_threshold(const scalar_t* s, int64_t n, scalar_t mx) {
   }
 }
 
+// How score panels are formed for a call whose GEMM may overflow (InputFacts): float scores in double, rounded
+// (wide); double scores from q / 2^qe and k / 2^ke, qe + ke the least shift that keeps d max|q| max|k| max(scale, 1)
+// below a quarter of the range (exact scalings), then times 2^(qe + ke) in pieces of at most 2^1000: intermediates
+// only grow, so a score overflows only where it is beyond double's range, to +-inf, never the NaN of a GEMM's
+// inf - inf (the reference's _wide_float64_scores, the same shift).
+struct ScoreMode {
+  bool wide = false;
+  int qe = 0, ke = 0;
+};
+
 // Scores of rows [r0, r1) of `a` against rows [c0, c1) of `b` of one (batch, head): a BLAS panel
-// (r1 - r0, c1 - c0), scaled. a, b are (B, H, L, d) tensors read through their strides. wide: float scores that
-// may overflow are computed in double and rounded (InputFacts::wide_scores).
+// (r1 - r0, c1 - c0), scaled. a, b are (B, H, L, d) tensors read through their strides.
 inline at::Tensor score_panel(const at::Tensor& a, const at::Tensor& b, int64_t bh, int64_t r0, int64_t r1,
-                              int64_t c0, int64_t c1, double scale, bool wide) {
+                              int64_t c0, int64_t c1, double scale, const ScoreMode& mode) {
   const int64_t heads = a.size(1);
   const auto a2 = a.select(0, bh / heads).select(0, bh % heads).narrow(0, r0, r1 - r0);
   const auto b2 = b.select(0, bh / heads).select(0, bh % heads).narrow(0, c0, c1 - c0);
-  if (wide) return at::mm(a2.to(at::kDouble), b2.to(at::kDouble).t()).mul_(scale).to(a.scalar_type());
+  if (mode.wide) return at::mm(a2.to(at::kDouble), b2.to(at::kDouble).t()).mul_(scale).to(a.scalar_type());
+  if (mode.qe + mode.ke > 0) {
+    auto s = at::mm(a2.mul(std::ldexp(1.0, -mode.qe)), b2.mul(std::ldexp(1.0, -mode.ke)).t()).mul_(scale);
+    for (int shift = mode.qe + mode.ke; shift > 0;) {
+      const int piece = std::min(1000, shift);
+      s.mul_(std::ldexp(1.0, piece));
+      shift -= piece;
+    }
+    return s;
+  }
   return at::mm(a2, b2.t()).mul_(scale);
 }
 
@@ -231,7 +249,7 @@ struct InputFacts {
   bool nan_scores;   // a score may be NaN: non-finite inputs, a NaN in the bias, or q k^T may overflow (inf - inf)
   // float scores may overflow: they are computed in double and rounded, so a score beyond float's range is +-inf
   // and never the NaN a float GEMM's inf - inf gives in some summation orders (the reference's rule, on its bound)
-  bool wide_scores;
+  ScoreMode scores;
 };
 
 // max |t| (NaN if t holds a NaN), one vectorised pass without temporaries; 0 for an empty tensor.
@@ -257,15 +275,25 @@ InputFacts input_facts(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   // The GEMM's partial sums and the scaled scores are at most d max|q| max|k| max(scale, 1) in magnitude. Rows
   // with a non-finite q or key are NaN whatever their scores, so the bound is over the finite entries (as the
   // reference, which zeroes the others before its GEMM).
-  const bool overflow = finite_max_abs(q, bq) * finite_max_abs(k, bk) * static_cast<double>(q.size(3)) *
-                            std::max(scale, 1.0) >
-                        0.25 * largest;
+  const double fq = finite_max_abs(q, bq), fk = finite_max_abs(k, bk);
+  const bool overflow = fq * fk * static_cast<double>(q.size(3)) * std::max(scale, 1.0) > 0.25 * largest;
   bool nan_scores = !finite || overflow;
   if (bias.has_value() && bias->defined() && bias->numel() > 0) {
     const auto [lo, hi] = at::aminmax(*bias);
     nan_scores = nan_scores || std::isnan(lo.item<double>()) || std::isnan(hi.item<double>());
   }
-  return {finite, nan_scores, is_float && overflow};
+  ScoreMode mode;
+  mode.wide = is_float && overflow;
+  if (!is_float && overflow && scale > 0) {
+    int eq = 0, ek = 0, ed = 0;
+    std::frexp(fq, &eq);
+    std::frexp(fk, &ek);
+    std::frexp(static_cast<double>(q.size(3)) * std::max(scale, 1.0), &ed);
+    const int shift = std::max(0, eq + ek + ed - 1020);
+    mode.qe = shift / 2;
+    mode.ke = shift - mode.qe;
+  }
+  return {finite, nan_scores, mode};
 }
 
 template <typename scalar_t>
@@ -286,7 +314,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / nqb, i0 = (task % nqb) * kRowBlock, i1 = std::min(N, i0 + kRowBlock);
       const int64_t mend = causal ? std::min(M, i1) : M;
-      at::Tensor panel = mend > 0 ? score_panel(q, k, bh, i0, i1, 0, mend, scale, facts.wide_scores) : at::Tensor();
+      at::Tensor panel = mend > 0 ? score_panel(q, k, bh, i0, i1, 0, mend, scale, facts.scores) : at::Tensor();
       const auto qh = qr.head(bh), vh = vr.head(bh);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t mi = visible_keys(i, M, causal);
@@ -338,7 +366,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 template <typename scalar_t>
 void bwd_kernel(const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const Bias<scalar_t>& bias, const at::Tensor& stats, bool sparsemax, bool causal, double scale_d,
-                bool wide, int64_t groups, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                const ScoreMode& wide, int64_t groups, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
                 at::Tensor& dtheta_partial) {
   const int64_t N = q.size(2), D = q.size(3), M = k.size(2), DV = v.size(3);
   const int64_t BH = q.size(0) * q.size(1);
@@ -483,7 +511,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bwd_
   const int64_t heads = std::max<int64_t>(1, B * H);
   const int64_t groups = std::max<int64_t>(1, std::min(nqb, (at::get_num_threads() + heads - 1) / heads));
   auto partial = at::zeros({B, H, groups}, q.options());
-  const bool wide = input_facts(q, k, v, bias, scale).wide_scores;  // the forward's panels, bit for bit
+  const ScoreMode wide = input_facts(q, k, v, bias, scale).scores;  // the forward's panels, bit for bit
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "sparse_attention_bwd_cpp", [&] {
     bwd_kernel<scalar_t>(g, q, k, v, Bias<scalar_t>(bias), stats, mode == "sparsemax", causal, scale, wide, groups,
                          dq, dk, dv, partial);

@@ -18,6 +18,8 @@ one of its scores is NaN (e.g. a NaN in a float mask); such a row passes no grad
 sees, so a NaN in a hidden (masked or causally later) key never reaches it. Finite float32 q, k whose scores may
 overflow have them computed in float64 and rounded to float32 (``_may_overflow``): a score beyond the range is
 +-inf, and finite inputs never give a NaN score (a float32 GEMM gives inf or inf - inf = NaN by its summation order).
+Float64 ones, with no wider dtype, are formed from exactly scaled-down q and k and scaled back
+(``_wide_float64_scores``), to the same effect.
 
 Row statistics, what the fused backends save for the backward (like FlashAttention's log-sum-exp):
 stats (B, H, N, 2) = (c_i, t_i) with the support {j : z_ij > t_i} and P_ij = z_ij - t_i on it, where
@@ -37,6 +39,8 @@ oracle and ``sparse_attention_weights_ref`` the dense P (``need_weights``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -134,7 +138,7 @@ def _rows_seeing(bad_key: Tensor, hidden: Tensor) -> Tensor:
     return (bad_key.unsqueeze(-2) & ~hidden).any(-1)
 
 
-def _may_overflow(q: Tensor, k: Tensor, scale: float) -> bool:
+def _may_overflow(q: Tensor, k: Tensor, scale: float, dtype: torch.dtype = torch.float32) -> bool:
     """Whether float32 scores of finite q, k may overflow: a partial sum of the GEMM may then be +inf in one
     summation order and inf - inf = NaN in another, so each backend would give its own answer. Such scores are
     computed in float64 and rounded (a score beyond float32's range is +-inf, never NaN), by every backend on the
@@ -145,7 +149,30 @@ def _may_overflow(q: Tensor, k: Tensor, scale: float) -> bool:
     if not values_readable(q) or not values_readable(k) or q.numel() == 0 or k.numel() == 0:
         return False
     bound = q.detach().abs().amax().double() * k.detach().abs().amax().double() * q.shape[-1] * max(scale, 1.0)
-    return bool(bound > 0.25 * torch.finfo(torch.float32).max)
+    return bool(bound > 0.25 * torch.finfo(dtype).max)
+
+
+def _wide_float64_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """scale q k^T for finite float64 q, k whose GEMM may overflow (a partial sum inf, inf - inf = NaN): the GEMM of
+    q / 2^a and k / 2^b, with a + b the least shift that keeps d max|q| max|k| max(scale, 1) below a quarter of the
+    range (exact power-of-two scalings, no more than needed so small entries keep their bits), then times 2^(a + b)
+    in pieces of at most 2^1000: the intermediates only grow, so a score overflows only where it is beyond float64's
+    range, to +-inf, never NaN (float32's, through float64, follow the same rule). ``sparse_attention.cpp`` the
+    same."""
+    exponent = sum(math.frexp(float(t))[1] for t in (q.detach().abs().amax(), k.detach().abs().amax()))
+    shift = max(0, exponent + math.frexp(q.shape[-1] * max(scale, 1.0))[1] - 1020)
+    a = shift // 2
+    with torch.no_grad():
+        s = scale * torch.matmul(q * 2.0**-a, (k * 2.0 ** -(shift - a)).transpose(-1, -2))
+        while shift:
+            piece = min(1000, shift)
+            s = s * 2.0**piece
+            shift -= piece
+    # The derivatives through a term whose value is exactly 0 (q - q.detach() is 0, and so is its product with a
+    # finite k), so that they are scale g k and scale g^T q (double backward included), never g times 2^shift.
+    return s + scale * (
+        torch.matmul(q - q.detach(), k.transpose(-1, -2)) + torch.matmul(q.detach(), (k - k.detach()).transpose(-1, -2))
+    )
 
 
 def _scores(q: Tensor, k: Tensor, causal: bool, scale: float, bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -155,6 +182,8 @@ def _scores(q: Tensor, k: Tensor, causal: bool, scale: float, bias: Tensor | Non
     qf, kf = _finite(q), _finite(k)
     if q.dtype == torch.float32 and _may_overflow(qf, kf, scale):
         s = (scale * torch.matmul(qf.double(), kf.double().transpose(-1, -2))).float()
+    elif q.dtype == torch.float64 and scale > 0 and _may_overflow(qf, kf, scale, torch.float64):
+        s = _wide_float64_scores(qf, kf, scale)
     else:
         s = scale * torch.matmul(qf, kf.transpose(-1, -2))
     hidden = torch.zeros(n, m, dtype=torch.bool, device=q.device)

@@ -211,4 +211,9 @@ def lasso_objective_ref(
     residual = x - conv_synthesis_ref(z, weight, x.shape[2:], stride, padding)
     l1 = z.abs().flatten(2).sum(-1)  # (B, C_code)
     lam = torch.as_tensor(lam, dtype=z.dtype, device=z.device)
-    return 0.5 * residual.pow(2).flatten(1).sum(-1) + (l1 * lam).sum(-1)
+    # The squares in a dtype of wider range (float16 in float32, bfloat16 and float32 in float64), the objective
+    # rounded back: ||r||^2 is twice the objective, and a single square can be far more, so in x's own dtype a
+    # float16 residual of 300 gave inf for an objective of 45,000 (bfloat16 and float32 from residuals of ~2e19).
+    wide = {torch.float16: torch.float32, torch.bfloat16: torch.float64, torch.float32: torch.float64}
+    energy = residual.to(wide.get(residual.dtype, residual.dtype)).pow(2).flatten(1).sum(-1)
+    return (0.5 * energy + (l1 * lam).sum(-1).to(energy.dtype)).to(residual.dtype)
