@@ -98,6 +98,21 @@ def test_float64_scores_whose_gemm_overflows_are_not_nan(backend):
             torch.testing.assert_close(got * 2.0**515, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_scores_with_a_huge_scale(backend):
+    """d max(scale, 1) overflows on its own at scale 1e308 (the overflow path's shift takes each factor's exponent
+    apart; frexp of inf is unspecified in C++): every backend gives the exact scores' answer, +-inf where a score is
+    beyond the range. (An infinite scale, which functional refuses, keeps the plain GEMM: test_fuzz_raw_ops.)"""
+    scale = 1e308
+    _prepare(backend)
+    q = torch.tensor([[0.5, 0.0], [1.0, 1.0]], dtype=torch.float64).view(1, 1, 2, 2)
+    k = torch.tensor([[1.0, 0.0], [0.25, 0.0], [-1.0, 2.0]], dtype=torch.float64).view(1, 1, 3, 2)
+    v = torch.arange(6.0, dtype=torch.float64).view(1, 1, 3, 2)
+    scores = scale * torch.tensor([[0.5, 0.125, -0.5], [1.0, 0.25, 1.0]], dtype=torch.float64)
+    want = DF.sparsemax(scores).view(1, 1, 2, 3) @ v
+    torch.testing.assert_close(DF.sparse_attention(q, k, v, scale=scale, backend=backend), want, equal_nan=True)
+
+
 # ---------------------------------------------------------------------------------- thresholds and masks
 def test_float_threshold_is_kept_in_the_compute_dtype_for_half_inputs():
     """A float threshold used to be stored in q's dtype: 0.1 became 0.09998 in float16 (P off by 25% here), and

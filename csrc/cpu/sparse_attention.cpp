@@ -284,12 +284,14 @@ InputFacts input_facts(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   }
   ScoreMode mode;
   mode.wide = is_float && overflow;
-  if (!is_float && overflow && scale > 0) {
-    int eq = 0, ek = 0, ed = 0;
+  if (!is_float && overflow && scale > 0 && std::isfinite(scale)) {  // an infinite scale keeps the plain GEMM
+    // exponents of each factor apart: d max(scale, 1) alone may overflow (scale 1e308), and frexp of inf is unspecified
+    int eq = 0, ek = 0, ed = 0, es = 0;
     std::frexp(fq, &eq);
     std::frexp(fk, &ek);
-    std::frexp(static_cast<double>(q.size(3)) * std::max(scale, 1.0), &ed);
-    const int shift = std::max(0, eq + ek + ed - 1020);
+    std::frexp(static_cast<double>(q.size(3)), &ed);
+    std::frexp(std::max(scale, 1.0), &es);
+    const int shift = std::max(0, eq + ek + ed + es - 1020);
     mode.qe = shift / 2;
     mode.ke = shift - mode.qe;
   }

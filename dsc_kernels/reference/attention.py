@@ -159,8 +159,9 @@ def _wide_float64_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
     in pieces of at most 2^1000: the intermediates only grow, so a score overflows only where it is beyond float64's
     range, to +-inf, never NaN (float32's, through float64, follow the same rule). ``sparse_attention.cpp`` the
     same."""
-    exponent = sum(math.frexp(float(t))[1] for t in (q.detach().abs().amax(), k.detach().abs().amax()))
-    shift = max(0, exponent + math.frexp(q.shape[-1] * max(scale, 1.0))[1] - 1020)
+    # exponents of each factor apart: d max(scale, 1) alone may overflow (scale 1e308)
+    factors = (q.detach().abs().amax(), k.detach().abs().amax(), q.shape[-1], max(scale, 1.0))
+    shift = max(0, sum(math.frexp(float(t))[1] for t in factors) - 1020)
     a = shift // 2
     with torch.no_grad():
         s = scale * torch.matmul(q * 2.0**-a, (k * 2.0 ** -(shift - a)).transpose(-1, -2))
@@ -182,7 +183,7 @@ def _scores(q: Tensor, k: Tensor, causal: bool, scale: float, bias: Tensor | Non
     qf, kf = _finite(q), _finite(k)
     if q.dtype == torch.float32 and _may_overflow(qf, kf, scale):
         s = (scale * torch.matmul(qf.double(), kf.double().transpose(-1, -2))).float()
-    elif q.dtype == torch.float64 and scale > 0 and _may_overflow(qf, kf, scale, torch.float64):
+    elif q.dtype == torch.float64 and 0 < scale < math.inf and _may_overflow(qf, kf, scale, torch.float64):
         s = _wide_float64_scores(qf, kf, scale)
     else:
         s = scale * torch.matmul(qf, kf.transpose(-1, -2))
