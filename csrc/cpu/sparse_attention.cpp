@@ -163,10 +163,10 @@ scalar_t sparsemax_threshold(const scalar_t* s, int64_t n, scalar_t mx) {
 }
 
 // How score panels are formed for a call whose GEMM may overflow (InputFacts): float scores in double, rounded
-// (wide); double scores from q / 2^qe and k / 2^ke, qe + ke the least shift that keeps d max|q| max|k| max(scale, 1)
-// below a quarter of the range (exact scalings), then times 2^(qe + ke) in pieces of at most 2^1000: intermediates
-// only grow, so a score overflows only where it is beyond double's range, to +-inf, never the NaN of a GEMM's
-// inf - inf (the reference's _wide_float64_scores, the same shift).
+// (wide); double scores from q / 2^qe and k / 2^ke, qe + ke a shift (within 3 bits of the least) that keeps
+// d max|q| max|k| max(scale, 1) below a quarter of the range (exact scalings), then times 2^(qe + ke) in pieces of at
+// most 2^1000: intermediates only grow, so a score overflows only where it is beyond double's range, to +-inf, never
+// the NaN of a GEMM's inf - inf (the reference's _wide_float64_scores, the same shift).
 struct ScoreMode {
   bool wide = false;
   int qe = 0, ke = 0;

@@ -154,11 +154,11 @@ def _may_overflow(q: Tensor, k: Tensor, scale: float, dtype: torch.dtype = torch
 
 def _wide_float64_scores(q: Tensor, k: Tensor, scale: float) -> Tensor:
     """scale q k^T for finite float64 q, k whose GEMM may overflow (a partial sum inf, inf - inf = NaN): the GEMM of
-    q / 2^a and k / 2^b, with a + b the least shift that keeps d max|q| max|k| max(scale, 1) below a quarter of the
-    range (exact power-of-two scalings, no more than needed so small entries keep their bits), then times 2^(a + b)
-    in pieces of at most 2^1000: the intermediates only grow, so a score overflows only where it is beyond float64's
-    range, to +-inf, never NaN (float32's, through float64, follow the same rule). ``sparse_attention.cpp`` the
-    same."""
+    q / 2^a and k / 2^b, with a + b a shift that keeps d max|q| max|k| max(scale, 1) below a quarter of the range
+    (exact power-of-two scalings, within 3 bits of the least shift, so small entries keep their bits), then times
+    2^(a + b) in pieces of at most 2^1000: the intermediates only grow, so a score overflows only where it is beyond
+    float64's range, to +-inf, never NaN (float32's, through float64, follow the same rule). ``sparse_attention.cpp``
+    the same."""
     # exponents of each factor apart: d max(scale, 1) alone may overflow (scale 1e308)
     factors = (q.detach().abs().amax(), k.detach().abs().amax(), q.shape[-1], max(scale, 1.0))
     shift = max(0, sum(math.frexp(float(t))[1] for t in factors) - 1020)
