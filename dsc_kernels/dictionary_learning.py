@@ -31,7 +31,7 @@ from torch import Tensor
 from . import _validate as check
 from . import functional as DF
 from .data import _seed
-from .reference.conv import code_size
+from .reference.conv import code_size, row_scales
 from .theory import _real
 
 _CONV_WEIGHT = {1: torch.nn.grad.conv1d_weight, 2: torch.nn.grad.conv2d_weight}
@@ -72,8 +72,7 @@ def _project_atoms(weight: Tensor) -> Tensor:
     # squares overflowed (float32 taps from ~1e19, float64 from ~1e154), the norm was inf and the atom became 0
     shape = (-1, *([1] * (weight.dim() - 1)))
     flat = weight.flatten(1)
-    top = flat.abs().amax(dim=1) if flat.shape[1] else flat.new_zeros(len(flat))
-    top = torch.where((top > 0) & top.isfinite(), top, torch.ones_like(top))
+    top = row_scales(flat)
     norms = (flat / top[:, None]).norm(dim=1) * top
     # an atom beyond the unit ball whose norm overflows (max|tap| near the dtype's max): divide by top first
     scaled = (weight / top.reshape(shape)) / ((norms / top).reshape(shape))
@@ -92,8 +91,7 @@ def _atom_lipschitz(codes: Tensor, kernel: Sequence[int]) -> tuple[Tensor, Tenso
     dims = tuple(range(2, codes.dim()))
     sizes = [codes.shape[d] + k - 1 for d, k in zip(dims, kernel)]
     wide = codes.double()
-    top = wide.transpose(0, 1).flatten(1).abs().amax(dim=1) if wide.numel() else wide.new_zeros(codes.shape[1])
-    top = torch.where((top > 0) & top.isfinite(), top, torch.ones_like(top))
+    top = row_scales(wide.transpose(0, 1).flatten(1))
     power = torch.fft.rfftn(wide / top.reshape(1, -1, *([1] * len(dims))), s=sizes, dim=dims).abs().pow(2).sum(0)
     return top, power.flatten(1).amax(dim=1)
 

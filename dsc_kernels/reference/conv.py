@@ -153,6 +153,14 @@ def soft_threshold_ref(
     return torch.where(shrunk != 0, shrunk, 0.0) if select_zeros else shrunk
 
 
+def row_scales(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's largest |entry|, to divide it by before squaring (norms, energies, power iterations), whose
+    intermediates leave the dtype's range long before the result does: (R, n) -> (R,). 1 for a row that is empty,
+    all zero or not finite, which keeps its own rules (0 stays 0, NaN stays NaN)."""
+    top = rows.abs().amax(dim=1) if rows.shape[1] else rows.new_ones(rows.shape[0])
+    return torch.where((top > 0) & top.isfinite(), top, torch.ones_like(top))
+
+
 def lipschitz_power_iteration(
     weight: torch.Tensor,
     signal_size: Sequence[int],

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conv import _CONV, _CONV_T
+from .conv import _CONV, _CONV_T, row_scales
 
 
 def is_rank_one(weight_shape: Sequence[int], stride: Sequence[int]) -> bool:
@@ -175,8 +175,7 @@ def dictionary_norm_sq(
     # step 0) or underflowed to 0 (float32 taps below ~1e-12, float64 below ~1e-77: L = 0, the zero dictionary's
     # step 1) where L itself is well inside the dtype's range. Iterate on weight / max|tap| and scale back, as
     # reference.conv.lipschitz_power_iteration does. A zero or non-finite weight keeps scale 1 (its own rules).
-    top = weight.abs().amax() if weight.numel() else weight.new_ones(())
-    scale = torch.where((top > 0) & top.isfinite(), top, torch.ones_like(top))
+    scale = row_scales(weight.reshape(1, -1))[0]
     weight = weight / scale
     if is_rank_one(weight.shape, stride):
         return _rank_one_norm_sq(weight, stride, vector.shape[2:]) * scale * scale, vector
