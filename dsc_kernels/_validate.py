@@ -121,6 +121,17 @@ def device(name: str, value: object) -> torch.device:
     return parsed
 
 
+def any_device(name: str, value: object) -> torch.device:
+    """Any device torch can name, whether or not it exists here (what a question about availability takes):
+    TypeError / ValueError naming the argument instead of torch's RuntimeError, which an int meets too."""
+    if not isinstance(value, (str, torch.device)):
+        raise TypeError(f"{name} must be a str or a torch.device, got {value!r}")
+    try:
+        return torch.device(value)
+    except RuntimeError:
+        raise ValueError(f"{name} must name a torch device such as 'cpu', 'cuda' or 'cuda:1', got {value!r}") from None
+
+
 def same_device(**tensors: Tensor | None) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:

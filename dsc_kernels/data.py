@@ -3,8 +3,11 @@
 Dictionaries follow docs/design.md §2: a weight (C_code, C_sig, k) or (C_code, C_sig, kh, kw) synthesises D z =
 conv_transpose(z, weight, stride, padding) at a fixed signal size. Low coherence is what the worst-case theory needs
 (docs/theory.md §4.4): Barker codes have aperiodic autocorrelation sidelobes of 1/length, Golomb-ruler filters
-(sparse taps, all pairwise differences distinct) have sidelobes 1/marks and keep deeper codes sparse. Nothing is
-downloaded.
+(sparse taps, all pairwise differences distinct) have sidelobes 1/marks and keep deeper codes sparse.
+
+Real data that ships inside scikit-learn, nothing downloaded: ``digits(seed)`` (the 8x8 digits, split as the digits
+recipe splits them) and ``photo(name)`` (a grayscale sample photograph, ``PHOTOS``), the recipes' own loaders
+(``recipes.data``, which needs the ``train`` extra), imported on first use.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ import torch.nn.functional as F
 from . import _validate as check
 from .theory import _check_weight, _real, mutual_coherence
 
+# The real-data loaders (recipes.data), by name: the recipes import this module, so they are imported when first
+# asked for (module __getattr__ at the end).
+_REAL_DATA = ("digits", "photo", "PHOTOS")
+
 __all__ = [
     "BARKER",
     "ConvDictionary",
@@ -32,6 +39,7 @@ __all__ = [
     "sparse_codes",
     "synthesize",
     "dsc_problem",
+    *_REAL_DATA,
 ]
 
 # Greedy restarts before the lattice fallback in sparse_codes (2-D, min_separation >= 2, tight requests only).
@@ -472,3 +480,11 @@ def dsc_problem(
         sparsity=[int((c != 0).flatten(1).sum(1).max()) for c in codes],
         amplitude=[float(c.abs().max()) for c in codes],
     )
+
+
+def __getattr__(name: str):
+    if name in _REAL_DATA:
+        from .recipes import data as real_data
+
+        return getattr(real_data, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -51,20 +51,39 @@ __all__ = [
 
 # ----------------------------------------------------------------------------------------------- backend choice
 def backend_unavailable_reason(backend: str, device: torch.device | str) -> str | None:
-    """Why conv-ISTA backend ``backend`` cannot run on ``device`` here (with how to fix it), or None when it can."""
-    return ops.unavailable_reason("conv_ista", backend, torch.device(device).type)
+    """Why conv-ISTA backend ``backend`` cannot run on ``device`` here (with how to fix it), or None when it can
+    (always for "auto", which falls back to the reference). ``backend`` is read as ``check_backend`` reads it."""
+    name = ops.backend_name(backend, "conv_ista")
+    device_type = check.any_device("device", device).type
+    return None if name == "auto" else ops.unavailable_reason("conv_ista", name, device_type)
 
 
-def check_backend(backend: object, family: str | None = None) -> str:
+def check_backend(
+    backend: object,
+    family: str | None = None,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> str:
     """``backend`` checked against the backend names (TypeError / ValueError naming it) and normalised; with
     ``family`` ("conv_ista", "ml_ista", "sparse_attention") it must also have that family's kernels. Whether it can
-    run is decided at the call, which knows the device and dtype."""
-    return ops.backend_name(backend, family)
+    run is decided at the call, which knows the device and dtype; given ``device`` (and ``dtype``, default float32)
+    with a family, it is decided here as that call would decide it (``DSC_KERNELS_BACKEND`` read for "auto"), and
+    the name of the backend that would run is returned, or the call's error raised."""
+    name = ops.backend_name(backend, family)
+    if device is None:
+        return name
+    if family is None:
+        raise ValueError("check_backend needs the op family to decide whether a backend can run on a device")
+    dtype = torch.float32 if dtype is None else dtype
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    return ops.select(family, name, check.any_device("device", device), dtype).name
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """The conv-ISTA backends that can run on ``device`` on this machine (``reference`` always can)."""
-    return ops.available("conv_ista", device)
+    return ops.available("conv_ista", check.any_device("device", device))
 
 
 # ------------------------------------------------------------------------------------------------ simple ops
@@ -230,23 +249,38 @@ def _warn_if_step_diverges(
         )
 
 
-def _thresholds_as_lam(
-    lam, threshold, step_full: Tensor, n_iter: int, c_code: int, nonneg: bool, like: Tensor
-) -> Tensor:
-    """The canonical (n_iter, C_code) lam from either ``lam`` (threshold = step·lam >= 0) or an absolute
-    ``threshold`` (lam = threshold / step; negative only with nonneg, where max(u - t, 0) is a ReLU with bias -t)."""
+def _checked_values(
+    lam, threshold, step, n_iter: int, c_code: int, nonneg: bool, like: Tensor, dtype: torch.dtype
+) -> tuple[Tensor | None, Tensor, bool]:
+    """A conv-ISTA call's step and thresholds, checked and broadcast before any backend is chosen: (step (n_iter,),
+    or None for the default 1/L; the thresholds (n_iter, C_code) in like's dtype; True when they are absolute).
+
+    Either ``lam`` (threshold = step·lam >= 0) or an absolute ``threshold`` (negative only with nonneg, where
+    max(u - t, 0) is a ReLU with bias -t); step > 0 in ``dtype``, the dtype x runs in."""
+    step_full = None
+    if step is not None:
+        step = check.scalar_or_tensor("step", step)
+        check.positive("step", step, dtype)
+        step_full = check.per_iteration("step", step, n_iter, None, like)
     if (lam is None) == (threshold is None):
         raise ValueError("give exactly one of lam (threshold = step * lam) and threshold (absolute)")
     if lam is not None:
         lam = check.scalar_or_tensor("lam", lam)
         check.nonnegative("lam", lam)
-        return check.per_iteration("lam", lam, n_iter, c_code, like)
+        return step_full, check.per_iteration("lam", lam, n_iter, c_code, like), False
     threshold = check.scalar_or_tensor("threshold", threshold)
     if not nonneg:
         check.nonnegative("threshold (negative thresholds need nonneg=True)", threshold)
-    lam = check.per_iteration("threshold", threshold, n_iter, c_code, like) / step_full.unsqueeze(1)
+    return step_full, check.per_iteration("threshold", threshold, n_iter, c_code, like), True
+
+
+def _as_lam(thresholds: Tensor, absolute: bool, step_full: Tensor) -> Tensor:
+    """The canonical (n_iter, C_code) lam the kernels take (lam = threshold / step for absolute thresholds)."""
+    if not absolute:
+        return thresholds
+    lam = thresholds / step_full.unsqueeze(1)
     # an inf lam would make the kernels' threshold step * lam inf instead of the threshold given
-    check.fits_dtype("threshold / step (the lam it runs as)", lam, like.dtype)
+    check.fits_dtype("threshold / step (the lam it runs as)", lam, thresholds.dtype)
     return lam
 
 
@@ -315,14 +349,17 @@ def conv_ista(
         z0 = check.tensor("z0", z0)
         if tuple(z0.shape) != z_shape:
             raise ValueError(f"z0 must have the code's shape {z_shape}, got {tuple(z0.shape)}")
-    if step is not None:
-        step = check.scalar_or_tensor("step", step)
-        check.positive("step", step, x.dtype)
     value_tensors = {
         name: v for name, v in (("lam", lam), ("step", step), ("threshold", threshold)) if isinstance(v, Tensor)
     }
     check.same_device(x=x, weight=weight, encoder_weight=encoder_weight, z0=z0, **value_tensors)
     check.same_dtype(x=x, weight=weight, encoder_weight=encoder_weight, z0=z0)
+    # every value is checked before the backend is chosen: a bad one raises the error naming it whichever backend
+    # was asked for, one that cannot run here (triton on CPU tensors, DSC_KERNELS_BACKEND) included
+    values = check.values_like(x, weight, encoder_weight)
+    step_full, thresholds, absolute = _checked_values(
+        lam, threshold, step, n_iter, weight.shape[0], nonneg, values, x.dtype
+    )
     backward = torch.is_grad_enabled() and any(
         t is not None and check.requires_grad(t) for t in (x, weight, encoder_weight, z0, *value_tensors.values())
     )
@@ -336,14 +373,12 @@ def conv_ista(
         inputs=(x, weight, encoder_weight, z0, *value_tensors.values()),
     )
 
-    given_step = step is not None
-    if not given_step:
-        step = _default_step(weight, tuple(x.shape[2:]), stride, padding)
-    values = check.values_like(x, weight, encoder_weight)
-    step_full = check.per_iteration("step", step, n_iter, None, values)
-    if given_step:
+    if step is not None:
         _warn_if_step_diverges(weight, step, x.shape[2:], stride, padding)
-    lam_full = _thresholds_as_lam(lam, threshold, step_full, n_iter, weight.shape[0], nonneg, values)
+    else:
+        default = _default_step(weight, tuple(x.shape[2:]), stride, padding)
+        step_full = check.per_iteration("step", default, n_iter, None, values)
+    lam_full = _as_lam(thresholds, absolute, step_full)
     return conv_ista_ops.run(
         row, x, weight, encoder_weight, lam_full, step_full, z0, stride, padding, nonneg, fista, recompute
     )
@@ -378,6 +413,7 @@ def deep_conv_ista(
     n_iters = check.per_layer("n_iter", n_iter, depth, None) if one_each else [n_iter] * depth
     strides, paddings = check.per_layer("strides", strides, depth, 1), check.per_layer("paddings", paddings, depth, 0)
     steps = check.per_layer("steps", steps, depth, None)
+    _check_layers(x, weights, lams, thresholds, n_iters, strides, paddings, steps, nonneg)
     codes, signal = [], x
     for j in range(depth):
         try:
@@ -398,6 +434,27 @@ def deep_conv_ista(
             raise type(err)(f"layer {j}: {err}") from None
         codes.append(signal)
     return codes
+
+
+def _check_layers(x, weights, lams, thresholds, n_iters, strides, paddings, steps, nonneg: bool) -> None:
+    """What conv_ista checks of each layer's arguments, for every layer before the first one runs (a bad lams[1]
+    raised only after layer 0 had run, or a backend that cannot run raised first). Layer j's input is layer j-1's
+    code, whose shape the geometry gives: a stand-in of that shape (no memory) is checked in its place. A layer with
+    per-iteration dictionaries is left to conv_ista, and so are the layers below it."""
+    signal = x
+    for j in range(len(weights)):
+        if _is_conv_ista_variant(signal, weights[j], None, None):
+            return
+        try:
+            weight = check.weight("weight", weights[j])
+            signal = check.signal("x", signal, weight)
+            n_iter = check.count("n_iter", n_iters[j], 1)
+            _, _, code = check.geometry(signal.shape[2:], weight, strides[j], paddings[j])
+            like = check.values_like(signal, weight)
+            _checked_values(lams[j], thresholds[j], steps[j], n_iter, weight.shape[0], nonneg, like, signal.dtype)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"layer {j}: {err}") from None
+        signal = signal.new_empty(()).expand(signal.shape[0], weight.shape[0], *code)
 
 
 # ------------------------------------------- conv-ISTA variants: per-iteration dictionaries, input encoder

@@ -19,6 +19,7 @@ Schedules: ``warmup_factor`` and ``ThresholdWarmup`` (ramp fixed thresholds up f
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
@@ -186,7 +187,8 @@ class ActivationL1:
     """
 
     def __init__(self, modules: Mapping[str, nn.Module] | Iterable[nn.Module], weight: float):
-        if isinstance(weight, bool) or not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+        # numbers.Real: numpy scalars are weights too (np.float32 is no float subclass)
+        if isinstance(weight, bool) or not (isinstance(weight, numbers.Real) and math.isfinite(weight) and weight >= 0):
             raise ValueError(f"weight must be a finite float >= 0, got {weight!r}")
         self.weight = float(weight)
         self._terms: list[Tensor] = []

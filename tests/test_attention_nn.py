@@ -255,6 +255,22 @@ def test_dropout_only_in_training():
     assert not torch.allclose(m(x)[0], m(x)[0])
 
 
+@pytest.mark.parametrize("env,backend", [("", "cuda"), ("", "triton"), ("cuda", "auto"), ("garbage", "auto")])
+def test_dropout_training_still_refuses_a_backend_that_cannot_run(monkeypatch, env, backend):
+    # a training forward with dropout forms the map densely and never called the backend: a layer built with
+    # backend="cuda" (or "triton" on CPU tensors, or DSC_KERNELS_BACKEND naming one or garbage) trained silently,
+    # and raised only in eval
+    monkeypatch.setenv("DSC_KERNELS_BACKEND", env)
+    m = SparseAttention(8, 2, dropout=0.5, backend=backend, **BF).train()
+    x = torch.randn(2, 4, 8)
+    error = ValueError if env == "garbage" else RuntimeError
+    with pytest.raises(error, match="DSC_KERNELS_BACKEND" if env else f"backend='{backend}' cannot run"):
+        m(x)
+    m.eval()
+    with pytest.raises(error, match="DSC_KERNELS_BACKEND" if env else f"backend='{backend}' cannot run"):
+        m(x)
+
+
 def _block_manual(block: SparseCodingTransformerBlock, x: torch.Tensor) -> torch.Tensor:
     h = x + block.attn(block.norm1(x), is_causal=True)[0]
     u = block.norm2(h)
@@ -390,6 +406,17 @@ def test_autocast_runs_the_fused_backend_in_float32(backend):
         got = got[0] if isinstance(got, tuple) else got
         # bfloat16 projections: within a few bfloat16 roundings of the float32 result
         torch.testing.assert_close(got.float(), want, atol=0.05, rtol=0.05)
+
+
+def test_block_takes_an_unbatched_sequence_as_a_batch_of_one():
+    # nn.TransformerEncoderLayer takes (N, dim); the block raised "x must have shape (B, N, dim=8)"
+    block = SparseCodingTransformerBlock(8, 2, n_iter=2, backend="reference", **F64).eval()
+    x, padding = torch.randn(5, 8, **F64), torch.tensor([False, False, False, True, True])
+    torch.testing.assert_close(block(x), block(x[None])[0], rtol=0, atol=0)
+    masked = block(x, key_padding_mask=padding, is_causal=True)
+    torch.testing.assert_close(masked, block(x[None], key_padding_mask=padding[None], is_causal=True)[0])
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \(N,\) for an unbatched x"):
+        block(x, key_padding_mask=padding[None])
 
 
 def test_block_names_dim_when_heads_do_not_divide_it():

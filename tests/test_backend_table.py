@@ -334,3 +334,21 @@ def test_an_explicit_fused_ml_ista_under_vmap_raises_our_error(monkeypatch):
             torch.func.vmap(lambda w, f=f: f(w, "cpp"))(batch)
         batched = torch.func.vmap(lambda w, f=f: f(w, "auto"))(batch)
         torch.testing.assert_close(batched, torch.stack([f(w, "cpp") for w in batch]))
+
+
+def test_availability_questions_read_names_and_devices_as_the_calls_do():
+    # backend_unavailable_reason refused "CPP" and "auto" (names every call takes) with "no conv_ista backend
+    # named", and None with a ValueError; a device it could not parse ("gpu", 3) raised torch's RuntimeError
+    assert DF.backend_unavailable_reason(" CPP", "cpu") == DF.backend_unavailable_reason("cpp", "cpu")
+    assert DF.backend_unavailable_reason("auto", "cuda") is None
+    assert "not part of this release" in DF.backend_unavailable_reason("cuda", "cpu")
+    with pytest.raises(TypeError, match="backend must be a string"):
+        DF.backend_unavailable_reason(None, "cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        DF.backend_unavailable_reason("fastest", "cpu")
+    for ask in (DF.available_backends, lambda d: DF.backend_unavailable_reason("cpp", d)):
+        with pytest.raises(ValueError, match="device must name a torch device"):
+            ask("gpu")
+        with pytest.raises(TypeError, match="device must be a str or a torch.device"):
+            ask(3)
+    assert DF.available_backends(torch.device("cpu"))[0] == "reference"

@@ -158,3 +158,16 @@ def test_edge_sizes_and_argument_forms():
         assert codes.shape == (2, 1, 5) and (codes != 0).sum(dim=(1, 2)).tolist() == [1, 1]
     with pytest.raises(TypeError, match="strides must be a list"):
         D.dictionary_chain([torch.randn(2, 1, 3, dtype=torch.float64)], 6, strides=2)
+
+
+def test_real_data_loaders_are_in_the_data_module():
+    # docs/design.md §3 promises dsc_kernels.data loaders of the real data that ships inside installed packages;
+    # they lived in recipes.data only, so D.digits raised AttributeError
+    pytest.importorskip("sklearn")
+    assert {"digits", "photo", "PHOTOS"} <= set(D.__all__)
+    x_train, y_train, x_test, y_test = D.digits(0)
+    assert x_train.shape[1:] == (1, 8, 8) and x_train.dtype == torch.float32 and y_test.dtype == torch.int64
+    assert len(x_train) + len(x_test) == 1797 and 0.0 <= float(x_train.min()) <= float(x_train.max()) <= 1.0
+    assert D.photo(D.PHOTOS[0]).shape == (427, 640)
+    with pytest.raises(AttributeError, match="no attribute 'load'"):
+        _ = D.load

@@ -582,6 +582,17 @@ def test_repr_shows_a_fixed_scalar_threshold():
     assert "threshold=" not in repr(SoftThreshold(0.5, device="meta"))
 
 
+def test_repr_shows_a_fixed_step_and_fixed_value_tensors():
+    # a fixed step and fixed per-channel or per-iteration lam / threshold tensors did not appear at all
+    assert "step=0.05," in repr(ConvSparseCoding2d(1, 8, 5, step=0.05))
+    assert "step of shape (3,)," in repr(ConvSparseCoding2d(1, 8, 5, n_iter=3, step=torch.full((3,), 0.05)))
+    assert "lam of shape (8,)," in repr(ConvSparseCoding2d(1, 8, 5, lam=torch.full((8,), 0.1)))
+    assert "threshold of shape (2, 8)," in repr(ConvSparseCoding2d(1, 8, 5, n_iter=2, threshold=torch.ones(2, 8)))
+    assert "step=1/L (tracked)" in repr(ConvSparseCoding2d(1, 8, 5)) and "step=" not in repr(
+        ConvSparseCoding2d(1, 8, 5, learn_step=True, step=0.1)
+    )
+
+
 @pytest.mark.parametrize("step", [None, 0.1])
 def test_per_sample_gradients_of_a_training_layer_under_vmap(step):
     """vmap(grad(...)) over samples in training mode: the all-zero check read a value (bool) and the tracked step's

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -51,6 +52,16 @@ def test_activation_l1_penalty_collects_chosen_outputs_only_with_grad():
     assert reg.pop() == 0.0  # hooks removed on leaving the block
     with pytest.raises(ValueError, match="weight"):
         sparsity.ActivationL1([first], weight=-1.0)
+
+
+def test_activation_l1_takes_a_numpy_weight():
+    # np.float32(0.5) was refused as "weight must be a finite float >= 0" (it is no Python float subclass)
+    relu = nn.ReLU()
+    with sparsity.ActivationL1([relu], weight=np.float32(0.5)) as reg:
+        relu(torch.tensor([-1.0, 2.0], requires_grad=True))
+        assert float(reg.pop()) == 0.5 and isinstance(reg.weight, float)
+    with pytest.raises(ValueError, match="weight"):
+        sparsity.ActivationL1([relu], weight=np.float64("nan"))
 
 
 @pytest.mark.parametrize("container", [nn.ModuleList, nn.ModuleDict])

@@ -193,3 +193,58 @@ def test_non_strided_tensors_are_refused_by_name(backend, which):
     values[which] = values[which].to_sparse()
     with pytest.raises(TypeError, match=f"{which} must be a dense"):
         ista(backend=backend, **values)
+
+
+@pytest.mark.parametrize("env", ["", "cuda", "garbage"])
+@pytest.mark.parametrize(
+    "overrides,error,words",
+    [
+        (dict(lam=-0.1), ValueError, "lam must be >= 0"),
+        (dict(lam=torch.rand(3)), ValueError, "lam must have one of the shapes"),
+        (dict(lam=torch.tensor(1)), TypeError, "lam must have a floating-point dtype"),
+        (dict(lam=None, threshold=-0.1), ValueError, "threshold"),
+        (dict(threshold=0.1), ValueError, "give exactly one of lam"),
+        (dict(step=torch.rand(3)), ValueError, "step must have one of the shapes"),
+    ],
+)
+def test_values_are_checked_before_the_backend_whatever_it_is(monkeypatch, env, overrides, error, words):
+    # the thresholds and the step's shape were checked after the backend was chosen: with backend="cuda" (or
+    # "triton" on CPU tensors, or DSC_KERNELS_BACKEND naming either or garbage) a bad lam raised the backend's
+    # RuntimeError, or the variable's ValueError, instead of the error naming lam
+    monkeypatch.setenv("DSC_KERNELS_BACKEND", env)
+    with pytest.raises(error, match=words):
+        ista(backend="auto" if env else "cuda", **overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (dict(lams=[0.1, -0.1]), "layer 1: lam must be >= 0"),
+        (dict(lams=[0.1, torch.rand(7)]), "layer 1: lam must have one of the shapes"),
+        (dict(n_iter=[2, 0]), "layer 1: n_iter must be >= 1"),
+        (dict(steps=[None, -1.0]), "layer 1: step must be > 0"),
+        (dict(weights=[W, torch.randn(6, 5, 3, 3)]), "layer 1: x has 4 channels but weight expects C_sig=5"),
+        (dict(paddings=[1, -1]), "layer 1: padding must be >= 0"),
+    ],
+)
+@pytest.mark.parametrize("backend", ["cpp", "cuda"])
+def test_deep_conv_ista_checks_every_layer_before_the_first_runs(monkeypatch, backend, overrides, words):
+    # a deep layer's bad argument was found only when its turn came: after the layers above it had run, and with a
+    # backend that cannot run here (cuda) never, behind that backend's RuntimeError
+    kwargs = dict(weights=[W, torch.randn(6, 4, 3, 3)], lams=[0.1, 0.1], n_iter=2, paddings=[1, 1], backend=backend)
+    kwargs.update(overrides)
+    monkeypatch.setattr(DF, "conv_ista", None)  # no layer may run
+    with pytest.raises(ValueError, match=words):
+        DF.deep_conv_ista(X, **kwargs)
+
+
+def test_check_backend_on_a_device_decides_as_a_call_there(monkeypatch):
+    monkeypatch.delenv("DSC_KERNELS_BACKEND", raising=False)
+    assert DF.check_backend("Reference", "sparse_attention", device="cpu") == "reference"
+    assert DF.check_backend("auto", "conv_ista", device="cpu", dtype=torch.float16) == "reference"
+    with pytest.raises(RuntimeError, match="not part of this release"):
+        DF.check_backend("cuda", "sparse_attention", device="cpu")
+    with pytest.raises(ValueError, match="family"):
+        DF.check_backend("reference", device="cpu")
+    monkeypatch.setenv("DSC_KERNELS_BACKEND", "reference")
+    assert DF.check_backend("auto", "ml_ista", device=torch.device("cpu")) == "reference"

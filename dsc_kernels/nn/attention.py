@@ -228,7 +228,8 @@ class SparseAttention(nn.Module):
 
         Dropout (training only): entries of the attention map are zeroed with probability ``dropout`` and the rest
         scaled by 1 / (1 - dropout), as in MHA; the map is then formed densely, (B, H, N, M) (the fused kernels run
-        in eval mode or with dropout 0).
+        in eval mode or with dropout 0), though a backend the layer was built with that cannot run here raises, as
+        in eval.
 
         Returns (out, weights): out like query with E features; weights: with ``need_weights`` (the default, as
         MHA's) the dense (B, N, M) weights averaged over heads, or (B, H, N, M) with ``average_attn_weights=False``
@@ -277,7 +278,9 @@ class SparseAttention(nn.Module):
         options = dict(mode=self.mode, threshold=self.threshold, causal=causal, **masks)
         p = None
         if self.training and self.dropout > 0.0:
-            # MHA's dropout: on the attention weights, which the fused kernels never form, so densely here.
+            # MHA's dropout: on the attention weights, which the fused kernels never form, so densely here. A
+            # backend asked for that cannot run here still raises, as in eval, rather than being silently skipped.
+            DF.check_backend(self.backend, "sparse_attention", device=q.device, dtype=q.dtype)
             p = F.dropout(DF.sparse_attention_weights(q, k, **options), self.dropout, training=True)
             o = torch.matmul(p, v)
         else:
@@ -372,7 +375,8 @@ class SparseCodingTransformerBlock(nn.Module):
 
     D is a square dictionary (dim codes -> dim features) acting on each token independently: it is
     ``functional.conv_ista`` on (B, dim, N) with a (dim, dim, 1) kernel. As in CRATE the ISTA output replaces h
-    (no residual around it): the step from the normalised features is the residual update. Inputs are batch-first.
+    (no residual around it): the step from the normalised features is the residual update. Inputs are batch-first
+    (B, N, dim), or unbatched (N, dim) as ``nn.TransformerEncoderLayer`` takes them.
     """
 
     def __init__(
@@ -439,12 +443,22 @@ class SparseCodingTransformerBlock(nn.Module):
         key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
-        """x (B, N, dim) -> (B, N, dim); masks as ``SparseAttention.forward`` (key_padding_mask (B, N))."""
+        """x (B, N, dim) -> (B, N, dim), or unbatched (N, dim) -> (N, dim) as ``nn.TransformerEncoderLayer``; masks as
+        ``SparseAttention.forward`` (key_padding_mask (B, N), or (N,) for an unbatched x)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         _check_like("x", x, self.dictionary, "block")
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {tuple(x.shape)}")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape (B, N, dim={self.dim}) or (N, dim={self.dim}), got {tuple(x.shape)}")
+        unbatched = x.dim() == 2
+        if unbatched:  # a batch of one: the conv-ISTA step takes batched signals only
+            x = x.unsqueeze(0)
+            if isinstance(key_padding_mask, Tensor):  # anything else is refused by the attention, by name
+                if key_padding_mask.dim() != 1:
+                    raise ValueError(
+                        f"key_padding_mask must be (N,) for an unbatched x, got {tuple(key_padding_mask.shape)}"
+                    )
+                key_padding_mask = key_padding_mask.unsqueeze(0)
         h = self.norm1(x)
         attended, _ = self.attn(
             h, attn_mask=attn_mask, key_padding_mask=key_padding_mask, need_weights=False, is_causal=is_causal
@@ -454,4 +468,4 @@ class SparseCodingTransformerBlock(nn.Module):
         z = DF.conv_ista(
             u, self.dictionary, self.lam, n_iter=self.n_iter, step=self.step, z0=u, nonneg=True, backend=self.backend
         )
-        return z.transpose(1, 2)
+        return z.transpose(1, 2).squeeze(0) if unbatched else z.transpose(1, 2)

@@ -678,8 +678,8 @@ class _ConvSparseCoding(_projection.Projected):
         if self.encoder_weight is not None:
             options.append("untied")
         value = getattr(self, self._threshold_name)
-        if not isinstance(value, nn.Parameter) and value.dim() == 0 and not value.is_meta:
-            options.append(f"{self._threshold_name}={float(value):.4g}")  # a fixed scalar: worth reading off
+        if not isinstance(value, nn.Parameter):
+            options.append(_fixed_value(self._threshold_name, value))
         elif self._threshold_name == "threshold":
             options.append("threshold=absolute")
         options += [
@@ -689,7 +689,17 @@ class _ConvSparseCoding(_projection.Projected):
         ]
         if self._track_step:
             options.append("step=1/L (tracked)")
+        elif not isinstance(self.step, nn.Parameter):
+            options.append(_fixed_value("step", self.step))
         return ", ".join(options + [f"backend={self.backend!r}"])
+
+
+def _fixed_value(name: str, value: Tensor) -> str:
+    """A fixed lam, threshold or step as extra_repr shows it: a scalar's value (a module's one setting, as
+    nn.Softshrink prints its lambd), else the shape of the per-channel or per-iteration tensor (or of a meta one)."""
+    if value.dim() == 0 and not value.is_meta:
+        return f"{name}={float(value):.4g}"
+    return f"{name} of shape {tuple(value.shape)}"
 
 
 def step_floor_after_load(floor: float, steps: Sequence[Tensor]) -> float:
