@@ -6,6 +6,8 @@ DSC_KERNELS_CPP_STRATEGY forces a strategy; it is read on every call, so monkeyp
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from helpers import fista_through_an_infinite_code
@@ -502,3 +504,47 @@ def test_fista_second_iteration_has_no_momentum_term(monkeypatch, strategy, sign
     assert out["reference"][0][0, 0, 0, 2] == float("-inf")
     for what, a, b in zip(("z", "x", "z0"), out["cpp"], out["reference"]):
         _same_nan_and_values(a, b, what)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_thread_counts_and_concurrent_callers_match_reference_fp64(monkeypatch, strategy):
+    """Both strategies size per-thread workspaces and partial sums by at::get_num_threads() and pick a thread's by
+    at::get_thread_num(), and the direct forward runs per item with at least as many items as threads, per band
+    otherwise. Thread counts other than the suite's two (1; 3 and 7, beyond this machine's cores), batches on both
+    sides of them, and several Python threads calling at once (each its own OpenMP team) give the reference's
+    answers."""
+    monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
+    geo = ([2, 1], [3, 2], False, True)  # stride, padding, nonneg, fista
+    problems = []
+    for batch in (2, 9):
+        x, w, we, lam, step = _tensors((batch, 1, 13, 21), (5, 1, 7, 5), 4, untied=True, z0=False, dtype=torch.float64)
+        inputs = (x, w, we, lam, step, _z0(x, w, geo[0], geo[1], True, torch.float64))
+        grad_z = torch.randn(inputs[5].shape, generator=torch.Generator().manual_seed(batch), dtype=torch.float64)
+        problems.append((grad_z, inputs))
+
+    def check_all():
+        for grad_z, inputs in problems:
+            for checkpoint in (0, 2):
+                _check_gradients(grad_z, inputs, *_forwards(inputs, geo, checkpoint), geo, checkpoint)
+
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3, 7):
+            torch.set_num_threads(threads)
+            check_all()
+    finally:
+        torch.set_num_threads(before)
+    errors = []
+
+    def caller():
+        try:
+            check_all()
+        except Exception as exc:  # noqa: BLE001 - reported below, with the thread's failure
+            errors.append(exc)
+
+    callers = [threading.Thread(target=caller) for _ in range(3)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert not errors, errors
