@@ -1,7 +1,7 @@
 """Input checks shared by ``functional``: each raises ``ValueError``/``TypeError`` naming the argument.
 
 Checks that read tensor values (signs, finiteness) sync a GPU stream; they are skipped while ``torch.compile``
-traces (values are unknown there) and for meta tensors (which have none).
+traces (values are unknown there) and for meta and fake tensors (which have none).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from .reference import code_size
 
@@ -22,15 +23,26 @@ Padding = IntOrPair | str
 MAX_EXTENT = 2**31 - 1
 
 
+def _valueless(t: Tensor) -> bool:
+    """Whether t's values, or those computed from it, are unknown: while tracing, on meta, or a FakeTensor or any
+    tensor under a FakeTensorMode (shape propagation outside torch.compile, where a read raised
+    DataDependentOutputException instead of giving shapes)."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return True
+    return is_fake(t) or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
 def values_readable(t: Tensor) -> bool:
-    """Whether t's values can be read into Python now: not while tracing, not on meta, not per sample under vmap."""
-    return not torch.compiler.is_compiling() and t.device.type != "meta" and not _batched(t)
+    """Whether t's values can be read into Python now: not while tracing, not on meta or fake tensors, not per sample
+    under vmap."""
+    return not _valueless(t) and not _batched(t)
 
 
 def checkable(t: Tensor) -> Tensor | None:
-    """The values to check t's entries on, or None when there are none to read (tracing, meta). Under vmap a per-sample
-    tensor's own values cannot be read, but the unwrapped tensor holds every sample's: a check on it sees them all."""
-    if torch.compiler.is_compiling() or t.device.type == "meta":
+    """The values to check t's entries on, or None when there are none to read (tracing, meta, fake). Under vmap a
+    per-sample tensor's own values cannot be read, but the unwrapped tensor holds every sample's: a check on it sees
+    them all."""
+    if _valueless(t):
         return None
     functorch = torch._C._functorch
     if not _batched(t):

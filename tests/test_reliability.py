@@ -150,6 +150,28 @@ def test_meta_tensors_run_through_validation():
     assert z.shape == (2, 4, 10, 10) and z.device.type == "meta"
 
 
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("real_inputs", [False, True])
+def test_fake_tensors_propagate_shapes_through_every_function(backend, real_inputs):
+    """Under a FakeTensorMode (shape propagation outside torch.compile) the checks and the default step read values,
+    and every function raised DataDependentOutputException instead of giving the output's shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=real_inputs):
+        x, w = torch.randn(2, 2, 9, 7), torch.randn(3, 2, 3, 3, requires_grad=True)
+        x1, w1 = torch.randn(2, 2, 11), torch.randn(3, 2, 4)
+        q = torch.randn(2, 3, 5, 4)
+        shapes = [
+            DF.conv_ista(x, w, torch.rand(3), n_iter=2, stride=2, padding=1, backend=backend).shape,
+            DF.conv_ista(x1, w1, 0.1, n_iter=2, step=0.3, stride=3, padding=2, backend=backend).shape,
+            DF.ml_ista(x, [w], [0.1], n_iter=2, strides=[(1, 2)], paddings=[1], backend=backend)[0].shape,
+            DF.sparse_attention(q, q, q, mode="shrink", threshold=torch.rand(3), backend=backend).shape,
+            DF.soft_threshold(x, torch.rand(2, 1, 1)).shape,
+            DF.lasso_objective(x1, torch.randn(2, 3, 8), w1, torch.rand(3)).shape,
+        ]
+    assert shapes == [(2, 3, 5, 4), (2, 3, 4), (2, 3, 9, 4), (2, 3, 5, 4), (2, 2, 9, 7), (2,)]
+
+
 def test_default_step_under_fullgraph_compile():
     x, w = X.float(), W.float()
 
