@@ -202,28 +202,34 @@ _LIPSCHITZ_CACHE = WeakIdKeyDictionary()
 
 
 def _default_step(weight: Tensor, signal_size: tuple[int, ...], stride, padding) -> Tensor | float:
-    """1/L at this signal size (1 for an all-zero dictionary, which any step solves). Eager calls cache L per weight
-    tensor with a copy of the values it was computed for, and reuse it only while the weight still equals that copy:
-    one comparison instead of a power iteration, and it sees every change (an optimiser step, but also writes through
-    ``.data``, which the version counter misses, and inference tensors, which have none). Under torch.compile the
-    power iteration is traced, and so it is under vmap over the dictionary (one 1/L per sample)."""
+    """1/L at this signal size (``_inverse_lipschitz``). Eager calls cache it per weight tensor with a copy of the
+    values it was computed for, and reuse it only while the weight still equals that copy: one comparison instead of
+    a power iteration, and it sees every change (an optimiser step, but also writes through ``.data``, which the
+    version counter misses, and inference tensors, which have none). Under torch.compile the power iteration is
+    traced, and so it is under vmap over the dictionary (one 1/L per sample)."""
     if not check.values_readable(weight):
-        lip = ref.lipschitz_power_iteration(weight, signal_size, stride, padding)
-        zero_lip = torch.where(weight.ne(0).any(), math.inf, 1.0).to(lip)
-        return torch.where(lip > 0, 1.0 / lip, zero_lip).to(weight.dtype)
+        return _inverse_lipschitz(weight, signal_size, stride, padding).to(weight.dtype)
     geometry = (signal_size, stride, padding)
     cached = _LIPSCHITZ_CACHE.get(weight)
     if cached is None or cached[0] != geometry or not torch.equal(cached[1], weight):
         values = weight.detach().clone()
-        cached = (geometry, values, ref.lipschitz_constant_ref(values, signal_size, stride, padding))
+        cached = (geometry, values, float(_inverse_lipschitz(values, signal_size, stride, padding)))
         _LIPSCHITZ_CACHE[weight] = cached
-    # L = 0: the all-zero dictionary takes step 1 (any step solves it); a non-zero one whose L underflowed (float64
-    # taps below ~1e-162) has no 1/L in any dtype: inf, which the checks below refuse (traced calls above, which
-    # cannot raise, get NaN codes instead of running the zero dictionary's step silently)
-    step = 1.0 / cached[2] if cached[2] > 0 else (math.inf if bool(cached[1].ne(0).any()) else 1.0)
+    step = cached[2]
     check.fits_dtype("the default step 1/L (the dictionary is nearly zero)", step, weight.dtype)
     check.positive("the default step 1/L (the dictionary is very large)", step, weight.dtype)
     return step
+
+
+def _inverse_lipschitz(weight: Tensor, signal_size: tuple[int, ...], stride, padding) -> Tensor:
+    """1/L as a 0-d float64 tensor. Where D is the zero operator at this geometry (an all-zero weight, or atoms that
+    read only padding) it is 1: every step solves that problem. Where a non-zero L underflowed (float64 taps below
+    ~1e-162) no dtype holds 1/L: inf, which the eager checks refuse and which makes traced calls, which cannot
+    raise, return NaN codes rather than silently run a wrong step."""
+    with torch.no_grad():
+        estimate, scale = ref.lipschitz_power_iteration_scaled(weight, signal_size, stride, padding)
+        lip = estimate * scale**2
+        return torch.where(estimate == 0, 1.0, torch.where(lip > 0, 1.0 / lip, math.inf))
 
 
 def _warn_if_step_diverges(

@@ -154,6 +154,22 @@ def test_traced_default_step_of_a_nonzero_dictionary_whose_l_underflows_gives_na
     torch.testing.assert_close(compiled(x, w), f(x, w))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("traced", [False, True])
+def test_default_step_where_the_geometry_makes_the_operator_zero(backend, traced):
+    # a unit-norm dictionary whose 1x1 atoms all land in the padding (one signal row, padding 1, stride 2): D is the
+    # zero operator, L = 0 as for an all-zero weight, and any step solves the problem (z = 0); the call raised
+    # "the dictionary is nearly zero" (traced: NaN codes), the underflow case's answer
+    x, w = torch.randn(4, 8, 1, 17, dtype=torch.float64), torch.randn(17, 8, 1, 1, dtype=torch.float64)
+    w = w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+
+    def f(x, w):
+        return DF.conv_ista(x, w, 0.1, n_iter=3, stride=2, padding=1, backend=backend)
+
+    z = torch.compile(f, backend="eager", fullgraph=True)(x, w) if traced else f(x, w)
+    assert z.shape == (4, 17, 2, 10) and float(z.abs().sum()) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_the_underflow_bound_is_where_torch_rounds_a_float_to_zero(dtype):
     """The step check compares with a bound (a cast cannot be read under torch.compile(dynamic=True)): it must say

@@ -8,6 +8,7 @@ from .conv import (
     lasso_objective_ref,
     lipschitz_constant_ref,
     lipschitz_power_iteration,
+    lipschitz_power_iteration_scaled,
     soft_threshold_ref,
     synthesis_output_padding,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "lasso_objective_ref",
     "lipschitz_constant_ref",
     "lipschitz_power_iteration",
+    "lipschitz_power_iteration_scaled",
     "soft_threshold_ref",
     "synthesis_output_padding",
     "conv_ista_bwd_ref",

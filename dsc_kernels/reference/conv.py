@@ -175,6 +175,21 @@ def lipschitz_power_iteration(
     are reproducible and the computation traces under ``torch.compile``. The Rayleigh quotient of the last iterate
     is returned, a lower bound that converges to L from below; an all-zero dictionary gives 0.
     """
+    estimate, scale = lipschitz_power_iteration_scaled(weight, signal_size, stride, padding, n_iter)
+    return estimate * scale**2
+
+
+def lipschitz_power_iteration_scaled(
+    weight: torch.Tensor,
+    signal_size: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    n_iter: int = 100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lipschitz_power_iteration`` before its last product: (the estimate of ``||D / s||_2^2``, s = max |tap|), 0-d
+    float64 tensors, with L = estimate * s^2. The estimate is 0 exactly when D is the zero operator at this geometry
+    (an all-zero weight, or atoms that read only padding), which L = 0 cannot tell from a non-zero L that underflowed.
+    """
     rank = spatial_rank(weight)
     stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
     sz = code_size(signal_size, weight.shape[2:], stride, padding)
@@ -192,7 +207,7 @@ def lipschitz_power_iteration(
         dz = conv_synthesis_ref(z, w, signal_size, stride, padding)
         estimate = dz.pow(2).sum()  # <z, D^T D z> with ||z|| = 1
         z = conv_analysis_ref(dz, w, stride, padding)
-    return estimate * scale**2
+    return estimate, scale
 
 
 def lipschitz_constant_ref(
