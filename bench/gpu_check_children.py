@@ -116,7 +116,7 @@ def _launch_conv_kernels(T, problem: dict, dtype, recompute: bool) -> None:
     from dsc_kernels.triton.conv_ista import conv_ista_bwd, conv_ista_fwd
 
     args, geo = T._canonical(problem)
-    args = [a.to(dtype) for a in args]
+    args = T._in_dtype(args, dtype)
     z, iterates = conv_ista_fwd(*args, *geo, 1)
     saved = iterates.new_empty(0) if recompute else iterates
     conv_ista_bwd(torch.ones_like(z), *args, z, saved, *geo, 0 if recompute else 1)

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from .reference import code_size
+from .reference.conv import value_dtype
 
 IntOrPair = int | Sequence[int]
 Padding = IntOrPair | str
@@ -164,13 +165,15 @@ def autocasting(device: torch.device) -> bool:
 
 
 def values_like(x: Tensor, *dictionaries: Tensor | None) -> Tensor:
-    """What thresholds and steps are made like (dtype, device): x, or, where a dictionary has a wider dtype (inside
-    autocast a half-precision activation meets float32 parameters), an empty tensor of the widest one on x's device,
-    so that float32 values are not rounded to the activation's precision. None stands for an absent encoder."""
+    """What thresholds and steps are made like (dtype, device): x, or an empty tensor on x's device of a wider dtype:
+    float32 for half-precision x (``reference.value_dtype``: a float16 step 1/L is often subnormal), and the widest
+    dictionary's (inside autocast a half-precision activation meets float32 parameters), so that float32 values are
+    not rounded to the activation's precision. None stands for an absent encoder."""
     dtype = x.dtype
     for w in dictionaries:
         if w is not None:
             dtype = torch.promote_types(dtype, w.dtype)
+    dtype = value_dtype(dtype)
     return x if dtype == x.dtype else x.new_empty((), dtype=dtype)
 
 

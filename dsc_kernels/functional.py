@@ -208,7 +208,7 @@ def _default_step(weight: Tensor, signal_size: tuple[int, ...], stride, padding)
     version counter misses, and inference tensors, which have none). Under torch.compile the power iteration is
     traced, and so it is under vmap over the dictionary (one 1/L per sample)."""
     if not check.values_readable(weight):
-        return _inverse_lipschitz(weight, signal_size, stride, padding).to(weight.dtype)
+        return _inverse_lipschitz(weight, signal_size, stride, padding).to(ref.value_dtype(weight.dtype))
     geometry = (signal_size, stride, padding)
     cached = _LIPSCHITZ_CACHE.get(weight)
     if cached is None or cached[0] != geometry or not torch.equal(cached[1], weight):
@@ -216,8 +216,9 @@ def _default_step(weight: Tensor, signal_size: tuple[int, ...], stride, padding)
         cached = (geometry, values, float(_inverse_lipschitz(values, signal_size, stride, padding)))
         _LIPSCHITZ_CACHE[weight] = cached
     step = cached[2]
-    check.fits_dtype("the default step 1/L (the dictionary is nearly zero)", step, weight.dtype)
-    check.positive("the default step 1/L (the dictionary is very large)", step, weight.dtype)
+    # checked in the dtype the step is carried in (float32 for half weights)
+    check.fits_dtype("the default step 1/L (the dictionary is nearly zero)", step, ref.value_dtype(weight.dtype))
+    check.positive("the default step 1/L (the dictionary is very large)", step, ref.value_dtype(weight.dtype))
     return step
 
 
@@ -256,17 +257,18 @@ def _warn_if_step_diverges(
 
 
 def _checked_values(
-    lam, threshold, step, n_iter: int, c_code: int, nonneg: bool, like: Tensor, dtype: torch.dtype
+    lam, threshold, step, n_iter: int, c_code: int, nonneg: bool, like: Tensor
 ) -> tuple[Tensor | None, Tensor, bool]:
     """A conv-ISTA call's step and thresholds, checked and broadcast before any backend is chosen: (step (n_iter,),
     or None for the default 1/L; the thresholds (n_iter, C_code) in like's dtype; True when they are absolute).
 
     Either ``lam`` (threshold = step·lam >= 0) or an absolute ``threshold`` (negative only with nonneg, where
-    max(u - t, 0) is a ReLU with bias -t); step > 0 in ``dtype``, the dtype x runs in."""
+    max(u - t, 0) is a ReLU with bias -t); step > 0 in like's dtype, the one steps are carried in (float32 for
+    half precision)."""
     step_full = None
     if step is not None:
         step = check.scalar_or_tensor("step", step)
-        check.positive("step", step, dtype)
+        check.positive("step", step, like.dtype)
         step_full = check.per_iteration("step", step, n_iter, None, like)
     if (lam is None) == (threshold is None):
         raise ValueError("give exactly one of lam (threshold = step * lam) and threshold (absolute)")
@@ -363,9 +365,7 @@ def conv_ista(
     # every value is checked before the backend is chosen: a bad one raises the error naming it whichever backend
     # was asked for, one that cannot run here (triton on CPU tensors, DSC_KERNELS_BACKEND) included
     values = check.values_like(x, weight, encoder_weight)
-    step_full, thresholds, absolute = _checked_values(
-        lam, threshold, step, n_iter, weight.shape[0], nonneg, values, x.dtype
-    )
+    step_full, thresholds, absolute = _checked_values(lam, threshold, step, n_iter, weight.shape[0], nonneg, values)
     backward = torch.is_grad_enabled() and any(
         t is not None and check.requires_grad(t) for t in (x, weight, encoder_weight, z0, *value_tensors.values())
     )
@@ -457,7 +457,7 @@ def _check_layers(x, weights, lams, thresholds, n_iters, strides, paddings, step
             n_iter = check.count("n_iter", n_iters[j], 1)
             _, _, code = check.geometry(signal.shape[2:], weight, strides[j], paddings[j])
             like = check.values_like(signal, weight)
-            _checked_values(lams[j], thresholds[j], steps[j], n_iter, weight.shape[0], nonneg, like, signal.dtype)
+            _checked_values(lams[j], thresholds[j], steps[j], n_iter, weight.shape[0], nonneg, like)
         except (ValueError, TypeError) as err:
             raise type(err)(f"layer {j}: {err}") from None
         signal = signal.new_empty(()).expand(signal.shape[0], weight.shape[0], *code)

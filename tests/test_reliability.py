@@ -297,39 +297,53 @@ def test_compile_fullgraph_of_a_training_step_in_a_fresh_process():
     assert "compiled (3, 2, 3, 3)" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("half", [False, True], ids=["float32-inputs", "bfloat16-signal"])
 @pytest.mark.parametrize("family", ["conv_ista", "ml_ista", "sparse_attention"])
-def test_fused_cpu_ops_under_bfloat16_autocast_compute_what_they_compute_without_it(family):
-    # Autocast reached the oneDNN convolutions inside the C++ ops: bfloat16 results next to float32 buffers raised
-    # ("expected scalar type Float", "ml_ista_shrink not implemented for BFloat16"). The ops now run in float32.
+def test_ops_under_bfloat16_autocast_compute_what_they_compute_without_it(family, half, backend):
+    """One rule on every backend (docs/design.md §7): inside autocast the ops take float32 (float64 stays), run
+    with autocast off and return float32. Autocast reached the oneDNN convolutions inside the C++ ops: bfloat16
+    results next to float32 buffers raised ("expected scalar type Float", "ml_ista_shrink not implemented for
+    BFloat16"). The reference followed autocast's own rules: bfloat16 codes and attention outputs for a bfloat16
+    signal (an autocast Conv2d's output) where cpp and auto returned float32."""
     torch.manual_seed(0)
     if family == "sparse_attention":
         inputs = [torch.randn(2, 2, 5, 4, requires_grad=True) for _ in range(3)]
-        run = lambda q, k, v: DF.sparse_attention(q, k, v, backend="cpp")  # noqa: E731
+        run = lambda q, k, v: DF.sparse_attention(q, k, v, backend=backend)  # noqa: E731
     else:
         inputs = [torch.randn(2, 2, 9, 8, requires_grad=True), torch.randn(3, 2, 3, 3, requires_grad=True)]
         if family == "conv_ista":
-            run = lambda x, w: DF.conv_ista(x, w, 0.1, n_iter=3, padding=1, backend="cpp")  # noqa: E731
+            run = lambda x, w: DF.conv_ista(x, w, 0.1, n_iter=3, padding=1, backend=backend)  # noqa: E731
         else:
-            run = lambda x, w: DF.ml_ista(x, [w], [0.1], n_iter=2, paddings=[1], backend="cpp")[-1]  # noqa: E731
+            run = lambda x, w: DF.ml_ista(x, [w], [0.1], n_iter=2, paddings=[1], backend=backend)[-1]  # noqa: E731
+    if half:  # the signal (or the queries) as an autocast layer hands it on
+        inputs[0] = inputs[0].detach().bfloat16().requires_grad_()
 
-    def outputs():
-        out = run(*inputs)
-        return (out, *torch.autograd.grad(out.square().sum(), inputs))
+    def outputs(*leaves):
+        out = run(*leaves)
+        return (out, *torch.autograd.grad(out.square().sum(), leaves))
 
-    plain = outputs()
+    plain = outputs(*(t.detach().float().requires_grad_() for t in inputs))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        autocast = outputs()
-    for a, b in zip(autocast, plain):
-        assert a.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        if backend == "cpp":  # the backward op too has the float32 rule
+            autocast = outputs(*inputs)
+        else:  # eager autograd's backward ops follow the region they run in: backward outside it, as torch advises
+            out = run(*inputs)
+    if backend != "cpp":
+        autocast = (out, *torch.autograd.grad(out.square().sum(), inputs))
+    assert autocast[0].dtype == torch.float32
+    for a, b, leaf in zip(autocast, plain, (autocast[0], *inputs)):
+        assert a.dtype == leaf.dtype  # gradients in their inputs' dtypes
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_layers_take_an_autocast_layers_half_precision_output(backend):
     """Under autocast a Conv2d before a sparse-coding layer gives bfloat16 codes to its float32 parameters, as it does
     to the next Conv2d; the dtype check raised "x, weight must share one dtype". The fused ops compute in float32
-    (their autocast rule): exactly the float32 run on the bfloat16 values. The reference follows autocast's rules.
-    Outside autocast, and with float64 (which autocast leaves alone), mixed dtypes still raise."""
+    (their autocast rule), and so does the reference: exactly the float32 run on the bfloat16 values (the reference
+    followed autocast's own rules and returned bfloat16). Outside autocast, and with float64 (which autocast leaves
+    alone), mixed dtypes still raise."""
     torch.manual_seed(1)
     x = torch.randn(2, 3, 9, 8)
     layer = ConvSparseCoding2d(3, 5, 3, n_iter=3, padding=1, backend=backend)
@@ -340,31 +354,26 @@ def test_layers_take_an_autocast_layers_half_precision_output(backend):
         z = layer(h)
         (weight_grad,) = torch.autograd.grad(z.float().square().sum(), layer.weight)
     plain = twin(h.detach().float())
-    if backend == "cpp":
-        assert z.dtype == torch.float32
-        torch.testing.assert_close(z, plain, rtol=0, atol=0)
-    else:
-        torch.testing.assert_close(z.float(), plain, rtol=3e-2, atol=3e-2)
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z, plain, rtol=0, atol=0)
     assert weight_grad.dtype == torch.float32 and torch.isfinite(weight_grad).all() and weight_grad.abs().sum() > 0
     w = torch.randn(5, 3, 3, 3)
-    if backend == "cpp":  # the multi-layer op too, its thresholds and default steps kept in float32
+    # the multi-layer op too, its thresholds and default steps kept in float32
 
-        def pursuit(signal):
-            return DF.ml_ista(signal, [w], [0.1], n_iter=2, paddings=[1], backend=backend)[-1]
+    def pursuit(signal):
+        return DF.ml_ista(signal, [w], [0.1], n_iter=2, paddings=[1], backend=backend)[-1]
 
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            mixed = pursuit(h.detach())
-        torch.testing.assert_close(mixed, pursuit(h.detach().float()), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = pursuit(h.detach())
+    torch.testing.assert_close(mixed, pursuit(h.detach().float()), rtol=0, atol=0)
 
-        # a float32 encoder beside a bfloat16 dictionary keeps lam and step in float32 too
-        def untied(signal, dictionary):
-            return DF.conv_ista(
-                signal, dictionary, 0.1, n_iter=2, step=0.1, padding=1, encoder_weight=w, backend=backend
-            )
+    # a float32 encoder beside a bfloat16 dictionary keeps lam and step in float32 too
+    def untied(signal, dictionary):
+        return DF.conv_ista(signal, dictionary, 0.1, n_iter=2, step=0.1, padding=1, encoder_weight=w, backend=backend)
 
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            mixed = untied(h.detach(), (0.1 * w).bfloat16())
-        torch.testing.assert_close(mixed, untied(h.detach().float(), (0.1 * w).bfloat16().float()), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = untied(h.detach(), (0.1 * w).bfloat16())
+    torch.testing.assert_close(mixed, untied(h.detach().float(), (0.1 * w).bfloat16().float()), rtol=0, atol=0)
     with pytest.raises(TypeError, match="must share one dtype"):
         DF.conv_ista(h.detach(), w, 0.1, n_iter=2, padding=1, backend=backend)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="must share one dtype"):

@@ -26,7 +26,7 @@ from helpers import conv_problem, fista_through_an_infinite_code  # noqa: E402
 from tolerance import assert_close_by_rule  # noqa: E402
 
 import dsc_kernels.functional as DF  # noqa: E402
-from dsc_kernels.reference.conv import conv_analysis_ref, lipschitz_constant_ref  # noqa: E402
+from dsc_kernels.reference.conv import conv_analysis_ref, lipschitz_constant_ref, value_dtype  # noqa: E402
 from dsc_kernels.reference.conv_ista import conv_ista_bwd_ref, conv_ista_fwd_ref, conv_ista_ref  # noqa: E402
 
 DEVICES = [
@@ -150,6 +150,11 @@ def _canonical(p):
     return args, (stride, padding, p["nonneg"], p["fista"])
 
 
+def _in_dtype(args, dtype):
+    """The op's canonical arguments in ``dtype``, lam and step in the dtype they are carried in (float32 for half)."""
+    return [a.to(value_dtype(dtype) if i in (3, 4) else dtype) for i, a in enumerate(args)]
+
+
 def _check_at_scale(p, dtype, *, recompute=False, tf32=False, rtol=1e-4, atol=1e-5):
     """Problems of any size (entries near a threshold kink included), through the launchers. Inputs are rounded to
     `dtype` first, so every comparison starts from the same numbers. fp32 with IEEE dots: fixed tolerances, the
@@ -159,8 +164,8 @@ def _check_at_scale(p, dtype, *, recompute=False, tf32=False, rtol=1e-4, atol=1e
     from dsc_kernels.triton.conv_ista import conv_ista_bwd, conv_ista_fwd, saved_iterates
 
     args64, geo = _canonical(p)
-    args64 = [a.to(dtype).double() for a in args64]
-    args = [a.to(dtype) for a in args64]
+    args = _in_dtype(args64, dtype)
+    args64 = [a.double() for a in args]
     z, iterates = conv_ista_fwd(*args, *geo, 1)
     z_ref, _ = conv_ista_fwd_ref(*args64, *geo, 0)
     gz = torch.randn(z.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(z.device)
@@ -170,7 +175,7 @@ def _check_at_scale(p, dtype, *, recompute=False, tf32=False, rtol=1e-4, atol=1e
     # The triton row stores its saved iterates channels last; the reference reads them in the contract's order.
     iterates_ref = saved_iterates(iterates)
     grads_ref = conv_ista_bwd_ref(gz, *args64, z.double(), iterates_ref.double(), *geo, 1)
-    assert z.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert z.dtype == dtype and all(g.dtype == a.dtype for g, a in zip(grads, args))
     if dtype == torch.float32 and not tf32:
         same = (z != 0) == (z_ref != 0)
         assert same.double().mean().item() > 0.999

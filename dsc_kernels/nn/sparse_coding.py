@@ -24,6 +24,7 @@ from .. import _validate as check
 from .. import _warnings
 from .. import functional as DF
 from ..reference import spectrum
+from ..reference.conv import value_dtype
 from . import _projection
 from ._args import check_value as _check_value
 from ._args import flags as _flags
@@ -305,8 +306,11 @@ class _ConvSparseCoding(_projection.Projected):
             full = torch.empty(learned_shape, **factory)
             self.register_parameter(name, nn.Parameter(full))
         else:
+            # a fixed value (the tracked 1/L too) in float32 for a half-precision layer, as functional carries it: a
+            # float16 1/L is often subnormal
             shape = tuple(value.shape) if isinstance(value, Tensor) else ()
-            self.register_buffer(name, torch.empty(shape, **factory))
+            dtype = value_dtype(_float_dtype(factory["dtype"]))
+            self.register_buffer(name, torch.empty(shape, device=factory["device"], dtype=dtype))
 
     def _fill(self, name: str, value: ValueOrTensor) -> None:
         target = getattr(self, name)
@@ -384,7 +388,7 @@ class _ConvSparseCoding(_projection.Projected):
         underflow = (lipschitz == 0) & weight.ne(0).any()
         fallback = torch.where(underflow, torch.full_like(lipschitz, math.inf), torch.ones_like(lipschitz))
         inverse_lipschitz = torch.where(lipschitz > 0, 1.0 / lipschitz, fallback)
-        return inverse_lipschitz.to(self._power_vector.dtype), v.to(self._power_vector.dtype)
+        return inverse_lipschitz.to(value_dtype(self._power_vector.dtype)), v.to(self._power_vector.dtype)
 
     def _power_iterate_(self, n_steps: int) -> Tensor:
         """``_power_iterate`` keeping the new vector (the next estimate's warm start); returns 1/L."""
@@ -544,7 +548,13 @@ class _ConvSparseCoding(_projection.Projected):
         up_to_date = not self._step_is_stale()
         self.__dict__.pop("_previous_step", None)
         self.__dict__.pop("_checkpoint_step_cache", None)
+        fixed = {name: t for name, t in self._buffers.items() if name in ("step", self._threshold_name)}
         super()._apply(fn, recurse)
+        for name, before in fixed.items():
+            # .half() / .to(torch.bfloat16) keep the fixed values in float32 (value_dtype), from their values before
+            after = self._buffers[name]
+            if after.dtype != value_dtype(after.dtype):
+                self._buffers[name] = before.to(device=after.device, dtype=value_dtype(after.dtype))
         if up_to_date:
             self._note_step_source()
         return self

@@ -29,7 +29,7 @@ from .._validate import requires_grad
 from ..reference.conv import code_size, zero_unread
 from ..reference.conv_ista import KEEP_RESIDUALS, NO_BACKWARD, saved_shape
 from . import table
-from .registry import FamilySpec, OpPair, static_kernel_size, traced_implementation, traced_op_pair
+from .registry import FamilySpec, OpPair, run_eager, static_kernel_size, traced_implementation, traced_op_pair
 from .registry import op_pair as _register_pair
 from .table import Backend
 
@@ -111,7 +111,8 @@ def run(
     backends, which is the same computation. ``recompute`` asks for the memory-lean backward (checkpoint 0).
     """
     if row.eager is not None:
-        return traced_implementation(row.eager)(
+        return run_eager(
+            row,
             x,
             weight,
             lam,

@@ -41,7 +41,7 @@ from .._validate import requires_grad
 from ..reference.conv import zero_unread
 from ..reference.ml_ista import layer_sizes, saved_layers
 from . import table
-from .registry import FamilySpec, OpPair, static_kernel_size, traced_implementation, traced_op_pair
+from .registry import FamilySpec, OpPair, run_eager, static_kernel_size, traced_op_pair
 from .registry import op_pair as _register_pair
 from .table import Backend
 
@@ -217,7 +217,8 @@ def run(
         # of an empty analysis); the reference's PyTorch ops give them and their gradients exactly.
         row = table.row(FAMILY, "reference")
     if row.eager is not None:
-        return traced_implementation(row.eager)(
+        return run_eager(
+            row,
             x,
             list(weights),
             list(encoder_weights),

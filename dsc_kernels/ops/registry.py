@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils._pytree as pytree
 
+from .._validate import autocasting
 from .table import Backend
 
 
@@ -105,6 +106,26 @@ def _no_double_backward(row: Backend) -> Callable:
         )
 
     return backward
+
+
+def run_eager(row: Backend, *args, **kwargs):
+    """Call ``row.eager`` (the reference's differentiable eager function) under the fused ops' autocast rule
+    (``_compute_in_float32_under_autocast``): inside an autocast region for the inputs' device its float tensors
+    are taken in float32 (float64 stays) and it runs with autocast off, so every backend returns float32 there and
+    computes the same thing. Following autocast's own rules instead, the reference returned bfloat16 (its
+    convolutions lowered, its steps and thresholds applied to bfloat16 iterates) where cpp returned float32."""
+    implementation = traced_implementation(row.eager)
+    device = next(t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+    if not autocasting(device):
+        return implementation(*args, **kwargs)
+
+    def to_float32(t):
+        eligible = isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(torch.float32) if eligible else t
+
+    args, kwargs = pytree.tree_map(to_float32, (args, kwargs))
+    with torch.autocast(device.type, enabled=False):
+        return implementation(*args, **kwargs)
 
 
 def _compute_in_float32_under_autocast(row: Backend) -> None:

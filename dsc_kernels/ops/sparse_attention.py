@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..reference.attention import stats_dtype
 from . import table
-from .registry import FamilySpec, OpPair, traced_implementation, traced_op_pair
+from .registry import FamilySpec, OpPair, run_eager, traced_op_pair
 from .registry import op_pair as _register_pair
 from .table import Backend
 
@@ -105,8 +105,6 @@ def run(
     float dtype and device, any strides; threshold (H,); bias None or (B,H,N,M) (see the module docstring).
     Returns O (B,H,N,dv), differentiable in q, k, v and threshold."""
     if row.eager is not None:
-        return traced_implementation(row.eager)(
-            q, k, v, mode=mode, threshold=threshold, causal=causal, scale=scale, bias=bias
-        )
+        return run_eager(row, q, k, v, mode=mode, threshold=threshold, causal=causal, scale=scale, bias=bias)
     out, _ = traced_op_pair(row, SPEC).forward(q, k, v, threshold, bias, mode, bool(causal), float(scale))
     return out

@@ -11,6 +11,7 @@ from .conv import (
     lipschitz_power_iteration_scaled,
     soft_threshold_ref,
     synthesis_output_padding,
+    value_dtype,
 )
 from .conv_ista import conv_ista_bwd_ref, conv_ista_fwd_ref, conv_ista_ref, fista_momentum
 
@@ -25,6 +26,7 @@ __all__ = [
     "lipschitz_power_iteration_scaled",
     "soft_threshold_ref",
     "synthesis_output_padding",
+    "value_dtype",
     "conv_ista_bwd_ref",
     "conv_ista_fwd_ref",
     "conv_ista_ref",

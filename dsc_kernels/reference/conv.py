@@ -127,6 +127,20 @@ def conv_synthesis_ref(
     return _CONV_T[rank](z, weight, stride=stride, padding=padding, output_padding=out_pad)
 
 
+def value_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype steps and thresholds are carried and applied in for signals and codes of ``dtype``: float32 for
+    float16 and bfloat16, else ``dtype`` itself. In float16 a default step 1/L below 6.1e-5 (L ~ 3e4 for 64 -> 64
+    randn 3x3 atoms) is subnormal, a handful of bits; eager PyTorch reads a Python-float step in float32 there."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def scaled(t: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``factor * t`` in t's dtype, the product formed in ``value_dtype``: a 0-d float32 factor times a half tensor
+    is rounded to the half dtype first (to a subnormal for a small float16 step), where ``factor * t`` with a Python
+    float factor is not. A no-op cast for float32/float64, whose results stay bit for bit."""
+    return (factor * t.to(value_dtype(t.dtype))).to(t.dtype)
+
+
 def soft_threshold_ref(
     x: torch.Tensor, threshold: torch.Tensor | float, nonneg: bool = False, *, select_zeros: bool = True
 ) -> torch.Tensor:
@@ -142,15 +156,19 @@ def soft_threshold_ref(
     recurrences pass False: the selection is two more passes per iteration, 5-43% of eager conv-ISTA's time on the
     design workloads, and they are the baseline the benchmarks time; only an infinite gradient tells the two apart.
     """
+    dtype = x.dtype
+    # half precision is thresholded in float32 (value_dtype), as F.softshrink reads its float lambd: a threshold
+    # step * lam cast to float16 is often subnormal
+    x = x.to(value_dtype(dtype))
     if isinstance(threshold, torch.Tensor):
         threshold = threshold.to(x.dtype)
     if nonneg:
-        return torch.relu(x - threshold)
+        return torch.relu(x - threshold).to(dtype)
     if isinstance(threshold, torch.Tensor) and threshold.requires_grad:
         shrunk = x - x.clamp_min(-threshold).clamp_max(threshold)
     else:
         shrunk = x - torch.clamp(x, -threshold, threshold)
-    return torch.where(shrunk != 0, shrunk, 0.0) if select_zeros else shrunk
+    return (torch.where(shrunk != 0, shrunk, 0.0) if select_zeros else shrunk).to(dtype)
 
 
 def row_scales(rows: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,15 @@ from collections.abc import Sequence
 import torch
 from torch.nn import grad as nn_grad
 
-from .conv import as_tuple, code_size, conv_analysis_ref, conv_synthesis_ref, soft_threshold_ref, spatial_rank
+from .conv import (
+    as_tuple,
+    code_size,
+    conv_analysis_ref,
+    conv_synthesis_ref,
+    scaled,
+    soft_threshold_ref,
+    spatial_rank,
+)
 
 _CONV_WEIGHT_GRAD = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight}
 
@@ -73,7 +81,7 @@ def _ista_step(x, y, weight, encoder_weight, lam_k, step_k, stride, padding, non
     residual = _residual(x, y, weight, stride, padding)
     if residuals is not None:
         residuals.append(residual)
-    u = y + step_k * conv_analysis_ref(residual, encoder_weight, stride, padding)
+    u = y + scaled(conv_analysis_ref(residual, encoder_weight, stride, padding), step_k)
     return soft_threshold_ref(u, _channel_view(step_k * lam_k, rank), nonneg, select_zeros=False)
 
 
@@ -92,8 +100,8 @@ def conv_ista_ref(
 ) -> torch.Tensor:
     """Unrolled conv-ISTA/FISTA through eager PyTorch autograd.
 
-    x: (B, C_sig, *S); weight, encoder_weight: (C_code, C_sig, *k); lam: (n_iter, C_code); step: (n_iter,);
-    z0: (B, C_code, *Sz) or None (zeros). Returns z_{n_iter}: (B, C_code, *Sz).
+    x: (B, C_sig, *S); weight, encoder_weight: (C_code, C_sig, *k); lam: (n_iter, C_code); step: (n_iter,)
+    (float32 for half x: ``value_dtype``); z0: (B, C_code, *Sz) or None (zeros). Returns z_{n_iter}: (B, C_code, *Sz).
     """
     rank = spatial_rank(weight)
     stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
@@ -326,13 +334,14 @@ def conv_ista_bwd_ref(
             residual = _residual(x, y, weight, stride, padding) if kept is None else kept[k]
             e = conv_analysis_ref(residual, encoder_weight, stride, padding)
             v = conv_synthesis_ref(gu, encoder_weight, x.shape[2:], stride, padding)
-            grad_x += step[k] * v
-            grad_we += step[k] * weight_grad(residual, encoder_weight.shape, gu, stride=stride, padding=padding)
-            grad_w -= step[k] * weight_grad(v, weight.shape, y, stride=stride, padding=padding)
-            grad_theta = -(gu if nonneg else signed_share(gu, z_new)).sum(reduce_dims)
+            grad_x += scaled(v, step[k])
+            grad_we += scaled(weight_grad(residual, encoder_weight.shape, gu, stride=stride, padding=padding), step[k])
+            grad_w -= scaled(weight_grad(v, weight.shape, y, stride=stride, padding=padding), step[k])
+            # lam and step may be wider than the codes (float32 for half ones: value_dtype)
+            grad_theta = -(gu if nonneg else signed_share(gu, z_new)).sum(reduce_dims, dtype=lam.dtype)
             grad_lam[k] = step[k] * grad_theta
-            grad_step[k] = (gu * e).sum() + (lam[k] * grad_theta).sum()
-            grad_y = gu - step[k] * conv_analysis_ref(v, weight, stride, padding)
+            grad_step[k] = (gu * e).sum(dtype=step.dtype) + (lam[k] * grad_theta).sum()
+            grad_y = gu - scaled(conv_analysis_ref(v, weight, stride, padding), step[k])
             if use_momentum:
                 g_next = g_carry + (1 + betas[k]) * grad_y
                 g_carry = -betas[k] * grad_y

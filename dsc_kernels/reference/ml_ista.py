@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 from torch.nn import grad as nn_grad
 
-from .conv import code_size, conv_analysis_ref, conv_synthesis_ref, soft_threshold_ref
+from .conv import code_size, conv_analysis_ref, conv_synthesis_ref, scaled, soft_threshold_ref
 from .conv_ista import fista_momentum, signed_share
 
 _CONV_WEIGHT_GRAD = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight}
@@ -249,7 +249,7 @@ def _step(p: Problem, k: int, state: list, previous: list, sizes, betas, reuse: 
                 drive = p.analysis(below, p.input_encoder(j, k), j) - p.analysis(dy, p.encoder(j, k), j)
             else:
                 drive = p.analysis(below - dy, p.encoder(j, k), j)
-        below = p.shrink(starts[j] + p.steps[j][k] * drive, j, k)
+        below = p.shrink(starts[j] + scaled(drive, p.steps[j][k]), j, k)
         reconstructions.append(dy)
         codes.append(below)
     return starts, reconstructions, codes
@@ -369,29 +369,30 @@ def ml_ista_bwd_ref(
                 below = x if j == 0 else outs[j - 1]
                 c = steps[j][k]
                 gu = torch.where(outs[j] != 0, g[j], torch.zeros_like(g[j]))
-                grad_t[j][k] -= (gu if p.nonneg else signed_share(gu, outs[j])).sum(reduce_dims)
+                # thresholds and steps may be wider than the codes (float32 for half ones: value_dtype)
+                grad_t[j][k] -= (gu if p.nonneg else signed_share(gu, outs[j])).sum(reduce_dims, dtype=c.dtype)
                 e_grad = slot(grad_we, j, k) if given(encoder_weights[j]) else slot(grad_w, j, k)
                 v_e = p.synthesis(gu, p.encoder(j, k), j, sizes[j])
                 if p.has_input_encoder(j):
                     v_a = p.synthesis(gu, p.input_encoder(j, k), j, sizes[j])
-                    slot(grad_wi, j, k).add_(c * p.weight_grad(below, gu, weights[j][0], j))
-                    grad_c[j][k] += (v_a * below).sum()
+                    slot(grad_wi, j, k).add_(scaled(p.weight_grad(below, gu, weights[j][0], j), c))
+                    grad_c[j][k] += (v_a * below).sum(dtype=c.dtype)
                     if not zero:
-                        e_grad.sub_(c * p.weight_grad(recon[j], gu, weights[j][0], j))
-                        grad_c[j][k] -= (v_e * recon[j]).sum()
+                        e_grad.sub_(scaled(p.weight_grad(recon[j], gu, weights[j][0], j), c))
+                        grad_c[j][k] -= (v_e * recon[j]).sum(dtype=c.dtype)
                 else:
                     v_a = v_e
                     residual = below - recon[j]
-                    e_grad.add_(c * p.weight_grad(residual, gu, weights[j][0], j))
-                    grad_c[j][k] += (v_e * residual).sum()
+                    e_grad.add_(scaled(p.weight_grad(residual, gu, weights[j][0], j), c))
+                    grad_c[j][k] += (v_e * residual).sum(dtype=c.dtype)
                 if j == 0:
-                    grad_x += c * v_a
+                    grad_x += scaled(v_a, c)
                 else:
-                    g[j - 1] = g[j - 1] + c * v_a
+                    g[j - 1] = g[j - 1] + scaled(v_a, c)
                 g_start[j] += gu
                 if zero:
                     continue
-                h = -c * v_e  # dL/d(D_j Y_j)
+                h = scaled(v_e, -c)  # dL/d(D_j Y_j)
                 if p.reuses_projection(j):
                     g_start[j - 1] += h
                 else:

@@ -5,7 +5,7 @@ tile helpers (`_synth_tile`, `_analysis_tile`, `_momentum_and_shrink`), and each
 split, a reader would follow one iteration across files.)
 
 Math (docs/design.md §2, §7.1). Shapes: x (B, Cs, H, W), weight W and encoder weight W_E (C, Cs, kh, kw),
-codes (B, C, Hz, Wz), lam (n, C), step (n,).
+codes (B, C, Hz, Wz), lam (n, C), step (n,) (float32 for half x).
     D z = conv_transpose2d(z, W, s, p, output_padding such that D z has x's size)     (synthesis)
     E r = conv2d(r, W_E, s, p)                                                          (analysis; W_E = W if tied)
     t_0 = 1, t_{k+1} = (1 + sqrt(1 + 4 t_k^2)) / 2,  beta_0 = 0,  beta_k = (t_{k-1} - 1) / t_k   (ISTA: beta_k = 0)
@@ -97,7 +97,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._precision import conv_tf32_allowed, forward_tf32
-from ..reference.conv import code_size
+from ..reference.conv import code_size, value_dtype
 from ..reference.conv_ista import NO_BACKWARD, fista_momentum, signed_share
 from .grid import MAX_GRID_YZ, block_and_index
 from .launch import AotSpec, interpreting, launch, record_launches
@@ -1453,10 +1453,13 @@ def _check_inputs(op, x, weight, encoder_weight, lam, step, z0, stride, padding)
             f"{op}: z0 must be (B, C_code, Hz, Wz) = {(B, C_code, hz, wz)} or empty (zeros), got {tuple(z0.shape)}"
         )
     for name, t in tensors.items():
-        if t.device != x.device or t.dtype != x.dtype:
+        # lam and step in float32 for half x (value_dtype): the kernels read them as float32 either way, and a
+        # float16 step 1/L is often subnormal
+        dtype = value_dtype(x.dtype) if name in ("lam", "step") else x.dtype
+        if t.device != x.device or t.dtype != dtype:
             raise RuntimeError(
-                f"{op}: all tensors must be on x's device with x's dtype ({x.device}, {x.dtype}); "
-                f"{name} is {t.device}, {t.dtype}"
+                f"{op}: all tensors must be on x's device with x's dtype ({x.device}, {x.dtype}; lam and step "
+                f"{value_dtype(x.dtype)}); {name} is {t.device}, {t.dtype}"
             )
     if x.dtype not in _DTYPES:
         raise RuntimeError(f"{op}: float32, float16 or bfloat16 only, got {x.dtype}")
@@ -1868,7 +1871,8 @@ def aot_specializations(
     def meta(*shape):
         return torch.empty(shape, device="meta", dtype=dtype)
 
-    x, w, lam, step, z0 = meta(*x_shape), meta(*weight_shape), meta(n_iter, C_code), meta(n_iter), meta(B, C_code, *zs)
+    x, w, z0 = meta(*x_shape), meta(*weight_shape), meta(B, C_code, *zs)
+    lam, step = (torch.empty(shape, device="meta", dtype=value_dtype(dtype)) for shape in ((n_iter, C_code), (n_iter,)))
 
     def run():
         for forward in ("two-pass", "tiles", "single-launch"):

@@ -1,0 +1,146 @@
+"""Half precision (float16, bfloat16) by the project's rule (tests/tolerance.py): against a float64 computation of
+the same problem, at most twice the error of PyTorch's own eager loop in that dtype (F.conv_transpose2d, F.conv2d
+and a soft threshold, the step a Python float, which eager PyTorch multiplies in float32 for half tensors).
+
+The problems' dictionaries are large enough that the default step 1/L (~8e-6) is subnormal in float16, where it
+keeps 7 of its 11 bits: the backends carried the step and the thresholds step * lam in x's dtype, and their codes came
+out at 3.7-6.2x eager's error (reference and Triton alike, the first iterations worst). They are now carried in
+float32 for half inputs (``reference.value_dtype``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerance import assert_close_by_rule
+
+import dsc_kernels.functional as DF
+from dsc_kernels.nn import ConvSparseCoding2d
+from dsc_kernels.reference.conv_ista import fista_momentum
+
+DEVICES = [
+    pytest.param("reference", "cpu", id="reference"),
+    pytest.param("triton", "cpu", marks=pytest.mark.interpreter, id="triton-interpreter"),
+    pytest.param("triton", "cuda", marks=pytest.mark.gpu, id="triton-gpu"),
+]
+SIZE, PADDING = (8, 9), 1
+
+
+def _problem(device: str, dtype: torch.dtype = torch.float16, seed: int = 2):
+    """x (2, 3, 8, 9), a 4 x 3 x 3 x 3 dictionary of taps ~32 (L ~ 1.3e5 at this size, 1/L subnormal in float16, and
+    rounded there by 0.35% on seed 2), its default step as a Python float and a lam of threshold ~3e-4."""
+    g = torch.Generator().manual_seed(seed)
+    w = (32 * torch.randn(4, 3, 3, 3, generator=g)).to(device=device, dtype=dtype)
+    x = torch.randn(2, 3, *SIZE, generator=g).to(device=device, dtype=dtype)
+    step = 1.0 / DF.lipschitz_constant(w.double(), SIZE, padding=PADDING)
+    return x, w, step, 0.3e-3 / step
+
+
+def _times(step: float | torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """step * t as eager PyTorch forms it for a Python-float step: in float32 for half t, rounded to t's dtype. A
+    float32 step tensor (to differentiate it) is applied the same way, explicitly."""
+    return step * t if isinstance(step, float) else (step * t.to(step.dtype)).to(t.dtype)
+
+
+def _eager(x, w, lam, step, n_iter: int, *, nonneg=False, fista=False) -> torch.Tensor:
+    """Eager conv-ISTA/FISTA in x's dtype; lam a float or a (C,) tensor, step a float or a float32 0-d tensor."""
+    z = z_prev = x.new_zeros(x.shape[0], w.shape[0], *x.shape[2:])
+    betas = fista_momentum(n_iter)
+    for k in range(n_iter):
+        y = z + betas[k] * (z - z_prev) if fista and betas[k] != 0 else z
+        u = y + _times(step, F.conv2d(x - F.conv_transpose2d(y, w, padding=PADDING), w, padding=PADDING))
+        t = _times(step, lam.view(1, -1, 1, 1)) if isinstance(lam, torch.Tensor) else step * lam
+        z_prev, z = z, F.relu(u - t) if nonneg else u - u.clamp(-t, t)
+    return z
+
+
+@pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
+@pytest.mark.parametrize("nonneg", [False, True], ids=["signed", "nonneg"])
+@pytest.mark.parametrize("backend, device", DEVICES)
+def test_codes_with_a_subnormal_default_step(backend, device, nonneg, fista):
+    x, w, step, lam = _problem(device)
+    opts = dict(n_iter=2, padding=PADDING, nonneg=nonneg, fista=fista)
+    z = DF.conv_ista(x, w, lam, backend=backend, **opts)
+    want = DF.conv_ista(x.double(), w.double(), lam, backend="reference", **opts)
+    assert z.dtype == torch.float16
+    assert_close_by_rule(z, want, _eager(x, w, lam, step, 2, nonneg=nonneg, fista=fista), name="z")
+
+
+@pytest.mark.parametrize("backend, device", DEVICES)
+def test_gradients_with_a_subnormal_default_step(backend, device):
+    """Gradients of <z, G> for x, the dictionary, a float16 lam and a float32 step (each returned in its own dtype);
+    the eager yardstick is autograd through the loop above, its step applied in float32 as for a Python float."""
+    x, w, step, lam = _problem(device)
+    lam = torch.full((4,), lam, device=device, dtype=torch.float16)
+    step = torch.tensor(step, device=device)
+    gz = torch.randn(2, 4, *SIZE, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(device)
+
+    def gradients(run, *leaves):
+        leaves = [t.detach().requires_grad_() for t in leaves]
+        z = run(*leaves)
+        return [z, *torch.autograd.grad((z * gz.to(z.dtype)).sum(), leaves)]
+
+    def solve(x, w, lam, step, backend=backend):
+        return DF.conv_ista(x, w, lam, n_iter=2, step=step, padding=PADDING, backend=backend)
+
+    got = gradients(solve, x, w, lam, step)
+    want = gradients(lambda *t: solve(*t, backend="reference"), *(t.double() for t in (x, w, lam, step)))
+    eager = gradients(lambda *t: _eager(*t, 2), x, w, lam, step)
+    for name, a, b, e, leaf in zip(("z", "x", "weight", "lam", "step"), got, want, eager, (x, x, w, lam, step)):
+        assert a.dtype == leaf.dtype, name
+        assert_close_by_rule(a, b, e, name=name)
+
+
+@pytest.mark.parametrize("variant", ["ml_ista", "per-iteration-dictionaries"])
+def test_multi_layer_pursuit_with_a_subnormal_default_step(variant):
+    """The ml_ista op family (the reference is its one half-precision backend): one layer of ML-ISTA (initial
+    encoding, then one unfolding) is two conv-ISTA iterations from zero; conv_ista with a dictionary per iteration
+    runs through it too."""
+    x, w, step, lam = _problem("cpu")
+    threshold = step * lam
+
+    def solve(x, w):
+        if variant == "ml_ista":
+            return DF.ml_ista(x, [w], [threshold], n_iter=1, paddings=[PADDING], nonneg=False, backend="reference")[0]
+        return DF.conv_ista(x, w.expand(2, *w.shape), threshold=threshold, n_iter=2, padding=PADDING)
+
+    z = solve(x, w)
+    assert z.dtype == torch.float16
+    assert_close_by_rule(z, solve(x.double(), w.double()), _eager(x, w, lam, step, 2), name="z")
+
+
+@pytest.mark.parametrize("made", ["dtype=float16", "half()"])
+def test_a_half_precision_layer_keeps_its_tracked_step_in_float32(made):
+    """ConvSparseCoding2d's tracked step 1/L (a buffer) was stored in the layer's dtype, subnormal in float16 here
+    (0.32% off on this seed, 3.7x eager's error). Built with dtype=float16 or converted by .half(), the layer keeps
+    it, and its fixed lam, in float32; the float64 layer on the same dictionary is the reference (its L is the
+    infinite-signal norm, not functional's)."""
+    x, w, _, lam = _problem("cpu", seed=3)
+
+    def layer(dtype):
+        build = dict(n_iter=2, padding=PADDING, lam=lam, backend="reference")
+        if made == "half()" and dtype == torch.float16:
+            module = ConvSparseCoding2d(3, 4, 3, **build).half()
+        else:
+            module = ConvSparseCoding2d(3, 4, 3, **build, dtype=dtype)
+        with torch.no_grad():
+            module.weight.copy_(w)
+        return module.eval()
+
+    half, exact = layer(torch.float16), layer(torch.float64)
+    z, want = half(x), exact(x.double())
+    assert z.dtype == torch.float16 and half.step.dtype == half.lam.dtype == torch.float32
+    assert_close_by_rule(z, want, _eager(x, w, lam, float(exact.step), 2), name="z")
+
+
+@pytest.mark.parametrize("backend, device", DEVICES)
+def test_an_absolute_threshold_over_a_small_step_runs(backend, device):
+    """threshold= runs as lam = threshold / step, which was formed in float16 too: 0.01 / 7.7e-6 = 1300 fits, but
+    threshold 1 gives 1.3e5, beyond float16's 65504, and a valid call raised "threshold / step ... must fit in
+    torch.float16". lam now lives in float32 (the codes are then all zero: the threshold exceeds every entry)."""
+    x, w, step, _ = _problem(device)
+    for threshold in (0.01, 1.0):
+        z = DF.conv_ista(x, w, threshold=threshold, n_iter=2, padding=PADDING, backend=backend)
+        want = DF.conv_ista(x.double(), w.double(), threshold=threshold, n_iter=2, padding=PADDING)
+        assert_close_by_rule(z, want, _eager(x, w, threshold / step, step, 2), name=f"z at threshold {threshold}")
