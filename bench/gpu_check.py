@@ -166,6 +166,7 @@ GPU_TEST_FILES = (
     "tests/test_attention_ops.py",
     "tests/test_attention_nn.py",
     "tests/test_attention_reliability.py",
+    "tests/test_half_precision.py",
 )
 
 

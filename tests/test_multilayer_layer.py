@@ -96,8 +96,8 @@ def test_attention_layers_check_arguments_at_construction():
     ]:
         with pytest.raises(error, match=match):
             SparseCodingTransformerBlock(8, 2, **options)
-    with pytest.raises(ValueError, match=r"\(B, N, dim=8\)"):
-        SparseCodingTransformerBlock(8, 2, backend="reference")(torch.randn(5, 8))
+    with pytest.raises(ValueError, match=r"\(B, N, dim=8\) or \(N, dim=8\)"):
+        SparseCodingTransformerBlock(8, 2, backend="reference")(torch.randn(5, 7))
 
 
 def test_a_backend_without_multilayer_kernels_is_refused_at_construction():
