@@ -207,8 +207,9 @@ def _default_step(weight: Tensor, signal_size: tuple[int, ...], stride, padding)
     a power iteration, and it sees every change (an optimiser step, but also writes through ``.data``, which the
     version counter misses, and inference tensors, which have none). Under torch.compile the power iteration is
     traced, and so it is under vmap over the dictionary (one 1/L per sample)."""
+    carried = ref.value_dtype(weight.dtype)  # the dtype the step is carried in (float32 for half weights)
     if not check.values_readable(weight):
-        return _inverse_lipschitz(weight, signal_size, stride, padding).to(ref.value_dtype(weight.dtype))
+        return _inverse_lipschitz(weight, signal_size, stride, padding).to(carried)
     geometry = (signal_size, stride, padding)
     cached = _LIPSCHITZ_CACHE.get(weight)
     if cached is None or cached[0] != geometry or not torch.equal(cached[1], weight):
@@ -216,9 +217,8 @@ def _default_step(weight: Tensor, signal_size: tuple[int, ...], stride, padding)
         cached = (geometry, values, float(_inverse_lipschitz(values, signal_size, stride, padding)))
         _LIPSCHITZ_CACHE[weight] = cached
     step = cached[2]
-    # checked in the dtype the step is carried in (float32 for half weights)
-    check.fits_dtype("the default step 1/L (the dictionary is nearly zero)", step, ref.value_dtype(weight.dtype))
-    check.positive("the default step 1/L (the dictionary is very large)", step, ref.value_dtype(weight.dtype))
+    check.fits_dtype("the default step 1/L (the dictionary is nearly zero)", step, carried)
+    check.positive("the default step 1/L (the dictionary is very large)", step, carried)
     return step
 
 
