@@ -226,11 +226,12 @@ def _inverse_lipschitz(weight: Tensor, signal_size: tuple[int, ...], stride, pad
     """1/L as a 0-d float64 tensor. Where D is the zero operator at this geometry (an all-zero weight, or atoms that
     read only padding) it is 1: every step solves that problem. Where a non-zero L underflowed (float64 taps below
     ~1e-162) no dtype holds 1/L: inf, which the eager checks refuse and which makes traced calls, which cannot
-    raise, return NaN codes rather than silently run a wrong step."""
+    raise, return NaN codes rather than silently run a wrong step. A weight with a NaN has no L either; it gets 1 as
+    the layers give it, and its codes come out NaN from the convolutions themselves, as F.conv2d's do."""
     with torch.no_grad():
         estimate, scale = ref.lipschitz_power_iteration_scaled(weight, signal_size, stride, padding)
         lip = estimate * scale**2
-        return torch.where(estimate == 0, 1.0, torch.where(lip > 0, 1.0 / lip, math.inf))
+        return torch.where((estimate == 0) | estimate.isnan(), 1.0, torch.where(lip > 0, 1.0 / lip, math.inf))
 
 
 def _warn_if_step_diverges(
@@ -249,6 +250,8 @@ def _warn_if_step_diverges(
     # a reduction, not a weight-sized square: this runs on every call
     lower = float(torch.linalg.vector_norm(weight.detach().flatten(1), dim=1).max()) ** 2 if weight.numel() else 0.0
     largest = float(step.detach().max()) if isinstance(step, Tensor) else float(step)
+    if not math.isfinite(lower) and not bool(weight.detach().isfinite().all()):
+        return  # a NaN or inf in the weight makes the codes NaN whatever the step
     if lower > 0 and largest > 2.0 / lower:
         _warnings.warn(
             f"{name}={largest:.4g} is above 2/L (L >= {lower:.4g}, the largest atom's squared norm): ISTA "

@@ -12,6 +12,7 @@ import torch
 
 import dsc_kernels.functional as DF
 from dsc_kernels import _ext
+from dsc_kernels.nn import ConvSparseCoding2d
 from dsc_kernels.ops import op_pair
 from dsc_kernels.reference.conv_ista import NO_BACKWARD
 from tests.helpers import conv_problem
@@ -67,15 +68,19 @@ def test_lasso_objective_checks_lam_device_and_range():
         DF.lasso_objective(x, z, w, 1e39)
 
 
-@pytest.mark.parametrize("dtype, size", [(torch.float16, 300.0), (torch.bfloat16, 2e19), (torch.float32, 2e19)])
+@pytest.mark.parametrize(
+    "dtype, size",
+    [(torch.float16, 300.0), (torch.bfloat16, 2e19), (torch.float32, 2e19), (torch.float64, 1.5e154)],
+)
 def test_lasso_objective_whose_squares_leave_the_dtype(dtype, size):
     """0.5 ||r||^2 fits the dtype while r_i^2 does not: a float16 residual of 300 gave inf for 45,000 (float32:
-    2e19 gave inf for 2e38); the squares are summed in a wider dtype and the objective rounded back."""
+    2e19 gave inf for 2e38, float64: 1.5e154 for 1.1e308); the squares are summed in a wider dtype, or of the
+    residual over its largest entry in float64, and the objective rounded back."""
     w, z = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0)), torch.zeros(1, 2, 6, 6)
-    x = torch.zeros(1, 1, 6, 6)
+    x = torch.zeros(1, 1, 6, 6, dtype=dtype)
     x[0, 0, 2, 2] = size
-    got = DF.lasso_objective(x.to(dtype), z.to(dtype), w.to(dtype), 0.1, padding=1)
-    assert got.dtype == dtype and float(got) == pytest.approx(0.5 * size**2, rel=torch.finfo(dtype).eps)
+    got = DF.lasso_objective(x, z.to(dtype), w.to(dtype), 0.1, padding=1)
+    assert got.dtype == dtype and float(got) == pytest.approx((size * 0.5**0.5) ** 2, rel=torch.finfo(dtype).eps)
     x, z = torch.randn(2, 1, 6, 6), torch.randn(2, 2, 6, 6)  # ordinary values: the float64 objective, rounded
     want = DF.lasso_objective(x.double(), z.double(), w.double(), 0.1, padding=1)
     torch.testing.assert_close(
@@ -152,6 +157,22 @@ def test_traced_default_step_of_a_nonzero_dictionary_whose_l_underflows_gives_na
     assert bool(compiled(x, w * 1e-170).isnan().all())
     assert float(compiled(x, torch.zeros_like(w)).abs().sum()) == 0
     torch.testing.assert_close(compiled(x, w), f(x, w))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_default_step_of_a_non_finite_dictionary_gives_nan_codes(backend, value, recwarn):
+    # NaN propagates as F.conv2d's: the call raised "the dictionary is nearly zero" for a NaN tap (its L is NaN, no
+    # 1/L), and a layer's tracked step warned "step=1 is above 2/L (L >= inf)" for an inf one
+    x, w = X.double(), W.double()
+    w[1, 0, 1, 1] = value
+    z = DF.conv_ista(x, w, 0.5, n_iter=2, padding=1, backend=backend)
+    (code,) = DF.ml_ista(x, [w], [0.5], n_iter=2, paddings=[1], backend=backend)
+    layer = ConvSparseCoding2d(3, 4, 3, n_iter=2, padding=1, dtype=torch.float64, backend=backend)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    assert z.isnan().all() and code.isnan().all() and layer(x).isnan().all()
+    assert float(layer.step) == 1.0 and not [w for w in recwarn if "2/L" in str(w.message)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -365,8 +365,8 @@ class _ConvSparseCoding(_projection.Projected):
     @torch.no_grad()
     def _power_iterate(self, n_steps: int, adaptive: bool = False) -> tuple[Tensor, Tensor]:
         """``n_steps`` power iterations per frequency of D's response from the stored vectors (``adaptive``: more,
-        see POWER_TOLERANCE, where that needs no device sync); returns 1/L (1 for an all-zero D) and the new
-        vectors, leaving the module's state as it is."""
+        see POWER_TOLERANCE, where that needs no device sync); returns 1/L (1 for an all-zero D, or one with a NaN
+        or inf) and the new vectors, leaving the module's state as it is."""
         v = self._power_vector
         # in at least float32, as real arithmetic outside autocast (which would turn the products to half precision)
         dtype = torch.promote_types(v.dtype, torch.float32)
@@ -383,11 +383,13 @@ class _ConvSparseCoding(_projection.Projected):
                 weight, self.stride, v.to(dtype), n_steps, until, POWER_STEPS_MAX_PER_FORWARD
             )
         # inverted before the cast: a half-precision layer's L can exceed float16's range while 1/L does not
-        # 1 stands in for an all-zero D (any step solves it); a non-zero D whose L underflowed to 0 has no 1/L in
-        # range: inf, which the forward refuses (as functional's default step does), instead of a silent step 1
-        underflow = (lipschitz == 0) & weight.ne(0).any()
+        # 1 stands in for an all-zero D (any step solves it) and for a D with a NaN or inf (whose codes are NaN from
+        # the convolutions, as functional's default step has it); a finite non-zero D whose L underflowed to 0 has
+        # no 1/L in range: inf, which the forward refuses (as functional's default step does), not a silent step 1
+        finite = weight.isfinite().all()
+        underflow = (lipschitz == 0) & weight.ne(0).any() & finite
         fallback = torch.where(underflow, torch.full_like(lipschitz, math.inf), torch.ones_like(lipschitz))
-        inverse_lipschitz = torch.where(lipschitz > 0, 1.0 / lipschitz, fallback)
+        inverse_lipschitz = torch.where((lipschitz > 0) & finite, 1.0 / lipschitz, fallback)
         return inverse_lipschitz.to(value_dtype(self._power_vector.dtype)), v.to(self._power_vector.dtype)
 
     def _power_iterate_(self, n_steps: int) -> Tensor:

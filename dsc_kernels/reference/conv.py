@@ -255,6 +255,12 @@ def lasso_objective_ref(
     # The squares in a dtype of wider range (float16 in float32, bfloat16 and float32 in float64), the objective
     # rounded back: ||r||^2 is twice the objective, and a single square can be far more, so in x's own dtype a
     # float16 residual of 300 gave inf for an objective of 45,000 (bfloat16 and float32 from residuals of ~2e19).
+    # float64 has none wider: each sample's residual is divided by its largest entry p, and p^2 * (0.5 ||r/p||^2) is
+    # formed as (p * half) * p, whose first product is at most the result, else residuals from ~1.3e154 gave inf
+    # where the objective fits. (It is 0.5 ||r||^2 for every p, so p's own gradient term is zero.)
     wide = {torch.float16: torch.float32, torch.bfloat16: torch.float64, torch.float32: torch.float64}
-    energy = residual.to(wide.get(residual.dtype, residual.dtype)).pow(2).flatten(1).sum(-1)
-    return (0.5 * energy + (l1 * lam).sum(-1).to(energy.dtype)).to(residual.dtype)
+    r = residual.to(wide.get(residual.dtype, residual.dtype)).flatten(1)
+    peak = r.abs().amax(-1) if r.shape[1] else r.new_ones(r.shape[0])
+    peak = torch.where(torch.isfinite(peak) & (peak > 0), peak, torch.ones_like(peak))  # inf and NaN stay as they are
+    half_energy = peak * (0.5 * (r / peak[:, None]).pow(2).sum(-1)) * peak
+    return (half_energy + (l1 * lam).sum(-1).to(half_energy.dtype)).to(residual.dtype)
