@@ -24,13 +24,19 @@ Padding = IntOrPair | str
 MAX_EXTENT = 2**31 - 1
 
 
+def storageless(t: Tensor) -> bool:
+    """Whether t has no memory of its own to read or point at: a meta tensor or a FakeTensor (a module built under a
+    FakeTensorMode for shapes only)."""
+    return t.device.type == "meta" or is_fake(t)
+
+
 def _valueless(t: Tensor) -> bool:
     """Whether t's values, or those computed from it, are unknown: while tracing, on meta, or a FakeTensor or any
     tensor under a FakeTensorMode (shape propagation outside torch.compile, where a read raised
     DataDependentOutputException instead of giving shapes)."""
-    if torch.compiler.is_compiling() or t.device.type == "meta":
+    if torch.compiler.is_compiling() or storageless(t):
         return True
-    return is_fake(t) or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
 def values_readable(t: Tensor) -> bool:

@@ -172,6 +172,35 @@ def test_fake_tensors_propagate_shapes_through_every_function(backend, real_inpu
     assert shapes == [(2, 3, 5, 4), (2, 3, 4), (2, 3, 9, 4), (2, 3, 5, 4), (2, 2, 9, 7), (2,)]
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_layers_built_under_a_fake_tensor_mode_give_shapes(training):
+    """A model built under a FakeTensorMode (memory estimates, sharding plans) raised DataDependentOutputException in
+    the conv sparse-coding layers' constructor (the learned step's floor), their training forward (the adaptive
+    power iteration, the all-zero-codes check) and their repr."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dsc_kernels.nn import ConvSparseCoding1d, DeepSparseCoding2d, SoftThreshold
+
+    with FakeTensorMode():
+        layers = [
+            ConvSparseCoding2d(2, 5, 3, padding=1, learn_step=True),
+            ConvSparseCoding1d(2, 5, 3, stride=2, fista=True, learn_lam=True),
+            DeepSparseCoding2d([2, 4, 5], [3, 3]),
+            SoftThreshold(0.2),
+        ]
+        x, x1 = torch.randn(3, 2, 9, 7, requires_grad=True), torch.randn(3, 2, 11)
+        shapes = []
+        for layer, inputs in zip(layers, (x, x1, x, x)):
+            layer.train(training)
+            out = layer(inputs)
+            out = out[-1] if isinstance(out, list) else out  # DeepSparseCoding2d: every layer's code
+            if training:
+                out.sum().backward()
+            shapes.append(tuple(out.shape))
+            assert repr(layer)
+    assert shapes == [(3, 5, 9, 7), (3, 5, 6), (3, 5, 9, 7), (3, 2, 9, 7)]
+
+
 def test_default_step_under_fullgraph_compile():
     x, w = X.float(), W.float()
 

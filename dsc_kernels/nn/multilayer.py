@@ -250,6 +250,6 @@ class MultiLayerSparseCoding2d(_projection.Projected):
 
 def _after_load(module: MultiLayerSparseCoding2d, incompatible_keys) -> None:
     """Learned steps loaded below this module's floor move the floor (``step_floor_after_load``)."""
-    if module.steps is None or any(c.is_meta for c in module.steps):
+    if module.steps is None or any(check.storageless(c) for c in module.steps):
         return
     module._step_floor = step_floor_after_load(module._step_floor, module.steps)

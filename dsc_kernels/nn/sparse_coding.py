@@ -138,8 +138,9 @@ class SoftThreshold(_projection.Projected):
         learnable = isinstance(self.threshold, nn.Parameter)
         # a fixed scalar threshold is the module's one setting (nn.Softshrink prints its lambd); ConvSparseCoding
         # prints its fixed scalar lam the same way
-        value = "" if learnable or self.threshold.dim() or self.threshold.is_meta else f"{float(self.threshold):.4g}, "
-        return f"{value and 'threshold=' + value}{channels}nonneg={self.nonneg}, learnable={learnable}"
+        shown = not learnable and self.threshold.dim() == 0 and not check.storageless(self.threshold)
+        value = f"threshold={float(self.threshold):.4g}, " if shown else ""
+        return f"{value}{channels}nonneg={self.nonneg}, learnable={learnable}"
 
 
 # ------------------------------------------------------------------------------------------ conv sparse coding
@@ -331,7 +332,8 @@ class _ConvSparseCoding(_projection.Projected):
         self._fill(self._threshold_name, self._init["threshold"])
         inverse_lipschitz = self._restart_power_vector()
         self._fill("step", inverse_lipschitz if self._init["step"] is None else self._init["step"])
-        self._step_floor = STEP_FLOOR * float(self.step.detach().min())
+        # no floor where the step has no values to read (a layer built under a FakeTensorMode, for shapes only)
+        self._step_floor = STEP_FLOOR * float(self.step.detach().min()) if check.values_readable(self.step) else 0.0
         self._note_step_source()
 
     def constraints(self) -> list[tuple[Tensor, float | None, float | None]]:
@@ -377,7 +379,7 @@ class _ConvSparseCoding(_projection.Projected):
         )
         with no_autocast:
             until = None
-            if adaptive and weight.device.type == "cpu" and not torch.compiler.is_compiling():
+            if adaptive and weight.device.type == "cpu" and check.values_readable(weight):
                 until = POWER_TOLERANCE
             lipschitz, v = spectrum.dictionary_norm_sq(
                 weight, self.stride, v.to(dtype), n_steps, until, POWER_STEPS_MAX_PER_FORWARD
@@ -418,7 +420,7 @@ class _ConvSparseCoding(_projection.Projected):
         torch (an optimiser step, edits under ``torch.no_grad()``, ``load_state_dict``) bumps a counter, and
         assigning new data moves it. None when one cannot be read (an inference tensor keeps no version counter)."""
         tensors = self._weight_tensors()
-        if any(t.is_meta or t.is_inference() for t in tensors):
+        if any(check.storageless(t) or t.is_inference() for t in tensors):
             return None
         try:
             return tuple((t.data_ptr(), t._version) for t in tensors)
@@ -661,7 +663,7 @@ class _ConvSparseCoding(_projection.Projected):
 
     def _warn_if_all_zero(self, z: Tensor) -> None:
         self._zero_checks += 1
-        if z.is_meta or not z.numel() or (self._zero_checks - 1) % ZERO_CHECK_EVERY != 0:
+        if check.storageless(z) or not z.numel() or (self._zero_checks - 1) % ZERO_CHECK_EVERY != 0:
             return
         if not bool(z.detach().any()):
             _warnings.warn(
@@ -709,7 +711,7 @@ class _ConvSparseCoding(_projection.Projected):
 def _fixed_value(name: str, value: Tensor) -> str:
     """A fixed lam, threshold or step as extra_repr shows it: a scalar's value (a module's one setting, as
     nn.Softshrink prints its lambd), else the shape of the per-channel or per-iteration tensor (or of a meta one)."""
-    if value.dim() == 0 and not value.is_meta:
+    if value.dim() == 0 and not check.storageless(value):
         return f"{name}={float(value):.4g}"
     return f"{name} of shape {tuple(value.shape)}"
 
@@ -741,7 +743,7 @@ def _after_load(module: _ConvSparseCoding, incompatible_keys) -> None:
     if module._track_step and "weight" in loaded and "step" not in loaded:
         with torch.no_grad():
             module.step.copy_(inverse_lipschitz)
-    if isinstance(module.step, nn.Parameter) and not module.step.is_meta:
+    if isinstance(module.step, nn.Parameter) and not check.storageless(module.step):
         module._step_floor = step_floor_after_load(getattr(module, "_step_floor", math.inf), [module.step])
     module._note_step_source()  # a loaded step belongs to the loaded weight: keep it
 
