@@ -179,7 +179,7 @@ def test_layers_built_under_a_fake_tensor_mode_give_shapes(training):
     power iteration, the all-zero-codes check) and their repr."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from dsc_kernels.nn import ConvSparseCoding1d, DeepSparseCoding2d, SoftThreshold
+    from dsc_kernels.nn import ConvSparseCoding1d, DeepSparseCoding2d, SoftThreshold, SparseAttention
 
     with FakeTensorMode():
         layers = [
@@ -187,18 +187,21 @@ def test_layers_built_under_a_fake_tensor_mode_give_shapes(training):
             ConvSparseCoding1d(2, 5, 3, stride=2, fista=True, learn_lam=True),
             DeepSparseCoding2d([2, 4, 5], [3, 3]),
             SoftThreshold(0.2),
+            SparseAttention(6, 2, kdim=3),  # its constructor raised "_apply(): Couldn't swap Linear.weight"
         ]
         x, x1 = torch.randn(3, 2, 9, 7, requires_grad=True), torch.randn(3, 2, 11)
+        q, k = torch.randn(4, 3, 6), torch.randn(5, 3, 3)
         shapes = []
-        for layer, inputs in zip(layers, (x, x1, x, x)):
+        for layer, inputs in zip(layers, ((x,), (x1,), (x,), (x,), (q, k, q[:1].expand(5, 3, 6)))):
             layer.train(training)
-            out = layer(inputs)
+            out = layer(*inputs)
+            out = out[0] if isinstance(out, tuple) else out  # SparseAttention: (out, weights)
             out = out[-1] if isinstance(out, list) else out  # DeepSparseCoding2d: every layer's code
             if training:
                 out.sum().backward()
             shapes.append(tuple(out.shape))
             assert repr(layer)
-    assert shapes == [(3, 5, 9, 7), (3, 5, 6), (3, 5, 9, 7), (3, 2, 9, 7)]
+    assert shapes == [(3, 5, 9, 7), (3, 5, 6), (3, 5, 9, 7), (3, 2, 9, 7), (4, 3, 6)]
 
 
 def test_default_step_under_fullgraph_compile():

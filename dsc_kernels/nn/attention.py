@@ -12,7 +12,6 @@ import numbers
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import skip_init
 
 from .. import _attention_args as attention_args
 from .. import _validate as check
@@ -128,9 +127,13 @@ class SparseAttention(nn.Module):
             self.register_parameter("in_proj_weight", None)
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory)) if bias else None
         # uninitialised here: reset_parameters initialises every parameter once (a deferred construction on meta,
-        # to_empty and reset_parameters then give exactly what construction gives from the same seed)
-        where = torch.get_default_device() if device is None else device  # skip_init needs an explicit device
-        self.out_proj = skip_init(nn.Linear, embed_dim, embed_dim, bias=bias, device=where, dtype=dtype)
+        # to_empty and reset_parameters then give exactly what construction gives from the same seed). Built on meta
+        # (no initialisation, no random draw) and given empty parameters, not by skip_init, whose to_empty cannot
+        # swap parameters under a FakeTensorMode.
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, device="meta", dtype=dtype)
+        self.out_proj.weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory))
+        if bias:
+            self.out_proj.bias = nn.Parameter(torch.empty(embed_dim, **factory))
         if add_bias_kv:
             self.bias_k = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
             self.bias_v = nn.Parameter(torch.empty(1, 1, embed_dim, **factory))
