@@ -2,8 +2,10 @@
 
 from ._projection import project_
 from .attention import SparseAttention, SparseCodingTransformerBlock
+from .deep import DeepSparseCoding2d
 from .multilayer import MultiLayerSparseCoding2d
-from .sparse_coding import ConvSparseCoding1d, ConvSparseCoding2d, DeepSparseCoding2d, SoftThreshold
+from .soft_threshold import SoftThreshold
+from .sparse_coding import ConvSparseCoding1d, ConvSparseCoding2d
 
 __all__ = [
     "SoftThreshold",

@@ -12,9 +12,21 @@ from torch import Tensor
 from .. import _validate as check
 from ..reference.conv import code_size
 
+# Appended to a negative threshold's error by every layer that takes one.
+SIGNED_HINT = " (the signed soft threshold needs t >= 0; a negative threshold, a ReLU with bias -t, needs nonneg=True)"
+
 
 def positive_int(name: str, value: object) -> int:
     return check.count(name, value, 1)
+
+
+def per_layer(name: str, value: object, depth: int) -> list:
+    """One value per layer of a stack: a list holds one per layer; anything else (an int, a (h, w) tuple, "same") is
+    every layer's value."""
+    values = list(value) if isinstance(value, list) else [value] * depth
+    if len(values) != depth:
+        raise ValueError(f"{name} must be one value or a list of {depth} (one per layer), got {value!r}")
+    return values
 
 
 def flags(**values: object) -> None:

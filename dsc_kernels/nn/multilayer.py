@@ -20,19 +20,11 @@ from torch import Tensor, nn
 from .. import _validate as check
 from .. import functional as DF
 from . import _projection
-from ._args import check_value, flags, float_dtype, positive_int, stack_signal_sizes
+from ._args import check_value, flags, float_dtype, per_layer, positive_int, stack_signal_sizes
 from .sparse_coding import STEP_FLOOR, step_floor_after_load
 
 IntOrPair = int | Sequence[int]
 MODES = ("layered", "ml-ista", "ml-fista", "interleaved")
-
-
-def _per_layer(name: str, value, depth: int) -> list:
-    # A list holds one value per layer; anything else (an int, a (h, w) tuple, "same") is every layer's value.
-    values = list(value) if isinstance(value, list) else [value] * depth
-    if len(values) != depth:
-        raise ValueError(f"{name} must be one value or a list of {depth} (one per layer), got {value!r}")
-    return values
 
 
 class MultiLayerSparseCoding2d(_projection.Projected):
@@ -110,12 +102,12 @@ class MultiLayerSparseCoding2d(_projection.Projected):
         DF.check_backend(backend, "conv_ista" if mode == "layered" and not untied_unfoldings else "ml_ista")
         self.channels = channels
         self.kernel_sizes = [
-            check.ints("kernel_sizes", k, 2, minimum=1) for k in _per_layer("kernel_sizes", kernel_sizes, depth)
+            check.ints("kernel_sizes", k, 2, minimum=1) for k in per_layer("kernel_sizes", kernel_sizes, depth)
         ]
-        self.strides = [check.ints("strides", s, 2, minimum=1) for s in _per_layer("strides", strides, depth)]
+        self.strides = [check.ints("strides", s, 2, minimum=1) for s in per_layer("strides", strides, depth)]
         self.paddings = [
             check.padding(p, k, s)
-            for p, k, s in zip(_per_layer("paddings", paddings, depth), self.kernel_sizes, self.strides)
+            for p, k, s in zip(per_layer("paddings", paddings, depth), self.kernel_sizes, self.strides)
         ]
         self.n_iter, self.mode, self.nonneg, self.recompute, self.backend = n_iter, mode, nonneg, recompute, backend
         self.untied_unfoldings = untied_unfoldings

@@ -1,4 +1,5 @@
-"""Drop-in sparse coding layers: each forward is one call into ``dsc_kernels.functional``.
+"""The unrolled conv-ISTA/FISTA layers ConvSparseCoding1d and ConvSparseCoding2d: each forward is one call into
+``dsc_kernels.functional``.
 
 State-dict keys are the same for every backend: ``weight`` (C_code, C_sig, *k), ``encoder_weight`` (untied only),
 ``lam`` ((n_iter, C_code) when learned, else the value given) and ``step`` ((n_iter,) when learned, else a scalar
@@ -26,11 +27,7 @@ from .. import functional as DF
 from ..reference import spectrum
 from ..reference.conv import value_dtype
 from . import _projection
-from ._args import check_value as _check_value
-from ._args import flags as _flags
-from ._args import float_dtype as _float_dtype
-from ._args import positive_int as _positive_int
-from ._args import stack_signal_sizes as _stack_signal_sizes
+from ._args import SIGNED_HINT, check_value, flags, float_dtype, positive_int
 
 IntOrTuple = int | Sequence[int]
 ValueOrTensor = float | Tensor
@@ -56,91 +53,12 @@ _UP_TO_DATE = "up to date"
 
 
 # ------------------------------------------------------------------------------------------------ validation
-_SIGNED_HINT = " (the signed soft threshold needs t >= 0; a negative threshold, a ReLU with bias -t, needs nonneg=True)"
-
-
 def _padding(padding: object, kernel_size: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...]:
     """None (k // 2: the size is kept at stride 1 for odd k), or what functional accepts: int(s) >= 0, "valid",
     "same" (stride 1 and odd kernels only)."""
     if padding is None:
         return tuple(k // 2 for k in kernel_size)
     return check.padding(padding, kernel_size, stride)
-
-
-# ---------------------------------------------------------------------------------------------- SoftThreshold
-class SoftThreshold(_projection.Projected):
-    """Soft threshold ``S_t(x) = sign(x) max(|x| - t, 0)`` (``max(x - t, 0)`` with ``nonneg``) as a module.
-
-    Args:
-        threshold: t, a float (default 0.1); t >= 0 for the signed soft threshold, any sign with ``nonneg``
-            (``max(x - t, 0)``, a ReLU with bias -t).
-        num_channels: None for one scalar threshold (any input shape), or C for one threshold per channel (input
-            (B, C, *)). State-dict key ``threshold``: () or (C,).
-        nonneg: the one-sided variant ``max(x - t, 0)`` (a ReLU with bias -t).
-        learnable: make ``threshold`` an ``nn.Parameter``; without ``nonneg`` it is kept >= 0 by projection after
-            every optimiser step (the forward uses the stored value as is).
-        device, dtype: factory keywords.
-
-    Raises ValueError for a non-finite threshold, or a negative one without ``nonneg``.
-    """
-
-    def __init__(
-        self,
-        threshold: float = 0.1,
-        num_channels: int | None = None,
-        *,
-        nonneg: bool = False,
-        learnable: bool = False,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__()
-        _flags(nonneg=nonneg, learnable=learnable)
-        _check_value("threshold", threshold, [()], allow_negative=nonneg, hint=_SIGNED_HINT, dtype=_float_dtype(dtype))
-        if num_channels is not None:
-            num_channels = _positive_int("num_channels", num_channels)
-        self.num_channels, self.nonneg = num_channels, nonneg
-        shape = () if num_channels is None else (num_channels,)
-        self._init_threshold = float(threshold)
-        value = torch.full(shape, self._init_threshold, device=device, dtype=dtype)
-        if learnable:
-            self.threshold = nn.Parameter(value)
-            self.register_projection()
-        else:
-            self.register_buffer("threshold", value)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """The initial threshold again (what ``to_empty()`` after a ``device="meta"`` construction needs)."""
-        self.threshold.fill_(self._init_threshold)
-
-    def constraints(self):
-        """(parameter, lower, upper) bounds kept valid by projection."""
-        learned = isinstance(self.threshold, nn.Parameter)
-        return [(self.threshold, 0.0, None)] if learned and not self.nonneg else []
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C, *) with ``num_channels=C``, any shape otherwise -> same shape, in x's dtype (an activation:
-        a float64 x against a float32 threshold gives float64, as ``functional.soft_threshold``)."""
-        check.tensor("x", x)
-        t = self.threshold
-        if self.num_channels is not None:
-            if x.dim() < 2 or x.shape[1] != self.num_channels:
-                raise ValueError(
-                    f"x must be (B, {self.num_channels}, ...) for num_channels={self.num_channels}, "
-                    f"got shape {tuple(x.shape)}"
-                )
-            t = t.reshape(1, -1, *([1] * (x.dim() - 2)))
-        return DF.soft_threshold(x, t, nonneg=self.nonneg)
-
-    def extra_repr(self) -> str:
-        channels = "" if self.num_channels is None else f"num_channels={self.num_channels}, "
-        learnable = isinstance(self.threshold, nn.Parameter)
-        # a fixed scalar threshold is the module's one setting (nn.Softshrink prints its lambd); ConvSparseCoding
-        # prints its fixed scalar lam the same way
-        shown = not learnable and self.threshold.dim() == 0 and not check.storageless(self.threshold)
-        value = f"threshold={float(self.threshold):.4g}, " if shown else ""
-        return f"{value}{channels}nonneg={self.nonneg}, learnable={learnable}"
 
 
 # ------------------------------------------------------------------------------------------ conv sparse coding
@@ -239,7 +157,7 @@ class _ConvSparseCoding(_projection.Projected):
     ):
         super().__init__()
         rank = self._rank
-        _flags(
+        flags(
             learn_lam=learn_lam,
             learn_threshold=learn_threshold,
             learn_step=learn_step,
@@ -249,11 +167,11 @@ class _ConvSparseCoding(_projection.Projected):
             relative=relative,
             recompute=recompute,
         )
-        value_dtype = _float_dtype(dtype)
+        value_dtype = float_dtype(dtype)
         # the plain ints from here on, for the shapes and messages below (not a numpy or tensor integer)
-        self.in_channels = in_channels = _positive_int("in_channels", in_channels)
-        self.code_channels = code_channels = _positive_int("code_channels", code_channels)
-        self.n_iter = n_iter = _positive_int("n_iter", n_iter)
+        self.in_channels = in_channels = positive_int("in_channels", in_channels)
+        self.code_channels = code_channels = positive_int("code_channels", code_channels)
+        self.n_iter = n_iter = positive_int("n_iter", n_iter)
         self.kernel_size = check.ints("kernel_size", kernel_size, rank, minimum=1)
         self.stride = check.ints("stride", stride, rank, minimum=1)
         self.padding = _padding(padding, self.kernel_size, self.stride)
@@ -267,18 +185,18 @@ class _ConvSparseCoding(_projection.Projected):
             if learn_lam:
                 raise ValueError("learn_lam applies to lam; with threshold= use learn_threshold=True")
             self._threshold_name = "threshold"
-            init_value = _check_value(
-                "threshold", threshold, value_shapes, allow_negative=nonneg, hint=_SIGNED_HINT, dtype=value_dtype
+            init_value = check_value(
+                "threshold", threshold, value_shapes, allow_negative=nonneg, hint=SIGNED_HINT, dtype=value_dtype
             )
             learned = learn_threshold
         else:
             if learn_threshold:
                 raise ValueError("learn_threshold applies to threshold=; with lam use learn_lam=True")
             self._threshold_name = "lam"
-            init_value = _check_value("lam", 0.1 if lam is None else lam, value_shapes, dtype=value_dtype)
+            init_value = check_value("lam", 0.1 if lam is None else lam, value_shapes, dtype=value_dtype)
             learned = learn_lam
         if step is not None:
-            step = _check_value("step", step, [(), (n_iter,)], positive=True, dtype=value_dtype)
+            step = check_value("step", step, [(), (n_iter,)], positive=True, dtype=value_dtype)
         self._init = {"threshold": init_value, "step": step}
         self._track_step = step is None and not learn_step
         self._zero_checks = 0
@@ -310,7 +228,7 @@ class _ConvSparseCoding(_projection.Projected):
             # a fixed value (the tracked 1/L too) in float32 for a half-precision layer, as functional carries it: a
             # float16 1/L is often subnormal
             shape = tuple(value.shape) if isinstance(value, Tensor) else ()
-            dtype = value_dtype(_float_dtype(factory["dtype"]))
+            dtype = value_dtype(float_dtype(factory["dtype"]))
             self.register_buffer(name, torch.empty(shape, device=factory["device"], dtype=dtype))
 
     def _fill(self, name: str, value: ValueOrTensor) -> None:
@@ -406,7 +324,7 @@ class _ConvSparseCoding(_projection.Projected):
         default one where that is exact, else 50) and, when the step is tracked (``step=None``, not learned), set
         ``step = 1/L``. Returns 1/L."""
         # with no iteration L stays 0, whose 1/L stands in as 1: a tracked step would silently become 1
-        n_steps = self._power_steps(cold=True) if n_steps is None else _positive_int("n_steps", n_steps)
+        n_steps = self._power_steps(cold=True) if n_steps is None else positive_int("n_steps", n_steps)
         inverse_lipschitz = self._power_iterate_(n_steps)
         if self._track_step:
             # Through a 1-element view: torch.compile (AOT autograd, torch 2.13) drops an in-place copy into a 0-dim
@@ -770,114 +688,3 @@ class ConvSparseCoding2d(_ConvSparseCoding):
         name="ConvSparseCoding2d",
         example="1, 32, 7, n_iter=10, lam=0.1",
     )
-
-
-# ------------------------------------------------------------------------------------------------ deep stack
-class DeepSparseCoding2d(nn.Module):
-    """Layered pursuit through a DSC model: ``G_1 = ISTA(x; D_1)``, ``G_j = ISTA(G_{j-1}; D_j)``.
-
-    Args:
-        channels: [C_0, C_1, ..., C_J], the input's channels then each layer's code channels.
-        kernel_sizes, strides, paddings, lams: one value for every layer, or a list with one per layer.
-        lams: LASSO weights >= 0 (default 0.1), in units of each layer's input RMS while ``relative`` is on.
-        thresholds: absolute thresholds instead of ``lams`` (one or per layer; negative allowed with nonneg).
-        n_iter: iterations per layer (default 10).
-        nonneg: non-negative codes (default True: the ReLU CNN view of layered pursuit).
-        relative: thresholds relative to each layer's input RMS (default True), so that every layer is active
-            whatever the scale of the codes reaching it (with absolute thresholds deep layers of a fresh stack
-            often output exactly zero and cannot recover).
-        **layer_options: any other ``ConvSparseCoding2d`` keyword (untied, fista, learn_lam, backend, ...).
-
-    forward(x): x (B, C_0, H, W) -> the list of codes ``[G_1, ..., G_J]``, G_j (B, C_j, H_j, W_j).
-    decode(G_J, signal_size=None): D_1 ... D_J G_J, (B, C_0, H, W) with ``signal_size=(H, W)`` the input's size.
-    """
-
-    def __init__(
-        self,
-        channels: Sequence[int],
-        kernel_sizes: IntOrTuple | Sequence[IntOrTuple],
-        *,
-        strides: IntOrTuple | Sequence[IntOrTuple] = 1,
-        paddings: Sequence[IntOrTuple] | None = None,
-        lams: float | Sequence[float] | None = None,
-        thresholds: float | Sequence[float] | None = None,
-        n_iter: int = 10,
-        nonneg: bool = True,
-        relative: bool = True,
-        **layer_options,
-    ):
-        super().__init__()
-        _flags(nonneg=nonneg, relative=relative)
-        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
-            raise TypeError(f"channels must be a sequence of ints [C_0, ..., C_J], got {channels!r}")
-        channels = [_positive_int("channels", c) for c in channels]
-        depth = len(channels) - 1
-        if depth < 1:
-            raise ValueError(f"channels must list at least two channel counts, got {channels!r}")
-
-        def per_layer(name, value):
-            values = list(value) if isinstance(value, list) else [value] * depth
-            if len(values) != depth:
-                raise ValueError(f"{name} must be one value or a list of {depth}, got {value!r}")
-            return values
-
-        kernel_sizes, strides = per_layer("kernel_sizes", kernel_sizes), per_layer("strides", strides)
-        lams, thresholds = per_layer("lams", lams), per_layer("thresholds", thresholds)
-        paddings = [None] * depth if paddings is None else per_layer("paddings", paddings)
-        for lam in lams:
-            if lam is not None:
-                _check_value("lams", lam, [tuple(getattr(lam, "shape", ()))])
-        for threshold in thresholds:
-            if threshold is not None:
-                _check_value(
-                    "thresholds",
-                    threshold,
-                    [tuple(getattr(threshold, "shape", ()))],
-                    allow_negative=nonneg,
-                    hint=_SIGNED_HINT,
-                )
-        layers = []
-        for j in range(depth):
-            try:
-                layers.append(
-                    ConvSparseCoding2d(
-                        channels[j],
-                        channels[j + 1],
-                        kernel_sizes[j],
-                        stride=strides[j],
-                        padding=paddings[j],
-                        lam=lams[j],
-                        threshold=thresholds[j],
-                        n_iter=n_iter,
-                        nonneg=nonneg,
-                        relative=relative,
-                        **layer_options,
-                    )
-                )
-            except (ValueError, TypeError) as err:
-                raise type(err)(f"layer {j}: {err}") from None
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """x: (B, C_0, H, W) -> the list of codes ``[G_1, ..., G_J]``, G_j (B, C_j, H_j, W_j)."""
-        codes = []
-        for layer in self.layers:
-            x = layer(x)
-            codes.append(x)
-        return codes
-
-    def decode(self, code: Tensor, signal_size: Sequence[int] | None = None) -> Tensor:
-        """The signal a deepest code G_J stands for: D_1 D_2 ... D_J G_J, (B, C_J, H_J, W_J) -> (B, C_0, *size).
-
-        ``signal_size``: the input's (H, W), from which every layer's size follows (as in
-        ``MultiLayerSparseCoding2d.decode``). Default None: each layer decodes to the smallest signal with codes of
-        that size, which is the input's size only where no stride drops a row (at stride 2 an 8 x 8 input decodes
-        to 7 x 7)."""
-        if signal_size is None:
-            sizes = [None] * len(self.layers)
-        else:
-            geometries = [(layer.kernel_size, layer.stride, layer.padding) for layer in self.layers]
-            sizes = _stack_signal_sizes(signal_size, code, geometries)[:-1]
-        for layer, size in zip(reversed(self.layers), reversed(sizes)):
-            code = layer.decode(code, size)
-        return code
