@@ -20,6 +20,16 @@ def positive_int(name: str, value: object) -> int:
     return check.count(name, value, 1)
 
 
+def stack_channels(channels: object) -> list[int]:
+    """A stack's channel counts [C_0, C_1, ..., C_L]: the input's, then each layer's code channels (L >= 1)."""
+    if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
+        raise TypeError(f"channels must be a sequence of ints [C_0, ..., C_L], got {channels!r}")
+    channels = [positive_int("channels", c) for c in channels]
+    if len(channels) < 2:
+        raise ValueError(f"channels must list at least two channel counts, got {channels!r}")
+    return channels
+
+
 def per_layer(name: str, value: object, depth: int) -> list:
     """One value per layer of a stack: a list holds one per layer; anything else (an int, a (h, w) tuple, "same") is
     every layer's value."""

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ._args import SIGNED_HINT, check_value, flags, per_layer, positive_int, stack_signal_sizes
+from ._args import SIGNED_HINT, check_value, flags, per_layer, stack_channels, stack_signal_sizes
 from .sparse_coding import ConvSparseCoding2d, IntOrTuple
 
 
@@ -45,12 +45,8 @@ class DeepSparseCoding2d(nn.Module):
     ):
         super().__init__()
         flags(nonneg=nonneg, relative=relative)
-        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
-            raise TypeError(f"channels must be a sequence of ints [C_0, ..., C_J], got {channels!r}")
-        channels = [positive_int("channels", c) for c in channels]
+        channels = stack_channels(channels)
         depth = len(channels) - 1
-        if depth < 1:
-            raise ValueError(f"channels must list at least two channel counts, got {channels!r}")
         kernel_sizes, strides = per_layer("kernel_sizes", kernel_sizes, depth), per_layer("strides", strides, depth)
         lams, thresholds = per_layer("lams", lams, depth), per_layer("thresholds", thresholds, depth)
         paddings = [None] * depth if paddings is None else per_layer("paddings", paddings, depth)

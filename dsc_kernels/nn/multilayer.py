@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .. import _validate as check
 from .. import functional as DF
 from . import _projection
-from ._args import check_value, flags, float_dtype, per_layer, positive_int, stack_signal_sizes
+from ._args import check_value, flags, float_dtype, per_layer, stack_channels, stack_signal_sizes
 from .sparse_coding import STEP_FLOOR, step_floor_after_load
 
 IntOrPair = int | Sequence[int]
@@ -84,12 +84,8 @@ class MultiLayerSparseCoding2d(_projection.Projected):
             nonneg=nonneg,
             recompute=recompute,
         )
-        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
-            raise TypeError(f"channels must be a sequence of ints [C_0, ..., C_L], got {channels!r}")
-        channels = [positive_int("channels", c) for c in channels]
+        channels = stack_channels(channels)
         depth = len(channels) - 1
-        if depth < 1:
-            raise ValueError(f"channels must list at least two channel counts, got {channels!r}")
         if input_encoders and mode == "layered":
             raise ValueError("input_encoders (ML-LISTA) need a multi-layer mode, not 'layered'")
         value_dtype = float_dtype(dtype)
