@@ -6,7 +6,7 @@ compiler reports alone. This script times alternatives on the benchmark workload
 configurations from measurements:
     conv-strategy  the forward strategies (two-pass, tiles, single-launch) and the flattened reduction order in
                place of tap-major, forward and training step: the default's choice between them is a prediction
-               from the compiled kernels (triton/conv_ista.py header) until this times it
+               from the compiled kernels (triton/conv_ista/kernels.py header) until this times it
     conv-fwd   FwdConfig variants (tile rows and columns, halo chunk, reduction slice, warps, stages): the fused
                tile forward, on the workloads whose default forward it is (csc-gray)
     conv-bwd   ConvConfig variants (positions per program, reduction slice, splits, warps, stages): a training
@@ -50,6 +50,8 @@ import dsc_kernels.functional as DF  # noqa: E402
 from dsc_kernels.experiments import speed  # noqa: E402
 from dsc_kernels.triton import conv_ista as tci  # noqa: E402
 from dsc_kernels.triton import sparse_attention as tsa  # noqa: E402
+from dsc_kernels.triton.conv_ista import backward as tci_backward  # noqa: E402
+from dsc_kernels.triton.conv_ista import forward as tci_forward  # noqa: E402
 
 WRONG = 1e-2
 # (TH, TW, R_CHUNK, BLOCK_K, num_warps, num_stages); BLOCK_C and BLOCK_CI stay the default's (set by channel counts)
@@ -82,13 +84,16 @@ def _out_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _patched(module, name: str, value):
-    saved = getattr(module, name)
-    setattr(module, name, value)
+def _patched(modules: tuple, name: str, value):
+    """`name` set to `value` in every one of `modules`: each module that reads it holds its own reference."""
+    saved = [getattr(module, name) for module in modules]
+    for module in modules:
+        setattr(module, name, value)
     try:
         yield
     finally:
-        setattr(module, name, saved)
+        for module, old in zip(modules, saved):
+            setattr(module, name, old)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -212,10 +217,10 @@ class Sweep:
             print(f"  {group} {workload} {mode} {name}: {record['status']} {record.get('speedup', '')}", flush=True)
 
 
-def _variants(module, function: str, fields: tuple[str, ...], values: list[tuple]) -> list:
-    """(label, patch) per entry of `values`: `module.function` returns the default configuration (a NamedTuple or a
-    dict) with `fields` set to the entry's values."""
-    original = getattr(module, function)
+def _variants(modules: tuple, function: str, fields: tuple[str, ...], values: list[tuple]) -> list:
+    """(label, patch) per entry of `values`: `function` (in every module of `modules` that calls it) returns the
+    default configuration (a NamedTuple or a dict) with `fields` set to the entry's values."""
+    original = getattr(modules[0], function)
     out = []
     for entry in values:
         change = dict(zip(fields, entry))
@@ -224,16 +229,23 @@ def _variants(module, function: str, fields: tuple[str, ...], values: list[tuple
             default = original(*args)
             return dict(default, **change) if isinstance(default, dict) else default._replace(**change)
 
-        out.append((" ".join(f"{k}={v}" for k, v in change.items()), _patched(module, function, config)))
+        out.append((" ".join(f"{k}={v}" for k, v in change.items()), _patched(modules, function, config)))
     return out
 
 
 def _conv_fwd_variants():
-    return _variants(tci, "fwd_config", ("TH", "TW", "R_CHUNK", "BLOCK_K", "num_warps", "num_stages"), CONV_FWD)
+    return _variants(
+        (tci_forward,), "fwd_config", ("TH", "TW", "R_CHUNK", "BLOCK_K", "num_warps", "num_stages"), CONV_FWD
+    )
 
 
 def _conv_bwd_variants():
-    return _variants(tci, "conv_config", ("BLOCK_P", "BLOCK_K", "max_splits", "num_warps", "num_stages"), CONV_BWD)
+    return _variants(
+        (tci_forward, tci_backward),
+        "conv_config",
+        ("BLOCK_P", "BLOCK_K", "max_splits", "num_warps", "num_stages"),
+        CONV_BWD,
+    )
 
 
 def _conv_strategy_variants():
@@ -241,8 +253,8 @@ def _conv_strategy_variants():
 
 
 def _attention_variants():
-    tiles = _variants(tsa, "_config", ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), ATTENTION)
-    slots = [(f"CAP={cap}", _patched(tsa, "_slots", lambda cap=cap: cap)) for cap in ATTENTION_SLOTS]
+    tiles = _variants((tsa,), "_config", ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), ATTENTION)
+    slots = [(f"CAP={cap}", _patched((tsa,), "_slots", lambda cap=cap: cap)) for cap in ATTENTION_SLOTS]
     return tiles + slots
 
 

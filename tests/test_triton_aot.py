@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent("""
     import torch, triton
     from dsc_kernels.experiments.speed import WORKLOADS
     from dsc_kernels.triton import conv_ista as m
+    from dsc_kernels.triton.conv_ista import kernels
     from dsc_kernels.triton.launch import aot_compile
 
     CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -54,7 +55,9 @@ SCRIPT = textwrap.dedent("""
             for spec in m.aot_specializations(xs, ws, s, p, dtype, fista=fista, nonneg=nonneg, allow_tf32=tf32):
                 specs.setdefault(spec.key(), spec)
     names = {spec.name for spec in specs.values()}
-    jit = {n for n, v in vars(m).items() if isinstance(v, triton.runtime.JITFunction) and n.endswith("_kernel")}
+    jit = {
+        n for n, v in vars(kernels).items() if isinstance(v, triton.runtime.JITFunction) and n.endswith("_kernel")
+    }
     assert jit == set(m.KERNELS) == names, ("kernels", jit, set(m.KERNELS), names)
 
     def features(spec):

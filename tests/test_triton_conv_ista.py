@@ -62,7 +62,7 @@ LAUNCHES = {
 
 @pytest.fixture(params=sorted(LAUNCHES))
 def launch(request):
-    """Each forward strategy and both reduction orders of the conv kernels (triton/conv_ista.py)."""
+    """Each forward strategy and both reduction orders of the conv kernels (triton/conv_ista/kernels.py)."""
     from dsc_kernels.triton import conv_ista as tci
 
     forward, tap_major_min_channels = LAUNCHES[request.param]
@@ -277,21 +277,21 @@ def test_several_tiles_and_channel_blocks(launch, device):
 def test_forward_strategy_rule_and_its_override():
     # auto: two-pass once both convolutions reduce over enough channels to run tap-major, else the fused tile
     # kernels, all iterations in one launch while an image's code is small; `strategy` pins either, and restores.
-    from dsc_kernels.triton import conv_ista as tci
+    from dsc_kernels.triton.conv_ista import strategies
 
-    limit = tci.SINGLE_LAUNCH_MAX_CODE_BYTES
-    assert tci.forward_strategy(16, 16, 10 * limit) == "two-pass"
-    assert tci.forward_strategy(15, 128, limit) == "single-launch"
-    assert tci.forward_strategy(128, 15, limit + 1) == "tiles"
-    with tci.strategy("tiles"):
-        assert tci.forward_strategy(64, 128, 0) == "tiles"
-    with tci.strategy(tap_major_min_channels=1):
-        assert tci.forward_strategy(1, 1, 0) == "two-pass"
-    assert tci.forward_strategy(1, 1, 0) == "single-launch"
+    limit = strategies.SINGLE_LAUNCH_MAX_CODE_BYTES
+    assert strategies.forward_strategy(16, 16, 10 * limit) == "two-pass"
+    assert strategies.forward_strategy(15, 128, limit) == "single-launch"
+    assert strategies.forward_strategy(128, 15, limit + 1) == "tiles"
+    with strategies.strategy("tiles"):
+        assert strategies.forward_strategy(64, 128, 0) == "tiles"
+    with strategies.strategy(tap_major_min_channels=1):
+        assert strategies.forward_strategy(1, 1, 0) == "two-pass"
+    assert strategies.forward_strategy(1, 1, 0) == "single-launch"
     with pytest.raises(ValueError, match="forward strategy"):
-        with tci.strategy("fastest"):
+        with strategies.strategy("fastest"):
             pass
-    assert tci.FORWARD_STRATEGY == "auto"
+    assert strategies.FORWARD_STRATEGY == "auto"
 
 
 def test_save_and_recompute_agree_bitwise(launch, device):
@@ -313,6 +313,12 @@ def test_batch_beyond_the_int32_limit_runs_in_chunks(case, device, monkeypatch):
     batch with many saved iterates) runs as several calls of at most max_batch_items items. Simulated with the
     limit lowered so that 2 of the 5 items fit."""
     from dsc_kernels.triton import conv_ista as tci
+    from dsc_kernels.triton.conv_ista import backward, checks, forward
+
+    def lower_the_limit(max_index: int) -> None:
+        # Each module that bounds a buffer by _MAX_INDEX holds its own reference to it.
+        for module in (checks, forward, backward):
+            monkeypatch.setattr(module, "_MAX_INDEX", max_index)
 
     opts = dict(case)
     recompute = opts.pop("recompute", False)
@@ -322,17 +328,17 @@ def test_batch_beyond_the_int32_limit_runs_in_chunks(case, device, monkeypatch):
     checkpoint = 0 if recompute else 1
 
     def items_per_call(max_index: int) -> int:
-        monkeypatch.setattr(tci, "_MAX_INDEX", max_index)
+        lower_the_limit(max_index)
         return tci.max_batch_items(x, weight, stride, padding, 2, fista, checkpoint)
 
     limit = next(v for v in range(2, 1 << 20) if items_per_call(v) == 2)
-    monkeypatch.setattr(tci, "_MAX_INDEX", limit)
+    lower_the_limit(limit)
     with pytest.raises(ValueError, match="split the batch"):  # the whole batch in one call is beyond the limit
         tci.conv_ista_fwd(x, weight, *[a.float() for a in args[2:]], stride, padding, p["nonneg"], fista, checkpoint)
     _compare(p, recompute=recompute)
 
     # Not even one item fits: a clear error before any kernel runs.
-    monkeypatch.setattr(tci, "_MAX_INDEX", 8)
+    lower_the_limit(8)
     with pytest.raises(ValueError, match="a single item"):
         _run(p, torch.float32, "triton", recompute)
 
@@ -340,11 +346,11 @@ def test_batch_beyond_the_int32_limit_runs_in_chunks(case, device, monkeypatch):
 def test_a_grid_axis_beyond_cudas_cap_is_a_clear_error(device, monkeypatch):
     """CUDA caps grid axes 1 and 2 at 65535; the weight gradient's column blocks sit on axis 1 and would exceed it
     only for C_sig * k^2 beyond ~2 million, so the cap is lowered here. The launch failed with an opaque error."""
-    from dsc_kernels.triton import conv_ista as tci
+    from dsc_kernels.triton.conv_ista import backward
 
     p = _problem(batch=2, device=device)
     _compare(p, recompute=False)  # runs at the real cap
-    monkeypatch.setattr(tci, "MAX_GRID_YZ", 0)
+    monkeypatch.setattr(backward, "MAX_GRID_YZ", 0)  # read by conv_ista_bwd
     with pytest.raises(ValueError, match="programs on a grid axis"):
         _run(p, torch.float32, "triton", False)
 

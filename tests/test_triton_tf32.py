@@ -25,7 +25,9 @@ from helpers import conv_problem  # noqa: E402
 
 from dsc_kernels.reference.conv import conv_analysis_ref, conv_synthesis_ref, soft_threshold_ref  # noqa: E402
 from dsc_kernels.reference.conv_ista import fista_momentum  # noqa: E402
-from dsc_kernels.triton.conv_ista import _dot_weights, _tf32, conv_ista_fwd  # noqa: E402
+from dsc_kernels.triton.conv_ista import conv_ista_fwd  # noqa: E402
+from dsc_kernels.triton.conv_ista.config import _dot_weights  # noqa: E402
+from dsc_kernels.triton.conv_ista.tiles import _tf32  # noqa: E402
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.interpreter, id="interpreter"),
@@ -156,10 +158,13 @@ def test_recompute_backward_replays_at_the_forward_precision(device, monkeypatch
     from dsc_kernels.triton import conv_ista as tci
 
     switch_seen = []
-    in_prec = tci._in_prec
-    monkeypatch.setattr(
-        tci, "_in_prec", lambda dtype: (switch_seen.append(torch.backends.cudnn.allow_tf32), in_prec(dtype))[1]
-    )
+    in_prec = tci.config._in_prec
+    # Every module that calls _in_prec holds its own reference to it (the forward, whose replays the backward runs,
+    # the backward itself and the dictionaries' rounding): spy on each.
+    for module in (tci.config, tci.forward, tci.backward):
+        monkeypatch.setattr(
+            module, "_in_prec", lambda dtype: (switch_seen.append(torch.backends.cudnn.allow_tf32), in_prec(dtype))[1]
+        )
     p = conv_problem(batch=2, c_sig=3, c_code=5, size=(10, 9), kernel=(3, 3), n_iter=5, dtype=torch.float32)
     inputs = [p[k].to(device).requires_grad_() for k in ("x", "weight", "lam")]
 

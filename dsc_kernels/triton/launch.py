@@ -13,11 +13,11 @@ kernel, so that the launches can be recorded and compiled ahead of time from the
 How a kernel module offers AOT specialisations (tests/test_triton_aot.py compiles them for sm_80 and sm_90):
   1. launch every kernel through `launch(...)`;
   2. define `aot_specializations(...) -> list[AotSpec]` that builds small `meta` tensors for a problem and calls
-     `record_launches(lambda: my_fwd(...))` and the same for the backward (see triton/conv_ista.py);
+     `record_launches(lambda: my_fwd(...))` and the same for the backward (see triton/conv_ista/aot.py);
   3. keep `KERNELS = {name: kernel}`; the AOT test checks that the recorded specs cover every entry.
 Call `aot_specializations` without TRITON_INTERPRET (in a subprocess of the test session): block sizes differ
 under the interpreter.
-Both kernel modules (triton/conv_ista.py, triton/sparse_attention.py) do this; tests/test_triton_aot.py and
+Both kernel modules (triton/conv_ista/, triton/sparse_attention.py) do this; tests/test_triton_aot.py and
 tests/test_attention_aot.py compile what they record.
 """
 
