@@ -49,9 +49,9 @@ import torch  # noqa: E402
 import dsc_kernels.functional as DF  # noqa: E402
 from dsc_kernels.experiments import speed  # noqa: E402
 from dsc_kernels.triton import conv_ista as tci  # noqa: E402
-from dsc_kernels.triton import sparse_attention as tsa  # noqa: E402
 from dsc_kernels.triton.conv_ista import backward as tci_backward  # noqa: E402
 from dsc_kernels.triton.conv_ista import forward as tci_forward  # noqa: E402
+from dsc_kernels.triton.sparse_attention import launchers as tsa_launchers  # noqa: E402
 
 WRONG = 1e-2
 # (TH, TW, R_CHUNK, BLOCK_K, num_warps, num_stages); BLOCK_C and BLOCK_CI stay the default's (set by channel counts)
@@ -253,8 +253,8 @@ def _conv_strategy_variants():
 
 
 def _attention_variants():
-    tiles = _variants((tsa,), "_config", ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), ATTENTION)
-    slots = [(f"CAP={cap}", _patched((tsa,), "_slots", lambda cap=cap: cap)) for cap in ATTENTION_SLOTS]
+    tiles = _variants((tsa_launchers,), "_config", ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), ATTENTION)
+    slots = [(f"CAP={cap}", _patched((tsa_launchers,), "_slots", lambda cap=cap: cap)) for cap in ATTENTION_SLOTS]
     return tiles + slots
 
 

@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 SCRIPT = textwrap.dedent("""
     import torch, triton
     from dsc_kernels.triton import sparse_attention as m
+    from dsc_kernels.triton.sparse_attention import kernels
     from dsc_kernels.triton.launch import aot_compile
 
     # (b, h, n, m, d, dv, dtype, causal, with_bias): the GPU attn workload (4, 8, 4096, 64) in fp16, then the other
@@ -35,7 +36,9 @@ SCRIPT = textwrap.dedent("""
         for spec in m.aot_specializations(b, h, n, k, d, dv, dtype, causal=causal, with_bias=bias):
             specs.setdefault(spec.key(), spec)
     names = {spec.name for spec in specs.values()}
-    jit = {n for n, v in vars(m).items() if isinstance(v, triton.runtime.JITFunction) and n.endswith("_kernel")}
+    jit = {
+        n for n, v in vars(kernels).items() if isinstance(v, triton.runtime.JITFunction) and n.endswith("_kernel")
+    }
     assert jit == {k.__name__ for k in m.KERNELS.values()} == names, ("kernels", jit, names)
 
     def features(spec):

@@ -103,9 +103,9 @@ def _slot_paths_check(device, cap, monkeypatch, causal):
     row from its slots when its first set fits, after more passes when it does not at first, or with one more pass
     over the keys when the support itself exceeds the slots; each path must match the reference, forward, row
     statistics and every gradient."""
-    from dsc_kernels.triton import sparse_attention as tsa
+    from dsc_kernels.triton.sparse_attention import launchers as tsa
 
-    monkeypatch.setattr(tsa, "_slots", lambda: cap)
+    monkeypatch.setattr(tsa, "_slots", lambda: cap)  # read by the forward's launcher
     n, m, d = 80, 100, 16
     q, k, v, _ = (t.detach().to(device) for t in _problem(n, m, d, torch.float32, h=2))
     spreads = torch.tensor([0.0, 0.02, 0.1, 0.3, 1.0, 3.0, 10.0], dtype=torch.float32, device=device)
@@ -155,7 +155,7 @@ def test_triton_gpu_sparsemax_every_candidate_slot_path(cap, causal, monkeypatch
 def test_triton_sparsemax_slots_in_batch_head_chunks(monkeypatch):
     """Past _SLOT_BUDGET the forward launches (batch, head) chunks, each from its own bh0 over shared slots: with a
     budget of two slices per launch, 6 slices take 3 launches and must give what one launch gives."""
-    from dsc_kernels.triton import sparse_attention as tsa
+    from dsc_kernels.triton.sparse_attention import launchers as tsa
 
     _prepare("triton")
     q, k, v, th = (t.detach() for t in _problem(20, 23, 16, torch.float32, b=2, h=3))

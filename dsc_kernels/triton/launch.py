@@ -17,7 +17,7 @@ How a kernel module offers AOT specialisations (tests/test_triton_aot.py compile
   3. keep `KERNELS = {name: kernel}`; the AOT test checks that the recorded specs cover every entry.
 Call `aot_specializations` without TRITON_INTERPRET (in a subprocess of the test session): block sizes differ
 under the interpreter.
-Both kernel modules (triton/conv_ista/, triton/sparse_attention.py) do this; tests/test_triton_aot.py and
+Both kernel packages (triton/conv_ista/, triton/sparse_attention/) do this; tests/test_triton_aot.py and
 tests/test_attention_aot.py compile what they record.
 """
 
