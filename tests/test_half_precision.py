@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tolerance import assert_close_by_rule
 
 import dsc_kernels.functional as DF
-from dsc_kernels.nn import ConvSparseCoding2d
+from dsc_kernels.nn import ConvSparseCoding2d, MultiLayerSparseCoding2d
 from dsc_kernels.reference.conv_ista import fista_momentum
 
 DEVICES = [
@@ -132,6 +132,30 @@ def test_a_half_precision_layer_keeps_its_tracked_step_in_float32(made):
     z, want = half(x), exact(x.double())
     assert z.dtype == torch.float16 and half.step.dtype == half.lam.dtype == torch.float32
     assert_close_by_rule(z, want, _eager(x, w, lam, float(exact.step), 2), name="z")
+
+
+@pytest.mark.parametrize("made", ["dtype=float16", "half()"])
+def test_a_half_precision_multi_layer_network_keeps_its_fixed_steps_in_float32(made):
+    """MultiLayerSparseCoding2d's fixed steps (learn_steps=False) were float16 buffers: a step of 1e-5 was stored as
+    the subnormal 1.0014e-5. They are float32 buffers now, as ConvSparseCoding's fixed values, also after .half(),
+    and the float16 network's codes match the float64 one's by the half-precision rule. n_iter=0: the encoding
+    G_j = S(c W_j^T G_{j-1}) alone, which eager PyTorch writes as two convolutions."""
+    torch.manual_seed(0)
+    build = dict(kernel_sizes=[3, 3], paddings=1, n_iter=0, learn_steps=False, step=1e-5, nonneg=False)
+    exact = MultiLayerSparseCoding2d([3, 4, 5], **build, dtype=torch.float64)
+    if made == "half()":
+        half = MultiLayerSparseCoding2d([3, 4, 5], **build).half()
+    else:
+        half = MultiLayerSparseCoding2d([3, 4, 5], **build, dtype=torch.float16)
+    half.load_state_dict(exact.state_dict())
+    assert [half.step_0.dtype, half.step_1.dtype] == [torch.float32] * 2 and float(half.step_0) == pytest.approx(1e-5)
+    x = 1000 * torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    (_, got), (_, want) = half(x.half()), exact(x)
+    eager = x.half()
+    for w in exact.weights:
+        eager = F.softshrink(1e-5 * F.conv2d(eager, w.half(), padding=1), 0.0)
+    assert got.dtype == torch.float16
+    assert_close_by_rule(got, want, eager, name="G_2")
 
 
 @pytest.mark.parametrize("backend, device", DEVICES)

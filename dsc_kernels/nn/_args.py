@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as check
-from ..reference.conv import code_size
+from ..reference.conv import code_size, value_dtype
 
 # Appended to a negative threshold's error by every layer that takes one.
 SIGNED_HINT = " (the signed soft threshold needs t >= 0; a negative threshold, a ReLU with bias -t, needs nonneg=True)"
@@ -53,6 +53,19 @@ def float_dtype(dtype: object) -> torch.dtype:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     return dtype
+
+
+def apply_keeping_fixed_values_wide(module: torch.nn.Module, names: Sequence[str], apply, *args) -> None:
+    """Run ``apply(*args)`` (the parent's ``nn.Module._apply``: ``.half()``, ``.to(...)``) and give the buffers
+    ``names`` the dtype their values are carried in (``value_dtype``: float32 for half precision), from their values
+    before: a fixed step or threshold in float16 is often subnormal, and functional carries them in float32 for half
+    signals anyway."""
+    fixed = {name: module._buffers[name] for name in names if module._buffers.get(name) is not None}
+    apply(*args)
+    for name, before in fixed.items():
+        after = module._buffers[name]
+        if after.dtype != value_dtype(after.dtype):
+            module._buffers[name] = before.to(device=after.device, dtype=value_dtype(after.dtype))
 
 
 def check_value(

@@ -5,7 +5,8 @@ Elad, TPAMI 2019: layered BP, ML-ISTA, ML-FISTA, ML-LISTA, All-Free); every forw
 State-dict keys, the same for every backend (j = 0 .. L-1):
 ``weights.j``         the dictionary W_j, (C_{j+1}, C_j, k, k), or per unfolding (n_iter + 1, C_{j+1}, C_j, k, k)
 ``biases.j``          b_j, (C_{j+1},) or per unfolding (n_iter + 1, C_{j+1}): sigma(u + b), the threshold is -b
-``steps.j``           c_j, () or per unfolding (n_iter + 1,) with ``learn_steps``; else the buffer ``step_j``
+``steps.j``           c_j, () or per unfolding (n_iter + 1,) with ``learn_steps``; else the buffer ``step_j`` (float32
+                      in a half-precision network, as functional carries steps)
 ``input_encoders.j``  ML-LISTA's B_j, shaped like ``weights.j`` (only with ``input_encoders=True``)
 """
 
@@ -19,8 +20,17 @@ from torch import Tensor, nn
 
 from .. import _validate as check
 from .. import functional as DF
+from ..reference.conv import value_dtype
 from . import _projection
-from ._args import check_value, flags, float_dtype, per_layer, stack_channels, stack_signal_sizes
+from ._args import (
+    apply_keeping_fixed_values_wide,
+    check_value,
+    flags,
+    float_dtype,
+    per_layer,
+    stack_channels,
+    stack_signal_sizes,
+)
 from .sparse_coding import STEP_FLOOR, step_floor_after_load
 
 IntOrPair = int | Sequence[int]
@@ -88,12 +98,12 @@ class MultiLayerSparseCoding2d(_projection.Projected):
         depth = len(channels) - 1
         if input_encoders and mode == "layered":
             raise ValueError("input_encoders (ML-LISTA) need a multi-layer mode, not 'layered'")
-        value_dtype = float_dtype(dtype)
+        layer_dtype = float_dtype(dtype)
         # bias is the ReLU's bias with nonneg, else minus the soft threshold, which must be >= 0.
-        check_value("bias", bias, [()], allow_negative=True, dtype=value_dtype)
+        check_value("bias", bias, [()], allow_negative=True, dtype=layer_dtype)
         if not nonneg and bias > 0:
             raise ValueError(f"bias must be <= 0 without nonneg (the soft threshold is -bias >= 0), got {bias!r}")
-        check_value("step", step, [()], positive=True, dtype=value_dtype)
+        check_value("step", step, [()], positive=True, dtype=layer_dtype)
         # layered mode runs conv-ISTA per layer, unless per-unfolding filters make it a one-layer ML-ISTA each
         DF.check_backend(backend, "conv_ista" if mode == "layered" and not untied_unfoldings else "ml_ista")
         self.channels = channels
@@ -118,12 +128,13 @@ class MultiLayerSparseCoding2d(_projection.Projected):
         self.biases = nn.ParameterList(
             nn.Parameter(torch.empty((*lead, channels[j + 1]), **factory)) for j in range(depth)
         )
-        steps = [torch.empty(lead, **factory) for _ in range(depth)]
         if learn_steps:
-            self.steps = nn.ParameterList(nn.Parameter(s) for s in steps)
+            self.steps = nn.ParameterList(nn.Parameter(torch.empty(lead, **factory)) for _ in range(depth))
         else:
-            for j, s in enumerate(steps):
-                self.register_buffer(f"step_{j}", s)
+            # fixed steps in float32 for a half-precision network, as functional carries them (and after .half())
+            wide = dict(device=device, dtype=value_dtype(layer_dtype))
+            for j in range(depth):
+                self.register_buffer(f"step_{j}", torch.empty(lead, **wide))
             self.steps = None
         self._init = {"bias": float(bias), "step": float(step)}
         self._step_floor = STEP_FLOOR * float(step)
@@ -142,6 +153,11 @@ class MultiLayerSparseCoding2d(_projection.Projected):
             b.fill_(self._init["bias"])
         for c in self._steps():
             c.fill_(self._init["step"])
+
+    def _apply(self, fn, recurse: bool = True):
+        fixed_steps = [] if self.steps is not None else [f"step_{j}" for j in range(len(self.weights))]
+        apply_keeping_fixed_values_wide(self, fixed_steps, super()._apply, fn, recurse)
+        return self
 
     def constraints(self) -> list[tuple[Tensor, float | None, float | None]]:
         """(parameter, lower, upper) bounds that projection after each optimiser step keeps valid."""

@@ -27,7 +27,7 @@ from .. import functional as DF
 from ..reference import spectrum
 from ..reference.conv import value_dtype
 from . import _projection
-from ._args import SIGNED_HINT, check_value, flags, float_dtype, positive_int
+from ._args import SIGNED_HINT, apply_keeping_fixed_values_wide, check_value, flags, float_dtype, positive_int
 
 IntOrTuple = int | Sequence[int]
 ValueOrTensor = float | Tensor
@@ -470,13 +470,7 @@ class _ConvSparseCoding(_projection.Projected):
         up_to_date = not self._step_is_stale()
         self.__dict__.pop("_previous_step", None)
         self.__dict__.pop("_checkpoint_step_cache", None)
-        fixed = {name: t for name, t in self._buffers.items() if name in ("step", self._threshold_name)}
-        super()._apply(fn, recurse)
-        for name, before in fixed.items():
-            # .half() / .to(torch.bfloat16) keep the fixed values in float32 (value_dtype), from their values before
-            after = self._buffers[name]
-            if after.dtype != value_dtype(after.dtype):
-                self._buffers[name] = before.to(device=after.device, dtype=value_dtype(after.dtype))
+        apply_keeping_fixed_values_wide(self, ("step", self._threshold_name), super()._apply, fn, recurse)
         if up_to_date:
             self._note_step_source()
         return self
