@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tolerance import assert_close_by_rule
 
 import dsc_kernels.functional as DF
-from dsc_kernels.nn import ConvSparseCoding2d, MultiLayerSparseCoding2d
+from dsc_kernels.nn import ConvSparseCoding2d, MultiLayerSparseCoding2d, SoftThreshold
 from dsc_kernels.reference.conv_ista import fista_momentum
 
 DEVICES = [
@@ -168,3 +168,18 @@ def test_an_absolute_threshold_over_a_small_step_runs(backend, device):
         z = DF.conv_ista(x, w, threshold=threshold, n_iter=2, padding=PADDING, backend=backend)
         want = DF.conv_ista(x.double(), w.double(), threshold=threshold, n_iter=2, padding=PADDING)
         assert_close_by_rule(z, want, _eager(x, w, threshold / step, step, 2), name=f"z at threshold {threshold}")
+
+
+@pytest.mark.parametrize("made", ["dtype=float16", "half()"])
+@pytest.mark.parametrize("nonneg", [False, True])
+def test_a_half_precision_soft_threshold_equals_softshrink(made, nonneg):
+    """SoftThreshold's fixed threshold was a float16 buffer: 3e-5 stored as the subnormal 2.998e-5, so the module
+    differed from F.softshrink, which reads its float lambd in float32. It is a float32 buffer now, and the one-sided
+    variant is max(x - t, 0) formed in float32 too (eager's x - 3e-5 would round 3e-5 to float16 first)."""
+    x = 1e-4 * torch.randn(4096, generator=torch.Generator().manual_seed(0)).half()
+    if made == "half()":
+        module = SoftThreshold(3e-5, nonneg=nonneg).half()
+    else:
+        module = SoftThreshold(3e-5, nonneg=nonneg, dtype=torch.float16)
+    want = F.relu(x.float() - 3e-5).half() if nonneg else F.softshrink(x, 3e-5)
+    assert module.threshold.dtype == torch.float32 and torch.equal(module(x), want)

@@ -7,8 +7,9 @@ from torch import Tensor, nn
 
 from .. import _validate as check
 from .. import functional as DF
+from ..reference.conv import value_dtype
 from . import _projection
-from ._args import SIGNED_HINT, check_value, flags, float_dtype, positive_int
+from ._args import SIGNED_HINT, apply_keeping_fixed_values_wide, check_value, flags, float_dtype, positive_int
 
 
 class SoftThreshold(_projection.Projected):
@@ -22,7 +23,8 @@ class SoftThreshold(_projection.Projected):
         nonneg: the one-sided variant ``max(x - t, 0)`` (a ReLU with bias -t).
         learnable: make ``threshold`` an ``nn.Parameter``; without ``nonneg`` it is kept >= 0 by projection after
             every optimiser step (the forward uses the stored value as is).
-        device, dtype: factory keywords.
+        device, dtype: factory keywords. A fixed threshold of a float16/bfloat16 module is a float32 buffer (also
+            after ``.half()``), as ``nn.Softshrink`` reads its float ``lambd``; a learnable one has the module's dtype.
 
     Raises ValueError for a non-finite threshold, or a negative one without ``nonneg``.
     """
@@ -45,12 +47,17 @@ class SoftThreshold(_projection.Projected):
         self.num_channels, self.nonneg = num_channels, nonneg
         shape = () if num_channels is None else (num_channels,)
         self._init_threshold = float(threshold)
-        value = torch.full(shape, self._init_threshold, device=device, dtype=dtype)
         if learnable:
-            self.threshold = nn.Parameter(value)
+            self.threshold = nn.Parameter(torch.full(shape, self._init_threshold, device=device, dtype=dtype))
             self.register_projection()
         else:
-            self.register_buffer("threshold", value)
+            # a fixed threshold in float32 for a half-precision module, as nn.Softshrink reads its float lambd
+            wide = value_dtype(float_dtype(dtype))
+            self.register_buffer("threshold", torch.full(shape, self._init_threshold, device=device, dtype=wide))
+
+    def _apply(self, fn, recurse: bool = True):
+        apply_keeping_fixed_values_wide(self, ("threshold",), super()._apply, fn, recurse)
+        return self
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
