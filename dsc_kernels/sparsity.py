@@ -148,6 +148,14 @@ def _tensors(output) -> list[Tensor]:
     return []
 
 
+def _recomputing() -> bool:
+    """Whether a forward runs inside a backward: activation checkpointing (``torch.utils.checkpoint``) rerunning a
+    forward that was recorded already. Recording the rerun counted it twice, and left a term with a consumed graph
+    for the next ``pop`` (whose backward then failed)."""
+    # Dynamo cannot trace the query (a graph break per hook); a compiled graph's own recomputation runs no hooks.
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def _named(modules: Mapping[str, nn.Module] | Iterable[nn.Module] | nn.Module) -> dict[str, nn.Module]:
     # ModuleDict and ModuleList are modules with no forward of their own: a hook on them would never fire, so they
     # stand for the modules they hold.
@@ -180,6 +188,9 @@ class ActivationL1:
     container stands for the modules it holds: it has no forward of its own to hook). Outputs are recorded only while
     grad is enabled (training forwards). Empty outputs (an empty batch) and non-float ones (indices) hold no
     activations to penalise and are skipped. ``remove()`` (or leaving a ``with`` block) detaches the hooks.
+    Under ``torch.utils.checkpoint`` the recomputation in the backward is not recorded again; with
+    ``use_reentrant=True`` the checkpointed forward itself runs without grad, so its modules add nothing (use
+    ``use_reentrant=False``).
 
     Under ``torch.compile``: Dynamo does not guard on submodules' hooks by default, so a graph compiled before the
     hooks were added (for this model, or another instance of its class) runs without them and the penalty is 0.0.
@@ -197,7 +208,11 @@ class ActivationL1:
     def _record(self, module: nn.Module, inputs, output) -> None:
         if torch.is_grad_enabled():
             # the mean of an empty output is NaN, and one empty batch would make the whole loss NaN
-            self._terms.extend(t.abs().mean() for t in _tensors(output) if t.numel() and t.is_floating_point())
+            terms = [t.abs().mean() for t in _tensors(output) if t.numel() and t.is_floating_point()]
+            # A checkpoint's rerun forms the terms again, as the checkpoint expects the tensors they save for their
+            # backward (it fails on a different count), but they were recorded in the first run.
+            if not _recomputing():
+                self._terms.extend(terms)
 
     def pop(self) -> Tensor | float:
         """The penalty of the outputs recorded since the last call (0.0 when none), and forget them."""
@@ -381,7 +396,7 @@ class SparsityMonitor:
 
     ``modules``: the modules to watch (a dict or ``nn.ModuleDict`` name -> module, or None for every
     ``SPARSE_MODULES`` instance in ``model``, named as in ``named_modules``). Counts accumulate on the tensors'
-    device (no sync per forward).
+    device (no sync per forward); a ``torch.utils.checkpoint`` recomputation in the backward is not counted again.
     A monitor can be entered again after its block ends (history and counts carry on), but not inside its own
     block: that raises RuntimeError. Hooks are removed whenever the block is left, by an exception too. Under
     ``torch.compile`` the hooks must exist before the first compiled call, as for ``ActivationL1``.
@@ -428,6 +443,8 @@ class SparsityMonitor:
 
     def _hook(self, name: str):
         def record(module: nn.Module, inputs, output) -> None:
+            if _recomputing():
+                return
             phase = "train" if module.training else "eval"
             for t in _tensors(output):
                 entry = self._counts.setdefault((phase, name), [0, 0])

@@ -286,3 +286,27 @@ def test_sparsity_monitor_cannot_be_nested_and_always_removes_its_hooks():
         model(torch.ones(1, 2))
     assert _hook_count(model) == 0
     assert sum(total for _, total in monitor._counts.values()) == 6  # counts carry on across blocks
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_recomputation_is_not_recorded_again(reentrant):
+    """torch.utils.checkpoint reruns a block's forward inside the backward, and the hooks recorded that rerun: with
+    use_reentrant=False ActivationL1's penalty was twice its value from the second step on (a stale term of the last
+    step), and SparsityMonitor counted every checkpointed forward twice; with use_reentrant=True the stale term made
+    the next backward fail ("Trying to backward through the graph a second time")."""
+    from torch.utils.checkpoint import checkpoint
+
+    relu = nn.ReLU()
+    block = nn.Sequential(nn.Linear(3, 4), relu, nn.Linear(4, 2))  # the rerun goes past relu's hook
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        expected = float(relu(block[0](x)).abs().mean())
+    with sparsity.ActivationL1([relu], weight=1.0) as reg, sparsity.SparsityMonitor(block, {"relu": relu}) as monitor:
+        for _ in range(3):
+            y = checkpoint(block, x.clone().requires_grad_(reentrant), use_reentrant=reentrant)
+            penalty = reg.pop()
+            # the reentrant variant runs the first forward without grad: nothing to penalise there (documented)
+            assert float(penalty) == pytest.approx(0.0 if reentrant else expected)
+            (y.sum() + penalty).backward()
+        assert reg.pop() == 0.0
+        assert sum(total for _, total in monitor._counts.values()) == 3 * 5 * 4
