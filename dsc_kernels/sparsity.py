@@ -386,7 +386,8 @@ class ThresholdWarmup:
 
 # ---------------------------------------------------------------------------------------------------- monitor
 class SparsityMonitor:
-    """Records per-layer fractions of exact zeros of module outputs, separately for training and eval forwards.
+    """Records per-layer fractions of exact zeros of module outputs (floating-point ones: indices are skipped, as
+    in ``ActivationL1``), separately for training and eval forwards.
 
     >>> with SparsityMonitor(model) as monitor:
     ...     for epoch in range(n):
@@ -446,7 +447,8 @@ class SparsityMonitor:
             if _recomputing():
                 return
             phase = "train" if module.training else "eval"
-            for t in _tensors(output):
+            # integer and bool outputs (indices, masks) are no activations: an index 0 counted as an exact zero
+            for t in (t for t in _tensors(output) if t.is_floating_point() or t.is_complex()):
                 entry = self._counts.setdefault((phase, name), [0, 0])
                 entry[0] = entry[0] + (t.detach() == 0).sum()
                 entry[1] += t.numel()

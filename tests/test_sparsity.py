@@ -310,3 +310,15 @@ def test_checkpoint_recomputation_is_not_recorded_again(reentrant):
             (y.sum() + penalty).backward()
         assert reg.pop() == 0.0
         assert sum(total for _, total in monitor._counts.values()) == 3 * 5 * 4
+
+
+def test_sparsity_monitor_skips_index_outputs():
+    """A module returning (values, indices), such as MaxPool2d(return_indices=True), had its indices counted as
+    activations: a flat index 0 was an "exact zero" and the values' fraction was diluted (0.375 here, not 0.5);
+    ActivationL1 already skipped such outputs."""
+    pool = nn.MaxPool2d(2, return_indices=True)
+    top = torch.tensor([[0.0, -1.0, -1.0, -1.0], [-1.0, -1.0, -1.0, 0.0]])  # maxima 0 at flat indices 0 and 7
+    x = torch.cat([top, top + 2]).reshape(1, 1, 4, 4)  # second row of windows: maxima 2, no zero
+    with sparsity.SparsityMonitor(nn.Sequential(pool), {"pool": pool}) as monitor:
+        pool(x)
+    assert monitor.summary("train") == {"pool": 0.5}
