@@ -187,7 +187,8 @@ class ActivationL1:
     ``modules``: a module, a dict or ``nn.ModuleDict`` name -> module, or a list or ``nn.ModuleList`` of modules (a
     container stands for the modules it holds: it has no forward of its own to hook). Outputs are recorded only while
     grad is enabled (training forwards). Empty outputs (an empty batch) and non-float ones (indices) hold no
-    activations to penalise and are skipped. ``remove()`` (or leaving a ``with`` block) detaches the hooks.
+    activations to penalise and are skipped. ``remove()`` (or leaving a ``with`` block) detaches the hooks; entering
+    a ``with`` block again attaches them again.
     Under ``torch.utils.checkpoint`` the recomputation in the backward is not recorded again; with
     ``use_reentrant=True`` the checkpointed forward itself runs without grad, so its modules add nothing (use
     ``use_reentrant=False``).
@@ -203,7 +204,8 @@ class ActivationL1:
             raise ValueError(f"weight must be a finite float >= 0, got {weight!r}")
         self.weight = float(weight)
         self._terms: list[Tensor] = []
-        self._handles = [m.register_forward_hook(self._record) for m in _named(modules).values()]
+        self._modules = list(_named(modules).values())
+        self._handles = [m.register_forward_hook(self._record) for m in self._modules]
 
     def _record(self, module: nn.Module, inputs, output) -> None:
         if torch.is_grad_enabled():
@@ -225,6 +227,10 @@ class ActivationL1:
         self._handles, self._terms = [], []
 
     def __enter__(self) -> ActivationL1:
+        # the hooks exist from construction; a block left before (or remove()) took them away: an epoch loop around
+        # `with reg:` penalised nothing from its second epoch on
+        if not self._handles:
+            self._handles = [m.register_forward_hook(self._record) for m in self._modules]
         return self
 
     def __exit__(self, *exc) -> None:

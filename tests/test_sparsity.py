@@ -322,3 +322,20 @@ def test_sparsity_monitor_skips_index_outputs():
     with sparsity.SparsityMonitor(nn.Sequential(pool), {"pool": pool}) as monitor:
         pool(x)
     assert monitor.summary("train") == {"pool": 0.5}
+
+
+def test_activation_l1_can_be_entered_again_after_its_block():
+    """Leaving the with block removes the hooks, and entering it again did not add them back: an epoch loop around
+    `with reg:` got a penalty of 0.0, silently, from the second epoch on (SparsityMonitor re-registers)."""
+    relu = nn.ReLU()
+    x = torch.tensor([1.0, -2.0, 3.0], requires_grad=True)
+    reg = sparsity.ActivationL1([relu], weight=1.0)
+    for _ in range(2):
+        with reg:
+            assert _hook_count(relu) == 1
+            relu(x)
+            assert float(reg.pop()) == pytest.approx(4 / 3)
+        assert _hook_count(relu) == 0
+    reg.remove()
+    with reg:
+        assert _hook_count(relu) == 1
