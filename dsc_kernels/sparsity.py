@@ -60,6 +60,11 @@ SPARSE_MODULES = (
 def _tensor(name: str, t: object) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested:
+        # a sparse tensor failed inside torch (NotImplementedError for aten::eq), a nested one in hoyer with "Internal
+        # error: NestedTensorImpl doesn't support sizes. Please file an issue."
+        kind = "a nested tensor" if t.is_nested else f"layout {t.layout} (convert it with .to_dense())"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}")
     return t
 
 
@@ -262,7 +267,7 @@ def coherence_penalty(
     NaN in ``weight`` gives NaN. An all-zero atom (C_sig = 0 included) has no direction: it stays zero, orthogonal to
     every atom, and misses its unit self-product, adding 1 (a constant, with zero gradient).
     """
-    theory._check_weight(weight)
+    theory._check_weight(_tensor("weight", weight))
     if not weight.is_floating_point():
         raise TypeError(f"weight must have a floating-point dtype, got {weight.dtype}")
     check.flag("normalize", normalize)
@@ -300,7 +305,7 @@ def max_coherence(
     """The mutual coherence mu(D) of the convolutional dictionary at this signal size (``theory.mutual_coherence``):
     the largest |cosine| between two distinct atoms, border atoms included (zero atoms, e.g. inside a padding >= k,
     skipped; 0.0 without two non-zero atoms; NaN for a NaN filter tap). Not differentiable; a monitor."""
-    return theory.mutual_coherence(weight, signal_size, stride=stride, padding=padding)
+    return theory.mutual_coherence(_tensor("weight", weight), signal_size, stride=stride, padding=padding)
 
 
 # -------------------------------------------------------------------------------------------------- schedules

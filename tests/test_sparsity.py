@@ -339,3 +339,19 @@ def test_activation_l1_can_be_entered_again_after_its_block():
     reg.remove()
     with reg:
         assert _hook_count(relu) == 1
+
+
+def test_sparse_and_nested_tensors_are_refused_by_name():
+    """Sparse tensors failed inside torch (NotImplementedError, RuntimeError "reshape is not implemented for sparse
+    tensors") and a nested one in hoyer with "Internal error: ... Please file an issue"."""
+    t = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    nested = torch.nested.nested_tensor([torch.randn(2, 3), torch.randn(4, 3)])
+    for bad in (t.to_sparse(), t.to_sparse_csr(), nested):
+        for metric in (sparsity.zero_fraction, sparsity.hoyer, sparsity.channel_activity):
+            with pytest.raises(TypeError, match="t must be a dense"):
+                metric(bad)
+    w = torch.randn(3, 2, 3).to_sparse()
+    with pytest.raises(TypeError, match="weight must be a dense"):
+        sparsity.coherence_penalty(w, shifts=True)
+    with pytest.raises(TypeError, match="weight must be a dense"):
+        sparsity.max_coherence(w, 6)
