@@ -258,14 +258,14 @@ def coherence_penalty(
 ) -> Tensor:
     """``||W^T W - I||_F^2`` of a conv dictionary, W's columns the unfolded filters (differentiable).
 
-    weight: (C_code, C_sig, *k). ``normalize``: use unit-norm atoms, so the penalty is the sum of squared cosines
-    between distinct atoms (with False the atoms' norms are pushed to 1 too). ``shifts``: also penalise atoms
-    against every shifted copy that overlaps them by a multiple of ``stride`` (the Gram matrix of the
-    convolutional dictionary, whose largest off-diagonal entry is the mutual coherence of interior atoms); each
-    distinct pair is counted twice, like the unshifted Gram's off-diagonal. ``stride``: an int >= 1 or one per
-    spatial axis (ValueError/TypeError otherwise). weight must be floating-point (TypeError). Returns a 0-d tensor;
-    NaN in ``weight`` gives NaN. An all-zero atom (C_sig = 0 included) has no direction: it stays zero, orthogonal to
-    every atom, and misses its unit self-product, adding 1 (a constant, with zero gradient).
+    weight: (C_code, C_sig, k) or (C_code, C_sig, kh, kw). ``normalize``: use unit-norm atoms, so the penalty is the sum
+    of squared cosines between distinct atoms (with False the atoms' norms are pushed to 1 too). ``shifts``: also
+    penalise atoms against every shifted copy that overlaps them by a multiple of ``stride`` (the Gram matrix of the
+    convolutional dictionary, whose largest off-diagonal entry is the mutual coherence of interior atoms); each distinct
+    pair is counted twice, like the unshifted Gram's off-diagonal. ``stride``: an int >= 1 or one per spatial axis
+    (ValueError/TypeError otherwise). weight must be floating-point (TypeError). Returns a 0-d tensor; NaN in ``weight``
+    gives NaN. An all-zero atom (C_sig = 0 included) has no direction: it stays zero, orthogonal to every atom, and
+    misses its unit self-product, adding 1 (a constant, with zero gradient).
     """
     theory._check_weight(_tensor("weight", weight))
     if not weight.is_floating_point():
