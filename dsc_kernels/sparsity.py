@@ -376,11 +376,18 @@ class ThresholdWarmup:
         return self.factor
 
     def state_dict(self) -> dict:
-        """The step count and the targets (copies), for ``load_state_dict``."""
-        return {"count": self.count, "targets": {k: v.clone() for k, v in self.targets.items()}}
+        """The schedule (warmup_steps, start, shape), the step count and the targets (copies), for
+        ``load_state_dict``."""
+        schedule = {"warmup_steps": self.warmup_steps, "start": self.start, "shape": self.shape}
+        return {**schedule, "count": self.count, "targets": {k: v.clone() for k, v in self.targets.items()}}
 
     def load_state_dict(self, state: Mapping) -> None:
-        """Resume a warm-up from ``state_dict()``: its targets and count, then set the thresholds to match."""
+        """Resume a warm-up from ``state_dict()``: its schedule, targets and count, then set the thresholds to match.
+        The saved schedule wins over the constructor's, as an LR scheduler's does: a resume built with another
+        ``warmup_steps`` otherwise jumped to another point of the ramp. (States saved before the schedule was part of
+        them keep the constructor's.)"""
+        schedule = {key: state.get(key, getattr(self, key)) for key in ("warmup_steps", "start", "shape")}
+        warmup_factor(0, schedule["warmup_steps"], start=schedule["start"], shape=schedule["shape"])
         targets = state["targets"]
         if set(targets) != set(self.targets):
             raise ValueError(f"state holds targets for {sorted(targets)}, this warm-up has {sorted(self.targets)}")
@@ -391,6 +398,7 @@ class ThresholdWarmup:
                     f"state's target {key} has shape {tuple(value.shape)}, its buffer {tuple(self.targets[key].shape)}"
                 )
         self.count = check.count("count", state["count"], 0)
+        self.warmup_steps, self.start, self.shape = schedule["warmup_steps"], schedule["start"], schedule["shape"]
         self.targets = loaded
         self._apply()
 

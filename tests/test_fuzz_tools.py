@@ -315,6 +315,27 @@ def test_threshold_warmup_resumes_from_its_state_dict():
         per_channel.load_state_dict(checkpoint["warmup"])
 
 
+def test_threshold_warmup_resumes_on_the_saved_schedule():
+    """The state held only the count and targets: a resume built with another warmup_steps, start or shape jumped to
+    another point of the ramp (0.3 of the target instead of 0.15 at step 3 of 10 rebuilt as 5 steps)."""
+    model = nn.Sequential(SoftThreshold(0.5))
+    warmup = sparsity.ThresholdWarmup(model, 10, start=0.1, shape="cosine")
+    for _ in range(3):
+        warmup.step()
+    resumed_model = nn.Sequential(SoftThreshold(0.5))
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = sparsity.ThresholdWarmup(resumed_model, 5)
+    resumed.load_state_dict(warmup.state_dict())
+    assert (resumed.warmup_steps, resumed.start, resumed.shape) == (10, 0.1, "cosine")
+    for _ in range(4):
+        assert resumed.step() == warmup.step()
+        assert float(resumed_model[0].threshold) == float(model[0].threshold)
+    bad = {**warmup.state_dict(), "warmup_steps": -1}
+    with pytest.raises(ValueError, match="warmup_steps"):
+        resumed.load_state_dict(bad)
+    assert resumed.warmup_steps == 10  # a refused state changes nothing
+
+
 def test_sparsity_monitor_checks_modules_at_construction():
     with pytest.raises(TypeError, match="modules\\['a'\\]"):
         sparsity.SparsityMonitor(nn.ReLU(), modules={"a": 3})  # failed only on entering the with block
