@@ -568,6 +568,38 @@ def test_relative_thresholds_are_scale_invariant_at_extreme_scales(scale):
     assert layer(nan)[0].isnan().all() and not layer(nan)[1].isnan().any()
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_relative_thresholds_give_an_all_zero_sample_finite_gradients(backend):
+    """An all-zero sample (scale 1 in the forward) got NaN input gradients from the RMS's sqrt at 0 (0 * inf); in a
+    deep stack (relative by default) a layer that codes one sample to all zeros passed them down to that sample's
+    input, and in one fuzzed stack to layer 0's encoder_weight gradient."""
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 3, 2, stride=2, n_iter=2, threshold=0.2, relative=True, nonneg=True, backend=backend)
+    layer = layer.double().eval()
+    absolute = ConvSparseCoding2d(2, 3, 2, stride=2, n_iter=2, threshold=0.2, nonneg=True, backend=backend)
+    absolute = absolute.double().eval()
+    absolute.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64)
+    x[1] = 0.0
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(layer(x).sum(), x)
+    assert grad.isfinite().all()
+    # scale 1 for the zero sample, as in the forward: the absolute-threshold layer's gradient there
+    (want,) = torch.autograd.grad(absolute(x[1:]).sum(), x)
+    torch.testing.assert_close(grad[1], want[1])
+    deep = DeepSparseCoding2d([2, 3, 4], [2, 1], strides=[2, 1], thresholds=[0.0, 0.1], n_iter=2, backend=backend)
+    deep = deep.double()
+    with torch.no_grad():
+        deep.layers[0].weight.abs_()
+    x = torch.randn(2, 2, 6, 5, dtype=torch.float64)
+    x[1] = -x[1].abs()  # layer 0 codes sample 1 to exactly zero
+    x.requires_grad_(True)
+    codes = deep(x)
+    assert not codes[0][1].any() and codes[0][0].any()
+    grads = torch.autograd.grad(codes[-1].sum(), [x, *deep.parameters()])
+    assert all(g.isfinite().all() for g in grads)
+
+
 def test_soft_threshold_refuses_a_non_tensor_by_name():
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         SoftThreshold(0.1, 3)([1.0, 2.0])

@@ -494,11 +494,15 @@ class _ConvSparseCoding(_projection.Projected):
             # Each sample's RMS as peak * rms(x / peak), in at least float32: squares of x itself overflowed
             # (float32 beyond |x| ~ 1e19, float16 from 256: NaN codes) or underflowed to an RMS of 0 (below ~1e-19:
             # absolute thresholds, all-zero codes). An all-zero sample keeps scale 1; a NaN or inf makes its
-            # sample's scale, so its whole code, NaN (as layer_norm does), instead of silently scale 1.
+            # sample's scale, so its whole code, NaN (as layer_norm does), instead of silently scale 1. The all-zero
+            # sample's mean square is replaced before the sqrt, whose infinite derivative at 0 made its input
+            # gradient NaN (0 * inf through the where below), and a deep stack's whole backward with it.
             flat = x.flatten(1).to(torch.promote_types(x.dtype, torch.float32))
             peak = flat.abs().amax(1, keepdim=True)
             peak = torch.where(peak == 0, torch.ones_like(peak), peak)
-            rms = (peak * (flat / peak).pow(2).mean(1, keepdim=True).sqrt()).to(x.dtype)
+            mean_square = (flat / peak).pow(2).mean(1, keepdim=True)
+            mean_square = torch.where(mean_square == 0, torch.ones_like(mean_square), mean_square)
+            rms = (peak * mean_square.sqrt()).to(x.dtype)
             scale = torch.where(rms == 0, torch.ones_like(rms), rms).reshape(-1, *([1] * (x.dim() - 1)))
             x = x / scale
         values = {self._threshold_name: getattr(self, self._threshold_name)}  # lam= or threshold=
