@@ -128,6 +128,16 @@ def test_deep_sparse_coding_layers_and_decode():
         DeepSparseCoding2d([1, 4, 8], [5, 3, 3])
 
 
+def test_deep_forward_errors_name_the_layer():
+    """A deeper layer's error quoted its own input size without the layer: "the signal size (4, 4) is too small" for
+    a 9 x 9 input, as if the caller had passed 4 x 4 (MultiLayerSparseCoding2d and deep_conv_ista name it)."""
+    deep = DeepSparseCoding2d([1, 2, 3], [3, 5], strides=[2, 1], paddings=[0, 0], backend="reference")
+    with pytest.raises(ValueError, match=r"^layer 1: the signal size \(4, 4\) is too small"):
+        deep(torch.randn(1, 1, 9, 9))
+    with pytest.raises(ValueError, match=r"^layer 0: x must be"):
+        deep(torch.randn(1, 2, 9, 9))
+
+
 @pytest.mark.parametrize(
     "compiler,make",
     [

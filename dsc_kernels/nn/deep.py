@@ -87,8 +87,11 @@ class DeepSparseCoding2d(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         """x: (B, C_0, H, W) -> the list of codes ``[G_1, ..., G_J]``, G_j (B, C_j, H_j, W_j)."""
         codes = []
-        for layer in self.layers:
-            x = layer(x)
+        for j, layer in enumerate(self.layers):
+            try:
+                x = layer(x)
+            except (ValueError, TypeError) as err:  # a deeper layer's error quotes sizes the caller never gave
+                raise type(err)(f"layer {j}: {err}") from None
             codes.append(x)
         return codes
 
