@@ -71,6 +71,19 @@ def test_learned_steps_stay_positive_while_training(compiled):
     forward(x)
 
 
+def test_learned_steps_stay_positive_in_float16():
+    """The floor 1e-3 * step of a learned float16 step of 1e-5 is 1e-8, which float16 rounds to 0: the projection
+    stored step 0 and the next forward raised "steps[0] must be > 0"."""
+    torch.manual_seed(0)
+    net = MultiLayerSparseCoding2d([1, 4], 3, n_iter=1, step=1e-5, dtype=torch.float16, backend="reference")
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float16)
+    optimizer = torch.optim.SGD(net.steps.parameters(), lr=1.0)
+    net.steps[0].grad = torch.ones_like(net.steps[0])
+    optimizer.step()
+    assert float(net.steps[0].detach()) == torch.finfo(torch.float16).smallest_normal * 2.0**-10  # float16's least
+    net(x)
+
+
 def test_relu_biases_are_free_and_the_projection_follows_copies():
     import copy
 

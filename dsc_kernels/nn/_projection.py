@@ -15,6 +15,7 @@ step's closure is wrapped to project those parameters before each evaluation. Lo
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 
 import torch
@@ -66,6 +67,13 @@ def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> Non
 
 @torch.no_grad()
 def _project(param: torch.Tensor, lower: float | None, upper: float | None) -> None:
+    if lower is not None and lower > 0 and param.is_floating_point():
+        # A positive floor rounds to 0 in float16 below ~3e-8 (a learned step of 1e-5 has floor 1e-8), and the
+        # projection stored step 0, which the next forward refuses: the smallest value at or above it in that dtype.
+        bound = torch.tensor(lower, dtype=param.dtype)
+        if float(bound) < lower:
+            bound = torch.nextafter(bound, torch.tensor(math.inf, dtype=param.dtype))
+        lower = float(bound)
     param.clamp_(min=lower, max=upper)
 
 
