@@ -284,6 +284,56 @@ def test_cpp_nan_codes_get_the_threshold_gradient_autograd_gives(nonneg):
         torch.testing.assert_close(a, b, equal_nan=True)
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),
+        dict(fista=True),
+        dict(interleaved=True),
+        dict(input_encoders=True),
+        dict(signal_unread=True),
+    ],
+    ids=["ml-ista", "ml-fista", "interleaved", "input-encoders", "unread-signal-entry"],
+)
+def test_cpp_step_gradients_ignore_entries_a_layer_never_reads(variant):
+    """Layer 1 (kernel 2, stride 2) never reads row and column 2 of layer 0's 3 x 3 code, where a NaN in x puts a NaN.
+    cpp formed dL/dstep as <synthesis(gu), code below>, 0 * NaN there: NaN where the reference and autograd, which
+    only form <gu, analysis(code below)>, give -0.368 (ml-ista). Also x itself, now left unzeroed on the Python side
+    (signal_unread: a 2 x 2 stride-2 first layer that never reads x's last row and column)."""
+    out = {}
+    for backend in ("reference", "cpp"):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 1, 3, 3, dtype=torch.float64, generator=g)
+        x[0, 0, 2, 2] = float("nan")
+        w = [
+            torch.randn(2, 1, 1, 1, dtype=torch.float64, generator=g),
+            torch.randn(2, 2, 2, 2, dtype=torch.float64, generator=g),
+        ]
+        strides = [1, 2]
+        if variant.get("signal_unread"):
+            w, strides = w[1:2], [2]
+            w[0] = w[0][:, :1].contiguous()
+        steps = [torch.tensor(0.5, dtype=torch.float64, requires_grad=True) for _ in w]
+        encoders = [u.clone() for u in w] if variant.get("input_encoders") else None
+        codes = DF.ml_ista(
+            x,
+            w,
+            [0.0] * len(w),
+            n_iter=1,
+            steps=steps,
+            strides=strides,
+            nonneg=False,
+            fista=variant.get("fista", False),
+            interleaved=variant.get("interleaved", False),
+            input_encoder_weights=encoders,
+            backend=backend,
+        )
+        out[backend] = torch.autograd.grad(codes[-1].sum(), steps)
+    assert out["cpp"][-1].isfinite()  # the last layer's step: its dot meets the unread NaN (layer 0's is NaN anyway)
+    for a, b in zip(out["cpp"], out["reference"]):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
 def test_compile_dynamic_1d():
     """torch.compile(dynamic=True) of a 1-D pursuit whose code width is L - k + 1: inductor failed it ("Exponent must
     be non-negative") until the op's fake specialised the kernel sizes, as conv-ISTA's does; a new kernel size

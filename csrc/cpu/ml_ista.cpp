@@ -423,16 +423,16 @@ std::tuple<Tensor, TensorList, TensorList, TensorList, TensorList, TensorList, T
       if (n.has_input_encoder(j)) {
         vA = geo.synthesis(gu, n.A(j, k));
         grad_A(j, k).add_(geo.weight_grad(below, gu, n.W[j][0]), c);
-        double dc = at::dot(vA.reshape(-1), below.reshape(-1)).item<double>();
+        double dc = geo.synthesis_dot(vA, below);
         if (dy.defined()) {
           grad_E(j, k).sub_(geo.weight_grad(dy, gu, n.W[j][0]), c);
-          dc -= at::dot(vE.reshape(-1), dy.reshape(-1)).item<double>();
+          dc -= geo.synthesis_dot(vE, dy);
         }
         gC[j][k] += dc;
       } else {
         const Tensor residual = dy.defined() ? below - dy : below;
         grad_E(j, k).add_(geo.weight_grad(residual, gu, n.W[j][0]), c);
-        gC[j][k] += at::dot(vE.reshape(-1), residual.reshape(-1)).item<double>();
+        gC[j][k] += geo.synthesis_dot(vE, residual);
       }
       if (j == 0)
         gx.add_(vA, c);

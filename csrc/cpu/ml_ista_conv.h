@@ -19,6 +19,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace dsc_kernels {
@@ -83,6 +84,37 @@ struct Geometry {
                        code_w, kh, kw, stride[0], stride[1], padding[0], padding[1]);
     });
     return out;
+  }
+
+  // <v, r> over the whole signal, for v a synthesis (0 wherever no window of the analysis reads: the gaps of a stride
+  // above the kernel, the tail after the last window). r may hold a NaN or inf there, a code of the layer below that
+  // this layer never reads, and 0 * NaN made dL/dstep NaN where autograd's <gu, analysis(r)> never reads it. Such a
+  // dot comes out NaN; only then is it taken again over the read entries (finite inputs pay nothing).
+  double synthesis_dot(const at::Tensor& v, const at::Tensor& r) const {
+    const double d = at::dot(v.reshape(-1), r.reshape(-1)).item<double>();
+    if (!std::isnan(d)) return d;
+    const at::Tensor read = read_mask(r.options());
+    if (!read.defined()) return d;
+    return at::dot(v.reshape(-1), at::where(read, r, 0).reshape(-1)).item<double>();
+  }
+
+  // (1, 1, H, W) bool, true where some window of the analysis reads the signal entry; undefined when every one is.
+  at::Tensor read_mask(const at::TensorOptions& options) const {
+    auto axis = [](int64_t n, int64_t n_code, int64_t k, int64_t s, int64_t p) {
+      std::vector<bool> read(n, false);
+      for (int64_t j = 0; j < n_code; ++j)
+        for (int64_t i = std::max<int64_t>(j * s - p, 0); i < std::min(j * s - p + k, n); ++i) read[i] = true;
+      return read;
+    };
+    const std::vector<bool> rows = axis(signal_h, code_h, kh, stride[0], padding[0]);
+    const std::vector<bool> cols = axis(signal_w, code_w, kw, stride[1], padding[1]);
+    auto all = [](const std::vector<bool>& v) { return std::all_of(v.begin(), v.end(), [](bool b) { return b; }); };
+    if (all(rows) && all(cols)) return {};
+    at::Tensor mask = at::empty({1, 1, signal_h, signal_w}, options.dtype(at::kBool).device(at::kCPU));
+    bool* m = mask.data_ptr<bool>();
+    for (int64_t i = 0; i < signal_h; ++i)
+      for (int64_t j = 0; j < signal_w; ++j) m[i * signal_w + j] = rows[i] && cols[j];
+    return mask;
   }
 
   // The weight gradient of the analysis signal_side -> code_side, shaped like w.

@@ -38,7 +38,6 @@ import torch
 from torch import Tensor
 
 from .._validate import requires_grad
-from ..reference.conv import zero_unread
 from ..reference.ml_ista import layer_sizes, saved_layers
 from . import table
 from .registry import FamilySpec, OpPair, run_eager, static_kernel_size, traced_op_pair
@@ -232,9 +231,7 @@ def run(
             fista,
             project,
         )
-    rank = x.dim() - 2
-    x = zero_unread(x, weights[0].shape[-rank:], strides[:rank], paddings[:rank])
-    one_d = rank == 1
+    one_d = x.dim() == 3
     if one_d:
         x, z0 = x.unsqueeze(2), (z0.unsqueeze(2) if z0.numel() else z0)
         weights, encoder_weights, input_encoder_weights = (
