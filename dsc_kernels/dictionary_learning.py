@@ -137,6 +137,9 @@ def _dictionary_sweeps(x: Tensor, codes: Tensor, weight: Tensor, n_sweeps: int, 
 
 def lasso_value(x: Tensor, z: Tensor, weight: Tensor, lam: float, padding: Sequence[int]) -> float:
     """``sum_i 0.5 ||x_i - D z_i||^2 + lam ||z_i||_1`` / B."""
+    # in float64, the Python float's own range: lasso_objective returns x's dtype, and float32 signals of 1e-25
+    # (1e25) reported an objective of 0.0 (inf) where it is 1.2e-49 (1.2e51), though the learning itself was right
+    x, z, weight = x.double(), z.double(), weight.double()
     return float(DF.lasso_objective(x, z, weight, lam, padding=padding).mean())
 
 

@@ -180,6 +180,21 @@ def test_learning_is_homogeneous_at_any_magnitude(dtype, scales):
         torch.testing.assert_close(result.codes.double() / scale, base.codes, rtol=0, atol=tol, msg=str(scale))
 
 
+@pytest.mark.parametrize("scale", [1e-25, 1e25])
+def test_reported_objective_is_homogeneous_for_float32_signals(scale):
+    """objective(c x, c lam) = c^2 objective(x, lam) wherever a Python float holds it: it was formed in x's dtype,
+    and float32 signals of 1e-25 (1e25) reported 0.0 (inf) at every iteration, with atoms and codes right."""
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    base = learn_conv_dictionary(x, 4, 3, 0.1, n_outer=2)
+    result = learn_conv_dictionary((x * scale).float(), 4, 3, 0.1 * scale, n_outer=2)
+    torch.testing.assert_close(
+        torch.tensor(result.objective, dtype=torch.float64) / scale**2,
+        torch.tensor(base.objective, dtype=torch.float64),
+        rtol=1e-5,
+        atol=0,
+    )
+
+
 @pytest.mark.parametrize("dtype, scale", [(torch.float32, 1e20), (torch.float32, 3e37), (torch.float64, 1e200)])
 def test_huge_init_atoms_are_projected_onto_the_unit_sphere(dtype, scale):
     """The projection's norm overflowed (squares of the taps): huge init atoms became 0 and learning raised that
