@@ -207,7 +207,10 @@ def learn_conv_dictionary(
         zero = (~(init.flatten(1) != 0).any(dim=1)).nonzero().flatten().tolist()
         if zero:
             raise ValueError(f"init atoms {zero} are zero: a zero atom gets no code and no gradient and never moves")
-    weight = _project_atoms(init.to(device=x.device, dtype=x.dtype))
+    # projected before the cast to x's dtype: a float64 init atom of 1e40 became inf in float32 x, its projection
+    # NaN, and learning raised that ||D||^2 = nan, though its unit-norm direction is an ordinary atom
+    wide = torch.promote_types(init.dtype, x.dtype)
+    weight = _project_atoms(init.to(device=x.device, dtype=wide)).to(x.dtype)
     codes = x.new_zeros(x.shape[0], n_atoms, *code_size(signal, kernel, (1,) * rank, padding))
 
     result = CDLResult(weight, codes, padding)

@@ -206,6 +206,18 @@ def test_huge_init_atoms_are_projected_onto_the_unit_sphere(dtype, scale):
     torch.testing.assert_close(result.weight, want.weight)
 
 
+@pytest.mark.parametrize("scale", [1e40, 1e300])
+def test_huge_float64_init_is_projected_before_the_cast_to_float32(scale):
+    """A float64 init atom beyond float32's range was cast to x's float32 first (inf), projected to NaN, and
+    learning raised '||D||^2 = nan gives no ISTA step'."""
+    init = torch.randn(4, 1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    want = learn_conv_dictionary(x, 4, 3, 0.1, n_outer=2, init=init / init.flatten(1).norm(dim=1)[:, None, None, None])
+    result = learn_conv_dictionary(x, 4, 3, 0.1, n_outer=2, init=init * scale)
+    assert result.weight.dtype == torch.float32
+    torch.testing.assert_close(result.weight, want.weight)
+
+
 @pytest.fixture
 def no_training(monkeypatch):
     """The command line with photo_dictionary replaced: a tiny result at once, or an AssertionError for a run that
