@@ -164,8 +164,8 @@ def learn_conv_dictionary(
     x: (B, C_sig, *S), ideally high-passed (CDL models the detail of an image, not its smooth part);
     kernel_size: k (int or one per spatial dim); lam > 0: the l1 weight; n_code_iter / n_dict_iter: ISTA steps on
     the codes / gradient steps on the dictionary per outer iteration; padding: the codes' padding, default k - 1
-    ("full"); init: a starting dictionary (C_code, C_sig, *k) with no all-zero atom (a zero atom is never used by
-    a code, so it gets no gradient and would stay zero), default random crops of x scaled to unit norm;
+    ("full"); init: a starting dictionary (C_code, C_sig, *k) with no atom all zero in x's dtype (a zero atom is
+    never used by a code, so it gets no gradient and would stay zero), default random crops of x scaled to unit norm;
     callback(iteration, objective) is called after every outer iteration (e.g. a progress bar). Needs B >= 1 and
     k <= S in every spatial dim; x float32 or float64 (half precision has neither the FFT nor the range the steps
     need); seed an int in [-2**63, 2**64).
@@ -211,6 +211,10 @@ def learn_conv_dictionary(
     # NaN, and learning raised that ||D||^2 = nan, though its unit-norm direction is an ordinary atom
     wide = torch.promote_types(init.dtype, x.dtype)
     weight = _project_atoms(init.to(device=x.device, dtype=wide)).to(x.dtype)
+    # a float64 init atom of 1e-50 passed the check above and became zero in float32 x: a dead atom, silently
+    zero = (~(weight.flatten(1) != 0).any(dim=1)).nonzero().flatten().tolist()
+    if zero:
+        raise ValueError(f"init atoms {zero} underflow to zero in x's dtype {x.dtype}: rescale init (or cast x)")
     codes = x.new_zeros(x.shape[0], n_atoms, *code_size(signal, kernel, (1,) * rank, padding))
 
     result = CDLResult(weight, codes, padding)

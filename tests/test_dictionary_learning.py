@@ -218,6 +218,17 @@ def test_huge_float64_init_is_projected_before_the_cast_to_float32(scale):
     torch.testing.assert_close(result.weight, want.weight)
 
 
+def test_init_atoms_that_underflow_in_the_signals_dtype_raise():
+    """A float64 init atom of 1e-50 is not zero, so it passed the zero-atom check, then became 0 in float32 x: a
+    dead atom that never moved (zero codes, zero gradient), with no error."""
+    init = torch.randn(2, 1, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    init[1] *= 1e-50
+    x = torch.randn(2, 1, 10, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"init atoms \[1\] underflow"):
+        learn_conv_dictionary(x, 2, 3, 0.1, n_outer=1, init=init)
+    learn_conv_dictionary(x.double(), 2, 3, 0.1, n_outer=1, init=init)  # fits float64: a tiny atom, accepted
+
+
 @pytest.fixture
 def no_training(monkeypatch):
     """The command line with photo_dictionary replaced: a tiny result at once, or an AssertionError for a run that
