@@ -610,6 +610,26 @@ def test_relative_thresholds_give_an_all_zero_sample_finite_gradients(backend):
     assert all(g.isfinite().all() for g in grads)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("dtype, scale", [(torch.float64, 1e-310), (torch.float64, 1e-308), (torch.float32, 1e-40)])
+def test_relative_thresholds_give_a_subnormal_sample_finite_gradients(backend, dtype, scale):
+    """A sample whose largest entry is near the smallest normal number got a NaN input gradient in every entry
+    (float64 from ~1e-308, float32 from ~1e-39): the RMS's peak normalisation was differentiated, forming
+    (x / peak) / peak = inf. The layer is positively homogeneous, so its input gradient at c x is the one at x."""
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 3, 3, n_iter=3, lam=0.1, step=0.2, relative=True, backend=backend).to(dtype)
+    x = torch.randn(2, 2, 7, 7, dtype=torch.float64)
+    tiny = (x * scale).to(dtype).requires_grad_(True)
+    unit = (tiny.detach().double() / scale).to(dtype).requires_grad_(True)
+    z = layer(tiny)
+    g = torch.randn_like(z)
+    (got,) = torch.autograd.grad((z * g).sum(), tiny)
+    (want,) = torch.autograd.grad((layer(unit) * g).sum(), unit)
+    assert got.isfinite().all()
+    # the upstream gradient times the scale is itself subnormal there: a few digits go
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+
+
 def test_soft_threshold_refuses_a_non_tensor_by_name():
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         SoftThreshold(0.1, 3)([1.0, 2.0])

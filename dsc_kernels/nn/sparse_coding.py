@@ -497,14 +497,19 @@ class _ConvSparseCoding(_projection.Projected):
             # sample's scale, so its whole code, NaN (as layer_norm does), instead of silently scale 1. The all-zero
             # sample's mean square is replaced before the sqrt, whose infinite derivative at 0 made its input
             # gradient NaN (0 * inf through the where below), and a deep stack's whole backward with it.
+            # The peak is detached and x is divided in its normalised scale: x / peak and its RMS are homogeneous
+            # in x, so a constant peak changes no derivative, and differentiating x / peak or x / rms formed
+            # (x / peak) / peak, beyond the range (inf, then inf - inf = NaN in the sample's whole input gradient)
+            # for a sample whose largest entry is near the smallest normal number (float32 ~1e-38, float64 ~1e-308).
             flat = x.flatten(1).to(torch.promote_types(x.dtype, torch.float32))
-            peak = flat.abs().amax(1, keepdim=True)
+            peak = flat.abs().amax(1, keepdim=True).detach()
             peak = torch.where(peak == 0, torch.ones_like(peak), peak)
-            mean_square = (flat / peak).pow(2).mean(1, keepdim=True)
+            normalised = flat / peak
+            mean_square = normalised.pow(2).mean(1, keepdim=True)
             mean_square = torch.where(mean_square == 0, torch.ones_like(mean_square), mean_square)
-            rms = (peak * mean_square.sqrt()).to(x.dtype)
-            scale = torch.where(rms == 0, torch.ones_like(rms), rms).reshape(-1, *([1] * (x.dim() - 1)))
-            x = x / scale
+            root = mean_square.sqrt()
+            scale = (peak * root).reshape(-1, *([1] * (x.dim() - 1)))
+            x = (normalised / root).to(x.dtype).reshape(x.shape)
         values = {self._threshold_name: getattr(self, self._threshold_name)}  # lam= or threshold=
         z = DF.conv_ista(
             x,
@@ -521,7 +526,7 @@ class _ConvSparseCoding(_projection.Projected):
             recompute=self.recompute,
         )
         if scale is not None:
-            z = z * scale
+            z = (z * scale).to(z.dtype)  # in the scale's dtype: a float16 sample's RMS may be below float16's range
         if self.training and not torch.compiler.is_compiling() and not check.functorch_active():
             self._warn_if_all_zero(z)
         return z
