@@ -91,6 +91,26 @@ def test_lasso_objective_whose_squares_leave_the_dtype(dtype, size):
     )
 
 
+@pytest.mark.parametrize("size", [1e-160, 1e-200, 1e-310])
+def test_lasso_objective_gradient_of_a_tiny_float64_residual(size):
+    """The gradient of 0.5 ||x - D z||^2 is the residual, representable however small it is; the backward formed
+    it as p^2 (r / p) / p with p the largest entry, and p^2 underflowed below ~1e-154: only p's own term was left,
+    the whole gradient on the largest entry (8.5x off at 1e-200), and NaN for a subnormal p."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 2, 3, 3, generator=g, dtype=torch.float64).requires_grad_(True)
+    x = (torch.randn(2, 2, 6, 6, generator=g, dtype=torch.float64) * size).requires_grad_(True)
+    z = torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) * size
+    z[z.abs() < size / 2] = 0.0
+    z.requires_grad_(True)
+    grads = torch.autograd.grad(DF.lasso_objective(x, z, w, 0.1).sum(), [x, z, w])
+    residual = x - torch.nn.functional.conv_transpose2d(z, w)
+    want = torch.autograd.grad(residual, [x, z, w], residual.detach())  # d(0.5 ||r||^2) = <r, dr>
+    want = (want[0], want[1] + 0.1 * z.detach().sign(), want[2])
+    for got, expected in zip(grads, want):
+        assert got.isfinite().all()
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
+
 def test_lipschitz_constant_of_a_meta_weight_is_a_value_error():
     with pytest.raises(ValueError, match="weight is a meta tensor"):  # was "Tensor.item() cannot be called"
         DF.lipschitz_constant(torch.randn(4, 3, 3, 3, device="meta"), (8, 8))

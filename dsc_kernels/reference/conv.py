@@ -257,10 +257,13 @@ def lasso_objective_ref(
     # float16 residual of 300 gave inf for an objective of 45,000 (bfloat16 and float32 from residuals of ~2e19).
     # float64 has none wider: each sample's residual is divided by its largest entry p, and p^2 * (0.5 ||r/p||^2) is
     # formed as (p * half) * p, whose first product is at most the result, else residuals from ~1.3e154 gave inf
-    # where the objective fits. (It is 0.5 ||r||^2 for every p, so p's own gradient term is zero.)
+    # where the objective fits. (It is 0.5 ||r||^2 for every p, so p is detached: its gradient term is zero.) Only
+    # a p above 1 is divided out: the backward multiplies by p^2 before dividing by p, and for p below ~1e-154 that
+    # p^2 underflowed to 0, leaving only p's own term, every gradient on the largest entry (8.5x off at 1e-200),
+    # and NaN for a subnormal p ((r / p) / p = inf).
     wide = {torch.float16: torch.float32, torch.bfloat16: torch.float64, torch.float32: torch.float64}
     r = residual.to(wide.get(residual.dtype, residual.dtype)).flatten(1)
-    peak = r.abs().amax(-1) if r.shape[1] else r.new_ones(r.shape[0])
-    peak = torch.where(torch.isfinite(peak) & (peak > 0), peak, torch.ones_like(peak))  # inf and NaN stay as they are
+    peak = r.detach().abs().amax(-1) if r.shape[1] else r.new_ones(r.shape[0])
+    peak = torch.where(torch.isfinite(peak) & (peak > 1), peak, torch.ones_like(peak))  # inf and NaN stay as they are
     half_energy = peak * (0.5 * (r / peak[:, None]).pow(2).sum(-1)) * peak
     return (half_energy + (l1 * lam).sum(-1).to(half_energy.dtype)).to(residual.dtype)
