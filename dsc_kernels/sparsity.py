@@ -248,8 +248,11 @@ def _unfolded(weight: Tensor, normalize: bool) -> Tensor:
         # Divide by each atom's largest magnitude first (detached: the unit atom does not depend on its scale), so
         # that the norm of a tiny atom does not underflow to 0, nor a huge one's overflow to inf.
         top = atoms.abs().amax(dim=1, keepdim=True).detach() if atoms.shape[1] else atoms.new_zeros(len(atoms), 1)
-        atoms = atoms / torch.where(top == 0, torch.ones_like(top), top)
-        atoms = atoms / atoms.norm(dim=1, keepdim=True).clamp_min(torch.finfo(atoms.dtype).tiny)
+        zero = top == 0
+        # An all-zero atom is the constant 0, selected after normalising ones in its place: the norm's second
+        # derivative at 0 is NaN (torch's norm), which made a Hessian-vector product of the penalty NaN in that row.
+        safe = torch.where(zero, torch.ones_like(atoms), atoms / torch.where(zero, torch.ones_like(top), top))
+        atoms = torch.where(zero, torch.zeros_like(atoms), safe / safe.norm(dim=1, keepdim=True))
     return atoms
 
 

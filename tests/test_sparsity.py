@@ -247,6 +247,30 @@ def test_coherence_penalty_edge_inputs():
     torch.testing.assert_close(sparsity.coherence_penalty(w, shifts=True, stride=5), sparsity.coherence_penalty(w))
 
 
+@pytest.mark.parametrize("shifts", [False, True])
+def test_coherence_penalty_second_derivative_at_a_zero_atom_is_finite(shifts):
+    """An all-zero atom is a constant of the penalty (zero gradient, documented): its Hessian-vector product was NaN
+    in that atom's row (torch's norm has a NaN second derivative at 0), so a gradient penalty or an HVP of a loss
+    holding the regulariser was NaN. Elsewhere the product is the finite difference of the gradient."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64)
+    w[1] = 0.0
+    w.requires_grad_(True)
+    (g,) = torch.autograd.grad(sparsity.coherence_penalty(w, shifts=shifts), w, create_graph=True)
+    v = torch.randn_like(w)
+    (hv,) = torch.autograd.grad((g * v).sum(), w, retain_graph=True)
+    assert hv.isfinite().all() and not hv[1].any()
+
+    def grad_at(x):
+        x = x.detach().requires_grad_(True)
+        return torch.autograd.grad(sparsity.coherence_penalty(x, shifts=shifts), x)[0]
+
+    v[1] = 0.0
+    (hv,) = torch.autograd.grad((g * v).sum(), w)
+    fd = (grad_at(w + 1e-6 * v) - grad_at(w - 1e-6 * v)) / 2e-6
+    torch.testing.assert_close(hv, fd, rtol=1e-6, atol=1e-8)
+
+
 def test_max_coherence_edge_inputs():
     w = torch.randn(3, 1, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     # padding >= k: the outermost atoms are zero, the rest are the truncated border atoms of padding k - 1
