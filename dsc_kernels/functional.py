@@ -517,7 +517,11 @@ def _conv_ista_variant(
     if step is not None and dictionaries.shape[0] == 1:  # one shared D: ISTA on it, where step > 2/L diverges
         _warn_if_step_diverges(dictionaries[0], args["steps"][0], x.shape[2:], args["strides"], args["paddings"])
     row = ops.select("conv_ista", backend, x.device, x.dtype, args.pop("features"), inputs=(x, *_tensors_in(args)))
-    ml_row = ops.select("ml_ista", row.name, x.device, x.dtype)
+    # Asked as the caller asked, so that the one error only the ml_ista row raises (vmap) names backend= or
+    # DSC_KERNELS_BACKEND as the conv_ista row's errors do; passing row.name told a caller of backend='auto' with
+    # the variable set that backend='cpp' was refused, to use 'auto'. A fused row is what ml_ista's auto also
+    # picks (same preference, no transform or tangent, or the conv_ista row would be the reference).
+    ml_row = ops.select("ml_ista", row.name if row.eager is not None else backend, x.device, x.dtype)
     return ml_ista_ops.run(ml_row, x, nonneg=nonneg, fista=fista, project=True, recompute=recompute, **args)[0]
 
 

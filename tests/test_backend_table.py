@@ -336,6 +336,29 @@ def test_an_explicit_fused_ml_ista_under_vmap_raises_our_error(monkeypatch):
         torch.testing.assert_close(batched, torch.stack([f(w, "cpp") for w in batch]))
 
 
+def test_a_conv_ista_variant_under_vmap_names_the_environment_variable(monkeypatch):
+    """DSC_KERNELS_BACKEND=cpp with backend='auto' (the default) and a per-iteration dictionary or an input encoder
+    under vmap: the ml_ista row was asked for by its name, so the error said backend='cpp' and advised 'auto', which
+    the caller was already passing; it now names the variable, as ml_ista's own call and every other refusal do."""
+    if ops.unavailable_reason("ml_ista", "cpp", "cpu") is not None:
+        pytest.skip("the C++ extension is not available")
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 2, 7, 6, generator=gen, dtype=torch.float64)
+    per_step = 0.3 * torch.randn(3, 3, 2, 3, 3, generator=gen, dtype=torch.float64)
+    w = per_step[0]
+    calls = (
+        lambda s: DF.conv_ista(s[None], per_step, 0.05, n_iter=3, step=0.3, padding=1),
+        lambda s: DF.conv_ista(s[None], w, 0.05, n_iter=3, step=0.3, padding=1, input_encoder_weight=w),
+    )
+    monkeypatch.setenv("DSC_KERNELS_BACKEND", "cpp")
+    for f in calls:
+        with pytest.raises(ValueError, match=r"^DSC_KERNELS_BACKEND='cpp' \(the backend argument was 'auto'\).*vmap"):
+            torch.func.vmap(f)(x)
+    monkeypatch.delenv("DSC_KERNELS_BACKEND")
+    for f in calls:  # auto alone runs the reference, batched
+        torch.testing.assert_close(torch.func.vmap(f)(x), torch.stack([f(s) for s in x]))
+
+
 def test_availability_questions_read_names_and_devices_as_the_calls_do():
     # backend_unavailable_reason refused "CPP" and "auto" (names every call takes) with "no conv_ista backend
     # named", and None with a ValueError; a device it could not parse ("gpu", 3) raised torch's RuntimeError
