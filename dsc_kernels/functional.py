@@ -52,10 +52,18 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------- backend choice
 def backend_unavailable_reason(backend: str, device: torch.device | str) -> str | None:
     """Why conv-ISTA backend ``backend`` cannot run on ``device`` here (with how to fix it), or None when it can
-    (always for "auto", which falls back to the reference). ``backend`` is read as ``check_backend`` reads it."""
+    (always for "auto", which falls back to the reference, unless ``DSC_KERNELS_BACKEND`` names a backend in its
+    place: calls then run that one or raise, and so it is that one that is checked). ``backend`` is read as
+    ``check_backend`` reads it."""
     name = ops.backend_name(backend, "conv_ista")
     device_type = check.any_device("device", device).type
-    return None if name == "auto" else ops.unavailable_reason("conv_ista", name, device_type)
+    # auto read the variable as a call reads it (a bad value raises the call's ValueError naming it): with
+    # DSC_KERNELS_BACKEND=triton on CPU this said None while every auto call there raised
+    name, origin = ops.selection.requested(name)
+    reason = None if name == "auto" else ops.unavailable_reason("conv_ista", name, device_type)
+    if reason is None or origin == "backend=":
+        return reason
+    return f"{origin}{name!r} stands for backend 'auto' and {name} cannot run: {reason}"
 
 
 def check_backend(

@@ -359,6 +359,28 @@ def test_a_conv_ista_variant_under_vmap_names_the_environment_variable(monkeypat
         torch.testing.assert_close(torch.func.vmap(f)(x), torch.stack([f(s) for s in x]))
 
 
+def test_availability_of_auto_follows_the_environment_variable(monkeypatch):
+    """backend_unavailable_reason('auto', ...) said None (auto falls back) while DSC_KERNELS_BACKEND named a backend
+    that cannot run there, where every auto call raises: it answers for the backend the variable names."""
+    x, w = torch.randn(1, 2, 6, 6), torch.randn(3, 2, 3, 3)
+    monkeypatch.setenv("DSC_KERNELS_BACKEND", " CUDA")  # no row here (triton may run on CPU: the interpreter)
+    reason = DF.backend_unavailable_reason("auto", "cpu")
+    assert reason is not None and "DSC_KERNELS_BACKEND='cuda'" in reason and "not part of this release" in reason
+    with pytest.raises(RuntimeError, match="DSC_KERNELS_BACKEND='cuda'"):
+        DF.conv_ista(x, w, 0.1, n_iter=1)
+    monkeypatch.setenv("DSC_KERNELS_BACKEND", "cpu-fast")
+    with pytest.raises(ValueError, match="DSC_KERNELS_BACKEND"):
+        DF.backend_unavailable_reason("auto", "cpu")
+    # an explicit name is what calls run whatever the variable says; reference runs everywhere
+    assert DF.backend_unavailable_reason("reference", "cpu") is None
+    monkeypatch.setenv("DSC_KERNELS_BACKEND", "reference")
+    assert DF.backend_unavailable_reason("auto", "meta") is None
+    monkeypatch.setenv("DSC_KERNELS_BACKEND", "cpp")
+    assert DF.backend_unavailable_reason("auto", "meta") is not None  # the call raises there too
+    with pytest.raises(RuntimeError, match="DSC_KERNELS_BACKEND='cpp'"):
+        DF.conv_ista(x.to("meta"), w.to("meta"), 0.1, n_iter=1, step=0.1)
+
+
 def test_availability_questions_read_names_and_devices_as_the_calls_do():
     # backend_unavailable_reason refused "CPP" and "auto" (names every call takes) with "no conv_ista backend
     # named", and None with a ValueError; a device it could not parse ("gpu", 3) raised torch's RuntimeError

@@ -136,7 +136,7 @@ def backend_name(backend: object, family: str | None = None) -> str:
     return name
 
 
-def _requested(backend: object) -> tuple[str, str]:
+def requested(backend: object) -> tuple[str, str]:
     """(the backend a call asks for, how it asked: "backend=" or the environment variable, for error messages)."""
     name = backend_name(backend)
     if name != "auto":
@@ -186,7 +186,7 @@ def select(
     backward is autograd through eager ops (they keep every intermediate) whatever the cost model says, and falls
     back to the reference only where no fused row runs. ``inputs``: the call's tensors, read for forward-mode
     tangents (``_autodiff_need``)."""
-    name, origin = _requested(backend)
+    name, origin = requested(backend)
     need = _autodiff_need(inputs)
     dtype = _running_dtype(device, dtype)
     names = {r.name for r in table.rows(family)}
