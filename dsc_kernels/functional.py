@@ -76,8 +76,11 @@ def check_backend(
     """``backend`` checked against the backend names (TypeError / ValueError naming it) and normalised; with
     ``family`` ("conv_ista", "ml_ista", "sparse_attention") it must also have that family's kernels. Whether it can
     run is decided at the call, which knows the device and dtype; given ``device`` (and ``dtype``, default float32)
-    with a family, it is decided here as that call would decide it (``DSC_KERNELS_BACKEND`` read for "auto"), and
-    the name of the backend that would run is returned, or the call's error raised."""
+    with a family, it is decided here as that call would decide it from the device and dtype alone
+    (``DSC_KERNELS_BACKEND`` read for "auto"), and the name of the backend that would run is returned, or the call's
+    error raised. What "auto" also reads at the call is not known here: the CPU cost model's shapes (a
+    strongly convolution-bound training call runs the reference), a mask that needs its gradient, a torch.func
+    transform or a forward-mode tangent (each runs the reference)."""
     name = ops.backend_name(backend, family)
     if device is None:
         return name
