@@ -924,3 +924,28 @@ def test_in_a_transformer_encoder_layer_with_the_fast_path_off(backend):
         finally:
             torch.backends.mha.set_fastpath_enabled(enabled)
     assert "set_fastpath_enabled(False)" in SparseAttention.__doc__
+
+
+# --------------------------------------------------------------------------- non-finite keys and values, masked
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["key", "value"])
+@pytest.mark.parametrize("bad", [float("nan"), INF])
+def test_a_masked_non_finite_key_or_value_leaves_rows_finite_where_mha_gives_nan(backend, where, bad):
+    """MHA adds its masks to the scores (NaN + -inf = NaN) and multiplies hidden values by 0, so a NaN or inf at a
+    padded position makes every row NaN; SparseAttention's rule (design.md: a row is NaN when a key or value row
+    it sees holds NaN or inf) keeps them finite: a divergence its docstring states."""
+    _skip_unless(backend)
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, dtype=F64).eval()
+    sa = SparseAttention(8, 2, dtype=F64, backend=backend).eval()
+    sa.load_state_dict(mha.state_dict())
+    query = torch.randn(3, 2, 8, dtype=F64)
+    key, value = torch.randn(4, 2, 8, dtype=F64), torch.randn(4, 2, 8, dtype=F64)
+    {"key": key, "value": value}[where][3, 0] = bad
+    padding = torch.zeros(2, 4, dtype=torch.bool)
+    padding[0, 3] = True
+    assert mha(query, key, value, key_padding_mask=padding)[0][:, 0].isnan().all()
+    out, w = sa(query, key, value, key_padding_mask=padding)
+    assert out.isfinite().all() and w.isfinite().all()
+    assert sa(query, key, value)[0][:, 0].isnan().all()  # seen, even where its weight is 0
+    assert "leaves that query's row finite" in SparseAttention.forward.__doc__

@@ -227,7 +227,10 @@ class SparseAttention(nn.Module):
 
         A query that sees no key (every key masked for it) gets 0, not NaN: its output is out_proj's bias and its
         weights row of zeros (MHA's need_weights=True path gives NaN there). Other rows of the sparsemax map sum to
-        1 and hold exact zeros (shrink rows need not sum to 1).
+        1 and hold exact zeros (shrink rows need not sum to 1). A NaN or inf in a key or value that a query cannot
+        see (masked for it) leaves that query's row finite, where MHA's rows all come out NaN (it adds its masks to
+        the scores and multiplies the hidden values by weight 0); one the query sees makes its row NaN, even at a
+        weight of 0.
 
         Dropout (training only): entries of the attention map are zeroed with probability ``dropout`` and the rest
         scaled by 1 / (1 - dropout), as in MHA; the map is then formed densely, (B, H, N, M) (the fused kernels run
