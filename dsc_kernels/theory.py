@@ -706,13 +706,20 @@ def smooth_relu(name: str, beta: float) -> Callable[[torch.Tensor], torch.Tensor
         if not isinstance(z, torch.Tensor) or z.is_complex():
             raise TypeError(f"z must be a real torch.Tensor, got {getattr(z, 'dtype', type(z).__name__)}")
         # integer and bool inputs are activated in the default float dtype (softplus has no integer kernel)
-        return sigma(z if z.is_floating_point() else z.to(torch.get_default_dtype()))
+        z = z if z.is_floating_point() else z.to(torch.get_default_dtype())
+        # float16/bfloat16/float32 scale by beta in float32: a beta past float32's range made softplus raise
+        # RuntimeError (beta does not convert) and SiLU/GELU NaN at z = 0 (0 * inf), one that rounds to 0 gave NaN
+        # at z = inf. Such a beta is scaled in float64 and the result rounded back.
+        if z.dtype != torch.float64 and not _FLOAT32_NORMAL[0] <= b <= _FLOAT32_NORMAL[1]:
+            return sigma(z.to(torch.float64)).to(z.dtype)
+        return sigma(z)
 
     return activation
 
 
 # sup_z |sigma_1(z) - ReLU(z)| and where it is reached: log 2 at z = 0 for softplus; for SiLU/GELU the deepest dip
 # below zero, at the stationary point of z*sigmoid(z) resp. z*Phi(z). tests/test_theory.py recomputes both.
+_FLOAT32_NORMAL = (float(torch.finfo(torch.float32).tiny), float(torch.finfo(torch.float32).max))
 _SUP_GAP = {"softplus": math.log(2.0), "silu": 0.278464542761074, "gelu": 0.169971207479904}
 _SUP_AT = {"softplus": 0.0, "silu": -1.278464542761074, "gelu": -0.751791524693565}
 

@@ -308,3 +308,19 @@ def test_bounds_at_magnitudes_whose_intermediates_leave_float64():
     # ordinary values are the plain products, exactly
     assert theory.lista_cp_error_bound(3, 2, 1.5, 0.5, 2.0, 0.1) == 2 * 1.5 * 0.5**3 + 2.0 * 0.1
     assert theory.fista_objective_bound(2, 2.0, 3.0) == 2 * 2.0 * 3.0 / 9
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", ["softplus", "silu", "gelu"])
+def test_smooth_relu_with_a_beta_outside_float32s_range(name, dtype):
+    # reduced-precision inputs are scaled by beta in float32: beta = 1e39 made softplus raise RuntimeError and
+    # SiLU/GELU NaN at z = 0 (0 * inf); beta = 1e-300 (0 in float32) gave SiLU/GELU NaN at z = inf (inf * 0)
+    z = torch.tensor([-1.0, 0.0, 1.0, math.inf], dtype=dtype)
+    huge = {"softplus": [0.0, math.log(2) / 1e39, 1.0, math.inf], "silu": [0.0, 0.0, 1.0, math.inf]}
+    huge["gelu"] = huge["silu"]
+    want = torch.tensor(huge[name], dtype=torch.float64).to(dtype)
+    torch.testing.assert_close(theory.smooth_relu(name, 1e39)(z), want, rtol=0, atol=0)
+    tiny = {"softplus": [math.inf] * 4, "silu": [-0.5, 0.0, 0.5, math.inf]}
+    tiny["gelu"] = tiny["silu"]
+    want = torch.tensor(tiny[name], dtype=torch.float64).to(dtype)
+    torch.testing.assert_close(theory.smooth_relu(name, 1e-300)(z), want, rtol=0, atol=0)
