@@ -65,10 +65,14 @@ def _check_weight(weight: object) -> torch.Tensor:
 def _real(
     name: str, value: object, *, low: float = 0.0, high: float = math.inf, finite: bool = False, positive: bool = False
 ) -> float:
-    """A real number in [low, high] (``finite``: and not inf; ``positive``: and > low): Python or numpy reals and 0-d
-    tensors. NaN, and bools (a flag passed where a number belongs), are a caller's bug: a bound computed from them
-    would mean nothing."""
+    """A real number in [low, high] (``finite``: and not inf; ``positive``: and > low): Python or numpy reals, 0-d
+    arrays and 0-d tensors. NaN, and bools (a flag passed where a number belongs), are a caller's bug: a bound
+    computed from them would mean nothing."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool:
+        value = value.item()
+    # a 0-d array is its number, as a 0-d tensor is: counts (check.count) took 0-d integer arrays, while every real
+    # argument refused a 0-d float one with "must be a real number"
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf":
         value = value.item()
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")

@@ -324,3 +324,17 @@ def test_smooth_relu_with_a_beta_outside_float32s_range(name, dtype):
     tiny["gelu"] = tiny["silu"]
     want = torch.tensor(tiny[name], dtype=torch.float64).to(dtype)
     torch.testing.assert_close(theory.smooth_relu(name, 1e-300)(z), want, rtol=0, atol=0)
+
+
+def test_real_arguments_take_0d_arrays_as_0d_tensors():
+    # a 0-d float array was refused ("mu must be a real number, got array(0.1)") where a 0-d tensor, a numpy scalar
+    # and a 0-d integer array for s were all taken
+    assert theory.lista_cp_rate(np.array(2), np.array(0.1)) == theory.lista_cp_rate(2, 0.1)
+    assert theory.uniqueness_bound(np.array(0.2)) == pytest.approx(3.0)
+    assert theory.stability_bound(np.array(0.1), [1], np.array([0.1])) == theory.stability_bound(0.1, [1], [0.1])
+    np.testing.assert_array_equal(theory.geometric_thresholds(np.array(1.0), np.array(0.5), 3), [1.0, 0.5, 0.25])
+    for bad in (np.array(True), np.array(0.1 + 0j), np.array([0.1])):
+        with pytest.raises(TypeError, match="mu must be a real number"):
+            theory.uniqueness_bound(bad)
+    with pytest.raises(ValueError, match="mu must be in"):
+        theory.uniqueness_bound(np.array(np.nan))
