@@ -99,6 +99,8 @@ def _rate(s: int, mu: float) -> float:
 
 def _real_array(name: str, value: object, expected: str) -> np.ndarray:
     """value (a number, array or tensor of real numbers) as float64; a TypeError naming it otherwise."""
+    if isinstance(value, torch.Tensor) and value.is_meta:  # .cpu() raised NotImplementedError naming nothing
+        raise ValueError(f"{name} is a meta tensor: its values are needed")
     try:
         raw = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
         if raw.dtype.kind not in "iuf":

@@ -338,3 +338,12 @@ def test_real_arguments_take_0d_arrays_as_0d_tensors():
             theory.uniqueness_bound(bad)
     with pytest.raises(ValueError, match="mu must be in"):
         theory.uniqueness_bound(np.array(np.nan))
+
+
+def test_meta_tensor_iteration_counts_and_distances_are_refused_by_name():
+    # .cpu() of a meta tensor raised NotImplementedError("Cannot copy out of meta tensor; no data!")
+    meta = torch.empty(2, device="meta")
+    with pytest.raises(ValueError, match="k is a meta tensor"):
+        theory.lista_cp_error_bound(meta, 1, 1.0, 0.5, 1.0, 0.0)
+    with pytest.raises(ValueError, match="dist0_sq is a meta tensor"):
+        theory.ista_objective_bound(2, 1.0, meta)
