@@ -135,6 +135,11 @@ def _dictionary_sweeps(x: Tensor, codes: Tensor, weight: Tensor, n_sweeps: int, 
     return weight
 
 
+def _zero_atoms(weight: Tensor) -> list[int]:
+    """Indices of the atoms (rows of weight) that are all zero."""
+    return (~(weight.flatten(1) != 0).any(dim=1)).nonzero().flatten().tolist()
+
+
 def lasso_value(x: Tensor, z: Tensor, weight: Tensor, lam: float, padding: Sequence[int]) -> float:
     """``sum_i 0.5 ||x_i - D z_i||^2 + lam ||z_i||_1`` / B."""
     # in float64, the Python float's own range: lasso_objective returns x's dtype, and float32 signals of 1e-25
@@ -204,7 +209,7 @@ def learn_conv_dictionary(
         raise ValueError("init must be finite (it holds NaN or inf)")
     else:
         # entries, not norms: a tiny atom's squared norm underflows to 0 without the atom being zero
-        zero = (~(init.flatten(1) != 0).any(dim=1)).nonzero().flatten().tolist()
+        zero = _zero_atoms(init)
         if zero:
             raise ValueError(f"init atoms {zero} are zero: a zero atom gets no code and no gradient and never moves")
     # projected before the cast to x's dtype: a float64 init atom of 1e40 became inf in float32 x, its projection
@@ -212,7 +217,7 @@ def learn_conv_dictionary(
     wide = torch.promote_types(init.dtype, x.dtype)
     weight = _project_atoms(init.to(device=x.device, dtype=wide)).to(x.dtype)
     # a float64 init atom of 1e-50 passed the check above and became zero in float32 x: a dead atom, silently
-    zero = (~(weight.flatten(1) != 0).any(dim=1)).nonzero().flatten().tolist()
+    zero = _zero_atoms(weight)
     if zero:
         raise ValueError(f"init atoms {zero} underflow to zero in x's dtype {x.dtype}: rescale init (or cast x)")
     codes = x.new_zeros(x.shape[0], n_atoms, *code_size(signal, kernel, (1,) * rank, padding))

@@ -210,6 +210,9 @@ class ActivationL1:
         self.weight = float(weight)
         self._terms: list[Tensor] = []
         self._modules = list(_named(modules).values())
+        self._attach()
+
+    def _attach(self) -> None:
         self._handles = [m.register_forward_hook(self._record) for m in self._modules]
 
     def _record(self, module: nn.Module, inputs, output) -> None:
@@ -235,7 +238,7 @@ class ActivationL1:
         # the hooks exist from construction; a block left before (or remove()) took them away: an epoch loop around
         # `with reg:` penalised nothing from its second epoch on
         if not self._handles:
-            self._handles = [m.register_forward_hook(self._record) for m in self._modules]
+            self._attach()
         return self
 
     def __exit__(self, *exc) -> None:

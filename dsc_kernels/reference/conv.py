@@ -263,7 +263,6 @@ def lasso_objective_ref(
     # and NaN for a subnormal p ((r / p) / p = inf).
     wide = {torch.float16: torch.float32, torch.bfloat16: torch.float64, torch.float32: torch.float64}
     r = residual.to(wide.get(residual.dtype, residual.dtype)).flatten(1)
-    peak = r.detach().abs().amax(-1) if r.shape[1] else r.new_ones(r.shape[0])
-    peak = torch.where(torch.isfinite(peak) & (peak > 1), peak, torch.ones_like(peak))  # inf and NaN stay as they are
+    peak = row_scales(r.detach()).clamp(min=1)  # inf and NaN stay as they are
     half_energy = peak * (0.5 * (r / peak[:, None]).pow(2).sum(-1)) * peak
     return (half_energy + (l1 * lam).sum(-1).to(half_energy.dtype)).to(residual.dtype)
