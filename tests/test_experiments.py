@@ -223,6 +223,26 @@ def test_backend_agreement_without_a_fused_backend_is_not_agreement(monkeypatch)
     assert not exactness.backend_agreement(quick=True).holds
 
 
+def test_lasso_bias_checks_every_sample_against_its_own_prediction(monkeypatch):
+    """S11 compared the batch's largest plateau with the batch's largest KKT prediction: a plateau 10% off its own
+    prediction passed (max |plateau/prediction - 1| stayed at 3e-15) as long as that sample was not the largest."""
+    from dsc_kernels.experiments import ista
+
+    conv_ista = ista.DF.conv_ista
+
+    def nudged(*args, **kwargs):
+        z = conv_ista(*args, **kwargs)
+        if kwargs.get("fista"):  # the LASSO plateaus: sample 0 (not the batch's largest) moves towards its code
+            z = z.clone()
+            z[0] = z[0] + 1e-3 * torch.sign(z[0])
+        return z
+
+    monkeypatch.setattr(ista.DF, "conv_ista", nudged)
+    with threads(1):
+        result = ista.lasso_bias(quick=True, backend="reference")
+    assert not result.holds, result.measured
+
+
 def test_uniqueness_marks_a_collision_below_the_bound(monkeypatch):
     """A wrong mu (0.15: uniqueness claimed up to s = 3) on the first case finds a collision below the bound: the
     verdict fails, and the cell said 'unique for s <= 3 ✓' all the same."""
