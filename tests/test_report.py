@@ -168,6 +168,7 @@ def test_readme_figures_are_copied_from_this_run(tmp_path: Path, monkeypatch):
         (["--training-runs", "no-such-folder"], "--training-runs"),
         (["--training-runs", "empty"], "--training-runs"),  # a folder, but no run in it
         (["--training-runs", "denoise-run"], "--training-runs"),  # a run, but not a digits one
+        (["--training-runs", "list-run"], "--training-runs"),  # a metrics.json that is not a JSON object
     ],
 )
 def test_report_rejects_bad_arguments_before_any_work(extra, option, tmp_path, monkeypatch, capsys):
@@ -176,6 +177,8 @@ def test_report_rejects_bad_arguments_before_any_work(extra, option, tmp_path, m
     (tmp_path / "empty").mkdir()
     (tmp_path / "denoise-run").mkdir()
     (tmp_path / "denoise-run" / "metrics.json").write_text('{"recipe": "denoise", "strategy": "cscnet"}')
+    (tmp_path / "list-run").mkdir()
+    (tmp_path / "list-run" / "metrics.json").write_text("[]")
     monkeypatch.setattr(R, "run_report", lambda args: pytest.fail("the report ran"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for name in ("TRITON_INTERPRET", "DSC_KERNELS_BACKEND"):

@@ -17,7 +17,9 @@ def _read(runs: Path) -> dict[str, dict]:
     for path in [runs / engine.METRICS_FILE, *sorted(runs.glob(f"*/{engine.METRICS_FILE}"))]:
         if path.is_file():
             metrics = json.loads(path.read_text())
-            if metrics.get("recipe") == digits.NAME:
+            # a JSON list, string or number is no run's metrics (.get raised AttributeError, a traceback in
+            # --training-runs' check instead of its usage error)
+            if isinstance(metrics, dict) and metrics.get("recipe") == digits.NAME:
                 found[metrics["strategy"]] = metrics
     if not found:
         raise FileNotFoundError(f"no digits metrics.json under {runs}")
