@@ -382,9 +382,11 @@ def _markdown(results, rows, skipped, attn, figures, flags, facts, args, seconds
         [f"- ⚠ {f}" for f in flags]
         if flags
         else [
-            "None flagged: every forward is faster than its forward+backward, times grow with N"
+            "None flagged: every forward is faster than its forward+backward, no attention time falls by more "
+            "than 2× as N grows"
             + (
-                f", and the speed-ups agree with the README's table within 2× ({len(published)} published ratios)."
+                f", and the speed-ups agree with the README's table within 2× (compared with {len(published)} "
+                "published entries)."
                 if published
                 else "; the speed-ups were not compared with the README's table (only a full CPU run is)."
             )
