@@ -110,6 +110,20 @@ BAD_PSNR = {
 }
 
 
+@pytest.mark.parametrize("scale, shift", [(255.0, 0.0), (1.0, -0.5), (1.0, 1e-3)])
+def test_psnr_refuses_a_clean_image_outside_0_1(scale, shift):
+    # only the estimate is clipped: an exact estimate of CLEAN * 255 scored about -38 dB instead of inf
+    clean = CLEAN * scale + shift
+    with pytest.raises(ValueError, match=r"clean must lie in \[0, 1\]"):
+        denoise.psnr(clean, clean.clone())
+
+
+def test_psnr_of_a_nan_clean_image_is_nan():
+    clean = CLEAN.clone()
+    clean[0, 0, 0, 0] = math.nan
+    assert math.isnan(denoise.psnr(clean, CLEAN))
+
+
 @pytest.mark.parametrize("case", BAD_PSNR)
 def test_psnr_rejects_mismatched_or_empty_images(case):
     args, error, message = BAD_PSNR[case]

@@ -112,14 +112,19 @@ def build(spec: dict) -> nn.Module:
 
 
 def psnr(clean: Tensor, estimate: Tensor) -> float:
-    """PSNR in dB of an estimate of an image in [0, 1] (the estimate is clipped to [0, 1] first); inf when they are
-    equal. Both floating tensors of one non-empty shape: broadcasting would average over pairs that do not match."""
+    """PSNR in dB of an estimate of an image in [0, 1] (the estimate is clipped to [0, 1] first; a clean image outside
+    [0, 1] is a ValueError); inf when they are equal. Both floating tensors of one non-empty shape: broadcasting
+    would average over pairs that do not match."""
     check.tensor("clean", clean)
     check.tensor("estimate", estimate)
     if clean.shape != estimate.shape or clean.numel() == 0:
         raise ValueError(
             f"clean and estimate must have one non-empty shape, got {tuple(clean.shape)} and {tuple(estimate.shape)}"
         )
+    # only the estimate is clipped: a clean image on another scale (0..255, or centred) was scored against the
+    # clipped estimate, and an exact estimate of flower.jpg * 255 got -38.5 dB instead of inf. NaN passes, to the mse
+    if bool(((clean < 0) | (clean > 1)).any()):
+        raise ValueError(f"clean must lie in [0, 1], got values in [{float(clean.min())}, {float(clean.max())}]")
     mse = float((estimate.clamp(0, 1) - clean).pow(2).mean())
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
