@@ -190,6 +190,24 @@ def test_report_section_reads_a_train_folder(tmp_path):
     assert "Not measured" in lines[-1] and figures == []
 
 
+def test_report_section_refuses_a_folder_with_two_runs_of_one_strategy(tmp_path, capsys):
+    from dsc_kernels.__main__ import main
+    from dsc_kernels.recipes.report_section import _read, training_section
+
+    for folder, strategy, epochs in (("a", "baseline", 10), ("b", "dsc", 10), ("c", "dsc", 1)):
+        (tmp_path / folder).mkdir()
+        metrics = {"recipe": "digits", "strategy": strategy, "epochs": epochs, "accuracy": 0.9, "sparsity": 0.5}
+        (tmp_path / folder / engine.METRICS_FILE).write_text(json.dumps(metrics))
+    # the dsc row used to be c's 1-epoch run, silently, beside a 10-epoch baseline
+    with pytest.raises(ValueError, match="more than one digits dsc run"):
+        _read(tmp_path)
+    lines, figures = training_section(tmp_path, quick=True, runs=tmp_path)
+    assert "Not measured" in lines[-1] and "more than one digits dsc run" in lines[-1] and figures == []
+    with pytest.raises(SystemExit) as excinfo:
+        main(["report", "--training-runs", str(tmp_path), "--out", str(tmp_path / "report")])
+    assert excinfo.value.code == 2 and "more than one digits dsc run" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ CLI argument errors
 # Each bad argument must stop `train` before any training: argparse's usage and one line naming the option, exit
 # status 2, no traceback. The runs are one short baseline epoch, so a check that is missing fails fast.

@@ -13,14 +13,22 @@ QUICK_EPOCHS = 3
 
 def _read(runs: Path) -> dict[str, dict]:
     """{strategy: metrics} from DIR/<strategy>/metrics.json (a --strategy all run) or DIR/metrics.json."""
-    found = {}
+    found, sources = {}, {}
     for path in [runs / engine.METRICS_FILE, *sorted(runs.glob(f"*/{engine.METRICS_FILE}"))]:
         if path.is_file():
             metrics = json.loads(path.read_text())
             # a JSON list, string or number is no run's metrics (.get raised AttributeError, a traceback in
             # --training-runs' check instead of its usage error)
             if isinstance(metrics, dict) and metrics.get("recipe") == digits.NAME:
-                found[metrics["strategy"]] = metrics
+                strategy = metrics["strategy"]
+                if strategy in found:
+                    # one row per strategy: the run read last replaced the others silently, so a folder of several
+                    # runs gave a table mixing epochs and seeds (its "zeros vs baseline" across them)
+                    raise ValueError(
+                        f"{runs} holds more than one digits {strategy} run ({sources[strategy]} and {path}): "
+                        "pass a folder with one run per strategy"
+                    )
+                found[strategy], sources[strategy] = metrics, path
     if not found:
         raise FileNotFoundError(f"no digits metrics.json under {runs}")
     return found
