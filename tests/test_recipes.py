@@ -120,6 +120,26 @@ def test_one_denoise_epoch_lowers_the_loss():
     assert loss() < before
 
 
+def test_distributed_denoise_ranks_draw_different_training_noise(monkeypatch):
+    # Every rank seeds alike (equal replicas); rank 1 used to draw the very noise rank 0 drew at every step, so a
+    # two-process run saw half the distinct noise of a single process with the same global batch.
+    first_noise = {}
+
+    def record(rank):
+        draws = []
+        real = torch.randn_like
+        monkeypatch.setattr(torch, "randn_like", lambda x, *a, **k: draws.append(real(x, *a, **k)) or draws[-1])
+        run = engine.Run(torch.device("cpu"), rank=rank, world_size=3)
+        denoise.train("cscnet", 1, 3, None, "reference", run, subset=denoise.BATCH_SIZE)
+        monkeypatch.setattr(torch, "randn_like", real)
+        first_noise[rank] = draws[0]
+
+    record(1)  # ranks 1 and 2: rank 0 would also evaluate against the baselines, for seconds
+    record(2)
+    assert first_noise[1].shape == first_noise[2].shape
+    assert not torch.equal(first_noise[1], first_noise[2])
+
+
 def test_denoiser_handles_any_size_and_strides():
     for stride in (1, 2):
         model = denoise.CSCDenoiser(n_atoms=4, kernel_size=5, n_iter=2, stride=stride, backend="reference").eval()

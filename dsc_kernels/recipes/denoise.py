@@ -266,6 +266,10 @@ def train(
     torch.manual_seed(seed)
     spec = {"n_atoms": N_ATOMS, "kernel_size": KERNEL, "n_iter": N_ITER, "stride": STRIDE, "backend": backend}
     model = build(spec).to(run.device)
+    if run.rank:
+        # every rank seeded alike so the replicas start equal; the noise drawn below must differ per rank, or each
+        # global batch adds world_size copies of one noise draw. Rank 0 keeps a single process's stream.
+        torch.manual_seed((seed + run.rank) % 2**64)
     clean = training_patches(seed)
     if subset is not None:
         clean = clean[:subset]
