@@ -216,7 +216,8 @@ def save(out: str | Path, recipe: str, spec: dict, model: nn.Module, metrics: di
     """Write ``out/model.pt`` ({recipe, spec, state_dict}: the recipe rebuilds the module from spec) and
     ``out/metrics.json``. metrics["backend"], when present, becomes the backend that ran (``backend_that_ran``;
     updated in place, so the metrics a recipe returns agree with the file); the spec keeps the one asked for, so a
-    model loaded on another machine picks its own."""
+    model trained with ``auto`` picks its own backend on the machine that loads it (one trained with an explicit
+    backend asks for that one again, and a machine without it refuses at the first forward)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
