@@ -20,6 +20,19 @@ def test_default_padding_keeps_the_size_and_decode_inverts_the_shape():
     assert layer1d.decode(z1, signal_size=(21,)).shape == x1.shape
 
 
+@pytest.mark.parametrize("kernel, stride, padding", [(2, 3, None), (1, 3, 1), (3, 4, 2)])
+def test_decode_default_size_is_at_least_one(kernel, stride, padding):
+    # (n - 1) s - 2p + k is 0 or less here, for a code the layer returns from a length-1 signal: decode raised
+    # "signal_size must be >= 1" on it
+    layer = ConvSparseCoding1d(1, 2, kernel, stride=stride, padding=padding, n_iter=2, backend="reference")
+    layer2d = ConvSparseCoding2d(1, 2, kernel, stride=stride, padding=padding, n_iter=2, backend="reference")
+    for module, x in ((layer, torch.randn(2, 1, 1)), (layer2d, torch.randn(2, 1, 1, 5))):
+        z = module(x)
+        x_hat = module.decode(z)
+        assert x_hat.shape[2] == 1
+        torch.testing.assert_close(x_hat, module.decode(z, signal_size=x.shape[2:])[..., : x_hat.shape[-1]])
+
+
 def test_dictionary_has_unit_norm_filters_and_the_step_is_one_over_L():
     layer = ConvSparseCoding2d(3, 8, 5, n_iter=3)
     norms = layer.weight.detach().flatten(1).norm(dim=1)

@@ -597,8 +597,12 @@ class _ConvSparseCoding(_projection.Projected):
         """x_hat = D z: (B, C_code, *Sz) -> (B, C_sig, *signal_size); the default size is the smallest signal with
         codes of this size (the input's size at stride 1)."""
         if signal_size is None:
+            # at least 1: where the padding exceeds what the windows need ((n - 1) s + k <= 2p, e.g. kernel 2 at
+            # its default padding 1 and stride 3 on a length-1 signal) the formula gave 0 or less for a code the layer
+            # had just returned, and decode(layer(x)) raised; a size-1 signal has that code then
             signal_size = [
-                (n - 1) * s - 2 * p + k for n, s, p, k in zip(z.shape[2:], self.stride, self.padding, self.kernel_size)
+                max(1, (n - 1) * s - 2 * p + k)
+                for n, s, p, k in zip(z.shape[2:], self.stride, self.padding, self.kernel_size)
             ]
         return DF.conv_synthesis(z, self.weight, stride=self.stride, padding=self.padding, signal_size=signal_size)
 
