@@ -231,7 +231,18 @@ def conv_ista_variant_arguments(
         ("input_encoder",) if input_encoder_weight is not None else ()
     )
     w = dictionary("weight", weight, rank, n_iter, "n_iter")
-    x = check.signal("x", x, w[0])
+    try:
+        x = check.signal("x", x, w[0])
+    except ValueError as err:
+        # the same reading as dictionary()'s hint, where the count happened to equal n_iter: an unbatched image
+        # (C, H, W) and a 2-D weight (8, 1, 3, 3) with n_iter=8 were told "x has 16 channels but weight expects
+        # C_sig=3"
+        if rank == 1 and is_per_step(weight, rank):
+            raise ValueError(
+                f"{err} (x is 1-D (B, C, L), so weight of shape {tuple(weight.shape)} reads as {weight.shape[0]} "
+                "per-step 1-D dictionaries; for a 2-D dictionary x must have rank 4: (B, C, H, W))"
+            ) from None
+        raise
     check.same_device(x=x, weight=w)
     check.same_dtype(x=x, weight=w)
     e = optional_dictionary("encoder_weight", encoder_weight, w, rank, n_iter, "n_iter")

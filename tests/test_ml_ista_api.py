@@ -347,6 +347,13 @@ def test_an_unbatched_image_with_a_2d_weight_is_told_about_x_first():
         DF.conv_ista(torch.randn(1, 16, 16), torch.randn(8, 1, 3, 3), 0.1, n_iter=3)
 
 
+def test_an_unbatched_image_with_a_2d_weight_is_told_about_x_when_the_count_matches_n_iter():
+    """As above with n_iter equal to the weight's first dimension: the count check passed and the channel check
+    alone said "x has 16 channels but weight expects C_sig=3", about channels that neither tensor has."""
+    with pytest.raises(ValueError, match=r"x has 16 channels.*x is 1-D \(B, C, L\).*must have rank 4: \(B, C, H, W\)"):
+        DF.conv_ista(torch.randn(1, 16, 16), torch.randn(8, 1, 3, 3), 0.1, n_iter=8)
+
+
 def test_a_threshold_shape_error_carries_no_sign_hint():
     """The hint about negative thresholds belongs to the sign check; a shape error quoted it too."""
     x = torch.randn(1, 1, 12, 12, dtype=D)
