@@ -89,6 +89,11 @@ def check_backend(
     dtype = torch.float32 if dtype is None else dtype
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    dtypes = sorted({d for row in ops.table.rows(family) for d in row.dtypes}, key=str)
+    if dtype not in dtypes:
+        # "auto" ends on the reference row whatever the dtype, and returned "reference" for an integer dtype that
+        # the call itself refuses before any backend is chosen
+        raise TypeError(f"dtype must be one of {', '.join(map(str, dtypes))}, got {dtype}")
     return ops.select(family, name, check.any_device("device", device), dtype).name
 
 

@@ -248,3 +248,17 @@ def test_check_backend_on_a_device_decides_as_a_call_there(monkeypatch):
         DF.check_backend("reference", device="cpu")
     monkeypatch.setenv("DSC_KERNELS_BACKEND", "reference")
     assert DF.check_backend("auto", "ml_ista", device=torch.device("cpu")) == "reference"
+
+
+def test_check_backend_refuses_what_a_call_refuses(monkeypatch):
+    # "auto" skipped the family check ("auto" with family "conv-ista" came back "auto") and, given a device, ended on
+    # the reference row for any dtype ("reference" for int32), while the call itself raises a TypeError naming x
+    monkeypatch.delenv("DSC_KERNELS_BACKEND", raising=False)
+    with pytest.raises(ValueError, match="family must be one of"):
+        DF.check_backend("auto", "conv-ista")
+    for dtype in (torch.int32, torch.complex64):
+        with pytest.raises(TypeError, match="dtype must be one of"):
+            DF.check_backend("auto", "conv_ista", device="cpu", dtype=dtype)
+    with pytest.raises(TypeError, match="floating-point"):
+        DF.conv_ista(X.int(), W, 0.1, n_iter=1)
+    assert DF.check_backend("auto", "ml_ista", device="cpu", dtype=torch.float64) in ("cpp", "reference")
