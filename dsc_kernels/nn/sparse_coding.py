@@ -85,8 +85,8 @@ _CSC_DOC = """Unrolled convolutional ISTA/FISTA layer (LISTA/CSCNet style when l
             State-dict key ``threshold``.
         step: the ISTA step; a float > 0 or tensor (n_iter,), fixed. Default None: 1/L with L = ||D||_2^2 on
             signals of any size (power iteration per frequency of the dictionary on a periodic grid 8 kernels wide,
-            never above the infinite-signal norm, within 1% of it on random dictionaries and up to 4% below for a
-            narrow-band atom), tracked as the dictionary changes:
+            never above the infinite-signal norm, within 1% of it on random 16-atom dictionaries, up to 2% below for a
+            single random atom and 4% for a narrow-band atom), tracked as the dictionary changes:
             warm-started iterations in each training forward whose weight values changed (a replayed or repeated
             forward on the same weight keeps its step), and in eval mode a fresh estimate whenever ``weight``
             changed since the last one (torch's in-place changes, new data, another tensor in its place such as
