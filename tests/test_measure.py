@@ -232,3 +232,24 @@ def test_readme_table_is_generated_from_committed_runs(tmp_path):
     unmarked = tmp_path / "unmarked.md"
     unmarked.write_text("no markers\n")
     assert table.main(["--results", str(tmp_path), "--readme", str(unmarked)]) == 1
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+def test_attention_gate_sees_a_provider_wrong_only_in_the_last_rows(backward, monkeypatch):
+    """The attention gate checked O's first 256 rows only: a kernel wrong past them (its later row blocks, or the
+    causal rows that see every key) passed and was timed."""
+    from dsc_kernels.experiments import attention_speed as A
+
+    real = A.attention_fn
+
+    def attention_fn(provider, q, k, v, causal):
+        fn = real("reference" if provider == "cpp" else provider, q, k, v, causal)
+        if provider != "cpp":
+            return fn
+        return lambda: fn() * torch.where(torch.arange(q.shape[2]) >= q.shape[2] - 8, 1.5, 1.0)[:, None]
+
+    monkeypatch.setattr(A, "attention_fn", attention_fn)
+    recs = A.measure_attention(
+        (1, 2, 320, 8), "cpu", ["reference", "cpp"], causal=True, backward=backward, rounds=1, warmup=0
+    )
+    assert [r["status"] for r in recs] == ["ok", "wrong"] and recs[1]["timing"] is None

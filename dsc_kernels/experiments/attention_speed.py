@@ -11,9 +11,9 @@ Providers (`attention_fn`):
     "sdpa"                 torch's scaled_dot_product_attention (dense softmax), the backend of its choice
     "sdpa-<b>"             SDPA restricted to backend b: flash, efficient, cudnn, math
 `measure_attention` checks each provider against the fp64 reference of its own function (sparsemax, shrink or
-softmax) on the first rows of the timed inputs (forward: those rows of O; forward+backward: every gradient of
-<O[rows], G>, which only those rows produce), by the tolerance rule against the eager computation of the same
-function in the same dtype, then times the providers that pass interleaved (experiments/measure.py) and measures
+softmax) on the first and the last rows of the timed inputs (forward: those rows of O; forward+backward: every
+gradient of <O[rows], G>, which only those rows produce), by the tolerance rule against the eager computation of the
+same function in the same dtype, then times the providers that pass interleaved (experiments/measure.py) and measures
 memory; it returns results records (experiments/records.py).
 """
 
@@ -138,13 +138,19 @@ def _function_of(provider: str) -> str:
     return "shrink" if "-shrink" in provider else "sparsemax"
 
 
-def _reference(function: str, q, k, v, causal: bool, threshold: float | None) -> torch.Tensor:
+def _reference(
+    function: str, q, k, v, causal: bool, threshold: float | None, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """The exact function as PyTorch eager computes it in q's dtype: scores and P v are matmuls in that dtype (half
     results rounded, as FlashAttention's tests' reference is), P from the rounded scores in at least fp32, cast
-    back. In fp64 this is the reference itself."""
+    back. In fp64 this is the reference itself. `positions`: the query positions of q's rows (default 0, 1, ...),
+    which the causal mask needs when q holds only some rows."""
     s = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+        if positions is None:
+            positions = torch.arange(s.shape[-2], device=s.device)
+        future = positions.to(s.device)[:, None] < torch.arange(s.shape[-1], device=s.device)[None, :]
+        s = s.masked_fill(future, float("-inf"))
     s = s.to(torch.promote_types(s.dtype, torch.float32))
     if function == "softmax":
         p = torch.softmax(s, dim=-1)
@@ -155,26 +161,41 @@ def _reference(function: str, q, k, v, causal: bool, threshold: float | None) ->
     return torch.matmul(p.to(v.dtype), v)
 
 
-def _rows_outputs(fn, q, k, v, rows: int, backward: bool, gen_seed: int = 7) -> list[torch.Tensor]:
-    """O[:, :, :rows] (forward) or the gradients of <O[:, :, :rows], G> in q[:, :, :rows], k, v."""
+def _check_rows(n: int) -> torch.Tensor:
+    """The query rows the gate checks: all of them up to CHECK_ROWS, else the first and the last CHECK_ROWS / 2. The
+    first rows alone missed every later row block (a kernel wrong past row 256 was timed), and causal rows near the
+    start see only the first keys."""
+    if n <= CHECK_ROWS:
+        return torch.arange(n)
+    half = CHECK_ROWS // 2
+    return torch.cat([torch.arange(half), torch.arange(n - half, n)])
+
+
+def _rows_outputs(fn, q, k, v, rows: torch.Tensor | None, backward: bool, gen_seed: int = 7) -> list[torch.Tensor]:
+    """O[:, :, rows] (forward) or the gradients of <O[:, :, rows], G> in q[:, :, rows], k, v; rows None: fn computes
+    only those rows already."""
+
+    def pick(t):
+        return t if rows is None else t[:, :, rows.to(t.device)]
+
     if not backward:
         with torch.no_grad():
-            return [fn()[:, :, :rows].detach()]
-    out = fn()[:, :, :rows]
+            return [pick(fn()).detach()]
+    out = pick(fn())
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(gen_seed), dtype=torch.float64)
     gq, gk, gv = torch.autograd.grad(out, (q, k, v), g.to(out.device, out.dtype))
-    return [gq[:, :, :rows].detach(), gk.detach(), gv.detach()]
+    return [pick(gq).detach(), gk.detach(), gv.detach()]
 
 
 def _gate(provider: str, fn, q, k, v, causal: bool, backward: bool) -> list:
-    rows = min(CHECK_ROWS, q.shape[2])
+    rows = _check_rows(q.shape[2])
     function, th = _function_of(provider), _shrink_threshold(provider)
     got = _rows_outputs(fn, q, k, v, rows, backward)
 
     def exact(dtype):
-        qs = q.detach()[:, :, :rows].to(dtype).requires_grad_(backward)
+        qs = q.detach()[:, :, rows.to(q.device)].to(dtype).requires_grad_(backward)
         ks, vs = (t.detach().to(dtype).requires_grad_(backward) for t in (k, v))
-        return _rows_outputs(lambda: _reference(function, qs, ks, vs, causal, th), qs, ks, vs, rows, backward)
+        return _rows_outputs(lambda: _reference(function, qs, ks, vs, causal, th, rows), qs, ks, vs, None, backward)
 
     names = ["grad q", "grad k", "grad v"] if backward else ["O"]
     return [
