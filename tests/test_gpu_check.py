@@ -74,3 +74,15 @@ def test_a_summary_over_a_cut_off_run_json_still_removes_the_side_file(tmp_path)
     assert gpu_check.step_summary(tmp_path, lines.append, {"env": {"status": "ok"}})["status"] == "ok"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "summary.md"]
     assert "unreadable" in " ".join(lines)
+
+
+def test_the_next_lease_command_fits_the_device_tools_600_s_per_command():
+    """docs/gpu.md ran gpu-check and gpu-tune in one call at their defaults, 440 s + 300 s (plus the tune's imports
+    and its last group's overrun): past the 600 s at which the device tool kills a command."""
+    import re
+
+    text = (ROOT / "docs" / "gpu.md").read_text().split("**Next lease.**", 1)[1]
+    check = re.search(r"DSC_GPU_CHECK_BUDGET_S=(\d+)[^\n]*bench/gpu_check\.py", text)
+    tune = re.search(r"DSC_GPU_TUNE_BUDGET_S=(\d+)[^\n]*bench/gpu_tune\.py", text)
+    assert check and tune, "the next lease's command names both budgets"
+    assert int(check[1]) + int(tune[1]) + 60 <= 600
