@@ -19,6 +19,8 @@ baseline (``speedup_vs_dense``). Results go into the session's run document (ben
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from conftest import check_and_publish, measured_group
@@ -32,6 +34,15 @@ GPU_BH = (4, 8)
 GPU_NS = [512, 1024, 2048, 4096, 8192, 16384]
 GPU_PROVIDERS = ["sdpa", "triton", "entmax"]
 GPU_SHRINK = ["triton-shrink50", "triton-shrink90", "triton-shrink99"]
+GPU_SHRINK_N = 4096
+
+
+def _gpu_providers(n: int) -> list[str]:
+    """The providers measured together at length n. The shrink tests share N = 4096's group: measured as a group of
+    their own, their records (suite, workload, mode, dtype) were those of test_attn_gpu's, and the session's run
+    document (records.add_ratios over every record) ratioed them to the other group's sdpa and entmax, which were
+    not timed interleaved with them."""
+    return GPU_PROVIDERS + (GPU_SHRINK if n == GPU_SHRINK_N else [])
 
 
 def _cpu_group(provider_list, backward, causal, smoke):
@@ -63,10 +74,11 @@ def test_attn_cpu(benchmark, provider, backward, causal, smoke):
     check_and_publish(benchmark, _cpu_group(CPU_PROVIDERS, backward, causal, smoke)[provider])
 
 
-def _gpu_case(benchmark, provider: str, n: int, backward: bool, smoke: bool, providers: list[str]):
+def _gpu_case(benchmark, provider: str, n: int, backward: bool, smoke: bool):
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     benchmark.group = f"attn-gpu-{'fwd+bwd' if backward else 'fwd'}"
+    providers = _gpu_providers(n)
     group = measured_group(
         ("attn-gpu", n, backward, tuple(providers)),
         lambda: measure_attention(
@@ -92,11 +104,47 @@ def _gpu_case(benchmark, provider: str, n: int, backward: bool, smoke: bool, pro
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", GPU_PROVIDERS)
 def test_attn_gpu(benchmark, provider, backward, n, smoke):
-    _gpu_case(benchmark, provider, n, backward, smoke, GPU_PROVIDERS)
+    _gpu_case(benchmark, provider, n, backward, smoke)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("provider", GPU_SHRINK)
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 def test_attn_gpu_shrink_sparsity(benchmark, provider, backward, smoke):
-    _gpu_case(benchmark, provider, 4096, backward, smoke, ["sdpa", *GPU_SHRINK])
+    _gpu_case(benchmark, provider, GPU_SHRINK_N, backward, smoke)
+
+
+def test_gpu_shrink_records_keep_the_ratios_of_their_interleaved_group(monkeypatch):
+    """Without a GPU (measure_attention faked): the session's run document recomputes every ratio over all records of
+    a (suite, workload, mode, dtype); the shrink providers' ratios there must be those of the group they were timed
+    in."""
+    import conftest
+
+    from dsc_kernels.experiments import records
+    from dsc_kernels.experiments.measure import Timing
+
+    calls = []
+
+    def fake(shape, device, providers, *, causal, backward, dtype, suite, **_):
+        calls.append(providers)
+        base = dict(suite=suite, workload=f"attn-N{shape[2]}-causal", mode="forward", dtype="float16")
+        ms = {"sdpa": float(len(calls))}  # each group's sdpa a different time: a mixed-up ratio shows
+        return [records.result(**base, provider=p, timing=Timing([ms.get(p, 10.0)])) for p in providers]
+
+    class Bench:
+        disabled, extra_info, group = True, {}, ""
+
+        def pedantic(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sys.modules[__name__], "measure_attention", fake)
+    monkeypatch.setattr(conftest, "RESULTS", [])
+    monkeypatch.setattr(conftest, "_GROUPS", {})
+    test_attn_gpu(Bench(), "sdpa", False, 4096, True)
+    test_attn_gpu_shrink_sparsity(Bench(), "triton-shrink90", False, True)
+    timed_with = {p: next(i for i, c in enumerate(calls) if p in c) for p in ("sdpa", "triton-shrink90")}
+    in_group = {r["provider"]: r["ratios"]["speedup_vs_sdpa"] for r in conftest.RESULTS}
+    document = records.add_ratios([dict(r, ratios={}) for r in conftest.RESULTS])
+    assert timed_with["sdpa"] == timed_with["triton-shrink90"]
+    assert {r["provider"]: r["ratios"]["speedup_vs_sdpa"] for r in document} == in_group
