@@ -47,7 +47,7 @@ if DRY:  # Triton reads this when its kernels are first imported, below
 import torch  # noqa: E402
 
 import dsc_kernels.functional as DF  # noqa: E402
-from dsc_kernels.experiments import speed  # noqa: E402
+from dsc_kernels.experiments import records, speed  # noqa: E402
 from dsc_kernels.triton import conv_ista as tci  # noqa: E402
 from dsc_kernels.triton.conv_ista import backward as tci_backward  # noqa: E402
 from dsc_kernels.triton.conv_ista import forward as tci_forward  # noqa: E402
@@ -286,7 +286,9 @@ def main() -> int:
         schema="dsc_kernels.gpu-tune",
         device=torch.cuda.get_device_name() if not DRY else "cpu (interpreter)",
         torch=torch.__version__,
-        commit=os.environ.get("DSC_GIT_COMMIT", ""),
+        # as gpu-check's run.json records them (DSC_GIT_COMMIT, else git): this file is committed beside it
+        commit=records._git_commit(),
+        source_hash=records.source_hash(),
         wrong_above=WRONG,
         variants={group: [name for name, _ in make()] for group, make in variants.items()},
         records=sweep.records,

@@ -33,6 +33,9 @@ def test_groups_past_the_budget_are_skipped_whole_and_the_files_still_written(tm
     """Every group's default used to run past the deadline (a first call that may compile, then timing), which could
     carry the sweep past the lease's limit; the files were written only at the end, so such a run kept nothing."""
     rehearse_gpu_script("gpu_tune.py", tmp_path, 300, DSC_GPU_TUNE_BUDGET_S="0")
-    records = json.loads((tmp_path / "tune.json").read_text())["records"]
+    doc = json.loads((tmp_path / "tune.json").read_text())
+    records = doc["records"]
     assert records and all(r["variant"] == "(group)" and r["status"] == "skipped: budget" for r in records)
+    # which code ran, as in gpu-check's run.json (the commit was "" unless DSC_GIT_COMMIT was set)
+    assert doc["commit"] not in ("", None) and doc["source_hash"]
     assert "skipped: budget" in (tmp_path / "tune.md").read_text()
