@@ -86,3 +86,41 @@ def test_the_next_lease_command_fits_the_device_tools_600_s_per_command():
     tune = re.search(r"DSC_GPU_TUNE_BUDGET_S=(\d+)[^\n]*bench/gpu_tune\.py", text)
     assert check and tune, "the next lease's command names both budgets"
     assert int(check[1]) + int(tune[1]) + 60 <= 600
+
+
+def test_the_bench_planner_still_sees_which_groups_the_warm_up_compiled(tmp_path, monkeypatch):
+    """gpu-check folded warm.log into gpu-check.log before the bench step, whose planner reads warm.log for the
+    groups whose compile caches are warm: it saw none, and estimated every compile group cold (45-70 s, not 15)."""
+    import sys
+    import time
+
+    gpu_check = _gpu_check()  # puts bench/ on sys.path
+    from gpu_check_children import _warmed
+
+    warm = tmp_path / "warm_child.py"  # the warm-up child, without its minutes of compilation
+    warm.write_text("import time\nprint('warmed deep-layer forward 1.0 s', flush=True)\ntime.sleep(60)\n")
+    seen = {}
+
+    def tests_step(out, log, timeout):
+        for _ in range(200):  # until the warm-up child has written its line
+            if "warmed" in (out / "warm.log").read_text():
+                break
+            time.sleep(0.05)
+        return {"status": "ok"}
+
+    def bench_step(out, log, timeout):
+        seen["warmed"] = _warmed(out)
+        return {"status": "ok"}
+
+    monkeypatch.setattr(gpu_check, "CHILDREN", warm)
+    monkeypatch.setattr(gpu_check, "step_tests", tests_step)
+    monkeypatch.setattr(gpu_check, "step_bench", bench_step)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py"])
+    monkeypatch.setenv("DSC_GPU_CHECK_OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("DSC_GPU_CHECK_STEPS", "tests,bench")
+    monkeypatch.setenv("DSC_GPU_CHECK_DRY_RUN", "1")
+    monkeypatch.delenv("DSC_GPU_CHECK_WARM", raising=False)
+    assert gpu_check.main() == 0
+    assert seen["warmed"] == {("deep-layer", "forward")}
+    out = tmp_path / "out"
+    assert not (out / "warm.log").exists() and "warmed deep-layer forward" in (out / "gpu-check.log").read_text()
