@@ -462,3 +462,22 @@ def test_float32_overflow_check_still_runs_under_grad_transforms():
     assert torch.isfinite(plain).all()
     torch.testing.assert_close(torch.func.vjp(f, q)[0], plain)
     torch.testing.assert_close(torch.func.jvp(f, (q,), (torch.zeros_like(q),))[0], plain)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_dropout_training_keeps_rows_finite_past_a_hidden_nan_value(backend):
+    # the training forward with dropout formed O = P v densely: 0 * NaN made every row NaN through a value it
+    # cannot see (padded, or causally later), where eval leaves those rows finite (the documented rule)
+    _skip_unless(backend)
+    m = SparseAttention(4, 2, dropout=0.3, backend=backend, **BF, **F64)
+    q, k, v = torch.randn(1, 3, 4, **F64), torch.randn(1, 4, 4, **F64), torch.randn(1, 4, 4, **F64)
+    v[0, 3, 1] = float("nan")
+    kpm = torch.tensor([[False, False, False, True]])
+    for causal, mask in ((False, kpm), (True, None)):  # causal: queries 0-2 never see key 3
+        for training in (True, False):
+            m.train(training)
+            assert torch.isfinite(m(q, k, v, key_padding_mask=mask, is_causal=causal)[0]).all()
+    # a non-finite value a query sees still makes its row NaN, whatever weight it has after dropout
+    m.train()
+    v[0, 3, 1] = float("inf")
+    assert torch.isnan(m(q, k, v)[0]).all()

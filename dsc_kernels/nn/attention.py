@@ -288,7 +288,7 @@ class SparseAttention(nn.Module):
             # backend asked for that cannot run here still raises, as in eval, rather than being silently skipped.
             DF.check_backend(self.backend, "sparse_attention", device=q.device, dtype=q.dtype)
             p = F.dropout(DF.sparse_attention_weights(q, k, **options), self.dropout, training=True)
-            o = torch.matmul(p, v)
+            o = self._dense_output(p, v, q, causal, key_padding_mask, attn_mask)
         else:
             o = DF.sparse_attention(q, k, v, backend=self.backend, **options)
             if need_weights:
@@ -301,6 +301,25 @@ class SparseAttention(nn.Module):
         if not self.batch_first:
             out = out.transpose(0, 1)
         return (out.squeeze(1 if not self.batch_first else 0) if unbatched else out), weights
+
+    @staticmethod
+    def _dense_output(
+        p: Tensor, v: Tensor, q: Tensor, causal: bool, key_padding_mask: Tensor | None, attn_mask: Tensor | None
+    ) -> Tensor:
+        """O = P v from a dense (dropped-out) map with the fused kernels' rule for non-finite values: a plain
+        ``p @ v`` made a query's row NaN through 0 * NaN from a value it cannot see (masked for it), where eval
+        leaves the row finite; a non-finite value it sees makes its row NaN, even at a weight of 0."""
+        n, m = p.shape[-2], p.shape[-1]
+        with torch.no_grad():
+            hidden = torch.ones(n, m, dtype=torch.bool, device=p.device).triu(1) if causal else None
+            bias = attention_args.score_bias(q, m, key_padding_mask, attn_mask)
+            if bias is not None:
+                hidden = bias == -math.inf if hidden is None else hidden | (bias == -math.inf)
+            bad_v = ~torch.isfinite(v).all(-1)  # (B, H, M)
+            seen_bad = bad_v.unsqueeze(-2) if hidden is None else bad_v.unsqueeze(-2) & ~hidden
+            nan_rows = seen_bad.any(-1, keepdim=True)  # (B, H, N, 1)
+        o = torch.matmul(p, v.masked_fill(bad_v.unsqueeze(-1), 0.0))
+        return o.masked_fill(nan_rows, math.nan)
 
     def _append_keys(
         self, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, attn_mask: Tensor | None, causal: bool, n: int
