@@ -481,3 +481,15 @@ def test_dropout_training_keeps_rows_finite_past_a_hidden_nan_value(backend):
     m.train()
     v[0, 3, 1] = float("inf")
     assert torch.isnan(m(q, k, v)[0]).all()
+
+
+def test_block_takes_an_empty_sequence():
+    # N = 0 raised conv_ista's "the signal has an empty spatial size (0,)", naming no argument of the block, while
+    # its attention (as nn.MultiheadAttention and nn.TransformerEncoderLayer) returns an empty sequence
+    block = SparseCodingTransformerBlock(6, 2, n_iter=2, **F64)
+    for shape in ((2, 0, 6), (0, 6)):
+        x = torch.randn(shape, **F64, requires_grad=True)
+        z = block(x)
+        assert z.shape == shape
+        z.sum().backward()
+        assert x.grad.shape == shape

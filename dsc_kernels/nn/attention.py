@@ -490,7 +490,17 @@ class SparseCodingTransformerBlock(nn.Module):
         )
         h = x + attended
         u = self.norm2(h).transpose(1, 2)
-        z = DF.conv_ista(
-            u, self.dictionary, self.lam, n_iter=self.n_iter, step=self.step, z0=u, nonneg=True, backend=self.backend
-        )
+        if u.shape[-1] == 0:  # no tokens (the attention takes them, as MHA): conv_ista refuses an empty signal
+            z = u.clamp(min=0)
+        else:
+            z = DF.conv_ista(
+                u,
+                self.dictionary,
+                self.lam,
+                n_iter=self.n_iter,
+                step=self.step,
+                z0=u,
+                nonneg=True,
+                backend=self.backend,
+            )
         return z.transpose(1, 2).squeeze(0) if unbatched else z.transpose(1, 2)
