@@ -253,3 +253,14 @@ def test_attention_gate_sees_a_provider_wrong_only_in_the_last_rows(backward, mo
         (1, 2, 320, 8), "cpu", ["reference", "cpp"], causal=True, backward=backward, rounds=1, warmup=0
     )
     assert [r["status"] for r in recs] == ["ok", "wrong"] and recs[1]["timing"] is None
+
+
+def test_untimed_records_are_listed_with_their_reason_only_when_they_have_one():
+    base = {"workload": "w", "mode": "fwd", "dtype": "float32", "timing": None}
+    lines = records.markdown_table(
+        [
+            {**base, "provider": "claim", "status": "ok"},
+            {**base, "provider": "cpp", "status": "wrong", "reason": "z off"},
+        ]
+    )
+    assert "- w fwd claim: ok" in lines and "- w fwd cpp: wrong (z off)" in lines

@@ -350,7 +350,10 @@ def markdown_table(results: Iterable[dict]) -> list[str]:
         lines += ["", "Not timed:", ""]
         for r in others:
             reason = (r.get("reason") or "").splitlines()[0][:160] if r.get("reason") else ""
-            lines.append(f"- {r['workload']} {r['mode']} {r['provider']}: {r['status']} ({reason})")
+            # convergence checks and sweep entries are "ok" with no timing and no reason: no empty "()"
+            lines.append(
+                f"- {r['workload']} {r['mode']} {r['provider']}: {r['status']}" + (f" ({reason})" if reason else "")
+            )
     return lines
 
 
