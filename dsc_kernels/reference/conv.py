@@ -251,7 +251,9 @@ def lasso_objective_ref(
     """Per-sample ``0.5 ||x - D z||^2 + sum_c lam_c ||z_c||_1``. lam: scalar or (C_code,). Returns (B,)."""
     residual = x - conv_synthesis_ref(z, weight, x.shape[2:], stride, padding)
     l1 = z.abs().flatten(2).sum(-1)  # (B, C_code)
-    lam = torch.as_tensor(lam, dtype=z.dtype, device=z.device)
+    # lam in value_dtype (float32 for half z), as eager reads a Python-float lam: cast to float16, a lam below 6.1e-5
+    # is subnormal, a few bits (1e-7 put float16 objectives 19% off)
+    lam = torch.as_tensor(lam, dtype=value_dtype(z.dtype), device=z.device)
     # The squares in a dtype of wider range (float16 in float32, bfloat16 and float32 in float64), the objective
     # rounded back: ||r||^2 is twice the objective, and a single square can be far more, so in x's own dtype a
     # float16 residual of 300 gave inf for an objective of 45,000 (bfloat16 and float32 from residuals of ~2e19).
