@@ -369,6 +369,22 @@ def test_ops_under_bfloat16_autocast_compute_what_they_compute_without_it(family
         torch.testing.assert_close(a, b.to(a.dtype), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
+def test_attention_weights_under_autocast_are_the_map_sparse_attention_applies(mode):
+    """sparse_attention_weights documents the P of sparse_attention with the same arguments (need_weights=True).
+    Inside autocast sparse_attention computes in float32 on the given values, but the weights followed autocast's
+    own rules: bfloat16 scores, a map 0.034 off the applied one with 4 entries of another support (64 x 64, d=32)."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 64, 32) * 2, torch.randn(1, 2, 64, 32) * 2
+    identity = torch.eye(64).expand(1, 2, 64, 64)  # O = P I = P
+    threshold = 0.1 if mode == "shrink" else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        applied = DF.sparse_attention(q, k, identity, mode=mode, threshold=threshold, backend="reference")
+        weights = DF.sparse_attention_weights(q, k, mode=mode, threshold=threshold)
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(weights, applied, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_layers_take_an_autocast_layers_half_precision_output(backend):
     """Under autocast a Conv2d before a sparse-coding layer gives bfloat16 codes to its float32 parameters, as it does
