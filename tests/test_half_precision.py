@@ -198,3 +198,10 @@ def test_a_float16_lasso_objective_keeps_a_small_lam_in_float32(lam, lam_as):
     eager = (lam * l1).sum(-1).half()
     exact = (lam * l1.double()).sum(-1)  # x = D z = 0: the objective is the l1 term alone
     assert_close_by_rule(DF.lasso_objective(x, z, w, given), exact, eager, name="objective")
+
+
+def test_a_float16_lasso_objective_whose_l1_norm_overflows_float16_is_finite():
+    """||z_c||_1 was summed in float16: 1024 codes of 100 in a channel gave inf, where the objective is 20,480."""
+    z = torch.full((1, 2, 32, 32), 100.0, dtype=torch.float16)
+    x, w = torch.zeros(1, 1, 34, 34, dtype=torch.float16), torch.zeros(2, 1, 3, 3, dtype=torch.float16)
+    assert DF.lasso_objective(x, z, w, 0.1).tolist() == [20480.0]

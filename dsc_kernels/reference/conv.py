@@ -250,7 +250,9 @@ def lasso_objective_ref(
 ) -> torch.Tensor:
     """Per-sample ``0.5 ||x - D z||^2 + sum_c lam_c ||z_c||_1``. lam: scalar or (C_code,). Returns (B,)."""
     residual = x - conv_synthesis_ref(z, weight, x.shape[2:], stride, padding)
-    l1 = z.abs().flatten(2).sum(-1)  # (B, C_code)
+    # (B, C_code), summed in value_dtype: 1024 float16 codes of 100 in one channel summed to inf, where lam = 0.1
+    # makes that channel's term 10,240
+    l1 = z.abs().flatten(2).sum(-1, dtype=value_dtype(z.dtype))
     # lam in value_dtype (float32 for half z), as eager reads a Python-float lam: cast to float16, a lam below 6.1e-5
     # is subnormal, a few bits (1e-7 put float16 objectives 19% off)
     lam = torch.as_tensor(lam, dtype=value_dtype(z.dtype), device=z.device)
