@@ -483,6 +483,27 @@ def test_dropout_training_keeps_rows_finite_past_a_hidden_nan_value(backend):
     assert torch.isnan(m(q, k, v)[0]).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_dropout_training_gradients_stay_finite_past_a_nan_query(backend):
+    # a NaN query makes its map row NaN; the dense training path's O = P v then gave dv = P^T g = 0 * NaN for every
+    # key, so every key and value gradient was NaN, where the fused path passes such a row no gradient
+    _skip_unless(backend)
+    torch.manual_seed(0)
+    m = SparseAttention(4, 2, backend=backend, **BF, **F64).train()
+    q, k, v = (torch.randn(1, 3, 4, **F64, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        q[0, 1, 0] = float("nan")
+    grads = []
+    for dropout in (0.0, 1e-300):  # fused, then dense with nothing dropped
+        m.dropout = dropout
+        out = m(q, k, v, need_weights=False)[0]
+        assert torch.isnan(out[0, 1]).all() and torch.isfinite(out[0, [0, 2]]).all()
+        grads.append(torch.autograd.grad(out[0, [0, 2]].sum(), (q, k, v)))
+    for fused, dense in zip(*grads):
+        assert torch.isfinite(fused).all()
+        torch.testing.assert_close(dense, fused)
+
+
 def test_block_takes_an_empty_sequence():
     # N = 0 raised conv_ista's "the signal has an empty spatial size (0,)", naming no argument of the block, while
     # its attention (as nn.MultiheadAttention and nn.TransformerEncoderLayer) returns an empty sequence

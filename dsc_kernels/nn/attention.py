@@ -317,8 +317,12 @@ class SparseAttention(nn.Module):
                 hidden = bias == -math.inf if hidden is None else hidden | (bias == -math.inf)
             bad_v = ~torch.isfinite(v).all(-1)  # (B, H, M)
             seen_bad = bad_v.unsqueeze(-2) if hidden is None else bad_v.unsqueeze(-2) & ~hidden
-            nan_rows = seen_bad.any(-1, keepdim=True)  # (B, H, N, 1)
-        o = torch.matmul(p, v.masked_fill(bad_v.unsqueeze(-1), 0.0))
+            # a NaN row of the map (q_i, a key it sees or a score NaN) is zeroed for the product and NaN after it:
+            # left in, dv = P^T g took 0 * NaN from it and made every key's value gradient NaN, where the fused
+            # backward passes such a row no gradient
+            nan_p = torch.isnan(p).any(-1, keepdim=True)
+            nan_rows = seen_bad.any(-1, keepdim=True) | nan_p  # (B, H, N, 1)
+        o = torch.matmul(p.masked_fill(nan_p, 0.0), v.masked_fill(bad_v.unsqueeze(-1), 0.0))
         return o.masked_fill(nan_rows, math.nan)
 
     def _append_keys(
