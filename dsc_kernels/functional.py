@@ -669,11 +669,17 @@ def sparse_attention(
         q, k, v, mode=mode, threshold=threshold, causal=causal, scale=scale
     )
     bias = attention_args.score_bias(q, k.shape[2], key_padding_mask, attn_mask)
+    row = _sparse_attention_row(backend, q, k, v, threshold, bias)
+    return sparse_attention_ops.run(row, q, k, v, threshold, bias, mode, causal, scale)
+
+
+def _sparse_attention_row(backend: str, q: Tensor, k: Tensor, v: Tensor, threshold: Tensor, bias: Tensor | None):
+    """The backend row that runs this ``sparse_attention`` call (or its error): also what SparseAttention's dense
+    dropout path checks, so that it refuses what the call would refuse."""
     features = ("mask_grad",) if bias is not None and check.requires_grad(bias) and torch.is_grad_enabled() else ()
     if max(q.shape[-1], v.shape[-1]) > attention_args.MAX_FUSED_HEAD_DIM:
         features += ("wide_head",)
-    row = ops.select("sparse_attention", backend, q.device, q.dtype, features, inputs=(q, k, v, threshold, bias))
-    return sparse_attention_ops.run(row, q, k, v, threshold, bias, mode, causal, scale)
+    return ops.select("sparse_attention", backend, q.device, q.dtype, features, inputs=(q, k, v, threshold, bias))
 
 
 def sparse_attention_weights(

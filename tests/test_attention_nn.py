@@ -504,6 +504,20 @@ def test_dropout_training_gradients_stay_finite_past_a_nan_query(backend):
         torch.testing.assert_close(dense, fused)
 
 
+def test_dropout_training_refuses_a_grad_mask_on_an_explicit_fused_backend():
+    # eval (and dropout 0) raise for a float mask that requires grad on backend="cpp"; the training forward with
+    # dropout checked the backend from the device and dtype alone and ran, so the error came only at eval
+    _skip_unless("cpp")
+    m = SparseAttention(4, 2, dropout=0.3, backend="cpp", **BF, **F64)
+    x = torch.randn(1, 3, 4, **F64)
+    bias = torch.zeros(3, 3, **F64, requires_grad=True)
+    for training in (False, True):
+        m.train(training)
+        with pytest.raises(ValueError, match="mask_grad"):
+            m(x, x, x, attn_mask=bias)
+    m(x, x, x, attn_mask=bias.detach())  # a constant float mask still runs
+
+
 def test_block_takes_an_empty_sequence():
     # N = 0 raised conv_ista's "the signal has an empty spatial size (0,)", naming no argument of the block, while
     # its attention (as nn.MultiheadAttention and nn.TransformerEncoderLayer) returns an empty sequence

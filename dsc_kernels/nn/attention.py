@@ -285,8 +285,13 @@ class SparseAttention(nn.Module):
         p = None
         if self.training and self.dropout > 0.0:
             # MHA's dropout: on the attention weights, which the fused kernels never form, so densely here. A
-            # backend asked for that cannot run here still raises, as in eval, rather than being silently skipped.
-            DF.check_backend(self.backend, "sparse_attention", device=q.device, dtype=q.dtype)
+            # backend asked for that cannot run this call still raises, as in eval, rather than being silently
+            # skipped (a float mask that requires grad included: the device and dtype alone let cpp through).
+            threshold, _ = attention_args.attention_inputs(
+                q, k, v, mode=self.mode, threshold=self.threshold, causal=causal, scale=None
+            )
+            bias = attention_args.score_bias(q, k.shape[2], key_padding_mask, attn_mask)
+            DF._sparse_attention_row(self.backend, q, k, v, threshold, bias)
             p = F.dropout(DF.sparse_attention_weights(q, k, **options), self.dropout, training=True)
             o = self._dense_output(p, v, q, causal, key_padding_mask, attn_mask)
         else:
