@@ -920,3 +920,22 @@ def test_functional_call_in_training_mode_gives_the_module_its_own_step_back(hel
     assert torch.equal(layer.state_dict()["step"], step)
     torch.func.functional_call(layer, {"weight": substitutes[0]}, (x,))
     assert torch.equal(layer(x), want) and torch.equal(layer.step, step)
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.SGD])
+def test_an_eval_forward_after_a_fused_optimiser_step_re_estimates_the_step(optimizer):
+    """torch.optim's fused steps write the weight without bumping its version counter: the eval forward after one
+    ran with the previous weight's step (4.8x its 1/L after one Adam step at lr 0.5, ISTA diverging), and
+    state_dict saved that step."""
+    torch.manual_seed(0)
+    layer = ConvSparseCoding1d(4, 16, 7, n_iter=4, dtype=torch.float64)
+    x = torch.randn(2, 4, 13, dtype=torch.float64)
+    layer.eval()(x)
+    opt = optimizer(layer.parameters(), lr=0.5, fused=True)
+    ((layer.train()(x) ** 2).sum() + (layer.weight**2).sum()).backward()
+    opt.step()
+    saved = layer.state_dict()["step"]
+    layer.eval()(x)
+    atoms = torch.fft.rfft(layer.weight.detach(), n=1024, dim=2).permute(2, 1, 0)  # (frequency, C_sig, C_code)
+    want = torch.linalg.matrix_norm(atoms, ord=2).max() ** -2  # 1/L of infinite signals: a tracked L is <= 1% below
+    assert torch.allclose(layer.step, want, rtol=0.02) and torch.allclose(saved, want, rtol=0.02)
