@@ -939,3 +939,17 @@ def test_an_eval_forward_after_a_fused_optimiser_step_re_estimates_the_step(opti
     atoms = torch.fft.rfft(layer.weight.detach(), n=1024, dim=2).permute(2, 1, 0)  # (frequency, C_sig, C_code)
     want = torch.linalg.matrix_norm(atoms, ord=2).max() ** -2  # 1/L of infinite signals: a tracked L is <= 1% below
     assert torch.allclose(layer.step, want, rtol=0.02) and torch.allclose(saved, want, rtol=0.02)
+
+
+@pytest.mark.parametrize("modes", [(False, False), (True, False), (False, True)])
+def test_successive_functional_calls_in_eval_mode_give_the_module_its_own_step_back(modes):
+    """An eval forward on a second substitute in a row overwrote the module's own step kept by the first: its
+    state_dict then saved a re-estimate 0.1% off its step, and its next eval forward ran with a cold one."""
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(16, 16, 3, n_iter=3, backend="reference", dtype=torch.float64).eval()
+    x = torch.randn(2, 16, 12, 12, dtype=torch.float64)
+    want, step = layer(x), layer.step.clone()
+    for training in modes:
+        torch.func.functional_call(layer.train(training), {"weight": torch.randn_like(layer.weight)}, (x,))
+    assert torch.equal(layer.state_dict()["step"], step)
+    assert torch.equal(layer.eval()(x), want) and torch.equal(layer.step, step)
