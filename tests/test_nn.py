@@ -953,3 +953,20 @@ def test_successive_functional_calls_in_eval_mode_give_the_module_its_own_step_b
         torch.func.functional_call(layer.train(training), {"weight": torch.randn_like(layer.weight)}, (x,))
     assert torch.equal(layer.state_dict()["step"], step)
     assert torch.equal(layer.eval()(x), want) and torch.equal(layer.step, step)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_a_new_weight_gets_its_own_step_back_after_functional_call(training):
+    """A step kept for the old weight (alive, say in an optimiser, and unchanged) stood for the module's own weight
+    after a new nn.Parameter was assigned: a functional_call then kept the old one's instead, and the new weight got
+    a re-estimate back (step 3e-4 off in training, its state_dict 0.09% off in eval; 16 -> 16 channels)."""
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(16, 16, 3, n_iter=3, backend="reference", dtype=torch.float64)
+    x = torch.randn(2, 16, 12, 12, dtype=torch.float64)
+    old = layer.weight
+    torch.func.functional_call(layer, {"weight": torch.randn_like(old)}, (x,))
+    layer.weight = torch.nn.Parameter(torch.randn_like(old))
+    want, step = layer.train(training)(x), layer.step.clone()
+    torch.func.functional_call(layer, {"weight": torch.randn_like(old)}, (x,))
+    assert torch.equal(layer.state_dict()["step"], step)
+    assert torch.equal(layer(x), want) and torch.equal(layer.step, step)

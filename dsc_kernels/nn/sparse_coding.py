@@ -456,6 +456,7 @@ class _ConvSparseCoding(_projection.Projected):
         state["_step_source"] = _UP_TO_DATE if not self._step_is_stale() else None
         state.pop("_previous_step", None)
         state.pop("_kept_step", None)
+        state.pop("_assigned_weight", None)
         state.pop("_checkpoint_step_cache", None)  # weak references to this module's tensors
         return state
 
@@ -478,6 +479,7 @@ class _ConvSparseCoding(_projection.Projected):
         up_to_date = not self._step_is_stale()
         self.__dict__.pop("_previous_step", None)
         self.__dict__.pop("_kept_step", None)
+        self.__dict__.pop("_assigned_weight", None)
         self.__dict__.pop("_checkpoint_step_cache", None)
         apply_keeping_fixed_values_wide(self, ("step", self._threshold_name), super()._apply, fn, recurse)
         if up_to_date:
@@ -580,10 +582,23 @@ class _ConvSparseCoding(_projection.Projected):
         source = getattr(self, "_step_source", None)
         if not isinstance(source, tuple) or all(r() is t for r, t in zip(source[0], self._weight_tensors())):
             return
+        assigned = self.__dict__.pop("_assigned_weight", None)
+        if assigned is not None and assigned() is self.weight:
+            return  # the module's own new weight (register_parameter), no substitute: nothing of it to keep yet
         previous = self.__dict__.get("_previous_step")
         if previous is not None and previous is self.__dict__.get("_kept_step") and _unchanged(previous[0]):
             return
         self._previous_step = self._kept_step = (source, self.step.detach().clone(), self._power_vector.clone())
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        # A new weight assigned by the user (functional_call writes its substitutes into _parameters directly): the
+        # step kept for the old one no longer stands for the module's own weight. While it was kept (that weight
+        # alive and unchanged), a functional_call after the new weight's forwards kept the old one's instead of
+        # the new one's, and the new weight never got its step back.
+        if name == "weight" and "_step_source" in self.__dict__ and isinstance(param, Tensor):
+            self.__dict__.pop("_kept_step", None)
+            self._assigned_weight = weakref.ref(param)
+        super().register_parameter(name, param)
 
     def _weight_changed(self) -> Tensor:
         """Whether the weight's values differ from those the step was estimated from: a 0-dim bool on the device."""
