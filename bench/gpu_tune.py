@@ -287,7 +287,7 @@ def main() -> int:
         device=torch.cuda.get_device_name() if not DRY else "cpu (interpreter)",
         torch=torch.__version__,
         # as gpu-check's run.json records them (DSC_GIT_COMMIT, else git): this file is committed beside it
-        commit=records._git_commit(),
+        commit=records.git_commit(),
         source_hash=records.source_hash(),
         wrong_above=WRONG,
         variants={group: [name for name, _ in make()] for group, make in variants.items()},

@@ -76,7 +76,7 @@ CSV_COLUMNS = [
 ]
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     if os.environ.get("DSC_GIT_COMMIT"):
         return os.environ["DSC_GIT_COMMIT"]
     try:
@@ -146,7 +146,7 @@ def environment(device: torch.device | str) -> dict:
     import numpy
 
     env = dict(
-        commit=_git_commit(),
+        commit=git_commit(),
         source_hash=source_hash(),
         python=platform.python_version(),
         platform=platform.platform(),

@@ -28,7 +28,7 @@ _hook_handles: tuple | None = None
 
 def register(module: nn.Module) -> None:
     """Project ``module.constraints()`` after every optimiser step that updates them (and before each closure
-    evaluation inside one)."""
+    evaluation inside one), then call ``module.after_optimizer_step``."""
     global _hook_handles
     _LAYERS.add(module)
     if _hook_handles is None:
@@ -38,8 +38,12 @@ def register(module: nn.Module) -> None:
         )
 
 
-def _project_parameters_of(optimizer: torch.optim.Optimizer) -> None:
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
+def _stepped(optimizer: torch.optim.Optimizer) -> set[int]:
+    """The ids of the parameters ``optimizer`` updates."""
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def _project_parameters(stepped: set[int]) -> None:
     for layer in list(_LAYERS):
         for param, lower, upper in layer.constraints():
             if id(param) in stepped:
@@ -53,7 +57,7 @@ def _wrap_closure(optimizer: torch.optim.Optimizer, args, kwargs):
         return None
 
     def projected_closure():
-        _project_parameters_of(optimizer)
+        _project_parameters(_stepped(optimizer))
         return closure()
 
     if len(args) > 1:
@@ -62,7 +66,10 @@ def _wrap_closure(optimizer: torch.optim.Optimizer, args, kwargs):
 
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    _project_parameters_of(optimizer)
+    stepped = _stepped(optimizer)
+    _project_parameters(stepped)
+    for layer in list(_LAYERS):
+        layer.after_optimizer_step(stepped)
 
 
 @torch.no_grad()
@@ -88,14 +95,21 @@ def project_(module: nn.Module) -> nn.Module:
 
 class Projected(nn.Module):
     """Base of modules with constrained parameters: ``constraints()`` lists (parameter, lower, upper) bounds, None
-    for an open side."""
+    for an open side. A module that must also hear of optimiser steps (``needs_step_notice``) gets
+    ``after_optimizer_step`` called after each."""
+
+    needs_step_notice = False
 
     def constraints(self) -> list[tuple[torch.Tensor, float | None, float | None]]:
         return []
 
+    def after_optimizer_step(self, stepped: set[int]) -> None:
+        """After a ``torch.optim`` step, its constrained parameters projected: ``stepped`` holds the ids of the
+        parameters it updated."""
+
     def register_projection(self) -> None:
         """Call once the parameters exist; copies (deepcopy, pickle) register themselves again."""
-        if self.constraints():
+        if self.constraints() or self.needs_step_notice:
             register(self)
 
     def __setstate__(self, state) -> None:

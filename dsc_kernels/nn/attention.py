@@ -293,7 +293,7 @@ class SparseAttention(nn.Module):
             bias = attention_args.score_bias(q, k.shape[2], key_padding_mask, attn_mask)
             DF._sparse_attention_row(self.backend, q, k, v, threshold, bias)
             p = F.dropout(DF.sparse_attention_weights(q, k, **options), self.dropout, training=True)
-            o = self._dense_output(p, v, q, causal, key_padding_mask, attn_mask)
+            o = self._dense_output(p, v, causal, bias)
         else:
             o = DF.sparse_attention(q, k, v, backend=self.backend, **options)
             if need_weights:
@@ -308,16 +308,14 @@ class SparseAttention(nn.Module):
         return (out.squeeze(1 if not self.batch_first else 0) if unbatched else out), weights
 
     @staticmethod
-    def _dense_output(
-        p: Tensor, v: Tensor, q: Tensor, causal: bool, key_padding_mask: Tensor | None, attn_mask: Tensor | None
-    ) -> Tensor:
+    def _dense_output(p: Tensor, v: Tensor, causal: bool, bias: Tensor | None) -> Tensor:
         """O = P v from a dense (dropped-out) map with the fused kernels' rule for non-finite values: a plain
         ``p @ v`` made a query's row NaN through 0 * NaN from a value it cannot see (masked for it), where eval
-        leaves the row finite; a non-finite value it sees makes its row NaN, even at a weight of 0."""
+        leaves the row finite; a non-finite value it sees makes its row NaN, even at a weight of 0. bias: the
+        masks' score bias (``attention_args.score_bias``), -inf where a key is hidden."""
         n, m = p.shape[-2], p.shape[-1]
         with torch.no_grad():
             hidden = torch.ones(n, m, dtype=torch.bool, device=p.device).triu(1) if causal else None
-            bias = attention_args.score_bias(q, m, key_padding_mask, attn_mask)
             if bias is not None:
                 hidden = bias == -math.inf if hidden is None else hidden | (bias == -math.inf)
             bad_v = ~torch.isfinite(v).all(-1)  # (B, H, M)

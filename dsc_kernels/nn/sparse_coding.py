@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .. import _validate as check
 from .. import _warnings
@@ -215,8 +214,6 @@ class _ConvSparseCoding(_projection.Projected):
         self.register_load_state_dict_pre_hook(_before_load)
         self.register_load_state_dict_post_hook(_after_load)
         self.register_projection()
-        if self._track_step:
-            _track(self)
         if not self.weight.is_meta:
             self.reset_parameters()
 
@@ -266,6 +263,18 @@ class _ConvSparseCoding(_projection.Projected):
         if isinstance(self.step, nn.Parameter):
             out.append((self.step, getattr(self, "_step_floor", 0.0), None))
         return out
+
+    @property
+    def needs_step_notice(self) -> bool:
+        return self._track_step
+
+    def after_optimizer_step(self, stepped: set[int]) -> None:
+        # torch.optim's fused steps (fused=True, torch 2.13 on the CPU) write the parameters without bumping their
+        # version counters, so an eval forward after one ran with the previous weight's step (4.8x its 1/L after one
+        # Adam step at lr 0.5 on 4 -> 16 channels: ISTA diverged silently), and state_dict saved it
+        tensors = [t for t in self._weight_tensors() if id(t) in stepped and not t.is_inference()]
+        if tensors:
+            torch.autograd.graph.increment_version(tensors)
 
     def _power_steps(self, cold: bool) -> int:
         """Power iterations of an estimate: one where each frequency's matrix has rank 1 (a closed form, which needs
@@ -340,13 +349,7 @@ class _ConvSparseCoding(_projection.Projected):
         """Where the tensors ``weight`` is made of live and their version counters: every in-place change through
         torch (an optimiser step, edits under ``torch.no_grad()``, ``load_state_dict``) bumps a counter, and
         assigning new data moves it. None when one cannot be read (an inference tensor keeps no version counter)."""
-        tensors = self._weight_tensors()
-        if any(check.storageless(t) or t.is_inference() for t in tensors):
-            return None
-        try:
-            return tuple((t.data_ptr(), t._version) for t in tensors)
-        except RuntimeError:  # torch.func's wrapped tensors (grad, vmap) have no storage: unreadable, as compiled
-            return None
+        return _tensor_state(self._weight_tensors())
 
     def _weight_tensors(self) -> list[Tensor]:
         """``weight`` itself, or for a parametrized one every tensor its parametrization holds: the originals
@@ -462,8 +465,6 @@ class _ConvSparseCoding(_projection.Projected):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        if self._track_step:
-            _track(self)
         if "_estimated_weight" not in self._buffers:  # pickled before the buffer existed: its step stands as saved
             self.register_buffer("_estimated_weight", self.weight.detach().clone(), persistent=False)
         grid = spectrum.periodic_grid(self.kernel_size, self.stride)
@@ -675,38 +676,22 @@ class _ConvSparseCoding(_projection.Projected):
         return ", ".join(options + [f"backend={self.backend!r}"])
 
 
-# Layers with a tracked step. torch.optim's fused steps (fused=True, torch 2.13 on the CPU) write the parameters
-# without bumping their version counters, so an eval forward after one ran with the previous weight's step (4.8x
-# its 1/L after one Adam step at lr 0.5 on 4 -> 16 channels: ISTA diverged silently), and state_dict saved it.
-_TRACKED: weakref.WeakSet = weakref.WeakSet()
-_optimizer_hook = None
-
-
-def _track(layer: _ConvSparseCoding) -> None:
-    global _optimizer_hook
-    _TRACKED.add(layer)
-    if _optimizer_hook is None:
-        _optimizer_hook = register_optimizer_step_post_hook(_mark_stepped_weights)
-
-
-def _mark_stepped_weights(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for layer in list(_TRACKED):
-        tensors = [t for t in layer._weight_tensors() if id(t) in stepped and not t.is_inference()]
-        if tensors:
-            torch.autograd.graph.increment_version(tensors)
+def _tensor_state(tensors: list[Tensor]) -> tuple[tuple[int, int], ...] | None:
+    """Where ``tensors`` live and their version counters; None when one cannot be read (storageless, an inference
+    tensor, or torch.func's wrapped tensors)."""
+    if any(check.storageless(t) or t.is_inference() for t in tensors):
+        return None
+    try:
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+    except RuntimeError:  # torch.func's wrapped tensors (grad, vmap) have no storage: unreadable, as compiled
+        return None
 
 
 def _unchanged(source: tuple) -> bool:
     """Whether the tensors of a step source are alive and as they were (same storage and version)."""
     refs, state = source
     tensors = [r() for r in refs]
-    if any(t is None for t in tensors):
-        return False
-    try:
-        return tuple((t.data_ptr(), t._version) for t in tensors) == state
-    except RuntimeError:
-        return False
+    return all(t is not None for t in tensors) and _tensor_state(tensors) == state
 
 
 def _fixed_value(name: str, value: Tensor) -> str:

@@ -6,7 +6,7 @@ ops on first use.
 """
 
 from . import table
-from .registry import OpPair
+from .registry import OpPair, in_float32_under_autocast
 from .selection import FAMILY_MODULES, available, backend_name, select, unavailable_reason
 
 
@@ -16,4 +16,13 @@ def op_pair(family: str, backend: str) -> OpPair:
     return FAMILY_MODULES[family].op_pair(backend)
 
 
-__all__ = ["table", "OpPair", "available", "backend_name", "select", "unavailable_reason", "op_pair"]
+__all__ = [
+    "table",
+    "OpPair",
+    "in_float32_under_autocast",
+    "available",
+    "backend_name",
+    "select",
+    "unavailable_reason",
+    "op_pair",
+]

@@ -110,11 +110,16 @@ def _no_double_backward(row: Backend) -> Callable:
 
 def run_eager(row: Backend, *args, **kwargs):
     """Call ``row.eager`` (the reference's differentiable eager function) under the fused ops' autocast rule
-    (``_compute_in_float32_under_autocast``): inside an autocast region for the inputs' device its float tensors
-    are taken in float32 (float64 stays) and it runs with autocast off, so every backend returns float32 there and
-    computes the same thing. Following autocast's own rules instead, the reference returned bfloat16 (its
-    convolutions lowered, its steps and thresholds applied to bfloat16 iterates) where cpp returned float32."""
-    implementation = traced_implementation(row.eager)
+    (``in_float32_under_autocast``), so that every backend returns float32 in an autocast region and computes the
+    same thing. Following autocast's own rules instead, the reference returned bfloat16 (its convolutions lowered,
+    its steps and thresholds applied to bfloat16 iterates) where cpp returned float32."""
+    return in_float32_under_autocast(traced_implementation(row.eager), *args, **kwargs)
+
+
+def in_float32_under_autocast(implementation, *args, **kwargs):
+    """``implementation(*args, **kwargs)`` under the fused ops' autocast rule (``_compute_in_float32_under_autocast``):
+    inside an autocast region for the inputs' device its float tensors are taken in float32 (float64 stays) and it
+    runs with autocast off."""
     device = next(t.device for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
     if not autocasting(device):
         return implementation(*args, **kwargs)
