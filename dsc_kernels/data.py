@@ -211,8 +211,15 @@ def dictionary_chain(
     """Layers 1..J of a DSC model (padding 0), sized from the deepest code up: layer j's code is layer j+1's signal.
 
     Every weight has the same rank, and layer j's C_code is layer j+1's C_sig; strides: one per layer (default 1).
+    weights: a non-empty sequence of tensors (TypeError/ValueError otherwise).
     """
+    # A bare weight iterates as its rows: a (C, C, k, k) 2-D weight with C == k passed every check below as a
+    # silent C-layer 1-D chain.
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, Iterable):
+        raise TypeError(f"weights must be a sequence of weight tensors, one per layer, got {type(weights).__name__}")
     weights = list(weights)
+    if not weights:
+        raise ValueError("weights must hold at least one layer")  # [] was returned, code_size never checked
     for j, w in enumerate(weights):
         _check_weight(w)
         if w.dim() != weights[0].dim():

@@ -171,3 +171,15 @@ def test_real_data_loaders_are_in_the_data_module():
     assert D.photo(D.PHOTOS[0]).shape == (427, 640)
     with pytest.raises(AttributeError, match="no attribute 'load'"):
         _ = D.load
+
+
+def test_dictionary_chain_refuses_a_bare_weight_and_no_layers():
+    # a 2-D weight (3, 3, 3, 3) iterated as its rows: three (3, 3, 3) 1-D layers that passed every chain check
+    w = D.random_filters(3, 3, (3, 3), seed=0)
+    with pytest.raises(TypeError, match="weights must be a sequence"):
+        D.dictionary_chain(w, 5)
+    with pytest.raises(TypeError, match="weights"):
+        D.dictionary_chain(5, 5)
+    with pytest.raises(ValueError, match="weights must hold at least one layer"):
+        D.dictionary_chain([], 5)
+    assert [d.weight.shape for d in D.dictionary_chain((w,), 5)] == [w.shape]
