@@ -114,8 +114,10 @@ def _seed(seed: object) -> int:
 def barker_filter(length: int = 13, ndim: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Unit-norm Barker code, (1, 1, k) or its outer product (1, 1, k, k); coherence 1/length at stride 1.
 
-    ndim 1 or 2 and a floating dtype (ValueError/TypeError otherwise)."""
-    if isinstance(length, bool) or length not in BARKER:
+    length an int (Python, numpy or 0-d tensor), ndim 1 or 2 and a floating dtype (ValueError/TypeError otherwise)."""
+    # the dict lookup took 13.0 for 13 and refused torch.tensor(13) as "not a Barker length"
+    length = check.count("length", length, 1)
+    if length not in BARKER:
         raise ValueError(f"Barker codes exist for lengths {sorted(BARKER)}, got {length!r}")
     ndim, dtype = _ndim(ndim), _float_dtype(dtype)
     b = torch.tensor(BARKER[length], dtype=dtype)
@@ -248,6 +250,8 @@ def synthesize(z: torch.Tensor, d: ConvDictionary) -> torch.Tensor:
     gives exactly the signal size."""
     if not isinstance(z, torch.Tensor) or not z.is_floating_point():
         raise TypeError(f"z must be a floating-point torch.Tensor, got {getattr(z, 'dtype', type(z).__name__)}")
+    if not isinstance(d, ConvDictionary):  # a raw weight failed with "'Tensor' object has no attribute 'weight'"
+        raise TypeError(f"d must be a ConvDictionary (see conv_dictionary), got {type(d).__name__}")
     want = (d.weight.shape[0], *d.code_size)
     if z.dim() != d.ndim + 2 or tuple(z.shape[1:]) != want:
         raise ValueError(f"z must be (B, {', '.join(map(str, want))}) for this dictionary, got {tuple(z.shape)}")

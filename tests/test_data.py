@@ -183,3 +183,18 @@ def test_dictionary_chain_refuses_a_bare_weight_and_no_layers():
     with pytest.raises(ValueError, match="weights must hold at least one layer"):
         D.dictionary_chain([], 5)
     assert [d.weight.shape for d in D.dictionary_chain((w,), 5)] == [w.shape]
+
+
+def test_synthesize_and_barker_filter_argument_types():
+    import numpy as np
+
+    w = D.barker_filter(5)
+    with pytest.raises(TypeError, match="d must be a ConvDictionary"):
+        D.synthesize(torch.zeros(1, 1, 6, dtype=torch.float64), w)  # was AttributeError: no attribute 'weight'
+    for length in (13.0, True):  # 13.0 was taken as 13; True was "not a Barker length"
+        with pytest.raises(TypeError, match="length must be an int"):
+            D.barker_filter(length)
+    for length in (np.int64(13), torch.tensor(13)):  # the tensor was refused as "not a Barker length"
+        assert torch.equal(D.barker_filter(length), D.barker_filter(13))
+    with pytest.raises(ValueError, match="Barker codes exist"):
+        D.barker_filter(6)
