@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -424,3 +425,11 @@ def test_dct_ista_denoises_each_image_of_a_batch_on_its_own():
     torch.testing.assert_close(batch, alone)  # one mean over the batch shifted each image by the other's
     with pytest.raises(ValueError, match=r"noisy must be gray images \(B, 1, H, W\)"):
         denoise.dct_ista(torch.rand(1, 3, 24, 24), 0.04)
+
+
+@pytest.mark.parametrize("loader", [lambda: data.digits(0), lambda: data.photo("china")])
+def test_real_data_loaders_name_the_extra_when_scikit_learn_is_missing(loader, monkeypatch):
+    # digits imported sklearn.model_selection before the check that names the extra: a bare "No module named"
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # what an import of a package that is not installed meets
+    with pytest.raises(ImportError, match=r"pip install 'dsc_kernels\[train\]'"):
+        loader()

@@ -24,11 +24,11 @@ def digits(seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """scikit-learn's 8x8 digits as (B, 1, 8, 8) float32 in [0, 1] (pixels / 16) with int64 labels, split exactly
     ``train_test_split(images, target, test_size=0.25, stratify=target, random_state=seed)``.
     Returns x_train, y_train, x_test, y_test. ``seed`` is an int in [0, 2**32) (``_args.SEED_RANGE``)."""
+    seed = _args.seed(seed)  # None would be an unreproducible split, True the split of seed 1
+    # _sklearn_datasets first: it says which extra to install, a bare sklearn import did not
+    data = _sklearn_datasets().load_digits()
     from sklearn.model_selection import train_test_split
 
-    seed = _args.seed(seed)  # None would be an unreproducible split, True the split of seed 1
-
-    data = _sklearn_datasets().load_digits()
     images = (data.images / 16.0).astype(np.float32)
     x_tr, x_te, y_tr, y_te = train_test_split(
         images, data.target, test_size=0.25, stratify=data.target, random_state=seed
