@@ -132,6 +132,44 @@ def test_a_wrong_provider_is_never_timed(mode, monkeypatch):
     assert not all(c["ok"] for c in recs["cpp"]["check"])
 
 
+class _MirroredGradOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z):
+        return z.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.flip(-1)
+
+
+def test_the_gate_sees_a_backward_that_reads_grad_output_at_the_wrong_positions(monkeypatch):
+    """The step was checked with the gradients of sum(z): under its all-ones cotangent a backward that reads
+    grad_output mirrored (a wrong stride or layout) gave exactly the right gradients and was timed."""
+    real = S.provider_fn
+
+    def provider_fn(provider, inputs):
+        fn = real("reference" if provider == "cpp" else provider, inputs)
+        if provider != "cpp":
+            return fn
+
+        def mirrored():
+            return _MirroredGradOutput.apply(fn())
+
+        mirrored.leaves = fn.leaves
+        return mirrored
+
+    monkeypatch.setattr(S, "provider_fn", provider_fn)
+    monkeypatch.setattr(S, "available_providers", lambda device: {p: None for p in S.PROVIDERS})
+    recs = {
+        r["provider"]: r
+        for r in S.measure_conv(
+            S.WORKLOADS["deep-layer"], "cpu", "forward_backward", ["reference", "cpp"], scale=0.125, rounds=1, warmup=0
+        )
+    }
+    assert recs["reference"]["status"] == "ok"
+    assert recs["cpp"]["status"] == "wrong" and recs["cpp"]["timing"] is None
+
+
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_the_yardstick_is_the_less_accurate_eager_layout(channels_last, monkeypatch):
     # As cuDNN on a GPU with TF32 allowed: channels_last off by 1e-3 relative, NCHW exact; a kernel at 1.5e-3 is

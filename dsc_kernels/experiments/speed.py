@@ -227,13 +227,17 @@ def _inference(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------------------ checking
 def _outputs(fn, mode: str) -> list[torch.Tensor]:
-    """What a provider computes in `mode`: [z] for the forward, [dL/dx, dL/dweight] (L = sum z) for a step."""
+    """What a provider computes in `mode`: [z] for the forward, [dL/dx, dL/dweight] (L = <z, G>, G a fixed random
+    cotangent) for a step."""
     if mode == "forward":
         with torch.no_grad():
             return [fn().detach()]
     x, w = fn.leaves
     z = fn()
-    return [g.detach() for g in torch.autograd.grad(z.sum(), (x, w))]
+    # not sum(z): its all-ones cotangent hides a backward that reads grad_output at the wrong positions (a mirrored
+    # grad_output passed the gate exactly, 1.37x off in l2 under a random one)
+    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return [t.detach() for t in torch.autograd.grad(z, (x, w), g.to(z.device, z.dtype))]
 
 
 def _eager_outputs(inputs: dict, mode: str, available: dict) -> list[list[torch.Tensor]]:
