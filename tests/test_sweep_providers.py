@@ -70,3 +70,28 @@ def test_memory_floor_is_what_a_training_step_allocates(name):
     z.sum().backward()
     held = z.numel() + sum(t.grad.numel() for t in (p["x"], p["weight"], p["encoder_weight"]) if t is not None)
     assert shape.floor_bytes() == 4 * held
+
+
+def test_the_check_refuses_nan_in_an_active_code_entry(monkeypatch):
+    """z's error is NaN when a provider puts NaN where the reference is active (no support flip, and the gradients
+    of z + c are untouched); "NaN > tolerance" is False, so the check passed it and the sweep timed it."""
+    real = SW.provider_fn
+
+    def provider_fn(provider, shape, p, *, recompute=False):
+        fn = real("reference" if provider == "cpp" else provider, shape, p, recompute=recompute)
+        if provider != "cpp":
+            return fn
+
+        def with_nan():
+            z = fn()
+            nan = torch.zeros_like(z)
+            nan.view(-1)[z.detach().flatten().nonzero()[0]] = float("nan")
+            return z + nan
+
+        with_nan.leaves = fn.leaves
+        return with_nan
+
+    monkeypatch.setattr(SW, "provider_fn", provider_fn)
+    shape = SW.SweepShape("tiny", (2, 2, 8, 8), (4, 2, 3, 3), padding=1, n_iter=3)
+    with pytest.raises(AssertionError, match="cpp differs from the reference"):
+        SW.check_against_reference(shape, ["cpp"])
