@@ -127,3 +127,21 @@ def test_the_float64_check_holds_the_gradients_to_1e_9(monkeypatch):
     shape = SW.SweepShape("tiny", (2, 2, 8, 8), (4, 2, 3, 3), padding=1, n_iter=3)
     with pytest.raises(AssertionError, match="in float64"):
         SW.check_against_reference(shape, ["cpp"])
+
+
+def test_compile_is_still_compiled_after_many_shapes(monkeypatch):
+    """The compile provider shares one Dynamo cache across the sweep's shapes: past the recompile limit (8 graphs,
+    about 3 shapes) Dynamo silently ran the reference eagerly and the sweep published eager's time as compile's.
+    (Dynamo's eager backend: the tracing, without Inductor's minutes.)"""
+    from torch._dynamo.utils import counters
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="eager", dynamic=kw.get("dynamic")))
+    monkeypatch.setattr(SW, "_COMPILED", {})
+    torch._dynamo.reset()
+    for i in range(4):
+        shape = SW.SweepShape(f"tiny{i}", (1, 1, 6 + i, 6 + i), (2, 1, 3, 3), padding=1, n_iter=2)
+        before = counters["stats"]["unique_graphs"]
+        SW.measure_shape(shape, ("reference", "compile"), rounds=1, memory=False)
+    assert counters["stats"]["unique_graphs"] > before  # the last shape was compiled, not run eagerly
+    torch._dynamo.reset()

@@ -309,6 +309,11 @@ def cpp_strategy(shape: SweepShape) -> str:
 def measure_shape(shape: SweepShape, providers: tuple[str, ...], *, rounds: int = 5, memory: bool = True) -> dict:
     """Check, time and measure every provider on one shape. Returns {"shape": ..., "results": {provider: {...}}}."""
     results: dict[str, dict] = {k: {} for k in providers}
+    if "compile" in providers:
+        # Dynamo keeps one cache per code object, shared by every shape: each shape adds ~3 graphs (float64 and
+        # float32 checks, no-grad forward), and past the recompile limit (8) Dynamo runs conv_ista_ref eagerly without
+        # an error, so from the third shape on "compile" timed eager
+        torch._dynamo.reset()
     for mode in ("forward", "forward_backward"):
         p = make_problem(shape, requires_grad=mode == "forward_backward")
         fns = {k: provider_fn(k, shape, p) for k in providers}
