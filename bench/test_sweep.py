@@ -30,12 +30,14 @@ def rows():
     torch.set_num_threads(int(os.environ.get("DSC_BENCH_THREADS", "2")))
     collected: list[dict] = []
     yield collected
+    # the machine is read before the threads are restored: its thread count is the one the rows were measured with
+    machine = SW.machine()
     torch.set_num_threads(threads)
     out = os.environ.get("DSC_BENCH_SWEEP_OUT")
     if out and collected:
         path = Path(out)
         path.mkdir(parents=True, exist_ok=True)
-        summary, machine = SW.summarize(collected), SW.machine()
+        summary = SW.summarize(collected)
         (path / "sweep.json").write_text(
             json.dumps({"machine": machine, "rows": collected, "summary": summary}, indent=1)
         )

@@ -145,3 +145,39 @@ def test_compile_is_still_compiled_after_many_shapes(monkeypatch):
         SW.measure_shape(shape, ("reference", "compile"), rounds=1, memory=False)
     assert counters["stats"]["unique_graphs"] > before  # the last shape was compiled, not run eagerly
     torch._dynamo.reset()
+
+
+def test_bench_sweep_files_name_the_thread_count_the_rows_were_measured_with(tmp_path, monkeypatch):
+    """bench/test_sweep.py measures with DSC_BENCH_THREADS threads, but read the machine (and so sweep.md's
+    "N threads" and sweep.json's machine.threads) after restoring the session's own count."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).parents[1] / "bench"
+    modules = {}
+    for name in ("conftest", "bench_test_sweep"):
+        file = bench / ("conftest.py" if name == "conftest" else "test_sweep.py")
+        spec = importlib.util.spec_from_file_location(name, file)
+        modules[name] = importlib.util.module_from_spec(spec)
+        if name == "conftest":  # bench/test_sweep.py imports bench's conftest by that name
+            monkeypatch.setitem(sys.modules, "conftest", modules[name])
+        spec.loader.exec_module(modules[name])
+    rows_fixture = modules["bench_test_sweep"].rows
+    rows = getattr(rows_fixture, "__pytest_wrapped__", None)
+    rows = rows.obj if rows is not None else rows_fixture.__wrapped__
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    monkeypatch.setenv("DSC_BENCH_THREADS", str(wanted))
+    monkeypatch.setenv("DSC_BENCH_SWEEP_OUT", str(tmp_path))
+    monkeypatch.setattr(SW, "summarize", lambda rows: {})
+    monkeypatch.setattr(SW, "markdown", lambda rows, summary, machine: f"{machine['threads']} threads\n")
+    monkeypatch.setattr(SW, "figure", lambda rows, path: None)
+    gen = rows()
+    next(gen).append({"results": {}})
+    with pytest.raises(StopIteration):
+        next(gen)
+    assert torch.get_num_threads() == before
+    assert json.loads((tmp_path / "sweep.json").read_text())["machine"]["threads"] == wanted
+    assert (tmp_path / "sweep.md").read_text() == f"{wanted} threads\n"
