@@ -355,6 +355,21 @@ def test_a_grid_axis_beyond_cudas_cap_is_a_clear_error(device, monkeypatch):
         _run(p, torch.float32, "triton", False)
 
 
+def test_a_forward_grid_axis_beyond_cudas_cap_is_a_clear_error(device, monkeypatch):
+    """The two-pass forward puts its channel blocks on grid axis 1 (cdiv(C, 128) > 65535 from ~8.4 million
+    channels; the cap is lowered here). Only the backward checked those grids, so a forward without backward, and a
+    training step's forward before its backward could check, reached the launch and its opaque CUDA error."""
+    from dsc_kernels.triton import conv_ista as tci
+    from dsc_kernels.triton.conv_ista import forward
+
+    p = _problem(batch=2, c_sig=16, c_code=16, device=device)
+    args, (stride, padding, nonneg, fista) = _canonical(p)
+    args = [a.float() for a in args]
+    monkeypatch.setattr(forward, "MAX_GRID_YZ", 0, raising=False)  # read by _Forward
+    with tci.strategy("two-pass"), pytest.raises(ValueError, match="programs on a grid axis"):
+        tci.conv_ista_fwd(*args, stride, padding, nonneg, fista, -1)
+
+
 @pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
 @pytest.mark.parametrize("forward", ["single-launch", "tiles", "two-pass"])
 def test_recompute_training_step_peaks_below_save_mode(forward, device, fista):

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from ...reference.conv import code_size
 from ...reference.conv_ista import fista_momentum
+from ..grid import MAX_GRID_YZ
 from ..launch import launch
 from .checks import _MAX_INDEX, _check_checkpoint, _check_inputs
 from .config import (
@@ -160,6 +161,13 @@ class _Forward:
             if max(self.synth_grid[0], self.analysis_grid[0]) >= _MAX_INDEX:
                 raise ValueError(
                     f"the triton conv-ISTA forward needs 2**31 or more programs for {g.B} items: split the batch"
+                )
+            # The channel blocks sit on grid axis 1, which CUDA caps (the backward checks the same grids; a forward
+            # alone, or a training step's forward, reached the launch and failed with an opaque CUDA error).
+            if max(self.synth_grid[1], self.analysis_grid[1]) > MAX_GRID_YZ:
+                raise ValueError(
+                    f"the triton conv-ISTA forward needs more than CUDA's {MAX_GRID_YZ} programs on a grid axis for "
+                    f"C_sig={g.C_sig}, C_code={g.C_code}: use backend='reference'"
                 )
             return
         cfg = fwd_config(g.C_sig, g.C_code, g.kh, g.kw)
