@@ -25,12 +25,14 @@ SCRIPT = textwrap.dedent("""
     from dsc_kernels.triton.launch import aot_compile
 
     # (b, h, n, m, d, dv, dtype, causal, with_bias): the GPU attn workload (4, 8, 4096, 64) in fp16, then the other
-    # tile configuration (head dim 128), padded head dims (24 -> 32, dv 40 -> 64) and the other dtypes.
+    # tile configuration (head dim 128), padded head dims (24 -> 32, dv 40 -> 64), the other dtypes, and fp32's
+    # 32-row tiles (head dims up to 32; every other fp32 problem here takes 16 rows).
     problems = [(4, 8, 4096, 4096, 64, None, torch.float16, True, False),
                 (4, 8, 4096, 4096, 64, None, torch.float16, False, True),
                 (2, 3, 129, 257, 128, None, torch.bfloat16, False, True),
                 (2, 3, 77, 50, 24, 40, torch.float32, True, False),
-                (1, 2, 64, 64, 64, None, torch.float32, False, True)]
+                (1, 2, 64, 64, 64, None, torch.float32, False, True),
+                (2, 3, 77, 50, 32, None, torch.float32, False, True)]
     specs = {}
     for b, h, n, k, d, dv, dtype, causal, bias in problems:
         for spec in m.aot_specializations(b, h, n, k, d, dv, dtype, causal=causal, with_bias=bias):
