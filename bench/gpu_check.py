@@ -8,7 +8,9 @@ needs no registry. Steps, each time-boxed (a failure or timeout is recorded and 
               every Triton kernel against the reference on odd shapes in fp32/fp16/bf16/TF32, opcheck, compile
     sanitize  the tiny cases of every Triton kernel once plain, then under compute-sanitizer
               memcheck (PyTorch's caching allocator off, so an out-of-bounds access leaves its allocation), then
-              racecheck and synccheck on the single-launch conv kernel (its CTA barrier) and the attention forward
+              racecheck and synccheck on the single-launch conv kernel and the attention forward (racecheck sees
+              shared-memory hazards only: the single-launch kernel hands data across its CTA barrier through global
+              memory, whose ordering only the numeric `gpu` tests check; synccheck sees the barrier's misuse)
     bench     ceilings (device-to-device copy, bf16 matmul), then the docs/design.md §6 GPU workloads + small-map
               against eager cuDNN in NCHW and channels_last, torch.compile (default, max-autotune), forward and
               forward+backward, peak memory; attention against SDPA's flash/efficient/cuDNN backends and dense
