@@ -58,20 +58,25 @@ def int_type(option: str, low: int, high: int | None = None):
     return parse
 
 
+# torch.set_num_threads takes a C int, and OpenMP starts that many threads at the first parallel region: 2**31 - 1
+# aborted the process in libgomp (out of memory), 100000 segfaulted it, 2**31 raised a bare ValueError (a traceback).
+# No machine gains from more threads than this; they only wait for a core.
+MAX_THREADS = 1024
+
 THREADS_HELP = (
-    "torch CPU threads, >= 1 (default: torch's own, one per core); the timings in docs/training.md are 1 thread, "
-    "which is also faster when another job shares the cores (OpenMP's threads wait for a busy core)"
+    f"torch CPU threads, 1..{MAX_THREADS} (default: torch's own, one per core); the timings in docs/training.md are "
+    "1 thread, which is also faster when another job shares the cores (OpenMP's threads wait for a busy core)"
 )
 
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--threads", type=int_type("--threads", 1), default=None, help=THREADS_HELP)
+    parser.add_argument("--threads", type=int_type("--threads", 1, MAX_THREADS), default=None, help=THREADS_HELP)
 
 
 def threads_problem(threads: object) -> str | None:
     """Why a --threads value cannot be used (a Namespace built in Python skipped argparse's type check), or None;
     None stands for torch's default."""
-    return None if threads is None else int_problem("--threads", threads, 1)
+    return None if threads is None else int_problem("--threads", threads, 1, MAX_THREADS)
 
 
 def set_threads(threads: int | None) -> None:

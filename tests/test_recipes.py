@@ -243,6 +243,9 @@ BAD_ARGUMENTS = {
     "wrong-strategy": (["--strategy", "cscnet"], "--strategy", "cscnet"),
     "distributed-without-torchrun": (["--distributed"], "--distributed", "torchrun"),
     "zero-threads": (["--threads", "0"], "--threads", None),
+    # torch.set_num_threads raised a bare ValueError (a traceback) past a C int; 100000 segfaulted at the first op
+    "threads-past-a-c-int": (["--threads", str(2**31)], "--threads", None),
+    "threads-past-the-cap": (["--threads", "1025"], "--threads", "[1, 1024]"),
     "backend-of-a-plain-cnn": (["--backend", "reference"], "--backend", "runs no conv-ISTA"),  # was silently unused
 }
 

@@ -49,12 +49,15 @@ def test_forced_strategy_covers_the_backward(monkeypatch):
     assert seen == [("forward", "gemm"), ("backward", "gemm")]
 
 
-@pytest.mark.parametrize("option", ["--threads", "--rounds"])
-def test_main_rejects_a_count_below_one_before_any_work(option, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "option, value",
+    [("--threads", "0"), ("--rounds", "0"), ("--threads", str(2**31))],  # 2**31: a traceback in set_num_threads
+)
+def test_main_rejects_a_count_out_of_range_before_any_work(option, value, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(SW, "run_sweep", lambda *args, **kwargs: pytest.fail("the sweep ran"))
     threads = torch.get_num_threads()
     with pytest.raises(SystemExit) as excinfo:
-        SW.main(["--out", str(tmp_path / "out"), "--quick", option, "0"])
+        SW.main(["--out", str(tmp_path / "out"), "--quick", option, value])
     err = capsys.readouterr().err
     assert excinfo.value.code == 2 and f"argument {option}:" in err and "Traceback" not in err
     assert torch.get_num_threads() == threads and not (tmp_path / "out").exists()

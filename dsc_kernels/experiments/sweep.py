@@ -512,7 +512,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     ap.add_argument("--shapes", help="comma-separated shape names (default: all, or the quick subset)")
     ap.add_argument(
-        "--threads", type=cli_args.int_type("--threads", 1), default=2, help="torch CPU threads, >= 1 (default 2)"
+        "--threads",
+        type=cli_args.int_type("--threads", 1, cli_args.MAX_THREADS),
+        default=2,
+        help=f"torch CPU threads, 1..{cli_args.MAX_THREADS} (default 2)",
     )
     ap.add_argument(
         "--rounds",
