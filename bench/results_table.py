@@ -67,15 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     # every run by default: a short run (part of a lease) must not hide the complete one before it
     parser.add_argument("--latest", action="store_true", help="only the latest run per (suite, device)")
     args = parser.parse_args(argv)
+    # a mistyped --results found no runs, and --readme then replaced the published tables with "No benchmark runs"
+    if not args.results.is_dir():
+        parser.error(f"argument --results: {args.results} is not a folder")
+    for option, path in (("--readme", args.readme), ("--full", args.full)):
+        if path is not None and not path.is_file():  # read_text raised FileNotFoundError or IsADirectoryError
+            parser.error(f"argument {option}: {path} is not a file")
     empty = ["No benchmark runs under " + str(args.results)]
     if args.readme is None and args.full is None:
         print("\n".join(tables(args.results, args.latest) or empty))
         return 0
+    if not tables(args.results, args.latest):
+        parser.error(f"argument --results: no benchmark runs under {args.results}; the tables are left as they are")
     ok = True
     if args.readme is not None:
-        ok &= replace_section(args.readme, tables(args.results, args.latest, summary=True) or empty)
+        ok &= replace_section(args.readme, tables(args.results, args.latest, summary=True))
     if args.full is not None:
-        ok &= replace_section(args.full, tables(args.results, args.latest) or empty)
+        ok &= replace_section(args.full, tables(args.results, args.latest))
     return 0 if ok else 1
 
 

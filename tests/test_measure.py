@@ -272,6 +272,34 @@ def test_readme_table_is_generated_from_committed_runs(tmp_path):
     assert table.main(["--results", str(tmp_path), "--readme", str(unmarked)]) == 1
 
 
+def test_results_table_refuses_a_results_folder_without_runs_before_rewriting(tmp_path, capsys):
+    """A mistyped --results (no such folder, or one without runs) exited 0 after replacing the README's published
+    tables with "No benchmark runs under ..."; a missing --readme file was a traceback."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "results_table", Path(__file__).parents[1] / "bench" / "results_table.py"
+    )
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    readme = tmp_path / "README.md"
+    marked = "intro\n<!-- bench-results:start -->\npublished\n<!-- bench-results:end -->\nend\n"
+    readme.write_text(marked)
+    (tmp_path / "empty").mkdir()
+    for argv, option in [
+        (["--results", str(tmp_path / "typo"), "--readme", str(readme)], "--results"),
+        (["--results", str(tmp_path / "empty"), "--full", str(readme)], "--results"),
+        (["--results", str(tmp_path / "empty"), "--readme", str(tmp_path / "missing.md")], "--readme"),
+        (["--results", str(tmp_path / "empty"), "--full", str(tmp_path)], "--full"),
+    ]:
+        with pytest.raises(SystemExit) as excinfo:
+            table.main(argv)
+        err = capsys.readouterr().err
+        assert excinfo.value.code == 2 and f"argument {option}:" in err, (argv, err)
+        assert readme.read_text() == marked
+
+
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 def test_attention_gate_sees_a_provider_wrong_only_in_the_last_rows(backward, monkeypatch):
     """The attention gate checked O's first 256 rows only: a kernel wrong past them (its later row blocks, or the
