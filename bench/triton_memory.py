@@ -17,6 +17,7 @@ check them).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -58,9 +59,23 @@ def _peak(x: torch.Tensor, weight: torch.Tensor, workload, backend: str, recompu
     return measure_memory(step, "cpu").peak_bytes
 
 
+def _scale(text: str) -> float:
+    """A --batch-scale: finite and > 0 (nan and inf raised in round() after the imports, a traceback; 0 and negative
+    scales were silently batch 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-scale", type=float, default=1.0, help="scale every workload's batch (tests: small)")
+    parser.add_argument(
+        "--batch-scale", type=_scale, default=1.0, help="scale every workload's batch, > 0 (tests: small)"
+    )
     parser.add_argument("--fista", action="store_true")
     args = parser.parse_args(argv)
     # Set where they are read: each of these modules holds its own reference.

@@ -26,3 +26,16 @@ def test_memory_count_prints_every_workload():
     for r in rows:
         save, recompute = float(r[3]), float(r[4])
         assert 0 < recompute < save < 1, r
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "0", "-1", "x"])
+def test_a_bad_batch_scale_is_a_usage_error(scale):
+    """nan and inf were a traceback from round() after the imports; 0 and negative scales silently ran batch 1."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "triton_memory.py"), "--batch-scale", scale],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "argument --batch-scale:" in proc.stderr, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "MiB" not in proc.stdout
