@@ -26,6 +26,7 @@ checked and none is timed. That rehearses the script, and checks that every conf
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -275,7 +276,9 @@ def _markdown(records: list[dict]) -> list[str]:
     return lines
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    # --help (or any mistyped option) used to start the whole sweep, minutes of a GPU lease, as gpu_check.py's did
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     device = "cpu" if DRY else "cuda"
     out = _out_dir()
     out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,10 @@ default configuration computes (conv-ISTA forward strategies and reduction order
 attention blocks with BLOCK_M != BLOCK_N)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from helpers import rehearse_gpu_script
@@ -39,3 +43,20 @@ def test_groups_past_the_budget_are_skipped_whole_and_the_files_still_written(tm
     # which code ran, as in gpu-check's run.json (the commit was "" unless DSC_GIT_COMMIT was set)
     assert doc["commit"] not in ("", None) and doc["source_hash"]
     assert "skipped: budget" in (tmp_path / "tune.md").read_text()
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--budget", "10"], 2)])
+def test_options_are_parsed_before_the_sweep(argv, code, tmp_path):
+    """The script read no arguments: --help, or a mistyped option, ran the whole sweep and wrote its files."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), DSC_GPU_CHECK_DRY_RUN="1", DSC_GPU_CHECK_OUT=str(tmp_path / "out"))
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "gpu_tune.py"), *argv],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == code and "usage:" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists() and "Traceback" not in proc.stderr
