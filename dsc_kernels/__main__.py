@@ -14,6 +14,8 @@ def _training_runs_problem(runs: str | None) -> str | None:
     """Why --training-runs holds no digits run the report's training section can read, or None."""
     if runs is None:
         return None
+    if not runs:  # Path('') is '.', which passed this check, but the report took '' for "no runs" and trained anew
+        return "argument --training-runs: must name a folder, got ''"
     if not Path(runs).is_dir():
         return f"argument --training-runs: {runs} is not a folder"
     from .recipes.report_section import _read

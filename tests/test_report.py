@@ -191,6 +191,21 @@ def test_report_rejects_bad_arguments_before_any_work(extra, option, tmp_path, m
     assert not (tmp_path / "out").exists()
 
 
+def test_report_rejects_an_empty_training_runs(tmp_path, monkeypatch, capsys):
+    """'' passed the check as '.' (here: a folder holding a digits run), then the report read '' as "no runs given"
+    and trained its own short run instead of reading one."""
+    from dsc_kernels.__main__ import main
+
+    (tmp_path / "metrics.json").write_text('{"recipe": "digits", "strategy": "dsc"}')
+    monkeypatch.setattr(R, "run_report", lambda args: pytest.fail("the report ran"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as excinfo:
+        main(["report", "--quick", "--out", "out", "--training-runs", ""])
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2 and "argument --training-runs: must name a folder" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_readme_figures_outside_a_checkout_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     # an installed package has no README.md and docs/ beside it: the report ran for minutes, then exited at its end
     from dsc_kernels.__main__ import main
