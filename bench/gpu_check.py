@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_check_children import dry_run  # noqa: E402
+from gpu_check_children import dry_run, env_seconds  # noqa: E402
 
 STEPS = ("env", "tests", "sanitize", "bench", "summary")
 BOXES = {"env": 30, "tests": 150, "sanitize": 75, "bench": None, "summary": 10}  # bench: whatever is left
@@ -331,11 +331,17 @@ def _fold(path: Path, log: Log) -> None:
 
 # ------------------------------------------------------------------------------------------------------- main
 def main() -> int:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args()
 
     start = time.time()
-    total = float(os.environ.get("DSC_GPU_CHECK_BUDGET_S", 440))
+    try:
+        total = env_seconds("DSC_GPU_CHECK_BUDGET_S", 440)
+    except ValueError as err:
+        parser.error(str(err))
     wanted = os.environ.get("DSC_GPU_CHECK_STEPS", ",".join(STEPS)).split(",")
+    if unknown := [name for name in wanted if name not in STEPS]:  # a misspelt step was skipped silently
+        parser.error(f"DSC_GPU_CHECK_STEPS: unknown steps {unknown}; the steps are {','.join(STEPS)}")
     out = _out_dir()
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "gpu-check.log")

@@ -9,6 +9,7 @@ that part): the sanitizer's cases, the background compile warm-up, and the bench
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -35,6 +36,21 @@ def dry_run() -> bool:
     import torch
 
     return not torch.cuda.is_available()
+
+
+def env_seconds(name: str, default: float) -> float:
+    """The time budget in environment variable ``name`` (seconds, finite, >= 0), else ``default``. ValueError names the
+    variable: "abc" was a traceback, and nan or inf disabled every deadline of a run that must end within its lease."""
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {text!r}")
+    return value
 
 
 # ------------------------------------------------------------------------------------------- sanitizer cases

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_check_children import dry_run  # noqa: E402
+from gpu_check_children import dry_run, env_seconds  # noqa: E402
 
 DRY = dry_run()
 if DRY:  # Triton reads this when its kernels are first imported, below
@@ -278,11 +278,16 @@ def _markdown(records: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     # --help (or any mistyped option) used to start the whole sweep, minutes of a GPU lease, as gpu_check.py's did
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.parse_args(argv)
+    try:
+        budget = env_seconds("DSC_GPU_TUNE_BUDGET_S", 300)
+    except ValueError as err:
+        parser.error(str(err))
     device = "cpu" if DRY else "cuda"
     out = _out_dir()
     out.mkdir(parents=True, exist_ok=True)
-    sweep = Sweep(float(os.environ.get("DSC_GPU_TUNE_BUDGET_S", 300)))
+    sweep = Sweep(budget)
     print(f"[gpu-tune] {'DRY RUN (interpreter, nothing timed)' if DRY else 'GPU run'}; results in {out}", flush=True)
     variants = {
         "conv-strategy": _conv_strategy_variants,

@@ -124,3 +124,26 @@ def test_the_bench_planner_still_sees_which_groups_the_warm_up_compiled(tmp_path
     assert seen["warmed"] == {("deep-layer", "forward")}
     out = tmp_path / "out"
     assert not (out / "warm.log").exists() and "warmed deep-layer forward" in (out / "gpu-check.log").read_text()
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("DSC_GPU_CHECK_BUDGET_S", "abc"),  # a traceback
+        ("DSC_GPU_CHECK_BUDGET_S", "nan"),  # every time box nan: no step was ever cut short, the lease ran out
+        ("DSC_GPU_CHECK_STEPS", "env,bnech"),  # the misspelt step was skipped silently
+    ],
+)
+def test_a_bad_environment_setting_is_a_usage_error_before_any_step(variable, value, tmp_path, monkeypatch, capsys):
+    gpu_check = _gpu_check()
+    monkeypatch.setattr("sys.argv", ["gpu_check.py"])
+    monkeypatch.setenv("DSC_GPU_CHECK_DRY_RUN", "1")
+    monkeypatch.setenv("DSC_GPU_CHECK_OUT", str(tmp_path / "out"))
+    monkeypatch.setenv(variable, value)
+    for name in ("step_env", "step_tests", "step_sanitize", "step_bench"):
+        monkeypatch.setattr(gpu_check, name, lambda *args, **kwargs: pytest.fail("a step ran"))
+    with pytest.raises(SystemExit) as excinfo:
+        gpu_check.main()
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2 and variable in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -45,11 +45,21 @@ def test_groups_past_the_budget_are_skipped_whole_and_the_files_still_written(tm
     assert "skipped: budget" in (tmp_path / "tune.md").read_text()
 
 
-@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--budget", "10"], 2)])
-def test_options_are_parsed_before_the_sweep(argv, code, tmp_path):
+@pytest.mark.parametrize(
+    "argv, budget, code",
+    [
+        (["--help"], "300", 0),
+        (["--budget", "10"], "300", 2),
+        # nan disabled the deadline (every variant ran, past the lease), "abc" was a traceback
+        ([], "nan", 2),
+        ([], "abc", 2),
+    ],
+)
+def test_options_are_parsed_before_the_sweep(argv, budget, code, tmp_path):
     """The script read no arguments: --help, or a mistyped option, ran the whole sweep and wrote its files."""
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root), DSC_GPU_CHECK_DRY_RUN="1", DSC_GPU_CHECK_OUT=str(tmp_path / "out"))
+    env["DSC_GPU_TUNE_BUDGET_S"] = budget
     proc = subprocess.run(
         [sys.executable, str(root / "bench" / "gpu_tune.py"), *argv],
         env=env,
