@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import dsc_kernels.functional as DF
+from dsc_kernels import _cli_args as cli_args
 from dsc_kernels.experiments import speed as S
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -180,12 +181,15 @@ def test_published_network_speed(benchmark, device, workload):
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    # checked here: --threads 0 was a RuntimeError traceback, --rounds 0 one from statistics.median after the timing
+    parser.add_argument("--rounds", type=cli_args.int_type("--rounds", 1), default=5, help=">= 1 (default 5)")
+    parser.add_argument(
+        "--threads", type=cli_args.int_type("--threads", 1, cli_args.MAX_THREADS), default=2, help="(default 2)"
+    )
     parser.add_argument("--workloads", nargs="*", default=list(WORKLOADS), choices=WORKLOADS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for workload in args.workloads:
         print(table(workload, measure(workload, rounds=args.rounds)), flush=True)

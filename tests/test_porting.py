@@ -290,3 +290,25 @@ def test_cscnet_negative_thresholds_are_rejected_not_clamped():
         net.threshold[0, 0] = -1e-3
     with pytest.raises(ValueError, match="threshold"):
         cscnet_on_our_ops(net, torch.rand(1, 1, 16, 16, dtype=D), "reference")
+
+
+@pytest.mark.parametrize("option", ["--threads", "--rounds"])
+def test_speed_networks_script_rejects_a_count_below_one(option):
+    """bench/test_speed_networks.py took any int: --threads 0 was a RuntimeError traceback, --rounds 0 a
+    StatisticsError after the timing (here: no workload, so it would have exited 0)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, str(root / "bench" / "test_speed_networks.py"), option, "0", "--workloads"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    assert proc.returncode == 2 and f"argument {option}:" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
