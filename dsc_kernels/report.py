@@ -451,6 +451,9 @@ def run_report(args) -> Path:
         rows, skipped = _run_speed(args.quick, args.device, bar)
         attn = _run_attention(args.quick, args.device, bar)
         bar.set_postfix_str("figures")
+        # this run's figures replace those an earlier REPORT.md shows, and its training section can take minutes:
+        # an interrupted rerun left that report beside them, read as a finished run. Gone first, written whole last.
+        (out_dir / "REPORT.md").unlink(missing_ok=True)
         figures = make_figures(results, rows, attn, out_dir)
         bar.update(1)
         from .recipes.report_section import training_section  # the training helper's section (recipes/)
@@ -464,11 +467,13 @@ def run_report(args) -> Path:
     )
     flags = sanity_checks(rows, attn, readme=published, load=facts["load"], cpus=facts["cpus"])
     path = out_dir / "REPORT.md"
-    path.write_text(
+    partial = out_dir / "REPORT.md.partial"
+    partial.write_text(
         _markdown(results, rows, skipped, attn, figures, flags, facts, args, time.perf_counter() - t0, published)
         + "\n".join(training + [""] + [f"![{title}]({name})" for name, title in training_figures])
         + "\n"
     )
+    os.replace(partial, path)
     if getattr(args, "readme_figures", False):
         copied = _copy_readme_figures(out_dir, figures)
         print(f"dsc_kernels report: copied {', '.join(copied) or 'no figure'} into {ROOT / 'docs'}", file=sys.stderr)

@@ -273,3 +273,26 @@ def test_report_draws_no_progress_bar_into_a_log(tmp_path, monkeypatch, capsys):
     with pytest.raises(Stop):
         R.run_report(args)
     assert capsys.readouterr().err == ""
+
+
+def test_an_interrupted_rerun_leaves_no_earlier_report_beside_its_figures(tmp_path, monkeypatch):
+    """The figures are written before the training section (minutes in a full run) and REPORT.md after it: a rerun
+    interrupted there left the earlier REPORT.md beside this run's figures, a folder that reads as a finished run."""
+    from dsc_kernels.recipes import report_section
+
+    (tmp_path / "REPORT.md").write_text("# dsc_kernels report\n\nan earlier run\n")
+    monkeypatch.setattr(R, "machine_facts", lambda device: {})
+    monkeypatch.setattr(R, "_load_extension", lambda device: "")
+    monkeypatch.setattr(R, "_run_claims", lambda quick, backend, device, bar: [])
+    monkeypatch.setattr(R, "_run_speed", lambda quick, device, bar: ([], {}))
+    monkeypatch.setattr(R, "_run_attention", lambda quick, device, bar: {"error": "skipped"})
+    monkeypatch.setattr("dsc_kernels.report_figures.make_figures", lambda *args: [])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_section, "training_section", interrupted)
+    args = argparse.Namespace(out=str(tmp_path), quick=True, device="cpu", backend="auto")
+    with pytest.raises(KeyboardInterrupt):
+        R.run_report(args)
+    assert not (tmp_path / "REPORT.md").exists()
