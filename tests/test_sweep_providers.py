@@ -184,3 +184,16 @@ def test_bench_sweep_files_name_the_thread_count_the_rows_were_measured_with(tmp
     assert torch.get_num_threads() == before
     assert json.loads((tmp_path / "sweep.json").read_text())["machine"]["threads"] == wanted
     assert (tmp_path / "sweep.md").read_text() == f"{wanted} threads\n"
+
+
+@pytest.mark.parametrize("option", ["--out", "--shapes"])
+def test_main_rejects_an_empty_out_or_shapes_before_any_work(option, tmp_path, monkeypatch, capsys):
+    """--out '' wrote sweep.json, .md and .png into the working directory; --shapes '' timed every shape."""
+    monkeypatch.setattr(SW, "run_sweep", lambda *args, **kwargs: pytest.fail("the sweep ran"))
+    monkeypatch.chdir(tmp_path)
+    argv = {"--out": ["--out", ""], "--shapes": ["--out", "out", "--shapes", ""]}[option]
+    with pytest.raises(SystemExit) as excinfo:
+        SW.main(argv)
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2 and f"argument {option}:" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

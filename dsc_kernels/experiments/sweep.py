@@ -526,7 +526,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (minutes per shape on a CPU)")
     ap.add_argument("--no-memory", action="store_true", help="skip the training-step memory measurement")
     args = ap.parse_args(argv)
-    names = args.shapes.split(",") if args.shapes else (list(QUICK) if args.quick else [s.name for s in SHAPES])
+    # `is not None`: an empty --shapes ran every shape (minutes) instead of being an unknown name
+    names = (
+        args.shapes.split(",") if args.shapes is not None else (list(QUICK) if args.quick else [s.name for s in SHAPES])
+    )
+    if not args.out:  # Path('') is '.': sweep.json, .md and .png landed in the working directory
+        ap.error("argument --out: must name a folder, got ''")
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         ap.error(f"argument --shapes: unknown shapes {unknown}; known: {', '.join(BY_NAME)}")
