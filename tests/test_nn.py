@@ -271,6 +271,21 @@ def test_step_stays_one_over_L_while_the_dictionary_grows():
     assert float(layer.step) == pytest.approx(_inverse_lipschitz(layer.weight), rel=0.05)
 
 
+def test_normalize_dictionary_keeps_the_step_as_close_to_one_over_L_as_a_training_forward():
+    # normalize_dictionary_ marks the step as estimated, so the next training forward takes no iteration of its
+    # own: its estimate must go on while it still rises on the CPU, as a training forward's does (three alone:
+    # step * L = 1.10 here)
+    torch.manual_seed(3)
+    layer = ConvSparseCoding1d(2, 8, 5, backend="reference")
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape) * torch.rand(8, 1, 1) * 3)  # a dictionary learning step
+    layer.normalize_dictionary_()
+    assert float(layer.step) == pytest.approx(_inverse_lipschitz(layer.weight), rel=0.01)
+    before = layer.step.clone()
+    layer(torch.randn(2, 2, 16))
+    assert torch.equal(layer.step, before)
+
+
 @pytest.mark.parametrize(
     "change",
     ["no_grad_edit", "optimiser_step", "new_data"],
