@@ -286,6 +286,18 @@ def test_normalize_dictionary_keeps_the_step_as_close_to_one_over_L_as_a_trainin
     assert torch.equal(layer.step, before)
 
 
+@pytest.mark.parametrize(("scale", "what"), [(1e-30, "nearly zero"), (1e30, "very large")])
+def test_a_tracked_step_out_of_range_is_refused_naming_the_dictionary(scale, what):
+    # float32 ||D||^2 of 1e-59 / 1e61 has no 1/L in float32: the refusal named "step", which the caller never gave
+    layer = ConvSparseCoding1d(2, 3, 3, stride=2, padding=0)
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+    for training in (True, False):
+        layer.train(training)
+        with pytest.raises(ValueError, match=f"tracked step 1/L of weight .* {what} dictionary"):
+            layer(torch.randn(2, 2, 20))
+
+
 @pytest.mark.parametrize(
     "change",
     ["no_grad_edit", "optimiser_step", "new_data"],

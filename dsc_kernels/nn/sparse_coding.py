@@ -507,6 +507,8 @@ class _ConvSparseCoding(_projection.Projected):
         """x: (B, C_sig, *S) -> z: (B, C_code, *Sz)."""
         self._check_input(x)
         step = self._forward_step() if self._track_step else self.step
+        if self._track_step:
+            self._check_tracked_step(step)
         scale = None
         if self.relative:
             # Each sample's RMS as peak * rms(x / peak), in at least float32: squares of x itself overflowed
@@ -630,6 +632,19 @@ class _ConvSparseCoding(_projection.Projected):
                 f"x must be (B, C_sig={self.in_channels}, {spatial}) for {type(self).__name__}, "
                 f"got shape {tuple(x.shape)}"
             )
+
+    def _check_tracked_step(self, step: Tensor) -> None:
+        # An L = ||D||^2 outside the range of the step's dtype has no 1/L there: inf for a nearly zero dictionary,
+        # 0 for a huge one (float32 taps below ~1e-19 or above ~1e19). functional refused it as "step must be
+        # finite" or "step must be > 0", naming a step the caller never gave.
+        values = check.checkable(step)
+        if values is None or not bool((values.isinf() | (values == 0)).any()):  # one read where the step is valid
+            return
+        value = float(values.flatten()[0])
+        raise ValueError(
+            f"the tracked step 1/L of weight is {value}: ||D||^2 of this {'nearly zero' if value else 'very large'} "
+            f"dictionary has no inverse in {values.dtype}; rescale weight, or give step="
+        )
 
     def _warn_if_all_zero(self, z: Tensor) -> None:
         self._zero_checks += 1
