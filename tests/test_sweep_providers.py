@@ -75,9 +75,8 @@ def test_memory_floor_is_what_a_training_step_allocates(name):
     assert shape.floor_bytes() == 4 * held
 
 
-def test_the_check_refuses_nan_in_an_active_code_entry(monkeypatch):
-    """z's error is NaN when a provider puts NaN where the reference is active (no support flip, and the gradients
-    of z + c are untouched); "NaN > tolerance" is False, so the check passed it and the sweep timed it."""
+def _cpp_is_the_reference_wrapped(monkeypatch, wrap) -> None:
+    """The sweep's "cpp" provider made the reference's z passed through `wrap` (a wrong provider to refuse)."""
     real = SW.provider_fn
 
     def provider_fn(provider, shape, p, *, recompute=False):
@@ -85,19 +84,30 @@ def test_the_check_refuses_nan_in_an_active_code_entry(monkeypatch):
         if provider != "cpp":
             return fn
 
-        def with_nan():
-            z = fn()
-            nan = torch.zeros_like(z)
-            nan.view(-1)[z.detach().flatten().nonzero()[0]] = float("nan")
-            return z + nan
+        def wrong():
+            return wrap(fn())
 
-        with_nan.leaves = fn.leaves
-        return with_nan
+        wrong.leaves = fn.leaves
+        return wrong
 
     monkeypatch.setattr(SW, "provider_fn", provider_fn)
-    shape = SW.SweepShape("tiny", (2, 2, 8, 8), (4, 2, 3, 3), padding=1, n_iter=3)
+
+
+TINY = SW.SweepShape("tiny", (2, 2, 8, 8), (4, 2, 3, 3), padding=1, n_iter=3)
+
+
+def test_the_check_refuses_nan_in_an_active_code_entry(monkeypatch):
+    """z's error is NaN when a provider puts NaN where the reference is active (no support flip, and the gradients
+    of z + c are untouched); "NaN > tolerance" is False, so the check passed it and the sweep timed it."""
+
+    def with_nan(z):
+        nan = torch.zeros_like(z)
+        nan.view(-1)[z.detach().flatten().nonzero()[0]] = float("nan")
+        return z + nan
+
+    _cpp_is_the_reference_wrapped(monkeypatch, with_nan)
     with pytest.raises(AssertionError, match="cpp differs from the reference"):
-        SW.check_against_reference(shape, ["cpp"])
+        SW.check_against_reference(TINY, ["cpp"])
 
 
 class _GradientsOffBy(torch.autograd.Function):
@@ -113,23 +123,9 @@ class _GradientsOffBy(torch.autograd.Function):
 def test_the_float64_check_holds_the_gradients_to_1e_9(monkeypatch):
     """The docstring (and docs/benchmarks.md) hold z and every gradient to 1e-9 in float64; the code let the
     gradients drift to 1e-8. The real strategies sit near 1e-14 (every committed sweep)."""
-    real = SW.provider_fn
-
-    def provider_fn(provider, shape, p, *, recompute=False):
-        fn = real("reference" if provider == "cpp" else provider, shape, p, recompute=recompute)
-        if provider != "cpp":
-            return fn
-
-        def off():
-            return _GradientsOffBy.apply(fn())
-
-        off.leaves = fn.leaves
-        return off
-
-    monkeypatch.setattr(SW, "provider_fn", provider_fn)
-    shape = SW.SweepShape("tiny", (2, 2, 8, 8), (4, 2, 3, 3), padding=1, n_iter=3)
+    _cpp_is_the_reference_wrapped(monkeypatch, _GradientsOffBy.apply)
     with pytest.raises(AssertionError, match="in float64"):
-        SW.check_against_reference(shape, ["cpp"])
+        SW.check_against_reference(TINY, ["cpp"])
 
 
 def test_compile_is_still_compiled_after_many_shapes(monkeypatch):
