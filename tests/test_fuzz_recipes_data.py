@@ -5,6 +5,7 @@ training, and edge inputs give the documented answer instead of an obscure error
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 
@@ -334,6 +335,27 @@ def test_save_accepts_out_as_a_string(tmp_path):
     out = tmp_path / "saved"
     engine.save(str(out), "digits", {"strategy": "baseline"}, digits.DigitsNet("baseline"), {"accuracy": 0.5})
     assert isinstance(recipes.load(out), digits.DigitsNet)  # was an AttributeError in out.mkdir
+
+
+def test_an_interrupted_save_leaves_no_earlier_metrics_beside_the_new_model(tmp_path, monkeypatch):
+    # metrics.json was written after model.pt was renamed into place: interrupted there, a save into an earlier
+    # run's folder left the new model beside the old run's metrics, which the report reads as this run's
+    engine.save(tmp_path, "digits", {"strategy": "baseline"}, digits.DigitsNet("baseline"), {"accuracy": 0.25})
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.json, "dumps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.save(
+            tmp_path, "digits", {"strategy": "baseline", "run": 2}, digits.DigitsNet("baseline"), {"accuracy": 0.5}
+        )
+    assert engine.read_checkpoint(tmp_path)["spec"]["run"] == 2  # the new model is in place
+    assert not (tmp_path / engine.METRICS_FILE).exists()
+    monkeypatch.undo()
+    engine.save(tmp_path, "digits", {"strategy": "baseline"}, digits.DigitsNet("baseline"), {"accuracy": 0.5})
+    assert json.loads((tmp_path / engine.METRICS_FILE).read_text()) == {"accuracy": 0.5}
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_load_rejects_what_is_not_a_checkpoint(tmp_path):

@@ -224,11 +224,17 @@ def save(out: str | Path, recipe: str, spec: dict, model: nn.Module, metrics: di
     if "backend" in metrics:
         metrics["backend"] = backend_that_ran(module)
     state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-    # written beside and renamed into place, so an interrupted save leaves the previous file, never half of one
-    partial = out / (MODEL_FILE + ".partial")
-    torch.save({"recipe": recipe, "spec": spec, "state_dict": state}, partial)
-    os.replace(partial, out / MODEL_FILE)
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    # Each file is written beside and renamed into place, so an interrupted save never leaves half of one; the
+    # metrics go last, and an earlier run's go first: interrupted between the two renames, a save into an earlier
+    # run's folder left this model beside the metrics of that run (which the report reads as this one's).
+    (out / METRICS_FILE).unlink(missing_ok=True)
+    for name, write in (
+        (MODEL_FILE, lambda path: torch.save({"recipe": recipe, "spec": spec, "state_dict": state}, path)),
+        (METRICS_FILE, lambda path: path.write_text(json.dumps(metrics, indent=2) + "\n")),
+    ):
+        partial = out / (name + ".partial")
+        write(partial)
+        os.replace(partial, out / name)
 
 
 def read_checkpoint(out: str | Path) -> dict:
