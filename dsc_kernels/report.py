@@ -141,7 +141,7 @@ def _attention_markdown(attn: dict) -> list[str]:
     if "error" in attn:
         return out + [f"Not measured: {attn['error']}"]
     length, sparsity = attn["length"], attn["sparsity"]
-    providers = [p for p in length if p not in ("n", "backend")]
+    providers = [p for p in length if p not in A.CURVE_KEYS]
     out += [
         f"Forward ms, q, k, v (1, {A.HEADS}, N, {A.HEAD_DIM}) float32, fused backend: "
         f"{length['backend'] or 'none available'}.",
@@ -161,6 +161,10 @@ def _attention_markdown(attn: dict) -> list[str]:
             "| --- |" + " --- |" * len(sparsity["sparsity"]),
             "| fused shrink ms | " + " | ".join(f"{t:.2f}" for t in sparsity["fused shrink"]) + " |",
         ]
+    refused = {**length.get("refused", {}), **sparsity.get("refused", {})}
+    if refused:
+        out += ["", "Not timed (output failed the correctness gate, or raised; NaN above):", ""]
+        out += [f"- {name}: {why}" for name, why in refused.items()]
     return out
 
 
@@ -303,7 +307,7 @@ def sanity_checks(
                         f"(more than {tolerance:g}× apart)"
                     )
     for key, curve in (attn or {}).get("length", {}).items():
-        if key in ("n", "backend"):
+        if key in A.CURVE_KEYS:
             continue
         n = (attn or {})["length"]["n"]
         for i in range(1, len(curve)):

@@ -212,7 +212,7 @@ def _speed(rows: list[dict], out_dir: Path):
 def _attention(attn: dict, out_dir: Path):
     length, sparsity = attn["length"], attn["sparsity"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for p in [p for p in length if p not in ("n", "backend")]:
+    for p in [p for p in length if p not in ("n", "backend", "refused")]:
         left.loglog(length["n"], length[p], "o-", label=p)
     left.set(title="sparse attention forward vs length", xlabel="N (= M)", ylabel="ms")
     left.legend(fontsize=8)

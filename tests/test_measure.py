@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -330,3 +331,37 @@ def test_untimed_records_are_listed_with_their_reason_only_when_they_have_one():
         ]
     )
     assert "- w fwd claim: ok" in lines and "- w fwd cpp: wrong (z off)" in lines
+
+
+def test_attention_curves_refuse_a_wrong_provider_instead_of_timing_it(monkeypatch):
+    """The report's time-vs-length and time-vs-sparsity curves timed every provider without any check: a fused
+    kernel off by 50% in O was plotted as its speed. Now each is gated first, as measure_attention does."""
+    from dsc_kernels import functional as DF
+    from dsc_kernels.experiments import attention_speed as A
+
+    real_fn, real_attention = A.attention_fn, DF.sparse_attention
+    monkeypatch.setattr(A, "_fused_backend", lambda device: "reference")
+
+    def attention_fn(provider, q, k, v, causal):
+        fn = real_fn(provider, q, k, v, causal)
+        return fn if provider == "sdpa" else (lambda: fn() * 1.5)
+
+    monkeypatch.setattr(A, "attention_fn", attention_fn)
+    monkeypatch.setattr(DF, "sparse_attention", lambda *a, **kw: real_attention(*a, **kw) * 1.5)
+    length = A.time_vs_length("cpu", quick=True)
+    assert all(math.isnan(t) for t in length["fused sparsemax"] + length["dense sparsemax"])
+    assert all(math.isfinite(t) for t in length["softmax (SDPA)"])
+    assert set(length["refused"]) == {"fused sparsemax", "dense sparsemax"}
+    sparsity = A.time_vs_sparsity("cpu", quick=True)
+    assert all(math.isnan(t) for t in sparsity["fused shrink"]) and math.isfinite(sparsity["softmax (SDPA)"])
+    assert set(sparsity["refused"]) == {f"shrink {s}" for s in sparsity["sparsity"]}
+
+
+def test_attention_curves_time_providers_that_pass_the_gate(monkeypatch):
+    from dsc_kernels.experiments import attention_speed as A
+
+    monkeypatch.setattr(A, "_fused_backend", lambda device: "reference")
+    length, sparsity = A.time_vs_length("cpu", quick=True), A.time_vs_sparsity("cpu", quick=True)
+    assert not length["refused"] and not sparsity["refused"]
+    assert all(math.isfinite(t) for p in length if p not in A.CURVE_KEYS for t in length[p])
+    assert all(math.isfinite(t) for t in sparsity["fused shrink"])

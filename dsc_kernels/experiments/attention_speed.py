@@ -187,9 +187,13 @@ def _rows_outputs(fn, q, k, v, rows: torch.Tensor | None, backward: bool, gen_se
     return [pick(gq).detach(), gk.detach(), gv.detach()]
 
 
-def _gate(provider: str, fn, q, k, v, causal: bool, backward: bool) -> list:
+def _gate(
+    provider: str, fn, q, k, v, causal: bool, backward: bool, *, function: str | None = None, threshold=None
+) -> list:
+    """`function`/`threshold` override what the provider's name says (the sparsity curve's quantile thresholds)."""
     rows = _check_rows(q.shape[2])
-    function, th = _function_of(provider), _shrink_threshold(provider)
+    function = function or _function_of(provider)
+    th = threshold if threshold is not None else _shrink_threshold(provider)
     got = _rows_outputs(fn, q, k, v, rows, backward)
 
     def exact(dtype):
@@ -283,22 +287,41 @@ def _fused_backend(device: torch.device) -> str | None:
     return fused if DF.backend_unavailable_reason(fused, device) is None else None
 
 
-def _median_ms(fns: dict, device, reps: int) -> dict[str, float]:
-    """Interleaved medians; NaN for a provider that raised."""
-    t = time_interleaved(fns, device, rounds=reps, warmup=1, min_rounds=reps)
-    return {name: (x.median_ms if x.error is None else float("nan")) for name, x in t.items()}
+def _median_ms(fns: dict, device, reps: int, q, k, v, functions: dict, refused: dict) -> dict[str, float]:
+    """Interleaved medians of the providers that pass the gate; NaN for one that failed it (its reason goes into
+    `refused`) or raised. `functions`: name -> (function, shrink threshold) each is checked against. The curves
+    timed every provider unchecked, unlike every other benchmark: a wrong kernel's time was plotted as its speed."""
+    checked = {}
+    for name, fn in fns.items():
+        function, th = functions[name]
+        try:
+            failing = [x for x in _gate(name, fn, q, k, v, False, False, function=function, threshold=th) if not x.ok]
+        except Exception as err:  # noqa: BLE001 - a provider that raises is refused, the others still run
+            failing = [f"{type(err).__name__}: {err}"[:300]]
+        if failing:
+            refused.setdefault(name, getattr(failing[0], "message", failing[0]))
+        else:
+            checked[name] = fn
+    with torch.no_grad():
+        t = time_interleaved(checked, device, rounds=reps, warmup=1, min_rounds=reps) if checked else {}
+    return {name: (t[name].median_ms if name in t and t[name].error is None else float("nan")) for name in fns}
+
+
+CURVE_KEYS = ("n", "backend", "refused")  # the curves' entries that are not a provider's times
 
 
 def time_vs_length(device: str | torch.device = "cpu", quick: bool = False) -> dict:
     """Forward ms per provider at each length N (q, k, v: (1, 4, N, 64), float32, non-causal), providers timed
-    interleaved at each N. Returns {"n": [...], "<provider>": [ms, ...], "backend": fused backend or None}."""
+    interleaved at each N, each checked first (experiments/tolerance.py's gate on the first and last rows of O).
+    Returns {"n": [...], "<provider>": [ms, ...], "backend": fused backend or None, "refused": {provider: why}};
+    a provider refused at some N has NaN there."""
     device = torch.device(device)
     if device.type == "cuda":
         lengths = [512, 1024, 2048] if quick else [512, 1024, 2048, 4096, 8192, 16384]
     else:
         lengths = [128, 256, 512] if quick else [256, 512, 1024, 2048]
     backend = _fused_backend(device)
-    curves: dict = {"n": lengths, "backend": backend, "softmax (SDPA)": [], "dense sparsemax": []}
+    curves: dict = {"n": lengths, "backend": backend, "refused": {}, "softmax (SDPA)": [], "dense sparsemax": []}
     if backend:
         curves["fused sparsemax"] = []
     reps = 1 if quick else 3
@@ -311,10 +334,10 @@ def time_vs_length(device: str | torch.device = "cpu", quick: bool = False) -> d
             fns["dense sparsemax"] = attention_fn("reference", q, k, v, False)
         if backend:
             fns["fused sparsemax"] = attention_fn(backend, q, k, v, False)
-        with torch.no_grad():
-            ms = _median_ms(fns, device, reps)
+        functions = {name: ("softmax" if name == "softmax (SDPA)" else "sparsemax", None) for name in fns}
+        ms = _median_ms(fns, device, reps, q, k, v, functions, curves["refused"])
         for name in curves:
-            if name not in ("n", "backend"):
+            if name not in CURVE_KEYS:
                 curves[name].append(ms.get(name, float("nan")))
     return curves
 
@@ -322,7 +345,9 @@ def time_vs_length(device: str | torch.device = "cpu", quick: bool = False) -> d
 def time_vs_sparsity(device: str | torch.device = "cpu", quick: bool = False) -> dict:
     """Shrink-mode forward ms as the fraction of scores below the threshold grows, against SDPA at one length.
 
-    Returns {"sparsity": [...], "fused shrink": [ms, ...], "softmax (SDPA)": ms, "n": N, "backend": ...}."""
+    Each provider is checked before it is timed, as in time_vs_length.
+    Returns {"sparsity": [...], "fused shrink": [ms, ...], "softmax (SDPA)": ms, "n": N, "backend": ...,
+    "refused": {provider: why}}."""
     device = torch.device(device)
     n = (2048 if quick else 4096) if device.type == "cuda" else (256 if quick else 1024)
     sparsities = [0.5, 0.9, 0.99] if quick else [0.0, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999]
@@ -335,14 +360,18 @@ def time_vs_sparsity(device: str | torch.device = "cpu", quick: bool = False) ->
         # Thresholds at score quantiles: that fraction of the (head-0, statistically identical) scores is inactive.
         thresholds = [float(scores.kthvalue(max(1, int(s * scores.numel()))).values) for s in sparsities]
         fns = {"softmax (SDPA)": attention_fn("sdpa", q, k, v, False)}
+        functions = {"softmax (SDPA)": ("softmax", None)}
         if backend:
             for s, t in zip(sparsities, thresholds):
+                functions[f"shrink {s}"] = ("shrink", t)
                 th = torch.full((HEADS,), t, device=device)
                 fns[f"shrink {s}"] = functools.partial(
                     DF.sparse_attention, q, k, v, mode="shrink", threshold=th, backend=backend
                 )
-        ms = _median_ms(fns, device, 1 if quick else 3)
-    out = {"sparsity": sparsities, "n": n, "backend": backend, "softmax (SDPA)": ms["softmax (SDPA)"]}
+    refused: dict = {}
+    ms = _median_ms(fns, device, 1 if quick else 3, q, k, v, functions, refused)
+    out = {"sparsity": sparsities, "n": n, "backend": backend, "refused": refused}
+    out["softmax (SDPA)"] = ms["softmax (SDPA)"]
     if backend:
         out["fused shrink"] = [ms[f"shrink {s}"] for s in sparsities]
     return out
