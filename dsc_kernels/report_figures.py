@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 
 from . import theory  # noqa: E402
 from .experiments import ClaimResult  # noqa: E402
+from .experiments.attention_speed import CURVE_KEYS  # noqa: E402
 
 
 def _save(fig, out_dir: Path, name: str) -> str:
@@ -212,7 +213,7 @@ def _speed(rows: list[dict], out_dir: Path):
 def _attention(attn: dict, out_dir: Path):
     length, sparsity = attn["length"], attn["sparsity"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for p in [p for p in length if p not in ("n", "backend", "refused")]:
+    for p in [p for p in length if p not in CURVE_KEYS]:
         left.loglog(length["n"], length[p], "o-", label=p)
     left.set(title="sparse attention forward vs length", xlabel="N (= M)", ylabel="ms")
     left.legend(fontsize=8)
