@@ -19,6 +19,7 @@ knows any such marker is stale and removes it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -118,7 +119,9 @@ def _exclusive(build_dir: Path):
 
 def _first_error_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for marker in (": error:", "error:", "error"):
+    # "not found" before the bare "error": without a compiler, torch's "Error building extension ...: [1/9] c++ ..."
+    # line (a whole compile command) came first and the shell's "c++: not found" was never shown
+    for marker in (": error:", "error:", "not found", "error"):
         for line in lines:
             if marker in line.lower():
                 return line
@@ -147,6 +150,12 @@ def load():
                 raise RuntimeError(f"no C++ sources found under {_CSRC}")
             cflags = _cflags()
             build_dir = _build_dir(sources, cflags)
+            built = build_dir / "dsc_kernels_cpu.so"
+            if built.is_file() and not os.access(build_dir, os.W_OK):
+                # a finished build in a read-only cache (a prebuilt image, another user's folder): torch's load
+                # would need to create its lock marker there, so the library is loaded as it stands
+                torch.ops.load_library(str(built))
+                return torch.ops.dsc_kernels
             if not any(build_dir.glob("*.so")):
                 _log.warning(
                     "dsc_kernels: building the C++ extension (once for these sources, about a minute on "
@@ -168,6 +177,13 @@ def load():
             output = getattr(exc, "output", None)
             if isinstance(output, bytes):
                 detail = output.decode(errors="replace") + "\n" + detail
+            if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                # the cache, not the compiler: the advice below would mislead
+                _error = (
+                    f"building the dsc_kernels C++ extension failed: its cache folder is not writable ({exc}); "
+                    "set DSC_KERNELS_CACHE to a writable folder"
+                )
+                raise RuntimeError(_error) from exc
             _error = (
                 f"building the dsc_kernels C++ extension failed: {_first_error_line(detail)}. "
                 "It needs a C++17 compiler with OpenMP (e.g. `apt-get install g++` or `xcode-select --install` "

@@ -1,6 +1,7 @@
 """An installed package (a built wheel, not the source tree) builds its C++ extension and runs the cpp backend."""
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -8,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import dsc_kernels
 from dsc_kernels import _ext
@@ -68,3 +70,64 @@ def test_build_files_hold_no_checkout_path():
 def test_version_flag():
     out = _run([sys.executable, "-m", "dsc_kernels", "--version"], cwd=ROOT)
     assert out.strip() == f"dsc_kernels {dsc_kernels.__version__}"
+
+
+def test_a_missing_compiler_is_named_in_the_build_error(tmp_path):
+    """Without a compiler on PATH the error named torch's "Error building extension ...: [1/9] c++ -MMD ..." line,
+    a whole compile command, and never said that c++ was not found."""
+    bindir = Path(sys.executable).parent  # _ext puts it on PATH (the venv's ninja)
+    if any((bindir / cc).exists() for cc in ("c++", "g++")) or not (
+        (bindir / "ninja").exists() or shutil.which("ninja")
+    ):
+        pytest.skip("needs ninja without a compiler beside it")
+    path = tmp_path / "bin"
+    path.mkdir()
+    if not (bindir / "ninja").exists():
+        (path / "ninja").symlink_to(shutil.which("ninja"))
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "CC")}
+    env.update(PATH=str(path), DSC_KERNELS_CACHE=str(tmp_path / "cache"))
+    script = "from dsc_kernels import _ext; print(_ext.available()); print(_ext.build_error())"
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT
+    ).stdout.splitlines()
+    assert out[0] == "False"
+    assert "c++: not found" in out[1] and "-MMD" not in out[1], out[1]
+
+
+@pytest.fixture
+def fresh_load(monkeypatch):
+    """_ext.load without its per-process cache and error, so a test can run it again."""
+    monkeypatch.setattr(_ext, "_error", None)
+    return _ext.load.__wrapped__
+
+
+def _refuse_like_a_read_only_folder(*args, build_directory, **kwargs):
+    # torch's load creates its lock marker in the build folder first: in a read-only one that raises this
+    raise PermissionError(13, "Permission denied", os.path.join(build_directory, "lock"))
+
+
+def test_a_finished_build_in_a_read_only_cache_loads(monkeypatch, fresh_load):
+    """A prebuilt read-only cache (an image's, another user's) was unusable: torch's load could not create its lock
+    marker there, and the error blamed the compiler."""
+    if not _ext.available():
+        pytest.skip("the C++ extension does not build here")
+    from torch.utils import cpp_extension
+
+    build_dir = _ext._build_dir(_ext._sources(), _ext._cflags())  # the session's build: nothing is rebuilt
+    access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **kw: not (mode & os.W_OK and Path(p) == build_dir) and access(p, mode, **kw)
+    )
+    monkeypatch.setattr(cpp_extension, "load", _refuse_like_a_read_only_folder)
+    assert fresh_load() is torch.ops.dsc_kernels
+    assert _ext.build_error() is None
+
+
+def test_an_unwritable_cache_is_named_rather_than_the_compiler(monkeypatch, fresh_load, tmp_path):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("DSC_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", _refuse_like_a_read_only_folder)
+    with pytest.raises(RuntimeError, match="cache folder is not writable.*DSC_KERNELS_CACHE") as err:
+        fresh_load()
+    assert "compiler" not in str(err.value)
