@@ -15,6 +15,9 @@ class BuildPyWithCSources(build_py):
     def run(self):
         super().run()
         target = Path(self.build_lib) / "dsc_kernels" / "csrc"
+        # build/ outlives a build (pip builds a local folder in place): a source renamed or deleted since the last
+        # wheel stayed in the new one, and every .cpp there is compiled into the extension
+        shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(CSRC, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.o", "*.so"))
 
 

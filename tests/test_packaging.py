@@ -6,6 +6,7 @@ import subprocess
 import sys
 import sysconfig
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,25 @@ def test_an_unwritable_cache_is_named_rather_than_the_compiler(monkeypatch, fres
     with pytest.raises(RuntimeError, match="cache folder is not writable.*DSC_KERNELS_CACHE") as err:
         fresh_load()
     assert "compiler" not in str(err.value)
+
+
+def test_a_wheel_holds_no_cpp_source_left_in_build_by_an_earlier_build(tmp_path):
+    """setup.py copied csrc/ over build/lib's copy, so a C++ file renamed or deleted since the last build stayed in
+    the wheel (and would be compiled into the extension beside its successor)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("csrc", "dsc_kernels"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    stale = src / "build" / "lib" / "dsc_kernels" / "csrc" / "cpu" / "renamed_since.cpp"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("// a source the last build copied\n")
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."],
+        cwd=src,
+    )
+    with zipfile.ZipFile(next(tmp_path.glob("dsc_kernels-*.whl"))) as wheel:
+        names = wheel.namelist()
+    assert "dsc_kernels/csrc/cpu/ml_ista.cpp" in names
+    assert not [n for n in names if n.endswith("renamed_since.cpp")]
