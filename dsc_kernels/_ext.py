@@ -139,10 +139,17 @@ def load():
     if _error is not None:  # a failed build is not retried within a process
         raise RuntimeError(_error)
 
-    # ninja ships as a Python package in the venv; cpp_extension looks for the executable on PATH.
-    bindir = os.path.dirname(sys.executable)
-    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
-        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    # ninja ships as a Python package in the venv; cpp_extension looks for the executable on PATH. The package
+    # knows where its executable went: a `pip install --user` puts it in ~/.local/bin, often not on PATH, and
+    # "Ninja is required ... (pip install ninja to get it)" was all a user with ninja installed was told.
+    bindirs = [os.path.dirname(sys.executable)]
+    with contextlib.suppress(ImportError):
+        import ninja
+
+        bindirs.append(getattr(ninja, "BIN_DIR", ""))
+    for bindir in filter(None, bindirs):
+        if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     with _LOCK:
         try:
             sources = _sources()

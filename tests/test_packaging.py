@@ -154,3 +154,23 @@ def test_a_wheel_holds_no_cpp_source_left_in_build_by_an_earlier_build(tmp_path)
         names = wheel.namelist()
     assert "dsc_kernels/csrc/cpu/ml_ista.cpp" in names
     assert not [n for n in names if n.endswith("renamed_since.cpp")]
+
+
+def test_ninja_is_found_where_its_package_installed_it(monkeypatch, fresh_load, tmp_path):
+    """The ninja package's executable was looked for on PATH and beside sys.executable only: a --user install
+    (~/.local/bin, often not on PATH) got "Ninja is required to load C++ extensions (pip install ninja ...)"."""
+    ninja = pytest.importorskip("ninja")
+    real = shutil.which("ninja")
+    if real is None:
+        pytest.skip("no ninja executable here")
+    from torch.utils import cpp_extension
+
+    user_bin = tmp_path / "user-bin"
+    user_bin.mkdir()
+    (user_bin / "ninja").symlink_to(real)
+    monkeypatch.setattr(ninja, "BIN_DIR", str(user_bin), raising=False)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python-bin" / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("DSC_KERNELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpp_extension, "load", lambda *args, **kwargs: cpp_extension.verify_ninja_availability())
+    assert fresh_load() is torch.ops.dsc_kernels
