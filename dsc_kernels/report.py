@@ -183,6 +183,8 @@ def cpu_model() -> str:
 def machine_facts(device: str) -> dict:
     """What the report records about the run's machine, taken at its start."""
     try:
+        if not (Path(__file__).resolve().parent.parent / ".git").exists():
+            raise OSError("not a checkout")  # installed: git would name the repository around the environment
         commit = (
             subprocess.run(
                 ["git", "rev-parse", "--short", "HEAD"],

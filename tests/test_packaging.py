@@ -174,3 +174,32 @@ def test_ninja_is_found_where_its_package_installed_it(monkeypatch, fresh_load, 
     monkeypatch.setenv("DSC_KERNELS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(cpp_extension, "load", lambda *args, **kwargs: cpp_extension.verify_ninja_availability())
     assert fresh_load() is torch.ops.dsc_kernels
+
+
+@pytest.fixture
+def site_packages_in_a_users_repository(tmp_path):
+    """site-packages of a virtual environment kept inside a user's own git repository (a project's .venv)."""
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    git = ["git", "-c", "user.name=u", "-c", "user.email=u@example.com"]
+    subprocess.run([*git, "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "the user's project"], check=True, cwd=tmp_path)
+    site = tmp_path / ".venv" / "lib" / "site-packages"
+    (site / "dsc_kernels").mkdir(parents=True)
+    return site
+
+
+def test_an_installed_package_records_no_commit_of_the_repository_around_it(
+    monkeypatch, site_packages_in_a_users_repository
+):
+    """Installed, the bench records and REPORT.md took the commit of the repository that held the environment
+    (git rev-parse from site-packages) as the commit of the code that ran."""
+    from dsc_kernels import report
+    from dsc_kernels.experiments import records
+
+    site = site_packages_in_a_users_repository
+    monkeypatch.delenv("DSC_GIT_COMMIT", raising=False)
+    monkeypatch.setattr(records, "ROOT", site)
+    monkeypatch.setattr(report, "__file__", str(site / "dsc_kernels" / "report.py"))
+    assert records.git_commit() == "unknown"
+    assert report.machine_facts("cpu")["commit"] == "unknown"

@@ -79,6 +79,10 @@ CSV_COLUMNS = [
 def git_commit() -> str:
     if os.environ.get("DSC_GIT_COMMIT"):
         return os.environ["DSC_GIT_COMMIT"]
+    if not (ROOT / ".git").exists():
+        # an installed package: ROOT is site-packages, and git answered for whatever repository held the
+        # environment (a project's .venv), recording that project's commit as this code's
+        return "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=ROOT)
         return out.stdout.strip() or "unknown"
