@@ -86,7 +86,8 @@ def _build_dir(sources: list[Path], cflags: list[str]) -> Path:
     h.update(torch.__version__.encode())
     h.update(str(Path(torch.__file__).parent).encode())  # build.ninja names torch's headers by path
     h.update(sys.version.encode())
-    root = Path(os.environ.get("DSC_KERNELS_CACHE", Path.home() / ".cache" / "dsc_kernels"))
+    # empty is unset, as for DSC_KERNELS_BACKEND: Path("") built a minute-long extension into the current folder
+    root = Path(os.environ.get("DSC_KERNELS_CACHE") or Path.home() / ".cache" / "dsc_kernels").expanduser()
     path = root / h.hexdigest()[:16]
     for rel in sources:
         target = path / "src" / rel

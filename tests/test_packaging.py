@@ -203,3 +203,16 @@ def test_an_installed_package_records_no_commit_of_the_repository_around_it(
     monkeypatch.setattr(report, "__file__", str(site / "dsc_kernels" / "report.py"))
     assert records.git_commit() == "unknown"
     assert report.machine_facts("cpu")["commit"] == "unknown"
+
+
+@pytest.mark.parametrize("value", ["", "~/elsewhere"])
+def test_the_cache_variable_empty_or_with_a_tilde_names_no_folder_in_the_current_one(monkeypatch, tmp_path, value):
+    """DSC_KERNELS_CACHE= (empty) put the build in the current folder (Path("")), and a quoted "~/..." in a
+    folder named "~" there."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("DSC_KERNELS_CACHE", value)
+    monkeypatch.chdir(tmp_path)
+    build_dir = _ext._build_dir(_ext._sources(), _ext._cflags())
+    expected = tmp_path / "home" / (".cache/dsc_kernels" if value == "" else "elsewhere")
+    assert build_dir.parent == expected and (build_dir / "src").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
