@@ -13,7 +13,8 @@ sources reuses one build. The first build takes about a minute on two cores and 
 Builds of one cache folder are serialised by an advisory file lock (``build.flock``), which the system releases when
 its holder dies. torch's own marker (the folder's ``lock`` file) is not: a build killed half-way (Ctrl-C during the
 first minute) leaves it behind, and every later load would wait on it forever. Holding the advisory lock, a load
-knows any such marker is stale and removes it.
+knows any such marker is stale and removes it. A finished build in a folder the process cannot write (a read-only
+or another user's cache) is loaded as it stands, without torch's load, which would need to write its marker there.
 """
 
 from __future__ import annotations
