@@ -65,3 +65,33 @@ def test_compiled_op_matches_eager_with_gradients():
 def test_unknown_backend_is_reported():
     with pytest.raises(ValueError, match="no conv_ista backend named 'nope'"):
         op_pair("conv_ista", "nope")
+
+
+@pytest.mark.parametrize("checkpoint", [-1, 0, 1])
+def test_reference_ops_take_the_tied_empty_encoder(checkpoint):
+    """The contract's tied encoder, an empty (0,) encoder_weight standing for weight: the reference ops ran it as a
+    rank -1 dictionary and raised ("value must have -1 entries") where cpp and triton take it. Checked against plain
+    ISTA through autograd: z, and weight's gradient as the sum of both uses with an empty encoder gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 7, 6, dtype=torch.float64)
+    weight = (0.3 * torch.randn(3, 2, 3, 3, dtype=torch.float64)).requires_grad_()
+    lam, step = torch.full((3, 3), 0.1, dtype=torch.float64), torch.full((3,), 0.2, dtype=torch.float64)
+    z = torch.zeros(2, 3, 4, 3, dtype=torch.float64)
+    for k in range(3):
+        u = z + step[k] * torch.nn.functional.conv2d(
+            x - torch.nn.functional.conv_transpose2d(z, weight, stride=2, padding=1, output_padding=(0, 1)),
+            weight,
+            stride=2,
+            padding=1,
+        )
+        z = torch.nn.functional.softshrink(u, 0.02)
+    g = torch.randn_like(z)
+    (grad_weight,) = torch.autograd.grad(z, weight, g)
+    ops = op_pair("conv_ista", "reference")
+    args = (x, weight.detach(), x.new_empty(0), lam, step, x.new_empty(0), [2, 2], [1, 1], False, False, checkpoint)
+    z_op, saved = ops.forward(*args)
+    torch.testing.assert_close(z_op, z.detach())
+    if checkpoint >= 0:
+        grads = ops.backward(g, *args[:6], z_op if checkpoint > 0 else z_op.new_empty(0), saved, *args[6:])
+        torch.testing.assert_close(grads[1], grad_weight)
+        assert grads[2].shape == (0,)

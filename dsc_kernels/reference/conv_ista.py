@@ -181,6 +181,12 @@ def saved_residuals(saved: torch.Tensor, x_shape: Sequence[int], n_iter: int) ->
     return stored.movedim(-1, 2)
 
 
+def tied(encoder_weight: torch.Tensor) -> bool:
+    """The contract's tied encoder: an empty ``(0,)`` ``encoder_weight`` stands for ``weight`` itself. The reference ops
+    ran it as a dictionary of rank -1 and raised ("value must have -1 entries"), where cpp and triton take it."""
+    return encoder_weight.dim() == 1 and encoder_weight.numel() == 0
+
+
 def zeros_if_empty(z0: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
     """The contract's ``z0``: an empty tensor stands for zeros of the code's shape."""
     if z0.numel() > 0:
@@ -204,8 +210,10 @@ def conv_ista_fwd_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the fused-op interface: returns ``(z_n, saved)``, ``saved`` (len(idx), *z.shape) holding z_k for k
     in ``checkpoint_indices(n_iter, checkpoint, fista)``, or an empty (0,) tensor when ``checkpoint <= 0``; with
-    ``KEEP_RESIDUALS`` flat, the residuals after the iterates (``saved_shape``). An empty ``z0`` means zeros."""
+    ``KEEP_RESIDUALS`` flat, the residuals after the iterates (``saved_shape``). An empty ``z0`` means zeros, an
+    empty ``(0,)`` ``encoder_weight`` the dictionary itself (tied)."""
     z0 = zeros_if_empty(z0, x, weight, stride, padding)
+    encoder_weight = weight if tied(encoder_weight) else encoder_weight
     residuals = [] if keeps_residuals(checkpoint) else None
     with torch.no_grad():
         iterates = _run_iterates(
@@ -309,6 +317,8 @@ def conv_ista_bwd_ref(
     stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
     weight_grad = _CONV_WEIGHT_GRAD[rank]
     n_iter = step.shape[0]
+    given_encoder = encoder_weight
+    encoder_weight = weight if tied(encoder_weight) else encoder_weight
     z0_given = z0.numel() > 0
     z0 = zeros_if_empty(z0, x, weight, stride, padding)
     with torch.no_grad():
@@ -349,4 +359,6 @@ def conv_ista_bwd_ref(
                 g_next = g_carry + grad_y
                 g_carry = torch.zeros_like(z0)
         grad_z0 = g_next if z0_given else z0.new_empty(0)
+        if tied(given_encoder):  # the contract: weight's gradient holds both uses, the empty encoder gets an empty one
+            grad_w, grad_we = grad_w + grad_we, torch.empty_like(given_encoder)
     return grad_x, grad_w, grad_we, grad_lam, grad_step, grad_z0
