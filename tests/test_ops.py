@@ -95,3 +95,31 @@ def test_reference_ops_take_the_tied_empty_encoder(checkpoint):
         grads = ops.backward(g, *args[:6], z_op if checkpoint > 0 else z_op.new_empty(0), saved, *args[6:])
         torch.testing.assert_close(grads[1], grad_weight)
         assert grads[2].shape == (0,)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("batch,layout", [(2, "channels_last"), (0, "contiguous"), (1, "channels_last")])
+def test_conv_ista_fakes_give_the_real_strides(backend, batch, layout):
+    """The family's fakes describe every row's outputs exactly (torch.compile lays out what follows by them). The
+    backward fake kept a channels-last input's layout where cpp returns contiguous gradients; the reference ops
+    returned a channels-last z, saved and gradients, and a (0,) gradient for a given z0 of an empty batch where the
+    fake and cpp give z0's shape."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    torch.manual_seed(0)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(batch, 2, 7, 6, dtype=torch.float64).to(memory_format=fmt)
+    weight = (0.3 * torch.randn(3, 2, 3, 3, dtype=torch.float64)).to(memory_format=fmt)
+    z0 = torch.randn(batch, 3, 4, 3, dtype=torch.float64).to(memory_format=fmt)
+    lam, step = torch.full((3, 3), 0.1, dtype=torch.float64), torch.full((3,), 0.2, dtype=torch.float64)
+    ops = op_pair("conv_ista", backend)
+    args = (x, weight, torch.randn_like(weight), lam, step, z0, [2, 2], [1, 1], False, True, 1)
+    z, saved = ops.forward(*args)
+    grads = ops.backward(torch.randn_like(z), *args[:6], z, saved, *args[6:])
+    mode = FakeTensorMode()
+    with mode:
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        fz, fsaved = ops.forward(*fake_args)
+        fgrads = ops.backward(torch.empty_like(fz), *fake_args[:6], fz, fsaved, *fake_args[6:])
+    for real, fake in zip((z, saved, *grads), (fz, fsaved, *fgrads)):
+        assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)

@@ -52,7 +52,8 @@ def _fake_fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg,
 
 
 def _fake_bwd(grad_z, x, weight, encoder_weight, lam, step, z0, z, saved, stride, padding, nonneg, fista, checkpoint):
-    return tuple(torch.empty_like(t) for t in (x, weight, encoder_weight, lam, step, z0))
+    # contiguous, as every row returns them: empty_like kept a channels-last input's layout, which cpp's do not
+    return tuple(t.new_empty(t.shape) for t in (x, weight, encoder_weight, lam, step, z0))
 
 
 def _make_autograd(bwd_op):

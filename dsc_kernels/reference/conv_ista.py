@@ -33,6 +33,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch._prims_common import make_contiguous_strides_for
 from torch.nn import grad as nn_grad
 
 from .conv import (
@@ -181,6 +182,12 @@ def saved_residuals(saved: torch.Tensor, x_shape: Sequence[int], n_iter: int) ->
     return stored.movedim(-1, 2)
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """t with a contiguous tensor's exact strides (the family's fake gives those): .contiguous() keeps the strides
+    of size-1 and empty dims, which a channels-last input leaves other than the fake's."""
+    return t if t.stride() == make_contiguous_strides_for(t.shape) else t.clone(memory_format=torch.contiguous_format)
+
+
 def tied(encoder_weight: torch.Tensor) -> bool:
     """The contract's tied encoder: an empty ``(0,)`` ``encoder_weight`` stands for ``weight`` itself. The reference ops
     ran it as a dictionary of rank -1 and raised ("value must have -1 entries"), where cpp and triton take it."""
@@ -219,14 +226,16 @@ def conv_ista_fwd_ref(
         iterates = _run_iterates(
             x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, residuals=residuals
         )
-    z = iterates[-1]
+    # contiguous whatever the inputs' layout, as the other rows and the family's fake give it (a channels-last x
+    # came out as a channels-last z and saved, where the fake said contiguous)
+    z = _dense(iterates[-1])
     if checkpoint <= 0:
         return z, x.new_empty(0)
     idx = checkpoint_indices(step.shape[0], checkpoint, fista)
     saved = torch.stack([iterates[k] for k in idx]) if idx else z.new_empty((0, *z.shape))
     if residuals is not None:
         saved = torch.cat([saved.flatten(), torch.stack(residuals).movedim(2, -1).flatten()])
-    return z, saved
+    return z, _dense(saved)
 
 
 def _run_iterates(
@@ -319,7 +328,7 @@ def conv_ista_bwd_ref(
     n_iter = step.shape[0]
     given_encoder = encoder_weight
     encoder_weight = weight if tied(encoder_weight) else encoder_weight
-    z0_given = z0.numel() > 0
+    given_z0 = z0
     z0 = zeros_if_empty(z0, x, weight, stride, padding)
     with torch.no_grad():
         zs = _restore_iterates(
@@ -358,7 +367,9 @@ def conv_ista_bwd_ref(
             else:
                 g_next = g_carry + grad_y
                 g_carry = torch.zeros_like(z0)
-        grad_z0 = g_next if z0_given else z0.new_empty(0)
+        # the gradient has z0's shape, also for a given z0 of an empty batch, whose numel is 0 too
+        grad_z0 = g_next if given_z0.numel() > 0 else given_z0.new_empty(given_z0.shape)
         if tied(given_encoder):  # the contract: weight's gradient holds both uses, the empty encoder gets an empty one
             grad_w, grad_we = grad_w + grad_we, torch.empty_like(given_encoder)
-    return grad_x, grad_w, grad_we, grad_lam, grad_step, grad_z0
+    # contiguous, as the fake and the other rows give them (zeros_like kept a channels-last or strided input's layout)
+    return tuple(_dense(g) for g in (grad_x, grad_w, grad_we, grad_lam, grad_step, grad_z0))
