@@ -93,7 +93,8 @@ def conv_ista_bwd(
     if checkpoint == 1:
         _check_code_like(op, "saved (z_1..z_{n-1} of the forward)", saved, (step.shape[0] - 1, *code_shape), x)
     if grad_z.numel() == 0:  # an empty code (conv_ista_fwd): every gradient is zero
-        return tuple(torch.zeros_like(t) for t in (x, weight, given_encoder, lam, step, z0))
+        # contiguous, as the fake's and the other path's (zeros_like kept a channels-last input's strides)
+        return tuple(t.new_zeros(t.shape) for t in (x, weight, given_encoder, lam, step, z0))
     z0_given = z0.numel() > 0
     recompute = checkpoint == 0
     if z0_given:

@@ -343,7 +343,8 @@ def conv_ista_fwd(
     n = step.shape[0]
     save = checkpoint == 1
     if z0.numel() == 0:  # an empty batch or no code channels: nothing to compute
-        return z0.clone(), z0.new_empty((n - 1, *z0.shape) if save else (0,))
+        # contiguous strides, as the fake's: a clone of the expanded zeros kept their (0, 0, 0, 0)
+        return z0.clone(memory_format=torch.contiguous_format), z0.new_empty((n - 1, *z0.shape) if save else (0,))
     g = _geom(x, weight, z0, stride, padding, n + 1 if save else _replay_ring(fista))
     fwd = _Forward(x, weight, encoder_weight, lam, step, z0, g, nonneg, fista)
     # The single-launch kernel also writes z_n into the ring; the per-iteration paths write it straight into z.
