@@ -104,3 +104,44 @@ def test_torchrun_cli_distributed_digits(tmp_path):
 
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and 0 <= metrics["accuracy"] <= 1
+
+
+def _hogwild_train(rank: int, model, steps: int) -> None:
+    torch.set_num_threads(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.3)
+    x = torch.randn(4, 3, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+
+
+def _norm_sq_by_fft(weight: torch.Tensor, grid: int = 128) -> float:
+    """||D||^2 of a stride-1 2-D convolution on large signals: the largest singular value of the dictionary's
+    response, squared, over a fine grid of frequencies (independent of the package's estimator)."""
+    response = torch.fft.fft2(weight, s=(grid, grid))  # (C_code, C_sig, f1, f2)
+    return float(torch.linalg.matrix_norm(response.permute(2, 3, 0, 1), ord=2).max() ** 2)
+
+
+def test_parent_sees_weights_a_worker_trained_through_shared_memory():
+    # Hogwild: the worker's optimiser steps write the shared weight without this process's version counters
+    from dsc_kernels.nn import ConvSparseCoding2d
+
+    torch.manual_seed(0)
+    model = ConvSparseCoding2d(3, 16, 5, n_iter=20, lam=0.01, backend="reference", dtype=torch.float64)
+    model.share_memory()
+    context = mp.start_processes(_hogwild_train, args=(model, 3), nprocs=1, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the worker did not finish in {TIMEOUT_S} s")
+    norm_sq = _norm_sq_by_fft(model.weight.detach())
+    saved = float(model.state_dict()["step"]) * norm_sq
+    model.eval()
+    with torch.no_grad():
+        model(torch.randn(2, 3, 12, 12, dtype=torch.float64))
+    used = float(model.step) * norm_sq
+    # before: 1.66 for both, the step of the weight before the worker's last Adam step
+    assert 0.97 < used < 1.01 and 0.97 < saved < 1.01, (used, saved)

@@ -387,8 +387,18 @@ class _ConvSparseCoding(_projection.Projected):
         if not torch.compiler.is_compiling():
             self._step_source = self._source()
 
+    def _weight_in_shared_memory(self) -> bool:
+        # Another process's writes (Hogwild training through torch.multiprocessing, share_memory()) change the
+        # values without this process's version counters: the parent's eval forward after its workers trained ran
+        # with the step of the weight before their last optimiser step (step * L = 1.66 after 3 Adam steps at lr
+        # 0.3, 3 -> 16 atoms 5x5: codes 4% off), and state_dict saved it. Such a weight is compared by values.
+        # CPU only: CUDA tensors count as shared always, and a value comparison there is a host sync.
+        return any(t.device.type == "cpu" and t.is_shared() for t in self._weight_tensors())
+
     def _step_is_stale(self) -> bool:
-        if self._weight_state() is None or self._is_current(getattr(self, "_step_source", None)):
+        if self._weight_state() is None:
+            return False
+        if self._is_current(getattr(self, "_step_source", None)) and not self._weight_in_shared_memory():
             return False
         if self._estimated_weight.shape == self.weight.shape and not bool(self._weight_changed()):
             # Another tensor or version holding the values the step was estimated from (functional_call with
@@ -443,7 +453,7 @@ class _ConvSparseCoding(_projection.Projected):
         taken every step (an average of the parameters) costs about what the next training forward's estimate does,
         not a cold estimate's 50 iterations. Within POWER_TOLERANCE of the next eval forward's cold re-estimate."""
         cached = self.__dict__.get("_checkpoint_step_cache")
-        if cached is not None and self._is_current(cached[0]):
+        if cached is not None and self._is_current(cached[0]) and not self._weight_in_shared_memory():
             return cached[1]
         inverse_lipschitz, _ = self._power_iterate(self._power_steps(cold=False), adaptive=True)
         step = inverse_lipschitz.reshape(self.step.shape).detach().clone()
