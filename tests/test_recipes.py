@@ -340,6 +340,18 @@ def test_cli_notes_an_out_folder_that_holds_an_earlier_run(cpu_only, monkeypatch
     assert (tmp_path / "used" / "denoise.png").read_text() == "x"  # noted, never deleted
 
 
+def test_cli_notes_no_earlier_run_for_the_empty_folders_another_rank_created(cpu_only, monkeypatch, tmp_path, capsys):
+    from dsc_kernels.__main__ import main
+
+    monkeypatch.setattr(
+        digits, "train", lambda *args, **kwargs: {"accuracy": 0.5, "sparsity": 0.5, "per_layer": {}, "seconds": 1.0}
+    )
+    for strategy in digits.STRATEGIES:  # what the other torchrun rank's create_out_folders leaves, fresh run
+        (tmp_path / "out" / strategy).mkdir(parents=True)
+    main(["train", "--recipe", "digits", "--strategy", "all", "--epochs", "1", "--out", str(tmp_path / "out")])
+    assert "already holds" not in capsys.readouterr().err
+
+
 def test_cli_accepts_good_edge_arguments_without_creating_anything(cpu_only, tmp_path):
     from dsc_kernels.recipes import cli
 

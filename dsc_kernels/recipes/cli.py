@@ -124,7 +124,9 @@ def _earlier_entries(out: Path, shown: int = 4) -> list[str]:
     """The first names in ``out`` (sorted) if it exists and is not empty, and how many more."""
     if not out.is_dir():
         return []
-    names = sorted(p.name for p in out.iterdir())
+    # Empty folders hold nothing to replace, and under torchrun another rank may have just created this run's own
+    # (`--strategy all`): a fresh distributed run noted "already holds baseline, dsc, l1, learned-threshold".
+    names = sorted(p.name for p in out.iterdir() if not (p.is_dir() and not any(p.iterdir())))
     return names[:shown] + ([f"{len(names) - shown} more"] if len(names) > shown else [])
 
 
