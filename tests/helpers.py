@@ -190,3 +190,19 @@ def rehearse_gpu_script(script: str, out: Path, timeout: float, **env: str) -> s
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def assert_conv_ista_fakes_match(ops, args: tuple) -> None:
+    """A conv-ISTA op pair's real forward and backward on `args` (the forward op's arguments) against its fakes: the
+    same shape, strides and dtype for z, saved and every gradient (torch.compile lays out what follows by the fakes)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    z, saved = ops.forward(*args)
+    grads = ops.backward(torch.randn_like(z), *args[:6], z, saved, *args[6:])
+    mode = FakeTensorMode()
+    with mode:
+        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+        fz, fsaved = ops.forward(*fake_args)
+        fgrads = ops.backward(torch.empty_like(fz), *fake_args[:6], fz, fsaved, *fake_args[6:])
+    for real, fake in zip((z, saved, *grads), (fz, fsaved, *fgrads)):
+        assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)

@@ -53,6 +53,16 @@ def _one_step(rank: int, world_size: int, port: int, backend: str, out: str) -> 
     engine.finish(run)
 
 
+def _join_or_fail(context, what: str) -> None:
+    """Wait for spawned processes; past TIMEOUT_S kill them and fail naming `what`."""
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{what} did not finish in {TIMEOUT_S} s")
+
+
 @pytest.mark.parametrize("backend", ["cpp"])
 def test_two_process_gloo_ddp_step_leaves_identical_parameters(backend, tmp_path):
     from dsc_kernels.functional import backend_unavailable_reason
@@ -64,12 +74,7 @@ def test_two_process_gloo_ddp_step_leaves_identical_parameters(backend, tmp_path
     context = mp.start_processes(
         _one_step, args=(2, _free_port(), backend, out), nprocs=2, join=False, start_method="spawn"
     )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the 2-process DDP step did not finish in {TIMEOUT_S} s")
+    _join_or_fail(context, "the 2-process DDP step")
     result = torch.load(out)
     rank0, rank1 = result["gathered"]
     assert torch.equal(rank0, rank1)  # gradients were all-reduced: both replicas took the same step
@@ -131,12 +136,7 @@ def test_parent_sees_weights_a_worker_trained_through_shared_memory():
     model = ConvSparseCoding2d(3, 16, 5, n_iter=20, lam=0.01, backend="reference", dtype=torch.float64)
     model.share_memory()
     context = mp.start_processes(_hogwild_train, args=(model, 3), nprocs=1, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the worker did not finish in {TIMEOUT_S} s")
+    _join_or_fail(context, "the worker")
     norm_sq = _norm_sq_by_fft(model.weight.detach())
     saved = float(model.state_dict()["step"]) * norm_sq
     model.eval()

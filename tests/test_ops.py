@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import conv_problem
+from helpers import assert_conv_ista_fakes_match, conv_problem
 
 from dsc_kernels.ops import op_pair
 from dsc_kernels.reference import conv_ista_ref
@@ -104,22 +104,11 @@ def test_conv_ista_fakes_give_the_real_strides(backend, batch, layout):
     backward fake kept a channels-last input's layout where cpp returns contiguous gradients; the reference ops
     returned a channels-last z, saved and gradients, and a (0,) gradient for a given z0 of an empty batch where the
     fake and cpp give z0's shape."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     torch.manual_seed(0)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(batch, 2, 7, 6, dtype=torch.float64).to(memory_format=fmt)
     weight = (0.3 * torch.randn(3, 2, 3, 3, dtype=torch.float64)).to(memory_format=fmt)
     z0 = torch.randn(batch, 3, 4, 3, dtype=torch.float64).to(memory_format=fmt)
     lam, step = torch.full((3, 3), 0.1, dtype=torch.float64), torch.full((3,), 0.2, dtype=torch.float64)
-    ops = op_pair("conv_ista", backend)
     args = (x, weight, torch.randn_like(weight), lam, step, z0, [2, 2], [1, 1], False, True, 1)
-    z, saved = ops.forward(*args)
-    grads = ops.backward(torch.randn_like(z), *args[:6], z, saved, *args[6:])
-    mode = FakeTensorMode()
-    with mode:
-        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
-        fz, fsaved = ops.forward(*fake_args)
-        fgrads = ops.backward(torch.empty_like(fz), *fake_args[:6], fz, fsaved, *fake_args[6:])
-    for real, fake in zip((z, saved, *grads), (fz, fsaved, *fgrads)):
-        assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)
+    assert_conv_ista_fakes_match(op_pair("conv_ista", backend), args)

@@ -22,7 +22,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from helpers import conv_problem, fista_through_an_infinite_code  # noqa: E402
+from helpers import assert_conv_ista_fakes_match, conv_problem, fista_through_an_infinite_code  # noqa: E402
 from tolerance import assert_close_by_rule  # noqa: E402
 
 import dsc_kernels.functional as DF  # noqa: E402
@@ -696,23 +696,12 @@ def test_autocast_runs_the_triton_ops_in_float32(device):
 def test_empty_batch_gives_the_fakes_strides(device):
     """An empty batch returned z as a clone of the expanded zeros standing for z0, strides (0, 0, 0, 0), and its
     gradients in a channels-last x's layout, where the fakes (and torch.compile after them) say contiguous."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     from dsc_kernels.ops import op_pair
 
-    ops = op_pair("conv_ista", "triton")
     weight = torch.randn(3, 2, 3, 3, device=device)
     z0 = torch.randn(0, 3, 4, 3, device=device)
     x = torch.randn(0, 2, 6, 5, device=device).to(memory_format=torch.channels_last)
     args = (x, weight, torch.randn_like(weight))
     args += (torch.full((2, 3), 0.1, device=device), torch.full((2,), 0.2, device=device), z0, [1, 1], [0, 0])
     args += (False, False, 1)
-    z, saved = ops.forward(*args)
-    grads = ops.backward(torch.randn_like(z), *args[:6], z, saved, *args[6:])
-    mode = FakeTensorMode()
-    with mode:
-        fake_args = tuple(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
-        fz, fsaved = ops.forward(*fake_args)
-        fgrads = ops.backward(torch.empty_like(fz), *fake_args[:6], fz, fsaved, *fake_args[6:])
-    for real, fake in zip((z, saved, *grads), (fz, fsaved, *fgrads)):
-        assert (real.shape, real.stride()) == (fake.shape, fake.stride())
+    assert_conv_ista_fakes_match(op_pair("conv_ista", "triton"), args)
