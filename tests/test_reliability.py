@@ -91,6 +91,18 @@ def test_padding_words(padding, expected):
         DF.conv_analysis(X, W, padding="full")
 
 
+def test_the_step_warning_fires_just_above_two_over_the_largest_atom_norm():
+    """The bound is 2 / max_c ||w_c||^2 (an atom inside the signal is a code with ||D e||^2 = ||w_c||^2): computed
+    here from the taps, a step 1.5x above it must warn and one 1% below must not (a bound loosened to 4/L passed
+    the 10x-too-large step of the test above)."""
+    bound = 2.0 / float((W**2).sum(dim=(1, 2, 3)).max())
+    with pytest.warns(RuntimeWarning, match="above 2/L"):
+        DF.conv_ista(X, W, 0.1, n_iter=1, padding=1, step=1.5 * bound, backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DF.conv_ista(X, W, 0.1, n_iter=1, padding=1, step=0.99 * bound, backend="reference")
+
+
 def test_a_step_above_two_over_L_warns():
     with pytest.warns(RuntimeWarning, match="above 2/L") as record:
         DF.conv_ista(X, W, 0.1, n_iter=2, padding=1, step=10.0, backend="reference")
