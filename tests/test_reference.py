@@ -298,3 +298,45 @@ def test_fista_first_momentum_is_no_term_at_all():
     r = x - F.conv_transpose2d(z1, w, padding=(0, 1))
     want = torch.relu(z1 + step[1] * F.conv2d(r, w, padding=(0, 1)) - step[1] * lam[1].view(1, -1, 1, 1))
     assert torch.equal(z.isnan(), want.isnan()) and torch.equal(z.isinf(), want.isinf())
+
+
+def test_zero_unread_zeros_exactly_the_entries_no_window_reads():
+    """Entry i (of n, padding p) is read when some code j in [0, (n + 2p - k) // s + 1) has j s - p <= i < j s - p + k,
+    counted here window by window. An all-inf signal (so the unread entries are not finite and zero_unread must
+    select) must keep inf exactly there and hold 0 elsewhere, on each axis of a 2-D signal."""
+    from dsc_kernels.reference.conv import zero_unread
+
+    cases = 0
+    for n, k, s, p in itertools.product(range(1, 9), range(1, 4), range(1, 5), range(3)):
+        if n + 2 * p < k:
+            continue
+        read = torch.zeros(n, dtype=torch.bool)
+        for j in range((n + 2 * p - k) // s + 1):
+            read[max(j * s - p, 0) : max(j * s - p + k, 0)] = True
+        for axis in (0, 1):
+            geometry = [[3, n], [1, k], [1, s], [0, p]] if axis else [[n, 3], [k, 1], [s, 1], [p, 0]]
+            size, kernel, stride, padding = geometry
+            x = torch.full((1, 1, *size), float("inf"), dtype=torch.float64)
+            got = zero_unread(x, kernel, stride, padding)
+            expected = read.view(1, 1, -1) if axis else read.view(1, 1, -1, 1)
+            assert torch.equal(got.isinf(), expected.expand_as(x)), (n, k, s, p, axis)
+            assert bool((got[~expected.expand_as(x)] == 0).all()), (n, k, s, p, axis)
+            cases += 1
+    assert cases > 500
+
+
+def test_absolute_threshold_is_applied_as_given_whatever_the_step():
+    """threshold= is the absolute t of z <- S_t(z + step E(x - D z)), not step * t: checked against the recurrence
+    written here with torch's own convolutions, for a step other than 1 (at step 1, t / step and t * step agree)."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 2, 9, 7, dtype=torch.float64)
+    w = torch.randn(3, 2, 3, 2, dtype=torch.float64) * 0.3
+    t = torch.tensor([0.05, 0.2, 0.0], dtype=torch.float64)
+    for step in (0.3, 0.05):
+        z = torch.zeros(2, 3, 5, 6, dtype=torch.float64)
+        for _ in range(4):
+            d = F.conv_transpose2d(z, w, stride=(2, 1), padding=(1, 0), output_padding=(0, 0))
+            u = z + step * F.conv2d(x - d, w, stride=(2, 1), padding=(1, 0))
+            z = torch.sign(u) * torch.clamp(u.abs() - t.view(1, -1, 1, 1), min=0)
+        got = DF.conv_ista(x, w, threshold=t, n_iter=4, step=step, stride=(2, 1), padding=(1, 0), backend="reference")
+        torch.testing.assert_close(got, z, rtol=1e-12, atol=1e-12)
