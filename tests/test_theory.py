@@ -92,6 +92,13 @@ def test_stability_bound_is_a_product_over_layers():
     assert theory.stability_bound(0.2, [2, 1], [0.1, 0.25])[1] == pytest.approx(2 * b[1])
 
 
+def test_stability_bound_at_the_exact_limit_is_inf():
+    # (2 s - 1) mu == 1 exactly (s = 1, mu = 1; s = 3, mu = 0.2) leaves a zero gap: 1 / (1 - 1) has no finite bound,
+    # so inf from that layer on, as for a violated condition (a gap of exactly 0 must not reach 2 / sqrt(gap))
+    assert theory.stability_bound(0.1, [1], [1.0]) == [math.inf]
+    assert theory.stability_bound(0.1, [2, 3, 1], [0.1, 0.2, 0.1])[1:] == [math.inf, math.inf]
+
+
 def test_ista_fista_bounds():
     assert theory.ista_objective_bound(4, 2.0, 1.0) == pytest.approx(0.25)
     assert theory.fista_objective_bound(3, 2.0, 1.0) == pytest.approx(0.25)
