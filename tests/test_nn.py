@@ -997,3 +997,37 @@ def test_a_new_weight_gets_its_own_step_back_after_functional_call(training):
     torch.func.functional_call(layer, {"weight": torch.randn_like(old)}, (x,))
     assert torch.equal(layer.state_dict()["step"], step)
     assert torch.equal(layer(x), want) and torch.equal(layer.step, step)
+
+
+def test_normalize_dictionary_leaves_a_zero_atom_zero():
+    # the docstring's "zero atoms stay zero": dividing by a zero norm would make that atom 0/0 = NaN, and every code
+    # (and the tracked step) with it
+    layer = ConvSparseCoding1d(2, 4, 3, backend="reference")
+    with torch.no_grad():
+        layer.weight.mul_(3.0)
+        layer.weight[1].zero_()
+    layer.normalize_dictionary_()
+    norms = layer.weight.detach().flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    assert torch.isfinite(layer.step).all()
+    assert torch.isfinite(layer(torch.randn(2, 2, 12))).all()
+
+
+def test_anisotropic_stride_and_padding_match_an_independent_ista():
+    # ISTA written out from the class docstring, stride and padding different per axis, on a square signal: a swap
+    # of stride or padding between H and W still runs (both codes fit), and only this comparison shows it
+    torch.manual_seed(0)
+    stride, padding, lam, step, n_iter = (1, 2), (2, 0), 0.05, 0.2, 4
+    layer = ConvSparseCoding2d(2, 3, (3, 5), stride=stride, padding=padding, n_iter=n_iter, lam=lam, step=step)
+    layer = layer.double()
+    x = torch.randn(2, 2, 11, 11, dtype=torch.float64)
+    w = layer.weight.detach()
+    z = torch.zeros(2, 3, (11 + 4 - 3) // 1 + 1, (11 - 5) // 2 + 1, dtype=torch.float64)
+    for _ in range(n_iter):
+        out_pad = [
+            n - ((nz - 1) * s - 2 * p + k) for n, nz, s, p, k in zip((11, 11), z.shape[2:], stride, padding, (3, 5))
+        ]
+        dz = torch.nn.functional.conv_transpose2d(z, w, stride=stride, padding=padding, output_padding=out_pad)
+        u = z + step * torch.nn.functional.conv2d(x - dz, w, stride=stride, padding=padding)
+        z = torch.sign(u) * torch.clamp(u.abs() - step * lam, min=0)
+    torch.testing.assert_close(layer(x), z)
