@@ -163,3 +163,27 @@ def test_row_statistics_encode_the_threshold_relative_to_the_row_max():
     assert (stats[..., 1] >= -1).all() and (stats[..., 1] < 0).all()
     p = torch.clamp(s - stats[..., :1] - stats[..., 1:], min=0)
     torch.testing.assert_close(p, sparsemax_ref(s))
+
+
+def test_hand_written_vjp_passes_no_gradient_from_a_nan_row():
+    # A NaN row's upstream gradient is often NaN itself (d/dO of O^2 at O = NaN): "such a row passes no gradient",
+    # so dq, dk and dv are those of the other rows alone, computed here from the math (sparsemax by bisection, its
+    # Jacobian diag(m) - m m^T / |S|), not from the reference.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n, 3, dtype=torch.float64) for n in (4, 5, 5))
+    q[0, 0, 0, 1] = float("nan")
+    g = torch.randn(1, 1, 4, 3, dtype=torch.float64)
+    g[0, 0, 0] = float("nan")
+    scale = 3**-0.5
+    out, stats = sparse_attention_fwd_ref(q, k, v, torch.zeros(1), None, "sparsemax", False, scale)
+    assert torch.isnan(out[0, 0, 0]).all() and torch.isfinite(out[0, 0, 1:]).all()
+    dq, dk, dv, _ = sparse_attention_bwd_ref(g, q, k, v, torch.zeros(1), None, stats, "sparsemax", False, scale)
+    qs, ks, vs, gs = q[0, 0, 1:], k[0, 0], v[0, 0], g[0, 0, 1:]
+    p = sparsemax_bisect(scale * qs @ ks.T)
+    on = (p > 0).double()
+    dp = (gs @ vs.T) * on
+    ds = on * (dp - dp.sum(-1, keepdim=True) / on.sum(-1, keepdim=True))
+    torch.testing.assert_close(dv[0, 0], p.T @ gs)
+    torch.testing.assert_close(dk[0, 0], scale * ds.T @ qs)
+    torch.testing.assert_close(dq[0, 0, 1:], scale * ds @ ks)
+    assert torch.equal(dq[0, 0, 0], torch.zeros(3, dtype=torch.float64))
