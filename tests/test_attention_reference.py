@@ -187,3 +187,28 @@ def test_hand_written_vjp_passes_no_gradient_from_a_nan_row():
     torch.testing.assert_close(dk[0, 0], scale * ds.T @ qs)
     torch.testing.assert_close(dq[0, 0, 1:], scale * ds @ ks)
     assert torch.equal(dq[0, 0, 0], torch.zeros(3, dtype=torch.float64))
+
+
+def test_hand_written_vjp_of_a_row_with_infinite_scores_moves_no_score():
+    # A row holding +inf scores shares its mass equally among them whatever the finite scores are: its P is
+    # constant, so it passes no score gradient (dq row 0, nothing to dk), while dv still gets P^T g. Expected
+    # values from the math: P row 0 = (0, 1/2, 0, 1/2), the other rows sparsemax by bisection and its Jacobian.
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 1, n, 3, dtype=torch.float64) for n in (3, 4, 4))
+    bias = torch.zeros(1, 1, 3, 4, dtype=torch.float64)
+    bias[0, 0, 0, 1] = bias[0, 0, 0, 3] = float("inf")
+    g = torch.randn(1, 1, 3, 3, dtype=torch.float64)
+    scale = 0.5
+    out, stats = sparse_attention_fwd_ref(q, k, v, torch.zeros(1), bias, "sparsemax", False, scale)
+    dq, dk, dv, _ = sparse_attention_bwd_ref(g, q, k, v, torch.zeros(1), bias, stats, "sparsemax", False, scale)
+    qs, ks, vs, gs = q[0, 0], k[0, 0], v[0, 0], g[0, 0]
+    p = sparsemax_bisect(scale * qs @ ks.T)
+    p[0] = torch.tensor([0.0, 0.5, 0.0, 0.5], dtype=torch.float64)
+    on = (p > 0).double()
+    dp = (gs @ vs.T) * on
+    ds = on * (dp - dp.sum(-1, keepdim=True) / on.sum(-1, keepdim=True))
+    ds[0] = 0.0
+    torch.testing.assert_close(out[0, 0], p @ vs)
+    torch.testing.assert_close(dv[0, 0], p.T @ gs)
+    torch.testing.assert_close(dq[0, 0], scale * ds @ ks)
+    torch.testing.assert_close(dk[0, 0], scale * ds.T @ qs)
