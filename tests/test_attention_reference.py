@@ -212,3 +212,20 @@ def test_hand_written_vjp_of_a_row_with_infinite_scores_moves_no_score():
     torch.testing.assert_close(dv[0, 0], p.T @ gs)
     torch.testing.assert_close(dq[0, 0], scale * ds @ ks)
     torch.testing.assert_close(dk[0, 0], scale * ds.T @ qs)
+
+
+def test_float32_scores_whose_unscaled_product_overflows_keep_their_values():
+    # scale q k^T with scale < 1: the scores (~4e37) fit float32, but q k^T itself (~4e38) does not, and a float32
+    # GEMM made both scores inf (a +inf row: P = 1/2, 1/2). Expected from float64: scores 4e37 and 3.9e37, far
+    # apart, so P = (1, 0) and O = v_0.
+    q = torch.full((1, 1, 1, 4), 1e19)
+    k = torch.full((1, 1, 2, 4), 1e19)
+    k[0, 0, 1, 0] = 0.9e19
+    v = torch.tensor([[[[1.0], [0.0]]]])
+    s = 0.1 * q.double()[0, 0] @ k.double()[0, 0].T
+    assert torch.isfinite(s.float()).all() and s[0, 0] - s[0, 1] > 1e35
+    for mode in ("sparsemax", "shrink"):
+        # sparsemax of two scores more than 1 apart is (1, 0) (bisection has no bits left at 4e37)
+        want = torch.tensor([[1.0, 0.0]], dtype=torch.float64) if mode == "sparsemax" else s.clamp(min=0)
+        got = sparse_attention_ref(q, k, v, mode=mode, scale=0.1)
+        torch.testing.assert_close(got[0, 0], (want @ v.double()[0, 0]).float())
