@@ -48,7 +48,7 @@ if DRY:  # Triton reads this when its kernels are first imported, below
 import torch  # noqa: E402
 
 import dsc_kernels.functional as DF  # noqa: E402
-from dsc_kernels.experiments import records, speed  # noqa: E402
+from dsc_kernels.experiments import measure, records, speed  # noqa: E402
 from dsc_kernels.triton import conv_ista as tci  # noqa: E402
 from dsc_kernels.triton.conv_ista import backward as tci_backward  # noqa: E402
 from dsc_kernels.triton.conv_ista import forward as tci_forward  # noqa: E402
@@ -141,9 +141,8 @@ def _conv_fns(w: speed.Workload, device: str) -> dict:
             padding=w.padding,
             backend="triton",
         )
-        if not cotangent:  # random, not sum(z): all ones hides a variant that reads grad_output at wrong positions
-            g = torch.randn(z.shape, generator=torch.Generator().manual_seed(1))
-            cotangent.append(g.to(z.device, z.dtype))
+        if not cotangent:  # random, not sum(z) (measure.random_cotangent says why)
+            cotangent.append(measure.random_cotangent(z))
         return list(torch.autograd.grad(z, (x, weight), cotangent[0]))
 
     return {"forward": forward, "forward_backward": training_step}

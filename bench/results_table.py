@@ -73,17 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     for option, path in (("--readme", args.readme), ("--full", args.full)):
         if path is not None and not path.is_file():  # read_text raised FileNotFoundError or IsADirectoryError
             parser.error(f"argument {option}: {path} is not a file")
-    empty = ["No benchmark runs under " + str(args.results)]
+    full = tables(args.results, args.latest)
     if args.readme is None and args.full is None:
-        print("\n".join(tables(args.results, args.latest) or empty))
+        print("\n".join(full or ["No benchmark runs under " + str(args.results)]))
         return 0
-    if not tables(args.results, args.latest):
+    if not full:
         parser.error(f"argument --results: no benchmark runs under {args.results}; the tables are left as they are")
     ok = True
     if args.readme is not None:
         ok &= replace_section(args.readme, tables(args.results, args.latest, summary=True))
     if args.full is not None:
-        ok &= replace_section(args.full, tables(args.results, args.latest))
+        ok &= replace_section(args.full, full)
     return 0 if ok else 1
 
 

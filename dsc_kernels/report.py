@@ -15,7 +15,6 @@ import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .experiments import EXPERIMENTS, ClaimResult
+from .experiments import EXPERIMENTS, ClaimResult, records
 from .experiments import attention_speed as A
 from .experiments import speed as S
 from .experiments.common import threads
@@ -182,21 +181,7 @@ def cpu_model() -> str:
 
 def machine_facts(device: str) -> dict:
     """What the report records about the run's machine, taken at its start."""
-    try:
-        if not (Path(__file__).resolve().parent.parent / ".git").exists():
-            raise OSError("not a checkout")  # installed: git would name the repository around the environment
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).parent,
-                timeout=10,
-            ).stdout.strip()
-            or "unknown"
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+    commit = records.git_commit(short=True)
     try:
         import triton
 

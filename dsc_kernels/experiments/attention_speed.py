@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .. import functional as DF
 from ..reference.attention import sparse_attention_ref, sparsemax_ref
-from .measure import Candidate, measure_providers, time_interleaved
+from .measure import Candidate, measure_providers, random_cotangent, time_interleaved
 from .tolerance import gate
 
 __all__ = [
@@ -182,8 +182,7 @@ def _rows_outputs(fn, q, k, v, rows: torch.Tensor | None, backward: bool, gen_se
         with torch.no_grad():
             return [pick(fn()).detach()]
     out = pick(fn())
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(gen_seed), dtype=torch.float64)
-    gq, gk, gv = torch.autograd.grad(out, (q, k, v), g.to(out.device, out.dtype))
+    gq, gk, gv = torch.autograd.grad(out, (q, k, v), random_cotangent(out, gen_seed))
     return [pick(gq).detach(), gk.detach(), gv.detach()]
 
 

@@ -72,6 +72,14 @@ class Timing:
         )
 
 
+def random_cotangent(like: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """A fixed random cotangent shaped, placed and typed like ``like`` (drawn in float64 on the CPU, so every device
+    and dtype sees the same values). Gradient checks use it rather than sum(z): an all-ones cotangent hides a backward
+    that reads grad_output at the wrong positions (a mirrored grad_output passes exactly)."""
+    g = torch.randn(like.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return g.to(like.device, like.dtype)
+
+
 def synchronize(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

@@ -76,7 +76,9 @@ CSV_COLUMNS = [
 ]
 
 
-def git_commit() -> str:
+def git_commit(short: bool = False) -> str:
+    """The commit of the code that runs: DSC_GIT_COMMIT (set where the tree is copied without .git), else git's
+    HEAD of this checkout (``short``: abbreviated), else "unknown"."""
     if os.environ.get("DSC_GIT_COMMIT"):
         return os.environ["DSC_GIT_COMMIT"]
     if not (ROOT / ".git").exists():
@@ -84,7 +86,8 @@ def git_commit() -> str:
         # environment (a project's .venv), recording that project's commit as this code's
         return "unknown"
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=ROOT)
+        command = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
+        out = subprocess.run(command, capture_output=True, text=True, timeout=10, cwd=ROOT)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -28,7 +28,7 @@ import torch
 from .. import functional as DF
 from ..reference import conv_ista_ref
 from . import records
-from .measure import Candidate, measure_memory, measure_providers, time_interleaved
+from .measure import Candidate, measure_memory, measure_providers, random_cotangent, time_interleaved
 from .tolerance import gate
 
 __all__ = [
@@ -234,10 +234,7 @@ def _outputs(fn, mode: str) -> list[torch.Tensor]:
             return [fn().detach()]
     x, w = fn.leaves
     z = fn()
-    # not sum(z): its all-ones cotangent hides a backward that reads grad_output at the wrong positions (a mirrored
-    # grad_output passed the gate exactly, 1.37x off in l2 under a random one)
-    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    return [t.detach() for t in torch.autograd.grad(z, (x, w), g.to(z.device, z.dtype))]
+    return [t.detach() for t in torch.autograd.grad(z, (x, w), random_cotangent(z))]
 
 
 def _eager_outputs(inputs: dict, mode: str, available: dict) -> list[list[torch.Tensor]]:

@@ -230,8 +230,7 @@ def forward_backward(fn: Callable[[], torch.Tensor], p: dict) -> Callable[[], No
 def _outputs(fn: Callable[[], torch.Tensor], p: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """fn's z and the gradients of <z, g> into p's leaves (g a fixed random cotangent)."""
     z = fn()
-    g = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(z.dtype)
-    return z.detach(), torch.autograd.grad((z * g).sum(), _leaves(p))
+    return z.detach(), torch.autograd.grad(z, _leaves(p), measure.random_cotangent(z))
 
 
 def _differences(got: tuple, want: tuple) -> dict:
