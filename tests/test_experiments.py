@@ -14,7 +14,7 @@ from dsc_kernels.data import barker_filter, conv_dictionary
 from dsc_kernels.experiments import enumeration as U
 from dsc_kernels.experiments import transformer as T
 from dsc_kernels.experiments.activations import kink_problem
-from dsc_kernels.experiments.common import threads
+from dsc_kernels.experiments.common import fit_slope, threads
 
 
 @cache
@@ -257,3 +257,17 @@ def test_uniqueness_of_orthogonal_atoms():
     """mu = 0 (a bound of inf) raised OverflowError in math.ceil; every support of orthogonal atoms is independent."""
     r = U.check_case(U.Case("orthogonal", torch.ones(1, 1, 2, dtype=torch.float64), (8,), stride=2))
     assert r["mu"] == 0 and r["s_coh"] == 2 and r["unique_below_bound"]
+
+
+@pytest.mark.parametrize(
+    "x, y",
+    [
+        ([0.0, 1.0, math.nan], [1.0, 2.0, 3.0]),
+        ([0.0, 1.0, 2.0], [1.0, math.nan, 3.0]),
+        ([0.0, 1.0, 2.0], [0.0, -math.inf, 1.0]),
+    ],
+)
+def test_fit_slope_of_non_finite_points_is_nan(x, y):
+    # The rate claims take log(error); an error of 0 or NaN must make the fit NaN (claim fails), never raise.
+    assert math.isnan(fit_slope(x, y))
+    assert fit_slope([0.0, 1.0, 2.0], [1.0, 3.0, 5.0]) == pytest.approx(2.0, abs=1e-12)

@@ -41,9 +41,10 @@ def threads(n: int) -> Iterator[None]:
 
 
 def fit_slope(x, y) -> float:
-    """Least-squares slope of y against x (both 1-D, at least two points; NaN otherwise)."""
+    """Least-squares slope of y against x (both 1-D, at least two points, all finite; NaN otherwise)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.size < 2 or np.ptp(x) == 0:
+    # LAPACK raises (or prints to stderr) on a non-finite input instead of returning NaN.
+    if x.size < 2 or not (np.isfinite(x).all() and np.isfinite(y).all()) or np.ptp(x) == 0:
         return float("nan")
     return float(np.polyfit(x, y, 1)[0])
 
