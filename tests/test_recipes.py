@@ -205,6 +205,7 @@ def test_report_section_reads_a_train_folder(tmp_path):
     lines, figures = training_section(tmp_path, quick=True, runs=tmp_path / "runs")
     table = "\n".join(lines)
     assert "| baseline |" in table and "| l1 |" in table and "+0.0 pts" in table
+    assert lines[-1].startswith("Not in ") and "learned-threshold, dsc" in lines[-1]  # two of four strategies ran
     assert figures and (tmp_path / figures[0][0]).read_bytes()[:4] == b"\x89PNG"
     lines, figures = training_section(tmp_path, quick=True, runs=tmp_path / "nothing-here")
     assert "Not measured" in lines[-1] and figures == []

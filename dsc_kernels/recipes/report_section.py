@@ -97,6 +97,9 @@ def training_section(
             + " | ".join("—" if v is None else f"{v:.3f}" for v in per_layer)
             + f" | {delta} | {m['epochs']} | {m['seconds']:.0f} |"
         )
+    if missing := [s for s in digits.STRATEGIES if s not in results]:
+        # an interrupted `--strategy all` run reads like a finished one with fewer strategies
+        lines += ["", f"Not in `{runs}`: {', '.join(missing)} (no metrics.json; an interrupted run?)."]
     name = "training_sparsity.png"
     _figure(results, Path(out_dir) / name)
     return lines, [(name, "digits: per-layer exact zeros per training strategy")]
