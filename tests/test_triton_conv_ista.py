@@ -705,3 +705,45 @@ def test_empty_batch_gives_the_fakes_strides(device):
     args += (torch.full((2, 3), 0.1, device=device), torch.full((2,), 0.2, device=device), z0, [1, 1], [0, 0])
     args += (False, False, 1)
     assert_conv_ista_fakes_match(op_pair("conv_ista", "triton"), args)
+
+
+def _fista_by_hand(x, w, we, lam, step, z0, stride, padding):
+    """forward.py's header written out in fp64 autograd, independent of the package's reference:
+    y_k = z_k + beta_k (z_k - z_{k-1}), u_k = y_k + step_k E(x - D y_k), z_{k+1} = S_{step_k lam_k}(u_k)."""
+    import torch.nn.functional as F
+
+    t, z_prev, z = [1.0], z0, z0
+    for _ in range(step.shape[0]):
+        t.append((1.0 + (1.0 + 4.0 * t[-1] ** 2) ** 0.5) / 2.0)
+    out_pad = [x.shape[2 + i] - ((z0.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + w.shape[2 + i]) for i in range(2)]
+    for k in range(step.shape[0]):
+        beta = 0.0 if k == 0 else (t[k - 1] - 1.0) / t[k]
+        y = z + beta * (z - z_prev)
+        r = x - F.conv_transpose2d(y, w, stride=stride, padding=padding, output_padding=out_pad)
+        u = y + step[k] * F.conv2d(r, we, stride=stride, padding=padding)
+        th = (step[k] * lam[k]).view(1, -1, 1, 1)
+        z_prev, z = z, torch.sign(u) * torch.clamp(u.abs() - th, min=0.0)
+    return z
+
+
+@pytest.mark.parametrize("recompute", [False, True], ids=["save", "recompute"])
+def test_fista_momentum_against_the_math(recompute, launch, device):
+    # FISTA's beta_k is 0 for k = 0 and 1, so the n_iter = 2 cases above never form a momentum: with 4 iterations
+    # (beta_2, beta_3 > 0) a momentum read from the wrong iterate, forward (the single-launch ring) or backward (the
+    # saved z_{k-1}), changes z and every gradient.
+    p = _problem(
+        rank=2, size=(5, 7), kernel=(3, 2), stride=(2, 1), padding=(1, 0), untied=True, fista=True, z0=True, n_iter=4
+    )
+    leaves = {k: p[k].detach().requires_grad_() for k in GRAD_NAMES}
+    z_ref = _fista_by_hand(
+        *(leaves[k] for k in ("x", "weight", "encoder_weight", "lam", "step", "z0")), p["stride"], p["padding"]
+    )
+    g = torch.randn(z_ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    g_ref = dict(zip(leaves, torch.autograd.grad((z_ref * g).sum(), list(leaves.values()))))
+    on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+    z, grads = _run(on_device, torch.float32, "triton", recompute)
+    assert torch.equal(z.cpu() != 0, z_ref != 0), "support differs"
+    torch.testing.assert_close(z.cpu().double(), z_ref.detach(), rtol=2e-4, atol=2e-5)
+    for name, ref in g_ref.items():
+        scale = ref.abs().max().item() + 1e-12
+        torch.testing.assert_close(grads[name].cpu().double(), ref, rtol=2e-4, atol=2e-5 * scale, msg=name)
