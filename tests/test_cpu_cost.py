@@ -108,6 +108,9 @@ def test_recompute_asks_auto_for_a_fused_backward(monkeypatch):
         ((64, 16, 8, 8), (16, 16, 3, 3), (1, 1), (1, 1), True),  # signal = code on an 8 x 8 code map
         ((8, 8, 64, 64), (16, 8, 3, 3), (1, 1), (1, 1), False),  # half a code, few channels on a large map
         ((128, 64, 4, 4), (512, 64, 4, 4), (1, 1), (0, 0), False),  # signal larger than the code
+        ((2, 32, 32, 32), (64, 32, 3, 3), (1, 1), (1, 1), True),  # half a code, exactly 32 signal channels
+        ((2, 8, 16, 16), (16, 8, 3, 3), (1, 1), (1, 1), True),  # half a code on a code map of exactly 16 x 16
+        ((2, 4, 32, 32), (16, 4, 3, 3), (1, 1), (1, 1), True),  # a signal exactly a quarter of a code
     ],
 )
 def test_keep_residuals_rule(xs, ws, stride, padding, keep):
@@ -181,3 +184,19 @@ def test_compiled_calls_keep_the_batch_and_signal_sizes_dynamic(backend):
         torch.testing.assert_close(compiled(x), module(x), rtol=1e-12, atol=1e-12)
         frames.append(counter.frame_count)
     assert frames == frames[:1] * 3  # nothing compiled after the first call
+
+
+def test_only_an_unpadded_kernel_covering_the_map_is_cpp_above_the_limit():
+    """64 -> 2048 channels with a 16 x 16 kernel on a 16 x 16 map: I = 64*256 * 2048*1 / (2048*1 + 64*256) = 1820,
+    above the limit, yet unpadded the convolution is one matrix product on the cpp side (the module docstring):
+    cpp. Padded by 1 the code map is 3 x 3 (I = 64*256 * 2048*9 / (2048*9 + 64*256) = 8674), no longer a matrix
+    product: the intensity rule holds and eager is taken. The full-map case of test_choice_by_key has I = 341, under
+    the limit, so it passed with the exemption dropped or the padding ignored."""
+    xs, ws = (2, 64, 16, 16), (2048, 64, 16, 16)
+    full = cpu_cost.ConvIstaKey(xs, ws, (1, 1), (0, 0), torch.float32, True)
+    assert full.intensity == pytest.approx(64 * 256 * 2048 / (2048 + 64 * 256))
+    assert full.intensity > cpu_cost.INTENSITY_LIMIT and cpu_cost.faster_on_cpu(full) == "cpp"
+    padded = cpu_cost.ConvIstaKey(xs, ws, (1, 1), (1, 1), torch.float32, True)
+    assert padded.code_size == (3, 3)
+    assert padded.intensity == pytest.approx(64 * 256 * 2048 * 9 / (2048 * 9 + 64 * 256))
+    assert cpu_cost.faster_on_cpu(padded) == "reference"
