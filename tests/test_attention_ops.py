@@ -407,3 +407,17 @@ def test_triton_refuses_head_dims_its_tiles_cannot_hold(monkeypatch):
         rtol=1e-5,
         atol=1e-5,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fakes_give_the_real_output_and_statistics(dtype):
+    """The module docstring: out (B, H, N, dv) in q's dtype, stats (B, H, N, 2) in float32 for half inputs. The
+    other tests' problems have d == dv and float32/float64 q, where a fake shaped by q's head dim or typed by q's
+    dtype looked right; torch.compile and FakeTensor tracing read these fakes."""
+    q, k, v, th = (t.detach() for t in _problem(9, 7, 16, torch.float32, dv=8))
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    forward = sa.op_pair("reference").forward
+    for device in ("cpu", "meta"):
+        out, stats = forward(q.to(device), k.to(device), v.to(device), th.to(device), None, "sparsemax", False, 0.3)
+        assert (out.shape, out.dtype) == ((1, 2, 9, 8), dtype), device
+        assert (stats.shape, stats.dtype) == ((1, 2, 9, 2), torch.float32), device
