@@ -2,6 +2,7 @@
 
 import ast
 import inspect
+import warnings
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,25 @@ def test_auto_on_cuda_takes_what_measured_faster(monkeypatch, recwarn):
     assert ops.select("conv_ista", "triton", cuda, torch.float32).name == "triton"
     assert ops.select("sparse_attention", "auto", cuda, torch.float16).name == "triton"
     assert not [w for w in recwarn if "dsc_kernels" in str(w.message)], "a table choice is no fallback: no warning"
+
+
+def test_auto_falls_back_to_the_reference_with_one_warning_saying_why(monkeypatch):
+    """The selection docstring: auto falls back to the reference "with a one-time warning when a preferred fused
+    backend cannot run". Simulated with a cpp build that failed: no test covered the warning, and the fallback ran
+    silently with it dropped."""
+    from dsc_kernels.ops import selection
+
+    reason = "the C++ extension did not build: simulated"
+    real = selection.unavailable_reason
+    monkeypatch.setattr(selection, "_warned", set())
+    monkeypatch.setattr(selection, "unavailable_reason", lambda f, n, d: reason if n == "cpp" else real(f, n, d))
+    monkeypatch.delenv("DSC_KERNELS_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    with pytest.warns(RuntimeWarning, match="not using cpp because the C\\+\\+ extension did not build: simulated"):
+        assert ops.select("conv_ista", "auto", cpu, torch.float32).name == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per backend, not per call
+        assert ops.select("conv_ista", "auto", cpu, torch.float64).name == "reference"
 
 
 @pytest.mark.parametrize("value", ["", "  "])
