@@ -69,6 +69,9 @@ def _call(**overrides):
         (dict(thresholds=[0.01, float("nan")]), ValueError, r"thresholds\[1\] must be finite"),
         (dict(steps=[1.0, 0.0]), ValueError, r"steps\[1\] must be > 0"),
         (dict(steps=[1.0, torch.ones(2, dtype=D)]), ValueError, r"steps\[1\] must have shape"),
+        # a per-layer value on another device than x (meta: the one other device every machine has)
+        (dict(thresholds=[0.01, torch.full((4,), 0.01, dtype=D, device="meta")]), ValueError, r"thresholds\[1\] is on"),
+        (dict(steps=[1.0, torch.ones((), dtype=D, device="meta")]), ValueError, r"steps\[1\] is on"),
         (dict(n_iter=-1), ValueError, "n_iter must be >= 0"),
         (dict(n_iter=1.5), TypeError, "n_iter must be an int"),
         (dict(strides=[2, "1"]), TypeError, "stride"),
