@@ -382,6 +382,21 @@ def test_mask_errors_name_the_argument():
         DF.sparse_attention(q, q, q, attn_mask=torch.zeros(3, 3, device="meta"))
 
 
+def test_argument_shapes_and_values_outside_the_contract_are_named():
+    """A 5-D attn_mask (its last four dims fit), a k of a smaller head dim than q's, a threshold of neither () nor
+    (H,), and scale 0 (every score 0): each a ValueError naming the argument, before any backend runs."""
+    q = torch.randn(2, 2, 3, 4)
+    with pytest.raises(ValueError, match="attn_mask must be broadcastable"):
+        DF.sparse_attention(q, q, q, attn_mask=torch.zeros(1, 2, 2, 3, 3))
+    with pytest.raises(ValueError, match="k must have q's head dim 4, got 3"):
+        DF.sparse_attention(q, q[..., :3], q)
+    for shape in ((3,), (1,)):
+        with pytest.raises(ValueError, match="threshold must be a float or a tensor of shape \\(H,\\)"):
+            DF.sparse_attention(q, q, q, mode="shrink", threshold=torch.full(shape, 0.1))
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        DF.sparse_attention(q, q, q, scale=0.0)
+
+
 @pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
 def test_a_learned_score_bias_gets_its_gradient(mode):
     """A float attn_mask / key_padding_mask that requires grad is differentiated (as nn.MultiheadAttention does):
