@@ -455,3 +455,22 @@ def test_real_data_loaders_name_the_extra_when_scikit_learn_is_missing(loader, m
     monkeypatch.setitem(sys.modules, "sklearn", None)  # what an import of a package that is not installed meets
     with pytest.raises(ImportError, match=r"pip install 'dsc_kernels\[train\]'"):
         loader()
+
+
+def test_subset_may_be_every_sample_but_not_one_more():
+    """subset == the samples there are takes them all; one more is refused (a slice would silently cap it)."""
+    from dsc_kernels.recipes import _args
+
+    assert _args.subset(10, 10) == 10
+    with pytest.raises(ValueError, match="subset must be at most the 10 training samples"):
+        _args.subset(11, 10)
+
+
+def test_cli_integer_checks_refuse_bools_and_take_both_ends():
+    """A Namespace built in Python skips argparse: True is no --threads or --seed (it would run 1 thread, seed 1)."""
+    from dsc_kernels import _cli_args
+
+    assert _cli_args.threads_problem(True) is not None
+    assert _cli_args.int_problem("--seed", False, 0, 10) is not None
+    assert _cli_args.threads_problem(_cli_args.MAX_THREADS) is None
+    assert _cli_args.threads_problem(_cli_args.MAX_THREADS + 1) is not None
