@@ -218,6 +218,78 @@ def test_huge_float64_init_is_projected_before_the_cast_to_float32(scale):
     torch.testing.assert_close(result.weight, want.weight)
 
 
+def _synthesis_norm2(weight, code_size, padding):
+    """||D||^2 of z -> conv_transpose(z, weight) by power iteration with its adjoint (a lower bound)."""
+    w = weight.double()
+    z = torch.randn(1, w.shape[0], *code_size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for _ in range(200):
+        z = torch.nn.functional.conv2d(torch.nn.functional.conv_transpose2d(z, w, padding=padding), w, padding=padding)
+        z = z / z.norm()
+    return float(torch.nn.functional.conv_transpose2d(z, w, padding=padding).norm() ** 2)
+
+
+def test_every_code_step_is_at_most_one_over_the_current_dictionary_norm(monkeypatch):
+    """ISTA on the codes needs step <= 1/||D||^2 of the dictionary it codes with. Atoms inside the ball grow by
+    orders of magnitude in the first dictionary sweep (here ||D||^2 from 0.03 to about 5), so a step kept from an
+    earlier dictionary is far too long."""
+    g = torch.Generator().manual_seed(0)
+    x, _ = highpass(torch.randn(3, 1, 16, 16, generator=g, dtype=torch.float64), 3)
+    init = torch.randn(6, 1, 4, 4, generator=g, dtype=torch.float64)
+    init = 0.05 * init / init.flatten(1).norm(dim=1)[:, None, None, None]
+    calls, conv_ista = [], DF.conv_ista
+
+    def spy(signal, weight, lam, **kwargs):
+        calls.append((kwargs["step"], _synthesis_norm2(weight, kwargs["z0"].shape[2:], kwargs["padding"])))
+        return conv_ista(signal, weight, lam, **kwargs)
+
+    monkeypatch.setattr(DF, "conv_ista", spy)
+    result = learn_conv_dictionary(x, 6, 4, 0.1, n_outer=4, init=init)
+    assert len(calls) == 4
+    for step, norm2 in calls:
+        assert step * norm2 <= 1 + 1e-9
+    assert all(b <= a for a, b in zip(result.objective, result.objective[1:]))
+
+
+def test_atoms_spanning_several_signal_channels_stay_in_the_unit_ball():
+    """An atom's norm is over all its signal channels: one whose first channel alone is inside the ball but whose
+    whole (C_sig, k, k) block is not must be projected."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 12, 12, generator=g, dtype=torch.float64)
+    init = torch.randn(4, 2, 3, 3, generator=g, dtype=torch.float64)
+    init[:, 0] *= 0.01
+    init[:, 1] *= 5
+    result = learn_conv_dictionary(x, 4, 3, 0.1, n_outer=2, init=init)
+    norms = result.weight.reshape(4, -1).pow(2).sum(dim=1).sqrt()
+    assert (norms <= 1 + 1e-9).all(), norms
+
+
+def test_reported_objective_is_the_lasso_value_per_signal():
+    """objective[-1] is sum_i 0.5 ||x_i - D z_i||^2 + lam ||z_i||_1 over B, for the returned atoms and codes."""
+    x = torch.randn(3, 1, 10, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lam = 0.2
+    result = learn_conv_dictionary(x, 4, 3, lam, n_outer=2, padding=1)
+    recon = torch.nn.functional.conv_transpose2d(result.codes, result.weight, padding=1)
+    value = (0.5 * (x - recon).pow(2).sum() + lam * result.codes.abs().sum()) / len(x)
+    assert math.isclose(result.objective[-1], float(value), rel_tol=1e-9)
+
+
+def test_seed_picks_the_initial_atoms():
+    """Without init the atoms start from random crops drawn with ``seed``: the same seed learns the same atoms,
+    another seed other ones."""
+    x = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    runs = [learn_conv_dictionary(x, 4, 3, 0.1, n_outer=1, seed=seed).weight for seed in (0, 0, 1)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.allclose(runs[0], runs[2])
+
+
+def test_photo_patches_have_unit_pixel_variance_each():
+    """Contrast normalisation is per crop: every patch, not the batch as a whole, has unit pixel variance."""
+    x = photo_patches(3, 16, seed=0)
+    assert x.shape == (6, 1, 16, 16)
+    std = x.double().flatten(1).var(dim=1).sqrt()
+    torch.testing.assert_close(std, torch.ones_like(std), rtol=1e-4, atol=0)
+
+
 def test_init_atoms_that_underflow_in_the_signals_dtype_raise():
     """A float64 init atom of 1e-50 is not zero, so it passed the zero-atom check, then became 0 in float32 x: a
     dead atom that never moved (zero codes, zero gradient), with no error."""
