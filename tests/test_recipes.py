@@ -529,3 +529,163 @@ def test_denoise_train_imports_its_baselines_before_training(broken, monkeypatch
     monkeypatch.setattr(engine, "fit", lambda *args, **kwargs: pytest.fail("trained"))
     with pytest.raises(ImportError, match=r"need scikit-image and PyWavelets: pip install 'dsc_kernels\[train\]'"):
         denoise.train("cscnet", 1, 0, tmp_path / "out", "reference", engine.start(False, "cpu"), subset=4)
+
+
+# ------------------------------------------------------------------- the data and metrics, against the math itself
+def _luma(name):
+    """A sample photograph in gray, straight from scikit-learn: ITU-R 601 luma of the RGB pixels / 255."""
+    from sklearn.datasets import load_sample_images
+
+    bunch = load_sample_images()
+    rgb = next(im for im, f in zip(bunch.images, bunch.filenames) if f.endswith(f"{name}.jpg"))
+    return torch.from_numpy(rgb.astype("float64") / 255.0) @ torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+
+
+def test_denoise_test_images_are_the_held_out_photograph_and_region():
+    images = denoise.test_images(0)
+    flower, _ = images["flower (unseen photograph)"]
+    china, _ = images["china right part (unseen region)"]
+    torch.testing.assert_close(flower[0, 0].double(), _luma("flower"), rtol=0, atol=1e-6)
+    # the columns no training patch touches: [480, 640)
+    torch.testing.assert_close(china[0, 0].double(), _luma("china")[:, 480:], rtol=0, atol=1e-6)
+
+
+def test_denoise_training_patches_come_from_the_training_region_only(monkeypatch):
+    images = []
+    random_patches = data.random_patches
+
+    def spy(image, *args):
+        images.append(image)
+        return random_patches(image, *args)
+
+    monkeypatch.setattr(data, "random_patches", spy)
+    patches = denoise.training_patches(0)
+    assert patches.shape == (denoise.PATCHES_PER_EPOCH, 1, denoise.PATCH, denoise.PATCH)
+    (region,) = images
+    torch.testing.assert_close(region.double(), _luma("china")[:, :480], rtol=0, atol=1e-6)
+
+
+def test_random_patches_reach_every_column_of_a_wide_image():
+    """Rows and columns are drawn over their own ranges: a wide image's right part must be reachable."""
+    image = torch.arange(200, dtype=torch.float32).expand(8, 200).contiguous()  # value = column index
+    patches = data.random_patches(image, 300, 4, torch.Generator().manual_seed(0))
+    first_column = patches[:, 0, 0, 0]
+    assert float(first_column.max()) > 150 and float(first_column.min()) < 50
+    assert torch.equal(patches[:, 0, 0], first_column[:, None] + torch.arange(4.0))
+
+
+def _record_fit(loader, epochs, scheduler_epochs=None, lr=0.1):
+    """engine.fit on a linear model whose loss is the mean of the batch's y: returns (history, lr seen per step)."""
+    model = nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, scheduler_epochs) if scheduler_epochs else None
+    seen = []
+
+    def loss_fn(net, x, y):
+        seen.append(optimizer.param_groups[0]["lr"])
+        return net.weight.sum() * 0 + y.double().mean()
+
+    history = engine.fit(
+        model, loader, loss_fn, optimizer, epochs, engine.Run(torch.device("cpu")), desc="t", scheduler=scheduler
+    )
+    return history, seen
+
+
+def test_fit_records_the_mean_loss_over_samples_not_batches():
+    y = torch.tensor([0.0, 0.0, 0.0, 0.0, 10.0])  # batches of 2, 2 and 1: batch means 0, 0, 10 (or 0, 5, 5 ...)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(5, 1), y), batch_size=2)
+    history, _ = _record_fit(loader, 1)
+    assert math.isclose(history[0]["loss"], 2.0, rel_tol=1e-12)  # 10 / 5 samples
+
+
+def test_fit_steps_the_scheduler_once_per_epoch():
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.zeros(4, 1), torch.zeros(4)), batch_size=2
+    )
+    _, seen = _record_fit(loader, 4, scheduler_epochs=4)
+    want = [0.1 * (1 + math.cos(math.pi * epoch / 4)) / 2 for epoch in range(4) for _ in range(2)]
+    assert seen == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_train_loader_shuffles_from_its_seed_alone():
+    x = torch.arange(40.0)[:, None]
+    run = engine.Run(torch.device("cpu"))
+
+    def order(seed, global_seed):
+        torch.manual_seed(global_seed)  # the global generator must not matter
+        return torch.cat([b for b, _ in engine.train_loader(x, x, 8, seed, run)]).flatten().tolist()
+
+    assert order(0, 1) == order(0, 2)
+    assert order(0, 1) != order(1, 1)
+    assert sorted(order(0, 1)) == x.flatten().tolist()
+
+
+class _Stopped(Exception):
+    pass
+
+
+@pytest.fixture
+def captured_fit(monkeypatch):
+    """engine.fit replaced by one that keeps its arguments and stops the recipe before any training."""
+    seen = {}
+
+    def fit(model, loader, loss_fn, optimizer, epochs, run, **kwargs):
+        seen.update(model=model, loss_fn=loss_fn, optimizer=optimizer, epochs=epochs, **kwargs)
+        raise _Stopped
+
+    monkeypatch.setattr(engine, "fit", fit)
+    return seen
+
+
+def test_denoise_training_noise_has_std_sigma_and_the_lr_anneals_over_the_epochs(captured_fit):
+    with pytest.raises(_Stopped):
+        denoise.train("cscnet", 5, 0, None, "reference", engine.Run(torch.device("cpu")), subset=16)
+    inputs = []
+
+    class Probe(nn.Module):
+        def forward(self, y):
+            inputs.append(y)
+            return y
+
+    clean = torch.full((4, 1, 32, 32), 0.5)
+    captured_fit["loss_fn"](Probe(), clean, clean)
+    assert math.isclose(float((inputs[0] - clean).double().std()), 25 / 255, rel_tol=0.03)
+    # cosine annealing from each group's lr to 0 over the run's 5 epochs, one scheduler step per epoch
+    optimizer, scheduler = captured_fit["optimizer"], captured_fit["scheduler"]
+    start = [group["lr"] for group in optimizer.param_groups]
+    for epoch in range(5):
+        for group, lr in zip(optimizer.param_groups, start):
+            assert math.isclose(group["lr"], lr * (1 + math.cos(math.pi * epoch / 5)) / 2, rel_tol=1e-9)
+        scheduler.step()
+
+
+@pytest.mark.parametrize("strategy", ["l1", "learned-threshold"])
+def test_digits_loss_is_cross_entropy_plus_the_l1_of_the_activations(strategy, captured_fit):
+    with pytest.raises(_Stopped):
+        digits.train(strategy, 1, 0, None, "auto", engine.Run(torch.device("cpu")), subset=32)
+    model = captured_fit["model"]
+    x, y = data.digits(0)[:2]
+    x, y = x[:8], y[:8]
+    loss = float(captured_fit["loss_fn"](model, x, y).detach())
+    with torch.no_grad():
+        h1 = model.conv1(x)
+        t1 = model.act1.threshold.reshape(1, -1, 1, 1) if strategy == "learned-threshold" else 0.0
+        h1 = (h1 - t1).clamp_min(0)
+        h2 = model.conv2(h1)
+        t2 = model.act2.threshold.reshape(1, -1, 1, 1) if strategy == "learned-threshold" else 0.0
+        h2 = (h2 - t2).clamp_min(0)
+        want = F.cross_entropy(model.head(h2.flatten(1)), y) + digits.L1_WEIGHT[strategy] * (h1.mean() + h2.mean())
+    assert math.isclose(loss, float(want), rel_tol=1e-5)
+
+
+def test_digits_dsc_renormalises_the_dictionaries_after_every_step(captured_fit):
+    with pytest.raises(_Stopped):
+        digits.train("dsc", 1, 0, None, "auto", engine.Run(torch.device("cpu")), subset=32)
+    layers = captured_fit["model"].sparse_coding.layers
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.mul_(3.0)
+    captured_fit["after_step"]()
+    for layer in layers:
+        norms = layer.weight.detach().double().reshape(len(layer.weight), -1).pow(2).sum(1).sqrt()
+        torch.testing.assert_close(norms, torch.ones_like(norms))
