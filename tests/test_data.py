@@ -67,6 +67,15 @@ def test_noise_l2_is_exact():
         D.dsc_problem(ds, 2, noise_std=0.1, noise_l2=0.3)
 
 
+def test_noise_std_is_the_standard_deviation_of_the_noise():
+    """noise_std is a standard deviation, not a variance: x - clean has that spread."""
+    ds = [D.conv_dictionary(D.barker_filter(7), 500)]
+    p = D.dsc_problem(ds, 2, batch=8, noise_std=0.3, seed=0)
+    e = (p.x - p.clean).double()
+    assert abs(float(e.mean())) < 0.02
+    assert math.isclose(float(e.std()), 0.3, rel_tol=0.03)
+
+
 # Feasible (code_size, channels, sparsity, min_separation, distinct placements expected over 120 draws), many as
 # tight as they can be: 3 entries 3 apart in 8 (greedy placement used to get stuck for 20 seeds in 50; 4 placements
 # exist), the unique packings 0, 3, 6 and 0..4, every slot at min_separation 0, 4 entries 3 apart in a 5 x 5 code
