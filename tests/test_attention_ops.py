@@ -421,3 +421,59 @@ def test_fakes_give_the_real_output_and_statistics(dtype):
         out, stats = forward(q.to(device), k.to(device), v.to(device), th.to(device), None, "sparsemax", False, 0.3)
         assert (out.shape, out.dtype) == ((1, 2, 9, 8), dtype), device
         assert (stats.shape, stats.dtype) == ((1, 2, 9, 2), torch.float32), device
+
+
+def _shrink_or_sparsemax_grads(q, k, v, theta, mode, g):
+    """O = P v and its gradients written from the math (float64 autograd, scale 1): P = relu(s - t), s = q k^T,
+    t = theta (shrink) or sparsemax's tau = (sum_S s - 1) / |S| on S = {s > tau} (found by sorting); relu' = 0 at 0,
+    so a score exactly at the threshold is outside the support."""
+    q, k, v, theta = (t.detach().clone().requires_grad_() for t in (q, k, v, theta))
+    s = q @ k.transpose(-1, -2)
+    if mode == "shrink":
+        t = theta.view(1, -1, 1, 1)
+    else:
+        srt = s.detach().sort(-1, descending=True).values
+        r = torch.arange(1, s.shape[-1] + 1, dtype=s.dtype)
+        size = ((1 + r * srt) > srt.cumsum(-1)).sum(-1, keepdim=True)
+        support = s.detach() >= srt.gather(-1, size - 1)
+        t = ((s * support).sum(-1, keepdim=True) - 1) / size
+    out = torch.relu(s - t) @ v
+    out.backward(g)
+    return out.detach(), q.grad, k.grad, v.grad, theta.grad
+
+
+@pytest.mark.parametrize("mode,keys,th", [("shrink", [0.5, 2.0, -1.0], 0.5), ("sparsemax", [1.0, 0.0, -5.0], 0.0)])
+def test_cpp_score_exactly_at_the_threshold_is_outside_the_support(mode, keys, th):
+    """Exact (dyadic) scores with one key at the threshold: P is 0 there, and the backward must leave it out of the
+    support as the forward does (sparsemax's mean over S and every ds would change otherwise)."""
+    _prepare("cpp")
+    ops = torch.ops.dsc_kernels
+    q = torch.ones(1, 1, 1, 1, dtype=torch.float64)
+    k = torch.tensor(keys, dtype=torch.float64).view(1, 1, 3, 1)
+    v = torch.tensor([[[[1.0, -2.0], [3.0, 0.5], [-1.5, 2.5]]]], dtype=torch.float64)
+    g = torch.tensor([[[[0.7, -1.3]]]], dtype=torch.float64)
+    theta = torch.tensor([th], dtype=torch.float64)
+    out, stats = ops.sparse_attention_fwd_cpp(q, k, v, theta, None, mode, False, 1.0)
+    got = ops.sparse_attention_bwd_cpp(g, q, k, v, theta, None, stats, mode, False, 1.0)
+    want = _shrink_or_sparsemax_grads(q, k, v, theta, mode, g)
+    torch.testing.assert_close(out, want[0], rtol=0, atol=1e-15)
+    want_theta = want[4] if mode == "shrink" else torch.zeros_like(theta)  # sparsemax has no threshold
+    for what, a, b in zip(("q", "k", "v", "threshold"), got, (*want[1:4], want_theta)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14, msg=f"d{what}")
+
+
+@pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpp_nan_bias_on_a_rows_last_visible_key_makes_the_row_nan(mode, causal):
+    """A NaN score makes its row NaN (csrc/cpu/sparse_attention.cpp), the row's last visible key included (M - 1, or
+    the diagonal when causal), and no other row."""
+    _prepare("cpp")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    theta = torch.tensor([0.1], dtype=torch.float64)
+    row, key = (2, 2) if causal else (1, 3)
+    bias = torch.zeros(1, 1, 4, 4, dtype=torch.float64)
+    bias[0, 0, row, key] = float("nan")
+    out, _ = torch.ops.dsc_kernels.sparse_attention_fwd_cpp(q, k, v, theta, bias, mode, causal, 1.0)
+    assert torch.isnan(out[0, 0]).all(-1).nonzero().flatten().tolist() == [row]
+    assert torch.isfinite(out[0, 0, [r for r in range(4) if r != row]]).all()
