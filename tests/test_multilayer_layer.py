@@ -120,3 +120,30 @@ def test_a_backend_without_multilayer_kernels_is_refused_at_construction():
     with pytest.raises(ValueError, match="backend 'triton' has no ml_ista kernels"):
         MultiLayerSparseCoding2d([1, 2], 3, mode="layered", untied_unfoldings=True, backend="triton")
     assert MultiLayerSparseCoding2d([1, 2], 3, mode="layered", backend="triton").backend == "triton"
+
+
+def test_untied_decode_uses_the_last_unfoldings_dictionaries():
+    """decode is D_1 ... D_L G_L with the last unfolding's filters W_j[-1], written out with conv_transpose2d."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    net = MultiLayerSparseCoding2d(
+        [2, 3, 4], [3, 2], strides=[2, 1], paddings=[1, 0], n_iter=2, untied_unfoldings=True, dtype=torch.float64
+    )
+    w1, w2 = (w.detach() for w in net.weights)
+    code = torch.randn(2, 4, 4, 3, dtype=torch.float64)  # 9 x 8 -> 5 x 4 -> 4 x 3
+    middle = F.conv_transpose2d(code, w2[-1])
+    want = F.conv_transpose2d(middle, w1[-1], stride=2, padding=1, output_padding=(0, 1))
+    assert want.shape == (2, 2, 9, 8)
+    torch.testing.assert_close(net.decode(code, (9, 8)), want, rtol=0, atol=1e-12)
+
+
+def test_initial_filters_scale_with_their_input_channels():
+    """W_j ~ 0.1 N(0, 1) / sqrt(C_j k^2), C_j the input channels of weights.j (C_{j+1}, C_j, k, k); B_j alike."""
+    torch.manual_seed(0)
+    net = MultiLayerSparseCoding2d([3, 40, 5], 4, input_encoders=True, dtype=torch.float64)
+    for filters in (net.weights, net.input_encoders):
+        for w, c_in in zip(filters, [3, 40]):
+            assert w.shape[1] == c_in
+            want = 0.1 / (c_in * 16) ** 0.5
+            assert abs(float(w.detach().std()) / want - 1) < 0.1, (c_in, float(w.detach().std()), want)
