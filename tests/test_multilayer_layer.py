@@ -147,3 +147,27 @@ def test_initial_filters_scale_with_their_input_channels():
             assert w.shape[1] == c_in
             want = 0.1 / (c_in * 16) ** 0.5
             assert abs(float(w.detach().std()) / want - 1) < 0.1, (c_in, float(w.detach().std()), want)
+
+
+def test_layered_mode_with_signed_codes_is_conv_ista_per_layer():
+    """mode="layered", nonneg=False: n_iter + 1 ISTA steps z <- S_t(z + c W^T (s - W z)) from zero on each layer,
+    t = -b, each layer's code the next one's signal, written out with F.softshrink."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    net = MultiLayerSparseCoding2d(
+        [1, 3, 4], 3, paddings=1, n_iter=3, mode="layered", nonneg=False, bias=-0.01, step=0.5, dtype=torch.float64
+    )
+    x = torch.randn(2, 1, 7, 6, dtype=torch.float64)
+    signal, want = x, []
+    for w in (w.detach() for w in net.weights):
+        z = torch.zeros(2, w.shape[0], 7, 6, dtype=torch.float64)
+        for _ in range(net.n_iter + 1):
+            residual = signal - F.conv_transpose2d(z, w, padding=1)
+            z = F.softshrink(z + 0.5 * F.conv2d(residual, w, padding=1), 0.01)
+        want.append(z)
+        signal = z
+    got = net(x)
+    assert all(bool((z < 0).any()) for z in want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
