@@ -1033,12 +1033,13 @@ def test_anisotropic_stride_and_padding_match_an_independent_ista():
     torch.testing.assert_close(layer(x), z)
 
 
-def test_deep_stack_gives_each_layer_its_own_threshold():
-    # per-layer thresholds reach their layer: a huge one silences only the layer it is given to
+@pytest.mark.parametrize("name", ["thresholds", "lams"])
+def test_deep_stack_gives_each_layer_its_own_threshold(name):
+    # per-layer thresholds (lams) reach their layer: a huge one silences only the layer it is given to
     torch.manual_seed(0)
     x = torch.randn(2, 1, 8, 8, dtype=torch.float64)
     options = dict(n_iter=2, relative=False, backend="reference", dtype=torch.float64)
-    g1, g2 = DeepSparseCoding2d([1, 4, 6], 3, thresholds=[0.0, 1e6], **options).eval()(x)
+    g1, g2 = DeepSparseCoding2d([1, 4, 6], 3, **{name: [0.0, 1e6]}, **options).eval()(x)
     assert bool((g1 > 0).any()) and bool((g2 == 0).all())
-    g1, g2 = DeepSparseCoding2d([1, 4, 6], 3, thresholds=[1e6, 0.0], **options).eval()(x)
+    g1, g2 = DeepSparseCoding2d([1, 4, 6], 3, **{name: [1e6, 0.0]}, **options).eval()(x)
     assert bool((g1 == 0).all())
