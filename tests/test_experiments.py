@@ -1,6 +1,8 @@
 """Each convergence claim in its quick form (the report and bench/test_convergence.py run the larger ones)."""
 
+import importlib
 import math
+import re
 from functools import cache
 
 import numpy as np
@@ -10,11 +12,18 @@ import torch
 import dsc_kernels.functional as DF
 from dsc_kernels import experiments as E
 from dsc_kernels import theory
-from dsc_kernels.data import barker_filter, conv_dictionary
+from dsc_kernels.data import barker_filter, conv_dictionary, dsc_problem
 from dsc_kernels.experiments import enumeration as U
 from dsc_kernels.experiments import transformer as T
 from dsc_kernels.experiments.activations import kink_problem
-from dsc_kernels.experiments.common import fit_slope, threads
+from dsc_kernels.experiments.common import IterateError, fit_slope, threads
+
+# the experiment modules by path: `experiments.three_layer` is the function of that name, not its module
+AC = importlib.import_module("dsc_kernels.experiments.activations")
+DP = importlib.import_module("dsc_kernels.experiments.deep")
+IS = importlib.import_module("dsc_kernels.experiments.ista")
+LS = importlib.import_module("dsc_kernels.experiments.lista")
+TL = importlib.import_module("dsc_kernels.experiments.three_layer")
 
 
 @cache
@@ -271,3 +280,244 @@ def test_fit_slope_of_non_finite_points_is_nan(x, y):
     # The rate claims take log(error); an error of 0 or NaN must make the fit NaN (claim fails), never raise.
     assert math.isnan(fit_slope(x, y))
     assert fit_slope([0.0, 1.0, 2.0], [1.0, 3.0, 5.0]) == pytest.approx(2.0, abs=1e-12)
+
+
+def test_three_layer_reports_each_layers_own_slope():
+    """Each layer's slope is fitted to that layer's error (S8-3: layer j at rate max_{i<=j} q_i). Fitting every layer
+    to layer 1's error, the fastest, reported layer 1's slope three times and passed."""
+    with threads(1):
+        r = TL.three_layer(quick=True, backend="reference")
+    reported = [float(v) for v in re.search(r"slopes \(([^)]*)\)", r.measured).group(1).split(",")]
+    K, err = np.array(r.curves["K"], dtype=float), np.array(r.curves["err"])
+    # docs/theory.md §4.3: q_j = (2 s_st,j - 1) mu_j, s_st = (3, 2, 1), mu = (1/13, 1/6, 1/2)
+    q = [(2 * 3 - 1) / 13, (2 * 2 - 1) / 6, (2 * 1 - 1) / 2]
+    for j in range(3):
+        live = err[:, j] > 1e-10  # the quick run's floors are ~1e-12
+        mine = np.polyfit(K[live], np.log(err[live, j]), 1)[0]
+        assert abs(reported[j] - mine) < 1e-3, (j, reported, mine)
+        assert mine <= np.log(max(q[: j + 1]))
+
+
+def test_three_layer_fails_on_a_false_positive(monkeypatch):
+    """S8-3 asserts a clean support at every layer: one off-support entry, all else unchanged, must fail it."""
+    lista_cp = TL.lista_cp
+
+    def one_false_positive(*args, **kwargs):
+        tr = lista_cp(*args, **kwargs)
+        tr.false_pos[-1] += 1
+        return tr
+
+    monkeypatch.setattr(TL, "lista_cp", one_false_positive)
+    with threads(1):
+        r = TL.three_layer(quick=True, backend="reference")
+    assert "false positives 0" not in r.measured and not r.holds
+
+
+def test_layer_propagation_fails_on_a_slower_rate(monkeypatch):
+    """S8: a layer-2 error under the (†) bound that decays slower than max q_j = 1/2 must fail the rate check.
+    Multiplying the measured error by K/K_max (<= 1, so the bound still holds) raises the fitted log-slope by about
+    0.2 above log(1/2)."""
+    cascade = DP._cascade
+    k_max = 12  # the quick run's largest K
+
+    def slower(p, s2, n_iter, backend, device):
+        e1, e2, machine = cascade(p, s2, n_iter, backend, device)
+        return e1, e2 * n_iter / k_max, machine
+
+    monkeypatch.setattr(DP, "_cascade", slower)
+    with threads(1):
+        r = DP.layer_propagation(quick=True, backend="reference")
+    good = r.curves["s2=1"]
+    assert (good["err2"] <= good["bound2"]).all()
+    live = good["err2"] > 1e-10
+    slope = np.polyfit(np.array(r.curves["K"], dtype=float)[live], np.log(good["err2"][live]), 1)[0]
+    assert slope > np.log(0.5)  # the injected error really decays slower than max q = max(3/13, 1/2)
+    assert not r.holds
+
+
+def test_layer_propagation_layer2_eta_is_the_layer1_error_seen_through_d2(monkeypatch):
+    """docs/theory.md §4.2: layer 2 sees layer 1's error as its noise, eta_2 = ||D_2^T (hat Gamma_1 - Gamma_1)||_inf.
+    Measuring that noise against layer 2's own input (eta_2 = 0 plus rounding) left layer 2's thresholds without
+    the noise term, and S8 still passed."""
+
+    calls = []
+    lista_cp = DP.lista_cp
+
+    def record(y, d, truth, n_iter, threshold, **kwargs):
+        tr = lista_cp(y, d, truth, n_iter, threshold, **kwargs)
+        calls.append((y, threshold, tr))
+        return tr
+
+    monkeypatch.setattr(DP, "lista_cp", record)
+    ds = DP._chain(True, torch.float64)
+    p = dsc_problem(ds, 1, batch=6, seed=4)
+    with threads(1):
+        DP._cascade(p, 1, 2, "reference", "cpu")  # two iterations: layer 1 still far from its code
+    (_, _, t1), (y2, threshold2, _) = calls
+    e = (t1.z - p.codes[0]).numpy()[:, 0]  # layer 1's error, (B, m1)
+    # D_2 = the pair filter [1, 1]/sqrt2, padding 0: (D_2^T e)_i = (e_i + e_{i+1})/sqrt2
+    mine = float(np.abs((e[:, :-1] + e[:, 1:]) / np.sqrt(2)).max())
+    assert mine > 1e-3
+    eta = threshold2(0, IterateError(0.0, 0.0))  # the oracle threshold mu*0 + eta
+    assert mine <= eta <= mine * (1 + 1e-9) + 1e-9
+
+
+def test_noise_floor_fails_above_c_eta(monkeypatch):
+    """S5 asserts floor <= C*eta besides the slope: errors 1000x larger (slope 1 in the noise unchanged) must fail."""
+    lista_cp = LS.lista_cp
+
+    def larger(*args, **kwargs):
+        tr = lista_cp(*args, **kwargs)
+        tr.err_l2 = tr.err_l2 * 1e3
+        return tr
+
+    monkeypatch.setattr(LS, "lista_cp", larger)
+    with threads(1):
+        r = LS.noise_floor(quick=True, backend="reference")
+    q = (2 * 3 - 1) / 13  # s = 3, Barker-13: mu = 1/13
+    c_eta = 2 * 3 / (1 - q) * r.curves["eta"]
+    assert (r.curves["floor"] > c_eta).all()
+    assert not r.holds
+
+
+def test_error_vs_depth_fails_on_a_slower_decay(monkeypatch):
+    """S7 asserts slope = log q +- 0.02 (q = 5/7): an error that approaches the same plateau at a rate e^0.06 slower,
+    still under the bound and flat at the end, must fail it."""
+    lista_cp = LS.lista_cp
+
+    def slower(*args, **kwargs):
+        tr = lista_cp(*args, **kwargs)
+        floor = tr.err_l2[-1:]
+        tr.err_l2 = floor + (tr.err_l2 - floor) * np.exp(0.06 * np.arange(len(tr.err_l2)))[:, None]
+        return tr
+
+    monkeypatch.setattr(LS, "lista_cp", slower)
+    with threads(1):
+        r = LS.error_vs_depth(quick=True, backend="reference")
+    slope = float(re.search(r"slope (-?[0-9.]+) over", r.measured).group(1))
+    assert 0.03 < slope - np.log(5 / 7) < 0.15, r.measured
+    assert "bound holds" in r.measured
+    assert not r.holds
+
+
+def test_transformer_blocks_fail_on_a_false_positive(monkeypatch):
+    """S10a/S10b assert a clean support: one off-support entry of 1e-300 in the last block (every error and the
+    equality with conv_ista unchanged) must fail both."""
+    call = T.ISTATransformer.__call__
+
+    def leaky(self, x, **kwargs):
+        out = call(self, x, **kwargs)
+        last = out[-1].clone()
+        first_zero = int(torch.nonzero(last[0, 0] == 0)[0])
+        last[0, 0, first_zero] = 1e-300
+        return [*out[:-1], last]
+
+    monkeypatch.setattr(T.ISTATransformer, "__call__", leaky)
+    with threads(1):
+        exact, soft = T.transformer_blocks(quick=True, backend="reference")
+    assert "false positives 0" not in exact.measured
+    assert not exact.holds and not soft.holds
+
+
+def test_objective_bounds_are_one_over_k_and_one_over_k_plus_one_squared():
+    """ISTA's bound L||z*||^2/(2k) at iterate k = 1..K and FISTA's 2L||z*||^2/(k+1)^2 (Beck-Teboulle): bound*k resp.
+    bound*(k+1)^2 is one constant. Indexing ISTA's bound from k = 0 gave iterate k the looser bound of k - 1."""
+    (r,) = quick("objective_rates")
+    k, ista = r.curves["k"], r.curves["ista_bound"]
+    assert k[0] == 1 and np.isfinite(ista).all()
+    np.testing.assert_allclose(ista * k, ista[0], rtol=1e-12)
+    fk, fista = r.curves["fista_k"], r.curves["fista_bound"]
+    np.testing.assert_allclose(fista * (fk + 1) ** 2, fista[0] * (fk[0] + 1) ** 2, rtol=1e-12)
+    # and the two share L||z*||^2: ISTA's constant is L||z*||^2/2, FISTA's 2L||z*||^2
+    assert fista[0] * (fk[0] + 1) ** 2 == pytest.approx(4 * ista[0], rel=1e-12)
+
+
+def test_backend_agreement_judges_against_float64():
+    """S6's yardstick is eager float32's error against the float64 reference: a reference computed in float32 makes
+    that error 0 and the check a comparison of float32 with float32."""
+    (r,) = quick("backend_agreement")
+    if "no fused backend" in r.measured:
+        pytest.skip("no fused backend on this machine")
+    eager = [float(v) for v in re.findall(r"\(eager ([0-9.e+-]+)\)", r.measured)]
+    assert eager and all(1e-9 < v < 1e-4 for v in eager), r.measured
+
+
+def test_stability_fails_when_the_worst_feasible_estimate_exceeds_the_bound(monkeypatch):
+    """S2 asserts the bound for the worst feasible estimate too, not only the practical one."""
+    worst_feasible = DP._worst_feasible
+    monkeypatch.setattr(DP, "_worst_feasible", lambda *a: 10 * worst_feasible(*a))
+    with threads(1):
+        r = DP.stability(quick=True)
+    assert (r.curves["worst"] > r.curves["bound"]).any() and (r.curves["err"] <= r.curves["bound"]).all()
+    assert not r.holds
+
+
+def test_three_layer_bound_is_the_chained_stripe_bound():
+    """docs/theory.md §4.3, chained: the recursion M_{k+1} <= q M_k + 2 eta from M_0 = B gives
+    M(K) = B q^K + 2 eta (1 - q^K)/(1 - q); layer j's eta is ||d_j||_1 M_{j-1}(K), with ||d_j||_1 of layer j's own
+    unit atom (Barker-13: sqrt 13; six Golomb taps: sqrt 6; a pair: sqrt 2), and layer 1's the rounding term."""
+
+    with threads(1):
+        r = TL.three_layer(quick=True, backend="reference")
+    ds = TL.chain(True, torch.float64)
+    p = dsc_problem(ds, 1, batch=4, min_separation=TL.separation(ds), seed=21)
+    q = [5 / 13, 3 / 6, 1 / 2]
+    l1 = [np.sqrt(13), np.sqrt(6), np.sqrt(2)]
+    amps = [float(c.abs().max()) for c in p.codes]
+    eta0 = 1e3 * np.finfo(np.float64).eps * float(p.x.abs().max())
+    for i, K in enumerate(r.curves["K"]):
+        prev = None
+        for j in range(3):
+            noise = 2 * eta0 if j == 0 else 2 * l1[j] * prev
+            prev = amps[j] * q[j] ** K + noise * (1 - q[j] ** K) / (1 - q[j])
+            assert r.curves["bound"][i, j] == pytest.approx(prev, rel=1e-9), (K, j)
+
+
+def test_activation_floor_width_is_two_root_n_over_one_minus_q():
+    """S9a/S9c's constant: 2 sqrt(n)/(1 - q), n = 40 code entries (quick), q = 5/13 (s = 3, Barker-13)."""
+    with threads(1):
+        bound, _, _ = AC.activation_floors(quick=True, backend="reference")
+    assert bound.curves["width"] == pytest.approx(2 * np.sqrt(40) / (1 - 5 / 13), rel=1e-12)
+
+
+def test_activation_phase_fails_on_a_slower_decay(monkeypatch):
+    """S9a asserts the smooth networks decay at the ReLU network's rate (within 2%): a smooth-activation error curve
+    approaching its floor e^0.05 slower per iteration must fail it."""
+    lista_cp = AC.lista_cp
+
+    def slower(*args, shrink=None, **kwargs):
+        tr = lista_cp(*args, shrink=shrink, **kwargs)
+        if shrink is not None:
+            floor = tr.err_l2[-1:]
+            tr.err_l2 = floor + (tr.err_l2 - floor) * np.exp(0.05 * np.arange(len(tr.err_l2)))[:, None]
+        return tr
+
+    monkeypatch.setattr(AC, "lista_cp", slower)
+    with threads(1):
+        bound, _, _ = AC.activation_floors(quick=True, backend="reference")
+    assert not bound.holds
+
+
+def test_lasso_bias_fails_half_a_percent_off_the_kkt_plateau(monkeypatch):
+    """S11 asserts plateau = KKT prediction to 1e-3: every sample's plateau 0.5% farther from its code (same support
+    and signs, slope 1 in lam unchanged) must fail it."""
+    problems, conv_ista, dsc_problem = [], IS.DF.conv_ista, IS.dsc_problem
+
+    def keep(*args, **kwargs):
+        problems.append(dsc_problem(*args, **kwargs))
+        return problems[-1]
+
+    def farther(*args, **kwargs):
+        z = conv_ista(*args, **kwargs)
+        if kwargs.get("fista"):
+            truth = problems[-1].codes[0]
+            z = truth + 1.005 * (z - truth)
+        return z
+
+    monkeypatch.setattr(IS, "dsc_problem", keep)
+    monkeypatch.setattr(IS.DF, "conv_ista", farther)
+    with threads(1):
+        r = IS.lasso_bias(quick=True, backend="reference")
+    rel = float(re.search(r"prediction − 1\| = ([0-9.e+-]+)", r.measured).group(1))
+    assert 4e-3 < rel < 6e-3, r.measured
+    assert not r.holds
