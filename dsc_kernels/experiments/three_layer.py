@@ -12,7 +12,8 @@ layer 3 the pair {0, 40}, mu 1/2. Deepest atoms are far apart, so s_st = (3, 2, 
 while the global counts (12, 2, 1) per deep atom break layer 1's global condition. Pursuit is layer-wise
 (docs/theory.md §3.2): K LISTA-CP iterations per layer with the stripe oracle threshold, each layer's estimate the
 next one's input. Predicted, layer by layer:
-    M_1(K) <= B_1 q_1^K + 2 eta_0/(1 - q_1),    M_j(K) <= B_j q_j^K + 2 ||d_j||_1 M_{j-1}(K)/(1 - q_j)
+    M_1(K) <= B_1 q_1^K + 2 eta_0 c_1(K),    M_j(K) <= B_j q_j^K + 2 ||d_j||_1 M_{j-1}(K) c_j(K),
+    c_j(K) = (1 - q_j^K)/(1 - q_j) <= 1/(1 - q_j)   (theory.stripe_error_bound; the recursion from M_j(0) <= B_j)
 (||D_j^T e||_inf <= ||d_j||_1 ||e||_inf: Hölder with the atom's l1 norm, not the pairing of a weight bound with
 ||e||_1), so layer j decays at the slowest rate max_{i<=j} q_i.
 """
