@@ -365,3 +365,124 @@ def test_attention_curves_time_providers_that_pass_the_gate(monkeypatch):
     assert not length["refused"] and not sparsity["refused"]
     assert all(math.isfinite(t) for p in length if p not in A.CURVE_KEYS for t in length[p])
     assert all(math.isfinite(t) for t in sparsity["fused shrink"])
+
+
+def test_median_is_the_middle_sample_or_the_mean_of_the_two_middle_ones():
+    # by hand: sorted [1, 2, 3, 4] -> (2 + 3) / 2; sorted [1, 5, 100] -> 5 (the mean would be 35.3)
+    assert M.Timing(samples_ms=[4.0, 1.0, 3.0, 2.0]).median_ms == 2.5
+    assert M.Timing(samples_ms=[100.0, 1.0, 5.0]).median_ms == 5.0
+    assert math.isnan(M.Timing().median_ms)
+
+
+def test_the_budget_stops_the_rounds_only_after_min_rounds():
+    fns = {name: (lambda: None) for name in "ab"}
+    t = time_interleaved(fns, "cpu", rounds=6, warmup=0, min_rounds=2, budget_s=0.0)  # the budget is spent at once
+    assert [x.n for x in t.values()] == [2, 2]
+    t = time_interleaved(fns, "cpu", rounds=6, warmup=0, min_rounds=2, budget_s=None)
+    assert [x.n for x in t.values()] == [6, 6]
+
+
+def test_a_provider_with_one_failing_verdict_of_several_is_never_timed():
+    """A step is checked by its gradient into x and into the weight: one of them wrong is a wrong provider."""
+    from dsc_kernels.experiments.tolerance import Verdict
+
+    calls = []
+    verdicts = [Verdict(True, 0.0, 0.0, 1.0, "grad x ok"), Verdict(False, 2.0, 0.0, 1.0, "grad weight off")]
+    candidates = {
+        "reference": lambda: M.Candidate(check=lambda: verdicts[:1], run=lambda: calls.append("reference")),
+        "cpp": lambda: M.Candidate(check=lambda: verdicts, run=lambda: calls.append("cpp")),
+    }
+    base = dict(suite="s", workload="w", mode="forward_backward", dtype="float32", params={})
+    ref, cpp = M.measure_providers(base, "cpu", candidates, rounds=1, warmup=0)
+    assert ref["status"] == "ok" and cpp["status"] == "wrong" and cpp["timing"] is None
+    assert "cpp" not in calls and [c["ok"] for c in cpp["check"]] == [True, False]
+
+
+class _WrongWeightGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 1.1 * grad
+
+
+def test_the_gate_checks_the_weight_gradient_too(monkeypatch):
+    """A step whose forward and gradient into x are right but whose gradient into the weight is 10% off."""
+    from dsc_kernels.reference import conv_ista_ref
+
+    real = S.provider_fn
+
+    def provider_fn(provider, inputs):
+        if provider != "cpp":
+            return real(provider, inputs)
+        i, x, w = inputs, inputs["x"], inputs["weight"]
+        lam = torch.full((i["n_iter"], w.shape[0]), i["lam"], dtype=x.dtype)
+        step = torch.full((i["n_iter"],), i["step"], dtype=x.dtype)
+
+        def run():
+            return conv_ista_ref(x, _WrongWeightGradient.apply(w), lam, step, stride=i["stride"], padding=i["padding"])
+
+        run.leaves = (x, w)
+        return run
+
+    monkeypatch.setattr(S, "provider_fn", provider_fn)
+    monkeypatch.setattr(S, "available_providers", lambda device: {p: None for p in S.PROVIDERS})
+    recs = {
+        r["provider"]: r
+        for r in S.measure_conv(
+            S.WORKLOADS["deep-layer"], "cpu", "forward_backward", ["reference", "cpp"], scale=0.125, rounds=1, warmup=0
+        )
+    }
+    assert recs["reference"]["status"] == "ok"
+    assert recs["cpp"]["status"] == "wrong" and recs["cpp"]["timing"] is None
+    assert [c["ok"] for c in recs["cpp"]["check"]] == [True, False]
+
+
+def test_ratios_are_against_the_fastest_baseline_of_the_group():
+    def rec(provider, ms, peak, status="ok", mode="forward_backward"):
+        t = M.Timing(samples_ms=[ms]) if ms is not None else None
+        base = dict(suite="s", workload="w", mode=mode, dtype="float32", params={})
+        return records.result(**base, provider=provider, status=status, timing=t, memory=M.MemoryUse(peak, 0, "m"))
+
+    recs = [
+        rec("reference", 10.0, 400),
+        rec("reference-channels_last", 5.0, 200),  # the eager baseline: the faster layout
+        rec("cpp", 2.0, 100),
+        rec("triton", 1.0, 50, status="wrong"),  # not timed: no ratio
+    ]
+    records.add_ratios(recs)
+    ref, cl, cpp, wrong = (r["ratios"] for r in recs)
+    # by hand: speedup = baseline ms / provider ms, memory = provider peak / baseline peak
+    assert cpp["speedup_vs_eager"] == 5.0 / 2.0 and cpp["eager_baseline"] == "reference-channels_last"
+    assert ref["speedup_vs_eager"] == 5.0 / 10.0 and cl["speedup_vs_eager"] == 1.0
+    assert cpp["train_peak_ratio_vs_eager"] == 100 / 200 and ref["train_peak_ratio_vs_eager"] == 400 / 200
+    assert "speedup_vs_eager" not in wrong
+
+
+def test_the_gpu_meter_resets_the_peak_before_the_call(monkeypatch):
+    """The CUDA allocator's peak is a running maximum: without a reset, a provider measured after a hungrier one
+    reported the other's peak. Faked allocator statistics (no GPU needed): 1000 bytes peaked before, 100 by fn."""
+    state = {"allocated": 50, "peak": 1000}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    monkeypatch.setattr(
+        torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=state["allocated"])
+    )
+
+    def fn():
+        state["allocated"] += 100  # scratch
+        state["peak"] = max(state["peak"], state["allocated"])
+        state["allocated"] -= 60  # 40 kept
+        return "out"
+
+    use = measure_memory(fn, "cuda")
+    assert (use.peak_bytes, use.retained_bytes) == (100, 40)
+
+
+def test_the_records_name_the_commit_given_where_the_tree_has_no_git(monkeypatch):
+    """A GPU lease gets the tree copied without .git and DSC_GIT_COMMIT set: the run document must name it."""
+    monkeypatch.setenv("DSC_GIT_COMMIT", "0123456789abcdef")
+    assert records.git_commit() == "0123456789abcdef" and records.environment("cpu")["commit"] == "0123456789abcdef"
