@@ -193,3 +193,111 @@ def test_main_rejects_an_empty_out_or_shapes_before_any_work(option, tmp_path, m
     err = capsys.readouterr().err
     assert excinfo.value.code == 2 and f"argument {option}:" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def _row(name, many_channel, **ratios):
+    """A measured row as measure_shape returns it, with the given ratios per provider."""
+    res = {"reference": {"forward": {"ms": 1.0}, "forward_backward": {"ms": 1.0}}}
+    for k, (fwd, fwd_bwd, mem) in ratios.items():
+        res[k] = {"fwd_ratio": fwd, "fwd_bwd_ratio": fwd_bwd, "mem_ratio": mem}
+    return {"shape": {"name": name}, "many_channel": many_channel, "results": res}
+
+
+def test_summary_worst_is_the_smallest_speedup_and_the_largest_memory_ratio():
+    import math
+
+    rows = [
+        _row("a", True, cpp=(2.0, 0.5, 0.8)),
+        _row("b", False, cpp=(0.5, 8.0, 3.0)),
+        _row("c", True, cpp=(4.0, 1.0, 1.2)),
+    ]
+    s = SW.summarize(rows)["cpp"]
+    # by hand: worst = min over shapes; geomean = (2 * 0.5 * 4) ** (1/3) = (0.5 * 8 * 1) ** (1/3) = 4 ** (1/3)
+    assert s["fwd_ratio"]["worst"] == 0.5 and s["fwd_ratio"]["worst_shape"] == "b"
+    assert s["fwd_bwd_ratio"]["worst"] == 0.5 and s["fwd_bwd_ratio"]["worst_shape"] == "a"
+    assert math.isclose(s["fwd_ratio"]["geomean"], 4 ** (1 / 3)) and math.isclose(
+        s["fwd_bwd_ratio"]["geomean"], 4 ** (1 / 3)
+    )
+    # memory over the many-channel shapes only ("b" is not one): the worst is the largest ratio
+    assert s["mem_ratio_many_channel"] == {"worst": 1.2}
+
+
+def test_measure_shape_ratios_are_eager_time_over_provider_time_and_memory_over_eager(monkeypatch):
+    from dsc_kernels.experiments import speed as S
+
+    ms = {"forward": {"reference": 10.0, "cpp": 5.0}, "forward_backward": {"reference": 20.0, "cpp": 40.0}}
+    calls = iter(["forward", "forward_backward"])
+
+    def timed(fns, rounds):
+        mode = next(calls)
+        return {k: {"ms": ms[mode][k], "min_ms": 0.0, "max_ms": 0.0} for k in fns}
+
+    peaks = iter([1000, 500, 300])  # reference; cpp; cpp in recompute mode
+    monkeypatch.setattr(SW, "_time_interleaved", timed)
+    monkeypatch.setattr(SW, "check_against_reference", lambda shape, providers: {})
+    monkeypatch.setattr(SW, "cpp_strategy", lambda shape: "direct")
+    monkeypatch.setattr(S, "train_step_peak_bytes", lambda fn, p, device: next(peaks))
+    shape = SW.SweepShape("tiny", (1, 2, 8, 8), (4, 2, 3, 3))
+    cpp = SW.measure_shape(shape, ("reference", "cpp"), rounds=1)["results"]["cpp"]
+    assert (cpp["fwd_ratio"], cpp["fwd_bwd_ratio"]) == (10.0 / 5.0, 20.0 / 40.0)
+    assert (cpp["mem_ratio"], cpp["mem_ratio_recompute"]) == (500 / 1000, 300 / 1000)
+
+
+def test_main_measures_with_the_thread_count_it_is_given(tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    seen = []
+    monkeypatch.setattr(SW, "run_sweep", lambda *a, **kw: seen.append(torch.get_num_threads()) or ([], {}))
+    monkeypatch.setattr(SW, "machine", lambda: {})
+    monkeypatch.setattr(SW, "markdown", lambda rows, summary, machine: "")
+    monkeypatch.setattr(SW, "figure", lambda rows, path: None)
+    try:
+        assert SW.main(["--out", str(tmp_path), "--quick", "--threads", str(wanted)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [wanted]
+
+
+class _WeightGradientOff(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight):
+        return weight.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 1.5 * grad
+
+
+def test_the_check_holds_the_weight_gradient_too(monkeypatch):
+    """z and the gradient into x exact, the gradient into the dictionary 50% off."""
+    from dsc_kernels import functional as DF
+
+    real = SW.provider_fn
+
+    def provider_fn(provider, shape, p, *, recompute=False):
+        if provider != "cpp":
+            return real(provider, shape, p, recompute=recompute)
+
+        def wrong():
+            w = _WeightGradientOff.apply(p["weight"])
+            kw = dict(n_iter=shape.n_iter, step=p["step"], stride=shape.stride, padding=shape.padding)
+            return DF.conv_ista(p["x"], w, p["lam"], backend="reference", **kw)
+
+        return wrong
+
+    monkeypatch.setattr(SW, "provider_fn", provider_fn)
+    with pytest.raises(AssertionError, match="cpp differs from the reference"):
+        SW.check_against_reference(TINY, ["cpp"])
+
+
+def test_the_float32_check_refuses_z_off_by_one_percent(monkeypatch):
+    """float32 z is held to rtol (2e-3) where the supports agree: an active entry 1% off is a wrong provider."""
+
+    def off_in_float32(z):
+        if z.dtype != torch.float32:
+            return z
+        return z + 1e-2 * max(1.0, z.detach().abs().max().item()) * (z.detach() != 0)
+
+    _cpp_is_the_reference_wrapped(monkeypatch, off_in_float32)
+    with pytest.raises(AssertionError, match="in float32"):
+        SW.check_against_reference(TINY, ["cpp"])
