@@ -70,3 +70,37 @@ def test_options_are_parsed_before_the_sweep(argv, budget, code, tmp_path):
     )
     assert proc.returncode == code and "usage:" in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert not (tmp_path / "out").exists() and "Traceback" not in proc.stderr
+
+
+def test_a_variant_is_timed_only_when_it_computes_the_default_result_and_its_speedup_is_default_over_it(monkeypatch):
+    """Sweep.group with faked timings (no GPU): the default takes 4 ms; a variant 5% off is "wrong" and never timed;
+    the others' speedups are the default's ms over theirs."""
+    import contextlib
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "gpu_tune", Path(__file__).resolve().parents[1] / "bench" / "gpu_tune.py"
+    )
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    monkeypatch.setattr(tune, "DRY", False)  # as on a lease: the variants are timed
+    times = iter([4.0, 2.0, 8.0])
+    monkeypatch.setattr(tune, "_time_ms", lambda fn: next(times))
+    scale = {"now": 1.0}
+
+    @contextlib.contextmanager
+    def scaled(s):
+        scale["now"] = s
+        try:
+            yield
+        finally:
+            scale["now"] = 1.0
+
+    sweep = tune.Sweep(budget_s=600)
+    variants = [("fast", scaled(1.0)), ("off", scaled(1.05)), ("slow", scaled(1.0 + 1e-6))]
+    sweep.group("g", "w", "forward", lambda: [torch.arange(1.0, 11.0) * scale["now"]], variants)
+    by = {r["variant"]: r for r in sweep.records}
+    assert by["default"]["ms"] == 4.0 and by["off"]["status"] == "wrong" and "ms" not in by["off"]
+    assert (by["fast"]["speedup"], by["slow"]["speedup"]) == (4.0 / 2.0, 4.0 / 8.0)
