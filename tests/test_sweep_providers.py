@@ -301,3 +301,31 @@ def test_the_float32_check_refuses_z_off_by_one_percent(monkeypatch):
     _cpp_is_the_reference_wrapped(monkeypatch, off_in_float32)
     with pytest.raises(AssertionError, match="in float32"):
         SW.check_against_reference(TINY, ["cpp"])
+
+
+def test_bench_network_speed_restores_the_thread_count(monkeypatch):
+    """bench/test_speed_networks.py set DSC_BENCH_THREADS threads and kept them: the session's run document, written
+    at its end, then named that count for the conv and attention records measured before with the session's own."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_test_speed_networks", Path(__file__).parents[1] / "bench" / "test_speed_networks.py"
+    )
+    networks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(networks)
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    monkeypatch.setenv("DSC_BENCH_THREADS", str(wanted))
+    seen = []
+    monkeypatch.setattr(networks, "measure", lambda workload, rounds: seen.append(torch.get_num_threads()) or {})
+    monkeypatch.setattr(networks, "table", lambda workload, result: "")
+    monkeypatch.setattr(networks, "build", lambda workload, provider: (None, lambda: None, None))
+    benchmark = SimpleNamespace(extra_info={}, pedantic=lambda fn, **kw: fn())
+    try:
+        networks.test_published_network_speed(benchmark, "cpu", "cscnet")
+    finally:
+        after = torch.get_num_threads()
+        torch.set_num_threads(before)
+    assert seen == [wanted] and after == before
