@@ -296,3 +296,154 @@ def test_an_interrupted_rerun_leaves_no_earlier_report_beside_its_figures(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         R.run_report(args)
     assert not (tmp_path / "REPORT.md").exists()
+
+
+# ------------------------------------------------------------------ the report's rendering, on canned results
+# test_quick_report runs everything but cannot tell a PASS row from a FAIL one, nor which option reached which
+# experiment: these feed run_report canned results (seconds) and read REPORT.md back against what was fed in.
+def _canned_report(tmp_path, monkeypatch, **arg_overrides):
+    """run_report with every experiment replaced; returns (REPORT.md text, what each stage was called with)."""
+    from dsc_kernels.experiments import ClaimResult
+    from dsc_kernels.recipes import report_section
+
+    calls = {"claims": []}
+
+    def holds(**kwargs):
+        calls["claims"].append(kwargs)
+        return ClaimResult(id="A", claim="a holds", theory="t", measured="m", holds=True, source="s")
+
+    def fails(**kwargs):
+        return ClaimResult(id="B", claim="b fails", theory="t", measured="m", holds=False, source="s")
+
+    def raises(**kwargs):
+        raise RuntimeError("boom")
+
+    def two(**kwargs):
+        return [
+            ClaimResult(id="D1", claim="d1", theory="t", measured="m", holds=True, source="s"),
+            ClaimResult(id="D2", claim="d2", theory="t", measured="m", holds=False, source="s"),
+        ]
+
+    monkeypatch.setattr(R, "EXPERIMENTS", {"A": holds, "B": fails, "C": raises, "D": two})
+    facts = dict(R.machine_facts("cpu"), load=(9.0, 1.0, 1.0), cpus=2, threads=3)
+    monkeypatch.setattr(R, "machine_facts", lambda device: facts)
+    monkeypatch.setattr(R, "_load_extension", lambda device: "")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def speed(quick, device, bar):
+        calls["speed"] = (quick, device)
+        rows = [dict(workload="w", provider="reference", fwd_ms=10.0, fwd_bwd_ms=40.0, train_peak_bytes=2**20)]
+        rows.append(dict(workload="w", provider="cpp", fwd_ms=2.0, fwd_bwd_ms=5.0, train_peak_bytes=2**19))
+        rows[1].update(fwd_speedup=5.0, fwd_bwd_speedup=8.0, train_peak_ratio=0.5)
+        return rows, {}
+
+    def attention(quick, device, bar):
+        calls["attention"] = (quick, device)
+        return {"error": "canned"}
+
+    def training(out_dir, *, quick, runs=None, backend="auto"):
+        calls["training"] = (quick, runs)
+        return ["", "## Training (canned)"], []
+
+    monkeypatch.setattr(R, "_run_speed", speed)
+    monkeypatch.setattr(R, "_run_attention", attention)
+    monkeypatch.setattr("dsc_kernels.report_figures.make_figures", lambda *args: [])
+    monkeypatch.setattr(report_section, "training_section", training)
+    args = dict(out=str(tmp_path), quick=True, device="cuda", backend="reference", training_runs="runs-folder")
+    args.update(arg_overrides)
+    path = R.run_report(argparse.Namespace(**args))
+    return path.read_text(), calls
+
+
+def test_report_rows_say_which_claims_hold_and_count_them(tmp_path, monkeypatch):
+    text, _ = _canned_report(tmp_path, monkeypatch)
+    holds = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 7 and cells[0] in ("A", "B", "C", "D1", "D2"):
+            holds[cells[0]] = cells[4]
+    # every claim has its row, a raised experiment included (as a failure naming the error)
+    assert holds == {"A": "yes", "B": "**no**", "C": "**no**", "D1": "yes", "D2": "**no**"}
+    assert "error: RuntimeError: boom" in text
+    assert "2/5 claims hold" in text
+
+
+def test_report_passes_its_options_on_to_every_stage(tmp_path, monkeypatch):
+    text, calls = _canned_report(tmp_path, monkeypatch)
+    assert calls["claims"] == [dict(quick=True, backend="reference", device="cuda", dtype=torch.float32)]
+    assert calls["speed"] == (True, "cuda") and calls["attention"] == (True, "cuda")
+    assert calls["training"] == (True, "runs-folder")
+    _, calls = _canned_report(tmp_path, monkeypatch, quick=False, device="cpu", backend="cpp", training_runs=None)
+    assert calls["claims"] == [dict(quick=False, backend="cpp", device="cpu", dtype=torch.float64)]
+    assert calls["speed"] == (False, "cpu") and calls["training"] == (False, None)
+
+
+def test_report_speed_rows_keep_their_columns_and_the_busy_flag(tmp_path, monkeypatch):
+    text, _ = _canned_report(tmp_path, monkeypatch)
+    assert "| w | cpp | 2.00 | 5.00 | 5.00× | 8.00× | 0.5 (0.50×) |" in text
+    assert "torch threads 3" in text and "2 cores" in text
+    assert "busy (1-minute load 9.00 on 2 cores)" in text  # the load at the start reaches the sanity checks
+
+
+def test_only_a_full_cpu_report_compares_its_speed_ups_with_the_readme(tmp_path, monkeypatch):
+    """A --quick run (a quarter of the batch, one workload) has no speed-ups comparable with the published table."""
+    (tmp_path / "checkout").mkdir()
+    table = ["| workload | provider | × eager (fwd / fwd+bwd) |", "| --- | --- | --- |", "| `w` | `cpp` | 100 / 100 |"]
+    (tmp_path / "checkout" / "README.md").write_text("\n".join(table) + "\n")
+    monkeypatch.setattr(R, "ROOT", tmp_path / "checkout")
+    text, _ = _canned_report(tmp_path / "quick", monkeypatch, device="cpu")
+    assert "contradicts" not in text
+    text, _ = _canned_report(tmp_path / "full", monkeypatch, device="cpu", quick=False)
+    assert "w / cpp: forward speed-up 5.00× here contradicts the README's 100.00×" in text
+
+
+def test_machine_facts_record_torch_threads_not_the_core_count():
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            assert R.machine_facts("cpu")["threads"] == n
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_speed_section_times_the_quick_rounds_it_quotes(monkeypatch):
+    from dsc_kernels.experiments import speed as S
+
+    seen = []
+
+    def measure(workload, device, mode, providers, rounds, scale):
+        seen.append((device, rounds, scale))
+        ok = dict(status="ok", timing=dict(median_ms=1.0 if mode == "forward" else 3.0, n=rounds))
+        return [dict(ok, provider=p, memory=dict(peak_bytes=100)) for p in providers]
+
+    available = {p: None if p in ("reference", "cpp") else "not here" for p in S.PROVIDERS}
+    monkeypatch.setattr(S, "available_providers", lambda device: available)
+    monkeypatch.setattr(S, "measure_conv", measure)
+
+    class Bar:
+        def set_postfix_str(self, s):
+            pass
+
+        def update(self, n):
+            pass
+
+    rows, _ = R._run_speed(True, "cpu", Bar())
+    assert {(d, r) for d, r, _ in seen} == {("cpu", R.speed_repetitions(True))} and R.speed_repetitions(True) == 3
+    assert [r["provider"] for r in rows] == ["reference", "cpp"] and rows[1]["fwd_speedup"] == 1.0
+
+
+def test_speed_figure_labels_each_providers_bars_with_its_own_name(tmp_path, monkeypatch):
+    from dsc_kernels import report_figures as RF
+
+    figs = []
+    monkeypatch.setattr(RF, "_save", lambda fig, out_dir, name: figs.append(fig) or name)
+    rows = [
+        dict(workload=w, provider=p, fwd_speedup=s, fwd_bwd_speedup=s / 2)
+        for w, base in (("w1", 1.0), ("w2", 10.0))
+        for p, s in (("reference", base), ("cpp", base * 3), ("triton", base * 7))
+    ]
+    RF._speed(rows, tmp_path)
+    for ax, key in zip(figs[0].axes, ("fwd_speedup", "fwd_bwd_speedup")):
+        bars = {c.get_label(): [b.get_height() for b in c] for c in ax.containers}
+        assert bars == {p: [r[key] for r in rows if r["provider"] == p] for p in ("reference", "cpp", "triton")}
