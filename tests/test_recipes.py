@@ -689,3 +689,45 @@ def test_digits_dsc_renormalises_the_dictionaries_after_every_step(captured_fit)
     for layer in layers:
         norms = layer.weight.detach().double().reshape(len(layer.weight), -1).pow(2).sum(1).sqrt()
         torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_report_section_table_rows_from_known_metrics(tmp_path):
+    """Each row's columns against metrics written by hand: zeros vs baseline is this strategy's minus the baseline's."""
+    from dsc_kernels.recipes.report_section import training_section
+
+    runs = tmp_path / "runs"
+    for strategy, sparsity, epochs, seconds in (("baseline", 0.25, 7, 12.0), ("dsc", 0.75, 9, 40.0)):
+        (runs / strategy).mkdir(parents=True)
+        metrics = dict(recipe="digits", strategy=strategy, accuracy=0.9, sparsity=sparsity, epochs=epochs)
+        metrics.update(seconds=seconds, per_layer={"layer1": 0.5, "layer2": 0.125})
+        (runs / strategy / engine.METRICS_FILE).write_text(json.dumps(metrics))
+    lines, _ = training_section(tmp_path, quick=True, runs=runs)
+    assert "| baseline | 0.900 | 0.250 | 0.500 | 0.125 | +0.0 pts | 7 | 12 |" in lines
+    assert "| dsc | 0.900 | 0.750 | 0.500 | 0.125 | +50.0 pts | 9 | 40 |" in lines
+    assert lines[-1] == f"Not in `{runs}`: l1, learned-threshold (no metrics.json; an interrupted run?)."
+
+
+def test_cli_passes_every_option_on_to_the_training(cpu_only, monkeypatch, tmp_path):
+    from dsc_kernels.__main__ import main
+
+    seen = {}
+
+    def train(name, epochs, seed, out, backend, run):
+        seen[name] = (epochs, seed, out, backend, run)
+        return dict(accuracy=0.5, sparsity=0.5, per_layer={}, seconds=1.0)
+
+    class Run:
+        is_main = True
+
+    monkeypatch.setattr(digits, "train", train)
+    monkeypatch.setattr(engine, "torchrun_missing", lambda: None)
+    monkeypatch.setattr(engine, "finish", lambda run: None)
+    for distributed in (True, False):
+        seen.clear()
+        argv = ["train", "--recipe", "digits", "--strategy", "dsc", "--epochs", "2", "--seed", "7"]
+        argv += ["--backend", "reference", "--device", "cpu", "--out", str(tmp_path)]
+        monkeypatch.setattr(engine, "start", lambda d, device: seen.__setitem__("start", (d, device)) or Run())
+        main(argv + (["--distributed"] if distributed else []))
+        assert seen["start"] == (distributed, "cpu")
+        assert seen["dsc"][:4] == (2, 7, tmp_path, "reference")
+
