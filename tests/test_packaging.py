@@ -216,3 +216,48 @@ def test_the_cache_variable_empty_or_with_a_tilde_names_no_folder_in_the_current
     expected = tmp_path / "home" / (".cache/dsc_kernels" if value == "" else "elsewhere")
     assert build_dir.parent == expected and (build_dir / "src").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+
+
+def test_the_build_key_holds_the_torch_version_and_the_flags(monkeypatch, tmp_path):
+    """A build compiled against another torch, or with other flags (the sanitizer's), must never be reused."""
+    monkeypatch.setenv("DSC_KERNELS_CACHE", str(tmp_path))
+    sources, flags = _ext._sources(), ["-O3"]
+    first = _ext._build_dir(sources, flags)
+    assert _ext._build_dir(sources, flags) == first
+    assert _ext._build_dir(sources, [*flags, "-fsanitize=address"]) != first
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    assert _ext._build_dir(sources, flags) != first
+
+
+@pytest.mark.skipif(_ext.fcntl is None, reason="no advisory locks here")
+def test_a_live_builds_marker_is_left_alone(tmp_path):
+    """Only a marker left by a dead build is stale: while another holder of the build lock is building, a second
+    load waits for it and leaves its marker in place."""
+    import threading
+
+    building, done = threading.Event(), threading.Event()
+    seen = []
+
+    def builder():
+        with _ext._exclusive(tmp_path):
+            (tmp_path / "lock").touch()  # torch's marker of a build in progress
+            building.set()
+            done.wait(10)
+            seen.append((tmp_path / "lock").exists())
+            (tmp_path / "lock").unlink()
+
+    first = threading.Thread(target=builder)
+    first.start()
+    assert building.wait(10)
+
+    def waiter():
+        with _ext._exclusive(tmp_path):
+            pass
+
+    second = threading.Thread(target=waiter)
+    second.start()
+    second.join(0.5)  # waiting on the lock, or (wrongly) already past it, having removed the marker
+    done.set()
+    first.join(10)
+    second.join(10)
+    assert seen == [True]
