@@ -331,7 +331,8 @@ def _markdown(results, rows, skipped, attn, figures, flags, facts, args, seconds
         "| id | claim | theory | measured | holds | source | s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731 - a bare | would end the table cell
+    # a bare | would end the table cell, a line break the row (an error's message: its holds cell left the table)
+    cell = lambda v: " ".join(str(v).split()).replace("|", "\\|")  # noqa: E731
     for r in results:
         out.append(
             f"| {cell(r.id)} | {cell(r.claim)} | {cell(r.theory)} | {cell(r.measured)} | "
@@ -357,7 +358,7 @@ def _markdown(results, rows, skipped, attn, figures, flags, facts, args, seconds
     ]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['workload']} | {r['provider']} | error: {r['error']} | | | | |")
+            out.append(f"| {r['workload']} | {r['provider']} | error: {cell(r['error'])} | | | | |")
         else:
             out.append(
                 f"| {r['workload']} | {r['provider']} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "

@@ -3,6 +3,7 @@ sanity checks of its own timings."""
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -301,7 +302,7 @@ def test_an_interrupted_rerun_leaves_no_earlier_report_beside_its_figures(tmp_pa
 # ------------------------------------------------------------------ the report's rendering, on canned results
 # test_quick_report runs everything but cannot tell a PASS row from a FAIL one, nor which option reached which
 # experiment: these feed run_report canned results (seconds) and read REPORT.md back against what was fed in.
-def _canned_report(tmp_path, monkeypatch, **arg_overrides):
+def _canned_report(tmp_path, monkeypatch, message="boom", speed_error=None, **arg_overrides):
     """run_report with every experiment replaced; returns (REPORT.md text, what each stage was called with)."""
     from dsc_kernels.experiments import ClaimResult
     from dsc_kernels.recipes import report_section
@@ -316,7 +317,7 @@ def _canned_report(tmp_path, monkeypatch, **arg_overrides):
         return ClaimResult(id="B", claim="b fails", theory="t", measured="m", holds=False, source="s")
 
     def raises(**kwargs):
-        raise RuntimeError("boom")
+        raise RuntimeError(message)
 
     def two(**kwargs):
         return [
@@ -335,6 +336,8 @@ def _canned_report(tmp_path, monkeypatch, **arg_overrides):
         rows = [dict(workload="w", provider="reference", fwd_ms=10.0, fwd_bwd_ms=40.0, train_peak_bytes=2**20)]
         rows.append(dict(workload="w", provider="cpp", fwd_ms=2.0, fwd_bwd_ms=5.0, train_peak_bytes=2**19))
         rows[1].update(fwd_speedup=5.0, fwd_bwd_speedup=8.0, train_peak_ratio=0.5)
+        if speed_error is not None:
+            rows.append(dict(workload="w", provider="triton", error=speed_error))
         return rows, {}
 
     def attention(quick, device, bar):
@@ -366,6 +369,33 @@ def test_report_rows_say_which_claims_hold_and_count_them(tmp_path, monkeypatch)
     assert holds == {"A": "yes", "B": "**no**", "C": "**no**", "D1": "yes", "D2": "**no**"}
     assert "error: RuntimeError: boom" in text
     assert "2/5 claims hold" in text
+
+
+def _table(text: str, header: str) -> list[list[str]]:
+    """The rows of the markdown table under `header`, split at the unescaped |."""
+    lines = text.split(header + "\n", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]] for line in lines]
+
+
+def test_report_tables_keep_a_multi_line_error_in_its_own_row(tmp_path, monkeypatch):
+    """An exception's message with line breaks (torch's often has them) split its row: the claim's holds cell, and
+    with a blank line every later claim, fell out of the table."""
+    text, _ = _canned_report(tmp_path, monkeypatch, message="first\n\nsecond | third", speed_error="error: a\n\nb")
+    claims = _table(text, "| id | claim | theory | measured | holds | source | s |")
+    assert [len(r) for r in claims] == [7] * 5, claims  # was: C's row cut after "first", its holds cell lost
+    assert [(r[0], r[4]) for r in claims] == [
+        ("A", "yes"),
+        ("B", "**no**"),
+        ("C", "**no**"),
+        ("D1", "yes"),
+        ("D2", "**no**"),
+    ]
+    assert "first second \\| third" in claims[2][3]
+    speed = _table(
+        text,
+        "| workload | provider | forward ms | fwd+bwd ms | speed-up fwd | speed-up fwd+bwd | train-step peak MiB |",
+    )
+    assert [r[1] for r in speed] == ["reference", "cpp", "triton"] and all(len(r) == 7 for r in speed)
 
 
 def test_report_passes_its_options_on_to_every_stage(tmp_path, monkeypatch):
