@@ -731,3 +731,19 @@ def test_cli_passes_every_option_on_to_the_training(cpu_only, monkeypatch, tmp_p
         assert seen["start"] == (distributed, "cpu")
         assert seen["dsc"][:4] == (2, 7, tmp_path, "reference")
 
+
+def test_report_section_refuses_a_run_that_lacks_a_field_it_shows(tmp_path, monkeypatch, capsys):
+    """The table and figure read fields the run check never looked at: --training-runs accepted such a folder and the
+    report ended, after all its work, in a KeyError traceback (the section's "Not measured" never came)."""
+    from dsc_kernels import report
+    from dsc_kernels.__main__ import main
+    from dsc_kernels.recipes.report_section import training_section
+
+    metrics = {"recipe": "digits", "strategy": "dsc", "accuracy": 0.9, "sparsity": 0.5, "epochs": 1, "seconds": 2.0}
+    (tmp_path / engine.METRICS_FILE).write_text(json.dumps(metrics))  # no per_layer
+    lines, figures = training_section(tmp_path, quick=True, runs=tmp_path)
+    assert "Not measured" in lines[-1] and "per_layer" in lines[-1] and figures == []
+    monkeypatch.setattr(report, "run_report", lambda args: pytest.fail("the report ran"))
+    with pytest.raises(SystemExit) as excinfo:
+        main(["report", "--training-runs", str(tmp_path), "--out", str(tmp_path / "report")])
+    assert excinfo.value.code == 2 and "lacks per_layer" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from pathlib import Path
 from . import digits, engine
 
 QUICK_EPOCHS = 3
+TABLE_FIELDS = ("accuracy", "sparsity", "per_layer", "epochs", "seconds")  # what the section reads of each run
 
 
 def _read(runs: Path) -> dict[str, dict]:
@@ -31,6 +32,11 @@ def _read(runs: Path) -> dict[str, dict]:
                 found[strategy], sources[strategy] = metrics, path
     if not found:
         raise FileNotFoundError(f"no digits metrics.json under {runs}")
+    for strategy, metrics in found.items():
+        # checked here, where --training-runs' check sees it too: the table below raised KeyError outside the
+        # section's try, a traceback at the end of the whole report run
+        if missing := [k for k in TABLE_FIELDS if k not in metrics]:
+            raise ValueError(f"{sources[strategy]} lacks {', '.join(missing)}: not a complete digits run")
     return found
 
 
