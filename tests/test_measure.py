@@ -143,6 +143,18 @@ class _MirroredGradOutput(torch.autograd.Function):
         return grad.flip(-1)
 
 
+def _training_step_records(monkeypatch, provider_fn) -> dict:
+    """deep-layer's training-step records of reference and cpp, cpp built by ``provider_fn``: {provider: record}."""
+    monkeypatch.setattr(S, "provider_fn", provider_fn)
+    monkeypatch.setattr(S, "available_providers", lambda device: {p: None for p in S.PROVIDERS})
+    return {
+        r["provider"]: r
+        for r in S.measure_conv(
+            S.WORKLOADS["deep-layer"], "cpu", "forward_backward", ["reference", "cpp"], scale=0.125, rounds=1, warmup=0
+        )
+    }
+
+
 def test_the_gate_sees_a_backward_that_reads_grad_output_at_the_wrong_positions(monkeypatch):
     """The step was checked with the gradients of sum(z): under its all-ones cotangent a backward that reads
     grad_output mirrored (a wrong stride or layout) gave exactly the right gradients and was timed."""
@@ -159,14 +171,7 @@ def test_the_gate_sees_a_backward_that_reads_grad_output_at_the_wrong_positions(
         mirrored.leaves = fn.leaves
         return mirrored
 
-    monkeypatch.setattr(S, "provider_fn", provider_fn)
-    monkeypatch.setattr(S, "available_providers", lambda device: {p: None for p in S.PROVIDERS})
-    recs = {
-        r["provider"]: r
-        for r in S.measure_conv(
-            S.WORKLOADS["deep-layer"], "cpu", "forward_backward", ["reference", "cpp"], scale=0.125, rounds=1, warmup=0
-        )
-    }
+    recs = _training_step_records(monkeypatch, provider_fn)
     assert recs["reference"]["status"] == "ok"
     assert recs["cpp"]["status"] == "wrong" and recs["cpp"]["timing"] is None
 
@@ -427,14 +432,7 @@ def test_the_gate_checks_the_weight_gradient_too(monkeypatch):
         run.leaves = (x, w)
         return run
 
-    monkeypatch.setattr(S, "provider_fn", provider_fn)
-    monkeypatch.setattr(S, "available_providers", lambda device: {p: None for p in S.PROVIDERS})
-    recs = {
-        r["provider"]: r
-        for r in S.measure_conv(
-            S.WORKLOADS["deep-layer"], "cpu", "forward_backward", ["reference", "cpp"], scale=0.125, rounds=1, warmup=0
-        )
-    }
+    recs = _training_step_records(monkeypatch, provider_fn)
     assert recs["reference"]["status"] == "ok"
     assert recs["cpp"]["status"] == "wrong" and recs["cpp"]["timing"] is None
     assert [c["ok"] for c in recs["cpp"]["check"]] == [True, False]
