@@ -355,6 +355,20 @@ def test_a_grid_axis_beyond_cudas_cap_is_a_clear_error(device, monkeypatch):
         _run(p, torch.float32, "triton", False)
 
 
+def test_the_weight_gradients_column_axis_alone_beyond_the_cap_is_a_clear_error(device, monkeypatch):
+    # The cap of 0 above trips every axis-1 grid at once; here only the weight gradient's columns pass it: tap-major,
+    # a 3x3 kernel has 9 column blocks of C_sig = 2 channels, while the synthesis and analysis grids have 1 on
+    # axis 1.
+    from dsc_kernels.triton import conv_ista as tci
+    from dsc_kernels.triton.conv_ista import backward
+
+    p = _problem(batch=2, device=device)
+    monkeypatch.setattr(backward, "MAX_GRID_YZ", 1)
+    with tci.strategy("two-pass", tap_major_min_channels=1):
+        with pytest.raises(ValueError, match="programs on a grid axis"):
+            _run(p, torch.float32, "triton", False)
+
+
 def test_a_forward_grid_axis_beyond_cudas_cap_is_a_clear_error(device, monkeypatch):
     """The two-pass forward puts its channel blocks on grid axis 1 (cdiv(C, 128) > 65535 from ~8.4 million
     channels; the cap is lowered here). Only the backward checked those grids, so a forward without backward, and a
@@ -747,3 +761,49 @@ def test_fista_momentum_against_the_math(recompute, launch, device):
     for name, ref in g_ref.items():
         scale = ref.abs().max().item() + 1e-12
         torch.testing.assert_close(grads[name].cpu().double(), ref, rtol=2e-4, atol=2e-5 * scale, msg=name)
+
+
+def test_half_fista_recompute_forms_the_momentum_in_float32(device):
+    # Recompute mode replays bit-identical half iterates, and the backward forms FISTA's y_k from them in fp32 in
+    # both modes; only fp32 codes may put y_k in the replay ring's free slot, a half slot would round it. So save
+    # and recompute agree bitwise, and both match the momentum written out in fp64 autograd on the same half
+    # inputs (n_iter = 4: beta_2, beta_3 > 0). A half y_k passed the HALF_CASES comparisons (none is FISTA in
+    # recompute mode). fp16 only: bf16's rounding moves the supports away from fp64's.
+    from dsc_kernels.triton.conv_ista import conv_ista_bwd, conv_ista_fwd
+
+    dtype = torch.float16
+    p = _problem(rank=2, size=(5, 7), kernel=(3, 2), padding=(1, 0), untied=True, fista=True, z0=True, n_iter=4)
+    args64, geo = _canonical(p)
+    args = [a.to(device) for a in _in_dtype(args64, dtype)]
+    z, saved = conv_ista_fwd(*args, *geo, 1)
+    gz = torch.randn(z.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(z)
+    g_save = conv_ista_bwd(gz, *args, z, saved, *geo, 1)
+    g_rec = conv_ista_bwd(gz, *args, z.new_empty(0), saved.new_empty(0), *geo, 0)
+    for name, a, b in zip(GRAD_NAMES, g_save, g_rec):
+        assert torch.equal(a, b), name
+    leaves = [a.cpu().double().requires_grad_() for a in args]
+    z_ref = _fista_by_hand(*leaves, geo[0], geo[1])
+    g_ref = torch.autograd.grad((z_ref * gz.cpu().double()).sum(), leaves)
+    for name, a, ref in zip(GRAD_NAMES, g_rec, g_ref):
+        scale = ref.abs().max().item() + 1e-12
+        torch.testing.assert_close(a.cpu().double(), ref, rtol=0.05, atol=0.05 * scale, msg=name)
+
+
+@pytest.mark.parametrize("fista,n_iter,recompute", [(False, 2, False), (True, 3, True)], ids=["ista", "fista"])
+def test_grad_of_a_sparse_z0_is_not_masked_by_its_support(fista, n_iter, recompute, device):
+    # dL/dz_0 flows through y_0 = z_0 whole: only later iterates pass their gradient on their support. The
+    # problems above draw a dense z0, where a mask by z_0 != 0 changes nothing; a warm start from an earlier code is
+    # sparse. Checked against forward.py's header in fp64 autograd (ISTA: n_iter = 2, where FISTA's betas are 0).
+    p = _problem(rank=2, size=(5, 7), kernel=(3, 2), padding=(1, 0), untied=True, fista=fista, z0=True, n_iter=n_iter)
+    p["z0"] = p["z0"] * (torch.arange(p["z0"].numel()).view(p["z0"].shape) % 3 != 0)
+    leaves = {k: p[k].detach().requires_grad_() for k in GRAD_NAMES}
+    z_ref = _fista_by_hand(
+        *(leaves[k] for k in ("x", "weight", "encoder_weight", "lam", "step", "z0")), p["stride"], p["padding"]
+    )
+    g = torch.randn(z_ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    g_ref = torch.autograd.grad((z_ref * g).sum(), leaves["z0"])[0]
+    on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+    _, grads = _run(on_device, torch.float32, "triton", recompute)
+    assert (g_ref[p["z0"] == 0] != 0).any()
+    scale = g_ref.abs().max().item()
+    torch.testing.assert_close(grads["z0"].cpu().double(), g_ref, rtol=2e-4, atol=2e-5 * scale)
