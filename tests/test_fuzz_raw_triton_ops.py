@@ -137,6 +137,20 @@ def test_conv_bwd_refuses(ops, case):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("checkpoint", [2, -1, -2])
+def test_conv_checkpoint_outside_the_contract_is_refused(ops, checkpoint):
+    # The backward reads every iterate (1) or replays from z0 (0); the forward also takes NO_BACKWARD (-1). Any
+    # other value, let through, reached the backward's loop without saved iterates (an AttributeError on None).
+    args = conv_bwd_args(ops)
+    with pytest.raises(ValueError, match="checkpoint must be"):
+        ops[CONV_BWD](**with_changes(args, checkpoint=checkpoint))
+    if checkpoint != -1:
+        fwd_args = {k: v for k, v in args.items() if k not in ("grad_z", "z", "saved")}
+        with pytest.raises(ValueError, match="checkpoint must be"):
+            ops[CONV_FWD](**with_changes(fwd_args, checkpoint=checkpoint))
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize("name", ["x", "weight", "encoder_weight", "step", "z0", "saved", "channels-last"])
 def test_conv_bwd_noncontiguous_matches_contiguous(ops, name):
     plain = conv_bwd_args(ops)
@@ -270,6 +284,45 @@ def test_attention_bwd_refuses(ops, case):
 
 
 @pytest.mark.interpreter
+@pytest.mark.parametrize("name", ["q", "k", "v", "bias"])
+@pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
+def test_attention_noncontiguous_matches_contiguous(ops, name, mode):
+    # Every stride doubled, the last one included: the kernels read rows with a unit last stride, so the
+    # launchers must copy such an input; read in place, it gives other numbers with no error.
+    plain = _att_bwd_args(ops, bias=True, mode=mode)
+    hostile = with_changes(plain, **{name: strided_view(plain[name])})
+    fwd = {k: v for k, v in plain.items() if k not in ("grad_out", "stats")}
+    for got, want in zip(ops[ATT_FWD](**with_changes(fwd, **{name: hostile[name]})), ops[ATT_FWD](**fwd)):
+        assert torch.equal(got, want)
+    for got, want in zip(ops[ATT_BWD](**hostile), ops[ATT_BWD](**plain)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+def test_attention_refuses_a_slice_reaching_2_31_through_its_head_dim(ops, backward):
+    # q's last row starts below 2**31 but its last element lies beyond: the extent counts the head dim too.
+    from dsc_kernels.triton.launch import record_launches
+    from dsc_kernels.triton.sparse_attention import sparse_attention_bwd, sparse_attention_fwd
+
+    q = torch.empty((1, 1, 2, 16), device="meta", dtype=F32).as_strided((1, 1, 2, 16), (2**31, 2**31, 2**31 - 8, 1))
+    k, v = (torch.empty((1, 1, 16, 16), device="meta", dtype=F32) for _ in range(2))
+    th = torch.empty(1, device="meta", dtype=F32)
+    if backward:
+        out, stats = torch.empty((1, 1, 2, 16), device="meta"), torch.empty((1, 1, 2, 2), device="meta")
+
+        def run():
+            sparse_attention_bwd(out, q, k, v, th, None, stats, "sparsemax", False, 0.25)
+    else:
+
+        def run():
+            sparse_attention_fwd(q, k, v, th, None, "sparsemax", False, 0.25)
+
+    with pytest.raises(ERRORS, match="2\\*\\*31"):
+        record_launches(run)
+
+
+@pytest.mark.interpreter
 @pytest.mark.parametrize(
     "shapes",
     [
@@ -277,8 +330,10 @@ def test_attention_bwd_refuses(ops, case):
         dict(q=(1, 1, 2**22, 2**9), k=(1, 1, 16, 2**9), v=(1, 1, 16, 16)),
         # a contiguous (B, H, N, M) bias of 2**32 elements per head
         dict(q=(1, 1, 2**16, 16), k=(1, 1, 2**16, 16), v=(1, 1, 2**16, 16), bias=(1, 1, 2**16, 2**16)),
+        # q, k and v small per slice, but the output (and grad_out) slice N x dv holds 2**31 elements
+        dict(q=(1, 1, 2**23, 16), k=(1, 1, 16, 16), v=(1, 1, 16, 2**8)),
     ],
-    ids=["q-slice-2**31", "bias-slice-2**32"],
+    ids=["q-slice-2**31", "bias-slice-2**32", "out-slice-2**31"],
 )
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 def test_attention_refuses_int32_overflow(ops, shapes, backward):
