@@ -91,3 +91,28 @@ def test_sparse_attention_kernels_compile_for_sm80_sm90():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("compiled ") >= 6, proc.stdout
     print(proc.stdout)
+
+
+RECORD_ONLY = textwrap.dedent("""
+    import torch
+    from dsc_kernels.triton import sparse_attention as m
+
+    specs = m.aot_specializations(2, 3, 77, 50, 24, 40, torch.float32, causal=False)
+    flags = {(s.name, s.constexprs["SPARSEMAX"]) for s in specs if "SPARSEMAX" in s.constexprs}
+    print(sorted(flags))
+""")
+
+
+def test_aot_specializations_record_both_modes():
+    # The compile test above covers the recorded specialisations' flags, so a mode missing from the recording
+    # (both kernels that take SPARSEMAX, in sparsemax and in shrink) would go uncompiled with that test still
+    # passing. Recording only: a few seconds, no compile.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", RECORD_ONLY], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    want = [(name, mode) for name in ("_bwd_dq_kernel", "_fwd_kernel") for mode in (False, True)]
+    assert proc.stdout.strip() == str(want), proc.stdout
