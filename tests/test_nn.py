@@ -1043,3 +1043,107 @@ def test_deep_stack_gives_each_layer_its_own_threshold(name):
     assert bool((g1 > 0).any()) and bool((g2 == 0).all())
     g1, g2 = DeepSparseCoding2d([1, 4, 6], 3, **{name: [1e6, 0.0]}, **options).eval()(x)
     assert bool((g1 == 0).all())
+
+
+# ---- independent computations from the class docstring (mutation testing, round 2)
+def _independent_ista(x, w, e, lam_t, step, n_iter, stride=1, padding=1, nonneg=False):
+    """ISTA written out from the docstring: z <- S_t(z + step E(x - D z)), D = conv_transpose, E = conv(., e);
+    lam_t: the threshold step * lam, a float or one per sample (B,)."""
+    conv, tconv = torch.nn.functional.conv2d, torch.nn.functional.conv_transpose2d
+    t = torch.as_tensor(lam_t, dtype=x.dtype).reshape(-1, 1, 1, 1)
+    z = torch.zeros_like(conv(x, w, stride=stride, padding=padding))
+    for _ in range(n_iter):
+        dz = tconv(z, w, stride=stride, padding=padding)
+        pad = [n - m for n, m in zip(x.shape[2:], dz.shape[2:])]
+        dz = tconv(z, w, stride=stride, padding=padding, output_padding=pad)
+        u = z + step * conv(x - dz, e, stride=stride, padding=padding)
+        z = torch.clamp(u - t, min=0) if nonneg else torch.sign(u) * torch.clamp(u.abs() - t, min=0)
+    return z
+
+
+def _independent_lipschitz(w, size, stride=1, padding=0, n_iter=300):
+    """||D||^2 at this signal size by power iteration on D^T D (conv2d / conv_transpose2d)."""
+    conv, tconv = torch.nn.functional.conv2d, torch.nn.functional.conv_transpose2d
+    x = torch.randn(1, w.shape[1], *size, dtype=w.dtype, generator=torch.Generator().manual_seed(1))
+    z = conv(x, w, stride=stride, padding=padding)
+    for _ in range(n_iter):
+        z = z / z.norm()
+        dz = tconv(z, w, stride=stride, padding=padding)
+        dz = tconv(z, w, stride=stride, padding=padding, output_padding=[n - m for n, m in zip(size, dz.shape[2:])])
+        z = conv(dz, w, stride=stride, padding=padding)
+    return float((z * z).sum().sqrt())
+
+
+def test_a_training_forward_after_an_in_place_edit_of_one_atom_re_estimates_the_step():
+    # a change of some of the weight's values (one atom rescaled under no_grad, a sparse update) is a change: the
+    # training forward's re-estimate must not wait for every value to differ
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=2, backend="reference").double().train()
+    x = torch.randn(1, 2, 12, 12, dtype=torch.float64)
+    layer(x)
+    with torch.no_grad():
+        layer.weight[0] *= 4.0
+    layer(x)
+    ratio = float(layer.step) * _independent_lipschitz(layer.weight.detach(), (48, 48), padding=1)
+    assert 0.9 < ratio < 1.1, ratio
+
+
+@pytest.mark.parametrize("size", [(5, 23), (23, 5)])
+def test_functional_default_step_follows_a_change_of_geometry_with_the_same_weight(size):
+    # one ISTA step from zero with lam = 0 is z = step * D^T x: the default step read off the code, for the same
+    # weight tensor at another stride, padding and (non-square) size each call
+    torch.manual_seed(0)
+    w = torch.randn(3, 2, 3, 4, dtype=torch.float64)
+    for stride, padding in [(1, 0), (2, 1), ((1, 3), (2, 0)), (1, 0)]:
+        x = torch.randn(1, 2, *size, dtype=torch.float64)
+        z = DF.conv_ista(x, w, 0.0, n_iter=1, stride=stride, padding=padding, backend="reference")
+        analysis = torch.nn.functional.conv2d(x, w, stride=stride, padding=padding)
+        step = float((z * analysis).sum() / (analysis * analysis).sum())
+        ratio = step * _independent_lipschitz(w, size, stride, padding)
+        assert 0.97 < ratio < 1.03, (stride, padding, ratio)
+
+
+def test_a_loaded_step_is_kept_exactly_through_the_next_eval_forward():
+    # "A loaded step is kept as is": a saved step that is not the cold 1/L (here half of it, as a lagging or hand-set
+    # one would be) is neither replaced at load nor re-estimated by the loaded layer's first eval forward
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=3, backend="reference").double().eval()
+    with torch.no_grad():
+        layer.step.mul_(0.5)
+    saved = layer.state_dict()
+    copy = ConvSparseCoding2d(2, 4, 3, n_iter=3, backend="reference").double().eval()
+    copy.load_state_dict(saved)
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    z = copy(x)
+    assert float(copy.step) == float(saved["step"])
+    w = copy.weight.detach()
+    torch.testing.assert_close(z, _independent_ista(x, w, w, float(saved["step"]) * 0.1, float(saved["step"]), 3))
+
+
+def test_a_dtype_conversion_after_an_unseen_in_place_edit_still_re_estimates_the_step():
+    # an in-place edit under no_grad after the last estimate, then .double(): the conversion must not declare the
+    # old step current for the converted weight
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=2, backend="reference").eval()
+    x = torch.randn(1, 2, 8, 8)
+    layer(x)
+    with torch.no_grad():
+        layer.weight.mul_(3.0)
+    layer = layer.double()
+    layer(x.double())
+    ratio = float(layer.step) * _independent_lipschitz(layer.weight.detach(), (48, 48), padding=1)
+    assert 0.95 < ratio < 1.05, ratio
+
+
+def test_each_state_dict_after_a_dictionary_change_saves_that_dictionarys_step():
+    # the saved step is computed once per weight version: a second change before the next forward (two optimiser
+    # steps, or edits, between checkpoints) must not save the step computed for the first
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=2, backend="reference").double().train()
+    layer(torch.randn(1, 2, 8, 8, dtype=torch.float64))
+    for factor in (2.0, 3.0):
+        with torch.no_grad():
+            layer.weight.mul_(factor)
+        saved = float(layer.state_dict()["step"])
+        ratio = saved * _independent_lipschitz(layer.weight.detach(), (48, 48), padding=1)
+        assert 0.95 < ratio < 1.05, (factor, ratio)

@@ -41,6 +41,8 @@ def ista(**overrides):
         (dict(backend=3), TypeError, "backend must be a string"),
         (dict(encoder_weight=torch.randn(4, 3, 5, 5)), ValueError, "encoder_weight must have weight's shape"),
         (dict(z0=torch.randn(2, 4, 9, 9)), ValueError, "z0 must have the code's shape"),
+        # a z0 of another dtype reached the kernels: torch's "Input type ... and weight type" / "conv_ista_fwd_cpp"
+        (dict(z0=torch.randn(2, 4, 10, 10, dtype=torch.float64)), TypeError, "must share one dtype.*z0"),
         (dict(stride=0), ValueError, "stride"),
         (dict(padding=-1), ValueError, "padding"),
         (dict(padding=(1, 1, 1)), ValueError, "padding"),
