@@ -418,3 +418,21 @@ def test_per_layer_values_of_a_non_list_type_are_a_type_error(lams):
     x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
     with pytest.raises(TypeError, match="lams must be a list with one entry per layer"):
         DF.deep_conv_ista(x, [w], lams, n_iter=2, paddings=[1], backend="reference")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("fista", [False, True])
+def test_conv_ista_starts_from_z0(backend, fista):
+    # the docstring's z0 is the starting code: one iteration from it (FISTA's first step has no momentum) is
+    # S_{step*lam}(z0 + step D^T(x - D z0)), written here with conv2d / conv_transpose2d
+    if backend == "cpp" and "cpp" not in DF.available_backends():
+        pytest.skip("the C++ extension is not available")
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 7, 6, dtype=torch.float64)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64) * 0.3
+    z0 = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    step, lam = 0.2, 0.1
+    z = DF.conv_ista(x, w, lam, n_iter=1, step=step, padding=1, z0=z0, fista=fista, backend=backend)
+    residual = x - torch.nn.functional.conv_transpose2d(z0, w, padding=1)
+    u = z0 + step * torch.nn.functional.conv2d(residual, w, padding=1)
+    torch.testing.assert_close(z, torch.sign(u) * torch.clamp(u.abs() - step * lam, min=0))
