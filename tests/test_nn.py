@@ -1147,3 +1147,25 @@ def test_each_state_dict_after_a_dictionary_change_saves_that_dictionarys_step()
         saved = float(layer.state_dict()["step"])
         ratio = saved * _independent_lipschitz(layer.weight.detach(), (48, 48), padding=1)
         assert 0.95 < ratio < 1.05, (factor, ratio)
+
+
+def test_an_in_place_change_of_a_parametrizations_buffer_is_followed_in_eval():
+    # weight = factor * original with factor a buffer of the parametrization (a mask or a fixed scale): editing it
+    # changes the dictionary, and the next eval forward must take the new 1/L
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("factor", torch.tensor(1.0, dtype=torch.float64))
+
+        def forward(self, w):
+            return self.factor * w
+
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=2, backend="reference").double().eval()
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Scaled())
+    x = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    layer(x)
+    layer.parametrizations.weight[0].factor.fill_(3.0)
+    layer(x)
+    ratio = float(layer.step) * _independent_lipschitz(layer.weight.detach(), (48, 48), padding=1)
+    assert 0.95 < ratio < 1.05, ratio
