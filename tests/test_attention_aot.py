@@ -81,14 +81,20 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sparse_attention_kernels_compile_for_sm80_sm90():
+def _run_compiled_triton(script: str, timeout: int) -> subprocess.CompletedProcess:
+    """``script`` in a fresh interpreter without TRITON_INTERPRET (the tests around may run under it)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=900, check=False
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_sparse_attention_kernels_compile_for_sm80_sm90():
+    proc = _run_compiled_triton(SCRIPT, 900)
     assert proc.stdout.count("compiled ") >= 6, proc.stdout
     print(proc.stdout)
 
@@ -107,12 +113,6 @@ def test_aot_specializations_record_both_modes():
     # The compile test above covers the recorded specialisations' flags, so a mode missing from the recording
     # (both kernels that take SPARSEMAX, in sparsemax and in shrink) would go uncompiled with that test still
     # passing. Recording only: a few seconds, no compile.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, "-c", RECORD_ONLY], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _run_compiled_triton(RECORD_ONLY, 300)
     want = [(name, mode) for name in ("_bwd_dq_kernel", "_fwd_kernel") for mode in (False, True)]
     assert proc.stdout.strip() == str(want), proc.stdout
