@@ -528,3 +528,75 @@ def test_block_takes_an_empty_sequence():
         assert z.shape == shape
         z.sum().backward()
         assert x.grad.shape == shape
+
+
+def _own_sparsemax(s: torch.Tensor) -> torch.Tensor:
+    """Sparsemax from its definition, row by row: the largest k with 1 + k z_(k) > sum_{l<=k} z_(l) (all -inf: 0)."""
+    out = torch.zeros_like(s)
+    for idx in torch.cartesian_prod(*[torch.arange(n) for n in s.shape[:-1]]).reshape(-1, s.dim() - 1).tolist():
+        row = s[tuple(idx)]
+        if torch.isinf(row).all():
+            continue
+        z = sorted(row.tolist(), reverse=True)
+        k = max(j for j in range(1, len(z) + 1) if 1 + j * z[j - 1] > sum(z[:j]))
+        tau = (sum(z[:k]) - 1) / k
+        out[tuple(idx)] = (row - tau).clamp(min=0)
+    return out
+
+
+def _own_layer(m: SparseAttention, x, y, kpm=None, mask=None, causal=False):
+    """SparseAttention written out independently (batch-first x (B, N, E), y (B, M, E), float64, eval): MHA's packed
+    projection, bias_k/bias_v then a zero key appended and always visible, top-left causal, masks True = ignore,
+    a per-head shrink threshold. Returns (out, per-head weights (B, H, N, M'))."""
+    e, h = m.embed_dim, m.num_heads
+    d = e // h
+    w, b = m.in_proj_weight, m.in_proj_bias
+    q, k, v = (t @ w[i * e : (i + 1) * e].T + b[i * e : (i + 1) * e] for i, t in enumerate((x, y, y)))
+    bsz, n, mm = x.shape[0], x.shape[1], y.shape[1]
+    extra_k, extra_v = [], []
+    if m.bias_k is not None:
+        extra_k.append(m.bias_k.reshape(1, 1, e).expand(bsz, 1, e))
+        extra_v.append(m.bias_v.reshape(1, 1, e).expand(bsz, 1, e))
+    if m.add_zero_attn:
+        extra_k.append(torch.zeros(bsz, 1, e, dtype=x.dtype))
+        extra_v.append(torch.zeros(bsz, 1, e, dtype=x.dtype))
+    k, v = torch.cat([k, *extra_k], 1), torch.cat([v, *extra_v], 1)
+    total = k.shape[1]
+    hidden = torch.zeros(bsz, h, n, total, dtype=torch.bool)
+    add = torch.zeros(bsz, h, n, total, dtype=x.dtype)
+    for i in range(n):
+        for j in range(mm):
+            if causal and j > i:
+                hidden[:, :, i, j] = True
+    if kpm is not None:
+        hidden[..., :mm] |= kpm[:, None, None, :]
+    if mask is not None:
+        add[..., :mm] += mask
+    out_heads, maps = [], []
+    for hh in range(h):
+        sl = slice(hh * d, (hh + 1) * d)
+        s = q[..., sl] @ k[..., sl].transpose(1, 2) / d**0.5 + add[:, hh]
+        s = s.masked_fill(hidden[:, hh], -float("inf"))
+        if m.mode == "sparsemax":
+            p = _own_sparsemax(s)
+        else:
+            p = (s - m.threshold[hh]).clamp(min=0)
+        maps.append(p)
+        out_heads.append(p @ v[..., sl])
+    return m.out_proj(torch.cat(out_heads, -1)), torch.stack(maps, 1)
+
+
+@pytest.mark.parametrize("add_bias_kv,add_zero_attn", [(True, False), (False, True), (True, True)])
+def test_causal_cross_attention_with_appended_keys_is_top_left(add_bias_kv, add_zero_attn):
+    # is_causal with appended keys is spelled out as an explicit (N, M) mask; with N != M it must stay top-left
+    # (query i sees keys j <= i) and leave the appended keys visible
+    torch.manual_seed(0)
+    m = SparseAttention(
+        8, 2, add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, backend="reference", **BF, **F64
+    ).eval()
+    for n, mm in ((3, 5), (5, 3)):
+        x, y = torch.randn(2, n, 8, **F64) * 3, torch.randn(2, mm, 8, **F64) * 3
+        out, p = m(x, y, y, is_causal=True, average_attn_weights=False)
+        want, want_p = _own_layer(m, x, y, causal=True)
+        torch.testing.assert_close(p, want_p)
+        torch.testing.assert_close(out, want)
