@@ -298,28 +298,35 @@ def test_attention_noncontiguous_matches_contiguous(ops, name, mode):
         assert torch.equal(got, want)
 
 
+def _assert_int32_overflow_refused(q, k, v, bias, backward: bool) -> None:
+    """The sparsemax forward (or backward) launch on these meta tensors raises the 2**31 error before any kernel."""
+    from dsc_kernels.triton.launch import record_launches
+    from dsc_kernels.triton.sparse_attention import sparse_attention_bwd, sparse_attention_fwd
+
+    th = torch.empty(1, device="meta", dtype=F32)
+    if backward:
+        b, h, n, _ = q.shape
+        out = torch.empty((b, h, n, v.shape[3]), device="meta", dtype=F32)
+        stats = torch.empty((b, h, n, 2), device="meta", dtype=F32)
+
+        def run():
+            sparse_attention_bwd(out, q, k, v, th, bias, stats, "sparsemax", False, 0.25)
+    else:
+
+        def run():
+            sparse_attention_fwd(q, k, v, th, bias, "sparsemax", False, 0.25)
+
+    with pytest.raises(ERRORS, match="2\\*\\*31"):
+        record_launches(run)
+
+
 @pytest.mark.interpreter
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 def test_attention_refuses_a_slice_reaching_2_31_through_its_head_dim(ops, backward):
     # q's last row starts below 2**31 but its last element lies beyond: the extent counts the head dim too.
-    from dsc_kernels.triton.launch import record_launches
-    from dsc_kernels.triton.sparse_attention import sparse_attention_bwd, sparse_attention_fwd
-
     q = torch.empty((1, 1, 2, 16), device="meta", dtype=F32).as_strided((1, 1, 2, 16), (2**31, 2**31, 2**31 - 8, 1))
     k, v = (torch.empty((1, 1, 16, 16), device="meta", dtype=F32) for _ in range(2))
-    th = torch.empty(1, device="meta", dtype=F32)
-    if backward:
-        out, stats = torch.empty((1, 1, 2, 16), device="meta"), torch.empty((1, 1, 2, 2), device="meta")
-
-        def run():
-            sparse_attention_bwd(out, q, k, v, th, None, stats, "sparsemax", False, 0.25)
-    else:
-
-        def run():
-            sparse_attention_fwd(q, k, v, th, None, "sparsemax", False, 0.25)
-
-    with pytest.raises(ERRORS, match="2\\*\\*31"):
-        record_launches(run)
+    _assert_int32_overflow_refused(q, k, v, None, backward)
 
 
 @pytest.mark.interpreter
@@ -337,28 +344,11 @@ def test_attention_refuses_a_slice_reaching_2_31_through_its_head_dim(ops, backw
 )
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
 def test_attention_refuses_int32_overflow(ops, shapes, backward):
-    from dsc_kernels.triton.launch import record_launches
-    from dsc_kernels.triton.sparse_attention import sparse_attention_bwd, sparse_attention_fwd
-
     def meta(*shape):
         return torch.empty(shape, device="meta", dtype=F32)
 
     q, k, v = meta(*shapes["q"]), meta(*shapes["k"]), meta(*shapes["v"])
-    bias = meta(*shapes["bias"]) if "bias" in shapes else None
-    th = meta(1)
-    if backward:
-        b, h, n, _ = q.shape
-        out, stats = meta(b, h, n, v.shape[3]), meta(b, h, n, 2)
-
-        def run():
-            sparse_attention_bwd(out, q, k, v, th, bias, stats, "sparsemax", False, 0.25)
-    else:
-
-        def run():
-            sparse_attention_fwd(q, k, v, th, bias, "sparsemax", False, 0.25)
-
-    with pytest.raises(ERRORS, match="2\\*\\*31"):
-        record_launches(run)
+    _assert_int32_overflow_refused(q, k, v, meta(*shapes["bias"]) if "bias" in shapes else None, backward)
 
 
 @pytest.mark.skipif(
