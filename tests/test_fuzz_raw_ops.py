@@ -911,3 +911,31 @@ assert len(CASES) == len(list(_cases())), "duplicate case names"
 @pytest.mark.parametrize("name", list(CASES))
 def test_raw_op(name):
     CASES[name]()
+
+
+@pytest.mark.parametrize("op", ["reference", "fake"])
+def test_ml_ista_z0_outside_project_mode_refused_like_cpp(op):
+    """Every row's raw ops and their fakes refuse a z0 the interleaved iteration has no place for, as the C++ ops do:
+    the reference's had used it as the deepest layer's start and the fake answered with shapes."""
+    fwd = ml_args(z0=True, project=False)
+    bwd = dict(grad_codes=[torch.ones(1)] * 2, **fwd, codes=[torch.ones(1)] * 2, saved=[])
+    with pytest.raises(RuntimeError):  # the C++ ops' TORCH_CHECK
+        ML_FWD(**fwd)
+    if op == "fake":  # meta tensors dispatch to the fakes
+        fwd = {k: _to_meta(v) for k, v in fwd.items()}
+        bwd = {k: _to_meta(v) for k, v in bwd.items()}
+    reference = op_pair("ml_ista", "reference")
+    for call, args in ((reference.forward, fwd), (reference.backward, bwd)):
+        with pytest.raises(ValueError, match="z0 must be empty outside project mode"):
+            call(**args)
+    if op == "fake":
+        with pytest.raises(ValueError, match="z0 must be empty outside project mode"):
+            ML_FWD(**fwd)
+
+
+def _to_meta(v):
+    if isinstance(v, torch.Tensor):
+        return v.to("meta")
+    if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+        return [t.to("meta") for t in v]
+    return v

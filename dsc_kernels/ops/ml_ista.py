@@ -17,7 +17,7 @@ problems run as height-1 images):
 - x (B, C_0, H, W); weights[j] (S_w, C_j, C_{j-1}, kh, kw) with S_w = 1 (shared by every step) or S (one dictionary
   per step); encoder_weights[j], input_encoder_weights[j]: the same shapes, or an empty tensor: E_j = D_j (tied), and
   no input encoder (A_j = E_j, P_j = D_j); thresholds[j] (S, C_j); steps[j] (S,), S = the number of steps; z0
-  (B, C_L, Hz, Wz) or empty (zeros); strides, paddings: two ints per layer.
+  (B, C_L, Hz, Wz) in project mode, or empty (zeros); strides, paddings: two ints per layer.
 - codes[j] (B, C_j, ...): the last step's codes. saved: the iterates G^1..G^{S-1} stacked per layer,
   (S-1, B, C_j, ...), for layers c-1 .. L-1 (checkpoint c >= 1, "save mode": ``run`` leaves out the first layers
   whose analysis costs at most CHEAP_ANALYSIS multiply-adds per code value, such as a first layer on grey images,
@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .._validate import requires_grad
-from ..reference.ml_ista import layer_sizes, saved_layers
+from ..reference.ml_ista import check_z0_mode, layer_sizes, saved_layers
 from . import table
 from .registry import FamilySpec, OpPair, run_eager, static_kernel_size, traced_op_pair
 from .registry import op_pair as _register_pair
@@ -79,6 +79,7 @@ def _fake_fwd(
     project,
     checkpoint,
 ):
+    check_z0_mode(z0, project)
     sizes = layer_sizes(x.shape[2:], [static_kernel_size(w.shape[3:]) for w in weights], strides, paddings)
     codes = [x.new_empty((x.shape[0], w.shape[1], *sizes[j + 1])) for j, w in enumerate(weights)]
     if checkpoint == NO_BACKWARD:
@@ -105,6 +106,8 @@ def _fake_bwd(
     project,
     checkpoint,
 ):
+    check_z0_mode(z0, project)
+
     def like(ts):
         return [torch.empty_like(t) for t in ts]
 

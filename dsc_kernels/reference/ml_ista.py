@@ -78,6 +78,13 @@ def given(t: Tensor) -> bool:
     return t.numel() > 0
 
 
+def check_z0_mode(z0: Tensor, project: bool) -> None:
+    """A starting code exists for the projected iteration only, whose state is the deepest code; the interleaved
+    iteration's state is every layer. The C++ ops refuse it too, so no backend's raw op reads it differently."""
+    if z0.numel() and not project:
+        raise ValueError("ml_ista: z0 must be empty outside project mode (the interleaved state is every layer)")
+
+
 def at_step(w: Tensor, k: int) -> Tensor:
     """Step k's entry of a per-step stack whose leading dimension is 1 (shared by every step) or S."""
     return w[0] if w.shape[0] == 1 else w[k]
@@ -173,6 +180,7 @@ class Problem:
         return k == 0 and z0.dim() <= 1
 
     def initial_codes(self, z0: Tensor) -> list[Tensor]:
+        check_z0_mode(z0, self.project)
         sizes = self.sizes()
         codes = [self.x.new_zeros((self.x.shape[0], w.shape[1], *sizes[j + 1])) for j, w in enumerate(self.weights)]
         if z0.dim() > 1:  # a z0 of an empty batch has no entries, yet it is given (and gets a gradient)
