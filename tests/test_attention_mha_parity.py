@@ -846,6 +846,14 @@ BAD_CALLS = [
     ("attn_mask 4-D", _same, dict(attn_mask=_zeros(2, 2, 5, 4)), ValueError, "attn_mask"),
     ("attn_mask 1-D", _same, dict(attn_mask=_zeros(4)), ValueError, "attn_mask"),
     ("unbatched attn_mask (H+1, N, M)", _unbatched, dict(attn_mask=_zeros(3, 5, 4)), ValueError, "attn_mask"),
+    # broadcastable to (B, H, N, M), so functional took them, but MHA refuses them: the layer accepted them
+    ("attn_mask (1, M)", _same, dict(attn_mask=_zeros(1, 4)), ValueError, "attn_mask"),
+    ("attn_mask (N, 1)", _same, dict(attn_mask=_zeros(5, 1)), ValueError, "attn_mask"),
+    ("attn_mask (1, 1)", _same, dict(attn_mask=_zeros(1, 1)), ValueError, "attn_mask"),
+    ("attn_mask (B*H, 1, M)", _same, dict(attn_mask=_zeros(4, 1, 4)), ValueError, "attn_mask"),
+    ("attn_mask (B*H, N, 1)", _same, dict(attn_mask=_zeros(4, 5, 1)), ValueError, "attn_mask"),
+    ("unbatched attn_mask (1, M)", _unbatched, dict(attn_mask=_zeros(1, 4)), ValueError, "attn_mask"),
+    ("is_causal, attn_mask (1, M)", _same, dict(attn_mask=_zeros(1, 4), is_causal=True), ValueError, "attn_mask"),
     ("attn_mask integer", _same, dict(attn_mask=_zeros(5, 4, dtype=torch.int64)), TypeError, "attn_mask"),
     ("is_causal, attn_mask shape", _same, dict(attn_mask=_zeros(4, 5), is_causal=True), ValueError, "attn_mask"),
     (

@@ -262,15 +262,15 @@ class SparseAttention(nn.Module):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         self._check_shapes(query, key, value)
         bsz, n, m = query.shape[0], query.shape[1], key.shape[1]
+        # Exactly MHA's two shapes: functional's broadcasting let (1, M), (N, 1) or (B*num_heads, 1, M) through,
+        # which MHA refuses.
+        if isinstance(attn_mask, Tensor) and tuple(attn_mask.shape) not in ((n, m), (bsz * self.num_heads, n, m)):
+            raise ValueError(
+                f"attn_mask must be (N, M)=({n}, {m}) or (B*num_heads, N, M)=({bsz * self.num_heads}, {n}, {m}), "
+                f"got {tuple(attn_mask.shape)}"
+            )
         if attn_mask is not None and attn_mask.dim() == 3:
-            if attn_mask.shape[0] != bsz * self.num_heads:
-                raise ValueError(
-                    f"a 3-D attn_mask must be (B*num_heads, N, M)=({bsz * self.num_heads}, {n}, {m}), "
-                    f"got {tuple(attn_mask.shape)}"
-                )
             attn_mask = attn_mask.unflatten(0, (bsz, self.num_heads))  # MHA's order: index b * H + h
-        elif attn_mask is not None and attn_mask.dim() != 2:
-            raise ValueError(f"attn_mask must be (N, M) or (B*num_heads, N, M), got {tuple(attn_mask.shape)}")
         # Before any projection or kernel, and also the mask that is_causal then leaves unread.
         attention_args.check_masks(query, (bsz, self.num_heads, n, m), key_padding_mask, attn_mask)
         causal = is_causal
