@@ -652,7 +652,9 @@ def sparse_attention(
     """Attention with exactly sparse maps, ``O = P v`` with ``s = scale q k^T`` (+ float masks) and
 
     - ``mode="sparsemax"``: ``P = max(s - tau, 0)``, tau per row so that rows sum to 1;
-    - ``mode="shrink"``: ``P = max(s - threshold, 0)`` (one ISTA step coding the query on the keys).
+    - ``mode="shrink"``: ``P = max(s - threshold, 0)`` (one ISTA step coding the query on the keys). A negative
+      threshold is a ReLU with bias ``-threshold`` (as ``conv_ista``'s with ``nonneg=True``): keys whose scores lie
+      in (threshold, 0] get weight too; a key a mask or ``causal`` hides stays hidden.
 
     q: (B, H, N, d); k: (B, H, M, d); v: (B, H, M, d_v), any strides; threshold: float or (H,) (shrink only);
     causal: query i sees keys j <= i (SDPA's top-left ``is_causal``); scale defaults to d^-1/2.

@@ -144,6 +144,42 @@ def test_constructor_validation():
             SparseAttention(8, 2, **{name: 1})
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_negative_shrink_threshold_is_a_relu_with_bias(backend):
+    """A negative threshold has a meaning, documented: max(s - theta, 0) with theta < 0 lets keys scoring in
+    (theta, 0] in (the learned parameter is not projected onto >= 0, so training may take it there), while keys a
+    mask hides stay hidden. Against the map written out here: a padded key, a -inf attn_mask entry and a finite
+    -3 entry that theta = -5 lets through."""
+    _skip_unless(backend)
+    m = SparseAttention(8, 2, mode="shrink", threshold=-5.0, backend=backend, **BF, **F64)
+    assert float(m.threshold.min()) == -5.0
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, generator=gen, dtype=torch.float64)
+    padding = torch.zeros(2, 4, dtype=torch.bool)
+    padding[1, 2] = True
+    attn = torch.zeros(4, 4, dtype=torch.float64)
+    attn[0, 1], attn[2, 3] = float("-inf"), -3.0
+    out, weights = m(x, key_padding_mask=padding, attn_mask=attn, average_attn_weights=False)
+    e, h = 8, 2
+    q, k, v = (
+        torch.nn.functional.linear(x, m.in_proj_weight[i * e : (i + 1) * e], m.in_proj_bias[i * e : (i + 1) * e])
+        .unflatten(-1, (h, e // h))
+        .transpose(1, 2)
+        for i in range(3)
+    )
+    s = q @ k.transpose(-1, -2) / 2.0 + attn
+    s = s.masked_fill(padding[:, None, None, :], float("-inf"))
+    p = (s - m.threshold.view(1, -1, 1, 1)).clamp(min=0.0)
+    assert (s[:, :, 2, 3] < 0).all() and (p[:, :, 2, 3] > 0).all()  # the -3 entry is in
+    assert (weights[:, :, 0, 1] == 0).all() and (weights[1, :, :, 2] == 0).all()  # hidden keys stay hidden
+    torch.testing.assert_close(weights, p.detach())
+    want = m.out_proj((p @ v).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(out, want)
+    (g_out,) = torch.autograd.grad(out.sum(), m.threshold)
+    (g_want,) = torch.autograd.grad(want.sum(), m.threshold)
+    torch.testing.assert_close(g_out, g_want)
+
+
 def test_batch_first_defaults_to_sequence_first_like_multihead_attention():
     """MHA's default layout is (L, B, E): a (5, 3, 8) input is 3 sequences of 5 tokens, not 5 of 3."""
     m = SparseAttention(8, 2, backend="reference", **F64)

@@ -55,7 +55,9 @@ class SparseAttention(nn.Module):
         device, dtype: where and in which dtype the parameters are created (``"meta"`` works).
         mode: "sparsemax" or "shrink" (keyword only).
         threshold: initial per-head shrink threshold, default 0.5 (keyword only; the learnable (H,) parameter
-            ``threshold`` exists in shrink mode only, and sparsemax refuses one: it has no threshold to set).
+            ``threshold`` exists in shrink mode only, and sparsemax refuses one: it has no threshold to set). Any
+            finite float: a negative one is a ReLU with bias -threshold (keys scoring in (threshold, 0] get weight
+            too), and training may move it below 0 (it is not projected).
         backend: "auto", "reference", "cpp" or "triton" (keyword only; see ``functional.sparse_attention``).
 
     Parameters ``in_proj_weight`` (3E, E) (or the three separate weights), ``in_proj_bias`` (3E,) and
