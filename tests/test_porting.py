@@ -312,3 +312,108 @@ def test_speed_networks_script_rejects_a_count_below_one(option):
     )
     assert proc.returncode == 2 and f"argument {option}:" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------- the benchmark's check of the training step's gradients
+def _speed_networks():
+    """bench/test_speed_networks.py as a module (bench/ is not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "test_speed_networks.py"
+    spec = importlib.util.spec_from_file_location("bench_test_speed_networks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _ScaledBackward(torch.autograd.Function):
+    """The identity with its gradient scaled: a network whose forward is right and whose backward is not."""
+
+    @staticmethod
+    def forward(ctx, t, scale):
+        ctx.scale = scale
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.scale * g, None
+
+
+def _small_cscnet(bench, provider: str, dtype=torch.float32):
+    """A small CSCNet as the benchmark builds its providers: "eager", "ours", "ours-scaled-backward" (every gradient
+    x1.5) and "ours-detached-decoder" (C's gradient lost)."""
+    net = CSCNet(dtype=torch.float32).to(dtype)
+    x = torch.rand(2, 1, 21, 18, generator=torch.Generator().manual_seed(3)).to(dtype)
+    target = torch.rand(x.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+
+    def forward(x=x):
+        if provider == "eager":
+            return net(x)
+        if provider == "ours-detached-decoder":
+            padded, valids = split_image(x, net.kernel_size, net.stride)
+            gamma = DF.conv_ista(
+                padded, net.A, threshold=net.threshold.view(-1), n_iter=net.unfoldings, step=1.0,
+                encoder_weight=net.B, stride=net.stride,
+            )  # fmt: skip
+            out = DF.conv_synthesis(gamma, net.C.detach(), stride=net.stride, signal_size=padded.shape[2:])
+            return torch.masked_select(out, valids.bool()).reshape(x.shape[0], net.stride**2, *x.shape[1:]).mean(1)
+        out = cscnet_on_our_ops(net, x, "auto")
+        return _ScaledBackward.apply(out, 1.5) if provider == "ours-scaled-backward" else out
+
+    def loss(x=x):
+        return F.mse_loss(forward(x), target)
+
+    def no_grad_forward():
+        with torch.no_grad():
+            return forward()
+
+    def never_timed():
+        raise AssertionError(f"{provider} was timed")
+
+    return bench.Built(
+        no_grad_forward,
+        never_timed,
+        (loss, {"x": x}),
+        lambda: bench.training_gradients(loss, x, dict(net.named_parameters())),
+    )
+
+
+def test_speed_networks_check_compares_every_training_gradient():
+    """bench/test_speed_networks.py checked only the providers' forward outputs before timing them: a network with
+    the right forward and a wrong backward (here every gradient x1.5, or the decoder's gradient lost) was timed and
+    its training step published. Its check now gates dL/dx and every parameter's gradient against float64 too."""
+    bench = _speed_networks()
+    built = {p: _small_cscnet(bench, p) for p in ("eager", "ours", "ours-scaled-backward", "ours-detached-decoder")}
+    verdicts = bench.check("small-cscnet", built, _small_cscnet(bench, "eager", torch.float64))
+    by_provider = {p: [v for v in verdicts if f" {p} " in v.message] for p in built}
+    assert len(by_provider["ours"]) == 1 + 5  # the output, dL/dx and the 4 parameters' gradients
+    assert all(v.ok for v in by_provider["ours"]), [v.message for v in by_provider["ours"]]
+    scaled = by_provider["ours-scaled-backward"]
+    assert scaled[0].ok and not any(v.ok for v in scaled[1:]), [v.message for v in scaled]
+    detached = {v.message.split(":")[1].split()[-1]: v.ok for v in by_provider["ours-detached-decoder"]}
+    assert detached == {"output": True, "x": True, "A": True, "B": True, "C": False, "threshold": True}, detached
+
+
+def test_speed_networks_measure_refuses_a_wrong_backward_before_timing(monkeypatch):
+    bench = _speed_networks()
+    monkeypatch.setattr(
+        bench, "build", lambda workload, provider, dtype=torch.float32: _small_cscnet(bench, provider, dtype)
+    )
+    with pytest.raises(AssertionError, match="ours-scaled-backward grad A: l2 error"):
+        bench.measure("small-cscnet", rounds=1, providers=("eager", "ours", "ours-scaled-backward"))
+
+
+def test_speed_networks_check_passes_the_published_ml_ista_network():
+    """The check on the benchmark's own ML-ISTA network (about 2 s): ours' parameters carry other names and shapes
+    (biases (m,), steps ()) than the eager ones, and a mapping that loses their graph reads as zero gradients."""
+    bench = _speed_networks()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        built = {p: bench.build("ml-ista-mnist", p) for p in ("eager", "ours")}
+        verdicts = bench.check("ml-ista-mnist", built, bench.build("ml-ista-mnist", "eager", torch.float64))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(verdicts) == 1 + 1 + 3 * 3 + 2  # output, x, W/b/c of 3 layers, the classifier's weight and bias
+    assert all(v.ok for v in verdicts), [v.message for v in verdicts if not v.ok]
