@@ -69,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     rep.add_argument("--out", default="report", help="output folder (default: ./report)")
     rep.add_argument("--quick", action="store_true", help="small sizes: under a minute on 2 CPU cores")
-    rep.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the experiments run")
+    rep.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where the experiments and the training section run"
+    )
     rep.add_argument(
         "--backend",
         default="auto",
-        help="conv-ISTA backend for the experiments (auto, reference, cpp, triton); default auto",
+        help="conv-ISTA backend for the experiments and the training section's dsc strategy (auto, reference, cpp, "
+        "triton); default auto",
     )
     rep.add_argument(
         "--readme-figures",
@@ -83,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument(
         "--training-runs",
         default=None,
-        help="a `train --recipe digits --strategy all --out DIR` folder for the training section "
-        "(default: a short run)",
+        help="a `train --recipe digits --strategy all --out DIR` folder for the training section, its runs on the "
+        "backend they were trained with (default: a short run on --device and --backend)",
     )
     train = sub.add_parser(
         "train",

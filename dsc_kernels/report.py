@@ -1,6 +1,8 @@
 """The main job: run the convergence experiments and a backend speed comparison, write REPORT.md and PNG figures.
 
 `python -m dsc_kernels report [--out DIR] [--quick] [--device cpu|cuda] [--backend NAME] [--readme-figures]`.
+--device and --backend apply to the convergence experiments and to the training section's short run (whose text
+names the conv-ISTA backend its dsc strategy ran on); the speed sections time every backend available there.
 
 The report states what a reader needs to trust its numbers: when and where it ran (CPU model, threads, load average
 at the start), the versions, how each time was taken (repetitions, statistic), and a sanity section that flags
@@ -451,7 +453,11 @@ def run_report(args) -> Path:
         from .recipes.report_section import training_section  # the training helper's section (recipes/)
 
         training, training_figures = training_section(
-            out_dir, quick=args.quick, runs=getattr(args, "training_runs", None)
+            out_dir,
+            quick=args.quick,
+            runs=getattr(args, "training_runs", None),
+            backend=args.backend,
+            device=args.device,
         )
     readme = ROOT / "README.md"
     published = (

@@ -691,6 +691,42 @@ def test_digits_dsc_renormalises_the_dictionaries_after_every_step(captured_fit)
         torch.testing.assert_close(norms, torch.ones_like(norms))
 
 
+def test_report_section_short_run_takes_the_reports_backend_and_says_which_ran(tmp_path, monkeypatch):
+    """`report --backend X` reached only the experiments: the training section's short run trained on auto, on the
+    CPU, and its text named no backend."""
+    from dsc_kernels.recipes import report_section
+
+    seen = []
+
+    def train(strategy, epochs, seed, out, backend, run):
+        seen.append((strategy, backend, run.device.type))
+        per_layer = {n: 0.5 for n in digits.FEATURES}
+        return dict(accuracy=0.9, sparsity=0.5, per_layer=per_layer, epochs=epochs, seconds=1.0, backend=backend)
+
+    monkeypatch.setattr(digits, "train", train)
+    lines, _ = report_section.training_section(tmp_path, quick=True, backend="reference")
+    assert seen == [(s, "reference", "cpu") for s in digits.STRATEGIES]
+    text = "\n".join(lines)
+    assert "on cpu, `--backend reference`: the dsc strategy's conv-ISTA on `reference`" in text, text
+    seen.clear()
+    lines, _ = report_section.training_section(tmp_path, quick=True)
+    want = report_section._backend_that_runs("auto", "cpu")  # cpp where the extension builds, else reference
+    assert {b for _, b, _ in seen} == {"auto"} and f"`--backend auto`: the dsc strategy's conv-ISTA on `{want}`" in (
+        "\n".join(lines)
+    )
+
+
+def test_report_section_names_the_backend_a_read_dsc_run_took(tmp_path):
+    from dsc_kernels.recipes.report_section import training_section
+
+    (tmp_path / "dsc").mkdir()
+    metrics = dict(recipe="digits", strategy="dsc", accuracy=0.9, sparsity=0.5, epochs=1, seconds=1.0)
+    metrics.update(per_layer={}, backend="cpp")
+    (tmp_path / "dsc" / engine.METRICS_FILE).write_text(json.dumps(metrics))
+    lines, _ = training_section(tmp_path, quick=True, runs=tmp_path, backend="reference")
+    assert f"read from `{tmp_path}` (the dsc strategy's conv-ISTA on `cpp`)" in "\n".join(lines)
+
+
 def test_report_section_table_rows_from_known_metrics(tmp_path):
     """Each row's columns against metrics written by hand: zeros vs baseline is this strategy's minus the baseline's."""
     from dsc_kernels.recipes.report_section import training_section

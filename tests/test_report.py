@@ -344,8 +344,8 @@ def _canned_report(tmp_path, monkeypatch, message="boom", speed_error=None, **ar
         calls["attention"] = (quick, device)
         return {"error": "canned"}
 
-    def training(out_dir, *, quick, runs=None, backend="auto"):
-        calls["training"] = (quick, runs)
+    def training(out_dir, *, quick, runs=None, backend="auto", device="cpu"):
+        calls["training"] = (quick, runs, backend, device)
         return ["", "## Training (canned)"], []
 
     monkeypatch.setattr(R, "_run_speed", speed)
@@ -402,10 +402,11 @@ def test_report_passes_its_options_on_to_every_stage(tmp_path, monkeypatch):
     text, calls = _canned_report(tmp_path, monkeypatch)
     assert calls["claims"] == [dict(quick=True, backend="reference", device="cuda", dtype=torch.float32)]
     assert calls["speed"] == (True, "cuda") and calls["attention"] == (True, "cuda")
-    assert calls["training"] == (True, "runs-folder")
+    assert calls["training"] == (True, "runs-folder", "reference", "cuda")
     _, calls = _canned_report(tmp_path, monkeypatch, quick=False, device="cpu", backend="cpp", training_runs=None)
     assert calls["claims"] == [dict(quick=False, backend="cpp", device="cpu", dtype=torch.float64)]
-    assert calls["speed"] == (False, "cpu") and calls["training"] == (False, None)
+    # the training section ran auto on the CPU whatever --backend and --device said
+    assert calls["speed"] == (False, "cpu") and calls["training"] == (False, None, "cpp", "cpu")
 
 
 def test_report_speed_rows_keep_their_columns_and_the_busy_flag(tmp_path, monkeypatch):

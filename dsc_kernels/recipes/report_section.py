@@ -40,10 +40,19 @@ def _read(runs: Path) -> dict[str, dict]:
     return found
 
 
-def _run(quick: bool, backend: str) -> dict[str, dict]:
+def _run(quick: bool, backend: str, device: str) -> dict[str, dict]:
     epochs = QUICK_EPOCHS if quick else digits.DEFAULT_EPOCHS
-    run = engine.start(False, "cpu")
+    run = engine.start(False, device)
     return {s: digits.train(s, epochs, 0, None, backend, run) for s in digits.STRATEGIES}
+
+
+def _backend_that_runs(backend: str, device: str) -> str:
+    """The conv-ISTA row the dsc strategy's layers (float32) take for ``backend`` on ``device``, auto resolved."""
+    import torch
+
+    from .. import functional
+
+    return functional.check_backend(backend, "conv_ista", device=device, dtype=torch.float32)
 
 
 def _figure(results: dict[str, dict], path: Path) -> None:
@@ -74,18 +83,30 @@ def _figure(results: dict[str, dict], path: Path) -> None:
 
 
 def training_section(
-    out_dir: Path, *, quick: bool, runs: str | Path | None = None, backend: str = "auto"
+    out_dir: Path, *, quick: bool, runs: str | Path | None = None, backend: str = "auto", device: str = "cpu"
 ) -> tuple[list[str], list[tuple[str, str]]]:
-    """Markdown lines and [(figure file, title)] of the training section; an error becomes the section's text."""
+    """Markdown lines and [(figure file, title)] of the training section; an error becomes the section's text. A
+    short run trains on ``device`` with ``backend`` (the report's --device and --backend); runs read from ``runs``
+    keep the backend they were trained with, which metrics.json records."""
     lines = ["", "## Training for sparse features (digits)", ""]
     try:
-        results = _read(Path(runs)) if runs else _run(quick, backend)
+        if runs:
+            results = _read(Path(runs))
+            ran = results.get("dsc", {}).get("backend")
+        else:
+            ran = _backend_that_runs(backend, device)
+            results = _run(quick, backend, device)
     except Exception as err:  # noqa: BLE001 - reported; the rest of the report still stands
         return lines + [f"Not measured: {type(err).__name__}: {err}"[:300]], []
+    # the report's --backend reached only its experiments before, and this section ran auto, unsaid
+    on = f"the dsc strategy's conv-ISTA on `{ran}`" if ran else "no dsc run's backend recorded"
     source = (
-        f"read from `{runs}`"
+        f"read from `{runs}` ({on})"
         if runs
-        else (f"a short run here ({QUICK_EPOCHS if quick else digits.DEFAULT_EPOCHS} epochs per strategy, seed 0)")
+        else (
+            f"a short run here ({QUICK_EPOCHS if quick else digits.DEFAULT_EPOCHS} epochs per strategy, seed 0, on "
+            f"{device}, `--backend {backend}`: {on})"
+        )
     )
     baseline = results.get("baseline")
     lines += [
