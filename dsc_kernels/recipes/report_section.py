@@ -98,7 +98,6 @@ def training_section(
             results = _run(quick, backend, device)
     except Exception as err:  # noqa: BLE001 - reported; the rest of the report still stands
         return lines + [f"Not measured: {type(err).__name__}: {err}"[:300]], []
-    # the report's --backend reached only its experiments before, and this section ran auto, unsaid
     on = f"the dsc strategy's conv-ISTA on `{ran}`" if ran else "no dsc run's backend recorded"
     source = (
         f"read from `{runs}` ({on})"
