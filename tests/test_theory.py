@@ -354,3 +354,39 @@ def test_meta_tensor_iteration_counts_and_distances_are_refused_by_name():
         theory.lista_cp_error_bound(meta, 1, 1.0, 0.5, 1.0, 0.0)
     with pytest.raises(ValueError, match="dist0_sq is a meta tensor"):
         theory.ista_objective_bound(2, 1.0, meta)
+
+
+def test_bounds_at_a_rate_of_exactly_one_are_inf_and_have_no_schedule():
+    # q = 1 exactly (s = 1, mu = 1; s = 3, mu = 0.2: 5 * 0.2 == 1.0 in float64) is outside q < 1, which every
+    # rate theorem needs: the documented answer is inf (no guarantee), not s B + C sigma (the q^k factor frozen at 1)
+    # nor a ZeroDivisionError from 1 / (1 - q); and geometric_thresholds refuses it, as for any q >= 1
+    ks = [0, 1, 5, math.inf]
+    assert np.all(np.isposinf(theory.lista_cp_error_bound(ks, 2, 1.0, 1.0, 3.0, 0.1)))
+    for s, mu in [(1, 1.0), (3, 0.2)]:
+        assert theory.stripe_rate(s, mu) == 1.0
+        assert np.all(np.isposinf(theory.stripe_error_bound(ks, s, 1.0, mu, 0.1)))
+    with pytest.raises(ValueError, match="q must be < 1"):
+        theory.geometric_thresholds(1.0, 1.0, 3)
+
+
+def test_an_inf_argument_meeting_a_vanishing_factor_gives_inf_never_nan():
+    # inf * 0 in float64 is NaN; the bounds promise the vacuous inf instead (an unbounded amplitude or noise level
+    # bounds nothing, whatever the factor it meets)
+    assert theory.lista_cp_error_bound(1, 1, math.inf, 0.0, 1.0, 0.0) == math.inf  # s B q^k: inf * 0^1
+    assert theory.lista_cp_error_bound(0, 0, 1.0, 0.5, math.inf, 0.0) == math.inf  # C sigma: inf * 0
+    assert theory.stripe_threshold(math.inf, 1, 0.0, 0.0) == math.inf  # mu s ||e||: 0 * inf
+    assert theory.stripe_error_bound(3, 0, math.inf, 0.5, 0.0) == math.inf  # B q^k with q = 0
+
+
+def test_mutual_coherence_of_parallel_atoms_is_one_and_never_above():
+    # two code channels holding the same filter up to scale give parallel atoms: |cos| = 1, but <f, c f> /
+    # (|f| |c f|) rounds to 1 + 2^-52 for about a third of random filters; a coherence above 1 is out of range
+    # (uniqueness_bound refuses it with ValueError), so the result must be capped at 1
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        k = int(torch.randint(1, 9, (1,), generator=g))
+        f = torch.randn(1, 2, k, generator=g, dtype=torch.float64)
+        w = torch.cat([f, f * float(torch.rand(1, generator=g) * 10 + 0.1)])
+        mu = theory.mutual_coherence(w, k + 3)
+        assert 1.0 - 1e-15 <= mu <= 1.0
+        assert theory.uniqueness_bound(mu) == pytest.approx(1.0, abs=1e-15)
