@@ -390,3 +390,23 @@ def test_mutual_coherence_of_parallel_atoms_is_one_and_never_above():
         mu = theory.mutual_coherence(w, k + 3)
         assert 1.0 - 1e-15 <= mu <= 1.0
         assert theory.uniqueness_bound(mu) == pytest.approx(1.0, abs=1e-15)
+
+
+def test_spark_tolerance_is_relative_to_the_matrix_norm():
+    # columns a, b, a + b and an independent c: spark 3 by construction, at any scale. The documented test is
+    # "smallest singular value below tol times D's largest"; an absolute tol would call every column of the 1e-12
+    # copy dependent on its own (spark 1) and miss the rounding-level dependency of the 1e12 copy.
+    g = torch.Generator().manual_seed(1)
+    a, b, c = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    d = torch.stack([a, b, a + b, c], dim=1)
+    for scale in (1e-12, 1.0, 1e12):
+        spark, v = theory.spark(d * scale)
+        assert spark == 3
+        assert torch.count_nonzero(v) == 3 and torch.linalg.norm(d @ v) <= 1e-12 * torch.linalg.norm(d)
+
+
+def test_stability_bound_refuses_lists_of_different_lengths():
+    # one s and one mu per layer: zip would silently drop the extra layers and return fewer bounds than layers
+    for sparsities, mus in [([1, 2], [0.1]), ([1], [0.1, 0.2]), ([], [0.1])]:
+        with pytest.raises(ValueError, match="one entry per layer"):
+            theory.stability_bound(0.1, sparsities, mus)
