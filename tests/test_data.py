@@ -207,3 +207,65 @@ def test_synthesize_and_barker_filter_argument_types():
         assert torch.equal(D.barker_filter(length), D.barker_filter(13))
     with pytest.raises(ValueError, match="Barker codes exist"):
         D.barker_filter(6)
+
+
+def test_named_filters_match_their_formulas():
+    # the coherence test above is blind to the scale: a Barker or Golomb filter normalised to unit l1 norm (taps
+    # 1/length, 1/marks) instead of unit l2 norm has the same mu, and the theory needs unit atoms
+    for length, code in D.BARKER.items():
+        b = torch.tensor(code, dtype=torch.float64)
+        assert torch.allclose(D.barker_filter(length).flatten(), b / math.sqrt(length))
+        assert torch.allclose(D.barker_filter(length, ndim=2)[0, 0], torch.outer(b, b) / length)
+    for marks in ([0], [0, 1, 3], [0, 1, 4, 9, 11], [2, 5]):
+        want = torch.zeros(max(marks) + 1, dtype=torch.float64)
+        want[marks] = 1 / math.sqrt(len(marks))
+        assert torch.allclose(D.golomb_filter(marks).flatten(), want)
+    for size in (1, 2, 5):  # orthonormal DCT-II: sqrt((1 or 2) / N) cos(pi (n + 1/2) f / N)
+        basis = torch.tensor(
+            [
+                [math.cos(math.pi * (n + 0.5) * f / size) * math.sqrt((1 if f == 0 else 2) / size) for n in range(size)]
+                for f in range(size)
+            ],
+            dtype=torch.float64,
+        )
+        assert torch.allclose(D.dct_filters(size, size)[:, 0], basis)
+
+
+def test_random_filters_follow_the_seed_and_have_unit_code_channels():
+    w = D.random_filters(4, 3, (2, 5), seed=7)
+    assert w.shape == (4, 3, 2, 5)
+    # each code channel's whole (C_sig, *k) block is one unit atom, not each row or tap
+    assert torch.allclose(w.flatten(1).norm(dim=1), torch.ones(4, dtype=torch.float64))
+    assert not torch.allclose(w.norm(dim=-1), torch.ones(4, 3, 2, dtype=torch.float64))
+    assert torch.equal(w, D.random_filters(4, 3, (2, 5), seed=7))
+    assert not torch.equal(w, D.random_filters(4, 3, (2, 5), seed=8))
+    assert not torch.equal(D.random_filters(2, 1, 6, seed=1), D.random_filters(2, 1, 6, seed=2))
+
+
+def test_dictionary_chain_gives_each_layer_its_own_stride():
+    # layer j's code is layer j+1's signal, with layer j's stride: (z - 1) * s + k
+    ws = [torch.randn(3, 1, 4, dtype=torch.float64), torch.randn(5, 3, 3, dtype=torch.float64)]
+    layer1, layer2 = D.dictionary_chain(ws, 6, strides=[2, 1])
+    assert (layer2.stride, layer2.code_size, layer2.signal_size) == ((1,), (6,), (8,))
+    assert (layer1.stride, layer1.code_size, layer1.signal_size) == ((2,), (8,), (18,))
+
+
+@pytest.mark.parametrize("sep", [0, 1, 3])
+def test_sparse_codes_signs_are_random(sep):
+    # "random signs": a fair coin per entry, in the sequential sampler and in the tight-request fallback
+    for sparsity in (4, 10):
+        z = D.sparse_codes(40, 2, 30, sparsity, min_separation=sep, seed=5)
+        values = z[z != 0]
+        assert len(values) == 40 * sparsity
+        assert 0.3 < float((values > 0).double().mean()) < 0.7
+
+
+def test_dsc_problem_sparsity_and_amplitude_are_maxima_over_the_batch():
+    # overlapping deeper atoms (min_separation 1) give Gamma_1 a support that varies from sample to sample
+    chain = D.dictionary_chain([D.random_filters(3, 1, 3, seed=1), D.random_filters(4, 3, 3, seed=2)], 10)
+    p = D.dsc_problem(chain, 4, batch=6, min_separation=1, seed=0)
+    for j, code in enumerate(p.codes):
+        counts = [sum(1 for v in code[b].flatten().tolist() if v != 0) for b in range(len(code))]
+        assert p.sparsity[j] == max(counts)
+        assert p.amplitude[j] == max(abs(v) for v in code.flatten().tolist())
+    assert len({int((p.codes[0][b] != 0).sum()) for b in range(6)}) > 1  # else max and min would agree
