@@ -1169,3 +1169,20 @@ def test_an_in_place_change_of_a_parametrizations_buffer_is_followed_in_eval():
     layer(x)
     ratio = float(layer.step) * _independent_lipschitz(layer.weight.detach(), (48, 48), padding=1)
     assert 0.95 < ratio < 1.05, ratio
+
+
+def test_project_reaches_the_constrained_layers_inside_a_model():
+    # project_ is for loops that update parameters without torch.optim; it was checked only on a bare layer, so a
+    # project_ that looked at the top module alone (projecting nothing inside an nn.Sequential) passed
+    from dsc_kernels.nn import project_
+
+    layer = ConvSparseCoding2d(1, 3, 3, n_iter=2, learn_lam=True, backend="reference")
+    signed, one_sided = SoftThreshold(0.2, 3, learnable=True), SoftThreshold(0.2, 3, learnable=True, nonneg=True)
+    model = torch.nn.Sequential(layer, torch.nn.Sequential(signed, one_sided))
+    with torch.no_grad():
+        for p in (layer.lam, signed.threshold, one_sided.threshold):
+            p.copy_(torch.tensor([-1.0, 0.5, -2.0]).reshape(p.shape) if p.numel() == 3 else p.new_full(p.shape, -1.0))
+    assert project_(model) is model
+    assert float(layer.lam.detach().min()) == 0.0
+    assert signed.threshold.tolist() == [0.0, 0.5, 0.0]  # max(t, 0), elementwise
+    assert one_sided.threshold.tolist() == [-1.0, 0.5, -2.0]  # max(x - t, 0) takes any t: left alone
