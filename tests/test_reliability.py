@@ -438,3 +438,31 @@ def test_layers_take_an_autocast_layers_half_precision_output(backend):
         DF.conv_ista(h.detach(), w, 0.1, n_iter=2, padding=1, backend=backend)
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="must share one dtype"):
         DF.conv_ista(x.double(), w, 0.1, n_iter=2, padding=1, backend=backend)
+
+
+def test_forward_tf32_pins_the_switch_in_this_thread_for_the_block_only(monkeypatch):
+    # The recompute backward replays the forward at the forward's TF32 setting (_precision.py). Nothing on a CPU run
+    # checked the pin: a conv_tf32_allowed that ignored it, or a block that left it set after an exception, passed.
+    import threading
+
+    from dsc_kernels._precision import conv_tf32_allowed, forward_tf32
+
+    for switch in (True, False):
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", switch)
+        assert conv_tf32_allowed() is switch
+        with forward_tf32(not switch):
+            assert conv_tf32_allowed() is (not switch)
+            assert torch.backends.cudnn.allow_tf32 is switch  # the process-wide switch is left alone
+            seen = []
+            other = threading.Thread(target=lambda: seen.append(conv_tf32_allowed()))
+            other.start()
+            other.join()
+            assert seen == [switch]  # another thread (another backward) is not pinned
+            with forward_tf32(switch):
+                assert conv_tf32_allowed() is switch
+            assert conv_tf32_allowed() is (not switch)
+        assert conv_tf32_allowed() is switch
+        with pytest.raises(RuntimeError, match="in the backward"):
+            with forward_tf32(not switch):
+                raise RuntimeError("in the backward")
+        assert conv_tf32_allowed() is switch
