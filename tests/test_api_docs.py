@@ -82,3 +82,24 @@ def test_every_op_family_module_is_named():
     for family in table.FAMILIES:
         assert f"`ops/{family}.py`" in design, f"docs/design.md §7 does not name ops/{family}.py"
         assert f"`{family}.py`" in contributing, f"CONTRIBUTING.md does not name ops/{family}.py"
+
+
+def test_every_exported_name_is_documented():
+    # 27 names of sparsity, theory and data (zero_fraction, lista_cp_rate, dsc_problem, ...) appeared nowhere in the
+    # README or docs/, only described in words
+    import dsc_kernels
+    import dsc_kernels.data
+    import dsc_kernels.nn
+    import dsc_kernels.sparsity
+    import dsc_kernels.theory
+
+    root = DESIGN.parents[1]
+    text = (root / "README.md").read_text() + "".join(p.read_text() for p in sorted((root / "docs").glob("*.md")))
+    modules = (dsc_kernels, DF, dsc_kernels.nn, dsc_kernels.sparsity, dsc_kernels.theory, dsc_kernels.data)
+    missing = [
+        f"{m.__name__}.{name}"
+        for m in modules
+        for name in m.__all__
+        if not name.startswith("__") and not re.search(rf"\b{re.escape(name)}\b", text)
+    ]
+    assert not missing, f"README.md and docs/ never name {missing}"
