@@ -335,9 +335,11 @@ def warmup_factor(step: int, warmup_steps: int, *, start: float = 0.0, shape: st
 
 
 class ThresholdWarmup:
-    """Ramps the fixed thresholds (``lam``/``threshold`` buffers) of a model's sparse layers from ``start`` times
-    their values to their values over ``warmup_steps`` calls of ``step()``: training starts dense, where gradients
-    reach every unit, and reaches the target sparsity at the end of the warm-up.
+    """Ramps the fixed thresholds (``lam``/``threshold`` buffers, and ``nn.Softshrink``/``nn.Hardshrink``'s
+    ``lambd``) of a model's sparse layers from ``start`` times their values to their values over ``warmup_steps``
+    calls of ``step()``: training starts dense, where gradients reach every unit, and reaches the target sparsity at
+    the end of the warm-up. ``lambd`` is a Python float, which ``torch.compile`` specialises on: a compiled model
+    recompiles at every step of its ramp, so use ``SoftThreshold`` (a buffer) there.
 
     Learned thresholds (parameters) are left to the optimiser. ``targets`` holds the final values ({name: tensor}),
     read from the buffers at construction: build it on the model before any warm-up, and to resume from a checkpoint
@@ -355,14 +357,18 @@ class ThresholdWarmup:
         # module.to() replaces its buffers by new tensors: keep where each lives, not the tensor of the moment
         self._slots: dict[str, tuple[nn.Module, str]] = {}
         for name, module in model.named_modules():
-            if isinstance(module, SPARSE_MODULES):
+            if isinstance(module, (nn.Softshrink, nn.Hardshrink)):
+                key = f"{name}.lambd" if name else "lambd"
+                self.targets[key] = torch.tensor(float(module.lambd), dtype=torch.float64)
+                self._slots[key] = (module, "lambd")
+            elif isinstance(module, SPARSE_MODULES):
                 for attr in ("lam", "threshold"):
                     value = module._buffers.get(attr)
                     if value is not None:
                         key = f"{name}.{attr}" if name else attr
                         self.targets[key], self._slots[key] = value.detach().clone(), (module, attr)
         if not self.targets:
-            raise ValueError("model has no fixed lam/threshold buffers to warm up")
+            raise ValueError("model has no fixed lam/threshold buffers or shrink lambd to warm up")
         self._apply()
 
     @property
@@ -372,6 +378,9 @@ class ThresholdWarmup:
     @torch.no_grad()
     def _apply(self) -> None:
         for key, (module, attr) in self._slots.items():
+            if attr == "lambd":  # torch's shrink modules hold a float, read at every forward
+                module.lambd = float(self.targets[key]) * self.factor
+                continue
             buffer = module._buffers[attr]
             buffer.copy_(self.targets[key].to(buffer.device) * self.factor)
 

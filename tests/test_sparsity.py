@@ -141,6 +141,29 @@ def test_threshold_warmup_ramps_fixed_thresholds_only():
         sparsity.ThresholdWarmup(nn.Linear(2, 2), 3)
 
 
+def test_threshold_warmup_ramps_torch_shrink_modules_lambd():
+    """nn.Softshrink / nn.Hardshrink keep their threshold as a float ``lambd``: the warm-up ramps it too (it had
+    skipped them, leaving a torch-built model at its target sparsity from the first step), and resumes it."""
+    model = nn.Sequential(nn.Softshrink(0.5), nn.Hardshrink(0.3), SoftThreshold(0.4))
+    warmup = sparsity.ThresholdWarmup(model, 4, start=0.0)
+    assert set(warmup.targets) == {"0.lambd", "1.lambd", "2.threshold"}
+    x = torch.linspace(-1, 1, 41)
+    for step in range(6):
+        factor = min(step / 4, 1.0)
+        want_soft = torch.sign(x) * torch.clamp(x.abs() - 0.5 * factor, min=0)
+        want_hard = torch.where(x.abs() > 0.3 * factor, x, torch.zeros_like(x))
+        torch.testing.assert_close(model[0](x), want_soft, rtol=0, atol=1e-7)
+        torch.testing.assert_close(model[1](x), want_hard, rtol=0, atol=0)
+        assert float(model[2].threshold) == pytest.approx(0.4 * factor)
+        if step == 2:
+            state = warmup.state_dict()
+        warmup.step()
+    fresh = nn.Sequential(nn.Softshrink(0.5), nn.Hardshrink(0.3), SoftThreshold(0.4))
+    resumed = sparsity.ThresholdWarmup(fresh, 4)
+    resumed.load_state_dict(state)
+    assert fresh[0].lambd == pytest.approx(0.25) and fresh[1].lambd == pytest.approx(0.15)
+
+
 def test_sparsity_monitor_records_train_and_eval_separately():
     model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
     with torch.no_grad():
