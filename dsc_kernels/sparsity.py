@@ -338,8 +338,8 @@ class ThresholdWarmup:
     """Ramps the fixed thresholds (``lam``/``threshold`` buffers, and ``nn.Softshrink``/``nn.Hardshrink``'s
     ``lambd``) of a model's sparse layers from ``start`` times their values to their values over ``warmup_steps``
     calls of ``step()``: training starts dense, where gradients reach every unit, and reaches the target sparsity at
-    the end of the warm-up. ``lambd`` is a Python float, which ``torch.compile`` specialises on: a compiled model
-    recompiles at every step of its ramp, so use ``SoftThreshold`` (a buffer) there.
+    the end of the warm-up. ``lambd`` is a Python float: a compiled model recompiles once when it first changes, a
+    ``SoftThreshold`` (a buffer) not at all.
 
     Learned thresholds (parameters) are left to the optimiser. ``targets`` holds the final values ({name: tensor}),
     read from the buffers at construction: build it on the model before any warm-up, and to resume from a checkpoint
