@@ -1186,3 +1186,45 @@ def test_project_reaches_the_constrained_layers_inside_a_model():
     assert float(layer.lam.detach().min()) == 0.0
     assert signed.threshold.tolist() == [0.0, 0.5, 0.0]  # max(t, 0), elementwise
     assert one_sided.threshold.tolist() == [-1.0, 0.5, -2.0]  # max(x - t, 0) takes any t: left alone
+
+
+def test_an_optimizer_step_while_another_thread_builds_a_layer(monkeypatch):
+    """The projection hooks iterate the registered layers: a layer built (or deep-copied) on another thread during
+    that iteration changed the set under it, and optimizer.step() raised "Set changed size during iteration"
+    (within 10 steps next to a thread building layers). Forced here: the iteration pauses after its first layer
+    while the other thread builds one."""
+    import threading
+    import weakref
+
+    from dsc_kernels.nn import _projection
+
+    paused, built = threading.Event(), threading.Event()
+
+    class PausingSet(weakref.WeakSet):
+        def __iter__(self):
+            for i, layer in enumerate(super().__iter__()):
+                if i == 1 and threading.current_thread() is threading.main_thread():
+                    paused.set()
+                    built.wait(0.5)  # the other thread may instead wait for the iteration to end
+                yield layer
+
+    layers = PausingSet()
+    monkeypatch.setattr(_projection, "_LAYERS", layers)
+    model = SoftThreshold(learnable=True)
+    others = [SoftThreshold(learnable=True) for _ in range(3)]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(4)).sum().backward()
+
+    def build():
+        paused.wait(5)
+        others.append(SoftThreshold(learnable=True))
+        built.set()
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    try:
+        opt.step()
+    finally:
+        paused.set()
+        thread.join(5)
+    assert len(list(layers)) == 5

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import weakref
 
 import torch
@@ -24,18 +25,28 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 _LAYERS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _hook_handles: tuple | None = None
+# Guards _LAYERS' additions and the snapshots the hooks iterate: a layer built (or deep-copied) on one thread while
+# another ran optimizer.step() changed the set during that iteration, and the step raised "Set changed size during
+# iteration" (within 10 steps next to a thread building layers).
+_LOCK = threading.Lock()
+
+
+def _layers() -> list[nn.Module]:
+    with _LOCK:
+        return list(_LAYERS)
 
 
 def register(module: nn.Module) -> None:
     """Project ``module.constraints()`` after every optimiser step that updates them (and before each closure
     evaluation inside one), then call ``module.after_optimizer_step``."""
     global _hook_handles
-    _LAYERS.add(module)
-    if _hook_handles is None:
-        _hook_handles = (
-            register_optimizer_step_pre_hook(_wrap_closure),
-            register_optimizer_step_post_hook(_after_optimizer_step),
-        )
+    with _LOCK:
+        _LAYERS.add(module)
+        if _hook_handles is None:
+            _hook_handles = (
+                register_optimizer_step_pre_hook(_wrap_closure),
+                register_optimizer_step_post_hook(_after_optimizer_step),
+            )
 
 
 def _stepped(optimizer: torch.optim.Optimizer) -> set[int]:
@@ -44,7 +55,7 @@ def _stepped(optimizer: torch.optim.Optimizer) -> set[int]:
 
 
 def _project_parameters(stepped: set[int]) -> None:
-    for layer in list(_LAYERS):
+    for layer in _layers():
         for param, lower, upper in layer.constraints():
             if id(param) in stepped:
                 _project(param, lower, upper)
@@ -68,7 +79,7 @@ def _wrap_closure(optimizer: torch.optim.Optimizer, args, kwargs):
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     stepped = _stepped(optimizer)
     _project_parameters(stepped)
-    for layer in list(_LAYERS):
+    for layer in _layers():
         layer.after_optimizer_step(stepped)
 
 
