@@ -1228,3 +1228,53 @@ def test_an_optimizer_step_while_another_thread_builds_a_layer(monkeypatch):
         paused.set()
         thread.join(5)
     assert len(list(layers)) == 5
+
+
+def test_eval_forwards_on_two_threads_re_estimate_a_changed_weight_once(monkeypatch):
+    """An eval forward re-estimates 1/L of a changed weight and writes it into the module. A second thread's forward
+    that checked the step after the first had written its vector but before it noted the weight as estimated saw it
+    stale too and re-estimated again from that vector: both outputs and the module's step then differed from a serial
+    run (step 0.005094607826 -> 0.005094607361), and the first thread's kernel read the step while it was rewritten.
+    Forced here: the first forward pauses there while the second one runs."""
+    import copy
+    import threading
+
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(3, 8, 5, n_iter=6, lam=0.1, backend="reference").eval()
+    with torch.no_grad():
+        layer.weight.mul_(1.7)
+    x = torch.randn(2, 3, 12, 12)
+    serial = copy.deepcopy(layer)
+    serial._step_source = None  # the copy carried "up to date" over from the original's stale state: stale again
+    with torch.no_grad():
+        expected = [serial(x), serial(x)]
+
+    wrote, second_done = threading.Event(), threading.Event()
+    first = {}
+    note = sparse_coding._ConvSparseCoding._note_step_source
+
+    def pausing_note(self):
+        if not first and threading.current_thread() is not threading.main_thread():
+            first["thread"] = threading.current_thread()
+            wrote.set()
+            second_done.wait(0.5)  # the second forward may instead wait for this one to end
+        note(self)
+
+    monkeypatch.setattr(sparse_coding._ConvSparseCoding, "_note_step_source", pausing_note)
+    outputs = {}
+
+    def forward(name, done=None):
+        with torch.no_grad():
+            outputs[name] = layer(x)
+        if done is not None:
+            done.set()
+
+    threads = [threading.Thread(target=forward, args=("first",))]
+    threads[0].start()
+    assert wrote.wait(5)
+    threads.append(threading.Thread(target=forward, args=("second", second_done)))
+    threads[1].start()
+    for thread in threads:
+        thread.join(10)
+    assert torch.equal(layer.step, serial.step)
+    assert torch.equal(outputs["first"], expected[0]) and torch.equal(outputs["second"], expected[1])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import weakref
 from collections.abc import Sequence
 
@@ -50,6 +51,11 @@ STEP_FLOOR = 1e-3
 ZERO_CHECK_EVERY = 50
 # What a copy of a module keeps of its step source when the step was up to date (ConvSparseCoding.__getstate__).
 _UP_TO_DATE = "up to date"
+# Serialises eval forwards' staleness checks and re-estimates (every layer's: a lock per module would not survive
+# copies and pickling). Without it a second thread's eval forward could check the step between the first one's
+# writing its power vector and noting the weight as estimated, re-estimate again from that vector, and rewrite the
+# step while the first thread's kernel read it: outputs and step off a serial run (1e-7 relative, float32).
+_STEP_LOCK = threading.RLock()  # reentrant: a parametrization of weight may run another layer
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -570,10 +576,12 @@ class _ConvSparseCoding(_projection.Projected):
             if not torch.compiler.is_compiling() and not self._restore_previous_step():
                 self._keep_step_of_replaced_weight()
             self._training_refresh()
-        elif not torch.compiler.is_compiling() and self._step_is_stale():
-            # The weight changed since the step was estimated (an optimiser step after the last training
-            # forward, a hand edit): a stale 1/L that is too large makes ISTA diverge silently.
-            self._refresh_stale_step()
+        elif not torch.compiler.is_compiling():
+            with _STEP_LOCK:
+                if self._step_is_stale():
+                    # The weight changed since the step was estimated (an optimiser step after the last training
+                    # forward, a hand edit): a stale 1/L that is too large makes ISTA diverge silently.
+                    self._refresh_stale_step()
         return self.step
 
     @torch.no_grad()
