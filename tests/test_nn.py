@@ -831,6 +831,64 @@ def test_a_parametrization_change_of_its_own_parameter_or_weight_norm_is_followe
     assert torch.equal(normed.step, step)
 
 
+def _spectral_normed(backend="reference"):
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    return spectral_norm(ConvSparseCoding2d(3, 8, 3, n_iter=4, backend=backend), name="weight")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_spectral_normed_layer_takes_one_power_iteration_per_training_forward(backend):
+    """spectral_norm runs its power iteration at every read of weight in training mode; the forward read weight five
+    times (the step's estimate, its source, the iterations), so u and v moved five times per step where nn.Conv2d's
+    move once, and ISTA ran on another weight than the one its 1/L was estimated from."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    layer = _spectral_normed(backend)
+    conv = spectral_norm(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), name="weight")
+    with torch.no_grad():
+        conv.parametrizations.weight.original.copy_(layer.parametrizations.weight.original)
+        conv.parametrizations.weight[0]._u.copy_(layer.parametrizations.weight[0]._u)
+        conv.parametrizations.weight[0]._v.copy_(layer.parametrizations.weight[0]._v)
+    x = torch.randn(2, 3, 10, 11)
+    z = layer(x)
+    conv(x)
+    assert torch.equal(layer.parametrizations.weight[0]._u, conv.parametrizations.weight[0]._u)
+    assert torch.equal(layer.parametrizations.weight[0]._v, conv.parametrizations.weight[0]._v)
+    weight = conv.eval().weight.detach()  # the weight of that one iteration
+    assert float(layer.step) == pytest.approx(1 / _dictionary_lipschitz(weight, (10, 11)), rel=5e-2)
+    expected = DF.conv_ista(x, weight, 0.1, n_iter=4, step=layer.step, padding=1, backend="reference")
+    torch.testing.assert_close(z, expected)
+
+
+def test_reading_a_spectral_normed_layers_state_in_training_mode_leaves_it_as_it_was():
+    """state_dict(), deepcopy and .to() read weight (is the step stale?), and load_state_dict's hook re-estimates
+    1/L from it: in training mode each read ran spectral_norm's power iteration on u and v, so saving changed the
+    module and a layer loaded in training mode computed another weight than the saved one (codes 5e-4 off)."""
+    import copy
+
+    torch.manual_seed(0)
+    layer = _spectral_normed()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(2, 3, 10, 11)
+    for _ in range(2):
+        optimizer.zero_grad()
+        layer(x).pow(2).sum().backward()
+        optimizer.step()
+    before = {k: v.clone() for k, v in layer.state_dict(keep_vars=True).items()}
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    copy.deepcopy(layer)
+    layer.to(torch.float32)
+    for name, value in layer.state_dict(keep_vars=True).items():
+        assert torch.equal(value, before[name]), name
+    loaded = _spectral_normed()  # in training mode, as a fresh module is
+    loaded.load_state_dict(saved)
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    torch.testing.assert_close(loaded.eval()(x), layer.eval()(x), rtol=0, atol=0)
+
+
 def test_a_layer_pickled_before_the_estimated_weight_buffer_loads_and_runs():
     """Whole modules pickled by an earlier version lack the _estimated_weight buffer: torch.load raised."""
     import io

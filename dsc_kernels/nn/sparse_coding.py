@@ -58,6 +58,25 @@ _UP_TO_DATE = "up to date"
 _STEP_LOCK = threading.RLock()  # reentrant: a parametrization of weight may run another layer
 
 
+@contextlib.contextmanager
+def _weight_read_only(module: nn.Module):
+    """Reads of ``weight`` outside the forward that leave a parametrization's state as it is. spectral_norm runs a
+    power iteration in place on its ``_u``/``_v`` buffers at every read of weight in training mode: state_dict(),
+    deepcopy, ``.to()`` and load_state_dict (whose hook re-estimates 1/L) each moved them, so a loaded module computed
+    another weight than the saved one. In eval mode it reads the stored vectors: the weight of the last forward."""
+    if not parametrize.is_parametrized(module, "weight"):
+        yield
+        return
+    holder = module.parametrizations.weight
+    modes = [(m, m.training) for m in holder.modules()]
+    holder.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 # ------------------------------------------------------------------------------------------------ validation
 def _padding(padding: object, kernel_size: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...]:
     """None (k // 2: the size is kept at stride 1 for odd k), or what functional accepts: int(s) >= 0, "valid",
@@ -440,6 +459,10 @@ class _ConvSparseCoding(_projection.Projected):
         return True
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        with _weight_read_only(self):
+            self._save_state(destination, prefix, keep_vars)
+
+    def _save_state(self, destination, prefix, keep_vars) -> None:
         stale = False
         if not torch.compiler.is_compiling():
             self._restore_previous_step()
@@ -473,9 +496,11 @@ class _ConvSparseCoding(_projection.Projected):
         return self._state_to_copy()
 
     def _state_to_copy(self) -> dict:
-        self._restore_previous_step()
+        with _weight_read_only(self):
+            self._restore_previous_step()
+            up_to_date = not self._step_is_stale()
         state = self.__dict__.copy()
-        state["_step_source"] = _UP_TO_DATE if not self._step_is_stale() else None
+        state["_step_source"] = _UP_TO_DATE if up_to_date else None
         state.pop("_previous_step", None)
         state.pop("_kept_step", None)
         state.pop("_assigned_weight", None)
@@ -484,6 +509,10 @@ class _ConvSparseCoding(_projection.Projected):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        with _weight_read_only(self):
+            self._set_state()
+
+    def _set_state(self) -> None:
         if "_estimated_weight" not in self._buffers:  # pickled before the buffer existed: its step stands as saved
             self.register_buffer("_estimated_weight", self.weight.detach().clone(), persistent=False)
         grid = spectrum.periodic_grid(self.kernel_size, self.stride)
@@ -495,15 +524,17 @@ class _ConvSparseCoding(_projection.Projected):
             self._note_step_source()
 
     def _apply(self, fn, recurse: bool = True):
-        self._restore_previous_step()
-        up_to_date = not self._step_is_stale()
+        with _weight_read_only(self):
+            self._restore_previous_step()
+            up_to_date = not self._step_is_stale()
         self.__dict__.pop("_previous_step", None)
         self.__dict__.pop("_kept_step", None)
         self.__dict__.pop("_assigned_weight", None)
         self.__dict__.pop("_checkpoint_step_cache", None)
         apply_keeping_fixed_values_wide(self, ("step", self._threshold_name), super()._apply, fn, recurse)
         if up_to_date:
-            self._note_step_source()
+            with _weight_read_only(self):
+                self._note_step_source()
         return self
 
     @torch.no_grad()
@@ -521,6 +552,17 @@ class _ConvSparseCoding(_projection.Projected):
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C_sig, *S) -> z: (B, C_code, *Sz)."""
+        if not parametrize.is_parametrized(self, "weight"):
+            return self._forward(x)
+        # One evaluation of a parametrized weight per forward, as nn.Conv2d's: the step's estimate, its source and
+        # the iterations read weight several times, and spectral_norm ran its power iteration at every read in
+        # training mode (5 per forward), so ISTA ran on another weight than the one its 1/L was estimated from.
+        # The first read takes grad (later reads under no_grad would otherwise fill the cache with a detached one).
+        with parametrize.cached():
+            self.weight  # noqa: B018
+            return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         step = self._forward_step() if self._track_step else self.step
         if self._track_step:
@@ -758,6 +800,11 @@ def _after_load(module: _ConvSparseCoding, incompatible_keys) -> None:
     kept as is, so a loaded model computes exactly what was saved; a tracked step that the state dict lacks
     (``strict=False``) becomes 1/L of the loaded dictionary, not the old one's."""
     loaded = module.__dict__.pop("_loading", {"weight", "step"})
+    with _weight_read_only(module):
+        _restart_after_load(module, loaded)
+
+
+def _restart_after_load(module: _ConvSparseCoding, loaded: set[str]) -> None:
     weight, vector = module.weight, module._power_vector
     if weight.is_meta:
         return
