@@ -636,3 +636,24 @@ def test_causal_cross_attention_with_appended_keys_is_top_left(add_bias_kv, add_
         want, want_p = _own_layer(m, x, y, causal=True)
         torch.testing.assert_close(p, want_p)
         torch.testing.assert_close(out, want)
+
+
+def test_a_spectral_normed_out_proj_takes_one_power_iteration_per_training_forward_as_in_mha():
+    """The input checks read out_proj.weight once per query, key and value: with spectral_norm on it each read ran
+    the power iteration in training mode, so u and v moved four times per forward where MHA's move once."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    layer, mha = SparseAttention(8, 2), nn.MultiheadAttention(8, 2)
+    for module in (layer, mha):
+        spectral_norm(module.out_proj, name="weight")
+    with torch.no_grad():
+        ours, theirs = layer.out_proj.parametrizations.weight, mha.out_proj.parametrizations.weight
+        theirs.original.copy_(ours.original)
+        theirs[0]._u.copy_(ours[0]._u)
+        theirs[0]._v.copy_(ours[0]._v)
+    q = torch.randn(5, 2, 8)
+    layer(q, q, q)
+    mha(q, q, q)
+    torch.testing.assert_close(ours[0]._u, theirs[0]._u, rtol=0, atol=0)
+    torch.testing.assert_close(ours[0]._v, theirs[0]._v, rtol=0, atol=0)

@@ -366,6 +366,9 @@ class SparseAttention(nn.Module):
     def _check_tensors(self, **tensors: object) -> None:
         """Types before any shape is read (a 1-D query used to fail inside ``transpose`` with an IndexError, an
         integer or float64 query against float32 parameters inside ``F.linear``)."""
+        # A stored tensor of out_proj, not its weight: a parametrized weight is computed at every read, and
+        # spectral_norm's runs its power iteration in training mode (three more per forward than MHA's one).
+        like = next(self.out_proj.parameters())
         for name, t in tensors.items():
             if t is None and name.endswith("mask"):
                 continue
@@ -375,7 +378,7 @@ class SparseAttention(nn.Module):
                 continue  # their dtypes are checked by functional
             if not t.is_floating_point():
                 raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
-            _check_like(name, t, self.out_proj.weight, "layer")
+            _check_like(name, t, like, "layer")
         if tensors["query"].dim() not in (2, 3):
             layout = "(B, L" if self.batch_first else "(L, B"
             raise ValueError(
