@@ -657,3 +657,21 @@ def test_a_spectral_normed_out_proj_takes_one_power_iteration_per_training_forwa
     mha(q, q, q)
     torch.testing.assert_close(ours[0]._u, theirs[0]._u, rtol=0, atol=0)
     torch.testing.assert_close(ours[0]._v, theirs[0]._v, rtol=0, atol=0)
+
+
+def test_a_spectral_normed_block_dictionary_takes_one_power_iteration_per_training_forward():
+    """The block's input check read its dictionary besides the sparse-coding step: two power iterations of
+    spectral_norm per training forward, one of them on a weight the forward never used."""
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    block = spectral_norm(SparseCodingTransformerBlock(8, 2), name="dictionary")
+    normed = block.parametrizations.dictionary
+    u, v = normed[0]._u.clone(), normed[0]._v.clone()
+    block(torch.randn(2, 5, 8))
+    # one iteration from (u, v), as torch's spectral_norm takes it
+    matrix = normed.original.detach().flatten(1)
+    u = nn.functional.normalize(matrix @ v, dim=0, eps=normed[0].eps)
+    v = nn.functional.normalize(matrix.T @ u, dim=0, eps=normed[0].eps)
+    torch.testing.assert_close(normed[0]._u, u)
+    torch.testing.assert_close(normed[0]._v, v)

@@ -12,6 +12,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .. import _attention_args as attention_args
 from .. import _validate as check
@@ -31,6 +32,15 @@ def _check_like(name: str, t: Tensor, parameter: Tensor, owner: str) -> None:
         raise TypeError(f"{name} must have the {owner}'s dtype {parameter.dtype}, got {t.dtype}")
     if t.device != parameter.device:
         raise ValueError(f"{name} must be on the {owner}'s device {parameter.device}, got {t.device}")
+
+
+def _stored(module: nn.Module, name: str) -> Tensor:
+    """``module``'s tensor ``name`` as stored, for its dtype and device: a parametrized one is computed at every read,
+    and spectral_norm's runs its power iteration in place in training mode (MHA reads its weights once a forward)."""
+    if parametrize.is_parametrized(module, name):
+        holder = getattr(module.parametrizations, name)
+        return next(iter([*holder.parameters(), *holder.buffers()]))
+    return getattr(module, name)
 
 
 class SparseAttention(nn.Module):
@@ -366,9 +376,7 @@ class SparseAttention(nn.Module):
     def _check_tensors(self, **tensors: object) -> None:
         """Types before any shape is read (a 1-D query used to fail inside ``transpose`` with an IndexError, an
         integer or float64 query against float32 parameters inside ``F.linear``)."""
-        # A stored tensor of out_proj, not its weight: a parametrized weight is computed at every read, and
-        # spectral_norm's runs its power iteration in training mode (three more per forward than MHA's one).
-        like = next(self.out_proj.parameters())
+        like = _stored(self.out_proj, "weight")  # read once per forward by out_proj itself, as in MHA
         for name, t in tensors.items():
             if t is None and name.endswith("mask"):
                 continue
@@ -484,7 +492,7 @@ class SparseCodingTransformerBlock(nn.Module):
         ``SparseAttention.forward`` (key_padding_mask (B, N), or (N,) for an unbatched x)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-        _check_like("x", x, self.dictionary, "block")
+        _check_like("x", x, _stored(self, "dictionary"), "block")
         if x.dim() not in (2, 3) or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, dim={self.dim}) or (N, dim={self.dim}), got {tuple(x.shape)}")
         unbatched = x.dim() == 2
