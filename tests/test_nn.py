@@ -889,6 +889,50 @@ def test_reading_a_spectral_normed_layers_state_in_training_mode_leaves_it_as_it
     torch.testing.assert_close(loaded.eval()(x), layer.eval()(x), rtol=0, atol=0)
 
 
+def test_a_parametrized_layers_forward_leaves_other_threads_parametrized_tensors_alone(monkeypatch):
+    """The forward evaluated a parametrized weight once through parametrize.cached(), which is process-wide: while
+    it ran, every parametrized tensor read on another thread came from that cache, which outlived the changes made
+    there (a weight_norm nn.Linear edited between two forwards returned the old output; trained, its backward raised
+    "Trying to backward through the graph a second time"). Forced here: the layer's forward pauses on one thread
+    while the main thread uses the Linear."""
+    import threading
+
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    layer = weight_norm(ConvSparseCoding2d(2, 3, 3, n_iter=2, backend="reference"), name="weight").eval()
+    linear = weight_norm(torch.nn.Linear(4, 4, bias=False), name="weight")
+    inside, leave = threading.Event(), threading.Event()
+    check_input = sparse_coding._ConvSparseCoding._check_input
+
+    def pausing_check(self, x):
+        if threading.current_thread() is not threading.main_thread():
+            inside.set()
+            leave.wait(5)
+        check_input(self, x)
+
+    monkeypatch.setattr(sparse_coding._ConvSparseCoding, "_check_input", pausing_check)
+
+    def forward():
+        with torch.no_grad():
+            layer(torch.randn(1, 2, 6, 6))
+
+    thread = threading.Thread(target=forward)
+    thread.start()
+    try:
+        assert inside.wait(5)
+        y = torch.randn(3, 4)
+        with torch.no_grad():
+            linear(y)
+            linear.parametrizations.weight.original0.mul_(2.0)  # the norms g: the weight doubles
+            after = linear(y)
+    finally:
+        leave.set()
+        thread.join(10)
+    with torch.no_grad():
+        torch.testing.assert_close(after, linear(y), rtol=0, atol=0)
+
+
 def test_a_layer_pickled_before_the_estimated_weight_buffer_loads_and_runs():
     """Whole modules pickled by an earlier version lack the _estimated_weight buffer: torch.load raised."""
     import io

@@ -56,6 +56,12 @@ _UP_TO_DATE = "up to date"
 # writing its power vector and noting the weight as estimated, re-estimate again from that vector, and rewrite the
 # step while the first thread's kernel read it: outputs and step off a serial run (1e-7 relative, float32).
 _STEP_LOCK = threading.RLock()  # reentrant: a parametrization of weight may run another layer
+# A parametrized weight as the forward running on this thread evaluated it, per module (id): the forward's reads of
+# weight all see that one evaluation. parametrize.cached() did this process-wide: while one thread's forward was
+# inside it, every parametrized tensor read on any thread (any module's: a weight_norm nn.Linear training on another
+# thread) came from a cache that outlived the optimiser's steps there, stale (backward raised "Trying to backward
+# through the graph a second time"; no_grad reads got old values silently).
+_FORWARD_WEIGHTS = threading.local()
 
 
 @contextlib.contextmanager
@@ -305,7 +311,7 @@ class _ConvSparseCoding(_projection.Projected):
         """Power iterations of an estimate: one where each frequency's matrix has rank 1 (a closed form, which needs
         no vector), else POWER_STEPS_COLD from an old vector or POWER_STEPS_PER_FORWARD warm-started (a training
         forward)."""
-        if spectrum.is_rank_one(self.weight.shape, self.stride):
+        if spectrum.is_rank_one(self._weight().shape, self.stride):
             return 1
         return POWER_STEPS_COLD if cold else POWER_STEPS_PER_FORWARD
 
@@ -327,7 +333,7 @@ class _ConvSparseCoding(_projection.Projected):
         v = self._power_vector
         # in at least float32, as real arithmetic outside autocast (which would turn the products to half precision)
         dtype = torch.promote_types(v.dtype, torch.float32)
-        weight = self.weight.detach().to(dtype)
+        weight = self._weight().detach().to(dtype)
         no_autocast = (  # meta has no autocast to turn off (torch.autocast raised there); is_meta traces, unlike
             # torch.amp.is_autocast_available, which torch 2.11's dynamo cannot
             contextlib.nullcontext() if weight.is_meta else torch.autocast(weight.device.type, enabled=False)
@@ -388,6 +394,15 @@ class _ConvSparseCoding(_projection.Projected):
             return [*holder.parameters(), *holder.buffers()]
         return [self.weight]
 
+    def _weight(self) -> Tensor:
+        """``weight``, as this thread's forward of this module evaluated it where one is running (see forward)."""
+        if not torch.compiler.is_compiling():
+            held = getattr(_FORWARD_WEIGHTS, "weights", None)
+            weight = held.get(id(self)) if held else None
+            if weight is not None:
+                return weight
+        return self.weight
+
     def _source(self) -> tuple[tuple[weakref.ref, ...], tuple[tuple[int, int], ...]] | None:
         """The weight a step is estimated from: the tensor object (weakly: a freed temporary's address is reused
         at once, so a later tensor with other values could sit at the same address with the same version, as
@@ -408,7 +423,7 @@ class _ConvSparseCoding(_projection.Projected):
         # the weight the tracked step was last estimated from; an eval forward re-estimates when it has changed
         # (the source is not traced: torch.compile cannot read version counters, and compiled eval forwards do
         # not check); its values are kept for training forwards and torch.func transforms
-        self._estimated_weight.copy_(self.weight.detach())
+        self._estimated_weight.copy_(self._weight().detach())
         if not torch.compiler.is_compiling():
             self._step_source = self._source()
 
@@ -425,7 +440,7 @@ class _ConvSparseCoding(_projection.Projected):
             return False
         if self._is_current(getattr(self, "_step_source", None)) and not self._weight_in_shared_memory():
             return False
-        if self._estimated_weight.shape == self.weight.shape and not bool(self._weight_changed()):
+        if self._estimated_weight.shape == self._weight().shape and not bool(self._weight_changed()):
             # Another tensor or version holding the values the step was estimated from (functional_call with
             # the same values, a tied dictionary loaded twice, an in-place no-op): the step still holds, and a
             # re-estimate would be another number (more power iterations) for the same dictionary.
@@ -557,10 +572,19 @@ class _ConvSparseCoding(_projection.Projected):
         # One evaluation of a parametrized weight per forward, as nn.Conv2d's: the step's estimate, its source and
         # the iterations read weight several times, and spectral_norm ran its power iteration at every read in
         # training mode (5 per forward), so ISTA ran on another weight than the one its 1/L was estimated from.
-        # The first read takes grad (later reads under no_grad would otherwise fill the cache with a detached one).
-        with parametrize.cached():
-            self.weight  # noqa: B018
+        # The one evaluation takes grad (later reads are under no_grad).
+        if torch.compiler.is_compiling():  # dynamo traces parametrize's cache (fullgraph works with it)
+            with parametrize.cached():
+                self.weight  # noqa: B018
+                return self._forward(x)
+        held = _FORWARD_WEIGHTS.__dict__.setdefault("weights", {})
+        if id(self) in held:  # re-entered on this thread: the outer forward's evaluation stands (and is removed)
             return self._forward(x)
+        held[id(self)] = self.weight
+        try:
+            return self._forward(x)
+        finally:
+            del held[id(self)]
 
     def _forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -591,7 +615,7 @@ class _ConvSparseCoding(_projection.Projected):
         values = {self._threshold_name: getattr(self, self._threshold_name)}  # lam= or threshold=
         z = DF.conv_ista(
             x,
-            self.weight,
+            self._weight(),
             **values,
             n_iter=self.n_iter,
             step=step,
@@ -652,7 +676,7 @@ class _ConvSparseCoding(_projection.Projected):
         if not isinstance(source, tuple) or all(r() is t for r, t in zip(source[0], self._weight_tensors())):
             return
         assigned = self.__dict__.pop("_assigned_weight", None)
-        if assigned is not None and assigned() is self.weight:
+        if assigned is not None and assigned() is self._weight():
             return  # the module's own new weight (register_parameter), no substitute: nothing of it to keep yet
         previous = self.__dict__.get("_previous_step")
         if previous is not None and previous is self.__dict__.get("_kept_step") and _unchanged(previous[0]):
@@ -671,7 +695,7 @@ class _ConvSparseCoding(_projection.Projected):
 
     def _weight_changed(self) -> Tensor:
         """Whether the weight's values differ from those the step was estimated from: a 0-dim bool on the device."""
-        return (self.weight.detach() != self._estimated_weight).any()
+        return (self._weight().detach() != self._estimated_weight).any()
 
     @torch.no_grad()
     def _step_for_transformed_call(self) -> Tensor:
