@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import threading
 import weakref
 
@@ -29,6 +30,16 @@ _hook_handles: tuple | None = None
 # another ran optimizer.step() changed the set during that iteration, and the step raised "Set changed size during
 # iteration" (within 10 steps next to a thread building layers).
 _LOCK = threading.Lock()
+
+
+def _new_lock() -> None:
+    # A child forked while another thread held the lock inherits it held: building a layer there waited forever.
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock)
 
 
 def _layers() -> list[nn.Module]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import weakref
 from collections.abc import Sequence
@@ -56,6 +57,17 @@ _UP_TO_DATE = "up to date"
 # writing its power vector and noting the weight as estimated, re-estimate again from that vector, and rewrite the
 # step while the first thread's kernel read it: outputs and step off a serial run (1e-7 relative, float32).
 _STEP_LOCK = threading.RLock()  # reentrant: a parametrization of weight may run another layer
+
+
+def _new_step_lock() -> None:
+    # A child forked while another thread held the lock (DataLoader workers, multiprocessing's fork) inherits it held
+    # by a thread that does not exist there: its first eval forward on a changed weight waited forever.
+    global _STEP_LOCK
+    _STEP_LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_step_lock)
 # A parametrized weight as the forward running on this thread evaluated it, per module (id): the forward's reads of
 # weight all see that one evaluation. parametrize.cached() did this process-wide: while one thread's forward was
 # inside it, every parametrized tensor read on any thread (any module's: a weight_norm nn.Linear training on another
