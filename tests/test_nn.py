@@ -862,6 +862,20 @@ def test_a_spectral_normed_layer_takes_one_power_iteration_per_training_forward(
     torch.testing.assert_close(z, expected)
 
 
+def test_a_refused_call_leaves_a_spectral_normed_layer_as_it_was():
+    """The forward evaluated a parametrized weight before checking x: in training mode a call refused for its x ran
+    spectral_norm's power iteration first, so each refused call moved u and v (4 of 4 here)."""
+    torch.manual_seed(0)
+    layer = _spectral_normed()
+    norm = layer.parametrizations.weight[0]
+    u, v = norm._u.clone(), norm._v.clone()
+    bad = [torch.randn(2, 4, 8, 8), torch.randn(3, 8, 8), "x", torch.ones(2, 3, 8, 8, dtype=torch.int64)]
+    for x in bad:
+        with pytest.raises((ValueError, TypeError), match="x must"):
+            layer(x)
+    assert torch.equal(norm._u, u) and torch.equal(norm._v, v)
+
+
 def test_reading_a_spectral_normed_layers_state_in_training_mode_leaves_it_as_it_was():
     """state_dict(), deepcopy and .to() read weight (is the step stale?), and load_state_dict's hook re-estimates
     1/L from it: in training mode each read ran spectral_norm's power iteration on u and v, so saving changed the

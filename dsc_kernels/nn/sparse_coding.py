@@ -579,6 +579,8 @@ class _ConvSparseCoding(_projection.Projected):
     # ----------------------------------------------------------------------------------------- forward
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C_sig, *S) -> z: (B, C_code, *Sz)."""
+        # Before weight is evaluated: a refused call ran spectral_norm's power iteration (training mode) first.
+        self._check_input(x)
         if not parametrize.is_parametrized(self, "weight"):
             return self._forward(x)
         # One evaluation of a parametrized weight per forward, as nn.Conv2d's: the step's estimate, its source and
@@ -599,7 +601,6 @@ class _ConvSparseCoding(_projection.Projected):
             del held[id(self)]
 
     def _forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
         step = self._forward_step() if self._track_step else self.step
         if self._track_step:
             self._check_tracked_step(step)
