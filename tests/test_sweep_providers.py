@@ -321,7 +321,7 @@ def test_bench_network_speed_restores_the_thread_count(monkeypatch):
     seen = []
     monkeypatch.setattr(networks, "measure", lambda workload, rounds: seen.append(torch.get_num_threads()) or {})
     monkeypatch.setattr(networks, "table", lambda workload, result: "")
-    monkeypatch.setattr(networks, "build", lambda workload, provider: (None, lambda: None, None))
+    monkeypatch.setattr(networks, "build", lambda workload, provider: networks.Built(None, lambda: None, None, None))
     benchmark = SimpleNamespace(extra_info={}, pedantic=lambda fn, **kw: fn())
     try:
         networks.test_published_network_speed(benchmark, "cpu", "cscnet")
