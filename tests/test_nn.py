@@ -1446,3 +1446,27 @@ def test_eval_forwards_on_two_threads_re_estimate_a_changed_weight_once(monkeypa
         thread.join(10)
     assert torch.equal(layer.step, serial.step)
     assert torch.equal(outputs["first"], expected[0]) and torch.equal(outputs["second"], expected[1])
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: ConvSparseCoding2d(1, 4, 3, n_iter=2), lambda: DeepSparseCoding2d([1, 3, 4], 3)]
+)
+def test_conversion_and_loading_with_swapped_parameters(make, monkeypatch):
+    """With torch.__future__.set_swap_module_params_on_conversion(True), .to()/.double() and load_state_dict swap
+    parameters through torch.utils.swap_tensors, which refuses a tensor with weak references: the tracked step's
+    note of its weight made both raise ("_apply(): Couldn't swap ConvSparseCoding2d.weight")."""
+    monkeypatch.setattr(torch.__future__, "_swap_module_params_on_conversion", True)
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8)
+    module = make()
+    module(x)
+    twin = make()
+    twin.load_state_dict(module.state_dict())
+    module.eval(), twin.eval()
+    as_list = lambda out: out if isinstance(out, list) else [out]  # noqa: E731
+    with torch.no_grad():  # an output's graph holding the weight would block the swap, as for any nn.Module
+        expected = as_list(module(x))
+        for a, b in zip(as_list(twin(x)), expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        for a, b in zip(as_list(module.double()(x.double())), expected):
+            torch.testing.assert_close(a, b.double(), rtol=1e-6, atol=1e-6)

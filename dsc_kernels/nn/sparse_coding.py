@@ -558,6 +558,10 @@ class _ConvSparseCoding(_projection.Projected):
         self.__dict__.pop("_kept_step", None)
         self.__dict__.pop("_assigned_weight", None)
         self.__dict__.pop("_checkpoint_step_cache", None)
+        # Its weak references to the weight made torch.utils.swap_tensors refuse it: with
+        # torch.__future__.set_swap_module_params_on_conversion(True), .to()/.double() raised "Couldn't swap weight"
+        # (noted again below; a stale step stays stale without it).
+        self._step_source = None
         apply_keeping_fixed_values_wide(self, ("step", self._threshold_name), super()._apply, fn, recurse)
         if up_to_date:
             with _weight_read_only(self):
@@ -830,6 +834,14 @@ def step_floor_after_load(floor: float, steps: Sequence[Tensor]) -> float:
 def _before_load(module: _ConvSparseCoding, state_dict, prefix: str, *args) -> None:
     # Only this hook sees the module's prefix; the post hook needs to know what the load brought.
     module._loading = {name for name in ("weight", "step") if prefix + name in state_dict}
+    # Under torch.__future__.set_swap_module_params_on_conversion(True) the load swaps tensors, which
+    # torch.utils.swap_tensors refuses for one with weak references ("Cannot swap t1"): drop this module's, the
+    # step given back first as in _apply; _after_load notes the loaded weight's.
+    with _weight_read_only(module):
+        module._restore_previous_step()
+    for name in ("_previous_step", "_kept_step", "_assigned_weight", "_checkpoint_step_cache"):
+        module.__dict__.pop(name, None)
+    module._step_source = None
 
 
 def _after_load(module: _ConvSparseCoding, incompatible_keys) -> None:
