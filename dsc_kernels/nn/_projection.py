@@ -16,30 +16,20 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import threading
 import weakref
 
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from .._fork_safe import ForkSafeLock
+
 _LAYERS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 _hook_handles: tuple | None = None
 # Guards _LAYERS' additions and the snapshots the hooks iterate: a layer built (or deep-copied) on one thread while
 # another ran optimizer.step() changed the set during that iteration, and the step raised "Set changed size during
 # iteration" (within 10 steps next to a thread building layers).
-_LOCK = threading.Lock()
-
-
-def _new_lock() -> None:
-    # A child forked while another thread held the lock inherits it held: building a layer there waited forever.
-    global _LOCK
-    _LOCK = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock)
+_LOCK = ForkSafeLock()
 
 
 def _layers() -> list[nn.Module]:

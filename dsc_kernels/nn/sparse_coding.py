@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import threading
 import weakref
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from torch.nn.utils import parametrize
 from .. import _validate as check
 from .. import _warnings
 from .. import functional as DF
+from .._fork_safe import ForkSafeLock
 from ..reference import spectrum
 from ..reference.conv import value_dtype
 from . import _projection
@@ -56,18 +56,7 @@ _UP_TO_DATE = "up to date"
 # copies and pickling). Without it a second thread's eval forward could check the step between the first one's
 # writing its power vector and noting the weight as estimated, re-estimate again from that vector, and rewrite the
 # step while the first thread's kernel read it: outputs and step off a serial run (1e-7 relative, float32).
-_STEP_LOCK = threading.RLock()  # reentrant: a parametrization of weight may run another layer
-
-
-def _new_step_lock() -> None:
-    # A child forked while another thread held the lock (DataLoader workers, multiprocessing's fork) inherits it held
-    # by a thread that does not exist there: its first eval forward on a changed weight waited forever.
-    global _STEP_LOCK
-    _STEP_LOCK = threading.RLock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_step_lock)
+_STEP_LOCK = ForkSafeLock(threading.RLock)  # reentrant: a parametrization of weight may run another layer
 # A parametrized weight as the forward running on this thread evaluated it, per module (id): the forward's reads of
 # weight all see that one evaluation. parametrize.cached() did this process-wide: while one thread's forward was
 # inside it, every parametrized tensor read on any thread (any module's: a weight_norm nn.Linear training on another
@@ -554,14 +543,7 @@ class _ConvSparseCoding(_projection.Projected):
         with _weight_read_only(self):
             self._restore_previous_step()
             up_to_date = not self._step_is_stale()
-        self.__dict__.pop("_previous_step", None)
-        self.__dict__.pop("_kept_step", None)
-        self.__dict__.pop("_assigned_weight", None)
-        self.__dict__.pop("_checkpoint_step_cache", None)
-        # Its weak references to the weight made torch.utils.swap_tensors refuse it: with
-        # torch.__future__.set_swap_module_params_on_conversion(True), .to()/.double() raised "Couldn't swap weight"
-        # (noted again below; a stale step stays stale without it).
-        self._step_source = None
+        self._drop_weight_references()  # noted again below; a stale step stays stale without them
         apply_keeping_fixed_values_wide(self, ("step", self._threshold_name), super()._apply, fn, recurse)
         if up_to_date:
             with _weight_read_only(self):
@@ -714,6 +696,14 @@ class _ConvSparseCoding(_projection.Projected):
         """Whether the weight's values differ from those the step was estimated from: a 0-dim bool on the device."""
         return (self._weight().detach() != self._estimated_weight).any()
 
+    def _drop_weight_references(self) -> None:
+        """Forget every weight tensor the step's bookkeeping holds (after ``_restore_previous_step``): a conversion or
+        load may swap the weight's tensor, which torch.utils.swap_tensors refuses while weak references to it exist
+        (``torch.__future__.set_swap_module_params_on_conversion(True)``: "Couldn't swap weight", "Cannot swap t1")."""
+        for name in ("_previous_step", "_kept_step", "_assigned_weight", "_checkpoint_step_cache"):
+            self.__dict__.pop(name, None)
+        self._step_source = None
+
     @torch.no_grad()
     def _step_for_transformed_call(self) -> Tensor:
         """What the forward outside a transform would run with, from values (version counters cannot be read):
@@ -834,14 +824,10 @@ def step_floor_after_load(floor: float, steps: Sequence[Tensor]) -> float:
 def _before_load(module: _ConvSparseCoding, state_dict, prefix: str, *args) -> None:
     # Only this hook sees the module's prefix; the post hook needs to know what the load brought.
     module._loading = {name for name in ("weight", "step") if prefix + name in state_dict}
-    # Under torch.__future__.set_swap_module_params_on_conversion(True) the load swaps tensors, which
-    # torch.utils.swap_tensors refuses for one with weak references ("Cannot swap t1"): drop this module's, the
-    # step given back first as in _apply; _after_load notes the loaded weight's.
+    # The load may swap the weight's tensor: the step given back first as in _apply; _after_load notes the new one.
     with _weight_read_only(module):
         module._restore_previous_step()
-    for name in ("_previous_step", "_kept_step", "_assigned_weight", "_checkpoint_step_cache"):
-        module.__dict__.pop(name, None)
-    module._step_source = None
+    module._drop_weight_references()
 
 
 def _after_load(module: _ConvSparseCoding, incompatible_keys) -> None:
