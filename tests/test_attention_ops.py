@@ -316,10 +316,13 @@ def test_available_backends_and_errors():
 
 
 # ------------------------------------------------------------------------------------------- half precision
-def eager_in_dtype(q, k, v, th, mode, causal, scale):
+def eager_in_dtype(q, k, v, th, mode, causal, scale, bias=None):
     """PyTorch's own eager sparse attention in q's dtype, the yardstick of the tolerance rule: the two matmuls in
-    that dtype, the threshold (sort and cumsum) on the scores upcast to float32, as attention code does."""
+    that dtype, the threshold (sort and cumsum) on the scores upcast to float32 (plus a float32 score bias), as
+    attention code does."""
     s = (torch.matmul(q, k.transpose(-1, -2)) * scale).float()
+    if bias is not None:
+        s = s + bias
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     if mode == "sparsemax":
@@ -330,17 +333,20 @@ def eager_in_dtype(q, k, v, th, mode, causal, scale):
     return torch.matmul(p.to(q.dtype), v)
 
 
-def _check_by_rule(backend, dtype, mode, causal, n, m, d, device, b=1, h=2):
+def _check_by_rule(backend, dtype, mode, causal, n, m, d, device, b=1, h=2, dv=None, bias=None):
     """Forward and every gradient within 2x eager's error in dtype (plus one ulp), against float64 on the same
-    rounded inputs. Gradients are compared in l2: a support flip near the kink moves single entries in either."""
-    q, k, v, th = (t.detach().to(device).requires_grad_() for t in _problem(n, m, d, dtype, b=b, h=h))
+    rounded inputs. Gradients are compared in l2: a support flip near the kink moves single entries in either.
+    bias: None or a float32 (B, H, N, M) score bias (masks), as the fused ops take it."""
+    q, k, v, th = (t.detach().to(device).requires_grad_() for t in _problem(n, m, d, dtype, b=b, h=h, dv=dv))
     th_used = th if mode == "shrink" else th.detach()
     scale = d**-0.5
-    out = _fused(backend, q, k, v, th_used, mode, causal, scale)
+    bias = None if bias is None else bias.to(device)
+    out = _fused(backend, q, k, v, th_used, mode, causal, scale, bias)
     q64, k64, v64, th64 = (t.detach().double().requires_grad_() for t in (q, k, v, th))
-    want = sparse_attention_ref(q64, k64, v64, mode=mode, threshold=th64, causal=causal, scale=scale)
+    bias64 = None if bias is None else bias.double()
+    want = sparse_attention_ref(q64, k64, v64, mode=mode, threshold=th64, causal=causal, scale=scale, bias=bias64)
     qe, ke, ve, the = (t.detach().requires_grad_() for t in (q, k, v, th))
-    eager = eager_in_dtype(qe, ke, ve, the, mode, causal, scale)
+    eager = eager_in_dtype(qe, ke, ve, the, mode, causal, scale, bias)
     assert_close_by_rule(out, want, eager, name=f"{backend} {dtype} out")
     g = torch.randn_like(want)
     inputs = (q, k, v) + ((th,) if mode == "shrink" else ())
@@ -357,6 +363,40 @@ def _check_by_rule(backend, dtype, mode, causal, n, m, d, device, b=1, h=2):
 def test_triton_low_precision_by_rule(dtype, mode):
     _prepare("triton")
     _check_by_rule("triton", dtype, mode, True, 19, 21, 16, "cpu")
+
+
+def _score_biases(kind, b, h, n, m):
+    """A float32 (B, H, N, M) score bias: key padding (-inf on ~30% of each item's keys, broadcast) or a dense
+    float mask of N(0, 1) scores."""
+    g = torch.Generator().manual_seed(3)
+    if kind == "key_padding":
+        hidden = torch.rand(b, m, generator=g) < 0.3
+        return torch.where(hidden, float("-inf"), 0.0).view(b, 1, 1, m).expand(b, h, n, m)
+    return torch.randn(n, m, generator=g).expand(b, h, n, m)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("upcast", [True, False], ids=["interpreter-upcast", "compiled-casts"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["sparsemax", "shrink"])
+def test_triton_low_precision_with_masks_and_dv_by_rule(dtype, mode, upcast, monkeypatch):
+    """The rule on what test_triton_low_precision_by_rule leaves out: no causal mask, score biases (masks), head
+    dims under 16 and dv != d. The interpreter upcasts half operands right after loading (UPCAST: its numpy has
+    no bf16 arithmetic), so it never runs the casts a GPU does (P and dS rounded to the input dtype before their
+    dots); "compiled-casts" runs those branches, in float16, which numpy computes."""
+    if not upcast and dtype == torch.bfloat16:
+        pytest.skip("numpy has no bfloat16 arithmetic: the compiled casts run in float16 only under the interpreter")
+    from dsc_kernels.triton.sparse_attention import launchers
+
+    _prepare("triton")
+    if not upcast:
+        config = launchers._config
+        monkeypatch.setattr(launchers, "_config", lambda *args: {**config(*args), "UPCAST": False})
+    for causal, (n, m, d, dv), bias in [
+        (False, (13, 17, 5, 24), "key_padding"),
+        (True, (9, 33, 24, 3), "float"),
+    ]:
+        _check_by_rule("triton", dtype, mode, causal, n, m, d, "cpu", dv=dv, bias=_score_biases(bias, 1, 2, n, m))
 
 
 @pytest.mark.gpu
