@@ -534,6 +534,37 @@ def test_half_precision_by_rule(case, dtype, launch, device):
     _check_at_scale(_problem(device=device, kink_free=False, **opts), dtype, recompute=recompute)
 
 
+# What HALF_CASES leaves out: 2-D recompute (tied and signed; FISTA with its replayed momentum), 1-D FISTA, a 1-D
+# stride, a 1-D z0. Under the strategy the launchers choose, to keep the interpreter's time down (each passed under
+# single-launch, tiles, two-pass and tap-major two-pass too).
+HALF_GEOMETRIES = {
+    "2d-ista-tied-recompute": dict(rank=2, kernel=(3, 4), padding=(1, 1), n_iter=3, recompute=True),
+    "2d-fista-nonneg-s2-recompute": dict(
+        rank=2,
+        kernel=(3, 3),
+        stride=(2, 2),
+        padding=(1, 1),
+        untied=True,
+        fista=True,
+        nonneg=True,
+        n_iter=3,
+        recompute=True,
+    ),
+    "1d-fista-s2": dict(rank=1, size=(1, 19), kernel=(1, 4), stride=(2,), padding=(1,), fista=True, n_iter=3),
+    "1d-fista-z0-recompute": dict(
+        rank=1, size=(1, 17), kernel=(1, 3), padding=(1,), fista=True, z0=True, untied=True, n_iter=3, recompute=True
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", sorted(HALF_GEOMETRIES))
+def test_half_precision_other_geometries_by_rule(case, dtype, device):
+    opts = dict(HALF_GEOMETRIES[case])
+    recompute = opts.pop("recompute", False)
+    _check_at_scale(_problem(device=device, kink_free=False, **opts), dtype, recompute=recompute)
+
+
 @pytest.mark.parametrize("rank", [1, 2])
 def test_scalar_lam_and_step_through_functional(rank, device):
     # functional expands a float lam/step to (n_iter, C) / (n_iter,) before the op; tied weight used twice.
