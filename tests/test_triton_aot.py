@@ -9,8 +9,8 @@ compiler-only failures (layouts, dot shapes, shared-memory overflow) fail here r
 It runs in a subprocess because the interpreter tests set TRITON_INTERPRET=1, under which nothing is compiled.
 
 The default test compiles a cover of the recorded specialisations (each kernel on both targets, with every
-workload geometry, every dtype/precision and every flag combination it is launched with at least once); the `slow`
-test compiles all of them for sm_90.
+workload geometry, every dtype/precision, every flag combination and every channel tiling it is launched with at
+least once); the `slow` test compiles all of them for sm_90.
 """
 
 import os
@@ -47,6 +47,9 @@ SCRIPT = textwrap.dedent("""
 
     problems = [(w.x_gpu, w.w_gpu, (w.stride,) * 2, (w.padding,) * 2) for w in WORKLOADS.values()]
     problems.append(((8, 4, 1, 1000), (32, 4, 1, 9), (1, 1), (0, 4)))  # 1-D, as the op sees it (H = 1)
+    # The channel tiles the workloads never pick: 128 signal channels (the synthesis's BLOCK_CI = 128) and at most
+    # 16 code channels (BLOCK_C = 16 in the fused forward, the analysis and the weight gradient).
+    problems += [((2, 128, 16, 16), (128, 128, 3, 3), (1, 1), (1, 1)), ((2, 2, 16, 16), (8, 2, 3, 3), (1, 1), (1, 1))]
     variants = [(torch.float32, True, False, False), (torch.float32, False, True, False),
                 (torch.bfloat16, True, False, True), (torch.float16, True, True, True)]
     specs = {}
@@ -65,7 +68,9 @@ SCRIPT = textwrap.dedent("""
         geometry = tuple(c[k] for k in ("KH", "KW", "SH", "SW", "PH", "PW"))
         types = tuple(v for v in spec.signature.values() if v.startswith("*")) + (c.get("IN_PREC"),)
         flags = tuple((k, v) for k, v in c.items() if isinstance(v, bool))
-        return {(spec.name, "geometry", geometry), (spec.name, "types", types), (spec.name, "flags", flags)}
+        tiles = tuple((k, v) for k, v in c.items() if k.startswith("BLOCK"))
+        return {(spec.name, "geometry", geometry), (spec.name, "types", types), (spec.name, "flags", flags),
+                (spec.name, "tiles", tiles)}
 
     # Greedy set cover: each pick adds the most features not yet covered.
     chosen, covered, pool = [], set(), list(specs.values())
