@@ -133,3 +133,40 @@ def stack_signal_sizes(
             f"codes of size {sizes[-1]}"
         )
     return sizes
+
+
+def smallest_stack_signal_size(
+    code: Tensor, geometries: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]]
+) -> tuple[int, ...]:
+    """The smallest input size (2-D) whose deepest codes through the stack's ``geometries`` have ``code``'s size.
+
+    Each layer's own smallest signal, chosen from the deepest layer up, can be one that no signal of the layer above
+    codes to: for kernel 2 at its default padding 1 every signal has at least 2 codes, so a deeper layer that decoded
+    its codes to a size-1 signal left decode(forward(x)) raising on the model's own output. The stack's code size is
+    non-decreasing in the input size and grows by at most one per input row, so the smallest input that reaches the
+    code's size has exactly that size, or no input has (a code smaller than the 1-pixel input's)."""
+    code = check.tensor("code", code, rank=4)
+
+    def deepest(n: int, axis: int) -> int:  # 0 where some layer has no codes (inputs smaller than a kernel)
+        for kernel_size, stride, padding in geometries:
+            n = (n + 2 * padding[axis] - kernel_size[axis]) // stride[axis] + 1
+            if n < 1:
+                return 0
+        return n
+
+    size = []
+    for axis, want in enumerate(code.shape[2:]):
+        high = 1
+        while deepest(high, axis) < want:
+            high *= 2
+        low = high // 2 + 1 if high > 1 else 1
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (middle + 1, high) if deepest(middle, axis) < want else (low, middle)
+        if deepest(low, axis) != want:
+            raise ValueError(
+                f"code has spatial size {tuple(code.shape[2:])}, which no input of this stack codes to (a 1 x 1 "
+                f"input has deepest codes of size {tuple(deepest(1, a) for a in range(2))}, 0 where it has none)"
+            )
+        size.append(low)
+    return tuple(size)

@@ -6,7 +6,15 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ._args import SIGNED_HINT, check_value, flags, per_layer, stack_channels, stack_signal_sizes
+from ._args import (
+    SIGNED_HINT,
+    check_value,
+    flags,
+    per_layer,
+    smallest_stack_signal_size,
+    stack_channels,
+    stack_signal_sizes,
+)
 from .sparse_coding import ConvSparseCoding2d, IntOrTuple
 
 
@@ -99,14 +107,12 @@ class DeepSparseCoding2d(nn.Module):
         """The signal a deepest code G_J stands for: D_1 D_2 ... D_J G_J, (B, C_J, H_J, W_J) -> (B, C_0, *size).
 
         ``signal_size``: the input's (H, W), from which every layer's size follows (as in
-        ``MultiLayerSparseCoding2d.decode``). Default None: each layer decodes to the smallest signal with codes of
-        that size, which is the input's size only where no stride drops a row (at stride 2 an 8 x 8 input decodes
-        to 7 x 7)."""
+        ``MultiLayerSparseCoding2d.decode``). Default None: the smallest input whose deepest codes have that size,
+        which is the input's size only where no stride drops a row (at stride 2 an 8 x 8 input decodes to 7 x 7)."""
+        geometries = [(layer.kernel_size, layer.stride, layer.padding) for layer in self.layers]
         if signal_size is None:
-            sizes = [None] * len(self.layers)
-        else:
-            geometries = [(layer.kernel_size, layer.stride, layer.padding) for layer in self.layers]
-            sizes = stack_signal_sizes(signal_size, code, geometries)[:-1]
+            signal_size = smallest_stack_signal_size(code, geometries)
+        sizes = stack_signal_sizes(signal_size, code, geometries)[:-1]
         for layer, size in zip(reversed(self.layers), reversed(sizes)):
             code = layer.decode(code, size)
         return code
