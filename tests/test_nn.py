@@ -155,6 +155,10 @@ def test_deep_sparse_coding_layers_and_decode():
     assert deep.decode(g2).shape[:2] == (2, 1)
     with pytest.raises(ValueError, match="kernel_sizes must be one value or a list of 2"):
         DeepSparseCoding2d([1, 4, 8], [5, 3, 3])
+    # a tuple of per-layer values is every layer's value for sizes ((h, w)); for lams it can only be a misspelt list
+    for name in ("lams", "thresholds"):
+        with pytest.raises(TypeError, match=f"{name} must be a float, a tensor or a list with one per layer"):
+            DeepSparseCoding2d([1, 4, 8], [5, 3], **{name: (0.1, 0.2)})
 
 
 def test_deep_forward_errors_name_the_layer():

@@ -30,9 +30,11 @@ def stack_channels(channels: object) -> list[int]:
     return channels
 
 
-def per_layer(name: str, value: object, depth: int) -> list:
+def per_layer(name: str, value: object, depth: int, *, scalar: bool = False) -> list:
     """One value per layer of a stack: a list holds one per layer; anything else (an int, a (h, w) tuple, "same") is
-    every layer's value."""
+    every layer's value. ``scalar``: the value is a number or tensor, so a tuple can only be a misspelt list."""
+    if scalar and isinstance(value, tuple):
+        raise TypeError(f"{name} must be a float, a tensor or a list with one per layer, got the tuple {value!r}")
     values = list(value) if isinstance(value, list) else [value] * depth
     if len(values) != depth:
         raise ValueError(f"{name} must be one value or a list of {depth} (one per layer), got {value!r}")

@@ -56,7 +56,8 @@ class DeepSparseCoding2d(nn.Module):
         channels = stack_channels(channels)
         depth = len(channels) - 1
         kernel_sizes, strides = per_layer("kernel_sizes", kernel_sizes, depth), per_layer("strides", strides, depth)
-        lams, thresholds = per_layer("lams", lams, depth), per_layer("thresholds", thresholds, depth)
+        lams = per_layer("lams", lams, depth, scalar=True)
+        thresholds = per_layer("thresholds", thresholds, depth, scalar=True)
         paddings = [None] * depth if paddings is None else per_layer("paddings", paddings, depth)
         for lam in lams:
             if lam is not None:

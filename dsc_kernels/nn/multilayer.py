@@ -1,6 +1,7 @@
 """Multi-layer convolutional sparse coding networks, with the parameters of the published ones (Sulam, Aberdam, Beck &
-Elad, TPAMI 2019: layered BP, ML-ISTA, ML-FISTA, ML-LISTA, All-Free); every forward is one call into
-``dsc_kernels.functional`` (docs/porting.md maps their code onto this module line by line).
+Elad, TPAMI 2019: layered BP, ML-ISTA, ML-FISTA, ML-LISTA, All-Free); every forward is one ``functional.ml_ista``
+call, or in layered mode one call per layer (``conv_ista``; a one-layer ``ml_ista`` with per-unfolding filters).
+docs/porting.md maps their code onto this module line by line.
 
 State-dict keys, the same for every backend (j = 0 .. L-1):
 ``weights.j``         the dictionary W_j, (C_{j+1}, C_j, k, k), or per unfolding (n_iter + 1, C_{j+1}, C_j, k, k)
@@ -46,7 +47,8 @@ class MultiLayerSparseCoding2d(_projection.Projected):
     Every mode starts with the encoding G_j = sigma(c_j W_j^T G_{j-1} + b_j) (a CNN's forward pass: sigma is a ReLU
     with ``nonneg``, else the soft threshold with threshold -b_j >= 0), then runs n_iter unfoldings:
 
-    - ``"layered"``: layered basis pursuit, n_iter ISTA steps on each layer before the next (``DF.deep_conv_ista``);
+    - ``"layered"``: layered basis pursuit, n_iter ISTA steps on each layer before the next (``DF.conv_ista``
+      per layer);
     - ``"ml-ista"`` / ``"ml-fista"``: the multi-layer pursuit, each unfolding projecting the deepest code down and
       taking one step per layer (``DF.ml_ista``, FISTA's momentum on the deepest code for ml-fista);
     - ``"interleaved"``: one step per layer and unfolding from each layer's own previous code (the All-Free network).

@@ -47,10 +47,11 @@ def fwd_config(C_sig: int, C_code: int, kh: int, kw: int) -> FwdConfig:
         return FwdConfig(1 if kh == 1 else 8, 64 if kh == 1 else 16, 256, 16, 16, 64, 4, 1)
     # Chosen from sm_80/sm_90 AOT compiles (cuobjdump -res-usage of the cubins): the largest tiles that spill no
     # registers on either at the workloads' channel counts (the 16-channel tiles of few-channel problems, fp32 IEEE
-    # FISTA, keep a 32-byte stack frame on sm_80: a small spill, left as is). The gathered im2col tiles carry 2-D index arithmetic and a third pipeline stage of them
-    # does not fit, hence num_stages=2. A 16x16 tile would cut the 7x7 halo overhead of the synthesis from
-    # 14x22/8x16 = 2.4x to 1.9x but spills. On an H200 the fused forward ran at 0.14-0.22x eager cuDNN with this
-    # configuration (bench/results/gpu-check-h200-2026-12-04*); bench/gpu_tune.py times the alternatives.
+    # FISTA, keep a 32-byte stack frame on sm_80: a small spill, left as is). The gathered im2col tiles carry 2-D
+    # index arithmetic and a third pipeline stage of them does not fit, hence num_stages=2. A 16x16 tile would cut
+    # the 7x7 halo overhead of the synthesis from 14x22/8x16 = 2.4x to 1.9x but spills. On an H200 the fused forward
+    # ran at 0.14-0.22x eager cuDNN with this configuration (bench/results/gpu-check-h200-2026-12-04*);
+    # bench/gpu_tune.py times the alternatives.
     block_c = _pow2_block(C_code, 16, 64)
     block_ci = _pow2_block(C_sig, 16, 32)
     if kh == 1:  # 1-D problems (H = 1 after reshaping) and other single-row kernels: a row tile.
