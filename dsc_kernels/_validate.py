@@ -392,7 +392,14 @@ def per_iteration(name: str, value: Tensor | float, n_iter: int, c_code: int | N
     fits_dtype(name, value, like.dtype)
     if not isinstance(value, Tensor):
         return torch.full(full, float(value), dtype=like.dtype, device=like.device)
-    return value.to(like.dtype).expand(full).contiguous()
+    value = value.to(like.dtype)
+    if tuple(value.shape) == full:
+        return value.contiguous()
+    # A broadcast value is copied, also where .contiguous() would keep the expanded view (n_iter = 1: a size-1 dim is
+    # contiguous at any stride). That view shared the version counter of a layer's tracked step, which every training
+    # forward rewrites in place with the same value: a ConvSparseCoding layer with n_iter=1 applied twice before
+    # backward raised "modified by an inplace operation" (n_iter >= 2 got a copy and ran).
+    return value.expand(full).clone(memory_format=torch.contiguous_format)
 
 
 def per_layer(name: str, values: object, depth: int, default: object) -> list:
