@@ -93,7 +93,7 @@ def per_step_values(
         raise ValueError(f"{name} must have shape {' or '.join(allowed.values())}, got {tuple(value.shape)}")
     if value.device != like.device:
         raise ValueError(f"{name} is on {value.device}, but x is on {like.device}")
-    return value.to(like.dtype).expand(full).contiguous()
+    return check.broadcast_copy(value.to(like.dtype), full)
 
 
 def per_layer(name: str, values: object, depth: int, default: object) -> list:

@@ -392,13 +392,19 @@ def per_iteration(name: str, value: Tensor | float, n_iter: int, c_code: int | N
     fits_dtype(name, value, like.dtype)
     if not isinstance(value, Tensor):
         return torch.full(full, float(value), dtype=like.dtype, device=like.device)
-    value = value.to(like.dtype)
+    return broadcast_copy(value.to(like.dtype), full)
+
+
+def broadcast_copy(value: Tensor, full: tuple[int, ...]) -> Tensor:
+    """``value`` broadcast to ``full`` as a tensor of its own (autograd sums the gradient back); one of that shape
+    already is passed as it is (made contiguous).
+
+    .expand(full).contiguous() would keep a view where a size-1 dim makes the expansion contiguous (n_iter = 1): that
+    view shares the version counter of the caller's tensor, e.g. a layer's tracked step, which every training forward
+    rewrites in place with the same value, so a ConvSparseCoding layer with n_iter=1 applied twice before backward
+    raised "modified by an inplace operation" where n_iter >= 2 got a copy and ran."""
     if tuple(value.shape) == full:
         return value.contiguous()
-    # A broadcast value is copied, also where .contiguous() would keep the expanded view (n_iter = 1: a size-1 dim is
-    # contiguous at any stride). That view shared the version counter of a layer's tracked step, which every training
-    # forward rewrites in place with the same value: a ConvSparseCoding layer with n_iter=1 applied twice before
-    # backward raised "modified by an inplace operation" (n_iter >= 2 got a copy and ran).
     return value.expand(full).clone(memory_format=torch.contiguous_format)
 
 

@@ -38,3 +38,24 @@ def test_a_broadcast_step_or_lam_is_a_copy_at_every_n_iter(backend, n_iter):
     (grad,) = torch.autograd.grad(z.sum(), weight)
     fresh = DF.conv_ista(x, weight, torch.full((4,), 0.05), step=0.2, n_iter=n_iter, backend=backend)
     torch.testing.assert_close(grad, torch.autograd.grad(fresh.sum(), weight)[0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_ml_ista_broadcast_steps_and_thresholds_are_copies_with_one_step(backend):
+    # n_iter=0 is one step per layer: expand((1,)).contiguous() kept views of a 0-d step and a (C,) threshold (more
+    # steps copied them), so an in-place write to them after the forward raised for one step count and not another
+    x = torch.randn(2, 3, 9, 9)
+    weights = [(torch.randn(4, 3, 3, 3) * 0.3).requires_grad_(), (torch.randn(5, 4, 3, 3) * 0.3).requires_grad_()]
+    step, threshold = torch.tensor(0.2), torch.full((4,), 0.05)
+
+    def loss(steps, thresholds):
+        codes = DF.ml_ista(x, weights, thresholds, steps=steps, n_iter=0, paddings=[1, 1], backend=backend)
+        return sum(c.sum() for c in codes)
+
+    after_write = loss([step, 0.3], [threshold, 0.02])
+    with torch.no_grad():
+        step.fill_(0.1)
+        threshold.fill_(0.5)
+    fresh = loss([0.2, 0.3], [torch.full((4,), 0.05), 0.02])
+    for got, want in zip(torch.autograd.grad(after_write, weights), torch.autograd.grad(fresh, weights)):
+        torch.testing.assert_close(got, want)
