@@ -939,3 +939,20 @@ def _to_meta(v):
     if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
         return [t.to("meta") for t in v]
     return v
+
+
+@pytest.mark.parametrize("op", ["reference", "fake"])
+def test_conv_ista_without_iterations_refused_like_cpp(op):
+    """n_iter = 0 is functional's to answer: the reference's raw forward returned z0 itself, which torch refused as
+    an alias ("may not alias any inputs", no word of n_iter), and the fake promised shapes."""
+    args = raw_conv_ista_args(n=0, z0=True, lam=torch.empty(0, 3, dtype=F64), step=torch.empty(0, dtype=F64))
+    with pytest.raises(RuntimeError, match="n_iter >= 1"):  # the C++ ops' TORCH_CHECK
+        CONV_FWD(**args)
+    if op == "fake":  # meta tensors dispatch to the fakes
+        args = {k: _to_meta(v) for k, v in args.items()}
+    reference = op_pair("conv_ista", "reference")
+    with pytest.raises(ValueError, match=r"step must be \(n_iter,\) with n_iter >= 1"):
+        reference.forward(**args)
+    backward = dict(raw_conv_ista_args(n=0), grad_z=torch.ones(1), z=torch.ones(1), saved=torch.ones(1))
+    with pytest.raises(ValueError, match=r"step must be \(n_iter,\) with n_iter >= 1"):
+        conv_ista_bwd_ref(**backward)

@@ -27,7 +27,7 @@ from torch import Tensor
 from .._precision import conv_tf32_allowed, forward_tf32
 from .._validate import requires_grad
 from ..reference.conv import code_size, zero_unread
-from ..reference.conv_ista import KEEP_RESIDUALS, NO_BACKWARD, saved_shape
+from ..reference.conv_ista import KEEP_RESIDUALS, NO_BACKWARD, check_n_iter, saved_shape
 from . import table
 from .registry import FamilySpec, OpPair, run_eager, static_kernel_size, traced_implementation, traced_op_pair
 from .registry import op_pair as _register_pair
@@ -46,6 +46,7 @@ BWD_SCHEMA = (
 
 
 def _fake_fwd(x, weight, encoder_weight, lam, step, z0, stride, padding, nonneg, fista, checkpoint):
+    check_n_iter(step)
     kernel = static_kernel_size(weight.shape[2:])
     z_shape = (x.shape[0], weight.shape[0], *code_size(x.shape[2:], kernel, stride, padding))
     return x.new_empty(z_shape), x.new_empty(saved_shape(x.shape, z_shape, step.shape[0], checkpoint, fista))

@@ -194,6 +194,14 @@ def tied(encoder_weight: torch.Tensor) -> bool:
     return encoder_weight.dim() == 1 and encoder_weight.numel() == 0
 
 
+def check_n_iter(step: torch.Tensor) -> None:
+    """The fused-op contract runs n_iter >= 1 iterations (functional answers n_iter = 0 itself): with none, the
+    reference's z_n would be z0 itself, which a custom op may not return (torch's "may not alias any inputs"), and
+    the fake would promise a fresh tensor. The C++ and Triton ops refuse it too."""
+    if step.dim() != 1 or step.shape[0] < 1:
+        raise ValueError(f"conv_ista: step must be (n_iter,) with n_iter >= 1, got {tuple(step.shape)}")
+
+
 def zeros_if_empty(z0: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding) -> torch.Tensor:
     """The contract's ``z0``: an empty tensor stands for zeros of the code's shape."""
     if z0.numel() > 0:
@@ -219,6 +227,7 @@ def conv_ista_fwd_ref(
     in ``checkpoint_indices(n_iter, checkpoint, fista)``, or an empty (0,) tensor when ``checkpoint <= 0``; with
     ``KEEP_RESIDUALS`` flat, the residuals after the iterates (``saved_shape``). An empty ``z0`` means zeros, an
     empty ``(0,)`` ``encoder_weight`` the dictionary itself (tied)."""
+    check_n_iter(step)
     z0 = zeros_if_empty(z0, x, weight, stride, padding)
     encoder_weight = weight if tied(encoder_weight) else encoder_weight
     residuals = [] if keeps_residuals(checkpoint) else None
@@ -322,6 +331,7 @@ def conv_ista_bwd_ref(
     the last is empty when ``z0`` is (zeros). The iterates are restored from the checkpoints (or, when
     ``checkpoint == 0``, replayed from z0), the residuals read from ``saved`` when the forward kept them; this
     reference keeps all iterates during the backward, which the fused backends do not."""
+    check_n_iter(step)
     rank = spatial_rank(weight)
     stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
     weight_grad = _CONV_WEIGHT_GRAD[rank]
