@@ -81,6 +81,67 @@ def test_two_process_gloo_ddp_step_leaves_identical_parameters(backend, tmp_path
     assert not torch.equal(rank0, result["start"])  # and the step did move the parameters
 
 
+def _sharded_layer_reads(rank: int, world_size: int, port: int, out: str) -> None:
+    """Two Adam steps of a fully_shard-ed (FSDP2) ConvSparseCoding2d on each rank's batch, then every read of its
+    weight outside the forward; rank 0 does the same on one process with the ranks' batches concatenated."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    from torch.distributed.fsdp import fully_shard
+
+    from dsc_kernels.nn import ConvSparseCoding2d
+
+    def batches(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+
+    def trained(xs, scale, shard):
+        torch.manual_seed(0)
+        layer = ConvSparseCoding2d(3, 6, 3, lam=0.05, dtype=torch.float64, backend="cpp")
+        if shard:
+            fully_shard(layer)
+        optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
+        for x in xs:  # FSDP2 averages the ranks' gradients: the single process scales its summed loss alike
+            (layer(x).pow(2).sum() * scale).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        return layer
+
+    def reads(layer):
+        saved = layer.state_dict()["step"].clone()  # a stale step: the weight changed at the last Adam step
+        refreshed = layer.refresh_step_().clone()
+        normalized = layer.normalize_dictionary_().step.clone()
+        moved = layer.to(torch.float64).step.clone()
+        return torch.stack([saved, refreshed, normalized, moved]).flatten()
+
+    got = reads(trained(batches(rank), 1.0, shard=True))
+    if rank == 0:
+        single = trained([torch.cat(pair) for pair in zip(batches(0), batches(1))], 0.5, shard=False)
+        torch.save({"sharded": got, "single": reads(single)}, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_fsdp2_sharded_layer_state_dict_to_and_step_refresh(tmp_path):
+    """Outside the forward FSDP2 keeps the weight as a DTensor shard: state_dict(), .to(), refresh_step_() and
+    normalize_dictionary_() raised "got mixed torch.Tensor and DTensor". They gather the whole dictionary now, and
+    give what one process trained on both ranks' batches gives."""
+    from dsc_kernels.functional import backend_unavailable_reason
+
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):
+        pytest.skip("this torch has no FSDP2 (fully_shard)")
+    if backend_unavailable_reason("cpp", "cpu"):
+        pytest.skip(backend_unavailable_reason("cpp", "cpu"))
+    out = str(tmp_path / "steps.pt")
+    context = mp.start_processes(
+        _sharded_layer_reads, args=(2, _free_port(), out), nprocs=2, join=False, start_method="spawn"
+    )
+    _join_or_fail(context, "the 2-process FSDP2 run")
+    result = torch.load(out)
+    torch.testing.assert_close(result["sharded"], result["single"], rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.slow
 def test_torchrun_cli_distributed_digits(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

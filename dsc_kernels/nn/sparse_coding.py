@@ -57,6 +57,14 @@ _UP_TO_DATE = "up to date"
 # writing its power vector and noting the weight as estimated, re-estimate again from that vector, and rewrite the
 # step while the first thread's kernel read it: outputs and step off a serial run (1e-7 relative, float32).
 _STEP_LOCK = ForkSafeLock(threading.RLock)  # reentrant: a parametrization of weight may run another layer
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without distributed support has no sharded weights
+
+    class _DTensor:
+        pass
+
+
 # A parametrized weight as the forward running on this thread evaluated it, per module (id): the forward's reads of
 # weight all see that one evaluation. parametrize.cached() did this process-wide: while one thread's forward was
 # inside it, every parametrized tensor read on any thread (any module's: a weight_norm nn.Linear training on another
@@ -402,7 +410,7 @@ class _ConvSparseCoding(_projection.Projected):
             weight = held.get(id(self)) if held else None
             if weight is not None:
                 return weight
-        return self.weight
+        return _whole(self.weight)
 
     def _source(self) -> tuple[tuple[weakref.ref, ...], tuple[tuple[int, int], ...]] | None:
         """The weight a step is estimated from: the tensor object (weakly: a freed temporary's address is reused
@@ -786,6 +794,16 @@ class _ConvSparseCoding(_projection.Projected):
         elif not isinstance(self.step, nn.Parameter):
             options.append(_fixed_value("step", self.step))
         return ", ".join(options + [f"backend={self.backend!r}"])
+
+
+def _whole(weight: Tensor) -> Tensor:
+    """The whole dictionary of a sharded one. FSDP2 (``fully_shard``) keeps ``weight`` as a DTensor shard outside the
+    forward, and 1/L, its staleness check and the power iteration need every atom: state_dict(), ``.to()``,
+    ``refresh_step_()`` and ``normalize_dictionary_()`` raised "got mixed torch.Tensor and DTensor". Gathering is a
+    collective, as FSDP2's own full state dicts are: every rank makes the call."""
+    if isinstance(weight, _DTensor):
+        return weight.full_tensor()
+    return weight
 
 
 def _tensor_state(tensors: list[Tensor]) -> tuple[tuple[int, int], ...] | None:
