@@ -31,6 +31,14 @@ from ..reference.conv import value_dtype
 from . import _projection
 from ._args import SIGNED_HINT, apply_keeping_fixed_values_wide, check_value, flags, float_dtype, positive_int
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch built without distributed support has no sharded weights
+
+    class _DTensor:
+        pass
+
+
 IntOrTuple = int | Sequence[int]
 ValueOrTensor = float | Tensor
 
@@ -57,14 +65,6 @@ _UP_TO_DATE = "up to date"
 # writing its power vector and noting the weight as estimated, re-estimate again from that vector, and rewrite the
 # step while the first thread's kernel read it: outputs and step off a serial run (1e-7 relative, float32).
 _STEP_LOCK = ForkSafeLock(threading.RLock)  # reentrant: a parametrization of weight may run another layer
-try:
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # a torch built without distributed support has no sharded weights
-
-    class _DTensor:
-        pass
-
-
 # A parametrized weight as the forward running on this thread evaluated it, per module (id): the forward's reads of
 # weight all see that one evaluation. parametrize.cached() did this process-wide: while one thread's forward was
 # inside it, every parametrized tensor read on any thread (any module's: a weight_norm nn.Linear training on another
