@@ -585,3 +585,30 @@ def test_thread_counts_and_concurrent_callers_match_reference_fp64(monkeypatch, 
     for t in callers:
         t.join()
     assert not errors, errors
+
+
+def test_direct_backward_workspaces_follow_the_batch_not_the_thread_count(monkeypatch):
+    # one workspace per thread was allocated and zeroed whatever the batch: one item at 8 threads peaked at 7.9x its
+    # 1-thread memory, for workspaces no task used (parallel_for runs min(threads, B) tasks)
+    from dsc_kernels.experiments.measure import measure_memory
+
+    monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", "direct")
+    x = torch.randn(1, 1, 32, 32, requires_grad=True)
+    w = (torch.randn(16, 1, 7, 7) * 0.1).requires_grad_()
+
+    def step():
+        x.grad = w.grad = None
+        DF.conv_ista(x, w, 0.05, n_iter=4, step=0.1, padding=3, backend="cpp", recompute=True).sum().backward()
+
+    threads = torch.get_num_threads()
+    peaks, grads = [], []
+    try:
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            step()
+            peaks.append(measure_memory(step, "cpu").peak_bytes)
+            grads.append(w.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert peaks[1] == peaks[0]
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)

@@ -288,7 +288,9 @@ void direct_backward(const Problem<T>& p, const at::Tensor& grad_z, const Stored
   const DirectSolver<T> solver(p);
   const DirectBackward<T> bw(solver, m);
   const int64_t csz = g.code_item(), ssz = g.signal_item();
-  const int nt = at::get_num_threads();
+  // One workspace per task: parallel_for runs min(threads, B) of them (grain 1), so a small batch on many threads
+  // had allocated (and zeroed) workspaces no task used (one item at 8 threads: 7.9x the memory of 1 thread).
+  const int nt = static_cast<int>(std::clamp<int64_t>(g.B, 1, at::get_num_threads()));
   const int64_t per = bw.per_thread();
   at::Tensor work = at::zeros({nt, per}, p.x.options());
   std::vector<ItemWorkspace<T>> tw;
