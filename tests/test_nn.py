@@ -124,6 +124,10 @@ def test_deep_default_decode_takes_the_models_own_codes():
     torch.testing.assert_close(x_hat, deep.decode(g2, (6, 1)))
     with pytest.raises(ValueError, match=r"code has spatial size \(1, 1\), which no input of this stack codes to"):
         DeepSparseCoding2d([1, 2, 2], [2, 2], n_iter=1).decode(torch.zeros(1, 2, 1, 1))
+    # an empty code: no input codes to it, even where a 1-pixel input has no codes either (kernel 2, padding 0)
+    empty = DeepSparseCoding2d([1, 2], [2], paddings=0, n_iter=1, backend="reference")
+    with pytest.raises(ValueError, match=r"code has spatial size \(0, 3\), which no input of this stack codes to"):
+        empty.decode(torch.zeros(1, 2, 0, 3))
 
 
 @pytest.mark.parametrize("stack", ["deep", "multilayer"])

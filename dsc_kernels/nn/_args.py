@@ -165,7 +165,9 @@ def smallest_stack_signal_size(
         while low < high:
             middle = (low + high) // 2
             low, high = (middle + 1, high) if deepest(middle, axis) < want else (low, middle)
-        if deepest(low, axis) != want:
+        # an empty code (want 0) "matched" the 1-pixel input that has no codes, and the error then named that
+        # signal_size, which the caller never gave
+        if want < 1 or deepest(low, axis) != want:
             raise ValueError(
                 f"code has spatial size {tuple(code.shape[2:])}, which no input of this stack codes to (a 1 x 1 "
                 f"input has deepest codes of size {tuple(deepest(1, a) for a in range(2))}, 0 where it has none)"
