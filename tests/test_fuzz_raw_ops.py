@@ -943,8 +943,9 @@ def _to_meta(v):
 
 @pytest.mark.parametrize("op", ["reference", "fake"])
 def test_conv_ista_without_iterations_refused_like_cpp(op):
-    """n_iter = 0 is functional's to answer: the reference's raw forward returned z0 itself, which torch refused as
-    an alias ("may not alias any inputs", no word of n_iter), and the fake promised shapes."""
+    """functional refuses n_iter = 0 before any op runs; called directly, the reference's raw forward returned z0
+    itself, which torch refused as an alias ("may not alias any inputs", no word of n_iter), and the fake promised
+    shapes."""
     args = raw_conv_ista_args(n=0, z0=True, lam=torch.empty(0, 3, dtype=F64), step=torch.empty(0, dtype=F64))
     with pytest.raises(RuntimeError, match="n_iter >= 1"):  # the C++ ops' TORCH_CHECK
         CONV_FWD(**args)

@@ -195,9 +195,9 @@ def tied(encoder_weight: torch.Tensor) -> bool:
 
 
 def check_n_iter(step: torch.Tensor) -> None:
-    """The fused-op contract runs n_iter >= 1 iterations (functional answers n_iter = 0 itself): with none, the
-    reference's z_n would be z0 itself, which a custom op may not return (torch's "may not alias any inputs"), and
-    the fake would promise a fresh tensor. The C++ and Triton ops refuse it too."""
+    """The fused-op contract runs n_iter >= 1 iterations (functional.conv_ista refuses n_iter < 1 first): with none,
+    the reference's z_n would be z0 itself, which a custom op may not return (torch's "may not alias any inputs"),
+    and the fake would promise a fresh tensor. The C++ and Triton ops refuse it too."""
     if step.dim() != 1 or step.shape[0] < 1:
         raise ValueError(f"conv_ista: step must be (n_iter,) with n_iter >= 1, got {tuple(step.shape)}")
 
