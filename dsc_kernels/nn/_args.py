@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from .. import _validate as check
 from ..reference.conv import code_size, value_dtype
@@ -174,3 +175,13 @@ def smallest_stack_signal_size(
             )
         size.append(low)
     return tuple(size)
+
+
+def parametrized_tensors(module: torch.nn.Module, name: str) -> list[Tensor] | None:
+    """The tensors a parametrized ``name`` of ``module`` is computed from (the originals, weight_norm keeps two, and
+    the parametrizations' own parameters and buffers), or None when ``name`` is a plain tensor. Reading ``name``
+    itself computes it anew, and spectral_norm's runs its power iteration in place in training mode."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    holder = getattr(module.parametrizations, name)
+    return [*holder.parameters(), *holder.buffers()]

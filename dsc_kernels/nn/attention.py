@@ -12,12 +12,11 @@ import numbers
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from .. import _attention_args as attention_args
 from .. import _validate as check
 from .. import functional as DF
-from ._args import check_value, flags, positive_int
+from ._args import check_value, flags, parametrized_tensors, positive_int
 
 __all__ = ["SparseAttention", "SparseCodingTransformerBlock"]
 
@@ -35,12 +34,10 @@ def _check_like(name: str, t: Tensor, parameter: Tensor, owner: str) -> None:
 
 
 def _stored(module: nn.Module, name: str) -> Tensor:
-    """``module``'s tensor ``name`` as stored, for its dtype and device: a parametrized one is computed at every read,
-    and spectral_norm's runs its power iteration in place in training mode (MHA reads its weights once a forward)."""
-    if parametrize.is_parametrized(module, name):
-        holder = getattr(module.parametrizations, name)
-        return next(iter([*holder.parameters(), *holder.buffers()]))
-    return getattr(module, name)
+    """``module``'s tensor ``name`` as stored, for its dtype and device, without computing a parametrized one (MHA
+    reads its weights once a forward)."""
+    tensors = parametrized_tensors(module, name)
+    return getattr(module, name) if tensors is None else tensors[0]
 
 
 class SparseAttention(nn.Module):

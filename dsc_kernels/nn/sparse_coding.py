@@ -29,7 +29,15 @@ from .._fork_safe import ForkSafeLock
 from ..reference import spectrum
 from ..reference.conv import value_dtype
 from . import _projection
-from ._args import SIGNED_HINT, apply_keeping_fixed_values_wide, check_value, flags, float_dtype, positive_int
+from ._args import (
+    SIGNED_HINT,
+    apply_keeping_fixed_values_wide,
+    check_value,
+    flags,
+    float_dtype,
+    parametrized_tensors,
+    positive_int,
+)
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
@@ -398,10 +406,8 @@ class _ConvSparseCoding(_projection.Projected):
         """``weight`` itself, or for a parametrized one every tensor its parametrization holds: the originals
         (weight_norm keeps two) and the parametrizations' own parameters and buffers. ``torch.nn.utils.parametrize``
         makes ``weight`` a new tensor at every access, so every eval forward took it for a changed weight."""
-        if parametrize.is_parametrized(self, "weight"):
-            holder = self.parametrizations.weight
-            return [*holder.parameters(), *holder.buffers()]
-        return [self.weight]
+        tensors = parametrized_tensors(self, "weight")
+        return [self.weight] if tensors is None else tensors
 
     def _weight(self) -> Tensor:
         """``weight``, as this thread's forward of this module evaluated it where one is running (see forward)."""
