@@ -792,3 +792,21 @@ def test_report_section_refuses_a_run_that_lacks_a_field_it_shows(tmp_path, monk
     with pytest.raises(SystemExit) as excinfo:
         main(["report", "--training-runs", str(tmp_path), "--out", str(tmp_path / "report")])
     assert excinfo.value.code == 2 and "lacks per_layer" in capsys.readouterr().err
+
+
+def test_train_leaves_the_callers_global_rng_as_it_was(monkeypatch):
+    # train() seeds torch's global generator for its initialisation and noise; called from Python it used to leave
+    # the caller's stream reseeded from the recipe's seed (the next draws were the same whatever the caller had
+    # seeded before). A full digits run, and a denoise run stopped at its first epoch (after its seeding).
+    torch.manual_seed(1234)
+    want = torch.rand(4)
+    torch.manual_seed(1234)
+    digits.train("baseline", 1, 0, None, "reference", engine.Run(torch.device("cpu")), subset=32)
+
+    def stop(*args, **kwargs):
+        raise _Stopped
+
+    monkeypatch.setattr(engine, "fit", stop)
+    with pytest.raises(_Stopped):
+        denoise.train("cscnet", 1, 0, None, "reference", engine.Run(torch.device("cpu")), subset=16)
+    assert torch.equal(torch.rand(4), want)

@@ -272,8 +272,14 @@ def train(
     strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run, subset: int | None = None
 ) -> dict:
     """Train the denoiser on fresh noisy patches every epoch; returns metrics (writes out/ on rank 0). ``subset``: the
-    first ``subset`` of the PATCHES_PER_EPOCH training patches (all when None)."""
+    first ``subset`` of the PATCHES_PER_EPOCH training patches (all when None). torch's global RNG is left as the
+    caller had it (the seeding happens in a fork of it)."""
     strategy, epochs, seed, out, backend = _args.train_arguments(strategy, STRATEGIES, epochs, seed, out, backend, run)
+    with engine.forked_rng(run):
+        return _train(strategy, epochs, seed, out, backend, run, subset)
+
+
+def _train(strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run, subset) -> dict:
     subset = _args.subset(subset, PATCHES_PER_EPOCH)
     # The baselines run after the training: import them first (on every rank, so none waits for a rank that
     # raised). The CLI's REQUIRES check only finds packages; one that is installed but fails to import (and a

@@ -133,8 +133,14 @@ def train(
     strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run, subset: int | None = None
 ) -> dict:
     """Train one strategy; returns metrics (and writes out/ on rank 0 when ``out`` is given). ``subset``: the first
-    ``subset`` training samples and at most that many test samples (all when None)."""
+    ``subset`` training samples and at most that many test samples (all when None). torch's global RNG is left as
+    the caller had it (the seeding happens in a fork of it)."""
     strategy, epochs, seed, out, backend = _args.train_arguments(strategy, STRATEGIES, epochs, seed, out, backend, run)
+    with engine.forked_rng(run):
+        return _train(strategy, epochs, seed, out, backend, run, subset)
+
+
+def _train(strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run, subset) -> dict:
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = data.digits(seed)
     subset = _args.subset(subset, len(x_train))

@@ -102,6 +102,13 @@ def finish(run: Run) -> None:
         dist.destroy_process_group()
 
 
+def forked_rng(run: Run):
+    """A context in which a recipe may seed torch's global generators (its initialisation and its training noise):
+    the CPU's and the run's CUDA device's are restored on exit. ``train()`` called from Python used to leave the
+    caller's global stream reseeded from the recipe's seed, whatever the caller had seeded before."""
+    return torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else [])
+
+
 def wrap(model: nn.Module, run: Run) -> nn.Module:
     """DistributedDataParallel around ``model`` in a distributed run (the model itself otherwise)."""
     if not run.distributed:
