@@ -279,7 +279,9 @@ def train(
         return _train(strategy, epochs, seed, out, backend, run, subset)
 
 
-def _train(strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run, subset) -> dict:
+def _train(
+    strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run, subset: int | None
+) -> dict:
     subset = _args.subset(subset, PATCHES_PER_EPOCH)
     # The baselines run after the training: import them first (on every rank, so none waits for a rank that
     # raised). The CLI's REQUIRES check only finds packages; one that is installed but fails to import (and a

@@ -140,7 +140,9 @@ def train(
         return _train(strategy, epochs, seed, out, backend, run, subset)
 
 
-def _train(strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run, subset) -> dict:
+def _train(
+    strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run, subset: int | None
+) -> dict:
     torch.manual_seed(seed)
     x_train, y_train, x_test, y_test = data.digits(seed)
     subset = _args.subset(subset, len(x_train))

@@ -104,8 +104,8 @@ def finish(run: Run) -> None:
 
 def forked_rng(run: Run):
     """A context in which a recipe may seed torch's global generators (its initialisation and its training noise):
-    the CPU's and the run's CUDA device's are restored on exit. ``train()`` called from Python used to leave the
-    caller's global stream reseeded from the recipe's seed, whatever the caller had seeded before."""
+    the CPU's and the run's CUDA device's are restored on exit, so ``train()`` called from Python leaves the caller's
+    global stream where it was instead of reseeded from the recipe's seed."""
     return torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else [])
 
 
