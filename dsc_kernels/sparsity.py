@@ -485,7 +485,10 @@ class SparsityMonitor:
             for t in (t for t in _tensors(output) if t.is_floating_point() or t.is_complex()):
                 entry = self._counts.setdefault((phase, name), [0, 0])
                 entry[0] = entry[0] + (t.detach() == 0).sum()
-                entry[1] += t.numel()
+                # a tensor, as the zeros: under torch.compile a Python int here is a constant that Dynamo guards on,
+                # so every forward recompiled (fullgraph=True raised FailOnRecompileLimitHit at the 9th forward;
+                # without it the model ran eager from then on)
+                entry[1] = entry[1] + torch.full((), t.numel(), dtype=torch.int64, device=t.device)
 
         return record
 
@@ -495,7 +498,9 @@ class SparsityMonitor:
         if phase not in ("train", "eval"):
             raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
         return {
-            name: float(zeros) / total for (p, name), (zeros, total) in self._counts.items() if p == phase and total
+            name: float(zeros) / float(total)
+            for (p, name), (zeros, total) in self._counts.items()
+            if p == phase and total
         }
 
     @staticmethod

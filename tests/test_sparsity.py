@@ -359,6 +359,27 @@ def test_checkpoint_recomputation_is_not_recorded_again(reentrant):
         assert sum(total for _, total in monitor._counts.values()) == 3 * 5 * 4
 
 
+def test_sparsity_monitor_compiles_once_over_many_forwards():
+    """The monitor's hook added each output's size to a Python int, a constant that Dynamo guards on: every compiled
+    forward recompiled, and with fullgraph=True the 9th raised FailOnRecompileLimitHit (without it the model ran
+    eager from then on)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), SoftThreshold(0.1, 4))
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with sparsity.SparsityMonitor(model) as monitor:
+        zeros = 0
+        for _ in range(12):
+            out = compiled(torch.randn(3, 2, 16))
+            zeros += int((out == 0).sum())
+    # one graph before the layer's counts exist, one after
+    assert counters["stats"]["unique_graphs"] <= 2
+    assert monitor.summary("train") == {"1": pytest.approx(zeros / (12 * 3 * 4 * 16))}
+    torch._dynamo.reset()
+
+
 def test_sparsity_monitor_skips_index_outputs():
     """A module returning (values, indices), such as MaxPool2d(return_indices=True), had its indices counted as
     activations: a flat index 0 was an "exact zero" and the values' fraction was diluted (0.375 here, not 0.5);
