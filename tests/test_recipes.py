@@ -810,3 +810,50 @@ def test_train_leaves_the_callers_global_rng_as_it_was(monkeypatch):
     with pytest.raises(_Stopped):
         denoise.train("cscnet", 1, 0, None, "reference", engine.Run(torch.device("cpu")), subset=16)
     assert torch.equal(torch.rand(4), want)
+
+
+def test_an_interrupted_strategy_all_rerun_leaves_no_earlier_summary(cpu_only, monkeypatch, tmp_path):
+    """summary.json is written after the last strategy: a rerun interrupted after its first strategies (Ctrl-C,
+    measured: baseline and l1 of --seed 1 --epochs 30 done) left the earlier run's summary, whose baseline accuracy
+    0.898 contradicted baseline/metrics.json's 0.973 beside it."""
+    from dsc_kernels.__main__ import main
+
+    (tmp_path / "summary.json").write_text(json.dumps({"baseline": {"accuracy": 0.5}}))  # the earlier run's
+    done = []
+
+    def train(name, epochs, seed, out, backend, run):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(name)
+        return dict(accuracy=0.9, sparsity=0.5, per_layer={}, seconds=1.0)
+
+    monkeypatch.setattr(digits, "train", train)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--recipe", "digits", "--strategy", "all", "--epochs", "1", "--out", str(tmp_path)])
+    assert done == ["baseline", "l1"] and not (tmp_path / "summary.json").exists()
+    done.clear()
+    monkeypatch.setattr(digits, "STRATEGIES", ("baseline", "l1"))  # a rerun that finishes writes it again
+    main(["train", "--recipe", "digits", "--strategy", "all", "--epochs", "1", "--out", str(tmp_path)])
+    assert set(json.loads((tmp_path / "summary.json").read_text())) == {"baseline", "l1"}
+
+
+def test_report_section_refuses_runs_of_different_seeds(tmp_path, monkeypatch, capsys):
+    """A --strategy all rerun with another --seed, interrupted, leaves its first strategies beside the earlier run's
+    others: the table compared accuracies on two test splits, with nothing to say so (the epochs may agree)."""
+    from dsc_kernels import report
+    from dsc_kernels.__main__ import main
+    from dsc_kernels.recipes.report_section import _read
+
+    for strategy, seed in (("baseline", 1), ("l1", 1), ("dsc", 0)):
+        (tmp_path / strategy).mkdir()
+        metrics = dict(recipe="digits", strategy=strategy, accuracy=0.9, sparsity=0.5, epochs=1, seconds=1.0)
+        metrics.update(per_layer={}, seed=seed)
+        (tmp_path / strategy / engine.METRICS_FILE).write_text(json.dumps(metrics))
+    with pytest.raises(ValueError, match="different seeds"):
+        _read(tmp_path)
+    monkeypatch.setattr(report, "run_report", lambda args: pytest.fail("the report ran"))
+    with pytest.raises(SystemExit) as excinfo:
+        main(["report", "--training-runs", str(tmp_path), "--out", str(tmp_path / "report")])
+    assert excinfo.value.code == 2 and "different seeds" in capsys.readouterr().err
+    (tmp_path / "dsc" / engine.METRICS_FILE).unlink()
+    assert set(_read(tmp_path)) == {"baseline", "l1"}

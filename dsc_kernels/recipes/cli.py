@@ -168,6 +168,10 @@ def main(args: argparse.Namespace, arg_parser: argparse.ArgumentParser | None = 
     epochs = module.DEFAULT_EPOCHS if args.epochs is None else args.epochs
     run = engine.start(args.distributed, args.device)
     try:
+        if run.is_main and len(strategies) > 1:
+            # written once every strategy has run: an earlier run's summary left beside an interrupted rerun's first
+            # strategies described other models than the ones in their folders
+            (out / "summary.json").unlink(missing_ok=True)
         results = {}
         for name in strategies:
             target = out / name if len(strategies) > 1 else out

@@ -32,6 +32,14 @@ def _read(runs: Path) -> dict[str, dict]:
                 found[strategy], sources[strategy] = metrics, path
     if not found:
         raise FileNotFoundError(f"no digits metrics.json under {runs}")
+    # one seed, one split: an interrupted --strategy all rerun with another --seed left its first strategies beside
+    # the earlier run's others, and the table compared accuracies (and zeros vs baseline) on different test sets
+    if len({m.get("seed") for m in found.values()}) > 1:
+        raise ValueError(
+            f"{runs} holds digits runs of different seeds ("
+            + ", ".join(f"{sources[s]}: {m.get('seed')}" for s, m in found.items())
+            + "): pass a folder of one `--strategy all` run"
+        )
     for strategy, metrics in found.items():
         # checked here, where --training-runs' check sees it too: the table below raised KeyError outside the
         # section's try, a traceback at the end of the whole report run
