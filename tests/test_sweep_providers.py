@@ -195,6 +195,17 @@ def test_main_rejects_an_empty_out_or_shapes_before_any_work(option, tmp_path, m
     assert list(tmp_path.iterdir()) == []
 
 
+def test_main_rejects_a_shape_named_twice_before_any_work(tmp_path, monkeypatch, capsys):
+    """--shapes small-32to32,small-32to32 timed the shape twice (measured: two identical rows in sweep.md) and the
+    summary's geometric means counted it twice."""
+    monkeypatch.setattr(SW, "run_sweep", lambda *args, **kwargs: pytest.fail("the sweep ran"))
+    with pytest.raises(SystemExit) as excinfo:
+        SW.main(["--out", str(tmp_path / "out"), "--shapes", "small-32to32,deep-layer,small-32to32"])
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2 and "argument --shapes: small-32to32 given more than once" in err
+    assert not (tmp_path / "out").exists()
+
+
 def _row(name, many_channel, **ratios):
     """A measured row as measure_shape returns it, with the given ratios per provider."""
     res = {"reference": {"forward": {"ms": 1.0}, "forward_backward": {"ms": 1.0}}}

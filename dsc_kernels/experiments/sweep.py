@@ -534,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         ap.error(f"argument --shapes: unknown shapes {unknown}; known: {', '.join(BY_NAME)}")
+    # a name given twice was timed twice: two rows, and the summary's worst and geometric mean counted it twice
+    if repeated := sorted({n for n in names if names.count(n) > 1}):
+        ap.error(f"argument --shapes: {', '.join(repeated)} given more than once")
     out = Path(args.out)
     # created before the sweep's minutes of timing, which used to end in a traceback at an uncreatable folder
     if (problem := cli_args.create_folders_problem([out])) is not None:
