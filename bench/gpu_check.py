@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_check_children import dry_run, env_seconds  # noqa: E402
+from gpu_check_children import CONV_ORDER, dry_run, env_seconds  # noqa: E402
 
 STEPS = ("env", "tests", "sanitize", "bench", "summary")
 BOXES = {"env": 30, "tests": 150, "sanitize": 75, "bench": None, "summary": 10}  # bench: whatever is left
@@ -342,6 +342,14 @@ def main() -> int:
     wanted = os.environ.get("DSC_GPU_CHECK_STEPS", ",".join(STEPS)).split(",")
     if unknown := [name for name in wanted if name not in STEPS]:  # a misspelt step was skipped silently
         parser.error(f"DSC_GPU_CHECK_STEPS: unknown steps {unknown}; the steps are {','.join(STEPS)}")
+    # the bench reads it minutes into the lease, where a misspelt workload silently got no max-autotune run
+    autotune = os.environ.get("DSC_GPU_CHECK_AUTOTUNE")
+    if autotune is not None and autotune != "none":
+        if unknown := [name for name in autotune.split(",") if name not in CONV_ORDER]:
+            parser.error(
+                f"DSC_GPU_CHECK_AUTOTUNE: unknown workloads {unknown}; the workloads are {','.join(CONV_ORDER)} "
+                "(or none)"
+            )
     out = _out_dir()
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "gpu-check.log")

@@ -132,6 +132,7 @@ def test_the_bench_planner_still_sees_which_groups_the_warm_up_compiled(tmp_path
         ("DSC_GPU_CHECK_BUDGET_S", "abc"),  # a traceback
         ("DSC_GPU_CHECK_BUDGET_S", "nan"),  # every time box nan: no step was ever cut short, the lease ran out
         ("DSC_GPU_CHECK_STEPS", "env,bnech"),  # the misspelt step was skipped silently
+        ("DSC_GPU_CHECK_AUTOTUNE", "small_map"),  # the misspelt workload got no max-autotune run, silently
     ],
 )
 def test_a_bad_environment_setting_is_a_usage_error_before_any_step(variable, value, tmp_path, monkeypatch, capsys):
