@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -311,11 +312,15 @@ def sanity_checks(
 def _markdown(results, rows, skipped, attn, figures, flags, facts, args, seconds, published=None) -> str:
     held = sum(r.holds for r in results)
     reps = speed_repetitions(args.quick)
+    # the command line a reader reruns: without it, a report whose training table was read from earlier runs named a
+    # command that trains anew (other epochs, other numbers)
+    runs = getattr(args, "training_runs", None)
+    training_runs = f" --training-runs {shlex.quote(str(runs))}" if runs else ""
     out = [
         "# dsc_kernels report",
         "",
         f"`python -m dsc_kernels report{' --quick' if args.quick else ''} --device {args.device} "
-        f"--backend {args.backend}` — {seconds:.0f} s, {held}/{len(results)} claims hold, "
+        f"--backend {args.backend}{training_runs}` — {seconds:.0f} s, {held}/{len(results)} claims hold, "
         f"{len(flags)} timing sanity flag{'s' if len(flags) != 1 else ''}.",
         "",
         "## Machine",

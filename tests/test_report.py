@@ -409,6 +409,16 @@ def test_report_passes_its_options_on_to_every_stage(tmp_path, monkeypatch):
     assert calls["speed"] == (False, "cpu") and calls["training"] == (False, None, "cpp", "cpu")
 
 
+def test_report_names_its_training_runs_in_its_command_line(tmp_path, monkeypatch):
+    """The header's command line left out --training-runs: rerun as written it trained anew (measured: a report read
+    from a 10-epoch folder named `report --quick --device cpu --backend auto`, whose short run trains 3 epochs)."""
+    text, _ = _canned_report(tmp_path, monkeypatch, training_runs="runs folder")
+    command = "python -m dsc_kernels report --quick --device cuda --backend reference"
+    assert f"`{command} --training-runs 'runs folder'` — " in text
+    text, _ = _canned_report(tmp_path, monkeypatch, training_runs=None)
+    assert f"`{command}` — " in text
+
+
 def test_report_speed_rows_keep_their_columns_and_the_busy_flag(tmp_path, monkeypatch):
     text, _ = _canned_report(tmp_path, monkeypatch)
     assert "| w | cpp | 2.00 | 5.00 | 5.00× | 8.00× | 0.5 (0.50×) |" in text
