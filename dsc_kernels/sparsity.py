@@ -387,7 +387,13 @@ class ThresholdWarmup:
     def step(self) -> float:
         """Advance one step and set every threshold to factor * target; returns the factor."""
         self.count += 1
-        self._apply()
+        try:
+            self._apply()
+        except BaseException:
+            # a failure part-way (an interrupt, a buffer that became an inference tensor) left the count ahead of the
+            # thresholds: the retried step() skipped a step of the ramp (factor 0.5 after one step of 4)
+            self.count -= 1
+            raise
         return self.factor
 
     def state_dict(self) -> dict:

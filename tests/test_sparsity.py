@@ -423,3 +423,19 @@ def test_sparse_and_nested_tensors_are_refused_by_name():
         sparsity.coherence_penalty(w, shifts=True)
     with pytest.raises(TypeError, match="weight must be a dense"):
         sparsity.max_coherence(w, 6)
+
+
+def test_threshold_warmup_step_that_fails_part_way_keeps_its_count():
+    """step() counted the step before setting the thresholds: one that raised part-way (here a buffer that became an
+    inference tensor) left the count ahead, and the retried step() skipped a step of the ramp (0.5 after one of 4)."""
+    model = nn.Sequential(SoftThreshold(0.4), SoftThreshold(0.2))
+    warmup = sparsity.ThresholdWarmup(model, 4)
+    good = model[1]._buffers["threshold"]
+    with torch.inference_mode():
+        model[1]._buffers["threshold"] = good.clone()
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        warmup.step()
+    model[1]._buffers["threshold"] = good
+    assert warmup.count == 0
+    assert warmup.step() == pytest.approx(0.25)
+    assert float(model[0].threshold) == pytest.approx(0.1) and float(model[1].threshold) == pytest.approx(0.05)
