@@ -433,6 +433,32 @@ def test_evaluate_keeps_the_callers_mode():
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
+def test_evaluate_keeps_the_callers_mode_when_the_forward_raises(tmp_path):
+    """evaluate and plot switched the model to eval mode and back only when the forward returned: one that raised left
+    a training model in eval mode, and the caller's training went on in it."""
+    torch.manual_seed(0)
+    model = digits.DigitsNet("dsc").train()
+    with pytest.raises(ValueError, match="x must be"):
+        digits.evaluate(model, torch.rand(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))  # 3 channels, not 1
+    assert model.training
+
+    class Raising(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            raise KeyboardInterrupt
+
+    model = Raising().train()
+    with pytest.raises(KeyboardInterrupt):
+        denoise.evaluate(model, 0)
+    assert model.training
+    with pytest.raises(KeyboardInterrupt):
+        denoise.plot(model, {}, 0, tmp_path / "unused.png")
+    assert model.training
+
+
 def test_denoise_evaluate_runs_on_the_models_device_and_keeps_its_mode():
     """evaluate fed the model CPU photographs whatever its device (a CUDA run crashed after training) and always
     left it in training mode. A stand-in model on the meta device records where its input lives."""

@@ -255,8 +255,10 @@ def evaluate(model: nn.Module, seed: int) -> dict[str, float]:
     in eval mode on its own device; the caller's mode is restored (a loaded model stays in eval)."""
     was_training = model.training
     model.eval()
-    out = {name: psnr(clean, _denoised(model, noisy)) for name, (clean, noisy) in test_images(seed).items()}
-    model.train(was_training)
+    try:
+        out = {name: psnr(clean, _denoised(model, noisy)) for name, (clean, noisy) in test_images(seed).items()}
+    finally:  # a forward that raised left a training model in eval mode
+        model.train(was_training)
     return out
 
 
@@ -363,8 +365,10 @@ def plot(model: nn.Module, metrics: dict, seed: int, path: Path) -> None:
     crop = (slice(None), slice(None), slice(150, 310), slice(240, 400))
     training = model.training
     model.eval()
-    estimate = _denoised(model, noisy)[crop]  # a CUDA model got the CPU photograph, after training had finished
-    model.train(training)
+    try:
+        estimate = _denoised(model, noisy)[crop]  # a CUDA model got the CPU photograph, after training had finished
+    finally:  # a forward that raised left a training model in eval mode
+        model.train(training)
     scores = metrics["images"][image]
     baselines = {  # metrics key: (title, denoiser)
         "wavelet_bayes": (f"wavelet ({metrics['wavelet']})", lambda noisy: wavelet(noisy, metrics["wavelet"])),

@@ -118,10 +118,12 @@ def evaluate(model: DigitsNet, x: Tensor, y: Tensor) -> dict:
         raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")  # 1.5 matched no class silently
     was_training = model.training
     model.eval()
-    with sparsity.SparsityMonitor(model, model.feature_modules()) as monitor:
-        logits = torch.cat([model(chunk) for chunk in x.split(256)])
+    try:
+        with sparsity.SparsityMonitor(model, model.feature_modules()) as monitor:
+            logits = torch.cat([model(chunk) for chunk in x.split(256)])
+    finally:  # a forward that raised (x of another channel count) left a training model in eval mode
+        model.train(was_training)  # the caller's mode: a loaded model stays in eval
     per_layer = monitor.summary("eval")
-    model.train(was_training)  # the caller's mode: a loaded model stays in eval
     return {
         "accuracy": float((logits.argmax(1) == y).float().mean()),
         "sparsity": monitor.mean(per_layer),
