@@ -253,13 +253,8 @@ def training_patches(seed: int) -> Tensor:
 def evaluate(model: nn.Module, seed: int) -> dict[str, float]:
     """PSNR (dB) of the model's output on each test photograph, noisy at SIGMA with ``seed``'s noise. The model runs
     in eval mode on its own device; the caller's mode is restored (a loaded model stays in eval)."""
-    was_training = model.training
-    model.eval()
-    try:
-        out = {name: psnr(clean, _denoised(model, noisy)) for name, (clean, noisy) in test_images(seed).items()}
-    finally:  # a forward that raised left a training model in eval mode
-        model.train(was_training)
-    return out
+    with engine.eval_mode(model):
+        return {name: psnr(clean, _denoised(model, noisy)) for name, (clean, noisy) in test_images(seed).items()}
 
 
 def _denoised(model: nn.Module, noisy: Tensor) -> Tensor:
@@ -363,12 +358,8 @@ def plot(model: nn.Module, metrics: dict, seed: int, path: Path) -> None:
     image = "flower (unseen photograph)"
     clean, noisy = test_images(seed)[image]
     crop = (slice(None), slice(None), slice(150, 310), slice(240, 400))
-    training = model.training
-    model.eval()
-    try:
+    with engine.eval_mode(model):
         estimate = _denoised(model, noisy)[crop]  # a CUDA model got the CPU photograph, after training had finished
-    finally:  # a forward that raised left a training model in eval mode
-        model.train(training)
     scores = metrics["images"][image]
     baselines = {  # metrics key: (title, denoiser)
         "wavelet_bayes": (f"wavelet ({metrics['wavelet']})", lambda noisy: wavelet(noisy, metrics["wavelet"])),

@@ -116,13 +116,8 @@ def evaluate(model: DigitsNet, x: Tensor, y: Tensor) -> dict:
         raise ValueError(f"x must hold B >= 1 samples and y their B labels, got {tuple(x.shape)} and {tuple(y.shape)}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")  # 1.5 matched no class silently
-    was_training = model.training
-    model.eval()
-    try:
-        with sparsity.SparsityMonitor(model, model.feature_modules()) as monitor:
-            logits = torch.cat([model(chunk) for chunk in x.split(256)])
-    finally:  # a forward that raised (x of another channel count) left a training model in eval mode
-        model.train(was_training)  # the caller's mode: a loaded model stays in eval
+    with engine.eval_mode(model), sparsity.SparsityMonitor(model, model.feature_modules()) as monitor:
+        logits = torch.cat([model(chunk) for chunk in x.split(256)])
     per_layer = monitor.summary("eval")
     return {
         "accuracy": float((logits.argmax(1) == y).float().mean()),

@@ -9,6 +9,7 @@ all-reduced during the backward, fused ops included) and reads its shard of the 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -16,7 +17,7 @@ import os
 import pickle
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,18 @@ def finish(run: Run) -> None:
     if run.distributed and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode inside the block, and back in the caller's mode after it, also when the block raises
+    (a training model left in eval mode would go on training without its dropout or its tracked step)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def forked_rng(run: Run):
