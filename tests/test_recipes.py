@@ -403,6 +403,39 @@ def test_fit_draws_no_progress_bar_into_a_log(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_fit_closes_its_progress_bar_when_a_step_raises(monkeypatch):
+    # the bar was closed after the loop and before the divergence error only: a loss or an optimiser step that raised
+    # (a shape error, Ctrl-C) left it open, and its next redraw landed in whatever the caller printed
+    import tqdm
+
+    closed = []
+
+    class Recorded(tqdm.tqdm):
+        def close(self):
+            closed.append(True)
+            super().close()
+
+    monkeypatch.setattr(tqdm, "tqdm", Recorded)
+    run = engine.start(False, "cpu")
+    loader = engine.train_loader(torch.randn(8, 2), torch.randn(8, 1), 2, 0, run)
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    steps = []
+
+    def loss(m, x, y):
+        steps.append(True)
+        if len(steps) == 3:
+            raise KeyboardInterrupt
+        return F.mse_loss(m(x), y)
+
+    try:
+        engine.fit(model, loader, loss, optimizer, 2, run, desc="interrupted")
+    except KeyboardInterrupt:  # asked here: once the traceback is dropped, the bar's __del__ closes it anyway
+        assert len(steps) == 3 and closed
+    else:
+        pytest.fail("the interrupt did not propagate")
+
+
 def test_metrics_record_the_backend_that_ran(cpu_only, monkeypatch, tmp_path):
     from dsc_kernels import functional as DF
 

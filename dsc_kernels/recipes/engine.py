@@ -173,48 +173,46 @@ def fit(
 
     history = []
     # rank 0 only, and (None) only on a terminal: in a redirected log each \r-redrawn update would pile up
-    bar = tqdm(
+    with tqdm(
         total=epochs * len(loader),
         desc=desc,
         disable=None if run.is_main else True,
         file=sys.stderr,
         dynamic_ncols=True,
-    )
-    for epoch in range(epochs):
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        model.train()
-        start_time, total, count = time.perf_counter(), 0.0, 0
-        for x, y in loader:
-            x, y = x.to(run.device), y.to(run.device)
-            loss = loss_fn(model, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if after_step is not None:
-                after_step()
-            total, count = total + float(loss.detach()) * len(x), count + len(x)
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{total / count:.4g}")
-        if scheduler is not None:
-            scheduler.step()
-        record = {
-            "epoch": epoch + 1,
-            "loss": run.mean(total / max(count, 1)),
-            "seconds": time.perf_counter() - start_time,
-        }
-        # The mean over ranks, so every rank stops together (a rank stopping alone would leave the others waiting in
-        # DDP's all-reduce); training on from NaN weights only wrote NaN metrics and a NaN model.
-        if not math.isfinite(record["loss"]):
-            bar.close()
-            raise FloatingPointError(
-                f"{desc}: the training loss of epoch {epoch + 1} is {record['loss']}: training diverged "
-                "(lower the learning rate)"
-            )
-        if after_epoch is not None:
-            record.update(after_epoch(epoch, record["loss"]) or {})
-        history.append(record)
-    bar.close()
+    ) as bar:  # closed however the loop ends (a raised error left the bar drawn)
+        for epoch in range(epochs):
+            if isinstance(loader.sampler, DistributedSampler):
+                loader.sampler.set_epoch(epoch)
+            model.train()
+            start_time, total, count = time.perf_counter(), 0.0, 0
+            for x, y in loader:
+                x, y = x.to(run.device), y.to(run.device)
+                loss = loss_fn(model, x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if after_step is not None:
+                    after_step()
+                total, count = total + float(loss.detach()) * len(x), count + len(x)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{total / count:.4g}")
+            if scheduler is not None:
+                scheduler.step()
+            record = {
+                "epoch": epoch + 1,
+                "loss": run.mean(total / max(count, 1)),
+                "seconds": time.perf_counter() - start_time,
+            }
+            # The mean over ranks, so every rank stops together (a rank stopping alone would leave the others waiting in
+            # DDP's all-reduce); training on from NaN weights only wrote NaN metrics and a NaN model.
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(
+                    f"{desc}: the training loss of epoch {epoch + 1} is {record['loss']}: training diverged "
+                    "(lower the learning rate)"
+                )
+            if after_epoch is not None:
+                record.update(after_epoch(epoch, record["loss"]) or {})
+            history.append(record)
     return history
 
 
