@@ -492,6 +492,13 @@ def test_evaluate_keeps_the_callers_mode_when_the_forward_raises(tmp_path):
     assert model.training
 
 
+def test_denoise_evaluate_takes_a_model_without_parameters():
+    # nn.Identity() scores the noisy input itself; the device lookup raised a bare StopIteration
+    scores = denoise.evaluate(nn.Identity(), 0)
+    for clean, noisy in denoise.test_images(0).values():
+        assert denoise.psnr(clean, noisy) in [pytest.approx(v) for v in scores.values()]
+
+
 def test_denoise_evaluate_runs_on_the_models_device_and_keeps_its_mode():
     """evaluate fed the model CPU photographs whatever its device (a CUDA run crashed after training) and always
     left it in training mode. A stand-in model on the meta device records where its input lives."""

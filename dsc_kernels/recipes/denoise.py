@@ -259,8 +259,9 @@ def evaluate(model: nn.Module, seed: int) -> dict[str, float]:
 
 def _denoised(model: nn.Module, noisy: Tensor) -> Tensor:
     """The model's output on a (float32, CPU) photograph, run on the model's device in its dtype (a float64 model
-    refused float32 photographs), back as float32 on the CPU."""
-    parameter = next(model.parameters())
+    refused float32 photographs), back as float32 on the CPU. A model without parameters (``nn.Identity()``, the noisy
+    baseline) gets the photograph as it is."""
+    parameter = next(model.parameters(), noisy)
     with torch.no_grad():
         return model(noisy.to(device=parameter.device, dtype=parameter.dtype)).to("cpu", noisy.dtype)
 
