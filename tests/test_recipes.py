@@ -878,6 +878,16 @@ def test_train_leaves_the_callers_global_rng_as_it_was(monkeypatch):
     assert torch.equal(torch.rand(4), want)
 
 
+def test_a_cpu_training_seeds_no_cuda_generator(monkeypatch):
+    # torch.manual_seed also reseeds every GPU's generator (queued until CUDA starts when it has not), which the
+    # recipes' forked_rng does not restore: a CPU run on a GPU machine reseeded the caller's CUDA streams
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(("all", seed)))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: seeded.append(("one", seed)))
+    digits.train("baseline", 1, 0, None, "reference", engine.Run(torch.device("cpu")), subset=32)
+    assert seeded == []
+
+
 def test_an_interrupted_strategy_all_rerun_leaves_no_earlier_summary(cpu_only, monkeypatch, tmp_path):
     """summary.json is written after the last strategy: a rerun interrupted after its first strategies (Ctrl-C,
     measured: baseline and l1 of --seed 1 --epochs 30 done) left the earlier run's summary, whose baseline accuracy

@@ -285,13 +285,13 @@ def _train(
     # raised). The CLI's REQUIRES check only finds packages; one that is installed but fails to import (and a
     # call of train() from Python) otherwise ended the training's minutes in an ImportError, with no model.pt.
     _skimage()
-    torch.manual_seed(seed)
+    engine.seed_rng(run, seed)
     spec = {"n_atoms": N_ATOMS, "kernel_size": KERNEL, "n_iter": N_ITER, "stride": STRIDE, "backend": backend}
     model = build(spec).to(run.device)
     if run.rank:
         # every rank seeded alike so the replicas start equal; the noise drawn below must differ per rank, or each
         # global batch adds world_size copies of one noise draw. Rank 0 keeps a single process's stream.
-        torch.manual_seed((seed + run.rank) % 2**64)
+        engine.seed_rng(run, (seed + run.rank) % 2**64)
     clean = training_patches(seed)
     if subset is not None:
         clean = clean[:subset]

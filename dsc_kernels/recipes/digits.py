@@ -140,7 +140,7 @@ def train(
 def _train(
     strategy: str, epochs: int, seed: int, out: Path | None, backend: str, run: engine.Run, subset: int | None
 ) -> dict:
-    torch.manual_seed(seed)
+    engine.seed_rng(run, seed)
     x_train, y_train, x_test, y_test = data.digits(seed)
     subset = _args.subset(subset, len(x_train))
     if subset is not None:

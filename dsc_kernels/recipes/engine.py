@@ -115,6 +115,16 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def seed_rng(run: Run, seed: int) -> None:
+    """Seed the generators a recipe draws from, the CPU's and the run's CUDA device's, and no other:
+    ``torch.manual_seed`` also reseeds every other GPU's (or queues that until CUDA starts), which ``forked_rng``,
+    restoring only these two, would leave changed behind the caller."""
+    torch.random.default_generator.manual_seed(seed)
+    if run.device.type == "cuda":
+        with torch.cuda.device(run.device):
+            torch.cuda.manual_seed(seed)
+
+
 def forked_rng(run: Run):
     """A context in which a recipe may seed torch's global generators (its initialisation and its training noise):
     the CPU's and the run's CUDA device's are restored on exit, so ``train()`` called from Python leaves the caller's
