@@ -249,9 +249,13 @@ def test_measure_shape_ratios_are_eager_time_over_provider_time_and_memory_over_
     monkeypatch.setattr(SW, "cpp_strategy", lambda shape: "direct")
     monkeypatch.setattr(S, "train_step_peak_bytes", lambda fn, p, device: next(peaks))
     shape = SW.SweepShape("tiny", (1, 2, 8, 8), (4, 2, 3, 3))
-    cpp = SW.measure_shape(shape, ("reference", "cpp"), rounds=1)["results"]["cpp"]
+    row = SW.measure_shape(shape, ("reference", "cpp"), rounds=3)
+    cpp = row["results"]["cpp"]
     assert (cpp["fwd_ratio"], cpp["fwd_bwd_ratio"]) == (10.0 / 5.0, 20.0 / 40.0)
     assert (cpp["mem_ratio"], cpp["mem_ratio_recompute"]) == (500 / 1000, 300 / 1000)
+    # the documents say how many rounds each median is of (they said "medians of interleaved rounds")
+    machine = dict(threads=2, cpu="cpu", torch="t", commit="c" * 10, load_average=0.0)
+    assert row["rounds"] == 3 and "Medians of 3 interleaved rounds." in SW.markdown([row], SW.summarize([row]), machine)
 
 
 def test_main_measures_with_the_thread_count_it_is_given(tmp_path, monkeypatch):

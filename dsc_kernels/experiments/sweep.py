@@ -349,6 +349,7 @@ def measure_shape(shape: SweepShape, providers: tuple[str, ...], *, rounds: int 
         "shape": asdict(shape),
         "describe": shape.describe(),
         "many_channel": shape.many_channel,
+        "rounds": rounds,  # the run's documents said "medians of interleaved rounds" without how many
         "results": results,
     }
 
@@ -393,6 +394,8 @@ def machine() -> dict:
 
 def markdown(rows: list[dict], summary: dict, machine: dict) -> str:
     providers = [k for k in rows[0]["results"] if k != "reference"]
+    rounds = sorted({row.get("rounds") for row in rows} - {None})
+    medians = f"Medians of {rounds[0]} interleaved rounds" if len(rounds) == 1 else "Medians of interleaved rounds"
     lines = [
         (
             f"# CPU conv-ISTA sweep ({machine['threads']} threads, {machine['cpu']}, torch {machine['torch']}, "
@@ -401,7 +404,7 @@ def markdown(rows: list[dict], summary: dict, machine: dict) -> str:
         "",
         (
             "Ratios: eager time / provider time (fwd, fwd+bwd; > 1 is faster) and training-step peak memory / "
-            "eager's (save mode; recompute mode for cpp strategies; < 1 is leaner). Medians of interleaved rounds. "
+            f"eager's (save mode; recompute mode for cpp strategies; < 1 is leaner). {medians}. "
             "Floor: what every training step allocates, z_n and the gradients of x and the dictionaries, over "
             "eager's peak; no provider's memory ratio can go below it."
         ),
