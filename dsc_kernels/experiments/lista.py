@@ -160,7 +160,10 @@ def error_vs_depth(
     tr = lista_cp(x, d, truth, n_iter, _schedule("geometric", d.mu, s, B, q, eta), backend=backend)
     sup = tr.err_l2.max(1)
     plateau = float(sup[-5:].mean())
-    slope, used = decay_slope(sup, plateau)
+    # from k = 1: err_0 = ||Gamma*|| (Gamma^0 = 0) is no iterate of the schedule, and its first step, 0.3 to 0.4
+    # steeper than log q, tilted the 11-point fit by up to 0.023, past the 0.02 tolerance on 8 of 40 problem seeds
+    # (the per-step slopes after it are log q within 0.003)
+    slope, used = decay_slope(sup[1:], plateau)
     C = theory.lista_cp_noise_gain(s, q)
     bound = theory.lista_cp_error_bound(np.arange(n_iter + 1), s, B, q, C, eta)
     flat = float(np.ptp(sup[-5:]) / plateau) if plateau > 0 else 0.0
@@ -172,7 +175,7 @@ def error_vs_depth(
         claim="2-D conv ISTA as a CNN: error ≤ s·B·q^k + C·η at every depth, exponential decay, then a plateau",
         theory=f"bound at every depth; slope = log q = {np.log(q):.3f} ± 0.02 (the geometric schedule's rate); "
         f"plateau ≤ C·η = {C * eta:.3g}",
-        measured=f"slope {slope:.3f} over {used} layers; plateau {plateau:.3g} (spread {flat:.1%}); "
+        measured=f"slope {slope:.3f} over layers 1–{used}; plateau {plateau:.3g} (spread {flat:.1%}); "
         f"bound {'holds' if within else 'violated'}",
         holds=bool(holds),
         source="[P] rates in depth; [R] form; [L] constants",
