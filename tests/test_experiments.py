@@ -266,6 +266,8 @@ def test_uniqueness_of_orthogonal_atoms():
     """mu = 0 (a bound of inf) raised OverflowError in math.ceil; every support of orthogonal atoms is independent."""
     r = U.check_case(U.Case("orthogonal", torch.ones(1, 1, 2, dtype=torch.float64), (8,), stride=2))
     assert r["mu"] == 0 and r["s_coh"] == 2 and r["unique_below_bound"]
+    # the verdict on it: spark inf >= 1 + 1/mu = inf; `1 + 1 / mu` raised ZeroDivisionError
+    assert r["spark"] == math.inf and U._holds(r)
 
 
 @pytest.mark.parametrize(

@@ -128,7 +128,8 @@ def check_case(c: Case) -> dict:
 def _holds(r: dict) -> bool:
     ok = r["unique_below_bound"]
     if r["spark"] is not None:
-        ok = ok and r["spark"] >= 1 + 1 / r["mu"] - 1e-9 and r["spark"] > 2 * r["s_coh"]
+        # 2 * bound = 1 + 1/mu, and inf for orthogonal atoms, where 1 / mu raised ZeroDivisionError
+        ok = ok and r["spark"] >= 2 * r["bound"] - 1e-9 and r["spark"] > 2 * r["s_coh"]
     if r["collision_s"] is not None:
         ok = ok and r["residual"] <= 1e-10 and r["distinct"] and max(r["nnz"]) <= r["collision_s"]
         ok = ok and r["collision_s"] > r["s_coh"]
