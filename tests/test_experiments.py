@@ -500,6 +500,30 @@ def test_activation_phase_fails_on_a_slower_decay(monkeypatch):
     assert not bound.holds
 
 
+def test_activation_phase_is_checked_at_every_beta(monkeypatch):
+    """S9a's phase was compared at one beta only (betas[-2]: 300 quick, 3000 full), where the smooth network is
+    within ~c/beta (1e-3, 1e-4) of ReLU's and any phase holds: a network that decays e^0.05 slower per iteration at
+    beta = 30 only passed."""
+    lista_cp, smooth_shrink = AC.lista_cp, AC.smooth_shrink
+
+    def tagged(name, beta):
+        f = smooth_shrink(name, beta)
+        return lambda u, theta, beta=beta: f(u, theta)
+
+    def slower_at_30(*args, shrink=None, **kwargs):
+        tr = lista_cp(*args, shrink=shrink, **kwargs)
+        if shrink is not None and shrink.__defaults__ == (30.0,):
+            floor = tr.err_l2[-1:]
+            tr.err_l2 = floor + (tr.err_l2 - floor) * np.exp(0.05 * np.arange(len(tr.err_l2)))[:, None]
+        return tr
+
+    monkeypatch.setattr(AC, "smooth_shrink", tagged)
+    monkeypatch.setattr(AC, "lista_cp", slower_at_30)
+    with threads(1):
+        bound, _, _ = AC.activation_floors(quick=True, backend="reference")
+    assert not bound.holds, bound.measured
+
+
 def test_lasso_bias_fails_half_a_percent_off_the_kkt_plateau(monkeypatch):
     """S11 asserts plateau = KKT prediction to 1e-3: every sample's plateau 0.5% farther from its code (same support
     and signs, slope 1 in lam unchanged) must fail it."""

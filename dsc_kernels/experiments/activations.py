@@ -78,13 +78,15 @@ def activation_floors(
     n_iter = 25 if quick else 40
     betas = [30.0, 100.0, 300.0, 1000.0] if quick else [30.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0]
     relu = lista_cp(x, d, truth, n_iter, lambda k, e: sched[k], backend=backend)
-    dev = {}
+    dev, phases = {}, {n: [] for n in ACTIVATIONS}
     for name in ACTIVATIONS + ("leaky_relu",):
         grid = [1.0] if name == "leaky_relu" else betas
         dev[name] = []
         for beta in grid:
             tr = lista_cp(x, d, truth, n_iter, lambda k, e: sched[k], shrink=smooth_shrink(name, beta))
             dev[name].append(float((tr.z - relu.z).flatten(1).norm(dim=1).max()))
+            if name in phases:
+                phases[name].append(decay_slope(tr.err_l2.max(1), float(tr.err_l2.max(1)[-5:].mean()))[0])
             if beta == betas[-2] or name == "leaky_relu":
                 dev[name + "_curve"] = tr.err_l2.max(1)
     # deviations near rounding level (the large-β end of the margin case) carry no slope and meet no bound
@@ -100,8 +102,11 @@ def activation_floors(
     width = 2 * np.sqrt(truth[0].numel()) / (1 - q)
     big_o = all(bool((c <= width).all()) for c in consts.values())
     exact = dev["leaky_relu"][0] <= resolution(dtype, float(truth.abs().max()))  # equal up to rounding
-    phase = {n: decay_slope(dev[n + "_curve"], float(dev[n + "_curve"][-5:].mean()))[0] for n in ACTIVATIONS}
     relu_phase = decay_slope(relu.err_l2.max(1), float(relu.err_l2.max(1)[-5:].mean()))[0]
+    # at every beta, each activation's slope farthest from ReLU's (NaN, no slope, the farthest): the slope at
+    # betas[-2] alone compared ReLU with a network within ~c/beta of it (slopes equal to 4 digits), where any
+    # phase holds; at beta = 30 softplus's is 1.1% off, inside the 2%
+    phase = {n: max(v, key=lambda p: abs(p - relu_phase) if np.isfinite(p) else np.inf) for n, v in phases.items()}
     same_phase = all(abs(v - relu_phase) <= 0.02 * abs(relu_phase) for v in phase.values())
     margin = _margin(x, d, relu.z, float(sched[n_iter]))
     tails = {n: np.array([_sup_gap_beyond(n, b, margin) for b in betas]) for n in ACTIVATIONS}
@@ -121,9 +126,9 @@ def activation_floors(
         id="S9a",
         claim="smooth activations (softplus/SiLU/GELU, scale β) keep the exponential phase with a floor O(1/β); "
         "Leaky ReLU is exact",
-        theory=f"same decay slope as ReLU ({relu_phase:.3f}); floor ≤ 2√n·(c/β)/(1−q), i.e. floor·β/c ≤ {width:.3g}; "
-        "Leaky ReLU deviation 0",
-        measured="decay slopes "
+        theory=f"same decay slope as ReLU ({relu_phase:.3f}) ± 2% at every β; floor ≤ 2√n·(c/β)/(1−q), i.e. "
+        f"floor·β/c ≤ {width:.3g}; Leaky ReLU deviation 0",
+        measured="decay slopes (farthest from ReLU's over β) "
         + ", ".join(f"{v:.3f}" for v in phase.values())
         + "; max floor·β/c "
         + ", ".join(f"{c.max():.2g}" for c in consts.values())
