@@ -337,6 +337,23 @@ def test_layer_propagation_fails_on_a_slower_rate(monkeypatch):
     assert not r.holds
 
 
+def test_layer_propagation_rate_is_checked_within_the_fits_tolerance(monkeypatch):
+    """S8's layer-2 recursion is an equality: its late steps decay at exactly log max q, and the exact comparison
+    held by 1.7% (float64) / 0.7% (float32) of the slope. An error that decays 0.015 per step slower, still under the
+    (†) bound, is at the rate within the 0.02 every other slope claim allows; it failed."""
+    cascade = DP._cascade
+    k_max = 12  # the quick run's largest K
+
+    def a_little_slower(p, s2, n_iter, backend, device):
+        e1, e2, machine = cascade(p, s2, n_iter, backend, device)
+        return e1, e2 * np.exp(0.015 * (n_iter - k_max)), machine
+
+    monkeypatch.setattr(DP, "_cascade", a_little_slower)
+    with threads(1):
+        r = DP.layer_propagation(quick=True, backend="reference", dtype=torch.float32)  # -0.698 before the change
+    assert r.holds, (r.theory, r.measured)
+
+
 def test_layer_propagation_layer2_eta_is_the_layer1_error_seen_through_d2(monkeypatch):
     """docs/theory.md §4.2: layer 2 sees layer 1's error as its noise, eta_2 = ||D_2^T (hat Gamma_1 - Gamma_1)||_inf.
     Measuring that noise against layer 2's own input (eta_2 = 0 plus rounding) left layer 2's thresholds without

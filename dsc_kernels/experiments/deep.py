@@ -70,11 +70,14 @@ def layer_propagation(
     # the recursion is an equality here (see the note): allow for rounding
     within = bool((good["err2"] <= good["bound2"] * (1 + 1e-9)).all())
     stalled = bad["err2"][-1] > 0.1 * bad["err2"][0]
-    holds = within and slope <= np.log(q_max)
+    # the same 0.02 fitting tolerance as the other slope claims: the late per-step slopes equal log max q exactly
+    # (an equality recursion), so an exact comparison held only by the steeper early steps outweighing the flattening
+    # near the floor (1.7% margin in float64, 0.7% in float32, on every problem seed)
+    holds = within and slope <= np.log(q_max) + 0.02
     return ClaimResult(
         id="S8",
         claim="2-layer DSC, layer-wise LISTA-CP: converges linearly when every q_j < 1; may stall when some q_j ≥ 1",
-        theory=f"q = ({good['q'][0]:.3f}, {good['q'][1]:.3f}): slope ≤ log max q = {np.log(q_max):.3f}; "
+        theory=f"q = ({good['q'][0]:.3f}, {good['q'][1]:.3f}): slope ≤ log max q = {np.log(q_max):.3f} (+ 0.02); "
         f"layer-2 error ≤ (†) bound at every K; q = ({bad['q'][0]:.3f}, {bad['q'][1]:.3f}): no guarantee",
         measured=f"slope of layer-2 error {slope:.3f}, max err/(†) {float((good['err2'] / good['bound2']).max()):.4f}; "
         f"with q_2 = {bad['q'][1]:.2f} "
