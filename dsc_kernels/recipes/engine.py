@@ -115,13 +115,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+def _cuda_generators(run: Run) -> list[torch.device]:
+    """The CUDA devices whose generators a recipe draws from besides the CPU's: the run's own, if it is one."""
+    return [run.device] if run.device.type == "cuda" else []
+
+
 def seed_rng(run: Run, seed: int) -> None:
     """Seed the generators a recipe draws from, the CPU's and the run's CUDA device's, and no other:
     ``torch.manual_seed`` also reseeds every other GPU's (or queues that until CUDA starts), which ``forked_rng``,
     restoring only these two, would leave changed behind the caller."""
     torch.random.default_generator.manual_seed(seed)
-    if run.device.type == "cuda":
-        with torch.cuda.device(run.device):
+    for device in _cuda_generators(run):
+        with torch.cuda.device(device):
             torch.cuda.manual_seed(seed)
 
 
@@ -129,7 +134,7 @@ def forked_rng(run: Run):
     """A context in which a recipe may seed torch's global generators (its initialisation and its training noise):
     the CPU's and the run's CUDA device's are restored on exit, so ``train()`` called from Python leaves the caller's
     global stream where it was instead of reseeded from the recipe's seed."""
-    return torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else [])
+    return torch.random.fork_rng(devices=_cuda_generators(run))
 
 
 def wrap(model: nn.Module, run: Run) -> nn.Module:
