@@ -17,9 +17,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from . import _validate as check
+from .reference.conv import conv_transpose_nd
 from .theory import _check_weight, _real, mutual_coherence
 
 # The real-data loaders (recipes.data), by name: the recipes import this module, so they are imported when first
@@ -260,8 +260,7 @@ def synthesize(z: torch.Tensor, d: ConvDictionary) -> torch.Tensor:
         n + 2 * p - k - (c - 1) * s
         for n, p, k, c, s in zip(d.signal_size, d.padding, w.shape[2:], z.shape[2:], d.stride)
     )
-    conv_t = F.conv_transpose1d if d.ndim == 1 else F.conv_transpose2d
-    return conv_t(z, w, stride=d.stride, padding=d.padding, output_padding=op)
+    return conv_transpose_nd(z, w, stride=d.stride, padding=d.padding, output_padding=op)
 
 
 def _ravel(pos: Sequence[int], size: Sequence[int]) -> int:

@@ -22,6 +22,8 @@
 #include <cmath>
 #include <vector>
 
+#include "aten_conv.h"
+
 namespace dsc_kernels {
 namespace ml_ista {
 
@@ -68,13 +70,14 @@ struct Geometry {
       const int64_t b = r.size(0), cc = w.size(0), k = w.size(1) * w.size(2) * w.size(3);
       return at::mm(r.reshape({b, k}), w.reshape({cc, k}).t()).view({b, cc, 1, 1});
     }
-    return at::conv2d(r, w, {}, stride, padding);
+    return at::conv2d(plain_strides(r), plain_strides(w), {}, stride, padding);
   }
 
   at::Tensor synthesis(const at::Tensor& z, const at::Tensor& w) const {
     const int64_t b = z.size(0), cc = w.size(0), cs = w.size(1);
     if (dense) return at::mm(z.reshape({b, cc}), w.reshape({cc, -1})).view({b, cs, kh, kw});
-    if (cs > kGemmSynthesisChannels) return at::conv_transpose2d(z, w, {}, stride, padding, output_padding);
+    if (cs > kGemmSynthesisChannels)
+      return at::conv_transpose2d(plain_strides(z), plain_strides(w), {}, stride, padding, output_padding);
     const int64_t L = code_h * code_w;
     const at::Tensor zt = z.reshape({b, cc, L}).permute({1, 0, 2}).reshape({cc, b * L});  // (C_c, B L)
     const at::Tensor cols = at::mm(w.reshape({cc, -1}).t(), zt).contiguous();
@@ -128,8 +131,9 @@ struct Geometry {
       const int64_t b = code_side.size(0), cc = w.size(0), k = w.size(1) * w.size(2) * w.size(3);
       return at::mm(code_side.reshape({b, cc}).t(), signal_side.reshape({b, k})).view(w.sizes());
     }
-    return std::get<1>(at::convolution_backward(code_side, signal_side, w, std::nullopt, stride, padding, {1, 1},
-                                                false, {0, 0}, 1, {false, true, false}));
+    return std::get<1>(at::convolution_backward(plain_strides(code_side), plain_strides(signal_side), plain_strides(w),
+                                                std::nullopt, stride, padding, {1, 1}, false, {0, 0}, 1,
+                                                {false, true, false}));
   }
 };
 

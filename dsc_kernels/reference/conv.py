@@ -22,6 +22,27 @@ _CONV = {1: F.conv1d, 2: F.conv2d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d}
 
 
+def plain_strides(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (N, C, *S) with the plain contiguous strides when it has one channel (the same memory, a view).
+
+    oneDNN's CPU convolution (torch 2.13) computes a strided convolution wrongly when an operand with one channel
+    carries channels-last strides (channel stride 1), which torch counts as contiguous too: a grey NHWC image permuted
+    to (B, 1, H, W), or such a dictionary. conv2d of a (2, 1, 9, 8) signal with a 3 x 4 kernel at stride (1, 5), one
+    code column, came out off by up to 1e34, and the input gradient of conv_transpose2d likewise; the same memory
+    with the plain strides is computed right (csrc/cpu/aten_conv.h does the same for the C++ backends)."""
+    return t.contiguous().view(t.shape) if t.dim() > 2 and t.shape[1] == 1 else t
+
+
+def conv_nd(x: torch.Tensor, weight: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.conv1d or F.conv2d by the weight's rank, on operands oneDNN computes right (``plain_strides``)."""
+    return _CONV[weight.dim() - 2](plain_strides(x), plain_strides(weight), **kwargs)
+
+
+def conv_transpose_nd(z: torch.Tensor, weight: torch.Tensor, **kwargs) -> torch.Tensor:
+    """F.conv_transpose1d or F.conv_transpose2d by the weight's rank (``plain_strides`` operands, see there)."""
+    return _CONV_T[weight.dim() - 2](plain_strides(z), plain_strides(weight), **kwargs)
+
+
 def spatial_rank(weight: torch.Tensor) -> int:
     """1 for a ``(C_code, C_sig, k)`` weight, 2 for ``(C_code, C_sig, kh, kw)``."""
     return weight.dim() - 2
@@ -108,7 +129,7 @@ def conv_analysis_ref(
     if _empty_conv(x, weight):
         sz = code_size(x.shape[2:], weight.shape[2:], stride, padding)
         return _zeros_in_graph((x.shape[0], weight.shape[0], *sz), x, weight)
-    return _CONV[rank](x, weight, stride=stride, padding=padding)
+    return conv_nd(x, weight, stride=stride, padding=padding)
 
 
 def conv_synthesis_ref(
@@ -124,7 +145,7 @@ def conv_synthesis_ref(
     if _empty_conv(z, weight) or 0 in tuple(signal_size):
         return _zeros_in_graph((z.shape[0], weight.shape[1], *signal_size), z, weight)
     out_pad = synthesis_output_padding(signal_size, weight.shape[2:], stride, padding)
-    return _CONV_T[rank](z, weight, stride=stride, padding=padding, output_padding=out_pad)
+    return conv_transpose_nd(z, weight, stride=stride, padding=padding, output_padding=out_pad)
 
 
 def value_dtype(dtype: torch.dtype) -> torch.dtype:

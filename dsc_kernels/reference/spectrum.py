@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conv import _CONV, _CONV_T, row_scales
+from .conv import conv_nd, conv_transpose_nd, row_scales
 
 
 def is_rank_one(weight_shape: Sequence[int], stride: Sequence[int]) -> bool:
@@ -70,7 +70,7 @@ def periodic_synthesis(u: Tensor, weight: Tensor, stride: Sequence[int]) -> Tens
     with ``s i + t = n`` (mod N): the code wrapped by ceil((k - 1) / s) on the left covers every i."""
     kernel, grid = weight.shape[2:], u.shape[2:]
     wrap = [-(-(k - 1) // s) for k, s in zip(kernel, stride)]
-    full = _CONV_T[len(grid)](F.pad(u, _pad_args(wrap, [0] * len(grid)), mode="circular"), weight, stride=stride)
+    full = conv_transpose_nd(F.pad(u, _pad_args(wrap, [0] * len(grid)), mode="circular"), weight, stride=stride)
     short = [max(0, s * (w + m) - n) for s, w, m, n in zip(stride, wrap, grid, full.shape[2:])]  # k < s
     full = F.pad(full, _pad_args([0] * len(grid), short))
     window = [slice(s * w, s * (w + m)) for s, w, m in zip(stride, wrap, grid)]
@@ -81,7 +81,7 @@ def periodic_analysis(x: Tensor, weight: Tensor, stride: Sequence[int]) -> Tenso
     """D^T x on the periodic grid: (1, C_sig, *(s M)) -> (1, C_code, *M), the adjoint of ``periodic_synthesis``."""
     kernel = weight.shape[2:]
     wrapped = F.pad(x, _pad_args([0] * len(kernel), [k - 1 for k in kernel]), mode="circular")
-    return _CONV[len(kernel)](wrapped, weight, stride=stride)
+    return conv_nd(wrapped, weight, stride=stride)
 
 
 def _dft_matrices(size: int, like: Tensor) -> tuple[Tensor, Tensor]:

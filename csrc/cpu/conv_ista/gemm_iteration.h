@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../aten_conv.h"
 #include "problem.h"
 
 namespace dsc_kernels {
@@ -60,6 +61,11 @@ struct GemmSolver {
   // D 0 = 0 lets the first iteration skip its synthesis, unless a tap is inf or NaN: torch.nn.functional's
   // conv_transpose2d makes 0 * NaN = NaN over that tap's footprint, and so must we.
   const bool finite_weight;
+  // A code axis of extent 1 under a stride above 1: where oneDNN misreads one-channel operands in the chunk's
+  // channels-last layout (aten_conv.h), so they go to ATen with the plain strides. Only there: elsewhere the plain
+  // strides make oneDNN return channels-first outputs, and copying them back cost 12-25% of forward + backward on
+  // 1 -> 32 channels on 8 x 8 maps.
+  const bool degenerate_stride;
 
   GemmSolver(const Problem<T>& p_, const Checkpoints& ck, Pass pass)
       : p(p_), g(p_.g), stride{g.SH, g.SW}, padding{g.PH, g.PW},
@@ -67,12 +73,14 @@ struct GemmSolver {
         chunk(gemm_chunk_items(p_.g, p_.it.n, p_.it.fista, ck, pass)), full_map(g.kernel_covers_map()),
         channels_last(!full_map), weight(in_layout(p_.weight)),
         encoder_weight(p_.encoder_weight.is_same(p_.weight) ? weight : in_layout(p_.encoder_weight)),
-        finite_weight(all_finite(p_.weight)) {}
+        finite_weight(all_finite(p_.weight)),
+        degenerate_stride((g.Hz == 1 && g.SH > 1) || (g.Wz == 1 && g.SW > 1)) {}
 
   at::Tensor in_layout(const at::Tensor& t) const {
     return channels_last ? t.contiguous(at::MemoryFormat::ChannelsLast) : t;
   }
   at::TensorOptions options() const { return p.x.options(); }
+  at::Tensor operand(const at::Tensor& t) const { return degenerate_stride ? plain_strides(t) : t; }
   // A chunk-sized view (items, C, h, w) in the chunk's layout over memory the caller owns.
   at::Tensor view(const T* ptr, int64_t items, int64_t c, int64_t h, int64_t w) const {
     if (!channels_last) return at::from_blob(const_cast<T*>(ptr), {items, c, h, w}, options());
@@ -105,11 +113,11 @@ struct GemmSolver {
 
   at::Tensor synthesis(const at::Tensor& y, const at::Tensor& w) const {  // D y (W_D) or E^* gu (W_E)
     if (full_map) return at::mm(rows(y, y.size(0)), rows(w, g.Cc));  // (items, Cs KH KW): the signal's memory
-    return dense(at::conv_transpose2d(y, w, {}, stride, padding, output_padding));
+    return dense(at::conv_transpose2d(operand(y), operand(w), {}, stride, padding, output_padding));
   }
   at::Tensor analysis(const at::Tensor& r, const at::Tensor& w) const {  // E r (W_E) or D^* v (W_D)
     if (full_map) return at::mm(rows(r, r.size(0)), rows(w, g.Cc).t());
-    return dense(at::conv2d(r, w, {}, stride, padding));
+    return dense(at::conv2d(operand(r), operand(w), {}, stride, padding));
   }
   // acc (weight-shaped, in the chunk's layout) += alpha * the gradient in w of analysis(signal, w) against grad_out
   // `code`.
@@ -120,8 +128,8 @@ struct GemmSolver {
       return;
     }
     // output_mask is (input, weight, bias).
-    acc.add_(std::get<1>(at::convolution_backward(code, signal, w, std::nullopt, stride, padding, {1, 1}, false,
-                                                  {0, 0}, 1, {false, true, false})),
+    acc.add_(std::get<1>(at::convolution_backward(operand(code), operand(signal), operand(w), std::nullopt,
+                                                  stride, padding, {1, 1}, false, {0, 0}, 1, {false, true, false})),
              alpha);
   }
 

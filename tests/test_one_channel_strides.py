@@ -1,0 +1,113 @@
+"""Operands with one channel and channels-last strides, against float64 on plain tensors.
+
+oneDNN's CPU convolution computes a strided convolution wrongly when a one-channel operand carries channels-last
+strides (channel stride 1), which torch also counts as contiguous: a grey NHWC image permuted to (B, 1, H, W), or
+the cpp gemm strategy's own channels-last views of a one-channel signal. The geometry that shows it here, a 3 x 4
+kernel at stride (1, 5) on 9 x 8 signals (one code column, four signal columns no atom reads), gave float32 values
+off by up to 1e37 before reference/conv.py's and csrc/cpu/aten_conv.h's plain_strides.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dsc_kernels.functional as DF
+
+STRIDE = (1, 5)
+TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def one_channel_view(t: torch.Tensor) -> torch.Tensor:
+    """t (N, 1, H, W) as channels-last strides over its memory: what permuting a grey NHWC image gives."""
+    n, c, h, w = t.shape
+    assert c == 1
+    return t.contiguous().view(-1).as_strided((n, 1, h, w), (h * w, 1, w, 1))
+
+
+@pytest.fixture
+def problem():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 9, 8, generator=g)
+    w = torch.randn(3, 1, 3, 4, generator=g) / 3
+    return x, w
+
+
+def _grads(out, inputs, g):
+    return torch.autograd.grad(out, inputs, g)
+
+
+@pytest.mark.parametrize("view", ["signal", "dictionary", "both"])
+def test_analysis_and_synthesis_of_one_channel_views(problem, view):
+    x, w = problem
+    xs = one_channel_view(x) if view in ("signal", "both") else x
+    ws = one_channel_view(w) if view in ("dictionary", "both") else w
+    xs, ws = xs.clone().requires_grad_(), ws.clone().requires_grad_()  # clone keeps the strides
+    assert (xs.stride(1), ws.stride(1)) == ((1 if view != "dictionary" else 72), (1 if view != "signal" else 12))
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    got = DF.conv_analysis(xs, ws, stride=STRIDE)
+    want = DF.conv_analysis(x64, w64, stride=STRIDE)
+    torch.testing.assert_close(got.double(), want, **TOL)
+    g = torch.randn_like(want)
+    for a, b in zip(_grads(got, (xs, ws), g.float()), _grads(want, (x64, w64), g)):
+        torch.testing.assert_close(a.double(), b, **TOL)
+    z = torch.randn(2, 3, 7, 1)
+    got = DF.conv_synthesis(z.requires_grad_(), ws, stride=STRIDE, signal_size=(9, 8))
+    z64 = z.detach().double().requires_grad_()
+    want = DF.conv_synthesis(z64, w64, stride=STRIDE, signal_size=(9, 8))
+    torch.testing.assert_close(got.double(), want, **TOL)
+    g = torch.randn_like(want)
+    for a, b in zip(_grads(got, (z, ws), g.float()), _grads(want, (z64, w64), g)):
+        torch.testing.assert_close(a.double(), b, **TOL)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("strategy", ["auto", "gemm"])
+@pytest.mark.parametrize("c_code", [1, 3])
+def test_conv_ista_with_a_one_channel_signal_and_code_column(problem, backend, strategy, c_code, monkeypatch):
+    monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
+    x, w = problem
+    w = w[:c_code]
+    xs = one_channel_view(x).requires_grad_()
+    ws = w.clone().requires_grad_()
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    kw = dict(n_iter=4, step=0.2, stride=STRIDE, fista=True)
+    want = DF.conv_ista(x64, w64, 0.05, backend="reference", **kw)
+    with torch.no_grad():  # the inference forward (no residuals kept, whole-batch chunks)
+        torch.testing.assert_close(DF.conv_ista(xs, ws, 0.05, backend=backend, **kw).double(), want, **TOL)
+    got = DF.conv_ista(xs, ws, 0.05, backend=backend, **kw)
+    torch.testing.assert_close(got.double(), want, **TOL)
+    g = torch.randn_like(want)
+    for a, b in zip(_grads(got, (xs, ws), g.float()), _grads(want, (x64, w64), g)):
+        torch.testing.assert_close(a.double(), b, **TOL)
+
+
+def test_an_infinite_item_leaves_the_others_right(problem):
+    # The direct strategy runs a column-strided forward whose code is not finite again on gemm, whose channels-last
+    # views of this one-channel signal gave the finite item garbage (zeros, or 1e34) before plain_strides.
+    x, w = problem
+    x = x.clone()
+    x[1, 0, 5, 3] = float("inf")
+    got = DF.conv_ista(x, w, 0.05, n_iter=3, step=0.2, stride=STRIDE, backend="cpp")
+    want = DF.conv_ista(x.double(), w.double(), 0.05, n_iter=3, step=0.2, stride=STRIDE, backend="reference")
+    torch.testing.assert_close(got[0].double(), want[0], **TOL)
+    torch.testing.assert_close(got[1].isnan(), want[1].isnan())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_ml_ista_on_a_permuted_grey_image(problem, backend):
+    x, _ = problem
+    weights = [torch.randn(4, 1, 3, 4, generator=torch.Generator().manual_seed(1)) / 3]
+    xs = one_channel_view(x)
+    kw = dict(n_iter=2, strides=[STRIDE])
+    got = DF.ml_ista(xs, weights, [0.05], backend=backend, **kw)
+    want = DF.ml_ista(x.double(), [w.double() for w in weights], [0.05], backend="reference", **kw)
+    torch.testing.assert_close(got[-1].double(), want[-1], **TOL)
+
+
+def test_lipschitz_constant_of_a_one_channel_dictionary_view(problem):
+    _, w = problem
+    ws = one_channel_view(w)
+    got = DF.lipschitz_constant(ws, (9, 8), stride=STRIDE)
+    want = DF.lipschitz_constant(w.double(), (9, 8), stride=STRIDE)
+    assert got == pytest.approx(want, rel=1e-4)
