@@ -251,13 +251,21 @@ def _inverse_lipschitz(weight: Tensor, signal_size: tuple[int, ...], stride, pad
 
 
 def _warn_if_step_diverges(
-    weight: Tensor, step: Tensor | float, signal_size, stride, padding, name: str = "step"
+    weight: Tensor, step: Tensor | float, signal_size, stride, padding, name: str = "step", encoder_weight=None
 ) -> None:
     """Warn when a step is certainly above 2/L, where ISTA diverges.
 
     L >= max_c ||w_c||^2 whenever some code position's atom lies wholly inside the signal (the atom alone is a code
     with ||D e||^2 = ||w_c||^2), a bound that costs one pass over the weight instead of a power iteration."""
     if isinstance(step, Tensor) and not check.values_readable(step) or not check.values_readable(weight):
+        return
+    # An untied encoder E iterates with I - step E D, which the atoms' norms do not bound: a LISTA-CP layer's
+    # learned step far above 2/max ||w_c||^2 converges with a small E (the warning said "diverges" there).
+    if encoder_weight is not None and not (
+        check.values_readable(encoder_weight)
+        and encoder_weight.shape == weight.shape
+        and torch.equal(encoder_weight.detach(), weight.detach())
+    ):
         return
     for size, k, s, p in zip(signal_size, weight.shape[2:], stride, padding):
         first = -(-p // s)  # the first code position whose atom starts inside the signal
@@ -399,7 +407,7 @@ def conv_ista(
     )
 
     if step is not None:
-        _warn_if_step_diverges(weight, step, x.shape[2:], stride, padding)
+        _warn_if_step_diverges(weight, step, x.shape[2:], stride, padding, encoder_weight=encoder_weight)
     else:
         default = _default_step(weight, tuple(x.shape[2:]), stride, padding)
         step_full = check.per_iteration("step", default, n_iter, None, values)
@@ -531,7 +539,14 @@ def _conv_ista_variant(
     )
     dictionaries = args["weights"][0]
     if step is not None and dictionaries.shape[0] == 1:  # one shared D: ISTA on it, where step > 2/L diverges
-        _warn_if_step_diverges(dictionaries[0], args["steps"][0], x.shape[2:], args["strides"], args["paddings"])
+        _warn_if_step_diverges(
+            dictionaries[0],
+            args["steps"][0],
+            x.shape[2:],
+            args["strides"],
+            args["paddings"],
+            encoder_weight=encoder_weight,
+        )
     row = ops.select("conv_ista", backend, x.device, x.dtype, args.pop("features"), inputs=(x, *_tensors_in(args)))
     # Asked as the caller asked, so that the one error only the ml_ista row raises (vmap) names backend= or
     # DSC_KERNELS_BACKEND as the conv_ista row's errors do; passing row.name told a caller of backend='auto' with

@@ -121,6 +121,26 @@ def test_a_step_above_two_over_L_warns():
         DF.conv_ista(X, W, 0.1, n_iter=2, padding=1, backend="reference")
 
 
+def test_the_step_warning_is_silent_for_an_untied_encoder_that_converges():
+    """2 / max_c ||w_c||^2 bounds ISTA's step only where E = D^T: with an untied E the iteration's linear part is
+    I - step E D. E = 0.01 W makes E D = 0.01 D^T D, so at 1.5x the bound step ||E D|| = 0.09 here (< 2) and the
+    steps z_{n+1} - z_n shrink instead of growing: "ISTA diverges with it" was false; an encoder equal to the
+    dictionary still warns."""
+    step = 1.5 * 2.0 / float((W**2).sum(dim=(1, 2, 3)).max())
+    kwargs = {"step": step, "padding": 1, "encoder_weight": 0.01 * W, "backend": "reference"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        moves = []
+        for n in (50, 400):
+            z = DF.conv_ista(X, W, 0.0, n_iter=n, **kwargs)
+            moves.append(float((DF.conv_ista(X, W, 0.0, n_iter=1, z0=z, **kwargs) - z).norm()))
+        DF.conv_ista(X, W, 0.0, n_iter=2, input_encoder_weight=W, **kwargs)
+    assert moves[1] < moves[0]
+    for extra in ({}, {"input_encoder_weight": W}):
+        with pytest.warns(RuntimeWarning, match="above 2/L"):
+            DF.conv_ista(X, W, 0.1, n_iter=1, **{**kwargs, "encoder_weight": W.clone()}, **extra)
+
+
 def test_empty_spatial_size_is_one_clear_error_on_every_backend():
     for backend in ["reference", *fused_backends()]:
         with pytest.raises(ValueError, match="empty spatial size"):
