@@ -120,7 +120,11 @@ def attention_inputs(
         scale = q.shape[3] ** -0.5
     if isinstance(scale, Tensor):
         raise TypeError(f"scale must be a Python float, got a tensor of shape {tuple(scale.shape)}")
-    scale = check.scalar_or_tensor("scale", scale)
+    try:
+        scale = check.scalar_or_tensor("scale", scale)
+    except TypeError:
+        # its message offers "a float or a tensor", and the tensor it suggests is refused just above
+        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}") from None
     check.positive("scale", scale)
     # Beyond the compute dtype's range it would be inf there: every score +-inf (or NaN), and the backends' gradients
     # would each overflow their own way.

@@ -158,6 +158,17 @@ def test_numpy_scalars_are_real_numbers_like_python_ones():
         DF.conv_ista(x, w, np.bool_(True), n_iter=2, padding=1, backend="reference")
 
 
+@pytest.mark.parametrize("scale", [True, "0.5", [0.5]])
+def test_sparse_attention_scale_of_a_wrong_type_names_a_float_only(scale):
+    """scale=True was refused with "scale must be a float or a tensor, got bool", and the tensor it offered is
+    refused in turn ("must be a Python float"): the message now asks for the float alone."""
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 3)
+    with pytest.raises(TypeError, match=r"scale must be a Python float, got \w+$"):
+        DF.sparse_attention(q, k, v, scale=scale, backend="reference")
+    with pytest.raises(TypeError, match=r"scale must be a Python float, got \w+$"):
+        DF.sparse_attention_weights(q, k, scale=scale)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize(
     "name,values,words",
