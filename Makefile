@@ -45,7 +45,7 @@ CXX          ?= c++
 SAN_FLAGS    := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1
 SAN_CACHE    ?= $(HOME)/.cache/dsc_kernels-sanitize
 SAN_TESTS    ?= tests/test_cpp_conv_ista.py tests/test_cpp_strategies.py tests/test_empty_inputs_cpp.py tests/test_attention_ops.py tests/test_attention_reliability.py \
-               tests/test_ml_ista_cpp.py tests/test_reliability.py tests/test_fuzz_attention.py
+               tests/test_ml_ista_cpp.py tests/test_reliability.py tests/test_fuzz_attention.py tests/test_one_channel_strides.py
 sanitize: $(STAMP)
 	DSC_KERNELS_EXTRA_CFLAGS="$(SAN_FLAGS)" DSC_KERNELS_CACHE="$(SAN_CACHE)" \
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
