@@ -205,3 +205,56 @@ def test_a_float16_lasso_objective_whose_l1_norm_overflows_float16_is_finite():
     z = torch.full((1, 2, 32, 32), 100.0, dtype=torch.float16)
     x, w = torch.zeros(1, 1, 34, 34, dtype=torch.float16), torch.zeros(2, 1, 3, 3, dtype=torch.float16)
     assert DF.lasso_objective(x, z, w, 0.1).tolist() == [20480.0]
+
+
+def _channels_last_problem(layout: str):
+    """bfloat16 x (2, 2, 3, 1) and a 1 x 2 x 2 x 4 dictionary at stride (1, 6), padding (0, 3): one code column. With
+    the signal or the dictionary channels-last, oneDNN's bfloat16 weight gradient (aten.convolution_backward) came
+    out as garbage, off by up to 1e33 and different on every call; channels-first operands were right."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 2, 3, 1, generator=g).to(torch.bfloat16)
+    w = (torch.randn(1, 2, 2, 4, generator=g) / 3).to(torch.bfloat16)
+    cl = torch.channels_last
+    return (x.contiguous(memory_format=cl), w) if layout == "signal" else (x, w.contiguous(memory_format=cl))
+
+
+@pytest.mark.parametrize("layout", ["signal", "dictionary"])
+@pytest.mark.parametrize("op", ["conv_analysis", "conv_synthesis", "conv_ista", "ml_ista"])
+def test_bfloat16_weight_gradients_of_channels_last_operands(op, layout):
+    """The eager yardstick runs channels-first: an analysis (conv_ista from zero, one iteration, and ml_ista's
+    initial encoding are its soft threshold / ReLU), a synthesis of the analysis' code size."""
+    x, w = _channels_last_problem(layout)
+    geometry = dict(stride=(1, 6), padding=(0, 3))
+    step, lam = 0.5, 0.1
+
+    def solve(a, w, eager=False):
+        if op == "conv_synthesis":
+            if eager:
+                return F.conv_transpose2d(a, w, output_padding=(0, 3), **geometry)
+            return DF.conv_synthesis(a, w, signal_size=(3, 1), **geometry)
+        if eager:
+            u = step * F.conv2d(a, w, **geometry)
+            return u if op == "conv_analysis" else F.relu(u - step * lam) if op == "ml_ista" else F.softshrink(u, 0.05)
+        if op == "conv_analysis":
+            return DF.conv_analysis(a, w, **geometry) * step
+        if op == "conv_ista":
+            return DF.conv_ista(a, w, lam, n_iter=1, step=step, backend="reference", **geometry)
+        opts = dict(n_iter=0, steps=[step], strides=[geometry["stride"]], paddings=[geometry["padding"]])
+        return DF.ml_ista(a, [w], [step * lam], backend="reference", **opts)[0]
+
+    a = x if op != "conv_synthesis" else torch.randn(2, 1, 2, 1, generator=torch.Generator().manual_seed(1)).bfloat16()
+    gz = torch.randn(2, w.shape[0] if op != "conv_synthesis" else 2, 2 if op != "conv_synthesis" else 3, 1)
+    gz = gz.double()
+    if op == "conv_synthesis" and layout == "signal":  # the signal side of a synthesis is its incoming gradient
+        gz = gz.contiguous(memory_format=torch.channels_last)
+
+    def gradients(run, a, w):
+        a, w = a.detach().requires_grad_(), w.detach().requires_grad_()
+        z = run(a, w)
+        return [z, *torch.autograd.grad((z * gz.to(z.dtype)).sum(), (a, w))]
+
+    want = gradients(solve, a.double(), w.double())
+    eager = gradients(lambda a, w: solve(a, w, eager=True), a.contiguous(), w.contiguous())
+    for _ in range(3):  # the wrong values changed from call to call, and were sometimes right
+        for name, got, b, e in zip(("z", "input", "weight"), gradients(solve, a, w), want, eager):
+            assert_close_by_rule(got, b, e, name=name)

@@ -202,19 +202,14 @@ def _tf32_convolutions():
     import dsc_kernels.reference.conv_ista as R
     from dsc_kernels.triton.conv_ista import round_to_tf32 as _tf32  # checked against numpy: test_triton_tf32.py
 
-    analysis, synthesis, weight_grads = R.conv_analysis_ref, R.conv_synthesis_ref, dict(R._CONV_WEIGHT_GRAD)
-
-    def tf32_weight_grad(grad):
-        return lambda inp, shape, out, **kw: grad(_tf32(inp), shape, _tf32(out), **kw)
-
+    analysis, synthesis, weight_grad = R.conv_analysis_ref, R.conv_synthesis_ref, R.conv_weight_grad
     R.conv_analysis_ref = lambda x, w, *a, **kw: analysis(_tf32(x), _tf32(w), *a, **kw)
     R.conv_synthesis_ref = lambda z, w, *a, **kw: synthesis(_tf32(z), _tf32(w), *a, **kw)
-    R._CONV_WEIGHT_GRAD.update({rank: tf32_weight_grad(g) for rank, g in weight_grads.items()})
+    R.conv_weight_grad = lambda inp, shape, out, **kw: weight_grad(_tf32(inp), shape, _tf32(out), **kw)
     try:
         yield
     finally:
-        R.conv_analysis_ref, R.conv_synthesis_ref = analysis, synthesis
-        R._CONV_WEIGHT_GRAD.update(weight_grads)
+        R.conv_analysis_ref, R.conv_synthesis_ref, R.conv_weight_grad = analysis, synthesis, weight_grad
 
 
 # Each case covers a different corner: geometry (odd sizes, strides, asymmetric padding, non-square kernels),

@@ -34,19 +34,17 @@ from collections.abc import Sequence
 
 import torch
 from torch._prims_common import make_contiguous_strides_for
-from torch.nn import grad as nn_grad
 
 from .conv import (
     as_tuple,
     code_size,
     conv_analysis_ref,
     conv_synthesis_ref,
+    conv_weight_grad,
     scaled,
     soft_threshold_ref,
     spatial_rank,
 )
-
-_CONV_WEIGHT_GRAD = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight}
 
 
 def fista_momentum(n_iter: int) -> list[float]:
@@ -334,7 +332,7 @@ def conv_ista_bwd_ref(
     check_n_iter(step)
     rank = spatial_rank(weight)
     stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
-    weight_grad = _CONV_WEIGHT_GRAD[rank]
+    weight_grad = conv_weight_grad
     n_iter = step.shape[0]
     given_encoder = encoder_weight
     encoder_weight = weight if tied(encoder_weight) else encoder_weight

@@ -65,12 +65,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn import grad as nn_grad
 
-from .conv import code_size, conv_analysis_ref, conv_synthesis_ref, scaled, soft_threshold_ref
+from .conv import code_size, conv_analysis_ref, conv_synthesis_ref, conv_weight_grad, scaled, soft_threshold_ref
 from .conv_ista import fista_momentum, signed_share
-
-_CONV_WEIGHT_GRAD = {1: nn_grad.conv1d_weight, 2: nn_grad.conv2d_weight}
 
 
 def given(t: Tensor) -> bool:
@@ -169,7 +166,7 @@ class Problem:
 
     def weight_grad(self, signal_side: Tensor, code_side: Tensor, w: Tensor, j: int) -> Tensor:
         stride, padding = self.geometry(j)
-        return _CONV_WEIGHT_GRAD[self.rank](signal_side, w.shape, code_side, stride=stride, padding=padding)
+        return conv_weight_grad(signal_side, w.shape, code_side, stride=stride, padding=padding)
 
     def shrink(self, u: Tensor, j: int, k: int) -> Tensor:
         t = self.thresholds[j][k].reshape(1, -1, *([1] * self.rank))
