@@ -258,3 +258,27 @@ def test_bfloat16_weight_gradients_of_channels_last_operands(op, layout):
     for _ in range(3):  # the wrong values changed from call to call, and were sometimes right
         for name, got, b, e in zip(("z", "input", "weight"), gradients(solve, a, w), want, eager):
             assert_close_by_rule(got, b, e, name=name)
+
+
+@pytest.mark.parametrize("op", ["conv_analysis", "conv_synthesis"])
+def test_weight_gradients_of_channels_last_operands_under_bfloat16_autocast(op):
+    """CPU autocast casts float32 operands to bfloat16 and keeps their layout, so the analysis and the synthesis met
+    the same oneDNN weight gradient there (conv_ista and ml_ista run in float32 under autocast)."""
+    x, w = (t.float() for t in _channels_last_problem("dictionary"))
+    z = torch.randn(2, 1, 2, 1, generator=torch.Generator().manual_seed(1))
+    geometry = dict(stride=(1, 6), padding=(0, 3))
+
+    def weight_gradient(w, eager=False):
+        w = w.detach().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=w.dtype == torch.float32):
+            if op == "conv_analysis":
+                out = (F.conv2d if eager else DF.conv_analysis)(x.to(w.dtype), w, **geometry)
+            elif eager:
+                out = F.conv_transpose2d(z.to(w.dtype), w, output_padding=(0, 3), **geometry)
+            else:
+                out = DF.conv_synthesis(z.to(w.dtype), w, signal_size=(3, 1), **geometry)
+        return torch.autograd.grad(out.sum(), w)[0]
+
+    want, eager = weight_gradient(w.double()), weight_gradient(w.contiguous(), eager=True)
+    for _ in range(3):
+        assert_close_by_rule(weight_gradient(w), want, eager, name="weight")

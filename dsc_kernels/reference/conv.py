@@ -35,14 +35,22 @@ def plain_strides(t: torch.Tensor) -> torch.Tensor:
 
 
 def conv_operand(t: torch.Tensor) -> torch.Tensor:
-    """``plain_strides(t)``, and a bfloat16 CPU operand in the contiguous layout (a copy if it is channels-last).
+    """``plain_strides(t)``, and an operand that reaches oneDNN in bfloat16 (bfloat16 on the CPU, or float32 under
+    CPU autocast to bfloat16, whose cast keeps the layout) in the contiguous layout (a copy if it is channels-last).
 
     oneDNN's bfloat16 weight gradient (torch 2.13 CPU, ``aten.convolution_backward``, plain and transposed) comes out
     as garbage, off by up to 1e33 and different on every call, when the signal or the weight is channels-last: 44 of
     1,600 such calls on 800 random geometries (a (2, 2, 3, 1) signal, a 2 x 4 kernel at stride (1, 6), padding
     (0, 3)); channels-first operands gave none, nor float16 or float32 on 800 more. The backward's layout follows
     the operands', so their plain layout fixes it too."""
-    if t.dtype == torch.bfloat16 and t.device.type == "cpu":
+    if t.device.type == "cpu" and (
+        t.dtype == torch.bfloat16
+        or (
+            t.dtype != torch.float64
+            and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        )
+    ):
         return t.contiguous()
     return plain_strides(t)
 
