@@ -51,7 +51,7 @@ def conv_operand(t: torch.Tensor) -> torch.Tensor:
             and torch.get_autocast_dtype("cpu") == torch.bfloat16
         )
     ):
-        return t.contiguous()
+        t = t.contiguous()  # still ambiguous with one channel: torch counts those strides as contiguous
     return plain_strides(t)
 
 
