@@ -111,3 +111,24 @@ def test_lipschitz_constant_of_a_one_channel_dictionary_view(problem):
     got = DF.lipschitz_constant(ws, (9, 8), stride=STRIDE)
     want = DF.lipschitz_constant(w.double(), (9, 8), stride=STRIDE)
     assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_compiled_analysis_and_synthesis_of_a_permuted_grey_image(problem):
+    # Under torch.compile a same-shape view is dropped (the compiled analysis returned NaN before plain_strides took
+    # as_strided), and Inductor lays out the backward's convolutions itself: the compiled input gradient of the
+    # synthesis was off by 1.3 (plain F.conv_transpose2d too) until the reference ran one-column axes at stride 1.
+    x, w = problem
+    xs = one_channel_view(x)
+    analysis = torch.compile(lambda x, w: DF.conv_analysis(x, w, stride=STRIDE), fullgraph=True)
+    torch.testing.assert_close(analysis(xs, w).double(), DF.conv_analysis(x.double(), w.double(), stride=STRIDE), **TOL)
+    z = torch.randn(2, 3, 7, 1)
+    synthesis = torch.compile(
+        lambda z, w: DF.conv_synthesis(z, w, stride=STRIDE, signal_size=(9, 8)).sum(dim=(2, 3)), fullgraph=True
+    )
+    ws = one_channel_view(w).requires_grad_()
+    out = synthesis(z.requires_grad_(), ws)
+    (gz,) = torch.autograd.grad(out.sum(), z)
+    z64 = z.detach().double().requires_grad_()
+    want = DF.conv_synthesis(z64, w.double(), stride=STRIDE, signal_size=(9, 8)).sum(dim=(2, 3))
+    (gz64,) = torch.autograd.grad(want.sum(), z64)
+    torch.testing.assert_close(gz.double(), gz64, **TOL)

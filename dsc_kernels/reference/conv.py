@@ -30,8 +30,15 @@ def plain_strides(t: torch.Tensor) -> torch.Tensor:
     carries channels-last strides (channel stride 1), which torch counts as contiguous too: a grey NHWC image permuted
     to (B, 1, H, W), or such a dictionary. conv2d of a (2, 1, 9, 8) signal with a 3 x 4 kernel at stride (1, 5), one
     code column, came out off by up to 1e34, and the input gradient of conv_transpose2d likewise; the same memory
-    with the plain strides is computed right (csrc/cpu/aten_conv.h does the same for the C++ backends)."""
-    return t.contiguous().view(t.shape) if t.dim() > 2 and t.shape[1] == 1 else t
+    with the plain strides is computed right (csrc/cpu/aten_conv.h does the same for the C++ backends).
+
+    as_strided, not view: under torch.compile a same-shape view is dropped, and the compiled conv2d of a permuted grey
+    image came out NaN. Tensors that already have the plain strides pass through untouched."""
+    if t.dim() <= 2 or t.shape[1] != 1:
+        return t
+    t = t.contiguous()  # a copy only if t is not contiguous at all
+    plain = tuple(math.prod(t.shape[i + 1 :]) for i in range(t.dim()))
+    return t if t.stride() == plain else t.as_strided(t.shape, plain)
 
 
 def conv_operand(t: torch.Tensor) -> torch.Tensor:
@@ -151,6 +158,27 @@ def _empty_conv(x_or_z: torch.Tensor, weight: torch.Tensor) -> bool:
     return 0 in tuple(x_or_z.shape[1:]) or 0 in tuple(weight.shape[:2])
 
 
+def _one_window_axes(code: Sequence[int], stride: Sequence[int]) -> list[int]:
+    """The spatial axes where the code has one entry under a stride above 1. The stride is moot there, and oneDNN's
+    float32 convolution goes wrong on exactly such an axis (one code column, column stride above 1) for a one-channel
+    operand with channels-last strides; plain_strides avoids it in eager code, but under torch.compile Inductor picks
+    the layouts of the backward's convolutions itself (the compiled input gradient of conv_transpose2d was off by
+    3.8 there, plain torch too). So on such axes the analysis convolves the one window and the synthesis places the
+    one atom at stride 1, outside that region: the same products and sums."""
+    return [a for a, (n, s) in enumerate(zip(code, stride)) if n == 1 and s > 1]
+
+
+def _pad_axis(t: torch.Tensor, axis: int, before: int, after: int) -> torch.Tensor:
+    """t zero-padded on spatial axis ``axis`` (F.pad lists the last axis first)."""
+    pads = [0] * (2 * (t.dim() - 2))
+    pads[2 * (t.dim() - 3 - axis) : 2 * (t.dim() - 2 - axis)] = [before, after]
+    return F.pad(t, pads)
+
+
+def _at_stride_one(values: Sequence[int], axes: Sequence[int], value: int = 1) -> tuple[int, ...]:
+    return tuple(value if a in axes else v for a, v in enumerate(values))
+
+
 def conv_analysis_ref(
     x: torch.Tensor, weight: torch.Tensor, stride: int | Sequence[int] = 1, padding: int | Sequence[int] = 0
 ) -> torch.Tensor:
@@ -160,6 +188,11 @@ def conv_analysis_ref(
     if _empty_conv(x, weight):
         sz = code_size(x.shape[2:], weight.shape[2:], stride, padding)
         return _zeros_in_graph((x.shape[0], weight.shape[0], *sz), x, weight)
+    axes = _one_window_axes(code_size(x.shape[2:], weight.shape[2:], stride, padding), stride)
+    if axes:  # the one window itself, padded and cut out, at stride 1 (see _one_window_axes)
+        for a in axes:
+            x = _pad_axis(x, a, padding[a], padding[a]).narrow(2 + a, 0, weight.shape[2 + a])
+        stride, padding = _at_stride_one(stride, axes), _at_stride_one(padding, axes, 0)
     return conv_nd(x, weight, stride=stride, padding=padding)
 
 
@@ -176,7 +209,21 @@ def conv_synthesis_ref(
     if _empty_conv(z, weight) or 0 in tuple(signal_size):
         return _zeros_in_graph((z.shape[0], weight.shape[1], *signal_size), z, weight)
     out_pad = synthesis_output_padding(signal_size, weight.shape[2:], stride, padding)
-    return conv_transpose_nd(z, weight, stride=stride, padding=padding, output_padding=out_pad)
+    axes = _one_window_axes(z.shape[2:], stride)
+    if not axes:
+        return conv_transpose_nd(z, weight, stride=stride, padding=padding, output_padding=out_pad)
+    # the one atom placed at stride 1 (see _one_window_axes), then moved to its place in the signal
+    atom = conv_transpose_nd(
+        z,
+        weight,
+        stride=_at_stride_one(stride, axes),
+        padding=_at_stride_one(padding, axes, 0),
+        output_padding=_at_stride_one(out_pad, axes, 0),
+    )
+    for a in axes:
+        n, k, p = signal_size[a], weight.shape[2 + a], padding[a]
+        atom = _pad_axis(atom, a, 0, max(0, n + p - k)).narrow(2 + a, p, n)
+    return atom
 
 
 def value_dtype(dtype: torch.dtype) -> torch.dtype:
