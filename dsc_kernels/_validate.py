@@ -265,8 +265,14 @@ def signal(name: str, x: object, w: Tensor, weight_name: str = "weight") -> Tens
 def geometry(x_size: Sequence[int], w: Tensor, stride: IntOrPair, pad: Padding):
     """(stride, padding, code size) for a signal of spatial size x_size; an empty code is an error."""
     rank = w.dim() - 2
+    # The kernel size read as ints (operator.index: under Dynamo int() keeps the symbol) specialises it under
+    # torch.compile(dynamic=True), a guard as for stride and padding, as the fused ops' fakes do
+    # (ops.registry.static_kernel_size). With a symbolic one, conv_synthesis's check of z's size against the code size
+    # made torch 2.13's inductor fail ("Exponent must be non-negative"; plain torch too) where a code extent equals a
+    # kernel extent (Dynamo's duck sizing gives both one symbol).
+    kernel = tuple(operator.index(k) for k in w.shape[2:])
     stride = ints("stride", stride, rank, minimum=1)
-    pad = padding(pad, w.shape[2:], stride)
+    pad = padding(pad, kernel, stride)
     if min(x_size) < 1:
         raise ValueError(f"the signal has an empty spatial size {tuple(x_size)}")
     if max(n + 2 * p for n, p in zip(x_size, pad)) > MAX_EXTENT:
@@ -274,16 +280,16 @@ def geometry(x_size: Sequence[int], w: Tensor, stride: IntOrPair, pad: Padding):
             f"the padded signal size {tuple(n + 2 * p for n, p in zip(x_size, pad))} (padding {pad}) must be at "
             f"most {MAX_EXTENT} in every dimension: PyTorch's convolutions index it in 32 bits"
         )
-    code = code_size(x_size, w.shape[2:], stride, pad)
+    code = code_size(x_size, kernel, stride, pad)
     if min(code) < 1:
         raise ValueError(
-            f"the signal size {tuple(x_size)} is too small for kernel {tuple(w.shape[2:])} with "
+            f"the signal size {tuple(x_size)} is too small for kernel {kernel} with "
             f"padding {pad}: the code would be empty"
         )
     # Every stride beyond the last window start n + 2p - k gives the same single window, the same operator and adjoint:
     # run the smallest, since the fused kernels size their polyphase loops and buffers by the stride (10**9 on a small
     # map had the cpp backend allocate until the process was killed).
-    stride = tuple(min(s, n + 2 * p - k + 1) for s, n, p, k in zip(stride, x_size, pad, w.shape[2:]))
+    stride = tuple(min(s, n + 2 * p - k + 1) for s, n, p, k in zip(stride, x_size, pad, kernel))
     return stride, pad, code
 
 

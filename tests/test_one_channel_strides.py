@@ -132,3 +132,38 @@ def test_compiled_analysis_and_synthesis_of_a_permuted_grey_image(problem):
     want = DF.conv_synthesis(z64, w.double(), stride=STRIDE, signal_size=(9, 8)).sum(dim=(2, 3))
     (gz64,) = torch.autograd.grad(want.sum(), z64)
     torch.testing.assert_close(gz.double(), gz64, **TOL)
+
+
+@pytest.mark.parametrize("channels", [(3, 2), (1, 1)], ids=["3to2", "one_channel"])
+def test_dynamic_compiled_synthesis_and_analysis(channels):
+    # torch.compile(dynamic=True) of conv_synthesis failed where a code extent equals a kernel extent (3 here): z's
+    # size, checked against the code size of a symbolic kernel size, made inductor fail ("Exponent must be
+    # non-negative", plain torch too) until the kernel size was specialised; with it specialised, plain_strides'
+    # stride check of contiguous()'s result failed Dynamo on one-channel operands ("Cannot construct
+    # `ConstantVariable`"), and its as_strided on a copy failed inductor on the backward of a transposed one-channel
+    # signal ("cannot determine truth value of Relational").
+    c_code, c_sig = channels
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(c_code, c_sig, 3, 3, generator=g) / 3
+    z = torch.randn(2, c_code, 3, 4, generator=g).requires_grad_()
+    wr = w.clone().requires_grad_()
+    synthesis = torch.compile(lambda z, w: DF.conv_synthesis(z, w, signal_size=(5, 6)), fullgraph=True, dynamic=True)
+    out = synthesis(z, wr)
+    z64, w64 = z.detach().double().requires_grad_(), w.double().requires_grad_()
+    want = torch.nn.functional.conv_transpose2d(z64, w64)
+    torch.testing.assert_close(out.double(), want, **TOL)
+    gout = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    for got, ref in zip(_grads(out, (z, wr), gout.float()), _grads(want, (z64, w64), gout)):
+        torch.testing.assert_close(got.double(), ref, **TOL)
+    x = torch.randn(3, c_sig, 8, 2, generator=g).transpose(2, 3).requires_grad_()  # (3, c_sig, 2, 8), transposed
+    wa = torch.randn(c_code, c_sig, 2, 4, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
+    analysis = torch.compile(
+        lambda x, w: DF.conv_analysis(x, w, stride=(1, 2), padding=(3, 2)), fullgraph=True, dynamic=True
+    )
+    out = analysis(x, wa)
+    x64, wa64 = x.detach().double().contiguous().requires_grad_(), wa.detach().double().contiguous().requires_grad_()
+    want = torch.nn.functional.conv2d(x64, wa64, stride=(1, 2), padding=(3, 2))
+    torch.testing.assert_close(out.double(), want, **TOL)
+    gout = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    for got, ref in zip(_grads(out, (x, wa), gout.float()), _grads(want, (x64, wa64), gout)):
+        torch.testing.assert_close(got.double(), ref, **TOL)

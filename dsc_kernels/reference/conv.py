@@ -36,9 +36,14 @@ def plain_strides(t: torch.Tensor) -> torch.Tensor:
     image came out NaN. Tensors that already have the plain strides pass through untouched."""
     if t.dim() <= 2 or t.shape[1] != 1:
         return t
-    t = t.contiguous()  # a copy only if t is not contiguous at all
     plain = tuple(math.prod(t.shape[i + 1 :]) for i in range(t.dim()))
-    return t if t.stride() == plain else t.as_strided(t.shape, plain)
+    if t.stride() == plain:
+        return t
+    # Not the strides of contiguous()'s result compared: under torch.compile(dynamic=True), once the kernel size is
+    # specialised (_validate.geometry), Dynamo failed on that ("Cannot construct `ConstantVariable` for value of type
+    # SymInt", plain torch too). A copy has the plain strides, and as_strided on one made Inductor fail on the
+    # backward of a transposed one-channel signal ("cannot determine truth value of Relational").
+    return t.as_strided(t.shape, plain) if t.is_contiguous() else t.contiguous()
 
 
 def conv_operand(t: torch.Tensor) -> torch.Tensor:
