@@ -167,3 +167,22 @@ def test_dynamic_compiled_synthesis_and_analysis(channels):
     gout = torch.randn(want.shape, generator=g, dtype=torch.float64)
     for got, ref in zip(_grads(out, (x, wa), gout.float()), _grads(want, (x64, wa64), gout)):
         torch.testing.assert_close(got.double(), ref, **TOL)
+
+
+def test_dynamic_compiled_one_window_analysis_of_a_channels_last_signal():
+    # A code axis of extent 1 under a stride above 1 runs the analysis on the one window cut out at stride 1. Cutting
+    # it out of the padded signal (a constant size out of a symbolic one) made inductor fail the compiled backward of
+    # a channels-last signal under dynamic=True ("cannot determine truth value of Relational", plain torch too).
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 5, 1, 2, generator=g).permute(0, 3, 1, 2).requires_grad_()  # (1, 2, 5, 1), NHWC
+    w = (torch.randn(12, 2, 5, 1, generator=g) / 3).requires_grad_()
+    analysis = torch.compile(
+        lambda x, w: DF.conv_analysis(x, w, stride=(5, 2), padding=(2, 0)), fullgraph=True, dynamic=True
+    )
+    out = analysis(x, w)
+    x64, w64 = x.detach().double().contiguous().requires_grad_(), w.detach().double().requires_grad_()
+    want = torch.nn.functional.conv2d(x64, w64, stride=(5, 2), padding=(2, 0))
+    torch.testing.assert_close(out.double(), want, **TOL)
+    gout = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    for got, ref in zip(_grads(out, (x, w), gout.float()), _grads(want, (x64, w64), gout)):
+        torch.testing.assert_close(got.double(), ref, **TOL)

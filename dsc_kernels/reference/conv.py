@@ -194,9 +194,14 @@ def conv_analysis_ref(
         sz = code_size(x.shape[2:], weight.shape[2:], stride, padding)
         return _zeros_in_graph((x.shape[0], weight.shape[0], *sz), x, weight)
     axes = _one_window_axes(code_size(x.shape[2:], weight.shape[2:], stride, padding), stride)
-    if axes:  # the one window itself, padded and cut out, at stride 1 (see _one_window_axes)
+    if axes:  # the one window itself, cut out and padded, at stride 1 (see _one_window_axes)
         for a in axes:
-            x = _pad_axis(x, a, padding[a], padding[a]).narrow(2 + a, 0, weight.shape[2 + a])
+            # the window [-p, k - p) cut out of x, then padded: under torch.compile(dynamic=True), padding x first and
+            # cutting a constant size out of its symbolic one made inductor fail the backward of a channels-last x
+            # ("cannot determine truth value of Relational", plain torch too)
+            n, k, p = x.shape[2 + a], weight.shape[2 + a], padding[a]
+            inside = max(0, min(n, k - p))
+            x = _pad_axis(x.narrow(2 + a, 0, inside), a, min(p, k), k - min(p, k) - inside)
         stride, padding = _at_stride_one(stride, axes), _at_stride_one(padding, axes, 0)
     return conv_nd(x, weight, stride=stride, padding=padding)
 
