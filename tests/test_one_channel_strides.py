@@ -186,3 +186,21 @@ def test_dynamic_compiled_one_window_analysis_of_a_channels_last_signal():
     gout = torch.randn(want.shape, generator=g, dtype=torch.float64)
     for got, ref in zip(_grads(out, (x, w), gout.float()), _grads(want, (x64, w64), gout)):
         torch.testing.assert_close(got.double(), ref, **TOL)
+
+
+def test_dynamic_compiled_bfloat16_analysis_of_one_channel_operands():
+    # conv_operand made bfloat16 operands contiguous() before plain_strides, whose stride check of that result failed
+    # Dynamo under dynamic=True once the kernel size was specialised ("Cannot construct `ConstantVariable`").
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1, 6, 3, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(1, 1, 1, 4, generator=g) / 3).bfloat16().requires_grad_()
+    analysis = torch.compile(
+        lambda x, w: DF.conv_analysis(x, w, stride=(2, 5), padding=(0, 2)), fullgraph=True, dynamic=True
+    )
+    out = analysis(x, w)
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = torch.nn.functional.conv2d(x64, w64, stride=(2, 5), padding=(0, 2))
+    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
+    gout = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    for got, ref in zip(_grads(out, (x, w), gout.bfloat16()), _grads(want, (x64, w64), gout)):
+        torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=2e-2)

@@ -55,6 +55,10 @@ def conv_operand(t: torch.Tensor) -> torch.Tensor:
     1,600 such calls on 800 random geometries (a (2, 2, 3, 1) signal, a 2 x 4 kernel at stride (1, 6), padding
     (0, 3)); channels-first operands gave none, nor float16 or float32 on 800 more. The backward's layout follows
     the operands', so their plain layout fixes it too."""
+    if t.dim() > 2 and t.shape[1] == 1:
+        # plain_strides gives the contiguous layout itself; its stride check of contiguous()'s result failed Dynamo
+        # under torch.compile(dynamic=True) once the kernel size was specialised (see plain_strides)
+        return plain_strides(t)
     if t.device.type == "cpu" and (
         t.dtype == torch.bfloat16
         or (
@@ -63,8 +67,8 @@ def conv_operand(t: torch.Tensor) -> torch.Tensor:
             and torch.get_autocast_dtype("cpu") == torch.bfloat16
         )
     ):
-        t = t.contiguous()  # still ambiguous with one channel: torch counts those strides as contiguous
-    return plain_strides(t)
+        t = t.contiguous()
+    return t
 
 
 def conv_nd(x: torch.Tensor, weight: torch.Tensor, **kwargs) -> torch.Tensor:
