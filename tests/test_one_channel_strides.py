@@ -37,6 +37,15 @@ def _grads(out, inputs, g):
     return torch.autograd.grad(out, inputs, g)
 
 
+def _assert_matches_float64(out, inputs, want, inputs64, generator, **tol):
+    """out and its gradients in inputs against the float64 computation want of inputs64, for one random grad_out."""
+    tol = tol or TOL
+    torch.testing.assert_close(out.double(), want, **tol)
+    gout = torch.randn(want.shape, generator=generator, dtype=torch.float64)
+    for got, ref in zip(_grads(out, inputs, gout.to(out.dtype)), _grads(want, inputs64, gout)):
+        torch.testing.assert_close(got.double(), ref, **tol)
+
+
 @pytest.mark.parametrize("view", ["signal", "dictionary", "both"])
 def test_analysis_and_synthesis_of_one_channel_views(problem, view):
     x, w = problem
@@ -151,10 +160,7 @@ def test_dynamic_compiled_synthesis_and_analysis(channels):
     out = synthesis(z, wr)
     z64, w64 = z.detach().double().requires_grad_(), w.double().requires_grad_()
     want = torch.nn.functional.conv_transpose2d(z64, w64)
-    torch.testing.assert_close(out.double(), want, **TOL)
-    gout = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    for got, ref in zip(_grads(out, (z, wr), gout.float()), _grads(want, (z64, w64), gout)):
-        torch.testing.assert_close(got.double(), ref, **TOL)
+    _assert_matches_float64(out, (z, wr), want, (z64, w64), g)
     x = torch.randn(3, c_sig, 8, 2, generator=g).transpose(2, 3).requires_grad_()  # (3, c_sig, 2, 8), transposed
     wa = torch.randn(c_code, c_sig, 2, 4, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_()
     analysis = torch.compile(
@@ -163,10 +169,7 @@ def test_dynamic_compiled_synthesis_and_analysis(channels):
     out = analysis(x, wa)
     x64, wa64 = x.detach().double().contiguous().requires_grad_(), wa.detach().double().contiguous().requires_grad_()
     want = torch.nn.functional.conv2d(x64, wa64, stride=(1, 2), padding=(3, 2))
-    torch.testing.assert_close(out.double(), want, **TOL)
-    gout = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    for got, ref in zip(_grads(out, (x, wa), gout.float()), _grads(want, (x64, wa64), gout)):
-        torch.testing.assert_close(got.double(), ref, **TOL)
+    _assert_matches_float64(out, (x, wa), want, (x64, wa64), g)
 
 
 def test_dynamic_compiled_one_window_analysis_of_a_channels_last_signal():
@@ -182,10 +185,7 @@ def test_dynamic_compiled_one_window_analysis_of_a_channels_last_signal():
     out = analysis(x, w)
     x64, w64 = x.detach().double().contiguous().requires_grad_(), w.detach().double().requires_grad_()
     want = torch.nn.functional.conv2d(x64, w64, stride=(5, 2), padding=(2, 0))
-    torch.testing.assert_close(out.double(), want, **TOL)
-    gout = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    for got, ref in zip(_grads(out, (x, w), gout.float()), _grads(want, (x64, w64), gout)):
-        torch.testing.assert_close(got.double(), ref, **TOL)
+    _assert_matches_float64(out, (x, w), want, (x64, w64), g)
 
 
 def test_dynamic_compiled_bfloat16_analysis_of_one_channel_operands():
@@ -200,7 +200,4 @@ def test_dynamic_compiled_bfloat16_analysis_of_one_channel_operands():
     out = analysis(x, w)
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     want = torch.nn.functional.conv2d(x64, w64, stride=(2, 5), padding=(0, 2))
-    torch.testing.assert_close(out.double(), want, rtol=2e-2, atol=2e-2)
-    gout = torch.randn(want.shape, generator=g, dtype=torch.float64)
-    for got, ref in zip(_grads(out, (x, w), gout.bfloat16()), _grads(want, (x64, w64), gout)):
-        torch.testing.assert_close(got.double(), ref, rtol=2e-2, atol=2e-2)
+    _assert_matches_float64(out, (x, w), want, (x64, w64), g, rtol=2e-2, atol=2e-2)
