@@ -24,7 +24,8 @@ _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d}
 
 
 def plain_strides(t: torch.Tensor) -> torch.Tensor:
-    """``t`` (N, C, *S) with the plain contiguous strides when it has one channel (the same memory, a view).
+    """``t`` (N, C, *S) with the plain contiguous strides when it has one channel: a view of the same memory, or a
+    copy when t is not contiguous at all.
 
     oneDNN's CPU convolution (torch 2.13) computes a strided convolution wrongly when an operand with one channel
     carries channels-last strides (channel stride 1), which torch counts as contiguous too: a grey NHWC image permuted
