@@ -195,10 +195,10 @@ def conv_analysis_ref(
     """``D^T x``. x: (B, C_sig, *S), weight: (C_code, C_sig, *k) -> (B, C_code, *Sz)."""
     rank = spatial_rank(weight)
     stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
+    sz = code_size(x.shape[2:], weight.shape[2:], stride, padding)
     if _empty_conv(x, weight):
-        sz = code_size(x.shape[2:], weight.shape[2:], stride, padding)
         return _zeros_in_graph((x.shape[0], weight.shape[0], *sz), x, weight)
-    axes = _one_window_axes(code_size(x.shape[2:], weight.shape[2:], stride, padding), stride)
+    axes = _one_window_axes(sz, stride)
     if axes:  # the one window itself, cut out and padded, at stride 1 (see _one_window_axes)
         for a in axes:
             # the window [-p, k - p) cut out of x, then padded: under torch.compile(dynamic=True), padding x first and

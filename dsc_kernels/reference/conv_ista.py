@@ -332,7 +332,6 @@ def conv_ista_bwd_ref(
     check_n_iter(step)
     rank = spatial_rank(weight)
     stride, padding = as_tuple(stride, rank), as_tuple(padding, rank)
-    weight_grad = conv_weight_grad
     n_iter = step.shape[0]
     given_encoder = encoder_weight
     encoder_weight = weight if tied(encoder_weight) else encoder_weight
@@ -362,8 +361,10 @@ def conv_ista_bwd_ref(
             e = conv_analysis_ref(residual, encoder_weight, stride, padding)
             v = conv_synthesis_ref(gu, encoder_weight, x.shape[2:], stride, padding)
             grad_x += scaled(v, step[k])
-            grad_we += scaled(weight_grad(residual, encoder_weight.shape, gu, stride=stride, padding=padding), step[k])
-            grad_w -= scaled(weight_grad(v, weight.shape, y, stride=stride, padding=padding), step[k])
+            grad_we += scaled(
+                conv_weight_grad(residual, encoder_weight.shape, gu, stride=stride, padding=padding), step[k]
+            )
+            grad_w -= scaled(conv_weight_grad(v, weight.shape, y, stride=stride, padding=padding), step[k])
             # lam and step may be wider than the codes (float32 for half ones: value_dtype)
             grad_theta = -(gu if nonneg else signed_share(gu, z_new)).sum(reduce_dims, dtype=lam.dtype)
             grad_lam[k] = step[k] * grad_theta
