@@ -76,8 +76,6 @@ class Backend:
     # conv-ISTA save mode: "module:function" of a rule (x_size, weight_size, stride, padding) -> bool saying whether
     # the forward also keeps the residuals (reference.conv_ista.KEEP_RESIDUALS); None: never.
     residual_policy: str | None = None
-    # The checkpoint intervals the backward accepts (None: any).
-    checkpoints: tuple[int, ...] | None = None
     # conv-ISTA: "module:function" of a rule (x, weight, stride, padding, n_iter, fista, checkpoint) -> int giving the
     # most batch items one call of the ops takes (kernels with int32 offsets); larger batches run as several calls.
     # None: no limit.
@@ -137,7 +135,6 @@ TABLE: tuple[Backend, ...] = (
         forward_impl="dsc_kernels.triton.conv_ista:conv_ista_fwd",
         backward_impl="dsc_kernels.triton.conv_ista:conv_ista_bwd",
         save_interval=(1, 1),
-        checkpoints=(0, 1),
         batch_limit="dsc_kernels.triton.conv_ista:max_batch_items",
     ),
     # ------------------------------------------------------------------------------------------ sparse attention
