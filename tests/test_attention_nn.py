@@ -2,6 +2,7 @@
 backends, torch.compile."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -214,6 +215,25 @@ def test_matches_multihead_attention_call_conventions(batch_first):
     torch.testing.assert_close(w1, w[0].mean(0))
     torch.testing.assert_close(w.sum(-1), torch.ones(2, 3, 4, **F64))
     assert "kdim=5, vdim=7" in repr(m)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_shape_errors_name_the_shapes_as_given(batch_first):
+    """A batched key beside an unbatched query was refused for lacking "query's batch size 1", which a (M, 1, E)
+    key did not fix either (MHA wants both unbatched); the messages now quote the shapes the caller passed, not the
+    unsqueezed, batch-first ones."""
+    m = SparseAttention(8, 2, kdim=6, batch_first=batch_first, backend="reference")
+    for key in (torch.randn(4, 2, 6), torch.randn(4, 1, 6), torch.randn(1, 4, 6), torch.randn(4, 8)):
+        with pytest.raises(
+            ValueError,
+            match=r"key must be unbatched \(M, 6\) like the unbatched query, got " + re.escape(str(tuple(key.shape))),
+        ):
+            m(torch.randn(5, 8), key, key)
+    assert m(torch.randn(5, 8), torch.randn(4, 6), torch.randn(4, 8))[0].shape == (5, 8)
+    with pytest.raises(ValueError, match=r"query must be .* or unbatched \(L, 8\), got \(5, 2, 7\)"):
+        m(torch.randn(5, 2, 7), torch.randn(5, 2, 6), torch.randn(5, 2, 8))
+    with pytest.raises(ValueError, match=r"key must be .* with query's batch size 2 .*, got \(4, 3, 6\)"):
+        m(torch.randn(2, 2, 8), torch.randn(4, 3, 6), torch.randn(4, 3, 8))
 
 
 @pytest.mark.parametrize("backend", ["auto", "cpp"])

@@ -259,7 +259,16 @@ class SparseAttention(nn.Module):
         flags(need_weights=need_weights, average_attn_weights=average_attn_weights, is_causal=is_causal)
         self._check_tensors(query=query, key=key, value=value, key_padding_mask=key_padding_mask, attn_mask=attn_mask)
         unbatched = query.dim() == 2
+        # the shapes as given: _check_shapes sees them unsqueezed and batch-first, which the user never wrote
+        given = {name: tuple(t.shape) for name, t in (("query", query), ("key", key), ("value", value))}
         if unbatched:
+            # a 3-D key beside an unbatched query became 4-D below and was refused as if it lacked "query's batch
+            # size 1", which a (M, 1, kdim) key does not fix either; MHA refuses the pair the same way
+            for name, t, feat in (("key", key, self.kdim), ("value", value, self.vdim)):
+                if t.dim() != 2 or t.shape[-1] != feat:
+                    raise ValueError(
+                        f"{name} must be unbatched (M, {feat}) like the unbatched query, got {given[name]}"
+                    )
             if key_padding_mask is not None and key_padding_mask.dim() != 1:
                 raise ValueError(
                     f"key_padding_mask must be (M,) for an unbatched query, got {tuple(key_padding_mask.shape)}"
@@ -269,7 +278,7 @@ class SparseAttention(nn.Module):
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        self._check_shapes(query, key, value)
+        self._check_shapes(query, key, value, given)
         bsz, n, m = query.shape[0], query.shape[1], key.shape[1]
         # Exactly MHA's two shapes: functional's broadcasting let (1, M), (N, 1) or (B*num_heads, 1, M) through,
         # which MHA refuses.
@@ -391,18 +400,19 @@ class SparseAttention(nn.Module):
                 f"(L, {self.embed_dim}), got {tuple(tensors['query'].shape)}"
             )
 
-    def _check_shapes(self, query: Tensor, key: Tensor, value: Tensor) -> None:
+    def _check_shapes(self, query: Tensor, key: Tensor, value: Tensor, given: dict[str, tuple[int, ...]]) -> None:
+        """query, key, value batch-first; ``given``: their shapes as the caller passed them, for the messages."""
         layout = "(B, L" if self.batch_first else "(L, B"
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
             raise ValueError(
                 f"query must be {layout}, {self.embed_dim}) (batch_first={self.batch_first}) or "
-                f"unbatched (L, {self.embed_dim})"
+                f"unbatched (L, {self.embed_dim}), got {given['query']}"
             )
         for name, t, feat in (("key", key, self.kdim), ("value", value, self.vdim)):
             if t.dim() != 3 or t.shape[0] != query.shape[0] or t.shape[-1] != feat:
                 raise ValueError(
                     f"{name} must be {layout}, {feat}) with query's batch size {query.shape[0]} "
-                    f"(batch_first={self.batch_first})"
+                    f"(batch_first={self.batch_first}), got {given[name]}"
                 )
         if key.shape[1] != value.shape[1]:
             raise ValueError(f"key and value must have one length, got {key.shape[1]} and {value.shape[1]}")
