@@ -155,7 +155,8 @@ _CSC_DOC = """Unrolled convolutional ISTA/FISTA layer (LISTA/CSCNet style when l
             CSCNet), initialised to ``weight``.
         nonneg: non-negative codes, ``max(u - t, 0)`` (the ReLU view of sparse coding).
         fista: FISTA momentum instead of plain ISTA.
-        relative: thresholds scale with each sample's input RMS (threshold = step * lam * rms(x_b)), which makes
+        relative: thresholds scale with each sample's input RMS (threshold = step * lam * rms(x_b), or the given
+            ``threshold`` * rms(x_b); rms over all of x_b's channels and positions), which makes
             the layer positively homogeneous, layer(c x) = c layer(x): a threshold that suits one input scale
             suits every scale. Default False (thresholds are absolute).
         recompute: the fused backends keep nothing code-sized for the backward and replay the iterations (memory
