@@ -1,5 +1,7 @@
 """The drop-in layers: shapes, state dicts, options, training, devices/dtypes and torch.compile."""
 
+import io
+
 import pytest
 import torch
 
@@ -52,13 +54,60 @@ def test_layer_equals_functional_call():
 
 def test_state_dict_keys_and_learned_parameters():
     layer = ConvSparseCoding2d(1, 4, 3, n_iter=5, learn_lam=True, learn_step=True, untied=True)
-    assert sorted(layer.state_dict()) == ["encoder_weight", "lam", "step", "weight"]
+    # step_floor: the learned step's projection floor, so that a resumed run projects onto the floor it saved
+    assert sorted(layer.state_dict()) == ["encoder_weight", "lam", "step", "step_floor", "weight"]
     assert layer.lam.shape == (5, 4) and layer.step.shape == (5,)
     assert {n for n, _ in layer.named_parameters()} == {"weight", "encoder_weight", "lam", "step"}
     plain = ConvSparseCoding2d(1, 4, 3, n_iter=5)
     assert sorted(plain.state_dict()) == ["lam", "step", "weight"]
     assert {n for n, _ in plain.named_parameters()} == {"weight"}
     assert "untied" in repr(layer) and "learn_lam" in repr(layer) and "n_iter=5" in repr(layer)
+
+
+def _floored_step_module(seed: int) -> ConvSparseCoding2d:
+    torch.manual_seed(seed)  # the floor is 1e-3 of the initial 1/L, which depends on the random dictionary
+    return ConvSparseCoding2d(2, 4, 3, n_iter=2, learn_step=True, dtype=torch.float64)
+
+
+def _sgd_down(layer: ConvSparseCoding2d) -> None:
+    layer.step.grad = torch.ones_like(layer.step)
+    torch.optim.SGD([layer.step], lr=1.0).step()  # far below the floor: projected onto it
+
+
+def test_a_resumed_learned_step_is_projected_onto_the_floor_it_was_saved_with():
+    a, b = _floored_step_module(0), _floored_step_module(1)
+    assert float(a.step_floor) != float(b.step_floor)
+    with torch.no_grad():
+        a.step.fill_(2 * float(a.step_floor))
+    b.load_state_dict(a.state_dict())
+    _sgd_down(a)
+    _sgd_down(b)
+    # the floor was an attribute outside the state dict: b went to its own initial floor, 1% lower here
+    assert torch.equal(b.step, a.step) and torch.equal(a.step, torch.full_like(a.step, float(a.step_floor)))
+
+
+def test_a_state_dict_saved_without_the_step_floor_loads_strictly_and_keeps_the_old_rule():
+    a, b = _floored_step_module(0), _floored_step_module(1)
+    own = float(b.step_floor)
+    state = a.state_dict()
+    del state["step_floor"]
+    assert not b.load_state_dict(state).missing_keys
+    # the module's own floor, lowered to 1e-3 of a loaded step below it (a's initial step is above b's floor here)
+    lowest = float(a.step.min())
+    assert float(b.step_floor) == (1e-3 * lowest if lowest < own else own)
+
+
+def test_a_module_pickled_before_the_step_floor_was_a_buffer_gets_it_from_the_old_attribute():
+    layer = _floored_step_module(0)
+    floor = float(layer.step_floor)
+    del layer._buffers["step_floor"]
+    layer.__dict__["_step_floor"] = floor  # what such a pickle holds
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert float(loaded.step_floor) == floor and loaded.constraints()[-1][1] == floor
+    assert "_step_floor" not in loaded.__dict__
 
 
 def test_training_lowers_reconstruction_error():

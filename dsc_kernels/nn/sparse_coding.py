@@ -62,7 +62,9 @@ POWER_TOLERANCE = 1e-3
 POWER_STEPS_MAX_PER_FORWARD = 20
 # Power iterations of a cold estimate (construction, reset, after load_state_dict).
 POWER_STEPS_COLD = 50
-# A learned step is projected onto [STEP_FLOOR * initial step, inf): step > 0 is what ISTA needs.
+# A learned step is projected onto [STEP_FLOOR * initial step, inf): step > 0 is what ISTA needs. The floor is the
+# buffer `step_floor`, so a run resumed from a state dict projects onto the floor it was saved with: 1/L of a module
+# built from another seed is another number, and a step sitting at its floor went elsewhere (5.6% after one step).
 STEP_FLOOR = 1e-3
 # An all-zero training output is looked for on the first training forward and then every this many.
 ZERO_CHECK_EVERY = 50
@@ -150,7 +152,8 @@ _CSC_DOC = """Unrolled convolutional ISTA/FISTA layer (LISTA/CSCNet style when l
             step, or a fixed ``step``, removes that lag.
         learn_lam / learn_threshold: make ``lam`` / ``threshold`` a parameter of shape (n_iter, C_code) (one per
             iteration and channel, LISTA-style).
-        learn_step: make ``step`` a parameter of shape (n_iter,) initialised at ``step`` (or 1/L).
+        learn_step: make ``step`` a parameter of shape (n_iter,) initialised at ``step`` (or 1/L), projected onto
+            ``step >= step_floor`` (a buffer in the state dict: 1e-3 of the initial step).
         untied: learn a separate analysis filter ``encoder_weight`` (C_code, C_sig, {k_shape}) for E (LISTA-CP /
             CSCNet), initialised to ``weight``.
         nonneg: non-negative codes, ``max(u - t, 0)`` (the ReLU view of sparse coding).
@@ -216,7 +219,7 @@ class _ConvSparseCoding(_projection.Projected):
             relative=relative,
             recompute=recompute,
         )
-        value_dtype = float_dtype(dtype)
+        init_dtype = float_dtype(dtype)
         # the plain ints from here on, for the shapes and messages below (not a numpy or tensor integer)
         self.in_channels = in_channels = positive_int("in_channels", in_channels)
         self.code_channels = code_channels = positive_int("code_channels", code_channels)
@@ -235,17 +238,17 @@ class _ConvSparseCoding(_projection.Projected):
                 raise ValueError("learn_lam applies to lam; with threshold= use learn_threshold=True")
             self._threshold_name = "threshold"
             init_value = check_value(
-                "threshold", threshold, value_shapes, allow_negative=nonneg, hint=SIGNED_HINT, dtype=value_dtype
+                "threshold", threshold, value_shapes, allow_negative=nonneg, hint=SIGNED_HINT, dtype=init_dtype
             )
             learned = learn_threshold
         else:
             if learn_threshold:
                 raise ValueError("learn_threshold applies to threshold=; with lam use learn_lam=True")
             self._threshold_name = "lam"
-            init_value = check_value("lam", 0.1 if lam is None else lam, value_shapes, dtype=value_dtype)
+            init_value = check_value("lam", 0.1 if lam is None else lam, value_shapes, dtype=init_dtype)
             learned = learn_lam
         if step is not None:
-            step = check_value("step", step, [(), (n_iter,)], positive=True, dtype=value_dtype)
+            step = check_value("step", step, [(), (n_iter,)], positive=True, dtype=init_dtype)
         self._init = {"threshold": init_value, "step": step}
         self._track_step = step is None and not learn_step
         self._zero_checks = 0
@@ -255,6 +258,8 @@ class _ConvSparseCoding(_projection.Projected):
         self.encoder_weight = nn.Parameter(torch.empty_like(self.weight)) if untied else None
         self._register_value(self._threshold_name, (n_iter, code_channels), learned, init_value, factory)
         self._register_value("step", (n_iter,), learn_step, 1.0 if step is None else step, factory)
+        if learn_step:  # in the dtype fixed values are carried in (float32 for half precision), as below
+            self.register_buffer("step_floor", torch.zeros((), device=device, dtype=value_dtype(init_dtype)))
         grid = spectrum.periodic_grid(self.kernel_size, self.stride)
         self.register_buffer("_power_vector", torch.zeros(1, code_channels, *grid, **factory), persistent=False)
         # The weight the step was last estimated from (its values): a training forward on the same values keeps
@@ -299,8 +304,9 @@ class _ConvSparseCoding(_projection.Projected):
         self._fill(self._threshold_name, self._init["threshold"])
         inverse_lipschitz = self._restart_power_vector()
         self._fill("step", inverse_lipschitz if self._init["step"] is None else self._init["step"])
-        # no floor where the step has no values to read (a layer built under a FakeTensorMode, for shapes only)
-        self._step_floor = STEP_FLOOR * float(self.step.detach().min()) if check.values_readable(self.step) else 0.0
+        if isinstance(self.step, nn.Parameter):
+            with torch.no_grad():
+                self.step_floor.copy_(STEP_FLOOR * self.step.detach().min())
         self._note_step_source()
 
     def constraints(self) -> list[tuple[Tensor, float | None, float | None]]:
@@ -310,7 +316,9 @@ class _ConvSparseCoding(_projection.Projected):
         if isinstance(values, nn.Parameter) and not (self._threshold_name == "threshold" and self.nonneg):
             out.append((values, 0.0, None))
         if isinstance(self.step, nn.Parameter):
-            out.append((self.step, getattr(self, "_step_floor", 0.0), None))
+            # no floor where it has no values to read (a layer built under a FakeTensorMode, for shapes only)
+            floor = float(self.step_floor) if check.values_readable(self.step_floor) else 0.0
+            out.append((self.step, floor, None))
         return out
 
     @property
@@ -539,7 +547,11 @@ class _ConvSparseCoding(_projection.Projected):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
+        step = state["_parameters"].get("step")
+        if step is not None and "step_floor" not in state["_buffers"]:  # pickled when the floor was an attribute
+            floor = torch.tensor(state.pop("_step_floor", 0.0), dtype=value_dtype(step.dtype))
+            state["_buffers"]["step_floor"] = floor.to(step.device)
+        super().__setstate__(state)  # registers the projection, which reads the floor
         with _weight_read_only(self):
             self._set_state()
 
@@ -559,7 +571,7 @@ class _ConvSparseCoding(_projection.Projected):
             self._restore_previous_step()
             up_to_date = not self._step_is_stale()
         self._drop_weight_references()  # noted again below; a stale step stays stale without them
-        apply_keeping_fixed_values_wide(self, ("step", self._threshold_name), super()._apply, fn, recurse)
+        apply_keeping_fixed_values_wide(self, ("step", "step_floor", self._threshold_name), super()._apply, fn, recurse)
         if up_to_date:
             with _weight_read_only(self):
                 self._note_step_source()
@@ -848,7 +860,8 @@ def step_floor_after_load(floor: float, steps: Sequence[Tensor]) -> float:
 
 def _before_load(module: _ConvSparseCoding, state_dict, prefix: str, *args) -> None:
     # Only this hook sees the module's prefix; the post hook needs to know what the load brought.
-    module._loading = {name for name in ("weight", "step") if prefix + name in state_dict}
+    module._loading = {name for name in ("weight", "step", "step_floor") if prefix + name in state_dict}
+    module._loading_prefix = prefix
     # The load may swap the weight's tensor: the step given back first as in _apply; _after_load notes the new one.
     with _weight_read_only(module):
         module._restore_previous_step()
@@ -859,7 +872,15 @@ def _after_load(module: _ConvSparseCoding, incompatible_keys) -> None:
     """The loaded dictionary has its own top singular vector: restart the power iteration cold. A loaded step is
     kept as is, so a loaded model computes exactly what was saved; a tracked step that the state dict lacks
     (``strict=False``) becomes 1/L of the loaded dictionary, not the old one's."""
-    loaded = module.__dict__.pop("_loading", {"weight", "step"})
+    loaded = module.__dict__.pop("_loading", {"weight", "step", "step_floor"})
+    prefix = module.__dict__.pop("_loading_prefix", "")
+    if (
+        "step_floor" in module._buffers
+        and "step_floor" not in loaded
+        and prefix + "step_floor" in incompatible_keys.missing_keys
+    ):
+        # saved before the floor was state: the module keeps its own (lowered below for a smaller loaded step)
+        incompatible_keys.missing_keys.remove(prefix + "step_floor")
     with _weight_read_only(module):
         _restart_after_load(module, loaded)
 
@@ -876,7 +897,13 @@ def _restart_after_load(module: _ConvSparseCoding, loaded: set[str]) -> None:
         with torch.no_grad():
             module.step.copy_(inverse_lipschitz)
     if isinstance(module.step, nn.Parameter) and not check.storageless(module.step):
-        module._step_floor = step_floor_after_load(getattr(module, "_step_floor", math.inf), [module.step])
+        old = module.step_floor
+        floor = step_floor_after_load(float(old) if check.values_readable(old) else math.inf, [module.step])
+        if check.storageless(old):  # a state dict without it, loaded with assign=True onto a meta module
+            module.step_floor = torch.tensor(floor, device=module.step.device, dtype=old.dtype)
+        else:  # in place: DDP keeps references to the module's buffers
+            with torch.no_grad():
+                old.fill_(floor)
     module._note_step_source()  # a loaded step belongs to the loaded weight: keep it
 
 
