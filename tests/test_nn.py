@@ -97,6 +97,15 @@ def test_a_state_dict_saved_without_the_step_floor_loads_strictly_and_keeps_the_
     assert float(b.step_floor) == (1e-3 * lowest if lowest < own else own)
 
 
+def test_a_compiled_optimizer_step_projects_a_learned_step_onto_its_floor():
+    layer = _floored_step_module(0)
+    optimizer = torch.optim.SGD([layer.step], lr=1.0)
+    layer.step.grad = torch.ones_like(layer.step)
+    # traced, constraints() could not read the floor and took 0: the step went to 0, which the next forward refuses
+    torch.compile(optimizer.step)()
+    assert torch.equal(layer.step, torch.full_like(layer.step, float(layer.step_floor)))
+
+
 def test_a_module_pickled_before_the_step_floor_was_a_buffer_gets_it_from_the_old_attribute():
     layer = _floored_step_module(0)
     floor = float(layer.step_floor)

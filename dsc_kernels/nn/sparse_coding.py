@@ -309,6 +309,9 @@ class _ConvSparseCoding(_projection.Projected):
                 self.step_floor.copy_(STEP_FLOOR * self.step.detach().min())
         self._note_step_source()
 
+    # Eager even inside a compiled optimiser step or project_(): traced, the floor's value is unknown and was taken as
+    # 0, so a torch.compile-d optimizer.step() projected a learned step onto 0, which the next forward refuses.
+    @torch.compiler.disable
     def constraints(self) -> list[tuple[Tensor, float | None, float | None]]:
         """(parameter, lower, upper) bounds that projection after each optimiser step keeps valid."""
         out = []
