@@ -97,6 +97,21 @@ def test_a_state_dict_saved_without_the_step_floor_loads_strictly_and_keeps_the_
     assert float(b.step_floor) == (1e-3 * lowest if lowest < own else own)
 
 
+def test_a_floor_less_state_dict_loaded_after_to_empty_sets_the_floor_from_the_loaded_step():
+    state = _floored_step_module(0).state_dict()
+    del state["step_floor"]
+    torch.use_deterministic_algorithms(True)  # fills to_empty()'s memory with NaN, as uninitialised memory may hold
+    try:
+        layer = ConvSparseCoding2d(2, 4, 3, n_iter=2, learn_step=True, dtype=torch.float64, device="meta")
+        layer.to_empty(device="cpu")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    layer.load_state_dict(state)
+    _sgd_down(layer)
+    # the floor kept to_empty()'s NaN (its 0 likewise projected the step onto 0)
+    assert torch.equal(layer.step, torch.full_like(layer.step, 1e-3 * float(state["step"].min())))
+
+
 def test_a_compiled_optimizer_step_projects_a_learned_step_onto_its_floor():
     layer = _floored_step_module(0)
     optimizer = torch.optim.SGD([layer.step], lr=1.0)

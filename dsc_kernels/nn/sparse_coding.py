@@ -574,7 +574,15 @@ class _ConvSparseCoding(_projection.Projected):
             self._restore_previous_step()
             up_to_date = not self._step_is_stale()
         self._drop_weight_references()  # noted again below; a stale step stays stale without them
+        floor = self._buffers.get("step_floor")
+        floor_unset = floor is not None and floor.is_meta
         apply_keeping_fixed_values_wide(self, ("step", "step_floor", self._threshold_name), super()._apply, fn, recurse)
+        if floor_unset and not self.step_floor.is_meta:
+            # to_empty() after a meta construction: uninitialised memory, which a load without the floor kept unless
+            # above the loaded step's (0 projected the step onto 0, NaN onto NaN). Unknown until reset_parameters()
+            # or a load sets it, as when the floor was an attribute a meta construction never set.
+            with torch.no_grad():
+                self.step_floor.fill_(math.inf)
         if up_to_date:
             with _weight_read_only(self):
                 self._note_step_source()
