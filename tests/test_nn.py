@@ -112,6 +112,21 @@ def test_a_floor_less_state_dict_loaded_after_to_empty_sets_the_floor_from_the_l
     assert torch.equal(layer.step, torch.full_like(layer.step, 1e-3 * float(state["step"].min())))
 
 
+def test_a_loaded_floor_stands_for_a_step_rounded_below_it():
+    a = _floored_step_module(0).float()
+    _sgd_down(a)
+    a = a.half()  # the step at its floor rounds 1e-4 below it in float16
+    assert float(a.step.min()) < float(a.step_floor)
+    torch.manual_seed(1)
+    b = ConvSparseCoding2d(2, 4, 3, n_iter=2, learn_step=True, dtype=torch.float16)
+    b.load_state_dict(a.state_dict())
+    # the loaded step below the loaded floor moved b's floor 1000x lower, where a projects its step back up
+    assert float(b.step_floor) == float(a.step_floor)
+    _sgd_down(a)
+    _sgd_down(b)
+    assert torch.equal(b.step, a.step) and float(a.step.min()) >= float(a.step_floor)
+
+
 def test_a_compiled_optimizer_step_projects_a_learned_step_onto_its_floor():
     layer = _floored_step_module(0)
     optimizer = torch.optim.SGD([layer.step], lr=1.0)

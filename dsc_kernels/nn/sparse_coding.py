@@ -909,7 +909,13 @@ def _restart_after_load(module: _ConvSparseCoding, loaded: set[str]) -> None:
             module.step.copy_(inverse_lipschitz)
     if isinstance(module.step, nn.Parameter) and not check.storageless(module.step):
         old = module.step_floor
-        floor = step_floor_after_load(float(old) if check.values_readable(old) else math.inf, [module.step])
+        readable = check.values_readable(old)
+        if "step_floor" in loaded and readable:
+            # the saving run's floor stands: a step a rounding below it (saved after .half(): 1e-4 below) moved it
+            # 1000x lower, where that run projects the step back up at its next optimiser step
+            floor = float(old)
+        else:
+            floor = step_floor_after_load(float(old) if readable else math.inf, [module.step])
         if check.storageless(old):  # a state dict without it, loaded with assign=True onto a meta module
             module.step_floor = torch.tensor(floor, device=module.step.device, dtype=old.dtype)
         else:  # in place: DDP keeps references to the module's buffers
