@@ -236,6 +236,17 @@ def test_shape_errors_name_the_shapes_as_given(batch_first):
         m(torch.randn(2, 2, 8), torch.randn(4, 3, 6), torch.randn(4, 3, 8))
 
 
+def test_a_1d_key_or_value_beside_a_batched_query_is_a_value_error():
+    """With batch_first=False the batched key and value were transposed before any check: a 1-D one raised
+    IndexError (dimension out of range) instead of naming the argument."""
+    m = SparseAttention(8, 2, batch_first=False, backend="reference")
+    q, kv = torch.randn(5, 2, 8), torch.randn(4, 2, 8)
+    with pytest.raises(ValueError, match=r"key must be \(L, B, 8\) .*, got \(4,\)"):
+        m(q, torch.randn(4), kv)
+    with pytest.raises(ValueError, match=r"value must be \(L, B, 8\) .*, got \(8,\)"):
+        m(q, kv, torch.randn(8))
+
+
 @pytest.mark.parametrize("backend", ["auto", "cpp"])
 def test_meta_device(backend):
     """Constructible on meta (deferred initialisation); auto runs shapes through on meta; to_empty + reset works."""

@@ -277,7 +277,8 @@ class SparseAttention(nn.Module):
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+            # a 1-D key or value beside a batched query raised IndexError here; _check_shapes names it
+            query, key, value = (t.transpose(0, 1) if t.dim() > 1 else t for t in (query, key, value))
         self._check_shapes(query, key, value, given)
         bsz, n, m = query.shape[0], query.shape[1], key.shape[1]
         # Exactly MHA's two shapes: functional's broadcasting let (1, M), (N, 1) or (B*num_heads, 1, M) through,
