@@ -136,6 +136,17 @@ def test_a_compiled_optimizer_step_projects_a_learned_step_onto_its_floor():
     assert torch.equal(layer.step, torch.full_like(layer.step, float(layer.step_floor)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_step_floor_is_formed_wide(dtype):
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=2, step=1e-5, learn_step=True, dtype=dtype)
+    # formed in the half dtype, 1e-3 of float16's 1e-5 underflowed to 0 (bfloat16's kept 3 digits)
+    want = torch.tensor(1e-3, dtype=torch.float32) * layer.step.detach().min().float()
+    assert torch.equal(layer.step_floor, want)
+    _sgd_down(layer)
+    assert float(layer.step.min()) > 0  # onto the floor's nearest value above it in the half dtype, not onto 0
+    layer(torch.randn(1, 2, 6, 6, dtype=dtype))
+
+
 def test_a_module_pickled_before_the_step_floor_was_a_buffer_gets_it_from_the_old_attribute():
     layer = _floored_step_module(0)
     floor = float(layer.step_floor)

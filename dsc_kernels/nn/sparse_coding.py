@@ -305,8 +305,10 @@ class _ConvSparseCoding(_projection.Projected):
         inverse_lipschitz = self._restart_power_vector()
         self._fill("step", inverse_lipschitz if self._init["step"] is None else self._init["step"])
         if isinstance(self.step, nn.Parameter):
+            # formed in the floor's (wide) dtype: in float16, 1e-3 of a step of 1e-5 underflowed to a floor of 0,
+            # and the step was projected onto 0, which the forward refuses
             with torch.no_grad():
-                self.step_floor.copy_(STEP_FLOOR * self.step.detach().min())
+                self.step_floor.copy_(STEP_FLOOR * self.step.detach().min().to(self.step_floor.dtype))
         self._note_step_source()
 
     # Eager even inside a compiled optimiser step or project_(): traced, the floor's value is unknown and was taken as
