@@ -1,6 +1,7 @@
 """The drop-in layers: shapes, state dicts, options, training, devices/dtypes and torch.compile."""
 
 import io
+import math
 
 import pytest
 import torch
@@ -145,6 +146,19 @@ def test_a_half_precision_step_floor_is_formed_wide(dtype):
     _sgd_down(layer)
     assert float(layer.step.min()) > 0  # onto the floor's nearest value above it in the half dtype, not onto 0
     layer(torch.randn(1, 2, 6, 6, dtype=dtype))
+
+
+def test_a_learned_step_state_dict_loads_strictly_into_a_fixed_step_layer():
+    learned = _floored_step_module(0)
+    fixed = ConvSparseCoding2d(2, 4, 3, n_iter=2, step=torch.full((2,), 0.1), dtype=torch.float64)
+    fixed.load_state_dict(learned.state_dict())  # the floor is the learned step's: raised "Unexpected key(s)"
+    assert torch.equal(fixed.step, learned.step.detach()) and "step_floor" not in fixed.state_dict()
+
+
+def test_a_step_floor_not_known_yet_projects_onto_zero_not_inf():
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=2, learn_step=True, device="meta").to_empty(device="cpu")
+    assert float(layer.step_floor) == math.inf  # to_empty() before reset_parameters(): unknown
+    assert layer.constraints()[-1][1] == 0.0
 
 
 def test_a_module_pickled_before_the_step_floor_was_a_buffer_gets_it_from_the_old_attribute():

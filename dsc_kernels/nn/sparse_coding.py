@@ -321,9 +321,10 @@ class _ConvSparseCoding(_projection.Projected):
         if isinstance(values, nn.Parameter) and not (self._threshold_name == "threshold" and self.nonneg):
             out.append((values, 0.0, None))
         if isinstance(self.step, nn.Parameter):
-            # no floor where it has no values to read (a layer built under a FakeTensorMode, for shapes only)
+            # no floor where it has no values to read (a layer built under a FakeTensorMode, for shapes only) or
+            # where it is not known yet (inf: to_empty() after a meta construction, before reset_parameters())
             floor = float(self.step_floor) if check.values_readable(self.step_floor) else 0.0
-            out.append((self.step, floor, None))
+            out.append((self.step, floor if math.isfinite(floor) else 0.0, None))
         return out
 
     @property
@@ -887,13 +888,12 @@ def _after_load(module: _ConvSparseCoding, incompatible_keys) -> None:
     (``strict=False``) becomes 1/L of the loaded dictionary, not the old one's."""
     loaded = module.__dict__.pop("_loading", {"weight", "step", "step_floor"})
     prefix = module.__dict__.pop("_loading_prefix", "")
-    if (
-        "step_floor" in module._buffers
-        and "step_floor" not in loaded
-        and prefix + "step_floor" in incompatible_keys.missing_keys
-    ):
-        # saved before the floor was state: the module keeps its own (lowered below for a smaller loaded step)
-        incompatible_keys.missing_keys.remove(prefix + "step_floor")
+    # The floor belongs to a learned step: a state dict saved before it was state loads strictly (the module keeps
+    # its own floor, lowered below for a smaller loaded step), and so does a learned-step one into a fixed-step layer.
+    learned = "step_floor" in module._buffers
+    keys = incompatible_keys.missing_keys if learned else incompatible_keys.unexpected_keys
+    if prefix + "step_floor" in keys:
+        keys.remove(prefix + "step_floor")
     with _weight_read_only(module):
         _restart_after_load(module, loaded)
 
