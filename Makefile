@@ -5,7 +5,8 @@
 #   make sanitize builds the C++ extension with AddressSanitizer + UBSan (-fsanitize=address,undefined, in its own
 #                 cache folder, DSC_KERNELS_CACHE) and runs the C++ backend's tests under it: the sanitizer runtimes
 #                 are preloaded into Python (LD_PRELOAD), leak checks are off (CPython and torch keep memory for the
-#                 process's life), and any report fails the run. A few minutes on two cores.
+#                 process's life), and any report fails the run; uninitialised torch buffers are filled with NaN
+#                 (tests/conftest.py), so a read before a write fails too. A few minutes on two cores.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -50,6 +51,7 @@ sanitize: $(STAMP)
 	DSC_KERNELS_EXTRA_CFLAGS="$(SAN_FLAGS)" DSC_KERNELS_CACHE="$(SAN_CACHE)" \
 	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	DSC_TEST_FILL_UNINITIALIZED=1 \
 	$(BIN)/python -m pytest -q -x -p no:cacheprovider $(SAN_TESTS) -k "not build"
 
 # The prepared GPU run (bench/gpu_check.py, under 8 minutes): no venv, no installs, the machine's own python3 and torch,

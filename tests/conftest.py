@@ -15,6 +15,7 @@ import os
 
 import pytest
 import torch
+import torch.utils.deterministic
 
 CUDA = torch.cuda.is_available()
 if "TRITON_INTERPRET" not in os.environ and not CUDA:
@@ -22,6 +23,13 @@ if "TRITON_INTERPRET" not in os.environ and not CUDA:
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# DSC_TEST_FILL_UNINITIALIZED=1 (make sanitize sets it): every torch.empty, the C++ kernels' at::empty buffers
+# included, comes filled with NaN, so a kernel that reads a buffer before writing it fails its test instead of
+# passing on whatever the allocator's fresh pages held (AddressSanitizer does not see such reads).
+if os.environ.get("DSC_TEST_FILL_UNINITIALIZED") == "1":
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
 
 
 def pytest_collection_modifyitems(config, items):
