@@ -910,20 +910,24 @@ def _restart_after_load(module: _ConvSparseCoding, loaded: set[str]) -> None:
         with torch.no_grad():
             module.step.copy_(inverse_lipschitz)
     if isinstance(module.step, nn.Parameter) and not check.storageless(module.step):
-        old = module.step_floor
-        readable = check.values_readable(old)
-        if "step_floor" in loaded and readable:
-            # the saving run's floor stands: a step a rounding below it (saved after .half(): 1e-4 below) moved it
-            # 1000x lower, where that run projects the step back up at its next optimiser step
-            floor = float(old)
-        else:
-            floor = step_floor_after_load(float(old) if readable else math.inf, [module.step])
-        if check.storageless(old):  # a state dict without it, loaded with assign=True onto a meta module
-            module.step_floor = torch.tensor(floor, device=module.step.device, dtype=old.dtype)
-        else:  # in place: DDP keeps references to the module's buffers
-            with torch.no_grad():
-                old.fill_(floor)
+        _floor_after_load(module, loaded)
     module._note_step_source()  # a loaded step belongs to the loaded weight: keep it
+
+
+def _floor_after_load(module: _ConvSparseCoding, loaded: set[str]) -> None:
+    """A loaded floor stands: moved for a loaded step a rounding below it (saved after .half(): 1e-4 below), it went
+    1000x lower, where the saving run projects the step back up at its next optimiser step. A state dict without
+    one (saved before the floor was state) keeps the module's own, lowered for a smaller loaded step."""
+    old = module.step_floor
+    readable = check.values_readable(old)
+    if "step_floor" in loaded and readable:
+        return
+    floor = step_floor_after_load(float(old) if readable else math.inf, [module.step])
+    if check.storageless(old):  # loaded with assign=True onto a meta module
+        module.step_floor = torch.tensor(floor, device=module.step.device, dtype=old.dtype)
+    else:  # in place: DDP keeps references to the module's buffers
+        with torch.no_grad():
+            old.fill_(floor)
 
 
 class ConvSparseCoding1d(_ConvSparseCoding):
