@@ -282,3 +282,28 @@ def test_weight_gradients_of_channels_last_operands_under_bfloat16_autocast(op):
     want, eager = weight_gradient(w.double()), weight_gradient(w.contiguous(), eager=True)
     for _ in range(3):
         assert_close_by_rule(weight_gradient(w), want, eager, name="weight")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bfloat16_weight_gradients_of_a_pooled_channels_last_signal(autocast):
+    """adaptive_avg_pool2d of a channels-last map gives (B, C, 1, 1) with the strides (C, 1, C, C), which torch
+    counts as contiguous, so contiguous() kept them and oneDNN's bfloat16 weight gradient came out garbage (off by
+    1e12 to inf on 7 to 13 of 20 calls here)."""
+    geometry = dict(stride=(4, 2), padding=(0, 3))
+    for seed in range(10):  # the wrong values changed from call to call, and were sometimes right
+        g = torch.Generator().manual_seed(seed)
+        x = F.adaptive_avg_pool2d(torch.randn(2, 3, 2, 2, generator=g).contiguous(memory_format=torch.channels_last), 1)
+        w = torch.randn(2, 3, 1, 5, generator=g) / 3
+        assert x.stride() == (3, 1, 3, 3)
+
+        def weight_gradient(x, w, eager=False):
+            w = w.detach().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and w.dtype == torch.float32):
+                z = (F.conv2d if eager else DF.conv_analysis)(x, w, **geometry)
+            return torch.autograd.grad(z.float().sum(), w)[0]
+
+        dtype = torch.float32 if autocast else torch.bfloat16
+        want = weight_gradient(x.double(), w.double())
+        plain = torch.empty(x.shape, dtype=dtype).copy_(x)  # the strides (3, 1, 1, 1): torch's own error
+        eager = weight_gradient(plain, w.to(dtype), eager=True)
+        assert_close_by_rule(weight_gradient(x.to(dtype), w.to(dtype)), want, eager, name="weight")

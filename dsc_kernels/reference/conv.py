@@ -68,7 +68,12 @@ def conv_operand(t: torch.Tensor) -> torch.Tensor:
             and torch.get_autocast_dtype("cpu") == torch.bfloat16
         )
     ):
-        t = t.contiguous()
+        # not contiguous() alone: a (B, C, 1, 1) operand with the channels-last strides (C, 1, C, C), such as
+        # adaptive_avg_pool2d's output for a channels-last map, counts as contiguous, and contiguous() kept them;
+        # its bfloat16 weight gradient came out garbage (3 of 300 random geometries off by 1e12 to inf). A copy,
+        # not as_strided: that failed Inductor under torch.compile(dynamic=True) ("cannot determine truth value")
+        if t.stride() != tuple(math.prod(t.shape[i + 1 :]) for i in range(t.dim())):
+            t = t.clone(memory_format=torch.contiguous_format)
     return t
 
 
