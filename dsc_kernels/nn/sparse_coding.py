@@ -874,8 +874,7 @@ def step_floor_after_load(floor: float, steps: Sequence[Tensor]) -> float:
 
 def _before_load(module: _ConvSparseCoding, state_dict, prefix: str, *args) -> None:
     # Only this hook sees the module's prefix; the post hook needs to know what the load brought.
-    module._loading = {name for name in ("weight", "step", "step_floor") if prefix + name in state_dict}
-    module._loading_prefix = prefix
+    module._loading = {name for name in ("weight", "step", "step_floor") if prefix + name in state_dict}, prefix
     # The load may swap the weight's tensor: the step given back first as in _apply; _after_load notes the new one.
     with _weight_read_only(module):
         module._restore_previous_step()
@@ -886,8 +885,7 @@ def _after_load(module: _ConvSparseCoding, incompatible_keys) -> None:
     """The loaded dictionary has its own top singular vector: restart the power iteration cold. A loaded step is
     kept as is, so a loaded model computes exactly what was saved; a tracked step that the state dict lacks
     (``strict=False``) becomes 1/L of the loaded dictionary, not the old one's."""
-    loaded = module.__dict__.pop("_loading", {"weight", "step", "step_floor"})
-    prefix = module.__dict__.pop("_loading_prefix", "")
+    loaded, prefix = module.__dict__.pop("_loading", ({"weight", "step", "step_floor"}, ""))
     # The floor belongs to a learned step: a state dict saved before it was state loads strictly (the module keeps
     # its own floor, lowered below for a smaller loaded step), and so does a learned-step one into a fixed-step layer.
     learned = "step_floor" in module._buffers

@@ -23,6 +23,12 @@ _CONV = {1: F.conv1d, 2: F.conv2d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d}
 
 
+def _has_plain_strides(t: torch.Tensor) -> tuple[bool, tuple[int, ...]]:
+    """Whether t's strides are the plain contiguous ones (every dim, size-1 dims included), and those strides."""
+    plain = tuple(math.prod(t.shape[i + 1 :]) for i in range(t.dim()))
+    return t.stride() == plain, plain
+
+
 def plain_strides(t: torch.Tensor) -> torch.Tensor:
     """``t`` (N, C, *S) with the plain contiguous strides when it has one channel: a view of the same memory, or a
     copy when t is not contiguous at all.
@@ -37,8 +43,8 @@ def plain_strides(t: torch.Tensor) -> torch.Tensor:
     image came out NaN. Tensors that already have the plain strides pass through untouched."""
     if t.dim() <= 2 or t.shape[1] != 1:
         return t
-    plain = tuple(math.prod(t.shape[i + 1 :]) for i in range(t.dim()))
-    if t.stride() == plain:
+    already, plain = _has_plain_strides(t)
+    if already:
         return t
     # Not the strides of contiguous()'s result compared: under torch.compile(dynamic=True), once the kernel size is
     # specialised (_validate.geometry), Dynamo failed on that ("Cannot construct `ConstantVariable` for value of type
@@ -72,7 +78,7 @@ def conv_operand(t: torch.Tensor) -> torch.Tensor:
         # adaptive_avg_pool2d's output for a channels-last map, counts as contiguous, and contiguous() kept them;
         # its bfloat16 weight gradient came out garbage (3 of 300 random geometries off by 1e12 to inf). A copy,
         # not as_strided: that failed Inductor under torch.compile(dynamic=True) ("cannot determine truth value")
-        if t.stride() != tuple(math.prod(t.shape[i + 1 :]) for i in range(t.dim())):
+        if not _has_plain_strides(t)[0]:
             t = t.clone(memory_format=torch.contiguous_format)
     return t
 
