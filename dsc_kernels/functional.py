@@ -149,7 +149,8 @@ def conv_synthesis(
     stride, padding, code = check.geometry(signal_size, weight, stride, padding)
     if tuple(z.shape[2:]) != code:
         raise ValueError(
-            f"z has spatial size {tuple(z.shape[2:])}, but a signal of size {signal_size} has codes of "
+            # name signal_size: it is the argument a caller fixes as often as z
+            f"z has spatial size {tuple(z.shape[2:])}, but signal_size={signal_size} has codes of "
             f"size {code} with this kernel, stride and padding"
         )
     return ref.conv_synthesis_ref(z, weight, signal_size, stride, padding)

@@ -89,7 +89,7 @@ def test_other_functions_validate_their_inputs():
         DF.soft_threshold([1.0], 0.1)
     with pytest.raises(ValueError, match="z has 3 channels"):
         DF.conv_synthesis(torch.randn(2, 3, 8, 8), W, signal_size=(10, 10))
-    with pytest.raises(ValueError, match="z has spatial size"):
+    with pytest.raises(ValueError, match=r"z has spatial size \(7, 8\), but signal_size=\(10, 10\)"):
         DF.conv_synthesis(torch.randn(2, 4, 7, 8), W, signal_size=(10, 10))
     with pytest.raises(ValueError, match="signal_size"):
         DF.conv_synthesis(torch.randn(2, 4, 8, 8), W, signal_size=(10,))
