@@ -27,10 +27,11 @@ import logging
 import os
 import shutil
 import sys
-import threading
 from pathlib import Path
 
 import torch
+
+from ._fork_safe import ForkSafeLock
 
 try:
     import fcntl
@@ -39,7 +40,10 @@ except ImportError:  # not POSIX: no advisory locks, torch's marker alone
 
 _PACKAGE = Path(__file__).resolve().parent
 _CSRC = _PACKAGE / "csrc" if (_PACKAGE / "csrc").is_dir() else _PACKAGE.parent / "csrc"
-_LOCK = threading.Lock()
+# Fork-safe: a DataLoader worker forked while another thread of the parent was loading the extension (held for
+# the whole load: tens of ms from the cache, a minute when building) inherited this lock held, and its first fused
+# call waited forever.
+_LOCK = ForkSafeLock()
 _error: str | None = None
 _log = logging.getLogger("dsc_kernels")
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.utils._pytree as pytree
 
+from .._fork_safe import ForkSafeLock
 from .._validate import autocasting
 from .table import Backend
 
@@ -45,7 +45,7 @@ class OpPair:
 
 
 _PAIRS: dict[tuple[str, str], OpPair] = {}
-_LOCK = threading.Lock()
+_LOCK = ForkSafeLock()  # held while the extension loads: as _ext._LOCK, a forked child must not inherit it held
 
 
 _FUNCTIONS: dict[str, Callable] = {}
