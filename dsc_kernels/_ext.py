@@ -157,6 +157,8 @@ def load():
         if bindir not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     with _LOCK:
+        if _error is not None:  # another thread's build failed while this one waited: not retried either
+            raise RuntimeError(_error)
         try:
             sources = _sources()
             if not sources:

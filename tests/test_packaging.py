@@ -107,6 +107,41 @@ def _refuse_like_a_read_only_folder(*args, build_directory, **kwargs):
     raise PermissionError(13, "Permission denied", os.path.join(build_directory, "lock"))
 
 
+def test_a_failed_build_is_not_retried_by_a_thread_that_waited_for_it(monkeypatch, fresh_load):
+    """Two threads' first fused calls both enter load (functools.cache does not serialise them); the second waited
+    for the first's build under the lock and, when it failed, ran the failing build again (twice the wait for the
+    same error), though a failed build is not retried within a process."""
+    import threading
+    import time
+
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def failing_build(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.3)
+        raise RuntimeError("x.cpp:1: error: boom")
+
+    monkeypatch.setattr(cpp_extension, "load", failing_build)
+    errors, start = [], threading.Barrier(2)
+
+    def first_call():
+        start.wait()
+        try:
+            fresh_load()
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=first_call) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(errors) == 2 and all("boom" in e for e in errors)
+    assert len(calls) == 1
+
+
 def test_a_finished_build_in_a_read_only_cache_loads(monkeypatch, fresh_load):
     """A prebuilt read-only cache (an image's, another user's) was unusable: torch's load could not create its lock
     marker there, and the error blamed the compiler."""
