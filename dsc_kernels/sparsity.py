@@ -28,7 +28,13 @@ from torch import Tensor, nn
 
 from . import _validate as check
 from . import theory
-from .nn import ConvSparseCoding1d, ConvSparseCoding2d, MultiLayerSparseCoding2d, SoftThreshold
+from .nn import (
+    ConvSparseCoding1d,
+    ConvSparseCoding2d,
+    MultiLayerSparseCoding2d,
+    SoftThreshold,
+    SparseCodingTransformerBlock,
+)
 
 __all__ = [
     "zero_fraction",
@@ -334,12 +340,16 @@ def warmup_factor(step: int, warmup_steps: int, *, start: float = 0.0, shape: st
     return start + (1.0 - start) * progress
 
 
+# Modules whose fixed threshold is a Python float attribute rather than a buffer, and that attribute.
+_FLOAT_THRESHOLDS = ((nn.Softshrink, "lambd"), (nn.Hardshrink, "lambd"), (SparseCodingTransformerBlock, "lam"))
+
+
 class ThresholdWarmup:
-    """Ramps the fixed thresholds (``lam``/``threshold`` buffers, and ``nn.Softshrink``/``nn.Hardshrink``'s
-    ``lambd``) of a model's sparse layers from ``start`` times their values to their values over ``warmup_steps``
-    calls of ``step()``: training starts dense, where gradients reach every unit, and reaches the target sparsity at
-    the end of the warm-up. ``lambd`` is a Python float: a compiled model recompiles once when it first changes, a
-    ``SoftThreshold`` (a buffer) not at all.
+    """Ramps the fixed thresholds (``lam``/``threshold`` buffers, ``nn.Softshrink``/``nn.Hardshrink``'s ``lambd`` and
+    ``SparseCodingTransformerBlock``'s ``lam``) of a model's sparse layers from ``start`` times their values to their
+    values over ``warmup_steps`` calls of ``step()``: training starts dense, where gradients reach every unit, and
+    reaches the target sparsity at the end of the warm-up. ``lambd`` and the block's ``lam`` are Python floats: a
+    compiled model recompiles once when they first change, a ``SoftThreshold`` (a buffer) not at all.
 
     Learned thresholds (parameters) are left to the optimiser. ``targets`` holds the final values ({name: tensor}),
     read from the buffers at construction: build it on the model before any warm-up, and to resume from a checkpoint
@@ -357,10 +367,13 @@ class ThresholdWarmup:
         # module.to() replaces its buffers by new tensors: keep where each lives, not the tensor of the moment
         self._slots: dict[str, tuple[nn.Module, str]] = {}
         for name, module in model.named_modules():
-            if isinstance(module, (nn.Softshrink, nn.Hardshrink)):
-                key = f"{name}.lambd" if name else "lambd"
-                self.targets[key] = torch.tensor(float(module.lambd), dtype=torch.float64)
-                self._slots[key] = (module, "lambd")
+            # thresholds held as Python floats, read at every forward (the block's lam was skipped as lambd had been:
+            # a model with a SoftThreshold beside it ramped that alone, and the block coded at its target throughout)
+            attr = next((a for kind, a in _FLOAT_THRESHOLDS if isinstance(module, kind)), None)
+            if attr is not None:
+                key = f"{name}.{attr}" if name else attr
+                self.targets[key] = torch.tensor(float(getattr(module, attr)), dtype=torch.float64)
+                self._slots[key] = (module, attr)
             elif isinstance(module, SPARSE_MODULES):
                 for attr in ("lam", "threshold"):
                     value = module._buffers.get(attr)
@@ -368,7 +381,7 @@ class ThresholdWarmup:
                         key = f"{name}.{attr}" if name else attr
                         self.targets[key], self._slots[key] = value.detach().clone(), (module, attr)
         if not self.targets:
-            raise ValueError("model has no fixed lam/threshold buffers or shrink lambd to warm up")
+            raise ValueError("model has no fixed lam/threshold buffers, shrink lambd or block lam to warm up")
         self._apply()
 
     @property
@@ -378,8 +391,8 @@ class ThresholdWarmup:
     @torch.no_grad()
     def _apply(self) -> None:
         for key, (module, attr) in self._slots.items():
-            if attr == "lambd":  # torch's shrink modules hold a float, read at every forward
-                module.lambd = float(self.targets[key]) * self.factor
+            if attr not in module._buffers:  # a float threshold (_FLOAT_THRESHOLDS), read at every forward
+                setattr(module, attr, float(self.targets[key]) * self.factor)
                 continue
             buffer = module._buffers[attr]
             buffer.copy_(self.targets[key].to(buffer.device) * self.factor)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dsc_kernels import sparsity, theory
-from dsc_kernels.nn import ConvSparseCoding2d, SoftThreshold
+from dsc_kernels.nn import ConvSparseCoding2d, SoftThreshold, SparseCodingTransformerBlock
 
 
 def test_zero_fraction_and_channel_activity():
@@ -162,6 +162,30 @@ def test_threshold_warmup_ramps_torch_shrink_modules_lambd():
     resumed = sparsity.ThresholdWarmup(fresh, 4)
     resumed.load_state_dict(state)
     assert fresh[0].lambd == pytest.approx(0.25) and fresh[1].lambd == pytest.approx(0.15)
+
+
+def test_threshold_warmup_ramps_the_transformer_blocks_lam():
+    """SparseCodingTransformerBlock keeps its fixed lam as a Python float, like lambd: the warm-up skipped it, so
+    beside a SoftThreshold the block coded at its target lam from the first step (and alone it was refused as having
+    nothing to ramp). The block's output is that of a block built with the ramped lam; a resume restores it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SoftThreshold(0.4), SparseCodingTransformerBlock(8, 2, lam=0.5))
+    warmup = sparsity.ThresholdWarmup(model, 4, start=0.0)
+    assert set(warmup.targets) == {"0.threshold", "1.lam"}
+    x = torch.randn(2, 5, 8)
+    for step in range(6):
+        factor = min(step / 4, 1.0)
+        assert model[1].lam == pytest.approx(0.5 * factor)
+        twin = SparseCodingTransformerBlock(8, 2, lam=0.5 * factor)
+        twin.load_state_dict(model[1].state_dict())
+        torch.testing.assert_close(model[1](x), twin(x), rtol=0, atol=0)
+        if step == 2:
+            state = warmup.state_dict()
+        warmup.step()
+    assert sparsity.ThresholdWarmup(SparseCodingTransformerBlock(8, 2, lam=0.5), 4).targets.keys() == {"lam"}
+    fresh = nn.Sequential(SoftThreshold(0.4), SparseCodingTransformerBlock(8, 2, lam=0.5))
+    sparsity.ThresholdWarmup(fresh, 4).load_state_dict(state)
+    assert fresh[1].lam == pytest.approx(0.25)
 
 
 def test_sparsity_monitor_records_train_and_eval_separately():
