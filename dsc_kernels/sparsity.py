@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 # Modules whose outputs are the hidden feature maps whose sparsity is watched by default (the multi-layer pursuit's
-# output is its list of codes, counted together).
+# output is its list of codes, counted together; the transformer block's output is its ISTA MLP's non-negative codes).
 SPARSE_MODULES = (
     nn.ReLU,
     nn.Softshrink,
@@ -59,6 +59,7 @@ SPARSE_MODULES = (
     ConvSparseCoding1d,
     ConvSparseCoding2d,
     MultiLayerSparseCoding2d,
+    SparseCodingTransformerBlock,
 )
 
 

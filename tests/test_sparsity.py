@@ -232,6 +232,17 @@ def test_sparsity_monitor_finds_the_multilayer_pursuit():
     assert monitor.summary("train") == {"0": pytest.approx(zeros)}
 
 
+def test_sparsity_monitor_finds_the_transformer_block():
+    """The block's output is its ISTA MLP's non-negative codes, as a sparse-coding layer's: the monitor skipped it
+    (a model of blocks was refused with 'no modules to monitor')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(SparseCodingTransformerBlock(8, 2, lam=0.5, backend="reference"))
+    with sparsity.SparsityMonitor(model) as monitor:
+        codes = model(torch.randn(2, 5, 8))
+    assert 0 < sparsity.zero_fraction(codes) < 1
+    assert monitor.summary("train") == {"0": pytest.approx(sparsity.zero_fraction(codes))}
+
+
 def test_hoyer_is_scale_invariant_at_every_scale():
     x = torch.tensor([[3.0, 4.0, 0.0, -1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, -2.0, 0.0]], dtype=torch.float64)
     want = sparsity.hoyer(x, dim=1)
