@@ -1,6 +1,7 @@
 """The backend table (dsc_kernels/ops/table.py) against what actually runs: op names, schemas, implementations."""
 
 import ast
+import copy
 import inspect
 import warnings
 from pathlib import Path
@@ -12,6 +13,7 @@ from torch._library.infer_schema import infer_schema
 
 import dsc_kernels.functional as DF
 from dsc_kernels import ops
+from dsc_kernels.nn import SoftThreshold
 from dsc_kernels.ops import registry, table
 from dsc_kernels.ops.selection import FAMILY_MODULES
 
@@ -328,6 +330,41 @@ def test_an_explicit_fused_backend_under_vmap_keeps_its_backward(monkeypatch):
         torch.func.vmap(lambda a, m: DF.sparse_attention(a, a, a, attn_mask=m, backend="cpp"))(q, masks)
     out = torch.func.vmap(lambda a, m: DF.sparse_attention(a, a, a, attn_mask=m))(q, masks)  # auto: the reference
     assert torch.autograd.grad(out.pow(2).sum(), masks)[0].abs().sum() > 0
+
+
+def test_a_threshold_batched_by_vmap_gets_its_gradient_at_zero():
+    """The reference soft threshold clamps in two steps when the threshold requires grad, since one
+    clamp(x, -t, t) sends a negative entry's gradient to the upper bound when the bounds tie (t = 0, where projection
+    puts learned thresholds). A threshold batched by vmap (per-sample thresholds, an ensemble's stacked parameters)
+    read requires_grad False through its BatchedTensor, took the one clamp, and dL/dt silently lost the negative
+    entries' +1: SoftThreshold ensembles got [-2, -3, -7] for [6, 4, -4]; conv_ista and ml_ista on the reference
+    were off by up to 5.7. Each must equal the per-sample autograd gradient."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64)
+    w = 0.3 * torch.randn(3, 3, 2, generator=gen, dtype=torch.float64)
+    calls = {
+        "soft_threshold": lambda s, t: DF.soft_threshold(s, t[:, None]),
+        "conv_ista": lambda s, t: DF.conv_ista(s, w, threshold=t, n_iter=2, step=0.1, backend="reference"),
+        "conv_ista lam": lambda s, t: DF.conv_ista(s, w, t, n_iter=2, step=0.1, backend="reference"),
+        "ml_ista": lambda s, t: DF.ml_ista(s, [w], [t], n_iter=2, steps=[0.1], nonneg=False, backend="reference")[0],
+    }
+    for name, call in calls.items():
+        want = []
+        for i in range(len(x)):
+            t = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+            want.append(torch.autograd.grad(call(x[i : i + 1], t).sum(), t)[0])
+        ts = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+        out = torch.func.vmap(lambda s, t, f=call: f(s[None], t).sum())(x, ts)
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), ts)[0], torch.stack(want), msg=name)
+    models = [SoftThreshold(0.0, learnable=True, num_channels=3).double() for _ in range(2)]
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    out = torch.func.vmap(lambda p, b: torch.func.functional_call(base, (p, b), (x,)).sum(), in_dims=(0, 0))(
+        params, buffers
+    )
+    (got,) = torch.autograd.grad(out.sum(), list(params.values()))
+    (want,) = torch.autograd.grad(models[0](x).sum(), models[0].threshold)
+    torch.testing.assert_close(got, torch.stack([want, want]))
 
 
 def test_an_explicit_fused_ml_ista_under_vmap_raises_our_error(monkeypatch):

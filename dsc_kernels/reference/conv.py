@@ -289,7 +289,11 @@ def soft_threshold_ref(
         threshold = threshold.to(x.dtype)
     if nonneg:
         return torch.relu(x - threshold).to(dtype)
-    if isinstance(threshold, torch.Tensor) and threshold.requires_grad:
+    from .._validate import requires_grad  # not at import: _validate imports this package
+
+    # Through vmap's wrappers: a BatchedTensor reads requires_grad False for a threshold that requires grad (a
+    # per-sample or ensemble threshold), and the one clamp then dropped negative entries' share at t = 0.
+    if isinstance(threshold, torch.Tensor) and requires_grad(threshold):
         shrunk = x - x.clamp_min(-threshold).clamp_max(threshold)
     else:
         shrunk = x - torch.clamp(x, -threshold, threshold)
