@@ -30,6 +30,11 @@ def storageless(t: Tensor) -> bool:
     return t.device.type == "meta" or is_fake(t)
 
 
+def storage_kind(t: Tensor) -> str:
+    """What a storageless tensor is, for the messages of functions that need values: "meta" or "fake"."""
+    return "meta" if t.device.type == "meta" else "fake"
+
+
 def _valueless(t: Tensor) -> bool:
     """Whether t's values, or those computed from it, are unknown: while tracing, on meta, or a FakeTensor or any
     tensor under a FakeTensorMode (shape propagation outside torch.compile, where a read raised

@@ -204,6 +204,30 @@ def test_fake_tensors_propagate_shapes_through_every_function(backend, real_inpu
     assert shapes == [(2, 3, 5, 4), (2, 3, 4), (2, 3, 9, 4), (2, 3, 5, 4), (2, 2, 9, 7), (2,)]
 
 
+def test_functions_that_need_values_name_a_fake_tensor():
+    """The functions that return values (floats, counts) refuse a meta tensor by name; a fake one (FakeTensorMode)
+    passed their meta-only guards and failed inside, naming nothing: DataDependentOutputException (lipschitz_constant,
+    zero_fraction, mutual_coherence, stripe_sparsity) or ".numpy() is not supported for tensor subclasses" (spark,
+    the theory bounds' array arguments)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dsc_kernels import sparsity, theory
+
+    with FakeTensorMode():
+        w, code = torch.randn(3, 1, 3, 3), torch.randn(2, 3, 6, 6)
+        calls = {
+            "weight": lambda: DF.lipschitz_constant(w, (8, 8)),
+            "t": lambda: sparsity.zero_fraction(code),
+            "weight ": lambda: theory.mutual_coherence(w, (8, 8)),
+            "matrix": lambda: theory.spark(torch.randn(4, 3)),
+            "code": lambda: theory.stripe_sparsity(code, 3),
+            "k": lambda: theory.lista_cp_error_bound(torch.arange(3), 1, 1.0, 0.5, 1.0, 0.0),
+        }
+        for name, call in calls.items():
+            with pytest.raises(ValueError, match=f"^{name.strip()} is a fake tensor"):
+                call()
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_layers_built_under_a_fake_tensor_mode_give_shapes(training):
     """A model built under a FakeTensorMode (memory estimates, sharding plans) raised DataDependentOutputException in
