@@ -257,10 +257,27 @@ def test_stack_decode_names_the_signal_size_that_no_code_maps_to(stack):
         model = MultiLayerSparseCoding2d([1, 2, 3], [5, 3], paddings=[0, 1], **options)
     code = model(torch.randn(1, 1, 13, 13))[-1]  # 13 -> 5 -> 3
     assert model.decode(code, (13, 13)).shape == (1, 1, 13, 13)
-    with pytest.raises(ValueError, match=r"signal_size \(1, 1\) has no codes: layer 1's input would be \(1, 1\)"):
+    with pytest.raises(ValueError, match=r"signal_size \(1, 1\) has no codes: layer 0's input would be \(1, 1\)"):
         model.decode(code, (1, 1))
     with pytest.raises(ValueError, match=r"code has spatial size \(3, 3\), but an input of signal_size \(20, 20\)"):
         model.decode(code, (20, 20))
+
+
+@pytest.mark.parametrize("stack", ["deep", "multilayer"])
+def test_stack_errors_count_layers_as_forward_does_and_decode_names_the_code(stack):
+    # decode numbered layers from 1 where forward numbers them from 0, and a code with the wrong channel count was
+    # refused by the deepest layer's decode, naming its z and a weight the caller never passed
+    from dsc_kernels.nn import MultiLayerSparseCoding2d
+
+    cls = DeepSparseCoding2d if stack == "deep" else MultiLayerSparseCoding2d
+    model = cls([1, 2, 3], [5, 5], strides=[2, 1], paddings=[0, 0], n_iter=1, backend="reference")
+    with pytest.raises(ValueError, match=r"^layer 1: "):
+        model(torch.randn(1, 1, 9, 9))  # 9 -> 3: too small for layer 1's kernel
+    with pytest.raises(ValueError, match=r"layer 1's input would be \(2, 2\)"):
+        model.decode(torch.randn(1, 3, 1, 1), (7, 7))
+    for signal_size in ((13, 13), None):
+        with pytest.raises(ValueError, match=r"^code must be \(B, C_L=3, H_L, W_L\).*got shape \(1, 2, 1, 1\)"):
+            model.decode(torch.randn(1, 2, 1, 1), signal_size)
 
 
 def test_deep_sparse_coding_layers_and_decode():

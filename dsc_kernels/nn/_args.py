@@ -121,7 +121,7 @@ def stack_signal_sizes(
     not ``code``'s size, is a ValueError naming signal_size. Left to each layer's decode, the error quoted a layer's
     intermediate size ("signal_size must be >= 1, got -1" for signal_size=(1, 1))."""
     sizes = [check.ints("signal_size", signal_size, 2, minimum=1)]
-    for j, (kernel_size, stride, padding) in enumerate(geometries, start=1):
+    for j, (kernel_size, stride, padding) in enumerate(geometries):  # layer j counted from 0, as forward's errors
         codes = code_size(sizes[-1], kernel_size, stride, padding)
         if min(codes) < 1:
             raise ValueError(
@@ -136,6 +136,17 @@ def stack_signal_sizes(
             f"codes of size {sizes[-1]}"
         )
     return sizes
+
+
+def deepest_code(code: object, channels: int) -> Tensor:
+    """A stack's decode input, (B, C_L, H_L, W_L) with the deepest layer's C_L channels. Checked here so that the
+    error names ``code``: the deepest layer's own decode named its ``z`` and a ``weight`` the caller never passed."""
+    code = check.tensor("code", code, rank=4)
+    if code.shape[1] != channels:
+        raise ValueError(
+            f"code must be (B, C_L={channels}, H_L, W_L) (the deepest layer's channels), got shape {tuple(code.shape)}"
+        )
+    return code
 
 
 def smallest_stack_signal_size(

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ._args import (
     SIGNED_HINT,
     check_value,
+    deepest_code,
     flags,
     per_layer,
     smallest_stack_signal_size,
@@ -110,6 +111,7 @@ class DeepSparseCoding2d(nn.Module):
         ``signal_size``: the input's (H, W), from which every layer's size follows (as in
         ``MultiLayerSparseCoding2d.decode``). Default None: the smallest input whose deepest codes have that size,
         which is the input's size only where no stride drops a row (at stride 2 an 8 x 8 input decodes to 7 x 7)."""
+        code = deepest_code(code, self.layers[-1].code_channels)
         geometries = [(layer.kernel_size, layer.stride, layer.padding) for layer in self.layers]
         if signal_size is None:
             signal_size = smallest_stack_signal_size(code, geometries)

@@ -26,6 +26,7 @@ from . import _projection
 from ._args import (
     apply_keeping_fixed_values_wide,
     check_value,
+    deepest_code,
     flags,
     float_dtype,
     per_layer,
@@ -231,6 +232,7 @@ class MultiLayerSparseCoding2d(_projection.Projected):
     def decode(self, code: Tensor, signal_size: Sequence[int]) -> Tensor:
         """The signal a deepest code G_L stands for, D_1 D_2 ... D_L G_L (the last unfolding's dictionaries), of
         spatial size ``signal_size``: (B, C_L, H_L, W_L) -> (B, C_0, *signal_size)."""
+        code = deepest_code(code, self.channels[-1])
         sizes = stack_signal_sizes(signal_size, code, list(zip(self.kernel_sizes, self.strides, self.paddings)))
         for j in reversed(range(len(self.weights))):
             w = self.weights[j][-1] if self.untied_unfoldings else self.weights[j]
