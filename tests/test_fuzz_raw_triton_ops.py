@@ -351,6 +351,32 @@ def test_attention_refuses_int32_overflow(ops, shapes, backward):
     _assert_int32_overflow_refused(q, k, v, meta(*shapes["bias"]) if "bias" in shapes else None, backward)
 
 
+@pytest.mark.interpreter
+@pytest.mark.parametrize(
+    "bias, advice",
+    [
+        # contiguous, 2**32 elements per head: a copy is just as large, so "pass it contiguous" would mislead
+        ((1, 1, 2**16, 2**16), "backend='reference'"),
+        # a row stride past the row's length: the contiguous copy (2**18 elements per head) fits
+        ((1, 1, 2**9, 2**9), "pass it contiguous"),
+    ],
+    ids=["contiguous-2**32", "strided-fits-when-copied"],
+)
+def test_attention_extent_error_gives_advice_that_fits(ops, bias, advice):
+    from dsc_kernels.triton.launch import record_launches
+    from dsc_kernels.triton.sparse_attention import sparse_attention_fwd
+
+    b, h, n, m = bias
+    q, k, v = (torch.empty((b, h, rows, 16), device="meta", dtype=F32) for rows in (n, m, m))
+    t = torch.empty(bias, device="meta", dtype=F32)
+    if n * m < 2**31:
+        t = t.as_strided(bias, (2**32, 2**32, 2**23, 1))
+    th = torch.empty(h, device="meta", dtype=F32)
+    with pytest.raises(RuntimeError, match="2\\*\\*31") as err:
+        record_launches(lambda: sparse_attention_fwd(q, k, v, th, t, "sparsemax", False, 0.25))
+    assert advice in str(err.value)
+
+
 @pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") == "1",
     reason="launches are recorded from compiled kernels, not interpreted ones",

@@ -76,7 +76,13 @@ def _check_extents(op: str, tensors) -> None:
     addressable with int32 offsets: a row stride times a row index past 2**31 wraps around."""
     for name, t in tensors:
         if t is not None and _extent(t, (2, 3)) >= _MAX_INDEX:
+            # A contiguous copy helps only when its slice fits: a (B, H, N, M) bias of N * M >= 2**31 never does.
+            fix = (
+                "pass it contiguous"
+                if t.shape[2] * t.shape[3] < _MAX_INDEX
+                else "use backend='reference', or fewer query or key rows per call"
+            )
             raise RuntimeError(
                 f"{op}: {name} spans {_extent(t, (2, 3))} elements within one (batch, head) slice (shape "
-                f"{tuple(t.shape)}, strides {t.stride()}); the kernels address fewer than 2**31: pass it contiguous"
+                f"{tuple(t.shape)}, strides {t.stride()}); the kernels address fewer than 2**31: {fix}"
             )
