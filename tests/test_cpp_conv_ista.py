@@ -235,6 +235,28 @@ def test_checkpoints_match_the_reference_op(checkpoint, fista, batch):
 
 @pytest.mark.parametrize("strategy", ["direct", "gemm"])
 @pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
+def test_an_interval_past_the_iterations_is_one_segment(strategy, fista, monkeypatch):
+    """Every checkpoint interval m >= n_iter + 1 saves nothing and replays all n_iter iterations. The backwards sized
+    their replay buffers by m as an int: m = 2**31 + 1 wrapped negative (gemm: segfault; direct: "Dimension size must
+    be non-negative"), and m = 2**32 + 1 asked for terabytes. The raw op must give m = n_iter + 1's gradients."""
+    monkeypatch.setenv("DSC_KERNELS_CPP_STRATEGY", strategy)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 2, 7, 6, dtype=torch.float64, generator=g)
+    w = 0.4 * torch.randn(3, 2, 3, 2, dtype=torch.float64, generator=g)
+    lam, step = torch.full((4, 3), 0.05, dtype=torch.float64), torch.full((4,), 0.2, dtype=torch.float64)
+    geo = ([1, 1], [1, 0], False, fista)
+    grads = []
+    for checkpoint in (5, 2**31 + 1, 2**32 + 1, 5 | KEEP_RESIDUALS, (2**31 + 1) | KEEP_RESIDUALS):
+        z, saved = ops.conv_ista_fwd_cpp(x, w, w, lam, step, x.new_empty(0), *geo, checkpoint)
+        grad_z = torch.randn(z.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        grads.append(ops.conv_ista_bwd_cpp(grad_z, x, w, w, lam, step, x.new_empty(0), z, saved, *geo, checkpoint))
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["direct", "gemm"])
+@pytest.mark.parametrize("fista", [False, True], ids=["ista", "fista"])
 @pytest.mark.parametrize("checkpoint", [2, 0, 2 | KEEP_RESIDUALS], ids=["save", "recompute", "save-residuals"])
 def test_an_empty_encoder_is_the_tied_dictionary(checkpoint, fista, strategy, monkeypatch):
     """An empty encoder_weight runs E = D: the same z and saved tensors as the dictionary passed twice, one weight

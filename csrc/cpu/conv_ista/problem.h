@@ -96,12 +96,15 @@ constexpr int64_t kKeepResiduals = int64_t(1) << 20;
 // index in `saved`, or -1. z_0 is the input, z_n the output.
 struct Checkpoints {
   std::vector<int64_t> slot;
-  int64_t interval;  // m; 0: recompute mode; -1: no backward will follow
+  int64_t interval;  // m <= n + 1; 0: recompute mode; -1: no backward will follow
   bool residuals;    // r_0 .. r_{n-1} kept after the iterates (kKeepResiduals)
   int64_t count = 0;
 
+  // Every m >= n + 1 keeps no iterate and replays one segment [0, n), so m is clamped there: the backwards size
+  // their replay buffers by m (an int count; a raw op's m of 2**31 + 1 wrapped negative and crashed).
   Checkpoints(int64_t n, int64_t checkpoint, bool fista)
-      : slot(n + 1, -1), interval(checkpoint > 0 ? checkpoint & ~kKeepResiduals : checkpoint),
+      : slot(n + 1, -1),
+        interval(checkpoint > 0 ? std::min<int64_t>(checkpoint & ~kKeepResiduals, n + 1) : checkpoint),
         residuals(checkpoint > 0 && (checkpoint & kKeepResiduals)) {
     TORCH_CHECK(!residuals || interval >= 1, "conv_ista_cpp: KEEP_RESIDUALS needs a checkpoint interval >= 1");
     if (interval > 0)
