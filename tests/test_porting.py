@@ -5,6 +5,8 @@ reference and the cpp backends (small sizes; the benchmark runs the published on
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,13 +27,14 @@ BACKENDS = [
 # ------------------------------------------------------------------------------------ the ML-ISTA family, eager
 class PublishedMLNet(nn.Module):
     """ML_ISTA_NET, ML_FISTA_NET, ML_LISTA_NET, LBP_NET and All_Free of Sulam et al.'s code, at any size: filters
-    W_j (m_j, m_{j-1}, k_j, k_j), biases b_j (1, m_j, 1, 1), steps c_j (1, 1, 1, 1), T unfoldings, then a linear
-    classifier and log-softmax."""
+    W_j (m_j, m_{j-1}, k_j, k_j), biases b_j (1, m_j, 1, 1), steps c_j (1, 1, 1, 1), T unfoldings, every convolution
+    padded by ``padding`` (CIFAR's: 1), then a linear classifier and log-softmax (CIFAR's models put a CNN head
+    before it: the user's code on G_3, as the classifier is)."""
 
-    def __init__(self, kind: str, m=(1, 4, 6, 8), k=(6, 6, 4), strides=(2, 2, 1), T=2, dtype=D):
+    def __init__(self, kind: str, m=(1, 4, 6, 8), k=(6, 6, 4), strides=(2, 2, 1), T=2, padding=0, code=1, dtype=D):
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.kind, self.T, self.m, self.k, self.strides = kind, T, m, k, strides
+        self.kind, self.T, self.m, self.k, self.strides, self.padding = kind, T, m, k, strides, padding
         copies = T + 1 if kind == "all-free" else 1
 
         def rnd(*shape):
@@ -44,23 +47,27 @@ class PublishedMLNet(nn.Module):
         self.B = nn.ParameterList(filters(j) for j in range(3)) if kind == "ml-lista" else None
         self.b = nn.ParameterList(nn.Parameter(0.02 * rnd(copies, 1, m[j + 1], 1, 1).squeeze(0)) for j in range(3))
         self.c = nn.ParameterList(nn.Parameter(1 + 0.1 * rnd(1, 1, 1, 1)) for _ in range(3))
-        self.Wclass = nn.Linear(m[3], 10, dtype=dtype)
+        self.Wclass = nn.Linear(m[3] * code**2, 10, dtype=dtype)  # code: the deepest code's spatial size
 
     def step(self, j, gamma, below, W_syn=None, W_ana=None, b=None, c=None):
         """sigma(gamma - c W^T (W gamma - below) + b)"""
-        s = self.strides[j]
+        s, p = self.strides[j], self.padding
         W_syn = self.W[j] if W_syn is None else W_syn
         W_ana = W_syn if W_ana is None else W_ana
         b = self.b[j] if b is None else b
         c = 1.0 if c is None else c
-        return F.relu(gamma - c * F.conv2d(F.conv_transpose2d(gamma, W_syn, stride=s) - below, W_ana, stride=s) + b)
+        residual = F.conv_transpose2d(gamma, W_syn, stride=s, padding=p) - below
+        return F.relu(gamma - c * F.conv2d(residual, W_ana, stride=s, padding=p) + b)
 
     def forward(self, x):
         s, W, b, c = self.strides, self.W, self.b, self.c
+        # every convolution of the published networks pads alike (0 for MNIST, 1 for CIFAR)
+        conv2d = functools.partial(F.conv2d, padding=self.padding)
+        conv_transpose2d = functools.partial(F.conv_transpose2d, padding=self.padding)
         if self.kind == "all-free":
             g, below = [], x
             for j in range(3):
-                below = F.relu(F.conv2d(below, W[j][0], stride=s[j]) + b[j][0])
+                below = F.relu(conv2d(below, W[j][0], stride=s[j]) + b[j][0])
                 g.append(below)
             for t in range(1, self.T + 1):
                 below = x
@@ -71,39 +78,39 @@ class PublishedMLNet(nn.Module):
             B = self.B
             g, below = [], x
             for j in range(3):
-                below = F.relu(F.conv2d(below, B[j], stride=s[j]) + b[j])
+                below = F.relu(conv2d(below, B[j], stride=s[j]) + b[j])
                 g.append(below)
             for _ in range(self.T):
-                g[1] = F.conv_transpose2d(g[2], B[2], stride=s[2])
-                g[0] = F.conv_transpose2d(g[1], B[1], stride=s[1])
+                g[1] = conv_transpose2d(g[2], B[2], stride=s[2])
+                g[0] = conv_transpose2d(g[1], B[1], stride=s[1])
                 below = x
                 for j in range(3):
                     g[j] = F.relu(
                         g[j]
-                        - F.conv2d(F.conv_transpose2d(g[j], W[j], stride=s[j]), W[j], stride=s[j])
-                        + F.conv2d(below, B[j], stride=s[j])
+                        - conv2d(conv_transpose2d(g[j], W[j], stride=s[j]), W[j], stride=s[j])
+                        + conv2d(below, B[j], stride=s[j])
                         + b[j]
                     )
                     below = g[j]
         elif self.kind == "layered":
             g, below = [], x
             for j in range(3):
-                gamma = F.relu(c[j] * F.conv2d(below, W[j], stride=s[j]) + b[j])
+                gamma = F.relu(c[j] * conv2d(below, W[j], stride=s[j]) + b[j])
                 for _ in range(self.T):
                     gamma = self.step(j, gamma, below, c=c[j])
                 g.append(gamma)
                 below = gamma
         else:  # ml-ista, ml-fista
-            g1 = F.relu(c[0] * F.conv2d(x, W[0], stride=s[0]) + b[0])
-            g2 = F.relu(c[1] * F.conv2d(g1, W[1], stride=s[1]) + b[1])
-            g3 = F.relu(c[2] * F.conv2d(g2, W[2], stride=s[2]) + b[2])
+            g1 = F.relu(c[0] * conv2d(x, W[0], stride=s[0]) + b[0])
+            g2 = F.relu(c[1] * conv2d(g1, W[1], stride=s[1]) + b[1])
+            g3 = F.relu(c[2] * conv2d(g2, W[2], stride=s[2]) + b[2])
             t, g3_prev = 1.0, g3
             for _ in range(self.T):
                 t_prev, t = t, (1 + (1 + 4 * t**2) ** 0.5) / 2
                 z = g3 + (t_prev - 1) / t * (g3 - g3_prev) if self.kind == "ml-fista" else g3
                 g3_prev = g3
-                g2 = F.conv_transpose2d(z, W[2], stride=s[2])
-                g1 = F.conv_transpose2d(g2, W[1], stride=s[1])
+                g2 = conv_transpose2d(z, W[2], stride=s[2])
+                g1 = conv_transpose2d(g2, W[1], stride=s[1])
                 g1 = self.step(0, g1, x, c=c[0])
                 g2 = self.step(1, g2, g1, c=c[1])
                 g3 = self.step(2, z, g2, c=c[2])
@@ -120,6 +127,7 @@ def port(published: PublishedMLNet, backend: str, recompute: bool = False) -> Mu
         list(published.m),
         list(published.k),
         strides=list(published.strides),
+        paddings=published.padding,
         n_iter=published.T,
         mode=mode,
         untied_unfoldings=kind == "all-free",
@@ -148,12 +156,22 @@ def _check_same(got: dict, want: dict):
         assert err <= 1e-12 * scale, f"{name}: max error {err:.2e} (scale {scale:.2e})"
 
 
+# MNIST's geometry (28 -> 12 -> 4 -> 1, no padding) and CIFAR's (3 channels, 4x4 filters, strides 2/2/2, every
+# convolution and transposed convolution padded by 1: 32 -> 16 -> 8 -> 4), at small widths
+GEOMETRIES = {
+    "mnist": (dict(m=(1, 4, 6, 8)), (1, 28, 28)),
+    "cifar": (dict(m=(3, 4, 6, 8), k=(4, 4, 4), strides=(2, 2, 2), padding=1, code=4), (3, 32, 32)),
+}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
 @pytest.mark.parametrize("kind", ["ml-ista", "ml-fista", "ml-lista", "layered", "all-free"])
-def test_ml_ista_family_ports_exactly(kind, backend):
-    published = PublishedMLNet(kind)
+def test_ml_ista_family_ports_exactly(kind, geometry, backend):
+    sizes, signal = GEOMETRIES[geometry]
+    published = PublishedMLNet(kind, **sizes)
     net = port(published, backend)
-    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(1), dtype=D)
+    x = torch.rand(3, *signal, generator=torch.Generator().manual_seed(1), dtype=D)
     labels = torch.tensor([3, 1, 4])
     want_out = published(x)
     F.nll_loss(want_out, labels).backward()
