@@ -183,7 +183,9 @@ def _ista(by_id: dict, out_dir: Path):
         a1.legend(fontsize=7)
     if "S11" in by_id:
         c = by_id["S11"].curves
-        a2.semilogy(c["ista_curve"], label=f"constant θ (ISTA, λ = {c['lam_curve']:g})")
+        # ista_curve[i] is the error after i + 1 steps from z = 0; the geometric curve below starts at Γ⁰ (k = 0)
+        k = np.arange(1, len(c["ista_curve"]) + 1)
+        a2.semilogy(k, c["ista_curve"], label=f"constant θ (ISTA, λ = {c['lam_curve']:g})")
         a2.axhline(c["predicted"][-1], color="k", ls=":", label="LASSO bias ‖λ(D_SᵀD_S)⁻¹sign‖")
         if "S3/S4-geometric" in by_id:
             g = by_id["S3/S4-geometric"].curves

@@ -488,3 +488,25 @@ def test_speed_figure_labels_each_providers_bars_with_its_own_name(tmp_path, mon
     for ax, key in zip(figs[0].axes, ("fwd_speedup", "fwd_bwd_speedup")):
         bars = {c.get_label(): [b.get_height() for b in c] for c in ax.containers}
         assert bars == {p: [r[key] for r in rows if r["provider"] == p] for p in ("reference", "cpp", "triton")}
+
+
+def test_lasso_bias_figure_puts_each_constant_threshold_error_at_its_iteration(tmp_path, monkeypatch):
+    """S11's curve holds the error after 1, 2, ... steps from z = 0; it was drawn from k = 0, one iteration left of
+    the LISTA-CP curve beside it (whose first point is Γ⁰ = 0 at k = 0)."""
+    import numpy as np
+
+    from dsc_kernels import report_figures as RF
+    from dsc_kernels.experiments import ClaimResult
+
+    figs = []
+    monkeypatch.setattr(RF, "_save", lambda fig, out_dir, name: figs.append(fig) or name)
+    claim = lambda i, curves: ClaimResult(id=i, claim="", theory="", measured="", holds=True, source="", curves=curves)  # noqa: E731
+    by_id = {
+        "S11": claim("S11", {"ista_curve": np.array([0.5, 0.2, 0.1]), "lam_curve": 0.03, "predicted": np.array([0.1])}),
+        "S3/S4-geometric": claim("S3/S4-geometric", {"err": np.array([1.0, 0.5, 0.25, 0.125])}),
+    }
+    RF._ista(by_id, tmp_path)
+    lines = {line.get_label(): line for line in figs[0].axes[1].get_lines()}
+    constant = lines["constant θ (ISTA, λ = 0.03)"]
+    assert list(constant.get_xdata()) == [1, 2, 3] and list(constant.get_ydata()) == [0.5, 0.2, 0.1]
+    assert list(lines["geometric θ_k (LISTA-CP)"].get_xdata()) == [0, 1, 2, 3]
