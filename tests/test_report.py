@@ -510,3 +510,20 @@ def test_lasso_bias_figure_puts_each_constant_threshold_error_at_its_iteration(t
     constant = lines["constant θ (ISTA, λ = 0.03)"]
     assert list(constant.get_xdata()) == [1, 2, 3] and list(constant.get_ydata()) == [0.5, 0.2, 0.1]
     assert list(lines["geometric θ_k (LISTA-CP)"].get_xdata()) == [0, 1, 2, 3]
+
+
+def test_figures_have_no_blank_panels_when_an_experiment_or_backend_is_missing(tmp_path, monkeypatch):
+    """A failed objective_rates and lasso_bias left ista_fista.png as two empty frames, listed in REPORT.md; without
+    a fused sparse-attention backend the shrink-mode panel of attention.png was an empty frame."""
+    from dsc_kernels import report_figures as RF
+
+    assert RF.make_figures([], [], {"error": "x"}, tmp_path) == []
+    figs = []
+    monkeypatch.setattr(RF, "_save", lambda fig, out_dir, name: figs.append(fig) or name)
+    attn = {
+        "length": {"n": [128, 256], "backend": None, "refused": {}, "softmax (SDPA)": [1.0, 2.0]},
+        "sparsity": {"sparsity": [0.5, 0.9], "n": 256, "backend": None, "refused": {}, "softmax (SDPA)": 2.0},
+    }
+    assert [name for name, _ in RF.make_figures([], [], attn, tmp_path)] == ["attention.png"]
+    right = figs[0].axes[1]
+    assert "no fused sparse-attention backend" in " ".join(t.get_text() for t in right.texts)
