@@ -292,8 +292,10 @@ def soft_threshold_ref(
     from .._validate import requires_grad  # not at import: _validate imports this package
 
     # Through vmap's wrappers: a BatchedTensor reads requires_grad False for a threshold that requires grad (a
-    # per-sample or ensemble threshold), and the one clamp then dropped negative entries' share at t = 0.
-    if isinstance(threshold, torch.Tensor) and requires_grad(threshold):
+    # per-sample or ensemble threshold), and the one clamp then dropped negative entries' share at t = 0. Under
+    # torch.compile the wrappers cannot be unwrapped (requires_grad reads the wrapper's False): a compiled vmap lost
+    # that share there, so traced code always takes the two clamps (the same values; inductor fuses them).
+    if isinstance(threshold, torch.Tensor) and (torch.compiler.is_compiling() or requires_grad(threshold)):
         shrunk = x - x.clamp_min(-threshold).clamp_max(threshold)
     else:
         shrunk = x - torch.clamp(x, -threshold, threshold)
