@@ -70,7 +70,7 @@ def _multilayer(by_id: dict, out_dir: Path):
             ax.semilogy(c["K"], c[key]["bound2"], ":", color="k", label="(†) bound, layer 2")
     ax.set(
         xlabel="iterations per layer K",
-        ylabel="error",
+        ylabel="max ‖Γ̂_j − Γ_j‖₂ over the batch",
         title="2-layer DSC: converges when all q_j < 1 (stalls here with q_2 ≥ 1)",
     )
     ax.legend(fontsize=7)
