@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from . import theory  # noqa: E402
 from .experiments import ClaimResult  # noqa: E402
@@ -229,6 +230,9 @@ def _attention(attn: dict, out_dir: Path):
     for p in [p for p in length if p not in CURVE_KEYS]:
         left.loglog(length["n"], length[p], "o-", label=p)
     left.set(title="sparse attention forward vs length", xlabel="N (= M)", ylabel="ms")
+    # label the measured lengths: a log axis over less than a decade labels none of them
+    left.set_xticks(length["n"], [str(n) for n in length["n"]])
+    left.xaxis.set_minor_formatter(NullFormatter())
     left.legend(fontsize=8)
     if "fused shrink" in sparsity:
         right.plot(sparsity["sparsity"], sparsity["fused shrink"], "o-", label="fused shrink")

@@ -527,3 +527,7 @@ def test_figures_have_no_blank_panels_when_an_experiment_or_backend_is_missing(t
     assert [name for name, _ in RF.make_figures([], [], attn, tmp_path)] == ["attention.png"]
     right = figs[0].axes[1]
     assert "no fused sparse-attention backend" in " ".join(t.get_text() for t in right.texts)
+    left = figs[0].axes[0]
+    # the measured lengths are labelled: a log axis over less than a decade labelled none of them
+    assert [t.get_text() for t in left.get_xticklabels()] == ["128", "256"]
+    assert [t.get_text() for t in left.get_xticklabels(minor=True)] == [""] * len(left.get_xticks(minor=True))
