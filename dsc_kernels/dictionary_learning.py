@@ -179,6 +179,8 @@ def learn_conv_dictionary(
         raise ValueError("x must be a floating-point (B, C, L) or (B, C, H, W) tensor")
     if x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"x must be float32 or float64, got {x.dtype}: cast it (e.g. x.float())")
+    if check.storageless(x):  # the finiteness check raised "Tensor.item() cannot be called on meta tensors"
+        raise ValueError(f"x is a {check.storage_kind(x)} tensor: dictionary learning needs its values")
     if 0 in x.shape:
         raise ValueError(
             f"x must hold at least one signal with non-empty channels and sides, got shape {tuple(x.shape)}"
@@ -203,6 +205,8 @@ def learn_conv_dictionary(
         init = _random_crops(x, n_atoms, kernel, generator)
     elif not isinstance(init, Tensor) or not init.is_floating_point():
         raise ValueError("init must be a floating-point tensor")
+    elif check.storageless(init):
+        raise ValueError(f"init is a {check.storage_kind(init)} tensor: dictionary learning needs its values")
     elif tuple(init.shape) != (n_atoms, x.shape[1], *kernel):
         raise ValueError(f"init must have shape {(n_atoms, x.shape[1], *kernel)}, got {tuple(init.shape)}")
     elif not bool(torch.isfinite(init).all()):
@@ -291,9 +295,18 @@ def low_frequency_fraction(weight: Tensor, cutoff: float = 0.25) -> Tensor:
     """Per atom of a (C_code, C_sig, kh, kw) dictionary, the fraction of its non-DC spectral energy at spatial
     frequencies of radius <= cutoff (cycles per pixel): about 0.19 for white-noise 8x8 atoms, near 1 for smooth
     edges and lines (0 for an atom without non-DC energy). cutoff >= 0. Returns (C_code,)."""
-    if not isinstance(weight, Tensor) or weight.dim() != 4:
-        raise ValueError(f"weight must be a (C_code, C_sig, kh, kw) tensor, got {getattr(weight, 'shape', weight)!r}")
+    if not isinstance(weight, Tensor) or weight.dim() != 4 or 0 in weight.shape[2:]:
+        raise ValueError(
+            "weight must be a (C_code, C_sig, kh, kw) tensor with kh, kw >= 1, got "
+            f"{getattr(weight, 'shape', weight)!r}"
+        )
+    if check.storageless(weight):
+        raise ValueError(f"weight is a {check.storage_kind(weight)} tensor: low_frequency_fraction needs its values")
     cutoff = _real("cutoff", cutoff)
+    if 0 in weight.shape[:2]:
+        # no atoms, or atoms without channels (no non-DC energy: 0); the FFT of an empty batch raised an MKL
+        # "Inconsistent configuration parameters" error, the amax over no channels an IndexError
+        return torch.zeros(weight.shape[0])
     w = weight.detach().double()
     w = w - w.mean(dim=(2, 3), keepdim=True)  # the non-DC part: exactly 0 for a constant atom
     top = w.abs().amax(dim=(1, 2, 3), keepdim=True)
@@ -373,9 +386,9 @@ def atom_grid(weight: Tensor) -> Tensor:
     """The first input channel of (C_code, C_sig, kh, kw) atoms tiled in a square grid, one NaN pixel between atoms,
     each atom scaled to a peak of 1 (for ``imshow`` with vmin=-1, vmax=1).
     Returns (rows * (kh + 1), cols * (kw + 1))."""
-    if not isinstance(weight, Tensor) or weight.dim() != 4 or 0 in weight.shape[:2]:
+    if not isinstance(weight, Tensor) or weight.dim() != 4 or 0 in weight.shape:
         raise ValueError(
-            f"weight must be a (C_code, C_sig, kh, kw) tensor with C_code, C_sig >= 1, got "
+            f"weight must be a (C_code, C_sig, kh, kw) tensor with C_code, C_sig, kh, kw >= 1, got "
             f"{getattr(weight, 'shape', weight)!r}"
         )
     atoms = weight.detach().cpu().float()[:, 0]

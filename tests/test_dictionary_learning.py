@@ -9,6 +9,7 @@ import torch
 import dsc_kernels.functional as DF
 from dsc_kernels.dictionary_learning import (
     _random_crops,
+    atom_grid,
     highpass,
     learn_conv_dictionary,
     low_frequency_fraction,
@@ -132,6 +133,27 @@ def test_degenerate_inputs_raise_naming_the_argument():
         learn_conv_dictionary(x, 4, 3, 0.1, n_outer=1, padding=-1)
     result = learn_conv_dictionary(x, 4, (12, 3), 0.1, n_outer=1, backend="reference")  # k = S is fine
     assert result.codes.shape == (2, 4, 23, 14)
+
+
+def test_meta_signals_and_init_raise_naming_them():
+    # both raised RuntimeError("Tensor.item() cannot be called on meta tensors") from the finiteness checks
+    with pytest.raises(ValueError, match="x is a meta tensor"):
+        learn_conv_dictionary(torch.randn(2, 1, 8, device="meta"), 2, 3, 0.1, n_outer=1)
+    with pytest.raises(ValueError, match="init is a meta tensor"):
+        learn_conv_dictionary(torch.randn(2, 1, 8), 2, 3, 0.1, n_outer=1, init=torch.randn(2, 1, 3, device="meta"))
+
+
+def test_atom_helpers_on_degenerate_shapes():
+    # no atoms: an MKL "Inconsistent configuration parameters" RuntimeError; no channels or an empty kernel: IndexError
+    assert low_frequency_fraction(torch.randn(0, 1, 3, 3)).shape == (0,)
+    assert low_frequency_fraction(torch.randn(2, 0, 3, 3)).tolist() == [0.0, 0.0]  # no non-DC energy
+    for shape in ((2, 1, 3, 0), (2, 1, 0, 3)):
+        with pytest.raises(ValueError, match="kh, kw >= 1"):
+            low_frequency_fraction(torch.randn(shape))
+        with pytest.raises(ValueError, match="kh, kw >= 1"):  # was a RuntimeError from max() of an empty atom
+            atom_grid(torch.randn(shape))
+    with pytest.raises(ValueError, match="meta"):
+        low_frequency_fraction(torch.randn(2, 1, 3, 3, device="meta"))
 
 
 def test_highpass_needs_an_odd_box_that_fits():
