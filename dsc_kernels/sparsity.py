@@ -183,10 +183,17 @@ def _named(modules: Mapping[str, nn.Module] | Iterable[nn.Module] | nn.Module) -
         named = {str(i): m for i, m in enumerate(modules)}
     else:
         raise TypeError(f"modules must be a module, a dict of modules or an iterable of them, got {modules!r}")
+    flat = {}
     for name, m in named.items():
         if not isinstance(m, nn.Module):
             raise TypeError(f"modules[{name!r}] must be an nn.Module, got {type(m).__name__}")
-    return named
+        if isinstance(m, (nn.ModuleDict, nn.ModuleList)):
+            # a container inside the dict or list stands for its modules too: hooked itself it never fired, and the
+            # penalty was 0.0 (the monitor's summary empty) without a word
+            flat.update({f"{name}.{inner}": module for inner, module in _named(m).items()})
+        else:
+            flat[name] = m
+    return flat
 
 
 # ----------------------------------------------------------------------------------------------- regularisers
@@ -197,10 +204,10 @@ class ActivationL1:
     >>> loss = F.cross_entropy(model(x), y) + reg.pop()   # the penalty of the forwards since the last pop
 
     ``modules``: a module, a dict or ``nn.ModuleDict`` name -> module, or a list or ``nn.ModuleList`` of modules (a
-    container stands for the modules it holds: it has no forward of its own to hook). Outputs are recorded only while
-    grad is enabled (training forwards). Empty outputs (an empty batch) and non-float ones (indices) hold no
-    activations to penalise and are skipped. ``remove()`` (or leaving a ``with`` block) detaches the hooks; entering
-    a ``with`` block again attaches them again.
+    container, there or inside the dict or list, stands for the modules it holds: it has no forward of its own to
+    hook). Outputs are recorded only while grad is enabled (training forwards). Empty outputs (an empty batch) and
+    non-float ones (indices) hold no activations to penalise and are skipped. ``remove()`` (or leaving a ``with``
+    block) detaches the hooks; entering a ``with`` block again attaches them again.
     Under ``torch.utils.checkpoint`` the recomputation in the backward is not recorded again; with
     ``use_reentrant=True`` the checkpointed forward itself runs without grad, so its modules add nothing (use
     ``use_reentrant=False``).
@@ -449,9 +456,10 @@ class SparsityMonitor:
     ...         monitor.end_epoch()           # appends {"train": {...}, "eval": {...}} to monitor.history
     >>> monitor.summary("eval")                # {layer name: zero fraction} of the forwards since the last epoch end
 
-    ``modules``: the modules to watch (a dict or ``nn.ModuleDict`` name -> module, or None for every
-    ``SPARSE_MODULES`` instance in ``model``, named as in ``named_modules``). Counts accumulate on the tensors'
-    device (no sync per forward); a ``torch.utils.checkpoint`` recomputation in the backward is not counted again.
+    ``modules``: the modules to watch (a dict or ``nn.ModuleDict`` name -> module, a ``ModuleList``/``ModuleDict``
+    value standing for its modules, named ``name.i``/``name.key``; or None for every ``SPARSE_MODULES`` instance in
+    ``model``, named as in ``named_modules``). Counts accumulate on the tensors' device (no sync per forward); a
+    ``torch.utils.checkpoint`` recomputation in the backward is not counted again.
     A monitor can be entered again after its block ends (history and counts carry on), but not inside its own
     block: that raises RuntimeError. Hooks are removed whenever the block is left, by an exception too. Under
     ``torch.compile`` the hooks must exist before the first compiled call, as for ``ActivationL1``.

@@ -80,6 +80,21 @@ def test_module_containers_stand_for_the_modules_they_hold(container):
             assert monitor.summary("train") == {"a": 0.5, "b": 0.0}
 
 
+def test_containers_inside_a_dict_or_list_stand_for_their_modules():
+    """A ModuleList given as a value of the dict (or an item of the list) was hooked itself: 0.0 penalty, no counts."""
+    first, second = nn.Identity(), nn.Identity()
+    held = nn.ModuleList([first, nn.ModuleDict({"b": second})])
+    for modules in ({"acts": held}, [held]):
+        with sparsity.ActivationL1(modules, weight=1.0) as reg:
+            first(torch.tensor([1.0, -3.0]))
+            second(torch.tensor([4.0]))
+            assert float(reg.pop()) == pytest.approx(2 + 4)
+    with sparsity.SparsityMonitor(nn.Sequential(held), {"acts": held}) as monitor:
+        first(torch.tensor([0.0, 1.0]))
+        second(torch.tensor([2.0]))
+        assert monitor.summary("train") == {"acts.0": 0.5, "acts.1.b": 0.0}
+
+
 def test_activation_l1_is_differentiable():
     layer = nn.Linear(3, 4)
     reg = sparsity.ActivationL1([layer], weight=1.0)
