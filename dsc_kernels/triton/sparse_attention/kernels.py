@@ -46,6 +46,7 @@ from .tiles import (
     _finite,
     _key_end,
     _load_rows,
+    _max,
     _output_sweep,
     _relative,
     _resolve,
@@ -140,30 +141,30 @@ def _fwd_kernel(
             )
             nan_row = nan_row | _sees_bad(visible, s, badk_base, offs_n, N_K)
             s = tl.where(s == s, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_new = _max(m, tl.max(s, axis=1))
             n_inf += tl.sum((s == float("inf")).to(tl.float32), axis=1)
             # The shift of C's sum in fp64, exact where an fp32 difference of two maxima far apart is not. lo's own
             # shift is exact or takes lo below -1 (maxima within a factor of 2, or a jump of at least 1).
             shift = tl.where(m > float("-inf"), m - m_new, 0.0)
             tot += tl.where(cnt > 0, (m.to(tl.float64) - m_new.to(tl.float64)) * cnt.to(tl.float64), 0.0)
-            lo = tl.maximum(lo + shift, -1.0)
+            lo = _max(lo + shift, -1.0)
             # Rows whose max is -inf or +inf have no finite z here (NaN or -inf): they join no set.
             above = s - m_new[:, None] > lo[:, None]
             n_tile = tl.sum(above.to(tl.float32), axis=1)
             sum_tile = tl.sum(tl.where(above, s - m_new[:, None], 0.0), axis=1).to(tl.float64)
             cnt += n_tile
             tot += sum_tile
-            tile_bound = tl.where(n_tile > 0, (sum_tile - 1.0) / tl.maximum(n_tile, 1.0).to(tl.float64), -1.0)
-            set_bound = tl.where(cnt > 0, (tot - 1.0) / tl.maximum(cnt, 1.0).to(tl.float64), -1.0)
-            lo = tl.maximum(lo, tl.maximum(tile_bound, set_bound).to(tl.float32))
+            tile_bound = tl.where(n_tile > 0, (sum_tile - 1.0) / _max(n_tile, 1.0).to(tl.float64), -1.0)
+            set_bound = tl.where(cnt > 0, (tot - 1.0) / _max(cnt, 1.0).to(tl.float64), -1.0)
+            lo = _max(lo, _max(tile_bound, set_bound).to(tl.float32))
             m = m_new
         has_key = m > float("-inf")
         inf_row = m == float("inf")
         # A +inf row's threshold is exact at once: (0 - 1) / #{+inf}, computed as the sweep computes it.
-        inf_t = ((tl.zeros([BLOCK_M], tl.float64) - 1.0) / tl.maximum(n_inf, 1.0).to(tl.float64)).to(tl.float32)
+        inf_t = ((tl.zeros([BLOCK_M], tl.float64) - 1.0) / _max(n_inf, 1.0).to(tl.float64)).to(tl.float32)
         # The bounds are sums of fp32 z (fp32 within a tile): a margin far above their rounding keeps lo below t
         # when a set was the support itself; Michelot's steps from any lower bound end at the exact t.
-        lo = tl.where(inf_row, inf_t, tl.maximum(lo - 2e-5, -1.0))
+        lo = tl.where(inf_row, inf_t, _max(lo - 2e-5, -1.0))
         # Michelot passes. Each writes the members of its set {z > lo} to the row's CAP candidate slots: a set that
         # fits holds the support (every later set is a subset), so the rest of the algorithm and O run on the slots
         # alone, without another pass over the keys; typically the first pass after pass 1 fits. A row whose set
@@ -221,7 +222,7 @@ def _fwd_kernel(
                     BLOCK_DV,
                 )
                 resolved = resolved | fits
-            t = ((tot - 1.0) / tl.maximum(cnt, 1.0).to(tl.float64)).to(tl.float32)
+            t = ((tot - 1.0) / _max(cnt, 1.0).to(tl.float64)).to(tl.float32)
             # lo is exact when the set no longer shrinks, or as exact as it gets when rounding stalls the rise.
             stops = pending & (fits == 0) & ((cnt == prev) | (t <= lo))
             wide = wide | stops
@@ -366,7 +367,7 @@ def _bwd_dq_kernel(
                 support += tl.sum(on.to(tl.float32), axis=1)
                 k_sum += tl.dot(on.to(k.dtype), k, input_precision=DOT_PREC)
     if SPARSEMAX:
-        delta = dp_sum / tl.maximum(support, 1.0)
+        delta = dp_sum / _max(support, 1.0)
         dq -= delta[:, None] * k_sum
     else:
         delta = tl.zeros([BLOCK_M], tl.float32)

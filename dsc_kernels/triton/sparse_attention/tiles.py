@@ -24,6 +24,14 @@ def _load_rows(base, stride_r, offs_r, n_rows, offs_c, n_cols, UPCAST: tl.conste
 
 
 @triton.jit
+def _max(a, b):
+    """tl.maximum of floats with NaN propagated. tl.maximum's default (PropagateNan.NONE) compiles to max.f32,
+    which returns the other operand where one is NaN, while the interpreter's numpy (np.maximum) returns NaN: a NaN
+    the interpreter tests see propagate would vanish on a GPU. ALL computes on a GPU what the interpreter tests."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _finite(t):
     """t with NaN and +-inf entries zeroed (the rows that see them are made NaN explicitly)."""
     return tl.where(tl.abs(t) < float("inf"), t, tl.zeros_like(t))
@@ -68,7 +76,7 @@ def _relative(s, c):
 def _key_end(start_m, N_K, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr):
     """One past the last key any query of the block starting at start_m can see."""
     if CAUSAL:
-        return tl.minimum(N_K, start_m + BLOCK_M)
+        return tl.minimum(N_K, start_m + BLOCK_M)  # ints
     return N_K
 
 
@@ -240,7 +248,7 @@ def _resolve(
         above = z > lo[:, None]
         cnt = tl.sum(above.to(tl.float32), axis=1)
         tot = tl.sum(tl.where(above, z, 0.0), axis=1).to(tl.float64)
-        t = ((tot - 1.0) / tl.maximum(cnt, 1.0).to(tl.float64)).to(tl.float32)
+        t = ((tot - 1.0) / _max(cnt, 1.0).to(tl.float64)).to(tl.float32)
         going = going & (cnt != prev) & (t > lo)
         lo = tl.where(going, t, lo)
         prev = cnt
