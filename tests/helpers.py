@@ -206,3 +206,44 @@ def assert_conv_ista_fakes_match(ops, args: tuple) -> None:
         fgrads = ops.backward(torch.empty_like(fz), *fake_args[:6], fz, fsaved, *fake_args[6:])
     for real, fake in zip((z, saved, *grads), (fz, fsaved, *fgrads)):
         assert (real.shape, real.stride(), real.dtype) == (fake.shape, fake.stride(), fake.dtype)
+
+
+def child_exit_code_forked_under_held_locks(locks: Sequence, child, timeout: float = 30.0) -> int:
+    """Fork while another thread holds every lock in ``locks`` (entered in order) and run ``child()`` in the child,
+    which exits 0 if it returns truthy, 2 if falsy, 3 on an exception. Returns the child's exit code; a child still
+    running after ``timeout`` seconds (it waited on a lock it inherited held) is killed and reported as -1."""
+    import contextlib
+    import threading
+    import time
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with contextlib.ExitStack() as stack:
+            for lock in locks:
+                stack.enter_context(lock)
+            held.set()
+            release.wait(timeout)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert held.wait(5)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os._exit(0 if child() else 2)
+            except BaseException:
+                os._exit(3)
+    finally:
+        release.set()
+        thread.join(10)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return -1

@@ -1106,9 +1106,7 @@ def test_a_child_forked_while_another_thread_held_the_layer_locks_runs_its_layer
     """Eval forwards take _STEP_LOCK and building a layer takes _projection's lock. A child forked (DataLoader
     workers, multiprocessing's fork) while another thread of the parent held one inherited it held by a thread that
     does not exist there: its first eval forward (or layer built) waited forever."""
-    import os
-    import threading
-    import time
+    from helpers import child_exit_code_forked_under_held_locks
 
     from dsc_kernels.nn import _projection
 
@@ -1117,40 +1115,17 @@ def test_a_child_forked_while_another_thread_held_the_layer_locks_runs_its_layer
     x = torch.randn(1, 1, 5, 5)
     with torch.no_grad():
         expected = layer(x)
-    held, release = threading.Event(), threading.Event()
 
-    def hold():
-        with sparse_coding._STEP_LOCK, _projection._LOCK:
-            held.set()
-            release.wait(10)
+    def child() -> bool:
+        torch.set_num_threads(1)  # torch's own thread pool does not survive a fork here
+        with torch.no_grad():
+            ok = torch.equal(layer(x), expected)
+        ConvSparseCoding2d(1, 2, 3, n_iter=1, backend="reference")
+        return ok
 
-    thread = threading.Thread(target=hold)
-    thread.start()
-    try:
-        assert held.wait(5)
-        pid = os.fork()
-        if pid == 0:  # the child: exit status 0 only if both ran
-            try:
-                torch.set_num_threads(1)  # torch's own thread pool does not survive a fork here
-                with torch.no_grad():
-                    ok = torch.equal(layer(x), expected)
-                ConvSparseCoding2d(1, 2, 3, n_iter=1, backend="reference")
-                os._exit(0 if ok else 2)
-            except BaseException:
-                os._exit(3)
-    finally:
-        release.set()
-        thread.join(10)
-    for _ in range(200):
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child hung on a lock its parent's thread held at the fork")
-    assert os.waitstatus_to_exitcode(status) == 0
+    code = child_exit_code_forked_under_held_locks([sparse_coding._STEP_LOCK, _projection._LOCK], child, timeout=10)
+    assert code != -1, "the forked child hung on a lock its parent's thread held at the fork"
+    assert code == 0
 
 
 def test_a_layer_pickled_before_the_estimated_weight_buffer_loads_and_runs():

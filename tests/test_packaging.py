@@ -303,43 +303,18 @@ def test_a_child_forked_while_another_thread_loaded_the_extension_loads_it():
     """_ext.load holds its lock for the whole load (a minute while building) and the op registry's lock is held
     around it. A child forked then (DataLoader workers) inherited both held by a thread that does not exist there,
     and its first fused call waited forever: a thread's first call forked 40 ms in hung the child."""
-    import threading
-    import time
+    from helpers import child_exit_code_forked_under_held_locks
 
     from dsc_kernels.ops import registry
 
     if not _ext.available():
         pytest.skip("the C++ extension does not build here")
-    held, release = threading.Event(), threading.Event()
 
-    def hold():
-        with registry._LOCK, _ext._LOCK:
-            held.set()
-            release.wait(10)
+    def child() -> bool:
+        _ext.load.__wrapped__()  # a load this child makes itself, as one forked mid-load does
+        with registry._LOCK:
+            return True
 
-    thread = threading.Thread(target=hold)
-    thread.start()
-    try:
-        assert held.wait(5)
-        pid = os.fork()
-        if pid == 0:  # the child: exit status 0 only if it loaded
-            try:
-                _ext.load.__wrapped__()  # a load this child makes itself, as one forked mid-load does
-                with registry._LOCK:
-                    pass
-                os._exit(0)
-            except BaseException:
-                os._exit(3)
-    finally:
-        release.set()
-        thread.join(10)
-    for _ in range(600):
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(pid, 9)
-        os.waitpid(pid, 0)
-        pytest.fail("the forked child hung on a lock its parent's thread held at the fork")
-    assert os.waitstatus_to_exitcode(status) == 0
+    code = child_exit_code_forked_under_held_locks([registry._LOCK, _ext._LOCK], child)
+    assert code != -1, "the forked child hung on a lock its parent's thread held at the fork"
+    assert code == 0
