@@ -640,7 +640,8 @@ def sparsemax(x: Tensor, dim: int = -1) -> Tensor:
     tied values keep their precision. -inf entries get 0 and a slice that is entirely -inf gives zeros; a slice
     with +inf entries shares its mass equally among them; a NaN makes its slice NaN (as ``F.softmax``); an empty
     ``dim`` gives an empty result. The gradient uses the strict support {x > tau}: an entry sitting exactly at the
-    threshold gets none (as entmax's sparsemax).
+    threshold gets none (as entmax's sparsemax). A NaN slice passes no gradient back (zeros, where ``F.softmax``'s
+    backward gives NaN), as sparse attention's NaN rows do.
     """
     x = check.tensor("x", x)
     rank = max(x.dim(), 1)  # a 0-d tensor is one slice of one entry, as for torch.softmax

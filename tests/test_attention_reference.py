@@ -229,3 +229,19 @@ def test_float32_scores_whose_unscaled_product_overflows_keep_their_values():
         want = torch.tensor([[1.0, 0.0]], dtype=torch.float64) if mode == "sparsemax" else s.clamp(min=0)
         got = sparse_attention_ref(q, k, v, mode=mode, scale=0.1)
         torch.testing.assert_close(got[0, 0], (want @ v.double()[0, 0]).float())
+
+
+def test_sparsemax_gradient_of_a_nan_slice_is_zero_as_documented():
+    """DF.sparsemax's docstring: a NaN slice gives NaN values and passes no gradient back; the other slices are
+    unaffected (F.softmax's backward would give NaN for the NaN slice)."""
+    import dsc_kernels.functional as DF
+
+    x = torch.tensor([[1.0, float("nan"), 0.5], [1.0, 2.0, 0.2], [0.3, 0.1, 0.2]], dtype=torch.float64)
+    x.requires_grad_(True)
+    y = DF.sparsemax(x)
+    g = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0], [1.0, 4.0, -2.0]], dtype=torch.float64)
+    (grad,) = torch.autograd.grad(y, x, g)
+    assert torch.isnan(y[0]).all() and torch.equal(grad[0], torch.zeros(3, dtype=torch.float64))
+    # row 1: support {x_1} alone, so the Jacobian is 0; row 2: full support, J = I - 11^T/3
+    assert torch.equal(grad[1], torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(grad[2], g[2] - g[2].mean(), rtol=0, atol=1e-15)
