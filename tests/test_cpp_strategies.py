@@ -318,10 +318,19 @@ def test_automatic_choice_covers_both_strategies(monkeypatch):
     assert _strategy((8, 64, 4, 4), (128, 64, 4, 4), padding=(0, 0)) == 1  # the kernel covers the map
     assert _strategy(*many) == 1  # >= 32 signal channels
     assert _strategy((8, 64, 1, 64), (64, 64, 1, 3), padding=(0, 1)) == 1  # ... in 1-D too
-    assert _strategy((8, 8, 1, 64), (64, 8, 1, 3), padding=(0, 1)) == 0  # 1-D, fewer channels
+    # >= 16 signal channels and >= 16384 multiply-adds per code position, both passes, on a large map
+    big = ((16, 16, 24, 24), (48, 16, 5, 5))
+    assert (_strategy(*big, padding=(2, 2), backward=False), _strategy(*big, padding=(2, 2))) == (1, 1)
+    # the backward from 4096 with >= 8 signal channels, 1-D too; the 1-D forward stays direct
+    one_d = ((32, 16, 1, 128), (64, 16, 1, 7))
+    assert (_strategy(*one_d, padding=(0, 3), backward=False), _strategy(*one_d, padding=(0, 3))) == (0, 1)
+    assert _strategy((8, 8, 1, 64), (64, 8, 1, 3), padding=(0, 1)) == 0  # 1-D, fewer channels and multiply-adds
     assert _strategy((8, 3, 16, 16), (96, 3, 3, 3), stride=(3, 3), padding=(0, 0)) == 1  # a 5 x 5 code map
-    assert _strategy((8, 8, 16, 16), (64, 8, 5, 5), padding=(2, 2)) == 1  # 16 x 16 with 8 signal channels
+    # 16 x 16 with 8 signal channels: gemm with >= 16 code channels, direct with fewer
+    assert _strategy((8, 8, 16, 16), (16, 8, 3, 3)) == 1
+    assert _strategy((8, 8, 16, 16), (8, 8, 3, 3)) == 0
     assert _strategy((8, 3, 16, 16), (64, 3, 5, 5), padding=(2, 2)) == 0  # ... with 3
+    assert _strategy((8, 16, 64, 64), (16, 16, 3, 3)) == 0  # few multiply-adds on a large map
     assert _strategy(*few, padding=(3, 3)) == 0
     # the forward's own rule: few signal channels on a small map run direct there, gemm in the backward
     small_few = ((64, 1, 8, 8), (32, 1, 3, 3))

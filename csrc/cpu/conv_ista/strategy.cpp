@@ -38,12 +38,17 @@
 //   a 1 x 1 code: 2-3x eager against the direct strategy's 0.02-0.15x), and when the padding reaches the kernel's
 //   size (code positions whose atoms lie wholly in the padding: no work, but the direct buffers grow with it);
 // - gemm for >= 32 signal channels, 1-D included (1-D 64 -> 64: forward + backward 1.3x against direct's 0.55x);
+// - gemm for >= 16 signal channels when one convolution takes >= 16384 multiply-adds per code position, and in the
+//   backward for >= 8 signal channels from 4096 (shapes off the sweep, timed against each other on the AMD EPYC:
+//   16 -> 48 on 24 x 24 with 5 x 5 atoms, forward + backward 0.97x eager on gemm against 0.62x on direct, forward
+//   1.31x against 0.91x; 1-D 16 -> 64, k 7: 1.71x against 1.01x, its forward still best direct, 2.3x against 2.1x;
+//   below those sizes direct stays ahead: 16 -> 16 on 64 x 64, k 3: 1.20x against 0.82x);
 // - direct for other 1-D problems (oneDNN's one-row convolutions lag: 1.2-1.5x against direct's 2.3-5.5x);
 // - forward: gemm for >= 8 signal channels on code maps under 16 x 16, else direct (one signal channel on 8 x 8:
 //   direct 1.9x, gemm 1.0x);
-// - backward: gemm on code maps under 16 x 16, or up to 16 x 16 with >= 8 signal channels (1 -> 32 on 8 x 8:
-//   1.35x against 1.24x; 3 -> 96 at stride 3: 1.2x against 0.86x), else direct (3 -> 32 on 16 x 16: 1.5x against
-//   1.1x).
+// - backward: gemm on code maps under 16 x 16, or up to 16 x 16 with >= 8 signal and >= 16 code channels (1 -> 32
+//   on 8 x 8: 1.35x against 1.24x; 3 -> 96 at stride 3: 1.2x against 0.86x; 8 -> 8 on 16 x 16, batch 128: direct
+//   1.32x against 0.95x with a gemm backward), else direct (3 -> 32 on 16 x 16: 1.5x against 1.1x).
 // DSC_KERNELS_CPP_STRATEGY=direct|gemm forces one for both passes (benchmarks).
 #include <ATen/Parallel.h>
 
@@ -74,10 +79,13 @@ Strategy choose_strategy(const ConvGeometry& g, Pass pass) {
   // with 10^6 padding on a 9 x 9 map it ran for minutes where ATen's convolutions take a second.
   if (g.PH >= g.KH || g.PW >= g.KW) return Strategy::gemm;
   if (g.Cs >= 32) return Strategy::gemm;
+  const int64_t macs = g.Cs * g.Cc * g.KH * g.KW;  // one convolution's multiply-adds per code position
+  if (g.Cs >= 16 && macs >= 16384) return Strategy::gemm;
+  if (pass == Pass::backward && g.Cs >= 8 && macs >= 4096) return Strategy::gemm;
   if (g.H == 1) return Strategy::direct;
   const int64_t code_map = g.Hz * g.Wz;
   if (pass == Pass::forward) return g.Cs >= 8 && code_map < 256 ? Strategy::gemm : Strategy::direct;
-  if (code_map < 256 || (g.Cs >= 8 && code_map <= 256)) return Strategy::gemm;
+  if (code_map < 256 || (g.Cs >= 8 && g.Cc >= 16 && code_map <= 256)) return Strategy::gemm;
   return Strategy::direct;
 }
 
