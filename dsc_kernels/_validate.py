@@ -30,9 +30,12 @@ def storageless(t: Tensor) -> bool:
     return t.device.type == "meta" or is_fake(t)
 
 
-def storage_kind(t: Tensor) -> str:
-    """What a storageless tensor is, for the messages of functions that need values: "meta" or "fake"."""
-    return "meta" if t.device.type == "meta" else "fake"
+def require_values(name: str, t: Tensor, user: str) -> None:
+    """A ValueError naming ``name`` where ``t`` holds no values (meta or fake) that ``user`` needs: reading them
+    failed inside torch, naming nothing (``.item()``/``.numpy()`` on a meta tensor, DataDependentOutputException)."""
+    if storageless(t):
+        kind = "meta" if t.device.type == "meta" else "fake"
+        raise ValueError(f"{name} is a {kind} tensor: {user} needs its values")
 
 
 def _valueless(t: Tensor) -> bool:

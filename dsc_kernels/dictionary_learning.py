@@ -179,8 +179,7 @@ def learn_conv_dictionary(
         raise ValueError("x must be a floating-point (B, C, L) or (B, C, H, W) tensor")
     if x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"x must be float32 or float64, got {x.dtype}: cast it (e.g. x.float())")
-    if check.storageless(x):  # the finiteness check raised "Tensor.item() cannot be called on meta tensors"
-        raise ValueError(f"x is a {check.storage_kind(x)} tensor: dictionary learning needs its values")
+    check.require_values("x", x, "dictionary learning")
     if 0 in x.shape:
         raise ValueError(
             f"x must hold at least one signal with non-empty channels and sides, got shape {tuple(x.shape)}"
@@ -203,15 +202,14 @@ def learn_conv_dictionary(
     generator = torch.Generator().manual_seed(_seed(seed))
     if init is None:
         init = _random_crops(x, n_atoms, kernel, generator)
-    elif not isinstance(init, Tensor) or not init.is_floating_point():
-        raise ValueError("init must be a floating-point tensor")
-    elif check.storageless(init):
-        raise ValueError(f"init is a {check.storage_kind(init)} tensor: dictionary learning needs its values")
-    elif tuple(init.shape) != (n_atoms, x.shape[1], *kernel):
-        raise ValueError(f"init must have shape {(n_atoms, x.shape[1], *kernel)}, got {tuple(init.shape)}")
-    elif not bool(torch.isfinite(init).all()):
-        raise ValueError("init must be finite (it holds NaN or inf)")
     else:
+        if not isinstance(init, Tensor) or not init.is_floating_point():
+            raise ValueError("init must be a floating-point tensor")
+        check.require_values("init", init, "dictionary learning")
+        if tuple(init.shape) != (n_atoms, x.shape[1], *kernel):
+            raise ValueError(f"init must have shape {(n_atoms, x.shape[1], *kernel)}, got {tuple(init.shape)}")
+        if not bool(torch.isfinite(init).all()):
+            raise ValueError("init must be finite (it holds NaN or inf)")
         # entries, not norms: a tiny atom's squared norm underflows to 0 without the atom being zero
         zero = _zero_atoms(init)
         if zero:
@@ -300,8 +298,7 @@ def low_frequency_fraction(weight: Tensor, cutoff: float = 0.25) -> Tensor:
             "weight must be a (C_code, C_sig, kh, kw) tensor with kh, kw >= 1, got "
             f"{getattr(weight, 'shape', weight)!r}"
         )
-    if check.storageless(weight):
-        raise ValueError(f"weight is a {check.storage_kind(weight)} tensor: low_frequency_fraction needs its values")
+    check.require_values("weight", weight, "low_frequency_fraction")
     cutoff = _real("cutoff", cutoff)
     if 0 in weight.shape[:2]:
         # no atoms, or atoms without channels (no non-DC energy: 0); the FFT of an empty batch raised an MKL

@@ -171,8 +171,7 @@ def lipschitz_constant(
     weight: (C_code, C_sig, *k); signal_size: the spatial size of x.
     """
     weight = check.weight("weight", weight)
-    if check.storageless(weight):  # a fake one raised DataDependentOutputException from the power iteration
-        raise ValueError(f"weight is a {check.storage_kind(weight)} tensor: it holds no values to estimate L from")
+    check.require_values("weight", weight, "the power iteration estimating L")
     signal_size = check.ints("signal_size", signal_size, weight.dim() - 2, minimum=1)
     stride, padding, _ = check.geometry(signal_size, weight, stride, padding)
     n_iter = check.count("n_iter", n_iter, 1)

@@ -96,8 +96,7 @@ def zero_fraction(t: Tensor) -> float:
     """Fraction of entries of ``t`` that are exactly zero (NaN counts as non-zero); 0.0 for an empty tensor. A meta
     tensor has no values to count: ValueError."""
     t = _tensor("t", t)
-    if check.storageless(t):
-        raise ValueError(f"t is a {check.storage_kind(t)} tensor: zero_fraction needs its values")
+    check.require_values("t", t, "zero_fraction")
     return float((t == 0).sum()) / t.numel() if t.numel() else 0.0
 
 

@@ -99,8 +99,8 @@ def _rate(s: int, mu: float) -> float:
 
 def _real_array(name: str, value: object, expected: str) -> np.ndarray:
     """value (a number, array or tensor of real numbers) as float64; a TypeError naming it otherwise."""
-    if isinstance(value, torch.Tensor) and check.storageless(value):  # .cpu() raised naming nothing
-        raise ValueError(f"{name} is a {check.storage_kind(value)} tensor: its values are needed")
+    if isinstance(value, torch.Tensor):  # .cpu() raised naming nothing
+        check.require_values(name, value, "this bound")
     try:
         raw = np.asarray(value.detach().cpu() if isinstance(value, torch.Tensor) else value)
         if raw.dtype.kind not in "iuf":
@@ -302,8 +302,7 @@ def mutual_coherence(
     Definition: Donoho–Elad 2003 [L]; its use per layer of a convolutional DSC model: Papyan–Romano–Elad 2017 [L].
     """
     nd, size, strides, pads = _conv_args(weight, signal_size, stride, padding)
-    if check.storageless(weight):
-        raise ValueError(f"weight is a {check.storage_kind(weight)} tensor: mutual_coherence needs its values")
+    check.require_values("weight", weight, "mutual_coherence")
     code = [(n + 2 * p - k) // s + 1 for n, p, k, s in zip(size, pads, weight.shape[2:], strides)]
     if min(code) < 1:
         raise ValueError(
@@ -439,8 +438,7 @@ def spark(
                 f"more than {max_subsets} column subsets of {n_atoms} columns up to size {limit}: too many to "
                 f"enumerate (max_subsets = {max_subsets})"
             )
-    if check.storageless(matrix):
-        raise ValueError(f"matrix is a {check.storage_kind(matrix)} tensor: spark needs its values")
+    check.require_values("matrix", matrix, "spark")
     d = matrix.detach().to(torch.float64).cpu().numpy()
     if not np.isfinite(d).all():
         raise ValueError("matrix must be finite (it holds NaN or inf)")
@@ -587,8 +585,7 @@ def stripe_sparsity(code: torch.Tensor, kernel_size: int | Sequence[int], stride
         raise ValueError(f"code must be a (B, C, L) or (B, C, H, W) tensor, got {getattr(code, 'shape', code)!r}")
     nd = code.dim() - 2
     ks, st = check.ints("kernel_size", kernel_size, nd, minimum=1), check.ints("stride", stride, nd, minimum=1)
-    if check.storageless(code):
-        raise ValueError(f"code is a {check.storage_kind(code)} tensor: stripe_sparsity needs its values")
+    check.require_values("code", code, "stripe_sparsity")
     counts = (code != 0).sum(1).to(torch.int64)  # (B, *S)
     if not counts.numel():
         return 0
