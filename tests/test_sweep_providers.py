@@ -273,6 +273,24 @@ def test_main_measures_with_the_thread_count_it_is_given(tmp_path, monkeypatch):
     assert seen == [wanted]
 
 
+def test_off_sweep_runs_the_shapes_the_rules_were_not_calibrated_on(tmp_path, monkeypatch):
+    """--off-sweep measures OFF_SWEEP, none of which is a calibration shape (by name or by geometry)."""
+    seen = []
+    monkeypatch.setattr(SW, "run_sweep", lambda shapes, *a, **kw: seen.extend(shapes) or ([], {}))
+    monkeypatch.setattr(SW, "machine", lambda: {})
+    monkeypatch.setattr(SW, "markdown", lambda rows, summary, machine: "")
+    monkeypatch.setattr(SW, "figure", lambda rows, path: None)
+    threads = torch.get_num_threads()
+    try:
+        assert SW.main(["--out", str(tmp_path), "--off-sweep", "--threads", str(threads)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == list(SW.OFF_SWEEP)
+    calibration = {(s.x[1:], s.weight, s.stride, s.padding, s.n_iter) for s in SW.SHAPES}
+    assert not {(s.x[1:], s.weight, s.stride, s.padding, s.n_iter) for s in SW.OFF_SWEEP} & calibration
+    assert not {s.name for s in SW.OFF_SWEEP} & {s.name for s in SW.SHAPES}
+
+
 class _WeightGradientOff(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight):

@@ -133,7 +133,23 @@ SHAPES: tuple[SweepShape, ...] = (
     _s("1d-c8-to-64-L256-k5-s2-fista", 16, 8, 64, (256,), 5, stride=2, fista=True),
     _s("1d-c64-to-64-L64-k3", 32, 64, 64, (64,), 3),
 )
-BY_NAME = {s.name: s for s in SHAPES}
+# Shapes the strategy rule and auto's cost model were never calibrated on, to check them off the sweep (2026-12-07:
+# three of them found strategy.cpp's rule taking the slower strategy): `--off-sweep`.
+OFF_SWEEP: tuple[SweepShape, ...] = (
+    _s("off-16to48-24px-k5", 16, 16, 48, 24, 5, n_iter=8),
+    _s("off-48to48-12px-k3", 32, 48, 48, 12, 3),
+    _s("off-3to128-48px-k3-s2", 8, 3, 128, 48, 3, stride=2),
+    _s("off-16to16-8px-k3", 64, 16, 16, 8, 3),
+    _s("off-96to192-16px-k3", 4, 96, 192, 16, 3, n_iter=5),
+    _s("off-1d-16to64-L128-k7", 32, 16, 64, (128,), 7),
+    _s("off-8to8-16px-k3", 128, 8, 8, 16, 3),
+    _s("off-1to64-96px-k9-fista", 2, 1, 64, 96, 9, fista=True),
+    _s("off-64to32-16px-k5", 16, 64, 32, 16, 5),
+    _s("off-128to128-16px-k3", 8, 128, 128, 16, 3, n_iter=5),
+    _s("off-24to96-8px-k3-nonneg", 48, 24, 96, 8, 3, nonneg=True),
+    _s("off-1d-128to128-L32-k3", 16, 128, 128, (32,), 3, n_iter=5),
+)
+BY_NAME = {s.name: s for s in SHAPES + OFF_SWEEP}
 QUICK = ("small-32to32", "small-1to32", "deep-layer", "csc-gray", "mlista-layer3", "1d-c8-to-64-L256-k5-s2-fista")
 
 
@@ -513,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder for sweep.json, sweep.png, sweep.md")
     ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     ap.add_argument("--shapes", help="comma-separated shape names (default: all, or the quick subset)")
+    ap.add_argument("--off-sweep", action="store_true", help="the shapes off the calibration sweep (OFF_SWEEP)")
     ap.add_argument(
         "--threads",
         type=cli_args.int_type("--threads", 1, cli_args.MAX_THREADS),
@@ -529,9 +546,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the training-step memory measurement")
     args = ap.parse_args(argv)
     # `is not None`: an empty --shapes ran every shape (minutes) instead of being an unknown name
-    names = (
-        args.shapes.split(",") if args.shapes is not None else (list(QUICK) if args.quick else [s.name for s in SHAPES])
-    )
+    if args.shapes is not None:
+        names = args.shapes.split(",")
+    elif args.off_sweep:
+        names = [s.name for s in OFF_SWEEP]
+    else:
+        names = list(QUICK) if args.quick else [s.name for s in SHAPES]
     if not args.out:  # Path('') is '.': sweep.json, .md and .png landed in the working directory
         ap.error("argument --out: must name a folder, got ''")
     unknown = [n for n in names if n not in BY_NAME]
