@@ -302,19 +302,31 @@ def test_a_live_builds_marker_is_left_alone(tmp_path):
 def test_a_child_forked_while_another_thread_loaded_the_extension_loads_it():
     """_ext.load holds its lock for the whole load (a minute while building) and the op registry's lock is held
     around it. A child forked then (DataLoader workers) inherited both held by a thread that does not exist there,
-    and its first fused call waited forever: a thread's first call forked 40 ms in hung the child."""
-    from helpers import child_exit_code_forked_under_held_locks
+    and its first fused call waited forever: a thread's first call forked 40 ms in hung the child.
 
-    from dsc_kernels.ops import registry
-
+    The fork happens in a fresh interpreter: forked from the test process after the rest of the suite (its OpenMP
+    pools, compile workers), the child's load hung on CI for another reason than these locks."""
     if not _ext.available():
         pytest.skip("the C++ extension does not build here")
+    script = textwrap.dedent(
+        """
+        from helpers import child_exit_code_forked_under_held_locks
+        from dsc_kernels import _ext
+        from dsc_kernels.ops import registry
 
-    def child() -> bool:
-        _ext.load.__wrapped__()  # a load this child makes itself, as one forked mid-load does
-        with registry._LOCK:
-            return True
+        _ext.load()  # the cached build; the child below loads it again itself
 
-    code = child_exit_code_forked_under_held_locks([registry._LOCK, _ext._LOCK], child)
+        def child():
+            _ext.load.__wrapped__()  # a load this child makes itself, as one forked mid-load does
+            with registry._LOCK:
+                return True
+
+        print(child_exit_code_forked_under_held_locks([registry._LOCK, _ext._LOCK], child))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    code = int(out.stdout.split()[-1])
     assert code != -1, "the forked child hung on a lock its parent's thread held at the fork"
     assert code == 0
