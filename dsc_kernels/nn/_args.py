@@ -112,14 +112,15 @@ def check_value(
 
 
 def stack_signal_sizes(
-    signal_size: object, code: object, geometries: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]]
+    signal_size: object, code: Tensor, geometries: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]]
 ) -> list[tuple[int, ...]]:
     """The signal size each layer of a 2-D stack decodes to, from the input's ``signal_size``: layer j's signal is
     layer j - 1's code (``reference.conv.code_size`` of each (kernel_size, stride, padding) in ``geometries``).
 
     Checked against the user's own numbers: a signal_size that leaves some layer no codes, or whose deepest codes are
     not ``code``'s size, is a ValueError naming signal_size. Left to each layer's decode, the error quoted a layer's
-    intermediate size ("signal_size must be >= 1, got -1" for signal_size=(1, 1))."""
+    intermediate size ("signal_size must be >= 1, got -1" for signal_size=(1, 1)). ``code``: checked by
+    ``deepest_code``."""
     sizes = [check.ints("signal_size", signal_size, 2, minimum=1)]
     for j, (kernel_size, stride, padding) in enumerate(geometries):  # layer j counted from 0, as forward's errors
         codes = code_size(sizes[-1], kernel_size, stride, padding)
@@ -129,7 +130,6 @@ def stack_signal_sizes(
                 f"kernel {tuple(kernel_size)} with padding {tuple(padding)}"
             )
         sizes.append(codes)
-    code = check.tensor("code", code, rank=2 + len(sizes[0]))
     if tuple(code.shape[2:]) != sizes[-1]:
         raise ValueError(
             f"code has spatial size {tuple(code.shape[2:])}, but an input of signal_size {sizes[0]} has deepest "
@@ -158,8 +158,8 @@ def smallest_stack_signal_size(
     codes to: for kernel 2 at its default padding 1 every signal has at least 2 codes, so a deeper layer that decoded
     its codes to a size-1 signal left decode(forward(x)) raising on the model's own output. The stack's code size is
     non-decreasing in the input size and grows by at most one per input row, so the smallest input that reaches the
-    code's size has exactly that size, or no input has (a code smaller than the 1-pixel input's)."""
-    code = check.tensor("code", code, rank=4)
+    code's size has exactly that size, or no input has (a code smaller than the 1-pixel input's). ``code``: checked
+    by ``deepest_code``."""
 
     def deepest(n: int, axis: int) -> int:  # 0 where some layer has no codes (inputs smaller than a kernel)
         for kernel_size, stride, padding in geometries:
