@@ -42,10 +42,11 @@ Two implementations:
 * ``ml_ista_fwd_ref`` / ``ml_ista_bwd_ref``: the fused-op interface (ops/ml_ista.py) with the hand-written VJP, the
   executable spec of the C++ backend. The forward reuses the projections: with P_j = D_j (no input encoder) and
   project, D_j Y_j = Y_{j-1} is already computed, so a step costs L syntheses and L analyses instead of 2L - 1 and L.
-  It saves the code iterates G^1..G^{S-1} of layers c-1..L (checkpoint c >= 1: every layer for c = 1; the ops layer
-  leaves out first layers that are cheap to recompute) or only the step state (checkpoint 0: the deepest code in
-  project mode); the backward replays each step from its saved state, recomputing the codes it did not save, and the
-  active set of layer j in step k is G_j^{k+1} != 0, so no mask is stored.
+  It saves the code iterates G^1..G^{S-1} of layers c..L (checkpoint c >= 1: every layer for c = 1; the ops layer
+  leaves out first layers that are cheap to recompute; ``saved_layers`` counts from 0: c-1..L-1) or only the step
+  state (checkpoint 0: the deepest code in project mode), every layer in the interleaved iteration; the backward
+  replays each step from its saved state, recomputing the codes it did not save, and the active set of layer j in
+  step k is G_j^{k+1} != 0, so no mask is stored.
 
 VJP of one step (g_j = dL/dG_j^{k+1}, gu = g_j [G_j^{k+1} != 0], c = c_{j,k}, R = G_{j-1}^{k+1} - D Y_j):
     v_A = A^* gu, v_E = E^* gu (syntheses; one when A = E)
