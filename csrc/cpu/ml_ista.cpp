@@ -15,20 +15,23 @@
 // syntheses and L analyses; step 0 from zero skips every synthesis. The threshold (sigma(Y + c Q - t)) and the
 // momentum are single fused passes over the code; each convolution takes the fastest of ATen (oneDNN), a plain GEMM
 // (layers whose code is one pixel) and a batch-wide GEMM + col2im (synthesis onto few channels): ml_ista_conv.h.
-// Saved for backward: the code iterates G^1..G^{S-1} of layers c-1..L (checkpoint c >= 1; the first layers left out
-// are cheap to recompute), or of the step state only (checkpoint 0: the deepest layer in project mode), or nothing
-// (checkpoint -1: no backward follows).
+// Saved for backward: the code iterates G^1..G^{S-1} of layers c..L (checkpoint c >= 1, layers counted from 1 as
+// above; the first layers left out are cheap to recompute; reference/ml_ista.py's saved_layers counts from 0:
+// c-1..L-1), or of the step state only (checkpoint 0: the deepest layer in project mode, every layer in the
+// interleaved iteration, whose state is every layer), or nothing (checkpoint -1: no backward follows).
 //
 // Backward, steps in reverse. Each step is replayed from its saved state: the projections Y_j and the
 // reconstructions D_j Y_j always (L syntheses; nothing at step 0 from zero), the codes of the layers not saved too
 // (from the first layer up to the last one missing).
 // The active set of layer j is G_j^{k+1} != 0 (no mask is stored). Per layer, top down (g = dL/dG_j^{k+1}):
-//     gu = g [G != 0];  dL/dt_j -= sum gu sign(G)       (one fused pass, per channel)
+//     gu = g [G != 0];  dL/dt_j -= sum gu sign(G)  (nonneg: -= sum gu)     (one fused pass, per channel)
 //     v_E = E^* gu (synthesis), v_A = A^* gu (= v_E without input encoder)
 //     dL/dG_{j-1} += c v_A (dL/dx for j = 1);  dL/dW_A += c wgrad(G_{j-1}, gu);  dL/dW_E -= c wgrad(D Y_j, gu)
+//     dL/dc = <v_A, G_{j-1}> - <v_E, D Y_j>
 //         (A = E: dL/dW_E += c wgrad(G_{j-1} - D Y_j, gu);  dL/dc = <v_E, G_{j-1} - D Y_j>)
 //     dL/dY_j += gu;  h = -c v_E: reused projection: dL/dY_{j-1} += h, else dL/dY_j += D^* h, dL/dW_D += wgrad(h, Y_j)
-// then the projections bottom up (dL/dY_j += P^* dL/dY_{j-1}, dL/dW_P += wgrad(dL/dY_{j-1}, Y_j)) and the momentum.
+// then the projections bottom up (dL/dY_j += P^* dL/dY_{j-1}, dL/dW_P += wgrad(dL/dY_{j-1}, Y_j)) and the momentum
+// (dL/dG^k += (1 + beta_k) dL/dY, dL/dG^{k-1} -= beta_k dL/dY; the deepest layer only in project mode).
 // wgrad(a, b) is the weight gradient of the analysis a -> b (ml_ista_conv.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

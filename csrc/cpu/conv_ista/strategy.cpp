@@ -155,7 +155,8 @@ int64_t gemm_chunk_items(const ConvGeometry& g, int64_t n_iter, bool fista, cons
   // (measured on the sweep), so that with the checkpoints the training step stays around half of eager's and the
   // chunks reach the column count below on small maps (a quarter of eager cost 10-25% of forward + backward speed on
   // the many-channel shapes). Recompute mode (checkpoint 0): 0.2 n B max(c, s), the memory-lean mode's tenth of
-  // eager. Without a backward (checkpoint -1) the column count alone decides: at most 4096 columns of workspace.
+  // eager. Without a backward (checkpoint -1) the column count alone decides: the fewest items that reach 4096
+  // columns (or the whole batch), so a chunk holds about 4096 columns, less than one item's columns over.
   const double budget = checkpoint > 0 ? 0.4 * double(n_iter) * double(g.B) * (2 * c + s)
                                        : 0.2 * double(n_iter) * double(g.B) * std::max(c, s);
   const int64_t by_memory =
