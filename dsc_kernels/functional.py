@@ -214,24 +214,34 @@ def _tensors_in(value: object) -> tuple[Tensor, ...]:
 
 
 # -------------------------------------------------------------------------------------------------- conv-ISTA
-_LIPSCHITZ_CACHE = WeakIdKeyDictionary()
+_LIPSCHITZ_CACHE = WeakIdKeyDictionary()  # tensor (a view's base) -> {view's place: (geometry, values, 1/L)}
 
 
 def _default_step(weight: Tensor, signal_size: tuple[int, ...], stride, padding) -> Tensor | float:
     """1/L at this signal size (``_inverse_lipschitz``). Eager calls cache it per weight tensor with a copy of the
-    values it was computed for, and reuse it only while the weight still equals that copy: one comparison instead of
-    a power iteration, and it sees every change (an optimiser step, but also writes through ``.data``, which the
-    version counter misses, and inference tensors, which have none). Under torch.compile the power iteration is
+    values it was computed for (a view, such as ml_ista's per-step dictionaries, per the tensor it views and its
+    place there), and reuse it only while the weight still equals that copy: one comparison instead of a power
+    iteration, and it sees every change (an optimiser step, but also writes through ``.data``, which the version
+    counter misses, and inference tensors, which have none). Under torch.compile the power iteration is
     traced, and so it is under vmap over the dictionary (one 1/L per sample)."""
     carried = ref.value_dtype(weight.dtype)  # the dtype the step is carried in (float32 for half weights)
     if not check.values_readable(weight):
         return _inverse_lipschitz(weight, signal_size, stride, padding).to(carried)
+    # Keyed on the tensor a view was taken of, and the view's place in it: ml_ista and the per-iteration variants
+    # pass w.unsqueeze(0)[k], a new view on every call, so a cache keyed on the view itself never hit and every call
+    # ran the power iteration again (100 iterations per layer: 400 convolutions per call for a 2-layer ml_ista).
+    # The values are compared all the same, so a key that names another tensor can only miss, never give a wrong 1/L.
+    base = weight if weight._base is None else weight._base
+    place = (weight.storage_offset(), tuple(weight.shape), weight.stride(), weight.dtype)
     geometry = (signal_size, stride, padding)
-    cached = _LIPSCHITZ_CACHE.get(weight)
+    entries = _LIPSCHITZ_CACHE.get(base)
+    if entries is None:
+        entries = _LIPSCHITZ_CACHE[base] = {}
+    cached = entries.get(place)
     if cached is None or cached[0] != geometry or not torch.equal(cached[1], weight):
         values = weight.detach().clone()
         cached = (geometry, values, float(_inverse_lipschitz(values, signal_size, stride, padding)))
-        _LIPSCHITZ_CACHE[weight] = cached
+        entries[place] = cached  # one entry per view, as one per tensor before: a new geometry replaces it
     step = cached[2]
     check.fits_dtype("the default step 1/L (the dictionary is nearly zero)", step, carried)
     check.positive("the default step 1/L (the dictionary is very large)", step, carried)

@@ -125,6 +125,47 @@ def test_ml_ista_default_steps_are_one_over_lipschitz():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
 
 
+def _count_power_iterations(monkeypatch) -> list[int]:
+    import dsc_kernels.reference as ref
+
+    calls = [0]
+    estimate = ref.lipschitz_power_iteration_scaled
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return estimate(*args, **kwargs)
+
+    monkeypatch.setattr(ref, "lipschitz_power_iteration_scaled", counted)
+    return calls
+
+
+def test_ml_ista_default_steps_are_estimated_once_per_dictionary(monkeypatch):
+    # The default 1/L_j is cached per dictionary, as conv_ista's: ml_ista passed each layer's dictionary as a new view
+    # (w.unsqueeze(0)[k]) on every call, which the cache never found, so every call ran 100 power iterations per
+    # layer again (400 convolutions for this two-layer call). A changed dictionary is still re-estimated.
+    calls = _count_power_iterations(monkeypatch)
+    x, ws = _net()
+    first = DF.ml_ista(x, ws, [0.01, 0.02], n_iter=2, strides=[2, 1], backend="reference")
+    assert calls[0] == 2
+    again = DF.ml_ista(x, ws, [0.01, 0.02], n_iter=2, strides=[2, 1], backend="reference")
+    assert calls[0] == 2
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with torch.no_grad():
+        ws[1].mul_(2.0)
+    DF.ml_ista(x, ws, [0.01, 0.02], n_iter=2, strides=[2, 1], backend="reference")
+    assert calls[0] == 3
+    # per-step dictionaries (All-Free) and conv_ista's per-iteration variant: one estimate per step's dictionary
+    per_step = [torch.stack([w, 0.5 * w, 0.25 * w]) for w in ws]
+    for _ in range(2):
+        DF.ml_ista(x, per_step, [0.01, 0.02], n_iter=2, strides=[2, 1], backend="reference")
+    assert calls[0] == 3 + 6
+    per_iteration = per_step[0].clone()  # per_step[0]'s 1/L at this geometry are cached already
+    for _ in range(2):
+        DF.conv_ista(x, per_iteration, 0.01, n_iter=3, stride=2, backend="reference")
+    assert calls[0] == 3 + 6 + 3
+
+
 def test_ml_ista_warns_for_a_layer_step_above_two_over_lipschitz():
     x, ws = _net()
     lips = [
