@@ -931,6 +931,41 @@ def test_checkpointed_training_forward_differentiates_the_step_it_ran_with():
     assert torch.equal(layer.step, step)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_cpu_training_forward_on_an_unchanged_weight_runs_no_power_iteration(channels, monkeypatch):
+    """A training forward re-estimates the tracked step only where the weight changed, and ran the power iterations
+    on every forward anyway, discarding them on the device when it had not (a gradient-accumulation loop's later
+    micro-batches: 3 to 20 iterations each). On the CPU the decision is read first: none then, the same step."""
+    from dsc_kernels.reference import spectrum
+
+    calls = [0]
+    estimate = spectrum.dictionary_norm_sq
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return estimate(*args, **kwargs)
+
+    monkeypatch.setattr(spectrum, "dictionary_norm_sq", counted)
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(channels, 4, 3, n_iter=3, backend="reference")
+    with torch.no_grad():
+        layer.weight.add_(0.1 * torch.randn_like(layer.weight))  # as after an optimiser step
+    x = torch.randn(2, channels, 8, 8)
+    calls[0] = 0
+    layer(x).sum().backward()
+    assert calls[0] == 1
+    step, vector = layer.step.clone(), layer._power_vector.clone()
+    for _ in range(3):  # micro-batches before the next optimiser step
+        layer(x).sum().backward()
+    assert calls[0] == 1
+    assert torch.equal(layer.step, step) and torch.equal(layer._power_vector, vector)
+    with torch.no_grad():
+        layer.weight.mul_(1.5)
+    layer(x)
+    assert calls[0] == 2
+    torch.testing.assert_close(layer.step, step / 1.5**2, rtol=2e-3, atol=0)
+
+
 def test_a_parametrized_weight_is_not_taken_for_a_changed_one():
     """torch.nn.utils.parametrize computes weight anew at every access: every eval forward re-estimated 1/L (50
     power iterations) and the step drifted between identical calls. The original tensor's version is read now."""

@@ -696,8 +696,13 @@ class _ConvSparseCoding(_projection.Projected):
         when the weight's values changed since the step was estimated: a forward on the same weight (the replay
         of torch.utils.checkpoint, a layer applied twice before the optimiser step) runs with the same step, so the
         backward differentiates the forward that was returned. Decided on the device: no host sync (on the CPU
-        the iteration count reads the estimate, see POWER_TOLERANCE)."""
+        the iteration count reads the estimate, see POWER_TOLERANCE). On the CPU in eager mode, where that read costs
+        nothing, an unchanged weight skips the iterations whose result the device-side choice would discard (a
+        gradient-accumulation loop's later micro-batches, a checkpoint replay: 3 to 20 iterations per forward)."""
         changed = self._weight_changed()
+        if changed.device.type == "cpu" and check.values_readable(changed) and not bool(changed):
+            self._note_step_source()
+            return
         inverse_lipschitz, vector = self._power_iterate(self._power_steps(cold=False), adaptive=True)
         self._power_vector.copy_(torch.where(changed, vector, self._power_vector))
         # Through 1-element views: see refresh_step_
