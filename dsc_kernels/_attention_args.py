@@ -113,7 +113,7 @@ def attention_inputs(
                 f"threshold must be a float or a tensor of shape (H,)=({heads},), got {tuple(threshold.shape)}"
             )
         # Beyond the compute dtype's range it would become +-inf there (all-zero or all-inf weights).
-        check.fits_dtype("threshold", threshold, stats_dtype(q.dtype))
+        check.fits_dtype("threshold", threshold, stats_dtype(q.dtype), finite=True)
     elif threshold is not None:
         raise ValueError("threshold is only used by mode='shrink'; sparsemax finds its own per-row threshold")
     if scale is None:

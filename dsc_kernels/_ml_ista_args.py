@@ -80,7 +80,7 @@ def per_step_values(
         check.nonnegative(name + negative_hint, value)
     if positive:
         check.positive(name, value, like.dtype)
-    check.fits_dtype(name, value, like.dtype)
+    check.fits_dtype(name, value, like.dtype, finite=True)
     full = (n_steps,) if channels is None else (n_steps, channels)
     if not isinstance(value, Tensor):
         return torch.full(full, float(value), dtype=like.dtype, device=like.device)

@@ -353,7 +353,9 @@ def positive(name: str, value: Tensor | float, dtype: torch.dtype | None = None)
             return
         if bool((values <= 0).any()):
             raise ValueError(f"{name} must be > 0, got a tensor with entries <= 0")
-        underflows = dtype is not None and bool((values.detach().to(dtype) == 0).any())
+        # a positive value cannot underflow in a dtype at least as wide as its own: no read (a host sync on a GPU)
+        narrows = dtype is not None and torch.promote_types(values.dtype, dtype) != dtype
+        underflows = narrows and bool((values.detach().to(dtype) == 0).any())
     elif value <= 0:
         raise ValueError(f"{name} must be > 0, got {value}")
     else:
@@ -374,12 +376,16 @@ def broadcasts_to(name: str, t: Tensor, shape: Sequence[int]) -> None:
         raise ValueError(f"{name} of shape {tuple(t.shape)} must broadcast to shape {tuple(shape)}")
 
 
-def fits_dtype(name: str, value: Tensor | float, dtype: torch.dtype, *, infinite_ok: bool = False) -> None:
+def fits_dtype(
+    name: str, value: Tensor | float, dtype: torch.dtype, *, infinite_ok: bool = False, finite: bool = False
+) -> None:
     """A finite value beyond dtype's range would silently become inf there (a step of inf makes every code NaN).
-    infinite_ok: +-inf itself is a meaningful value (a -inf mask entry hides a key); only finite entries are checked."""
+    infinite_ok: +-inf itself is a meaningful value (a -inf mask entry hides a key); only finite entries are checked.
+    finite: the caller has checked every entry finite (``scalar_or_tensor``), so a tensor of a dtype no wider than
+    ``dtype`` fits without a read (one host sync on a GPU fewer)."""
     largest = torch.finfo(dtype).max
     if isinstance(value, Tensor):
-        if infinite_ok and value.is_floating_point() and torch.finfo(value.dtype).max <= largest:
+        if (infinite_ok or finite) and value.is_floating_point() and torch.finfo(value.dtype).max <= largest:
             return  # no finite value of a narrower dtype can exceed dtype's range
         too_large = False
         values = checkable(value)
@@ -393,9 +399,12 @@ def fits_dtype(name: str, value: Tensor | float, dtype: torch.dtype, *, infinite
         raise ValueError(f"{what} must fit in {dtype} (|value| <= {largest:.3g})")
 
 
-def per_iteration(name: str, value: Tensor | float, n_iter: int, c_code: int | None, like: Tensor) -> Tensor:
+def per_iteration(
+    name: str, value: Tensor | float, n_iter: int, c_code: int | None, like: Tensor, *, finite: bool = False
+) -> Tensor:
     """Broadcast lam/threshold (scalar, (C_code,), (n_iter, C_code)) or step (scalar, (n_iter,)) to its canonical
-    shape in like's dtype. Broadcasting keeps autograd: a shared scalar's gradient is the sum over the entries."""
+    shape in like's dtype. Broadcasting keeps autograd: a shared scalar's gradient is the sum over the entries.
+    finite: value has passed ``scalar_or_tensor`` (see ``fits_dtype``)."""
     full = (n_iter, c_code) if c_code is not None else (n_iter,)
     allowed = [(), (n_iter,)] if c_code is None else [(), (c_code,), (n_iter, c_code)]
     if isinstance(value, Tensor) and tuple(value.shape) not in allowed:
@@ -403,7 +412,7 @@ def per_iteration(name: str, value: Tensor | float, n_iter: int, c_code: int | N
             f"{name} must have one of the shapes {allowed} (n_iter={n_iter}"
             f"{'' if c_code is None else f', C_code={c_code}'}), got {tuple(value.shape)}"
         )
-    fits_dtype(name, value, like.dtype)
+    fits_dtype(name, value, like.dtype, finite=finite)
     if not isinstance(value, Tensor):
         return torch.full(full, float(value), dtype=like.dtype, device=like.device)
     return broadcast_copy(value.to(like.dtype), full)

@@ -118,7 +118,7 @@ def soft_threshold(x: Tensor, threshold: Tensor | float, *, nonneg: bool = False
     if isinstance(threshold, Tensor):
         check.same_device(x=x, threshold=threshold)
         check.broadcasts_to("threshold", threshold, x.shape)
-    check.fits_dtype("threshold", threshold, x.dtype)
+    check.fits_dtype("threshold", threshold, x.dtype, finite=True)
     return ref.soft_threshold_ref(x, threshold, nonneg)
 
 
@@ -282,8 +282,13 @@ def _warn_if_step_diverges(
         if first * s - p + k > size:
             return
     # a reduction, not a weight-sized square: this runs on every call
-    lower = float(torch.linalg.vector_norm(weight.detach().flatten(1), dim=1).max()) ** 2 if weight.numel() else 0.0
-    largest = float(step.detach().max()) if isinstance(step, Tensor) else float(step)
+    # read together, one host sync (a GPU's) where the step is a tensor too
+    read = [torch.linalg.vector_norm(weight.detach().flatten(1), dim=1).max()] if weight.numel() else []
+    if isinstance(step, Tensor):
+        read.append(step.detach().max())
+    values = torch.stack([t.to(torch.float64) for t in read]).tolist() if read else []
+    lower = values.pop(0) ** 2 if weight.numel() else 0.0
+    largest = values[0] if isinstance(step, Tensor) else float(step)
     if not math.isfinite(lower) and not bool(weight.detach().isfinite().all()):
         return  # a NaN or inf in the weight makes the codes NaN whatever the step
     if lower > 0 and largest > 2.0 / lower:
@@ -306,17 +311,17 @@ def _checked_values(
     if step is not None:
         step = check.scalar_or_tensor("step", step)
         check.positive("step", step, like.dtype)
-        step_full = check.per_iteration("step", step, n_iter, None, like)
+        step_full = check.per_iteration("step", step, n_iter, None, like, finite=True)
     if (lam is None) == (threshold is None):
         raise ValueError("give exactly one of lam (threshold = step * lam) and threshold (absolute)")
     if lam is not None:
         lam = check.scalar_or_tensor("lam", lam)
         check.nonnegative("lam", lam)
-        return step_full, check.per_iteration("lam", lam, n_iter, c_code, like), False
+        return step_full, check.per_iteration("lam", lam, n_iter, c_code, like, finite=True), False
     threshold = check.scalar_or_tensor("threshold", threshold)
     if not nonneg:
         check.nonnegative("threshold (negative thresholds need nonneg=True)", threshold)
-    return step_full, check.per_iteration("threshold", threshold, n_iter, c_code, like), True
+    return step_full, check.per_iteration("threshold", threshold, n_iter, c_code, like, finite=True), True
 
 
 def _as_lam(thresholds: Tensor, absolute: bool, step_full: Tensor) -> Tensor:

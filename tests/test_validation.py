@@ -275,3 +275,36 @@ def test_check_backend_refuses_what_a_call_refuses(monkeypatch):
     with pytest.raises(TypeError, match="floating-point"):
         DF.conv_ista(X.int(), W, 0.1, n_iter=1)
     assert DF.check_backend("auto", "ml_ista", device="cpu", dtype=torch.float64) in ("cpp", "reference")
+
+
+def test_conv_ista_reads_tensor_values_once_per_check():
+    """Every value read (``bool``/``float`` of a tensor) is a host sync on a GPU. A tensor lam and step took 9 per
+    conv_ista call: the step's underflow check cast a float32 step to float32, and the dtype-range checks re-read
+    values already checked finite in a dtype no wider; the divergence warning read the atom norms and the step
+    apart. 4 now, and every check still raises."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                Reads.count += 1
+            return func(*args, **(kwargs or {}))
+
+    x, w = torch.randn(2, 3, 8, 8), 0.3 * torch.randn(4, 3, 3, 3)
+    lam, step = torch.full((5, 4), 0.1), torch.full((5,), 0.1)
+    with Reads():
+        DF.conv_ista(x, w, lam, n_iter=5, step=step, padding=1, backend="reference")
+    assert Reads.count == 4  # lam: finite, >= 0; step: finite, > 0 (the divergence warning's read: norms and step)
+    for bad, match in [(float("nan"), "finite"), (-1.0, ">= 0")]:
+        with pytest.raises(ValueError, match=match):
+            DF.conv_ista(x, w, torch.full((5, 4), bad), n_iter=5, step=step, padding=1)
+    for bad, match in [(float("inf"), "finite"), (0.0, "> 0")]:
+        with pytest.raises(ValueError, match=match):
+            DF.conv_ista(x, w, lam, n_iter=5, step=torch.full((5,), bad), padding=1)
+    # a float64 step that a float32 problem would round to 0 is still refused, and a lam beyond float32's range too
+    with pytest.raises(ValueError, match="underflows"):
+        DF.conv_ista(x, w, 0.1, n_iter=5, step=torch.full((5,), 1e-50, dtype=torch.float64), padding=1)
+    with pytest.raises(ValueError, match="fit in"):
+        DF.conv_ista(x, w, torch.full((5, 4), 1e300, dtype=torch.float64), n_iter=5, step=step, padding=1)
