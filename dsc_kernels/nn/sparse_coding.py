@@ -350,7 +350,16 @@ class _ConvSparseCoding(_projection.Projected):
     def _restart_power_vector(self, shape: Sequence[int] | None = None) -> Tensor:
         """A fresh start vector, the same on every rank (seeded), of the buffer's shape (filled in place) or of
         ``shape`` (a new buffer); then a cold estimate into it. Returns its 1/L."""
-        fresh = torch.randn(tuple(shape or self._power_vector.shape), generator=torch.Generator().manual_seed(0))
+        # Drawn on the CPU in float32 whatever torch.set_default_device / set_default_dtype say, then moved to the
+        # buffer: on the default device a layer built with device="cpu" inside ``with torch.device("meta")`` raised
+        # "Cannot copy out of meta tensor", and one built under set_default_device("cuda") refused the CPU generator;
+        # in the default dtype a float64 default drew another start vector (another 1/L) for the same dictionary.
+        fresh = torch.randn(
+            tuple(shape or self._power_vector.shape),
+            generator=torch.Generator().manual_seed(0),
+            device="cpu",
+            dtype=torch.float32,
+        )
         if shape is None:
             self._power_vector.copy_(fresh)
         else:

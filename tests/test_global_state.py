@@ -1,0 +1,45 @@
+"""The layers under process-wide and context-wide torch state: the default device and dtype, inference mode.
+
+Whatever torch.set_default_device / set_default_dtype say, and whether a call runs inside torch.inference_mode(), a
+layer's own state (its power-iteration vector, the values it projects onto) is what a plain run makes of it.
+"""
+
+import pytest
+import torch
+
+from dsc_kernels.nn import ConvSparseCoding2d
+
+
+@pytest.fixture
+def default_dtype():
+    before = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(before)
+
+
+def test_a_layer_built_on_its_device_under_another_default_device():
+    # The power iteration's start vector was drawn on the default device: a layer built with device="cpu" inside
+    # ``with torch.device("meta")`` raised "Cannot copy out of meta tensor" (under set_default_device("cuda"), the
+    # CPU generator was refused), where nn.Conv2d(device="cpu") builds there.
+    torch.manual_seed(0)
+    plain = ConvSparseCoding2d(3, 5, 3, n_iter=3)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        layer = ConvSparseCoding2d(3, 5, 3, n_iter=3, device="cpu")
+    assert layer.weight.device.type == layer._power_vector.device.type == layer.step.device.type == "cpu"
+    torch.testing.assert_close(layer.weight, plain.weight, rtol=0, atol=0)
+    torch.testing.assert_close(layer.step, plain.step, rtol=0, atol=0)
+    torch.testing.assert_close(layer._power_vector, plain._power_vector, rtol=0, atol=0)
+
+
+def test_the_start_vector_does_not_follow_the_default_dtype(default_dtype):
+    # Drawn in the default dtype, the same float32 layer started its power iteration from other numbers under
+    # set_default_dtype(torch.float64).
+    torch.manual_seed(0)
+    plain = ConvSparseCoding2d(3, 5, 3, n_iter=3, dtype=torch.float32)
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(3, 5, 3, n_iter=3, dtype=torch.float32)
+    torch.testing.assert_close(layer.weight, plain.weight, rtol=0, atol=0)
+    torch.testing.assert_close(layer._power_vector, plain._power_vector, rtol=0, atol=0)
+    torch.testing.assert_close(layer.step, plain.step, rtol=0, atol=0)
