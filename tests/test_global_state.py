@@ -43,3 +43,18 @@ def test_the_start_vector_does_not_follow_the_default_dtype(default_dtype):
     torch.testing.assert_close(layer.weight, plain.weight, rtol=0, atol=0)
     torch.testing.assert_close(layer._power_vector, plain._power_vector, rtol=0, atol=0)
     torch.testing.assert_close(layer.step, plain.step, rtol=0, atol=0)
+
+
+def test_projection_after_an_optimizer_step_under_a_meta_default_device():
+    # The projection formed its float16-safe floor as a tensor on the default device and read it back: inside
+    # ``with torch.device("meta")`` every optimiser step of a layer with a learned step raised "Tensor.item() cannot
+    # be called on meta tensors".
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 3, 3, n_iter=2, learn_step=True)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+    x = torch.randn(2, 2, 6, 6)
+    with torch.device("meta"):
+        (-layer(x).square().sum() * 1e6).backward()  # pushes the step far below its floor
+        optimizer.step()
+    assert layer.step.device.type == "cpu"
+    assert bool((layer.step >= layer.step_floor).all())

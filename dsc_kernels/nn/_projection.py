@@ -89,9 +89,11 @@ def _project(param: torch.Tensor, lower: float | None, upper: float | None) -> N
     if lower is not None and lower > 0 and param.is_floating_point():
         # A positive floor rounds to 0 in float16 below ~3e-8 (a learned step of 1e-5 has floor 1e-8), and the
         # projection stored step 0, which the next forward refuses: the smallest value at or above it in that dtype.
-        bound = torch.tensor(lower, dtype=param.dtype)
+        # on the CPU, whatever torch.set_default_device says: a host number (on "meta", a step inside
+        # ``with torch.device("meta")`` raised "Tensor.item() cannot be called on meta tensors"; on a GPU, a sync)
+        bound = torch.tensor(lower, dtype=param.dtype, device="cpu")
         if float(bound) < lower:
-            bound = torch.nextafter(bound, torch.tensor(math.inf, dtype=param.dtype))
+            bound = torch.nextafter(bound, torch.tensor(math.inf, dtype=param.dtype, device="cpu"))
         lower = float(bound)
     param.clamp_(min=lower, max=upper)
 
