@@ -58,3 +58,49 @@ def test_projection_after_an_optimizer_step_under_a_meta_default_device():
         optimizer.step()
     assert layer.step.device.type == "cpu"
     assert bool((layer.step >= layer.step_floor).all())
+
+
+def _train_step(layer, x):
+    layer.train()
+    layer(x).square().sum().backward()
+    torch.optim.SGD(layer.parameters(), lr=0.1).step()
+    return layer(x).detach()
+
+
+@pytest.mark.parametrize("learn_step", [False, True])
+def test_a_load_with_assign_under_inference_mode_trains_after(learn_step):
+    # A meta-built layer loaded with assign=True under torch.inference_mode() holds the state dict's (normal)
+    # tensors, as nn.Linear does, but its power vector, estimated weight and step floor were made there as inference
+    # tensors: the next training forward raised "Inplace update to inference tensor outside InferenceMode".
+    torch.manual_seed(0)
+    source = ConvSparseCoding2d(2, 3, 3, n_iter=2, learn_step=learn_step)
+    state = source.state_dict()
+    state.pop("step_floor", None)  # a state dict saved before the floor was state: the load makes one
+    x = torch.randn(2, 2, 6, 6)
+    results = []
+    for inference in (False, True):
+        layer = ConvSparseCoding2d(2, 3, 3, n_iter=2, learn_step=learn_step, device="meta")
+        copied = {k: v.clone() for k, v in state.items()}
+        with torch.inference_mode(inference):
+            layer.load_state_dict(copied, assign=True, strict=False)
+        assert not any(t.is_inference() for t in layer.buffers())
+        results.append(_train_step(layer, x))
+        layer.load_state_dict(state, strict=False)  # in place into the loaded buffers
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
+def test_a_state_dict_taken_under_inference_mode_holds_no_inference_tensor():
+    # Right after an optimiser step the saved tracked step is re-estimated for the new weight; under
+    # torch.inference_mode() it came back as an inference tensor (the parameters are not), and a layer loaded from it
+    # with assign=True could not train.
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 3, 3, n_iter=2)
+    x = torch.randn(2, 2, 6, 6)
+    layer(x).square().sum().backward()
+    torch.optim.SGD(layer.parameters(), lr=0.5).step()
+    with torch.inference_mode():
+        state = layer.state_dict()
+    assert not any(t.is_inference() for t in state.values())
+    loaded = ConvSparseCoding2d(2, 3, 3, n_iter=2, device="meta")
+    loaded.load_state_dict(state, assign=True)
+    _train_step(loaded, x)

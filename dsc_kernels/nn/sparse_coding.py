@@ -539,7 +539,10 @@ class _ConvSparseCoding(_projection.Projected):
         if cached is not None and self._is_current(cached[0]) and not self._weight_in_shared_memory():
             return cached[1]
         inverse_lipschitz, _ = self._power_iterate(self._power_steps(cold=False), adaptive=True)
-        step = inverse_lipschitz.reshape(self.step.shape).detach().clone()
+        # a normal tensor even when state_dict() runs under torch.inference_mode(): loaded with assign=True, an
+        # inference tensor became the layer's step, which the next training forward could not update in place
+        with torch.inference_mode(False):
+            step = inverse_lipschitz.reshape(self.step.shape).detach().clone()
         self._checkpoint_step_cache = (self._source(), step)
         return step
 
@@ -915,8 +918,11 @@ def _restart_after_load(module: _ConvSparseCoding, loaded: set[str]) -> None:
     if weight.is_meta:
         return
     if (vector.device, vector.dtype) != (weight.device, weight.dtype):  # assign=True onto a meta or other-dtype module
-        module._power_vector = torch.empty(vector.shape, device=weight.device, dtype=weight.dtype)
-        module._estimated_weight = torch.empty_like(weight)
+        # normal tensors even for a load under torch.inference_mode(): the loaded parameters are the state dict's,
+        # and inference-tensor caches made the next training forward raise "Inplace update to inference tensor"
+        with torch.inference_mode(False):
+            module._power_vector = torch.empty(vector.shape, device=weight.device, dtype=weight.dtype)
+            module._estimated_weight = torch.empty_like(weight)
     inverse_lipschitz = module._restart_power_vector()
     if module._track_step and "weight" in loaded and "step" not in loaded:
         with torch.no_grad():
@@ -936,7 +942,8 @@ def _floor_after_load(module: _ConvSparseCoding, loaded: set[str]) -> None:
         return
     floor = step_floor_after_load(float(old) if readable else math.inf, [module.step])
     if check.storageless(old):  # loaded with assign=True onto a meta module
-        module.step_floor = torch.tensor(floor, device=module.step.device, dtype=old.dtype)
+        with torch.inference_mode(False):  # a normal tensor, as above: a later load fills it in place
+            module.step_floor = torch.tensor(floor, device=module.step.device, dtype=old.dtype)
     else:  # in place: DDP keeps references to the module's buffers
         with torch.no_grad():
             old.fill_(floor)
