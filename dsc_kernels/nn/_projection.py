@@ -20,6 +20,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.nn.utils import prune
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from .._fork_safe import ForkSafeLock
@@ -105,6 +106,23 @@ def project_(module: nn.Module) -> nn.Module:
             for param, lower, upper in layer.constraints():
                 _project(param, lower, upper)
     return module
+
+
+def stored_parameter(module: nn.Module, name: str) -> nn.Parameter | None:
+    """The parameter an optimiser updates for ``module``'s value ``name``: ``name`` itself, or for one pruned by
+    ``torch.nn.utils.prune`` (whose ``name`` is then the plain tensor ``name_orig * name_mask``, recomputed before
+    each forward) ``name_orig``. Projecting ``name_orig`` onto a set that holds 0 keeps the product in it. None for
+    a value that is no parameter (a buffer, or a ``parametrize``-d one, whose parametrization defines its own set:
+    its original is not projected). Without this a pruned learned lam or threshold was never projected, and the
+    forward after an optimiser step that moved it below 0 refused it (ValueError)."""
+    param = module._parameters.get(name)
+    if param is not None:
+        return param
+    pruned = any(
+        isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name
+        for hook in module._forward_pre_hooks.values()
+    )
+    return module._parameters.get(name + "_orig") if pruned else None
 
 
 class Projected(nn.Module):

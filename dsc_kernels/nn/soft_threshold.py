@@ -66,8 +66,8 @@ class SoftThreshold(_projection.Projected):
 
     def constraints(self):
         """(parameter, lower, upper) bounds kept valid by projection."""
-        learned = isinstance(self.threshold, nn.Parameter)
-        return [(self.threshold, 0.0, None)] if learned and not self.nonneg else []
+        threshold = _projection.stored_parameter(self, "threshold")  # or a pruned one's threshold_orig
+        return [(threshold, 0.0, None)] if threshold is not None and not self.nonneg else []
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, C, *) with ``num_channels=C``, any shape otherwise -> same shape, in x's dtype (an activation:

@@ -317,14 +317,16 @@ class _ConvSparseCoding(_projection.Projected):
     def constraints(self) -> list[tuple[Tensor, float | None, float | None]]:
         """(parameter, lower, upper) bounds that projection after each optimiser step keeps valid."""
         out = []
-        values = getattr(self, self._threshold_name)
-        if isinstance(values, nn.Parameter) and not (self._threshold_name == "threshold" and self.nonneg):
+        # the parameters themselves, or a pruned one's name_orig (torch.nn.utils.prune)
+        values = _projection.stored_parameter(self, self._threshold_name)
+        if values is not None and not (self._threshold_name == "threshold" and self.nonneg):
             out.append((values, 0.0, None))
-        if isinstance(self.step, nn.Parameter):
+        step = _projection.stored_parameter(self, "step")
+        if step is not None and "step_floor" in self._buffers:
             # no floor where it has no values to read (a layer built under a FakeTensorMode, for shapes only) or
             # where it is not known yet (inf: to_empty() after a meta construction, before reset_parameters())
             floor = float(self.step_floor) if check.values_readable(self.step_floor) else 0.0
-            out.append((self.step, floor if math.isfinite(floor) else 0.0, None))
+            out.append((step, floor if math.isfinite(floor) else 0.0, None))
         return out
 
     @property

@@ -1,0 +1,53 @@
+"""Layers whose parameters are pruned (torch.nn.utils.prune) or parametrized (torch.nn.utils.parametrize)."""
+
+import pytest
+import torch
+from torch.nn.utils import prune
+
+from dsc_kernels.nn import ConvSparseCoding2d, SoftThreshold, project_
+
+
+def _push_below_zero(module, x):
+    """An SGD step that moves every stored (pruned: name_orig) value far below 0, whatever the gradient's sign."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=100.0)
+    module(x).sum().backward()
+    for p in module.parameters():
+        if p.grad is not None:
+            p.grad = torch.ones_like(p)
+    optimizer.step()
+
+
+@pytest.mark.parametrize("name", ["lam", "threshold"])
+def test_a_pruned_learned_threshold_is_projected_through_its_original(name):
+    # prune makes `lam` the plain tensor lam_orig * lam_mask; the optimiser updates lam_orig, which projection
+    # never reached: lam went below 0 and the next forward refused it (ValueError)
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=2, backend="reference", **{name: 0.05, f"learn_{name}": True})
+    prune.random_unstructured(layer, name, amount=0.5)
+    x = torch.randn(1, 2, 6, 6)
+    _push_below_zero(layer, x)
+    original = getattr(layer, f"{name}_orig")
+    assert float(original.detach().min()) == 0.0  # projected onto lam >= 0, not left at 0.05 - 100
+    layer(x)  # runs (the product of the projected original and the mask is >= 0)
+
+
+def test_a_pruned_learned_step_is_projected_onto_its_floor():
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 4, 3, n_iter=2, learn_step=True, backend="reference")
+    prune.identity(layer, "step")
+    _push_below_zero(layer, torch.randn(1, 2, 6, 6))
+    assert torch.equal(layer.step_orig.detach(), layer.step_floor.expand(2))
+
+
+def test_a_pruned_learnable_soft_threshold_is_projected_through_its_original():
+    module = SoftThreshold(0.1, num_channels=4, learnable=True)
+    prune.l1_unstructured(module, "threshold", amount=0.5)
+    x = torch.randn(2, 4, 5)
+    _push_below_zero(module, x)
+    assert float(module.threshold_orig.detach().min()) == 0.0
+    module(x)
+    # project_ reaches it too
+    with torch.no_grad():
+        module.threshold_orig.fill_(-1.0)
+    project_(module)
+    assert float(module.threshold_orig.detach().min()) == 0.0
