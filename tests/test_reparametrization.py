@@ -51,3 +51,33 @@ def test_a_pruned_learnable_soft_threshold_is_projected_through_its_original():
         module.threshold_orig.fill_(-1.0)
     project_(module)
     assert float(module.threshold_orig.detach().min()) == 0.0
+
+
+def _inverse_lipschitz(weight):
+    """1/L of ``weight`` from a fresh float64 layer, to convergence."""
+    truth = ConvSparseCoding2d(*weight.shape[1::-1], weight.shape[-1], backend="reference", dtype=torch.float64)
+    with torch.no_grad():
+        truth.weight.copy_(weight.double())
+    return float(truth.refresh_step_(100))
+
+
+def test_a_pruned_dictionary_stepped_since_the_last_forward_is_seen_outside_the_forward():
+    # prune's `weight` is weight_orig * weight_mask as of the last forward: after an optimiser step state_dict()
+    # took the step as up to date and saved the old dictionary's 1/L (27x the new one's here), and decode used the
+    # old dictionary
+    torch.manual_seed(2)
+    layer = ConvSparseCoding2d(4, 8, 3, n_iter=3, backend="reference")
+    prune.l1_unstructured(layer, "weight", amount=0.3)
+    x = torch.randn(2, 4, 8, 8)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x).square().sum().backward()
+    optimizer.step()
+    effective = (layer.weight_orig * layer.weight_mask).detach()
+    saved = float(layer.state_dict()["step"])
+    assert saved == pytest.approx(_inverse_lipschitz(effective), rel=1e-3)
+    z = torch.randn(1, 8, 6, 6)
+    expected = torch.nn.functional.conv_transpose2d(z, effective, padding=1)
+    torch.testing.assert_close(layer.decode(z), expected)
+    layer.eval()
+    layer(x)
+    assert float(layer.step) == pytest.approx(_inverse_lipschitz(effective), rel=1e-4)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from .. import _validate as check
 from .. import _warnings
@@ -433,15 +433,25 @@ class _ConvSparseCoding(_projection.Projected):
         (weight_norm keeps two) and the parametrizations' own parameters and buffers. ``torch.nn.utils.parametrize``
         makes ``weight`` a new tensor at every access, so every eval forward took it for a changed weight."""
         tensors = parametrized_tensors(self, "weight")
+        if tensors is None and _weight_pruning(self) is not None:
+            # pruned: weight_orig (what the optimiser steps) and weight_mask; ``weight`` is their product as of the
+            # last forward, so after an optimiser step it still held the old values and state_dict() saved the old
+            # dictionary's 1/L as the step (27x the new 1/L after one SGD step at lr 0.5)
+            return [self.weight_orig, self.weight_mask]
         return [self.weight] if tensors is None else tensors
 
     def _weight(self) -> Tensor:
-        """``weight``, as this thread's forward of this module evaluated it where one is running (see forward)."""
+        """``weight``, as this thread's forward of this module evaluated it where one is running (see forward);
+        outside a forward, a pruned weight's ``weight_orig * weight_mask`` (its ``weight`` is refreshed only by
+        prune's forward pre-hook)."""
         if not torch.compiler.is_compiling():
             held = getattr(_FORWARD_WEIGHTS, "weights", None)
             weight = held.get(id(self)) if held else None
             if weight is not None:
                 return weight
+        pruning = _weight_pruning(self)
+        if pruning is not None and not torch.compiler.is_compiling():
+            return _whole(pruning.apply_mask(self))
         return _whole(self.weight)
 
     def _source(self) -> tuple[tuple[weakref.ref, ...], tuple[tuple[int, int], ...]] | None:
@@ -622,12 +632,13 @@ class _ConvSparseCoding(_projection.Projected):
         """x: (B, C_sig, *S) -> z: (B, C_code, *Sz)."""
         # Before weight is evaluated: a refused call ran spectral_norm's power iteration (training mode) first.
         self._check_input(x)
-        if not parametrize.is_parametrized(self, "weight"):
+        if not parametrize.is_parametrized(self, "weight") and _weight_pruning(self) is None:
             return self._forward(x)
         # One evaluation of a parametrized weight per forward, as nn.Conv2d's: the step's estimate, its source and
         # the iterations read weight several times, and spectral_norm ran its power iteration at every read in
         # training mode (5 per forward), so ISTA ran on another weight than the one its 1/L was estimated from.
-        # The one evaluation takes grad (later reads are under no_grad).
+        # The one evaluation takes grad (later reads are under no_grad). A pruned weight's is the product prune's
+        # pre-hook just formed (outside a forward, _weight forms it anew).
         if torch.compiler.is_compiling():  # dynamo traces parametrize's cache (fullgraph works with it)
             with parametrize.cached():
                 self.weight  # noqa: B018
@@ -819,7 +830,7 @@ class _ConvSparseCoding(_projection.Projected):
                 max(1, (n - 1) * s - 2 * p + k)
                 for n, s, p, k in zip(z.shape[2:], self.stride, self.padding, self.kernel_size)
             ]
-        return DF.conv_synthesis(z, self.weight, stride=self.stride, padding=self.padding, signal_size=signal_size)
+        return DF.conv_synthesis(z, self._weight(), stride=self.stride, padding=self.padding, signal_size=signal_size)
 
     def extra_repr(self) -> str:
         options = [
@@ -846,6 +857,14 @@ class _ConvSparseCoding(_projection.Projected):
         elif not isinstance(self.step, nn.Parameter):
             options.append(_fixed_value("step", self.step))
         return ", ".join(options + [f"backend={self.backend!r}"])
+
+
+def _weight_pruning(module: nn.Module) -> prune.BasePruningMethod | None:
+    """The ``torch.nn.utils.prune`` method (or container) applied to ``module.weight``, or None when unpruned."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight":
+            return hook
+    return None
 
 
 def _whole(weight: Tensor) -> Tensor:
