@@ -81,3 +81,18 @@ def test_a_pruned_dictionary_stepped_since_the_last_forward_is_seen_outside_the_
     layer.eval()
     layer(x)
     assert float(layer.step) == pytest.approx(_inverse_lipschitz(effective), rel=1e-4)
+
+
+def test_normalize_dictionary_normalises_a_pruned_dictionarys_effective_atoms():
+    # it divided prune's `weight` (the product as of the last forward), which the next forward's pre-hook formed
+    # again from weight_orig: the atoms kept their norms (3 here), silently
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(3, 6, 3, n_iter=2, backend="reference")
+    prune.l1_unstructured(layer, "weight", amount=0.3)
+    with torch.no_grad():
+        layer.weight_orig.mul_(3.0)
+    layer.normalize_dictionary_()
+    layer(torch.randn(1, 3, 6, 6))
+    norms = layer.weight.detach().flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(6))
+    assert float(layer.step) == pytest.approx(_inverse_lipschitz(layer.weight.detach()), rel=1e-3)

@@ -619,8 +619,15 @@ class _ConvSparseCoding(_projection.Projected):
     def normalize_dictionary_(self) -> _ConvSparseCoding:
         """Rescale every atom of ``weight`` (each code channel's (C_sig, *k) filter) to unit norm, and the tracked
         step with it. Zero atoms stay zero. Call after an optimiser step when learning a dictionary."""
-        norms = self.weight.flatten(1).norm(dim=1).reshape(-1, *([1] * (self.weight.dim() - 1)))
-        self.weight /= torch.where(norms > 0, norms, torch.ones_like(norms))
+        weight = self._weight()  # a pruned one's weight_orig * weight_mask as it is now
+        norms = weight.flatten(1).norm(dim=1).reshape(-1, *([1] * (weight.dim() - 1)))
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
+        if _weight_pruning(self) is not None:
+            # the effective atoms' norms, divided out of weight_orig (what the optimiser and prune's pre-hook read):
+            # dividing `weight`, the product as of the last forward, was undone by the next forward's pre-hook
+            self.weight_orig /= norms
+        else:
+            self.weight /= norms
         # adaptive, as a training forward's estimate: the next training forward sees this weight as estimated and
         # takes no iteration of its own, so three alone left step * L at 1.10 after one call on the CPU (2 -> 8
         # atoms, 1-D) and up to 1.12 with Adam at lr 0.1 (8 -> 32), where training forwards reach 1.02
