@@ -96,3 +96,35 @@ def test_normalize_dictionary_normalises_a_pruned_dictionarys_effective_atoms():
     norms = layer.weight.detach().flatten(1).norm(dim=1)
     torch.testing.assert_close(norms, torch.ones(6))
     assert float(layer.step) == pytest.approx(_inverse_lipschitz(layer.weight.detach()), rel=1e-3)
+
+
+def test_the_documented_unit_norm_parametrization_trains_with_unit_atoms_and_a_current_step():
+    # docs/training.md, "Keeping atoms at unit norm": the parametrization's code as printed there
+    import re
+    from pathlib import Path
+
+    from torch.nn.utils import parametrize
+
+    import dsc_kernels
+
+    text = Path(__file__).parents[1].joinpath("docs", "training.md").read_text()
+    block = re.search(r"## Keeping atoms at unit norm.*?```python\n(.*?)```", text, re.S).group(1)
+    scope = {"dsc_kernels": dsc_kernels}
+    torch.manual_seed(0)
+    exec(block, scope)
+    layer = scope["layer"]
+    layer.backend = "reference"
+    assert parametrize.is_parametrized(layer, "weight")
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.05)
+    x = torch.randn(2, 1, 12, 12)
+    before = layer.weight.detach().clone()
+    for _ in range(3):
+        optimizer.zero_grad()
+        (x - layer.decode(layer(x))).square().sum().backward()
+        optimizer.step()
+    weight = layer.weight.detach()
+    torch.testing.assert_close(weight.flatten(1).norm(dim=1), torch.ones(16))
+    assert (weight - before).abs().max() > 0.01  # trained: the optimiser moved the free tensor
+    layer.eval()
+    layer(x)  # an eval forward re-estimates the step for the weight as it is now
+    assert float(layer.step) == pytest.approx(_inverse_lipschitz(weight), rel=1e-3)
