@@ -379,7 +379,10 @@ class ThresholdWarmup:
             attr = next((a for kind, a in _FLOAT_THRESHOLDS if isinstance(module, kind)), None)
             if attr is not None:
                 key = f"{name}.{attr}" if name else attr
-                self.targets[key] = torch.tensor(float(getattr(module, attr)), dtype=torch.float64)
+                # on the CPU whatever torch.set_default_device says: read back at every step (inside
+                # ``with torch.device("meta")`` that raised "Tensor.item() cannot be called on meta tensors"; under
+                # set_default_device("cuda") it was a host sync per step)
+                self.targets[key] = torch.tensor(float(getattr(module, attr)), dtype=torch.float64, device="cpu")
                 self._slots[key] = (module, attr)
             elif isinstance(module, SPARSE_MODULES):
                 for attr in ("lam", "threshold"):

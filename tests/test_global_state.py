@@ -4,6 +4,8 @@ Whatever torch.set_default_device / set_default_dtype say, and whether a call ru
 layer's own state (its power-iteration vector, the values it projects onto) is what a plain run makes of it.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -104,3 +106,26 @@ def test_a_state_dict_taken_under_inference_mode_holds_no_inference_tensor():
     loaded = ConvSparseCoding2d(2, 3, 3, n_iter=2, device="meta")
     loaded.load_state_dict(state, assign=True)
     _train_step(loaded, x)
+
+
+def test_threshold_warmup_of_float_thresholds_under_a_meta_default_device():
+    # The target of a threshold held as a Python float (nn.Softshrink's lambd, the transformer block's lam) was a
+    # tensor on the default device, read back at every step: inside ``with torch.device("meta")`` building the
+    # warm-up raised "Tensor.item() cannot be called on meta tensors" (a host sync per step on a CUDA default).
+    from torch import nn
+
+    from dsc_kernels.nn import SoftThreshold, SparseCodingTransformerBlock
+    from dsc_kernels.sparsity import ThresholdWarmup
+
+    def run(context):
+        torch.manual_seed(0)
+        model = nn.ModuleList([nn.Softshrink(0.5), SoftThreshold(0.2), SparseCodingTransformerBlock(4, 2, lam=0.3)])
+        with context():
+            warmup = ThresholdWarmup(model, 4, start=0.5)
+            warmup.step()
+        return model[0].lambd, float(model[1].threshold), model[2].lam, {k: v.device for k, v in warmup.targets.items()}
+
+    plain = run(contextlib.nullcontext)
+    assert run(lambda: torch.device("meta")) == plain
+    assert plain[:3] == pytest.approx((0.5 * 0.625, 0.2 * 0.625, 0.3 * 0.625))
+    assert set(plain[3].values()) == {torch.device("cpu")}
