@@ -215,7 +215,7 @@ def _pair_classes(wins: list[Window], k: int, s: int) -> dict[int, list[tuple[Wi
 
 def _masks(lo: torch.Tensor, hi: torch.Tensor, k: int) -> torch.Tensor:
     """(n, k) float64 0/1 rows, row i marking the taps [lo_i, hi_i) (none when hi_i <= lo_i)."""
-    taps = torch.arange(k)
+    taps = torch.arange(k, device=lo.device)
     return ((taps >= lo[:, None]) & (taps < hi[:, None])).to(torch.float64)
 
 
@@ -250,8 +250,11 @@ def _max_cosine(wa: torch.Tensor, wb: torch.Tensor, pairs_h: list, pairs_w: list
     shifted = torch.zeros_like(wb)
     shifted[..., u0:u1, v0:v1] = wb[..., u0 - sh : u1 - sh, v0 - sw : v1 - sw]
     prod = torch.einsum("acuv,bcuv->abuv", wa, shifted)
-    ph = torch.tensor(pairs_h, dtype=torch.long)  # (n_h, 2 windows, 2 ends)
-    pw = torch.tensor(pairs_w, dtype=torch.long)
+    # every tensor here on the filters' device (the CPU), whatever torch.set_default_device says: on the default
+    # device they met the CPU filters under a CUDA or meta default ("Tensor on device meta is not on the expected
+    # device cpu")
+    ph = torch.tensor(pairs_h, dtype=torch.long, device=wa.device)  # (n_h, 2 windows, 2 ends)
+    pw = torch.tensor(pairs_w, dtype=torch.long, device=wa.device)
     # taps both atoms keep, in atom a's coordinates: window_a ∩ (window_b + shift)
     box_h = _masks(torch.maximum(ph[:, 0, 0], ph[:, 1, 0] + sh), torch.minimum(ph[:, 0, 1], ph[:, 1, 1] + sh), kh)
     box_w = _masks(torch.maximum(pw[:, 0, 0], pw[:, 1, 0] + sw), torch.minimum(pw[:, 0, 1], pw[:, 1, 1] + sw), kw)
@@ -269,10 +272,10 @@ def _max_cosine(wa: torch.Tensor, wb: torch.Tensor, pairs_h: list, pairs_w: list
     na, nb = norms(wa, 0), norms(wb, 1)
     valid = (na > 0)[:, None] & (nb > 0)[None, :]
     if same:
-        valid &= ~torch.eye(c_code, dtype=torch.bool)[:, :, None, None]
+        valid &= ~torch.eye(c_code, dtype=torch.bool, device=wa.device)[:, :, None, None]
     # every atom here keeps a tap >= 1e-100 of the largest (else the caller scaled it up): no product underflows
-    denom = torch.where(valid, na[:, None] * nb[None, :], torch.ones((), dtype=wa.dtype))
-    ratio = torch.where(valid, inner.abs_() / denom, torch.zeros((), dtype=wa.dtype))
+    denom = torch.where(valid, na[:, None] * nb[None, :], torch.ones((), dtype=wa.dtype, device=wa.device))
+    ratio = torch.where(valid, inner.abs_() / denom, torch.zeros((), dtype=wa.dtype, device=wa.device))
     return float(ratio.max()) if ratio.numel() else 0.0
 
 
@@ -315,11 +318,11 @@ def mutual_coherence(
     wins = [_windows(size[0], kh, strides[0], pads[0]), _windows(size[1], kw, strides[1], pads[1])]
     # Taps no atom keeps (cropped by a large stride or padding) are not part of D: zero them, so that neither their
     # values (NaN included) nor their scale reach the sums.
-    kept = [torch.zeros(k, dtype=torch.bool) for k in (kh, kw)]
+    kept = [torch.zeros(k, dtype=torch.bool, device=w.device) for k in (kh, kw)]  # w's CPU, not the default device
     for axis in range(2):
         for lo, hi in wins[axis]:
             kept[axis][lo:hi] = True
-    w = torch.where(kept[0][:, None] & kept[1][None, :], w, torch.zeros((), dtype=w.dtype))
+    w = torch.where(kept[0][:, None] & kept[1][None, :], w, torch.zeros((), dtype=w.dtype, device=w.device))
     if not torch.isfinite(w).all():  # a NaN/inf tap makes its atoms' cosines NaN, as F.cosine_similarity does
         return math.nan
     if not w.numel():  # no code channel, or atoms with no signal channel: no atom has a direction
@@ -460,7 +463,7 @@ def spark(
             if subset is None:
                 continue
         null = np.linalg.svd(d[:, subset], full_matrices=True)[2][-1]
-        v = torch.zeros(n_atoms, dtype=torch.float64)
+        v = torch.zeros(n_atoms, dtype=torch.float64, device="cpu")  # numpy's result, on the CPU whatever the default
         v[torch.from_numpy(subset)] = torch.from_numpy(null)
         return float(r), v
     return math.inf, None

@@ -129,3 +129,20 @@ def test_threshold_warmup_of_float_thresholds_under_a_meta_default_device():
     assert run(lambda: torch.device("meta")) == plain
     assert plain[:3] == pytest.approx((0.5 * 0.625, 0.2 * 0.625, 0.3 * 0.625))
     assert set(plain[3].values()) == {torch.device("cpu")}
+
+
+def test_mutual_coherence_under_a_meta_default_device():
+    # mutual_coherence works on a CPU float64 copy of the filters, but made its masks, windows and constants on the
+    # default device: inside ``with torch.device("meta")`` it raised "Tensor on device cpu is not on the expected
+    # device meta" (and so did sparsity.max_coherence); a CUDA default met the CPU copy the same way.
+    from dsc_kernels import sparsity, theory
+
+    torch.manual_seed(0)
+    w = torch.randn(4, 2, 3, 3)
+    w[1, :, 0] = 0  # border atoms of another truncation class
+    plain = theory.mutual_coherence(w, (7, 7), padding=1)
+    with torch.device("meta"):
+        assert theory.mutual_coherence(w, (7, 7), padding=1) == plain
+        assert sparsity.max_coherence(w, (7, 7), padding=1) == plain
+    assert 0 < plain <= 1
+
