@@ -51,16 +51,22 @@ class CDLResult:
 def _random_crops(x: Tensor, n: int, kernel: tuple[int, ...], generator: torch.Generator) -> Tensor:
     """n random k-sized crops of the signals, each scaled to unit norm (Gaussian where a crop is flat): the usual
     start of dictionary learning (K-SVD, Mairal et al. 2009), so atoms begin with image structure."""
+    # Drawn on the CPU (the generator's device) whatever torch.set_default_device says: on a meta default the draws
+    # could not be read ("Tensor.item() cannot be called on meta tensors"), a CUDA default refused the CPU generator.
     crops = []
     for _ in range(n):
-        b = int(torch.randint(0, x.shape[0], (1,), generator=generator))
-        starts = [int(torch.randint(0, s - k + 1, (1,), generator=generator)) for s, k in zip(x.shape[2:], kernel)]
+        b = int(torch.randint(0, x.shape[0], (1,), generator=generator, device="cpu"))
+        starts = [
+            int(torch.randint(0, s - k + 1, (1,), generator=generator, device="cpu"))
+            for s, k in zip(x.shape[2:], kernel)
+        ]
         crop = x[b][(slice(None), *(slice(a, a + k) for a, k in zip(starts, kernel)))].detach().cpu()
         # scale by the largest magnitude first: the norm of a tiny crop underflows to 0 (and it would be replaced by
         # noise), a huge one's overflows to inf (and the atom would be 0)
         top = crop.abs().max()
         if top == 0:
-            crop, top = torch.randn(crop.shape, generator=generator, dtype=crop.dtype), torch.ones((), dtype=crop.dtype)
+            crop = torch.randn(crop.shape, generator=generator, dtype=crop.dtype, device="cpu")
+            top = torch.ones((), dtype=crop.dtype, device="cpu")
         crop = crop / top
         crops.append(crop / crop.norm())
     return torch.stack(crops)
@@ -303,14 +309,14 @@ def low_frequency_fraction(weight: Tensor, cutoff: float = 0.25) -> Tensor:
     if 0 in weight.shape[:2]:
         # no atoms, or atoms without channels (no non-DC energy: 0); the FFT of an empty batch raised an MKL
         # "Inconsistent configuration parameters" error, the amax over no channels an IndexError
-        return torch.zeros(weight.shape[0])
+        return torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)  # as below
     w = weight.detach().double()
     w = w - w.mean(dim=(2, 3), keepdim=True)  # the non-DC part: exactly 0 for a constant atom
     top = w.abs().amax(dim=(1, 2, 3), keepdim=True)
     w = w / torch.where(top > 0, top, torch.ones_like(top))  # scale-free: no underflow or overflow
     power = torch.fft.fft2(w).abs().pow(2).sum(dim=1)
     power[:, 0, 0] = 0
-    fy, fx = (torch.fft.fftfreq(n, dtype=torch.float64) for n in weight.shape[2:])
+    fy, fx = (torch.fft.fftfreq(n, dtype=torch.float64, device=w.device) for n in weight.shape[2:])
     low = (fy[:, None] ** 2 + fx[None] ** 2).sqrt() <= cutoff
     total = power.sum(dim=(1, 2))
     ratio = (power * low).sum(dim=(1, 2)) / torch.where(total > 0, total, torch.ones_like(total))
@@ -392,7 +398,8 @@ def atom_grid(weight: Tensor) -> Tensor:
     n, (kh, kw) = atoms.shape[0], atoms.shape[1:]
     cols = math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
-    grid = torch.full((rows * (kh + 1), cols * (kw + 1)), float("nan"))
+    # the atoms' CPU float32, not the default device and dtype (for imshow: a meta or CUDA grid has no numpy())
+    grid = torch.full((rows * (kh + 1), cols * (kw + 1)), float("nan"), dtype=atoms.dtype, device=atoms.device)
     for i in range(n):
         r, c = divmod(i, cols)
         grid[r * (kh + 1) : r * (kh + 1) + kh, c * (kw + 1) : c * (kw + 1) + kw] = atoms[i] / atoms[

@@ -146,3 +146,27 @@ def test_mutual_coherence_under_a_meta_default_device():
         assert sparsity.max_coherence(w, (7, 7), padding=1) == plain
     assert 0 < plain <= 1
 
+
+def test_dictionary_learning_tools_under_a_meta_default_device(default_dtype):
+    # The random crops were drawn on the default device ("Tensor.item() cannot be called on meta tensors" inside
+    # ``with torch.device("meta")``; a CUDA default refuses the CPU generator), low_frequency_fraction's frequency grid
+    # met the weight's device there, and atom_grid's grid was a meta tensor (no numpy() for imshow).
+    from dsc_kernels import dictionary_learning as dl
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 10, 10)
+    x[1, :, :4, :4] = 0  # a flat crop is replaced by noise from the generator
+    w = torch.randn(3, 1, 4, 4)
+    plain = dl.learn_conv_dictionary(x, 6, 4, 0.1, n_outer=2, seed=3)
+    with torch.device("meta"):
+        got = dl.learn_conv_dictionary(x, 6, 4, 0.1, n_outer=2, seed=3)
+        fraction = dl.low_frequency_fraction(w)
+        grid = dl.atom_grid(w)
+    torch.testing.assert_close(got.weight, plain.weight, rtol=0, atol=0)
+    torch.testing.assert_close(fraction, dl.low_frequency_fraction(w), rtol=0, atol=0)
+    torch.testing.assert_close(grid, dl.atom_grid(w), rtol=0, atol=0, equal_nan=True)
+    assert grid.device.type == "cpu"
+    # in float32 whatever the default dtype, as for a non-empty dictionary
+    torch.set_default_dtype(torch.float64)
+    assert dl.atom_grid(w).dtype == torch.float32
+    assert dl.low_frequency_fraction(w[:0]).dtype == dl.low_frequency_fraction(w).dtype == torch.float32
