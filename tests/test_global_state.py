@@ -170,3 +170,25 @@ def test_dictionary_learning_tools_under_a_meta_default_device(default_dtype):
     torch.set_default_dtype(torch.float64)
     assert dl.atom_grid(w).dtype == torch.float32
     assert dl.low_frequency_fraction(w[:0]).dtype == dl.low_frequency_fraction(w).dtype == torch.float32
+
+
+def test_denoise_recipe_data_under_another_default_device_and_dtype(default_dtype):
+    # noisy_copy drew its noise on the default device in the default dtype (float64 noise, so a float64 noisy image
+    # of a float32 one, under set_default_dtype(torch.float64); a meta image inside ``with torch.device("meta")``),
+    # and random_patches drew its corners there too ("Tensor.item() cannot be called on meta tensors").
+    pytest.importorskip("sklearn")  # the recipes' "train" extra, as test_recipes
+    from dsc_kernels.recipes import data, denoise
+
+    torch.manual_seed(0)
+    clean = torch.rand(12, 12)
+    plain_noisy = denoise.noisy_copy(clean, 5)
+    plain_patches = data.random_patches(clean, 3, 4, torch.Generator().manual_seed(1))
+    for context in (lambda: torch.device("meta"), contextlib.nullcontext):
+        if context is contextlib.nullcontext:
+            torch.set_default_dtype(torch.float64)
+        with context():
+            noisy = denoise.noisy_copy(clean, 5)
+            patches = data.random_patches(clean, 3, 4, torch.Generator().manual_seed(1))
+        assert noisy.dtype == torch.float32 and noisy.device.type == "cpu"
+        torch.testing.assert_close(noisy, plain_noisy, rtol=0, atol=0)
+        torch.testing.assert_close(patches, plain_patches, rtol=0, atol=0)

@@ -57,6 +57,8 @@ def random_patches(image: Tensor, n: int, size: int, generator: torch.Generator 
         raise ValueError(f"size {size} is larger than the image, {h}x{w}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {generator!r}")
-    rows = torch.randint(0, h - size + 1, (n,), generator=generator)
-    cols = torch.randint(0, w - size + 1, (n,), generator=generator)
+    # on the CPU whatever torch.set_default_device says: a meta default could not read the draws back, a CUDA one
+    # refused the CPU generator
+    rows = torch.randint(0, h - size + 1, (n,), generator=generator, device="cpu")
+    cols = torch.randint(0, w - size + 1, (n,), generator=generator, device="cpu")
     return torch.stack([image[r : r + size, c : c + size] for r, c in zip(rows.tolist(), cols.tolist())]).unsqueeze(1)

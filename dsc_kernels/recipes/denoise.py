@@ -137,7 +137,10 @@ def psnr(clean: Tensor, estimate: Tensor) -> float:
 def noisy_copy(clean: Tensor, seed: int) -> Tensor:
     check.tensor("clean", clean)
     generator = torch.Generator().manual_seed(dsc_data._seed(seed))
-    return clean + SIGMA * torch.randn(clean.shape, generator=generator)
+    # drawn on the CPU in float32 whatever torch.set_default_device / set_default_dtype say (the draws a plain run
+    # makes): a float64 default drew other noise and made the noisy image float64, a meta default a meta image
+    noise = torch.randn(clean.shape, generator=generator, dtype=torch.float32, device="cpu")
+    return clean + SIGMA * noise.to(clean.device)
 
 
 def test_images(seed: int) -> dict[str, tuple[Tensor, Tensor]]:
