@@ -12,8 +12,9 @@ recipe splits them) and ``photo(name)`` (a grayscale sample photograph, ``PHOTOS
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -111,6 +112,21 @@ def _seed(seed: object) -> int:
     return seed
 
 
+def _on_the_cpu(make: Callable) -> Callable:
+    """Run a generator of built-in data with the CPU as the default device, whatever ``torch.set_default_device``
+    or a ``with torch.device(...)`` block says: its seeded CPU generator draws there (a CUDA default device refused
+    the generator, a meta one made tensors whose values the draws then read), so a seed gives the same data
+    everywhere. Every random draw also names its dtype, for the same reason under ``torch.set_default_dtype``."""
+
+    @functools.wraps(make)
+    def made_on_the_cpu(*args, **kwargs):
+        with torch.device("cpu"):
+            return make(*args, **kwargs)
+
+    return made_on_the_cpu
+
+
+@_on_the_cpu
 def barker_filter(length: int = 13, ndim: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Unit-norm Barker code, (1, 1, k) or its outer product (1, 1, k, k); coherence 1/length at stride 1.
 
@@ -125,6 +141,7 @@ def barker_filter(length: int = 13, ndim: int = 1, dtype: torch.dtype = torch.fl
     return (w / w.norm()).reshape(1, 1, *w.shape)
 
 
+@_on_the_cpu
 def golomb_filter(marks: Sequence[int], dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Unit-norm sparse filter (1, 1, max(marks)+1) with equal taps at `marks`; a Golomb ruler gives mu = 1/len(marks).
 
@@ -142,6 +159,7 @@ def golomb_filter(marks: Sequence[int], dtype: torch.dtype = torch.float64) -> t
     return w.reshape(1, 1, -1)
 
 
+@_on_the_cpu
 def dct_filters(n_filters: int, size: int, ndim: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The first n_filters orthonormal DCT-II atoms of length `size` (2-D: separable products, lowest total
     frequency first): (n_filters, 1, size) or (n_filters, 1, size, size). n_filters an int >= 0, size >= 1.
@@ -162,6 +180,7 @@ def dct_filters(n_filters: int, size: int, ndim: int = 1, dtype: torch.dtype = t
     return torch.stack(atoms).unsqueeze(1) if atoms else basis.new_zeros(0, 1, size, size)
 
 
+@_on_the_cpu
 def random_filters(
     c_code: int, c_sig: int, size: int | Sequence[int], *, seed: int = 0, dtype: torch.dtype = torch.float64
 ) -> torch.Tensor:
@@ -315,7 +334,7 @@ def _sequential(
         if (ch, flat) in taken:  # only possible at sep 0
             continue
         mag = lo + (hi - lo) * float(torch.rand((), generator=g, dtype=dtype))
-        sign = 1.0 if float(torch.rand((), generator=g)) < 0.5 else -1.0
+        sign = 1.0 if float(torch.rand((), generator=g, dtype=torch.float32)) < 0.5 else -1.0
         taken.add((ch, flat))
         if sep > 0:
             _block(free, pos, sep)
@@ -358,6 +377,7 @@ def _positions(g: torch.Generator, size: tuple[int, ...], channels: int, sparsit
     return [c * n_pos + f for c, f in zip(chans, flats)]
 
 
+@_on_the_cpu
 def sparse_codes(
     batch: int,
     channels: int,
@@ -411,7 +431,7 @@ def sparse_codes(
         if entries is None:  # a tight request: place by a method that cannot get stuck
             slots = _positions(g, size, channels, sparsity, sep)
             mags = lo + (hi - lo) * torch.rand(sparsity, generator=g, dtype=dtype)
-            signs = torch.where(torch.rand(sparsity, generator=g) < 0.5, 1.0, -1.0)
+            signs = torch.where(torch.rand(sparsity, generator=g, dtype=torch.float32) < 0.5, 1.0, -1.0)
             entries = [(s // n_pos, s % n_pos, float(v)) for s, v in zip(slots, (signs * mags).tolist())]
         for ch, flat, value in entries:
             # lo = 0 with a draw of exactly 0, or a tiny lo underflowing in dtype, would lose a non-zero
@@ -419,6 +439,7 @@ def sparse_codes(
     return z.reshape(batch, channels, *size)
 
 
+@_on_the_cpu
 def dsc_problem(
     dictionaries: Sequence[ConvDictionary],
     sparsity: int,

@@ -192,3 +192,30 @@ def test_denoise_recipe_data_under_another_default_device_and_dtype(default_dtyp
         assert noisy.dtype == torch.float32 and noisy.device.type == "cpu"
         torch.testing.assert_close(noisy, plain_noisy, rtol=0, atol=0)
         torch.testing.assert_close(patches, plain_patches, rtol=0, atol=0)
+
+
+def test_built_in_data_is_the_same_under_another_default_device_and_dtype(default_dtype):
+    # A seed names one dataset: the generators drew on the default device (a meta default raised "Tensor.item()
+    # cannot be called on meta tensors", a CUDA one refuses the CPU generator) and drew the codes' signs in the
+    # default dtype (another stream under set_default_dtype(torch.float64): other codes for the same seed).
+    from dsc_kernels import data
+
+    def make():
+        d = data.conv_dictionary(data.random_filters(3, 2, (5, 5), seed=1), (8, 8))
+        return {
+            "barker": data.barker_filter(13, 2),
+            "dct": data.dct_filters(4, 8, 2),
+            "codes": data.sparse_codes(2, 3, (16, 16), 4, seed=2),
+            "tight": data.sparse_codes(1, 1, (4, 4), 16, seed=5),  # the placement that cannot get stuck
+            "problem": data.dsc_problem([d], 3, noise_std=0.1, seed=3).x,
+        }
+
+    plain = make()
+    with torch.device("meta"):
+        on_meta = make()
+    torch.set_default_dtype(torch.float64)
+    in_float64 = make()
+    for name, value in plain.items():
+        assert on_meta[name].device.type == "cpu", name
+        torch.testing.assert_close(on_meta[name], value, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(in_float64[name], value, rtol=0, atol=0, msg=name)
