@@ -698,10 +698,36 @@ def sparse_attention(
     sparsemax shares the row's mass among such keys; shrink gives that key an infinite weight, so the row's output
     is inf times its value (NaN where the value is 0). Returns (B, H, N, d_v).
     """
+    threshold, scale, bias = _sparse_attention_inputs(
+        q,
+        k,
+        v,
+        mode=mode,
+        threshold=threshold,
+        causal=causal,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
+    )
+    return _sparse_attention_checked(backend, q, k, v, mode, threshold, causal, scale, bias)
+
+
+def _sparse_attention_inputs(
+    q, k, v, *, mode, threshold, causal, scale, key_padding_mask, attn_mask
+) -> tuple[Tensor, float, Tensor | None]:
+    """The checked (threshold (H,), scale, score bias) of a ``sparse_attention`` call (v None: of a
+    ``sparse_attention_weights`` call). A tensor threshold's values are read here (a host sync on a GPU): a layer that
+    runs both the attention and its weights checks once and passes these to the ``_checked`` functions below."""
     threshold, scale = attention_args.attention_inputs(
         q, k, v, mode=mode, threshold=threshold, causal=causal, scale=scale
     )
-    bias = attention_args.score_bias(q, k.shape[2], key_padding_mask, attn_mask)
+    return threshold, scale, attention_args.score_bias(q, k.shape[2], key_padding_mask, attn_mask)
+
+
+def _sparse_attention_checked(
+    backend: str, q: Tensor, k: Tensor, v: Tensor, mode: str, threshold: Tensor, causal: bool, scale: float, bias
+) -> Tensor:
+    """``sparse_attention`` on arguments ``_sparse_attention_inputs`` checked."""
     row = _sparse_attention_row(backend, q, k, v, threshold, bias)
     return sparse_attention_ops.run(row, q, k, v, threshold, bias, mode, causal, scale)
 
@@ -729,10 +755,24 @@ def sparse_attention_weights(
     """The dense attention weights P (B, H, N, M) of ``sparse_attention`` with the same arguments (what
     ``need_weights=True`` returns). Computed densely in plain PyTorch whatever the backend: it costs N x M memory,
     which the fused kernels avoid. q: (B, H, N, d); k: (B, H, M, d)."""
-    threshold, scale = attention_args.attention_inputs(
-        q, k, None, mode=mode, threshold=threshold, causal=causal, scale=scale
+    threshold, scale, bias = _sparse_attention_inputs(
+        q,
+        k,
+        None,
+        mode=mode,
+        threshold=threshold,
+        causal=causal,
+        scale=scale,
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
     )
-    bias = attention_args.score_bias(q, k.shape[2], key_padding_mask, attn_mask)
+    return _sparse_attention_weights_checked(q, k, mode, threshold, causal, scale, bias)
+
+
+def _sparse_attention_weights_checked(
+    q: Tensor, k: Tensor, mode: str, threshold: Tensor, causal: bool, scale: float, bias: Tensor | None
+) -> Tensor:
+    """``sparse_attention_weights`` on arguments ``_sparse_attention_inputs`` checked."""
     # in autocast, the float32 computation on the given values that sparse_attention runs: autocast's bfloat16
     # scores gave a map 0.034 off the one sparse_attention applied, its support moved
     return ops.in_float32_under_autocast(

@@ -299,24 +299,32 @@ class SparseAttention(nn.Module):
         if self.bias_k is not None or self.add_zero_attn:
             k, v, key_padding_mask, attn_mask = self._append_keys(k, v, key_padding_mask, attn_mask, causal, n)
             causal = False  # now spelled out in attn_mask, which leaves the appended keys visible
-        masks = dict(key_padding_mask=key_padding_mask, attn_mask=attn_mask)
-        options = dict(mode=self.mode, threshold=self.threshold, causal=causal, **masks)
+        # Checked once for the attention and its weights: a tensor threshold's values are read there (a host sync on
+        # a GPU), twice per forward when the weights were checked again.
+        threshold, scale, bias = DF._sparse_attention_inputs(
+            q,
+            k,
+            v,
+            mode=self.mode,
+            threshold=self.threshold,
+            causal=causal,
+            scale=None,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+        )
+        checked = (self.mode, threshold, causal, scale, bias)
         p = None
         if self.training and self.dropout > 0.0:
             # MHA's dropout: on the attention weights, which the fused kernels never form, so densely here. A
             # backend asked for that cannot run this call still raises, as in eval, rather than being silently
             # skipped (a float mask that requires grad included: the device and dtype alone let cpp through).
-            threshold, _ = attention_args.attention_inputs(
-                q, k, v, mode=self.mode, threshold=self.threshold, causal=causal, scale=None
-            )
-            bias = attention_args.score_bias(q, k.shape[2], key_padding_mask, attn_mask)
             DF._sparse_attention_row(self.backend, q, k, v, threshold, bias)
-            p = F.dropout(DF.sparse_attention_weights(q, k, **options), self.dropout, training=True)
+            p = F.dropout(DF._sparse_attention_weights_checked(q, k, *checked), self.dropout, training=True)
             o = self._dense_output(p, v, causal, bias)
         else:
-            o = DF.sparse_attention(q, k, v, backend=self.backend, **options)
+            o = DF._sparse_attention_checked(self.backend, q, k, v, *checked)
             if need_weights:
-                p = DF.sparse_attention_weights(q, k, **options)
+                p = DF._sparse_attention_weights_checked(q, k, *checked)
         out = self.out_proj(o.transpose(1, 2).reshape(bsz, n, self.embed_dim))
         weights = None
         if need_weights:
