@@ -98,3 +98,42 @@ def test_sparse_attention_still_refuses_a_non_finite_threshold(training, need_we
     x = torch.randn(3, 5, 8)
     with pytest.raises(ValueError, match="threshold must be finite, got a tensor with NaN or inf entries"):
         layer(x, x, x, need_weights=need_weights)
+
+
+@pytest.mark.parametrize("training, expected", [(True, 6), (False, 5)])
+def test_conv_sparse_coding_reads_its_tracked_step_twice_not_three_times(training, expected):
+    torch.manual_seed(0)
+    layer = dnn.ConvSparseCoding2d(3, 4, 3, n_iter=3).train(training)
+    x = torch.randn(2, 3, 12, 12)
+    layer(x)  # warm: the step estimated
+    with reads() as r:
+        layer(x)
+    # the step: finite, > 0 (functional); lam: finite, >= 0; the divergence warning's norms; in training the CPU's
+    # "weight changed" read. One more before: the layer's own inf-or-0 check of the step, ahead of functional's.
+    assert r.count == expected
+
+
+@pytest.mark.parametrize(("scale", "what", "shown"), [(1e-30, "nearly zero", "inf"), (1e30, "very large", "0.0")])
+@pytest.mark.parametrize("training", [True, False])
+def test_a_refused_tracked_step_still_names_the_dictionary_before_any_kernel(monkeypatch, scale, what, shown, training):
+    from dsc_kernels.ops import conv_ista as conv_ista_ops
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel ran")
+
+    monkeypatch.setattr(conv_ista_ops, "run", no_kernel)
+    layer = dnn.ConvSparseCoding1d(2, 3, 3, stride=2, padding=0).train(training)
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+    with pytest.raises(ValueError, match=f"tracked step 1/L of weight is {shown}: .* {what} dictionary") as info:
+        layer(torch.randn(2, 2, 20))
+    # functional's "step must be ..." is not shown beside it
+    assert info.value.__context__ is None or info.value.__suppress_context__
+
+
+def test_a_tracked_layer_keeps_functional_errors_that_are_not_the_step():
+    layer = dnn.ConvSparseCoding1d(2, 3, 3, lam=0.1, learn_lam=True)
+    with torch.no_grad():
+        layer.lam.fill_(float("nan"))
+    with pytest.raises(ValueError, match="lam must be finite"):
+        layer(torch.randn(2, 2, 20))

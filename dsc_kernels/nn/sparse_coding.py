@@ -661,8 +661,6 @@ class _ConvSparseCoding(_projection.Projected):
 
     def _forward(self, x: Tensor) -> Tensor:
         step = self._forward_step() if self._track_step else self.step
-        if self._track_step:
-            self._check_tracked_step(step)
         scale = None
         if self.relative:
             # Each sample's RMS as peak * rms(x / peak), in at least float32: squares of x itself overflowed
@@ -685,20 +683,29 @@ class _ConvSparseCoding(_projection.Projected):
             scale = (peak * root).reshape(-1, *([1] * (x.dim() - 1)))
             x = (normalised / root).to(x.dtype).reshape(x.shape)
         values = {self._threshold_name: getattr(self, self._threshold_name)}  # lam= or threshold=
-        z = DF.conv_ista(
-            x,
-            self._weight(),
-            **values,
-            n_iter=self.n_iter,
-            step=step,
-            encoder_weight=self.encoder_weight,
-            stride=self.stride,
-            padding=self.padding,
-            nonneg=self.nonneg,
-            fista=self.fista,
-            backend=self.backend,
-            recompute=self.recompute,
-        )
+        try:
+            z = DF.conv_ista(
+                x,
+                self._weight(),
+                **values,
+                n_iter=self.n_iter,
+                step=step,
+                encoder_weight=self.encoder_weight,
+                stride=self.stride,
+                padding=self.padding,
+                nonneg=self.nonneg,
+                fista=self.fista,
+                backend=self.backend,
+                recompute=self.recompute,
+            )
+        except (ValueError, TypeError):
+            # functional refuses a tracked step of inf or 0 before any kernel runs; the error is made clearer here,
+            # on the error path only: checked before every call it was a third read of the step (a host sync on a
+            # GPU) after functional's finite and > 0 checks
+            error = self._tracked_step_error(step) if self._track_step else None
+            if error is None:
+                raise
+            raise error from None
         if scale is not None:
             z = (z * scale).to(z.dtype)  # in the scale's dtype: a float16 sample's RMS may be below float16's range
         if self.training and not torch.compiler.is_compiling() and not check.functorch_active():
@@ -802,15 +809,16 @@ class _ConvSparseCoding(_projection.Projected):
                 f"got shape {tuple(x.shape)}"
             )
 
-    def _check_tracked_step(self, step: Tensor) -> None:
+    def _tracked_step_error(self, step: Tensor) -> ValueError | None:
         # An L = ||D||^2 outside the range of the step's dtype has no 1/L there: inf for a nearly zero dictionary,
         # 0 for a huge one (float32 taps below ~1e-19 or above ~1e19). functional refused it as "step must be
-        # finite" or "step must be > 0", naming a step the caller never gave.
+        # finite" or "step must be > 0", naming a step the caller never gave. Called once functional has refused
+        # the call: where the step is not the cause, its own error stands.
         values = check.checkable(step)
-        if values is None or not bool((values.isinf() | (values == 0)).any()):  # one read where the step is valid
-            return
+        if values is None or not bool((values.isinf() | (values == 0)).any()):
+            return None
         value = float(values.flatten()[0])
-        raise ValueError(
+        return ValueError(
             f"the tracked step 1/L of weight is {value}: ||D||^2 of this {'nearly zero' if value else 'very large'} "
             f"dictionary has no inverse in {values.dtype}; rescale weight, or give step="
         )
