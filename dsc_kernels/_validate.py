@@ -322,6 +322,37 @@ def scalar_or_tensor(name: str, value: object) -> Tensor | float:
     return value
 
 
+def finite_value(
+    name: str, value: object, *, dtype: torch.dtype, nonnegative_name: str | None = None
+) -> Tensor | float:
+    """``scalar_or_tensor``, then ``nonnegative(nonnegative_name, ...)`` when a name is given, then ``fits_dtype``
+    (finite=True), with one value read for a tensor (a host sync on a GPU; three before): the checks' flags are read
+    together and raised in that order, each with its own message."""
+    value = real_or_tensor(name, value)
+    values = checkable(tensor(name, value)) if isinstance(value, Tensor) else None
+    if values is None:  # a float, or a tensor whose values cannot be read: the checks one by one, as before
+        value = scalar_or_tensor(name, value)
+        if nonnegative_name is not None:
+            nonnegative(nonnegative_name, value)
+        fits_dtype(name, value, dtype, finite=True)
+        return value
+    data = values.detach()
+    flags = [~torch.isfinite(data).all()]
+    if nonnegative_name is not None:
+        flags.append((data < 0).any())
+    largest = torch.finfo(dtype).max
+    if not data.is_floating_point() or torch.finfo(data.dtype).max > largest:
+        flags.append((data.abs() > largest).any())
+    bits = int(sum(flag.to(torch.int64) << i for i, flag in enumerate(flags)))
+    if bits & 1:
+        raise ValueError(f"{name} must be finite, got a tensor with NaN or inf entries")
+    if nonnegative_name is not None and bits & 2:
+        raise ValueError(f"{nonnegative_name} must be >= 0, got a tensor with negative entries")
+    if bits >> (2 if nonnegative_name is not None else 1):
+        raise ValueError(f"{name} must fit in {dtype} (|value| <= {largest:.3g})")
+    return value
+
+
 def nonnegative(name: str, value: Tensor | float) -> None:
     if isinstance(value, Tensor):
         values = checkable(value)

@@ -112,13 +112,12 @@ def soft_threshold(x: Tensor, threshold: Tensor | float, *, nonneg: bool = False
     """
     check.tensor("x", x)
     check.flag("nonneg", nonneg)
-    check.scalar_or_tensor("threshold", threshold)
-    if not nonneg:
-        check.nonnegative("threshold", threshold)
-    if isinstance(threshold, Tensor):
+    if isinstance(threshold, Tensor):  # shape and device first: no value read for a call refused for them
         check.same_device(x=x, threshold=threshold)
         check.broadcasts_to("threshold", threshold, x.shape)
-    check.fits_dtype("threshold", threshold, x.dtype, finite=True)
+    threshold = check.finite_value(
+        "threshold", threshold, dtype=x.dtype, nonnegative_name=None if nonneg else "threshold"
+    )
     return ref.soft_threshold_ref(x, threshold, nonneg)
 
 

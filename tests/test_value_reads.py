@@ -137,3 +137,41 @@ def test_a_tracked_layer_keeps_functional_errors_that_are_not_the_step():
         layer.lam.fill_(float("nan"))
     with pytest.raises(ValueError, match="lam must be finite"):
         layer(torch.randn(2, 2, 20))
+
+
+@pytest.mark.parametrize(
+    "nonneg, dtype, before",
+    [(False, torch.float32, 2), (True, torch.float32, 1), (False, torch.float64, 3), (True, torch.float64, 2)],
+)
+def test_soft_threshold_reads_a_tensor_threshold_once(nonneg, dtype, before):
+    from dsc_kernels import functional as DF
+
+    x = torch.randn(4, 6)
+    with reads() as r:
+        DF.soft_threshold(x, torch.tensor(0.1, dtype=dtype), nonneg=nonneg)
+    assert r.count == 1  # ``before`` reads before: finite, >= 0 and (a wider threshold) the range, one each
+    layer = dnn.SoftThreshold(0.1, num_channels=6, nonneg=nonneg, learnable=True)
+    with reads() as r:
+        layer(x)
+    assert r.count == 1
+
+
+@pytest.mark.parametrize(
+    "value, nonneg, match",
+    [
+        (float("nan"), False, "threshold must be finite, got a tensor with NaN or inf entries"),
+        (float("inf"), True, "threshold must be finite, got a tensor with NaN or inf entries"),
+        (-0.5, False, "threshold must be >= 0, got a tensor with negative entries"),
+        (1e300, False, r"threshold must fit in torch.float32 \(\|value\| <= 3.4e\+38\)"),
+        (-1e300, True, r"threshold must fit in torch.float32 \(\|value\| <= 3.4e\+38\)"),
+    ],
+)
+def test_soft_threshold_still_refuses_each_bad_threshold_with_its_message(value, nonneg, match):
+    from dsc_kernels import functional as DF
+
+    with pytest.raises(ValueError, match=match):
+        DF.soft_threshold(torch.randn(2), torch.tensor([0.1, value], dtype=torch.float64), nonneg=nonneg)
+    # negative and NaN together: the finite check's message first, as before
+    with pytest.raises(ValueError, match="must be finite"):
+        DF.soft_threshold(torch.randn(2), torch.tensor([-1.0, float("nan")]))
+    assert torch.equal(DF.soft_threshold(torch.tensor([-2.0, 0.5, 3.0]), torch.tensor(1.0)), torch.tensor([-1.0, 0, 2]))
