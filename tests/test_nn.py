@@ -685,6 +685,36 @@ def test_compiled_training_forwards_track_the_step_as_eager(dtype):
         torch.testing.assert_close(compiled_layer.step, eager.step)
 
 
+def test_compiled_eval_forwards_after_an_optimizer_step_track_the_step_as_eager():
+    """A compiled eval forward never looked at the weight (it cannot read version counters): after an optimiser step
+    it ran with the previous weight's 1/L. With Adam at lr 0.1 that step was 5x the new 1/L and ISTA diverged
+    (codes ~1e4 against eager's ~1). It now re-estimates on the device where the weight's values changed."""
+    import copy
+
+    torch.manual_seed(0)
+    dtype = torch.float64  # the 0-dim float64 step buffer is the one compiled graphs once dropped writes into
+    compiled_layer = ConvSparseCoding2d(3, 6, 3, n_iter=6, dtype=dtype, backend="reference")
+    eager = copy.deepcopy(compiled_layer)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 9, dtype=dtype)
+    optimizers = [torch.optim.Adam(layer.parameters(), lr=0.1) for layer in (compiled_layer, eager)]
+    for _ in range(2):
+        outs = []
+        for module, optimizer in zip((compiled, eager), optimizers):
+            module.train()
+            optimizer.zero_grad()
+            (module(x) - 0.3).pow(2).sum().backward()
+            optimizer.step()
+            module.eval()
+            with torch.no_grad():
+                outs.append(module(x))
+        torch.testing.assert_close(compiled_layer.step, eager.step)
+        torch.testing.assert_close(outs[0], outs[1])
+    compiled_out = outs[0]
+    with torch.no_grad():  # an unchanged weight keeps its step: a second compiled eval forward gives the same codes
+        torch.testing.assert_close(compiled(x), compiled_out, rtol=0, atol=0)
+
+
 def _copies(layer):
     import copy
     import io
