@@ -1035,3 +1035,17 @@ class ConvSparseCoding2d(_ConvSparseCoding):
         name="ConvSparseCoding2d",
         example="1, 32, 7, n_iter=10, lam=0.1",
     )
+
+
+# Classes that lived in this module before ccd7f48 moved them out: whole modules pickled then (torch.save(module))
+# name them here, and torch.load raised "Can't get attribute 'SoftThreshold' on <module
+# 'dsc_kernels.nn.sparse_coding'>" for them and for any model that held one. Imported lazily: both modules import this.
+_MOVED = {"SoftThreshold": ".soft_threshold", "DeepSparseCoding2d": ".deep"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(_MOVED[name], __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
