@@ -1,11 +1,12 @@
 """Whole modules and state dicts saved by earlier versions of the package load into this one."""
 
+import io
 import pickle
 
 import pytest
 import torch
 
-from dsc_kernels.nn import DeepSparseCoding2d, SoftThreshold
+from dsc_kernels.nn import ConvSparseCoding2d, DeepSparseCoding2d, SoftThreshold
 
 
 def _pickled_by_an_earlier_version(module: torch.nn.Module) -> bytes:
@@ -41,3 +42,20 @@ def test_unknown_names_in_sparse_coding_still_raise():
 
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         sparse_coding.Nope  # noqa: B018
+
+
+def test_a_module_pickled_before_the_step_floor_was_a_buffer_loads_under_another_default_device():
+    """Its floor, an attribute then, was made a buffer on the default device: a load under ``torch.device("meta")``
+    raised 'Cannot copy out of meta tensor'."""
+    torch.manual_seed(0)
+    layer = ConvSparseCoding2d(2, 6, 3, n_iter=4, learn_step=True, backend="reference")
+    floor = float(layer.step_floor)
+    del layer._buffers["step_floor"]
+    layer.__dict__["_step_floor"] = floor  # what such a pickle holds
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    with torch.device("meta"):
+        loaded = torch.load(buffer, weights_only=False)
+    assert loaded.step_floor.device.type == "cpu" and float(loaded.step_floor) == floor
+    assert loaded.constraints()[-1][1] == floor

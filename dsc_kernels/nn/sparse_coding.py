@@ -580,8 +580,10 @@ class _ConvSparseCoding(_projection.Projected):
     def __setstate__(self, state: dict) -> None:
         step = state["_parameters"].get("step")
         if step is not None and "step_floor" not in state["_buffers"]:  # pickled when the floor was an attribute
-            floor = torch.tensor(state.pop("_step_floor", 0.0), dtype=value_dtype(step.dtype))
-            state["_buffers"]["step_floor"] = floor.to(step.device)
+            # on the step's device, not the default one: under ``with torch.device("meta")`` the floor was formed on
+            # meta and moving it to the step's device raised "Cannot copy out of meta tensor"
+            floor = torch.tensor(state.pop("_step_floor", 0.0), dtype=value_dtype(step.dtype), device=step.device)
+            state["_buffers"]["step_floor"] = floor
         super().__setstate__(state)  # registers the projection, which reads the floor
         with _weight_read_only(self):
             self._set_state()
