@@ -247,3 +247,17 @@ def child_exit_code_forked_under_held_locks(locks: Sequence, child, timeout: flo
     os.kill(pid, 9)
     os.waitpid(pid, 0)
     return -1
+
+
+def count_calls(monkeypatch, module, name: str) -> list[int]:
+    """Replace ``module.name`` by a wrapper that counts its calls (the count in a one-element list, for the test to
+    read and reset)."""
+    calls = [0]
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import count_calls
 
 import dsc_kernels.functional as DF
 from dsc_kernels import ops
@@ -125,25 +126,13 @@ def test_ml_ista_default_steps_are_one_over_lipschitz():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
 
 
-def _count_power_iterations(monkeypatch) -> list[int]:
-    import dsc_kernels.reference as ref
-
-    calls = [0]
-    estimate = ref.lipschitz_power_iteration_scaled
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return estimate(*args, **kwargs)
-
-    monkeypatch.setattr(ref, "lipschitz_power_iteration_scaled", counted)
-    return calls
-
-
 def test_ml_ista_default_steps_are_estimated_once_per_dictionary(monkeypatch):
     # The default 1/L_j is cached per dictionary, as conv_ista's: ml_ista passed each layer's dictionary as a new view
     # (w.unsqueeze(0)[k]) on every call, which the cache never found, so every call ran 100 power iterations per
     # layer again (400 convolutions for this two-layer call). A changed dictionary is still re-estimated.
-    calls = _count_power_iterations(monkeypatch)
+    import dsc_kernels.reference as ref
+
+    calls = count_calls(monkeypatch, ref, "lipschitz_power_iteration_scaled")
     x, ws = _net()
     first = DF.ml_ista(x, ws, [0.01, 0.02], n_iter=2, strides=[2, 1], backend="reference")
     assert calls[0] == 2

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import count_calls
 
 import dsc_kernels.functional as DF
 from dsc_kernels.dictionary_learning import _dictionary_lipschitz
@@ -968,14 +969,7 @@ def test_a_cpu_training_forward_on_an_unchanged_weight_runs_no_power_iteration(c
     micro-batches: 3 to 20 iterations each). On the CPU the decision is read first: none then, the same step."""
     from dsc_kernels.reference import spectrum
 
-    calls = [0]
-    estimate = spectrum.dictionary_norm_sq
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return estimate(*args, **kwargs)
-
-    monkeypatch.setattr(spectrum, "dictionary_norm_sq", counted)
+    calls = count_calls(monkeypatch, spectrum, "dictionary_norm_sq")
     torch.manual_seed(0)
     layer = ConvSparseCoding2d(channels, 4, 3, n_iter=3, backend="reference")
     with torch.no_grad():
