@@ -87,7 +87,10 @@ def periodic_analysis(x: Tensor, weight: Tensor, stride: Sequence[int]) -> Tenso
 def _dft_matrices(size: int, like: Tensor) -> tuple[Tensor, Tensor]:
     """cos and sin of the DFT's angles 2 pi n nu / M (n nu reduced mod M first, so the angles are exact)."""
     index = torch.arange(size, device=like.device, dtype=like.dtype)
-    angle = (2 * math.pi / size) * torch.outer(index, index).remainder(size)
+    # 2 pi as a literal, not math.pi: under torch.compile(dynamic=True) dynamo lifts a float global into a graph input
+    # (a 0-dim tensor read back with .item()), and inside the compiled eval forward's torch.cond branch that read
+    # failed the backend ("failed with aten._local_scalar_dense"): the whole eval forward fell back to eager
+    angle = (6.283185307179586 / size) * torch.outer(index, index).remainder(size)
     return angle.cos(), angle.sin()
 
 
