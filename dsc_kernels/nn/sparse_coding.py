@@ -622,12 +622,15 @@ class _ConvSparseCoding(_projection.Projected):
     def normalize_dictionary_(self) -> _ConvSparseCoding:
         """Rescale every atom of ``weight`` (each code channel's (C_sig, *k) filter) to unit norm, and the tracked
         step with it. Zero atoms stay zero. Call after an optimiser step when learning a dictionary."""
-        weight = self._weight()  # a pruned one's weight_orig * weight_mask as it is now
-        norms = weight.flatten(1).norm(dim=1).reshape(-1, *([1] * (weight.dim() - 1)))
+        pruning = _weight_pruning(self)
+        # A pruned dictionary: its effective atoms' norms (weight_orig * weight_mask as it is now), divided out of
+        # weight_orig, what the optimiser and prune's pre-hook read (dividing `weight`, the product as of the last
+        # forward, was undone by the next forward's pre-hook). Otherwise weight itself, as it is stored: under FSDP2
+        # a DTensor shard, whose norms and division stay sharded.
+        atoms = pruning.apply_mask(self) if pruning is not None else self.weight
+        norms = atoms.flatten(1).norm(dim=1).reshape(-1, *([1] * (atoms.dim() - 1)))
         norms = torch.where(norms > 0, norms, torch.ones_like(norms))
-        if _weight_pruning(self) is not None:
-            # the effective atoms' norms, divided out of weight_orig (what the optimiser and prune's pre-hook read):
-            # dividing `weight`, the product as of the last forward, was undone by the next forward's pre-hook
+        if pruning is not None:
             self.weight_orig /= norms
         else:
             self.weight /= norms
