@@ -118,11 +118,15 @@ def stored_parameter(module: nn.Module, name: str) -> nn.Parameter | None:
     param = module._parameters.get(name)
     if param is not None:
         return param
-    pruned = any(
-        isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name
-        for hook in module._forward_pre_hooks.values()
-    )
-    return module._parameters.get(name + "_orig") if pruned else None
+    return module._parameters.get(name + "_orig") if pruning(module, name) is not None else None
+
+
+def pruning(module: nn.Module, name: str) -> prune.BasePruningMethod | None:
+    """The ``torch.nn.utils.prune`` method (or container) applied to ``module``'s ``name``, or None when unpruned."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
+            return hook
+    return None
 
 
 class Projected(nn.Module):

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize, prune
+from torch.nn.utils import parametrize
 
 from .. import _validate as check
 from .. import _warnings
@@ -433,7 +433,7 @@ class _ConvSparseCoding(_projection.Projected):
         (weight_norm keeps two) and the parametrizations' own parameters and buffers. ``torch.nn.utils.parametrize``
         makes ``weight`` a new tensor at every access, so every eval forward took it for a changed weight."""
         tensors = parametrized_tensors(self, "weight")
-        if tensors is None and _weight_pruning(self) is not None:
+        if tensors is None and _projection.pruning(self, "weight") is not None:
             # pruned: weight_orig (what the optimiser steps) and weight_mask; ``weight`` is their product as of the
             # last forward, so after an optimiser step it still held the old values and state_dict() saved the old
             # dictionary's 1/L as the step (27x the new 1/L after one SGD step at lr 0.5)
@@ -449,7 +449,7 @@ class _ConvSparseCoding(_projection.Projected):
             weight = held.get(id(self)) if held else None
             if weight is not None:
                 return weight
-        pruning = _weight_pruning(self)
+        pruning = _projection.pruning(self, "weight")
         if pruning is not None and not torch.compiler.is_compiling():
             return _whole(pruning.apply_mask(self))
         return _whole(self.weight)
@@ -622,7 +622,7 @@ class _ConvSparseCoding(_projection.Projected):
     def normalize_dictionary_(self) -> _ConvSparseCoding:
         """Rescale every atom of ``weight`` (each code channel's (C_sig, *k) filter) to unit norm, and the tracked
         step with it. Zero atoms stay zero. Call after an optimiser step when learning a dictionary."""
-        pruning = _weight_pruning(self)
+        pruning = _projection.pruning(self, "weight")
         # A pruned dictionary: its effective atoms' norms (weight_orig * weight_mask as it is now), divided out of
         # weight_orig, what the optimiser and prune's pre-hook read (dividing `weight`, the product as of the last
         # forward, was undone by the next forward's pre-hook). Otherwise weight itself, as it is stored: under FSDP2
@@ -645,7 +645,7 @@ class _ConvSparseCoding(_projection.Projected):
         """x: (B, C_sig, *S) -> z: (B, C_code, *Sz)."""
         # Before weight is evaluated: a refused call ran spectral_norm's power iteration (training mode) first.
         self._check_input(x)
-        if not parametrize.is_parametrized(self, "weight") and _weight_pruning(self) is None:
+        if not parametrize.is_parametrized(self, "weight") and _projection.pruning(self, "weight") is None:
             return self._forward(x)
         # One evaluation of a parametrized weight per forward, as nn.Conv2d's: the step's estimate, its source and
         # the iterations read weight several times, and spectral_norm ran its power iteration at every read in
@@ -905,14 +905,6 @@ class _ConvSparseCoding(_projection.Projected):
         elif not isinstance(self.step, nn.Parameter):
             options.append(_fixed_value("step", self.step))
         return ", ".join(options + [f"backend={self.backend!r}"])
-
-
-def _weight_pruning(module: nn.Module) -> prune.BasePruningMethod | None:
-    """The ``torch.nn.utils.prune`` method (or container) applied to ``module.weight``, or None when unpruned."""
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight":
-            return hook
-    return None
 
 
 def _whole(weight: Tensor) -> Tensor:
