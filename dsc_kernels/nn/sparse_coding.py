@@ -54,10 +54,11 @@ ValueOrTensor = float | Tensor
 # frequency of the dictionary's response (reference/spectrum.py), where each small matrix changes little per
 # optimiser step. One is exact when those matrices have rank 1 (one signal channel at stride 1, or one atom).
 POWER_STEPS_PER_FORWARD = 3
-# On the CPU in eager mode, where reading the estimate costs nothing, a training forward goes on past those while an
-# iteration still raises the estimate by more than POWER_TOLERANCE, up to POWER_STEPS_MAX_PER_FORWARD: under fast
-# dictionary updates (Adam at lr 0.1 on 64 -> 64 channels) the three alone left step * L at 1.33, this at 1.04
-# (docs/training.md). On a GPU that read would stall the device, and a compiled forward cannot branch on it.
+# On the CPU, where reading the estimate costs nothing, a training forward goes on past those while an iteration
+# still raises the estimate by more than POWER_TOLERANCE, up to POWER_STEPS_MAX_PER_FORWARD: under fast dictionary
+# updates (Adam at lr 0.1 on 64 -> 64 channels) the three alone left step * L at 1.33, this at 1.04
+# (docs/training.md). A compiled CPU forward takes the same iterations in the graph (a torch.while_loop), so that it
+# computes what the eager one does. On a GPU the read would stall the device.
 POWER_TOLERANCE = 1e-3
 POWER_STEPS_MAX_PER_FORWARD = 20
 # Power iterations of a cold estimate (construction, reset, after load_state_dict).
@@ -145,9 +146,9 @@ _CSC_DOC = """Unrolled convolutional ISTA/FISTA layer (LISTA/CSCNet style when l
             layer (deepcopy, torch.save/load, ``.to()``) keep it as it is. With one signal channel at stride 1 (or
             one atom) the tracked L is exact on its grid (closed form) after every optimiser step. With several
             channels a training forward runs three warm iterations, which approach L from below, and on the CPU
-            in eager mode goes on while the estimate still rises (POWER_TOLERANCE): Adam at lr 0.01 to 0.3 on
-            the dictionary gave step * L up to 1.05 there on 64 -> 64 atoms (``bench/step_tracking.py``). GPU and
-            compiled forwards keep the three (no host sync): up to 1.18 on 16 -> 32 and 1.33 on 64 -> 64 (ISTA
+            (eager or compiled) goes on while the estimate still rises (POWER_TOLERANCE): Adam at lr 0.01 to 0.3
+            on the dictionary gave step * L up to 1.05 there on 64 -> 64 atoms (``bench/step_tracking.py``). GPU
+            forwards keep the three (no host sync): up to 1.18 on 16 -> 32 and 1.33 on 64 -> 64 (ISTA
             diverges beyond 2, FISTA's late iterations beyond 4/3); ``refresh_step_(30)`` after each optimiser
             step, or a fixed ``step``, removes that lag.
         learn_lam / learn_threshold: make ``lam`` / ``threshold`` a parameter of shape (n_iter, C_code) (one per
@@ -383,7 +384,10 @@ class _ConvSparseCoding(_projection.Projected):
         )
         with no_autocast:
             until = None
-            if adaptive and weight.device.type == "cpu" and check.values_readable(weight):
+            # compiled too (the count is then decided on the device, spectrum.dictionary_norm_sq): a compiled CPU
+            # training forward that took the three alone drifted off the eager one's trajectory
+            readable = torch.compiler.is_compiling() or check.values_readable(weight)
+            if adaptive and weight.device.type == "cpu" and readable:
                 until = POWER_TOLERANCE
             lipschitz, v = spectrum.dictionary_norm_sq(
                 weight, self.stride, v.to(dtype), n_steps, until, POWER_STEPS_MAX_PER_FORWARD
@@ -785,7 +789,7 @@ class _ConvSparseCoding(_projection.Projected):
         """Before a training forward on another weight tensor than the step's (``torch.func.functional_call``'s
         substitute), keep the step and vector it overwrites, so that the module's own weight, back unchanged, gets
         them back (``_restore_previous_step``), as in eval mode. Without this its next training forward re-estimated
-        warm from the substitute's vector, and where a forward takes three iterations (GPU, compiled) left the step
+        warm from the substitute's vector, and where a forward takes three iterations (GPU) left the step
         up to 3.5% above the module's 1/L for good (16 -> 16 channels), since an unchanged weight is not re-estimated.
         An optimiser step changes the tensor's values, not the tensor: nothing is kept then. Successive substitutes
         keep what the first overwrote, while that weight is alive and unchanged."""

@@ -169,7 +169,8 @@ def dictionary_norm_sq(
 
     ``until``: past ``n_steps``, keep iterating while the last iteration raised the estimate by more than this
     fraction, up to ``max_steps`` in all. That reads the estimate on the host once per iteration, so it is for
-    eager CPU calls, where this costs nothing; with ``until`` None nothing leaves the device.
+    CPU calls, where this costs nothing (under torch.compile the same iterations run as a ``torch.while_loop``);
+    with ``until`` None nothing leaves the device.
 
     weight: (C_code, C_sig, *k), real; stride: d ints; vector: (1, C_code, *M), real, M from ``periodic_grid``.
     """
@@ -187,19 +188,59 @@ def dictionary_norm_sq(
     spectrum = _unit_per_frequency(_dft(vector, None), generic)  # an all-zero vector starts from generic
     spectrum = _unit_per_frequency(tuple(s + 0.01 * g for s, g in zip(spectrum, generic)), generic)
     peak = weight.new_zeros(())
+    if until is not None and torch.compiler.is_compiling():
+        # A compiled graph cannot read the estimate on the host: the same stopping rule as a torch.while_loop,
+        # decided on the device. With a fixed n_steps a compiled CPU training forward took three iterations where
+        # the eager one took up to 20, and compiled training drifted off eager training (codes 1e-3 apart after
+        # a few Adam steps in float64).
+        peak, spectrum = _iterate_until(weight, stride, spectrum, peak, n_steps, until, max_steps or n_steps)
+        return peak * scale * scale, _dft(*spectrum, inverse=True)[0]
     for steps in itertools.count(1):
         previous = peak
-        u = _dft(*spectrum, inverse=True)[0]  # real: |DFT| is symmetric, so the rescaling keeps u real
-        # DFT(D^T D u)(nu) = A_nu^H A_nu U_nu / s^d =: G U: for PSD G and unit U, <U, G U> <= |G U|^2 / <U, G U> <=
-        # lambda_max; the middle one is the Rayleigh quotient half a step on
-        image = _dft(periodic_analysis(periodic_synthesis(u, weight, stride), weight, stride), None)
-        rayleigh = (spectrum[0] * image[0] + spectrum[1] * image[1]).sum(dim=1)
-        energy = (image[0].pow(2) + image[1].pow(2)).sum(dim=1)
-        peak = torch.where(rayleigh == 0, 0, energy / torch.where(rayleigh == 0, 1, rayleigh)).amax()  # NaN stays
-        spectrum = _unit_per_frequency(image, spectrum)
+        peak, spectrum = _power_step(weight, stride, spectrum)
         if steps < n_steps:
             continue
         # each frequency's estimate only rises, so a small rise means its vector has (nearly) stopped turning
         if until is None or steps >= (max_steps or n_steps) or not bool(peak > previous * (1 + until)):
             break
     return peak * scale * scale, _dft(*spectrum, inverse=True)[0]
+
+
+def _power_step(weight: Tensor, stride: Sequence[int], spectrum: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple]:
+    """One power iteration per frequency: the estimate of ||D||^2 (of the scaled weight) and the new unit spectrum."""
+    u = _dft(*spectrum, inverse=True)[0]  # real: |DFT| is symmetric, so the rescaling keeps u real
+    # DFT(D^T D u)(nu) = A_nu^H A_nu U_nu / s^d =: G U: for PSD G and unit U, <U, G U> <= |G U|^2 / <U, G U> <=
+    # lambda_max; the middle one is the Rayleigh quotient half a step on
+    image = _dft(periodic_analysis(periodic_synthesis(u, weight, stride), weight, stride), None)
+    rayleigh = (spectrum[0] * image[0] + spectrum[1] * image[1]).sum(dim=1)
+    energy = (image[0].pow(2) + image[1].pow(2)).sum(dim=1)
+    peak = torch.where(rayleigh == 0, 0, energy / torch.where(rayleigh == 0, 1, rayleigh)).amax()  # NaN stays
+    return peak, _unit_per_frequency(image, spectrum)
+
+
+def _iterate_until(
+    weight: Tensor,
+    stride: Sequence[int],
+    spectrum: tuple[Tensor, Tensor],
+    peak: Tensor,
+    n_steps: int,
+    until: float,
+    max_steps: int,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """``dictionary_norm_sq``'s loop with ``until`` under torch.compile: the iterations the eager loop takes (n_steps,
+    then on while the last one raised the estimate by more than ``until``, up to max_steps), counted on the device."""
+
+    # a tensor, carried along: under torch.compile(dynamic=True) dynamo makes the float a symbol, which while_loop
+    # refuses as a free variable of its functions
+    rise = peak.new_full((), 1 + until)
+
+    def go_on(steps, previous, peak, rise, real, imag):
+        return (steps < n_steps) | ((steps < max_steps) & (peak > previous * rise))
+
+    def body(steps, previous, peak, rise, real, imag):
+        new_peak, (real, imag) = _power_step(weight, stride, (real, imag))
+        return steps + 1, peak.clone(), new_peak, rise.clone(), real, imag
+
+    steps = torch.zeros((), dtype=torch.int64, device=peak.device)
+    _, _, peak, _, real, imag = torch.while_loop(go_on, body, (steps, peak.clone(), peak, rise, *spectrum))
+    return peak, (real, imag)
