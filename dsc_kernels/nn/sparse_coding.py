@@ -134,23 +134,22 @@ _CSC_DOC = """Unrolled convolutional ISTA/FISTA layer (LISTA/CSCNet style when l
         threshold: the absolute threshold instead of ``lam`` (give one of the two): a float or a tensor (C_code,) or
             (n_iter, C_code). Negative values are allowed only with ``nonneg=True`` (a ReLU with bias -threshold).
             State-dict key ``threshold``.
-        step: the ISTA step; a float > 0 or tensor (n_iter,), fixed. Default None: 1/L with L = ||D||_2^2 on
-            signals of any size (power iteration per frequency of the dictionary on a periodic grid 8 kernels wide,
-            never above the infinite-signal norm, within 1% of it on random 16-atom dictionaries, up to 2% below for a
-            single random atom and 4% for a narrow-band atom), tracked as the dictionary changes:
-            warm-started iterations in each training forward whose weight values changed (a replayed or repeated
-            forward on the same weight keeps its step), and in eval mode a fresh estimate whenever ``weight``
-            changed since the last one (torch's in-place changes, new data, another tensor in its place such as
-            ``torch.func.functional_call``'s; edits through ``weight.data`` go unseen, and so does everything under
-            ``torch.compile``: call ``refresh_step_()`` after those). Stored as the buffer ``step``; copies of the
-            layer (deepcopy, torch.save/load, ``.to()``) keep it as it is. With one signal channel at stride 1 (or
-            one atom) the tracked L is exact on its grid (closed form) after every optimiser step. With several
-            channels a training forward runs three warm iterations, which approach L from below, and on the CPU
-            (eager or compiled) goes on while the estimate still rises (POWER_TOLERANCE): Adam at lr 0.01 to 0.3
-            on the dictionary gave step * L up to 1.05 there on 64 -> 64 atoms (``bench/step_tracking.py``). GPU
-            forwards keep the three (no host sync): up to 1.18 on 16 -> 32 and 1.33 on 64 -> 64 (ISTA
-            diverges beyond 2, FISTA's late iterations beyond 4/3); ``refresh_step_(30)`` after each optimiser
-            step, or a fixed ``step``, removes that lag.
+        step: the ISTA step; a float > 0 or tensor (n_iter,), fixed. Default None: 1/L with L = ||D||_2^2 on signals of
+            any size (power iteration per frequency of the dictionary on a periodic grid 8 kernels wide, never above the
+            infinite-signal norm, within 1% of it on random 16-atom dictionaries, up to 2% below for a single random
+            atom and 4% for a narrow-band atom), tracked as the dictionary changes: warm-started iterations in each
+            training forward whose weight values changed (a replayed or repeated forward on the same weight keeps its
+            step), and in eval mode a fresh estimate whenever ``weight`` changed since the last one (torch's in-place
+            changes, new data, another tensor in its place such as ``torch.func.functional_call``'s; edits through
+            ``weight.data`` go unseen by an eager forward: call ``refresh_step_()`` after those; a compiled one compares
+            the values). Stored as the buffer ``step``; copies of the layer (deepcopy, torch.save/load, ``.to()``) keep
+            it as it is. With one signal channel at stride 1 (or one atom) the tracked L is exact on its grid (closed
+            form) after every optimiser step. With several channels a training forward runs three warm iterations, which
+            approach L from below, and on the CPU (eager or compiled) goes on while the estimate still rises
+            (POWER_TOLERANCE): Adam at lr 0.01 to 0.3 on the dictionary gave step * L up to 1.05 there on 64 -> 64 atoms
+            (``bench/step_tracking.py``). GPU forwards keep the three (no host sync): up to 1.18 on 16 -> 32 and 1.33 on
+            64 -> 64 (ISTA diverges beyond 2, FISTA's late iterations beyond 4/3); ``refresh_step_(30)`` after each
+            optimiser step, or a fixed ``step``, removes that lag.
         learn_lam / learn_threshold: make ``lam`` / ``threshold`` a parameter of shape (n_iter, C_code) (one per
             iteration and channel, LISTA-style).
         learn_step: make ``step`` a parameter of shape (n_iter,) initialised at ``step`` (or 1/L), projected onto
