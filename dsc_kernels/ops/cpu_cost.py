@@ -14,10 +14,10 @@ The model, calibrated on the shape sweep (``dsc_kernels/experiments/sweep.py``; 
   element the elementwise passes touch, |.| a spatial size) exceeds ``INTENSITY_LIMIT``. The fused backward keeps
   memory lean by saving every other iterate and, where ``keep_residuals`` says so, the residuals, and replays the
   rest; on convolution-bound shapes the gemm strategy's channels-last oneDNN convolutions and fused passes pay that
-  back, less and less as the convolutions dominate: forward + backward 1.03-1.45x eager at I = 96-384 on the sweep
-  (Intel Xeon, residuals kept), 1.17x at I = 576 (128 -> 128 channels on 8 x 8), 1.02x at 768 (128 -> 256), then
-  0.97x at 922 (128 -> 512) and 0.99x at 1152 (256 -> 256): above the limit eager is taken. (On the AMD EPYC,
-  before the residuals were kept, parity came at I = 384.)
+  back, less and less as the convolutions dominate: forward + backward 1.05-1.49x eager at I = 96-384 on the sweep
+  (Intel Xeon, residuals kept, bench/results/cpu-sweep-2026-12-02c), 1.02x at 768 (128 -> 256), then 0.97x at 1152
+  (256 -> 256): above the limit eager is taken. (128 -> 128 at I = 576 and 128 -> 512 at I = 922 were timed in
+  runs that are not committed. On the AMD EPYC, before the residuals were kept, parity came at I = 384.)
   A kernel covering the whole map is a matrix product on the ``cpp`` side (2x eager there) whatever its intensity.
 
 ``DSC_KERNELS_BACKEND`` and an explicit ``backend=`` bypass this module (``selection``).
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 # Where forward + backward crossed eager on the Intel Xeon sweep of 2026-12-02 with kept residuals
-# (bench/results/cpu-sweep-2026-12-02c): 1.02x at I = 768, 0.97-0.99x at I = 922 and 1152.
+# (bench/results/cpu-sweep-2026-12-02c): 1.02x at I = 768, 0.97x at I = 1152 (that sweep has no I = 922 shape).
 INTENSITY_LIMIT = 800.0
 
 
