@@ -124,15 +124,17 @@ def test_tracked_step_keeps_up_with_adam_on_the_dictionary(layer_args, worst):
     assert max(ratios) <= worst and min(ratios) >= 0.99
 
 
-def test_compiled_dft_path_matches_the_fft(monkeypatch):
-    """Under torch.compile the DFTs are real matmuls (inductor has no complex code generation): same numbers."""
+@pytest.mark.parametrize("n_steps", [3, 8], ids=["unrolled", "loop"])
+def test_compiled_dft_path_matches_the_fft(n_steps):
+    """Under torch.compile the DFTs are real matmuls (inductor has no complex code generation), and more than three
+    fixed iterations run as a torch.while_loop: same numbers."""
+    torch._dynamo.reset()
     torch.manual_seed(3)
     weight = torch.randn(5, 3, 3, 2, dtype=torch.float64)
     vector = torch.randn(1, 5, 6, 9, dtype=torch.float64)
-    eager = spectrum.dictionary_norm_sq(weight, (2, 1), vector, 4)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    traced = spectrum.dictionary_norm_sq(weight, (2, 1), vector, 4)
-    for a, b in zip(eager, traced):
+    eager = spectrum.dictionary_norm_sq(weight, (2, 1), vector, n_steps)
+    compiled = torch.compile(spectrum.dictionary_norm_sq, fullgraph=True, backend="aot_eager")
+    for a, b in zip(eager, compiled(weight, (2, 1), vector, n_steps)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 

@@ -188,12 +188,14 @@ def dictionary_norm_sq(
     spectrum = _unit_per_frequency(_dft(vector, None), generic)  # an all-zero vector starts from generic
     spectrum = _unit_per_frequency(tuple(s + 0.01 * g for s, g in zip(spectrum, generic)), generic)
     peak = weight.new_zeros(())
-    if until is not None and torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and (until is not None or _loop_fixed_count(n_steps)):
         # A compiled graph cannot read the estimate on the host: the same stopping rule as a torch.while_loop,
         # decided on the device. With a fixed n_steps a compiled CPU training forward took three iterations where
         # the eager one took up to 20, and compiled training drifted off eager training (codes 1e-3 apart after
-        # a few Adam steps in float64).
-        peak, spectrum = _iterate_until(weight, stride, spectrum, peak, n_steps, until, max_steps or n_steps)
+        # a few Adam steps in float64). A cold estimate's fixed 50 iterations loop there too: unrolled, they made
+        # compiling a layer's eval forward (its changed-weight re-estimate) take a minute.
+        max_steps = n_steps if until is None else max_steps or n_steps
+        peak, spectrum = _iterate_until(weight, stride, spectrum, peak, n_steps, until or 0.0, max_steps)
         return peak * scale * scale, _dft(*spectrum, inverse=True)[0]
     for steps in itertools.count(1):
         previous = peak
@@ -204,6 +206,18 @@ def dictionary_norm_sq(
         if until is None or steps >= (max_steps or n_steps) or not bool(peak > previous * (1 + until)):
             break
     return peak * scale * scale, _dft(*spectrum, inverse=True)[0]
+
+
+# Compiled fixed-count estimates up to this many iterations are unrolled (a training forward's warm three): a loop's
+# condition is read on the host once per iteration, a sync on a GPU.
+UNROLLED_STEPS_MAX = 3
+
+
+def _loop_fixed_count(n_steps: int) -> bool:
+    """Whether a compiled graph runs ``n_steps`` fixed iterations as a loop. torch.export unrolls them: its pass that
+    rewrites grad-mode regions (torch 2.13) failed on a while_loop inside the eval forward's torch.cond ("no
+    attribute 'while_loop_cond_graph_0'")."""
+    return n_steps > UNROLLED_STEPS_MAX and not torch.compiler.is_exporting()
 
 
 def _power_step(weight: Tensor, stride: Sequence[int], spectrum: tuple[Tensor, Tensor]) -> tuple[Tensor, tuple]:
@@ -227,8 +241,9 @@ def _iterate_until(
     until: float,
     max_steps: int,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """``dictionary_norm_sq``'s loop with ``until`` under torch.compile: the iterations the eager loop takes (n_steps,
-    then on while the last one raised the estimate by more than ``until``, up to max_steps), counted on the device."""
+    """``dictionary_norm_sq``'s loop under torch.compile: the iterations the eager loop takes (n_steps, then on while
+    the last one raised the estimate by more than ``until``, up to max_steps; exactly n_steps where max_steps is
+    n_steps), counted on the device."""
 
     # a tensor, carried along: under torch.compile(dynamic=True) dynamo makes the float a symbol, which while_loop
     # refuses as a free variable of its functions
