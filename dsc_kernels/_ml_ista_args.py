@@ -71,16 +71,23 @@ def per_step_values(
     nonnegative: bool = False,
     negative_hint: str = "",
     positive: bool = False,
+    deferred: list[Tensor] | None = None,
 ) -> Tensor:
     """A float or tensor of shape (), (C,) [thresholds], (S,) [steps] or (S, C) -> (S, C) or (S,) in like's dtype
     (broadcast with autograd: a shared value's gradient is the sum over its uses). negative_hint follows the name
-    in the message of the sign check alone."""
-    value = check.scalar_or_tensor(name, value)
-    if nonnegative:
-        check.nonnegative(name + negative_hint, value)
-    if positive:
-        check.positive(name, value, like.dtype)
-    check.fits_dtype(name, value, like.dtype, finite=True)
+    in the message of the sign check alone. ``deferred``: a tensor's value checks are not read here but appended
+    there as one flag (``check.value_flags``), for the caller to read with other values' at once."""
+    if deferred is not None and isinstance(check.real_or_tensor(name, value), Tensor):
+        flag = check.value_flags(check.tensor(name, value), like.dtype, nonnegative=nonnegative, positive=positive)
+        if flag is not None:
+            deferred.append(flag)
+    else:
+        value = check.scalar_or_tensor(name, value)
+        if nonnegative:
+            check.nonnegative(name + negative_hint, value)
+        if positive:
+            check.positive(name, value, like.dtype)
+        check.fits_dtype(name, value, like.dtype, finite=True)
     full = (n_steps,) if channels is None else (n_steps, channels)
     if not isinstance(value, Tensor):
         return torch.full(full, float(value), dtype=like.dtype, device=like.device)
@@ -114,10 +121,58 @@ def ml_ista_arguments(
     z0: object,
     nonneg: bool,
     interleaved: bool,
-    default_step: Callable[[Tensor, tuple, tuple, tuple], Tensor | float],
+    default_steps: Callable[[list[tuple[Tensor, tuple, tuple, tuple]]], list[Tensor | float]],
 ) -> dict:
     """Validated canonical arguments of ``functional.ml_ista`` (S = n_iter + 1 steps): a dict of the op's inputs, plus
-    ``geometry``: each layer's (signal size, stride, padding)."""
+    ``geometry``: each layer's (signal size, stride, padding).
+
+    Every layer's tensor thresholds and steps are checked with one value read (a host sync on a GPU), and the cached
+    default 1/L of every layer with one more, however many layers: the checks that read values are deferred to the
+    end of one pass over the layers. Only where a deferred check fails, or another check raises, are the layers
+    checked again one by one, reading each value as it comes, so that the error raised is the first one, with its
+    message naming the layer and argument, as before; either way before any kernel runs."""
+    kwargs = dict(
+        n_iter=n_iter,
+        steps=steps,
+        strides=strides,
+        paddings=paddings,
+        encoder_weights=encoder_weights,
+        input_encoder_weights=input_encoder_weights,
+        z0=z0,
+        nonneg=nonneg,
+        interleaved=interleaved,
+        default_steps=default_steps,
+    )
+    try:
+        out = _ml_ista_arguments(x, weights, thresholds, fused=True, **kwargs)
+    except (ValueError, TypeError):
+        out = None
+    if out is None:  # the first error, raised where the one-by-one checks meet it
+        out = _ml_ista_arguments(x, weights, thresholds, fused=False, **kwargs)
+    return out
+
+
+def _ml_ista_arguments(
+    x: Tensor,
+    weights: object,
+    thresholds: object,
+    *,
+    n_iter: int,
+    steps: object,
+    strides: object,
+    paddings: object,
+    encoder_weights: object,
+    input_encoder_weights: object,
+    z0: object,
+    nonneg: bool,
+    interleaved: bool,
+    default_steps: Callable[[list[tuple[Tensor, tuple, tuple, tuple]]], list[Tensor | float]],
+    fused: bool,
+) -> dict | None:
+    """``ml_ista_arguments``, its value reads deferred and read together where ``fused`` (None where one of those
+    checks fails), or one by one."""
+    deferred: list[Tensor] | None = [] if fused else None
+    pending_defaults: list[tuple[int, Tensor, tuple, tuple, tuple, Tensor]] = []
     n_iter = check.count("n_iter", n_iter, 0)
     rank = spatial_rank(x)
     if isinstance(weights, Tensor) or not isinstance(weights, Sequence) or len(weights) == 0:
@@ -172,14 +227,26 @@ def ml_ista_arguments(
                 steps_name=steps_name,
                 nonnegative=not nonneg,
                 negative_hint=" (negative thresholds need nonneg=True)",
+                deferred=deferred,
             )
         )
         if steps[j] is None:
-            one_over_l = [default_step(w[k], size, stride, padding) for k in range(w.shape[0])]
-            step = torch.stack([torch.as_tensor(v, dtype=values.dtype, device=x.device) for v in one_over_l])
-            step = step.expand(n_steps).contiguous() if w.shape[0] == 1 else step
+            if fused:  # estimated (or their cache compared) for all layers together below
+                pending_defaults.append((j, w, size, stride, padding, values))
+                step = None
+            else:
+                step = _default_steps_of(default_steps, w, size, stride, padding, values, n_steps)
         else:
-            step = per_step_values(f"steps[{j}]", steps[j], n_steps, None, values, steps_name=steps_name, positive=True)
+            step = per_step_values(
+                f"steps[{j}]",
+                steps[j],
+                n_steps,
+                None,
+                values,
+                steps_name=steps_name,
+                positive=True,
+                deferred=deferred,
+            )
         out["steps"].append(step)
         for key, value in (("weights", w), ("encoder_weights", e), ("input_encoder_weights", b)):
             out[key].append(value)
@@ -199,7 +266,29 @@ def ml_ista_arguments(
         check.same_device(x=x, z0=z0)
         check.same_dtype(x=x, z0=z0)
         out["z0"] = z0
+    if fused:
+        if not check.none_true(deferred):
+            return None
+        requests = [
+            (w[k], size, stride, padding)
+            for _, w, size, stride, padding, _ in pending_defaults
+            for k in range(w.shape[0])
+        ]
+        one_over_l = iter(default_steps(requests))
+        for j, w, *_, values in pending_defaults:
+            out["steps"][j] = _stacked_steps([next(one_over_l) for _ in range(w.shape[0])], values, n_steps)
     return out
+
+
+def _stacked_steps(one_over_l: list, like: Tensor, n_steps: int) -> Tensor:
+    """A layer's default steps (S,) from the 1/L of each of its S_w dictionaries."""
+    step = torch.stack([torch.as_tensor(v, dtype=like.dtype, device=like.device) for v in one_over_l])
+    return step.expand(n_steps).contiguous() if len(one_over_l) == 1 else step
+
+
+def _default_steps_of(default_steps, w: Tensor, size, stride, padding, like: Tensor, n_steps: int) -> Tensor:
+    """One layer's default steps (S,): 1/L of each of its dictionaries w[k]."""
+    return _stacked_steps(default_steps([(w[k], size, stride, padding) for k in range(w.shape[0])]), like, n_steps)
 
 
 def conv_ista_variant_arguments(
@@ -218,7 +307,7 @@ def conv_ista_variant_arguments(
     nonneg: bool,
     fista: bool,
     recompute: bool,
-    default_step: Callable[[Tensor, tuple, tuple, tuple], Tensor | float],
+    default_steps: Callable[[list[tuple[Tensor, tuple, tuple, tuple]]], list[Tensor | float]],
 ) -> dict:
     """Validated canonical arguments of conv_ista's variants as a one-layer ml_ista op (S = n_iter steps), plus
     ``features``: the table features they need (table.CONV_ISTA_VARIANTS)."""
@@ -260,9 +349,7 @@ def conv_ista_variant_arguments(
         check.same_dtype(x=x, z0=z0)
     values = check.values_like(x, w, e, b)
     if step is None:  # 1/L of each iteration's dictionary
-        one_over_l = [default_step(w[k], tuple(x.shape[2:]), stride, padding) for k in range(w.shape[0])]
-        step = torch.stack([torch.as_tensor(v, dtype=values.dtype, device=x.device) for v in one_over_l])
-        step = step.expand(n_iter).contiguous() if w.shape[0] == 1 else step
+        step = _default_steps_of(default_steps, w, tuple(x.shape[2:]), stride, padding, values, n_iter)
     else:
         step = per_step_values("step", step, n_iter, None, values, steps_name="n_iter", positive=True)
     if (lam is None) == (threshold is None):

@@ -353,6 +353,40 @@ def finite_value(
     return value
 
 
+def value_flags(
+    value: Tensor, dtype: torch.dtype, *, nonnegative: bool = False, positive: bool = False
+) -> Tensor | None:
+    """Whether any of ``scalar_or_tensor``'s finiteness check, ``nonnegative``, ``positive(dtype)`` (as asked) and
+    ``fits_dtype(dtype, finite=True)`` fails on the float tensor ``value``, as a 0-d bool tensor not yet read: for
+    ``none_true`` to read with other values' flags at once, and only where that finds one to run the checks themselves
+    for their messages. None where they read nothing (values unknown: tracing, meta, fake)."""
+    values = checkable(value)
+    if values is None:
+        return None
+    data = values.detach()
+    flags = [~torch.isfinite(data).all()]
+    if nonnegative:
+        flags.append((data < 0).any())
+    if positive:
+        flags.append((data <= 0).any())
+        if torch.promote_types(data.dtype, dtype) != dtype:
+            flags.append((data.to(dtype) == 0).any())
+    largest = torch.finfo(dtype).max
+    if torch.finfo(data.dtype).max > largest:
+        flags.append((data.abs() > largest).any())
+    return torch.stack(flags).any()
+
+
+def none_true(flags: Sequence[Tensor]) -> bool:
+    """Whether every flag is False: one value read (a host sync on a GPU) for all on one device; False without a read
+    where they lie on several devices (the checks that run then say which value is wrong, or on the wrong device)."""
+    if not flags:
+        return True
+    if len({flag.device for flag in flags}) > 1:
+        return False
+    return not bool(torch.stack(list(flags)).any())
+
+
 def nonnegative(name: str, value: Tensor | float) -> None:
     if isinstance(value, Tensor):
         values = checkable(value)

@@ -217,34 +217,62 @@ _LIPSCHITZ_CACHE = WeakIdKeyDictionary()  # tensor (a view's base) -> {view's pl
 
 
 def _default_step(weight: Tensor, signal_size: tuple[int, ...], stride, padding) -> Tensor | float:
-    """1/L at this signal size (``_inverse_lipschitz``). Eager calls cache it per weight tensor with a copy of the
-    values it was computed for (a view, such as ml_ista's per-step dictionaries, per the tensor it views and its
-    place there), and reuse it only while the weight still equals that copy: one comparison instead of a power
-    iteration, and it sees every change (an optimiser step, but also writes through ``.data``, which the version
-    counter misses, and inference tensors, which have none). Under torch.compile the power iteration is
-    traced, and so it is under vmap over the dictionary (one 1/L per sample)."""
-    carried = ref.value_dtype(weight.dtype)  # the dtype the step is carried in (float32 for half weights)
-    if not check.values_readable(weight):
-        return _inverse_lipschitz(weight, signal_size, stride, padding).to(carried)
+    """1/L of one dictionary at this signal size: ``_default_steps`` for one."""
+    return _default_steps([(weight, signal_size, stride, padding)])[0]
+
+
+def _default_steps(requests: Sequence[tuple[Tensor, tuple[int, ...], tuple, tuple]]) -> list[Tensor | float]:
+    """1/L (``_inverse_lipschitz``) of each (weight, signal size, stride, padding). Eager calls cache it per weight
+    tensor with a copy of the values it was computed for (a view, such as ml_ista's per-step dictionaries, per the
+    tensor it views and its place there), and reuse it only while the weight still equals that copy: a comparison
+    instead of a power iteration, and it sees every change (an optimiser step, but also writes through ``.data``,
+    which the version counter misses, and inference tensors, which have none). The comparisons of all requests are
+    read together (one host sync on a GPU, not one per dictionary). Under torch.compile the power
+    iteration is traced, and so it is under vmap over the dictionary (one 1/L per sample)."""
+    steps: list = [None] * len(requests)
     # Keyed on the tensor a view was taken of, and the view's place in it: ml_ista and the per-iteration variants
     # pass w.unsqueeze(0)[k], a new view on every call, so a cache keyed on the view itself never hit and every call
     # ran the power iteration again (100 iterations per layer: 400 convolutions per call for a 2-layer ml_ista).
     # The values are compared all the same, so a key that names another tensor can only miss, never give a wrong 1/L.
-    base = weight if weight._base is None else weight._base
-    place = (weight.storage_offset(), tuple(weight.shape), weight.stride(), weight.dtype)
-    geometry = (signal_size, stride, padding)
-    entries = _LIPSCHITZ_CACHE.get(base)
-    if entries is None:
-        entries = _LIPSCHITZ_CACHE[base] = {}
-    cached = entries.get(place)
-    if cached is None or cached[0] != geometry or not torch.equal(cached[1], weight):
-        values = weight.detach().clone()
-        cached = (geometry, values, float(_inverse_lipschitz(values, signal_size, stride, padding)))
-        entries[place] = cached  # one entry per view, as one per tensor before: a new geometry replaces it
-    step = cached[2]
-    check.fits_dtype("the default step 1/L (the dictionary is nearly zero)", step, carried)
-    check.positive("the default step 1/L (the dictionary is very large)", step, carried)
-    return step
+    looked_up = {}  # (base's id, place, geometry) -> (base, weight, cached entry or None), one per distinct request
+    for i, (weight, signal_size, stride, padding) in enumerate(requests):
+        if not check.values_readable(weight):
+            carried = ref.value_dtype(weight.dtype)
+            steps[i] = _inverse_lipschitz(weight, signal_size, stride, padding).to(carried)
+            continue
+        base = weight if weight._base is None else weight._base
+        place = (weight.storage_offset(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device)
+        key = (id(base), place, (tuple(signal_size), tuple(stride), tuple(padding)))
+        if key not in looked_up:
+            cached = _LIPSCHITZ_CACHE.get(base, {}).get(place)
+            looked_up[key] = (base, weight, cached if cached is not None and cached[0] == key[2] else None)
+        steps[i] = key
+    # every cached copy compared with its weight's values, all read together (one read per device)
+    compared = [(key, (c[1] == w.detach()).all()) for key, (_, w, c) in looked_up.items() if c is not None]
+    same = set()
+    for device in {flag.device for _, flag in compared}:
+        on = [(key, flag) for key, flag in compared if flag.device == device]
+        same |= {key for (key, _), equal in zip(on, torch.stack([flag for _, flag in on]).tolist()) if equal}
+    one_over_l = {}
+    for key, (base, weight, cached) in looked_up.items():
+        if key not in same:
+            values = weight.detach().clone()
+            cached = (key[2], values, float(_inverse_lipschitz(values, *key[2])))
+        entries = _LIPSCHITZ_CACHE.get(base)
+        if entries is None:
+            entries = _LIPSCHITZ_CACHE[base] = {}
+        entries.pop(key[1], None)
+        entries[key[1]] = cached  # one entry per view, a new geometry replaces it; (re)inserted last: the most recent
+        one_over_l[key] = cached[2]
+    for i, (weight, *_) in enumerate(requests):
+        if isinstance(steps[i], Tensor):
+            continue
+        step = one_over_l[steps[i]]
+        carried = ref.value_dtype(weight.dtype)  # the dtype the step is carried in (float32 for half weights)
+        check.fits_dtype("the default step 1/L (the dictionary is nearly zero)", step, carried)
+        check.positive("the default step 1/L (the dictionary is very large)", step, carried)
+        steps[i] = step
+    return steps
 
 
 def _inverse_lipschitz(weight: Tensor, signal_size: tuple[int, ...], stride, padding) -> Tensor:
@@ -266,8 +294,40 @@ def _warn_if_step_diverges(
 
     L >= max_c ||w_c||^2 whenever some code position's atom lies wholly inside the signal (the atom alone is a code
     with ||D e||^2 = ||w_c||^2), a bound that costs one pass over the weight instead of a power iteration."""
+    _warn_if_steps_diverge([(weight, step, signal_size, stride, padding, name, encoder_weight)])
+
+
+def _warn_if_steps_diverge(cases: Sequence[tuple]) -> None:
+    """``_warn_if_step_diverges`` for each (weight, step, signal_size, stride, padding, name, encoder_weight), the
+    values of all read together: one host sync (a GPU's) for every layer of an ml_ista call, not one per layer."""
+    reads = [(case, _divergence_reads(*case)) for case in cases]
+    reads = [(case, tensors) for case, tensors in reads if tensors is not None]
+    flat = [t.detach().to(torch.float64).reshape(()) for _, tensors in reads for t in tensors]
+    values: list[float] = [0.0] * len(flat)
+    for device in {t.device for t in flat}:  # one device but for a caller's mistake
+        at = [i for i, t in enumerate(flat) if t.device == device]
+        for i, v in zip(at, torch.stack([flat[i] for i in at]).tolist()):
+            values[i] = v
+    values.reverse()
+    for (weight, step, *_, name, _), _ in reads:
+        lower = values.pop() ** 2 if weight.numel() else 0.0
+        largest = values.pop() if isinstance(step, Tensor) else float(step)
+        if not math.isfinite(lower) and not bool(weight.detach().isfinite().all()):
+            continue  # a NaN or inf in the weight makes the codes NaN whatever the step
+        if lower > 0 and largest > 2.0 / lower:
+            _warnings.warn(
+                f"{name}={largest:.4g} is above 2/L (L >= {lower:.4g}, the largest atom's squared norm): ISTA "
+                f"diverges with it; use {name}=None for 1/L"
+            )
+
+
+def _divergence_reads(
+    weight: Tensor, step: Tensor | float, signal_size, stride, padding, name: str, encoder_weight
+) -> list[Tensor] | None:
+    """What ``_warn_if_step_diverges`` reads (the largest atom's norm, the largest step where it is a tensor), or
+    None where it cannot warn."""
     if isinstance(step, Tensor) and not check.values_readable(step) or not check.values_readable(weight):
-        return
+        return None
     # An untied encoder E iterates with I - step E D, which the atoms' norms do not bound: a LISTA-CP layer's
     # learned step far above 2/max ||w_c||^2 converges with a small E (the warning said "diverges" there).
     if encoder_weight is not None and not (
@@ -275,26 +335,16 @@ def _warn_if_step_diverges(
         and encoder_weight.shape == weight.shape
         and torch.equal(encoder_weight.detach(), weight.detach())
     ):
-        return
+        return None
     for size, k, s, p in zip(signal_size, weight.shape[2:], stride, padding):
         first = -(-p // s)  # the first code position whose atom starts inside the signal
         if first * s - p + k > size:
-            return
+            return None
     # a reduction, not a weight-sized square: this runs on every call
-    # read together, one host sync (a GPU's) where the step is a tensor too
     read = [torch.linalg.vector_norm(weight.detach().flatten(1), dim=1).max()] if weight.numel() else []
     if isinstance(step, Tensor):
         read.append(step.detach().max())
-    values = torch.stack([t.to(torch.float64) for t in read]).tolist() if read else []
-    lower = values.pop(0) ** 2 if weight.numel() else 0.0
-    largest = values[0] if isinstance(step, Tensor) else float(step)
-    if not math.isfinite(lower) and not bool(weight.detach().isfinite().all()):
-        return  # a NaN or inf in the weight makes the codes NaN whatever the step
-    if lower > 0 and largest > 2.0 / lower:
-        _warnings.warn(
-            f"{name}={largest:.4g} is above 2/L (L >= {lower:.4g}, the largest atom's squared norm): ISTA "
-            f"diverges with it; use {name}=None for 1/L"
-        )
+    return read
 
 
 def _checked_values(
@@ -549,7 +599,7 @@ def _conv_ista_variant(
         nonneg=nonneg,
         fista=fista,
         recompute=recompute,
-        default_step=_default_step,
+        default_steps=_default_steps,
     )
     dictionaries = args["weights"][0]
     if step is not None and dictionaries.shape[0] == 1:  # one shared D: ISTA on it, where step > 2/L diverges
@@ -627,18 +677,20 @@ def ml_ista(
         z0=z0,
         nonneg=nonneg,
         interleaved=interleaved,
-        default_step=_default_step,
+        default_steps=_default_steps,
     )
     row = ops.select("ml_ista", backend, x.device, x.dtype, inputs=(x, *_tensors_in(args)))
     geometry = args.pop("geometry")
     # Only the interleaved iteration runs ISTA on each layer's own code, where c_j > 2/L_j diverges. The projected one
     # steps the deepest code by c_1 ... c_L on D_1 ... D_L: a per-layer bound neither implies nor rules out its
     # divergence. Step 0 (the initial encoding) only scales; per-step dictionaries repeat no one operator.
-    if interleaved:
+    if interleaved:  # every layer's values read at once
+        cases = []
         for j, given in enumerate(check.per_layer("steps", steps, len(geometry), None)):
             w, step = args["weights"][j], args["steps"][j]
             if given is not None and w.shape[0] == 1 and step.shape[0] > 1:
-                _warn_if_step_diverges(w[0], step[1:], *geometry[j], name=f"steps[{j}]")
+                cases.append((w[0], step[1:], *geometry[j], f"steps[{j}]", None))
+        _warn_if_steps_diverge(cases)
     return ml_ista_ops.run(row, x, nonneg=nonneg, fista=fista, project=not interleaved, recompute=recompute, **args)
 
 

@@ -166,7 +166,7 @@ def op_arguments(problem: dict, **overrides) -> dict:
         z0=p["z0"],
         nonneg=problem["nonneg"],
         interleaved=p["interleaved"],
-        default_step=None,
+        default_steps=None,
     )
 
 

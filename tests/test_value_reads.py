@@ -175,3 +175,147 @@ def test_soft_threshold_still_refuses_each_bad_threshold_with_its_message(value,
     with pytest.raises(ValueError, match="must be finite"):
         DF.soft_threshold(torch.randn(2), torch.tensor([-1.0, float("nan")]))
     assert torch.equal(DF.soft_threshold(torch.tensor([-2.0, 0.5, 3.0]), torch.tensor(1.0)), torch.tensor([-1.0, 0, 2]))
+
+
+# ------------------------------------------------------------------------- multi-layer pursuit: reads per call
+def _multilayer(depth: int, mode: str, **kwargs) -> dnn.MultiLayerSparseCoding2d:
+    torch.manual_seed(0)
+    return dnn.MultiLayerSparseCoding2d([1] + [3] * depth, 3, paddings=1, n_iter=2, mode=mode, bias=-0.01, **kwargs)
+
+
+@pytest.mark.parametrize("mode, expected", [("ml-ista", 1), ("ml-fista", 1), ("interleaved", 2)])
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_multilayer_reads_do_not_grow_with_the_layers(mode, expected, backend):
+    from dsc_kernels import functional as DF
+
+    if backend not in DF.available_backends("cpu"):
+        pytest.skip(DF.backend_unavailable_reason(backend, "cpu"))
+    x = torch.randn(2, 1, 6, 6)
+    for learn_steps, nonneg, training in [(True, True, True), (False, False, False), (True, False, False)]:
+        for depth in (2, 4):
+            net = _multilayer(depth, mode, learn_steps=learn_steps, nonneg=nonneg, backend=backend).train(training)
+            with reads() as r:
+                net(x)
+            # every layer's thresholds and steps checked together; interleaved: the divergence warning's norms and
+            # steps of every layer together. Before: 3 per layer (4 without nonneg), one more per layer interleaved
+            assert r.count == expected, (learn_steps, nonneg, training, depth)
+
+
+@pytest.mark.parametrize("steps", ["tensor", "float32 tensor", "default"])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_functional_ml_ista_reads_do_not_grow_with_the_layers(steps, interleaved):
+    from dsc_kernels import functional as DF
+
+    x = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    counts = []
+    for depth in (2, 4):
+        torch.manual_seed(0)
+        ws = [0.3 * torch.randn(3, 1 if j == 0 else 3, 3, 3, dtype=torch.float64) for j in range(depth)]
+        thresholds = [torch.full((3,), 0.01, dtype=torch.float64) for _ in ws]
+        given = {
+            "tensor": [torch.tensor(0.2, dtype=torch.float64) for _ in ws],
+            "float32 tensor": [torch.tensor([0.2, 0.1, 0.1]) for _ in ws],
+            "default": None,
+        }[steps]
+
+        def call():
+            return DF.ml_ista(
+                x,
+                ws,
+                thresholds,
+                n_iter=2,
+                steps=given,
+                paddings=[1] * depth,
+                interleaved=interleaved,
+                backend="reference",
+            )
+
+        call()  # the default 1/L estimated
+        with reads() as r:
+            call()
+        counts.append(r.count)
+    # thresholds and steps together (the cached 1/L's comparisons together), the warning's values together
+    assert counts[0] == counts[1] == 1 + (steps == "default") + (interleaved and steps != "default")
+
+
+def _refused_ml_ista(monkeypatch, j, bad, *, nonneg=True, mismatch=None, default=False):
+    """The error of an ml_ista call with ``bad`` ("threshold" or "step" of layer j, a tensor) and no kernel run."""
+    from dsc_kernels import functional as DF
+    from dsc_kernels.ops import ml_ista as ml_ista_ops
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("a kernel ran")
+
+    monkeypatch.setattr(ml_ista_ops, "run", no_kernel)
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 6, 6)
+    ws = [0.3 * torch.randn(3, 1 if i == 0 else 3, 3, 3) for i in range(3)]
+    thresholds = [torch.full((3,), 0.01) for _ in ws]
+    steps = None if default else [torch.tensor(0.2) for _ in ws]
+    if default:
+        ws[j] = ws[j] * 1e-30
+    elif bad[0] == "threshold":
+        thresholds[j] = bad[1]
+    else:
+        steps[j] = bad[1]
+    if mismatch is not None:
+        ws[mismatch] = torch.randn(3, 2, 3, 3)
+    with pytest.raises((ValueError, TypeError)) as info:
+        DF.ml_ista(x, ws, thresholds, n_iter=2, steps=steps, paddings=[1] * 3, nonneg=nonneg, backend="reference")
+    return f"{info.type.__name__}: {info.value}"
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    "j, bad, nonneg, message",
+    [
+        (1, ("threshold", torch.tensor([0.1, NAN, 0.1])), True, "thresholds[1] must be finite, got a tensor with NaN"),
+        (
+            2,
+            ("threshold", torch.tensor([0.1, -0.1, 0.1])),
+            False,
+            "thresholds[2] (negative thresholds need nonneg=True) must be >= 0, got a tensor with negative entries",
+        ),
+        (1, ("threshold", torch.tensor(1e300, dtype=torch.float64)), True, "thresholds[1] must fit in torch.float32"),
+        (1, ("step", torch.tensor([0.2, 0.0, 0.2])), True, "steps[1] must be > 0, got a tensor with entries <= 0"),
+        (2, ("step", torch.tensor(float("inf"))), True, "steps[2] must be finite, got a tensor with NaN or inf"),
+        (
+            1,
+            ("step", torch.tensor(1e-300, dtype=torch.float64)),
+            True,
+            "steps[1] must be > 0 in torch.float32, where it underflows to 0",
+        ),
+        (1, ("step", torch.tensor(1e300, dtype=torch.float64)), True, "steps[1] must fit in torch.float32"),
+        (1, ("step", torch.tensor(1)), True, "TypeError: steps[1] must have a floating-point dtype, got torch.int64"),
+    ],
+)
+def test_ml_ista_values_checked_together_still_name_the_layer_before_any_kernel(monkeypatch, j, bad, nonneg, message):
+    assert message in _refused_ml_ista(monkeypatch, j, bad, nonneg=nonneg)
+
+
+def test_ml_ista_values_checked_together_raise_the_first_error_as_before(monkeypatch):
+    # a bad value of layer 0 comes before layer 2's channel error; layer 1's channel error before a bad layer 2 value
+    nan = ("threshold", torch.tensor([0.1, NAN, 0.1]))
+    assert "thresholds[0] must be finite" in _refused_ml_ista(monkeypatch, 0, nan, mismatch=2)
+    assert "weights[1] expects 2 input channels" in _refused_ml_ista(monkeypatch, 2, nan, mismatch=1)
+    zero = ("step", torch.tensor(0.0))
+    assert "steps[0] must be > 0" in _refused_ml_ista(monkeypatch, 0, zero, mismatch=1)
+    # a default 1/L out of range, estimated with the others after every layer's checks, still comes first
+    nearly_zero = "the default step 1/L (the dictionary is nearly zero) must fit in torch.float32"
+    assert nearly_zero in _refused_ml_ista(monkeypatch, 0, None, default=True, mismatch=2)
+    assert nearly_zero in _refused_ml_ista(monkeypatch, 1, None, default=True)
+
+
+def test_multilayer_layer_still_names_the_layer_of_a_bad_learned_value():
+    net = _multilayer(3, "ml-ista", nonneg=False)
+    with torch.no_grad():
+        net.biases[2][1] = 0.5  # threshold -0.5
+    with pytest.raises(ValueError, match=r"thresholds\[2\] \(negative thresholds need nonneg=True\) must be >= 0"):
+        net(torch.randn(2, 1, 6, 6))
+    net = _multilayer(3, "interleaved")
+    with torch.no_grad():
+        net.steps[1].fill_(NAN)
+    with pytest.raises(ValueError, match=r"steps\[1\] must be finite"):
+        net(torch.randn(2, 1, 6, 6))
