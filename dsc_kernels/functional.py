@@ -214,6 +214,9 @@ def _tensors_in(value: object) -> tuple[Tensor, ...]:
 
 # -------------------------------------------------------------------------------------------------- conv-ISTA
 _LIPSCHITZ_CACHE = WeakIdKeyDictionary()  # tensor (a view's base) -> {view's place: (geometry, values, 1/L)}
+# Views' entries kept per tensor beyond those one call uses, the least recently used dropped: each holds a copy of its
+# view's values, so a bank of dictionaries used a view at a time (bank[i] for every i) kept a copy of the whole bank.
+CACHED_VIEWS_PER_TENSOR = 4
 
 
 def _default_step(weight: Tensor, signal_size: tuple[int, ...], stride, padding) -> Tensor | float:
@@ -227,7 +230,8 @@ def _default_steps(requests: Sequence[tuple[Tensor, tuple[int, ...], tuple, tupl
     tensor it views and its place there), and reuse it only while the weight still equals that copy: a comparison
     instead of a power iteration, and it sees every change (an optimiser step, but also writes through ``.data``,
     which the version counter misses, and inference tensors, which have none). The comparisons of all requests are
-    read together (one host sync on a GPU, not one per dictionary). Under torch.compile the power
+    read together (one host sync on a GPU, not one per dictionary). A tensor keeps the entries of the views this call
+    used and of ``CACHED_VIEWS_PER_TENSOR`` more, the least recently used dropped. Under torch.compile the power
     iteration is traced, and so it is under vmap over the dictionary (one 1/L per sample)."""
     steps: list = [None] * len(requests)
     # Keyed on the tensor a view was taken of, and the view's place in it: ml_ista and the per-iteration variants
@@ -253,7 +257,7 @@ def _default_steps(requests: Sequence[tuple[Tensor, tuple[int, ...], tuple, tupl
     for device in {flag.device for _, flag in compared}:
         on = [(key, flag) for key, flag in compared if flag.device == device]
         same |= {key for (key, _), equal in zip(on, torch.stack([flag for _, flag in on]).tolist()) if equal}
-    one_over_l = {}
+    one_over_l, used = {}, {}
     for key, (base, weight, cached) in looked_up.items():
         if key not in same:
             values = weight.detach().clone()
@@ -264,6 +268,10 @@ def _default_steps(requests: Sequence[tuple[Tensor, tuple[int, ...], tuple, tupl
         entries.pop(key[1], None)
         entries[key[1]] = cached  # one entry per view, a new geometry replaces it; (re)inserted last: the most recent
         one_over_l[key] = cached[2]
+        used[key[0]] = (entries, used.get(key[0], (None, set()))[1] | {key[1]})
+    for entries, places in used.values():  # the views this call used were (re)inserted last
+        while len(entries) > len(places) + CACHED_VIEWS_PER_TENSOR:
+            del entries[next(iter(entries))]
     for i, (weight, *_) in enumerate(requests):
         if isinstance(steps[i], Tensor):
             continue
