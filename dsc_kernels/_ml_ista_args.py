@@ -107,22 +107,7 @@ def per_layer(name: str, values: object, depth: int, default: object) -> list:
     return check.per_layer(name, values, depth, default)
 
 
-def ml_ista_arguments(
-    x: Tensor,
-    weights: object,
-    thresholds: object,
-    *,
-    n_iter: int,
-    steps: object,
-    strides: object,
-    paddings: object,
-    encoder_weights: object,
-    input_encoder_weights: object,
-    z0: object,
-    nonneg: bool,
-    interleaved: bool,
-    default_steps: Callable[[list[tuple[Tensor, tuple, tuple, tuple]]], list[Tensor | float]],
-) -> dict:
+def ml_ista_arguments(x: Tensor, weights: object, thresholds: object, **options: object) -> dict:
     """Validated canonical arguments of ``functional.ml_ista`` (S = n_iter + 1 steps): a dict of the op's inputs, plus
     ``geometry``: each layer's (signal size, stride, padding).
 
@@ -130,25 +115,14 @@ def ml_ista_arguments(
     default 1/L of every layer with one more, however many layers: the checks that read values are deferred to the
     end of one pass over the layers. Only where a deferred check fails, or another check raises, are the layers
     checked again one by one, reading each value as it comes, so that the error raised is the first one, with its
-    message naming the layer and argument, as before; either way before any kernel runs."""
-    kwargs = dict(
-        n_iter=n_iter,
-        steps=steps,
-        strides=strides,
-        paddings=paddings,
-        encoder_weights=encoder_weights,
-        input_encoder_weights=input_encoder_weights,
-        z0=z0,
-        nonneg=nonneg,
-        interleaved=interleaved,
-        default_steps=default_steps,
-    )
+    message naming the layer and argument, as before; either way before any kernel runs. ``options``: the keywords
+    of ``_ml_ista_arguments`` but ``fused``."""
     try:
-        out = _ml_ista_arguments(x, weights, thresholds, fused=True, **kwargs)
+        out = _ml_ista_arguments(x, weights, thresholds, fused=True, **options)
     except (ValueError, TypeError):
         out = None
     if out is None:  # the first error, raised where the one-by-one checks meet it
-        out = _ml_ista_arguments(x, weights, thresholds, fused=False, **kwargs)
+        out = _ml_ista_arguments(x, weights, thresholds, fused=False, **options)
     return out
 
 
