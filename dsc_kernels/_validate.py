@@ -377,6 +377,16 @@ def value_flags(
     return torch.stack(flags).any()
 
 
+def read_values(tensors: Sequence[Tensor]) -> list:
+    """The 0-dim tensors' values as Python numbers, in order: one read (a host sync on a GPU) per device they lie on."""
+    values: list = [None] * len(tensors)
+    for device in {t.device for t in tensors}:
+        at = [i for i, t in enumerate(tensors) if t.device == device]
+        for i, value in zip(at, torch.stack([tensors[i] for i in at]).tolist()):
+            values[i] = value
+    return values
+
+
 def none_true(flags: Sequence[Tensor]) -> bool:
     """Whether every flag is False: one value read (a host sync on a GPU) for all on one device; False without a read
     where they lie on several devices (the checks that run then say which value is wrong, or on the wrong device)."""

@@ -233,31 +233,30 @@ def _default_steps(requests: Sequence[tuple[Tensor, tuple[int, ...], tuple, tupl
     read together (one host sync on a GPU, not one per dictionary). A tensor keeps the entries of the views this call
     used and of ``CACHED_VIEWS_PER_TENSOR`` more, the least recently used dropped. Under torch.compile the power
     iteration is traced, and so it is under vmap over the dictionary (one 1/L per sample)."""
-    steps: list = [None] * len(requests)
-    # Keyed on the tensor a view was taken of, and the view's place in it: ml_ista and the per-iteration variants
-    # pass w.unsqueeze(0)[k], a new view on every call, so a cache keyed on the view itself never hit and every call
-    # ran the power iteration again (100 iterations per layer: 400 convolutions per call for a 2-layer ml_ista).
-    # The values are compared all the same, so a key that names another tensor can only miss, never give a wrong 1/L.
+    keys: list = []  # per request: its cache key, or its traced 1/L where the values cannot be read
     looked_up = {}  # (base's id, place, geometry) -> (base, weight, cached entry or None), one per distinct request
-    for i, (weight, signal_size, stride, padding) in enumerate(requests):
+    for weight, signal_size, stride, padding in requests:
         if not check.values_readable(weight):
             carried = ref.value_dtype(weight.dtype)
-            steps[i] = _inverse_lipschitz(weight, signal_size, stride, padding).to(carried)
+            keys.append(_inverse_lipschitz(weight, signal_size, stride, padding).to(carried))
             continue
+        # Keyed on the tensor a view was taken of, and the view's place in it: ml_ista and the per-iteration variants
+        # pass w.unsqueeze(0)[k], a new view on every call, so a cache keyed on the view itself never hit and every
+        # call ran the power iteration again (100 iterations per layer: 400 convolutions per call for a 2-layer
+        # ml_ista). The values are compared all the same, so a key that names another tensor can only miss, never
+        # give a wrong 1/L.
         base = weight if weight._base is None else weight._base
         place = (weight.storage_offset(), tuple(weight.shape), weight.stride(), weight.dtype, weight.device)
         key = (id(base), place, (tuple(signal_size), tuple(stride), tuple(padding)))
         if key not in looked_up:
             cached = _LIPSCHITZ_CACHE.get(base, {}).get(place)
             looked_up[key] = (base, weight, cached if cached is not None and cached[0] == key[2] else None)
-        steps[i] = key
-    # every cached copy compared with its weight's values, all read together (one read per device)
-    compared = [(key, (c[1] == w.detach()).all()) for key, (_, w, c) in looked_up.items() if c is not None]
-    same = set()
-    for device in {flag.device for _, flag in compared}:
-        on = [(key, flag) for key, flag in compared if flag.device == device]
-        same |= {key for (key, _), equal in zip(on, torch.stack([flag for _, flag in on]).tolist()) if equal}
-    one_over_l, used = {}, {}
+        keys.append(key)
+    # every cached copy compared with its weight's values, all read together
+    compared = [key for key, (_, _, cached) in looked_up.items() if cached is not None]
+    equal = check.read_values([(looked_up[k][2][1] == looked_up[k][1].detach()).all() for k in compared])
+    same = {key for key, is_equal in zip(compared, equal) if is_equal}
+    one_over_l, used = {}, {}  # used: base's id -> (its entries, the places this call used)
     for key, (base, weight, cached) in looked_up.items():
         if key not in same:
             values = weight.detach().clone()
@@ -268,18 +267,20 @@ def _default_steps(requests: Sequence[tuple[Tensor, tuple[int, ...], tuple, tupl
         entries.pop(key[1], None)
         entries[key[1]] = cached  # one entry per view, a new geometry replaces it; (re)inserted last: the most recent
         one_over_l[key] = cached[2]
-        used[key[0]] = (entries, used.get(key[0], (None, set()))[1] | {key[1]})
+        used.setdefault(key[0], (entries, set()))[1].add(key[1])
     for entries, places in used.values():  # the views this call used were (re)inserted last
         while len(entries) > len(places) + CACHED_VIEWS_PER_TENSOR:
             del entries[next(iter(entries))]
-    for i, (weight, *_) in enumerate(requests):
-        if isinstance(steps[i], Tensor):
+    steps = []
+    for (weight, *_), key in zip(requests, keys):
+        if isinstance(key, Tensor):
+            steps.append(key)
             continue
-        step = one_over_l[steps[i]]
+        step = one_over_l[key]
         carried = ref.value_dtype(weight.dtype)  # the dtype the step is carried in (float32 for half weights)
         check.fits_dtype("the default step 1/L (the dictionary is nearly zero)", step, carried)
         check.positive("the default step 1/L (the dictionary is very large)", step, carried)
-        steps[i] = step
+        steps.append(step)
     return steps
 
 
@@ -310,12 +311,7 @@ def _warn_if_steps_diverge(cases: Sequence[tuple]) -> None:
     values of all read together: one host sync (a GPU's) for every layer of an ml_ista call, not one per layer."""
     reads = [(case, _divergence_reads(*case)) for case in cases]
     reads = [(case, tensors) for case, tensors in reads if tensors is not None]
-    flat = [t.detach().to(torch.float64).reshape(()) for _, tensors in reads for t in tensors]
-    values: list[float] = [0.0] * len(flat)
-    for device in {t.device for t in flat}:  # one device but for a caller's mistake
-        at = [i for i, t in enumerate(flat) if t.device == device]
-        for i, v in zip(at, torch.stack([flat[i] for i in at]).tolist()):
-            values[i] = v
+    values = check.read_values([t.detach().to(torch.float64).reshape(()) for _, tensors in reads for t in tensors])
     values.reverse()
     for (weight, step, *_, name, _), _ in reads:
         lower = values.pop() ** 2 if weight.numel() else 0.0
