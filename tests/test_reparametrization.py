@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn.utils import prune
 
-from dsc_kernels.nn import ConvSparseCoding1d, ConvSparseCoding2d, SoftThreshold, project_
+from dsc_kernels.nn import ConvSparseCoding1d, ConvSparseCoding2d, MultiLayerSparseCoding2d, SoftThreshold, project_
 
 
 def _push_below_zero(module, x):
@@ -158,3 +158,50 @@ def test_compiled_training_of_a_pruned_layer_follows_the_eager_trajectory():
         torch.testing.assert_close(codes[0], codes[1], rtol=0, atol=1e-12)
         torch.testing.assert_close(compiled_layer.step, eager.step, rtol=0, atol=1e-12)
         torch.testing.assert_close(compiled_layer.weight_orig, eager.weight_orig, rtol=0, atol=1e-12)
+
+
+def _multilayer(**options):
+    torch.manual_seed(0)
+    return MultiLayerSparseCoding2d([2, 4, 6], [3, 3], paddings=1, n_iter=2, backend="reference", **options)
+
+
+@pytest.mark.parametrize("mode", ["ml-ista", "layered"])
+def test_a_multilayer_network_trains_with_a_pruned_dictionary(mode):
+    # A ParameterList is never called, so prune's pre-hook never recomputed weights.0 = weights.0_orig * mask: every
+    # forward used the product formed at pruning time, and the second backward through it failed.
+    net = _multilayer(mode=mode)
+    prune.l1_unstructured(net.weights, "0", amount=0.5)
+    mask = net.weights[0] != 0
+    twin = _multilayer(mode=mode)  # unpruned, its dictionary masked by hand: the trajectory the pruned one must follow
+    x = torch.randn(2, 2, 6, 6)
+    optimizers = [torch.optim.SGD(n.parameters(), lr=0.05) for n in (net, twin)]
+    for _ in range(3):
+        with torch.no_grad():
+            twin.weights[0].mul_(mask)
+        for n, optimizer in zip((net, twin), optimizers):
+            optimizer.zero_grad()
+            n(x)[-1].square().sum().backward()
+            optimizer.step()
+    with torch.no_grad():
+        twin.weights[0].mul_(mask)
+    assert not torch.equal(twin.weights[0], mask * _multilayer(mode=mode).weights[0])  # the steps moved it
+    for a, b in zip(net(x), twin(x)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert torch.equal(net.weights[0], net.weights.get_parameter("0_orig") * mask)  # as of this forward
+
+
+def test_a_multilayer_networks_pruned_signed_bias_is_projected_through_its_original():
+    # constraints() listed the list's entries, for a pruned one the product formed at the last forward, so the
+    # optimiser's update of biases.1_orig went unprojected and the next forward refused the threshold
+    net = _multilayer(nonneg=False, bias=-0.05)
+    prune.random_unstructured(net.biases, "1", amount=0.5)
+    x = torch.randn(1, 2, 6, 6)
+    optimizer = torch.optim.SGD(net.parameters(), lr=100.0)
+    net(x)[-1].sum().backward()
+    for p in net.parameters():
+        p.grad = None
+    for p in net.biases.parameters():
+        p.grad = -torch.ones_like(p)  # every bias up by 100, far above the signed bias's bound of 0
+    optimizer.step()
+    assert float(net.biases.get_parameter("1_orig").detach().max()) == 0.0
+    net(x)  # runs: thresholds -b >= 0

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import prune
 
 from .. import _validate as check
 from .. import functional as DF
@@ -163,24 +164,26 @@ class MultiLayerSparseCoding2d(_projection.Projected):
         return self
 
     def constraints(self) -> list[tuple[Tensor, float | None, float | None]]:
-        """(parameter, lower, upper) bounds that projection after each optimiser step keeps valid."""
-        out = [] if self.nonneg else [(b, None, 0.0) for b in self.biases]
+        """(parameter, lower, upper) bounds that projection after each optimiser step keeps valid (a pruned entry's
+        ``j_orig``, which the optimiser updates)."""
+        out = [] if self.nonneg else [(b, None, 0.0) for b in _stored(self.biases)]
         if self.steps is not None:
-            out += [(c, self._step_floor, None) for c in self.steps]
+            out += [(c, self._step_floor, None) for c in _stored(self.steps)]
         return out
 
     def _steps(self) -> list[Tensor]:
         return (
-            list(self.steps)
+            _current(self.steps)
             if self.steps is not None
             else [getattr(self, f"step_{j}") for j in range(len(self.weights))]
         )
 
     def _operators(self) -> tuple[list[Tensor], list[Tensor | None]]:
         """(synthesis dictionaries, analysis encoders) of every layer: tied, or shifted by one unfolding."""
+        weights = _current(self.weights)
         if not self.untied_unfoldings:
-            return list(self.weights), [None] * len(self.weights)
-        return [torch.cat([w[:1], w[:-1]]) for w in self.weights], list(self.weights)
+            return weights, [None] * len(weights)
+        return [torch.cat([w[:1], w[:-1]]) for w in weights], weights
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """x: (B, C_0, H, W) -> [G_1 (B, C_1, H_1, W_1), ..., G_L]."""
@@ -189,7 +192,7 @@ class MultiLayerSparseCoding2d(_projection.Projected):
         if x.dim() != 4 or x.shape[1] != self.channels[0]:
             raise ValueError(f"x must be (B, C_0={self.channels[0]}, H, W), got shape {tuple(x.shape)}")
         dictionaries, encoders = self._operators()
-        thresholds = [-b for b in self.biases]
+        thresholds = [-b for b in _current(self.biases)]
         steps = self._steps()
         if self.mode == "layered":
             codes, signal = [], x
@@ -224,7 +227,7 @@ class MultiLayerSparseCoding2d(_projection.Projected):
             nonneg=self.nonneg,
             backend=self.backend,
             encoder_weights=encoders,
-            input_encoder_weights=None if self.input_encoders is None else list(self.input_encoders),
+            input_encoder_weights=None if self.input_encoders is None else _current(self.input_encoders),
             interleaved=self.mode == "interleaved",
             recompute=self.recompute,
         )
@@ -234,8 +237,9 @@ class MultiLayerSparseCoding2d(_projection.Projected):
         spatial size ``signal_size``: (B, C_L, H_L, W_L) -> (B, C_0, *signal_size)."""
         code = deepest_code(code, self.channels[-1])
         sizes = stack_signal_sizes(signal_size, code, list(zip(self.kernel_sizes, self.strides, self.paddings)))
-        for j in reversed(range(len(self.weights))):
-            w = self.weights[j][-1] if self.untied_unfoldings else self.weights[j]
+        weights = _current(self.weights)
+        for j in reversed(range(len(weights))):
+            w = weights[j][-1] if self.untied_unfoldings else weights[j]
             code = DF.conv_synthesis(code, w, stride=self.strides[j], padding=self.paddings[j], signal_size=sizes[j])
         return code
 
@@ -254,6 +258,25 @@ class MultiLayerSparseCoding2d(_projection.Projected):
         if not self.nonneg:
             options.append("nonneg=False")
         return ", ".join(options + [f"backend={self.backend!r}"])
+
+
+def _current(values: nn.ParameterList) -> list[Tensor]:
+    """The list's tensors as a forward must see them. ``torch.nn.utils.prune`` masks an entry (``prune.l1_unstructured(
+    net.weights, "0", 0.3)``) with a forward pre-hook that recomputes it, ``0_orig * 0_mask``, before each call of its
+    module; a ParameterList is never called, so its pruning hooks run here. Without them every forward used the
+    product formed at pruning time: the optimiser's steps on ``0_orig`` never reached it, and the second backward
+    through it failed ("backward through the graph a second time")."""
+    for hook in values._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            hook(values, ())
+    return list(values)
+
+
+def _stored(values: nn.ParameterList) -> list[Tensor]:
+    """The parameters an optimiser updates for the list's entries: an entry's own, or a pruned one's ``j_orig`` (a
+    ``parametrize``-d entry has none: its parametrization defines its set)."""
+    stored = (_projection.stored_parameter(values, str(j)) for j in range(len(values)))
+    return [p for p in stored if p is not None]
 
 
 def _after_load(module: MultiLayerSparseCoding2d, incompatible_keys) -> None:
