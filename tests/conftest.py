@@ -5,9 +5,9 @@ Two markers select the tests that need a particular Triton mode:
     gpu          a CUDA device, kernels compiled (the interpreter off)
 Triton reads TRITON_INTERPRET when a kernel module is imported, so one process runs in one mode: with the
 interpreter on, `gpu` tests are skipped; with it off, `interpreter` tests are skipped, each with the command that
-runs them. `make test` runs both processes (`TRITON_INTERPRET=1 pytest -m interpreter`, then
-`TRITON_INTERPRET=0 pytest -m "not interpreter"`), so on a GPU host the interpreted and the compiled kernels are
-both tested. A plain `pytest tests` on a machine without CUDA turns the interpreter on (unless TRITON_INTERPRET is
+runs them. `make test` runs both processes side by side (`TRITON_INTERPRET=1 pytest -m interpreter` and
+`TRITON_INTERPRET=0 pytest -m "not interpreter"`; the Makefile says which tests besides go to which), so on a GPU
+host the interpreted and the compiled kernels are both tested. A plain `pytest tests` on a machine without CUDA turns the interpreter on (unless TRITON_INTERPRET is
 set), so that one command runs everything that can run there.
 """
 
@@ -22,7 +22,10 @@ if "TRITON_INTERPRET" not in os.environ and not CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads, as the timed runs use, unless OMP_NUM_THREADS says otherwise: make test runs the interpreter process
+# on one thread beside the main one.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # DSC_TEST_FILL_UNINITIALIZED=1 (make sanitize sets it): every torch.empty, the C++ kernels' at::empty buffers
 # included, comes filled with NaN, so a kernel that reads a buffer before writing it fails its test instead of

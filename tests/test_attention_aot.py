@@ -97,6 +97,7 @@ def _run_compiled_triton(script: str, timeout: int) -> subprocess.CompletedProce
     return proc
 
 
+@pytest.mark.child_process
 def test_sparse_attention_kernels_compile_for_sm80_sm90():
     proc = _run_compiled_triton(SCRIPT, 900)
     assert proc.stdout.count("compiled ") >= 6, proc.stdout

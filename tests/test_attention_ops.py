@@ -97,7 +97,7 @@ def test_triton_value_dim_differs():
     _check_against_reference("triton", "shrink", False, 9, 11, 16, torch.float32, 2e-5, dv=24)
 
 
-def _slot_paths_check(device, cap, monkeypatch, causal):
+def _slot_paths_check(device, cap, monkeypatch, causal, n=80, m=100):
     """Rows of every score spread in one problem: flat rows (all keys in the support), near-flat ones (supports of
     tens of keys) and peaked ones (a few keys). With `cap` candidate slots per row the sparsemax forward finishes a
     row from its slots when its first set fits, after more passes when it does not at first, or with one more pass
@@ -106,7 +106,7 @@ def _slot_paths_check(device, cap, monkeypatch, causal):
     from dsc_kernels.triton.sparse_attention import launchers as tsa
 
     monkeypatch.setattr(tsa, "_slots", lambda: cap)  # read by the forward's launcher
-    n, m, d = 80, 100, 16
+    d = 16
     q, k, v, _ = (t.detach().to(device) for t in _problem(n, m, d, torch.float32, h=2))
     spreads = torch.tensor([0.0, 0.02, 0.1, 0.3, 1.0, 3.0, 10.0], dtype=torch.float32, device=device)
     q = (q * spreads[torch.arange(n, device=device) % len(spreads)][:, None]).requires_grad_()
@@ -137,11 +137,13 @@ def _scores_of(q, k, causal, scale):
 
 
 @pytest.mark.interpreter
-@pytest.mark.parametrize("cap", [1, 4, 64])
+@pytest.mark.parametrize("cap", [1, 4, 32])
 @pytest.mark.parametrize("causal", [False, True])
 def test_triton_sparsemax_every_candidate_slot_path(cap, causal, monkeypatch):
+    # Smaller than the GPU test's problem (3 by 3 of the interpreter's 16-wide blocks, not 5 by 7), the largest cap
+    # still past one block: the same paths in a third of the time.
     _prepare("triton")
-    _slot_paths_check("cpu", cap, monkeypatch, causal)
+    _slot_paths_check("cpu", cap, monkeypatch, causal, n=40, m=48)
 
 
 @pytest.mark.gpu

@@ -20,6 +20,7 @@ def _gpu_check():
 
 
 @pytest.mark.slow
+@pytest.mark.child_process
 def test_dry_run_benchmarks_checks_and_writes_the_results_document(tmp_path):
     proc = rehearse_gpu_script(
         "gpu_check.py",

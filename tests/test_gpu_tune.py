@@ -14,6 +14,7 @@ from helpers import rehearse_gpu_script
 
 
 @pytest.mark.slow
+@pytest.mark.child_process
 def test_dry_run_checks_every_variant_against_the_default(tmp_path):
     rehearse_gpu_script("gpu_tune.py", tmp_path, 600)
     doc = json.loads((tmp_path / "tune.json").read_text())

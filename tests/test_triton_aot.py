@@ -111,6 +111,7 @@ def _compile(which: str, timeout: int) -> str:
     return proc.stdout
 
 
+@pytest.mark.child_process
 def test_conv_ista_kernels_compile_for_sm80_sm90():
     out = _compile("cover", 900)
     assert out.count("compiled ") >= 10, out
@@ -118,6 +119,7 @@ def test_conv_ista_kernels_compile_for_sm80_sm90():
 
 
 @pytest.mark.slow
+@pytest.mark.exhaustive  # 468 compilations: about 7 minutes on 2 cores with a cold Triton cache
 def test_every_recorded_specialisation_compiles_for_sm90():
     out = _compile("all", 3600)
     print(out)
