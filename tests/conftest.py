@@ -7,8 +7,8 @@ Triton reads TRITON_INTERPRET when a kernel module is imported, so one process r
 interpreter on, `gpu` tests are skipped; with it off, `interpreter` tests are skipped, each with the command that
 runs them. `make test` runs both processes side by side (`TRITON_INTERPRET=1 pytest -m interpreter` and
 `TRITON_INTERPRET=0 pytest -m "not interpreter"`; the Makefile says which tests besides go to which), so on a GPU
-host the interpreted and the compiled kernels are both tested. A plain `pytest tests` on a machine without CUDA turns the interpreter on (unless TRITON_INTERPRET is
-set), so that one command runs everything that can run there.
+host the interpreted and the compiled kernels are both tested. A plain `pytest tests` on a machine without CUDA
+turns the interpreter on (unless TRITON_INTERPRET is set), so that one command runs everything that can run there.
 """
 
 import os
