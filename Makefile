@@ -40,7 +40,7 @@ test: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .; lint=$$?; \
 	log=$$(mktemp); \
 	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 nice -n 19 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=5 \
-		-m "interpreter or (child_process and not exhaustive)" tests > $$log 2>&1 & pid=$$!; \
+		-m "interpreter or child_process" tests > $$log 2>&1 & pid=$$!; \
 	trap 'kill $$pid 2>/dev/null' INT TERM; \
 	TRITON_INTERPRET=0 $(BIN)/python -m pytest -q --durations=15 \
 		-m "not interpreter and not child_process and not exhaustive" tests; second=$$?; \

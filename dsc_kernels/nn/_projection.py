@@ -121,12 +121,14 @@ def stored_parameter(module: nn.Module, name: str) -> nn.Parameter | None:
     return module._parameters.get(name + "_orig") if pruning(module, name) is not None else None
 
 
+def pruning_methods(module: nn.Module) -> list[prune.BasePruningMethod]:
+    """The ``torch.nn.utils.prune`` methods (or containers) applied to ``module``'s values: its pruning pre-hooks."""
+    return [hook for hook in module._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)]
+
+
 def pruning(module: nn.Module, name: str) -> prune.BasePruningMethod | None:
     """The ``torch.nn.utils.prune`` method (or container) applied to ``module``'s ``name``, or None when unpruned."""
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
-            return hook
-    return None
+    return next((hook for hook in pruning_methods(module) if hook._tensor_name == name), None)
 
 
 class Projected(nn.Module):

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import prune
 
 from .. import _validate as check
 from .. import functional as DF
@@ -266,9 +265,8 @@ def _current(values: nn.ParameterList) -> list[Tensor]:
     module; a ParameterList is never called, so its pruning hooks run here. Without them every forward used the
     product formed at pruning time: the optimiser's steps on ``0_orig`` never reached it, and the second backward
     through it failed ("backward through the graph a second time")."""
-    for hook in values._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod):
-            hook(values, ())
+    for method in _projection.pruning_methods(values):
+        method(values, ())
     return list(values)
 
 
